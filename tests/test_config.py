@@ -1,0 +1,324 @@
+"""Tests for trainer.config: YAML loading, defaults, path resolution, overrides, error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import yaml
+
+from trainer.config import (
+    Config,
+    ConfigError,
+    DatasetConfig,
+    GradClipConfig,
+    apply_override,
+    config_from_dict,
+    load_config,
+)
+
+FULL_YAML = """\
+model: models/mlp.onnx
+output: /abs/out/trained.onnx
+seed: 7
+device: cpu
+precision: fp64
+data:
+  train: {path: data/train.npz, inputs: {input: x}, targets: {label: y}}
+  eval: {path: ~/eval.npz, inputs: {input: x}, targets: {label: y}}
+  batch_size: 16
+  shuffle: false
+  drop_last: false
+loss: {type: cross_entropy, output: logits, target: label, class_axis: 1}
+trainable: [fc1.weight, "fc2.*"]
+frozen: [fc2.bias]
+optimizer: {type: adamw, lr: 1e-3, betas: [0.9, 0.98], eps: 1e-6}
+schedule: {type: cosine, warmup_steps: 5, min_lr: 1e-5}
+grad_clip: {max_norm: 1}
+accumulate: 2
+steps: 100
+checkpoint: {dir: ckpt, every_steps: 50, keep: 3}
+log: {every_steps: 1, metrics: logs/metrics.jsonl}
+distributed: {backend: mpi, bucket_mb: 4, overlap: false}
+"""
+
+
+def minimal(**extra: object) -> dict:
+    raw: dict = {
+        "model": "m.onnx",
+        "data": {"train": {"path": "d.npz", "inputs": {"input": "x"}, "targets": {"label": "y"}}},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "steps": 10,
+    }
+    raw.update(extra)
+    return raw
+
+
+def error_of(raw: dict, overrides: tuple[str, ...] = (), base: str = "/base") -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, base, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_full_yaml_loads_with_types_and_resolved_paths(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL_YAML)
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.config_path == path and cfg.base_dir == tmp_path
+    assert cfg.model == tmp_path / "models/mlp.onnx"
+    assert cfg.output == Path("/abs/out/trained.onnx")
+    assert (cfg.seed, cfg.device, cfg.precision) == (7, "cpu", "fp64")
+    assert cfg.data.train.path == tmp_path / "data/train.npz"
+    assert cfg.data.eval is not None and cfg.data.eval.path == Path.home() / "eval.npz"
+    assert dict(cfg.data.train.inputs) == {"input": "x"}
+    assert dict(cfg.data.train.targets) == {"label": "y"}
+    assert (cfg.data.batch_size, cfg.data.shuffle, cfg.data.drop_last) == (16, False, False)
+    assert (cfg.loss.type, cfg.loss.output, cfg.loss.target) == ("cross_entropy", "logits", "label")
+    assert cfg.loss.class_axis == 1
+    assert cfg.trainable == ("fc1.weight", "fc2.*") and cfg.frozen == ("fc2.bias",)
+    opt = cfg.optimizer
+    assert opt.type == "adamw" and opt.lr == pytest.approx(1e-3) and isinstance(opt.lr, float)
+    assert opt.betas == (0.9, 0.98) and opt.eps == pytest.approx(1e-6)
+    assert opt.weight_decay == pytest.approx(0.01)  # adamw default
+    assert cfg.schedule.type == "cosine" and cfg.schedule.warmup_steps == 5
+    assert cfg.schedule.min_lr == pytest.approx(1e-5)
+    assert cfg.grad_clip == GradClipConfig(max_norm=1.0)
+    assert isinstance(cfg.grad_clip.max_norm, float)
+    assert (cfg.accumulate, cfg.steps, cfg.epochs) == (2, 100, None)
+    assert cfg.checkpoint.dir == tmp_path / "ckpt"
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep) == (50, 3)
+    assert cfg.log.every_steps == 1 and cfg.log.metrics == tmp_path / "logs/metrics.jsonl"
+    dist = cfg.distributed
+    assert (dist.backend, dist.bucket_mb, dist.overlap) == ("mpi", 4.0, False)
+
+
+def test_defaults_for_minimal_config() -> None:
+    cfg = config_from_dict(minimal(), "/base")
+    assert cfg.config_path is None and cfg.base_dir == Path("/base")
+    assert cfg.output == Path("/base/runs/m/model.onnx")
+    assert (cfg.seed, cfg.device, cfg.precision) == (0, "auto", "fp32")
+    assert cfg.data.eval is None
+    assert (cfg.data.batch_size, cfg.data.shuffle, cfg.data.drop_last) == (32, True, True)
+    assert cfg.loss.class_axis == -1
+    assert cfg.trainable == "all" and cfg.frozen == ()
+    opt = cfg.optimizer
+    assert (opt.type, opt.lr, opt.momentum, opt.nesterov, opt.dampening, opt.weight_decay) == (
+        "sgd", 0.1, 0.0, False, 0.0, 0.0)
+    assert (cfg.schedule.type, cfg.schedule.warmup_steps) == ("constant", 0)
+    assert cfg.grad_clip is None and cfg.accumulate == 1
+    assert (cfg.checkpoint.dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep) == (None, 0, 2)
+    assert (cfg.log.every_steps, cfg.log.metrics) == (10, None)
+    assert (cfg.distributed.backend, cfg.distributed.bucket_mb) == ("auto", 25.0)
+    assert cfg.distributed.overlap is True
+
+
+def test_optimizer_defaults_depend_on_type() -> None:
+    adam = config_from_dict(minimal(optimizer={"type": "adam"}), "/b").optimizer
+    assert (adam.lr, adam.weight_decay, adam.betas, adam.eps) == (1e-3, 0.0, (0.9, 0.999), 1e-8)
+    adamw = config_from_dict(minimal(optimizer={"type": "adamw"}), "/b").optimizer
+    assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.01)
+
+
+def test_config_is_frozen_and_hashable() -> None:
+    cfg = config_from_dict(minimal(), "/base")
+    with pytest.raises(AttributeError):
+        cfg.seed = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.data.train.inputs["input"] = "z"  # type: ignore[index]
+    copy = config_from_dict(minimal(), "/base")
+    assert copy == cfg and hash(copy) == hash(cfg)
+    direct = DatasetConfig(path=Path("/d.npz"), inputs={"input": "x"})
+    assert dict(direct.inputs) == {"input": "x"} and dict(direct.targets) == {}
+
+
+def test_overrides_apply_with_yaml_values(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL_YAML)
+    cfg = load_config(path, ["optimizer.lr=0.5", "data.batch_size=64", "optimizer.betas=[0.8,0.9]",
+                             "grad_clip=null", "steps=null", "epochs=3"])
+    assert cfg.optimizer.lr == 0.5 and cfg.data.batch_size == 64
+    assert cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.grad_clip is None and (cfg.steps, cfg.epochs) == (None, 3)
+
+
+def test_apply_override_creates_sections_and_parses_values() -> None:
+    raw: dict = {"optimizer": {"type": "sgd"}}
+    apply_override(raw, "grad_clip.max_norm=2.5")
+    apply_override(raw, "optimizer.momentum = 0.9")
+    apply_override(raw, "schedule.type=null")
+    apply_override(raw, "frozen=[a, b]")
+    assert raw == {"optimizer": {"type": "sgd", "momentum": 0.9}, "grad_clip": {"max_norm": 2.5},
+                   "schedule": {"type": None}, "frozen": ["a", "b"]}
+
+
+def test_overrides_do_not_mutate_input_mapping() -> None:
+    raw = minimal()
+    raw["data"] = MappingProxyType(raw["data"])
+    cfg = config_from_dict(raw, "/b", ["data.batch_size=8"])
+    assert cfg.data.batch_size == 8 and "batch_size" not in raw["data"]
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr", "=3", "optimizer..lr=1", "a.=1"])
+def test_malformed_override(override: str) -> None:
+    with pytest.raises(ConfigError, match="malformed override"):
+        apply_override({}, override)
+
+
+def test_override_through_scalar_is_an_error() -> None:
+    message = error_of(minimal(), ("model.path=x",))
+    assert message.startswith("config key 'model' is not a mapping")
+
+
+def test_unknown_override_key_is_named() -> None:
+    message = error_of(minimal(), ("optimizer.lrr=0.5",))
+    assert message == "config key 'optimizer.lrr' is unknown; did you mean 'optimizer.lr'?"
+
+
+def test_unknown_top_level_key_suggests_closest() -> None:
+    message = error_of(minimal(optimiser={"type": "sgd"}))
+    assert message == "config key 'optimiser' is unknown; did you mean 'optimizer'?"
+
+
+def test_unknown_nested_key_suggests_full_path() -> None:
+    raw = minimal()
+    raw["data"]["train"]["target"] = {"label": "y"}
+    message = error_of(raw)
+    assert message == (
+        "config key 'data.train.target' is unknown; did you mean 'data.train.targets'?")
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    message = error_of(minimal(log={"zzz": 1}))
+    assert message == "config key 'log.zzz' is unknown (valid: every_steps, metrics)"
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("data.batch_size", "32x", "config key 'data.batch_size' must be an integer, got str '32x'"),
+    ("data.batch_size", True, "config key 'data.batch_size' must be an integer, got bool True"),
+    ("data.batch_size", 2.0, "config key 'data.batch_size' must be an integer, got float 2.0"),
+    ("data.shuffle", "yes please", "config key 'data.shuffle' must be true or false"),
+    ("optimizer.lr", "fast", "config key 'optimizer.lr' must be a finite number, got str 'fast'"),
+    ("optimizer.lr", -1, "config key 'optimizer.lr' must be > 0, got -1.0"),
+    ("data.batch_size", 0, "config key 'data.batch_size' must be > 0, got 0"),
+    ("optimizer.betas", [0.9], "config key 'optimizer.betas' must be a list of two numbers"),
+    ("trainable", "fc1", "config key 'trainable' must be 'all' or a non-empty list"),
+    ("frozen", [1], "config key 'frozen[0]' must be a non-empty string, got int 1"),
+    ("data.train.inputs", {"input": 3}, "config key 'data.train.inputs.input' must be a non-empty"),
+    ("loss", "mse", "config key 'loss' must be a mapping, got str 'mse'"),
+])
+def test_wrong_types(key: str, value: object, expected: str) -> None:
+    raw = minimal(optimizer={"type": "adam"} if key == "optimizer.betas" else {})
+    apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    assert error_of(raw).startswith(expected)
+
+
+def test_numbers_given_as_strings_and_ints_are_floats() -> None:
+    raw = minimal(optimizer={"type": "adam", "lr": "1e-3", "eps": 0}, grad_clip={"max_norm": 5})
+    cfg = config_from_dict(raw, "/b")
+    assert cfg.optimizer.lr == 1e-3 and type(cfg.optimizer.eps) is float
+    assert type(cfg.grad_clip.max_norm) is float  # type: ignore[union-attr]
+
+
+def test_bad_enum_value_lists_choices_and_suggests() -> None:
+    assert error_of(minimal(device="gpus")) == (
+        "config key 'device' must be one of auto, cpu, gpu; got 'gpus'; did you mean 'gpu'?")
+    message = error_of(minimal(optimizer={"type": "adamx"}))
+    assert message.startswith("config key 'optimizer.type' must be one of sgd, adam, adamw")
+    assert error_of(minimal(precision="fp8")).startswith("config key 'precision' must be one of")
+
+
+@pytest.mark.parametrize(("drop", "key"), [
+    ("model", "model"), ("loss", "loss"), ("data", "data"), ("loss.output", "loss.output"),
+    ("loss.type", "loss.type"), ("data.train", "data.train"),
+    ("data.train.inputs", "data.train.inputs"),
+])
+def test_missing_required_key(drop: str, key: str) -> None:
+    raw = minimal()
+    *parents, last = drop.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[last]
+    assert error_of(raw) == f"config key '{key}' is required"
+
+
+def test_type_specific_required_keys() -> None:
+    raw = minimal(loss={"type": "mse", "output": "y"})
+    assert error_of(raw) == "config key 'loss.target' is required for loss type 'mse'"
+    message = error_of(minimal(schedule={"type": "step"}))
+    assert message == "config key 'schedule.step_size' is required for schedule type 'step'"
+    cfg = config_from_dict(minimal(loss={"type": "output", "output": "loss"}), "/b")
+    assert cfg.loss.target is None
+
+
+@pytest.mark.parametrize(("extra", "got"), [({"epochs": 2}, "both"), ({"steps": None}, "neither")])
+def test_steps_and_epochs_exactly_one(extra: dict, got: str) -> None:
+    message = error_of(minimal(**extra))
+    assert "'steps'" in message and "'epochs'" in message and message.endswith(f"got {got}")
+
+
+def test_optimizer_key_invalid_for_type() -> None:
+    message = error_of(minimal(optimizer={"type": "sgd", "betas": [0.9, 0.99]}))
+    assert message == ("config key 'optimizer.betas' is not valid for optimizer type 'sgd' "
+                       "(valid: lr, momentum, nesterov, dampening, weight_decay)")
+    message = error_of(minimal(optimizer={"type": "adam", "momentum": 0.9}))
+    assert message == ("config key 'optimizer.momentum' is not valid for optimizer type 'adam' "
+                       "(valid: lr, weight_decay, betas, eps)")
+
+
+def test_nesterov_requires_momentum_and_no_dampening() -> None:
+    message = error_of(minimal(optimizer={"nesterov": True}))
+    assert message == "config key 'optimizer.nesterov' requires momentum > 0 and dampening 0"
+    error_of(minimal(optimizer={"nesterov": True, "momentum": 0.9, "dampening": 0.1}))
+    cfg = config_from_dict(minimal(optimizer={"nesterov": True, "momentum": 0.9}), "/b")
+    assert cfg.optimizer.nesterov is True
+
+
+def test_loss_target_must_be_a_train_target() -> None:
+    raw = minimal(loss={"type": "cross_entropy", "output": "logits", "target": "lable"})
+    assert error_of(raw) == ("config key 'loss.target' is 'lable', which is not a key of "
+                             "data.train.targets (label); did you mean 'label'?")
+    raw = minimal()
+    raw["data"]["eval"] = {"path": "e.npz", "inputs": {"input": "x"}}
+    assert error_of(raw).startswith("config key 'loss.target' is 'label', which is not a key of "
+                                    "data.eval.targets (none)")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top level"):
+        config_from_dict(["model"], "/b")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="top level"):
+        load_config(write(tmp_path, "- model\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^config file not found: .*nope.yaml$"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_python_object_tag_is_rejected(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message and "python/object" in message
+    assert not marker.exists()
+
+
+def test_invalid_yaml_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "model: [unclosed\nseed: 1\n"))
+    assert str(info.value).startswith("cannot parse config file ") and "\n" not in str(info.value)
+
+
+def test_config_error_is_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)

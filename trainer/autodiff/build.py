@@ -1,0 +1,326 @@
+"""build_training_graph: forward in training mode + loss + backward, as one ONNX model.
+
+The result is a valid ONNX model whose outputs are the loss, one gradient per trained
+parameter (`<param>_grad`), the updated BatchNormalization running statistics, and the model's
+own outputs. How to read them is recorded as JSON in metadata_props ("onnx_trainer.training").
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from trainer.autodiff.context import Builder
+from trainer.autodiff.engine import build_backward, reachable_params
+from trainer.errors import ModelError
+from trainer.executor import missing_kernels, probe
+from trainer.graph import (
+    NameScope,
+    all_names,
+    attrs_of,
+    check_model,
+    elem_type,
+    input_dtypes,
+    input_shapes,
+    node_name,
+    opset_of,
+)
+
+META_KEY = "onnx_trainer.training"
+LOSS_TYPES = ("cross_entropy", "mse", "output")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    type: str
+    output: str
+    target: str | None = None
+    class_axis: int = -1
+
+    @classmethod
+    def of(cls, spec) -> LossSpec:
+        if isinstance(spec, LossSpec):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls(**dict(spec))
+        return cls(type=spec.type, output=spec.output, target=spec.target,
+                   class_axis=getattr(spec, "class_axis", -1))
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    loss: str
+    gradients: dict[str, str]  # parameter -> gradient output
+    state: dict[str, str] = field(default_factory=dict)  # initializer -> its updated value
+    inputs: list[str] = field(default_factory=list)  # data inputs of the model
+    targets: list[str] = field(default_factory=list)  # loss target inputs added
+    outputs: list[str] = field(default_factory=list)  # the model's own outputs
+
+
+def training_info(model: onnx.ModelProto) -> TrainingInfo:
+    for prop in model.metadata_props:
+        if prop.key == META_KEY:
+            return TrainingInfo(**json.loads(prop.value))
+    raise ModelError("model is not a training graph (no onnx_trainer.training metadata)")
+
+
+def trainable_candidates(model: onnx.ModelProto) -> list[str]:
+    """Float initializers that are parameters (BatchNormalization statistics excluded)."""
+    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization"
+             for i in (3, 4) if i < len(n.input)}
+    return [t.name for t in model.graph.initializer
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                               onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+            and t.name not in stats]
+
+
+def select_names(candidates: list[str], trainable, frozen: Iterable[str]) -> list[str]:
+    """Apply `trainable` (all | names/globs) and `frozen` (names/globs) to the candidates."""
+    if trainable == "all" or trainable is None:
+        chosen = list(candidates)
+    else:
+        chosen = []
+        for pattern in trainable:
+            hits = [c for c in candidates if fnmatch.fnmatchcase(c, pattern)]
+            if not hits:
+                raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
+                                 f"the model (available: {', '.join(candidates[:12])})")
+            chosen += [h for h in hits if h not in chosen]
+    for pattern in frozen:
+        if not any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            raise ModelError(f"frozen entry '{pattern}' matches no float initializer")
+    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
+
+
+def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Iterable[str] = (),
+                         batch_size: int | None = None,
+                         shapes: Mapping[str, tuple[int, ...]] | None = None,
+                         batchnorm: str = "train") -> onnx.ModelProto:
+    """The training graph of `model` for `loss` w.r.t. `wrt` (all | names/globs).
+
+    Symbolic input dims take `batch_size` (or give full `shapes`). `batchnorm="train"` uses
+    batch statistics and updates running statistics as PyTorch's train mode; "frozen" keeps
+    the model's statistics fixed (inference form).
+    """
+    spec = LossSpec.of(loss)
+    if spec.type not in LOSS_TYPES:
+        raise ModelError(f"unknown loss type '{spec.type}' (use one of {', '.join(LOSS_TYPES)})")
+    if batchnorm not in ("train", "frozen"):
+        raise ModelError(f"batchnorm must be 'train' or 'frozen', got '{batchnorm}'")
+    missing = missing_kernels(model)
+    if missing:
+        from trainer.errors import UnsupportedOpError
+        raise UnsupportedOpError("forward kernel", missing)
+    outputs = [o.name for o in model.graph.output]
+    if spec.output not in outputs:
+        raise ModelError(f"loss output '{spec.output}' is not an output of the model "
+                         f"(outputs: {', '.join(outputs)})")
+    opset = opset_of(model)
+    in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
+    dtypes = input_dtypes(model)
+    first = probe(model, in_shapes, dtypes)
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    scope = NameScope(all_names(g))
+    consts = _constant_values(m)
+    builder = Builder(scope, opset, first, "train", consts)
+    nodes, state = _training_mode(list(g.node), builder, first, consts, batchnorm)
+    loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
+    nodes += loss_nodes
+
+    fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
+    t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+                for vi in target_vis}
+    t_dtypes = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+                for vi in target_vis}
+    shapes_all = probe(fwd, {**in_shapes, **t_shapes}, {**dtypes, **t_dtypes})
+    consts = _constant_values(fwd)
+
+    candidates = trainable_candidates(model)
+    reach = reachable_params(nodes, loss_name, candidates, shapes_all)
+    if wrt == "all" or wrt is None:
+        chosen = [c for c in select_names(candidates, "all", frozen) if c in reach]
+    else:
+        chosen = select_names(candidates, wrt, frozen)
+    if not chosen:
+        raise ModelError("nothing to train: no float initializer reaches the loss")
+    seed_dtype = shapes_all[loss_name][1]
+    seed = scope.fresh(f"{loss_name}_grad_seed")
+    bwd, bwd_inits, grads = build_backward(nodes, loss_name, chosen, shapes_all, opset, scope,
+                                           seed, consts)
+    g = fwd.graph
+    g.node.extend(bwd)
+    g.initializer.extend(bwd_inits)
+    g.initializer.append(numpy_helper.from_array(np.array(1.0, seed_dtype), seed))
+    del g.output[:]
+
+    def out(name, like=None):
+        shape, dt = shapes_all[like or name]
+        return helper.make_tensor_value_info(name, elem_type(dt), list(shape))
+    g.output.extend([out(loss_name)] + [out(grads[p], p) for p in chosen] +
+                    [out(v, k) for k, v in state.items()] + [out(o) for o in outputs])
+    info = TrainingInfo(loss=loss_name, gradients=dict(grads), state=state,
+                        inputs=list(in_shapes), targets=[vi.name for vi in target_vis],
+                        outputs=outputs)
+    helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
+                                 META_KEY: json.dumps(info.__dict__)})
+    check_model(fwd, "training graph")
+    return fwd
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            a = attrs_of(node)
+            for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+                if key in a:
+                    values[node.output[0]] = np.asarray(a[key])
+    return values
+
+
+def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
+    g = m.graph
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    for vi in g.input:  # specialize the data inputs to the run's concrete shapes
+        if vi.name in in_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, in_shapes[vi.name], strict=True):
+                d.Clear()
+                d.dim_value = v
+    g.input.extend(target_vis)
+    del g.value_info[:]
+    return m
+
+
+def _training_mode(nodes, b: Builder, shapes, consts, batchnorm):
+    """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name})."""
+    out, state = [], {}
+    for k, node in enumerate(nodes):
+        label = node_name(node, k)
+        if node.op_type == "BatchNormalization" and batchnorm == "train":
+            new, upd = _batchnorm_train(node, label, b, shapes, consts)
+            out += new
+            state.update(upd)
+        elif node.op_type == "Dropout" and b.opset >= 12:
+            node = copy.deepcopy(node)
+            while len(node.input) < 2:
+                node.input.append("")
+            if not node.input[1]:
+                node.input[1] = b.const(0.5, shapes[node.input[0]][1], f"{label}/ratio")
+            if len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = b.const(True, np.bool_, f"{label}/training_mode")
+            if len(node.output) < 2:
+                node.output.append(b.scope.fresh(f"{node.output[0]}/mask"))
+            out.append(node)
+        elif node.op_type == "MaxPool" and len(node.output) < 2:
+            node = copy.deepcopy(node)
+            node.output.append(b.scope.fresh(f"{node.output[0]}/indices"))
+            out.append(node)
+        else:
+            out.append(node)
+    return out, state
+
+
+def _batchnorm_train(node, label, b: Builder, shapes, consts):
+    """BatchNormalization with batch statistics, as standard ops; PyTorch's running update.
+
+    Y = (X - mean) / sqrt(var + eps) * scale + B with biased batch var; running_mean and
+    running_var move by (1 - momentum) toward the batch mean and the unbiased batch var.
+    """
+    a = attrs_of(node)
+    eps, mom = a.get("epsilon", 1e-5), a.get("momentum", 0.9)
+    x, scale, bias, rmean, rvar = node.input[:5]
+    x_shape, dt = shapes[x]
+    rank, c = len(x_shape), x_shape[1]
+    n = int(np.prod(x_shape)) // c
+    for stat in (rmean, rvar):
+        if stat not in consts:
+            raise ModelError(f"BatchNormalization '{label}': running statistic '{stat}' must be "
+                             "an initializer to be trained")
+    b.prefix = f"{label}/Train"
+    axes = [0] + list(range(2, rank))
+    bshape = [c] + [1] * (rank - 2)
+    t = {s: b.tmp(s) for s in ("mean", "xc", "sq", "var", "ve", "sd", "xhat", "s_b", "b_b",
+                               "scaled", "m_flat", "v_flat", "rm_m", "bm", "rv_m", "bv")}
+    def k(v):
+        return b.const(v, dt, "c")
+    nodes = [b.reduce("ReduceMean", x, axes, t["mean"]),
+             b.node("Sub", [x, t["mean"]], [t["xc"]]),
+             b.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+             b.reduce("ReduceMean", t["sq"], axes, t["var"]),
+             b.node("Add", [t["var"], k(eps)], [t["ve"]]),
+             b.node("Sqrt", [t["ve"]], [t["sd"]]),
+             b.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
+             b.reshape(scale, bshape, t["s_b"]), b.reshape(bias, bshape, t["b_b"]),
+             b.node("Mul", [t["xhat"], t["s_b"]], [t["scaled"]]),
+             b.node("Add", [t["scaled"], t["b_b"]], [node.output[0]])]
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    new_mean = outs[1] or b.scope.fresh(f"{rmean}_updated")
+    new_var = outs[2] or b.scope.fresh(f"{rvar}_updated")
+    unbiased = n / (n - 1) if n > 1 else 1.0
+    nodes += [b.reshape(t["mean"], [c], t["m_flat"]), b.reshape(t["var"], [c], t["v_flat"]),
+              b.node("Mul", [rmean, k(mom)], [t["rm_m"]]),
+              b.node("Mul", [t["m_flat"], k(1.0 - mom)], [t["bm"]]),
+              b.node("Add", [t["rm_m"], t["bm"]], [new_mean]),
+              b.node("Mul", [rvar, k(mom)], [t["rv_m"]]),
+              b.node("Mul", [t["v_flat"], k((1.0 - mom) * unbiased)], [t["bv"]]),
+              b.node("Add", [t["rv_m"], t["bv"]], [new_var])]
+    b.prefix = "train"
+    return nodes, {rmean: new_mean, rvar: new_var}
+
+
+def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
+    """Loss nodes after the model; returns (nodes, loss name, target value_infos)."""
+    out_shape, dt = shapes[spec.output]
+    b.prefix = "loss"
+    nodes: list[onnx.NodeProto] = []
+    targets = []
+    if spec.type == "output":
+        if int(np.prod(out_shape)) != 1:
+            raise ModelError(f"loss type 'output' needs a scalar output; '{spec.output}' has "
+                             f"shape {list(out_shape)}")
+        loss = scope.fresh("loss")
+        nodes.append(b.reshape(spec.output, [], loss))
+        return nodes, loss, targets
+    if spec.target is None:
+        raise ModelError(f"loss type '{spec.type}' needs a target name")
+    loss = scope.fresh("loss")
+    if spec.type == "mse":
+        targets.append(helper.make_tensor_value_info(spec.target, elem_type(dt),
+                                                     list(out_shape)))
+        d, sq = b.tmp("diff"), b.tmp("sq")
+        nodes += [b.node("Sub", [spec.output, spec.target], [d]),
+                  b.node("Mul", [d, d], [sq]),
+                  b.reduce("ReduceMean", sq, list(range(len(out_shape))), loss, keepdims=0)]
+        return nodes, loss, targets
+    rank = len(out_shape)
+    if rank < 2:
+        raise ModelError(f"cross_entropy needs logits of rank >= 2; '{spec.output}' has shape "
+                         f"{list(out_shape)}")
+    axis = spec.class_axis % rank
+    scores = spec.output
+    label_shape = [d for i, d in enumerate(out_shape) if i != axis]
+    if axis != 1:
+        perm = [0, axis] + [i for i in range(1, rank) if i != axis]
+        scores = b.tmp("scores")
+        nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
+    if b.opset < 13:
+        raise ModelError(f"cross_entropy needs a model opset >= 13 (SoftmaxCrossEntropyLoss); "
+                         f"this model has opset {b.opset}")
+    targets.append(helper.make_tensor_value_info(spec.target, onnx.TensorProto.INT64,
+                                                 label_shape))
+    nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, spec.target],
+                        [loss, b.tmp("log_prob")], reduction="mean"))
+    return nodes, loss, targets

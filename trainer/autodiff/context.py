@@ -1,0 +1,125 @@
+"""The context a gradient rule sees: I/O/GO/GI names, static shapes, and node-building helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from trainer.graph import NameScope, attrs_of
+
+
+class Builder:
+    """Emits nodes and constant initializers into a graph under construction (opset-aware)."""
+
+    def __init__(self, scope: NameScope, opset: int, shapes: dict, prefix: str,
+                 constants: dict | None = None):
+        self.scope = scope
+        self.constants = constants or {}  # name -> host array of values known before running
+        self.opset = opset
+        self.shapes = shapes  # name -> (shape, dtype)
+        self.prefix = prefix
+        self.initializers: list[onnx.TensorProto] = []
+
+    def tmp(self, suffix: str) -> str:
+        return self.scope.fresh(f"{self.prefix}/{suffix}")
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "",
+             **attrs) -> onnx.NodeProto:
+        name = self.scope.fresh(f"{self.prefix}/{op_type}")
+        return helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None,
+                                **{k: v for k, v in attrs.items() if v is not None})
+
+    def const(self, value, dtype=None, suffix: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.tmp(suffix)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name][0]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.shapes[name][1]
+
+    def static_value(self, name: str) -> np.ndarray | None:
+        """Value of a constant input (initializer or Constant node), None if computed."""
+        return self.constants.get(name)
+
+    # -- opset-aware building blocks ---------------------------------------------------------
+    def reduce(self, op: str, x: str, axes, out: str, keepdims: int = 1) -> onnx.NodeProto:
+        axes = [int(a) for a in axes]
+        input_axes = 13 if op == "ReduceSum" else 18
+        if self.opset >= input_axes:
+            return self.node(op, [x, self.const(axes, np.int64, "axes")], [out], keepdims=keepdims)
+        return self.node(op, [x], [out], axes=axes, keepdims=keepdims)
+
+    def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
+        return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out])
+
+    def unsqueeze(self, x: str, axes, out: str) -> onnx.NodeProto:
+        if self.opset >= 13:
+            return self.node("Unsqueeze", [x, self.const(list(axes), np.int64, "axes")], [out])
+        return self.node("Unsqueeze", [x], [out], axes=list(axes))
+
+    def sum_to(self, dy: str, shape_from: tuple, shape_to: tuple, out: str
+               ) -> list[onnx.NodeProto]:
+        """Undo NumPy broadcasting: sum dy (shape_from) down to shape_to, into `out`."""
+        shape_from, shape_to = tuple(shape_from), tuple(shape_to)
+        if shape_from == shape_to:
+            return [self.node("Identity", [dy], [out])]
+        lead = len(shape_from) - len(shape_to)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(shape_to)
+                                    if d == 1 and shape_from[lead + i] != 1]
+        if not axes:
+            return [self.reshape(dy, shape_to, out)]
+        summed = self.tmp("sum")
+        nodes = [self.reduce("ReduceSum", dy, axes, summed, keepdims=1)]
+        nodes.append(self.reshape(summed, shape_to, out))
+        return nodes
+
+
+class GradContext(Builder):
+    """Per-node view for a rule: I(i), O(i), GO(i) (None if no gradient), GI(i), needs(i)."""
+
+    def __init__(self, node: onnx.NodeProto, node_label: str, grad_outputs: list[str | None],
+                 grad_inputs: list[str | None], scope: NameScope, opset: int, shapes: dict,
+                 constants: dict | None = None):
+        super().__init__(scope, opset, shapes, f"{node_label}/Grad", constants)
+        self.onnx_node = node
+        self.name = node_label
+        self.attrs = attrs_of(node)
+        self._go = grad_outputs
+        self._gi = grad_inputs
+
+    def attr(self, name: str, default=None):
+        return self.attrs.get(name, default)
+
+    def I(self, i: int) -> str:  # noqa: E743
+        return self.onnx_node.input[i] if i < len(self.onnx_node.input) else ""
+
+    def O(self, i: int) -> str:  # noqa: E743
+        return self.onnx_node.output[i]
+
+    def GO(self, i: int) -> str | None:
+        return self._go[i] if i < len(self._go) else None
+
+    def GI(self, i: int) -> str:
+        name = self._gi[i]
+        assert name is not None, f"rule asked for GI({i}) of {self.name}, which is not needed"
+        return name
+
+    def needs(self, i: int) -> bool:
+        return i < len(self._gi) and self._gi[i] is not None
+
+    def n_inputs(self) -> int:
+        return sum(1 for x in self.onnx_node.input if x)
+
+    def to_input(self, dy: str, i: int, shape_from: tuple | None = None) -> list[onnx.NodeProto]:
+        """sum_to(dy, like=I(i)) written into GI(i); dy has the node output's shape by default."""
+        src = shape_from if shape_from is not None else self.shape(self.O(0))
+        return self.sum_to(dy, src, self.shape(self.I(i)), self.GI(i))
+
+    def scalar(self, value, like: str | None = None) -> str:
+        """A scalar constant with the dtype of `like` (default: the first input)."""
+        return self.const(value, self.dtype(like or self.I(0)), "c")

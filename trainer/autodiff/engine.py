@@ -1,0 +1,115 @@
+"""Reverse-mode autodiff over ONNX nodes: needs-grad analysis, reverse walk, fan-in Sum."""
+
+from __future__ import annotations
+
+import onnx
+
+from trainer.autodiff.context import GradContext
+from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule
+from trainer.errors import ModelError, UnsupportedOpError
+from trainer.graph import NameScope, node_name
+
+_load_all()
+
+
+def differentiable(node: onnx.NodeProto) -> bool:
+    return node.op_type not in NO_GRADIENT
+
+
+def active_nodes(nodes: list[onnx.NodeProto], loss: str, wrt: set[str], shapes: dict
+                 ) -> tuple[list[int], set[str]]:
+    """Indices of nodes on a float path from `wrt` to `loss`, and the tensors on such paths."""
+    requires = set(wrt)
+    for node in nodes:
+        if differentiable(node) and any(i in requires for i in node.input):
+            requires.update(o for o in node.output
+                            if o in shapes and shapes[o][1].kind == "f")
+    useful = {loss}
+    for node in reversed(nodes):
+        if any(o in useful for o in node.output):
+            useful.update(node.input)
+    on_path = requires & useful
+    active = [k for k, node in enumerate(nodes)
+              if differentiable(node) and any(o in on_path for o in node.output)
+              and any(i in on_path for i in node.input)]
+    return active, on_path
+
+
+def reachable_params(nodes, loss, candidates, shapes) -> set[str]:
+    """Which candidate tensors the loss depends on through differentiable float paths."""
+    return active_nodes(nodes, loss, set(candidates), shapes)[1] & set(candidates)
+
+
+def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shapes: dict,
+                   opset: int, scope: NameScope, seed_name: str, constants: dict | None = None
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[str, str]]:
+    """Gradient nodes of `loss` w.r.t. `wrt`; `seed_name` holds dLoss (usually a constant 1).
+
+    Returns (nodes, constant initializers, {wrt name: gradient tensor name}).
+    """
+    active, on_path = active_nodes(nodes, loss, set(wrt), shapes)
+    unreached = [w for w in wrt if w not in on_path]
+    if unreached:
+        raise ModelError(f"the loss does not depend on {', '.join(unreached)} through "
+                         "differentiable ops; remove them from 'trainable'")
+    missing = [(nodes[k].op_type, node_name(nodes[k], k)) for k in active
+               if get_rule(nodes[k].op_type, nodes[k].domain) is None]
+    if missing:
+        raise UnsupportedOpError("gradient rule", missing)
+
+    # Each (node, input slot) on the path contributes one gradient term to that input tensor.
+    terms: dict[str, list[str]] = {}
+    slots: dict[tuple[int, int], str] = {}
+    for k in active:
+        node = nodes[k]
+        for i, name in enumerate(node.input):
+            if name in on_path:
+                terms.setdefault(name, []).append(f"{k}:{i}")
+    final = {name: scope.fresh(f"{name}_grad") for name in terms}
+    for name, parts in terms.items():
+        for p in parts:
+            k, i = (int(v) for v in p.split(":"))
+            if len(parts) == 1:
+                slots[(k, i)] = final[name]
+            else:
+                slots[(k, i)] = scope.fresh(f"{final[name]}/{node_name(nodes[k], k)}/{i}")
+
+    out_nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    done: set[str] = set()
+
+    def accumulate(name: str) -> None:
+        parts = terms.get(name, [])
+        if len(parts) > 1 and name not in done:
+            names = [slots[tuple(int(v) for v in p.split(":"))] for p in parts]
+            out_nodes.append(onnx.helper.make_node("Sum", names, [final[name]],
+                                                   name=scope.fresh(f"{final[name]}/Sum")))
+        done.add(name)
+
+    for k in reversed(active):
+        node = nodes[k]
+        gos: list[str | None] = []
+        for o in node.output:
+            if o == loss:
+                gos.append(seed_name)
+            elif o in terms:
+                accumulate(o)
+                gos.append(final[o])
+            else:
+                gos.append(None)
+        if all(g is None for g in gos):
+            continue
+        gis = [slots.get((k, i)) for i in range(len(node.input))]
+        label = node_name(node, k)
+        ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants)
+        emitted = get_rule(node.op_type, node.domain)(ctx)
+        produced = {o for n in emitted for o in n.output}
+        lost = [g for g in gis if g is not None and g not in produced]
+        if lost:
+            raise ModelError(f"gradient rule for {node.op_type} (node '{label}') did not produce "
+                             f"{', '.join(lost)}")
+        out_nodes.extend(emitted)
+        inits.extend(ctx.initializers)
+    for w in wrt:
+        accumulate(w)
+    return out_nodes, inits, {w: final[w] for w in wrt}

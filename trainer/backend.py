@@ -1,0 +1,49 @@
+"""Array-module selection: NumPy on CPU, CuPy on GPU; host/device transfer and RNG."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from trainer.errors import TrainerError
+
+
+def cupy_or_none() -> ModuleType | None:
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+    except Exception:  # noqa: BLE001 - any CUDA/CuPy import or driver failure means "no GPU"
+        return None
+    return None
+
+
+def get_xp(device: str = "auto") -> ModuleType:
+    """The array module for a config's `device`: auto picks CuPy when a GPU is usable."""
+    if device == "cpu":
+        return np
+    cp = cupy_or_none()
+    if device == "gpu" and cp is None:
+        raise TrainerError("device: gpu was requested but CuPy or a CUDA device is not available "
+                           "(install the 'gpu' extra, or set device: cpu)")
+    return cp if cp is not None else np
+
+
+def to_host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def to_device(xp: ModuleType, a):
+    return a if xp is np else xp.asarray(a)
+
+
+def make_rng(xp: ModuleType, seed: int):
+    return np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
+
+
+def device_name(xp: ModuleType) -> str:
+    if xp is np:
+        return "cpu (numpy)"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return f"gpu {props['name'].decode()} (cupy)"

@@ -1,0 +1,390 @@
+"""Run configuration: YAML (safe_load only) -> validated frozen dataclasses (DESIGN.md section 3).
+
+Every problem raises a one-line ConfigError naming the dotted key path, e.g. 'optimizer.lr'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import TrainerError
+
+
+class ConfigError(TrainerError, ValueError):
+    """Invalid configuration; the message is one line and names the offending key path."""
+
+
+class FrozenMap(Mapping[str, str]):
+    """Immutable, hashable, picklable str -> str mapping (dataset inputs/targets)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Mapping[str, str] | Sequence[tuple[str, str]] = ()) -> None:
+        self._d = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._d.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._d!r})"
+
+
+# --- converters: (value, key path, base_dir) -> value; a wrong type raises ConfigError -----------
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _got(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"config key '{key}' {msg}")
+
+
+def _suggest(word: str, options: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
+
+
+def _typed(ok: Callable[[Any], bool], text: str) -> Callable[[Any, str, Path], Any]:
+    def conv(v: Any, key: str, base: Path) -> Any:
+        if ok(v):
+            return v
+        raise _err(key, f"must be {text}, got {_got(v)}")
+    return conv
+
+
+_int = _typed(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_bool = _typed(lambda v: isinstance(v, bool), "true or false")
+_str = _typed(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+
+
+def _float(v: Any, key: str, base: Path) -> float:
+    # YAML 1.1 reads "1e-3" as a string, so numeric strings are accepted.
+    if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if math.isfinite(x):
+            return x
+    raise _err(key, f"must be a finite number, got {_got(v)}")
+
+
+def _path(v: Any, key: str, base: Path) -> Path:
+    if not (isinstance(v, os.PathLike) or (isinstance(v, str) and v)):
+        raise _err(key, f"must be a path string, got {_got(v)}")
+    p = Path(v).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _names(v: Any, key: str, base: Path) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise _err(key, f"must be a list of names or glob patterns, got {_got(v)}")
+    return tuple(_str(x, f"{key}[{i}]", base) for i, x in enumerate(v))
+
+
+def _trainable(v: Any, key: str, base: Path) -> tuple[str, ...] | str:
+    if v == "all":
+        return "all"
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _err(key, f"must be 'all' or a non-empty list of names/globs, got {_got(v)}")
+    return _names(v, key, base)
+
+
+def _mapping(v: Any, key: str, base: Path) -> FrozenMap:
+    if not isinstance(v, Mapping):
+        raise _err(key, f"must be a mapping of name -> array key, got {_got(v)}")
+    return FrozenMap({_str(k, f"{key} (a key)", base): _str(x, _join(key, str(k)), base)
+                      for k, x in v.items()})
+
+
+def _betas(v: Any, key: str, base: Path) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise _err(key, f"must be a list of two numbers, got {_got(v)}")
+    return (_float(v[0], f"{key}[0]", base), _float(v[1], f"{key}[1]", base))
+
+
+_POS = (lambda v: v > 0, "must be > 0")
+_NONNEG = (lambda v: v >= 0, "must be >= 0")
+_GE1 = (lambda v: v >= 1, "must be >= 1")
+_NONEMPTY = (lambda v: len(v) > 0, "must not be empty")
+_UNIT = (lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")
+
+
+def _k(conv: Any, default: Any = MISSING, **meta: Any) -> Any:
+    """Declare a config key. conv: a converter or a section dataclass. meta: choices, check
+    (predicate, text), nullable, only (section types the key is valid for), required_for
+    (section types needing it), default_fn ((values so far, base_dir) -> default), factory."""
+    factory = meta.pop("factory", MISSING)
+    return field(default=default, default_factory=factory, metadata={"conv": conv, **meta})
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+_SGD, _ADAM = ("sgd",), ("adam", "adamw")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    path: Path = _k(_path)
+    inputs: Mapping[str, str] = _k(_mapping, check=_NONEMPTY)
+    targets: Mapping[str, str] = _k(_mapping, factory=FrozenMap)
+
+    def __post_init__(self) -> None:  # freeze plain dicts given by direct construction
+        for name in ("inputs", "targets"):
+            object.__setattr__(self, name, FrozenMap(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: DatasetConfig = _k(DatasetConfig)
+    eval: DatasetConfig | None = _k(DatasetConfig, None, nullable=True)
+    batch_size: int = _k(_int, 32, check=_POS)
+    shuffle: bool = _k(_bool, True)
+    drop_last: bool = _k(_bool, True)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    type: str = _k(_str, choices=("cross_entropy", "mse", "output"))
+    output: str = _k(_str)
+    target: str | None = _k(_str, None, only=("cross_entropy", "mse"),
+                            required_for=("cross_entropy", "mse"))
+    class_axis: int = _k(_int, -1, only=("cross_entropy",))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: str = _k(_str, "sgd", choices=_SGD + _ADAM)
+    lr: float = _k(_float, 0.1, check=_POS,
+                   default_fn=lambda v, b: 0.1 if v["type"] == "sgd" else 1e-3)
+    momentum: float = _k(_float, 0.0, check=_NONNEG, only=_SGD)
+    nesterov: bool = _k(_bool, False, only=_SGD)
+    dampening: float = _k(_float, 0.0, check=_NONNEG, only=_SGD)
+    weight_decay: float = _k(_float, 0.0, check=_NONNEG,
+                             default_fn=lambda v, b: 0.01 if v["type"] == "adamw" else 0.0)
+    betas: tuple[float, float] = _k(_betas, (0.9, 0.999), check=_UNIT, only=_ADAM)
+    eps: float = _k(_float, 1e-8, check=_NONNEG, only=_ADAM)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    type: str = _k(_str, "constant", choices=("constant", "linear", "cosine", "step"))
+    warmup_steps: int = _k(_int, 0, check=_NONNEG)
+    min_lr: float = _k(_float, 0.0, check=_NONNEG, only=("linear", "cosine"))
+    step_size: int | None = _k(_int, None, check=_POS, only=("step",), required_for=("step",))
+    gamma: float = _k(_float, 0.1, check=_POS, only=("step",))
+
+
+@dataclass(frozen=True)
+class GradClipConfig:
+    max_norm: float = _k(_float, check=_POS)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Path | None = _k(_path, None, nullable=True)
+    every_steps: int = _k(_int, 0, check=_NONNEG)
+    keep: int = _k(_int, 2, check=_GE1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = _k(_int, 10, check=_GE1)
+    metrics: Path | None = _k(_path, None, nullable=True)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    backend: str = _k(_str, "auto", choices=("auto", "mpi", "nccl"))
+    bucket_mb: float = _k(_float, 25.0, check=_POS)
+    overlap: bool = _k(_bool, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: Path = _k(_path)
+    output: Path = _k(_path, default_fn=lambda v, b: b / "runs" / v["model"].stem / "model.onnx")
+    seed: int = _k(_int, 0, check=_NONNEG)
+    device: str = _k(_str, "auto", choices=("auto", "cpu", "gpu"))
+    precision: str = _k(_str, "fp32", choices=("fp32", "fp64", "tf32", "bf16"))
+    data: DataConfig = _k(DataConfig)
+    loss: LossConfig = _k(LossConfig)
+    trainable: tuple[str, ...] | str = _k(_trainable, "all")
+    frozen: tuple[str, ...] = _k(_names, ())
+    optimizer: OptimizerConfig = _k(OptimizerConfig, factory=OptimizerConfig)
+    schedule: ScheduleConfig = _k(ScheduleConfig, factory=ScheduleConfig)
+    grad_clip: GradClipConfig | None = _k(GradClipConfig, None, nullable=True)
+    accumulate: int = _k(_int, 1, check=_GE1)
+    steps: int | None = _k(_int, None, nullable=True, check=_POS)
+    epochs: int | None = _k(_int, None, nullable=True, check=_POS)
+    checkpoint: CheckpointConfig = _k(CheckpointConfig, factory=CheckpointConfig)
+    log: LogConfig = _k(LogConfig, factory=LogConfig)
+    distributed: DistributedConfig = _k(DistributedConfig, factory=DistributedConfig)
+    config_path: Path | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+
+
+# --- generic validator ---------------------------------------------------------------------------
+
+
+def _check_optimizer(v: dict[str, Any], key: str) -> None:
+    if v.get("nesterov") and (v["momentum"] <= 0 or v["dampening"] != 0):
+        raise _err(_join(key, "nesterov"), "requires momentum > 0 and dampening 0")
+
+
+def _check_config(v: dict[str, Any], key: str) -> None:
+    if (v["steps"] is None) == (v["epochs"] is None):
+        got = "neither" if v["steps"] is None else "both"
+        raise ConfigError(f"config keys 'steps' and 'epochs': give exactly one of them, got {got}")
+    target, data = v["loss"].target, v["data"]
+    for name, ds in (("train", data.train), ("eval", data.eval)):
+        if target is not None and ds is not None and target not in ds.targets:
+            have = ", ".join(ds.targets) or "none"
+            raise _err("loss.target", f"is '{target}', which is not a key of data.{name}.targets "
+                       f"({have}){_suggest(target, list(ds.targets))}")
+
+
+_POST_CHECKS: dict[type, Callable[[dict[str, Any], str], None]] = {
+    OptimizerConfig: _check_optimizer, Config: _check_config}
+
+
+def _value(f: dataclasses.Field, raw: Mapping, key: str, base: Path, values: dict[str, Any],
+           kind: str | None) -> Any:
+    meta, conv, v = f.metadata, f.metadata["conv"], raw.get(f.name)
+    if v is None and f.name in raw and meta.get("nullable"):
+        return None
+    if v is None:  # absent (or null where null is not a value): required or default
+        if kind in meta.get("required_for", ()):
+            raise _err(key, f"is required for {key.rsplit('.', 2)[-2]} type '{kind}'")
+        if "default_fn" in meta:
+            return meta["default_fn"](values, base)
+        if f.default is not MISSING:
+            return f.default
+        if f.default_factory is MISSING:
+            raise _err(key, "is required")
+        return _build(conv, {}, key, base) if is_dataclass(conv) else f.default_factory()
+    v = _build(conv, v, key, base) if is_dataclass(conv) else conv(v, key, base)
+    choices = meta.get("choices")
+    if choices and v not in choices:
+        raise _err(key, f"must be one of {', '.join(choices)}; got {v!r}{_suggest(v, choices)}")
+    check = meta.get("check")
+    if check and not check[0](v):
+        raise _err(key, f"{check[1]}, got {v!r}")
+    return v
+
+
+def _build(cls: type, raw: Any, key: str, base: Path, **extra: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise _err(key, f"must be a mapping, got {_got(raw)}")
+    specs = {f.name: f for f in fields(cls) if "conv" in f.metadata}
+    kind = None
+    if "type" in specs:
+        kind = _value(specs["type"], raw, _join(key, "type"), base, {}, None)
+    allowed = [n for n, f in specs.items() if kind in f.metadata.get("only", [kind])]
+    for k in raw:
+        name = _join(key, str(k))
+        if k in allowed:
+            continue
+        if k in specs:
+            valid = ", ".join(n for n in allowed if n != "type")
+            raise _err(name, f"is not valid for {key.rsplit('.', 1)[-1]} type '{kind}' "
+                       f"(valid: {valid})")
+        hint = _suggest(str(k), allowed, key) or f" (valid: {', '.join(allowed)})"
+        raise _err(name, f"is unknown{hint}")
+    values: dict[str, Any] = {"type": kind} if kind is not None else {}
+    for n in allowed:
+        if n not in values:
+            values[n] = _value(specs[n], raw, _join(key, n), base, values, kind)
+    if cls in _POST_CHECKS:
+        _POST_CHECKS[cls](values, key)
+    return cls(**values, **extra)
+
+
+# --- public entry points -------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        text += f" (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(text).split())
+
+
+def _plain(x: Any) -> Any:
+    """Deep copy of the YAML-like tree with every mapping as a plain dict (overrides edit it)."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x] if isinstance(x, list) else x
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set raw[a][b][c] = yaml.safe_load(value) for "a.b.c=value", creating missing sections."""
+    key, sep, text = override.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError(f"malformed override {override!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: invalid YAML value: {_one_line(exc)}") from exc
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: Mapping, base_dir: str | os.PathLike,
+                     overrides: Sequence[str] = ()) -> Config:
+    """Validate a raw mapping (as read from YAML); relative paths resolve against base_dir."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config must be a mapping at the top level, got {_got(raw)}")
+    raw = _plain(raw)
+    for override in overrides:
+        apply_override(raw, override)
+    base = Path(base_dir).expanduser().absolute()
+    return _build(Config, raw, "", base, config_path=None, base_dir=base)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file (yaml.safe_load only), apply "key.path=value" overrides, validate."""
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse config file {p}: {_one_line(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {_one_line(exc)}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {_got(raw)}")
+    return dataclasses.replace(config_from_dict(raw, p.parent, overrides), config_path=p)
