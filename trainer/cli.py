@@ -1,0 +1,140 @@
+"""The `onnx-trainer` command: train, check, grad, eval (also `python -m trainer`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer import __version__
+from trainer.errors import TrainerError
+
+
+def _train(args) -> int:
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    cfg = load_config(args.config, args.set or [])
+    Trainer(cfg).fit()
+    return 0
+
+
+def _check(args) -> int:
+    from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule
+    from trainer.graph import load_model, node_name, opset_of
+    from trainer.kernels import get_kernel
+
+    _load_all()
+    model = load_model(args.model)
+    rows, bad = [], 0
+    for i, node in enumerate(model.graph.node):
+        fwd = get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is not None
+        if node.op_type in NO_GRADIENT:
+            bwd = "not differentiable"
+        else:
+            bwd = "yes" if get_rule(node.op_type, node.domain) else "MISSING"
+        ok = fwd and bwd != "MISSING"
+        bad += not ok
+        rows.append((node_name(node, i), node.op_type, "yes" if fwd else "MISSING", bwd))
+    width = max([len(r[0]) for r in rows] + [4])
+    print(f"{'node':<{width}}  {'op':<26} forward  gradient")
+    for name, op, fwd, bwd in rows:
+        print(f"{name:<{width}}  {op:<26} {fwd:<8} {bwd}")
+    print(f"{len(rows)} nodes, opset {opset_of(model)}: "
+          + ("all trainable" if not bad else f"{bad} node(s) cannot be trained"))
+    return 0 if not bad else 1
+
+
+def _grad(args) -> int:
+    import onnx
+
+    from trainer.autodiff import build_training_graph
+    from trainer.graph import load_model
+
+    model = load_model(args.model)
+    tm = build_training_graph(model, {"type": args.loss, "output": args.output,
+                                      "target": args.target, "class_axis": args.class_axis},
+                              args.trainable or "all", batch_size=args.batch_size,
+                              batchnorm="frozen" if args.frozen_batchnorm else "train")
+    onnx.save_model(tm, args.o)
+    print(f"wrote {args.o}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    return 0
+
+
+def _eval(args) -> int:
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    cfg = load_config(args.config, args.set or [])
+    if cfg.data.eval is None:
+        raise TrainerError("eval needs data.eval in the config")
+    trainer = Trainer(cfg)
+    model = Path(args.model) if args.model else None
+    if model is not None:
+        from onnx import numpy_helper
+
+        from trainer.graph import load_model
+        weights = {t.name: numpy_helper.to_array(t) for t in load_model(model).graph.initializer}
+        for name in list(trainer.params) + list(trainer.state):
+            target = trainer.params.get(name, trainer.state.get(name))
+            target[...] = trainer.xp.asarray(weights[name].astype(target.dtype))
+    metrics = trainer.evaluate()
+    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnx-trainer", description="Train ONNX models.")
+    p.add_argument("--version", action="version", version=f"onnx-trainer {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the model of a YAML config and export it")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
+    t.set_defaults(fn=_train)
+    c = sub.add_parser("check", help="list every op with its forward/gradient support")
+    c.add_argument("model")
+    c.set_defaults(fn=_check)
+    g = sub.add_parser("grad", help="write the training graph (forward+loss+backward) as ONNX")
+    g.add_argument("model")
+    g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "output"])
+    g.add_argument("--output", required=True, help="model output the loss reads")
+    g.add_argument("--target", default="label", help="name of the loss target input")
+    g.add_argument("--class-axis", type=int, default=-1)
+    g.add_argument("--batch-size", type=int, default=1, help="value for symbolic batch dims")
+    g.add_argument("--trainable", nargs="*", help="initializer names/globs (default: all)")
+    g.add_argument("--frozen-batchnorm", action="store_true",
+                   help="keep BatchNormalization statistics fixed (inference form)")
+    g.add_argument("-o", required=True, help="path of the training graph to write")
+    g.set_defaults(fn=_grad)
+    e = sub.add_parser("eval", help="evaluate on the config's data.eval")
+    e.add_argument("config")
+    e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.set_defaults(fn=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TrainerError as exc:
+        print(f"onnx-trainer: error: {exc}", file=sys.stderr)
+        _abort_others()
+        return 2
+    except KeyboardInterrupt:
+        print("onnx-trainer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _abort_others() -> None:
+    """Under mpirun, a rank that fails ends the whole job instead of leaving others waiting."""
+    from trainer.comm import launched_world_size
+    if launched_world_size() > 1 and "mpi4py" in sys.modules:
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The training loop: data shard -> training graph -> gradient all-reduce -> optimizer -> export.
+
+Parameters and gradients live in one flat buffer each (views per tensor); one training-graph plan
+is built per local batch size and reused for every step of that shape.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import numpy_helper
+
+from trainer.autodiff import build_training_graph, training_info
+from trainer.backend import device_name, get_xp, to_host
+from trainer.comm import get_communicator
+from trainer.config import Config
+from trainer.data import Batches, check_against_model, load_arrays
+from trainer.errors import DataError, TrainerError
+from trainer.executor import Executor
+from trainer.export import export_model
+from trainer.graph import input_dtypes, load_model, to_float64
+from trainer.metrics import MetricsLogger
+from trainer.optim import clip_grad_norm_, make_optimizer
+from trainer.schedule import lr_at
+
+
+@dataclass
+class Plan:
+    executor: Executor
+    gradients: dict[str, str]
+    state: dict[str, str]
+    loss: str
+
+
+class Trainer:
+    """Trains the model of a Config; `fit()` runs the whole job and exports the result."""
+
+    def __init__(self, cfg: Config, comm=None, stream=None):
+        self.cfg = cfg
+        self.comm = comm or get_communicator(cfg.distributed.backend)
+        self.rank, self.world = self.comm.rank, self.comm.size
+        if cfg.precision in ("tf32", "bf16"):
+            raise TrainerError(f"precision '{cfg.precision}' is not available yet; use fp32 or "
+                               "fp64")
+        self.xp = get_xp(cfg.device)
+        if cfg.precision == "fp64" and self.xp is not np:
+            raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
+        kwargs = {"stream": stream} if stream is not None else {}
+        self.log = MetricsLogger(cfg.log.metrics, self.rank == 0, **kwargs)
+        self.model = load_model(cfg.model)
+        self.run_model = to_float64(self.model) if cfg.precision == "fp64" else self.model
+        self.in_dtypes = input_dtypes(self.run_model)
+        init_names = {t.name for t in self.run_model.graph.initializer}
+        self.data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
+                                      for d in vi.type.tensor_type.shape.dim]
+                            for vi in self.run_model.graph.input if vi.name not in init_names}
+        train = cfg.data.train
+        self.train_arrays = self._load(train, "data.train")
+        self.batches = Batches(self.train_arrays, cfg.data.batch_size, rank=self.rank,
+                               world=self.world, shuffle=cfg.data.shuffle,
+                               drop_last=cfg.data.drop_last, seed=cfg.seed)
+        self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
+        self.plans: dict[int, Plan] = {}
+        self._init_parameters()
+        spe = self.batches.steps_per_epoch
+        self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
+        if self.total_steps < 1:
+            raise DataError(f"one epoch has {spe} batches, fewer than accumulate="
+                            f"{cfg.accumulate}; nothing to train")
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _load(self, ds, what):
+        mapping = {**ds.inputs, **ds.targets}
+        arrays = load_arrays(ds.path, mapping, what)
+        check_against_model({k: arrays[k] for k in ds.inputs}, self.data_inputs, what)
+        out = {}
+        for name, a in arrays.items():
+            if name in self.in_dtypes:
+                out[name] = a.astype(self.in_dtypes[name], copy=False)
+            elif self.cfg.loss.type == "cross_entropy":
+                if a.dtype.kind not in "iu":
+                    raise DataError(f"{what}: target '{name}' must hold integer class labels, "
+                                    f"got {a.dtype}")
+                out[name] = a.astype(np.int64, copy=False)
+            else:
+                out[name] = a
+        return out
+
+    def _plan(self, local_n: int) -> Plan:
+        plan = self.plans.get(local_n)
+        if plan is None:
+            shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
+            tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
+                                      frozen=self.cfg.frozen, shapes=shapes)
+            info = training_info(tm)
+            if self.cfg.loss.type == "mse":
+                self._cast_targets(tm, info)
+            feeds = list(info.gradients) + list(info.state)
+            fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
+            ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank)
+            plan = Plan(ex, info.gradients, info.state, info.loss)
+            self.plans[local_n] = plan
+        return plan
+
+    def _cast_targets(self, tm, info):
+        for vi in tm.graph.input:
+            if vi.name in info.targets:
+                dt = np.dtype(numpy_helper.helper.tensor_dtype_to_np_dtype(
+                    vi.type.tensor_type.elem_type))
+                for arrays in (self.train_arrays, self.eval_arrays or {}):
+                    if vi.name in arrays:
+                        arrays[vi.name] = arrays[vi.name].astype(dt, copy=False)
+
+    def _init_parameters(self) -> None:
+        xp = self.xp
+        first, _, _ = self.batches.get(0, 0)
+        plan = self._plan(len(next(iter(first.values()))))
+        inits = {t.name: t for t in self.run_model.graph.initializer}
+        values = {k: numpy_helper.to_array(inits[k]) for k in plan.gradients}
+        dtypes = {v.dtype for v in values.values()}
+        if len(dtypes) != 1:
+            raise TrainerError(f"trainable parameters mix dtypes {sorted(map(str, dtypes))}; "
+                               "train one dtype at a time (see 'trainable'/'frozen')")
+        self.dtype = dtypes.pop()
+        self.names = list(plan.gradients)
+        self.shapes = {k: values[k].shape for k in self.names}
+        sizes = [int(np.prod(self.shapes[k])) for k in self.names]
+        self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
+        self.size = int(sum(sizes))
+        # One extra slot after the gradients carries the loss through the same all-reduce.
+        self.params_flat = xp.asarray(np.concatenate([values[k].ravel() for k in self.names]))
+        self.grads_flat = xp.zeros(self.size + 1, self.dtype)
+        self.params = {k: self._view(self.params_flat, k) for k in self.names}
+        self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
+        self.state = {k: xp.asarray(numpy_helper.to_array(inits[k])) for k in plan.state}
+        self.comm.bcast_(self.params_flat)
+        for v in self.state.values():
+            self.comm.bcast_(v)
+        self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.size, self.dtype)
+
+    def _view(self, flat, name):
+        o = self.offsets[name]
+        return flat[o:o + int(np.prod(self.shapes[name]))].reshape(self.shapes[name])
+
+    # -- one step ------------------------------------------------------------------------------
+    def _micro_batches(self):
+        epoch, index = 0, 0
+        while True:
+            order = self.batches.order(epoch)
+            while index < self.batches.steps_per_epoch:
+                arrays, local_n, global_n = self.batches.get(epoch, index, order)
+                yield epoch, arrays, local_n, global_n
+                index += 1
+            epoch, index = epoch + 1, 0
+
+    def train_step(self, micro: list[tuple[dict, int, int]], lr: float) -> float:
+        """One optimizer step over `accumulate` micro-batches; returns the global mean loss."""
+        xp = self.xp
+        g = self.grads_flat
+        g[...] = 0
+        for arrays, local_n, global_n in micro:
+            plan = self._plan(local_n)
+            feeds = {k: xp.asarray(v) for k, v in arrays.items()}
+            feeds.update(self.params)
+            feeds.update(self.state)
+            out = plan.executor.run(feeds)
+            # Weight so that summing over ranks (and micro-batches) gives the global mean.
+            w = local_n / global_n / len(micro)
+            for k, gname in plan.gradients.items():
+                self.grads[k] += out[gname] * w if w != 1 else out[gname]
+            g[self.size] += out[plan.loss] * w
+            for k, new in plan.state.items():
+                self.state[k] = out[new]
+        if self.world > 1:
+            self.comm.allreduce_(g)
+        loss = float(g[self.size])
+        if not math.isfinite(loss):
+            raise TrainerError(f"loss became {loss} at step {self.step + 1}; lower the learning "
+                               "rate or enable grad_clip (parameters before this step are kept)")
+        grads = g[:self.size]
+        if self.cfg.grad_clip is not None:
+            clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)
+        self.optimizer.step(self.params_flat, grads, lr)
+        self.step += 1
+        return loss
+
+    # -- the job -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.log.info(f"onnx-trainer: {cfg.model.name} on {device_name(self.xp)}, "
+                      f"{self.world} process(es), {len(self.names)} tensors / {self.size} "
+                      f"parameters, {self.total_steps} steps of global batch "
+                      f"{cfg.data.batch_size}")
+        feed = self._micro_batches()
+        t0, seen, last_epoch = time.perf_counter(), 0, 0
+        row: dict = {}
+        while self.step < self.total_steps:
+            micro, epoch = [], last_epoch
+            for _ in range(cfg.accumulate):
+                epoch, arrays, local_n, global_n = next(feed)
+                micro.append((arrays, local_n, global_n))
+                seen += global_n
+            if epoch != last_epoch and self.eval_arrays is not None:
+                self._log_eval(last_epoch)
+            last_epoch = epoch
+            lr = lr_at(cfg.schedule, cfg.optimizer.lr, self.step, self.total_steps)
+            loss = self.train_step(micro, lr)
+            if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
+                       "samples_per_s": seen / max(now - t0, 1e-9)}
+                t0, seen = now, 0
+                self.history.append(row)
+                self.log.record(row)
+        result = {"steps": self.step, "loss": row.get("loss")}
+        if self.eval_arrays is not None:
+            result.update(self._log_eval(last_epoch))
+        if self.rank == 0:
+            path = self.export(cfg.output)
+            result["output"] = str(path)
+            self.log.info(f"wrote {path}")
+        return result
+
+    def _log_eval(self, epoch: int) -> dict:
+        metrics = self.evaluate()
+        row = {"step": self.step, "epoch": epoch, **metrics}
+        self.history.append(row)
+        self.log.record(row)
+        return metrics
+
+    # -- evaluation, prediction, export --------------------------------------------------------
+    def _inference(self) -> Executor:
+        if not hasattr(self, "_infer"):
+            self._infer = Executor(self.run_model, self.xp,
+                                   feeds=list(self.names) + list(self.state))
+        return self._infer
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs (inference form) with the current weights, on host arrays."""
+        feeds = {k: self.xp.asarray(v.astype(self.in_dtypes[k], copy=False))
+                 for k, v in inputs.items()}
+        feeds.update(self.params)
+        feeds.update(self.state)
+        return {k: to_host(v) for k, v in self._inference().run(feeds).items()}
+
+    def evaluate(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy for cross_entropy) over a dataset, sharded across ranks."""
+        arrays = self.eval_arrays if arrays is None else arrays
+        spec = self.cfg.loss
+        n = next(iter(arrays.values())).shape[0]
+        lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
+        bs = max(self.cfg.data.batch_size // self.world, 1)
+        sums = np.zeros(3)  # loss sum, correct, count
+        for start in range(lo, hi, bs):
+            chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
+            out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
+            sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target))
+        if self.world > 1:
+            self.comm.allreduce_(sums)
+        metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
+        if spec.type == "cross_entropy":
+            metrics["eval_accuracy"] = float(sums[1] / max(sums[2], 1))
+        return metrics
+
+    def trained_values(self) -> dict[str, np.ndarray]:
+        values = {k: to_host(v) for k, v in self.params.items()}
+        values.update({k: to_host(v) for k, v in self.state.items()})
+        return values
+
+    def export(self, path: Path) -> Path:
+        meta = {"onnx_trainer.steps": str(self.step),
+                "onnx_trainer.config": str(self.cfg.config_path or ""),
+                "onnx_trainer.loss": self.cfg.loss.type,
+                "onnx_trainer.optimizer": self.cfg.optimizer.type,
+                "onnx_trainer.world_size": str(self.world)}
+        return export_model(self.model, self.trained_values(), path, meta)
+
+
+def _loss_sums(spec, out: np.ndarray, target) -> np.ndarray:
+    """[sum of per-sample losses, correct predictions, samples] for one eval chunk."""
+    if spec.type == "output":
+        return np.array([float(out.reshape(-1)[0]) * 1.0, 0.0, 1.0])
+    if spec.type == "mse":
+        per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
+        return np.array([per.sum(), 0.0, out.shape[0]])
+    axis = spec.class_axis % out.ndim
+    z = out - out.max(axis=axis, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    picked = np.take_along_axis(logp, np.expand_dims(target, axis), axis=axis)
+    correct = (out.argmax(axis=axis) == target).sum()
+    return np.array([-picked.sum(), float(correct), float(target.size)])
