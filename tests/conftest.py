@@ -1,0 +1,38 @@
+"""Shared fixtures: the bundled demo, small configs written to tmp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def digits_config():
+    """A dict config for the digits MLP (paths absolute), to adjust per test."""
+    def make(**over):
+        cfg = {
+            "model": str(EXAMPLES / "digits_mlp.onnx"),
+            "output": "out/model.onnx",
+            "device": "cpu",
+            "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                               "targets": {"label": "y_train"}},
+                     "eval": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_test"},
+                              "targets": {"label": "y_test"}},
+                     "batch_size": 32},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+            "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+            "steps": 20,
+            "log": {"every_steps": 1},
+        }
+        for key, value in over.items():
+            node = cfg
+            parts = key.split("__")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return cfg
+    return make

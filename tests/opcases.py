@@ -1,0 +1,100 @@
+"""Tiny ONNX model builders shared by the kernel and gradient-rule tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from trainer.executor import Executor
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def value_info(name: str, arr: np.ndarray) -> onnx.ValueInfoProto:
+    arr = np.asarray(arr)
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                         list(arr.shape))
+
+
+def make_model(nodes: Sequence[onnx.NodeProto], *, inputs: Arrays | None = None,
+               initializers: Arrays | None = None, outputs: Sequence[str] = ("y",),
+               opset: int = 18, extra_opsets: Mapping[str, int] | None = None
+               ) -> onnx.ModelProto:
+    """A checked model: `inputs` become graph inputs (typed like the arrays), `initializers`
+    constants; output types come from ONNX shape inference (shapes are left open)."""
+    inputs, initializers = dict(inputs or {}), dict(initializers or {})
+    graph = helper.make_graph(
+        list(nodes), "case", [value_info(k, v) for k, v in inputs.items()],
+        [helper.make_empty_tensor_value_info(o) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
+    imports = [helper.make_opsetid("", opset)]
+    imports += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = min(model.ir_version, 10)  # what the installed onnxruntime reads
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {o.name: o.type.tensor_type.elem_type for o in inferred.graph.output}
+    for o in model.graph.output:
+        o.type.tensor_type.elem_type = types.get(o.name) or onnx.TensorProto.FLOAT
+    onnx.checker.check_model(model)
+    return model
+
+
+def node_model(op: str, inputs: Sequence[tuple[str, np.ndarray | None]], n_out: int = 1, *,
+               as_initializers: bool = False, opset: int = 18, **attrs) -> onnx.ModelProto:
+    """One `op` node; inputs are (name, array) pairs, a None array is an absent optional input.
+
+    Outputs are named y0, y1, ...; with as_initializers the arrays are constants."""
+    names = [name if arr is not None else "" for name, arr in inputs]
+    while names and names[-1] == "":
+        names.pop()
+    outputs = [f"y{i}" for i in range(n_out)]
+    node = helper.make_node(op, names, outputs, **attrs)
+    present = {name: arr for name, arr in inputs if arr is not None}
+    if as_initializers:
+        return make_model([node], initializers=present, outputs=outputs, opset=opset)
+    return make_model([node], inputs=present, outputs=outputs, opset=opset)
+
+
+def run(model: onnx.ModelProto, feeds: Arrays | None = None, **kw) -> dict[str, np.ndarray]:
+    """Run with the engine's NumPy executor."""
+    return Executor(model, np, **kw).run(dict(feeds or {}))
+
+
+def run_ort(model: onnx.ModelProto, feeds: Arrays | None = None) -> dict[str, np.ndarray]:
+    """Run with onnxruntime on CPU (all graph outputs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds or {})), strict=True))
+
+
+def run_reference(model: onnx.ModelProto, feeds: Arrays | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Run with onnx.reference.ReferenceEvaluator (all graph outputs)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, ReferenceEvaluator(model).run(None, dict(feeds or {})),
+                    strict=True))
+
+
+def distinct(rng: np.random.Generator, shape: Sequence[int], spread: float = 1.0,
+             dtype=np.float64) -> np.ndarray:
+    """Values that are pairwise at least spread/size apart (no ties for max/argmax)."""
+    n = int(np.prod(shape))
+    vals = (rng.permutation(n) - n / 2) * (2 * spread / max(n, 1))
+    return (vals + rng.uniform(0, 0.3 * spread / max(n, 1), n)).reshape(shape).astype(dtype)
+
+
+def away_from_zero(rng: np.random.Generator, shape: Sequence[int], low: float = 0.2,
+                   high: float = 1.5, dtype=np.float64) -> np.ndarray:
+    """Random values with |x| in [low, high] and random sign (no kinks for Relu/Abs)."""
+    mag = rng.uniform(low, high, shape)
+    return (mag * rng.choice([-1.0, 1.0], shape)).astype(dtype)

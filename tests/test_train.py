@@ -1,0 +1,105 @@
+"""End-to-end training on the bundled digits demo: accuracy, export, metrics, determinism."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLES, ROOT
+from trainer.config import config_from_dict, load_config
+from trainer.errors import TrainerError
+from trainer.train import Trainer
+
+
+def test_demo_config_reaches_accuracy_and_exports(tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "digits_mlp.yaml").read_text())
+    raw["output"] = str(tmp_path / "model.onnx")
+    raw["log"]["metrics"] = str(tmp_path / "metrics.jsonl")
+    cfg = config_from_dict(raw, ROOT / "configs")
+    out = io.StringIO()
+    result = Trainer(cfg, stream=out).fit()
+    assert result["eval_accuracy"] >= 0.93
+    # The exported model predicts the test split with the same accuracy in onnxruntime.
+    data = np.load(EXAMPLES / "digits.npz", allow_pickle=False)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    logits = sess.run(None, {"x": data["x_test"]})[0]
+    acc = float((logits.argmax(1) == data["y_test"]).mean())
+    assert acc == pytest.approx(result["eval_accuracy"], abs=1e-9)
+    # Same graph, names and signature as the input model.
+    src, dst = onnx.load(cfg.model), onnx.load(tmp_path / "model.onnx")
+    assert [n.SerializeToString() for n in src.graph.node] == \
+        [n.SerializeToString() for n in dst.graph.node]
+    assert src.graph.input == dst.graph.input and src.graph.output == dst.graph.output
+    assert [(t.name, t.dims, t.data_type) for t in src.graph.initializer] == \
+        [(t.name, t.dims, t.data_type) for t in dst.graph.initializer]
+    assert src.opset_import == dst.opset_import
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["step"] == 660 and all(
+        {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(r) for r in train_rows)
+    assert any("eval_accuracy" in r for r in rows)
+    assert "step 660" in out.getvalue()
+
+
+def test_engine_forward_matches_onnxruntime(tmp_path, digits_config):
+    cfg = config_from_dict(digits_config(output=str(tmp_path / "m.onnx")), tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+    t.fit()
+    x = np.load(EXAMPLES / "digits.npz")["x_test"][:50]
+    ours = t.predict({"x": x})["logits"]
+    theirs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_are_deterministic(tmp_path, digits_config):
+    a = Trainer(config_from_dict(digits_config(), tmp_path / "a"), stream=io.StringIO())
+    b = Trainer(config_from_dict(digits_config(), tmp_path / "b"), stream=io.StringIO())
+    a.fit()
+    b.fit()
+    for k, v in a.trained_values().items():
+        np.testing.assert_array_equal(v, b.trained_values()[k])
+
+
+def test_accumulate_equals_larger_batch(tmp_path, digits_config):
+    base = digits_config(precision="fp64", data__shuffle=False, steps=5, optimizer={
+        "type": "sgd", "lr": 0.1})
+    big = Trainer(config_from_dict({**base, "data": {**base["data"], "batch_size": 64}},
+                                   tmp_path / "a"), stream=io.StringIO())
+    acc = Trainer(config_from_dict({**base, "accumulate": 2}, tmp_path / "b"),
+                  stream=io.StringIO())
+    big.fit()
+    acc.fit()
+    for k, v in big.trained_values().items():
+        np.testing.assert_allclose(acc.trained_values()[k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_trainable_and_frozen_select_parameters(tmp_path, digits_config):
+    t = Trainer(config_from_dict(digits_config(frozen=["fc1.*"]), tmp_path),
+                stream=io.StringIO())
+    init = {k: v.copy() for k, v in t.trained_values().items()}
+    assert sorted(t.names) == ["fc2.bias", "fc2.weight"]
+    t.fit()
+    out = onnx.load(tmp_path / "out" / "model.onnx")
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    src = {i.name: onnx.numpy_helper.to_array(i)
+           for i in onnx.load(EXAMPLES / "digits_mlp.onnx").graph.initializer}
+    np.testing.assert_array_equal(weights["fc1.weight"], src["fc1.weight"])
+    assert not np.array_equal(weights["fc2.weight"], init["fc2.weight"])
+
+
+def test_nan_loss_is_a_clear_error(tmp_path, digits_config):
+    t = Trainer(config_from_dict(digits_config(optimizer={"type": "sgd", "lr": 1e30}),
+                                 tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match="loss became"):
+        t.fit()
+
+
+def test_yaml_config_paths_are_relative_to_the_file(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits_mlp.yaml")
+    assert cfg.model.resolve() == (EXAMPLES / "digits_mlp.onnx").resolve()
