@@ -24,7 +24,7 @@ def make_model(nodes: Sequence[onnx.NodeProto], *, inputs: Arrays | None = None,
                opset: int = 18, extra_opsets: Mapping[str, int] | None = None
                ) -> onnx.ModelProto:
     """A checked model: `inputs` become graph inputs (typed like the arrays), `initializers`
-    constants; output types come from ONNX shape inference (shapes are left open)."""
+    constants; output types and shapes come from ONNX shape inference."""
     inputs, initializers = dict(inputs or {}), dict(initializers or {})
     graph = helper.make_graph(
         list(nodes), "case", [value_info(k, v) for k, v in inputs.items()],
@@ -35,9 +35,13 @@ def make_model(nodes: Sequence[onnx.NodeProto], *, inputs: Arrays | None = None,
     model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = min(model.ir_version, 10)  # what the installed onnxruntime reads
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {o.name: o.type.tensor_type.elem_type for o in inferred.graph.output}
+    types = {o.name: o.type for o in inferred.graph.output}
     for o in model.graph.output:
-        o.type.tensor_type.elem_type = types.get(o.name) or onnx.TensorProto.FLOAT
+        o.type.CopyFrom(types[o.name])
+        if not o.type.tensor_type.elem_type:
+            o.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        if not o.type.tensor_type.HasField("shape"):  # unknown rank: say rank 1, unchecked
+            o.type.tensor_type.shape.dim.add().dim_param = "unknown"
     onnx.checker.check_model(model)
     return model
 

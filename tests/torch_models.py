@@ -28,7 +28,9 @@ class LeNet(nn.Module):
 
     def __init__(self, classes: int = 10):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)   # 16x16
+        # No bias before BatchNorm (as usual): in train mode its gradient is exactly zero, so
+        # SGD never moves it and AdamW would only amplify rounding noise into lr-sized steps.
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2, bias=False)   # 16x16
         self.bn = nn.BatchNorm2d(6)
         self.pool1 = nn.MaxPool2d(2)                 # 8x8
         self.conv2 = nn.Conv2d(6, 16, 5)             # 4x4
@@ -83,7 +85,7 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def torch_from_values(kind: str, values: dict[str, np.ndarray], dtype) -> nn.Module:
     """A model of `kind` holding exactly `values` (ONNX initializers, by torch name) in dtype."""
     model = make_model(kind).to(dtype)
-    state = {k: torch.from_numpy(np.asarray(v)).to(dtype) for k, v in values.items()}
+    state = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in values.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert all(k.endswith("num_batches_tracked") for k in missing), missing

@@ -19,8 +19,8 @@ from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.config import Config
 from trainer.data import Batches, check_against_model, load_arrays
-from trainer.errors import DataError, TrainerError
-from trainer.executor import Executor
+from trainer.errors import DataError, TrainerError, UnsupportedOpError
+from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import input_dtypes, load_model, to_float64
 from trainer.metrics import MetricsLogger
@@ -52,6 +52,9 @@ class Trainer:
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0, **kwargs)
         self.model = load_model(cfg.model)
+        missing = missing_kernels(self.model)
+        if missing:  # every unsupported node, before any data is read
+            raise UnsupportedOpError("forward kernel", missing)
         self.run_model = to_float64(self.model) if cfg.precision == "fp64" else self.model
         self.in_dtypes = input_dtypes(self.run_model)
         init_names = {t.name for t in self.run_model.graph.initializer}

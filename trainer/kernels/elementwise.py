@@ -62,6 +62,7 @@ Not = _unary("Not", lambda xp, x: xp.logical_not(x))
 Floor = _unary("Floor", lambda xp, x: xp.floor(x))
 Ceil = _unary("Ceil", lambda xp, x: xp.ceil(x))
 Sign = _unary("Sign", lambda xp, x: xp.sign(x))
+Round = _unary("Round", lambda xp, x: xp.round(x))  # half to even, as the spec
 Identity = _unary("Identity", lambda xp, x: x)
 
 

@@ -1,0 +1,161 @@
+"""The command line: demo-style runs, check/grad/eval, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import EXAMPLES, ROOT
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def write_cfg(tmp_path, raw) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_train_with_overrides(tmp_path, digits_config):
+    cfg = write_cfg(tmp_path, digits_config(steps=5))
+    proc = run("train", cfg, "--set", "optimizer.lr=0.05", "--set", "log.every_steps=5")
+    assert proc.returncode == 0, proc.stderr
+    assert "step 5" in proc.stdout and "lr 0.05" in proc.stdout
+    assert (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_bad_config_key_names_the_key(tmp_path, digits_config):
+    raw = digits_config()
+    raw["optimizer"]["lrr"] = 0.1
+    line = one_line_error(run("train", write_cfg(tmp_path, raw)))
+    assert "optimizer.lrr" in line and "optimizer.lr" in line
+
+
+def test_bad_override_names_the_key(tmp_path, digits_config):
+    line = one_line_error(run("train", write_cfg(tmp_path, digits_config()), "--set",
+                              "data.batchsize=8"))
+    assert "data.batchsize" in line and "batch_size" in line
+
+
+def test_missing_model_file(tmp_path, digits_config):
+    line = one_line_error(run("train", write_cfg(tmp_path, digits_config(
+        model=str(tmp_path / "nope.onnx")))))
+    assert "model file not found" in line and "nope.onnx" in line
+
+
+def test_corrupt_model_file(tmp_path, digits_config):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    line = one_line_error(run("train", write_cfg(tmp_path, digits_config(model=str(bad)))))
+    assert "bad.onnx" in line
+
+
+def test_missing_dataset_array(tmp_path, digits_config):
+    raw = digits_config()
+    raw["data"]["train"]["inputs"] = {"x": "pixels"}
+    line = one_line_error(run("train", write_cfg(tmp_path, raw)))
+    assert "'pixels'" in line and "x_train" in line
+
+
+def test_data_shape_mismatch(tmp_path, digits_config):
+    np.savez(tmp_path / "d.npz", x=np.zeros((40, 63), np.float32), y=np.zeros(40, np.int64))
+    raw = digits_config()
+    raw["data"] = {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                             "targets": {"label": "y"}}, "batch_size": 8}
+    line = one_line_error(run("train", write_cfg(tmp_path, raw)))
+    assert "[63]" in line and "[64]" in line
+
+
+def _model(path, ops):
+    """x[N,64] @ w -> Round-gated -> ops... -> logits[N,10] (ops are (op_type, name))."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    w = numpy_helper.from_array(np.full((64, 10), 0.01, np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Round", ["h"], ["r"], name="round1"),
+             helper.make_node("Add", ["h", "r"], ["t0"], name="add")]
+    for k, (op, name) in enumerate(ops):
+        nodes.append(helper.make_node(op, [f"t{k}"], [f"t{k + 1}"], name=name))
+    nodes.append(helper.make_node("Identity", [f"t{len(ops)}"], ["logits"], name="out"))
+    g = helper.make_graph(nodes, "g", [x], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_ops_without_gradient_rule_are_all_listed(tmp_path, digits_config):
+    model = tmp_path / "m.onnx"
+    # Erf and Clip have forward kernels but (for now) no gradient rule.
+    _model(model, [("Erf", "erf1"), ("Relu", "relu"), ("Clip", "clip1")])
+    line = one_line_error(run("train", write_cfg(tmp_path, digits_config(model=str(model)))))
+    assert "no gradient rule" in line
+    assert "Erf (node 'erf1')" in line and "Clip (node 'clip1')" in line
+    assert "relu" not in line and "round1" not in line  # Round carries no gradient
+    proc = run("check", str(model))
+    assert proc.returncode == 1
+    assert "erf1" in proc.stdout and "MISSING" in proc.stdout
+    assert "not differentiable" in proc.stdout  # Round
+
+
+def test_ops_without_forward_kernel_are_listed_before_data_is_read(tmp_path, digits_config):
+    model = tmp_path / "m.onnx"
+    _model(model, [("Cos", "cos1"), ("Sin", "sin1")])
+    raw = digits_config(model=str(model))
+    raw["data"]["train"]["path"] = str(tmp_path / "missing.npz")
+    line = one_line_error(run("train", write_cfg(tmp_path, raw)))
+    assert "no forward kernel" in line
+    assert "Cos (node 'cos1')" in line and "Sin (node 'sin1')" in line
+
+
+def test_check_on_demo_model():
+    proc = run("check", str(EXAMPLES / "digits_mlp.onnx"))
+    assert proc.returncode == 0, proc.stdout
+    assert "all trainable" in proc.stdout and "Gemm" in proc.stdout
+
+
+def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
+    out = tmp_path / "train.onnx"
+    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--loss", "cross_entropy",
+               "--output", "logits", "--batch-size", "8", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    names = [o.name for o in model.graph.output]
+    assert names[0] == "loss" and "fc1.weight_grad" in names
+    sess = ort.InferenceSession(str(out))
+    res = sess.run(["loss"], {"x": np.random.rand(8, 64).astype(np.float32),
+                              "label": np.arange(8, dtype=np.int64)})
+    assert np.isfinite(res[0])
+
+
+def test_eval_command(tmp_path, digits_config):
+    cfg = write_cfg(tmp_path, digits_config(steps=30))
+    assert run("train", cfg).returncode == 0
+    proc = run("eval", cfg, "--model", str(tmp_path / "out" / "model.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    acc = float(proc.stdout.split("eval_accuracy")[1].split()[0])
+    assert acc > 0.5
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']"])
+def test_yaml_tags_are_refused(tmp_path, tag):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"model: {tag}\n")
+    line = one_line_error(run("train", str(path)))
+    assert "cfg.yaml" in line

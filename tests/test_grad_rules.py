@@ -1,0 +1,481 @@
+"""Every registered gradient rule against float64 central finite differences.
+
+Each case is one op whose output y feeds L = sum(y * R) (R fixed random), differentiated through
+build_training_graph and run with the executor; the training graph also runs in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from tests.opcases import away_from_zero, distinct, make_model, run, run_ort
+from trainer.autodiff import build_training_graph, training_info
+from trainer.autodiff.registry import RULES
+from trainer.errors import ModelError
+from trainer.executor import Executor
+
+F64 = np.float64
+EPS = 1e-6
+RTOL, ATOL = 1e-6, 1e-6
+_rng = np.random.default_rng(1234)
+
+
+def normal(*shape: int) -> np.ndarray:
+    return _rng.standard_normal(shape)
+
+
+def positive(*shape: int) -> np.ndarray:
+    return _rng.uniform(0.5, 2.0, shape)
+
+
+def nonzero(*shape: int) -> np.ndarray:
+    return away_from_zero(_rng, shape)
+
+
+def ints(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+FROM_PRE = np.zeros(0, np.int8)  # placeholder: the input is produced by the case's `pre` nodes
+
+
+@dataclass
+class Case:
+    id: str
+    op: str
+    inputs: list[tuple[str, np.ndarray | None]]  # node inputs in order (None = absent)
+    attrs: dict = field(default_factory=dict)
+    wrt: list[str] | None = None  # default: every float64 input
+    opset: int = 18
+    n_out: int = 1
+    use: tuple[int, ...] | None = None  # outputs feeding L (default: all float outputs)
+    pre: list[onnx.NodeProto] = field(default_factory=list)  # nodes before the op
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # initializers only `pre` reads
+    build: dict = field(default_factory=dict)  # build_training_graph keyword arguments
+    ort: bool = True  # also run the training graph in onnxruntime
+
+    def params(self) -> list[str]:
+        if self.wrt is not None:
+            return self.wrt
+        floats = [n for n, a in self.inputs if a is not None and a is not FROM_PRE
+                  and a.dtype == F64]
+        return floats + [n for n, a in self.extra.items() if a.dtype == F64]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def loss_model(c: Case) -> onnx.ModelProto:
+    """Initializers -> op -> L = sum_i ReduceSum(y_i * R_i) over the used float outputs."""
+    inits = {n: a for n, a in c.inputs if a is not None and a is not FROM_PRE}
+    inits.update(c.extra)
+    names = [n if a is not None else "" for n, a in c.inputs]
+    while names and not names[-1]:
+        names.pop()
+    outs = [f"y{i}" for i in range(c.n_out)]
+    nodes = [*c.pre, helper.make_node(c.op, names, outs, **c.attrs)]
+    probe = run(make_model(nodes, initializers=inits, outputs=outs, opset=c.opset),
+                fetch=outs)
+    use = c.use if c.use is not None else tuple(
+        i for i, o in enumerate(outs) if np.asarray(probe[o]).dtype == F64)
+    terms = []
+    rng = np.random.default_rng(len(c.id))
+    for i in use:
+        r = f"R{i}"
+        inits[r] = rng.standard_normal(np.shape(probe[f"y{i}"]))
+        nodes += [helper.make_node("Mul", [f"y{i}", r], [f"p{i}"]),
+                  helper.make_node("ReduceSum", [f"p{i}"], [f"s{i}"], keepdims=0)]
+        terms.append(f"s{i}")
+    nodes.append(helper.make_node("Sum" if len(terms) > 1 else "Identity", terms, ["L"]))
+    return make_model(nodes, initializers=inits, outputs=["L"], opset=c.opset)
+
+
+def finite_differences(model: onnx.ModelProto, params: dict[str, np.ndarray]
+                       ) -> dict[str, np.ndarray]:
+    ex = Executor(model, np, feeds=list(params))
+    base = {k: v.copy() for k, v in params.items()}
+    out = {}
+    for name, value in params.items():
+        g = np.zeros_like(value)
+        for idx in np.ndindex(value.shape):
+            vals = []
+            for sign in (1.0, -1.0):
+                pert = value.copy()
+                pert[idx] += sign * EPS
+                vals.append(float(ex.run({**base, name: pert})["L"]))
+            g[idx] = (vals[0] - vals[1]) / (2 * EPS)
+        out[name] = g
+    return out
+
+
+def gradients(model: onnx.ModelProto, wrt: list[str], **build) -> tuple[dict, onnx.ModelProto]:
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, wrt, **build)
+    info = training_info(tm)
+    res = run(tm, fetch=[info.gradients[p] for p in wrt])
+    return {p: res[info.gradients[p]] for p in wrt}, tm
+
+
+def check_case(c: Case) -> None:
+    model = loss_model(c)
+    wrt = c.params()
+    grads, tm = gradients(model, wrt, **c.build)
+    values = {n: a for n, a in [*c.inputs, *c.extra.items()] if n in wrt}
+    fd = finite_differences(model, values)
+    for p in wrt:
+        assert grads[p].shape == values[p].shape, (p, grads[p].shape, values[p].shape)
+        assert grads[p].dtype == F64, (p, grads[p].dtype)
+        np.testing.assert_allclose(grads[p], fd[p], rtol=RTOL, atol=ATOL, err_msg=f"d/d{p}")
+    if c.ort:  # the training graph is standard ONNX: onnxruntime computes the same gradients
+        info = training_info(tm)
+        res = run_ort(tm)
+        for p in wrt:
+            np.testing.assert_allclose(res[info.gradients[p]], grads[p], rtol=1e-9, atol=1e-12,
+                                       err_msg=f"onnxruntime d/d{p}")
+
+
+# -- the case table ---------------------------------------------------------------------------
+CASES: list[Case] = []
+
+
+def add(op: str, id: str, inputs, **kw) -> None:
+    known = {f for f in Case.__dataclass_fields__}
+    attrs = {k: v for k, v in kw.items() if k not in known}
+    rest = {k: v for k, v in kw.items() if k in known}
+    CASES.append(Case(f"{op}-{id}", op, list(inputs), attrs, **rest))
+
+
+BROADCAST = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((3, 4), ()), ((), (2, 3)),
+             ((1, 4), (3, 1)), ((4,), (2, 3, 4))]
+for sa, sb in BROADCAST:
+    sid = f"{list(sa)}&{list(sb)}"
+    for op in ("Add", "Sub", "Mul"):
+        add(op, sid, [("A", normal(*sa)), ("B", normal(*sb))])
+    add("Div", sid, [("A", normal(*sa)), ("B", nonzero(*sb))])
+    add("Pow", sid, [("A", positive(*sa)), ("B", normal(*sb))])
+add("Pow", "int-exponent", [("A", nonzero(3, 2)), ("B", ints(2, 3))])
+add("Pow", "only-base", [("A", positive(3, 4)), ("B", normal(4))], wrt=["A"])
+add("Div", "only-denominator", [("A", normal(3, 4)), ("B", nonzero(3, 1))], wrt=["B"])
+add("Sub", "only-second", [("A", normal(3, 4)), ("B", normal(1, 4))], wrt=["B"])
+
+_cond = _rng.random((3, 4)) > 0.5
+add("Where", "[3,4]&[4]&[3,1]", [("C", _cond), ("A", normal(4)), ("B", normal(3, 1))])
+add("Where", "cond-broadcast", [("C", _rng.random(4) > 0.5), ("A", normal(2, 3, 4)),
+                                ("B", normal())])
+add("Where", "only-else", [("C", _cond), ("A", normal(3, 4)), ("B", normal(2, 3, 4))],
+    wrt=["B"])
+add("Sum", "three-broadcast", [("A", normal(3, 4)), ("B", normal(4)), ("C", normal(1))])
+add("Sum", "[2,1,4]&[3,1]", [("A", normal(2, 1, 4)), ("B", normal(3, 1))])
+add("Sum", "single", [("A", normal(2, 3))])
+add("Sum", "scalar&matrix", [("A", normal()), ("B", normal(2, 3))])
+
+M, K, N = 3, 4, 5
+for ta, tb in itertools.product((0, 1), repeat=2):
+    a = normal(K, M) if ta else normal(M, K)
+    b = normal(N, K) if tb else normal(K, N)
+    tid = f"tA{ta}tB{tb}"
+    add("Gemm", f"{tid}-noC", [("A", a), ("B", b)], transA=ta, transB=tb)
+    add("Gemm", f"{tid}-C[N]-alpha-beta", [("A", a), ("B", b), ("C", normal(N))], transA=ta,
+        transB=tb, alpha=0.7, beta=1.3)
+    add("Gemm", f"{tid}-C[1]", [("A", a), ("B", b), ("C", normal(1))], transA=ta, transB=tb,
+        beta=0.5)
+    add("Gemm", f"{tid}-C[M,N]", [("A", a), ("B", b), ("C", normal(M, N))], transA=ta,
+        transB=tb, alpha=-1.5)
+add("Gemm", "C[M,1]", [("A", normal(M, K)), ("B", normal(K, N)), ("C", normal(M, 1))])
+add("Gemm", "only-C", [("A", normal(M, K)), ("B", normal(K, N)), ("C", normal(N))], wrt=["C"],
+    beta=2.0)
+
+for sa, sb in [((3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((2, 1, 3, 4), (3, 4, 5)),
+               ((4,), (4, 5)), ((3, 4), (4,)), ((4,), (2, 4, 5)), ((2, 3, 4), (4,)),
+               ((4,), (4,)), ((3, 4), (2, 4, 5)), ((2, 3, 4), (4, 5))]:
+    add("MatMul", f"{list(sa)}@{list(sb)}", [("A", normal(*sa)), ("B", normal(*sb))])
+
+add("Conv", "2d-bias", [("X", normal(2, 3, 5, 5)), ("W", normal(4, 3, 3, 3)), ("B", normal(4))])
+add("Conv", "stride2-pad1", [("X", normal(1, 2, 7, 6)), ("W", normal(3, 2, 3, 3))],
+    strides=[2, 2], pads=[1, 1, 1, 1])
+add("Conv", "stride2-uncovered", [("X", normal(1, 2, 6, 6)), ("W", normal(2, 2, 3, 3))],
+    strides=[2, 2])
+add("Conv", "dilation2-asym-pads", [("X", normal(1, 2, 7, 7)), ("W", normal(2, 2, 3, 3))],
+    dilations=[2, 2], pads=[2, 1, 0, 1])
+add("Conv", "group2-bias", [("X", normal(2, 4, 5, 5)), ("W", normal(6, 2, 3, 3)),
+                            ("B", normal(6))], group=2, strides=[1, 2], pads=[1, 1, 1, 1])
+add("Conv", "depthwise", [("X", normal(1, 3, 5, 5)), ("W", normal(3, 1, 3, 3))], group=3)
+add("Conv", "1d", [("X", normal(2, 3, 9)), ("W", normal(4, 3, 3)), ("B", normal(4))],
+    strides=[2], pads=[1, 0], dilations=[2])
+add("Conv", "same-upper", [("X", normal(1, 2, 6, 5)), ("W", normal(3, 2, 3, 2))],
+    strides=[2, 2], auto_pad="SAME_UPPER")
+add("Conv", "same-lower", [("X", normal(1, 2, 5, 5)), ("W", normal(2, 2, 2, 3))],
+    strides=[2, 1], auto_pad="SAME_LOWER")
+add("Conv", "stride-exceeds-kernel", [("X", normal(1, 1, 7, 7)), ("W", normal(2, 1, 2, 2))],
+    strides=[3, 3])
+add("Conv", "3d", [("X", normal(1, 2, 4, 4, 3)), ("W", normal(2, 2, 2, 2, 2)),
+                   ("B", normal(2))], strides=[2, 1, 2], pads=[1, 0, 0, 0, 1, 1])
+add("Conv", "only-W", [("X", normal(2, 2, 5, 5)), ("W", normal(2, 2, 3, 3))], wrt=["W"],
+    strides=[2, 2])
+
+
+def pool_input(*shape: int) -> np.ndarray:
+    return distinct(_rng, shape, spread=2.0)
+
+
+add("MaxPool", "overlap", [("X", pool_input(1, 2, 5, 5))], kernel_shape=[3, 3], strides=[2, 2])
+add("MaxPool", "pad", [("X", pool_input(1, 2, 5, 5))], kernel_shape=[3, 3], strides=[2, 2],
+    pads=[1, 1, 1, 1])
+add("MaxPool", "ceil", [("X", pool_input(1, 1, 6, 6))], kernel_shape=[3, 3], strides=[2, 2],
+    ceil_mode=1)
+add("MaxPool", "ceil-pad", [("X", pool_input(2, 1, 5, 6))], kernel_shape=[2, 3],
+    strides=[2, 2], pads=[0, 1, 1, 0], ceil_mode=1)
+add("MaxPool", "1d", [("X", pool_input(2, 3, 8))], kernel_shape=[3], strides=[2], pads=[1, 1])
+add("MaxPool", "dilation", [("X", pool_input(1, 1, 7, 7))], kernel_shape=[2, 2],
+    dilations=[2, 2])
+add("MaxPool", "same-upper", [("X", pool_input(1, 2, 5, 4))], kernel_shape=[2, 3],
+    strides=[2, 2], auto_pad="SAME_UPPER")
+add("MaxPool", "with-indices", [("X", pool_input(1, 2, 4, 4))], n_out=2, kernel_shape=[2, 2],
+    strides=[1, 1])
+
+for inc in (0, 1):
+    add("AveragePool", f"pad-stride-cip{inc}", [("X", normal(1, 2, 5, 5))], kernel_shape=[3, 3],
+        strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=inc)
+    add("AveragePool", f"ceil-pad-cip{inc}", [("X", normal(1, 1, 5, 5))], kernel_shape=[3, 3],
+        strides=[2, 2], pads=[1, 0, 1, 0], ceil_mode=1, count_include_pad=inc)
+    add("AveragePool", f"asym-pad-cip{inc}", [("X", normal(2, 1, 4, 5))], kernel_shape=[2, 2],
+        pads=[1, 0, 0, 1], count_include_pad=inc)
+add("AveragePool", "ceil", [("X", normal(1, 1, 6, 6))], kernel_shape=[3, 3], strides=[2, 2],
+    ceil_mode=1)
+add("AveragePool", "1d", [("X", normal(2, 2, 7))], kernel_shape=[3], strides=[2])
+add("AveragePool", "2x2", [("X", normal(2, 3, 4, 4))], kernel_shape=[2, 2])
+add("AveragePool", "dilation-opset19", [("X", normal(1, 1, 7, 6))], kernel_shape=[2, 2],
+    dilations=[2, 2], strides=[1, 2], opset=19)
+add("AveragePool", "same-upper", [("X", normal(1, 2, 5, 5))], kernel_shape=[3, 3],
+    strides=[2, 2], auto_pad="SAME_UPPER")
+add("GlobalAveragePool", "2d", [("X", normal(2, 3, 4, 5))])
+add("GlobalAveragePool", "1d", [("X", normal(2, 3, 4))])
+
+# Inference-form BatchNormalization. Statistics are never trainable parameters, so mean and
+# var reach the node through Identity to let the test ask for their gradients.
+for shape in ((3, 4, 2, 2), (5, 3)):
+    c = shape[1]
+    add("BatchNormalization", f"frozen-{list(shape)}",
+        [("X", normal(*shape)), ("scale", normal(c)), ("B", normal(c)), ("mean", FROM_PRE),
+         ("var", FROM_PRE)], epsilon=1e-3, build={"batchnorm": "frozen"},
+        pre=[helper.make_node("Identity", ["mean0"], ["mean"]),
+             helper.make_node("Identity", ["var0"], ["var"])],
+        extra={"mean0": normal(c), "var0": positive(c)})
+
+for red in ("mean", "sum", "none"):
+    add("SoftmaxCrossEntropyLoss", f"{red}-[N]", [("S", normal(4, 5)),
+                                                 ("lab", ints(0, 3, 4, 1))],
+        n_out=2, reduction=red)
+    add("SoftmaxCrossEntropyLoss", f"{red}-[N,d]-ignore", [("S", normal(3, 4, 2)),
+                                                          ("lab", ints(0, 1, 3, 1, 2, 0)
+                                                           .reshape(3, 2))],
+        n_out=2, reduction=red, ignore_index=1)
+    add("SoftmaxCrossEntropyLoss", f"{red}-loss-only", [("S", normal(2, 3, 2, 2)),
+                                                        ("lab", _rng.integers(0, 3, (2, 2, 2)))],
+        n_out=2, use=(0,), reduction=red)
+    add("NegativeLogLikelihoodLoss", f"{red}-[N]", [("P", normal(4, 5)),
+                                                   ("lab", ints(0, 3, 4, 1))], reduction=red)
+    add("NegativeLogLikelihoodLoss", f"{red}-[N,d]-ignore",
+        [("P", normal(3, 4, 2)), ("lab", ints(0, -1, 3, 1, -1, 0).reshape(3, 2))],
+        reduction=red, ignore_index=-1)
+add("SoftmaxCrossEntropyLoss", "log-prob-only", [("S", normal(3, 4)), ("lab", ints(0, 2, 3))],
+    n_out=2, use=(1,))
+add("SoftmaxCrossEntropyLoss", "ignore-negative", [("S", normal(4, 3)),
+                                                  ("lab", ints(0, -100, 2, 1))],
+    n_out=2, ignore_index=-100)
+
+for op in ("Softmax", "LogSoftmax"):
+    for opset, axes in ((13, (0, 1, -1, None)), (11, (0, 1, -1, None)), (18, (1,))):
+        for axis in axes:
+            kw = {} if axis is None else {"axis": axis}
+            add(op, f"opset{opset}-axis{axis}", [("X", normal(2, 3, 4))], opset=opset, **kw)
+
+for op, opsets in (("ReduceSum", (13, 11)), ("ReduceMean", (18, 13))):
+    new, old = opsets
+    for axes, keep in (([1], 1), ([0, 2], 0), ([-1], 1), ([-3, -1], 0), (None, 0), (None, 1)):
+        x = normal(2, 3, 4)
+        ax = "all" if axes is None else "".join(map(str, axes))
+        add(op, f"opset{new}-axes{ax}-keep{keep}",
+            [("X", x), ("axes", None if axes is None else ints(*axes))], opset=new,
+            keepdims=keep)
+        add(op, f"opset{old}-axes{ax}-keep{keep}", [("X", x)], opset=old, keepdims=keep,
+            **({} if axes is None else {"axes": axes}))
+    add(op, f"opset{new}-noop-empty-axes", [("X", normal(2, 3))], opset=new,
+        noop_with_empty_axes=1)
+
+add("Reshape", "minus-one", [("X", normal(2, 3, 4)), ("shape", ints(4, -1))])
+add("Reshape", "zero-copies", [("X", normal(2, 3, 4)), ("shape", ints(0, 12))])
+for axis in (0, 1, 2, -1):
+    add("Flatten", f"axis{axis}", [("X", normal(2, 3, 4))], axis=axis)
+add("Transpose", "default", [("X", normal(2, 3, 4))])
+add("Transpose", "perm120", [("X", normal(2, 3, 4))], perm=[1, 2, 0])
+add("Squeeze", "opset13-axes", [("X", normal(2, 1, 3, 1)), ("axes", ints(1, -1))], opset=13)
+add("Squeeze", "opset13-all", [("X", normal(2, 1, 3, 1))], opset=13)
+add("Squeeze", "opset11-attr", [("X", normal(2, 1, 3, 1))], opset=11, axes=[1])
+add("Unsqueeze", "opset13", [("X", normal(2, 3)), ("axes", ints(0, -1))], opset=13)
+add("Unsqueeze", "opset11-attr", [("X", normal(2, 3))], opset=11, axes=[1])
+add("Expand", "[3,1]->[2,3,4]", [("X", normal(3, 1)), ("shape", ints(2, 3, 4))])
+add("Expand", "[4]->[3,1]", [("X", normal(4)), ("shape", ints(3, 1))])
+add("Expand", "same", [("X", normal(2, 3)), ("shape", ints(2, 3))])
+add("Concat", "axis1", [("A", normal(2, 1, 3)), ("B", normal(2, 4, 3)), ("C", normal(2, 2, 3))],
+    axis=1)
+add("Concat", "axis-1-partial", [("A", normal(2, 3)), ("B", normal(2, 2))], axis=-1, wrt=["B"])
+add("Concat", "opset11", [("A", normal(2, 3)), ("B", normal(1, 3))], axis=0, opset=11)
+add("Split", "opset18-num-outputs", [("X", normal(2, 6))], n_out=3, axis=1, num_outputs=3)
+add("Split", "opset13-split-input", [("X", normal(2, 3, 6)), ("split", ints(2, 4))], n_out=2,
+    axis=-1, opset=13)
+add("Split", "opset11-attr", [("X", normal(5, 2))], n_out=2, split=[3, 2], opset=11)
+add("Split", "unused-output", [("X", normal(6, 2)), ("split", ints(1, 2, 3))], n_out=3,
+    use=(0, 2))
+
+for op, maker in (("Relu", nonzero), ("LeakyRelu", nonzero), ("Sigmoid", normal),
+                  ("Tanh", normal), ("Exp", normal), ("Log", positive), ("Sqrt", positive),
+                  ("Reciprocal", nonzero), ("Abs", nonzero), ("Neg", normal),
+                  ("Identity", normal)):
+    add(op, "[3,4]", [("X", maker(3, 4))])
+add("LeakyRelu", "alpha", [("X", nonzero(2, 5))], alpha=0.2)
+add("Sigmoid", "large", [("X", np.array([-30.0, -5.0, 0.0, 5.0, 30.0]))])
+add("Cast", "f64-to-f64", [("X", normal(3, 4))], to=onnx.TensorProto.DOUBLE)
+
+
+# -- tests ------------------------------------------------------------------------------------
+EXTRA_TESTED = {"Dropout"}  # rules tested by dedicated functions below
+
+
+def test_every_rule_has_cases() -> None:
+    covered = {c.op for c in CASES} | EXTRA_TESTED
+    missing = sorted(op for (_, op) in RULES if op not in covered)
+    assert not missing, f"gradient rules without a finite-difference test: {missing}"
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_rule_matches_finite_differences(c: Case) -> None:
+    check_case(c)
+
+
+# Binary ops over random broadcast-compatible shapes.
+@st.composite
+def broadcast_shapes(draw, n: int = 2) -> list[tuple[int, ...]]:
+    out = draw(st.lists(st.integers(1, 3), min_size=0, max_size=3))
+
+    def operand() -> tuple[int, ...]:
+        lead = draw(st.integers(0, len(out)))
+        return tuple(1 if draw(st.booleans()) else d for d in out[lead:])
+    return [operand() for _ in range(n)]
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(shapes=broadcast_shapes(), op=st.sampled_from(["Add", "Sub", "Mul", "Div", "Pow"]))
+def test_binary_broadcast_property(shapes, op) -> None:
+    sa, sb = shapes
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.5, 2.0, sa) if op == "Pow" else rng.standard_normal(sa)
+    b = away_from_zero(rng, sb) if op == "Div" else rng.standard_normal(sb)
+    check_case(Case(f"{op}-{sa}-{sb}", op, [("A", a), ("B", b)]))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(shapes=broadcast_shapes(3))
+def test_where_sum_broadcast_property(shapes) -> None:
+    sc, sa, sb = shapes
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(sa), rng.standard_normal(sb)
+    check_case(Case("Where", "Where", [("C", rng.random(sc) > 0.5), ("A", a), ("B", b)]))
+    check_case(Case("Sum", "Sum", [("A", a), ("B", b), ("C", rng.standard_normal(sc))]))
+
+
+def _dropout_model(ratio: float, opset: int = 18) -> tuple[onnx.ModelProto, np.ndarray]:
+    rng = np.random.default_rng(5)
+    x, r = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    inits = {"X": x, "R": r}
+    if opset >= 12:
+        inits |= {"ratio": np.array(ratio), "training": np.array(True)}
+        drop = helper.make_node("Dropout", ["X", "ratio", "training"], ["y", "mask"], seed=3)
+    else:
+        drop = helper.make_node("Dropout", ["X"], ["y", "mask"], ratio=ratio)
+    nodes = [drop, helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    return make_model(nodes, initializers=inits, outputs=["L"], opset=opset), r
+
+
+def test_dropout_training_uses_mask() -> None:
+    # FD is ill-posed for a random mask: check dX = dY * mask / (1 - ratio) with the run's mask.
+    ratio = 0.3
+    model, r = _dropout_model(ratio)
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, ["X"])
+    gname = training_info(tm).gradients["X"]
+    res = Executor(tm, np, fetch=[gname, "mask", "y"], seed=7).run({})
+    mask = res["mask"]
+    assert mask.dtype == np.bool_ and 0 < mask.sum() < mask.size
+    np.testing.assert_allclose(res[gname], r * mask / (1 - ratio), rtol=1e-12)
+    x = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "X"))
+    np.testing.assert_allclose(res["y"], x * mask / (1 - ratio), rtol=1e-12)
+
+
+def test_dropout_ratio_zero_and_inference_are_identity() -> None:
+    for model in (_dropout_model(0.0)[0], _dropout_model(0.4, opset=11)[0]):
+        grads, _ = gradients(model, ["X"])
+        fd = finite_differences(model, {"X": onnx.numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == "X"))})
+        np.testing.assert_allclose(grads["X"], fd["X"], rtol=RTOL, atol=ATOL)
+
+
+def test_maxpool_gradient_needs_opset_16() -> None:
+    c = Case("MaxPool-opset12", "MaxPool", [("X", pool_input(1, 1, 4, 4))],
+             {"kernel_shape": [2, 2]}, opset=12)
+    with pytest.raises(ModelError, match="opset >= 16"):
+        gradients(loss_model(c), ["X"])
+
+
+# -- BatchNormalization training-mode rewrite ---------------------------------------------------
+def _bn_train_np(x, s, b, eps):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m, v = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * s.reshape(shape) + b.reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 2)], ids=str)
+def test_batchnorm_training_rewrite(shape) -> None:
+    rng = np.random.default_rng(11)
+    c, eps, momentum = shape[1], 1e-3, 0.9
+    vals = {"X": rng.standard_normal(shape) * 2 + 1, "s": rng.standard_normal(c),
+            "b": rng.standard_normal(c), "rm": rng.standard_normal(c),
+            "rv": rng.uniform(0.5, 2, c)}
+    r = rng.standard_normal(shape)
+    nodes = [helper.make_node("BatchNormalization", ["X", "s", "b", "rm", "rv"], ["Y"],
+                              epsilon=eps, momentum=momentum, training_mode=0),
+             helper.make_node("Mul", ["Y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={**vals, "R": r}, outputs=["L"])
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, ["X", "s", "b"])
+    info = training_info(tm)
+    assert set(info.state) == {"rm", "rv"}
+    res = run(tm, fetch=[*info.gradients.values(), *info.state.values()])
+
+    def loss(v):
+        return float((_bn_train_np(v["X"], v["s"], v["b"], eps) * r).sum())
+    for p in ("X", "s", "b"):
+        fd = np.zeros_like(vals[p])
+        for idx in np.ndindex(fd.shape):
+            hi, lo = {k: v.copy() for k, v in vals.items()}, {k: v.copy() for k, v in vals.items()}
+            hi[p][idx] += EPS
+            lo[p][idx] -= EPS
+            fd[idx] = (loss(hi) - loss(lo)) / (2 * EPS)
+        np.testing.assert_allclose(res[info.gradients[p]], fd, rtol=RTOL, atol=ATOL,
+                                   err_msg=f"d/d{p}")
+
+    rm, rv = torch.tensor(vals["rm"]), torch.tensor(vals["rv"])
+    torch.nn.functional.batch_norm(torch.tensor(vals["X"]), rm, rv, torch.tensor(vals["s"]),
+                                   torch.tensor(vals["b"]), training=True,
+                                   momentum=1 - momentum, eps=eps)
+    np.testing.assert_allclose(res[info.state["rm"]], rm.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(res[info.state["rv"]], rv.numpy(), rtol=1e-12, atol=1e-14)
