@@ -1,0 +1,72 @@
+"""Datasets: npz loading without pickle, shapes, batching and rank shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.data import Batches, check_against_model, load_arrays
+from trainer.errors import DataError
+
+
+def test_pickled_arrays_are_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError, match="without pickle"):
+        load_arrays(tmp_path / "d.npz", {"x": "x"}, "data.train")
+
+
+def test_missing_file_and_key(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_arrays(tmp_path / "none.npz", {"x": "x"}, "data.train")
+    np.savez(tmp_path / "d.npz", a=np.zeros(3))
+    with pytest.raises(DataError, match="'x'.*has a"):
+        load_arrays(tmp_path / "d.npz", {"x": "x"}, "data.train")
+
+
+def test_sample_counts_must_agree(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.zeros((3, 2)), b=np.zeros(4))
+    with pytest.raises(DataError, match="first"):
+        load_arrays(tmp_path / "d.npz", {"x": "a", "y": "b"}, "data.train")
+
+
+def test_shape_check():
+    check_against_model({"x": np.zeros((5, 3, 4))}, {"x": [None, 3, None]}, "d")
+    with pytest.raises(DataError, match=r"\[3, 5\]"):
+        check_against_model({"x": np.zeros((5, 3, 5))}, {"x": [None, 3, 4]}, "d")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), per_rank=st.integers(1, 5), world=st.integers(1, 4),
+       shuffle=st.booleans(), drop_last=st.booleans())
+def test_ranks_partition_each_global_batch(n, per_rank, world, shuffle, drop_last):
+    bs = per_rank * world
+    arrays = {"x": np.arange(n)}
+    if n < bs and drop_last:
+        with pytest.raises(DataError):
+            Batches(arrays, bs, world=world, drop_last=drop_last)
+        return
+    shards = [Batches(arrays, bs, rank=r, world=world, shuffle=shuffle, drop_last=drop_last,
+                      seed=3) for r in range(world)]
+    seen = []
+    for epoch in range(2):
+        order = shards[0].order(epoch)
+        assert sorted(order.tolist()) == list(range(n))
+        for b in range(shards[0].steps_per_epoch):
+            parts = [s.get(epoch, b) for s in shards]
+            total = parts[0][2]
+            assert all(p[1] >= 1 for p in parts) and sum(p[1] for p in parts) == total
+            glob = np.concatenate([p[0]["x"] for p in parts])
+            assert glob.tolist() == order[b * bs:b * bs + total].tolist()
+            if epoch == 0:
+                seen += glob.tolist()
+    if drop_last:
+        assert len(seen) == (n // bs) * bs
+    if not shuffle:
+        assert seen == list(range(len(seen)))
+
+
+def test_batch_must_divide_by_world():
+    with pytest.raises(DataError, match="divisible"):
+        Batches({"x": np.arange(10)}, 5, world=2)
