@@ -38,8 +38,24 @@ def to_device(xp: ModuleType, a):
     return a if xp is np else xp.asarray(a)
 
 
-def make_rng(xp: ModuleType, seed: int):
-    return np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
+class StepRNG:
+    """Random source of stochastic kernels (Dropout), re-seeded from (seed, rank, step) keys.
+
+    Deriving each step's stream from its keys makes runs reproducible and resumable without
+    saving generator state.
+    """
+
+    def __init__(self, xp: ModuleType, *keys: int):
+        self.xp = xp
+        self.reseed(*keys)
+
+    def reseed(self, *keys: int) -> None:
+        seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+        self.gen = (np.random.default_rng(seed) if self.xp is np
+                    else self.xp.random.default_rng(seed))
+
+    def random(self, shape, dtype=np.float64):
+        return self.gen.random(shape, dtype=dtype)
 
 
 def device_name(xp: ModuleType) -> str:

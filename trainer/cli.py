@@ -15,7 +15,7 @@ def _train(args) -> int:
     from trainer.train import Trainer
 
     cfg = load_config(args.config, args.set or [])
-    Trainer(cfg).fit()
+    Trainer(cfg).fit(resume=args.resume)
     return 0
 
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in checkpoint.dir")
     t.set_defaults(fn=_train)
     c = sub.add_parser("check", help="list every op with its forward/gradient support")
     c.add_argument("model")

@@ -9,7 +9,7 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from trainer.backend import make_rng, to_device
+from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
 from trainer.kernels import get_kernel
@@ -45,7 +45,7 @@ class Executor:
         available = self.feeds | set(self.constants)
         nodes = topo_sort(list(graph.node), available)
         self.fetch = list(fetch) if fetch is not None else [o.name for o in graph.output]
-        self.rng = make_rng(xp, seed)
+        self.rng = StepRNG(xp, seed)
         self.steps = [self._bind(model, node, i) for i, node in enumerate(nodes)]
         self.keep_all = keep_all
         last_use: dict[str, int] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from onnx import numpy_helper
 
+from trainer import checkpoint
 from trainer.autodiff import build_training_graph, training_info
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
@@ -75,6 +76,8 @@ class Trainer:
             raise DataError(f"one epoch has {spe} batches, fewer than accumulate="
                             f"{cfg.accumulate}; nothing to train")
         self.step = 0
+        self.position = (0, 0)  # (epoch, index) of the next micro-batch
+        self._order = (-1, None)
         self.history: list[dict] = []
 
     # -- set-up --------------------------------------------------------------------------------
@@ -152,23 +155,25 @@ class Trainer:
         return flat[o:o + int(np.prod(self.shapes[name]))].reshape(self.shapes[name])
 
     # -- one step ------------------------------------------------------------------------------
-    def _micro_batches(self):
-        epoch, index = 0, 0
-        while True:
-            order = self.batches.order(epoch)
-            while index < self.batches.steps_per_epoch:
-                arrays, local_n, global_n = self.batches.get(epoch, index, order)
-                yield epoch, arrays, local_n, global_n
-                index += 1
+    def _next_micro_batch(self):
+        """The next micro-batch at self.position (epoch, index), advancing the position."""
+        epoch, index = self.position
+        if index >= self.batches.steps_per_epoch:
             epoch, index = epoch + 1, 0
+        if self._order[0] != epoch:
+            self._order = (epoch, self.batches.order(epoch))
+        arrays, local_n, global_n = self.batches.get(epoch, index, self._order[1])
+        self.position = (epoch, index + 1)
+        return epoch, arrays, local_n, global_n
 
     def train_step(self, micro: list[tuple[dict, int, int]], lr: float) -> float:
         """One optimizer step over `accumulate` micro-batches; returns the global mean loss."""
         xp = self.xp
         g = self.grads_flat
         g[...] = 0
-        for arrays, local_n, global_n in micro:
+        for k, (arrays, local_n, global_n) in enumerate(micro):
             plan = self._plan(local_n)
+            plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, k)
             feeds = {k: xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self.params)
             feeds.update(self.state)
@@ -194,19 +199,22 @@ class Trainer:
         return loss
 
     # -- the job -------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, resume: bool = False) -> dict:
+        """Train to the configured length (continuing from the newest checkpoint if `resume`),
+        evaluate, and export to cfg.output from rank 0."""
         cfg = self.cfg
+        if resume:
+            self.resume()
         self.log.info(f"onnx-trainer: {cfg.model.name} on {device_name(self.xp)}, "
                       f"{self.world} process(es), {len(self.names)} tensors / {self.size} "
                       f"parameters, {self.total_steps} steps of global batch "
                       f"{cfg.data.batch_size}")
-        feed = self._micro_batches()
-        t0, seen, last_epoch = time.perf_counter(), 0, 0
+        t0, seen, last_epoch = time.perf_counter(), 0, self.position[0]
         row: dict = {}
         while self.step < self.total_steps:
             micro, epoch = [], last_epoch
             for _ in range(cfg.accumulate):
-                epoch, arrays, local_n, global_n = next(feed)
+                epoch, arrays, local_n, global_n = self._next_micro_batch()
                 micro.append((arrays, local_n, global_n))
                 seen += global_n
             if epoch != last_epoch and self.eval_arrays is not None:
@@ -221,6 +229,9 @@ class Trainer:
                 t0, seen = now, 0
                 self.history.append(row)
                 self.log.record(row)
+            every = cfg.checkpoint.every_steps
+            if cfg.checkpoint.dir and every and self.step % every == 0:
+                self.save_checkpoint()
         result = {"steps": self.step, "loss": row.get("loss")}
         if self.eval_arrays is not None:
             result.update(self._log_eval(last_epoch))
@@ -229,6 +240,46 @@ class Trainer:
             result["output"] = str(path)
             self.log.info(f"wrote {path}")
         return result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Parameters, optimizer state, BN statistics, step and data position (rank 0)."""
+        if self.rank != 0:
+            return
+        arrays = {f"param/{k}": to_host(v) for k, v in self.params.items()}
+        arrays.update({f"state/{k}": to_host(v) for k, v in self.state.items()})
+        arrays.update({f"optim/{k}": to_host(v)
+                       for k, v in self.optimizer.state_dict().items()})
+        meta = {"position": list(self.position), "world_size": self.world,
+                "model": str(self.cfg.model), "optimizer": self.cfg.optimizer.type}
+        path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
+                               self.cfg.checkpoint.keep)
+        self.log.info(f"checkpoint {path}")
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of checkpoint.dir; False if there is none."""
+        directory = self.cfg.checkpoint.dir
+        if directory is None:
+            raise TrainerError("--resume needs checkpoint.dir in the config")
+        path = checkpoint.latest(directory)
+        if path is None:
+            self.log.info(f"no checkpoint in {directory}; starting from the model's weights")
+            return False
+        arrays, meta = checkpoint.load(path)
+        names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
+        if names != set(self.names):
+            raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
+                               f"not the ones this config trains")
+        for k in self.names:
+            self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
+        for k in self.state:
+            self.state[k] = self.xp.asarray(arrays[f"state/{k}"])
+        self.optimizer.load_state_dict({k.split("/", 1)[1]: v for k, v in arrays.items()
+                                        if k.startswith("optim/")})
+        self.step = int(meta["step"])
+        self.position = tuple(meta["position"])
+        self.log.info(f"resumed from {path} at step {self.step}")
+        return True
 
     def _log_eval(self, epoch: int) -> dict:
         metrics = self.evaluate()

@@ -15,9 +15,14 @@ def _target_terms(ctx, scores: str, labels: str):
         raise ModelError(f"node '{ctx.name}' ({ctx.onnx_node.op_type}): class weights are not "
                          "supported by the gradient yet")
     s_shape, dt = ctx.shape(scores), ctx.dtype(scores)
-    oh, nodes = ctx.tmp("onehot"), []
-    nodes.append(ctx.node("OneHot", [labels, ctx.const([s_shape[1]], np.int64, "depth"),
-                                     ctx.const([0.0, 1.0], dt, "values")], [oh], axis=1))
+    # onehot = Cast(Unsqueeze(labels, 1) == classes): standard ops that every runtime has for
+    # every float type (onnxruntime has no float64 OneHot); ignored labels match no class.
+    lab1, hit, oh = ctx.tmp("labels_1"), ctx.tmp("hit"), ctx.tmp("onehot")
+    classes = np.arange(s_shape[1], dtype=ctx.dtype(labels)).reshape(
+        (-1,) + (1,) * (len(s_shape) - 2))
+    nodes = [ctx.unsqueeze(labels, [1], lab1),
+             ctx.node("Equal", [lab1, ctx.const(classes, suffix="classes")], [hit]),
+             ctx.node("Cast", [hit], [oh], to=elem_type(dt))]
     ignore = ctx.attr("ignore_index")
     if ignore is None:
         return nodes, oh, None, float(np.prod(ctx.shape(labels)))
