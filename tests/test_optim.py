@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.optim import Adam, SGD, clip_grad_norm_
+from trainer.optim import SGD, Adam, clip_grad_norm_
 from trainer.schedule import lr_at
 
 CASES = [

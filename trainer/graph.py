@@ -151,8 +151,8 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
             elif batch_size is not None:
                 dims.append(batch_size)
             else:
-                raise ModelError(
-                    f"input '{vi.name}' has a symbolic dimension '{d.dim_param}'; give a batch size")
+                raise ModelError(f"input '{vi.name}' has a symbolic dimension "
+                                 f"'{d.dim_param}'; give a batch size")
         shapes[vi.name] = tuple(dims)
     return shapes
 

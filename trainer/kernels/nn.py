@@ -138,6 +138,12 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
             slice(offs[i] * dilations[i], offs[i] * dilations[i]
                   + strides[i] * (x.shape[2 + i] - 1) + 1, strides[i]) for i in range(k))
         y[index] += cols[(slice(None), slice(None)) + offs]
+    if any(p < 0 for p in pads):  # output_shape beyond the full result: zeros at that side
+        widths = [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + k]))
+                                     for i in range(k)]
+        y = xp.pad(y, widths)
+        full = [full[i] + widths[2 + i][0] + widths[2 + i][1] for i in range(k)]
+        pads = [max(0, p) for p in pads]
     crop = (slice(None), slice(None)) + tuple(
         slice(pads[i], full[i] - pads[i + k]) for i in range(k))
     y = y[crop]
@@ -149,8 +155,6 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
 @kernel("MaxPool", since=8)
 def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
             pads=None, storage_order=0, strides=None):
-    if storage_order:
-        raise ValueError("MaxPool: storage_order=1 (column-major indices) is not supported")
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
     k = len(kernel_shape)
@@ -161,15 +165,17 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
     arg = flat.argmax(axis=-1)
     y = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
     # Flattened index into x (padding excluded), the spec's optional Indices output:
-    # ((n * C + c) * H + h) * W + w.
+    # ((n * C + c) * H + h) * W + w, or with storage_order=1 (n * C + c) * H * W + w * H + h.
     koffs = np.unravel_index(np.arange(math.prod(kernel_shape)), kernel_shape)
     n, c = x.shape[:2]
     index = (xp.arange(n)[:, None] * c + xp.arange(c)[None, :]).reshape((n, c) + (1,) * k)
-    for i in range(k):
+    index = index * math.prod(x.shape[2:])
+    spatial = 0
+    for i in (reversed(range(k)) if storage_order else range(k)):
         kpos = xp.asarray(koffs[i])[arg] * dilations[i]
         opos = xp.arange(out[i]).reshape((1,) * (2 + i) + (-1,) + (1,) * (k - i - 1))
-        index = index * x.shape[2 + i] + (opos * strides[i] - pads[i] + kpos)
-    return (xp.ascontiguousarray(y), index.astype(np.int64))
+        spatial = spatial * x.shape[2 + i] + (opos * strides[i] - pads[i] + kpos)
+    return (xp.ascontiguousarray(y), (index + spatial).astype(np.int64))
 
 
 @kernel("AveragePool", since=7)
