@@ -23,7 +23,7 @@ from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
-from trainer.graph import input_dtypes, load_model, to_float64
+from trainer.graph import input_dtypes, load_model, np_dtype, to_float64
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import lr_at
@@ -117,8 +117,7 @@ class Trainer:
     def _cast_targets(self, tm, info):
         for vi in tm.graph.input:
             if vi.name in info.targets:
-                dt = np.dtype(numpy_helper.helper.tensor_dtype_to_np_dtype(
-                    vi.type.tensor_type.elem_type))
+                dt = np_dtype(vi.type.tensor_type.elem_type)
                 for arrays in (self.train_arrays, self.eval_arrays or {}):
                     if vi.name in arrays:
                         arrays[vi.name] = arrays[vi.name].astype(dt, copy=False)
