@@ -39,9 +39,11 @@ class Executor:
         missing = missing_kernels(model)
         if missing:
             raise UnsupportedOpError("forward kernel", missing)
-        self.feeds = set(feeds) | {v.name for v in graph.input}
-        self.constants = {k: to_device(xp, v) for k, v in initializers(model).items()
-                          if k not in self.feeds}
+        inits = initializers(model)
+        # Graph inputs that are also initializers (legal; usual before IR 4) keep their value
+        # as a default, which a feed may override like any other constant.
+        self.feeds = set(feeds) | {v.name for v in graph.input if v.name not in inits}
+        self.constants = {k: to_device(xp, v) for k, v in inits.items() if k not in self.feeds}
         available = self.feeds | set(self.constants)
         nodes = topo_sort(list(graph.node), available)
         self.fetch = list(fetch) if fetch is not None else [o.name for o in graph.output]
@@ -70,13 +72,15 @@ class Executor:
         attrs = attrs_of(node)
         params = inspect.signature(fn).parameters
         takes_kw = {p.name for p in params.values() if p.kind == p.KEYWORD_ONLY}
-        unknown = sorted(set(attrs) - takes_kw)
+        unknown = sorted(set(attrs) - (takes_kw - {"rng", "n_outputs"}))
         name = node_name(node, index)
         if unknown:
             raise ModelError(f"node '{name}' ({node.op_type}): attribute(s) "
                              f"{', '.join(unknown)} are not supported")
         if "rng" in takes_kw:
             attrs["rng"] = self.rng
+        if "n_outputs" in takes_kw:
+            attrs["n_outputs"] = len(node.output)
         return (fn, attrs, tuple(node.input), tuple(node.output), name, node.op_type)
 
     def run(self, feeds: Mapping[str, object]) -> dict[str, object]:

@@ -39,6 +39,9 @@ def Div(xp, a, b):
 
 @kernel("Pow")
 def Pow(xp, a, b):
+    # The result has the base's type; an integer base with a float exponent computes in float.
+    if a.dtype.kind in "iu" and b.dtype.kind == "f":
+        return (xp.power(a.astype(np.float64), b).astype(a.dtype),)
     return (xp.power(a, b.astype(a.dtype) if a.dtype != b.dtype else b).astype(a.dtype),)
 
 
@@ -78,14 +81,31 @@ def Where(xp, cond, a, b):
     return (xp.where(cond, a, b),)
 
 
+_FLOAT8 = {"float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"}
+
+
+def _cast(xp, x, dtype, saturate, round_mode):
+    if dtype.name == "float8_e8m0fnu":  # exponent-only type: ONNX's rounding rules (host side)
+        from onnx.numpy_helper import to_float8e8m0
+        host = x.get() if xp is not np else x
+        return xp.asarray(to_float8e8m0(np.asarray(host, np.float32), bool(saturate),
+                                        round_mode))
+    if saturate and dtype.name in _FLOAT8 and x.dtype.kind == "f":
+        # Saturating float8 cast: out-of-range values (infinities included) clip to +-max.
+        import ml_dtypes
+        top = float(ml_dtypes.finfo(dtype).max)
+        x = xp.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 @kernel("Cast")
 def Cast(xp, x, *, to, saturate=1, round_mode="up"):
-    return (x.astype(np_dtype(to)),)
+    return (_cast(xp, x, np_dtype(to), saturate, round_mode),)
 
 
 @kernel("CastLike")
 def CastLike(xp, x, like, *, saturate=1, round_mode="up"):
-    return (x.astype(like.dtype),)
+    return (_cast(xp, x, like.dtype, saturate, round_mode),)
 
 
 def _variadic(name, fn):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from trainer.kernels import kernel
 
 
@@ -14,9 +16,11 @@ def _axes(x, axes, noop_with_empty_axes):
 def _reducer(name, fn, input_axes_since):
     def impl(xp, x, axes, keepdims, noop):
         ax = _axes(x, axes, noop)
-        if ax == ():
-            return (x,)
-        return (fn(xp, x, ax, bool(keepdims)),)
+        if ax == ():  # noop_with_empty_axes: nothing reduced, but ReduceSumSquare still squares
+            return (x * x if name == "ReduceSumSquare" else x,)
+        # NumPy widens integer sums/products and averages integers in float: keep x's dtype.
+        out = fn(xp, x, ax, bool(keepdims))
+        return (out if out.dtype == x.dtype else out.astype(x.dtype),)
 
     @kernel(name, since=1)
     def attr_form(xp, x, *, axes=None, keepdims=1, noop_with_empty_axes=0):
@@ -29,10 +33,25 @@ def _reducer(name, fn, input_axes_since):
     return input_form
 
 
+def _extreme(x, axes, keepdims, lowest: bool):
+    """max (lowest=True) or min over axes; an empty set gives the identity (-inf / +inf)."""
+    fn = x.max if lowest else x.min
+    if x.size:
+        return fn(axis=axes, keepdims=keepdims)
+    if x.dtype == bool:
+        start = not lowest
+    elif x.dtype.kind == "f":
+        start = -float("inf") if lowest else float("inf")
+    else:
+        info = np.iinfo(x.dtype)
+        start = info.min if lowest else info.max
+    return fn(axis=axes, keepdims=keepdims, initial=start)
+
+
 ReduceSum = _reducer("ReduceSum", lambda xp, x, a, k: x.sum(axis=a, keepdims=k), 13)
 ReduceMean = _reducer("ReduceMean", lambda xp, x, a, k: x.mean(axis=a, keepdims=k), 18)
-ReduceMax = _reducer("ReduceMax", lambda xp, x, a, k: x.max(axis=a, keepdims=k), 18)
-ReduceMin = _reducer("ReduceMin", lambda xp, x, a, k: x.min(axis=a, keepdims=k), 18)
+ReduceMax = _reducer("ReduceMax", lambda xp, x, a, k: _extreme(x, a, k, True), 18)
+ReduceMin = _reducer("ReduceMin", lambda xp, x, a, k: _extreme(x, a, k, False), 18)
 ReduceProd = _reducer("ReduceProd", lambda xp, x, a, k: x.prod(axis=a, keepdims=k), 18)
 ReduceSumSquare = _reducer("ReduceSumSquare", lambda xp, x, a, k: (x * x).sum(axis=a, keepdims=k),
                            18)

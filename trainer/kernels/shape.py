@@ -83,13 +83,15 @@ def Concat(xp, *xs, axis):
 
 
 @kernel("Split", since=1)
-def Split_1(xp, x, *, axis=0, split=None):
-    return _split(xp, x, axis, split, None)
+def Split_1(xp, x, *, axis=0, split=None, n_outputs=2):
+    return _split(xp, x, axis, split, n_outputs)
 
 
 @kernel("Split", since=13)
-def Split_13(xp, x, split=None, *, axis=0, num_outputs=None):
-    return _split(xp, x, axis, _ints(split) if split is not None else None, num_outputs)
+def Split_13(xp, x, split=None, *, axis=0, num_outputs=None, n_outputs=2):
+    # Without `split`, equal parts: as many as num_outputs (opset 18) or the node's outputs.
+    return _split(xp, x, axis, _ints(split) if split is not None else None,
+                  num_outputs or n_outputs)
 
 
 def _split(xp, x, axis, split, num_outputs):
@@ -114,7 +116,7 @@ def Slice(xp, x, starts, ends, axes=None, steps=None):
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        index[a % x.ndim] = slice(*slice(s, e, st).indices(x.shape[a % x.ndim]))
+        index[a % x.ndim] = slice(s, e, st)  # Python clamps starts/ends as the spec does
     return (x[tuple(index)],)
 
 
@@ -166,18 +168,27 @@ def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
     idx = indices.astype(np.int64) % data.shape[axis]
     grids = list(xp.indices(indices.shape, sparse=True))
     grids[axis] = idx
-    if reduction == "add":
-        xp.add.at(out, tuple(grids), updates) if xp is np else _scatter_add(xp, out, grids, updates)
-    elif reduction == "none":
+    if reduction == "none":
         out[tuple(grids)] = updates
+    elif reduction in _SCATTER_UFUNC:
+        if xp is np:
+            getattr(np, _SCATTER_UFUNC[reduction]).at(out, tuple(grids), updates)
+        else:
+            _scatter_gpu(out, grids, updates, reduction)
     else:
         raise ValueError(f"ScatterElements: reduction '{reduction}' is not supported")
     return (out,)
 
 
-def _scatter_add(xp, out, grids, updates):  # pragma: no cover - GPU only
+_SCATTER_UFUNC = {"add": "add", "mul": "multiply", "max": "maximum", "min": "minimum"}
+
+
+def _scatter_gpu(out, grids, updates, reduction):  # pragma: no cover - GPU only
     import cupyx
-    cupyx.scatter_add(out, tuple(grids), updates)
+    fn = getattr(cupyx, f"scatter_{reduction}", None)
+    if fn is None:
+        raise ValueError(f"ScatterElements: reduction '{reduction}' is not supported on GPU")
+    fn(out, tuple(grids), updates)
 
 
 @kernel("Range")

@@ -61,8 +61,8 @@ def conv_grad(ctx):
         if group > 1:
             xs = [ctx.tmp(f"x{g}") for g in range(group)]
             dys = [ctx.tmp(f"dy{g}") for g in range(group)]
-            nodes.append(_split(ctx, ctx.I(0), xs))
-            nodes.append(_split(ctx, dy, dys))
+            nodes.append(_split(ctx, ctx.I(0), xs, x_shape[1]))
+            nodes.append(_split(ctx, dy, dys, ctx.shape(ctx.O(0))[1]))
         parts = []
         for g in range(group):
             xt, dyt, full = ctx.tmp("xT"), ctx.tmp("dyT"), ctx.tmp("dw_full")
@@ -91,10 +91,12 @@ def conv_grad(ctx):
     return nodes
 
 
-def _split(ctx, x, outs):
+def _split(ctx, x, outs, channels: int):
+    """Split x ([N, channels, ...]; x may be a gradient with no recorded shape) into equal parts
+    along axis 1."""
     if ctx.opset >= 18:
         return ctx.node("Split", [x], outs, axis=1, num_outputs=len(outs))
-    size = ctx.shape(x)[1] // len(outs)
+    size = channels // len(outs)
     if ctx.opset >= 13:
         return ctx.node("Split", [x, ctx.const([size] * len(outs), np.int64, "split")], outs,
                         axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.autodiff.registry import grad
+from trainer.errors import ModelError
 from trainer.kernels.reduce import softmax_axes
 
 
@@ -40,7 +41,7 @@ def _axes_of(ctx):
         rank = len(ctx.shape(ctx.I(0)))
         values = ctx.static_value(ctx.I(1))
         if values is None:
-            raise ValueError(f"node '{ctx.name}': reduction axes must be a constant to "
+            raise ModelError(f"node '{ctx.name}': reduction axes must be a constant to "
                              "differentiate")
         if values.size == 0:
             return None if ctx.attr("noop_with_empty_axes", 0) else list(range(rank))
