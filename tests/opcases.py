@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.executor import Executor
+from trainer.graph import convert_floats
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -91,27 +92,7 @@ def run_reference(model: onnx.ModelProto, feeds: Arrays | None = None
 
 def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every float64 tensor, type and Cast target turned into float32."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    f64, f32 = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
-
-    def retype(t: onnx.TensorProto) -> None:
-        if t.data_type == f64:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32),
-                                               t.name))
-    g = m.graph
-    for t in g.initializer:
-        retype(t)
-    for vi in [*g.input, *g.output, *g.value_info]:
-        if vi.type.tensor_type.elem_type == f64:
-            vi.type.tensor_type.elem_type = f32
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                retype(a.t)
-            elif node.op_type == "Cast" and a.name == "to" and a.i == f64:
-                a.i = f32
-    return m
+    return convert_floats(model, np.float64, np.float32)
 
 
 def distinct(rng: np.random.Generator, shape: Sequence[int], spread: float = 1.0,

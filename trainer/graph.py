@@ -187,35 +187,38 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of the model computing in float64 wherever it computed in float32.
+def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> onnx.ModelProto:
+    """Copy of the model computing in `dst` wherever it computed in `src`.
 
-    Converts float32 initializers, Constant/ConstantOfShape values, graph input/output and
-    value_info types, and Cast targets; used by `precision: fp64` verification runs.
+    Converts initializers, Constant/ConstantOfShape values, graph input/output and value_info
+    types, and Cast targets; `precision: fp64` verification runs use float32 -> float64.
     """
     import copy
 
-    F, D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+    S, D = elem_type(src), elem_type(dst)
     m = copy.deepcopy(model)
     g = m.graph
 
     def conv_tensor(t: onnx.TensorProto) -> None:
-        if t.data_type == F:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64),
-                                               t.name))
+        if t.data_type == S:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dst), t.name))
 
     for t in g.initializer:
         conv_tensor(t)
     for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.tensor_type.elem_type == F:
+        if vi.type.tensor_type.elem_type == S:
             vi.type.tensor_type.elem_type = D
     for node in g.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 conv_tensor(a.t)
-            elif node.op_type == "Cast" and a.name == "to" and a.i == F:
+            elif node.op_type == "Cast" and a.name == "to" and a.i == S:
                 a.i = D
             elif a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise ModelError(f"precision fp64: node '{node.name}' ({node.op_type}) has a "
-                                 "subgraph, which fp64 conversion does not handle yet")
+                raise ModelError(f"converting to {np.dtype(dst).name}: node '{node.name}' "
+                                 f"({node.op_type}) has a subgraph, which is not handled yet")
     return m
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    return convert_floats(model, np.float32, np.float64)
