@@ -58,6 +58,8 @@ class Trainer:
             raise UnsupportedOpError("forward kernel", missing)
         self.run_model = to_float64(self.model) if cfg.precision == "fp64" else self.model
         self.in_dtypes = input_dtypes(self.run_model)
+        self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
+                           for vi in self.run_model.graph.output}
         init_names = {t.name for t in self.run_model.graph.initializer}
         self.data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                       for d in vi.type.tensor_type.shape.dim]
@@ -94,8 +96,8 @@ class Trainer:
                     raise DataError(f"{what}: target '{name}' must hold integer class labels, "
                                     f"got {a.dtype}")
                 out[name] = a.astype(np.int64, copy=False)
-            else:
-                out[name] = a
+            else:  # mse targets take the dtype of the output they are compared with
+                out[name] = a.astype(self.out_dtypes[self.cfg.loss.output], copy=False)
         return out
 
     def _plan(self, local_n: int) -> Plan:
@@ -105,22 +107,12 @@ class Trainer:
             tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes)
             info = training_info(tm)
-            if self.cfg.loss.type == "mse":
-                self._cast_targets(tm, info)
             feeds = list(info.gradients) + list(info.state)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
             ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank)
             plan = Plan(ex, info.gradients, info.state, info.loss)
             self.plans[local_n] = plan
         return plan
-
-    def _cast_targets(self, tm, info):
-        for vi in tm.graph.input:
-            if vi.name in info.targets:
-                dt = np_dtype(vi.type.tensor_type.elem_type)
-                for arrays in (self.train_arrays, self.eval_arrays or {}):
-                    if vi.name in arrays:
-                        arrays[vi.name] = arrays[vi.name].astype(dt, copy=False)
 
     def _init_parameters(self) -> None:
         xp = self.xp
@@ -170,9 +162,9 @@ class Trainer:
         xp = self.xp
         g = self.grads_flat
         g[...] = 0
-        for k, (arrays, local_n, global_n) in enumerate(micro):
+        for m, (arrays, local_n, global_n) in enumerate(micro):
             plan = self._plan(local_n)
-            plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, k)
+            plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, m)
             feeds = {k: xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self.params)
             feeds.update(self.state)
@@ -188,8 +180,8 @@ class Trainer:
             self.comm.allreduce_(g)
         loss = float(g[self.size])
         if not math.isfinite(loss):
-            raise TrainerError(f"loss became {loss} at step {self.step + 1}; lower the learning "
-                               "rate or enable grad_clip (parameters before this step are kept)")
+            raise TrainerError(f"loss became {loss} at step {self.step + 1}; training stopped "
+                               "before applying it (lower optimizer.lr or set grad_clip)")
         grads = g[:self.size]
         if self.cfg.grad_clip is not None:
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)

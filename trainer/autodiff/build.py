@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from trainer.autodiff.context import Builder
 from trainer.autodiff.engine import build_backward, reachable_params
-from trainer.errors import ModelError
+from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
     NameScope,
@@ -116,7 +116,6 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
         raise ModelError(f"batchnorm must be 'train' or 'frozen', got '{batchnorm}'")
     missing = missing_kernels(model)
     if missing:
-        from trainer.errors import UnsupportedOpError
         raise UnsupportedOpError("forward kernel", missing)
     outputs = [o.name for o in model.graph.output]
     if spec.output not in outputs:

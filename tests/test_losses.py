@@ -1,0 +1,90 @@
+"""The appended losses through the whole Trainer, against PyTorch: mse, cross_entropy on
+[B, T, V] logits (class_axis -1) and on [N, C, L] logits (class_axis 1)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer.config import config_from_dict
+from trainer.train import Trainer
+
+
+def linear_model(path, in_shape, w_shape, out_shape, perm=None):
+    """y = x @ w + b (then an optional Transpose), float32, symbolic batch."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32) * 0.3, "w")
+    b = numpy_helper.from_array(rng.normal(size=w_shape[-1:]).astype(np.float32) * 0.1, "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["y0" if perm else "y"])]
+    if perm:
+        nodes.append(helper.make_node("Transpose", ["y0"], ["y"], perm=perm))
+    g = helper.make_graph(nodes, "lin",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          [w, b])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return {"w": numpy_helper.to_array(w), "b": numpy_helper.to_array(b)}
+
+
+def run_both(tmp_path, loss, x, t, init, torch_loss, perm=None, steps=5, lr=0.1):
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"target": "t"}},
+                 "batch_size": 8, "shuffle": False},
+        "loss": {"target": "target", "output": "y", **loss},
+        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1}},
+        tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    trainer.fit()
+    w = torch.tensor(init["w"], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(init["b"], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w, b], lr=lr)
+    losses = []
+    for s in range(steps):
+        xb = torch.tensor(x[s * 8:(s + 1) * 8], dtype=torch.float64)
+        tb = torch.tensor(t[s * 8:(s + 1) * 8])
+        y = xb @ w + b
+        if perm:
+            y = y.permute(*perm)
+        out = torch_loss(y, tb)
+        opt.zero_grad()
+        out.backward()
+        opt.step()
+        losses.append(out.item())
+    ours = [r["loss"] for r in trainer.history if "loss" in r]
+    np.testing.assert_allclose(ours, losses, rtol=1e-10)
+    values = trainer.trained_values()
+    np.testing.assert_allclose(values["w"], w.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(values["b"], b.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_mse(tmp_path):
+    init = linear_model(tmp_path / "m.onnx", ["N", 6], (6, 3), ["N", 3])
+    rng = np.random.default_rng(1)
+    run_both(tmp_path, {"type": "mse"}, rng.normal(size=(40, 6)).astype(np.float32),
+             rng.normal(size=(40, 3)).astype(np.float32), init,
+             lambda y, t: torch.nn.functional.mse_loss(y, t.double()))
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_cross_entropy_sequence_logits(tmp_path, axis):
+    init = linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 5, 7])
+    rng = np.random.default_rng(2)
+    run_both(tmp_path, {"type": "cross_entropy", "class_axis": axis},
+             rng.normal(size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), init,
+             lambda y, t: torch.nn.functional.cross_entropy(y.permute(0, 2, 1), t))
+
+
+def test_cross_entropy_class_axis_1(tmp_path):
+    init = linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 7, 5], perm=[0, 2, 1])
+    rng = np.random.default_rng(3)
+    run_both(tmp_path, {"type": "cross_entropy", "class_axis": 1},
+             rng.normal(size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), init,
+             lambda y, t: torch.nn.functional.cross_entropy(y, t), perm=(0, 2, 1))
