@@ -97,7 +97,7 @@ def _path(v: Any, key: str, base: Path) -> Path:
     if not (isinstance(v, os.PathLike) or (isinstance(v, str) and v)):
         raise _err(key, f"must be a path string, got {_got(v)}")
     p = Path(v).expanduser()
-    return p if p.is_absolute() else base / p
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
 def _names(v: Any, key: str, base: Path) -> tuple[str, ...]:
