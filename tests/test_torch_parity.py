@@ -158,7 +158,7 @@ def test_trajectory_matches_torch(runs, setups, kind, opt, precision):
 def test_export_matches_torch(runs, setups, kind, opt):
     """The exported model (of the fp64 run) is the input model with torch's trained values:
     same graph and initializer names/dtypes/shapes, BN running stats as torch's, and onnxruntime
-    gives torch's eval() outputs."""
+    gives the outputs of torch in inference mode."""
     trainer, result, _, t_model = runs(kind, opt, "fp64")
     src = setups[kind]["proto"]
     out = onnx.load(result["output"])
@@ -190,7 +190,7 @@ def test_export_matches_torch(runs, setups, kind, opt):
     sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     (logits,) = sess.run(["logits"], {"x": x})
     ref_model = torch_from_values(kind, {k: v.astype(np.float32) for k, v in t_vals.items()},
-                                  torch.float32).eval()
+                                  torch.float32).train(False)  # inference mode
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(x)).numpy()
     assert logits.shape == ref.shape == (24, 10)

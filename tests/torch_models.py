@@ -71,7 +71,7 @@ def export_onnx(model: nn.Module, kind: str) -> onnx.ModelProto:
     into the preceding Conv, and there would be no BatchNormalization left to train.
     """
     x = torch.randn((2,) + SAMPLE_SHAPES[kind])
-    program = torch.onnx.export(model.eval(), (x,), None, input_names=["x"],
+    program = torch.onnx.export(model.train(False), (x,), None, input_names=["x"],
                                 output_names=["logits"],
                                 dynamic_shapes=({0: torch.export.Dim("N")},), optimize=False,
                                 verbose=False)

@@ -61,7 +61,7 @@ def _grad(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _evaluate(args) -> int:
     from trainer.config import load_config
     from trainer.train import Trainer
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.set_defaults(fn=_eval)
+    e.set_defaults(fn=_evaluate)
     return p
 
 

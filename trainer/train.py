@@ -209,7 +209,7 @@ class Trainer:
                 micro.append((arrays, local_n, global_n))
                 seen += global_n
             if epoch != last_epoch and self.eval_arrays is not None:
-                self._log_eval(last_epoch)
+                self._log_evaluation(last_epoch)
             last_epoch = epoch
             lr = lr_at(cfg.schedule, cfg.optimizer.lr, self.step, self.total_steps)
             loss = self.train_step(micro, lr)
@@ -225,7 +225,7 @@ class Trainer:
                 self.save_checkpoint()
         result = {"steps": self.step, "loss": row.get("loss")}
         if self.eval_arrays is not None:
-            result.update(self._log_eval(last_epoch))
+            result.update(self._log_evaluation(last_epoch))
         if self.rank == 0:
             path = self.export(cfg.output)
             result["output"] = str(path)
@@ -272,7 +272,7 @@ class Trainer:
         self.log.info(f"resumed from {path} at step {self.step}")
         return True
 
-    def _log_eval(self, epoch: int) -> dict:
+    def _log_evaluation(self, epoch: int) -> dict:
         metrics = self.evaluate()
         row = {"step": self.step, "epoch": epoch, **metrics}
         self.history.append(row)
