@@ -269,6 +269,7 @@ add("AveragePool", "same-upper", [("X", normal(1, 2, 5, 5))], kernel_shape=[3, 3
     strides=[2, 2], auto_pad="SAME_UPPER")
 add("GlobalAveragePool", "2d", [("X", normal(2, 3, 4, 5))])
 add("GlobalAveragePool", "1d", [("X", normal(2, 3, 4))])
+add("GlobalAveragePool", "opset7", [("X", normal(2, 3, 4, 5))], opset=7)
 
 # Inference-form BatchNormalization. Statistics are never trainable parameters, so mean and
 # var reach the node through Identity to let the test ask for their gradients.
@@ -321,6 +322,8 @@ for op, opsets in (("ReduceSum", (13, 11)), ("ReduceMean", (18, 13))):
             **({} if axes is None else {"axes": axes}))
     add(op, f"opset{new}-noop-empty-axes", [("X", normal(2, 3))], opset=new,
         noop_with_empty_axes=1)
+    # Before opset 8 there is no Expand: the gradient broadcasts by adding zeros.
+    add(op, "opset7-axes1-keep0", [("X", normal(2, 3, 4))], opset=7, axes=[1], keepdims=0)
 
 add("Reshape", "minus-one", [("X", normal(2, 3, 4)), ("shape", ints(4, -1))])
 add("Reshape", "zero-copies", [("X", normal(2, 3, 4)), ("shape", ints(0, 12))])
@@ -499,6 +502,14 @@ def test_maxpool_gradient_needs_opset_16() -> None:
              {"kernel_shape": [2, 2]}, opset=12)
     with pytest.raises(ModelError, match="opset >= 16"):
         gradients(loss_model(c), ["X"])
+
+
+def test_legacy_broadcast_gradient_is_a_clear_error() -> None:
+    # Opsets < 7 broadcast through attributes; the forward runs, gradients ask for an upgrade.
+    c = Case("Add-legacy", "Add", [("A", normal(2, 3, 4)), ("B", normal(3))],
+             {"broadcast": 1, "axis": 1}, opset=6)
+    with pytest.raises(ModelError, match="version_converter"):
+        gradients(loss_model(c), ["A", "B"])
 
 
 # -- BatchNormalization training-mode rewrite ---------------------------------------------------

@@ -476,13 +476,6 @@ def test_onnx_backend_node_coverage() -> None:
 _DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 # Models from opset < 7 with the legacy `broadcast`/`axis` attributes of Add/Gemm, which
 # predate NumPy broadcasting; the kernels implement the opset-7+ semantics only.
-LEGACY_BROADCAST = {name: "legacy broadcast attribute (opset < 7)" for name in (
-    "test_Linear", "test_Softsign", "test_operator_add_broadcast",
-    "test_operator_add_size1_broadcast", "test_operator_add_size1_right_broadcast",
-    "test_operator_add_size1_singleton_broadcast", "test_operator_addconstant",
-    "test_operator_addmm", "test_operator_mm")}
-
-
 def _model_dirs() -> list[str]:
     dirs = []
     for kind in ("pytorch-converted", "pytorch-operator", "simple"):
@@ -501,8 +494,8 @@ def _read_pb(path: str) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the "simple" cases feed NaN on purpose
-@pytest.mark.parametrize("path", [pytest.param(d, id=os.path.basename(d), marks=_expected_failure(
-    os.path.basename(d), LEGACY_BROADCAST)) for d in _model_dirs()])
+@pytest.mark.parametrize("path", [pytest.param(d, id=os.path.basename(d))
+                                  for d in _model_dirs()])
 def test_onnx_backend_model_dir(path: str) -> None:
     name = os.path.basename(path)
     m = onnx.load(os.path.join(path, "model.onnx"))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from trainer.errors import ModelError
 from trainer.graph import NameScope, attrs_of
 
 
@@ -56,6 +57,13 @@ class Builder:
 
     def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
         return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out])
+
+    def expand(self, x: str, shape, out: str, dtype) -> onnx.NodeProto:
+        """Broadcast x to `shape` (Expand from opset 8; before it, adding zeros broadcasts)."""
+        if self.opset >= 8:
+            return self.node("Expand", [x, self.const(list(shape), np.int64, "shape")], [out])
+        zeros = self.const(np.zeros(shape, dtype), suffix="zeros")
+        return self.node("Add", [zeros, x], [out], broadcast=1 if self.opset < 7 else None)
 
     def unsqueeze(self, x: str, axes, out: str) -> onnx.NodeProto:
         if self.opset >= 13:
@@ -117,8 +125,13 @@ class GradContext(Builder):
 
     def to_input(self, dy: str, i: int, shape_from: tuple | None = None) -> list[onnx.NodeProto]:
         """sum_to(dy, like=I(i)) written into GI(i); dy has the node output's shape by default."""
-        src = shape_from if shape_from is not None else self.shape(self.O(0))
-        return self.sum_to(dy, src, self.shape(self.I(i)), self.GI(i))
+        src = tuple(shape_from if shape_from is not None else self.shape(self.O(0)))
+        dst = tuple(self.shape(self.I(i)))
+        if self.opset < 7 and self.attr("broadcast", 0):
+            raise ModelError(f"node '{self.name}' ({self.onnx_node.op_type}) uses the opset "
+                             f"{self.opset} 'broadcast' attribute, which gradients do not support;"
+                             " convert the model with onnx.version_converter (opset >= 7)")
+        return self.sum_to(dy, src, dst, self.GI(i))
 
     def scalar(self, value, like: str | None = None) -> str:
         """A scalar constant with the dtype of `like` (default: the first input)."""

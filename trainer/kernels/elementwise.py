@@ -8,11 +8,22 @@ from trainer.graph import np_dtype
 from trainer.kernels import kernel
 
 
+def legacy_broadcast(a, b, broadcast, axis):
+    """Opsets < 7: with `broadcast` and `axis`, b's dims align with a's from `axis` on."""
+    if broadcast and axis is not None:
+        return b.reshape(b.shape + (1,) * (a.ndim - axis % a.ndim - b.ndim))
+    return b
+
+
 def _binary(name, fn):
-    @kernel(name)
+    @kernel(name, since=1)
+    def legacy(xp, a, b, *, broadcast=0, axis=None, consumed_inputs=None):
+        return (fn(xp, a, legacy_broadcast(a, b, broadcast, axis)),)
+
+    @kernel(name, since=7)
     def op(xp, a, b):
         return (fn(xp, a, b),)
-    op.__name__ = name
+    op.__name__ = legacy.__name__ = name
     return op
 
 
@@ -28,7 +39,12 @@ And = _binary("And", lambda xp, a, b: xp.logical_and(a, b))
 Or = _binary("Or", lambda xp, a, b: xp.logical_or(a, b))
 
 
-@kernel("Div")
+@kernel("Div", since=1)
+def Div_1(xp, a, b, *, broadcast=0, axis=None, consumed_inputs=None):
+    return Div(xp, a, legacy_broadcast(a, b, broadcast, axis))
+
+
+@kernel("Div", since=7)
 def Div(xp, a, b):
     if xp.issubdtype(a.dtype, xp.integer):
         # ONNX integer division truncates toward zero (C semantics).
@@ -37,7 +53,12 @@ def Div(xp, a, b):
     return (a / b,)
 
 
-@kernel("Pow")
+@kernel("Pow", since=1)
+def Pow_1(xp, a, b, *, broadcast=0, axis=None):
+    return Pow(xp, a, legacy_broadcast(a, b, broadcast, axis))
+
+
+@kernel("Pow", since=7)
 def Pow(xp, a, b):
     # The result has the base's type; an integer base with a float exponent computes in float.
     if a.dtype.kind in "iu" and b.dtype.kind == "f":

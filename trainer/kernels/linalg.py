@@ -6,7 +6,8 @@ from trainer.kernels import kernel
 
 
 @kernel("Gemm")
-def Gemm(xp, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+def Gemm(xp, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0, broadcast=0):
+    # `broadcast` (opsets < 7) allowed C to broadcast; NumPy broadcasting covers both forms.
     y = (a.T if transA else a) @ (b.T if transB else b)
     if alpha != 1.0:
         y *= y.dtype.type(alpha)

@@ -147,7 +147,7 @@ def global_averagepool_grad(ctx):
     # dX = expand(dY) / prod(spatial)
     x_shape = ctx.shape(ctx.I(0))
     t = ctx.tmp("expanded")
-    return [ctx.node("Expand", [ctx.GO(0), ctx.const(list(x_shape), np.int64, "shape")], [t]),
+    return [ctx.expand(ctx.GO(0), x_shape, t, ctx.dtype(ctx.I(0))),
             ctx.node("Mul", [t, ctx.scalar(1.0 / float(np.prod(x_shape[2:])))], [ctx.GI(0)])]
 
 

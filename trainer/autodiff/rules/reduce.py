@@ -29,8 +29,7 @@ def _broadcast_back(ctx, dy: str, scale: float | None):
         src = ctx.tmp("kept")
         nodes.append(ctx.reshape(dy, kept, src))
     target = ctx.GI(0) if scale is None else ctx.tmp("expanded")
-    nodes.append(ctx.node("Expand", [src, ctx.const(list(x_shape), np.int64, "shape")],
-                          [target]))
+    nodes.append(ctx.expand(src, x_shape, target, ctx.dtype(ctx.I(0))))
     if scale is not None:
         nodes.append(ctx.node("Mul", [target, ctx.scalar(scale)], [ctx.GI(0)]))
     return nodes
