@@ -4,10 +4,7 @@ node test cases (plus the bundled PyTorch-exported ones) run through the executo
 from __future__ import annotations
 
 import glob
-import importlib
 import os
-import pkgutil
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -398,79 +395,13 @@ def test_dropout_training_kernel() -> None:
 
 
 def test_kernels_registered_for_every_tested_op() -> None:
-    ours = {op for (domain, op) in KERNELS if domain == ""}
-    untested = sorted(ours - {c.op for c in KCASES} - {"Constant", "CastLike", "GreaterOrEqual",
-                                                        "LessOrEqual"})
-    # Constant, CastLike, GreaterOrEqual and LessOrEqual are covered by the backend node tests.
+    # Every kernel has a case here or in ONNX's node suite (tests/test_onnx_backend.py).
+    from tests.onnx_conformance import _ops, collect
+
+    suite = set().union(*(_ops(c.model.graph) for c in collect()))
+    ours = {op for (domain, op) in KERNELS}
+    untested = sorted(ours - {c.op for c in KCASES} - suite)
     assert not untested, f"kernels without a reference test: {untested}"
-
-
-# -- ONNX backend node tests ------------------------------------------------------------------
-# Backend cases that fail for a stated reason (everything else with kernels must pass).
-EXCLUDED = {
-    # Random masks: ONNX's expected output came from NumPy's global RNG, ours from the
-    # executor's generator. Mask semantics are tested in test_dropout_training_kernel.
-    "test_training_dropout": "random mask",
-    "test_training_dropout_default": "random mask",
-    "test_training_dropout_default_mask": "random mask",
-    "test_training_dropout_mask": "random mask",
-}
-# The expected values of these cases are printed to 4 decimals in the ONNX test source.
-TOLERANCE = {"test_averagepool_2d_ceil_last_window_starts_on_pad": (1e-3, 1e-4)}
-
-
-def _node_cases() -> tuple[list, int]:
-    """ONNX's node test cases for the ops we have kernels for, and how many were skipped."""
-    import onnx.backend.test.case.node as pkg
-
-    ours = {op.lower() for (domain, op) in KERNELS if domain == ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            name = mod.name.replace("_", "").lower()
-            if (name[:-2] if name == "rangeop" else name) in ours:
-                importlib.import_module(f"{pkg.__name__}.{mod.name}")
-    chosen, skipped = [], 0
-    for case in pkg._NodeTestCases:
-        m = case.model
-        tensors_only = all(isinstance(a, np.ndarray | np.generic | onnx.TensorProto)
-                           for ins, outs in case.data_sets for a in [*ins, *outs])
-        if tensors_only and all(get_kernel(n.op_type, opset_of(m, n.domain), n.domain)
-                                for n in m.graph.node):
-            chosen.append(case)
-        else:  # an op without a kernel, or sequence/optional values
-            skipped += 1
-    return chosen, skipped
-
-
-NODE_CASES, NODE_SKIPPED = _node_cases()
-
-
-def _array(a) -> np.ndarray:
-    return numpy_helper.to_array(a) if isinstance(a, onnx.TensorProto) else np.asarray(a)
-
-
-def _expected_failure(name: str, reasons: dict[str, str]) -> list:
-    return [pytest.mark.xfail(reason=reasons[name], strict=True)] if name in reasons else []
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=_expected_failure(
-    c.name, EXCLUDED)) for c in NODE_CASES])
-def test_onnx_backend_node(case) -> None:
-    rtol, atol = TOLERANCE.get(case.name, (1e-4, 1e-5))
-    m = case.model
-    ex = Executor(m, np)
-    for ins, outs in case.data_sets:
-        feeds = {vi.name: _array(a) for vi, a in zip(m.graph.input, ins, strict=False)}
-        got = ex.run(feeds)
-        for vi, want in zip(m.graph.output, outs, strict=True):
-            assert_same(got[vi.name], _array(want), rtol, atol, f"{case.name} {vi.name}")
-
-
-def test_onnx_backend_node_coverage() -> None:
-    # Guard against silently skipping the suite: most cases for our ops must run.
-    assert len(NODE_CASES) >= 800, (len(NODE_CASES), NODE_SKIPPED)
-    assert NODE_SKIPPED <= 30, NODE_SKIPPED
 
 
 _DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")

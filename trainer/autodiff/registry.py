@@ -27,4 +27,11 @@ def get_rule(op_type: str, domain: str = "") -> Callable | None:
 
 
 def _load_all() -> None:
-    from trainer.autodiff.rules import elementwise, linalg, loss, nn, reduce, shape  # noqa: F401
+    """Import every rule module of trainer.autodiff.rules (one file per op family)."""
+    import importlib
+    import pkgutil
+
+    from trainer.autodiff import rules
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(rules.__path__)):
+        importlib.import_module(f"{rules.__name__}.{mod}")

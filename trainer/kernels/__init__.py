@@ -33,7 +33,12 @@ def get_kernel(op_type: str, opset: int, domain: str = "") -> Callable | None:
 
 
 def _load_all() -> None:
-    from trainer.kernels import elementwise, linalg, loss, nn, reduce, shape  # noqa: F401
+    """Import every kernel module of this package (one file per op family)."""
+    import importlib
+    import pkgutil
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 _load_all()

@@ -1,0 +1,108 @@
+"""`onnx.backend.base.Backend` over the executor: ONNX's standard entry point for running models.
+
+    from trainer import onnx_backend
+    rep = onnx_backend.prepare(model, "CPU")
+    outputs = rep.run([x])          # or rep.run({"x": x}); outputs in graph-output order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.backend.base import Backend, BackendRep, namedtupledict
+
+from trainer.backend import cupy_or_none, get_xp, to_host
+from trainer.executor import Executor
+
+
+def _host(value):
+    """Device arrays back to NumPy; sequences element-wise; None (empty optional) stays."""
+    if isinstance(value, list | tuple):
+        return [_host(v) for v in value]
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    return to_host(value)
+
+
+class TrainerRep(BackendRep):
+    """A model planned once by the executor; `run` may be called many times."""
+
+    def __init__(self, model: onnx.ModelProto, device: str = "CPU"):
+        self.xp = get_xp("gpu" if device.upper().startswith("CUDA") else "cpu")
+        self.model = model
+        inits = {t.name for t in model.graph.initializer}
+        self.all_inputs = [vi.name for vi in model.graph.input]
+        # IR < 4 models list initializers as inputs: positional inputs fill the others first.
+        self.data_inputs = [n for n in self.all_inputs if n not in inits]
+        self.outputs = [vi.name for vi in model.graph.output]
+        self.executor = Executor(model, self.xp)
+
+    def _feeds(self, inputs: Any) -> dict[str, Any]:
+        if isinstance(inputs, Mapping):
+            return dict(inputs)
+        if not isinstance(inputs, Sequence) or isinstance(inputs, str | bytes):
+            inputs = [inputs]
+        names = self.all_inputs if len(inputs) > len(self.data_inputs) else self.data_inputs
+        if len(inputs) > len(names):
+            raise ValueError(f"model takes {len(names)} inputs, got {len(inputs)}")
+        return dict(zip(names, inputs, strict=False))
+
+    def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
+        feeds = self._feeds(inputs)
+        if self.xp is not np:
+            feeds = {k: self.xp.asarray(v) if isinstance(v, np.ndarray) else v
+                     for k, v in feeds.items()}
+        got = self.executor.run(feeds)
+        return namedtupledict("Outputs", self.outputs)(*[_host(got[o]) for o in self.outputs])
+
+
+class TrainerBackend(Backend):
+    @classmethod
+    def is_compatible(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> bool:
+        from trainer.executor import missing_kernels
+        return cls.supports_device(device) and not missing_kernels(model)
+
+    @classmethod
+    def prepare(cls, model: onnx.ModelProto | str | bytes, device: str = "CPU",
+                **kwargs: Any) -> TrainerRep:
+        if isinstance(model, str):
+            model = onnx.load(model)
+        elif isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        super().prepare(model, device, **kwargs)  # onnx.checker
+        return TrainerRep(model, device)
+
+    @classmethod
+    def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU",
+                 outputs_info: Sequence[tuple[np.dtype, tuple[int, ...]]] | None = None,
+                 **kwargs: Any) -> tuple[Any, ...]:
+        """Run one node on inputs given in the node's input order (absent optionals skipped)."""
+        opset = kwargs.get("opset_version", onnx.defs.onnx_opset_version())
+        names = [n for n in node.input if n]
+        arrays = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+        if len(arrays) != len(names):
+            raise ValueError(f"node takes {len(names)} inputs, got {len(arrays)}")
+        vis = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(
+            np.asarray(a).dtype), list(np.shape(a))) for n, a in zip(names, arrays, strict=True)]
+        outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+        graph = helper.make_graph([node], "run_node", vis, outs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(node.domain, opset)])
+        rep = TrainerRep(model, device)
+        return rep.run(arrays)
+
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        d = device.upper()
+        if d.startswith("CPU"):
+            return True
+        return d.startswith("CUDA") and cupy_or_none() is not None
+
+
+prepare = TrainerBackend.prepare
+run_model = TrainerBackend.run_model
+run_node = TrainerBackend.run_node
+supports_device = TrainerBackend.supports_device
