@@ -22,6 +22,11 @@ def kernel(op_type: str, since: int = 1, domain: str = ""):
     return register
 
 
+def host_ints(a) -> list[int]:
+    """A shape-like input (shape, axes, pads, sizes, k...) read on the host as Python ints."""
+    return [int(v) for v in (a.tolist() if hasattr(a, "tolist") else a)]
+
+
 def get_kernel(op_type: str, opset: int, domain: str = "") -> Callable | None:
     """The kernel for op_type at the given opset of its domain, or None if there is none."""
     domain = "" if domain == "ai.onnx" else domain

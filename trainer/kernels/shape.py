@@ -5,11 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.graph import np_dtype
+from trainer.kernels import host_ints as _ints
 from trainer.kernels import kernel
-
-
-def _ints(a) -> list[int]:
-    return [int(v) for v in (a.tolist() if hasattr(a, "tolist") else a)]
 
 
 def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tuple:
