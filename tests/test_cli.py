@@ -92,11 +92,15 @@ def _model(path, ops):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
              helper.make_node("Round", ["h"], ["r"], name="round1"),
              helper.make_node("Add", ["h", "r"], ["t0"], name="add")]
-    for k, (op, name) in enumerate(ops):
-        nodes.append(helper.make_node(op, [f"t{k}"], [f"t{k + 1}"], name=name))
+    for k, (op, name, *domain) in enumerate(ops):
+        nodes.append(helper.make_node(op, [f"t{k}"], [f"t{k + 1}"], name=name,
+                                      domain=domain[0] if domain else None))
     nodes.append(helper.make_node("Identity", [f"t{len(ops)}"], ["logits"], name="out"))
     g = helper.make_graph(nodes, "g", [x], [y], [w])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    imports = [helper.make_opsetid("", 18)]
+    if any(len(o) > 2 for o in ops):
+        imports.append(helper.make_opsetid("com.example", 1))
+    onnx.save(helper.make_model(g, opset_imports=imports), path)
 
 
 def test_ops_without_gradient_rule_are_all_listed(tmp_path, digits_config):
@@ -115,12 +119,13 @@ def test_ops_without_gradient_rule_are_all_listed(tmp_path, digits_config):
 
 def test_ops_without_forward_kernel_are_listed_before_data_is_read(tmp_path, digits_config):
     model = tmp_path / "m.onnx"
-    _model(model, [("Cos", "cos1"), ("Sin", "sin1")])
+    _model(model, [("Warp", "warp1", "com.example"), ("Relu", "relu"),
+                   ("Weft", "weft1", "com.example")])
     raw = digits_config(model=str(model))
     raw["data"]["train"]["path"] = str(tmp_path / "missing.npz")
     line = one_line_error(run("train", write_cfg(tmp_path, raw)))
     assert "no forward kernel" in line
-    assert "Cos (node 'cos1')" in line and "Sin (node 'sin1')" in line
+    assert "Warp (node 'warp1')" in line and "Weft (node 'weft1')" in line
 
 
 def test_check_on_demo_model():

@@ -16,6 +16,7 @@ import yaml
 from onnx import numpy_helper
 
 from tests.conftest import ROOT
+from tests.threadcomm import run_ranks
 from trainer.config import config_from_dict
 from trainer.train import Trainer
 
@@ -77,3 +78,137 @@ def test_killed_rank_ends_the_job(tmp_path, digits_config):
     assert proc.returncode != 0
     assert time.monotonic() - start < 90
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+# -- every model family under mpirun ------------------------------------------------------------
+# name: (zoo kind, export form, extra config). BatchNormalization in inference form makes its
+# running statistics training state (broadcast at start, exported from rank 0); the training form
+# has BatchNormalization(training_mode=1) and Dropout with a mask output.
+FAMILIES = {
+    "bn_cnn_inference": ("cnn", "inference", {}),
+    "resnet_inference": ("resnet", "inference", {}),
+    "bn_cnn_training_form": ("cnn", "training", {}),
+    "dropout_mlp": ("dropout_mlp", "training", {}),
+    "mlp_frozen": ("mlp", "inference", {"frozen": ["fc1.*"]}),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Per family: a directory with model.onnx (exported from PyTorch) and data.npz."""
+    torch_models = pytest.importorskip("tests.torch_models")
+    pytest.importorskip("onnxscript")
+    out = {}
+    for i, (name, (kind, form, _)) in enumerate(FAMILIES.items()):
+        d = tmp_path_factory.mktemp(name)
+        model = torch_models.zoo_model(kind, seed=20 + i)
+        onnx.save(torch_models.export_form(model, torch_models.ZOO[kind][1], form),
+                  str(d / "model.onnx"))
+        rng = np.random.default_rng(i)
+        n = 64
+        x = rng.standard_normal((n,) + torch_models.ZOO[kind][1]).astype(np.float32)
+        np.savez(d / "data.npz", x=x, y=rng.integers(0, 10, n).astype(np.int64))
+        out[name] = d
+    return out
+
+
+def _family_config(d, name, **over):
+    raw = {"model": str(d / "model.onnx"), "output": str(d / "out.onnx"), "device": "cpu",
+           "precision": "fp64",
+           "data": {"train": {"path": str(d / "data.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}},
+                    "batch_size": 16, "shuffle": True},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9}, "steps": 6,
+           "log": {"every_steps": 1}, **FAMILIES[name][2]}
+    raw.update(over)
+    return raw
+
+
+def _emulated(raw, world, base):
+    """The same job on `world` emulated ranks in this process (a reference for mpirun)."""
+    def job(comm):
+        cfg = config_from_dict({**raw, "output": str(base / "emulated.onnx")}, base)
+        trainer = Trainer(cfg, comm=comm, stream=io.StringIO())
+        trainer.fit()
+        return trainer.trained_values()
+    return run_ranks(world, job)
+
+
+@pytest.mark.parametrize("name,world", [(n, 2) for n in FAMILIES] + [("resnet_inference", 4)])
+def test_every_family_trains_under_mpirun(zoo, tmp_path, name, world):
+    """mpirun -np N trains each model family to the end; its export equals N emulated ranks
+    (per-rank BatchNorm statistics and Dropout masks; rank 0's running statistics exported)
+    and loads in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    d = zoo[name]
+    raw = _family_config(d, name, output=str(tmp_path / "out.onnx"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(world, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("  lr ") == 6
+    ranks = _emulated(raw, world, tmp_path)
+    got = _weights(tmp_path / "out.onnx")
+    init = _weights(d / "model.onnx")
+    for k, want in ranks[0].items():
+        np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7,
+                                   err_msg=k)
+    moved = [k for k in ranks[0] if not np.allclose(got[k], init[k])]
+    assert moved, "nothing was trained"
+    if name == "mlp_frozen":
+        for k in ("fc1.weight", "fc1.bias"):
+            np.testing.assert_array_equal(got[k], init[k])
+    stats = [k for k in ranks[0] if "running" in k]
+    if stats and world > 1:  # each rank kept its own statistics; rank 0's were exported
+        assert any(not np.allclose(ranks[0][k], ranks[1][k]) for k in stats)
+    sess = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(d / "data.npz")["x"][:5]
+    (logits,) = sess.run(["logits"], {"x": x})
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
+
+
+_INJECT = """
+import sys
+import trainer.train as t
+original = t.Trainer.train_step
+def failing(self, *args):
+    if self.rank == 1 and self.step == 2:
+        raise {exc}
+    return original(self, *args)
+t.Trainer.train_step = failing
+from trainer.cli import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("exc,code,text", [
+    ("RuntimeError('injected fault')", 3, "internal error"),
+    ("t.TrainerError('injected user error')", 2, "injected user error")])
+def test_failure_on_one_rank_ends_the_job(tmp_path, digits_config, exc, code, text):
+    """An exception on rank 1 alone, mid-training, ends every rank promptly, non-zero, with the
+    message printed once; nothing is exported."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(steps=10**6, log={"every_steps": 1000})))
+    script = tmp_path / "inject.py"
+    script.write_text(_INJECT.format(exc=exc))
+    start = time.monotonic()
+    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                           sys.executable, str(script), str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 30, elapsed
+    assert proc.stderr.count(text) == 1, proc.stderr[-3000:]
+    assert "rank 1" in proc.stderr
+    assert ("Traceback" in proc.stderr) == (code == 3)
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_failure_during_setup_on_every_rank_is_printed_once(tmp_path, digits_config):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(model=str(tmp_path / "missing.onnx"))))
+    proc = _launch(2, path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("model file not found") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

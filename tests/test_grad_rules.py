@@ -358,6 +358,8 @@ for op, maker in (("Relu", nonzero), ("LeakyRelu", nonzero), ("Sigmoid", normal)
 add("LeakyRelu", "alpha", [("X", nonzero(2, 5))], alpha=0.2)
 add("Sigmoid", "large", [("X", np.array([-30.0, -5.0, 0.0, 5.0, 30.0]))])
 add("Cast", "f64-to-f64", [("X", normal(3, 4))], to=onnx.TensorProto.DOUBLE)
+# The type template of CastLike is not differentiated even when it is a float tensor.
+add("CastLike", "f64-like-f64", [("X", normal(3, 4)), ("T", normal(2))], wrt=["X"])
 
 
 # One tensor feeding several inputs of a node: the engine sums the per-slot terms.

@@ -84,20 +84,27 @@ def _evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnx-trainer", description="Train ONNX models.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print a traceback with every error")
+    p = argparse.ArgumentParser(prog="onnx-trainer", description="Train ONNX models.",
+                                parents=[common])
     p.add_argument("--version", action="version", version=f"onnx-trainer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the model of a YAML config and export it")
+    t = sub.add_parser("train", parents=[common],
+                       help="train the model of a YAML config and export it")
     t.add_argument("config")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in checkpoint.dir")
     t.set_defaults(fn=_train)
-    c = sub.add_parser("check", help="list every op with its forward/gradient support")
+    c = sub.add_parser("check", parents=[common],
+                       help="list every op with its forward/gradient support")
     c.add_argument("model")
     c.set_defaults(fn=_check)
-    g = sub.add_parser("grad", help="write the training graph (forward+loss+backward) as ONNX")
+    g = sub.add_parser("grad", parents=[common],
+                       help="write the training graph (forward+loss+backward) as ONNX")
     g.add_argument("model")
     g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "output"])
     g.add_argument("--output", required=True, help="model output the loss reads")
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep BatchNormalization statistics fixed (inference form)")
     g.add_argument("-o", required=True, help="path of the training graph to write")
     g.set_defaults(fn=_grad)
-    e = sub.add_parser("eval", help="evaluate on the config's data.eval")
+    e = sub.add_parser("eval", parents=[common], help="evaluate on the config's data.eval")
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -119,23 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.fn(args)
     except TrainerError as exc:
-        print(f"onnx-trainer: error: {exc}", file=sys.stderr)
-        _abort_others()
-        return 2
+        return _fail(f"onnx-trainer: error: {exc}", 2, traceback_too=debug)
     except KeyboardInterrupt:
-        print("onnx-trainer: interrupted", file=sys.stderr)
-        return 130
+        return _fail("onnx-trainer: interrupted", 130, traceback_too=debug)
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, end every rank
+        return _fail(f"onnx-trainer: internal error (a bug in onnx-trainer, please report it "
+                     f"with this traceback): {type(exc).__name__}: {exc}", 3,
+                     traceback_too=True)
 
 
-def _abort_others() -> None:
-    """Under mpirun, a rank that fails ends the whole job instead of leaving others waiting."""
-    from trainer.comm import launched_world_size
-    if launched_world_size() > 1 and "mpi4py" in sys.modules:
-        from mpi4py import MPI
-        MPI.COMM_WORLD.Abort(2)
+def _fail(message: str, code: int, traceback_too: bool = False) -> int:
+    """Print the error once and, under mpirun, end every rank of the job (no rank may wait
+    forever in a collective for the one that failed)."""
+    import traceback
+
+    from trainer.comm import launched_rank, launched_world_size
+
+    world = launched_world_size()
+    rank = launched_rank()
+    if world > 1 and rank != 0:
+        # When every rank fails the same way (a bad config), rank 0 speaks and aborts the
+        # others before they print; a failure on this rank alone is printed a moment later.
+        import time
+        time.sleep(1.0)
+        message = message.replace("onnx-trainer: ", f"onnx-trainer: rank {rank}: ", 1)
+    if traceback_too:
+        traceback.print_exc()
+    print(message, file=sys.stderr, flush=True)
+    if world > 1:
+        from trainer.comm import abort_world
+        abort_world(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -130,12 +130,14 @@ class Trainer:
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
         self.size = int(sum(sizes))
+        # Every buffer a collective or an in-place update writes is a writable, contiguous copy
+        # owned by the engine (onnx hands out read-only views of the model's bytes).
         # One extra slot after the gradients carries the loss through the same all-reduce.
-        self.params_flat = xp.asarray(np.concatenate([values[k].ravel() for k in self.names]))
+        self.params_flat = owned(xp, np.concatenate([values[k].ravel() for k in self.names]))
         self.grads_flat = xp.zeros(self.size + 1, self.dtype)
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
-        self.state = {k: xp.asarray(numpy_helper.to_array(inits[k])) for k in plan.state}
+        self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in plan.state}
         self.comm.bcast_(self.params_flat)
         for v in self.state.values():
             self.comm.bcast_(v)
@@ -175,7 +177,7 @@ class Trainer:
                 self.grads[k] += out[gname] * w if w != 1 else out[gname]
             g[self.size] += out[plan.loss] * w
             for k, new in plan.state.items():
-                self.state[k] = out[new]
+                self.state[k][...] = out[new]
         if self.world > 1:
             self.comm.allreduce_(g)
         loss = float(g[self.size])
@@ -264,7 +266,7 @@ class Trainer:
         for k in self.names:
             self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
         for k in self.state:
-            self.state[k] = self.xp.asarray(arrays[f"state/{k}"])
+            self.state[k][...] = self.xp.asarray(arrays[f"state/{k}"])
         self.optimizer.load_state_dict({k.split("/", 1)[1]: v for k, v in arrays.items()
                                         if k.startswith("optim/")})
         self.step = int(meta["step"])
@@ -325,6 +327,11 @@ class Trainer:
                 "onnx_trainer.optimizer": self.cfg.optimizer.type,
                 "onnx_trainer.world_size": str(self.world)}
         return export_model(self.model, self.trained_values(), path, meta)
+
+
+def owned(xp, a):
+    """A writable, C-contiguous copy of `a` on xp's device, owned by the engine."""
+    return xp.array(a, copy=True, order="C")
 
 
 def _loss_sums(spec, out: np.ndarray, target) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     m = copy.deepcopy(model)
     g = m.graph
     scope = NameScope(all_names(g))
-    consts = _constant_values(m)
+    consts = _constant_values(m, first)
     builder = Builder(scope, opset, first, "train", consts)
     nodes, state = _training_mode(list(g.node), builder, first, consts, batchnorm)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
@@ -141,7 +142,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     t_dtypes = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
                 for vi in target_vis}
     shapes_all = probe(fwd, {**in_shapes, **t_shapes}, {**dtypes, **t_dtypes})
-    consts = _constant_values(fwd)
+    consts = _constant_values(fwd, shapes_all)
 
     candidates = trainable_candidates(model)
     reach = reachable_params(nodes, loss_name, candidates, shapes_all)
@@ -175,14 +176,59 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     return fwd
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+# Ops never folded: their values change from run to run.
+_UNFOLDABLE = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike",
+               "RandomUniformLike", "Bernoulli", "Multinomial"}
+_FOLD_LIMIT = 1 << 16  # elements: folding is for shape-like values, not for weights
+
+
+def _constant_values(model: onnx.ModelProto, shapes: Mapping | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Values known before running: initializers, Constant nodes, and every value computed only
+    from Constant nodes, non-float initializers and static shapes (shape arithmetic, axes,
+    ratios). Folded values never depend on a float initializer, which training may change."""
+    from trainer.kernels import get_kernel
+
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    pure = {t.name for t in model.graph.initializer
+            if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                   onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
     for node in model.graph.node:
+        a = attrs_of(node)
         if node.op_type == "Constant":
-            a = attrs_of(node)
             for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
                 if key in a:
                     values[node.output[0]] = np.asarray(a[key])
+                    pure.add(node.output[0])
+            continue
+        if node.op_type in ("Shape", "Size") and shapes and node.input[0] in shapes:
+            dims = np.array(shapes[node.input[0]][0], np.int64)
+            values[node.output[0]] = (dims[a.get("start", 0):a.get("end")]
+                                      if node.op_type == "Shape" else np.array(dims.prod()))
+            pure.add(node.output[0])
+            continue
+        ins = [i for i in node.input if i]
+        if (node.op_type in _UNFOLDABLE or node.domain not in ("", "ai.onnx")
+                or not all(i in pure for i in ins)
+                or any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                       for at in node.attribute)):
+            continue
+        fn = get_kernel(node.op_type, opset_of(model, node.domain), node.domain)
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters
+        if "n_outputs" in params:
+            a["n_outputs"] = len(node.output)
+        if "rng" in params:
+            continue
+        try:
+            outs = fn(np, *[values[i] if i else None for i in node.input], **a)
+        except Exception:  # noqa: BLE001 - left unfolded; the run reports real failures
+            continue
+        for o, v in zip(node.output, outs, strict=False):
+            if o and isinstance(v, np.ndarray | np.generic) and np.size(v) <= _FOLD_LIMIT:
+                values[o] = np.asarray(v)
+                pure.add(o)
     return values
 
 

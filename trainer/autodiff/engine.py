@@ -5,33 +5,36 @@ from __future__ import annotations
 import onnx
 
 from trainer.autodiff.context import GradContext
-from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule
+from trainer.autodiff.registry import _load_all, differentiable_inputs, get_rule
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import NameScope, node_name
 
 _load_all()
 
 
-def differentiable(node: onnx.NodeProto) -> bool:
-    return node.op_type not in NO_GRADIENT
+def diff_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names in the node's differentiable input slots ("" for absent optionals)."""
+    slots = differentiable_inputs(node.op_type, len(node.input), node.domain)
+    return [node.input[i] for i in slots]
 
 
 def active_nodes(nodes: list[onnx.NodeProto], loss: str, wrt: set[str], shapes: dict
                  ) -> tuple[list[int], set[str]]:
-    """Indices of nodes on a float path from `wrt` to `loss`, and the tensors on such paths."""
+    """Indices of nodes on a float path from `wrt` to `loss` (through differentiable input
+    slots only), and the tensors on such paths."""
     requires = set(wrt)
     for node in nodes:
-        if differentiable(node) and any(i in requires for i in node.input):
+        if any(i in requires for i in diff_inputs(node)):
             requires.update(o for o in node.output
                             if o in shapes and shapes[o][1].kind == "f")
     useful = {loss}
     for node in reversed(nodes):
         if any(o in useful for o in node.output):
-            useful.update(node.input)
+            useful.update(diff_inputs(node))
     on_path = requires & useful
     active = [k for k, node in enumerate(nodes)
-              if differentiable(node) and any(o in on_path for o in node.output)
-              and any(i in on_path for i in node.input)]
+              if any(o in on_path for o in node.output)
+              and any(i in on_path for i in diff_inputs(node))]
     return active, on_path
 
 
@@ -62,7 +65,8 @@ def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shape
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]
-        for i, name in enumerate(node.input):
+        for i in differentiable_inputs(node.op_type, len(node.input), node.domain):
+            name = node.input[i]
             if name in on_path:
                 terms.setdefault(name, []).append(f"{k}:{i}")
     final = {name: scope.fresh(f"{name}_grad") for name in terms}

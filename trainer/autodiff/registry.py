@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 RULES: dict[tuple[str, str], Callable] = {}
+# Input slots a rule differentiates, for ops with non-differentiable inputs (shapes, axes,
+# indices, type templates, ratios...); ops not listed differentiate every input.
+DIFF_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {}
 
 # Ops whose outputs carry no gradient (integer/boolean results, or piecewise-constant maps).
 NO_GRADIENT = {
@@ -15,15 +18,26 @@ NO_GRADIENT = {
 }
 
 
-def grad(op_type: str, domain: str = ""):
+def grad(op_type: str, domain: str = "", inputs: tuple[int, ...] | None = None):
+    """Register a rule; `inputs` names the differentiable input slots (default: all)."""
     def register(fn: Callable) -> Callable:
         RULES[(domain, op_type)] = fn
+        if inputs is not None:
+            DIFF_INPUTS[(domain, op_type)] = tuple(inputs)
         return fn
     return register
 
 
 def get_rule(op_type: str, domain: str = "") -> Callable | None:
     return RULES.get(("" if domain == "ai.onnx" else domain, op_type))
+
+
+def differentiable_inputs(op_type: str, n_inputs: int, domain: str = "") -> tuple[int, ...]:
+    """The input slots of an op that carry gradients (none for NO_GRADIENT ops)."""
+    if op_type in NO_GRADIENT:
+        return ()
+    slots = DIFF_INPUTS.get(("" if domain == "ai.onnx" else domain, op_type))
+    return tuple(range(n_inputs)) if slots is None else tuple(i for i in slots if i < n_inputs)
 
 
 def _load_all() -> None:

@@ -19,6 +19,27 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as announced by mpirun/srun (0 when not launched)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def abort_world(code: int = 1) -> None:
+    """End every process of an MPI job now (MPI_Abort), initializing MPI if it is not yet."""
+    import sys
+
+    sys.stderr.flush()
+    sys.stdout.flush()
+    try:
+        from mpi4py import MPI
+    except ImportError:  # without mpi4py there is no job to end beyond this process
+        raise SystemExit(code) from None
+    MPI.COMM_WORLD.Abort(code)
+
+
 def get_communicator(backend: str = "auto") -> Communicator:
     """NullComm for a single process; MPIComm under mpirun or when backend asks for MPI."""
     if backend in ("mpi", "nccl") or launched_world_size() > 1:
@@ -29,4 +50,5 @@ def get_communicator(backend: str = "auto") -> Communicator:
     return NullComm()
 
 
-__all__ = ["Communicator", "NullComm", "get_communicator", "launched_world_size"]
+__all__ = ["Communicator", "NullComm", "abort_world", "get_communicator", "launched_rank",
+           "launched_world_size"]

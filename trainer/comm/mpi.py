@@ -12,6 +12,30 @@ def _host(buf):
     return buf if isinstance(buf, np.ndarray) else None
 
 
+def _abort_on_uncaught_exception(MPI) -> None:
+    """An exception that escapes on one rank (Python API use, a thread) ends the whole job
+    instead of leaving the other ranks waiting in a collective; the CLI handles its own."""
+    import sys
+    import threading
+
+    if getattr(sys.excepthook, "_onnx_trainer", False):
+        return
+    previous, previous_thread = sys.excepthook, threading.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    def thread_hook(args):
+        previous_thread(args)
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    hook._onnx_trainer = True
+    sys.excepthook, threading.excepthook = hook, thread_hook
+
+
 class MPIComm:
     def __init__(self):
         try:
@@ -23,12 +47,15 @@ class MPIComm:
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        if self.size > 1:
+            _abort_on_uncaught_exception(MPI)
 
     def _buf(self, buf):
         host = _host(buf)
         if host is not None:
-            if not host.flags.c_contiguous:
-                raise ValueError("MPI buffers must be contiguous")
+            if not (host.flags.c_contiguous and host.flags.writeable):
+                raise ValueError("internal error: MPI buffers must be writable, contiguous "
+                                 "arrays owned by the engine")
             return host, None
         # CuPy array: stage through host memory (a CUDA-aware MPI or NCCL path comes later).
         staged = buf.get()

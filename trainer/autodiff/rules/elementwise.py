@@ -159,7 +159,7 @@ def sum_grad(ctx):
             for n in ctx.to_input(ctx.GO(0), i)]
 
 
-@grad("Where")
+@grad("Where", inputs=(1, 2))
 def where_grad(ctx):
     # dA = dY where C else 0, dB = dY where not C else 0
     zero = ctx.scalar(0.0, ctx.O(0))
@@ -171,7 +171,13 @@ def where_grad(ctx):
     return nodes
 
 
-@grad("Cast")
+@grad("Cast", inputs=(0,))
 def cast_grad(ctx):
     # dX = cast(dY, dtype(X))
     return [ctx.node("Cast", [ctx.GO(0)], [ctx.GI(0)], to=elem_type(ctx.dtype(ctx.I(0))))]
+
+
+@grad("CastLike", inputs=(0,))
+def cast_like_grad(ctx):
+    # dX = cast(dY, dtype(X)); the second input only gives the target type
+    return [ctx.node("CastLike", [ctx.GO(0), ctx.I(0)], [ctx.GI(0)])]

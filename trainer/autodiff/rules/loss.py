@@ -54,7 +54,7 @@ def _scale(ctx, nodes, vf, denom, go):
     return g
 
 
-@grad("SoftmaxCrossEntropyLoss")
+@grad("SoftmaxCrossEntropyLoss", inputs=(0,))
 def softmax_cross_entropy_grad(ctx):
     # dX = (softmax(X) - onehot(label)) * dLoss / N   (+ the LogSoftmax term for d log_prob)
     nodes, oh, vf, denom = _target_terms(ctx, ctx.I(0), ctx.I(1))
@@ -78,7 +78,7 @@ def softmax_cross_entropy_grad(ctx):
     return nodes
 
 
-@grad("NegativeLogLikelihoodLoss")
+@grad("NegativeLogLikelihoodLoss", inputs=(0,))
 def nll_grad(ctx):
     # dX = -onehot(label) * dLoss / N
     nodes, oh, vf, denom = _target_terms(ctx, ctx.I(0), ctx.I(1))

@@ -191,7 +191,7 @@ def batchnorm_grad(ctx):
     return nodes
 
 
-@grad("Dropout")
+@grad("Dropout", inputs=(0,))
 def dropout_grad(ctx):
     # dX = dY * mask / (1 - ratio)   (identity when not training)
     training = ctx.static_value(ctx.I(2)) if ctx.I(2) else None

@@ -48,14 +48,14 @@ def _axes_of(ctx):
     return _reduced_axes(ctx)
 
 
-@grad("ReduceSum")
+@grad("ReduceSum", inputs=(0,))
 def reduce_sum_grad(ctx):
     # dX = broadcast(dY)
     ctx.static_axes = _axes_of(ctx)
     return _broadcast_back(ctx, ctx.GO(0), None)
 
 
-@grad("ReduceMean")
+@grad("ReduceMean", inputs=(0,))
 def reduce_mean_grad(ctx):
     # dX = broadcast(dY) / n
     ctx.static_axes = _axes_of(ctx)

@@ -13,7 +13,7 @@ def _reshape_back(ctx):
 
 
 for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-    grad(_op)(_reshape_back)
+    grad(_op, inputs=(0,))(_reshape_back)
 
 
 @grad("Transpose")
@@ -24,7 +24,7 @@ def transpose_grad(ctx):
     return [ctx.node("Transpose", [ctx.GO(0)], [ctx.GI(0)], perm=np.argsort(perm).tolist())]
 
 
-@grad("Expand")
+@grad("Expand", inputs=(0,))
 def expand_grad(ctx):
     # dX = dY summed to shape(X)
     return ctx.to_input(ctx.GO(0), 0)
@@ -44,7 +44,7 @@ def concat_grad(ctx):
     return [ctx.node("Split", [ctx.GO(0)], outs, axis=axis, split=sizes)]
 
 
-@grad("Split")
+@grad("Split", inputs=(0,))
 def split_grad(ctx):
     # dX = concat(dY_i) along axis, zeros for outputs with no gradient
     rank = len(ctx.shape(ctx.I(0)))
