@@ -79,8 +79,12 @@ def _compare(ref, out, rtol, atol) -> None:
                 raise AssertionError(f"optional output: got {type(o).__name__}, expected "
                                      f"{type(r).__name__}")
             continue
-        if isinstance(r, list | tuple) and len(r) != len(o):
-            raise AssertionError(f"sequence of {len(o)} items, expected {len(r)}")
+        if isinstance(r, list | tuple):
+            if not isinstance(o, list | tuple) or len(r) != len(o):
+                got = f"{len(o)} items" if isinstance(o, list | tuple) else type(o).__name__
+                raise AssertionError(f"expected a sequence of {len(r)} items, got {got}")
+            _compare(list(r), list(o), rtol, atol)
+            continue
         Runner.assert_similar_outputs([r], [o], rtol=rtol, atol=atol)
 
 
