@@ -1,12 +1,14 @@
-"""Shape and data-movement kernels: Reshape, Transpose, Concat, Gather, Slice, Expand, ..."""
+"""Shape, indexing and data-movement kernels: Reshape, Slice, Gather*, Scatter*, Pad, TopK, ...
+
+Shape-like inputs are read on the host; index arithmetic on data runs with `xp` (NumPy or CuPy).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from trainer.graph import np_dtype
-from trainer.kernels import host_ints as _ints
-from trainer.kernels import kernel
+from trainer.kernels import host_ints, kernel
 
 
 def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tuple:
@@ -15,6 +17,45 @@ def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tup
         known = int(np.prod([d for d in out if d != -1]))
         out[out.index(-1)] = int(np.prod(in_shape)) // max(known, 1)
     return tuple(out)
+
+
+def _ints(a) -> list[int]:
+    """A shape-like input of any rank (a scalar too) as a list of host ints."""
+    return host_ints(a.reshape(-1) if hasattr(a, "reshape") else a)
+
+
+def _host_scalar(a):
+    """A one-element tensor (possibly on the device) as a Python scalar."""
+    return a.reshape(-1)[0].item() if hasattr(a, "reshape") else a
+
+
+def _same_device(xp, *arrays):
+    """The array module for these arrays: NumPy when all are host arrays (shape computations
+    on Shape's host output), else `xp` with every array moved there."""
+    if xp is np or all(isinstance(a, np.ndarray) for a in arrays if a is not None):
+        return np, arrays
+    return xp, tuple(a if a is None else xp.asarray(a) for a in arrays)
+
+
+def _grids(xp, shape: tuple) -> list:
+    """Open index grids of `shape` (like indices(shape, sparse=True), which CuPy lacks)."""
+    r = len(shape)
+    return [xp.arange(n).reshape((1,) * i + (n,) + (1,) * (r - i - 1))
+            for i, n in enumerate(shape)]
+
+
+def _row_major_strides(shape) -> list[int]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= int(d)
+    return strides[::-1]
+
+
+# -- reshaping ------------------------------------------------------------------------------
+@kernel("Reshape", since=1)
+def Reshape_1(xp, x, *, shape=(), consumed_inputs=None):
+    return (x.reshape(reshape_target(x.shape, list(shape))),)
 
 
 @kernel("Reshape", since=5)
@@ -26,12 +67,12 @@ def Reshape(xp, x, shape, *, allowzero=0):
 def Flatten(xp, x, *, axis=1):
     axis %= x.ndim if axis < 0 else x.ndim + 1
     lead = int(np.prod(x.shape[:axis]))
-    return (x.reshape(lead, -1) if x.size else x.reshape(lead, int(np.prod(x.shape[axis:]))),)
+    return (x.reshape(lead, int(np.prod(x.shape[axis:]))),)
 
 
 @kernel("Transpose")
 def Transpose(xp, x, *, perm=None):
-    return (xp.transpose(x, perm if perm is not None else None),)
+    return (x.transpose(perm) if perm is not None else x.transpose(),)
 
 
 @kernel("Shape", since=1)
@@ -44,96 +85,470 @@ def Size(xp, x):
     return (np.array(x.size, dtype=np.int64),)
 
 
+def _squeeze(x, axes):
+    if axes is None or len(axes) == 0:
+        return x.squeeze()
+    return x.squeeze(axis=tuple(a % x.ndim for a in axes))
+
+
 @kernel("Squeeze", since=1)
 def Squeeze_1(xp, x, *, axes=None):
-    return (xp.squeeze(x, axis=tuple(axes) if axes else None),)
+    return (_squeeze(x, axes),)
 
 
 @kernel("Squeeze", since=13)
 def Squeeze_13(xp, x, axes=None):
-    return (xp.squeeze(x, axis=tuple(_ints(axes)) if axes is not None else None),)
+    return (_squeeze(x, _ints(axes) if axes is not None else None),)
 
 
-def _unsqueeze(xp, x, axes):
+def _unsqueeze(x, axes):
     rank = x.ndim + len(axes)
-    out = x
-    for a in sorted(a % rank for a in axes):
-        out = xp.expand_dims(out, a)
-    return out
+    new = sorted(a % rank for a in axes)
+    dims = iter(x.shape)
+    return x.reshape(tuple(1 if i in new else next(dims) for i in range(rank)))
 
 
 @kernel("Unsqueeze", since=1)
 def Unsqueeze_1(xp, x, *, axes):
-    return (_unsqueeze(xp, x, axes),)
+    return (_unsqueeze(x, axes),)
 
 
 @kernel("Unsqueeze", since=13)
 def Unsqueeze_13(xp, x, axes):
-    return (_unsqueeze(xp, x, _ints(axes)),)
-
-
-@kernel("Concat")
-def Concat(xp, *xs, axis):
-    if all(isinstance(x, np.ndarray) for x in xs) or xp is np:
-        return (np.concatenate(xs, axis=axis),)
-    return (xp.concatenate([xp.asarray(x) for x in xs], axis=axis),)
-
-
-@kernel("Split", since=1)
-def Split_1(xp, x, *, axis=0, split=None, n_outputs=2):
-    return _split(xp, x, axis, split, n_outputs)
-
-
-@kernel("Split", since=13)
-def Split_13(xp, x, split=None, *, axis=0, num_outputs=None, n_outputs=2):
-    # Without `split`, equal parts: as many as num_outputs (opset 18) or the node's outputs.
-    return _split(xp, x, axis, _ints(split) if split is not None else None,
-                  num_outputs or n_outputs)
-
-
-def _split(xp, x, axis, split, num_outputs):
-    if split is None:
-        n = num_outputs or 2
-        size = -(-x.shape[axis] // n)
-        split = [min(size, x.shape[axis] - i * size) for i in range(n)]
-    bounds = np.cumsum(split)[:-1]
-    return tuple(xp.split(x, bounds.tolist(), axis=axis))
-
-
-@kernel("Gather")
-def Gather(xp, x, indices, *, axis=0):
-    return (xp.take(x, indices.astype(np.int64) % x.shape[axis] if indices.size else indices,
-                    axis=axis),)
-
-
-@kernel("Slice", since=10)
-def Slice(xp, x, starts, ends, axes=None, steps=None):
-    starts, ends = _ints(starts), _ints(ends)
-    axes = _ints(axes) if axes is not None else list(range(len(starts)))
-    steps = _ints(steps) if steps is not None else [1] * len(starts)
-    index = [slice(None)] * x.ndim
-    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        index[a % x.ndim] = slice(s, e, st)  # Python clamps starts/ends as the spec does
-    return (x[tuple(index)],)
+    return (_unsqueeze(x, _ints(axes)),)
 
 
 @kernel("Expand", since=8)
 def Expand(xp, x, shape):
     target = np.broadcast_shapes(x.shape, tuple(_ints(shape)))
-    return (xp.broadcast_to(x, target),)
+    mod, (x,) = _same_device(xp, x)
+    return (mod.broadcast_to(x, target),)
 
 
+# -- joining and splitting ------------------------------------------------------------------
+@kernel("Concat", since=1)
+def Concat_1(xp, *xs, axis=1):
+    return Concat(xp, *xs, axis=axis)
+
+
+@kernel("Concat", since=4)
+def Concat(xp, *xs, axis):
+    mod, xs = _same_device(xp, *xs)
+    return (mod.concatenate(xs, axis=axis),)
+
+
+@kernel("Split", since=1)
+def Split_1(xp, x, split_input=None, *, axis=0, split=None, n_outputs=2):
+    if split_input is not None:
+        split = _ints(split_input)
+    return _split(x, axis, split or None, n_outputs)
+
+
+@kernel("Split", since=13)
+def Split_13(xp, x, split=None, *, axis=0, num_outputs=None, n_outputs=2):
+    # Without `split`, equal parts: as many as num_outputs (opset 18) or the node's outputs.
+    return _split(x, axis, _ints(split) if split is not None else None,
+                  num_outputs or n_outputs)
+
+
+def _split(x, axis, split, num_outputs):
+    dim = x.shape[axis]
+    if split is None:
+        # Opset 18: ceil(dim / n) per part, the last one smaller when dim does not divide.
+        size = -(-dim // num_outputs)
+        split = [max(0, min(size, dim - i * size)) for i in range(num_outputs)]
+    index = [slice(None)] * x.ndim
+    out, start = [], 0
+    for n in split:
+        index[axis] = slice(start, start + n)
+        out.append(x[tuple(index)])
+        start += n
+    return tuple(out)
+
+
+@kernel("Tile", since=1)
+def Tile_1(xp, x, tiles, axis):
+    reps = [1] * x.ndim
+    reps[int(_host_scalar(axis)) % x.ndim] = int(_host_scalar(tiles))
+    return (xp.tile(x, reps),)
+
+
+@kernel("Tile", since=6)
+def Tile(xp, x, repeats):
+    return (xp.tile(x, tuple(_ints(repeats))),)
+
+
+# -- slicing and gathering ------------------------------------------------------------------
+def _slice(x, starts, ends, axes, steps):
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        # Python clamps starts/ends exactly as the spec does, for negative steps too.
+        index[a % x.ndim] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+@kernel("Slice", since=1)
+def Slice_1(xp, x, *, starts, ends, axes=None):
+    return (_slice(x, list(starts), list(ends), axes, None),)
+
+
+@kernel("Slice", since=10)
+def Slice(xp, x, starts, ends, axes=None, steps=None):
+    return (_slice(x, _ints(starts), _ints(ends), _ints(axes) if axes is not None else None,
+                   _ints(steps) if steps is not None else None),)
+
+
+@kernel("Gather")
+def Gather(xp, x, indices, *, axis=0):
+    mod, (x, indices) = _same_device(xp, x, indices)
+    axis %= x.ndim
+    return (mod.take(x, indices.astype(np.int64) % max(x.shape[axis], 1), axis=axis),)
+
+
+@kernel("GatherElements", since=11)
+def GatherElements(xp, x, indices, *, axis=0):
+    axis %= x.ndim
+    idx = indices.astype(np.int64) % max(x.shape[axis], 1)
+    return (xp.take_along_axis(x, idx, axis=axis),)
+
+
+@kernel("GatherND", since=11)
+def GatherND(xp, data, indices, *, batch_dims=0):
+    b, k = batch_dims, indices.shape[-1]
+    batch = data.shape[:b]
+    mid = indices.shape[b:-1]
+    nb, nm = int(np.prod(batch)), int(np.prod(mid))
+    d = data.reshape((nb,) + data.shape[b:])
+    dims = xp.asarray(np.array(data.shape[b:b + k], dtype=np.int64))
+    idx = indices.reshape(nb, nm, k).astype(np.int64) % xp.maximum(dims, 1)
+    keys = (xp.arange(nb).reshape(nb, 1),) + tuple(idx[:, :, j] for j in range(k))
+    return (d[keys].reshape(batch + mid + data.shape[b + k:]),)
+
+
+@kernel("Compress", since=9)
+def Compress(xp, x, condition, *, axis=None):
+    if axis is None:
+        x, axis = x.reshape(-1), 0
+    axis %= x.ndim
+    keep = xp.nonzero(xp.asarray(condition).reshape(-1)[:x.shape[axis]])[0]
+    return (xp.take(x, keep, axis=axis),)
+
+
+@kernel("NonZero", since=9)
+def NonZero(xp, x):
+    if x.ndim == 0:
+        return (xp.zeros((0, int(bool(x))), dtype=np.int64),)
+    return (xp.stack(xp.nonzero(x)).astype(np.int64),)
+
+
+# -- scattering -----------------------------------------------------------------------------
+_REDUCE = {"add": "add", "mul": "multiply", "max": "maximum", "min": "minimum"}
+
+
+def _scatter_rows(xp, out, rows, updates, reduction: str) -> None:
+    """out[rows[i]] = f(out[rows[i]], updates[i]) in place, in order of i, duplicates included.
+
+    Updates are applied in rounds: round r takes every row's r-th occurrence, so no round writes
+    a row twice and plain fancy-index assignment is exact on NumPy and CuPy alike.
+    """
+    if reduction == "none":
+        out[rows] = updates
+        return
+    if reduction not in _REDUCE:
+        raise ValueError(f"unsupported reduction '{reduction}'")
+    f = getattr(xp, _REDUCE[reduction])
+    n = rows.shape[0]
+    if n == 0:
+        return
+    order = xp.argsort(rows, kind="stable")
+    s = rows[order]
+    first = xp.ones(n, dtype=bool)
+    first[1:] = s[1:] != s[:-1]
+    starts = xp.nonzero(first)[0]
+    occurrence = xp.empty(n, dtype=np.int64)
+    occurrence[order] = xp.arange(n) - starts[xp.cumsum(first) - 1]
+    rounds = int(occurrence.max()) + 1
+    for r in range(rounds):
+        sel = xp.nonzero(occurrence == r)[0] if rounds > 1 else slice(None)
+        target = rows[sel]
+        out[target] = f(out[target], updates[sel])
+
+
+@kernel("ScatterElements", since=11)
+def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
+    axis %= data.ndim
+    out = data.copy()
+    idx = indices.astype(np.int64) % max(data.shape[axis], 1)
+    grids = _grids(xp, indices.shape)
+    grids[axis] = idx
+    if reduction == "none":
+        out[tuple(grids)] = updates
+        return (out,)
+    strides = _row_major_strides(data.shape)
+    flat = sum(g * s for g, s in zip(grids, strides, strict=True))
+    flat = xp.broadcast_to(flat, indices.shape).reshape(-1)
+    _scatter_rows(xp, out.reshape(-1), flat, updates.reshape(-1), reduction)
+    return (out,)
+
+
+@kernel("Scatter", since=9)
+def Scatter(xp, data, indices, updates, *, axis=0):
+    return ScatterElements(xp, data, indices, updates, axis=axis)
+
+
+@kernel("ScatterND", since=11)
+def ScatterND(xp, data, indices, updates, *, reduction="none"):
+    k = indices.shape[-1]
+    lead, rest = data.shape[:k], data.shape[k:]
+    dims = xp.asarray(np.array(lead, dtype=np.int64))
+    strides = xp.asarray(np.array(_row_major_strides(lead), dtype=np.int64))
+    idx = indices.reshape(-1, k).astype(np.int64) % xp.maximum(dims, 1)
+    rows = (idx * strides).sum(axis=1)
+    out = data.copy()
+    width = int(np.prod(rest))
+    _scatter_rows(xp, out.reshape(int(np.prod(lead)), width), rows,
+                  updates.reshape(rows.shape[0], width), reduction)
+    return (out,)
+
+
+@kernel("TensorScatter", since=24)
+def TensorScatter(xp, past_cache, update, write_indices=None, *, mode="linear", axis=-2):
+    axis %= past_cache.ndim
+    if axis == 0:
+        raise ValueError("TensorScatter: axis must not be the batch axis 0")
+    batch, seq, cap = update.shape[0], update.shape[axis], past_cache.shape[axis]
+    start = (write_indices.astype(np.int64).reshape(batch, 1) if write_indices is not None
+             else xp.zeros((batch, 1), dtype=np.int64))
+    pos = start + xp.arange(seq).reshape(1, seq)
+    if mode == "circular":
+        pos = pos % cap
+    elif mode != "linear":
+        raise ValueError(f"TensorScatter: unknown mode '{mode}'")
+    shape = [1] * update.ndim
+    shape[0], shape[axis] = batch, seq
+    grids = _grids(xp, update.shape)
+    grids[axis] = pos.reshape(shape)
+    out = past_cache.copy()
+    out[tuple(grids)] = update
+    return (out,)
+
+
+# -- padding --------------------------------------------------------------------------------
+def _pad_source(n: int, before: int, after: int, mode: str) -> np.ndarray:
+    """For each output position along one axis, the input position it copies (host ints)."""
+    idx = np.arange(-before, n + after)
+    if mode == "edge":
+        return np.clip(idx, 0, n - 1)
+    if mode == "wrap":
+        return idx % n
+    if mode == "reflect":  # mirror on the first and last values: period 2(n-1)
+        if n == 1:
+            return np.zeros_like(idx)
+        m = idx % (2 * (n - 1))
+        return np.where(m >= n, 2 * (n - 1) - m, m)
+    raise ValueError(f"Pad: unknown mode '{mode}'")
+
+
+def _pad(xp, x, pads, mode, value, axes=None):
+    r = x.ndim
+    axes = [a % r for a in axes] if axes is not None else list(range(r))
+    if len(pads) != 2 * len(axes):
+        raise ValueError(f"Pad: {len(pads)} pads for {len(axes)} axes")
+    before, after = [0] * r, [0] * r
+    for i, a in enumerate(axes):
+        before[a], after[a] = pads[i], pads[i + len(axes)]
+    # Negative pads remove elements: crop first, then pad by the positive amounts.
+    x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0))
+                for i, (b, e) in enumerate(zip(before, after, strict=True)))]
+    before, after = [max(b, 0) for b in before], [max(e, 0) for e in after]
+    if mode == "constant":
+        shape = tuple(n + b + e for n, b, e in zip(x.shape, before, after, strict=True))
+        if value is None:
+            out = (np.full(shape, "", dtype=x.dtype) if x.dtype == object
+                   else xp.zeros(shape, dtype=x.dtype))
+        else:
+            out = xp.empty(shape, dtype=x.dtype)
+            out[...] = value.reshape(()) if hasattr(value, "reshape") else value
+        out[tuple(slice(b, b + n) for b, n in zip(before, x.shape, strict=True))] = x
+        return out
+    for a in range(r):
+        if before[a] or after[a]:
+            src = _pad_source(x.shape[a], before[a], after[a], mode)
+            x = xp.take(x, xp.asarray(src), axis=a)
+    return x
+
+
+@kernel("Pad", since=1)
+def Pad_1(xp, x, *, paddings, mode="constant", value=0.0):
+    return (_pad(xp, x, list(paddings), mode, value),)
+
+
+@kernel("Pad", since=2)
+def Pad_2(xp, x, *, pads, mode="constant", value=0.0):
+    return (_pad(xp, x, list(pads), mode, value),)
+
+
+@kernel("Pad", since=11)
+def Pad(xp, x, pads, constant_value=None, axes=None, *, mode="constant"):
+    if constant_value is not None and constant_value.size == 0:
+        constant_value = None
+    return (_pad(xp, x, _ints(pads), mode, constant_value,
+                 _ints(axes) if axes is not None else None),)
+
+
+# -- sorting and selection ------------------------------------------------------------------
+def _sort_keys(xp, x):
+    """x in a dtype every backend sorts: bfloat16 widens exactly to float32, bool to uint8."""
+    if x.dtype.kind == "V":
+        return x.astype(np.float32)
+    return x.astype(np.uint8) if x.dtype == bool else x
+
+
+def _topk(xp, x, k, axis, largest):
+    axis %= x.ndim
+    n = x.shape[axis]
+    keys = _sort_keys(xp, x)
+    if largest:
+        # Descending with ties by lower index: stable ascending sort of the reversed axis,
+        # read backwards.
+        order = n - 1 - xp.flip(xp.argsort(xp.flip(keys, axis), axis=axis, kind="stable"), axis)
+    else:
+        order = xp.argsort(keys, axis=axis, kind="stable")
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(0, k)
+    order = order[tuple(index)]
+    return xp.take_along_axis(x, order, axis=axis), order.astype(np.int64)
+
+
+@kernel("TopK", since=1)
+def TopK_1(xp, x, *, k, axis=-1):
+    return _topk(xp, x, k, axis, True)
+
+
+@kernel("TopK", since=10)
+def TopK(xp, x, k, *, axis=-1, largest=1, sorted=1):  # noqa: A002 - the spec's name
+    # sorted=0 leaves the order unspecified: sorted order is a valid answer.
+    return _topk(xp, x, _ints(k)[0], axis, bool(largest))
+
+
+@kernel("Unique", since=11)
+def Unique(xp, x, *, axis=None, sorted=1):  # noqa: A002 - the spec's name
+    if axis is None:
+        rows = x.reshape(-1, 1)
+    else:
+        axis %= x.ndim
+        moved = xp.moveaxis(x, axis, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+    n = rows.shape[0]
+    keys = _sort_keys(xp, rows)
+    if n == 0 or keys.shape[1] == 0:
+        order = xp.arange(n)
+    elif keys.shape[1] == 1:
+        order = xp.argsort(keys[:, 0], kind="stable")
+    else:  # lexicographic over the slice's elements, first element most significant
+        order = xp.lexsort(xp.ascontiguousarray(keys.T[::-1]))
+    s = keys[order]
+    first = xp.ones(n, dtype=bool)
+    if n > 1:
+        differ = s[1:] != s[:-1]
+        if axis is None and s.dtype.kind == "f":  # NaNs are one value, as in numpy.unique
+            differ &= ~(xp.isnan(s[1:]) & xp.isnan(s[:-1]))
+        first[1:] = differ.any(axis=1)
+    starts = xp.nonzero(first)[0]
+    indices = order[starts]  # a stable sort puts each value's first occurrence first
+    group = xp.cumsum(first) - 1
+    inverse = xp.empty(n, dtype=np.int64)
+    inverse[order] = group
+    counts = xp.diff(xp.concatenate([starts, xp.asarray([n])]))
+    if not sorted:  # order of first occurrence
+        perm = xp.argsort(indices)
+        rank = xp.empty(perm.shape[0], dtype=np.int64)
+        rank[perm] = xp.arange(perm.shape[0])
+        indices, counts, inverse = indices[perm], counts[perm], rank[inverse]
+    y = xp.take(x.reshape(-1), indices) if axis is None else xp.take(x, indices, axis=axis)
+    return (y, indices.astype(np.int64), inverse.astype(np.int64), counts.astype(np.int64))
+
+
+@kernel("Trilu", since=14)
+def Trilu(xp, x, k=None, *, upper=1):
+    k = _ints(k)[0] if k is not None else 0
+    n, m = x.shape[-2:]
+    diag = xp.arange(m).reshape(1, m) - xp.arange(n).reshape(n, 1)
+    keep = diag >= k if upper else diag <= k
+    return (xp.where(keep, x, xp.zeros((), dtype=x.dtype)),)
+
+
+@kernel("ReverseSequence", since=10)
+def ReverseSequence(xp, x, sequence_lens, *, batch_axis=1, time_axis=0):
+    batch, time = x.shape[batch_axis], x.shape[time_axis]
+    lens = sequence_lens.astype(np.int64).reshape(batch, 1)
+    t = xp.arange(time).reshape(1, time)
+    src = xp.where(t < lens, lens - 1 - t, t)  # [batch, time]
+    if time_axis < batch_axis:
+        src = src.T
+    shape = [1] * x.ndim
+    shape[batch_axis], shape[time_axis] = batch, time
+    src = xp.broadcast_to(src.reshape(shape), x.shape)
+    return (xp.take_along_axis(x, src, axis=time_axis),)
+
+
+# -- depth / space ---------------------------------------------------------------------------
+@kernel("DepthToSpace", since=1)
+def DepthToSpace(xp, x, *, blocksize, mode="DCR"):
+    b, c, h, w = x.shape
+    bs = blocksize
+    if mode == "DCR":
+        t = x.reshape(b, bs, bs, c // bs**2, h, w).transpose(0, 3, 4, 1, 5, 2)
+    elif mode == "CRD":
+        t = x.reshape(b, c // bs**2, bs, bs, h, w).transpose(0, 1, 4, 2, 5, 3)
+    else:
+        raise ValueError(f"DepthToSpace: unknown mode '{mode}'")
+    return (t.reshape(b, c // bs**2, h * bs, w * bs),)
+
+
+@kernel("SpaceToDepth", since=1)
+def SpaceToDepth(xp, x, *, blocksize, mode="DCR"):
+    b, c, h, w = x.shape
+    bs = blocksize
+    t = x.reshape(b, c, h // bs, bs, w // bs, bs)
+    if mode == "DCR":
+        t = t.transpose(0, 3, 5, 1, 2, 4)
+    elif mode == "CRD":
+        t = t.transpose(0, 1, 3, 5, 2, 4)
+    else:
+        raise ValueError(f"SpaceToDepth: unknown mode '{mode}'")
+    return (t.reshape(b, c * bs * bs, h // bs, w // bs),)
+
+
+# -- constants and generators ---------------------------------------------------------------
 @kernel("ConstantOfShape")
 def ConstantOfShape(xp, shape, *, value=None):
     fill = np.zeros(1, np.float32) if value is None else value
     return (xp.full(tuple(_ints(shape)), fill.reshape(-1)[0], dtype=fill.dtype),)
 
 
+def _sparse_to_dense(sp) -> np.ndarray:
+    from onnx import numpy_helper
+
+    values = numpy_helper.to_array(sp.values)
+    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+    dims = tuple(sp.dims)
+    dense = np.zeros(dims, dtype=values.dtype)
+    if idx.ndim == 1:  # linearized indices
+        dense.reshape(-1)[idx] = values
+    else:
+        dense[tuple(idx.T)] = values
+    return dense
+
+
 @kernel("Constant")
 def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=None,
              value_ints=None, sparse_value=None, value_string=None, value_strings=None):
+    """String values stay host-only NumPy object arrays; int scalars/lists stay on the host."""
     if value is not None:
-        return (xp.asarray(value),)
+        return (value if value.dtype == object else xp.asarray(value),)
     if value_float is not None:
         return (xp.asarray(np.float32(value_float)),)
     if value_floats is not None:
@@ -142,12 +557,18 @@ def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=N
         return (np.asarray(np.int64(value_int)),)
     if value_ints is not None:
         return (np.array(value_ints, np.int64),)
-    raise ValueError("Constant: unsupported value kind (sparse or string)")
+    if value_string is not None:
+        return (np.array(value_string, dtype=object),)
+    if value_strings is not None:
+        return (np.array(value_strings, dtype=object),)
+    if sparse_value is not None:
+        return (xp.asarray(_sparse_to_dense(sparse_value)),)
+    raise ValueError("Constant: no value attribute")
 
 
 @kernel("OneHot", since=9)
 def OneHot(xp, indices, depth, values, *, axis=-1):
-    d = int(np.asarray(depth).reshape(-1)[0])
+    d = int(_host_scalar(depth))
     idx = indices.astype(np.int64)
     idx = xp.where(idx < 0, idx + d, idx)
     rank = idx.ndim + 1
@@ -159,38 +580,17 @@ def OneHot(xp, indices, depth, values, *, axis=-1):
     return (xp.where(hot, values[1], values[0]).astype(values.dtype),)
 
 
-@kernel("ScatterElements", since=11)
-def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
-    out = data.copy()
-    idx = indices.astype(np.int64) % data.shape[axis]
-    grids = list(xp.indices(indices.shape, sparse=True))
-    grids[axis] = idx
-    if reduction == "none":
-        out[tuple(grids)] = updates
-    elif reduction in _SCATTER_UFUNC:
-        if xp is np:
-            getattr(np, _SCATTER_UFUNC[reduction]).at(out, tuple(grids), updates)
-        else:
-            _scatter_gpu(out, grids, updates, reduction)
-    else:
-        raise ValueError(f"ScatterElements: reduction '{reduction}' is not supported")
-    return (out,)
-
-
-_SCATTER_UFUNC = {"add": "add", "mul": "multiply", "max": "maximum", "min": "minimum"}
-
-
-def _scatter_gpu(out, grids, updates, reduction):  # pragma: no cover - GPU only
-    import cupyx
-    fn = getattr(cupyx, f"scatter_{reduction}", None)
-    if fn is None:
-        raise ValueError(f"ScatterElements: reduction '{reduction}' is not supported on GPU")
-    fn(out, tuple(grids), updates)
-
-
-@kernel("Range")
-def Range(xp, start, limit, delta):
-    return (np.arange(start, limit, delta, dtype=np.asarray(start).dtype),)
+@kernel("Range", since=11)
+def Range(xp, start, limit, delta, *, stash_type=1):
+    dtype = start.dtype
+    s, e, d = (_host_scalar(v) for v in (start, limit, delta))
+    if dtype.kind in "iu":
+        n = max(-((s - e) // d), 0)  # exact ceil((e - s) / d)
+        return (xp.asarray(s + xp.arange(n, dtype=np.int64) * d).astype(dtype),)
+    n = max(int(np.ceil((e - s) / d)), 0)
+    # float16/bfloat16 compute in the stash type (opset 27); other floats in float64.
+    work = np_dtype(stash_type) if dtype.itemsize == 2 else np.dtype(np.float64)
+    return ((work.type(s) + xp.arange(n, dtype=work) * work.type(d)).astype(dtype),)
 
 
 @kernel("EyeLike")

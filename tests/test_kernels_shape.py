@@ -1,0 +1,432 @@
+"""Shape, indexing and loss kernels against onnxruntime / the ONNX reference evaluator, over the
+opsets, attributes and dtypes the ONNX node suite leaves out, plus property tests."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from tests.opcases import make_model, node_model, run, run_ort, run_reference
+from trainer.kernels import shape as K
+
+F32, F16, BF16 = np.float32, np.float16, ml_dtypes.bfloat16
+_rng = np.random.default_rng(11)
+
+
+def normal(*shape: int, dtype=F32) -> np.ndarray:
+    return np.asarray(_rng.standard_normal(shape), dtype=dtype)
+
+
+def randint(low: int, high: int, *shape: int, dtype=np.int64) -> np.ndarray:
+    return _rng.integers(low, high, shape).astype(dtype)
+
+
+def ints(*values: int, dtype=np.int64) -> np.ndarray:
+    return np.array(values, dtype)
+
+
+def assert_same(got, want, what: str = "", rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    if want.dtype.kind == "V" or want.dtype == F16:  # half precision: compare in float32
+        got, want, rtol, atol = got.astype(F32), want.astype(F32), 4e-3, 4e-3
+    if want.dtype.kind in "fc":
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+@dataclass
+class Case:
+    id: str
+    op: str
+    inputs: list
+    attrs: dict = field(default_factory=dict)
+    opset: int = 18
+    n_out: int = 1
+    ref: str = "ort"  # "ort" | "reference"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES: list[Case] = []
+
+
+def add(op: str, id: str, inputs, *, opset: int = 18, n_out: int = 1, ref: str = "ort",
+        **attrs) -> None:
+    CASES.append(Case(f"{op}-{id}-op{opset}", op, list(inputs), attrs, opset, n_out, ref))
+
+
+# -- Pad: every mode, attribute (opset 2) and input forms, axes, negative pads, dtypes ---------
+_x = normal(3, 4)
+for mode in ("constant", "edge", "reflect"):
+    add("Pad", f"attr-{mode}", [("X", _x)], opset=2, pads=[1, 0, 0, 2], mode=mode, value=1.5)
+    add("Pad", f"crop-{mode}", [("X", _x), ("p", ints(-1, 1, 1, -2))], opset=13, mode=mode)
+    add("Pad", f"int32-{mode}", [("X", randint(-9, 9, 2, 3, 4, dtype=np.int32)),
+                                 ("p", ints(0, 1, 2, 1, 2, 0))], opset=11, mode=mode)
+    add("Pad", f"axes-{mode}", [("X", _x), ("p", ints(2, 1)), ("c", None),
+                                ("a", ints(-1, dtype=np.int32))], opset=18, mode=mode)
+for opset in (19, 21, 23, 24, 25):
+    add("Pad", "wrap", [("X", _x), ("p", ints(2, 1, 1, 3))], opset=opset, mode="wrap")
+add("Pad", "wrap-crop", [("X", _x), ("p", ints(2, -1, 1, 1))], opset=19, mode="wrap")
+add("Pad", "wrap-axes", [("X", normal(2, 3, 4)), ("p", ints(1, 4, 0, 2)), ("c", None),
+                         ("a", ints(0, 2))], opset=19, mode="wrap")
+add("Pad", "value", [("X", _x), ("p", ints(1, 2, 0, 1)), ("c", np.array(-3.5, F32))], opset=11)
+add("Pad", "value-f16", [("X", _x.astype(F16)), ("p", ints(1, 2, 0, 1)),
+                         ("c", np.array(2, F16))], opset=13)
+add("Pad", "f64-reflect", [("X", normal(4, 5, dtype=np.float64)), ("p", ints(3, 4, 3, 4))],
+    opset=13, mode="reflect")
+add("Pad", "bool", [("X", _x > 0), ("p", ints(1, 2)), ("c", np.array(True)), ("a", ints(1))],
+    opset=18)
+add("Pad", "uint8-edge", [("X", randint(0, 200, 5, dtype=np.uint8)), ("p", ints(3, 2))],
+    opset=21, mode="edge")
+add("Pad", "bf16", [("X", _x.astype(BF16)), ("p", ints(1, 0, 0, 2))], opset=21,
+    ref="reference")
+add("Pad", "attr-opset1", [("X", _x)], opset=1, paddings=[1, 0, 0, 2], value=2.0,
+    ref="reference")
+
+# -- Tile ------------------------------------------------------------------------------------
+add("Tile", "2d", [("X", _x), ("r", ints(2, 3))], opset=13)
+add("Tile", "bool-zero", [("X", _x > 0), ("r", ints(0, 2))], opset=6)
+add("Tile", "int8-3d", [("X", randint(-5, 5, 2, 1, 3, dtype=np.int8)), ("r", ints(1, 3, 2))])
+
+# -- GatherElements / GatherND --------------------------------------------------------------
+_g = normal(3, 4, 5)
+add("GatherElements", "axis1-neg", [("X", _g), ("i", randint(-4, 4, 3, 2, 5))], axis=1)
+add("GatherElements", "axis-last-int32",
+    [("X", _g), ("i", randint(-5, 5, 3, 4, 7, dtype=np.int32))], axis=-1, opset=11)
+add("GatherElements", "int64-data", [("X", randint(0, 99, 4, 3)), ("i", randint(0, 4, 2, 3))])
+add("GatherND", "b0-slices", [("X", _g), ("i", randint(-3, 3, 2, 2, 1))])
+add("GatherND", "b0-elements", [("X", _g), ("i", np.stack([randint(-3, 3, 6), randint(0, 4, 6),
+                                                          randint(-5, 5, 6)], -1))], opset=11)
+add("GatherND", "b1", [("X", _g), ("i", np.stack([randint(0, 4, 3, 2), randint(-5, 5, 3, 2)],
+                                                  -1))], batch_dims=1, opset=12)
+add("GatherND", "b2", [("X", _g), ("i", randint(0, 5, 3, 4, 2, 1))], batch_dims=2)
+add("GatherND", "bool", [("X", _g > 0), ("i", randint(0, 3, 4, 1))])
+
+# -- ScatterND / ScatterElements / Scatter / TensorScatter ------------------------------------
+_d = normal(4, 3, 2)
+_dup = ints(0, 2, 0, -1, 2, 0).reshape(6, 1)  # row 0 three times, row 2 twice (-1 == 3)
+for red in ("none", "add", "mul", "max", "min"):
+    idx = _dup if red != "none" else ints(0, 2, -1).reshape(3, 1)
+    add("ScatterND", f"rows-{red}", [("X", _d), ("i", idx), ("u", normal(idx.shape[0], 3, 2))],
+        reduction=red, opset=18 if red in ("max", "min") else 16)
+    add("ScatterND", f"elements-{red}-int32",
+        [("X", randint(-9, 9, 4, 3, dtype=np.int32)), ("i", ints(1, 2, 1, 2, 3, 0).reshape(3, 2)),
+         ("u", randint(-9, 9, 3, dtype=np.int32))], reduction=red, opset=18)
+    add("ScatterElements", f"dup-{red}",
+        [("X", _d), ("i", randint(-4, 4, 5, 3, 2)), ("u", normal(5, 3, 2))],
+        reduction=red if red != "none" else "add", axis=0)
+add("ScatterND", "k2-slices", [("X", _d), ("i", ints(0, 1, 3, -1).reshape(2, 2)),
+                               ("u", normal(2, 2))], opset=13)
+add("ScatterND", "opset11", [("X", _d), ("i", ints(1, 0).reshape(2, 1)), ("u", normal(2, 3, 2))],
+    opset=11)
+add("ScatterElements", "axis-neg-none", [("X", _d), ("i", ints(0, -2, 1, 0).reshape(2, 2, 1)),
+                                         ("u", normal(2, 2, 1))], axis=-1, opset=11)
+add("Scatter", "opset9", [("X", _x), ("i", ints(1, 0, 2, 2, 1, 0).reshape(2, 3)),
+                          ("u", normal(2, 3))], opset=9)
+add("Scatter", "opset10-axis1", [("X", _x), ("i", ints(3, 1, 0).reshape(1, 3)),
+                                 ("u", normal(1, 3))], axis=1, opset=10)
+_cache = normal(2, 3, 6, 4)
+for mode in ("linear", "circular"):
+    add("TensorScatter", f"{mode}", [("P", _cache), ("U", normal(2, 3, 3, 4)),
+                                    ("w", ints(1, 3 if mode == "linear" else 5))],
+        mode=mode, opset=24)
+add("TensorScatter", "no-indices", [("P", _cache), ("U", normal(2, 3, 2, 4))], opset=24)
+add("TensorScatter", "axis1", [("P", normal(2, 5, 3)), ("U", normal(2, 2, 3)),
+                               ("w", ints(4, 0))], axis=1, mode="circular", opset=24)
+
+# -- TopK: every opset, largest/smallest, ties, dtypes ----------------------------------------
+_ties = np.array([[3, 1, 3, 2, 1, 3], [0, 0, 5, 5, 0, 1]], np.int32)
+add("TopK", "opset1", [("X", _x)], n_out=2, opset=1, k=2)
+add("TopK", "opset10-axis0", [("X", _x), ("k", ints(2))], n_out=2, opset=10, axis=0)
+for opset in (11, 24):
+    for largest in (0, 1):
+        add("TopK", f"ties-largest{largest}", [("X", _ties), ("k", ints(4))], n_out=2,
+            opset=opset, largest=largest)
+        add("TopK", f"f64-axis0-largest{largest}", [("X", normal(5, 3, dtype=np.float64)),
+                                                    ("k", ints(5))], n_out=2, opset=opset,
+            axis=0, largest=largest)
+add("TopK", "uint64-smallest", [("X", _ties.astype(np.uint64)), ("k", ints(3))], n_out=2,
+    opset=11, largest=0, ref="reference")
+add("TopK", "f16-k0", [("X", normal(2, 5, dtype=F16)), ("k", ints(0))], n_out=2, opset=11)
+add("TopK", "bf16", [("X", normal(3, 5, dtype=BF16)), ("k", ints(2))], n_out=2, opset=24,
+    ref="reference")
+
+# -- Unique ----------------------------------------------------------------------------------
+_u = np.array([[1, 0, 0], [1, 0, 0], [2, 3, 4], [0, 5, 0]], np.int64)
+for srt in (0, 1):
+    add("Unique", f"flat-sorted{srt}", [("X", randint(0, 5, 3, 4))], n_out=4, opset=11,
+        sorted=srt)
+    add("Unique", f"int32-sorted{srt}", [("X", randint(0, 5, 9, dtype=np.int32))], n_out=4,
+        opset=11, sorted=srt, ref="reference")
+    add("Unique", f"float-sorted{srt}", [("X", np.array([2.5, -1, 2.5, 0, -1, 7], F32))],
+        n_out=4, opset=11, sorted=srt)
+    for axis in (0, 1, -1):
+        add("Unique", f"axis{axis}-sorted{srt}", [("X", _u)], n_out=4, opset=11, sorted=srt,
+            axis=axis)
+add("Unique", "axis-3d", [("X", randint(0, 2, 2, 5, 2, dtype=np.int8))], n_out=4, opset=11,
+    axis=1)
+add("Unique", "y-only", [("X", randint(0, 5, 7))], opset=11)
+add("Unique", "nan-is-one-value", [("X", np.array([1.5, np.nan, 0, np.nan, 1.5], F32))],
+    n_out=4, opset=11, ref="reference")
+
+# -- string tensors (host-only NumPy object arrays) -------------------------------------------
+_str = np.array([["a", "bb", "a"], ["c", "a", "dd"]], dtype=object)
+add("Tile", "string", [("X", _str), ("r", ints(2, 1))], opset=13)
+add("Compress", "string", [("X", _str), ("c", np.array([True, False, True]))], axis=1, opset=11)
+add("ReverseSequence", "string", [("X", _str), ("l", ints(2, 1, 1))], opset=10)
+add("ScatterND", "string", [("X", _str), ("i", ints(1).reshape(1, 1)),
+                            ("u", np.array([["q", "r", "s"]], dtype=object))], opset=13)
+add("Pad", "string-value", [("X", _str), ("p", ints(1, 0, 0, 1)),
+                            ("c", np.array("z", dtype=object))], opset=18, ref="reference")
+add("Unique", "string", [("X", _str.reshape(-1))], n_out=4, opset=11, ref="reference")
+
+# -- NonZero, Trilu, ReverseSequence, Compress ------------------------------------------------
+add("NonZero", "3d-int", [("X", randint(-1, 2, 2, 3, 4))], opset=9)
+add("NonZero", "bool", [("X", _x > 0)], opset=13)
+add("NonZero", "scalar", [("X", np.array(3.0, F32))], opset=13, ref="reference")  # spec: (0, N)
+for upper in (0, 1):
+    for k in (-2, -1, 0, 1, 3, 9):
+        add("Trilu", f"upper{upper}-k{k}", [("X", normal(2, 3, 5)), ("k", ints(k))],
+            opset=14, upper=upper)
+    add("Trilu", f"upper{upper}-int-nok", [("X", randint(1, 9, 4, 3, dtype=np.int32))],
+        opset=14, upper=upper)
+add("ReverseSequence", "batch0-3d", [("X", normal(3, 5, 2)), ("l", ints(5, 1, 3))], opset=10,
+    batch_axis=0, time_axis=1)
+add("ReverseSequence", "time0-int", [("X", randint(0, 9, 4, 3, dtype=np.int32)),
+                                     ("l", ints(2, 4, 1))], opset=10)
+add("Compress", "axis-none", [("X", _g), ("c", _rng.random(60) > 0.5)], opset=11)
+add("Compress", "axis1-short", [("X", _g), ("c", np.array([True, False, True]))], axis=1,
+    opset=11)
+add("Compress", "axis-neg", [("X", _g), ("c", np.array([False, True, True, False, True]))],
+    axis=-1, opset=11)
+
+# -- DepthToSpace / SpaceToDepth --------------------------------------------------------------
+_ds = normal(2, 8, 2, 3)
+add("DepthToSpace", "opset1", [("X", _ds)], opset=1, blocksize=2)
+for mode in ("DCR", "CRD"):
+    add("DepthToSpace", mode, [("X", _ds)], opset=13, blocksize=2, mode=mode)
+add("DepthToSpace", "int", [("X", randint(0, 9, 1, 9, 2, 2))], opset=11, blocksize=3,
+    ref="reference")
+add("SpaceToDepth", "opset1", [("X", normal(2, 3, 4, 6))], opset=1, blocksize=2)
+add("SpaceToDepth", "int", [("X", randint(0, 9, 1, 2, 3, 6, dtype=np.int32))], opset=13,
+    blocksize=3, ref="reference")
+for mode in ("DCR", "CRD"):  # mode is opset 28
+    add("SpaceToDepth", mode, [("X", normal(2, 3, 4, 6))], opset=28, blocksize=2, mode=mode,
+        ref="reference")
+
+# -- existing shape kernels at older opsets and other dtypes ----------------------------------
+add("Slice", "opset1", [("X", _g)], opset=1, starts=[1, -1], ends=[100, -4], axes=[0, 2])
+add("Slice", "neg-steps", [("X", _g), ("s", ints(-1, 10)), ("e", ints(-100, 0)),
+                           ("a", ints(0, 2)), ("st", ints(-1, -2))], opset=13)
+add("Slice", "neg-step-int32", [("X", _g), ("s", ints(2, dtype=np.int32)),
+                                ("e", ints(-2**31, dtype=np.int32)), ("a", ints(1, dtype=np.int32)),
+                                ("st", ints(-3, dtype=np.int32))], opset=13)
+add("Split", "opset2-attr", [("X", _x)], n_out=2, opset=2, axis=1, split=[1, 3])
+add("Split", "opset11-equal", [("X", normal(4, 6))], n_out=3, opset=11, axis=-1)
+add("Split", "num-outputs-5-of-7", [("X", normal(7, 2))], n_out=4, opset=18, num_outputs=4)
+add("Gather", "neg-int32", [("X", _g), ("i", ints(-1, 0, -3, dtype=np.int32))], axis=1, opset=13)
+add("Reshape", "opset4-attr", [("X", _g)], opset=4, shape=[0, -1])
+add("Reshape", "allowzero", [("X", np.zeros((0, 3), F32)), ("s", ints(3, 0))], opset=14,
+    allowzero=1)
+add("Squeeze", "opset11-neg", [("X", normal(1, 3, 1))], opset=11, axes=[-1])
+add("Unsqueeze", "opset11-neg", [("X", normal(3, 2))], opset=11, axes=[-1, 0])
+add("Unsqueeze", "scalar-axes", [("X", normal(3, 2)), ("a", np.array(1, np.int64))], opset=13,
+    ref="reference")
+add("Flatten", "neg-axis", [("X", _g)], opset=13, axis=-2)
+add("Flatten", "axis0-int", [("X", randint(0, 5, 2, 3))], opset=9, axis=0)
+add("Shape", "start-end", [("X", _g)], opset=15, start=-2, end=10)
+add("Transpose", "default", [("X", _g.astype(F16))], opset=13)
+add("Expand", "int", [("X", randint(0, 5, 3, 1)), ("s", ints(2, 1, 4))], opset=13)
+add("ConstantOfShape", "int32", [("s", ints(2, 3))], opset=9,
+    value=numpy_helper.from_array(np.array([7], np.int32)))
+add("ConstantOfShape", "scalar", [("s", np.zeros(0, np.int64))], opset=9)
+add("OneHot", "float-depth-neg", [("i", ints(0, -1, 3, -5, 2)), ("d", np.array(4.0, F32)),
+                                  ("v", np.array([0, 5], np.int32))], opset=11, axis=0)
+add("OneHot", "int32-indices", [("i", randint(0, 3, 2, 2, dtype=np.int32)),
+                                ("d", np.array(3)), ("v", np.array([-1.0, 1.0], F32))], opset=11,
+    ref="reference")
+add("Range", "int16-neg", [("a", np.array(3, np.int16)), ("b", np.array(-9, np.int16)),
+                           ("d", np.array(-4, np.int16))], opset=11)
+add("Range", "f64", [("a", np.array(0.1)), ("b", np.array(1.0)), ("d", np.array(0.3))],
+    opset=11)
+add("Range", "f32-long", [("a", np.array(0.1, F32)), ("b", np.array(100.0, F32)),
+                          ("d", np.array(0.3, F32))], opset=11)
+add("Range", "f16-stash", [("a", np.array(0, F16)), ("b", np.array(9.5, F16)),
+                           ("d", np.array(0.7, F16))], opset=27, ref="reference")
+add("EyeLike", "int-k-neg", [("X", randint(0, 2, 3, 5, dtype=np.int32))], opset=9, k=-2)
+
+# -- losses: every reduction, weights, ignore_index, rank, dtype --------------------------------
+_s = normal(3, 4, 2)
+_lab = ints(0, 3, 1, 2, 2, 0).reshape(3, 2)
+_w = np.array([0.5, 1, 2, 3], F32)
+for red in ("none", "sum", "mean"):
+    for opset in (12, 13):
+        add("SoftmaxCrossEntropyLoss", f"{red}-w-ii", [("S", _s), ("L", _lab), ("W", _w)],
+            opset=opset, n_out=2, reduction=red, ignore_index=2)
+        add("SoftmaxCrossEntropyLoss", f"{red}-neg-ii-int32",
+            [("S", _s), ("L", np.where(_lab == 1, -1, _lab).astype(np.int32))],
+            opset=opset, reduction=red, ignore_index=-1)
+    add("SoftmaxCrossEntropyLoss", f"{red}-f64-N", [("S", normal(5, 3, dtype=np.float64)),
+                                                    ("L", ints(0, 2, 1, 1, 0))], reduction=red,
+        opset=13)
+    add("SoftmaxCrossEntropyLoss", f"{red}-f16-w", [("S", _s.astype(F16)), ("L", _lab),
+                                                    ("W", _w.astype(F16))], reduction=red,
+        opset=13)
+    for opset in (12, 13, 22):
+        add("NegativeLogLikelihoodLoss", f"{red}-w-ii", [("P", _s), ("L", _lab), ("W", _w)],
+            opset=opset, reduction=red, ignore_index=0)
+    add("NegativeLogLikelihoodLoss", f"{red}-f16", [("P", _s.astype(F16)), ("L", _lab)],
+        opset=13, reduction=red)
+    add("NegativeLogLikelihoodLoss", f"{red}-d3", [("P", normal(2, 3, 2, 2, 2)),
+                                                   ("L", randint(0, 3, 2, 2, 2, 2))],
+        opset=13, reduction=red)
+add("NegativeLogLikelihoodLoss", "all-ignored-mean", [("P", _s), ("L", np.ones((3, 2), np.int64))],
+    opset=13, ignore_index=1)
+add("NegativeLogLikelihoodLoss", "bf16", [("P", _s.astype(BF16)), ("L", _lab)], opset=22,
+    ref="reference")
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_kernel_matches_reference(c: Case) -> None:
+    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
+    feeds = {n: a for n, a in c.inputs if a is not None}
+    ours = run(model, feeds)
+    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    for name in want:
+        got, exp = np.asarray(ours[name]), np.asarray(want[name])
+        if got.dtype.kind == "f" and np.isnan(exp).all():
+            assert np.isnan(got).all(), f"{c.id} {name}: expected NaN"
+            continue
+        assert_same(got, exp, what=f"{c.id} {name}")
+
+
+# -- opsets no runtime implements: checked against their definition ---------------------------
+def _run_node(op: str, inputs, opset: int, n_out: int = 1, **attrs):
+    """Build the node without ONNX's checker (old opsets whose type rules it rejects) and run."""
+    names = [n for n, _ in inputs]
+    outs = [f"y{i}" for i in range(n_out)]
+    graph = helper.make_graph(
+        [helper.make_node(op, names, outs, **attrs)], "g",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for n, a in inputs],
+        [helper.make_empty_tensor_value_info(o) for o in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return [run(model, dict(inputs))[o] for o in outs]
+
+
+def test_legacy_opsets() -> None:
+    x = normal(2, 3)
+    (y,) = _run_node("Tile", [("X", x), ("t", np.array(3, F32)), ("a", np.array(1, F32))], 1)
+    assert_same(y, np.tile(x, (1, 3)), "Tile-1")
+    (y,) = _run_node("Reshape", [("X", x)], 1, shape=[3, -1])
+    assert_same(y, x.reshape(3, 2), "Reshape-1")
+    (y,) = _run_node("Concat", [("A", x), ("B", x[:, :1])], 1)  # axis defaults to 1
+    assert_same(y, np.concatenate([x, x[:, :1]], 1), "Concat-1")
+    a, b = _run_node("Split", [("X", x), ("s", ints(1, 2))], 1, n_out=2, axis=1)
+    assert_same(a, x[:, :1], "Split-1 input")
+    assert_same(b, x[:, 1:], "Split-1 input")
+    a, b = _run_node("Split", [("X", normal(4, 2))], 1, n_out=2)
+    assert a.shape == b.shape == (2, 2)
+
+
+def test_constant_sparse_and_strings() -> None:
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([1.5, -2.0], F32), "v"),
+        numpy_helper.from_array(ints(1, 5), "i"), [2, 3])
+    node = helper.make_node("Constant", [], ["y"], sparse_value=sparse)
+    (y,) = run(make_model([node], outputs=["y"], opset=13)).values()
+    assert_same(y, np.array([[0, 1.5, 0], [0, 0, -2.0]], F32), "sparse")
+    node = helper.make_node("Constant", [], ["y"], value_strings=["ab", "c"])
+    (y,) = run(make_model([node], outputs=["y"], opset=13)).values()
+    assert y.tolist() == ["ab", "c"]
+
+
+def test_pad_string_default_is_empty() -> None:
+    # The spec pads strings with "" (the reference evaluator writes 0).
+    (y,) = K.Pad(np, np.array(["a", "b"], dtype=object), ints(1, 1))
+    assert y.tolist() == ["", "a", "b", ""]
+
+
+def test_gather_on_host_shape_values() -> None:
+    # Shape -> Gather -> Concat stays on the host even when xp is another module.
+    fake = types.SimpleNamespace()  # any xp call would fail: host arrays must use NumPy
+    shp = K.Shape(np, normal(2, 3, 4))[0]
+    (g,) = K.Gather(fake, shp, ints(-1, 0))
+    (c,) = K.Concat(fake, g, ints(5), axis=0)
+    assert c.tolist() == [4, 2, 5]
+
+
+# -- properties ------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.data(),
+       st.sampled_from(["constant", "edge", "reflect", "wrap"]))
+def test_pad_matches_numpy(shape, data, mode) -> None:
+    x = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    hi = 9 if mode != "reflect" else None
+    pads = [data.draw(st.integers(0, hi if hi is not None else shape[i % len(shape)] - 1))
+            for i in range(2 * len(shape))]
+    (got,) = K.Pad(np, x, ints(*pads), None, None, mode=mode)
+    r = len(shape)
+    want = np.pad(x, [(pads[i], pads[i + r]) for i in range(r)], mode=mode)
+    assert_same(got, want, f"{mode} {pads}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.booleans(), st.data())
+def test_topk_orders_ties_by_index(values, largest, data) -> None:
+    x = np.array(values, np.int32)
+    k = data.draw(st.integers(0, len(values)))
+    vals, idx = K.TopK(np, x, ints(k), largest=int(largest))
+    want = sorted(range(len(values)), key=lambda i: (-values[i] if largest else values[i], i))[:k]
+    assert idx.tolist() == want and vals.tolist() == [values[i] for i in want]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.data())
+def test_unique_matches_numpy(shape, data) -> None:
+    x = np.array(data.draw(st.lists(st.integers(0, 2), min_size=int(np.prod(shape)),
+                                    max_size=int(np.prod(shape))))).reshape(shape)
+    axis = data.draw(st.sampled_from([None, *range(len(shape))]))
+    y, first, inverse, counts = K.Unique(np, x, axis=axis)
+    wy, wfirst, winv, wcounts = np.unique(x, True, True, True, axis=axis)
+    assert_same(y, wy)
+    assert_same(first, wfirst)
+    assert_same(inverse, winv.reshape(-1))
+    assert_same(counts, wcounts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=20),
+       st.sampled_from(["add", "mul", "max", "min"]))
+def test_scatter_rounds_match_ufunc_at(rows, reduction) -> None:
+    out = np.linspace(-1, 1, 10).reshape(5, 2)
+    upd = np.arange(2 * len(rows), dtype=np.float64).reshape(-1, 2) / 7 - 1
+    want = out.copy()
+    getattr(np, K._REDUCE[reduction]).at(want, np.array(rows, np.int64), upd)
+    K._scatter_rows(np, out, np.array(rows, np.int64), upd, reduction)
+    np.testing.assert_array_equal(out, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2), st.integers(1, 3), st.data())
+def test_gathernd_matches_definition(b, k, data) -> None:
+    shape = (2, 3, 2, 3, 2)[:b + k + 1]
+    x = np.arange(int(np.prod(shape))).reshape(shape)
+    k = min(k, len(shape) - b)
+    idx = np.stack([_rng.integers(-shape[b + j], shape[b + j], (*shape[:b], 2))
+                    for j in range(k)], -1)
+    (got,) = K.GatherND(np, x, idx, batch_dims=b)
+    want = np.stack([x[bi][tuple(idx[bi][m])] for bi in np.ndindex(shape[:b])
+                     for m in range(2)]).reshape(got.shape)
+    assert_same(got, want)
