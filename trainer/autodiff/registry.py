@@ -18,6 +18,11 @@ NO_GRADIENT = {
 }
 
 
+def no_gradient(*op_types: str) -> None:
+    """Declare ops whose outputs carry no gradient (a rule module lists those of its family)."""
+    NO_GRADIENT.update(op_types)
+
+
 def grad(op_type: str, domain: str = "", inputs: tuple[int, ...] | None = None):
     """Register a rule; `inputs` names the differentiable input slots (default: all)."""
     def register(fn: Callable) -> Callable:
