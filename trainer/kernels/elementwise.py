@@ -1,11 +1,23 @@
-"""Elementwise kernels: arithmetic, activations, comparisons, casts (NumPy broadcasting)."""
+"""Elementwise kernels: arithmetic, trigonometry, activations, comparisons, bitwise ops, casts.
+
+Composite float16/bfloat16 activations compute in float32 and round once, as onnxruntime does.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from trainer.graph import np_dtype
 from trainer.kernels import kernel
+
+_LOW_FLOATS = ("float16", "bfloat16")
+
+
+def wide(x):
+    """float16/bfloat16 as float32 (compute type); every other dtype unchanged."""
+    return x.astype(np.float32) if x.dtype.name in _LOW_FLOATS else x
 
 
 def legacy_broadcast(a, b, broadcast, axis):
@@ -37,6 +49,7 @@ GreaterOrEqual = _binary("GreaterOrEqual", lambda xp, a, b: a >= b)
 LessOrEqual = _binary("LessOrEqual", lambda xp, a, b: a <= b)
 And = _binary("And", lambda xp, a, b: xp.logical_and(a, b))
 Or = _binary("Or", lambda xp, a, b: xp.logical_or(a, b))
+Xor = _binary("Xor", lambda xp, a, b: xp.logical_xor(a, b))
 
 
 @kernel("Div", since=1)
@@ -46,7 +59,7 @@ def Div_1(xp, a, b, *, broadcast=0, axis=None, consumed_inputs=None):
 
 @kernel("Div", since=7)
 def Div(xp, a, b):
-    if xp.issubdtype(a.dtype, xp.integer):
+    if a.dtype.kind in "iu":
         # ONNX integer division truncates toward zero (C semantics).
         q = xp.abs(a) // xp.abs(b)
         return ((q * xp.sign(a) * xp.sign(b)).astype(a.dtype),)
@@ -61,14 +74,32 @@ def Pow_1(xp, a, b, *, broadcast=0, axis=None):
 @kernel("Pow", since=7)
 def Pow(xp, a, b):
     # The result has the base's type; an integer base with a float exponent computes in float.
-    if a.dtype.kind in "iu" and b.dtype.kind == "f":
-        return (xp.power(a.astype(np.float64), b).astype(a.dtype),)
-    return (xp.power(a, b.astype(a.dtype) if a.dtype != b.dtype else b).astype(a.dtype),)
+    if a.dtype.kind in "iu" and b.dtype.kind == "u":
+        return (xp.power(a, b.astype(a.dtype)),)
+    if a.dtype.kind in "iu" and b.dtype.kind == "i":
+        # A negative integer power truncates 1 / a**n: 0 except for the bases 1 and -1.
+        neg = b < 0
+        pos = xp.power(a, xp.where(neg, 0, b).astype(a.dtype))
+        inv = xp.where(a == 1, 1, xp.where(a == -1, 1 - 2 * (b % 2), 0))
+        return (xp.where(neg, inv, pos).astype(a.dtype),)
+    if a.dtype.kind in "iu":
+        return (xp.power(a.astype(np.float64), wide(b)).astype(a.dtype),)
+    return (xp.power(wide(a), wide(b)).astype(a.dtype),)
 
 
-def _unary(name, fn):
-    @kernel(name)
-    def op(xp, x):
+@kernel("Mod", since=10)
+def Mod(xp, a, b, *, fmod=0):
+    """fmod=0: the remainder has the divisor's sign (floored); fmod=1: the dividend's (C fmod)."""
+    out = xp.fmod(a, b) if fmod else xp.mod(a, b)
+    return (out.astype(a.dtype, copy=False),)
+
+
+def _unary(name, fn, since=1, low=False):
+    """A one-input kernel; with low=True float16/bfloat16 compute in float32."""
+    @kernel(name, since=since)
+    def op(xp, x, *, consumed_inputs=None):
+        if low and x.dtype.name in _LOW_FLOATS:
+            return (fn(xp, x.astype(np.float32)).astype(x.dtype),)
         return (fn(xp, x),)
     op.__name__ = name
     return op
@@ -89,12 +120,240 @@ Sign = _unary("Sign", lambda xp, x: xp.sign(x))
 Round = _unary("Round", lambda xp, x: xp.round(x))  # half to even, as the spec
 Identity = _unary("Identity", lambda xp, x: x)
 
+Sin = _unary("Sin", lambda xp, x: xp.sin(x), 7)
+Cos = _unary("Cos", lambda xp, x: xp.cos(x), 7)
+Tan = _unary("Tan", lambda xp, x: xp.tan(x), 7)
+Asin = _unary("Asin", lambda xp, x: xp.arcsin(x), 7)
+Acos = _unary("Acos", lambda xp, x: xp.arccos(x), 7)
+Atan = _unary("Atan", lambda xp, x: xp.arctan(x), 7)
+Sinh = _unary("Sinh", lambda xp, x: xp.sinh(x), 9)
+Cosh = _unary("Cosh", lambda xp, x: xp.cosh(x), 9)
+Asinh = _unary("Asinh", lambda xp, x: xp.arcsinh(x), 9)
+Acosh = _unary("Acosh", lambda xp, x: xp.arccosh(x), 9)
+Atanh = _unary("Atanh", lambda xp, x: xp.arctanh(x), 9)
 
-@kernel("Sigmoid")
-def Sigmoid(xp, x):
+BitwiseNot = _unary("BitwiseNot", lambda xp, x: xp.invert(x), 18)
+BitwiseAnd = kernel("BitwiseAnd", since=18)(lambda xp, a, b: (xp.bitwise_and(a, b),))
+BitwiseOr = kernel("BitwiseOr", since=18)(lambda xp, a, b: (xp.bitwise_or(a, b),))
+BitwiseXor = kernel("BitwiseXor", since=18)(lambda xp, a, b: (xp.bitwise_xor(a, b),))
+
+
+def _sigmoid(xp, x):
     # Split by sign so exp never overflows.
     e = xp.exp(-xp.abs(x))
-    return (xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype),)
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+
+
+def _softplus(xp, x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow for large |x|.
+    return xp.maximum(x, x.dtype.type(0)) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+Sigmoid = _unary("Sigmoid", _sigmoid, low=True)
+Softplus = _unary("Softplus", _softplus, low=True)
+Softsign = _unary("Softsign", lambda xp, x: x / (1 + xp.abs(x)), low=True)
+Mish = _unary("Mish", lambda xp, x: x * xp.tanh(_softplus(xp, x)), 18, low=True)
+# alpha = 1/6 and beta = 0.5 are fixed by the spec.
+HardSwish = _unary("HardSwish", lambda xp, x: x * xp.clip(x / 6 + 0.5, 0, 1).astype(x.dtype),
+                   14, low=True)
+
+
+def _float_act(xp, x, fn):
+    """fn on x, float16/bfloat16 computed in float32, the result in x's dtype."""
+    return (fn(wide(x)).astype(x.dtype, copy=False),)
+
+
+@kernel("Elu")
+def Elu(xp, x, *, alpha=1.0, consumed_inputs=None):
+    return _float_act(xp, x, lambda v: xp.where(v < 0, alpha * xp.expm1(v), v))
+
+
+@kernel("Celu", since=12)
+def Celu(xp, x, *, alpha=1.0):
+    # max(0, x) + min(0, alpha * (exp(x / alpha) - 1))
+    return _float_act(xp, x, lambda v: xp.where(v < 0, alpha * xp.expm1(v / alpha), v))
+
+
+def _selu(xp, x, alpha, gamma):
+    return _float_act(xp, x, lambda v: gamma * xp.where(v > 0, v, alpha * xp.expm1(v)))
+
+
+@kernel("Selu", since=1)
+def Selu_1(xp, x, *, alpha=1.6732, gamma=1.0507, consumed_inputs=None):
+    return _selu(xp, x, alpha, gamma)
+
+
+@kernel("Selu", since=6)
+def Selu(xp, x, *, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875):
+    return _selu(xp, x, alpha, gamma)
+
+
+@kernel("HardSigmoid")
+def HardSigmoid(xp, x, *, alpha=0.2, beta=0.5, consumed_inputs=None):
+    return _float_act(xp, x, lambda v: xp.clip(alpha * v + beta, 0, 1))
+
+
+@kernel("ThresholdedRelu", since=10)
+def ThresholdedRelu(xp, x, *, alpha=1.0):
+    return (xp.where(x > alpha, x, x.dtype.type(0)),)
+
+
+@kernel("LeakyRelu")
+def LeakyRelu(xp, x, *, alpha=0.01, consumed_inputs=None):
+    return (xp.where(x >= 0, x, x * x.dtype.type(alpha)),)
+
+
+@kernel("PRelu", since=1)
+def PRelu_1(xp, x, slope, *, consumed_inputs=None):
+    # Before opset 7 a 1-D slope of C values applies along the channel axis (axis 1).
+    if slope.ndim == 1 and slope.size > 1 and x.ndim > 2:
+        slope = slope.reshape((-1,) + (1,) * (x.ndim - 2))
+    return PRelu(xp, x, slope)
+
+
+@kernel("PRelu", since=7)
+def PRelu(xp, x, slope):
+    return (xp.where(x < 0, x * slope, x).astype(x.dtype, copy=False),)
+
+
+@kernel("Shrink", since=9)
+def Shrink(xp, x, *, bias=0.0, lambd=0.5):
+    v = x.astype(np.float64) if x.dtype.kind in "iu" else wide(x)
+    out = xp.where(v < -lambd, v + bias, xp.where(v > lambd, v - bias, 0))
+    return (out.astype(x.dtype),)
+
+
+@kernel("Swish", since=24)
+def Swish(xp, x, *, alpha=1.0):
+    return _float_act(xp, x, lambda v: v * _sigmoid(xp, v * v.dtype.type(alpha)))
+
+
+@kernel("SwiGLU", since=28)
+def SwiGLU(xp, a, b, *, alpha=1.0):
+    if a.shape != b.shape:
+        raise ValueError(f"SwiGLU needs equal shapes, got {a.shape} and {b.shape}")
+    g = wide(a)
+    return ((g * _sigmoid(xp, g * g.dtype.type(alpha)) * wide(b)).astype(a.dtype),)
+
+
+def _erf_host(x, double: bool, complement: bool = False):
+    """erf(x), or erfc(x) = 1 - erf(x) without cancellation, in float64 with NumPy ufuncs.
+
+    |x| < 2: erf = 2/sqrt(pi) e^{-x^2} sum_n (2x^2)^n x / (2n+1)!!  (positive terms);
+    |x| >= 2: erfc(|x|) = e^{-x^2} / sqrt(pi) / (x + (1/2) / (x + 1 / (x + (3/2) / (x + ...)))).
+    Absolute error about 1e-15 with `double`, 1e-9 otherwise (enough for float32 results).
+    """
+    n_series, n_fraction = (30, 40) if double else (20, 16)
+    v = np.asarray(x, np.float64)
+    a = np.abs(v)
+    out = np.empty_like(a)
+    near = a < 2
+    s = a[near]
+    term, total, z = s, s, 2 * s * s
+    for n in range(n_series):
+        term = term * z / (2 * n + 3)
+        total = total + term
+    out[near] = (2 / math.sqrt(math.pi)) * np.exp(-s * s) * total
+    far = ~near
+    b = a[far]
+    f = b
+    for k in range(n_fraction, 0, -1):
+        f = b + (k / 2) / f
+    with np.errstate(over="ignore"):
+        tail = np.exp(-b * b) / math.sqrt(math.pi) / f  # erfc(|x|)
+    if not complement:
+        out[far] = 1 - tail
+        return np.copysign(out, v)
+    out[near] = 1 - np.copysign(out[near], v[near])
+    out[far] = np.where(v[far] > 0, tail, 2 - tail)
+    return out
+
+
+def erf(xp, x):
+    """erf in x's float dtype (float32 compute for float16/bfloat16)."""
+    if xp is np:
+        x = wide(x)
+        return _erf_host(x, x.dtype == np.float64).astype(x.dtype)
+    import cupyx.scipy.special  # pragma: no cover - GPU only
+    return cupyx.scipy.special.erf(x)  # pragma: no cover
+
+
+def erfc(xp, x):
+    """1 - erf(x), accurate where erf(x) is close to 1."""
+    if xp is np:
+        x = wide(x)
+        return _erf_host(x, x.dtype == np.float64, complement=True).astype(x.dtype)
+    import cupyx.scipy.special  # pragma: no cover - GPU only
+    return cupyx.scipy.special.erfc(x)  # pragma: no cover
+
+
+@kernel("Erf")
+def Erf(xp, x):
+    if x.dtype.kind in "iu":  # opset 9-12 also took integers: the erf, truncated
+        return (erf(xp, x.astype(np.float64)).astype(x.dtype),)
+    return (erf(xp, wide(x)).astype(x.dtype),)
+
+
+@kernel("Gelu", since=20)
+def Gelu(xp, x, *, approximate="none"):
+    v = wide(x)
+    if approximate == "tanh":
+        c = v.dtype.type(math.sqrt(2 / math.pi))
+        y = 0.5 * v * (1 + xp.tanh(c * (v + v.dtype.type(0.044715) * v * v * v)))
+    elif approximate == "none":
+        # 1 + erf(x / sqrt(2)) = erfc(-x / sqrt(2)): no cancellation for large negative x
+        y = 0.5 * v * erfc(xp, v * v.dtype.type(-1 / math.sqrt(2)))
+    else:
+        raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return (y.astype(x.dtype),)
+
+
+@kernel("IsNaN", since=9)
+def IsNaN(xp, x):
+    return (xp.isnan(x),)
+
+
+@kernel("IsInf", since=10)
+def IsInf(xp, x, *, detect_negative=1, detect_positive=1):
+    if x.dtype.kind not in "fV" or not (detect_negative or detect_positive):
+        return (xp.zeros(x.shape, dtype=bool),)
+    inf = xp.isinf(x)
+    if detect_negative and detect_positive:
+        return (inf,)
+    return (inf & ((x > 0) if detect_positive else (x < 0)),)
+
+
+@kernel("BitShift", since=11)
+def BitShift(xp, x, y, *, direction):
+    """Shifts by y bits; y < 0 or y >= width gives 0 (-1 for a right shift of a negative x)."""
+    if direction not in ("LEFT", "RIGHT"):
+        raise ValueError(f"BitShift: direction must be LEFT or RIGHT, got {direction!r}")
+    bits = x.dtype.itemsize * 8
+    out_of_range = (y < 0) | (y >= bits)
+    shift = xp.where(out_of_range, 0, y).astype(x.dtype)
+    if direction == "RIGHT":
+        out = xp.right_shift(x, shift)  # arithmetic for signed types
+        fill = xp.where(x < 0, -1, 0).astype(x.dtype) if x.dtype.kind == "i" else 0
+    else:
+        # Shift the unsigned view so bits past the sign bit drop off without overflow.
+        unsigned = np.dtype(f"u{x.dtype.itemsize}")
+        out = xp.left_shift(x.view(unsigned), shift.view(unsigned)).view(x.dtype)
+        fill = 0
+    return (xp.where(out_of_range, fill, out).astype(x.dtype),)
+
+
+_SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
+
+
+@kernel("BitCast", since=26)
+def BitCast(xp, x, *, to):
+    """Same bits read as another type of equal width (sub-byte types are stored one per byte)."""
+    dtype = np_dtype(to)
+    width_in = _SUB_BYTE_BITS.get(x.dtype.name, x.dtype.itemsize * 8)
+    width_out = _SUB_BYTE_BITS.get(dtype.name, dtype.itemsize * 8)
+    if width_in != width_out:
+        raise ValueError(f"BitCast: {x.dtype} ({width_in} bits) to {dtype} ({width_out} bits)")
+    return (x.view(dtype),)  # equal widths: equal item sizes, any layout
 
 
 @kernel("Where")
@@ -131,7 +390,7 @@ def CastLike(xp, x, like, *, saturate=1, round_mode="up"):
 
 def _variadic(name, fn):
     @kernel(name)
-    def op(xp, *xs):
+    def op(xp, *xs, consumed_inputs=None):
         out = xs[0]
         for x in xs[1:]:
             out = fn(xp, out, x)
@@ -145,24 +404,27 @@ Max = _variadic("Max", lambda xp, a, b: xp.maximum(a, b))
 Min = _variadic("Min", lambda xp, a, b: xp.minimum(a, b))
 
 
+@kernel("Mean")
+def Mean(xp, *xs, consumed_inputs=None):
+    total = wide(xs[0])
+    for x in xs[1:]:
+        total = total + wide(x)
+    return ((total / len(xs)).astype(xs[0].dtype),)
+
+
+@kernel("Clip", since=1)
+def Clip_1(xp, x, *, min=None, max=None, consumed_inputs=None):
+    """Opsets 1-10: the bounds are attributes (absent: unbounded)."""
+    lo = None if min is None else xp.asarray(min, dtype=x.dtype)
+    hi = None if max is None else xp.asarray(max, dtype=x.dtype)
+    return Clip(xp, x, lo, hi)
+
+
 @kernel("Clip", since=11)
 def Clip(xp, x, lo=None, hi=None):
+    # Min(max, Max(x, min)): with min > max every value becomes max, as the spec says.
     if lo is not None:
         x = xp.maximum(x, lo)
     if hi is not None:
         x = xp.minimum(x, hi)
     return (x,)
-
-
-@kernel("LeakyRelu")
-def LeakyRelu(xp, x, *, alpha=0.01):
-    return (xp.where(x >= 0, x, x * x.dtype.type(alpha)),)
-
-
-@kernel("Erf")
-def Erf(xp, x):
-    if xp is np:
-        import math
-        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
-    import cupyx.scipy.special  # pragma: no cover - GPU only
-    return (cupyx.scipy.special.erf(x),)  # pragma: no cover

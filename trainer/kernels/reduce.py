@@ -1,26 +1,38 @@
-"""Reductions and softmax-family kernels; axes as attribute (old opsets) or input (new)."""
+"""Reductions, scans (CumSum/CumProd), arg-extrema and the softmax family.
+
+Reduce* take axes as an attribute before opset 13 (ReduceSum) or 18 (the others), as an input
+after; float16/bfloat16 accumulate in float32.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from trainer.kernels import kernel
+from trainer.kernels import host_ints, kernel
+from trainer.kernels.elementwise import wide
 
 
 def _axes(x, axes, noop_with_empty_axes):
+    """Normalized axes: None (all), () (noop_with_empty_axes with no axes) or a tuple."""
     if axes is None or len(axes) == 0:
         return None if not noop_with_empty_axes else ()
-    return tuple(int(a) % x.ndim for a in (axes.tolist() if hasattr(axes, "tolist") else axes))
+    rank = max(x.ndim, 1)  # a scalar accepts axis 0 / -1
+    return tuple(sorted({a % rank for a in host_ints(axes)} & set(range(x.ndim))))
+
+
+def _reduced_shape(shape, axes, keepdims: bool) -> tuple[int, ...]:
+    axes = range(len(shape)) if axes is None else axes
+    return tuple(1 if i in axes else d for i, d in enumerate(shape)
+                 if keepdims or i not in axes)
 
 
 def _reducer(name, fn, input_axes_since):
     def impl(xp, x, axes, keepdims, noop):
         ax = _axes(x, axes, noop)
-        if ax == ():  # noop_with_empty_axes: nothing reduced, but ReduceSumSquare still squares
-            return (x * x if name == "ReduceSumSquare" else x,)
-        # NumPy widens integer sums/products and averages integers in float: keep x's dtype.
+        # An empty tuple reduces nothing: the elementwise part alone (ReduceSumSquare squares).
         out = fn(xp, x, ax, bool(keepdims))
-        return (out if out.dtype == x.dtype else out.astype(x.dtype),)
+        # NumPy widens integer sums/products and averages integers in float: keep x's dtype.
+        return (xp.asarray(out).astype(x.dtype, copy=False),)
 
     @kernel(name, since=1)
     def attr_form(xp, x, *, axes=None, keepdims=1, noop_with_empty_axes=0):
@@ -30,39 +42,88 @@ def _reducer(name, fn, input_axes_since):
     def input_form(xp, x, axes=None, *, keepdims=1, noop_with_empty_axes=0):
         return impl(xp, x, axes, keepdims, noop_with_empty_axes)
 
+    attr_form.__name__ = f"{name}_1"
+    input_form.__name__ = name
     return input_form
 
 
-def _extreme(x, axes, keepdims, lowest: bool):
-    """max (lowest=True) or min over axes; an empty set gives the identity (-inf / +inf)."""
-    fn = x.max if lowest else x.min
+def _extreme(xp, x, axes, keepdims, largest: bool):
+    """max (largest=True) or min over axes; an empty set gives the identity (-inf / +inf)."""
     if x.size:
-        return fn(axis=axes, keepdims=keepdims)
+        return x.max(axis=axes, keepdims=keepdims) if largest else x.min(axis=axes,
+                                                                          keepdims=keepdims)
     if x.dtype == bool:
-        start = not lowest
-    elif x.dtype.kind == "f":
-        start = -float("inf") if lowest else float("inf")
-    else:
+        start = not largest
+    elif x.dtype.kind in "iu":
         info = np.iinfo(x.dtype)
-        start = info.min if lowest else info.max
-    return fn(axis=axes, keepdims=keepdims, initial=start)
+        start = info.min if largest else info.max
+    else:
+        start = -np.inf if largest else np.inf
+    return xp.full(_reduced_shape(x.shape, axes, keepdims), start, dtype=x.dtype)
 
 
-ReduceSum = _reducer("ReduceSum", lambda xp, x, a, k: x.sum(axis=a, keepdims=k), 13)
-ReduceMean = _reducer("ReduceMean", lambda xp, x, a, k: x.mean(axis=a, keepdims=k), 18)
-ReduceMax = _reducer("ReduceMax", lambda xp, x, a, k: _extreme(x, a, k, True), 18)
-ReduceMin = _reducer("ReduceMin", lambda xp, x, a, k: _extreme(x, a, k, False), 18)
-ReduceProd = _reducer("ReduceProd", lambda xp, x, a, k: x.prod(axis=a, keepdims=k), 18)
-ReduceSumSquare = _reducer("ReduceSumSquare", lambda xp, x, a, k: (x * x).sum(axis=a, keepdims=k),
-                           18)
+def _float(x):
+    """Compute type for log/sqrt reductions: float32 for 16-bit floats, float64 for ints."""
+    return x.astype(np.float64) if x.dtype.kind in "iub" else wide(x)
+
+
+def _log_sum_exp(xp, x, axes, keepdims):
+    v = _float(x)
+    m = _extreme(xp, v, axes, True, True)
+    m = xp.where(xp.isfinite(m), m, 0)  # empty or all -inf/+inf: no shift
+    out = xp.log(xp.exp(v - m).sum(axis=axes, keepdims=keepdims))
+    return out + (m if keepdims else m.reshape(out.shape))
+
+
+ReduceSum = _reducer("ReduceSum", lambda xp, x, a, k: wide(x).sum(axis=a, keepdims=k), 13)
+ReduceMean = _reducer("ReduceMean", lambda xp, x, a, k: wide(x).mean(axis=a, keepdims=k), 18)
+ReduceMax = _reducer("ReduceMax", lambda xp, x, a, k: _extreme(xp, x, a, k, True), 18)
+ReduceMin = _reducer("ReduceMin", lambda xp, x, a, k: _extreme(xp, x, a, k, False), 18)
+ReduceProd = _reducer("ReduceProd", lambda xp, x, a, k: wide(x).prod(axis=a, keepdims=k), 18)
+ReduceSumSquare = _reducer(
+    "ReduceSumSquare", lambda xp, x, a, k: (wide(x) * wide(x)).sum(axis=a, keepdims=k), 18)
+ReduceL1 = _reducer("ReduceL1", lambda xp, x, a, k: xp.abs(wide(x)).sum(axis=a, keepdims=k), 18)
+ReduceL2 = _reducer(
+    "ReduceL2", lambda xp, x, a, k: xp.sqrt((_float(x) ** 2).sum(axis=a, keepdims=k)), 18)
+ReduceLogSum = _reducer(
+    "ReduceLogSum", lambda xp, x, a, k: xp.log(_float(x).sum(axis=a, keepdims=k)), 18)
+ReduceLogSumExp = _reducer("ReduceLogSumExp", _log_sum_exp, 18)
+
+
+def _scan(xp, x, axis, exclusive, reverse, product: bool):
+    ax = host_ints(axis.reshape(-1))[0] % max(x.ndim, 1)
+    v = wide(x)
+    if reverse:
+        v = xp.flip(v, axis=ax)
+    out = (xp.cumprod if product else xp.cumsum)(v, axis=ax, dtype=v.dtype)
+    if exclusive and out.shape[ax]:
+        # Shift by one along the axis, the identity (0 or 1) first.
+        first = xp.full(out.shape[:ax] + (1,) + out.shape[ax + 1:], int(product), out.dtype)
+        head = (slice(None),) * ax + (slice(0, out.shape[ax] - 1),)
+        out = xp.concatenate([first, out[head]], axis=ax)
+    if reverse:
+        out = xp.flip(out, axis=ax)
+    return (out.astype(x.dtype, copy=False),)
+
+
+@kernel("CumSum", since=11)
+def CumSum(xp, x, axis, *, exclusive=0, reverse=0):
+    return _scan(xp, x, axis, exclusive, reverse, False)
+
+
+@kernel("CumProd", since=26)
+def CumProd(xp, x, axis, *, exclusive=0, reverse=0):
+    return _scan(xp, x, axis, exclusive, reverse, True)
 
 
 def softmax_axes(ndim: int, axis: int, opset: int) -> tuple[int, ...]:
     """Axes a (Log)Softmax normalizes over: one axis from opset 13, all trailing ones before."""
-    axis %= ndim
+    axis %= max(ndim, 1)
     return (axis,) if opset >= 13 else tuple(range(axis, ndim))
 
 
+# The softmax family computes in x's own dtype: ONNX's float16 expectations (e.g. the expanded
+# fp16 attention cases) are rounded step by step, and float32 compute misses them by 2 ulp.
 def _log_softmax(xp, x, axes):
     m = x.max(axis=axes, keepdims=True)
     z = x - m
@@ -94,13 +155,47 @@ def LogSoftmax_13(xp, x, *, axis=-1):
     return (_log_softmax(xp, x, softmax_axes(x.ndim, axis, 13)),)
 
 
-@kernel("ArgMax")
-def ArgMax(xp, x, *, axis=0, keepdims=1, select_last_index=0):
+def _hardmax(xp, x, axis):
+    """1 at the first maximum along axis, 0 elsewhere."""
+    if x.size == 0:
+        return xp.zeros_like(x)
+    first = xp.expand_dims(x.argmax(axis=axis), axis)
+    pos = xp.arange(x.shape[axis]).reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+    return (pos == first).astype(x.dtype)
+
+
+@kernel("Hardmax", since=1)
+def Hardmax_1(xp, x, *, axis=1):
+    """Opsets 1-12: x coerced to 2-D [prod(shape[:axis]), prod(shape[axis:])]."""
+    axis %= max(x.ndim, 1)
+    rows = int(np.prod(x.shape[:axis], dtype=np.int64))
+    flat = x.reshape(rows, int(np.prod(x.shape[axis:], dtype=np.int64)))
+    return (_hardmax(xp, flat, 1).reshape(x.shape),)
+
+
+@kernel("Hardmax", since=13)
+def Hardmax(xp, x, *, axis=-1):
+    return (_hardmax(xp, x, axis % x.ndim),)
+
+
+def _arg_extreme(xp, x, axis, keepdims, select_last_index, largest: bool):
+    axis %= max(x.ndim, 1)
     if select_last_index:
         flipped = xp.flip(x, axis=axis)
-        out = x.shape[axis] - 1 - flipped.argmax(axis=axis)
+        pick = flipped.argmax(axis=axis) if largest else flipped.argmin(axis=axis)
+        out = x.shape[axis] - 1 - pick
     else:
-        out = x.argmax(axis=axis)
+        out = x.argmax(axis=axis) if largest else x.argmin(axis=axis)
     if keepdims:
         out = xp.expand_dims(out, axis)
-    return (out.astype(xp.int64),)
+    return (xp.asarray(out).astype(np.int64),)
+
+
+@kernel("ArgMax")
+def ArgMax(xp, x, *, axis=0, keepdims=1, select_last_index=0):
+    return _arg_extreme(xp, x, axis, keepdims, select_last_index, True)
+
+
+@kernel("ArgMin")
+def ArgMin(xp, x, *, axis=0, keepdims=1, select_last_index=0):
+    return _arg_extreme(xp, x, axis, keepdims, select_last_index, False)
