@@ -1,8 +1,6 @@
-"""Neural-network kernels: Conv, ConvTranspose, pooling, BatchNormalization, Dropout.
-
-Convolutions use im2col over strided window views and one batched matmul per call, for any
-number of spatial dims; padding geometry lives in helpers the gradient rules reuse.
-"""
+"""Neural-network kernels: Conv, ConvTranspose, Col2Im, CausalConvWithState, pooling, BatchNorm,
+Dropout. Convolutions are im2col over strided window views plus one batched matmul, any number of
+spatial dims; the padding geometry lives in helpers that the gradient rules reuse."""
 
 from __future__ import annotations
 
@@ -10,7 +8,7 @@ import math
 
 import numpy as np
 
-from trainer.kernels import kernel
+from trainer.kernels import host_ints, kernel
 
 
 def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
@@ -93,6 +91,20 @@ def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
     return (xp.ascontiguousarray(y),)
 
 
+def _fold(xp, cols, full, strides, dilations):
+    """Sum window columns [N, C, *K, *L] back into an image [N, C, *full] (the adjoint of
+    `_windows`): tap k of window l lands at l * stride + k * dilation. One add per tap."""
+    k = len(full)
+    kshape, blocks = cols.shape[2:2 + k], cols.shape[2 + k:]
+    y = xp.zeros(cols.shape[:2] + tuple(full), dtype=cols.dtype)
+    for offs in np.ndindex(*kshape):
+        index = (slice(None), slice(None)) + tuple(
+            slice(offs[i] * dilations[i], offs[i] * dilations[i]
+                  + strides[i] * (blocks[i] - 1) + 1, strides[i]) for i in range(k))
+        y[index] += cols[(slice(None), slice(None)) + offs]
+    return y
+
+
 def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, output_padding,
                         output_shape, auto_pad):
     k = len(in_spatial)
@@ -132,12 +144,7 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
     wg = w.reshape(g, cg, mg * math.prod(kshape))
     cols = xp.matmul(wg.transpose(0, 2, 1)[None], xg)  # [N, G, Mg*K, in]
     cols = cols.reshape((n, g * mg) + tuple(kshape) + tuple(x.shape[2:]))
-    y = xp.zeros((n, g * mg) + tuple(full), dtype=x.dtype)
-    for offs in np.ndindex(*kshape):
-        index = (slice(None), slice(None)) + tuple(
-            slice(offs[i] * dilations[i], offs[i] * dilations[i]
-                  + strides[i] * (x.shape[2 + i] - 1) + 1, strides[i]) for i in range(k))
-        y[index] += cols[(slice(None), slice(None)) + offs]
+    y = _fold(xp, cols, full, strides, dilations)
     if any(p < 0 for p in pads):  # output_shape beyond the full result: zeros at that side
         widths = [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + k]))
                                      for i in range(k)]
@@ -152,13 +159,13 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
     return (xp.ascontiguousarray(y),)
 
 
-@kernel("MaxPool", since=8)
+@kernel("MaxPool", since=1)
 def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
             pads=None, storage_order=0, strides=None):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
     k = len(kernel_shape)
-    low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
                   kernel_shape, strides, dilations, out)
     flat = xw.reshape(x.shape[:2] + tuple(out) + (-1,))
@@ -178,18 +185,106 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
     return (xp.ascontiguousarray(y), (index + spatial).astype(np.int64))
 
 
-@kernel("AveragePool", since=7)
+@kernel("AveragePool", since=1)
 def AveragePool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
                 kernel_shape, pads=None, strides=None):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
-    xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, 0),
+    acc = _acc(x)
+    xw = _windows(xp, _pad(xp, x.astype(acc), pads, out, kernel_shape, strides, dilations, 0),
                   kernel_shape, strides, dilations, out)
     k = len(kernel_shape)
     total = xw.sum(axis=tuple(range(2 + k, 2 + 2 * k)))
     counts = avgpool_divisor(x.shape[2:], kernel_shape, strides, dilations, pads, out,
                              count_include_pad)
-    return ((total / xp.asarray(counts.astype(x.dtype))).astype(x.dtype),)
+    return ((total / xp.asarray(counts.astype(acc))).astype(x.dtype),)
+
+
+def _acc(x) -> np.dtype:
+    """Accumulation dtype: float32 for 16-bit floats (float16, bfloat16), else x's own."""
+    return np.dtype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind in "fV" else x.dtype
+
+
+@kernel("LpPool", since=1)
+def LpPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, p=2,
+           pads=None, strides=None):
+    # y = (sum over the window of |x|^p)^(1/p); padding contributes zeros (p is a float in
+    # opset 1, an int since opset 2)
+    strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
+                                              auto_pad, ceil_mode)
+    acc = _acc(x)
+    xa = xp.abs(x.astype(acc)) ** acc.type(p)
+    xw = _windows(xp, _pad(xp, xa, pads, out, kernel_shape, strides, dilations, 0),
+                  kernel_shape, strides, dilations, out)
+    total = xw.sum(axis=tuple(range(x.ndim, 2 * x.ndim - 2)))
+    return ((total ** acc.type(1.0 / p)).astype(x.dtype),)
+
+
+@kernel("GlobalLpPool", since=1)
+def GlobalLpPool(xp, x, *, p=2):
+    acc = _acc(x)
+    total = (xp.abs(x.astype(acc)) ** acc.type(p)).sum(axis=tuple(range(2, x.ndim)),
+                                                       keepdims=True)
+    return ((total ** acc.type(1.0 / p)).astype(x.dtype),)
+
+
+@kernel("MaxUnpool", since=9)
+def MaxUnpool(xp, x, indices, output_shape=None, *, kernel_shape, pads=None, strides=None):
+    """Scatter x to the flat positions `indices` of the unpooled shape implied by kernel_shape,
+    strides and pads; an output_shape input pads that result with zeros at the end of each
+    spatial axis (the ONNX reference and backend test semantics)."""
+    k = len(kernel_shape)
+    strides = list(strides or [1] * k)
+    pads = list(pads or [0] * (2 * k))
+    shape = tuple(x.shape[:2]) + tuple(
+        (x.shape[2 + i] - 1) * strides[i] - pads[i] - pads[i + k] + kernel_shape[i]
+        for i in range(k))
+    y = xp.zeros(math.prod(shape), dtype=x.dtype)
+    y[indices.reshape(-1)] = x.reshape(-1)
+    y = y.reshape(shape)
+    if output_shape is not None:
+        target = host_ints(output_shape)
+        if tuple(target) != shape:
+            full = xp.zeros(tuple(target), dtype=x.dtype)
+            full[tuple(slice(0, min(a, b)) for a, b in zip(shape, target, strict=True))] = \
+                y[tuple(slice(0, min(a, b)) for a, b in zip(shape, target, strict=True))]
+            y = full
+    return (y,)
+
+
+@kernel("Col2Im", since=18)
+def Col2Im(xp, x, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+    image, block = host_ints(image_shape), host_ints(block_shape)
+    k = len(image)
+    strides = list(strides or [1] * k)
+    dilations = list(dilations or [1] * k)
+    pads = list(pads or [0] * (2 * k))
+    full = [image[i] + pads[i] + pads[i + k] for i in range(k)]
+    blocks = [(full[i] - (block[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(k)]
+    n = x.shape[0]
+    cols = x.reshape((n, -1) + tuple(block) + tuple(blocks))
+    y = _fold(xp, cols, full, strides, dilations)
+    crop = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + image[i])
+                                              for i in range(k))
+    return (xp.ascontiguousarray(y[crop]),)
+
+
+@kernel("CausalConvWithState", since=27)
+def CausalConvWithState(xp, x, w, b=None, past_state=None, *, activation="none"):
+    """Depthwise causal Conv1d over [past_state (or zeros), x]; present_state is the last k-1
+    positions of that concatenation. silu/swish: y * sigmoid(y)."""
+    if activation not in ("none", "silu", "swish"):
+        raise ValueError(f"CausalConvWithState: unknown activation {activation!r}")
+    n, c, _ = x.shape
+    k = w.shape[2]
+    acc = _acc(x)
+    past = (xp.zeros((n, c, k - 1), dtype=x.dtype) if past_state is None else past_state)
+    padded = xp.concatenate([past, x], axis=2)
+    y = Conv(xp, padded.astype(acc), w.astype(acc), None if b is None else b.astype(acc),
+             group=c)[0]
+    if activation != "none":
+        y = y / (1 + xp.exp(-y))
+    return (y.astype(x.dtype), xp.ascontiguousarray(padded[:, :, padded.shape[2] - (k - 1):]))
 
 
 def avgpool_divisor(in_spatial, kernel_shape, strides, dilations, pads, out, count_include_pad):
@@ -218,6 +313,29 @@ def GlobalMaxPool(xp, x):
 
 def _bn_shape(x, v):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+@kernel("BatchNormalization", since=1)
+def BatchNormalization_1(xp, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9, is_test=0,
+                         spatial=1, consumed_inputs=None, n_outputs=1):
+    """Opsets 1-8: `is_test` (until 7) and `spatial` (0: statistics per activation, scale and
+    bias shaped like one sample); training outputs (n_outputs > 1) add the batch mean and var."""
+    training = n_outputs > 1 and not is_test
+    if spatial:
+        out = BatchNormalization(xp, x, scale, b, mean, var, epsilon=epsilon, momentum=momentum,
+                                 training_mode=int(training))
+        if not training:
+            return out
+        axes = (0,) + tuple(range(2, x.ndim))
+        return (*out, x.mean(axis=axes), x.var(axis=axes))
+    eps = x.dtype.type(epsilon)
+    if not training:
+        return (((x - mean) / xp.sqrt(var + eps) * scale + b).astype(x.dtype),)
+    m, v = x.mean(axis=0), x.var(axis=0)
+    mom = x.dtype.type(momentum)
+    y = (x - m) / xp.sqrt(v + eps) * scale + b
+    return (y.astype(x.dtype), (mean * mom + m * (1 - mom)).astype(x.dtype),
+            (var * mom + v * (1 - mom)).astype(x.dtype), m, v)
 
 
 @kernel("BatchNormalization", since=9)

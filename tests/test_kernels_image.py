@@ -1,0 +1,500 @@
+"""Convolution, pooling, resampling and detection kernels against onnxruntime (or the ONNX
+reference evaluator), over the attributes, opsets and dtypes the ONNX node suite leaves out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.opcases import distinct, node_model, run, run_ort, run_reference
+from trainer.kernels import get_kernel
+from trainer.kernels.nn import _windows
+
+F32, F16, F64 = np.float32, np.float16, np.float64
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_rng = np.random.default_rng(11)
+
+
+def normal(*shape: int, dtype=F32) -> np.ndarray:
+    return np.asarray(_rng.standard_normal(shape), dtype=dtype)
+
+
+def uniform(lo: float, hi: float, *shape: int, dtype=F32) -> np.ndarray:
+    return np.asarray(_rng.uniform(lo, hi, shape), dtype=dtype)
+
+
+def i64(*values) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+def f32(*values) -> np.ndarray:
+    return np.array(values, F32)
+
+
+@dataclass
+class Case:
+    id: str
+    op: str
+    inputs: list
+    attrs: dict = field(default_factory=dict)
+    opset: int = 19
+    n_out: int = 1
+    ref: str = "ort"  # "ort" | "reference"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES: list[Case] = []
+
+
+def add(op: str, id: str, inputs, *, opset: int = 19, n_out: int = 1, ref: str = "ort",
+        rtol: float = 1e-5, atol: float = 1e-5, **attrs) -> None:
+    CASES.append(Case(f"{op}-{id}", op, list(inputs), attrs, opset, n_out, ref, rtol, atol))
+
+
+# -- Resize / Upsample -------------------------------------------------------------------------
+# Binary-exact scales: a tie (x.5) in nearest rounding is a tie in float32 (onnxruntime) and
+# float64 (ours, the ONNX reference) alike.
+_img = normal(1, 2, 5, 7)
+_up, _down = f32(1, 1, 1.75, 2.25), f32(1, 1, 0.625, 0.4375)
+for mode_ in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+    for ctm in ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"):
+        for sid, sc in (("up", _up), ("down", _down)):
+            # align_corners: onnxruntime divides by (output size - 1), the ONNX reference (and
+            # the node suite, and we) by (scale * input size - 1)
+            add("Resize", f"nearest-{mode_}-{ctm}-{sid}", [("X", _img), ("roi", None),
+                                                          ("scales", sc)],
+                mode="nearest", nearest_mode=mode_, coordinate_transformation_mode=ctm,
+                ref="reference" if ctm == "align_corners" else "ort")
+for mode in ("linear", "cubic"):
+    for ctm in ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel",
+                "half_pixel_symmetric"):
+        for sid, sc in (("up", _up), ("down", _down)):
+            # The ONNX reference misplaces taps at x = integer + 4e-16 (half_pixel_symmetric)
+            add("Resize", f"{mode}-{ctm}-{sid}", [("X", _img), ("roi", None), ("scales", sc)],
+                mode=mode, coordinate_transformation_mode=ctm,
+                ref="ort" if ctm == "half_pixel_symmetric" else "reference")
+        add("Resize", f"{mode}-{ctm}-sizes", [("X", _img), ("roi", None), ("scales", None),
+                                              ("sizes", i64(1, 2, 9, 4))],
+            mode=mode, coordinate_transformation_mode=ctm, ref="reference")
+    add("Resize", f"{mode}-sizes-ort", [("X", _img), ("roi", None), ("scales", None),
+                                        ("sizes", i64(1, 2, 9, 4))], mode=mode)
+    add("Resize", f"{mode}-scales-ort", [("X", _img), ("roi", None), ("scales", _up)],
+        mode=mode)
+add("Resize", "cubic-a-exclude-outside", [("X", _img), ("roi", None), ("scales", _up)],
+    mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1)
+add("Resize", "cubic-exclude-outside-down", [("X", _img), ("roi", None), ("scales", _down)],
+    mode="cubic", exclude_outside=1)
+for mode in ("linear", "cubic"):
+    for sid, sc in (("down", _down), ("down-more", f32(1, 1, 0.3, 0.25)), ("up", _up)):
+        add("Resize", f"{mode}-antialias-{sid}", [("X", normal(1, 2, 11, 13)), ("roi", None),
+                                                  ("scales", sc)],
+            mode=mode, antialias=1, ref="reference")
+    add("Resize", f"{mode}-antialias-sizes-axes", [("X", normal(2, 3, 12, 10)), ("roi", None),
+                                                   ("scales", None), ("sizes", i64(5, 3))],
+        mode=mode, antialias=1, axes=[2, 3], ref="reference")
+for mode in ("nearest", "linear"):
+    add("Resize", f"{mode}-tf-crop-and-resize", [("X", _img), ("roi", f32(0, 0, 0.2, -0.1, 1, 1,
+                                                                            0.9, 1.3)),
+                                                 ("scales", None), ("sizes", i64(1, 2, 4, 6))],
+        mode=mode, coordinate_transformation_mode="tf_crop_and_resize",
+        extrapolation_value=-3.0)
+add("Resize", "tf-crop-and-resize-axes-scales", [("X", _img), ("roi", f32(0.1, 0.8)),
+                                                 ("scales", f32(1.5))],
+    mode="linear", coordinate_transformation_mode="tf_crop_and_resize", axes=[3],
+    ref="reference")
+for policy in ("not_larger", "not_smaller"):
+    for mode in ("nearest", "linear"):
+        add("Resize", f"{mode}-{policy}", [("X", _img), ("roi", None), ("scales", None),
+                                           ("sizes", i64(8, 9))],
+            mode=mode, axes=[3, 2], keep_aspect_ratio_policy=policy)
+add("Resize", "axes-negative", [("X", _img), ("roi", None), ("scales", f32(2.0, 0.5))],
+    mode="linear", axes=[-1, -2])
+add("Resize", "1d-cubic", [("X", normal(9)), ("roi", None), ("scales", f32(1.6))], mode="cubic",
+    ref="reference")
+add("Resize", "3d-linear", [("X", normal(1, 1, 3, 4, 5)), ("roi", None),
+                            ("scales", f32(1, 1, 1.5, 0.5, 2))], mode="linear")
+add("Resize", "3d-nearest", [("X", normal(1, 2, 3, 4, 5)), ("roi", None),
+                             ("scales", f32(1, 1, 2, 0.5, 1.5))], mode="nearest")
+add("Resize", "uint8-linear", [("X", _rng.integers(0, 256, (1, 1, 4, 5), dtype=np.uint8)),
+                               ("roi", None), ("scales", f32(1, 1, 1.5, 1.7))], mode="linear",
+    ref="reference")
+add("Resize", "int32-nearest", [("X", _rng.integers(-99, 99, (1, 1, 4, 5), dtype=np.int32)),
+                                ("roi", None), ("scales", f32(1, 1, 1.5, 0.7))])
+add("Resize", "float16-linear", [("X", normal(1, 1, 4, 5, dtype=F16)), ("roi", None),
+                                 ("scales", _up)], mode="linear", rtol=2e-3, atol=2e-3)
+add("Resize", "float64-cubic", [("X", normal(1, 1, 4, 5, dtype=F64)), ("roi", None),
+                                ("scales", _up)], mode="cubic", ref="reference")
+add("Resize", "opset13-sizes-no-roi", [("X", _img), ("roi", None), ("scales", None),
+                                       ("sizes", i64(1, 2, 3, 11))], mode="linear", opset=13)
+add("Resize", "opset11-roi-empty-scales", [("X", _img), ("roi", np.zeros(0, F32)),
+                                           ("scales", np.zeros(0, F32)),
+                                           ("sizes", i64(1, 2, 3, 11))], mode="cubic",
+    opset=11)
+add("Resize", "opset11-tf-half-pixel-for-nn", [("X", _img), ("roi", np.zeros(0, F32)),
+                                               ("scales", _up)],
+    coordinate_transformation_mode="tf_half_pixel_for_nn", opset=11)
+for mode in ("nearest", "linear"):
+    for sid, sc in (("up", f32(1, 1, 2.5, 1.5)), ("down", f32(1, 1, 0.6, 0.35))):
+        add("Resize", f"opset10-{mode}-{sid}", [("X", _img), ("scales", sc)], mode=mode,
+            opset=10)
+    add("Upsample", f"opset9-{mode}", [("X", _img), ("scales", f32(1, 1, 2.5, 1.5))],
+        mode=mode, opset=9)
+    add("Upsample", f"opset7-{mode}", [("X", _img)], mode=mode, scales=[1.0, 1.0, 2.0, 3.5],
+        opset=7)
+add("Upsample", "opset9-int64", [("X", _rng.integers(0, 9, (1, 2, 3), dtype=np.int64)),
+                                 ("scales", f32(1, 2, 3))], opset=9, ref="reference")
+
+# -- GridSample / AffineGrid -------------------------------------------------------------------
+_gx, _grid = normal(2, 3, 5, 6), uniform(-1.3, 1.3, 2, 4, 7, 2)
+for align in (0, 1):
+    for pad in ("zeros", "border", "reflection"):
+        for mode in ("bilinear", "nearest", "bicubic"):  # cubic pads taps, as PyTorch does
+            add("GridSample", f"16-{mode}-{pad}-align{align}", [("X", _gx), ("grid", _grid)],
+                opset=16, mode=mode, padding_mode=pad, align_corners=align)
+        for mode in ("linear", "nearest"):
+            add("GridSample", f"20-3d-{mode}-{pad}-align{align}",
+                [("X", normal(1, 2, 3, 4, 5)), ("grid", uniform(-1.3, 1.3, 1, 2, 3, 4, 3))],
+                opset=20, mode=mode, padding_mode=pad, align_corners=align)
+        if pad != "border":  # the ONNX reference clamps the location, not the taps
+            add("GridSample", f"20-3d-cubic-{pad}-align{align}",
+                [("X", normal(1, 1, 3, 4, 5)), ("grid", uniform(-1.2, 1.2, 1, 2, 2, 3, 3))],
+                opset=20, mode="cubic", padding_mode=pad, align_corners=align,
+                ref="reference")
+add("GridSample", "far-reflection", [("X", _gx), ("grid", uniform(-5, 5, 2, 3, 3, 2))],
+    opset=20, padding_mode="reflection")
+add("GridSample", "float64", [("X", normal(1, 2, 4, 4, dtype=F64)),
+                              ("grid", uniform(-1.1, 1.1, 1, 3, 3, 2, dtype=F64))], opset=20,
+    mode="cubic")
+add("GridSample", "1d-linear", [("X", normal(2, 3, 7)), ("grid", uniform(-1.2, 1.2, 2, 5, 1))],
+    opset=22, ref="reference")
+for align in (0, 1):
+    add("AffineGrid", f"2d-align{align}", [("theta", normal(2, 2, 3)), ("size", i64(2, 3, 4, 5))],
+        opset=20, align_corners=align)
+    add("AffineGrid", f"3d-align{align}", [("theta", normal(2, 3, 4)),
+                                           ("size", i64(2, 1, 3, 4, 5))], opset=20,
+        align_corners=align)
+
+# -- CenterCropPad / Col2Im ------------------------------------------------------------------
+add("CenterCropPad", "crop-and-pad-odd", [("x", normal(5, 8, 3)), ("shape", i64(2, 11, 3))],
+    opset=18)
+add("CenterCropPad", "axes-int32-shape", [("x", normal(3, 6, 7)),
+                                          ("shape", np.array([9, 4], np.int32))],
+    opset=18, axes=[2, 1], ref="reference")
+add("CenterCropPad", "int64-data", [("x", _rng.integers(0, 9, (4, 5))), ("shape", i64(7, 2))],
+    opset=18)
+for sid, kw in (("3d", {}), ("strides-pads-dilations", {"strides": [2, 1], "pads": [1, 0, 2, 1],
+                                                        "dilations": [1, 2]})):
+    block = [2, 3] if sid != "3d" else [2, 2, 2]
+    image = [7, 8] if sid != "3d" else [3, 4, 3]
+    k = len(image)
+    st_, pd, dl = kw.get("strides", [1] * k), kw.get("pads", [0] * 2 * k), kw.get("dilations",
+                                                                                  [1] * k)
+    nb = np.prod([(image[i] + pd[i] + pd[i + k] - (block[i] - 1) * dl[i] - 1) // st_[i] + 1
+                  for i in range(k)])
+    add("Col2Im", sid, [("x", normal(2, 3 * int(np.prod(block)), int(nb))),
+                        ("image_shape", i64(*image)), ("block_shape", i64(*block))], opset=18,
+        **kw)
+
+# -- DeformConv --------------------------------------------------------------------------------
+add("DeformConv", "groups-offset-groups-mask-bias",
+    [("X", normal(2, 4, 6, 7)), ("W", normal(6, 2, 3, 2)), ("offset", normal(2, 24, 3, 3)),
+     ("B", normal(6)), ("mask", uniform(0, 1, 2, 12, 3, 3))],
+    group=2, offset_group=2, strides=[2, 3], pads=[1, 0, 1, 2], dilations=[1, 2], rtol=1e-4)
+add("DeformConv", "large-offsets", [("X", normal(1, 2, 5, 5)), ("W", normal(3, 2, 2, 2)),
+                                    ("offset", normal(1, 8, 4, 4) * 3)], rtol=1e-4)
+add("DeformConv", "float64", [("X", normal(1, 1, 4, 4, dtype=F64)),
+                              ("W", normal(2, 1, 3, 3, dtype=F64)),
+                              ("offset", normal(1, 18, 2, 2, dtype=F64))])
+
+# -- RoiAlign / MaxRoiPool ---------------------------------------------------------------------
+_rx = normal(2, 3, 9, 11)
+_rois = f32([1.2, 0.5, 7.9, 6.1], [-2.0, -1.5, 4.5, 3.0], [3.0, 4.0, 13.0, 12.5],
+            [5.5, 2.0, 5.9, 2.2])
+_bidx = i64(0, 1, 1, 0)
+for opset, ctms in ((10, [None]), (16, ["half_pixel", "output_half_pixel"])):
+    for ctm in ctms:
+        for mode in ("avg", "max"):
+            for ratio in (0, 2):
+                attrs = {} if ctm is None else {"coordinate_transformation_mode": ctm}
+                add("RoiAlign", f"{opset}-{ctm}-{mode}-ratio{ratio}",
+                    [("X", _rx), ("rois", _rois), ("batch_indices", _bidx)], opset=opset,
+                    mode=mode, sampling_ratio=ratio, output_height=3, output_width=4,
+                    spatial_scale=0.9, rtol=1e-4, **attrs)
+add("MaxRoiPool", "scaled", [("X", _rx), ("rois", f32([0, 1.2, 0.5, 7.9, 6.1],
+                                                      [1, -2.0, -1.5, 4.5, 3.0],
+                                                      [1, 3.0, 4.0, 13.0, 12.5],
+                                                      [0, 5.5, 2.0, 5.9, 2.2]))],
+    opset=18, pooled_shape=[3, 2], spatial_scale=0.8)
+
+# -- NonMaxSuppression -------------------------------------------------------------------------
+_centers = uniform(0, 10, 2, 30, 2)
+_sizes = uniform(0.5, 4, 2, 30, 2)
+_corners = np.concatenate([_centers - _sizes / 2, _centers + _sizes / 2], axis=-1)
+_flip = _corners.copy()
+_flip[:, ::2] = _flip[:, ::2][:, :, [2, 3, 0, 1]]
+_scores = uniform(0, 1, 2, 3, 30)
+_scores[0, 0, 5] = _scores[0, 0, 9]  # a tie: the lower index goes first
+for sid, boxes, cpb in (("corners", _corners, 0), ("flipped", _flip, 0),
+                        ("center", np.concatenate([_centers, _sizes], -1).astype(F32), 1)):
+    add("NonMaxSuppression", sid, [("boxes", boxes), ("scores", _scores),
+                                   ("max", i64(7)), ("iou", f32(0.3)), ("score", f32(0.2))],
+        opset=11, center_point_box=cpb)
+add("NonMaxSuppression", "no-score-threshold", [("boxes", _corners), ("scores", _scores),
+                                                ("max", i64(100)), ("iou", f32(0.1))], opset=10)
+add("NonMaxSuppression", "no-max", [("boxes", _corners), ("scores", _scores)], opset=11)
+
+# -- Conv / ConvTranspose (combinations beyond tests/test_kernels.py) -------------------------
+add("Conv", "3d-groups-dilations-same-lower", [("X", normal(1, 4, 5, 6, 4)),
+                                               ("W", normal(6, 2, 2, 3, 2)), ("B", normal(6))],
+    group=2, dilations=[2, 1, 2], strides=[1, 2, 2], auto_pad="SAME_LOWER", rtol=1e-4,
+    ref="reference")  # onnxruntime refuses dilations with SAME padding
+add("Conv", "float16", [("X", normal(1, 3, 5, 5, dtype=F16)), ("W", normal(2, 3, 3, 3, dtype=F16))],
+    pads=[1, 1, 1, 1], rtol=1e-2, atol=1e-2)
+add("Conv", "float64-opset1", [("X", normal(1, 2, 5, dtype=F64)), ("W", normal(3, 2, 2,
+                                                                             dtype=F64))],
+    opset=1, strides=[2], ref="reference")
+add("ConvTranspose", "1d-groups-dilations-output-padding",
+    [("X", normal(2, 4, 5)), ("W", normal(4, 3, 3)), ("B", normal(6))],
+    group=2, dilations=[2], strides=[3], output_padding=[2], pads=[1, 2], rtol=1e-4)
+add("ConvTranspose", "output-shape-same-upper", [("X", normal(1, 2, 3, 4)),
+                                                 ("W", normal(2, 2, 3, 2))],
+    strides=[2, 3], output_shape=[7, 11], auto_pad="SAME_UPPER", rtol=1e-4)
+add("ConvTranspose", "3d-same-lower", [("X", normal(1, 2, 2, 3, 2)),
+                                       ("W", normal(2, 1, 2, 3, 2))],
+    strides=[2, 2, 1], auto_pad="SAME_LOWER", rtol=1e-4)
+
+# -- pooling -----------------------------------------------------------------------------------
+add("MaxPool", "ceil-dilations-pads-indices", [("X", distinct(_rng, (1, 2, 8, 9), dtype=F32))],
+    opset=12, n_out=2, kernel_shape=[2, 3], strides=[3, 2], dilations=[2, 2],
+    pads=[1, 0, 1, 1], ceil_mode=1)
+for inc in (0, 1):
+    add("AveragePool", f"ceil-pads-cip{inc}", [("X", normal(1, 2, 7, 8))], opset=19,
+        kernel_shape=[3, 3], strides=[2, 3], pads=[1, 1, 1, 0], ceil_mode=1,
+        count_include_pad=inc)
+_px = normal(2, 3, 7, 8)
+for p in (1, 2, 3):
+    add("LpPool", f"p{p}-pads-strides", [("X", _px)], opset=18, p=p, kernel_shape=[3, 2],
+        strides=[2, 2], pads=[1, 0, 1, 1])
+add("LpPool", "ceil-dilations", [("X", _px)], opset=18, kernel_shape=[2, 3], strides=[2, 2],
+    dilations=[2, 1], ceil_mode=1, rtol=1e-4)
+add("LpPool", "opset11-same-lower", [("X", _px)], opset=11, kernel_shape=[3, 3],
+    auto_pad="SAME_LOWER")
+add("LpPool", "opset2-1d", [("X", normal(2, 3, 9))], opset=2, kernel_shape=[3], strides=[2])
+add("LpPool", "float64-3d", [("X", normal(1, 2, 4, 5, 3, dtype=F64))], opset=18,
+    kernel_shape=[2, 2, 2], p=3, ref="reference")
+add("GlobalLpPool", "p3", [("X", _px)], opset=2, p=3)
+add("GlobalLpPool", "default-1d", [("X", normal(2, 3, 9))], opset=2)
+_mp = distinct(_rng, (2, 3, 6, 7), dtype=F32)
+add("MaxPool", "opset1", [("X", _mp)], opset=1, kernel_shape=[3, 2], strides=[2, 2],
+    pads=[1, 0, 1, 1])
+add("MaxPool", "opset8-indices-same-upper", [("X", _mp)], opset=8, n_out=2,
+    kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
+add("MaxPool", "opset12-uint8-ceil", [("X", _rng.integers(0, 255, (1, 2, 5, 6), dtype=np.uint8))],
+    opset=12, kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+add("AveragePool", "opset7-count-include-pad", [("X", _px)], opset=7, kernel_shape=[3, 3],
+    pads=[1, 1, 1, 1], count_include_pad=1)
+add("AveragePool", "float16", [("X", normal(1, 2, 5, 5, dtype=F16))], opset=19,
+    kernel_shape=[2, 2], rtol=2e-3, atol=2e-3)
+_pool_x = distinct(_rng, (1, 2, 4, 6), dtype=F32)
+add("MaxUnpool", "roundtrip-3d", [("X", normal(1, 2, 2, 2, 3)),
+                                  ("I", np.arange(24).reshape(1, 2, 2, 2, 3) * 2)],
+    opset=11, kernel_shape=[2, 2, 2], strides=[2, 2, 2])
+
+# -- CausalConvWithState -----------------------------------------------------------------------
+for sid, ins, attrs in (
+        ("bias-past-silu", [("x", normal(2, 3, 6)), ("w", normal(3, 1, 4)), ("b", normal(3)),
+                            ("past", normal(2, 3, 3))], {"activation": "silu"}),
+        ("no-past-short", [("x", normal(1, 2, 1)), ("w", normal(2, 1, 3))], {}),
+        ("bfloat16", [("x", normal(1, 2, 5).astype(BF16)), ("w", normal(2, 1, 2).astype(BF16))],
+         {})):
+    add("CausalConvWithState", sid, ins, opset=27, n_out=2, ref="reference", rtol=1e-2,
+        atol=1e-2, **attrs)
+
+
+def _cast32(a):
+    a = np.asarray(a)
+    return a.astype(F32) if a.dtype == BF16 else a
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_kernel_matches_reference(c: Case) -> None:
+    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
+    feeds = {n: a for n, a in c.inputs if a is not None}
+    ours = run(model, feeds)
+    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    for name in want:
+        got, exp = np.asarray(ours[name]), np.asarray(want[name])
+        assert got.shape == exp.shape, f"{c.id} {name}: shape {got.shape} != {exp.shape}"
+        assert got.dtype == exp.dtype, f"{c.id} {name}: dtype {got.dtype} != {exp.dtype}"
+        if exp.dtype.kind in "fcV":
+            np.testing.assert_allclose(_cast32(got), _cast32(exp), rtol=c.rtol, atol=c.atol,
+                                       err_msg=c.id)
+        else:
+            np.testing.assert_array_equal(got, exp, err_msg=c.id)
+
+
+# -- cases checked against explicit expectations ------------------------------------------------
+def test_upsample_opset1_matches_opset7() -> None:
+    x = normal(1, 2, 3, 4)
+    for mode, mode7 in (("nearest", "nearest"), ("bilinear", "linear")):
+        m1 = node_model("Upsample", [("X", x)], opset=1, mode=mode, height_scale=2.0,
+                        width_scale=1.5)
+        m1.ir_version = 3
+        m7 = node_model("Upsample", [("X", x)], opset=7, mode=mode7, scales=[1.0, 1.0, 2.0, 1.5])
+        np.testing.assert_allclose(run(m1, {"X": x})["y0"], run_ort(m7, {"X": x})["y0"],
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_averagepool_opset1_matches_opset7_without_pads_counted() -> None:
+    # (the ONNX reference counts pads when the attribute is absent; opset 7 made excluding them
+    # the explicit default)
+    x, kw = _px, {"kernel_shape": [3, 2], "pads": [1, 1, 1, 0], "strides": [2, 1]}
+    m1 = node_model("AveragePool", [("X", x)], opset=1, **kw)
+    m7 = node_model("AveragePool", [("X", x)], opset=7, count_include_pad=0, **kw)
+    np.testing.assert_allclose(run(m1, {"X": x})["y0"], run_ort(m7, {"X": x})["y0"],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_globallppool_opset1_float_p_matches_opset2() -> None:
+    x = normal(2, 3, 4, 5)
+    m1 = node_model("GlobalLpPool", [("X", x)], opset=1, p=3.0)
+    m2 = node_model("GlobalLpPool", [("X", x)], opset=2, p=3)
+    np.testing.assert_allclose(run(m1, {"X": x})["y0"], run_ort(m2, {"X": x})["y0"],
+                               rtol=1e-5)
+
+
+def test_maxunpool_inverts_maxpool_indices() -> None:
+    x = _pool_x
+    pool = node_model("MaxPool", [("X", x)], 2, opset=12, kernel_shape=[2, 2], strides=[2, 2])
+    y, idx = (run(pool, {"X": x})[k] for k in ("y0", "y1"))
+    unpool = node_model("MaxUnpool", [("X", y), ("I", idx)], opset=11, kernel_shape=[2, 2],
+                        strides=[2, 2])
+    got = run(unpool, {"X": y, "I": idx})["y0"]
+    assert_same_as_ort = run_ort(unpool, {"X": y, "I": idx})["y0"]
+    np.testing.assert_array_equal(got, assert_same_as_ort)
+    np.testing.assert_array_equal(got != 0, np.isin(x, y))
+
+
+def test_maxunpool_output_shape_pads_at_the_end() -> None:
+    # ONNX's reference and backend test: scatter into the inferred shape, then zero-pad.
+    x, idx = f32(5, 6, 7, 8).reshape(1, 1, 2, 2), i64(5, 7, 13, 15).reshape(1, 1, 2, 2)
+    m = node_model("MaxUnpool", [("X", x), ("I", idx), ("S", i64(1, 1, 5, 5))], opset=11,
+                   kernel_shape=[2, 2], strides=[2, 2])
+    got = run(m, {"X": x, "I": idx, "S": i64(1, 1, 5, 5)})["y0"]
+    np.testing.assert_array_equal(got, run_reference(m, {"X": x, "I": idx,
+                                                         "S": i64(1, 1, 5, 5)})["y0"])
+
+
+def test_maxpool_bfloat16_matches_float32() -> None:
+    x = distinct(_rng, (1, 2, 5, 6), dtype=F32).astype(BF16)
+    kw = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]}
+    got = run(node_model("MaxPool", [("X", x)], 2, opset=22, **kw), {"X": x})
+    want = run(node_model("MaxPool", [("X", x.astype(F32))], 2, opset=22, **kw),
+               {"X": x.astype(F32)})
+    assert got["y0"].dtype == BF16
+    np.testing.assert_array_equal(got["y0"].astype(F32), want["y0"])
+    np.testing.assert_array_equal(got["y1"], want["y1"])
+
+
+def test_nonmaxsuppression_keeps_iou_equal_to_threshold() -> None:
+    boxes = f32([0, 0, 1, 2], [0, 1, 1, 3], [0, 0.5, 1, 2.5]).reshape(1, 3, 4)
+    scores = f32(0.9, 0.8, 0.7).reshape(1, 1, 3)
+    m = node_model("NonMaxSuppression", [("b", boxes), ("s", scores), ("m", i64(3)),
+                                         ("t", f32(1 / 3))], opset=11)
+    got = run(m, {"b": boxes, "s": scores, "m": i64(3), "t": f32(1 / 3)})["y0"]
+    # box 1 overlaps box 0 with IoU exactly 1/3 (kept); box 2 overlaps box 0 by 0.6 (dropped)
+    np.testing.assert_array_equal(got[:, 2], [0, 1])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"mode": "linear"}, {"mode": "cubic", "exclude_outside": 1},
+    {"mode": "cubic", "antialias": 1, "scales": f32(1, 1, 0.4, 0.7)},
+    {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize",
+     "roi": f32(0, 0, -0.2, 0.1, 1, 1, 0.7, 1.2), "extrapolation_value": 2.0}], ids=str)
+def test_resize_gather_path_matches_dense_path(attrs, monkeypatch) -> None:
+    import trainer.kernels.image as image
+
+    attrs = dict(attrs)
+    scales, roi = attrs.pop("scales", f32(1, 1, 1.6, 2.2)), attrs.pop("roi", None)
+    x = normal(2, 3, 6, 7)
+    m = node_model("Resize", [("X", x), ("roi", roi), ("scales", scales)], **attrs)
+    feeds = {"X": x, "scales": scales} | ({} if roi is None else {"roi": roi})
+    dense = run(m, feeds)["y0"]
+    monkeypatch.setattr(image, "_DENSE_LIMIT", 0)
+    np.testing.assert_allclose(run(m, feeds)["y0"], dense, rtol=1e-5, atol=1e-6)
+
+
+def test_every_op_has_a_kernel_at_each_version() -> None:
+    for op, opsets in (("Resize", [10, 11, 13, 18, 19]), ("Upsample", [1, 7, 9]),
+                       ("MaxPool", [1, 8, 10, 11, 12, 22]), ("AveragePool", [1, 7, 10, 11, 19]),
+                       ("LpPool", [1, 2, 11, 18]), ("GlobalLpPool", [1, 2]),
+                       ("GridSample", [16, 20, 22]), ("RoiAlign", [10, 16, 22]),
+                       ("MaxUnpool", [9, 11, 22]), ("DeformConv", [19, 22]),
+                       ("NonMaxSuppression", [10, 11]), ("MaxRoiPool", [1, 22]),
+                       ("Col2Im", [18]), ("CenterCropPad", [18]), ("AffineGrid", [20]),
+                       ("CausalConvWithState", [27])):
+        for v in opsets:
+            assert get_kernel(op, v) is not None, (op, v)
+    assert get_kernel("Resize", 10) is not get_kernel("Resize", 11)
+    assert get_kernel("GridSample", 16) is not get_kernel("GridSample", 20)
+    assert get_kernel("RoiAlign", 10) is not get_kernel("RoiAlign", 16)
+
+
+# -- properties --------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5),
+       st.sampled_from(["nearest", "linear", "cubic"]))
+def test_resize_integer_upscale_half_pixel_nearest_is_repeat(sh, sw, h, w, mode) -> None:
+    x = normal(1, 1, h, w)
+    m = node_model("Resize", [("X", x), ("roi", None), ("scales", f32(1, 1, sh, sw))],
+                   mode="nearest", coordinate_transformation_mode="asymmetric",
+                   nearest_mode="floor")
+    got = run(m, {"X": x, "scales": f32(1, 1, sh, sw)})["y0"]
+    np.testing.assert_array_equal(got, np.repeat(np.repeat(x, sh, axis=2), sw, axis=3))
+    # any mode with unit scales is the identity
+    m = node_model("Resize", [("X", x), ("roi", None), ("scales", f32(1, 1, 1, 1))], mode=mode)
+    np.testing.assert_array_equal(run(m, {"X": x, "scales": f32(1, 1, 1, 1)})["y0"], x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 6), st.integers(2, 6), st.integers(0, 1),
+       st.sampled_from(["linear", "nearest", "cubic"]))
+def test_identity_affine_grid_samples_the_input(n, h, w, align, mode) -> None:
+    x = normal(n, 2, h, w)
+    theta = np.tile(f32([1, 0, 0], [0, 1, 0]), (n, 1, 1))
+    size = i64(n, 2, h, w)
+    grid = run(node_model("AffineGrid", [("t", theta), ("s", size)], opset=20,
+                          align_corners=align), {"t": theta, "s": size})["y0"]
+    m = node_model("GridSample", [("X", x), ("g", grid)], opset=20, mode=mode,
+                   align_corners=align)
+    np.testing.assert_allclose(run(m, {"X": x, "g": grid})["y0"], x, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=2, max_size=2),
+       st.lists(st.integers(1, 2), min_size=2, max_size=2),
+       st.lists(st.integers(1, 2), min_size=2, max_size=2),
+       st.lists(st.integers(0, 2), min_size=4, max_size=4))
+def test_col2im_is_the_adjoint_of_im2col(block, strides, dilations, pads) -> None:
+    image = [7, 6]
+    x = normal(1, 2, *image, dtype=F64)
+    padded = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    out = [(padded.shape[2 + i] - (block[i] - 1) * dilations[i] - 1) // strides[i] + 1
+           for i in range(2)]
+    cols = _windows(np, padded, block, strides, dilations, out)  # [1, 2, *out, *block]
+    cols = cols.transpose(0, 1, 4, 5, 2, 3).reshape(1, 2 * np.prod(block), -1)
+    c = normal(*cols.shape, dtype=F64)
+    m = node_model("Col2Im", [("c", c), ("i", i64(*image)), ("b", i64(*block))], opset=18,
+                   strides=strides, dilations=dilations, pads=pads)
+    folded = run(m, {"c": c, "i": i64(*image), "b": i64(*block)})["y0"]
+    np.testing.assert_allclose((cols * c).sum(), (x * folded).sum(), rtol=1e-10)
