@@ -4,6 +4,7 @@ node test cases (plus the bundled PyTorch-exported ones) run through the executo
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -14,8 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.opcases import distinct, node_model, run, run_ort, run_reference
 from trainer.executor import Executor
-from trainer.graph import opset_of
-from trainer.kernels import KERNELS, get_kernel
+from trainer.kernels import KERNELS
 
 F32 = np.float32
 _rng = np.random.default_rng(7)
@@ -236,6 +236,13 @@ for shape in ((3, 4, 2, 2), (5, 3), (2, 3, 4)):
     # onnxruntime's CPU kernel has no training mode: the reference evaluator checks it.
     add("BatchNormalization", f"training-{list(shape)}", bn, n_out=3, training_mode=1,
         momentum=0.8, ref="reference")
+_bnx = normal(4, 3, 2)
+add("BatchNormalization", "opset7-spatial0", [("X", _bnx), ("s", normal(3, 2)),
+                                              ("b", normal(3, 2)), ("m", normal(3, 2)),
+                                              ("v", positive(3, 2))], opset=7, spatial=0)
+add("BatchNormalization", "opset7-spatial1", [("X", _bnx), ("s", normal(3)), ("b", normal(3)),
+                                              ("m", normal(3)), ("v", positive(3))], opset=7,
+    epsilon=1e-3)
 add("Dropout", "inference", [("X", _x), ("ratio", np.array(0.3, F32))])
 add("Dropout", "inference-mask", [("X", _x), ("ratio", np.array(0.3, F32)),
                                   ("t", np.array(False))], n_out=2)
@@ -395,12 +402,20 @@ def test_dropout_training_kernel() -> None:
 
 
 def test_kernels_registered_for_every_tested_op() -> None:
-    # Every kernel has a case here or in ONNX's node suite (tests/test_onnx_backend.py).
+    # Every kernel has a case here, in a tests/test_kernels_*.py file (CASES of objects with an
+    # `op`, or a TESTED_OPS set), or in ONNX's node suite (tests/test_onnx_backend.py).
+    import pathlib
+
     from tests.onnx_conformance import _ops, collect
 
-    suite = set().union(*(_ops(c.model.graph) for c in collect()))
+    tested = set().union(*(_ops(c.model.graph) for c in collect())) | {c.op for c in KCASES}
+    here = pathlib.Path(__file__).parent
+    for path in sorted([*here.glob("test_kernels_*.py"), here / "test_control_flow.py"]):
+        mod = importlib.import_module(f"tests.{path.stem}")
+        tested |= {getattr(c, "op", None) for c in getattr(mod, "CASES", [])}
+        tested |= set(getattr(mod, "TESTED_OPS", ()))
     ours = {op for (domain, op) in KERNELS}
-    untested = sorted(ours - {c.op for c in KCASES} - suite)
+    untested = sorted(ours - tested)
     assert not untested, f"kernels without a reference test: {untested}"
 
 
@@ -408,13 +423,10 @@ _DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 # Models from opset < 7 with the legacy `broadcast`/`axis` attributes of Add/Gemm, which
 # predate NumPy broadcasting; the kernels implement the opset-7+ semantics only.
 def _model_dirs() -> list[str]:
-    dirs = []
-    for kind in ("pytorch-converted", "pytorch-operator", "simple"):
-        for d in sorted(glob.glob(os.path.join(_DATA, kind, "test_*"))):
-            m = onnx.load(os.path.join(d, "model.onnx"))
-            if all(get_kernel(n.op_type, opset_of(m, n.domain), n.domain) for n in m.graph.node):
-                dirs.append(d)
-    return dirs
+    """Every model directory of onnx's test data (real models exported by PyTorch, and simple
+    ones): all of them must run forward and match their stored outputs."""
+    return [d for kind in ("pytorch-converted", "pytorch-operator", "simple")
+            for d in sorted(glob.glob(os.path.join(_DATA, kind, "test_*")))]
 
 
 def _read_pb(path: str) -> np.ndarray:

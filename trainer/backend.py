@@ -35,7 +35,10 @@ def to_host(a) -> np.ndarray:
 
 
 def to_device(xp: ModuleType, a):
-    return a if xp is np else xp.asarray(a)
+    """a on xp's device; string (object) arrays stay on the host (string ops are host-only)."""
+    if xp is np or (isinstance(a, np.ndarray) and a.dtype == object):
+        return a
+    return xp.asarray(a)
 
 
 class StepRNG:

@@ -51,11 +51,18 @@ class TrainerRep(BackendRep):
             raise ValueError(f"model takes {len(names)} inputs, got {len(inputs)}")
         return dict(zip(names, inputs, strict=False))
 
+    def _to_device(self, v):
+        """Arrays (and sequences of them) to the device; strings stay on the host."""
+        if isinstance(v, list | tuple):
+            return [self._to_device(a) for a in v]
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            return self.xp.asarray(v)
+        return v
+
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
         feeds = self._feeds(inputs)
         if self.xp is not np:
-            feeds = {k: self.xp.asarray(v) if isinstance(v, np.ndarray) else v
-                     for k, v in feeds.items()}
+            feeds = {k: self._to_device(v) for k, v in feeds.items()}
         got = self.executor.run(feeds)
         return namedtupledict("Outputs", self.outputs)(*[_host(got[o]) for o in self.outputs])
 

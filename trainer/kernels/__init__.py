@@ -24,7 +24,9 @@ def kernel(op_type: str, since: int = 1, domain: str = ""):
 
 def host_ints(a) -> list[int]:
     """A shape-like input (shape, axes, pads, sizes, k...) read on the host as Python ints."""
-    return [int(v) for v in (a.tolist() if hasattr(a, "tolist") else a)]
+    if hasattr(a, "reshape"):
+        a = a.reshape(-1).tolist()
+    return [int(v) for v in (a if isinstance(a, list | tuple) else [a])]
 
 
 def get_kernel(op_type: str, opset: int, domain: str = "") -> Callable | None:
