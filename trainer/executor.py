@@ -235,10 +235,13 @@ def _bound(sub: Subgraph | list[Subgraph], env: Mapping[str, object]):
 
 
 def probe(model: onnx.ModelProto, shapes: Mapping[str, tuple],
-          dtypes: Mapping[str, np.dtype]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every tensor value, by running the graph once on zeros (NumPy)."""
+          dtypes: Mapping[str, np.dtype], values: Mapping[str, np.ndarray] | None = None
+          ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every tensor value, by running the graph once (NumPy) on `values`
+    where given (inputs whose values decide shapes) and zeros elsewhere."""
     ex = Executor(model, np, keep_all=True)
     feeds = {k: np.zeros(shapes[k], dtype=dtypes[k]) for k in shapes}
+    feeds.update({k: np.asarray(v) for k, v in (values or {}).items()})
     env = ex.run(feeds)
     return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in env.items()
             if v is not None and not isinstance(v, list)}

@@ -191,33 +191,55 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> on
     """Copy of the model computing in `dst` wherever it computed in `src`.
 
     Converts initializers, Constant/ConstantOfShape values, graph input/output and value_info
-    types, and Cast targets; `precision: fp64` verification runs use float32 -> float64.
+    types, Cast/CastLike targets and normalization stash types, in subgraphs too; `precision:
+    fp64` verification runs use float32 -> float64.
     """
     import copy
 
     S, D = elem_type(src), elem_type(dst)
     m = copy.deepcopy(model)
-    g = m.graph
 
     def conv_tensor(t: onnx.TensorProto) -> None:
         if t.data_type == S:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dst), t.name))
 
-    for t in g.initializer:
-        conv_tensor(t)
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.tensor_type.elem_type == S:
-            vi.type.tensor_type.elem_type = D
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                conv_tensor(a.t)
-            elif node.op_type == "Cast" and a.name == "to" and a.i == S:
-                a.i = D
-            elif a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise ModelError(f"converting to {np.dtype(dst).name}: node '{node.name}' "
-                                 f"({node.op_type}) has a subgraph, which is not handled yet")
+    def conv_graph(g: onnx.GraphProto) -> None:
+        for t in g.initializer:
+            conv_tensor(t)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            _conv_type(vi.type, S, D)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    conv_tensor(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    conv_graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        conv_graph(sub)
+                elif a.name in ("to", "output_dtype") and a.type == onnx.AttributeProto.INT \
+                        and a.i == S and node.op_type in ("Cast", "RandomNormal",
+                                                            "RandomUniform", "RandomNormalLike",
+                                                            "RandomUniformLike", "EyeLike"):
+                    a.i = D
+                elif a.name == "dtype" and a.type == onnx.AttributeProto.INT and a.i == S:
+                    a.i = D
+                elif a.name == "stash_type" and a.i == S:
+                    a.i = D
+
+    conv_graph(m.graph)
     return m
+
+
+def _conv_type(t: onnx.TypeProto, S: int, D: int) -> None:
+    """Convert a (possibly nested sequence/optional) tensor type from S to D in place."""
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type" and t.tensor_type.elem_type == S:
+        t.tensor_type.elem_type = D
+    elif kind == "sequence_type":
+        _conv_type(t.sequence_type.elem_type, S, D)
+    elif kind == "optional_type":
+        _conv_type(t.optional_type.elem_type, S, D)
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.autodiff.context import Builder
-from trainer.autodiff.engine import build_backward, reachable_params
+from trainer.autodiff.engine import active_nodes, build_backward, reachable_params
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
@@ -100,6 +100,110 @@ def select_names(candidates: list[str], trainable, frozen: Iterable[str]) -> lis
     return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
 
 
+def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
+            batch_size: int | None = None,
+            shapes: Mapping[str, tuple[int, ...]] | None = None,
+            example: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Generic reverse mode: the model extended with vector-Jacobian products.
+
+    `wrt` names graph inputs and/or initializers, `of` names graph outputs. The result keeps the
+    original inputs and outputs, adds one adjoint input `<y>_grad` (shape and dtype of y) per y
+    in `of`, and one output `<x>_grad` per x in `wrt` holding sum_y (dy/dx)^T <y>_grad (zeros
+    where x does not reach `of`). Shapes are specialized: symbolic input dims take `batch_size`,
+    or give `shapes` for the inputs; `example` gives values for inputs whose values decide
+    shapes (a shape or size tensor), which are otherwise taken as zeros.
+    """
+    wrt, of = list(dict.fromkeys(wrt)), list(dict.fromkeys(of))
+    g0 = model.graph
+    outputs = [o.name for o in g0.output]
+    inits = {t.name: t for t in g0.initializer}
+    inputs = {vi.name for vi in g0.input}
+    for y in of:
+        if y not in outputs:
+            raise ModelError(f"reverse: '{y}' is not an output of the model "
+                             f"(outputs: {', '.join(outputs)})")
+    for x in wrt:
+        if x not in inputs and x not in inits:
+            raise ModelError(f"reverse: '{x}' is neither a graph input nor an initializer")
+    missing = missing_kernels(model)
+    if missing:
+        raise UnsupportedOpError("forward kernel", missing)
+    example = {k: np.asarray(v) for k, v in (example or {}).items()}
+    in_shapes = input_shapes(model, batch_size,
+                             {**{k: v.shape for k, v in example.items()}, **dict(shapes or {})})
+    m = copy.deepcopy(model)
+    opset = ensure_default_opset(m)
+    g = m.graph
+    for vi in g.input:  # specialize the data inputs to concrete shapes
+        if vi.name in in_shapes:
+            for d, v in zip(vi.type.tensor_type.shape.dim, in_shapes[vi.name], strict=True):
+                d.Clear()
+                d.dim_value = v
+    shapes_all = probe(m, in_shapes, input_dtypes(model), example)
+    for x in wrt + of:
+        if x in shapes_all and shapes_all[x][1].kind != "f":
+            raise ModelError(f"reverse: '{x}' is {shapes_all[x][1]}, not a float tensor")
+    consts = _constant_values(m, shapes_all)
+    scope = NameScope(all_names(g))
+    seeds = {y: scope.fresh(f"{y}_grad") for y in of}
+    public = {x: scope.fresh(f"{x}_grad") for x in wrt}  # reserved before internal names
+    nodes = list(g.node)
+    reach = active_nodes(nodes, list(seeds), set(wrt), shapes_all)[1]
+    live = [x for x in wrt if x in reach or x in seeds]
+    bwd, bwd_inits, grads = build_backward(nodes, seeds, live, shapes_all, opset, scope, consts)
+    g.node.extend(bwd)
+    add_initializers(g, bwd_inits, m.ir_version)
+
+    def vi(name, like=None):
+        shape, dt = shapes_all[like or name]
+        return helper.make_tensor_value_info(name, elem_type(dt), list(shape))
+    g.input.extend(vi(seeds[y], y) for y in of)
+    for x in wrt:
+        name = public[x]
+        shape, dt = shapes_all[x]
+        if x in grads:
+            g.node.append(helper.make_node("Identity", [grads[x]], [name],
+                                           name=scope.fresh(f"{name}/Identity")))
+        else:  # x does not reach any of `of`: its gradient is zero
+            g.node.append(helper.make_node(
+                "ConstantOfShape", [_int_const(g, scope, list(shape), m.ir_version)], [name],
+                name=scope.fresh(f"{name}/Zeros"),
+                value=numpy_helper.from_array(np.zeros(1, dt))))
+        g.output.append(vi(name, x))
+    del g.value_info[:]
+    check_model(m, "reverse-mode graph")
+    return m
+
+
+def _int_const(g: onnx.GraphProto, scope: NameScope, values: list[int], ir: int) -> str:
+    name = scope.fresh("shape")
+    add_initializers(g, [numpy_helper.from_array(np.array(values, np.int64), name)], ir)
+    return name
+
+
+def add_initializers(g: onnx.GraphProto, tensors, ir_version: int) -> None:
+    """Append initializers; before IR 4 every initializer must also be a graph input."""
+    tensors = list(tensors)
+    g.initializer.extend(tensors)
+    if ir_version < 4:
+        g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in tensors)
+
+
+# Rules emit standard ops; a model with no default-domain import (only ai.onnx.ml, say) gets
+# this one for its gradient nodes.
+DEFAULT_GRAD_OPSET = 18
+
+
+def ensure_default_opset(m: onnx.ModelProto) -> int:
+    """The model's default-domain opset, importing DEFAULT_GRAD_OPSET when it has none."""
+    opset = opset_of(m)
+    if opset == 0:
+        m.opset_import.append(helper.make_opsetid("", DEFAULT_GRAD_OPSET))
+        opset = DEFAULT_GRAD_OPSET
+    return opset
+
+
 def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Iterable[str] = (),
                          batch_size: int | None = None,
                          shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -122,12 +226,12 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     if spec.output not in outputs:
         raise ModelError(f"loss output '{spec.output}' is not an output of the model "
                          f"(outputs: {', '.join(outputs)})")
-    opset = opset_of(model)
     in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
     dtypes = input_dtypes(model)
     first = probe(model, in_shapes, dtypes)
 
     m = copy.deepcopy(model)
+    opset = ensure_default_opset(m)
     g = m.graph
     scope = NameScope(all_names(g))
     consts = _constant_values(m, first)
@@ -154,12 +258,12 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
         raise ModelError("nothing to train: no float initializer reaches the loss")
     seed_dtype = shapes_all[loss_name][1]
     seed = scope.fresh(f"{loss_name}_grad_seed")
-    bwd, bwd_inits, grads = build_backward(nodes, loss_name, chosen, shapes_all, opset, scope,
-                                           seed, consts)
+    bwd, bwd_inits, grads = build_backward(nodes, {loss_name: seed}, chosen, shapes_all, opset,
+                                           scope, consts)
     g = fwd.graph
     g.node.extend(bwd)
-    g.initializer.extend(bwd_inits)
-    g.initializer.append(numpy_helper.from_array(np.array(1.0, seed_dtype), seed))
+    add_initializers(g, [*bwd_inits, numpy_helper.from_array(np.array(1.0, seed_dtype), seed)],
+                     fwd.ir_version)
     del g.output[:]
 
     def out(name, like=None):
@@ -236,7 +340,7 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
     g = m.graph
     del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(inits)
+    add_initializers(g, inits, m.ir_version)
     for vi in g.input:  # specialize the data inputs to the run's concrete shapes
         if vi.name in in_shapes:
             dims = vi.type.tensor_type.shape.dim

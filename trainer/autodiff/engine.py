@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import onnx
 
 from trainer.autodiff.context import GradContext
@@ -18,16 +20,16 @@ def diff_inputs(node: onnx.NodeProto) -> list[str]:
     return [node.input[i] for i in slots]
 
 
-def active_nodes(nodes: list[onnx.NodeProto], loss: str, wrt: set[str], shapes: dict
+def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: dict
                  ) -> tuple[list[int], set[str]]:
-    """Indices of nodes on a float path from `wrt` to `loss` (through differentiable input
-    slots only), and the tensors on such paths."""
+    """Indices of nodes on a float path from `wrt` to the `targets` (a name or names), through
+    differentiable input slots only, and the tensors on such paths."""
     requires = set(wrt)
     for node in nodes:
         if any(i in requires for i in diff_inputs(node)):
             requires.update(o for o in node.output
                             if o in shapes and shapes[o][1].kind == "f")
-    useful = {loss}
+    useful = {targets} if isinstance(targets, str) else set(targets)
     for node in reversed(nodes):
         if any(o in useful for o in node.output):
             useful.update(diff_inputs(node))
@@ -38,20 +40,21 @@ def active_nodes(nodes: list[onnx.NodeProto], loss: str, wrt: set[str], shapes: 
     return active, on_path
 
 
-def reachable_params(nodes, loss, candidates, shapes) -> set[str]:
-    """Which candidate tensors the loss depends on through differentiable float paths."""
-    return active_nodes(nodes, loss, set(candidates), shapes)[1] & set(candidates)
+def reachable_params(nodes, targets, candidates, shapes) -> set[str]:
+    """Which candidate tensors the targets depend on through differentiable float paths."""
+    return active_nodes(nodes, targets, set(candidates), shapes)[1] & set(candidates)
 
 
-def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shapes: dict,
-                   opset: int, scope: NameScope, seed_name: str, constants: dict | None = None
+def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: list[str],
+                   shapes: dict, opset: int, scope: NameScope, constants: dict | None = None
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[str, str]]:
-    """Gradient nodes of `loss` w.r.t. `wrt`; `seed_name` holds dLoss (usually a constant 1).
+    """Gradient nodes of the outputs in `seeds` w.r.t. `wrt`: `seeds` maps each differentiated
+    tensor y to the tensor holding dL/dy (a constant 1 for a scalar loss, or an adjoint input).
 
     Returns (nodes, constant initializers, {wrt name: gradient tensor name}).
     """
-    active, on_path = active_nodes(nodes, loss, set(wrt), shapes)
-    unreached = [w for w in wrt if w not in on_path]
+    active, on_path = active_nodes(nodes, list(seeds), set(wrt), shapes)
+    unreached = [w for w in wrt if w not in on_path and w not in seeds]
     if unreached:
         raise ModelError(f"the loss does not depend on {', '.join(unreached)} through "
                          "differentiable ops; remove them from 'trainable'")
@@ -60,8 +63,9 @@ def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shape
     if missing:
         raise UnsupportedOpError("gradient rule", missing)
 
-    # Each (node, input slot) on the path contributes one gradient term to that input tensor.
-    terms: dict[str, list[str]] = {}
+    # Each (node, input slot) on the path contributes one gradient term to that input tensor;
+    # a differentiated output also receives its seed.
+    terms: dict[str, list[str]] = {y: ["seed"] for y in seeds}
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]
@@ -69,9 +73,13 @@ def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shape
             name = node.input[i]
             if name in on_path:
                 terms.setdefault(name, []).append(f"{k}:{i}")
-    final = {name: scope.fresh(f"{name}_grad") for name in terms}
+    final = {}
+    for name, parts in terms.items():
+        final[name] = seeds[name] if parts == ["seed"] else scope.fresh(f"{name}_grad")
     for name, parts in terms.items():
         for p in parts:
+            if p == "seed":
+                continue
             k, i = (int(v) for v in p.split(":"))
             if len(parts) == 1:
                 slots[(k, i)] = final[name]
@@ -85,7 +93,8 @@ def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shape
     def accumulate(name: str) -> None:
         parts = terms.get(name, [])
         if len(parts) > 1 and name not in done:
-            names = [slots[tuple(int(v) for v in p.split(":"))] for p in parts]
+            names = [seeds[name] if p == "seed" else slots[tuple(int(v) for v in p.split(":"))]
+                     for p in parts]
             out_nodes.append(onnx.helper.make_node("Sum", names, [final[name]],
                                                    name=scope.fresh(f"{final[name]}/Sum")))
         done.add(name)
@@ -94,9 +103,7 @@ def build_backward(nodes: list[onnx.NodeProto], loss: str, wrt: list[str], shape
         node = nodes[k]
         gos: list[str | None] = []
         for o in node.output:
-            if o == loss:
-                gos.append(seed_name)
-            elif o in terms:
+            if o in terms:
                 accumulate(o)
                 gos.append(final[o])
             else:

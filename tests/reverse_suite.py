@@ -1,0 +1,123 @@
+"""`trainer.autodiff.reverse` over the float cases of ONNX's backend node suite, against finite
+differences.
+
+For each case with float inputs and float outputs: the model in float64, wrt = its float inputs
+(integer inputs such as axes, indices and shapes held constant), of = its float outputs, random
+adjoints u_y. The vector-Jacobian products g_x must satisfy, along random directions v,
+    sum_x <g_x, v_x>  ==  d/dt sum_y <u_y, y(x + t v)>  at t = 0   (central differences).
+
+    python -m tests.reverse_suite               # summary
+    python -m tests.reverse_suite --ops Gather -v
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections import Counter
+
+import numpy as np
+import onnx
+
+from tests.onnx_conformance import Result, _normalize, _ops, collect
+
+F64 = np.float64
+
+
+def _float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    from trainer.graph import convert_floats
+
+    m = convert_floats(model, np.float32, np.float64)
+    m = convert_floats(m, np.float16, np.float64)
+    return m
+
+
+def applicable(case) -> bool:
+    """Tensor inputs/outputs only, at least one float input and one float output."""
+    ins, outs = case.data_sets[0]
+    ins, outs = [_normalize(x) for x in ins], [_normalize(x) for x in outs]
+    arrays = all(isinstance(a, np.ndarray) for a in [*ins, *outs])
+    return arrays and any(a.dtype.kind == "f" for a in ins) and any(
+        a.dtype.kind == "f" for a in outs)
+
+
+def check(case, directions: int = 2, eps: float = 1e-6, rtol: float = 1e-4) -> Result:
+    from trainer.autodiff import reverse
+    from trainer.executor import Executor
+
+    ops = tuple(sorted(_ops(case.model.graph)))
+    try:
+        model = _float64_model(case.model)
+        ins = [_normalize(x) for x in case.data_sets[0][0]]
+        feeds = {}
+        for vi, a in zip(model.graph.input, ins, strict=False):
+            feeds[vi.name] = a.astype(F64) if a.dtype.kind == "f" else a
+        wrt = [k for k, a in feeds.items() if a.dtype.kind == "f"]
+        fwd = Executor(model, np)
+        base = fwd.run(feeds)
+        of = [o.name for o in model.graph.output
+              if isinstance(base[o.name], np.ndarray) and base[o.name].dtype.kind == "f"]
+        if not of:
+            return Result(case.name, ops, False, "no float output in float64")
+        rng = np.random.default_rng(0)
+        adj = {y: rng.standard_normal(np.shape(base[y])) for y in of}
+        rm = reverse(model, wrt, of, example=feeds)
+        grads = Executor(rm, np).run({**feeds, **{f"{y}_grad": adj[y] for y in of}})
+
+        def f(t, v):
+            out = fwd.run({**feeds, **{x: feeds[x] + t * v[x] for x in wrt}})
+            return sum(float(np.sum(adj[y] * out[y])) for y in of)
+
+        for _ in range(directions):
+            v = {x: rng.standard_normal(feeds[x].shape) for x in wrt}
+            h = eps * max(1.0, max(float(np.abs(feeds[x]).max(initial=0)) for x in wrt))
+            fd = (f(h, v) - f(-h, v)) / (2 * h)
+            an = sum(float(np.sum(grads[f"{x}_grad"] * v[x])) for x in wrt)
+            scale = max(abs(fd), abs(an), 1e-3)
+            if not np.isfinite(an) or abs(fd - an) > rtol * scale:
+                return Result(case.name, ops, False,
+                              f"directional derivative {an:.6g}, finite differences {fd:.6g}")
+    except Exception as exc:  # noqa: BLE001 - every failure is a reported result
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Result(case.name, ops, False, f"{type(exc).__name__}: {first}")
+    return Result(case.name, ops, True)
+
+
+def run_all(ops: set[str] | None = None, match: str | None = None) -> list:
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in collect():
+            if ops and not (_ops(case.model.graph) & ops):
+                continue
+            if match and match not in case.name:
+                continue
+            if applicable(case):
+                out.append(check(case))
+    return out
+
+
+def summary(results, verbose: bool = False) -> str:
+    passed = sum(r.ok for r in results)
+    lines = [f"reverse() on float node cases: {passed}/{len(results)} agree with finite "
+             f"differences ({100.0 * passed / max(len(results), 1):.1f}%)"]
+    reasons = Counter(r.reason.split(":")[0] for r in results if not r.ok)
+    lines += [f"  {n:4d}  {why}" for why, n in reasons.most_common()]
+    if verbose:
+        lines += [f"FAIL {r.name} [{','.join(r.ops)}]: {r.reason}" for r in results if not r.ok]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops")
+    p.add_argument("--match")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    print(summary(run_all(set(a.ops.split(",")) if a.ops else None, a.match), a.verbose))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

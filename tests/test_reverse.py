@@ -1,0 +1,112 @@
+"""trainer.autodiff.reverse: the public reverse-mode API, against PyTorch autograd, onnxruntime,
+and finite differences over the float cases of ONNX's node suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from tests import reverse_suite
+from trainer.autodiff import reverse
+from trainer.errors import ModelError
+from trainer.executor import Executor
+
+# Raised as gradient rules land; the acceptance bar is 95%.
+SUITE_BAR = 0.50
+
+
+def _model():
+    """h = tanh(x @ W + b); y1 = sum(h * h, axis 1); y2 = h * y1[:, None] (y1 is both an output
+    and an input of a later node); u is an input that reaches nothing."""
+    rng = np.random.default_rng(0)
+    W, b = rng.standard_normal((4, 3)), rng.standard_normal(3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["pre"]),
+             helper.make_node("Tanh", ["pre"], ["h"]),
+             helper.make_node("Mul", ["h", "h"], ["hh"]),
+             helper.make_node("ReduceSum", ["hh", "axes"], ["y1"], keepdims=0),
+             helper.make_node("Unsqueeze", ["y1", "axes"], ["y1c"]),
+             helper.make_node("Mul", ["h", "y1c"], ["y2"]),
+             helper.make_node("Identity", ["u"], ["u_out"])]
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 4]),
+         helper.make_tensor_value_info("u", TensorProto.DOUBLE, [2])],
+        [helper.make_tensor_value_info("y1", TensorProto.DOUBLE, ["N"]),
+         helper.make_tensor_value_info("y2", TensorProto.DOUBLE, ["N", 3]),
+         helper.make_tensor_value_info("u_out", TensorProto.DOUBLE, [2])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), W, b
+
+
+def _torch_vjp(x, W, b, g1, g2):
+    xt, Wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, W, b))
+    h = torch.tanh(xt @ Wt + bt)
+    y1 = (h * h).sum(1)
+    y2 = h * y1[:, None]
+    torch.autograd.backward([y1, y2], [torch.tensor(g1), torch.tensor(g2)])
+    return {"x": xt.grad.numpy(), "W": Wt.grad.numpy(), "b": bt.grad.numpy()}
+
+
+def test_reverse_matches_torch_autograd_and_onnxruntime():
+    model, W, b = _model()
+    rm = reverse(model, ["x", "W", "b", "u"], ["y1", "y2"], batch_size=5)
+    onnx.checker.check_model(rm)
+    names_in = [vi.name for vi in rm.graph.input]
+    names_out = [vi.name for vi in rm.graph.output]
+    assert names_in == ["x", "u", "y1_grad", "y2_grad"]
+    assert names_out == ["y1", "y2", "u_out", "x_grad", "W_grad", "b_grad", "u_grad"]
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in rm.graph.input}
+    assert shapes["y1_grad"] == [5] and shapes["y2_grad"] == [5, 3]
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((5, 4)), "u": rng.standard_normal(2),
+             "y1_grad": rng.standard_normal(5), "y2_grad": rng.standard_normal((5, 3))}
+    ours = Executor(rm, np).run(feeds)
+    want = _torch_vjp(feeds["x"], W, b, feeds["y1_grad"], feeds["y2_grad"])
+    for k, v in want.items():
+        np.testing.assert_allclose(ours[f"{k}_grad"], v, rtol=1e-12, atol=1e-12, err_msg=k)
+    np.testing.assert_array_equal(ours["u_grad"], np.zeros(2))  # u reaches neither output
+    sess = ort.InferenceSession(rm.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip(names_out, sess.run(None, feeds), strict=True))
+    for k in want:
+        np.testing.assert_allclose(got[f"{k}_grad"], ours[f"{k}_grad"], rtol=1e-12)
+
+
+def test_reverse_of_one_output_only():
+    model, W, b = _model()
+    rm = reverse(model, ["W"], ["y1"], batch_size=2)
+    rng = np.random.default_rng(2)
+    x, g1 = rng.standard_normal((2, 4)), rng.standard_normal(2)
+    got = Executor(rm, np).run({"x": x, "u": np.zeros(2), "y1_grad": g1})["W_grad"]
+    want = _torch_vjp(x, W, b, g1, np.zeros((2, 3)))["W"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("wrt,of,match", [
+    (["x"], ["h"], "not an output"),
+    (["nowhere"], ["y1"], "neither a graph input nor an initializer"),
+    (["axes"], ["y1"], "not a float tensor")])
+def test_reverse_errors(wrt, of, match):
+    model, _, _ = _model()
+    with pytest.raises(ModelError, match=match):
+        reverse(model, wrt, of, batch_size=2)
+
+
+def test_reverse_needs_concrete_shapes():
+    model, _, _ = _model()
+    with pytest.raises(ModelError, match="symbolic dimension"):
+        reverse(model, ["x"], ["y1"])
+
+
+def test_onnx_node_suite_float_cases_agree_with_finite_differences():
+    results = reverse_suite.run_all()
+    passed = sum(r.ok for r in results)
+    print("\n" + reverse_suite.summary(results))
+    assert len(results) >= 1100, "the float cases were not collected"
+    assert passed / len(results) >= SUITE_BAR, reverse_suite.summary(results, verbose=True)
