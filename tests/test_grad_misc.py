@@ -1,0 +1,301 @@
+"""Gradients of the signal ops (DFT, STFT) against float64 finite differences and onnxruntime,
+and the catalogue of non-differentiable ops (random, windows, quantization, strings, ai.onnx.ml,
+ai.onnx.preview.training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from tests.gradcheck import (
+    ATOL,
+    RTOL,
+    Case,
+    CaseTable,
+    check_case,
+    check_float32,
+    finite_differences,
+    gradients,
+    loss_model,
+    normal,
+)
+from tests.opcases import make_model, run_ort
+from trainer.autodiff import build_training_graph, training_info
+from trainer.autodiff.registry import NO_GRADIENT, RULES, get_rule
+from trainer.errors import ModelError
+
+
+def i64(v: int) -> np.ndarray:
+    return np.array(v, np.int64)
+
+
+table = CaseTable()
+add = table.add
+
+# -- DFT: opset 17 (axis attribute) and 20 (axis input) ------------------------------------------
+_DFT = [  # id, input, attributes, dft_length
+    ("c2c", normal(2, 5, 2), {}, None),
+    ("r2c", normal(2, 5, 1), {}, None),
+    ("inverse", normal(2, 5, 2), {"inverse": 1}, None),
+    ("inverse-real", normal(2, 4, 1), {"inverse": 1}, None),
+    ("c2c-cut", normal(2, 6, 2), {}, 4),
+    ("c2c-pad", normal(2, 4, 2), {}, 7),
+    ("inverse-pad", normal(2, 4, 2), {"inverse": 1}, 6),
+    ("r2c-cut", normal(2, 5, 1), {}, 3),
+    ("rfft-even", normal(2, 6, 1), {"onesided": 1}, None),
+    ("rfft-odd", normal(2, 5, 1), {"onesided": 1}, None),
+    ("rfft-pad", normal(2, 5, 1), {"onesided": 1}, 8),
+    ("rfft-cut-odd", normal(2, 6, 1), {"onesided": 1}, 5),
+    ("irfft", normal(2, 4, 2), {"onesided": 1, "inverse": 1}, None),
+    ("irfft-odd", normal(2, 4, 2), {"onesided": 1, "inverse": 1}, 7),
+    ("irfft-cut", normal(2, 4, 2), {"onesided": 1, "inverse": 1}, 4),
+    ("irfft-pad", normal(2, 4, 2), {"onesided": 1, "inverse": 1}, 9),
+]
+for opset in (17, 20):
+    for sid, x, attrs, n in _DFT:
+        ins = [("X", x), ("N", None if n is None else i64(n))]
+        if opset == 17:
+            add("DFT", f"{sid}-opset17", ins, opset=17, axis=1, **attrs)
+        else:
+            add("DFT", f"{sid}-opset20", [*ins, ("axis", i64(1))], opset=20, **attrs)
+for opset in (18, 19, 21):  # the DFT-17 form up to 19, the DFT-20 form from 20
+    add("DFT", f"rfft-pad-opset{opset}", [("X", normal(2, 5, 1)), ("N", i64(8))], opset=opset,
+        onesided=1, **({"axis": 1} if opset < 20 else {}))
+    add("STFT", f"opset{opset}", [("S", normal(2, 10, 1)), ("step", i64(2)), ("W", normal(4))],
+        opset=opset)
+_x4 = normal(2, 3, 4, 2)
+add("DFT", "axis2-opset17", [("X", _x4)], opset=17, axis=2)
+add("DFT", "axis-3-opset17", [("X", _x4)], opset=17, axis=-3)
+add("DFT", "axis0-opset17", [("X", normal(4, 3, 1))], opset=17, axis=0, onesided=1)
+add("DFT", "default-axis-opset17", [("X", _x4)], opset=17)
+add("DFT", "default-axis-opset20", [("X", _x4)], opset=20)
+add("DFT", "axis-3-opset20", [("X", _x4), ("N", None), ("axis", i64(-3))], opset=20)
+add("DFT", "axis2-rfft-pad-opset20", [("X", normal(2, 3, 4, 1)), ("N", i64(6)),
+                                       ("axis", i64(2))], opset=20, onesided=1)
+add("DFT", "axis1-irfft-opset20", [("X", normal(2, 3, 4, 2)), ("N", i64(5)),
+                                    ("axis", i64(1))], opset=20, onesided=1, inverse=1)
+
+# -- STFT: window and signal; frames overlapping (r = ceil(fl/step) chunks), touching, apart -----
+_STFT = [  # id, signal length, complex, step, window length / frame_length, onesided
+    ("step3-fl5", 13, False, 3, 5, 1),
+    ("step2-fl6", 13, False, 2, 6, 1),
+    ("step1-fl4", 9, False, 1, 4, 1),
+    ("step4-fl4", 13, False, 4, 4, 1),
+    ("step5-fl3", 14, False, 5, 3, 1),
+    ("step3-fl7-odd", 16, False, 3, 7, 1),
+    ("two-sided", 13, False, 3, 5, 0),
+    ("complex-two-sided", 13, True, 3, 5, 0),
+    ("complex-onesided", 12, True, 2, 5, 1),
+    ("one-frame", 6, False, 2, 6, 1),
+]
+for sid, length, cplx, step, fl, ones in _STFT:
+    sig = normal(2, length, 2 if cplx else 1)
+    add("STFT", f"{sid}-window", [("S", sig), ("step", i64(step)), ("W", normal(fl))],
+        opset=17, onesided=ones)
+    add("STFT", f"{sid}-frame-length", [("S", sig), ("step", i64(step)), ("W", None),
+                                        ("fl", i64(fl))], opset=17, onesided=ones)
+add("STFT", "window-and-length", [("S", normal(2, 11, 1)), ("step", i64(2)), ("W", normal(4)),
+                                  ("fl", i64(4))], opset=17)
+add("STFT", "only-window", [("S", normal(1, 10, 1)), ("step", i64(3)), ("W", normal(4))],
+    opset=17, wrt=["W"])
+add("STFT", "only-signal", [("S", normal(1, 10, 2)), ("step", i64(3)), ("W", normal(4))],
+    opset=17, onesided=0, wrt=["S"])
+
+CASES = table.cases
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_rule_matches_finite_differences(c: Case) -> None:
+    check_case(c)
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_rule_float32_training_graph(c: Case) -> None:
+    check_float32(c)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(fl=st.integers(1, 7), step=st.integers(1, 8), extra=st.integers(0, 9),
+       cplx=st.booleans(), onesided=st.integers(0, 1))
+def test_stft_overlap_add_property(fl, step, extra, cplx, onesided) -> None:
+    # Any frame length, hop and leftover tail: the adjoint of framing is exact.
+    rng = np.random.default_rng(fl * 100 + step * 10 + extra)
+    sig = rng.standard_normal((2, fl + extra, 2 if cplx else 1))
+    check_case(Case(f"STFT-{fl}-{step}-{extra}", "STFT",
+                    [("S", sig), ("step", i64(step)), ("W", rng.standard_normal(fl))],
+                    {"onesided": onesided}, opset=17))
+
+
+# -- cases onnxruntime does not run (our kernels are more lenient): finite differences only ------
+def _check_fd(c: Case) -> None:
+    model = loss_model(c)
+    wrt = c.params()
+    grads, _ = gradients(model, wrt)
+    values = {n: a for n, a in c.inputs if n in wrt}
+    fd = finite_differences(model, values)
+    for p in wrt:
+        np.testing.assert_allclose(grads[p], fd[p], rtol=RTOL, atol=ATOL, err_msg=p)
+
+
+@pytest.mark.parametrize("c", [
+    # STFT with neither window nor frame_length: one frame of the whole signal
+    Case("STFT-whole-signal", "STFT", [("S", normal(2, 7, 1)), ("step", i64(2))], opset=17),
+    # a one-sided spectrum of a complex signal (ONNX allows only real input there)
+    Case("DFT-onesided-complex", "DFT", [("X", normal(2, 6, 2))], {"onesided": 1, "axis": 1},
+         opset=17),
+    Case("DFT-irfft-real-input", "DFT", [("X", normal(2, 4, 1))],
+         {"onesided": 1, "inverse": 1, "axis": 1}, opset=17),
+], ids=str)
+def test_lenient_forms_match_finite_differences(c: Case) -> None:
+    _check_fd(c)
+
+
+def test_dft_gradient_matches_torch_fft() -> None:
+    """rfft / irfft / fft adjoints agree with torch autograd (PyTorch's conventions)."""
+    rng = np.random.default_rng(7)
+    for attrs, shape, n, fn in [
+        ({"onesided": 1}, (3, 8, 1), None, lambda t: torch.view_as_real(torch.fft.rfft(
+            t[..., 0], dim=1))),
+        ({"onesided": 1, "inverse": 1}, (3, 5, 2), 8, lambda t: torch.fft.irfft(
+            torch.view_as_complex(t), n=8, dim=1)[..., None]),
+        ({}, (3, 6, 2), 4, lambda t: torch.view_as_real(torch.fft.fft(
+            torch.view_as_complex(t), n=4, dim=1))),
+    ]:
+        x = rng.standard_normal(shape)
+        c = Case("DFT-torch", "DFT", [("X", x), ("N", None if n is None else i64(n))],
+                 {"axis": 1, **attrs}, opset=17)
+        model = loss_model(c)
+        grads, _ = gradients(model, ["X"])
+        r = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}["R0"]
+        tx = torch.tensor(x, requires_grad=True)
+        (fn(tx) * torch.tensor(r)).sum().backward()
+        np.testing.assert_allclose(grads["X"], tx.grad.numpy(), rtol=1e-9, atol=1e-9,
+                                   err_msg=str(attrs))
+
+
+def _training_error(nodes, inits, wrt, opset=20) -> str:
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=opset)
+    with pytest.raises(ModelError) as err:
+        build_training_graph(model, {"type": "output", "output": "L"}, wrt)
+    return str(err.value)
+
+
+def test_computed_axis_or_lengths_are_clear_errors() -> None:
+    # An axis or length computed from a trained tensor cannot be read when the graph is built.
+    x = normal(2, 6, 1)
+    count = [helper.make_node("ReduceSum", ["X"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["s", "zero"], ["z"]),
+             helper.make_node("Cast", ["z"], ["zi"], to=onnx.TensorProto.INT64),
+             helper.make_node("Add", ["zi", "k"], ["v"])]
+    loss = [helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
+    base = {"X": x, "zero": np.array(0.0)}
+    msg = _training_error(count + [helper.make_node("DFT", ["X", "", "v"], ["y"])] + loss,
+                          {**base, "k": i64(1)}, ["X"])
+    assert "axis" in msg and "DFT" in msg
+    msg = _training_error(count + [helper.make_node("DFT", ["X", "v"], ["y"], onesided=1,
+                                                    axis=1)] + loss,
+                          {**base, "k": i64(6)}, ["X"], opset=17)
+    assert "dft_length" in msg
+    msg = _training_error(count + [helper.make_node("STFT", ["X", "v", "W"], ["y"])] + loss,
+                          {**base, "k": i64(2), "W": normal(3)}, ["X", "W"], opset=17)
+    assert "frame_step" in msg
+
+
+def test_stft_gradient_runs_in_onnxruntime_at_float32_for_a_real_size() -> None:
+    # A realistic frame (512, hop 128) stays a handful of nodes: no per-tap or per-shift loops.
+    rng = np.random.default_rng(3)
+    c = Case("STFT-512", "STFT", [("S", rng.standard_normal((2, 2048, 1))),
+                                  ("step", i64(128)), ("W", np.hanning(512))], opset=17)
+    _, tm = gradients(loss_model(c), ["S", "W"])
+    grad_nodes = [n for n in tm.graph.node if n.name.startswith("STFT_0/Grad/")]
+    assert len(grad_nodes) <= 16, [n.op_type for n in grad_nodes]
+    res = run_ort(tm)
+    grads, _ = gradients(loss_model(c), ["S", "W"])
+    for p, name in training_info(tm).gradients.items():
+        np.testing.assert_allclose(res[name], grads[p], rtol=1e-7, atol=1e-7)
+
+
+# -- the non-differentiable catalogue ---------------------------------------------------------
+DECLARED = {  # ops this family declares, by domain
+    "": {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+         "Multinomial", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix",
+         "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+         "QLinearMatMul", "MatMulInteger", "ConvInteger", "StringConcat", "StringNormalizer",
+         "StringSplit", "RegexFullMatch", "TfIdfVectorizer", "ImageDecoder", "NonMaxSuppression",
+         "Unique", "BitCast", "OptionalHasElement", "SequenceLength", "SequenceEmpty"},
+    "ai.onnx.ml": {"Binarizer", "CastMap", "CategoryMapper", "DictVectorizer", "LabelEncoder",
+                   "OneHotEncoder", "TreeEnsemble", "TreeEnsembleClassifier",
+                   "TreeEnsembleRegressor", "ZipMap"},
+    "ai.onnx.preview.training": {"Adagrad", "Adam", "Momentum", "Gradient"},
+}
+EXTRA_TESTED = {"ArrayFeatureExtractor"}
+
+
+def test_declared_ops_exist_and_carry_no_gradient() -> None:
+    schemas = {(s.domain, s.name) for s in onnx.defs.get_all_schemas_with_history()}
+    for domain, ops in DECLARED.items():
+        for op in sorted(ops):
+            assert (domain, op) in schemas, (domain, op)
+            assert op in NO_GRADIENT, op
+            assert get_rule(op, domain) is None, op
+
+
+def test_ops_with_float_results_of_the_catalogue_stop_the_gradient() -> None:
+    # y = W + RandomNormalLike(W) + Bernoulli(sigmoid(W)): only the identity path carries dL/dW.
+    w = normal(3, 4)
+    nodes = [helper.make_node("RandomNormalLike", ["W"], ["r"]),
+             helper.make_node("Sigmoid", ["W"], ["p"]),
+             helper.make_node("Bernoulli", ["p"], ["b"]),
+             helper.make_node("Sum", ["W", "r", "b"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={"W": w}, outputs=["L"])
+    grads, _ = gradients(model, ["W"])
+    np.testing.assert_array_equal(grads["W"], np.ones_like(w))
+
+
+def test_a_parameter_reaching_the_loss_only_through_quantization_is_a_clear_error() -> None:
+    nodes = [helper.make_node("QuantizeLinear", ["W", "s"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
+    msg = _training_error(nodes, {"W": normal(4).astype(np.float32),
+                                  "s": np.array(0.1, np.float32)}, ["W"], opset=13)
+    assert "W" in msg and "differentiable" in msg
+
+
+@pytest.mark.parametrize("shape,idx,computed", [((3, 5), [4, 0, 4, 2], False),
+                                                ((5,), [1, 3], False),
+                                                ((2, 3, 4), [[0, 2], [2, 3]], False),
+                                                ((3, 5), [4, 0, 4, 2], True)])
+def test_array_feature_extractor_gradient(shape, idx, computed) -> None:
+    # ai.onnx.ml ArrayFeatureExtractor is a gather on the last axis: repeated indices add up.
+    # Indices computed from a float tensor are not known when the graph is built (Equal path).
+    x = normal(*shape)
+    index = np.array(idx, np.int64)
+    k = index.size
+    out_shape = (1, k) if len(shape) == 1 else shape[:-1] + (k,)
+    inits = {"X": x, "R": normal(*out_shape)}
+    pre = []
+    if computed:
+        inits["F"] = index.astype(np.float64)
+        pre = [helper.make_node("Cast", ["F"], ["I"], to=onnx.TensorProto.INT64)]
+    else:
+        inits["I"] = index
+    nodes = [*pre,
+             helper.make_node("ArrayFeatureExtractor", ["X", "I"], ["y"], domain="ai.onnx.ml"),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=18,
+                       extra_opsets={"ai.onnx.ml": 3})
+    grads, tm = gradients(model, ["X"])
+    assert any(n.op_type == "Equal" for n in tm.graph.node) == computed
+    fd = finite_differences(model, {"X": x})
+    np.testing.assert_allclose(grads["X"], fd["X"], rtol=RTOL, atol=ATOL)
+    res = run_ort(tm)
+    np.testing.assert_allclose(res[training_info(tm).gradients["X"]], grads["X"], rtol=1e-6,
+                               atol=1e-6)
+    assert ("ai.onnx.ml", "ArrayFeatureExtractor") in RULES
