@@ -100,7 +100,7 @@ def test_reverse_errors(wrt, of, match):
 
 def test_reverse_needs_concrete_shapes():
     model, _, _ = _model()
-    with pytest.raises(ModelError, match="symbolic dimension"):
+    with pytest.raises(ModelError, match="symbolic batch dimension"):
         reverse(model, ["x"], ["y1"])
 
 

@@ -20,29 +20,12 @@ def _train(args) -> int:
 
 
 def _check(args) -> int:
-    from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule
-    from trainer.graph import load_model, node_name, opset_of
-    from trainer.kernels import get_kernel
+    from trainer.graph import load_model
+    from trainer.report import model_report
 
-    _load_all()
-    model = load_model(args.model)
-    rows, bad = [], 0
-    for i, node in enumerate(model.graph.node):
-        fwd = get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is not None
-        if node.op_type in NO_GRADIENT:
-            bwd = "not differentiable"
-        else:
-            bwd = "yes" if get_rule(node.op_type, node.domain) else "MISSING"
-        ok = fwd and bwd != "MISSING"
-        bad += not ok
-        rows.append((node_name(node, i), node.op_type, "yes" if fwd else "MISSING", bwd))
-    width = max([len(r[0]) for r in rows] + [4])
-    print(f"{'node':<{width}}  {'op':<26} forward  gradient")
-    for name, op, fwd, bwd in rows:
-        print(f"{name:<{width}}  {op:<26} {fwd:<8} {bwd}")
-    print(f"{len(rows)} nodes, opset {opset_of(model)}: "
-          + ("all trainable" if not bad else f"{bad} node(s) cannot be trained"))
-    return 0 if not bad else 1
+    report = model_report(load_model(args.model))
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def _grad(args) -> int:
@@ -52,10 +35,20 @@ def _grad(args) -> int:
     from trainer.graph import load_model
 
     model = load_model(args.model)
+    shapes = {}
+    for item in args.shape or []:
+        name, sep, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers)")
     tm = build_training_graph(model, {"type": args.loss, "output": args.output,
                                       "target": args.target, "class_axis": args.class_axis},
                               args.trainable or "all", batch_size=args.batch_size,
-                              batchnorm="frozen" if args.frozen_batchnorm else "train")
+                              shapes=shapes,
+                              batchnorm="eval" if args.frozen_batchnorm else "train")
     onnx.save_model(tm, args.o)
     print(f"wrote {args.o}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
     return 0
@@ -110,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="model output the loss reads")
     g.add_argument("--target", default="label", help="name of the loss target input")
     g.add_argument("--class-axis", type=int, default=-1)
-    g.add_argument("--batch-size", type=int, default=1, help="value for symbolic batch dims")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="value for a symbolic batch (first) dimension")
+    g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                   help="full shape of an input with other symbolic dims (repeatable)")
     g.add_argument("--trainable", nargs="*", help="initializer names/globs (default: all)")
     g.add_argument("--frozen-batchnorm", action="store_true",
                    help="keep BatchNormalization statistics fixed (inference form)")

@@ -114,6 +114,15 @@ def _trainable(v: Any, key: str, base: Path) -> tuple[str, ...] | str:
     return _names(v, key, base)
 
 
+def _batchnorm(v: Any, key: str, base: Path) -> tuple[str, ...] | str:
+    if v in ("train", "eval"):
+        return v
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _err(key, "must be 'train', 'eval' or a list of globs naming the BatchNormalization "
+                   f"layers (by scale initializer) to keep in eval form, got {_got(v)}")
+    return _names(v, key, base)
+
+
 def _mapping(v: Any, key: str, base: Path) -> FrozenMap:
     if not isinstance(v, Mapping):
         raise _err(key, f"must be a mapping of name -> array key, got {_got(v)}")
@@ -174,6 +183,7 @@ class LossConfig:
     target: str | None = _k(_str, None, only=("cross_entropy", "mse"),
                             required_for=("cross_entropy", "mse"))
     class_axis: int = _k(_int, -1, only=("cross_entropy",))
+    ignore_index: int = _k(_int, -100, only=("cross_entropy",))
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,8 @@ class Config:
     loss: LossConfig = _k(LossConfig)
     trainable: tuple[str, ...] | str = _k(_trainable, "all")
     frozen: tuple[str, ...] = _k(_names, ())
+    batchnorm: tuple[str, ...] | str = _k(_batchnorm, "train")
+    output_form: str = _k(_str, "model", choices=("model", "inference"))
     optimizer: OptimizerConfig = _k(OptimizerConfig, factory=OptimizerConfig)
     schedule: ScheduleConfig = _k(ScheduleConfig, factory=ScheduleConfig)
     grad_clip: GradClipConfig | None = _k(GradClipConfig, None, nullable=True)

@@ -70,6 +70,21 @@ class Batches:
         # A last partial batch is kept only if every rank gets at least one sample of it.
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
 
+    def local_sizes(self) -> set[int]:
+        """The batch sizes this rank sees (a full share, and the last partial batch's)."""
+        full, rest = divmod(self.n, self.batch_size)
+        sizes = {self.batch_size // self.world} if full else set()
+        if rest >= self.world and not self.drop_last:
+            bounds = np.linspace(0, rest, self.world + 1).round().astype(int)
+            sizes.add(int(bounds[self.rank + 1] - bounds[self.rank]))
+        return sizes
+
+    def global_indices(self, epoch: int, index: int, order: np.ndarray | None = None
+                       ) -> np.ndarray:
+        """Sample indices of the whole global batch (every rank can compute them)."""
+        order = self.order(epoch) if order is None else order
+        return order[index * self.batch_size:(index + 1) * self.batch_size]
+
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n)

@@ -135,7 +135,9 @@ def elem_type(dtype) -> int:
 
 def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
                  overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple]:
-    """Concrete shapes of the graph inputs (not initializers): symbolic dims take batch_size."""
+    """Concrete shapes of the graph inputs (not initializers): a symbolic first (batch)
+    dimension takes batch_size; other symbolic dimensions need the input's shape in
+    `overrides`."""
     inits = {t.name for t in model.graph.initializer}
     shapes = {}
     for vi in model.graph.input:
@@ -145,14 +147,17 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
             shapes[vi.name] = tuple(overrides[vi.name])
             continue
         dims = []
-        for d in vi.type.tensor_type.shape.dim:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value"):
                 dims.append(d.dim_value)
-            elif batch_size is not None:
+            elif axis == 0 and batch_size is not None:
                 dims.append(batch_size)
             else:
-                raise ModelError(f"input '{vi.name}' has a symbolic dimension "
-                                 f"'{d.dim_param}'; give a batch size")
+                what = "batch dimension" if axis == 0 else f"dimension {axis}"
+                raise ModelError(f"input '{vi.name}' has a symbolic {what} "
+                                 f"'{d.dim_param or '?'}'; give "
+                                 + ("a batch size" if axis == 0 else "the input's full shape "
+                                    f"(e.g. --shape {vi.name}=...)"))
         shapes[vi.name] = tuple(dims)
     return shapes
 
@@ -244,3 +249,47 @@ def _conv_type(t: onnx.TypeProto, S: int, D: int) -> None:
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_floats(model, np.float32, np.float64)
+
+
+def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of the model as it runs for evaluation and deployment: Dropout off and
+    BatchNormalization on its running statistics (models exported in training form carry
+    `training_mode` inputs and attributes, and BatchNormalization outputs of batch statistics,
+    which become copies of the running statistics here). Models already in inference form come
+    back unchanged."""
+    import copy
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    taken = all_names(g)
+    scope = NameScope(taken)
+    opset = opset_of(m)
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        a = {at.name: at for at in node.attribute}
+        if node.op_type == "BatchNormalization" and (
+                ("training_mode" in a and a["training_mode"].i) or
+                (opset < 9 and len(node.output) > 1 and not ("is_test" in a and a["is_test"].i))):
+            extra = list(node.output[1:])
+            del node.output[1:]
+            for name in ("training_mode", "is_test"):
+                if name in a:
+                    a[name].i = 0 if name == "training_mode" else 1
+            nodes.append(node)
+            # running_mean/var outputs keep the input statistics; saved batch stats likewise
+            for out, src in zip(extra, [node.input[3], node.input[4]] * 2, strict=False):
+                if out:
+                    nodes.append(helper.make_node("Identity", [src], [out],
+                                                  name=scope.fresh(f"{out}/Inference")))
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            off = scope.fresh(f"{node.name or node.output[0]}/training_mode_off")
+            g.initializer.append(numpy_helper.from_array(np.array(False), off))
+            if m.ir_version < 4:
+                g.input.append(helper.make_tensor_value_info(off, onnx.TensorProto.BOOL, []))
+            node.input[2] = off
+            nodes.append(node)
+        else:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from onnx import numpy_helper
 
-from trainer import checkpoint
+from trainer import checkpoint, preflight
 from trainer.autodiff import build_training_graph, training_info
+from trainer.autodiff.params import untie_normalization_aliases
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.config import Config
@@ -23,7 +24,7 @@ from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
-from trainer.graph import input_dtypes, load_model, np_dtype, to_float64
+from trainer.graph import inference_form, input_dtypes, load_model, np_dtype, to_float64
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import lr_at
@@ -35,6 +36,8 @@ class Plan:
     gradients: dict[str, str]
     state: dict[str, str]
     loss: str
+    targets: dict[str, str]  # loss target -> training-graph input
+    out_shape: tuple[int, ...]  # the loss output's shape at this batch size
 
 
 class Trainer:
@@ -50,13 +53,23 @@ class Trainer:
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
+        if cfg.distributed.backend == "nccl":
+            raise TrainerError("distributed.backend: nccl is not available yet; use auto or mpi "
+                               "(gradients are averaged over MPI)")
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0, **kwargs)
+        self._check_paths()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
+        untied = untie_normalization_aliases(self.model)
+        if untied:
+            self.log.info(f"{len(untied)} normalization tensor(s) that the exporter stored as "
+                          f"one shared tensor get their own copy: {', '.join(untied[:6])}"
+                          + (" ..." if len(untied) > 6 else ""))
         self.run_model = to_float64(self.model) if cfg.precision == "fp64" else self.model
+        self.infer_model = inference_form(self.run_model)
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
@@ -70,8 +83,13 @@ class Trainer:
                                world=self.world, shuffle=cfg.data.shuffle,
                                drop_last=cfg.data.drop_last, seed=cfg.seed)
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
+        preflight.fixed_batch(self.data_inputs, self.batches.local_sizes(), cfg.data.batch_size,
+                              self.world)
         self.plans: dict[int, Plan] = {}
         self._init_parameters()
+        self._check_targets(self.train_arrays, "data.train")
+        if self.eval_arrays is not None:
+            self._check_targets(self.eval_arrays, "data.eval")
         spe = self.batches.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         if self.total_steps < 1:
@@ -92,25 +110,51 @@ class Trainer:
             if name in self.in_dtypes:
                 out[name] = a.astype(self.in_dtypes[name], copy=False)
             elif self.cfg.loss.type == "cross_entropy":
-                if a.dtype.kind not in "iu":
-                    raise DataError(f"{what}: target '{name}' must hold integer class labels, "
-                                    f"got {a.dtype}")
-                out[name] = a.astype(np.int64, copy=False)
+                out[name] = a if a.dtype.kind not in "iu" else a.astype(np.int64, copy=False)
             else:  # mse targets take the dtype of the output they are compared with
+                if a.dtype.kind not in "fiu":
+                    raise DataError(f"{what}: target '{name}' must be numeric, got {a.dtype}")
                 out[name] = a.astype(self.out_dtypes[self.cfg.loss.output], copy=False)
         return out
+
+    def _check_paths(self) -> None:
+        cfg = self.cfg
+        preflight.writable_file(cfg.output, "output")
+        if cfg.checkpoint.dir is not None:
+            preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+        if cfg.log.metrics is not None:
+            preflight.writable_file(cfg.log.metrics, "log.metrics")
+
+    def _check_targets(self, arrays, what: str) -> None:
+        """Loss targets against the loss output of the training graph, before step 1."""
+        spec = self.cfg.loss
+        if spec.type == "output":
+            return
+        plan = next(iter(self.plans.values()))
+        shape = plan.out_shape
+        labels = arrays[spec.target]
+        if spec.type == "mse":
+            preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
+            return
+        axis = spec.class_axis % len(shape)
+        per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
+        preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
+                               spec.ignore_index, spec.output)
 
     def _plan(self, local_n: int) -> Plan:
         plan = self.plans.get(local_n)
         if plan is None:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
             tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
-                                      frozen=self.cfg.frozen, shapes=shapes)
+                                      frozen=self.cfg.frozen, shapes=shapes,
+                                      batchnorm=self.cfg.batchnorm)
             info = training_info(tm)
             feeds = list(info.gradients) + list(info.state)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
             ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank)
-            plan = Plan(ex, info.gradients, info.state, info.loss)
+            out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
+            plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
+                        tuple(d.dim_value for d in out.type.tensor_type.shape.dim))
             self.plans[local_n] = plan
         return plan
 
@@ -149,30 +193,45 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def _next_micro_batch(self):
-        """The next micro-batch at self.position (epoch, index), advancing the position."""
+        """The next micro-batch at self.position (epoch, index), advancing the position:
+        (epoch, this rank's arrays, its weight, the global batch's weight). Weights count what
+        the loss averages over: samples, or for cross entropy the labels that are not
+        loss.ignore_index (so N ranks and accumulation give the mean of one big batch)."""
         epoch, index = self.position
         if index >= self.batches.steps_per_epoch:
             epoch, index = epoch + 1, 0
         if self._order[0] != epoch:
             self._order = (epoch, self.batches.order(epoch))
-        arrays, local_n, global_n = self.batches.get(epoch, index, self._order[1])
+        arrays, local_w, global_n = self.batches.get(epoch, index, self._order[1])
         self.position = (epoch, index + 1)
-        return epoch, arrays, local_n, global_n
+        global_w = global_n
+        spec = self.cfg.loss
+        if spec.type == "cross_entropy":
+            labels = self.train_arrays[spec.target]
+            idx = self.batches.global_indices(epoch, index, self._order[1])
+            local_w = int(np.count_nonzero(arrays[spec.target] != spec.ignore_index))
+            global_w = int(np.count_nonzero(labels[idx] != spec.ignore_index))
+        return epoch, arrays, local_w, global_w, global_n
 
     def train_step(self, micro: list[tuple[dict, int, int]], lr: float) -> float:
-        """One optimizer step over `accumulate` micro-batches; returns the global mean loss."""
+        """One optimizer step over `accumulate` micro-batches (arrays, local weight, global
+        weight); returns the global mean loss."""
         xp = self.xp
         g = self.grads_flat
         g[...] = 0
-        for m, (arrays, local_n, global_n) in enumerate(micro):
-            plan = self._plan(local_n)
+        total = sum(global_w for _, _, global_w in micro)
+        for m, (arrays, local_w, _) in enumerate(micro):
+            if local_w == 0:  # every label of this shard is ignored: it adds nothing
+                continue
+            n = len(next(iter(arrays.values())))
+            plan = self._plan(n)
             plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, m)
-            feeds = {k: xp.asarray(v) for k, v in arrays.items()}
+            feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self.params)
             feeds.update(self.state)
             out = plan.executor.run(feeds)
             # Weight so that summing over ranks (and micro-batches) gives the global mean.
-            w = local_n / global_n / len(micro)
+            w = local_w / total
             for k, gname in plan.gradients.items():
                 self.grads[k] += out[gname] * w if w != 1 else out[gname]
             g[self.size] += out[plan.loss] * w
@@ -196,8 +255,8 @@ class Trainer:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0."""
         cfg = self.cfg
-        if resume:
-            self.resume()
+        resumed = self.resume() if resume else False
+        self.log.open(resume_step=self.step if resumed else None)
         self.log.info(f"onnx-trainer: {cfg.model.name} on {device_name(self.xp)}, "
                       f"{self.world} process(es), {len(self.names)} tensors / {self.size} "
                       f"parameters, {self.total_steps} steps of global batch "
@@ -207,9 +266,9 @@ class Trainer:
         while self.step < self.total_steps:
             micro, epoch = [], last_epoch
             for _ in range(cfg.accumulate):
-                epoch, arrays, local_n, global_n = self._next_micro_batch()
-                micro.append((arrays, local_n, global_n))
-                seen += global_n
+                epoch, arrays, local_w, global_w, samples = self._next_micro_batch()
+                micro.append((arrays, local_w, global_w))
+                seen += samples
             if epoch != last_epoch and self.eval_arrays is not None:
                 self._log_evaluation(last_epoch)
             last_epoch = epoch
@@ -225,6 +284,9 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if cfg.checkpoint.dir and every and self.step % every == 0:
                 self.save_checkpoint()
+        if cfg.checkpoint.dir and not (cfg.checkpoint.every_steps
+                                       and self.step % cfg.checkpoint.every_steps == 0):
+            self.save_checkpoint()  # the end of a run is always saved
         result = {"steps": self.step, "loss": row.get("loss")}
         if self.eval_arrays is not None:
             result.update(self._log_evaluation(last_epoch))
@@ -244,7 +306,8 @@ class Trainer:
         arrays.update({f"optim/{k}": to_host(v)
                        for k, v in self.optimizer.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
-                "model": str(self.cfg.model), "optimizer": self.cfg.optimizer.type}
+                "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
+                "optimizer": self.cfg.optimizer.type}
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
@@ -267,11 +330,31 @@ class Trainer:
             self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
         for k in self.state:
             self.state[k][...] = self.xp.asarray(arrays[f"state/{k}"])
-        self.optimizer.load_state_dict({k.split("/", 1)[1]: v for k, v in arrays.items()
-                                        if k.startswith("optim/")})
+        optim = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optim/")}
+        was = meta.get("optimizer")
+        if was != self.cfg.optimizer.type or set(optim) != set(self.optimizer.state_dict()):
+            self.log.info(f"warning: the checkpoint's optimizer ({was}) differs from this "
+                          f"config's ({self.cfg.optimizer.type}, or its state layout changed): "
+                          "the parameters are resumed, the optimizer state starts fresh")
+        else:
+            self.optimizer.load_state_dict(optim)
         self.step = int(meta["step"])
-        self.position = tuple(meta["position"])
+        epoch, index = (int(v) for v in meta["position"])
+        old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
+        if old_bs != self.cfg.data.batch_size:
+            seen = index * old_bs
+            index = seen // self.cfg.data.batch_size
+            self.log.info(f"batch size changed from {old_bs} to {self.cfg.data.batch_size}: "
+                          f"resuming epoch {epoch} at sample {index * self.cfg.data.batch_size}"
+                          + ("" if seen % self.cfg.data.batch_size == 0 else
+                             f" (the checkpoint was at sample {seen}; the rest of that batch "
+                             "is seen again)"))
+        self.position = (epoch, index)
         self.log.info(f"resumed from {path} at step {self.step}")
+        if self.step >= self.total_steps:
+            self.log.info(f"the checkpoint already reaches the configured length "
+                          f"({self.total_steps} steps): nothing to train; raise steps or "
+                          "epochs to continue")
         return True
 
     def _log_evaluation(self, epoch: int) -> dict:
@@ -284,7 +367,7 @@ class Trainer:
     # -- evaluation, prediction, export --------------------------------------------------------
     def _inference(self) -> Executor:
         if not hasattr(self, "_infer"):
-            self._infer = Executor(self.run_model, self.xp,
+            self._infer = Executor(self.infer_model, self.xp,
                                    feeds=list(self.names) + list(self.state))
         return self._infer
 
@@ -307,7 +390,8 @@ class Trainer:
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
             out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
-            sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target))
+            sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
+                               len(next(iter(chunk.values()))))
         if self.world > 1:
             self.comm.allreduce_(sums)
         metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
@@ -326,7 +410,9 @@ class Trainer:
                 "onnx_trainer.loss": self.cfg.loss.type,
                 "onnx_trainer.optimizer": self.cfg.optimizer.type,
                 "onnx_trainer.world_size": str(self.world)}
-        return export_model(self.model, self.trained_values(), path, meta)
+        model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
+        meta["onnx_trainer.output_form"] = self.cfg.output_form
+        return export_model(model, self.trained_values(), path, meta)
 
 
 def owned(xp, a):
@@ -334,16 +420,19 @@ def owned(xp, a):
     return xp.array(a, copy=True, order="C")
 
 
-def _loss_sums(spec, out: np.ndarray, target) -> np.ndarray:
-    """[sum of per-sample losses, correct predictions, samples] for one eval chunk."""
-    if spec.type == "output":
-        return np.array([float(out.reshape(-1)[0]) * 1.0, 0.0, 1.0])
+def _loss_sums(spec, out: np.ndarray, target, n: int) -> np.ndarray:
+    """[sum of per-item losses, correct predictions, items] for one eval chunk of n samples;
+    items are samples, or for cross entropy the labels that are not loss.ignore_index."""
+    if spec.type == "output":  # the model's own loss, taken as the mean over the chunk
+        return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n)])
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
         return np.array([per.sum(), 0.0, out.shape[0]])
     axis = spec.class_axis % out.ndim
+    valid = target != spec.ignore_index
+    safe = np.where(valid, target, 0)
     z = out - out.max(axis=axis, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
-    picked = np.take_along_axis(logp, np.expand_dims(target, axis), axis=axis)
-    correct = (out.argmax(axis=axis) == target).sum()
-    return np.array([-picked.sum(), float(correct), float(target.size)])
+    picked = np.take_along_axis(logp, np.expand_dims(safe, axis), axis=axis).squeeze(axis)
+    correct = ((out.argmax(axis=axis) == target) & valid).sum()
+    return np.array([-(picked * valid).sum(), float(correct), float(valid.sum())])

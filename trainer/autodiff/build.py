@@ -19,7 +19,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.autodiff.context import Builder
-from trainer.autodiff.engine import active_nodes, build_backward, reachable_params
+from trainer.autodiff.engine import active_nodes, build_backward
+from trainer.autodiff.params import parameter_table, select, untie_normalization_aliases
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
@@ -44,6 +45,7 @@ class LossSpec:
     output: str
     target: str | None = None
     class_axis: int = -1
+    ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
 
     @classmethod
     def of(cls, spec) -> LossSpec:
@@ -52,7 +54,8 @@ class LossSpec:
         if isinstance(spec, Mapping):
             return cls(**dict(spec))
         return cls(type=spec.type, output=spec.output, target=spec.target,
-                   class_axis=getattr(spec, "class_axis", -1))
+                   class_axis=getattr(spec, "class_axis", -1),
+                   ignore_index=getattr(spec, "ignore_index", -100))
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class TrainingInfo:
     gradients: dict[str, str]  # parameter -> gradient output
     state: dict[str, str] = field(default_factory=dict)  # initializer -> its updated value
     inputs: list[str] = field(default_factory=list)  # data inputs of the model
-    targets: list[str] = field(default_factory=list)  # loss target inputs added
+    targets: dict[str, str] = field(default_factory=dict)  # loss target -> graph input added
     outputs: list[str] = field(default_factory=list)  # the model's own outputs
 
 
@@ -70,34 +73,6 @@ def training_info(model: onnx.ModelProto) -> TrainingInfo:
         if prop.key == META_KEY:
             return TrainingInfo(**json.loads(prop.value))
     raise ModelError("model is not a training graph (no onnx_trainer.training metadata)")
-
-
-def trainable_candidates(model: onnx.ModelProto) -> list[str]:
-    """Float initializers that are parameters (BatchNormalization statistics excluded)."""
-    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization"
-             for i in (3, 4) if i < len(n.input)}
-    return [t.name for t in model.graph.initializer
-            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                               onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-            and t.name not in stats]
-
-
-def select_names(candidates: list[str], trainable, frozen: Iterable[str]) -> list[str]:
-    """Apply `trainable` (all | names/globs) and `frozen` (names/globs) to the candidates."""
-    if trainable == "all" or trainable is None:
-        chosen = list(candidates)
-    else:
-        chosen = []
-        for pattern in trainable:
-            hits = [c for c in candidates if fnmatch.fnmatchcase(c, pattern)]
-            if not hits:
-                raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
-                                 f"the model (available: {', '.join(candidates[:12])})")
-            chosen += [h for h in hits if h not in chosen]
-    for pattern in frozen:
-        if not any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
-            raise ModelError(f"frozen entry '{pattern}' matches no float initializer")
-    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
 
 
 def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
@@ -207,18 +182,19 @@ def ensure_default_opset(m: onnx.ModelProto) -> int:
 def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Iterable[str] = (),
                          batch_size: int | None = None,
                          shapes: Mapping[str, tuple[int, ...]] | None = None,
-                         batchnorm: str = "train") -> onnx.ModelProto:
-    """The training graph of `model` for `loss` w.r.t. `wrt` (all | names/globs).
+                         batchnorm="train") -> onnx.ModelProto:
+    """The training graph of `model` for `loss` w.r.t. `wrt` (all: the default parameters, see
+    trainer.autodiff.params; or names/globs).
 
     Symbolic input dims take `batch_size` (or give full `shapes`). `batchnorm="train"` uses
-    batch statistics and updates running statistics as PyTorch's train mode; "frozen" keeps
-    the model's statistics fixed (inference form).
+    batch statistics and updates running statistics as PyTorch's train mode; "eval" keeps the
+    model's statistics fixed (inference form, as `.eval()`); a list of globs puts the
+    BatchNormalization layers whose scale initializer matches in eval form, the rest in train.
     """
     spec = LossSpec.of(loss)
     if spec.type not in LOSS_TYPES:
         raise ModelError(f"unknown loss type '{spec.type}' (use one of {', '.join(LOSS_TYPES)})")
-    if batchnorm not in ("train", "frozen"):
-        raise ModelError(f"batchnorm must be 'train' or 'frozen', got '{batchnorm}'")
+    eval_bn = _eval_batchnorm(model, batchnorm)
     missing = missing_kernels(model)
     if missing:
         raise UnsupportedOpError("forward kernel", missing)
@@ -231,12 +207,13 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     first = probe(model, in_shapes, dtypes)
 
     m = copy.deepcopy(model)
+    untie_normalization_aliases(m)
     opset = ensure_default_opset(m)
     g = m.graph
     scope = NameScope(all_names(g))
     consts = _constant_values(m, first)
     builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = _training_mode(list(g.node), builder, first, consts, batchnorm)
+    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
     nodes += loss_nodes
 
@@ -248,14 +225,11 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     shapes_all = probe(fwd, {**in_shapes, **t_shapes}, {**dtypes, **t_dtypes})
     consts = _constant_values(fwd, shapes_all)
 
-    candidates = trainable_candidates(model)
-    reach = reachable_params(nodes, loss_name, candidates, shapes_all)
-    if wrt == "all" or wrt is None:
-        chosen = [c for c in select_names(candidates, "all", frozen) if c in reach]
-    else:
-        chosen = select_names(candidates, wrt, frozen)
+    table = parameter_table(m, nodes, loss_name, shapes_all)
+    chosen = select(table, wrt, frozen)
     if not chosen:
-        raise ModelError("nothing to train: no float initializer reaches the loss")
+        raise ModelError("nothing to train: no float initializer reaches the loss (see "
+                         "'onnx-trainer check MODEL' for why each one is left out)")
     seed_dtype = shapes_all[loss_name][1]
     seed = scope.fresh(f"{loss_name}_grad_seed")
     bwd, bwd_inits, grads = build_backward(nodes, {loss_name: seed}, chosen, shapes_all, opset,
@@ -272,7 +246,8 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     g.output.extend([out(loss_name)] + [out(grads[p], p) for p in chosen] +
                     [out(v, k) for k, v in state.items()] + [out(o) for o in outputs])
     info = TrainingInfo(loss=loss_name, gradients=dict(grads), state=state,
-                        inputs=list(in_shapes), targets=[vi.name for vi in target_vis],
+                        inputs=list(in_shapes),
+                        targets=({spec.target: target_vis[0].name} if target_vis else {}),
                         outputs=outputs)
     helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
                                  META_KEY: json.dumps(info.__dict__)})
@@ -352,12 +327,34 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
     return m
 
 
-def _training_mode(nodes, b: Builder, shapes, consts, batchnorm):
+def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
+    """Names (scale initializers) of the BatchNormalization layers kept in inference form."""
+    scales = [n.input[1] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if batchnorm in ("train", None):
+        return set()
+    if batchnorm in ("eval", "frozen"):
+        return set(scales)
+    if isinstance(batchnorm, str) or not isinstance(batchnorm, Iterable):
+        raise ModelError(f"batchnorm must be 'train', 'eval' or a list of globs, got "
+                         f"{batchnorm!r}")
+    chosen = set()
+    for pattern in batchnorm:
+        hits = {s for s in scales if fnmatch.fnmatchcase(s, pattern)}
+        if not hits:
+            raise ModelError(f"batchnorm entry '{pattern}' matches the scale of no "
+                             f"BatchNormalization layer (scales: {', '.join(scales[:8])})")
+        chosen |= hits
+    return chosen
+
+
+def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
     """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name})."""
     out, state = [], {}
     for k, node in enumerate(nodes):
         label = node_name(node, k)
-        if node.op_type == "BatchNormalization" and batchnorm == "train":
+        if node.op_type == "BatchNormalization" and node.input[1] in eval_bn:
+            out += _eval_form(node, b)
+        elif node.op_type == "BatchNormalization":
             new, upd = _batchnorm_train(node, label, b, shapes, consts)
             out += new
             state.update(upd)
@@ -380,6 +377,15 @@ def _training_mode(nodes, b: Builder, shapes, consts, batchnorm):
         else:
             out.append(node)
     return out, state
+
+
+def _eval_form(node, b: Builder) -> list[onnx.NodeProto]:
+    """A BatchNormalization node in inference form (its extra outputs copy the statistics)."""
+    from trainer.graph import inference_form
+
+    g = helper.make_graph([node], "bn", [], [])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", b.opset)])
+    return list(inference_form(m).graph.node)
 
 
 def _batchnorm_train(node, label, b: Builder, shapes, consts):
@@ -431,7 +437,8 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts):
 
 
 def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
-    """Loss nodes after the model; returns (nodes, loss name, target value_infos)."""
+    """Loss nodes after the model; returns (nodes, loss name, target value_infos). The target
+    input takes the configured name unless the graph already uses it (then a fresh one)."""
     out_shape, dt = shapes[spec.output]
     b.prefix = "loss"
     nodes: list[onnx.NodeProto] = []
@@ -446,11 +453,11 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     if spec.target is None:
         raise ModelError(f"loss type '{spec.type}' needs a target name")
     loss = scope.fresh("loss")
+    target = scope.fresh(spec.target)
     if spec.type == "mse":
-        targets.append(helper.make_tensor_value_info(spec.target, elem_type(dt),
-                                                     list(out_shape)))
+        targets.append(helper.make_tensor_value_info(target, elem_type(dt), list(out_shape)))
         d, sq = b.tmp("diff"), b.tmp("sq")
-        nodes += [b.node("Sub", [spec.output, spec.target], [d]),
+        nodes += [b.node("Sub", [spec.output, target], [d]),
                   b.node("Mul", [d, d], [sq]),
                   b.reduce("ReduceMean", sq, list(range(len(out_shape))), loss, keepdims=0)]
         return nodes, loss, targets
@@ -458,18 +465,56 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     if rank < 2:
         raise ModelError(f"cross_entropy needs logits of rank >= 2; '{spec.output}' has shape "
                          f"{list(out_shape)}")
+    if not -rank <= spec.class_axis < rank:
+        raise ModelError(f"loss.class_axis {spec.class_axis} does not exist: '{spec.output}' has "
+                         f"shape {list(out_shape)}")
     axis = spec.class_axis % rank
-    scores = spec.output
     label_shape = [d for i, d in enumerate(out_shape) if i != axis]
+    targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
+    if b.opset < 13:
+        nodes += _cross_entropy_decomposed(spec, b, out_shape, dt, axis, target, loss)
+        return nodes, loss, targets
+    scores = spec.output
     if axis != 1:
         perm = [0, axis] + [i for i in range(1, rank) if i != axis]
         scores = b.tmp("scores")
         nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
-    if b.opset < 13:
-        raise ModelError(f"cross_entropy needs a model opset >= 13 (SoftmaxCrossEntropyLoss); "
-                         f"this model has opset {b.opset}")
-    targets.append(helper.make_tensor_value_info(spec.target, onnx.TensorProto.INT64,
-                                                 label_shape))
-    nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, spec.target],
-                        [loss, b.tmp("log_prob")], reduction="mean"))
+    nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target],
+                        [loss, b.tmp("log_prob")], reduction="mean",
+                        ignore_index=spec.ignore_index))
     return nodes, loss, targets
+
+
+def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: int,
+                              target: str, loss: str) -> list[onnx.NodeProto]:
+    """Mean cross entropy from ops of opsets 7-12 (before SoftmaxCrossEntropyLoss):
+    -sum(onehot(label) * log_softmax(scores)) / count(label != ignore_index)."""
+    rank = len(out_shape)
+    c = out_shape[axis]
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    t = {k: b.tmp(k) for k in ("last", "flat", "logp", "lab", "ignored", "valid", "validi",
+                               "safe", "lab2", "hit", "onehot", "picked", "rowsum", "validf",
+                               "masked", "total", "count", "mean")}
+    m = int(np.prod(out_shape)) // c
+    nodes = [b.node("Transpose", [spec.output], [t["last"]], perm=perm),
+             b.reshape(t["last"], [m, c], t["flat"]),
+             b.node("LogSoftmax", [t["flat"]], [t["logp"]], axis=1),
+             b.reshape(target, [m], t["lab"]),
+             b.node("Equal", [t["lab"], b.const(np.array(spec.ignore_index, np.int64))],
+                    [t["ignored"]]),
+             b.node("Not", [t["ignored"]], [t["valid"]]),
+             b.node("Cast", [t["valid"]], [t["validi"]], to=onnx.TensorProto.INT64),
+             b.node("Mul", [t["lab"], t["validi"]], [t["safe"]]),  # ignored labels -> class 0
+             b.reshape(t["safe"], [m, 1], t["lab2"]),
+             b.node("Equal", [t["lab2"], b.const(np.arange(c, dtype=np.int64).reshape(1, c))],
+                    [t["hit"]]),
+             b.node("Cast", [t["hit"]], [t["onehot"]], to=elem_type(dt)),
+             b.node("Mul", [t["logp"], t["onehot"]], [t["picked"]]),
+             b.reduce("ReduceSum", t["picked"], [1], t["rowsum"], keepdims=0),
+             b.node("Cast", [t["valid"]], [t["validf"]], to=elem_type(dt)),
+             b.node("Mul", [t["rowsum"], t["validf"]], [t["masked"]]),
+             b.reduce("ReduceSum", t["masked"], [0], t["total"], keepdims=0),
+             b.reduce("ReduceSum", t["validf"], [0], t["count"], keepdims=0),
+             b.node("Div", [t["total"], t["count"]], [t["mean"]]),
+             b.node("Neg", [t["mean"]], [loss])]
+    return nodes

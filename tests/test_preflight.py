@@ -1,0 +1,403 @@
+"""Everything that can be checked before step 1 is checked before step 1, with one line that
+names what is wrong; labels (ignore_index, ranges); evaluation in inference form; resume that
+keeps everything; BatchNormalization kept in eval form; models as exported."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import ROOT
+from trainer.config import config_from_dict
+from trainer.errors import DataError, TrainerError
+from trainer.train import Trainer
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def one_line(proc) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def trainer(tmp_path, raw):
+    return Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+# -- labels --------------------------------------------------------------------------------------
+def _digits_with_labels(tmp_path, y_train, name="d.npz"):
+    d = np.load(ROOT / "examples" / "digits.npz")
+    np.savez(tmp_path / name, x=d["x_train"][:len(y_train)], y=y_train,
+             xt=d["x_test"], yt=d["y_test"])
+    return str(tmp_path / name)
+
+
+def _data(path, eval_path=None):
+    out = {"train": {"path": path, "inputs": {"x": "x"}, "targets": {"label": "y"}},
+           "batch_size": 32, "shuffle": False}
+    if eval_path:
+        out["eval"] = {"path": eval_path, "inputs": {"x": "xt"}, "targets": {"label": "yt"}}
+    return out
+
+
+@pytest.mark.parametrize("value", [-1, 10, 57])
+def test_labels_out_of_range_are_named_before_training(tmp_path, digits_config, value):
+    y = np.random.default_rng(0).integers(0, 10, 256)
+    y[77] = value
+    raw = digits_config(data=_data(_digits_with_labels(tmp_path, y)))
+    with pytest.raises(DataError) as err:
+        trainer(tmp_path, raw)
+    msg = str(err.value)
+    assert "data.train" in msg and f"holds {value} at sample 77" in msg and "[0, 10)" in msg
+
+
+def test_ignore_index_labels_do_not_count(tmp_path, digits_config):
+    """Label -100 is ignored as torch.nn.functional.cross_entropy ignores it: the loss of a
+    batch is the mean over the other labels (engine loss == torch loss)."""
+    import torch
+
+    y = np.random.default_rng(0).integers(0, 10, 64)
+    y[::3] = -100
+    raw = digits_config(data=_data(_digits_with_labels(tmp_path, y)), steps=1,
+                        optimizer={"type": "sgd", "lr": 1e-9}, precision="fp64")
+    t = trainer(tmp_path, raw)
+    w = {k: v.copy() for k, v in t.trained_values().items()}
+    loss = t.fit()["loss"]
+    x = np.load(tmp_path / "d.npz")["x"][:32].astype(np.float64)
+    h = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    logits = h @ w["fc2.weight"].T + w["fc2.bias"]
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(y[:32]))
+    assert loss == pytest.approx(float(want), rel=1e-10)
+
+
+def test_ignore_index_is_configurable(tmp_path, digits_config):
+    y = np.random.default_rng(0).integers(0, 10, 64)
+    y[5] = 255
+    raw = digits_config(data=_data(_digits_with_labels(tmp_path, y)), steps=2)
+    with pytest.raises(DataError, match="holds 255"):
+        trainer(tmp_path, raw)
+    raw["loss"]["ignore_index"] = 255
+    assert trainer(tmp_path, raw).fit()["steps"] == 2
+
+
+def test_labels_shaped_n_by_1_are_refused_with_a_hint(tmp_path, digits_config):
+    y = np.random.default_rng(0).integers(0, 10, (64, 1))
+    raw = digits_config(data=_data(_digits_with_labels(tmp_path, y)))
+    with pytest.raises(DataError, match=r"\[N, 1\]"):
+        trainer(tmp_path, raw)
+
+
+# -- checks before step 1 ------------------------------------------------------------------------
+def test_bad_eval_set_fails_in_seconds_not_after_training(tmp_path, digits_config):
+    d = np.load(ROOT / "examples" / "digits.npz")
+    np.savez(tmp_path / "bad_eval.npz", xt=d["x_test"][:, :60], yt=d["y_test"])
+    raw = digits_config(steps=200000)
+    raw["data"]["eval"] = {"path": str(tmp_path / "bad_eval.npz"), "inputs": {"x": "xt"},
+                           "targets": {"label": "yt"}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    start = time.monotonic()
+    line = one_line(run_cli("train", str(path)))
+    assert time.monotonic() - start < 30
+    assert "data.eval" in line and "[60]" in line
+
+
+def test_eval_labels_are_checked_before_training(tmp_path, digits_config):
+    d = np.load(ROOT / "examples" / "digits.npz")
+    yt = d["y_test"].copy()
+    yt[3] = 12
+    np.savez(tmp_path / "e.npz", xt=d["x_test"], yt=yt)
+    raw = digits_config(steps=200000)
+    raw["data"]["eval"] = {"path": str(tmp_path / "e.npz"), "inputs": {"x": "xt"},
+                           "targets": {"label": "yt"}}
+    with pytest.raises(DataError, match="data.eval: target 'label' holds 12 at sample 3"):
+        trainer(tmp_path, raw)
+
+
+def test_output_that_is_a_directory_fails_before_training(tmp_path, digits_config):
+    (tmp_path / "outdir").mkdir()
+    raw = digits_config(steps=200000, output=str(tmp_path / "outdir"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    start = time.monotonic()
+    line = one_line(run_cli("train", str(path)))
+    assert time.monotonic() - start < 30
+    assert "output" in line and "is a directory" in line
+
+
+def test_unwritable_output_and_checkpoint_dir(tmp_path, digits_config):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainerError, match="not a directory"):
+        trainer(tmp_path, digits_config(output=str(tmp_path / "file" / "m.onnx")))
+    with pytest.raises(TrainerError, match="checkpoint.dir .* not a directory"):
+        trainer(tmp_path, digits_config(checkpoint={"dir": str(tmp_path / "file")}))
+
+
+def _fixed_batch_model(path, batch=2):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])
+    w = numpy_helper.from_array(np.full((64, 10), 0.01, np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("Reshape", ["h", "shape"], ["logits"])], "g", [x],
+                          [y], [w, numpy_helper.from_array(np.array([batch, 10]), "shape")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_fixed_batch_dimension_is_named(tmp_path, digits_config):
+    _fixed_batch_model(tmp_path / "m.onnx")
+    with pytest.raises(DataError, match="fixed batch dimension of 2.*dynamic batch axis"):
+        trainer(tmp_path, digits_config(model=str(tmp_path / "m.onnx")))
+    t = trainer(tmp_path, digits_config(model=str(tmp_path / "m.onnx"), data__batch_size=2,
+                                        steps=2))
+    assert t.fit()["steps"] == 2
+
+
+def test_class_axis_that_does_not_exist(tmp_path, digits_config):
+    raw = digits_config()
+    raw["loss"]["class_axis"] = 2
+    with pytest.raises(TrainerError, match="class_axis 2 does not exist"):
+        trainer(tmp_path, raw)
+
+
+def test_mse_targets_must_match_the_output(tmp_path, digits_config):
+    d = np.load(ROOT / "examples" / "digits.npz")
+    np.savez(tmp_path / "r.npz", x=d["x_train"][:64], t=np.zeros((64, 3), np.float32))
+    raw = digits_config(data={"train": {"path": str(tmp_path / "r.npz"), "inputs": {"x": "x"},
+                                        "targets": {"target": "t"}}, "batch_size": 32},
+                        loss={"type": "mse", "output": "logits", "target": "target"})
+    with pytest.raises(DataError, match=r"per-sample shape \[3\].*\[10\]"):
+        trainer(tmp_path, raw)
+
+
+def test_nccl_backend_is_refused_until_it_exists(tmp_path, digits_config):
+    with pytest.raises(TrainerError, match="nccl is not available"):
+        trainer(tmp_path, digits_config(distributed={"backend": "nccl"}))
+
+
+# -- checkpoints and resume ----------------------------------------------------------------------
+def test_checkpoint_dir_alone_saves_the_end_of_the_run(tmp_path, digits_config):
+    from trainer import checkpoint
+    trainer(tmp_path, digits_config(steps=7, checkpoint={"dir": str(tmp_path / "ck")})).fit()
+    assert [p.name for p in checkpoint.complete(tmp_path / "ck")] == ["step_00000007"]
+
+
+def test_resume_keeps_the_metrics_before_the_checkpoint(tmp_path, digits_config):
+    metrics = tmp_path / "m.jsonl"
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 4}
+    trainer(tmp_path, digits_config(steps=10, checkpoint=ck, log={"every_steps": 1,
+                                                                  "metrics": str(metrics)})).fit()
+    # A crashed run wrote steps 9 and 10 after its last checkpoint (step 8): they are dropped.
+    trainer(tmp_path, digits_config(steps=12, checkpoint=ck, log={"every_steps": 1,
+            "metrics": str(metrics)})).fit(resume=True)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps] == list(range(1, 13)) + [12] * 0 or steps[:10] == list(
+        range(1, 11))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == list(range(1, 13)), train_steps
+
+
+def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, digits_config):
+    ck = {"dir": str(tmp_path / "ck")}
+    trainer(tmp_path, digits_config(steps=5, checkpoint=ck)).fit()
+    out = io.StringIO()
+    raw = digits_config(steps=8, checkpoint=ck, optimizer={"type": "adamw", "lr": 1e-3})
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    t.fit(resume=True)
+    assert t.step == 8 and "optimizer state starts fresh" in out.getvalue()
+
+
+def test_resume_with_another_batch_size_continues_by_samples(tmp_path, digits_config):
+    ck = {"dir": str(tmp_path / "ck")}
+    trainer(tmp_path, digits_config(steps=6, checkpoint=ck)).fit()  # 6 x 32 samples
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=9, checkpoint=ck, data__batch_size=64),
+                                 tmp_path), stream=out)
+    t.fit(resume=True)
+    assert "batch size changed from 32 to 64" in out.getvalue()
+    assert "at sample 192" in out.getvalue()
+    assert t.position == (0, 6)  # batches of 64: 192 / 64 = 3, then 3 more steps
+
+
+def test_resume_at_the_configured_length_says_so(tmp_path, digits_config):
+    ck = {"dir": str(tmp_path / "ck")}
+    trainer(tmp_path, digits_config(steps=4, checkpoint=ck)).fit()
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=4, checkpoint=ck), tmp_path), stream=out)
+    assert t.fit(resume=True)["steps"] == 4
+    assert "nothing to train" in out.getvalue()
+
+
+# -- models as exported --------------------------------------------------------------------------
+def _ir3_model(path):
+    """An IR-3 model: initializers are also listed as graph inputs."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32) * 0.1, "w")
+    b = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 10]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    onnx.save(m, path)
+
+
+def test_ir3_model_with_initializers_as_inputs_trains(tmp_path, digits_config):
+    _ir3_model(tmp_path / "m.onnx")
+    t = trainer(tmp_path, digits_config(model=str(tmp_path / "m.onnx"), steps=5))
+    assert sorted(t.names) == ["b", "w"]
+    out = t.fit()["output"]
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_loss_target_named_like_a_graph_tensor(tmp_path, digits_config):
+    raw = digits_config(steps=3)
+    raw["loss"]["target"] = "h1"  # an internal tensor of the digits MLP
+    raw["data"]["train"]["targets"] = {"h1": "y_train"}
+    raw["data"]["eval"]["targets"] = {"h1": "y_test"}
+    assert trainer(tmp_path, raw).fit()["steps"] == 3
+
+
+def test_grad_batch_size_sets_only_the_batch_dimension(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", 3])
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "g", [x], [y],
+                          [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              tmp_path / "m.onnx")
+    line = one_line(run_cli("grad", str(tmp_path / "m.onnx"), "--output", "logits",
+                            "--batch-size", "8", "-o", str(tmp_path / "t.onnx")))
+    assert "'T'" in line and "--shape x=" in line
+    proc = run_cli("grad", str(tmp_path / "m.onnx"), "--output", "logits", "--shape",
+                   "x=8,5,4", "-o", str(tmp_path / "t.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    dims = [d.dim_value for d in onnx.load(tmp_path / "t.onnx").graph.input[0].type
+            .tensor_type.shape.dim]
+    assert dims == [8, 5, 4]
+
+
+def test_eval_cli_on_a_trained_batchnorm_model(tmp_path):
+    """`onnx-trainer eval CONFIG --model trained.onnx` on a BatchNorm CNN (its running
+    statistics are loaded into engine-owned buffers)."""
+    pytest.importorskip("onnxscript")
+    from tests import torch_models as tm
+
+    onnx.save(tm.export_form(tm.zoo_model("cnn"), (1, 16, 16)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 1, 16, 16)).astype(np.float32),
+             y=rng.integers(0, 10, 40))
+    raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 3,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    assert run_cli("train", str(tmp_path / "cfg.yaml")).returncode == 0
+    proc = run_cli("eval", str(tmp_path / "cfg.yaml"), "--model", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "eval_loss" in proc.stdout and "eval_accuracy" in proc.stdout
+
+
+def test_evaluation_uses_inference_form(tmp_path):
+    """A model exported in training form (Dropout active, BatchNormalization training_mode=1):
+    evaluation, prediction and (on request) the export run it with Dropout off and the running
+    statistics; repeated evaluations agree."""
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    from tests import torch_models as tm
+
+    model = tm.zoo_model("dropout_mlp")
+    onnx.save(tm.export_form(model, (20,), "training"), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 20)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 10, 48))
+    raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 2,
+           "output_form": "inference",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    t = trainer(tmp_path, raw)
+    first = t.evaluate()
+    assert t.evaluate() == first == t.evaluate()
+    import torch
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(t.predict({"x": x})["logits"], want, rtol=1e-5, atol=1e-6)
+    out = t.fit()["output"]
+    sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    a, b = (sess.run(["logits"], {"x": x})[0] for _ in range(2))
+    np.testing.assert_array_equal(a, b)  # no dropout left in the exported inference form
+    np.testing.assert_allclose(a, t.predict({"x": x})["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_output_loss_eval_weighs_a_short_last_batch_by_its_samples(tmp_path):
+    """loss.type output: the model's own (mean) loss; evaluation weighs each chunk by its
+    samples, so the eval loss is the dataset mean whatever the batch size."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+    y = helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])
+    w = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")
+    g = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["p"]),
+                           helper.make_node("ReduceMean", ["p"], ["loss"], keepdims=0)],
+                          "g", [x], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              tmp_path / "m.onnx")
+    data = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+    np.savez(tmp_path / "d.npz", x=data)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}}, "batch_size": 4},
+           "loss": {"type": "output", "output": "loss"}, "precision": "fp64"}
+    t = trainer(tmp_path, raw)
+    want = float((data * np.array([1.0, 2.0])).mean())
+    assert t.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-12)
+
+
+def test_batchnorm_eval_keeps_statistics_fixed(tmp_path):
+    pytest.importorskip("onnxscript")
+    from tests import torch_models as tm
+
+    onnx.save(tm.export_form(tm.zoo_model("resnet"), (3, 8, 8)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 10, 32))
+    init = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx")
+            .graph.initializer}
+    base = {"model": "m.onnx", "device": "cpu", "steps": 2,
+            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                               "targets": {"label": "y"}}, "batch_size": 8},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    # eval form everywhere: no statistic moves
+    t = trainer(tmp_path, {**base, "output": "e.onnx", "batchnorm": "eval"})
+    assert not t.state
+    got = {t_.name: numpy_helper.to_array(t_) for t_ in onnx.load(t.fit()["output"])
+           .graph.initializer}
+    for k in init:
+        if "running" in k:
+            np.testing.assert_array_equal(got[k], init[k], err_msg=k)
+    # eval form for the stem only (by scale initializer glob); the others train as usual
+    t = trainer(tmp_path, {**base, "output": "p.onnx", "batchnorm": ["bn0.*"],
+                           "frozen": ["stem.*", "bn0.*"]})
+    assert set(t.state) == {k for k in init if "running" in k and not k.startswith("bn0.")}
+    with pytest.raises(Exception, match="matches the scale of no BatchNormalization"):
+        trainer(tmp_path, {**base, "output": "q.onnx", "batchnorm": ["nope.*"]})

@@ -1,0 +1,162 @@
+"""Which initializers are trained: the default parameter set of a model, with a reason for
+every float initializer left out, and the `trainable` / `frozen` overrides.
+
+The default set is what PyTorch calls the parameters of the exported module: float initializers
+that reach the loss through a differentiable input, except
+  - BatchNormalization running statistics (training state, updated from batch statistics);
+  - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
+    as initializers), unless PyTorch's export signature in the model names them PARAMETER;
+  - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from trainer.autodiff.engine import active_nodes
+from trainer.autodiff.registry import differentiable_inputs
+from trainer.errors import ModelError
+from trainer.graph import FLOAT_TYPES
+
+SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
+_SIGNATURE_LINE = re.compile(r"^\s*\w+: (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'",
+                             re.M)
+
+PARAMETER = "parameter"
+STATE = "state"          # BatchNormalization running statistics
+CONSTANT = "constant"    # left out by the default rules
+UNUSED = "unused"        # no differentiable path to the loss
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    reason: str = ""
+
+
+def torch_signature(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor name: PARAMETER | BUFFER | CONSTANT_TENSOR} from the export signature that
+    torch.onnx.export (dynamo) records in the graph's metadata; empty when absent."""
+    for prop in list(model.graph.metadata_props) + list(model.metadata_props):
+        if prop.key == SIGNATURE_KEY:
+            return {target: kind for kind, target in _SIGNATURE_LINE.findall(prop.value)}
+    return {}
+
+
+def batchnorm_stats(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    return {n.input[i] for n in nodes if n.op_type == "BatchNormalization"
+            for i in (3, 4) if i < len(n.input)}
+
+
+def _readers(nodes, name: str) -> str:
+    """'Greater input 1, OneHot input 2': where a tensor is read (for reasons)."""
+    seen = []
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            if x == name:
+                diff = i in differentiable_inputs(n.op_type, len(n.input), n.domain)
+                seen.append(f"{n.op_type} input {i}" + ("" if diff else " (not differentiable)"))
+    return ", ".join(dict.fromkeys(seen)) or "nothing"
+
+
+def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets,
+                    shapes: Mapping[str, tuple]) -> list[ParamInfo]:
+    """Every float initializer of `model` with its role for a loss over `targets`; `nodes` is
+    the graph in training form (loss included), `shapes` maps names to (shape, dtype)."""
+    inits = [t for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
+    stats = batchnorm_stats(model.graph.node)
+    signature = torch_signature(model)
+    reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
+    rows = []
+    for t in inits:
+        shape = tuple(t.dims)
+        size = int(np.prod(shape)) if shape else 1
+        kind = signature.get(t.name)
+        if t.name in stats:
+            rows.append(ParamInfo(t.name, shape, STATE, "BatchNormalization running statistic "
+                                  "(updated from batch statistics, not by gradients)"))
+        elif t.name not in reach:
+            rows.append(ParamInfo(t.name, shape, UNUSED, "no differentiable path to the loss "
+                                  f"(read by {_readers(nodes, t.name)})"))
+        elif kind in ("BUFFER", "CONSTANT_TENSOR"):
+            rows.append(ParamInfo(t.name, shape, CONSTANT, f"a PyTorch {kind.lower()}, "
+                                  "not a parameter"))
+        elif size == 1 and kind != "PARAMETER":
+            rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
+                                  "(an epsilon, exponent or scale; list it in 'trainable' to "
+                                  "train it)"))
+        else:
+            rows.append(ParamInfo(t.name, shape, PARAMETER))
+    return rows
+
+
+def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> list[str]:
+    """The trained names: the default parameters (`trainable: all`) or every float initializer
+    matching a `trainable` glob (state excluded), minus the `frozen` globs."""
+    frozen = list(frozen)
+    if trainable == "all" or trainable is None:
+        chosen = [r.name for r in table if r.role == PARAMETER]
+    else:
+        pool = [r for r in table if r.role != STATE]
+        chosen = []
+        for pattern in trainable:
+            hits = [r for r in pool if fnmatch.fnmatchcase(r.name, pattern)]
+            if not hits:
+                raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
+                                 "the model (available: "
+                                 f"{', '.join(r.name for r in pool[:12])})")
+            dead = [r for r in hits if r.role == UNUSED and r.name == pattern]
+            if dead:
+                raise ModelError(f"trainable entry '{pattern}' cannot be trained: "
+                                 f"{dead[0].reason}")
+            chosen += [r.name for r in hits if r.role != UNUSED and r.name not in chosen]
+    for pattern in frozen:
+        if not any(fnmatch.fnmatchcase(r.name, pattern) for r in table):
+            raise ModelError(f"frozen entry '{pattern}' matches no float initializer")
+    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
+
+
+def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
+    """Give normalization parameters and statistics that the exporter deduplicated their own
+    tensors, in place; returns the names made into initializers.
+
+    PyTorch's TorchScript exporter stores equal tensors once: a fresh model's BatchNorm and
+    LayerNorm weights (ones), biases and running means (zeros) and running variances (ones)
+    become Identity nodes of one shared initializer, which would train them as one tensor.
+    Each such Identity whose output feeds only normalization parameter slots becomes an
+    initializer of that name with the shared value (the computation is unchanged).
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    slots = {"BatchNormalization": (1, 2, 3, 4), "LayerNormalization": (1, 2),
+             "GroupNormalization": (1, 2), "InstanceNormalization": (1, 2),
+             "RMSNormalization": (1,)}
+    users: dict[str, list[bool]] = {}
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            users.setdefault(x, []).append(i in slots.get(n.op_type, ()))
+    outputs = {o.name for o in g.output}
+    untied, keep = [], []
+    for n in g.node:
+        src = n.input[0] if n.op_type == "Identity" and n.input else None
+        if (src in inits and inits[src].data_type in FLOAT_TYPES and n.output[0] not in outputs
+                and users.get(n.output[0]) and all(users[n.output[0]])):
+            value = numpy_helper.to_array(inits[src])
+            g.initializer.append(numpy_helper.from_array(np.array(value), n.output[0]))
+            untied.append(n.output[0])
+        else:
+            keep.append(n)
+    if untied:
+        del g.node[:]
+        g.node.extend(keep)
+    return untied

@@ -1,0 +1,92 @@
+"""Checks made before step 1, so that a long run never fails at its end: output and checkpoint
+paths, fixed batch dimensions, and loss targets (shapes, dtypes, label ranges) of every dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import DataError, TrainerError
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def writable_file(path: Path, what: str) -> None:
+    """`path` can be written as a file: not a directory, and its folder exists or can be made
+    and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise TrainerError(f"{what} {path} is a directory; give a file path such as "
+                           f"{path / 'model.onnx'}")
+    parent = _existing_parent(path.parent)
+    if not parent.is_dir():
+        raise TrainerError(f"{what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainerError(f"{what} {path}: no permission to write in {parent}")
+
+
+def writable_dir(path: Path, what: str) -> None:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TrainerError(f"{what} {path} exists and is not a directory")
+    parent = _existing_parent(path)
+    if not parent.is_dir():
+        raise TrainerError(f"{what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainerError(f"{what} {path}: no permission to write in {parent}")
+
+
+def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_size: int,
+                world: int) -> None:
+    """A model input with a fixed first dimension runs only at that batch size."""
+    for name, dims in data_inputs.items():
+        if dims and dims[0] is not None and any(n != dims[0] for n in local_sizes):
+            sizes = ", ".join(str(n) for n in sorted(local_sizes))
+            raise DataError(
+                f"model input '{name}' has a fixed batch dimension of {dims[0]}, but each of the "
+                f"{world} process(es) gets batches of {sizes} samples (data.batch_size "
+                f"{batch_size}); re-export the model with a dynamic batch axis "
+                "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...), or set "
+                f"data.batch_size to {dims[0] * world} with drop_last: true")
+
+
+def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
+                 per_sample: tuple[int, ...], ignore_index: int, output: str) -> None:
+    """Cross-entropy labels: integer, shaped like the output without its class axis, and in
+    [0, classes) or equal to ignore_index; the first bad one is named."""
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{what}: target '{name}' must hold integer class labels, got "
+                        f"{labels.dtype}")
+    if tuple(labels.shape[1:]) != tuple(per_sample):
+        hint = ""
+        if labels.shape[1:] == (1,) and per_sample == ():
+            hint = " (labels shaped [N, 1]: store them as a flat [N] array)"
+        raise DataError(f"{what}: target '{name}' has per-sample shape {list(labels.shape[1:])}, "
+                        f"but '{output}' without its class axis has {list(per_sample)}{hint}")
+    bad = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
+    if bad.any():
+        flat = int(np.flatnonzero(bad.reshape(-1))[0])
+        idx = np.unravel_index(flat, labels.shape)
+        where = f"sample {idx[0]}" + (f", position {list(idx[1:])}" if len(idx) > 1 else "")
+        raise DataError(f"{what}: target '{name}' holds {int(labels[idx])} at {where}, outside "
+                        f"[0, {classes}) for the {classes} classes of '{output}' "
+                        f"(label {ignore_index} marks a position to ignore, as loss.ignore_index)")
+
+
+def regression_targets(targets: np.ndarray, name: str, what: str,
+                       per_sample: tuple[int, ...], output: str) -> None:
+    if tuple(targets.shape[1:]) != tuple(per_sample):
+        raise DataError(f"{what}: target '{name}' has per-sample shape "
+                        f"{list(targets.shape[1:])}, but the mse loss compares it with "
+                        f"'{output}' of per-sample shape {list(per_sample)}")
+    if targets.dtype.kind not in "fiu":
+        raise DataError(f"{what}: target '{name}' must be numeric, got {targets.dtype}")
