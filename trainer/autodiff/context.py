@@ -56,6 +56,8 @@ class Builder:
         return self.node(op, [x], [out], axes=axes, keepdims=keepdims)
 
     def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
+        if self.opset < 5:  # Reshape-1 takes the shape as an attribute
+            return self.node("Reshape", [x], [out], shape=[int(d) for d in shape])
         return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out])
 
     def expand(self, x: str, shape, out: str, dtype) -> onnx.NodeProto:

@@ -131,8 +131,9 @@ def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
     PyTorch's TorchScript exporter stores equal tensors once: a fresh model's BatchNorm and
     LayerNorm weights (ones), biases and running means (zeros) and running variances (ones)
     become Identity nodes of one shared initializer, which would train them as one tensor.
-    Each such Identity whose output feeds only normalization parameter slots becomes an
-    initializer of that name with the shared value (the computation is unchanged).
+    Each such Identity of a shared initializer (read more than once) whose output feeds only
+    normalization parameter slots becomes an initializer of that name with the shared value
+    (the computation is unchanged).
     """
     from onnx import numpy_helper
 
@@ -142,15 +143,18 @@ def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
              "GroupNormalization": (1, 2), "InstanceNormalization": (1, 2),
              "RMSNormalization": (1,)}
     users: dict[str, list[bool]] = {}
+    reads: dict[str, int] = {}
     for n in g.node:
         for i, x in enumerate(n.input):
             users.setdefault(x, []).append(i in slots.get(n.op_type, ()))
+            reads[x] = reads.get(x, 0) + 1
     outputs = {o.name for o in g.output}
     untied, keep = [], []
     for n in g.node:
         src = n.input[0] if n.op_type == "Identity" and n.input else None
-        if (src in inits and inits[src].data_type in FLOAT_TYPES and n.output[0] not in outputs
-                and users.get(n.output[0]) and all(users[n.output[0]])):
+        if (src in inits and inits[src].data_type in FLOAT_TYPES and reads[src] > 1
+                and n.output[0] not in outputs and users.get(n.output[0])
+                and all(users[n.output[0]])):
             value = numpy_helper.to_array(inits[src])
             g.initializer.append(numpy_helper.from_array(np.array(value), n.output[0]))
             untied.append(n.output[0])
