@@ -236,6 +236,8 @@ for shape in ((3, 4, 2, 2), (5, 3), (2, 3, 4)):
     # onnxruntime's CPU kernel has no training mode: the reference evaluator checks it.
     add("BatchNormalization", f"training-{list(shape)}", bn, n_out=3, training_mode=1,
         momentum=0.8, ref="reference")
+add("GatherElements", "indices-smaller-than-data",
+    [("X", normal(2, 4, 3)), ("I", np.array([[[1, 2]]] * 2, np.int64))], axis=1)
 _bnx = normal(4, 3, 2)
 add("BatchNormalization", "opset7-spatial0", [("X", _bnx), ("s", normal(3, 2)),
                                               ("b", normal(3, 2)), ("m", normal(3, 2)),
@@ -388,6 +390,14 @@ def test_kernel_matches_reference(c: KCase) -> None:
     want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
     for name in want:
         assert_same(ours[name], want[name], what=f"{c.id} {name}")
+
+
+def test_cast_before_opset_6_names_the_type() -> None:
+    x = normal(3)
+    model = node_model("Cast", [("X", x)], opset=5, to="DOUBLE")
+    got = run(model, {"X": x})["y0"]
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, x.astype(np.float64))
 
 
 def test_dropout_training_kernel() -> None:

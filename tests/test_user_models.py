@@ -212,3 +212,29 @@ def test_check_lists_the_exporters_constants_with_reasons(capsys):
     out = capsys.readouterr().out
     assert "parameters trained by default: 5 tensors" in out
     assert "one-element constant" in out
+
+
+class ViewCNN(nn.Module):
+    """A TorchScript-style CNN that flattens with x.view(x.size(0), -1): a Shape -> Gather ->
+    Unsqueeze -> Concat -> Reshape path that carries no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 3, 3), nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_check_has_no_false_alarm_on_the_shape_path(tmp_path, capsys):
+    from trainer.cli import main
+
+    torch.manual_seed(0)
+    proto = export(ViewCNN(), (1, 6, 6), "torchscript")
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Shape", "Gather", "Concat", "Reshape"} <= ops, ops
+    onnx.save(proto, tmp_path / "m.onnx")
+    assert main(["check", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "all trainable" in out and "MISSING" not in out

@@ -28,6 +28,28 @@ def _check(args) -> int:
     return 0 if report.ok else 1
 
 
+def _ops(args) -> int:
+    import json
+
+    from trainer.report import support_table
+
+    rows = support_table()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(f"{r['domain']}:{r['op']}" if r["domain"] else r["op"]) for r in rows)
+    print(f"{'op':<{width}}  {'forward (since opset)':<24} gradient")
+    for r in rows:
+        name = f"{r['domain']}:{r['op']}" if r["domain"] else r["op"]
+        fwd = ", ".join(map(str, r["forward"])) or "MISSING"
+        print(f"{name:<{width}}  {fwd:<24} {r['gradient']}")
+    with_fwd = [r for r in rows if r["forward"]]
+    rules = sum(r["gradient"] == "rule" for r in rows)
+    print(f"{len(rows)} ops: {len(with_fwd)} with a forward kernel, {rules} with a gradient "
+          f"rule, {sum(r['gradient'] == 'not differentiable' for r in rows)} not differentiable")
+    return 0
+
+
 def _grad(args) -> int:
     import onnx
 
@@ -112,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep BatchNormalization statistics fixed (inference form)")
     g.add_argument("-o", required=True, help="path of the training graph to write")
     g.set_defaults(fn=_grad)
+    o = sub.add_parser("ops", parents=[common],
+                       help="the support table: forward kernels and gradients of every op")
+    o.add_argument("--json", action="store_true", help="print the table as JSON")
+    o.set_defaults(fn=_ops)
     e = sub.add_parser("eval", parents=[common], help="evaluate on the config's data.eval")
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")

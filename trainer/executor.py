@@ -208,11 +208,13 @@ class Executor:
         for (fn, attrs, ins, outs, name, op, subs), frees in zip(self.steps, self.free_after,
                                                                  strict=True):
             try:
-                if subs:
-                    attrs = {**attrs, **{k: _bound(s, env) for k, s in subs}}
-                results = fn(xp, *[env[i] for i in ins], **attrs)
+                args = [env[i] for i in ins]
             except KeyError as exc:
                 raise ModelError(f"node '{name}' ({op}): input {exc} was not provided") from None
+            try:
+                if subs:
+                    attrs = {**attrs, **{k: _bound(s, env) for k, s in subs}}
+                results = fn(xp, *args, **attrs)
             except Exception as exc:
                 shapes = [getattr(env.get(i), "shape", None) for i in ins]
                 raise ModelError(f"node '{name}' ({op}) failed on input shapes {shapes}: "

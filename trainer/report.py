@@ -121,3 +121,29 @@ def model_report(model: onnx.ModelProto) -> Report:
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
     return Report(opset_of(model), rows, params, untied)
+
+
+def support_table() -> list[dict]:
+    """One row per operator of the installed onnx's domains (and any other op with a kernel):
+    `{"op", "domain", "forward": [kernel since-versions], "gradient": "rule" |
+    "not differentiable" | "missing"}` (gradient is "missing" too for ops without a kernel)."""
+    import onnx.defs
+
+    from trainer.autodiff.registry import RULES
+    from trainer.kernels import KERNELS
+
+    _load_all()
+    ops = {("" if s.domain == "ai.onnx" else s.domain, s.name)
+           for s in onnx.defs.get_all_schemas_with_history() if not s.deprecated}
+    ops |= set(KERNELS)
+    rows = []
+    for domain, op in sorted(ops, key=lambda k: (k[0], k[1])):
+        forward = sorted({since for since, _ in KERNELS.get((domain, op), [])})
+        if op in NO_GRADIENT:
+            grad = "not differentiable"
+        elif (domain, op) in RULES:
+            grad = "rule"
+        else:
+            grad = "missing"
+        rows.append({"op": op, "domain": domain, "forward": forward, "gradient": grad})
+    return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from trainer.graph import np_dtype
 from trainer.kernels import kernel
@@ -380,7 +381,9 @@ def _cast(xp, x, dtype, saturate, round_mode):
 
 @kernel("Cast")
 def Cast(xp, x, *, to, saturate=1, round_mode="up"):
-    return (_cast(xp, x, np_dtype(to), saturate, round_mode),)
+    # Cast-1 (until opset 6) names the type as a string, e.g. "FLOAT" or "DOUBLE".
+    code = getattr(onnx.TensorProto, to.upper()) if isinstance(to, str) else to
+    return (_cast(xp, x, np_dtype(code), saturate, round_mode),)
 
 
 @kernel("CastLike")

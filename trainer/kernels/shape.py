@@ -211,6 +211,9 @@ def Gather(xp, x, indices, *, axis=0):
 def GatherElements(xp, x, indices, *, axis=0):
     axis %= x.ndim
     idx = indices.astype(np.int64) % max(x.shape[axis], 1)
+    # The indices may be smaller than the data along the other axes (as torch.gather allows):
+    # only the leading part of each of those axes is read.
+    x = x[tuple(slice(0, idx.shape[a]) if a != axis else slice(None) for a in range(x.ndim))]
     return (xp.take_along_axis(x, idx, axis=axis),)
 
 
