@@ -46,12 +46,22 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined - {""}
 
 
+def graph_kernel(node: onnx.NodeProto):
+    """For ops whose kernel is built from the enclosing graph (ai.onnx.preview.training's
+    Gradient): factory(model, graph, node) -> fn(xp, *inputs); None for ordinary ops."""
+    if node.domain == "ai.onnx.preview.training" and node.op_type == "Gradient":
+        from trainer.autodiff.gradient_op import gradient_kernel
+        return gradient_kernel
+    return None
+
+
 def _missing(model: onnx.ModelProto, graph: onnx.GraphProto, prefix: str
              ) -> list[tuple[str, str]]:
     out = []
     for i, node in enumerate(graph.node):
         name = prefix + node_name(node, i)
-        if get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is None:
+        if get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is None \
+                and graph_kernel(node) is None:
             out.append((node.op_type, name))
         for attr, graphs in subgraphs(node):
             for k, g in enumerate(graphs):
@@ -156,7 +166,7 @@ class Executor:
         deps = topo_sort([_Deps(_reads(n), n.output, n) for n in graph.node], available)
         self.fetch = fetch
         self.rng = rng
-        self.steps = [self._bind(model, d.node, i) for i, d in enumerate(deps)]
+        self.steps = [self._bind(model, d.node, i, graph) for i, d in enumerate(deps)]
         self.keep_all = keep_all
         last_use: dict[str, int] = {}
         for i, d in enumerate(deps):
@@ -175,7 +185,11 @@ class Executor:
                         frees.setdefault(node_index, []).append(name)
             self.free_after = [tuple(frees.get(i, ())) for i in range(len(deps))]
 
-    def _bind(self, model, node, index):
+    def _bind(self, model, node, index, graph):
+        factory = graph_kernel(node)
+        if factory is not None:
+            return (factory(model, graph, node), {}, tuple(node.input), tuple(node.output),
+                    node_name(node, index), node.op_type, ())
         fn = get_kernel(node.op_type, opset_of(model, node.domain), node.domain)
         attrs = attrs_of(node)
         params = inspect.signature(fn).parameters

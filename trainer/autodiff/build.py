@@ -133,6 +133,9 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
         shape, dt = shapes_all[like or name]
         return helper.make_tensor_value_info(name, elem_type(dt), list(shape))
     g.input.extend(vi(seeds[y], y) for y in of)
+    for o in g.output:  # outputs declared without a type get the probed one
+        if not o.type.tensor_type.elem_type and o.name in shapes_all:
+            o.CopyFrom(vi(o.name))
     for x in wrt:
         name = public[x]
         shape, dt = shapes_all[x]
