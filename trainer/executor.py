@@ -46,6 +46,10 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined - {""}
 
 
+# Ops whose kernel is built from the enclosing graph: (domain, op) -> since version.
+GRAPH_KERNEL_OPS = {("ai.onnx.preview.training", "Gradient"): 1}
+
+
 def graph_kernel(node: onnx.NodeProto):
     """For ops whose kernel is built from the enclosing graph (ai.onnx.preview.training's
     Gradient): factory(model, graph, node) -> fn(xp, *inputs); None for ordinary ops."""

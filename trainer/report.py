@@ -130,6 +130,7 @@ def support_table() -> list[dict]:
     import onnx.defs
 
     from trainer.autodiff.registry import RULES
+    from trainer.executor import GRAPH_KERNEL_OPS
     from trainer.kernels import KERNELS
 
     _load_all()
@@ -139,6 +140,8 @@ def support_table() -> list[dict]:
     rows = []
     for domain, op in sorted(ops, key=lambda k: (k[0], k[1])):
         forward = sorted({since for since, _ in KERNELS.get((domain, op), [])})
+        if (domain, op) in GRAPH_KERNEL_OPS:
+            forward = [GRAPH_KERNEL_OPS[(domain, op)]]
         if op in NO_GRADIENT:
             grad = "not differentiable"
         elif (domain, op) in RULES:
