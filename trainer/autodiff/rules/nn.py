@@ -1,10 +1,14 @@
-"""Gradient rules for Conv, pooling, BatchNormalization (inference form) and Dropout.
+"""Gradient rules for convolutions, pooling, LRN, BatchNormalization (inference form), Dropout.
 
-Convolution gradients use standard ops: dX is a ConvTranspose of dY, dW a Conv of the
-transposed input with the transposed dY (per group), so training graphs still run in onnxruntime.
+Standard ops only, so training graphs still run in onnxruntime: dX of a Conv is a ConvTranspose
+of dY (of a ConvTranspose, a Conv), dW one grouped Conv that correlates the input with dY over
+the batch; window adjoints (AveragePool, LpPool, MaxPool before opset 16, Col2Im) are grouped
+ConvTransposes or Convs with constant 0/1 kernels.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from onnx import numpy_helper
@@ -12,7 +16,7 @@ from onnx import numpy_helper
 from trainer.autodiff.registry import grad
 from trainer.errors import ModelError
 from trainer.graph import elem_type
-from trainer.kernels.nn import avgpool_divisor, conv_pads
+from trainer.kernels.nn import avgpool_divisor, conv_pads, conv_transpose_pads
 
 
 def transpose_geometry(in_spatial, out_spatial, kernel, strides, dilations, pads):
@@ -37,15 +41,71 @@ def _geometry(ctx, kernel):
     return x_shape, k, strides, dilations, pads, out
 
 
-def _spatial_axes(ctx):
-    return list(range(2, len(ctx.shape(ctx.I(0)))))
+def _perm_swap01(rank: int) -> list[int]:
+    return [1, 0] + list(range(2, rank))
+
+
+def _slice(ctx, x: str, starts, ends, axes, out: str):
+    """Slice with static bounds (attributes before opset 10, inputs from it)."""
+    starts, ends, axes = [int(v) for v in starts], [int(v) for v in ends], [int(v) for v in axes]
+    if ctx.opset < 10:
+        return ctx.node("Slice", [x], [out], starts=starts, ends=ends, axes=axes)
+    return ctx.node("Slice", [x, ctx.const(starts, np.int64, "starts"),
+                              ctx.const(ends, np.int64, "ends"),
+                              ctx.const(axes, np.int64, "axes")], [out])
+
+
+def _pad(ctx, x: str, pads, out: str):
+    """Zero padding with static [begin..., end...] amounts over every axis."""
+    pads = [int(v) for v in pads]
+    if ctx.opset < 11:
+        return ctx.node("Pad", [x], [out], pads=pads)
+    return ctx.node("Pad", [x, ctx.const(pads, np.int64, "pads")], [out])
+
+
+def conv_weight_grad(ctx, x: str, x_shape, dy: str, dy_shape, kernel, strides, dilations,
+                     pads, group: int, out: str) -> list:
+    """dW [M, C/G, *kernel] of Y = Conv(x, W, ...) as one Conv with group G: the input as
+    [C/G, G*N, *S] images, dY as [M, N, *O] kernels (the batch is the reduction axis), strides and
+    dilations swapped; the end padding is chosen so that exactly `kernel` taps come out."""
+    n, c = x_shape[:2]
+    sp, o = list(x_shape[2:]), list(dy_shape[2:])
+    k, cg = len(sp), c // group
+    nodes, xt, dyt = [], ctx.tmp("xT"), ctx.tmp("dyT")
+    if group == 1:
+        nodes.append(ctx.node("Transpose", [x], [xt], perm=_perm_swap01(k + 2)))
+    else:
+        r, t = ctx.tmp("x_groups"), ctx.tmp("x_groupsT")
+        nodes += [ctx.reshape(x, [n, group, cg] + sp, r),
+                  ctx.node("Transpose", [r], [t], perm=[2, 1, 0] + list(range(3, k + 3))),
+                  ctx.reshape(t, [cg, group * n] + sp, xt)]
+    nodes.append(ctx.node("Transpose", [dy], [dyt], perm=_perm_swap01(k + 2)))
+    ends, crop = [], False
+    for i in range(k):
+        need = (o[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - sp[i] - pads[i]
+        # padded lengths in [need, need + dilation) give `kernel` outputs; below, crop the rest
+        ends.append(max(need, 0))
+        crop |= need + dilations[i] - 1 < 0
+    full = ctx.tmp("dw_full")
+    nodes.append(ctx.node("Conv", [xt, dyt], [full], strides=list(dilations),
+                          dilations=list(strides), pads=list(pads[:k]) + ends, group=group,
+                          kernel_shape=o))
+    if crop:
+        cropped = ctx.tmp("dw_crop")
+        nodes.append(_slice(ctx, full, [0] * k, kernel, range(2, k + 2), cropped))
+        full = cropped
+    nodes.append(ctx.node("Transpose", [full], [out], perm=_perm_swap01(k + 2)))
+    return nodes
+
+
+def _bias_grad(ctx, dy: str, rank: int, out: str):
+    return ctx.reduce("ReduceSum", dy, [0] + list(range(2, rank)), out, keepdims=0)
 
 
 @grad("Conv")
 def conv_grad(ctx):
-    # dX = ConvTranspose(dY, W), dW[g] = Conv(X[g]^T, dY[g]^T)^T, dB = sum(dY over N, spatial)
-    w_shape = ctx.shape(ctx.I(1))
-    kernel = list(w_shape[2:])
+    # dX = ConvTranspose(dY, W); dW = Conv(X^T, dY^T) per group (over the batch); dB = sum(dY)
+    kernel = list(ctx.shape(ctx.I(1))[2:])
     x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
     group = ctx.attr("group", 1)
     dy, nodes = ctx.GO(0), []
@@ -56,71 +116,138 @@ def conv_grad(ctx):
                               output_padding=extra if any(extra) else None,
                               kernel_shape=kernel))
     if ctx.needs(1):
-        swap = [1, 0] + list(range(2, 2 + k))
-        xs, dys = [ctx.I(0)], [dy]
-        if group > 1:
-            xs = [ctx.tmp(f"x{g}") for g in range(group)]
-            dys = [ctx.tmp(f"dy{g}") for g in range(group)]
-            nodes.append(_split(ctx, ctx.I(0), xs, x_shape[1]))
-            nodes.append(_split(ctx, dy, dys, ctx.shape(ctx.O(0))[1]))
-        parts = []
-        for g in range(group):
-            xt, dyt, full = ctx.tmp("xT"), ctx.tmp("dyT"), ctx.tmp("dw_full")
-            nodes += [ctx.node("Transpose", [xs[g]], [xt], perm=swap),
-                      ctx.node("Transpose", [dys[g]], [dyt], perm=swap),
-                      ctx.node("Conv", [xt, dyt], [full], strides=dilations, dilations=strides,
-                               pads=pads, kernel_shape=list(out))]
-            # Output is [C/G, M/G, k'] with k' >= kernel: crop, then swap to [M/G, C/G, k].
-            span = [(x_shape[2 + i] + pads[i] + pads[i + k] - (out[i] - 1) * strides[i] - 1)
-                    // dilations[i] + 1 for i in range(k)]
-            src = full
-            if span != kernel:
-                src = ctx.tmp("dw_crop")
-                nodes.append(ctx.node("Slice", [full, ctx.const([0] * k, np.int64, "starts"),
-                                                ctx.const(kernel, np.int64, "ends"),
-                                                ctx.const(list(range(2, 2 + k)), np.int64,
-                                                          "axes")], [src]))
-            part = ctx.GI(1) if group == 1 else ctx.tmp(f"dw{g}")
-            nodes.append(ctx.node("Transpose", [src], [part], perm=swap))
-            parts.append(part)
-        if group > 1:
-            nodes.append(ctx.node("Concat", parts, [ctx.GI(1)], axis=0))
+        nodes += conv_weight_grad(ctx, ctx.I(0), x_shape, dy, ctx.shape(ctx.O(0)), kernel,
+                                  strides, dilations, pads, group, ctx.GI(1))
     if ctx.needs(2):
-        nodes.append(ctx.reduce("ReduceSum", dy, [0] + _spatial_axes(ctx), ctx.GI(2),
-                                keepdims=0))
+        nodes.append(_bias_grad(ctx, dy, k + 2, ctx.GI(2)))
     return nodes
 
 
-def _split(ctx, x, outs, channels: int):
-    """Split x ([N, channels, ...]; x may be a gradient with no recorded shape) into equal parts
-    along axis 1."""
-    if ctx.opset >= 18:
-        return ctx.node("Split", [x], outs, axis=1, num_outputs=len(outs))
-    size = channels // len(outs)
-    if ctx.opset >= 13:
-        return ctx.node("Split", [x, ctx.const([size] * len(outs), np.int64, "split")], outs,
-                        axis=1)
-    return ctx.node("Split", [x], outs, axis=1, split=[size] * len(outs))
+@grad("ConvTranspose")
+def conv_transpose_grad(ctx):
+    # ConvTranspose(., W) is the adjoint of Conv(., W): dX = Conv(dY, W), dW = that Conv's
+    # weight gradient with dY as its input and X as its output gradient, dB = sum(dY)
+    x_shape, y_shape = ctx.shape(ctx.I(0)), ctx.shape(ctx.O(0))
+    kernel = list(ctx.shape(ctx.I(1))[2:])
+    k = len(kernel)
+    strides = list(ctx.attr("strides") or [1] * k)
+    dilations = list(ctx.attr("dilations") or [1] * k)
+    group = ctx.attr("group", 1)
+    pads, opad, _ = conv_transpose_pads(
+        x_shape[2:], kernel, strides, dilations, ctx.attr("pads"), ctx.attr("output_padding"),
+        ctx.attr("output_shape"), ctx.attr("auto_pad", "NOTSET"))
+    # X reaches [0, s*(in-1) + span) of the unpadded result; Y is that frame shifted by the begin
+    # pads (negative: zeros X never reaches) and ending output_padding - end pad past it.
+    starts = [max(-pads[i], 0) for i in range(k)]
+    ends = [y_shape[2 + i] - max(opad[i] - pads[i + k], 0) for i in range(k)]
+    cpads = [max(p, 0) for p in pads[:k]] + [max(pads[i + k] - opad[i], 0) for i in range(k)]
+    dy, nodes = ctx.GO(0), []
+    src, src_shape = dy, list(y_shape)
+    if any(starts) or ends != list(y_shape[2:]):
+        src = ctx.tmp("dy_reached")
+        nodes.append(_slice(ctx, dy, starts, ends, range(2, k + 2), src))
+        src_shape = list(y_shape[:2]) + [e - s for s, e in zip(starts, ends, strict=True)]
+    if ctx.needs(0):
+        nodes.append(ctx.node("Conv", [src, ctx.I(1)], [ctx.GI(0)], strides=strides,
+                              dilations=dilations, group=group, pads=cpads, kernel_shape=kernel))
+    if ctx.needs(1):
+        nodes += conv_weight_grad(ctx, src, src_shape, ctx.I(0), x_shape, kernel, strides,
+                                  dilations, cpads, group, ctx.GI(1))
+    if ctx.needs(2):
+        nodes.append(_bias_grad(ctx, dy, k + 2, ctx.GI(2)))
+    return nodes
+
+
+def _window_adjoint(ctx, t: str, x_shape, weight: np.ndarray, kernel, strides, dilations,
+                    pads, out, dst: str):
+    """ConvTranspose(t, weight, group=C) back onto x's grid: each window's values (weight per
+    channel: [C * per, 1, *kernel]) summed into the inputs they cover; padding is cropped."""
+    tpads, extra = transpose_geometry(x_shape[2:], out, kernel, strides, dilations, pads)
+    return ctx.node("ConvTranspose", [t, ctx.const(weight, suffix="window")], [dst],
+                    strides=strides, dilations=dilations, group=x_shape[1], pads=tpads,
+                    kernel_shape=list(kernel), output_padding=extra if any(extra) else None)
+
+
+def _ones_kernel(ctx, x_shape, kernel) -> np.ndarray:
+    return np.ones([x_shape[1], 1] + list(kernel), ctx.dtype(ctx.I(0)))
 
 
 @grad("MaxPool")
 def maxpool_grad(ctx):
-    # dX = scatter-add of dY at the argmax indices (the node's Indices output)
-    if ctx.opset < 16:
-        raise ModelError(f"MaxPool gradient (node '{ctx.name}') needs opset >= 16 "
-                         f"(ScatterElements with reduction=add); the model has opset "
-                         f"{ctx.opset}: convert it with onnx.version_converter")
-    if len(ctx.onnx_node.output) < 2:
-        raise ModelError(f"MaxPool node '{ctx.name}' has no Indices output to differentiate")
-    x_shape = ctx.shape(ctx.I(0))
-    total = int(np.prod(x_shape))
+    # dX[i] = sum of dY over the windows whose argmax (the Indices output) is i. As in PyTorch a
+    # tie goes to the window's first maximal element (the one Indices names).
+    if len(ctx.onnx_node.output) < 2 or not ctx.O(1):
+        raise ModelError(f"MaxPool node '{ctx.name}' has no Indices output to differentiate "
+                         f"(opset {ctx.opset}; Indices exist from opset 8): convert the model "
+                         "with onnx.version_converter")
+    kernel = list(ctx.attr("kernel_shape"))
+    x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
+    overlap = any(out[i] > 1 and strides[i] < (kernel[i] - 1) * dilations[i] + 1
+                  for i in range(k))
+    if ctx.opset >= 16 or (ctx.opset >= 11 and not overlap):
+        return _scatter_at_indices(ctx, x_shape, "add" if overlap else None)
+    return _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out)
+
+
+def _scatter_at_indices(ctx, x_shape, reduction):
+    """dY scattered into zeros at the flat Indices (duplicates added when windows overlap)."""
+    k = len(x_shape) - 2
+    order = ctx.attr("storage_order", 0)
+    total = math.prod(x_shape)
     zeros, idx, upd, flat = ctx.tmp("zeros"), ctx.tmp("idx"), ctx.tmp("upd"), ctx.tmp("flat")
     zero = np.zeros(1, ctx.dtype(ctx.I(0)))
-    return [ctx.node("ConstantOfShape", [ctx.const([total], np.int64, "n")], [zeros],
-                     value=numpy_helper.from_array(zero)),
-            ctx.reshape(ctx.O(1), [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
-            ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0, reduction="add"),
-            ctx.reshape(flat, x_shape, ctx.GI(0))]
+    nodes = [ctx.node("ConstantOfShape", [ctx.const([total], np.int64, "n")], [zeros],
+                      value=numpy_helper.from_array(zero)),
+             ctx.reshape(ctx.O(1), [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
+             ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0,
+                      reduction=reduction)]
+    if not order:
+        return nodes + [ctx.reshape(flat, x_shape, ctx.GI(0))]
+    # storage_order=1: Indices count the spatial axes in column-major order
+    grid = ctx.tmp("colmajor")
+    return nodes + [ctx.reshape(flat, list(x_shape[:2]) + list(x_shape[2:])[::-1], grid),
+                    ctx.node("Transpose", [grid], [ctx.GI(0)],
+                             perm=[0, 1] + [1 + k - i for i in range(k)])]
+
+
+def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out):
+    """MaxPool adjoint without a scatter-add (opset < 16): the window tap of each argmax as a
+    one-hot over the taps (Indices minus the window origin, compared with each tap's offset),
+    times dY, then folded back by a grouped ConvTranspose with one-hot tap kernels. A tap offset
+    may also match a tap outside x (the flat offsets alias across rows); those land in the
+    padding, which the ConvTranspose crops."""
+    n, c = x_shape[:2]
+    sp = list(x_shape[2:])
+    k, taps = len(sp), math.prod(kernel)
+    order = list(reversed(range(k))) if ctx.attr("storage_order", 0) else list(range(k))
+
+    def flat(coords):
+        f = 0
+        for i in order:
+            f = f * sp[i] + coords[i]
+        return np.asarray(f, np.int64)
+
+    tap = np.unravel_index(np.arange(taps), kernel)
+    offsets = flat([tap[i] * dilations[i] for i in range(k)]).reshape([taps] + [1] * k)
+    grid = np.meshgrid(*[np.arange(out[i]) * strides[i] - pads[i] for i in range(k)],
+                       indexing="ij")
+    origin = flat(grid).reshape([1, 1] + list(out))
+    base = ((np.arange(n)[:, None] * c + np.arange(c)[None, :]) * math.prod(sp))
+    base = base.astype(np.int64).reshape([n, c] + [1] * k)
+    dt = ctx.dtype(ctx.I(0))
+    t = {s: ctx.tmp(s) for s in ("local", "rel", "rel1", "hit", "hitf", "dy1", "z", "zf")}
+    onehot = np.tile(np.eye(taps, dtype=dt).reshape([taps, 1] + list(kernel)),
+                     [c, 1] + [1] * k)
+    return [ctx.node("Sub", [ctx.O(1), ctx.const(base, suffix="base")], [t["local"]]),
+            ctx.node("Sub", [t["local"], ctx.const(origin, suffix="origin")], [t["rel"]]),
+            ctx.unsqueeze(t["rel"], [2], t["rel1"]),
+            ctx.node("Equal", [t["rel1"], ctx.const(offsets, suffix="taps")], [t["hit"]]),
+            ctx.node("Cast", [t["hit"]], [t["hitf"]], to=elem_type(dt)),
+            ctx.unsqueeze(ctx.GO(0), [2], t["dy1"]),
+            ctx.node("Mul", [t["hitf"], t["dy1"]], [t["z"]]),
+            ctx.reshape(t["z"], [n, c * taps] + list(out), t["zf"]),
+            _window_adjoint(ctx, t["zf"], x_shape, onehot, kernel, strides, dilations, pads,
+                            out, ctx.GI(0))]
 
 
 @grad("AveragePool")
@@ -131,15 +258,60 @@ def averagepool_grad(ctx):
     divisor = avgpool_divisor(x_shape[2:], kernel, strides, dilations, pads, out,
                               ctx.attr("count_include_pad", 0))
     dt = ctx.dtype(ctx.I(0))
-    c = x_shape[1]
     scaled = ctx.tmp("scaled")
-    tpads, extra = transpose_geometry(x_shape[2:], out, kernel, strides, dilations, pads)
-    ones = ctx.const(np.ones([c, 1] + kernel, dt), suffix="ones")
     return [ctx.node("Div", [ctx.GO(0), ctx.const(divisor.astype(dt), suffix="divisor")],
                      [scaled]),
-            ctx.node("ConvTranspose", [scaled, ones], [ctx.GI(0)], strides=strides,
-                     dilations=dilations, group=c, pads=tpads, kernel_shape=kernel,
-                     output_padding=extra if any(extra) else None)]
+            _window_adjoint(ctx, scaled, x_shape, _ones_kernel(ctx, x_shape, kernel), kernel,
+                            strides, dilations, pads, out, ctx.GI(0))]
+
+
+def _lp_parts(ctx, p: float):
+    """(nodes, s, g) with s = dY * Y^(1-p) (Y = 0 read as 1: such windows are all zeros, where
+    g vanishes) and g = sign(X) |X|^(p-1), the two factors of dX."""
+    x, y, dy = ctx.I(0), ctx.O(0), ctx.GO(0)
+    dt = ctx.dtype(x)
+    nodes, s = [], dy
+    if p != 1:
+        t = {n: ctx.tmp(n) for n in ("y0", "y0f", "safe", "pw", "s")}
+        nodes += [ctx.node("Equal", [y, ctx.scalar(0.0)], [t["y0"]]),
+                  ctx.node("Cast", [t["y0"]], [t["y0f"]], to=elem_type(dt)),
+                  ctx.node("Add", [y, t["y0f"]], [t["safe"]])]
+        if p == 2:
+            nodes.append(ctx.node("Div", [dy, t["safe"]], [t["s"]]))
+        else:
+            nodes += [ctx.node("Pow", [t["safe"], ctx.scalar(1.0 - p)], [t["pw"]]),
+                      ctx.node("Mul", [dy, t["pw"]], [t["s"]])]
+        s = t["s"]
+    if p == 2:
+        return nodes, s, x
+    sign = ctx.tmp("sign")
+    nodes.append(ctx.node("Sign", [x], [sign]))
+    if p == 1:
+        return nodes, s, sign
+    a, pw, g = ctx.tmp("abs"), ctx.tmp("abs_pow"), ctx.tmp("g")
+    nodes += [ctx.node("Abs", [x], [a]), ctx.node("Pow", [a, ctx.scalar(p - 1.0)], [pw]),
+              ctx.node("Mul", [sign, pw], [g])]
+    return nodes, s, g
+
+
+@grad("LpPool")
+def lppool_grad(ctx):
+    # Y = (sum_window |X|^p)^(1/p): dX = sign(X) |X|^(p-1) * fold(dY Y^(1-p)), fold summing each
+    # window's value into the inputs it covers; an all-zero window gives 0
+    kernel = list(ctx.attr("kernel_shape"))
+    x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
+    nodes, s, g = _lp_parts(ctx, float(ctx.attr("p", 2)))
+    folded = ctx.tmp("folded")
+    nodes.append(_window_adjoint(ctx, s, x_shape, _ones_kernel(ctx, x_shape, kernel), kernel,
+                                 strides, dilations, pads, out, folded))
+    return nodes + [ctx.node("Mul", [g, folded], [ctx.GI(0)])]
+
+
+@grad("GlobalLpPool")
+def global_lppool_grad(ctx):
+    # dX = sign(X) |X|^(p-1) * dY Y^(1-p) (broadcast over the spatial axes)
+    nodes, s, g = _lp_parts(ctx, float(ctx.attr("p", 2)))
+    return nodes + [ctx.node("Mul", [g, s], [ctx.GI(0)])]
 
 
 @grad("GlobalAveragePool")
@@ -149,6 +321,162 @@ def global_averagepool_grad(ctx):
     t = ctx.tmp("expanded")
     return [ctx.expand(ctx.GO(0), x_shape, t, ctx.dtype(ctx.I(0))),
             ctx.node("Mul", [t, ctx.scalar(1.0 / float(np.prod(x_shape[2:])))], [ctx.GI(0)])]
+
+
+@grad("GlobalMaxPool")
+def global_maxpool_grad(ctx):
+    # dX = dY * [X == Y] / #ties: tied maxima share the gradient evenly (as torch.amax)
+    x_shape = ctx.shape(ctx.I(0))
+    t = {n: ctx.tmp(n) for n in ("eq", "mask", "count", "share")}
+    return [ctx.node("Equal", [ctx.I(0), ctx.O(0)], [t["eq"]]),
+            ctx.node("Cast", [t["eq"]], [t["mask"]], to=elem_type(ctx.dtype(ctx.I(0)))),
+            ctx.reduce("ReduceSum", t["mask"], range(2, len(x_shape)), t["count"]),
+            ctx.node("Div", [ctx.GO(0), t["count"]], [t["share"]]),
+            ctx.node("Mul", [t["mask"], t["share"]], [ctx.GI(0)])]
+
+
+@grad("MaxUnpool", inputs=(0,))
+def maxunpool_grad(ctx):
+    # dX = dY gathered at the indices (flat positions in the unpooled shape the attributes give;
+    # an output_shape input only pads or cuts that shape at the end of each spatial axis)
+    x_shape, y_shape = ctx.shape(ctx.I(0)), list(ctx.shape(ctx.O(0)))
+    kernel = list(ctx.attr("kernel_shape"))
+    k = len(kernel)
+    strides = list(ctx.attr("strides") or [1] * k)
+    pads = list(ctx.attr("pads") or [0] * (2 * k))
+    shape = list(x_shape[:2]) + [(x_shape[2 + i] - 1) * strides[i] - pads[i] - pads[i + k]
+                                 + kernel[i] for i in range(k)]
+    nodes, src = [], ctx.GO(0)
+    if y_shape != shape:
+        common = [min(a, b) for a, b in zip(shape, y_shape, strict=True)]
+        if common != y_shape:
+            cut = ctx.tmp("cut")
+            nodes.append(_slice(ctx, src, [0] * len(shape), common, range(len(shape)), cut))
+            src = cut
+        if common != shape:
+            padded = ctx.tmp("padded")
+            nodes.append(_pad(ctx, src, [0] * len(shape) + [a - b for a, b in
+                                                             zip(shape, common, strict=True)],
+                              padded))
+            src = padded
+    flat, idx, picked = ctx.tmp("flat"), ctx.tmp("idx"), ctx.tmp("picked")
+    return nodes + [ctx.reshape(src, [-1], flat), ctx.reshape(ctx.I(1), [-1], idx),
+                    ctx.node("Gather", [flat, idx], [picked], axis=0),
+                    ctx.reshape(picked, x_shape, ctx.GI(0))]
+
+
+@grad("Col2Im", inputs=(0,))
+def col2im_grad(ctx):
+    # Col2Im sums blocks into an image; its adjoint is im2col: dX = Conv(dY, one-hot taps,
+    # group=C), each output channel c*K + t reading tap t of every block of channel c
+    x_shape, y_shape = ctx.shape(ctx.I(0)), ctx.shape(ctx.O(0))
+    block = ctx.static_value(ctx.I(2))
+    if block is None:
+        raise ModelError(f"Col2Im node '{ctx.name}': block_shape must be a constant to "
+                         "differentiate")
+    block = [int(v) for v in np.asarray(block).reshape(-1)]
+    k, taps, c = len(block), math.prod(block), y_shape[1]
+    eye = np.eye(taps, dtype=ctx.dtype(ctx.I(0))).reshape([taps, 1] + block)
+    cols = ctx.tmp("cols")
+    return [ctx.node("Conv", [ctx.GO(0), ctx.const(np.tile(eye, [c, 1] + [1] * k),
+                                                   suffix="taps")], [cols],
+                     strides=list(ctx.attr("strides") or [1] * k),
+                     dilations=list(ctx.attr("dilations") or [1] * k),
+                     pads=list(ctx.attr("pads") or [0] * (2 * k)), group=c, kernel_shape=block),
+            ctx.reshape(cols, x_shape, ctx.GI(0))]
+
+
+@grad("LRN")
+def lrn_grad(ctx):
+    # Y = X d^-b, d = bias + alpha/size * S, S = sum of X^2 over the channel window:
+    # dX = dY d^-b - (2 alpha b / size) X * W^T(dY Y / d), W^T the adjoint window sum
+    x, y, dy = ctx.I(0), ctx.O(0), ctx.GO(0)
+    x_shape = list(ctx.shape(x))
+    size = int(ctx.attr("size"))
+    alpha, beta = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    col = [x_shape[0], 1, x_shape[1], math.prod(x_shape[2:])]
+    ones = ctx.const(np.ones([1, 1, size, 1], ctx.dtype(x)), suffix="window")
+    t = {n: ctx.tmp(n) for n in ("sq", "sq4", "s4", "s", "as", "d", "pw", "t1", "u", "ud",
+                                 "u4", "v4", "v", "vx", "t2")}
+    return [ctx.node("Mul", [x, x], [t["sq"]]), ctx.reshape(t["sq"], col, t["sq4"]),
+            ctx.node("Conv", [t["sq4"], ones], [t["s4"]], pads=[before, 0, after, 0],
+                     kernel_shape=[size, 1]),
+            ctx.reshape(t["s4"], x_shape, t["s"]),
+            ctx.node("Mul", [t["s"], ctx.scalar(alpha / size)], [t["as"]]),
+            ctx.node("Add", [t["as"], ctx.scalar(float(ctx.attr("bias", 1.0)))], [t["d"]]),
+            ctx.node("Pow", [t["d"], ctx.scalar(-beta)], [t["pw"]]),
+            ctx.node("Mul", [dy, t["pw"]], [t["t1"]]),
+            ctx.node("Mul", [dy, y], [t["u"]]), ctx.node("Div", [t["u"], t["d"]], [t["ud"]]),
+            ctx.reshape(t["ud"], col, t["u4"]),
+            ctx.node("Conv", [t["u4"], ones], [t["v4"]], pads=[after, 0, before, 0],
+                     kernel_shape=[size, 1]),
+            ctx.reshape(t["v4"], x_shape, t["v"]),
+            ctx.node("Mul", [t["v"], x], [t["vx"]]),
+            ctx.node("Mul", [t["vx"], ctx.scalar(2.0 * alpha * beta / size)], [t["t2"]]),
+            ctx.node("Sub", [t["t1"], t["t2"]], [ctx.GI(0)])]
+
+
+@grad("CausalConvWithState")
+def causal_conv_grad(ctx):
+    # P = [past_state (or zeros), X], Z = Conv(P, W, B, group=C), Y = act(Z), present = P[-(k-1):]
+    # dZ = dY act'(Z) (silu: s (1 + Z (1 - s)), s = sigmoid(Z)); dP = ConvTranspose(dZ, W) plus
+    # d(present) on the tail; dX, d(past) = split(dP); dW, dB as for Conv
+    x, w = ctx.I(0), ctx.I(1)
+    n, c, length = ctx.shape(x)
+    kw = ctx.shape(w)[2]
+    act = ctx.attr("activation", "none")
+    b = ctx.I(2) if ctx.I(2) else None
+    past = ctx.I(3) if len(ctx.onnx_node.input) > 3 and ctx.I(3) else None
+    nodes, p = [], x
+    needs_p = ctx.needs(1) or act != "none"
+    if needs_p and kw > 1:
+        p = ctx.tmp("P")
+        nodes.append(ctx.node("Concat", [past, x], [p], axis=2) if past else
+                     _pad(ctx, x, [0, 0, kw - 1, 0, 0, 0], p))
+    dz = ctx.GO(0)
+    if dz is not None and act != "none":
+        z, s, one_s, zs, t, ds, dz = (ctx.tmp(v) for v in ("Z", "s", "1-s", "Z(1-s)", "1+Z(1-s)",
+                                                           "dsilu", "dZ"))
+        nodes += [ctx.node("Conv", [p, w] + ([b] if b else []), [z], group=c,
+                           kernel_shape=[kw]),
+                  ctx.node("Sigmoid", [z], [s]),
+                  ctx.node("Sub", [ctx.scalar(1.0, x), s], [one_s]),
+                  ctx.node("Mul", [z, one_s], [zs]),
+                  ctx.node("Add", [zs, ctx.scalar(1.0, x)], [t]),
+                  ctx.node("Mul", [s, t], [ds]),
+                  ctx.node("Mul", [ctx.GO(0), ds], [dz])]
+    if ctx.needs(0) or ctx.needs(3):
+        parts = []
+        if dz is not None:
+            dp = ctx.tmp("dP_conv")
+            nodes.append(ctx.node("ConvTranspose", [dz, w], [dp], group=c, kernel_shape=[kw]))
+            parts.append(dp)
+        if ctx.GO(1) is not None and kw > 1:
+            tail = ctx.tmp("dP_state")
+            nodes.append(_pad(ctx, ctx.GO(1), [0, 0, length, 0, 0, 0], tail))
+            parts.append(tail)
+        dp = ctx.tmp("dP")
+        nodes.append(ctx.node("Sum", parts, [dp]) if len(parts) > 1 else
+                     ctx.node("Identity", parts, [dp]))
+        if ctx.needs(3):
+            nodes.append(_slice(ctx, dp, [0], [kw - 1], [2], ctx.GI(3)))
+        if ctx.needs(0):
+            nodes.append(_slice(ctx, dp, [kw - 1], [kw - 1 + length], [2], ctx.GI(0)))
+    if dz is None:  # only present_state reaches the loss
+        dt = ctx.dtype(x)
+        if ctx.needs(1):
+            nodes.append(ctx.node("Identity", [ctx.const(np.zeros(ctx.shape(w), dt))],
+                                  [ctx.GI(1)]))
+        if ctx.needs(2):
+            nodes.append(ctx.node("Identity", [ctx.const(np.zeros([c], dt))], [ctx.GI(2)]))
+        return nodes
+    if ctx.needs(1):
+        nodes += conv_weight_grad(ctx, p, [n, c, length + kw - 1], dz, [n, c, length], [kw],
+                                  [1], [1], [0, 0], c, ctx.GI(1))
+    if ctx.needs(2):
+        nodes.append(_bias_grad(ctx, dz, 3, ctx.GI(2)))
+    return nodes
 
 
 @grad("BatchNormalization")

@@ -1,0 +1,486 @@
+"""Gradients of convolution, pooling and resampling ops against float64 finite differences and
+onnxruntime: Conv/ConvTranspose in every geometry, pools at every opset form, LRN, Col2Im,
+MaxUnpool, CausalConvWithState, Resize/Upsample, GridSample, AffineGrid, CenterCropPad,
+DeformConv, RoiAlign, MaxRoiPool."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+from tests.gradcheck import (
+    ATOL,
+    RTOL,
+    Case,
+    CaseTable,
+    check_case,
+    check_float32,
+    finite_differences,
+    gradients,
+    ints,
+    loss_model,
+    nonzero,
+    normal,
+)
+from tests.opcases import distinct, make_model
+from trainer.errors import ModelError
+
+_rng = np.random.default_rng(2024)
+table = CaseTable()
+add = table.add
+
+
+def pool_input(*shape: int) -> np.ndarray:
+    return distinct(_rng, shape, spread=2.0)
+
+
+# -- Conv ---------------------------------------------------------------------------------------
+add("Conv", "group2-dilation-stride", [("X", normal(2, 4, 7, 6)), ("W", normal(6, 2, 2, 3)),
+                                       ("B", normal(6))],
+    group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 0, 0, 1])
+add("Conv", "depthwise-stride2", [("X", normal(2, 3, 6, 6)), ("W", normal(3, 1, 3, 3)),
+                                  ("B", normal(3))], group=3, strides=[2, 2], pads=[1, 1, 1, 1])
+add("Conv", "depthwise-multiplier2", [("X", normal(1, 2, 5, 5)), ("W", normal(4, 1, 3, 2))],
+    group=2)
+add("Conv", "valid", [("X", normal(1, 2, 6, 5)), ("W", normal(3, 2, 3, 3))], auto_pad="VALID",
+    strides=[2, 2])
+add("Conv", "uncovered-tail", [("X", normal(1, 2, 9, 4)), ("W", normal(2, 2, 2, 2))],
+    strides=[4, 1], dilations=[1, 2])
+# (onnxruntime's Conv rejects dilations with SAME padding)
+add("Conv", "same-upper-stride3", [("X", normal(1, 2, 7, 6)), ("W", normal(2, 2, 3, 2))],
+    strides=[3, 2], auto_pad="SAME_UPPER")
+add("Conv", "same-lower-group", [("X", normal(1, 4, 5, 6)), ("W", normal(4, 2, 2, 3))],
+    strides=[1, 2], auto_pad="SAME_LOWER", group=2)
+add("Conv", "1d-group", [("X", normal(2, 4, 9)), ("W", normal(2, 2, 3)), ("B", normal(2))],
+    group=2, strides=[2], pads=[2, 1])
+add("Conv", "3d-group-dilation", [("X", normal(1, 4, 5, 4, 5)), ("W", normal(2, 2, 2, 2, 2)),
+                                  ("B", normal(2))], group=2, dilations=[2, 1, 2],
+    strides=[1, 2, 1], pads=[0, 1, 1, 1, 0, 0])
+add("Conv", "1x1", [("X", normal(2, 3, 4, 4)), ("W", normal(5, 3, 1, 1))])
+add("Conv", "only-X", [("X", normal(1, 2, 5, 5)), ("W", normal(3, 2, 3, 3))], wrt=["X"],
+    strides=[2, 2], pads=[1, 1, 1, 1])
+add("Conv", "only-B", [("X", normal(1, 2, 5, 5)), ("W", normal(3, 2, 3, 3)), ("B", normal(3))],
+    wrt=["B"])
+add("Conv", "uncovered-tail-opset7", [("X", normal(1, 2, 9, 4)), ("W", normal(2, 2, 2, 2))],
+    strides=[4, 1], opset=7)
+for _o in (11, 7):
+    add("Conv", f"group2-opset{_o}", [("X", normal(1, 4, 6, 6)), ("W", normal(4, 2, 3, 3)),
+                                      ("B", normal(4))], group=2, strides=[3, 3], opset=_o)
+
+# -- ConvTranspose ------------------------------------------------------------------------------
+add("ConvTranspose", "basic", [("X", normal(2, 3, 4, 4)), ("W", normal(3, 2, 3, 3)),
+                               ("B", normal(2))])
+add("ConvTranspose", "stride2-pads-outpad", [("X", normal(1, 2, 3, 4)),
+                                             ("W", normal(2, 3, 3, 2))],
+    strides=[2, 3], pads=[1, 0, 0, 1], output_padding=[1, 2])
+add("ConvTranspose", "dilation", [("X", normal(1, 2, 4, 3)), ("W", normal(2, 2, 2, 3)),
+                                  ("B", normal(2))], dilations=[2, 2], strides=[2, 1])
+add("ConvTranspose", "group2", [("X", normal(2, 4, 3, 3)), ("W", normal(4, 3, 2, 2)),
+                                ("B", normal(6))], group=2, strides=[2, 2], pads=[0, 1, 1, 0])
+add("ConvTranspose", "depthwise", [("X", normal(1, 3, 4, 4)), ("W", normal(3, 1, 3, 3))],
+    group=3, strides=[2, 2], pads=[1, 1, 1, 1])
+add("ConvTranspose", "output-shape", [("X", normal(1, 2, 3, 3)), ("W", normal(2, 2, 3, 3))],
+    strides=[2, 2], output_shape=[7, 8])
+add("ConvTranspose", "output-shape-smaller", [("X", normal(1, 2, 3, 3)),
+                                              ("W", normal(2, 2, 3, 3))],
+    strides=[2, 2], output_shape=[5, 6])
+add("ConvTranspose", "same-upper", [("X", normal(1, 2, 3, 4)), ("W", normal(2, 2, 3, 2))],
+    strides=[2, 2], auto_pad="SAME_UPPER")
+add("ConvTranspose", "same-lower", [("X", normal(1, 2, 3, 3)), ("W", normal(2, 3, 2, 3))],
+    strides=[2, 1], auto_pad="SAME_LOWER")
+add("ConvTranspose", "valid", [("X", normal(1, 2, 3, 3)), ("W", normal(2, 2, 2, 2))],
+    strides=[2, 2], auto_pad="VALID")
+add("ConvTranspose", "1d", [("X", normal(2, 3, 5)), ("W", normal(3, 2, 3)), ("B", normal(2))],
+    strides=[2], pads=[1, 2], output_padding=[1])
+add("ConvTranspose", "3d", [("X", normal(1, 2, 2, 3, 2)), ("W", normal(2, 2, 2, 2, 2)),
+                            ("B", normal(2))], strides=[2, 1, 2], pads=[0, 1, 1, 0, 0, 1])
+add("ConvTranspose", "only-W", [("X", normal(2, 2, 3, 3)), ("W", normal(2, 2, 3, 3))],
+    wrt=["W"], strides=[2, 2], output_padding=[1, 0])
+add("ConvTranspose", "output-shape-smaller-opset9", [("X", normal(1, 2, 3, 3)),
+                                                     ("W", normal(2, 2, 3, 3))],
+    strides=[2, 2], output_shape=[5, 6], opset=9)
+add("ConvTranspose", "opset11", [("X", normal(1, 2, 3, 3)), ("W", normal(2, 2, 2, 2)),
+                                 ("B", normal(2))], strides=[2, 2], pads=[1, 0, 0, 1], opset=11)
+
+# -- MaxPool: scatter from opset 16 (or without overlap from 11), one-hot taps before ----------
+_MAXPOOL = [  # id, shape, attributes
+    ("overlap", (1, 2, 5, 5), {"kernel_shape": [3, 3], "strides": [2, 2]}),
+    ("pads", (2, 1, 5, 6), {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [1, 1, 1, 0]}),
+    ("nonoverlap", (1, 2, 4, 6), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("ceil", (1, 1, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
+    ("dilation", (1, 2, 7, 6), {"kernel_shape": [2, 2], "dilations": [2, 2]}),
+    ("dilation-ceil-pads", (1, 2, 8, 9), {"kernel_shape": [3, 2], "dilations": [2, 1],
+                                          "strides": [2, 2], "pads": [1, 0, 1, 1],
+                                          "ceil_mode": 1}),
+    ("storage-order1", (2, 1, 5, 4), {"kernel_shape": [2, 3], "strides": [1, 1],
+                                      "storage_order": 1}),
+    ("same-lower", (1, 2, 5, 5), {"kernel_shape": [3, 2], "strides": [2, 2],
+                                  "auto_pad": "SAME_LOWER"}),
+    ("1d", (2, 2, 9), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+    ("3d", (1, 1, 4, 5, 4), {"kernel_shape": [2, 3, 2], "strides": [1, 2, 2]}),
+    ("stride-exceeds-kernel", (1, 2, 7, 7), {"kernel_shape": [2, 2], "strides": [3, 3]}),
+]
+for _id, _shape, _attrs in _MAXPOOL:
+    _x = pool_input(*_shape)
+    for _o in (18, 12, 10):
+        if _o == 10 and "dilations" in _attrs and "ceil_mode" in _attrs:
+            _o = 11
+        add("MaxPool", f"{_id}-opset{_o}", [("X", _x)], opset=_o, **_attrs)
+add("MaxPool", "indices-output", [("X", pool_input(1, 2, 4, 4))], n_out=2, kernel_shape=[2, 2])
+add("MaxPool", "opset8", [("X", pool_input(1, 2, 5, 5))], opset=8, kernel_shape=[3, 3],
+    strides=[2, 2], pads=[1, 1, 1, 1])
+add("MaxPool", "opset8-storage-order1", [("X", pool_input(1, 1, 4, 5))], opset=8,
+    kernel_shape=[2, 3], storage_order=1)
+
+# -- AveragePool, LpPool, global pools --------------------------------------------------------
+add("AveragePool", "3d-cip1", [("X", normal(1, 2, 4, 5, 4))], kernel_shape=[2, 3, 2],
+    strides=[2, 1, 2], pads=[1, 1, 0, 0, 1, 1], count_include_pad=1)
+add("AveragePool", "dilation-ceil-opset19", [("X", normal(1, 2, 7, 8))], kernel_shape=[2, 3],
+    dilations=[2, 1], strides=[2, 2], ceil_mode=1, pads=[0, 1, 1, 0], opset=19)
+add("AveragePool", "same-lower-cip1", [("X", normal(1, 1, 5, 6))], kernel_shape=[3, 2],
+    strides=[2, 2], auto_pad="SAME_LOWER", count_include_pad=1)
+add("AveragePool", "opset10-ceil", [("X", normal(1, 2, 6, 6))], kernel_shape=[3, 3],
+    strides=[2, 2], ceil_mode=1, opset=10)
+for _p in (2, 3, 1):
+    add("LpPool", f"p{_p}-pads-stride", [("X", nonzero(2, 2, 5, 6))], p=_p,
+        kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1])
+    add("GlobalLpPool", f"p{_p}", [("X", nonzero(2, 3, 3, 4))], p=_p)
+add("LpPool", "ceil-dilation", [("X", nonzero(1, 2, 7, 6))], kernel_shape=[2, 2],
+    dilations=[2, 1], strides=[2, 2], ceil_mode=1)
+add("LpPool", "1d-same-upper", [("X", nonzero(2, 2, 7))], kernel_shape=[3], strides=[2],
+    auto_pad="SAME_UPPER")
+add("LpPool", "opset11", [("X", nonzero(1, 2, 5, 5))], kernel_shape=[2, 2], opset=11)
+add("LpPool", "zero-window", [("X", np.concatenate([np.zeros((1, 1, 2, 4)),
+                                                    nonzero(1, 1, 2, 4)], axis=2))],
+    kernel_shape=[2, 2], strides=[2, 2])
+add("GlobalLpPool", "1d", [("X", nonzero(2, 3, 5))])
+add("GlobalMaxPool", "2d", [("X", pool_input(2, 3, 4, 5))])
+add("GlobalMaxPool", "3d", [("X", pool_input(1, 2, 3, 2, 4))])
+add("GlobalAveragePool", "3d", [("X", normal(2, 2, 3, 2, 4))])
+
+# -- MaxUnpool, Col2Im, LRN ---------------------------------------------------------------------
+_idx = np.array([0, 3, 9, 14, 17, 23, 25, 30, 36, 39, 44, 47, 49, 55, 56, 63]).reshape(1, 2, 2, 4)
+add("MaxUnpool", "basic", [("X", normal(1, 2, 2, 4)), ("I", _idx)], kernel_shape=[2, 2],
+    strides=[2, 2])
+add("MaxUnpool", "output-shape-larger", [("X", normal(1, 2, 2, 4)), ("I", _idx),
+                                         ("S", ints(1, 2, 5, 9))],
+    kernel_shape=[2, 2], strides=[2, 2])
+add("MaxUnpool", "output-shape-smaller", [("X", normal(1, 2, 2, 4)), ("I", _idx),
+                                          ("S", ints(1, 2, 3, 8))],
+    kernel_shape=[2, 2], strides=[2, 2])
+add("MaxUnpool", "pads", [("X", normal(1, 1, 3, 3)),
+                          ("I", np.array([4, 0, 8, 1, 3, 6, 2, 7, 5]).reshape(1, 1, 3, 3))],
+    kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+add("Col2Im", "basic", [("X", normal(2, 8, 9)), ("img", ints(4, 4)), ("blk", ints(2, 2))])
+add("Col2Im", "stride-dilation-pads", [("X", normal(1, 12, 6)), ("img", ints(5, 6)),
+                                       ("blk", ints(2, 3))],
+    strides=[2, 2], dilations=[2, 1], pads=[1, 0, 0, 1])
+add("Col2Im", "3d", [("X", normal(1, 8, 8)), ("img", ints(3, 3, 3)), ("blk", ints(2, 2, 2))])
+for _size in (3, 4, 1):
+    add("LRN", f"size{_size}", [("X", normal(2, 5, 3, 2))], size=_size, alpha=0.3, beta=0.7,
+        bias=1.5)
+add("LRN", "defaults-rank3", [("X", normal(2, 4, 3))], size=5)
+add("LRN", "rank2", [("X", normal(3, 6))], size=3, alpha=0.5)
+
+# -- CausalConvWithState (opset 27; onnxruntime has no kernel for it) --------------------------
+_ccws = {"X": normal(2, 3, 5), "W": normal(3, 1, 3), "B": normal(3), "P": normal(2, 3, 2)}
+for _act in ("none", "silu"):
+    add("CausalConvWithState", f"{_act}-state", [(n, _ccws[n]) for n in "XWBP"], n_out=2,
+        opset=27, activation=_act)
+    add("CausalConvWithState", f"{_act}-no-state", [("X", _ccws["X"]), ("W", _ccws["W"])],
+        n_out=2, opset=27, activation=_act)
+add("CausalConvWithState", "short-input", [("X", normal(1, 2, 2)), ("W", normal(2, 1, 4)),
+                                           ("B", None), ("P", normal(1, 2, 3))],
+    n_out=2, opset=27)
+add("CausalConvWithState", "state-only", [(n, _ccws[n]) for n in "XWBP"], n_out=2, use=(1,),
+    opset=27)
+# onnxruntime has no CausalConvWithState, and its LRN takes 4-D inputs and odd sizes only, its
+# MaxUnpool no output_shape below the inferred shape
+NO_ORT = {"CausalConvWithState", "LRN-size4", "LRN-defaults-rank3", "LRN-rank2",
+          "MaxUnpool-output-shape-smaller"}
+
+# -- Resize / Upsample ----------------------------------------------------------------------------
+def f32(*v: float) -> np.ndarray:
+    return np.array(v, np.float32)
+
+
+_x4 = normal(2, 3, 4, 5)
+add("Resize", "nearest-2x", [("X", _x4), ("roi", None), ("scales", f32(1, 1, 2, 2))])
+add("Resize", "nearest-3x-asym-floor", [("X", normal(1, 2, 3, 4)), ("roi", None),
+                                        ("scales", f32(1, 1, 3, 3))],
+    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+add("Resize", "nearest-down-ceil", [("X", normal(1, 2, 6, 7)), ("roi", None),
+                                    ("scales", f32(1, 1, 0.5, 0.6))], nearest_mode="ceil")
+add("Resize", "nearest-1.5x-tf-half-pixel", [("X", normal(1, 1, 4, 4)), ("roi", None),
+                                             ("scales", f32(1, 1, 1.5, 1.5))],
+    coordinate_transformation_mode="tf_half_pixel_for_nn", nearest_mode="round_prefer_ceil")
+for _ctm in ("half_pixel", "align_corners", "pytorch_half_pixel", "asymmetric",
+             "half_pixel_symmetric"):
+    add("Resize", f"linear-up-{_ctm}", [("X", _x4), ("roi", None),
+                                        ("scales", f32(1, 1, 1.5, 2.2))],
+        mode="linear", coordinate_transformation_mode=_ctm, opset=19)
+add("Resize", "linear-down", [("X", normal(1, 2, 7, 8)), ("roi", None),
+                              ("scales", f32(1, 1, 0.6, 0.5))], mode="linear")
+add("Resize", "linear-down-antialias", [("X", normal(1, 2, 7, 8)), ("roi", None),
+                                        ("scales", f32(1, 1, 0.6, 0.5))], mode="linear",
+    antialias=1)
+add("Resize", "cubic-up", [("X", _x4), ("roi", None), ("scales", f32(1, 1, 2, 1.6))],
+    mode="cubic")
+add("Resize", "cubic-exclude-outside-a", [("X", _x4), ("roi", None),
+                                          ("scales", f32(1, 1, 1.7, 2))],
+    mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5)
+add("Resize", "cubic-down-antialias", [("X", normal(1, 1, 9, 8)), ("roi", None),
+                                       ("scales", f32(1, 1, 0.5, 0.7))], mode="cubic",
+    antialias=1)
+add("Resize", "tf-crop-and-resize", [("X", normal(1, 2, 5, 6)),
+                                     ("roi", f32(0, 0, 0.2, -0.1, 1, 1, 0.9, 1.2)),
+                                     ("scales", f32(1, 1, 1.6, 1.5))],
+    mode="linear", coordinate_transformation_mode="tf_crop_and_resize",
+    extrapolation_value=0.5)
+add("Resize", "sizes", [("X", _x4), ("roi", None), ("scales", None), ("sizes", ints(2, 3, 7, 3))],
+    mode="linear")
+add("Resize", "sizes-not-larger-axes", [("X", _x4), ("roi", None), ("scales", None),
+                                        ("sizes", ints(9, 9))],
+    mode="linear", axes=[2, 3], keep_aspect_ratio_policy="not_larger")
+add("Resize", "outer-axes", [("X", normal(2, 3, 4, 2)), ("roi", None),
+                             ("scales", f32(1.5, 2, 1, 1))])
+add("Resize", "rank3-all-axes-linear", [("X", normal(3, 4, 5)), ("roi", None),
+                                        ("scales", f32(1.4, 0.8, 1.3))], mode="linear")
+add("Resize", "opset13-linear", [("X", _x4), ("roi", None), ("scales", f32(1, 1, 2, 2))],
+    mode="linear", opset=13)
+add("Resize", "opset11-nearest-sizes", [("X", _x4), ("roi", f32()), ("scales", f32()),
+                                        ("sizes", ints(2, 3, 8, 7))], opset=11)
+add("Resize", "opset10-linear", [("X", _x4), ("scales", f32(1, 1, 2, 1.5))], mode="linear",
+    opset=10)
+add("Resize", "opset10-nearest", [("X", _x4), ("scales", f32(1, 1, 2, 0.5))], opset=10)
+add("Upsample", "opset9-nearest", [("X", _x4), ("scales", f32(1, 1, 2, 3))], opset=9)
+add("Upsample", "opset9-linear", [("X", _x4), ("scales", f32(1, 1, 2, 1.5))], mode="linear",
+    opset=9)
+add("Upsample", "opset7-bilinear-attr", [("X", _x4)], scales=[1.0, 1.0, 2.0, 2.0],
+    mode="linear", opset=7)
+
+# -- CenterCropPad, AffineGrid ------------------------------------------------------------------
+add("CenterCropPad", "crop-and-pad", [("X", normal(2, 5, 4)), ("shape", ints(3, 7))],
+    axes=[1, 2])
+add("CenterCropPad", "all-axes", [("X", normal(3, 4, 6)), ("shape", ints(2, 5, 3))])
+add("CenterCropPad", "negative-axis", [("X", normal(2, 3, 5)), ("shape", ints(2))], axes=[-1])
+for _ac in (0, 1):
+    add("AffineGrid", f"2d-align{_ac}", [("theta", normal(2, 2, 3)), ("size", ints(2, 3, 4, 5))],
+        align_corners=_ac, opset=20)
+add("AffineGrid", "3d", [("theta", normal(2, 3, 4)), ("size", ints(2, 1, 3, 2, 4))], opset=20)
+
+# -- GridSample ---------------------------------------------------------------------------------
+_gx, _gg = normal(2, 3, 4, 5), _rng.uniform(-1.25, 1.25, (2, 3, 4, 2))
+for _mode in ("bilinear", "bicubic", "nearest"):
+    for _pad in ("zeros", "border", "reflection"):
+        for _ac in (0, 1):
+            add("GridSample", f"{_mode}-{_pad}-align{_ac}", [("X", _gx), ("grid", _gg)],
+                mode=_mode, padding_mode=_pad, align_corners=_ac, opset=16)
+add("GridSample", "3d-linear-border", [("X", normal(1, 2, 3, 4, 3)),
+                                       ("grid", _rng.uniform(-1.2, 1.2, (1, 2, 3, 2, 3)))],
+    mode="linear", padding_mode="border", opset=20)
+add("GridSample", "3d-linear-reflection", [("X", normal(1, 2, 3, 4, 3)),
+                                           ("grid", _rng.uniform(-1.3, 1.3, (1, 2, 2, 2, 3)))],
+    mode="linear", padding_mode="reflection", align_corners=1, opset=20)
+add("GridSample", "opset20-cubic-zeros", [("X", _gx), ("grid", _gg)], mode="cubic", opset=20)
+add("GridSample", "only-grid", [("X", _gx), ("grid", _gg)], wrt=["grid"], opset=20)
+add("GridSample", "far-outside-reflection", [("X", normal(1, 1, 3, 4)),
+                                             ("grid", _rng.uniform(-4, 4, (1, 5, 5, 2)))],
+    padding_mode="reflection", opset=20)
+
+# -- DeformConv ---------------------------------------------------------------------------------
+_dx = normal(2, 4, 5, 5)
+add("DeformConv", "basic", [("X", _dx), ("W", normal(3, 4, 2, 2)),
+                            ("offset", 0.8 * normal(2, 8, 4, 4))], opset=19)
+add("DeformConv", "bias-mask-groups", [("X", _dx), ("W", normal(4, 2, 3, 2)),
+                                       ("offset", normal(2, 2 * 6 * 2, 3, 2)), ("B", normal(4)),
+                                       ("mask", _rng.uniform(0, 1, (2, 2 * 6, 3, 2)))],
+    group=2, offset_group=2, strides=[1, 2], pads=[0, 1, 0, 0], dilations=[1, 2], opset=19)
+add("DeformConv", "mask-no-bias", [("X", normal(1, 2, 4, 4)), ("W", normal(2, 2, 2, 2)),
+                                   ("offset", normal(1, 8, 3, 3)), ("B", None),
+                                   ("mask", _rng.uniform(0, 1, (1, 4, 3, 3)))], opset=19)
+
+# -- RoiAlign, MaxRoiPool (w.r.t. X) -----------------------------------------------------------
+_rx = normal(2, 3, 6, 7)
+_rois = np.array([[0.3, 0.6, 4.2, 3.9], [1.1, 0.2, 6.8, 5.7], [-1.5, 2.0, 3.0, 7.5],
+                  [2.0, 1.0, 2.6, 1.4]])
+_bi = ints(0, 1, 1, 0)
+for _mode in ("avg", "max"):
+    add("RoiAlign", f"{_mode}-adaptive", [("X", _rx), ("rois", _rois), ("bi", _bi)], wrt=["X"],
+        mode=_mode, output_height=2, output_width=3, opset=16)
+    add("RoiAlign", f"{_mode}-sr2-output-half-pixel", [("X", _rx), ("rois", _rois),
+                                                       ("bi", _bi)],
+        wrt=["X"], mode=_mode, output_height=3, output_width=2, sampling_ratio=2,
+        spatial_scale=0.8, coordinate_transformation_mode="output_half_pixel", opset=16)
+add("RoiAlign", "avg-opset10-sr3", [("X", _rx), ("rois", _rois), ("bi", _bi)], wrt=["X"],
+    output_height=2, output_width=2, sampling_ratio=3, opset=10)
+add("RoiAlign", "avg-opset11-adaptive-scale", [("X", _rx), ("rois", 2 * _rois), ("bi", _bi)],
+    wrt=["X"], output_height=2, output_width=2, spatial_scale=0.5, opset=11)
+_mr = np.array([[0, 0.4, 1.2, 3.6, 4.4], [1, 1.0, 0.0, 6.2, 5.0], [1, -2.0, 3.0, 2.0, 9.0],
+                [0, 3.0, 2.0, 3.0, 2.0]])
+add("MaxRoiPool", "basic", [("X", pool_input(2, 3, 6, 7)), ("rois", _mr)], wrt=["X"],
+    pooled_shape=[2, 3], opset=16)
+add("MaxRoiPool", "scaled", [("X", pool_input(2, 2, 5, 6)),
+                             ("rois", _mr * np.array([1, 2, 2, 2, 2]))], wrt=["X"],
+    pooled_shape=[3, 2], spatial_scale=0.5, opset=16)
+
+CASES = table.cases
+
+
+# -- tests ------------------------------------------------------------------------------------
+def check_without_ort(c: Case) -> None:
+    """check_case for ops onnxruntime cannot run: finite differences only."""
+    model = loss_model(c)
+    wrt = c.params()
+    grads, _ = gradients(model, wrt, **c.build)
+    values = {n: a for n, a in [*c.inputs, *c.extra.items()] if n in wrt}
+    fd = finite_differences(model, values)
+    for p in wrt:
+        np.testing.assert_allclose(grads[p], fd[p], rtol=RTOL, atol=ATOL, err_msg=f"d/d{p}")
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_rule_matches_finite_differences(c: Case) -> None:
+    if c.op in NO_ORT or c.id in NO_ORT:
+        check_without_ort(c)
+    else:
+        check_case(c)
+
+
+@pytest.mark.parametrize("c", [c for c in CASES if not {c.op, c.id} & NO_ORT], ids=str)
+def test_rule_float32_training_graph(c: Case) -> None:
+    check_float32(c)
+
+
+def test_global_maxpool_ties_split_like_torch_amax() -> None:
+    x = np.array([[[[1.0, 3.0], [3.0, 0.5]], [[2.0, 2.0], [2.0, 2.0]]]])
+    r = np.array([[[[1.5]], [[-2.0]]]])
+    nodes = [helper.make_node("GlobalMaxPool", ["X"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    grads, _ = gradients(make_model(nodes, initializers={"X": x, "R": r}, outputs=["L"]), ["X"])
+    xt = torch.tensor(x, requires_grad=True)
+    (torch.amax(xt, dim=(2, 3), keepdim=True) * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("opset", [18, 12])
+def test_maxpool_ties_go_to_the_first_element_like_torch(opset: int) -> None:
+    x = np.array([[[[1.0, 2.0, 2.0, 0.0], [2.0, 1.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]]]])
+    r = np.arange(1.0, 3.0).reshape(1, 1, 1, 2)
+    nodes = [helper.make_node("MaxPool", ["X"], ["y"], kernel_shape=[2, 2], strides=[1, 2],
+                              pads=[0, 0, 1, 0]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    r = np.random.default_rng(0).standard_normal((1, 1, 3, 2))
+    model = make_model(nodes, initializers={"X": x, "R": r}, outputs=["L"], opset=opset)
+    grads, _ = gradients(model, ["X"])
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.max_pool2d(xt, (2, 2), stride=(1, 2), padding=0, ceil_mode=False)
+    y = torch.nn.functional.max_pool2d(torch.nn.functional.pad(xt, (0, 0, 0, 1),
+                                                               value=-np.inf),
+                                       (2, 2), stride=(1, 2))
+    (y * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-12)
+
+
+def test_maxpool_unpool_duplicates_take_the_gradient_like_torch() -> None:
+    # Duplicate indices: the forward keeps one write, but as in PyTorch every duplicate reads
+    # the gradient of its position (max_unpool's backward is a gather).
+    x = normal(1, 1, 2, 2)
+    idx = np.array([0, 5, 5, 15]).reshape(1, 1, 2, 2)
+    r = normal(1, 1, 4, 4)
+    nodes = [helper.make_node("MaxUnpool", ["X", "I"], ["y"], kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={"X": x, "I": idx, "R": r}, outputs=["L"])
+    grads, _ = gradients(model, ["X"])
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.max_unpool2d(xt, torch.tensor(idx), 2, 2)
+    (y * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-12)
+
+
+def test_maxpool_without_indices_output_is_a_clear_error() -> None:
+    c = Case("MaxPool-opset7", "MaxPool", [("X", pool_input(1, 1, 4, 4))],
+             {"kernel_shape": [2, 2]}, opset=7)
+    with pytest.raises(ModelError, match="MaxPool"):
+        gradients(loss_model(c), ["X"])
+
+
+def _grad_of(op: str, inputs: dict, wrt: list[str], r: np.ndarray, opset: int = 18, **attrs):
+    nodes = [helper.make_node(op, list(inputs), ["y"], **attrs),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={**inputs, "R": r}, outputs=["L"], opset=opset)
+    return gradients(model, wrt)[0]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align", [0, 1])
+def test_grid_sample_gradients_match_torch(mode: str, padding: str, align: int) -> None:
+    x, grid = normal(2, 2, 4, 5), _rng.uniform(-1.4, 1.4, (2, 3, 4, 2))
+    r = normal(2, 2, 3, 4)
+    ours = _grad_of("GridSample", {"X": x, "G": grid}, ["X", "G"], r, opset=16, mode=mode,
+                    padding_mode=padding, align_corners=align)
+    xt, gt = torch.tensor(x, requires_grad=True), torch.tensor(grid, requires_grad=True)
+    y = torch.nn.functional.grid_sample(xt, gt, mode=mode, padding_mode=padding,
+                                        align_corners=bool(align))
+    (y * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(ours["X"], xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours["G"], gt.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_resize_large_axes_use_gathers(monkeypatch) -> None:
+    # Above DENSE_LIMIT an axis adjoint gathers each input's readers instead of a dense MatMul.
+    from trainer.autodiff.rules import image
+
+    monkeypatch.setattr(image, "DENSE_LIMIT", 0)
+    for c in [c for c in CASES if c.op in ("Resize", "Upsample")][::3]:
+        _, tm = gradients(loss_model(c), c.params())
+        ops = {n.op_type for n in tm.graph.node if "/Grad/" in n.name}
+        assert "MatMul" not in ops, c.id
+        check_case(c)
+
+
+def test_resize_nearest_integer_upsampling_is_a_block_sum() -> None:
+    c = next(c for c in CASES if c.id == "Resize-nearest-2x")
+    _, tm = gradients(loss_model(c), c.params())
+    ops = [n.op_type for n in tm.graph.node if n.name.startswith("Resize_0/Grad/")]
+    assert ops == ["Reshape", "ReduceSum"]
+
+
+@pytest.mark.parametrize("case_id", ["RoiAlign-max-adaptive", "MaxRoiPool-basic"])
+def test_roi_max_gradients_need_opset_16(case_id: str) -> None:
+    import dataclasses
+
+    c = dataclasses.replace(next(c for c in CASES if c.id == case_id), opset=13)
+    with pytest.raises(ModelError, match="opset >= 16"):
+        gradients(loss_model(c), ["X"])
+
+
+def test_roi_align_adaptive_sampling_needs_opset_11() -> None:
+    import dataclasses
+
+    c = dataclasses.replace(next(c for c in CASES if c.id == "RoiAlign-avg-opset10-sr3"),
+                            attrs={"output_height": 2, "output_width": 2})
+    with pytest.raises(ModelError, match="opset >= 11"):
+        gradients(loss_model(c), ["X"])
+
+
+def test_resize_needs_constant_scales() -> None:
+    x = normal(1, 1, 2, 3)
+    nodes = [helper.make_node("Identity", ["s0"], ["s"]),
+             helper.make_node("Resize", ["X", "", "s"], ["y"], mode="linear"),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    # scales computed from a float initializer (a would-be parameter) are not constants
+    model = make_model(nodes, initializers={"X": x, "R": normal(1, 1, 4, 6),
+                                            "s0": np.array([1, 1, 2, 2], np.float32)},
+                       outputs=["L"])
+    with pytest.raises(ModelError, match="scales must be a constant"):
+        gradients(model, ["X"])
