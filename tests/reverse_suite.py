@@ -33,6 +33,48 @@ def _float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _read_differentiably(graph: onnx.GraphProto, name: str) -> bool:
+    from trainer.autodiff.registry import differentiable_inputs
+
+    for n in graph.node:
+        slots = differentiable_inputs(n.op_type, len(n.input), n.domain)
+        if any(n.input[i] == name for i in slots):
+            return True
+        if any(name in _ops_inputs(g) for _, g in _graphs(n)):
+            return True
+    return False
+
+
+def _graphs(node):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        for g in a.graphs:
+            yield a.name, g
+
+
+def _ops_inputs(graph: onnx.GraphProto) -> set[str]:
+    return {i for n in graph.node for i in n.input} | {
+        i for n in graph.node for _, g in _graphs(n) for i in _ops_inputs(g)}
+
+
+def _hold_constant(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """The model with these inputs turned into initializers of the given values."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from trainer.autodiff.build import add_initializers
+
+    m = copy.deepcopy(model)
+    keep = [vi for vi in m.graph.input if vi.name not in values]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    add_initializers(m.graph, [numpy_helper.from_array(np.asarray(v), k)
+                               for k, v in values.items()], m.ir_version)
+    return m
+
+
 def applicable(case) -> bool:
     """Tensor inputs/outputs only, at least one float input and one float output."""
     ins, outs = case.data_sets[0]
@@ -50,10 +92,16 @@ def check(case, directions: int = 2, eps: float = 1e-6, rtol: float = 1e-4) -> R
     try:
         model = _float64_model(case.model)
         ins = [_normalize(x) for x in case.data_sets[0][0]]
-        feeds = {}
+        values = {}
         for vi, a in zip(model.graph.input, ins, strict=False):
-            feeds[vi.name] = a.astype(F64) if a.dtype.kind == "f" else a
-        wrt = [k for k, a in feeds.items() if a.dtype.kind == "f"]
+            values[vi.name] = a.astype(F64) if a.dtype.kind == "f" else a
+        # Differentiate w.r.t. float inputs read by a differentiable slot; every other input
+        # (axes, indices, shapes, sizes, scales) is held constant as an initializer.
+        floats = [k for k, a in values.items() if a.dtype.kind == "f"]
+        # (ops with no differentiable input at all, e.g. Floor: every float input, gradient 0)
+        wrt = [k for k in floats if _read_differentiably(model.graph, k)] or floats
+        model = _hold_constant(model, {k: v for k, v in values.items() if k not in wrt})
+        feeds = {k: values[k] for k in wrt}
         fwd = Executor(model, np)
         base = fwd.run(feeds)
         of = [o.name for o in model.graph.output

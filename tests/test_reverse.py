@@ -104,6 +104,31 @@ def test_reverse_needs_concrete_shapes():
         reverse(model, ["x"], ["y1"])
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (6, 2)], ids=str)
+def test_batchnorm_in_training_form_matches_torch(shape):
+    """BatchNormalization(training_mode=1), as models exported in training form have it:
+    the gradient goes through the batch statistics (torch's batch_norm with training=True)."""
+    rng = np.random.default_rng(5)
+    c = shape[1]
+    x, s, b = rng.standard_normal(shape), rng.standard_normal(c), rng.standard_normal(c)
+    stats = [numpy_helper.from_array(rng.standard_normal(c), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c), "var")]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "mean", "var"],
+                            ["y", "rm", "rv"], epsilon=1e-3, training_mode=1)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, v)
+                                        for n, v in (("x", shape), ("s", [c]), ("b", [c]))],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, shape)], stats)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    rm = reverse(model, ["x", "s", "b"], ["y"])
+    dy = rng.standard_normal(shape)
+    got = Executor(rm, np).run({"x": x, "s": s, "b": b, "y_grad": dy})
+    xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, s, b))
+    torch.nn.functional.batch_norm(xt, None, None, st, bt, training=True, eps=1e-3).backward(
+        torch.tensor(dy))
+    for name, t in (("x", xt), ("s", st), ("b", bt)):
+        np.testing.assert_allclose(got[f"{name}_grad"], t.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_onnx_node_suite_float_cases_agree_with_finite_differences():
     results = reverse_suite.run_all()
     passed = sum(r.ok for r in results)

@@ -214,6 +214,12 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> on
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             _conv_type(vi.type, S, D)
         for node in g.node:
+            if (node.op_type in _STASHED and S == onnx.TensorProto.FLOAT
+                    and not any(a.name == "stash_type" for a in node.attribute)
+                    and "stash_type" in onnx.defs.get_schema(
+                        node.op_type, max(opset_of(m), 1)).attributes):
+                # the default stash type is float32: statistics follow the conversion
+                node.attribute.append(helper.make_attribute("stash_type", D))
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     conv_tensor(a.t)
@@ -234,6 +240,10 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> on
 
     conv_graph(m.graph)
     return m
+
+
+# Ops whose statistics are computed in their `stash_type` (default float32).
+_STASHED = ("LayerNormalization", "RMSNormalization", "GroupNormalization")
 
 
 def _conv_type(t: onnx.TypeProto, S: int, D: int) -> None:

@@ -373,7 +373,7 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
             if len(node.output) < 2:
                 node.output.append(b.scope.fresh(f"{node.output[0]}/mask"))
             out.append(node)
-        elif node.op_type == "MaxPool" and len(node.output) < 2:
+        elif node.op_type == "MaxPool" and len(node.output) < 2 and b.opset >= 8:
             node = copy.deepcopy(node)
             node.output.append(b.scope.fresh(f"{node.output[0]}/indices"))
             out.append(node)

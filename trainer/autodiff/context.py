@@ -58,7 +58,10 @@ class Builder:
     def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
         if self.opset < 5:  # Reshape-1 takes the shape as an attribute
             return self.node("Reshape", [x], [out], shape=[int(d) for d in shape])
-        return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out])
+        # a 0 in the target copies the input's dim unless allowzero (opset 14) says otherwise
+        zero = 1 if 0 in list(shape) and self.opset >= 14 else None
+        return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out],
+                         allowzero=zero)
 
     def expand(self, x: str, shape, out: str, dtype) -> onnx.NodeProto:
         """Broadcast x to `shape` (Expand from opset 8; before it, adding zeros broadcasts)."""

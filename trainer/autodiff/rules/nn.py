@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from trainer.autodiff.registry import grad
@@ -176,20 +177,28 @@ def _ones_kernel(ctx, x_shape, kernel) -> np.ndarray:
 def maxpool_grad(ctx):
     # dX[i] = sum of dY over the windows whose argmax (the Indices output) is i. As in PyTorch a
     # tie goes to the window's first maximal element (the one Indices names).
-    if len(ctx.onnx_node.output) < 2 or not ctx.O(1):
-        raise ModelError(f"MaxPool node '{ctx.name}' has no Indices output to differentiate "
-                         f"(opset {ctx.opset}; Indices exist from opset 8): convert the model "
+    pre = []
+    if len(ctx.onnx_node.output) > 1 and ctx.O(1):
+        indices = ctx.O(1)
+    elif ctx.opset >= 8:  # the node does not output Indices: recompute them in the backward
+        indices = ctx.tmp("indices")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in ctx.onnx_node.attribute}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        pre.append(ctx.node("MaxPool", [ctx.I(0)], [ctx.tmp("values"), indices], **attrs))
+    else:
+        raise ModelError(f"MaxPool node '{ctx.name}': gradients need MaxPool's Indices, which "
+                         f"exist from opset 8 (this model has {ctx.opset}); convert the model "
                          "with onnx.version_converter")
     kernel = list(ctx.attr("kernel_shape"))
     x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
     overlap = any(out[i] > 1 and strides[i] < (kernel[i] - 1) * dilations[i] + 1
                   for i in range(k))
     if ctx.opset >= 16 or (ctx.opset >= 11 and not overlap):
-        return _scatter_at_indices(ctx, x_shape, "add" if overlap else None)
-    return _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out)
+        return pre + _scatter_at_indices(ctx, x_shape, "add" if overlap else None, indices)
+    return pre + _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices)
 
 
-def _scatter_at_indices(ctx, x_shape, reduction):
+def _scatter_at_indices(ctx, x_shape, reduction, indices):
     """dY scattered into zeros at the flat Indices (duplicates added when windows overlap)."""
     k = len(x_shape) - 2
     order = ctx.attr("storage_order", 0)
@@ -198,7 +207,7 @@ def _scatter_at_indices(ctx, x_shape, reduction):
     zero = np.zeros(1, ctx.dtype(ctx.I(0)))
     nodes = [ctx.node("ConstantOfShape", [ctx.const([total], np.int64, "n")], [zeros],
                       value=numpy_helper.from_array(zero)),
-             ctx.reshape(ctx.O(1), [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
+             ctx.reshape(indices, [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
              ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0,
                       reduction=reduction)]
     if not order:
@@ -210,7 +219,7 @@ def _scatter_at_indices(ctx, x_shape, reduction):
                              perm=[0, 1] + [1 + k - i for i in range(k)])]
 
 
-def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out):
+def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices):
     """MaxPool adjoint without a scatter-add (opset < 16): the window tap of each argmax as a
     one-hot over the taps (Indices minus the window origin, compared with each tap's offset),
     times dY, then folded back by a grouped ConvTranspose with one-hot tap kernels. A tap offset
@@ -238,7 +247,7 @@ def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out):
     t = {s: ctx.tmp(s) for s in ("local", "rel", "rel1", "hit", "hitf", "dy1", "z", "zf")}
     onehot = np.tile(np.eye(taps, dtype=dt).reshape([taps, 1] + list(kernel)),
                      [c, 1] + [1] * k)
-    return [ctx.node("Sub", [ctx.O(1), ctx.const(base, suffix="base")], [t["local"]]),
+    return [ctx.node("Sub", [indices, ctx.const(base, suffix="base")], [t["local"]]),
             ctx.node("Sub", [t["local"], ctx.const(origin, suffix="origin")], [t["rel"]]),
             ctx.unsqueeze(t["rel"], [2], t["rel1"]),
             ctx.node("Equal", [t["rel1"], ctx.const(offsets, suffix="taps")], [t["hit"]]),
@@ -479,14 +488,50 @@ def causal_conv_grad(ctx):
     return nodes
 
 
+def _batchnorm_batch_stats_grad(ctx):
+    # Training mode (batch statistics, as in a model exported in training form):
+    # xhat = (X - mu) / sd over N and spatial axes (biased var), Y = xhat s + B:
+    # dX = s/sd (dY - mean(dY) - xhat mean(dY xhat)), dS = sum(dY xhat), dB = sum(dY).
+    # The running-statistic outputs carry no gradient (they only feed the next step).
+    if ctx.GO(0) is None:
+        return []
+    x, s, dy = ctx.I(0), ctx.I(1), ctx.GO(0)
+    rank = len(ctx.shape(x))
+    axes = [0] + list(range(2, rank))
+    bshape = [-1] + [1] * (rank - 2)
+    t = {k: ctx.tmp(k) for k in ("mu", "xc", "sq", "var", "ve", "sd", "xhat", "p", "mdy", "mp",
+                                 "term", "d1", "d2", "s_b", "inv", "sum_p")}
+    nodes = [ctx.reduce("ReduceMean", x, axes, t["mu"]),
+             ctx.node("Sub", [x, t["mu"]], [t["xc"]]),
+             ctx.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+             ctx.reduce("ReduceMean", t["sq"], axes, t["var"]),
+             ctx.node("Add", [t["var"], ctx.scalar(ctx.attr("epsilon", 1e-5))], [t["ve"]]),
+             ctx.node("Sqrt", [t["ve"]], [t["sd"]]),
+             ctx.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
+             ctx.node("Mul", [dy, t["xhat"]], [t["p"]])]
+    if ctx.needs(0):
+        nodes += [ctx.reduce("ReduceMean", dy, axes, t["mdy"]),
+                  ctx.reduce("ReduceMean", t["p"], axes, t["mp"]),
+                  ctx.node("Mul", [t["xhat"], t["mp"]], [t["term"]]),
+                  ctx.node("Sub", [dy, t["mdy"]], [t["d1"]]),
+                  ctx.node("Sub", [t["d1"], t["term"]], [t["d2"]]),
+                  ctx.reshape(s, bshape, t["s_b"]),
+                  ctx.node("Div", [t["s_b"], t["sd"]], [t["inv"]]),
+                  ctx.node("Mul", [t["d2"], t["inv"]], [ctx.GI(0)])]
+    if ctx.needs(1):
+        nodes.append(ctx.reduce("ReduceSum", t["p"], axes, ctx.GI(1), keepdims=0))
+    if ctx.needs(2):
+        nodes.append(ctx.reduce("ReduceSum", dy, axes, ctx.GI(2), keepdims=0))
+    return nodes
+
+
 @grad("BatchNormalization")
 def batchnorm_grad(ctx):
     # Inference form (fixed statistics): Y = (X - mean) * s / sqrt(var + eps) + B:
     # dX = dY s/sd, dS = sum(dY (X-mean)/sd), dB = sum(dY), dMean = -sum(dY) s/sd,
     # dVar = -0.5 sum(dY (X-mean)) s / sd^3    (sd = sqrt(var + eps); sums over N, spatial)
     if ctx.attr("training_mode", 0):
-        raise ModelError(f"BatchNormalization node '{ctx.name}' is in training mode; the "
-                         "training-graph builder rewrites those before differentiation")
+        return _batchnorm_batch_stats_grad(ctx)
     rank = len(ctx.shape(ctx.I(0)))
     axes = [0] + list(range(2, rank))
     bshape = [-1] + [1] * (rank - 2)
