@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from trainer import __version__
-from trainer.errors import TrainerError
+from trainer.errors import Interrupted, TrainerError
 
 
 def _train(args) -> int:
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         return args.fn(args)
+    except Interrupted as exc:  # SIGINT/SIGTERM after a complete step: every rank exits so
+        print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     except TrainerError as exc:
         return _fail(f"onnx-trainer: error: {exc}", 2, traceback_too=debug)
     except KeyboardInterrupt:

@@ -234,6 +234,29 @@ class DistributedConfig:
     overlap: bool = _k(_bool, True)
 
 
+_MODES = ("auto", "min", "max")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = _k(_int, 0, check=_NONNEG)    # 0: not by steps
+    every_epochs: int = _k(_int, 1, check=_NONNEG)   # 0: not by epochs (the end always is)
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    metric: str = _k(_str, "eval_loss")
+    mode: str = _k(_str, "auto", choices=_MODES)     # auto: max for accuracy, else min
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    patience: int = _k(_int, check=_GE1)             # evaluations without improvement
+    metric: str = _k(_str, "eval_loss")
+    mode: str = _k(_str, "auto", choices=_MODES)
+    min_delta: float = _k(_float, 0.0, check=_NONNEG)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     model: Path = _k(_path)
@@ -256,6 +279,10 @@ class Config:
     checkpoint: CheckpointConfig = _k(CheckpointConfig, factory=CheckpointConfig)
     log: LogConfig = _k(LogConfig, factory=LogConfig)
     distributed: DistributedConfig = _k(DistributedConfig, factory=DistributedConfig)
+    eval: EvalConfig = _k(EvalConfig, factory=EvalConfig)
+    best: BestConfig | None = _k(BestConfig, None, nullable=True)
+    early_stop: EarlyStopConfig | None = _k(EarlyStopConfig, None, nullable=True)
+    on_nan: str = _k(_str, "stop", choices=("stop", "skip"))
     config_path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
 

@@ -22,3 +22,14 @@ class UnsupportedOpError(ModelError):
 
 class DataError(TrainerError):
     """The dataset does not match the model (missing arrays, shapes, dtypes)."""
+
+
+class Interrupted(TrainerError):
+    """SIGINT/SIGTERM: the run stopped after a complete step (checkpointed if configured)."""
+
+    def __init__(self, code: int, step: int, saved: bool):
+        self.code = code
+        name = {130: "SIGINT", 143: "SIGTERM"}.get(code, "a signal")
+        super().__init__(f"stopped by {name} after step {step}"
+                         + ("; checkpoint saved (continue with --resume)" if saved else
+                            "; no checkpoint.dir is set, so nothing was saved"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from trainer import checkpoint, preflight
@@ -21,13 +22,13 @@ from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.config import Config
 from trainer.data import Batches, check_against_model, load_arrays
-from trainer.errors import DataError, TrainerError, UnsupportedOpError
+from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import inference_form, input_dtypes, load_model, np_dtype, to_float64
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
-from trainer.schedule import lr_at
+from trainer.schedule import make_schedule
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Plan:
     loss: str
     targets: dict[str, str]  # loss target -> training-graph input
     out_shape: tuple[int, ...]  # the loss output's shape at this batch size
+    model: onnx.ModelProto  # the training graph (for diagnosis, e.g. the first NaN)
 
 
 class Trainer:
@@ -96,6 +98,21 @@ class Trainer:
             raise DataError(f"one epoch has {spe} batches, fewer than accumulate="
                             f"{cfg.accumulate}; nothing to train")
         self.step = 0
+        self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
+        self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
+        self.last_metrics: dict = {}
+        self.last_eval_step = -1
+        self.best_value = self.es_best = None
+        self.best_step, self.best_path, self.es_bad = None, None, 0
+        for what, section in (("best", cfg.best), ("early_stop", cfg.early_stop)):
+            if section is not None:
+                if cfg.data.eval is None:
+                    raise TrainerError(f"{what} needs data.eval (an evaluation set)")
+                known = ["eval_loss"] + (["eval_accuracy"] if cfg.loss.type == "cross_entropy"
+                                         else [])
+                if section.metric not in known:
+                    raise TrainerError(f"{what}.metric '{section.metric}' is not an evaluation "
+                                       f"metric of this run (use one of {', '.join(known)})")
         self.position = (0, 0)  # (epoch, index) of the next micro-batch
         self._order = (-1, None)
         self.history: list[dict] = []
@@ -154,7 +171,7 @@ class Trainer:
             ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank)
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
-                        tuple(d.dim_value for d in out.type.tensor_type.shape.dim))
+                        tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm)
             self.plans[local_n] = plan
         return plan
 
@@ -176,16 +193,18 @@ class Trainer:
         self.size = int(sum(sizes))
         # Every buffer a collective or an in-place update writes is a writable, contiguous copy
         # owned by the engine (onnx hands out read-only views of the model's bytes).
-        # One extra slot after the gradients carries the loss through the same all-reduce.
+        # Two extra slots after the gradients ride on the same all-reduce: the loss, and a stop
+        # request (a signal on any rank stops every rank after the same step).
         self.params_flat = owned(xp, np.concatenate([values[k].ravel() for k in self.names]))
-        self.grads_flat = xp.zeros(self.size + 1, self.dtype)
+        self.grads_flat = xp.zeros(self.size + 2, self.dtype)
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
         self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in plan.state}
         self.comm.bcast_(self.params_flat)
         for v in self.state.values():
             self.comm.bcast_(v)
-        self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.size, self.dtype)
+        layout = [(k, self.offsets[k], int(np.prod(self.shapes[k]))) for k in self.names]
+        self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.size, self.dtype, layout)
 
     def _view(self, flat, name):
         o = self.offsets[name]
@@ -237,24 +256,66 @@ class Trainer:
             g[self.size] += out[plan.loss] * w
             for k, new in plan.state.items():
                 self.state[k][...] = out[new]
+        g[self.size + 1] = 1.0 if self._stop_signal else 0.0
         if self.world > 1:
             self.comm.allreduce_(g)
         loss = float(g[self.size])
-        if not math.isfinite(loss):
-            raise TrainerError(f"loss became {loss} at step {self.step + 1}; training stopped "
-                               "before applying it (lower optimizer.lr or set grad_clip)")
+        self._stop_agreed = bool(g[self.size + 1] > 0)
         grads = g[:self.size]
+        if not (math.isfinite(loss) and bool(xp.isfinite(grads).all())):
+            what = f"loss became {loss}" if not math.isfinite(loss) else \
+                "a gradient became non-finite"
+            if self.cfg.on_nan == "skip":
+                self.skipped += 1
+                self.step += 1
+                self.log.info(f"step {self.step}: {what}; update skipped ({self.skipped} "
+                              "skipped so far, on_nan: skip)")
+                return loss
+            raise TrainerError(f"{what} at step {self.step + 1}; "
+                               f"{self._first_nonfinite(micro)}; training stopped before "
+                               "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)")
         if self.cfg.grad_clip is not None:
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)
         self.optimizer.step(self.params_flat, grads, lr)
         self.step += 1
         return loss
 
+    def _first_nonfinite(self, micro) -> str:
+        """Re-run this rank's micro-batches keeping every value; name the first node (in
+        execution order) whose output is not finite."""
+        from trainer.graph import topo_sort
+
+        xp = self.xp
+        for m, (arrays, local_w, _) in enumerate(micro):
+            if local_w == 0:
+                continue
+            plan = self._plan(len(next(iter(arrays.values()))))
+            ex = Executor(plan.model, xp, feeds=list(plan.gradients) + list(plan.state),
+                          seed=self.cfg.seed + self.rank, keep_all=True)
+            ex.rng.reseed(self.cfg.seed, self.rank, self.step, m)
+            feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
+            feeds.update(self.params)
+            feeds.update(self.state)
+            env = ex.run(feeds)
+            for name, v in feeds.items():
+                if _nonfinite(v):
+                    return f"input '{name}' holds non-finite values"
+            g = plan.model.graph
+            known = {v.name for v in g.input} | {t.name for t in g.initializer}
+            for i, node in enumerate(topo_sort(list(g.node), known)):
+                for o in node.output:
+                    if o and _nonfinite(env.get(o)):
+                        return (f"the first non-finite value is output '{o}' of node "
+                                f"'{node.name or f'{node.op_type}_{i}'}' ({node.op_type}) "
+                                f"on rank {self.rank}")
+        return "no value was non-finite on this rank (another rank's data caused it)"
+
     # -- the job -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0."""
         cfg = self.cfg
+        self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         resumed = self.resume() if resume else False
         self.log.open(resume_step=self.step if resumed else None)
         self.log.info(f"onnx-trainer: {cfg.model.name} on {device_name(self.xp)}, "
@@ -263,38 +324,95 @@ class Trainer:
                       f"{cfg.data.batch_size}")
         t0, seen, last_epoch = time.perf_counter(), 0, self.position[0]
         row: dict = {}
-        while self.step < self.total_steps:
-            micro, epoch = [], last_epoch
-            for _ in range(cfg.accumulate):
-                epoch, arrays, local_w, global_w, samples = self._next_micro_batch()
-                micro.append((arrays, local_w, global_w))
-                seen += samples
-            if epoch != last_epoch and self.eval_arrays is not None:
-                self._log_evaluation(last_epoch)
-            last_epoch = epoch
-            lr = lr_at(cfg.schedule, cfg.optimizer.lr, self.step, self.total_steps)
-            loss = self.train_step(micro, lr)
-            if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
-                now = time.perf_counter()
-                row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
-                       "samples_per_s": seen / max(now - t0, 1e-9)}
-                t0, seen = now, 0
-                self.history.append(row)
-                self.log.record(row)
-            every = cfg.checkpoint.every_steps
-            if cfg.checkpoint.dir and every and self.step % every == 0:
-                self.save_checkpoint()
+        stopped = ""
+        with _StopOnSignal(self):
+            while self.step < self.total_steps:
+                micro, epoch = [], last_epoch
+                for _ in range(cfg.accumulate):
+                    epoch, arrays, local_w, global_w, samples = self._next_micro_batch()
+                    micro.append((arrays, local_w, global_w))
+                    seen += samples
+                if epoch != last_epoch and self._eval_due(epochs_done=epoch):
+                    stopped = self._evaluate_and_track(last_epoch)
+                last_epoch = epoch
+                if stopped:
+                    break
+                lrs = self.schedule.lrs(self.step)  # per parameter group; [0]: top level
+                loss = self.train_step(micro, lrs)
+                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lrs[0],
+                           "samples_per_s": seen / max(now - t0, 1e-9)}
+                    if self.skipped:
+                        row["skipped_steps"] = self.skipped
+                    t0, seen = now, 0
+                    self.history.append(row)
+                    self.log.record(row)
+                every = cfg.checkpoint.every_steps
+                if cfg.checkpoint.dir and every and self.step % every == 0:
+                    self.save_checkpoint()
+                if self._stop_agreed:
+                    break
+                if self._eval_due(step=self.step) and self.step < self.total_steps:
+                    stopped = self._evaluate_and_track(epoch)
+                    if stopped:
+                        break
         if cfg.checkpoint.dir and not (cfg.checkpoint.every_steps
                                        and self.step % cfg.checkpoint.every_steps == 0):
             self.save_checkpoint()  # the end of a run is always saved
+        if self._stop_agreed:
+            raise Interrupted(self._signal_code, self.step,
+                              self.cfg.checkpoint.dir is not None)
         result = {"steps": self.step, "loss": row.get("loss")}
         if self.eval_arrays is not None:
-            result.update(self._log_evaluation(last_epoch))
+            if self.last_eval_step != self.step:
+                self._evaluate_and_track(last_epoch)
+            result.update(self.last_metrics)
+        if stopped:
+            result["early_stop"] = stopped
         if self.rank == 0:
             path = self.export(cfg.output)
             result["output"] = str(path)
             self.log.info(f"wrote {path}")
+            if self.best_path is not None:
+                result["best"] = {"output": str(self.best_path), "step": self.best_step,
+                                  cfg.best.metric: self.best_value}
         return result
+
+    def _eval_due(self, *, step: int | None = None, epochs_done: int | None = None) -> bool:
+        if self.eval_arrays is None:
+            return False
+        e = self.cfg.eval
+        if step is not None:
+            return bool(e.every_steps) and step % e.every_steps == 0
+        return bool(e.every_epochs) and epochs_done % e.every_epochs == 0
+
+    def _evaluate_and_track(self, epoch: int) -> str:
+        """Evaluate and log; keep the best model; returns why to stop early ("" to go on)."""
+        metrics = self._log_evaluation(epoch)
+        self.last_metrics, self.last_eval_step = metrics, self.step
+        cfg = self.cfg
+        if cfg.best is not None:
+            value = metrics[cfg.best.metric]
+            if _better(value, self.best_value, _mode(cfg.best.mode, cfg.best.metric), 0.0):
+                self.best_value, self.best_step = value, self.step
+                if self.rank == 0:
+                    self.best_path = self.export(best_path(cfg.output))
+                    self.log.info(f"best {cfg.best.metric} {value:.6g} at step {self.step}: "
+                                  f"wrote {self.best_path}")
+        es = cfg.early_stop
+        if es is not None:
+            value = metrics[es.metric]
+            if _better(value, self.es_best, _mode(es.mode, es.metric), es.min_delta):
+                self.es_best, self.es_bad = value, 0
+            else:
+                self.es_bad += 1
+                if self.es_bad >= es.patience:
+                    why = (f"{es.metric} did not improve on {self.es_best:.6g} for {es.patience} "
+                           f"evaluation(s)")
+                    self.log.info(f"early stop at step {self.step}: {why}")
+                    return why
+        return ""
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -305,6 +423,7 @@ class Trainer:
         arrays.update({f"state/{k}": to_host(v) for k, v in self.state.items()})
         arrays.update({f"optim/{k}": to_host(v)
                        for k, v in self.optimizer.state_dict().items()})
+        arrays.update({f"sched/{k}": v for k, v in self.schedule.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
                 "optimizer": self.cfg.optimizer.type}
@@ -337,7 +456,12 @@ class Trainer:
                           f"config's ({self.cfg.optimizer.type}, or its state layout changed): "
                           "the parameters are resumed, the optimizer state starts fresh")
         else:
-            self.optimizer.load_state_dict(optim)
+            try:
+                self.optimizer.load_state_dict(optim)
+            except TrainerError as exc:  # same keys, other shapes: the groups changed
+                self.log.info(f"warning: {exc}; the optimizer state starts fresh")
+        self.schedule.load_state_dict(
+            {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
         self.step = int(meta["step"])
         epoch, index = (int(v) for v in meta["position"])
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
@@ -413,6 +537,70 @@ class Trainer:
         model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
         meta["onnx_trainer.output_form"] = self.cfg.output_form
         return export_model(model, self.trained_values(), path, meta)
+
+
+class _StopOnSignal:
+    """While training: the first SIGINT/SIGTERM asks every rank to stop after the current step
+    (the request rides on the gradient all-reduce); a second one ends the process at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers belong to the main thread (tests run ranks as threads)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import os
+        import signal
+
+        t = self.trainer
+        if t._stop_signal:  # second signal: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        t._stop_signal = True
+        t._signal_code = 128 + signum
+        t.log.info(f"received {signal.Signals(signum).name}: stopping after this step "
+                   "(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def best_path(output: Path) -> Path:
+    """Where the best model goes: next to the final one, `<name>.best.onnx`."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.best{output.suffix or '.onnx'}")
+
+
+def _mode(mode: str, metric: str) -> str:
+    if mode != "auto":
+        return mode
+    return "max" if "accuracy" in metric else "min"
+
+
+def _better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return math.isfinite(value)
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _nonfinite(v) -> bool:
+    if v is None or not hasattr(v, "dtype") or getattr(v.dtype, "kind", "") not in "fc":
+        return False
+    return not bool(np.isfinite(to_host(v)).all())
 
 
 def owned(xp, a):

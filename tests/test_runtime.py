@@ -1,0 +1,165 @@
+"""The run around the steps: non-finite losses (stop naming the node, or skip), signals (stop
+after the step, checkpoint, exit 130/143, exact resume), evaluation schedule, best model, early
+stopping."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import ROOT
+from trainer.config import config_from_dict
+from trainer.errors import TrainerError
+from trainer.train import Trainer, best_path
+
+
+def _sqrt_model(path):
+    """logits = Sqrt(x @ W): NaN as soon as a sample makes x @ W negative."""
+    w = numpy_helper.from_array(np.full((4, 3), 0.1, np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="matmul1"),
+         helper.make_node("Sqrt", ["h"], ["logits"], name="sqrt1")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def _sqrt_run(tmp_path, on_nan, steps=6):
+    _sqrt_model(tmp_path / "m.onnx")
+    x = np.abs(np.random.default_rng(0).standard_normal((48, 4))).astype(np.float32) + 0.5
+    x[16:24] *= -1  # batch 3 (of 8 samples) makes x @ W negative
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(48, np.int64))
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": steps,
+           "on_nan": on_nan, "optimizer": {"type": "sgd", "lr": 1e-3},
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "log": {"every_steps": 1}}
+    return Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+def test_nan_stop_names_the_first_node(tmp_path):
+    t = _sqrt_run(tmp_path, "stop")
+    with pytest.raises(TrainerError) as err:
+        t.fit()
+    msg = str(err.value)
+    assert "at step 3" in msg and "node 'sqrt1' (Sqrt)" in msg and "on_nan: skip" in msg
+    assert t.step == 2  # the bad update was not applied
+
+
+def test_nan_skip_skips_and_counts(tmp_path):
+    t = _sqrt_run(tmp_path, "skip")
+    result = t.fit()
+    assert result["steps"] == 6 and t.skipped == 1
+    rows = [r for r in t.history if "loss" in r]
+    assert not np.isfinite(rows[2]["loss"]) and rows[-1]["skipped_steps"] == 1
+    assert all(np.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+
+
+def _digits_cfg(tmp_path, digits_config, **over):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(**over)))
+    return path
+
+
+def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(tmp_path, digits_config):
+    ck = str(tmp_path / "ck")
+    over = dict(steps=400, checkpoint={"dir": ck}, data__batch_size=64,
+                log={"every_steps": 1}, optimizer={"type": "adamw", "lr": 1e-3})
+    path = _digits_cfg(tmp_path, digits_config, output=str(tmp_path / "run.onnx"), **over)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith("step 20 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    stopped_at = int(err.split("after step ")[1].split(";")[0])
+    assert 20 <= stopped_at < 400
+    from trainer import checkpoint
+    assert checkpoint.latest(ck).name == f"step_{stopped_at:08d}"
+    assert not (tmp_path / "run.onnx").exists()
+    # --resume finishes the run; it equals an uninterrupted run bit for bit
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(path), "--resume"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    full = Trainer(config_from_dict(digits_config(output=str(tmp_path / "full.onnx"), **{
+        **over, "checkpoint": {"dir": None}}), tmp_path), stream=io.StringIO())
+    full.fit()
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "run.onnx")
+           .graph.initializer}
+    for k, v in full.trained_values().items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_second_sigint_stops_at_once(tmp_path, digits_config):
+    path = _digits_cfg(tmp_path, digits_config, steps=10**6, log={"every_steps": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step 3 "):
+            break
+    # Pretend the step takes forever: two signals in a row end the process promptly.
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (130, -signal.SIGINT)
+
+
+def _anti_eval(tmp_path):
+    """Train on the digits, evaluate on the same images with shifted labels: the better the
+    model fits, the worse the eval metric, so it peaks at the first evaluation."""
+    d = np.load(ROOT / "examples" / "digits.npz")
+    np.savez(tmp_path / "anti.npz", x=d["x_test"], y=(d["y_test"] + 1) % 10)
+    return {"path": str(tmp_path / "anti.npz"), "inputs": {"x": "x"}, "targets": {"label": "y"}}
+
+
+def test_best_model_and_early_stopping(tmp_path, digits_config):
+    raw = digits_config(steps=200, eval={"every_steps": 5, "every_epochs": 0},
+                        best={"metric": "eval_loss"},
+                        early_stop={"metric": "eval_loss", "patience": 3},
+                        output=str(tmp_path / "final.onnx"),
+                        log={"every_steps": 1, "metrics": str(tmp_path / "m.jsonl")})
+    raw["data"]["eval"] = _anti_eval(tmp_path)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    result = t.fit()
+    assert result["steps"] == 20 and "did not improve" in result["early_stop"]
+    assert result["best"]["step"] == 5
+    best = best_path(tmp_path / "final.onnx")
+    assert best == tmp_path / "final.best.onnx" and best.exists()
+    evals = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()
+             if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [5, 10, 15, 20]
+    # The best file holds the weights after step 5.
+    ref = Trainer(config_from_dict(digits_config(steps=5, output=str(tmp_path / "r.onnx")),
+                                   tmp_path), stream=io.StringIO())
+    ref.fit()
+    got = {x.name: numpy_helper.to_array(x) for x in onnx.load(best).graph.initializer}
+    for k, v in ref.trained_values().items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_best_and_early_stop_need_an_eval_set_and_a_known_metric(tmp_path, digits_config):
+    raw = digits_config(best={"metric": "eval_accuracy"})
+    del raw["data"]["eval"]
+    with pytest.raises(TrainerError, match="best needs data.eval"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match="'eval_f1' is not an evaluation metric"):
+        Trainer(config_from_dict(digits_config(early_stop={"metric": "eval_f1", "patience": 2}),
+                                 tmp_path), stream=io.StringIO())
