@@ -163,3 +163,32 @@ def test_best_and_early_stop_need_an_eval_set_and_a_known_metric(tmp_path, digit
     with pytest.raises(TrainerError, match="'eval_f1' is not an evaluation metric"):
         Trainer(config_from_dict(digits_config(early_stop={"metric": "eval_f1", "patience": 2}),
                                  tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_models_train_in_float32_and_export_in_their_type(tmp_path,
+                                                                        digits_config, dtype):
+    """A float16/bfloat16 model trains with float32 master weights and compute, and the export
+    keeps the model's own type (the float32 values rounded once)."""
+    import ml_dtypes
+
+    from trainer.graph import convert_floats
+
+    half = np.dtype(np.float16) if dtype == "float16" else np.dtype(ml_dtypes.bfloat16)
+    model = convert_floats(onnx.load(ROOT / "examples" / "digits_mlp.onnx"), np.float32, half)
+    onnx.save(model, tmp_path / "half.onnx")
+    t = Trainer(config_from_dict(digits_config(model=str(tmp_path / "half.onnx"), steps=30,
+                                               output=str(tmp_path / "o.onnx")), tmp_path),
+                stream=io.StringIO())
+    assert t.dtype == np.float32
+    result = t.fit()
+    losses = [r["loss"] for r in t.history if "loss" in r]
+    assert losses[-1] < losses[0] and result["eval_accuracy"] > 0.5
+    out = onnx.load(result["output"])
+    for init in out.graph.initializer:
+        assert init.data_type == onnx.helper.np_dtype_to_tensor_dtype(half), init.name
+    got = {x.name: numpy_helper.to_array(x) for x in out.graph.initializer}
+    for k, v in t.trained_values().items():
+        np.testing.assert_array_equal(got[k], v.astype(half), err_msg=k)
+    assert out.graph.input[0].type.tensor_type.elem_type == \
+        model.graph.input[0].type.tensor_type.elem_type

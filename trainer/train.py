@@ -25,7 +25,13 @@ from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
-from trainer.graph import inference_form, input_dtypes, load_model, np_dtype, to_float64
+from trainer.graph import (
+    convert_floats,
+    inference_form,
+    input_dtypes,
+    load_model,
+    np_dtype,
+)
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
@@ -70,7 +76,7 @@ class Trainer:
             self.log.info(f"{len(untied)} normalization tensor(s) that the exporter stored as "
                           f"one shared tensor get their own copy: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
-        self.run_model = to_float64(self.model) if cfg.precision == "fp64" else self.model
+        self.run_model = compute_form(self.model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
@@ -577,6 +583,27 @@ class _StopOnSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The model as the engine computes it: float16/bfloat16 models in float32 (the trained
+    float32 values are rounded back to the model's own types on export), everything in float64
+    for `precision: fp64` verification runs."""
+    import ml_dtypes
+
+    from onnx import helper
+
+    target = np.float64 if precision == "fp64" else np.float32
+    g = model.graph
+    used = {t.data_type for t in g.initializer}
+    used |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
+    used |= {a.i for n in g.node for a in n.attribute if a.name in ("to", "dtype")}
+    m = model
+    for src in (np.float16, ml_dtypes.bfloat16, np.float32):
+        if np.dtype(src) != np.dtype(target) and helper.np_dtype_to_tensor_dtype(
+                np.dtype(src)) in used:
+            m = convert_floats(m, src, target)
+    return m
 
 
 def best_path(output: Path) -> Path:
