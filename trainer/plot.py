@@ -1,0 +1,236 @@
+"""`onnx-trainer plot`: training curves (loss, evaluation metrics, lr against step) of one or more
+metrics JSONL files drawn into one image, several runs overlaid (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import TrainerError
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `plot`, for the `onnx-trainer` parser and for `main`."""
+    p.add_argument("files", nargs="+", metavar="METRICS.jsonl",
+                   help="metrics files written by log.metrics; one run each")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="image to write (.png, .svg, .pdf)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated keys to draw (default: loss, every eval_* key, lr)")
+    p.add_argument("--size", default="1200x800", metavar="WxH",
+                   help="image size in pixels (default 1200x800)")
+    p.add_argument("--dpi", type=int, default=100, help="dots per inch (default 100)")
+    p.add_argument("--log-y", action="store_true", help="logarithmic scale for the losses")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
+                   help="exponential moving average of the training curves, weight W in [0, 1) "
+                        "as TensorBoard's slider (0.6 is typical; default 0: none)")
+    p.add_argument("--title", default=None, help="a title above the plots")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="onnx-trainer plot", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = read_runs([Path(f) for f in args.files])
+    width, height = _parse_size(args.size)
+    if not 0.0 <= args.smooth < 1.0:
+        raise TrainerError(f"plot: --smooth {args.smooth} is outside [0, 1); use e.g. 0.6")
+    if args.dpi < 10:
+        raise TrainerError(f"plot: --dpi {args.dpi} is too small; use 10 or more (default 100)")
+    available = _keys_in_order(runs)
+    if args.metrics:
+        wanted = [k.strip() for k in args.metrics.split(",") if k.strip()]
+        missing = [k for k in wanted if k not in available]
+        if missing:
+            raise TrainerError(f"plot: no file has metric(s) {', '.join(missing)}; "
+                               f"available: {', '.join(available)}")
+    else:
+        wanted = [k for k in available if k == "loss" or k.startswith("eval_")]
+        wanted += [k for k in available if k == "lr"]
+    if not wanted:
+        raise TrainerError(f"plot: the files have no loss, eval_* or lr values; pick some with "
+                           f"--metrics from: {', '.join(available) or '(none)'}")
+    out = Path(args.output)
+    render(runs, wanted, out, (width, height), dpi=args.dpi, log_y=args.log_y,
+           title=args.title, smooth=args.smooth)
+    print(f"wrote {out}")
+    return 0
+
+
+def read_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """Each file's rows by run name (the file name, with as many parent folders as it takes to
+    tell the files apart); lines that are not JSON objects with a step (cut by a crash) are
+    skipped."""
+    names = _run_names(paths)
+    runs: dict[str, list[dict]] = {}
+    for name, path in zip(names, paths, strict=True):
+        if not path.is_file():
+            raise TrainerError(f"plot: metrics file {path} not found")
+        rows = []
+        with path.open() as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+                    rows.append(row)
+        if not rows:
+            raise TrainerError(f"plot: {path} has no metrics rows (JSON lines with a 'step'); "
+                               "is it a log.metrics file?")
+        runs[name] = rows
+    return runs
+
+
+def _run_names(paths: list[Path]) -> list[str]:
+    parts = [p.resolve().with_suffix("").parts for p in paths]
+    if len(set(parts)) < len(parts):  # the same file given twice
+        return [f"{q[-1]} ({i + 1})" for i, q in enumerate(parts)]
+    while len(parts) > 1 and min(map(len, parts)) > 1 and len({q[-1] for q in parts}) == 1:
+        parts = [q[:-1] for q in parts]  # runs/a/metrics, runs/b/metrics: name them a and b
+    for depth in range(1, max(len(q) for q in parts)):
+        names = ["/".join(q[-depth:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return ["/".join(q) for q in parts]
+
+
+def _keys_in_order(runs: dict[str, list[dict]]) -> list[str]:
+    keys: dict[str, None] = {}
+    for rows in runs.values():
+        for row in rows:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) \
+                        and not isinstance(v, bool):
+                    keys[k] = None
+    return list(keys)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        w = h = 0
+    if not (16 <= w <= 20000 and 16 <= h <= 20000):
+        raise TrainerError(f"plot: --size {text!r} is not WIDTHxHEIGHT in pixels, each 16 to "
+                           "20000 (e.g. 1200x800)")
+    return w, h
+
+
+def _panels(metrics: list[str]) -> list[list[str]]:
+    """Losses share one panel (train against eval), lr gets the last one, every other metric
+    its own."""
+    losses = [m for m in metrics if m.endswith("loss")]
+    others = [[m] for m in metrics if not m.endswith("loss") and m != "lr"]
+    return ([losses] if losses else []) + others + ([["lr"]] if "lr" in metrics else [])
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = sorted((float(r["step"]), float(r[key])) for r in rows
+                    if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool))
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def smoothed(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing (the first point is kept)."""
+    out, ema, norm = [], 0.0, 0.0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        ema = weight * ema + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(ema / norm)
+    return out
+
+
+def _label(key: str) -> str:
+    return {"lr": "learning rate", "samples_per_s": "samples/s"}.get(key, key.replace("_", " "))
+
+
+def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tuple[int, int],
+           dpi: int = 100, log_y: bool = False, title: str | None = None,
+           smooth: float = 0.0) -> None:
+    """Draw `metrics` of every run against step into `out` (written atomically)."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fmt = out.suffix.lower().lstrip(".")
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise TrainerError(f"plot: cannot write {out.name!r}: the file name must end with one of "
+                           f"{', '.join('.' + k for k in sorted(supported))} (e.g. .png)")
+    panels = _panels(metrics)
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ratios = [0.6 if panel == ["lr"] and len(panels) > 1 else 1.0 for panel in panels]
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": ratios})[:, 0]
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, panel in zip(axes, panels, strict=True):
+        drawn = 0
+        for (name, rows), color in zip(runs.items(), colors, strict=True):
+            for j, key in enumerate(panel):
+                x, y = _series(rows, key)
+                if not x:
+                    continue
+                sparse = len(x) <= 50 or key.startswith("eval_")
+                label = " ".join(filter(None, (name if len(runs) > 1 else "",
+                                               key if len(panel) > 1 else "")))
+                style = _STYLES[j % len(_STYLES)]
+                if smooth and not key.startswith("eval_") and len(x) > 1:
+                    ax.plot(x, y, style, color=color, alpha=0.25, linewidth=1.0)
+                    y = smoothed(y, smooth)
+                ax.plot(x, y, style, color=color, label=label or None,
+                        marker="o" if sparse else None, markersize=3, linewidth=1.4)
+                drawn += 1
+        ax.set_ylabel(_label(panel[0]) if len(panel) == 1 else "loss")
+        ax.grid(True, alpha=0.3)
+        positive = all(v > 0 for name_rows in runs.values() for k in panel
+                       for v in _series(name_rows, k)[1] if math.isfinite(v))
+        if log_y and panel[0].endswith("loss") and positive:
+            ax.set_yscale("log")
+        if drawn and (len(runs) > 1 or len(panel) > 1):
+            ax.legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    _save_atomic(fig, out, fmt, dpi)
+
+
+def _save_atomic(fig: Any, out: Path, fmt: str, dpi: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise TrainerError(f"plot: cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise TrainerError("onnx-trainer plot needs matplotlib, which is not installed: "
+                           "pip install 'onnx-trainer[plot]'") from None
+    return Figure, FigureCanvasAgg
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except TrainerError as exc:
+        print(f"onnx-trainer: error: {exc}", file=sys.stderr)
+        sys.exit(2)
