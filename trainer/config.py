@@ -153,6 +153,9 @@ def _k(conv: Any, default: Any = MISSING, **meta: Any) -> Any:
 
 # --- schema --------------------------------------------------------------------------------------
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "nadam", "radam", "lamb")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "linear", "cosine", "cosine_restarts",
+             "polynomial", "onecycle", "plateau")
 _SGD, _ADAM = ("sgd",), ("adam", "adamw")
 
 
@@ -186,27 +189,132 @@ class LossConfig:
     ignore_index: int = _k(_int, -100, only=("cross_entropy",))
 
 
+# torch.optim's defaults where they depend on the type (sgd keeps this project's lr 0.1);
+# LAMB's follow the paper's BERT setting (eps 1e-6, weight decay 0.01).
+_DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-2, "adagrad": 1e-2, "adadelta": 1.0, "nadam": 2e-3}
+_DEFAULT_EPS = {"adagrad": 1e-10, "adadelta": 1e-6, "lamb": 1e-6}
+_DEFAULT_WD = {"adamw": 1e-2, "lamb": 1e-2}
+_BETAS = _ADAM + ("nadam", "radam", "lamb")
+_WITH_EPS = tuple(t for t in OPTIMIZERS if t != "sgd")
+# Keys set once for the whole optimizer (switches; Adagrad's initial accumulator, which torch
+# takes from the constructor for every group); a group may set any other key of its type.
+OPTIMIZER_WIDE = ("nesterov", "amsgrad", "centered", "decoupled_weight_decay", "maximize",
+                  "initial_accumulator_value")
+_CLOSED_UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)")
+_START = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+def _milestones(v: Any, key: str, base: Path) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _err(key, f"must be a non-empty list of step numbers, got {_got(v)}")
+    out = tuple(_int(x, f"{key}[{i}]", base) for i, x in enumerate(v))
+    for i, x in enumerate(out):
+        if x < 1:
+            raise _err(f"{key}[{i}]", f"must be >= 1, got {x}")
+    return out
+
+
+@dataclass(frozen=True)
+class OptimizerGroup:
+    """One entry of optimizer.groups: parameter globs (the first matching group wins) and the
+    settings that replace the top-level ones for those parameters."""
+
+    params: tuple[str, ...]
+    settings: Mapping[str, Any] = field(default_factory=FrozenMap)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", FrozenMap(self.settings))
+
+
+def _groups(v: Any, key: str, base: Path) -> tuple[OptimizerGroup, ...]:
+    """Structure only; the settings are checked against the optimizer type in _check_optimizer."""
+    if not isinstance(v, (list, tuple)):
+        raise _err(key, f"must be a list of mappings like {{params: '*.bias', weight_decay: 0}}, "
+                   f"got {_got(v)}")
+    out = []
+    for i, g in enumerate(v):
+        k = f"{key}[{i}]"
+        if not isinstance(g, Mapping):
+            raise _err(k, f"must be a mapping like {{params: '*.bias', weight_decay: 0}}, "
+                       f"got {_got(g)}")
+        if g.get("params") is None:
+            raise _err(_join(k, "params"), "is required (a glob or a list of globs over "
+                       "parameter names)")
+        p = g["params"]
+        params = (_str(p, _join(k, "params"), base),) if isinstance(p, str) else \
+            _names(p, _join(k, "params"), base)
+        if not params:
+            raise _err(_join(k, "params"), "must not be empty")
+        out.append(OptimizerGroup(params, {n: x for n, x in g.items() if n != "params"}))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
-    type: str = _k(_str, "sgd", choices=_SGD + _ADAM)
+    type: str = _k(_str, "sgd", choices=OPTIMIZERS)
     lr: float = _k(_float, 0.1, check=_POS,
-                   default_fn=lambda v, b: 0.1 if v["type"] == "sgd" else 1e-3)
-    momentum: float = _k(_float, 0.0, check=_NONNEG, only=_SGD)
+                   default_fn=lambda v, b: _DEFAULT_LR.get(v["type"], 1e-3))
+    momentum: float = _k(_float, 0.0, check=_NONNEG, only=("sgd", "rmsprop"))
     nesterov: bool = _k(_bool, False, only=_SGD)
     dampening: float = _k(_float, 0.0, check=_NONNEG, only=_SGD)
     weight_decay: float = _k(_float, 0.0, check=_NONNEG,
-                             default_fn=lambda v, b: 0.01 if v["type"] == "adamw" else 0.0)
-    betas: tuple[float, float] = _k(_betas, (0.9, 0.999), check=_UNIT, only=_ADAM)
-    eps: float = _k(_float, 1e-8, check=_NONNEG, only=_ADAM)
+                             default_fn=lambda v, b: _DEFAULT_WD.get(v["type"], 0.0))
+    betas: tuple[float, float] = _k(_betas, (0.9, 0.999), check=_UNIT, only=_BETAS)
+    eps: float = _k(_float, 1e-8, check=_NONNEG, only=_WITH_EPS,
+                    default_fn=lambda v, b: _DEFAULT_EPS.get(v["type"], 1e-8))
+    amsgrad: bool = _k(_bool, False, only=_ADAM)
+    alpha: float = _k(_float, 0.99, check=_CLOSED_UNIT, only=("rmsprop",))
+    centered: bool = _k(_bool, False, only=("rmsprop",))
+    lr_decay: float = _k(_float, 0.0, check=_NONNEG, only=("adagrad",))
+    initial_accumulator_value: float = _k(_float, 0.0, check=_NONNEG, only=("adagrad",))
+    rho: float = _k(_float, 0.9, check=_CLOSED_UNIT, only=("adadelta",))
+    momentum_decay: float = _k(_float, 4e-3, check=_NONNEG, only=("nadam",))
+    decoupled_weight_decay: bool = _k(_bool, False, only=("nadam", "radam"))
+    maximize: bool = _k(_bool, False)
+    groups: tuple[OptimizerGroup, ...] = _k(_groups, ())
+
+
+_WARMUP = tuple(s for s in SCHEDULES if s != "onecycle")  # one-cycle warms up by itself
+_ONECYCLE, _PLATEAU = ("onecycle",), ("plateau",)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    type: str = _k(_str, "constant", choices=("constant", "linear", "cosine", "step"))
-    warmup_steps: int = _k(_int, 0, check=_NONNEG)
-    min_lr: float = _k(_float, 0.0, check=_NONNEG, only=("linear", "cosine"))
+    type: str = _k(_str, "constant", choices=SCHEDULES)
+    warmup_steps: int = _k(_int, 0, check=_NONNEG, only=_WARMUP)
+    min_lr: float = _k(_float, 0.0, check=_NONNEG,
+                       only=("linear", "cosine", "cosine_restarts", "plateau"))
     step_size: int | None = _k(_int, None, check=_POS, only=("step",), required_for=("step",))
-    gamma: float = _k(_float, 0.1, check=_POS, only=("step",))
+    milestones: tuple[int, ...] = _k(_milestones, (), only=("multistep",),
+                                     required_for=("multistep",))
+    gamma: float = _k(_float, 0.1, check=_POS, only=("step", "multistep", "exponential"),
+                      required_for=("exponential",))
+    start_factor: float = _k(_float, 1.0, check=_START, only=("linear",))
+    end_factor: float | None = _k(_float, None, nullable=True, check=_CLOSED_UNIT,
+                                  only=("linear",))
+    total_iters: int | None = _k(_int, None, nullable=True, check=_POS,
+                                 only=("linear", "polynomial"))
+    power: float = _k(_float, 1.0, check=_POS, only=("polynomial",))
+    T_0: int | None = _k(_int, None, check=_POS, only=("cosine_restarts",),
+                         required_for=("cosine_restarts",))
+    T_mult: int = _k(_int, 1, check=_GE1, only=("cosine_restarts",))
+    max_lr: float | None = _k(_float, None, nullable=True, check=_POS, only=_ONECYCLE)
+    pct_start: float = _k(_float, 0.3, check=_CLOSED_UNIT, only=_ONECYCLE)
+    anneal_strategy: str = _k(_str, "cos", choices=("cos", "linear"), only=_ONECYCLE)
+    div_factor: float = _k(_float, 25.0, check=_POS, only=_ONECYCLE)
+    final_div_factor: float = _k(_float, 1e4, check=_POS, only=_ONECYCLE)
+    three_phase: bool = _k(_bool, False, only=_ONECYCLE)
+    cycle_momentum: bool = _k(_bool, True, only=_ONECYCLE)
+    base_momentum: float = _k(_float, 0.85, check=_CLOSED_UNIT, only=_ONECYCLE)
+    max_momentum: float = _k(_float, 0.95, check=_CLOSED_UNIT, only=_ONECYCLE)
+    metric: str = _k(_str, "eval_loss", choices=("eval_loss", "eval_accuracy"), only=_PLATEAU)
+    mode: str = _k(_str, "min", choices=("min", "max"), only=_PLATEAU)
+    factor: float = _k(_float, 0.1, check=_OPEN_UNIT, only=_PLATEAU)
+    patience: int = _k(_int, 10, check=_NONNEG, only=_PLATEAU)
+    threshold: float = _k(_float, 1e-4, check=_NONNEG, only=_PLATEAU)
+    threshold_mode: str = _k(_str, "rel", choices=("rel", "abs"), only=_PLATEAU)
+    cooldown: int = _k(_int, 0, check=_NONNEG, only=_PLATEAU)
 
 
 @dataclass(frozen=True)
@@ -293,6 +401,36 @@ class Config:
 def _check_optimizer(v: dict[str, Any], key: str) -> None:
     if v.get("nesterov") and (v["momentum"] <= 0 or v["dampening"] != 0):
         raise _err(_join(key, "nesterov"), "requires momentum > 0 and dampening 0")
+    kind, specs = v["type"], {f.name: f for f in fields(OptimizerConfig)}
+    settable = [n for n in v if n not in ("type", "groups") + OPTIMIZER_WIDE]
+    groups = []
+    for i, group in enumerate(v["groups"]):
+        gkey = f"{_join(key, 'groups')}[{i}]"
+        settings = {}
+        for name, raw in group.settings.items():
+            skey = _join(gkey, str(name))
+            if name in OPTIMIZER_WIDE and name in v:
+                raise _err(skey, f"applies to the whole optimizer: set {_join(key, name)} "
+                           "instead of a per-group value")
+            if name not in settable:
+                valid = ", ".join(["params"] + settable)
+                what = f"is not valid for optimizer type '{kind}'" if name in specs else \
+                    "is unknown"
+                raise _err(skey, f"{what} in a group{_suggest(str(name), settable, gkey)} "
+                           f"(valid: {valid})")
+            if raw is None:
+                raise _err(skey, "must be a value, got null (leave the key out to use "
+                           f"{_join(key, name)})")
+            settings[name] = _value(specs[name], {name: raw}, skey, Path(), v, kind)
+        groups.append(OptimizerGroup(group.params, settings))
+    v["groups"] = tuple(groups)
+
+
+def _check_schedule(v: dict[str, Any], key: str) -> None:
+    if v["type"] == "linear" and v["end_factor"] is not None and v["min_lr"] != 0:
+        raise ConfigError(f"config keys '{_join(key, 'end_factor')}' and "
+                          f"'{_join(key, 'min_lr')}': give at most one of them (the end of the "
+                          "linear decay, relative or absolute)")
 
 
 def _check_config(v: dict[str, Any], key: str) -> None:
@@ -308,7 +446,7 @@ def _check_config(v: dict[str, Any], key: str) -> None:
 
 
 _POST_CHECKS: dict[type, Callable[[dict[str, Any], str], None]] = {
-    OptimizerConfig: _check_optimizer, Config: _check_config}
+    OptimizerConfig: _check_optimizer, ScheduleConfig: _check_schedule, Config: _check_config}
 
 
 def _value(f: dataclasses.Field, raw: Mapping, key: str, base: Path, values: dict[str, Any],
