@@ -197,7 +197,7 @@ def test_unknown_nested_key_suggests_full_path() -> None:
 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     message = error_of(minimal(log={"zzz": 1}))
-    assert message == "config key 'log.zzz' is unknown (valid: every_steps, metrics)"
+    assert message == "config key 'log.zzz' is unknown (valid: every_steps, metrics, tensorboard)"
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -268,10 +268,10 @@ def test_steps_and_epochs_exactly_one(extra: dict, got: str) -> None:
 def test_optimizer_key_invalid_for_type() -> None:
     message = error_of(minimal(optimizer={"type": "sgd", "betas": [0.9, 0.99]}))
     assert message == ("config key 'optimizer.betas' is not valid for optimizer type 'sgd' "
-                       "(valid: lr, momentum, nesterov, dampening, weight_decay)")
+                       "(valid: lr, momentum, nesterov, dampening, weight_decay, maximize, groups)")
     message = error_of(minimal(optimizer={"type": "adam", "momentum": 0.9}))
     assert message == ("config key 'optimizer.momentum' is not valid for optimizer type 'adam' "
-                       "(valid: lr, weight_decay, betas, eps)")
+                       "(valid: lr, weight_decay, betas, eps, amsgrad, maximize, groups)")
 
 
 def test_nesterov_requires_momentum_and_no_dampening() -> None:

@@ -441,3 +441,19 @@ def test_plot_reads_a_real_training_log(tmp_path, digits_config):
     assert main([str(metrics), "-o", str(out), "--size", "400x300", "--smooth", "0.6"]) == 0
     img = _image(out)
     assert img.shape[:2] == (300, 400) and _near(img, BLUE) > 100
+
+
+def test_training_writes_tensorboard_and_draws_the_bar(tmp_path, digits_config):
+    """A real run: the progress bar on a pseudo-terminal, TensorBoard scalars per logged step."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    raw = digits_config(steps=12, log={"every_steps": 4, "tensorboard": str(tmp_path / "tb")},
+                        output=str(tmp_path / "o.onnx"))
+    with terminal() as (stream, out):
+        Trainer(config_from_dict(raw, tmp_path), stream=stream).fit()
+    shown = screen(out.raw)
+    assert any("12/12" in line and "100%" in line for line in shown), shown
+    scalars = _scalars(tmp_path / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [4, 8, 12]
+    assert [s for s, _ in scalars["eval/accuracy"]] == [12]

@@ -33,8 +33,11 @@ def float64_torch():
 def schedule_cfg(sched: dict, opt: dict | None = None):
     raw = {"model": "m.onnx", "steps": N, "schedule": sched,
            "optimizer": opt or {"type": "sgd", "lr": BASES[0]},
-           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"y": "y"}}},
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"y": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"y": "y"}}},
            "loss": {"type": "mse", "output": "out", "target": "y"}}
+    if sched.get("metric") == "eval_accuracy":  # only classification reports accuracy
+        raw["loss"]["type"] = "cross_entropy"
     return config_from_dict(raw, "/tmp")
 
 

@@ -333,6 +333,7 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = _k(_int, 10, check=_GE1)
     metrics: Path | None = _k(_path, None, nullable=True)
+    tensorboard: Path | None = _k(_path, None, nullable=True)  # a folder for event files
 
 
 @dataclass(frozen=True)
@@ -443,6 +444,14 @@ def _check_config(v: dict[str, Any], key: str) -> None:
             have = ", ".join(ds.targets) or "none"
             raise _err("loss.target", f"is '{target}', which is not a key of data.{name}.targets "
                        f"({have}){_suggest(target, list(ds.targets))}")
+    sched = v["schedule"]
+    if sched.type == "plateau":
+        if data.eval is None:
+            raise _err("schedule.type", "is 'plateau', which follows an evaluation metric: it "
+                       "needs data.eval")
+        if sched.metric == "eval_accuracy" and v["loss"].type != "cross_entropy":
+            raise _err("schedule.metric", "is 'eval_accuracy', which only cross_entropy runs "
+                       "report (use eval_loss)")
 
 
 _POST_CHECKS: dict[type, Callable[[dict[str, Any], str], None]] = {

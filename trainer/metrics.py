@@ -22,6 +22,11 @@ _BLOCKS = " ▏▎▍▌▋▊▉█"
 def _is_terminal(stream: IO[str]) -> bool:
     if os.environ.get("TERM") == "dumb":
         return False
+    from trainer.comm import launched_world_size
+    if launched_world_size() > 1:
+        # mpirun forwards each rank's output through a pseudo-terminal of its own, whatever
+        # mpirun's own output is (often a log file): plain lines there.
+        return False
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed file

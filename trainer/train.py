@@ -65,7 +65,8 @@ class Trainer:
             raise TrainerError("distributed.backend: nccl is not available yet; use auto or mpi "
                                "(gradients are averaged over MPI)")
         kwargs = {"stream": stream} if stream is not None else {}
-        self.log = MetricsLogger(cfg.log.metrics, self.rank == 0, **kwargs)
+        self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
+                                 tensorboard=cfg.log.tensorboard, **kwargs)
         self._check_paths()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model)
@@ -103,6 +104,7 @@ class Trainer:
         if self.total_steps < 1:
             raise DataError(f"one epoch has {spe} batches, fewer than accumulate="
                             f"{cfg.accumulate}; nothing to train")
+        self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         self.step = 0
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
         self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
@@ -147,6 +149,8 @@ class Trainer:
             preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
         if cfg.log.metrics is not None:
             preflight.writable_file(cfg.log.metrics, "log.metrics")
+        if cfg.log.tensorboard is not None:
+            preflight.writable_dir(cfg.log.tensorboard, "log.tensorboard")
 
     def _check_targets(self, arrays, what: str) -> None:
         """Loss targets against the loss output of the training graph, before step 1."""
@@ -238,7 +242,7 @@ class Trainer:
             global_w = int(np.count_nonzero(labels[idx] != spec.ignore_index))
         return epoch, arrays, local_w, global_w, global_n
 
-    def train_step(self, micro: list[tuple[dict, int, int]], lr: float) -> float:
+    def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
         """One optimizer step over `accumulate` micro-batches (arrays, local weight, global
         weight); returns the global mean loss."""
         xp = self.xp
@@ -320,10 +324,15 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0."""
-        cfg = self.cfg
-        self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         resumed = self.resume() if resume else False
-        self.log.open(resume_step=self.step if resumed else None)
+        self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps)
+        try:
+            return self._fit()
+        finally:
+            self.log.close()
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
         self.log.info(f"onnx-trainer: {cfg.model.name} on {device_name(self.xp)}, "
                       f"{self.world} process(es), {len(self.names)} tensors / {self.size} "
                       f"parameters, {self.total_steps} steps of global batch "
@@ -345,8 +354,9 @@ class Trainer:
                     break
                 lrs = self.schedule.lrs(self.step)  # per parameter group; [0]: top level
                 loss = self.train_step(micro, lrs)
+                now = time.perf_counter()
+                self.log.progress(self.step, loss, lrs[0], seen / max(now - t0, 1e-9))
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
                     row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lrs[0],
                            "samples_per_s": seen / max(now - t0, 1e-9)}
                     if self.skipped:
@@ -398,6 +408,8 @@ class Trainer:
         metrics = self._log_evaluation(epoch)
         self.last_metrics, self.last_eval_step = metrics, self.step
         cfg = self.cfg
+        if self.schedule.metric:  # reduce-on-plateau follows its eval metric
+            self.schedule.observe(metrics[self.schedule.metric])
         if cfg.best is not None:
             value = metrics[cfg.best.metric]
             if _better(value, self.best_value, _mode(cfg.best.mode, cfg.best.metric), 0.0):
@@ -590,7 +602,6 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     float32 values are rounded back to the model's own types on export), everything in float64
     for `precision: fp64` verification runs."""
     import ml_dtypes
-
     from onnx import helper
 
     target = np.float64 if precision == "fp64" else np.float32
