@@ -1,32 +1,54 @@
 #!/usr/bin/env bash
-# Run onnx-trainer on N processes: ./launch.sh -np 4 configs/x.yaml [--hostfile h] [--set k=v ...]
-# Options before the config go to mpirun (or srun inside a Slurm allocation when no -np is
-# given); options after it go to `onnx-trainer train`. PYTHON picks the interpreter.
+# Run onnx-trainer on N processes, on this machine or across a cluster:
+#   ./launch.sh -np 4 configs/x.yaml [--set key=value ...]      4 ranks on this machine
+#   ./launch.sh -np 16 --hostfile hosts configs/x.yaml           mpirun over ssh, several nodes
+#   ./launch.sh -np 8 --mca btl tcp,self configs/x.yaml          mpirun options pass through
+#   ./launch.sh configs/x.yaml        (inside a Slurm allocation) srun starts one rank per task
+#   ./launch.sh -np 2 --hostfile hosts --selftest                check the launch and the network
+#   ./launch.sh -np 2 program.py [args]                          any Python program
+# Options before the config (or program, or --selftest) go to mpirun (to srun inside a Slurm
+# allocation when -np is not given); what follows it goes to `onnx-trainer train` (or the
+# program). PYTHON picks the interpreter (default: python3 on PATH); it is resolved to an
+# absolute path, which must exist on every node (a shared file system or the same image).
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [-np N] [mpirun options...] CONFIG.yaml [--set key=value ...]" >&2
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
 mpi_args=()
-config=""
+target=""
 np=""
+multi_node=""
+has_prefix=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage ;;
-    -np|-n) np="$2"; mpi_args+=("$1" "$2"); shift 2 ;;
-    *.yaml|*.yml) config="$1"; shift; break ;;
+    -np|-n|--np|-c) [ $# -ge 2 ] || usage; np="$2"; mpi_args+=("$1" "$2"); shift 2 ;;
+    --hostfile|-hostfile|--machinefile|-machinefile|--host|-host|-H)
+      [ $# -ge 2 ] || usage; multi_node=1; mpi_args+=("$1" "$2"); shift 2 ;;
+    --prefix) has_prefix=1; mpi_args+=("$1"); shift ;;
+    --selftest) target="--selftest"; shift; break ;;
+    *.yaml|*.yml|*.py) target="$1"; shift; break ;;
     *) mpi_args+=("$1"); shift ;;
   esac
 done
-[ -n "$config" ] || usage
-[ -f "$config" ] || { echo "$0: config not found: $config" >&2; exit 2; }
-python_bin="${PYTHON:-python3}"
-train=("$python_bin" -m trainer train "$config" "$@")
+[ -n "$target" ] || usage
+python_bin="$(command -v "${PYTHON:-python3}" || true)"
+[ -n "$python_bin" ] || { echo "$0: python not found: ${PYTHON:-python3}" >&2; exit 2; }
+case "$target" in
+  --selftest) program=("$python_bin" -m trainer.comm "$@") ;;
+  *.py) [ -f "$target" ] || { echo "$0: program not found: $target" >&2; exit 2; }
+        program=("$python_bin" "$target" "$@") ;;
+  *) [ -f "$target" ] || { echo "$0: config not found: $target" >&2; exit 2; }
+     program=("$python_bin" -m trainer train "$target" "$@") ;;
+esac
 
+# Inside a Slurm allocation (sbatch/salloc) without -np: srun starts the tasks of the allocation
+# and the MPI library takes ranks from Slurm's PMI (--mpi=pmix, set it if srun needs it).
 if [ -z "$np" ] && [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
-  exec srun "${mpi_args[@]}" "${train[@]}"
+  exec srun "${mpi_args[@]}" "${program[@]}"
 fi
 [ -n "$np" ] || mpi_args=(-np 1 "${mpi_args[@]}")
 mpirun_bin="$(command -v mpirun || true)"
@@ -34,7 +56,14 @@ mpirun_bin="$(command -v mpirun || true)"
 extra=()
 if "$mpirun_bin" --version 2>/dev/null | grep -qi "open mpi"; then
   # Containers often run as root, and may have fewer cores than ranks.
-  [ "$(id -u)" = 0 ] && extra+=(--allow-run-as-root)
-  if [ -n "$np" ] && [ "$np" -gt "$(nproc)" ]; then extra+=(--oversubscribe); fi
+  if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi
+  if [ -z "$multi_node" ] && [ -n "$np" ] && [ "$np" -gt "$(nproc)" ]; then
+    extra+=(--oversubscribe)
+  fi
+  # Remote nodes start Open MPI's daemon from the same installation (a virtualenv's wheel is
+  # not on a non-interactive ssh PATH); an explicit --prefix wins.
+  if [ -n "$multi_node" ] && [ -z "$has_prefix" ]; then
+    extra+=(--prefix "$(cd "$(dirname "$mpirun_bin")/.." && pwd)")
+  fi
 fi
-exec "$mpirun_bin" "${extra[@]}" "${mpi_args[@]}" "${train[@]}"
+exec "$mpirun_bin" "${extra[@]}" "${mpi_args[@]}" "${program[@]}"

@@ -1,30 +1,46 @@
-"""Communicators: null (one process), MPI (mpi4py); chosen from the environment and config."""
+"""Communicators: null (one process), MPI (mpi4py), NCCL (cupy.cuda.nccl over an MPI bootstrap);
+chosen from the environment and config. `python -m trainer.comm` checks a launch end to end."""
 
 from __future__ import annotations
 
 import os
 
-from trainer.comm.base import Communicator
+from trainer.comm.base import CollectiveError, CollectiveTimeout, Communicator, padded_size
 from trainer.comm.null import NullComm
+from trainer.errors import TrainerError
 
+# mpirun (Open MPI, MPICH/Hydra, PMIx) and srun announce the job in the environment.
 _WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
-               "SLURM_NTASKS")
+               "SLURM_STEP_NUM_TASKS")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for var in names:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return default
 
 
 def launched_world_size() -> int:
     """World size announced by mpirun/srun in the environment (1 when not launched)."""
-    for var in _WORLD_VARS[:3]:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
+    size = _first_int(_WORLD_VARS[:3], 0)
+    if size:
+        return size
+    if "SLURM_PROCID" in os.environ:  # a task of an srun step (not the batch script itself)
+        return _first_int(_WORLD_VARS[4:], 1)
     return 1
 
 
 def launched_rank() -> int:
     """This process's rank as announced by mpirun/srun (0 when not launched)."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    return _first_int(_RANK_VARS, 0)
+
+
+def launched_local_rank() -> int:
+    """This process's rank among the ranks of its node (pick GPU local_rank % device count)."""
+    return _first_int(_LOCAL_RANK_VARS, 0)
 
 
 def abort_world(code: int = 1) -> None:
@@ -40,15 +56,42 @@ def abort_world(code: int = 1) -> None:
     MPI.COMM_WORLD.Abort(code)
 
 
-def get_communicator(backend: str = "auto") -> Communicator:
-    """NullComm for a single process; MPIComm under mpirun or when backend asks for MPI."""
-    if backend in ("mpi", "nccl") or launched_world_size() > 1:
-        from trainer.comm.mpi import MPIComm
-        comm = MPIComm()
-        if comm.size > 1 or backend in ("mpi", "nccl"):
-            return comm
-    return NullComm()
+def get_communicator(backend: str = "auto", timeout_s: float = 300.0,
+                     device: str = "cpu") -> Communicator:
+    """The communicator for distributed.backend on `device` ('cpu' or 'gpu', the resolved one):
+    auto is NCCL for GPU ranks when CuPy has NCCL and each rank of a node has its own GPU, else
+    MPI under mpirun/srun, else NullComm; 'mpi' and 'nccl' insist (also on one rank)."""
+    if backend not in ("auto", "mpi", "nccl"):
+        raise TrainerError(f"distributed.backend: '{backend}' is not one of auto, mpi, nccl")
+    if backend == "nccl" and device != "gpu":
+        raise TrainerError("distributed.backend: nccl is not available on the CPU (NCCL moves GPU "
+                           "memory); set device: gpu, or distributed.backend: mpi (or auto)")
+    if backend == "auto" and launched_world_size() <= 1:
+        return NullComm()
+    from trainer.comm.mpi import MPIComm
+
+    mpi = MPIComm(timeout_s)
+    if backend == "nccl":
+        from trainer.comm.nccl import NCCLComm
+        return NCCLComm(timeout_s, mpi=mpi)
+    if backend == "auto" and mpi.size <= 1:
+        return NullComm()
+    if backend == "auto" and device == "gpu":
+        import numpy as np
+
+        from trainer.comm.nccl import NCCLComm, nccl_available
+        ranks_here = mpi.node_local()[1]  # collective: called on every rank
+        ok = nccl_available()
+        if ok:
+            import cupy
+            ok = ranks_here <= cupy.cuda.runtime.getDeviceCount()
+        votes = np.array([1.0 if ok else 0.0])
+        mpi.allreduce_(votes, label="choose NCCL or MPI")  # every rank decides the same
+        if votes[0] == mpi.size:
+            return NCCLComm(timeout_s, mpi=mpi)
+    return mpi
 
 
-__all__ = ["Communicator", "NullComm", "abort_world", "get_communicator", "launched_rank",
-           "launched_world_size"]
+__all__ = ["CollectiveError", "CollectiveTimeout", "Communicator", "NullComm", "abort_world",
+           "get_communicator", "launched_local_rank", "launched_rank", "launched_world_size",
+           "padded_size"]

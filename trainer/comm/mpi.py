@@ -1,21 +1,87 @@
-"""MPI communicator over mpi4py: in-place Bcast/Allreduce on host or CUDA-aware buffers."""
+"""MPI communicator over mpi4py's buffer API: every collective is non-blocking, polled under the
+watchdog; CuPy arrays go to a CUDA-aware MPI directly, else through pinned host buffers.
+
+Multi-step collectives (compressed all-reduce: an all-to-all, then an all-gather) issue each
+step on its own duplicated communicator, in the order the collectives were started, so ranks
+whose steps complete in different orders still match.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import sys
+from collections import deque
+
 import numpy as np
 
+from trainer.comm.base import (
+    CollectiveError,
+    check_compress,
+    check_shards,
+    compress16,
+    decompress16,
+    padded_size,
+    sum_compressed,
+    xp_of,
+)
+from trainer.comm.watchdog import Watchdog
 from trainer.errors import TrainerError
 
+_STEPS = 2  # the most MPI collectives one of our collectives issues
 
-def _host(buf):
-    """A NumPy view of buf, or None when buf lives on a GPU (CuPy)."""
-    return buf if isinstance(buf, np.ndarray) else None
+
+def import_mpi():
+    """mpi4py's MPI module. Before MPI starts, Open MPI's non-blocking all-reduce is set to the
+    ring algorithm (its default for in-place buffers is a binomial tree, ~2x slower on large
+    buffers); an OMPI_MCA_coll_libnbc_iallreduce_algorithm already set by the user wins."""
+    if "mpi4py.MPI" not in sys.modules:
+        os.environ.setdefault("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1")
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise TrainerError("running on several processes needs mpi4py: pip install "
+                           "'onnx-trainer[mpi]'") from exc
+    return MPI
+
+
+def cuda_aware_mpi(MPI) -> bool:
+    """Whether the MPI library can read and write CUDA device memory. ONNX_TRAINER_CUDA_AWARE_MPI
+    (0/1) overrides; else Open MPI's MPIX_Query_cuda_support(), else its ompi_info parameter."""
+    forced = os.environ.get("ONNX_TRAINER_CUDA_AWARE_MPI", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if "open mpi" not in MPI.Get_library_version().lower():
+        return False
+    for lib in _loaded_libmpi():
+        try:
+            query = ctypes.CDLL(lib).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        query.restype = ctypes.c_int
+        return bool(query())
+    try:
+        out = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.endswith("built_with_cuda_support:value:true")
+               for line in out.splitlines())
+
+
+def _loaded_libmpi() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps
+                           if "/libmpi.so" in line or "/libmpi_" in line})
+    except OSError:
+        return []
 
 
 def _abort_on_uncaught_exception(MPI) -> None:
     """An exception that escapes on one rank (Python API use, a thread) ends the whole job
     instead of leaving the other ranks waiting in a collective; the CLI handles its own."""
-    import sys
     import threading
 
     if getattr(sys.excepthook, "_onnx_trainer", False):
@@ -36,56 +102,251 @@ def _abort_on_uncaught_exception(MPI) -> None:
     sys.excepthook, threading.excepthook = hook, thread_hook
 
 
+class PinnedPool:
+    """Page-locked host buffers for staging device arrays, allocated once per byte size and
+    reused (one per collective in flight), so D2H/H2D copies run at full PCIe speed."""
+
+    def __init__(self, alloc=None):
+        self._alloc = alloc
+        self._free: dict[int, list[np.ndarray]] = {}
+
+    def acquire(self, dtype, shape) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        free = self._free.setdefault(nbytes, [])
+        if free:
+            raw = free.pop()
+        else:
+            if self._alloc is None:
+                import cupy
+                self._alloc = cupy.cuda.alloc_pinned_memory
+            raw = np.frombuffer(self._alloc(max(nbytes, 1)), np.uint8, nbytes)
+        return raw.view(dtype).reshape(shape)
+
+    def release(self, host: np.ndarray) -> None:
+        raw = host.reshape(-1).view(np.uint8)
+        self._free.setdefault(raw.size, []).append(raw)
+
+
+class Handle:
+    """An async collective: a generator of MPI steps, driven by MPIComm.test/synchronize."""
+
+    __slots__ = ("seq", "label", "gen", "step", "request", "pending", "done", "finish")
+
+    def __init__(self, seq: int, label: str, gen):
+        self.seq, self.label, self.gen = seq, label, gen
+        self.step = 0
+        self.request = None
+        self.pending = None  # the next step's issuing function, waiting for its turn
+        self.done = False
+        self.finish = None  # copies staged results back to the device
+
+    def __repr__(self) -> str:
+        return f"<collective #{self.seq} '{self.label}'{' done' if self.done else ''}>"
+
+
 class MPIComm:
-    def __init__(self):
-        try:
-            from mpi4py import MPI
-        except ImportError as exc:
-            raise TrainerError("running under mpirun needs mpi4py: pip install "
-                               "'onnx-trainer[mpi]'") from exc
+    """Collectives over MPI.COMM_WORLD (or `comm`) with a watchdog of timeout_s seconds."""
+
+    def __init__(self, timeout_s: float = 300.0, comm=None, pinned_alloc=None):
+        MPI = import_mpi()
         self.MPI = MPI
-        self.comm = MPI.COMM_WORLD
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        # Own communicators: collectives here never match the user's own MPI traffic.
+        self._steps = [self.comm.Dup() for _ in range(_STEPS)]
+        self.watchdog = Watchdog(self.comm.Dup() if self.size > 1 else None, self.rank,
+                                 self.size, timeout_s)
+        self._queues: list[deque] = [deque() for _ in range(_STEPS)]
+        self._seq = 0
+        self._cuda_aware: bool | None = None
+        self._local: tuple[int, int] | None = None
+        self.pinned = PinnedPool(pinned_alloc)
         if self.size > 1:
             _abort_on_uncaught_exception(MPI)
 
-    def _buf(self, buf):
-        host = _host(buf)
-        if host is not None:
-            if not (host.flags.c_contiguous and host.flags.writeable):
+    @property
+    def cuda_aware(self) -> bool:
+        if self._cuda_aware is None:
+            self._cuda_aware = cuda_aware_mpi(self.MPI)
+        return self._cuda_aware
+
+    def next_seq(self, label: str) -> int:
+        """Number the next collective (the same on every rank) and tell the watchdog."""
+        seq = self._seq
+        self._seq += 1
+        self.watchdog.enter(seq, label)
+        return seq
+
+    def node_local(self) -> tuple[int, int]:
+        """(rank among the ranks on this node, number of ranks on this node)."""
+        if self._local is None:
+            local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+            self._local = (local.Get_rank(), local.Get_size())
+            local.Free()
+        return self._local
+
+    # -- the engine -----------------------------------------------------------------------------
+    def _start(self, label: str, make, arrays, steps: int = 1) -> Handle:
+        """Start a collective: make(*host_arrays) is a generator that yields one function per MPI
+        step (comm -> request) and finishes the work after the last; arrays are (array,
+        copy_in, copy_out) triples, staged through pinned memory when on a device."""
+        seq = self.next_seq(label)
+        views, staged = [], []
+        for arr, copy_in, copy_out in arrays:
+            view, stage = self._stage(arr, copy_in, copy_out)
+            views.append(view)
+            if stage is not None:
+                staged.append(stage)
+        handle = Handle(seq, label, make(*views))
+        if staged:
+            handle.finish = lambda: [s() for s in staged]
+        for k in range(1, steps):
+            self._queues[k].append(handle)
+        issue = next(handle.gen)
+        handle.request = issue(self._steps[0])
+        return handle
+
+    def _stage(self, arr, copy_in: bool, copy_out: bool):
+        if isinstance(arr, np.ndarray):
+            if not (arr.flags.c_contiguous and arr.flags.writeable):
                 raise ValueError("internal error: MPI buffers must be writable, contiguous "
                                  "arrays owned by the engine")
-            return host, None
-        # CuPy array: stage through host memory (a CUDA-aware MPI or NCCL path comes later).
-        staged = buf.get()
-        return staged, buf
+            return arr, None
+        if self.cuda_aware:
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()  # the kernels that wrote arr
+            return arr, None
+        host = self.pinned.acquire(arr.dtype, arr.shape)
+        if copy_in:
+            arr.get(out=host)
 
-    def bcast_(self, buf, root: int = 0) -> None:
-        host, dev = self._buf(buf)
-        self.comm.Bcast(host, root=root)
-        if dev is not None:
-            dev.set(host)
+        def back():
+            if copy_out:
+                arr.set(host)
+            self.pinned.release(host)
+        return host, back
 
-    def allreduce_(self, buf) -> None:
-        host, dev = self._buf(buf)
-        self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
-        if dev is not None:
-            dev.set(host)
+    def _advance(self, h: Handle) -> bool:
+        while not h.done:
+            if h.request is not None:
+                if not h.request.Test():
+                    return False
+                h.request = None
+            if h.pending is None:
+                try:
+                    h.pending = h.gen.send(None)
+                except StopIteration:
+                    h.done = True
+                    if h.finish is not None:
+                        h.finish()
+                    return True
+                h.step += 1
+            queue = self._queues[h.step]
+            while queue[0] is not h:  # an earlier collective issues this step first
+                if not self._advance(queue[0]) and queue[0] is not h:
+                    return False
+            queue.popleft()
+            h.request, h.pending = h.pending(self._steps[h.step]), None
+        return True
 
-    def allreduce_async_(self, buf):
-        host, dev = self._buf(buf)
-        request = self.comm.Iallreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
-        return (request, host, dev)
+    def test(self, handle) -> bool:
+        return handle is None or self._checked(handle)
 
     def synchronize(self, handle) -> None:
-        request, host, dev = handle
-        request.Wait()
-        if dev is not None:
-            dev.set(host)
+        if handle is not None:
+            self.watchdog.wait(handle.seq, handle.label, lambda: self._checked(handle))
 
-    def barrier(self) -> None:
-        self.comm.Barrier()
+    def _checked(self, handle: Handle) -> bool:
+        try:
+            return self._advance(handle)
+        except self.MPI.Exception as exc:  # a peer died or the network broke
+            self.watchdog.broken = (f"collective #{handle.seq} '{handle.label}' failed on rank "
+                                    f"{self.rank}: {exc.Get_error_string()}; ending the job")
+            raise CollectiveError(self.watchdog.broken) from None
+
+    def _run(self, handle) -> None:
+        self.synchronize(handle)
+
+    # -- collectives ----------------------------------------------------------------------------
+    def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
+        check_compress(compress, buf)
+        MPI = self.MPI
+        if compress is None:
+            def gen(b):
+                yield lambda c: c.Iallreduce(MPI.IN_PLACE, b, op=MPI.SUM)
+            return self._start(label, gen, [(buf, True, True)])
+        p = self.size
+
+        def compressed(b):
+            xp = xp_of(b)
+            flat = b.reshape(-1)
+            n, k = flat.size, padded_size(flat.size, p) // p
+            send = xp.zeros(p * k, np.uint16)
+            send[:n] = compress16(flat, compress)
+            rows = xp.empty((p, k), np.uint16)
+            _device_ready(send)
+            yield lambda c: c.Ialltoall(send, rows)
+            shard = xp.empty(k, np.float32)
+            mine = compress16(sum_compressed(rows, compress, shard), compress)
+            gathered = xp.empty(p * k, np.uint16)
+            _device_ready(mine)
+            yield lambda c: c.Iallgather(mine, gathered)
+            decompress16(gathered[:n], compress, flat)
+        return self._start(label, compressed, [(buf, True, True)], steps=2)
+
+    def allreduce_(self, buf, label: str = "allreduce", compress: str | None = None) -> None:
+        self._run(self.allreduce_async_(buf, label, compress))
+
+    def bcast_(self, buf, root: int = 0, label: str = "broadcast") -> None:
+        def gen(b):
+            yield lambda c: c.Ibcast(b, root=root)
+        self._run(self._start(label, gen, [(buf, self.rank == root, self.rank != root)]))
+
+    def barrier(self, label: str = "barrier") -> None:
+        def gen():
+            yield lambda c: c.Ibarrier()
+        self._run(self._start(label, gen, []))
+
+    def reduce_scatter_(self, buf, out, label: str = "reduce-scatter") -> None:
+        check_shards(buf, out, self.size, "reduce_scatter_")
+        MPI = self.MPI
+
+        def gen(b, o):
+            yield lambda c: c.Ireduce_scatter_block(b, o, op=MPI.SUM)
+        self._run(self._start(label, gen, [(buf, True, False), (out, False, True)]))
+
+    def allgather_(self, part, out, label: str = "allgather") -> None:
+        k = check_shards(out, part, self.size, "allgather_")
+        MPI = self.MPI
+        in_place = _same_memory(part, out, self.rank * k)
+        if in_place:
+            def gen(o):
+                yield lambda c: c.Iallgather(MPI.IN_PLACE, o)
+            self._run(self._start(label, gen, [(out, True, True)]))
+            return
+
+        def gen2(pt, o):
+            yield lambda c: c.Iallgather(pt, o)
+        self._run(self._start(label, gen2, [(part, True, False), (out, False, True)]))
 
     def abort(self, code: int = 1) -> None:
-        self.comm.Abort(code)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.MPI.COMM_WORLD.Abort(code)
+
+
+def _device_ready(a) -> None:
+    """Wait for the kernels that wrote a device array before MPI reads it."""
+    if not isinstance(a, np.ndarray):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def _same_memory(part, out, offset: int) -> bool:
+    """Whether part is out's shard at element `offset` (an in-place all-gather)."""
+    def ptr(a):
+        if isinstance(a, np.ndarray):
+            return a.__array_interface__["data"][0]
+        return int(a.data.ptr)
+    return ptr(part) == ptr(out) + offset * out.dtype.itemsize

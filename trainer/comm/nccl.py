@@ -1,0 +1,219 @@
+"""NCCL communicator (cupy.cuda.nccl): one GPU per rank, collectives on a dedicated CUDA stream
+ordered after the compute stream by events, the unique id broadcast over MPI; the MPI watchdog
+polls each collective's CUDA event and aborts NCCL on timeout. Host arrays go over MPI."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+
+from trainer.comm.base import (
+    CollectiveError,
+    check_compress,
+    check_shards,
+    compress16,
+    decompress16,
+    padded_size,
+    sum_compressed,
+)
+from trainer.comm.mpi import MPIComm
+from trainer.errors import TrainerError
+
+# numpy dtype char -> NCCL data type name (cupy.cuda.nccl constants)
+_NCCL_TYPES = {"b": "NCCL_INT8", "B": "NCCL_UINT8", "?": "NCCL_UINT8", "i": "NCCL_INT32",
+               "I": "NCCL_UINT32", "l": "NCCL_INT64", "q": "NCCL_INT64", "L": "NCCL_UINT64",
+               "Q": "NCCL_UINT64", "e": "NCCL_FLOAT16", "H": "NCCL_FLOAT16",
+               "f": "NCCL_FLOAT32", "d": "NCCL_FLOAT64"}
+
+
+def nccl_type(nccl, dtype) -> int:
+    """The NCCL data type of a numpy dtype (uint16 travels as float16: bytes are only moved)."""
+    name = _NCCL_TYPES.get(np.dtype(dtype).char)
+    if name is None:
+        raise ValueError(f"internal error: NCCL cannot move {np.dtype(dtype)} arrays")
+    return getattr(nccl, name)
+
+
+def uid_to_array(uid) -> np.ndarray:
+    """NCCL's unique id (bytes since CuPy 14, a tuple of C chars before) as 128 uint8."""
+    if isinstance(uid, (bytes, bytearray)):
+        return np.frombuffer(bytes(uid), np.uint8).copy()
+    return np.array([int(v) for v in uid], np.int64).astype(np.int8).view(np.uint8)
+
+
+def make_nccl_comm(nccl, size: int, uid: np.ndarray, rank: int):
+    """NcclCommunicator from the broadcast id, in the form the installed CuPy takes."""
+    try:
+        return nccl.NcclCommunicator(size, uid.tobytes(), rank)
+    except TypeError:  # CuPy < 14 takes the id as a tuple of ints
+        return nccl.NcclCommunicator(size, tuple(int(v) for v in uid.view(np.int8)), rank)
+
+
+def nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+    except Exception:  # noqa: BLE001 - no CuPy, or a CuPy without NCCL
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
+class NCCLHandle:
+    __slots__ = ("seq", "label", "event", "keep")
+
+    def __init__(self, seq: int, label: str, event, keep):
+        self.seq, self.label, self.event, self.keep = seq, label, event, keep
+
+
+class NCCLComm:
+    """Collectives over NCCL between the ranks of an MPIComm (which bootstraps and watches)."""
+
+    def __init__(self, timeout_s: float = 300.0, mpi: MPIComm | None = None,
+                 device: int | None = None):
+        if not nccl_available():
+            raise TrainerError("distributed.backend: nccl needs CuPy with NCCL (pip install "
+                               "cupy-cuda12x nvidia-nccl-cu12); or set distributed.backend: mpi")
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl = cupy, nccl
+        self.mpi = mpi if mpi is not None else MPIComm(timeout_s)
+        self.rank, self.size = self.mpi.rank, self.mpi.size
+        local_rank, local_size = self.mpi.node_local()
+        ndev = cupy.cuda.runtime.getDeviceCount()
+        if device is None and local_size > ndev:
+            raise TrainerError(f"distributed.backend: nccl needs one GPU per rank, but "
+                               f"{local_size} ranks share {ndev} GPU(s) on "
+                               f"{socket.gethostname()}; start at most {ndev} ranks per node "
+                               "or set distributed.backend: mpi")
+        self.device = local_rank if device is None else device
+        cupy.cuda.Device(self.device).use()
+        uid = np.zeros(128, np.uint8)
+        if self.rank == 0:
+            uid[...] = uid_to_array(nccl.get_unique_id())
+        self.mpi.bcast_(uid, label="NCCL unique id")
+        self.comm = make_nccl_comm(nccl, self.size, uid, self.rank)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.watchdog = self.mpi.watchdog
+
+    # -- the engine ----------------------------------------------------------------------------
+    def _begin(self, label: str) -> int:
+        seq = self.mpi.next_seq(label)
+        # The comm stream starts after everything queued so far on the compute stream.
+        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
+        return seq
+
+    def _end(self, seq: int, label: str, keep) -> NCCLHandle:
+        return NCCLHandle(seq, label, self.stream.record(), keep)
+
+    def test(self, handle) -> bool:
+        if handle is None:
+            return True
+        if isinstance(handle, NCCLHandle):
+            return bool(handle.event.done)
+        return self.mpi.test(handle)
+
+    def synchronize(self, handle) -> None:
+        if handle is None:
+            return
+        if not isinstance(handle, NCCLHandle):
+            self.mpi.synchronize(handle)
+            return
+
+        def done() -> bool:
+            if handle.event.done:
+                return True
+            try:
+                self.comm.check_async_error()
+            except Exception as exc:  # noqa: BLE001 - NcclError: a peer or link failed
+                raise CollectiveError(f"NCCL failed in collective #{handle.seq} "
+                                        f"'{handle.label}' on rank {self.rank}: {exc}; "
+                                        "ending the job") from None
+            return False
+        try:
+            self.watchdog.wait(handle.seq, handle.label, done)
+        except CollectiveError:
+            self.comm.abort()  # stops this rank's NCCL kernels spinning on the GPU
+            raise
+        self.cupy.cuda.get_current_stream().wait_event(handle.event)
+
+    def _ptr(self, a) -> int:
+        return int(a.data.ptr)
+
+    # -- collectives ---------------------------------------------------------------------------
+    def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
+        if isinstance(buf, np.ndarray):
+            return self.mpi.allreduce_async_(buf, label, compress)
+        check_compress(compress, buf)
+        nccl, cp = self.nccl, self.cupy
+        seq = self._begin(label)
+        s = self.stream.ptr
+        flat = buf.reshape(-1)
+        if compress is None or self.size == 1:
+            if compress is not None:
+                with self.stream:
+                    decompress16(compress16(flat, compress), compress, flat)
+            else:
+                self.comm.allReduce(self._ptr(flat), self._ptr(flat), flat.size,
+                                    nccl_type(nccl, flat.dtype), nccl.NCCL_SUM, s)
+            return self._end(seq, label, (buf,))
+        p, r = self.size, self.rank
+        n, k = flat.size, padded_size(flat.size, p) // p
+        half = nccl.NCCL_FLOAT16  # 16-bit payloads are only moved, never reduced by NCCL
+        with self.stream:
+            send = cp.zeros(p * k, np.uint16)
+            send[:n] = compress16(flat, compress)
+            rows = cp.empty((p, k), np.uint16)
+            rows[r] = send[r * k:(r + 1) * k]
+            nccl.groupStart()
+            for j in range(p):
+                if j != r:
+                    self.comm.send(self._ptr(send[j * k:]), k, half, j, s)
+                    self.comm.recv(self._ptr(rows[j]), k, half, j, s)
+            nccl.groupEnd()
+            shard = cp.empty(k, np.float32)
+            mine = compress16(sum_compressed(rows, compress, shard), compress)
+            gathered = cp.empty(p * k, np.uint16)
+            self.comm.allGather(self._ptr(mine), self._ptr(gathered), k, half, s)
+            decompress16(gathered[:n], compress, flat)
+        return self._end(seq, label, (buf, send, rows, shard, mine, gathered))
+
+    def allreduce_(self, buf, label: str = "allreduce", compress: str | None = None) -> None:
+        self.synchronize(self.allreduce_async_(buf, label, compress))
+
+    def bcast_(self, buf, root: int = 0, label: str = "broadcast") -> None:
+        if isinstance(buf, np.ndarray):
+            return self.mpi.bcast_(buf, root, label)
+        seq = self._begin(label)
+        flat = buf.reshape(-1)
+        self.comm.bcast(self._ptr(flat), flat.size, nccl_type(self.nccl, flat.dtype), root,
+                        self.stream.ptr)
+        self.synchronize(self._end(seq, label, (buf,)))
+
+    def barrier(self, label: str = "barrier") -> None:
+        self.mpi.barrier(label)
+
+    def reduce_scatter_(self, buf, out, label: str = "reduce-scatter") -> None:
+        if isinstance(buf, np.ndarray):
+            return self.mpi.reduce_scatter_(buf, out, label)
+        k = check_shards(buf, out, self.size, "reduce_scatter_")
+        seq = self._begin(label)
+        self.comm.reduceScatter(self._ptr(buf), self._ptr(out), k,
+                                nccl_type(self.nccl, buf.dtype), self.nccl.NCCL_SUM,
+                                self.stream.ptr)
+        self.synchronize(self._end(seq, label, (buf, out)))
+
+    def allgather_(self, part, out, label: str = "allgather") -> None:
+        if isinstance(out, np.ndarray):
+            return self.mpi.allgather_(part, out, label)
+        k = check_shards(out, part, self.size, "allgather_")
+        seq = self._begin(label)
+        self.comm.allGather(self._ptr(part), self._ptr(out), k,
+                            nccl_type(self.nccl, out.dtype), self.stream.ptr)
+        self.synchronize(self._end(seq, label, (part, out)))
+
+    def abort(self, code: int = 1) -> None:
+        try:
+            self.comm.abort()
+        finally:
+            self.mpi.abort(code)
