@@ -131,18 +131,13 @@ def train_engine(s: dict, opt: str, precision: str) -> tuple[Trainer, dict]:
     return trainer, trainer.fit()
 
 
-# Constant folding unties: the Gather reads the weight, MatMul a folded transposed copy, and the
-# engine trains the two as separate tensors (torch sums both gradients into one): step 1 agrees,
-# step 2 does not. Strict, so that it turns into a failure once the engine re-ties them.
-TIED_FOLDED = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "both exporters' constant folding stores the tied output projection as a transposed copy "
-    "of the embedding; the engine trains the copy separately"))
+# Constant folding stores the tied output projection as a transposed copy of the embedding;
+# the engine ties them again (trainer.autodiff.params.tie_transposed_copies).
 # Without its optimizer the dynamo exporter writes torch.split as SplitToSequence + SequenceAt.
 SEQUENCE_SPLIT = pytest.mark.xfail(strict=True, raises=ModelError, reason=(
     "SplitToSequence/SequenceAt on the gradient path: the training graph reads gradients "
     "that no node produces (see test_split_to_sequence_on_the_gradient_path)"))
-CASES = [pytest.param(k, e, o, p, id=f"{k}-{e}-{o}-{p}",
-                      marks=[TIED_FOLDED] if k == "gpt_tied" else [])
+CASES = [pytest.param(k, e, o, p, id=f"{k}-{e}-{o}-{p}")
          for k in KINDS for e in EXPORTERS for o in OPTIMIZERS for p in ("fp64", "fp32")
          if k != "gpt_tied" or p == "fp64"]
 CASES += [pytest.param("gpt_tied", e, o, p, id=f"gpt_tied-{e}-{o}-{p}",
@@ -201,7 +196,7 @@ def test_trajectory_matches_torch(exported, engine_runs, torch_runs, kind, expor
     assert not bad, f"final tensors differ beyond {tol:.2g} (name: torch form, errors): {bad}"
 
 
-EXPORT_CASES = [(k, e) for k in KINDS if k != "gpt_tied" for e in EXPORTERS]
+EXPORT_CASES = [(k, e) for k in KINDS for e in EXPORTERS]
 EXPORT_CASES += [("gpt_tied", "torchscript-nofold")]
 
 

@@ -42,6 +42,7 @@ class Report:
     nodes: list[NodeRow]
     params: list[ParamInfo]
     untied: list[str]
+    tied: dict[str, str]
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,9 @@ class Report:
                          "the config override):")
             w = max(len(p.name) for p in left)
             lines += [f"  {p.name:<{w}}  {list(p.shape)}  {p.reason}" for p in left]
+        for copy_name, src in self.tied.items():
+            lines.append(f"'{copy_name}' is the exact transpose of '{src}' (tied weights stored "
+                         "twice by the exporter): trained as one tensor")
         if self.untied:
             lines.append(f"normalization tensors the exporter had merged, trained separately: "
                          f"{', '.join(self.untied)}")
@@ -104,6 +108,7 @@ def model_report(model: onnx.ModelProto) -> Report:
     """The report for a model whose loss may read any of its outputs."""
     _load_all()
     untied = untie_normalization_aliases(model)
+    tied = tie_transposed_copies(model)
     nodes = list(model.graph.node)
     types = _FloatDefault(_value_types(model))
     outputs = [o.name for o in model.graph.output]
@@ -120,7 +125,7 @@ def model_report(model: onnx.ModelProto) -> Report:
         else:
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
-    return Report(opset_of(model), rows, params, untied)
+    return Report(opset_of(model), rows, params, untied, tied)
 
 
 def support_table() -> list[dict]:

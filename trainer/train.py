@@ -6,6 +6,7 @@ is built per local batch size and reused for every step of that shape.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer import checkpoint, preflight
 from trainer.autodiff import build_training_graph, training_info
-from trainer.autodiff.params import untie_normalization_aliases
+from trainer.autodiff.params import tie_transposed_copies, untie_normalization_aliases
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.config import Config
@@ -77,7 +78,12 @@ class Trainer:
             self.log.info(f"{len(untied)} normalization tensor(s) that the exporter stored as "
                           f"one shared tensor get their own copy: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
-        self.run_model = compute_form(self.model, cfg.precision)
+        train_model = copy.deepcopy(self.model)
+        self.tied = tie_transposed_copies(train_model)  # {copy: source}, exported as source.T
+        for copy_name, src in self.tied.items():
+            self.log.info(f"'{copy_name}' is the exact transpose of '{src}' (tied weights the "
+                          "exporter stored twice): trained as one tensor")
+        self.run_model = compute_form(train_model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
@@ -542,8 +548,12 @@ class Trainer:
         return metrics
 
     def trained_values(self) -> dict[str, np.ndarray]:
+        """Trained parameters and state by initializer name of the model (tied copies too)."""
         values = {k: to_host(v) for k, v in self.params.items()}
         values.update({k: to_host(v) for k, v in self.state.items()})
+        for copy_name, src in self.tied.items():
+            if src in values:
+                values[copy_name] = np.ascontiguousarray(values[src].T)
         return values
 
     def export(self, path: Path) -> Path:

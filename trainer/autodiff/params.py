@@ -164,3 +164,52 @@ def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
         del g.node[:]
         g.node.extend(keep)
     return untied
+
+
+def tie_transposed_copies(model: onnx.ModelProto) -> dict[str, str]:
+    """Tie weights the exporter stored twice, in place; returns {copy: source}.
+
+    With tied input and output embeddings (`lm_head.weight = embed.weight`), both PyTorch
+    exporters fold the output projection's transpose into a second initializer: the model then
+    holds the embedding and its exact transpose, which training would move apart. Each 2-D float
+    initializer that equals the transpose of another one (with more than one distinct value, so
+    that constants are not tied by chance) becomes `Transpose(source)`, so both uses train one
+    tensor. Export writes the copy back as the trained source's transpose.
+    """
+    import hashlib
+
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inputs = {vi.name for vi in g.input}
+    cands = [t for t in g.initializer if t.data_type in FLOAT_TYPES and len(t.dims) == 2
+             and t.name not in inputs]
+    by_key: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for t in cands:
+        a = numpy_helper.to_array(t)
+        if a.size < 2 or (a == a.flat[0]).all():
+            continue
+        key = (a.shape, a.dtype.str, hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest())
+        by_key.setdefault(key, []).append((t.name, a))
+    tied: dict[str, str] = {}
+    for key, items in list(by_key.items()):
+        shape, dtype, _ = key
+        for name, a in items:
+            if name in tied or name in tied.values():
+                continue
+            t_key = (shape[::-1], dtype,
+                     hashlib.sha1(np.ascontiguousarray(a.T).tobytes()).digest())
+            for other, b in by_key.get(t_key, []):
+                if other != name and other not in tied and other not in tied.values() \
+                        and np.array_equal(b, a.T):
+                    tied[other] = name
+    if tied:
+        keep = [t for t in g.initializer if t.name not in tied]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        nodes = [helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
+                                  perm=[1, 0]) for copy, src in tied.items()]
+        rest = list(g.node)
+        del g.node[:]
+        g.node.extend(nodes + rest)
+    return tied
