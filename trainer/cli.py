@@ -1,4 +1,4 @@
-"""The `onnx-trainer` command: train, check, grad, eval (also `python -m trainer`)."""
+"""The `onnx-trainer` command: train, check, grad, eval, convert (also `python -m trainer`)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,18 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from trainer.convert import convert_file
+
+    report = convert_file(args.model, args.o, trainable_constants=args.trainable_constants,
+                          dynamic_batch=args.dynamic_batch, seed=args.seed, reinit=args.reinit,
+                          names=args.names)
+    for line in report.lines(args.seed):
+        print(line)
+    print(f"wrote {args.o}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -143,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.set_defaults(fn=_evaluate)
+    v = sub.add_parser("convert", parents=[common],
+                       help="rewrite a model for training (weights of constant nodes, batch axis)")
+    v.add_argument("model")
+    v.add_argument("--trainable-constants", action="store_true",
+                   help="weights made by ConstantOfShape/Constant nodes become initializers")
+    v.add_argument("--dynamic-batch", action="store_true",
+                   help="make a fixed first (batch) dimension of the inputs symbolic")
+    v.add_argument("--seed", type=int, default=0, help="seed of the fresh initialization")
+    v.add_argument("--reinit", action="store_true",
+                   help="re-initialize Constant weights too (default: keep their values)")
+    v.add_argument("--names", choices=["tensor", "consumer"], default="tensor",
+                   help="initializer names: the tensor's own (default) or <node>.<input>")
+    v.add_argument("-o", required=True, help="path of the converted model to write")
+    v.set_defaults(fn=_convert)
     return p
 
 

@@ -17,6 +17,7 @@ from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
     parameter_table,
+    tie_transposed_copies,
     untie_normalization_aliases,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule

@@ -1,0 +1,508 @@
+"""`onnx-trainer convert`: weights built by ConstantOfShape/Constant nodes become trainable
+initializers (deterministic fresh initialization), and a fixed batch axis can become dynamic."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from trainer.errors import ModelError, TrainerError
+from trainer.graph import FLOAT_TYPES, NameScope, all_names, attrs_of, load_model, opset_of
+
+BATCH_PARAM = "N"
+
+# Ops a weight may pass through (as input 0) on its way to the parameter slot it fills.
+_PASS_THROUGH = {"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast"}
+_NORMS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+          "GroupNormalization", "RMSNormalization"}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What a constant is for: its kind (for the summary) and how it is initialized."""
+    kind: str
+    init: str            # he_normal | zeros | ones | fill | normal | uniform
+    fan_in: int = 0      # he_normal: fan-in; uniform: the bound is 1/sqrt(fan_in)
+    fill: float = 0.0
+    suffix: str = ""     # name suffix in --names consumer mode (the ONNX input name)
+
+
+@dataclass
+class Report:
+    """What a conversion changed, for the one-line-per-kind summary."""
+    converted: list[tuple[str, Slot, tuple[int, ...], str]] = field(default_factory=list)
+    batch_inputs: list[str] = field(default_factory=list)
+    batch_reshapes: int = 0
+    batch_outputs: list[str] = field(default_factory=list)
+
+    def lines(self, seed: int) -> list[str]:
+        out = []
+        kinds: dict[str, list] = {}
+        for name, slot, shape, how in self.converted:
+            kinds.setdefault(slot.kind, []).append((name, slot, shape, how))
+        for kind, rows in kinds.items():
+            values = sum(int(np.prod(s)) for _, _, s, _ in rows)
+            hows = ", ".join(dict.fromkeys(how for *_, how in rows))
+            out.append(f"{kind:<22} {len(rows):>5} tensor(s) {values:>13,} values  {hows}")
+        if self.converted:
+            total = sum(int(np.prod(s)) for _, _, s, _ in self.converted)
+            out.append(f"total: {len(self.converted)} constant(s), {total:,} values, are now "
+                       f"trainable initializers (seed {seed})")
+        if self.batch_inputs:
+            out.append(f"batch axis: {', '.join(self.batch_inputs)} now dynamic "
+                       f"('{BATCH_PARAM}'); {self.batch_reshapes} Reshape(s) made "
+                       f"batch-relative; outputs with a batch axis: "
+                       f"{', '.join(self.batch_outputs) or 'none'}")
+        return out
+
+
+def convert_file(src, dst, *, trainable_constants: bool = False, dynamic_batch: bool = False,
+                 seed: int = 0, reinit: bool = False, names: str = "tensor") -> Report:
+    """Load `src`, apply the requested conversions and write `dst` atomically."""
+    from trainer.export import export_model
+
+    if not (trainable_constants or dynamic_batch):
+        raise TrainerError("convert: nothing to do; give --trainable-constants and/or "
+                           "--dynamic-batch")
+    model = load_model(src)
+    report = Report()
+    if dynamic_batch:  # first, while the weights are still small constant nodes
+        model = make_batch_dynamic(model, report)
+    if trainable_constants:
+        model = make_constants_trainable(model, seed=seed, reinit=reinit, names=names,
+                                         report=report)
+    if not report.converted and not report.batch_inputs:
+        raise TrainerError(f"convert: nothing to convert in {src}: no weight built by a "
+                           "ConstantOfShape or float Constant node feeds a parameter slot"
+                           + (" and no input has a fixed batch axis" if dynamic_batch else ""))
+    meta = {"onnx_trainer.convert": f"trainable_constants={len(report.converted)} seed={seed}"
+            + (" dynamic_batch" if report.batch_inputs else "")}
+    export_model(model, {}, Path(dst), meta)
+    return report
+
+
+# -- trainable constants ---------------------------------------------------------------------
+
+def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: bool = False,
+                             names: str = "tensor", report: Report | None = None
+                             ) -> onnx.ModelProto:
+    """Copy of `model` where every weight made by ConstantOfShape (values: a fresh
+    initialization for its slot) or a float Constant (values kept unless `reinit`) that feeds a
+    parameter slot is a float initializer; shape constants and everything else stay.
+
+    `names="tensor"` keeps each tensor's name; "consumer" names it `<consumer>.<input>` after
+    the node that reads it (e.g. `conv1.W`)."""
+    if names not in ("tensor", "consumer"):
+        raise TrainerError(f"convert: --names must be 'tensor' or 'consumer', got '{names}'")
+    report = report if report is not None else Report()
+    m = copy.deepcopy(model)
+    g = m.graph
+    opset = opset_of(m)
+    shapes = _inferred_shapes(m)
+    consts = _static_values(g)
+    fixed = _fixed_names(g)
+    consumers = _consumers(g)
+    outputs = {o.name for o in g.output}
+    scope = NameScope(all_names(g))
+    removed: set[int] = set()
+    new_inits: list[tuple[str, np.ndarray]] = []
+    renames: dict[str, str] = {}
+    for k, node in enumerate(g.node):
+        made = _constant_weight(node, consts)
+        if made is None:
+            continue
+        out = node.output[0]
+        shape, dtype, value = made
+        found = _find_slot(out, shape, consumers, shapes, fixed)
+        if found is None:
+            continue
+        slot, reader, index = found
+        if value is not None and not reinit:
+            arr, how = value.astype(dtype, copy=False), "values kept (Constant)"
+        else:
+            arr, how = _initial_value(slot, shape, dtype, seed, out), _describe(slot)
+        name = out
+        if names == "consumer" and out not in outputs:
+            base = reader.name or reader.output[0]
+            name = scope.fresh(f"{base}.{slot.suffix or _input_name(reader, index, opset)}")
+            renames[out] = name
+        new_inits.append((name, arr))
+        removed.add(k)
+        report.converted.append((name, slot, tuple(shape), how))
+    if not removed:
+        return m
+    feeders = {i for k in removed for i in g.node[k].input if i}
+    for k in sorted(removed, reverse=True):
+        del g.node[k]
+    if renames:
+        _rename_inputs(g, renames)
+        keep_vi = [vi for vi in g.value_info if vi.name not in renames]
+        del g.value_info[:]
+        g.value_info.extend(keep_vi)
+    for name, arr in new_inits:
+        if arr.dtype in (np.float16, np.float32, np.float64):
+            # filled in place: copying big tensors into a protobuf message is slow
+            t = g.initializer.add()
+            t.name = name
+            t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            t.dims.extend(arr.shape)
+            t.raw_data = np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
+        else:
+            t = g.initializer.add()
+            t.CopyFrom(numpy_helper.from_array(arr, name))
+        if m.ir_version < 4:  # before IR 4 every initializer is also a graph input
+            g.input.append(helper.make_tensor_value_info(name, t.data_type, list(arr.shape)))
+    _drop_dead(g, feeders)
+    return m
+
+
+def _constant_weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]):
+    """(shape, dtype, value or None) when the node makes a float tensor of static shape:
+    ConstantOfShape of a constant shape (value None: a fill), or Constant with a float value."""
+    if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    if node.op_type == "ConstantOfShape":
+        if not node.input or node.input[0] not in consts:
+            return None  # shape computed at run time: not a weight
+        attrs = {a.name: a for a in node.attribute}
+        dtype = (np.dtype(helper.tensor_dtype_to_np_dtype(attrs["value"].t.data_type))
+                 if "value" in attrs else np.dtype(np.float32))
+        if dtype.kind != "f":
+            return None
+        return tuple(int(d) for d in consts[node.input[0]].reshape(-1)), dtype, None
+    if node.op_type == "Constant":
+        a = attrs_of(node)
+        value_attr = next((at for at in node.attribute if at.name == "value"), None)
+        if value_attr is not None and value_attr.t.data_type in FLOAT_TYPES:
+            value = np.asarray(a["value"])
+        elif "value_floats" in a:
+            value = np.asarray(a["value_floats"], np.float32)
+        else:
+            return None
+        return value.shape, value.dtype, value
+    return None
+
+
+def _find_slot(name: str, shape, consumers, shapes, fixed: set[str], depth: int = 0):
+    """The first parameter slot (graph order) that tensor `name` fills, following it through
+    layout ops: (Slot, consumer node, input index), or None."""
+    for node, i in consumers.get(name, []):
+        if node.op_type in _PASS_THROUGH and i == 0 and depth < 8:
+            out = node.output[0]
+            found = _find_slot(out, shapes.get(out, shape), consumers, shapes, fixed, depth + 1)
+        else:
+            found = _slot(node, i, tuple(shape), fixed)
+            found = found and (found, node, i)
+        if found:
+            return found
+    return None
+
+
+def _slot(node: onnx.NodeProto, i: int, shape: tuple[int, ...], fixed: set[str]
+          ) -> Slot | None:
+    """The parameter slot input `i` of `node` is, for a weight of (consumer-view) `shape`;
+    `fixed` names the tensors known before running."""
+    op, a = node.op_type, attrs_of(node)
+    size = int(np.prod(shape)) if shape else 1
+    if op in ("Conv", "ConvTranspose"):
+        if i == 1 and len(shape) >= 2:  # fan-in as PyTorch counts it: dim 1 times the kernel
+            return Slot("conv weight", "he_normal", int(np.prod(shape[1:])))
+        if i == 2:
+            return Slot("bias", "zeros")
+    if op == "Gemm":
+        if i == 1 and len(shape) == 2:
+            return Slot("linear weight", "he_normal", shape[1] if a.get("transB") else shape[0])
+        if i == 0 and len(shape) == 2 and node.input[1] not in fixed:
+            return Slot("linear weight", "he_normal", shape[0] if a.get("transA") else shape[1])
+        if i == 2:
+            return Slot("bias", "zeros")
+    if op == "MatMul" and len(shape) >= 2:
+        if i == 1:
+            return Slot("linear weight", "he_normal", shape[-2])
+        if i == 0 and node.input[1] not in fixed:
+            return Slot("linear weight", "he_normal", shape[-1])
+    if op in _NORMS:
+        if op == "BatchNormalization" and i == 3:
+            return Slot("running mean", "zeros")
+        if op == "BatchNormalization" and i == 4:
+            return Slot("running var", "ones")
+        if i == 1:
+            return Slot("normalization scale", "ones")
+        if i == 2:
+            return Slot("normalization bias", "zeros")
+    if op == "PRelu" and i == 1:
+        return Slot("prelu slope", "fill", fill=0.25)
+    if op == "Gather" and i == 0 and len(shape) == 2:
+        return Slot("embedding", "normal")
+    if op in ("RNN", "GRU", "LSTM") and i in (1, 2, 3) and len(shape) >= 2:
+        hidden = int(a.get("hidden_size") or shape[-1])  # torch: U(-1/sqrt(h), 1/sqrt(h))
+        return Slot("recurrent weight" if i < 3 else "recurrent bias", "uniform", hidden)
+    if op in ("Mul", "Add") and i in (0, 1) and size > 1 and node.input[1 - i] not in fixed:
+        # a per-channel affine after a normalization (Caffe2's SpatialBN + Mul/Add)
+        if op == "Mul":
+            return Slot("channel scale", "ones", suffix="scale")
+        return Slot("channel shift", "zeros", suffix="bias")
+    return None
+
+
+def _initial_value(slot: Slot, shape, dtype: np.dtype, seed: int, name: str) -> np.ndarray:
+    """A fresh value for `slot`; each tensor draws from its own stream (seed, name), so a
+    tensor's values do not depend on the others."""
+    if slot.init in ("zeros", "ones", "fill"):
+        fill = {"zeros": 0.0, "ones": 1.0}.get(slot.init, slot.fill)
+        return np.full(shape, fill, dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    work = np.float64 if dtype == np.float64 else np.float32
+    if slot.init == "uniform":
+        bound = 1.0 / np.sqrt(max(slot.fan_in, 1))
+        return rng.uniform(-bound, bound, size=shape).astype(dtype)
+    std = np.sqrt(2.0 / max(slot.fan_in, 1)) if slot.init == "he_normal" else 1.0
+    value = rng.standard_normal(size=shape, dtype=work)
+    value *= work(std)
+    return value.astype(dtype, copy=False)
+
+
+def _describe(slot: Slot) -> str:
+    return {"he_normal": "He normal (std sqrt(2/fan_in))", "zeros": "zeros", "ones": "ones",
+            "fill": f"{slot.fill:g}", "normal": "normal(0, 1)",
+            "uniform": "uniform(+-1/sqrt(hidden))"}[slot.init]
+
+
+def _input_name(node: onnx.NodeProto, index: int, opset: int) -> str:
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+        return schema.inputs[min(index, len(schema.inputs) - 1)].name
+    except Exception:  # noqa: BLE001 - unknown op or domain: a positional name
+        return f"input{index}"
+
+
+# -- dynamic batch ---------------------------------------------------------------------------
+
+def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> onnx.ModelProto:
+    """Copy of `model` whose data inputs have a symbolic first (batch) dimension: Reshape
+    shapes that spell the fixed batch size become batch-relative (0 copies the input's dim),
+    outputs that carry the batch axis get the symbolic dim, value_info is dropped. Checked by
+    shape inference at another batch size; a model it cannot fix is an error."""
+    report = report if report is not None else Report()
+    m = copy.deepcopy(model)
+    g = m.graph
+    inits = {t.name for t in g.initializer}
+    data = [vi for vi in g.input if vi.name not in inits]
+    fixed = {vi.name: vi.type.tensor_type.shape.dim[0].dim_value for vi in data
+             if vi.type.tensor_type.shape.dim
+             and vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    if not fixed:
+        return m
+    if len(set(fixed.values())) > 1:
+        raise ModelError("convert --dynamic-batch: the inputs disagree on the batch size ("
+                         + ", ".join(f"{k}: {v}" for k, v in fixed.items()) + ")")
+    batch = next(iter(fixed.values()))
+    for vi in data:
+        if vi.name in fixed:
+            vi.type.tensor_type.shape.dim[0].Clear()
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH_PARAM
+    carrying = set(fixed)
+    consts = _static_values(g)
+    replaced: set[str] = set()
+    scope = NameScope(all_names(g))
+    patched = 0
+    for node in g.node:
+        if not any(x in carrying for x in node.input if x):
+            continue
+        carries, new_shape = _carries_batch(node, carrying, consts, batch)
+        if new_shape is not None:
+            if len(node.input) >= 2:  # Reshape-5+: a fresh shape tensor of its own
+                replaced.add(node.input[1])
+                name = scope.fresh(f"{node.input[1]}_batch")
+                g.initializer.append(numpy_helper.from_array(new_shape, name))
+                if m.ir_version < 4:
+                    g.input.append(helper.make_tensor_value_info(
+                        name, onnx.TensorProto.INT64, [len(new_shape)]))
+                node.input[1] = name
+            else:
+                next(a for a in node.attribute if a.name == "shape").ints[0] = int(new_shape[0])
+            patched += 1
+        if carries:
+            carrying.update(o for o in node.output if o)
+    outs = []
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if o.name in carrying and dims:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH_PARAM
+            outs.append(o.name)
+    del g.value_info[:]
+    _drop_dead(g, replaced)
+    _check_batch(model, m, fixed, batch, outs)
+    report.batch_inputs = [f"'{k}'" for k in fixed]
+    report.batch_reshapes = patched
+    report.batch_outputs = outs
+    return m
+
+
+def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int):
+    """(whether the node's outputs keep the batch on axis 0, a new Reshape shape or None)."""
+    op, a = node.op_type, attrs_of(node)
+    first = node.input[0] in carrying if node.input else False
+    if op == "Reshape":
+        if not first:
+            return False, None
+        shape = (consts.get(node.input[1]) if len(node.input) > 1 else
+                 np.asarray(a.get("shape", []), np.int64))
+        if shape is None:  # computed at run time (from Shape): it follows the input
+            return True, None
+        if shape.size == 0:
+            return False, None
+        lead = int(shape.reshape(-1)[0])
+        if (lead == 0 and not a.get("allowzero")) or (lead == -1 and shape.size > 1):
+            return True, None
+        if lead != batch:
+            return False, None
+        new = shape.astype(np.int64).reshape(-1).copy()
+        if a.get("allowzero"):
+            if (new == -1).any():
+                return False, None
+            new[0] = -1
+        else:
+            new[0] = 0
+        return True, new
+    if op == "Transpose":
+        perm = a.get("perm")
+        return first and perm is not None and perm[0] == 0, None
+    if op == "Flatten":
+        return first and a.get("axis", 1) >= 1, None
+    if op == "Gemm":
+        return first and not a.get("transA"), None
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1:
+            axes = consts.get(node.input[1])
+        return first and axes is not None and 0 not in list(np.asarray(axes).reshape(-1)), None
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
+        return first, None  # a classifier's class axis is never its batch axis
+    if op in ("Concat", "Split", "Gather", "ArgMax", "ArgMin", "TopK"):
+        return first and a.get("axis", 0) != 0, None
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"):
+        axes = a.get("axes")
+        return first and axes is not None and 0 not in axes, None
+    if op in ("Shape", "Size", "Slice", "Expand", "Tile", "Pad", "Compress", "NonZero"):
+        return False, None  # not followed: their results need not keep the batch on axis 0
+    return True, None  # elementwise, Conv, pooling, normalization, activations, Dropout, ...
+
+
+def _check_batch(original: onnx.ModelProto, m: onnx.ModelProto, fixed: dict[str, int],
+                 batch: int, outs: list[str]) -> None:
+    """Shape inference at batch+1 must give every batch-carrying output that batch size (where
+    strict shape inference can check the original model at all)."""
+    try:
+        onnx.shape_inference.infer_shapes(original, strict_mode=True, data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference cannot follow this model: no check
+        return
+    probe_model = copy.deepcopy(m)
+    other = batch + 1
+    for vi in probe_model.graph.input:
+        if vi.name in fixed:
+            vi.type.tensor_type.shape.dim[0].Clear()
+            vi.type.tensor_type.shape.dim[0].dim_value = other
+    for o in probe_model.graph.output:
+        if o.name in outs:
+            o.type.tensor_type.shape.dim[0].Clear()
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe_model, strict_mode=True,
+                                                     data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"convert --dynamic-batch: the model does not run at batch {other} "
+                         f"after the change ({first}); its batch size is fixed in a way "
+                         "convert cannot rewrite") from None
+    known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name in outs:
+        dims = known[name].type.tensor_type.shape.dim if name in known else []
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != other:
+            raise ModelError(f"convert --dynamic-batch: output '{name}' keeps batch "
+                             f"{dims[0].dim_value} when the input batch is {other}; its batch "
+                             "size is fixed in a way convert cannot rewrite")
+
+
+# -- graph helpers ---------------------------------------------------------------------------
+
+def _static_values(g: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Non-float initializers and Constant outputs with integer values (shape constants)."""
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer
+              if t.data_type not in FLOAT_TYPES}
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            a = attrs_of(node)
+            for key in ("value", "value_int", "value_ints"):
+                if key in a and np.asarray(a[key]).dtype.kind in "iu":
+                    values[node.output[0]] = np.asarray(a[key])
+    return values
+
+
+def _fixed_names(g: onnx.GraphProto) -> set[str]:
+    """Tensors known before running: initializers and outputs of constant-producing nodes."""
+    names = {t.name for t in g.initializer}
+    names.update(n.output[0] for n in g.node
+                 if n.op_type in ("Constant", "ConstantOfShape") and n.output)
+    return names
+
+
+def _consumers(g: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    out: dict[str, list] = {}
+    for node in g.node:
+        for i, x in enumerate(node.input):
+            out.setdefault(x, []).append((node, i))
+    return out
+
+
+def _inferred_shapes(m: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes from ONNX shape inference (empty where it cannot say)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - shapes only refine fan-in; the weight's own shape serves
+        return {}
+    shapes = {}
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                yield from _graphs(sub)
+
+
+def _rename_inputs(g: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for sub in _graphs(g):
+        for node in sub.node:
+            for i, x in enumerate(node.input):
+                if x in renames:
+                    node.input[i] = renames[x]
+
+
+def _drop_dead(g: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove the initializers (and their graph inputs) and Constant nodes among `candidates`
+    that nothing reads any more."""
+    read = {x for sub in _graphs(g) for n in sub.node for x in n.input}
+    read |= {o.name for o in g.output}
+    dead = {c for c in candidates if c not in read}
+    if not dead:
+        return
+    for items in (g.initializer, g.input):  # deleted by index: no copies of big tensors
+        for i in reversed([i for i, t in enumerate(items) if t.name in dead]):
+            del items[i]
+    for i in reversed([i for i, n in enumerate(g.node)
+                       if n.op_type == "Constant" and n.output[0] in dead]):
+        del g.node[i]
