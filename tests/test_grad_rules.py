@@ -362,12 +362,27 @@ def test_dropout_training_uses_mask() -> None:
     np.testing.assert_allclose(res["y"], x * mask / (1 - ratio), rtol=1e-12)
 
 
-def test_dropout_ratio_zero_and_inference_are_identity() -> None:
-    for model in (_dropout_model(0.0)[0], _dropout_model(0.4, opset=11)[0]):
-        grads, _ = gradients(model, ["X"])
-        fd = finite_differences(model, {"X": onnx.numpy_helper.to_array(
-            next(t for t in model.graph.initializer if t.name == "X"))})
-        np.testing.assert_allclose(grads["X"], fd["X"], rtol=RTOL, atol=ATOL)
+def test_dropout_ratio_zero_is_identity() -> None:
+    model = _dropout_model(0.0)[0]
+    grads, _ = gradients(model, ["X"])
+    fd = finite_differences(model, {"X": onnx.numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "X"))})
+    np.testing.assert_allclose(grads["X"], fd["X"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("opset", [7, 10, 11])
+def test_dropout_before_opset_12_drops_in_training(opset) -> None:
+    # Dropout-7..11 has no training_mode input: the training graph draws its own mask.
+    ratio = 0.4
+    model, r = _dropout_model(ratio, opset=opset)
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, ["X"])
+    gname = training_info(tm).gradients["X"]
+    res = Executor(tm, np, fetch=[gname, "mask", "y"], seed=7).run({})
+    keep = res["mask"].astype(bool)
+    assert 0 < keep.sum() < keep.size
+    np.testing.assert_allclose(res[gname], r * keep / (1 - ratio), rtol=1e-12)
+    x = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "X"))
+    np.testing.assert_allclose(res["y"], x * keep / (1 - ratio), rtol=1e-12)
 
 
 def test_cast_gradient_returns_input_dtype() -> None:

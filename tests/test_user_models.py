@@ -238,3 +238,53 @@ def test_check_has_no_false_alarm_on_the_shape_path(tmp_path, capsys):
     assert main(["check", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
     assert "all trainable" in out and "MISSING" not in out
+
+
+class SoftmaxHead(nn.Module):
+    """A classifier that outputs probabilities (Softmax last), as many exported models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def logits(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+    def forward(self, x):
+        return torch.softmax(self.logits(x), dim=-1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_cross_entropy_on_a_softmax_output_uses_its_logits(tmp_path, exporter):
+    """loss.output names probabilities: the loss is cross entropy of the Softmax's input (as
+    torch's F.cross_entropy on the logits), not a second softmax."""
+    torch.manual_seed(4)
+    model = SoftmaxHead()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (8,), exporter), str(tmp_path / "model.onnx"))
+    model.load_state_dict(state)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": STEPS, "log": {"every_steps": 1}},
+        tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    trainer.fit()
+    ours = [r["loss"] for r in trainer.history if "loss" in r]
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    want = []
+    for k in range(STEPS):
+        j = k % (len(x) // BATCH)
+        loss = F.cross_entropy(model.logits(torch.from_numpy(x[j * BATCH:(j + 1) * BATCH])),
+                               torch.from_numpy(y[j * BATCH:(j + 1) * BATCH]))
+        want.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-5)

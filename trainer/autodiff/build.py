@@ -8,6 +8,7 @@ own outputs. How to read them is recorded as JSON in metadata_props ("onnx_train
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import inspect
 import json
@@ -20,7 +21,12 @@ from onnx import helper, numpy_helper
 
 from trainer.autodiff.context import Builder
 from trainer.autodiff.engine import active_nodes, build_backward
-from trainer.autodiff.params import parameter_table, select, untie_normalization_aliases
+from trainer.autodiff.params import (
+    batchnorm_stats,
+    parameter_table,
+    select,
+    untie_normalization_aliases,
+)
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
@@ -211,12 +217,14 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
 
     m = copy.deepcopy(model)
     untie_normalization_aliases(m)
+    bn_stats = batchnorm_stats(m.graph.node)
     opset = ensure_default_opset(m)
     g = m.graph
     scope = NameScope(all_names(g))
     consts = _constant_values(m, first)
     builder = Builder(scope, opset, first, "train", consts)
     nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn)
+    spec = _logits_of_softmax(spec, list(g.node), first, opset)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
     nodes += loss_nodes
 
@@ -228,7 +236,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     shapes_all = probe(fwd, {**in_shapes, **t_shapes}, {**dtypes, **t_dtypes})
     consts = _constant_values(fwd, shapes_all)
 
-    table = parameter_table(m, nodes, loss_name, shapes_all)
+    table = parameter_table(m, nodes, loss_name, shapes_all, stats=bn_stats)
     chosen = select(table, wrt, frozen)
     if not chosen:
         raise ModelError("nothing to train: no float initializer reaches the loss (see "
@@ -373,6 +381,8 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
             if len(node.output) < 2:
                 node.output.append(b.scope.fresh(f"{node.output[0]}/mask"))
             out.append(node)
+        elif node.op_type == "Dropout":  # before opset 12: no training_mode input
+            out += _dropout_train_old(node, label, b, shapes)
         elif node.op_type == "MaxPool" and len(node.output) < 2 and b.opset >= 8:
             node = copy.deepcopy(node)
             node.output.append(b.scope.fresh(f"{node.output[0]}/indices"))
@@ -380,6 +390,30 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
         else:
             out.append(node)
     return out, state
+
+
+def _dropout_train_old(node, label, b: Builder, shapes) -> list[onnx.NodeProto]:
+    """Dropout of opsets 1-11 in training: Y = X * (U >= ratio) / (1 - ratio), U uniform in
+    [0, 1) from the executor's per-step random stream (the mask output, when used, is the kept
+    positions)."""
+    a = attrs_of(node)
+    ratio = float(a.get("ratio", 0.5))
+    x, dt = node.input[0], shapes[node.input[0]][1]
+    if a.get("is_test", 0) or ratio == 0.0:
+        return [node]
+    b.prefix = f"{label}/Train"
+    u, drop, keep, keepf, scaled = (b.tmp(k) for k in ("u", "drop", "keep", "keepf", "scaled"))
+    nodes = [b.node("RandomUniformLike", [x], [u]),
+             b.node("Less", [u, b.const(ratio, dt, "ratio")], [drop]),
+             b.node("Not", [drop], [keep]),
+             b.node("Cast", [keep], [keepf], to=elem_type(dt)),
+             b.node("Mul", [keepf, b.const(1.0 / (1.0 - ratio), dt, "scale")], [scaled]),
+             b.node("Mul", [x, scaled], [node.output[0]])]
+    if len(node.output) > 1 and node.output[1]:
+        mask = keep if b.opset >= 10 else keepf
+        nodes.append(b.node("Identity", [mask], [node.output[1]]))
+    b.prefix = "train"
+    return nodes
 
 
 def _eval_form(node, b: Builder) -> list[onnx.NodeProto]:
@@ -437,6 +471,24 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts):
               b.node("Add", [t["rv_m"], t["bv"]], [new_var])]
     b.prefix = "train"
     return nodes, {rmean: new_mean, rvar: new_var}
+
+
+def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int) -> LossSpec:
+    """Cross entropy over a model that ends in Softmax (probabilities, as many exported
+    classifiers do) is computed from the Softmax's input: applying softmax twice would train
+    with vanishing gradients. The model's output itself is unchanged."""
+    if spec.type != "cross_entropy":
+        return spec
+    producer = next((n for n in nodes if spec.output in n.output), None)
+    if producer is None or producer.op_type != "Softmax" or producer.input[0] not in shapes:
+        return spec
+    rank = len(shapes[spec.output][0])
+    default = -1 if opset >= 13 else 1
+    axis = attrs_of(producer).get("axis", default) % rank
+    class_axis = spec.class_axis % rank
+    if axis == class_axis and (opset >= 13 or axis == rank - 1):
+        return dataclasses.replace(spec, output=producer.input[0])
+    return spec
 
 
 def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):

@@ -56,23 +56,27 @@ def batchnorm_stats(nodes: Iterable[onnx.NodeProto]) -> set[str]:
             for i in (3, 4) if i < len(n.input)}
 
 
-def _readers(nodes, name: str) -> str:
-    """'Greater input 1, OneHot input 2': where a tensor is read (for reasons)."""
-    seen = []
+def _reader_index(nodes) -> dict[str, str]:
+    """{tensor: 'Greater input 1 (not differentiable), ...'}: where each tensor is read."""
+    seen: dict[str, list[str]] = {}
     for n in nodes:
+        slots = set(differentiable_inputs(n.op_type, len(n.input), n.domain))
         for i, x in enumerate(n.input):
-            if x == name:
-                diff = i in differentiable_inputs(n.op_type, len(n.input), n.domain)
-                seen.append(f"{n.op_type} input {i}" + ("" if diff else " (not differentiable)"))
-    return ", ".join(dict.fromkeys(seen)) or "nothing"
+            if x:
+                seen.setdefault(x, []).append(
+                    f"{n.op_type} input {i}" + ("" if i in slots else " (not differentiable)"))
+    return {k: ", ".join(dict.fromkeys(v)) for k, v in seen.items()}
 
 
 def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets,
-                    shapes: Mapping[str, tuple]) -> list[ParamInfo]:
+                    shapes: Mapping[str, tuple], stats: set[str] | None = None
+                    ) -> list[ParamInfo]:
     """Every float initializer of `model` with its role for a loss over `targets`; `nodes` is
-    the graph in training form (loss included), `shapes` maps names to (shape, dtype)."""
+    the graph in training form (loss included), `shapes` maps names to (shape, dtype), `stats`
+    the BatchNormalization statistics (default: those of the model's nodes)."""
     inits = [t for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
-    stats = batchnorm_stats(model.graph.node)
+    stats = batchnorm_stats(model.graph.node) if stats is None else stats
+    readers = None
     signature = torch_signature(model)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
     rows = []
@@ -84,8 +88,9 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, STATE, "BatchNormalization running statistic "
                                   "(updated from batch statistics, not by gradients)"))
         elif t.name not in reach:
+            readers = _reader_index(nodes) if readers is None else readers
             rows.append(ParamInfo(t.name, shape, UNUSED, "no differentiable path to the loss "
-                                  f"(read by {_readers(nodes, t.name)})"))
+                                  f"(read by {readers.get(t.name, 'nothing')})"))
         elif kind in ("BUFFER", "CONSTANT_TENSOR"):
             rows.append(ParamInfo(t.name, shape, CONSTANT, f"a PyTorch {kind.lower()}, "
                                   "not a parameter"))
