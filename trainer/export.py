@@ -1,9 +1,12 @@
-"""Write trained values back into the original model (same graph and names), atomically."""
+"""Write trained values back into the original model (same graph and names), atomically: temp
+folder beside the file, fsync, rename, fsync the folder."""
 
 from __future__ import annotations
 
 import copy
+import glob
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,16 +15,22 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from trainer.checkpoint import fsync_dir, fsync_file, make_dirs, write_error
 from trainer.errors import ModelError
-from trainer.graph import check_model
+from trainer.graph import check_model, stored_tensors
 
 TWO_GB = 2**31 - 1
+_TMP = ".tmp"  # suffix of the temporary folder beside the output
 
 
 def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Copy of `model` with initializers replaced by `values` (cast to their dtype), saved to
-    `path` atomically; models over 2 GB keep their tensors in `<name>.data` beside the file."""
+    `path` atomically; models over 2 GB keep their tensors in `<name>.data` beside the file.
+
+    A full disk or an unwritable folder raises WriteError (a TrainerError) and leaves an
+    earlier file at `path`, and the data file it refers to, unchanged.
+    """
     m = copy.deepcopy(model)
     inits = {t.name: t for t in m.graph.initializer}
     unknown = sorted(set(values) - set(inits))
@@ -36,23 +45,58 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
         onnx.helper.set_model_props(m, props)
-    check_model(m, "exported model")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     large = m.ByteSize() > TWO_GB if _fits_bytesize(m) else True
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    if not large:  # a large model is checked as written, before it is renamed into place
+        check_model(m, "exported model")
+    try:
+        make_dirs(path.parent)
+        _save(m, path, large)
+    except OSError as exc:
+        raise write_error(exc, "model", path) from None
+    return path
+
+
+def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
+    folder = path.parent
+    # The data file gets a name the current file does not use, so until the model itself is
+    # renamed into place the old model and its data stay a consistent pair.
+    candidates = [f"{path.name}.data", f"{path.name}.1.data", f"{path.name}.2.data"]
+    data_name = None
+    for stale in folder.glob(f".{glob.escape(path.name)}.*{_TMP}"):  # of a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.", suffix=_TMP) as tmp:
         tmp_model = Path(tmp) / path.name
         if large:
-            data_name = f"{path.name}.data"
+            in_use = _external_locations(path)
+            data_name = next(c for c in candidates if c not in in_use)
             onnx.save_model(m, str(tmp_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name)
-            _fsync(Path(tmp) / data_name)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            check_model(tmp_model, "exported model")
+            fsync_file(Path(tmp) / data_name)
+            os.replace(Path(tmp) / data_name, folder / data_name)
+            fsync_dir(folder)
         else:
             onnx.save_model(m, str(tmp_model))
-        _fsync(tmp_model)
+        fsync_file(tmp_model)
         os.replace(tmp_model, path)
-    return path
+        fsync_dir(folder)
+    for stale in candidates:  # data of the replaced model, or of an export that was killed
+        if stale != data_name and (folder / stale).is_file():
+            (folder / stale).unlink()
+
+
+def _external_locations(path: Path) -> set[str]:
+    """External-data file names the model currently at `path` refers to (none if unreadable)."""
+    if not path.is_file():
+        return set()
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+        return {e.value for t, _ in stored_tensors(old)
+                if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+    except Exception:  # noqa: BLE001 - a damaged or foreign file refers to nothing we wrote
+        return set()
 
 
 def _fits_bytesize(m: onnx.ModelProto) -> bool:
@@ -61,11 +105,3 @@ def _fits_bytesize(m: onnx.ModelProto) -> bool:
         return True
     except Exception:  # noqa: BLE001 - protobuf refuses to size messages over 2 GB
         return False
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

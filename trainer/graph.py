@@ -16,53 +16,252 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.BFLOAT16}
 
 
+# Loading limits: beyond them a file is refused before anything large is allocated.
+MAX_FILE_BYTES = 2**31  # protobuf cannot parse more; bigger models use external data
+MAX_TENSOR_ELEMENTS = 2**34  # one stored tensor (64 GiB of float32)
+MAX_NODES = 500_000  # all graphs, subgraphs and functions together
+MAX_SUBGRAPH_DEPTH = 24  # nested If/Loop/Scan bodies; protobuf itself stops near 31
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6),
+    ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX model; external data must stay inside the model's folder."""
+    """Load and check an ONNX model; refuse absurd sizes and external data that is missing,
+    the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ModelError(f"model file {path} is {size} bytes, over protobuf's 2 GB limit; save "
+                         "large models with external data (onnx.save_model(..., "
+                         "save_as_external_data=True))")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for corrupt files
-        raise ModelError(f"cannot parse ONNX model {path}: {exc}") from None
-    _check_external_data(model, path.parent)
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
-        raise ModelError(f"cannot load external data of {path}: {exc}") from None
-    check_model(model, str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
+        text = " ".join(str(exc).split())[:200]
+        if "MaxDepth" in text:
+            text = "messages nested too deeply (subgraphs deeper than protobuf's limit)"
+        raise ModelError(f"cannot parse ONNX model {path}: {text}") from None
+    tensors = stored_tensors(model, str(path))
+    external = _external_data(tensors, path.parent, str(path))
+    check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
+    _read_external_data(external, str(path))
     return model
 
 
-def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
-    root = base.resolve()
-    for tensor in _all_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if os.path.isabs(location) or root not in target.parents:
-            raise ModelError(
-                f"initializer '{tensor.name}' points to external data '{location}' outside the "
-                f"model's folder {root}; refusing to read it")
+_A = onnx.AttributeProto
+_CONTAINERS = {_A.TENSOR, _A.TENSORS, _A.SPARSE_TENSOR, _A.SPARSE_TENSORS, _A.GRAPH, _A.GRAPHS}
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                yield from _all_tensors(sub)
+def stored_tensors(model: onnx.ModelProto, what: str = "model"
+                   ) -> list[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto stored in the model, with where it sits, after checking the limits:
+    node count, subgraph depth, declared elements per tensor (ModelError beyond them).
+
+    Attributes are read by their declared type; one holding a tensor or graph under another
+    type is refused by the checker, so nothing reads it."""
+    out: list[tuple[onnx.TensorProto, str]] = []
+    nodes = 0
+    _utf8([model.producer_name, model.producer_version, model.domain, model.doc_string]
+          + [o.domain for o in model.opset_import]
+          + [s for p in model.metadata_props for s in (p.key, p.value)], what, "the model")
+    pending: list[tuple[onnx.GraphProto | onnx.FunctionProto, int, str]] = [
+        (model.graph, 0, "graph")]
+    pending += [(f, 0, f"function '{_printable(f.name)}'") for f in model.functions]
+    for k, info in enumerate(model.training_info):
+        pending += [(info.initialization, 0, f"training_info[{k}]"),
+                    (info.algorithm, 0, f"training_info[{k}]")]
+    while pending:
+        graph, depth, where = pending.pop()
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise ModelError(f"{what}: subgraphs are nested more than {MAX_SUBGRAPH_DEPTH} "
+                             f"levels deep (at {where}); refusing to load it")
+        nodes += len(graph.node)
+        if nodes > MAX_NODES:
+            raise ModelError(f"{what} has more than {MAX_NODES} nodes; refusing to load it "
+                             "(raise trainer.graph.MAX_NODES if the model is genuine)")
+        tensors: list[onnx.TensorProto] = []
+        sparse: list[onnx.SparseTensorProto] = []
+        owners: list[tuple[onnx.NodeProto | None, Iterable[onnx.AttributeProto]]]
+        if isinstance(graph, onnx.GraphProto):
+            tensors += graph.initializer
+            sparse += graph.sparse_initializer
+            owners = [(node, node.attribute) for node in graph.node]
+            values = list(graph.input) + list(graph.output) + list(graph.value_info)
+            _utf8([graph.name, graph.doc_string] + [v.name for v in values]
+                  + [d.dim_param for v in values for d in v.type.tensor_type.shape.dim],
+                  what, where)
+        else:  # a function: its nodes, and the default values of its attributes
+            owners = [(node, node.attribute) for node in graph.node]
+            owners.append((None, graph.attribute_proto))
+            _utf8([graph.name, graph.domain, graph.doc_string, *graph.input, *graph.output,
+                   *graph.attribute] + [o.domain for o in graph.opset_import], what, where)
+        for node, attributes in owners:
+            if node is not None:
+                _utf8([node.name, node.op_type, node.domain, node.doc_string, *node.input,
+                       *node.output], what, where)
+            for a in attributes:
+                _utf8([a.name, a.ref_attr_name], what, where)
+                kind = a.type
+                if kind not in _CONTAINERS:
+                    continue
+                if kind == _A.TENSOR:
+                    tensors.append(a.t)
+                elif kind == _A.TENSORS:
+                    tensors += a.tensors
+                elif kind == _A.SPARSE_TENSOR:
+                    sparse.append(a.sparse_tensor)
+                elif kind == _A.SPARSE_TENSORS:
+                    sparse += a.sparse_tensors
+                else:
+                    owner = "defaults" if node is None else f"{node.op_type} '{node.name}'"
+                    inner = f"{where} > {_printable(owner)}.{_printable(a.name)}"
+                    subs = [a.g] if kind == _A.GRAPH else list(a.graphs)
+                    pending += [(g, depth + 1, inner) for g in subs]
+        for sp in sparse:
+            _check_elements(sp.values.name or "sparse tensor", list(sp.dims), what, where)
+            tensors += [sp.values, sp.indices]
+        for t in tensors:
+            _utf8([t.name] + [s for e in t.external_data for s in (e.key, e.value)], what,
+                  where)
+            _check_elements(t.name, t.dims, what, where)
+            out.append((t, where))
+    return out
 
 
-def check_model(model: onnx.ModelProto, what: str = "model") -> None:
+def _utf8(texts: list, what: str, where: str) -> None:
+    """Protobuf hands Python a string field that is not UTF-8 as bytes; refuse those here, as
+    later code would fail on them anywhere."""
     try:
-        onnx.checker.check_model(model)
+        "".join(texts)
+    except TypeError:
+        bad = next(t for t in texts if not isinstance(t, str))
+        raise ModelError(f"{what}: text in {where} is not valid UTF-8 ({_printable(bad)}); the "
+                         "file is damaged") from None
+
+
+def _printable(text: str | bytes) -> str:
+    """Text from the file with control characters (and bytes that are not UTF-8) escaped, so
+    messages stay on one line."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_elements(name: str | bytes, dims, what: str, where: str) -> None:
+    n = 1
+    for d in dims:
+        n *= d
+    if n <= MAX_TENSOR_ELEMENTS and all(d >= 0 for d in dims):
+        return
+    name, dims = _printable(name), list(dims)
+    if any(d < 0 for d in dims):
+        raise ModelError(f"{what}: tensor '{name}' in {where} has a negative dimension "
+                         f"({_dims_text(dims)}); the file is damaged")
+    raise ModelError(f"{what}: tensor '{name}' in {where} declares shape {_dims_text(dims)} "
+                     f"({n:.3g} elements), more than the limit of {MAX_TENSOR_ELEMENTS}; "
+                     "refusing to load it")
+
+
+def _dims_text(dims: list[int]) -> str:
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ...]"
+
+
+def _raw_nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's raw data from its dims and type; None for types without one."""
+    n = int(np.prod(t.dims, dtype=object)) if t.dims else 1
+    bits = _SUB_BYTE_BITS.get(t.data_type)
+    if bits is None:
+        if t.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+            return None
+        try:
+            bits = 8 * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return None
+    return -(-n * bits // 8)
+
+
+def _external_data(tensors: list[tuple[onnx.TensorProto, str]], folder: Path, what: str
+                   ) -> list[tuple[onnx.TensorProto, str, Path, int, int]]:
+    """(tensor, label, file, offset, bytes) of each external tensor, every field checked:
+    inside the model's folder after resolving symlinks, present, and of the right length."""
+    root = folder.resolve()
+    found = []
+    for t, where in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        name = f"tensor '{_printable(t.name)}' in {where}"
+        shown = _printable(location)
+        if not location:
+            raise ModelError(f"{what}: {name} is stored as external data but names no file")
+        try:
+            target = (root / location).resolve()
+        except (OSError, RuntimeError, ValueError):
+            target = None
+        if os.path.isabs(location) or target is None or root not in target.parents:
+            raise ModelError(f"{what}: {name} points to external data '{shown}' outside the "
+                             f"model's folder {root}; refusing to read it (copy the file "
+                             "itself next to the model)")
+        if (root / location).is_symlink():  # onnx's checker refuses links as well
+            raise ModelError(f"{what}: external data file '{shown}' of {name} is a symbolic "
+                             "link; copy the file itself next to the model")
+        if not target.is_file():
+            raise ModelError(f"{what}: external data file '{shown}' of {name} is missing "
+                             f"(looked for {target}); copy it next to the model")
+        need = _raw_nbytes(t)
+        if need is None:
+            raise ModelError(f"{what}: {name} has data type {t.data_type}, which cannot be "
+                             "stored as external data")
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else need
+        except ValueError:
+            raise ModelError(f"{what}: {name} has a non-integer external data offset or "
+                             f"length ({info.get('offset')!r}, {info.get('length')!r})") from None
+        if length != need:
+            raise ModelError(f"{what}: external data of {name} has length {length} bytes, but "
+                             f"its shape {_dims_text(list(t.dims))} and type need {need}")
+        size = target.stat().st_size
+        if offset < 0 or offset + need > size:
+            raise ModelError(f"{what}: external data file '{shown}' ({size} bytes) is too "
+                             f"short for {name}: {need} bytes at offset {offset}")
+        found.append((t, name, target, offset, need))
+    return found
+
+
+def _read_external_data(found: list[tuple[onnx.TensorProto, str, Path, int, int]],
+                        what: str) -> None:
+    """Read exactly the checked bytes of each external tensor into its raw_data."""
+    for t, name, target, offset, need in found:
+        try:
+            with open(target, "rb") as f:
+                f.seek(offset)
+                data = f.read(need)
+        except OSError as exc:
+            raise ModelError(f"{what}: cannot read external data of {name} from {target}: "
+                             f"{exc.strerror or exc}") from None
+        if len(data) != need:
+            raise ModelError(f"{what}: external data file {target} shrank while reading {name}")
+        t.raw_data = data
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+
+
+def check_model(model: onnx.ModelProto | str | os.PathLike, what: str = "model") -> None:
+    """onnx.checker as a ModelError; give a path for models whose tensors exceed 2 GB."""
+    try:
+        onnx.checker.check_model(os.fspath(model) if isinstance(model, (str, os.PathLike))
+                                 else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"{what} is not a valid ONNX model: {first}") from None
+    except UnicodeDecodeError:  # the checker's message quotes a damaged name
+        raise ModelError(f"{what} is not a valid ONNX model: it holds text that is not valid "
+                         "UTF-8") from None
 
 
 def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
