@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# `pytest --hypothesis-profile=long`: a longer fuzzing run for developers (tests/test_fuzz.py).
+settings.register_profile("long", max_examples=5000, derandomize=False, deadline=None)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

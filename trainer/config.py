@@ -22,6 +22,10 @@ from trainer.errors import TrainerError
 class ConfigError(TrainerError, ValueError):
     """Invalid configuration; the message is one line and names the offending key path."""
 
+    def __init__(self, message: str):
+        # keys and values come from the user's file: escape what would break the line
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 class FrozenMap(Mapping[str, str]):
     """Immutable, hashable, picklable str -> str mapping (dataset inputs/targets)."""
@@ -96,7 +100,10 @@ def _float(v: Any, key: str, base: Path) -> float:
 def _path(v: Any, key: str, base: Path) -> Path:
     if not (isinstance(v, os.PathLike) or (isinstance(v, str) and v)):
         raise _err(key, f"must be a path string, got {_got(v)}")
-    p = Path(v).expanduser()
+    try:
+        p = Path(v).expanduser()
+    except RuntimeError:  # "~user" of an unknown user
+        raise _err(key, f"names a home directory that does not exist: {v!r}") from None
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
