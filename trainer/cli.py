@@ -1,4 +1,5 @@
-"""The `onnx-trainer` command: train, check, grad, eval, convert (also `python -m trainer`)."""
+"""The `onnx-trainer` command: train, check, grad, eval, ops, convert, plot (also
+`python -m trainer`)."""
 
 from __future__ import annotations
 
@@ -169,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initializer names: the tensor's own (default) or <node>.<input>")
     v.add_argument("-o", required=True, help="path of the converted model to write")
     v.set_defaults(fn=_convert)
+    from trainer import plot
+
+    pl = sub.add_parser("plot", parents=[common],
+                        help="loss/eval/lr curves of metrics JSONL files as an image")
+    plot.add_arguments(pl)
+    pl.set_defaults(fn=plot.run)
     return p
 
 
