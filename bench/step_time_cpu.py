@@ -77,9 +77,9 @@ def time_ours(model: Path, data: Path, steps: int, batch: int) -> list[float]:
     t = Trainer(cfg, stream=io.StringIO())
     times = []
     for _ in range(steps):
-        _, arrays, n, total = t._next_micro_batch()
+        _, arrays, local_w, global_w, _ = t._next_micro_batch()
         t0 = time.perf_counter()
-        t.train_step([(arrays, n, total)], 0.01)
+        t.train_step([(arrays, local_w, global_w)], 0.01)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -1,13 +1,12 @@
-"""Plan an ONNX graph once (order, kernels, attributes, liveness) and run it on xp arrays.
-
-Graph attributes (If/Loop/Scan bodies) are planned once with the outer plan; they see the
-outer scope's values. Sequences are Python lists of arrays; an empty optional is None.
-"""
+"""Plan an ONNX graph once (order, kernels, liveness) and run it as prebound closures; on NumPy each
+input-shape signature gets a specialized plan: simplified graph, fused kernels, static memory plan.
+Graph attributes (If/Loop/Scan bodies) are planned once with the outer plan and see its values."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import NamedTuple
 
@@ -19,6 +18,7 @@ from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
 from trainer.kernels import get_kernel
+from trainer.simplify import PNode, eliminate_dead, simplify
 
 
 def subgraphs(node: onnx.NodeProto) -> list[tuple[str, list[onnx.GraphProto]]]:
@@ -45,6 +45,8 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
                 used |= outer_names(g)
     return used - defined - {""}
 
+
+MAX_PLANS = 8  # specialized signatures per executor; further ones run unspecialized
 
 # Ops whose kernel is built from the enclosing graph: (domain, op) -> since version.
 GRAPH_KERNEL_OPS = {("ai.onnx.preview.training", "Gradient"): 1}
@@ -130,16 +132,148 @@ class Subgraph:
         return [out[n] for n in self.output_names]
 
 
+# -- the program: prebound closures over a slot list ------------------------------------------
+class _Program:
+    """Closures `step(env)` over a list `env` of slots; slot 0 always holds None ("")."""
+
+    def __init__(self, slots: dict[str, int], template: list, steps: list[Callable],
+                 labels: list[tuple[str, str, tuple[str, ...]]], feeds: list[tuple[str, int]],
+                 outputs: dict[str, int]):
+        self.slots = slots
+        self.template = template
+        self.steps = steps
+        self.labels = labels  # per step: (node name, op, input names) for error messages
+        self.feeds = feeds
+        self.outputs = outputs
+        self.by_feed = False
+
+    def run(self, feeds: Mapping[str, object], xp) -> list:
+        env = self.template.copy()
+        if self.by_feed:  # any fed name overrides: initializers given as inputs are defaults
+            slots = self.slots
+            for name, value in feeds.items():
+                s = slots.get(name)
+                if s is not None:
+                    env[s] = value
+        else:
+            for name, slot in self.feeds:
+                if name in feeds:
+                    env[slot] = feeds[name]
+        i = 0
+        try:
+            for i, step in enumerate(self.steps):  # noqa: B007 - i names a failing step
+                step(env)
+        except ModelError as exc:
+            name, op, _ = self.labels[i]
+            if f"'{name}'" in str(exc):
+                raise
+            raise ModelError(f"node '{name}' ({op}) failed: {exc}") from exc
+        except Exception as exc:
+            name, op, ins = self.labels[i]
+            shapes = [getattr(env[self.slots[n]], "shape", None) if n in self.slots else None
+                      for n in ins]
+            raise ModelError(f"node '{name}' ({op}) failed on input shapes {shapes}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        return env
+
+
+def _call_step(fn, attrs: dict, ins: tuple[int, ...], outs: tuple[int, ...], xp) -> Callable:
+    """The closure running one kernel: inputs read from env slots, outputs stored."""
+    if len(outs) == 1:
+        o = outs[0]
+        if len(ins) == 1:
+            i0 = ins[0]
+            if attrs:
+                def step(env):
+                    env[o] = fn(xp, env[i0], **attrs)[0]
+            else:
+                def step(env):
+                    env[o] = fn(xp, env[i0])[0]
+        elif len(ins) == 2:
+            i0, i1 = ins
+            if attrs:
+                def step(env):
+                    env[o] = fn(xp, env[i0], env[i1], **attrs)[0]
+            else:
+                def step(env):
+                    env[o] = fn(xp, env[i0], env[i1])[0]
+        else:
+            def step(env):
+                env[o] = fn(xp, *[env[i] for i in ins], **attrs)[0]
+        return step
+
+    def step(env):
+        results = fn(xp, *[env[i] for i in ins], **attrs)
+        for slot, r in zip(outs, results, strict=False):
+            env[slot] = r
+    return step
+
+
+def _with_frees(step: Callable, frees: tuple[int, ...]) -> Callable:
+    if not frees:
+        return step
+    if len(frees) == 1:
+        f0 = frees[0]
+
+        def freeing(env):
+            step(env)
+            env[f0] = None
+        return freeing
+
+    def freeing_many(env):
+        step(env)
+        for f in frees:
+            env[f] = None
+    return freeing_many
+
+
+def _then(step: Callable, after: Callable) -> Callable:
+    def both(env):
+        step(env)
+        after(env)
+    return both
+
+
+class _LazyRNG(StepRNG):
+    """StepRNG whose generator is made at the first draw after a reseed: reseeding every step
+    costs nothing for graphs that draw no random numbers."""
+
+    def reseed(self, *keys: int) -> None:
+        self._keys = keys
+        self._gen = None
+
+    @property
+    def gen(self):
+        if self._gen is None:
+            StepRNG.reseed(self, *self._keys)
+        return self._gen
+
+    @gen.setter
+    def gen(self, value) -> None:
+        self._gen = value
+
+
 class Executor:
-    """Runs one graph many times: everything per-graph is decided in __init__.
+    """Runs one graph many times: everything per-graph is decided in __init__, everything
+    per-shape at the first run of each input-shape signature (that run records every value's
+    shape; later runs use the plan of trainer.simplify, trainer.kernels.fused and a static memory
+    plan: buffers assigned by liveness and reused, outputs written with out=). Sequences are
+    Python lists of arrays; an empty optional is None.
 
     `feeds` names the values given at each run (graph inputs, and initializers such as trained
     parameters that change between runs); the other initializers become device constants.
+    `fetch_into` {name: array}: that fetched value is written into the caller's array (e.g. a
+    slice of a flat gradient buffer), straight from its kernel where it can be. `on_produced`
+    {name: callback(value)}: called as soon as the value is computed (e.g. to start a
+    gradient all-reduce). `optimize=False` keeps the unspecialized interpreter.
     """
 
     def __init__(self, model: onnx.ModelProto, xp: ModuleType = np,
                  feeds: Iterable[str] = (), fetch: Iterable[str] | None = None,
-                 seed: int = 0, keep_all: bool = False):
+                 seed: int = 0, keep_all: bool = False,
+                 fetch_into: Mapping[str, object] | None = None,
+                 on_produced: Mapping[str, Callable] | None = None,
+                 optimize: bool = True):
         missing = missing_kernels(model)
         if missing:
             raise UnsupportedOpError("forward kernel", missing)
@@ -149,7 +283,19 @@ class Executor:
         # as a default, which a feed may override like any other constant.
         feeds = set(feeds) | {v.name for v in graph.input if v.name not in inits}
         fetch = list(fetch) if fetch is not None else [o.name for o in graph.output]
-        self._plan(model, graph, inits, xp, StepRNG(xp, seed), feeds, fetch, keep_all)
+        self.fetch_into = dict(fetch_into or {})
+        self.on_produced = dict(on_produced or {})
+        for what, names in (("fetch_into", self.fetch_into), ("on_produced", self.on_produced)):
+            unknown = [n for n in names if n not in fetch]
+            if unknown:
+                raise ModelError(f"Executor {what} names {', '.join(map(repr, unknown))}, which "
+                                 f"{'is' if len(unknown) == 1 else 'are'} not fetched; add "
+                                 "them to fetch")
+        self._plan(model, graph, inits, xp, _LazyRNG(xp, seed), feeds, fetch, keep_all)
+        self.optimize = (optimize and xp is np and not keep_all
+                         and not any(s[6] for s in self.steps)
+                         and all(graph_kernel(d) is None for d in graph.node))
+        self._specialized: dict[tuple, object] = {}
 
     @classmethod
     def _subgraph(cls, model: onnx.ModelProto, graph: onnx.GraphProto, xp: ModuleType,
@@ -159,11 +305,16 @@ class Executor:
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         feeds = {v.name for v in graph.input} | captures
         plan = object.__new__(cls)
+        plan.fetch_into, plan.on_produced = {}, {}
         plan._plan(model, graph, inits, xp, rng, feeds, [o.name for o in graph.output], False)
+        plan.optimize = False
+        plan._specialized = {}
         return Subgraph(plan, graph, captures)
 
     def _plan(self, model, graph, inits, xp, rng, feeds, fetch, keep_all) -> None:
         self.xp = xp
+        self.opset = opset_of(model, "")
+        self.model = model
         self.feeds = set(feeds)
         self.constants = {k: to_device(xp, v) for k, v in inits.items() if k not in self.feeds}
         available = self.feeds | set(self.constants)
@@ -188,6 +339,17 @@ class Executor:
                     if name and name not in last_use and name not in keep:
                         frees.setdefault(node_index, []).append(name)
             self.free_after = [tuple(frees.get(i, ())) for i in range(len(deps))]
+        self._reads = [d.input for d in deps]
+        read = {i for r in self._reads for i in r}
+        self._feed_order = sorted(n for n in self.feeds if n in read or n in self.fetch)
+        self._required = []
+        seen: set[str] = set()
+        for (_, _, _, _, name, op, _), reads in zip(self.steps, self._reads, strict=True):
+            for i in reads:
+                if i in self.feeds and i not in self.constants and i not in seen:
+                    seen.add(i)
+                    self._required.append((i, name, op))
+        self._generic = self._compile_generic()
 
     def _bind(self, model, node, index, graph):
         factory = graph_kernel(node)
@@ -217,41 +379,682 @@ class Executor:
         return (fn, attrs, tuple(node.input), tuple(node.output), name, node.op_type,
                 tuple(subs))
 
+    # -- the unspecialized program ------------------------------------------------------------
+    def _compile_generic(self, record: dict | None = None) -> _Program:
+        """Closures for every node as planned; with `record`, each produced value's (shape,
+        dtype) is stored there (None for values that are not arrays)."""
+        slots: dict[str, int] = {"": 0, _TRASH: 1}
+
+        def slot(name: str) -> int:
+            if name not in slots:
+                slots[name] = len(slots)
+            return slots[name]
+
+        for name in sorted(self.constants):
+            slot(name)
+        feed_slots = [(n, slot(n)) for n in sorted(self.feeds)]
+        steps, labels = [], []
+        for (fn, attrs, ins, outs, name, op, subs), frees in zip(
+                self.steps, self.free_after, strict=True):
+            in_slots = tuple(slot(i) for i in ins)
+            out_slots = tuple(slot(o) if o else 1 for o in outs)
+            step = self._generic_step(fn, attrs, in_slots, out_slots, subs, slots)
+            if record is not None:
+                step = _then(step, _recorder(record, outs, out_slots))
+            step = self._deliveries(step, [(o, s) for o, s in zip(outs, out_slots, strict=True)
+                                           if o])
+            steps.append(_with_frees(step, tuple(slot(f) for f in frees)))
+            labels.append((name, op, ins))
+        template: list = [None] * len(slots)
+        for name, value in self.constants.items():
+            template[slots[name]] = value
+        outputs = {n: slots[n] for n in self.fetch if n in slots}
+        prog = _Program(slots, template, steps, labels, feed_slots, outputs)
+        prog.by_feed = True
+        return prog
+
+    def _generic_step(self, fn, attrs, in_slots, out_slots, subs, slots):
+        xp = self.xp
+        if subs:
+            subs = [(k, sub, [(n, slots[n]) for n in _captures(sub) if n in slots])
+                    for k, sub in subs]
+
+            def step(env):
+                bound = dict(attrs)
+                for k, sub, pairs in subs:
+                    bound[k] = _bound(sub, {n: env[s] for n, s in pairs})
+                results = fn(xp, *[env[i] for i in in_slots], **bound)
+                for s, r in zip(out_slots, results, strict=False):
+                    env[s] = r
+            return step
+        return _call_step(fn, attrs, in_slots, out_slots, xp)
+
+    def _deliveries(self, step: Callable, produced: list[tuple[str, int]]) -> Callable:
+        """Wrap a step with the copies into `fetch_into` arrays and the on_produced calls."""
+        xp = self.xp
+        for name, s in produced:
+            dest = self.fetch_into.get(name)
+            if dest is not None:
+                def copy(env, s=s, dest=dest):
+                    xp.copyto(dest, env[s])
+                    env[s] = dest
+                step = _then(step, copy)
+            cb = self.on_produced.get(name)
+            if cb is not None:
+                step = _then(step, lambda env, s=s, cb=cb: cb(env[s]))
+        return step
+
+    # -- running ------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, object]) -> dict[str, object]:
         """Run the graph; returns the fetched values (all values when keep_all)."""
-        xp = self.xp
-        env = dict(self.constants)
-        env.update(feeds)
-        env[""] = None
-        for (fn, attrs, ins, outs, name, op, subs), frees in zip(self.steps, self.free_after,
-                                                                 strict=True):
-            try:
-                args = [env[i] for i in ins]
-            except KeyError as exc:
-                raise ModelError(f"node '{name}' ({op}): input {exc} was not provided") from None
-            try:
-                if subs:
-                    attrs = {**attrs, **{k: _bound(s, env) for k, s in subs}}
-                results = fn(xp, *args, **attrs)
-            except Exception as exc:
-                shapes = [getattr(env.get(i), "shape", None) for i in ins]
-                raise ModelError(f"node '{name}' ({op}) failed on input shapes {shapes}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-            for o, r in zip(outs, results, strict=False):
-                if o:
-                    env[o] = r
-            for f in frees:
-                env.pop(f, None)
+        self._check_feeds(feeds)
+        if self.optimize and not any(k in self.constants for k in feeds):
+            key = self._signature(feeds)
+            plan = self._specialized.get(key)
+            if plan is None:
+                return self._first_run(key, feeds)
+            if plan is not False:
+                env = plan.run(feeds, self.xp)
+                return self._deliver({k: env[s] for k, s in plan.outputs.items()})
+        env = self._generic.run(feeds, self.xp)
         if self.keep_all:
-            env.pop("")
-            return env
-        return {k: env[k] for k in self.fetch}
+            return {k: env[s] for k, s in self._generic.slots.items()
+                    if k and k != _TRASH and (env[s] is not None or k in feeds)}
+        return self._deliver({k: env[s] for k, s in self._generic.outputs.items()})
+
+    def _deliver(self, out: dict) -> dict:
+        """fetch_into values not yet in their arrays (constants, feeds, repeated names)."""
+        for name, dest in self.fetch_into.items():
+            if out.get(name) is not dest:
+                self.xp.copyto(dest, out[name])
+                out[name] = dest
+        return out
+
+    def _check_feeds(self, feeds: Mapping[str, object]) -> None:
+        for name, node, op in self._required:
+            if name not in feeds:
+                raise ModelError(f"node '{node}' ({op}): input '{name}' was not provided")
+
+    def _signature(self, feeds: Mapping[str, object]) -> tuple:
+        sig = []
+        for name in self._feed_order:
+            v = feeds.get(name)
+            if isinstance(v, np.ndarray):
+                sig.append((v.shape, v.dtype))
+            else:
+                sig.append(type(v))
+        return tuple(sig)
+
+    def _first_run(self, key: tuple, feeds: Mapping[str, object]) -> dict[str, object]:
+        """Run unspecialized, recording every value's shape, then plan this signature."""
+        record: dict[str, tuple | None] = {}
+        prog = self._compile_generic(record)
+        env = prog.run(feeds, self.xp)
+        out = self._deliver({k: env[s] for k, s in prog.outputs.items()})
+        plan = False
+        if len(self._specialized) < MAX_PLANS and all(
+                isinstance(v, np.ndarray) for v in (feeds.get(n) for n in self._feed_order)):
+            for n in self._feed_order:
+                record[n] = (feeds[n].shape, feeds[n].dtype)
+            plan = build_plan(self, record) or False
+        self._specialized[key] = plan
+        return out
+
+    def profile(self, feeds: Mapping[str, object], repeat: int = 20) -> dict:
+        """Time a run and its kernels: {"run_s", "kernel_s", "nodes", "by_op": {op: [count,
+        s]}}, medians over `repeat` runs. Kernel time is measured inside the steps, around the
+        kernel calls of a second copy of the plan, so (run_s - kernel_s) / nodes is the
+        executor's own cost per node (closure call, slot reads and writes, frees)."""
+        self.run(feeds)
+        self.run(feeds)
+        plan = self._specialized.get(self._signature(feeds)) if self.optimize else None
+        runs = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            self.run(feeds)
+            runs.append(time.perf_counter() - t)
+        if plan:
+            per: list[float] = []
+            timed = build_plan(self, plan.record, timers=per)
+        else:
+            timed, per = self._generic, [0.0] * len(self._generic.steps)
+            timed = _Program(timed.slots, timed.template, [_timed(s, per, k) for k, s in
+                                                           enumerate(timed.steps)],
+                             timed.labels, timed.feeds, timed.outputs)
+            timed.by_feed = True
+        totals = []
+        for _ in range(repeat):
+            before = sum(per)
+            timed.run(feeds, self.xp)
+            totals.append(sum(per) - before)
+        by_op: dict[str, list] = {}
+        for (_, op, _), t in zip(timed.labels, per, strict=True):
+            entry = by_op.setdefault(op, [0, 0.0])
+            entry[0] += 1
+            entry[1] += t / repeat
+        return {"run_s": float(np.median(runs)), "kernel_s": float(np.median(totals)),
+                "nodes": len(timed.steps), "by_op": by_op}
+
+
+def _timed_fn(fn: Callable, per: list, k: int) -> Callable:
+    clock = time.perf_counter
+
+    def timed(*args, **kwargs):
+        t = clock()
+        result = fn(*args, **kwargs)
+        per[k] += clock() - t
+        return result
+    return timed
+
+
+def _timed(step: Callable, per: list, k: int) -> Callable:
+    clock = time.perf_counter
+
+    def timed(env):
+        t = clock()
+        step(env)
+        per[k] += clock() - t
+    return timed
+
+
+_TRASH = "\x00unused"  # slot for outputs the graph leaves unnamed
+
+
+def _captures(sub) -> list[str]:
+    subs = sub if isinstance(sub, list) else [sub]
+    return sorted({n for s in subs for n in s.captures})
+
+
+def _recorder(record: dict, names: Sequence[str], slots: Sequence[int]) -> Callable:
+    pairs = [(n, s) for n, s in zip(names, slots, strict=True) if n]
+
+    def rec(env):
+        for n, s in pairs:
+            v = env[s]
+            record[n] = (v.shape, v.dtype) if isinstance(v, np.ndarray | np.generic) else None
+    return rec
 
 
 def _bound(sub: Subgraph | list[Subgraph], env: Mapping[str, object]):
     if isinstance(sub, list):
         return [_bound(s, env) for s in sub]
-    return sub.bind({n: env[n] for n in sub.captures})
+    return sub.bind({n: env[n] for n in sub.captures if n in env})
+
+
+# -- the specialized plan ---------------------------------------------------------------------
+# Ops a specialized plan may hold: their output shapes follow from their input shapes and the
+# values of their SHAPE_INPUTS slots, which must be constants (after folding) in the plan.
+STATIC_OPS = frozenset("""
+Add Sub Mul Div Pow Neg Abs Exp Log Sqrt Reciprocal Tanh Relu Sigmoid Erf Gelu Softplus Softsign
+LeakyRelu Elu Selu Celu HardSigmoid HardSwish Mish Swish Clip Floor Ceil Round Sign Sin Cos Tan
+Not And Or Xor Equal Greater Less GreaterOrEqual LessOrEqual Where Cast CastLike IsNaN IsInf
+Max Min Sum Mean Mod PRelu ThresholdedRelu MatMul Gemm Einsum Conv ConvTranspose MaxPool
+AveragePool GlobalAveragePool GlobalMaxPool LpPool BatchNormalization LayerNormalization
+InstanceNormalization GroupNormalization RMSNormalization Dropout LRN Softmax LogSoftmax Hardmax
+ReduceSum ReduceMean ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
+ReduceLogSumExp ReduceSumSquare ArgMax ArgMin CumSum Reshape Flatten Squeeze Unsqueeze
+Transpose Expand Tile Slice Pad Concat Split Gather GatherElements GatherND ScatterElements
+ScatterND Scatter Shape Size ConstantOfShape Identity Range OneHot Trilu Constant DepthToSpace
+SpaceToDepth SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss TopK
+""".split())
+SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4),
+                "Pad": (1, 3), "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,),
+                "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "TopK": (1,), "CumSum": (1,),
+                **{r: (1,) for r in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+                                     "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                                     "ReduceLogSumExp", "ReduceSumSquare")}}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_UFUNC2 = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+_UFUNC1 = {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt, "Tanh": np.tanh,
+           "Abs": np.abs, "Reciprocal": np.reciprocal, "Floor": np.floor, "Ceil": np.ceil}
+_COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less,
+            "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
+_ELEMENTWISE = set(_UFUNC2) | set(_UFUNC1) | {"Relu", "Sum"}  # may write over a dying input
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the system: NumPy kernels
+    allocate their results afresh, and a large array that comes back from the system costs a
+    page fault per 4 KiB page on first touch (about half the time of a float64 elementwise
+    chain on arrays of a few MiB). Process-wide, once; False where glibc is not there."""
+    global _TUNED
+    if _TUNED is None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            # mallopt: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3 (its maximum)
+            _TUNED = bool(libc.mallopt(-1, 1 << 30) and libc.mallopt(-2, 64 << 20)
+                          and libc.mallopt(-3, 32 << 20))
+        except (OSError, AttributeError):
+            _TUNED = False
+    return _TUNED
+
+
+_TUNED: bool | None = None
+
+
+def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Program | None:
+    """The specialized program of one input-shape signature, from the first run's `record`
+    (value -> (shape, dtype)); None when the graph's shapes depend on values. With `timers`
+    (a list), every kernel call adds its time to its step's entry there."""
+    if any(v is None for v in record.values()):
+        return None
+    tune_allocator()
+    shapes = dict(record)
+    constants = dict(ex.constants)
+    keep = set(ex.fetch)
+    nodes, alias = simplify(plan_nodes(ex), constants, keep, shapes)
+    for k, v in constants.items():
+        if k not in shapes:
+            shapes[k] = (np.shape(v), np.asarray(v).dtype)
+    from trainer.kernels.fused import fuse
+    resolved = {alias.get(k, k) for k in keep}
+    nodes = fuse(nodes, constants, shapes, resolved, ex.opset)
+    nodes = _stable_order(eliminate_dead(nodes, resolved), set(constants) | set(ex.feeds))
+    if nodes is None:
+        return None
+    for n in nodes:
+        if not n.fused and (n.op not in STATIC_OPS or n.domain not in ("", "ai.onnx")):
+            return None
+        for k in SHAPE_INPUTS.get(n.op, ()):
+            if k < len(n.inputs) and n.inputs[k] and n.inputs[k] not in constants:
+                return None
+    prog = _compile_static(ex, nodes, constants, shapes, alias, timers)
+    prog.record = record
+    return prog
+
+
+def _stable_order(nodes: list[PNode], available: set[str]) -> list[PNode] | None:
+    """Nodes in dependency order, the given order wherever it already is one (None for a
+    cycle or a value nobody makes)."""
+    import heapq
+
+    made = {o: k for k, n in enumerate(nodes) for o in n.outputs if o}
+    waiting = [0] * len(nodes)
+    after: list[list[int]] = [[] for _ in nodes]
+    for k, n in enumerate(nodes):
+        deps = set()
+        for i in n.inputs:
+            if i and i not in available:
+                if i not in made:
+                    return None
+                deps.add(made[i])
+        waiting[k] = len(deps)
+        for d in deps:
+            after[d].append(k)
+    ready = [k for k in range(len(nodes)) if not waiting[k]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for j in after[k]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    return order if len(order) == len(nodes) else None
+
+
+def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
+    """(impl(*inputs, out) -> value, arity) for nodes whose value NumPy can write into a given
+    array exactly as the kernel computes it; None otherwise."""
+    if n.fused:
+        return n.info.get("out_impl")
+    if len(n.outputs) != 1 or not n.outputs[0] or n.domain:
+        return None
+    ins = [shapes.get(i) if i else None for i in n.inputs]
+    if any(i and v is None for i, v in zip(n.inputs, ins, strict=True)):
+        return None
+    out_shape, out_dt = shapes[n.outputs[0]]
+    dts = [v[1] for v in ins if v is not None]
+    floats = out_dt in _FLOATS and all(d == out_dt for d in dts)
+    op, a = n.op, n.attrs
+    legacy = any(k in a for k in ("broadcast", "axis", "consumed_inputs"))
+    if op in _UFUNC2 and floats and not legacy and len(ins) == 2:
+        uf = _UFUNC2[op]
+        return (lambda x, y, out: uf(x, y, out=out)), 2
+    if op in _UFUNC1 and floats and not legacy:
+        uf = _UFUNC1[op]
+        return (lambda x, out: uf(x, out=out)), 1
+    if op in _COMPARE and not legacy and len(ins) == 2 and out_dt == np.bool_ \
+            and len(set(dts)) == 1 and dts[0].kind in "fiu":
+        uf = _COMPARE[op]
+        return (lambda x, y, out: uf(x, y, out=out)), 2
+    if op == "Where" and len(ins) == 3 and out_dt in _FLOATS and ins[1][1] == out_dt \
+            and ins[0][1] == np.bool_ and n.inputs[2] in constants:
+        b = np.asarray(constants[n.inputs[2]])
+        if b.size == 1 and b.dtype == out_dt and b.reshape(()) == 0 and not np.signbit(b).any():
+            zero = out_dt.type(0)
+
+            def where_zero(cond, x, _b, out):
+                # x * cond (+0 turns -0.0 into 0.0) is where(cond, x, 0) for finite x, and
+                # several times faster than NumPy's masked select; otherwise the select.
+                with np.errstate(invalid="ignore", over="ignore"):
+                    np.multiply(x, cond, out=out)
+                    out += zero
+                    finite = np.isfinite(np.add.reduce(out, axis=None))
+                if not finite:
+                    np.copyto(out, np.where(cond, x, _b))
+                return out
+            return where_zero, 3
+    if op == "Relu" and floats:
+        zero = out_dt.type(0)
+        return (lambda x, out: np.maximum(x, zero, out=out)), 1
+    if op == "Sum" and floats and len(ins) >= 2:
+        def total(*xs):
+            *xs, out = xs
+            np.add(xs[0], xs[1], out=out)
+            for x in xs[2:]:
+                np.add(out, x, out=out)
+            return out
+        return total, len(ins)
+    if op == "MatMul" and floats and len(ins) == 2:
+        (sa, _), (sb, _) = ins
+        if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
+            k, m = sb
+
+            def mm(x, y, out):
+                np.matmul(x.reshape(-1, k), y, out=out.reshape(-1, m))
+                return out
+            return mm, 2
+        return (lambda x, y, out: np.matmul(x, y, out=out)), 2
+    if op == "Gemm" and floats and not legacy and len(ins[0][0]) == len(ins[1][0]) == 2:
+        ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+        alpha, beta = out_dt.type(a.get("alpha", 1.0)), out_dt.type(a.get("beta", 1.0))
+
+        def gemm(x, w, c, out):
+            np.matmul(x.T if ta else x, w.T if tb else w, out=out)
+            if alpha != 1:
+                out *= alpha
+            if c is not None:
+                out += c * beta if beta != 1 else c
+            return out
+        return gemm, 3
+    if op in ("ReduceSum", "ReduceMean") and floats:
+        axes = a.get("axes")
+        if len(n.inputs) > 1 and n.inputs[1]:
+            axes = constants[n.inputs[1]].reshape(-1).tolist()
+        rank = len(ins[0][0])
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return None
+            ax = None
+        else:
+            ax = tuple(sorted({int(v) % max(rank, 1) for v in axes} & set(range(rank))))
+        keep = bool(a.get("keepdims", 1))
+        if op == "ReduceSum":
+            return (lambda x, _axes, out: np.add.reduce(x, axis=ax, keepdims=keep,
+                                                        out=out)), 2
+        count = out_dt.type(int(np.prod(ins[0][0])) // max(int(np.prod(out_shape)), 1))
+
+        def mean(x, _axes, out):  # as np.mean: the sum, then one division
+            np.add.reduce(x, axis=ax, keepdims=keep, out=out)
+            return np.true_divide(out, count, out=out)
+        return mean, 2
+    if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
+            a.get("group", 1) >= 1:
+        from trainer.kernels import nn
+        xs, ws = ins[0][0], ins[1][0]
+        kshape = list(ws[2:])
+        if op == "Conv":
+            geo = nn.conv_geometry(xs, kshape, a.get("strides"), a.get("dilations"),
+                                   a.get("pads"), a.get("auto_pad", "NOTSET"))
+            strides, dil, pads, osp = geo
+            g = a.get("group", 1)
+            return (lambda x, w, b, out: nn.conv_into(np, x, w, b, strides, dil, pads, osp, g,
+                                                       out)), 3
+        geo = nn.conv_transpose_geometry(xs, kshape, a.get("strides"), a.get("dilations"),
+                                         a.get("pads"), a.get("output_padding"),
+                                         a.get("output_shape"), a.get("auto_pad", "NOTSET"))
+        g = a.get("group", 1)
+        return (lambda x, w, b, out: nn.conv_transpose_into(np, x, w, b, *geo, g, out)), 3
+    return None
+
+
+def _view_step(n: PNode, shapes: Mapping, i0: int, o: int) -> Callable | None:
+    """Reshape-family and Transpose nodes as a prebound NumPy view (as their kernels do)."""
+    if n.domain or len(n.outputs) != 1 or n.outputs[0] not in shapes:
+        return None
+    if n.op in _RESHAPES:
+        shape = tuple(shapes[n.outputs[0]][0])
+
+        def reshape(env):
+            env[o] = env[i0].reshape(shape)
+        return reshape
+    if n.op == "Transpose":
+        perm = n.attrs.get("perm")
+        perm = tuple(perm) if perm is not None else None
+
+        def transpose(env):
+            env[o] = env[i0].transpose(perm)
+        return transpose
+    return None
+
+
+def _out_step(impl: Callable, ins: tuple[int, ...], o: int, target, shape, dtype) -> Callable:
+    if target is None:  # the value leaves the run: a new array each time
+        if len(ins) == 2:
+            i0, i1 = ins
+
+            def fresh2(env):
+                env[o] = impl(env[i0], env[i1], np.empty(shape, dtype))
+            return fresh2
+
+        def fresh(env):
+            env[o] = impl(*[env[i] for i in ins], np.empty(shape, dtype))
+        return fresh
+    if len(ins) == 1:
+        i0 = ins[0]
+
+        def into1(env):
+            env[o] = impl(env[i0], target)
+        return into1
+    if len(ins) == 2:
+        i0, i1 = ins
+
+        def into2(env):
+            env[o] = impl(env[i0], env[i1], target)
+        return into2
+    if len(ins) == 3:
+        i0, i1, i2 = ins
+
+        def into3(env):
+            env[o] = impl(env[i0], env[i1], env[i2], target)
+        return into3
+
+    def into(env):
+        env[o] = impl(*[env[i] for i in ins], target)
+    return into
+
+
+def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: Mapping,
+                    alias: Mapping[str, str], timers: list | None = None) -> _Program:
+    """Slots, out= implementations, the memory plan (buffers by liveness, reused by exact
+    size; an elementwise node may take over a dying input's buffer) and the closures."""
+    fetch = [(name, alias.get(name, name)) for name in ex.fetch]
+    escaping = {v for _, v in fetch} | {alias.get(n, n) for n in ex.on_produced}
+    end_of_run = len(nodes)
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            if v:
+                last[v] = i
+    for v in escaping:
+        last[v] = end_of_run
+    impls = [_out_impl(n, shapes, constants) for n in nodes]
+    producer = {o: i for i, n in enumerate(nodes) for o in n.outputs if o}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for v in set(n.inputs):
+            readers[v] = readers.get(v, 0) + 1
+
+    # fetch_into: written straight by the producing kernel, through a reshape, or copied.
+    dest: dict[str, object] = {}
+    bind_after: dict[str, object] = {}
+    copy_into: dict[str, object] = {}
+    for name, v in fetch:
+        d = ex.fetch_into.get(name)
+        if d is None:
+            continue
+        want = shapes.get(v)
+        if want is not None and (tuple(d.shape) != tuple(want[0]) or d.dtype != want[1]):
+            raise ModelError(f"fetch_into['{name}'] is {d.dtype}{list(d.shape)} but the value "
+                             f"is {want[1]}{list(want[0])}; pass an array of that shape and "
+                             "dtype")
+        i = producer.get(v)
+        if i is None or v in dest or v in bind_after or v in copy_into:
+            continue  # a constant, a feed or a second name: copied when the run ends
+        if impls[i] is not None:
+            dest[v] = d
+        elif (nodes[i].op in _RESHAPES and d.flags.c_contiguous
+              and nodes[i].inputs[0] in producer
+              and impls[producer[nodes[i].inputs[0]]] is not None
+              and readers.get(nodes[i].inputs[0]) == 1
+              and nodes[i].inputs[0] not in escaping and nodes[i].inputs[0] not in dest):
+            u = nodes[i].inputs[0]
+            dest[u] = d.reshape(shapes[u][0])
+            bind_after[v] = d
+        else:
+            copy_into[v] = d
+
+    # Virtual buffers: each value an out= kernel writes owns one; other values may alias the
+    # buffers of their inputs (views, kernels returning an input), so they keep them alive.
+    roots: dict[str, frozenset] = {}
+    for i, n in enumerate(nodes):
+        inherited = frozenset().union(*[roots.get(u, frozenset()) for u in n.inputs if u])
+        for o in n.outputs:
+            if not o:
+                continue
+            if impls[i] is not None and o not in dest:
+                roots[o] = frozenset({o})
+            elif o in dest:
+                roots[o] = frozenset()
+            else:
+                roots[o] = inherited
+    end: dict[str, int] = {}
+    escapes: set[str] = set()
+    for v, rs in roots.items():
+        for r in rs:
+            end[r] = max(end.get(r, producer[r]), last.get(v, producer[v]))
+            if v in escaping:
+                escapes.add(r)
+
+    # Physical buffers, by exact byte size.
+    free: dict[int, list[np.ndarray]] = {}
+    phys: dict[str, np.ndarray] = {}
+    expiring: dict[int, list[str]] = {}
+    for r, e in end.items():
+        expiring.setdefault(e, []).append(r)
+    targets: dict[str, object] = {}
+    released: set[str] = set()
+    for i, n in enumerate(nodes):
+        o = n.outputs[0] if n.outputs else ""
+        if impls[i] is not None and o in roots and o not in dest and o not in escapes:
+            shape, dt = shapes[o]
+            nbytes = int(np.prod(shape)) * dt.itemsize
+            buf = None
+            if n.op in _ELEMENTWISE:
+                for u in n.inputs:
+                    others = [roots.get(v, ()) for v in n.inputs if v and v != u]
+                    if (u in phys and u not in released and end.get(u) == i
+                            and shapes[u] == (shape, dt) and u not in escapes
+                            and not any(u in rs for rs in others)):
+                        buf = phys[u]
+                        released.add(u)
+                        break
+            if buf is None:
+                pool = free.get(nbytes)
+                buf = pool.pop() if pool else np.empty(max(nbytes, 1), np.uint8)
+            phys[o] = buf
+            targets[o] = buf[:nbytes].view(dt).reshape(shape)
+        for r in expiring.get(i, ()):
+            if r in phys and r not in released:
+                released.add(r)
+                free.setdefault(_nbytes(shapes[r]), []).append(phys[r])
+
+    # Slots and closures.
+    slots: dict[str, int] = {"": 0, _TRASH: 1}
+
+    def slot(name: str) -> int:
+        if name not in slots:
+            slots[name] = len(slots)
+        return slots[name]
+
+    used_consts = {v for n in nodes for v in n.inputs if v in constants}
+    used_consts |= {v for _, v in fetch if v in constants}
+    for name in sorted(used_consts):
+        slot(name)
+    feed_slots = [(name, slot(name)) for name in sorted(ex.feeds) if name not in constants
+                  or name in used_consts]
+    steps, labels = [], []
+    pooled = {o for o in targets} | set(dest)
+    for i, n in enumerate(nodes):
+        outs = tuple(slot(o) if o else 1 for o in n.outputs)
+        impl = impls[i]
+        kernel = n.fn
+        if timers is not None:
+            timers.append(0.0)
+            kernel = _timed_fn(n.fn, timers, i)
+            if impl is not None:
+                impl = (_timed_fn(impl[0], timers, i), impl[1])
+        if impl is not None:
+            fn, arity = impl
+            names = list(n.inputs) + [""] * (arity - len(n.inputs))
+            ins = tuple(slot(v) for v in names[:arity])
+            o = n.outputs[0]
+            target = dest.get(o, targets.get(o))
+            shape, dt = shapes[o]
+            step = _out_step(fn, ins, outs[0], target, shape, dt)
+        else:
+            ins = tuple(slot(v) for v in n.inputs)
+            step = _view_step(n, shapes, ins[0], outs[0]) if ins else None
+            if step is None:
+                step = _call_step(kernel, n.attrs, ins, outs, np)
+        for o, s in zip(n.outputs, outs, strict=True):
+            if o in bind_after:
+                step = _then(step, lambda env, s=s, d=bind_after[o]: env.__setitem__(s, d))
+            if o in copy_into:
+                def copy(env, s=s, d=copy_into[o]):
+                    np.copyto(d, env[s])
+                    env[s] = d
+                step = _then(step, copy)
+            for name in ex.on_produced:
+                if alias.get(name, name) == o and o:
+                    step = _then(step, lambda env, s=s, cb=ex.on_produced[name]: cb(env[s]))
+        frees = tuple(slots[v] for v in n.inputs if v and last.get(v) == i and v not in pooled
+                      and v not in constants and v not in escaping)
+        frees += tuple(s for o, s in zip(n.outputs, outs, strict=True)
+                       if o and o not in last and o not in escaping and s != 1)
+        steps.append(_with_frees(step, tuple(dict.fromkeys(frees))))
+        labels.append((n.name, n.op, tuple(n.inputs)))
+    template: list = [None] * len(slots)
+    for name in used_consts:
+        template[slots[name]] = constants[name]
+    outputs = {}
+    for name, v in fetch:
+        outputs[name] = slots[v] if v in slots else slot(v)
+    if len(template) < len(slots):
+        template += [None] * (len(slots) - len(template))
+    prog = _Program(slots, template, steps, labels, feed_slots, outputs)
+    prog.buffers = sum(b.nbytes for b in {id(b): b for b in phys.values()}.values())
+    prog.nodes = nodes
+    return prog
+
+
+def _nbytes(shape_dtype) -> int:
+    shape, dt = shape_dtype
+    return int(np.prod(shape)) * dt.itemsize
+
+
+def plan_nodes(ex: Executor) -> list[PNode]:
+    """The executor's planned nodes as PNodes (for trainer.planner)."""
+    return [PNode(op, list(ins), list(outs), dict(attrs), name, fn,
+                  subs=subs) for (fn, attrs, ins, outs, name, op, subs) in ex.steps]
+
+
+__all__ = ["Executor", "Subgraph", "eliminate_dead", "missing_kernels", "plan_nodes", "probe",
+           "simplify"]
 
 
 def probe(model: onnx.ModelProto, shapes: Mapping[str, tuple],

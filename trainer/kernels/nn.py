@@ -1,6 +1,6 @@
 """Neural-network kernels: Conv, ConvTranspose, Col2Im, CausalConvWithState, pooling, BatchNorm,
-Dropout. Convolutions are im2col over strided window views plus one batched matmul, any number of
-spatial dims; the padding geometry lives in helpers that the gradient rules reuse."""
+Dropout. Convolutions are one im2col copy (a strided window view) plus one matmul per call; the
+padding geometry lives in helpers that the gradient rules reuse."""
 
 from __future__ import annotations
 
@@ -57,7 +57,12 @@ def _pad(xp, x, pads, out, kernel_shape, strides, dilations, value):
         widths.append((pads[i], end))
     if all(w == (0, 0) for w in widths):
         return x
-    return xp.pad(x, widths, mode="constant", constant_values=value)
+    if any(b < 0 or e < 0 for b, e in widths):
+        return xp.pad(x, widths, mode="constant", constant_values=value)
+    shape = tuple(d + b + e for d, (b, e) in zip(x.shape, widths, strict=True))
+    y = xp.full(shape, value, dtype=x.dtype)
+    y[tuple(slice(b, b + d) for d, (b, _) in zip(x.shape, widths, strict=True))] = x
+    return y
 
 
 def _geometry(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
@@ -68,27 +73,69 @@ def _geometry(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
     return strides, dilations, pads, out
 
 
+def im2col(xp, x, kshape, strides, dilations, pads, out):
+    """Columns [C * prod(kshape), N * prod(out)] of x: row (c, k), column (n, o) holds the
+    zero-padded x[n, c, o * stride + k * dilation]. One copy of a strided window view."""
+    k = len(kshape)
+    n, c = x.shape[:2]
+    xw = _windows(xp, _pad(xp, x, pads, out, kshape, strides, dilations, 0), kshape, strides,
+                  dilations, out)  # [N, C, *O, *K]
+    perm = (1,) + tuple(range(2 + k, 2 + 2 * k)) + (0,) + tuple(range(2, 2 + k))
+    cols = xp.empty((c,) + tuple(kshape) + (n,) + tuple(out), dtype=x.dtype)
+    cols[...] = xw.transpose(perm)
+    return cols.reshape(c * math.prod(kshape), n * math.prod(out))
+
+
+def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
+    """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given."""
+    n = x.shape[0]
+    m, g = w.shape[0], group
+    po = math.prod(out_sp)
+    cols = im2col(xp, x, list(w.shape[2:]), strides, dilations, pads, out_sp)
+    if g == 1:
+        y2 = xp.matmul(w.reshape(m, -1), cols)  # [M, N * O]
+    else:
+        y2 = xp.matmul(w.reshape(g, m // g, -1), cols.reshape(g, -1, n * po))
+    y2 = y2.reshape(m, n, po)
+    if b is not None:
+        y2 += b.reshape(m, 1, 1)
+    if y is None:
+        y = xp.empty((n, m) + tuple(out_sp), dtype=y2.dtype)
+    y.reshape(n, m, po)[...] = y2.transpose(1, 0, 2)
+    return y
+
+
+def conv_geometry(x_shape, kshape, strides, dilations, pads, auto_pad):
+    """(strides, dilations, explicit pads, output spatial sizes) of a Conv."""
+    k = len(kshape)
+    strides = list(strides or [1] * k)
+    dilations = list(dilations or [1] * k)
+    pads, out = conv_pads(x_shape[2:], kshape, strides, dilations, pads, auto_pad)
+    return strides, dilations, pads, out
+
+
 @kernel("Conv")
 def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None):
-    kshape = list(w.shape[2:])
-    strides, dilations, pads, out = _geometry(x, kshape, strides, dilations, pads, auto_pad)
-    n, c = x.shape[:2]
-    m, g = w.shape[0], group
-    xw = _windows(xp, _pad(xp, x, pads, out, kshape, strides, dilations, 0), kshape, strides,
-                  dilations, out)
-    k = len(kshape)
-    po, pk = math.prod(out), math.prod(kshape)
-    # [N, G, Cg, *O, *K] -> [G, N, *O, Cg, *K] -> [G, N*O, Cg*K]
-    xw = xw.reshape((n, g, c // g) + tuple(out) + tuple(kshape))
-    order = (1, 0) + tuple(range(3, 3 + k)) + (2,) + tuple(range(3 + k, 3 + 2 * k))
-    cols = xw.transpose(order).reshape(g, n * po, (c // g) * pk)
-    wm = w.reshape(g, m // g, (c // g) * pk).transpose(0, 2, 1)
-    y = xp.matmul(cols, wm).reshape((g, n, po, m // g)).transpose(1, 0, 3, 2)
-    y = y.reshape((n, m) + tuple(out))
-    if b is not None:
-        y += b.reshape((1, m) + (1,) * k)
-    return (xp.ascontiguousarray(y),)
+    strides, dilations, pads, out = conv_geometry(x.shape, list(w.shape[2:]), strides,
+                                                  dilations, pads, auto_pad)
+    return (conv_into(xp, x, w, b, strides, dilations, pads, out, group),)
+
+
+def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw=None):
+    """dW [M, C/G, *kshape] of Y = Conv(x, W) (explicit geometry) from dY, one matmul per
+    call: the im2col columns of x times dY as [N * O, M/G] per group (this orientation is the
+    faster one for OpenBLAS when M is small); written into dw when given."""
+    n = x.shape[0]
+    m, g = dy.shape[1], group
+    out_sp = list(dy.shape[2:])
+    cols = im2col(xp, x, kshape, strides, dilations, pads, out_sp)  # [C * K, N * O]
+    dy2 = xp.ascontiguousarray(xp.moveaxis(dy, 1, 0)).reshape(g, m // g, n * math.prod(out_sp))
+    r = xp.matmul(cols.reshape(g, -1, cols.shape[1]), dy2.transpose(0, 2, 1))  # [G, CgK, Mg]
+    if dw is None:
+        dw = xp.empty((m, x.shape[1] // g) + tuple(kshape), dtype=r.dtype)
+    dw.reshape(g, m // g, -1)[...] = r.transpose(0, 2, 1)
+    return dw
 
 
 def _fold(xp, cols, full, strides, dilations):
@@ -125,52 +172,109 @@ def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, outp
     return list(pads), output_padding, full
 
 
-@kernel("ConvTranspose")
-def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1,
-                  kernel_shape=None, output_padding=None, output_shape=None, pads=None,
-                  strides=None):
+def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, full, group,
+                        y=None, method=None):
+    """ConvTranspose with explicit geometry (pads from conv_transpose_pads, `full` the uncropped
+    output size). Either one Conv of x with the flipped, transposed kernel (stride 1, when its
+    im2col copy is the smaller), or one matmul to columns folded back with one add per tap."""
     n, c = x.shape[:2]
     k = x.ndim - 2
     kshape = list(w.shape[2:])
-    strides = list(strides or [1] * k)
-    dilations = list(dilations or [1] * k)
-    pads, output_padding, full = conv_transpose_pads(
-        x.shape[2:], kshape, strides, dilations, pads, output_padding, output_shape, auto_pad)
-    g = group
-    mg = w.shape[1]
+    g, mg = group, w.shape[1]
     cg = c // g
-    # cols[N, G, Mg, *K, *in] = sum_c x[N, G, c, *in] * w[G, c, Mg, *K]
-    xg = x.reshape((n, g, cg, -1))
-    wg = w.reshape(g, cg, mg * math.prod(kshape))
-    cols = xp.matmul(wg.transpose(0, 2, 1)[None], xg)  # [N, G, Mg*K, in]
-    cols = cols.reshape((n, g * mg) + tuple(kshape) + tuple(x.shape[2:]))
-    y = _fold(xp, cols, full, strides, dilations)
+    span = [(kshape[i] - 1) * dilations[i] for i in range(k)]
+    cpads = [span[i] - pads[i] for i in range(k)] + [
+        span[i] - pads[i + k] + output_padding[i] for i in range(k)]
+    out_sp = [full[i] - pads[i] - pads[i + k] for i in range(k)]
+    by_conv = all(s == 1 for s in strides) and all(p >= 0 for p in cpads)
+    if method is None and by_conv:  # im2col copy of the output side vs columns of the input
+        by_conv = mg * g * math.prod(out_sp) <= 2 * c * math.prod(x.shape[2:])
+    if method is not None:
+        by_conv = by_conv and method == "conv"
+    if by_conv:
+        wf = w.reshape((g, cg, mg) + tuple(kshape)).swapaxes(1, 2)
+        wf = wf[(slice(None),) * 3 + (slice(None, None, -1),) * k]
+        wf = xp.ascontiguousarray(wf).reshape((g * mg, cg) + tuple(kshape))
+        return conv_into(xp, x, wf, b, [1] * k, dilations, cpads, out_sp, g, y)
+    # cols[G, Mg * K, N * in] = W_g^T x_g
+    xg = xp.ascontiguousarray(xp.moveaxis(x, 1, 0)).reshape(g, cg, -1)
+    wg = w.reshape(g, cg, mg * math.prod(kshape)).transpose(0, 2, 1)
+    cols = xp.matmul(wg, xg).reshape((g * mg,) + tuple(kshape) + (n,) + tuple(x.shape[2:]))
+    perm = (0, k + 1) + tuple(range(1, k + 1)) + tuple(range(k + 2, 2 * k + 2))
+    yf = _fold(xp, cols.transpose(perm), full, strides, dilations)  # [M, N, *full]
     if any(p < 0 for p in pads):  # output_shape beyond the full result: zeros at that side
         widths = [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + k]))
                                      for i in range(k)]
-        y = xp.pad(y, widths)
+        yf = xp.pad(yf, widths)
         full = [full[i] + widths[2 + i][0] + widths[2 + i][1] for i in range(k)]
         pads = [max(0, p) for p in pads]
     crop = (slice(None), slice(None)) + tuple(
         slice(pads[i], full[i] - pads[i + k]) for i in range(k))
-    y = y[crop]
+    yf = yf[crop]
     if b is not None:
-        y = y + b.reshape((1, -1) + (1,) * k)
-    return (xp.ascontiguousarray(y),)
+        yf += b.reshape((-1, 1) + (1,) * k)
+    if y is None:
+        y = xp.empty((n, yf.shape[0]) + yf.shape[2:], dtype=yf.dtype)
+    y[...] = yf.swapaxes(0, 1)
+    return y
+
+
+def conv_transpose_geometry(x_shape, kshape, strides, dilations, pads, output_padding,
+                            output_shape, auto_pad):
+    """(strides, dilations, pads, output_padding, full) of a ConvTranspose."""
+    k = len(kshape)
+    strides = list(strides or [1] * k)
+    dilations = list(dilations or [1] * k)
+    pads, output_padding, full = conv_transpose_pads(
+        x_shape[2:], kshape, strides, dilations, pads, output_padding, output_shape, auto_pad)
+    return strides, dilations, pads, output_padding, full
+
+
+@kernel("ConvTranspose")
+def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1,
+                  kernel_shape=None, output_padding=None, output_shape=None, pads=None,
+                  strides=None):
+    geo = conv_transpose_geometry(x.shape, list(w.shape[2:]), strides, dilations, pads,
+                                  output_padding, output_shape, auto_pad)
+    return (conv_transpose_into(xp, x, w, b, *geo, group),)
+
+
+def _tap_views(xw, kernel_shape):
+    """The window view [N, C, *O, *K] as one [N, C, *O] view per kernel tap."""
+    return [xw[(Ellipsis,) + offs] for offs in np.ndindex(*kernel_shape)]
+
+
+_TAP_LOOP_MAX = 16  # kernels with at most this many taps reduce over per-tap views
 
 
 @kernel("MaxPool", since=1)
 def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
-            pads=None, storage_order=0, strides=None):
+            pads=None, storage_order=0, strides=None, n_outputs=2):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
     k = len(kernel_shape)
     low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
                   kernel_shape, strides, dilations, out)
-    flat = xw.reshape(x.shape[:2] + tuple(out) + (-1,))
-    arg = flat.argmax(axis=-1)
-    y = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    y = arg = None
+    nan = x.dtype.kind == "f" and x.size and bool(xp.isnan(x.max()))
+    if math.prod(kernel_shape) <= _TAP_LOOP_MAX and not nan:
+        # Running maximum over the taps; a later tap wins only when strictly greater, so the
+        # first maximal tap is kept, as argmax does (inputs with NaNs take argmax's path).
+        taps = _tap_views(xw, kernel_shape)
+        y = taps[0].copy()
+        arg = xp.zeros(y.shape, dtype=np.int64) if n_outputs > 1 else None
+        for t, v in enumerate(taps[1:], 1):
+            more = v > y
+            xp.copyto(y, v, where=more)
+            if arg is not None:
+                xp.copyto(arg, t, where=more)
+    if y is None:
+        flat = xw.reshape(x.shape[:2] + tuple(out) + (-1,))
+        arg = flat.argmax(axis=-1)
+        y = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    if n_outputs < 2:
+        return (xp.ascontiguousarray(y),)
     # Flattened index into x (padding excluded), the spec's optional Indices output:
     # ((n * C + c) * H + h) * W + w, or with storage_order=1 (n * C + c) * H * W + w * H + h.
     koffs = np.unravel_index(np.arange(math.prod(kernel_shape)), kernel_shape)
@@ -194,7 +298,13 @@ def AveragePool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, d
     xw = _windows(xp, _pad(xp, x.astype(acc), pads, out, kernel_shape, strides, dilations, 0),
                   kernel_shape, strides, dilations, out)
     k = len(kernel_shape)
-    total = xw.sum(axis=tuple(range(2 + k, 2 + 2 * k)))
+    if math.prod(kernel_shape) <= _TAP_LOOP_MAX:
+        taps = _tap_views(xw, kernel_shape)
+        total = taps[0].copy()
+        for v in taps[1:]:
+            total += v
+    else:
+        total = xw.sum(axis=tuple(range(2 + k, 2 + 2 * k)))
     counts = avgpool_divisor(x.shape[2:], kernel_shape, strides, dilations, pads, out,
                              count_include_pad)
     return ((total / xp.asarray(counts.astype(acc))).astype(x.dtype),)

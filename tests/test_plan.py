@@ -1,0 +1,460 @@
+"""The planned executor: specialized plans against the unplanned interpreter on training graphs,
+each fused kernel against the nodes it replaces, the fast convolutions against PyTorch, graph
+simplification, the memory plan, fetch_into and on_produced."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer.autodiff import build_training_graph, training_info
+from trainer.errors import ModelError
+from trainer.executor import Executor, plan_nodes
+from trainer.kernels import fused, nn
+from trainer.simplify import simplify
+
+F32 = np.float32
+OPSET = [helper.make_opsetid("", 18)]
+
+
+def _init(rng, name, *shape, scale=0.3):
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(F32), name)
+
+
+def cnn_model() -> onnx.ModelProto:
+    """Conv-BN-Relu-MaxPool, a strided Conv with bias, a residual Add, Gemm: [N, 2, 8, 8]."""
+    rng = np.random.default_rng(0)
+    inits = [_init(rng, "w1", 4, 2, 3, 3), _init(rng, "s", 4), _init(rng, "b", 4),
+             _init(rng, "m", 4), numpy_helper.from_array(np.ones(4, F32), "v"),
+             _init(rng, "w2", 4, 4, 3, 3), _init(rng, "b2", 4), _init(rng, "fc", 5, 16),
+             _init(rng, "fcb", 5)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2", "b2"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "p"], ["res"]),
+             helper.make_node("Conv", ["res", "w2"], ["d"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["d"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "cnn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                          inits)
+    return helper.make_model(g, opset_imports=OPSET)
+
+
+def attention_model() -> onnx.ModelProto:
+    """LayerNorm, MatMul on [N, T, D] with 2-D weights, Softmax, exact GELU through Erf, with the
+    attention shape computed at run time (Shape/Gather/Concat/Reshape)."""
+    rng = np.random.default_rng(1)
+    d, t = 8, 4
+    inits = [_init(rng, "wq", d, d), _init(rng, "wo", d, 5), _init(rng, "g", d),
+             _init(rng, "bb", d),
+             numpy_helper.from_array(np.array(1 / math.sqrt(2), F32), "isq2"),
+             numpy_helper.from_array(np.array(1.0, F32), "one"),
+             numpy_helper.from_array(np.array(0.5, F32), "half"),
+             numpy_helper.from_array(np.array([0], np.int64), "i0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+             numpy_helper.from_array(np.array([d], np.int64), "dd")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "bb"], ["ln"], axis=-1),
+             helper.make_node("MatMul", ["ln", "wq"], ["q"]),
+             helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "qt"], ["att"]),
+             helper.make_node("Softmax", ["att"], ["sm"], axis=-1),
+             helper.make_node("MatMul", ["sm", "q"], ["ctx"]),
+             helper.make_node("Shape", ["ctx"], ["shp"]),
+             helper.make_node("Gather", ["shp", "i0"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "m1", "dd"], ["tgt"], axis=0),
+             helper.make_node("Reshape", ["ctx", "tgt"], ["ctx2"]),
+             helper.make_node("Identity", ["ctx2"], ["ctx3"]),
+             helper.make_node("Mul", ["ctx3", "isq2"], ["u"]),
+             helper.make_node("Erf", ["u"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["ctx3", "half"], ["h"]),
+             helper.make_node("Mul", ["h", "e1"], ["gelu"]),
+             helper.make_node("MatMul", ["gelu", "wo"], ["o"]),
+             helper.make_node("Transpose", ["o"], ["logits"], perm=[0, 2, 1])]
+    g = helper.make_graph(nodes, "att",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", t, d])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                          inits)
+    return helper.make_model(g, opset_imports=OPSET)
+
+
+def training_case(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, class_axis=1):
+    tm = build_training_graph(model, {"type": "cross_entropy", "output": "logits",
+                                      "target": "label", "class_axis": class_axis},
+                              shapes={"x": x.shape})
+    info = training_info(tm)
+    feeds_names = list(info.gradients) + list(info.state)
+    fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
+    inits = {t.name: numpy_helper.to_array(t) for t in tm.graph.initializer}
+    feeds = {k: inits[k].copy() for k in feeds_names}
+    feeds.update({"x": x, info.targets["label"]: y})
+    return tm, feeds_names, fetch, feeds
+
+
+def rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if b.size else 0.0
+
+
+def planned(ex: Executor):
+    plans = [p for p in ex._specialized.values() if p]
+    assert plans, "no specialized plan was built"
+    return plans[-1]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "attention"])
+def test_planned_training_step_matches_the_interpreter(kind):
+    rng = np.random.default_rng(5)
+    if kind == "cnn":
+        model, x = cnn_model(), rng.standard_normal((4, 2, 8, 8)).astype(F32)
+        y = rng.integers(0, 5, 4)
+        y[1] = -100  # an ignored label
+        fusions = {"BatchNormTrain", "BatchNormTrainGrad", "SoftmaxCrossEntropyGrad",
+                   "ConvWeightGrad"}
+    else:
+        model, x = attention_model(), rng.standard_normal((3, 4, 8)).astype(F32)
+        y = rng.integers(0, 5, (3, 4))
+        fusions = {"LayerNormGrad"}
+    tm, names, fetch, feeds = training_case(model, x, y)
+    ref = Executor(tm, feeds=names, fetch=fetch, optimize=False).run(feeds)
+    ex = Executor(tm, feeds=names, fetch=fetch)
+    first = ex.run(feeds)
+    for k in fetch:
+        np.testing.assert_array_equal(first[k], ref[k])  # the first run is the interpreter's
+    kept = {k: v.copy() for k, v in first.items()}
+    for _ in range(2):
+        out = ex.run(feeds)
+        for k in fetch:
+            assert rel_diff(out[k], ref[k]) <= 2e-6, k
+    for k in fetch:  # results handed out earlier are not reused buffers
+        np.testing.assert_array_equal(first[k], kept[k])
+    plan = planned(ex)
+    assert fusions <= {n.op for n in plan.nodes}
+    assert len(plan.steps) < len(tm.graph.node)
+
+
+def test_graph_shape_arithmetic_folds_and_identities_go():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 8)).astype(F32)
+    ex = Executor(attention_model())
+    ref = Executor(attention_model(), optimize=False).run({"x": x})["logits"]
+    ex.run({"x": x})
+    out = ex.run({"x": x})["logits"]
+    assert rel_diff(out, ref) <= 1e-6
+    ops = [n.op for n in planned(ex).nodes]
+    for gone in ("Shape", "Gather", "Concat", "Identity"):
+        assert gone not in ops
+
+
+def test_simplify_passes():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["x", "wt"], ["y0"]),
+             helper.make_node("Identity", ["y0"], ["y"]),
+             helper.make_node("Neg", ["x"], ["dead"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [2, 3]),
+                                       helper.make_tensor_value_info("w", TensorProto.FLOAT,
+                                                                     [4, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    shapes = {"x": ((2, 3), np.dtype(F32)), "w": ((4, 3), np.dtype(F32)),
+              "wt": ((3, 4), np.dtype(F32))}
+    constants: dict = {}
+    out, alias = simplify(plan_nodes(ex), constants, {"y"}, shapes)
+    assert [n.op for n in out] == ["Gemm"] and out[0].inputs == ["x", "w"]
+    assert out[0].attrs["transB"] == 1 and alias == {"y": "y0"}
+    np.testing.assert_array_equal(constants["s"], [2, 3])
+    x, w = rng.standard_normal((2, 3)).astype(F32), rng.standard_normal((4, 3)).astype(F32)
+    ex.run({"x": x, "w": w})
+    np.testing.assert_allclose(ex.run({"x": x, "w": w})["y"], x @ w.T, rtol=1e-6)
+    # a constant's transpose is folded instead
+    const = helper.make_graph(nodes[1:4], "c", [g.input[0]], list(g.output),
+                              [numpy_helper.from_array(w, "w")])
+    ex = Executor(helper.make_model(const, opset_imports=OPSET))
+    ex.run({"x": x})
+    assert [n.op for n in planned(ex).nodes] == ["Gemm"]
+
+
+def test_fetch_into_and_on_produced():
+    rng = np.random.default_rng(4)
+    model, x = cnn_model(), rng.standard_normal((4, 2, 8, 8)).astype(F32)
+    tm, names, fetch, feeds = training_case(model, x, rng.integers(0, 5, 4))
+    ref = Executor(tm, feeds=names, fetch=fetch, optimize=False).run(feeds)
+    grads = [k for k in fetch if k.endswith("_grad")]
+    flat = np.zeros(sum(ref[k].size for k in grads), F32)
+    into, o = {}, 0
+    for k in grads:
+        into[k] = flat[o:o + ref[k].size].reshape(ref[k].shape)
+        o += ref[k].size
+    seen: list[str] = []
+    cbs = {k: (lambda v, k=k: seen.append((k, float(np.asarray(v).sum())))) for k in grads}
+    ex = Executor(tm, feeds=names, fetch=fetch, fetch_into=into, on_produced=cbs)
+    for run in range(3):
+        flat[:] = np.nan
+        seen.clear()
+        out = ex.run(feeds)
+        for k in grads:
+            assert out[k] is into[k]
+            assert rel_diff(into[k], ref[k]) <= 2e-6, (run, k)
+        assert sorted(k for k, _ in seen) == sorted(grads)
+        for k, total in seen:
+            assert total == pytest.approx(float(ref[k].sum()), rel=1e-4, abs=1e-5)
+    plan = planned(ex)
+    direct = [n for n in plan.nodes if n.op == "ConvWeightGrad"]
+    assert any(n.outputs[0] in into for n in direct)  # written by the kernel itself
+    with pytest.raises(ModelError, match="not fetched"):
+        Executor(tm, feeds=names, fetch=fetch, fetch_into={"x": x})
+
+
+def test_errors_name_the_node_in_planned_runs():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      None),
+                                       helper.make_tensor_value_info("w", TensorProto.FLOAT,
+                                                                     None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    a = np.ones((2, 3), F32)
+    for _ in range(2):
+        ex.run({"x": a, "w": a.T.copy()})
+    with pytest.raises(ModelError, match="node 'mm' \\(MatMul\\) failed on input shapes"):
+        ex.run({"x": a, "w": a})
+    with pytest.raises(ModelError, match="node 'mm' \\(MatMul\\): input 'w' was not provided"):
+        ex.run({"x": a})
+
+
+def test_buffer_reuse_keeps_values_that_views_still_read():
+    """u dies at the Add that also reads its transpose: the Add must not write over u."""
+    nodes = [helper.make_node("MatMul", ["x", "x"], ["u"]),
+             helper.make_node("Transpose", ["u"], ["ut"], perm=[1, 0]),
+             helper.make_node("Add", ["u", "ut"], ["s"]),
+             helper.make_node("Mul", ["s", "s"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 5])])
+    x = np.random.default_rng(12).standard_normal((5, 5)).astype(F32)
+    u = x @ x
+    want = (u + u.T) ** 2
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    for _ in range(3):
+        np.testing.assert_allclose(ex.run({"x": x})["y"], want, rtol=1e-6)
+
+
+def test_relu_gradient_select_keeps_where_semantics():
+    """Where(cond, dy, 0) runs as a multiply in plans: same zeros (no -0.0), same NaN/inf."""
+    nodes = [helper.make_node("Greater", ["y", "zero"], ["pos"]),
+             helper.make_node("Where", ["pos", "dy", "zero"], ["dx"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, [6])
+                                       for k in ("y", "dy")],
+                          [helper.make_tensor_value_info("dx", TensorProto.FLOAT, [6])],
+                          [numpy_helper.from_array(np.array(0, F32), "zero")])
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    y = np.array([1, -1, 2, -2, 3, -3], F32)
+    for dy in (np.array([-1, -2, 3, 4, -5, 6], F32), np.array([1, np.nan, 2, np.inf, 3, 4], F32),
+               np.array([np.inf, 1, -np.inf, 2, 1, 1], F32)):
+        for _ in range(2):
+            got = ex.run({"y": y, "dy": dy})["dx"]
+            want = np.where(y > 0, dy, F32(0))
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_dropout_draws_the_same_numbers_planned():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Dropout", ["r", "ratio", "train"], ["d", "mask"]),
+             helper.make_node("Mul", ["d", "d"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+                          [numpy_helper.from_array(np.array(0.5, F32), "ratio"),
+                           numpy_helper.from_array(np.array(True), "train")])
+    m = helper.make_model(g, opset_imports=OPSET)
+    x = np.arange(64, dtype=F32)
+    a, b = Executor(m, seed=3), Executor(m, seed=3, optimize=False)
+    for step in range(3):
+        a.rng.reseed(3, step)
+        b.rng.reseed(3, step)
+        np.testing.assert_array_equal(a.run({"x": x})["y"], b.run({"x": x})["y"])
+
+
+# -- fused kernels against the nodes they replace -------------------------------------------
+def _run_nodes(nodes, feeds, outputs, inits=()):
+    vi = [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in feeds]
+    g = helper.make_graph(nodes, "g", vi,
+                          [helper.make_tensor_value_info(k, TensorProto.FLOAT, None)
+                           for k in outputs], list(inits))
+    out = Executor(helper.make_model(g, opset_imports=OPSET), optimize=False).run(feeds)
+    return [out[k] for k in outputs]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 2, 7), (3, 4, 2, 3, 2)])
+def test_batchnorm_fused_forward_and_backward(shape):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(F32)
+    c = shape[1]
+    cshape = (c,) + (1,) * (len(shape) - 2)
+    s_b = (rng.standard_normal(cshape) + 1).astype(F32)
+    b_b = rng.standard_normal(cshape).astype(F32)
+    axes = (0,) + tuple(range(2, len(shape)))
+    eps = F32(1e-5)
+    ax = numpy_helper.from_array(np.array(axes, np.int64), "axes")
+    e = numpy_helper.from_array(np.array(eps, F32), "eps")
+    chain = [helper.make_node("ReduceMean", ["x", "axes"], ["mean"]),
+             helper.make_node("Sub", ["x", "mean"], ["xc"]),
+             helper.make_node("Mul", ["xc", "xc"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["xc", "sd"], ["xhat"]),
+             helper.make_node("Mul", ["xhat", "s_b"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "b_b"], ["y"])]
+    names = list(fused.BN_VALUES)
+    ref = _run_nodes(chain, {"x": x, "s_b": s_b, "b_b": b_b}, names, [ax, e])
+    got = fused.bn_train_forward(np, x, s_b, b_b, axes=axes, eps=eps, want=tuple(names))
+    for r, v in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(v, r)
+    y, xhat, sd = fused.bn_train_forward(np, x, s_b, b_b, axes=axes, eps=eps,
+                                         want=("y", "xhat", "sd"))
+    np.testing.assert_array_equal(y, ref[-1])
+    # backward against the chain's gradients (the autodiff's own nodes)
+    dy = rng.standard_normal(shape).astype(F32)
+    g = helper.make_graph(chain, "bn", [helper.make_tensor_value_info(k, TensorProto.FLOAT,
+                                                                      list(v.shape))
+                                        for k, v in (("x", x), ("s_b", s_b), ("b_b", b_b))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                          [ax, e])
+    from trainer.autodiff import reverse
+    rm = reverse(helper.make_model(g, opset_imports=OPSET), ["x", "s_b", "b_b"], ["y"])
+    want = Executor(rm, optimize=False).run({"x": x, "s_b": s_b, "b_b": b_b, "y_grad": dy})
+    count = x.size // c
+    dx, ds, db = fused.bn_train_backward(np, dy, xhat, sd, s_b, axes=axes, count=count,
+                                         want_dx=True, want_ds=True, want_db=True,
+                                         ds_shape=cshape, db_shape=cshape)
+    assert rel_diff(dx, want["x_grad"]) <= 1e-6
+    assert rel_diff(ds, want["s_b_grad"]) <= 1e-6
+    assert rel_diff(db, want["b_b_grad"]) <= 1e-6
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore):
+    rng = np.random.default_rng(7)
+    scores = rng.standard_normal((6, 4)).astype(F32)
+    labels = rng.integers(0, 4, 6)
+    if ignore:
+        labels[[1, 4]] = -100
+    sce = helper.make_node("SoftmaxCrossEntropyLoss", ["s", "l"], ["loss", "lp"],
+                           ignore_index=-100)
+    g = helper.make_graph([sce], "g", [helper.make_tensor_value_info("s", TensorProto.FLOAT,
+                                                                      [6, 4]),
+                                       helper.make_tensor_value_info("l", TensorProto.INT64,
+                                                                     [6])],
+                          [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])])
+    from trainer.autodiff import reverse
+    m = helper.make_model(g, opset_imports=OPSET)
+    seed = np.array(0.75, F32)
+    want = Executor(reverse(m, ["s"], ["loss"]), optimize=False).run(
+        {"s": scores, "l": labels, "loss_grad": seed})
+    loss, lp = fused.softmax_cross_entropy_forward(np, scores, labels, ignore_index=-100)
+    np.testing.assert_array_equal(loss, want["loss"])
+    (ds,) = fused.softmax_cross_entropy_backward(np, lp, labels, seed, ignore_index=-100)
+    np.testing.assert_array_equal(ds, want["s_grad"])
+    t = torch.from_numpy(scores).requires_grad_()
+    torch.nn.functional.cross_entropy(t, torch.from_numpy(labels)).mul(0.75).backward()
+    np.testing.assert_allclose(ds, t.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_layer_norm_fused_backward_matches_torch():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 5, 8)) * 3 + 1).astype(F32)
+    s, b = rng.standard_normal(8).astype(F32), rng.standard_normal(8).astype(F32)
+    dy = rng.standard_normal(x.shape).astype(F32)
+    xt, st, bt = (torch.from_numpy(v).requires_grad_() for v in (x, s, b))
+    torch.nn.functional.layer_norm(xt, (8,), st, bt, 1e-5).backward(torch.from_numpy(dy))
+    dx, ds, db = fused.layer_norm_backward(np, dy, x, s, axes=(2,), eps=1e-5, want_dx=True,
+                                           want_ds=True, want_db=True, ds_shape=(8,),
+                                           db_shape=(8,))
+    for got, ref in ((dx, xt), (ds, st), (db, bt)):
+        assert rel_diff(got, ref.grad.numpy()) <= 2e-6
+
+
+def test_fast_erf_is_within_an_ulp():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.standard_normal(20000) * 2, [0, -0.0, 1e-30, -1e-8, 1, -1, 0.999,
+                                                         1.001, 3.9, 4.5, 10, np.inf,
+                                                         -np.inf]]).astype(F32)
+    exact = np.array([math.erf(float(v)) for v in x])
+    (got,) = fused.erf_float32(np, x)
+    assert got.dtype == F32
+    ulp = np.spacing(np.abs(exact).astype(F32)).astype(np.float64)
+    assert np.max(np.abs(got - exact) / ulp) <= 1.0
+    assert np.isnan(fused.erf_float32(np, np.array([np.nan], F32))[0]).all()
+
+
+# -- convolutions against PyTorch -------------------------------------------------------------
+CONV_CASES = [  # (N, C, H, W, M, K, stride, pad, dilation, group)
+    (2, 3, 9, 8, 4, 3, 1, 1, 1, 1), (2, 4, 9, 9, 6, 3, 2, 1, 1, 2), (1, 2, 7, 7, 2, 2, 1, 0, 2, 1),
+    (3, 6, 6, 5, 3, 1, 2, 0, 1, 1), (2, 2, 5, 5, 8, 5, 1, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_forward_and_both_gradients_match_torch(case):
+    n, c, h, w_, m, k, s, p, d, g = case
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((n, c, h, w_)).astype(F32)
+    w = rng.standard_normal((m, c // g, k, k)).astype(F32)
+    b = rng.standard_normal(m).astype(F32)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    yt = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(b), s, p, d, g)
+    kw = dict(strides=[s, s], pads=[p] * 4, dilations=[d, d], group=g)
+    (y,) = nn.Conv(np, x, w, b, **kw)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(y.shape).astype(F32)
+    yt.backward(torch.from_numpy(dy))
+    # dX as the backward graph computes it: ConvTranspose of dY, both methods
+    extra = [(h + 2 * p - d * (k - 1) - 1) % s, (w_ + 2 * p - d * (k - 1) - 1) % s]
+    geo = nn.conv_transpose_geometry(dy.shape, [k, k], [s, s], [d, d], [p] * 4, extra, None,
+                                     "NOTSET")
+    for method in ("conv", "fold", None):
+        dx = nn.conv_transpose_into(np, dy, w, None, *geo, g, method=method)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    if g == 1:
+        dw = nn.conv_weight_grad_into(np, x, dy, [k, k], [s, s], [d, d], [p] * 4, 1)
+        np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-4)
+        (dw2,) = fused.conv_weight_grad(np, x, dy, kernel_shape=[k, k], strides=[s, s],
+                                        dilations=[d, d], pads=[p, p, 0, 0])
+        np.testing.assert_allclose(dw2, dw, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [([2, 2], [2, 2], [0] * 4),
+                                               ([3, 3], [1, 2], [1] * 4)])
+def test_pools_match_torch(kernel, stride, pad):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 7, 8)).astype(F32)
+    y, idx = nn.MaxPool(np, x, kernel_shape=kernel, strides=stride, pads=pad)
+    yt, it = torch.nn.functional.max_pool2d(torch.from_numpy(x), kernel, stride, pad[0],
+                                            return_indices=True)
+    np.testing.assert_array_equal(y, yt.numpy())
+    plane = 7 * 8
+    np.testing.assert_array_equal(idx % plane, it.numpy())
+    (only,) = nn.MaxPool(np, x, kernel_shape=kernel, strides=stride, pads=pad, n_outputs=1)
+    np.testing.assert_array_equal(only, y)
+    x[0, 0, 0, 0] = np.nan  # NaNs take the argmax path, as before
+    assert np.isnan(nn.MaxPool(np, x, kernel_shape=kernel, strides=stride, pads=pad)[0][0, 0,
+                                                                                       0, 0])
+    x = rng.standard_normal((2, 3, 7, 8)).astype(F32)
+    (a,) = nn.AveragePool(np, x, kernel_shape=kernel, strides=stride, pads=pad,
+                          count_include_pad=1)
+    at = torch.nn.functional.avg_pool2d(torch.from_numpy(x), kernel, stride, pad[0],
+                                        count_include_pad=True)
+    np.testing.assert_allclose(a, at.numpy(), rtol=1e-6, atol=1e-6)

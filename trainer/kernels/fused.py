@@ -1,0 +1,630 @@
+"""Fused kernels the planner substitutes for node chains of training graphs (BatchNormalization
+training rewrite and its backward, softmax cross entropy, LayerNorm and Conv weight gradients, a
+float32 Erf), and the matchers that find those chains; the training graph itself stays ONNX."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from trainer.kernels import get_kernel, nn
+from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
+
+# -- kernels --------------------------------------------------------------------------------------
+BN_VALUES = ("mean", "xc", "sq", "var", "ve", "sd", "xhat", "scaled", "y")
+
+
+def bn_train_forward(xp, x, s_b, b_b, *, axes, eps, want):
+    """The BatchNormalization training rewrite's values (the ones named in `want`), computed
+    with the same operations in the same order as its nodes, with fewer temporaries."""
+    mean = x.mean(axis=axes, keepdims=True)
+    xc = x - mean
+    sq = xc * xc
+    var = sq.mean(axis=axes, keepdims=True)
+    ve = var + eps
+    sd = xp.sqrt(ve)
+    if "sq" not in want:
+        del sq
+    if "xc" in want:
+        xhat = xc / sd
+    else:
+        xhat = xp.divide(xc, sd, out=xc)
+    scaled = xhat * s_b if s_b is not None else xhat
+    if "scaled" in want:
+        y = scaled + b_b if b_b is not None else scaled.copy()
+    else:
+        y = xp.add(scaled, b_b, out=scaled) if b_b is not None else scaled
+    local = {"mean": mean, "xc": xc, "var": var, "ve": ve, "sd": sd, "xhat": xhat,
+             "scaled": scaled, "y": y}
+    if "sq" in want:
+        local["sq"] = sq
+    return tuple(local[k] for k in want)
+
+
+def bn_train_backward(xp, dy, xhat, sd, s_b, *, axes, count, want_dx, want_ds, want_db,
+                      ds_shape, db_shape):
+    """dX, dScale, dBias of y = xhat * s + b with xhat = (x - mean(x)) / sd(x) (batch
+    statistics): dX = s / sd * (dy - mean(dy) - xhat * mean(dy * xhat))."""
+    db = dy.sum(axis=axes, keepdims=True)
+    t = dy * xhat
+    ds = t.sum(axis=axes, keepdims=True)
+    out = []
+    if want_dx:
+        inv = dy.dtype.type(1.0 / count)
+        xp.multiply(xhat, ds * inv, out=t)
+        xp.subtract(dy, t, out=t)
+        t -= db * inv
+        t *= (s_b / sd) if s_b is not None else 1 / sd
+        out.append(t)
+    if want_ds:
+        out.append(ds.reshape(ds_shape))
+    if want_db:
+        out.append(db.reshape(db_shape))
+    return tuple(out)
+
+
+def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_db,
+                        ds_shape, db_shape):
+    """dX, dScale, dBias of LayerNormalization (statistics recomputed from x, as its gradient
+    rule does): dX = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale."""
+    lead = tuple(range(axes[0]))
+    mean = x.mean(axis=axes, keepdims=True)
+    xhat = x - mean
+    var = (xhat * xhat).mean(axis=axes, keepdims=True)
+    inv = 1 / xp.sqrt(var + x.dtype.type(eps))
+    xhat *= inv
+    out = []
+    ds = (dy * xhat).sum(axis=lead).reshape(ds_shape) if want_ds else None
+    if want_dx:
+        g = dy * scale.reshape(x.shape[axes[0]:])
+        mg = g.mean(axis=axes, keepdims=True)
+        mgx = (g * xhat).mean(axis=axes, keepdims=True)
+        xhat *= mgx
+        g -= mg
+        g -= xhat
+        g *= inv
+        out.append(g)
+    if want_ds:
+        out.append(ds)
+    if want_db:
+        out.append(dy.sum(axis=lead).reshape(db_shape))
+    return tuple(out)
+
+
+def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
+    """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
+    operations as its kernel with the label lookup written for the 2-D case."""
+    m = scores.max(axis=1, keepdims=True)
+    z = scores - m
+    log_prob = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+    lab = labels.astype(np.int64, copy=False)
+    valid = xp.ones(lab.shape, dtype=bool) if ignore_index is None else lab != ignore_index
+    safe = xp.where(valid, lab, 0)
+    if log_prob.ndim == 2:
+        picked = -log_prob[xp.arange(lab.shape[0]), safe]
+    else:
+        picked = -xp.take_along_axis(log_prob, xp.expand_dims(safe, 1), axis=1)[:, 0]
+    w = valid.astype(log_prob.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):  # every label ignored: 0/0
+        loss = (picked * w).sum() / w.sum()
+    return (xp.asarray(loss).astype(scores.dtype), log_prob)
+
+
+def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
+    """d(mean cross entropy)/d(logits) [N, C, ...] from the loss's log_prob output: softmax
+    times c, minus c at each label, c = seed / (number of counted labels) (0 where ignored)."""
+    prob = xp.exp(log_prob)
+    if ignore_index is not None:
+        ignored = labels == ignore_index
+        safe = xp.where(ignored, 0, labels)
+        valid = xp.where(ignored, prob.dtype.type(0), prob.dtype.type(1))
+        total = valid.sum()
+        denom = xp.where(total == 0, prob.dtype.type(1), total)
+        c = valid * (seed / denom)
+    else:
+        safe = labels
+        c = xp.full(labels.shape, seed / prob.dtype.type(labels.size), dtype=prob.dtype)
+    c1 = c[:, None]
+    xp.multiply(prob, c1, out=prob)
+    if prob.ndim == 2:  # the label column of each row
+        rows = xp.arange(prob.shape[0])
+        prob[rows, safe] = prob[rows, safe] - c
+        return (prob,)
+    at = safe[:, None]
+    picked = xp.take_along_axis(prob, at, axis=1)
+    xp.put_along_axis(prob, at, picked - c1, axis=1)
+    return (prob,)
+
+
+# erf(x) = x * sum_n (-1)^n x^2n / (n! (2n + 1)) * 2/sqrt(pi) for |x| < 1 (12 terms: relative
+# error 1e-10); erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2) beyond (fractional error
+# 1.1e-7 on erfc, so below 2e-8 on erf there): float32 results within one ulp.
+_ERF_TAYLOR = [(-1) ** n / (math.factorial(n) * (2 * n + 1)) * 2 / math.sqrt(math.pi)
+               for n in range(12)]
+_ERFC_TAIL = [-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+              -1.13520398, 1.48851587, -0.82215223, 0.17087277]
+
+
+def erf_float32(xp, x):
+    """Erf for float32 inputs, computed in float64 without masked subsets."""
+    a = xp.abs(x).astype(np.float64)
+    s = xp.minimum(a, 1.0)
+    s2 = s * s
+    small = xp.full_like(s, _ERF_TAYLOR[-1])
+    for c in _ERF_TAYLOR[-2::-1]:
+        small *= s2
+        small += c
+    small *= s
+    z = xp.maximum(a, 1.0)
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = xp.full_like(t, _ERFC_TAIL[-1])
+    for c in _ERFC_TAIL[-2::-1]:
+        p *= t
+        p += c
+    z *= z
+    xp.subtract(p, z, out=p)
+    big = 1.0 - t * xp.exp(p, out=p)
+    return (xp.copysign(xp.where(a < 1.0, small, big), x).astype(x.dtype),)
+
+
+def conv_weight_grad(xp, x, dy, *, kernel_shape, strides, dilations, pads):
+    return (nn.conv_weight_grad_into(xp, x, dy, kernel_shape, strides, dilations, pads, 1),)
+
+
+# -- matching helpers -----------------------------------------------------------------------------
+# Backward chains are found by regenerating them with the gradient rules on the matched forward
+# nodes (a template) and matching that template node by node, so a rule change can only turn a
+# fusion off, never change what it computes.
+def _const(constants: Mapping, name: str):
+    return constants.get(name) if name else None
+
+
+def _same_attrs(a: dict, b: dict) -> bool:
+    skip = {"rng", "n_outputs"}
+    ka, kb = set(a) - skip, set(b) - skip
+    if ka != kb:
+        return False
+    for k in ka:
+        x, y = a[k], b[k]
+        if isinstance(x, onnx.TensorProto):
+            x = numpy_helper.to_array(x)
+        if isinstance(y, onnx.TensorProto):
+            y = numpy_helper.to_array(y)
+        if isinstance(x, bytes):
+            x = x.decode()
+        if isinstance(y, bytes):
+            y = y.decode()
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not np.array_equal(np.asarray(x), np.asarray(y)):
+                return False
+        elif (list(x) if isinstance(x, tuple | list) else x) != (
+                list(y) if isinstance(y, tuple | list) else y):
+            return False
+    return True
+
+
+def _equal_values(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def _proto(n: PNode) -> onnx.NodeProto:
+    attrs = {k: v for k, v in n.attrs.items() if k not in ("rng", "n_outputs")}
+    return helper.make_node(n.op, n.inputs, n.outputs, name=n.name, domain=n.domain or None,
+                            **attrs)
+
+
+def _reduce_axes(n: PNode, constants: Mapping):
+    if len(n.inputs) > 1 and n.inputs[1]:
+        v = _const(constants, n.inputs[1])
+        return None if v is None else tuple(int(a) for a in np.asarray(v).reshape(-1))
+    axes = n.attrs.get("axes")
+    return None if axes is None else tuple(int(a) for a in axes)
+
+
+class _Graph:
+    """The planner's node list with producer/consumer indexes, edited in place."""
+
+    def __init__(self, nodes: list[PNode], constants: dict, shapes: Mapping, keep: set[str],
+                 opset: int):
+        self.nodes, self.constants, self.shapes, self.keep = nodes, constants, shapes, keep
+        self.opset = opset
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.made = producers(self.nodes)
+        self.readers = consumers(self.nodes)
+
+    def only_reader(self, value: str, op: str) -> PNode | None:
+        rs = self.readers.get(value, [])
+        if len(rs) == 1 and rs[0].op == op and not rs[0].domain and value not in self.keep:
+            return rs[0]
+        return None
+
+    def reader(self, value: str, op: str, exclude=()) -> list[PNode]:
+        return [r for r in self.readers.get(value, []) if r.op == op and not r.domain
+                and all(r is not e for e in exclude)]
+
+    def replace(self, old: list[PNode], new: PNode) -> None:
+        """Put `new` where the last of `old` was and drop the rest."""
+        ids = {id(n) for n in old}
+        last = max(i for i, n in enumerate(self.nodes) if id(n) in ids)
+        self.nodes[last] = new
+        self.nodes[:] = [n for n in self.nodes if id(n) not in ids]
+        self.reindex()
+
+
+def _template(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[str]):
+    """The backward nodes the gradient rules emit for `region` (template PNodes, simplified as
+    the plan was), their constants, and {wrt: gradient value}; None when rules refuse."""
+    from trainer.autodiff.engine import build_backward
+    from trainer.graph import NameScope
+
+    names = {v for n in g.nodes for v in n.inputs + n.outputs} | set(g.constants)
+    scope = NameScope(names | set(seeds.values()))
+    try:
+        bwd, inits, grads = build_backward([_proto(n) for n in region], seeds, wrt,
+                                           dict(g.shapes), g.opset, scope, g.constants)
+    except Exception:  # noqa: BLE001 - no template: the nodes stay unfused
+        return None
+    consts = dict(g.constants)
+    tconsts = {t.name: numpy_helper.to_array(t) for t in inits}
+    consts.update(tconsts)
+    tnodes = []
+    for k, p in enumerate(bwd):
+        fn = get_kernel(p.op_type, g.opset if not p.domain else 1, p.domain)
+        attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
+        tnodes.append(PNode(p.op_type, list(p.input), list(p.output), attrs, p.name or str(k),
+                            fn, p.domain or ""))
+    tnodes = fold_constants(tnodes, consts)
+    alias: dict[str, str] = {}
+    tnodes = remove_identities(tnodes, alias)
+    grads = {w: alias.get(v, v) for w, v in grads.items()}
+    return tnodes, consts, set(tconsts) | (set(consts) - set(g.constants)), grads
+
+
+def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seeds: set[str],
+           region: list[PNode]):
+    """Map template nodes onto the plan's nodes: same op, attributes and wiring (forward values
+    as they are, template constants by value, each seed bound on first use). Returns
+    ({template value: plan value}, matched plan nodes) or None."""
+    produced = {o for n in tnodes for o in n.outputs}
+    region_ids = {id(n) for n in region}
+    m: dict[str, str] = {}
+    used: set[int] = set()
+    matched: list[PNode] = []
+    pending = list(tnodes)
+    const_tag, seed_tag = object(), object()
+
+    def resolve(t: str):
+        if not t:
+            return ""
+        if t in m:
+            return m[t]
+        if t in produced:
+            return None
+        if t in seeds:
+            return seed_tag
+        if t in tnames:
+            return const_tag
+        return t
+
+    while pending:
+        progress = False
+        for tn in list(pending):
+            res = [resolve(t) for t in tn.inputs]
+            if any(r is None for r in res):
+                continue
+            anchors = [r for r in res if isinstance(r, str) and r]
+            if not anchors:
+                continue
+            chosen, binds = None, {}
+            for c in g.readers.get(anchors[0], []):
+                if (id(c) in used or id(c) in region_ids or c.op != tn.op or c.domain != tn.domain
+                        or len(c.inputs) != len(tn.inputs) or len(c.outputs) != len(tn.outputs)
+                        or not _same_attrs(c.attrs, tn.attrs)):
+                    continue
+                binds, ok = {}, True
+                for t, r, a in zip(tn.inputs, res, c.inputs, strict=True):
+                    if r is seed_tag:
+                        ok = binds.setdefault(t, a) == a and bool(a)
+                    elif r is const_tag:
+                        ok = a in g.constants and _equal_values(g.constants[a], tconsts[t])
+                    else:
+                        ok = r == a
+                    if not ok:
+                        break
+                if ok:
+                    chosen = c
+                    break
+            if chosen is None:
+                continue
+            m.update(binds)
+            m.update(zip(tn.outputs, chosen.outputs, strict=True))
+            used.add(id(chosen))
+            matched.append(chosen)
+            pending.remove(tn)
+            progress = True
+        if not progress:
+            return None
+    return m, matched
+
+
+def _fuse_backward(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[str]):
+    """Template-match the backward of `region`; (bound seeds, {wrt: plan gradient value},
+    matched nodes) when every internal value stays inside the match."""
+    made = _template(g, region, seeds, wrt)
+    if made is None:
+        return None
+    tnodes, tconsts, tnames, grads = made
+    found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region)
+    if found is None:
+        return None
+    m, matched = found
+    outs = {m[v] for v in grads.values() if v in m}
+    if len(outs) != len(grads):
+        return None
+    ids = {id(n) for n in matched}
+    for n in matched:
+        for o in n.outputs:
+            if o and o not in outs and (o in g.keep or any(
+                    id(r) not in ids for r in g.readers.get(o, []))):
+                return None
+    return {s: m.get(t) for s, t in seeds.items()}, {w: m[v] for w, v in grads.items()}, matched
+
+
+# -- BatchNormalization training rewrite ----------------------------------------------------------
+def _match_bn_forward(g: _Graph, mean_node: PNode):
+    """The rewrite's forward chain from its first ReduceMean: {role: node} or None."""
+    c = g.constants
+    x = mean_node.inputs[0]
+    axes = _reduce_axes(mean_node, c)
+    shape = g.shapes.get(x, ((),))[0]
+    if axes is None or len(shape) < 2 or not mean_node.attrs.get("keepdims", 1):
+        return None
+    rank = len(shape)
+    if sorted(a % rank for a in axes) != [0] + list(range(2, rank)):
+        return None
+    mean = mean_node.outputs[0]
+    role = {"mean": mean_node}
+    sub = [n for n in g.reader(mean, "Sub") if n.inputs == [x, mean]]
+    if len(sub) != 1:
+        return None
+    role["xc"] = sub[0]
+    xc = sub[0].outputs[0]
+    sq = [n for n in g.reader(xc, "Mul") if n.inputs == [xc, xc]]
+    if len(sq) != 1:
+        return None
+    role["sq"] = sq[0]
+    var_n = g.only_reader(sq[0].outputs[0], "ReduceMean")
+    if var_n is None or _reduce_axes(var_n, c) != axes or not var_n.attrs.get("keepdims", 1):
+        return None
+    role["var"] = var_n
+    ve = [n for n in g.reader(var_n.outputs[0], "Add")
+          if n.inputs[0] == var_n.outputs[0] and np.size(_const(c, n.inputs[1])) == 1]
+    if len(ve) != 1:
+        return None
+    role["ve"] = ve[0]
+    sd = g.only_reader(ve[0].outputs[0], "Sqrt")
+    if sd is None:
+        return None
+    role["sd"] = sd
+    div = [n for n in g.reader(sd.outputs[0], "Div") if n.inputs == [xc, sd.outputs[0]]]
+    if len(div) != 1:
+        return None
+    role["xhat"] = div[0]
+    xhat = div[0].outputs[0]
+    cshape = (shape[1],) + (1,) * (rank - 2)
+    mul = [n for n in g.reader(xhat, "Mul") if n.inputs[0] == xhat
+           and tuple(g.shapes.get(n.inputs[1], ((),))[0]) == cshape]
+    if len(mul) != 1:
+        return None
+    role["scaled"] = mul[0]
+    add = [n for n in g.reader(mul[0].outputs[0], "Add") if n.inputs[0] == mul[0].outputs[0]
+           and tuple(g.shapes.get(n.inputs[1], ((),))[0]) == cshape]
+    if len(add) != 1:
+        return None
+    role["y"] = add[0]
+    if g.shapes[x][1] not in (np.float32, np.float64):
+        return None
+    return role
+
+
+def _fuse_batchnorm(g: _Graph) -> int:
+    fused = 0
+    for mean_node in [n for n in g.nodes if n.op == "ReduceMean" and not n.domain]:
+        if not any(n is mean_node for n in g.nodes):
+            continue
+        role = _match_bn_forward(g, mean_node)
+        if role is None:
+            continue
+        x = mean_node.inputs[0]
+        axes = tuple(sorted(a % len(g.shapes[x][0]) for a in _reduce_axes(mean_node,
+                                                                             g.constants)))
+        s_b, b_b = role["scaled"].inputs[1], role["y"].inputs[1]
+        eps = g.constants[role["ve"].inputs[1]]
+        values = {k: role[k].outputs[0] for k in BN_VALUES}
+        region = [role[k] for k in BN_VALUES]
+        # The scale/bias reshapes belong to the region when their sources are trained.
+        extra, wrt = [], []
+        if x not in g.constants:
+            wrt.append(x)
+        for v in (s_b, b_b):
+            src = g.made.get(v)
+            if src is not None and src.op == "Reshape" and src.inputs[0] not in g.constants:
+                extra.append(src)
+                wrt.append(src.inputs[0])
+            elif v not in g.constants:
+                wrt.append(v)
+        y = values["y"]
+        count = int(np.prod([g.shapes[x][0][a] for a in axes]))
+        seed = "\x00seed:" + y
+        back = None
+        for variant in (wrt, [w for w in wrt if w != x]):  # X may need no gradient
+            back = _fuse_backward(g, extra + region, {y: seed}, variant) if variant else None
+            if back is not None:
+                break
+        if back is not None:
+            bound, grads, matched = back
+            sname = extra[0].inputs[0] if extra and extra[0].outputs[0] == s_b else s_b
+            bname = (extra[-1].inputs[0] if extra and extra[-1].outputs[0] == b_b else b_b)
+            outs = [grads[w] for w in (x, sname, bname) if w in grads]
+            dy = bound[y]
+            attrs = dict(axes=axes, count=count, want_dx=x in grads, want_ds=sname in grads,
+                         want_db=bname in grads,
+                         ds_shape=g.shapes[sname][0] if sname in g.shapes else None,
+                         db_shape=g.shapes[bname][0] if bname in g.shapes else None)
+            node = PNode("BatchNormTrainGrad", [dy, values["xhat"], values["sd"], s_b], outs,
+                         attrs, f"{role['y'].name}/fused_grad", bn_train_backward, fused=True,
+                         info={"replaces": [n.name for n in matched]})
+            g.replace(matched, node)
+        # Forward: one kernel for the chain, returning the values other nodes still read.
+        inside = {id(n) for n in region}
+        want = tuple(k for k in BN_VALUES if k == "y" or values[k] in g.keep or any(
+            id(r) not in inside for r in g.readers.get(values[k], [])))
+        node = PNode("BatchNormTrain", [x, s_b, b_b], [values[k] for k in want],
+                     dict(axes=axes, eps=np.asarray(eps).reshape(()).astype(g.shapes[x][1])[()],
+                          want=want),
+                     f"{role['y'].name}/fused", bn_train_forward, fused=True,
+                     info={"replaces": [n.name for n in region]})
+        g.replace(region, node)
+        fused += 1
+    return fused
+
+
+# -- SoftmaxCrossEntropyLoss gradient ------------------------------------------------------------
+def _fuse_softmax_cross_entropy(g: _Graph) -> int:
+    fused = 0
+    for n in [n for n in g.nodes if n.op == "SoftmaxCrossEntropyLoss" and not n.domain]:
+        reduction = n.attrs.get("reduction", "mean")
+        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+        if (reduction != "mean" or len(n.inputs) > 2 and n.inputs[2] or len(n.outputs) < 2
+                or not n.outputs[1] or n.inputs[0] in g.constants
+                or n.attrs.get("ignore_index") is None):
+            continue
+        logits, labels = n.inputs[:2]
+        if g.shapes[logits][1] not in (np.float32, np.float64):
+            continue
+        seed = "\x00seed:" + n.outputs[0]
+        back = _fuse_backward(g, [n], {n.outputs[0]: seed}, [logits])
+        if back is None:
+            continue
+        bound, grads, matched = back
+        if bound[n.outputs[0]] not in g.constants:
+            continue
+        n.fn = softmax_cross_entropy_forward
+        n.attrs = {"ignore_index": n.attrs.get("ignore_index")}
+        n.info["substituted"] = "softmax_cross_entropy_forward"
+        node = PNode("SoftmaxCrossEntropyGrad", [n.outputs[1], labels, bound[n.outputs[0]]],
+                     [grads[logits]], {"ignore_index": n.attrs.get("ignore_index")},
+                     f"{n.name}/fused_grad", softmax_cross_entropy_backward, fused=True,
+                     info={"replaces": [m.name for m in matched]})
+        g.replace(matched, node)
+        fused += 1
+    return fused
+
+
+# -- Conv weight gradient ------------------------------------------------------------------------
+def _swap01(n: PNode, rank: int) -> bool:
+    perm = n.attrs.get("perm")
+    return perm is not None and list(perm) == [1, 0] + list(range(2, rank))
+
+
+def _fuse_conv_weight_grad(g: _Graph) -> int:
+    fused = 0
+    for conv in [n for n in g.nodes if n.op == "Conv" and not n.domain]:
+        a = conv.attrs
+        if len(conv.inputs) != 2 or a.get("group", 1) != 1 or a.get("auto_pad", "NOTSET") \
+                not in ("NOTSET", b"NOTSET"):
+            continue
+        tx, tdy = g.made.get(conv.inputs[0]), g.made.get(conv.inputs[1])
+        out = g.only_reader(conv.outputs[0], "Transpose")
+        if tx is None or tdy is None or out is None or tx.op != "Transpose" \
+                or tdy.op != "Transpose":
+            continue
+        rank = len(g.shapes[conv.inputs[0]][0])
+        if not all(_swap01(t, rank) for t in (tx, tdy, out)):
+            continue
+        x, dy = tx.inputs[0], tdy.inputs[0]
+        if g.shapes[x][1] not in (np.float32, np.float64) or g.shapes[dy][1] != g.shapes[x][1]:
+            continue
+        k = rank - 2
+        kshape = list(g.shapes[conv.outputs[0]][0][2:])
+        pads = list(a.get("pads") or [0] * 2 * k)
+        attrs = dict(kernel_shape=kshape, strides=list(a.get("dilations") or [1] * k),
+                     dilations=list(a.get("strides") or [1] * k), pads=pads[:k] + [0] * k)
+        node = PNode("ConvWeightGrad", [x, dy], [out.outputs[0]], attrs,
+                     f"{conv.name}/fused", conv_weight_grad, fused=True,
+                     info={"replaces": [conv.name, out.name]})
+
+        def into(x_, dy_, dw, attrs=attrs):
+            return nn.conv_weight_grad_into(np, x_, dy_, attrs["kernel_shape"],
+                                            attrs["strides"], attrs["dilations"],
+                                            attrs["pads"], 1, dw)
+        node.info["out_impl"] = (into, 2)
+        g.replace([conv, out], node)
+        fused += 1
+    return fused
+
+
+# -- LayerNormalization gradient -------------------------------------------------------------------
+def _fuse_layer_norm(g: _Graph) -> int:
+    fused = 0
+    for n in [n for n in g.nodes if n.op == "LayerNormalization" and not n.domain]:
+        x, scale = n.inputs[0], n.inputs[1]
+        bias = n.inputs[2] if len(n.inputs) > 2 else ""
+        shape, dt = g.shapes[x]
+        if dt not in (np.float32, np.float64) or any(o for o in n.outputs[1:]):
+            continue
+        axis = n.attrs.get("axis", -1) % len(shape)
+        if int(np.prod(g.shapes[scale][0])) != int(np.prod(shape[axis:])) or (
+                bias and int(np.prod(g.shapes[bias][0])) != int(np.prod(shape[axis:]))):
+            continue
+        wrt = [v for v in (x, scale, bias) if v and v not in g.constants]
+        if not wrt:
+            continue
+        y = n.outputs[0]
+        back = None
+        for variant in (wrt, [w for w in wrt if w != x]):  # X may need no gradient
+            back = _fuse_backward(g, [n], {y: "\x00seed:" + y}, variant) if variant else None
+            if back is not None:
+                break
+        if back is None:
+            continue
+        bound, grads, matched = back
+        attrs = dict(axes=tuple(range(axis, len(shape))), eps=float(n.attrs.get("epsilon", 1e-5)),
+                     want_dx=x in grads, want_ds=scale in grads, want_db=bias in grads,
+                     ds_shape=g.shapes[scale][0], db_shape=g.shapes[bias][0] if bias else None)
+        node = PNode("LayerNormGrad", [bound[y], x, scale], [grads[w] for w in (x, scale, bias)
+                                                             if w in grads],
+                     attrs, f"{n.name}/fused_grad", layer_norm_backward, fused=True,
+                     info={"replaces": [m.name for m in matched]})
+        g.replace(matched, node)
+        fused += 1
+    return fused
+
+
+def _fast_erf(g: _Graph) -> int:
+    count = 0
+    for n in g.nodes:
+        if n.op == "Erf" and not n.domain and g.shapes.get(n.inputs[0], ((), None))[1] == \
+                np.float32:
+            n.fn, n.info["substituted"] = erf_float32, "erf_float32"
+            count += 1
+    return count
+
+
+def fuse(nodes: list[PNode], constants: dict, shapes: Mapping, keep: set[str], opset: int
+         ) -> list[PNode]:
+    """Every fusion that matches; other nodes are left as they are."""
+    g = _Graph(list(nodes), constants, shapes, set(keep), opset)
+    _fuse_batchnorm(g)
+    _fuse_softmax_cross_entropy(g)
+    _fuse_conv_weight_grad(g)
+    _fuse_layer_norm(g)
+    _fast_erf(g)
+    return g.nodes

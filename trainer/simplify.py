@@ -1,0 +1,135 @@
+"""Graph simplification before planning: constant folding (shape arithmetic included, once shapes
+are known), Identity removal, transposes folded into Gemm flags, dead-node elimination."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FOLD_LIMIT = 1 << 20  # elements: larger folded values would only duplicate weights
+
+
+@dataclass
+class PNode:
+    """A node as the planner sees it: a bound kernel `fn(xp, *inputs, **attrs) -> tuple`."""
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict
+    name: str
+    fn: Callable | None = None
+    domain: str = ""
+    subs: tuple = ()   # (attribute name, planned subgraph(s)) of control-flow nodes
+    fused: bool = False  # made by the planner (trainer.kernels.fused), not in the graph
+    info: dict = field(default_factory=dict)  # planner notes (e.g. the nodes a fusion replaced)
+
+    @property
+    def random(self) -> bool:
+        return "rng" in self.attrs
+
+
+def consumers(nodes: Iterable[PNode]) -> dict[str, list[PNode]]:
+    """value name -> the nodes that read it (once per node)."""
+    out: dict[str, list[PNode]] = {}
+    for n in nodes:
+        for i in dict.fromkeys(n.inputs):
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def producers(nodes: Iterable[PNode]) -> dict[str, PNode]:
+    return {o: n for n in nodes for o in n.outputs if o}
+
+
+def fold_constants(nodes: list[PNode], constants: dict, shapes: Mapping | None = None
+                   ) -> list[PNode]:
+    """Evaluate nodes whose inputs are all constants (and, with `shapes`, Shape/Size of any
+    value) at plan time; their outputs join `constants`. Random and control-flow nodes stay."""
+    kept = []
+    for n in nodes:
+        if shapes is not None and n.op in ("Shape", "Size") and not n.domain \
+                and n.inputs[0] in shapes:
+            dims = np.array(shapes[n.inputs[0]][0], np.int64)
+            if n.op == "Shape":
+                start, end = n.attrs.get("start", 0), n.attrs.get("end")
+                constants[n.outputs[0]] = dims[start:end]
+            else:
+                constants[n.outputs[0]] = np.array(int(np.prod(dims)), np.int64)
+            continue
+        ins = [i for i in n.inputs if i]
+        if (n.fn is None or n.random or n.subs or n.fused
+                or not all(i in constants for i in ins)):
+            kept.append(n)
+            continue
+        try:
+            values = n.fn(np, *[constants[i] if i else None for i in n.inputs], **n.attrs)
+        except Exception:  # noqa: BLE001 - the run reports it, naming the node
+            kept.append(n)
+            continue
+        arrays = [np.asarray(v) if isinstance(v, np.generic) else v
+                  for v in list(values)[:len(n.outputs)]]
+        if not all(isinstance(v, np.ndarray) and v.size <= FOLD_LIMIT for v in arrays):
+            kept.append(n)
+            continue
+        for o, v in zip(n.outputs, arrays, strict=False):
+            if o:
+                constants[o] = v
+    return kept
+
+
+def remove_identities(nodes: list[PNode], alias: dict[str, str]) -> list[PNode]:
+    """Drop Identity nodes: readers of the output read the input (recorded in `alias`)."""
+    kept = []
+    for n in nodes:
+        n.inputs = [alias.get(i, i) for i in n.inputs]
+        if n.op == "Identity" and not n.domain and len(n.inputs) == 1 and n.inputs[0]:
+            alias[n.outputs[0]] = n.inputs[0]
+            continue
+        kept.append(n)
+    return kept
+
+
+def fold_transposes_into_gemm(nodes: list[PNode], shapes: Mapping) -> list[PNode]:
+    """Gemm(Transpose(A)) -> Gemm(A, transA=1) (2-D transposes; B alike)."""
+    made = producers(nodes)
+    for n in nodes:
+        if n.op != "Gemm" or n.domain:
+            continue
+        for slot, flag in ((0, "transA"), (1, "transB")):
+            src = made.get(n.inputs[slot])
+            if (src is not None and src.op == "Transpose" and not src.domain
+                    and len(shapes.get(src.inputs[0], ((),))[0]) == 2
+                    and list(src.attrs.get("perm") or [1, 0]) == [1, 0]):
+                n.inputs[slot] = src.inputs[0]
+                n.attrs[flag] = 1 - int(n.attrs.get(flag, 0))
+    return nodes
+
+
+def eliminate_dead(nodes: list[PNode], keep: Iterable[str]) -> list[PNode]:
+    """Drop nodes none of whose outputs is kept or read (random nodes stay: they draw from the
+    run's random stream, which later nodes share)."""
+    live = set(keep)
+    out = []
+    for n in reversed(nodes):
+        if n.random or n.subs or any(o in live for o in n.outputs if o):
+            out.append(n)
+            live.update(i for i in n.inputs if i)
+    out.reverse()
+    return out
+
+
+def simplify(nodes: list[PNode], constants: dict, keep: Iterable[str],
+             shapes: Mapping | None = None) -> tuple[list[PNode], dict[str, str]]:
+    """All passes; returns (nodes, alias: removed value -> the value that replaces it).
+    `constants` gains the folded values; `shapes` (name -> (shape, dtype)) enables Shape/Size
+    folding and the Gemm transpose flags."""
+    alias: dict[str, str] = {}
+    nodes = fold_constants(nodes, constants, shapes)
+    nodes = remove_identities(nodes, alias)
+    if shapes is not None:
+        nodes = fold_transposes_into_gemm(nodes, shapes)
+    keep = {alias.get(k, k) for k in keep}
+    return eliminate_dead(nodes, keep), alias
