@@ -15,8 +15,9 @@ from trainer.autodiff import reverse
 from trainer.errors import ModelError
 from trainer.executor import Executor
 
-# Raised as gradient rules land; the acceptance bar is 95%.
-SUITE_BAR = 0.50
+# Of the float cases where central differences converge (the rest sit on a kink, a tie or a
+# jump of the function at the case's input, where no derivative exists to compare with).
+SUITE_BAR = 0.95
 
 
 def _model():
@@ -131,7 +132,8 @@ def test_batchnorm_in_training_form_matches_torch(shape):
 
 def test_onnx_node_suite_float_cases_agree_with_finite_differences():
     results = reverse_suite.run_all()
-    passed = sum(r.ok for r in results)
+    passed, total, defined = reverse_suite.counts(results)
     print("\n" + reverse_suite.summary(results))
-    assert len(results) >= 1100, "the float cases were not collected"
-    assert passed / len(results) >= SUITE_BAR, reverse_suite.summary(results, verbose=True)
+    assert total >= 1100, "the float cases were not collected"
+    assert defined >= 0.95 * total, "too many cases without a finite-difference reference"
+    assert passed / defined >= SUITE_BAR, reverse_suite.summary(results, verbose=True)

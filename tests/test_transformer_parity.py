@@ -23,7 +23,7 @@ from tests.transformer_models import (  # noqa: E402
     train_torch,
 )
 from trainer.config import config_from_dict  # noqa: E402
-from trainer.errors import ModelError, UnsupportedOpError  # noqa: E402
+from trainer.errors import UnsupportedOpError  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 STEPS, BATCH = 20, 8
@@ -133,15 +133,12 @@ def train_engine(s: dict, opt: str, precision: str) -> tuple[Trainer, dict]:
 
 # Constant folding stores the tied output projection as a transposed copy of the embedding;
 # the engine ties them again (trainer.autodiff.params.tie_transposed_copies).
-# Without its optimizer the dynamo exporter writes torch.split as SplitToSequence + SequenceAt.
-SEQUENCE_SPLIT = pytest.mark.xfail(strict=True, raises=ModelError, reason=(
-    "SplitToSequence/SequenceAt on the gradient path: the training graph reads gradients "
-    "that no node produces (see test_split_to_sequence_on_the_gradient_path)"))
+# Without its optimizer the dynamo exporter writes torch.split as SplitToSequence + SequenceAt:
+# the builder lowers static sequences to plain nodes first (trainer.autodiff.subgraph).
 CASES = [pytest.param(k, e, o, p, id=f"{k}-{e}-{o}-{p}")
          for k in KINDS for e in EXPORTERS for o in OPTIMIZERS for p in ("fp64", "fp32")
          if k != "gpt_tied" or p == "fp64"]
-CASES += [pytest.param("gpt_tied", e, o, p, id=f"gpt_tied-{e}-{o}-{p}",
-                       marks=[SEQUENCE_SPLIT] if e.startswith("dynamo") else [])
+CASES += [pytest.param("gpt_tied", e, o, p, id=f"gpt_tied-{e}-{o}-{p}")
           for e in NOFOLD for o in OPTIMIZERS for p in ("fp64", "fp32")]
 
 
@@ -227,9 +224,6 @@ def test_exported_model_runs_like_trained_torch(exported, engine_runs, torch_run
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.xfail(strict=True, raises=ModelError, reason=(
-    "engine.active_nodes: the sequence value stops the forward needs-grad walk but not the "
-    "backward one, so the MatMul/Transpose gradients upstream are emitted without their seed"))
 def test_split_to_sequence_on_the_gradient_path():
     """x @ W -> SplitToSequence -> SequenceAt(0), (1) -> Add: the loss depends on W through a
     sequence. The engine must differentiate it (lowered to Split) or name the op it cannot,

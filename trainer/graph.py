@@ -332,6 +332,13 @@ def elem_type(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+def tensor_type(t: onnx.TypeProto) -> onnx.TypeProto.Tensor:
+    """The tensor type of a tensor or optional-tensor type (empty for sequences and maps)."""
+    while t.WhichOneof("value") == "optional_type":
+        t = t.optional_type.elem_type
+    return t.tensor_type
+
+
 def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
                  overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple]:
     """Concrete shapes of the graph inputs (not initializers): a symbolic first (batch)
@@ -346,7 +353,7 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
             shapes[vi.name] = tuple(overrides[vi.name])
             continue
         dims = []
-        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+        for axis, d in enumerate(tensor_type(vi.type).shape.dim):
             if d.HasField("dim_value"):
                 dims.append(d.dim_value)
             elif axis == 0 and batch_size is not None:
@@ -362,7 +369,8 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
 
 
 def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
-    return {vi.name: np_dtype(vi.type.tensor_type.elem_type) for vi in model.graph.input}
+    return {vi.name: np_dtype(tensor_type(vi.type).elem_type) for vi in model.graph.input
+            if tensor_type(vi.type).elem_type}
 
 
 class NameScope:

@@ -20,7 +20,7 @@ from trainer.autodiff.params import (
     tie_transposed_copies,
     untie_normalization_aliases,
 )
-from trainer.autodiff.registry import NO_GRADIENT, _load_all, get_rule
+from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.graph import node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 
@@ -119,23 +119,34 @@ def model_report(model: onnx.ModelProto) -> Report:
     rows = []
     for i, node in enumerate(nodes):
         fwd = get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is not None
-        if node.op_type in NO_GRADIENT:
-            grad = "not differentiable"
-        elif get_rule(node.op_type, node.domain):
-            grad = "rule"
-        else:
+        grad = gradient_status(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
+        if grad == "missing":
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
     return Report(opset_of(model), rows, params, untied, tied)
 
 
+def gradient_status(op: str, domain: str = "") -> str:
+    """rule | lowered (static sequences and control flow become plain ops before
+    differentiation, trainer.autodiff.subgraph) | not differentiable | missing."""
+    from trainer.autodiff.registry import RULES
+    from trainer.autodiff.subgraph import CONTROL, SEQUENCE
+
+    if op in NO_GRADIENT:
+        return "not differentiable"
+    if (domain, op) in RULES:
+        return "rule"
+    if domain == "" and op in CONTROL | SEQUENCE:
+        return "lowered"
+    return "missing"
+
+
 def support_table() -> list[dict]:
     """One row per operator of the installed onnx's domains (and any other op with a kernel):
-    `{"op", "domain", "forward": [kernel since-versions], "gradient": "rule" |
+    `{"op", "domain", "forward": [kernel since-versions], "gradient": "rule" | "lowered" |
     "not differentiable" | "missing"}` (gradient is "missing" too for ops without a kernel)."""
     import onnx.defs
 
-    from trainer.autodiff.registry import RULES
     from trainer.executor import GRAPH_KERNEL_OPS
     from trainer.kernels import KERNELS
 
@@ -148,11 +159,6 @@ def support_table() -> list[dict]:
         forward = sorted({since for since, _ in KERNELS.get((domain, op), [])})
         if (domain, op) in GRAPH_KERNEL_OPS:
             forward = [GRAPH_KERNEL_OPS[(domain, op)]]
-        if op in NO_GRADIENT:
-            grad = "not differentiable"
-        elif (domain, op) in RULES:
-            grad = "rule"
-        else:
-            grad = "missing"
-        rows.append({"op": op, "domain": domain, "forward": forward, "gradient": grad})
+        rows.append({"op": op, "domain": domain, "forward": forward,
+                     "gradient": gradient_status(op, domain)})
     return rows

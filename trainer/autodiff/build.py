@@ -27,6 +27,7 @@ from trainer.autodiff.params import (
     select,
     untie_normalization_aliases,
 )
+from trainer.autodiff.subgraph import lower_model
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
@@ -39,6 +40,7 @@ from trainer.graph import (
     input_shapes,
     node_name,
     opset_of,
+    tensor_type,
 )
 
 META_KEY = "onnx_trainer.training"
@@ -117,9 +119,11 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     g = m.graph
     for vi in g.input:  # specialize the data inputs to concrete shapes
         if vi.name in in_shapes:
-            for d, v in zip(vi.type.tensor_type.shape.dim, in_shapes[vi.name], strict=True):
+            for d, v in zip(tensor_type(vi.type).shape.dim, in_shapes[vi.name], strict=True):
                 d.Clear()
                 d.dim_value = v
+    m = lower_model(m, in_shapes, input_dtypes(model), example)
+    g = m.graph
     shapes_all = probe(m, in_shapes, input_dtypes(model), example)
     for x in wrt + of:
         if x in shapes_all and shapes_all[x][1].kind != "f":
@@ -213,6 +217,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
                          f"(outputs: {', '.join(outputs)})")
     in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
     dtypes = input_dtypes(model)
+    model = lower_model(model, in_shapes, dtypes)  # static control flow, sequences: plain nodes
     first = probe(model, in_shapes, dtypes)
 
     m = copy.deepcopy(model)
@@ -329,7 +334,7 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
     add_initializers(g, inits, m.ir_version)
     for vi in g.input:  # specialize the data inputs to the run's concrete shapes
         if vi.name in in_shapes:
-            dims = vi.type.tensor_type.shape.dim
+            dims = tensor_type(vi.type).shape.dim
             for d, v in zip(dims, in_shapes[vi.name], strict=True):
                 d.Clear()
                 d.dim_value = v

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import onnx
 
 from trainer.autodiff.context import GradContext
-from trainer.autodiff.registry import _load_all, differentiable_inputs, get_rule
+from trainer.autodiff.registry import _load_all, get_rule
+from trainer.autodiff.subgraph import input_slots, n_slots
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import NameScope, node_name
 
@@ -15,9 +16,9 @@ _load_all()
 
 
 def diff_inputs(node: onnx.NodeProto) -> list[str]:
-    """Names in the node's differentiable input slots ("" for absent optionals)."""
-    slots = differentiable_inputs(node.op_type, len(node.input), node.domain)
-    return [node.input[i] for i in slots]
+    """Names in the node's differentiable input slots ("" for absent optionals), then the
+    outer-scope tensors its subgraphs read (implicit inputs)."""
+    return [name for _, name in input_slots(node)]
 
 
 def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: dict
@@ -69,8 +70,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]
-        for i in differentiable_inputs(node.op_type, len(node.input), node.domain):
-            name = node.input[i]
+        for i, name in input_slots(node):
             if name in on_path:
                 terms.setdefault(name, []).append(f"{k}:{i}")
     final = {}
@@ -110,7 +110,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
                 gos.append(None)
         if all(g is None for g in gos):
             continue
-        gis = [slots.get((k, i)) for i in range(len(node.input))]
+        gis = [slots.get((k, i)) for i in range(n_slots(node))]
         label = node_name(node, k)
         ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants)
         emitted = get_rule(node.op_type, node.domain)(ctx)

@@ -492,23 +492,36 @@ def _batchnorm_batch_stats_grad(ctx):
     # Training mode (batch statistics, as in a model exported in training form):
     # xhat = (X - mu) / sd over N and spatial axes (biased var), Y = xhat s + B:
     # dX = s/sd (dY - mean(dY) - xhat mean(dY xhat)), dS = sum(dY xhat), dB = sum(dY).
-    # The running-statistic outputs carry no gradient (they only feed the next step).
+    # The running-statistic outputs pass momentum * d(out) to the input statistics (their
+    # batch-statistic part is not differentiated: they only feed the next step).
+    nodes = []
+    mom = ctx.attr("momentum", 0.9)
+    for i, o in ((3, 1), (4, 2)):
+        if ctx.needs(i):
+            if ctx.GO(o) is not None:
+                nodes.append(ctx.node("Mul", [ctx.GO(o), ctx.scalar(mom, ctx.I(i))],
+                                      [ctx.GI(i)]))
+            else:
+                zero = np.zeros(1, ctx.dtype(ctx.I(i)))
+                nodes.append(ctx.node("ConstantOfShape",
+                                      [ctx.const(list(ctx.shape(ctx.I(i))), np.int64, "n")],
+                                      [ctx.GI(i)], value=numpy_helper.from_array(zero)))
     if ctx.GO(0) is None:
-        return []
+        return nodes
     x, s, dy = ctx.I(0), ctx.I(1), ctx.GO(0)
     rank = len(ctx.shape(x))
     axes = [0] + list(range(2, rank))
     bshape = [-1] + [1] * (rank - 2)
     t = {k: ctx.tmp(k) for k in ("mu", "xc", "sq", "var", "ve", "sd", "xhat", "p", "mdy", "mp",
                                  "term", "d1", "d2", "s_b", "inv", "sum_p")}
-    nodes = [ctx.reduce("ReduceMean", x, axes, t["mu"]),
-             ctx.node("Sub", [x, t["mu"]], [t["xc"]]),
-             ctx.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
-             ctx.reduce("ReduceMean", t["sq"], axes, t["var"]),
-             ctx.node("Add", [t["var"], ctx.scalar(ctx.attr("epsilon", 1e-5))], [t["ve"]]),
-             ctx.node("Sqrt", [t["ve"]], [t["sd"]]),
-             ctx.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
-             ctx.node("Mul", [dy, t["xhat"]], [t["p"]])]
+    nodes += [ctx.reduce("ReduceMean", x, axes, t["mu"]),
+              ctx.node("Sub", [x, t["mu"]], [t["xc"]]),
+              ctx.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+              ctx.reduce("ReduceMean", t["sq"], axes, t["var"]),
+              ctx.node("Add", [t["var"], ctx.scalar(ctx.attr("epsilon", 1e-5))], [t["ve"]]),
+              ctx.node("Sqrt", [t["ve"]], [t["sd"]]),
+              ctx.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
+              ctx.node("Mul", [dy, t["xhat"]], [t["p"]])]
     if ctx.needs(0):
         nodes += [ctx.reduce("ReduceMean", dy, axes, t["mdy"]),
                   ctx.reduce("ReduceMean", t["p"], axes, t["mp"]),
