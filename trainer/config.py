@@ -348,6 +348,8 @@ class DistributedConfig:
     backend: str = _k(_str, "auto", choices=("auto", "mpi", "nccl"))
     bucket_mb: float = _k(_float, 25.0, check=_POS)
     overlap: bool = _k(_bool, True)
+    compress: str | None = _k(_str, None, nullable=True, choices=("bf16", "fp16"))
+    timeout_s: float = _k(_float, 300.0, check=_POS)
 
 
 _MODES = ("auto", "min", "max")

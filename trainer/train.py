@@ -21,6 +21,7 @@ from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import tie_transposed_copies, untie_normalization_aliases
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
+from trainer.comm.buckets import Buckets
 from trainer.config import Config
 from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
@@ -54,17 +55,17 @@ class Trainer:
 
     def __init__(self, cfg: Config, comm=None, stream=None):
         self.cfg = cfg
-        self.comm = comm or get_communicator(cfg.distributed.backend)
-        self.rank, self.world = self.comm.rank, self.comm.size
         if cfg.precision in ("tf32", "bf16"):
             raise TrainerError(f"precision '{cfg.precision}' is not available yet; use fp32 or "
                                "fp64")
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
-        if cfg.distributed.backend == "nccl":
-            raise TrainerError("distributed.backend: nccl is not available yet; use auto or mpi "
-                               "(gradients are averaged over MPI)")
+        self.comm = comm or get_communicator(cfg.distributed.backend, cfg.distributed.timeout_s,
+                                             device="cpu" if self.xp is np else "gpu")
+        self.rank, self.world = self.comm.rank, self.comm.size
+        self.buckets = None  # gradient all-reduce buckets (several processes)
+        self._w, self._last_micro = 1.0, True  # weight and role of the running micro-batch
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
@@ -184,12 +185,29 @@ class Trainer:
             info = training_info(tm)
             feeds = list(info.gradients) + list(info.state)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
-            ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank)
+            # Each gradient goes into the flat buffer the moment its kernel finishes, which also
+            # tells the all-reduce buckets when they can start (overlap with the backward).
+            hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
+            ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank,
+                          on_produced=hooks)
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
                         tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm)
             self.plans[local_n] = plan
         return plan
+
+    def _gradient_sink(self, name: str):
+        def sink(value) -> None:
+            dst = self.grads[name]
+            if self._w == 1.0:
+                dst += value
+            else:
+                dst += value * self._w
+            if self.buckets is not None:
+                if self._last_micro:
+                    self.buckets.ready(name)
+                self.buckets.progress()
+        return sink
 
     def _init_parameters(self) -> None:
         xp = self.xp
@@ -202,7 +220,10 @@ class Trainer:
             raise TrainerError(f"trainable parameters mix dtypes {sorted(map(str, dtypes))}; "
                                "train one dtype at a time (see 'trainable'/'frozen')")
         self.dtype = dtypes.pop()
-        self.names = list(plan.gradients)
+        # The flat layout follows the order in which the backward produces the gradients, so a
+        # bucket (a contiguous slice) is complete as early as possible.
+        made = {o: i for i, n in enumerate(plan.model.graph.node) for o in n.output}
+        self.names = sorted(plan.gradients, key=lambda k: made.get(plan.gradients[k], 0))
         self.shapes = {k: values[k].shape for k in self.names}
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
@@ -221,6 +242,10 @@ class Trainer:
             self.comm.bcast_(v)
         layout = [(k, self.offsets[k], int(np.prod(self.shapes[k]))) for k in self.names]
         self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.size, self.dtype, layout)
+        if self.world > 1:
+            d = self.cfg.distributed
+            self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,
+                                   compress=d.compress, overlap=d.overlap)
 
     def _view(self, flat, name):
         o = self.offsets[name]
@@ -255,6 +280,9 @@ class Trainer:
         g = self.grads_flat
         g[...] = 0
         total = sum(global_w for _, _, global_w in micro)
+        live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
+        if self.buckets is not None:
+            self.buckets.begin(sync=True)
         for m, (arrays, local_w, _) in enumerate(micro):
             if local_w == 0:  # every label of this shard is ignored: it adds nothing
                 continue
@@ -264,17 +292,18 @@ class Trainer:
             feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self.params)
             feeds.update(self.state)
+            # Weight so that summing over ranks (and micro-batches) gives the global mean; the
+            # gradients reach the flat buffer (and their buckets, on the last micro-batch)
+            # through the executor's on_produced hooks.
+            self._w, self._last_micro = local_w / total, m == live[-1]
             out = plan.executor.run(feeds)
-            # Weight so that summing over ranks (and micro-batches) gives the global mean.
-            w = local_w / total
-            for k, gname in plan.gradients.items():
-                self.grads[k] += out[gname] * w if w != 1 else out[gname]
-            g[self.size] += out[plan.loss] * w
+            g[self.size] += out[plan.loss] * self._w
             for k, new in plan.state.items():
                 self.state[k][...] = out[new]
         g[self.size + 1] = 1.0 if self._stop_signal else 0.0
         if self.world > 1:
-            self.comm.allreduce_(g)
+            self.buckets.wait_all()  # (every bucket, also when this rank ran no micro-batch)
+            self.comm.allreduce_(g[self.size:], label="loss and stop flag")
         loss = float(g[self.size])
         self._stop_agreed = bool(g[self.size + 1] > 0)
         grads = g[:self.size]
@@ -541,7 +570,7 @@ class Trainer:
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
                                len(next(iter(chunk.values()))))
         if self.world > 1:
-            self.comm.allreduce_(sums)
+            self.comm.allreduce_(sums, label="evaluation sums")
         metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
         if spec.type == "cross_entropy":
             metrics["eval_accuracy"] = float(sums[1] / max(sums[2], 1))
