@@ -27,7 +27,8 @@ class PNode:
 
     @property
     def random(self) -> bool:
-        return "rng" in self.attrs
+        """Draws random numbers or communicates (a collective): never folded or dropped."""
+        return "rng" in self.attrs or getattr(self.fn, "collective", False)
 
 
 def consumers(nodes: Iterable[PNode]) -> dict[str, list[PNode]]:

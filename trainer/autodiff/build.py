@@ -74,6 +74,7 @@ class TrainingInfo:
     inputs: list[str] = field(default_factory=list)  # data inputs of the model
     targets: dict[str, str] = field(default_factory=dict)  # loss target -> graph input added
     outputs: list[str] = field(default_factory=list)  # the model's own outputs
+    seed: str = ""  # the initializer holding dLoss/dLoss (1.0); a feed may weight it
 
 
 def training_info(model: onnx.ModelProto) -> TrainingInfo:
@@ -163,6 +164,14 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     return m
 
 
+def _import_used_domains(m: onnx.ModelProto) -> None:
+    """Add an opset import (version 1) for each node domain the graph uses but does not import
+    (the engine's own ai.onnx_trainer ops)."""
+    have = {o.domain for o in m.opset_import} | {"", "ai.onnx"}
+    for d in sorted({n.domain for n in m.graph.node} - have):
+        m.opset_import.append(helper.make_opsetid(d, 1))
+
+
 def _int_const(g: onnx.GraphProto, scope: NameScope, values: list[int], ir: int) -> str:
     name = scope.fresh("shape")
     add_initializers(g, [numpy_helper.from_array(np.array(values, np.int64), name)], ir)
@@ -195,7 +204,7 @@ def ensure_default_opset(m: onnx.ModelProto) -> int:
 def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Iterable[str] = (),
                          batch_size: int | None = None,
                          shapes: Mapping[str, tuple[int, ...]] | None = None,
-                         batchnorm="train") -> onnx.ModelProto:
+                         batchnorm="train", sync_batchnorm: bool = False) -> onnx.ModelProto:
     """The training graph of `model` for `loss` w.r.t. `wrt` (all: the default parameters, see
     trainer.autodiff.params; or names/globs).
 
@@ -203,6 +212,8 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     batch statistics and updates running statistics as PyTorch's train mode; "eval" keeps the
     model's statistics fixed (inference form, as `.eval()`); a list of globs puts the
     BatchNormalization layers whose scale initializer matches in eval form, the rest in train.
+    `sync_batchnorm` computes the batch statistics over all ranks of a data-parallel job
+    (ai.onnx_trainer AllReduce nodes: the identity in one process).
     """
     spec = LossSpec.of(loss)
     if spec.type not in LOSS_TYPES:
@@ -228,7 +239,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     scope = NameScope(all_names(g))
     consts = _constant_values(m, first)
     builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn)
+    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm)
     spec = _logits_of_softmax(spec, list(g.node), first, opset)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
     nodes += loss_nodes
@@ -261,12 +272,13 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
         return helper.make_tensor_value_info(name, elem_type(dt), list(shape))
     g.output.extend([out(loss_name)] + [out(grads[p], p) for p in chosen] +
                     [out(v, k) for k, v in state.items()] + [out(o) for o in outputs])
-    info = TrainingInfo(loss=loss_name, gradients=dict(grads), state=state,
+    info = TrainingInfo(loss=loss_name, gradients=dict(grads), state=state, seed=seed,
                         inputs=list(in_shapes),
                         targets=({spec.target: target_vis[0].name} if target_vis else {}),
                         outputs=outputs)
     helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
                                  META_KEY: json.dumps(info.__dict__)})
+    _import_used_domains(fwd)
     check_model(fwd, "training graph")
     return fwd
 
@@ -363,7 +375,7 @@ def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
     return chosen
 
 
-def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
+def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: bool = False):
     """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name})."""
     out, state = [], {}
     for k, node in enumerate(nodes):
@@ -371,7 +383,7 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str]):
         if node.op_type == "BatchNormalization" and node.input[1] in eval_bn:
             out += _eval_form(node, b)
         elif node.op_type == "BatchNormalization":
-            new, upd = _batchnorm_train(node, label, b, shapes, consts)
+            new, upd = _batchnorm_train(node, label, b, shapes, consts, sync)
             out += new
             state.update(upd)
         elif node.op_type == "Dropout" and b.opset >= 12:
@@ -430,11 +442,13 @@ def _eval_form(node, b: Builder) -> list[onnx.NodeProto]:
     return list(inference_form(m).graph.node)
 
 
-def _batchnorm_train(node, label, b: Builder, shapes, consts):
+def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False):
     """BatchNormalization with batch statistics, as standard ops; PyTorch's running update.
 
     Y = (X - mean) / sqrt(var + eps) * scale + B with biased batch var; running_mean and
-    running_var move by (1 - momentum) toward the batch mean and the unbiased batch var.
+    running_var move by (1 - momentum) toward the batch mean and the unbiased batch var. With
+    `sync` the sums and the count behind mean and var are all-reduced over the ranks first
+    (SyncBatchNorm), so N ranks normalize as one process with the global batch does.
     """
     a = attrs_of(node)
     eps, mom = a.get("epsilon", 1e-5), a.get("momentum", 0.9)
@@ -450,29 +464,51 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts):
     axes = [0] + list(range(2, rank))
     bshape = [c] + [1] * (rank - 2)
     t = {s: b.tmp(s) for s in ("mean", "xc", "sq", "var", "ve", "sd", "xhat", "s_b", "b_b",
-                               "scaled", "m_flat", "v_flat", "rm_m", "bm", "rv_m", "bv")}
+                               "scaled", "m_flat", "v_flat", "rm_m", "bm", "rv_m", "bv",
+                               "sum", "gsum", "count", "ssq", "gssq", "vu", "n1", "vu_flat")}
+
     def k(v):
         return b.const(v, dt, "c")
-    nodes = [b.reduce("ReduceMean", x, axes, t["mean"]),
-             b.node("Sub", [x, t["mean"]], [t["xc"]]),
-             b.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
-             b.reduce("ReduceMean", t["sq"], axes, t["var"]),
-             b.node("Add", [t["var"], k(eps)], [t["ve"]]),
-             b.node("Sqrt", [t["ve"]], [t["sd"]]),
-             b.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
-             b.reshape(scale, bshape, t["s_b"]), b.reshape(bias, bshape, t["b_b"]),
-             b.node("Mul", [t["xhat"], t["s_b"]], [t["scaled"]]),
-             b.node("Add", [t["scaled"], t["b_b"]], [node.output[0]])]
+    if sync:
+        from trainer.kernels import CUSTOM_DOMAIN
+
+        def allreduce(src, dst):
+            return b.node("AllReduce", [src], [dst], domain=CUSTOM_DOMAIN)
+        nodes = [b.reduce("ReduceSum", x, axes, t["sum"]), allreduce(t["sum"], t["gsum"]),
+                 allreduce(k(np.full([1] * rank, float(n))), t["count"]),
+                 b.node("Div", [t["gsum"], t["count"]], [t["mean"]]),
+                 b.node("Sub", [x, t["mean"]], [t["xc"]]),
+                 b.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+                 b.reduce("ReduceSum", t["sq"], axes, t["ssq"]), allreduce(t["ssq"], t["gssq"]),
+                 b.node("Div", [t["gssq"], t["count"]], [t["var"]]),
+                 # unbiased: sum of squares / (count - 1), count > 1 (else the biased var)
+                 b.node("Sub", [t["count"], k(1.0)], [t["n1"]]),
+                 b.node("Max", [t["n1"], k(1.0)], [t["n1"] + "_pos"]),
+                 b.node("Div", [t["gssq"], t["n1"] + "_pos"], [t["vu"]])]
+    else:
+        nodes = [b.reduce("ReduceMean", x, axes, t["mean"]),
+                 b.node("Sub", [x, t["mean"]], [t["xc"]]),
+                 b.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+                 b.reduce("ReduceMean", t["sq"], axes, t["var"])]
+    nodes += [b.node("Add", [t["var"], k(eps)], [t["ve"]]),
+              b.node("Sqrt", [t["ve"]], [t["sd"]]),
+              b.node("Div", [t["xc"], t["sd"]], [t["xhat"]]),
+              b.reshape(scale, bshape, t["s_b"]), b.reshape(bias, bshape, t["b_b"]),
+              b.node("Mul", [t["xhat"], t["s_b"]], [t["scaled"]]),
+              b.node("Add", [t["scaled"], t["b_b"]], [node.output[0]])]
     outs = list(node.output) + [""] * (3 - len(node.output))
     new_mean = outs[1] or b.scope.fresh(f"{rmean}_updated")
     new_var = outs[2] or b.scope.fresh(f"{rvar}_updated")
-    unbiased = n / (n - 1) if n > 1 else 1.0
-    nodes += [b.reshape(t["mean"], [c], t["m_flat"]), b.reshape(t["var"], [c], t["v_flat"]),
+    if sync:
+        v_src, v_scale = t["vu"], 1.0 - mom
+    else:
+        v_src, v_scale = t["var"], (1.0 - mom) * (n / (n - 1) if n > 1 else 1.0)
+    nodes += [b.reshape(t["mean"], [c], t["m_flat"]), b.reshape(v_src, [c], t["v_flat"]),
               b.node("Mul", [rmean, k(mom)], [t["rm_m"]]),
               b.node("Mul", [t["m_flat"], k(1.0 - mom)], [t["bm"]]),
               b.node("Add", [t["rm_m"], t["bm"]], [new_mean]),
               b.node("Mul", [rvar, k(mom)], [t["rv_m"]]),
-              b.node("Mul", [t["v_flat"], k((1.0 - mom) * unbiased)], [t["bv"]]),
+              b.node("Mul", [t["v_flat"], k(v_scale)], [t["bv"]]),
               b.node("Add", [t["rv_m"], t["bv"]], [new_var])]
     b.prefix = "train"
     return nodes, {rmean: new_mean, rvar: new_var}
