@@ -166,3 +166,20 @@ class CaseTable:
         attrs = {k: v for k, v in kw.items() if k not in known}
         rest = {k: v for k, v in kw.items() if k in known}
         self.cases.append(Case(f"{op}-{id}", op, list(inputs), attrs, **rest))
+
+
+def rule_tests(cases: list[Case]):
+    """The two standard tests of a case table, for a test module to bind at module level:
+    `test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)`.
+    """
+    import pytest
+
+    @pytest.mark.parametrize("c", cases, ids=str)
+    def test_rule_matches_finite_differences(c: Case) -> None:
+        check_case(c)
+
+    @pytest.mark.parametrize("c", cases, ids=str)
+    def test_rule_float32_training_graph(c: Case) -> None:
+        check_float32(c)
+
+    return test_rule_matches_finite_differences, test_rule_float32_training_graph

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -108,3 +109,67 @@ def away_from_zero(rng: np.random.Generator, shape: Sequence[int], low: float = 
     """Random values with |x| in [low, high] and random sign (no kinks for Relu/Abs)."""
     mag = rng.uniform(low, high, shape)
     return (mag * rng.choice([-1.0, 1.0], shape)).astype(dtype)
+
+
+def assert_same(got, want, rtol: float = 1e-5, atol: float = 1e-6, what: str = "",
+                low_tol: float | None = None) -> None:
+    """Equal shape and dtype; floats within rtol/atol (NaN matches NaN), others exactly.
+    float16, bfloat16 and float8 values are compared in float64 (with tolerances raised to
+    `low_tol` when given)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    if want.dtype.kind == "V" or want.dtype == np.float16:
+        got, want = got.astype(np.float64), want.astype(np.float64)
+        if low_tol is not None:
+            rtol, atol = max(rtol, low_tol), max(atol, low_tol)
+    if want.dtype.kind in "fc":
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+@dataclass
+class KernelCase:
+    """One node against a reference: `ref` is "ort" (onnxruntime), "reference" (ONNX's
+    reference evaluator, where onnxruntime lacks the op or differs) or a per-file variant."""
+    id: str
+    op: str
+    inputs: list
+    attrs: dict = field(default_factory=dict)
+    opset: int = 18
+    n_out: int = 1
+    ref: object = "ort"
+    rtol: float = 1e-5
+    atol: float = 1e-6
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class KernelTable:
+    """The case table of a kernel test file: `table.add(op, id, inputs, **attrs)`; the file
+    exposes `CASES = table.cases` (the kernel-coverage test reads it)."""
+
+    def __init__(self, opset: int = 18, rtol: float = 1e-5, atol: float = 1e-6,
+                 suffix: str = ""):
+        self.cases: list[KernelCase] = []
+        self.opset, self.rtol, self.atol, self.suffix = opset, rtol, atol, suffix
+
+    def add(self, op: str, id: str, inputs, *, opset: int | None = None, n_out: int = 1,
+            ref: object = "ort", rtol: float | None = None, atol: float | None = None,
+            **attrs) -> None:
+        opset = self.opset if opset is None else opset
+        suffix = self.suffix.format(opset=opset)
+        self.cases.append(KernelCase(f"{op}-{id}{suffix}", op, list(inputs), attrs, opset, n_out,
+                                     ref, self.rtol if rtol is None else rtol,
+                                     self.atol if atol is None else atol))
+
+
+def ours_and_reference(c: KernelCase) -> tuple[dict, dict]:
+    """Run a case's single-node model through the executor and through its reference
+    (onnxruntime, or ONNX's reference evaluator when c.ref == "reference")."""
+    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
+    feeds = {n: a for n, a in c.inputs if a is not None}
+    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    return run(model, feeds), want

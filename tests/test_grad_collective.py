@@ -14,6 +14,7 @@ from trainer.executor import Executor
 from trainer.kernels.collective import collectives
 
 EXTRA_TESTED = {"AllReduce"}  # rule checked below through whole training graphs
+TESTED_OPS = {"AllReduce"}  # and its kernel (identity alone, a sum across emulated ranks)
 
 
 def _bn_model():

@@ -25,6 +25,7 @@ from tests.gradcheck import (
     ints,
     loss_model,
     normal,
+    rule_tests,
 )
 from tests.opcases import make_model, run, run_ort, to_float32
 from trainer.autodiff import build_training_graph, reverse, training_info
@@ -214,14 +215,7 @@ add("OptionalGetElement", "of-Optional", [("opt", FROM_PRE)], extra={"X": normal
     pre=[n("Optional", ["X"], ["opt"])])
 
 
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_matches_finite_differences(c: Case) -> None:
-    check_case(c)
-
-
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_float32_training_graph(c: Case) -> None:
-    check_float32(c)
+test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 
 
 # -- If, and outer-scope tensors that need gradients --------------------------------------------

@@ -18,11 +18,11 @@ from tests.gradcheck import (
     Case,
     CaseTable,
     check_case,
-    check_float32,
     finite_differences,
     gradients,
     loss_model,
     normal,
+    rule_tests,
 )
 from tests.opcases import make_model, run_ort
 from trainer.autodiff import build_training_graph, training_info
@@ -109,14 +109,7 @@ add("STFT", "only-signal", [("S", normal(1, 10, 2)), ("step", i64(3)), ("W", nor
 CASES = table.cases
 
 
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_matches_finite_differences(c: Case) -> None:
-    check_case(c)
-
-
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_float32_training_graph(c: Case) -> None:
-    check_float32(c)
+test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)

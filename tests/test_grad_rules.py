@@ -23,7 +23,6 @@ from tests.gradcheck import (
     Case,
     CaseTable,
     check_case,
-    check_float32,
     finite_differences,
     gradients,
     ints,
@@ -31,6 +30,7 @@ from tests.gradcheck import (
     nonzero,
     normal,
     positive,
+    rule_tests,
 )
 from tests.opcases import away_from_zero, distinct, make_model, run
 from trainer.autodiff import build_training_graph, training_info
@@ -293,14 +293,7 @@ def test_every_rule_has_cases() -> None:
     assert not missing, f"gradient rules without a finite-difference test: {missing}"
 
 
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_matches_finite_differences(c: Case) -> None:
-    check_case(c)
-
-
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_float32_training_graph(c: Case) -> None:
-    check_float32(c)
+test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 
 
 # Binary ops over random broadcast-compatible shapes.

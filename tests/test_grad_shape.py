@@ -14,14 +14,13 @@ from tests.gradcheck import (
     FROM_PRE,
     Case,
     CaseTable,
-    check_case,
-    check_float32,
     finite_differences,
     gradients,
     ints,
     loss_model,
     normal,
     positive,
+    rule_tests,
 )
 from tests.opcases import distinct
 from trainer.errors import ModelError
@@ -377,14 +376,7 @@ def test_scatter_max_ties_split_like_torch(reduce: str) -> None:
     np.testing.assert_allclose(got["U"], ut.grad.numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_matches_finite_differences(c: Case) -> None:
-    check_case(c)
-
-
-@pytest.mark.parametrize("c", CASES, ids=str)
-def test_rule_float32_training_graph(c: Case) -> None:
-    check_float32(c)
+test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 
 
 # Forms older than opset 7, which onnxruntime does not load: the executor against finite

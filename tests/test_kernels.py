@@ -6,14 +6,21 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.opcases import distinct, node_model, run, run_ort, run_reference
+from tests.opcases import (
+    KernelCase,
+    KernelTable,
+    assert_same,
+    distinct,
+    node_model,
+    ours_and_reference,
+    run,
+)
 from trainer.executor import Executor
 from trainer.kernels import KERNELS
 
@@ -37,39 +44,10 @@ def ints(*values: int, dtype=np.int64) -> np.ndarray:
     return np.array(values, dtype)
 
 
-def assert_same(got, want, rtol: float = 1e-5, atol: float = 1e-6, what: str = "") -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    if want.dtype.kind == "V":  # bfloat16 / float8 (ml_dtypes): compare as float32
-        got, want = got.astype(F32), want.astype(F32)
-    if want.dtype.kind in "fc":
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=what)
-
-
-# -- kernels against onnxruntime (or the reference evaluator) ---------------------------------
-@dataclass
-class KCase:
-    id: str
-    op: str
-    inputs: list[tuple[str, np.ndarray | None]]
-    attrs: dict = field(default_factory=dict)
-    opset: int = 18
-    n_out: int = 1
-    ref: str = "ort"  # "ort" | "reference" (where onnxruntime lacks the kernel or differs)
-
-    def __str__(self) -> str:
-        return self.id
-
-
-KCASES: list[KCase] = []
-
-
-def add(op: str, id: str, inputs, *, opset: int = 18, n_out: int = 1, ref: str = "ort",
-        **attrs) -> None:
-    KCASES.append(KCase(f"{op}-{id}", op, list(inputs), attrs, opset, n_out, ref))
+_table = KernelTable()
+KCASES = _table.cases
+add = _table.add
+KCase = KernelCase
 
 
 BROADCAST = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((3, 4), ()), ((), (2, 3)),
@@ -384,10 +362,7 @@ add("EyeLike", "dtype", [("X", normal(4, 3))], k=-1, dtype=TensorProto.INT64)
 
 @pytest.mark.parametrize("c", KCASES, ids=str)
 def test_kernel_matches_reference(c: KCase) -> None:
-    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
-    feeds = {n: a for n, a in c.inputs if a is not None}
-    ours = run(model, feeds)
-    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    ours, want = ours_and_reference(c)
     for name in want:
         assert_same(ours[name], want[name], what=f"{c.id} {name}")
 
@@ -420,7 +395,8 @@ def test_kernels_registered_for_every_tested_op() -> None:
 
     tested = set().union(*(_ops(c.model.graph) for c in collect())) | {c.op for c in KCASES}
     here = pathlib.Path(__file__).parent
-    for path in sorted([*here.glob("test_kernels_*.py"), here / "test_control_flow.py"]):
+    for path in sorted([*here.glob("test_kernels_*.py"), here / "test_control_flow.py",
+                        here / "test_grad_collective.py"]):
         mod = importlib.import_module(f"tests.{path.stem}")
         tested |= {getattr(c, "op", None) for c in getattr(mod, "CASES", [])}
         tested |= set(getattr(mod, "TESTED_OPS", ()))

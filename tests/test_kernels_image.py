@@ -3,15 +3,22 @@ reference evaluator), over the attributes, opsets and dtypes the ONNX node suite
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.opcases import distinct, node_model, run, run_ort, run_reference
+from tests.opcases import (
+    KernelCase,
+    KernelTable,
+    distinct,
+    node_model,
+    ours_and_reference,
+    run,
+    run_ort,
+    run_reference,
+)
 from trainer.kernels import get_kernel
 from trainer.kernels.nn import _windows
 
@@ -36,28 +43,10 @@ def f32(*values) -> np.ndarray:
     return np.array(values, F32)
 
 
-@dataclass
-class Case:
-    id: str
-    op: str
-    inputs: list
-    attrs: dict = field(default_factory=dict)
-    opset: int = 19
-    n_out: int = 1
-    ref: str = "ort"  # "ort" | "reference"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-
-    def __str__(self) -> str:
-        return self.id
-
-
-CASES: list[Case] = []
-
-
-def add(op: str, id: str, inputs, *, opset: int = 19, n_out: int = 1, ref: str = "ort",
-        rtol: float = 1e-5, atol: float = 1e-5, **attrs) -> None:
-    CASES.append(Case(f"{op}-{id}", op, list(inputs), attrs, opset, n_out, ref, rtol, atol))
+_table = KernelTable(opset=19, atol=1e-05, suffix="")
+CASES = _table.cases
+add = _table.add
+Case = KernelCase
 
 
 # -- Resize / Upsample -------------------------------------------------------------------------
@@ -328,10 +317,7 @@ def _cast32(a):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("c", CASES, ids=str)
 def test_kernel_matches_reference(c: Case) -> None:
-    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
-    feeds = {n: a for n, a in c.inputs if a is not None}
-    ours = run(model, feeds)
-    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    ours, want = ours_and_reference(c)
     for name in want:
         got, exp = np.asarray(ours[name]), np.asarray(want[name])
         assert got.shape == exp.shape, f"{c.id} {name}: shape {got.shape} != {exp.shape}"

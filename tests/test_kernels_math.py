@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from tests.opcases import node_model, run, run_ort, run_reference
+from tests.opcases import assert_same, node_model, run, run_ort, run_reference
 from trainer.kernels import get_kernel
 from trainer.kernels.elementwise import erf
 
@@ -37,16 +37,6 @@ def ints(*values: int, dtype=np.int64) -> np.ndarray:
 def randint(lo: int, hi: int, *shape: int, dtype=np.int32) -> np.ndarray:
     return _rng.integers(lo, hi, shape).astype(dtype)
 
-
-def assert_same(got, want, rtol: float, atol: float, what: str = "") -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    if want.dtype.kind in "fV":
-        np.testing.assert_allclose(got.astype(F64), want.astype(F64), rtol=rtol, atol=atol,
-                                   err_msg=what)
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=what)
 
 
 # -- table of single-node cases -----------------------------------------------------------------

@@ -3,15 +3,20 @@ over the opsets, attributes and dtypes ONNX's node suite leaves out, plus bfloat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.opcases import node_model, run, run_ort, run_reference
+from tests.opcases import (
+    KernelCase,
+    KernelTable,
+    node_model,
+    ours_and_reference,
+    run,
+    run_ort,
+)
 from trainer.kernels import get_kernel
 from trainer.kernels.attention import Attention_23, LinearAttention, RotaryEmbedding
 from trainer.kernels.norm import (
@@ -51,25 +56,10 @@ def assert_close(got, want, rtol, atol, what=""):
                                err_msg=what)
 
 
-@dataclass
-class Case:
-    id: str
-    op: str
-    inputs: list
-    attrs: dict = field(default_factory=dict)
-    opset: int = 23
-    n_out: int = 1
-    ref: str = "ort"  # "ort" | "reference"
-
-    def __str__(self) -> str:
-        return self.id
-
-
-CASES: list[Case] = []
-
-
-def add(op, id, inputs, *, opset, n_out=1, ref="ort", **attrs):
-    CASES.append(Case(f"{op}-{id}", op, inputs, attrs, opset, n_out, ref))
+_table = KernelTable(opset=23, atol=1e-06, suffix="")
+CASES = _table.cases
+add = _table.add
+Case = KernelCase
 
 
 # -- normalization ----------------------------------------------------------------------------
@@ -236,10 +226,7 @@ def tolerance(inputs) -> tuple[float, float]:
 
 @pytest.mark.parametrize("c", CASES, ids=str)
 def test_kernel_matches_reference(c: Case) -> None:
-    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
-    feeds = {n: a for n, a in c.inputs if a is not None}
-    ours = run(model, feeds)
-    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    ours, want = ours_and_reference(c)
     rtol, atol = tolerance(c.inputs)
     for name in want:
         assert_close(ours[name], want[name], rtol, atol, f"{c.id} {name}")

@@ -4,7 +4,6 @@ opsets, attributes and dtypes the ONNX node suite leaves out, plus property test
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -13,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from tests.opcases import make_model, node_model, run, run_ort, run_reference
+from tests.opcases import (
+    KernelCase,
+    KernelTable,
+    make_model,
+    ours_and_reference,
+    run,
+)
+from tests.opcases import assert_same as same
 from trainer.kernels import shape as K
 
 F32, F16, BF16 = np.float32, np.float16, ml_dtypes.bfloat16
@@ -33,37 +39,14 @@ def ints(*values: int, dtype=np.int64) -> np.ndarray:
 
 
 def assert_same(got, want, what: str = "", rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    if want.dtype.kind == "V" or want.dtype == F16:  # half precision: compare in float32
-        got, want, rtol, atol = got.astype(F32), want.astype(F32), 4e-3, 4e-3
-    if want.dtype.kind in "fc":
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=what)
+    # half precision compares in float64 at 4e-3
+    same(got, want, rtol, atol, what, low_tol=4e-3)
 
 
-@dataclass
-class Case:
-    id: str
-    op: str
-    inputs: list
-    attrs: dict = field(default_factory=dict)
-    opset: int = 18
-    n_out: int = 1
-    ref: str = "ort"  # "ort" | "reference"
-
-    def __str__(self) -> str:
-        return self.id
-
-
-CASES: list[Case] = []
-
-
-def add(op: str, id: str, inputs, *, opset: int = 18, n_out: int = 1, ref: str = "ort",
-        **attrs) -> None:
-    CASES.append(Case(f"{op}-{id}-op{opset}", op, list(inputs), attrs, opset, n_out, ref))
+_table = KernelTable(opset=18, atol=1e-06, suffix="-op{opset}")
+CASES = _table.cases
+add = _table.add
+Case = KernelCase
 
 
 # -- Pad: every mode, attribute (opset 2) and input forms, axes, negative pads, dtypes ---------
@@ -299,10 +282,7 @@ add("NegativeLogLikelihoodLoss", "bf16", [("P", _s.astype(BF16)), ("L", _lab)], 
 
 @pytest.mark.parametrize("c", CASES, ids=str)
 def test_kernel_matches_reference(c: Case) -> None:
-    model = node_model(c.op, c.inputs, c.n_out, opset=c.opset, **c.attrs)
-    feeds = {n: a for n, a in c.inputs if a is not None}
-    ours = run(model, feeds)
-    want = run_ort(model, feeds) if c.ref == "ort" else run_reference(model, feeds)
+    ours, want = ours_and_reference(c)
     for name in want:
         got, exp = np.asarray(ours[name]), np.asarray(want[name])
         if got.dtype.kind == "f" and np.isnan(exp).all():
