@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# One-shot check for a lent GPU machine (installs nothing, < 8 minutes): the GPU-marked tests,
-# then the digits demo on CPU and GPU side by side. Run from the repo root: scripts/gpu_check.sh
+# One-shot check for a lent GPU machine (installs nothing, < 8 minutes): the GPU-marked tests
+# (every kernel table's ops, training graphs and whole runs on CuPy against NumPy / the CPU run,
+# no synchronization inside a step, optimizers, the communicators on GPU arrays), then
+# bench/gpu_bench.py (our step time and peak memory against PyTorch eager); a short table last.
+# Run from anywhere: scripts/gpu_check.sh   (PYTHON=... picks the interpreter; logs in $LOGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+LOGS=${LOGS:-/tmp/onnx_trainer_gpu_check}
+mkdir -p "$LOGS"
+start=$(date +%s)
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python - <<'PY'
+"$PY" - <<'PY'
 import cupy, numpy, onnx
-print(f"cupy {cupy.__version__}  numpy {numpy.__version__}  onnx {onnx.__version__}")
+print(f"cupy {cupy.__version__}  numpy {numpy.__version__}  onnx {onnx.__version__}  "
+      f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}  "
+      f"GPUs {cupy.cuda.runtime.getDeviceCount()}")
 PY
-timeout 300 python -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu.py
-tests_rc=$?
-python - <<'PY'
-import io, time
-from trainer.config import load_config
-from trainer.train import Trainer
-rows = []
-for device in ("cpu", "gpu"):
-    cfg = load_config("configs/digits_mlp.yaml",
-                      [f"device={device}", f"output=/tmp/gpu_check_{device}.onnx",
-                       "log.metrics=null"])
-    t0 = time.perf_counter()
-    result = Trainer(cfg, stream=io.StringIO()).fit()
-    rows.append((device, time.perf_counter() - t0, result["eval_accuracy"]))
-print(f"{'device':<8}{'wall s':>8}{'accuracy':>10}   (digits_mlp demo, 660 steps)")
-for device, wall, acc in rows:
-    print(f"{device:<8}{wall:>8.2f}{acc:>10.4f}")
-PY
-exit $tests_rc
+
+# 1. tests (about 3-4 minutes on an H200, most of it CuPy compiling kernels on first use)
+timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_gpu.py \
+    tests/test_comm.py 2>&1 | tee "$LOGS/pytest.log" | tail -n 60
+tests_rc=${PIPESTATUS[0]}
+
+# 2. the benchmark (stops starting new cases after --budget-s)
+timeout 150 "$PY" bench/gpu_bench.py --budget-s 90 --json "$LOGS/bench.json" \
+    > "$LOGS/bench.log" 2>&1
+bench_rc=$?
+
+echo
+echo "== GPU check: $(($(date +%s) - start)) s; logs in $LOGS"
+echo "tests: $(grep -E ' in [0-9.]+s' "$LOGS/pytest.log" | tail -n 1)  (rc $tests_rc)"
+echo "bench: rc $bench_rc"
+sed -n '/^GPU training step/,$p' "$LOGS/bench.log"
+[ "$bench_rc" -eq 0 ] || tail -n 20 "$LOGS/bench.log"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

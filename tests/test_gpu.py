@@ -1,23 +1,48 @@
-"""GPU readiness: the same kernels and training steps on CuPy match NumPy (needs a CUDA GPU)."""
+"""GPU readiness. On a CUDA GPU (marked gpu): kernels, training graphs, optimizers and whole
+training runs on CuPy match NumPy and the CPU run, and a training step does not synchronize. On
+any machine: the GPU benchmark's dry run (through the CuPy stand-in) and the check script."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.backend import cupy_or_none
+from tests.test_gpu_standin import (
+    _compare_runs,
+    _kernel_cases,
+    _train,
+    case_model,
+    check_on_device,
+    export_models,
+)
+from trainer.backend import cupy_or_none, cupyx_module
 from trainer.config import config_from_dict
 from trainer.train import Trainer
 
+ROOT = Path(__file__).resolve().parent.parent
 cp = cupy_or_none()
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device")]
+on_gpu = [pytest.mark.gpu, pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device")]
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_models(tmp_path_factory.mktemp("models"))
+
+
+def gpu_test(fn):
+    for mark in reversed(on_gpu):
+        fn = mark(fn)
+    return fn
+
+
+@gpu_test
 @pytest.mark.parametrize("optimizer", [{"type": "sgd", "lr": 0.1, "momentum": 0.9},
                                        {"type": "adamw", "lr": 3e-3}])
 def test_mlp_training_matches_cpu(tmp_path, digits_config, optimizer):
@@ -62,20 +87,136 @@ def small_cnn() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_cnn_training_graph_matches_cpu():
+def training_step_check(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
+                        rtol: float = 2e-3) -> None:
+    """One training-graph run on CuPy equals NumPy's, and the second run synchronizes nowhere
+    (cupyx.allow_synchronize: a device read inside the step raises)."""
     from trainer.autodiff import build_training_graph, training_info
     from trainer.executor import Executor
+    from trainer.graph import initializers
 
-    model = small_cnn()
     tm = build_training_graph(model, {"type": "cross_entropy", "output": "logits",
-                                      "target": "label"}, batch_size=8)
+                                      "target": "label"}, batch_size=len(x))
     info = training_info(tm)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 1, 16, 16)).astype(np.float32)
-    y = rng.integers(0, 10, 8)
-    fetch = [info.loss] + list(info.gradients.values())
-    ref = Executor(tm, np, fetch=fetch).run({"x": x, "label": y})
-    out = Executor(tm, cp, fetch=fetch).run({"x": cp.asarray(x), "label": cp.asarray(y)})
+    inits = initializers(tm)
+    names = list(info.gradients) + list(info.state)
+    fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
+    label = info.targets.get("label", "label")
+    feeds = {**{k: inits[k] for k in names}, "x": x, label: y}
+    ref = Executor(tm, np, feeds=names, fetch=fetch).run(dict(feeds))
+    ex = Executor(tm, cp, feeds=names, fetch=fetch)
+    dev = {k: cp.asarray(v) for k, v in feeds.items()}
+    ex.run(dev)  # first run: kernels compile, constants settle
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # allow_synchronize is deprecated (it still works)
+        with cupyx_module().allow_synchronize(False):
+            out = ex.run(dev)
     for k in fetch:
-        np.testing.assert_allclose(cp.asnumpy(out[k]), ref[k], rtol=2e-3, atol=1e-5,
-                                   err_msg=k)
+        np.testing.assert_allclose(cp.asnumpy(out[k]), ref[k], rtol=rtol, atol=1e-5, err_msg=k)
+
+
+@gpu_test
+def test_cnn_training_graph_matches_cpu_without_synchronizing():
+    rng = np.random.default_rng(0)
+    training_step_check(small_cnn(), rng.normal(size=(8, 1, 16, 16)).astype(np.float32),
+                        rng.integers(0, 10, 8))
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_exported_training_graphs_match_cpu_without_synchronizing(exported, kind):
+    cfg = exported(kind, {"type": "sgd", "lr": 0.1})
+    d = np.load(cfg["data"]["train"]["path"], allow_pickle=False)
+    training_step_check(onnx.load(cfg["model"]), d["x"][:8], d["y"][:8])
+
+
+@gpu_test
+@pytest.mark.parametrize("kind,optimizer", [("cnn", {"type": "sgd", "lr": 0.05,
+                                                     "momentum": 0.9}),
+                                            ("gpt", {"type": "adamw", "lr": 3e-3})])
+def test_cnn_and_gpt_train_on_cupy_as_on_the_cpu(tmp_path, exported, kind, optimizer):
+    cfg = exported(kind, optimizer)
+    _compare_runs(_train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu"), rtol=1e-4,
+                  atol=1e-5)
+
+
+def _one_case_per_op() -> list:
+    seen, out = set(), []
+    for p in _kernel_cases():
+        case = p.values[0]
+        if case.op not in seen:
+            seen.add(case.op)
+            out.append(p)
+    return out
+
+
+@gpu_test
+@pytest.mark.parametrize("case", _one_case_per_op())
+def test_kernel_case_on_cupy(case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for constant in (False, True):
+            model, feeds = case_model(case, constant)
+            check_on_device(model, feeds, cp, rtol=1e-4, atol=1e-5)
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "lamb"])
+def test_optimizers_on_cupy_match_numpy(kind):
+    from trainer.optim import OPTIMIZERS
+
+    layout = [("w", 0, 1200), ("b", 1200, 50)]
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=1250).astype(np.float32)
+    grads = [rng.normal(size=1250).astype(np.float32) for _ in range(3)]
+    results = []
+    for xp in (np, cp):
+        opt = OPTIMIZERS[kind](xp, 1250, np.float32, layout=layout,
+                               groups=[(["b"], {"lr": 0.01})], lr=0.05)
+        p = xp.asarray(p0.copy())
+        for g in grads:
+            opt.step(p, xp.asarray(g), [0.05, 0.01])
+        results.append(p if xp is np else cp.asnumpy(p))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@gpu_test
+def test_the_rank_picks_its_gpu(monkeypatch):
+    from trainer.backend import get_xp
+
+    count = cp.cuda.runtime.getDeviceCount()
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", str(count + 1))
+    try:
+        assert get_xp("gpu") is cp
+        assert cp.cuda.Device().id == (count + 1) % count
+    finally:
+        cp.cuda.Device(0).use()
+
+
+# -- on any machine ------------------------------------------------------------------------------
+def test_gpu_bench_dry_run(tmp_path, capsys):
+    """bench/gpu_bench.py end to end on the CPU: tiny models through the CuPy stand-in against
+    torch on the CPU; a table row per case and a JSON record."""
+    pytest.importorskip("torch")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_bench
+
+    out = tmp_path / "bench.json"
+    assert gpu_bench.main(["--dry-run", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for title in ("MLP 64-4x128-10", "ResNet-18 layout", "GPT 2x64"):
+        assert title in text
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and all(r["ours"]["ms"] > 0 and r["torch"]["ms"] > 0 for r in rows)
+    assert all(r["ours"]["peak_mb"] > 0 for r in rows)  # the stand-in's memory hook
+
+
+def test_gpu_check_script_parses():
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "-m gpu" in text and "bench/gpu_bench.py" in text

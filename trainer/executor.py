@@ -128,6 +128,10 @@ class Subgraph:
                              f"got {len(inputs)}")
         feeds = dict(self.scope)
         feeds.update(zip(self.input_names, inputs, strict=True))
+        if self.plan.on_device:  # host values of the outer plan (shapes, counters) move over
+            xp = self.plan.xp
+            feeds = {k: to_device(xp, v) if isinstance(v, np.ndarray | np.generic) else v
+                     for k, v in feeds.items()}
         out = self.plan.run(feeds)
         return [out[n] for n in self.output_names]
 
@@ -234,25 +238,6 @@ def _then(step: Callable, after: Callable) -> Callable:
     return both
 
 
-class _LazyRNG(StepRNG):
-    """StepRNG whose generator is made at the first draw after a reseed: reseeding every step
-    costs nothing for graphs that draw no random numbers."""
-
-    def reseed(self, *keys: int) -> None:
-        self._keys = keys
-        self._gen = None
-
-    @property
-    def gen(self):
-        if self._gen is None:
-            StepRNG.reseed(self, *self._keys)
-        return self._gen
-
-    @gen.setter
-    def gen(self, value) -> None:
-        self._gen = value
-
-
 class Executor:
     """Runs one graph many times: everything per-graph is decided in __init__, everything
     per-shape at the first run of each input-shape signature (that run records every value's
@@ -291,7 +276,7 @@ class Executor:
                 raise ModelError(f"Executor {what} names {', '.join(map(repr, unknown))}, which "
                                  f"{'is' if len(unknown) == 1 else 'are'} not fetched; add "
                                  "them to fetch")
-        self._plan(model, graph, inits, xp, _LazyRNG(xp, seed), feeds, fetch, keep_all)
+        self._plan(model, graph, inits, xp, StepRNG(xp, seed), feeds, fetch, keep_all)
         self.optimize = (optimize and xp is np and not keep_all
                          and not any(s[6] for s in self.steps)
                          and all(graph_kernel(d) is None for d in graph.node))
@@ -316,18 +301,24 @@ class Executor:
         self.opset = opset_of(model, "")
         self.model = model
         self.feeds = set(feeds)
-        self.constants = {k: to_device(xp, v) for k, v in inits.items() if k not in self.feeds}
+        self.on_device = xp is not np
+        # Host (NumPy) values; on a device, _place decides which of them go there, once.
+        self.constants = {k: v for k, v in inits.items() if k not in self.feeds}
         available = self.feeds | set(self.constants)
         deps = topo_sort([_Deps(_reads(n), n.output, n) for n in graph.node], available)
         self.fetch = fetch
         self.rng = rng
         self.steps = [self._bind(model, d.node, i, graph) for i, d in enumerate(deps)]
         self.keep_all = keep_all
+        self._out_alias: dict[str, str] = {}
+        self.host_values: frozenset[str] = frozenset()  # device executors: values kept on host
+        if self.on_device:
+            deps = self._place(graph, deps)
         last_use: dict[str, int] = {}
         for i, d in enumerate(deps):
             for name in d.input:
                 last_use[name] = i
-        keep = set(self.fetch)
+        keep = set(self.fetch) | set(self._out_alias.values())
         self.free_after: list[tuple[str, ...]] = [() for _ in deps]
         if not keep_all:
             frees: dict[int, list[str]] = {}
@@ -379,6 +370,90 @@ class Executor:
         return (fn, attrs, tuple(node.input), tuple(node.output), name, node.op_type,
                 tuple(subs))
 
+    # -- device placement (GPU) ---------------------------------------------------------------
+    def _place(self, graph: onnx.GraphProto, deps: list[_Deps]) -> list[_Deps]:
+        """Decide once, for a device executor, where each value lives. Nodes of constants only
+        are folded now (NumPy); shape arithmetic on host values (Shape, Size, Range of host
+        ints, Gather/Concat/Unsqueeze/... of shape vectors) runs on the host; everything else
+        runs on the device. A host value a device node reads as data is copied to the device
+        (constants once, here; run-time host values when made); at shape-like positions
+        (Reshape's shape, Dropout's ratio, ...) the device node reads the host value, so no
+        kernel reads device memory back for a shape. Rewrites self.steps and self.constants."""
+        xp = self.xp
+        host = dict(self.constants)  # host values known now: constants, then folded outputs
+        # Initializers that are also graph inputs are defaults a feed may override: run-time.
+        runtime_consts = {v.name for v in graph.input} & set(host)
+        for k in runtime_consts:
+            host.pop(k)
+        hooked = set(self.fetch_into) | set(self.on_produced)
+        host_runtime: set[str] = set()
+        device_consts: dict[str, object] = {
+            k: to_device(xp, self.constants[k], f"initializer '{k}'") for k in runtime_consts}
+        steps, new_deps = [], []
+        converted: set[str] = set()
+
+        def device_name(v: str, where: str) -> str:
+            """The name of v's device copy, made once for a constant, by a step otherwise."""
+            dev = v + _DEV
+            if v in host:
+                if dev not in device_consts:
+                    device_consts[dev] = to_device(xp, host[v], f"'{v}' (read by {where})")
+            elif dev not in converted:
+                converted.add(dev)
+                steps.append((_to_device_kernel, {}, (v,), (dev,), f"{v}/ToDevice",
+                               "ToDevice", ()))
+                new_deps.append(_Deps((v,), (dev,), None))
+            return dev
+
+        for d, step in zip(deps, self.steps, strict=True):
+            fn, attrs, ins, outs, name, op, subs = step
+            standard = d.node.domain in ("", "ai.onnx") and graph_kernel(d.node) is None
+            plain = standard and not subs and "rng" not in attrs
+            expands = False
+            if (plain and all(i == "" or i in host for i in ins)
+                    and not any(o in hooked or o in self.fetch for o in outs)):
+                args = [host[i] if i else None for i in ins]
+                folded = _fold(fn, attrs, args)
+                if folded is not None and len(folded) >= len([o for o in outs if o]):
+                    made = sum(v.size for v in folded)
+                    # A large tensor made from small inputs (ConstantOfShape, Expand) is made
+                    # on the device at each run instead: no constant held, nothing copied.
+                    expands = made > _FOLD_MAX and made > 4 * sum(
+                        a.size for a in args if isinstance(a, np.ndarray))
+                    if not expands:
+                        for o, value in zip(outs, folded, strict=False):
+                            if o:
+                                host[o] = value
+                        continue
+            meta = _METADATA_INPUTS.get(op, ())
+            data = [i for k, i in enumerate(ins) if i and k not in meta]
+            if (plain and op in _HOST_OPS and not expands and not any(o in hooked for o in outs)
+                    and all(i in host or i in host_runtime for i in data)):
+                host_runtime.update(o for o in outs if o)
+                steps.append((_on_host(fn), attrs, ins, outs, name, op, subs))
+                new_deps.append(d)
+                continue
+            shape_like = HOST_INPUTS.get(op, ()) if standard else ()
+            new_ins = tuple(
+                device_name(i, f"node '{name}'")
+                if i and (i in host or i in host_runtime) and k not in shape_like
+                and k not in meta else i
+                for k, i in enumerate(ins))
+            steps.append((fn, attrs, new_ins, outs, name, op, subs))
+            captured = d.input[len(ins):]
+            new_deps.append(_Deps(new_ins + captured, d.output, d.node))
+        # Fetched host values leave the run as device arrays too.
+        for f in self.fetch:
+            if f in host or f in host_runtime:
+                self._out_alias[f] = device_name(f, "the fetched outputs")
+        read = {i for dd in new_deps for i in dd.input} | set(self.fetch)
+        self.constants = {k: v for k, v in host.items() if k in read}
+        self.constants.update(device_consts)
+        self.host_values = frozenset(host_runtime) | frozenset(self.constants) - set(
+            device_consts)
+        self.steps = steps
+        return new_deps
+
     # -- the unspecialized program ------------------------------------------------------------
     def _compile_generic(self, record: dict | None = None) -> _Program:
         """Closures for every node as planned; with `record`, each produced value's (shape,
@@ -408,7 +483,8 @@ class Executor:
         template: list = [None] * len(slots)
         for name, value in self.constants.items():
             template[slots[name]] = value
-        outputs = {n: slots[n] for n in self.fetch if n in slots}
+        alias = self._out_alias
+        outputs = {n: slots[alias.get(n, n)] for n in self.fetch if alias.get(n, n) in slots}
         prog = _Program(slots, template, steps, labels, feed_slots, outputs)
         prog.by_feed = True
         return prog
@@ -459,7 +535,8 @@ class Executor:
         env = self._generic.run(feeds, self.xp)
         if self.keep_all:
             return {k: env[s] for k, s in self._generic.slots.items()
-                    if k and k != _TRASH and (env[s] is not None or k in feeds)}
+                    if k and k != _TRASH and _DEV not in k
+                    and (env[s] is not None or k in feeds)}
         return self._deliver({k: env[s] for k, s in self._generic.outputs.items()})
 
     def _deliver(self, out: dict) -> dict:
@@ -558,6 +635,48 @@ def _timed(step: Callable, per: list, k: int) -> Callable:
 
 
 _TRASH = "\x00unused"  # slot for outputs the graph leaves unnamed
+_DEV = "\x00dev"  # suffix of the device copy of a host value (device executors)
+_FOLD_MAX = 1 << 16  # elements: a larger folded tensor made from small inputs is not kept
+
+# Device executors: ops that run on the host when their (data) inputs are host values: the
+# shape arithmetic of exported graphs (Shape -> Gather -> Unsqueeze -> Concat -> Reshape).
+_HOST_OPS = frozenset("""
+Shape Size Gather Concat Unsqueeze Squeeze Reshape Flatten Slice Cast CastLike Identity Add Sub
+Mul Div Mod Neg Abs Sign Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Xor Where Range
+Max Min ReduceProd ReduceSum ReduceMax ReduceMin Sqrt Floor Ceil Clip Pow Reciprocal Expand Tile
+Transpose Split
+""".split())
+# Inputs an op reads only the dtype or shape of (they may stay on the device).
+_METADATA_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
+
+
+def _to_device_kernel(xp, x):
+    return (xp.asarray(x) if isinstance(x, np.ndarray) and x.dtype.kind not in "OUS" else x,)
+
+
+def _on_host(fn: Callable) -> Callable:
+    """The kernel run with NumPy whatever the executor's array module."""
+    def host(_xp, *args, **kwargs):
+        return fn(np, *args, **kwargs)
+    return host
+
+
+def _fold(fn: Callable, attrs: dict, inputs: list) -> list | None:
+    """fn's outputs on host inputs as NumPy arrays, or None (an error or a non-tensor output
+    leaves the node to run time, where its error names the node)."""
+    try:
+        with np.errstate(all="ignore"):
+            results = fn(np, *inputs, **attrs)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+    out = []
+    for r in results:
+        if isinstance(r, np.generic):
+            r = np.asarray(r)
+        if not isinstance(r, np.ndarray):
+            return None
+        out.append(r)
+    return out
 
 
 def _captures(sub) -> list[str]:
@@ -603,6 +722,10 @@ SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3
                 **{r: (1,) for r in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
                                      "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                                      "ReduceLogSumExp", "ReduceSumSquare")}}
+# Inputs a kernel reads on the host (shape-like values, scalars that steer the computation):
+# device executors hand them over as host values where they are (SHAPE_INPUTS and more).
+HOST_INPUTS = {**SHAPE_INPUTS, "Dropout": (1, 2), "If": (0,), "Loop": (0, 1), "Trilu": (1,),
+               "Col2Im": (1, 2), "MaxUnpool": (2,), "Tile": (1, 2)}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _UFUNC2 = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
 _UFUNC1 = {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt, "Tanh": np.tanh,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 KERNELS: dict[tuple[str, str], list[tuple[int, Callable]]] = {}
 CUSTOM_DOMAIN = "ai.onnx_trainer"
 
@@ -27,6 +29,40 @@ def host_ints(a) -> list[int]:
     if hasattr(a, "reshape"):
         a = a.reshape(-1).tolist()
     return [int(v) for v in (a if isinstance(a, list | tuple) else [a])]
+
+
+_CACHE: dict[tuple, object] = {}
+_CACHE_MAX = 512
+
+
+def cached_constant(xp, key: tuple, make: Callable):
+    """make() (a host array that depends only on `key`, e.g. a pooling divisor of one geometry)
+    on xp's device, built and copied there once per key rather than at every call."""
+    full = (id(xp), *key)
+    value = _CACHE.get(full)
+    if value is None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        value = make()
+        if xp is not np:
+            value = xp.asarray(value)
+        _CACHE[full] = value
+    return value
+
+
+def host_scalar(a):
+    """A one-element input read on the host as a Python scalar (no transfer for host values;
+    one device read for a device value)."""
+    return a.reshape(-1)[0].item() if hasattr(a, "reshape") else a
+
+
+def matmul(xp, a, b):
+    """xp.matmul; on a device, 16-bit floats above 2-D go through float32 (CuPy 14 batches
+    float32/float64/complex only: TypeError for float16 and bfloat16)."""
+    if xp is not np and (a.ndim > 2 or b.ndim > 2) and a.dtype.itemsize == 2 \
+            and a.dtype.kind in "fV":
+        return xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+    return xp.matmul(a, b)
 
 
 def get_kernel(op_type: str, opset: int, domain: str = "") -> Callable | None:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from onnx.helper import tensor_dtype_to_np_dtype
 
-from trainer.kernels import kernel
+from trainer.kernels import kernel, matmul
 from trainer.kernels.norm import compute_dtype
 
 
@@ -121,7 +121,7 @@ def _attention(xp, q, k, v, attn_mask, past_key, past_value, nonpad, *, is_causa
 
     # [B, Hq, Sq, D] -> [B, Hkv, G*Sq, D]: query head h reads kv head h // G
     qg = (q.astype(ct, copy=False) * ct.type(scale)).reshape(b, hkv, g * sq, d)
-    scores = xp.matmul(qg, k.astype(ct, copy=False).swapaxes(-1, -2)).reshape(b, hq, sq, sk)
+    scores = matmul(xp, qg, k.astype(ct, copy=False).swapaxes(-1, -2)).reshape(b, hq, sq, sk)
     qk_out = scores
     if softcap and softcap > 0:
         scores = ct.type(softcap) * xp.tanh(scores / ct.type(softcap))
@@ -145,7 +145,7 @@ def _attention(xp, q, k, v, attn_mask, past_key, past_value, nonpad, *, is_causa
     if qk_matmul_output_mode == 3:
         qk_out = probs
     probs = probs.astype(ct, copy=False).reshape(b, hkv, g * sq, sk)
-    y = xp.matmul(probs, v.astype(ct, copy=False)).reshape(b, hq, sq, dv)
+    y = matmul(xp, probs, v.astype(ct, copy=False)).reshape(b, hq, sq, dv)
     if three_d:
         y = y.transpose(0, 2, 1, 3).reshape(b, sq, hq * dv)
     outs = (y.astype(out_dtype, copy=False), present_k, present_v)
@@ -240,9 +240,9 @@ def LinearAttention(xp, query, key, value, past_state=None, decay=None, beta=Non
         if gated:
             state = state * decay[:, :, i]
         if delta:  # v_t <- beta_t (v_t - S^T k_t)
-            vt = beta[:, :, i] * (vt - xp.matmul(kt[:, :, None, :], state)[:, :, 0])
+            vt = beta[:, :, i] * (vt - matmul(xp, kt[:, :, None, :], state)[:, :, 0])
         state = state + kt[..., :, None] * vt[..., None, :]
-        outs.append(xp.matmul(q[:, :, :, i], state))  # [B, Hkv, G, dv]
+        outs.append(matmul(xp, q[:, :, :, i], state))  # [B, Hkv, G, dv]
     y = xp.stack(outs, axis=1) * ct.type(scale)  # [B, T, Hkv, G, dv]
     state_dtype = query.dtype if past_state is None else past_state.dtype
     return (y.reshape(b, t, q_num_heads * dv).astype(query.dtype),

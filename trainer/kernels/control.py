@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from trainer.graph import np_dtype
-from trainer.kernels import kernel
+from trainer.kernels import kernel, matmul
 
 
 def _truth(cond) -> bool:
@@ -165,11 +165,11 @@ def FlexAttention(xp, Q, K, V, *, scale=None, score_mod=None, prob_mod=None,
         scale = 1.0 / float(np.sqrt(Q.shape[-1]))
     # Q and K are each scaled by sqrt(scale) before the product (keeps float16 in range).
     root = xp.asarray(np.sqrt(np.float32(scale))).astype(Q.dtype)
-    scores = xp.matmul(Q * root, xp.swapaxes(K * root, -1, -2)).astype(compute)
+    scores = matmul(xp, Q * root, xp.swapaxes(K * root, -1, -2)).astype(compute)
     if score_mod is not None:
         scores = score_mod(scores)[0].astype(compute, copy=False)
     scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
     if prob_mod is not None:
         probs = prob_mod(probs)[0].astype(compute, copy=False)
-    return (xp.matmul(probs, V.astype(compute)).astype(V.dtype),)
+    return (matmul(xp, probs, V.astype(compute)).astype(V.dtype),)

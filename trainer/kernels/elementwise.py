@@ -10,6 +10,8 @@ import math
 import numpy as np
 import onnx
 
+from trainer.backend import cupyx_module, device_dtype_ok
+from trainer.errors import ModelError
 from trainer.graph import np_dtype
 from trainer.kernels import kernel
 
@@ -275,8 +277,7 @@ def erf(xp, x):
     if xp is np:
         x = wide(x)
         return _erf_host(x, x.dtype == np.float64).astype(x.dtype)
-    import cupyx.scipy.special  # pragma: no cover - GPU only
-    return cupyx.scipy.special.erf(x)  # pragma: no cover
+    return cupyx_module().scipy.special.erf(x)
 
 
 def erfc(xp, x):
@@ -284,8 +285,7 @@ def erfc(xp, x):
     if xp is np:
         x = wide(x)
         return _erf_host(x, x.dtype == np.float64, complement=True).astype(x.dtype)
-    import cupyx.scipy.special  # pragma: no cover - GPU only
-    return cupyx.scipy.special.erfc(x)  # pragma: no cover
+    return cupyx_module().scipy.special.erfc(x)
 
 
 @kernel("Erf")
@@ -350,6 +350,9 @@ _SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2":
 def BitCast(xp, x, *, to):
     """Same bits read as another type of equal width (sub-byte types are stored one per byte)."""
     dtype = np_dtype(to)
+    if xp is not np and not device_dtype_ok(dtype):
+        raise ModelError(f"BitCast to {dtype} is not available on the GPU: CuPy has no {dtype} "
+                         "type; run with device: cpu")
     width_in = _SUB_BYTE_BITS.get(x.dtype.name, x.dtype.itemsize * 8)
     width_out = _SUB_BYTE_BITS.get(dtype.name, dtype.itemsize * 8)
     if width_in != width_out:
@@ -366,6 +369,9 @@ _FLOAT8 = {"float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"}
 
 
 def _cast(xp, x, dtype, saturate, round_mode):
+    if xp is not np and not device_dtype_ok(dtype):
+        raise ModelError(f"Cast to {dtype} is not available on the GPU: CuPy has no {dtype} "
+                         "type; run with device: cpu")
     if dtype.name == "float8_e8m0fnu":  # exponent-only type: ONNX's rounding rules (host side)
         from onnx.numpy_helper import to_float8e8m0
         host = x.get() if xp is not np else x

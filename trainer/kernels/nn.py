@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from trainer.kernels import host_ints, kernel
+from trainer.kernels import cached_constant, host_ints, host_scalar, kernel, matmul
 
 
 def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
@@ -95,7 +95,7 @@ def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     if g == 1:
         y2 = xp.matmul(w.reshape(m, -1), cols)  # [M, N * O]
     else:
-        y2 = xp.matmul(w.reshape(g, m // g, -1), cols.reshape(g, -1, n * po))
+        y2 = matmul(xp, w.reshape(g, m // g, -1), cols.reshape(g, -1, n * po))
     y2 = y2.reshape(m, n, po)
     if b is not None:
         y2 += b.reshape(m, 1, 1)
@@ -131,7 +131,7 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     out_sp = list(dy.shape[2:])
     cols = im2col(xp, x, kshape, strides, dilations, pads, out_sp)  # [C * K, N * O]
     dy2 = xp.ascontiguousarray(xp.moveaxis(dy, 1, 0)).reshape(g, m // g, n * math.prod(out_sp))
-    r = xp.matmul(cols.reshape(g, -1, cols.shape[1]), dy2.transpose(0, 2, 1))  # [G, CgK, Mg]
+    r = matmul(xp, cols.reshape(g, -1, cols.shape[1]), dy2.transpose(0, 2, 1))  # [G, CgK, Mg]
     if dw is None:
         dw = xp.empty((m, x.shape[1] // g) + tuple(kshape), dtype=r.dtype)
     dw.reshape(g, m // g, -1)[...] = r.transpose(0, 2, 1)
@@ -199,7 +199,7 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
     # cols[G, Mg * K, N * in] = W_g^T x_g
     xg = xp.ascontiguousarray(xp.moveaxis(x, 1, 0)).reshape(g, cg, -1)
     wg = w.reshape(g, cg, mg * math.prod(kshape)).transpose(0, 2, 1)
-    cols = xp.matmul(wg, xg).reshape((g * mg,) + tuple(kshape) + (n,) + tuple(x.shape[2:]))
+    cols = matmul(xp, wg, xg).reshape((g * mg,) + tuple(kshape) + (n,) + tuple(x.shape[2:]))
     perm = (0, k + 1) + tuple(range(1, k + 1)) + tuple(range(k + 2, 2 * k + 2))
     yf = _fold(xp, cols.transpose(perm), full, strides, dilations)  # [M, N, *full]
     if any(p < 0 for p in pads):  # output_shape beyond the full result: zeros at that side
@@ -257,15 +257,20 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
                   kernel_shape, strides, dilations, out)
     y = arg = None
-    nan = x.dtype.kind == "f" and x.size and bool(xp.isnan(x.max()))
+    # On the host, inputs with NaNs take argmax's path (one cheap check); a device keeps the
+    # tap loop and lets a NaN tap win as argmax does, instead of reading the check back.
+    nan_aware = xp is not np and x.dtype.kind == "f"
+    nan = xp is np and x.dtype.kind == "f" and x.size and bool(xp.isnan(x.max()))
     if math.prod(kernel_shape) <= _TAP_LOOP_MAX and not nan:
         # Running maximum over the taps; a later tap wins only when strictly greater, so the
-        # first maximal tap is kept, as argmax does (inputs with NaNs take argmax's path).
+        # first maximal tap is kept, as argmax does.
         taps = _tap_views(xw, kernel_shape)
         y = taps[0].copy()
         arg = xp.zeros(y.shape, dtype=np.int64) if n_outputs > 1 else None
         for t, v in enumerate(taps[1:], 1):
             more = v > y
+            if nan_aware:  # the first NaN wins and stays
+                more |= xp.isnan(v) & ~xp.isnan(y)
             xp.copyto(y, v, where=more)
             if arg is not None:
                 xp.copyto(arg, t, where=more)
@@ -277,13 +282,15 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         return (xp.ascontiguousarray(y),)
     # Flattened index into x (padding excluded), the spec's optional Indices output:
     # ((n * C + c) * H + h) * W + w, or with storage_order=1 (n * C + c) * H * W + w * H + h.
-    koffs = np.unravel_index(np.arange(math.prod(kernel_shape)), kernel_shape)
+    ntaps = math.prod(kernel_shape)
     n, c = x.shape[:2]
     index = (xp.arange(n)[:, None] * c + xp.arange(c)[None, :]).reshape((n, c) + (1,) * k)
     index = index * math.prod(x.shape[2:])
     spatial = 0
     for i in (reversed(range(k)) if storage_order else range(k)):
-        kpos = xp.asarray(koffs[i])[arg] * dilations[i]
+        koff = cached_constant(xp, ("maxpool-taps", tuple(kernel_shape), i), lambda i=i: (
+            np.unravel_index(np.arange(ntaps), kernel_shape)[i]))
+        kpos = koff[arg] * dilations[i]
         opos = xp.arange(out[i]).reshape((1,) * (2 + i) + (-1,) + (1,) * (k - i - 1))
         spatial = spatial * x.shape[2 + i] + (opos * strides[i] - pads[i] + kpos)
     return (xp.ascontiguousarray(y), (index + spatial).astype(np.int64))
@@ -305,9 +312,12 @@ def AveragePool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, d
             total += v
     else:
         total = xw.sum(axis=tuple(range(2 + k, 2 + 2 * k)))
-    counts = avgpool_divisor(x.shape[2:], kernel_shape, strides, dilations, pads, out,
-                             count_include_pad)
-    return ((total / xp.asarray(counts.astype(acc))).astype(x.dtype),)
+    geometry = (tuple(x.shape[2:]), tuple(kernel_shape), tuple(strides), tuple(dilations),
+                tuple(pads), tuple(out), bool(count_include_pad), acc.str)
+    counts = cached_constant(xp, ("avgpool-divisor", *geometry), lambda: avgpool_divisor(
+        x.shape[2:], kernel_shape, strides, dilations, pads, out,
+        count_include_pad).astype(acc))
+    return ((total / counts).astype(x.dtype),)
 
 
 def _acc(x) -> np.dtype:
@@ -472,10 +482,9 @@ def Dropout_1(xp, x, *, ratio=0.5, is_test=0, consumed_inputs=None, seed=None, r
 
 @kernel("Dropout", since=12)
 def Dropout_12(xp, x, ratio=None, training_mode=None, *, seed=None, rng):
-    r = 0.5 if ratio is None else float(np.asarray(ratio).reshape(-1)[0] if xp is np
-                                        else ratio.item())
-    training = training_mode is not None and bool(np.asarray(training_mode).reshape(-1)[0]
-                                                  if xp is np else training_mode.item())
+    # ratio and training_mode are host values when constant (device executors pass them so).
+    r = 0.5 if ratio is None else float(host_scalar(ratio))
+    training = training_mode is not None and bool(host_scalar(training_mode))
     if not training or r == 0.0:
         return (x, xp.ones(x.shape, dtype=bool))
     mask = rng.random(x.shape, dtype=np.float64 if x.dtype == np.float64 else np.float32) >= r

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import ml_dtypes
 import numpy as np
 
-from trainer.kernels import kernel
+from trainer.kernels import kernel, matmul
 
 
 def _sigmoid(xp, x):
@@ -171,7 +171,7 @@ def RNN(xp, x, w, r, b=None, sequence_lens=None, initial_h=None, *, activation_a
     ys, hs = [], []
     for d, reverse in enumerate(dirs):
         (f,) = acts[d]
-        xw = xp.matmul(seq.inputs(reverse), w[d].T) + (wb[d] + rb[d])
+        xw = matmul(xp, seq.inputs(reverse), w[d].T) + (wb[d] + rb[d])
         rt = r[d].T
         h, outs = h0[d], []
         for t in range(seq.steps):
@@ -221,7 +221,7 @@ def GRU(xp, x, w, r, b=None, sequence_lens=None, initial_h=None, *, activation_a
         rbh = rb[d, 2 * n:]
         rb_x = xp.concatenate([rb[d, :2 * n], xp.zeros_like(rbh)]) if linear_before_reset else rb[d]
         bias = wb[d] + rb_x
-        xw = xp.matmul(seq.inputs(reverse), w[d].T) + bias
+        xw = matmul(xp, seq.inputs(reverse), w[d].T) + bias
         r_zr, r_h = r[d, :2 * n].T, r[d, 2 * n:].T
         h, outs = h0[d], []
         for t in range(seq.steps):
@@ -285,7 +285,7 @@ def LSTM(xp, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None
     ys, hs, cs = [], [], []
     for d, reverse in enumerate(dirs):
         f, g, hact = acts[d]
-        xw = xp.matmul(seq.inputs(reverse), w[d].T) + (wb[d] + rb[d])
+        xw = matmul(xp, seq.inputs(reverse), w[d].T) + (wb[d] + rb[d])
         rt = r[d].T
         peep = None if p is None else p[d].astype(seq.compute)
         h, c, outs = h0[d], c0[d], []

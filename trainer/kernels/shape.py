@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.backend import cupyx_module
 from trainer.graph import np_dtype
-from trainer.kernels import host_ints, kernel
+from trainer.kernels import cached_constant, host_ints, host_scalar, kernel
 
 
 def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tuple:
@@ -24,14 +25,10 @@ def _ints(a) -> list[int]:
     return host_ints(a.reshape(-1) if hasattr(a, "reshape") else a)
 
 
-def _host_scalar(a):
-    """A one-element tensor (possibly on the device) as a Python scalar."""
-    return a.reshape(-1)[0].item() if hasattr(a, "reshape") else a
-
-
 def _same_device(xp, *arrays):
-    """The array module for these arrays: NumPy when all are host arrays (shape computations
-    on Shape's host output), else `xp` with every array moved there."""
+    """The array module for these arrays: NumPy when all are host arrays, else `xp` with every
+    array moved there (device executors place shape arithmetic on the host themselves; this
+    keeps direct kernel calls that mix the two working)."""
     if xp is np or all(isinstance(a, np.ndarray) for a in arrays if a is not None):
         return np, arrays
     return xp, tuple(a if a is None else xp.asarray(a) for a in arrays)
@@ -77,12 +74,13 @@ def Transpose(xp, x, *, perm=None):
 
 @kernel("Shape", since=1)
 def Shape(xp, x, *, start=0, end=None):
-    return (np.array(x.shape[start:end], dtype=np.int64),)
+    # Device executors run Shape (and the shape arithmetic after it) with NumPy: no transfer.
+    return (xp.asarray(np.array(x.shape[start:end], dtype=np.int64)),)
 
 
 @kernel("Size")
 def Size(xp, x):
-    return (np.array(x.size, dtype=np.int64),)
+    return (xp.asarray(np.array(x.size, dtype=np.int64)),)
 
 
 def _squeeze(x, axes):
@@ -169,7 +167,7 @@ def _split(x, axis, split, num_outputs):
 @kernel("Tile", since=1)
 def Tile_1(xp, x, tiles, axis):
     reps = [1] * x.ndim
-    reps[int(_host_scalar(axis)) % x.ndim] = int(_host_scalar(tiles))
+    reps[int(host_scalar(axis)) % x.ndim] = int(host_scalar(tiles))
     return (xp.tile(x, reps),)
 
 
@@ -224,8 +222,9 @@ def GatherND(xp, data, indices, *, batch_dims=0):
     mid = indices.shape[b:-1]
     nb, nm = int(np.prod(batch)), int(np.prod(mid))
     d = data.reshape((nb,) + data.shape[b:])
-    dims = xp.asarray(np.array(data.shape[b:b + k], dtype=np.int64))
-    idx = indices.reshape(nb, nm, k).astype(np.int64) % xp.maximum(dims, 1)
+    dims = cached_constant(xp, ("dims", tuple(data.shape[b:b + k])), lambda: np.maximum(
+        np.array(data.shape[b:b + k], dtype=np.int64), 1))
+    idx = indices.reshape(nb, nm, k).astype(np.int64) % dims
     keys = (xp.arange(nb).reshape(nb, 1),) + tuple(idx[:, :, j] for j in range(k))
     return (d[keys].reshape(batch + mid + data.shape[b + k:]),)
 
@@ -248,6 +247,10 @@ def NonZero(xp, x):
 
 # -- scattering -----------------------------------------------------------------------------
 _REDUCE = {"add": "add", "mul": "multiply", "max": "maximum", "min": "minimum"}
+# dtypes of CuPy's atomic scatters (cupy.add.at, cupyx.scatter_max / scatter_min)
+_ATOMIC = {"add": {np.int32, np.int64, np.float16, np.float32, np.float64, np.uint32, np.uint64},
+           "max": {np.int32, np.int64, np.float32, np.float64, np.uint32, np.uint64},
+           "min": {np.int32, np.int64, np.float32, np.float64, np.uint32, np.uint64}}
 
 
 def _scatter_rows(xp, out, rows, updates, reduction: str) -> None:
@@ -264,6 +267,13 @@ def _scatter_rows(xp, out, rows, updates, reduction: str) -> None:
     f = getattr(xp, _REDUCE[reduction])
     n = rows.shape[0]
     if n == 0:
+        return
+    if xp is not np and out.dtype.type in _ATOMIC.get(reduction, ()):
+        # The device's atomic scatter: no read-back of the duplicate count (float sums may
+        # add in another order than the host's rounds).
+        scatter = xp.add.at if reduction == "add" else getattr(cupyx_module(),
+                                                               f"scatter_{reduction}")
+        scatter(out, rows, updates)
         return
     order = xp.argsort(rows, kind="stable")
     s = rows[order]
@@ -305,9 +315,11 @@ def Scatter(xp, data, indices, updates, *, axis=0):
 def ScatterND(xp, data, indices, updates, *, reduction="none"):
     k = indices.shape[-1]
     lead, rest = data.shape[:k], data.shape[k:]
-    dims = xp.asarray(np.array(lead, dtype=np.int64))
-    strides = xp.asarray(np.array(_row_major_strides(lead), dtype=np.int64))
-    idx = indices.reshape(-1, k).astype(np.int64) % xp.maximum(dims, 1)
+    dims = cached_constant(xp, ("dims", tuple(lead)), lambda: np.maximum(
+        np.array(lead, dtype=np.int64), 1))
+    strides = cached_constant(xp, ("strides", tuple(lead)), lambda: np.array(
+        _row_major_strides(lead), dtype=np.int64))
+    idx = indices.reshape(-1, k).astype(np.int64) % dims
     rows = (idx * strides).sum(axis=1)
     out = data.copy()
     width = int(np.prod(rest))
@@ -549,7 +561,8 @@ def _sparse_to_dense(sp) -> np.ndarray:
 @kernel("Constant")
 def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=None,
              value_ints=None, sparse_value=None, value_string=None, value_strings=None):
-    """String values stay host-only NumPy object arrays; int scalars/lists stay on the host."""
+    """String values stay host-only NumPy object arrays. (Device executors fold Constant nodes
+    once, on the host, and copy a value to the device only where a kernel reads it as data.)"""
     if value is not None:
         return (value if value.dtype == object else xp.asarray(value),)
     if value_float is not None:
@@ -557,9 +570,9 @@ def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=N
     if value_floats is not None:
         return (xp.asarray(np.array(value_floats, np.float32)),)
     if value_int is not None:
-        return (np.asarray(np.int64(value_int)),)
+        return (xp.asarray(np.int64(value_int)),)
     if value_ints is not None:
-        return (np.array(value_ints, np.int64),)
+        return (xp.asarray(np.array(value_ints, np.int64)),)
     if value_string is not None:
         return (np.array(value_string, dtype=object),)
     if value_strings is not None:
@@ -571,7 +584,7 @@ def Constant(xp, *, value=None, value_float=None, value_floats=None, value_int=N
 
 @kernel("OneHot", since=9)
 def OneHot(xp, indices, depth, values, *, axis=-1):
-    d = int(_host_scalar(depth))
+    d = int(host_scalar(depth))
     idx = indices.astype(np.int64)
     idx = xp.where(idx < 0, idx + d, idx)
     rank = idx.ndim + 1
@@ -586,7 +599,7 @@ def OneHot(xp, indices, depth, values, *, axis=-1):
 @kernel("Range", since=11)
 def Range(xp, start, limit, delta, *, stash_type=1):
     dtype = start.dtype
-    s, e, d = (_host_scalar(v) for v in (start, limit, delta))
+    s, e, d = (host_scalar(v) for v in (start, limit, delta))
     if dtype.kind in "iu":
         n = max(-((s - e) // d), 0)  # exact ceil((e - s) / d)
         return (xp.asarray(s + xp.arange(n, dtype=np.int64) * d).astype(dtype),)
