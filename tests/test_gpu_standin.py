@@ -396,9 +396,6 @@ def test_float8_cast_is_a_clear_error_on_the_gpu(gpu):
     assert Executor(model, np).run({"x": x})["y"].dtype.name == "float8_e4m3fn"
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/autodiff/gradient_op.py reads its inputs with "
-                   "np.asarray (CuPy refuses); key the plan on shape/dtype and copy to the host "
-                   "only when a plan is built (see the helper's report)")
 def test_gradient_op_runs_on_the_gpu_path(gpu):
     nodes = [helper.make_node("Mul", ["a", "b"], ["c"]),
              helper.make_node("Gradient", ["a", "b"], ["da", "db"], xs=["a", "b"], y="c",
@@ -609,9 +606,6 @@ def test_optimizers_step_on_the_gpu_path_without_reading_back(gpu, kind):
         np.testing.assert_allclose(sg[k], sc[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/optim.py clip_grad_norm_ converts the norm with "
-                   "float() (a device read per step); scale by minimum(1, max_norm / (norm + "
-                   "1e-6)) on the device instead (see the helper's report)")
 def test_grad_clip_reads_nothing_back(gpu):
     from trainer.optim import clip_grad_norm_
 

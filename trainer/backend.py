@@ -19,6 +19,11 @@ def _import_cupy() -> tuple[ModuleType, ModuleType]:
     return cupy, cupyx
 
 
+def cupy_module() -> ModuleType:
+    """CuPy (through the one seam that imports it; the tests' stand-in replaces it)."""
+    return _import_cupy()[0]
+
+
 def cupy_or_none() -> ModuleType | None:
     """CuPy when it imports and sees at least one GPU, else None."""
     try:

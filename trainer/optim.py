@@ -611,10 +611,9 @@ def make_optimizer(cfg, xp, size: int, dtype, layout: Layout | None = None) -> O
     return cls(xp, size, dtype, layout=layout, groups=groups, **settings)
 
 
-def clip_grad_norm_(xp, g, max_norm: float) -> float:
-    """Scale g in place so its 2-norm is at most max_norm (torch.nn.utils.clip_grad_norm_)."""
-    total = float(xp.sqrt((g * g).sum()))
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        g *= coef
+def clip_grad_norm_(xp, g, max_norm: float):
+    """Scale g in place so its 2-norm is at most max_norm (torch.nn.utils.clip_grad_norm_);
+    returns the norm before clipping as a 0-d array (no device-to-host read)."""
+    total = xp.sqrt((g * g).sum())
+    g *= xp.minimum(g.dtype.type(1.0), g.dtype.type(max_norm) / (total + g.dtype.type(1e-6)))
     return total

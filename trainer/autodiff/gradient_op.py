@@ -60,9 +60,11 @@ def gradient_kernel(model: onnx.ModelProto, graph: onnx.GraphProto, node: onnx.N
         if len(values) != len(xs) + len(zs):
             raise ValueError(f"Gradient takes {len(xs) + len(zs)} inputs (xs then zs), got "
                              f"{len(values)}")
-        host = [np.asarray(v) for v in values]
-        key = tuple((v.shape, v.dtype.str) for v in host)
+        key = tuple((tuple(v.shape), np.dtype(v.dtype).str) for v in values)
         if key not in plans:
+            from trainer.backend import to_host
+
+            host = [to_host(v) for v in values]
             vis = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype),
                                                  list(v.shape))
                    for n, v in zip(xs + zs, host, strict=True)]

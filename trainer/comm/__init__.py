@@ -83,8 +83,8 @@ def get_communicator(backend: str = "auto", timeout_s: float = 300.0,
         ranks_here = mpi.node_local()[1]  # collective: called on every rank
         ok = nccl_available()
         if ok:
-            import cupy
-            ok = ranks_here <= cupy.cuda.runtime.getDeviceCount()
+            from trainer.backend import cupy_module
+            ok = ranks_here <= cupy_module().cuda.runtime.getDeviceCount()
         votes = np.array([1.0 if ok else 0.0])
         mpi.allreduce_(votes, label="choose NCCL or MPI")  # every rank decides the same
         if votes[0] == mpi.size:

@@ -78,8 +78,8 @@ def xp_of(buf):
     """The array module of buf (NumPy or CuPy) without importing CuPy for NumPy arrays."""
     if isinstance(buf, np.ndarray):
         return np
-    import cupy
-    return cupy
+    from trainer.backend import cupy_module
+    return cupy_module()
 
 
 def check_compress(compress: str | None, buf) -> None:

@@ -16,6 +16,7 @@ from trainer.comm.base import (
     decompress16,
     padded_size,
     sum_compressed,
+    xp_of,
 )
 
 
@@ -35,7 +36,9 @@ class LocalComm:
 
     def _exchange(self, buf, label: str) -> list:
         g = self.group
-        g.slots[self.rank] = np.array(buf, copy=True)
+        from trainer.backend import to_host
+
+        g.slots[self.rank] = np.array(to_host(buf), copy=True)
         try:
             g.barrier.wait()
             values = list(g.slots)
@@ -52,10 +55,10 @@ class LocalComm:
             total = values[0].copy()
             for v in values[1:]:
                 total += v
-            buf[...] = total
+            buf[...] = xp_of(buf).asarray(total)
             return
         reduced = compressed_allreduce_reference(values, compress)
-        buf[...] = reduced.reshape(buf.shape)
+        buf[...] = xp_of(buf).asarray(reduced.reshape(buf.shape))
 
     def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
         self.allreduce_(buf, label, compress)
@@ -68,7 +71,7 @@ class LocalComm:
         return True
 
     def bcast_(self, buf, root: int = 0, label: str = "broadcast") -> None:
-        buf[...] = self._exchange(buf, label)[root]
+        buf[...] = xp_of(buf).asarray(self._exchange(buf, label)[root])
 
     def barrier(self, label: str = "barrier") -> None:
         self._exchange(np.zeros(1), label)

@@ -117,8 +117,8 @@ class PinnedPool:
             raw = free.pop()
         else:
             if self._alloc is None:
-                import cupy
-                self._alloc = cupy.cuda.alloc_pinned_memory
+                from trainer.backend import cupy_module
+                self._alloc = cupy_module().cuda.alloc_pinned_memory
             raw = np.frombuffer(self._alloc(max(nbytes, 1)), np.uint8, nbytes)
         return raw.view(dtype).reshape(shape)
 
@@ -214,8 +214,8 @@ class MPIComm:
                                  "arrays owned by the engine")
             return arr, None
         if self.cuda_aware:
-            import cupy
-            cupy.cuda.get_current_stream().synchronize()  # the kernels that wrote arr
+            from trainer.backend import cupy_module
+            cupy_module().cuda.get_current_stream().synchronize()  # the kernels that wrote arr
             return arr, None
         host = self.pinned.acquire(arr.dtype, arr.shape)
         if copy_in:
@@ -339,8 +339,8 @@ class MPIComm:
 def _device_ready(a) -> None:
     """Wait for the kernels that wrote a device array before MPI reads it."""
     if not isinstance(a, np.ndarray):
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
+        from trainer.backend import cupy_module
+        cupy_module().cuda.get_current_stream().synchronize()
 
 
 def _same_memory(part, out, offset: int) -> bool:

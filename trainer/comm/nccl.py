@@ -72,9 +72,12 @@ class NCCLComm:
                  device: int | None = None):
         if not nccl_available():
             raise TrainerError("distributed.backend: nccl needs CuPy with NCCL (pip install "
-                               "cupy-cuda12x nvidia-nccl-cu12); or set distributed.backend: mpi")
-        import cupy
-        from cupy.cuda import nccl
+                               "'onnx-trainer[gpu-cuda13]' or '[gpu-cuda12]' with NCCL); or set "
+                               "distributed.backend: mpi")
+        from trainer.backend import cupy_module
+
+        cupy = cupy_module()
+        nccl = cupy.cuda.nccl
 
         self.cupy, self.nccl = cupy, nccl
         self.mpi = mpi if mpi is not None else MPIComm(timeout_s)
