@@ -30,6 +30,7 @@ data:
   batch_size: 16
   shuffle: false
   drop_last: false
+  prefetch: true
 loss: {type: cross_entropy, output: logits, target: label, class_axis: 1}
 trainable: [fc1.weight, "fc2.*"]
 frozen: [fc2.bias]
@@ -41,6 +42,8 @@ steps: 100
 checkpoint: {dir: ckpt, every_steps: 50, keep: 3}
 log: {every_steps: 1, metrics: logs/metrics.jsonl}
 distributed: {backend: mpi, bucket_mb: 4, overlap: false}
+threads: 2
+memory_check: false
 """
 
 
@@ -99,6 +102,7 @@ def test_full_yaml_loads_with_types_and_resolved_paths(tmp_path: Path) -> None:
     assert cfg.log.every_steps == 1 and cfg.log.metrics == tmp_path / "logs/metrics.jsonl"
     dist = cfg.distributed
     assert (dist.backend, dist.bucket_mb, dist.overlap) == ("mpi", 4.0, False)
+    assert cfg.data.prefetch is True and cfg.threads == 2 and cfg.memory_check is False
 
 
 def test_defaults_for_minimal_config() -> None:
@@ -119,6 +123,7 @@ def test_defaults_for_minimal_config() -> None:
     assert (cfg.log.every_steps, cfg.log.metrics) == (10, None)
     assert (cfg.distributed.backend, cfg.distributed.bucket_mb) == ("auto", 25.0)
     assert cfg.distributed.overlap is True
+    assert (cfg.data.prefetch, cfg.threads, cfg.memory_check) == ("auto", None, True)
 
 
 def test_optimizer_defaults_depend_on_type() -> None:
@@ -213,6 +218,11 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     ("frozen", [1], "config key 'frozen[0]' must be a non-empty string, got int 1"),
     ("data.train.inputs", {"input": 3}, "config key 'data.train.inputs.input' must be a non-empty"),
     ("loss", "mse", "config key 'loss' must be a mapping, got str 'mse'"),
+    ("threads", 0, "config key 'threads' must be > 0, got 0"),
+    ("threads", "four", "config key 'threads' must be an integer, got str 'four'"),
+    ("memory_check", "no way", "config key 'memory_check' must be true or false"),
+    ("data.prefetch", "sometimes",
+     "config key 'data.prefetch' must be true, false or auto, got str 'sometimes'"),
 ])
 def test_wrong_types(key: str, value: object, expected: str) -> None:
     raw = minimal(optimizer={"type": "adam"} if key == "optimizer.betas" else {})
@@ -322,3 +332,114 @@ def test_invalid_yaml_is_one_line_error(tmp_path: Path) -> None:
 
 def test_config_error_is_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+# -- threads -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("affinity", "local", "expected"), [
+    (8, None, 8), (8, "4", 2), (8, "3", 2), (8, "16", 1), (2, "4", 2), (8, "2(x3)", 4)])
+def test_default_threads_are_the_share_of_the_cores(monkeypatch, affinity, local, expected):
+    """Cores this process may use, divided among the node's processes; a launcher that binds
+    the process to fewer cores than the node has already gave it its share."""
+    from trainer import config as config_module
+
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(affinity)),
+                        raising=False)
+    for var in config_module._LOCAL_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    if local is not None:
+        monkeypatch.setenv("SLURM_NTASKS_PER_NODE" if "(" in local
+                           else "OMPI_COMM_WORLD_LOCAL_SIZE", local)
+    assert config_module.resolve_threads(None) == expected
+    assert config_module.resolve_threads(3) == 3
+
+
+def test_thread_environment_keeps_what_the_user_set(monkeypatch):
+    from trainer.config import THREAD_VARS, thread_environment
+
+    for var in THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert "OMP_NUM_THREADS" not in thread_environment(None)
+    assert set(thread_environment(None)) - {"ONNX_TRAINER_THREADS"} == \
+        set(THREAD_VARS) - {"OMP_NUM_THREADS"}
+    assert thread_environment(2) == {**dict.fromkeys(THREAD_VARS, "2"),
+                                     "ONNX_TRAINER_THREADS": "2"}
+
+
+def test_a_thread_count_set_in_the_environment_is_kept(monkeypatch):
+    from trainer.config import THREAD_VARS, blas_threads
+
+    for var in THREAD_VARS + ("ONNX_TRAINER_THREADS",):
+        monkeypatch.delenv(var, raising=False)
+    assert blas_threads(3) == (3, "threads")
+    assert blas_threads(None)[1] == "share of the cores"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert blas_threads(None) == (5, "OMP_NUM_THREADS")
+    assert blas_threads(2) == (2, "threads")
+    monkeypatch.setenv("ONNX_TRAINER_THREADS", "5")  # the CLI's default, not the user's
+    assert blas_threads(None)[1] == "share of the cores"
+
+
+def _openblas_threads():
+    """(get, set) of the OpenBLAS that NumPy loaded, or None (another BLAS)."""
+    import ctypes
+
+    import numpy  # noqa: F401 - loads the BLAS
+
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "openblas" in line}
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for get, put in (("scipy_openblas_get_num_threads64_",
+                          "scipy_openblas_set_num_threads64_"),
+                         ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if hasattr(lib, get) and hasattr(lib, put):
+                return getattr(lib, get), getattr(lib, put)
+    return None
+
+
+def test_threads_limit_the_blas_of_a_running_process(tmp_path: Path, digits_config) -> None:
+    import io
+
+    from trainer.train import Trainer
+
+    blas = _openblas_threads()
+    if blas is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS")
+    get, put = blas
+    before = get()
+    try:
+        Trainer(config_from_dict(digits_config(threads=1), tmp_path), stream=io.StringIO(),
+                check=False)
+        assert get() == 1
+    finally:
+        put(before)
+
+
+def test_threads_reach_the_environment_before_numpy_loads(tmp_path: Path, digits_config) -> None:
+    """`onnx-trainer train` sets the variables before NumPy (and its BLAS) is imported: an
+    import hook records OPENBLAS_NUM_THREADS when NumPy is first looked for."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(threads=1, steps=1)))
+    code = f"""
+import os, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not seen:
+            seen.append(os.environ.get("OPENBLAS_NUM_THREADS"))
+sys.meta_path.insert(0, Spy())
+from trainer import cli
+code = cli.main(["train", {str(path)!r}])
+print("NUMPY SAW", seen)
+sys.exit(code)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "NUMPY SAW ['1']" in proc.stdout

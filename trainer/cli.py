@@ -13,20 +13,77 @@ from trainer.errors import Interrupted, TrainerError
 
 def _train(args) -> int:
     from trainer.config import load_config
-    from trainer.train import Trainer
 
     cfg = load_config(args.config, args.set or [])
-    Trainer(cfg).fit(resume=args.resume)
+    _thread_environment(cfg.threads)
+    from trainer.train import ProfileRequest, Trainer
+
+    profile = None
+    if args.profile is not None or args.profile_trace:
+        profile = ProfileRequest(steps=args.profile or 10, warmup=args.profile_warmup,
+                                 trace=Path(args.profile_trace) if args.profile_trace else None)
+    Trainer(cfg).fit(resume=args.resume, profile=profile)
     return 0
 
 
+def _thread_environment(threads: int | None) -> None:
+    """BLAS/OpenMP threads through the environment, set before NumPy loads its BLAS (the
+    trainer also limits them at run time where it can, see trainer.train.limit_threads)."""
+    import os
+
+    from trainer.config import thread_environment
+
+    os.environ.update(thread_environment(threads))
+
+
+def _is_config(path: str) -> bool:
+    """A YAML config (by its suffix, or a first line that is not ONNX's binary)."""
+    p = Path(path)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        return True
+    if p.suffix.lower() == ".onnx" or not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+        head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"model:" in head or b"\nmodel" in head
+
+
 def _check(args) -> int:
+    if _is_config(args.model):
+        return _check_config(args)
     from trainer.graph import load_model
     from trainer.report import model_report
 
     report = model_report(load_model(args.model))
     print(report.text())
     return 0 if report.ok else 1
+
+
+def _check_config(args) -> int:
+    """The pre-flight report of a config (what `train` prints first) with the model's support
+    table; non-zero when training could not start."""
+    from trainer.config import load_config
+
+    cfg = load_config(args.model, args.set or [])
+    _thread_environment(cfg.threads)
+    from trainer.comm import launched_world_size
+    from trainer.memory import load_structure, strip
+    from trainer.report import model_report, preflight
+
+    try:
+        print(model_report(strip(load_structure(cfg.model))).text())
+        print()
+    except TrainerError:
+        pass  # the pre-flight report names the problem
+    from trainer.backend import get_xp
+
+    pf = preflight(cfg, world=args.world or launched_world_size(), xp=get_xp(cfg.device))
+    print(pf.text())
+    return 1 if pf.problems else 0
 
 
 def _ops(args) -> int:
@@ -79,12 +136,14 @@ def _grad(args) -> int:
 
 def _evaluate(args) -> int:
     from trainer.config import load_config
-    from trainer.train import Trainer
 
     cfg = load_config(args.config, args.set or [])
     if cfg.data.eval is None:
         raise TrainerError("eval needs data.eval in the config")
-    trainer = Trainer(cfg)
+    _thread_environment(cfg.threads)
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg, check=False)
     model = Path(args.model) if args.model else None
     if model is not None:
         from onnx import numpy_helper
@@ -126,10 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in checkpoint.dir")
+    t.add_argument("--profile", type=int, nargs="?", const=10, default=None, metavar="STEPS",
+                   help="after the warm-up, time STEPS steps (default 10) and print the slowest "
+                        "nodes, communication and optimizer time")
+    t.add_argument("--profile-warmup", type=int, default=3, metavar="STEPS",
+                   help="steps run before the profiled ones (default 3)")
+    t.add_argument("--profile-trace", metavar="OUT.json",
+                   help="also write the profile as a Chrome trace (Perfetto-viewable); implies "
+                        "--profile")
     t.set_defaults(fn=_train)
     c = sub.add_parser("check", parents=[common],
-                       help="list every op with its forward/gradient support")
-    c.add_argument("model")
+                       help="a model: every op with its forward/gradient support; a config: the "
+                            "pre-flight report (parameters, memory, data, steps, problems)")
+    c.add_argument("model", metavar="MODEL_OR_CONFIG")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (with a config)")
+    c.add_argument("--world", type=int, default=None, metavar="N",
+                   help="number of processes to plan for (with a config; default: this "
+                        "launch's)")
     c.set_defaults(fn=_check)
     g = sub.add_parser("grad", parents=[common],
                        help="write the training graph (forward+loss+backward) as ONNX")

@@ -113,6 +113,12 @@ def _names(v: Any, key: str, base: Path) -> tuple[str, ...]:
     return tuple(_str(x, f"{key}[{i}]", base) for i, x in enumerate(v))
 
 
+def _auto_bool(v: Any, key: str, base: Path) -> bool | str:
+    if isinstance(v, bool) or v == "auto":
+        return v
+    raise _err(key, f"must be true, false or auto, got {_got(v)}")
+
+
 def _trainable(v: Any, key: str, base: Path) -> tuple[str, ...] | str:
     if v == "all":
         return "all"
@@ -184,6 +190,9 @@ class DataConfig:
     batch_size: int = _k(_int, 32, check=_POS)
     shuffle: bool = _k(_bool, True)
     drop_last: bool = _k(_bool, True)
+    # gather the next batch in a background thread; auto: for memory-mapped data or batches of
+    # 1 MiB or more (a thread costs more than gathering a small in-memory batch)
+    prefetch: bool | str = _k(_auto_bool, "auto")
 
 
 @dataclass(frozen=True)
@@ -401,6 +410,10 @@ class Config:
     best: BestConfig | None = _k(BestConfig, None, nullable=True)
     early_stop: EarlyStopConfig | None = _k(EarlyStopConfig, None, nullable=True)
     on_nan: str = _k(_str, "stop", choices=("stop", "skip"))
+    # BLAS/OpenMP threads per process; null: this process's share of the node's cores
+    threads: int | None = _k(_int, None, nullable=True, check=_POS)
+    # refuse to start when the pre-flight memory estimate exceeds the device's free memory
+    memory_check: bool = _k(_bool, True)
     config_path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -583,3 +596,63 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {_got(raw)}")
     return dataclasses.replace(config_from_dict(raw, p.parent, overrides), config_path=p)
+
+
+# --- threads -------------------------------------------------------------------------------------
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE",
+                    "SLURM_NTASKS_PER_NODE")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def local_processes() -> int:
+    """Processes of this job on this node, from the launcher's environment (1 if unknown)."""
+    for var in _LOCAL_SIZE_VARS:
+        text = os.environ.get(var, "")
+        digits = text[:len(text) - len(text.lstrip("0123456789"))]
+        if digits and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
+def resolve_threads(threads: int | None) -> int:
+    """BLAS threads for this process: `threads` if given, else its share of the node's cores
+    (the cores it may run on, divided among the node's processes; when the launcher already
+    binds it to fewer cores than the node has, those are its share)."""
+    if threads is not None:
+        return int(threads)
+    total = os.cpu_count() or 1
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = total
+    if mine < total:
+        return max(1, mine)
+    return max(1, mine // local_processes())
+
+
+_SET_BY_US = "ONNX_TRAINER_THREADS"  # marks thread variables the CLI set itself
+
+
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The environment variables that set BLAS/OpenMP threads before NumPy loads its BLAS:
+    all of them for an explicit `threads`; for the default, only those the user left unset."""
+    n = str(resolve_threads(threads))
+    out = {var: n for var in THREAD_VARS if threads is not None or var not in os.environ}
+    if out:
+        out[_SET_BY_US] = n
+    return out
+
+
+def blas_threads(threads: int | None) -> tuple[int, str]:
+    """(BLAS threads for this process, where the number comes from): the config's `threads`,
+    else a count the user set in the environment, else the process's share of the cores."""
+    if threads is not None:
+        return int(threads), "threads"
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        text = os.environ.get(var, "").strip()
+        if text and text == os.environ.get(_SET_BY_US):
+            continue  # the CLI's own default
+        if text.isdigit() and int(text) > 0:
+            return int(text), var
+    return resolve_threads(None), "share of the cores"

@@ -1,9 +1,11 @@
-"""Datasets from .npz files (no pickle), mapped to graph inputs and loss targets; rank shards."""
+"""Datasets from .npz files or directories of memory-mapped .npy files (no pickle), mapped to
+graph inputs and loss targets; rank shards, and the next batch prefetched in a background thread."""
 
 from __future__ import annotations
 
 import math
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -23,29 +25,32 @@ _REFUSED_KINDS = {"O": "Python objects (needs pickle)", "V": "structured or raw 
 
 
 def load_arrays(path, mapping: Mapping[str, str], what: str) -> dict[str, np.ndarray]:
-    """{graph name: array} for a {graph name: npz key} mapping; all arrays share dim 0.
+    """{graph name: array} for a {graph name: key} mapping; all arrays share dim 0.
 
-    Never unpickles; refuses object, structured and empty arrays, arrays whose header declares
-    more data than the file holds (before allocating), and NaN/Inf in floating-point arrays.
+    `path` is an .npz archive (read into memory) or a directory of `<key>.npy` files (opened
+    with mmap_mode="r": only the batches in use are read, so data larger than RAM works). Never
+    unpickles; refuses object, structured and empty arrays, arrays whose header declares more
+    data than the file holds (before allocating), and NaN/Inf in floating-point arrays.
     """
     path = Path(path)
+    if path.is_dir():
+        out = {name: _open_npy(path, key, name, what) for name, key in mapping.items()}
+        _check_lengths(out, what)
+        return out
     if not path.is_file():
         raise DataError(f"{what}: dataset file not found: {path}")
     out = {}
     try:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as zf:
-            members = {}
-            for n in zf.namelist():
-                members.setdefault(n[:-4] if n.endswith(".npy") else n, n)
+            members = _members(zf)
             for name, key in mapping.items():
-                if key not in members:
-                    raise DataError(f"{what}: array '{key}' (for '{name}') is not in {path}; "
-                                    f"it has {_shown(sorted(members)) or 'no arrays'}")
+                _need(key, name, members, path, what)
                 out[name] = _read_member(zf, members[key], f"{what}: array '{key}' in {path}",
                                          size)
     except zipfile.BadZipFile:
-        hint = " (a .npy file: save datasets with np.savez)" if _is_npy(path) else ""
+        hint = (" (a .npy file: save datasets with np.savez, or as one <key>.npy file per "
+                "array in a directory)") if _is_npy(path) else ""
         raise DataError(f"{what}: cannot read {path} as .npz without pickle: not a zip "
                         f"archive{hint}") from None
     except DataError:
@@ -55,11 +60,121 @@ def load_arrays(path, mapping: Mapping[str, str], what: str) -> dict[str, np.nda
         raise DataError(f"{what}: cannot read {path} as .npz without pickle: {text}") from None
     for name, a in out.items():
         _check_values(a, f"{what}: array '{mapping[name]}' (for '{name}')")
-    lengths = {name: a.shape[0] if a.ndim else None for name, a in out.items()}
+    _check_lengths(out, what)
+    return out
+
+
+def describe_arrays(path, mapping: Mapping[str, str], what: str
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype, bool]]:
+    """{graph name: (shape, dtype, memory-mapped)} from the array headers only (nothing is
+    read into memory): what the pre-flight report needs before any allocation."""
+    path = Path(path)
+    if path.is_dir():
+        out = {}
+        for name, key in mapping.items():
+            a = _open_npy(path, key, name, what, check=False)
+            out[name] = (tuple(a.shape), a.dtype, True)
+    elif not path.is_file():
+        raise DataError(f"{what}: dataset file not found: {path}")
+    else:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                members = _members(zf)
+                out = {}
+                for name, key in mapping.items():
+                    _need(key, name, members, path, what)
+                    label = f"{what}: array '{key}' in {path}"
+                    info = zf.getinfo(members[key])
+                    with zf.open(info) as fp:
+                        shape, dtype = _header(fp, label)
+                    out[name] = (tuple(shape), dtype, False)
+        except zipfile.BadZipFile:
+            raise DataError(f"{what}: cannot read {path} as .npz: not a zip archive") from None
+        except DataError:
+            raise
+        except _READ_ERRORS as exc:
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise DataError(f"{what}: cannot read {path} as .npz without pickle: {text}") from None
+    lengths = {name: (s[0] if s else None) for name, (s, _, _) in out.items()}
     if len(set(lengths.values())) > 1 or None in lengths.values():
         raise DataError(f"{what}: arrays must share their first (sample) dimension; got "
                         + ", ".join(f"{k}: {v}" for k, v in lengths.items()))
     return out
+
+
+def _members(zf: zipfile.ZipFile) -> dict[str, str]:
+    members: dict[str, str] = {}
+    for n in zf.namelist():
+        members.setdefault(n[:-4] if n.endswith(".npy") else n, n)
+    return members
+
+
+def _need(key: str, name: str, members: Mapping[str, str], path: Path, what: str) -> None:
+    if key not in members:
+        raise DataError(f"{what}: array '{key}' (for '{name}') is not in {path}; "
+                        f"it has {_shown(sorted(members)) or 'no arrays'}")
+
+
+def _check_lengths(out: Mapping[str, np.ndarray], what: str) -> None:
+    lengths = {name: a.shape[0] if a.ndim else None for name, a in out.items()}
+    if len(set(lengths.values())) > 1 or None in lengths.values():
+        raise DataError(f"{what}: arrays must share their first (sample) dimension; got "
+                        + ", ".join(f"{k}: {v}" for k, v in lengths.items()))
+
+
+def _open_npy(folder: Path, key: str, name: str, what: str, check: bool = True) -> np.ndarray:
+    """`<folder>/<key>.npy` memory-mapped read-only, its header checked against the file's
+    size first; with `check`, also its values (in chunks, so a large file is never loaded)."""
+    if not key or key in (".", "..") or any(c in key for c in "/\\\0"):
+        raise DataError(f"{what}: array key {key!r} (for '{name}') must be a plain file name in "
+                        f"{folder}")
+    path = folder / f"{key}.npy"
+    label = f"{what}: array '{key}' (for '{name}') in {folder}"
+    if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*.npy"))
+        raise DataError(f"{what}: array '{key}' (for '{name}') is not in {folder}: no "
+                        f"{path.name}; it has {_shown(have) or 'no .npy files'}")
+    if path.resolve().parent != folder.resolve():
+        raise DataError(f"{label}: {path.name} links outside the dataset folder; copy the file "
+                        "into it")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fp:
+            shape, dtype = _header(fp, label)
+            offset = fp.tell()
+        need = math.prod(shape) * dtype.itemsize
+        if need != size - offset:
+            raise DataError(f"{label} declares shape {list(shape)} of {dtype} ({need} bytes) "
+                            f"but stores {size - offset} bytes; the file is damaged")
+        a = np.load(path, mmap_mode="r", allow_pickle=False) if need else \
+            np.zeros(shape, dtype)
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{label}: cannot read {path.name} as .npy without pickle: "
+                        f"{text}") from None
+    if check:
+        _check_values(a, label)
+    return a
+
+
+def _header(fp, label: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header; refuses versions and dtypes that are not plain."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise DataError(f"{label} uses .npy format version {version}; re-save it with "
+                        "np.save or np.savez")
+    kind = _REFUSED_KINDS.get(dtype.kind) or ("Python objects (needs pickle)"
+                                              if dtype.hasobject else None)
+    if kind:
+        raise DataError(f"{label} holds {kind} (dtype {dtype}); datasets are read without "
+                        "pickle: store plain numeric arrays")
+    return tuple(shape), dtype
 
 
 def _shown(names: list[str]) -> str:
@@ -90,19 +205,7 @@ def _read_member(zf: zipfile.ZipFile, member: str, label: str, archive_size: int
         raise DataError(f"{label} claims {info.file_size} bytes, more than its archive can hold; "
                         "the file is damaged")
     with zf.open(info) as fp:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise DataError(f"{label} uses .npy format version {version}; re-save it with "
-                            "np.savez")
-        kind = _REFUSED_KINDS.get(dtype.kind) or ("Python objects (needs pickle)"
-                                                  if dtype.hasobject else None)
-        if kind:
-            raise DataError(f"{label} holds {kind} (dtype {dtype}); datasets are read without "
-                            "pickle: store plain numeric arrays")
+        shape, dtype = _header(fp, label)
         need = math.prod(shape) * dtype.itemsize
         have = info.file_size - fp.tell()
         if need != have:
@@ -112,17 +215,34 @@ def _read_member(zf: zipfile.ZipFile, member: str, label: str, archive_size: int
         return np.lib.format.read_array(fp, allow_pickle=False)
 
 
+_CHECK_CHUNK = 1 << 24  # bytes of a memory-mapped array checked at a time
+
+
 def _check_values(a: np.ndarray, label: str) -> None:
     if a.size == 0:
         raise DataError(f"{label} is empty (shape {list(a.shape)}); give at least one sample")
     if a.dtype.kind in "fc":
+        if isinstance(a, np.memmap) and a.ndim and a.nbytes > _CHECK_CHUNK:
+            step = max(1, _CHECK_CHUNK // max(a[:1].nbytes, 1))
+            for lo in range(0, a.shape[0], step):
+                chunk = np.asarray(a[lo:lo + step])
+                if not np.isfinite(chunk).all():
+                    bad = ~np.isfinite(chunk)
+                    idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), chunk.shape)]
+                    idx[0] += lo
+                    _non_finite(a, idx, label)
+            return
         bad = ~np.isfinite(a)
         if bad.any():
-            idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape)]
-            where = (f"sample {idx[0]}" + (f", position {idx[1:]}" if len(idx) > 1 else "")
-                     if idx else "its only element")
-            raise DataError(f"{label} holds {a[tuple(idx)]} at {where}; replace or drop "
-                            "non-finite values (e.g. np.nan_to_num) before training")
+            _non_finite(a, [int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape)],
+                        label)
+
+
+def _non_finite(a: np.ndarray, idx: list[int], label: str) -> None:
+    where = (f"sample {idx[0]}" + (f", position {idx[1:]}" if len(idx) > 1 else "")
+             if idx else "its only element")
+    raise DataError(f"{label} holds {a[tuple(idx)]} at {where}; replace or drop "
+                    "non-finite values (e.g. np.nan_to_num) before training")
 
 
 def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple],
@@ -145,10 +265,14 @@ class Batches:
 
     Batch b of epoch e holds samples perm_e[b*B:(b+1)*B] (perm_e the identity without shuffle,
     else a permutation from the seed and e). Rank r takes the r-th contiguous slice of it.
+    `dtypes` converts arrays per batch (memory-mapped data stays on disk in its own type).
+    With `prefetch`, the batch after the one returned by `get` is gathered in a background
+    thread while the caller computes; `get` returns exactly what it would without it.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, rank: int = 0,
-                 world: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0):
+                 world: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                 dtypes: Mapping[str, np.dtype] | None = None, prefetch: bool = False):
         if batch_size % world:
             raise DataError(f"data.batch_size {batch_size} (global) must be divisible by the "
                             f"number of processes {world}")
@@ -159,9 +283,12 @@ class Batches:
                             f"{batch_size} (set data.drop_last: false or a smaller batch)")
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
         full, rest = divmod(self.n, batch_size)
         # A last partial batch is kept only if every rank gets at least one sample of it.
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
+        self.prefetch = prefetch
+        self._ahead: _Ahead | None = None
 
     def local_sizes(self) -> set[int]:
         """The batch sizes this rank sees (a full share, and the last partial batch's)."""
@@ -186,9 +313,75 @@ class Batches:
     def get(self, epoch: int, index: int, order: np.ndarray | None = None
             ) -> tuple[dict[str, np.ndarray], int, int]:
         """(this rank's arrays, its sample count, the global batch's sample count)."""
+        if not self.prefetch:
+            return self._gather(epoch, index, order)
+        ahead, self._ahead = self._ahead, None
+        got = ahead.result((epoch, index), order) if ahead is not None else None
+        if got is None:
+            got = self._gather(epoch, index, order)
+        nxt = (epoch, index + 1) if index + 1 < self.steps_per_epoch else (epoch + 1, 0)
+        self._ahead = _Ahead(self, nxt, order if nxt[0] == epoch else None)
+        return got
+
+    def close(self) -> None:
+        """Wait for a batch being prefetched (the thread ends with it)."""
+        if self._ahead is not None:
+            self._ahead.thread.join()
+            self._ahead = None
+
+    def _gather(self, epoch: int, index: int, order: np.ndarray | None
+                ) -> tuple[dict[str, np.ndarray], int, int]:
         order = self.order(epoch) if order is None else order
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
         total = len(idx)
         bounds = np.linspace(0, total, self.world + 1).round().astype(int)
         mine = idx[bounds[self.rank]:bounds[self.rank + 1]]
-        return {k: a[mine] for k, a in self.arrays.items()}, len(mine), total
+        out = {}
+        for k, a in self.arrays.items():
+            # sorted reads of a memory-mapped file are sequential; the batch keeps its order
+            b = _take(a, mine) if isinstance(a, np.memmap) else a[mine]
+            dt = self.dtypes.get(k)
+            out[k] = b.astype(dt, copy=False) if dt is not None else b
+        return out, len(mine), total
+
+
+def _take(a: np.memmap, idx: np.ndarray) -> np.ndarray:
+    """a[idx] as a plain in-memory array, read from the file in ascending index order."""
+    if len(idx) < 2 or bool((np.diff(idx) > 0).all()):
+        return np.asarray(a[idx])
+    order = np.argsort(idx, kind="stable")
+    out = np.empty((len(idx),) + a.shape[1:], a.dtype)
+    out[order] = a[idx[order]]
+    return out
+
+
+class _Ahead:
+    """One batch gathered in a background thread; `result` hands it over if it is the one
+    asked for (same position and order), else None (the caller gathers it itself)."""
+
+    def __init__(self, batches: Batches, key: tuple[int, int], order: np.ndarray | None):
+        self.key, self.order = key, order
+        self.value: tuple | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True,
+                                       name="onnx-trainer-prefetch")
+        self.thread.start()
+
+    def _run(self, batches: Batches) -> None:
+        epoch, index = self.key
+        try:
+            if self.order is None:
+                self.order = batches.order(epoch)
+            if index < batches.steps_per_epoch:
+                self.value = batches._gather(epoch, index, self.order)
+        except BaseException as exc:  # noqa: BLE001 - the caller gathers again and raises
+            self.error = exc
+
+    def result(self, key: tuple[int, int], order: np.ndarray | None):
+        self.thread.join()
+        if key != self.key or self.value is None:
+            return None
+        if order is not None and order is not self.order and not np.array_equal(order,
+                                                                                self.order):
+            return None
+        return self.value

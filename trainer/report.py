@@ -1,5 +1,6 @@
 """What `onnx-trainer check MODEL` reports: every node with its forward and gradient support, and
-every float initializer with whether it is trained by default (and why not).
+every float initializer with whether it is trained by default (and why not); for a config, the
+pre-flight report printed before training: parameters, memory per process, data, steps, problems.
 
 Nothing is executed: value types come from ONNX shape inference, so a report on a large model
 takes the time of a graph walk.
@@ -7,7 +8,9 @@ takes the time of a graph walk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -107,9 +110,16 @@ class _FloatDefault(dict):
 
 def model_report(model: onnx.ModelProto) -> Report:
     """The report for a model whose loss may read any of its outputs."""
+    from trainer.memory import is_stub
+
     _load_all()
-    untied = untie_normalization_aliases(model)
-    tied = tie_transposed_copies(model)
+    try:
+        untied = untie_normalization_aliases(model)
+    except Exception:  # noqa: BLE001 - a shared tensor left unread (load_structure): kept shared
+        untied = []
+    # Finding tied copies compares values; a model whose large tensors were left unread skips it.
+    tied = {} if any(is_stub(t) for t in model.graph.initializer) else \
+        tie_transposed_copies(model)
     nodes = list(model.graph.node)
     types = _FloatDefault(_value_types(model))
     outputs = [o.name for o in model.graph.output]
@@ -162,3 +172,229 @@ def support_table() -> list[dict]:
         rows.append({"op": op, "domain": domain, "forward": forward,
                      "gradient": gradient_status(op, domain)})
     return rows
+
+
+# -- the pre-flight report of a config -------------------------------------------------------------
+@dataclass
+class Preflight:
+    """What is known before step 1: report lines, every problem found, the memory estimate."""
+
+    lines: list[str]
+    problems: list[Exception]
+    estimate: object | None = None  # trainer.memory.Estimate
+    out_shape: tuple[int, ...] | None = None
+
+    def text(self) -> str:
+        lines = list(self.lines)
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def raise_problems(self) -> None:
+        """Raise the only problem as it is, or several as one error that lists them all."""
+        if len(self.problems) == 1:
+            raise self.problems[0]
+        if self.problems:
+            from trainer.errors import TrainerError
+            listing = "; ".join(f"({i}) {p}" for i, p in enumerate(self.problems, 1))
+            raise TrainerError(f"{len(self.problems)} problems found before training: "
+                               f"{listing}")
+
+
+class _Shaped:
+    """Stands for an array where only its shape is read."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+
+def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
+    """Check a config before anything large is allocated: paths, the model's op support, the
+    datasets (headers, and the loss targets' values), the batch against the model, and the
+    memory a step needs per process against what the device has free. Every problem is
+    collected (none is raised here); `full_model()` loads the model with its values, for the
+    estimate of models whose shapes ONNX inference cannot make concrete."""
+    from trainer import memory
+    from trainer import preflight as checks
+    from trainer.config import blas_threads, local_processes
+    from trainer.data import Batches, check_against_model, describe_arrays, load_arrays
+    from trainer.errors import ModelError, TrainerError, UnsupportedOpError
+    from trainer.graph import input_shapes, tensor_type
+
+    problems: list[Exception] = []
+    lines: list[str] = []
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrainerError as exc:
+            problems.append(exc)
+            return None
+
+    attempt(checks.writable_file, cfg.output, "output")
+    if cfg.checkpoint.dir is not None:
+        attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")
+    if cfg.log.metrics is not None:
+        attempt(checks.writable_file, cfg.log.metrics, "log.metrics")
+    if cfg.log.tensorboard is not None:
+        attempt(checks.writable_dir, cfg.log.tensorboard, "log.tensorboard")
+    local = cfg.data.batch_size // world if cfg.data.batch_size % world == 0 else None
+    if local is None:
+        problems.append(TrainerError(f"data.batch_size {cfg.data.batch_size} (global) must be "
+                                     f"divisible by the number of processes {world}"))
+    where = f"{world} process(es) on {'cpu' if xp is np else 'gpu'}"
+    threads, source = blas_threads(cfg.threads)
+    lines.append(f"pre-flight: {Path(cfg.model).name}, {where}, precision {cfg.precision}, "
+                 f"{threads} BLAS thread(s) per process ({source})")
+
+    structure = attempt(memory.load_structure, cfg.model)
+    data_inputs: dict[str, list] = {}
+    if structure is not None:
+        report = model_report(memory.strip(structure))
+        bad_fwd = [(r.op, r.name) for r in report.nodes if not r.forward]
+        bad_grad = [(r.op, r.name) for r in report.nodes if r.gradient == "MISSING"]
+        if bad_fwd:
+            problems.append(UnsupportedOpError("forward kernel", bad_fwd))
+        if bad_grad:
+            problems.append(UnsupportedOpError("gradient rule", bad_grad))
+        support = "every node has a forward kernel and, where needed, a gradient" if not (
+            bad_fwd or bad_grad) else f"{len(bad_fwd) + len(bad_grad)} node(s) unsupported"
+        lines.append(f"  model: {len(report.nodes)} nodes, opset {report.opset}; {support}")
+        inits = {t.name for t in structure.graph.initializer}
+        data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
+                                 for d in tensor_type(vi.type).shape.dim]
+                       for vi in structure.graph.input if vi.name not in inits}
+
+    shapes: dict[str, tuple] = {}
+    samples: dict[str, int] = {}
+    host_data = per_sample = 0
+    # on CPU the batch being trained on and the one prefetched; on a GPU, its device copy
+    copies = 1 + (xp is np and cfg.data.prefetch is not False)
+    for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if ds is None:
+            continue
+        info = attempt(describe_arrays, ds.path, {**ds.inputs, **ds.targets}, what)
+        if info is None:
+            continue
+        n = next(iter(info.values()))[0][0]
+        samples[what] = n
+        in_memory = sum(0 if mapped else math.prod(s) * np.dtype(d).itemsize
+                        for s, d, mapped in info.values())
+        mapped = sum(math.prod(s) * np.dtype(d).itemsize for s, d, m in info.values() if m)
+        kinds = ", ".join(f"{k} {list(s)} {np.dtype(d)}" for k, (s, d, _) in info.items())
+        lines.append(f"  {what}: {n} samples ({kinds}); {memory.human(in_memory)} in memory"
+                     + (f", {memory.human(mapped)} memory-mapped" if mapped else ""))
+        if what == "data.train":
+            shapes = {k: s for k, (s, _, _) in info.items()}
+            host_data = in_memory
+            per_sample = sum(math.prod(s[1:]) * np.dtype(d).itemsize
+                             for s, d, _ in info.values())
+        else:
+            host_data += in_memory
+        if data_inputs:
+            attempt(check_against_model, {k: _Shaped(info[k][0]) for k in ds.inputs
+                                          if k in info}, data_inputs, what)
+    if "data.train" not in samples or local is None:
+        return Preflight(lines, problems)
+    n = samples["data.train"]
+    fake = {"n": np.broadcast_to(np.zeros(1, np.int8), (n,))}
+    batches = attempt(Batches, fake, cfg.data.batch_size, world=world,
+                      drop_last=cfg.data.drop_last)
+    if batches is not None:
+        if data_inputs:
+            attempt(checks.fixed_batch, data_inputs, batches.local_sizes(), cfg.data.batch_size,
+                    world)
+        spe = batches.steps_per_epoch
+        total = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
+        length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epoch(s)"
+        lines.append(f"  steps: {spe} batch(es) per epoch (global batch {cfg.data.batch_size}, "
+                     f"{local} per process, accumulate {cfg.accumulate}); {total} optimizer "
+                     f"steps ({length})")
+        if total < 1:
+            problems.append(TrainerError(f"one epoch has {spe} batches, fewer than accumulate="
+                                         f"{cfg.accumulate}; nothing to train"))
+    if structure is None or any(isinstance(p, (ModelError, UnsupportedOpError))
+                                for p in problems):
+        return Preflight(lines, problems)
+    est = None
+    try:
+        in_shapes = input_shapes(structure, local, {k: (local,) + tuple(shapes[k][1:])
+                                                    for k in data_inputs if k in shapes})
+        est = memory.estimate(memory.strip(structure), loss=cfg.loss, batch=local,
+                              in_shapes=in_shapes, trainable=cfg.trainable, frozen=cfg.frozen,
+                              batchnorm=cfg.batchnorm, precision=cfg.precision,
+                              optimizer=cfg.optimizer, world=world,
+                              eval_copy=cfg.data.eval is not None,
+                              compress=cfg.distributed.compress, full_model=full_model,
+                              pooled=xp is np, batch_bytes=per_sample * local * copies)
+    except TrainerError as exc:
+        problems.append(exc)
+    except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on
+        lines.append(f"  memory: no estimate ({type(exc).__name__}: {exc})")
+    out_shape = None
+    if est is not None:
+        out_shape = est.out_shape
+        lines += _memory_lines(est)
+        host = host_data if xp is np else 0
+        free, what = memory.available_memory(xp)
+        sharing = local_processes() if xp is np else 1
+        need = (est.total + host) * sharing
+        if free is not None:
+            lines.append(f"    available: {memory.human(free)} ({what}"
+                         + (f", shared by {sharing} processes on this node" if sharing > 1
+                            else "") + ")")
+        if world > 1:
+            lines.append(f"  all-reduce per step: {memory.human(est.allreduce)} per process")
+        if free is not None and need > free and cfg.memory_check:
+            problems.append(TrainerError(
+                f"the estimated peak memory, {memory.human(need)}"
+                + (f" for {sharing} processes" if sharing > 1 else " per process")
+                + (" (with the datasets held in memory)" if host else "")
+                + f", exceeds the {memory.human(free)} of {what}: lower data.batch_size, "
+                "freeze parameters, use fewer processes per node, or set memory_check: false "
+                "to start anyway"))
+        _check_labels(cfg, out_shape, problems, load_arrays)
+    return Preflight(lines, problems, est, out_shape)
+
+
+def _memory_lines(est) -> list[str]:
+    from trainer.memory import human
+
+    parts = [("parameters", est.parameters), ("gradients", est.gradients),
+             ("optimizer", est.optimizer), ("activations", est.activations),
+             ("workspace", est.workspace), ("batches", est.batches)]
+    lines = [f"  parameters: {est.trainable:,} trained ({human(est.trainable_bytes)}), "
+             f"{est.frozen:,} frozen ({human(est.frozen_bytes)})",
+             f"  memory per process (estimate from {est.method}, {est.seconds:.2f} s): "
+             f"{human(est.total)}",
+             "    " + " | ".join(f"{k} {human(v)}" for k, v in parts)]
+    return lines
+
+
+def _check_labels(cfg, out_shape, problems: list, load_arrays) -> None:
+    """The loss targets' values against the loss output (as the trainer checks them later)."""
+    from trainer import preflight as checks
+    from trainer.errors import TrainerError
+
+    spec = cfg.loss
+    if spec.type == "output" or not out_shape:
+        return
+    for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if ds is None or spec.target not in ds.targets:
+            continue
+        try:
+            labels = load_arrays(ds.path, {spec.target: ds.targets[spec.target]},
+                                 what)[spec.target]
+            if spec.type == "mse":
+                checks.regression_targets(labels, spec.target, what, out_shape[1:],
+                                          spec.output)
+                continue
+            axis = spec.class_axis % len(out_shape)
+            per_sample = tuple(d for i, d in enumerate(out_shape) if i != axis)[1:]
+            if labels.dtype.kind in "iu":
+                labels = np.asarray(labels)
+            checks.class_labels(labels, spec.target, what, out_shape[axis], per_sample,
+                                spec.ignore_index, spec.output)
+        except TrainerError as exc:
+            problems.append(exc)

@@ -1,7 +1,8 @@
 """The training loop: data shard -> training graph -> gradient all-reduce -> optimizer -> export.
 
 Parameters and gradients live in one flat buffer each (views per tensor); one training-graph plan
-is built per local batch size and reused for every step of that shape.
+is built per local batch size and reused for every step of that shape. A pre-flight report (and
+its memory estimate) comes first; `profile()` times the nodes, communication and optimizer.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from trainer import checkpoint, preflight
+from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import tie_transposed_copies, untie_normalization_aliases
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.comm.buckets import Buckets
-from trainer.config import Config
+from trainer.config import Config, blas_threads
 from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
@@ -37,6 +38,8 @@ from trainer.graph import (
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
+
+PREFETCH_BYTES = 1 << 20  # data.prefetch auto: batches from this size are gathered ahead
 
 
 @dataclass
@@ -53,8 +56,11 @@ class Plan:
 class Trainer:
     """Trains the model of a Config; `fit()` runs the whole job and exports the result."""
 
-    def __init__(self, cfg: Config, comm=None, stream=None):
+    def __init__(self, cfg: Config, comm=None, stream=None, *, check: bool = True):
+        """`check`: print the pre-flight report first and stop on every problem it finds
+        (paths, model support, data, memory) before anything large is allocated."""
         self.cfg = cfg
+        self.threads = apply_threads(cfg.threads)
         if cfg.precision in ("tf32", "bf16"):
             raise TrainerError(f"precision '{cfg.precision}' is not available yet; use fp32 or "
                                "fp64")
@@ -65,10 +71,23 @@ class Trainer:
                                              device="cpu" if self.xp is np else "gpu")
         self.rank, self.world = self.comm.rank, self.comm.size
         self.buckets = None  # gradient all-reduce buckets (several processes)
+        self.times = dict.fromkeys(("step", "data", "graph", "communication", "optimizer"), 0.0)
+        self._profiling = False
+        self._last_feeds = None
+        self._profile_request: ProfileRequest | None = None
+        self._profile_from, self._profile_start = 0, (0, dict(self.times))
+        self.profile_result: dict | None = None
         self._w, self._last_micro = 1.0, True  # weight and role of the running micro-batch
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
+        self.preflight = None
+        if check:
+            self.preflight = report.preflight(cfg, world=self.world, xp=self.xp,
+                                              full_model=lambda: load_model(cfg.model))
+            for line in self.preflight.text().splitlines():
+                self.log.info(line)
+            self.preflight.raise_problems()
         self._check_paths()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model)
@@ -97,7 +116,9 @@ class Trainer:
         self.train_arrays = self._load(train, "data.train")
         self.batches = Batches(self.train_arrays, cfg.data.batch_size, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
-                               drop_last=cfg.data.drop_last, seed=cfg.seed)
+                               drop_last=cfg.data.drop_last, seed=cfg.seed,
+                               dtypes=self._batch_dtypes(self.train_arrays),
+                               prefetch=self._prefetch(self.train_arrays))
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
         preflight.fixed_batch(self.data_inputs, self.batches.local_sizes(), cfg.data.batch_size,
                               self.world)
@@ -139,14 +160,40 @@ class Trainer:
         check_against_model({k: arrays[k] for k in ds.inputs}, self.data_inputs, what)
         out = {}
         for name, a in arrays.items():
-            if name in self.in_dtypes:
-                out[name] = a.astype(self.in_dtypes[name], copy=False)
-            elif self.cfg.loss.type == "cross_entropy":
-                out[name] = a if a.dtype.kind not in "iu" else a.astype(np.int64, copy=False)
-            else:  # mse targets take the dtype of the output they are compared with
-                if a.dtype.kind not in "fiu":
-                    raise DataError(f"{what}: target '{name}' must be numeric, got {a.dtype}")
-                out[name] = a.astype(self.out_dtypes[self.cfg.loss.output], copy=False)
+            want = self._dtype_for(name, a, what)
+            # memory-mapped arrays stay on disk; each batch is converted (Batches' dtypes)
+            out[name] = a if isinstance(a, np.memmap) or want is None else \
+                a.astype(want, copy=False)
+        return out
+
+    def _dtype_for(self, name: str, a: np.ndarray, what: str) -> np.dtype | None:
+        """The type the engine computes `name` in (None: as stored)."""
+        if name in self.in_dtypes:
+            return self.in_dtypes[name]
+        if self.cfg.loss.type == "cross_entropy":
+            return np.dtype(np.int64) if a.dtype.kind in "iu" else None
+        # mse targets take the dtype of the output they are compared with
+        if a.dtype.kind not in "fiu":
+            raise DataError(f"{what}: target '{name}' must be numeric, got {a.dtype}")
+        return self.out_dtypes[self.cfg.loss.output]
+
+    def _prefetch(self, arrays) -> bool:
+        """data.prefetch, with auto: for memory-mapped data or batches of 1 MiB or more."""
+        choice = self.cfg.data.prefetch
+        if choice != "auto":
+            return bool(choice)
+        local = self.cfg.data.batch_size // self.world
+        per_sample = sum(a[:1].nbytes for a in arrays.values())
+        return any(isinstance(a, np.memmap) for a in arrays.values()) or \
+            per_sample * local >= PREFETCH_BYTES
+
+    def _batch_dtypes(self, arrays) -> dict[str, np.dtype]:
+        """The types memory-mapped arrays are converted to, batch by batch."""
+        out = {}
+        for k, a in arrays.items():
+            want = self._dtype_for(k, a, "data") if isinstance(a, np.memmap) else None
+            if want is not None and want != a.dtype:
+                out[k] = want
         return out
 
     def _check_paths(self) -> None:
@@ -198,6 +245,8 @@ class Trainer:
 
     def _gradient_sink(self, name: str):
         def sink(value) -> None:
+            if self._profiling:  # the profiler's extra runs change nothing
+                return
             dst = self.grads[name]
             if self._w == 1.0:
                 dst += value
@@ -257,6 +306,13 @@ class Trainer:
         (epoch, this rank's arrays, its weight, the global batch's weight). Weights count what
         the loss averages over: samples, or for cross entropy the labels that are not
         loss.ignore_index (so N ranks and accumulation give the mean of one big batch)."""
+        t0 = time.perf_counter()
+        try:
+            return self._next_micro_batch_untimed()
+        finally:
+            self.times["data"] += time.perf_counter() - t0
+
+    def _next_micro_batch_untimed(self):
         epoch, index = self.position
         if index >= self.batches.steps_per_epoch:
             epoch, index = epoch + 1, 0
@@ -277,6 +333,8 @@ class Trainer:
         """One optimizer step over `accumulate` micro-batches (arrays, local weight, global
         weight); returns the global mean loss."""
         xp = self.xp
+        clock = time.perf_counter
+        t_start = clock()
         g = self.grads_flat
         g[...] = 0
         total = sum(global_w for _, _, global_w in micro)
@@ -296,15 +354,20 @@ class Trainer:
             # gradients reach the flat buffer (and their buckets, on the last micro-batch)
             # through the executor's on_produced hooks.
             self._w, self._last_micro = local_w / total, m == live[-1]
+            t = clock()
             out = plan.executor.run(feeds)
+            self.times["graph"] += clock() - t
+            self._last_feeds = (plan, feeds)
             g[self.size] += out[plan.loss] * self._w
             for k, new in plan.state.items():
                 self.state[k][...] = out[new]
         g[self.size + 1] = 1.0 if self._stop_signal else 0.0
+        t = clock()
         if self.world > 1:
             self.buckets.wait_all()  # (every bucket, also when this rank ran no micro-batch)
             self.comm.allreduce_(g[self.size:], label="loss and stop flag")
         loss = float(g[self.size])
+        self.times["communication"] += clock() - t
         self._stop_agreed = bool(g[self.size + 1] > 0)
         grads = g[:self.size]
         if not (math.isfinite(loss) and bool(xp.isfinite(grads).all())):
@@ -319,9 +382,15 @@ class Trainer:
             raise TrainerError(f"{what} at step {self.step + 1}; "
                                f"{self._first_nonfinite(micro)}; training stopped before "
                                "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)")
+        t = clock()
         if self.cfg.grad_clip is not None:
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)
         self.optimizer.step(self.params_flat, grads, lr)
+        if xp is not np:
+            xp.cuda.get_current_stream().synchronize()  # the update's time, not its launch
+        end = clock()
+        self.times["optimizer"] += end - t
+        self.times["step"] += end - t_start
         self.step += 1
         return loss
 
@@ -356,14 +425,19 @@ class Trainer:
         return "no value was non-finite on this rank (another rank's data caused it)"
 
     # -- the job -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, profile: ProfileRequest | None = None) -> dict:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
-        evaluate, and export to cfg.output from rank 0."""
+        evaluate, and export to cfg.output from rank 0. With `profile`, the steps after its
+        warm-up are timed and the profile is printed (and returned under "profile")."""
         resumed = self.resume() if resume else False
         self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps)
+        self._profile_request = profile
+        self._profile_from = self.step
+        self._profile_start = (self.step, dict(self.times))
         try:
             return self._fit()
         finally:
+            self.batches.close()
             self.log.close()
 
     def _fit(self) -> dict:
@@ -389,6 +463,7 @@ class Trainer:
                     break
                 lrs = self.schedule.lrs(self.step)  # per parameter group; [0]: top level
                 loss = self.train_step(micro, lrs)
+                self._profile_tick(final=self.step >= self.total_steps)
                 now = time.perf_counter()
                 self.log.progress(self.step, loss, lrs[0], seen / max(now - t0, 1e-9))
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
@@ -414,7 +489,10 @@ class Trainer:
         if self._stop_agreed:
             raise Interrupted(self._signal_code, self.step,
                               self.cfg.checkpoint.dir is not None)
+        self._profile_tick(final=True)
         result = {"steps": self.step, "loss": row.get("loss")}
+        if self.profile_result is not None:
+            result["profile"] = self.profile_result
         if self.eval_arrays is not None:
             if self.last_eval_step != self.step:
                 self._evaluate_and_track(last_epoch)
@@ -429,6 +507,44 @@ class Trainer:
                 result["best"] = {"output": str(self.best_path), "step": self.best_step,
                                   cfg.best.metric: self.best_value}
         return result
+
+    # -- profile --------------------------------------------------------------------------------
+    def _profile_tick(self, final: bool = False) -> None:
+        """Start the timed window after the warm-up steps; at its end (or the run's: then
+        over every step the run made, warm-up included), time the nodes and report."""
+        req = self._profile_request
+        if req is None or self._last_feeds is None:
+            return
+        first, before = self._profile_start
+        done = self.step - first
+        if first == self._profile_from and done >= req.warmup and not final:
+            self._profile_start = (self.step, dict(self.times))
+            return
+        if first != self._profile_from and done >= req.steps or (final and done > 0):
+            self._profile_request = None
+            means = {k: (self.times[k] - before[k]) / done for k in self.times}
+            self.profile_result = self._profile_report(req, means, done)
+
+    def _profile_report(self, req: ProfileRequest, means: dict, steps: int) -> dict:
+        plan, feeds = self._last_feeds
+        self._profiling = True
+        try:
+            nodes, events = node_times(plan.executor, feeds, req.repeat, plan.loss)
+        finally:
+            self._profiling = False
+        step = means["step"] + means["data"]
+        total_nodes = sum(t for _, _, _, t in nodes)
+        out = {"steps": steps, "step_s": step, "nodes_s": total_nodes, "data_s": means["data"],
+               "graph_s": means["graph"], "communication_s": means["communication"],
+               "optimizer_s": means["optimizer"],
+               "nodes": [{"name": n, "op": op, "phase": ph, "s": t} for n, op, ph, t in nodes]}
+        if self.rank == 0:
+            for line in profile_table(out, req.top):
+                self.log.info(line)
+            if req.trace is not None:
+                path = write_trace(req.trace, out, events, self.rank)
+                self.log.info(f"wrote the Chrome trace {path} (open it in https://ui.perfetto.dev)")
+        return out
 
     def _eval_due(self, *, step: int | None = None, epochs_done: int | None = None) -> bool:
         if self.eval_arrays is None:
@@ -596,6 +712,128 @@ class Trainer:
         return export_model(model, self.trained_values(), path, meta)
 
 
+@dataclass
+class ProfileRequest:
+    """`train --profile`: time `steps` steps after `warmup` ones; each node is timed over
+    `repeat` extra runs of the step's graph on its last batch (which change nothing)."""
+
+    warmup: int = 3
+    steps: int = 10
+    repeat: int = 5
+    top: int = 25
+    trace: Path | None = None
+
+
+def node_times(ex: Executor, feeds: dict, repeat: int, loss: str
+               ) -> tuple[list[tuple[str, str, str, float]], list[tuple]]:
+    """([(node, op, forward|backward, mean seconds)] in execution order, and the last run's
+    [(node, op, phase, start s, seconds)]): the executor's program for these feeds is run
+    `repeat` times with a clock around each of its steps (dispatch included)."""
+    prog = None
+    if getattr(ex, "optimize", False):
+        ex.run(feeds)  # the plan of this signature exists after a run
+        prog = ex._specialized.get(ex._signature(feeds)) or None
+    if prog is None:
+        prog = ex._generic
+    nodes = getattr(prog, "nodes", None)
+    outputs = ([list(n.outputs) for n in nodes] if nodes is not None
+               else [list(st[3]) for st in ex.steps])
+    boundary = next((k for k, outs in enumerate(outputs) if loss in outs), None)
+    labels = prog.labels
+    per = [0.0] * len(prog.steps)
+    starts = [0.0] * len(prog.steps)
+    clock = time.perf_counter
+
+    sync = ex.xp.cuda.get_current_stream().synchronize if ex.xp is not np else None
+
+    def timed(step, k):
+        def run(env):
+            t = clock()
+            step(env)
+            if sync is not None:  # the kernel's time, not its launch
+                sync()
+            end = clock()
+            starts[k] = t
+            per[k] += end - t
+        return run
+
+    runner = copy.copy(prog)
+    runner.steps = [timed(st, k) for k, st in enumerate(prog.steps)]
+    for _ in range(repeat):
+        runner.run(feeds, ex.xp)
+    if ex.xp is not np:
+        ex.xp.cuda.get_current_stream().synchronize()
+
+    def phase(k: int, name: str) -> str:
+        if boundary is not None:
+            return "forward" if k <= boundary else "backward"
+        return "backward" if "Grad" in name or "_grad" in name else "forward"
+    rows = [(name, op, phase(k, name), per[k] / repeat)
+            for k, (name, op, _) in enumerate(labels)]
+    t0 = min(starts) if starts else 0.0
+    events = [(name, op, phase(k, name), starts[k] - t0, per[k] / repeat)
+              for k, (name, op, _) in enumerate(labels)]
+    return rows, events
+
+
+def profile_table(p: dict, top: int) -> list[str]:
+    """The profile as text: the slowest nodes, then where the rest of a step goes."""
+    step = max(p["step_s"], 1e-12)
+
+    def ms(t: float) -> str:
+        return f"{t * 1e3:9.3f} ms {100 * t / step:5.1f}%"
+    rows = sorted(p["nodes"], key=lambda r: -r["s"])
+    width = max([len(r["name"]) for r in rows[:top]] + [4])
+    lines = [f"profile: {p['steps']} step(s) after the warm-up, {len(rows)} nodes; mean per step",
+             f"  {'node':<{width}}  {'op':<24} {'phase':<8} {'time':>9}    share"]
+    lines += [f"  {r['name']:<{width}}  {r['op']:<24} {r['phase']:<8} {ms(r['s'])}"
+              for r in rows[:top]]
+    if len(rows) > top:
+        rest = sum(r["s"] for r in rows[top:])
+        lines.append(f"  {f'({len(rows) - top} other nodes)':<{width}}  {'':<24} {'':<8} "
+                     f"{ms(rest)}")
+    fwd = sum(r["s"] for r in rows if r["phase"] == "forward")
+    between = max(0.0, p["graph_s"] - p["nodes_s"])
+    other = p["step_s"] - max(p["graph_s"], p["nodes_s"]) - p["communication_s"] \
+        - p["optimizer_s"] - p["data_s"]
+    lines += [f"  nodes, forward and loss       {ms(fwd)}",
+              f"  nodes, backward               {ms(p['nodes_s'] - fwd)}",
+              f"  executor, between nodes       {ms(between)}",
+              f"  communication (waiting)       {ms(p['communication_s'])}",
+              f"  optimizer                     {ms(p['optimizer_s'])}",
+              f"  data (next batch)             {ms(p['data_s'])}",
+              f"  other (loss, checks, loop)    {ms(max(0.0, other))}",
+              f"  step (measured)               {ms(p['step_s'])}"]
+    return lines
+
+
+def write_trace(path, p: dict, events: list[tuple], rank: int = 0) -> Path:
+    """A Chrome trace (JSON, viewable in Perfetto or chrome://tracing): one timed run of the
+    graph node by node, then one average step split into its parts."""
+    import json
+
+    path = Path(path)
+    out = []
+    for name, op, phase, start, dur in events:
+        out.append({"name": name, "cat": phase, "ph": "X", "ts": start * 1e6,
+                    "dur": dur * 1e6, "pid": rank, "tid": 1, "args": {"op": op}})
+    t = 0.0
+    for part in ("data", "graph", "communication", "optimizer"):
+        dur = p[f"{part}_s"]
+        out.append({"name": part, "cat": "step", "ph": "X", "ts": t * 1e6, "dur": dur * 1e6,
+                    "pid": rank, "tid": 0, "args": {}})
+        t += dur
+    meta = [{"name": "thread_name", "ph": "M", "pid": rank, "tid": 0,
+             "args": {"name": "average step"}},
+            {"name": "thread_name", "ph": "M", "pid": rank, "tid": 1,
+             "args": {"name": "graph nodes (one run)"}}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"traceEvents": meta + out, "displayTimeUnit": "ms"}))
+    tmp.replace(path)
+    return path
+
+
 class _StopOnSignal:
     """While training: the first SIGINT/SIGTERM asks every rank to stop after the current step
     (the request rides on the gradient all-reduce); a second one ends the process at once."""
@@ -634,6 +872,59 @@ class _StopOnSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def apply_threads(threads: int | None) -> int:
+    """Limit this process's BLAS threads to the config's `threads` (default: its share of the
+    node's cores; a thread count the user set in the environment is left as it is)."""
+    n, source = blas_threads(threads)
+    if source in ("threads", "share of the cores"):
+        limit_threads(n)
+    return n
+
+
+def limit_threads(n: int) -> str:
+    """Limit the BLAS threads of this process to n, now (NumPy is loaded): through
+    threadpoolctl if it is installed, else by calling the set_num_threads function of the
+    OpenBLAS or MKL library NumPy loaded. Returns how ("" if no library could be told; then
+    only the environment variables the CLI sets before NumPy loads apply)."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is not None:
+        threadpoolctl.threadpool_limits(n, user_api="blas")
+        return "threadpoolctl"
+    return _set_blas_threads(n)
+
+
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                 "openblas_set_num_threads64_", "openblas_set_num_threads",
+                 "MKL_Set_Num_Threads", "mkl_set_num_threads")
+
+
+def _set_blas_threads(n: int) -> str:
+    import ctypes
+    import os
+
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return ""
+    done = ""
+    for path in sorted(p for p in paths if "blas" in p.lower() or "mkl" in p.lower()):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                done = name
+                break
+    return done
 
 
 def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:

@@ -1,0 +1,267 @@
+"""Datasets as directories of memory-mapped .npy files, several inputs and targets per example, a
+correctly weighted last batch (drop_last: false) against PyTorch, and background prefetch."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import EXAMPLES
+from trainer import data as data_module
+from trainer.comm.local import run_local
+from trainer.config import config_from_dict
+from trainer.data import Batches, describe_arrays, load_arrays
+from trainer.errors import DataError
+from trainer.train import Trainer
+
+
+def _npy_dir(path, **arrays):
+    path.mkdir(parents=True, exist_ok=True)
+    for k, v in arrays.items():
+        np.save(path / f"{k}.npy", v)
+    return path
+
+
+def _digits_dir(tmp_path, n=None):
+    d = np.load(EXAMPLES / "digits.npz")
+    return _npy_dir(tmp_path / "digits", x=d["x_train"][:n], y=d["y_train"][:n],
+                    xt=d["x_test"], yt=d["y_test"])
+
+
+def _fit(tmp_path, raw, world=1):
+    if world == 1:
+        t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+        t.fit()
+        return t.trained_values()
+
+    def job(comm):
+        t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
+        t.fit()
+        return t.trained_values()
+    return run_local(world, job)[0]
+
+
+# -- .npy directories -------------------------------------------------------------------------
+def test_a_directory_of_npy_files_is_memory_mapped(tmp_path):
+    x = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32)
+    _npy_dir(tmp_path / "d", x=x, y=np.arange(1000))
+    got = load_arrays(tmp_path / "d", {"input": "x", "label": "y"}, "data.train")
+    assert isinstance(got["input"], np.memmap) and not got["input"].flags.writeable
+    np.testing.assert_array_equal(got["input"], x)
+    info = describe_arrays(tmp_path / "d", {"input": "x", "label": "y"}, "data.train")
+    assert info == {"input": ((1000, 64), np.dtype(np.float32), True),
+                    "label": ((1000,), np.dtype(np.int64), True)}
+
+
+def test_memory_mapped_data_is_not_read_into_memory(tmp_path):
+    """A 64 MiB array is opened and checked (NaN scan in chunks) without holding it."""
+    n = 1 << 14
+    big = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, 1024))
+    big[::97] = 1.0
+    big.flush()
+    del big
+    np.save(tmp_path / "y.npy", np.zeros(n, np.int64))
+    tracemalloc.start()
+    try:
+        got = load_arrays(tmp_path, {"input": "x", "label": "y"}, "data.train")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got["input"].shape == (n, 1024)
+    assert peak < 24 << 20, peak  # the file is 64 MiB; checked 16 MiB at a time
+
+
+def test_training_from_npy_files_equals_training_from_npz(tmp_path, digits_config):
+    raw = digits_config(steps=12, data__shuffle=True)
+    from_npz = _fit(tmp_path, raw)
+    folder = _digits_dir(tmp_path)
+    raw["data"]["train"] = {"path": str(folder), "inputs": {"x": "x"}, "targets": {"label": "y"}}
+    raw["data"]["eval"] = {"path": str(folder), "inputs": {"x": "xt"},
+                           "targets": {"label": "yt"}}
+    from_npy = _fit(tmp_path, raw)
+    for k, v in from_npz.items():
+        np.testing.assert_array_equal(from_npy[k], v, err_msg=k)
+
+
+def test_memory_mapped_data_of_another_type_is_converted_per_batch(tmp_path, digits_config):
+    """float64 data on disk for a float32 model: converted batch by batch, same training as
+    converting the whole array first."""
+    d = np.load(EXAMPLES / "digits.npz")
+    raw = digits_config(steps=6)
+    raw["data"]["eval"] = None
+    f32 = _npy_dir(tmp_path / "f32", x=d["x_train"].astype(np.float32), y=d["y_train"])
+    f64 = _npy_dir(tmp_path / "f64", x=d["x_train"].astype(np.float64),
+                   y=d["y_train"].astype(np.int32))
+    out = []
+    for folder in (f32, f64):
+        raw["data"]["train"] = {"path": str(folder), "inputs": {"x": "x"},
+                                "targets": {"label": "y"}}
+        out.append(_fit(tmp_path, raw))
+    for k in out[0]:
+        np.testing.assert_array_equal(out[0][k], out[1][k])
+
+
+@pytest.mark.parametrize("key, match", [
+    ("../x", "must be a plain file name"),
+    ("a/b", "must be a plain file name"),
+    ("missing", r"no missing\.npy; it has x"),
+])
+def test_bad_keys_are_named(tmp_path, key, match):
+    _npy_dir(tmp_path / "d", x=np.zeros(3))
+    with pytest.raises(DataError, match=match):
+        load_arrays(tmp_path / "d", {"input": key}, "data.train")
+
+
+def test_damaged_and_unusable_npy_files_are_refused(tmp_path):
+    folder = _npy_dir(tmp_path / "d", x=np.zeros((4, 3)), o=np.array([{"a": 1}], dtype=object))
+    raw = (folder / "x.npy").read_bytes()
+    (folder / "cut.npy").write_bytes(raw[:-8])
+    with pytest.raises(DataError, match=r"declares shape \[4, 3\].*stores 88 bytes.*damaged"):
+        load_arrays(folder, {"input": "cut"}, "data.train")
+    with pytest.raises(DataError, match="Python objects.*without pickle"):
+        load_arrays(folder, {"input": "o"}, "data.train")
+    (folder / "link.npy").symlink_to(tmp_path / "outside.npy")
+    np.save(tmp_path / "outside.npy", np.zeros(3))
+    with pytest.raises(DataError, match="links outside the dataset folder"):
+        load_arrays(folder, {"input": "link"}, "data.train")
+
+
+def test_non_finite_values_are_found_chunk_by_chunk(tmp_path, monkeypatch):
+    x = np.zeros((50, 4), np.float32)
+    x[37, 2] = np.nan
+    _npy_dir(tmp_path / "d", x=x)
+    monkeypatch.setattr(data_module, "_CHECK_CHUNK", 64)  # 4 samples per chunk
+    with pytest.raises(DataError, match=r"holds nan at sample 37, position \[2\]"):
+        load_arrays(tmp_path / "d", {"input": "x"}, "data.train")
+
+
+def test_sample_counts_must_agree_across_files(tmp_path):
+    _npy_dir(tmp_path / "d", x=np.zeros((5, 2)), y=np.zeros(4))
+    with pytest.raises(DataError, match="share their first"):
+        load_arrays(tmp_path / "d", {"input": "x", "label": "y"}, "data.train")
+
+
+# -- several inputs and targets ---------------------------------------------------------------
+def _two_input_model(path):
+    """y = relu(a @ W1 + b @ W2) @ W3: two graph inputs, one output (mse against a target)."""
+    rng = np.random.default_rng(0)
+    w = {k: (0.3 * rng.standard_normal(s)).astype(np.float32)
+         for k, s in (("w1", (5, 8)), ("w2", (3, 8)), ("w3", (8, 2)))}
+    nodes = [helper.make_node("MatMul", ["a", "w1"], ["ha"]),
+             helper.make_node("MatMul", ["b", "w2"], ["hb"]),
+             helper.make_node("Add", ["ha", "hb"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w3"], ["y"])]
+    g = helper.make_graph(nodes, "two", [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 5]),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return w
+
+
+def test_two_inputs_and_extra_targets_train_as_torch(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 40
+    a = rng.standard_normal((n, 5)).astype(np.float32)
+    b = rng.standard_normal((n, 3)).astype(np.float32)
+    t = rng.standard_normal((n, 2)).astype(np.float32)
+    folder = _npy_dir(tmp_path / "d", a=a, b=b, t=t, unused=np.arange(n))
+    w = _two_input_model(tmp_path / "m.onnx")
+    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
+           "device": "cpu", "precision": "fp64",
+           "data": {"train": {"path": str(folder), "inputs": {"a": "a", "b": "b"},
+                              "targets": {"target": "t", "other": "unused"}},
+                    "batch_size": 8, "shuffle": False},
+           "loss": {"type": "mse", "output": "y", "target": "target"},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 5}
+    got = _fit(tmp_path, raw)
+    p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in w.items()}
+    opt = torch.optim.SGD(list(p.values()), lr=0.1)
+    for k in range(5):
+        s = slice(8 * k, 8 * k + 8)
+        xa, xb, y = (torch.tensor(v[s], dtype=torch.float64) for v in (a, b, t))
+        out = torch.relu(xa @ p["w1"] + xb @ p["w2"]) @ p["w3"]
+        loss = F.mse_loss(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in p.items():
+        np.testing.assert_allclose(got[k], v.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+# -- the last batch ---------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2])
+def test_last_partial_batch_is_weighted_as_torch(tmp_path, digits_config, world):
+    """100 samples, batch 32, drop_last false: batches of 32, 32, 32 and 4, each the mean of
+    its own samples (torch DataLoader(drop_last=False) + F.cross_entropy), over 2 epochs; on
+    2 ranks the last batch is split 2 + 2."""
+    d = np.load(EXAMPLES / "digits.npz")
+    x, y = d["x_train"][:100].astype(np.float64), d["y_train"][:100]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    raw = digits_config(precision="fp64", steps=None, epochs=2,
+                        optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9})
+    raw["data"] = {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                             "targets": {"label": "y"}},
+                   "batch_size": 32, "shuffle": False, "drop_last": False}
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    got = _fit(tmp_path, raw, world)
+    # digits_mlp: logits = relu(x @ fc1.W^T + b1) @ fc2.W^T + b2 (Gemm transB)
+    names = [t.name for t in model.graph.initializer]
+    p = {k: torch.tensor(init[k], dtype=torch.float64, requires_grad=True) for k in names}
+    w1, b1, w2, b2 = (p[k] for k in names)
+    opt = torch.optim.SGD(list(p.values()), lr=0.1, momentum=0.9)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(y).long()),
+        batch_size=32, shuffle=False, drop_last=False)
+    steps = 0
+    for _ in range(2):
+        for xb, yb in loader:
+            logits = torch.relu(xb @ w1.T + b1) @ w2.T + b2
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    assert steps == 8
+    for k in names:
+        np.testing.assert_allclose(got[k], p[k].detach().numpy(), rtol=1e-9, atol=1e-11,
+                                   err_msg=k)
+
+
+# -- prefetch -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_prefetch_gives_the_same_batches(tmp_path, shuffle):
+    arrays = {"x": np.arange(103 * 3).reshape(103, 3), "y": np.arange(103)}
+    plain = Batches(arrays, 10, shuffle=shuffle, drop_last=False, seed=4)
+    ahead = Batches(arrays, 10, shuffle=shuffle, drop_last=False, seed=4, prefetch=True)
+    spe = plain.steps_per_epoch
+    # in order across epochs, then jumps (a resume, a repeated batch) that miss the prefetch
+    keys = [(e, i) for e in range(3) for i in range(spe)] + [(1, 3), (1, 3), (0, spe - 1), (5, 0)]
+    for e, i in keys:
+        order = plain.order(e)
+        a, b = plain.get(e, i, order), ahead.get(e, i, order)
+        assert a[1:] == b[1:]
+        for k in arrays:
+            np.testing.assert_array_equal(a[0][k], b[0][k])
+    ahead.close()
+
+
+def test_prefetch_does_not_change_training(tmp_path, digits_config):
+    raw = digits_config(steps=50)  # crosses an epoch boundary (44 batches per epoch)
+    out = []
+    for prefetch in (False, True):
+        raw["data"]["prefetch"] = prefetch
+        out.append(_fit(tmp_path, raw))
+    for k in out[0]:
+        np.testing.assert_array_equal(out[0][k], out[1][k])

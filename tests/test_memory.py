@@ -1,0 +1,339 @@
+"""The pre-flight report: the training graph built from shapes alone matches the real one, the
+memory estimate is within 25% of the measured peak (tracemalloc) on an MLP, a BatchNorm CNN and a
+GPT-style decoder, a billion-parameter model gets its report in seconds without its weights being
+read, and a config that cannot fit, or has several problems, is refused before training."""
+
+from __future__ import annotations
+
+import gc
+import io
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import EXAMPLES, ROOT
+from trainer import memory, report
+from trainer.autodiff import build_training_graph, training_info
+from trainer.config import config_from_dict
+from trainer.errors import TrainerError
+from trainer.executor import probe
+from trainer.graph import input_dtypes, input_shapes, load_model
+from trainer.train import Trainer
+
+LOSS = {"type": "cross_entropy", "output": "logits", "target": "label"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{name: (model path, dataset path, batch)}: the digits MLP, the LeNet-style CNN with
+    BatchNorm and the GPT-style decoder, as PyTorch exports them, with random data."""
+    from tests import torch_models, transformer_models
+
+    d = tmp_path_factory.mktemp("models")
+    rng = np.random.default_rng(0)
+    onnx.save(torch_models.export_onnx(torch_models.make_model("cnn"), "cnn"), d / "cnn.onnx")
+    np.savez(d / "cnn.npz", x=rng.standard_normal((256, 1, 16, 16)).astype(np.float32),
+             y=rng.integers(0, 10, 256))
+    x = transformer_models.sample_input("gpt", 128, rng)
+    onnx.save(transformer_models.export(transformer_models.make_model("gpt"), x, "dynamo"),
+              d / "gpt.onnx")
+    np.savez(d / "gpt.npz", x=x, y=transformer_models.sample_target("gpt", x, rng))
+    digits = np.load(EXAMPLES / "digits.npz")
+    np.savez(d / "digits.npz", x=digits["x_train"], y=digits["y_train"])
+    return {"mlp": (EXAMPLES / "digits_mlp.onnx", d / "digits.npz", 64),
+            "cnn": (d / "cnn.onnx", d / "cnn.npz", 32),
+            "gpt": (d / "gpt.onnx", d / "gpt.npz", 16)}
+
+
+def _raw(model, data, batch, tmp_path, **over):
+    raw = {"model": str(model), "output": str(tmp_path / "out.onnx"), "device": "cpu",
+           "data": {"train": {"path": str(data), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": batch},
+           "loss": dict(LOSS), "optimizer": {"type": "adamw", "lr": 1e-3}, "steps": 50,
+           "log": {"every_steps": 1000}}
+    raw.update(over)
+    return raw
+
+
+def _measured_peak(cfg) -> tuple[int, Trainer]:
+    """Bytes of NumPy arrays held between steps (the datasets excepted) plus the peak a step
+    adds on top, by tracemalloc, with the same config the estimate is for."""
+    Trainer(cfg, stream=io.StringIO(), check=False)  # imports and caches, outside the count
+    gc.collect()
+    tracemalloc.start()
+    try:
+        t = Trainer(cfg, stream=io.StringIO())
+        for _ in range(3):
+            t.train_step([t._next_micro_batch()[1:4]], t.schedule.lrs(t.step))
+        gc.collect()
+        steady = tracemalloc.get_traced_memory()[0]
+        numpy_only = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+        held = sum(s.size for s in numpy_only.statistics("filename"))
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            t.train_step([t._next_micro_batch()[1:4]], t.schedule.lrs(t.step))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    data = sum(a.nbytes for a in t.train_arrays.values())
+    return held - data + (peak - steady), t
+
+
+@pytest.mark.parametrize("name, optimizer", [("mlp", "sgd"), ("cnn", "adamw"),
+                                             ("gpt", "adamw")])
+def test_estimate_is_within_a_quarter_of_the_measured_peak(models, tmp_path, name, optimizer):
+    model, data, batch = models[name]
+    opt = {"type": "sgd", "lr": 0.1, "momentum": 0.9} if optimizer == "sgd" else \
+        {"type": "adamw", "lr": 1e-3}
+    cfg = config_from_dict(_raw(model, data, batch, tmp_path, optimizer=opt), tmp_path)
+    measured, t = _measured_peak(cfg)
+    est = t.preflight.estimate
+    assert est.method == "ONNX shape inference"
+    ratio = est.total / measured
+    assert 0.75 <= ratio <= 1.25, (name, est, measured)
+    # the parts that are plain sums are exact
+    assert est.trainable == t.size
+    assert est.gradients == t.grads_flat.nbytes
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt"])
+def test_the_graph_built_from_shapes_is_the_training_graph(models, name):
+    """The value-free training graph has the nodes of build_training_graph's, and ONNX shape
+    inference gives every value the shape that running the graph gives it."""
+    model_path, _, batch = models[name]
+    model = load_model(model_path)
+    real = build_training_graph(model, LOSS, batch_size=batch)
+    info = training_info(real)
+    st = memory.training_structure(memory.strip(memory.load_structure(model_path)), LOSS,
+                                   in_shapes=input_shapes(model, batch))
+    assert [(n.name, n.op_type, list(n.output)) for n in st.model.graph.node] == \
+        [(n.name, n.op_type, list(n.output)) for n in real.graph.node]
+    assert st.gradients == info.gradients and st.state == info.state and st.loss == info.loss
+    inits = {t.name for t in real.graph.initializer}
+    feeds = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+             for vi in real.graph.input if vi.name not in inits}
+    ran = probe(real, feeds, {k: input_dtypes(real)[k] for k in feeds})
+    assert not st.missing
+    for k, (shape, dtype) in ran.items():
+        assert st.shapes[k] == (tuple(shape), dtype), k
+
+
+def test_walk_counts_views_lifetimes_and_scratch():
+    """x -> a = x + x (4 KiB) -> r = relu(a) (4 KiB) -> v = reshape(r) (a view) -> m = a * v
+    (4 KiB, fetched); a lives until m, r through its view, m to the end; Mul has 1 KiB of
+    scratch. Peak at Mul: a + r + m + 1 KiB."""
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "s"], ["v"], name="view"),
+             helper.make_node("Mul", ["a", "v"], ["m"], name="mul"),
+             helper.make_node("Neg", ["m"], ["unused"], name="neg")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1024])],
+                          [helper.make_tensor_value_info("m", TensorProto.FLOAT, [1024])],
+                          [numpy_helper.from_array(np.array([1024], np.int64), "s")])
+    m = helper.make_model(g)
+    sizes = {"a": 4096, "r": 4096, "v": 4096, "m": 4096, "unused": 4096}
+    w = memory.walk(m, sizes, ["x"], ["m"], {"mul": 1024}, boundary="r")
+    assert w.peak == 3 * 4096 + 1024 and w.peak_node == "mul"
+    assert w.kept == 2 * 4096  # a and r alive after relu
+    # the static plan: buffers of a and r stay; m leaves the run (fresh); 'unused' reuses a
+    # dead buffer of its size, or adds one of another size
+    assert memory.walk(m, sizes, ["x"], ["m"], {}, pooled=True).peak == 3 * 4096
+    sizes["unused"] = 8192
+    assert memory.walk(m, sizes, ["x"], ["m"], {}, pooled=True).peak == 2 * 4096 + 4096 + 8192
+
+
+@pytest.mark.parametrize("opt", [
+    {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+    {"type": "adamw", "lr": 1e-3, "amsgrad": True},
+    {"type": "adam", "lr": 1e-3, "weight_decay": 0.1,
+     "groups": [{"params": "*.bias", "weight_decay": 0.0}]},
+    {"type": "rmsprop", "lr": 1e-3, "centered": True, "momentum": 0.5},
+])
+def test_optimizer_bytes_are_what_the_optimizer_allocates(opt):
+    from trainer.config import OptimizerConfig, _build
+    from trainer.optim import make_optimizer
+
+    cfg = _build(OptimizerConfig, opt, "optimizer", ROOT)
+    names, sizes = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], [640, 10, 100, 10]
+    layout = list(zip(names, np.cumsum([0] + sizes[:-1]).tolist(), sizes, strict=True))
+    real = make_optimizer(cfg, np, sum(sizes), np.float32, layout)
+    p, g = np.ones(sum(sizes), np.float32), np.full(sum(sizes), 0.1, np.float32)
+    real.step(p, g, cfg.lr)
+    held = {id(a): a.nbytes for a in [*real.state.values(), real.w1, real.w2,
+                                      *real._vectors.values()]
+            if isinstance(a, np.ndarray)}
+    if real._gid is not None:
+        held[id(real._gid)] = real._gid.nbytes
+    # (up to the few bytes of per-group values the step turns into vectors)
+    assert abs(memory.optimizer_bytes(cfg, sum(sizes), np.float32, names, sizes)
+               - sum(held.values())) <= 16
+
+
+# -- a billion parameters ---------------------------------------------------------------------
+def _billion(folder, width=8192, layers=16):
+    """An MLP of ~1.0e9 float32 parameters whose weights live in one sparse external-data file
+    (4 GiB declared, nothing written): only their headers can be read cheaply."""
+    nodes, inits, x, offset = [], [], "x", 0
+    for i in range(layers):
+        n_out = width if i < layers - 1 else 10
+        t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[width, n_out])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "w.bin"), ("offset", str(offset)),
+                     ("length", str(width * n_out * 4))):
+            t.external_data.add(key=k, value=v)
+        offset += width * n_out * 4
+        inits += [t, numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        x = f"a{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["logits"]))
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", width])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 10])], inits)
+    with open(folder / "w.bin", "wb") as f:
+        f.truncate(offset)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              folder / "big.onnx")
+    data = folder / "data"
+    data.mkdir()
+    np.save(data / "x.npy", np.zeros((64, width), np.float32))
+    np.save(data / "y.npy", np.zeros(64, np.int64))
+    return sum(int(np.prod(t.dims)) for t in inits)
+
+
+def test_a_billion_parameters_are_reported_in_seconds_without_reading_them(tmp_path):
+    count = _billion(tmp_path)
+    assert count > 1e9
+    raw = _raw(tmp_path / "big.onnx", tmp_path / "data", 32, tmp_path)
+    cfg = config_from_dict(raw, tmp_path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        pf = report.preflight(cfg)
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    est = pf.estimate
+    assert seconds < 10, seconds
+    assert peak < 256 << 20, peak  # the weights alone are 4 GiB
+    assert est.trainable == count and est.trainable_bytes == 4 * count
+    # AdamW: parameters, gradients, two moments and two scratch buffers of 4 bytes each
+    assert est.parameters >= 4 * count and est.gradients >= 4 * count
+    assert est.optimizer == 4 * 4 * count
+    assert est.total >= 6 * 4 * count
+    assert "memory per process" in pf.text()
+
+
+def test_a_config_that_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch):
+    _billion(tmp_path)
+    monkeypatch.setattr(memory, "available_memory", lambda xp=np: (8 << 30, "MemAvailable"))
+    cfg = config_from_dict(_raw(tmp_path / "big.onnx", tmp_path / "data", 32, tmp_path),
+                           tmp_path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(TrainerError) as err:
+            Trainer(cfg, stream=io.StringIO())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 10 and peak < 256 << 20
+    msg = str(err.value)
+    assert "estimated peak memory" in msg and "exceeds the 8.0 GiB of MemAvailable" in msg
+    assert "memory_check: false" in msg and "\n" not in msg
+
+
+def test_memory_check_false_starts_anyway(tmp_path, digits_config, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda xp=np: (1024, "MemAvailable"))
+    with pytest.raises(TrainerError, match="exceeds the 1.0 KiB"):
+        Trainer(config_from_dict(digits_config(), tmp_path), stream=io.StringIO())
+    t = Trainer(config_from_dict(digits_config(memory_check=False, steps=2), tmp_path),
+                stream=io.StringIO())
+    assert t.fit()["steps"] == 2
+
+
+# -- the probe, where shape inference cannot say ----------------------------------------------
+def _if_model(path):
+    """logits = If(true) then Gemm(x, W1, b1) else Gemm(x, W2, b2): control flow that the
+    training graph lowers, so the estimate runs the graph at small batches instead."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.1 * rng.standard_normal(s)).astype(np.float32), k)
+             for k, s in (("W1", (64, 10)), ("b1", (10,)), ("W2", (64, 10)), ("b2", (10,)))]
+    inits.append(numpy_helper.from_array(np.array(True), "cond"))
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+
+    def branch(w, b):
+        return helper.make_graph([helper.make_node("Gemm", ["x", w, b], ["logits_" + w])],
+                                 w, [], [helper.make_tensor_value_info(
+                                     "logits_" + w, TensorProto.FLOAT, ["N", 10])])
+    node = helper.make_node("If", ["cond"], ["logits"], then_branch=branch("W1", "b1"),
+                            else_branch=branch("W2", "b2"))
+    g = helper.make_graph([node], "if", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 64])], [out], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_control_flow_falls_back_to_a_probe_at_small_batches(tmp_path, models):
+    _if_model(tmp_path / "if.onnx")
+    cfg = config_from_dict(_raw(tmp_path / "if.onnx", models["mlp"][1], 256, tmp_path,
+                                optimizer={"type": "sgd", "lr": 0.1}), tmp_path)
+    measured, t = _measured_peak(cfg)
+    est = t.preflight.estimate
+    assert est.method.startswith("probe at batch 2, 3, scaled to 256")
+    assert 0.75 <= est.total / measured <= 1.25, (est, measured)
+    assert est.out_shape == (256, 10)
+
+
+# -- every problem at once --------------------------------------------------------------------
+def test_every_problem_is_listed_at_once(tmp_path, digits_config):
+    d = np.load(EXAMPLES / "digits.npz")
+    yt = d["y_test"].copy()
+    yt[3] = 12
+    np.savez(tmp_path / "e.npz", xt=d["x_test"], yt=yt)
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "file").write_text("x")
+    raw = digits_config(output=str(tmp_path / "outdir"),
+                        log={"metrics": str(tmp_path / "file" / "m.jsonl")})
+    raw["data"]["eval"] = {"path": str(tmp_path / "e.npz"), "inputs": {"x": "xt"},
+                           "targets": {"label": "yt"}}
+    with pytest.raises(TrainerError) as err:
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    msg = str(err.value)
+    assert msg.startswith("3 problems found before training: (1) output")
+    assert "(2) log.metrics" in msg and "(3) data.eval: target 'label' holds 12 at sample 3" \
+        in msg
+
+
+def test_check_prints_the_preflight_report_of_a_config(tmp_path, digits_config):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config()))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "check", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "fc1" in out and "Gemm" in out  # the support table of the model
+    for text in ("memory per process (estimate from ONNX shape inference",
+                 "parameters: 9,610 trained", "data.train: 1437 samples",
+                 "44 batch(es) per epoch", "20 optimizer steps"):
+        assert text in out, text
+    raw = digits_config(data__batch_size=5000)
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "check", str(path), "--set",
+                           "output=" + str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert "problems (2):" in proc.stdout and "fewer than one batch" in proc.stdout
+    assert "is a directory" in proc.stdout

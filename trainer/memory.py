@@ -1,0 +1,744 @@
+"""Pre-flight memory estimate of a training run, per rank, before anything large is allocated:
+the training graph is built from shapes alone (ONNX shape inference, big weights never read) and
+its planned order is walked with every value's lifetime, plus each kernel's scratch memory."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from trainer.errors import ModelError, TrainerError
+
+LARGE = 1 << 16  # elements: initializers above this are never read by the estimate
+_STUB = "onnx-trainer:not-loaded"
+# Ops whose NumPy/CuPy kernels return a view of their first input (no new memory).
+VIEWS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
+                   "Expand"})
+# Ops whose outputs the CPU executor's static plan writes into planned buffers (out=); other
+# kernels allocate their outputs afresh at every run.
+POOLED_OPS = frozenset("""Add Sub Mul Div Neg Exp Log Sqrt Tanh Abs Reciprocal Floor Ceil Equal
+Greater Less GreaterOrEqual LessOrEqual Where Relu Sum MatMul Gemm ReduceSum ReduceMean Conv
+ConvTranspose""".split())
+_MEASURE_CAP = 256 << 20  # bytes of a kernel's inputs and outputs above which it is not run
+_MEASURE_BATCHES = (2, 3)  # local batch sizes whose kernel scratch is measured, then extended
+
+
+class Incomplete(Exception):
+    """Shapes that ONNX shape inference could not make concrete (the probe path takes over)."""
+
+
+# -- the model without its large tensors -------------------------------------------------------
+def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at `path` as load_model checks it, but with external tensors of more than
+    LARGE elements left unread (their dims and types are all the estimate needs)."""
+    from trainer.graph import (
+        MAX_FILE_BYTES,
+        _external_data,
+        _read_external_data,
+        check_model,
+        stored_tensors,
+    )
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ModelError(f"model file {path} is over protobuf's 2 GB limit; save large models "
+                         "with external data (onnx.save_model(..., save_as_external_data=True))")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
+        raise ModelError(f"cannot parse ONNX model {path}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
+    check_model(path, str(path))
+    _read_external_data([f for f in external if _elements(f[0]) <= LARGE], str(path))
+    return model
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return math.prod(t.dims) if t.dims else 1
+
+
+def is_stub(t: onnx.TensorProto) -> bool:
+    """A tensor whose values were not read (external data left on disk, or stripped)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def strip(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose initializers of more than LARGE elements keep only their name,
+    type and dims: cheap to copy, to infer shapes on and to build a training graph from."""
+    out = _without_initializers(model)
+    for t in model.graph.initializer:
+        if _elements(t) > LARGE or is_stub(t):
+            out.graph.initializer.append(_stub(t.name, t.data_type, t.dims))
+        else:
+            out.graph.initializer.append(t)
+    return out
+
+
+def _stub(name: str, data_type: int, dims: Iterable[int]) -> onnx.TensorProto:
+    t = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=_STUB)
+    return t
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without graph initializers (copied field by field, so the large
+    tensors are never duplicated)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = getattr(fd, "is_repeated", None)
+        if repeated is None:  # protobuf before 5: the label says it
+            repeated = fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _with_data_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its stub initializers (for helpers that read every initializer)."""
+    out = _without_initializers(model)
+    out.graph.initializer.extend(t for t in model.graph.initializer if not is_stub(t))
+    return out
+
+
+def compute_structure(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """trainer.train.compute_form of a stripped model: stubs take the compute type unread."""
+    from trainer.train import compute_form
+
+    stubs = [t for t in model.graph.initializer if is_stub(t)]
+    out = compute_form(_with_data_only(model), precision)
+    target = onnx.TensorProto.DOUBLE if precision == "fp64" else onnx.TensorProto.FLOAT
+    floats = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT)
+    out.graph.initializer.extend(
+        _stub(t.name, target if t.data_type in floats else t.data_type, t.dims) for t in stubs)
+    return out
+
+
+# -- shapes without running ---------------------------------------------------------------------
+def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], rounds: int = 4
+          ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], list[str]]:
+    """(shape, dtype) of every value ONNX shape inference makes concrete for these input
+    shapes, and the values produced by nodes that it leaves unknown. Between rounds, values
+    computed from constants and static shapes (shape arithmetic) are folded in as initializers,
+    so that shapes read from tensors (Reshape, Expand, ConstantOfShape) become known too."""
+    from trainer.autodiff.build import _constant_values
+    from trainer.graph import np_dtype, tensor_type
+
+    m = _without_initializers(model)
+    m.graph.initializer.extend(model.graph.initializer)
+    for vi in m.graph.input:
+        if vi.name in in_shapes:
+            shape = tensor_type(vi.type).shape
+            del shape.dim[:]
+            for d in in_shapes[vi.name]:
+                shape.dim.add().dim_value = int(d)
+    del m.graph.value_info[:]
+    produced = [o for n in model.graph.node for o in n.output if o]
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    folded: set[str] = set()
+    for _ in range(rounds):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
+                                                         data_prop=True)
+        except Exception:  # noqa: BLE001 - inference is best effort; unknown values fall back
+            inferred = m
+        g = inferred.graph
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            t = tensor_type(vi.type)
+            if vi.type.WhichOneof("value") != "tensor_type" or not t.elem_type or \
+                    not t.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if all(d >= 0 for d in dims):
+                try:
+                    shapes[vi.name] = (tuple(dims), np_dtype(t.elem_type))
+                except (KeyError, ValueError, TypeError):
+                    continue
+        for t in model.graph.initializer:
+            try:
+                shapes[t.name] = (tuple(t.dims), np_dtype(t.data_type))
+            except (KeyError, ValueError, TypeError):
+                continue
+        missing = [o for o in produced if o not in shapes]
+        if not missing:
+            break
+        values = _constant_values(_with_data_only(m), shapes)
+        new = [k for k in values if k in set(produced) and k not in folded]
+        if not new:
+            break
+        for k in new:
+            folded.add(k)
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(values[k]), k))
+            shapes[k] = (tuple(np.shape(values[k])), np.asarray(values[k]).dtype)
+    return shapes, [o for o in produced if o not in shapes]
+
+
+# -- the training graph from shapes -------------------------------------------------------------
+@dataclass
+class Structure:
+    """The training graph built without values, and what the estimate reads from it."""
+
+    model: onnx.ModelProto
+    loss: str
+    gradients: dict[str, str]  # parameter -> gradient value
+    state: dict[str, str]  # BatchNormalization statistic -> its updated value
+    table: list  # trainer.autodiff.params.ParamInfo rows
+    chosen: list[str]
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype]]
+    missing: list[str]  # values without a concrete shape
+    out_shape: tuple[int, ...]  # the loss output's shape
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
+                       batchnorm="train", in_shapes: Mapping[str, tuple] | None = None
+                       ) -> Structure:
+    """The training graph of a stripped model (see `strip`), as build_training_graph makes it,
+    with shapes from ONNX shape inference instead of a run on zeros. Raises Incomplete where
+    inference leaves a value that the rules need unknown, or control flow needs lowering."""
+    from trainer.autodiff import build as B
+    from trainer.autodiff.context import Builder
+    from trainer.autodiff.engine import build_backward
+    from trainer.autodiff.params import (
+        batchnorm_stats,
+        parameter_table,
+        select,
+        untie_normalization_aliases,
+    )
+    from trainer.autodiff.subgraph import needs_lowering
+    from trainer.graph import NameScope, all_names
+
+    spec = B.LossSpec.of(loss)
+    if spec.type not in B.LOSS_TYPES:
+        raise ModelError(f"unknown loss type '{spec.type}'")
+    if needs_lowering(model.graph):
+        raise Incomplete("control flow or sequences to lower")
+    outputs = [o.name for o in model.graph.output]
+    if spec.output not in outputs:
+        raise ModelError(f"loss output '{spec.output}' is not an output of the model "
+                         f"(outputs: {', '.join(outputs)})")
+    eval_bn = B._eval_batchnorm(model, batchnorm)
+    in_shapes = dict(in_shapes or {})
+    first, missing = infer(model, in_shapes)
+    if missing:
+        raise Incomplete(f"{len(missing)} forward value(s) without a static shape, e.g. "
+                         f"'{missing[0]}'")
+    m = _without_initializers(model)
+    m.graph.initializer.extend(model.graph.initializer)
+    try:
+        untie_normalization_aliases(m)
+    except Exception:  # noqa: BLE001 - a stub source: the aliases stay shared (same bytes)
+        pass
+    bn_stats = batchnorm_stats(m.graph.node)
+    opset = B.ensure_default_opset(m)
+    g = m.graph
+    scope = NameScope(all_names(g))
+    consts = B._constant_values(_with_data_only(m), first)
+    builder = Builder(scope, opset, first, "train", consts)
+    nodes, state = B._training_mode(list(g.node), builder, first, consts, eval_bn)
+    spec = B._logits_of_softmax(spec, list(g.node), first, opset)
+    loss_nodes, loss_name, target_vis = B._append_loss(spec, builder, first, scope)
+    nodes += loss_nodes
+    fwd = B._forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
+    t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+                for vi in target_vis}
+    shapes, missing = infer(fwd, {**in_shapes, **t_shapes})
+    if missing:
+        raise Incomplete(f"{len(missing)} value(s) of the forward and loss without a static "
+                         f"shape, e.g. '{missing[0]}'")
+    consts = B._constant_values(_with_data_only(fwd), shapes)
+    table = parameter_table(m, nodes, loss_name, shapes, stats=bn_stats)
+    chosen = select(table, trainable, frozen)
+    if not chosen:
+        raise ModelError("nothing to train: no float initializer reaches the loss (see "
+                         "'onnx-trainer check MODEL' for why each one is left out)")
+    seed_dtype = shapes[loss_name][1]
+    seed = scope.fresh(f"{loss_name}_grad_seed")
+    bwd, bwd_inits, grads = build_backward(nodes, {loss_name: seed}, chosen, shapes, opset,
+                                           scope, consts)
+    fwd.graph.node.extend(bwd)
+    B.add_initializers(fwd.graph, [*bwd_inits,
+                                   numpy_helper.from_array(np.array(1.0, seed_dtype), seed)],
+                       fwd.ir_version)
+    all_shapes, missing = infer(fwd, {**in_shapes, **t_shapes})
+    consts = B._constant_values(_with_data_only(fwd), all_shapes)
+    out_shape = shapes[spec.output][0]
+    return Structure(fwd, loss_name, dict(grads), state, table, chosen, all_shapes, missing,
+                     tuple(out_shape), consts)
+
+
+# -- liveness -----------------------------------------------------------------------------------
+@dataclass
+class Walk:
+    peak: int  # bytes of values and kernel scratch at the worst point of one step
+    kept: int  # bytes alive when the forward (and loss) ends: what the backward reads
+    peak_node: str
+
+
+def walk(model: onnx.ModelProto, nbytes: Mapping[str, int], fed: Iterable[str],
+         fetched: Iterable[str], scratch: Mapping[str, int] | None = None,
+         boundary: str | None = None, pooled: bool = False) -> Walk:
+    """Bytes alive over one run of the graph in the executor's order: a value lives from its
+    node to its last reader (fetched values to the end), views share their source's memory,
+    and node k adds its kernel scratch while it runs. `boundary` names the loss value.
+
+    `pooled` models a static memory plan (the CPU executor's): every value of POOLED_OPS
+    that does not leave the run gets a buffer of its exact size, reused by later values of
+    the same size once it is dead, and all buffers stay allocated; other values are fresh."""
+    from trainer.graph import node_name, topo_sort
+
+    g = model.graph
+    scratch = scratch or {}
+    fetched = set(fetched)
+    listed = list(g.node)
+    names = {id(n): node_name(n, i) for i, n in enumerate(listed)}
+    available = set(fed) | {t.name for t in g.initializer} | {v.name for v in g.input}
+    nodes = topo_sort(listed, available)
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            if x:
+                last[x] = i
+    for f in fetched:
+        last[f] = len(nodes)
+    root: dict[str, str | None] = {}
+    for n in nodes:
+        for o in n.output:
+            if not o:
+                continue
+            src = n.input[0] if n.input else ""
+            root[o] = root.get(src) if n.op_type in VIEWS else o
+    end: dict[str, int] = {}
+    leaves: set[str] = set()
+    for v, r in root.items():
+        if r is not None:
+            end[r] = max(end.get(r, -1), last.get(v, -1))
+            if v in fetched:
+                leaves.add(r)
+    live, peak, kept, at = 0, 0, None, ""
+    pool_total = 0
+    free: dict[int, int] = {}  # pooled buffers by size: how many are free
+    alive: dict[str, tuple[int, bool]] = {}
+    expiring: dict[int, list[str]] = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            if o and root.get(o) == o:
+                b = int(nbytes.get(o, 0))
+                in_pool = pooled and o not in leaves and n.op_type in POOLED_OPS
+                if in_pool:
+                    if free.get(b):
+                        free[b] -= 1
+                    else:
+                        pool_total += b
+                else:
+                    live += b
+                alive[o] = (b, in_pool)
+                expiring.setdefault(max(end.get(o, i), i), []).append(o)
+        name = names[id(n)]
+        here = live + pool_total + int(scratch.get(name, 0))
+        if here > peak:
+            peak, at = here, name
+        for r in expiring.pop(i, ()):
+            b, in_pool = alive.pop(r, (0, False))
+            if in_pool:
+                free[b] = free.get(b, 0) + 1
+            else:
+                live -= b
+        if boundary is not None and boundary in n.output:
+            kept = live + pool_total - sum(b * k for b, k in free.items())
+    return Walk(peak, kept or 0, at)
+
+
+# -- kernel scratch, measured at small batches --------------------------------------------------
+def kernel_scratch(small: Mapping[int, Structure], batch: int, cap: int = _MEASURE_CAP,
+                   budget_s: float = 20.0) -> dict[str, int]:
+    """{node name: bytes} each kernel allocates beyond its outputs while it runs, measured
+    with tracemalloc on zeros at the local batch sizes of `small` ({b: structure built at
+    batch b}) and extended linearly to `batch`. Kernels whose inputs and outputs exceed `cap`
+    bytes, with subgraphs or without a kernel are not run (0). Under a tracemalloc trace
+    started by the caller, its peak is reset."""
+    import tracemalloc
+
+    sizes = sorted(small)
+    per: dict[int, dict[str, int]] = {}
+    with _TRACING:  # tracemalloc is per process; ranks run as threads in tests
+        started = not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start()
+        try:
+            deadline = time.monotonic() + budget_s
+            cache: dict[tuple, int] = {}
+            for b in sizes:
+                per[b] = _measure(small[b], cap, deadline, cache)
+        finally:
+            if started:
+                tracemalloc.stop()
+    if len(sizes) == 1:
+        return dict(per[sizes[0]])
+    b0, b1 = sizes[0], sizes[-1]
+    out: dict[str, int] = {}
+    for name in set(per[b0]) & set(per[b1]):
+        w0, w1 = per[b0][name], per[b1][name]
+        out[name] = max(0, int(round(w0 + (w1 - w0) * (batch - b0) / (b1 - b0))))
+    return out
+
+
+_TRACING = threading.Lock()
+
+
+def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, int]
+             ) -> dict[str, int]:
+    """{node name: scratch bytes} of the kernels of one structure, run one by one on zeros
+    (constants with their values); kernels with the same op, attributes and input shapes are
+    run once."""
+    import inspect
+    import tracemalloc
+
+    from trainer.backend import StepRNG
+    from trainer.graph import attrs_of, node_name, opset_of
+    from trainer.kernels import get_kernel
+
+    model = st.model
+    found: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        if time.monotonic() > deadline:
+            break
+        name = node_name(node, i)
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            continue
+        ins = [st.shapes.get(x) if x else None for x in node.input]
+        outs = [st.shapes.get(o) for o in node.output if o]
+        if any(x and s is None for x, s in zip(node.input, ins, strict=True)) or \
+                any(s is None for s in outs):
+            continue
+        if sum(_nb(s) for s in ins if s) + sum(_nb(s) for s in outs) > cap:
+            continue
+        key = (node.op_type, node.domain, _attr_key(node), tuple(ins),
+               tuple(x in st.consts for x in node.input))
+        if key not in cache:
+            cache[key] = _scratch_of(node, model, st, ins, get_kernel, opset_of, attrs_of,
+                                     StepRNG, inspect, tracemalloc)
+        found[name] = cache[key]
+    return found
+
+
+def _scratch_of(node, model, st, ins, get_kernel, opset_of, attrs_of, StepRNG, inspect,
+                tracemalloc) -> int:
+    fn = get_kernel(node.op_type, opset_of(model, node.domain), node.domain)
+    if fn is None:
+        return 0
+    attrs = attrs_of(node)
+    params = inspect.signature(fn).parameters
+    if "rng" in params:
+        attrs["rng"] = StepRNG(np, 0)
+    if "n_outputs" in params:
+        attrs["n_outputs"] = len(node.output)
+    args = [None if not x else (np.asarray(st.consts[x]) if x in st.consts
+                                else np.zeros(s[0], s[1]))
+            for x, s in zip(node.input, ins, strict=True)]
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fn(np, *args, **attrs)
+    except Exception:  # noqa: BLE001 - a kernel that needs real values: no measurement
+        return 0
+    peak = tracemalloc.get_traced_memory()[1]
+    own = sum(r.nbytes for r in result if isinstance(r, np.ndarray) and r.base is None)
+    return max(0, peak - before - own)
+
+
+def _nb(s: tuple) -> int:
+    return int(math.prod(s[0])) * np.dtype(s[1]).itemsize
+
+
+def _attr_key(node: onnx.NodeProto) -> bytes:
+    return b"".join(a.SerializeToString(deterministic=True) for a in node.attribute)
+
+
+# -- the estimate ---------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """Bytes per rank of one training step at its worst point, by what holds them."""
+
+    trainable: int  # values
+    trainable_bytes: int
+    frozen: int  # values of float initializers not trained (and not statistics)
+    frozen_bytes: int
+    parameters: int  # trained values, frozen tensors and constants, statistics
+    gradients: int
+    optimizer: int  # optimizer state and scratch
+    activations: int  # forward values alive when the loss is computed (read by the backward)
+    workspace: int  # the rest of the step's peak: backward temporaries, kernel scratch
+    batches: int  # the batch being trained on, and the one prefetched (host memory on CPU)
+    allreduce: int  # bytes each rank sends through the gradient all-reduce per step
+    method: str  # how the values' sizes were found
+    peak_node: str = ""
+    out_shape: tuple[int, ...] = ()  # the loss output's shape at the local batch
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return (self.parameters + self.gradients + self.optimizer + self.activations
+                + self.workspace + self.batches)
+
+
+def estimate(model: onnx.ModelProto, *, loss, batch: int,
+             in_shapes: Mapping[str, tuple[int, ...]], trainable="all", frozen=(),
+             batchnorm="train", precision: str = "fp32", optimizer=None, world: int = 1,
+             eval_copy: bool = False, compress: str | None = None, full_model=None,
+             scratch: bool = True, pooled: bool = True, batch_bytes: int = 0) -> Estimate:
+    """The memory of one training step per rank for `model` (a stripped model, see `strip`)
+    at local batch `batch`; `in_shapes` gives every data input's full shape at that batch.
+    Shapes come from ONNX shape inference; where it leaves some unknown, the training graph is
+    built and run at local batches 2 and 3 (`full_model()` loads the model with its values)
+    and every size is extended linearly to `batch`. Kernel scratch is measured on zeros at
+    batches 2 and 3 for kernels of at most 256 MiB (`scratch=False`: not measured). `pooled`:
+    the CPU executor's static memory plan (see `walk`); `batch_bytes`: the data batches held
+    on the device."""
+    t0 = time.perf_counter()
+    sm = compute_structure(model, precision)
+
+    def at(b: int) -> dict[str, tuple[int, ...]]:
+        return {k: (b,) + tuple(v[1:]) for k, v in in_shapes.items()}
+
+    fixed = _fixed_batch(sm)
+    small_batches = (batch,) if fixed else _MEASURE_BATCHES
+    try:
+        st = training_structure(sm, loss, trainable, frozen, batchnorm, at(batch))
+        if st.missing:
+            raise Incomplete(f"'{st.missing[0]}'")
+        method = "ONNX shape inference"
+        nbytes = {k: _nb(v) for k, v in st.shapes.items()}
+        small = {}
+        if scratch:
+            for b in small_batches:
+                small[b] = st if b == batch else training_structure(
+                    sm, loss, trainable, frozen, batchnorm, at(b))
+    except (Incomplete, ModelError) as why:
+        # A model error found from shapes alone is confirmed (or not) by the real build below.
+        if full_model is None:
+            if isinstance(why, ModelError):
+                raise
+            raise TrainerError(f"the memory estimate needs the model's values: {why}") from None
+        full = full_model()
+        small = {b: _probed_structure(full, loss, trainable, frozen, batchnorm, at(b),
+                                      precision) for b in small_batches}
+        st = small[small_batches[0]]
+        nbytes = _extended({b: {k: _nb(v) for k, v in s.shapes.items()}
+                            for b, s in small.items()}, batch)
+        method = (f"probe at batch {', '.join(map(str, small_batches))}, scaled to {batch} "
+                  f"(from shapes alone: {why})")
+        st = _scaled_out_shape(st, small, batch)
+    work = kernel_scratch(small, batch) if scratch and small else {}
+    fed = list(st.chosen) + list(st.state)
+    fetched = [st.loss] + list(st.gradients.values()) + list(st.state.values())
+    w = walk(st.model, nbytes, fed, fetched, work, boundary=st.loss, pooled=pooled)
+    inits = {t.name: t for t in st.model.graph.initializer}
+    dtype = _itemsize(inits[st.chosen[0]]) if st.chosen else 4
+    n_train = sum(_elements(inits[k]) for k in st.chosen)
+    stats = sum(_nbytes_tensor(inits[k]) for k in st.state if k in inits)
+    const = sum(_nbytes_tensor(t) for k, t in inits.items()
+                if k not in st.gradients and k not in st.state)
+    from trainer.autodiff.params import STATE
+
+    left = [r for r in st.table if r.name not in st.gradients and r.role != STATE]
+    frozen_n = sum(math.prod(r.shape) if r.shape else 1 for r in left)
+    frozen_b = sum(_nbytes_tensor(inits[r.name]) for r in left if r.name in inits)
+    params = n_train * dtype + stats + const * (2 if eval_copy else 1)
+    grads = (n_train + 2) * dtype
+    opt = optimizer_bytes(optimizer, n_train, dtype, st.chosen,
+                          [_elements(inits[k]) for k in st.chosen]) if optimizer else 0
+    if world > 1 and compress:
+        grads += n_train * 2  # the 16-bit copy that travels
+    sent = 0 if world <= 1 else n_train * (2 if compress else dtype) + 2 * dtype
+    return Estimate(n_train, n_train * dtype, frozen_n, frozen_b, params, grads, opt, w.kept,
+                    max(0, w.peak - w.kept), batch_bytes, sent, method, w.peak_node,
+                    st.out_shape, time.perf_counter() - t0)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> bool:
+    from trainer.graph import tensor_type
+
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = tensor_type(vi.type).shape.dim
+        if vi.name not in inits and dims and dims[0].HasField("dim_value"):
+            return True
+    return False
+
+
+def _itemsize(t: onnx.TensorProto) -> int:
+    from trainer.graph import np_dtype
+
+    return np_dtype(t.data_type).itemsize
+
+
+def _nbytes_tensor(t: onnx.TensorProto) -> int:
+    try:
+        return _elements(t) * _itemsize(t)
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _extended(sizes: Mapping[int, Mapping[str, int]], batch: int) -> dict[str, int]:
+    """Per value, the bytes at `batch` from the bytes at two (or one) other batches."""
+    bs = sorted(sizes)
+    if len(bs) == 1:
+        return dict(sizes[bs[0]])
+    b0, b1 = bs[0], bs[-1]
+    out = {}
+    for k, v0 in sizes[b0].items():
+        v1 = sizes[b1].get(k, v0)
+        out[k] = max(0, int(round(v0 + (v1 - v0) * (batch - b0) / (b1 - b0))))
+    return out
+
+
+def _scaled_out_shape(st: Structure, small: Mapping[int, Structure], batch: int) -> Structure:
+    bs = sorted(small)
+    if len(bs) < 2:
+        return st
+    s0, s1 = small[bs[0]].out_shape, small[bs[-1]].out_shape
+    st.out_shape = tuple(int(a + (b - a) * (batch - bs[0]) / (bs[-1] - bs[0]))
+                         for a, b in zip(s0, s1, strict=True))
+    return st
+
+
+def _probed_structure(model: onnx.ModelProto, loss, trainable, frozen, batchnorm,
+                      shapes: Mapping[str, tuple], precision: str) -> Structure:
+    """The real training graph at a small batch, its values' shapes found by running it."""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.autodiff.build import LossSpec, _constant_values
+    from trainer.autodiff.params import parameter_table
+    from trainer.executor import probe
+    from trainer.graph import input_dtypes
+    from trainer.train import compute_form
+
+    m = compute_form(model, precision)
+    tm = build_training_graph(m, loss, trainable, frozen=frozen, shapes=dict(shapes),
+                              batchnorm=batchnorm)
+    info = training_info(tm)
+    inits = {t.name for t in tm.graph.initializer}
+    dts = input_dtypes(tm)
+    feeds = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+             for vi in tm.graph.input if vi.name not in inits}
+    found = probe(tm, feeds, {k: dts[k] for k in feeds})
+    spec = LossSpec.of(loss)
+    out = spec.output if spec.output in found else info.outputs[0]
+    table = parameter_table(tm, list(tm.graph.node), info.loss, found)
+    return Structure(tm, info.loss, dict(info.gradients), dict(info.state), table,
+                     list(info.gradients), found, [], tuple(found[out][0]),
+                     _constant_values(tm, found))
+
+
+class _CountingXP:
+    """An array module whose arrays hold nothing: it counts the bytes it was asked for (to size
+    an optimizer's buffers without allocating them)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def _take(self, shape, dtype) -> np.ndarray:
+        n = math.prod(shape) if isinstance(shape, tuple | list) else int(shape)
+        self.bytes += n * np.dtype(dtype or np.float64).itemsize
+        return np.empty(0, dtype)
+
+    def empty(self, shape, dtype=None, **_):
+        return self._take(shape, dtype)
+
+    zeros = empty
+    ones = empty
+
+    def full(self, shape, fill, dtype=None, **_):
+        return self._take(shape, dtype)
+
+    def asarray(self, a, dtype=None, **_):
+        a = np.asarray(a, dtype)
+        self.bytes += a.nbytes
+        return np.empty((0,) + a.shape[1:], a.dtype)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def optimizer_bytes(cfg, size: int, dtype: int | np.dtype, names: list[str],
+                    sizes: list[int]) -> int:
+    """Bytes the optimizer of `cfg` allocates for these parameters (state, scratch, and the
+    per-element settings of parameter groups): counted by building it over an array module
+    that allocates nothing and taking one step, with every tensor of 1 and then 2 elements
+    (all its buffers are as long as the flat parameters), extended to `size`."""
+    from trainer.optim import make_optimizer
+
+    dt = np.dtype(f"f{dtype}") if isinstance(dtype, int) else np.dtype(dtype)
+
+    def count(each: int) -> int:
+        xp = _CountingXP()
+        layout = [(name, k * each, each) for k, name in enumerate(names)]
+        try:
+            opt = make_optimizer(cfg, xp, each * len(names), dt, layout)
+            empty = np.empty(0, dt)
+            opt.step(empty, empty, float(cfg.lr))
+        except (ValueError, TypeError, IndexError):
+            pass  # a step's shapes that an empty buffer does not fit: the state is counted
+        return xp.bytes
+
+    if not names:
+        return 0
+    one, two = count(1), count(2)
+    per = (two - one) / len(names)
+    return int(round(one - per * len(names) + per * size))
+
+
+# -- what the device holds ----------------------------------------------------------------------
+def available_memory(xp=np) -> tuple[int | None, str]:
+    """(free bytes, what was read) on the device of `xp`: the GPU's free memory, or on CPU
+    MemAvailable of /proc/meminfo (None where neither can be read)."""
+    if xp is not np:
+        try:
+            free, _ = xp.cuda.runtime.memGetInfo()
+            return int(free), "free GPU memory"
+        except Exception:  # noqa: BLE001 - no usable answer from the driver
+            return None, "GPU memory (unknown)"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    return None, "available memory (unknown)"
+
+
+def human(n: float) -> str:
+    """Bytes as a short human-readable size (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
