@@ -562,9 +562,6 @@ def test_cnn_and_gpt_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported
         assert not d2h_outside(("train.py",)), reads
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/train.py reads loss, stop flag and the "
-                   "gradients' finiteness back separately (3 reads per step); one stacked read "
-                   "makes it 1 (see the helper's report)")
 @pytest.mark.parametrize("kind", ["cnn", "gpt"])
 def test_a_logged_step_reads_back_at_most_the_loss(gpu, tmp_path, exported, kind):
     from trainer.config import config_from_dict

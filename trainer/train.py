@@ -366,11 +366,14 @@ class Trainer:
         if self.world > 1:
             self.buckets.wait_all()  # (every bucket, also when this rank ran no micro-batch)
             self.comm.allreduce_(g[self.size:], label="loss and stop flag")
-        loss = float(g[self.size])
-        self.times["communication"] += clock() - t
-        self._stop_agreed = bool(g[self.size + 1] > 0)
         grads = g[:self.size]
-        if not (math.isfinite(loss) and bool(xp.isfinite(grads).all())):
+        # One device-to-host read per step: the loss, the stop flag and "all finite" together.
+        status = xp.stack([g[self.size], g[self.size + 1],
+                           xp.isfinite(grads).all().astype(g.dtype)])
+        loss, stop, finite = (float(v) for v in to_host(status))
+        self.times["communication"] += clock() - t
+        self._stop_agreed = stop > 0
+        if not (math.isfinite(loss) and finite):
             what = f"loss became {loss}" if not math.isfinite(loss) else \
                 "a gradient became non-finite"
             if self.cfg.on_nan == "skip":
