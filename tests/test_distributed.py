@@ -287,3 +287,23 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     from trainer import checkpoint
     assert checkpoint.latest(ck) is not None
     del signal
+
+
+@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4)])
+def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, world):
+    """distributed.sync_batchnorm: the batch statistics are all-reduced, so N ranks train the
+    weights and running statistics of one process with the same global batch."""
+    d = zoo[name]
+    raw = _family_config(d, name, output=str(tmp_path / "sync.onnx"),
+                         distributed={"sync_batchnorm": True})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(world, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx")}, tmp_path),
+                     stream=io.StringIO())
+    single.fit()
+    got, want = _weights(tmp_path / "sync.onnx"), _weights(tmp_path / "one.onnx")
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert any("running" in k for k in want)

@@ -359,6 +359,7 @@ class DistributedConfig:
     overlap: bool = _k(_bool, True)
     compress: str | None = _k(_str, None, nullable=True, choices=("bf16", "fp16"))
     timeout_s: float = _k(_float, 300.0, check=_POS)
+    sync_batchnorm: bool = _k(_bool, False)
 
 
 _MODES = ("auto", "min", "max")

@@ -35,6 +35,7 @@ from trainer.graph import (
     load_model,
     np_dtype,
 )
+from trainer.kernels.collective import collectives
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
@@ -51,6 +52,7 @@ class Plan:
     targets: dict[str, str]  # loss target -> training-graph input
     out_shape: tuple[int, ...]  # the loss output's shape at this batch size
     model: onnx.ModelProto  # the training graph (for diagnosis, e.g. the first NaN)
+    seed: str = ""  # the initializer holding dLoss/dLoss
 
 
 class Trainer:
@@ -78,6 +80,8 @@ class Trainer:
         self._profile_from, self._profile_start = 0, (0, dict(self.times))
         self.profile_result: dict | None = None
         self._w, self._last_micro = 1.0, True  # weight and role of the running micro-batch
+        # SyncBatchNorm: batch statistics over every rank (a no-op in one process).
+        self.sync_bn = cfg.distributed.sync_batchnorm and self.world > 1
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
@@ -228,9 +232,12 @@ class Trainer:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
             tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes,
-                                      batchnorm=self.cfg.batchnorm)
+                                      batchnorm=self.cfg.batchnorm,
+                                      sync_batchnorm=self.sync_bn)
             info = training_info(tm)
             feeds = list(info.gradients) + list(info.state)
+            if self.sync_bn:  # the loss weight enters as the backward's seed (see train_step)
+                feeds.append(info.seed)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
             # Each gradient goes into the flat buffer the moment its kernel finishes, which also
             # tells the all-reduce buckets when they can start (overlap with the backward).
@@ -239,7 +246,8 @@ class Trainer:
                           on_produced=hooks)
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
-                        tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm)
+                        tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm,
+                        info.seed)
             self.plans[local_n] = plan
         return plan
 
@@ -353,12 +361,20 @@ class Trainer:
             # Weight so that summing over ranks (and micro-batches) gives the global mean; the
             # gradients reach the flat buffer (and their buckets, on the last micro-batch)
             # through the executor's on_produced hooks.
-            self._w, self._last_micro = local_w / total, m == live[-1]
+            w, self._last_micro = local_w / total, m == live[-1]
+            if self.sync_bn:
+                # Gradients cross ranks inside the graph (the statistics' all-reduce), so each
+                # rank's loss weight must enter the backward itself: as its seed.
+                feeds[plan.seed] = xp.asarray(np.array(w, self.dtype))
+                self._w = 1.0
+            else:
+                self._w = w
             t = clock()
-            out = plan.executor.run(feeds)
+            with collectives(self.comm if self.sync_bn else None):
+                out = plan.executor.run(feeds)
             self.times["graph"] += clock() - t
             self._last_feeds = (plan, feeds)
-            g[self.size] += out[plan.loss] * self._w
+            g[self.size] += out[plan.loss] * w
             for k, new in plan.state.items():
                 self.state[k][...] = out[new]
         g[self.size + 1] = 1.0 if self._stop_signal else 0.0
