@@ -307,3 +307,58 @@ def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, wor
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
     assert any("running" in k for k in want)
+
+
+@pytest.mark.parametrize("world,opt", [(2, {"type": "adamw", "lr": 3e-3}),
+                                       (4, {"type": "sgd", "lr": 0.1, "momentum": 0.9})])
+def test_zero1_sharded_optimizer_matches_one_process(tmp_path, digits_config, world, opt):
+    """distributed.shard_optimizer (ZeRO-1): each rank keeps and updates 1/N of the optimizer
+    state; the weights are the single-process ones."""
+    raw = digits_config(precision="fp64", steps=8, output=str(tmp_path / "z.onnx"),
+                        optimizer=opt, distributed={"shard_optimizer": True})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(world, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx"),
+                                       "distributed": {}}, tmp_path), stream=io.StringIO())
+    single.fit()
+    got, want = _weights(tmp_path / "z.onnx"), _weights(tmp_path / "one.onnx")
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_zero1_checkpoints_resume_unsharded_and_back(tmp_path, digits_config):
+    """A checkpoint of a sharded run holds the whole optimizer state: it resumes in one
+    process, and one process's checkpoint resumes sharded, both equal to the straight run."""
+    over = dict(precision="fp64", optimizer={"type": "adamw", "lr": 3e-3})
+    ck = str(tmp_path / "ck")
+    full = Trainer(config_from_dict(digits_config(steps=12, output=str(tmp_path / "f.onnx"),
+                                                  **over), tmp_path), stream=io.StringIO())
+    full.fit()
+    # sharded on 2 ranks for 6 steps, then one process to 12
+    raw = digits_config(steps=6, output=str(tmp_path / "a.onnx"), checkpoint={"dir": ck},
+                        distributed={"shard_optimizer": True}, **over)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    proc = _launch(2, tmp_path / "a.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = Trainer(config_from_dict(digits_config(steps=12, output=str(tmp_path / "b.onnx"),
+                                                 checkpoint={"dir": ck}, **over), tmp_path),
+                  stream=io.StringIO())
+    one.fit(resume=True)
+    for k, v in full.trained_values().items():
+        np.testing.assert_allclose(one.trained_values()[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+    # one process to 6 steps, then sharded on 2 ranks to 12
+    ck2 = str(tmp_path / "ck2")
+    Trainer(config_from_dict(digits_config(steps=6, output=str(tmp_path / "c.onnx"),
+                                           checkpoint={"dir": ck2}, **over), tmp_path),
+            stream=io.StringIO()).fit()
+    raw = digits_config(steps=12, output=str(tmp_path / "d.onnx"), checkpoint={"dir": ck2},
+                        distributed={"shard_optimizer": True}, **over)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(raw))
+    proc = _launch(2, tmp_path / "d.yaml", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _weights(tmp_path / "d.onnx")
+    for k, v in full.trained_values().items():
+        np.testing.assert_allclose(got[k], v.astype(np.float32), rtol=1e-6, atol=1e-7,
+                                   err_msg=k)

@@ -360,6 +360,7 @@ class DistributedConfig:
     compress: str | None = _k(_str, None, nullable=True, choices=("bf16", "fp16"))
     timeout_s: float = _k(_float, 300.0, check=_POS)
     sync_batchnorm: bool = _k(_bool, False)
+    shard_optimizer: bool = _k(_bool, False)  # ZeRO-1: each rank keeps 1/N of the state
 
 
 _MODES = ("auto", "min", "max")

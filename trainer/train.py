@@ -22,6 +22,7 @@ from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import tie_transposed_copies, untie_normalization_aliases
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
+from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
 from trainer.config import Config, blas_threads
 from trainer.data import Batches, check_against_model, load_arrays
@@ -289,7 +290,22 @@ class Trainer:
         # owned by the engine (onnx hands out read-only views of the model's bytes).
         # Two extra slots after the gradients ride on the same all-reduce: the loss, and a stop
         # request (a signal on any rank stops every rank after the same step).
-        self.params_flat = owned(xp, np.concatenate([values[k].ravel() for k in self.names]))
+        # ZeRO-1 (distributed.shard_optimizer): rank r updates elements [lo, lo + n_own) of the
+        # flat buffer with 1/N of the optimizer state, then the shards are all-gathered; the
+        # parameter buffer is padded to N equal shards for that.
+        self.shard = self.cfg.distributed.shard_optimizer and self.world > 1
+        if self.shard and self.cfg.optimizer.type == "lamb":
+            raise TrainerError("distributed.shard_optimizer does not support optimizer.type lamb "
+                               "(its trust ratios need whole tensors on one rank); use adamw or "
+                               "turn sharding off")
+        padded = padded_size(self.size, self.world) if self.shard else self.size
+        k_shard = padded // self.world
+        self.shard_lo = self.rank * k_shard if self.shard else 0
+        self.shard_k = k_shard if self.shard else self.size
+        self.shard_n = max(0, min(self.size, self.shard_lo + self.shard_k) - self.shard_lo)
+        flat = np.zeros(padded, self.dtype)
+        flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
+        self.params_flat = owned(xp, flat)
         self.grads_flat = xp.zeros(self.size + 2, self.dtype)
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
@@ -298,7 +314,11 @@ class Trainer:
         for v in self.state.values():
             self.comm.bcast_(v)
         layout = [(k, self.offsets[k], int(np.prod(self.shapes[k]))) for k in self.names]
-        self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.size, self.dtype, layout)
+        lo, hi = self.shard_lo, self.shard_lo + self.shard_n
+        own = [(k, min(max(o, lo), hi) - lo, max(0, min(o + n, hi) - max(o, lo)))
+               for k, o, n in layout]  # this rank's part of each tensor (maybe empty)
+        self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.shard_n, self.dtype,
+                                        own if self.shard else layout)
         if self.world > 1:
             d = self.cfg.distributed
             self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,
@@ -404,7 +424,14 @@ class Trainer:
         t = clock()
         if self.cfg.grad_clip is not None:
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)
-        self.optimizer.step(self.params_flat, grads, lr)
+        if self.shard:
+            lo, n = self.shard_lo, self.shard_n
+            if n:
+                self.optimizer.step(self.params_flat[lo:lo + n], grads[lo:lo + n], lr)
+            self.comm.allgather_(self.params_flat[lo:lo + self.shard_k], self.params_flat,
+                                 label="parameter shards")
+        else:
+            self.optimizer.step(self.params_flat[:self.size], grads, lr)
         if xp is not np:
             xp.cuda.get_current_stream().synchronize()  # the update's time, not its launch
         end = clock()
@@ -604,13 +631,15 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Parameters, optimizer state, BN statistics, step and data position (rank 0)."""
+        """Parameters, optimizer state, BN statistics, step and data position (rank 0). A
+        sharded optimizer's state is gathered first (a collective: every rank calls this), so
+        a checkpoint always holds the whole state and resumes sharded or not."""
+        optim = self._full_optimizer_state()
         if self.rank != 0:
             return
         arrays = {f"param/{k}": to_host(v) for k, v in self.params.items()}
         arrays.update({f"state/{k}": to_host(v) for k, v in self.state.items()})
-        arrays.update({f"optim/{k}": to_host(v)
-                       for k, v in self.optimizer.state_dict().items()})
+        arrays.update({f"optim/{k}": v for k, v in optim.items()})
         arrays.update({f"sched/{k}": v for k, v in self.schedule.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
@@ -618,6 +647,31 @@ class Trainer:
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
+
+    def _full_optimizer_state(self) -> dict:
+        """The optimizer state as host arrays over the whole flat buffer."""
+        state = self.optimizer.state_dict()
+        if not self.shard:
+            return {k: to_host(v) for k, v in state.items()}
+        out = {}
+        for name, v in state.items():
+            if getattr(v, "shape", ()) == (self.shard_n,):  # per-element: gather the shards
+                buf = self.xp.zeros(self.shard_k * self.world, v.dtype)
+                part = buf[self.shard_lo:self.shard_lo + self.shard_k]
+                part[:self.shard_n] = v
+                self.comm.allgather_(part, buf, label=f"optimizer state {name}")
+                out[name] = to_host(buf[:self.size])
+            else:
+                out[name] = to_host(v)
+        return out
+
+    def _own_optimizer_state(self, full: dict) -> dict:
+        """This rank's part of a whole-buffer optimizer state (all of it when not sharded)."""
+        if not self.shard:
+            return full
+        lo, n = self.shard_lo, self.shard_n
+        return {k: v[lo:lo + n] if getattr(v, "shape", ()) == (self.size,) else v
+                for k, v in full.items()}
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of checkpoint.dir; False if there is none."""
@@ -645,7 +699,7 @@ class Trainer:
                           "the parameters are resumed, the optimizer state starts fresh")
         else:
             try:
-                self.optimizer.load_state_dict(optim)
+                self.optimizer.load_state_dict(self._own_optimizer_state(optim))
             except TrainerError as exc:  # same keys, other shapes: the groups changed
                 self.log.info(f"warning: {exc}; the optimizer state starts fresh")
         self.schedule.load_state_dict(
