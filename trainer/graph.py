@@ -44,6 +44,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         if "MaxDepth" in text:
             text = "messages nested too deeply (subgraphs deeper than protobuf's limit)"
         raise ModelError(f"cannot parse ONNX model {path}: {text}") from None
+    known = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > known:
+            raise ModelError(f"{path} uses opset {imp.version} of ai.onnx, newer than this onnx "
+                             f"{onnx.__version__} knows ({known}): upgrade onnx, or export the "
+                             f"model at opset {known} or lower")
     tensors = stored_tensors(model, str(path))
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read

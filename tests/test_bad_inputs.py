@@ -1,0 +1,278 @@
+"""The bad-input catalogue: every case ends with a non-zero exit and ONE line that says what is
+wrong (no traceback), before anything is written (an earlier output stays as it was); and the code
+itself never loads unsafely (scanned)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import EXAMPLES, ROOT
+
+DIGITS = np.load(EXAMPLES / "digits.npz")
+
+
+def _cfg(tmp, **over):
+    raw = {"model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp / "out.onnx"),
+           "device": "cpu", "steps": 3,
+           "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                              "targets": {"label": "y_train"}}, "batch_size": 32},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    for key, value in over.items():
+        node = raw
+        *head, last = key.split("__")
+        for h in head:
+            node = node.setdefault(h, {})
+        if value is _DROP:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return raw
+
+
+_DROP = object()
+
+
+def _put(path: Path, data) -> Path:
+    """Write bytes or text to path; returns the path."""
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
+
+
+def _write(tmp, raw) -> str:
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp / "cfg.yaml")
+
+
+def _train(**over):
+    return lambda tmp: ["train", _write(tmp, _cfg(tmp, **over))]
+
+
+def _data(name, **arrays):
+    def make(tmp):
+        np.savez(tmp / name, **arrays)
+        return str(tmp / name)
+    return make
+
+
+def _with_data(make, inputs=None, targets=None, **over):
+    def case(tmp):
+        path = make(tmp)
+        return ["train", _write(tmp, _cfg(tmp, data__train={
+            "path": path, "inputs": inputs or {"x": "x"}, "targets": targets or {"label": "y"}},
+            **over))]
+    return case
+
+
+def _model_file(build):
+    def case(tmp):
+        path = build(tmp)
+        return ["train", _write(tmp, _cfg(tmp, model=str(path)))]
+    return case
+
+
+def _graph(nodes, inits=(), inputs=None, outputs=None, opset=18, domains=()):
+    g = helper.make_graph(
+        nodes, "g", inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        outputs or [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]
+                             + [helper.make_opsetid(d, 1) for d in domains])
+
+
+_W = numpy_helper.from_array(np.full((64, 10), 0.01, np.float32), "w")
+
+
+def _save(name, model_fn):
+    def build(tmp):
+        onnx.save(model_fn(tmp), tmp / name)
+        return tmp / name
+    return build
+
+
+def _ext_model(location, data_len=None, symlink_to=None):
+    def build(tmp):
+        m = onnx.load(EXAMPLES / "digits_mlp.onnx")
+        t = m.graph.initializer[0]
+        raw = numpy_helper.to_array(t).tobytes()
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("length", str(data_len or len(raw)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        (tmp / "m").mkdir(exist_ok=True)
+        if symlink_to:
+            Path(symlink_to).write_bytes(raw)
+            os.symlink(symlink_to, tmp / "m" / location)
+        elif not location.startswith(("/", "..")) and data_len != -1:
+            (tmp / "m" / location).write_bytes(raw[:data_len or len(raw)])
+        onnx.save(m, tmp / "m" / "model.onnx")
+        return tmp / "m" / "model.onnx"
+    return build
+
+
+def _resume_other_model(tmp):
+    """A checkpoint written for the digits MLP, resumed with another model."""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+    ck = tmp / "ck"
+    Trainer(config_from_dict(_cfg(tmp, checkpoint={"dir": str(ck)}), tmp),
+            stream=io.StringIO()).fit()
+    other = _graph([helper.make_node("MatMul", ["x", "w2"], ["logits"])],
+                   [numpy_helper.from_array(np.ones((64, 10), np.float32), "w2")])
+    onnx.save(other, tmp / "other.onnx")
+    (tmp / "out.onnx").unlink()
+    return ["train", _write(tmp, _cfg(tmp, model=str(tmp / "other.onnx"),
+                                      checkpoint={"dir": str(ck)})), "--resume"]
+
+
+x, y = DIGITS["x_train"], DIGITS["y_train"]
+CASES = {
+    # -- the model --
+    "model-not-a-file": (_train(model="/nonexistent/m.onnx"), "model file not found"),
+    "model-a-folder": (lambda t: ["train", _write(t, _cfg(t, model=str(t)))], "not found"),
+    "model-not-onnx": (_model_file(lambda t: _put(t / "m.onnx", b"\x08\x07junk" * 9)), "m.onnx"),
+    "model-truncated": (_model_file(lambda t: _put(
+        t / "m.onnx", (EXAMPLES / "digits_mlp.onnx").read_bytes()[:300])), "m.onnx"),
+    "model-fails-checker": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("Add", ["x", "nowhere"], ["logits"])]))), "not a valid ONNX model"),
+    "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
+        "no forward kernel: Warp"),
+    "model-unknown-opset": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W], opset=999))),
+        "opset 999 of ai.onnx"),
+    "model-nothing-to-train": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("Relu", ["x"], ["h"]),
+         helper.make_node("Slice", ["h", "st", "en", "ax"], ["logits"])],
+        [numpy_helper.from_array(np.array(v), n) for n, v in
+         (("st", [0]), ("en", [10]), ("ax", [1]))]))), "nothing to train"),
+    "model-loss-output-missing": (_train(loss__output="probs"), "'probs' is not an output"),
+    "model-input-not-in-data": (_train(data__train__inputs={"pixels": "x_train"}),
+                                "needs input 'x'"),
+    "model-fixed-batch-mismatch": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 10])]))),
+        "fixed batch dimension of 2"),
+    # -- external data --
+    "external-missing-file": (_model_file(_ext_model("w.bin", data_len=-1)), "w.bin"),
+    "external-wrong-length": (_model_file(_ext_model("w.bin", data_len=7)), "length 7 bytes"),
+    "external-absolute-path": (_model_file(_ext_model("/etc/passwd")), "outside"),
+    "external-dotdot": (_model_file(_ext_model("../w.bin")), "outside"),
+    "external-symlink-out": (_model_file(_ext_model("w.bin", symlink_to="/tmp/_ot_w.bin")),
+                             "w.bin"),
+    # -- the config --
+    "config-not-found": (lambda t: ["train", str(t / "none.yaml")], "config file not found"),
+    "config-not-yaml": (lambda t: ["train", str(_put(t / "c.yaml", "a: [1, 2"))],
+                        "cannot parse config file"),
+    "config-not-a-mapping": (lambda t: ["train", str(_put(t / "c.yaml", "- 1\n- 2\n"))],
+                             "mapping at the top level"),
+    "config-python-tag": (lambda t: ["train", str(_put(
+        t / "c.yaml", "model: !!python/object/apply:os.system ['true']\n"))],
+        "cannot parse config file"),
+    "config-unknown-key": (_train(optimizer={"type": "sgd", "lrr": 0.1}), "optimizer.lrr"),
+    "config-wrong-type": (_train(data__batch_size="many"), "data.batch_size"),
+    "config-out-of-range": (_train(optimizer={"type": "sgd", "lr": -1}), "optimizer.lr"),
+    "config-both-steps-and-epochs": (_train(epochs=2), "exactly one"),
+    "config-neither-steps-nor-epochs": (_train(steps=None), "exactly one"),
+    "config-unknown-choice": (_train(optimizer={"type": "adamax"}), "optimizer.type"),
+    "config-bad-override": (lambda t: ["train", _write(t, _cfg(t)), "--set", "data.batchsize=8"],
+                            "data.batchsize"),
+    "config-output-is-a-folder": (lambda t: (t / "o").mkdir() or
+                                  ["train", _write(t, _cfg(t, output=str(t / "o")))],
+                                  "is a directory"),
+    "config-output-under-a-file": (lambda t: _put(t / "f", "x") and
+                                   ["train", _write(t, _cfg(t, output=str(t / "f" / "m.onnx")))],
+                                   "not a directory"),
+    "config-batchnorm-glob-matches-nothing": (_train(batchnorm=["nope.*"]),
+                                              "matches the scale of no"),
+    "config-best-needs-eval": (_train(best={"metric": "eval_loss"}), "needs data.eval"),
+    "config-checkpoint-of-another-model": (_resume_other_model, "not the ones this config"),
+    # -- the data --
+    "data-file-missing": (_train(data__train__path="/nonexistent/d.npz"), "not found"),
+    "data-not-npz": (_with_data(lambda t: str(_put(t / "d.npz", b"garbage"))), "cannot read"),
+    "data-array-missing": (_train(data__train__inputs={"x": "pixels"}), "'pixels'"),
+    "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
+    "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
+                          "label"),
+    "data-labels-too-large": (_with_data(_data("d.npz", x=x, y=np.where(
+        np.arange(len(y)) == 5, 10, y))), "holds 10 at sample 5"),
+    "data-labels-negative": (_with_data(_data("d.npz", x=x, y=np.where(
+        np.arange(len(y)) == 9, -3, y))), "holds -3 at sample 9"),
+    "data-labels-n-by-1": (_with_data(_data("d.npz", x=x, y=y[:, None])), "[N, 1]"),
+    "data-nan-input": (_with_data(_data("d.npz", x=np.where(
+        np.arange(x.size).reshape(x.shape) == 70, np.nan, x).astype(np.float32), y=y)), "nan"),
+    "data-empty": (_with_data(_data("d.npz", x=x[:0], y=y[:0])), "empty"),
+    "data-batch-larger-than-dataset": (_with_data(_data("d.npz", x=x[:10], y=y[:10])),
+                                       "fewer than one batch"),
+    "data-samples-disagree": (_with_data(_data("d.npz", x=x, y=y[:-1])), "first (sample)"),
+    "data-eval-labels-out-of-range": (lambda t: (np.savez(t / "e.npz", x=x, y=y + 1) or
+                                     ["train", _write(t, _cfg(t, data__eval={
+                                         "path": str(t / "e.npz"), "inputs": {"x": "x"},
+                                         "targets": {"label": "y"}}))]), "data.eval"),
+    "data-mse-target-shape": (_with_data(_data("d.npz", x=x, t=np.zeros((len(x), 3),
+                                                                         np.float32)),
+                                         targets={"target": "t"},
+                                         loss={"type": "mse", "output": "logits",
+                                               "target": "target"}), "[3]"),
+    "data-eval-set-bad": (lambda t: (np.savez(t / "e.npz", x=x[:, :50], y=y) or
+                          ["train", _write(t, _cfg(t, steps=10**6, data__eval={
+                              "path": str(t / "e.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}))]), "data.eval"),
+}
+
+
+def test_the_catalogue_covers_at_least_40_cases():
+    print(f"\nbad-input catalogue: {len(CASES)} cases")
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_clear_line(tmp_path, capsys, name):
+    from trainer.cli import main
+
+    make, expected = CASES[name]
+    earlier = tmp_path / "out.onnx"
+    argv = make(tmp_path)
+    earlier.write_bytes(b"an earlier output")
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("onnx-trainer: error:"), lines[0]
+    assert expected.lower() in lines[0].lower(), (expected, lines[0])
+    assert earlier.read_bytes() == b"an earlier output"  # nothing was overwritten
+
+
+# -- what the code never does ------------------------------------------------------------------
+_UNSAFE = [(r"\byaml\.load\(", "yaml.load (use yaml.safe_load)"),
+           (r"\bimport pickle\b|\bpickle\.", "pickle"),
+           (r"allow_pickle\s*=\s*True", "allow_pickle=True"),
+           (r"(?<![\w.])eval\(|(?<![\w.])exec\(", "eval/exec"),
+           (r"yaml\.(unsafe_load|full_load|UnsafeLoader|FullLoader)", "an unsafe YAML loader")]
+
+
+def test_the_engine_never_loads_unsafely():
+    found = []
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        text = path.read_text()
+        for pattern, what in _UNSAFE:
+            for m in re.finditer(pattern, text):
+                line = text.count("\n", 0, m.start()) + 1
+                found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+    assert not found, "\n".join(found)
