@@ -5,6 +5,7 @@ Graph attributes (If/Loop/Scan bodies) are planned once with the outer plan and 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
@@ -742,7 +743,9 @@ def tune_allocator() -> bool:
     page fault per 4 KiB page on first touch (about half the time of a float64 elementwise
     chain on arrays of a few MiB). Process-wide, once; False where glibc is not there."""
     global _TUNED
-    if _TUNED is None:
+    with _TUNE_LOCK:
+        if _TUNED is not None:
+            return _TUNED
         try:
             import ctypes
             libc = ctypes.CDLL("libc.so.6")
@@ -755,6 +758,7 @@ def tune_allocator() -> bool:
 
 
 _TUNED: bool | None = None
+_TUNE_LOCK = threading.Lock()
 
 
 def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Program | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -960,15 +961,30 @@ def limit_threads(n: int) -> str:
     """Limit the BLAS threads of this process to n, now (NumPy is loaded): through
     threadpoolctl if it is installed, else by calling the set_num_threads function of the
     OpenBLAS or MKL library NumPy loaded. Returns how ("" if no library could be told; then
-    only the environment variables the CLI sets before NumPy loads apply)."""
-    try:
-        import threadpoolctl
-    except ImportError:
-        threadpoolctl = None
-    if threadpoolctl is not None:
-        threadpoolctl.threadpool_limits(n, user_api="blas")
-        return "threadpoolctl"
-    return _set_blas_threads(n)
+    only the environment variables the CLI sets before NumPy loads apply).
+
+    Process-wide and not safe while another thread runs a BLAS call (OpenBLAS resizes its
+    thread pool and buffers), so the library is told only when n changes, under a lock: ranks
+    emulated as threads of one process all set the same count."""
+    global _THREADS_SET
+    with _THREADS_LOCK:
+        if _THREADS_SET is not None and _THREADS_SET[0] == n:
+            return _THREADS_SET[1]
+        try:
+            import threadpoolctl
+        except ImportError:
+            threadpoolctl = None
+        if threadpoolctl is not None:
+            threadpoolctl.threadpool_limits(n, user_api="blas")
+            how = "threadpoolctl"
+        else:
+            how = _set_blas_threads(n)
+        _THREADS_SET = (n, how)
+        return how
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_SET: tuple[int, str] | None = None  # (count, how) last set in this process
 
 
 _BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
