@@ -224,9 +224,9 @@ DECLARED = {  # ops this family declares, by domain
     "ai.onnx.ml": {"Binarizer", "CastMap", "CategoryMapper", "DictVectorizer", "LabelEncoder",
                    "OneHotEncoder", "TreeEnsemble", "TreeEnsembleClassifier",
                    "TreeEnsembleRegressor", "ZipMap"},
-    "ai.onnx.preview.training": {"Adagrad", "Adam", "Momentum", "Gradient"},
+    "ai.onnx.preview.training": {"Gradient"},
 }
-EXTRA_TESTED = {"ArrayFeatureExtractor"}
+EXTRA_TESTED = {"ArrayFeatureExtractor", "Adagrad", "Adam", "Momentum"}
 
 
 def test_declared_ops_exist_and_carry_no_gradient() -> None:
@@ -292,3 +292,46 @@ def test_array_feature_extractor_gradient(shape, idx, computed) -> None:
     np.testing.assert_allclose(res[training_info(tm).gradients["X"]], grads["X"], rtol=1e-6,
                                atol=1e-6)
     assert ("ai.onnx.ml", "ArrayFeatureExtractor") in RULES
+
+
+# -- ai.onnx.preview.training optimizer steps ---------------------------------------------------
+_STEPS = {  # name: (op, tensor roles in input order, attributes)
+    "Adagrad": ("Adagrad", "XGH", {"decay_factor": 0.1, "epsilon": 1e-3,
+                                   "norm_coefficient": 0.01}),
+    "Adam": ("Adam", "XGVH", {"alpha": 0.8, "beta": 0.9, "epsilon": 1e-3,
+                              "norm_coefficient": 0.01, "norm_coefficient_post": 0.02}),
+    "Momentum": ("Momentum", "XGV", {"alpha": 0.9, "beta": 0.5, "mode": "standard",
+                                     "norm_coefficient": 0.01}),
+    "Momentum-nesterov": ("Momentum", "XGV", {"alpha": 0.9, "beta": 0.5, "mode": "nesterov",
+                                              "norm_coefficient": 0.01}),
+}
+
+
+@pytest.mark.parametrize("step", [0, 3])
+@pytest.mark.parametrize("name", sorted(_STEPS))
+def test_optimizer_step_gradients(name, step) -> None:
+    # d(one update step)/d(R, X, G, accumulators) for two tensors, against finite differences;
+    # T == 0 switches Adam's bias correction and Momentum's beta off.
+    op, roles, attrs = _STEPS[name]
+    rng = np.random.default_rng(3)
+    inits = {"R": np.array(0.3), "T": np.array(step, np.int64)}
+    for role in roles:
+        for i, shape in enumerate(((3, 2), (4,))):
+            a = rng.standard_normal(shape)
+            inits[f"{role}{i}"] = np.abs(a) + 0.5 if role == "H" else a
+    ins = ["R", "T", *[f"{role}{i}" for role in roles for i in range(2)]]
+    outs = [f"{role}{i}_new" for role in roles.replace("G", "") for i in range(2)]
+    nodes = [helper.make_node(op, ins, outs, domain="ai.onnx.preview.training", **attrs)]
+    for k, y in enumerate(outs):
+        inits[f"W{k}"] = rng.standard_normal(inits[y[:-4]].shape)
+        nodes += [helper.make_node("Mul", [y, f"W{k}"], [f"p{k}"]),
+                  helper.make_node("ReduceSum", [f"p{k}"], [f"s{k}"], keepdims=0)]
+    nodes.append(helper.make_node("Sum", [f"s{k}" for k in range(len(outs))], ["L"]))
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=18,
+                       extra_opsets={"ai.onnx.preview.training": 1})
+    wrt = [n for n in ins if n != "T"]
+    grads, _ = gradients(model, wrt)
+    fd = finite_differences(model, {n: inits[n] for n in wrt})
+    for n in wrt:
+        np.testing.assert_allclose(grads[n], fd[n], rtol=RTOL, atol=ATOL, err_msg=n)
+    assert get_rule(op, "ai.onnx.preview.training") is not None

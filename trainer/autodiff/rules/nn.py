@@ -492,8 +492,10 @@ def _batchnorm_batch_stats_grad(ctx):
     # Training mode (batch statistics, as in a model exported in training form):
     # xhat = (X - mu) / sd over N and spatial axes (biased var), Y = xhat s + B:
     # dX = s/sd (dY - mean(dY) - xhat mean(dY xhat)), dS = sum(dY xhat), dB = sum(dY).
-    # The running-statistic outputs pass momentum * d(out) to the input statistics (their
-    # batch-statistic part is not differentiated: they only feed the next step).
+    # The running-statistic outputs R_mean = mom mean_in + (1-mom) mu, R_var = mom var_in +
+    # (1-mom) var pass mom * d(out) to the input statistics and, through the batch statistics,
+    # dX += (1-mom)/M (dR_mean + 2 (X - mu) dR_var)  (M elements per channel; in a training step
+    # they only feed the next step, so these gradients are absent there).
     nodes = []
     mom = ctx.attr("momentum", 0.9)
     for i, o in ((3, 1), (4, 2)):
@@ -506,17 +508,38 @@ def _batchnorm_batch_stats_grad(ctx):
                 nodes.append(ctx.node("ConstantOfShape",
                                       [ctx.const(list(ctx.shape(ctx.I(i))), np.int64, "n")],
                                       [ctx.GI(i)], value=numpy_helper.from_array(zero)))
-    if ctx.GO(0) is None:
-        return nodes
     x, s, dy = ctx.I(0), ctx.I(1), ctx.GO(0)
     rank = len(ctx.shape(x))
     axes = [0] + list(range(2, rank))
     bshape = [-1] + [1] * (rank - 2)
     t = {k: ctx.tmp(k) for k in ("mu", "xc", "sq", "var", "ve", "sd", "xhat", "p", "mdy", "mp",
                                  "term", "d1", "d2", "s_b", "inv", "sum_p")}
+    stats = [o for o in (1, 2) if len(ctx.onnx_node.output) > o and ctx.GO(o) is not None]
+    if dy is None and not (stats and ctx.needs(0)):
+        return nodes
     nodes += [ctx.reduce("ReduceMean", x, axes, t["mu"]),
-              ctx.node("Sub", [x, t["mu"]], [t["xc"]]),
-              ctx.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
+              ctx.node("Sub", [x, t["mu"]], [t["xc"]])]
+    parts = []  # contributions to dX
+    if ctx.needs(0) and stats:
+        m = int(np.prod([ctx.shape(x)[a] for a in axes]))
+        c = (1.0 - mom) / m
+        for o in stats:
+            go_b, part = ctx.tmp(f"dstat{o}_b"), ctx.tmp(f"dx_stat{o}")
+            nodes.append(ctx.reshape(ctx.GO(o), bshape, go_b))
+            if o == 1:
+                nodes.append(ctx.node("Mul", [go_b, ctx.scalar(c, x)], [ctx.tmp("u")]))
+                nodes.append(ctx.node("Expand", [nodes[-1].output[0], ctx.const(
+                    list(ctx.shape(x)), np.int64, "shape")], [part]))
+            else:
+                w = ctx.tmp("w")
+                nodes += [ctx.node("Mul", [go_b, ctx.scalar(2.0 * c, x)], [w]),
+                          ctx.node("Mul", [t["xc"], w], [part])]
+            parts.append(part)
+    if dy is None:
+        if ctx.needs(0):
+            nodes.append(ctx.node("Sum", parts, [ctx.GI(0)]))
+        return nodes
+    nodes += [ctx.node("Mul", [t["xc"], t["xc"]], [t["sq"]]),
               ctx.reduce("ReduceMean", t["sq"], axes, t["var"]),
               ctx.node("Add", [t["var"], ctx.scalar(ctx.attr("epsilon", 1e-5))], [t["ve"]]),
               ctx.node("Sqrt", [t["ve"]], [t["sd"]]),
@@ -529,8 +552,13 @@ def _batchnorm_batch_stats_grad(ctx):
                   ctx.node("Sub", [dy, t["mdy"]], [t["d1"]]),
                   ctx.node("Sub", [t["d1"], t["term"]], [t["d2"]]),
                   ctx.reshape(s, bshape, t["s_b"]),
-                  ctx.node("Div", [t["s_b"], t["sd"]], [t["inv"]]),
-                  ctx.node("Mul", [t["d2"], t["inv"]], [ctx.GI(0)])]
+                  ctx.node("Div", [t["s_b"], t["sd"]], [t["inv"]])]
+        if parts:
+            main = ctx.tmp("dx_y")
+            nodes += [ctx.node("Mul", [t["d2"], t["inv"]], [main]),
+                      ctx.node("Sum", [main, *parts], [ctx.GI(0)])]
+        else:
+            nodes.append(ctx.node("Mul", [t["d2"], t["inv"]], [ctx.GI(0)]))
     if ctx.needs(1):
         nodes.append(ctx.reduce("ReduceSum", t["p"], axes, ctx.GI(1), keepdims=0))
     if ctx.needs(2):

@@ -1,5 +1,5 @@
-"""Ops whose outputs carry no gradient (random, windows, quantized, string, ai.onnx.ml and
-ai.onnx.preview.training ops), and the one ai.onnx.ml op that does: ArrayFeatureExtractor.
+"""Ops whose outputs carry no gradient (random, windows, quantized, string, ai.onnx.ml ops and
+the Gradient op), and the one ai.onnx.ml op that does: ArrayFeatureExtractor.
 
 NO_GRADIENT is keyed by op name alone: no two domains of the installed onnx share an op name.
 """
@@ -31,8 +31,9 @@ no_gradient("StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch",
 no_gradient("Binarizer", "CastMap", "CategoryMapper", "DictVectorizer", "LabelEncoder",
             "OneHotEncoder", "TreeEnsemble", "TreeEnsembleClassifier", "TreeEnsembleRegressor",
             "ZipMap")
-# ai.onnx.preview.training: optimizer updates and Gradient are training steps, not model ops.
-no_gradient("Adagrad", "Adam", "Momentum", "Gradient")
+# ai.onnx.preview.training: Gradient is itself a derivative (its rule would be a second-order
+# graph); the optimizer steps have rules in rules/training.py.
+no_gradient("Gradient")
 
 
 @grad("ArrayFeatureExtractor", domain="ai.onnx.ml", inputs=(0,))
