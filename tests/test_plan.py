@@ -404,7 +404,8 @@ def test_fast_erf_is_within_an_ulp():
 # -- convolutions against PyTorch -------------------------------------------------------------
 CONV_CASES = [  # (N, C, H, W, M, K, stride, pad, dilation, group)
     (2, 3, 9, 8, 4, 3, 1, 1, 1, 1), (2, 4, 9, 9, 6, 3, 2, 1, 1, 2), (1, 2, 7, 7, 2, 2, 1, 0, 2, 1),
-    (3, 6, 6, 5, 3, 1, 2, 0, 1, 1), (2, 2, 5, 5, 8, 5, 1, 2, 1, 1)]
+    (3, 6, 6, 5, 3, 1, 2, 0, 1, 1), (2, 2, 5, 5, 8, 5, 1, 2, 1, 1),
+    (2, 4, 7, 6, 6, 3, 1, 1, 2, 2), (2, 6, 8, 8, 4, 5, 1, 0, 1, 1)]
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
@@ -421,11 +422,12 @@ def test_conv_forward_and_both_gradients_match_torch(case):
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
     dy = rng.standard_normal(y.shape).astype(F32)
     yt.backward(torch.from_numpy(dy))
-    # dX as the backward graph computes it: ConvTranspose of dY, both methods
+    # dX as the backward graph computes it: ConvTranspose of dY, every method (rows: 2-D
+    # stride 1 only; elsewhere it falls back to the cheapest that applies)
     extra = [(h + 2 * p - d * (k - 1) - 1) % s, (w_ + 2 * p - d * (k - 1) - 1) % s]
     geo = nn.conv_transpose_geometry(dy.shape, [k, k], [s, s], [d, d], [p] * 4, extra, None,
                                      "NOTSET")
-    for method in ("conv", "fold", None):
+    for method in ("conv", "fold", "rows", None):
         dx = nn.conv_transpose_into(np, dy, w, None, *geo, g, method=method)
         np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     if g == 1:

@@ -86,22 +86,61 @@ def im2col(xp, x, kshape, strides, dilations, pads, out):
     return cols.reshape(c * math.prod(kshape), n * math.prod(out))
 
 
+def im2col_wide(xp, x, kshape, dilations, pads, out):
+    """Columns [C * K, N * OH * Wp] of a 2-D stride-1 convolution over rows of the padded
+    width Wp (columns OW..Wp-1 of each output row are junk, cropped by the caller), and Wp.
+    Tap (a, b) of every output row is one contiguous run of the flat padded plane starting at
+    a*d0*Wp + b*d1, so the copy moves long rows instead of OW-element ones (the runs of the
+    last plane overrun it by (kw - 1) * d1 elements: the buffer has that much slack)."""
+    n, c, h, w = x.shape
+    (kh, kw), (d0, d1) = kshape, dilations
+    hp = max(h + pads[0] + pads[2], (out[0] - 1) + (kh - 1) * d0 + 1)
+    wp = max(w + pads[1] + pads[3], (out[1] - 1) + (kw - 1) * d1 + 1)
+    slack = (kw - 1) * d1
+    flat = xp.zeros(n * c * hp * wp + slack, dtype=x.dtype)
+    flat[:n * c * hp * wp].reshape(n, c, hp, wp)[:, :, pads[0]:pads[0] + h,
+                                                 pads[1]:pads[1] + w] = x
+    run = out[0] * wp
+    item = flat.itemsize
+    view = xp.lib.stride_tricks.as_strided(
+        flat, shape=(c, kh, kw, n, run),
+        strides=(hp * wp * item, d0 * wp * item, d1 * item, c * hp * wp * item, item))
+    cols = xp.empty((c, kh, kw, n, run), dtype=x.dtype)
+    cols[...] = view
+    return cols.reshape(c * kh * kw, n * run), wp
+
+
+def _wide(x, kshape, strides, pads) -> bool:
+    """Whether the wide-row im2col applies (2-D, stride 1) and pays (output rows of fewer than
+    64 columns: longer rows copy fast as they are)."""
+    return len(kshape) == 2 and list(strides) == [1, 1] and min(pads) >= 0 and \
+        x.shape[3] + pads[1] + pads[3] - (kshape[1] - 1) < 64
+
+
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given."""
     n = x.shape[0]
     m, g = w.shape[0], group
-    po = math.prod(out_sp)
-    cols = im2col(xp, x, list(w.shape[2:]), strides, dilations, pads, out_sp)
+    kshape = list(w.shape[2:])
+    wide = _wide(x, kshape, strides, pads)
+    if wide:
+        cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
+        grid = [out_sp[0], wp]
+    else:
+        cols, grid = im2col(xp, x, kshape, strides, dilations, pads, out_sp), list(out_sp)
+    po = math.prod(grid)
     if g == 1:
         y2 = xp.matmul(w.reshape(m, -1), cols)  # [M, N * O]
     else:
         y2 = matmul(xp, w.reshape(g, m // g, -1), cols.reshape(g, -1, n * po))
-    y2 = y2.reshape(m, n, po)
+    y2 = y2.reshape((m, n) + tuple(grid))
+    if wide:
+        y2 = y2[..., :out_sp[1]]
     if b is not None:
-        y2 += b.reshape(m, 1, 1)
+        y2 += b.reshape((m, 1) + (1,) * len(grid))
     if y is None:
         y = xp.empty((n, m) + tuple(out_sp), dtype=y2.dtype)
-    y.reshape(n, m, po)[...] = y2.transpose(1, 0, 2)
+    y[...] = y2.swapaxes(0, 1)
     return y
 
 
@@ -129,8 +168,15 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     n = x.shape[0]
     m, g = dy.shape[1], group
     out_sp = list(dy.shape[2:])
-    cols = im2col(xp, x, kshape, strides, dilations, pads, out_sp)  # [C * K, N * O]
-    dy2 = xp.ascontiguousarray(xp.moveaxis(dy, 1, 0)).reshape(g, m // g, n * math.prod(out_sp))
+    if _wide(x, kshape, strides, pads):  # junk columns meet zeros in dY
+        cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
+        dyw = xp.zeros((m, n, out_sp[0], wp), dtype=dy.dtype)
+        dyw[..., :out_sp[1]] = dy.swapaxes(0, 1)
+        dy2 = dyw.reshape(g, m // g, -1)
+    else:
+        cols = im2col(xp, x, kshape, strides, dilations, pads, out_sp)  # [C * K, N * O]
+        dy2 = xp.ascontiguousarray(xp.moveaxis(dy, 1, 0)).reshape(g, m // g,
+                                                                   n * math.prod(out_sp))
     r = matmul(xp, cols.reshape(g, -1, cols.shape[1]), dy2.transpose(0, 2, 1))  # [G, CgK, Mg]
     if dw is None:
         dw = xp.empty((m, x.shape[1] // g) + tuple(kshape), dtype=r.dtype)
@@ -150,6 +196,28 @@ def _fold(xp, cols, full, strides, dilations):
                   + strides[i] * (blocks[i] - 1) + 1, strides[i]) for i in range(k))
         y[index] += cols[(slice(None), slice(None)) + offs]
     return y
+
+
+def _transpose_rows(xp, x, w, g, dilations, full):
+    """Uncropped 2-D stride-1 ConvTranspose [M, N, H, W]: x's rows widened to the output width
+    W with zeros, one matmul gives every tap's contribution as [N, rows * W], and tap (a, b)
+    adds it to one contiguous flat range of the output starting at a*d0*W + b*d1 (the widening
+    zeros spill into the next row's start and add nothing)."""
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2:]
+    mg, cg = w.shape[1], c // g
+    hh, ww = full
+    xw = xp.zeros((g, cg, n, h, ww), x.dtype)
+    xw[..., :wd] = x.reshape(n, g, cg, h, wd).transpose(1, 2, 0, 3, 4)
+    wk = xp.ascontiguousarray(w.reshape(g, cg, mg, kh, kw).transpose(0, 3, 4, 2, 1))
+    cols = matmul(xp, wk.reshape(g, kh * kw * mg, cg), xw.reshape(g, cg, n * h * ww))
+    cols = cols.reshape(g, kh, kw, mg, n, h * ww)
+    y = xp.zeros((g, mg, n, hh * ww + (kw - 1) * dilations[1]), cols.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            at = a * dilations[0] * ww + b * dilations[1]
+            y[..., at:at + h * ww] += cols[:, a, b]
+    return y[..., :hh * ww].reshape(g * mg, n, hh, ww)
 
 
 def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, output_padding,
@@ -175,8 +243,11 @@ def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, outp
 def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, full, group,
                         y=None, method=None):
     """ConvTranspose with explicit geometry (pads from conv_transpose_pads, `full` the uncropped
-    output size). Either one Conv of x with the flipped, transposed kernel (stride 1, when its
-    im2col copy is the smaller), or one matmul to columns folded back with one add per tap."""
+    output size), by whichever of three schemes moves the fewest elements (or `method`):
+    "conv", one Conv of x with the flipped, transposed kernel (stride 1; its im2col copy is
+    C K N out); "rows", 2-D stride 1: one matmul to columns of row-widened x and one
+    contiguous add per tap (2 M K N in_rows full_width); "fold", one matmul to columns folded
+    back with one strided add per tap (any stride; 2 M K N in, but many short rows)."""
     n, c = x.shape[:2]
     k = x.ndim - 2
     kshape = list(w.shape[2:])
@@ -186,22 +257,29 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
     cpads = [span[i] - pads[i] for i in range(k)] + [
         span[i] - pads[i + k] + output_padding[i] for i in range(k)]
     out_sp = [full[i] - pads[i] - pads[i + k] for i in range(k)]
-    by_conv = all(s == 1 for s in strides) and all(p >= 0 for p in cpads)
-    if method is None and by_conv:  # im2col copy of the output side vs columns of the input
-        by_conv = mg * g * math.prod(out_sp) <= 2 * c * math.prod(x.shape[2:])
-    if method is not None:
-        by_conv = by_conv and method == "conv"
-    if by_conv:
+    taps = math.prod(kshape)
+    unit = all(s == 1 for s in strides)
+    costs = {"fold": 4 * g * mg * taps * n * math.prod(x.shape[2:])}  # (short rows: 2x)
+    if unit and all(p >= 0 for p in cpads):
+        costs["conv"] = c * taps * n * math.prod(out_sp)
+    if unit and k == 2:
+        costs["rows"] = 2 * g * mg * taps * n * x.shape[2] * full[1]
+    if method is None or method not in costs:
+        method = min(costs, key=costs.get)
+    if method == "conv":
         wf = w.reshape((g, cg, mg) + tuple(kshape)).swapaxes(1, 2)
         wf = wf[(slice(None),) * 3 + (slice(None, None, -1),) * k]
         wf = xp.ascontiguousarray(wf).reshape((g * mg, cg) + tuple(kshape))
         return conv_into(xp, x, wf, b, [1] * k, dilations, cpads, out_sp, g, y)
-    # cols[G, Mg * K, N * in] = W_g^T x_g
-    xg = xp.ascontiguousarray(xp.moveaxis(x, 1, 0)).reshape(g, cg, -1)
-    wg = w.reshape(g, cg, mg * math.prod(kshape)).transpose(0, 2, 1)
-    cols = matmul(xp, wg, xg).reshape((g * mg,) + tuple(kshape) + (n,) + tuple(x.shape[2:]))
-    perm = (0, k + 1) + tuple(range(1, k + 1)) + tuple(range(k + 2, 2 * k + 2))
-    yf = _fold(xp, cols.transpose(perm), full, strides, dilations)  # [M, N, *full]
+    if method == "rows":
+        yf = _transpose_rows(xp, x, w, g, dilations, full)
+    else:
+        # cols[G, Mg * K, N * in] = W_g^T x_g
+        xg = xp.ascontiguousarray(xp.moveaxis(x, 1, 0)).reshape(g, cg, -1)
+        wg = w.reshape(g, cg, mg * taps).transpose(0, 2, 1)
+        cols = matmul(xp, wg, xg).reshape((g * mg,) + tuple(kshape) + (n,) + tuple(x.shape[2:]))
+        perm = (0, k + 1) + tuple(range(1, k + 1)) + tuple(range(k + 2, 2 * k + 2))
+        yf = _fold(xp, cols.transpose(perm), full, strides, dilations)  # [M, N, *full]
     if any(p < 0 for p in pads):  # output_shape beyond the full result: zeros at that side
         widths = [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + k]))
                                      for i in range(k)]
@@ -252,7 +330,6 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
             pads=None, storage_order=0, strides=None, n_outputs=2):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
-    k = len(kernel_shape)
     low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
                   kernel_shape, strides, dilations, out)
@@ -266,8 +343,14 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         # first maximal tap is kept, as argmax does.
         taps = _tap_views(xw, kernel_shape)
         y = taps[0].copy()
-        arg = xp.zeros(y.shape, dtype=np.int64) if n_outputs > 1 else None
+        arg = xp.zeros(y.shape, dtype=np.uint8 if len(taps) < 256 else np.int64) \
+            if n_outputs > 1 else None
         for t, v in enumerate(taps[1:], 1):
+            if xp is np:  # no NaNs here: the maximum is the strictly-greater update
+                if arg is not None:
+                    np.putmask(arg, v > y, t)  # (putmask: ~3x faster than a masked copyto)
+                np.maximum(y, v, out=y)
+                continue
             more = v > y
             if nan_aware:  # the first NaN wins and stays
                 more |= xp.isnan(v) & ~xp.isnan(y)
@@ -281,19 +364,37 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
     if n_outputs < 2:
         return (xp.ascontiguousarray(y),)
     # Flattened index into x (padding excluded), the spec's optional Indices output:
-    # ((n * C + c) * H + h) * W + w, or with storage_order=1 (n * C + c) * H * W + w * H + h.
-    ntaps = math.prod(kernel_shape)
-    n, c = x.shape[:2]
-    index = (xp.arange(n)[:, None] * c + xp.arange(c)[None, :]).reshape((n, c) + (1,) * k)
-    index = index * math.prod(x.shape[2:])
-    spatial = 0
-    for i in (reversed(range(k)) if storage_order else range(k)):
-        koff = cached_constant(xp, ("maxpool-taps", tuple(kernel_shape), i), lambda i=i: (
-            np.unravel_index(np.arange(ntaps), kernel_shape)[i]))
-        kpos = koff[arg] * dilations[i]
-        opos = xp.arange(out[i]).reshape((1,) * (2 + i) + (-1,) + (1,) * (k - i - 1))
-        spatial = spatial * x.shape[2 + i] + (opos * strides[i] - pads[i] + kpos)
-    return (xp.ascontiguousarray(y), (index + spatial).astype(np.int64))
+    # ((n * C + c) * H + h) * W + w, or with storage_order=1 (n * C + c) * H * W + w * H + h;
+    # = the window's corner index (fixed by the geometry: built once) + the tap's offset.
+    geometry = (tuple(x.shape), tuple(kernel_shape), tuple(strides), tuple(dilations),
+                tuple(pads), tuple(out), bool(storage_order))
+    corner = cached_constant(xp, ("maxpool-corner", *geometry), lambda: _maxpool_corner(
+        x.shape, kernel_shape, strides, dilations, pads, out, storage_order)[0])
+    offsets = cached_constant(xp, ("maxpool-offsets", *geometry), lambda: _maxpool_corner(
+        x.shape, kernel_shape, strides, dilations, pads, out, storage_order)[1])
+    return (xp.ascontiguousarray(y), corner + offsets[arg])
+
+
+def _maxpool_corner(shape, kernel_shape, strides, dilations, pads, out, storage_order):
+    """(flat index into x of each window's first tap [N, C, *out], offset of each tap [K])."""
+    k = len(kernel_shape)
+    spatial = list(shape[2:])
+    # the flat stride of each spatial axis in the index (storage_order=1: first axis fastest)
+    order = list(reversed(range(k))) if storage_order else list(range(k))
+    step = [0] * k
+    acc = 1
+    for i in reversed(order):
+        step[i] = acc
+        acc *= spatial[i]
+    n, c = shape[:2]
+    corner = (np.arange(n)[:, None] * c + np.arange(c)[None, :]).reshape((n, c) + (1,) * k)
+    corner = corner * math.prod(spatial)
+    for i in range(k):
+        o = np.arange(out[i]).reshape((1,) * (2 + i) + (-1,) + (1,) * (k - i - 1))
+        corner = corner + (o * strides[i] - pads[i]) * step[i]
+    taps = np.unravel_index(np.arange(math.prod(kernel_shape)), kernel_shape)
+    offsets = sum(taps[i] * dilations[i] * step[i] for i in range(k))
+    return corner.astype(np.int64), np.asarray(offsets, np.int64)
 
 
 @kernel("AveragePool", since=1)
