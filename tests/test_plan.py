@@ -12,6 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.opcases import make_model
 from trainer.autodiff import build_training_graph, training_info
 from trainer.errors import ModelError
 from trainer.executor import Executor, plan_nodes
@@ -460,3 +461,21 @@ def test_pools_match_torch(kernel, stride, pad):
     at = torch.nn.functional.avg_pool2d(torch.from_numpy(x), kernel, stride, pad[0],
                                         count_include_pad=True)
     np.testing.assert_allclose(a, at.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_reductions_with_an_axes_input_are_planned():
+    # From opset 13 (ReduceSum) / 18 (ReduceMean) the axes are an int64 input: the reduction
+    # still writes into its planned buffer (a float output of a float input).
+    x = np.random.default_rng(0).standard_normal((4, 5, 6)).astype(F32)
+    nodes = [helper.make_node("ReduceSum", ["x", "ax"], ["s"], keepdims=0),
+             helper.make_node("ReduceMean", ["s", "ax2"], ["m"], keepdims=1),
+             helper.make_node("Relu", ["m"], ["y"])]
+    model = make_model(nodes, initializers={"ax": np.array([1], np.int64),
+                                            "ax2": np.array([-1], np.int64)},
+                       inputs={"x": x}, outputs=["y"], opset=18)
+    ex = Executor(model, feeds=["x"])
+    for _ in range(3):
+        y = ex.run({"x": x})["y"]
+        np.testing.assert_allclose(y, np.maximum(x.sum(1).mean(-1, keepdims=True), 0),
+                                   rtol=1e-6)
+    assert planned(ex).buffers == (4 * 6 + 4) * 4  # s and m in planned buffers

@@ -898,7 +898,8 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
                 out += c * beta if beta != 1 else c
             return out
         return gemm, 3
-    if op in ("ReduceSum", "ReduceMean") and floats:
+    if op in ("ReduceSum", "ReduceMean") and out_dt in _FLOATS and dts[0] == out_dt:
+        # (the axes input, from opset 13/18, is int64: only the data's dtype matters)
         axes = a.get("axes")
         if len(n.inputs) > 1 and n.inputs[1]:
             axes = constants[n.inputs[1]].reshape(-1).tolist()
