@@ -280,12 +280,14 @@ EXTRA_TESTED = {"Dropout"}  # rules tested by dedicated functions below
 
 
 def test_every_rule_has_cases() -> None:
-    # Cases of every tests/test_grad_*.py file count, plus their EXTRA_TESTED sets.
+    # Cases of every tests/test_grad_*.py file (and of test_ml_linear.py, which tests the
+    # ai.onnx.ml ops' kernels and rules together) count, plus their EXTRA_TESTED sets.
     import importlib
     import pathlib
 
     covered: set[str] = set()
-    for path in sorted(pathlib.Path(__file__).parent.glob("test_grad_*.py")):
+    here = pathlib.Path(__file__).parent
+    for path in sorted([*here.glob("test_grad_*.py"), here / "test_ml_linear.py"]):
         mod = importlib.import_module(f"tests.{path.stem}")
         covered |= {c.op for c in getattr(mod, "CASES", [])}
         covered |= set(getattr(mod, "EXTRA_TESTED", ()))

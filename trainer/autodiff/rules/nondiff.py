@@ -1,5 +1,6 @@
-"""Ops whose outputs carry no gradient (random, windows, quantized, string, ai.onnx.ml ops and
-the Gradient op), and the one ai.onnx.ml op that does: ArrayFeatureExtractor.
+"""Ops whose outputs carry no gradient (random, windows, quantized, string, the piecewise
+constant ai.onnx.ml ops and the Gradient op), and ArrayFeatureExtractor's rule (the other
+differentiable ai.onnx.ml ops are in rules/ml.py).
 
 NO_GRADIENT is keyed by op name alone: no two domains of the installed onnx share an op name.
 """
