@@ -15,12 +15,16 @@ from trainer.errors import ModelError
 from trainer.graph import np_dtype
 from trainer.kernels import kernel
 
-_LOW_FLOATS = ("float16", "bfloat16")
+
+def low_float(dtype) -> bool:
+    """float16 or bfloat16 (ml_dtypes' kind 'V'): attribute tests, ~40x faster than
+    `dtype.name`, which runs Python code in NumPy 2 and is asked at every kernel call."""
+    return dtype.itemsize == 2 and dtype.kind in "fV"
 
 
 def wide(x):
     """float16/bfloat16 as float32 (compute type); every other dtype unchanged."""
-    return x.astype(np.float32) if x.dtype.name in _LOW_FLOATS else x
+    return x.astype(np.float32) if low_float(x.dtype) else x
 
 
 def legacy_broadcast(a, b, broadcast, axis):
@@ -101,7 +105,7 @@ def _unary(name, fn, since=1, low=False):
     """A one-input kernel; with low=True float16/bfloat16 compute in float32."""
     @kernel(name, since=since)
     def op(xp, x, *, consumed_inputs=None):
-        if low and x.dtype.name in _LOW_FLOATS:
+        if low and low_float(x.dtype):
             return (fn(xp, x.astype(np.float32)).astype(x.dtype),)
         return (fn(xp, x),)
     op.__name__ = name
