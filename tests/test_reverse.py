@@ -166,11 +166,38 @@ def test_batchnorm_running_statistics_outputs_carry_gradients(shape):
                                    err_msg=k)
 
 
+def test_safe_softmax_over_a_fully_masked_row_has_finite_gradients():
+    # Softmax of a row of -inf is NaN; Where puts 0 there (ONNX's Attention body does this).
+    # The row's output does not depend on x, so its gradient is 0 and the others are finite.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 4))
+    bias = np.zeros((3, 4))
+    bias[1] = -np.inf
+    masked = np.array([[False], [True], [False]])
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Add", ["x", "bias"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("Where", ["masked", "zero", "p"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vi("x", TensorProto.DOUBLE, [3, 4])],
+                          [vi("y", TensorProto.DOUBLE, [3, 4])],
+                          [numpy_helper.from_array(bias, "bias"),
+                           numpy_helper.from_array(masked, "masked"),
+                           numpy_helper.from_array(np.array(0.0), "zero")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    dy = rng.standard_normal((3, 4))
+    got = Executor(reverse(model, ["x"], ["y"]), np).run({"x": x, "y_grad": dy})["x_grad"]
+    keep = [0, 2]
+    xt = torch.tensor(x[keep], requires_grad=True)
+    torch.softmax(xt, -1).backward(torch.tensor(dy[keep]))
+    np.testing.assert_allclose(got[keep], xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(got[1], np.zeros(4))
+
+
 def test_onnx_node_suite_float_cases_agree_with_finite_differences():
     results = reverse_suite.run_all()
     passed, total, defined = reverse_suite.counts(results)
     print("\n" + reverse_suite.summary(results))
     assert total >= 1100, "the float cases were not collected"
     assert defined >= 0.95 * total, "too many cases without a finite-difference reference"
-    assert passed / defined >= 0.99, reverse_suite.summary(results, verbose=True)
+    assert passed / defined >= 0.995, reverse_suite.summary(results, verbose=True)
     assert passed / total >= SUITE_BAR, reverse_suite.summary(results, verbose=True)

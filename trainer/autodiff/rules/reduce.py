@@ -255,13 +255,22 @@ def _wide_to(ctx, name: str, like: str) -> tuple[list, str]:
 
 @grad("Softmax")
 def softmax_grad(ctx):
-    # dX = Y * (dY - sum(dY * Y, axis)); before opset 13 over all axes from `axis` on
+    # dX = Y * (dY - sum(dY * Y, axis)); before opset 13 over all axes from `axis` on.
+    # A row of -inf (a fully masked attention row) has Y = NaN, which a later Where usually
+    # replaces (the "safe softmax" of ONNX's Attention function body): its dY is then 0 and
+    # its dX is taken as 0 (Y read as 0 where NaN), instead of NaN poisoning every gradient.
+    y = ctx.O(0)
+    guard = []
+    if ctx.opset >= 9 and ctx.dtype(y).kind == "f":
+        nan, y = ctx.tmp("nan"), ctx.tmp("y_safe")
+        guard = [ctx.node("IsNaN", [ctx.O(0)], [nan]),
+                 ctx.node("Where", [nan, ctx.scalar(0.0, ctx.O(0)), ctx.O(0)], [y])]
     p, s, d = ctx.tmp("prod"), ctx.tmp("sum"), ctx.tmp("diff")
-    nodes, s_wide = _wide_to(ctx, s, ctx.O(0))
-    return [ctx.node("Mul", [ctx.GO(0), ctx.O(0)], [p]),
+    nodes, s_wide = _wide_to(ctx, s, y)
+    return [*guard, ctx.node("Mul", [ctx.GO(0), y], [p]),
             ctx.reduce("ReduceSum", p, _softmax_axes(ctx), s, keepdims=1), *nodes,
             ctx.node("Sub", [ctx.GO(0), s_wide], [d]),
-            ctx.node("Mul", [ctx.O(0), d], [ctx.GI(0)])]
+            ctx.node("Mul", [y, d], [ctx.GI(0)])]
 
 
 @grad("LogSoftmax")
