@@ -110,11 +110,16 @@ def im2col_wide(xp, x, kshape, dilations, pads, out):
     return cols.reshape(c * kh * kw, n * run), wp
 
 
-def _wide(x, kshape, strides, pads) -> bool:
-    """Whether the wide-row im2col applies (2-D, stride 1) and pays (output rows of fewer than
-    64 columns: longer rows copy fast as they are)."""
-    return len(kshape) == 2 and list(strides) == [1, 1] and min(pads) >= 0 and \
-        x.shape[3] + pads[1] + pads[3] - (kshape[1] - 1) < 64
+def _wide(x, kshape, strides, dilations, pads) -> bool:
+    """Whether the wide-row im2col applies (2-D, stride 1) and pays: output rows of fewer than
+    64 columns (longer rows copy fast as they are) and padded rows at most 1.5x as long (the
+    junk columns cost GEMM work and memory: a weight gradient computed as a Conv whose kernel
+    is the whole image would be 75x larger)."""
+    if len(kshape) != 2 or list(strides) != [1, 1] or min(pads) < 0:
+        return False
+    wp = x.shape[3] + pads[1] + pads[3]
+    ow = wp - (kshape[1] - 1) * dilations[1]
+    return 0 < ow < 64 and 2 * wp <= 3 * ow
 
 
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
@@ -122,7 +127,7 @@ def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
-    wide = _wide(x, kshape, strides, pads)
+    wide = _wide(x, kshape, strides, dilations, pads)
     if wide:
         cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
         grid = [out_sp[0], wp]
@@ -168,7 +173,7 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     n = x.shape[0]
     m, g = dy.shape[1], group
     out_sp = list(dy.shape[2:])
-    if _wide(x, kshape, strides, pads):  # junk columns meet zeros in dY
+    if _wide(x, kshape, strides, dilations, pads):  # junk columns meet zeros in dY
         cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
         dyw = xp.zeros((m, n, out_sp[0], wp), dtype=dy.dtype)
         dyw[..., :out_sp[1]] = dy.swapaxes(0, 1)
