@@ -16,7 +16,7 @@ from tests.opcases import make_model
 from trainer.autodiff import build_training_graph, training_info
 from trainer.errors import ModelError
 from trainer.executor import Executor, plan_nodes
-from trainer.kernels import fused, nn
+from trainer.kernels import fused, get_kernel, nn
 from trainer.simplify import simplify
 
 F32 = np.float32
@@ -391,15 +391,17 @@ def test_layer_norm_fused_backward_matches_torch():
 
 def test_fast_erf_is_within_an_ulp():
     rng = np.random.default_rng(8)
-    x = np.concatenate([rng.standard_normal(20000) * 2, [0, -0.0, 1e-30, -1e-8, 1, -1, 0.999,
-                                                         1.001, 3.9, 4.5, 10, np.inf,
-                                                         -np.inf]]).astype(F32)
+    x = np.concatenate([rng.standard_normal(20000) * 2, np.linspace(-6, 6, 200001),
+                        np.geomspace(1e-37, 1, 2000), [0, -0.0, 1e-30, -1e-8, 1, -1, 0.999,
+                                                       1.001, 3.9, 4.5, 10, np.inf,
+                                                       -np.inf]]).astype(F32)
     exact = np.array([math.erf(float(v)) for v in x])
     (got,) = fused.erf_float32(np, x)
     assert got.dtype == F32
     ulp = np.spacing(np.abs(exact).astype(F32)).astype(np.float64)
     assert np.max(np.abs(got - exact) / ulp) <= 1.0
     assert np.isnan(fused.erf_float32(np, np.array([np.nan], F32))[0]).all()
+    np.testing.assert_array_equal(get_kernel("Erf", 13)(np, x)[0], got)  # the kernel's too
 
 
 # -- convolutions against PyTorch -------------------------------------------------------------
