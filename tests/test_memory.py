@@ -337,3 +337,22 @@ def test_check_prints_the_preflight_report_of_a_config(tmp_path, digits_config):
     assert proc.returncode == 1
     assert "problems (2):" in proc.stdout and "fewer than one batch" in proc.stdout
     assert "is a directory" in proc.stdout
+
+
+def test_kernel_scratch_is_not_traced_while_other_threads_run(models, tmp_path):
+    """tracemalloc is process-wide and unsafe to start while another thread allocates (a
+    CPython race): a pre-flight report made off the main thread, as by ranks emulated as
+    threads, skips the scratch measurement and says so; on the main thread it measures."""
+    import threading
+
+    model, data, batch = models["cnn"]
+    cfg = config_from_dict(_raw(model, data, batch, tmp_path), tmp_path)
+    on_main = Trainer(cfg, stream=io.StringIO()).preflight.estimate
+    assert memory.tracing_is_safe() and "scratch" not in on_main.method
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(
+        est=Trainer(cfg, stream=io.StringIO()).preflight.estimate))
+    worker.start()
+    worker.join()
+    assert box["est"].method.endswith("kernel scratch not measured (other threads are running)")
+    assert box["est"].total <= on_main.total

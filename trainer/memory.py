@@ -380,23 +380,25 @@ def kernel_scratch(small: Mapping[int, Structure], batch: int, cap: int = _MEASU
     with tracemalloc on zeros at the local batch sizes of `small` ({b: structure built at
     batch b}) and extended linearly to `batch`. Kernels whose inputs and outputs exceed `cap`
     bytes, with subgraphs or without a kernel are not run (0). Under a tracemalloc trace
-    started by the caller, its peak is reset."""
+    started by the caller, its peak is reset. Nothing is measured ({}) where starting
+    tracemalloc is unsafe (see tracing_is_safe)."""
     import tracemalloc
 
     sizes = sorted(small)
     per: dict[int, dict[str, int]] = {}
-    with _TRACING:  # tracemalloc is per process; ranks run as threads in tests
-        started = not tracemalloc.is_tracing()
+    if not tracing_is_safe():
+        return {}
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        deadline = time.monotonic() + budget_s
+        cache: dict[tuple, int] = {}
+        for b in sizes:
+            per[b] = _measure(small[b], cap, deadline, cache)
+    finally:
         if started:
-            tracemalloc.start()
-        try:
-            deadline = time.monotonic() + budget_s
-            cache: dict[tuple, int] = {}
-            for b in sizes:
-                per[b] = _measure(small[b], cap, deadline, cache)
-        finally:
-            if started:
-                tracemalloc.stop()
+            tracemalloc.stop()
     if len(sizes) == 1:
         return dict(per[sizes[0]])
     b0, b1 = sizes[0], sizes[-1]
@@ -407,7 +409,15 @@ def kernel_scratch(small: Mapping[int, Structure], batch: int, cap: int = _MEASU
     return out
 
 
-_TRACING = threading.Lock()
+def tracing_is_safe() -> bool:
+    """Whether tracemalloc may be started and stopped now: it is process-wide, and doing so
+    while another thread allocates can crash CPython before 3.12.9/3.13.2 (gh-128679; seen
+    here as segfaults when ranks emulated as threads ran kernels meanwhile). So only on the
+    main thread with no other non-daemon thread alive (a run's own helper threads start after
+    the pre-flight report)."""
+    me = threading.current_thread()
+    return me is threading.main_thread() and not any(
+        t is not me and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
 def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, int]
@@ -556,6 +566,9 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
         method = (f"probe at batch {', '.join(map(str, small_batches))}, scaled to {batch} "
                   f"(from shapes alone: {why})")
         st = _scaled_out_shape(st, small, batch)
+    if scratch and small and not tracing_is_safe():
+        scratch = False
+        method += "; kernel scratch not measured (other threads are running)"
     work = kernel_scratch(small, batch) if scratch and small else {}
     fed = list(st.chosen) + list(st.state)
     fetched = [st.loss] + list(st.gradients.values()) + list(st.state.values())
