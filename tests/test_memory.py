@@ -82,6 +82,7 @@ def _measured_peak(cfg) -> tuple[int, Trainer]:
             t.train_step([t._next_micro_batch()[1:4]], t.schedule.lrs(t.step))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
+        memory.tracing_is_safe()  # (waits for the prefetch thread: no allocation at stop())
         tracemalloc.stop()
     data = sum(a.nbytes for a in t.train_arrays.values())
     return held - data + (peak - steady), t

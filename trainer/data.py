@@ -355,6 +355,9 @@ def _take(a: np.memmap, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+PREFETCH_THREAD = "onnx-trainer-prefetch"
+
+
 class _Ahead:
     """One batch gathered in a background thread; `result` hands it over if it is the one
     asked for (same position and order), else None (the caller gathers it itself)."""
@@ -364,7 +367,7 @@ class _Ahead:
         self.value: tuple | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True,
-                                       name="onnx-trainer-prefetch")
+                                       name=PREFETCH_THREAD)
         self.thread.start()
 
     def _run(self, batches: Batches) -> None:

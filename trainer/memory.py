@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from trainer.data import PREFETCH_THREAD
 from trainer.errors import ModelError, TrainerError
 
 LARGE = 1 << 16  # elements: initializers above this are never read by the estimate
@@ -413,11 +414,16 @@ def tracing_is_safe() -> bool:
     """Whether tracemalloc may be started and stopped now: it is process-wide, and doing so
     while another thread allocates can crash CPython before 3.12.9/3.13.2 (gh-128679; seen
     here as segfaults when ranks emulated as threads ran kernels meanwhile). So only on the
-    main thread with no other non-daemon thread alive (a run's own helper threads start after
-    the pre-flight report)."""
+    main thread, once the batch prefetch threads (one gather each) have finished, with no
+    other Python thread alive."""
     me = threading.current_thread()
-    return me is threading.main_thread() and not any(
-        t is not me and not t.daemon and t.is_alive() for t in threading.enumerate())
+    if me is not threading.main_thread():
+        return False
+    others = [t for t in threading.enumerate() if t is not me]
+    for t in others:
+        if t.name == PREFETCH_THREAD:
+            t.join()
+    return not any(t.is_alive() for t in others)
 
 
 def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, int]
