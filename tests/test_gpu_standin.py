@@ -548,9 +548,14 @@ def export_models(d: Path):
     return config
 
 
+# AdamW with eps 1e-4: an update moves by up to lr * d / eps for a gradient change d, and the
+# two paths (different fusions and erf roundings) differ by d ~ 5e-10 on gradients at
+# rounding-noise level (~1e-8, where others are ~1e-2, in rows of the GPT's tables); with
+# the default eps 1e-8 that is a full-size step apart, with 1e-4 at most 1.5e-8 per step.
 @pytest.mark.parametrize("kind,optimizer", [("cnn", {"type": "sgd", "lr": 0.05,
                                                      "momentum": 0.9}),
-                                            ("gpt", {"type": "adamw", "lr": 3e-3})])
+                                            ("gpt", {"type": "adamw", "lr": 3e-3,
+                                                     "eps": 1e-4})])
 def test_cnn_and_gpt_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported, kind,
                                                         optimizer):
     cfg = exported(kind, optimizer)

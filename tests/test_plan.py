@@ -389,7 +389,7 @@ def test_layer_norm_fused_backward_matches_torch():
         assert rel_diff(got, ref.grad.numpy()) <= 2e-6
 
 
-def test_fast_erf_is_within_an_ulp():
+def test_fast_erf_is_correctly_rounded_but_near_ties():
     rng = np.random.default_rng(8)
     x = np.concatenate([rng.standard_normal(20000) * 2, np.linspace(-6, 6, 200001),
                         np.geomspace(1e-37, 1, 2000), [0, -0.0, 1e-30, -1e-8, 1, -1, 0.999,
@@ -399,7 +399,7 @@ def test_fast_erf_is_within_an_ulp():
     (got,) = fused.erf_float32(np, x)
     assert got.dtype == F32
     ulp = np.spacing(np.abs(exact).astype(F32)).astype(np.float64)
-    assert np.max(np.abs(got - exact) / ulp) <= 1.0
+    assert np.max(np.abs(got - exact) / ulp) <= 0.55
     assert np.isnan(fused.erf_float32(np, np.array([np.nan], F32))[0]).all()
     np.testing.assert_array_equal(get_kernel("Erf", 13)(np, x)[0], got)  # the kernel's too
 
