@@ -287,6 +287,14 @@ def main() -> None:
 
     names = args.cases.split(",")
     systems = [s for s in args.systems.split(",") if s]
+    sys.path.insert(0, str(ROOT / "bench"))
+    import models
+
+    unknown = [n for n in names if n not in models.CASES]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if unknown or bad:
+        sys.exit(f"cpu_bench: unknown case(s) {unknown} (known: {', '.join(models.CASES)})"
+                 if unknown else f"cpu_bench: unknown system(s) {bad} (known: {', '.join(SYSTEMS)})")
     cases = prepare(names)
     pythons = {"ours": sys.executable, "torch": sys.executable}
     skipped = {}
