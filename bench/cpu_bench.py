@@ -294,7 +294,8 @@ def main() -> None:
     bad = [s for s in systems if s not in SYSTEMS]
     if unknown or bad:
         sys.exit(f"cpu_bench: unknown case(s) {unknown} (known: {', '.join(models.CASES)})"
-                 if unknown else f"cpu_bench: unknown system(s) {bad} (known: {', '.join(SYSTEMS)})")
+                 if unknown else
+                 f"cpu_bench: unknown system(s) {bad} (known: {', '.join(SYSTEMS)})")
     cases = prepare(names)
     pythons = {"ours": sys.executable, "torch": sys.executable}
     skipped = {}
