@@ -42,7 +42,10 @@ def cached_constant(xp, key: tuple, make: Callable):
     value = _CACHE.get(full)
     if value is None:
         if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.pop(next(iter(_CACHE)))
+            try:  # (ranks emulated as threads share the cache: another may evict first)
+                _CACHE.pop(next(iter(_CACHE)), None)
+            except (StopIteration, RuntimeError):
+                pass
         value = make()
         if xp is not np:
             value = xp.asarray(value)
