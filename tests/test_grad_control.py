@@ -29,17 +29,13 @@ from tests.gradcheck import (
 )
 from tests.opcases import make_model, run, run_ort, to_float32
 from trainer.autodiff import build_training_graph, reverse, training_info
-from trainer.autodiff.subgraph import _engine_sees_implicit, lower, lower_model
+from trainer.autodiff.subgraph import lower, lower_model
 from trainer.errors import ModelError
 from trainer.executor import Executor
 
 D = TensorProto.DOUBLE
 I64 = TensorProto.INT64
 B = TensorProto.BOOL
-IMPLICIT = _engine_sees_implicit()
-needs_implicit = pytest.mark.skipif(
-    not IMPLICIT, reason="the engine does not route gradients to outer-scope (implicit) inputs "
-                         "yet; these cases pass once it does (see trainer/autodiff/rules/control)")
 
 
 def vi(name: str, t: int = D, shape=None) -> onnx.ValueInfoProto:
@@ -278,26 +274,14 @@ def outer_cases() -> CaseTable:
 OUTER = outer_cases().cases
 
 
-@needs_implicit
 @pytest.mark.parametrize("c", OUTER, ids=str)
 def test_outer_scope_gradients(c: Case) -> None:
     check_case(c)
 
 
-@needs_implicit
 @pytest.mark.parametrize("c", OUTER, ids=str)
 def test_outer_scope_gradients_float32(c: Case) -> None:
     check_float32(c)
-
-
-def test_outer_weight_without_engine_support_is_refused_or_differentiated() -> None:
-    # A value read inside a nested subgraph must not lose its gradient silently.
-    c = next(c for c in OUTER if c.id == "Loop-data-if-inside")
-    if IMPLICIT:
-        check_case(c)
-        return
-    with pytest.raises(ModelError, match="cannot differentiate yet"):
-        gradients(loss_model(dataclasses.replace(c, wrt=["Y"])), ["Y"])
 
 
 # -- lowering: sequences and static control flow as tensor nodes ---------------------------------
@@ -520,8 +504,6 @@ FLEX = {
 @pytest.mark.parametrize("name", list(FLEX))
 def test_flex_attention_matches_finite_differences(name: str) -> None:
     (q, k, v), attrs, outer = FLEX[name]
-    if outer and not IMPLICIT:
-        pytest.skip("gradients of outer tensors need the engine's implicit inputs")
     model = flex_model(q, k, v, outer=outer, **attrs)
     wrt = ["Q", "K", "V", *outer]
     grads, tm = gradients(model, wrt)

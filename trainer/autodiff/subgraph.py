@@ -704,17 +704,6 @@ def _domain_versions() -> dict[str, int]:
 _VERSIONS: dict[str, int] = {}
 
 
-def _engine_sees_implicit() -> bool:
-    """Whether the engine routes gradients to the outer-scope tensors subgraphs read."""
-    from trainer.autodiff import engine
-
-    body = helper.make_graph([helper.make_node("Identity", ["w"], ["o"])], "b", [],
-                             [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [])])
-    probe_node = helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)
-    shapes = {"w": ((), np.dtype(np.float32)), "y": ((), np.dtype(np.float32))}
-    return bool(engine.active_nodes([probe_node], "y", {"w"}, shapes)[0])
-
-
 class Region:
     """The nodes a control-flow node stands for, as plain nodes reading its explicit inputs
     (through one alias per slot, so each slot gets its own gradient) and outer-scope tensors.
@@ -819,7 +808,6 @@ class Region:
             shapes = probe(model, in_shapes, dtypes, values)
         nodes = list(model.graph.node)
         consts = _constant_values(model, shapes)
-        self._check_implicit(nodes, set(wrt), shapes)
         reach = active_nodes(nodes, list(seeds), set(wrt), shapes)[1]
         live = [x for x in dict.fromkeys(wrt) if x in reach]
         if not live:
@@ -878,23 +866,6 @@ class Region:
         defined = {o for n in nodes for o in n.output}
         return [x for x in dict.fromkeys(x for n in nodes for x in reads(n))
                 if x and x not in defined]
-
-    def _check_implicit(self, nodes, wrt: set[str], shapes) -> None:
-        """Without engine support for implicit inputs, a nested subgraph reading a value that
-        needs a gradient would silently cut the gradient: refuse instead."""
-        nested = [n for n in nodes if subgraphs(n)]
-        if not nested or _engine_sees_implicit():
-            return
-        from trainer.autodiff.engine import active_nodes
-
-        requires = active_nodes(nodes, [o for n in nodes for o in n.output], wrt, shapes)[1]
-        requires |= wrt
-        for n in nested:
-            hit = [x for x in implicit_inputs(n) if x in requires]
-            if hit:
-                raise ModelError(f"node '{self.ctx.name}' ({self.ctx.onnx_node.op_type}): its "
-                                 f"subgraph node {n.op_type} reads {', '.join(hit[:3])} from "
-                                 "outside, which the engine cannot differentiate yet")
 
     def emit(self, outputs: list[str]) -> list[onnx.NodeProto]:
         """Recompute + backward, and GI(i) (zeros where the seeds do not reach) for every
