@@ -13,7 +13,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,12 @@ class Case:
     ids: bool                 # token ids (int64) instead of float features
     build: str                # how to make the torch model (see make_model)
     size: dict                # its hyper-parameters
+
+    def data(self, batches: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Random batches as bench/models.py makes them (seed 0)."""
+        import models
+
+        return models.Case.data(self, batches)
 
 
 FULL = {
@@ -92,28 +97,12 @@ def make_model(case: Case):
                       layers=s["layers"])
 
 
-def data(case: Case, batches: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    n = case.batch * batches
-    x = (rng.integers(0, case.classes, (n,) + case.sample).astype(np.int64) if case.ids
-         else rng.standard_normal((n,) + case.sample).astype(np.float32))
-    return x, rng.integers(0, case.classes, (n,) + case.label).astype(np.int64)
-
-
 def export(model, case: Case, path: Path) -> None:
-    """Training-form export (TorchScript exporter, opset 17, dynamic batch)."""
+    """bench/models.py's training-form export (TorchScript exporter, opset 17, dynamic batch)."""
+    import models
     import onnx
-    import torch
 
-    x = torch.from_numpy(data(case, 1)[0][:2])
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.train(), (x,), f, dynamo=False, input_names=["x"],
-                          output_names=["logits"], opset_version=17,
-                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
-                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
-    onnx.save(onnx.load_from_string(f.getvalue()), str(path))
+    onnx.save(models.export(model, case), str(path))
 
 
 def median_ms(times: list[float]) -> float:
@@ -126,7 +115,7 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int) -> dict:
     from trainer.config import config_from_dict
     from trainer.train import Trainer
 
-    x, y = data(case)
+    x, y = case.data()
     np.savez(work / f"{case.name}.npz", x=x, y=y)
     cfg = config_from_dict({
         "model": str(work / f"{case.name}.onnx"), "output": str(work / "out.onnx"),
@@ -172,7 +161,7 @@ def run_torch(model, case: Case, device: str, steps: int, warmup: int,
     net = model.to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     fwd = torch.compile(net) if compiled else net
-    x, y = (torch.from_numpy(a).to(device) for a in data(case))
+    x, y = (torch.from_numpy(a).to(device) for a in case.data())
     b = case.batch
 
     def step(k: int) -> None:
