@@ -21,6 +21,21 @@ class CollectiveTimeout(CollectiveError):
     """A collective did not complete within distributed.timeout_s (the watchdog)."""
 
 
+class BlockingAsync:
+    """allreduce_async_/synchronize/test for communicators whose all-reduce completes at once
+    (one process; ranks emulated in one process): the "async" call runs allreduce_."""
+
+    def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
+        self.allreduce_(buf, label, compress)
+        return None
+
+    def synchronize(self, handle) -> None:
+        return None
+
+    def test(self, handle) -> bool:
+        return True
+
+
 class Communicator(Protocol):
     """In-place collectives on contiguous NumPy or CuPy arrays, identical on every backend.
 

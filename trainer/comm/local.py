@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from trainer.comm.base import (
+    BlockingAsync,
     CollectiveTimeout,
     check_compress,
     check_shards,
@@ -28,7 +29,7 @@ class _Group:
         self.slots: list = [None] * size
 
 
-class LocalComm:
+class LocalComm(BlockingAsync):
     """One emulated rank; collectives are completed at the call (handles are already done)."""
 
     def __init__(self, group: _Group, rank: int):
@@ -59,16 +60,6 @@ class LocalComm:
             return
         reduced = compressed_allreduce_reference(values, compress)
         buf[...] = xp_of(buf).asarray(reduced.reshape(buf.shape))
-
-    def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
-        self.allreduce_(buf, label, compress)
-        return None
-
-    def synchronize(self, handle) -> None:
-        return None
-
-    def test(self, handle) -> bool:
-        return True
 
     def bcast_(self, buf, root: int = 0, label: str = "broadcast") -> None:
         buf[...] = xp_of(buf).asarray(self._exchange(buf, label)[root])

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import sys
 
-from trainer.comm.base import check_compress, check_shards, compress16, decompress16
+from trainer.comm.base import (
+    BlockingAsync,
+    check_compress,
+    check_shards,
+    compress16,
+    decompress16,
+)
 
 
-class NullComm:
+class NullComm(BlockingAsync):
     rank = 0
     size = 1
 
@@ -17,16 +23,6 @@ class NullComm:
         if compress is not None:
             flat = buf.reshape(-1)
             decompress16(compress16(flat, compress), compress, flat)
-
-    def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
-        self.allreduce_(buf, label, compress)
-        return None
-
-    def synchronize(self, handle) -> None:
-        return None
-
-    def test(self, handle) -> bool:
-        return True
 
     def bcast_(self, buf, root: int = 0, label: str = "broadcast") -> None:
         return None
