@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a program under mpirun
     sys.path.insert(0, str(ROOT))
 
+from tests.mpi_run import run_mpi  # noqa: E402
 from trainer.comm import get_communicator, launched_world_size  # noqa: E402
 from trainer.comm.base import (  # noqa: E402
     CollectiveError,
@@ -459,10 +460,9 @@ def _mpirun(world: int, *args: str, timeout: float = 120, env_extra=None):
     cmd = [MPIRUN, "--oversubscribe", "-np", str(world)]
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
-    start = time.monotonic()
-    proc = subprocess.run(cmd + [sys.executable, str(Path(__file__)), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    return proc, time.monotonic() - start
+    proc = run_mpi(cmd + [sys.executable, str(Path(__file__)), *args], timeout=timeout, env=env,
+                   cwd=ROOT)
+    return proc, proc.seconds
 
 
 @needs_mpi[0]
@@ -704,3 +704,22 @@ if __name__ == "__main__":
     worker, *worker_args = sys.argv[1:]
     {"protocol": _worker_protocol, "stall": _worker_stall, "gpu": _worker_gpu}[worker](
         *worker_args)
+
+
+def test_a_launcher_that_failed_to_start_is_started_again(tmp_path):
+    """The test harness's run_mpi retries only a launcher-start failure, never a job's failure."""
+    count = tmp_path / "count"
+    fake = tmp_path / "fake_mpirun"
+    fake.write_text(f"""#!/bin/sh
+n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}
+if [ "$1" = startfail ] && [ $n -lt 3 ]; then
+  echo "The PMIx server's listener thread failed to start. We cannot" >&2; exit 1
+fi
+echo "ran $n"; exit ${{2:-0}}
+""")
+    fake.chmod(0o755)
+    proc = run_mpi([str(fake), "startfail"], timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "ran 3\n"
+    count.unlink()
+    proc = run_mpi([str(fake), "job", "3"], timeout=30)  # a failing job is not run twice
+    assert proc.returncode == 3 and count.read_text() == "1\n"

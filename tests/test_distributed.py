@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -16,6 +14,7 @@ import yaml
 from onnx import numpy_helper
 
 from tests.conftest import ROOT
+from tests.mpi_run import run_mpi
 from trainer.comm.local import run_local as run_ranks
 from trainer.config import config_from_dict
 from trainer.train import Trainer
@@ -27,9 +26,8 @@ pytestmark = [pytest.mark.mpi,
 
 def _launch(np_: int, config, *extra, timeout=240):
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run([str(ROOT / "launch.sh"), "-np", str(np_), "--oversubscribe",
-                           str(config), *extra], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return run_mpi([str(ROOT / "launch.sh"), "-np", str(np_), "--oversubscribe", str(config),
+                    *extra], timeout=timeout, env=env, cwd=ROOT)
 
 
 def _weights(path):
@@ -71,12 +69,10 @@ def test_killed_rank_ends_the_job(tmp_path, digits_config):
     # Rank 1 kills itself with SIGKILL a few seconds into training.
     script = (f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (sleep 4; kill -9 $$) & fi; '
               f'exec "{sys.executable}" -m trainer train "{path}"')
-    start = time.monotonic()
-    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-                           "bash", "-c", script], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=ROOT)
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    "bash", "-c", script], timeout=120, env=env, cwd=ROOT)
     assert proc.returncode != 0
-    assert time.monotonic() - start < 90
+    assert proc.seconds < 90
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
@@ -192,11 +188,9 @@ def test_failure_on_one_rank_ends_the_job(tmp_path, digits_config, exc, code, te
     path.write_text(yaml.safe_dump(digits_config(steps=10**6, log={"every_steps": 1000})))
     script = tmp_path / "inject.py"
     script.write_text(_INJECT.format(exc=exc))
-    start = time.monotonic()
-    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-                           sys.executable, str(script), str(path)], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    elapsed = time.monotonic() - start
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, str(script), str(path)], timeout=120, cwd=ROOT)
+    elapsed = proc.seconds
     assert proc.returncode != 0
     assert elapsed < 30, elapsed
     assert proc.stderr.count(text) == 1, proc.stderr[-3000:]
@@ -278,11 +272,9 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     # SIGTERM to rank 1 only: the stop request travels with the gradient all-reduce.
     script = (f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (sleep 6; kill -TERM $$) & fi; '
               f'exec "{sys.executable}" -m trainer train "{path}"')
-    start = time.monotonic()
-    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-                           "bash", "-c", script], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=ROOT)
-    assert time.monotonic() - start < 60
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    "bash", "-c", script], timeout=120, env=env, cwd=ROOT)
+    assert proc.seconds < 60
     assert proc.returncode != 0 and "stopped by SIGTERM" in proc.stderr, proc.stderr[-2000:]
     from trainer import checkpoint
     assert checkpoint.latest(ck) is not None

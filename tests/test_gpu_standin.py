@@ -8,7 +8,6 @@ import importlib
 import io
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ if str(ROOT) not in sys.path:  # run as a program under mpirun
     sys.path.insert(0, str(ROOT))
 
 from tests import strictxp as sx  # noqa: E402
+from tests.mpi_run import run_mpi  # noqa: E402
 from tests.opcases import make_model  # noqa: E402
 from trainer import backend  # noqa: E402
 from trainer.errors import ModelError, TrainerError  # noqa: E402
@@ -664,8 +664,7 @@ def test_mpi_stages_device_arrays_through_reused_pinned_buffers():
     cmd = [MPIRUN, "--oversubscribe", "-np", "2"]
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
-    proc = subprocess.run(cmd + [sys.executable, __file__, "comm"], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)
+    proc = run_mpi(cmd + [sys.executable, __file__, "comm"], timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("staging ok") == 2
 

@@ -17,6 +17,7 @@ import yaml
 from onnx import numpy_helper
 
 from tests.conftest import ROOT
+from tests.mpi_run import run_mpi
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -85,8 +86,7 @@ def _launch(in_a, hostfile, agent, *args: str, timeout: float = 180):
     cmd = in_a + [str(ROOT / "launch.sh"), "-np", "2", "--hostfile", str(hostfile),
                   "--prtemca", "plm_ssh_agent", str(agent), "--mca", "btl", "tcp,self",
                   "--mca", "pml", "ob1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=ROOT)
+    return run_mpi(cmd, timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_allreduce_across_two_hosts(two_hosts):
