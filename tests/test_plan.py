@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.opcases import make_model
 from trainer.autodiff import build_training_graph, training_info
 from trainer.errors import ModelError
-from trainer.executor import Executor, plan_nodes
+from trainer.executor import WHERE_SELECT, Executor, plan_nodes
 from trainer.kernels import fused, get_kernel, nn
 from trainer.simplify import simplify
 
@@ -252,18 +252,22 @@ def test_buffer_reuse_keeps_values_that_views_still_read():
         np.testing.assert_allclose(ex.run({"x": x})["y"], want, rtol=1e-6)
 
 
-def test_relu_gradient_select_keeps_where_semantics():
-    """Where(cond, dy, 0) runs as a multiply in plans: same zeros (no -0.0), same NaN/inf."""
+@pytest.mark.parametrize("reps", [1, WHERE_SELECT // 6 + 1])
+def test_relu_gradient_select_keeps_where_semantics(reps):
+    """Where(cond, dy, 0) runs as a select (small) or a multiply (large) in plans: same zeros
+    (no -0.0), same NaN/inf."""
+    n = 6 * reps
     nodes = [helper.make_node("Greater", ["y", "zero"], ["pos"]),
              helper.make_node("Where", ["pos", "dy", "zero"], ["dx"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, [6])
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n])
                                        for k in ("y", "dy")],
-                          [helper.make_tensor_value_info("dx", TensorProto.FLOAT, [6])],
+                          [helper.make_tensor_value_info("dx", TensorProto.FLOAT, [n])],
                           [numpy_helper.from_array(np.array(0, F32), "zero")])
     ex = Executor(helper.make_model(g, opset_imports=OPSET))
-    y = np.array([1, -1, 2, -2, 3, -3], F32)
+    y = np.tile(np.array([1, -1, 2, -2, 3, -3], F32), reps)
     for dy in (np.array([-1, -2, 3, 4, -5, 6], F32), np.array([1, np.nan, 2, np.inf, 3, 4], F32),
                np.array([np.inf, 1, -np.inf, 2, 1, 1], F32)):
+        dy = np.tile(dy, reps)
         for _ in range(2):
             got = ex.run({"y": y, "dy": dy})["dx"]
             want = np.where(y > 0, dy, F32(0))
@@ -347,13 +351,12 @@ def test_batchnorm_fused_forward_and_backward(shape):
     assert rel_diff(db, want["b_b_grad"]) <= 1e-6
 
 
-@pytest.mark.parametrize("ignore", [True, False])
+@pytest.mark.parametrize("ignore", ["some", "none", "all"])
 def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore):
     rng = np.random.default_rng(7)
     scores = rng.standard_normal((6, 4)).astype(F32)
     labels = rng.integers(0, 4, 6)
-    if ignore:
-        labels[[1, 4]] = -100
+    labels[{"some": [1, 4], "none": [], "all": slice(None)}[ignore]] = -100
     sce = helper.make_node("SoftmaxCrossEntropyLoss", ["s", "l"], ["loss", "lp"],
                            ignore_index=-100)
     g = helper.make_graph([sce], "g", [helper.make_tensor_value_info("s", TensorProto.FLOAT,

@@ -48,6 +48,7 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
 
 
 MAX_PLANS = 8  # specialized signatures per executor; further ones run unspecialized
+WHERE_SELECT = 4096  # below this many elements Where(c, x, 0) is a select, above a product
 
 # Ops whose kernel is built from the enclosing graph: (domain, op) -> since version.
 GRAPH_KERNEL_OPS = {("ai.onnx.preview.training", "Gradient"): 1}
@@ -341,6 +342,8 @@ class Executor:
                 if i in self.feeds and i not in self.constants and i not in seen:
                     seen.add(i)
                     self._required.append((i, name, op))
+        self._required_names = frozenset(name for name, _, _ in self._required)
+        self._constant_names = frozenset(self.constants)
         self._generic = self._compile_generic()
 
     def _bind(self, model, node, index, graph):
@@ -525,7 +528,7 @@ class Executor:
     def run(self, feeds: Mapping[str, object]) -> dict[str, object]:
         """Run the graph; returns the fetched values (all values when keep_all)."""
         self._check_feeds(feeds)
-        if self.optimize and not any(k in self.constants for k in feeds):
+        if self.optimize and self._constant_names.isdisjoint(feeds):
             key = self._signature(feeds)
             plan = self._specialized.get(key)
             if plan is None:
@@ -549,6 +552,8 @@ class Executor:
         return out
 
     def _check_feeds(self, feeds: Mapping[str, object]) -> None:
+        if self._required_names.issubset(feeds):
+            return
         for name, node, op in self._required:
             if name not in feeds:
                 raise ModelError(f"node '{node}' ({op}): input '{name}' was not provided")
@@ -856,7 +861,11 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
 
             def where_zero(cond, x, _b, out):
                 # x * cond (+0 turns -0.0 into 0.0) is where(cond, x, 0) for finite x, and
-                # several times faster than NumPy's masked select; otherwise the select.
+                # several times faster than NumPy's masked select; otherwise the select. Below
+                # WHERE_SELECT elements the select is cheaper than the product and its checks.
+                if out.size <= WHERE_SELECT:
+                    np.copyto(out, np.where(cond, x, zero))
+                    return out
                 with np.errstate(invalid="ignore", over="ignore"):
                     np.multiply(x, cond, out=out)
                     out += zero

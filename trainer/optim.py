@@ -172,7 +172,7 @@ class Optimizer:
         """Update p in place from gradient g (g is not modified). lr: one learning rate per
         group (group 0 = the top-level settings), or a single float for the top-level group
         that the other groups scale by their configured ratio."""
-        if np.ndim(lr) == 0:
+        if isinstance(lr, float | int) or np.ndim(lr) == 0:
             top = self.base_lrs[0]
             lrs = [float(lr) if b == top else float(lr) * (b / top) for b in self.base_lrs]
         else:

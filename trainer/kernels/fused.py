@@ -98,45 +98,56 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
 def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
     """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
     operations as its kernel with the label lookup written for the 2-D case."""
-    m = scores.max(axis=1, keepdims=True)
-    z = scores - m
-    log_prob = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+    log_prob = scores - scores.max(axis=1, keepdims=True)
+    log_prob -= xp.log(xp.exp(log_prob).sum(axis=1, keepdims=True))
     lab = labels.astype(np.int64, copy=False)
-    valid = xp.ones(lab.shape, dtype=bool) if ignore_index is None else lab != ignore_index
-    safe = xp.where(valid, lab, 0)
-    if log_prob.ndim == 2:
-        picked = -log_prob[xp.arange(lab.shape[0]), safe]
-    else:
-        picked = -xp.take_along_axis(log_prob, xp.expand_dims(safe, 1), axis=1)[:, 0]
+    valid = None if ignore_index is None else lab != ignore_index
+    if valid is None or valid.all():  # every label counts: the mean of the picked -log_prob
+        picked = _picked(xp, log_prob, lab)
+        loss = -picked.sum() / log_prob.dtype.type(picked.size)
+        return (xp.asarray(loss, dtype=scores.dtype), log_prob)
+    picked = -_picked(xp, log_prob, xp.where(valid, lab, 0))
     w = valid.astype(log_prob.dtype)
     with np.errstate(invalid="ignore", divide="ignore"):  # every label ignored: 0/0
         loss = (picked * w).sum() / w.sum()
     return (xp.asarray(loss).astype(scores.dtype), log_prob)
 
 
+def _picked(xp, log_prob, labels):
+    """log_prob at each sample's label: [N] from [N, C] or [N, ...] from [N, C, ...]."""
+    if log_prob.ndim == 2:
+        return log_prob[xp.arange(labels.shape[0]), labels]
+    return xp.take_along_axis(log_prob, xp.expand_dims(labels, 1), axis=1)[:, 0]
+
+
 def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
     """d(mean cross entropy)/d(logits) [N, C, ...] from the loss's log_prob output: softmax
     times c, minus c at each label, c = seed / (number of counted labels) (0 where ignored)."""
     prob = xp.exp(log_prob)
-    if ignore_index is not None:
-        ignored = labels == ignore_index
-        safe = xp.where(ignored, 0, labels)
-        valid = xp.where(ignored, prob.dtype.type(0), prob.dtype.type(1))
-        total = valid.sum()
-        denom = xp.where(total == 0, prob.dtype.type(1), total)
-        c = valid * (seed / denom)
-    else:
-        safe = labels
-        c = xp.full(labels.shape, seed / prob.dtype.type(labels.size), dtype=prob.dtype)
+    ignored = None if ignore_index is None else labels == ignore_index
+    if ignored is None or not ignored.any():  # one c for every sample
+        c = seed / prob.dtype.type(labels.size)
+        xp.multiply(prob, c, out=prob)
+        if prob.ndim == 2:  # the label column of each row
+            rows = xp.arange(prob.shape[0])
+            prob[rows, labels] -= c
+            return (prob,)
+        at = labels[:, None]
+        xp.put_along_axis(prob, at, xp.take_along_axis(prob, at, axis=1) - c, axis=1)
+        return (prob,)
+    safe = xp.where(ignored, 0, labels)
+    valid = xp.where(ignored, prob.dtype.type(0), prob.dtype.type(1))
+    total = valid.sum()
+    denom = xp.where(total == 0, prob.dtype.type(1), total)
+    c = valid * (seed / denom)
     c1 = c[:, None]
     xp.multiply(prob, c1, out=prob)
-    if prob.ndim == 2:  # the label column of each row
+    if prob.ndim == 2:
         rows = xp.arange(prob.shape[0])
         prob[rows, safe] = prob[rows, safe] - c
         return (prob,)
     at = safe[:, None]
-    picked = xp.take_along_axis(prob, at, axis=1)
-    xp.put_along_axis(prob, at, picked - c1, axis=1)
+    xp.put_along_axis(prob, at, xp.take_along_axis(prob, at, axis=1) - c1, axis=1)
     return (prob,)
 
 
@@ -487,9 +498,7 @@ def _fuse_softmax_cross_entropy(g: _Graph) -> int:
         back = _fuse_backward(g, [n], {n.outputs[0]: seed}, [logits])
         if back is None:
             continue
-        bound, grads, matched = back
-        if bound[n.outputs[0]] not in g.constants:
-            continue
+        bound, grads, matched = back  # (the seed: a constant, or a fed loss weight)
         n.fn = softmax_cross_entropy_forward
         n.attrs = {"ignore_index": n.attrs.get("ignore_index")}
         n.info["substituted"] = "softmax_cross_entropy_forward"
