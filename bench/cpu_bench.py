@@ -87,11 +87,8 @@ def worker_ours(args) -> dict:
         t.train_step([(arrays, local_w, global_w)], LR)
         if k >= args.warmup:
             times.append(time.perf_counter() - t0)
-    plan = next(iter(t.plans.values()))
+    plan, feeds = t._last_feeds  # (the last step's feeds: data, parameters, state, seed)
     ex = plan.executor
-    feeds = {plan.targets.get(k, k): v for k, v in arrays.items()}
-    feeds.update(t.params)
-    feeds.update(t.state)
     prof = ex.profile(feeds, repeat=max(5, args.steps // 3))
     by_op = sorted(prof["by_op"].items(), key=lambda kv: -kv[1][1])[:8]
     return {"times": times, "rss_mb": peak_rss_mb(), "nodes": prof["nodes"],

@@ -103,3 +103,36 @@ def test_nan_loss_is_a_clear_error(tmp_path, digits_config):
 def test_yaml_config_paths_are_relative_to_the_file(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits_mlp.yaml")
     assert cfg.model.resolve() == (EXAMPLES / "digits_mlp.onnx").resolve()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_in_the_flat_buffer_equal_the_interpreters(tmp_path, digits_config,
+                                                              accumulate):
+    """With one micro-batch per step the planned kernels write each gradient straight into its
+    slice of the flat buffer (the loss weight enters as the backward seed); with accumulation
+    they are added into it. Either way the buffer holds the unplanned interpreter's gradients
+    of the step (mean over the micro-batches), and the fused cross-entropy gradient is used."""
+    from trainer.executor import Executor
+    raw = digits_config(precision="fp64", steps=3, accumulate=accumulate,
+                        output=str(tmp_path / "m.onnx"), data__batch_size=32)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    for _ in range(2):
+        micro = [t._next_micro_batch()[1:4] for _ in range(accumulate)]
+        before = {k: v.copy() for k, v in t.params.items()}
+        t.train_step(micro, 0.1)
+    want = {k: 0.0 for k in t.names}
+    for arrays, local_w, _ in micro:
+        plan = t._plan(len(next(iter(arrays.values()))))
+        ref = Executor(plan.model, feeds=list(plan.gradients) + list(plan.state),
+                       fetch=list(plan.gradients.values()), optimize=False)
+        feeds = {plan.targets.get(k, k): v for k, v in arrays.items()}
+        feeds.update(before)
+        feeds.update(t.state)
+        out = ref.run(feeds)
+        for k, gname in plan.gradients.items():
+            want[k] = want[k] + out[gname] * (local_w / sum(m[2] for m in micro))
+    for k in t.names:
+        np.testing.assert_allclose(t.grads[k], want[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    ops = {n.op for p in t.plans.values() for s in p.executor._specialized.values() if s
+           for n in s.nodes}
+    assert "SoftmaxCrossEntropyGrad" in ops

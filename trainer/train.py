@@ -84,6 +84,13 @@ class Trainer:
         self._w, self._last_micro = 1.0, True  # weight and role of the running micro-batch
         # SyncBatchNorm: batch statistics over every rank (a no-op in one process).
         self.sync_bn = cfg.distributed.sync_batchnorm and self.world > 1
+        # One micro-batch per step: gradient kernels write into the flat buffer themselves.
+        self.direct_grads = cfg.accumulate == 1
+        # The loss weight of a micro-batch enters the backward as its seed where the gradients
+        # are not weighted on their way into the buffer (direct), or cross ranks in the graph.
+        self.seed_weighted = self.direct_grads or self.sync_bn
+        self._graphs: dict[int, tuple] = {}
+        self._seeds: dict[float, object] = {}
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
@@ -228,30 +235,61 @@ class Trainer:
         preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
                                spec.ignore_index, spec.output)
 
-    def _plan(self, local_n: int) -> Plan:
-        plan = self.plans.get(local_n)
-        if plan is None:
+    def _training_graph(self, local_n: int):
+        """(training graph, its TrainingInfo) for local batches of local_n samples."""
+        got = self._graphs.get(local_n)
+        if got is None:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
             tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes,
                                       batchnorm=self.cfg.batchnorm,
                                       sync_batchnorm=self.sync_bn)
-            info = training_info(tm)
+            got = self._graphs[local_n] = (tm, training_info(tm))
+        return got
+
+    def _plan(self, local_n: int) -> Plan:
+        plan = self.plans.get(local_n)
+        if plan is None:
+            tm, info = self._training_graph(local_n)
             feeds = list(info.gradients) + list(info.state)
-            if self.sync_bn:  # the loss weight enters as the backward's seed (see train_step)
+            if self.seed_weighted:  # the loss weight enters as the backward's seed
                 feeds.append(info.seed)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
-            # Each gradient goes into the flat buffer the moment its kernel finishes, which also
-            # tells the all-reduce buckets when they can start (overlap with the backward).
-            hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
+            if self.direct_grads:
+                # Each gradient kernel writes straight into the gradient's slice of the flat
+                # buffer (already weighted, through the seed); its completion tells the
+                # all-reduce buckets when they can start (overlap with the backward).
+                into = {gname: self.grads[k] for k, gname in info.gradients.items()}
+                hooks = {gname: self._bucket_hook(k) for k, gname in info.gradients.items()
+                         } if self.world > 1 else {}
+            else:  # accumulation: each micro-batch's gradients are added into the buffer
+                into = {}
+                hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
             ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank,
-                          on_produced=hooks)
+                          fetch_into=into, on_produced=hooks)
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
                         tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm,
                         info.seed)
             self.plans[local_n] = plan
         return plan
+
+    def _seed_value(self, w: float):
+        """The backward seed holding loss weight w (one array per distinct weight)."""
+        v = self._seeds.get(w)
+        if v is None:
+            if len(self._seeds) > 64:
+                self._seeds.clear()
+            v = self._seeds[w] = self.xp.asarray(np.array(w, self.dtype))
+        return v
+
+    def _bucket_hook(self, name: str):
+        def ready(_value) -> None:
+            if self._profiling:  # the profiler's extra runs change nothing
+                return
+            self.buckets.ready(name)
+            self.buckets.progress()
+        return ready
 
     def _gradient_sink(self, name: str):
         def sink(value) -> None:
@@ -271,9 +309,10 @@ class Trainer:
     def _init_parameters(self) -> None:
         xp = self.xp
         first, _, _ = self.batches.get(0, 0)
-        plan = self._plan(len(next(iter(first.values()))))
+        n_first = len(next(iter(first.values())))
+        tm, info = self._training_graph(n_first)
         inits = {t.name: t for t in self.run_model.graph.initializer}
-        values = {k: numpy_helper.to_array(inits[k]) for k in plan.gradients}
+        values = {k: numpy_helper.to_array(inits[k]) for k in info.gradients}
         dtypes = {v.dtype for v in values.values()}
         if len(dtypes) != 1:
             raise TrainerError(f"trainable parameters mix dtypes {sorted(map(str, dtypes))}; "
@@ -281,8 +320,8 @@ class Trainer:
         self.dtype = dtypes.pop()
         # The flat layout follows the order in which the backward produces the gradients, so a
         # bucket (a contiguous slice) is complete as early as possible.
-        made = {o: i for i, n in enumerate(plan.model.graph.node) for o in n.output}
-        self.names = sorted(plan.gradients, key=lambda k: made.get(plan.gradients[k], 0))
+        made = {o: i for i, n in enumerate(tm.graph.node) for o in n.output}
+        self.names = sorted(info.gradients, key=lambda k: made.get(info.gradients[k], 0))
         self.shapes = {k: values[k].shape for k in self.names}
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
@@ -310,7 +349,7 @@ class Trainer:
         self.grads_flat = xp.zeros(self.size + 2, self.dtype)
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
-        self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in plan.state}
+        self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in info.state}
         self.comm.bcast_(self.params_flat)
         for v in self.state.values():
             self.comm.bcast_(v)
@@ -324,6 +363,7 @@ class Trainer:
             d = self.cfg.distributed
             self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,
                                    compress=d.compress, overlap=d.overlap)
+        self._plan(n_first)  # (its gradient kernels write into self.grads)
 
     def _view(self, flat, name):
         o = self.offsets[name]
@@ -365,9 +405,12 @@ class Trainer:
         clock = time.perf_counter
         t_start = clock()
         g = self.grads_flat
-        g[...] = 0
         total = sum(global_w for _, _, global_w in micro)
         live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
+        if self.direct_grads and live:
+            g[self.size:] = 0  # (the gradients are written whole by their kernels)
+        else:
+            g[...] = 0
         if self.buckets is not None:
             self.buckets.begin(sync=True)
         for m, (arrays, local_w, _) in enumerate(micro):
@@ -383,15 +426,18 @@ class Trainer:
             # gradients reach the flat buffer (and their buckets, on the last micro-batch)
             # through the executor's on_produced hooks.
             w, self._last_micro = local_w / total, m == live[-1]
-            if self.sync_bn:
-                # Gradients cross ranks inside the graph (the statistics' all-reduce), so each
-                # rank's loss weight must enter the backward itself: as its seed.
-                feeds[plan.seed] = xp.asarray(np.array(w, self.dtype))
+            if self.seed_weighted:
+                # The rank's loss weight enters the backward as its seed: the gradients come out
+                # weighted (and SyncBatchNorm's in-graph all-reduce sees weighted terms).
+                feeds[plan.seed] = self._seed_value(w)
                 self._w = 1.0
             else:
                 self._w = w
             t = clock()
-            with collectives(self.comm if self.sync_bn else None):
+            if self.sync_bn:
+                with collectives(self.comm):
+                    out = plan.executor.run(feeds)
+            else:
                 out = plan.executor.run(feeds)
             self.times["graph"] += clock() - t
             self._last_feeds = (plan, feeds)
