@@ -29,7 +29,7 @@ BUCKET_MB = 25.0
 FIT_MIN_MB = 16.0  # below, buffers fit in the caches and bandwidth is another regime
 
 
-def worker(sizes: list[float], reps: int, overlap: bool) -> None:
+def worker(sizes: list[float], reps: int, overlap: bool, zero1: bool = False) -> None:
     from trainer.comm.buckets import Buckets
     from trainer.comm.mpi import MPIComm
 
@@ -76,6 +76,8 @@ def worker(sizes: list[float], reps: int, overlap: bool) -> None:
     result = {"rows": rows}
     if overlap:
         result["overlap"] = _overlap(comm)
+    if zero1:
+        result["zero1"] = _zero1(comm, max(sizes), reps)
     if comm.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -84,6 +86,45 @@ def _slowest(comm, seconds: float) -> float:
     t = np.array([seconds])
     comm.comm.Allreduce(comm.MPI.IN_PLACE, t, op=comm.MPI.MAX)
     return float(t[0])
+
+
+def _zero1(comm, mb: float, reps: int) -> dict:
+    """One step's synchronization of `mb` MB of gradients in 25 MB buckets: DDP (all-reduce),
+    ZeRO-1 as the engine does it (reduce-scatter into the shard, all-gather of the parameters)
+    and ZeRO-1 over a full all-reduce (the engine's earlier form): best ms of each."""
+    from trainer.comm.base import padded_size
+    from trainer.comm.buckets import Buckets
+
+    p, r = comm.size, comm.rank
+    n = padded_size(int(mb * 2**20) // 4, p)
+    k = n // p
+    per = int(TENSOR_MB * 2**20) // 4
+    layout = [(f"t{i}", o, min(per, n - o)) for i, o in enumerate(range(0, n, per))][::-1]
+    grads, params, shard = np.ones(n, np.float32), np.ones(n, np.float32), np.ones(k, np.float32)
+    ddp = Buckets(comm, grads, layout, BUCKET_MB)
+    scatter = Buckets(comm, grads, layout, BUCKET_MB, shards=(shard, k))
+
+    def step(bk, gather):
+        bk.begin()
+        for name, _, _ in layout:
+            bk.ready(name)
+        bk.wait_all()
+        if gather:
+            comm.allgather_(params[r * k:(r + 1) * k], params, label="parameter shards")
+
+    methods = {"DDP all-reduce": lambda: step(ddp, False),
+               "ZeRO-1 reduce-scatter + all-gather": lambda: step(scatter, True),
+               "ZeRO-1 all-reduce + all-gather": lambda: step(ddp, True)}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for f in methods.values():
+        f()
+    for _ in range(max(5, reps)):
+        for name, f in methods.items():
+            comm.comm.Barrier()
+            t0 = time.perf_counter()
+            f()
+            times[name].append(_slowest(comm, time.perf_counter() - t0))
+    return {"mb": mb, **{m: min(ts) for m, ts in times.items()}}
 
 
 def _overlap(comm) -> dict:
@@ -134,7 +175,8 @@ def run(np_: int, transport: str, args) -> dict:
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
     cmd += [sys.executable, __file__, "--worker", "--reps", str(args.reps), "--sizes",
-            *map(str, args.sizes)] + (["--overlap"] if args.overlap else [])
+            *map(str, args.sizes)] + (["--overlap"] if args.overlap else []) + (
+        ["--zero1"] if args.zero1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -165,10 +207,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 100])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--overlap", action="store_true", help="also the synthetic overlap test")
+    ap.add_argument("--zero1", action="store_true",
+                    help="also one ZeRO-1 step's synchronization vs DDP's, on the largest size")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.sizes, args.reps, args.overlap)
+        worker(args.sizes, args.reps, args.overlap, args.zero1)
         return
 
     import mpi4py
@@ -182,12 +226,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fits = {}
     overlaps = {}
+    zero1s = {}
     for transport in args.transport:
         points = []
         for np_ in args.np:
             result = run(np_, transport, args)
             if "overlap" in result:
                 overlaps[(transport, np_)] = result["overlap"]
+            if "zero1" in result:
+                zero1s[(transport, np_)] = result["zero1"]
             by = {(r["mb"], r["method"]): r for r in result["rows"]}
             for mb in args.sizes:
                 nbytes = mb * 2**20
@@ -223,6 +270,18 @@ def main() -> None:
             print(f"| {transport} | {np_} | {o['compute only'] * 1e3:.1f} | "
                   f"{o['overlap off'] * 1e3:.1f} | {o['overlap on'] * 1e3:.1f} | "
                   f"{hidden:.0%} |")
+
+
+    if zero1s:
+        print("\nOne step's gradient (and parameter) synchronization, best ms:\n")
+        print("| transport | ranks | MB | DDP all-reduce | ZeRO-1 reduce-scatter + all-gather | "
+              "ratio to DDP | ZeRO-1 all-reduce + all-gather | ratio to DDP |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (transport, np_), z in zero1s.items():
+            ddp = z["DDP all-reduce"]
+            rs, ar = z["ZeRO-1 reduce-scatter + all-gather"], z["ZeRO-1 all-reduce + all-gather"]
+            print(f"| {transport} | {np_} | {z['mb']:g} | {ddp * 1e3:.1f} | {rs * 1e3:.1f} | "
+                  f"{rs / ddp:.2f} | {ar * 1e3:.1f} | {ar / ddp:.2f} |")
 
 
 def _mpi_version() -> str:

@@ -245,6 +245,41 @@ def test_buckets_equal_one_big_allreduce(world, compress):
                 np.testing.assert_array_equal(got[n:], values[r][n:])  # outside the layout
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_buckets_reduce_scatter_each_ranks_shard(world):
+    """ZeRO-1 buckets: every rank ends with the sum over ranks of exactly its shard (equal to
+    one big all-reduce there, bit for bit) and its own values elsewhere; the buckets are
+    reduce-scattered, never all-reduced."""
+    sizes = [7, 300, 1, 0, 2000, 64, 64, 5000, 3]
+    n = sum(sizes)
+    k = padded_size(n, world) // world
+    values = _rank_values(world, n, seed=world)
+    big = _rank_order_sum(values)
+    for bucket_mb in (1e-6, 2e-3, 100.0):
+        for reverse in (False, True):
+            layout = _layout(sizes, reverse)
+
+            def job(comm, layout=layout, bucket_mb=bucket_mb):
+                flat = values[comm.rank].copy()
+                out = np.full(k, np.nan, np.float32)
+                calls = []
+                comm.allreduce_async_ = lambda *a, **kw: calls.append("allreduce")
+                bk = Buckets(comm, flat, layout, bucket_mb, shards=(out, k))
+                bk.begin()
+                for name, _, _ in layout:
+                    bk.ready(name)
+                    bk.progress()
+                bk.wait_all()
+                assert calls == []
+                return flat, out
+
+            for r, (flat, out) in enumerate(run_local(world, job)):
+                lo, hi = r * k, min(n, (r + 1) * k)
+                np.testing.assert_array_equal(out[:hi - lo], big[lo:hi])
+                assert np.isnan(out[hi - lo:]).all()  # the padding is never written
+                np.testing.assert_array_equal(flat, values[r])
+
+
 class _Recorder:
     """A one-rank communicator that records what starts, in order."""
 
@@ -598,6 +633,13 @@ def _check_protocol(comm, xp=np) -> None:
     shard = xp.empty(k)
     comm.reduce_scatter_(flat, shard)
     np.testing.assert_array_equal(to_host(shard), np.arange(r * k, (r + 1) * k) * p * (p + 1) / 2)
+    counts = [(3 * j) % 5 for j in range(p)]  # unequal parts, rank 0's empty
+    lo = sum(counts[:r])
+    part = xp.full(counts[r], -1.0)
+    h = comm.reduce_scatter_async_(xp.asarray(np.arange(sum(counts), dtype=np.float64) * (r + 1)),
+                                   part, counts, label="uneven reduce-scatter")
+    comm.synchronize(h)
+    np.testing.assert_array_equal(to_host(part), np.arange(lo, lo + counts[r]) * p * (p + 1) / 2)
     out = xp.zeros(p * k)
     out[r * k:(r + 1) * k] = r
     comm.allgather_(out[r * k:(r + 1) * k], out)  # in place

@@ -214,13 +214,19 @@ SYNC_VARIANTS = {
     "tiny-buckets-overlap": ({"bucket_mb": 0.002, "overlap": True}, {}, 2),
     "tiny-buckets-4-ranks": ({"bucket_mb": 0.002}, {}, 4),
     "accumulate": ({"bucket_mb": 0.01}, {"accumulate": 2}, 2),
+    # ZeRO-1: buckets reduce-scattered into each rank's shard; the clipping norm crosses ranks
+    "zero1-tiny-buckets-clip-4-ranks": ({"shard_optimizer": True, "bucket_mb": 0.002},
+                                        {"grad_clip": {"max_norm": 0.05}}, 4),
+    "zero1-blocking-accumulate": ({"shard_optimizer": True, "overlap": False},
+                                  {"accumulate": 2}, 2),
 }
 
 
 @pytest.mark.parametrize("name", list(SYNC_VARIANTS))
 def test_sync_variants_match_one_process(tmp_path, digits_config, name):
     """Bucketed all-reduce (overlapped with the backward or not, many small buckets or one),
-    and accumulation, under mpirun give the single-process weights (SGD+momentum, fp64)."""
+    accumulation, and ZeRO-1's reduce-scatter (with global-norm clipping) under mpirun give the
+    single-process weights (SGD+momentum, fp64)."""
     dist, extra, world = SYNC_VARIANTS[name]
     raw = digits_config(precision="fp64", steps=8, output=str(tmp_path / "np.onnx"),
                         data__batch_size=32, distributed=dist, **extra)

@@ -328,11 +328,14 @@ class Trainer:
         self.size = int(sum(sizes))
         # Every buffer a collective or an in-place update writes is a writable, contiguous copy
         # owned by the engine (onnx hands out read-only views of the model's bytes).
-        # Two extra slots after the gradients ride on the same all-reduce: the loss, and a stop
-        # request (a signal on any rank stops every rank after the same step).
-        # ZeRO-1 (distributed.shard_optimizer): rank r updates elements [lo, lo + n_own) of the
-        # flat buffer with 1/N of the optimizer state, then the shards are all-gathered; the
-        # parameter buffer is padded to N equal shards for that.
+        # Extra slots after the gradients ride on one small all-reduce: the loss, a stop request
+        # (a signal on any rank stops every rank after the same step), and under ZeRO-1 the
+        # shard's non-finite flag and sum of squares (for the global clipping norm).
+        # ZeRO-1 (distributed.shard_optimizer): the gradient buckets are reduce-scattered, so
+        # rank r receives the summed gradient of elements [lo, lo + n_own) only (in grad_shard),
+        # updates them with 1/N of the optimizer state, then the shards are all-gathered; the
+        # parameter buffer is padded to N equal shards for that. Compressed buckets are
+        # all-reduced (their 16-bit exchange has no reduce-scatter form yet).
         self.shard = self.cfg.distributed.shard_optimizer and self.world > 1
         if self.shard and self.cfg.optimizer.type == "lamb":
             raise TrainerError("distributed.shard_optimizer does not support optimizer.type lamb "
@@ -346,7 +349,9 @@ class Trainer:
         flat = np.zeros(padded, self.dtype)
         flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
         self.params_flat = owned(xp, flat)
-        self.grads_flat = xp.zeros(self.size + 2, self.dtype)
+        self.grads_flat = xp.zeros(self.size + 4, self.dtype)
+        self.scatter = self.shard and self.cfg.distributed.compress is None
+        self.grad_shard = xp.zeros(self.shard_k, self.dtype) if self.scatter else None
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
         self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in info.state}
@@ -362,7 +367,9 @@ class Trainer:
         if self.world > 1:
             d = self.cfg.distributed
             self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,
-                                   compress=d.compress, overlap=d.overlap)
+                                   compress=d.compress, overlap=d.overlap,
+                                   shards=(self.grad_shard, self.shard_k) if self.scatter
+                                   else None)
         self._plan(n_first)  # (its gradient kernels write into self.grads)
 
     def _view(self, flat, name):
@@ -448,15 +455,24 @@ class Trainer:
         t = clock()
         if self.world > 1:
             self.buckets.wait_all()  # (every bucket, also when this rank ran no micro-batch)
+            if self.scatter:  # each rank holds only its shard's summed gradient
+                grads = self.grad_shard[:self.shard_n]
+                if xp is np:
+                    g[self.size + 2] = 0.0 if _all_finite(grads) else 1.0
+                else:
+                    g[self.size + 2] = xp.logical_not(xp.isfinite(grads).all())
+                if self.cfg.grad_clip is not None:
+                    g[self.size + 3] = xp.vdot(grads, grads)
             self.comm.allreduce_(g[self.size:], label="loss and stop flag")
-        grads = g[:self.size]
-        if xp is np:  # a finite sum means finite gradients (one pass; the exact test if not)
+        if not self.scatter:
+            grads = g[:self.size]
+        if xp is np:
             loss, stop = float(g[self.size]), float(g[self.size + 1])
-            finite = math.isfinite(float(np.add.reduce(grads))) or bool(
-                np.isfinite(grads).all())
+            finite = g[self.size + 2] == 0 if self.scatter else _all_finite(grads)
         else:  # one device-to-host read: the loss, the stop flag and "all finite" together
             status = xp.stack([g[self.size], g[self.size + 1],
-                               xp.isfinite(grads).all().astype(g.dtype)])
+                               g[self.size + 2] == 0 if self.scatter
+                               else xp.isfinite(grads).all().astype(g.dtype)])
             loss, stop, finite = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
@@ -473,12 +489,14 @@ class Trainer:
                                f"{self._first_nonfinite(micro)}; training stopped before "
                                "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)")
         t = clock()
-        if self.cfg.grad_clip is not None:
-            clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm)
+        if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares)
+            clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
+                            sumsq=g[self.size + 3] if self.scatter else None)
         if self.shard:
             lo, n = self.shard_lo, self.shard_n
             if n:
-                self.optimizer.step(self.params_flat[lo:lo + n], grads[lo:lo + n], lr)
+                own = grads if self.scatter else grads[lo:lo + n]
+                self.optimizer.step(self.params_flat[lo:lo + n], own, lr)
             self.comm.allgather_(self.params_flat[lo:lo + self.shard_k], self.params_flat,
                                  label="parameter shards")
         else:
@@ -846,6 +864,11 @@ class ProfileRequest:
     repeat: int = 5
     top: int = 25
     trace: Path | None = None
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether every element of a host array is finite (a finite sum says so in one pass)."""
+    return math.isfinite(float(np.add.reduce(a, axis=None))) or bool(np.isfinite(a).all())
 
 
 def node_times(ex: Executor, feeds: dict, repeat: int, loss: str

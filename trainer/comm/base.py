@@ -29,6 +29,10 @@ class BlockingAsync:
         self.allreduce_(buf, label, compress)
         return None
 
+    def reduce_scatter_async_(self, buf, out, counts, label: str = "reduce-scatter"):
+        self.reduce_scatter_counts_(buf, out, counts, label)
+        return None
+
     def synchronize(self, handle) -> None:
         return None
 
@@ -69,6 +73,12 @@ class Communicator(Protocol):
     def reduce_scatter_(self, buf, out, label: str = "reduce-scatter") -> None:
         """out (k elements) = sum over ranks of this rank's shard buf[rank*k:(rank+1)*k]."""
 
+    def reduce_scatter_async_(self, buf, out, counts, label: str = "reduce-scatter") -> Any:
+        """Start: buf (the same size on every rank) summed over ranks; rank r receives
+        elements [sum(counts[:r]), sum(counts[:r + 1])) of the sum in out (counts[r] elements,
+        possibly 0; out does not overlap buf). The ZeRO-1 gradient bucket: each rank gets the
+        part of the bucket that falls in its shard. Finish with synchronize(handle)."""
+
     def allgather_(self, part, out, label: str = "allgather") -> None:
         """out[r*k:(r+1)*k] = rank r's part, on every rank (part may be that view of out)."""
 
@@ -79,6 +89,17 @@ class Communicator(Protocol):
 def padded_size(n: int, size: int) -> int:
     """The smallest multiple of size that holds n elements (flat buffers for ZeRO-1 shards)."""
     return -(-n // size) * size
+
+
+def check_counts(buf, out, counts, rank: int) -> list[int]:
+    """The per-rank counts of a reduce_scatter_async_: they cover buf, and out holds this
+    rank's."""
+    counts = [int(c) for c in counts]
+    if sum(counts) != buf.size or out.size != counts[rank] or buf.dtype != out.dtype:
+        raise ValueError(f"internal error: reduce_scatter_async_ counts {counts} do not split "
+                         f"{buf.size} {buf.dtype} elements into this rank's {out.size} "
+                         f"{out.dtype}")
+    return counts
 
 
 def check_shards(buf, out, size: int, what: str) -> int:

@@ -70,12 +70,20 @@ class Buckets:
     rank, whatever the order of readiness), progress() now and then during compute (MPI moves
     data only when polled), wait_all() before the optimizer: it starts what has not started and
     waits for everything under the communicator's watchdog. Results are sums over ranks.
-    overlap=False starts nothing before wait_all (the blocking path, for comparison)."""
+    overlap=False starts nothing before wait_all (the blocking path, for comparison).
+
+    shards=(out, k) (ZeRO-1): rank r owns elements [r*k, (r+1)*k) of the flat buffer, and each
+    bucket is reduce-scattered instead of all-reduced: the sum of the part of the bucket inside
+    this rank's shard lands in out (k elements, the shard's gradient) and the rest of the flat
+    buffer keeps this rank's own gradients. Half the traffic of an all-reduce."""
 
     def __init__(self, comm, flat, layout: list[tuple[str, int, int]], bucket_mb: float = 25.0,
-                 compress: str | None = None, overlap: bool = True):
+                 compress: str | None = None, overlap: bool = True, shards=None):
         check_compress(compress, flat)
+        if shards is not None and compress is not None:
+            raise ValueError("internal error: sharded buckets are not compressed")
         self.comm, self.flat = comm, flat
+        self.shards = shards
         self.compress, self.overlap = compress, overlap
         self.buckets = plan_buckets(layout, np.dtype(flat.dtype).itemsize, bucket_mb)
         end = max((b.hi for b in self.buckets), default=0)
@@ -137,6 +145,15 @@ class Buckets:
     def _start(self, i: int) -> None:
         b = self.buckets[i]
         self.started_at[i] = time.perf_counter()
-        self._handles[i] = self.comm.allreduce_async_(self.flat[b.lo:b.hi], label=b.label,
-                                                      compress=self.compress)
+        if self.shards is None:
+            self._handles[i] = self.comm.allreduce_async_(self.flat[b.lo:b.hi], label=b.label,
+                                                          compress=self.compress)
+        else:
+            out, k = self.shards
+            counts = [max(0, min(b.hi, (j + 1) * k) - max(b.lo, j * k))
+                      for j in range(self.comm.size)]
+            r = self.comm.rank
+            lo = max(b.lo - r * k, 0)
+            self._handles[i] = self.comm.reduce_scatter_async_(
+                self.flat[b.lo:b.hi], out[lo:lo + counts[r]], counts, label=b.label)
         self._next = i + 1

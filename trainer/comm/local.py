@@ -12,6 +12,7 @@ from trainer.comm.base import (
     BlockingAsync,
     CollectiveTimeout,
     check_compress,
+    check_counts,
     check_shards,
     compress16,
     decompress16,
@@ -74,6 +75,16 @@ class LocalComm(BlockingAsync):
         for v in values[1:]:
             total += v[self.rank * k:(self.rank + 1) * k]
         out.reshape(-1)[...] = total
+
+    def reduce_scatter_counts_(self, buf, out, counts, label: str = "reduce-scatter") -> None:
+        counts = check_counts(buf, out, counts, self.rank)
+        values = self._exchange(buf.reshape(-1), label)
+        lo = sum(counts[:self.rank])
+        hi = lo + counts[self.rank]
+        total = values[0][lo:hi].copy()
+        for v in values[1:]:
+            total += v[lo:hi]
+        out.reshape(-1)[...] = xp_of(out).asarray(total)
 
     def allgather_(self, part, out, label: str = "allgather") -> None:
         check_shards(out, part, self.size, "allgather_")

@@ -19,6 +19,7 @@ import numpy as np
 from trainer.comm.base import (
     CollectiveError,
     check_compress,
+    check_counts,
     check_shards,
     compress16,
     decompress16,
@@ -315,6 +316,26 @@ class MPIComm:
         def gen(b, o):
             yield lambda c: c.Ireduce_scatter_block(b, o, op=MPI.SUM)
         self._run(self._start(label, gen, [(buf, True, False), (out, False, True)]))
+
+    def reduce_scatter_async_(self, buf, out, counts, label: str = "reduce-scatter"):
+        # An all-to-all of the parts (each rank sends rank j its part: (p-1)/p of the buffer,
+        # as a ring reduce-scatter does), then this rank sums the p copies of its part in rank
+        # order. Open MPI's non-blocking MPI_Ireduce_scatter reduces at one rank and scatters:
+        # ~2x slower on large buckets (bench/comm_bench.py --zero1).
+        counts = check_counts(buf, out, counts, self.rank)
+        p, mine = self.size, counts[self.rank]
+        displs = [sum(counts[:j]) for j in range(p)]
+
+        def gen(b, o):
+            xp = xp_of(b)
+            rows = xp.empty((p, mine), b.dtype)
+            yield lambda c: c.Ialltoallv([b.reshape(-1), (counts, displs)],
+                                         [rows, ([mine] * p, [j * mine for j in range(p)])])
+            total = o.reshape(-1)
+            xp.copyto(total, rows[0])
+            for j in range(1, p):
+                total += rows[j]
+        return self._start(label, gen, [(buf, True, False), (out, False, True)])
 
     def allgather_(self, part, out, label: str = "allgather") -> None:
         k = check_shards(out, part, self.size, "allgather_")

@@ -11,6 +11,7 @@ import numpy as np
 from trainer.comm.base import (
     CollectiveError,
     check_compress,
+    check_counts,
     check_shards,
     compress16,
     decompress16,
@@ -205,6 +206,26 @@ class NCCLComm:
                                 nccl_type(self.nccl, buf.dtype), self.nccl.NCCL_SUM,
                                 self.stream.ptr)
         self.synchronize(self._end(seq, label, (buf, out)))
+
+    def reduce_scatter_async_(self, buf, out, counts, label: str = "reduce-scatter"):
+        if isinstance(buf, np.ndarray):
+            return self.mpi.reduce_scatter_async_(buf, out, counts, label)
+        counts = check_counts(buf, out, counts, self.rank)
+        nccl = self.nccl
+        seq = self._begin(label)
+        flat, dtype = buf.reshape(-1), nccl_type(nccl, buf.dtype)
+        # Unequal parts (NCCL's reduceScatter takes equal ones): one reduce to each owner, in
+        # one group so NCCL schedules them together.
+        nccl.groupStart()
+        lo = 0
+        for j, c in enumerate(counts):
+            if c:
+                dst = out.reshape(-1) if j == self.rank else flat[lo:]
+                self.comm.reduce(self._ptr(flat[lo:]), self._ptr(dst), c, dtype, nccl.NCCL_SUM,
+                                 j, self.stream.ptr)
+            lo += c
+        nccl.groupEnd()
+        return self._end(seq, label, (buf, out))
 
     def allgather_(self, part, out, label: str = "allgather") -> None:
         if isinstance(out, np.ndarray):

@@ -8,6 +8,7 @@ import sys
 from trainer.comm.base import (
     BlockingAsync,
     check_compress,
+    check_counts,
     check_shards,
     compress16,
     decompress16,
@@ -32,6 +33,10 @@ class NullComm(BlockingAsync):
 
     def reduce_scatter_(self, buf, out, label: str = "reduce-scatter") -> None:
         check_shards(buf, out, 1, "reduce_scatter_")
+        out[...] = buf.reshape(out.shape)
+
+    def reduce_scatter_counts_(self, buf, out, counts, label: str = "reduce-scatter") -> None:
+        check_counts(buf, out, counts, 0)
         out[...] = buf.reshape(out.shape)
 
     def allgather_(self, part, out, label: str = "allgather") -> None:
