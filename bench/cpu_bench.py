@@ -7,7 +7,9 @@ after --warmup, the ratio to the faster peer, GFLOP/s against a float32 GEMM tim
 run, peak RSS, and our executor's node count and dispatch cost per node. Usage:
     python bench/cpu_bench.py [--threads N] [--steps 30] [--cases mlp16,resnet16] [--json out]
 ONNX Runtime Training (onnxruntime-training-cpu, pinned to old numpy/onnx) gets its own venv,
-built on first use under /tmp; when that fails the row says "skipped: <reason>".
+built on first use under /tmp; when that fails the row says "skipped: <reason>". The "numpy"
+column (MLP cases) is the same step written by hand in NumPy: not a peer, the floor of an engine
+that calls one NumPy function per operation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ WORK = Path("/tmp/onnx_trainer_cpu_bench")
 ORT_VENV = Path("/tmp/onnx_trainer_ort_training_venv")
 ORT_PACKAGES = ["onnxruntime-training-cpu==1.19.2", "numpy<2", "onnx==1.16.2"]
 LR = 0.01
-SYSTEMS = ("ours", "torch", "ort")
+SYSTEMS = ("ours", "torch", "ort", "numpy")
+PEERS = ("torch", "ort")  # "numpy": a hand-written NumPy step, the floor of per-op dispatch
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -123,6 +126,59 @@ def worker_torch(args) -> dict:
         if k >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"times": times, "rss_mb": peak_rss_mb(), "torch": torch.__version__}
+
+
+def worker_numpy(args) -> dict:
+    """The MLP's training step written by hand in NumPy (the same math, float32, out= buffers,
+    no framework): the floor of any engine that calls one NumPy function per operation."""
+    import numpy as np
+
+    name = json.loads(args.case_json)["name"]
+    if not name.startswith("mlp"):
+        return {"skipped": "written by hand for the MLP only"}
+    d = np.load(WORK / f"{name}.npz", allow_pickle=False)
+    xs, ys = d["x"], d["y"].astype(np.int64)
+    b, f32 = json.loads(args.case_json)["batch"], np.float32
+    rng = np.random.default_rng(0)
+    dims = [64, 128, 64, 10]
+    ws = [(rng.standard_normal((o, i)) / np.sqrt(i)).astype(f32)
+          for i, o in zip(dims, dims[1:], strict=False)]
+    bs = [np.zeros(o, f32) for o in dims[1:]]
+    hs = [np.empty((b, o), f32) for o in dims[1:]]
+    rows, lr, inv = np.arange(b), f32(LR), f32(1.0 / b)
+
+    def step(x, y):
+        acts = [x]
+        for k, (w, bias, h) in enumerate(zip(ws, bs, hs, strict=True)):
+            np.matmul(acts[-1], w.T, out=h)
+            h += bias
+            if k < 2:
+                np.maximum(h, f32(0), out=h)
+            acts.append(h)
+        z = acts[-1]
+        lp = z - z.max(axis=1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+        loss = -lp[rows, y].sum() * inv
+        dz = np.exp(lp)
+        dz *= inv
+        dz[rows, y] -= inv
+        for k in (2, 1, 0):
+            gw, gb = dz.T @ acts[k], dz.sum(axis=0)
+            if k:
+                dz = dz @ ws[k]
+                dz = np.where(acts[k] > 0, dz, f32(0))
+            ws[k] -= lr * gw
+            bs[k] -= lr * gb
+        return loss
+
+    times = []
+    for k in range(args.warmup + args.steps):
+        i = (k * b) % (len(xs) - b + 1)
+        t0 = time.perf_counter()
+        step(xs[i:i + b], ys[i:i + b])
+        if k >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"times": times, "rss_mb": peak_rss_mb(), "numpy": np.__version__}
 
 
 def worker_ort(args) -> dict:
@@ -275,7 +331,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         fn = {"ours": worker_ours, "torch": worker_torch, "ort": worker_ort,
-              "gemm": worker_gemm}[args.worker]
+              "numpy": worker_numpy, "gemm": worker_gemm}[args.worker]
         print(json.dumps(fn(args)))
         return
 
@@ -294,7 +350,7 @@ def main() -> None:
                  if unknown else
                  f"cpu_bench: unknown system(s) {bad} (known: {', '.join(SYSTEMS)})")
     cases = prepare(names)
-    pythons = {"ours": sys.executable, "torch": sys.executable}
+    pythons = {"ours": sys.executable, "torch": sys.executable, "numpy": sys.executable}
     skipped = {}
     if "ort" in systems:
         py, why = ort_python(log)
@@ -351,7 +407,7 @@ def report(results: dict, systems: list[str], args, gemm: float) -> None:
             else:
                 cell = "skipped"
             line += f"{cell:>22}"
-        peers = [row[s]["median_ms"] for s in systems if s != "ours"
+        peers = [row[s]["median_ms"] for s in systems if s in PEERS
                  and "median_ms" in row.get(s, {})]
         ours = row.get("ours", {}).get("median_ms")
         line += f"{ours / min(peers):>16.2f}" if ours and peers else f"{'-':>16}"

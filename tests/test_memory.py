@@ -357,3 +357,25 @@ def test_kernel_scratch_is_not_traced_while_other_threads_run(models, tmp_path):
     worker.join()
     assert box["est"].method.endswith("kernel scratch not measured (other threads are running)")
     assert box["est"].total <= on_main.total
+
+
+def test_zero1_estimate_counts_the_rank_share(models, tmp_path):
+    """distributed.shard_optimizer on 4 (emulated) ranks: each rank's estimate holds 1/4 of
+    the optimizer state and the reduced gradient shard, which is what each rank allocates."""
+    from trainer.comm.local import run_local
+
+    model, data, batch = models["mlp"]
+    raw = _raw(model, data, batch, tmp_path, optimizer={"type": "adamw", "lr": 1e-3})
+    one = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).preflight.estimate
+    raw = _raw(model, data, batch * 4, tmp_path, optimizer={"type": "adamw", "lr": 1e-3},
+               distributed={"shard_optimizer": True})
+
+    def job(comm):
+        t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
+        state = sum(v.nbytes for v in t.optimizer.state.values())
+        return t.preflight.estimate, t.grads_flat.nbytes + t.grad_shard.nbytes, state
+
+    for est, grads, state in run_local(4, job):
+        assert est.gradients == grads
+        assert abs(est.optimizer * 4 - one.optimizer) <= 4 * 4 * 8  # (rounding of the shards)
+        assert state <= est.optimizer

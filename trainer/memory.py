@@ -529,7 +529,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
              in_shapes: Mapping[str, tuple[int, ...]], trainable="all", frozen=(),
              batchnorm="train", precision: str = "fp32", optimizer=None, world: int = 1,
              eval_copy: bool = False, compress: str | None = None, full_model=None,
-             scratch: bool = True, pooled: bool = True, batch_bytes: int = 0) -> Estimate:
+             scratch: bool = True, pooled: bool = True, batch_bytes: int = 0,
+             shard_optimizer: bool = False) -> Estimate:
     """The memory of one training step per rank for `model` (a stripped model, see `strip`)
     at local batch `batch`; `in_shapes` gives every data input's full shape at that batch.
     Shapes come from ONNX shape inference; where it leaves some unknown, the training graph is
@@ -537,7 +538,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     and every size is extended linearly to `batch`. Kernel scratch is measured on zeros at
     batches 2 and 3 for kernels of at most 256 MiB (`scratch=False`: not measured). `pooled`:
     the CPU executor's static memory plan (see `walk`); `batch_bytes`: the data batches held
-    on the device."""
+    on the device; `shard_optimizer`: ZeRO-1 over `world` ranks (1/N of the optimizer state,
+    plus the rank's reduced gradient shard)."""
     t0 = time.perf_counter()
     sm = compute_structure(model, precision)
 
@@ -591,11 +593,15 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     frozen_n = sum(math.prod(r.shape) if r.shape else 1 for r in left)
     frozen_b = sum(_nbytes_tensor(inits[r.name]) for r in left if r.name in inits)
     params = n_train * dtype + stats + const * (2 if eval_copy else 1)
-    grads = (n_train + 2) * dtype
-    opt = optimizer_bytes(optimizer, n_train, dtype, st.chosen,
+    grads = (n_train + 4) * dtype  # (+ the loss, stop, finiteness and norm slots)
+    sharded = shard_optimizer and world > 1
+    shard = -(-n_train // world) if sharded else n_train
+    opt = optimizer_bytes(optimizer, shard, dtype, st.chosen,
                           [_elements(inits[k]) for k in st.chosen]) if optimizer else 0
     if world > 1 and compress:
         grads += n_train * 2  # the 16-bit copy that travels
+    elif sharded:
+        grads += shard * dtype  # the reduce-scattered gradient of this rank's shard
     sent = 0 if world <= 1 else n_train * (2 if compress else dtype) + 2 * dtype
     return Estimate(n_train, n_train * dtype, frozen_n, frozen_b, params, grads, opt, w.kept,
                     max(0, w.peak - w.kept), batch_bytes, sent, method, w.peak_node,

@@ -327,7 +327,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                               optimizer=cfg.optimizer, world=world,
                               eval_copy=cfg.data.eval is not None,
                               compress=cfg.distributed.compress, full_model=full_model,
-                              pooled=xp is np, batch_bytes=per_sample * local * copies)
+                              pooled=xp is np, batch_bytes=per_sample * local * copies,
+                              shard_optimizer=cfg.distributed.shard_optimizer)
     except TrainerError as exc:
         problems.append(exc)
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on

@@ -430,8 +430,8 @@ class Trainer:
             feeds.update(self.params)
             feeds.update(self.state)
             # Weight so that summing over ranks (and micro-batches) gives the global mean; the
-            # gradients reach the flat buffer (and their buckets, on the last micro-batch)
-            # through the executor's on_produced hooks.
+            # gradients reach the flat buffer (written there by their kernels, or added by the
+            # on_produced hooks when accumulating), and their buckets start as they complete.
             w, self._last_micro = local_w / total, m == live[-1]
             if self.seed_weighted:
                 # The rank's loss weight enters the backward as its seed: the gradients come out
@@ -471,8 +471,8 @@ class Trainer:
             finite = g[self.size + 2] == 0 if self.scatter else _all_finite(grads)
         else:  # one device-to-host read: the loss, the stop flag and "all finite" together
             status = xp.stack([g[self.size], g[self.size + 1],
-                               g[self.size + 2] == 0 if self.scatter
-                               else xp.isfinite(grads).all().astype(g.dtype)])
+                               (g[self.size + 2] == 0 if self.scatter
+                                else xp.isfinite(grads).all()).astype(g.dtype)])
             loss, stop, finite = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
