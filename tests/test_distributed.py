@@ -360,3 +360,57 @@ def test_zero1_checkpoints_resume_unsharded_and_back(tmp_path, digits_config):
     for k, v in full.trained_values().items():
         np.testing.assert_allclose(got[k], v.astype(np.float32), rtol=1e-6, atol=1e-7,
                                    err_msg=k)
+
+
+# -- ZeRO-1 and the transformers under mpirun ------------------------------------------------------
+@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4)])
+def test_zero1_on_batchnorm_families_equals_emulated_ranks(zoo, tmp_path, name, world):
+    """ZeRO-1 (reduce-scattered buckets, tiny so that tensors straddle the shards) on models
+    with BatchNorm state: mpirun gives the emulated ranks' export, which equals the same job
+    without sharding (the optimizer is element-wise)."""
+    d = zoo[name]
+    dist = {"shard_optimizer": True, "bucket_mb": 0.001}
+    raw = _family_config(d, name, output=str(tmp_path / "out.onnx"), distributed=dist)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(world, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _weights(tmp_path / "out.onnx")
+    plain = _emulated({**raw, "distributed": {}}, world, tmp_path)[0]
+    for k, want in plain.items():
+        np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7,
+                                   err_msg=k)
+
+
+@pytest.mark.parametrize("kind,dist", [("gpt", {}), ("gpt", {"shard_optimizer": True}),
+                                       ("bert", {"bucket_mb": 0.01})])
+def test_transformers_under_mpirun_equal_one_process(tmp_path, kind, dist):
+    """A GPT decoder (LayerNorm, Gather embeddings, GELU, causal attention) and a BERT encoder
+    with padding, exported by PyTorch: 2 processes with the same global batch give the weights
+    of one process (fp64, AdamW), with DDP buckets and with ZeRO-1."""
+    tm = pytest.importorskip("tests.transformer_models")
+    pytest.importorskip("onnxscript")
+    rng = np.random.default_rng(3)
+    x = tm.sample_input(kind, 64, rng)
+    y = tm.sample_target(kind, x, rng)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    onnx.save(tm.export(tm.make_model(kind, 3), x, "dynamo"), str(tmp_path / "model.onnx"))
+    raw = {"model": str(tmp_path / "model.onnx"), "output": str(tmp_path / "np.onnx"),
+           "device": "cpu", "precision": "fp64",
+           "data": {"train": {"path": str(tmp_path / "data.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 16, "shuffle": True},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "adamw", "lr": 3e-3, "weight_decay": 0.01}, "steps": 5,
+           "grad_clip": {"max_norm": 1.0}, "log": {"every_steps": 1}, "distributed": dist}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(2, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx"),
+                                       "distributed": {}}, tmp_path), stream=io.StringIO())
+    single.fit()
+    ours, ref = _weights(tmp_path / "np.onnx"), _weights(tmp_path / "one.onnx")
+    moved = [k for k, v in ref.items() if not np.allclose(v, _weights(tmp_path / "model.onnx")[k])]
+    assert moved
+    for k, v in ref.items():
+        np.testing.assert_allclose(ours[k], v, rtol=1e-6, atol=1e-7, err_msg=k)

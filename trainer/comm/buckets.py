@@ -83,7 +83,6 @@ class Buckets:
         if shards is not None and compress is not None:
             raise ValueError("internal error: sharded buckets are not compressed")
         self.comm, self.flat = comm, flat
-        self.shards = shards
         self.compress, self.overlap = compress, overlap
         self.buckets = plan_buckets(layout, np.dtype(flat.dtype).itemsize, bucket_mb)
         end = max((b.hi for b in self.buckets), default=0)
@@ -91,6 +90,16 @@ class Buckets:
             raise ValueError(f"internal error: the layout ends at {end}, beyond the flat "
                              f"buffer's {flat.size} elements")
         self._bucket_of = {n: b.index for b in self.buckets for n in b.names}
+        # ZeRO-1: per bucket, each rank's element count and this rank's part of `out`.
+        self._parts: list[tuple[list[int], object]] = []
+        if shards is not None:
+            out, k = shards
+            r = comm.rank
+            for b in self.buckets:
+                counts = [max(0, min(b.hi, (j + 1) * k) - max(b.lo, j * k))
+                          for j in range(comm.size)]
+                lo = max(b.lo - r * k, 0)
+                self._parts.append((counts, out[lo:lo + counts[r]]))
         self._handles: list = []
         self._left: list[int] = []
         self._marked: set[str] = set()
@@ -145,15 +154,11 @@ class Buckets:
     def _start(self, i: int) -> None:
         b = self.buckets[i]
         self.started_at[i] = time.perf_counter()
-        if self.shards is None:
+        if not self._parts:
             self._handles[i] = self.comm.allreduce_async_(self.flat[b.lo:b.hi], label=b.label,
                                                           compress=self.compress)
         else:
-            out, k = self.shards
-            counts = [max(0, min(b.hi, (j + 1) * k) - max(b.lo, j * k))
-                      for j in range(self.comm.size)]
-            r = self.comm.rank
-            lo = max(b.lo - r * k, 0)
-            self._handles[i] = self.comm.reduce_scatter_async_(
-                self.flat[b.lo:b.hi], out[lo:lo + counts[r]], counts, label=b.label)
+            counts, part = self._parts[i]
+            self._handles[i] = self.comm.reduce_scatter_async_(self.flat[b.lo:b.hi], part,
+                                                               counts, label=b.label)
         self._next = i + 1
