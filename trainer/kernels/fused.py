@@ -517,6 +517,22 @@ def _swap01(n: PNode, rank: int) -> bool:
     return perm is not None and list(perm) == [1, 0] + list(range(2, rank))
 
 
+def _leading_crop(g: _Graph, n: PNode, value: str) -> bool:
+    """Whether Slice `n` keeps the first elements (start 0, step 1) of the spatial axes of
+    `value` and all of its first two axes."""
+    if len(n.inputs) == 1:
+        starts, steps = n.attrs.get("starts"), None
+    else:
+        starts = _const(g.constants, n.inputs[1])
+        steps = _const(g.constants, n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] else None
+    if starts is None or (len(n.inputs) > 4 and n.inputs[4] and steps is None):
+        return False
+    whole, part = g.shapes[value][0], g.shapes[n.outputs[0]][0]
+    return (all(int(v) == 0 for v in np.ravel(starts))
+            and (steps is None or all(int(v) == 1 for v in np.ravel(steps)))
+            and len(whole) == len(part) and list(whole[:2]) == list(part[:2]))
+
+
 def _fuse_conv_weight_grad(g: _Graph) -> int:
     fused = 0
     for conv in [n for n in g.nodes if n.op == "Conv" and not n.domain]:
@@ -525,7 +541,11 @@ def _fuse_conv_weight_grad(g: _Graph) -> int:
                 not in ("NOTSET", b"NOTSET"):
             continue
         tx, tdy = g.made.get(conv.inputs[0]), g.made.get(conv.inputs[1])
-        out = g.only_reader(conv.outputs[0], "Transpose")
+        crop = g.only_reader(conv.outputs[0], "Slice")  # (strided: extra taps cut off)
+        if crop is not None and not _leading_crop(g, crop, conv.outputs[0]):
+            continue
+        dw_full = crop.outputs[0] if crop is not None else conv.outputs[0]
+        out = g.only_reader(dw_full, "Transpose")
         if tx is None or tdy is None or out is None or tx.op != "Transpose" \
                 or tdy.op != "Transpose":
             continue
@@ -536,20 +556,20 @@ def _fuse_conv_weight_grad(g: _Graph) -> int:
         if g.shapes[x][1] not in (np.float32, np.float64) or g.shapes[dy][1] != g.shapes[x][1]:
             continue
         k = rank - 2
-        kshape = list(g.shapes[conv.outputs[0]][0][2:])
+        kshape = list(g.shapes[dw_full][0][2:])
         pads = list(a.get("pads") or [0] * 2 * k)
         attrs = dict(kernel_shape=kshape, strides=list(a.get("dilations") or [1] * k),
                      dilations=list(a.get("strides") or [1] * k), pads=pads[:k] + [0] * k)
         node = PNode("ConvWeightGrad", [x, dy], [out.outputs[0]], attrs,
                      f"{conv.name}/fused", conv_weight_grad, fused=True,
-                     info={"replaces": [conv.name, out.name]})
+                     info={"replaces": [m.name for m in (conv, crop, out) if m is not None]})
 
         def into(x_, dy_, dw, attrs=attrs):
             return nn.conv_weight_grad_into(np, x_, dy_, attrs["kernel_shape"],
                                             attrs["strides"], attrs["dilations"],
                                             attrs["pads"], 1, dw)
         node.info["out_impl"] = (into, 2)
-        g.replace([conv, out], node)
+        g.replace([m for m in (conv, crop, out) if m is not None], node)
         fused += 1
     return fused
 

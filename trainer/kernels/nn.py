@@ -122,11 +122,36 @@ def _wide(x, kshape, strides, dilations, pads) -> bool:
     return 0 < ow < 64 and 2 * wp <= 3 * ow
 
 
+# Host convolutions run over chunks of the batch whose im2col columns take about this many
+# bytes: the columns are written and read by the GEMM while still in cache (2-D 16-channel
+# 3x3 layers at 32x32: 2.8 -> 1.8 ms per call at batch 16 on one core; the whole batch's
+# columns, 9x the input, go through memory twice otherwise).
+CONV_CHUNK_BYTES = 2 << 20
+
+
+def _batch_chunk(xp, x, kshape, out_sp) -> int:
+    """Images per chunk of a host convolution over x (its whole batch when one chunk)."""
+    n = x.shape[0]
+    if xp is not np or n == 1:
+        return n
+    per_image = x.shape[1] * math.prod(kshape) * math.prod(out_sp) * x.itemsize
+    return max(1, min(n, CONV_CHUNK_BYTES // max(1, per_image)))
+
+
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
-    """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given."""
+    """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given.
+    On the host, chunk by chunk of the batch (`CONV_CHUNK_BYTES`)."""
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
+    chunk = _batch_chunk(xp, x, kshape, out_sp)
+    if chunk < n:
+        if y is None:
+            y = xp.empty((n, m) + tuple(out_sp), dtype=xp.result_type(x, w))
+        for i in range(0, n, chunk):
+            conv_into(xp, x[i:i + chunk], w, b, strides, dilations, pads, out_sp, group,
+                      y[i:i + chunk])
+        return y
     wide = _wide(x, kshape, strides, dilations, pads)
     if wide:
         cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
@@ -173,6 +198,16 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     n = x.shape[0]
     m, g = dy.shape[1], group
     out_sp = list(dy.shape[2:])
+    chunk = _batch_chunk(xp, x, kshape, out_sp)
+    if chunk < n:  # the chunks' sums, added
+        part = conv_weight_grad_into(xp, x[:chunk], dy[:chunk], kshape, strides, dilations,
+                                     pads, group, dw)
+        more = None
+        for i in range(chunk, n, chunk):
+            more = conv_weight_grad_into(xp, x[i:i + chunk], dy[i:i + chunk], kshape, strides,
+                                         dilations, pads, group, more)
+            part += more
+        return part
     if _wide(x, kshape, strides, dilations, pads):  # junk columns meet zeros in dY
         cols, wp = im2col_wide(xp, x, kshape, dilations, pads, out_sp)
         dyw = xp.zeros((m, n, out_sp[0], wp), dtype=dy.dtype)
