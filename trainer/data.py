@@ -289,6 +289,16 @@ class Batches:
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
         self.prefetch = prefetch
         self._ahead: _Ahead | None = None
+        self._shares: dict[int, tuple[int, int]] = {}
+
+    def _share(self, total: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's samples within a global batch of `total` (memoized: the
+        same few sizes recur every step)."""
+        got = self._shares.get(total)
+        if got is None:
+            bounds = np.linspace(0, total, self.world + 1).round().astype(int)
+            got = self._shares[total] = (int(bounds[self.rank]), int(bounds[self.rank + 1]))
+        return got
 
     def local_sizes(self) -> set[int]:
         """The batch sizes this rank sees (a full share, and the last partial batch's)."""
@@ -334,8 +344,8 @@ class Batches:
         order = self.order(epoch) if order is None else order
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
         total = len(idx)
-        bounds = np.linspace(0, total, self.world + 1).round().astype(int)
-        mine = idx[bounds[self.rank]:bounds[self.rank + 1]]
+        lo, hi = self._share(total)
+        mine = idx[lo:hi]
         out = {}
         for k, a in self.arrays.items():
             # sorted reads of a memory-mapped file are sequential; the batch keeps its order

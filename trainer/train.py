@@ -399,10 +399,12 @@ class Trainer:
         global_w = global_n
         spec = self.cfg.loss
         if spec.type == "cross_entropy":
-            labels = self.train_arrays[spec.target]
-            idx = self.batches.global_indices(epoch, index, self._order[1])
             local_w = int(np.count_nonzero(arrays[spec.target] != spec.ignore_index))
-            global_w = int(np.count_nonzero(labels[idx] != spec.ignore_index))
+            global_w = local_w
+            if self.world > 1:  # (one process: its batch is the global batch)
+                labels = self.train_arrays[spec.target]
+                idx = self.batches.global_indices(epoch, index, self._order[1])
+                global_w = int(np.count_nonzero(labels[idx] != spec.ignore_index))
         return epoch, arrays, local_w, global_w, global_n
 
     def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
