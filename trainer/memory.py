@@ -222,16 +222,11 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     with shapes from ONNX shape inference instead of a run on zeros. Raises Incomplete where
     inference leaves a value that the rules need unknown, or control flow needs lowering."""
     from trainer.autodiff import build as B
-    from trainer.autodiff.context import Builder
-    from trainer.autodiff.engine import build_backward
     from trainer.autodiff.params import (
         batchnorm_stats,
-        parameter_table,
-        select,
         untie_normalization_aliases,
     )
     from trainer.autodiff.subgraph import needs_lowering
-    from trainer.graph import NameScope, all_names
 
     spec = B.LossSpec.of(loss)
     if spec.type not in B.LOSS_TYPES:
@@ -256,36 +251,17 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         pass
     bn_stats = batchnorm_stats(m.graph.node)
     opset = B.ensure_default_opset(m)
-    g = m.graph
-    scope = NameScope(all_names(g))
-    consts = B._constant_values(_with_data_only(m), first)
-    builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = B._training_mode(list(g.node), builder, first, consts, eval_bn)
-    spec = B._logits_of_softmax(spec, list(g.node), first, opset)
-    loss_nodes, loss_name, target_vis = B._append_loss(spec, builder, first, scope)
-    nodes += loss_nodes
-    fwd = B._forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
-    t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-                for vi in target_vis}
-    shapes, missing = infer(fwd, {**in_shapes, **t_shapes})
+    fw = B.training_forward(m, first, B._constant_values(_with_data_only(m), first), opset,
+                            spec, eval_bn, in_shapes)
+    fwd, loss_name, state, spec = fw.model, fw.loss, fw.state, fw.spec
+    shapes, missing = infer(fwd, {**in_shapes, **fw.target_shapes})
     if missing:
         raise Incomplete(f"{len(missing)} value(s) of the forward and loss without a static "
                          f"shape, e.g. '{missing[0]}'")
-    consts = B._constant_values(_with_data_only(fwd), shapes)
-    table = parameter_table(m, nodes, loss_name, shapes, stats=bn_stats)
-    chosen = select(table, trainable, frozen)
-    if not chosen:
-        raise ModelError("nothing to train: no float initializer reaches the loss (see "
-                         "'onnx-trainer check MODEL' for why each one is left out)")
-    seed_dtype = shapes[loss_name][1]
-    seed = scope.fresh(f"{loss_name}_grad_seed")
-    bwd, bwd_inits, grads = build_backward(nodes, {loss_name: seed}, chosen, shapes, opset,
-                                           scope, consts)
-    fwd.graph.node.extend(bwd)
-    B.add_initializers(fwd.graph, [*bwd_inits,
-                                   numpy_helper.from_array(np.array(1.0, seed_dtype), seed)],
-                       fwd.ir_version)
-    all_shapes, missing = infer(fwd, {**in_shapes, **t_shapes})
+    table, chosen, grads, _ = B.attach_backward(
+        m, fw, shapes, B._constant_values(_with_data_only(fwd), shapes), trainable, frozen,
+        bn_stats, opset)
+    all_shapes, missing = infer(fwd, {**in_shapes, **fw.target_shapes})
     consts = B._constant_values(_with_data_only(fwd), all_shapes)
     out_shape = shapes[spec.output][0]
     return Structure(fwd, loss_name, dict(grads), state, table, chosen, all_shapes, missing,

@@ -235,36 +235,15 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     untie_normalization_aliases(m)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = ensure_default_opset(m)
-    g = m.graph
-    scope = NameScope(all_names(g))
-    consts = _constant_values(m, first)
-    builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm)
-    spec = _logits_of_softmax(spec, list(g.node), first, opset)
-    loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
-    nodes += loss_nodes
-
-    fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
-    t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-                for vi in target_vis}
+    fw = training_forward(m, first, _constant_values(m, first), opset, spec, eval_bn, in_shapes,
+                          sync_batchnorm)
+    fwd, state, spec, loss_name, target_vis = fw.model, fw.state, fw.spec, fw.loss, fw.targets
     t_dtypes = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
                 for vi in target_vis}
-    shapes_all = probe(fwd, {**in_shapes, **t_shapes}, {**dtypes, **t_dtypes})
-    consts = _constant_values(fwd, shapes_all)
-
-    table = parameter_table(m, nodes, loss_name, shapes_all, stats=bn_stats)
-    chosen = select(table, wrt, frozen)
-    if not chosen:
-        raise ModelError("nothing to train: no float initializer reaches the loss (see "
-                         "'onnx-trainer check MODEL' for why each one is left out)")
-    seed_dtype = shapes_all[loss_name][1]
-    seed = scope.fresh(f"{loss_name}_grad_seed")
-    bwd, bwd_inits, grads = build_backward(nodes, {loss_name: seed}, chosen, shapes_all, opset,
-                                           scope, consts)
+    shapes_all = probe(fwd, {**in_shapes, **fw.target_shapes}, {**dtypes, **t_dtypes})
+    _, chosen, grads, seed = attach_backward(m, fw, shapes_all, _constant_values(fwd, shapes_all),
+                                             wrt, frozen, bn_stats, opset)
     g = fwd.graph
-    g.node.extend(bwd)
-    add_initializers(g, [*bwd_inits, numpy_helper.from_array(np.array(1.0, seed_dtype), seed)],
-                     fwd.ir_version)
     del g.output[:]
 
     def out(name, like=None):
@@ -281,6 +260,56 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     _import_used_domains(fwd)
     check_model(fwd, "training graph")
     return fwd
+
+
+@dataclass
+class TrainingForward:
+    """The forward graph with BatchNormalization in training form and the loss appended."""
+    model: onnx.ModelProto  # the forward model: its nodes, initializers, inputs with targets
+    nodes: list  # its nodes (forward and loss)
+    state: dict  # running statistic -> the value that updates it
+    spec: LossSpec  # the loss (its output moved to the logits when it read a Softmax)
+    loss: str  # the loss value's name
+    targets: list  # the targets' value infos
+    target_shapes: dict  # target name -> static shape
+    scope: NameScope  # names in use, for the backward's fresh names
+
+
+def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset: int,
+                     spec: LossSpec, eval_bn, in_shapes: Mapping,
+                     sync_batchnorm: bool = False) -> TrainingForward:
+    """The training graph's forward part for model `m` (its forward values' `first` shapes
+    and constant values `consts`): shared by build_training_graph and the memory estimate."""
+    g = m.graph
+    scope = NameScope(all_names(g))
+    builder = Builder(scope, opset, first, "train", consts)
+    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm)
+    spec = _logits_of_softmax(spec, list(g.node), first, opset)
+    loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
+    nodes += loss_nodes
+    fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
+    t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+                for vi in target_vis}
+    return TrainingForward(fwd, nodes, state, spec, loss_name, target_vis, t_shapes, scope)
+
+
+def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, consts: Mapping,
+                    wrt, frozen, bn_stats, opset: int):
+    """Choose the parameters of `m` and append their backward to fw.model, seeded by a new
+    initializer `<loss>_grad_seed` (1): (parameter table, chosen, gradient names, seed)."""
+    table = parameter_table(m, fw.nodes, fw.loss, shapes, stats=bn_stats)
+    chosen = select(table, wrt, frozen)
+    if not chosen:
+        raise ModelError("nothing to train: no float initializer reaches the loss (see "
+                         "'onnx-trainer check MODEL' for why each one is left out)")
+    seed = fw.scope.fresh(f"{fw.loss}_grad_seed")
+    bwd, bwd_inits, grads = build_backward(fw.nodes, {fw.loss: seed}, chosen, shapes, opset,
+                                           fw.scope, consts)
+    g = fw.model.graph
+    g.node.extend(bwd)
+    add_initializers(g, [*bwd_inits, numpy_helper.from_array(
+        np.array(1.0, shapes[fw.loss][1]), seed)], fw.model.ir_version)
+    return table, chosen, grads, seed
 
 
 # Ops never folded: their values change from run to run.
