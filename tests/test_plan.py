@@ -415,7 +415,10 @@ def test_fast_erf_is_correctly_rounded_but_near_ties():
 CONV_CASES = [  # (N, C, H, W, M, K, stride, pad, dilation, group)
     (2, 3, 9, 8, 4, 3, 1, 1, 1, 1), (2, 4, 9, 9, 6, 3, 2, 1, 1, 2), (1, 2, 7, 7, 2, 2, 1, 0, 2, 1),
     (3, 6, 6, 5, 3, 1, 2, 0, 1, 1), (2, 2, 5, 5, 8, 5, 1, 2, 1, 1),
-    (2, 4, 7, 6, 6, 3, 1, 1, 2, 2), (2, 6, 8, 8, 4, 5, 1, 0, 1, 1)]
+    (2, 4, 7, 6, 6, 3, 1, 1, 2, 2), (2, 6, 8, 8, 4, 5, 1, 0, 1, 1),
+    # 1x1 kernels: the pointwise path (stride 1 and 3), padded and grouped ones through im2col
+    (2, 5, 4, 6, 7, 1, 1, 0, 1, 1), (3, 3, 7, 8, 4, 1, 3, 0, 1, 1), (2, 3, 4, 4, 5, 1, 1, 1, 1, 1),
+    (2, 4, 5, 5, 6, 1, 1, 0, 1, 2)]
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 2], ids=["batch", "chunks1", "chunks2"])

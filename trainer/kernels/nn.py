@@ -138,12 +138,34 @@ def _batch_chunk(xp, x, kshape, out_sp) -> int:
     return max(1, min(n, CONV_CHUNK_BYTES // max(1, per_image)))
 
 
+def _pointwise(xp, x, kshape, strides, pads, group):
+    """x as [N, C, pixels] when a host convolution with these parameters is pointwise (1x1
+    kernel, no padding, one group): the strided pixels, contiguous; else None."""
+    if xp is not np or group != 1 or any(k != 1 for k in kshape) or any(pads):
+        return None
+    if any(s != 1 for s in strides):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+    return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+
+
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given.
-    On the host, chunk by chunk of the batch (`CONV_CHUNK_BYTES`)."""
+    On the host, a 1x1 convolution is one GEMM per image on its pixels (no columns); others
+    run chunk by chunk of the batch (`CONV_CHUNK_BYTES`)."""
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
+    pixels = _pointwise(xp, x, kshape, strides, pads, group)
+    if pixels is not None:
+        dt = np.result_type(x, w)
+        target = y if y is not None and y.flags.c_contiguous and y.dtype == dt else \
+            np.empty((n, m) + tuple(out_sp), dtype=dt)
+        np.matmul(w.reshape(m, -1), pixels, out=target.reshape(n, m, -1))
+        if b is not None:
+            target += b.reshape((m,) + (1,) * len(out_sp))
+        if y is not None and target is not y:
+            y[...] = target
+        return target if y is None else y
     chunk = _batch_chunk(xp, x, kshape, out_sp)
     if chunk < n:
         if y is None:
@@ -198,6 +220,13 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     n = x.shape[0]
     m, g = dy.shape[1], group
     out_sp = list(dy.shape[2:])
+    pixels = _pointwise(xp, x, kshape, strides, pads, group)
+    if pixels is not None:  # 1x1: the sum over images of dY[n] X[n]^T, one GEMM each
+        prods = np.matmul(dy.reshape(n, m, -1), pixels.transpose(0, 2, 1))  # [N, M, C]
+        if dw is None:
+            dw = np.empty((m, x.shape[1]) + tuple(kshape), dtype=prods.dtype)
+        dw.reshape(m, -1)[...] = np.add.reduce(prods, axis=0)
+        return dw
     chunk = _batch_chunk(xp, x, kshape, out_sp)
     if chunk < n:  # the chunks' sums, added
         part = conv_weight_grad_into(xp, x[:chunk], dy[:chunk], kshape, strides, dilations,
