@@ -411,6 +411,45 @@ def test_fast_erf_is_correctly_rounded_but_near_ties():
     np.testing.assert_array_equal(get_kernel("Erf", 13)(np, x)[0], got)  # the kernel's too
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("kernel,stride,pad", [([3, 3], [2, 2], [1] * 4),
+                                               ([2, 2], [2, 2], [0] * 4)],
+                         ids=["overlapping", "tiled"])
+def test_maxpool_gradient_is_fused_and_matches_the_nodes_and_torch(opset, kernel, stride, pad):
+    """MaxPool's backward (a one-hot tap chain folded by a ConvTranspose before opset 16 when
+    windows overlap, a ScatterElements otherwise) runs as one scatter-add of dY at the
+    Indices; equal to the unfused nodes and to PyTorch, ties included."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 2, 9, 8)).astype(F32)
+    x[0, 0, :3, :3] = 1.5  # a tie: the first maximal tap takes the gradient
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=kernel, strides=stride,
+                              pads=pad),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    feat = 2 * math.prod((d + pad[0] + pad[2] - k) // s + 1
+                         for d, k, s in zip((9, 8), kernel, stride, strict=True))
+    w = rng.standard_normal((feat, 4)).astype(F32)
+    g = helper.make_graph(nodes, "pool",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 9, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 4])],
+                          [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    from trainer.autodiff import reverse
+    rm = reverse(model, ["x"], ["logits"])
+    dl = rng.standard_normal((3, 4)).astype(F32)
+    feeds = {"x": x, "logits_grad": dl}
+    ref = Executor(rm, optimize=False).run(feeds)["x_grad"]
+    ex = Executor(rm)
+    ex.run(feeds)
+    got = ex.run(feeds)["x_grad"]
+    assert "MaxPoolGrad" in {n.op for n in planned(ex).nodes}
+    assert rel_diff(got, ref) <= 1e-6
+    xt = torch.from_numpy(x).requires_grad_()
+    pt = torch.nn.functional.max_pool2d(xt, kernel, stride, pad[0])
+    (pt.flatten(1) @ torch.from_numpy(w)).backward(torch.from_numpy(dl))
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
 # -- convolutions against PyTorch -------------------------------------------------------------
 CONV_CASES = [  # (N, C, H, W, M, K, stride, pad, dilation, group)
     (2, 3, 9, 8, 4, 3, 1, 1, 1, 1), (2, 4, 9, 9, 6, 3, 2, 1, 1, 2), (1, 2, 7, 7, 2, 2, 1, 0, 2, 1),

@@ -4,12 +4,15 @@ float32 Erf), and the matchers that find those chains; the training graph itself
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from trainer.graph import attrs_of
 from trainer.kernels import get_kernel, nn
 from trainer.kernels.elementwise import erf_rational
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
@@ -156,6 +159,14 @@ def erf_float32(xp, x):
     return (erf_rational(xp, x),)
 
 
+def maxpool_backward(xp, indices, dy, *, shape):
+    """dX of MaxPool: dY added at its flat Indices into X (overlapping windows add up), one
+    bincount (sums in float64, rounded once)."""
+    total = math.prod(shape)
+    flat = xp.bincount(indices.reshape(-1), weights=dy.reshape(-1), minlength=total)
+    return (flat.astype(dy.dtype, copy=False).reshape(shape),)
+
+
 def conv_weight_grad(xp, x, dy, *, kernel_shape, strides, dilations, pads):
     return (nn.conv_weight_grad_into(xp, x, dy, kernel_shape, strides, dilations, pads, 1),)
 
@@ -262,7 +273,9 @@ def _template(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[s
     tnodes = []
     for k, p in enumerate(bwd):
         fn = get_kernel(p.op_type, g.opset if not p.domain else 1, p.domain)
-        attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
+        attrs = attrs_of(p)  # (as the executor reads them: tensors as arrays, strings decoded)
+        if "n_outputs" in inspect.signature(fn).parameters:
+            attrs["n_outputs"] = len(p.output)
         tnodes.append(PNode(p.op_type, list(p.input), list(p.output), attrs, p.name or str(k),
                             fn, p.domain or ""))
     tnodes = fold_constants(tnodes, consts)
@@ -298,6 +311,48 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
             return const_tag
         return t
 
+    def fits(tn: PNode, res: list, c: PNode | None):
+        """The seed bindings under which plan node c is template node tn, or None."""
+        if (c is None or id(c) in used or id(c) in region_ids or c.op != tn.op
+                or c.domain != tn.domain or len(c.inputs) != len(tn.inputs)
+                or len(c.outputs) != len(tn.outputs) or not _same_attrs(c.attrs, tn.attrs)):
+            return None
+        binds: dict[str, str] = {}
+        for t, r, a in zip(tn.inputs, res, c.inputs, strict=True):
+            if r is seed_tag:
+                ok = binds.setdefault(t, a) == a and bool(a)
+            elif r is const_tag:
+                ok = a in g.constants and _equal_values(g.constants[a], tconsts[t])
+            else:
+                ok = r == a
+            if not ok:
+                return None
+        return binds
+
+    def take(tn: PNode, c: PNode, binds: dict) -> None:
+        m.update(binds)
+        m.update(zip(tn.outputs, c.outputs, strict=True))
+        used.add(id(c))
+        matched.append(c)
+        pending.remove(tn)
+
+    def through_reader(tn: PNode, res: list) -> bool:
+        """Match tn, whose inputs are only seeds and constants (nothing to find it by), as
+        the producer of the input that a template reader of its output reads in the plan."""
+        for tc in pending:
+            slots = [j for j, t in enumerate(tc.inputs) if t in tn.outputs]
+            rres = [resolve(t) for t in tc.inputs]
+            anchors = [r for r in rres if isinstance(r, str) and r]
+            if not slots or not anchors:
+                continue
+            for c in g.readers.get(anchors[0], []):
+                p = g.made.get(c.inputs[slots[0]]) if len(c.inputs) == len(tc.inputs) else None
+                binds = fits(tn, res, p)
+                if binds is not None:
+                    take(tn, p, binds)
+                    return True
+        return False
+
     while pending:
         progress = False
         for tn in list(pending):
@@ -307,33 +362,19 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
             anchors = [r for r in res if isinstance(r, str) and r]
             if not anchors:
                 continue
-            chosen, binds = None, {}
             for c in g.readers.get(anchors[0], []):
-                if (id(c) in used or id(c) in region_ids or c.op != tn.op or c.domain != tn.domain
-                        or len(c.inputs) != len(tn.inputs) or len(c.outputs) != len(tn.outputs)
-                        or not _same_attrs(c.attrs, tn.attrs)):
-                    continue
-                binds, ok = {}, True
-                for t, r, a in zip(tn.inputs, res, c.inputs, strict=True):
-                    if r is seed_tag:
-                        ok = binds.setdefault(t, a) == a and bool(a)
-                    elif r is const_tag:
-                        ok = a in g.constants and _equal_values(g.constants[a], tconsts[t])
-                    else:
-                        ok = r == a
-                    if not ok:
-                        break
-                if ok:
-                    chosen = c
+                binds = fits(tn, res, c)
+                if binds is not None:
+                    take(tn, c, binds)
+                    progress = True
                     break
-            if chosen is None:
-                continue
-            m.update(binds)
-            m.update(zip(tn.outputs, chosen.outputs, strict=True))
-            used.add(id(chosen))
-            matched.append(chosen)
-            pending.remove(tn)
-            progress = True
+        if not progress:
+            for tn in list(pending):
+                res = [resolve(t) for t in tn.inputs]
+                if all(r is seed_tag or r is const_tag or r == "" for r in res) \
+                        and any(r is seed_tag for r in res) and through_reader(tn, res):
+                    progress = True
+                    break
         if not progress:
             return None
     return m, matched
@@ -574,6 +615,39 @@ def _fuse_conv_weight_grad(g: _Graph) -> int:
     return fused
 
 
+# -- MaxPool gradient ----------------------------------------------------------------------------
+def _fuse_maxpool_grad(g: _Graph) -> int:
+    """MaxPool's backward (a scatter of dY at the Indices, or before opset 16 with overlapping
+    windows a one-hot tap chain folded by a grouped ConvTranspose, 9x the output's size) as
+    one MaxPoolGrad. Where the rule recomputed the Indices with a second MaxPool, that node
+    stays and feeds it."""
+    fused = 0
+    for n in [n for n in g.nodes if n.op == "MaxPool" and not n.domain]:
+        x, y = n.inputs[0], n.outputs[0]
+        shape, dtype = g.shapes.get(x, (None, None))
+        if shape is None or dtype not in (np.float32, np.float64) \
+                or n.attrs.get("storage_order", 0):
+            continue
+        back = _fuse_backward(g, [n], {y: "\x00seed:" + y}, [x])
+        if back is None:
+            continue
+        bound, grads, matched = back
+        pre = [m for m in matched if m.op == "MaxPool"]
+        if len(n.outputs) > 1 and n.outputs[1] and not pre:
+            indices = n.outputs[1]
+        elif len(pre) == 1 and len(pre[0].outputs) > 1 and pre[0].outputs[1]:
+            indices = pre[0].outputs[1]
+        else:
+            continue
+        rest = [m for m in matched if m not in pre]
+        node = PNode("MaxPoolGrad", [indices, bound[y]], [grads[x]], {"shape": list(shape)},
+                     f"{n.name}/fused_grad", maxpool_backward, fused=True,
+                     info={"replaces": [m.name for m in rest]})
+        g.replace(rest, node)
+        fused += 1
+    return fused
+
+
 # -- LayerNormalization gradient -------------------------------------------------------------------
 def _fuse_layer_norm(g: _Graph) -> int:
     fused = 0
@@ -628,6 +702,7 @@ def fuse(nodes: list[PNode], constants: dict, shapes: Mapping, keep: set[str], o
     _fuse_batchnorm(g)
     _fuse_softmax_cross_entropy(g)
     _fuse_conv_weight_grad(g)
+    _fuse_maxpool_grad(g)
     _fuse_layer_norm(g)
     _fast_erf(g)
     return g.nodes
