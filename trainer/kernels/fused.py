@@ -639,7 +639,7 @@ def _fuse_maxpool_grad(g: _Graph) -> int:
             indices = pre[0].outputs[1]
         else:
             continue
-        rest = [m for m in matched if m not in pre]
+        rest = [m for m in matched if all(m is not p for p in pre)]
         node = PNode("MaxPoolGrad", [indices, bound[y]], [grads[x]], {"shape": list(shape)},
                      f"{n.name}/fused_grad", maxpool_backward, fused=True,
                      info={"replaces": [m.name for m in rest]})
