@@ -147,6 +147,18 @@ def test_planned_training_step_matches_the_interpreter(kind):
     assert len(plan.steps) < len(tm.graph.node)
 
 
+def test_profile_splits_a_run_into_kernels_and_dispatch():
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((4, 2, 8, 8)).astype(F32), rng.integers(0, 5, 4)
+    tm, names, fetch, feeds = training_case(cnn_model(), x, y)
+    ex = Executor(tm, feeds=names, fetch=fetch)
+    prof = ex.profile(feeds, repeat=3)
+    assert prof["nodes"] == len(planned(ex).steps)
+    assert sum(n for n, _ in prof["by_op"].values()) == prof["nodes"]
+    assert prof["kernel_s"] > 0 and prof["run_s"] > 0
+    assert 0 <= prof["dispatch_s"] < prof["run_s"] + prof["kernel_s"]
+
+
 def test_graph_shape_arithmetic_folds_and_identities_go():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 4, 8)).astype(F32)
@@ -189,6 +201,22 @@ def test_simplify_passes():
     ex = Executor(helper.make_model(const, opset_imports=OPSET))
     ex.run({"x": x})
     assert [n.op for n in planned(ex).nodes] == ["Gemm"]
+    # a transposed Gemm result (no C, read only by the Transpose) is the swapped Gemm
+    for ta, tb in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        a = rng.standard_normal((3, 2) if ta else (2, 3)).astype(F32)
+        b = rng.standard_normal((4, 3) if tb else (3, 4)).astype(F32)
+        tn = [helper.make_node("Gemm", ["a", "b"], ["p"], transA=ta, transB=tb, alpha=0.5),
+              helper.make_node("Transpose", ["p"], ["q"], perm=[1, 0])]
+        tg = helper.make_graph(tn, "t", [helper.make_tensor_value_info(k, TensorProto.FLOAT,
+                                                                       list(v.shape))
+                                         for k, v in (("a", a), ("b", b))],
+                               [helper.make_tensor_value_info("q", TensorProto.FLOAT, [4, 2])])
+        ex = Executor(helper.make_model(tg, opset_imports=OPSET))
+        ex.run({"a": a, "b": b})
+        got = ex.run({"a": a, "b": b})["q"]
+        assert [n.op for n in planned(ex).nodes] == ["Gemm"]
+        want = 0.5 * ((a.T if ta else a) @ (b.T if tb else b)).T
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_fetch_into_and_on_produced():

@@ -584,10 +584,12 @@ class Executor:
         return out
 
     def profile(self, feeds: Mapping[str, object], repeat: int = 20) -> dict:
-        """Time a run and its kernels: {"run_s", "kernel_s", "nodes", "by_op": {op: [count,
-        s]}}, medians over `repeat` runs. Kernel time is measured inside the steps, around the
-        kernel calls of a second copy of the plan, so (run_s - kernel_s) / nodes is the
-        executor's own cost per node (closure call, slot reads and writes, frees)."""
+        """Time a run and its kernels: {"run_s", "kernel_s", "dispatch_s", "nodes", "by_op":
+        {op: [count, s]}}, medians over `repeat` runs. Kernel time is measured inside the
+        steps, around the kernel calls of a second copy of the plan; dispatch_s / nodes is the
+        executor's own cost per node (closure call, slot reads and writes, frees): in each
+        timed run, its wall time less its kernel time and less the timers' own cost outside
+        the intervals they record (calibrated), so the two come from the same run."""
         self.run(feeds)
         self.run(feeds)
         plan = self._specialized.get(self._signature(feeds)) if self.optimize else None
@@ -605,18 +607,45 @@ class Executor:
                                                            enumerate(timed.steps)],
                              timed.labels, timed.feeds, timed.outputs)
             timed.by_feed = True
-        totals = []
+        totals, walls = [], []
         for _ in range(repeat):
             before = sum(per)
+            t = time.perf_counter()
             timed.run(feeds, self.xp)
+            walls.append(time.perf_counter() - t)
             totals.append(sum(per) - before)
+        outside = _timer_overhead() * len(timed.steps)
+        dispatch = [max(0.0, w - k - outside) for w, k in zip(walls, totals, strict=True)]
         by_op: dict[str, list] = {}
         for (_, op, _), t in zip(timed.labels, per, strict=True):
             entry = by_op.setdefault(op, [0, 0.0])
             entry[0] += 1
             entry[1] += t / repeat
         return {"run_s": float(np.median(runs)), "kernel_s": float(np.median(totals)),
+                "dispatch_s": float(np.median(dispatch)),
                 "nodes": len(timed.steps), "by_op": by_op}
+
+
+def _timer_overhead(calls: int = 2000) -> float:
+    """Seconds per call that a `_timed_fn` wrapper adds outside the interval it records."""
+    per = [0.0]
+
+    def noop():
+        return None
+    wrapped = _timed_fn(noop, per, 0)
+    clock = time.perf_counter
+    best = float("inf")
+    for _ in range(3):
+        per[0] = 0.0
+        t = clock()
+        for _ in range(calls):
+            noop()
+        plain = clock() - t
+        t = clock()
+        for _ in range(calls):
+            wrapped()
+        best = min(best, clock() - t - per[0] - plain)
+    return max(0.0, best / calls)
 
 
 def _timed_fn(fn: Callable, per: list, k: int) -> Callable:

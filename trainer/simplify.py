@@ -109,6 +109,31 @@ def fold_transposes_into_gemm(nodes: list[PNode], shapes: Mapping) -> list[PNode
     return nodes
 
 
+def fold_gemm_output_transposes(nodes: list[PNode], shapes: Mapping, keep: Iterable[str]
+                                ) -> list[PNode]:
+    """Transpose(Gemm(A, B)) -> Gemm(B, A) with the flags swapped and negated, (op(A) op(B))^T
+    = op(B)^T op(A)^T, when the Gemm has no C and only that 2-D Transpose reads its result (a
+    weight gradient computed transposed then lands in place, without a transposing copy)."""
+    readers = consumers(nodes)
+    keep = set(keep)
+    gone: set[int] = set()
+    for n in nodes:
+        if n.op != "Gemm" or n.domain or (len(n.inputs) > 2 and n.inputs[2]):
+            continue
+        rs = readers.get(n.outputs[0], [])
+        t = rs[0] if len(rs) == 1 else None
+        if (t is None or t.op != "Transpose" or t.domain or n.outputs[0] in keep
+                or len(shapes.get(n.outputs[0], ((),))[0]) != 2
+                or list(t.attrs.get("perm") or [1, 0]) != [1, 0]):
+            continue
+        ta, tb = int(n.attrs.get("transA", 0)), int(n.attrs.get("transB", 0))
+        n.inputs = [n.inputs[1], n.inputs[0]]
+        n.attrs["transA"], n.attrs["transB"] = 1 - tb, 1 - ta
+        n.outputs = [t.outputs[0]]
+        gone.add(id(t))
+    return [n for n in nodes if id(n) not in gone]
+
+
 def eliminate_dead(nodes: list[PNode], keep: Iterable[str]) -> list[PNode]:
     """Drop nodes none of whose outputs is kept or read (random nodes stay: they draw from the
     run's random stream, which later nodes share)."""
@@ -126,11 +151,12 @@ def simplify(nodes: list[PNode], constants: dict, keep: Iterable[str],
              shapes: Mapping | None = None) -> tuple[list[PNode], dict[str, str]]:
     """All passes; returns (nodes, alias: removed value -> the value that replaces it).
     `constants` gains the folded values; `shapes` (name -> (shape, dtype)) enables Shape/Size
-    folding and the Gemm transpose flags."""
+    folding and the Gemm transpose flags (on its inputs and its output)."""
     alias: dict[str, str] = {}
     nodes = fold_constants(nodes, constants, shapes)
     nodes = remove_identities(nodes, alias)
+    keep = {alias.get(k, k) for k in keep}
     if shapes is not None:
         nodes = fold_transposes_into_gemm(nodes, shapes)
-    keep = {alias.get(k, k) for k in keep}
+        nodes = fold_gemm_output_transposes(nodes, shapes, keep)
     return eliminate_dead(nodes, keep), alias
