@@ -421,7 +421,7 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
                 if arg is not None:
                     # arg = t where v > y: taps come in increasing order, so that is
                     # max(arg, t * (v > y)), branch-free (a masked store, putmask or copyto,
-                    # is 10-60x slower on data-dependent masks)
+                    # is 6-60x slower on data-dependent masks)
                     np.greater(v, y, out=more)
                     np.multiply(more, arg.dtype.type(t), out=hit)
                     np.maximum(arg, hit, out=arg)
