@@ -217,6 +217,32 @@ def test_simplify_passes():
         assert [n.op for n in planned(ex).nodes] == ["Gemm"]
         want = 0.5 * ((a.T if ta else a) @ (b.T if tb else b)).T
         np.testing.assert_allclose(got, want, rtol=1e-6)
+    # a reduction whose only reader drops its kept axes is the reduction without them; a
+    # Reshape that moves elements elsewhere, or a second reader, keeps both nodes
+    a = rng.standard_normal((3, 4, 5)).astype(F32)
+    for op, axes, target, folds in (("ReduceSum", [0], [4, 5], True),
+                                    ("ReduceMean", [-1, 0], [4], True),
+                                    ("ReduceSum", [1], [5, 3], False),
+                                    ("ReduceSum", [2], [3, 4], "read twice")):
+        rn = [helper.make_node("Constant", [], ["ax"],
+                               value=numpy_helper.from_array(np.array(axes, np.int64))),
+              helper.make_node("Constant", [], ["sh"],
+                               value=numpy_helper.from_array(np.array(target, np.int64))),
+              helper.make_node(op, ["a", "ax"], ["r"], keepdims=1),
+              helper.make_node("Reshape", ["r", "sh"], ["q"])]
+        outs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, target)]
+        if folds == "read twice":
+            rn.append(helper.make_node("Neg", ["r"], ["n"]))
+            outs.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
+        rg = helper.make_graph(rn, "r", [helper.make_tensor_value_info("a", TensorProto.FLOAT,
+                                                                       [3, 4, 5])], outs)
+        ex = Executor(helper.make_model(rg, opset_imports=[helper.make_opsetid("", 18)]))
+        ex.run({"a": a})
+        got = ex.run({"a": a})["q"]
+        ops = [n.op for n in planned(ex).nodes]
+        assert ops == [op] if folds is True else "Reshape" in ops, (op, axes, ops)
+        ref = (a.sum if op == "ReduceSum" else a.mean)(axis=tuple(axes), keepdims=True)
+        np.testing.assert_allclose(got, ref.reshape(target), rtol=1e-6)
 
 
 def test_fetch_into_and_on_produced():
@@ -384,13 +410,14 @@ def test_batchnorm_fused_forward_and_backward(shape):
 
 
 @pytest.mark.parametrize("ignore", ["some", "none", "all"])
-def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore):
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("ignore_index", [-100, -2, 1])  # outside [-C, C) (a lookup that
+def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore, ignore_index):
+    rng = np.random.default_rng(7)  # raises finds it) or inside (an explicit comparison)
     scores = rng.standard_normal((6, 4)).astype(F32)
-    labels = rng.integers(0, 4, 6)
-    labels[{"some": [1, 4], "none": [], "all": slice(None)}[ignore]] = -100
+    labels = rng.choice([c for c in range(4) if c != ignore_index], 6)
+    labels[{"some": [1, 4], "none": [], "all": slice(None)}[ignore]] = ignore_index
     sce = helper.make_node("SoftmaxCrossEntropyLoss", ["s", "l"], ["loss", "lp"],
-                           ignore_index=-100)
+                           ignore_index=ignore_index)
     g = helper.make_graph([sce], "g", [helper.make_tensor_value_info("s", TensorProto.FLOAT,
                                                                       [6, 4]),
                                        helper.make_tensor_value_info("l", TensorProto.INT64,
@@ -401,12 +428,16 @@ def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore):
     seed = np.array(0.75, F32)
     want = Executor(reverse(m, ["s"], ["loss"]), optimize=False).run(
         {"s": scores, "l": labels, "loss_grad": seed})
-    loss, lp = fused.softmax_cross_entropy_forward(np, scores, labels, ignore_index=-100)
+    loss, lp = fused.softmax_cross_entropy_forward(np, scores, labels,
+                                                   ignore_index=ignore_index)
     np.testing.assert_array_equal(loss, want["loss"])
-    (ds,) = fused.softmax_cross_entropy_backward(np, lp, labels, seed, ignore_index=-100)
+    (ds,) = fused.softmax_cross_entropy_backward(np, lp, labels, seed, ignore_index=ignore_index)
     np.testing.assert_array_equal(ds, want["s_grad"])
+    if ignore == "all":
+        return
     t = torch.from_numpy(scores).requires_grad_()
-    torch.nn.functional.cross_entropy(t, torch.from_numpy(labels)).mul(0.75).backward()
+    torch_labels = np.where(labels == ignore_index, -100, labels)  # (torch: no negative class)
+    torch.nn.functional.cross_entropy(t, torch.from_numpy(torch_labels)).mul(0.75).backward()
     np.testing.assert_allclose(ds, t.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 

@@ -19,7 +19,7 @@ from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
 from trainer.kernels import get_kernel
-from trainer.simplify import PNode, eliminate_dead, simplify
+from trainer.simplify import PNode, eliminate_dead, fold_reshapes_into_reductions, simplify
 
 
 def subgraphs(node: onnx.NodeProto) -> list[tuple[str, list[onnx.GraphProto]]]:
@@ -812,6 +812,7 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     from trainer.kernels.fused import fuse
     resolved = {alias.get(k, k) for k in keep}
     nodes = fuse(nodes, constants, shapes, resolved, ex.opset)
+    nodes = fold_reshapes_into_reductions(nodes, constants, shapes, resolved)
     nodes = _stable_order(eliminate_dead(nodes, resolved), set(constants) | set(ex.feeds))
     if nodes is None:
         return None
@@ -914,22 +915,27 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
                 np.add(out, x, out=out)
             return out
         return total, len(ins)
+    # 2-D products through np.dot: the same BLAS call as np.matmul with less overhead per call
+    # (1.9 -> 1.0 us for a [16, 64] @ [64, 10]); out is C-contiguous in the operands' dtype.
+    _gemm2 = np.dot if DOT_2D else np.matmul
     if op == "MatMul" and floats and len(ins) == 2:
         (sa, _), (sb, _) = ins
         if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
             k, m = sb
 
             def mm(x, y, out):
-                np.matmul(x.reshape(-1, k), y, out=out.reshape(-1, m))
+                _gemm2(x.reshape(-1, k), y, out.reshape(-1, m))
                 return out
             return mm, 2
+        if len(sa) == len(sb) == 2:
+            return (lambda x, y, out: _gemm2(x, y, out)), 2
         return (lambda x, y, out: np.matmul(x, y, out=out)), 2
     if op == "Gemm" and floats and not legacy and len(ins[0][0]) == len(ins[1][0]) == 2:
         ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
         alpha, beta = out_dt.type(a.get("alpha", 1.0)), out_dt.type(a.get("beta", 1.0))
 
         def gemm(x, w, c, out):
-            np.matmul(x.T if ta else x, w.T if tb else w, out=out)
+            _gemm2(x.T if ta else x, w.T if tb else w, out)
             if alpha != 1:
                 out *= alpha
             if c is not None:
@@ -976,6 +982,9 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
         g = a.get("group", 1)
         return (lambda x, w, b, out: nn.conv_transpose_into(np, x, w, b, *geo, g, out)), 3
     return None
+
+
+DOT_2D = True
 
 
 def _view_step(n: PNode, shapes: Mapping, i0: int, o: int) -> Callable | None:

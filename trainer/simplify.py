@@ -134,6 +134,40 @@ def fold_gemm_output_transposes(nodes: list[PNode], shapes: Mapping, keep: Itera
     return [n for n in nodes if id(n) not in gone]
 
 
+def fold_reshapes_into_reductions(nodes: list[PNode], constants: Mapping, shapes: Mapping,
+                                  keep: Iterable[str]) -> list[PNode]:
+    """Reshape(ReduceSum/ReduceMean(x, keepdims=1)) -> the reduction with keepdims=0, when the
+    Reshape only drops the reduced axes and is the reduction's only reader (the bias gradient
+    of Gemm rules: one node, written straight into its place). Run after the fusions, whose
+    patterns are the gradient rules' own nodes."""
+    readers = consumers(nodes)
+    keep = set(keep)
+    gone: set[int] = set()
+    for n in nodes:
+        if n.op not in ("ReduceSum", "ReduceMean") or n.domain or not n.attrs.get("keepdims", 1):
+            continue
+        rs = readers.get(n.outputs[0], [])
+        r = rs[0] if len(rs) == 1 else None
+        if (r is None or r.op != "Reshape" or r.domain or r.inputs[0] != n.outputs[0]
+                or n.outputs[0] in keep or n.inputs[0] not in shapes
+                or r.outputs[0] not in shapes):
+            continue
+        axes = n.attrs.get("axes")
+        if len(n.inputs) > 1 and n.inputs[1]:
+            axes = constants.get(n.inputs[1])
+        if axes is None or np.size(axes) == 0:
+            continue
+        rank = len(shapes[n.inputs[0]][0])
+        drop = {int(a) % rank for a in np.ravel(axes)}
+        squeezed = tuple(d for k, d in enumerate(shapes[n.inputs[0]][0]) if k not in drop)
+        if tuple(shapes[r.outputs[0]][0]) != squeezed:
+            continue
+        n.attrs["keepdims"] = 0
+        n.outputs = [r.outputs[0]]
+        gone.add(id(r))
+    return [n for n in nodes if id(n) not in gone]
+
+
 def eliminate_dead(nodes: list[PNode], keep: Iterable[str]) -> list[PNode]:
     """Drop nodes none of whose outputs is kept or read (random nodes stay: they draw from the
     run's random stream, which later nodes share)."""

@@ -104,16 +104,31 @@ def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
     log_prob = scores - scores.max(axis=1, keepdims=True)
     log_prob -= xp.log(xp.exp(log_prob).sum(axis=1, keepdims=True))
     lab = labels.astype(np.int64, copy=False)
-    valid = None if ignore_index is None else lab != ignore_index
-    if valid is None or valid.all():  # every label counts: the mean of the picked -log_prob
-        picked = _picked(xp, log_prob, lab)
-        loss = -picked.sum() / log_prob.dtype.type(picked.size)
-        return (xp.asarray(loss, dtype=scores.dtype), log_prob)
+    if _none_ignored(xp, lab, ignore_index, log_prob.shape[1]):
+        try:  # every label counts: the mean of the picked -log_prob
+            picked = _picked(xp, log_prob, lab)
+        except IndexError:  # a label outside [-C, C): ignore_index is one (checked below)
+            picked = None
+        if picked is not None:
+            loss = -picked.sum() / log_prob.dtype.type(picked.size)
+            return (xp.asarray(loss, dtype=scores.dtype), log_prob)
+    valid = lab != ignore_index
     picked = -_picked(xp, log_prob, xp.where(valid, lab, 0))
     w = valid.astype(log_prob.dtype)
     with np.errstate(invalid="ignore", divide="ignore"):  # every label ignored: 0/0
         loss = (picked * w).sum() / w.sum()
     return (xp.asarray(loss).astype(scores.dtype), log_prob)
+
+
+def _none_ignored(xp, labels, ignore_index, classes: int) -> bool:
+    """Whether no label may equal ignore_index, as far as a cheap test tells: True when there
+    is none, or when ignore_index lies outside [-classes, classes) on the host, where a label
+    equal to it makes the 2-D label lookup raise IndexError (which the callers catch)."""
+    if ignore_index is None:
+        return True
+    if xp is np and labels.ndim == 1 and not -classes <= ignore_index < classes:
+        return True
+    return not (labels == ignore_index).any()
 
 
 def _picked(xp, log_prob, labels):
@@ -127,17 +142,22 @@ def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
     """d(mean cross entropy)/d(logits) [N, C, ...] from the loss's log_prob output: softmax
     times c, minus c at each label, c = seed / (number of counted labels) (0 where ignored)."""
     prob = xp.exp(log_prob)
-    ignored = None if ignore_index is None else labels == ignore_index
-    if ignored is None or not ignored.any():  # one c for every sample
+    if _none_ignored(xp, labels, ignore_index, log_prob.shape[1]):  # one c for every sample
         c = seed / prob.dtype.type(labels.size)
-        xp.multiply(prob, c, out=prob)
         if prob.ndim == 2:  # the label column of each row
+            xp.multiply(prob, c, out=prob)
             rows = xp.arange(prob.shape[0])
-            prob[rows, labels] -= c
+            try:
+                prob[rows, labels] -= c
+                return (prob,)
+            except IndexError:  # a label outside [-C, C): ignore_index is one (prob unchanged
+                prob = xp.exp(log_prob)  # by the failed lookup, but already scaled)
+        else:
+            xp.multiply(prob, c, out=prob)
+            at = labels[:, None]
+            xp.put_along_axis(prob, at, xp.take_along_axis(prob, at, axis=1) - c, axis=1)
             return (prob,)
-        at = labels[:, None]
-        xp.put_along_axis(prob, at, xp.take_along_axis(prob, at, axis=1) - c, axis=1)
-        return (prob,)
+    ignored = labels == ignore_index
     safe = xp.where(ignored, 0, labels)
     valid = xp.where(ignored, prob.dtype.type(0), prob.dtype.type(1))
     total = valid.sum()
