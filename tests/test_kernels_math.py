@@ -4,6 +4,7 @@ onnxruntime or the ONNX reference evaluator, across opsets, attributes and dtype
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -510,3 +511,40 @@ def test_mod_property(dt, fmod, n):
 def _trunc_mod(p: int, q: int) -> int:
     quotient = abs(p) // abs(q) * (1 if (p < 0) == (q < 0) else -1)
     return p - q * quotient
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=4).map(tuple), data=st.data(),
+       keep=st.booleans(), dt=st.sampled_from([np.float32, np.float64]),
+       strided=st.booleans())
+def test_blas_sums_match_numpy_and_the_exact_sum(shape, data, keep, dt, strided):
+    """sum_of / mean_of (BLAS products for rows, columns and BatchNorm's statistics, NumPy
+    elsewhere): NumPy's shapes, an error within NumPy's own bound against the float64 sum, the
+    same bits with out= as without, and the ReduceSum/ReduceMean kernels give the same."""
+    from trainer.kernels.reduce import mean_of, sum_of
+    x = _rng.standard_normal(shape).astype(dt)
+    if strided and x.ndim:
+        x = np.repeat(x, 2, axis=-1)[..., ::2]  # (not C-contiguous: NumPy's path)
+    axes = data.draw(st.lists(st.integers(0, max(x.ndim - 1, 0)), unique=True,
+                              max_size=x.ndim)) if x.ndim else []
+    ax = tuple(axes) or None
+    got, want = sum_of(np, x, ax, keep), x.sum(ax, keepdims=keep)
+    assert np.shape(got) == np.shape(want) and np.asarray(got).dtype == dt
+    exact = x.astype(np.float64).sum(ax, keepdims=keep)
+    bound = np.abs(x).astype(np.float64).sum(ax, keepdims=keep)
+    n = x.size // max(np.size(exact), 1)
+    eps = np.finfo(dt).eps
+    assert np.all(np.abs(got - exact) <= 2 * n * eps * bound + 1e-30)
+    out = np.empty(np.shape(want), dt)
+    assert sum_of(np, x, ax, keep, out) is out
+    np.testing.assert_array_equal(out, got)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the mean of an empty set)
+        mean = mean_of(np, x, ax, keep)
+        np.testing.assert_allclose(mean, x.mean(ax, keepdims=keep), rtol=4 * n * eps,
+                                   atol=1e-6 if dt == np.float32 else 1e-12)
+        feeds = {"X": x, "A": np.array(axes, np.int64)} if axes else {"X": x}
+        for op, ref in (("ReduceSum", got), ("ReduceMean", mean)):
+            model = node_model(op, [("X", x), ("A", feeds.get("A"))], opset=18,
+                               keepdims=int(keep))
+            np.testing.assert_array_equal(run(model, feeds)["y0"], ref)

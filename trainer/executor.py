@@ -955,15 +955,10 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
         else:
             ax = tuple(sorted({int(v) % max(rank, 1) for v in axes} & set(range(rank))))
         keep = bool(a.get("keepdims", 1))
+        from trainer.kernels.reduce import mean_of, sum_of  # (the kernels' own sums)
         if op == "ReduceSum":
-            return (lambda x, _axes, out: np.add.reduce(x, axis=ax, keepdims=keep,
-                                                        out=out)), 2
-        count = out_dt.type(int(np.prod(ins[0][0])) // max(int(np.prod(out_shape)), 1))
-
-        def mean(x, _axes, out):  # as np.mean: the sum, then one division
-            np.add.reduce(x, axis=ax, keepdims=keep, out=out)
-            return np.true_divide(out, count, out=out)
-        return mean, 2
+            return (lambda x, _axes, out: sum_of(np, x, ax, keep, out)), 2
+        return (lambda x, _axes, out: mean_of(np, x, ax, keep, out)), 2
     if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
             a.get("group", 1) >= 1:
         from trainer.kernels import nn

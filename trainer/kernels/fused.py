@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from trainer.graph import attrs_of
 from trainer.kernels import get_kernel, nn
 from trainer.kernels.elementwise import erf_rational
+from trainer.kernels.reduce import mean_of, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -24,10 +25,10 @@ BN_VALUES = ("mean", "xc", "sq", "var", "ve", "sd", "xhat", "scaled", "y")
 def bn_train_forward(xp, x, s_b, b_b, *, axes, eps, want):
     """The BatchNormalization training rewrite's values (the ones named in `want`), computed
     with the same operations in the same order as its nodes, with fewer temporaries."""
-    mean = x.mean(axis=axes, keepdims=True)
+    mean = mean_of(xp, x, axes, True)
     xc = x - mean
     sq = xc * xc
-    var = sq.mean(axis=axes, keepdims=True)
+    var = mean_of(xp, sq, axes, True)
     ve = var + eps
     sd = xp.sqrt(ve)
     if "sq" not in want:
@@ -52,9 +53,9 @@ def bn_train_backward(xp, dy, xhat, sd, s_b, *, axes, count, want_dx, want_ds, w
                       ds_shape, db_shape):
     """dX, dScale, dBias of y = xhat * s + b with xhat = (x - mean(x)) / sd(x) (batch
     statistics): dX = s / sd * (dy - mean(dy) - xhat * mean(dy * xhat))."""
-    db = dy.sum(axis=axes, keepdims=True)
+    db = sum_of(xp, dy, axes, True)
     t = dy * xhat
-    ds = t.sum(axis=axes, keepdims=True)
+    ds = sum_of(xp, t, axes, True)
     out = []
     if want_dx:
         inv = dy.dtype.type(1.0 / count)
@@ -75,17 +76,17 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
     """dX, dScale, dBias of LayerNormalization (statistics recomputed from x, as its gradient
     rule does): dX = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale."""
     lead = tuple(range(axes[0]))
-    mean = x.mean(axis=axes, keepdims=True)
+    mean = mean_of(xp, x, axes, True)
     xhat = x - mean
-    var = (xhat * xhat).mean(axis=axes, keepdims=True)
+    var = mean_of(xp, xhat * xhat, axes, True)
     inv = 1 / xp.sqrt(var + x.dtype.type(eps))
     xhat *= inv
     out = []
-    ds = (dy * xhat).sum(axis=lead).reshape(ds_shape) if want_ds else None
+    ds = sum_of(xp, dy * xhat, lead).reshape(ds_shape) if want_ds else None
     if want_dx:
         g = dy * scale.reshape(x.shape[axes[0]:])
-        mg = g.mean(axis=axes, keepdims=True)
-        mgx = (g * xhat).mean(axis=axes, keepdims=True)
+        mg = mean_of(xp, g, axes, True)
+        mgx = mean_of(xp, g * xhat, axes, True)
         xhat *= mgx
         g -= mg
         g -= xhat
@@ -94,7 +95,7 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
     if want_ds:
         out.append(ds)
     if want_db:
-        out.append(dy.sum(axis=lead).reshape(db_shape))
+        out.append(sum_of(xp, dy, lead).reshape(db_shape))
     return tuple(out)
 
 
@@ -102,7 +103,7 @@ def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
     """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
     operations as its kernel with the label lookup written for the 2-D case."""
     log_prob = scores - scores.max(axis=1, keepdims=True)
-    log_prob -= xp.log(xp.exp(log_prob).sum(axis=1, keepdims=True))
+    log_prob -= xp.log(sum_of(xp, xp.exp(log_prob), (1,), True))
     lab = labels.astype(np.int64, copy=False)
     if _none_ignored(xp, lab, ignore_index, log_prob.shape[1]):
         try:  # every label counts: the mean of the picked -log_prob

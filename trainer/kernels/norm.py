@@ -10,6 +10,7 @@ import numpy as np
 from onnx.helper import tensor_dtype_to_np_dtype
 
 from trainer.kernels import kernel
+from trainer.kernels.reduce import mean_of
 
 
 def compute_dtype(*dtypes) -> np.dtype:
@@ -25,9 +26,9 @@ def _stash(stash_type: int) -> np.dtype:
 def _standardize(xp, x, axes, epsilon, ct):
     """(x - mean) * inv_std over axes, computed in ct; also returns mean and inv_std."""
     xc = x.astype(ct, copy=False)
-    mean = xc.mean(axis=axes, keepdims=True)
+    mean = mean_of(xp, xc, axes, True)
     d = xc - mean
-    var = (d * d).mean(axis=axes, keepdims=True)
+    var = mean_of(xp, d * d, axes, True)
     inv = 1 / xp.sqrt(var + ct.type(epsilon))
     return d * inv, mean, inv
 
