@@ -333,6 +333,71 @@ def test_relu_gradient_select_keeps_where_semantics(reps):
             np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
 
 
+@pytest.mark.parametrize("reps", [1, WHERE_SELECT // 6 + 1])
+@pytest.mark.parametrize("form", ["zero-then", "zero-then-const", "fill-then", "fill-else"])
+@pytest.mark.parametrize("fill", [-np.inf, -1e9, 3.5])
+def test_where_with_a_constant_branch_keeps_where_semantics(reps, form, fill):
+    """Where(c, 0, x) and, with a constant condition (a causal mask), Where(c, fill, x) and
+    Where(c, x, fill) run as products and sums in plans: the select's values, NaN and inf
+    included, where the condition broadcasts over x."""
+    if form.startswith("zero") and fill != -np.inf:
+        pytest.skip("the zero forms take no fill")
+    mask = np.array([True, False, True, False, False, True])
+    const = form != "zero-then"
+    cond = "c" if const else "pos"
+    branch = {"zero-then": ["zero", "x"], "zero-then-const": ["zero", "x"],
+              "fill-then": ["fill", "x"], "fill-else": ["x", "fill"]}[form]
+    nodes = [helper.make_node("Where", [cond] + branch, ["w"])]
+    inits = [numpy_helper.from_array(np.array(0, F32), "zero"),
+             numpy_helper.from_array(np.array(fill, F32), "fill")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [reps, 6])]
+    if const:
+        inits.append(numpy_helper.from_array(mask, "c"))
+    else:
+        nodes.insert(0, helper.make_node("Greater", ["y", "zero"], ["pos"]))
+        inputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [reps, 6]))
+    g = helper.make_graph(nodes, "g", inputs,
+                          [helper.make_tensor_value_info("w", TensorProto.FLOAT, [reps, 6])],
+                          inits)
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    y = np.tile(np.where(mask, F32(1), F32(-1)), (reps, 1))
+    for x in (np.array([-1, -2, 3, 4, -5, 6], F32), np.array([1, np.nan, 2, np.inf, 3, 4], F32),
+              np.array([np.inf, 1, -np.inf, 2, 1, np.nan], F32)):
+        x = np.tile(x, (reps, 1))
+        for _ in range(2):
+            got = ex.run({"x": x, "y": y} if not const else {"x": x})["w"]
+            c = mask if const else y > 0
+            a, b = [{"zero": F32(0), "fill": F32(fill), "x": x}[k] for k in branch]
+            want = np.where(c, a, b)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    plan = planned(ex)
+    assert [n.op for n in plan.nodes][-1] == "Where"
+
+
+def test_nan_guard_passes_values_through_and_zeroes_nans():
+    nodes = [helper.make_node("Softmax", ["x"], ["y"]),
+             helper.make_node("IsNaN", ["y"], ["nan"]),
+             helper.make_node("Where", ["nan", "zero", "y"], ["safe"]),
+             helper.make_node("Mul", ["safe", "safe"], ["z"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [3, 4])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 4])],
+                          [numpy_helper.from_array(np.array(0, F32), "zero")])
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    ref = Executor(helper.make_model(g, opset_imports=OPSET), optimize=False)
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(F32)
+    for row in (None, 1):  # a fully masked row: its softmax is NaN, guarded to zeros
+        if row is not None:
+            x[row] = -np.inf
+        for _ in range(2):
+            with np.errstate(invalid="ignore"):  # (-inf - -inf in the masked row)
+                got, want = ex.run({"x": x})["z"], ref.run({"x": x})["z"]
+            np.testing.assert_array_equal(got, want)
+            assert np.isfinite(got).all()
+    assert [n.op for n in planned(ex).nodes] == ["Softmax", "NanToZero", "Mul"]
+
+
 def test_dropout_draws_the_same_numbers_planned():
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("Dropout", ["r", "ratio", "train"], ["d", "mask"]),

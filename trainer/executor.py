@@ -883,27 +883,8 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
             and len(set(dts)) == 1 and dts[0].kind in "fiu":
         uf = _COMPARE[op]
         return (lambda x, y, out: uf(x, y, out=out)), 2
-    if op == "Where" and len(ins) == 3 and out_dt in _FLOATS and ins[1][1] == out_dt \
-            and ins[0][1] == np.bool_ and n.inputs[2] in constants:
-        b = np.asarray(constants[n.inputs[2]])
-        if b.size == 1 and b.dtype == out_dt and b.reshape(()) == 0 and not np.signbit(b).any():
-            zero = out_dt.type(0)
-
-            def where_zero(cond, x, _b, out):
-                # x * cond (+0 turns -0.0 into 0.0) is where(cond, x, 0) for finite x, and
-                # several times faster than NumPy's masked select; otherwise the select. Below
-                # WHERE_SELECT elements the select is cheaper than the product and its checks.
-                if out.size <= WHERE_SELECT:
-                    np.copyto(out, np.where(cond, x, zero))
-                    return out
-                with np.errstate(invalid="ignore", over="ignore"):
-                    np.multiply(x, cond, out=out)
-                    out += zero
-                    finite = np.isfinite(np.add.reduce(out, axis=None))
-                if not finite:
-                    np.copyto(out, np.where(cond, x, _b))
-                return out
-            return where_zero, 3
+    if op == "Where" and len(ins) == 3 and out_dt in _FLOATS and ins[0][1] == np.bool_:
+        return _where_impl(n, ins, out_dt, constants)
     if op == "Relu" and floats:
         zero = out_dt.type(0)
         return (lambda x, out: np.maximum(x, zero, out=out)), 1
@@ -980,6 +961,73 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
 
 
 DOT_2D = True
+
+
+def _finite(x) -> bool:
+    """Whether every element of float array x is finite, in one pass (a false "no" where the
+    squares overflow only costs the caller its slower exact path)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if x.flags.c_contiguous and x.size:
+            v = x.reshape(-1)
+            return bool(np.isfinite(np.dot(v, v)))
+        return bool(np.isfinite(np.add.reduce(x, axis=None)))
+
+
+def _where_impl(n: PNode, ins: list, out_dt, constants: Mapping):
+    """Where(c, a, b) on floats as products and sums, where one branch is a constant scalar
+    (NumPy's select is several times slower): (impl, 3) or None.
+    - Where(c, x, 0) = x * c and Where(c, 0, x) = x * ~c (+0 turns -0.0 into 0.0);
+    - c constant, the other branch a constant fill f (a causal or padding mask): x * keep +
+      fill, with keep = ~c (or c) and fill = f where masked, 0 elsewhere (x + fill alone when f
+      is infinite).
+    Each is the select for finite x; otherwise (checked in one pass) the select runs. Below
+    WHERE_SELECT elements the select is cheaper than the product and its check."""
+    (cs, _), (as_, adt), (bs, bdt) = ins
+
+    def scalar(k):
+        v = constants.get(n.inputs[k])
+        v = None if v is None else np.asarray(v)
+        return v.reshape(()) if v is not None and v.size == 1 and v.dtype == out_dt else None
+    fa, fb = scalar(1), scalar(2)
+    cond = constants.get(n.inputs[0])
+    cond = None if cond is None else np.asarray(cond)
+    zero = out_dt.type(0)
+    for fill, x_at, keep_if in ((fb, 1, True), (fa, 2, False)):
+        if fill is None or ins[x_at][1] != out_dt:
+            continue
+        if fill == 0 and not np.signbit(fill):
+            pick = cond if keep_if or cond is None else np.logical_not(cond)
+
+            def where_zero(c, a, b, out, x_at=x_at, keep_if=keep_if, pick=pick):
+                x = a if x_at == 1 else b
+                if out.size <= WHERE_SELECT:
+                    np.copyto(out, np.where(c, a, b))
+                    return out
+                m = c if keep_if else (pick if pick is not None else np.logical_not(c))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    np.multiply(x, m, out=out)
+                    out += zero
+                if not _finite(out):  # (x not finite where masked: the select's zero)
+                    np.copyto(out, np.where(c, a, b))
+                return out
+            return where_zero, 3
+        if cond is None:
+            continue
+        masked = cond if not keep_if else np.logical_not(cond)  # where the fill goes
+        fills = np.where(masked, fill, zero).astype(out_dt)
+        keep = None if np.isinf(fill) else np.logical_not(masked).astype(out_dt)
+
+        def where_fill(c, a, b, out, x_at=x_at, fills=fills, keep=keep):
+            x = a if x_at == 1 else b
+            if out.size <= WHERE_SELECT or not _finite(x):
+                np.copyto(out, np.where(c, a, b))
+                return out
+            if keep is None:  # x + (+-inf) is the fill, x + 0 is x
+                return np.add(x, fills, out=out)
+            np.multiply(x, keep, out=out)  # x * 0 + fill is the fill, x * 1 + 0 is x
+            return np.add(out, fills, out=out)
+        return where_fill, 3
+    return None
 
 
 def _view_step(n: PNode, shapes: Mapping, i0: int, o: int) -> Callable | None:

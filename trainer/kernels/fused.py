@@ -706,6 +706,37 @@ def _fuse_layer_norm(g: _Graph) -> int:
     return fused
 
 
+def nan_to_zero(xp, x):
+    """Where(IsNaN(x), 0, x): x itself when it holds no NaN (checked in one pass)."""
+    if xp is np:
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = x.reshape(-1) if x.flags.c_contiguous else x.ravel()
+            if v.size == 0 or np.isfinite(np.dot(v, v)) or not np.isnan(v).any():
+                return (x,)
+    return (xp.where(xp.isnan(x), x.dtype.type(0), x),)
+
+
+def _fuse_nan_to_zero(g: _Graph) -> int:
+    """Where(IsNaN(x), 0, x) (softmax gradients guard fully masked rows so) as one NanToZero,
+    which passes x through unless it holds a NaN."""
+    count = 0
+    for w in [n for n in g.nodes if n.op == "Where" and not n.domain and len(n.inputs) == 3]:
+        test = g.made.get(w.inputs[0])
+        zero = g.constants.get(w.inputs[1])
+        if (test is None or test.op != "IsNaN" or test.domain or test.inputs[0] != w.inputs[2]
+                or g.only_reader(test.outputs[0], "Where") is not w or zero is None
+                or np.size(zero) != 1 or np.ravel(zero)[0] != 0 or np.signbit(np.ravel(zero)[0])
+                or g.shapes.get(w.inputs[2], ((), None))[1] not in (np.float32, np.float64)
+                or g.shapes[w.outputs[0]] != g.shapes[w.inputs[2]]
+                or np.asarray(zero).dtype != g.shapes[w.inputs[2]][1]):
+            continue
+        node = PNode("NanToZero", [w.inputs[2]], [w.outputs[0]], {}, f"{w.name}/fused",
+                     nan_to_zero, fused=True, info={"replaces": [test.name, w.name]})
+        g.replace([test, w], node)
+        count += 1
+    return count
+
+
 def _fast_erf(g: _Graph) -> int:
     count = 0
     for n in g.nodes:
@@ -725,5 +756,6 @@ def fuse(nodes: list[PNode], constants: dict, shapes: Mapping, keep: set[str], o
     _fuse_conv_weight_grad(g)
     _fuse_maxpool_grad(g)
     _fuse_layer_norm(g)
+    _fuse_nan_to_zero(g)
     _fast_erf(g)
     return g.nodes
