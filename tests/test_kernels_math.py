@@ -548,3 +548,27 @@ def test_blas_sums_match_numpy_and_the_exact_sum(shape, data, keep, dt, strided)
             model = node_model(op, [("X", x), ("A", feeds.get("A"))], opset=18,
                                keepdims=int(keep))
             np.testing.assert_array_equal(run(model, feeds)["y0"], ref)
+
+
+@pytest.mark.parametrize("shape, axes, blas", [
+    ((64, 128), (1,), True),  # rows (LayerNorm, softmax)
+    ((16, 4, 64, 64), (3,), True),
+    ((1024, 512), (0,), True),  # columns (bias gradients)
+    ((16, 16, 32, 32), (0, 2, 3), True),  # BatchNorm's statistics
+    ((4, 8, 2048), (2,), False),  # rows too long: NumPy's pairwise sum
+    ((16, 128), (0,), False),  # too small to pay for a BLAS call
+    ((8, 16, 64), (1,), False),  # a middle axis
+])
+def test_blas_sum_paths_and_layouts(shape, axes, blas):
+    from trainer.kernels.reduce import sum_of, sum_plan
+    dt = np.dtype(np.float32)
+    assert (sum_plan(shape, dt, axes, False) is not None) == blas
+    x = _rng.standard_normal(shape).astype(dt)
+    got = sum_of(np, x, axes)
+    exact = x.astype(np.float64).sum(axes)
+    n = x.size // exact.size
+    assert np.all(np.abs(got - exact) <= 2 * n * np.finfo(dt).eps
+                  * np.abs(x).astype(np.float64).sum(axes))
+    # any memory layout adds the same way (the planner may hand a view to the kernel's sum)
+    view = np.asfortranarray(x)
+    np.testing.assert_array_equal(sum_of(np, view, axes), got)

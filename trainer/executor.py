@@ -5,6 +5,7 @@ Graph attributes (If/Loop/Scan bodies) are planned once with the outer plan and 
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -936,10 +937,22 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
         else:
             ax = tuple(sorted({int(v) % max(rank, 1) for v in axes} & set(range(rank))))
         keep = bool(a.get("keepdims", 1))
-        from trainer.kernels.reduce import mean_of, sum_of  # (the kernels' own sums)
+        from trainer.kernels.reduce import sum_plan  # (the kernels' own sums: same bits)
+        blas = sum_plan(tuple(ins[0][0]), dts[0], tuple(range(rank)) if ax is None else ax, keep)
+        if blas is None:
+            def total(x, _axes, out):
+                x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+                return np.add.reduce(x, axis=ax, keepdims=keep, out=out)
+        else:
+            def total(x, _axes, out):
+                return blas(x if x.flags.c_contiguous else np.ascontiguousarray(x), out)
         if op == "ReduceSum":
-            return (lambda x, _axes, out: sum_of(np, x, ax, keep, out)), 2
-        return (lambda x, _axes, out: mean_of(np, x, ax, keep, out)), 2
+            return total, 2
+        count = math.prod(ins[0][0]) // max(math.prod(out_shape), 1)
+
+        def mean(x, _axes, out):  # as np.mean: the sum, then one division
+            return np.true_divide(total(x, _axes, out), count, out=out)
+        return mean, 2
     if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
             a.get("group", 1) >= 1:
         from trainer.kernels import nn

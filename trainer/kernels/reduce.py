@@ -6,6 +6,8 @@ after; float16/bfloat16 accumulate in float32.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from trainer.kernels import host_ints, kernel
@@ -15,10 +17,15 @@ from trainer.kernels.elementwise import wide
 # reduction for the short rows of normalization and softmax statistics and for column sums.
 # BLAS adds each row in a few float lanes, as NumPy adds runs of up to 128 elements in 8
 # accumulators (pairwise above that); rows longer than BLAS_SUM_RUN keep NumPy's pairwise sum.
-# Column sums (a leading block of axes) add row after row in both.
+# Column sums (a leading block of axes) add row after row in both. Arrays of fewer than
+# BLAS_SUM_MIN elements keep NumPy's sum (a BLAS call costs more there). The choice depends on
+# the shape, dtype and axes only, so every path (kernels, fused kernels, the planner's in-place
+# form, any memory layout) adds a value the same way.
 BLAS_SUM_RUN = 1024
+BLAS_SUM_MIN = 4096
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+_SUM_PLANS: dict[tuple, object] = {}
 
 
 def _ones(n: int, dtype) -> np.ndarray:
@@ -30,25 +37,60 @@ def _ones(n: int, dtype) -> np.ndarray:
     return v
 
 
-def _blas_sum(x, axes):
-    """The sum of a C-contiguous float32/float64 host array over `axes` (a sorted tuple) as
-    BLAS products, flat; None where the axes are not a trailing block (rows of at most
-    BLAS_SUM_RUN), a leading block, or axis 0 with such a trailing block."""
-    r, shape, k = x.ndim, x.shape, len(axes)
-    if not k or x.size == 0:
+def sum_plan(shape: tuple[int, ...], dtype, axes: tuple[int, ...], keepdims: bool):
+    """f(x, out=None) summing a C-contiguous host array of this shape and dtype over `axes` (a
+    sorted tuple) with BLAS, into `out` (C-contiguous) when given; None where NumPy's sum is
+    kept. Decided once per signature."""
+    key = (shape, dtype, axes, keepdims)
+    if key in _SUM_PLANS:
+        return _SUM_PLANS[key]
+    if len(_SUM_PLANS) > 4096:
+        _SUM_PLANS.clear()
+    f = _SUM_PLANS[key] = _make_sum_plan(shape, np.dtype(dtype), axes, keepdims)
+    return f
+
+
+def _make_sum_plan(shape, dtype, axes, keepdims):
+    r, k = len(shape), len(axes)
+    size = math.prod(shape)
+    if dtype not in _BLAS_FLOATS or not k or size < BLAS_SUM_MIN:
         return None
+    final = _reduced_shape(shape, axes, keepdims)
     if axes == tuple(range(r - k, r)):  # rows
-        n = x.size // max(1, int(np.prod(shape[:r - k])))
-        if n <= BLAS_SUM_RUN:
-            return np.dot(x.reshape(-1, n), _ones(n, x.dtype))
-    elif axes == tuple(range(k)):  # columns
-        n = int(np.prod(shape[:k]))
-        return np.dot(_ones(n, x.dtype), x.reshape(n, -1))
-    elif axes[0] == 0 and axes[1:] == tuple(range(r - k + 1, r)):  # (BatchNorm's statistics)
-        n = int(np.prod(shape[r - k + 1:]))
-        if n <= BLAS_SUM_RUN:
-            rows = np.dot(x.reshape(-1, n), _ones(n, x.dtype))
-            return np.add.reduce(rows.reshape(shape[0], -1), axis=0)
+        n = math.prod(shape[r - k:])
+        if n > BLAS_SUM_RUN:
+            return None
+        ones, m = _ones(n, dtype), size // n
+
+        def rows(x, out=None):
+            if out is None:
+                return np.dot(x.reshape(m, n), ones).reshape(final)
+            np.dot(x.reshape(m, n), ones, out=out.reshape(m))
+            return out
+        return rows
+    if axes == tuple(range(k)):  # columns
+        n = math.prod(shape[:k])
+        ones, m = _ones(n, dtype), size // n
+
+        def columns(x, out=None):
+            if out is None:
+                return np.dot(ones, x.reshape(n, m)).reshape(final)
+            np.dot(ones, x.reshape(n, m), out=out.reshape(m))
+            return out
+        return columns
+    if axes[0] == 0 and axes[1:] == tuple(range(r - k + 1, r)):  # (BatchNorm's statistics)
+        n = math.prod(shape[r - k + 1:])
+        if n > BLAS_SUM_RUN:
+            return None
+        ones, lead = _ones(n, dtype), shape[0]
+
+        def statistics(x, out=None):
+            part = np.dot(x.reshape(-1, n), ones).reshape(lead, -1)
+            if out is None:
+                return np.add.reduce(part, axis=0).reshape(final)
+            np.add.reduce(part, axis=0, out=out.reshape(-1))
+            return out
+        return statistics
     return None
 
 
@@ -61,17 +103,18 @@ def _sorted_axes(x, axes) -> tuple[int, ...]:
 
 
 def sum_of(xp, x, axes=None, keepdims=False, out=None):
-    """x.sum(axis=axes, keepdims=keepdims) (into `out` when given); on the host, through
-    BLAS where the layout allows (see BLAS_SUM_RUN). Every kernel and the planner's in-place
-    form sum through here, so a value comes out the same on every path."""
-    if xp is np and x.dtype in _BLAS_FLOATS and x.flags.c_contiguous and x.ndim:
-        ax = _sorted_axes(x, axes)
-        flat = _blas_sum(x, ax)
-        if flat is not None:
-            res = flat.reshape(_reduced_shape(x.shape, ax, keepdims))
-            if out is None:
-                return res
-            np.copyto(out, res)
+    """x.sum(axis=axes, keepdims=keepdims) (into `out` when given); on the host through BLAS
+    where sum_plan says so, over a C-contiguous copy of a strided x (NumPy's order of addition
+    follows the memory layout). Every kernel and the planner's in-place form sum through here,
+    so a value comes out the same on every path."""
+    if xp is np and x.dtype in _BLAS_FLOATS:
+        x = x if x.flags.c_contiguous else np.ascontiguousarray(x)  # (NumPy's order: layout's)
+        f = sum_plan(x.shape, x.dtype, _sorted_axes(x, axes), bool(keepdims)) \
+            if x.size >= BLAS_SUM_MIN else None
+        if f is not None:
+            if out is None or out.flags.c_contiguous:
+                return f(x, out)
+            np.copyto(out, f(x))
             return out
     if out is not None:
         return np.add.reduce(x, axis=axes, keepdims=keepdims, out=out)
@@ -87,8 +130,7 @@ def mean_of(xp, x, axes=None, keepdims=False, out=None):
         np.copyto(out, res)
         return out
     total = sum_of(xp, x, axes, keepdims, out)
-    ax = _sorted_axes(x, axes)
-    count = int(np.prod([x.shape[a] for a in ax])) if x.ndim else 1
+    count = math.prod(x.shape[a] for a in _sorted_axes(x, axes)) if x.ndim else 1
     if isinstance(total, np.ndarray):
         return np.true_divide(total, count, out=total)
     return total.dtype.type(total / count)
