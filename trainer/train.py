@@ -38,6 +38,7 @@ from trainer.graph import (
     np_dtype,
 )
 from trainer.kernels.collective import collectives
+from trainer.kernels.reduce import squares_finite
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
@@ -869,15 +870,9 @@ class ProfileRequest:
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    """Whether every element of a host array is finite. A finite sum of squares says so in one
-    pass (a non-finite element makes it inf or NaN; BLAS's dot is 3x faster than NumPy's sum);
-    one that overflows or is not finite is checked element by element."""
-    if a.dtype in (np.float32, np.float64) and a.ndim == 1:
-        with np.errstate(over="ignore", invalid="ignore"):  # (overflow: checked below)
-            total = float(np.dot(a, a))
-    else:
-        total = float(np.add.reduce(a, axis=None))
-    return math.isfinite(total) or bool(np.isfinite(a).all())
+    """Whether every element of a host array is finite (one pass where the sum of squares
+    says so; element by element where it overflows or is not finite)."""
+    return squares_finite(a) or bool(np.isfinite(a).all())
 
 
 def node_times(ex: Executor, feeds: dict, repeat: int, loss: str

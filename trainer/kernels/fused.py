@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from trainer.graph import attrs_of
 from trainer.kernels import get_kernel, nn
 from trainer.kernels.elementwise import erf_rational
-from trainer.kernels.reduce import mean_of, sum_of
+from trainer.kernels.reduce import mean_of, squares_finite, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -708,11 +708,8 @@ def _fuse_layer_norm(g: _Graph) -> int:
 
 def nan_to_zero(xp, x):
     """Where(IsNaN(x), 0, x): x itself when it holds no NaN (checked in one pass)."""
-    if xp is np:
-        with np.errstate(invalid="ignore", over="ignore"):
-            v = x.reshape(-1) if x.flags.c_contiguous else x.ravel()
-            if v.size == 0 or np.isfinite(np.dot(v, v)) or not np.isnan(v).any():
-                return (x,)
+    if xp is np and (squares_finite(x) or not np.isnan(x).any()):
+        return (x,)
     return (xp.where(xp.isnan(x), x.dtype.type(0), x),)
 
 

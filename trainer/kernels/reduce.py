@@ -121,6 +121,17 @@ def sum_of(xp, x, axes=None, keepdims=False, out=None):
     return x.sum(axis=axes, keepdims=keepdims)
 
 
+def squares_finite(x) -> bool:
+    """Whether the sum of squares of host float array x is finite, in one pass (a BLAS dot,
+    3x faster than NumPy's sum): then every element is finite, since a non-finite one makes
+    it inf or NaN. False may also mean the squares overflowed: callers check exactly then."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if x.dtype in _BLAS_FLOATS and x.size:
+            v = x.reshape(-1) if x.flags.c_contiguous else x.ravel()
+            return bool(np.isfinite(np.dot(v, v)))
+        return bool(np.isfinite(np.add.reduce(x, axis=None)))
+
+
 def mean_of(xp, x, axes=None, keepdims=False, out=None):
     """x.mean(axis=axes, keepdims=keepdims) as sum_of, then one division by the count."""
     if xp is not np or x.dtype not in _BLAS_FLOATS:
