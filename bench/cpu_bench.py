@@ -2,9 +2,11 @@
 
 The models of bench/models.py (exported once to ONNX) run forward + backward + SGD update with
 the same batches, threads and learning rate; each system runs in its own subprocess (its peak
-RSS is its own). Reports median ms/step and spread (10th-90th percentile) over --steps steps
-after --warmup, the ratio to the faster peer, GFLOP/s against a float32 GEMM timed in the same
-run, peak RSS, and our executor's node count and dispatch cost per node. Usage:
+RSS is its own), all of them up at once and taking turns (--slices), so that a noisy machine
+slows every system alike (--separate: one after the other instead). Reports median ms/step and
+spread (10th-90th percentile) over --steps steps after --warmup, the ratio to the faster peer,
+GFLOP/s against a float32 GEMM timed in the same run, peak RSS, and our executor's node count
+and dispatch cost per node. Usage:
     python bench/cpu_bench.py [--threads N] [--steps 30] [--cases mlp16,resnet16] [--json out]
 ONNX Runtime Training (onnxruntime-training-cpu, pinned to old numpy/onnx) gets its own venv,
 built on first use under /tmp; when that fails the row says "skipped: <reason>". The "numpy"
@@ -63,7 +65,13 @@ def summary(times: list[float]) -> dict:
 
 
 # -- workers (each runs in its own process) ---------------------------------------------------
-def worker_ours(args) -> dict:
+# A worker's setup returns (step, info): step() runs one training step on the next batch and
+# returns its seconds; info() the facts reported with the times (peak RSS, versions, ...).
+class Skip(Exception):
+    """This system does not run this case (the reason is reported in its cell)."""
+
+
+def setup_ours(args):
     import io
 
     import numpy as np
@@ -83,26 +91,28 @@ def worker_ours(args) -> dict:
         "optimizer": {"type": "sgd", "lr": LR}, "steps": 10 ** 6,
         "log": {"every_steps": 10 ** 6}}, ROOT)
     t = Trainer(cfg, stream=io.StringIO())
-    times = []
-    for k in range(args.warmup + args.steps):
+
+    def step() -> float:
         _, arrays, local_w, global_w, _ = t._next_micro_batch()
         t0 = time.perf_counter()
         t.train_step([(arrays, local_w, global_w)], LR)
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    plan, feeds = t._last_feeds  # (the last step's feeds: data, parameters, state, seed)
-    ex = plan.executor
-    prof = ex.profile(feeds, repeat=max(5, args.steps // 3))
-    by_op = sorted(prof["by_op"].items(), key=lambda kv: -kv[1][1])[:8]
-    return {"times": times, "rss_mb": peak_rss_mb(), "nodes": prof["nodes"],
-            "graph_nodes": len(ex.steps), "run_ms": prof["run_s"] * 1e3,
-            "kernel_ms": prof["kernel_s"] * 1e3,
-            "dispatch_ns_per_node": prof["dispatch_s"] / prof["nodes"] * 1e9,
-            "top_ops": [[op, n, s * 1e3] for op, (n, s) in by_op],
-            "numpy": np.__version__}
+        return time.perf_counter() - t0
+
+    def info() -> dict:
+        plan, feeds = t._last_feeds  # (the last step's feeds: data, parameters, state, seed)
+        ex = plan.executor
+        prof = ex.profile(feeds, repeat=max(5, args.steps // 3))
+        by_op = sorted(prof["by_op"].items(), key=lambda kv: -kv[1][1])[:8]
+        return {"rss_mb": peak_rss_mb(), "nodes": prof["nodes"],
+                "graph_nodes": len(ex.steps), "run_ms": prof["run_s"] * 1e3,
+                "kernel_ms": prof["kernel_s"] * 1e3,
+                "dispatch_ns_per_node": prof["dispatch_s"] / prof["nodes"] * 1e9,
+                "top_ops": [[op, n, s * 1e3] for op, (n, s) in by_op],
+                "numpy": np.__version__}
+    return step, info
 
 
-def worker_torch(args) -> dict:
+def setup_torch(args):
     import numpy as np
     import torch
 
@@ -115,27 +125,28 @@ def worker_torch(args) -> dict:
     d = np.load(WORK / f"{case.name}.npz", allow_pickle=False)
     xs, ys = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
     opt = torch.optim.SGD(net.parameters(), lr=LR)
-    times, b = [], case.batch
-    for k in range(args.warmup + args.steps):
-        i = (k * b) % (len(xs) - b + 1)
+    b, count = case.batch, [0]
+
+    def step() -> float:
+        i = (count[0] * b) % (len(xs) - b + 1)
+        count[0] += 1
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(xs[i:i + b]), ys[i:i + b])
         loss.backward()
         opt.step()
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "rss_mb": peak_rss_mb(), "torch": torch.__version__}
+        return time.perf_counter() - t0
+    return step, lambda: {"rss_mb": peak_rss_mb(), "torch": torch.__version__}
 
 
-def worker_numpy(args) -> dict:
+def setup_numpy(args):
     """The MLP's training step written by hand in NumPy (the same math, float32, out= buffers,
     no framework): the floor of any engine that calls one NumPy function per operation."""
     import numpy as np
 
     name = json.loads(args.case_json)["name"]
     if not name.startswith("mlp"):
-        return {"skipped": "written by hand for the MLP only"}
+        raise Skip("written by hand for the MLP only")
     d = np.load(WORK / f"{name}.npz", allow_pickle=False)
     xs, ys = d["x"], d["y"].astype(np.int64)
     b, f32 = json.loads(args.case_json)["batch"], np.float32
@@ -147,7 +158,7 @@ def worker_numpy(args) -> dict:
     hs = [np.empty((b, o), f32) for o in dims[1:]]
     rows, lr, inv = np.arange(b), f32(LR), f32(1.0 / b)
 
-    def step(x, y):
+    def train(x, y):
         acts = [x]
         for k, (w, bias, h) in enumerate(zip(ws, bs, hs, strict=True)):
             np.matmul(acts[-1], w.T, out=h)
@@ -171,17 +182,19 @@ def worker_numpy(args) -> dict:
             bs[k] -= lr * gb
         return loss
 
-    times = []
-    for k in range(args.warmup + args.steps):
-        i = (k * b) % (len(xs) - b + 1)
+    count = [0]
+
+    def step() -> float:
+        i = (count[0] * b) % (len(xs) - b + 1)
+        count[0] += 1
+        x, y = xs[i:i + b], ys[i:i + b]
         t0 = time.perf_counter()
-        step(xs[i:i + b], ys[i:i + b])
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "rss_mb": peak_rss_mb(), "numpy": np.__version__}
+        train(x, y)
+        return time.perf_counter() - t0
+    return step, lambda: {"rss_mb": peak_rss_mb(), "numpy": np.__version__}
 
 
-def worker_ort(args) -> dict:
+def setup_ort(args):
     """ONNX Runtime Training on-device artifacts. Runs in its own venv (no torch there); the
     package's __init__ imports torch-only optimizers, so its submodules load without it."""
     import types
@@ -227,17 +240,18 @@ def worker_ort(args) -> dict:
     opt.set_learning_rate(LR)
     module.train()
     xs, ys = d["x"], d["y"]
-    times, b = [], case["batch"]
-    for k in range(args.warmup + args.steps):
-        i = (k * b) % (len(xs) - b + 1)
+    b, count = case["batch"], [0]
+
+    def step() -> float:
+        i = (count[0] * b) % (len(xs) - b + 1)
+        count[0] += 1
         x, y = np.ascontiguousarray(xs[i:i + b]), np.ascontiguousarray(ys[i:i + b])
         t0 = time.perf_counter()
         module(x, y)
         opt.step()
         module.lazy_reset_grad()
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "rss_mb": peak_rss_mb(), "onnxruntime": onnxruntime.__version__}
+        return time.perf_counter() - t0
+    return step, lambda: {"rss_mb": peak_rss_mb(), "onnxruntime": onnxruntime.__version__}
 
 
 def worker_gemm(args) -> dict:
@@ -250,6 +264,36 @@ def worker_gemm(args) -> dict:
         a @ a
         best = min(best, time.perf_counter() - t0)
     return {"gflops": 2 * 2048 ** 3 / best / 1e9}
+
+
+SETUPS = {"ours": setup_ours, "torch": setup_torch, "ort": setup_ort, "numpy": setup_numpy}
+
+
+def worker(args) -> None:
+    """A worker process. Alone: warm-up, then the timed steps, one JSON line. Serving (the
+    interleaved driver): one JSON line when set up ({"ready": true} or {"skipped": why}), then
+    per stdin line "run N" a line {"times": [...]} and for "end" the info line."""
+    if args.worker == "gemm":
+        print(json.dumps(worker_gemm(args)))
+        return
+    try:
+        step, info = SETUPS[args.worker](args)
+    except Skip as why:
+        print(json.dumps({"skipped": str(why)}), flush=True)
+        return
+    if not args.serve:
+        for _ in range(args.warmup):
+            step()
+        print(json.dumps({"times": [step() for _ in range(args.steps)], **info()}))
+        return
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "run":
+            print(json.dumps({"times": [step() for _ in range(int(cmd[1]))]}), flush=True)
+        elif cmd and cmd[0] == "end":
+            print(json.dumps(info()), flush=True)
+            return
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -315,6 +359,81 @@ def run_worker(system: str, case: dict | None, args, python: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def run_interleaved(systems: list[str], skipped: dict, case: dict, args,
+                    pythons: dict) -> dict[str, dict]:
+    """Every system's worker up at once (each idle while another runs); warm-up, then
+    args.steps timed steps per system in args.slices turns; each worker's info at the end."""
+    import math
+    import tempfile
+
+    out: dict[str, dict] = {s: {"skipped": skipped[s]} for s in systems if s in skipped}
+    procs: dict[str, tuple[subprocess.Popen, object]] = {}
+    for s in systems:
+        if s in skipped:
+            continue
+        cmd = [pythons[s], str(Path(__file__).resolve()), "--worker", s, "--serve",
+               "--threads", str(args.threads), "--steps", str(args.steps),
+               "--case-json", json.dumps(case)]
+        err = tempfile.TemporaryFile(mode="w+")
+        procs[s] = (subprocess.Popen(cmd, env=thread_env(args.threads), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=err, text=True), err)
+
+    def ask(s: str, command: str | None) -> dict | None:
+        p, err = procs[s]
+        try:
+            if command is not None:
+                p.stdin.write(command + "\n")
+                p.stdin.flush()
+            line = p.stdout.readline()
+            if line:
+                return json.loads(line)
+        except (OSError, ValueError):
+            pass
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or ["the worker stopped"])[-1]
+        out[s] = {"skipped": tail[:400]}
+        return None
+
+    live, steps = [], {}
+    for s in procs:  # set up (one after the other), then warm up
+        got = ask(s, None)
+        if got is not None and "skipped" in got:
+            out[s] = got
+            continue
+        warm = ask(s, f"run {max(1, args.warmup)}") if got is not None else None
+        if warm is not None:  # at least --steps steps, and at least --min-seconds of them
+            live.append(s)
+            est = statistics.median(warm["times"])
+            steps[s] = max(args.steps, min(100 * args.steps,
+                                           math.ceil(args.min_seconds / max(est, 1e-9))))
+    times: dict[str, list[float]] = {s: [] for s in live}
+    slices = max(1, args.slices)
+    turn = 0
+    while any(len(times[s]) < steps[s] for s in live):
+        for s in live[turn % len(live):] + live[:turn % len(live)]:
+            n = min(math.ceil(steps[s] / slices), steps[s] - len(times[s]))
+            if n and s not in out:
+                got = ask(s, f"run {n}")
+                if got is not None:
+                    times[s] += got["times"]
+        turn += 1
+        live = [s for s in live if s not in out]
+        if not live:
+            break
+    for s in live:
+        info = ask(s, "end")
+        if info is not None:
+            out[s] = {"times": times[s], **info}
+    for p, err in procs.values():
+        try:
+            p.stdin.close()
+            p.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            p.kill()
+        err.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -322,17 +441,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cases", default="mlp16,mlp256,lenet16,resnet16,gpt16")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--slices", type=int, default=10,
+                    help="interleaved (the default): every system's worker stays up and the "
+                         "timed steps run in this many slices, taking turns, so that all "
+                         "systems share the machine's slow and fast moments")
+    ap.add_argument("--min-seconds", type=float, default=2.0,
+                    help="interleaved: time each system for at least this long (more than "
+                         "--steps steps where a step is short)")
+    ap.add_argument("--separate", action="store_true",
+                    help="instead, one process per system and round, one after the other")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run every system this many times, alternating; keep the best median")
+                    help="with --separate: run every system this many times, alternating; "
+                         "keep the best median")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case-json", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        fn = {"ours": worker_ours, "torch": worker_torch, "ort": worker_ort,
-              "numpy": worker_numpy, "gemm": worker_gemm}[args.worker]
-        print(json.dumps(fn(args)))
+        worker(args)
         return
 
     def log(msg: str) -> None:
@@ -362,6 +490,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in names:
         row = results.setdefault(name, {"case": cases[name]})
+        if not args.separate:
+            log(f"{name}: {', '.join(systems)}, interleaved ...")
+            for system, got in run_interleaved(systems, skipped, cases[name], args,
+                                               pythons).items():
+                if "times" in got:
+                    got.update(summary(got.pop("times")))
+                    got["gflops"] = cases[name]["flops"] / (got["median_ms"] * 1e-3) / 1e9
+                row[system] = got
+            continue
         for _ in range(args.rounds):
             for system in systems:
                 if system in skipped:
