@@ -364,6 +364,7 @@ def run_interleaved(systems: list[str], skipped: dict, case: dict, args,
     """Every system's worker up at once (each idle while another runs); warm-up, then
     args.steps timed steps per system in args.slices turns; each worker's info at the end."""
     import math
+    import select
     import tempfile
 
     out: dict[str, dict] = {s: {"skipped": skipped[s]} for s in systems if s in skipped}
@@ -379,14 +380,21 @@ def run_interleaved(systems: list[str], skipped: dict, case: dict, args,
                                      stdout=subprocess.PIPE, stderr=err, text=True), err)
 
     def ask(s: str, command: str | None) -> dict | None:
+        """Send a command (None: none) and read the worker's one-line answer; None, with the
+        system marked skipped, when it stops or does not answer within --timeout."""
         p, err = procs[s]
         try:
             if command is not None:
                 p.stdin.write(command + "\n")
                 p.stdin.flush()
-            line = p.stdout.readline()
-            if line:
-                return json.loads(line)
+            if select.select([p.stdout], [], [], args.timeout)[0]:
+                line = p.stdout.readline()
+                if line:
+                    return json.loads(line)
+            else:
+                p.kill()
+                out[s] = {"skipped": f"no answer within {args.timeout} s"}
+                return None
         except (OSError, ValueError):
             pass
         err.seek(0)
