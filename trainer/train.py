@@ -872,7 +872,7 @@ class ProfileRequest:
 def _all_finite(a: np.ndarray) -> bool:
     """Whether every element of a host array is finite (one pass where the sum of squares
     says so; element by element where it overflows or is not finite)."""
-    return squares_finite(a) or bool(np.isfinite(a).all())
+    return squares_finite(a, quiet=False) or bool(np.isfinite(a).all())
 
 
 def node_times(ex: Executor, feeds: dict, repeat: int, loss: str

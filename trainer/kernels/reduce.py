@@ -121,14 +121,19 @@ def sum_of(xp, x, axes=None, keepdims=False, out=None):
     return x.sum(axis=axes, keepdims=keepdims)
 
 
-def squares_finite(x) -> bool:
+def squares_finite(x, quiet: bool = True) -> bool:
     """Whether the sum of squares of host float array x is finite, in one pass (a BLAS dot,
     3x faster than NumPy's sum): then every element is finite, since a non-finite one makes
-    it inf or NaN. False may also mean the squares overflowed: callers check exactly then."""
+    it inf or NaN. False may also mean the squares overflowed: callers check exactly then.
+    quiet=False skips silencing NumPy's overflow warning (2-4 us; for values that do not come
+    near 1e19, such as gradients that are still training)."""
+    if x.dtype in _BLAS_FLOATS and x.size:
+        v = x.reshape(-1) if x.flags.c_contiguous else x.ravel()
+        if not quiet:
+            return math.isfinite(np.dot(v, v))
+        with np.errstate(invalid="ignore", over="ignore"):
+            return math.isfinite(np.dot(v, v))
     with np.errstate(invalid="ignore", over="ignore"):
-        if x.dtype in _BLAS_FLOATS and x.size:
-            v = x.reshape(-1) if x.flags.c_contiguous else x.ravel()
-            return bool(np.isfinite(np.dot(v, v)))
         return bool(np.isfinite(np.add.reduce(x, axis=None)))
 
 
