@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = Path("/tmp/onnx_trainer_cpu_bench")
+# (the exported models and data; workers inherit the environment, so they find the same folder)
+WORK = Path(os.environ.get("ONNX_TRAINER_BENCH_DIR", "/tmp/onnx_trainer_cpu_bench"))
 ORT_VENV = Path("/tmp/onnx_trainer_ort_training_venv")
 ORT_PACKAGES = ["onnxruntime-training-cpu==1.19.2", "numpy<2", "onnx==1.16.2"]
 LR = 0.01
