@@ -105,8 +105,9 @@ def _sorted_axes(x, axes) -> tuple[int, ...]:
 def sum_of(xp, x, axes=None, keepdims=False, out=None):
     """x.sum(axis=axes, keepdims=keepdims) (into `out` when given); on the host through BLAS
     where sum_plan says so, over a C-contiguous copy of a strided x (NumPy's order of addition
-    follows the memory layout). Every kernel and the planner's in-place form sum through here,
-    so a value comes out the same on every path."""
+    follows the memory layout). The ReduceSum/ReduceMean, softmax and normalization kernels,
+    the fused kernels and the planner's in-place reductions sum through here, so such a value
+    comes out the same on every path (ReduceL1/L2/SumSquare/LogSum keep NumPy's sum)."""
     if xp is np and x.dtype in _BLAS_FLOATS:
         x = x if x.flags.c_contiguous else np.ascontiguousarray(x)  # (NumPy's order: layout's)
         f = sum_plan(x.shape, x.dtype, _sorted_axes(x, axes), bool(keepdims)) \
