@@ -86,6 +86,7 @@ FAMILIES = {
     "bn_cnn_training_form": ("cnn", "training", {}),
     "dropout_mlp": ("dropout_mlp", "training", {}),
     "mlp_frozen": ("mlp", "inference", {"frozen": ["fc1.*"]}),
+    "qdq_mlp": ("qdq_mlp", "built", {}),  # fake quantization (QuantizeLinear/DequantizeLinear)
 }
 
 
@@ -97,12 +98,19 @@ def zoo(tmp_path_factory):
     out = {}
     for i, (name, (kind, form, _)) in enumerate(FAMILIES.items()):
         d = tmp_path_factory.mktemp(name)
-        model = torch_models.zoo_model(kind, seed=20 + i)
-        onnx.save(torch_models.export_form(model, torch_models.ZOO[kind][1], form),
-                  str(d / "model.onnx"))
+        if kind == "qdq_mlp":
+            from tests.test_grad_quant import qdq_mlp
+
+            sample = (8,)
+            onnx.save(qdq_mlp(np.random.default_rng(20 + i), classes=10)[0],
+                      str(d / "model.onnx"))
+        else:
+            sample = torch_models.ZOO[kind][1]
+            model = torch_models.zoo_model(kind, seed=20 + i)
+            onnx.save(torch_models.export_form(model, sample, form), str(d / "model.onnx"))
         rng = np.random.default_rng(i)
         n = 64
-        x = rng.standard_normal((n,) + torch_models.ZOO[kind][1]).astype(np.float32)
+        x = rng.standard_normal((n,) + sample).astype(np.float32)
         np.savez(d / "data.npz", x=x, y=rng.integers(0, 10, n).astype(np.int64))
         out[name] = d
     return out

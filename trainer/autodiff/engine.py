@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import onnx
 
 from trainer.autodiff.context import GradContext
-from trainer.autodiff.registry import _load_all, get_rule
+from trainer.autodiff.registry import STRAIGHT_THROUGH, _load_all, get_rule
 from trainer.autodiff.subgraph import input_slots, n_slots
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import NameScope, node_name
@@ -24,12 +24,14 @@ def diff_inputs(node: onnx.NodeProto) -> list[str]:
 def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: dict
                  ) -> tuple[list[int], set[str]]:
     """Indices of nodes on a float path from `wrt` to the `targets` (a name or names), through
-    differentiable input slots only, and the tensors on such paths."""
+    differentiable input slots only, and the tensors on such paths (with the quantized outputs
+    of straight-through ops)."""
     requires = set(wrt)
     for node in nodes:
         if any(i in requires for i in diff_inputs(node)):
+            through = node.op_type in STRAIGHT_THROUGH
             requires.update(o for o in node.output
-                            if o in shapes and shapes[o][1].kind == "f")
+                            if o in shapes and (through or shapes[o][1].kind == "f"))
     useful = {targets} if isinstance(targets, str) else set(targets)
     for node in reversed(nodes):
         if any(o in useful for o in node.output):

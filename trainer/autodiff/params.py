@@ -6,6 +6,8 @@ that reach the loss through a differentiable input, except
   - BatchNormalization running statistics (training state, updated from batch statistics);
   - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
     as initializers), unless PyTorch's export signature in the model names them PARAMETER;
+  - the scales of QuantizeLinear/DequantizeLinear (fake quantization keeps them fixed, as
+    PyTorch's observers do; listing them in `trainable` learns them, LSQ-style);
   - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR.
 """
 
@@ -56,6 +58,11 @@ def batchnorm_stats(nodes: Iterable[onnx.NodeProto]) -> set[str]:
             for i in (3, 4) if i < len(n.input)}
 
 
+def quantization_scales(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    return {n.input[1] for n in nodes
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
+
+
 def _reader_index(nodes) -> dict[str, str]:
     """{tensor: 'Greater input 1 (not differentiable), ...'}: where each tensor is read."""
     seen: dict[str, list[str]] = {}
@@ -76,6 +83,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     the BatchNormalization statistics (default: those of the model's nodes)."""
     inits = [t for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
     stats = batchnorm_stats(model.graph.node) if stats is None else stats
+    scales = quantization_scales(nodes)
     readers = None
     signature = torch_signature(model)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
@@ -94,6 +102,10 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
         elif kind in ("BUFFER", "CONSTANT_TENSOR"):
             rows.append(ParamInfo(t.name, shape, CONSTANT, f"a PyTorch {kind.lower()}, "
                                   "not a parameter"))
+        elif t.name in scales and kind != "PARAMETER":
+            rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
+                                  "PyTorch's observers keep it; list it in 'trainable' to learn "
+                                  "it)"))
         elif size == 1 and kind != "PARAMETER":
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "

@@ -17,10 +17,19 @@ NO_GRADIENT = {
     "RandomUniformLike", "Range", "EyeLike", "IsNaN", "IsInf", "TopK_indices",
 }
 
+# Ops whose integer (or low-precision float) outputs still carry a float gradient: the
+# straight-through estimator of fake quantization (rules/quant.py).
+STRAIGHT_THROUGH: set[str] = set()
+
 
 def no_gradient(*op_types: str) -> None:
     """Declare ops whose outputs carry no gradient (a rule module lists those of its family)."""
     NO_GRADIENT.update(op_types)
+
+
+def straight_through(*op_types: str) -> None:
+    """Declare ops whose non-float outputs carry a gradient (their rules define it)."""
+    STRAIGHT_THROUGH.update(op_types)
 
 
 def grad(op_type: str, domain: str = "", inputs: tuple[int, ...] | None = None):

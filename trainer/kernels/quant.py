@@ -127,18 +127,21 @@ def dequantize_linear(xp, x, scale, zero_point=None, *, axis=1, block_size=0, ou
         out_dtype = scale.dtype
     else:
         out_dtype = np.dtype(np.float32)  # float8e8m0 scales need output_dtype; be lenient
+    # float32 is at least as precise as every output type the spec allows; a float64 scale
+    # (outside the spec, accepted) computes in float64.
+    wide = np.float64 if out_dtype == np.float64 else np.float32
     if x.dtype in _INT_RANGES:
-        # Integer differences are exact in int32, then one rounding into float32.
+        # Integer differences are exact in int32, then one rounding into the working type.
         dx = x.astype(np.int32)
         if zero_point is not None:
             dx = dx - expand_param(xp, zero_point, x.shape, axis, block_size).astype(np.int32)
-        dx = dx.astype(np.float32)
+        dx = dx.astype(wide)
     else:  # float8/6/4: the zero point is zero in practice, the formula stays the same
-        dx = x.astype(np.float32)
+        dx = x.astype(wide)
         if zero_point is not None:
-            dx = dx - expand_param(xp, zero_point, x.shape, axis, block_size).astype(np.float32)
-    # The product is rounded once from float32 (at least as precise as the output type).
-    y = dx * expand_param(xp, scale, x.shape, axis, block_size).astype(np.float32)
+            dx = dx - expand_param(xp, zero_point, x.shape, axis, block_size).astype(wide)
+    # The product is rounded once from the working type.
+    y = dx * expand_param(xp, scale, x.shape, axis, block_size).astype(wide)
     return (xp.asarray(y.astype(out_dtype)),)
 
 

@@ -1,5 +1,5 @@
-"""Ops whose outputs carry no gradient (random, windows, quantized, string, the piecewise
-constant ai.onnx.ml ops and the Gradient op), and ArrayFeatureExtractor's rule (the other
+"""Ops whose outputs carry no gradient (random, windows, integer quantized ops, strings, the
+piecewise constant ai.onnx.ml ops and the Gradient op), and ArrayFeatureExtractor's rule (the other
 differentiable ai.onnx.ml ops are in rules/ml.py).
 
 NO_GRADIENT is keyed by op name alone: no two domains of the installed onnx share an op name.
@@ -19,10 +19,10 @@ no_gradient("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
             "Bernoulli", "Multinomial")
 # Windows and mel filters: built from integer sizes and attributes only.
 no_gradient("HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix")
-# Quantized arithmetic: integer results, or floats from integer data (DequantizeLinear); training
-# through quantization needs fake-quant with a straight-through estimator instead.
-no_gradient("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-            "QLinearMatMul", "MatMulInteger", "ConvInteger")
+# Quantized arithmetic: integer results of integer data. QuantizeLinear/DequantizeLinear pairs
+# train as fake quantization (rules/quant.py).
+no_gradient("DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+            "ConvInteger")
 # Strings, image bytes, n-gram counts, bit reinterpretation, detection indices, set operations
 # (torch.unique has no gradient), and the integer/boolean results of sequences and optionals.
 no_gradient("StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch",
