@@ -567,6 +567,29 @@ def test_cnn_and_gpt_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported
         assert not d2h_outside(("train.py",)), reads
 
 
+def test_a_qdq_model_trains_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path):
+    # Fake quantization (QuantizeLinear/DequantizeLinear and their straight-through rules),
+    # its learned scales included, on the device; nothing is read back during a step.
+    from tests.test_grad_quant import qdq_mlp
+
+    rng = np.random.default_rng(9)
+    onnx.save(qdq_mlp(rng, classes=10)[0], str(tmp_path / "qdq.onnx"))
+    np.savez(tmp_path / "qdq.npz", x=rng.normal(size=(48, 8)).astype(F32),
+             y=rng.integers(0, 10, 48))
+    cfg = {"model": str(tmp_path / "qdq.onnx"), "seed": 0,
+           "data": {"train": {"path": str(tmp_path / "qdq.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "trainable": ["W*", "B*", "S1", "S_h"],
+           "optimizer": {"type": "sgd", "lr": 0.1, "groups": [{"params": "S*", "lr": 1e-4}]},
+           "steps": 4, "log": {"every_steps": 1}}
+    cpu = _train(cfg, tmp_path, "cpu")
+    run = _train(cfg, tmp_path, "gpu")
+    _compare_runs(cpu, run)
+    for reads in _step_reads(run[0]):
+        assert not d2h_outside(("train.py",)), reads
+
+
 @pytest.mark.parametrize("kind", ["cnn", "gpt"])
 def test_a_logged_step_reads_back_at_most_the_loss(gpu, tmp_path, exported, kind):
     from trainer.config import config_from_dict
