@@ -195,6 +195,30 @@ def test_gradients_through_shared_and_fanned_out_quantized_tensors() -> None:
     np.testing.assert_allclose(grads["S"], st.grad.numpy(), rtol=2e-5, atol=1e-4)
 
 
+def test_a_dequantization_written_as_cast_sub_mul_gets_the_same_gradients() -> None:
+    # Some exporters dequantize by hand: Cast(q) - zp, times s. Cast passes the quantized
+    # tensor's float gradient through (no cast to int8), so the gradients are DequantizeLinear's.
+    x = (_rng.standard_normal((3, 4)) * 2).astype(F32)
+    inits = {"X": x, "S": np.array(0.03, F32), "Z": np.array(7, np.int8),
+             "R": _rng.standard_normal((3, 4)).astype(F32)}
+    tail = [helper.make_node("Mul", ["y", "R"], ["p"]),
+            helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    by_hand = [helper.make_node("QuantizeLinear", ["X", "S", "Z"], ["q"]),
+               helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT),
+               helper.make_node("Cast", ["Z"], ["zf"], to=TensorProto.FLOAT),
+               helper.make_node("Sub", ["qf", "zf"], ["c"]),
+               helper.make_node("Mul", ["c", "S"], ["y"]), *tail]
+    qdq = [helper.make_node("QuantizeLinear", ["X", "S", "Z"], ["q"]),
+           helper.make_node("DequantizeLinear", ["q", "S", "Z"], ["y"]), *tail]
+    got, _ = gradients(make_model(by_hand, initializers=inits, outputs=["L"], opset=13),
+                       ["X", "S"])
+    want, _ = gradients(make_model(qdq, initializers=inits, outputs=["L"], opset=13),
+                        ["X", "S"])
+    assert (want["X"] != 0).sum() > 6
+    for k in ("X", "S"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
 def test_integer_quantized_ops_still_stop_the_gradient_with_a_clear_error() -> None:
     # QLinearMatMul computes on integers: a weight reaching the loss only through it is named.
     nodes = [helper.make_node("QuantizeLinear", ["W", "s", "z"], ["q"]),

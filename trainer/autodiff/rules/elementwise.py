@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto
 
 from trainer.autodiff.registry import grad, no_gradient
-from trainer.graph import elem_type
+from trainer.graph import FLOAT_TYPES, elem_type
 
 no_gradient("Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf", "Not", "And", "Or", "Xor",
             "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "BitwiseNot",
@@ -260,15 +260,25 @@ def where_grad(ctx):
     return nodes
 
 
+def _quantized(ctx, x: str) -> bool:
+    """A non-float input on a gradient path: a quantized tensor (QuantizeLinear's output,
+    straight through), whose gradient stays a float."""
+    return elem_type(ctx.dtype(x)) not in FLOAT_TYPES
+
+
 @grad("Cast", inputs=(0,))
 def cast_grad(ctx):
-    # dX = cast(dY, dtype(X))
+    # dX = cast(dY, dtype(X)), or dY itself for a quantized X
+    if _quantized(ctx, ctx.I(0)):
+        return [ctx.node("Identity", [ctx.GO(0)], [ctx.GI(0)])]
     return [cast(ctx, ctx.GO(0), ctx.GI(0), ctx.dtype(ctx.I(0)))]
 
 
 @grad("CastLike", inputs=(0,))
 def cast_like_grad(ctx):
-    # dX = cast(dY, dtype(X)); the second input only gives the target type
+    # dX = cast(dY, dtype(X)) (dY for a quantized X); the second input only gives the type
+    if _quantized(ctx, ctx.I(0)):
+        return [ctx.node("Identity", [ctx.GO(0)], [ctx.GI(0)])]
     return [ctx.node("CastLike", [ctx.GO(0), ctx.I(0)], [ctx.GI(0)])]
 
 
