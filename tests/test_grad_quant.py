@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tests.gradcheck import CaseTable, gradients, positive, rule_tests
-from tests.opcases import make_model, run_ort
+from tests.opcases import make_model, run, run_ort
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import CONSTANT, PARAMETER
 from trainer.errors import ModelError
@@ -219,6 +219,89 @@ def test_a_dequantization_written_as_cast_sub_mul_gets_the_same_gradients() -> N
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
 
 
+def _ste(v):
+    return v + (torch.round(v) - v).detach()
+
+
+def _dynamic_qdq_model(x, opset=13):
+    """DynamicQuantizeLinear -> DequantizeLinear, with its scale and (cast) zero point also
+    read directly: L = sum(y * R) + a * scale + b * zero_point."""
+    inits = {"X": x, "R": _rng.standard_normal(x.shape).astype(F32),
+             "a": np.array(0.7, F32), "b": np.array(-0.3, F32)}
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["q", "s", "z"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+             helper.make_node("Cast", ["z"], ["zf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["ps"], keepdims=0),
+             helper.make_node("Mul", ["s", "a"], ["sa"]),
+             helper.make_node("Mul", ["zf", "b"], ["zb"]),
+             helper.make_node("Sum", ["ps", "sa", "zb"], ["L"])]
+    return make_model(nodes, initializers=inits, outputs=["L"], opset=opset), inits
+
+
+@pytest.mark.parametrize("kind", ["mixed", "positive", "negative", "tied-extremes", "saturating"])
+def test_dynamic_quantization_gradients_match_torch_ste(kind) -> None:
+    x = _rng.standard_normal((3, 5)).astype(F32)
+    if kind == "positive":
+        x = np.abs(x) + F32(0.1)
+    elif kind == "negative":
+        x = -np.abs(x) - F32(0.1)
+    elif kind == "tied-extremes":
+        x.flat[[2, 9]] = x.max() + 1
+        x.flat[[4, 11, 13]] = x.min() - 1
+    elif kind == "saturating":  # s = 1/64, zp = rint(95.5) = 96, rint(159.5) + 96 = 256 at
+        x = np.array([[-95.5 / 64, 0.3, 159.5 / 64]], F32)  # the maximum: saturated to 255
+    model, inits = _dynamic_qdq_model(x)
+    grads, tm = gradients(model, ["X"])
+    if kind == "saturating":
+        assert run(model, fetch=["q"])["q"][0, 2] == 255
+
+    xt = torch.tensor(x, requires_grad=True)
+    hi, lo = torch.clamp(xt.max(), min=0.0), torch.clamp(xt.min(), max=0.0)
+    s = (hi - lo) / 255
+    zp = _ste(-lo / s)
+    q = torch.clamp(_ste(xt / s) + zp, 0, 255)
+    loss = ((q - zp) * s * torch.tensor(inits["R"])).sum() + 0.7 * s - 0.3 * zp
+    loss.backward()
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(tm, full_check=True)
+    res = run_ort(tm)
+    np.testing.assert_allclose(res[training_info(tm).gradients["X"]], grads["X"], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_scale_and_zero_point_computed_by_dynamic_quantization_quantize_another_tensor():
+    # QuantizeLinear(X2, s, z) with s, z from DynamicQuantizeLinear(X): X gets gradients through
+    # both (QuantizeLinear's and DequantizeLinear's zero-point terms), X2 the usual ones.
+    x = _rng.standard_normal((3, 4)).astype(F32)
+    x2 = (_rng.standard_normal((3, 4)) * 1.5).astype(F32)
+    r = _rng.standard_normal((3, 4)).astype(F32)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["q", "s", "z"]),
+             helper.make_node("QuantizeLinear", ["X2", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={"X": x, "X2": x2, "R": r}, outputs=["L"], opset=13)
+    grads, _ = gradients(model, ["X", "X2"])
+    xt, x2t = torch.tensor(x, requires_grad=True), torch.tensor(x2, requires_grad=True)
+    hi, lo = torch.clamp(xt.max(), min=0.0), torch.clamp(xt.min(), max=0.0)
+    s = (hi - lo) / 255
+    zp = _ste(-lo / s)
+    q2 = torch.clamp(_ste(x2t / s) + zp, 0, 255)
+    ((q2 - zp) * s * torch.tensor(r)).sum().backward()
+    assert (x2t.grad == 0).any() and (xt.grad != 0).sum() == 2  # saturation; max and min
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["X2"], x2t.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_quantization_of_a_constant_input() -> None:
+    # hi == lo: the kernel takes scale 1 and zero point 0, constants; only the rounding of x
+    # passes its gradient (dy * 1).
+    model, inits = _dynamic_qdq_model(np.zeros((2, 3), F32))
+    grads, _ = gradients(model, ["X"])
+    np.testing.assert_allclose(grads["X"], inits["R"], rtol=1e-6)
+
+
 def test_integer_quantized_ops_still_stop_the_gradient_with_a_clear_error() -> None:
     # QLinearMatMul computes on integers: a weight reaching the loss only through it is named.
     nodes = [helper.make_node("QuantizeLinear", ["W", "s", "z"], ["q"]),
@@ -247,7 +330,7 @@ table.add("DequantizeLinear", "blocked-int8-tail",
           [("x", _ints(np.int8, (2, 5, 3), -128, 127)), ("s", positive(2, 3, 3)),
            ("z", _ints(np.int8, (2, 3, 3), -4, 4))], opset=21, axis=1, block_size=2)
 CASES = table.cases
-EXTRA_TESTED = {"QuantizeLinear"}  # the STE has no finite-difference reference: torch above
+EXTRA_TESTED = {"QuantizeLinear", "DynamicQuantizeLinear"}  # STE: no finite differences; torch
 
 test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 

@@ -19,10 +19,9 @@ no_gradient("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
             "Bernoulli", "Multinomial")
 # Windows and mel filters: built from integer sizes and attributes only.
 no_gradient("HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix")
-# Quantized arithmetic: integer results of integer data. QuantizeLinear/DequantizeLinear pairs
-# train as fake quantization (rules/quant.py).
-no_gradient("DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-            "ConvInteger")
+# Quantized arithmetic: integer results of integer data. Quantize/DequantizeLinear pairs (and
+# DynamicQuantizeLinear) train as fake quantization (rules/quant.py).
+no_gradient("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
 # Strings, image bytes, n-gram counts, bit reinterpretation, detection indices, set operations
 # (torch.unique has no gradient), and the integer/boolean results of sequences and optionals.
 no_gradient("StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch",

@@ -13,8 +13,11 @@ gradient is in DequantizeLinear's output type, in units of quantization steps.
 - QuantizeLinear:   dx = dq * m / s;  ds = -sum(dq * m * x / s^2), m = 1 where not saturated.
 
 Chained, dx = dy * m and ds = sum(dy * ((q - zp) - m * x / s)): the learned step size (LSQ)
-gradient of torch._fake_quantize_learnable_per_tensor_affine (with grad_factor 1); zero points
-are integers and carry no gradient. Per-tensor, per-axis and blocked (opset 21) scales.
+gradient of torch._fake_quantize_learnable_per_tensor_affine (with grad_factor 1). Per-tensor,
+per-axis and blocked (opset 21) scales. A zero point given as data carries no gradient; one
+computed from x (DynamicQuantizeLinear's, which also computes the scale from x's range) gets its
+straight-through gradient: dzp = sum(dq * m) from QuantizeLinear, -sum(dy * s) from
+DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from trainer.autodiff.registry import grad, straight_through
 from trainer.autodiff.rules.norm import Emit
 from trainer.graph import elem_type
 
-straight_through("QuantizeLinear")
+straight_through("QuantizeLinear", "DynamicQuantizeLinear")
 
 # Integer target ranges; for float targets the largest finite value (see kernels/quant.py).
 _INT_RANGES = {np.dtype(t): (int(ml_dtypes.iinfo(t).min), int(ml_dtypes.iinfo(t).max))
@@ -103,7 +106,7 @@ def _math_dtype(*dtypes) -> np.dtype:
     return np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
 
 
-@grad("DequantizeLinear", inputs=(0, 1))
+@grad("DequantizeLinear", inputs=(0, 1, 2))
 def dequantize_linear_grad(ctx):
     x, s, zp = ctx.I(0), ctx.I(1), ctx.I(2)
     dy, y_dtype = ctx.GO(0), ctx.dtype(ctx.O(0))
@@ -120,10 +123,14 @@ def dequantize_linear_grad(ctx):
         ds = _reduce(e, e("Mul", dy, centered, name="prod"), s, x_shape, axis, block,
                      ctx.tmp("ds"))
         e("Cast", ds, out=ctx.GI(1), to=elem_type(ctx.dtype(s)))
+    if ctx.needs(2):  # a computed zero point (DynamicQuantizeLinear's): dzp = -sum(dy * s)
+        sf = _expand(e, e.cast(s, y_dtype, "scale"), ctx.shape(s), x_shape, axis, block)
+        t = e("Neg", e("Mul", dy, sf, name="dys"), name="neg")
+        _reduce(e, t, zp, x_shape, axis, block, ctx.GI(2))
     return e.nodes
 
 
-@grad("QuantizeLinear", inputs=(0, 1))
+@grad("QuantizeLinear", inputs=(0, 1, 2))
 def quantize_linear_grad(ctx):
     x, s, zp, q = ctx.I(0), ctx.I(1), ctx.I(2), ctx.O(0)
     x_shape, axis, block = _geometry(ctx, x)
@@ -165,5 +172,71 @@ def quantize_linear_grad(ctx):
         t = e("Neg", e("Mul", dx, v, name="dxv"), name="neg")
         ds = _reduce(e, t, s, x_shape, axis, block, ctx.tmp("ds"))
         e("Cast", ds, out=ctx.GI(1), to=elem_type(s_dtype))
+    if ctx.needs(2):  # a computed zero point: dzp = sum(dq * m)
+        _reduce(e, g, zp, x_shape, axis, block, ctx.GI(2))
     return e.nodes
 
+
+
+@grad("DynamicQuantizeLinear", inputs=(0,))
+def dynamic_quantize_linear_grad(ctx):
+    # hi = max(max(x), 0), lo = min(min(x), 0), s = (hi - lo) / 255, zp = round(-lo / s),
+    # q = saturate(round(x / s) + zp): straight through every rounding. With G_zp and G_s the
+    # totals reaching zp and s (from the outputs and through q):
+    #   G_zp = g_zp + sum(g_q m),  G_s = g_s - sum(g_q m x) / s^2 + G_zp lo / s^2,
+    #   dx = g_q m / s + (G_s / 255) at the maximum (if > 0)
+    #        - (G_zp / s + G_s / 255) at the minimum (if < 0),
+    # ties at an extreme sharing its gradient equally (as torch's max() does); a constant x
+    # (hi == lo, where the kernel takes s = 1) gets no range terms.
+    x = ctx.I(0)
+    dt = ctx.dtype(x)
+    rank = len(ctx.shape(x))
+    e = Emit(ctx)
+    axes = list(range(rank))
+    zero, one = e.k(0.0), e.k(1.0)
+    mx = e.reduce("ReduceMax", x, axes, keepdims=0, name="max")
+    mn = e.reduce("ReduceMin", x, axes, keepdims=0, name="min")
+    hi, lo = e("Max", mx, zero, name="hi"), e("Min", mn, zero, name="lo")
+    flat = e("Equal", hi, lo, name="flat")
+    s = e("Where", flat, one, e("Div", e("Sub", hi, lo, name="range"), e.k(255.0), name="s_"),
+          name="s")
+    v = e("Div", x, s, name="v")
+    zp = e("Round", e("Neg", e("Div", lo, s, name="lo_s"), name="zp_"), name="zp")
+    r = e("Add", e("Round", v, name="rounded"), zp, name="shifted")
+    out = e("Or", e("Less", r, zero, name="below"), e("Greater", r, e.k(255.0), name="above"),
+            name="saturated")
+    m = e.cast(e("Not", out, name="kept"), dt, "mask")
+    s2 = e("Mul", s, s, name="s2")
+
+    def total(names: list[str], label: str, out: str | None = None) -> str:
+        names = [e.cast(g, dt, label) for g in names]
+        if len(names) == 1:
+            return e("Identity", names[0], out=out, name=label) if out else names[0]
+        return e("Sum", *names, out=out, name=label)
+
+    g_zp = [ctx.GO(2)] if ctx.GO(2) else []
+    g_s = [ctx.GO(1)] if ctx.GO(1) else []
+    terms = []
+    if ctx.GO(0):
+        gm = e("Mul", e.cast(ctx.GO(0), dt, "dq"), m, name="dq_kept")
+        terms.append(e("Div", gm, s, name="dx_q"))
+        g_zp.append(e.reduce("ReduceSum", gm, axes, keepdims=0, name="g_zp_q"))
+        gx = e.reduce("ReduceSum", e("Mul", gm, x, name="gx"), axes, keepdims=0, name="gx_sum")
+        g_s.append(e("Neg", e("Div", gx, s2, name="gx_s2"), name="g_s_q"))
+    G_zp = total(g_zp, "G_zp") if g_zp else None
+    if G_zp:
+        g_s.append(e("Div", e("Mul", G_zp, lo, name="zp_lo"), s2, name="g_s_zp"))
+    if g_s:
+        G_s = e("Where", flat, zero, total(g_s, "G_s"), name="G_s_live")  # s = 1 when flat
+        d_hi = e("Div", G_s, e.k(255.0), name="d_hi")
+        d_lo = e("Neg", d_hi, name="d_lo_s")
+        if G_zp:
+            d_lo = e("Sub", d_lo, e("Div", G_zp, s, name="zp_s"), name="d_lo")
+        for extreme, d, beyond in ((mx, d_hi, "Greater"), (mn, d_lo, "Less")):
+            at = e.cast(e("Equal", x, extreme, name="at"), dt, "at_f")
+            ties = e.reduce("ReduceSum", at, axes, keepdims=0, name="ties")
+            live = e.cast(e(beyond, extreme, zero, name="beyond_zero"), dt, "live")
+            share = e("Div", e("Mul", d, live, name="d_live"), ties, name="share")
+            terms.append(e("Mul", at, share, name="d_extreme"))
+    total(terms, "dx", out=ctx.GI(0))
+    return e.nodes
