@@ -251,11 +251,13 @@ def main() -> None:
                       f"{raw / bkt:.2f} ({med[names[0]] / med[names[2]]:.2f}) |", flush=True)
                 if mb >= FIT_MIN_MB:
                     points.append((np_, nbytes, blk))
-        fits[transport] = (fit_alpha_beta(points), points)
-    print("\nAlpha-beta fit of ours blocking on buffers of at least "
-          f"{FIT_MIN_MB:g} MB, t = 2(p-1)/p * bytes/B + 2(p-1) * alpha:\n")
-    print("| transport | alpha us | B GB/s | worst relative error of the fit |")
-    print("|---|---|---|---|")
+        if points:  # (none when every size is below FIT_MIN_MB)
+            fits[transport] = (fit_alpha_beta(points), points)
+    if fits:
+        print("\nAlpha-beta fit of ours blocking on buffers of at least "
+              f"{FIT_MIN_MB:g} MB, t = 2(p-1)/p * bytes/B + 2(p-1) * alpha:\n")
+        print("| transport | alpha us | B GB/s | worst relative error of the fit |")
+        print("|---|---|---|---|")
     for transport, ((alpha, bw), points) in fits.items():
         worst = max(abs(ring_time(p, b, alpha, bw) - t) / t for p, b, t in points)
         print(f"| {transport} | {alpha * 1e6:.1f} | {bw / 1e9:.2f} | {worst:.0%} |")

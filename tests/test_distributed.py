@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import sys
@@ -214,6 +215,87 @@ def test_failure_during_setup_on_every_rank_is_printed_once(tmp_path, digits_con
     assert proc.returncode != 0
     assert proc.stderr.count("model file not found") == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+_TIMELINE = """
+import io, json, sys, time
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from trainer.comm.buckets import Buckets
+from trainer.config import config_from_dict
+from trainer.train import Trainer
+
+records = []
+original = Buckets.wait_all
+def wait_all(self):
+    end = time.perf_counter()  # the backward has finished: only the optimizer is left
+    original(self)
+    records.append({{"backward_end": end, "started": list(self.started_at),
+                    "done": list(self.done_at)}})
+Buckets.wait_all = wait_all
+
+d = sys.argv[1]
+rng = np.random.default_rng(0)
+sizes = [256, 2048, 2048, 10]  # ~50 ms of backward after the last layer's gradients
+inits, nodes, x = [], [], "x"
+for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    inits += [numpy_helper.from_array((rng.standard_normal((b, a)) / a ** 0.5).astype(np.float32),
+                                      f"W{{i}}"),
+              numpy_helper.from_array(np.zeros(b, np.float32), f"B{{i}}")]
+    y = "logits" if i == len(sizes) - 2 else f"h{{i}}"
+    nodes.append(helper.make_node("Gemm", [x, f"W{{i}}", f"B{{i}}"], [y + ("_" if y != "logits"
+                                  else "")], transB=1))
+    if y != "logits":
+        nodes.append(helper.make_node("Relu", [y + "_"], [y]))
+    x = y
+graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", 1, ["N", 256])],
+                          [helper.make_tensor_value_info("logits", 1, ["N", 10])], inits)
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), d + "/m.onnx")
+np.savez(d + "/d.npz", x=rng.standard_normal((2048, 256)).astype(np.float32),
+         y=rng.integers(0, 10, 2048))
+cfg = config_from_dict({{"model": "m.onnx", "output": "out.onnx", "device": "cpu",
+    "data": {{"train": {{"path": "d.npz", "inputs": {{"x": "x"}}, "targets": {{"label": "y"}}}},
+             "batch_size": 1024}}, "threads": 1,
+    "loss": {{"type": "cross_entropy", "output": "logits", "target": "label"}},
+    "optimizer": {{"type": "sgd", "lr": 0.01}}, "steps": 6, "log": {{"every_steps": 100}},
+    "distributed": {{"bucket_mb": 0.05, "overlap": {overlap}}}}}, d)
+t = Trainer(cfg, stream=io.StringIO())
+t.fit()
+print("TIMELINE", t.rank, json.dumps(records), flush=True)
+print("PROGRESS THREAD", "on" if t.comm.progress and t.comm.progress.polls else "off", flush=True)
+"""
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gradient_buckets_complete_while_the_backward_still_runs(tmp_path, overlap):
+    """Under mpirun, the all-reduce of the last layer's gradients starts as soon as they are
+    produced and completes while the backward computes the next ones: communication
+    progresses during compute. With overlap off, no bucket starts before the backward's end."""
+    script = tmp_path / "timeline.py"
+    script.write_text(_TIMELINE.format(overlap=overlap))
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, str(script), str(tmp_path)], timeout=180, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln.split(" ", 2) for ln in proc.stdout.splitlines() if ln.startswith("TIMELINE")]
+    assert sorted(int(r) for _, r, _ in lines) == [0, 1]
+    for _, rank, text in lines:
+        steps = json.loads(text)[1:]  # (the first step also builds the plan)
+        assert len(steps) == 5
+        for s in steps:
+            assert len(s["started"]) >= 3 and None not in s["done"]
+            end = s["backward_end"]
+            if overlap:  # bucket 0 (the last layer) starts early: while the backward runs
+                assert s["started"][0] < end, (rank, s)
+            else:
+                assert min(s["started"]) >= end, (rank, s)
+        if overlap:  # and is complete before the next gradients are (the progress thread moved
+            # its data during their ~100 ms of compute; polled only at gradient events, it
+            # completes at the backward's last poll or after it)
+            early = sum(s["done"][0] < s["started"][2] for s in steps)
+            assert early >= 4, (rank, steps)
+    assert proc.stdout.count("PROGRESS THREAD on") == 2
 
 
 # -- gradient synchronization variants ----------------------------------------------------------

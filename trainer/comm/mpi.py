@@ -1,6 +1,13 @@
 """MPI communicator over mpi4py's buffer API: every collective is non-blocking, polled under the
 watchdog; CuPy arrays go to a CUDA-aware MPI directly, else through pinned host buffers.
 
+MPI moves a non-blocking collective's data only inside MPI calls. While collectives are in
+flight, a progress thread calls MPI (an Iprobe on a communicator of its own) every half
+millisecond, so a gradient bucket's all-reduce advances while the backward computes, also
+during one long kernel (NumPy and CuPy release the GIL there). It needs MPI_THREAD_MULTIPLE;
+ONNX_TRAINER_MPI_PROGRESS=0 turns it off (the engine then progresses collectives only when it
+polls them, between the backward's gradients).
+
 Multi-step collectives (compressed all-reduce: an all-to-all, then an all-gather) issue each
 step on its own duplicated communicator, in the order the collectives were started, so ranks
 whose steps complete in different orders still match.
@@ -8,10 +15,13 @@ whose steps complete in different orders still match.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -128,6 +138,46 @@ class PinnedPool:
         self._free.setdefault(raw.size, []).append(raw)
 
 
+class ProgressThread:
+    """Calls MPI every `period_s` while collectives are in flight (idle otherwise): Open MPI
+    advances non-blocking collectives in whichever thread enters it."""
+
+    def __init__(self, comm, MPI, period_s: float = 5e-4):
+        self.comm, self.MPI, self.period_s = comm, MPI, period_s
+        self.in_flight = 0
+        self.polls = 0
+        self._busy = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="mpi-progress", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)  # before mpi4py's own exit handler finalizes MPI
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self._busy.set()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+
+    def stop(self) -> None:
+        self._stop = True
+        self._busy.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        MPI = self.MPI
+        while not self._stop:
+            self._busy.wait()
+            self._busy.clear()
+            while self.in_flight > 0 and not self._stop:  # (re-read after the clear)
+                try:
+                    self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+                except MPI.Exception:  # a broken job: the watchdog of the main thread reports
+                    return
+                self.polls += 1
+                time.sleep(self.period_s)
+
+
 class Handle:
     """An async collective: a generator of MPI steps, driven by MPIComm.test/synchronize."""
 
@@ -163,8 +213,12 @@ class MPIComm:
         self._cuda_aware: bool | None = None
         self._local: tuple[int, int] | None = None
         self.pinned = PinnedPool(pinned_alloc)
+        self.progress: ProgressThread | None = None
         if self.size > 1:
             _abort_on_uncaught_exception(MPI)
+            if (MPI.Query_thread() == MPI.THREAD_MULTIPLE
+                    and os.environ.get("ONNX_TRAINER_MPI_PROGRESS", "1") != "0"):
+                self.progress = ProgressThread(self.comm.Dup(), MPI)
 
     @property
     def cuda_aware(self) -> bool:
@@ -202,6 +256,8 @@ class MPIComm:
         handle = Handle(seq, label, make(*views))
         if staged:
             handle.finish = lambda: [s() for s in staged]
+        if self.progress is not None:
+            self.progress.started()
         for k in range(1, steps):
             self._queues[k].append(handle)
         issue = next(handle.gen)
@@ -239,6 +295,8 @@ class MPIComm:
                     h.pending = h.gen.send(None)
                 except StopIteration:
                     h.done = True
+                    if self.progress is not None:
+                        self.progress.finished()
                     if h.finish is not None:
                         h.finish()
                     return True
