@@ -216,9 +216,12 @@ class MPIComm:
         self.progress: ProgressThread | None = None
         if self.size > 1:
             _abort_on_uncaught_exception(MPI)
+            probe = self.comm.Dup()  # (collective: every rank, whatever its setting)
             if (MPI.Query_thread() == MPI.THREAD_MULTIPLE
                     and os.environ.get("ONNX_TRAINER_MPI_PROGRESS", "1") != "0"):
-                self.progress = ProgressThread(self.comm.Dup(), MPI)
+                self.progress = ProgressThread(probe, MPI)
+            else:
+                probe.Free()
 
     @property
     def cuda_aware(self) -> bool:

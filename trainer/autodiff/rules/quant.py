@@ -112,19 +112,21 @@ def dequantize_linear_grad(ctx):
     dy, y_dtype = ctx.GO(0), ctx.dtype(ctx.O(0))
     x_shape, axis, block = _geometry(ctx, x)
     e = Emit(ctx)
-    if ctx.needs(0):  # dq = dy * s, in y's type
-        e("Mul", dy, _expand(e, e.cast(s, y_dtype, "scale"), ctx.shape(s), x_shape, axis, block),
-          out=ctx.GI(0))
+    sf = None
+    if ctx.needs(0) or ctx.needs(2):  # s in y's type, shaped against x
+        sf = _expand(e, e.cast(s, y_dtype, "scale"), ctx.shape(s), x_shape, axis, block)
+    if ctx.needs(0):  # dq = dy * s
+        e("Mul", dy, sf, out=ctx.GI(0))
     if ctx.needs(1):  # ds = sum(dy * (q - zp))
         centered = e.cast(x, y_dtype, "q")
         if zp:
-            zpf = _expand(e, e.cast(zp, y_dtype, "zero_point"), ctx.shape(zp), x_shape, axis, block)
+            zpf = _expand(e, e.cast(zp, y_dtype, "zero_point"), ctx.shape(zp), x_shape, axis,
+                          block)
             centered = e("Sub", centered, zpf, name="centered")
         ds = _reduce(e, e("Mul", dy, centered, name="prod"), s, x_shape, axis, block,
                      ctx.tmp("ds"))
         e("Cast", ds, out=ctx.GI(1), to=elem_type(ctx.dtype(s)))
     if ctx.needs(2):  # a computed zero point (DynamicQuantizeLinear's): dzp = -sum(dy * s)
-        sf = _expand(e, e.cast(s, y_dtype, "scale"), ctx.shape(s), x_shape, axis, block)
         t = e("Neg", e("Mul", dy, sf, name="dys"), name="neg")
         _reduce(e, t, zp, x_shape, axis, block, ctx.GI(2))
     return e.nodes
@@ -162,8 +164,8 @@ def quantize_linear_grad(ctx):
     if lo is not None:
         below = e("Less", r, ctx.const(lo, m_dtype, "lo"), name="below")
         above = e("Greater", r, ctx.const(hi, m_dtype, "hi"), name="above")
-        out = e("Or", below, above, name="saturated")
-        keep = e.cast(e("Not", out, name="kept"), m_dtype, "mask")
+        sat = e("Or", below, above, name="saturated")
+        keep = e.cast(e("Not", sat, name="kept"), m_dtype, "mask")
         g = e("Mul", g, keep, name="dq_kept")
     dx = e("Div", g, sf, name="dx")
     if ctx.needs(0):
@@ -175,7 +177,6 @@ def quantize_linear_grad(ctx):
     if ctx.needs(2):  # a computed zero point: dzp = sum(dq * m)
         _reduce(e, g, zp, x_shape, axis, block, ctx.GI(2))
     return e.nodes
-
 
 
 @grad("DynamicQuantizeLinear", inputs=(0,))
@@ -203,9 +204,9 @@ def dynamic_quantize_linear_grad(ctx):
     v = e("Div", x, s, name="v")
     zp = e("Round", e("Neg", e("Div", lo, s, name="lo_s"), name="zp_"), name="zp")
     r = e("Add", e("Round", v, name="rounded"), zp, name="shifted")
-    out = e("Or", e("Less", r, zero, name="below"), e("Greater", r, e.k(255.0), name="above"),
+    sat = e("Or", e("Less", r, zero, name="below"), e("Greater", r, e.k(255.0), name="above"),
             name="saturated")
-    m = e.cast(e("Not", out, name="kept"), dt, "mask")
+    m = e.cast(e("Not", sat, name="kept"), dt, "mask")
     s2 = e("Mul", s, s, name="s2")
 
     def total(names: list[str], label: str, out: str | None = None) -> str:
