@@ -302,17 +302,181 @@ def test_dynamic_quantization_of_a_constant_input() -> None:
     np.testing.assert_allclose(grads["X"], inits["R"], rtol=1e-6)
 
 
-def test_integer_quantized_ops_still_stop_the_gradient_with_a_clear_error() -> None:
-    # QLinearMatMul computes on integers: a weight reaching the loss only through it is named.
-    nodes = [helper.make_node("QuantizeLinear", ["W", "s", "z"], ["q"]),
-             helper.make_node("QLinearMatMul", ["q", "s", "z", "q", "s", "z", "s", "z"], ["m"]),
-             helper.make_node("DequantizeLinear", ["m", "s", "z"], ["y"]),
+def _torch_dynq(v):
+    """DynamicQuantizeLinear with straight-through rounding: (q, scale, zero point)."""
+    hi, lo = torch.clamp(v.max(), min=0.0), torch.clamp(v.min(), max=0.0)
+    s = (hi - lo) / 255
+    zp = _ste(-lo / s)
+    return torch.clamp(_ste(v / s) + zp, 0, 255), s, zp
+
+
+@pytest.mark.parametrize("kind", ["2d-per-column-zp", "batched", "per-row-zp"])
+def test_matmul_integer_passes_gradients_straight_through(kind) -> None:
+    # A dynamically quantized linear layer as onnxruntime's quantize_dynamic writes it:
+    # DynamicQuantizeLinear(X) -> MatMulInteger(q, Wq, zp, Wzp) -> Cast -> * (s * Ws) -> + B.
+    # With per-row zero points, A comes from a per-axis QuantizeLinear instead.
+    x_shape = (2, 3, 5) if kind == "batched" else (3, 5)
+    x = _rng.standard_normal(x_shape).astype(F32)
+    wq = _ints(np.int8, (5, 4), -127, 127)
+    wzp = _ints(np.int8, (4,), -3, 3) if kind != "batched" else np.array(2, np.int8)
+    ws = _rng.uniform(0.005, 0.02, wzp.shape).astype(F32)
+    b = _rng.standard_normal(4).astype(F32)
+    r = _rng.standard_normal(x_shape[:-1] + (4,)).astype(F32)
+    inits = {"X": x, "Wq": wq, "Wzp": wzp, "Ws": ws, "B": b, "R": r}
+    if kind == "per-row-zp":
+        inits.update(S=np.array([0.02, 0.03, 0.025], F32), Z=np.array([3, -2, 0], np.int8))
+        quantize = [helper.make_node("QuantizeLinear", ["X", "S", "Z"], ["q"], axis=0),
+                    helper.make_node("Reshape", ["S", "col"], ["s"])]
+        inits["col"] = np.array([3, 1], np.int64)
+    else:
+        quantize = [helper.make_node("DynamicQuantizeLinear", ["X"], ["q", "s", "Z"])]
+    nodes = [*quantize,
+             helper.make_node("MatMulInteger", ["q", "Wq", "Z", "Wzp"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["s", "Ws"], ["scale"]),
+             helper.make_node("Mul", ["accf", "scale"], ["m"]),
+             helper.make_node("Add", ["m", "B"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=13)
+    wrt = ["X", "Ws", "B"] + (["S"] if kind == "per-row-zp" else [])
+    grads, tm = gradients(model, wrt)
+
+    t = {k: torch.tensor(inits[k], requires_grad=True) for k in wrt}
+    xt = t["X"]
+    if kind == "per-row-zp":
+        zf = torch.tensor(inits["Z"], dtype=torch.float32)[:, None]
+        st = t["S"][:, None]
+        q, s, zp = torch.clamp(_ste(xt / st) + zf, -128, 127), st, zf
+    else:
+        q, s, zp = _torch_dynq(xt)
+    w = torch.tensor(wq, dtype=torch.float32) - torch.tensor(wzp, dtype=torch.float32)
+    y = ((q - zp) @ w) * (s * t["Ws"]) + t["B"]
+    (y * torch.tensor(r)).sum().backward()
+    for k in wrt:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+    onnx.checker.check_model(tm, full_check=True)
+    if kind != "per-row-zp":  # (onnxruntime's MatMulInteger takes one zero point for A)
+        res = run_ort(tm)
+        for k, name in training_info(tm).gradients.items():
+            np.testing.assert_allclose(res[name], grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_conv_integer_passes_gradients_straight_through() -> None:
+    x = _rng.standard_normal((2, 3, 6, 5)).astype(F32)
+    wq = _ints(np.int8, (4, 3, 3, 3), -127, 127)
+    wzp = _ints(np.int8, (4,), -3, 3)
+    ws = _rng.uniform(0.005, 0.02, (4, 1, 1)).astype(F32)
+    r = _rng.standard_normal((2, 4, 3, 2)).astype(F32)
+    inits = {"X": x, "Wq": wq, "Wzp": wzp, "Ws": ws, "R": r}
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["q", "s", "z"]),
+             helper.make_node("ConvInteger", ["q", "Wq", "z", "Wzp"], ["acc"],
+                              strides=[2, 2], pads=[1, 0, 1, 1], dilations=[1, 1]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["s", "Ws"], ["scale"]),
+             helper.make_node("Mul", ["accf", "scale"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=13)
+    grads, tm = gradients(model, ["X", "Ws"])
+    xt, wst = (torch.tensor(inits[k], requires_grad=True) for k in ("X", "Ws"))
+    q, s, zp = _torch_dynq(xt)
+    w = torch.tensor(wq, dtype=torch.float32) - torch.tensor(wzp, dtype=torch.float32)[
+        :, None, None, None]
+    acc = torch.nn.functional.conv2d(torch.nn.functional.pad(q - zp, (0, 1, 1, 1)), w,
+                                     stride=2)
+    ((acc * (s * wst)) * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["Ws"], wst.grad.numpy(), rtol=1e-4, atol=1e-4)
+    onnx.checker.check_model(tm, full_check=True)  # (onnxruntime's ConvInteger takes no
+    # per-channel zero points, so it cannot run this graph)
+
+
+def _torch_fq(v, s, zp, lo, hi):
+    """(dequantized value, quantized value) of v with straight-through rounding."""
+    q = torch.clamp(_ste(v / s) + zp, lo, hi)
+    return (q - zp) * s, q
+
+
+def test_qlinear_matmul_passes_gradients_through_its_qdq_form() -> None:
+    # QLinearMatMul = QuantizeLinear(MatMul(DequantizeLinear(a), DequantizeLinear(b))): the
+    # input's, the weight's and the output's scales (a's shared with the QuantizeLinear that
+    # made a) and the input all get their straight-through gradients.
+    x = (_rng.standard_normal((3, 5)) * 2).astype(F32)
+    inits = {"X": x, "As": np.array(0.03, F32), "Az": np.array(4, np.int8),
+             "Wq": _ints(np.int8, (5, 4), -127, 127), "Ws": np.array(0.01, F32),
+             "Wz": np.array(0, np.int8), "Ys": np.array(0.05, F32),
+             "Yz": np.array(-3, np.int8), "R": _rng.standard_normal((3, 4)).astype(F32)}
+    nodes = [helper.make_node("QuantizeLinear", ["X", "As", "Az"], ["a"]),
+             helper.make_node("QLinearMatMul", ["a", "As", "Az", "Wq", "Ws", "Wz", "Ys", "Yz"],
+                              ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "Ys", "Yz"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=13)
+    wrt = ["X", "As", "Ws", "Ys"]
+    grads, tm = gradients(model, wrt)
+    t = {k: torch.tensor(inits[k], requires_grad=True) for k in wrt}
+    f = {k: torch.tensor(inits[k], dtype=torch.float32) for k in ("Az", "Wq", "Wz", "Yz", "R")}
+    a, _ = _torch_fq(t["X"], t["As"], f["Az"], -128, 127)
+    w = (f["Wq"] - f["Wz"]) * t["Ws"]
+    y, q = _torch_fq(a @ w, t["Ys"], f["Yz"], -128, 127)
+    (y * f["R"]).sum().backward()
+    assert 0 < int((q.detach().abs() == 127).sum() + (q.detach() == -128).sum()) < q.numel()
+    for k in wrt:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-4, atol=1e-4,
+                                   err_msg=k)
+    onnx.checker.check_model(tm, full_check=True)
+    res = run_ort(tm)
+    for k, name in training_info(tm).gradients.items():
+        np.testing.assert_allclose(res[name], grads[k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_qlinear_conv_passes_gradients_through_its_qdq_form() -> None:
+    # QLinearConv with per-channel weight scales and an int32 bias (scaled by x_scale *
+    # w_scale): gradients for the input and every scale.
+    x = _rng.standard_normal((2, 3, 5, 5)).astype(F32)
+    inits = {"X": x, "Xs": np.array(0.02, F32), "Xz": np.array(128, np.uint8),
+             "Wq": _ints(np.int8, (4, 3, 3, 3), -127, 127),
+             "Ws": _rng.uniform(0.005, 0.01, 4).astype(F32), "Wz": np.zeros(4, np.int8),
+             "Ys": np.array(0.04, F32), "Yz": np.array(128, np.uint8),
+             "B": _ints(np.int32, (4,), -2000, 2000),
+             "R": _rng.standard_normal((2, 4, 3, 3)).astype(F32)}
+    nodes = [helper.make_node("QuantizeLinear", ["X", "Xs", "Xz"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "Xs", "Xz", "Wq", "Ws", "Wz", "Ys", "Yz",
+                                              "B"], ["yq"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "Ys", "Yz"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["p"]),
+             helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=13)
+    wrt = ["X", "Xs", "Ws", "Ys"]
+    grads, tm = gradients(model, wrt)
+    t = {k: torch.tensor(inits[k], requires_grad=True) for k in wrt}
+    f = {k: torch.tensor(inits[k].astype(F32)) for k in ("Xz", "Wq", "Wz", "Yz", "B", "R")}
+    xd, _ = _torch_fq(t["X"], t["Xs"], f["Xz"], 0, 255)
+    w = (f["Wq"] - f["Wz"][:, None, None, None]) * t["Ws"][:, None, None, None]
+    conv = torch.nn.functional.conv2d(xd, w, f["B"] * t["Xs"] * t["Ws"], stride=2, padding=1)
+    y, _ = _torch_fq(conv, t["Ys"], f["Yz"], 0, 255)
+    (y * f["R"]).sum().backward()
+    for k in wrt:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-4, atol=1e-4,
+                                   err_msg=k)
+    onnx.checker.check_model(tm, full_check=True)
+
+
+def test_per_row_parameters_before_opset_13_are_a_clear_error() -> None:
+    nodes = [helper.make_node("QuantizeLinear", ["X", "As", "Az"], ["a"]),
+             helper.make_node("QLinearMatMul", ["a", "As", "Az", "Wq", "Ws", "Wz", "Ys", "Yz"],
+                              ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "Ys", "Yz"], ["y"]),
              helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
-    model = make_model(nodes, initializers={"W": _rng.standard_normal((3, 3)).astype(F32),
-                                            "s": np.array(0.1, F32), "z": np.array(0, np.int8)},
-                       outputs=["L"], opset=13)
-    with pytest.raises(ModelError, match="W.*differentiable"):
-        build_training_graph(model, {"type": "output", "output": "L"}, ["W"])
+    inits = {"X": _rng.standard_normal((3, 5)).astype(F32), "As": np.array(0.03, F32),
+             "Az": np.array(0, np.int8), "Wq": _ints(np.int8, (5, 4), -9, 9),
+             "Ws": np.full(4, 0.01, F32), "Wz": np.zeros(4, np.int8),
+             "Ys": np.array(0.05, F32), "Yz": np.array(0, np.int8)}
+    model = make_model(nodes, initializers=inits, outputs=["L"], opset=10)
+    with pytest.raises(ModelError, match="QLinearMatMul.*opset >= 13"):
+        build_training_graph(model, {"type": "output", "output": "L"}, ["X"])
 
 
 # -- DequantizeLinear alone: its scale gradient is exact, checked by finite differences -------
@@ -330,7 +494,9 @@ table.add("DequantizeLinear", "blocked-int8-tail",
           [("x", _ints(np.int8, (2, 5, 3), -128, 127)), ("s", positive(2, 3, 3)),
            ("z", _ints(np.int8, (2, 3, 3), -4, 4))], opset=21, axis=1, block_size=2)
 CASES = table.cases
-EXTRA_TESTED = {"QuantizeLinear", "DynamicQuantizeLinear"}  # STE: no finite differences; torch
+# Straight-through rules have no finite-difference reference: they are checked against torch.
+EXTRA_TESTED = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                "QLinearMatMul", "QLinearConv"}
 
 test_rule_matches_finite_differences, test_rule_float32_training_graph = rule_tests(CASES)
 
@@ -468,3 +634,93 @@ def test_a_qdq_models_parameters_leave_the_scales_out(tmp_path) -> None:
     for k in ("S_in", "S1", "S_h", "S2"):
         assert rows[k].role == CONSTANT and "quantization scale" in rows[k].reason, rows[k]
         assert "trainable" in rows[k].reason
+
+
+def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_parameters(
+        tmp_path) -> None:
+    # onnxruntime.quantization.quantize_dynamic stores the weights as int8 and quantizes the
+    # activations at run time (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add).
+    # Its float parameters, the biases, train through the straight-through rules exactly as
+    # the same computation does in PyTorch.
+    import io
+
+    from onnx import numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(11)
+    w = {"W1": (rng.standard_normal((8, 16)) * 0.4).astype(F32),
+         "B1": (rng.standard_normal(16) * 0.1).astype(F32),
+         "W2": (rng.standard_normal((16, 4)) * 0.4).astype(F32),
+         "B2": (rng.standard_normal(4) * 0.1).astype(F32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+             helper.make_node("Add", ["h0", "B1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["l0"]),
+             helper.make_node("Add", ["l0", "B2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+              str(tmp_path / "float.onnx"))
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dyn.onnx"))
+    dyn = onnx.load(str(tmp_path / "dyn.onnx"))
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in dyn.graph.node}
+    q = {t.name: numpy_helper.to_array(t) for t in dyn.graph.initializer}
+    x = (rng.standard_normal((64, 8)) * 1.5).astype(F32)
+    y = rng.integers(0, 4, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    steps, batch, lr = 6, 16, 0.1
+    cfg = config_from_dict({
+        "model": "dyn.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": batch, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1}},
+        base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    values = trainer.trained_values()
+    assert set(values) == {"B1", "B2"}  # the int8 weights are data; the scales constants
+
+    def centered(name):
+        return torch.tensor(q[name + "_quantized"], dtype=torch.float32) - float(
+            q[name + "_zero_point"])
+    b = {k: torch.tensor(w[k], requires_grad=True) for k in ("B1", "B2")}
+    t_losses = []
+    for step in range(steps):
+        lo = step * batch % len(x)
+        xq, xs, xz = _torch_dynq(torch.tensor(x[lo:lo + batch]))
+        h = torch.relu((xq - xz) @ centered("W1") * (xs * float(q["W1_scale"])) + b["B1"])
+        hq, hs, hz = _torch_dynq(h)
+        logits = (hq - hz) @ centered("W2") * (hs * float(q["W2_scale"])) + b["B2"]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y[lo:lo + batch]))
+        t_losses.append(loss.item())
+        grads = torch.autograd.grad(loss, [b["B1"], b["B2"]])
+        with torch.no_grad():
+            for k, g in zip(("B1", "B2"), grads, strict=True):
+                b[k] -= lr * g
+    np.testing.assert_allclose(losses, t_losses, rtol=1e-5)
+    for k in ("B1", "B2"):
+        assert np.abs(values[k] - w[k]).max() > 1e-3, k
+        np.testing.assert_allclose(values[k], b[k].detach().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=k)
+
+
+def test_an_integer_weight_model_names_what_it_could_train(tmp_path) -> None:
+    # Static QDQ quantization stores weights as int8 with a DequantizeLinear: nothing float is
+    # left to train by default but the scales, and the error says so.
+    x = onnx.numpy_helper.from_array(_rng.standard_normal((2, 3)).astype(F32))
+    nodes = [helper.make_node("Constant", [], ["x"], value=x),
+             helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"]),
+             helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
+    model = make_model(nodes, initializers={"Wq": _ints(np.int8, (3, 4), -9, 9),
+                                            "Ws": np.array(0.1, F32)}, outputs=["L"], opset=13)
+    with pytest.raises(ModelError, match=r"every float initializer that reaches the loss is "
+                                         r"left out \(Ws: quantization scale\)"):
+        build_training_graph(model, {"type": "output", "output": "L"}, "all")

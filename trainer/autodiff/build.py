@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from trainer.autodiff.context import Builder
 from trainer.autodiff.engine import active_nodes, build_backward
 from trainer.autodiff.params import (
+    CONSTANT,
     batchnorm_stats,
     parameter_table,
     select,
@@ -300,6 +301,14 @@ def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, co
     table = parameter_table(m, fw.nodes, fw.loss, shapes, stats=bn_stats)
     chosen = select(table, wrt, frozen)
     if not chosen:
+        left_out = [r for r in table if r.role == CONSTANT]
+        if left_out:  # (quantization scales of an integer-weight model, one-element constants)
+            names = ", ".join(r.name for r in left_out[:6]) + ("..." if len(left_out) > 6 else "")
+            kinds = sorted({r.reason.split(" (")[0] for r in left_out})
+            raise ModelError(f"nothing to train by default: every float initializer that "
+                             f"reaches the loss is left out ({names}: {' or '.join(kinds)}); "
+                             "list them in 'trainable' to train them ('onnx-trainer check "
+                             "MODEL' gives each one's reason)")
         raise ModelError("nothing to train: no float initializer reaches the loss (see "
                          "'onnx-trainer check MODEL' for why each one is left out)")
     seed = fw.scope.fresh(f"{fw.loss}_grad_seed")

@@ -1,5 +1,5 @@
-"""Ops whose outputs carry no gradient (random, windows, integer quantized ops, strings, the
-piecewise constant ai.onnx.ml ops and the Gradient op), and ArrayFeatureExtractor's rule (the other
+"""Ops whose outputs carry no gradient (random, windows, strings, the piecewise constant
+ai.onnx.ml ops and the Gradient op), and ArrayFeatureExtractor's rule (the other
 differentiable ai.onnx.ml ops are in rules/ml.py).
 
 NO_GRADIENT is keyed by op name alone: no two domains of the installed onnx share an op name.
@@ -19,9 +19,6 @@ no_gradient("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
             "Bernoulli", "Multinomial")
 # Windows and mel filters: built from integer sizes and attributes only.
 no_gradient("HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix")
-# Quantized arithmetic: integer results of integer data. Quantize/DequantizeLinear pairs (and
-# DynamicQuantizeLinear) train as fake quantization (rules/quant.py).
-no_gradient("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
 # Strings, image bytes, n-gram counts, bit reinterpretation, detection indices, set operations
 # (torch.unique has no gradient), and the integer/boolean results of sequences and optionals.
 no_gradient("StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch",

@@ -18,11 +18,18 @@ per-axis and blocked (opset 21) scales. A zero point given as data carries no gr
 computed from x (DynamicQuantizeLinear's, which also computes the scale from x's range) gets its
 straight-through gradient: dzp = sum(dq * m) from QuantizeLinear, -sum(dy * s) from
 DequantizeLinear.
+
+The integer ops pass gradients straight through as well: MatMulInteger and ConvInteger as the
+float op on the centered operands (their int32 result's gradient reaches them through Cast),
+QLinearMatMul and QLinearConv through their QDQ form (DequantizeLinear, the float op,
+QuantizeLinear), differentiated by the engine. Integer tensors are data: they carry gradients
+only downstream of a straight-through op, never as parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 
 import ml_dtypes
 import numpy as np
@@ -31,7 +38,8 @@ from trainer.autodiff.registry import grad, straight_through
 from trainer.autodiff.rules.norm import Emit
 from trainer.graph import elem_type
 
-straight_through("QuantizeLinear", "DynamicQuantizeLinear")
+straight_through("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "QLinearMatMul", "QLinearConv")
 
 # Integer target ranges; for float targets the largest finite value (see kernels/quant.py).
 _INT_RANGES = {np.dtype(t): (int(ml_dtypes.iinfo(t).min), int(ml_dtypes.iinfo(t).max))
@@ -241,3 +249,155 @@ def dynamic_quantize_linear_grad(ctx):
             terms.append(e("Mul", at, share, name="d_extreme"))
     total(terms, "dx", out=ctx.GI(0))
     return e.nodes
+
+
+# -- integer arithmetic, straight through: the float op on the dequantized-but-unscaled values --
+def _twin_grad(ctx, e: Emit, op: str, ins: list[tuple[str, str, int]], attrs: dict,
+               wanted: list[bool]) -> list[str | None]:
+    """The gradients of the float op `op` over (integer input, zero point, the zero point's axis
+    when it has one value per slice) triples, each input taken as a real number minus its zero
+    point, from the integer op's output gradient; the float op's own rule builds them. Returns
+    each input's gradient name (None where not wanted)."""
+    from trainer.autodiff.context import GradContext
+    from trainer.autodiff.registry import get_rule
+
+    f32 = np.dtype(np.float32)
+    shapes = {}
+    floats = []
+    for i, (x, zp, axis) in enumerate(ins):
+        xf = e.cast(x, f32, f"in{i}")
+        if zp:
+            z = e.cast(zp, f32, f"zero_point{i}")
+            if math.prod(ctx.shape(zp)) > 1:  # one per row of A, column of B, channel of W
+                rank = len(ctx.shape(x))
+                axis %= rank
+                z = e.reshape(z, [1] * axis + [-1] + [1] * (rank - axis - 1), name="zp_axis")
+            xf = e("Sub", xf, z, name=f"centered{i}")
+        shapes[xf] = (tuple(ctx.shape(x)), f32)
+        floats.append(xf)
+    y = ctx.tmp("float_y")
+    shapes[y] = (tuple(ctx.shape(ctx.O(0))), f32)
+    gis = [ctx.tmp(f"d{i}") if w else None for i, w in enumerate(wanted)]
+    twin = ctx.node(op, floats, [y], **attrs)
+    sub = GradContext(twin, ctx.name + "/float", [e.cast(ctx.GO(0), f32, "dy")], gis, ctx.scope,
+                      ctx.opset, ChainMap(shapes, ctx.shapes), ctx.constants)
+    e.add(*get_rule(op)(sub))
+    ctx.initializers.extend(sub.initializers)
+    return gis
+
+
+def _zero_point_grad(ctx, e: Emit, d: str, x: str, zp: str, keep_axis: int, out: str) -> None:
+    """d(zp) = -sum(dx) over every axis but keep_axis (a per-row/per-channel zero point) or all
+    of them (a scalar one), shaped like zp."""
+    rank = len(ctx.shape(x))
+    keep = keep_axis % rank if math.prod(ctx.shape(zp)) > 1 else None
+    axes = [a for a in range(rank) if a != keep]
+    s = e.reduce("ReduceSum", d, axes, keepdims=0, name="dzp_sum") if axes else d
+    e.reshape(e("Neg", s, name="dzp_neg"), list(ctx.shape(zp)), out=out)
+
+
+def _integer_op_grad(ctx, op: str, attrs: dict, zp_axes: tuple[int, int]):
+    ins = [(ctx.I(0), ctx.I(2), zp_axes[0]), (ctx.I(1), ctx.I(3), zp_axes[1])]
+    e = Emit(ctx)
+    wanted = [ctx.needs(0) or ctx.needs(2), ctx.needs(1) or ctx.needs(3)]
+    grads = _twin_grad(ctx, e, op, ins, attrs, wanted)
+    for i in (0, 1):
+        if ctx.needs(i):
+            e("Identity", grads[i], out=ctx.GI(i))
+        if ctx.needs(i + 2):
+            _zero_point_grad(ctx, e, grads[i], *ins[i], ctx.GI(i + 2))
+    return e.nodes
+
+
+@grad("MatMulInteger")
+def matmul_integer_grad(ctx):
+    # Y = (A - a_zp) @ (B - b_zp) in int32, straight through: MatMul's gradients of the
+    # centered operands; a_zp is per row of A (or scalar), b_zp per column of B.
+    return _integer_op_grad(ctx, "MatMul", {}, (-2, -1))
+
+
+@grad("ConvInteger")
+def conv_integer_grad(ctx):
+    # Y = Conv(X - x_zp, W - w_zp) in int32, straight through: Conv's gradients; w_zp is per
+    # output channel (or scalar).
+    return _integer_op_grad(ctx, "Conv", dict(ctx.attrs), (1, 0))
+
+
+# -- requantizing ops, through the QDQ form they stand for -----------------------------------
+def _through_decomposition(ctx, nodes: list, out: str, shapes: dict, consts: dict) -> list:
+    """The op's gradient as that of `nodes`, its decomposition into DequantizeLinear, the float
+    op and QuantizeLinear (whose rules pass the rounding straight through): the decomposition
+    (fresh names; `out` stands for the op's output) and its backward, seeded with GO(0)."""
+    from trainer.autodiff.engine import build_backward
+
+    wrt = [ctx.I(i) for i in range(len(ctx.onnx_node.input)) if ctx.needs(i)]
+    bwd, inits, grads = build_backward(nodes, {out: ctx.GO(0)}, list(dict.fromkeys(wrt)),
+                                       ChainMap(shapes, ctx.shapes), ctx.opset, ctx.scope,
+                                       {**ctx.constants, **consts})
+    ctx.initializers.extend(inits)
+    done = [*nodes, *bwd]
+    for i in range(len(ctx.onnx_node.input)):
+        if ctx.needs(i):
+            done.append(ctx.node("Identity", [grads[ctx.I(i)]], [ctx.GI(i)]))
+    return done
+
+
+def _dq(ctx, x: str, s: str, zp: str, axis: int, shapes: dict, name: str) -> tuple:
+    """DequantizeLinear(x, s, zp) into a fresh float32 tensor (its shape recorded in
+    `shapes`); `axis` is for 1-D parameters with more than one value (which need opset 13)."""
+    look = ChainMap(shapes, ctx.shapes)
+    y = ctx.tmp(name)
+    per_axis = math.prod(look[s][0]) > 1 or bool(zp and math.prod(look[zp][0]) > 1)
+    if per_axis and ctx.opset < 13:
+        from trainer.errors import ModelError
+        raise ModelError(f"node '{ctx.name}' ({ctx.onnx_node.op_type}): gradients through "
+                         f"per-row or per-channel quantization parameters need opset >= 13 "
+                         f"(the model has {ctx.opset}); convert it with "
+                         "onnx.version_converter")
+    attrs = {"axis": axis % max(len(look[x][0]), 1)} if per_axis else {}
+    shapes[y] = (tuple(look[x][0]), np.dtype(np.float32))
+    return ctx.node("DequantizeLinear", [x, s] + ([zp] if zp else []), [y], **attrs), y
+
+
+def _requantized(ctx, nodes: list, op: str, ins: list[str], attrs: dict, shapes: dict,
+                 axis: int | None) -> list:
+    """The float op over the dequantized inputs, then QuantizeLinear with y's parameters (per
+    `axis` when they have several values): the gradient through that decomposition."""
+    y_s, y_zp = ctx.I(6), ctx.I(7)
+    out_shape = tuple(ctx.shape(ctx.O(0)))
+    y, q = ctx.tmp("y_real"), ctx.tmp("y_quantized")
+    shapes[y] = (out_shape, np.dtype(np.float32))
+    shapes[q] = (out_shape, np.dtype(ctx.dtype(ctx.O(0))))
+    per_axis = axis is not None and math.prod(ctx.shape(y_s)) > 1
+    nodes += [ctx.node(op, ins, [y], **attrs),
+              ctx.node("QuantizeLinear", [y, y_s, y_zp], [q],
+                       axis=axis % len(out_shape) if per_axis else None)]
+    return _through_decomposition(ctx, nodes, q, shapes, {})
+
+
+@grad("QLinearMatMul", inputs=(0, 1, 2, 3, 4, 5, 6, 7))
+def qlinear_matmul_grad(ctx):
+    # y = QuantizeLinear(MatMul(DequantizeLinear(a), DequantizeLinear(b)), y_scale, y_zp):
+    # a's parameters per row, b's and y's per column (or per tensor).
+    shapes: dict = {}
+    na, af = _dq(ctx, ctx.I(0), ctx.I(1), ctx.I(2), -2, shapes, "a_real")
+    nb, bf = _dq(ctx, ctx.I(3), ctx.I(4), ctx.I(5), -1, shapes, "b_real")
+    return _requantized(ctx, [na, nb], "MatMul", [af, bf], {}, shapes, -1)
+
+
+@grad("QLinearConv", inputs=(0, 1, 2, 3, 4, 5, 6, 7))
+def qlinear_conv_grad(ctx):
+    # y = QuantizeLinear(Conv(DequantizeLinear(x), DequantizeLinear(w), B * x_scale * w_scale),
+    # y_scale, y_zp); w's parameters per output channel (or per tensor); B is int32 data.
+    shapes: dict = {}
+    nx, xf = _dq(ctx, ctx.I(0), ctx.I(1), ctx.I(2), 0, shapes, "x_real")
+    nw, wf = _dq(ctx, ctx.I(3), ctx.I(4), ctx.I(5), 0, shapes, "w_real")
+    nodes, ins = [nx, nw], [xf, wf]
+    if ctx.I(8):
+        b_s = ctx.tmp("bias_scale")
+        shapes[b_s] = (tuple(ctx.shape(ctx.I(4))), np.dtype(np.float32))
+        nodes.append(ctx.node("Mul", [ctx.I(1), ctx.I(4)], [b_s]))
+        nbias, bias = _dq(ctx, ctx.I(8), b_s, "", 0, shapes, "bias_real")
+        nodes.append(nbias)
+        ins.append(bias)
+    return _requantized(ctx, nodes, "Conv", ins, dict(ctx.attrs), shapes, None)
