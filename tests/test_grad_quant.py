@@ -1,8 +1,10 @@
-"""Fake quantization (QuantizeLinear -> DequantizeLinear) gradients: the straight-through
-estimator against PyTorch autograd (STE rounding and clamping, pinned to torch's own
-fake-quantize ops), DequantizeLinear's scale gradient against float64 finite differences, the
-default parameter set of a QDQ model, and quantization-aware training of a QDQ MLP against the
-same training in PyTorch."""
+"""Gradients through quantization, straight through the rounding: fake quantization
+(QuantizeLinear -> DequantizeLinear), DynamicQuantizeLinear and the integer ops (MatMulInteger,
+ConvInteger, QLinearMatMul, QLinearConv) against PyTorch autograd of the same computation with
+STE rounding and clamping (pinned to torch's own fake-quantize ops); DequantizeLinear's scale
+gradient against float64 finite differences; the default parameter set of a QDQ model; and
+training against PyTorch: quantization-aware training of a QDQ MLP, fine-tuning an onnxruntime
+quantize_dynamic model."""
 
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def torch_fake_quant(x, s, zp, target, attrs):
     return (q - zf) * sf
 
 
-def _fq_model(x, s, zp, attrs, opset, extra_nodes=()):
+def _fq_model(x, s, zp, attrs, opset):
     inits = {"X": x, "S": s, "R": _rng.standard_normal(x.shape).astype(F32)}
     qin = ["X", "S"]
     if zp is not None:
