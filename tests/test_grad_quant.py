@@ -726,3 +726,101 @@ def test_an_integer_weight_model_names_what_it_could_train(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"every float initializer that reaches the loss is "
                                          r"left out \(Ws: quantization scale\)"):
         build_training_graph(model, {"type": "output", "output": "L"}, "all")
+
+
+def fake_quantize_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose Conv weights (per output channel) and MatMul/Gemm weights (per
+    tensor) go through QuantizeLinear -> DequantizeLinear (int8, symmetric), as a QAT export
+    writes them."""
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    done: dict[str, str] = {}
+    new_nodes, extra = [], []
+    for node in g.node:
+        w = node.input[1] if node.op_type in ("Conv", "MatMul", "Gemm") and len(
+            node.input) > 1 else ""
+        if w in inits and inits[w].dtype == F32 and inits[w].ndim >= 2:
+            if w not in done:
+                v = inits[w]
+                conv = node.op_type == "Conv"
+                top = np.abs(v).reshape(len(v), -1).max(axis=1) if conv else np.abs(v).max()
+                scale = (np.maximum(top, 1e-8) / 127).astype(F32)
+                zp = np.zeros(scale.shape, np.int8)
+                extra += [numpy_helper.from_array(scale, w + "_qscale"),
+                          numpy_helper.from_array(zp, w + "_qzp")]
+                ins = [w, w + "_qscale", w + "_qzp"]
+                axis = {"axis": 0} if conv else {}
+                new_nodes += [helper.make_node("QuantizeLinear", ins, [w + "_q"], **axis),
+                              helper.make_node("DequantizeLinear", [w + "_q", *ins[1:]],
+                                               [w + "_fq"], **axis)]
+                done[w] = w + "_fq"
+            node.input[1] = done[w]
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(extra)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_qat_of_a_batchnorm_cnn_and_a_transformer(tmp_path, kind) -> None:
+    # The other model families with their weights fake-quantized (Conv per channel, MatMul per
+    # tensor): they fit one batch (finite, falling loss, moved weights, fixed scales); the exported
+    # QDQ model runs in onnxruntime to the engine's outputs.
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    from tests import torch_models, transformer_models
+    from trainer.config import config_from_dict
+    from trainer.executor import Executor
+    from trainer.train import Trainer
+
+    pytest.importorskip("onnxscript")
+    rng = np.random.default_rng(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "cnn":
+            float_model = torch_models.export_onnx(torch_models.make_model("cnn", seed=3), "cnn")
+            x = rng.normal(size=(48, 1, 16, 16)).astype(F32)
+            y = rng.integers(0, 10, 48)
+        else:
+            x = transformer_models.sample_input("gpt", 32, rng)
+            float_model = transformer_models.export(transformer_models.make_model("gpt", seed=4),
+                                                    x, "dynamo")
+            y = transformer_models.sample_target("gpt", x, rng)
+    model = fake_quantize_weights(float_model)
+    n_fq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert n_fq >= 3
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x[:8], y=y[:8])  # one batch, seen every step
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": 8, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "adamw", "lr": 3e-3}, "steps": 6, "log": {"every_steps": 1}},
+        base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    values = trainer.trained_values()
+    assert not any(k.endswith("_qscale") for k in values)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantized = [k for k in values if k + "_qscale" in init]
+    assert len(quantized) == n_fq
+    assert all(np.abs(values[k] - init[k]).max() > 0 for k in quantized)
+    exported = onnx.load(result["output"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(exported.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    ours = Executor(exported, np).run({"x": x[:4]})["logits"]
+    np.testing.assert_allclose(sess.run(["logits"], {"x": x[:4]})[0], ours, rtol=1e-4,
+                               atol=1e-4)
