@@ -324,7 +324,7 @@ def conv_integer_grad(ctx):
 
 
 # -- requantizing ops, through the QDQ form they stand for -----------------------------------
-def _through_decomposition(ctx, nodes: list, out: str, shapes: dict, consts: dict) -> list:
+def _through_decomposition(ctx, nodes: list, out: str, shapes: dict) -> list:
     """The op's gradient as that of `nodes`, its decomposition into DequantizeLinear, the float
     op and QuantizeLinear (whose rules pass the rounding straight through): the decomposition
     (fresh names; `out` stands for the op's output) and its backward, seeded with GO(0)."""
@@ -333,7 +333,7 @@ def _through_decomposition(ctx, nodes: list, out: str, shapes: dict, consts: dic
     wrt = [ctx.I(i) for i in range(len(ctx.onnx_node.input)) if ctx.needs(i)]
     bwd, inits, grads = build_backward(nodes, {out: ctx.GO(0)}, list(dict.fromkeys(wrt)),
                                        ChainMap(shapes, ctx.shapes), ctx.opset, ctx.scope,
-                                       {**ctx.constants, **consts})
+                                       ctx.constants)
     ctx.initializers.extend(inits)
     done = [*nodes, *bwd]
     for i in range(len(ctx.onnx_node.input)):
@@ -372,7 +372,7 @@ def _requantized(ctx, nodes: list, op: str, ins: list[str], attrs: dict, shapes:
     nodes += [ctx.node(op, ins, [y], **attrs),
               ctx.node("QuantizeLinear", [y, y_s, y_zp], [q],
                        axis=axis % len(out_shape) if per_axis else None)]
-    return _through_decomposition(ctx, nodes, q, shapes, {})
+    return _through_decomposition(ctx, nodes, q, shapes)
 
 
 @grad("QLinearMatMul", inputs=(0, 1, 2, 3, 4, 5, 6, 7))
