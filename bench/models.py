@@ -26,6 +26,19 @@ class MLP(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+class WideMLP(nn.Module):
+    """1024-2048-2048-10 with ReLU: 6.3M parameters (25 MB of float32 gradients), a model whose
+    gradient all-reduce is a large part of its step (the data-parallel benchmark)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(1024, 2048), nn.Linear(2048, 2048)
+        self.fc3 = nn.Linear(2048, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
 class LeNetBN(nn.Module):
     """LeNet-5 style on 1x28x28: (Conv5-BN-ReLU-MaxPool) x2, then 120-84-10."""
 
@@ -147,6 +160,7 @@ CASES = {c.name: c for c in (
     Case("mlp256", "MLP 64-128-64-10, batch 256", MLP, 256, (64,)),
     Case("lenet16", "LeNet-style CNN+BN, 1x28x28, batch 16", LeNetBN, 16, (1, 28, 28)),
     Case("resnet16", "small ResNet 16/32/64, 3x32x32, batch 16", SmallResNet, 16, (3, 32, 32)),
+    Case("widemlp64", "MLP 1024-2048-2048-10 (6.3M parameters), batch 64", WideMLP, 64, (1024,)),
     Case("gpt16", "GPT decoder 2x128, T=64, V=256, batch 16", GPT, 16, (64,), (64,), 256,
          ids=True),
 )}
