@@ -116,7 +116,7 @@ def worker(args) -> None:
     times, exposed = (ours if args.system == "ours" else ddp)(args, case)
     every = comm.gather((times, exposed), root=0)
     if comm.rank == 0:
-        slowest = [max(step) for step in zip(*[t for t, _ in every])]
+        slowest = [max(step) for step in zip(*[t for t, _ in every], strict=True)]
         print("RESULT " + json.dumps({"steps_s": slowest,
                                       "exposed_s": max(e for _, e in every)}), flush=True)
 

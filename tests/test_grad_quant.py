@@ -638,6 +638,27 @@ def test_a_qdq_models_parameters_leave_the_scales_out(tmp_path) -> None:
         assert "trainable" in rows[k].reason
 
 
+def _float_mlp(rng, path) -> dict[str, np.ndarray]:
+    """A float MLP 8-16-4 (MatMul, Add, Relu) saved at path, opset 13; returns its weights."""
+    from onnx import numpy_helper
+
+    w = {"W1": (rng.standard_normal((8, 16)) * 0.4).astype(F32),
+         "B1": (rng.standard_normal(16) * 0.1).astype(F32),
+         "W2": (rng.standard_normal((16, 4)) * 0.4).astype(F32),
+         "B2": (rng.standard_normal(4) * 0.1).astype(F32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+             helper.make_node("Add", ["h0", "B1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["l0"]),
+             helper.make_node("Add", ["l0", "B2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return w
+
+
 def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_parameters(
         tmp_path) -> None:
     # onnxruntime.quantization.quantize_dynamic stores the weights as int8 and quantizes the
@@ -653,21 +674,7 @@ def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_par
     from trainer.train import Trainer
 
     rng = np.random.default_rng(11)
-    w = {"W1": (rng.standard_normal((8, 16)) * 0.4).astype(F32),
-         "B1": (rng.standard_normal(16) * 0.1).astype(F32),
-         "W2": (rng.standard_normal((16, 4)) * 0.4).astype(F32),
-         "B2": (rng.standard_normal(4) * 0.1).astype(F32)}
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]),
-             helper.make_node("Add", ["h0", "B1"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h"]),
-             helper.make_node("MatMul", ["h", "W2"], ["l0"]),
-             helper.make_node("Add", ["l0", "B2"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(v, k) for k, v in w.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
-              str(tmp_path / "float.onnx"))
+    w = _float_mlp(rng, tmp_path / "float.onnx")
     quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dyn.onnx"))
     dyn = onnx.load(str(tmp_path / "dyn.onnx"))
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in dyn.graph.node}
@@ -711,6 +718,138 @@ def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_par
         assert np.abs(values[k] - w[k]).max() > 1e-3, k
         np.testing.assert_allclose(values[k], b[k].detach().numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=k)
+
+
+def _torch_qdq_forward(model: onnx.ModelProto, p: dict, x: torch.Tensor) -> torch.Tensor:
+    """The QDQ graph's output in PyTorch: each QuantizeLinear/DequantizeLinear pair as
+    straight-through fake quantization (per tensor or per axis), MatMul, Gemm, Add, Relu."""
+    from onnx import numpy_helper
+
+    const = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    env = {"x": x, **p}
+    quantized = {}
+    for n in model.graph.node:
+        a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
+        ins = [env.get(k) for k in n.input]
+        if n.op_type == "QuantizeLinear":  # kept until its DequantizeLinear
+            quantized[n.output[0]] = (ins[0], n.input[1], n.input[2], a.get("axis", 1))
+            continue
+        if n.op_type == "DequantizeLinear":
+            v, s_name, z_name, axis = quantized[n.input[0]]
+            zp = const[z_name]
+            info = np.iinfo(zp.dtype)
+            shape = [1] * v.dim()
+            if np.ndim(zp):
+                shape[axis % v.dim()] = -1
+            s = torch.tensor(const[s_name], dtype=v.dtype).reshape(shape)
+            z = torch.tensor(zp.astype(np.float64), dtype=v.dtype).reshape(shape)
+            out = _torch_fq(v, s, z, info.min, info.max)[0]
+        elif n.op_type == "MatMul":
+            out = ins[0] @ ins[1]
+        elif n.op_type == "Gemm":
+            out = ins[0] @ (ins[1].T if a.get("transB") else ins[1]) + ins[2]
+        elif n.op_type == "Add":
+            out = ins[0] + ins[1]
+        elif n.op_type == "Relu":
+            out = torch.relu(ins[0])
+        else:
+            raise AssertionError(f"the reference has no {n.op_type}")
+        env[n.output[0]] = out
+    return env[model.graph.output[0].name]
+
+
+def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pytorch(
+        tmp_path) -> None:
+    # Quantization-aware training from a float model: onnxruntime's quantize_static, QDQ
+    # format, calibrated on the data, keeping the weights float (AddQDQPairToWeight) and the
+    # biases unquantized (QuantizeBias off; here the Add inputs get activation QDQ pairs).
+    # The engine trains the weights through every fake quantization as PyTorch's STE does,
+    # and the exported QDQ model deploys with onnxruntime's integer kernels.
+    import io
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from trainer.config import config_from_dict
+    from trainer.executor import Executor
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(12)
+    w = _float_mlp(rng, tmp_path / "float.onnx")
+    x = (rng.standard_normal((64, 8)) * 1.5).astype(F32)
+    y = rng.integers(0, 4, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": x[i:i + 16]} for i in range(0, len(x), 16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), Batches(),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    extra_options={"AddQDQPairToWeight": True, "QuantizeBias": False})
+    qdq = onnx.load(str(tmp_path / "qdq.onnx"))
+    ops = [n.op_type for n in qdq.graph.node]
+    assert ops.count("QuantizeLinear") >= 7 and "Relu" not in ops  # (uint8 clamps instead)
+    steps, batch, lr = 8, 16, 0.2
+    cfg = config_from_dict({
+        "model": "qdq.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": batch, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1}},
+        base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    values = trainer.trained_values()
+    assert set(values) == set(w)  # the float model's own tensors; scales stay constants
+
+    p = {k: torch.tensor(v.astype(np.float64), requires_grad=True) for k, v in w.items()}
+    t_losses = []
+    for step in range(steps):
+        lo = step * batch % len(x)
+        logits = _torch_qdq_forward(qdq, p, torch.tensor(x[lo:lo + batch], dtype=torch.float64))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y[lo:lo + batch]))
+        t_losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(p.values()))
+        with torch.no_grad():
+            for v, g in zip(p.values(), grads, strict=True):
+                v -= lr * g
+    np.testing.assert_allclose(losses, t_losses, rtol=1e-9)
+    for k in w:
+        assert np.abs(values[k] - w[k]).max() > 1e-3, k
+        np.testing.assert_allclose(values[k], p[k].detach().numpy(), rtol=1e-9, atol=1e-12,
+                                   err_msg=k)
+    # The export is the same QDQ graph with the trained weights: onnxruntime runs it as float
+    # QDQ (optimizations off) to our outputs, and with its integer kernels (the default) within
+    # a step of the output's quantization.
+    exported = onnx.load(result["output"])
+    assert [n.op_type for n in exported.graph.node] == ops
+    ours = Executor(exported, np).run({"x": x})["logits"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(exported.SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(plain.run(["logits"], {"x": x})[0], ours, rtol=1e-5, atol=1e-5)
+    fused = ort.InferenceSession(exported.SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    last = next(n for n in exported.graph.node if n.output[0] == "logits")
+    step_size = float(_initializer(exported, last.input[1]))  # the logits' scale
+    assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= 2 * step_size + 1e-6
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
 def test_an_integer_weight_model_names_what_it_could_train(tmp_path) -> None:
