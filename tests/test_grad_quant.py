@@ -625,6 +625,34 @@ def test_quantization_aware_training_matches_torch(tmp_path, learn_scales) -> No
     np.testing.assert_allclose(sess.run(["logits"], {"x": x})[0], ours, rtol=1e-5, atol=1e-5)
 
 
+def test_learned_scales_stay_positive(tmp_path) -> None:
+    # A scale rate far too large drives scales through zero; like PyTorch's learnable fake
+    # quantization, each update clamps them to float32's eps, and the export holds them so.
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.train import SCALE_MIN, Trainer
+
+    init, _, _ = _qat_setup(tmp_path)
+    scales = ["S_in", "S1", "S_h", "S2"]
+    cfg = config_from_dict({
+        "model": "qat.onnx", "output": "out.onnx", "device": "cpu",
+        "trainable": ["W*", "B*", *scales],
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": QAT_BATCH, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": QAT_LR, "groups": [{"params": "S*", "lr": 1e4}]},
+        "steps": 3, "on_nan": "skip"}, base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    values = trainer.trained_values()
+    assert all((values[k] >= np.float32(SCALE_MIN)).all() for k in scales), values
+    assert any((values[k] == np.float32(SCALE_MIN)).any() for k in scales), values
+    exported = {t.name: onnx.numpy_helper.to_array(t)
+                for t in onnx.load(result["output"]).graph.initializer}
+    assert all((exported[k] > 0).all() for k in scales)
+
+
 def test_a_qdq_models_parameters_leave_the_scales_out(tmp_path) -> None:
     # What `onnx-trainer check` lists: the weights train, every scale is a constant with the
     # reason and the way to learn it (zero points are integers, not candidates at all).
@@ -768,12 +796,6 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     import io
 
     import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     from trainer.config import config_from_dict
     from trainer.executor import Executor
@@ -785,16 +807,7 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     y = rng.integers(0, 4, 64).astype(np.int64)
     np.savez(tmp_path / "data.npz", x=x, y=y)
 
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"x": x[i:i + 16]} for i in range(0, len(x), 16)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), Batches(),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    extra_options={"AddQDQPairToWeight": True, "QuantizeBias": False})
+    _quantize_static_qdq(tmp_path / "float.onnx", tmp_path / "qdq.onnx", x)
     qdq = onnx.load(str(tmp_path / "qdq.onnx"))
     ops = [n.op_type for n in qdq.graph.node]
     assert ops.count("QuantizeLinear") >= 7 and "Relu" not in ops  # (uint8 clamps instead)
@@ -844,6 +857,95 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     last = next(n for n in exported.graph.node if n.output[0] == "logits")
     step_size = float(_initializer(exported, last.input[1]))  # the logits' scale
     assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= 2 * step_size + 1e-6
+
+
+def _quantize_static_qdq(src, dst, x) -> None:
+    """onnxruntime's quantize_static into QDQ form with float weights (the README's recipe),
+    calibrated on x in batches of 16."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": x[i:i + 16]} for i in range(0, len(x), 16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+    quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
+                    extra_options={"AddQDQPairToWeight": True, "QuantizeBias": False})
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet"])
+def test_static_qdq_cnns_from_onnxruntime_fit_a_batch_and_deploy(tmp_path, kind) -> None:
+    # The same recipe on the BatchNorm CNN and the ResNet (inference-form exports): the
+    # convolution weights train through their per-channel fake quantization and the scales as
+    # LSQ does, the loss on a repeated batch falls, and onnxruntime runs the export to our
+    # outputs (float QDQ) and close to them with its integer kernels.
+    import io
+
+    import onnxruntime as ort
+
+    from trainer.config import config_from_dict
+    from trainer.executor import Executor
+    from trainer.train import Trainer
+
+    tm = pytest.importorskip("tests.torch_models")
+    pytest.importorskip("onnxscript")
+    sample = tm.ZOO[kind][1]
+    onnx.save(tm.export_form(tm.zoo_model(kind, seed=3), sample, "inference"),
+              str(tmp_path / "float.onnx"))
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((16,) + sample).astype(F32)
+    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 10, 16).astype(np.int64))
+    _quantize_static_qdq(tmp_path / "float.onnx", tmp_path / "qdq.onnx", x)
+    qdq = onnx.load(str(tmp_path / "qdq.onnx"))
+    conv_weights = {n.input[1] for n in onnx.load(str(tmp_path / "float.onnx")).graph.node
+                    if n.op_type == "Conv"}
+    cfg = config_from_dict({
+        "model": "qdq.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": 16, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "trainable": ["*"],  # the weights and (LSQ) the scales: fixed, the calibrated range of
+        # the logits' QDQ pair would cap them (every '*' match is the model's own tensor)
+        "optimizer": {"type": "adam", "lr": 0.01, "groups": [{"params": "*_scale",
+                                                               "lr": 1e-4}]},
+        "steps": 60, "log": {"every_steps": 1}},
+        base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    values = trainer.trained_values()
+    assert conv_weights <= set(values), conv_weights - set(values)
+    assert {t.name for t in exported_inits(result)} == {t.name for t in qdq.graph.initializer}
+    before = {t.name: t for t in qdq.graph.initializer}
+    for k in conv_weights:
+        from onnx import numpy_helper
+
+        assert np.abs(values[k] - numpy_helper.to_array(before[k])).max() > 1e-3, k
+    exported = onnx.load(result["output"])
+    ours = Executor(exported, np).run({"x": x})["logits"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(exported.SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(plain.run(["logits"], {"x": x})[0], ours, rtol=1e-5, atol=1e-5)
+    fused = ort.InferenceSession(exported.SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    last = next(n for n in exported.graph.node if n.output[0] == "logits")
+    step_size = float(_initializer(exported, last.input[1]))  # the logits' scale
+    assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= 4 * step_size + 1e-6
+
+
+def exported_inits(result: dict) -> list:
+    return list(onnx.load(result["output"]).graph.initializer)
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:

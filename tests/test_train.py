@@ -93,6 +93,49 @@ def test_trainable_and_frozen_select_parameters(tmp_path, digits_config):
     assert not np.array_equal(weights["fc2.weight"], init["fc2.weight"])
 
 
+def _gemm_batchnorm_model() -> onnx.ModelProto:
+    """x [N, 4] -> Gemm -> BatchNormalization (inference form) -> logits [N, 3]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = {"W": rng.standard_normal((3, 4)), "B": np.zeros(3), "scale": np.ones(3),
+             "shift": np.zeros(3), "mean": np.zeros(3), "var": np.ones(3)}
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["h"], transB=1),
+             helper.make_node("BatchNormalization", ["h", "scale", "shift", "mean", "var"],
+                              ["logits"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_trainable_globs_match_only_the_models_own_initializers(tmp_path):
+    # The training rewrite of BatchNormalization adds constants of its own (the momentum, a
+    # count); a glob such as '*' selects among the model's initializers only, as the check
+    # lists them, and the job trains and exports the model's own tensors.
+    from trainer.autodiff import build_training_graph, training_info
+
+    model = _gemm_batchnorm_model()
+    own = {t.name for t in model.graph.initializer}
+    loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
+    info = training_info(build_training_graph(model, loss, ["*"], batch_size=8))
+    assert set(info.gradients) == {"W", "B", "scale", "shift"}  # (statistics are state)
+    onnx.save(model, str(tmp_path / "bn.onnx"))
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((16, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    t = Trainer(config_from_dict({
+        "model": "bn.onnx", "output": "out.onnx", "trainable": ["*"],
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": 8},
+        "loss": loss, "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2}, tmp_path),
+        stream=io.StringIO())
+    t.fit()
+    assert sorted(t.names) == ["B", "W", "scale", "shift"]
+    assert {i.name for i in onnx.load(tmp_path / "out.onnx").graph.initializer} == own
+
+
 def test_nan_loss_is_a_clear_error(tmp_path, digits_config):
     t = Trainer(config_from_dict(digits_config(optimizer={"type": "sgd", "lr": 1e30}),
                                  tmp_path), stream=io.StringIO())

@@ -20,7 +20,11 @@ from onnx import numpy_helper
 
 from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
-from trainer.autodiff.params import tie_transposed_copies, untie_normalization_aliases
+from trainer.autodiff.params import (
+    quantization_scales,
+    tie_transposed_copies,
+    untie_normalization_aliases,
+)
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
@@ -43,6 +47,7 @@ from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
 
+SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
 PREFETCH_BYTES = 1 << 20  # data.prefetch auto: batches from this size are gathered ahead
 
 
@@ -355,6 +360,11 @@ class Trainer:
         self.grad_shard = xp.zeros(self.shard_k, self.dtype) if self.scatter else None
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
+        # Learned quantization scales stay positive after every update, clamped to float32's
+        # eps as PyTorch's learnable fake quantization clamps them (a negative scale flips the
+        # quantized values' sign, which runtimes reject or misread).
+        scales = quantization_scales(self.run_model.graph.node)
+        self.positive = [self.params[k] for k in self.names if k in scales]
         self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in info.state}
         self.comm.bcast_(self.params_flat)
         for v in self.state.values():
@@ -504,6 +514,8 @@ class Trainer:
                                  label="parameter shards")
         else:
             self.optimizer.step(self.params_flat[:self.size], grads, lr)
+        for v in self.positive:  # (after the all-gather: every rank clamps the same values)
+            xp.maximum(v, SCALE_MIN, out=v)
         if xp is not np:
             xp.cuda.get_current_stream().synchronize()  # the update's time, not its launch
         end = clock()

@@ -274,6 +274,7 @@ class TrainingForward:
     targets: list  # the targets' value infos
     target_shapes: dict  # target name -> static shape
     scope: NameScope  # names in use, for the backward's fresh names
+    added: frozenset = frozenset()  # initializers the rewrite and the loss added (not the model's)
 
 
 def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset: int,
@@ -291,14 +292,18 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
     fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
     t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
                 for vi in target_vis}
-    return TrainingForward(fwd, nodes, state, spec, loss_name, target_vis, t_shapes, scope)
+    return TrainingForward(fwd, nodes, state, spec, loss_name, target_vis, t_shapes, scope,
+                           frozenset(t.name for t in builder.initializers))
 
 
 def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, consts: Mapping,
                     wrt, frozen, bn_stats, opset: int):
     """Choose the parameters of `m` and append their backward to fw.model, seeded by a new
-    initializer `<loss>_grad_seed` (1): (parameter table, chosen, gradient names, seed)."""
-    table = parameter_table(m, fw.nodes, fw.loss, shapes, stats=bn_stats)
+    initializer `<loss>_grad_seed` (1): (parameter table, chosen, gradient names, seed). The
+    table holds the model's own initializers: `m` is fw.model, which also holds the constants
+    its training rewrite added (fw.added), never candidates, not even for a `trainable` glob."""
+    table = [r for r in parameter_table(m, fw.nodes, fw.loss, shapes, stats=bn_stats)
+             if r.name not in fw.added]
     chosen = select(table, wrt, frozen)
     if not chosen:
         left_out = [r for r in table if r.role == CONSTANT]
