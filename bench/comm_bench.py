@@ -167,13 +167,19 @@ def _overlap(comm) -> dict:
 
 
 # -- the driver ------------------------------------------------------------------------------------
-def run(np_: int, transport: str, args) -> dict:
+def mpirun_prefix(np_: int, transport: str) -> list[str]:
+    """`mpirun ... -np N` over the transport, for a bench's worker command to follow."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise SystemExit("mpirun not found: pip install '.[mpi]'")
     cmd = [mpirun, "--oversubscribe", "-np", str(np_), *TRANSPORTS[transport]]
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
+    return cmd
+
+
+def run(np_: int, transport: str, args) -> dict:
+    cmd = mpirun_prefix(np_, transport)
     cmd += [sys.executable, __file__, "--worker", "--reps", str(args.reps), "--sizes",
             *map(str, args.sizes)] + (["--overlap"] if args.overlap else []) + (
         ["--zero1"] if args.zero1 else [])

@@ -322,18 +322,14 @@ def prepare(names: list[str]) -> dict[str, dict]:
     """Export each case's model and write its data; returns the case descriptions."""
     import numpy as np
     import onnx
-    import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
     import models
 
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
     cases = {}
     for name in names:
-        case = models.CASES[name]
-        net = models.make_model(case)
-        model = models.export(net, case)
+        case, net, model = models.exported(name)
         onnx.save(model, WORK / f"{name}.onnx")
         x, y = case.data(batches=8)
         np.savez(WORK / f"{name}.npz", x=x, y=y)

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -31,8 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from comm_bench import TRANSPORTS, mpirun_prefix  # noqa: E402
+
 WORK = Path(os.environ.get("ONNX_TRAINER_BENCH_DIR", "/tmp/onnx_trainer_dp_bench"))
-TRANSPORTS = {"shm": [], "tcp": ["--mca", "btl", "tcp,self", "--mca", "pml", "ob1"]}
 LR = 0.01
 BUCKET_MB = 25.0
 
@@ -75,14 +76,12 @@ def ours(args, case: dict) -> tuple[list[float], float]:
 
 
 def ddp(args, case: dict) -> tuple[list[float], float]:
+    import models
     import numpy as np
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    import models
 
     rank, world = _rank_world()
     torch.set_num_threads(1)
@@ -124,20 +123,15 @@ def worker(args) -> None:
 # -- the driver ------------------------------------------------------------------------------------
 def prepare(names: list[str], batch: int, max_np: int) -> dict[str, dict]:
     """Export each case's model and write data for 4 global batches at the most ranks."""
+    import models
     import numpy as np
     import onnx
-    import torch
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    import models
 
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
     cases = {}
     for name in names:
-        case = models.CASES[name]
-        net = models.make_model(case)
-        onnx.save(models.export(net, case), WORK / f"{name}.onnx")
+        case, net, model = models.exported(name)
+        onnx.save(model, WORK / f"{name}.onnx")
         rows = 4 * batch * max_np
         x, y = case.data(batches=-(-rows // case.batch))
         np.savez(WORK / f"{name}.npz", x=x[:rows], y=y[:rows])
@@ -153,12 +147,7 @@ def free_port() -> int:
 
 
 def run(system: str, case: dict, np_: int, transport: str, overlap: str, args) -> dict:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise SystemExit("mpirun not found: pip install '.[mpi]'")
-    cmd = [mpirun, "--oversubscribe", "-np", str(np_), *TRANSPORTS[transport]]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
+    cmd = mpirun_prefix(np_, transport)
     cmd += [sys.executable, __file__, "--worker", "--system", system, "--overlap", overlap,
             "--case-json", json.dumps(case), "--batch-per-rank", str(args.batch_per_rank),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--port",
@@ -196,7 +185,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    sys.path.insert(0, str(ROOT / "bench"))
     import models
     names = [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in models.CASES]

@@ -171,6 +171,14 @@ def make_model(case: Case, seed: int = 0) -> nn.Module:
     return case.make()
 
 
+def exported(name: str) -> tuple[Case, nn.Module, onnx.ModelProto]:
+    """A case by name, its PyTorch model (seed 0) and that model's ONNX export."""
+    torch.set_num_threads(1)
+    case = CASES[name]
+    net = make_model(case)
+    return case, net, export(net, case)
+
+
 def export(model: nn.Module, case: Case) -> onnx.ModelProto:
     """Training-form export with a dynamic batch axis (opset 17: LayerNormalization)."""
     x = torch.from_numpy(case.data(1)[0][:2])

@@ -666,6 +666,26 @@ def test_a_qdq_models_parameters_leave_the_scales_out(tmp_path) -> None:
         assert "trainable" in rows[k].reason
 
 
+def _sgd_fit(tmp_path, model: str, steps: int, batch: int, lr: float, **settings):
+    """Train tmp_path/model on tmp_path/data.npz (x, y) with SGD, cross entropy on 'logits',
+    unshuffled batches: (trainer, fit result, per-step losses)."""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    cfg = config_from_dict({
+        "model": model, "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": batch, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1},
+        **settings}, base_dir=tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    return trainer, result, [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+
+
 def _float_mlp(rng, path) -> dict[str, np.ndarray]:
     """A float MLP 8-16-4 (MatMul, Add, Relu) saved at path, opset 13; returns its weights."""
     from onnx import numpy_helper
@@ -693,13 +713,10 @@ def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_par
     # activations at run time (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add).
     # Its float parameters, the biases, train through the straight-through rules exactly as
     # the same computation does in PyTorch.
-    import io
 
     from onnx import numpy_helper
     from onnxruntime.quantization import quantize_dynamic
 
-    from trainer.config import config_from_dict
-    from trainer.train import Trainer
 
     rng = np.random.default_rng(11)
     w = _float_mlp(rng, tmp_path / "float.onnx")
@@ -711,16 +728,7 @@ def test_a_dynamically_quantized_model_from_onnxruntime_fine_tunes_its_float_par
     y = rng.integers(0, 4, 64).astype(np.int64)
     np.savez(tmp_path / "data.npz", x=x, y=y)
     steps, batch, lr = 6, 16, 0.1
-    cfg = config_from_dict({
-        "model": "dyn.onnx", "output": "out.onnx", "device": "cpu",
-        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                 "batch_size": batch, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1}},
-        base_dir=tmp_path)
-    trainer = Trainer(cfg, stream=io.StringIO())
-    trainer.fit()
-    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    trainer, _, losses = _sgd_fit(tmp_path, "dyn.onnx", steps, batch, lr)
     values = trainer.trained_values()
     assert set(values) == {"B1", "B2"}  # the int8 weights are data; the scales constants
 
@@ -793,13 +801,7 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     # biases unquantized (QuantizeBias off; here the Add inputs get activation QDQ pairs).
     # The engine trains the weights through every fake quantization as PyTorch's STE does,
     # and the exported QDQ model deploys with onnxruntime's integer kernels.
-    import io
 
-    import onnxruntime as ort
-
-    from trainer.config import config_from_dict
-    from trainer.executor import Executor
-    from trainer.train import Trainer
 
     rng = np.random.default_rng(12)
     w = _float_mlp(rng, tmp_path / "float.onnx")
@@ -812,16 +814,8 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     ops = [n.op_type for n in qdq.graph.node]
     assert ops.count("QuantizeLinear") >= 7 and "Relu" not in ops  # (uint8 clamps instead)
     steps, batch, lr = 8, 16, 0.2
-    cfg = config_from_dict({
-        "model": "qdq.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
-        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                 "batch_size": batch, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-        "optimizer": {"type": "sgd", "lr": lr}, "steps": steps, "log": {"every_steps": 1}},
-        base_dir=tmp_path)
-    trainer = Trainer(cfg, stream=io.StringIO())
-    result = trainer.fit()
-    losses = [r["loss"] for r in trainer.history if "step" in r and "loss" in r]
+    trainer, result, losses = _sgd_fit(tmp_path, "qdq.onnx", steps, batch, lr,
+                                       precision="fp64")
     values = trainer.trained_values()
     assert set(values) == set(w)  # the float model's own tensors; scales stay constants
 
@@ -846,17 +840,7 @@ def test_a_static_qdq_model_from_onnxruntime_with_float_weights_trains_as_in_pyt
     # a step of the output's quantization.
     exported = onnx.load(result["output"])
     assert [n.op_type for n in exported.graph.node] == ops
-    ours = Executor(exported, np).run({"x": x})["logits"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = ort.InferenceSession(exported.SerializeToString(), opts,
-                                 providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(plain.run(["logits"], {"x": x})[0], ours, rtol=1e-5, atol=1e-5)
-    fused = ort.InferenceSession(exported.SerializeToString(),
-                                 providers=["CPUExecutionProvider"])
-    last = next(n for n in exported.graph.node if n.output[0] == "logits")
-    step_size = float(_initializer(exported, last.input[1]))  # the logits' scale
-    assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= 2 * step_size + 1e-6
+    _deploys_with_onnxruntime(exported, x, steps=2)
 
 
 def _quantize_static_qdq(src, dst, x) -> None:
@@ -889,10 +873,7 @@ def test_static_qdq_cnns_from_onnxruntime_fit_a_batch_and_deploy(tmp_path, kind)
     # outputs (float QDQ) and close to them with its integer kernels.
     import io
 
-    import onnxruntime as ort
-
     from trainer.config import config_from_dict
-    from trainer.executor import Executor
     from trainer.train import Trainer
 
     tm = pytest.importorskip("tests.torch_models")
@@ -924,13 +905,23 @@ def test_static_qdq_cnns_from_onnxruntime_fit_a_batch_and_deploy(tmp_path, kind)
     assert losses[-1] < 0.8 * losses[0], losses
     values = trainer.trained_values()
     assert conv_weights <= set(values), conv_weights - set(values)
-    assert {t.name for t in exported_inits(result)} == {t.name for t in qdq.graph.initializer}
-    before = {t.name: t for t in qdq.graph.initializer}
-    for k in conv_weights:
-        from onnx import numpy_helper
-
-        assert np.abs(values[k] - numpy_helper.to_array(before[k])).max() > 1e-3, k
     exported = onnx.load(result["output"])
+    assert {t.name for t in exported.graph.initializer} == {t.name for t in qdq.graph.initializer}
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    for k in conv_weights:
+        assert np.abs(values[k] - before[k]).max() > 1e-3, k
+    _deploys_with_onnxruntime(exported, x, steps=4)
+
+
+def _deploys_with_onnxruntime(exported: onnx.ModelProto, x: np.ndarray, steps: int) -> None:
+    """onnxruntime runs the exported QDQ model to our logits: as float QDQ (optimizations off)
+    to float rounding, and with its integer kernels (the default) within `steps` steps of the
+    logits' quantization."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from trainer.executor import Executor
+
     ours = Executor(exported, np).run({"x": x})["logits"]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -940,18 +931,9 @@ def test_static_qdq_cnns_from_onnxruntime_fit_a_batch_and_deploy(tmp_path, kind)
     fused = ort.InferenceSession(exported.SerializeToString(),
                                  providers=["CPUExecutionProvider"])
     last = next(n for n in exported.graph.node if n.output[0] == "logits")
-    step_size = float(_initializer(exported, last.input[1]))  # the logits' scale
-    assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= 4 * step_size + 1e-6
-
-
-def exported_inits(result: dict) -> list:
-    return list(onnx.load(result["output"]).graph.initializer)
-
-
-def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
-    from onnx import numpy_helper
-
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+    scale = next(numpy_helper.to_array(t) for t in exported.graph.initializer
+                 if t.name == last.input[1])
+    assert np.abs(fused.run(["logits"], {"x": x})[0] - ours).max() <= steps * float(scale) + 1e-6
 
 
 def test_an_integer_weight_model_names_what_it_could_train(tmp_path) -> None:

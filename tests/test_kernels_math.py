@@ -556,7 +556,9 @@ def test_blas_sums_match_numpy_and_the_exact_sum(shape, data, keep, dt, strided)
     ((1024, 512), (0,), True),  # columns (bias gradients)
     ((16, 16, 32, 32), (0, 2, 3), True),  # BatchNorm's statistics
     ((4, 8, 2048), (2,), False),  # rows too long: NumPy's pairwise sum
-    ((16, 128), (0,), False),  # too small to pay for a BLAS call
+    ((16, 128), (0,), True),  # small: the MLP's bias gradients
+    ((4, 4), (1,), True),
+    ((0, 4), (0,), False),  # empty: NumPy's sum
     ((8, 16, 64), (1,), False),  # a middle axis
 ])
 def test_blas_sum_paths_and_layouts(shape, axes, blas):

@@ -17,12 +17,13 @@ from trainer.kernels.elementwise import wide
 # reduction for the short rows of normalization and softmax statistics and for column sums.
 # BLAS adds each row in a few float lanes, as NumPy adds runs of up to 128 elements in 8
 # accumulators (pairwise above that); rows longer than BLAS_SUM_RUN keep NumPy's pairwise sum.
-# Column sums (a leading block of axes) add row after row in both. Arrays of fewer than
-# BLAS_SUM_MIN elements keep NumPy's sum (a BLAS call costs more there). The choice depends on
+# Column sums (a leading block of axes) add row after row in both. Small arrays take BLAS too:
+# with the plan bound once, a [16, 128] column sum is 0.5 us against NumPy's 1.3 (the MLP's
+# bias gradients; [4, 4] 0.5 against 0.9). Empty arrays keep NumPy's sum. The choice depends on
 # the shape, dtype and axes only, so every path (kernels, fused kernels, the planner's in-place
 # form, any memory layout) adds a value the same way.
 BLAS_SUM_RUN = 1024
-BLAS_SUM_MIN = 4096
+BLAS_SUM_MIN = 1
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
 _SUM_PLANS: dict[tuple, object] = {}
