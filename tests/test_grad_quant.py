@@ -653,6 +653,21 @@ def test_learned_scales_stay_positive(tmp_path) -> None:
     assert all((exported[k] > 0).all() for k in scales)
 
 
+def test_trainable_all_plus_globs_adds_the_scales_to_the_default_parameters() -> None:
+    from trainer.autodiff.params import select
+
+    model, _ = qdq_mlp(np.random.default_rng(5))
+    loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
+    info = training_info(build_training_graph(model, loss, ["all", "S1", "S_h"],
+                                              batch_size=4))
+    assert set(info.gradients) == {"W1", "B1", "W2", "B2", "S1", "S_h"}
+    # ("all" once, wherever it stands; frozen still applies)
+    from trainer.autodiff.params import ParamInfo
+    table = [ParamInfo("W", (2,), PARAMETER), ParamInfo("S", (), CONSTANT, "scale")]
+    assert select(table, ["S", "all"]) == ["S", "W"]
+    assert select(table, ["all", "S"], frozen=["W"]) == ["S"]
+
+
 def test_a_qdq_models_parameters_leave_the_scales_out(tmp_path) -> None:
     # What `onnx-trainer check` lists: the weights train, every scale is a constant with the
     # reason and the way to learn it (zero points are integers, not candidates at all).
@@ -893,8 +908,8 @@ def test_static_qdq_cnns_from_onnxruntime_fit_a_batch_and_deploy(tmp_path, kind)
         "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
                  "batch_size": 16, "shuffle": False},
         "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-        "trainable": ["*"],  # the weights and (LSQ) the scales: fixed, the calibrated range of
-        # the logits' QDQ pair would cap them (every '*' match is the model's own tensor)
+        "trainable": ["all", "*_scale"],  # the parameters and (LSQ) the scales: fixed, the
+        # calibrated range of the logits' QDQ pair would cap them
         "optimizer": {"type": "adam", "lr": 0.01, "groups": [{"params": "*_scale",
                                                                "lr": 1e-4}]},
         "steps": 60, "log": {"every_steps": 1}},

@@ -117,7 +117,8 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
 
 def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> list[str]:
     """The trained names: the default parameters (`trainable: all`) or every float initializer
-    matching a `trainable` glob (state excluded), minus the `frozen` globs."""
+    matching a `trainable` glob (state excluded; the entry `all` in the list adds the default
+    parameters, e.g. [all, "*_scale"]), minus the `frozen` globs."""
     frozen = list(frozen)
     if trainable == "all" or trainable is None:
         chosen = [r.name for r in table if r.role == PARAMETER]
@@ -125,6 +126,9 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
         pool = [r for r in table if r.role != STATE]
         chosen = []
         for pattern in trainable:
+            if pattern == "all":
+                chosen += [r.name for r in table if r.role == PARAMETER and r.name not in chosen]
+                continue
             hits = [r for r in pool if fnmatch.fnmatchcase(r.name, pattern)]
             if not hits:
                 raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
