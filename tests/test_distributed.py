@@ -88,6 +88,12 @@ FAMILIES = {
     "dropout_mlp": ("dropout_mlp", "training", {}),
     "mlp_frozen": ("mlp", "inference", {"frozen": ["fc1.*"]}),
     "qdq_mlp": ("qdq_mlp", "built", {}),  # fake quantization (QuantizeLinear/DequantizeLinear)
+    # the BatchNorm CNN through onnxruntime's quantize_static (QDQ, float weights), its scales
+    # learned too (kept positive after each update)
+    "ort_qdq_cnn": ("cnn", "ort_qdq", {
+        "trainable": ["all", "*_scale"],
+        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9,
+                      "groups": [{"params": "*_scale", "lr": 1e-4}]}}),
 }
 
 
@@ -105,6 +111,15 @@ def zoo(tmp_path_factory):
             sample = (8,)
             onnx.save(qdq_mlp(np.random.default_rng(20 + i), classes=10)[0],
                       str(d / "model.onnx"))
+        elif form == "ort_qdq":
+            from tests.test_grad_quant import _quantize_static_qdq
+
+            sample = torch_models.ZOO[kind][1]
+            model = torch_models.zoo_model(kind, seed=20 + i)
+            onnx.save(torch_models.export_form(model, sample, "inference"), str(d / "float.onnx"))
+            calibration = np.random.default_rng(99).standard_normal((32,) + sample)
+            _quantize_static_qdq(d / "float.onnx", d / "model.onnx",
+                                 calibration.astype(np.float32))
         else:
             sample = torch_models.ZOO[kind][1]
             model = torch_models.zoo_model(kind, seed=20 + i)
@@ -377,7 +392,8 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     del signal
 
 
-@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4)])
+@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4),
+                                        ("ort_qdq_cnn", 2)])
 def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, world):
     """distributed.sync_batchnorm: the batch statistics are all-reduced, so N ranks train the
     weights and running statistics of one process with the same global batch."""
@@ -453,7 +469,8 @@ def test_zero1_checkpoints_resume_unsharded_and_back(tmp_path, digits_config):
 
 
 # -- ZeRO-1 and the transformers under mpirun ------------------------------------------------------
-@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4)])
+@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4),
+                                        ("ort_qdq_cnn", 2)])
 def test_zero1_on_batchnorm_families_equals_emulated_ranks(zoo, tmp_path, name, world):
     """ZeRO-1 (reduce-scattered buckets, tiny so that tensors straddle the shards) on models
     with BatchNorm state: mpirun gives the emulated ranks' export, which equals the same job
