@@ -392,8 +392,10 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     del signal
 
 
-@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4),
-                                        ("ort_qdq_cnn", 2)])
+# (Not the QDQ family: N ranks sum in another order than one process, and after a few steps a
+# value within rounding of a quantization boundary lands on the other side of it; measured: the
+# same weights to 3e-17 after 2 steps, 2e-3 apart after 6.)
+@pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4)])
 def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, world):
     """distributed.sync_batchnorm: the batch statistics are all-reduced, so N ranks train the
     weights and running statistics of one process with the same global batch."""
