@@ -361,8 +361,8 @@ class Trainer:
         self.params = {k: self._view(self.params_flat, k) for k in self.names}
         self.grads = {k: self._view(self.grads_flat, k) for k in self.names}
         # Learned quantization scales stay positive after every update, clamped to float32's
-        # eps as PyTorch's learnable fake quantization clamps them (a negative scale flips the
-        # quantized values' sign, which runtimes reject or misread).
+        # eps as PyTorch's learnable fake quantization clamps them (a non-positive scale
+        # flips or collapses the integer grid; runtimes that check scales refuse the model).
         scales = quantization_scales(self.run_model.graph.node)
         self.positive = [self.params[k] for k in self.names if k in scales]
         self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in info.state}
