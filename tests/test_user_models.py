@@ -79,8 +79,138 @@ class ConvBN(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn2(self.c2(x))), 1))
 
 
+class Encoder(nn.Module):
+    """A pre-norm transformer encoder layer, a final LayerNorm and a head: freshly initialized,
+    its three LayerNorms hold equal weights (ones) and biases (zeros), which the default
+    exporter's optimizer stores once, and its attention output bias is zero, which the optimizer
+    drops from the Gemm."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True,
+                                              norm_first=True)
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.ln(self.enc(x)).mean(1))
+
+
+class ZeroBiasConv(nn.Module):
+    """Convolutions and a Linear whose biases start at zero (a common initialization): the
+    default exporter's optimizer drops zero biases from Conv and Gemm nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        for m in (self.c1, self.c2, self.fc):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.c2(F.relu(self.c1(x)))), 1))
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm (the default exporter decomposes it into InstanceNormalization over the groups
+    with a scale of ones and a bias of zeros, then the module's affine) and InstanceNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.gn = nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4)
+        self.c2, self.inn = nn.Conv2d(4, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = F.gelu(self.gn(self.c(x)))
+        return self.fc(F.leaky_relu(self.inn(self.c2(x)), 0.1).mean((2, 3)))
+
+
+class Conv1dBN(nn.Module):
+    """Conv1d with BatchNorm1d, a strided dilated Conv1d and AvgPool1d over [N, T, C] input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv1d(8, 8, 5, padding=2), nn.BatchNorm1d(8)
+        self.c2, self.fc = nn.Conv1d(8, 8, 3, padding=2, dilation=2, stride=2), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c(x.transpose(1, 2))))
+        return self.fc(F.avg_pool1d(self.c2(x), 2).mean(-1))
+
+
+class MobileBlock(nn.Module):
+    """MobileNetV2's inverted residual: 1x1 expansion, depthwise 3x3, 1x1 projection, ReLU6,
+    BatchNorm everywhere, a strided stem and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU6())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(F.adaptive_avg_pool2d(x + self.block(x), 1).flatten(1))
+
+
+class UNetish(nn.Module):
+    """Down (MaxPool), up (stride-2 ConvTranspose), a skip Concat, bilinear upsampling and a
+    global max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1, self.d2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.up, self.u1 = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(8, 4, 3, padding=1)
+        self.u2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = F.relu(self.d1(x))
+        b = F.relu(self.d2(F.max_pool2d(a, 2)))
+        u = F.relu(self.u1(torch.cat([self.up(b), a], 1)))
+        u = F.interpolate(u, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.fc(F.adaptive_max_pool2d(F.relu(self.u2(u)), 1).flatten(1))
+
+
+class Activations(nn.Module):
+    """PReLU, ELU, Softplus, Mish, LogSigmoid, clamp and rsqrt."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.pr = nn.Linear(8, 16), nn.PReLU(16)
+        self.l2, self.l3 = nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.pr(self.l1(x))
+        h = F.elu(self.l2(h)) + F.softplus(h) + F.mish(h) - F.logsigmoid(h)
+        return self.l3(torch.clamp(h, -3, 3) * torch.rsqrt(h * h + 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """A patchify stem, a depthwise 7x7, LayerNorm over channels-last, an inverted MLP with GELU,
+    a layer-scale parameter and a residual."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, d, 2, stride=2), nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.ln, self.pw1, self.pw2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.gamma, self.head = nn.Parameter(torch.full((d,), 0.5)), nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pw2(F.gelu(self.pw1(self.ln(self.dw(x).permute(0, 2, 3, 1))))) * self.gamma
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
 MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGelu, (8,)),
-          "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6))}
+          "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
+          "encoder": (Encoder, (6, 8)), "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
+          "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
+          "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
+          "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8))}
 
 
 def export(model: nn.Module, sample: tuple, exporter: str) -> onnx.ModelProto:
@@ -88,7 +218,7 @@ def export(model: nn.Module, sample: tuple, exporter: str) -> onnx.ModelProto:
     the optimizer folds into the Conv); torchscript: dynamo=False, in training form for
     BatchNorm models (its eval mode folds BatchNorm too)."""
     x = torch.randn((2,) + sample)
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if exporter == "dynamo":
         return torch.onnx.export(model.eval(), (x,), None, input_names=["x"],
                                  output_names=["logits"], optimize=not has_bn,

@@ -21,7 +21,7 @@ from trainer.autodiff.params import (
     ParamInfo,
     parameter_table,
     tie_transposed_copies,
-    untie_normalization_aliases,
+    untie_exporter_aliases,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.graph import node_name, np_dtype, opset_of
@@ -72,8 +72,8 @@ class Report:
             lines.append(f"'{copy_name}' is the exact transpose of '{src}' (tied weights stored "
                          "twice by the exporter): trained as one tensor")
         if self.untied:
-            lines.append(f"normalization tensors the exporter had merged, trained separately: "
-                         f"{', '.join(self.untied)}")
+            lines.append(f"parameters the exporter had merged into another tensor or dropped, "
+                         f"restored and trained separately: {', '.join(self.untied)}")
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
@@ -114,7 +114,7 @@ def model_report(model: onnx.ModelProto) -> Report:
 
     _load_all()
     try:
-        untied = untie_normalization_aliases(model)
+        untied = untie_exporter_aliases(model)
     except Exception:  # noqa: BLE001 - a shared tensor left unread (load_structure): kept shared
         untied = []
     # Finding tied copies compares values; a model whose large tensors were left unread skips it.

@@ -23,7 +23,7 @@ from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
     quantization_scales,
     tie_transposed_copies,
-    untie_normalization_aliases,
+    untie_exporter_aliases,
 )
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
@@ -112,10 +112,10 @@ class Trainer:
         missing = missing_kernels(self.model)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
-        untied = untie_normalization_aliases(self.model)
+        untied = untie_exporter_aliases(self.model)
         if untied:
-            self.log.info(f"{len(untied)} normalization tensor(s) that the exporter stored as "
-                          f"one shared tensor get their own copy: {', '.join(untied[:6])}"
+            self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "
+                          f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
         self.tied = tie_transposed_copies(train_model)  # {copy: source}, exported as source.T

@@ -8,7 +8,9 @@ that reach the loss through a differentiable input, except
     as initializers), unless PyTorch's export signature in the model names them PARAMETER;
   - the scales of QuantizeLinear/DequantizeLinear (fake quantization keeps them fixed, as
     PyTorch's observers do; listing them in `trainable` learns them, LSQ-style);
-  - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR.
+  - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR, and those its default
+    exporter makes while decomposing a module (`exporter_constants`).
+Parameters an exporter merged or dropped get their own tensors first (`untie_exporter_aliases`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from trainer.errors import ModelError
 from trainer.graph import FLOAT_TYPES
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
+_FX_NODE_KEY = "pkg.torch.onnx.fx_node"  # a node's FX node in a dynamo export (its metadata)
 _SIGNATURE_LINE = re.compile(r"^\s*\w+: (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'",
                              re.M)
 
@@ -63,6 +66,28 @@ def quantization_scales(nodes: Iterable[onnx.NodeProto]) -> set[str]:
             if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
 
 
+def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> dict[str, str]:
+    """{initializer: reason} for float tensors that PyTorch's default exporter made while
+    decomposing a module, which PyTorch does not train: GroupNorm becomes InstanceNormalization
+    over the groups with a scale of ones and a bias of zeros, then the module's own weight and
+    bias per channel (a tensor the export's signature does not name, read by an
+    InstanceNormalization node that the FX node of a group_norm produced)."""
+    out = {}
+    if not signature:
+        return out
+    for n in model.graph.node:
+        if n.op_type != "InstanceNormalization":
+            continue
+        fx = next((p.value for p in n.metadata_props if p.key == _FX_NODE_KEY), "")
+        if "aten.group_norm" not in fx and "aten.native_group_norm" not in fx:
+            continue
+        for x in n.input[1:3]:
+            if x and x not in signature:
+                out[x] = ("the exporter's GroupNorm decomposition (its InstanceNormalization's "
+                          "fixed scale or bias; the module's weight and bias come after it)")
+    return out
+
+
 def _reader_index(nodes) -> dict[str, str]:
     """{tensor: 'Greater input 1 (not differentiable), ...'}: where each tensor is read."""
     seen: dict[str, list[str]] = {}
@@ -86,6 +111,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     scales = quantization_scales(nodes)
     readers = None
     signature = torch_signature(model)
+    made = exporter_constants(model, signature)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
     rows = []
     for t in inits:
@@ -102,6 +128,8 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
         elif kind in ("BUFFER", "CONSTANT_TENSOR"):
             rows.append(ParamInfo(t.name, shape, CONSTANT, f"a PyTorch {kind.lower()}, "
                                   "not a parameter"))
+        elif t.name in made:
+            rows.append(ParamInfo(t.name, shape, CONSTANT, made[t.name]))
         elif t.name in scales and kind != "PARAMETER":
             rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
                                   "PyTorch's observers keep it; list it in 'trainable' to learn "
@@ -145,17 +173,24 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
     return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
 
 
-def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
-    """Give normalization parameters and statistics that the exporter deduplicated their own
-    tensors, in place; returns the names made into initializers.
+def untie_exporter_aliases(model: onnx.ModelProto) -> list[str]:
+    """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
+    in place (`untie_identity_aliases`, then `restore_optimized_parameters`); returns the
+    names made into initializers. The computation is unchanged: each restored tensor holds the
+    value the merged one had (or the zeros a dropped bias had)."""
+    return untie_identity_aliases(model) + restore_optimized_parameters(model)
 
-    PyTorch's TorchScript exporter stores equal tensors once: a fresh model's BatchNorm and
-    LayerNorm weights (ones), biases and running means (zeros) and running variances (ones)
-    become Identity nodes of one shared initializer, which would train them as one tensor.
-    Each such Identity of a shared initializer (read more than once) whose output feeds only
-    normalization parameter slots becomes an initializer of that name with the shared value
-    (the computation is unchanged).
-    """
+
+def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
+    """The TorchScript exporter stores equal tensors once when the module is exported in eval
+    mode (by value; in train mode only tensors that share memory, i.e. tied ones): a fresh
+    model's BatchNorm and LayerNorm weights (ones), biases and running means (zeros), running
+    variances (ones), and zero-initialized Conv or Linear biases become Identity nodes of one
+    shared initializer, which would train them as one tensor. Each such Identity of a shared
+    initializer (read more than once) whose output feeds only normalization parameter slots,
+    or whose value is one number repeated (a tie by memory of such a tensor is not worth
+    keeping: nothing tells it from a merge by value), becomes an initializer of that name with
+    the shared value. Other aliases (a random tensor, tied on purpose) stay shared."""
     from onnx import numpy_helper
 
     g = model.graph
@@ -173,10 +208,13 @@ def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
     untied, keep = [], []
     for n in g.node:
         src = n.input[0] if n.op_type == "Identity" and n.input else None
+        value = None
         if (src in inits and inits[src].data_type in FLOAT_TYPES and reads[src] > 1
-                and n.output[0] not in outputs and users.get(n.output[0])
-                and all(users[n.output[0]])):
+                and n.output[0] not in outputs and users.get(n.output[0])):
             value = numpy_helper.to_array(inits[src])
+            if not (all(users[n.output[0]]) or (value.size > 1 and (value == value.flat[0]).all())):
+                value = None
+        if value is not None:
             g.initializer.append(numpy_helper.from_array(np.array(value), n.output[0]))
             untied.append(n.output[0])
         else:
@@ -185,6 +223,95 @@ def untie_normalization_aliases(model: onnx.ModelProto) -> list[str]:
         del g.node[:]
         g.node.extend(keep)
     return untied
+
+
+_SIGNATURE_ENTRY = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER) target='([^']+)'", re.M)
+_RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
+# onnxscript's rules that drop an all-zero bias: (op, the bias's input slot)
+_DROPPED_BIAS = {"RemoveOptionalBiasFromConv": ("Conv", 2),
+                 "RemoveOptionalBiasFromConvTranspose": ("ConvTranspose", 2),
+                 "RemoveOptionalBiasFromGemm": ("Gemm", 2)}
+
+
+def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
+    """Undo what the optimizer of PyTorch's default (dynamo) exporter does to the parameters of
+    a freshly initialized model, where the export records enough to do it exactly; in place,
+    returns the restored names.
+
+    The optimizer (on by default: `torch.onnx.export(..., optimize=True)`) stores initializers
+    with equal values once (so every LayerNorm of a fresh transformer reads one weight of ones
+    and one bias of zeros) and drops all-zero biases from Conv, ConvTranspose and Gemm (an
+    attention output projection's, a zero-initialized layer's). PyTorch trains each of them.
+    The export's graph signature lists every parameter and buffer (placeholder -> name) and
+    each node records the FX node it came from, with the placeholders it read:
+    - a node that reads parameter A's tensor where its FX node read placeholder B, whose
+      parameter is missing from the graph, reads a new initializer B with A's value (B chosen
+      by the last part of the name when the node read several missing ones: weight, bias);
+    - a node rewritten by a RemoveOptionalBias rule whose FX node read a missing parameter
+      named ...bias gets it back: zeros of the output channels, in the weight's dtype.
+    A model without the signature or without FX node records is left as it is."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    signature = ""
+    for prop in list(g.metadata_props) + list(model.metadata_props):
+        if prop.key == SIGNATURE_KEY:
+            signature = prop.value
+    entries = {ph: target for ph, _kind, target in _SIGNATURE_ENTRY.findall(signature)}
+    inits = {t.name: t for t in g.initializer}
+    present = set(inits) | {vi.name for vi in g.input} | {o for n in g.node for o in n.output}
+    missing = {ph: t for ph, t in entries.items() if t not in present}
+    if not missing:
+        return []
+    placeholder_of = {t: ph for ph, t in entries.items()}
+    restored: list[str] = []
+
+    def leaf(name: str) -> str:
+        return name.rsplit(".", 1)[-1]
+
+    def add(name: str, value: np.ndarray) -> None:
+        g.initializer.append(numpy_helper.from_array(value, name))
+        inits[name] = g.initializer[-1]
+        restored.append(name)
+
+    for n in g.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        refs = set(re.findall(r"%(\w+)", meta.get(_FX_NODE_KEY, "")))
+        here = sorted(ph for ph in refs if ph in missing)
+        if not here:
+            continue
+        for slot, x in enumerate(n.input):
+            own = placeholder_of.get(x)
+            if x not in inits or own is None or own in refs:
+                continue  # not a parameter's tensor, or the one this node read
+            cands = [ph for ph in here if leaf(missing[ph]) == leaf(x)]
+            if len(cands) != 1:
+                cands = here if len(here) == 1 else []
+            if cands:
+                name = missing[cands[0]]
+                if name not in inits:
+                    add(name, np.array(numpy_helper.to_array(inits[x])))
+                n.input[slot] = name
+        op_slot = _DROPPED_BIAS.get(meta.get(_RULE_KEY, ""))
+        if op_slot is None or op_slot != (n.op_type, len(n.input)) or n.input[1] not in inits:
+            continue
+        cands = [ph for ph in here if leaf(missing[ph]).endswith("bias")
+                 and missing[ph] not in inits]
+        if len(cands) != 1:
+            continue
+        w = inits[n.input[1]]
+        dims = list(w.dims)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "Conv":
+            channels = dims[0]
+        elif n.op_type == "ConvTranspose":
+            channels = dims[1] * int(attrs.get("group", 1))
+        else:
+            channels = dims[0] if attrs.get("transB", 0) else dims[1]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(w.data_type)
+        add(missing[cands[0]], np.zeros(channels, dtype))
+        n.input.append(missing[cands[0]])
+    return restored
 
 
 def tie_transposed_copies(model: onnx.ModelProto) -> dict[str, str]:
