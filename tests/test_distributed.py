@@ -94,6 +94,9 @@ FAMILIES = {
         "trainable": ["all", "*_scale"],
         "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9,
                       "groups": [{"params": "*_scale", "lr": 1e-4}]}}),
+    # a pre-norm transformer encoder layer through the default exporter with its optimizer: its
+    # merged LayerNorm tensors and dropped attention bias are restored on every rank
+    "encoder_dynamo": ("encoder", "dynamo", {}),
 }
 
 
@@ -120,6 +123,16 @@ def zoo(tmp_path_factory):
             calibration = np.random.default_rng(99).standard_normal((32,) + sample)
             _quantize_static_qdq(d / "float.onnx", d / "model.onnx",
                                  calibration.astype(np.float32))
+        elif form == "dynamo":
+            import torch
+
+            from tests.test_user_models import Encoder, export
+
+            sample = (6, 8)
+            torch.manual_seed(20 + i)
+            model = Encoder()
+            model.head = torch.nn.Linear(8, 10)
+            onnx.save(export(model, sample, "dynamo"), str(d / "model.onnx"))
         else:
             sample = torch_models.ZOO[kind][1]
             model = torch_models.zoo_model(kind, seed=20 + i)
@@ -174,11 +187,16 @@ def test_every_family_trains_under_mpirun(zoo, tmp_path, name, world):
     for k, want in ranks[0].items():
         np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7,
                                    err_msg=k)
-    moved = [k for k in ranks[0] if not np.allclose(got[k], init[k])]
+    moved = [k for k in ranks[0] if k in init and not np.allclose(got[k], init[k])]
     assert moved, "nothing was trained"
     if name == "mlp_frozen":
         for k in ("fc1.weight", "fc1.bias"):
             np.testing.assert_array_equal(got[k], init[k])
+    if name == "encoder_dynamo":  # restored: PyTorch's own tensors, trained and exported
+        for k, start in (("enc.norm2.weight", 1.0), ("ln.bias", 0.0),
+                         ("enc.self_attn.out_proj.bias", 0.0)):
+            assert k not in init and not np.allclose(got[k], start), k
+        assert not np.allclose(got["enc.norm2.weight"], got["enc.norm1.weight"])
     stats = [k for k in ranks[0] if "running" in k]
     if stats and world > 1:  # each rank kept its own statistics; rank 0's were exported
         assert any(not np.allclose(ranks[0][k], ranks[1][k]) for k in stats)
