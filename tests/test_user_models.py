@@ -95,6 +95,20 @@ class Encoder(nn.Module):
         return self.head(self.ln(self.enc(x)).mean(1))
 
 
+class EncoderStack(nn.Module):
+    """nn.TransformerEncoder clones its layer: both layers start with equal weights, which the
+    exporters store once (the default one: also their transposed, folded forms)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
 class ZeroBiasConv(nn.Module):
     """Convolutions and a Linear whose biases start at zero (a common initialization): the
     default exporter's optimizer drops zero biases from Conv and Gemm nodes."""
@@ -207,7 +221,8 @@ class ConvNeXtBlock(nn.Module):
 
 MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGelu, (8,)),
           "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
-          "encoder": (Encoder, (6, 8)), "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
+          "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
+          "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
           "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8))}

@@ -78,7 +78,7 @@ def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> 
     for n in model.graph.node:
         if n.op_type != "InstanceNormalization":
             continue
-        fx = next((p.value for p in n.metadata_props if p.key == _FX_NODE_KEY), "")
+        fx = _meta(n, _FX_NODE_KEY)
         if "aten.group_norm" not in fx and "aten.native_group_norm" not in fx:
             continue
         for x in n.input[1:3]:
@@ -186,11 +186,14 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
     mode (by value; in train mode only tensors that share memory, i.e. tied ones): a fresh
     model's BatchNorm and LayerNorm weights (ones), biases and running means (zeros), running
     variances (ones), and zero-initialized Conv or Linear biases become Identity nodes of one
-    shared initializer, which would train them as one tensor. Each such Identity of a shared
-    initializer (read more than once) whose output feeds only normalization parameter slots,
-    or whose value is one number repeated (a tie by memory of such a tensor is not worth
-    keeping: nothing tells it from a merge by value), becomes an initializer of that name with
-    the shared value. Other aliases (a random tensor, tied on purpose) stay shared."""
+    shared initializer, which would train them as one tensor; so do the weights of layers
+    that start as clones (nn.TransformerEncoder copies its layer). Each such Identity of a
+    shared initializer (read more than once) becomes an initializer of that name with the
+    shared value when its output feeds only normalization parameter slots, or the value is
+    one number repeated, or the output is read only in roles (op, input slot) in which the
+    shared tensor itself is read (a clone's); nothing tells a merge by value from a tie by
+    memory, and these are the merges. Other aliases stay shared: tied weights read in another
+    role (an embedding's table as an output projection)."""
     from onnx import numpy_helper
 
     g = model.graph
@@ -200,10 +203,13 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
              "RMSNormalization": (1,)}
     users: dict[str, list[bool]] = {}
     reads: dict[str, int] = {}
+    roles: dict[str, set[tuple[str, int]]] = {}  # (op, input slot) of each reader
     for n in g.node:
         for i, x in enumerate(n.input):
             users.setdefault(x, []).append(i in slots.get(n.op_type, ()))
             reads[x] = reads.get(x, 0) + 1
+            if n.op_type != "Identity":
+                roles.setdefault(x, set()).add((n.op_type, i))
     outputs = {o.name for o in g.output}
     untied, keep = [], []
     for n in g.node:
@@ -212,7 +218,9 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
         if (src in inits and inits[src].data_type in FLOAT_TYPES and reads[src] > 1
                 and n.output[0] not in outputs and users.get(n.output[0])):
             value = numpy_helper.to_array(inits[src])
-            if not (all(users[n.output[0]]) or (value.size > 1 and (value == value.flat[0]).all())):
+            out = n.output[0]
+            if not (all(users[out]) or (value.size > 1 and (value == value.flat[0]).all())
+                    or roles.get(out, {None}) <= roles.get(src, set())):
                 value = None
         if value is not None:
             g.initializer.append(numpy_helper.from_array(np.array(value), n.output[0]))
@@ -275,8 +283,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
         restored.append(name)
 
     for n in g.node:
-        meta = {p.key: p.value for p in n.metadata_props}
-        refs = set(re.findall(r"%(\w+)", meta.get(_FX_NODE_KEY, "")))
+        refs = set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
         here = sorted(ph for ph in refs if ph in missing)
         if not here:
             continue
@@ -292,7 +299,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
                 if name not in inits:
                     add(name, np.array(numpy_helper.to_array(inits[x])))
                 n.input[slot] = name
-        op_slot = _DROPPED_BIAS.get(meta.get(_RULE_KEY, ""))
+        op_slot = _DROPPED_BIAS.get(_meta(n, _RULE_KEY))
         if op_slot is None or op_slot != (n.op_type, len(n.input)) or n.input[1] not in inits:
             continue
         cands = [ph for ph in here if leaf(missing[ph]).endswith("bias")
@@ -311,7 +318,34 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(w.data_type)
         add(missing[cands[0]], np.zeros(channels, dtype))
         n.input.append(missing[cands[0]])
+    # A parameter folded into another layout (a transposed Linear weight) is a tensor the
+    # signature does not name; equal folded tensors (the layers of nn.TransformerEncoder start
+    # as clones) are merged too: each further parameter reading it gets its own copy.
+    missing = {ph: t for ph, t in missing.items() if t not in inits}
+    readers: dict[str, list[tuple[onnx.NodeProto, int, list[str]]]] = {}
+    for n in g.node:
+        refs = set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
+        here = sorted(ph for ph in refs if ph in missing)
+        for slot, x in enumerate(n.input):
+            if x in inits and x not in placeholder_of and inits[x].data_type in FLOAT_TYPES:
+                readers.setdefault(x, []).append((n, slot, here))
+    for x, reads in readers.items():
+        groups: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for n, slot, here in reads:
+            if len(here) != 1:  # not a parameter's (no missing one read), or ambiguous
+                groups = {}
+                break
+            groups.setdefault(here[0], []).append((n, slot))
+        for ph in list(groups)[1:]:
+            name = f"{missing[ph]}/{x}"  # (the parameter, in the folded tensor's layout)
+            add(name, np.array(numpy_helper.to_array(inits[x])))
+            for n, slot in groups[ph]:
+                n.input[slot] = name
     return restored
+
+
+def _meta(n: onnx.NodeProto, key: str) -> str:
+    return next((p.value for p in n.metadata_props if p.key == key), "")
 
 
 def tie_transposed_copies(model: onnx.ModelProto) -> dict[str, str]:
