@@ -109,6 +109,38 @@ class EncoderStack(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
+class BertInit(nn.Module):
+    """Two encoder layers initialized as BERT does (every Linear bias zero, LayerNorms ones and
+    zeros): the default exporter stores all those zeros and ones of one shape once."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(
+            d, 2, 16, dropout=0.0, batch_first=True, activation="gelu") for _ in range(2)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.ln(x)[:, 0])
+
+
+class Siamese(nn.Module):
+    """One encoder applied to both halves of the input: its tensors are shared on purpose and
+    must stay one parameter each."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 8))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.enc(x[:, :4]), self.enc(x[:, 4:])], 1))
+
+
 class ZeroBiasConv(nn.Module):
     """Convolutions and a Linear whose biases start at zero (a common initialization): the
     default exporter's optimizer drops zero biases from Conv and Gemm nodes."""
@@ -222,6 +254,7 @@ class ConvNeXtBlock(nn.Module):
 MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGelu, (8,)),
           "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
           "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
+          "bert_init": (BertInit, (6, 8)), "siamese": (Siamese, (8,)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
