@@ -132,7 +132,7 @@ def train_engine(s: dict, opt: str, precision: str) -> tuple[Trainer, dict]:
 
 
 # Constant folding stores the tied output projection as a transposed copy of the embedding;
-# the engine ties them again (trainer.autodiff.params.tie_transposed_copies).
+# the engine ties them again (trainer.autodiff.params.tie_folded_copies).
 # Without its optimizer the dynamo exporter writes torch.split as SplitToSequence + SequenceAt:
 # the builder lowers static sequences to plain nodes first (trainer.autodiff.subgraph).
 CASES = [pytest.param(k, e, o, p, id=f"{k}-{e}-{o}-{p}")

@@ -141,6 +141,22 @@ class Siamese(nn.Module):
         return self.head(torch.cat([self.enc(x[:, :4]), self.enc(x[:, 4:])], 1))
 
 
+class ViewedParameter(nn.Module):
+    """A parameter used as it is and through a view (`w[None]`, `g.view(1, -1, 1, 1)`): both
+    exporters fold the view into a second initializer."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.g = nn.Conv2d(1, 4, 3, padding=1), nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.l, self.w = nn.Linear(4, 8), nn.Parameter(torch.randn(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c(x)) * self.g.view(1, -1, 1, 1)
+        h = self.l(x.mean((2, 3)) * self.g)
+        return self.fc(h * self.w + (h * self.w[None, :]).mean(1, keepdim=True))
+
+
 class ZeroBiasConv(nn.Module):
     """Convolutions and a Linear whose biases start at zero (a common initialization): the
     default exporter's optimizer drops zero biases from Conv and Gemm nodes."""
@@ -255,6 +271,7 @@ MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGe
           "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
           "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
           "bert_init": (BertInit, (6, 8)), "siamese": (Siamese, (8,)),
+          "viewed_parameter": (ViewedParameter, (1, 6, 6)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),

@@ -20,7 +20,7 @@ from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
     parameter_table,
-    tie_transposed_copies,
+    tie_folded_copies,
     untie_exporter_aliases,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
@@ -46,7 +46,7 @@ class Report:
     nodes: list[NodeRow]
     params: list[ParamInfo]
     untied: list[str]
-    tied: dict[str, str]
+    tied: dict[str, tuple[str, str]]  # {copy: (source, "transpose" | "reshape")}
 
     @property
     def ok(self) -> bool:
@@ -68,9 +68,8 @@ class Report:
                          "the config override):")
             w = max(len(p.name) for p in left)
             lines += [f"  {p.name:<{w}}  {list(p.shape)}  {p.reason}" for p in left]
-        for copy_name, src in self.tied.items():
-            lines.append(f"'{copy_name}' is the exact transpose of '{src}' (tied weights stored "
-                         "twice by the exporter): trained as one tensor")
+        for copy_name, (src, kind) in self.tied.items():
+            lines.append(f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor")
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
@@ -108,6 +107,10 @@ class _FloatDefault(dict):
         return ((), np.dtype(np.float32))
 
 
+_TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
+         "reshape": "is a copy in another shape (a view the exporter folded) of"}
+
+
 def model_report(model: onnx.ModelProto) -> Report:
     """The report for a model whose loss may read any of its outputs."""
     from trainer.memory import is_stub
@@ -119,7 +122,7 @@ def model_report(model: onnx.ModelProto) -> Report:
         untied = []
     # Finding tied copies compares values; a model whose large tensors were left unread skips it.
     tied = {} if any(is_stub(t) for t in model.graph.initializer) else \
-        tie_transposed_copies(model)
+        tie_folded_copies(model)
     nodes = list(model.graph.node)
     types = _FloatDefault(_value_types(model))
     outputs = [o.name for o in model.graph.output]

@@ -22,7 +22,7 @@ from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
     quantization_scales,
-    tie_transposed_copies,
+    tie_folded_copies,
     untie_exporter_aliases,
 )
 from trainer.backend import device_name, get_xp, to_host
@@ -118,10 +118,14 @@ class Trainer:
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
-        self.tied = tie_transposed_copies(train_model)  # {copy: source}, exported as source.T
-        for copy_name, src in self.tied.items():
-            self.log.info(f"'{copy_name}' is the exact transpose of '{src}' (tied weights the "
-                          "exporter stored twice): trained as one tensor")
+        # {copy: (source, kind)}, exported from the trained source
+        self.tied = tie_folded_copies(train_model)
+        self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer
+                             if t.name in self.tied}
+        for copy_name, (src, kind) in self.tied.items():
+            what = "the exact transpose of" if kind == "transpose" else "a copy in another shape of"
+            self.log.info(f"'{copy_name}' is {what} '{src}' (the exporter stored it twice): "
+                          "trained as one tensor")
         self.run_model = compute_form(train_model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
         self.in_dtypes = input_dtypes(self.run_model)
@@ -853,9 +857,11 @@ class Trainer:
         """Trained parameters and state by initializer name of the model (tied copies too)."""
         values = {k: to_host(v) for k, v in self.params.items()}
         values.update({k: to_host(v) for k, v in self.state.items()})
-        for copy_name, src in self.tied.items():
+        for copy_name, (src, kind) in self.tied.items():
             if src in values:
-                values[copy_name] = np.ascontiguousarray(values[src].T)
+                values[copy_name] = np.ascontiguousarray(
+                    values[src].T if kind == "transpose"
+                    else values[src].reshape(self._copy_shapes[copy_name]))
         return values
 
     def export(self, path: Path) -> Path:

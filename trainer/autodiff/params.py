@@ -348,49 +348,82 @@ def _meta(n: onnx.NodeProto, key: str) -> str:
     return next((p.value for p in n.metadata_props if p.key == key), "")
 
 
-def tie_transposed_copies(model: onnx.ModelProto) -> dict[str, str]:
-    """Tie weights the exporter stored twice, in place; returns {copy: source}.
+def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Tie parameters the exporter stored twice, in place; returns {copy: (source, "transpose"
+    | "reshape")}.
 
-    With tied input and output embeddings (`lm_head.weight = embed.weight`), both PyTorch
-    exporters fold the output projection's transpose into a second initializer: the model then
-    holds the embedding and its exact transpose, which training would move apart. Each 2-D float
-    initializer that equals the transpose of another one (with more than one distinct value, so
-    that constants are not tied by chance) becomes `Transpose(source)`, so both uses train one
-    tensor. Export writes the copy back as the trained source's transpose.
-    """
+    Both PyTorch exporters fold an expression of initializers alone into a new initializer.
+    With tied input and output embeddings (`lm_head.weight = embed.weight`) the output
+    projection's transpose becomes a second initializer, the exact transpose of the embedding;
+    a parameter used through a view (`self.w[None]`, `self.gamma.view(1, -1, 1, 1)` next to a
+    use of `self.gamma` itself) becomes a copy of the same values in another shape. Training
+    would move the copies apart from their source. Each float initializer that equals the
+    transpose (2-D) or a reshape (another shape, the same values in the same order) of another
+    one, with more than one distinct value (so that constants are not tied by chance), becomes
+    `Transpose(source)` or `Reshape(source)`, so that every use trains one tensor; the source is
+    the one PyTorch's export signature names a parameter, else one not named `onnx::...` (the
+    TorchScript exporter's name for a folded value), else the first. Export writes each copy
+    back from the trained source. (A folded expression other than a view, `self.w.exp()`, is
+    not recognized: exporting without constant folding keeps it an expression.)"""
     import hashlib
 
     from onnx import helper, numpy_helper
 
     g = model.graph
     inputs = {vi.name for vi in g.input}
-    cands = [t for t in g.initializer if t.data_type in FLOAT_TYPES and len(t.dims) == 2
-             and t.name not in inputs]
-    by_key: dict[tuple, list[tuple[str, np.ndarray]]] = {}
-    for t in cands:
+    signature = torch_signature(model)
+    order = {t.name: i for i, t in enumerate(g.initializer)}
+
+    def rank(name: str) -> tuple:  # sources first
+        return (signature.get(name) != "PARAMETER", name.startswith("onnx::"), order[name])
+
+    arrays: dict[str, np.ndarray] = {}
+    by_flat: dict[tuple, list[str]] = {}
+    for t in g.initializer:
+        if t.data_type not in FLOAT_TYPES or t.name in inputs:
+            continue
         a = numpy_helper.to_array(t)
         if a.size < 2 or (a == a.flat[0]).all():
             continue
-        key = (a.shape, a.dtype.str, hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest())
-        by_key.setdefault(key, []).append((t.name, a))
-    tied: dict[str, str] = {}
-    for key, items in list(by_key.items()):
-        shape, dtype, _ = key
-        for name, a in items:
-            if name in tied or name in tied.values():
-                continue
-            t_key = (shape[::-1], dtype,
-                     hashlib.sha1(np.ascontiguousarray(a.T).tobytes()).digest())
-            for other, b in by_key.get(t_key, []):
-                if other != name and other not in tied and other not in tied.values() \
-                        and np.array_equal(b, a.T):
-                    tied[other] = name
+        arrays[t.name] = a
+        digest = hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest()
+        by_flat.setdefault((a.dtype.str, digest), []).append(t.name)
+    tied: dict[str, tuple[str, str]] = {}
+    # reshapes: the same bytes in another shape
+    for names in by_flat.values():
+        names = sorted(names, key=rank)
+        for other in names[1:]:
+            src = names[0]
+            if signature.get(other) == "PARAMETER":
+                continue  # two parameters of PyTorch's, equal by chance or by copy: separate
+            if arrays[other].shape != arrays[src].shape and \
+                    np.array_equal(arrays[other].reshape(-1), arrays[src].reshape(-1)):
+                tied[other] = (src, "reshape")
+    # transposes (2-D)
+    for name, a in sorted(arrays.items(), key=lambda kv: rank(kv[0])):
+        if a.ndim != 2 or name in tied:
+            continue
+        key = (a.dtype.str, hashlib.sha1(np.ascontiguousarray(a.T).tobytes()).digest())
+        for other in by_flat.get(key, []):
+            b = arrays[other]
+            if other != name and other not in tied and b.shape == a.shape[::-1] and \
+                    all(other != s for s, _ in tied.values()) and np.array_equal(b, a.T):
+                tied[other] = (name, "transpose")
     if tied:
         keep = [t for t in g.initializer if t.name not in tied]
         del g.initializer[:]
         g.initializer.extend(keep)
-        nodes = [helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
-                                  perm=[1, 0]) for copy, src in tied.items()]
+        nodes = []
+        for copy, (src, kind) in tied.items():
+            if kind == "transpose":
+                nodes.append(helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
+                                              perm=[1, 0]))
+            else:
+                shape = f"{copy}/Tied/shape"
+                g.initializer.append(numpy_helper.from_array(
+                    np.array(arrays[copy].shape, np.int64), shape))
+                nodes.append(helper.make_node("Reshape", [src, shape], [copy],
+                                              name=f"{copy}/Tied"))
         rest = list(g.node)
         del g.node[:]
         g.node.extend(nodes + rest)
