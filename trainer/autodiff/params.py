@@ -406,6 +406,8 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
         key = (a.dtype.str, hashlib.sha1(np.ascontiguousarray(a.T).tobytes()).digest())
         for other in by_flat.get(key, []):
             b = arrays[other]
+            if signature.get(other) == "PARAMETER":
+                continue
             if other != name and other not in tied and b.shape == a.shape[::-1] and \
                     all(other != s for s, _ in tied.values()) and np.array_equal(b, a.T):
                 tied[other] = (name, "transpose")
