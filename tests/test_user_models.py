@@ -483,3 +483,84 @@ def test_cross_entropy_on_a_softmax_output_uses_its_logits(tmp_path, exporter):
         loss.backward()
         opt.step()
     np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-5)
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a low-rank adapter whose up-projection starts at zero (LoRA)."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(n_in, n_out).requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, n_in) * 0.1)
+        self.lora_b = nn.Parameter(torch.zeros(n_out, rank))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
+class LoRANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = LoRALinear(8, 16), LoRALinear(16, 16), LoRALinear(16, 16)
+        self.head = nn.Linear(16, 5).requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.l3(F.gelu(self.l2(F.gelu(self.l1(x)))))))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_lora_fine_tuning_trains_the_adapters_like_pytorch(tmp_path, exporter):
+    """LoRA: `trainable: ["*lora*"]` trains the adapters alone with AdamW to PyTorch's losses.
+    The three zero up-projections are merged by both exporters (restored: each trains on its
+    own); TorchScript without constant folding, which would fold the adapters into transposed
+    copies named onnx::MatMul_* (README)."""
+    torch.manual_seed(0)
+    model = LoRANet()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 8)
+    if exporter == "dynamo":
+        proto = torch.onnx.export(model.eval(), (x,), None, input_names=["x"],
+                                  output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    else:
+        f = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (x,), f, dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "N"}},
+                              do_constant_folding=False)
+        proto = onnx.load_from_string(f.getvalue())
+    model.load_state_dict(state)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((64, 8)).astype(np.float32), rng.integers(0, 5, 64)
+    np.savez(tmp_path / "data.npz", x=xs, y=ys)
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu", "trainable": ["*lora*"],
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "adamw", "lr": 1e-2}, "steps": STEPS, "log": {"every_steps": 1}},
+        tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    assert sorted(trainer.names) == sorted(k for k, p in model.named_parameters()
+                                           if p.requires_grad)
+    result = trainer.fit()
+    ours = [r["loss"] for r in trainer.history if "loss" in r]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    want = []
+    for k in range(STEPS):
+        j = k % (len(xs) // BATCH)
+        loss = F.cross_entropy(model(torch.from_numpy(xs[j * BATCH:(j + 1) * BATCH])),
+                               torch.from_numpy(ys[j * BATCH:(j + 1) * BATCH]))
+        want.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-5)
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(result["output"])
+           .graph.initializer}
+    for k, p in model.named_parameters():
+        if k in out:  # the trained adapters and the untouched base are PyTorch's
+            np.testing.assert_allclose(out[k], p.detach().numpy(), rtol=1e-4, atol=1e-5,
+                                       err_msg=k)
