@@ -357,7 +357,7 @@ def test_exported_model_trains_like_pytorch(tmp_path, name, exporter):
             np.testing.assert_array_equal(out[k], v, err_msg=k)
     # `check` agrees: the same tensors are the default parameters.
     report = model_report(load_model(tmp_path / "model.onnx"))
-    assert report.ok
+    assert report.ok and not report.folded  # (no parameter is flagged as folded away)
     assert sorted(p.name for p in report.params if p.role == "parameter") == sorted(trainer.names)
 
 
@@ -564,3 +564,46 @@ def test_lora_fine_tuning_trains_the_adapters_like_pytorch(tmp_path, exporter):
         if k in out:  # the trained adapters and the untouched base are PyTorch's
             np.testing.assert_allclose(out[k], p.detach().numpy(), rtol=1e-4, atol=1e-5,
                                        err_msg=k)
+
+
+class LogitScale(nn.Module):
+    """A learned temperature used only as exp(logit_scale) (CLIP): constant folding turns the
+    expression of the parameter alone into a constant, so the parameter cannot train."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.logit_scale = nn.Linear(8, 5), nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.l(x) * self.logit_scale.exp()
+
+
+def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
+    """The default exporter's folding leaves `logit_scale` out of the graph: `check` and the
+    trainer say so (naming it and the fix) instead of training without it silently; with
+    optimize=False it is an initializer and trains."""
+    model = LogitScale()
+    onnx.save(export(model, (8,), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == ["logit_scale"]
+    assert "WARNING" in report.text() and "logit_scale" in report.text() \
+        and "optimize=False" in report.text()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 8)).astype(np.float32),
+             y=rng.integers(0, 5, 32))
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": 1}, tmp_path)
+    stream = io.StringIO()
+    Trainer(cfg, stream=stream)
+    assert "WARNING" in stream.getvalue() and "logit_scale" in stream.getvalue()
+    unfolded = torch.onnx.export(model.eval(), (torch.randn(2, 8),), None, input_names=["x"],
+                                 output_names=["logits"], optimize=False,
+                                 dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    onnx.save(unfolded, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.folded and "logit_scale" in [p.name for p in report.params
+                                                   if p.role == "parameter"]

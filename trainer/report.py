@@ -9,7 +9,7 @@ takes the time of a graph walk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from trainer.autodiff.engine import active_nodes
 from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
+    folded_parameters,
     parameter_table,
     tie_folded_copies,
     untie_exporter_aliases,
@@ -47,6 +48,7 @@ class Report:
     params: list[ParamInfo]
     untied: list[str]
     tied: dict[str, tuple[str, str]]  # {copy: (source, "transpose" | "reshape")}
+    folded: list[str] = field(default_factory=list)  # folded_parameters
 
     @property
     def ok(self) -> bool:
@@ -73,6 +75,8 @@ class Report:
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
+        if self.folded:
+            lines.append(f"WARNING: {FOLDED_HINT}: {', '.join(self.folded)}")
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
@@ -107,6 +111,9 @@ class _FloatDefault(dict):
         return ((), np.dtype(np.float32))
 
 
+FOLDED_HINT = ("PyTorch parameters that the exporter's constant folding turned into constants "
+               "(an expression of the parameter alone, e.g. w.exp()) cannot train; export with "
+               "optimize=False to train them")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
          "reshape": "is a copy in another shape (a view the exporter folded) of"}
 
@@ -136,7 +143,7 @@ def model_report(model: onnx.ModelProto) -> Report:
         if grad == "missing":
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
-    return Report(opset_of(model), rows, params, untied, tied)
+    return Report(opset_of(model), rows, params, untied, tied, folded_parameters(model))
 
 
 def gradient_status(op: str, domain: str = "") -> str:

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
+    folded_parameters,
     quantization_scales,
     tie_folded_copies,
     untie_exporter_aliases,
@@ -118,6 +119,10 @@ class Trainer:
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
+        folded = folded_parameters(self.model)
+        if folded:
+            from trainer.report import FOLDED_HINT
+            self.log.info(f"WARNING: {FOLDED_HINT}: {', '.join(folded)}")
         # {copy: (source, kind)}, exported from the trained source
         self.tied = tie_folded_copies(train_model)
         self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer

@@ -344,6 +344,29 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     return restored
 
 
+def folded_parameters(model: onnx.ModelProto) -> list[str]:
+    """PyTorch parameters that the default exporter's constant folding turned into constants
+    of something else (`self.logit_scale.exp()`, `self.w * self.w` where the parameter is not
+    used otherwise): named a parameter in the export's signature, not in the graph, and read
+    by no node's FX node (a parameter folded into a transposed or reshaped copy is still read
+    by the nodes that read the copy). Training cannot reach them; empty without a signature."""
+    g = model.graph
+    signature = ""
+    for prop in list(g.metadata_props) + list(model.metadata_props):
+        if prop.key == SIGNATURE_KEY:
+            signature = prop.value
+    entries = {ph: t for ph, kind, t in _SIGNATURE_ENTRY.findall(signature)
+               if kind == "PARAMETER"}
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
+    missing = {ph: t for ph, t in entries.items() if t not in present}
+    if not missing:
+        return []
+    read = set()
+    for n in g.node:
+        read |= set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
+    return sorted(t for ph, t in missing.items() if ph not in read)
+
+
 def _meta(n: onnx.NodeProto, key: str) -> str:
     return next((p.value for p in n.metadata_props if p.key == key), "")
 
