@@ -299,15 +299,19 @@ def export(model: nn.Module, sample: tuple, exporter: str) -> onnx.ModelProto:
     return onnx.load_from_string(f.getvalue())
 
 
-def torch_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> list[float]:
+def torch_losses(model: nn.Module, x: np.ndarray, y: np.ndarray, opt=None,
+                 forward=None) -> list[float]:
+    """PyTorch's per-step losses over the same batches (SGD at LR unless `opt` is given;
+    `forward` in place of model(x))."""
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=LR)
+    forward = forward or model
     out = []
     for k in range(STEPS):
         j = k % (len(x) // BATCH)
         xb, yb = torch.from_numpy(x[j * BATCH:(j + 1) * BATCH]), torch.from_numpy(
             y[j * BATCH:(j + 1) * BATCH])
-        loss = F.cross_entropy(model(xb), yb)
+        loss = F.cross_entropy(forward(xb), yb)
         out.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -472,16 +476,7 @@ def test_cross_entropy_on_a_softmax_output_uses_its_logits(tmp_path, exporter):
     trainer = Trainer(cfg, stream=io.StringIO())
     trainer.fit()
     ours = [r["loss"] for r in trainer.history if "loss" in r]
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    want = []
-    for k in range(STEPS):
-        j = k % (len(x) // BATCH)
-        loss = F.cross_entropy(model.logits(torch.from_numpy(x[j * BATCH:(j + 1) * BATCH])),
-                               torch.from_numpy(y[j * BATCH:(j + 1) * BATCH]))
-        want.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    want = torch_losses(model, x, y, forward=model.logits)
     np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-5)
 
 
@@ -547,16 +542,8 @@ def test_lora_fine_tuning_trains_the_adapters_like_pytorch(tmp_path, exporter):
                                            if p.requires_grad)
     result = trainer.fit()
     ours = [r["loss"] for r in trainer.history if "loss" in r]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    want = []
-    for k in range(STEPS):
-        j = k % (len(xs) // BATCH)
-        loss = F.cross_entropy(model(torch.from_numpy(xs[j * BATCH:(j + 1) * BATCH])),
-                               torch.from_numpy(ys[j * BATCH:(j + 1) * BATCH]))
-        want.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    want = torch_losses(model, xs, ys, opt=torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2))
     np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-5)
     out = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(result["output"])
            .graph.initializer}
