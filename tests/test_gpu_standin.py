@@ -735,3 +735,36 @@ def _worker_comm() -> None:
 
 if __name__ == "__main__":
     {"comm": _worker_comm}[sys.argv[1]]()
+
+
+@pytest.mark.parametrize("name", ["encoder", "viewed_parameter"])
+def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, name):
+    # A default-exporter model whose merged LayerNorm tensors and dropped attention bias are
+    # restored (encoder), or whose folded views of a parameter are tied to it by Reshape
+    # (viewed_parameter): the rewritten graphs run on the device, reading nothing back.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from tests.test_user_models import MODELS, export
+
+    cls, sample = MODELS[name]
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx.save(export(cls(), sample, "dynamo"), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(32,) + sample).astype(F32),
+             y=rng.integers(0, 5, 32))
+    cfg = {"model": str(tmp_path / "m.onnx"), "seed": 0,
+           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+    cpu = _train(cfg, tmp_path, "cpu")
+    run = _train(cfg, tmp_path, "gpu")
+    _compare_runs(cpu, run)
+    if name == "encoder":
+        assert "enc.norm2.weight" in run[0].names
+    else:
+        assert {kind for _, kind in run[0].tied.values()} == {"reshape"}
+    for reads in _step_reads(run[0]):
+        assert not d2h_outside(("train.py",)), reads
