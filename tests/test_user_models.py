@@ -19,6 +19,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from trainer.autodiff import build_training_graph, training_info  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
+from trainer.errors import ModelError  # noqa: E402
 from trainer.graph import load_model  # noqa: E402
 from trainer.report import model_report  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
@@ -594,3 +595,25 @@ def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
     report = model_report(load_model(tmp_path / "model.onnx"))
     assert not report.folded and "logit_scale" in [p.name for p in report.params
                                                    if p.role == "parameter"]
+
+
+def test_a_glob_for_names_that_constant_folding_removed_says_why(tmp_path):
+    """TorchScript's constant folding stores LoRA adapters as transposes named onnx::MatMul_*:
+    `trainable: ["*lora*"]` then matches nothing, and the error says why and how to export."""
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LoRANet().eval(), (torch.randn(2, 8),), f, dynamo=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}})
+    (tmp_path / "model.onnx").write_bytes(f.getvalue())
+    np.savez(tmp_path / "data.npz", x=np.zeros((16, 8), np.float32), y=np.zeros(16, np.int64))
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu", "trainable": ["*lora*"],
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": 1}, tmp_path)
+    with pytest.raises(ModelError, match=r"trainable entry '\*lora\*' matches no float "
+                       r"initializer.*onnx::MatMul_.*do_constant_folding=False"):
+        Trainer(cfg, stream=io.StringIO())

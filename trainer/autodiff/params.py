@@ -161,7 +161,8 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
             if not hits:
                 raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
                                  "the model (available: "
-                                 f"{', '.join(r.name for r in pool[:12])})")
+                                 f"{', '.join(r.name for r in pool[:12])})"
+                                 + _folded_names_hint(r.name for r in pool))
             dead = [r for r in hits if r.role == UNUSED and r.name == pattern]
             if dead:
                 raise ModelError(f"trainable entry '{pattern}' cannot be trained: "
@@ -169,8 +170,21 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
             chosen += [r.name for r in hits if r.role != UNUSED and r.name not in chosen]
     for pattern in frozen:
         if not any(fnmatch.fnmatchcase(r.name, pattern) for r in table):
-            raise ModelError(f"frozen entry '{pattern}' matches no float initializer")
+            raise ModelError(f"frozen entry '{pattern}' matches no float initializer"
+                             + _folded_names_hint(r.name for r in table))
     return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
+
+
+def _folded_names_hint(names: Iterable[str]) -> str:
+    """For a glob that matched nothing: names like onnx::MatMul_37 are values the TorchScript
+    exporter's constant folding made (a transposed weight), which lost the parameter's name."""
+    folded = [n for n in names if n.startswith("onnx::")]
+    if not folded:
+        return ""
+    return (f"; {', '.join(folded[:4])}{' ...' if len(folded) > 4 else ''} are tensors the "
+            "TorchScript exporter's constant folding made (a weight stored as its transpose "
+            "loses its name): export with do_constant_folding=False, or with the default "
+            "exporter, to keep PyTorch's names")
 
 
 def untie_exporter_aliases(model: onnx.ModelProto) -> list[str]:
