@@ -71,7 +71,7 @@ class Report:
             w = max(len(p.name) for p in left)
             lines += [f"  {p.name:<{w}}  {list(p.shape)}  {p.reason}" for p in left]
         for copy_name, (src, kind) in self.tied.items():
-            lines.append(f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor")
+            lines.append(tied_line(copy_name, src, kind))
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
@@ -116,6 +116,11 @@ FOLDED_HINT = ("PyTorch parameters that the exporter's constant folding turned i
                "optimize=False to train them")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
          "reshape": "is a copy in another shape (a view the exporter folded) of"}
+
+
+def tied_line(copy_name: str, src: str, kind: str) -> str:
+    """What `check` and `train` say of a copy tie_folded_copies tied to its source."""
+    return f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor"
 
 
 def model_report(model: onnx.ModelProto) -> Report:

@@ -121,16 +121,13 @@ class Trainer:
         train_model = copy.deepcopy(self.model)
         folded = folded_parameters(self.model)
         if folded:
-            from trainer.report import FOLDED_HINT
-            self.log.info(f"WARNING: {FOLDED_HINT}: {', '.join(folded)}")
+            self.log.info(f"WARNING: {report.FOLDED_HINT}: {', '.join(folded)}")
         # {copy: (source, kind)}, exported from the trained source
         self.tied = tie_folded_copies(train_model)
         self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer
                              if t.name in self.tied}
         for copy_name, (src, kind) in self.tied.items():
-            what = "the exact transpose of" if kind == "transpose" else "a copy in another shape of"
-            self.log.info(f"'{copy_name}' is {what} '{src}' (the exporter stored it twice): "
-                          "trained as one tensor")
+            self.log.info(report.tied_line(copy_name, src, kind))
         self.run_model = compute_form(train_model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
         self.in_dtypes = input_dtypes(self.run_model)

@@ -30,8 +30,8 @@ from trainer.graph import FLOAT_TYPES
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"  # a node's FX node in a dynamo export (its metadata)
-_SIGNATURE_LINE = re.compile(r"^\s*\w+: (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'",
-                             re.M)
+_SIGNATURE_LINE = re.compile(
+    r"^\s*(\w+): (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'", re.M)
 
 PARAMETER = "parameter"
 STATE = "state"          # BatchNormalization running statistics
@@ -47,13 +47,24 @@ class ParamInfo:
     reason: str = ""
 
 
-def torch_signature(model: onnx.ModelProto) -> dict[str, str]:
-    """{tensor name: PARAMETER | BUFFER | CONSTANT_TENSOR} from the export signature that
-    torch.onnx.export (dynamo) records in the graph's metadata; empty when absent."""
+def signature_entries(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """{placeholder: (PARAMETER | BUFFER | CONSTANT_TENSOR, tensor name)} from the export
+    signature that torch.onnx.export (dynamo) records in the graph's metadata; empty when
+    absent. A node's FX node (its metadata) names the placeholders it read (`_fx_reads`)."""
     for prop in list(model.graph.metadata_props) + list(model.metadata_props):
         if prop.key == SIGNATURE_KEY:
-            return {target: kind for kind, target in _SIGNATURE_LINE.findall(prop.value)}
+            return {ph: (kind, target) for ph, kind, target in _SIGNATURE_LINE.findall(prop.value)}
     return {}
+
+
+def torch_signature(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor name: PARAMETER | BUFFER | CONSTANT_TENSOR} from the export signature."""
+    return {target: kind for kind, target in signature_entries(model).values()}
+
+
+def _fx_reads(n: onnx.NodeProto) -> set[str]:
+    """The FX values (placeholders among them) that node n's FX node read."""
+    return set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
 
 
 def batchnorm_stats(nodes: Iterable[onnx.NodeProto]) -> set[str]:
@@ -247,7 +258,6 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
     return untied
 
 
-_SIGNATURE_ENTRY = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER) target='([^']+)'", re.M)
 _RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
 # onnxscript's rules that drop an all-zero bias: (op, the bias's input slot)
 _DROPPED_BIAS = {"RemoveOptionalBiasFromConv": ("Conv", 2),
@@ -275,11 +285,8 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     from onnx import numpy_helper
 
     g = model.graph
-    signature = ""
-    for prop in list(g.metadata_props) + list(model.metadata_props):
-        if prop.key == SIGNATURE_KEY:
-            signature = prop.value
-    entries = {ph: target for ph, _kind, target in _SIGNATURE_ENTRY.findall(signature)}
+    entries = {ph: target for ph, (kind, target) in signature_entries(model).items()
+               if kind in ("PARAMETER", "BUFFER")}
     inits = {t.name: t for t in g.initializer}
     present = set(inits) | {vi.name for vi in g.input} | {o for n in g.node for o in n.output}
     missing = {ph: t for ph, t in entries.items() if t not in present}
@@ -297,7 +304,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
         restored.append(name)
 
     for n in g.node:
-        refs = set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
+        refs = _fx_reads(n)
         here = sorted(ph for ph in refs if ph in missing)
         if not here:
             continue
@@ -338,7 +345,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     missing = {ph: t for ph, t in missing.items() if t not in inits}
     readers: dict[str, list[tuple[onnx.NodeProto, int, list[str]]]] = {}
     for n in g.node:
-        refs = set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
+        refs = _fx_reads(n)
         here = sorted(ph for ph in refs if ph in missing)
         for slot, x in enumerate(n.input):
             if x in inits and x not in placeholder_of and inits[x].data_type in FLOAT_TYPES:
@@ -365,19 +372,14 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     by no node's FX node (a parameter folded into a transposed or reshaped copy is still read
     by the nodes that read the copy). Training cannot reach them; empty without a signature."""
     g = model.graph
-    signature = ""
-    for prop in list(g.metadata_props) + list(model.metadata_props):
-        if prop.key == SIGNATURE_KEY:
-            signature = prop.value
-    entries = {ph: t for ph, kind, t in _SIGNATURE_ENTRY.findall(signature)
-               if kind == "PARAMETER"}
+    entries = {ph: t for ph, (kind, t) in signature_entries(model).items() if kind == "PARAMETER"}
     present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
     missing = {ph: t for ph, t in entries.items() if t not in present}
     if not missing:
         return []
     read = set()
     for n in g.node:
-        read |= set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
+        read |= _fx_reads(n)
     return sorted(t for ph, t in missing.items() if ph not in read)
 
 
