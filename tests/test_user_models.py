@@ -268,6 +268,26 @@ class ConvNeXtBlock(nn.Module):
         return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (Llama, Qwen, Mistral): cos/sin tables computed from a buffer
+    of inverse frequencies, which constant folding turns into float initializers; PyTorch
+    trains none of them."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.q, self.head = nn.Linear(d, d), nn.Linear(d, 5)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d),
+                             persistent=False)
+
+    def forward(self, x):
+        freqs = torch.outer(torch.arange(x.shape[1], dtype=torch.float32), self.inv_freq)
+        emb = torch.cat([freqs, freqs], -1)
+        h = self.q(x)
+        h1, h2 = h.chunk(2, -1)
+        h = h * emb.cos() + torch.cat([-h2, h1], -1) * emb.sin()
+        return self.head(h.mean(1))
+
+
 MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGelu, (8,)),
           "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
           "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
@@ -276,7 +296,8 @@ MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGe
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
-          "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8))}
+          "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8)),
+          "rotary": (Rotary, (6, 8))}
 
 
 def export(model: nn.Module, sample: tuple, exporter: str) -> onnx.ModelProto:

@@ -9,7 +9,8 @@ that reach the loss through a differentiable input, except
   - the scales of QuantizeLinear/DequantizeLinear (fake quantization keeps them fixed, as
     PyTorch's observers do; listing them in `trainable` learns them, LSQ-style);
   - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR, and those its default
-    exporter makes while decomposing a module (`exporter_constants`).
+    exporter makes while decomposing a module or computes from buffers by constant folding
+    (`exporter_constants`).
 Parameters an exporter merged or dropped get their own tensors first (`untie_exporter_aliases`).
 """
 
@@ -83,7 +84,7 @@ def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> 
     over the groups with a scale of ones and a bias of zeros, then the module's own weight and
     bias per channel (a tensor the export's signature does not name, read by an
     InstanceNormalization node that the FX node of a group_norm produced)."""
-    out = {}
+    out = _computed_constants(model)
     if not signature:
         return out
     for n in model.graph.node:
@@ -97,6 +98,43 @@ def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> 
                 out[x] = ("the exporter's GroupNorm decomposition (its InstanceNormalization's "
                           "fixed scale or bias; the module's weight and bias come after it)")
     return out
+
+
+def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
+    """{initializer: reason} for float tensors that the default exporter's constant folding
+    computed from buffers and constants alone (rotary cos/sin tables from `inv_freq`, ALiBi
+    slopes, fixed masks), which PyTorch does not train. A folded tensor that is not named in
+    the export's signature is a parameter's (a transposed Linear weight) when a node reading
+    it had an FX node that read a parameter missing from the graph; the others are computed
+    constants, provided every missing parameter is accounted for that way (otherwise one of
+    them may have been folded into an expression: `folded_parameters`, and nothing is left
+    out here). Tensors of one value keep the rule for one-element constants. Empty without a
+    signature (a TorchScript export cannot tell them apart)."""
+    entries = signature_entries(model)
+    if not entries:
+        return {}
+    g = model.graph
+    named = {t for _, t in entries.values()}
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
+    missing = {ph for ph, (kind, t) in entries.items()
+               if kind == "PARAMETER" and t not in present}
+    explained: set[str] = set()
+    carriers: set[str] = set()
+    for n in g.node:
+        refs = _fx_reads(n) & missing
+        if refs:
+            explained |= refs
+            carriers.update(n.input)
+        for a in n.attribute:  # a tensor read inside a subgraph: not judged here
+            for sub in list(a.g.node if a.HasField("g") else []) + [
+                    m for gg in a.graphs for m in gg.node]:
+                carriers.update(sub.input)
+    if missing - explained:
+        return {}
+    return {t.name: ("a constant the exporter computed from buffers or constants (it holds no "
+                     "PyTorch parameter)")
+            for t in g.initializer if t.data_type in FLOAT_TYPES and t.name not in named
+            and t.name not in carriers and int(np.prod(t.dims)) > 1}
 
 
 def _reader_index(nodes) -> dict[str, str]:
