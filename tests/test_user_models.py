@@ -618,6 +618,58 @@ def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
                                                    if p.role == "parameter"]
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_path, exporter):
+    """Exported in eval mode at the exporters' defaults, ConvBN's BatchNormalization layers are
+    folded into the convolutions before them (the default exporter's optimizer; TorchScript's
+    eval-mode export): `check` and `train` name them and say how to export instead, and the
+    folded convolutions train under their own names (none is renamed after a BatchNorm
+    tensor)."""
+    model = ConvBN().eval()
+    x = torch.randn(2, 1, 6, 6)
+    if exporter == "dynamo":
+        proto = torch.onnx.export(model, (x,), None, input_names=["x"], output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    else:
+        f = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), f, dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+        proto = onnx.load_from_string(f.getvalue())
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert len(report.fused) == 2
+    if exporter == "dynamo":
+        assert report.fused == ["bn", "bn2"]
+    text = report.text()
+    assert "WARNING" in text and "BatchNormalization" in text and "optimize=False" in text \
+        and "TrainingMode.TRAINING" in text
+    assert not any("bn" in name for name in report.untied)
+    trained = [p.name for p in report.params if p.role == "parameter"]
+    if exporter == "dynamo":
+        assert sorted(trained) == ["c.weight", "c2.weight", "fc.bias", "fc.weight"]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 1, 6, 6)).astype(np.float32),
+             y=rng.integers(0, 5, 32))
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": 2}, tmp_path)
+    stream = io.StringIO()
+    trainer = Trainer(cfg, stream=stream)
+    assert sorted(trainer.names) == sorted(trained)
+    assert "WARNING" in stream.getvalue() and "BatchNormalization" in stream.getvalue()
+    out = onnx.load(trainer.fit()["output"])
+    shapes = {t.name: list(t.dims) for t in out.graph.initializer}
+    assert all(shapes[t.name] == list(t.dims) for t in proto.graph.initializer)
+    if exporter == "dynamo":
+        assert shapes["c.weight"] == [4, 1, 3, 3] and not any("bn" in k for k in shapes)
+
+
 def test_a_glob_for_names_that_constant_folding_removed_says_why(tmp_path):
     """TorchScript's constant folding stores LoRA adapters as transposes named onnx::MatMul_*:
     `trainable: ["*lora*"]` then matches nothing, and the error says why and how to export."""

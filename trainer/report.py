@@ -19,7 +19,9 @@ from trainer.autodiff.engine import active_nodes
 from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
+    folded_conv_weights,
     folded_parameters,
+    fused_batchnorms,
     parameter_table,
     tie_folded_copies,
     untie_exporter_aliases,
@@ -49,6 +51,7 @@ class Report:
     untied: list[str]
     tied: dict[str, tuple[str, str]]  # {copy: (source, "transpose" | "reshape")}
     folded: list[str] = field(default_factory=list)  # folded_parameters
+    fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_warnings)
 
     @property
     def ok(self) -> bool:
@@ -75,8 +78,7 @@ class Report:
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
-        if self.folded:
-            lines.append(f"WARNING: {FOLDED_HINT}: {', '.join(self.folded)}")
+        lines += warning_lines(self.folded, self.fused)
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
@@ -109,6 +111,31 @@ class _FloatDefault(dict):
 
     def __missing__(self, key):
         return ((), np.dtype(np.float32))
+
+
+FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convolution before "
+              "them (an eval-mode export does; the default exporter's optimizer does in any mode) "
+              "train as part of it, without batch statistics, unlike PyTorch's .train(); to "
+              "train them, export with optimize=False (default exporter) or with dynamo=False, "
+              "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False")
+
+
+def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(PyTorch parameters the exporter folded away, BatchNormalization layers it folded into a
+    convolution: module names, or for a TorchScript export "the one after" each convolution
+    whose weight constant folding computed), for the warnings of `check` and `train`."""
+    return folded_parameters(model), (fused_batchnorms(model) or [
+        f"the one after {name}" for name in folded_conv_weights(model)])
+
+
+def warning_lines(folded: list[str], fused: list[str]) -> list[str]:
+    """What `check` and `train` print of exporter_findings."""
+    lines = []
+    if folded:
+        lines.append(f"WARNING: {FOLDED_HINT}: {', '.join(folded)}")
+    if fused:
+        lines.append(f"WARNING: {FUSED_HINT}: {', '.join(fused)}")
+    return lines
 
 
 FOLDED_HINT = ("PyTorch parameters that the exporter's constant folding turned into constants "
@@ -148,7 +175,7 @@ def model_report(model: onnx.ModelProto) -> Report:
         if grad == "missing":
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
-    return Report(opset_of(model), rows, params, untied, tied, folded_parameters(model))
+    return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model))
 
 
 def gradient_status(op: str, domain: str = "") -> str:

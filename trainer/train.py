@@ -21,7 +21,6 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
-    folded_parameters,
     quantization_scales,
     tie_folded_copies,
     untie_exporter_aliases,
@@ -119,9 +118,8 @@ class Trainer:
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
-        folded = folded_parameters(self.model)
-        if folded:
-            self.log.info(f"WARNING: {report.FOLDED_HINT}: {', '.join(folded)}")
+        for line in report.warning_lines(*report.exporter_findings(self.model)):
+            self.log.info(line)
         # {copy: (source, kind)}, exported from the trained source
         self.tied = tie_folded_copies(train_model)
         self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer

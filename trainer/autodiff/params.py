@@ -301,6 +301,14 @@ _RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
 _DROPPED_BIAS = {"RemoveOptionalBiasFromConv": ("Conv", 2),
                  "RemoveOptionalBiasFromConvTranspose": ("ConvTranspose", 2),
                  "RemoveOptionalBiasFromGemm": ("Gemm", 2)}
+# onnxscript's rules that fold a BatchNormalization into the Conv or Gemm before it
+_FUSED_BN = frozenset({"FuseBatchNormIntoConv", "FuseBatchNormIntoConvTranspose",
+                       "FuseBatchNormIntoGemm"})
+
+
+def _rules(n: onnx.NodeProto) -> set[str]:
+    """The optimizer's rules that rewrote node n (the metadata lists them, comma-separated)."""
+    return {r.strip() for r in _meta(n, _RULE_KEY).split(",") if r.strip()}
 
 
 def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
@@ -344,8 +352,8 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     for n in g.node:
         refs = _fx_reads(n)
         here = sorted(ph for ph in refs if ph in missing)
-        if not here:
-            continue
+        if not here or _rules(n) & _FUSED_BN:
+            continue  # (a folded BatchNormalization's tensors are gone: fused_batchnorms)
         for slot, x in enumerate(n.input):
             own = placeholder_of.get(x)
             if x not in inits or own is None or own in refs:
@@ -358,7 +366,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
                 if name not in inits:
                     add(name, np.array(numpy_helper.to_array(inits[x])))
                 n.input[slot] = name
-        op_slot = _DROPPED_BIAS.get(_meta(n, _RULE_KEY))
+        op_slot = next((_DROPPED_BIAS[r] for r in _rules(n) if r in _DROPPED_BIAS), None)
         if op_slot is None or op_slot != (n.op_type, len(n.input)) or n.input[1] not in inits:
             continue
         cands = [ph for ph in here if leaf(missing[ph]).endswith("bias")
@@ -384,7 +392,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     readers: dict[str, list[tuple[onnx.NodeProto, int, list[str]]]] = {}
     for n in g.node:
         refs = _fx_reads(n)
-        here = sorted(ph for ph in refs if ph in missing)
+        here = [] if _rules(n) & _FUSED_BN else sorted(ph for ph in refs if ph in missing)
         for slot, x in enumerate(n.input):
             if x in inits and x not in placeholder_of and inits[x].data_type in FLOAT_TYPES:
                 readers.setdefault(x, []).append((n, slot, here))
@@ -419,6 +427,37 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     for n in g.node:
         read |= _fx_reads(n)
     return sorted(t for ph, t in missing.items() if ph not in read)
+
+
+def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
+    """BatchNormalization modules that the default exporter's optimizer folded into the Conv,
+    ConvTranspose or Gemm before them (its FuseBatchNormInto* rules, recorded on the node, whose
+    FX node read the module's running mean): the layer trains without batch statistics, which
+    PyTorch's .train() would use. Their weights and statistics are gone from the graph, so this
+    cannot be undone; empty without the export's records."""
+    entries = signature_entries(model)
+    found: dict[str, None] = {}
+    for n in model.graph.node:
+        if not _rules(n) & _FUSED_BN:
+            continue
+        modules = [entries[ph][1][:-len(".running_mean")] for ph in sorted(_fx_reads(n))
+                   if ph in entries and entries[ph][1].endswith(".running_mean")]
+        for m in modules or [n.name]:
+            found[m] = None
+    return list(found)
+
+
+def folded_conv_weights(model: onnx.ModelProto) -> list[str]:
+    """Conv and ConvTranspose nodes of a TorchScript export whose weight the exporter's constant
+    folding computed (named onnx::...): what an eval-mode export makes of a convolution followed
+    by BatchNormalization, folded into one. Empty for other producers and for exports with a
+    graph signature (the default exporter: `fused_batchnorms`)."""
+    if model.producer_name != "pytorch" or signature_entries(model):
+        return []
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name or f"{n.op_type} #{i}" for i, n in enumerate(model.graph.node)
+            if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
+            and n.input[1] in inits and n.input[1].startswith("onnx::")]
 
 
 def _meta(n: onnx.NodeProto, key: str) -> str:
