@@ -138,8 +138,9 @@ def warning_lines(folded: list[str], fused: list[str]) -> list[str]:
     return lines
 
 
-FOLDED_HINT = ("PyTorch parameters that the exporter's constant folding turned into constants "
-               "(an expression of the parameter alone, e.g. w.exp()) cannot train; export with "
+FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (constant folding made "
+               "an expression of the parameter alone, e.g. w.exp(), a constant, or two equal "
+               "computations of a fresh model were merged into one) cannot train; export with "
                "optimize=False to train them")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
          "reshape": "is a copy in another shape (a view the exporter folded) of"}

@@ -104,10 +104,10 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
     """{initializer: reason} for float tensors that the default exporter's constant folding
     computed from buffers and constants alone (rotary cos/sin tables from `inv_freq`, ALiBi
     slopes, fixed masks), which PyTorch does not train. A folded tensor that is not named in
-    the export's signature is a parameter's (a transposed Linear weight) when a node reading
-    it had an FX node that read a parameter missing from the graph; the others are computed
-    constants, provided every missing parameter is accounted for that way (otherwise one of
-    them may have been folded into an expression: `folded_parameters`, and nothing is left
+    the export's signature holds a parameter (a transposed Linear weight) when it carries one
+    of the parameters missing from the graph (`_missing_parameter_uses`); the others are
+    computed constants, provided every missing parameter is accounted for (otherwise one of
+    them may have been folded into an expression, `folded_parameters`, and nothing is left
     out here). Tensors of one value keep the rule for one-element constants. Empty without a
     signature (a TorchScript export cannot tell them apart)."""
     entries = signature_entries(model)
@@ -115,21 +115,8 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
         return {}
     g = model.graph
     named = {t for _, t in entries.values()}
-    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
-    missing = {ph for ph, (kind, t) in entries.items()
-               if kind == "PARAMETER" and t not in present}
-    explained: set[str] = set()
-    carriers: set[str] = set()
-    for n in g.node:
-        refs = _fx_reads(n) & missing
-        if refs:
-            explained |= refs
-            carriers.update(n.input)
-        for a in n.attribute:  # a tensor read inside a subgraph: not judged here
-            for sub in list(a.g.node if a.HasField("g") else []) + [
-                    m for gg in a.graphs for m in gg.node]:
-                carriers.update(sub.input)
-    if missing - explained:
+    missing, explained, carriers = _missing_parameter_uses(model)
+    if missing.keys() - explained:
         return {}
     return {t.name: ("a constant the exporter computed from buffers or constants (it holds no "
                      "PyTorch parameter)")
@@ -417,16 +404,73 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     used otherwise): named a parameter in the export's signature, not in the graph, and read
     by no node's FX node (a parameter folded into a transposed or reshaped copy is still read
     by the nodes that read the copy). Training cannot reach them; empty without a signature."""
+    missing, explained, _ = _missing_parameter_uses(model)
+    return sorted(t for ph, t in missing.items() if ph not in explained)
+
+
+# FX ops that only view or copy a tensor: a parameter folded through them trains as that copy
+_VIEW_OPS = re.compile(r"^(permute|t|transpose|view|_unsafe_view|reshape|unsqueeze|squeeze|"
+                       r"expand|clone|alias|contiguous|detach|_to_copy)(_\d+)?$")
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def _module_of(n: onnx.NodeProto) -> str | None:
+    """The module a node of a dynamo export came from (its name scopes, less the FX node)."""
+    text = _meta(n, _SCOPES_KEY)
+    scopes = re.findall(r"'([^']*)'", text)
+    return scopes[-2] if len(scopes) >= 2 else None
+
+
+def _missing_parameter_uses(model: onnx.ModelProto
+                            ) -> tuple[dict[str, str], set[str], set[str]]:
+    """(missing: {placeholder: name} of the export signature's parameters that are not in the
+    graph, explained: those of them still in use, carriers: initializers holding them).
+    A missing parameter is in use when
+    - a node's FX node read it: the node reads it folded (a transposed Linear weight) in an
+      initializer the signature does not name;
+    - a node of its own module reads a folded view of it, an initializer the exporter named
+      after an FX view op (`permute`, `t`, `view`...; `x @ self.weight.T` folds that way);
+    - a node of its own module read, in its FX node, a parameter of the same leaf name that
+      is in the graph: the module uses a tied weight under another name (an embedding tied
+      to the output projection, `lm_head.weight`).
+    Any other missing parameter was folded into an expression (`folded_parameters`)."""
     g = model.graph
-    entries = {ph: t for ph, (kind, t) in signature_entries(model).items() if kind == "PARAMETER"}
+    entries = signature_entries(model)
+    params = {ph: t for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
     present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
-    missing = {ph: t for ph, t in entries.items() if t not in present}
+    missing = {ph: t for ph, t in params.items() if t not in present}
+    explained: set[str] = set()
+    carriers: set[str] = set()
     if not missing:
-        return []
-    read = set()
+        return missing, explained, carriers
+    named = {t for _, t in entries.values()}
+    sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer}
+    by_module: dict[str, list[str]] = {}
+    for ph, t in missing.items():
+        by_module.setdefault(t.rpartition(".")[0], []).append(ph)
     for n in g.node:
-        read |= _fx_reads(n)
-    return sorted(t for ph, t in missing.items() if ph not in read)
+        refs = _fx_reads(n)
+        if refs & missing.keys():
+            explained |= refs & missing.keys()
+            carriers.update(n.input)
+        module = _module_of(n)
+        own = by_module.get(module, []) if module is not None else []
+        if not own:
+            continue
+        views = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
+                 and _VIEW_OPS.match(x)]
+        if views and len(own) == 1:
+            explained.add(own[0])
+            carriers.update(views)
+        leaves = {params[ph].rpartition(".")[2] for ph in refs if ph in params
+                  and ph not in missing}
+        explained.update(ph for ph in own if missing[ph].rpartition(".")[2] in leaves)
+    for n in g.node:  # a tensor read inside a subgraph: not judged here
+        for a in n.attribute:
+            for sub in list(a.g.node if a.HasField("g") else []) + [
+                    m for gg in a.graphs for m in gg.node]:
+                carriers.update(sub.input)
+    return missing, explained, carriers
 
 
 def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
