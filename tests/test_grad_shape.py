@@ -418,3 +418,30 @@ def test_shape_inputs_computed_at_run_time_are_a_clear_error() -> None:
              **runtime("c", [True, False, True], onnx.TensorProto.BOOL))
     with pytest.raises(ModelError, match="opset >= 11"):
         gradients(loss_model(c), ["X"])
+
+
+@pytest.mark.parametrize("indices", ["constant", "runtime"])
+def test_gather_padding_row_passes_no_gradient(indices):
+    """A Gather marked with PADDING_KEY (nn.Embedding's padding_idx) sums no gradient into that
+    row, and every other row gets the finite-difference gradient; the training graph is plain
+    ONNX that onnxruntime runs to the same result."""
+    from tests.opcases import run_ort
+    from trainer.autodiff import training_info
+    from trainer.autodiff.registry import PADDING_KEY
+
+    w = _rng.standard_normal((6, 3))
+    idx = [[0, 2, 5], [2, 2, 0]]
+    kw = runtime("idx", idx) if indices == "runtime" else {}
+    c = Case("Gather-padded", "Gather", [("W", w), ("idx", FROM_PRE if kw else
+                                                     ints(*np.ravel(idx)).reshape(2, 3))],
+             wrt=["W"], **kw)
+    model = loss_model(c)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    gather.metadata_props.add(key=PADDING_KEY, value="2")
+    grads, tm = gradients(model, ["W"])
+    want = finite_differences(model, {"W": w})["W"]
+    assert np.abs(want[2]).max() > 0.1
+    want[2] = 0
+    np.testing.assert_allclose(grads["W"], want, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(run_ort(tm)[training_info(tm).gradients["W"]], grads["W"],
+                               rtol=1e-6)

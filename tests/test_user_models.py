@@ -696,6 +696,55 @@ def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_
         assert shapes["c.weight"] == [4, 1, 3, 3] and not any("bn" in k for k in shapes)
 
 
+class PaddedBag(nn.Module):
+    """Token embeddings with a padding row (nn.Embedding(padding_idx=...), as every HF text
+    model has), averaged over the sequence, and a head."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(12, 6, padding_idx=pad), nn.Linear(6, 5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("pad", [0, 11])
+def test_embedding_padding_row_gets_no_gradient_as_in_pytorch(tmp_path, pad):
+    """PyTorch never updates nn.Embedding's padding_idx row; the default exporter records
+    padding_idx in the Gather's FX node, and the engine's Gather gradient leaves that row out:
+    the same losses and the row unchanged, with the padding token in the data."""
+    torch.manual_seed(5)
+    model = PaddedBag(pad)
+    with torch.no_grad():
+        model.emb.weight[pad] = 0.5  # (a row of zeros would stay zero either way with SGD)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = torch.onnx.export(model.eval(), (torch.zeros(2, 7, dtype=torch.int64),), None,
+                              input_names=["ids"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    model.load_state_dict(state)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 12, (64, 7)).astype(np.int64)
+    assert (ids == pad).sum() > 20
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", ids=ids, y=y)
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"ids": "ids"},
+                           "targets": {"label": "y"}}, "batch_size": BATCH, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": STEPS, "log": {"every_steps": 1}},
+        tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    result = trainer.fit()
+    ours = [r["loss"] for r in trainer.history if "loss" in r]
+    np.testing.assert_allclose(ours, torch_losses(model, ids, y), rtol=2e-5, atol=2e-6)
+    table = {t.name: onnx.numpy_helper.to_array(t)
+             for t in onnx.load(result["output"]).graph.initializer}["emb.weight"]
+    np.testing.assert_array_equal(table[pad], np.full(6, 0.5, np.float32))
+    np.testing.assert_allclose(table, model.emb.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_a_glob_for_names_that_constant_folding_removed_says_why(tmp_path):
     """TorchScript's constant folding stores LoRA adapters as transposes named onnx::MatMul_*:
     `trainable: ["*lora*"]` then matches nothing, and the error says why and how to export."""

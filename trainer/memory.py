@@ -224,7 +224,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     from trainer.autodiff import build as B
     from trainer.autodiff.params import (
         batchnorm_stats,
-        untie_exporter_aliases,
+        repair_exported_model,
     )
     from trainer.autodiff.subgraph import needs_lowering
 
@@ -246,7 +246,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     m = _without_initializers(model)
     m.graph.initializer.extend(model.graph.initializer)
     try:
-        untie_exporter_aliases(m)
+        repair_exported_model(m)
     except Exception:  # noqa: BLE001 - a stub source: the aliases stay shared (same bytes)
         pass
     bn_stats = batchnorm_stats(m.graph.node)

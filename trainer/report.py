@@ -23,8 +23,8 @@ from trainer.autodiff.params import (
     folded_parameters,
     fused_batchnorms,
     parameter_table,
+    repair_exported_model,
     tie_folded_copies,
-    untie_exporter_aliases,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.graph import node_name, np_dtype, opset_of
@@ -157,7 +157,7 @@ def model_report(model: onnx.ModelProto) -> Report:
 
     _load_all()
     try:
-        untied = untie_exporter_aliases(model)
+        untied = repair_exported_model(model)
     except Exception:  # noqa: BLE001 - a shared tensor left unread (load_structure): kept shared
         untied = []
     # Finding tied copies compares values; a model whose large tensors were left unread skips it.

@@ -22,8 +22,8 @@ from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
     quantization_scales,
+    repair_exported_model,
     tie_folded_copies,
-    untie_exporter_aliases,
 )
 from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
@@ -112,7 +112,7 @@ class Trainer:
         missing = missing_kernels(self.model)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
-        untied = untie_exporter_aliases(self.model)
+        untied = repair_exported_model(self.model)
         if untied:
             self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"

@@ -25,8 +25,8 @@ from trainer.autodiff.params import (
     CONSTANT,
     batchnorm_stats,
     parameter_table,
+    repair_exported_model,
     select,
-    untie_exporter_aliases,
 )
 from trainer.autodiff.subgraph import lower_model
 from trainer.errors import ModelError, UnsupportedOpError
@@ -233,7 +233,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     first = probe(model, in_shapes, dtypes)
 
     m = copy.deepcopy(model)
-    untie_exporter_aliases(m)
+    repair_exported_model(m)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = ensure_default_opset(m)
     fw = training_forward(m, first, _constant_values(m, first), opset, spec, eval_bn, in_shapes,

@@ -11,7 +11,7 @@ that reach the loss through a differentiable input, except
   - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR, and those its default
     exporter makes while decomposing a module or computes from buffers by constant folding
     (`exporter_constants`).
-Parameters an exporter merged or dropped get their own tensors first (`untie_exporter_aliases`).
+Parameters an exporter merged or dropped get their own tensors first (`repair_exported_model`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from trainer.autodiff.engine import active_nodes
-from trainer.autodiff.registry import differentiable_inputs
+from trainer.autodiff.registry import PADDING_KEY, differentiable_inputs
 from trainer.errors import ModelError
 from trainer.graph import FLOAT_TYPES
 
@@ -223,12 +223,37 @@ def _folded_names_hint(names: Iterable[str]) -> str:
             "exporter, to keep PyTorch's names")
 
 
-def untie_exporter_aliases(model: onnx.ModelProto) -> list[str]:
+def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
-    in place (`untie_identity_aliases`, then `restore_optimized_parameters`); returns the
-    names made into initializers. The computation is unchanged: each restored tensor holds the
-    value the merged one had (or the zeros a dropped bias had)."""
-    return untie_identity_aliases(model) + restore_optimized_parameters(model)
+    in place (`untie_identity_aliases`, then `restore_optimized_parameters`), and carry over
+    what the export records of nn.Embedding's padding_idx (`mark_padding_indices`); returns
+    the names made into initializers. The computation is unchanged: each restored tensor
+    holds the value the merged one had (or the zeros a dropped bias had)."""
+    restored = untie_identity_aliases(model) + restore_optimized_parameters(model)
+    mark_padding_indices(model)
+    return restored
+
+
+_EMBEDDING = re.compile(r"aten\.embedding\.default\]\(args = \(%\w+, %\w+, (-?\d+)")
+
+
+def mark_padding_indices(model: onnx.ModelProto) -> list[str]:
+    """nn.Embedding(padding_idx=p) never updates row p of its table: PyTorch's embedding
+    backward skips the positions holding p. ONNX's Gather has no such attribute, but the
+    default exporter records the call in the node's FX node (`aten.embedding(w, ids, p)`);
+    each such Gather gets the metadata entry PADDING_KEY = p, which the Gather gradient rule
+    honours (set it by hand on any axis-0 Gather to the same effect). In place; returns the
+    names of the marked nodes. A TorchScript export does not record padding_idx."""
+    marked = []
+    for n in model.graph.node:
+        if n.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in n.attribute):
+            continue
+        m = _EMBEDDING.search(_meta(n, _FX_NODE_KEY))
+        if m is None or int(m.group(1)) < 0 or _meta(n, PADDING_KEY):
+            continue
+        n.metadata_props.add(key=PADDING_KEY, value=m.group(1))
+        marked.append(n.name)
+    return marked
 
 
 def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:

@@ -17,6 +17,10 @@ NO_GRADIENT = {
     "RandomUniformLike", "Range", "EyeLike", "IsNaN", "IsInf", "TopK_indices",
 }
 
+# Node metadata a rule honours: on an axis-0 Gather, the row of input 0 that gets no gradient
+# (nn.Embedding's padding_idx; params.mark_padding_indices sets it from a PyTorch export).
+PADDING_KEY = "onnx_trainer.padding_idx"
+
 # Ops whose integer (or low-precision float) outputs still carry a float gradient: the
 # straight-through estimator of fake quantization (rules/quant.py).
 STRAIGHT_THROUGH: set[str] = set()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from trainer.autodiff.registry import grad, no_gradient
+from trainer.autodiff.registry import PADDING_KEY, grad, no_gradient
 from trainer.errors import ModelError
 from trainer.graph import elem_type
 
@@ -576,6 +576,10 @@ def gather_grad(ctx):
     k = int(np.prod(ctx.shape(ctx.I(1))))
     nodes: list = []
     idx, static = _normalized(ctx, 1, n, nodes)
+    dy = ctx.GO(0)
+    pad = next((p.value for p in ctx.onnx_node.metadata_props if p.key == PADDING_KEY), "")
+    if pad and a == 0:  # nn.Embedding(padding_idx=pad): that row's positions pass nothing
+        dy = _without_row(ctx, dy, idx, static, int(pad) % n, nodes)
     if static is not None:
         static = (np.arange(lead).reshape(-1, 1) * n + static.reshape(1, -1)).reshape(-1)
         rows = ctx.const(static, suffix="rows")
@@ -586,7 +590,26 @@ def gather_grad(ctx):
         offsets = ctx.const(np.arange(lead, dtype=np.int64).reshape(-1, 1) * n, suffix="offsets")
         nodes.append(ctx.node("Add", [offsets, _reshape(ctx, idx, [1, k], nodes)], [t]))
         _reshape(ctx, t, [lead * k], nodes, rows)
-    return _rows_grad(ctx, rows, static, lead * k, lead * n, ctx.GO(0), x_shape, nodes)
+    return _rows_grad(ctx, rows, static, lead * k, lead * n, dy, x_shape, nodes)
+
+
+def _without_row(ctx, dy: str, idx: str | None, static, row: int, nodes: list) -> str:
+    """dY with zeros wherever the (axis-0) index is `row`."""
+    i_shape = ctx.shape(ctx.I(1))
+    ones = [1] * (len(ctx.shape(ctx.O(0))) - len(i_shape))
+    dtype = ctx.dtype(ctx.O(0))
+    out = ctx.tmp("unpadded")
+    if static is not None:
+        keep = (static.reshape(tuple(i_shape) + tuple(ones)) != row)
+        nodes.append(ctx.node("Mul", [dy, ctx.const(keep.astype(dtype), suffix="keep")], [out]))
+        return out
+    hit = ctx.tmp("padding")
+    nodes.append(ctx.node("Equal", [idx, ctx.const(np.array(row, np.int64), suffix="pad")],
+                          [hit]))
+    hit = _reshape(ctx, hit, list(i_shape) + ones, nodes)
+    nodes.append(ctx.node("Where", [hit, ctx.const(np.zeros((), dtype), suffix="zero"), dy],
+                          [out]))
+    return out
 
 
 def _element_rows(ctx, idx: str, static, axis: int, nodes: list):
