@@ -1174,8 +1174,10 @@ def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: M
             buf = None
             if n.op in _ELEMENTWISE:
                 # Sum adds pairwise into its output: its first add reads inputs 0 and 1 and
-                # writes the output, so only their buffers can be taken over.
-                for u in (n.inputs[:2] if n.op == "Sum" else n.inputs):
+                # writes the output, so only their buffers can be taken over, and only by a
+                # value the later adds do not read again.
+                for u in ([v for v in n.inputs[:2] if v not in n.inputs[2:]]
+                          if n.op == "Sum" else n.inputs):
                     others = [roots.get(v, ()) for v in n.inputs if v and v != u]
                     if (u in phys and u not in released and end.get(u) == i
                             and shapes[u] == (shape, dt) and u not in escapes
