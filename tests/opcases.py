@@ -65,8 +65,35 @@ def node_model(op: str, inputs: Sequence[tuple[str, np.ndarray | None]], n_out: 
 
 
 def run(model: onnx.ModelProto, feeds: Arrays | None = None, **kw) -> dict[str, np.ndarray]:
-    """Run with the engine's NumPy executor."""
-    return Executor(model, np, **kw).run(dict(feeds or {}))
+    """Run with the engine's NumPy executor. Where the graph gets a specialized plan, a second
+    run takes it (memory plan, simplification, fused kernels) and must agree with the first,
+    unplanned one: every case of the suites that use this checks both paths."""
+    ex = Executor(model, np, **kw)
+    first = ex.run(dict(feeds or {}))
+    if ex.optimize and ex._specialized and any(ex._specialized.values()):
+        planned = ex.run(dict(feeds or {}))
+        for k, v in first.items():
+            _agree(k, planned[k], v)
+    return first
+
+
+def _agree(name: str, planned, first) -> None:
+    if isinstance(first, list):  # a sequence
+        assert isinstance(planned, list) and len(planned) == len(first), name
+        for p, f in zip(planned, first, strict=True):
+            _agree(name, p, f)
+        return
+    if first is None or planned is None:
+        assert first is None and planned is None, name
+        return
+    a, b = np.asarray(planned), np.asarray(first)
+    assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+    if a.dtype.kind in "fc":
+        tol = 1e-5 if a.dtype.itemsize <= 4 else 1e-11
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, equal_nan=True,
+                                   err_msg=f"planned run differs: {name}")
+    else:
+        np.testing.assert_array_equal(a, b, err_msg=f"planned run differs: {name}")
 
 
 def run_ort(model: onnx.ModelProto, feeds: Arrays | None = None) -> dict[str, np.ndarray]:
