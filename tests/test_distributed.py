@@ -97,6 +97,10 @@ FAMILIES = {
     # a pre-norm transformer encoder layer through the default exporter with its optimizer: its
     # merged LayerNorm tensors and dropped attention bias are restored on every rank
     "encoder_dynamo": ("encoder", "dynamo", {}),
+    # token ids through an nn.Embedding with a padding row into rotary attention, default
+    # exporter: the padding row's gradient is left out and the folded cos/sin tables stay fixed
+    # on every rank
+    "token_rotary_dynamo": ("token_rotary", "dynamo", {}),
 }
 
 
@@ -123,6 +127,24 @@ def zoo(tmp_path_factory):
             calibration = np.random.default_rng(99).standard_normal((32,) + sample)
             _quantize_static_qdq(d / "float.onnx", d / "model.onnx",
                                  calibration.astype(np.float32))
+        elif kind == "token_rotary":
+            import torch
+
+            from tests.test_user_models import Rotary
+
+            torch.manual_seed(20 + i)
+            emb, block = torch.nn.Embedding(16, 8, padding_idx=0), Rotary()
+            block.head = torch.nn.Linear(8, 10)
+            model = torch.nn.Sequential(emb, block).eval()
+            proto = torch.onnx.export(model, (torch.zeros(2, 6, dtype=torch.int64),), None,
+                                      input_names=["x"], output_names=["logits"],
+                                      dynamic_shapes=({0: torch.export.Dim("N")},))
+            onnx.save(proto.model_proto, str(d / "model.onnx"))
+            rng = np.random.default_rng(i)
+            np.savez(d / "data.npz", x=rng.integers(0, 16, (64, 6)).astype(np.int64),
+                     y=rng.integers(0, 10, 64).astype(np.int64))
+            out[name] = d
+            continue
         elif form == "dynamo":
             import torch
 
