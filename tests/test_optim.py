@@ -479,3 +479,16 @@ def test_trainer_resume_keeps_group_state(tmp_path, digits_config):
     assert "starts fresh" not in out.getvalue()
     for k, v in full.trained_values().items():
         np.testing.assert_array_equal(second.trained_values()[k], v, err_msg=k)
+
+
+def test_group_globs_also_match_the_parameter_a_folded_tensor_holds():
+    """A default export stores a Linear weight on a sequence as its transpose (`val_42`); its
+    records name the parameter, and group globs match either name."""
+    from trainer.optim import resolve_groups
+
+    names = ["val_42", "l.lora_b/val_42", "head.weight"]
+    aliases = {"val_42": "l.lora_a", "l.lora_b/val_42": "l.lora_b"}
+    assert resolve_groups([["*lora_a"], ["*lora*"]], names, aliases=aliases) == [
+        ["val_42"], ["l.lora_b/val_42"]]
+    with pytest.raises(ConfigError, match="matches no trained parameter"):
+        resolve_groups([["*lora_a"]], names)

@@ -573,7 +573,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     sharded = shard_optimizer and world > 1
     shard = -(-n_train // world) if sharded else n_train
     opt = optimizer_bytes(optimizer, shard, dtype, st.chosen,
-                          [_elements(inits[k]) for k in st.chosen]) if optimizer else 0
+                          [_elements(inits[k]) for k in st.chosen],
+                          {r.name: r.alias for r in st.table if r.alias}) if optimizer else 0
     if world > 1 and compress:
         grads += n_train * 2  # the 16-bit copy that travels
     elif sharded:
@@ -689,7 +690,7 @@ class _CountingXP:
 
 
 def optimizer_bytes(cfg, size: int, dtype: int | np.dtype, names: list[str],
-                    sizes: list[int]) -> int:
+                    sizes: list[int], aliases: Mapping[str, str] | None = None) -> int:
     """Bytes the optimizer of `cfg` allocates for these parameters (state, scratch, and the
     per-element settings of parameter groups): counted by building it over an array module
     that allocates nothing and taking one step, with every tensor of 1 and then 2 elements
@@ -702,7 +703,7 @@ def optimizer_bytes(cfg, size: int, dtype: int | np.dtype, names: list[str],
         xp = _CountingXP()
         layout = [(name, k * each, each) for k, name in enumerate(names)]
         try:
-            opt = make_optimizer(cfg, xp, each * len(names), dt, layout)
+            opt = make_optimizer(cfg, xp, each * len(names), dt, layout, aliases)
             empty = np.empty(0, dt)
             opt.step(empty, empty, float(cfg.lr))
         except (ValueError, TypeError, IndexError):

@@ -570,18 +570,24 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 
 
 def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
-                   key: str = "optimizer.groups") -> list[list[str]]:
-    """Tensor names per group: globs over `names`, the first matching group wins."""
+                   key: str = "optimizer.groups",
+                   aliases: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Tensor names per group: globs over `names` (or the PyTorch parameter a folded tensor
+    holds, `aliases`), the first matching group wins."""
+    aliases = aliases or {}
+
+    def hit(n: str, pattern: str) -> bool:
+        return fnmatch.fnmatchcase(n, pattern) or (
+            n in aliases and fnmatch.fnmatchcase(aliases[n], pattern))
     taken: set[str] = set()
     out = []
     for i, globs in enumerate(patterns):
         for pattern in globs:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            if not any(hit(n, pattern) for n in names):
                 shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
                 raise ConfigError(f"config key '{key}[{i}].params': '{pattern}' matches no "
                                   f"trained parameter (trained: {shown})")
-        mine = [n for n in names if n not in taken
-                and any(fnmatch.fnmatchcase(n, pattern) for pattern in globs)]
+        mine = [n for n in names if n not in taken and any(hit(n, pattern) for pattern in globs)]
         if not mine:
             raise ConfigError(f"config key '{key}[{i}].params': every parameter it matches is "
                               "already in an earlier group (the first matching group wins); "
@@ -591,9 +597,11 @@ def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
     return out
 
 
-def make_optimizer(cfg, xp, size: int, dtype, layout: Layout | None = None) -> Optimizer:
+def make_optimizer(cfg, xp, size: int, dtype, layout: Layout | None = None,
+                   aliases: Mapping[str, str] | None = None) -> Optimizer:
     """The optimizer of an OptimizerConfig over a flat buffer of `size` elements; `layout`
-    lists (name, offset, size) per parameter tensor (needed by groups and LAMB)."""
+    lists (name, offset, size) per parameter tensor (needed by groups and LAMB); `aliases`
+    the PyTorch parameter each folded tensor holds, which group globs may name."""
     cls = OPTIMIZERS.get(cfg.type)
     if cls is None:
         raise TrainerError(f"unknown optimizer type '{cfg.type}' (known: {', '.join(OPTIMIZERS)})")
@@ -605,7 +613,7 @@ def make_optimizer(cfg, xp, size: int, dtype, layout: Layout | None = None) -> O
     groups = []
     if specs:
         names = [n for n, _, _ in layout] if layout is not None else []
-        members = resolve_groups([s.params for s in specs], names)
+        members = resolve_groups([s.params for s in specs], names, aliases=aliases)
         groups = [(m, {k: tuple(v) if k == "betas" else v for k, v in s.settings.items()})
                   for m, s in zip(members, specs, strict=True)]
     return cls(xp, size, dtype, layout=layout, groups=groups, **settings)

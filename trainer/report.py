@@ -67,6 +67,12 @@ class Report:
         count = sum(int(np.prod(p.shape)) if p.shape else 1 for p in trained)
         lines.append("")
         lines.append(f"parameters trained by default: {len(trained)} tensors, {count} values")
+        held = [p for p in trained if p.alias]
+        if held:
+            lines.append("tensors the exporter folded from one PyTorch parameter, trained as it "
+                         "(a 'trainable'/'frozen'/'optimizer.groups' glob may name either): "
+                         + ", ".join(f"{p.name} = {p.alias}" for p in held[:8])
+                         + (f" ... ({len(held)} in all)" if len(held) > 8 else ""))
         left = [p for p in self.params if p.role != PARAMETER]
         if left:
             lines.append(f"float initializers left out ({len(left)}; 'trainable'/'frozen' in "

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
+    parameter_aliases,
     quantization_scales,
     repair_exported_model,
     tie_folded_copies,
@@ -378,7 +379,8 @@ class Trainer:
         own = [(k, min(max(o, lo), hi) - lo, max(0, min(o + n, hi) - max(o, lo)))
                for k, o, n in layout]  # this rank's part of each tensor (maybe empty)
         self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.shard_n, self.dtype,
-                                        own if self.shard else layout)
+                                        own if self.shard else layout,
+                                        parameter_aliases(self.model))
         if self.world > 1:
             d = self.cfg.distributed
             self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,

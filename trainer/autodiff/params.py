@@ -46,6 +46,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     role: str
     reason: str = ""
+    alias: str = ""  # the PyTorch parameter a folded tensor holds (parameter_aliases)
 
 
 def signature_entries(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
@@ -148,6 +149,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     readers = None
     signature = torch_signature(model)
     made = exporter_constants(model, signature)
+    aliases = parameter_aliases(model)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
     rows = []
     for t in inits:
@@ -175,8 +177,14 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
                                   "train it)"))
         else:
-            rows.append(ParamInfo(t.name, shape, PARAMETER))
+            rows.append(ParamInfo(t.name, shape, PARAMETER, alias=aliases.get(t.name, "")))
     return rows
+
+
+def _matches(r: ParamInfo, pattern: str) -> bool:
+    """A `trainable`/`frozen` glob names a tensor by its own name or its parameter's."""
+    return fnmatch.fnmatchcase(r.name, pattern) or bool(r.alias) and fnmatch.fnmatchcase(
+        r.alias, pattern)
 
 
 def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> list[str]:
@@ -193,7 +201,7 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
             if pattern == "all":
                 chosen += [r.name for r in table if r.role == PARAMETER and r.name not in chosen]
                 continue
-            hits = [r for r in pool if fnmatch.fnmatchcase(r.name, pattern)]
+            hits = [r for r in pool if _matches(r, pattern)]
             if not hits:
                 raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
                                  "the model (available: "
@@ -205,10 +213,11 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
                                  f"{dead[0].reason}")
             chosen += [r.name for r in hits if r.role != UNUSED and r.name not in chosen]
     for pattern in frozen:
-        if not any(fnmatch.fnmatchcase(r.name, pattern) for r in table):
+        if not any(_matches(r, pattern) for r in table):
             raise ModelError(f"frozen entry '{pattern}' matches no float initializer"
                              + _folded_names_hint(r.name for r in table))
-    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, p) for p in frozen)]
+    rows = {r.name: r for r in table}
+    return [c for c in chosen if not any(_matches(rows[c], p) for p in frozen)]
 
 
 def _folded_names_hint(names: Iterable[str]) -> str:
@@ -444,6 +453,42 @@ def _module_of(n: onnx.NodeProto) -> str | None:
     text = _meta(n, _SCOPES_KEY)
     scopes = re.findall(r"'([^']*)'", text)
     return scopes[-2] if len(scopes) >= 2 else None
+
+
+def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """{initializer: PyTorch parameter} for the tensors of a default export that hold one
+    parameter in another layout under a name the exporter made: a Linear weight folded into
+    its transpose (`val_42`, what `F.linear` on a 3-D input becomes), a view folded in the
+    parameter's own module (`permute`), a restored copy (`{parameter}/{tensor}`). They train
+    as that parameter, and `trainable`, `frozen` and `optimizer.groups` globs may name them
+    by it (`*lora*`). Empty without the export's signature (TorchScript names such tensors
+    `onnx::MatMul_37` and records nothing more)."""
+    entries = signature_entries(model)
+    if not entries:
+        return {}
+    g = model.graph
+    named = {t for _, t in entries.values()}
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
+    missing = {ph: t for ph, (kind, t) in entries.items()
+               if kind == "PARAMETER" and t not in present}
+    folded = {t.name for t in g.initializer
+              if t.data_type in FLOAT_TYPES and t.name not in named}
+    by_module: dict[str, list[str]] = {}
+    for ph, t in missing.items():
+        by_module.setdefault(t.rpartition(".")[0], []).append(ph)
+    found: dict[str, set[str]] = {}
+    for n in g.node:
+        refs = sorted(_fx_reads(n) & missing.keys())
+        module = _module_of(n)
+        own = by_module.get(module, []) if module is not None else []
+        for x in n.input:
+            if x not in folded:
+                continue
+            if len(refs) == 1:
+                found.setdefault(x, set()).add(missing[refs[0]])
+            elif not refs and len(own) == 1 and _VIEW_OPS.match(x):
+                found.setdefault(x, set()).add(missing[own[0]])
+    return {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
 
 
 def _missing_parameter_uses(model: onnx.ModelProto
