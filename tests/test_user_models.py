@@ -364,6 +364,15 @@ def torch_losses(model: nn.Module, x: np.ndarray, y: np.ndarray, opt=None,
     return out
 
 
+def classifier_config(tmp_path, steps: int, **over):
+    """model.onnx and data.npz (x, y) in tmp_path: cross entropy on `logits`, SGD at LR."""
+    return config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
+        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": BATCH},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": LR}, "steps": steps, **over}, tmp_path)
+
 # TorchScript's eval-mode export stores two Linears sharing a weight as it stores cloned layers
 # (an Identity of one tensor read in the same role), which train apart: documented, not tested.
 CASES = [(m, e) for m in MODELS for e in ("dynamo", "torchscript")
@@ -636,12 +645,7 @@ def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 8)).astype(np.float32),
              y=rng.integers(0, 5, 32))
-    cfg = config_from_dict({
-        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
-        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                 "batch_size": BATCH},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-        "optimizer": {"type": "sgd", "lr": LR}, "steps": 1}, tmp_path)
+    cfg = classifier_config(tmp_path, steps=1)
     stream = io.StringIO()
     Trainer(cfg, stream=stream)
     assert "WARNING" in stream.getvalue() and "logit_scale" in stream.getvalue()
@@ -689,12 +693,7 @@ def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 1, 6, 6)).astype(np.float32),
              y=rng.integers(0, 5, 32))
-    cfg = config_from_dict({
-        "model": "model.onnx", "output": "out.onnx", "device": "cpu",
-        "data": {"train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                 "batch_size": BATCH},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-        "optimizer": {"type": "sgd", "lr": LR}, "steps": 2}, tmp_path)
+    cfg = classifier_config(tmp_path, steps=2)
     stream = io.StringIO()
     trainer = Trainer(cfg, stream=stream)
     assert sorted(trainer.names) == sorted(trained)
