@@ -705,6 +705,24 @@ def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_
         assert shapes["c.weight"] == [4, 1, 3, 3] and not any("bn" in k for k in shapes)
 
 
+def test_a_weight_parametrization_folded_by_torchscript_is_named_not_called_batchnorm(tmp_path):
+    """weight_norm's weight (g * v / |v|), folded by TorchScript's constant folding into one
+    tensor (opset 14), keeps the module's own bias: `check` says the convolution trains a
+    computed weight, and does not call it a folded BatchNormalization."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3)),
+                          nn.Flatten(), nn.Linear(64, 5)).eval()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 1, 6, 6),), f, dynamo=False, opset_version=14,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}})
+    (tmp_path / "model.onnx").write_bytes(f.getvalue())
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.fused and len(report.computed) == 1
+    assert "weight_norm" in report.text() and "do_constant_folding=False" in report.text()
+
+
 class PaddedBag(nn.Module):
     """Token embeddings with a padding row (nn.Embedding(padding_idx=...), as every HF text
     model has), averaged over the sequence, and a head."""

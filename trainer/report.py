@@ -51,7 +51,8 @@ class Report:
     untied: list[str]
     tied: dict[str, tuple[str, str]]  # {copy: (source, "transpose" | "reshape")}
     folded: list[str] = field(default_factory=list)  # folded_parameters
-    fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_warnings)
+    fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
+    computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
 
     @property
     def ok(self) -> bool:
@@ -84,7 +85,7 @@ class Report:
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
-        lines += warning_lines(self.folded, self.fused)
+        lines += warning_lines(self.folded, self.fused, self.computed)
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
@@ -126,22 +127,32 @@ FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convo
               "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False")
 
 
-def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(PyTorch parameters the exporter folded away, BatchNormalization layers it folded into a
+def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], list[str]]:
+    """(PyTorch parameters the exporter folded away; BatchNormalization layers it folded into a
     convolution: module names, or for a TorchScript export "the one after" each convolution
-    whose weight constant folding computed), for the warnings of `check` and `train`."""
-    return folded_parameters(model), (fused_batchnorms(model) or [
-        f"the one after {name}" for name in folded_conv_weights(model)])
+    that got them; TorchScript convolutions whose weight constant folding computed from an
+    expression of parameters), for the warnings of `check` and `train`."""
+    bn, computed = folded_conv_weights(model)
+    return (folded_parameters(model),
+            fused_batchnorms(model) or [f"the one after {name}" for name in bn], computed)
 
 
-def warning_lines(folded: list[str], fused: list[str]) -> list[str]:
+def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> list[str]:
     """What `check` and `train` print of exporter_findings."""
     lines = []
     if folded:
         lines.append(f"WARNING: {FOLDED_HINT}: {', '.join(folded)}")
     if fused:
         lines.append(f"WARNING: {FUSED_HINT}: {', '.join(fused)}")
+    if computed:
+        lines.append(f"WARNING: {COMPUTED_HINT}: {', '.join(computed)}")
     return lines
+
+
+COMPUTED_HINT = ("convolutions whose weight the TorchScript exporter's constant folding computed "
+                 "from PyTorch parameters (a parametrization such as weight_norm's g * v / |v|) "
+                 "train that weight as one tensor, not the parameters; export with "
+                 "do_constant_folding=False to train them")
 
 
 FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (constant folding made "

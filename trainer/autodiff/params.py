@@ -561,17 +561,24 @@ def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
     return list(found)
 
 
-def folded_conv_weights(model: onnx.ModelProto) -> list[str]:
+def folded_conv_weights(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Conv and ConvTranspose nodes of a TorchScript export whose weight the exporter's constant
-    folding computed (named onnx::...): what an eval-mode export makes of a convolution followed
-    by BatchNormalization, folded into one. Empty for other producers and for exports with a
-    graph signature (the default exporter: `fused_batchnorms`)."""
+    folding computed (named onnx::...), as (BatchNormalization folded in, other expressions):
+    an eval-mode export folds a BatchNormalization into the convolution before it, weight and
+    bias both (the bias is new, onnx::...); a weight parametrization (weight_norm's g * v / |v|)
+    folds the weight alone and keeps the module's own bias. Empty for other producers and for
+    exports with a graph signature (the default exporter: `fused_batchnorms`)."""
     if model.producer_name != "pytorch" or signature_entries(model):
-        return []
+        return [], []
     inits = {t.name for t in model.graph.initializer}
-    return [n.name or f"{n.op_type} #{i}" for i, n in enumerate(model.graph.node)
-            if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
-            and n.input[1] in inits and n.input[1].startswith("onnx::")]
+    bn, other = [], []
+    for i, n in enumerate(model.graph.node):
+        if (n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
+                and n.input[1] in inits and n.input[1].startswith("onnx::")):
+            name = n.name or f"{n.op_type} #{i}"
+            bias = n.input[2] if len(n.input) > 2 else ""
+            (bn if bias.startswith("onnx::") else other).append(name)
+    return bn, other
 
 
 def _meta(n: onnx.NodeProto, key: str) -> str:
