@@ -737,23 +737,33 @@ if __name__ == "__main__":
     {"comm": _worker_comm}[sys.argv[1]]()
 
 
-@pytest.mark.parametrize("name", ["encoder", "viewed_parameter"])
+@pytest.mark.parametrize("name", ["encoder", "viewed_parameter", "rotary", "padded_bag"])
 def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, name):
     # A default-exporter model whose merged LayerNorm tensors and dropped attention bias are
-    # restored (encoder), or whose folded views of a parameter are tied to it by Reshape
-    # (viewed_parameter): the rewritten graphs run on the device, reading nothing back.
+    # restored (encoder), whose folded views of a parameter are tied to it by Reshape
+    # (viewed_parameter), whose folded cos/sin tables stay constants (rotary), or whose
+    # embedding's padding row gets no gradient (padded_bag): the rewritten graphs run on the
+    # device, reading nothing back.
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
-    from tests.test_user_models import MODELS, export
+    from tests.test_user_models import MODELS, PaddedBag, export
 
-    cls, sample = MODELS[name]
     torch.manual_seed(3)
+    rng = np.random.default_rng(5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx.save(export(cls(), sample, "dynamo"), str(tmp_path / "m.onnx"))
-    rng = np.random.default_rng(5)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(32,) + sample).astype(F32),
-             y=rng.integers(0, 5, 32))
+        if name == "padded_bag":
+            proto = torch.onnx.export(
+                PaddedBag(0).eval(), (torch.zeros(2, 7, dtype=torch.int64),), None,
+                input_names=["x"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+            x = rng.integers(0, 12, (32, 7))
+        else:
+            cls, sample = MODELS[name]
+            proto = export(cls(), sample, "dynamo")
+            x = rng.normal(size=(32,) + sample).astype(F32)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 5, 32))
     cfg = {"model": str(tmp_path / "m.onnx"), "seed": 0,
            "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
                               "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
@@ -764,7 +774,9 @@ def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, nam
     _compare_runs(cpu, run)
     if name == "encoder":
         assert "enc.norm2.weight" in run[0].names
-    else:
+    elif name == "viewed_parameter":
         assert {kind for _, kind in run[0].tied.values()} == {"reshape"}
+    else:
+        assert len(run[0].names) == (4 if name == "rotary" else 3)
     for reads in _step_reads(run[0]):
         assert not d2h_outside(("train.py",)), reads
