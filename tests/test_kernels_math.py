@@ -574,3 +574,22 @@ def test_blas_sum_paths_and_layouts(shape, axes, blas):
     # any memory layout adds the same way (the planner may hand a view to the kernel's sum)
     view = np.asfortranarray(x)
     np.testing.assert_array_equal(sum_of(np, view, axes), got)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_matches_torch_to_a_few_ulps_at_every_range(dtype):
+    """Sigmoid as 1 / (1 + e^-x), PyTorch's formula: within 4 ulps of torch.sigmoid from the
+    saturated tails (e^-x overflows to inf below -88 in float32: the limit 0, no warning) to
+    the middle, and inf, -inf and NaN pass through."""
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([np.linspace(-120, 120, 20001), [0.0, -0.0, np.inf, -np.inf, np.nan,
+                                                      -88.7, -745.2, 36.0, -17.0]]).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = get_kernel("Sigmoid", 13)(np, x)[0]
+    want = torch.sigmoid(torch.from_numpy(x)).numpy()
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    ulps = np.abs(got[ok] - want[ok]) / np.spacing(np.abs(want[ok]).astype(dtype))
+    assert ulps.max() <= 4, ulps.max()

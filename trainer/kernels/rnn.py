@@ -12,12 +12,7 @@ import ml_dtypes
 import numpy as np
 
 from trainer.kernels import kernel, matmul
-
-
-def _sigmoid(xp, x):
-    e = xp.exp(-xp.abs(x))  # split by sign: exp never overflows
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
+from trainer.kernels.elementwise import _sigmoid
 
 # name -> (function of (xp, x, alpha, beta), default alpha or None if it takes none, default
 # beta or None). Defaults are those of the ONNX operators of the same name.
