@@ -1,7 +1,8 @@
 """The memory plan on random graphs: values read by several nodes, views of views, Sums of
 repeated and dying terms, outputs taken from the middle of the graph. Every planned run (the
 second on) must give what NumPy computes op by op, for the first feeds and for new ones (a
-buffer written over while a later node still reads it shows up as a wrong value). Longer run:
+buffer written over while a later node still reads it shows up as a wrong value); the same
+graphs made training graphs must give the unplanned run's gradients. Longer run:
 `FUZZ_LONG=1 pytest tests/test_plan_fuzz.py`."""
 
 from __future__ import annotations
@@ -181,3 +182,46 @@ def test_planned_runs_of_random_graphs_match_numpy(case):
         scale = max(1.0, max(float(np.abs(v[np.isfinite(v)]).max(initial=0)) for v in env.values()))
         for o in outputs:  # (float32 sums in another order: error relative to the terms)
             np.testing.assert_allclose(got[o], env[o], rtol=1e-5, atol=1e-5 * scale, err_msg=o)
+
+
+@settings(max_examples=2000 if LONG else 200, derandomize=not LONG, deadline=None,
+          database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_planned_training_graphs_of_random_models_match_unplanned(case):
+    """The same random graphs with x fed and the float initializers that reach the loss
+    trained (y always), a loss summed over the outputs, and the backward the gradient rules
+    build (Sums of gradients from shared
+    values, the fused kernels' patterns): a planned run gives the gradients of the unplanned
+    one, in float64 to 1e-9."""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.graph import to_float64
+
+    nodes, _, outputs = case
+    rng = np.random.default_rng(0)
+    consts = _constants(rng)
+    consts["y"] = rng.standard_normal(SHAPE).astype(F32)
+    terms = []
+    for k, o in enumerate(outputs):
+        consts[f"R{k}"] = rng.standard_normal(SHAPE).astype(F32)
+        nodes = [*nodes, helper.make_node("Mul", [o, f"R{k}"], [f"p{k}"]),
+                 helper.make_node("ReduceSum", [f"p{k}"], [f"s{k}"], keepdims=0)]
+        terms.append(f"s{k}")
+    nodes += [helper.make_node("Mul", ["x", "y"], ["xy"]),  # so that y always trains
+              helper.make_node("ReduceSum", ["xy"], ["sxy"], keepdims=0),
+              helper.make_node("Sum", [*terms, "sxy"], ["L"])]
+    g = helper.make_graph(
+        nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(SHAPE))],
+        [helper.make_tensor_value_info("L", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = to_float64(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    tm = build_training_graph(model, {"type": "output", "output": "L"})  # (y always: below)
+    grads = list(training_info(tm).gradients.values())
+    ex = Executor(tm, fetch=grads + ["L"])
+    x = np.random.default_rng(1).standard_normal(SHAPE)
+    first = ex.run({"x": x})
+    assert ex._specialized and any(ex._specialized.values())
+    for _ in range(2):
+        again = ex.run({"x": x})
+        for name in grads + ["L"]:
+            np.testing.assert_allclose(again[name], first[name], rtol=1e-9, atol=1e-9,
+                                       err_msg=name)
