@@ -225,3 +225,96 @@ def test_planned_training_graphs_of_random_models_match_unplanned(case):
         for name in grads + ["L"]:
             np.testing.assert_allclose(again[name], first[name], rtol=1e-9, atol=1e-9,
                                        err_msg=name)
+
+
+IMAGE = (2, 3, 5, 5)
+# 4-D ops that keep [2, 3, 5, 5]: convolutions, BatchNormalization (trained with batch
+# statistics: the fused kernels' patterns), pools, and the elementwise ops above
+IMAGE_OPS = ("conv", "conv_bias", "conv_1x1", "batchnorm", "maxpool", "avgpool", "relu",
+             "add", "mul", "sum", "concat_conv")
+
+
+def _image_node(kind: str, a: str, b: str, out: str, k: int) -> list:
+    if kind == "conv":
+        return [helper.make_node("Conv", [a, "K3"], [out], pads=[1, 1, 1, 1])]
+    if kind == "conv_bias":
+        return [helper.make_node("Conv", [a, "K3", "cb"], [out], pads=[1, 1, 1, 1])]
+    if kind == "conv_1x1":
+        return [helper.make_node("Conv", [a, "K1"], [out])]
+    if kind == "batchnorm":
+        return [helper.make_node("BatchNormalization", [a, f"bs{k}", f"bb{k}", "bm", "bv"],
+                                 [out])]
+    if kind == "maxpool":
+        return [helper.make_node("MaxPool", [a], [out], kernel_shape=[3, 3],
+                                 pads=[1, 1, 1, 1])]
+    if kind == "avgpool":
+        return [helper.make_node("AveragePool", [a], [out], kernel_shape=[3, 3],
+                                 pads=[1, 1, 1, 1], count_include_pad=1)]
+    if kind == "relu":
+        return [helper.make_node("Relu", [a], [out])]
+    if kind in ("add", "mul"):
+        return [helper.make_node(kind.capitalize(), [a, b], [out])]
+    if kind == "sum":
+        return [helper.make_node("Sum", [a, b, a], [out])]
+    return [helper.make_node("Concat", [a, b], [f"c{k}"], axis=1),
+            helper.make_node("Conv", [f"c{k}", "K6"], [out], pads=[1, 1, 1, 1])]
+
+
+@st.composite
+def image_graphs(draw):
+    values, nodes, norms = ["x"], [], []
+    for k in range(draw(st.integers(2, 9))):
+        kind = draw(st.sampled_from(IMAGE_OPS))
+        a, b = draw(st.sampled_from(values)), draw(st.sampled_from(values))
+        nodes += _image_node(kind, a, b, f"v{k}", k)
+        if kind == "batchnorm":
+            norms.append(k)
+        values.append(f"v{k}")
+    made = values[1:]
+    outputs = sorted(set(draw(st.lists(st.sampled_from(made), min_size=1, max_size=2))
+                         + [made[-1]]))
+    return nodes, norms, outputs
+
+
+@settings(max_examples=1000 if LONG else 60, derandomize=not LONG, deadline=None,
+          database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(image_graphs())
+def test_planned_training_graphs_of_random_cnns_match_unplanned(case):
+    """Random CNN graphs (convolutions with and without bias, 1x1, on concatenations,
+    BatchNormalization in training, max and average pools, residual sums), trained with a
+    loss over their outputs: a planned run (fused BatchNorm, convolution and pooling kernels,
+    the memory plan) gives the unplanned run's loss and gradients, in float64 to 1e-9."""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.graph import to_float64
+
+    nodes, norms, outputs = case
+    rng = np.random.default_rng(0)
+    inits = {"K3": rng.standard_normal((3, 3, 3, 3)) * 0.3, "K1": rng.standard_normal(
+        (3, 3, 1, 1)), "K6": rng.standard_normal((3, 6, 3, 3)) * 0.2,
+        "cb": rng.standard_normal(3), "bm": np.zeros(3), "bv": np.ones(3)}
+    for k in norms:
+        inits[f"bs{k}"], inits[f"bb{k}"] = 1 + 0.1 * rng.standard_normal(3), rng.standard_normal(3)
+    terms = []
+    for k, o in enumerate(outputs):
+        inits[f"R{k}"] = rng.standard_normal(IMAGE)
+        nodes = [*nodes, helper.make_node("Mul", [o, f"R{k}"], [f"p{k}"]),
+                 helper.make_node("ReduceSum", [f"p{k}"], [f"s{k}"], keepdims=0)]
+        terms.append(f"s{k}")
+    nodes.append(helper.make_node("Sum", terms, ["L"]))
+    g = helper.make_graph(
+        nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(IMAGE))],
+        [helper.make_tensor_value_info("L", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(v.astype(F32), k) for k, v in inits.items()])
+    model = to_float64(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    tm = build_training_graph(model, {"type": "output", "output": "L"})
+    info = training_info(tm)
+    fetch = [*info.gradients.values(), "L"]
+    ex = Executor(tm, fetch=fetch)
+    x = np.random.default_rng(1).standard_normal(IMAGE)
+    first = ex.run({"x": x})
+    assert ex._specialized and any(ex._specialized.values())
+    for _ in range(2):
+        again = ex.run({"x": x})
+        for name in fetch:
+            np.testing.assert_allclose(again[name], first[name], rtol=1e-9, atol=1e-9,
+                                       err_msg=name)
