@@ -75,6 +75,10 @@ def cases(tf):
                           sliding_window=4),
         "gemma": causal(tf.GemmaConfig, tf.GemmaForCausalLM, num_key_value_heads=1, head_dim=8),
         "phi": causal(tf.PhiConfig, tf.PhiForCausalLM, partial_rotary_factor=0.5),
+        "gptneox": (lambda: (tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            **dec, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)),
+            lambda m, i, k: m(input_ids=i, attention_mask=k, labels=i).loss),
+            {"ids": ids, "mask": mask}),
         "opt": (lambda: (tf.OPTForCausalLM(tf.OPTConfig(
             vocab_size=V, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
             max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0)),
@@ -97,6 +101,7 @@ def cases(tf):
             lambda m, i, k: m(input_ids=i, attention_mask=k, labels=i).loss),
             {"ids": ids, "mask": mask}),
         "vit": imgcls(tf.ViTConfig, tf.ViTForImageClassification, **vit),
+        "deit": imgcls(tf.DeiTConfig, tf.DeiTForImageClassification, **vit),
         "convnext": imgcls(tf.ConvNextConfig, tf.ConvNextForImageClassification, num_channels=3,
                            hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, num_stages=2,
                            drop_path_rate=0.0),
@@ -110,6 +115,8 @@ KNOWN = {
     ("opt", "torchscript"): "padding_idx is not recorded by TorchScript",
     ("bart", "torchscript"): "the final_logits_bias buffer is folded under an onnx:: name",
     ("gemma", "dynamo"): "1 + weight folded by the optimizer (warned; optimize=False)",
+    ("gptneox", "dynamo"): "a fresh model's two equal LayerNorms merged (warned; --perturb)",
+    ("deit", "dynamo"): "a fresh model's two equal tokens merged (warned; --perturb)",
 }
 
 
