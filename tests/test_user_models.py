@@ -723,6 +723,36 @@ def test_a_weight_parametrization_folded_by_torchscript_is_named_not_called_batc
     assert "weight_norm" in report.text() and "do_constant_folding=False" in report.text()
 
 
+class ShiftedNormRotary(nn.Module):
+    """Gemma's RMSNorm scales by (1 + weight), which the default exporter folds into a constant
+    (the parameter is lost: warned), next to rotary tables folded from a buffer."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.zeros(d))
+        self.rot = Rotary(d)
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.norm_weight)
+        return self.rot(x)
+
+
+def test_a_folded_parameter_expression_does_not_keep_buffer_tables_trainable(tmp_path):
+    """The folded `1 + weight` leaves a parameter unaccounted for; the rotary tables, read
+    only in another module, are still left out as computed constants, while the folded norm
+    scale (read in the parameter's module) trains as it is, and the warning names the weight."""
+    model = ShiftedNormRotary()
+    onnx.save(export(model, (6, 8), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == ["norm_weight"]
+    trained = {p.name: p.shape for p in report.params if p.role == "parameter"}
+    computed = [p for p in report.params if "computed from buffers" in p.reason]
+    assert len(computed) == 2 and all(p.shape == (6, 8) for p in computed)  # cos, sin
+    assert list(trained.values()).count((8,)) == 2  # the folded 1 + weight, rot.q.bias
+    assert sorted(k for k in trained if k.startswith("rot.")) == [
+        "rot.head.bias", "rot.head.weight", "rot.q.bias"] and len(trained) == 5  # + q.weight^T
+
+
 class PaddedBag(nn.Module):
     """Token embeddings with a padding row (nn.Embedding(padding_idx=...), as every HF text
     model has), averaged over the sequence, and a head."""

@@ -107,18 +107,29 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
     slopes, fixed masks), which PyTorch does not train. A folded tensor that is not named in
     the export's signature holds a parameter (a transposed Linear weight) when it carries one
     of the parameters missing from the graph (`_missing_parameter_uses`); the others are
-    computed constants, provided every missing parameter is accounted for (otherwise one of
-    them may have been folded into an expression, `folded_parameters`, and nothing is left
-    out here). Tensors of one value keep the rule for one-element constants. Empty without a
-    signature (a TorchScript export cannot tell them apart)."""
+    computed constants, except where a parameter is unaccounted for (folded into an
+    expression, `folded_parameters`): a tensor read in that parameter's module or a module
+    above it may be the expression, and stays trainable. Tensors of one value keep the rule
+    for one-element constants. Empty without a signature (a TorchScript export cannot tell
+    them apart)."""
     entries = signature_entries(model)
     if not entries:
         return {}
     g = model.graph
     named = {t for _, t in entries.values()}
     missing, explained, carriers = _missing_parameter_uses(model)
-    if missing.keys() - explained:
-        return {}
+    # A parameter folded into an expression (`folded_parameters`) may be any folded tensor read
+    # in its module or a module above it: those stay trainable, as they are.
+    suspect: set[str] = set()
+    for ph in missing.keys() - explained:
+        parts = missing[ph].rpartition(".")[0].split(".")
+        suspect |= {".".join(parts[:k]) for k in range(len(parts) + 1)}
+    if suspect:
+        carriers = set(carriers)
+        for n in g.node:
+            module = _module_of(n)
+            if module is None or module in suspect:
+                carriers.update(n.input)
     return {t.name: ("a constant the exporter computed from buffers or constants (it holds no "
                      "PyTorch parameter)")
             for t in g.initializer if t.data_type in FLOAT_TYPES and t.name not in named
