@@ -466,6 +466,28 @@ def _module_of(n: onnx.NodeProto) -> str | None:
     return scopes[-2] if len(scopes) >= 2 else None
 
 
+def _missing_parameters(model: onnx.ModelProto
+                        ) -> tuple[dict[str, tuple[str, str]], dict[str, str],
+                                   dict[str, list[str]]]:
+    """(signature entries, missing: {placeholder: name} of its parameters not in the graph,
+    by_module: {module: placeholders of its missing parameters})."""
+    g = model.graph
+    entries = signature_entries(model)
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
+    missing = {ph: t for ph, (kind, t) in entries.items()
+               if kind == "PARAMETER" and t not in present}
+    by_module: dict[str, list[str]] = {}
+    for ph, t in missing.items():
+        by_module.setdefault(t.rpartition(".")[0], []).append(ph)
+    return entries, missing, by_module
+
+
+def _own_missing(n: onnx.NodeProto, by_module: Mapping[str, list[str]]) -> list[str]:
+    """The missing parameters of the module node n came from."""
+    module = _module_of(n)
+    return by_module.get(module, []) if module is not None else []
+
+
 def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     """{initializer: PyTorch parameter} for the tensors of a default export that hold one
     parameter in another layout under a name the exporter made: a Linear weight folded into
@@ -474,24 +496,16 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     as that parameter, and `trainable`, `frozen` and `optimizer.groups` globs may name them
     by it (`*lora*`). Empty without the export's signature (TorchScript names such tensors
     `onnx::MatMul_37` and records nothing more)."""
-    entries = signature_entries(model)
+    entries, missing, by_module = _missing_parameters(model)
     if not entries:
         return {}
-    g = model.graph
     named = {t for _, t in entries.values()}
-    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
-    missing = {ph: t for ph, (kind, t) in entries.items()
-               if kind == "PARAMETER" and t not in present}
-    folded = {t.name for t in g.initializer
+    folded = {t.name for t in model.graph.initializer
               if t.data_type in FLOAT_TYPES and t.name not in named}
-    by_module: dict[str, list[str]] = {}
-    for ph, t in missing.items():
-        by_module.setdefault(t.rpartition(".")[0], []).append(ph)
     found: dict[str, set[str]] = {}
-    for n in g.node:
+    for n in model.graph.node:
         refs = sorted(_fx_reads(n) & missing.keys())
-        module = _module_of(n)
-        own = by_module.get(module, []) if module is not None else []
+        own = _own_missing(n, by_module)
         for x in n.input:
             if x not in folded:
                 continue
@@ -515,27 +529,26 @@ def _missing_parameter_uses(model: onnx.ModelProto
       is in the graph: the module uses a tied weight under another name (an embedding tied
       to the output projection, `lm_head.weight`).
     Any other missing parameter was folded into an expression (`folded_parameters`)."""
+    from trainer.executor import outer_names, subgraphs
+
     g = model.graph
-    entries = signature_entries(model)
-    params = {ph: t for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
-    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
-    missing = {ph: t for ph, t in params.items() if t not in present}
+    entries, missing, by_module = _missing_parameters(model)
     explained: set[str] = set()
     carriers: set[str] = set()
     if not missing:
         return missing, explained, carriers
     named = {t for _, t in entries.values()}
+    params = {ph: t for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
     sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer}
-    by_module: dict[str, list[str]] = {}
-    for ph, t in missing.items():
-        by_module.setdefault(t.rpartition(".")[0], []).append(ph)
     for n in g.node:
         refs = _fx_reads(n)
         if refs & missing.keys():
             explained |= refs & missing.keys()
             carriers.update(n.input)
-        module = _module_of(n)
-        own = by_module.get(module, []) if module is not None else []
+        for _, graphs in subgraphs(n):  # a tensor read inside a subgraph: not judged here
+            for sub in graphs:
+                carriers |= outer_names(sub)
+        own = _own_missing(n, by_module)
         if not own:
             continue
         views = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
@@ -543,14 +556,9 @@ def _missing_parameter_uses(model: onnx.ModelProto
         if views and len(own) == 1:
             explained.add(own[0])
             carriers.update(views)
-        leaves = {params[ph].rpartition(".")[2] for ph in refs if ph in params
-                  and ph not in missing}
+        leaves = {params[ph].rpartition(".")[2] for ph in refs
+                  if ph in params and ph not in missing}
         explained.update(ph for ph in own if missing[ph].rpartition(".")[2] in leaves)
-    for n in g.node:  # a tensor read inside a subgraph: not judged here
-        for a in n.attribute:
-            for sub in list(a.g.node if a.HasField("g") else []) + [
-                    m for gg in a.graphs for m in gg.node]:
-                carriers.update(sub.input)
     return missing, explained, carriers
 
 
