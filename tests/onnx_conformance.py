@@ -102,11 +102,12 @@ def run_case(case) -> Result:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rep = onnx_backend.prepare(model, "CPU")
-            # twice: the first run of a shape is unplanned, the second takes the specialized
-            # plan (memory plan, simplification, fused kernels) where the graph gets one
-            for inputs, outputs in [*case.data_sets, *case.data_sets]:
-                got = rep.run([_normalize(x) for x in inputs])
-                _compare([_normalize(x) for x in outputs], list(got), case.rtol, case.atol)
+            # both paths: the unspecialized program, then the specialized plan (memory plan,
+            # simplification, fused kernels) where the graph gets one
+            for planned in (False, True):
+                for inputs, outputs in case.data_sets:
+                    got = rep.run([_normalize(x) for x in inputs], planned=planned)
+                    _compare([_normalize(x) for x in outputs], list(got), case.rtol, case.atol)
     except Exception as exc:  # noqa: BLE001 - every failure is a reported result
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         return Result(case.name, ops, False, f"{type(exc).__name__}: {first}")

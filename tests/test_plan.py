@@ -131,20 +131,44 @@ def test_planned_training_step_matches_the_interpreter(kind):
     tm, names, fetch, feeds = training_case(model, x, y)
     ref = Executor(tm, feeds=names, fetch=fetch, optimize=False).run(feeds)
     ex = Executor(tm, feeds=names, fetch=fetch)
-    first = ex.run(feeds)
-    for k in fetch:
-        np.testing.assert_array_equal(first[k], ref[k])  # the first run is the interpreter's
+    first = ex.run(feeds)  # planned too (its shapes recorded by a dry unplanned run)
     kept = {k: v.copy() for k, v in first.items()}
     for _ in range(2):
         out = ex.run(feeds)
         for k in fetch:
             assert rel_diff(out[k], ref[k]) <= 2e-6, k
+            np.testing.assert_array_equal(out[k], kept[k], err_msg=k)
     for k in fetch:  # results handed out earlier are not reused buffers
         np.testing.assert_array_equal(first[k], kept[k])
     plan = planned(ex)
     assert fusions <= {n.op for n in plan.nodes}
     assert not [n.name for n in plan.nodes if n.op == "Conv" and "/Grad/" in n.name]
     assert len(plan.steps) < len(tm.graph.node)
+
+
+def test_the_first_run_of_a_shape_is_planned_and_leaves_the_random_stream_alone():
+    """The dry run that records a new shape draws from a stream aside: after the same reseed,
+    the first (planned) run and a later one draw the same Dropout mask and give the same
+    bits, and the unplanned program draws that mask too."""
+    ratio = numpy_helper.from_array(np.array(0.5, F32), "ratio")
+    train = numpy_helper.from_array(np.array(True), "train")
+    g = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "ratio", "train"], ["d", "mask"]),
+         helper.make_node("Mul", ["d", "x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 32]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [64, 32])], [ratio, train])
+    ex = Executor(helper.make_model(g, opset_imports=OPSET))
+    x = np.random.default_rng(3).standard_normal((64, 32)).astype(F32)
+    outs = []
+    for run in (ex.run, ex.run, ex.run_unplanned):
+        ex.rng.reseed(7, 0, 1)
+        outs.append(run({"x": x}))
+    assert any(ex._specialized.values())
+    assert 0.3 < outs[0]["mask"].mean() < 0.7
+    for later in outs[1:]:
+        for k in ("y", "mask"):
+            np.testing.assert_array_equal(later[k], outs[0][k], err_msg=k)
 
 
 def test_profile_splits_a_run_into_kernels_and_dispatch():
@@ -332,7 +356,7 @@ def test_a_sum_of_many_writes_over_a_dying_input_only_after_reading_it(terms, co
     x = np.random.default_rng(13).standard_normal((3, 4)).astype(F32)
     want = -coef * np.pad(x, [(0, 0), (1, 1)])
     ex = Executor(helper.make_model(g, opset_imports=OPSET))
-    for _ in range(3):  # the first run is unplanned, the later ones planned
+    for _ in range(3):  # every run planned (the plan's buffers reused across runs)
         np.testing.assert_allclose(ex.run({"x": x})["y"], want, rtol=1e-6)
 
 

@@ -4,6 +4,7 @@ seam, `_import_cupy`, which tests replace with a strict CPU stand-in (tests/stri
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 
 import numpy as np
@@ -120,6 +121,17 @@ class StepRNG:
     def reseed(self, *keys: int) -> None:
         self._keys = keys
         self._gen = None
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Draws inside come from a throwaway stream (seeded from the same keys); the step's
+        own stream and generators are left exactly where they were."""
+        saved = self._keys, self._gen, self._device_gen
+        self._gen = self._device_gen = None
+        try:
+            yield self
+        finally:
+            self._keys, self._gen, self._device_gen = saved
 
     def _seed(self) -> int:
         return int(np.random.SeedSequence(list(self._keys)).generate_state(1)[0])

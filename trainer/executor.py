@@ -461,9 +461,10 @@ class Executor:
         return new_deps
 
     # -- the unspecialized program ------------------------------------------------------------
-    def _compile_generic(self, record: dict | None = None) -> _Program:
+    def _compile_generic(self, record: dict | None = None, deliver: bool = True) -> _Program:
         """Closures for every node as planned; with `record`, each produced value's (shape,
-        dtype) is stored there (None for values that are not arrays)."""
+        dtype) is stored there (None for values that are not arrays); without `deliver`, no
+        fetch_into copies or on_produced calls."""
         slots: dict[str, int] = {"": 0, _TRASH: 1}
 
         def slot(name: str) -> int:
@@ -482,8 +483,9 @@ class Executor:
             step = self._generic_step(fn, attrs, in_slots, out_slots, subs, slots)
             if record is not None:
                 step = _then(step, _recorder(record, outs, out_slots))
-            step = self._deliveries(step, [(o, s) for o, s in zip(outs, out_slots, strict=True)
-                                           if o])
+            if deliver:
+                step = self._deliveries(step, [(o, s) for o, s in zip(outs, out_slots,
+                                                                      strict=True) if o])
             steps.append(_with_frees(step, tuple(slot(f) for f in frees)))
             labels.append((name, op, ins))
         template: list = [None] * len(slots)
@@ -534,10 +536,14 @@ class Executor:
             key = self._signature(feeds)
             plan = self._specialized.get(key)
             if plan is None:
-                return self._first_run(key, feeds)
+                plan = self._plan_signature(key, feeds)
             if plan is not False:
                 env = plan.run(feeds, self.xp)
                 return self._deliver({k: env[s] for k, s in plan.outputs.items()})
+        return self.run_unplanned(feeds)
+
+    def run_unplanned(self, feeds: Mapping[str, object]) -> dict[str, object]:
+        """Run the unspecialized program (every node's kernel as bound, no plan)."""
         env = self._generic.run(feeds, self.xp)
         if self.keep_all:
             return {k: env[s] for k, s in self._generic.slots.items()
@@ -570,20 +576,24 @@ class Executor:
                 sig.append(type(v))
         return tuple(sig)
 
-    def _first_run(self, key: tuple, feeds: Mapping[str, object]) -> dict[str, object]:
-        """Run unspecialized, recording every value's shape, then plan this signature."""
-        record: dict[str, tuple | None] = {}
-        prog = self._compile_generic(record)
-        env = prog.run(feeds, self.xp)
-        out = self._deliver({k: env[s] for k, s in prog.outputs.items()})
+    def _plan_signature(self, key: tuple, feeds: Mapping[str, object]):
+        """Plan a new signature: an unspecialized run records every value's shape, then the
+        plan is built (False where none is: too many signatures, non-array feeds). That run is
+        a dry one: its outputs are dropped, nothing is delivered and its random draws come
+        from a stream aside, so a planned signature computes with the plan's kernels from its
+        first run on (a run resumed from a checkpoint repeats the uninterrupted one bit for
+        bit, whichever step it starts at)."""
         plan = False
         if len(self._specialized) < MAX_PLANS and all(
                 isinstance(v, np.ndarray) for v in (feeds.get(n) for n in self._feed_order)):
+            record: dict[str, tuple | None] = {}
+            with self.rng.aside():
+                self._compile_generic(record, deliver=False).run(feeds, self.xp)
             for n in self._feed_order:
                 record[n] = (feeds[n].shape, feeds[n].dtype)
             plan = build_plan(self, record) or False
         self._specialized[key] = plan
-        return out
+        return plan
 
     def profile(self, feeds: Mapping[str, object], repeat: int = 20) -> dict:
         """Time a run and its kernels: {"run_s", "kernel_s", "dispatch_s", "nodes", "by_op":

@@ -59,11 +59,12 @@ class TrainerRep(BackendRep):
             return self.xp.asarray(v)
         return v
 
-    def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
+    def run(self, inputs: Any, planned: bool = True, **kwargs: Any) -> tuple[Any, ...]:
+        """`planned=False` runs the executor's unspecialized program (no plan)."""
         feeds = self._feeds(inputs)
         if self.xp is not np:
             feeds = {k: self._to_device(v) for k, v in feeds.items()}
-        got = self.executor.run(feeds)
+        got = self.executor.run(feeds) if planned else self.executor.run_unplanned(feeds)
         return namedtupledict("Outputs", self.outputs)(*[_host(got[o]) for o in self.outputs])
 
 
