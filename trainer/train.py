@@ -725,6 +725,7 @@ class Trainer:
         sharded optimizer's state is gathered first (a collective: every rank calls this), so
         a checkpoint always holds the whole state and resumes sharded or not."""
         optim = self._full_optimizer_state()
+        self._sync_state("checkpoint")
         if self.rank != 0:
             return
         arrays = {f"param/{k}": to_host(v) for k, v in self.params.items()}
@@ -737,6 +738,16 @@ class Trainer:
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
+
+    def _sync_state(self, why: str) -> None:
+        """Rank 0's training state (BatchNorm running statistics, which each process updates
+        from its own batches) on every rank, as the checkpoint and the export hold it: after a
+        checkpoint all ranks continue from what a resumed run loads, and an evaluation scores
+        the weights and statistics that are exported. (Training-mode BatchNormalization uses
+        batch statistics, so the weights do not depend on it.)"""
+        if self.world > 1:
+            for k, v in self.state.items():
+                self.comm.bcast_(v, label=f"training state {k} ({why})")
 
     def _full_optimizer_state(self) -> dict:
         """The optimizer state as host arrays over the whole flat buffer."""
@@ -838,6 +849,7 @@ class Trainer:
     def evaluate(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for cross_entropy) over a dataset, sharded across ranks."""
         arrays = self.eval_arrays if arrays is None else arrays
+        self._sync_state("evaluation")
         spec = self.cfg.loss
         n = next(iter(arrays.values())).shape[0]
         lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
