@@ -40,3 +40,10 @@ def digits_config():
             node[parts[-1]] = value
         return cfg
     return make
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Every model family of tests/families.py: {name: directory with model.onnx, data.npz}."""
+    from tests.families import build_zoo
+    return build_zoo(tmp_path_factory)

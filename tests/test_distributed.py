@@ -15,6 +15,7 @@ import yaml
 from onnx import numpy_helper
 
 from tests.conftest import ROOT
+from tests.families import FAMILIES, family_config
 from tests.mpi_run import run_mpi
 from trainer.comm.local import run_local as run_ranks
 from trainer.config import config_from_dict
@@ -77,109 +78,7 @@ def test_killed_rank_ends_the_job(tmp_path, digits_config):
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
-# -- every model family under mpirun ------------------------------------------------------------
-# name: (zoo kind, export form, extra config). BatchNormalization in inference form makes its
-# running statistics training state (broadcast at start, exported from rank 0); the training form
-# has BatchNormalization(training_mode=1) and Dropout with a mask output.
-FAMILIES = {
-    "bn_cnn_inference": ("cnn", "inference", {}),
-    "resnet_inference": ("resnet", "inference", {}),
-    "bn_cnn_training_form": ("cnn", "training", {}),
-    "dropout_mlp": ("dropout_mlp", "training", {}),
-    "mlp_frozen": ("mlp", "inference", {"frozen": ["fc1.*"]}),
-    "qdq_mlp": ("qdq_mlp", "built", {}),  # fake quantization (QuantizeLinear/DequantizeLinear)
-    # the BatchNorm CNN through onnxruntime's quantize_static (QDQ, float weights), its scales
-    # learned too (kept positive after each update)
-    "ort_qdq_cnn": ("cnn", "ort_qdq", {
-        "trainable": ["all", "*_scale"],
-        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9,
-                      "groups": [{"params": "*_scale", "lr": 1e-4}]}}),
-    # a pre-norm transformer encoder layer through the default exporter with its optimizer: its
-    # merged LayerNorm tensors and dropped attention bias are restored on every rank
-    "encoder_dynamo": ("encoder", "dynamo", {}),
-    # token ids through an nn.Embedding with a padding row into rotary attention, default
-    # exporter: the padding row's gradient is left out and the folded cos/sin tables stay fixed
-    # on every rank
-    "token_rotary_dynamo": ("token_rotary", "dynamo", {}),
-}
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    """Per family: a directory with model.onnx (exported from PyTorch) and data.npz."""
-    torch_models = pytest.importorskip("tests.torch_models")
-    pytest.importorskip("onnxscript")
-    out = {}
-    for i, (name, (kind, form, _)) in enumerate(FAMILIES.items()):
-        d = tmp_path_factory.mktemp(name)
-        if kind == "qdq_mlp":
-            from tests.test_grad_quant import qdq_mlp
-
-            sample = (8,)
-            onnx.save(qdq_mlp(np.random.default_rng(20 + i), classes=10)[0],
-                      str(d / "model.onnx"))
-        elif form == "ort_qdq":
-            from tests.test_grad_quant import _quantize_static_qdq
-
-            sample = torch_models.ZOO[kind][1]
-            model = torch_models.zoo_model(kind, seed=20 + i)
-            onnx.save(torch_models.export_form(model, sample, "inference"), str(d / "float.onnx"))
-            calibration = np.random.default_rng(99).standard_normal((32,) + sample)
-            _quantize_static_qdq(d / "float.onnx", d / "model.onnx",
-                                 calibration.astype(np.float32))
-        elif kind == "token_rotary":
-            import torch
-
-            from tests.test_user_models import Rotary
-
-            torch.manual_seed(20 + i)
-            emb, block = torch.nn.Embedding(16, 8, padding_idx=0), Rotary()
-            block.head = torch.nn.Linear(8, 10)
-            model = torch.nn.Sequential(emb, block).eval()
-            proto = torch.onnx.export(model, (torch.zeros(2, 6, dtype=torch.int64),), None,
-                                      input_names=["x"], output_names=["logits"],
-                                      dynamic_shapes=({0: torch.export.Dim("N")},))
-            onnx.save(proto.model_proto, str(d / "model.onnx"))
-            rng = np.random.default_rng(i)
-            np.savez(d / "data.npz", x=rng.integers(0, 16, (64, 6)).astype(np.int64),
-                     y=rng.integers(0, 10, 64).astype(np.int64))
-            out[name] = d
-            continue
-        elif form == "dynamo":
-            import torch
-
-            from tests.test_user_models import Encoder, export
-
-            sample = (6, 8)
-            torch.manual_seed(20 + i)
-            model = Encoder()
-            model.head = torch.nn.Linear(8, 10)
-            onnx.save(export(model, sample, "dynamo"), str(d / "model.onnx"))
-        else:
-            sample = torch_models.ZOO[kind][1]
-            model = torch_models.zoo_model(kind, seed=20 + i)
-            onnx.save(torch_models.export_form(model, sample, form), str(d / "model.onnx"))
-        rng = np.random.default_rng(i)
-        n = 64
-        x = rng.standard_normal((n,) + sample).astype(np.float32)
-        np.savez(d / "data.npz", x=x, y=rng.integers(0, 10, n).astype(np.int64))
-        out[name] = d
-    return out
-
-
-def _family_config(d, name, **over):
-    raw = {"model": str(d / "model.onnx"), "output": str(d / "out.onnx"), "device": "cpu",
-           "precision": "fp64",
-           "data": {"train": {"path": str(d / "data.npz"), "inputs": {"x": "x"},
-                              "targets": {"label": "y"}},
-                    "batch_size": 16, "shuffle": True},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9}, "steps": 6,
-           "log": {"every_steps": 1}, **FAMILIES[name][2]}
-    raw.update(over)
-    return raw
-
-
+# -- every model family under mpirun (tests/families.py) ----------------------------------------
 def _emulated(raw, world, base):
     """The same job on `world` emulated ranks in this process (a reference for mpirun)."""
     def job(comm):
@@ -197,7 +96,7 @@ def test_every_family_trains_under_mpirun(zoo, tmp_path, name, world):
     and loads in onnxruntime."""
     ort = pytest.importorskip("onnxruntime")
     d = zoo[name]
-    raw = _family_config(d, name, output=str(tmp_path / "out.onnx"))
+    raw = family_config(d, name, output=str(tmp_path / "out.onnx"))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = _launch(world, path)
@@ -228,44 +127,12 @@ def test_every_family_trains_under_mpirun(zoo, tmp_path, name, world):
     assert logits.shape == (5, 10) and np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_every_family_resumes_exactly(zoo, tmp_path, name, world):
-    """A run stopped at step 3 and resumed from its checkpoint ends bit for bit where the
-    uninterrupted run does, on every rank (weights, optimizer, BatchNorm statistics, Dropout
-    streams; the resumed first step runs the same planned kernels as the uninterrupted run's
-    fourth). Checkpointing itself changes nothing that is exported."""
-    d = zoo[name]
-
-    def run(steps, resume=False, ck=None):
-        raw = _family_config(d, name, steps=steps, output=str(tmp_path / f"{steps}.onnx"))
-        if ck:
-            raw["checkpoint"] = {"dir": str(tmp_path / ck), "every_steps": 3, "keep": 1}
-
-        def job(comm):
-            t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
-            t.fit(resume=resume)
-            return t.trained_values(), [r["loss"] for r in t.history if "loss" in r]
-        return run_ranks(world, job)
-
-    full = run(6, ck="full")
-    run(3, ck="ck")
-    resumed = run(6, True, ck="ck")
-    for (values, losses), (want, want_losses) in zip(resumed, full, strict=True):
-        assert losses == want_losses[3:]
-        for k, v in want.items():
-            np.testing.assert_array_equal(values[k], v, err_msg=k)
-    plain, _ = run(6)[0]
-    for k, v in full[0][0].items():
-        np.testing.assert_array_equal(plain[k], v, err_msg=k)
-
-
 @pytest.mark.parametrize("name", ["bn_cnn_inference", "bn_cnn_training_form"])
 def test_evaluation_under_ranks_scores_the_exported_model(zoo, tmp_path, name):
     """Each rank updates its own BatchNorm statistics, but a sharded evaluation uses rank 0's
     (the exported ones) on every rank: its metrics are those of the exported model."""
     d = zoo[name]
-    raw = _family_config(d, name, output=str(tmp_path / "out.onnx"))
+    raw = family_config(d, name, output=str(tmp_path / "out.onnx"))
     raw["data"]["eval"] = dict(raw["data"]["train"])
     raw["eval"] = {"every_steps": 3}
 
@@ -495,7 +362,7 @@ def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, wor
     """distributed.sync_batchnorm: the batch statistics are all-reduced, so N ranks train the
     weights and running statistics of one process with the same global batch."""
     d = zoo[name]
-    raw = _family_config(d, name, output=str(tmp_path / "sync.onnx"),
+    raw = family_config(d, name, output=str(tmp_path / "sync.onnx"),
                          distributed={"sync_batchnorm": True})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -574,7 +441,7 @@ def test_zero1_on_batchnorm_families_equals_emulated_ranks(zoo, tmp_path, name, 
     without sharding (the optimizer is element-wise)."""
     d = zoo[name]
     dist = {"shard_optimizer": True, "bucket_mb": 0.001}
-    raw = _family_config(d, name, output=str(tmp_path / "out.onnx"), distributed=dist)
+    raw = family_config(d, name, output=str(tmp_path / "out.onnx"), distributed=dist)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = _launch(world, path)
