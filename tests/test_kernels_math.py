@@ -593,3 +593,36 @@ def test_sigmoid_matches_torch_to_a_few_ulps_at_every_range(dtype):
     ok = ~np.isnan(want)
     ulps = np.abs(got[ok] - want[ok]) / np.spacing(np.abs(want[ok]).astype(dtype))
     assert ulps.max() <= 4, ulps.max()
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.sampled_from([1, 7, 300, 5000]), n=st.sampled_from([2, 3, 10, 16, 17, 64, 512,
+                                                                     513]),
+       lead=st.booleans(), dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+       special=st.sampled_from(["none", "nan", "-inf row", "inf", "zeros"]),
+       seed=st.integers(0, 2 ** 16))
+def test_row_max_is_numpys_max(rows, n, lead, dtype, special, seed):
+    """max_of (the softmax family's shift) gives x.max bit for bit, NaN and infinities
+    included, on its fast paths (short trailing rows) and off them."""
+    from trainer.kernels.reduce import max_of
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype(dtype)
+    if special == "nan":
+        x[rng.integers(0, rows, 3), rng.integers(0, n, 3)] = np.nan
+    elif special == "-inf row":
+        x[rng.integers(0, rows)] = -np.inf
+    elif special == "inf":
+        x[rng.integers(0, rows, 3), rng.integers(0, n, 3)] = np.inf
+    elif special == "zeros":
+        x[:] = np.where(rng.random(x.shape) < 0.5, -0.0, 0.0)
+    if lead:
+        x = x.reshape(1, rows, n)
+    axes = (x.ndim - 1,)
+    for keepdims in (True, False):
+        got = max_of(np, x, axes, keepdims)
+        want = x.max(axis=axes, keepdims=keepdims)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    if lead:  # the two trailing axes together
+        np.testing.assert_array_equal(max_of(np, x, (1, 2)), x.max(axis=(1, 2), keepdims=True))

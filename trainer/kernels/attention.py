@@ -13,6 +13,7 @@ from onnx.helper import tensor_dtype_to_np_dtype
 
 from trainer.kernels import kernel, matmul
 from trainer.kernels.norm import compute_dtype
+from trainer.kernels.reduce import max_of
 
 
 def _split_heads(x, n: int):
@@ -75,7 +76,7 @@ def _softmax_rows(xp, x, masked_rows, inplace: bool):
     """Softmax over the last axis (overwriting x if inplace); rows with no allowed key (masked
     by the bias alone, whatever the scores hold) give zeros, not NaN."""
     zero, one = x.dtype.type(0), x.dtype.type(1)
-    m = x.max(axis=-1, keepdims=True)
+    m = max_of(xp, x, (-1,))
     m = xp.where(m == x.dtype.type(-np.inf), zero, m)
     if inplace:
         x -= m

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from trainer.graph import attrs_of
 from trainer.kernels import get_kernel, nn
 from trainer.kernels.elementwise import erf_rational
-from trainer.kernels.reduce import mean_of, squares_finite, sum_of
+from trainer.kernels.reduce import max_of, mean_of, squares_finite, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
 def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
     """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
     operations as its kernel with the label lookup written for the 2-D case."""
-    log_prob = scores - scores.max(axis=1, keepdims=True)
+    log_prob = scores - max_of(xp, scores, (1,))
     log_prob -= xp.log(sum_of(xp, xp.exp(log_prob), (1,), True))
     lab = labels.astype(np.int64, copy=False)
     if _none_ignored(xp, lab, ignore_index, log_prob.shape[1]):

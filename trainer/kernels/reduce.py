@@ -123,6 +123,32 @@ def sum_of(xp, x, axes=None, keepdims=False, out=None):
     return x.sum(axis=axes, keepdims=keepdims)
 
 
+ROW_MAX_MIN = 4096  # elements: below, NumPy's own reduction is as fast
+
+
+def max_of(xp, x, axes, keepdims=True):
+    """x.max(axis=axes, keepdims=keepdims) where it is a shift (softmax, log-softmax, cross
+    entropy, attention): the same value, NaN propagated alike. On the host, over the trailing
+    axes of a C-contiguous x with short rows, NumPy's reduction pays per row; there rows of up
+    to 16 go through whole-array np.maximum calls over their columns and rows of up to 512
+    through argmax ([16384, 10] float32: 0.71 -> 0.08 ms; [4096, 64]: 0.24 -> 0.10 ms)."""
+    axes = tuple(sorted(a % x.ndim for a in axes)) if x.ndim else ()
+    k = len(axes)
+    if (xp is np and x.size >= ROW_MAX_MIN and k and x.flags.c_contiguous
+            and axes == tuple(range(x.ndim - k, x.ndim)) and x.dtype.kind == "f"):
+        n = math.prod(x.shape[x.ndim - k:])
+        if 1 < n <= 512:
+            rows = x.reshape(-1, n)
+            if n <= 16:
+                m = rows[:, 0].copy()
+                for j in range(1, n):
+                    np.maximum(m, rows[:, j], out=m)
+            else:
+                m = np.take_along_axis(rows, rows.argmax(axis=1)[:, None], axis=1)
+            return m.reshape(x.shape[:x.ndim - k] + ((1,) * k if keepdims else ()))
+    return x.max(axis=axes, keepdims=keepdims)
+
+
 def squares_finite(x, quiet: bool = True) -> bool:
     """Whether the sum of squares of host float array x is finite, in one pass (a BLAS dot,
     3x faster than NumPy's sum): then every element is finite, since a non-finite one makes
@@ -267,14 +293,16 @@ def softmax_axes(ndim: int, axis: int, opset: int) -> tuple[int, ...]:
 # The softmax family computes in x's own dtype: ONNX's float16 expectations (e.g. the expanded
 # fp16 attention cases) are rounded step by step, and float32 compute misses them by 2 ulp.
 def _log_softmax(xp, x, axes):
-    m = x.max(axis=axes, keepdims=True)
+    m = max_of(xp, x, axes)
     z = x - m
     return z - xp.log(sum_of(xp, xp.exp(z), axes, True))
 
 
 def _softmax(xp, x, axes):
-    e = xp.exp(x - x.max(axis=axes, keepdims=True))
-    return e / sum_of(xp, e, axes, True)
+    e = xp.subtract(x, max_of(xp, x, axes))
+    e = xp.exp(e, out=e)
+    e /= sum_of(xp, e, axes, True)
+    return e
 
 
 @kernel("Softmax", since=1)
