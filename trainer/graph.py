@@ -16,6 +16,13 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.BFLOAT16}
 
 
+def is_float_dtype(dtype) -> bool:
+    """A float NumPy dtype of FLOAT_TYPES: float16/32/64 and ml_dtypes' bfloat16 (whose kind is
+    'V', not 'f')."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 # Loading limits: beyond them a file is refused before anything large is allocated.
 MAX_FILE_BYTES = 2**31  # protobuf cannot parse more; bigger models use external data
 MAX_TENSOR_ELEMENTS = 2**34  # one stored tensor (64 GiB of float32)

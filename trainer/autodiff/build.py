@@ -39,6 +39,7 @@ from trainer.graph import (
     elem_type,
     input_dtypes,
     input_shapes,
+    is_float_dtype,
     node_name,
     opset_of,
     tensor_type,
@@ -128,7 +129,7 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     g = m.graph
     shapes_all = probe(m, in_shapes, input_dtypes(model), example)
     for x in wrt + of:
-        if x in shapes_all and shapes_all[x][1].kind != "f":
+        if x in shapes_all and not is_float_dtype(shapes_all[x][1]):
             raise ModelError(f"reverse: '{x}' is {shapes_all[x][1]}, not a float tensor")
     consts = _constant_values(m, shapes_all)
     scope = NameScope(all_names(g))

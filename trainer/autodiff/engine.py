@@ -10,7 +10,7 @@ from trainer.autodiff.context import GradContext
 from trainer.autodiff.registry import STRAIGHT_THROUGH, _load_all, get_rule
 from trainer.autodiff.subgraph import input_slots, n_slots
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import NameScope, node_name
+from trainer.graph import NameScope, is_float_dtype, node_name
 
 _load_all()
 
@@ -31,7 +31,7 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
         if any(i in requires for i in diff_inputs(node)):
             through = node.op_type in STRAIGHT_THROUGH
             requires.update(o for o in node.output
-                            if o in shapes and (through or shapes[o][1].kind == "f"))
+                            if o in shapes and (through or is_float_dtype(shapes[o][1])))
     useful = {targets} if isinstance(targets, str) else set(targets)
     for node in reversed(nodes):
         if any(o in useful for o in node.output):

@@ -23,7 +23,15 @@ from onnx import helper, numpy_helper
 
 from trainer.errors import ModelError
 from trainer.executor import outer_names, subgraphs
-from trainer.graph import FLOAT_TYPES, NameScope, all_names, attrs_of, elem_type, node_name
+from trainer.graph import (
+    FLOAT_TYPES,
+    NameScope,
+    all_names,
+    attrs_of,
+    elem_type,
+    is_float_dtype,
+    node_name,
+)
 
 # Ops never folded or dropped as dead code: each run draws new values.
 RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
@@ -846,7 +854,7 @@ class Region:
                                  "a sequence or optional value from outside; gradients through "
                                  "it are not supported")
             shape, dt = ctx.shapes[x]
-            value = ctx.static_value(x) if dt.kind != "f" else None
+            value = ctx.static_value(x) if not is_float_dtype(dt) else None
             if value is not None:
                 inits.append(numpy_helper.from_array(np.asarray(value).astype(dt), x))
             else:

@@ -18,6 +18,7 @@ from trainer.autodiff.rules.elementwise import (
     where,
 )
 from trainer.errors import ModelError
+from trainer.graph import is_float_dtype
 from trainer.kernels.reduce import softmax_axes
 
 no_gradient("ArgMax", "ArgMin", "Hardmax")
@@ -261,7 +262,7 @@ def softmax_grad(ctx):
     # its dX is taken as 0 (Y read as 0 where NaN), instead of NaN poisoning every gradient.
     y = ctx.O(0)
     guard = []
-    if ctx.opset >= 9 and ctx.dtype(y).kind == "f":
+    if ctx.opset >= 9 and is_float_dtype(ctx.dtype(y)):
         nan, y = ctx.tmp("nan"), ctx.tmp("y_safe")
         guard = [ctx.node("IsNaN", [ctx.O(0)], [nan]),
                  ctx.node("Where", [nan, ctx.scalar(0.0, ctx.O(0)), ctx.O(0)], [y])]
