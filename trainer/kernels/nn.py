@@ -210,7 +210,19 @@ def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
          pads=None, strides=None):
     strides, dilations, pads, out = conv_geometry(x.shape, list(w.shape[2:]), strides,
                                                   dilations, pads, auto_pad)
-    return (conv_into(xp, x, w, b, strides, dilations, pads, out, group),)
+    low, (x, w, b) = _bf16_as_float32(x, w, b)
+    y = conv_into(xp, x, w, b, strides, dilations, pads, out, group)
+    return (y.astype(low) if low is not None else y,)
+
+
+def _bf16_as_float32(*arrays):
+    """(bfloat16 or None, the arrays in float32) for bfloat16 operands, which have no BLAS: a
+    bfloat16 convolution is the float32 one of the bfloat16 values, rounded once (as bf16
+    GEMMs accumulate in float32); (None, the arrays) otherwise."""
+    first = arrays[0]
+    if first.dtype.name != "bfloat16":
+        return None, arrays
+    return first.dtype, tuple(None if a is None else a.astype(np.float32) for a in arrays)
 
 
 def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw=None):
@@ -383,7 +395,9 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
                   strides=None):
     geo = conv_transpose_geometry(x.shape, list(w.shape[2:]), strides, dilations, pads,
                                   output_padding, output_shape, auto_pad)
-    return (conv_transpose_into(xp, x, w, b, *geo, group),)
+    low, (x, w, b) = _bf16_as_float32(x, w, b)
+    y = conv_transpose_into(xp, x, w, b, *geo, group)
+    return (y.astype(low) if low is not None else y,)
 
 
 def _tap_views(xw, kernel_shape):
