@@ -163,6 +163,26 @@ def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
     assert np.isfinite(res[0])
 
 
+def test_grad_bf16_writes_the_mixed_precision_training_graph(tmp_path):
+    """`grad --precision bf16`: the products read bfloat16 copies (Casts) and their gradients
+    come back to the float32 parameters; the graph checks and our executor runs it."""
+    from trainer.executor import Executor
+
+    out = tmp_path / "train.onnx"
+    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits",
+               "--batch-size", "8", "--precision", "bf16", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    to_bf16 = [n for n in model.graph.node if n.op_type == "Cast"
+               and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
+    assert {n.input[0] for n in to_bf16} >= {"fc1.weight", "fc2.weight", "x"}
+    got = Executor(model).run({"x": np.random.rand(8, 64).astype(np.float32),
+                               "label": np.arange(8, dtype=np.int64)})
+    assert got["fc1.weight_grad"].dtype == np.float32
+    assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
+
+
 def test_eval_command(tmp_path, digits_config):
     cfg = write_cfg(tmp_path, digits_config(steps=30))
     assert run("train", cfg).returncode == 0

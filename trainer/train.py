@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from trainer import checkpoint, preflight, report
+from trainer.autocast import autocast_bf16
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
     parameter_aliases,
@@ -72,12 +73,15 @@ class Trainer:
         (paths, model support, data, memory) before anything large is allocated."""
         self.cfg = cfg
         self.threads = apply_threads(cfg.threads)
-        if cfg.precision in ("tf32", "bf16"):
-            raise TrainerError(f"precision '{cfg.precision}' is not available yet; use fp32 or "
-                               "fp64")
+        if cfg.precision == "tf32":
+            raise TrainerError("precision 'tf32' is not available yet; use fp32, bf16 or fp64")
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
+        if cfg.precision == "bf16" and self.xp is not np:
+            raise TrainerError("precision bf16 runs on the CPU so far (checked against "
+                               "torch.autocast there); on a GPU it waits for CuPy's bfloat16 "
+                               "support to be checked on the hardware: use fp32, or device: cpu")
         self.comm = comm or get_communicator(cfg.distributed.backend, cfg.distributed.timeout_s,
                                              device="cpu" if self.xp is np else "gpu")
         self.rank, self.world = self.comm.rank, self.comm.size
@@ -129,6 +133,14 @@ class Trainer:
             self.log.info(report.tied_line(copy_name, src, kind))
         self.run_model = compute_form(train_model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
+        # the training graph's forward: with bf16, its matrix products in bfloat16 (evaluation
+        # and export keep the model's own float32 products)
+        self.step_model = self.run_model
+        if cfg.precision == "bf16":
+            self.step_model, cast = autocast_bf16(self.run_model)
+            self.log.info(f"precision bf16: {cast} matrix products in bfloat16, the rest float32"
+                          if cast else "precision bf16: no float32 matrix product to cast (it "
+                          "needs opset 13 or later); training in float32")
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
@@ -251,7 +263,7 @@ class Trainer:
         got = self._graphs.get(local_n)
         if got is None:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
-            tm = build_training_graph(self.run_model, self.cfg.loss, self.cfg.trainable,
+            tm = build_training_graph(self.step_model, self.cfg.loss, self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes,
                                       batchnorm=self.cfg.batchnorm,
                                       sync_batchnorm=self.sync_bn)
