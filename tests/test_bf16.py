@@ -135,3 +135,31 @@ def test_bf16_trains_the_parameters_float32_trains(zoo, tmp_path, name):
         got[precision] = sorted(t.names), sorted(t.state), sorted(t.tied)
         assert all(np.isfinite(r["loss"]) for r in t.history if "loss" in r)
     assert got["bf16"] == got["fp32"]
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm", "Conv", "ConvTranspose"])
+def test_bfloat16_products_are_float32_products_rounded_once(op):
+    """A product of bfloat16 operands is bfloat16 (ONNX: the inputs' type): the float32 product
+    of the bfloat16 values, rounded once, on both executor paths."""
+    import ml_dtypes
+    from onnx import TensorProto, helper
+
+    from trainer.executor import Executor
+    from trainer.kernels import get_kernel
+
+    shapes = {"MatMul": [(3, 4, 8), (8, 5)], "Gemm": [(4, 8), (8, 5)],
+              "Conv": [(2, 3, 6, 6), (4, 3, 3, 3)], "ConvTranspose": [(2, 3, 5, 5), (3, 4, 3, 3)]}
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in shapes[op])
+    want = get_kernel(op, 18)(np, a.astype(np.float32), b.astype(np.float32))[0]
+    bf = TensorProto.BFLOAT16
+    g = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", bf, list(a.shape)),
+                           helper.make_tensor_value_info("b", bf, list(b.shape))],
+                          [helper.make_tensor_value_info("y", bf, None)])
+    ex = Executor(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    for run in (ex.run_unplanned, ex.run):
+        y = run({"a": a, "b": b})["y"]
+        assert y.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(y.astype(np.float32),
+                                      want.astype(ml_dtypes.bfloat16).astype(np.float32))
