@@ -148,18 +148,26 @@ def test_check_on_demo_model():
     assert "all trainable" in proc.stdout and "Gemm" in proc.stdout
 
 
-def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
+def _grad_graph(tmp_path, *extra: str) -> tuple[str, onnx.ModelProto]:
+    """`grad` on the digits MLP at batch 8: the written path and its (fully checked) model."""
     out = tmp_path / "train.onnx"
-    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--loss", "cross_entropy",
-               "--output", "logits", "--batch-size", "8", "-o", str(out))
+    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits",
+               "--batch-size", "8", *extra, "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
+    return str(out), model
+
+
+DIGITS_BATCH = {"x": np.random.rand(8, 64).astype(np.float32),
+                "label": np.arange(8, dtype=np.int64)}
+
+
+def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
+    out, model = _grad_graph(tmp_path, "--loss", "cross_entropy")
     names = [o.name for o in model.graph.output]
     assert names[0] == "loss" and "fc1.weight_grad" in names
-    sess = ort.InferenceSession(str(out))
-    res = sess.run(["loss"], {"x": np.random.rand(8, 64).astype(np.float32),
-                              "label": np.arange(8, dtype=np.int64)})
+    res = ort.InferenceSession(out).run(["loss"], DIGITS_BATCH)
     assert np.isfinite(res[0])
 
 
@@ -168,17 +176,11 @@ def test_grad_bf16_writes_the_mixed_precision_training_graph(tmp_path):
     come back to the float32 parameters; the graph checks and our executor runs it."""
     from trainer.executor import Executor
 
-    out = tmp_path / "train.onnx"
-    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits",
-               "--batch-size", "8", "--precision", "bf16", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    model = onnx.load(out)
-    onnx.checker.check_model(model, full_check=True)
+    _, model = _grad_graph(tmp_path, "--precision", "bf16")
     to_bf16 = [n for n in model.graph.node if n.op_type == "Cast"
                and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
     assert {n.input[0] for n in to_bf16} >= {"fc1.weight", "fc2.weight", "x"}
-    got = Executor(model).run({"x": np.random.rand(8, 64).astype(np.float32),
-                               "label": np.arange(8, dtype=np.int64)})
+    got = Executor(model).run(dict(DIGITS_BATCH))
     assert got["fc1.weight_grad"].dtype == np.float32
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
 
