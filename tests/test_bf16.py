@@ -106,15 +106,15 @@ def test_the_rewrite_casts_each_product_once_per_tensor():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
          helper.make_tensor_value_info("z", TensorProto.DOUBLE, [2, 4])], [w, wd])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    out, count = autocast_bf16(m)
-    assert count == 2
+    out, count, total = autocast_bf16(m)
+    assert (count, total) == (2, 3)
     casts = [n for n in out.graph.node if n.op_type == "Cast"]
     assert sorted(n.input[0] for n in casts if n.attribute[0].i == TensorProto.BFLOAT16) == \
         ["w", "x"]
     assert len(casts) == 4  # two inputs, two outputs back to float32
     onnx.checker.check_model(out, full_check=True)
     old = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
-    assert autocast_bf16(old)[1] == 0
+    assert autocast_bf16(old)[1:] == (0, 3)
 
 
 @pytest.mark.parametrize("name", ["encoder_dynamo", "token_rotary_dynamo", "bn_cnn_inference",

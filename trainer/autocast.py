@@ -36,12 +36,13 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
     """The model with its float32 matrix products in bfloat16 (see the module docstring);
-    returns (model, number of products cast). Opset 13+ is needed for bfloat16 Casts; older
-    models are left as they are (0 products)."""
+    returns (model, products cast, products in the main graph). Opset 13+ is needed for
+    bfloat16 Casts; older models are left as they are (none cast)."""
+    total = sum(n.op_type in BF16_OPS and not n.domain for n in model.graph.node)
     if opset_of(model) < 13:
-        return model, 0
+        return model, 0, total
     m = copy.deepcopy(model)
     g = m.graph
     f32 = _float32_values(m)
@@ -81,4 +82,4 @@ def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         count += 1
     del g.node[:]
     g.node.extend(nodes)
-    return m, count
+    return m, count, total

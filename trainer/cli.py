@@ -117,7 +117,7 @@ def _grad(args) -> int:
     model = load_model(args.model)
     if args.precision == "bf16":
         from trainer.autocast import autocast_bf16
-        model, _ = autocast_bf16(model)
+        model, _, _ = autocast_bf16(model)
     shapes = {}
     for item in args.shape or []:
         name, sep, dims = item.partition("=")

@@ -42,6 +42,7 @@ from trainer.graph import (
     input_dtypes,
     load_model,
     np_dtype,
+    opset_of,
 )
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
@@ -137,10 +138,11 @@ class Trainer:
         # and export keep the model's own float32 products)
         self.step_model = self.run_model
         if cfg.precision == "bf16":
-            self.step_model, cast = autocast_bf16(self.run_model)
-            self.log.info(f"precision bf16: {cast} matrix products in bfloat16, the rest float32"
-                          if cast else "precision bf16: no float32 matrix product to cast (it "
-                          "needs opset 13 or later); training in float32")
+            self.step_model, cast, total = autocast_bf16(self.run_model)
+            why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
+                   and opset_of(self.run_model) < 13 else "")
+            self.log.info(f"precision bf16: {cast} of {total} matrix products (MatMul, Gemm, "
+                          f"Conv, ConvTranspose) in bfloat16, the rest in float32{why}")
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
