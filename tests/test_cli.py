@@ -171,15 +171,17 @@ def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
     assert np.isfinite(res[0])
 
 
-def test_grad_bf16_writes_the_mixed_precision_training_graph(tmp_path):
-    """`grad --precision bf16`: the products read bfloat16 copies (Casts) and their gradients
-    come back to the float32 parameters; the graph checks and our executor runs it."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precision):
+    """`grad --precision bf16|fp16`: the products read 16-bit copies (Casts) and their
+    gradients come back to the float32 parameters; the graph checks and our executor runs
+    it."""
     from trainer.executor import Executor
 
-    _, model = _grad_graph(tmp_path, "--precision", "bf16")
-    to_bf16 = [n for n in model.graph.node if n.op_type == "Cast"
-               and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
-    assert {n.input[0] for n in to_bf16} >= {"fc1.weight", "fc2.weight", "x"}
+    _, model = _grad_graph(tmp_path, "--precision", precision)
+    low = {"bf16": onnx.TensorProto.BFLOAT16, "fp16": onnx.TensorProto.FLOAT16}[precision]
+    to_low = [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == low]
+    assert {n.input[0] for n in to_low} >= {"fc1.weight", "fc2.weight", "x"}
     got = Executor(model).run(dict(DIGITS_BATCH))
     assert got["fc1.weight_grad"].dtype == np.float32
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0

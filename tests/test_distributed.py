@@ -309,6 +309,33 @@ def test_sync_variants_match_one_process(tmp_path, digits_config, name):
         np.testing.assert_allclose(ours[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.parametrize("dist,extra", [({"bucket_mb": 0.002}, {}),
+                                        ({"shard_optimizer": True},
+                                         {"grad_clip": {"max_norm": 0.05}})])
+def test_fp16_loss_scaling_under_mpirun_equals_one_process(tmp_path, digits_config, dist,
+                                                           extra):
+    """precision fp16 on 2 ranks, an overflowing first scale included: every rank skips the
+    same steps and keeps the same loss scale (the decision follows the all-reduced gradients,
+    or under ZeRO-1 the all-reduced overflow flag), and the weights are those of one process
+    accumulating the two half batches (the same float16 products, summed in float32)."""
+    raw = digits_config(precision="fp16", steps=8, output=str(tmp_path / "np.onnx"),
+                        loss_scale={"init": 2.0 ** 28, "growth_interval": 2},
+                        distributed=dist, **extra)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx"),
+                                       "accumulate": 2, "distributed": {}}, tmp_path),
+                     stream=io.StringIO())
+    single.fit()
+    assert single.scaler_skipped >= 2
+    proc = _launch(2, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("overflowed at loss scale") == single.scaler_skipped
+    ours, ref = _weights(tmp_path / "np.onnx"), _weights(tmp_path / "one.onnx")
+    for k, v in ref.items():
+        np.testing.assert_allclose(ours[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def test_bf16_compression_stays_close(tmp_path, digits_config):
     """distributed.compress: bf16 (float32 runs): each rank's gradient travels rounded to bf16
     (relative error <= 2**-8 per element, see trainer/comm/buckets.py); after 8 SGD steps the

@@ -220,3 +220,17 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert "-m gpu" in text and "bench/gpu_bench.py" in text
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_fp16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
+    """precision fp16 on CuPy (cuBLAS float16 products) against the CPU's float16 products
+    (float32 accumulation, rounded once): the same overflow steps and loss scales, losses and
+    weights within float16's rounding."""
+    cfg = {**exported(kind, {"type": "sgd", "lr": 0.05}), "precision": "fp16",
+           "loss_scale": {"init": 2.0 ** 30, "growth_interval": 2}, "steps": 8}
+    cpu, run = _train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu")
+    scales = [[r["loss_scale"] for r in t.history if "loss" in r] for t in (cpu[0], run[0])]
+    assert scales[0] == scales[1], scales
+    _compare_runs(cpu, run, rtol=5e-3, atol=1e-3)

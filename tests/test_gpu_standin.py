@@ -792,3 +792,20 @@ def test_bf16_on_a_gpu_is_refused_until_checked_there(gpu, tmp_path, digits_conf
                         precision="bf16")
     with pytest.raises(TrainerError, match="bf16 runs on the CPU"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_fp16_trains_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported, kind):
+    """precision fp16 (float16 products, dynamic loss scaling) on the device path: the same
+    losses, loss scales and weights as on the CPU, an overflow included (the first scale is
+    too large, so the first steps are skipped), and a step reads back only its status."""
+    cfg = {**exported(kind, {"type": "sgd", "lr": 0.05}), "precision": "fp16",
+           "loss_scale": {"init": 2.0 ** 30, "growth_interval": 2}, "steps": 8}
+    cpu = _train(cfg, tmp_path, "cpu")
+    run = _train(cfg, tmp_path, "gpu")
+    _compare_runs(cpu, run, rtol=1e-4, atol=1e-5)
+    scales = [[r["loss_scale"] for r in t.history if "loss" in r] for t in (cpu[0], run[0])]
+    assert scales[0] == scales[1] and scales[0][0] < 2.0 ** 30, scales
+    assert run[0].scaler_skipped == cpu[0].scaler_skipped >= 1
+    for reads in _step_reads(run[0]):
+        assert len(reads) <= 1 and not d2h_outside(("train.py",)), reads

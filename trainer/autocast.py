@@ -1,12 +1,15 @@
-"""`precision: bf16`: bfloat16 mixed precision as a graph rewrite, the way torch.autocast does it.
+"""`precision: bf16 | fp16`: 16-bit mixed precision as a graph rewrite, the way torch.autocast
+does it.
 
 The matrix products (MatMul, Gemm, Conv, ConvTranspose) of the float32 compute form read
-bfloat16 copies of their inputs (Cast nodes: the float32 parameters stay the master weights) and
-their bfloat16 results are cast back to float32, so every other op (normalizations, softmax,
-reductions, the loss, the optimizer) runs in float32. The gradient rules of the Casts make the
-backward's products bfloat16 too and hand float32 gradients to the parameters. Kernels compute
-a bfloat16 product from the bfloat16-rounded operands with float32 accumulation and round the
-result once, as bf16 GEMMs do on GPUs and in PyTorch on CPUs.
+bfloat16 (or float16) copies of their inputs (Cast nodes: the float32 parameters stay the master
+weights) and their 16-bit results are cast back to float32, so every other op (normalizations,
+softmax, reductions, the loss, the optimizer) runs in float32. The gradient rules of the Casts
+make the backward's products 16-bit too and hand float32 gradients to the parameters. Kernels
+compute a 16-bit product from the rounded operands with float32 accumulation and round the
+result once, as 16-bit GEMMs do on GPUs and in PyTorch on CPUs. float16's narrow range is why
+fp16 training scales the loss (trainer.train.LossScaler): the backward's float16 gradients
+would otherwise underflow.
 
 The rewrite is plain ONNX (`onnx-trainer grad` shows it); exports and evaluation use the model
 as it was, with the trained float32 values. Products inside control-flow bodies keep float32.
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from trainer.graph import NameScope, all_names, opset_of
 
-BF16_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+CAST_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# precision -> (the products' ONNX type, its short name in tensor names, first opset with it)
+LOW = {"bf16": (TensorProto.BFLOAT16, "bf16", 13), "fp16": (TensorProto.FLOAT16, "fp16", 1)}
 
 
 def _float32_values(model: onnx.ModelProto) -> set[str]:
@@ -36,18 +42,19 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
-    """The model with its float32 matrix products in bfloat16 (see the module docstring);
-    returns (model, products cast, products in the main graph). Opset 13+ is needed for
-    bfloat16 Casts; older models are left as they are (none cast)."""
-    total = sum(n.op_type in BF16_OPS and not n.domain for n in model.graph.node)
-    if opset_of(model) < 13:
+def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, int, int]:
+    """The model with its float32 matrix products in `precision` ("bf16" or "fp16", see the
+    module docstring); returns (model, products cast, products in the main graph). bfloat16
+    Casts need opset 13+; older models are left as they are then (none cast)."""
+    to, short, since = LOW[precision]
+    total = sum(n.op_type in CAST_OPS and not n.domain for n in model.graph.node)
+    if opset_of(model) < since:
         return model, 0, total
     m = copy.deepcopy(model)
     g = m.graph
     f32 = _float32_values(m)
     scope = NameScope(all_names(g))
-    cast_of: dict[str, str] = {}  # float32 tensor -> its bfloat16 copy (one Cast per tensor)
+    cast_of: dict[str, str] = {}  # float32 tensor -> its 16-bit copy (one Cast per tensor)
     nodes: list[onnx.NodeProto] = []
     count = 0
     for node in g.node:
@@ -62,17 +69,16 @@ def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
             if k < len(node.input) and node.input[k]:
                 x = node.input[k]
                 if x not in cast_of:
-                    cast_of[x] = scope.fresh(f"{x}/bf16")
+                    cast_of[x] = scope.fresh(f"{x}/{short}")
                     cast = helper.make_node("Cast", [x], [cast_of[x]],
-                                            name=scope.fresh(f"{x}/to_bf16"),
-                                            to=TensorProto.BFLOAT16)
+                                            name=scope.fresh(f"{x}/to_{short}"), to=to)
                     # the product's export records (its module, its FX node's reads), which
                     # tell the parameter analysis whose weight a folded tensor is
                     cast.metadata_props.extend(node.metadata_props)
                     nodes.append(cast)
                 node.input[k] = cast_of[x]
         y = node.output[0]
-        low = scope.fresh(f"{y}/bf16")
+        low = scope.fresh(f"{y}/{short}")
         node.output[0] = low
         nodes.append(node)
         back = helper.make_node("Cast", [low], [y], name=scope.fresh(f"{y}/to_f32"),
@@ -83,3 +89,45 @@ def autocast_bf16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
     del g.node[:]
     g.node.extend(nodes)
     return m, count, total
+
+
+class LossScaler:
+    """Dynamic loss scaling for `precision: fp16` (config.LossScaleConfig), by
+    torch.amp.GradScaler's rule and in its float32 arithmetic: the backward starts from the loss
+    weight times `scale` (the seed), the summed gradients are multiplied by `inv_scale`, and a
+    step whose gradients are not all finite is skipped (`update(True)`)."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.scale = np.float32(cfg.init)
+        self.good = 0  # finite steps in a row since the last change
+
+    @property
+    def inv_scale(self) -> np.float32:
+        return np.float32(1.0 / float(self.scale))
+
+    def update(self, overflow: bool) -> None:
+        """After a step: back off on an overflow, grow after growth_interval finite steps."""
+        c = self.cfg
+        if not c.dynamic:
+            return
+        if overflow:
+            self.scale, self.good = np.float32(self.scale * np.float32(c.backoff_factor)), 0
+            return
+        self.good += 1
+        if self.good == c.growth_interval:
+            grown = np.float32(self.scale * np.float32(c.growth_factor))
+            if np.isfinite(grown):
+                self.scale = grown
+            self.good = 0
+
+    def state(self) -> dict:
+        return {"loss_scale": float(self.scale), "loss_scale_good_steps": self.good}
+
+    def load(self, meta: dict) -> bool:
+        """Restore from a checkpoint's meta; False if it holds no scaler state."""
+        if "loss_scale" not in meta:
+            return False
+        self.scale = np.float32(meta["loss_scale"])
+        self.good = int(meta.get("loss_scale_good_steps", 0))
+        return True

@@ -115,9 +115,9 @@ def _grad(args) -> int:
     from trainer.graph import load_model
 
     model = load_model(args.model)
-    if args.precision == "bf16":
-        from trainer.autocast import autocast_bf16
-        model, _, _ = autocast_bf16(model)
+    if args.precision in ("bf16", "fp16"):
+        from trainer.autocast import autocast
+        model, _, _ = autocast(model, args.precision)
     shapes = {}
     for item in args.shape or []:
         name, sep, dims = item.partition("=")
@@ -221,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable", nargs="*", help="initializer names/globs (default: all)")
     g.add_argument("--frozen-batchnorm", action="store_true",
                    help="keep BatchNormalization statistics fixed (inference form)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the float32 matrix products in bfloat16, as `precision: bf16` "
-                        "trains")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16/fp16: the float32 matrix products in bfloat16/float16, as "
+                        "`precision: bf16`/`fp16` trains")
     g.add_argument("-o", required=True, help="path of the training graph to write")
     g.set_defaults(fn=_grad)
     o = sub.add_parser("ops", parents=[common],

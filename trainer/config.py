@@ -338,6 +338,23 @@ class GradClipConfig:
     max_norm: float = _k(_float, check=_POS)
 
 
+_GROW = (lambda v: v >= 1, "must be >= 1 (1: the scale never grows)")
+_BACKOFF = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """Dynamic loss scaling of `precision: fp16` (torch.amp.GradScaler's defaults): the loss is
+    multiplied by the scale before the backward and the gradients divided by it after; a step
+    whose gradients overflow float16 is skipped and the scale multiplied by backoff_factor;
+    after growth_interval good steps in a row it is multiplied by growth_factor."""
+    init: float = _k(_float, 65536.0, check=_POS)
+    growth_factor: float = _k(_float, 2.0, check=_GROW)
+    backoff_factor: float = _k(_float, 0.5, check=_BACKOFF)
+    growth_interval: int = _k(_int, 2000, check=_GE1)
+    dynamic: bool = _k(_bool, True)  # false: the scale stays `init` (overflowing steps skipped)
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: Path | None = _k(_path, None, nullable=True)
@@ -392,7 +409,8 @@ class Config:
     output: Path = _k(_path, default_fn=lambda v, b: b / "runs" / v["model"].stem / "model.onnx")
     seed: int = _k(_int, 0, check=_NONNEG)
     device: str = _k(_str, "auto", choices=("auto", "cpu", "gpu"))
-    precision: str = _k(_str, "fp32", choices=("fp32", "fp64", "tf32", "bf16"))
+    precision: str = _k(_str, "fp32", choices=("fp32", "fp64", "tf32", "bf16", "fp16"))
+    loss_scale: LossScaleConfig | None = _k(LossScaleConfig, None, nullable=True)  # fp16 only
     data: DataConfig = _k(DataConfig)
     loss: LossConfig = _k(LossConfig)
     trainable: tuple[str, ...] | str = _k(_trainable, "all")
@@ -459,6 +477,9 @@ def _check_schedule(v: dict[str, Any], key: str) -> None:
 
 
 def _check_config(v: dict[str, Any], key: str) -> None:
+    if v["loss_scale"] is not None and v["precision"] != "fp16":
+        raise _err("loss_scale", f"scales float16 gradients; precision is '{v['precision']}' "
+                   "(set precision: fp16, or remove loss_scale)")
     if (v["steps"] is None) == (v["epochs"] is None):
         got = "neither" if v["steps"] is None else "both"
         raise ConfigError(f"config keys 'steps' and 'epochs': give exactly one of them, got {got}")

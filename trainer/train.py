@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from trainer import checkpoint, preflight, report
-from trainer.autocast import autocast_bf16
+from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
     parameter_aliases,
@@ -31,7 +31,7 @@ from trainer.backend import device_name, get_xp, to_host
 from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
-from trainer.config import Config, blas_threads
+from trainer.config import Config, LossScaleConfig, blas_threads
 from trainer.data import Batches, check_against_model, load_arrays
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
@@ -75,7 +75,8 @@ class Trainer:
         self.cfg = cfg
         self.threads = apply_threads(cfg.threads)
         if cfg.precision == "tf32":
-            raise TrainerError("precision 'tf32' is not available yet; use fp32, bf16 or fp64")
+            raise TrainerError("precision 'tf32' is not available yet; use fp32, bf16, fp16 "
+                               "or fp64")
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
@@ -99,8 +100,9 @@ class Trainer:
         # One micro-batch per step: gradient kernels write into the flat buffer themselves.
         self.direct_grads = cfg.accumulate == 1
         # The loss weight of a micro-batch enters the backward as its seed where the gradients
-        # are not weighted on their way into the buffer (direct), or cross ranks in the graph.
-        self.seed_weighted = self.direct_grads or self.sync_bn
+        # are not weighted on their way into the buffer (direct), or cross ranks in the graph,
+        # or with fp16's loss scale (float16 gradients then overflow where GradScaler's do).
+        self.seed_weighted = self.direct_grads or self.sync_bn or cfg.precision == "fp16"
         self._graphs: dict[int, tuple] = {}
         self._seeds: dict[float, object] = {}
         kwargs = {"stream": stream} if stream is not None else {}
@@ -137,12 +139,22 @@ class Trainer:
         # the training graph's forward: with bf16, its matrix products in bfloat16 (evaluation
         # and export keep the model's own float32 products)
         self.step_model = self.run_model
-        if cfg.precision == "bf16":
-            self.step_model, cast, total = autocast_bf16(self.run_model)
+        self.scaler = None  # fp16: dynamic loss scaling
+        if cfg.precision in ("bf16", "fp16"):
+            low = {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]
+            self.step_model, cast, total = autocast(self.run_model, cfg.precision)
             why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
                    and opset_of(self.run_model) < 13 else "")
-            self.log.info(f"precision bf16: {cast} of {total} matrix products (MatMul, Gemm, "
-                          f"Conv, ConvTranspose) in bfloat16, the rest in float32{why}")
+            self.log.info(f"precision {cfg.precision}: {cast} of {total} matrix products "
+                          f"(MatMul, Gemm, Conv, ConvTranspose) in {low}, the rest in "
+                          f"float32{why}")
+        if cfg.precision == "fp16":
+            ls = cfg.loss_scale or LossScaleConfig()
+            self.scaler = LossScaler(ls)
+            self.log.info(f"loss scale {ls.init:g}, " + (
+                f"dynamic (x{ls.growth_factor:g} after {ls.growth_interval} finite steps, "
+                f"x{ls.backoff_factor:g} and the step skipped when a gradient overflows)"
+                if ls.dynamic else "static (a step whose gradients overflow is skipped)"))
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
@@ -173,6 +185,7 @@ class Trainer:
         self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         self.step = 0
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
+        self.scaler_skipped = 0  # fp16 steps skipped because a gradient overflowed
         self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
         self.last_metrics: dict = {}
         self.last_eval_step = -1
@@ -277,7 +290,7 @@ class Trainer:
         if plan is None:
             tm, info = self._training_graph(local_n)
             feeds = list(info.gradients) + list(info.state)
-            if self.seed_weighted:  # the loss weight enters as the backward's seed
+            if self.seed_weighted:  # the loss weight (times fp16's loss scale) as the seed
                 feeds.append(info.seed)
             fetch = [info.loss] + list(info.gradients.values()) + list(info.state.values())
             if self.direct_grads:
@@ -441,10 +454,20 @@ class Trainer:
     def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
         """One optimizer step over `accumulate` micro-batches (arrays, local weight, global
         weight); returns the global mean loss."""
+        if self.scaler is None:
+            return self._train_step(micro, lr)
+        # fp16: a float16 overflow is an expected event that the loss scaler handles and
+        # reports, not a NumPy warning
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._train_step(micro, lr)
+
+    def _train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
         xp = self.xp
         clock = time.perf_counter
         t_start = clock()
         g = self.grads_flat
+        # fp16: the backward runs on the loss times the scale (float16 gradients stay in range)
+        scale = float(self.scaler.scale) if self.scaler else 1.0
         total = sum(global_w for _, _, global_w in micro)
         live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
         if self.direct_grads and live:
@@ -469,7 +492,7 @@ class Trainer:
             if self.seed_weighted:
                 # The rank's loss weight enters the backward as its seed: the gradients come out
                 # weighted (and SyncBatchNorm's in-graph all-reduce sees weighted terms).
-                feeds[plan.seed] = self._seed_value(w)
+                feeds[plan.seed] = self._seed_value(w * scale)
                 self._w = 1.0
             else:
                 self._w = w
@@ -486,10 +509,13 @@ class Trainer:
                 self.state[k][...] = out[new]
         g[self.size + 1] = 1.0 if self._stop_signal else 0.0
         t = clock()
+        grads = self.grad_shard[:self.shard_n] if self.scatter else g[:self.size]
         if self.world > 1:
             self.buckets.wait_all()  # (every bucket, also when this rank ran no micro-batch)
+        if scale != 1.0:  # (a power of two, usually: exact; inf and NaN stay what they are)
+            grads *= self.scaler.inv_scale
+        if self.world > 1:
             if self.scatter:  # each rank holds only its shard's summed gradient
-                grads = self.grad_shard[:self.shard_n]
                 if xp is np:
                     g[self.size + 2] = 0.0 if _all_finite(grads) else 1.0
                 else:
@@ -497,8 +523,6 @@ class Trainer:
                 if self.cfg.grad_clip is not None:
                     g[self.size + 3] = xp.vdot(grads, grads)
             self.comm.allreduce_(g[self.size:], label="loss and stop flag")
-        if not self.scatter:
-            grads = g[:self.size]
         if xp is np:
             loss, stop = float(g[self.size]), float(g[self.size + 1])
             finite = g[self.size + 2] == 0 if self.scatter else _all_finite(grads)
@@ -509,6 +533,15 @@ class Trainer:
             loss, stop, finite = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
+        if self.scaler and math.isfinite(loss):
+            self.scaler.update(overflow=not finite)
+            if not finite:  # float16 overflowed at this scale: skipped, as GradScaler does
+                self.step += 1
+                self.scaler_skipped += 1
+                self.log.info(f"step {self.step}: a float16 gradient overflowed at loss scale "
+                              f"{scale:g}; update skipped, loss scale now "
+                              f"{float(self.scaler.scale):g}")
+                return loss
         if not (math.isfinite(loss) and finite):
             what = f"loss became {loss}" if not math.isfinite(loss) else \
                 "a gradient became non-finite"
@@ -621,6 +654,9 @@ class Trainer:
                            "samples_per_s": seen / max(now - t0, 1e-9)}
                     if self.skipped:
                         row["skipped_steps"] = self.skipped
+                    if self.scaler:
+                        row["loss_scale"] = float(self.scaler.scale)
+                        row["overflow_steps"] = self.scaler_skipped
                     t0, seen = now, 0
                     self.history.append(row)
                     self.log.record(row)
@@ -749,6 +785,8 @@ class Trainer:
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
                 "optimizer": self.cfg.optimizer.type}
+        if self.scaler:
+            meta.update(self.scaler.state())
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
@@ -820,6 +858,9 @@ class Trainer:
         self.schedule.load_state_dict(
             {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
         self.step = int(meta["step"])
+        if self.scaler and not self.scaler.load(meta):
+            self.log.info(f"the checkpoint holds no loss scale (it was not an fp16 run): "
+                          f"starting from loss_scale.init {float(self.scaler.scale):g}")
         epoch, index = (int(v) for v in meta["position"])
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:

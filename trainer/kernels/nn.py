@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from trainer.kernels import cached_constant, host_ints, host_scalar, kernel, matmul
+from trainer.kernels.elementwise import low_float
 
 
 def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
@@ -210,17 +211,17 @@ def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
          pads=None, strides=None):
     strides, dilations, pads, out = conv_geometry(x.shape, list(w.shape[2:]), strides,
                                                   dilations, pads, auto_pad)
-    low, (x, w, b) = _bf16_as_float32(x, w, b)
+    low, (x, w, b) = _low_as_float32(x, w, b)
     y = conv_into(xp, x, w, b, strides, dilations, pads, out, group)
     return (y.astype(low) if low is not None else y,)
 
 
-def _bf16_as_float32(*arrays):
-    """(bfloat16 or None, the arrays in float32) for bfloat16 operands, which have no BLAS: a
-    bfloat16 convolution is the float32 one of the bfloat16 values, rounded once (as bf16
-    GEMMs accumulate in float32); (None, the arrays) otherwise."""
+def _low_as_float32(*arrays):
+    """(their dtype or None, the arrays in float32) for bfloat16/float16 operands, which have no
+    BLAS on the host: a 16-bit convolution is the float32 one of the 16-bit values, rounded once
+    (as 16-bit GEMMs accumulate in float32); (None, the arrays) otherwise."""
     first = arrays[0]
-    if first.dtype.name != "bfloat16":
+    if not low_float(first.dtype):
         return None, arrays
     return first.dtype, tuple(None if a is None else a.astype(np.float32) for a in arrays)
 
@@ -395,7 +396,7 @@ def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=
                   strides=None):
     geo = conv_transpose_geometry(x.shape, list(w.shape[2:]), strides, dilations, pads,
                                   output_padding, output_shape, auto_pad)
-    low, (x, w, b) = _bf16_as_float32(x, w, b)
+    low, (x, w, b) = _low_as_float32(x, w, b)
     y = conv_transpose_into(xp, x, w, b, *geo, group)
     return (y.astype(low) if low is not None else y,)
 
