@@ -136,7 +136,15 @@ def compute_structure(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
     floats = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT)
     out.graph.initializer.extend(
         _stub(t.name, target if t.data_type in floats else t.data_type, t.dims) for t in stubs)
-    return out
+    return _autocast(out, precision)
+
+
+def _autocast(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The training step's forward: with bf16/fp16, the 16-bit copies of the products' inputs
+    and outputs (trainer.autocast) are values of the step too."""
+    from trainer.autocast import LOW, autocast
+
+    return autocast(model, precision)[0] if precision in LOW else model
 
 
 # -- shapes without running ---------------------------------------------------------------------
@@ -642,7 +650,7 @@ def _probed_structure(model: onnx.ModelProto, loss, trainable, frozen, batchnorm
     from trainer.graph import input_dtypes
     from trainer.train import compute_form
 
-    m = compute_form(model, precision)
+    m = _autocast(compute_form(model, precision), precision)
     tm = build_training_graph(m, loss, trainable, frozen=frozen, shapes=dict(shapes),
                               batchnorm=batchnorm)
     info = training_info(tm)
