@@ -1,6 +1,8 @@
 """GPU training step on one GPU, side by side: ours (device: gpu) vs PyTorch eager (--compile: and
 torch.compile) for an MLP, a ResNet-18-style CNN and a ~50M GPT decoder; ms, peak memory, TFLOP/s.
-`--dry-run` runs tiny models on the CPU (ours through the CuPy stand-in); see --help."""
+`--precision fp32 | tf32 | fp16` sets both sides alike (tf32: allow_tf32; fp16: torch.autocast
+with GradScaler against our `precision: fp16`). `--dry-run` runs tiny models on the CPU (ours
+through the CuPy stand-in); see --help."""
 
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def median_ms(times: list[float]) -> float:
 
 
 # -- the systems ----------------------------------------------------------------------------------
-def run_ours(case: Case, work: Path, steps: int, warmup: int) -> dict:
+def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "fp32") -> dict:
     from trainer.backend import PeakMemory, synchronize
     from trainer.config import config_from_dict
     from trainer.train import Trainer
@@ -119,7 +121,7 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int) -> dict:
     np.savez(work / f"{case.name}.npz", x=x, y=y)
     cfg = config_from_dict({
         "model": str(work / f"{case.name}.onnx"), "output": str(work / "out.onnx"),
-        "device": "gpu",
+        "device": "gpu", "precision": precision,
         "data": {"train": {"path": str(work / f"{case.name}.npz"), "inputs": {"x": "x"},
                            "targets": {"label": "y"}},
                  "batch_size": case.batch, "shuffle": False},
@@ -153,7 +155,9 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int) -> dict:
 
 
 def run_torch(model, case: Case, device: str, steps: int, warmup: int,
-              compiled: bool = False) -> dict:
+              compiled: bool = False, precision: str = "fp32") -> dict:
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -163,13 +167,22 @@ def run_torch(model, case: Case, device: str, steps: int, warmup: int,
     fwd = torch.compile(net) if compiled else net
     x, y = (torch.from_numpy(a).to(device) for a in case.data())
     b = case.batch
+    half = precision == "fp16"
+    scaler = torch.amp.GradScaler(device) if half else None
 
     def step(k: int) -> None:
         i = (k % 3) * b
-        loss = F.cross_entropy(fwd(x[i:i + b]), y[i:i + b])
+        with torch.autocast(device, dtype=torch.float16) if half else contextlib.nullcontext():
+            logits = fwd(x[i:i + b])
+        loss = F.cross_entropy(logits.float(), y[i:i + b])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     def sync() -> None:
         if device == "cuda":
@@ -215,8 +228,10 @@ def fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def report(rows: list[dict], peak: float, device: str, compiled: bool) -> None:
-    print(f"\nGPU training step, fp32, SGD; matmul peak {peak:.1f} TFLOP/s on {device}")
+def report(rows: list[dict], peak: float, device: str, compiled: bool,
+           precision: str = "fp32") -> None:
+    print(f"\nGPU training step, {precision}, SGD; float32 matmul peak {peak:.1f} TFLOP/s on "
+          f"{device}")
     head = ["case", "ours ms", "torch ms", "speed", "ours MB", "torch MB", "mem",
             "ours TF/s", "torch TF/s", "ours %peak"]
     if compiled:
@@ -249,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         "speed = torch ms / our ms (>= 1: ours as fast or faster), median over --steps after "
         "--warmup; memory: peak bytes held by arrays (ours: a CuPy memory hook, torch: "
         "max_memory_allocated); TFLOP/s from PyTorch's flop counter against an 8192^3 float32 "
-        "matmul timed in the same run; TF32 off on both sides"))
+        "matmul timed in the same run (TF32 off there); --precision sets both sides alike"))
     ap.add_argument("--cases", default="mlp,resnet18,gpt50m")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "fp16"], default="fp32",
+                    help="both sides: fp32; tf32 (TF32 matmuls and convolutions); fp16 "
+                         "(autocast + GradScaler, ours precision: fp16)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: tiny models; ours through the CuPy stand-in (tests/strictxp.py)")
     ap.add_argument("--budget-s", type=float, default=240.0,
@@ -276,10 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_bench: error: {exc}", file=sys.stderr)
         return 2
     device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides
+    if device == "cuda":  # the peak in float32; then both sides as --precision says
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     peak = matmul_peak_tflops(np if args.dry_run else xp, 256 if args.dry_run else 8192)
+    if device == "cuda" and args.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     name = ("cpu (dry run: CuPy stand-in, torch on CPU)" if args.dry_run
             else backend.device_name(xp))
     work = Path(tempfile.mkdtemp(prefix="onnx_trainer_gpu_bench_"))
@@ -297,12 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = make_model(case)
             export(model, case, work / f"{case.name}.onnx")
-            row = {"case": case.title, "ours": run_ours(case, work, args.steps, args.warmup),
-                   "torch": run_torch(model, case, device, args.steps, args.warmup)}
+            row = {"case": case.title,
+                   "ours": run_ours(case, work, args.steps, args.warmup, args.precision),
+                   "torch": run_torch(model, case, device, args.steps, args.warmup,
+                                      precision=args.precision)}
             if args.compile:
                 try:
                     row["compiled"] = run_torch(make_model(case), case, device, args.steps,
-                                                args.warmup, compiled=True)
+                                                args.warmup, compiled=True,
+                                                precision=args.precision)
                 except Exception as exc:  # noqa: BLE001 - torch.compile "where it works"
                     row["compiled"] = {"ms": None, "error": f"{type(exc).__name__}: {exc}"}
         except _Stopped:
@@ -316,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             xp.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
-    report(rows, peak, name, args.compile)
+    report(rows, peak, name, args.compile, args.precision)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "matmul_tflops": peak, "rows": rows,
+                                         "precision": args.precision,
                                          "date": time.strftime("%Y-%m-%d"),
                                          "torch": torch.__version__,
                                          "cupy": getattr(xp, "__version__", None)}, indent=1))

@@ -604,6 +604,29 @@ def get_array_module(*args):
     return sys.modules[__name__] if builtins.any(isinstance(a, ndarray) for a in args) else np
 
 
+class _RoutinesLinalg:
+    """cupy._core._routines_linalg's compute types: with COMPUTE_TYPE_TF32 set for float32,
+    float32 matmuls round their operands to TF32 (a 10-bit mantissa) as tensor cores do."""
+
+    COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_TF32 = 1, 7
+
+    def __init__(self) -> None:
+        self.float32 = self.COMPUTE_TYPE_DEFAULT
+
+    def set_compute_type(self, dtype, compute_type) -> None:
+        if np.dtype(dtype) == np.float32:
+            self.float32 = compute_type
+
+
+_core = types.SimpleNamespace(_routines_linalg=_RoutinesLinalg())
+
+
+def _tf32(x):
+    """float32 x rounded to TF32's 10-bit mantissa (nearest, ties away from zero)."""
+    bits = np.ascontiguousarray(x).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
 def matmul(a, b, out=None, **kwargs):
     """CuPy 14.2 batches matmul (either operand above 2-D) only for float32/64 and complex
     (cupy/_core/_routines_linalg.pyx: TypeError for float16 and bfloat16)."""
@@ -611,6 +634,10 @@ def matmul(a, b, out=None, **kwargs):
         dt = np.result_type(a.dtype, b.dtype)
         if dt.char == "e" or dt.name == "bfloat16":
             raise TypeError((dt, a.dtype, b.dtype))
+    if _core._routines_linalg.float32 == _RoutinesLinalg.COMPUTE_TYPE_TF32 and \
+            isinstance(a, ndarray) and isinstance(b, ndarray) and \
+            a.dtype == np.float32 and b.dtype == np.float32:
+        a, b = _dev(_tf32(a._a)), _dev(_tf32(b._a))
     return _ufunc_apply(np.matmul, "__call__", (a, b), _some(out=out, **kwargs))
 
 

@@ -194,9 +194,11 @@ def test_the_rank_picks_its_gpu(monkeypatch):
 
 
 # -- on any machine ------------------------------------------------------------------------------
-def test_gpu_bench_dry_run(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gpu_bench_dry_run(tmp_path, capsys, precision):
     """bench/gpu_bench.py end to end on the CPU: tiny models through the CuPy stand-in against
-    torch on the CPU; a table row per case and a JSON record."""
+    torch on the CPU (fp16: autocast + GradScaler against ours); a table row per case and a
+    JSON record."""
     pytest.importorskip("torch")
     import sys
 
@@ -204,13 +206,16 @@ def test_gpu_bench_dry_run(tmp_path, capsys):
     import gpu_bench
 
     out = tmp_path / "bench.json"
-    assert gpu_bench.main(["--dry-run", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    for title in ("MLP 64-4x128-10", "ResNet-18 layout", "GPT 2x64"):
-        assert title in text
+    assert gpu_bench.main(["--dry-run", "--precision", precision, "--json", str(out)]) == 0
+    assert f"GPU training step, {precision}, SGD" in capsys.readouterr().out
     import json
 
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    assert record["precision"] == precision
+    rows = record["rows"]
+    assert [r["case"].split(",")[0] for r in rows] == ["MLP 64-4x128-10",
+                                                        "ResNet-18 layout 8/16/32/64",
+                                                        "GPT 2x64"]
     assert len(rows) == 3 and all(r["ours"]["ms"] > 0 and r["torch"]["ms"] > 0 for r in rows)
     assert all(r["ours"]["peak_mb"] > 0 for r in rows)  # the stand-in's memory hook
 
@@ -234,3 +239,18 @@ def test_fp16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
     scales = [[r["loss_scale"] for r in t.history if "loss" in r] for t in (cpu[0], run[0])]
     assert scales[0] == scales[1], scales
     _compare_runs(cpu, run, rtol=5e-3, atol=1e-3)
+
+
+@gpu_test
+def test_tf32_trains_on_cupy_close_to_the_cpu(tmp_path, exported):
+    """precision tf32 on a TF32-capable GPU (compute capability 8.0+): the float32 products
+    on tensor cores keep the run within TF32's rounding of the CPU's float32 run."""
+    from trainer.backend import set_tf32
+
+    cfg = {**exported("cnn", {"type": "sgd", "lr": 0.05}), "steps": 8}
+    try:
+        run = _train({**cfg, "precision": "tf32"}, tmp_path, "gpu")
+        assert "TF32 tensor cores" in set_tf32(cp, True)
+    finally:
+        set_tf32(cp, False)
+    _compare_runs(_train(cfg, tmp_path, "cpu"), run, rtol=2e-2, atol=2e-3)

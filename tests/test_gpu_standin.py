@@ -809,3 +809,43 @@ def test_fp16_trains_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported, kind
     assert run[0].scaler_skipped == cpu[0].scaler_skipped >= 1
     for reads in _step_reads(run[0]):
         assert len(reads) <= 1 and not d2h_outside(("train.py",)), reads
+
+
+def test_tf32_sets_cupys_float32_compute_type_and_fp32_resets_it(gpu, tmp_path, exported):
+    """precision tf32 puts CuPy's float32 products on TF32 (the stand-in then rounds matmul
+    operands to a 10-bit mantissa, as tensor cores do): the run differs from fp32 by that
+    rounding and no more; an fp32 run afterwards in the same process is float32 again."""
+    linalg = gpu._core._routines_linalg
+    cfg = {**exported("cnn", {"type": "sgd", "lr": 0.05}), "steps": 6}
+    try:
+        tf32 = _train({**cfg, "precision": "tf32"}, tmp_path, "gpu")
+        assert linalg.float32 == linalg.COMPUTE_TYPE_TF32
+        fp32 = _train(cfg, tmp_path, "gpu")
+        assert linalg.float32 == linalg.COMPUTE_TYPE_DEFAULT
+    finally:
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
+    off = np.abs(np.array(tf32[1]) - fp32[1]).max()
+    assert 1e-6 < off < 1e-2, (tf32[1], fp32[1])  # measured: 3.2e-5
+    _compare_runs(fp32, tf32, rtol=2e-2, atol=2e-3)
+    assert np.array_equal(gpu._tf32(np.float32([1 + 2 ** -11, 1 + 2 ** -10, 3.14159265])),
+                          np.float32([1 + 2 ** -10, 1 + 2 ** -10, 3.140625]))
+
+
+def test_tf32_on_a_cpu_trains_in_float32(tmp_path, digits_config):
+    """A CPU has no TF32 units: precision tf32 says so and trains exactly as fp32 (a config
+    written for a GPU cluster still runs on a laptop)."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    runs = {}
+    for precision in ("fp32", "tf32"):
+        stream = io.StringIO()
+        t = Trainer(config_from_dict(digits_config(steps=3, precision=precision,
+                                                   output=str(tmp_path / f"{precision}.onnx")),
+                                     tmp_path), stream=stream)
+        t.fit()
+        runs[precision] = t.trained_values(), stream.getvalue()
+    assert "precision tf32: float32 matrix products stay float32 (a CPU has no TF32 units)" in \
+        runs["tf32"][1]
+    for k, v in runs["fp32"][0].items():
+        np.testing.assert_array_equal(runs["tf32"][0][k], v)

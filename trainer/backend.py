@@ -202,3 +202,25 @@ def device_name(xp: ModuleType) -> str:
         return "cpu (numpy)"
     props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
     return f"gpu {props['name'].decode()} (cupy)"
+
+
+def set_tf32(xp: ModuleType, on: bool) -> str:
+    """float32 matrix products (MatMul, Gemm and the convolutions' GEMMs, all cuBLAS through
+    CuPy's matmul) on TF32 tensor cores (on: operands rounded to a 10-bit mantissa, float32
+    accumulation) or in full float32 (off), for this process: CuPy's compute type for float32
+    is global. Returns what float32 products now do, in words, for the log."""
+    if xp is np:
+        return "float32 matrix products stay float32 (a CPU has no TF32 units)" if on else \
+            "float32 matrix products in float32"
+    capability = int(xp.cuda.Device().compute_capability)
+    why = ""
+    if on and capability < 80:
+        on = False
+        why = f" (TF32 needs compute capability 8.0 or later; this GPU has {capability / 10:g})"
+    linalg = xp._core._routines_linalg
+    linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_TF32", 7) if on else
+                            getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1))
+    if on:
+        return ("float32 matrix products on TF32 tensor cores (operands rounded to a 10-bit "
+                "mantissa, float32 accumulation)")
+    return "float32 matrix products " + ("stay float32" + why if why else "in float32")

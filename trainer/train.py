@@ -27,7 +27,7 @@ from trainer.autodiff.params import (
     repair_exported_model,
     tie_folded_copies,
 )
-from trainer.backend import device_name, get_xp, to_host
+from trainer.backend import device_name, get_xp, set_tf32, to_host
 from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
@@ -74,9 +74,6 @@ class Trainer:
         (paths, model support, data, memory) before anything large is allocated."""
         self.cfg = cfg
         self.threads = apply_threads(cfg.threads)
-        if cfg.precision == "tf32":
-            raise TrainerError("precision 'tf32' is not available yet; use fp32, bf16, fp16 "
-                               "or fp64")
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
@@ -108,6 +105,10 @@ class Trainer:
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
+        if cfg.precision == "tf32" or self.xp is not np:  # (fp32 turns a TF32 setting off)
+            products = set_tf32(self.xp, cfg.precision == "tf32")
+            if cfg.precision == "tf32":
+                self.log.info(f"precision tf32: {products}")
         self.preflight = None
         if check:
             self.preflight = report.preflight(cfg, world=self.world, xp=self.xp,
