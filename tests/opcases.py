@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -107,6 +108,25 @@ def run_ort(model: onnx.ModelProto, feeds: Arrays | None = None) -> dict[str, np
                                 providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds or {})), strict=True))
+
+
+@functools.cache
+def ort_u8s8_saturates() -> bool:
+    """Whether onnxruntime's uint8 x int8 integer products (MatMulInteger, and the QLinearConv /
+    QLinearMatMul its QDQ fusions make) saturate on this CPU: without AVX-512 VNNI its kernels
+    add pairs of products in int16 with saturation (vpmaddubsw), so 255 * 127 twice comes out
+    as 32767 (measured on an AVX2 machine: 65534 for 129540). Exactness checks against those
+    kernels only hold where this is False."""
+    from onnx import TensorProto
+
+    k = 4
+    a, b = np.full((1, k), 255, np.uint8), np.full((k, 1), 127, np.int8)
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, k]),
+                           helper.make_tensor_value_info("b", TensorProto.INT8, [k, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 10)])
+    return int(run_ort(model, {"a": a, "b": b})["y"].item()) != 255 * 127 * k
 
 
 def run_reference(model: onnx.ModelProto, feeds: Arrays | None = None

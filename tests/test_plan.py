@@ -218,7 +218,7 @@ def test_simplify_passes():
     np.testing.assert_array_equal(constants["s"], [2, 3])
     x, w = rng.standard_normal((2, 3)).astype(F32), rng.standard_normal((4, 3)).astype(F32)
     ex.run({"x": x, "w": w})
-    np.testing.assert_allclose(ex.run({"x": x, "w": w})["y"], x @ w.T, rtol=1e-6)
+    np.testing.assert_allclose(ex.run({"x": x, "w": w})["y"], x @ w.T, rtol=1e-6, atol=1e-6)
     # a constant's transpose is folded instead
     const = helper.make_graph(nodes[1:4], "c", [g.input[0]], list(g.output),
                               [numpy_helper.from_array(w, "w")])
@@ -240,7 +240,7 @@ def test_simplify_passes():
         got = ex.run({"a": a, "b": b})["q"]
         assert [n.op for n in planned(ex).nodes] == ["Gemm"]
         want = 0.5 * ((a.T if ta else a) @ (b.T if tb else b)).T
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     # a reduction whose only reader drops its kept axes is the reduction without them; a
     # Reshape that moves elements elsewhere, or a second reader, keeps both nodes
     a = rng.standard_normal((3, 4, 5)).astype(F32)
@@ -266,7 +266,7 @@ def test_simplify_passes():
         ops = [n.op for n in planned(ex).nodes]
         assert ops == [op] if folds is True else "Reshape" in ops, (op, axes, ops)
         ref = (a.sum if op == "ReduceSum" else a.mean)(axis=tuple(axes), keepdims=True)
-        np.testing.assert_allclose(got, ref.reshape(target), rtol=1e-6)
+        np.testing.assert_allclose(got, ref.reshape(target), rtol=1e-6, atol=1e-6)
 
 
 def test_fetch_into_and_on_produced():
