@@ -849,3 +849,16 @@ def test_tf32_on_a_cpu_trains_in_float32(tmp_path, digits_config):
         runs["tf32"][1]
     for k, v in runs["fp32"][0].items():
         np.testing.assert_array_equal(runs["tf32"][0][k], v)
+
+
+def test_a_gpu_run_reports_the_device_memory_it_needed(gpu, tmp_path, digits_config,
+                                                       monkeypatch):
+    """The end of a run logs CuPy's pool high-water mark next to the pre-flight estimate, a
+    host-side read (no device synchronization)."""
+    pool = gpu.get_default_memory_pool()
+    monkeypatch.setattr(type(pool), "total_bytes", lambda self: 3 << 30)
+    t, _, result = _train(digits_config(steps=2), tmp_path, "gpu")
+    assert result["peak_memory_mb"] == 3 * 1024
+    text = t.log.stream.getvalue()
+    assert "memory: peak device memory held by CuPy's memory pool: 3.0 GiB; estimated " \
+           "before training: " in text

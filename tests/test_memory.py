@@ -388,3 +388,17 @@ def test_zero1_estimate_counts_the_rank_share(models, tmp_path):
         assert est.gradients == grads
         assert abs(est.optimizer * 4 - one.optimizer) <= 4 * 4 * 8  # (rounding of the shards)
         assert state <= est.optimizer
+
+
+def test_a_run_reports_the_memory_it_needed(tmp_path, digits_config):
+    """The end of a CPU run logs the process's peak resident memory next to the pre-flight
+    estimate (which covers the training state only, so it is the smaller one), and returns it."""
+    stream = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=3, output=str(tmp_path / "m.onnx")),
+                                 tmp_path), stream=stream)
+    result = t.fit()
+    text = stream.getvalue()
+    assert "memory: peak resident memory of the process (interpreter, libraries and data " \
+           "included): " in text
+    assert "; estimated before training (the training state alone): " in text
+    assert result["peak_memory_mb"] * 2**20 > t.preflight.estimate.total > 0

@@ -197,6 +197,22 @@ class PeakMemory:
         return False
 
 
+def memory_high_water(xp: ModuleType) -> tuple[int, str]:
+    """(bytes, what they are) of the memory this process has needed so far, read without
+    synchronizing: on a GPU the device memory CuPy's default pool holds (it keeps freed blocks
+    for reuse, so this is its high-water mark, fragmentation included); on the host the peak
+    resident set of the process (interpreter, libraries and data included)."""
+    if xp is np:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+        return int(peak if sys.platform == "darwin" else peak * 1024), \
+            "peak resident memory of the process (interpreter, libraries and data included)"
+    return int(xp.get_default_memory_pool().total_bytes()), \
+        "peak device memory held by CuPy's memory pool"
+
+
 def device_name(xp: ModuleType) -> str:
     if xp is np:
         return "cpu (numpy)"

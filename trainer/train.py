@@ -27,7 +27,7 @@ from trainer.autodiff.params import (
     repair_exported_model,
     tie_folded_copies,
 )
-from trainer.backend import device_name, get_xp, set_tf32, to_host
+from trainer.backend import device_name, get_xp, memory_high_water, set_tf32, to_host
 from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
@@ -678,6 +678,7 @@ class Trainer:
                               self.cfg.checkpoint.dir is not None)
         self._profile_tick(final=True)
         result = {"steps": self.step, "loss": row.get("loss")}
+        result["peak_memory_mb"] = self._report_memory()
         if self.profile_result is not None:
             result["profile"] = self.profile_result
         if self.eval_arrays is not None:
@@ -694,6 +695,20 @@ class Trainer:
                 result["best"] = {"output": str(self.best_path), "step": self.best_step,
                                   cfg.best.metric: self.best_value}
         return result
+
+    def _report_memory(self) -> float:
+        """Log the memory the run needed, next to the pre-flight estimate; returns MiB."""
+        from trainer.memory import human
+
+        used, what = memory_high_water(self.xp)
+        est = getattr(self.preflight, "estimate", None) if self.preflight else None
+        against = ""
+        if est is not None:
+            scope = " (the training state alone)" if self.xp is np else ""
+            against = f"; estimated before training{scope}: {human(est.total)}"
+        rank = f" (rank {self.rank})" if self.world > 1 else ""
+        self.log.info(f"memory{rank}: {what}: {human(used)}{against}")
+        return used / 2**20
 
     # -- profile --------------------------------------------------------------------------------
     def _profile_tick(self, final: bool = False) -> None:
