@@ -862,3 +862,51 @@ def test_a_gpu_run_reports_the_device_memory_it_needed(gpu, tmp_path, digits_con
     text = t.log.stream.getvalue()
     assert "memory: peak device memory held by CuPy's memory pool: 3.0 GiB; estimated " \
            "before training: " in text
+
+
+def _step_uploads(t, steps: int = 3) -> list[list[str]]:
+    """Host-to-device copies of each of `steps` steps, the next batch's gathering included."""
+    lrs = t.schedule.lrs(t.step)
+    per_step = []
+    for _ in range(steps):
+        sx.reset()
+        _, arrays, lw, gw, _ = t._next_micro_batch()
+        t.train_step([(arrays, lw, gw)], lrs)
+        per_step.append(sx.TRANSFERS.where("h2d"))
+    return per_step
+
+
+def test_training_data_stays_on_the_device(gpu, tmp_path, digits_config):
+    """data.on_device (auto for an in-memory set of at most 1 GiB): the training set is
+    uploaded once and each batch gathered on the device, so a step uploads only the batch's
+    sample indices (off: every input and label array, every step); the weights are those of
+    the CPU run either way, and the label counts come from the host (no device read)."""
+    cfg = digits_config(steps=6, optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9})
+    cpu = _train(cfg, tmp_path, "cpu")
+    runs = {choice: _train({**cfg, "data": {**cfg["data"], "on_device": choice}}, tmp_path,
+                           "gpu") for choice in ("auto", False)}
+    resident, copied = runs["auto"][0], runs[False][0]
+    assert resident.on_device and not copied.on_device
+    assert "data.train on the GPU (" in resident.log.stream.getvalue()
+    for run in runs.values():
+        _compare_runs(cpu, run)
+    for uploads in _step_uploads(resident):
+        assert len(uploads) == 1 and "data.py" in uploads[0], uploads
+    for uploads in _step_uploads(copied):
+        assert len(uploads) == 2, uploads  # x and the labels
+    for reads in _step_reads(resident):
+        assert not d2h_outside(("train.py",)), reads
+
+
+def test_the_estimate_counts_a_training_set_kept_on_the_device(gpu, tmp_path, digits_config):
+    from trainer import report
+    from trainer.config import config_from_dict
+
+    est = {}
+    for choice in ("auto", False):
+        cfg = digits_config(device="gpu", output=str(tmp_path / "m.onnx"))
+        cfg["data"]["on_device"] = choice
+        est[choice] = report.preflight(config_from_dict(cfg, tmp_path), xp=gpu).estimate
+    d = np.load(cfg["data"]["train"]["path"])
+    held = d["x_train"].astype(F32).nbytes + d["y_train"].astype(np.int64).nbytes
+    assert est["auto"].batches - est[False].batches == pytest.approx(held, rel=0.01)

@@ -193,6 +193,9 @@ class DataConfig:
     # gather the next batch in a background thread; auto: for memory-mapped data or batches of
     # 1 MiB or more (a thread costs more than gathering a small in-memory batch)
     prefetch: bool | str = _k(_auto_bool, "auto")
+    # device: gpu: keep the training set on the GPU and gather each batch there (no host copy
+    # per step); auto: when it is in memory (not memory-mapped) and at most 1 GiB
+    on_device: bool | str = _k(_auto_bool, "auto")
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,19 @@ def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tu
                             f"model expects {['?' if w is None else w for w in want]}")
 
 
+RESIDENT_BYTES = 1 << 30  # data.on_device: auto keeps in-memory training sets up to this size
+
+
+def keep_on_device(choice: bool | str, nbytes: int, mapped: bool, gpu: bool) -> bool:
+    """data.on_device for a training set of nbytes (`mapped`: some array is memory-mapped):
+    only on a GPU; auto when the set is in memory and at most RESIDENT_BYTES."""
+    if not gpu:
+        return False
+    if choice != "auto":
+        return bool(choice)
+    return not mapped and nbytes <= RESIDENT_BYTES
+
+
 class Batches:
     """Global batches of a dataset, each split evenly across ranks; reproducible by epoch.
 
@@ -267,12 +280,16 @@ class Batches:
     else a permutation from the seed and e). Rank r takes the r-th contiguous slice of it.
     `dtypes` converts arrays per batch (memory-mapped data stays on disk in its own type).
     With `prefetch`, the batch after the one returned by `get` is gathered in a background
-    thread while the caller computes; `get` returns exactly what it would without it.
+    thread while the caller computes; `get` returns exactly what it would without it. With
+    `xp` a device module, `arrays` are device arrays (data.on_device) and each batch is
+    gathered on the device: the sample order stays on the host, and only the batch's indices
+    are uploaded.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, rank: int = 0,
                  world: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
-                 dtypes: Mapping[str, np.dtype] | None = None, prefetch: bool = False):
+                 dtypes: Mapping[str, np.dtype] | None = None, prefetch: bool = False,
+                 xp=np):
         if batch_size % world:
             raise DataError(f"data.batch_size {batch_size} (global) must be divisible by the "
                             f"number of processes {world}")
@@ -288,6 +305,7 @@ class Batches:
         # A last partial batch is kept only if every rank gets at least one sample of it.
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
         self.prefetch = prefetch
+        self.xp = xp
         self._ahead: _Ahead | None = None
         self._shares: dict[int, tuple[int, int]] = {}
 
@@ -314,6 +332,13 @@ class Batches:
         """Sample indices of the whole global batch (every rank can compute them)."""
         order = self.order(epoch) if order is None else order
         return order[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def local_indices(self, epoch: int, index: int, order: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """Sample indices of this rank's share of a global batch (host values)."""
+        idx = self.global_indices(epoch, index, order)
+        lo, hi = self._share(len(idx))
+        return idx[lo:hi]
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -347,6 +372,11 @@ class Batches:
         lo, hi = self._share(total)
         mine = idx[lo:hi]
         out = {}
+        if self.xp is not np:  # device-resident data: one small upload, the gathers there
+            at = self.xp.asarray(mine)
+            for k, a in self.arrays.items():
+                out[k] = a.take(at, axis=0)
+            return out, len(mine), total
         for k, a in self.arrays.items():
             # sorted reads of a memory-mapped file are sequential; the batch keeps its order
             b = _take(a, mine) if isinstance(a, np.memmap) else a[mine]

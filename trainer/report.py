@@ -278,7 +278,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     from trainer import memory
     from trainer import preflight as checks
     from trainer.config import blas_threads, local_processes
-    from trainer.data import Batches, check_against_model, describe_arrays, load_arrays
+    from trainer.data import (
+        Batches,
+        check_against_model,
+        describe_arrays,
+        keep_on_device,
+        load_arrays,
+    )
     from trainer.errors import ModelError, TrainerError, UnsupportedOpError
     from trainer.graph import input_shapes, tensor_type
 
@@ -328,7 +334,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
 
     shapes: dict[str, tuple] = {}
     samples: dict[str, int] = {}
-    host_data = per_sample = 0
+    host_data = per_sample = resident = 0
     # on CPU the batch being trained on and the one prefetched; on a GPU, its device copy
     copies = 1 + (xp is np and cfg.data.prefetch is not False)
     for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -348,6 +354,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         if what == "data.train":
             shapes = {k: s for k, (s, _, _) in info.items()}
             host_data = in_memory
+            # data.on_device: the whole training set held on the GPU as well
+            resident = in_memory if keep_on_device(cfg.data.on_device, in_memory + mapped,
+                                                   bool(mapped), xp is not np) else 0
             per_sample = sum(math.prod(s[1:]) * np.dtype(d).itemsize
                              for s, d, _ in info.values())
         else:
@@ -387,7 +396,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                               optimizer=cfg.optimizer, world=world,
                               eval_copy=cfg.data.eval is not None,
                               compress=cfg.distributed.compress, full_model=full_model,
-                              pooled=xp is np, batch_bytes=per_sample * local * copies,
+                              pooled=xp is np,
+                              batch_bytes=per_sample * local * copies + resident,
                               shard_optimizer=cfg.distributed.shard_optimizer)
     except TrainerError as exc:
         problems.append(exc)

@@ -27,12 +27,19 @@ from trainer.autodiff.params import (
     repair_exported_model,
     tie_folded_copies,
 )
-from trainer.backend import device_name, get_xp, memory_high_water, set_tf32, to_host
+from trainer.backend import (
+    device_name,
+    get_xp,
+    memory_high_water,
+    set_tf32,
+    to_device,
+    to_host,
+)
 from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
 from trainer.config import Config, LossScaleConfig, blas_threads
-from trainer.data import Batches, check_against_model, load_arrays
+from trainer.data import Batches, check_against_model, keep_on_device, load_arrays
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
@@ -46,6 +53,7 @@ from trainer.graph import (
 )
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
+from trainer.memory import human
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
@@ -165,11 +173,30 @@ class Trainer:
                             for vi in self.run_model.graph.input if vi.name not in init_names}
         train = cfg.data.train
         self.train_arrays = self._load(train, "data.train")
-        self.batches = Batches(self.train_arrays, cfg.data.batch_size, rank=self.rank,
+        # data.on_device: the training set on the GPU, each batch gathered there (the host
+        # arrays stay for the label counts and shapes)
+        self.on_device = keep_on_device(
+            cfg.data.on_device, sum(a.nbytes for a in self.train_arrays.values()),
+            any(isinstance(a, np.memmap) for a in self.train_arrays.values()),
+            self.xp is not np) and all(a.dtype.kind not in "OUS"  # (strings: host-only)
+                                       for a in self.train_arrays.values())
+        dtypes = self._batch_dtypes(self.train_arrays)
+        if self.on_device:
+            source = {k: to_device(self.xp, np.asarray(a).astype(dtypes.get(k, a.dtype),
+                                                                  copy=False), "data.train")
+                      for k, a in self.train_arrays.items()}
+            held = human(sum(int(v.nbytes) for v in source.values()))
+            self.log.info(f"data.train on the GPU ({held}): batches are gathered there "
+                          "(data.on_device)")
+        else:
+            source = self.train_arrays
+        self.batches = Batches(source, cfg.data.batch_size, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
                                drop_last=cfg.data.drop_last, seed=cfg.seed,
-                               dtypes=self._batch_dtypes(self.train_arrays),
-                               prefetch=self._prefetch(self.train_arrays))
+                               dtypes=None if self.on_device else dtypes,
+                               prefetch=False if self.on_device else
+                               self._prefetch(self.train_arrays),
+                               xp=self.xp if self.on_device else np)
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
         preflight.fixed_batch(self.data_inputs, self.batches.local_sizes(), cfg.data.batch_size,
                               self.world)
@@ -443,8 +470,11 @@ class Trainer:
         self.position = (epoch, index + 1)
         global_w = global_n
         spec = self.cfg.loss
-        if spec.type == "cross_entropy":
-            local_w = int(np.count_nonzero(arrays[spec.target] != spec.ignore_index))
+        if spec.type == "cross_entropy":  # (counted on the host: no device read)
+            labels = self.train_arrays[spec.target][
+                self.batches.local_indices(epoch, index, self._order[1])] \
+                if self.on_device else arrays[spec.target]
+            local_w = int(np.count_nonzero(labels != spec.ignore_index))
             global_w = local_w
             if self.world > 1:  # (one process: its batch is the global batch)
                 labels = self.train_arrays[spec.target]
@@ -698,8 +728,6 @@ class Trainer:
 
     def _report_memory(self) -> float:
         """Log the memory the run needed, next to the pre-flight estimate; returns MiB."""
-        from trainer.memory import human
-
         used, what = memory_high_water(self.xp)
         est = getattr(self.preflight, "estimate", None) if self.preflight else None
         against = ""
