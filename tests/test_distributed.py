@@ -127,6 +127,30 @@ def test_every_family_trains_under_mpirun(zoo, tmp_path, name, world):
     assert logits.shape == (5, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", ["bn_cnn_inference", "encoder_dynamo", "token_rotary_dynamo"])
+def test_16_bit_families_train_under_mpirun(zoo, tmp_path, name):
+    """precision fp16 (a first loss scale that overflows, so steps are skipped) on a BatchNorm
+    CNN and two default exports of attention models under mpirun -np 2: the export equals 2
+    emulated ranks, and every rank skipped the same steps (the one flat buffer they share)."""
+    d = zoo[name]
+    raw = family_config(d, name, output=str(tmp_path / "out.onnx"), precision="fp16",
+                        loss_scale={"init": 2.0 ** 20, "growth_interval": 2})  # 3 of 6 skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(2, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("overflowed at loss scale") >= 1
+    ranks = _emulated(raw, 2, tmp_path)
+    got = _weights(tmp_path / "out.onnx")
+    for k, want in ranks[0].items():
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+    for k, want in ranks[0].items():  # (rank 1's weights: the same, statistics aside)
+        if "running" not in k:
+            np.testing.assert_array_equal(ranks[1][k], want, err_msg=k)
+    init = _weights(d / "model.onnx")
+    assert any(k in init and not np.allclose(got[k], init[k]) for k in ranks[0])
+
+
 @pytest.mark.parametrize("name", ["bn_cnn_inference", "bn_cnn_training_form"])
 def test_evaluation_under_ranks_scores_the_exported_model(zoo, tmp_path, name):
     """Each rank updates its own BatchNorm statistics, but a sharded evaluation uses rank 0's
