@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -910,3 +911,14 @@ def test_the_estimate_counts_a_training_set_kept_on_the_device(gpu, tmp_path, di
     d = np.load(cfg["data"]["train"]["path"])
     held = d["x_train"].astype(F32).nbytes + d["y_train"].astype(np.int64).nbytes
     assert est["auto"].batches - est[False].batches == pytest.approx(held, rel=0.01)
+
+
+def test_tf32_without_cupys_compute_type_api_says_so(gpu, monkeypatch):
+    """set_tf32 uses an internal CuPy API; where it is missing, training still starts (fp32
+    unchanged) and tf32 says that the products stay float32."""
+    from trainer.backend import set_tf32
+
+    monkeypatch.setattr(gpu, "_core", types.SimpleNamespace())
+    assert set_tf32(gpu, False) == "float32 matrix products in CuPy's default mode"
+    assert set_tf32(gpu, True).startswith("float32 matrix products stay float32 (this CuPy "
+                                          "has no float32 compute-type setting")

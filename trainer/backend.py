@@ -233,9 +233,15 @@ def set_tf32(xp: ModuleType, on: bool) -> str:
     if on and capability < 80:
         on = False
         why = f" (TF32 needs compute capability 8.0 or later; this GPU has {capability / 10:g})"
-    linalg = xp._core._routines_linalg
-    linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_TF32", 7) if on else
-                            getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1))
+    try:  # (CuPy's internal API: a CuPy without it leaves float32 products as they were)
+        linalg = xp._core._routines_linalg
+        linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_TF32", 7) if on else
+                                getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1))
+    except (AttributeError, TypeError, ValueError) as exc:
+        if not on:
+            return "float32 matrix products in CuPy's default mode"
+        return ("float32 matrix products stay float32 (this CuPy has no float32 compute-type "
+                f"setting: {type(exc).__name__}: {exc})")
     if on:
         return ("float32 matrix products on TF32 tensor cores (operands rounded to a 10-bit "
                 "mantissa, float32 accumulation)")
