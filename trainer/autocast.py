@@ -8,7 +8,7 @@ softmax, reductions, the loss, the optimizer) runs in float32. The gradient rule
 make the backward's products 16-bit too and hand float32 gradients to the parameters. Kernels
 compute a 16-bit product from the rounded operands with float32 accumulation and round the
 result once, as 16-bit GEMMs do on GPUs and in PyTorch on CPUs. float16's narrow range is why
-fp16 training scales the loss (trainer.train.LossScaler): the backward's float16 gradients
+fp16 training scales the loss (LossScaler, below): the backward's float16 gradients
 would otherwise underflow.
 
 The rewrite is plain ONNX (`onnx-trainer grad` shows it); exports and evaluation use the model

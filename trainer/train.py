@@ -145,7 +145,7 @@ class Trainer:
             self.log.info(report.tied_line(copy_name, src, kind))
         self.run_model = compute_form(train_model, cfg.precision)
         self.infer_model = inference_form(self.run_model)
-        # the training graph's forward: with bf16, its matrix products in bfloat16 (evaluation
+        # the training graph's forward: with bf16/fp16, its matrix products in 16 bits (evaluation
         # and export keep the model's own float32 products)
         self.step_model = self.run_model
         self.scaler = None  # fp16: dynamic loss scaling
