@@ -257,3 +257,28 @@ def test_16_bit_products_are_float32_products_rounded_once(op, low):
         assert y.dtype == dt
         np.testing.assert_array_equal(y.astype(np.float32),
                                       want.astype(dt).astype(np.float32))
+
+
+def test_loss_scaler_rule():
+    """GradScaler's rule in float32: back off and restart the count on an overflow, grow after
+    growth_interval finite steps in a row unless the grown scale is not finite; static scales
+    never move."""
+    from trainer.autocast import LossScaler
+    from trainer.config import LossScaleConfig
+
+    s = LossScaler(LossScaleConfig(init=8.0, growth_interval=2))
+    for overflow, want in ((False, 8.0), (True, 4.0), (False, 4.0), (False, 8.0),
+                           (False, 8.0), (False, 16.0)):
+        s.update(overflow)
+        assert float(s.scale) == want and s.scale.dtype == np.float32
+    assert s.inv_scale == np.float32(1 / 16)
+    top = LossScaler(LossScaleConfig(init=float(np.finfo(np.float32).max), growth_interval=1))
+    top.update(False)
+    assert top.scale == np.finfo(np.float32).max  # (2x would be inf: kept)
+    fixed = LossScaler(LossScaleConfig(init=1024.0, dynamic=False))
+    for overflow in (True, False, True):
+        fixed.update(overflow)
+    assert float(fixed.scale) == 1024.0
+    restored = LossScaler(LossScaleConfig())
+    assert restored.load(s.state()) and (float(restored.scale), restored.good) == (16.0, 0)
+    assert not restored.load({"step": 3})

@@ -116,7 +116,8 @@ class LossScaler:
             return
         self.good += 1
         if self.good == c.growth_interval:
-            grown = np.float32(self.scale * np.float32(c.growth_factor))
+            with np.errstate(over="ignore"):  # (an infinite scale is refused just below)
+                grown = np.float32(self.scale * np.float32(c.growth_factor))
             if np.isfinite(grown):
                 self.scale = grown
             self.good = 0
