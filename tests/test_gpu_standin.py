@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # run as a program under mpirun
     sys.path.insert(0, str(ROOT))
 
 from tests import strictxp as sx  # noqa: E402
+from tests.families import FAMILIES  # noqa: E402
 from tests.mpi_run import run_mpi  # noqa: E402
 from tests.opcases import make_model  # noqa: E402
 from trainer import backend  # noqa: E402
@@ -300,7 +301,9 @@ def _run_twice(model, feeds, xp):
 
 def test_shape_arithmetic_of_exported_graphs_stays_on_the_host(gpu):
     """PyTorch's Shape -> Gather -> Unsqueeze -> Concat -> Reshape, and a Shape-derived scale
-    used as data: no device read, the scale copied up once per run, results as NumPy's."""
+    used as data: no device read; unplanned, the scale is copied up once per run; planned, the
+    shape arithmetic is folded and its values copied up once, when the plan is made; results
+    as NumPy's."""
     x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(F32)
     c = numpy_helper.from_array
     nodes = [helper.make_node("Shape", ["x"], ["s"]),
@@ -320,9 +323,14 @@ def test_shape_arithmetic_of_exported_graphs_stays_on_the_host(gpu):
     ex, out = _run_twice(model, {"x": x}, gpu)
     assert {"s", "n", "n1", "shape", "last", "lastf", "scale", "count"} <= ex.host_values
     assert sx.TRANSFERS.d2h == 0
-    assert sx.TRANSFERS.h2d == 2  # the scale (read as data) and the fetched count
+    assert sx.TRANSFERS.h2d == 0  # planned: the scale and the count are device constants
     np.testing.assert_allclose(host(out["y"]), x.reshape(4, -1) / np.sqrt(F32(5)), rtol=1e-6)
     assert isinstance(out["count"], gpu.ndarray) and int(out["count"]) == x.size
+    sx.reset()
+    again = ex.run_unplanned({"x": gpu.asarray(x)})
+    assert sx.TRANSFERS.d2h == 0
+    assert sx.TRANSFERS.h2d == 3  # x, then the scale (read as data) and the fetched count
+    np.testing.assert_array_equal(host(again["y"]), host(out["y"]))
 
 
 def test_range_and_onehot_with_host_and_device_inputs(gpu):
@@ -436,7 +444,7 @@ def test_large_generated_tensors_are_made_on_the_device(gpu):
     np.testing.assert_array_equal(host(out["y"]), np.full((300, 400), 5.0, F32))
 
 
-def test_dropout_reads_its_ratio_once_and_builds_one_generator(gpu):
+def test_dropout_reads_its_ratio_once_and_builds_its_generators_once(gpu):
     nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "mask"])]
     x = np.ones((50, 40), F32)
     model = make_model(nodes, inputs={"x": x}, outputs=("y", "mask"),
@@ -453,8 +461,17 @@ def test_dropout_reads_its_ratio_once_and_builds_one_generator(gpu):
     assert sx.TRANSFERS.d2h == 0 and sx.TRANSFERS.h2d == 0
     masks = [host(o["mask"]) for o in outs]
     out = outs[-1]
-    assert sx.random.stats.generators - built == 1  # one cuRAND generator, reseeded per step
+    # two cuRAND generators, each reseeded, never rebuilt: the steps' and the planning run's
+    # (that run draws from a stream aside, so a planned step draws what an unplanned one would)
+    assert sx.random.stats.generators - built == 2
     assert not np.array_equal(masks[0], masks[1])
+    wide = {"x": gpu.asarray(np.ones((50, 80), F32))}  # a second shape: a second plan
+    for step in range(2):
+        ex.rng.reseed(3, 0, step)
+        ex.run(wide)
+    assert sx.random.stats.generators - built == 2 and len(ex._specialized) == 2
+    ex.rng.reseed(3, 0, 1)
+    np.testing.assert_array_equal(host(ex.run_unplanned(dev)["mask"]), masks[1])
     y = host(out["y"])
     np.testing.assert_array_equal(y, np.where(masks[-1], F32(1 / 0.75), F32(0)))
     assert abs(masks[-1].mean() - 0.75) < 0.03
@@ -601,6 +618,63 @@ def test_a_logged_step_reads_back_at_most_the_loss(gpu, tmp_path, exported, kind
     t = Trainer(cfg, stream=io.StringIO())
     for reads in _step_reads(t):
         assert len(reads) <= 1, reads
+
+
+# -- the planner on the device --------------------------------------------------------------------
+def _new_arrays(gpu):
+    """A memory hook counting the new device arrays (not views) made while it is open."""
+    class Count(gpu.cuda.MemoryHook):
+        name = "count_new_arrays"
+        made = 0
+
+        def malloc_postprocess(self, **kw):
+            self.made += 1
+    return Count()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_familys_training_graph_is_planned_on_the_device(gpu, zoo, name):
+    """A device executor runs the planner's program, as the host's does (shape arithmetic
+    folded, fused kernels, buffers planned once, out= kernels): its loss, gradients and
+    BatchNorm statistics are those of the unplanned device program and of the host plan (to
+    float32 rounding); a planned run reads nothing back, copies nothing up and makes fewer new
+    device arrays than an unplanned run."""
+    from trainer.autodiff import build_training_graph
+
+    d = zoo[name]
+    tm = build_training_graph(onnx.load(str(d / "model.onnx")),
+                              {"type": "cross_entropy", "output": "logits", "target": "label",
+                               "class_axis": -1}, "all", batch_size=8, batchnorm="train")
+    data = np.load(d / "data.npz")
+    feeds = {"x": data["x"][:8], "label": data["y"][:8]}
+    outs = [o.name for o in tm.graph.output]
+    ex = Executor(tm, gpu)
+    dev = {k: gpu.asarray(v) for k, v in feeds.items()}
+
+    def run(unplanned=False):
+        ex.rng.reseed(0, 0, 1)
+        sx.reset()
+        with _new_arrays(gpu) as made:
+            out = (ex.run_unplanned if unplanned else ex.run)(dict(dev))
+        moved = (sx.TRANSFERS.d2h, sx.TRANSFERS.h2d, sx.TRANSFERS.where(),
+                 sx.TRANSFERS.where("h2d"))
+        return {k: host(out[k]) for k in outs}, made.made, moved
+
+    run()  # (the plan is made)
+    planned, made_planned, moved = run()
+    assert moved[:2] == (0, 0), moved[2:]
+    plans = list(ex._specialized.values())
+    assert len(plans) == 1 and plans[0] is not False, "no plan on the device"
+    assert len(plans[0].steps) < len(ex.steps)
+    unplanned, made_unplanned, _ = run(unplanned=True)
+    assert made_planned < made_unplanned, (made_planned, made_unplanned)
+    on_host = None if name == "dropout_mlp" else Executor(tm, np).run(dict(feeds))
+    for k in outs:
+        for want in ([unplanned[k]] + ([] if on_host is None else [on_host[k]])):
+            want = np.asarray(want, np.float64)
+            scale = max(float(np.abs(want).max(initial=0)), 1e-6)
+            assert np.abs(planned[k].astype(np.float64) - want).max(initial=0) <= \
+                2e-5 * scale, k
 
 
 # -- optimizer ------------------------------------------------------------------------------------

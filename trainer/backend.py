@@ -127,10 +127,11 @@ class StepRNG:
         """Draws inside come from a throwaway stream (seeded from the same keys); the step's
         own stream and generators are left exactly where they were."""
         saved = self._keys, self._gen, self._device_gen
-        self._gen = self._device_gen = None
+        self._gen, self._device_gen = None, getattr(self, "_aside_device_gen", None)
         try:
             yield self
-        finally:
+        finally:  # (on a device, the aside generator is kept for the next time: made once)
+            self._aside_device_gen = self._device_gen
             self._keys, self._gen, self._device_gen = saved
 
     def _seed(self) -> int:

@@ -246,8 +246,8 @@ class Executor:
     """Runs one graph many times: everything per-graph is decided in __init__, everything
     per-shape at the first run of each input-shape signature (that run records every value's
     shape; later runs use the plan of trainer.simplify, trainer.kernels.fused and a static memory
-    plan: buffers assigned by liveness and reused, outputs written with out=). Sequences are
-    Python lists of arrays; an empty optional is None.
+    plan: buffers assigned by liveness and reused, outputs written with out=; on NumPy and on a
+    device alike). Sequences are Python lists of arrays; an empty optional is None.
 
     `feeds` names the values given at each run (graph inputs, and initializers such as trained
     parameters that change between runs); the other initializers become device constants.
@@ -281,7 +281,7 @@ class Executor:
                                  f"{'is' if len(unknown) == 1 else 'are'} not fetched; add "
                                  "them to fetch")
         self._plan(model, graph, inits, xp, StepRNG(xp, seed), feeds, fetch, keep_all)
-        self.optimize = (optimize and xp is np and not keep_all
+        self.optimize = (optimize and not keep_all
                          and not any(s[6] for s in self.steps)
                          and all(graph_kernel(d) is None for d in graph.node))
         self._specialized: dict[tuple, object] = {}
@@ -316,6 +316,10 @@ class Executor:
         self.keep_all = keep_all
         self._out_alias: dict[str, str] = {}
         self.host_values: frozenset[str] = frozenset()  # device executors: values kept on host
+        # What the planner starts from: the nodes and host constants before device placement
+        # (a plan folds the shape arithmetic away and places what is left itself).
+        self._plan_steps, self._plan_constants = list(self.steps), dict(self.constants)
+        self._arrays = (np.ndarray,) if not self.on_device else (np.ndarray, xp.ndarray)
         if self.on_device:
             deps = self._place(graph, deps)
         last_use: dict[str, int] = {}
@@ -460,6 +464,22 @@ class Executor:
         self.steps = steps
         return new_deps
 
+    def _device_constant(self, name: str, value):
+        """The device copy of a plan's constant: copied once per executor for a given value
+        (an initializer, or a folded value that every plan shares), at plan time."""
+        dev = self.constants.get(name + _DEV)
+        if dev is not None and value is self._plan_constants.get(name):
+            return dev  # (the unplanned program's copy)
+        cache = self.__dict__.setdefault("_uploads", {})
+        hit = cache.get(name)
+        if hit is not None and (hit[0] is value or (
+                hit[0].shape == value.shape and hit[0].dtype == value.dtype
+                and np.array_equal(hit[0], value))):
+            return hit[1]
+        dev = to_device(self.xp, value, f"'{name}'")
+        cache[name] = (value, dev)
+        return dev
+
     # -- the unspecialized program ------------------------------------------------------------
     def _compile_generic(self, record: dict | None = None, deliver: bool = True) -> _Program:
         """Closures for every node as planned; with `record`, each produced value's (shape,
@@ -482,7 +502,7 @@ class Executor:
             out_slots = tuple(slot(o) if o else 1 for o in outs)
             step = self._generic_step(fn, attrs, in_slots, out_slots, subs, slots)
             if record is not None:
-                step = _then(step, _recorder(record, outs, out_slots))
+                step = _then(step, _recorder(record, outs, out_slots, self._arrays))
             if deliver:
                 step = self._deliveries(step, [(o, s) for o, s in zip(outs, out_slots,
                                                                       strict=True) if o])
@@ -568,9 +588,10 @@ class Executor:
 
     def _signature(self, feeds: Mapping[str, object]) -> tuple:
         sig = []
+        arrays = self._arrays
         for name in self._feed_order:
             v = feeds.get(name)
-            if isinstance(v, np.ndarray):
+            if isinstance(v, arrays):
                 sig.append((v.shape, v.dtype))
             else:
                 sig.append(type(v))
@@ -584,8 +605,11 @@ class Executor:
         first run on (a run resumed from a checkpoint repeats the uninterrupted one bit for
         bit, whichever step it starts at)."""
         plan = False
+        # (on a device, every feed a device array: a host array fed where the plan's kernels
+        # read device data would mix the two)
+        kind = self._arrays[-1]
         if len(self._specialized) < MAX_PLANS and all(
-                isinstance(v, np.ndarray) for v in (feeds.get(n) for n in self._feed_order)):
+                isinstance(v, kind) for v in (feeds.get(n) for n in self._feed_order)):
             record: dict[str, tuple | None] = {}
             with self.rng.aside():
                 self._compile_generic(record, deliver=False).run(feeds, self.xp)
@@ -731,13 +755,15 @@ def _captures(sub) -> list[str]:
     return sorted({n for s in subs for n in s.captures})
 
 
-def _recorder(record: dict, names: Sequence[str], slots: Sequence[int]) -> Callable:
+def _recorder(record: dict, names: Sequence[str], slots: Sequence[int],
+              arrays: tuple[type, ...] = (np.ndarray,)) -> Callable:
     pairs = [(n, s) for n, s in zip(names, slots, strict=True) if n]
+    arrays = (*arrays, np.generic)
 
     def rec(env):
         for n, s in pairs:
             v = env[s]
-            record[n] = (v.shape, v.dtype) if isinstance(v, np.ndarray | np.generic) else None
+            record[n] = (v.shape, v.dtype) if isinstance(v, arrays) else None
     return rec
 
 
@@ -761,7 +787,7 @@ ReduceSum ReduceMean ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogS
 ReduceLogSumExp ReduceSumSquare ArgMax ArgMin CumSum Reshape Flatten Squeeze Unsqueeze
 Transpose Expand Tile Slice Pad Concat Split Gather GatherElements GatherND ScatterElements
 ScatterND Scatter Shape Size ConstantOfShape Identity Range OneHot Trilu Constant DepthToSpace
-SpaceToDepth SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss TopK
+SpaceToDepth SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss TopK QuantizeLinear DequantizeLinear
 """.split())
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4),
                 "Pad": (1, 3), "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,),
@@ -813,9 +839,10 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     (a list), every kernel call adds its time to its step's entry there."""
     if any(v is None for v in record.values()):
         return None
-    tune_allocator()
+    if not ex.on_device:
+        tune_allocator()
     shapes = dict(record)
-    constants = dict(ex.constants)
+    constants = dict(ex._plan_constants)  # host values (a device plan places them itself)
     keep = set(ex.fetch)
     nodes, alias = simplify(plan_nodes(ex), constants, keep, shapes)
     for k, v in constants.items():
@@ -831,7 +858,8 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     for n in nodes:
         if not n.fused and (n.op not in STATIC_OPS or n.domain not in ("", "ai.onnx")):
             return None
-        for k in SHAPE_INPUTS.get(n.op, ()):
+        # (on a device, also the host-read scalars: a device value there would be read back)
+        for k in (HOST_INPUTS if ex.on_device and not n.fused else SHAPE_INPUTS).get(n.op, ()):
             if k < len(n.inputs) and n.inputs[k] and n.inputs[k] not in constants:
                 return None
     prog = _compile_static(ex, nodes, constants, shapes, alias, timers)
@@ -870,11 +898,14 @@ def _stable_order(nodes: list[PNode], available: set[str]) -> list[PNode] | None
     return order if len(order) == len(nodes) else None
 
 
-def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
-    """(impl(*inputs, out) -> value, arity) for nodes whose value NumPy can write into a given
-    array exactly as the kernel computes it; None otherwise."""
+def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np):
+    """(impl(*inputs, out) -> value, arity) for nodes whose value xp can write into a given
+    array as the kernel computes it (on the host: exactly); None otherwise."""
     if n.fused:
-        return n.info.get("out_impl")
+        make = n.info.get("out_impl")  # (a factory: xp -> (impl, arity))
+        return make(xp) if make is not None else None
+    if xp is not np:
+        return _device_out_impl(n, shapes, constants, xp)
     if len(n.outputs) != 1 or not n.outputs[0] or n.domain:
         return None
     ins = [shapes.get(i) if i else None for i in n.inputs]
@@ -937,16 +968,10 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
         return gemm, 3
     if op in ("ReduceSum", "ReduceMean") and out_dt in _FLOATS and dts[0] == out_dt:
         # (the axes input, from opset 13/18, is int64: only the data's dtype matters)
-        axes = a.get("axes")
-        if len(n.inputs) > 1 and n.inputs[1]:
-            axes = constants[n.inputs[1]].reshape(-1).tolist()
         rank = len(ins[0][0])
-        if not axes:
-            if a.get("noop_with_empty_axes", 0):
-                return None
-            ax = None
-        else:
-            ax = tuple(sorted({int(v) % max(rank, 1) for v in axes} & set(range(rank))))
+        ax = _reduce_axes(n, rank, constants)
+        if ax is False:
+            return None
         keep = bool(a.get("keepdims", 1))
         from trainer.kernels.reduce import sum_plan  # (the kernels' own sums: same bits)
         blas = sum_plan(tuple(ins[0][0]), dts[0], tuple(range(rank)) if ax is None else ax, keep)
@@ -966,22 +991,110 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping):
         return mean, 2
     if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
             a.get("group", 1) >= 1:
-        from trainer.kernels import nn
-        xs, ws = ins[0][0], ins[1][0]
-        kshape = list(ws[2:])
-        if op == "Conv":
-            geo = nn.conv_geometry(xs, kshape, a.get("strides"), a.get("dilations"),
-                                   a.get("pads"), a.get("auto_pad", "NOTSET"))
-            strides, dil, pads, osp = geo
-            g = a.get("group", 1)
-            return (lambda x, w, b, out: nn.conv_into(np, x, w, b, strides, dil, pads, osp, g,
-                                                       out)), 3
-        geo = nn.conv_transpose_geometry(xs, kshape, a.get("strides"), a.get("dilations"),
-                                         a.get("pads"), a.get("output_padding"),
-                                         a.get("output_shape"), a.get("auto_pad", "NOTSET"))
-        g = a.get("group", 1)
-        return (lambda x, w, b, out: nn.conv_transpose_into(np, x, w, b, *geo, g, out)), 3
+        return _conv_impl(n, ins, np)
     return None
+
+
+def _device_out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType):
+    """_out_impl on a device: the same ops through xp's ufuncs, products and sums with out=
+    (the host's BLAS shortcuts and Where's product form are host-only)."""
+    if len(n.outputs) != 1 or not n.outputs[0] or n.domain:
+        return None
+    ins = [shapes.get(i) if i else None for i in n.inputs]
+    if any(i and v is None for i, v in zip(n.inputs, ins, strict=True)):
+        return None
+    out_shape, out_dt = shapes[n.outputs[0]]
+    dts = [v[1] for v in ins if v is not None]
+    floats = out_dt in _FLOATS and all(d == out_dt for d in dts)
+    op, a = n.op, n.attrs
+    if any(k in a for k in ("broadcast", "axis", "consumed_inputs")):
+        return None
+    if op in _UFUNC2 and floats and len(ins) == 2:
+        uf = getattr(xp, _UFUNC2[op].__name__)
+        return (lambda x, y, out: uf(x, y, out=out)), 2
+    if op in _UFUNC1 and floats:
+        uf = getattr(xp, _UFUNC1[op].__name__)
+        return (lambda x, out: uf(x, out=out)), 1
+    if op in _COMPARE and len(ins) == 2 and out_dt == np.bool_ and len(set(dts)) == 1 \
+            and dts[0].kind in "fiu":
+        uf = getattr(xp, _COMPARE[op].__name__)
+        return (lambda x, y, out: uf(x, y, out=out)), 2
+    if op == "Relu" and floats:
+        zero = out_dt.type(0)
+        return (lambda x, out: xp.maximum(x, zero, out=out)), 1
+    if op == "Sum" and floats and len(ins) >= 2:
+        def total(*xs):
+            *xs, out = xs
+            xp.add(xs[0], xs[1], out=out)
+            for x in xs[2:]:
+                xp.add(out, x, out=out)
+            return out
+        return total, len(ins)
+    if op == "MatMul" and floats and len(ins) == 2:
+        (sa, _), (sb, _) = ins
+        if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
+            k, m = sb
+
+            def mm(x, y, out):
+                xp.matmul(x.reshape(-1, k), y, out=out.reshape(-1, m))
+                return out
+            return mm, 2
+        return (lambda x, y, out: xp.matmul(x, y, out=out)), 2
+    if op == "Gemm" and floats and len(ins[0][0]) == len(ins[1][0]) == 2:
+        ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+        alpha, beta = out_dt.type(a.get("alpha", 1.0)), out_dt.type(a.get("beta", 1.0))
+
+        def gemm(x, w, c, out):
+            xp.matmul(x.T if ta else x, w.T if tb else w, out=out)
+            if alpha != 1:
+                out *= alpha
+            if c is not None:
+                out += c * beta if beta != 1 else c
+            return out
+        return gemm, 3
+    if op in ("ReduceSum", "ReduceMean") and out_dt in _FLOATS and dts[0] == out_dt:
+        ax = _reduce_axes(n, len(ins[0][0]), constants)
+        if ax is False:
+            return None
+        keep = bool(a.get("keepdims", 1))
+        if op == "ReduceSum":
+            return (lambda x, _axes, out: xp.sum(x, axis=ax, keepdims=keep, out=out)), 2
+        return (lambda x, _axes, out: xp.mean(x, axis=ax, keepdims=keep, out=out)), 2
+    if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
+            a.get("group", 1) >= 1:
+        return _conv_impl(n, ins, xp)
+    return None
+
+
+def _reduce_axes(n: PNode, rank: int, constants: Mapping):
+    """The axes a ReduceSum/ReduceMean node sums over (None: all), or False where it does
+    nothing (no axes and noop_with_empty_axes). The axes input is a constant in a plan."""
+    a = n.attrs
+    axes = a.get("axes")
+    if len(n.inputs) > 1 and n.inputs[1]:  # (the input of opsets 13/18)
+        axes = constants[n.inputs[1]].reshape(-1).tolist()
+    if not axes:
+        return False if a.get("noop_with_empty_axes", 0) else None
+    return tuple(sorted({int(v) % max(rank, 1) for v in axes} & set(range(rank))))
+
+
+def _conv_impl(n: PNode, ins: list, xp: ModuleType):
+    """Conv and ConvTranspose written into their output (nn.conv_into and its transpose)."""
+    from trainer.kernels import nn
+    a = n.attrs
+    xs, ws = ins[0][0], ins[1][0]
+    kshape = list(ws[2:])
+    g = a.get("group", 1)
+    if n.op == "Conv":
+        strides, dil, pads, osp = nn.conv_geometry(xs, kshape, a.get("strides"),
+                                                   a.get("dilations"), a.get("pads"),
+                                                   a.get("auto_pad", "NOTSET"))
+        return (lambda x, w, b, out: nn.conv_into(xp, x, w, b, strides, dil, pads, osp, g,
+                                                   out)), 3
+    geo = nn.conv_transpose_geometry(xs, kshape, a.get("strides"), a.get("dilations"),
+                                     a.get("pads"), a.get("output_padding"),
+                                     a.get("output_shape"), a.get("auto_pad", "NOTSET"))
+    return (lambda x, w, b, out: nn.conv_transpose_into(xp, x, w, b, *geo, g, out)), 3
 
 
 def _where_impl(n: PNode, ins: list, out_dt, constants: Mapping):
@@ -1060,17 +1173,18 @@ def _view_step(n: PNode, shapes: Mapping, i0: int, o: int) -> Callable | None:
     return None
 
 
-def _out_step(impl: Callable, ins: tuple[int, ...], o: int, target, shape, dtype) -> Callable:
+def _out_step(impl: Callable, ins: tuple[int, ...], o: int, target, shape, dtype,
+              empty: Callable = np.empty) -> Callable:
     if target is None:  # the value leaves the run: a new array each time
         if len(ins) == 2:
             i0, i1 = ins
 
             def fresh2(env):
-                env[o] = impl(env[i0], env[i1], np.empty(shape, dtype))
+                env[o] = impl(env[i0], env[i1], empty(shape, dtype))
             return fresh2
 
         def fresh(env):
-            env[o] = impl(*[env[i] for i in ins], np.empty(shape, dtype))
+            env[o] = impl(*[env[i] for i in ins], empty(shape, dtype))
         return fresh
     if len(ins) == 1:
         i0 = ins[0]
@@ -1099,7 +1213,10 @@ def _out_step(impl: Callable, ins: tuple[int, ...], o: int, target, shape, dtype
 def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: Mapping,
                     alias: Mapping[str, str], timers: list | None = None) -> _Program:
     """Slots, out= implementations, the memory plan (buffers by liveness, reused by exact
-    size; an elementwise node may take over a dying input's buffer) and the closures."""
+    size; an elementwise node may take over a dying input's buffer) and the closures. On a
+    device, the buffers are device memory, and a constant a kernel reads as data is read from
+    its device copy (made once); shape-like inputs (HOST_INPUTS) read the host value."""
+    xp = ex.xp
     fetch = [(name, alias.get(name, name)) for name in ex.fetch]
     escaping = {v for _, v in fetch} | {alias.get(n, n) for n in ex.on_produced}
     end_of_run = len(nodes)
@@ -1110,7 +1227,7 @@ def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: M
                 last[v] = i
     for v in escaping:
         last[v] = end_of_run
-    impls = [_out_impl(n, shapes, constants) for n in nodes]
+    impls = [_out_impl(n, shapes, constants, xp) for n in nodes]
     producer = {o: i for i, n in enumerate(nodes) for o in n.outputs if o}
     readers: dict[str, int] = {}
     for n in nodes:
@@ -1197,7 +1314,7 @@ def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: M
                         break
             if buf is None:
                 pool = free.get(nbytes)
-                buf = pool.pop() if pool else np.empty(max(nbytes, 1), np.uint8)
+                buf = pool.pop() if pool else xp.empty(max(nbytes, 1), np.uint8)
             phys[o] = buf
             targets[o] = buf[:nbytes].view(dt).reshape(shape)
         for r in expiring.get(i, ()):
@@ -1213,7 +1330,24 @@ def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: M
             slots[name] = len(slots)
         return slots[name]
 
-    used_consts = {v for n in nodes for v in n.inputs if v in constants}
+    reads = [list(n.inputs) for n in nodes]  # per node: the value names its kernel reads
+    if ex.on_device:
+        device_consts: dict[str, object] = {}
+
+        def on_device(v: str) -> str:
+            dev = v + _DEV
+            if dev not in device_consts:
+                device_consts[dev] = ex._device_constant(v, constants[v])
+            return dev
+        for n, names in zip(nodes, reads, strict=True):
+            host_read = () if n.fused else (*HOST_INPUTS.get(n.op, ()),
+                                            *_METADATA_INPUTS.get(n.op, ()))
+            for k, v in enumerate(names):
+                if v in constants and k not in host_read:
+                    names[k] = on_device(v)
+        fetch = [(name, on_device(v) if v in constants else v) for name, v in fetch]
+        constants = {**constants, **device_consts}
+    used_consts = {v for names in reads for v in names if v in constants}
     used_consts |= {v for _, v in fetch if v in constants}
     for name in sorted(used_consts):
         slot(name)
@@ -1232,23 +1366,23 @@ def _compile_static(ex: Executor, nodes: list[PNode], constants: dict, shapes: M
                 impl = (_timed_fn(impl[0], timers, i), impl[1])
         if impl is not None:
             fn, arity = impl
-            names = list(n.inputs) + [""] * (arity - len(n.inputs))
+            names = reads[i] + [""] * (arity - len(n.inputs))
             ins = tuple(slot(v) for v in names[:arity])
             o = n.outputs[0]
             target = dest.get(o, targets.get(o))
             shape, dt = shapes[o]
-            step = _out_step(fn, ins, outs[0], target, shape, dt)
+            step = _out_step(fn, ins, outs[0], target, shape, dt, xp.empty)
         else:
-            ins = tuple(slot(v) for v in n.inputs)
+            ins = tuple(slot(v) for v in reads[i])
             step = _view_step(n, shapes, ins[0], outs[0]) if ins else None
             if step is None:
-                step = _call_step(kernel, n.attrs, ins, outs, np)
+                step = _call_step(kernel, n.attrs, ins, outs, xp)
         for o, s in zip(n.outputs, outs, strict=True):
             if o in bind_after:
                 step = _then(step, lambda env, s=s, d=bind_after[o]: env.__setitem__(s, d))
             if o in copy_into:
                 def copy(env, s=s, d=copy_into[o]):
-                    np.copyto(d, env[s])
+                    xp.copyto(d, env[s])
                     env[s] = d
                 step = _then(step, copy)
             for name in ex.on_produced:
@@ -1280,9 +1414,9 @@ def _nbytes(shape_dtype) -> int:
 
 
 def plan_nodes(ex: Executor) -> list[PNode]:
-    """The executor's planned nodes as PNodes (for trainer.planner)."""
+    """The executor's nodes as PNodes for the planner (before any device placement)."""
     return [PNode(op, list(ins), list(outs), dict(attrs), name, fn,
-                  subs=subs) for (fn, attrs, ins, outs, name, op, subs) in ex.steps]
+                  subs=subs) for (fn, attrs, ins, outs, name, op, subs) in ex._plan_steps]
 
 
 __all__ = ["Executor", "Subgraph", "eliminate_dead", "missing_kernels", "plan_nodes", "probe",

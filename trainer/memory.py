@@ -291,9 +291,10 @@ def walk(model: onnx.ModelProto, nbytes: Mapping[str, int], fed: Iterable[str],
     node to its last reader (fetched values to the end), views share their source's memory,
     and node k adds its kernel scratch while it runs. `boundary` names the loss value.
 
-    `pooled` models a static memory plan (the CPU executor's): every value of POOLED_OPS
-    that does not leave the run gets a buffer of its exact size, reused by later values of
-    the same size once it is dead, and all buffers stay allocated; other values are fresh."""
+    `pooled` models a static memory plan (the executor's, on a CPU or a GPU): every value of
+    POOLED_OPS that does not leave the run gets a buffer of its exact size, reused by later
+    values of the same size once it is dead, and all buffers stay allocated; other values are
+    fresh."""
     from trainer.graph import node_name, topo_sort
 
     g = model.graph

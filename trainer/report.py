@@ -396,7 +396,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                               optimizer=cfg.optimizer, world=world,
                               eval_copy=cfg.data.eval is not None,
                               compress=cfg.distributed.compress, full_model=full_model,
-                              pooled=xp is np,
+                              pooled=True,  # (the plan of either device)
                               batch_bytes=per_sample * local * copies + resident,
                               shard_optimizer=cfg.distributed.shard_optimizer)
     except TrainerError as exc:

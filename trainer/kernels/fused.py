@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from trainer.graph import attrs_of
 from trainer.kernels import get_kernel, nn
-from trainer.kernels.elementwise import erf_rational
+from trainer.kernels.elementwise import Erf, erf_rational
 from trainer.kernels.reduce import max_of, mean_of, squares_finite, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
 
@@ -127,7 +127,9 @@ def _none_ignored(xp, labels, ignore_index, classes: int) -> bool:
     equal to it makes the 2-D label lookup raise IndexError (which the callers catch)."""
     if ignore_index is None:
         return True
-    if xp is np and labels.ndim == 1 and not -classes <= ignore_index < classes:
+    if xp is not np:  # (a device answer would be read back: the masked form always runs)
+        return False
+    if labels.ndim == 1 and not -classes <= ignore_index < classes:
         return True
     return not (labels == ignore_index).any()
 
@@ -176,7 +178,10 @@ def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
 
 
 def erf_float32(xp, x):
-    """Erf for float32 inputs (the planned executor's substitute for Erf nodes)."""
+    """Erf for float32 inputs (the planned executor's substitute for Erf nodes); on a device,
+    the Erf kernel's own (one elementwise kernel, where the rational form takes twenty)."""
+    if xp is not np:
+        return Erf(xp, x)
     return (erf_rational(xp, x),)
 
 
@@ -626,11 +631,13 @@ def _fuse_conv_weight_grad(g: _Graph) -> int:
                      f"{conv.name}/fused", conv_weight_grad, fused=True,
                      info={"replaces": [m.name for m in (conv, crop, out) if m is not None]})
 
-        def into(x_, dy_, dw, attrs=attrs):
-            return nn.conv_weight_grad_into(np, x_, dy_, attrs["kernel_shape"],
-                                            attrs["strides"], attrs["dilations"],
-                                            attrs["pads"], 1, dw)
-        node.info["out_impl"] = (into, 2)
+        def out_impl(xp, attrs=attrs):  # (for the memory plan: xp -> (impl, arity))
+            def into(x_, dy_, dw):
+                return nn.conv_weight_grad_into(xp, x_, dy_, attrs["kernel_shape"],
+                                                attrs["strides"], attrs["dilations"],
+                                                attrs["pads"], 1, dw)
+            return into, 2
+        node.info["out_impl"] = out_impl
         g.replace([m for m in (conv, crop, out) if m is not None], node)
         fused += 1
     return fused
