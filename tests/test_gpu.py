@@ -89,8 +89,9 @@ def small_cnn() -> onnx.ModelProto:
 
 def training_step_check(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
                         rtol: float = 2e-3) -> None:
-    """One training-graph run on CuPy equals NumPy's, and the second run synchronizes nowhere
-    (cupyx.allow_synchronize: a device read inside the step raises)."""
+    """One training-graph run on CuPy equals NumPy's, through the static plan and without it,
+    and the second (planned) run synchronizes nowhere (cupyx.allow_synchronize: a device read
+    inside the step raises)."""
     from trainer.autodiff import build_training_graph, training_info
     from trainer.executor import Executor
     from trainer.graph import initializers
@@ -111,8 +112,12 @@ def training_step_check(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
         warnings.simplefilter("ignore")  # allow_synchronize is deprecated (it still works)
         with cupyx_module().allow_synchronize(False):
             out = ex.run(dev)
+    assert [p is not False for p in ex._specialized.values()] == [True]  # planned on the GPU
+    unplanned = ex.run_unplanned(dev)
     for k in fetch:
         np.testing.assert_allclose(cp.asnumpy(out[k]), ref[k], rtol=rtol, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(cp.asnumpy(unplanned[k]), ref[k], rtol=rtol, atol=1e-5,
+                                   err_msg=k)
 
 
 @gpu_test
