@@ -1,7 +1,8 @@
 """GPU training step on one GPU, side by side: ours (device: gpu) vs PyTorch eager (--compile: and
 torch.compile) for an MLP, a ResNet-18-style CNN and a ~50M GPT decoder; ms, peak memory, TFLOP/s.
 `--precision fp32 | tf32 | fp16` sets both sides alike (tf32: allow_tf32; fp16: torch.autocast
-with GradScaler against our `precision: fp16`). `--dry-run` runs tiny models on the CPU (ours
+with GradScaler against our `precision: fp16`); `--cuda-graph` runs ours with gpu.cuda_graph
+(forward and backward as one captured graph). `--dry-run` runs tiny models on the CPU (ours
 through the CuPy stand-in); see --help."""
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def median_ms(times: list[float]) -> float:
 
 
 # -- the systems ----------------------------------------------------------------------------------
-def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "fp32") -> dict:
+def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "fp32",
+             cuda_graph: bool = False) -> dict:
     from trainer.backend import PeakMemory, synchronize
     from trainer.config import config_from_dict
     from trainer.train import Trainer
@@ -128,7 +130,7 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "
         "loss": {"type": "cross_entropy", "output": "logits", "target": "label",
                  "class_axis": 1},
         "optimizer": {"type": "sgd", "lr": LR}, "steps": 10 ** 6,
-        "log": {"every_steps": 10 ** 6}}, ROOT)
+        "gpu": {"cuda_graph": cuda_graph}, "log": {"every_steps": 10 ** 6}}, ROOT)
     t0 = time.perf_counter()
     t = Trainer(cfg, stream=io.StringIO())
     setup_s = time.perf_counter() - t0
@@ -149,9 +151,15 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "
     with PeakMemory(xp) as mem:  # one more step, measured (the hook slows allocation)
         step()
     plan = next(iter(t.plans.values()))
+    ex = plan.executor
+    graph = None
+    if cuda_graph:  # whether the timed steps were graph launches, or why not
+        captured = any(isinstance(g, tuple) for g in ex._graphs.values())
+        graph = ex.graph_off or (ex.graph_errors[0] if ex.graph_errors else
+                                 "captured" if captured else "not captured (too few steps)")
     return {"ms": median_ms(times), "peak_mb": None if mem.peak is None else mem.peak / 2**20,
-            "nodes": len(plan.executor.steps), "setup_s": setup_s,
-            "params": int(t.size)}
+            "nodes": len(ex.steps), "setup_s": setup_s, "params": int(t.size),
+            "graph": graph}
 
 
 def run_torch(model, case: Case, device: str, steps: int, warmup: int,
@@ -253,6 +261,10 @@ def report(rows: list[dict], peak: float, device: str, compiled: bool,
             cells[3:3] = [fmt(r.get("compiled", {}).get("ms"))]
         print(" | ".join(cells))
     print("speed: torch ms / ours ms (>= 1: ours is as fast or faster); mem: ours / torch peak")
+    graphs = [f"{r['case'].split(',')[0]}: {r['ours']['graph']}" for r in rows
+              if "ours" in r and r["ours"].get("graph")]
+    if graphs:
+        print("ours with gpu.cuda_graph: " + "; ".join(graphs))
 
 
 class _Stopped(Exception):
@@ -272,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["fp32", "tf32", "fp16"], default="fp32",
                     help="both sides: fp32; tf32 (TF32 matmuls and convolutions); fp16 "
                          "(autocast + GradScaler, ours precision: fp16)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="ours with gpu.cuda_graph: true (the report says if it captured)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: tiny models; ours through the CuPy stand-in (tests/strictxp.py)")
     ap.add_argument("--budget-s", type=float, default=240.0,
@@ -319,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             model = make_model(case)
             export(model, case, work / f"{case.name}.onnx")
             row = {"case": case.title,
-                   "ours": run_ours(case, work, args.steps, args.warmup, args.precision),
+                   "ours": run_ours(case, work, args.steps, args.warmup, args.precision,
+                                    args.cuda_graph),
                    "torch": run_torch(model, case, device, args.steps, args.warmup,
                                       precision=args.precision)}
             if args.compile:
@@ -344,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"device": name, "matmul_tflops": peak, "rows": rows,
                                          "precision": args.precision,
+                                         "cuda_graph": args.cuda_graph,
                                          "date": time.strftime("%Y-%m-%d"),
                                          "torch": torch.__version__,
                                          "cupy": getattr(xp, "__version__", None)}, indent=1))

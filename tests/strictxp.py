@@ -35,6 +35,10 @@ class Transfers:
         self.h2d_sites: list[tuple[str, int, str]] = []
 
     def record(self, kind: str) -> None:
+        if _capturing():
+            raise StreamCaptureUnsupported(
+                f"a {'device-to-host' if kind == 'd2h' else 'host-to-device'} copy while the "
+                "stream captures (cudaErrorStreamCaptureUnsupported)")
         if kind == "d2h" and not _SYNC.allowed:
             raise DeviceSynchronized()
         frame = sys._getframe(1)
@@ -88,6 +92,80 @@ def allow_synchronize(allow: bool):
 
 def reset() -> None:
     TRANSFERS.reset()
+
+
+# -- CUDA graph capture ---------------------------------------------------------------------------
+class StreamCaptureUnsupported(RuntimeError):
+    """What CUDA refuses while a stream captures: a device-host transfer, a synchronization,
+    or work of the capturing thread on another stream (the legacy null stream)."""
+
+
+class _Capture:
+    """The capture under way (one at a time): its stream, thread and recorded operations."""
+    ops: list | None = None
+    stream = None
+    thread: int | None = None
+    depth = 0
+
+
+_CAPTURE = _Capture()
+
+
+def _capturing() -> bool:
+    return _CAPTURE.ops is not None and threading.get_ident() == _CAPTURE.thread
+
+
+def _compute(fn: Callable, args=(), kwargs=None, post: Callable | None = None):
+    """post(fn(*args, **kwargs)): device work on the underlying host arrays, its result made
+    device arrays by `post` (_wrap by default). While this thread captures a stream, the call
+    is also recorded, as a kernel launch is captured: a launch of the graph recomputes it with
+    the same arguments (the same arrays, read as they are then; host scalars as they were at
+    capture, as a real graph freezes kernel parameters) into the same result arrays."""
+    kwargs = kwargs or {}
+    post = _wrap if post is None else post
+    if _CAPTURE.depth or not _capturing():
+        return post(fn(*args, **kwargs))
+    if cuda._stream is not _CAPTURE.stream:
+        raise StreamCaptureUnsupported("operation not permitted when stream is capturing: the "
+                                       "capturing thread ran work on another stream")
+    _CAPTURE.depth += 1
+    try:
+        result = post(fn(*args, **kwargs))
+    finally:
+        _CAPTURE.depth -= 1
+    _CAPTURE.ops.append((fn, args, kwargs, result))
+    return result
+
+
+def _settle(dev, new) -> None:
+    """Write a recomputed result into the device array(s) captured for it."""
+    if isinstance(dev, ndarray):
+        a, new = dev._a, np.asarray(new)
+        if new is a or (new.shape == a.shape and new.strides == a.strides and
+                        new.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
+            return  # (a view of the same memory: already there)
+        np.copyto(a, new.reshape(a.shape), casting="unsafe")
+    elif isinstance(dev, tuple | list) and isinstance(new, tuple | list):
+        for d, n in zip(dev, new, strict=False):
+            _settle(d, n)
+
+
+class Graph:
+    """cupy.cuda.Graph: `launch` replays the captured operations (not the Python around them)."""
+
+    def __init__(self, ops: list) -> None:
+        self._ops = ops
+        self.launches = 0
+
+    def launch(self, stream=None) -> None:
+        if _capturing():
+            raise StreamCaptureUnsupported("a graph launch while the stream captures")
+        self.launches += 1
+        for fn, args, kwargs, result in self._ops:
+            _settle(result, fn(*args, **kwargs))
+
+    def __len__(self) -> int:
+        return len(self._ops)
 
 
 # -- dtypes ---------------------------------------------------------------------------------------
@@ -221,10 +299,12 @@ class ndarray:  # noqa: N801 - CuPy's name
     # indexing
     def __getitem__(self, key):
         key, advanced = _index(key)
-        out = self._a[key]
-        if isinstance(out, np.generic):  # CuPy gives a 0-d view, not a host scalar
-            out = self._a[(key if isinstance(key, tuple) else (key,)) + (Ellipsis,)]
-        return _dev(out)
+
+        def view(out):
+            if isinstance(out, np.generic):  # CuPy gives a 0-d view, not a host scalar
+                out = self._a[(key if isinstance(key, tuple) else (key,)) + (Ellipsis,)]
+            return _dev(out)
+        return _compute(self._a.__getitem__, (key,), None, view)
 
     def __setitem__(self, key, value) -> None:
         key, advanced = _index(key)
@@ -234,7 +314,7 @@ class ndarray:  # noqa: N801 - CuPy's name
             if not advanced:  # CuPy fills basic slices from scalars only (gh-2079)
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
             TRANSFERS.record("h2d")
-        self._a[key] = value
+        _compute(self._a.__setitem__, (key, value), None, _nothing)
 
     # NumPy protocols: dispatch to this module, as CuPy dispatches to cupy
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -256,7 +336,8 @@ class ndarray:  # noqa: N801 - CuPy's name
     # methods with CuPy's restrictions; the rest forward to NumPy's
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         kw = {} if casting is None else {"casting": casting}
-        return _dev(self._a.astype(_check_dtype(dtype), order=order, copy=copy, **kw))
+        return _compute(self._a.astype, (_check_dtype(dtype),), {"order": order, "copy": copy,
+                                                                  **kw}, _dev)
 
     def view(self, dtype=None, array_class=None):
         if dtype is None:
@@ -264,12 +345,13 @@ class ndarray:  # noqa: N801 - CuPy's name
         return _dev(self._a.view(_check_dtype(dtype)))
 
     def copy(self, order="C"):
-        return _dev(self._a.copy(order=order))
+        return _compute(self._a.copy, (), {"order": order}, _dev)
 
     def fill(self, value) -> None:
         if isinstance(value, np.ndarray) and value.ndim:
             raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
-        self._a.fill(value._a if isinstance(value, ndarray) else value)
+        _compute(self._a.fill, (value._a if isinstance(value, ndarray) else value,), None,
+                 _nothing)
 
     def __getattr__(self, name: str):
         if name in _MISSING_METHODS or name.startswith("__"):
@@ -280,7 +362,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         def method(*args, **kwargs):
             if check is not None:
                 _limit_kwargs(name, kwargs, check)
-            return _wrap(meth(*_unwrap(args, name), **_unwrap_kw(kwargs, name)))
+            return _compute(meth, _unwrap(args, name), _unwrap_kw(kwargs, name))
         return method
 
 
@@ -443,7 +525,8 @@ def _scatter(a, slices, value, op: str, uf: np.ufunc) -> None:
         raise TypeError(f"Unsupported type {type(a)}")
     if a.dtype.type not in _SCATTER_DTYPES[op]:
         raise TypeError(f"cupy scatter {op} does not support {a.dtype} as data type")
-    uf.at(a._a, _index(slices)[0], value._a if isinstance(value, ndarray) else value)
+    _compute(uf.at, (a._a, _index(slices)[0], value._a if isinstance(value, ndarray) else value),
+             None, _nothing)
 
 
 def _ufunc_apply(uf: np.ufunc, method: str, inputs, kwargs):
@@ -477,10 +560,11 @@ def _ufunc_apply(uf: np.ufunc, method: str, inputs, kwargs):
         kwargs = {**kwargs, "dtype": _check_dtype(kwargs["dtype"])}
     if "where" in kwargs:
         raise TypeError(f"Wrong arguments {{'where'}} for cupy_{name}")
-    result = getattr(uf, method)(*args, **kwargs) if method != "__call__" else uf(*args, **kwargs)
+    call = uf if method == "__call__" else getattr(uf, method)
     if out is not None:
+        _compute(call, args, kwargs, _nothing)  # (written into out)
         return out if isinstance(out, ndarray) or len(out) > 1 else out[0]
-    return _wrap(result)
+    return _compute(call, args, kwargs)
 
 
 class _Ufunc:
@@ -542,6 +626,17 @@ _HOST_FUNCS = {"result_type", "can_cast", "promote_types", "min_scalar_type", "i
                "set_printoptions", "printoptions", "typename", "mintypecode",
                "normalize_axis_index", "ascontiguousarray_shape"}
 _FN_CACHE: dict[str, Callable] = {}
+_NO_WORK = {"empty", "empty_like"}  # allocations only: no kernel to capture
+
+
+def _wrap_scalar(result):
+    if isinstance(result, bool | int | float | complex):  # CuPy answers with 0-d arrays
+        return _dev(np.asarray(result))
+    return _wrap(result)
+
+
+def _nothing(_result) -> None:
+    return None
 
 
 def _function(name: str, fn: Callable, namespace: str = "") -> Callable:
@@ -554,10 +649,10 @@ def _function(name: str, fn: Callable, namespace: str = "") -> Callable:
             _limit_kwargs(name, kwargs, limit)
         if host:
             return fn(*[a._a if isinstance(a, ndarray) else a for a in args], **kwargs)
-        result = fn(*_unwrap(args, where), **_unwrap_kw(kwargs, where))
-        if isinstance(result, bool | int | float | complex):  # CuPy answers with 0-d arrays
-            return _dev(np.asarray(result))
-        return _wrap(result)
+        uargs, ukw = _unwrap(args, where), _unwrap_kw(kwargs, where)
+        if name in _NO_WORK:
+            return _wrap(fn(*uargs, **ukw))
+        return _compute(fn, uargs, ukw, _wrap_scalar)
     call.__name__ = name
     return call
 
@@ -567,7 +662,7 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
     if isinstance(a, ndarray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
     if isinstance(a, list | tuple) and builtins.any(isinstance(v, ndarray) for v in a):
-        return _wrap(np.asarray(_unwrap(a, "asarray"), dtype=dtype))
+        return _compute(np.asarray, (_unwrap(a, "asarray"),), {"dtype": dtype})
     host = np.asarray(a, dtype=dtype, order=order)
     _check_dtype(host.dtype)
     TRANSFERS.record("h2d")
@@ -576,11 +671,12 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     if isinstance(obj, ndarray):
-        out = obj._a.astype(_check_dtype(dtype) if dtype is not None else obj.dtype,
-                            order=order if order != "K" else "K", copy=copy is not False)
+        out = _compute(obj._a.astype, (_check_dtype(dtype) if dtype is not None else obj.dtype,),
+                       {"order": order if order != "K" else "K", "copy": copy is not False},
+                       _dev)
         if ndmin > out.ndim:
             out = out.reshape((1,) * (ndmin - out.ndim) + out.shape)
-        return _dev(out)
+        return out
     host = np.array(_unwrap([obj], "array")[0] if isinstance(obj, list | tuple) else obj,
                     dtype=dtype, order=order, ndmin=ndmin, copy=True)
     _check_dtype(host.dtype)
@@ -637,7 +733,7 @@ def matmul(a, b, out=None, **kwargs):
     if _core._routines_linalg.float32 == _RoutinesLinalg.COMPUTE_TYPE_TF32 and \
             isinstance(a, ndarray) and isinstance(b, ndarray) and \
             a.dtype == np.float32 and b.dtype == np.float32:
-        a, b = _dev(_tf32(a._a)), _dev(_tf32(b._a))
+        a, b = _compute(_tf32, (a._a,), None, _dev), _compute(_tf32, (b._a,), None, _dev)
     return _ufunc_apply(np.matmul, "__call__", (a, b), _some(out=out, **kwargs))
 
 
@@ -802,7 +898,27 @@ class _Cuda:
                 self.ptr = 0 if null else id(self)
 
             def synchronize(self) -> None:
-                pass
+                if _CAPTURE.stream is self:
+                    raise StreamCaptureUnsupported("a capturing stream cannot synchronize")
+
+            def begin_capture(self, mode=None) -> None:
+                if self.ptr == 0:
+                    raise RuntimeError("cannot capture on the default (legacy) stream")
+                if _CAPTURE.ops is not None:
+                    raise RuntimeError("cudaErrorIllegalState: a capture is under way")
+                _CAPTURE.ops, _CAPTURE.stream = [], self
+                _CAPTURE.thread = threading.get_ident()
+                me.captures += 1
+
+            def end_capture(self):
+                if _CAPTURE.stream is not self:
+                    raise RuntimeError("cudaErrorIllegalState: the stream is not capturing")
+                ops = _CAPTURE.ops
+                _CAPTURE.ops = _CAPTURE.stream = _CAPTURE.thread = None
+                return Graph(ops)
+
+            def is_capturing(self) -> bool:
+                return _CAPTURE.stream is self
 
             def record(self, event=None):
                 event = event or Event()
@@ -850,8 +966,35 @@ class _Cuda:
             def free_postprocess(self, **kwargs):
                 pass
 
+        class MemoryPool:
+            """cupy.cuda.MemoryPool: a private pool (for a graph's memory); the stand-in
+            allocates from NumPy whatever the pool."""
+
+            def __init__(self, allocator=None):
+                me.private_pools += 1
+
+            def malloc(self, nbytes):
+                return None
+
+            def used_bytes(self) -> int:
+                return 0
+
+            def total_bytes(self) -> int:
+                return 0
+
+            def free_all_blocks(self) -> None:
+                pass
+
+        @contextlib.contextmanager
+        def using_allocator(allocator=None):
+            yield
+
         self.Device, self.Event, self.Stream = Device, Event, Stream
-        self.MemoryHook = MemoryHook
+        self.MemoryHook, self.MemoryPool, self.using_allocator = (MemoryHook, MemoryPool,
+                                                                  using_allocator)
+        self.Graph = Graph
+        self.captures = 0  # begin_capture calls
+        self.private_pools = 0
         self._stream = Stream(null=True)
         self.runtime = types.SimpleNamespace(
             getDeviceCount=lambda: me.DEVICES,
@@ -922,7 +1065,7 @@ def _special(fn: Callable) -> Callable:
         if not isinstance(x, ndarray):
             raise TypeError(f"Unsupported type {type(x)}")
         dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
-        return _dev(vec(x._a.astype(np.float64)).astype(dt))
+        return _compute(lambda v: vec(v.astype(np.float64)).astype(dt), (x._a,), None, _dev)
     return call
 
 

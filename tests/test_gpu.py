@@ -145,6 +145,24 @@ def test_cnn_and_gpt_train_on_cupy_as_on_the_cpu(tmp_path, exported, kind, optim
                   atol=1e-5)
 
 
+@gpu_test
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_cuda_graph_steps_train_as_uncaptured_steps_on_cupy(tmp_path, exported, kind):
+    """gpu.cuda_graph on a real GPU: the step is captured (no error) and launched, and the run
+    matches the uncaptured one (to the order of atomic adds in scatter kernels)."""
+    from tests.test_gpu_standin import _graph_run
+
+    cfg = exported(kind, {"type": "sgd", "lr": 0.05, "momentum": 0.9})
+    (plain, plain_losses, _), (run, losses, log) = (
+        _graph_run(cfg, tmp_path, graphed, steps=6) for graphed in (False, True))
+    ex = next(iter(run.plans.values())).executor
+    assert not ex.graph_errors, ex.graph_errors
+    assert "captured" in log and isinstance(next(iter(ex._graphs.values())), tuple)
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
+    for k, v in plain.trained_values().items():
+        np.testing.assert_allclose(run.trained_values()[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def _one_case_per_op() -> list:
     seen, out = set(), []
     for p in _kernel_cases():
@@ -199,11 +217,11 @@ def test_the_rank_picks_its_gpu(monkeypatch):
 
 
 # -- on any machine ------------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_gpu_bench_dry_run(tmp_path, capsys, precision):
+@pytest.mark.parametrize("precision,graph", [("fp32", False), ("fp16", False), ("fp32", True)])
+def test_gpu_bench_dry_run(tmp_path, capsys, precision, graph):
     """bench/gpu_bench.py end to end on the CPU: tiny models through the CuPy stand-in against
-    torch on the CPU (fp16: autocast + GradScaler against ours); a table row per case and a
-    JSON record."""
+    torch on the CPU (fp16: autocast + GradScaler against ours; --cuda-graph: ours captured,
+    and the report says so); a table row per case and a JSON record."""
     pytest.importorskip("torch")
     import sys
 
@@ -211,8 +229,11 @@ def test_gpu_bench_dry_run(tmp_path, capsys, precision):
     import gpu_bench
 
     out = tmp_path / "bench.json"
-    assert gpu_bench.main(["--dry-run", "--precision", precision, "--json", str(out)]) == 0
-    assert f"GPU training step, {precision}, SGD" in capsys.readouterr().out
+    assert gpu_bench.main(["--dry-run", "--precision", precision, "--json", str(out)]
+                          + ["--cuda-graph"] * graph) == 0
+    printed = capsys.readouterr().out
+    assert f"GPU training step, {precision}, SGD" in printed
+    assert ("ours with gpu.cuda_graph: MLP 64-4x128-10: captured" in printed) == graph
     import json
 
     record = json.loads(out.read_text())

@@ -677,6 +677,109 @@ def test_every_familys_training_graph_is_planned_on_the_device(gpu, zoo, name):
                 2e-5 * scale, k
 
 
+# -- CUDA graphs ----------------------------------------------------------------------------------
+def test_standin_graphs_replay_the_captured_work_only(gpu):
+    """The stand-in's capture records device work, as a stream capture records kernels: a
+    launch recomputes it from the arrays' current contents, with host scalars frozen at their
+    captured values; transfers, synchronization and work on the null stream are refused."""
+    a, b, out = gpu.asarray(np.ones(4, F32)), gpu.asarray(np.arange(4, dtype=F32)), None
+    s = gpu.cuda.Stream(non_blocking=True)
+    k = 2.0
+    with s:
+        s.begin_capture()
+        out = a * k + b
+        out += 1
+        graph = s.end_capture()
+    a[...] = 5.0
+    k = 3.0  # noqa: F841 - frozen in the graph
+    graph.launch()
+    np.testing.assert_array_equal(host(out), 5.0 * 2 + np.arange(4) + 1)
+    with pytest.raises(RuntimeError, match="default"):
+        gpu.cuda.Stream(null=True).begin_capture()
+    def on_the_null_stream():
+        with gpu.cuda.Stream(null=True):
+            return a + b
+    for work in (lambda: float(a.sum()), lambda: gpu.asarray(np.ones(2)), s.synchronize,
+                 on_the_null_stream):
+        with s:
+            s.begin_capture()
+            try:
+                with pytest.raises(sx.StreamCaptureUnsupported):
+                    work()
+            finally:
+                s.end_capture()
+
+
+def _graph_run(cfg_dict: dict, tmp_path: Path, graphed: bool, steps: int = 5):
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    raw = {**cfg_dict, "device": "gpu", "steps": steps, "gpu": {"cuda_graph": graphed},
+           "output": str(tmp_path / f"graph_{graphed}.onnx")}
+    stream = io.StringIO()
+    t = Trainer(config_from_dict(raw, tmp_path), stream=stream)
+    t.fit()
+    return t, [r["loss"] for r in t.history if "loss" in r], stream.getvalue()
+
+
+@pytest.mark.parametrize("kind,optimizer", [("cnn", {"type": "sgd", "lr": 0.05,
+                                                     "momentum": 0.9}),
+                                            ("gpt", {"type": "adamw", "lr": 3e-3})])
+def test_a_cuda_graph_step_trains_as_the_uncaptured_step(gpu, tmp_path, exported, kind,
+                                                          optimizer):
+    """gpu.cuda_graph: from the second step on, the training step's forward and backward are
+    one graph launch; the run is bit for bit the uncaptured one (new batches reach the graph
+    through its input buffers, parameters are read in place, the loss and BatchNorm
+    statistics come back as copies), and a captured step reads nothing back."""
+    cfg = exported(kind, optimizer)
+    plain, plain_losses, _ = _graph_run(cfg, tmp_path, False)
+    captures = sx.cuda.captures
+    run, losses, log = _graph_run(cfg, tmp_path, True)
+    assert "gpu.cuda_graph: the training step is captured" in log
+    assert losses == plain_losses
+    for k, v in plain.trained_values().items():
+        np.testing.assert_array_equal(run.trained_values()[k], v, err_msg=k)
+    ex = next(iter(run.plans.values())).executor
+    (g,) = ex._graphs.values()
+    assert sx.cuda.captures - captures == 1 and g.graph.launches == 5 - 1
+    assert len(g.graph) > 20 and not ex.graph_errors
+    for reads in _step_reads(run):
+        assert not d2h_outside(("train.py",)), reads
+    assert g.graph.launches == 4 + 3
+
+
+def test_cuda_graphs_are_refused_with_the_reason(gpu, tmp_path, digits_config):
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "mask"])]
+    x = np.ones((4, 3), F32)
+    model = make_model(nodes, inputs={"x": x}, outputs=("y",),
+                       initializers={"ratio": np.array(0.5, F32), "train": np.array(True)})
+    assert Executor(model, gpu, cuda_graph=True).graph_off.startswith("random kernels")
+    assert Executor(model, np, cuda_graph=True).graph_off == "CUDA graphs need a GPU"
+    # a capture that fails: the step runs uncaptured, the same, and the log says why
+    cfg = digits_config(steps=4, output="unused.onnx")
+    plain = _graph_run(cfg, tmp_path, False, steps=4)
+
+    def broken(self, mode=None):
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported: (a test)")
+    orig = sx.cuda.Stream.begin_capture
+    sx.cuda.Stream.begin_capture = broken
+    try:
+        run = _graph_run(cfg, tmp_path, True, steps=4)
+    finally:
+        sx.cuda.Stream.begin_capture = orig
+    assert run[1] == plain[1]
+    assert "runs uncaptured: RuntimeError: cudaErrorStreamCaptureUnsupported" in run[2]
+    # on the CPU, the key is accepted and the log says it does nothing there
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    stream = io.StringIO()
+    raw = {**cfg, "device": "cpu", "gpu": {"cuda_graph": True},
+           "output": str(tmp_path / "cpu.onnx")}
+    Trainer(config_from_dict(raw, tmp_path), stream=stream).fit()
+    assert "gpu.cuda_graph: off (CUDA graphs need a GPU)" in stream.getvalue()
+
+
 # -- optimizer ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta",
                                   "nadam", "radam", "lamb"])

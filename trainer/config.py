@@ -383,6 +383,13 @@ class DistributedConfig:
     shard_optimizer: bool = _k(_bool, False)  # ZeRO-1: each rank keeps 1/N of the state
 
 
+@dataclass(frozen=True)
+class GpuConfig:
+    # capture each planned training step (forward and backward) as one CUDA graph, launched
+    # with one call from the second step of a batch shape on (one process, no Dropout)
+    cuda_graph: bool = _k(_bool, False)
+
+
 _MODES = ("auto", "min", "max")
 
 
@@ -429,6 +436,7 @@ class Config:
     checkpoint: CheckpointConfig = _k(CheckpointConfig, factory=CheckpointConfig)
     log: LogConfig = _k(LogConfig, factory=LogConfig)
     distributed: DistributedConfig = _k(DistributedConfig, factory=DistributedConfig)
+    gpu: GpuConfig = _k(GpuConfig, factory=GpuConfig)
     eval: EvalConfig = _k(EvalConfig, factory=EvalConfig)
     best: BestConfig | None = _k(BestConfig, None, nullable=True)
     early_stop: EarlyStopConfig | None = _k(EarlyStopConfig, None, nullable=True)

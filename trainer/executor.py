@@ -141,6 +141,15 @@ class Subgraph:
 
 
 # -- the program: prebound closures over a slot list ------------------------------------------
+class _Graphed(NamedTuple):
+    """A plan captured as a CUDA graph, with what it reads and writes (kept alive with it)."""
+    graph: object
+    feeds: dict      # name -> the array the graph reads (its own buffer, or a persistent feed)
+    outputs: dict    # name -> the array the graph writes the fetched value into
+    pool: object     # the private memory pool of its intermediate values
+    stream: object   # the stream it was captured on
+
+
 class _Program:
     """Closures `step(env)` over a list `env` of slots; slot 0 always holds None ("")."""
 
@@ -255,6 +264,14 @@ class Executor:
     slice of a flat gradient buffer), straight from its kernel where it can be. `on_produced`
     {name: callback(value)}: called as soon as the value is computed (e.g. to start a
     gradient all-reduce). `optimize=False` keeps the unspecialized interpreter.
+
+    `cuda_graph` (device executors): from the second run of a planned shape on, the plan runs
+    as one captured CUDA graph, launched with one call (see `_capture`); `persistent` names the
+    feeds the caller passes as the same arrays at every run (parameters, optimizer state), which
+    the graph reads in place; other feeds are copied into the graph's own input buffers. Fetched
+    values come back as copies (a graph's outputs are rewritten at its next launch), those in
+    `fetch_into` arrays in place. A graph is refused, with the reason in `graph_off`, for
+    random kernels, on_produced callbacks and values that cannot be captured.
     """
 
     def __init__(self, model: onnx.ModelProto, xp: ModuleType = np,
@@ -262,7 +279,8 @@ class Executor:
                  seed: int = 0, keep_all: bool = False,
                  fetch_into: Mapping[str, object] | None = None,
                  on_produced: Mapping[str, Callable] | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, cuda_graph: bool = False,
+                 persistent: Iterable[str] = ()):
         missing = missing_kernels(model)
         if missing:
             raise UnsupportedOpError("forward kernel", missing)
@@ -285,6 +303,19 @@ class Executor:
                          and not any(s[6] for s in self.steps)
                          and all(graph_kernel(d) is None for d in graph.node))
         self._specialized: dict[tuple, object] = {}
+        self.persistent = frozenset(persistent)
+        self._graphs: dict[tuple, _Graphed | bool] = {}
+        self.graph_errors: list[str] = []  # captures that failed (their plans run uncaptured)
+        self.graph_off = None if cuda_graph else "not asked for"
+        if cuda_graph:
+            if not self.on_device:
+                self.graph_off = "CUDA graphs need a GPU"
+            elif not self.optimize:
+                self.graph_off = "the graph is not planned"
+            elif any("rng" in s[1] for s in self._plan_steps):
+                self.graph_off = "random kernels (a graph would replay the same draws)"
+            elif self.on_produced:
+                self.graph_off = "on_produced callbacks (e.g. all-reduce hooks)"
 
     @classmethod
     def _subgraph(cls, model: onnx.ModelProto, graph: onnx.GraphProto, xp: ModuleType,
@@ -298,6 +329,7 @@ class Executor:
         plan._plan(model, graph, inits, xp, rng, feeds, [o.name for o in graph.output], False)
         plan.optimize = False
         plan._specialized = {}
+        plan.graph_off = "a subgraph"
         return Subgraph(plan, graph, captures)
 
     def _plan(self, model, graph, inits, xp, rng, feeds, fetch, keep_all) -> None:
@@ -558,9 +590,62 @@ class Executor:
             if plan is None:
                 plan = self._plan_signature(key, feeds)
             if plan is not False:
+                if self.graph_off is None:
+                    out = self._run_graph(key, plan, feeds)
+                    if out is not None:
+                        return out
                 env = plan.run(feeds, self.xp)
                 return self._deliver({k: env[s] for k, s in plan.outputs.items()})
         return self.run_unplanned(feeds)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+    def _run_graph(self, key: tuple, plan: _Program, feeds: Mapping[str, object]):
+        """The run as a launch of the plan's graph (captured at the second run of the shape;
+        the first compiles the kernels); None where the plan runs uncaptured."""
+        g = self._graphs.get(key)
+        if g is None:
+            self._graphs[key] = True  # (warm: the next run captures)
+            return None
+        if g is True:
+            g = self._graphs[key] = self._capture(plan, feeds)
+        if g is False:
+            return None
+        xp = self.xp
+        for name, buf in g.feeds.items():
+            value = feeds[name]
+            if value is not buf:
+                xp.copyto(buf, value)
+        g.graph.launch(stream=xp.cuda.get_current_stream())
+        return {k: v if self.fetch_into.get(k) is v else v.copy() for k, v in g.outputs.items()}
+
+    def _capture(self, plan: _Program, feeds: Mapping[str, object]):
+        """Capture one planned run on a stream of its own, into a private memory pool (memory
+        the graph's kernels use is never handed to other arrays, and stays the graph's): a
+        _Graphed, or False (the reason in graph_errors) where the run cannot be captured."""
+        xp = self.xp
+        static = {}
+        for name, _ in plan.feeds:
+            v = feeds.get(name)
+            if v is None:
+                continue
+            if name in self.persistent:
+                static[name] = v
+            else:
+                static[name] = buf = xp.empty_like(v)
+                xp.copyto(buf, v)
+        stream, pool = xp.cuda.Stream(non_blocking=True), xp.cuda.MemoryPool()
+        try:
+            with xp.cuda.using_allocator(pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    env = plan.run(static, xp)
+                    outputs = self._deliver({k: env[s] for k, s in plan.outputs.items()})
+                finally:
+                    graph = stream.end_capture()
+        except Exception as exc:  # noqa: BLE001 - the plan runs uncaptured, and says why
+            self.graph_errors.append(f"{type(exc).__name__}: {exc}")
+            return False
+        return _Graphed(graph, static, outputs, pool, stream)
 
     def run_unplanned(self, feeds: Mapping[str, object]) -> dict[str, object]:
         """Run the unspecialized program (every node's kernel as bound, no plan)."""

@@ -110,6 +110,7 @@ class Trainer:
         self.seed_weighted = self.direct_grads or self.sync_bn or cfg.precision == "fp16"
         self._graphs: dict[int, tuple] = {}
         self._seeds: dict[float, object] = {}
+        self._graph_told: set[int] = set()  # batch sizes whose failed graph capture was logged
         kwargs = {"stream": stream} if stream is not None else {}
         self.log = MetricsLogger(cfg.log.metrics, self.rank == 0,
                                  tensorboard=cfg.log.tensorboard, **kwargs)
@@ -332,7 +333,14 @@ class Trainer:
                 into = {}
                 hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
             ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank,
-                          fetch_into=into, on_produced=hooks)
+                          fetch_into=into, on_produced=hooks,
+                          cuda_graph=self.cfg.gpu.cuda_graph,
+                          persistent=list(info.gradients) + list(info.state))
+            if self.cfg.gpu.cuda_graph and not self.plans:
+                self.log.info("gpu.cuda_graph: " + ("the training step is captured at its "
+                                                    "second run of each batch shape"
+                                                    if ex.graph_off is None else
+                                                    f"off ({ex.graph_off})"))
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
                         tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm,
@@ -534,6 +542,10 @@ class Trainer:
             else:
                 out = plan.executor.run(feeds)
             self.times["graph"] += clock() - t
+            if plan.executor.graph_errors and n not in self._graph_told:  # (once per shape)
+                self._graph_told.add(n)
+                self.log.info(f"gpu.cuda_graph: the step of {n} samples runs uncaptured: "
+                              f"{plan.executor.graph_errors[0]}")
             self._last_feeds = (plan, feeds)
             g[self.size] += out[plan.loss] * w
             for k, new in plan.state.items():
