@@ -100,11 +100,11 @@ class StreamCaptureUnsupported(RuntimeError):
     or work of the capturing thread on another stream (the legacy null stream)."""
 
 
-class _Capture:
-    """The capture under way (one at a time): its stream, thread and recorded operations."""
+class _Capture(threading.local):
+    """This thread's capture under way: its stream and recorded operations (CUDA captures per
+    stream; threads emulating ranks capture on their own streams)."""
     ops: list | None = None
     stream = None
-    thread: int | None = None
     depth = 0
 
 
@@ -112,7 +112,7 @@ _CAPTURE = _Capture()
 
 
 def _capturing() -> bool:
-    return _CAPTURE.ops is not None and threading.get_ident() == _CAPTURE.thread
+    return _CAPTURE.ops is not None
 
 
 def _compute(fn: Callable, args=(), kwargs=None, post: Callable | None = None):
@@ -907,14 +907,13 @@ class _Cuda:
                 if _CAPTURE.ops is not None:
                     raise RuntimeError("cudaErrorIllegalState: a capture is under way")
                 _CAPTURE.ops, _CAPTURE.stream = [], self
-                _CAPTURE.thread = threading.get_ident()
                 me.captures += 1
 
             def end_capture(self):
                 if _CAPTURE.stream is not self:
                     raise RuntimeError("cudaErrorIllegalState: the stream is not capturing")
                 ops = _CAPTURE.ops
-                _CAPTURE.ops = _CAPTURE.stream = _CAPTURE.thread = None
+                _CAPTURE.ops = _CAPTURE.stream = None
                 return Graph(ops)
 
             def is_capturing(self) -> bool:
@@ -995,7 +994,8 @@ class _Cuda:
         self.Graph = Graph
         self.captures = 0  # begin_capture calls
         self.private_pools = 0
-        self._stream = Stream(null=True)
+        self._null = Stream(null=True)
+        self._streams = threading.local()  # the current stream is per thread, as CuPy's
         self.runtime = types.SimpleNamespace(
             getDeviceCount=lambda: me.DEVICES,
             getDevice=lambda: me._current,
@@ -1010,6 +1010,14 @@ class _Cuda:
                                             CURAND_RNG_PSEUDO_XORWOW=101,
                                             CURAND_RNG_PSEUDO_MRG32K3A=121,
                                             CURAND_RNG_PSEUDO_PHILOX4_32_10=161)
+
+    @property
+    def _stream(self):
+        return getattr(self._streams, "current", self._null)
+
+    @_stream.setter
+    def _stream(self, stream) -> None:
+        self._streams.current = stream
 
     def get_current_stream(self):
         return self._stream

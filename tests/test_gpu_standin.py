@@ -748,6 +748,46 @@ def test_a_cuda_graph_step_trains_as_the_uncaptured_step(gpu, tmp_path, exported
     assert g.graph.launches == 4 + 3
 
 
+@pytest.mark.parametrize("world,accumulate", [(1, 2), (2, 1), (2, 2)])
+def test_cuda_graphs_with_accumulation_and_ranks(monkeypatch, tmp_path, exported, world,
+                                                 accumulate):
+    """With gradient accumulation or several ranks, the graph holds no callbacks: each
+    micro-batch's gradients are added, and the all-reduce buckets started, after its launch;
+    every rank's run equals the uncaptured one bit for bit (ranks emulated as threads, each
+    with its own GPU, current stream and capture)."""
+    from trainer.comm.local import run_local
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    sx.install(monkeypatch, devices=2)
+    cfg = exported("cnn", {"type": "sgd", "lr": 0.05, "momentum": 0.9})
+
+    def run(graphed: bool):
+        raw = {**cfg, "device": "gpu", "steps": 4, "accumulate": accumulate,
+               "gpu": {"cuda_graph": graphed}, "output": str(tmp_path / f"{graphed}.onnx")}
+
+        def job(comm):
+            stream = io.StringIO()
+            t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=stream)
+            t.fit()
+            ex = next(iter(t.plans.values())).executor
+            launches = [g.graph.launches for g in ex._graphs.values() if isinstance(g, tuple)]
+            return (t.trained_values(), [r["loss"] for r in t.history if "loss" in r],
+                    stream.getvalue(), launches, ex.graph_errors)
+        return run_local(world, job)
+
+    graphed = run(True)
+    for (want, want_losses, *_), (got, losses, _, launches, errors) in zip(
+            run(False), graphed, strict=True):
+        assert not errors and launches == [4 * accumulate - 1]
+        assert losses == want_losses
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    log = graphed[0][2]  # (rank 0 logs)
+    assert ("all-reduce starts after each launch" in log) == (world > 1)
+    assert ("gradients are added after its launch" in log) == (accumulate > 1)
+
+
 def test_cuda_graphs_are_refused_with_the_reason(gpu, tmp_path, digits_config):
     nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "mask"])]
     x = np.ones((4, 3), F32)

@@ -11,7 +11,8 @@ import copy
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,9 @@ class Plan:
     out_shape: tuple[int, ...]  # the loss output's shape at this batch size
     model: onnx.ModelProto  # the training graph (for diagnosis, e.g. the first NaN)
     seed: str = ""  # the initializer holding dLoss/dLoss
+    # gradient name -> callback run on it after the executor's run (a CUDA graph holds no
+    # Python callbacks: with one, the all-reduce and accumulation hooks run after its launch)
+    after: dict[str, Callable] = field(default_factory=dict)
 
 
 class Trainer:
@@ -332,19 +336,36 @@ class Trainer:
             else:  # accumulation: each micro-batch's gradients are added into the buffer
                 into = {}
                 hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
-            ex = Executor(tm, self.xp, feeds=feeds, fetch=fetch, seed=self.cfg.seed + self.rank,
-                          fetch_into=into, on_produced=hooks,
-                          cuda_graph=self.cfg.gpu.cuda_graph,
-                          persistent=list(info.gradients) + list(info.state))
-            if self.cfg.gpu.cuda_graph and not self.plans:
-                self.log.info("gpu.cuda_graph: " + ("the training step is captured at its "
-                                                    "second run of each batch shape"
-                                                    if ex.graph_off is None else
-                                                    f"off ({ex.graph_off})"))
+
+            def executor(on_produced, graph: bool) -> Executor:
+                return Executor(tm, self.xp, feeds=feeds, fetch=fetch,
+                                seed=self.cfg.seed + self.rank, fetch_into=into,
+                                on_produced=on_produced, cuda_graph=graph,
+                                persistent=list(info.gradients) + list(info.state))
+            after: dict[str, Callable] = {}
+            if self.cfg.gpu.cuda_graph:
+                # The graph holds no callbacks: the hooks run after its launch (the all-reduce
+                # then starts after the backward instead of overlapping it).
+                ex = executor({}, True)
+                graphed, reason = ex.graph_off is None, ex.graph_off
+                if graphed:
+                    after = hooks
+                elif hooks:
+                    ex = executor(hooks, False)
+                if not self.plans:
+                    self.log.info("gpu.cuda_graph: " + (
+                        f"off ({reason})" if not graphed else
+                        "the training step is captured at its second run of each batch shape"
+                        + ("; the gradient all-reduce starts after each launch (no overlap "
+                           "with the backward)" if self.world > 1 else "")
+                        + ("; each micro-batch's gradients are added after its launch"
+                           if not self.direct_grads else "")))
+            else:
+                ex = executor(hooks, False)
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
                         tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm,
-                        info.seed)
+                        info.seed, after)
             self.plans[local_n] = plan
         return plan
 
@@ -541,6 +562,8 @@ class Trainer:
                     out = plan.executor.run(feeds)
             else:
                 out = plan.executor.run(feeds)
+            for gname, hook in plan.after.items():
+                hook(out[gname])
             self.times["graph"] += clock() - t
             if plan.executor.graph_errors and n not in self._graph_told:  # (once per shape)
                 self._graph_told.add(n)
