@@ -748,6 +748,22 @@ def test_a_cuda_graph_step_trains_as_the_uncaptured_step(gpu, tmp_path, exported
     assert g.graph.launches == 4 + 3
 
 
+def test_a_cuda_graph_step_in_fp16_with_loss_scaling(gpu, tmp_path, exported):
+    """precision fp16 with gpu.cuda_graph: the loss scale reaches the graph through the seed
+    (an input copied at each launch), so the overflowing first steps, their skipped updates and
+    the backed-off scales are those of the uncaptured run, bit for bit."""
+    cfg = {**exported("cnn", {"type": "sgd", "lr": 0.05, "momentum": 0.9}),
+           "precision": "fp16", "loss_scale": {"init": 1e9, "growth_interval": 2}}
+    plain, plain_losses, _ = _graph_run(cfg, tmp_path, False, steps=6)
+    run, losses, log = _graph_run(cfg, tmp_path, True, steps=6)
+    assert "captured" in log and "skipped" in log
+    assert losses == plain_losses
+    assert [r.get("loss_scale") for r in run.history] == \
+        [r.get("loss_scale") for r in plain.history]
+    for k, v in plain.trained_values().items():
+        np.testing.assert_array_equal(run.trained_values()[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("world,accumulate", [(1, 2), (2, 1), (2, 2)])
 def test_cuda_graphs_with_accumulation_and_ranks(monkeypatch, tmp_path, exported, world,
                                                  accumulate):
