@@ -113,6 +113,9 @@ def training_step_check(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray,
         with cupyx_module().allow_synchronize(False):
             out = ex.run(dev)
     assert [p is not False for p in ex._specialized.values()] == [True]  # planned on the GPU
+    (plan,) = ex._specialized.values()
+    fused = [n.info["kernel"] for n in plan.nodes if n.op == "FusedElementwise"]
+    assert all(k.error is None for k in fused), [k.error for k in fused]  # their kernels built
     unplanned = ex.run_unplanned(dev)
     for k in fetch:
         np.testing.assert_allclose(cp.asnumpy(out[k]), ref[k], rtol=rtol, atol=1e-5, err_msg=k)

@@ -937,6 +937,9 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     resolved = {alias.get(k, k) for k in keep}
     nodes = fuse(nodes, constants, shapes, resolved, ex.opset)
     nodes = fold_reshapes_into_reductions(nodes, constants, shapes, resolved)
+    if ex.on_device:  # (on a GPU, each chain of elementwise nodes becomes one kernel)
+        from trainer.kernels.ewfuse import fuse_elementwise
+        nodes = fuse_elementwise(nodes, shapes, resolved)
     nodes = _stable_order(eliminate_dead(nodes, resolved), set(constants) | set(ex.feeds))
     if nodes is None:
         return None

@@ -1,0 +1,256 @@
+"""Fused elementwise kernels of device plans (trainer/kernels/ewfuse.py). Their generated C++ body
+is compiled here by the C compiler (the same expressions in C, `T` a typedef) and run as the
+stand-in's cupy.ElementwiseKernel, so every fused group of the model families' training graphs
+runs its generated code on the CPU against the unfused host plan."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from onnx import helper
+
+from tests import strictxp as sx
+from tests.families import FAMILIES
+from tests.opcases import make_model
+from tests.test_plan_fuzz import SHAPE, _constants, graphs
+from trainer.autodiff import build_training_graph
+from trainer.executor import Executor
+from trainer.kernels.ewfuse import C_EXPR, FusedElementwise, kernel_source
+
+F32 = np.float32
+CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler to build the generated kernels")
+_BUILT: dict[str, ctypes.CDLL] = {}
+_DIR = Path(tempfile.mkdtemp(prefix="ewfuse_"))
+
+
+class CElementwiseKernel:
+    """cupy.ElementwiseKernel for the stand-in: the body compiled as C (T bound from the first
+    float argument, as CuPy binds it), run over the broadcast arguments."""
+
+    made = 0
+    calls = 0
+
+    def __init__(self, in_params: str, out_params: str, operation: str, name: str):
+        self.params = [p.split() for p in in_params.split(",")]
+        self.out_kind, self.out_name = out_params.split()
+        self.operation, self.name = operation, name
+        CElementwiseKernel.made += 1
+
+    def _library(self, ctype: str) -> ctypes.CDLL:
+        loads = "\n".join(
+            f"        {kind} {name} = ((const {'T' if kind == 'T' else 'bool'}*)ins[{i}])[i];"
+            for i, (kind, name) in enumerate(self.params))
+        src = f"""#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+typedef {ctype} T;
+void run(int64_t n, void **ins, void *out) {{
+    for (int64_t i = 0; i < n; i++) {{
+{loads}
+        {self.out_kind} {self.out_name};
+        {self.operation.replace(chr(10), chr(10) + '        ')}
+        (({self.out_kind} *)out)[i] = {self.out_name};
+    }}
+}}
+"""
+        key = hashlib.sha1(src.encode()).hexdigest()[:16]
+        lib = _BUILT.get(key)
+        if lib is None:
+            c, so = _DIR / f"{key}.c", _DIR / f"{key}.so"
+            c.write_text(src)
+            subprocess.run([CC, "-O1", "-shared", "-fPIC", "-o", str(so), str(c), "-lm"],
+                           check=True, capture_output=True)
+            lib = _BUILT[key] = ctypes.CDLL(str(so))
+        return lib
+
+    def __call__(self, *args):
+        ins, out = list(args[:len(self.params)]), (args[len(self.params)]
+                                                   if len(args) > len(self.params) else None)
+        host = [a._a if isinstance(a, sx.ndarray) else np.asarray(a) for a in ins]
+        t = next(h.dtype for h, (kind, _) in zip(host, self.params, strict=True) if kind == "T")
+        ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[t]
+        shape = np.broadcast_shapes(*[h.shape for h in host])
+        flat = [np.ascontiguousarray(np.broadcast_to(h.astype(t if k == "T" else np.bool_),
+                                                     shape)) for h, (k, _) in
+                zip(host, self.params, strict=True)]
+        result = np.empty(shape, t if self.out_kind == "T" else np.bool_)
+        ptrs = (ctypes.c_void_p * len(flat))(*[f.ctypes.data for f in flat])
+        self._library(ctype).run(ctypes.c_int64(result.size), ptrs,
+                                 ctypes.c_void_p(result.ctypes.data))
+        CElementwiseKernel.calls += 1
+        if out is None:
+            return sx._dev(result)
+        out._a[...] = result
+        return out
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    xp = sx.install(monkeypatch)
+    return xp
+
+
+@pytest.fixture
+def gpu_kernels(monkeypatch):
+    """The stand-in with cupy.ElementwiseKernel run as compiled C."""
+    if CC is None:
+        pytest.skip("no C compiler to build the generated kernels")
+    xp = sx.install(monkeypatch)
+    monkeypatch.setattr(sx, "ElementwiseKernel", CElementwiseKernel, raising=False)
+    return xp
+
+
+def _gelu_model(n=6, d=5):
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(F32)
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["a"]),
+             helper.make_node("Erf", ["a"], ["b"]),
+             helper.make_node("Add", ["b", "one"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["e"]),
+             helper.make_node("Mul", ["e", "half"], ["y"]),
+             helper.make_node("Greater", ["y", "zero"], ["pos"]),
+             helper.make_node("Where", ["pos", "y", "bias"], ["z"])]
+    model = make_model(nodes, inputs={"x": x}, outputs=("z",), initializers={
+        "sqrt2": np.array(np.sqrt(2), F32), "one": np.array(1, F32),
+        "half": np.array(0.5, F32), "zero": np.array(0, F32),
+        "bias": np.linspace(-1, 1, d).astype(F32)})
+    return model, x
+
+
+def test_kernel_source_of_a_chain():
+    members = [(None, {}, ["x", "s"], "a"), (None, {}, ["a"], "b"), (None, {}, ["b", "x"], "c"),
+               (None, {}, ["c", "x"], "p"), (None, {}, ["p", "c", "k"], "y")]
+    ops = ["Div", "Erf", "Mul", "Greater", "Where"]
+    ins, outs, body = kernel_source(members, ["x", "s", "k"], "y", ops, np.dtype(F32))
+    assert ins == "T x0, T x1, T x2" and outs == "T y"
+    assert body.splitlines() == ["T v0 = (x0 / x1);", "T v1 = erf(v0);", "T v2 = (v1 * x0);",
+                                 "bool v3 = (v2 > x0);", "T v4 = (v3 ? v2 : x2);", "y = v4;"]
+    assert set(C_EXPR) >= {"Add", "Mul", "Erf", "Relu", "Sigmoid", "Where", "Greater"}
+
+
+def test_a_chain_is_one_node_on_the_device_and_none_on_the_host(gpu):
+    model, x = _gelu_model()
+    ex = Executor(model, gpu)
+    out = ex.run({"x": gpu.asarray(x)})
+    (plan,) = ex._specialized.values()
+    fused = [n for n in plan.nodes if n.op == "FusedElementwise"]
+    # (y is read twice, by Greater and Where: it ends a group)
+    assert [n.info["ops"] for n in fused] == [["Div", "Erf", "Add", "Mul", "Mul"],
+                                              ["Greater", "Where"]]
+    assert len(plan.steps) == 2
+    host = Executor(model, np)
+    want = host.run({"x": x})["z"]
+    (hplan,) = host._specialized.values()
+    assert not any(n.op == "FusedElementwise" for n in hplan.nodes)
+    # without a kernel API (the stand-in), the fused node runs the nodes' own kernels
+    np.testing.assert_array_equal(sx.asnumpy(out["z"]), Executor(model, gpu).run_unplanned(
+        {"x": gpu.asarray(x)})["z"].get())
+    np.testing.assert_allclose(sx.asnumpy(out["z"]), want, rtol=1e-6)
+
+
+def test_shared_and_kept_values_bound_the_groups(gpu):
+    model, x = _gelu_model()
+    ex = Executor(model, gpu, fetch=["z", "c"])  # c is fetched: the chain splits there
+    ex.run({"x": gpu.asarray(x)})
+    (plan,) = ex._specialized.values()
+    assert [n.info["ops"] for n in plan.nodes if n.op == "FusedElementwise"] == [
+        ["Div", "Erf", "Add"], ["Mul", "Mul"], ["Greater", "Where"]]
+
+
+@needs_cc
+def test_the_generated_kernel_computes_the_chain(gpu_kernels):
+    model, x = _gelu_model(40, 33)
+    made, calls = CElementwiseKernel.made, CElementwiseKernel.calls
+    ex = Executor(model, gpu_kernels)
+    for _ in range(2):
+        out = ex.run({"x": gpu_kernels.asarray(x)})
+    assert CElementwiseKernel.made - made == 2 and CElementwiseKernel.calls - calls == 4
+    want = Executor(model, np).run({"x": x})["z"]
+    np.testing.assert_allclose(sx.asnumpy(out["z"]), want, rtol=2e-6, atol=1e-7)
+
+
+@needs_cc
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "dropout_mlp"])
+def test_every_familys_fused_kernels_run_their_generated_code(gpu_kernels, zoo, name):
+    """Each family's training graph planned on the device with its fused groups run as the
+    generated code: loss, gradients and BatchNorm statistics are the host plan's (float32
+    rounding: C's math functions round differently from NumPy's)."""
+    d = zoo[name]
+    tm = build_training_graph(onnx.load(str(d / "model.onnx")),
+                              {"type": "cross_entropy", "output": "logits", "target": "label",
+                               "class_axis": -1}, "all", batch_size=8, batchnorm="train")
+    data = np.load(d / "data.npz")
+    feeds = {"x": data["x"][:8], "label": data["y"][:8]}
+    ex = Executor(tm, gpu_kernels)
+    calls = CElementwiseKernel.calls
+    out = ex.run({k: gpu_kernels.asarray(v) for k, v in feeds.items()})
+    (plan,) = ex._specialized.values()
+    groups = [n for n in plan.nodes if n.op == "FusedElementwise"]
+    assert groups and CElementwiseKernel.calls - calls == len(groups)
+    assert all(n.info["kernel"].error is None for n in groups)
+    want = Executor(tm, np).run(dict(feeds))
+    for k, v in want.items():
+        v = np.asarray(v, np.float64)
+        scale = max(float(np.abs(v).max(initial=0)), 1e-6)
+        assert np.abs(sx.asnumpy(out[k]).astype(np.float64) - v).max(initial=0) <= \
+            2e-5 * scale, k
+
+
+def test_a_kernel_that_fails_to_build_falls_back_with_a_warning(gpu, monkeypatch):
+    class Broken:
+        def __init__(self, *args):
+            raise RuntimeError("nvrtc: error (a test)")
+    monkeypatch.setattr(sx, "ElementwiseKernel", Broken, raising=False)
+    model, x = _gelu_model()
+    ex = Executor(model, gpu)
+    with pytest.warns(RuntimeWarning, match="nvrtc: error"):
+        out = ex.run({"x": gpu.asarray(x)})
+    np.testing.assert_allclose(sx.asnumpy(out["z"]), Executor(model, np).run({"x": x})["z"],
+                               rtol=1e-6)
+    (plan,) = ex._specialized.values()
+    kernel = next(n.info["kernel"] for n in plan.nodes if n.op == "FusedElementwise")
+    assert isinstance(kernel, FusedElementwise) and "nvrtc" in kernel.error
+
+
+@needs_cc
+@settings(max_examples=150, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_random_graphs_with_fused_kernels_match_numpy(case):
+    """tests/test_plan_fuzz.py's random graphs (values read several times, kept outputs in the
+    middle, views) planned on the device, their fused groups run as the generated code: every
+    planned run gives what NumPy computes op by op, for the first feeds and for new ones."""
+    from onnx import TensorProto, numpy_helper
+
+    nodes, program, outputs = case
+    consts = _constants(np.random.default_rng(0))
+    g = helper.make_graph(
+        nodes, "fuzz",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(SHAPE)) for n in ("x", "y")],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(SHAPE)) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    with pytest.MonkeyPatch.context() as mp:
+        xp = sx.install(mp)
+        mp.setattr(sx, "ElementwiseKernel", CElementwiseKernel, raising=False)
+        ex = Executor(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), xp)
+        for feeds_seed in (1, 1, 2):
+            r = np.random.default_rng(feeds_seed)
+            feeds = {n: r.standard_normal(SHAPE).astype(F32) for n in ("x", "y")}
+            env = {**feeds, "W": consts["W"]}
+            for out, fn, args in program:
+                env[out] = np.asarray(fn(*[env[a] for a in args]), F32)
+            got = ex.run({k: xp.asarray(v) for k, v in feeds.items()})
+            scale = max(1.0, max(float(np.abs(v[np.isfinite(v)]).max(initial=0))
+                                 for v in env.values()))
+            for o in outputs:
+                np.testing.assert_allclose(sx.asnumpy(got[o]), env[o], rtol=1e-5,
+                                           atol=1e-5 * scale, err_msg=o)

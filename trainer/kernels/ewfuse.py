@@ -1,0 +1,200 @@
+"""Elementwise chains of a device plan as one generated kernel.
+
+On a GPU each ONNX node is at least one kernel launch and one pass over memory: a GELU written
+as Div -> Erf -> Add -> Mul -> Mul reads and writes its tensor five times, and the backward of
+such chains more often still. `fuse_elementwise` (device plans only) groups chains of
+elementwise nodes whose intermediate values nobody else reads into one node; on CuPy that node
+is one `cupy.ElementwiseKernel` whose C++ body `kernel_source` generates (one read of each
+input, one write of the result, broadcasting as the unfused nodes would). Where no such kernel
+can run (the CPU stand-in, NumPy, or a kernel that fails to build) the node runs the original
+kernels one after the other, so it computes exactly what the unfused nodes do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+from trainer.simplify import PNode
+
+# op -> its value as a C/C++ expression of the operands' variable names ({a}, {b}; Where's
+# condition {c}); T is the group's float type. Operands are always variable names, so one may
+# appear twice.
+C_EXPR = {
+    "Add": "({a} + {b})", "Sub": "({a} - {b})", "Mul": "({a} * {b})", "Div": "({a} / {b})",
+    "Neg": "(-{a})", "Exp": "exp({a})", "Log": "log({a})", "Sqrt": "sqrt({a})",
+    "Tanh": "tanh({a})", "Erf": "erf({a})", "Reciprocal": "((T)1 / {a})",
+    "Abs": "({a} < (T)0 ? -{a} : {a})", "Relu": "({a} < (T)0 ? (T)0 : {a})",
+    "Sigmoid": "((T)1 / ((T)1 + exp(-{a})))", "Where": "({c} ? {a} : {b})",
+    "Greater": "({a} > {b})", "Less": "({a} < {b})", "GreaterOrEqual": "({a} >= {b})",
+    "LessOrEqual": "({a} <= {b})", "Equal": "({a} == {b})",
+}
+_ARITY = {"Where": 3, **{op: 2 for op in ("Add", "Sub", "Mul", "Div", "Greater", "Less",
+                                         "GreaterOrEqual", "LessOrEqual", "Equal")}}
+_COMPARE = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_BOOL = np.dtype(np.bool_)
+MIN_NODES = 2  # a group of one node is left as it is
+
+
+def _float_type(n: PNode, shapes: Mapping):
+    """The float dtype n computes in, if n may join a fused group; else None."""
+    if n.fused or n.domain or n.op not in C_EXPR or n.attrs or n.subs or len(n.outputs) != 1 \
+            or not n.outputs[0] or len(n.inputs) != _ARITY.get(n.op, 1) \
+            or not all(n.inputs) or n.outputs[0] not in shapes:
+        return None
+    dts = [shapes[v][1] if v in shapes else None for v in n.inputs]
+    if any(d is None for d in dts):
+        return None
+    out = shapes[n.outputs[0]][1]
+    if n.op in _COMPARE:
+        ok = out == _BOOL and dts[0] == dts[1] and dts[0] in _FLOATS
+        return dts[0] if ok else None
+    if n.op == "Where":
+        ok = dts[0] == _BOOL and dts[1] == dts[2] == out and out in _FLOATS
+        return out if ok else None
+    return out if out in _FLOATS and all(d == out for d in dts) else None
+
+
+class FusedElementwise:
+    """The kernel of a fused group: `members` (fn, attrs, inputs, output) in order, reading
+    `leaves` (the group's inputs) and ending in `root`."""
+
+    def __init__(self, members: list[tuple], leaves: list[str], root: str, dtype: np.dtype,
+                 ops: list[str]):
+        self.members, self.leaves, self.root = members, leaves, root
+        self.dtype, self.ops = dtype, ops
+        self.in_params, self.out_params, self.body = kernel_source(members, leaves, root,
+                                                                   ops, dtype)
+        digest = hashlib.sha1((self.in_params + self.out_params + self.body).encode())
+        self.name = "onnx_trainer_ew_" + digest.hexdigest()[:12]
+        self._kernels: dict[int, object] = {}
+        self.error: str | None = None
+
+    def kernel(self, xp):
+        """The cupy.ElementwiseKernel on xp, or None (no such API, or it failed before)."""
+        if self.error is not None:
+            return None
+        k = self._kernels.get(id(xp))
+        if k is None:
+            make = getattr(xp, "ElementwiseKernel", None)
+            if make is None:
+                return None
+            try:
+                k = self._kernels[id(xp)] = make(self.in_params, self.out_params, self.body,
+                                                 self.name)
+            except Exception as exc:  # noqa: BLE001 - the nodes then run one by one
+                self._failed(exc)
+                return None
+        return k
+
+    def _failed(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"fused elementwise kernel {self.name} ({' -> '.join(self.ops)}) failed "
+                      f"({self.error}); its nodes run one by one", RuntimeWarning, stacklevel=3)
+
+    def unfused(self, xp, *args):
+        env = dict(zip(self.leaves, args, strict=True))
+        for fn, attrs, ins, out in self.members:
+            env[out] = fn(xp, *[env[i] for i in ins], **attrs)[0]
+        return env[self.root]
+
+    def __call__(self, xp, *args):
+        k = self.kernel(xp)
+        if k is not None:
+            try:
+                return (k(*args),)
+            except Exception as exc:  # noqa: BLE001 - the nodes then run one by one
+                self._failed(exc)
+        return (self.unfused(xp, *args),)
+
+    def out_impl(self, xp):
+        """(impl(*leaves, out), arity) writing into a planned buffer where the kernel runs."""
+        if getattr(xp, "ElementwiseKernel", None) is None:
+            return None
+
+        def into(*args):
+            *ins, out = args
+            k = self.kernel(xp)
+            if k is not None:
+                try:
+                    k(*ins, out)
+                    return out
+                except Exception as exc:  # noqa: BLE001 - see __call__
+                    self._failed(exc)
+            xp.copyto(out, self.unfused(xp, *ins))
+            return out
+        return into, len(self.leaves)
+
+
+def kernel_source(members: list[tuple], leaves: list[str], root: str, ops: list[str],
+                  dtype: np.dtype) -> tuple[str, str, str]:
+    """(in_params, out_params, body) of the group's cupy.ElementwiseKernel: leaf i is `x<i>`
+    (type T, or bool), member k's value the local `v<k>`, the result `y`."""
+    del dtype  # (T is bound by CuPy from the float arguments)
+    names = {leaf: f"x{i}" for i, leaf in enumerate(leaves)}
+    kinds: dict[str, str] = {}
+    lines = []
+    for k, ((_, _, ins, out), op) in enumerate(zip(members, ops, strict=True)):
+        operands = [names[v] for v in ins]
+        if op == "Where":
+            kinds[ins[0]] = "bool"
+            expr = C_EXPR[op].format(c=operands[0], a=operands[1], b=operands[2])
+        else:
+            expr = C_EXPR[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
+        kind = "bool" if op in _COMPARE else "T"
+        kinds[out] = kind
+        names[out] = f"v{k}"
+        lines.append(f"{kind} v{k} = {expr};")
+    lines.append(f"y = {names[root]};")
+    in_params = ", ".join(f"{kinds.get(leaf, 'T')} x{i}" for i, leaf in enumerate(leaves))
+    return in_params, f"{kinds[root]} y", "\n".join(lines)
+
+
+def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> list[PNode]:
+    """Nodes with each group of at least MIN_NODES chained elementwise nodes (one float type;
+    every value inside read only by the group, none kept) replaced by one FusedElementwise
+    node at its last member's place."""
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for v in set(n.inputs):
+            if v:
+                readers[v] = readers.get(v, 0) + 1
+    producer = {o: i for i, n in enumerate(nodes) for o in n.outputs if o}
+    ftype = [_float_type(n, shapes) for n in nodes]
+    group: dict[int, list[int]] = {}  # node index -> its group (members, in order)
+    for i, n in enumerate(nodes):
+        if ftype[i] is None:
+            continue
+        members = [i]
+        for v in dict.fromkeys(n.inputs):
+            j = producer.get(v)
+            if j is not None and j in group and readers.get(v) == 1 and v not in keep \
+                    and ftype[j] == ftype[i] and group[j][-1] == j:
+                members += group[j]
+        members.sort()
+        for m in members:
+            group[m] = members
+    roots = {g[-1]: g for g in group.values() if len(g) >= MIN_NODES}
+    absorbed = {m for g in roots.values() for m in g[:-1]}
+    out = []
+    for i, n in enumerate(nodes):
+        if i in absorbed:
+            continue
+        g = roots.get(i)
+        if g is None:
+            out.append(n)
+            continue
+        parts = [nodes[m] for m in g]
+        made = {p.outputs[0] for p in parts}
+        leaves = list(dict.fromkeys(v for p in parts for v in p.inputs if v not in made))
+        kernel = FusedElementwise([(p.fn, p.attrs, list(p.inputs), p.outputs[0]) for p in parts],
+                                  leaves, n.outputs[0], ftype[i], [p.op for p in parts])
+        out.append(PNode("FusedElementwise", leaves, [n.outputs[0]], {}, f"{n.name}/fused",
+                         kernel, fused=True,
+                         info={"replaces": [p.name for p in parts], "ops": kernel.ops,
+                               "out_impl": kernel.out_impl, "kernel": kernel}))
+    return out
