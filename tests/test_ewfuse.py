@@ -42,7 +42,7 @@ class CElementwiseKernel:
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str):
         self.params = [p.split() for p in in_params.split(",")]
-        self.out_kind, self.out_name = out_params.split()
+        self.outs = [p.split() for p in out_params.split(",")]
         self.operation, self.name = operation, name
         CElementwiseKernel.made += 1
 
@@ -50,16 +50,19 @@ class CElementwiseKernel:
         loads = "\n".join(
             f"        {kind} {name} = ((const {'T' if kind == 'T' else 'bool'}*)ins[{i}])[i];"
             for i, (kind, name) in enumerate(self.params))
+        decls = " ".join(f"{kind} {name};" for kind, name in self.outs)
+        stores = " ".join(f"(({kind} *)outs[{j}])[i] = {name};"
+                          for j, (kind, name) in enumerate(self.outs))
         src = f"""#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 typedef {ctype} T;
-void run(int64_t n, void **ins, void *out) {{
+void run(int64_t n, void **ins, void **outs) {{
     for (int64_t i = 0; i < n; i++) {{
 {loads}
-        {self.out_kind} {self.out_name};
+        {decls}
         {self.operation.replace(chr(10), chr(10) + '        ')}
-        (({self.out_kind} *)out)[i] = {self.out_name};
+        {stores}
     }}
 }}
 """
@@ -74,8 +77,7 @@ void run(int64_t n, void **ins, void *out) {{
         return lib
 
     def __call__(self, *args):
-        ins, out = list(args[:len(self.params)]), (args[len(self.params)]
-                                                   if len(args) > len(self.params) else None)
+        ins, given = list(args[:len(self.params)]), list(args[len(self.params):])
         host = [a._a if isinstance(a, sx.ndarray) else np.asarray(a) for a in ins]
         t = next(h.dtype for h, (kind, _) in zip(host, self.params, strict=True) if kind == "T")
         ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[t]
@@ -83,15 +85,18 @@ void run(int64_t n, void **ins, void *out) {{
         flat = [np.ascontiguousarray(np.broadcast_to(h.astype(t if k == "T" else np.bool_),
                                                      shape)) for h, (k, _) in
                 zip(host, self.params, strict=True)]
-        result = np.empty(shape, t if self.out_kind == "T" else np.bool_)
+        results = [np.empty(shape, t if kind == "T" else np.bool_) for kind, _ in self.outs]
         ptrs = (ctypes.c_void_p * len(flat))(*[f.ctypes.data for f in flat])
-        self._library(ctype).run(ctypes.c_int64(result.size), ptrs,
-                                 ctypes.c_void_p(result.ctypes.data))
+        optrs = (ctypes.c_void_p * len(results))(*[r.ctypes.data for r in results])
+        self._library(ctype).run(ctypes.c_int64(int(np.prod(shape))), ptrs, optrs)
         CElementwiseKernel.calls += 1
-        if out is None:
-            return sx._dev(result)
-        out._a[...] = result
-        return out
+        if given:  # (CuPy: outputs passed in are written, and returned)
+            for g, r in zip(given, results, strict=True):
+                g._a[...] = r
+            made = given
+        else:
+            made = [sx._dev(r) for r in results]
+        return made[0] if len(made) == 1 else tuple(made)
 
 
 @pytest.fixture
@@ -130,10 +135,11 @@ def test_kernel_source_of_a_chain():
     members = [(None, {}, ["x", "s"], "a"), (None, {}, ["a"], "b"), (None, {}, ["b", "x"], "c"),
                (None, {}, ["c", "x"], "p"), (None, {}, ["p", "c", "k"], "y")]
     ops = ["Div", "Erf", "Mul", "Greater", "Where"]
-    ins, outs, body = kernel_source(members, ["x", "s", "k"], "y", ops, np.dtype(F32))
-    assert ins == "T x0, T x1, T x2" and outs == "T y"
+    ins, outs, body = kernel_source(members, ["x", "s", "k"], ["y", "p"], ops)
+    assert ins == "T x0, T x1, T x2" and outs == "T y0, bool y1"
     assert body.splitlines() == ["T v0 = (x0 / x1);", "T v1 = erf(v0);", "T v2 = (v1 * x0);",
-                                 "bool v3 = (v2 > x0);", "T v4 = (v3 ? v2 : x2);", "y = v4;"]
+                                 "bool v3 = (v2 > x0);", "T v4 = (v3 ? v2 : x2);", "y0 = v4;",
+                                 "y1 = v3;"]
     assert set(C_EXPR) >= {"Add", "Mul", "Erf", "Relu", "Sigmoid", "Where", "Greater"}
 
 
@@ -143,10 +149,9 @@ def test_a_chain_is_one_node_on_the_device_and_none_on_the_host(gpu):
     out = ex.run({"x": gpu.asarray(x)})
     (plan,) = ex._specialized.values()
     fused = [n for n in plan.nodes if n.op == "FusedElementwise"]
-    # (y is read twice, by Greater and Where: it ends a group)
-    assert [n.info["ops"] for n in fused] == [["Div", "Erf", "Add", "Mul", "Mul"],
-                                              ["Greater", "Where"]]
-    assert len(plan.steps) == 2
+    assert [n.info["ops"] for n in fused] == [["Div", "Erf", "Add", "Mul", "Mul", "Greater",
+                                               "Where"]]
+    assert len(plan.steps) == 1
     host = Executor(model, np)
     want = host.run({"x": x})["z"]
     (hplan,) = host._specialized.values()
@@ -157,13 +162,44 @@ def test_a_chain_is_one_node_on_the_device_and_none_on_the_host(gpu):
     np.testing.assert_allclose(sx.asnumpy(out["z"]), want, rtol=1e-6)
 
 
-def test_shared_and_kept_values_bound_the_groups(gpu):
+def test_kept_values_and_values_read_later_are_outputs_of_the_group(gpu):
     model, x = _gelu_model()
-    ex = Executor(model, gpu, fetch=["z", "c"])  # c is fetched: the chain splits there
-    ex.run({"x": gpu.asarray(x)})
+    ex = Executor(model, gpu, fetch=["z", "c"])  # c is fetched: the group gives it too
+    out = ex.run({"x": gpu.asarray(x)})
     (plan,) = ex._specialized.values()
-    assert [n.info["ops"] for n in plan.nodes if n.op == "FusedElementwise"] == [
-        ["Div", "Erf", "Add"], ["Mul", "Mul"], ["Greater", "Where"]]
+    (node,) = [n for n in plan.nodes if n.op == "FusedElementwise"]
+    assert node.outputs == ["z", "c"] and len(node.info["ops"]) == 7
+    want = Executor(model, np, fetch=["z", "c"]).run({"x": x})
+    for k in ("z", "c"):
+        np.testing.assert_allclose(sx.asnumpy(out[k]), want[k], rtol=1e-6)
+
+
+def test_a_value_read_before_the_group_ends_splits_it(gpu):
+    """A value of the chain that an outside node reads before the chain's last node cannot be
+    an output of a kernel placed there; a value of another shape cannot be one at all."""
+    x = np.random.default_rng(1).normal(size=(4, 3)).astype(F32)
+    nodes = [helper.make_node("Exp", ["x"], ["a"]),
+             helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("MatMul", ["a", "w"], ["m"]),  # reads a between the two
+             helper.make_node("Add", ["b", "m"], ["y"]),
+             helper.make_node("Tanh", ["r"], ["rt"]),  # [4, 1]: read later, other shape
+             helper.make_node("Mul", ["rt", "y"], ["z"]),
+             helper.make_node("Add", ["rt", "one"], ["u"]),
+             helper.make_node("Mul", ["z", "u"], ["out"])]
+    r = np.linspace(0.5, 1, 4).astype(F32).reshape(4, 1)
+    model = make_model(nodes, inputs={"x": x, "r": r}, outputs=("out",), initializers={
+        "w": np.eye(3, dtype=F32), "one": np.array(1, F32)})
+    ex = Executor(model, gpu)
+    got = ex.run({"x": gpu.asarray(x), "r": gpu.asarray(r)})["out"]
+    (plan,) = ex._specialized.values()
+    groups = {tuple(n.info["replaces"]): n.outputs for n in plan.nodes
+              if n.op == "FusedElementwise"}
+    # Exp -> Neg gives a too (MatMul reads it after Neg, before Add); rt, [4, 1], stays the
+    # output of Tanh alone, and Add_6 (read after Mul_5) joins the last group
+    assert groups == {("Exp_0", "Neg_1"): ["b", "a"],
+                      ("Add_3", "Mul_5", "Add_6", "Mul_7"): ["out"]}
+    np.testing.assert_allclose(sx.asnumpy(got), Executor(model, np).run({"x": x, "r": r})["out"],
+                               rtol=1e-6)
 
 
 @needs_cc
@@ -173,7 +209,7 @@ def test_the_generated_kernel_computes_the_chain(gpu_kernels):
     ex = Executor(model, gpu_kernels)
     for _ in range(2):
         out = ex.run({"x": gpu_kernels.asarray(x)})
-    assert CElementwiseKernel.made - made == 2 and CElementwiseKernel.calls - calls == 4
+    assert CElementwiseKernel.made - made == 1 and CElementwiseKernel.calls - calls == 2
     want = Executor(model, np).run({"x": x})["z"]
     np.testing.assert_allclose(sx.asnumpy(out["z"]), want, rtol=2e-6, atol=1e-7)
 

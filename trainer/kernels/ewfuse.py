@@ -61,14 +61,14 @@ def _float_type(n: PNode, shapes: Mapping):
 
 class FusedElementwise:
     """The kernel of a fused group: `members` (fn, attrs, inputs, output) in order, reading
-    `leaves` (the group's inputs) and ending in `root`."""
+    `leaves` (the group's inputs) and giving `outputs` (its last member's value first, then
+    the values of other members that nodes outside the group read, or that are kept)."""
 
-    def __init__(self, members: list[tuple], leaves: list[str], root: str, dtype: np.dtype,
+    def __init__(self, members: list[tuple], leaves: list[str], outputs: list[str],
                  ops: list[str]):
-        self.members, self.leaves, self.root = members, leaves, root
-        self.dtype, self.ops = dtype, ops
-        self.in_params, self.out_params, self.body = kernel_source(members, leaves, root,
-                                                                   ops, dtype)
+        self.members, self.leaves, self.outputs, self.ops = members, leaves, outputs, ops
+        self.in_params, self.out_params, self.body = kernel_source(members, leaves, outputs,
+                                                                   ops)
         digest = hashlib.sha1((self.in_params + self.out_params + self.body).encode())
         self.name = "onnx_trainer_ew_" + digest.hexdigest()[:12]
         self._kernels: dict[int, object] = {}
@@ -96,24 +96,26 @@ class FusedElementwise:
         warnings.warn(f"fused elementwise kernel {self.name} ({' -> '.join(self.ops)}) failed "
                       f"({self.error}); its nodes run one by one", RuntimeWarning, stacklevel=3)
 
-    def unfused(self, xp, *args):
+    def unfused(self, xp, *args) -> tuple:
         env = dict(zip(self.leaves, args, strict=True))
         for fn, attrs, ins, out in self.members:
             env[out] = fn(xp, *[env[i] for i in ins], **attrs)[0]
-        return env[self.root]
+        return tuple(env[o] for o in self.outputs)
 
-    def __call__(self, xp, *args):
+    def __call__(self, xp, *args) -> tuple:
         k = self.kernel(xp)
         if k is not None:
             try:
-                return (k(*args),)
+                got = k(*args)
+                return got if isinstance(got, tuple) else (got,)
             except Exception as exc:  # noqa: BLE001 - the nodes then run one by one
                 self._failed(exc)
-        return (self.unfused(xp, *args),)
+        return self.unfused(xp, *args)
 
     def out_impl(self, xp):
-        """(impl(*leaves, out), arity) writing into a planned buffer where the kernel runs."""
-        if getattr(xp, "ElementwiseKernel", None) is None:
+        """(impl(*leaves, out), arity) writing a one-output group into a planned buffer where
+        the kernel runs; None otherwise."""
+        if getattr(xp, "ElementwiseKernel", None) is None or len(self.outputs) != 1:
             return None
 
         def into(*args):
@@ -125,16 +127,15 @@ class FusedElementwise:
                     return out
                 except Exception as exc:  # noqa: BLE001 - see __call__
                     self._failed(exc)
-            xp.copyto(out, self.unfused(xp, *ins))
+            xp.copyto(out, self.unfused(xp, *ins)[0])
             return out
         return into, len(self.leaves)
 
 
-def kernel_source(members: list[tuple], leaves: list[str], root: str, ops: list[str],
-                  dtype: np.dtype) -> tuple[str, str, str]:
+def kernel_source(members: list[tuple], leaves: list[str], outputs: list[str],
+                  ops: list[str]) -> tuple[str, str, str]:
     """(in_params, out_params, body) of the group's cupy.ElementwiseKernel: leaf i is `x<i>`
-    (type T, or bool), member k's value the local `v<k>`, the result `y`."""
-    del dtype  # (T is bound by CuPy from the float arguments)
+    (type T, or bool), member k's value the local `v<k>`, output j `y<j>`."""
     names = {leaf: f"x{i}" for i, leaf in enumerate(leaves)}
     kinds: dict[str, str] = {}
     lines = []
@@ -149,33 +150,52 @@ def kernel_source(members: list[tuple], leaves: list[str], root: str, ops: list[
         kinds[out] = kind
         names[out] = f"v{k}"
         lines.append(f"{kind} v{k} = {expr};")
-    lines.append(f"y = {names[root]};")
+    lines += [f"y{j} = {names[o]};" for j, o in enumerate(outputs)]
     in_params = ", ".join(f"{kinds.get(leaf, 'T')} x{i}" for i, leaf in enumerate(leaves))
-    return in_params, f"{kinds[root]} y", "\n".join(lines)
+    out_params = ", ".join(f"{kinds[o]} y{j}" for j, o in enumerate(outputs))
+    return in_params, out_params, "\n".join(lines)
 
 
 def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> list[PNode]:
-    """Nodes with each group of at least MIN_NODES chained elementwise nodes (one float type;
-    every value inside read only by the group, none kept) replaced by one FusedElementwise
-    node at its last member's place."""
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for v in set(n.inputs):
+    """Nodes with each group of at least MIN_NODES chained elementwise nodes (one float type)
+    replaced by one FusedElementwise node at its last member's place. A value of the group
+    that other nodes read, or that is kept, is one of its outputs, if it has the last member's
+    shape (the kernel's outputs all have the broadcast shape) and every reader outside the
+    group comes after that place."""
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for v in dict.fromkeys(n.inputs):
             if v:
-                readers[v] = readers.get(v, 0) + 1
+                readers.setdefault(v, []).append(i)
     producer = {o: i for i, n in enumerate(nodes) for o in n.outputs if o}
     ftype = [_float_type(n, shapes) for n in nodes]
     group: dict[int, list[int]] = {}  # node index -> its group (members, in order)
+
+    def fits(members: list[int], root: int) -> bool:
+        """Whether every value of `members` other than root's that is read outside them (or
+        kept) can be an output of the group placed at root."""
+        inside = set(members)
+        shape = shapes[nodes[root].outputs[0]][0]
+        for m in members:
+            v = nodes[m].outputs[0]
+            outside = [r for r in readers.get(v, ()) if r not in inside]
+            if m != root and (outside or v in keep):
+                if shapes[v][0] != shape or any(r < root for r in outside):
+                    return False
+        return True
+
     for i, n in enumerate(nodes):
         if ftype[i] is None:
             continue
         members = [i]
         for v in dict.fromkeys(n.inputs):
             j = producer.get(v)
-            if j is not None and j in group and readers.get(v) == 1 and v not in keep \
-                    and ftype[j] == ftype[i] and group[j][-1] == j:
-                members += group[j]
-        members.sort()
+            if j is None or j not in group or group[j][-1] != j or ftype[j] != ftype[i] \
+                    or j in members:
+                continue
+            merged = sorted(members + group[j])
+            if fits(merged, i):
+                members = merged
         for m in members:
             group[m] = members
     roots = {g[-1]: g for g in group.values() if len(g) >= MIN_NODES}
@@ -190,11 +210,16 @@ def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> lis
             continue
         parts = [nodes[m] for m in g]
         made = {p.outputs[0] for p in parts}
+        inside = set(g)
         leaves = list(dict.fromkeys(v for p in parts for v in p.inputs if v not in made))
+        extra = [p.outputs[0] for p in parts[:-1]
+                 if p.outputs[0] in keep or any(r not in inside
+                                                for r in readers.get(p.outputs[0], ()))]
+        outputs = [n.outputs[0], *extra]
         kernel = FusedElementwise([(p.fn, p.attrs, list(p.inputs), p.outputs[0]) for p in parts],
-                                  leaves, n.outputs[0], ftype[i], [p.op for p in parts])
-        out.append(PNode("FusedElementwise", leaves, [n.outputs[0]], {}, f"{n.name}/fused",
-                         kernel, fused=True,
+                                  leaves, outputs, [p.op for p in parts])
+        out.append(PNode("FusedElementwise", leaves, outputs, {}, f"{n.name}/fused", kernel,
+                         fused=True,
                          info={"replaces": [p.name for p in parts], "ops": kernel.ops,
                                "out_impl": kernel.out_impl, "kernel": kernel}))
     return out
