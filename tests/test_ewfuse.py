@@ -147,7 +147,10 @@ def test_kernel_source_of_a_chain():
     assert body.splitlines() == ["T v0 = (x0 / x1);", "T v1 = erf(v0);", "T v2 = (v1 * x0);",
                                  "bool v3 = (v2 > x0);", "T v4 = (v3 ? v2 : x2);", "y0 = v4;",
                                  "y1 = v3;"]
-    assert set(C_EXPR) >= {"Add", "Mul", "Erf", "Relu", "Sigmoid", "Where", "Greater"}
+    assert set(C_EXPR) >= {"Add", "Mul", "Erf", "Relu", "Sigmoid", "Where", "Greater", "Sum"}
+    _, _, body = kernel_source([(None, {}, ["a", "b", "c"], "s"), (None, {}, ["s"], "y")],
+                               ["a", "b", "c"], ["y"], ["Sum", "Exp"])
+    assert body.splitlines() == ["T v0 = ((x0 + x1) + x2);", "T v1 = exp(v0);", "y0 = v1;"]
 
 
 def test_a_chain_is_one_node_on_the_device_and_none_on_the_host(gpu):

@@ -31,6 +31,7 @@ C_EXPR = {
     "Sigmoid": "((T)1 / ((T)1 + exp(-{a})))", "Where": "({c} ? {a} : {b})",
     "Greater": "({a} > {b})", "Less": "({a} < {b})", "GreaterOrEqual": "({a} >= {b})",
     "LessOrEqual": "({a} <= {b})", "Equal": "({a} == {b})",
+    "Sum": None,  # any number of operands: ((a + b) + c) ..., left to right as its kernel adds
 }
 _ARITY = {"Where": 3, **{op: 2 for op in ("Add", "Sub", "Mul", "Div", "Greater", "Less",
                                          "GreaterOrEqual", "LessOrEqual", "Equal")}}
@@ -42,8 +43,9 @@ MIN_NODES = 2  # a group of one node is left as it is
 
 def _float_type(n: PNode, shapes: Mapping):
     """The float dtype n computes in, if n may join a fused group; else None."""
+    arity = len(n.inputs) if n.op == "Sum" and len(n.inputs) >= 2 else _ARITY.get(n.op, 1)
     if n.fused or n.domain or n.op not in C_EXPR or n.attrs or n.subs or len(n.outputs) != 1 \
-            or not n.outputs[0] or len(n.inputs) != _ARITY.get(n.op, 1) \
+            or not n.outputs[0] or len(n.inputs) != arity \
             or not all(n.inputs) or n.outputs[0] not in shapes:
         return None
     dts = [shapes[v][1] if v in shapes else None for v in n.inputs]
@@ -144,6 +146,10 @@ def kernel_source(members: list[tuple], leaves: list[str], outputs: list[str],
         if op == "Where":
             kinds[ins[0]] = "bool"
             expr = C_EXPR[op].format(c=operands[0], a=operands[1], b=operands[2])
+        elif op == "Sum":
+            expr = operands[0]
+            for v in operands[1:]:
+                expr = f"({expr} + {v})"
         else:
             expr = C_EXPR[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
         kind = "bool" if op in _COMPARE else "T"
