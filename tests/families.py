@@ -111,3 +111,15 @@ def family_config(d, name, **over):
            "log": {"every_steps": 1}, **FAMILIES[name][2]}
     raw.update(over)
     return raw
+
+
+def family_training_graph(d, batchnorm: str = "train", batch: int = 8):
+    """(the family's training graph for cross entropy at `batch` samples, its feeds: the first
+    `batch` samples of its data)."""
+    from trainer.autodiff import build_training_graph
+
+    tm = build_training_graph(onnx.load(str(d / "model.onnx")),
+                              {"type": "cross_entropy", "output": "logits", "target": "label",
+                               "class_axis": -1}, "all", batch_size=batch, batchnorm=batchnorm)
+    data = np.load(d / "data.npz")
+    return tm, {"x": data["x"][:batch], "label": data["y"][:batch]}

@@ -843,6 +843,20 @@ random = types.SimpleNamespace(default_rng=Generator, Generator=Generator,
 
 
 # -- cuda -----------------------------------------------------------------------------------------
+class _Pool:
+    def used_bytes(self) -> int:
+        return 0
+
+    def total_bytes(self) -> int:
+        return 0
+
+    def free_all_blocks(self) -> None:
+        pass
+
+    def set_limit(self, size=None, fraction=None) -> None:
+        pass
+
+
 class _Cuda:
     """cupy.cuda stubs: devices, streams, events, pinned memory, memory pools, curand ids."""
 
@@ -965,7 +979,7 @@ class _Cuda:
             def free_postprocess(self, **kwargs):
                 pass
 
-        class MemoryPool:
+        class MemoryPool(_Pool):
             """cupy.cuda.MemoryPool: a private pool (for a graph's memory); the stand-in
             allocates from NumPy whatever the pool."""
 
@@ -974,15 +988,6 @@ class _Cuda:
 
             def malloc(self, nbytes):
                 return None
-
-            def used_bytes(self) -> int:
-                return 0
-
-            def total_bytes(self) -> int:
-                return 0
-
-            def free_all_blocks(self) -> None:
-                pass
 
         @contextlib.contextmanager
         def using_allocator(allocator=None):
@@ -1034,20 +1039,6 @@ class _Cuda:
 
 
 cuda = _Cuda()
-
-
-class _Pool:
-    def used_bytes(self) -> int:
-        return 0
-
-    def total_bytes(self) -> int:
-        return 0
-
-    def free_all_blocks(self) -> None:
-        pass
-
-    def set_limit(self, size=None, fraction=None) -> None:
-        pass
 
 
 _POOL = _Pool()

@@ -13,16 +13,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from onnx import helper
 
 from tests import strictxp as sx
-from tests.families import FAMILIES
+from tests.families import FAMILIES, family_training_graph
 from tests.opcases import make_model
 from tests.test_plan_fuzz import SHAPE, _constants, graphs
-from trainer.autodiff import build_training_graph
 from trainer.executor import Executor
 from trainer.kernels.ewfuse import C_EXPR, FusedElementwise, kernel_source
 
@@ -230,12 +228,7 @@ def test_every_familys_fused_kernels_run_their_generated_code(gpu_kernels, zoo, 
     """Each family's training graph planned on the device with its fused groups run as the
     generated code: loss, gradients and BatchNorm statistics are the host plan's (float32
     rounding: C's math functions round differently from NumPy's)."""
-    d = zoo[name]
-    tm = build_training_graph(onnx.load(str(d / "model.onnx")),
-                              {"type": "cross_entropy", "output": "logits", "target": "label",
-                               "class_axis": -1}, "all", batch_size=8, batchnorm="train")
-    data = np.load(d / "data.npz")
-    feeds = {"x": data["x"][:8], "label": data["y"][:8]}
+    tm, feeds = family_training_graph(zoo[name])
     ex = Executor(tm, gpu_kernels)
     calls = CElementwiseKernel.calls
     out = ex.run({k: gpu_kernels.asarray(v) for k, v in feeds.items()})

@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.families import FAMILIES, family_config
-from trainer.autodiff import build_training_graph
+from tests.families import FAMILIES, family_config, family_training_graph
 from trainer.comm.local import run_local as run_ranks
 from trainer.config import config_from_dict
 from trainer.executor import Executor
@@ -56,14 +55,8 @@ def test_every_familys_training_graph_runs_in_onnxruntime(zoo, name, batchnorm):
     runs it and gives the loss, gradients and new BatchNorm statistics of both our paths (the
     planned and the unplanned) to float32 rounding. (Dropout draws its own masks there.)"""
     ort = pytest.importorskip("onnxruntime")
-    d = zoo[name]
-    model = onnx.load(str(d / "model.onnx"))
-    tm = build_training_graph(model, {"type": "cross_entropy", "output": "logits",
-                                      "target": "label", "class_axis": -1}, "all",
-                              batch_size=8, batchnorm=batchnorm)
+    tm, feeds = family_training_graph(zoo[name], batchnorm)
     onnx.checker.check_model(tm, full_check=True)
-    data = np.load(d / "data.npz")
-    feeds = {"x": data["x"][:8], "label": data["y"][:8]}
     outs = [o.name for o in tm.graph.output]
     sess = ort.InferenceSession(tm.SerializeToString(), providers=["CPUExecutionProvider"])
     theirs = dict(zip(outs, sess.run(None, feeds), strict=True))

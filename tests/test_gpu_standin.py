@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # run as a program under mpirun
     sys.path.insert(0, str(ROOT))
 
 from tests import strictxp as sx  # noqa: E402
-from tests.families import FAMILIES  # noqa: E402
+from tests.families import FAMILIES, family_training_graph  # noqa: E402
 from tests.mpi_run import run_mpi  # noqa: E402
 from tests.opcases import make_model  # noqa: E402
 from trainer import backend  # noqa: E402
@@ -639,14 +639,7 @@ def test_every_familys_training_graph_is_planned_on_the_device(gpu, zoo, name):
     BatchNorm statistics are those of the unplanned device program and of the host plan (to
     float32 rounding); a planned run reads nothing back, copies nothing up and makes fewer new
     device arrays than an unplanned run."""
-    from trainer.autodiff import build_training_graph
-
-    d = zoo[name]
-    tm = build_training_graph(onnx.load(str(d / "model.onnx")),
-                              {"type": "cross_entropy", "output": "logits", "target": "label",
-                               "class_axis": -1}, "all", batch_size=8, batchnorm="train")
-    data = np.load(d / "data.npz")
-    feeds = {"x": data["x"][:8], "label": data["y"][:8]}
+    tm, feeds = family_training_graph(zoo[name])
     outs = [o.name for o in tm.graph.output]
     ex = Executor(tm, gpu)
     dev = {k: gpu.asarray(v) for k, v in feeds.items()}

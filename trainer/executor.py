@@ -988,48 +988,53 @@ def _stable_order(nodes: list[PNode], available: set[str]) -> list[PNode] | None
 
 def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np):
     """(impl(*inputs, out) -> value, arity) for nodes whose value xp can write into a given
-    array as the kernel computes it (on the host: exactly); None otherwise."""
+    array as the kernel computes it (on the host exactly: its BLAS shortcuts, and Where's
+    product form; on a device through xp's ufuncs, matmul and sums with out=); None
+    otherwise."""
     if n.fused:
         make = n.info.get("out_impl")  # (a factory: xp -> (impl, arity))
         return make(xp) if make is not None else None
-    if xp is not np:
-        return _device_out_impl(n, shapes, constants, xp)
     if len(n.outputs) != 1 or not n.outputs[0] or n.domain:
         return None
     ins = [shapes.get(i) if i else None for i in n.inputs]
     if any(i and v is None for i, v in zip(n.inputs, ins, strict=True)):
         return None
+    host = xp is np
     out_shape, out_dt = shapes[n.outputs[0]]
     dts = [v[1] for v in ins if v is not None]
     floats = out_dt in _FLOATS and all(d == out_dt for d in dts)
     op, a = n.op, n.attrs
     legacy = any(k in a for k in ("broadcast", "axis", "consumed_inputs"))
+
+    def ufunc(table):
+        return table[op] if host else getattr(xp, table[op].__name__)
     if op in _UFUNC2 and floats and not legacy and len(ins) == 2:
-        uf = _UFUNC2[op]
+        uf = ufunc(_UFUNC2)
         return (lambda x, y, out: uf(x, y, out=out)), 2
     if op in _UFUNC1 and floats and not legacy:
-        uf = _UFUNC1[op]
+        uf = ufunc(_UFUNC1)
         return (lambda x, out: uf(x, out=out)), 1
     if op in _COMPARE and not legacy and len(ins) == 2 and out_dt == np.bool_ \
             and len(set(dts)) == 1 and dts[0].kind in "fiu":
-        uf = _COMPARE[op]
+        uf = ufunc(_COMPARE)
         return (lambda x, y, out: uf(x, y, out=out)), 2
-    if op == "Where" and len(ins) == 3 and out_dt in _FLOATS and ins[0][1] == np.bool_:
+    if op == "Where" and host and len(ins) == 3 and out_dt in _FLOATS and ins[0][1] == np.bool_:
         return _where_impl(n, ins, out_dt, constants)
     if op == "Relu" and floats:
         zero = out_dt.type(0)
-        return (lambda x, out: np.maximum(x, zero, out=out)), 1
+        return (lambda x, out: xp.maximum(x, zero, out=out)), 1
     if op == "Sum" and floats and len(ins) >= 2:
         def total(*xs):
             *xs, out = xs
-            np.add(xs[0], xs[1], out=out)
+            xp.add(xs[0], xs[1], out=out)
             for x in xs[2:]:
-                np.add(out, x, out=out)
+                xp.add(out, x, out=out)
             return out
         return total, len(ins)
-    # 2-D products through np.dot: the same BLAS call as np.matmul with less overhead per call
-    # (1.9 -> 1.0 us for a [16, 64] @ [64, 10]); out is C-contiguous in the operands' dtype.
-    _gemm2 = np.dot
+    # 2-D products on the host through np.dot: the same BLAS call as np.matmul with less
+    # overhead per call (1.9 -> 1.0 us for a [16, 64] @ [64, 10]); out is C-contiguous in the
+    # operands' dtype.
+    _gemm2 = np.dot if host else (lambda x, y, out: xp.matmul(x, y, out=out))
     if op == "MatMul" and floats and len(ins) == 2:
         (sa, _), (sb, _) = ins
         if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
@@ -1041,7 +1046,7 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np
             return mm, 2
         if len(sa) == len(sb) == 2:
             return (lambda x, y, out: _gemm2(x, y, out)), 2
-        return (lambda x, y, out: np.matmul(x, y, out=out)), 2
+        return (lambda x, y, out: xp.matmul(x, y, out=out)), 2
     if op == "Gemm" and floats and not legacy and len(ins[0][0]) == len(ins[1][0]) == 2:
         ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
         alpha, beta = out_dt.type(a.get("alpha", 1.0)), out_dt.type(a.get("beta", 1.0))
@@ -1061,6 +1066,10 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np
         if ax is False:
             return None
         keep = bool(a.get("keepdims", 1))
+        if not host:
+            if op == "ReduceSum":
+                return (lambda x, _axes, out: xp.sum(x, axis=ax, keepdims=keep, out=out)), 2
+            return (lambda x, _axes, out: xp.mean(x, axis=ax, keepdims=keep, out=out)), 2
         from trainer.kernels.reduce import sum_plan  # (the kernels' own sums: same bits)
         blas = sum_plan(tuple(ins[0][0]), dts[0], tuple(range(rank)) if ax is None else ax, keep)
         if blas is None:
@@ -1077,77 +1086,6 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np
         def mean(x, _axes, out):  # as np.mean: the sum, then one division
             return np.true_divide(total(x, _axes, out), count, out=out)
         return mean, 2
-    if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
-            a.get("group", 1) >= 1:
-        return _conv_impl(n, ins, np)
-    return None
-
-
-def _device_out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType):
-    """_out_impl on a device: the same ops through xp's ufuncs, products and sums with out=
-    (the host's BLAS shortcuts and Where's product form are host-only)."""
-    if len(n.outputs) != 1 or not n.outputs[0] or n.domain:
-        return None
-    ins = [shapes.get(i) if i else None for i in n.inputs]
-    if any(i and v is None for i, v in zip(n.inputs, ins, strict=True)):
-        return None
-    out_shape, out_dt = shapes[n.outputs[0]]
-    dts = [v[1] for v in ins if v is not None]
-    floats = out_dt in _FLOATS and all(d == out_dt for d in dts)
-    op, a = n.op, n.attrs
-    if any(k in a for k in ("broadcast", "axis", "consumed_inputs")):
-        return None
-    if op in _UFUNC2 and floats and len(ins) == 2:
-        uf = getattr(xp, _UFUNC2[op].__name__)
-        return (lambda x, y, out: uf(x, y, out=out)), 2
-    if op in _UFUNC1 and floats:
-        uf = getattr(xp, _UFUNC1[op].__name__)
-        return (lambda x, out: uf(x, out=out)), 1
-    if op in _COMPARE and len(ins) == 2 and out_dt == np.bool_ and len(set(dts)) == 1 \
-            and dts[0].kind in "fiu":
-        uf = getattr(xp, _COMPARE[op].__name__)
-        return (lambda x, y, out: uf(x, y, out=out)), 2
-    if op == "Relu" and floats:
-        zero = out_dt.type(0)
-        return (lambda x, out: xp.maximum(x, zero, out=out)), 1
-    if op == "Sum" and floats and len(ins) >= 2:
-        def total(*xs):
-            *xs, out = xs
-            xp.add(xs[0], xs[1], out=out)
-            for x in xs[2:]:
-                xp.add(out, x, out=out)
-            return out
-        return total, len(ins)
-    if op == "MatMul" and floats and len(ins) == 2:
-        (sa, _), (sb, _) = ins
-        if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
-            k, m = sb
-
-            def mm(x, y, out):
-                xp.matmul(x.reshape(-1, k), y, out=out.reshape(-1, m))
-                return out
-            return mm, 2
-        return (lambda x, y, out: xp.matmul(x, y, out=out)), 2
-    if op == "Gemm" and floats and len(ins[0][0]) == len(ins[1][0]) == 2:
-        ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
-        alpha, beta = out_dt.type(a.get("alpha", 1.0)), out_dt.type(a.get("beta", 1.0))
-
-        def gemm(x, w, c, out):
-            xp.matmul(x.T if ta else x, w.T if tb else w, out=out)
-            if alpha != 1:
-                out *= alpha
-            if c is not None:
-                out += c * beta if beta != 1 else c
-            return out
-        return gemm, 3
-    if op in ("ReduceSum", "ReduceMean") and out_dt in _FLOATS and dts[0] == out_dt:
-        ax = _reduce_axes(n, len(ins[0][0]), constants)
-        if ax is False:
-            return None
-        keep = bool(a.get("keepdims", 1))
-        if op == "ReduceSum":
-            return (lambda x, _axes, out: xp.sum(x, axis=ax, keepdims=keep, out=out)), 2
-        return (lambda x, _axes, out: xp.mean(x, axis=ax, keepdims=keep, out=out)), 2
     if op in ("Conv", "ConvTranspose") and floats and ins[0] is not None and \
             a.get("group", 1) >= 1:
         return _conv_impl(n, ins, xp)
