@@ -48,7 +48,10 @@ class CElementwiseKernel:
         loads = "\n".join(
             f"        {kind} {name} = ((const {'T' if kind == 'T' else 'bool'}*)ins[{i}])[i];"
             for i, (kind, name) in enumerate(self.params))
-        decls = " ".join(f"{kind} {name};" for kind, name in self.outs)
+        # (outputs start as the arrays' values: CuPy's output parameters are references, so
+        # a kernel may read them before it writes them, as an optimizer's update does)
+        decls = " ".join(f"{kind} {name} = (({kind} *)outs[{j}])[i];"
+                         for j, (kind, name) in enumerate(self.outs))
         stores = " ".join(f"(({kind} *)outs[{j}])[i] = {name};"
                           for j, (kind, name) in enumerate(self.outs))
         src = f"""#include <math.h>
@@ -86,20 +89,25 @@ void run(int64_t n, void **ins, void **outs) {{
         return made[0] if len(made) == 1 else tuple(made)
 
     def _run(self, host: list, given: list | None) -> list:
-        t = next(h.dtype for h, (kind, _) in zip(host, self.params, strict=True) if kind == "T")
+        # T: bound by the first array of a T parameter (scalars take its type, as in CuPy)
+        t = next(h.dtype for h, (kind, _) in sorted(zip(host, self.params, strict=True),
+                                                     key=lambda hp: hp[0].ndim == 0)
+                 if kind == "T")
         ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[t]
         shape = np.broadcast_shapes(*[h.shape for h in host])
         flat = [np.ascontiguousarray(np.broadcast_to(h.astype(t if k == "T" else np.bool_),
                                                      shape)) for h, (k, _) in
                 zip(host, self.params, strict=True)]
-        results = [np.empty(shape, t if kind == "T" else np.bool_) for kind, _ in self.outs]
+        results = [np.empty(shape, t if kind == "T" else np.bool_) for kind, _ in self.outs] \
+            if given is None else [np.ascontiguousarray(g) for g in given]
         ptrs = (ctypes.c_void_p * len(flat))(*[f.ctypes.data for f in flat])
         optrs = (ctypes.c_void_p * len(results))(*[r.ctypes.data for r in results])
         self._library(ctype).run(ctypes.c_int64(int(np.prod(shape))), ptrs, optrs)
         CElementwiseKernel.calls += 1
         if given is not None:  # (CuPy: outputs passed in are written, and returned)
             for g, r in zip(given, results, strict=True):
-                g[...] = r
+                if r is not g:
+                    g[...] = r
             return given
         return results
 
@@ -317,8 +325,61 @@ def test_fused_kernels_inside_a_cuda_graph(gpu_kernels, tmp_path, exported, kind
     assert "captured" in log and g.graph.launches == 4 and not ex.graph_errors
     (plan,) = ex._specialized.values()
     groups = sum(n.op == "FusedElementwise" for n in plan.nodes)
-    # the uncaptured first step and the capture call them; the launches replay them
-    assert groups and CElementwiseKernel.calls - calls == 2 * groups + 4 * groups
+    # the uncaptured first step and the capture call them, the launches replay them; and
+    # the optimizer's update is one kernel per step (outside the graph)
+    assert groups and CElementwiseKernel.calls - calls == 2 * groups + 4 * groups + 5
+    assert run.optimizer.kernel_error is None
     assert losses == plain_losses
     for k, v in plain.trained_values().items():
         np.testing.assert_array_equal(run.trained_values()[k], v, err_msg=k)
+
+
+# -- fused optimizer updates -------------------------------------------------------------------
+OPTIMIZERS = [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("adam", {"lr": 1e-2, "weight_decay": 0.01}),
+    ("adam", {"lr": 1e-2, "maximize": True}),
+    ("adamw", {"lr": 1e-2}),
+    ("adamw", {"lr": 1e-2, "groups": [(["b"], {"lr": 1e-3, "weight_decay": 0.0})]}),
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("kind,settings", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_optimizer_updates_are_the_separate_operations(monkeypatch, kind, settings,
+                                                             dtype):
+    """SGD (momentum, dampening, Nesterov, weight decay, maximize), Adam and AdamW (coupled and
+    decoupled weight decay, per-group settings as per-element vectors) as one generated kernel
+    each step: the parameters and state, bit for bit, of the separate xp operations."""
+    from trainer.optim import OPTIMIZERS as CLASSES
+
+    xp = sx.install(monkeypatch)
+    layout = [("w", 0, 40), ("b", 40, 7)]
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(47).astype(dtype)
+    grads = [rng.standard_normal(47).astype(dtype) for _ in range(4)]
+
+    def run(kernels: bool):
+        if kernels:
+            monkeypatch.setattr(sx, "ElementwiseKernel", CElementwiseKernel, raising=False)
+        else:
+            monkeypatch.delattr(sx, "ElementwiseKernel", raising=False)
+        kw = dict(settings)
+        groups = kw.pop("groups", ())
+        opt = CLASSES[kind](xp, 47, dtype, layout=layout, groups=groups, **kw)
+        p = xp.asarray(p0)
+        calls = CElementwiseKernel.calls
+        for k, g in enumerate(grads):
+            opt.step(p, xp.asarray(g), [settings["lr"] * 0.9 ** k] * len(opt.groups))
+        used = CElementwiseKernel.calls - calls
+        return p.get(), {k: v.get() for k, v in opt.state.items()}, used, opt.kernel_error
+
+    p_sep, s_sep, used_sep, _ = run(False)
+    p_ker, s_ker, used_ker, error = run(True)
+    assert used_sep == 0 and used_ker == len(grads) and error is None
+    np.testing.assert_array_equal(p_ker, p_sep)
+    for k in s_sep:
+        np.testing.assert_array_equal(s_ker[k], s_sep[k], err_msg=k)

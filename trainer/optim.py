@@ -7,6 +7,8 @@ vector only where the groups disagree, so a step stays a handful of whole-buffer
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -77,6 +79,8 @@ class Optimizer:
         self.steps = 0
         self.w1 = xp.empty(self.size, self.dtype)  # scratch, reused by every step
         self.w2 = xp.empty(self.size, self.dtype)
+        self._kernels: dict[tuple, object] = {}
+        self.kernel_error: str | None = None
         self._init_state()
 
     def _vector(self, name: str):
@@ -208,6 +212,58 @@ class Optimizer:
             p *= self._each("decay", lambda i, g: 1 - lrs[i] * g["weight_decay"])
         return 0.0
 
+    # -- one generated kernel per update (GPU) -------------------------------------------------
+    def _kernel(self, key: tuple, params: Sequence[str], outs: Sequence[str],
+                lines: Sequence[str]):
+        """The update as one cupy.ElementwiseKernel (every name of type T, the buffers' float
+        type; `outs` are read and written in place), made once per key; None where xp has no
+        kernel API or a kernel failed (the update then runs as the xp operations, which the
+        body repeats one by one in the same order, so both round alike)."""
+        make = getattr(self.xp, "ElementwiseKernel", None)
+        if make is None or self.kernel_error is not None:
+            return None
+        k = self._kernels.get(key)
+        if k is None:
+            body = "\n".join(lines)
+            name = (f"onnx_trainer_{type(self).__name__.lower()}_"
+                    + hashlib.sha1(body.encode()).hexdigest()[:10])
+            try:
+                k = self._kernels[key] = make(", ".join(f"T {n}" for n in params),
+                                              ", ".join(f"T {n}" for n in outs), body, name)
+            except Exception as exc:  # noqa: BLE001 - the xp operations run instead
+                self._kernel_failed(exc)
+                return None
+        return k
+
+    def _launch(self, k, *args) -> bool:
+        try:
+            k(*args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the xp operations run instead
+            self._kernel_failed(exc)
+            return False
+
+    def _kernel_failed(self, exc: Exception) -> None:
+        self.kernel_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"the fused {type(self).__name__} kernel failed ({self.kernel_error}); "
+                      "the update runs as separate operations", RuntimeWarning, stacklevel=4)
+
+    def _grad_source(self, weight_decay: Scalar, decoupled: bool) -> tuple[list, list[str]]:
+        """(extra (name, value) arguments, C lines) making `d`, the gradient the update starts
+        from, as _decay and _grad do (p, g the buffers)."""
+        args, lines = [], ["T d = g;"]
+        if decoupled and not _zero(weight_decay):
+            lines.append("p = p * decay;")  # (the decay value: the caller's, per step)
+            args.append("decay")
+            weight_decay = 0.0
+        maximize = self.settings["maximize"]
+        if not _zero(weight_decay):
+            args.append(("wd", weight_decay))
+            lines += ["T q = p * wd;", "d = q - g;" if maximize else "d = g + q;"]
+        elif maximize:
+            lines.append("d = -g;")
+        return args, lines
+
     def _ema_sq(self, v, g, beta: Scalar, one_minus: Scalar) -> None:
         """v = beta * v + (1 - beta) * g * g (torch: mul_(beta).addcmul_(g, g, 1 - beta))."""
         w = self.xp.multiply(g, g, out=self.w1)
@@ -239,6 +295,8 @@ class SGD(Optimizer):
             self._zeros("momentum_buffer")
 
     def _update(self, p, g, lrs):
+        if self._fused_update(p, g, lrs):
+            return
         xp = self.xp
         d = self._grad(p, g, self._const("weight_decay", lambda s: s["weight_decay"]))
         if self._any("momentum"):
@@ -260,6 +318,37 @@ class SGD(Optimizer):
                 d = buf
         w = xp.multiply(d, self._each("lr", lambda i, s: lrs[i]), out=self.w1)
         p -= w
+
+    def _fused_update(self, p, g, lrs) -> bool:
+        """The update above as one kernel (where xp has them); False where it did not run."""
+        if getattr(self.xp, "ElementwiseKernel", None) is None or self.kernel_error:
+            return False
+        extra, lines = self._grad_source(
+            self._const("weight_decay", lambda s: s["weight_decay"]), False)
+        values = dict(v for v in extra if isinstance(v, tuple))
+        outs = ["p"]
+        momentum = self._any("momentum")
+        if momentum:
+            outs.append("buf")
+            values["mom"] = self._const("momentum", lambda s: s["momentum"])
+            if self.steps == 1:
+                lines.append("buf = d;")
+            else:
+                values["omd"] = self._const(
+                    "1-dampening", lambda s: 1 - s["dampening"] if s["momentum"] else 1.0)
+                lines += ["buf = buf * mom;", "T w = d * omd;", "buf = buf + w;"]
+            if self.settings["nesterov"]:
+                lines += ["T n = buf * mom;", "d = d + n;"]
+            else:
+                lines.append("d = buf;")
+        values["lr"] = self._each("lr", lambda i, s: lrs[i])
+        lines += ["T u = d * lr;", "p = p - u;"]
+        names = ["g", *values]
+        k = self._kernel(("sgd", tuple(names), *lines), names, outs, lines)
+        if k is None:
+            return False
+        state = [self.state["momentum_buffer"]] if momentum else []
+        return self._launch(k, g, *values.values(), p, *state)
 
 
 class Adam(Optimizer):
@@ -290,6 +379,8 @@ class Adam(Optimizer):
         return g
 
     def _update(self, p, g, lrs):
+        if not self.settings["amsgrad"] and self._fused_update(p, g, lrs):
+            return
         xp, t = self.xp, self.steps
         self._moments(p, g, lrs)
         v = self.state["exp_avg_sq"]
@@ -301,6 +392,38 @@ class Adam(Optimizer):
         w = xp.divide(self.state["exp_avg"], denom, out=self.w1)
         w *= self._each("step_size", lambda i, s: lrs[i] / (1 - s["betas"][0] ** t))
         p -= w
+
+    def _fused_update(self, p, g, lrs) -> bool:
+        """The update above (without amsgrad) as one kernel; False where it did not run."""
+        if getattr(self.xp, "ElementwiseKernel", None) is None or self.kernel_error:
+            return False
+        t = self.steps
+        wd = self._const("weight_decay", lambda s: s["weight_decay"])
+        decoupled = bool(self.settings.get("decoupled_weight_decay"))
+        extra, lines = self._grad_source(wd, decoupled)
+        values = {}
+        for v in extra:
+            if v == "decay":
+                values["decay"] = self._each("decay", lambda i, s: 1 - lrs[i] * s["weight_decay"])
+            else:
+                values[v[0]] = v[1]
+        values.update({
+            "omb1": self._const("1-b1", lambda s: 1 - s["betas"][0]),
+            "b2": self._const("b2", lambda s: s["betas"][1]),
+            "omb2": self._const("1-b2", lambda s: 1 - s["betas"][1]),
+            "bc2": self._each("bc2_sqrt", lambda i, s: (1 - s["betas"][1] ** t) ** 0.5),
+            "eps": self._const("eps", lambda s: s["eps"]),
+            "step": self._each("step_size", lambda i, s: lrs[i] / (1 - s["betas"][0] ** t))})
+        lines += ["T e = d - m;", "e = e * omb1;", "m = m + e;",
+                  "T s = d * d;", "s = s * omb2;", "v = v * b2;", "v = v + s;",
+                  "T den = sqrt(v);", "den = den / bc2;", "den = den + eps;",
+                  "T u = m / den;", "u = u * step;", "p = p - u;"]
+        names = ["g", *values]
+        k = self._kernel(("adam", tuple(names), *lines), names, ["p", "m", "v"], lines)
+        if k is None:
+            return False
+        return self._launch(k, g, *values.values(), p, self.state["exp_avg"],
+                            self.state["exp_avg_sq"])
 
 
 class AdamW(Adam):
