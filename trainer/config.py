@@ -386,7 +386,7 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class GpuConfig:
     # capture each planned training step (forward and backward) as one CUDA graph, launched
-    # with one call from the second step of a batch shape on (one process, no Dropout)
+    # with one call from the second step of a batch shape on (not with Dropout; README)
     cuda_graph: bool = _k(_bool, False)
 
 

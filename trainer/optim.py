@@ -249,8 +249,9 @@ class Optimizer:
                       "the update runs as separate operations", RuntimeWarning, stacklevel=4)
 
     def _grad_source(self, weight_decay: Scalar, decoupled: bool) -> tuple[list, list[str]]:
-        """(extra (name, value) arguments, C lines) making `d`, the gradient the update starts
-        from, as _decay and _grad do (p, g the buffers)."""
+        """(extra arguments: ("wd", value), or "decay" for the caller's per-step decoupled
+        decay; C lines) making `d`, the gradient the update starts from, as _decay and _grad
+        do (p, g the buffers)."""
         args, lines = [], ["T d = g;"]
         if decoupled and not _zero(weight_decay):
             lines.append("p = p * decay;")  # (the decay value: the caller's, per step)
