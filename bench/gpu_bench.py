@@ -1,7 +1,8 @@
 """GPU training step on one GPU, side by side: ours (device: gpu) vs PyTorch eager (--compile: and
 torch.compile) for an MLP, a ResNet-18-style CNN and a ~50M GPT decoder; ms, peak memory, TFLOP/s.
-`--precision fp32 | tf32 | fp16` sets both sides alike (tf32: allow_tf32; fp16: torch.autocast
-with GradScaler against our `precision: fp16`); `--cuda-graph` runs ours with gpu.cuda_graph
+`--precision fp32 | tf32 | fp16 | bf16` sets both sides alike (tf32: allow_tf32; fp16:
+torch.autocast with GradScaler against our `precision: fp16`; bf16: torch.autocast in bfloat16
+against our `precision: bf16`); `--cuda-graph` runs ours with gpu.cuda_graph
 (forward and backward as one captured graph). `--dry-run` runs tiny models on the CPU (ours
 through the CuPy stand-in); see --help."""
 
@@ -175,12 +176,12 @@ def run_torch(model, case: Case, device: str, steps: int, warmup: int,
     fwd = torch.compile(net) if compiled else net
     x, y = (torch.from_numpy(a).to(device) for a in case.data())
     b = case.batch
-    half = precision == "fp16"
-    scaler = torch.amp.GradScaler(device) if half else None
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step(k: int) -> None:
         i = (k % 3) * b
-        with torch.autocast(device, dtype=torch.float16) if half else contextlib.nullcontext():
+        with torch.autocast(device, dtype=half) if half else contextlib.nullcontext():
             logits = fwd(x[i:i + b])
         loss = F.cross_entropy(logits.float(), y[i:i + b])
         opt.zero_grad(set_to_none=True)
@@ -281,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
-    ap.add_argument("--precision", choices=["fp32", "tf32", "fp16"], default="fp32",
+    ap.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
                     help="both sides: fp32; tf32 (TF32 matmuls and convolutions); fp16 "
-                         "(autocast + GradScaler, ours precision: fp16)")
+                         "(autocast + GradScaler, ours precision: fp16); bf16 (autocast in "
+                         "bfloat16, ours precision: bf16)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="ours with gpu.cuda_graph: true (the report says if it captured)")
     ap.add_argument("--dry-run", action="store_true",

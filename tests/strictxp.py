@@ -17,7 +17,9 @@ import numpy as np
 
 __version__ = "14.2.0 (strictxp stand-in)"
 _SEAM = "/trainer/backend.py"
-BFLOAT16 = False  # CuPy 14.2 has bfloat16 only with ml_dtypes on NumPy >= 2.1.2, partially
+# CuPy 14 holds ml_dtypes' bfloat16 where NumPy is 2.1.2 or later (cupy/cupy#9494, in v14.0.0:
+# elementwise kernels, casts, reductions, 2-D matmul; batched matmul refuses it, as below)
+BFLOAT16 = np.lib.NumpyVersion(np.__version__) >= "2.1.2"
 
 
 # -- transfers ------------------------------------------------------------------------------------

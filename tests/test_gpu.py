@@ -221,7 +221,8 @@ def test_the_rank_picks_its_gpu(monkeypatch):
 
 
 # -- on any machine ------------------------------------------------------------------------------
-@pytest.mark.parametrize("precision,graph", [("fp32", False), ("fp16", False), ("fp32", True)])
+@pytest.mark.parametrize("precision,graph", [("fp32", False), ("fp16", False), ("bf16", False),
+                                             ("fp32", True)])
 def test_gpu_bench_dry_run(tmp_path, capsys, precision, graph):
     """bench/gpu_bench.py end to end on the CPU: tiny models through the CuPy stand-in against
     torch on the CPU (fp16: autocast + GradScaler against ours; --cuda-graph: ours captured,
@@ -269,6 +270,17 @@ def test_fp16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
     scales = [[r["loss_scale"] for r in t.history if "loss" in r] for t in (cpu[0], run[0])]
     assert scales[0] == scales[1], scales
     _compare_runs(cpu, run, rtol=5e-3, atol=1e-3)
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["cnn", "gpt"])
+def test_bf16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
+    """precision bf16 on CuPy (ml_dtypes' bfloat16: cuBLAS bfloat16 GEMMs with float32
+    accumulation for the 2-D products) against the CPU's bfloat16 products (float32
+    accumulation, rounded once): losses and weights within bfloat16's rounding."""
+    cfg = {**exported(kind, {"type": "sgd", "lr": 0.05}), "precision": "bf16", "steps": 8}
+    cpu, run = _train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu")
+    _compare_runs(cpu, run, rtol=2e-2, atol=5e-3)
 
 
 @gpu_test

@@ -85,15 +85,17 @@ def test_standin_refuses_what_cupy_lacks(gpu):
         xp.maximum.reduce(d)
     with pytest.raises(AttributeError):
         _ = xp.errstate
-    for dt in (object, "U3", ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16, ml_dtypes.int4):
+    for dt in (object, "U3", ml_dtypes.float8_e4m3fn, ml_dtypes.int4) + (
+            () if sx.BFLOAT16 else (ml_dtypes.bfloat16,)):
         with pytest.raises(ValueError, match="Unsupported dtype"):
             xp.asarray(np.zeros(2, dt))
         with pytest.raises(ValueError, match="Unsupported dtype"):
             d.astype(dt)
-    half = xp.asarray(np.ones((2, 3, 4), np.float16))
-    with pytest.raises(TypeError):  # CuPy batches float32/64 only
-        xp.matmul(half, half.swapaxes(1, 2))
-    xp.matmul(half[0], half[0].T)  # 2-D float16 is fine
+    halves = [np.float16] + [ml_dtypes.bfloat16] * sx.BFLOAT16
+    for half in (xp.asarray(np.ones((2, 3, 4), dt)) for dt in halves):
+        with pytest.raises(TypeError):  # CuPy batches float32/64 only
+            xp.matmul(half, half.swapaxes(1, 2))
+        xp.matmul(half[0], half[0].T)  # 2-D float16 and bfloat16 are fine
 
 
 def test_standin_counts_every_transfer(gpu):
@@ -1009,16 +1011,38 @@ def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, nam
         assert not d2h_outside(("train.py",)), reads
 
 
-def test_bf16_on_a_gpu_is_refused_until_checked_there(gpu, tmp_path, digits_config):
-    """precision bf16 is CPU-only for now (CuPy 14's bfloat16 is partial): a clear error at
-    start, not a failed Cast in the first step."""
+def test_bf16_needs_a_cupy_that_holds_bfloat16(gpu, tmp_path, digits_config, monkeypatch):
+    """precision bf16 on a CuPy without bfloat16 (before 14, or NumPy before 2.1.2): a clear
+    error at start that says what is needed, not a failed Cast in the first step."""
     from trainer.config import config_from_dict
     from trainer.train import Trainer
 
+    monkeypatch.setattr(sx, "BFLOAT16", False)
     raw = digits_config(steps=2, output=str(tmp_path / "g.onnx"), device="gpu",
                         precision="bf16")
-    with pytest.raises(TrainerError, match="bf16 runs on the CPU"):
+    with pytest.raises(TrainerError, match="cannot hold bfloat16.*CuPy 14 or later"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.skipif(not sx.BFLOAT16, reason="CuPy holds bfloat16 with NumPy >= 2.1.2 only")
+@pytest.mark.parametrize("kind,graph", [("cnn", False), ("gpt", False), ("gpt", True)])
+def test_bf16_trains_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, exported, kind, graph):
+    """precision bf16 (bfloat16 products: 2-D ones as CuPy's bfloat16 GEMMs, batched ones and
+    the convolutions through float32, rounded once) on the device path, with and without a
+    captured graph: the losses and weights of the CPU run, and a step reads back only its
+    status."""
+    cfg = {**exported(kind, {"type": "sgd", "lr": 0.05}), "precision": "bf16", "steps": 6,
+           "gpu": {"cuda_graph": graph}}
+    cpu = _train(cfg, tmp_path, "cpu")
+    run = _train(cfg, tmp_path, "gpu")
+    _compare_runs(cpu, run, rtol=1e-4, atol=1e-5)
+    ex = next(iter(run[0].plans.values())).executor
+    assert not graph or any(isinstance(g, tuple) for g in ex._graphs.values())  # captured
+    model = ex.model
+    assert any(n.op_type == "Cast" and n.attribute[0].i == TensorProto.BFLOAT16
+               for n in model.graph.node)
+    for reads in _step_reads(run[0]):
+        assert len(reads) <= 1 and not d2h_outside(("train.py",)), reads
 
 
 @pytest.mark.parametrize("kind", ["cnn", "gpt"])

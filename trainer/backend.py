@@ -86,6 +86,25 @@ def device_dtype_ok(dtype) -> bool:
     return dt.kind in "biufc" or dt.name == "bfloat16"
 
 
+def bfloat16_problem(xp: ModuleType) -> str | None:
+    """Why xp cannot run `precision: bf16`, or None when it can. CuPy holds ml_dtypes' bfloat16
+    from version 14 on, where NumPy is 2.1.2 or later (its elementwise kernels, casts,
+    reductions and cuBLAS's 2-D bfloat16 GEMM with float32 accumulation); checked here by
+    placing a bfloat16 array on the device and casting it."""
+    if xp is np:
+        return None
+    import ml_dtypes
+
+    try:
+        a = xp.asarray(np.ones(2, ml_dtypes.bfloat16))
+        a.astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - whatever this CuPy raises: the reason
+        return (f"this CuPy ({getattr(xp, '__version__', '?')}, NumPy {np.__version__}) cannot "
+                f"hold bfloat16 arrays ({type(exc).__name__}: {exc}); bfloat16 needs CuPy 14 or "
+                "later with NumPy 2.1.2 or later")
+    return None
+
+
 def to_device(xp: ModuleType, a, what: str = ""):
     """a on xp's device; string (object) arrays stay on the host (string ops are host-only).
     A dtype CuPy lacks (float8, int4, ...) is a ModelError naming `what`."""

@@ -29,6 +29,7 @@ from trainer.autodiff.params import (
     tie_folded_copies,
 )
 from trainer.backend import (
+    bfloat16_problem,
     device_name,
     get_xp,
     memory_high_water,
@@ -89,10 +90,9 @@ class Trainer:
         self.xp = get_xp(cfg.device)
         if cfg.precision == "fp64" and self.xp is not np:
             raise TrainerError("precision fp64 is for CPU verification runs; set device: cpu")
-        if cfg.precision == "bf16" and self.xp is not np:
-            raise TrainerError("precision bf16 runs on the CPU so far (checked against "
-                               "torch.autocast there); on a GPU it waits for CuPy's bfloat16 "
-                               "support to be checked on the hardware: use fp32, or device: cpu")
+        if cfg.precision == "bf16" and (why := bfloat16_problem(self.xp)):
+            raise TrainerError(f"precision bf16 on a GPU: {why}; use fp16 or tf32 there, or "
+                               "device: cpu")
         self.comm = comm or get_communicator(cfg.distributed.backend, cfg.distributed.timeout_s,
                                              device="cpu" if self.xp is np else "gpu")
         self.rank, self.world = self.comm.rank, self.comm.size
