@@ -3,8 +3,9 @@ torch.compile) for an MLP, a ResNet-18-style CNN and a ~50M GPT decoder; ms, pea
 `--precision fp32 | tf32 | fp16 | bf16` sets both sides alike (tf32: allow_tf32; fp16:
 torch.autocast with GradScaler against our `precision: fp16`; bf16: torch.autocast in bfloat16
 against our `precision: bf16`); `--cuda-graph` runs ours with gpu.cuda_graph
-(forward and backward as one captured graph). `--dry-run` runs tiny models on the CPU (ours
-through the CuPy stand-in); see --help."""
+(forward and backward as one captured graph); `--profile N` prints the N ops where our step
+spends the most time. `--dry-run` runs tiny models on the CPU (ours through the CuPy
+stand-in); see --help."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def median_ms(times: list[float]) -> float:
 
 # -- the systems ----------------------------------------------------------------------------------
 def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "fp32",
-             cuda_graph: bool = False) -> dict:
+             cuda_graph: bool = False, profile: int = 0) -> dict:
     from trainer.backend import PeakMemory, synchronize
     from trainer.config import config_from_dict
     from trainer.train import Trainer
@@ -158,9 +159,23 @@ def run_ours(case: Case, work: Path, steps: int, warmup: int, precision: str = "
         captured = any(isinstance(g, tuple) for g in ex._graphs.values())
         graph = ex.graph_off or (ex.graph_errors[0] if ex.graph_errors else
                                  "captured" if captured else "not captured (too few steps)")
+    top = None
+    if profile:  # where our step's time goes: each planned step synchronized, summed by op
+        from trainer.train import node_times
+
+        plan_, feeds = t._last_feeds
+        nodes, _ = node_times(plan_.executor, feeds, 3, plan_.loss)
+        by_op: dict[str, list] = {}
+        for _, op, _, sec in nodes:
+            entry = by_op.setdefault(op, [0, 0.0])
+            entry[0] += 1
+            entry[1] += sec * 1e3
+        top = {"nodes_ms": sum(v[1] for v in by_op.values()),
+               "ops": sorted(([op, n, ms] for op, (n, ms) in by_op.items()),
+                             key=lambda r: -r[2])[:profile]}
     return {"ms": median_ms(times), "peak_mb": None if mem.peak is None else mem.peak / 2**20,
             "nodes": len(ex.steps), "setup_s": setup_s, "params": int(t.size),
-            "graph": graph}
+            "graph": graph, "profile": top}
 
 
 def run_torch(model, case: Case, device: str, steps: int, warmup: int,
@@ -266,6 +281,12 @@ def report(rows: list[dict], peak: float, device: str, compiled: bool,
               if "ours" in r and r["ours"].get("graph")]
     if graphs:
         print("ours with gpu.cuda_graph: " + "; ".join(graphs))
+    for r in rows:
+        top = r.get("ours", {}).get("profile")
+        if top:
+            print(f"ours, {r['case'].split(',')[0]}: planned steps synchronized one by one, "
+                  f"{top['nodes_ms']:.2f} ms in all; by op: " + ", ".join(
+                      f"{op} x{n} {ms:.2f}" for op, n, ms in top["ops"]))
 
 
 class _Stopped(Exception):
@@ -290,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="ours with gpu.cuda_graph: true (the report says if it captured)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: tiny models; ours through the CuPy stand-in (tests/strictxp.py)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, time our planned steps one by one "
+                         "(synchronized) and print the N ops that take longest, per case")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="skip the remaining cases once this much time has passed")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -336,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             export(model, case, work / f"{case.name}.onnx")
             row = {"case": case.title,
                    "ours": run_ours(case, work, args.steps, args.warmup, args.precision,
-                                    args.cuda_graph),
+                                    args.cuda_graph, args.profile),
                    "torch": run_torch(model, case, device, args.steps, args.warmup,
                                       precision=args.precision)}
             if args.compile:

@@ -2,7 +2,8 @@
 # One-shot check for a lent GPU machine (installs nothing, < 8 minutes): the GPU-marked tests
 # (every kernel table's ops, training graphs and whole runs on CuPy against NumPy / the CPU run,
 # no synchronization inside a step, optimizers, the communicators on GPU arrays), then
-# bench/gpu_bench.py (our step time and peak memory against PyTorch eager; then, where time is
+# bench/gpu_bench.py (our step time and peak memory against PyTorch eager, and the ops where our
+# step spends its time, each planned step synchronized; then, where time is
 # left, ours with gpu.cuda_graph on the MLP and the GPT); a short table last.
 # Run from anywhere: scripts/gpu_check.sh   (PYTHON=... picks the interpreter; logs in $LOGS)
 set -uo pipefail
@@ -27,7 +28,7 @@ timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_gpu.p
 tests_rc=${PIPESTATUS[0]}
 
 # 2. the benchmark (stops starting new cases after --budget-s)
-timeout 150 "$PY" bench/gpu_bench.py --budget-s 90 --json "$LOGS/bench.json" \
+timeout 150 "$PY" bench/gpu_bench.py --budget-s 90 --profile 8 --json "$LOGS/bench.json" \
     > "$LOGS/bench.log" 2>&1
 bench_rc=$?
 

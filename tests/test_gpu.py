@@ -234,9 +234,10 @@ def test_gpu_bench_dry_run(tmp_path, capsys, precision, graph):
     import gpu_bench
 
     out = tmp_path / "bench.json"
-    assert gpu_bench.main(["--dry-run", "--precision", precision, "--json", str(out)]
-                          + ["--cuda-graph"] * graph) == 0
+    assert gpu_bench.main(["--dry-run", "--precision", precision, "--json", str(out),
+                           "--profile", "3"] + ["--cuda-graph"] * graph) == 0
     printed = capsys.readouterr().out
+    assert printed.count("planned steps synchronized one by one") == 3  # --profile: per case
     assert f"GPU training step, {precision}, SGD" in printed
     assert ("ours with gpu.cuda_graph: MLP 64-4x128-10: captured" in printed) == graph
     import json
@@ -249,6 +250,7 @@ def test_gpu_bench_dry_run(tmp_path, capsys, precision, graph):
                                                         "GPT 2x64"]
     assert len(rows) == 3 and all(r["ours"]["ms"] > 0 and r["torch"]["ms"] > 0 for r in rows)
     assert all(r["ours"]["peak_mb"] > 0 for r in rows)  # the stand-in's memory hook
+    assert all(len(r["ours"]["profile"]["ops"]) == 3 for r in rows)
 
 
 def test_gpu_check_script_parses():
