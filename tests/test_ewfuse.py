@@ -5,19 +5,13 @@ runs its generated code on the CPU against the unfused host plan."""
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from onnx import helper
 
 from tests import strictxp as sx
+from tests.ckernels import CC, CElementwiseKernel, needs_cc
 from tests.families import FAMILIES, family_training_graph
 from tests.opcases import make_model
 from tests.test_plan_fuzz import SHAPE, _constants, graphs
@@ -25,91 +19,6 @@ from trainer.executor import Executor
 from trainer.kernels.ewfuse import C_EXPR, FusedElementwise, kernel_source
 
 F32 = np.float32
-CC = shutil.which("cc") or shutil.which("gcc")
-needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler to build the generated kernels")
-_BUILT: dict[str, ctypes.CDLL] = {}
-_DIR = Path(tempfile.mkdtemp(prefix="ewfuse_"))
-
-
-class CElementwiseKernel:
-    """cupy.ElementwiseKernel for the stand-in: the body compiled as C (T bound from the first
-    float argument, as CuPy binds it), run over the broadcast arguments."""
-
-    made = 0
-    calls = 0
-
-    def __init__(self, in_params: str, out_params: str, operation: str, name: str):
-        self.params = [p.split() for p in in_params.split(",")]
-        self.outs = [p.split() for p in out_params.split(",")]
-        self.operation, self.name = operation, name
-        CElementwiseKernel.made += 1
-
-    def _library(self, ctype: str) -> ctypes.CDLL:
-        loads = "\n".join(
-            f"        {kind} {name} = ((const {'T' if kind == 'T' else 'bool'}*)ins[{i}])[i];"
-            for i, (kind, name) in enumerate(self.params))
-        # (outputs start as the arrays' values: CuPy's output parameters are references, so
-        # a kernel may read them before it writes them, as an optimizer's update does)
-        decls = " ".join(f"{kind} {name} = (({kind} *)outs[{j}])[i];"
-                         for j, (kind, name) in enumerate(self.outs))
-        stores = " ".join(f"(({kind} *)outs[{j}])[i] = {name};"
-                          for j, (kind, name) in enumerate(self.outs))
-        src = f"""#include <math.h>
-#include <stdbool.h>
-#include <stdint.h>
-typedef {ctype} T;
-void run(int64_t n, void **ins, void **outs) {{
-    for (int64_t i = 0; i < n; i++) {{
-{loads}
-        {decls}
-        {self.operation.replace(chr(10), chr(10) + '        ')}
-        {stores}
-    }}
-}}
-"""
-        key = hashlib.sha1(src.encode()).hexdigest()[:16]
-        lib = _BUILT.get(key)
-        if lib is None:
-            c, so = _DIR / f"{key}.c", _DIR / f"{key}.so"
-            c.write_text(src)
-            subprocess.run([CC, "-O1", "-shared", "-fPIC", "-o", str(so), str(c), "-lm"],
-                           check=True, capture_output=True)
-            lib = _BUILT[key] = ctypes.CDLL(str(so))
-        return lib
-
-    def __call__(self, *args):
-        """As a kernel launch: through the stand-in's _compute, so a capture records it."""
-        ins, given = list(args[:len(self.params)]), list(args[len(self.params):])
-        host = [a._a if isinstance(a, sx.ndarray) else np.asarray(a) for a in ins]
-        if given:
-            sx._compute(self._run, (host, [g._a for g in given]), None, lambda _r: None)
-            return given[0] if len(given) == 1 else tuple(given)
-        made = sx._compute(self._run, (host, None), None,
-                           lambda rs: [sx._dev(r) for r in rs])
-        return made[0] if len(made) == 1 else tuple(made)
-
-    def _run(self, host: list, given: list | None) -> list:
-        # T: bound by the first array of a T parameter (scalars take its type, as in CuPy)
-        t = next(h.dtype for h, (kind, _) in sorted(zip(host, self.params, strict=True),
-                                                     key=lambda hp: hp[0].ndim == 0)
-                 if kind == "T")
-        ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[t]
-        shape = np.broadcast_shapes(*[h.shape for h in host])
-        flat = [np.ascontiguousarray(np.broadcast_to(h.astype(t if k == "T" else np.bool_),
-                                                     shape)) for h, (k, _) in
-                zip(host, self.params, strict=True)]
-        results = [np.empty(shape, t if kind == "T" else np.bool_) for kind, _ in self.outs] \
-            if given is None else [np.ascontiguousarray(g) for g in given]
-        ptrs = (ctypes.c_void_p * len(flat))(*[f.ctypes.data for f in flat])
-        optrs = (ctypes.c_void_p * len(results))(*[r.ctypes.data for r in results])
-        self._library(ctype).run(ctypes.c_int64(int(np.prod(shape))), ptrs, optrs)
-        CElementwiseKernel.calls += 1
-        if given is not None:  # (CuPy: outputs passed in are written, and returned)
-            for g, r in zip(given, results, strict=True):
-                if r is not g:
-                    g[...] = r
-            return given
-        return results
 
 
 @pytest.fixture

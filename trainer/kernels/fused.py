@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.graph import attrs_of
-from trainer.kernels import get_kernel, nn
+from trainer.kernels import get_kernel, nn, rowfuse
 from trainer.kernels.elementwise import Erf, erf_rational
 from trainer.kernels.reduce import max_of, mean_of, squares_finite, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
@@ -74,7 +74,13 @@ def bn_train_backward(xp, dy, xhat, sd, s_b, *, axes, count, want_dx, want_ds, w
 def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_db,
                         ds_shape, db_shape):
     """dX, dScale, dBias of LayerNormalization (statistics recomputed from x, as its gradient
-    rule does): dX = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale."""
+    rule does): dX = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale. (On a
+    device, as generated kernels: kernels/rowfuse.py.)"""
+    fast = rowfuse.layer_norm_backward(xp, dy, x, scale, axes=axes, eps=eps, want_dx=want_dx,
+                                       want_ds=want_ds, want_db=want_db, ds_shape=ds_shape,
+                                       db_shape=db_shape)
+    if fast is not None:
+        return fast
     lead = tuple(range(axes[0]))
     mean = mean_of(xp, x, axes, True)
     xhat = x - mean
@@ -102,8 +108,10 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
 def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
     """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
     operations as its kernel with the label lookup written for the 2-D case."""
-    log_prob = scores - max_of(xp, scores, (1,))
-    log_prob -= xp.log(sum_of(xp, xp.exp(log_prob), (1,), True))
+    log_prob = rowfuse.softmax(xp, scores, (1,), log=True)  # (a device: generated kernels)
+    if log_prob is None:
+        log_prob = scores - max_of(xp, scores, (1,))
+        log_prob -= xp.log(sum_of(xp, xp.exp(log_prob), (1,), True))
     lab = labels.astype(np.int64, copy=False)
     if _none_ignored(xp, lab, ignore_index, log_prob.shape[1]):
         try:  # every label counts: the mean of the picked -log_prob

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from trainer.kernels import host_ints, kernel
+from trainer.kernels import host_ints, kernel, rowfuse
 from trainer.kernels.elementwise import wide
 
 # Host sums as BLAS matrix-vector products with a vector of ones: 2-5x faster than NumPy's
@@ -293,12 +293,16 @@ def softmax_axes(ndim: int, axis: int, opset: int) -> tuple[int, ...]:
 # The softmax family computes in x's own dtype: ONNX's float16 expectations (e.g. the expanded
 # fp16 attention cases) are rounded step by step, and float32 compute misses them by 2 ulp.
 def _log_softmax(xp, x, axes):
+    if (fast := rowfuse.softmax(xp, x, axes, log=True)) is not None:
+        return fast  # (a device: generated kernels)
     m = max_of(xp, x, axes)
     z = x - m
     return z - xp.log(sum_of(xp, xp.exp(z), axes, True))
 
 
 def _softmax(xp, x, axes):
+    if (fast := rowfuse.softmax(xp, x, axes)) is not None:
+        return fast  # (a device: generated kernels)
     e = xp.subtract(x, max_of(xp, x, axes))
     e = xp.exp(e, out=e)
     e /= sum_of(xp, e, axes, True)

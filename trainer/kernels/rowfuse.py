@@ -1,0 +1,183 @@
+"""Device fast paths of the row-wise kernels: LayerNormalization forward and backward, Softmax,
+LogSoftmax (and so the fused cross entropy's log-softmax) as a few generated CuPy kernels each
+(`cupy.ReductionKernel` for a statistic, `cupy.ElementwiseKernel` for the result) instead of one
+xp call per operation, so that each pass reads its inputs once and writes nothing in between:
+
+| kernel | xp calls (full-size passes) | here |
+|---|---|---|
+| LayerNormalization forward | 9 (12 reads and writes) | mean, variance, result: 4 reads, 1 write |
+| its backward (dX, dScale, dBias) | 19 (about 30) | 7 kernels: 10 reads, 1 write |
+| Softmax / LogSoftmax | 5 (8) | max, sum of exponentials, result: 3 reads, 1 write |
+
+Each kernel computes the operations of the xp code it replaces in the same order (so it rounds
+alike, up to the GPU compiler contracting a product and a sum into one FMA). float32 and float64
+only (16-bit inputs, and mixed dtypes, keep the xp code). Where the array module has no such
+kernel API (NumPy, the tests' CuPy stand-in) the callers run their xp code; where a kernel fails
+to build or run, they do too, after one RuntimeWarning that names it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_MEAN = "r = a / _type_reduce(_in_ind.size() / _out_ind.size())"  # (CuPy's own mean's)
+
+
+class _Kernel:
+    """One generated kernel (its constructor's arguments in `spec`), built once per array
+    module; None from `get` where the API is missing or the kernel failed before."""
+
+    def __init__(self, kind: str, *spec: str):
+        self.kind, self.spec, self.name = kind, spec, spec[-1]
+        self._built: dict[int, object] = {}
+        self.error: str | None = None
+
+    def get(self, xp):
+        if self.error is not None:
+            return None
+        k = self._built.get(id(xp))
+        if k is None:
+            make = getattr(xp, self.kind, None)
+            if make is None:
+                return None
+            try:
+                k = self._built[id(xp)] = make(*self.spec)
+            except Exception as exc:  # noqa: BLE001 - the caller's xp code runs instead
+                self.failed(exc)
+                return None
+        return k
+
+    def failed(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"generated kernel {self.name} failed ({self.error}); the xp operations "
+                      "it fuses run instead", RuntimeWarning, stacklevel=4)
+
+
+def _reduction(params: str, map_expr: str, post: str, name: str) -> _Kernel:
+    return _Kernel("ReductionKernel", params, "T r", map_expr, "a + b", post, "0",
+                   f"onnx_trainer_{name}")
+
+
+def _elementwise(params: str, body: str, name: str) -> _Kernel:
+    return _Kernel("ElementwiseKernel", params, "T y", body, f"onnx_trainer_{name}")
+
+
+# LayerNormalization: the statistics of kernels/norm.py's _standardize, its result, and the
+# backward of kernels/fused.py's layer_norm_backward (xhat = (x - mean) * inv, g = dy * scale)
+VARIANCE = _reduction("T x, T m", "(x - m) * (x - m)", _MEAN, "ln_var")
+LN_Y = _elementwise("T x, T m, T inv, T s, T b", "y = (x - m) * inv * s + b", "ln_y")
+LN_Y_NO_BIAS = _elementwise("T x, T m, T inv, T s", "y = (x - m) * inv * s", "ln_y_nb")
+MEAN_G = _reduction("T dy, T s", "dy * s", _MEAN, "ln_mean_g")
+MEAN_G_XHAT = _reduction("T dy, T s, T x, T m, T inv", "(dy * s) * ((x - m) * inv)", _MEAN,
+                         "ln_mean_gx")
+LN_DX = _elementwise("T dy, T s, T x, T m, T inv, T mg, T mgx",
+                     "y = ((dy * s - mg) - ((x - m) * inv) * mgx) * inv", "ln_dx")
+SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "r = a",
+                         "ln_sum_dy_xhat")
+# Softmax and LogSoftmax (kernels/reduce.py's _softmax and _log_softmax), m the row maximum
+SUM_EXP = _reduction("T x, T m", "exp(x - m)", "r = a", "sum_exp")
+SOFTMAX_Y = _elementwise("T x, T m, T s", "y = exp(x - m) / s", "softmax_y")
+LOG_SOFTMAX_Y = _elementwise("T x, T m, T ls", "y = (x - m) - ls", "log_softmax_y")
+KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, SUM_EXP,
+           SOFTMAX_Y, LOG_SOFTMAX_Y)
+
+
+def _run(xp, *steps):
+    """`steps` ((kernel or plain callable, args, kwargs) each) run in order, an `_r(k)` among
+    a step's args standing for the k-th step's result: the results, or None where a kernel
+    is missing or fails (that kernel then warns, once)."""
+    made = [k.get(xp) if isinstance(k, _Kernel) else k for k, _, _ in steps]
+    if any(m is None for m in made):
+        return None
+    results: list = []
+    for (kernel, args, kwargs), fn in zip(steps, made, strict=True):
+        args = [results[a] if isinstance(a, _r) else a for a in args]
+        try:
+            results.append(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - the caller's xp code runs instead
+            if not isinstance(kernel, _Kernel):
+                raise
+            kernel.failed(exc)
+            return None
+    return results
+
+
+def _ok(*arrays) -> bool:
+    first = arrays[0].dtype
+    return first in _FLOATS and all(a is None or a.dtype == first for a in arrays)
+
+
+class _r(int):  # noqa: N801 - reads as a reference in the steps' argument lists
+    """An argument of a `_run` step that is the k-th result of the steps before it."""
+
+
+def layer_norm(xp, x, scale, bias, axes: tuple[int, ...], eps: float):
+    """(y, mean, inv_std) of LayerNormalization over trailing `axes` (keepdims statistics), or
+    None where the fast path does not apply."""
+    if xp is np or not _ok(x, scale, bias):
+        return None
+    t = x.dtype.type
+    out = _run(xp, (lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
+               (VARIANCE, (x, _r(0)), {"axis": axes, "keepdims": True}))
+    if out is None:
+        return None
+    mean, var = out
+    inv = 1 / xp.sqrt(var + t(eps))
+    # (scale and bias broadcast against x, as in the xp code)
+    y = _run(xp, (LN_Y_NO_BIAS, (x, mean, inv, scale), {}) if bias is None else
+             (LN_Y, (x, mean, inv, scale, bias), {}))
+    return None if y is None else (y[0], mean, inv)
+
+
+def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_db, ds_shape,
+                        db_shape):
+    """The outputs of kernels/fused.py's layer_norm_backward, or None where the fast path does
+    not apply."""
+    if xp is np or not _ok(dy, x, scale):
+        return None
+    t = x.dtype.type
+    lead = tuple(range(axes[0]))
+    s = scale.reshape(x.shape[axes[0]:])
+    red = {"axis": axes, "keepdims": True}
+    steps = [(lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
+             (VARIANCE, (x, _r(0)), red)]
+    out = _run(xp, *steps)
+    if out is None:
+        return None
+    mean, var = out
+    inv = 1 / xp.sqrt(var + t(eps))
+    steps = []
+    if want_dx:
+        steps += [(MEAN_G, (dy, s), red), (MEAN_G_XHAT, (dy, s, x, mean, inv), red),
+                  (LN_DX, (dy, s, x, mean, inv, _r(0), _r(1)), {})]
+    if want_ds:
+        steps.append((SUM_DY_XHAT, (dy, x, mean, inv), {"axis": lead}))
+    got = _run(xp, *steps)
+    if got is None:
+        return None
+    result = []
+    if want_dx:
+        result.append(got[2])
+    if want_ds:
+        result.append(got[-1].reshape(ds_shape))
+    if want_db:
+        result.append(dy.sum(axis=lead).reshape(db_shape))
+    return tuple(result)
+
+
+def softmax(xp, x, axes: tuple[int, ...], log: bool = False):
+    """Softmax (or LogSoftmax) of x over `axes`, or None where the fast path does not apply."""
+    if xp is np or not _ok(x):
+        return None
+    red = {"axis": axes, "keepdims": True}
+    steps = [(lambda v: v.max(axis=axes, keepdims=True), (x,), {}),
+             (SUM_EXP, (x, _r(0)), red)]
+    out = _run(xp, *steps)
+    if out is None:
+        return None
+    m, s = out
+    y = _run(xp, (LOG_SOFTMAX_Y, (x, m, xp.log(s)), {})) if log else \
+        _run(xp, (SOFTMAX_Y, (x, m, s), {}))
+    return None if y is None else y[0]
