@@ -277,8 +277,8 @@ def test_fp16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
 @gpu_test
 def test_the_row_kernels_build_and_compute_the_host_kernels_on_cupy():
     """trainer/kernels/rowfuse.py on CuPy: every generated kernel compiles (no fallback
-    warning) and LayerNorm forward and backward, Softmax and LogSoftmax give the host's
-    values (float32 and float64)."""
+    warning) and LayerNorm and BatchNorm (training) forward and backward, Softmax and
+    LogSoftmax give the host's values (float32 and float64)."""
     from trainer.kernels import fused, norm, reduce, rowfuse
 
     rng = np.random.default_rng(0)
@@ -307,6 +307,20 @@ def test_the_row_kernels_build_and_compute_the_host_kernels_on_cupy():
                 for axes in ((2,), (1,)):
                     np.testing.assert_allclose(cp.asnumpy(fn(cp, cp.asarray(x), axes)),
                                                fn(np, x, axes), rtol=tol, atol=tol)
+            s_b, b_b = (rng.normal(size=(1, 5, 1)).astype(dt) for _ in range(2))
+            kw = {"axes": (0, 2), "eps": dt(1e-5), "want": ("mean", "var", "sd", "xhat", "y")}
+            want = fused.bn_train_forward(np, x, s_b, b_b, **kw)
+            got = fused.bn_train_forward(cp, *(cp.asarray(v) for v in (x, s_b, b_b)), **kw)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(cp.asnumpy(g), w, rtol=tol, atol=tol)
+            _, _, sd, xhat, _ = want
+            kw = {"axes": (0, 2), "count": 8 * 96, "want_dx": True, "want_ds": True,
+                  "want_db": True, "ds_shape": (5,), "db_shape": (5,)}
+            want = fused.bn_train_backward(np, dy, xhat, sd, s_b, **kw)
+            got = fused.bn_train_backward(cp, *(cp.asarray(v) for v in (dy, xhat, sd, s_b)),
+                                          **kw)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(cp.asnumpy(g), w, rtol=10 * tol, atol=10 * tol)
     assert all(k.error is None and k._built for k in rowfuse.KERNELS), \
         [(k.name, k.error) for k in rowfuse.KERNELS]
 

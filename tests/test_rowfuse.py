@@ -88,6 +88,48 @@ def test_layer_norm_forward_and_backward_are_the_host_kernels(gpu, dtype, shape,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axes", [((4, 3, 5, 6), (0, 2, 3)), ((6, 4), (0,)),
+                                        ((2, 3, 7), (0, 2))])
+def test_batch_norm_training_forward_and_backward_are_the_host_kernels(gpu, dtype, shape,
+                                                                       axes):
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=shape) * 2 - 1).astype(dtype)
+    stat = tuple(1 if a in axes else d for a, d in enumerate(shape))
+    s_b, b_b = (rng.normal(size=stat).astype(dtype) for _ in range(2))
+    eps = dtype(1e-5)
+    for want in [("mean", "var", "sd", "xhat", "y"), ("y",), ("ve", "y", "xhat")]:
+        ref = fused.bn_train_forward(np, x, s_b, b_b, axes=axes, eps=eps, want=want)
+        before = _calls()
+        got = fused.bn_train_forward(gpu, gpu.asarray(x), gpu.asarray(s_b), gpu.asarray(b_b),
+                                     axes=axes, eps=eps, want=want)
+        assert _calls() - before == 2  # the variance, xhat and y together
+        for g, w in zip(got, ref, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            _close(g, w, dtype)
+    # values no gradient rule reads keep the xp code
+    before = _calls()
+    fused.bn_train_forward(gpu, gpu.asarray(x), gpu.asarray(s_b), gpu.asarray(b_b), axes=axes,
+                           eps=eps, want=("xc", "y"))
+    assert _calls() == before
+    _, _, sd, xhat, _ = fused.bn_train_forward(np, x, s_b, b_b, axes=axes, eps=eps,
+                                               want=("mean", "var", "sd", "xhat", "y"))
+    dy = rng.normal(size=shape).astype(dtype)
+    count = int(np.prod([shape[a] for a in axes]))
+    flat = (shape[1],) if len(shape) > 2 or axes == (0,) else stat
+    for want_dx, want_ds, want_db in [(True, True, True), (True, False, False),
+                                      (False, True, True)]:
+        kw = {"axes": axes, "count": count, "want_dx": want_dx, "want_ds": want_ds,
+              "want_db": want_db, "ds_shape": flat, "db_shape": flat}
+        ref = fused.bn_train_backward(np, dy, xhat, sd, s_b, **kw)
+        before = _calls()
+        got = fused.bn_train_backward(gpu, *(gpu.asarray(v) for v in (dy, xhat, sd, s_b)), **kw)
+        assert _calls() - before == 1 + want_dx
+        for g, w in zip(got, ref, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            _close(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axes", [((5, 9), (1,)), ((2, 3, 4, 6), (3,)),
                                         ((2, 3, 4), (1,)), ((2, 3, 4), (1, 2))])
 def test_softmax_and_log_softmax_are_the_host_kernels(gpu, dtype, shape, axes):

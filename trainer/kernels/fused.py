@@ -24,7 +24,11 @@ BN_VALUES = ("mean", "xc", "sq", "var", "ve", "sd", "xhat", "scaled", "y")
 
 def bn_train_forward(xp, x, s_b, b_b, *, axes, eps, want):
     """The BatchNormalization training rewrite's values (the ones named in `want`), computed
-    with the same operations in the same order as its nodes, with fewer temporaries."""
+    with the same operations in the same order as its nodes, with fewer temporaries (on a
+    device, as generated kernels: kernels/rowfuse.py)."""
+    fast = rowfuse.bn_train(xp, x, s_b, b_b, axes=axes, eps=eps, want=want)
+    if fast is not None:
+        return fast
     mean = mean_of(xp, x, axes, True)
     xc = x - mean
     sq = xc * xc
@@ -52,7 +56,13 @@ def bn_train_forward(xp, x, s_b, b_b, *, axes, eps, want):
 def bn_train_backward(xp, dy, xhat, sd, s_b, *, axes, count, want_dx, want_ds, want_db,
                       ds_shape, db_shape):
     """dX, dScale, dBias of y = xhat * s + b with xhat = (x - mean(x)) / sd(x) (batch
-    statistics): dX = s / sd * (dy - mean(dy) - xhat * mean(dy * xhat))."""
+    statistics): dX = s / sd * (dy - mean(dy) - xhat * mean(dy * xhat)). (On a device, as
+    generated kernels: kernels/rowfuse.py.)"""
+    fast = rowfuse.bn_train_backward(xp, dy, xhat, sd, s_b, axes=axes, count=count,
+                                     want_dx=want_dx, want_ds=want_ds, want_db=want_db,
+                                     ds_shape=ds_shape, db_shape=db_shape)
+    if fast is not None:
+        return fast
     db = sum_of(xp, dy, axes, True)
     t = dy * xhat
     ds = sum_of(xp, t, axes, True)

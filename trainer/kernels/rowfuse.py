@@ -1,13 +1,17 @@
-"""Device fast paths of the row-wise kernels: LayerNormalization forward and backward, Softmax,
-LogSoftmax (and so the fused cross entropy's log-softmax) as a few generated CuPy kernels each
-(`cupy.ReductionKernel` for a statistic, `cupy.ElementwiseKernel` for the result) instead of one
-xp call per operation, so that each pass reads its inputs once and writes nothing in between:
+"""Device fast paths of the normalizations: LayerNormalization and BatchNormalization's training
+form (forward and backward), Softmax, LogSoftmax (and so the fused cross entropy's log-softmax)
+as a few generated CuPy kernels each (`cupy.ReductionKernel` for a statistic,
+`cupy.ElementwiseKernel` for the result) instead of one xp call per operation: each kernel reads
+its inputs once and writes no intermediate array. Kernels over the whole input, counted through
+the tests' CuPy stand-in:
 
-| kernel | xp calls (full-size passes) | here |
+| kernel | xp code | here |
 |---|---|---|
-| LayerNormalization forward | 9 (12 reads and writes) | mean, variance, result: 4 reads, 1 write |
-| its backward (dX, dScale, dBias) | 19 (about 30) | 7 kernels: 10 reads, 1 write |
-| Softmax / LogSoftmax | 5 (8) | max, sum of exponentials, result: 3 reads, 1 write |
+| LayerNormalization forward | 7 | 3: mean, variance, result |
+| its backward (dX, dScale, dBias) | 16 | 7 |
+| BatchNormalization training forward (xhat, y) | 7 | 3: mean, variance, xhat and y |
+| its backward | 7 | 3 |
+| Softmax, LogSoftmax | 5 | 3: maximum, sum of exponentials, result |
 
 Each kernel computes the operations of the xp code it replaces in the same order (so it rounds
 alike, up to the GPU compiler contracting a product and a sum into one FMA). float32 and float64
@@ -76,12 +80,18 @@ LN_DX = _elementwise("T dy, T s, T x, T m, T inv, T mg, T mgx",
                      "y = ((dy * s - mg) - ((x - m) * inv) * mgx) * inv", "ln_dx")
 SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "r = a",
                          "ln_sum_dy_xhat")
+# BatchNormalization's training rewrite (kernels/fused.py's bn_train_forward and backward)
+BN_XHAT_Y = _Kernel("ElementwiseKernel", "T x, T m, T sd, T s, T b", "T xhat, T y",
+                    "xhat = (x - m) / sd; y = xhat * s + b", "onnx_trainer_bn_xhat_y")
+SUM_PRODUCT = _reduction("T u, T v", "u * v", "r = a", "sum_product")
+BN_DX = _elementwise("T dy, T xhat, T dsi, T dbi, T k", "y = ((dy - xhat * dsi) - dbi) * k",
+                     "bn_dx")
 # Softmax and LogSoftmax (kernels/reduce.py's _softmax and _log_softmax), m the row maximum
 SUM_EXP = _reduction("T x, T m", "exp(x - m)", "r = a", "sum_exp")
 SOFTMAX_Y = _elementwise("T x, T m, T s", "y = exp(x - m) / s", "softmax_y")
 LOG_SOFTMAX_Y = _elementwise("T x, T m, T ls", "y = (x - m) - ls", "log_softmax_y")
-KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, SUM_EXP,
-           SOFTMAX_Y, LOG_SOFTMAX_Y)
+KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, BN_XHAT_Y,
+           SUM_PRODUCT, BN_DX, SUM_EXP, SOFTMAX_Y, LOG_SOFTMAX_Y)
 
 
 def _run(xp, *steps):
@@ -181,3 +191,52 @@ def softmax(xp, x, axes: tuple[int, ...], log: bool = False):
     y = _run(xp, (LOG_SOFTMAX_Y, (x, m, xp.log(s)), {})) if log else \
         _run(xp, (SOFTMAX_Y, (x, m, s), {}))
     return None if y is None else y[0]
+
+
+def bn_train(xp, x, s_b, b_b, *, axes, eps, want):
+    """The values `want` of kernels/fused.py's bn_train_forward (the batch statistics over
+    `axes`, keepdims), or None where the fast path does not apply (it gives mean, var, ve, sd,
+    xhat and y; xc, sq and scaled, which no gradient rule reads, keep the xp code)."""
+    if xp is np or s_b is None or b_b is None or not _ok(x, s_b, b_b) or \
+            {"xc", "sq", "scaled"} & set(want):
+        return None
+    red = {"axis": axes, "keepdims": True}
+    out = _run(xp, (lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
+               (VARIANCE, (x, _r(0)), red))
+    if out is None:
+        return None
+    mean, var = out
+    ve = var + eps
+    sd = xp.sqrt(ve)
+    made = _run(xp, (BN_XHAT_Y, (x, mean, sd, s_b, b_b), {}))
+    if made is None:
+        return None
+    xhat, y = made[0]
+    local = {"mean": mean, "var": var, "ve": ve, "sd": sd, "xhat": xhat, "y": y}
+    return tuple(local[k] for k in want)
+
+
+def bn_train_backward(xp, dy, xhat, sd, s_b, *, axes, count, want_dx, want_ds, want_db,
+                      ds_shape, db_shape):
+    """The outputs of kernels/fused.py's bn_train_backward, or None where the fast path does
+    not apply."""
+    if xp is np or not _ok(dy, xhat, sd, s_b):
+        return None
+    got = _run(xp, (SUM_PRODUCT, (dy, xhat), {"axis": axes, "keepdims": True}))
+    if got is None:
+        return None
+    ds = got[0]
+    db = dy.sum(axis=axes, keepdims=True)
+    out = []
+    if want_dx:
+        inv = dy.dtype.type(1.0 / count)
+        k = s_b / sd if s_b is not None else 1 / sd
+        dx = _run(xp, (BN_DX, (dy, xhat, ds * inv, db * inv, k), {}))
+        if dx is None:
+            return None
+        out.append(dx[0])
+    if want_ds:
+        out.append(ds.reshape(ds_shape))
+    if want_db:
+        out.append(db.reshape(db_shape))
+    return tuple(out)
