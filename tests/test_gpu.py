@@ -307,6 +307,9 @@ def test_the_row_kernels_build_and_compute_the_host_kernels_on_cupy():
                 for axes in ((2,), (1,)):
                     np.testing.assert_allclose(cp.asnumpy(fn(cp, cp.asarray(x), axes)),
                                                fn(np, x, axes), rtol=tol, atol=tol)
+            np.testing.assert_allclose(
+                cp.asnumpy(norm.RMSNormalization(cp, cp.asarray(x), cp.asarray(s))[0]),
+                norm.RMSNormalization(np, x, s)[0], rtol=tol, atol=tol)
             s_b, b_b = (rng.normal(size=(1, 5, 1)).astype(dt) for _ in range(2))
             kw = {"axes": (0, 2), "eps": dt(1e-5), "want": ("mean", "var", "sd", "xhat", "y")}
             want = fused.bn_train_forward(np, x, s_b, b_b, **kw)

@@ -88,6 +88,21 @@ def test_layer_norm_forward_and_backward_are_the_host_kernels(gpu, dtype, shape,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((3, 4, 7), 1)])
+def test_rms_norm_is_the_host_kernel(gpu, dtype, shape, axis):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=shape).astype(dtype)
+    scale = rng.normal(size=shape[axis % len(shape):]).astype(dtype)
+    stash = 11 if dtype == np.float64 else 1
+    want = norm.RMSNormalization(np, x, scale, axis=axis, stash_type=stash)
+    before = _calls()
+    got = norm.RMSNormalization(gpu, gpu.asarray(x), gpu.asarray(scale), axis=axis,
+                                stash_type=stash)
+    assert _calls() - before == 2
+    _close(got[0], want[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axes", [((4, 3, 5, 6), (0, 2, 3)), ((6, 4), (0,)),
                                         ((2, 3, 7), (0, 2))])
 def test_batch_norm_training_forward_and_backward_are_the_host_kernels(gpu, dtype, shape,

@@ -1,9 +1,9 @@
 """Device fast paths of the normalizations: LayerNormalization and BatchNormalization's training
-form (forward and backward), Softmax, LogSoftmax (and so the fused cross entropy's log-softmax)
-as a few generated CuPy kernels each (`cupy.ReductionKernel` for a statistic,
-`cupy.ElementwiseKernel` for the result) instead of one xp call per operation: each kernel reads
-its inputs once and writes no intermediate array. Kernels over the whole input, counted through
-the tests' CuPy stand-in:
+form (forward and backward), RMSNormalization, Softmax, LogSoftmax (and so the fused cross
+entropy's log-softmax) as a few generated CuPy kernels each (`cupy.ReductionKernel` for a
+statistic, `cupy.ElementwiseKernel` for the result) instead of one xp call per operation: each
+kernel reads its inputs once and writes no intermediate array. Kernels over the whole input,
+counted through the tests' CuPy stand-in:
 
 | kernel | xp code | here |
 |---|---|---|
@@ -11,6 +11,7 @@ the tests' CuPy stand-in:
 | its backward (dX, dScale, dBias) | 16 | 7 |
 | BatchNormalization training forward (xhat, y) | 7 | 3: mean, variance, xhat and y |
 | its backward | 7 | 3 |
+| RMSNormalization | 4 | 2: mean square, result |
 | Softmax, LogSoftmax | 5 | 3: maximum, sum of exponentials, result |
 
 Each kernel computes the operations of the xp code it replaces in the same order (so it rounds
@@ -80,6 +81,9 @@ LN_DX = _elementwise("T dy, T s, T x, T m, T inv, T mg, T mgx",
                      "y = ((dy * s - mg) - ((x - m) * inv) * mgx) * inv", "ln_dx")
 SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "r = a",
                          "ln_sum_dy_xhat")
+# RMSNormalization (kernels/norm.py)
+MEAN_SQUARE = _reduction("T x", "x * x", _MEAN, "mean_square")
+RMS_Y = _elementwise("T x, T inv, T s", "y = x * inv * s", "rms_y")
 # BatchNormalization's training rewrite (kernels/fused.py's bn_train_forward and backward)
 BN_XHAT_Y = _Kernel("ElementwiseKernel", "T x, T m, T sd, T s, T b", "T xhat, T y",
                     "xhat = (x - m) / sd; y = xhat * s + b", "onnx_trainer_bn_xhat_y")
@@ -90,8 +94,8 @@ BN_DX = _elementwise("T dy, T xhat, T dsi, T dbi, T k", "y = ((dy - xhat * dsi) 
 SUM_EXP = _reduction("T x, T m", "exp(x - m)", "r = a", "sum_exp")
 SOFTMAX_Y = _elementwise("T x, T m, T s", "y = exp(x - m) / s", "softmax_y")
 LOG_SOFTMAX_Y = _elementwise("T x, T m, T ls", "y = (x - m) - ls", "log_softmax_y")
-KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, BN_XHAT_Y,
-           SUM_PRODUCT, BN_DX, SUM_EXP, SOFTMAX_Y, LOG_SOFTMAX_Y)
+KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, MEAN_SQUARE,
+           RMS_Y, BN_XHAT_Y, SUM_PRODUCT, BN_DX, SUM_EXP, SOFTMAX_Y, LOG_SOFTMAX_Y)
 
 
 def _run(xp, *steps):
@@ -139,6 +143,19 @@ def layer_norm(xp, x, scale, bias, axes: tuple[int, ...], eps: float):
     y = _run(xp, (LN_Y_NO_BIAS, (x, mean, inv, scale), {}) if bias is None else
              (LN_Y, (x, mean, inv, scale, bias), {}))
     return None if y is None else (y[0], mean, inv)
+
+
+def rms_norm(xp, x, scale, axes: tuple[int, ...], eps: float):
+    """RMSNormalization's result over trailing `axes`, or None where the fast path does not
+    apply."""
+    if xp is np or not _ok(x, scale):
+        return None
+    ms = _run(xp, (MEAN_SQUARE, (x,), {"axis": axes, "keepdims": True}))
+    if ms is None:
+        return None
+    inv = 1 / xp.sqrt(ms[0] + x.dtype.type(eps))
+    y = _run(xp, (RMS_Y, (x, inv, scale), {}))
+    return None if y is None else y[0]
 
 
 def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_db, ds_shape,
