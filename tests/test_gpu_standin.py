@@ -723,6 +723,39 @@ def test_every_family_trains_on_the_device_as_on_the_host(monkeypatch, zoo, tmp_
             np.testing.assert_allclose(got[k], v, rtol=rtol, atol=atol, err_msg=k)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pointwise_convolutions_are_products_per_image_on_the_device(gpu, strides, dtype,
+                                                                      monkeypatch):
+    """A 1x1 convolution (a ResNet's shortcut, a bottleneck's ends) and its weight gradient on
+    the device: one batched product, no columns and no transposed copy of the result (as on
+    the host); float16 through float32 (CuPy batches no 16-bit product). Values as the host's."""
+    from trainer.kernels import nn
+
+    def no_columns(*args, **kwargs):
+        raise AssertionError("im2col for a pointwise convolution")
+    monkeypatch.setattr(nn, "im2col", no_columns)
+    monkeypatch.setattr(nn, "im2col_wide", no_columns)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(3, 5, 6, 7)).astype(dtype)
+    w = rng.normal(size=(4, 5, 1, 1)).astype(dtype)
+    b = rng.normal(size=4).astype(dtype)
+    out = [-(-6 // strides[0]), -(-7 // strides[1])]
+    args = (list(strides), [1, 1], [0, 0, 0, 0], out, 1)
+    want = nn.conv_into(np, x, w, b, *args)
+    sx.reset()
+    got = nn.conv_into(gpu, gpu.asarray(x), gpu.asarray(w), gpu.asarray(b), *args)
+    assert sx.TRANSFERS.d2h == 0
+    np.testing.assert_allclose(host(got), want, rtol=2e-3 if dtype == np.float16 else 1e-6)
+    dy = rng.normal(size=want.shape).astype(dtype)
+    grad = (list(strides), [1, 1], [0, 0, 0, 0], 1)
+    want = nn.conv_weight_grad_into(np, x, dy, [1, 1], *grad)
+    got = nn.conv_weight_grad_into(gpu, gpu.asarray(x), gpu.asarray(dy), [1, 1], *grad)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(host(got), want, rtol=2e-3 if dtype == np.float16 else 1e-5,
+                               atol=1e-2 if dtype == np.float16 else 1e-6)
+
+
 # -- CUDA graphs ----------------------------------------------------------------------------------
 def test_standin_graphs_replay_the_captured_work_only(gpu):
     """The stand-in's capture records device work, as a stream capture records kernels: a

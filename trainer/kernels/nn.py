@@ -140,13 +140,14 @@ def _batch_chunk(xp, x, kshape, out_sp) -> int:
 
 
 def _pointwise(xp, x, kshape, strides, pads, group):
-    """x as [N, C, pixels] when a host convolution with these parameters is pointwise (1x1
-    kernel, no padding, one group): the strided pixels, contiguous; else None."""
-    if xp is not np or group != 1 or any(k != 1 for k in kshape) or any(pads):
+    """x as [N, C, pixels] when a convolution with these parameters is pointwise (1x1 kernel,
+    no padding, one group): the strided pixels, contiguous; else None. (Such a convolution is
+    a product per image: no columns, and no transposition of the result.)"""
+    if group != 1 or any(k != 1 for k in kshape) or any(pads):
         return None
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
-    return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+    return xp.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
 
 
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
@@ -158,10 +159,13 @@ def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     kshape = list(w.shape[2:])
     pixels = _pointwise(xp, x, kshape, strides, pads, group)
     if pixels is not None:
-        dt = np.result_type(x, w)
+        dt = np.result_type(x.dtype, w.dtype)
         target = y if y is not None and y.flags.c_contiguous and y.dtype == dt else \
-            np.empty((n, m) + tuple(out_sp), dtype=dt)
-        np.matmul(w.reshape(m, -1), pixels, out=target.reshape(n, m, -1))
+            xp.empty((n, m) + tuple(out_sp), dtype=dt)
+        if dt.itemsize > 2:
+            xp.matmul(w.reshape(m, -1), pixels, out=target.reshape(n, m, -1))
+        else:  # (CuPy batches 16-bit products nowhere: the helper goes through float32)
+            target.reshape(n, m, -1)[...] = matmul(xp, w.reshape(m, -1), pixels)
         if b is not None:
             target += b.reshape((m,) + (1,) * len(out_sp))
         if y is not None and target is not y:
@@ -235,10 +239,10 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     out_sp = list(dy.shape[2:])
     pixels = _pointwise(xp, x, kshape, strides, pads, group)
     if pixels is not None:  # 1x1: the sum over images of dY[n] X[n]^T, one GEMM each
-        prods = np.matmul(dy.reshape(n, m, -1), pixels.transpose(0, 2, 1))  # [N, M, C]
+        prods = matmul(xp, dy.reshape(n, m, -1), pixels.transpose(0, 2, 1))  # [N, M, C]
         if dw is None:
-            dw = np.empty((m, x.shape[1]) + tuple(kshape), dtype=prods.dtype)
-        dw.reshape(m, -1)[...] = np.add.reduce(prods, axis=0)
+            dw = xp.empty((m, x.shape[1]) + tuple(kshape), dtype=prods.dtype)
+        dw.reshape(m, -1)[...] = prods.sum(axis=0)
         return dw
     chunk = _batch_chunk(xp, x, kshape, out_sp)
     if chunk < n:  # the chunks' sums, added
