@@ -325,7 +325,7 @@ def test_the_row_kernels_build_and_compute_the_host_kernels_on_cupy():
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_allclose(cp.asnumpy(g), w, rtol=10 * tol, atol=10 * tol)
     assert all(k.error is None and k._built for k in rowfuse.KERNELS), \
-        [(k.name, k.error) for k in rowfuse.KERNELS]
+        [(k.what, k.error) for k in rowfuse.KERNELS]
 
 
 @gpu_test

@@ -13,11 +13,11 @@ kernels one after the other, so it computes exactly what the unfused nodes do.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
+from trainer.kernels.generated import GeneratedKernel
 from trainer.simplify import PNode
 
 # op -> its value as a C/C++ expression of the operands' variable names ({a}, {b}; Where's
@@ -73,30 +73,22 @@ class FusedElementwise:
                                                                    ops)
         digest = hashlib.sha1((self.in_params + self.out_params + self.body).encode())
         self.name = "onnx_trainer_ew_" + digest.hexdigest()[:12]
-        self._kernels: dict[int, object] = {}
-        self.error: str | None = None
+        self._kernel = GeneratedKernel(
+            "ElementwiseKernel", (self.in_params, self.out_params, self.body, self.name),
+            f"fused elementwise kernel {self.name} ({' -> '.join(ops)})",
+            "its nodes run one by one")
+
+    @property
+    def error(self) -> str | None:
+        """Why the kernel failed (its nodes then run one by one), or None."""
+        return self._kernel.error
 
     def kernel(self, xp):
         """The cupy.ElementwiseKernel on xp, or None (no such API, or it failed before)."""
-        if self.error is not None:
-            return None
-        k = self._kernels.get(id(xp))
-        if k is None:
-            make = getattr(xp, "ElementwiseKernel", None)
-            if make is None:
-                return None
-            try:
-                k = self._kernels[id(xp)] = make(self.in_params, self.out_params, self.body,
-                                                 self.name)
-            except Exception as exc:  # noqa: BLE001 - the nodes then run one by one
-                self._failed(exc)
-                return None
-        return k
+        return self._kernel.get(xp)
 
     def _failed(self, exc: Exception) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"fused elementwise kernel {self.name} ({' -> '.join(self.ops)}) failed "
-                      f"({self.error}); its nodes run one by one", RuntimeWarning, stacklevel=3)
+        self._kernel.failed(exc)
 
     def unfused(self, xp, *args) -> tuple:
         env = dict(zip(self.leaves, args, strict=True))

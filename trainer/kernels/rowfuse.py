@@ -22,51 +22,26 @@ to build or run, they do too, after one RuntimeWarning that names it."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+from trainer.kernels.generated import GeneratedKernel
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _MEAN = "r = a / _type_reduce(_in_ind.size() / _out_ind.size())"  # (CuPy's own mean's)
 
 
-class _Kernel:
-    """One generated kernel (its constructor's arguments in `spec`), built once per array
-    module; None from `get` where the API is missing or the kernel failed before."""
-
-    def __init__(self, kind: str, *spec: str):
-        self.kind, self.spec, self.name = kind, spec, spec[-1]
-        self._built: dict[int, object] = {}
-        self.error: str | None = None
-
-    def get(self, xp):
-        if self.error is not None:
-            return None
-        k = self._built.get(id(xp))
-        if k is None:
-            make = getattr(xp, self.kind, None)
-            if make is None:
-                return None
-            try:
-                k = self._built[id(xp)] = make(*self.spec)
-            except Exception as exc:  # noqa: BLE001 - the caller's xp code runs instead
-                self.failed(exc)
-                return None
-        return k
-
-    def failed(self, exc: Exception) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"generated kernel {self.name} failed ({self.error}); the xp operations "
-                      "it fuses run instead", RuntimeWarning, stacklevel=4)
+def _kernel(kind: str, *spec: str) -> GeneratedKernel:
+    return GeneratedKernel(kind, spec, f"generated kernel {spec[-1]}",
+                           "the xp operations it fuses run instead")
 
 
-def _reduction(params: str, map_expr: str, post: str, name: str) -> _Kernel:
-    return _Kernel("ReductionKernel", params, "T r", map_expr, "a + b", post, "0",
+def _reduction(params: str, map_expr: str, post: str, name: str) -> GeneratedKernel:
+    return _kernel("ReductionKernel", params, "T r", map_expr, "a + b", post, "0",
                    f"onnx_trainer_{name}")
 
 
-def _elementwise(params: str, body: str, name: str) -> _Kernel:
-    return _Kernel("ElementwiseKernel", params, "T y", body, f"onnx_trainer_{name}")
+def _elementwise(params: str, body: str, name: str) -> GeneratedKernel:
+    return _kernel("ElementwiseKernel", params, "T y", body, f"onnx_trainer_{name}")
 
 
 # LayerNormalization: the statistics of kernels/norm.py's _standardize, its result, and the
@@ -85,7 +60,7 @@ SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "r = a
 MEAN_SQUARE = _reduction("T x", "x * x", _MEAN, "mean_square")
 RMS_Y = _elementwise("T x, T inv, T s", "y = x * inv * s", "rms_y")
 # BatchNormalization's training rewrite (kernels/fused.py's bn_train_forward and backward)
-BN_XHAT_Y = _Kernel("ElementwiseKernel", "T x, T m, T sd, T s, T b", "T xhat, T y",
+BN_XHAT_Y = _kernel("ElementwiseKernel", "T x, T m, T sd, T s, T b", "T xhat, T y",
                     "xhat = (x - m) / sd; y = xhat * s + b", "onnx_trainer_bn_xhat_y")
 SUM_PRODUCT = _reduction("T u, T v", "u * v", "r = a", "sum_product")
 BN_DX = _elementwise("T dy, T xhat, T dsi, T dbi, T k", "y = ((dy - xhat * dsi) - dbi) * k",
@@ -102,7 +77,7 @@ def _run(xp, *steps):
     """`steps` ((kernel or plain callable, args, kwargs) each) run in order, an `_r(k)` among
     a step's args standing for the k-th step's result: the results, or None where a kernel
     is missing or fails (that kernel then warns, once)."""
-    made = [k.get(xp) if isinstance(k, _Kernel) else k for k, _, _ in steps]
+    made = [k.get(xp) if isinstance(k, GeneratedKernel) else k for k, _, _ in steps]
     if any(m is None for m in made):
         return None
     results: list = []
@@ -111,7 +86,7 @@ def _run(xp, *steps):
         try:
             results.append(fn(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - the caller's xp code runs instead
-            if not isinstance(kernel, _Kernel):
+            if not isinstance(kernel, GeneratedKernel):
                 raise
             kernel.failed(exc)
             return None
@@ -127,18 +102,23 @@ class _r(int):  # noqa: N801 - reads as a reference in the steps' argument lists
     """An argument of a `_run` step that is the k-th result of the steps before it."""
 
 
+def _mean_var(xp, x, axes: tuple[int, ...]):
+    """(mean, variance) of x over `axes`, keepdims, as mean_of(x) and mean_of((x - mean)^2)
+    compute them: CuPy's mean and the VARIANCE kernel; None where the kernel is missing."""
+    return _run(xp, (lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
+                (VARIANCE, (x, _r(0)), {"axis": axes, "keepdims": True}))
+
+
 def layer_norm(xp, x, scale, bias, axes: tuple[int, ...], eps: float):
     """(y, mean, inv_std) of LayerNormalization over trailing `axes` (keepdims statistics), or
     None where the fast path does not apply."""
     if xp is np or not _ok(x, scale, bias):
         return None
-    t = x.dtype.type
-    out = _run(xp, (lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
-               (VARIANCE, (x, _r(0)), {"axis": axes, "keepdims": True}))
-    if out is None:
+    stats = _mean_var(xp, x, axes)
+    if stats is None:
         return None
-    mean, var = out
-    inv = 1 / xp.sqrt(var + t(eps))
+    mean, var = stats
+    inv = 1 / xp.sqrt(var + x.dtype.type(eps))
     # (scale and bias broadcast against x, as in the xp code)
     y = _run(xp, (LN_Y_NO_BIAS, (x, mean, inv, scale), {}) if bias is None else
              (LN_Y, (x, mean, inv, scale, bias), {}))
@@ -164,17 +144,14 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
     not apply."""
     if xp is np or not _ok(dy, x, scale):
         return None
-    t = x.dtype.type
     lead = tuple(range(axes[0]))
     s = scale.reshape(x.shape[axes[0]:])
     red = {"axis": axes, "keepdims": True}
-    steps = [(lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
-             (VARIANCE, (x, _r(0)), red)]
-    out = _run(xp, *steps)
-    if out is None:
+    stats = _mean_var(xp, x, axes)
+    if stats is None:
         return None
-    mean, var = out
-    inv = 1 / xp.sqrt(var + t(eps))
+    mean, var = stats
+    inv = 1 / xp.sqrt(var + x.dtype.type(eps))
     steps = []
     if want_dx:
         steps += [(MEAN_G, (dy, s), red), (MEAN_G_XHAT, (dy, s, x, mean, inv), red),
@@ -217,12 +194,10 @@ def bn_train(xp, x, s_b, b_b, *, axes, eps, want):
     if xp is np or s_b is None or b_b is None or not _ok(x, s_b, b_b) or \
             {"xc", "sq", "scaled"} & set(want):
         return None
-    red = {"axis": axes, "keepdims": True}
-    out = _run(xp, (lambda v: v.mean(axis=axes, keepdims=True), (x,), {}),
-               (VARIANCE, (x, _r(0)), red))
-    if out is None:
+    stats = _mean_var(xp, x, axes)
+    if stats is None:
         return None
-    mean, var = out
+    mean, var = stats
     ve = var + eps
     sd = xp.sqrt(ve)
     made = _run(xp, (BN_XHAT_Y, (x, mean, sd, s_b, b_b), {}))
