@@ -428,6 +428,36 @@ def test_sync_batchnorm_under_mpirun_equals_one_process(zoo, tmp_path, name, wor
     assert any("running" in k for k in want)
 
 
+def test_sync_batchnorm_plans_a_new_shape_on_one_rank_only(zoo, tmp_path):
+    """A SyncBatchNorm step is planned like any other (its all-reduce a step of the plan).
+    Planning a new batch shape first runs the graph once to record its shapes, with the
+    collectives as the identity: the last batch of 63 samples in batches of 8 gives one rank
+    a shard of 3 where the other keeps its usual 4, so only one rank plans then, and no rank
+    waits for an all-reduce the other never makes. The weights are one process's."""
+    d = zoo["bn_cnn_inference"]
+    data = np.load(d / "data.npz")
+    np.savez(tmp_path / "odd.npz", x=data["x"][:63], y=data["y"][:63])
+    raw = family_config(d, "bn_cnn_inference", output=str(tmp_path / "sync.onnx"), steps=8,
+                        data={"train": {"path": str(tmp_path / "odd.npz"), "inputs": {"x": "x"},
+                                        "targets": {"label": "y"}},
+                              "batch_size": 8, "shuffle": False, "drop_last": False},
+                        distributed={"sync_batchnorm": True, "timeout_s": 60})
+
+    def job(comm):
+        t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
+        t.fit()
+        assert all(p is not False for plan in t.plans.values()
+                   for p in plan.executor._specialized.values()), "a step ran unplanned"
+        return t.trained_values(), sorted(t.plans)
+    ranks = run_ranks(2, job)
+    assert sorted(sizes for _, sizes in ranks) == [[3, 4], [4]], [s for _, s in ranks]
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx")}, tmp_path),
+                     stream=io.StringIO())
+    single.fit()
+    for k, v in single.trained_values().items():
+        np.testing.assert_allclose(ranks[0][0][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.parametrize("world,opt", [(2, {"type": "adamw", "lr": 3e-3}),
                                        (4, {"type": "sgd", "lr": 0.1, "momentum": 0.9})])
 def test_zero1_sharded_optimizer_matches_one_process(tmp_path, digits_config, world, opt):

@@ -1046,8 +1046,62 @@ def _worker_comm() -> None:
     print(f"rank {r}: staging ok", flush=True)
 
 
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install '.[mpi]')")
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_the_device_step_under_mpirun_is_the_host_step(zoo, tmp_path, sync_bn):
+    """mpirun -np 2 with the device path in each process (the stand-in as its GPU): the BatchNorm
+    CNN family with gpu.cuda_graph and two micro-batches per step, its gradients all-reduced
+    through pinned host buffers. Without SyncBatchNorm every rank captures its step (the
+    all-reduce after each launch); with it, the step is planned but not captured (its
+    all-reduce of the batch statistics runs inside the step), and the log says why. The
+    export equals the same job's on the CPU under mpirun."""
+    d = zoo["bn_cnn_training_form"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ONNX_TRAINER_CUDA_AWARE_MPI": "0"}
+    cmd = [MPIRUN, "--oversubscribe", "-np", "2"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    for device in ("cpu", "gpu"):
+        proc = run_mpi(cmd + [sys.executable, __file__, "train", str(d), device,
+                              str(tmp_path / f"{device}.onnx"), str(int(sync_bn))],
+                       timeout=180, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.stdout.count(f"{device} training ok") == 2
+    want, got = (onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer for k in ("cpu", "gpu"))
+    got = {t.name: numpy_helper.to_array(t) for t in got}
+    for t in want:  # (the two sides' sums may differ in their last bit)
+        np.testing.assert_allclose(got[t.name], numpy_helper.to_array(t), rtol=1e-5, atol=1e-6,
+                                   err_msg=t.name)
+
+
+def _worker_train() -> None:
+    """Under mpirun: the BatchNorm CNN family's job on `device` (gpu: the stand-in), rank 0
+    exporting to the given path; SyncBatchNorm if asked."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    d, device, out, sync_bn = Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+    if device == "gpu":
+        backend._import_cupy = lambda: (sx, sx.x)
+    raw = family_config(d, "bn_cnn_training_form", output=out, device=device,
+                        precision="fp32", accumulate=2, gpu={"cuda_graph": True},
+                        distributed={"sync_batchnorm": sync_bn})
+    log = io.StringIO()
+    t = Trainer(config_from_dict(raw, d), stream=log)
+    t.fit()
+    assert t.world == 2 and len([r for r in t.history if "loss" in r]) == 6
+    ex = next(iter(t.plans.values())).executor
+    assert all(p is not False for p in ex._specialized.values()), "not planned"
+    if device == "gpu":
+        captured = any(isinstance(g, tuple) for g in ex._graphs.values())
+        assert not ex.graph_errors and captured != sync_bn, (ex.graph_errors, captured)
+        assert ("off (collectives inside the step" in log.getvalue()) == (sync_bn and t.rank == 0)
+    print(f"rank {t.rank}: {device} training ok", flush=True)
+
+
 if __name__ == "__main__":
-    {"comm": _worker_comm}[sys.argv[1]]()
+    {"comm": _worker_comm, "train": _worker_train}[sys.argv[1]]()
 
 
 @pytest.mark.parametrize("name", ["encoder", "viewed_parameter", "rotary", "padded_bag"])

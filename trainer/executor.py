@@ -20,6 +20,7 @@ from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
 from trainer.kernels import get_kernel
+from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
 from trainer.simplify import PNode, eliminate_dead, fold_reshapes_into_reductions, simplify
 
@@ -314,6 +315,9 @@ class Executor:
                 self.graph_off = "the graph is not planned"
             elif any("rng" in s[1] for s in self._plan_steps):
                 self.graph_off = "random kernels (a graph would replay the same draws)"
+            elif any(getattr(s[0], "collective", False) for s in self._plan_steps):
+                self.graph_off = ("collectives inside the step: SyncBatchNorm's all-reduce of "
+                                  "the batch statistics")
             elif self.on_produced:
                 self.graph_off = "on_produced callbacks (e.g. all-reduce hooks)"
 
@@ -696,7 +700,9 @@ class Executor:
         if len(self._specialized) < MAX_PLANS and all(
                 isinstance(v, kind) for v in (feeds.get(n) for n in self._feed_order)):
             record: dict[str, tuple | None] = {}
-            with self.rng.aside():
+            # (collectives are the identity in this run: only this rank may be planning now,
+            # e.g. its first shard of another size, and the shapes do not depend on them)
+            with self.rng.aside(), collectives(None):
                 self._compile_generic(record, deliver=False).run(feeds, self.xp)
             for n in self._feed_order:
                 record[n] = (feeds[n].shape, feeds[n].dtype)
@@ -944,7 +950,9 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     if nodes is None:
         return None
     for n in nodes:
-        if not n.fused and (n.op not in STATIC_OPS or n.domain not in ("", "ai.onnx")):
+        # (a collective, SyncBatchNorm's AllReduce, gives its input's shape)
+        if not n.fused and not getattr(n.fn, "collective", False) and (
+                n.op not in STATIC_OPS or n.domain not in ("", "ai.onnx")):
             return None
         # (on a device, also the host-read scalars: a device value there would be read back)
         for k in (HOST_INPUTS if ex.on_device and not n.fused else SHAPE_INPUTS).get(n.op, ()):
