@@ -1052,10 +1052,11 @@ def _worker_comm() -> None:
 def test_the_device_step_under_mpirun_is_the_host_step(zoo, tmp_path, sync_bn):
     """mpirun -np 2 with the device path in each process (the stand-in as its GPU): the BatchNorm
     CNN family with gpu.cuda_graph and two micro-batches per step, its gradients all-reduced
-    through pinned host buffers. Without SyncBatchNorm every rank captures its step (the
-    all-reduce after each launch); with it, the step is planned but not captured (its
-    all-reduce of the batch statistics runs inside the step), and the log says why. The
-    export equals the same job's on the CPU under mpirun."""
+    through pinned host buffers, the generated kernels (elementwise chains, normalizations,
+    the optimizer) run as compiled C where there is a C compiler. Without SyncBatchNorm every
+    rank captures its step (the all-reduce after each launch); with it, the step is planned
+    but not captured (its all-reduce of the batch statistics runs inside the step), and the
+    log says why. The export equals the same job's on the CPU under mpirun."""
     d = zoo["bn_cnn_training_form"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "ONNX_TRAINER_CUDA_AWARE_MPI": "0"}
@@ -1084,6 +1085,10 @@ def _worker_train() -> None:
     d, device, out, sync_bn = Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
     if device == "gpu":
         backend._import_cupy = lambda: (sx, sx.x)
+        from tests import ckernels
+        if ckernels.CC is not None:  # the generated kernels run too, as compiled C
+            sx.ElementwiseKernel = ckernels.CElementwiseKernel
+            sx.ReductionKernel = ckernels.CReductionKernel
     raw = family_config(d, "bn_cnn_training_form", output=out, device=device,
                         precision="fp32", accumulate=2, gpu={"cuda_graph": True},
                         distributed={"sync_batchnorm": sync_bn})
@@ -1094,6 +1099,8 @@ def _worker_train() -> None:
     ex = next(iter(t.plans.values())).executor
     assert all(p is not False for p in ex._specialized.values()), "not planned"
     if device == "gpu":
+        from tests import ckernels
+        assert ckernels.CC is None or ckernels.CReductionKernel.calls > 0
         captured = any(isinstance(g, tuple) for g in ex._graphs.values())
         assert not ex.graph_errors and captured != sync_bn, (ex.graph_errors, captured)
         assert ("off (collectives inside the step" in log.getvalue()) == (sync_bn and t.rank == 0)
