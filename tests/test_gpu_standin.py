@@ -843,6 +843,23 @@ def test_a_cuda_graph_step_in_fp16_with_loss_scaling(gpu, tmp_path, exported):
         np.testing.assert_array_equal(run.trained_values()[k], v, err_msg=k)
 
 
+def test_a_shape_without_a_plan_says_it_runs_uncaptured(gpu, monkeypatch):
+    """gpu.cuda_graph where a batch shape gets no plan (here: the executor's plan limit
+    reached): the run is the unplanned one, and graph_errors says why, once for the shape."""
+    from trainer import executor as executor_module
+
+    model, x = make_model([helper.make_node("Exp", ["x"], ["y"])],
+                          inputs={"x": np.ones((2, 3), F32)}, outputs=("y",)), np.ones((2, 3), F32)
+    monkeypatch.setattr(executor_module, "MAX_PLANS", 0)
+    ex = Executor(model, gpu, cuda_graph=True)
+    for _ in range(3):
+        out = ex.run({"x": gpu.asarray(x)})
+    np.testing.assert_allclose(host(out["y"]), np.exp(x), rtol=1e-6)
+    assert ex.graph_errors == ["this batch shape's step has no plan (shapes that depend on "
+                               "values, or too many batch shapes)"]
+    assert not ex._graphs
+
+
 @pytest.mark.parametrize("world,accumulate", [(1, 2), (2, 1), (2, 2)])
 def test_cuda_graphs_with_accumulation_and_ranks(monkeypatch, tmp_path, exported, world,
                                                  accumulate):

@@ -306,7 +306,8 @@ class Executor:
         self._specialized: dict[tuple, object] = {}
         self.persistent = frozenset(persistent)
         self._graphs: dict[tuple, _Graphed | bool] = {}
-        self.graph_errors: list[str] = []  # captures that failed (their plans run uncaptured)
+        # why shapes run uncaptured: captures that failed, shapes without a plan
+        self.graph_errors: list[str] = []
         self.graph_off = None if cuda_graph else "not asked for"
         if cuda_graph:
             if not self.on_device:
@@ -593,6 +594,9 @@ class Executor:
             plan = self._specialized.get(key)
             if plan is None:
                 plan = self._plan_signature(key, feeds)
+                if plan is False and self.graph_off is None:  # (said once per shape)
+                    self.graph_errors.append("this batch shape's step has no plan (shapes that "
+                                             "depend on values, or too many batch shapes)")
             if plan is not False:
                 if self.graph_off is None:
                     out = self._run_graph(key, plan, feeds)

@@ -568,7 +568,7 @@ class Trainer:
             if plan.executor.graph_errors and n not in self._graph_told:  # (once per shape)
                 self._graph_told.add(n)
                 self.log.info(f"gpu.cuda_graph: the step of {n} samples runs uncaptured: "
-                              f"{plan.executor.graph_errors[0]}")
+                              f"{plan.executor.graph_errors[-1]}")
             self._last_feeds = (plan, feeds)
             g[self.size] += out[plan.loss] * w
             for k, new in plan.state.items():
