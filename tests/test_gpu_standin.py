@@ -756,6 +756,48 @@ def test_pointwise_convolutions_are_products_per_image_on_the_device(gpu, stride
                                atol=1e-2 if dtype == np.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("method", ["conv", "rows", "fold"])
+def test_device_convolutions_bound_their_columns_by_chunks_of_the_batch(gpu, monkeypatch,
+                                                                        strides, method):
+    """Conv, its weight gradient and ConvTranspose (its input gradient, each method) on the
+    device split the batch where its columns would pass DEVICE_CONV_CHUNK_BYTES: the same
+    values as the whole batch at once (bias, an uneven last chunk), and a peak that the
+    budget bounds instead of the batch."""
+    from trainer.kernels import nn
+
+    rng = np.random.default_rng(4)
+    n, c, m, h, k = 7, 3, 4, 9, 3
+    x = rng.normal(size=(n, c, h, h)).astype(F32)
+    w = rng.normal(size=(m, c, k, k)).astype(F32)
+    b, bt = rng.normal(size=m).astype(F32), rng.normal(size=c).astype(F32)
+    sp, dil, pads = list(strides), [1, 1], [1, 1, 1, 1]
+    out = [(h + 2 - k) // s + 1 for s in strides]
+    dy = rng.normal(size=(n, m, *out)).astype(F32)
+    extra = [(h + 2 - k) % s for s in strides]
+    geo = nn.conv_transpose_geometry(dy.shape, [k, k], sp, dil, pads, extra, None, "NOTSET")
+
+    def run():
+        xd, wd, bd, btd, dyd = (gpu.asarray(a) for a in (x, w, b, bt, dy))
+        with backend.PeakMemory(gpu) as mem:
+            y = nn.conv_into(gpu, xd, wd, bd, sp, dil, pads, out, 1)
+            dw = nn.conv_weight_grad_into(gpu, xd, dyd, [k, k], sp, dil, pads, 1)
+            dx = nn.conv_transpose_into(gpu, dyd, wd, btd, *geo, 1, method=method)
+        return [host(a) for a in (y, dw, dx)], mem.peak
+
+    whole, whole_peak = run()
+    columns = c * k * k * out[0] * out[1] * 4  # bytes per image of the forward's columns
+    monkeypatch.setattr(nn, "DEVICE_CONV_CHUNK_BYTES", 2 * columns)  # chunks of 2, 2, 2, 1
+    chunked, chunked_peak = run()
+    for got, want in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    want = nn.conv_into(np, x, w, b, sp, dil, pads, out, 1)
+    np.testing.assert_allclose(chunked[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunked[2], nn.conv_transpose_into(np, dy, w, bt, *geo, 1),
+                               rtol=1e-5, atol=1e-5)
+    assert chunked_peak < whole_peak, (chunked_peak, whole_peak)
+
+
 # -- CUDA graphs ----------------------------------------------------------------------------------
 def test_standin_graphs_replay_the_captured_work_only(gpu):
     """The stand-in's capture records device work, as a stream capture records kernels: a

@@ -128,15 +128,26 @@ def _wide(x, kshape, strides, dilations, pads) -> bool:
 # 3x3 layers at 32x32: 2.8 -> 1.8 ms per call at batch 16 on one core; the whole batch's
 # columns, 9x the input, go through memory twice otherwise).
 CONV_CHUNK_BYTES = 2 << 20
+# On a device the batch is split only to bound the columns' transient memory, in chunks large
+# enough that each GEMM still fills the GPU: ResNet-50's first 3x3 stage at batch 256 would
+# take 1.85 GB of columns at once (64 channels x 9 taps x 56 x 56 pixels x 256 images), its
+# stride-2 input gradients as much again; in chunks of this size, 35 images at a time.
+DEVICE_CONV_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_of(xp, n: int, per_image: int) -> int:
+    """Images per chunk of a batch of n whose convolution columns take `per_image` bytes each
+    (n when one chunk)."""
+    if n == 1:
+        return n
+    budget = CONV_CHUNK_BYTES if xp is np else DEVICE_CONV_CHUNK_BYTES
+    return max(1, min(n, budget // max(1, per_image)))
 
 
 def _batch_chunk(xp, x, kshape, out_sp) -> int:
-    """Images per chunk of a host convolution over x (its whole batch when one chunk)."""
-    n = x.shape[0]
-    if xp is not np or n == 1:
-        return n
-    per_image = x.shape[1] * math.prod(kshape) * math.prod(out_sp) * x.itemsize
-    return max(1, min(n, CONV_CHUNK_BYTES // max(1, per_image)))
+    """Images per chunk of a convolution over x (its whole batch when one chunk)."""
+    return _chunk_of(xp, x.shape[0], x.shape[1] * math.prod(kshape) * math.prod(out_sp)
+                     * x.itemsize)
 
 
 def _pointwise(xp, x, kshape, strides, pads, group):
@@ -152,8 +163,9 @@ def _pointwise(xp, x, kshape, strides, pads, group):
 
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given.
-    On the host, a 1x1 convolution is one GEMM per image on its pixels (no columns); others
-    run chunk by chunk of the batch (`CONV_CHUNK_BYTES`)."""
+    A 1x1 convolution is one GEMM per image on its pixels (no columns); others run chunk by
+    chunk of the batch (`CONV_CHUNK_BYTES` on the host, `DEVICE_CONV_CHUNK_BYTES` on a
+    device)."""
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
@@ -352,6 +364,18 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
         costs["rows"] = 2 * g * mg * taps * n * x.shape[2] * full[1]
     if method is None or method not in costs:
         method = min(costs, key=costs.get)
+    if xp is not np:  # a device: chunks of the batch bound the columns (as conv_into's)
+        per_image = {"conv": c * taps * math.prod(out_sp),
+                     "rows": g * mg * taps * x.shape[2] * full[-1],
+                     "fold": g * mg * taps * math.prod(x.shape[2:])}[method]
+        chunk = _chunk_of(xp, n, per_image * x.itemsize)
+        if chunk < n:
+            if y is None:
+                y = xp.empty((n, g * mg) + tuple(out_sp), dtype=xp.result_type(x, w))
+            for i in range(0, n, chunk):
+                conv_transpose_into(xp, x[i:i + chunk], w, b, strides, dilations, pads,
+                                    output_padding, full, group, y[i:i + chunk], method=method)
+            return y
     if method == "conv":
         wf = w.reshape((g, cg, mg) + tuple(kshape)).swapaxes(1, 2)
         wf = wf[(slice(None),) * 3 + (slice(None, None, -1),) * k]
