@@ -865,7 +865,7 @@ class _Cuda:
     DEVICES = 1
 
     def __init__(self) -> None:
-        self._current = 0
+        self._devices = threading.local()  # the current device is per thread, as CUDA's
         self.uses: list[int] = []  # Device(i).use() calls, in order
         self.pinned_allocations = 0
         me = self
@@ -1025,6 +1025,15 @@ class _Cuda:
     @_stream.setter
     def _stream(self, stream) -> None:
         self._streams.current = stream
+
+    @property
+    def _current(self) -> int:
+        """This thread's device (a new thread starts on device 0, as with CUDA)."""
+        return getattr(self._devices, "current", 0)
+
+    @_current.setter
+    def _current(self, device: int) -> None:
+        self._devices.current = device
 
     def get_current_stream(self):
         return self._stream

@@ -352,3 +352,15 @@ def test_tf32_trains_on_cupy_close_to_the_cpu(tmp_path, exported):
     finally:
         set_tf32(cp, False)
     _compare_runs(_train(cfg, tmp_path, "cpu"), run, rtol=2e-2, atol=2e-3)
+
+
+@gpu_test
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_batches_copied_up_ahead_train_as_on_the_cpu(tmp_path, digits_config, accumulate):
+    """data.prefetch with the data on the host: batches go up on the copy stream (pinned
+    memory, a ring of device buffers) and the run is the CPU run, also with accumulation."""
+    cfg = digits_config(steps=12, accumulate=accumulate, data__on_device=False,
+                        data__prefetch=True)
+    cpu, gpu = _train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu")
+    assert gpu[0].batches.uploads is not None
+    _compare_runs(cpu, gpu, rtol=1e-4, atol=1e-5)

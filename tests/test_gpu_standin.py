@@ -1353,6 +1353,99 @@ def test_training_data_stays_on_the_device(gpu, tmp_path, digits_config):
         assert not d2h_outside(("train.py",)), reads
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_prefetched_batches_go_up_ahead_of_their_step(gpu, tmp_path, digits_config, accumulate):
+    """Data on the host with data.prefetch: the prefetch thread copies each batch up (pinned
+    memory, a stream of its own) into a ring of device buffers, so a step uploads nothing
+    itself; the weights are the CPU run's (also with accumulation, whose micro-batches queue
+    without a synchronization between them); a batch's buffers hold it until the batch after
+    it is asked for, then take the batch after that."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    cfg = digits_config(steps=6, accumulate=accumulate, data__on_device=False,
+                        data__prefetch=True)
+    _compare_runs(_train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu"))
+    t = Trainer(config_from_dict({**cfg, "device": "gpu", "output": str(tmp_path / "o.onnx")},
+                                 tmp_path), stream=io.StringIO())
+    assert t.batches.uploads is not None and not t.on_device
+    lrs = t.schedule.lrs(t.step)
+
+    def batch():
+        epoch, index = t.position
+        _, arrays, lw, gw, _ = t._next_micro_batch()
+        mine = t.batches.local_indices(epoch, index)
+        return arrays, lw, gw, {k: t.train_arrays[v][mine] for k, v in
+                                (("x", "x"), ("label", "label"))}
+
+    first = batch()  # (asked for before any prefetch: gathered on the spot, on the host)
+    assert all(isinstance(v, np.ndarray) for v in first[0].values())
+    t.train_step([first[:3]], lrs)
+    seen = []
+    for _ in range(5):
+        sx.reset()
+        arrays, lw, gw, want = batch()
+        assert all(isinstance(v, sx.ndarray) for v in arrays.values())
+        t.train_step([(arrays, lw, gw)], lrs)
+        assert not [w for w in sx.TRANSFERS.where("h2d") if "train.py" in w]
+        t.batches._ahead.thread.join()  # (the next batch is up: the other buffer)
+        for k, v in want.items():
+            np.testing.assert_array_equal(host(arrays[k]), v.astype(host(arrays[k]).dtype))
+        seen.append(arrays)
+    ring = t.batches.uploads.ring  # buffers per input: one more than the batches of a step
+    assert ring == accumulate + 1
+    for a, b in zip(seen, seen[ring:], strict=False):
+        assert all(a[k] is b[k] for k in a)
+    for k in seen[0]:
+        assert len({id(a[k]) for a in seen[:ring]}) == ring
+    t.batches.close()
+
+
+def test_batch_uploads_use_the_ranks_gpu_and_wait_for_the_release(monkeypatch):
+    """The prefetch thread selects the caller's GPU (a thread starts on GPU 0), makes its copy
+    stream wait for the event recorded when the batch before was asked for, then copies; a
+    failing upload warns once and hands the batch over on the host."""
+    from trainer.data import PREFETCH_THREAD, Batches, DeviceUploads
+
+    gpu = sx.install(monkeypatch, devices=2)
+    gpu.cuda.Device(1).use()
+    log = []
+    set_ = sx.ndarray.set
+    monkeypatch.setattr(sx.ndarray, "set", lambda self, arr, stream=None: (
+        log.append(("set", sx.cuda._current, __import__("threading").current_thread().name,
+                    stream)), set_(self, arr, stream))[-1])
+    monkeypatch.setattr(gpu.cuda.Stream, "wait_event",
+                        lambda self, event: log.append(("wait", event)))
+    arrays = {"x": np.arange(40, dtype=F32).reshape(10, 4), "y": np.arange(10)}
+    up = DeviceUploads(gpu)
+    b = Batches(arrays, 2, shuffle=False, prefetch=True, uploads=up)
+    for i in range(4):  # (each batch used before the next is asked for: held=1)
+        g = b.get(0, i)[0]
+        assert all(isinstance(v, np.ndarray if i == 0 else sx.ndarray) for v in g.values())
+        np.testing.assert_array_equal(host(g["x"]), arrays["x"][2 * i:2 * i + 2])
+        np.testing.assert_array_equal(host(g["y"]), arrays["y"][2 * i:2 * i + 2])
+    b.close()
+    waits = [e for e in log if e[0] == "wait"]
+    sets = [e for e in log if e[0] == "set"]
+    assert len(waits) == 4 and len(sets) == 8  # (get 3 started the upload of batch 4)
+    assert all(s[1] == 1 and s[2] == PREFETCH_THREAD and s[3] is up.stream for s in sets)
+    assert [e[0] for e in log] == ["wait", "set", "set"] * 4
+    assert len({id(e[1]) for e in waits}) == 4  # (a new release event each time)
+
+    def fails(arrays, release):
+        raise RuntimeError("cudaErrorMemoryAllocation")
+    monkeypatch.setattr(up, "upload", fails)
+    b = Batches(arrays, 2, shuffle=False, prefetch=True, uploads=up)
+    with pytest.warns(RuntimeWarning, match="copying batches to the GPU ahead of their step "
+                      "failed .*cudaErrorMemoryAllocation.*copied in its step instead"):
+        b.get(0, 0)
+        b._ahead.thread.join()
+    assert b.uploads is None
+    second = b.get(0, 1)[0]
+    b.close()
+    np.testing.assert_array_equal(second["x"], arrays["x"][2:4])
+
+
 def test_the_estimate_counts_a_training_set_kept_on_the_device(gpu, tmp_path, digits_config):
     from trainer import report
     from trainer.config import config_from_dict
@@ -1365,6 +1458,14 @@ def test_the_estimate_counts_a_training_set_kept_on_the_device(gpu, tmp_path, di
     d = np.load(cfg["data"]["train"]["path"])
     held = d["x_train"].astype(F32).nbytes + d["y_train"].astype(np.int64).nbytes
     assert est["auto"].batches - est[False].batches == pytest.approx(held, rel=0.01)
+    # prefetched batches copied up: a ring of one more device batch than a step's micro-batches
+    batch = 32 * (64 * 4 + 8)
+    assert est[False].batches == batch
+    for accumulate in (1, 3):
+        cfg = digits_config(device="gpu", output=str(tmp_path / "m.onnx"), accumulate=accumulate,
+                            data__on_device=False, data__prefetch=True)
+        ring = report.preflight(config_from_dict(cfg, tmp_path), xp=gpu).estimate.batches
+        assert ring == (accumulate + 1) * batch
 
 
 def test_tf32_without_cupys_compute_type_api_says_so(gpu, monkeypatch):

@@ -1,11 +1,13 @@
 """Datasets from .npz files or directories of memory-mapped .npy files (no pickle), mapped to
-graph inputs and loss targets; rank shards, and the next batch prefetched in a background thread."""
+graph inputs and loss targets; rank shards, and the next batch prefetched in a background thread
+(on a GPU, also copied up there on a stream of its own: `DeviceUploads`)."""
 
 from __future__ import annotations
 
 import math
 import struct
 import threading
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -273,6 +275,82 @@ def keep_on_device(choice: bool | str, nbytes: int, mapped: bool, gpu: bool) -> 
     return not mapped and nbytes <= RESIDENT_BYTES
 
 
+PREFETCH_BYTES = 1 << 20  # data.prefetch auto: batches from this size are gathered ahead
+
+
+def prefetching(choice: bool | str, batch_bytes: int, mapped: bool) -> bool:
+    """data.prefetch for a rank's batches of `batch_bytes`, with auto: for memory-mapped data
+    (`mapped`) or batches of PREFETCH_BYTES or more."""
+    if choice != "auto":
+        return bool(choice)
+    return mapped or batch_bytes >= PREFETCH_BYTES
+
+
+class DeviceUploads:
+    """Batches gathered on the host, copied to the GPU ahead of their step: the prefetch thread
+    writes a batch into pinned host memory and copies it up on a stream of its own while the
+    compute stream runs the step before, so no host-to-device copy waits on the step's path.
+
+    Device buffers are rings of `held` + 1 per input and shape, allocated once, for a caller
+    that asks for `held` batches (the micro-batches of one step) before it queues their work:
+    upload u writes slot u % (held + 1) only after the compute stream has passed `release`, an
+    event recorded when the batch before it was asked for. By then every step but the one
+    being gathered is queued, and the batch that slot held belongs to an earlier step. The
+    thread waits for its own copy before it ends, so the batch is on the device when handed
+    over, and the pinned buffer is free for the next upload. It selects the caller's GPU
+    first (a new thread starts on GPU 0). String arrays stay on the host."""
+
+    def __init__(self, xp, held: int = 1):
+        from trainer.backend import cupyx_module
+
+        self.ring = held + 1
+        self.xp, self.cupyx = xp, cupyx_module()
+        self.device = xp.cuda.Device().id
+        self.stream = xp.cuda.Stream(non_blocking=True)
+        self._pinned: dict[tuple, np.ndarray] = {}
+        self._rings: dict[tuple, list] = {}
+        self._turn = 0
+
+    def release(self):
+        """An event on the caller's stream after the work queued so far."""
+        event = self.xp.cuda.Event(disable_timing=True)
+        event.record(self.xp.cuda.get_current_stream())
+        return event
+
+    def pinned(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        """The pinned host buffer of one input at one shape (reused by every upload)."""
+        k = (key, tuple(shape), np.dtype(dtype).str)
+        buf = self._pinned.get(k)
+        if buf is None:
+            buf = self._pinned[k] = self.cupyx.empty_pinned(tuple(shape), dtype=np.dtype(dtype))
+        return buf
+
+    def upload(self, arrays: Mapping[str, np.ndarray], release) -> dict:
+        """(In the prefetch thread.) The arrays on the device, each in the next slot of its
+        ring (strings: as they are)."""
+        xp = self.xp
+        slot = self._turn % self.ring
+        self._turn += 1
+        out = {}
+        with xp.cuda.Device(self.device), self.stream:
+            if release is not None:
+                self.stream.wait_event(release)
+            for k, a in arrays.items():
+                if a.dtype.kind in "OUS":
+                    out[k] = a
+                    continue
+                host = self.pinned(k, a.shape, a.dtype)
+                if host is not a:  # (gathered elsewhere: into the pinned buffer first)
+                    np.copyto(host, a)
+                ring = self._rings.setdefault((k, a.shape, a.dtype.str), [None] * self.ring)
+                if ring[slot] is None:
+                    ring[slot] = xp.empty(a.shape, a.dtype)
+                ring[slot].set(host, stream=self.stream)
+                out[k] = ring[slot]
+            self.stream.synchronize()
+        return out
+
+
 class Batches:
     """Global batches of a dataset, each split evenly across ranks; reproducible by epoch.
 
@@ -283,13 +361,14 @@ class Batches:
     thread while the caller computes; `get` returns exactly what it would without it. With
     `xp` a device module, `arrays` are device arrays (data.on_device) and each batch is
     gathered on the device: the sample order stays on the host, and only the batch's indices
-    are uploaded.
+    are uploaded. With `uploads` (a GPU, the data on the host, `prefetch`), the prefetched batch
+    comes as device arrays (DeviceUploads); a batch gathered on the spot stays on the host.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, rank: int = 0,
                  world: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
                  dtypes: Mapping[str, np.dtype] | None = None, prefetch: bool = False,
-                 xp=np):
+                 xp=np, uploads: DeviceUploads | None = None):
         if batch_size % world:
             raise DataError(f"data.batch_size {batch_size} (global) must be divisible by the "
                             f"number of processes {world}")
@@ -306,6 +385,7 @@ class Batches:
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
         self.prefetch = prefetch
         self.xp = xp
+        self.uploads = uploads if prefetch else None
         self._ahead: _Ahead | None = None
         self._shares: dict[int, tuple[int, int]] = {}
 
@@ -355,7 +435,8 @@ class Batches:
         if got is None:
             got = self._gather(epoch, index, order)
         nxt = (epoch, index + 1) if index + 1 < self.steps_per_epoch else (epoch + 1, 0)
-        self._ahead = _Ahead(self, nxt, order if nxt[0] == epoch else None)
+        release = self.uploads.release() if self.uploads is not None else None
+        self._ahead = _Ahead(self, nxt, order if nxt[0] == epoch else None, release)
         return got
 
     def close(self) -> None:
@@ -364,8 +445,10 @@ class Batches:
             self._ahead.thread.join()
             self._ahead = None
 
-    def _gather(self, epoch: int, index: int, order: np.ndarray | None
+    def _gather(self, epoch: int, index: int, order: np.ndarray | None, pinned=None
                 ) -> tuple[dict[str, np.ndarray], int, int]:
+        """This rank's share of a batch; with `pinned` (DeviceUploads.pinned), in-memory arrays
+        that need no conversion are gathered straight into their pinned buffers."""
         order = self.order(epoch) if order is None else order
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
         total = len(idx)
@@ -379,8 +462,13 @@ class Batches:
             return out, len(mine), total
         for k, a in self.arrays.items():
             # sorted reads of a memory-mapped file are sequential; the batch keeps its order
-            b = _take(a, mine) if isinstance(a, np.memmap) else a[mine]
             dt = self.dtypes.get(k)
+            if pinned is not None and not isinstance(a, np.memmap) and dt in (None, a.dtype) \
+                    and a.dtype.kind not in "OUS":
+                out[k] = np.take(a, mine, axis=0,
+                                 out=pinned(k, (len(mine),) + a.shape[1:], a.dtype))
+                continue
+            b = _take(a, mine) if isinstance(a, np.memmap) else a[mine]
             out[k] = b.astype(dt, copy=False) if dt is not None else b
         return out, len(mine), total
 
@@ -402,8 +490,9 @@ class _Ahead:
     """One batch gathered in a background thread; `result` hands it over if it is the one
     asked for (same position and order), else None (the caller gathers it itself)."""
 
-    def __init__(self, batches: Batches, key: tuple[int, int], order: np.ndarray | None):
-        self.key, self.order = key, order
+    def __init__(self, batches: Batches, key: tuple[int, int], order: np.ndarray | None,
+                 release=None):
+        self.key, self.order, self.release = key, order, release
         self.value: tuple | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True,
@@ -416,7 +505,18 @@ class _Ahead:
             if self.order is None:
                 self.order = batches.order(epoch)
             if index < batches.steps_per_epoch:
-                self.value = batches._gather(epoch, index, self.order)
+                up = batches.uploads
+                value = batches._gather(epoch, index, self.order,
+                                        up.pinned if up is not None else None)
+                if up is not None:
+                    try:
+                        value = (up.upload(value[0], self.release),) + value[1:]
+                    except Exception as exc:  # noqa: BLE001 - the host batch, copied in the step
+                        batches.uploads = None
+                        warnings.warn(f"copying batches to the GPU ahead of their step failed "
+                                      f"({type(exc).__name__}: {exc}); each batch is copied "
+                                      "in its step instead", RuntimeWarning, stacklevel=1)
+                self.value = value
         except BaseException as exc:  # noqa: BLE001 - the caller gathers again and raises
             self.error = exc
 

@@ -284,6 +284,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         describe_arrays,
         keep_on_device,
         load_arrays,
+        prefetching,
     )
     from trainer.errors import ModelError, TrainerError, UnsupportedOpError
     from trainer.graph import input_shapes, tensor_type
@@ -335,8 +336,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     shapes: dict[str, tuple] = {}
     samples: dict[str, int] = {}
     host_data = per_sample = resident = 0
-    # on CPU the batch being trained on and the one prefetched; on a GPU, its device copy
-    copies = 1 + (xp is np and cfg.data.prefetch is not False)
+    train_mapped = False
     for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is None:
             continue
@@ -357,6 +357,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             # data.on_device: the whole training set held on the GPU as well
             resident = in_memory if keep_on_device(cfg.data.on_device, in_memory + mapped,
                                                    bool(mapped), xp is not np) else 0
+            train_mapped = bool(mapped)
             per_sample = sum(math.prod(s[1:]) * np.dtype(d).itemsize
                              for s, d, _ in info.values())
         else:
@@ -386,6 +387,16 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     if structure is None or any(isinstance(p, (ModelError, UnsupportedOpError))
                                 for p in problems):
         return Preflight(lines, problems)
+    # Batches held: on a CPU, the one being trained on and the one prefetched; on a GPU, the
+    # ring of device buffers that prefetched batches are copied up into (DeviceUploads: one
+    # more than the micro-batches of a step), else the step's own copy; a training set kept
+    # on the GPU: the batch gathered there.
+    if xp is np:
+        copies = 1 + (cfg.data.prefetch is not False)
+    elif not resident and prefetching(cfg.data.prefetch, per_sample * local, train_mapped):
+        copies = cfg.accumulate + 1
+    else:
+        copies = 1
     est = None
     try:
         in_shapes = input_shapes(structure, local, {k: (local,) + tuple(shapes[k][1:])

@@ -41,7 +41,14 @@ from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
 from trainer.config import Config, LossScaleConfig, blas_threads
-from trainer.data import Batches, check_against_model, keep_on_device, load_arrays
+from trainer.data import (
+    Batches,
+    DeviceUploads,
+    check_against_model,
+    keep_on_device,
+    load_arrays,
+    prefetching,
+)
 from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
@@ -61,7 +68,6 @@ from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
 
 SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
-PREFETCH_BYTES = 1 << 20  # data.prefetch auto: batches from this size are gathered ahead
 
 
 @dataclass
@@ -195,13 +201,15 @@ class Trainer:
                           "(data.on_device)")
         else:
             source = self.train_arrays
+        prefetch = False if self.on_device else self._prefetch(self.train_arrays)
         self.batches = Batches(source, cfg.data.batch_size, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
                                drop_last=cfg.data.drop_last, seed=cfg.seed,
                                dtypes=None if self.on_device else dtypes,
-                               prefetch=False if self.on_device else
-                               self._prefetch(self.train_arrays),
-                               xp=self.xp if self.on_device else np)
+                               prefetch=prefetch, xp=self.xp if self.on_device else np,
+                               # a GPU: prefetched batches go up on a copy stream of their own
+                               uploads=DeviceUploads(self.xp, held=cfg.accumulate)
+                               if prefetch and self.xp is not np else None)
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
         preflight.fixed_batch(self.data_inputs, self.batches.local_sizes(), cfg.data.batch_size,
                               self.world)
@@ -262,14 +270,10 @@ class Trainer:
         return self.out_dtypes[self.cfg.loss.output]
 
     def _prefetch(self, arrays) -> bool:
-        """data.prefetch, with auto: for memory-mapped data or batches of 1 MiB or more."""
-        choice = self.cfg.data.prefetch
-        if choice != "auto":
-            return bool(choice)
-        local = self.cfg.data.batch_size // self.world
-        per_sample = sum(a[:1].nbytes for a in arrays.values())
-        return any(isinstance(a, np.memmap) for a in arrays.values()) or \
-            per_sample * local >= PREFETCH_BYTES
+        return prefetching(self.cfg.data.prefetch,
+                           sum(a[:1].nbytes for a in arrays.values())
+                           * (self.cfg.data.batch_size // self.world),
+                           any(isinstance(a, np.memmap) for a in arrays.values()))
 
     def _batch_dtypes(self, arrays) -> dict[str, np.dtype]:
         """The types memory-mapped arrays are converted to, batch by batch."""
@@ -500,9 +504,10 @@ class Trainer:
         global_w = global_n
         spec = self.cfg.loss
         if spec.type == "cross_entropy":  # (counted on the host: no device read)
-            labels = self.train_arrays[spec.target][
-                self.batches.local_indices(epoch, index, self._order[1])] \
-                if self.on_device else arrays[spec.target]
+            labels = arrays[spec.target]
+            if not isinstance(labels, np.ndarray):  # (a batch on the device)
+                labels = self.train_arrays[spec.target][
+                    self.batches.local_indices(epoch, index, self._order[1])]
             local_w = int(np.count_nonzero(labels != spec.ignore_index))
             global_w = local_w
             if self.world > 1:  # (one process: its batch is the global batch)
