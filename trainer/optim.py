@@ -219,7 +219,7 @@ class Optimizer:
         type; `outs` are read and written in place), made once per key; None where xp has no
         kernel API or a kernel failed (the update then runs as the xp operations, which the
         body repeats one by one in the same order, so both round alike)."""
-        make = getattr(self.xp, "ElementwiseKernel", None)
+        make = None if self.xp is np else getattr(self.xp, "ElementwiseKernel", None)
         if make is None or self.kernel_error is not None:
             return None
         k = self._kernels.get(key)
@@ -322,7 +322,9 @@ class SGD(Optimizer):
 
     def _fused_update(self, p, g, lrs) -> bool:
         """The update above as one kernel (where xp has them); False where it did not run."""
-        if getattr(self.xp, "ElementwiseKernel", None) is None or self.kernel_error:
+        # (NumPy first: a missing module attribute costs NumPy 1.6 us, each step)
+        if self.xp is np or getattr(self.xp, "ElementwiseKernel", None) is None \
+                or self.kernel_error:
             return False
         extra, lines = self._grad_source(
             self._const("weight_decay", lambda s: s["weight_decay"]), False)
@@ -396,7 +398,9 @@ class Adam(Optimizer):
 
     def _fused_update(self, p, g, lrs) -> bool:
         """The update above (without amsgrad) as one kernel; False where it did not run."""
-        if getattr(self.xp, "ElementwiseKernel", None) is None or self.kernel_error:
+        # (NumPy first: a missing module attribute costs NumPy 1.6 us, each step)
+        if self.xp is np or getattr(self.xp, "ElementwiseKernel", None) is None \
+                or self.kernel_error:
             return False
         t = self.steps
         wd = self._const("weight_decay", lambda s: s["weight_decay"])
