@@ -8,6 +8,7 @@ reduction adds in order, where CuPy adds as a tree and NumPy pairwise."""
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import math
@@ -31,75 +32,145 @@ _DIR = Path(tempfile.mkdtemp(prefix="ckernels_"))
 class CElementwiseKernel:
     """cupy.ElementwiseKernel for the stand-in: the body compiled as C (T bound from the first
     float argument, as CuPy binds it; a `;` after it, as CuPy adds one), run over the broadcast
-    arguments."""
+    arguments. As in CuPy: a parameter is `[raw] TYPE name`, TYPE `T` or a NumPy type name
+    (int64, int32, bool, ...: C's long long, int, bool); a `raw` input is the whole array, read
+    as `name[k]` with a flat (C-order) index, and takes no part in the loop's shape; `i` is the
+    loop index (the output's flat index) and `_ind.size()` the loop's size; host scalars are
+    kernel parameters (of their parameter's type), device arrays of a fixed-type parameter
+    must have its dtype (CuPy raises TypeError otherwise), and a loop with raw inputs only takes
+    its size from the outputs passed in."""
 
     made = 0
     calls = 0
+    by_name: collections.Counter = collections.Counter()  # calls per kernel name
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str):
-        self.params = [p.split() for p in in_params.split(",")]
-        self.outs = [p.split() for p in out_params.split(",")]
+        self.params = [_param(p) for p in in_params.split(",")]
+        self.outs = [_param(p) for p in out_params.split(",")]
+        if any(raw for raw, _, _ in self.outs):
+            raise NotImplementedError("the stand-in's ElementwiseKernel has no raw outputs")
         self.operation, self.name = operation, name
         CElementwiseKernel.made += 1
 
-    def _library(self, ctype: str) -> ctypes.CDLL:
-        loads = "\n".join(
-            f"        {kind} {name} = ((const {'T' if kind == 'T' else 'bool'}*)ins[{i}])[i];"
-            for i, (kind, name) in enumerate(self.params))
+    def _library(self, ctype: str, scalar: list[bool]) -> ctypes.CDLL:
+        loads = []
+        for i, ((raw, kind, name), one) in enumerate(zip(self.params, scalar, strict=True)):
+            c = _ctype(kind)
+            if raw:
+                loads.append(f"        const {c} *{name} = (const {c} *)_ins[{i}];")
+            else:  # (a host scalar: one value; a device array: broadcast to the loop's shape)
+                at = "0" if one else "i"
+                loads.append(f"        {c} {name} = ((const {c} *)_ins[{i}])[{at}];")
         # (outputs start as the arrays' values: CuPy's output parameters are references, so
         # a kernel may read them before it writes them, as an optimizer's update does)
-        decls = " ".join(f"{kind} {name} = (({kind} *)outs[{j}])[i];"
-                         for j, (kind, name) in enumerate(self.outs))
-        stores = " ".join(f"(({kind} *)outs[{j}])[i] = {name};"
-                          for j, (kind, name) in enumerate(self.outs))
+        decls = " ".join(f"{_ctype(kind)} {name} = (({_ctype(kind)} *)_outs[{j}])[i];"
+                         for j, (_, kind, name) in enumerate(self.outs))
+        stores = " ".join(f"(({_ctype(kind)} *)_outs[{j}])[i] = {name};"
+                          for j, (_, kind, name) in enumerate(self.outs))
+        operation = re.sub(r"\b_ind\.size\(\)", "_n", self.operation)
         src = f"""#include <math.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+#define CUDART_INF ((double)INFINITY)
+#define CUDART_INF_F ((float)INFINITY)
+#define CUDART_NAN ((double)NAN)
+#define CUDART_NAN_F ((float)NAN)
 typedef {ctype} T;
-void run(int64_t n, void **ins, void **outs) {{
-    for (int64_t i = 0; i < n; i++) {{
-{loads}
+void run(int64_t _n, void **_ins, void **_outs) {{
+    for (ptrdiff_t i = 0; i < _n; i++) {{
+{chr(10).join(loads)}
         {decls}
-        {self.operation.replace(chr(10), chr(10) + '        ')};
+        {operation.replace(chr(10), chr(10) + '        ')};
         {stores}
     }}
 }}
 """
         return build(src)
 
-    def __call__(self, *args):
+    def __call__(self, *args, size=None):
         """As a kernel launch: through the stand-in's _compute, so a capture records it."""
+        if size is not None:
+            raise NotImplementedError("the stand-in's ElementwiseKernel takes no size")
+        if len(args) not in (len(self.params), len(self.params) + len(self.outs)):
+            raise TypeError(f"Wrong number of arguments for {self.name!r}")
         ins, given = list(args[:len(self.params)]), list(args[len(self.params):])
+        dev = [isinstance(a, sx.ndarray) for a in ins]
         host = [a._a if isinstance(a, sx.ndarray) else np.asarray(a) for a in ins]
+        if any(not d and h.ndim for h, d in zip(host, dev, strict=True)):
+            raise TypeError("Unsupported type <class 'numpy.ndarray'>")  # (as CuPy)
+        for g in given:
+            if not isinstance(g, sx.ndarray):
+                raise TypeError("Output arguments type must be cupy.ndarray")
         if given:
-            sx._compute(self._run, (host, [g._a for g in given]), None, lambda _r: None)
+            sx._compute(self._run, (host, dev, [g._a for g in given]), None, lambda _r: None)
             return given[0] if len(given) == 1 else tuple(given)
-        made = sx._compute(self._run, (host, None), None,
+        made = sx._compute(self._run, (host, dev, None), None,
                            lambda rs: [sx._dev(r) for r in rs])
         return made[0] if len(made) == 1 else tuple(made)
 
-    def _run(self, host: list, given: list | None) -> list:
-        # T: bound by the first array of a T parameter (scalars take its type, as in CuPy)
-        t = next(h.dtype for h, (kind, _) in sorted(zip(host, self.params, strict=True),
-                                                     key=lambda hp: hp[0].ndim == 0)
-                 if kind == "T")
-        ctype = _CTYPES[t]
-        shape = np.broadcast_shapes(*[h.shape for h in host])
-        flat = [np.ascontiguousarray(np.broadcast_to(h.astype(t if k == "T" else np.bool_),
-                                                     shape)) for h, (k, _) in
-                zip(host, self.params, strict=True)]
-        results = [np.empty(shape, t if kind == "T" else np.bool_) for kind, _ in self.outs] \
+    def _run(self, host: list, dev: list, given: list | None) -> list:
+        # T: bound by the first array of a T parameter (scalars take its type, as in CuPy), or
+        # by a T output passed in
+        ts = [h.dtype for h, (_, kind, _) in sorted(zip(host, self.params, strict=True),
+                                                    key=lambda hp: hp[0].ndim == 0)
+              if kind == "T"]
+        ts += [g.dtype for g, (_, kind, _) in zip(given or [], self.outs, strict=False)
+               if kind == "T"]
+        t = ts[0] if ts else np.dtype(np.float64)
+        for h, d, (raw, kind, name) in zip(host, dev, self.params, strict=True):
+            want = t if kind == "T" else np.dtype(kind)
+            if ((d and kind != "T") or raw) and h.dtype != want:
+                raise TypeError(f"Type is mismatched. {name} {h.dtype} {want}")
+        for g, (_, kind, name) in zip(given or [], self.outs, strict=False):
+            if g.dtype != (t if kind == "T" else np.dtype(kind)):
+                raise TypeError(f"Type is mismatched. {name} {g.dtype} {kind}")
+        loop = [h.shape for h, d, (raw, _, _) in zip(host, dev, self.params, strict=True)
+                if d and not raw] + [g.shape for g in given or []]
+        if not loop:
+            raise ValueError("Loop size is undecided.")
+        shape = np.broadcast_shapes(*loop)
+        scalar = [not d for d in dev]
+        flat = []
+        for h, d, (raw, kind, _) in zip(host, dev, self.params, strict=True):
+            as_type = h.astype(t if kind == "T" else np.dtype(kind), copy=False)
+            flat.append(np.ascontiguousarray(as_type) if raw else
+                        np.ascontiguousarray(np.broadcast_to(as_type, shape if d else ())))
+        results = [np.empty(shape, t if kind == "T" else np.dtype(kind))
+                   for _, kind, _ in self.outs] \
             if given is None else [np.ascontiguousarray(g) for g in given]
-        ptrs = (ctypes.c_void_p * len(flat))(*[f.ctypes.data for f in flat])
+        ptrs = (ctypes.c_void_p * max(len(flat), 1))(*[f.ctypes.data for f in flat])
         optrs = (ctypes.c_void_p * len(results))(*[r.ctypes.data for r in results])
-        self._library(ctype).run(ctypes.c_int64(int(np.prod(shape))), ptrs, optrs)
+        self._library(_CTYPES[t], scalar).run(ctypes.c_int64(int(np.prod(shape))), ptrs,
+                                              optrs)
         CElementwiseKernel.calls += 1
+        CElementwiseKernel.by_name[self.name] += 1
         if given is not None:  # (CuPy: outputs passed in are written, and returned)
             for g, r in zip(given, results, strict=True):
                 if r is not g:
                     g[...] = r
             return given
         return results
+
+
+def _param(spec: str) -> tuple[bool, str, str]:
+    """(raw, type, name) of an ElementwiseKernel parameter `[raw] TYPE name`."""
+    words = spec.split()
+    raw = words[0] == "raw"
+    if len(words) != 2 + raw:
+        raise ValueError(f"bad parameter {spec!r}")
+    return raw, words[-2], words[-1]
+
+
+_C_NAMES = {"bool": "bool", "int8": "signed char", "uint8": "unsigned char", "int16": "short",
+            "uint16": "unsigned short", "int32": "int", "uint32": "unsigned int",
+            "int64": "long long", "uint64": "unsigned long long", "float32": "float",
+            "float64": "double"}
+
+
+def _ctype(kind: str) -> str:
+    """C's name of a parameter's type (CuPy's: long long for int64, ...)."""
+    return "T" if kind == "T" else _C_NAMES[np.dtype(kind).name]
 
 
 

@@ -329,6 +329,53 @@ def test_the_row_kernels_build_and_compute_the_host_kernels_on_cupy():
 
 
 @gpu_test
+def test_the_pooling_kernels_build_and_compute_the_host_kernels_on_cupy():
+    """trainer/kernels/poolfuse.py on CuPy: every pooling kernel (1-D to 3-D) compiles (no
+    fallback warning); MaxPool's Y and Indices (storage_order 0 and 1, ties, NaNs), its
+    backward (the gather: the host's float64 bincount) and AveragePool (count_include_pad 0
+    and 1) give the host's values, float32 and float64."""
+    from trainer.kernels import fused, nn, poolfuse
+
+    poolfuse.KERNELS.clear()  # (made anew for CuPy: no kernel another test built)
+    rng = np.random.default_rng(0)
+    cases = [((2, 3, 17), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+             ((2, 3, 15, 16), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1] * 4,
+                               "ceil_mode": 1}),
+             ((2, 3, 9, 10), {"kernel_shape": [2, 3], "dilations": [2, 1],
+                              "auto_pad": "SAME_UPPER"}),
+             ((1, 2, 5, 6, 7), {"kernel_shape": [2, 2, 3], "strides": [1, 2, 2]})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for dt in (np.float32, np.float64):
+            tol = 1e-6 if dt == np.float32 else 1e-15
+            for shape, kw in cases:
+                x = rng.integers(-4, 5, size=shape).astype(dt)  # (ties)
+                x.flat[::7] = np.nan
+                for order in (0, 1):
+                    want = nn.MaxPool(np, x, storage_order=order, **kw)
+                    got = nn.MaxPool(cp, cp.asarray(x), storage_order=order, **kw)
+                    for g, w in zip(got, want, strict=True):
+                        np.testing.assert_array_equal(cp.asnumpy(g), w)
+                (y,) = nn.MaxPool(cp, cp.asarray(x), n_outputs=1, **kw)
+                np.testing.assert_array_equal(cp.asnumpy(y), want[0])
+                _, ind = nn.MaxPool(np, x, **kw)
+                dy = (rng.normal(size=ind.shape) * 10).astype(dt)
+                (ref,) = fused.maxpool_backward(np, ind, dy, shape=list(shape))
+                (dx,) = fused.maxpool_backward(cp, cp.asarray(ind), cp.asarray(dy),
+                                               shape=list(shape),
+                                               **poolfuse.geometry_attrs(shape, kw))
+                np.testing.assert_array_equal(cp.asnumpy(dx), ref)
+                xa = rng.normal(size=shape).astype(dt)
+                for cip in (0, 1):
+                    (want,) = nn.AveragePool(np, xa, count_include_pad=cip, **kw)
+                    (got,) = nn.AveragePool(cp, cp.asarray(xa), count_include_pad=cip, **kw)
+                    np.testing.assert_allclose(cp.asnumpy(got), want, rtol=tol, atol=tol)
+    assert all(k.error is None and k._built for k in poolfuse.KERNELS.values()), \
+        [(k.what, k.error) for k in poolfuse.KERNELS.values()]
+    assert set(poolfuse.KERNELS) >= {(kind, nd) for kind in poolfuse.KINDS for nd in (1, 2, 3)}
+
+
+@gpu_test
 @pytest.mark.parametrize("kind", ["cnn", "gpt"])
 def test_bf16_trains_on_cupy_as_on_the_cpu(tmp_path, exported, kind):
     """precision bf16 on CuPy (ml_dtypes' bfloat16: cuBLAS bfloat16 GEMMs with float32

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.graph import attrs_of
-from trainer.kernels import get_kernel, nn, rowfuse
+from trainer.kernels import get_kernel, nn, poolfuse, rowfuse
 from trainer.kernels.elementwise import Erf, erf_rational
 from trainer.kernels.reduce import max_of, mean_of, squares_finite, sum_of
 from trainer.simplify import PNode, consumers, fold_constants, producers, remove_identities
@@ -203,9 +203,14 @@ def erf_float32(xp, x):
     return (erf_rational(xp, x),)
 
 
-def maxpool_backward(xp, indices, dy, *, shape):
+def maxpool_backward(xp, indices, dy, *, shape, kernel_shape=None, strides=None,
+                     dilations=None, pads=None, storage_order=0):
     """dX of MaxPool: dY added at its flat Indices into X (overlapping windows add up), one
-    bincount (sums in float64, rounded once)."""
+    bincount (sums in float64, rounded once); on a device, with the pooling's geometry (explicit
+    pads), one generated gather kernel that adds the same float64 sums (poolfuse)."""
+    if (fast := poolfuse.maxpool_backward(xp, indices, dy, shape, kernel_shape, strides,
+                                          dilations, pads, storage_order)) is not None:
+        return (fast,)
     total = math.prod(shape)
     flat = xp.bincount(indices.reshape(-1), weights=dy.reshape(-1), minlength=total)
     return (flat.astype(dy.dtype, copy=False).reshape(shape),)
@@ -686,7 +691,16 @@ def _fuse_maxpool_grad(g: _Graph) -> int:
         else:
             continue
         rest = [m for m in matched if all(m is not p for p in pre)]
-        node = PNode("MaxPoolGrad", [indices, bound[y]], [grads[x]], {"shape": list(shape)},
+        attrs = {"shape": list(shape)}
+        # the geometry of the gather kernel (poolfuse), where the Indices are this pooling's:
+        # a recomputing MaxPool with the same attributes
+        geometry = poolfuse.geometry_attrs(shape, n.attrs)
+        same = not pre or all(pre[0].attrs.get(a) == n.attrs.get(a) for a in (
+            "kernel_shape", "strides", "dilations", "pads", "auto_pad", "ceil_mode",
+            "storage_order"))
+        if geometry is not None and same:
+            attrs.update(geometry)
+        node = PNode("MaxPoolGrad", [indices, bound[y]], [grads[x]], attrs,
                      f"{n.name}/fused_grad", maxpool_backward, fused=True,
                      info={"replaces": [m.name for m in rest]})
         g.replace(rest, node)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from trainer.kernels import cached_constant, host_ints, host_scalar, kernel, matmul
+from trainer.kernels import cached_constant, host_ints, host_scalar, kernel, matmul, poolfuse
 from trainer.kernels.elementwise import low_float
 
 
@@ -442,6 +442,9 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
             pads=None, storage_order=0, strides=None, n_outputs=2):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
+    if (fast := poolfuse.maxpool(xp, x, kernel_shape, strides, dilations, pads, out,
+                                 storage_order, n_outputs > 1)) is not None:
+        return fast
     low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
                   kernel_shape, strides, dilations, out)
@@ -521,6 +524,9 @@ def AveragePool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, d
                 kernel_shape, pads=None, strides=None):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
+    if (fast := poolfuse.averagepool(xp, x, kernel_shape, strides, dilations, pads, out,
+                                     count_include_pad)) is not None:
+        return (fast,)
     acc = _acc(x)
     xw = _windows(xp, _pad(xp, x.astype(acc), pads, out, kernel_shape, strides, dilations, 0),
                   kernel_shape, strides, dilations, out)
