@@ -61,7 +61,54 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
     _read_external_data(external, str(path))
+    unknown_dims_symbolic(model)
     return model
+
+
+def unknown_dims_symbolic(model: onnx.ModelProto) -> int:
+    """Negative dimension values (-1: paddle2onnx's and some other exporters' way of writing a
+    dynamic axis, which ONNX spells as a dim_param) become dim_params of their own
+    (`unk_dim_0`, ...), in place, in the inputs, outputs and value_info of every graph;
+    returns how many. (onnxruntime reads them so too.)"""
+    taken = {d.dim_param for vi in _value_infos(model.graph)
+             for d in _dims(vi) if d.HasField("dim_param")}
+    count = 0
+    for vi in _value_infos(model.graph):
+        for d in _dims(vi):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                while f"unk_dim_{count}" in taken:
+                    count += 1
+                d.dim_param = f"unk_dim_{count}"  # (clears dim_value: a oneof)
+                taken.add(d.dim_param)
+                count += 1
+    return count
+
+
+def _value_infos(graph: onnx.GraphProto):
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _value_infos(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _value_infos(g)
+
+
+def _dims(vi: onnx.ValueInfoProto):
+    t = vi.type
+    while True:  # (sequences and optionals of tensors: their element type)
+        kind = t.WhichOneof("value")
+        if kind == "tensor_type":
+            return list(t.tensor_type.shape.dim) if t.tensor_type.HasField("shape") else []
+        if kind == "sequence_type":
+            t = t.sequence_type.elem_type
+        elif kind == "optional_type":
+            t = t.optional_type.elem_type
+        else:
+            return []
 
 
 _A = onnx.AttributeProto

@@ -48,6 +48,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         _read_external_data,
         check_model,
         stored_tensors,
+        unknown_dims_symbolic,
     )
 
     path = Path(path)
@@ -64,6 +65,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
     check_model(path, str(path))
     _read_external_data([f for f in external if _elements(f[0]) <= LARGE], str(path))
+    unknown_dims_symbolic(model)
     return model
 
 

@@ -23,6 +23,7 @@ from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
+    lift_constant_weights,
     parameter_aliases,
     quantization_scales,
     repair_exported_model,
@@ -140,6 +141,12 @@ class Trainer:
         missing = missing_kernels(self.model)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
+        lifted = lift_constant_weights(self.model)
+        if lifted:
+            self.log.info(f"{len(lifted)} float tensor(s) the exporter stored as Constant nodes "
+                          "are initializers here (trained by the same rules, exported as "
+                          f"initializers): {', '.join(lifted[:4])}"
+                          + (" ..." if len(lifted) > 4 else ""))
         untied = repair_exported_model(self.model)
         if untied:
             self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "

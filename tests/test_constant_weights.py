@@ -1,0 +1,133 @@
+"""Models whose exporter stores every weight as a Constant node and writes dynamic axes as -1, as
+paddle2onnx does (PaddleOCR's models have no initializer at all): the weights are lifted into
+initializers and train by the same rules as any model's, the -1 axes read as symbolic ones, and
+the export holds the trained weights, loadable by onnxruntime."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.families import family_config
+from trainer.autodiff.params import lift_constant_weights
+from trainer.config import config_from_dict
+from trainer.graph import load_model, unknown_dims_symbolic
+from trainer.report import model_report
+from trainer.train import Trainer
+
+
+def paddle_style(src, dst) -> onnx.ModelProto:
+    """The model at src with each initializer as a Constant node, and the batch axis of its
+    inputs and outputs as -1."""
+    m = onnx.load(str(src))
+    g = m.graph
+    consts = []
+    for t in list(g.initializer):
+        consts.append(helper.make_node("Constant", [], [t.name], value=t,
+                                       name=f"const_{t.name}"))
+    names = {t.name for t in g.initializer}
+    del g.initializer[:]
+    keep = [vi for vi in g.input if vi.name not in names]
+    del g.input[:]
+    g.input.extend(keep)
+    nodes = consts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    for vi in list(g.input) + list(g.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(m, str(dst))
+    return m
+
+
+@pytest.mark.parametrize("family", ["bn_cnn_training_form", "resnet_inference"])
+def test_constant_node_weights_train_as_initializers(zoo, tmp_path, family):
+    """The same job on the model as exported and on its Constant-node form: the same tensors
+    trained (BatchNorm running statistics updated as state), the same losses and values, and
+    the export holds them as initializers under the Constants' names, with the batch axis
+    symbolic; onnxruntime computes with them what the initializer form's export computes."""
+    d = tmp_path / "paddle"
+    d.mkdir()
+    shutil.copy(zoo[family] / "data.npz", d / "data.npz")
+    m = paddle_style(zoo[family] / "model.onnx", d / "model.onnx")
+    assert not m.graph.initializer
+    runs = {}
+    for which, folder in (("initializers", zoo[family]), ("constants", d)):
+        raw = family_config(folder, family, output=str(tmp_path / f"{which}.onnx"))
+        stream = io.StringIO()
+        t = Trainer(config_from_dict(raw, tmp_path), stream=stream)
+        t.fit()
+        runs[which] = (t, [r["loss"] for r in t.history if "loss" in r], stream.getvalue())
+    (ti, li, _), (tc, lc, log) = runs["initializers"], runs["constants"]
+    assert "float tensor(s) the exporter stored as Constant nodes are initializers here" in log
+    assert sorted(tc.names) == sorted(ti.names) and sorted(tc.state) == sorted(ti.state)
+    np.testing.assert_allclose(lc, li, rtol=1e-12)
+    vi, vc = ti.trained_values(), tc.trained_values()
+    assert set(vi) == set(vc)
+    for k, v in vi.items():
+        np.testing.assert_allclose(vc[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
+    out = onnx.load(str(tmp_path / "constants.onnx"))
+    inits = {t.name for t in out.graph.initializer}
+    assert set(vc) <= inits and not any(n.op_type == "Constant" and n.output[0] in inits
+                                        for n in out.graph.node)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "unk_dim_0"
+    x = np.load(zoo[family] / "data.npz")["x"][:5]
+    got = ort.InferenceSession(str(tmp_path / "constants.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = ort.InferenceSession(str(tmp_path / "initializers.onnx"),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_check_lists_constant_node_weights_as_parameters(zoo, tmp_path):
+    """`check` on the Constant-node form names the same parameters as on the model itself."""
+    paddle_style(zoo["bn_cnn_training_form"] / "model.onnx", tmp_path / "m.onnx")
+    want = model_report(load_model(zoo["bn_cnn_training_form"] / "model.onnx"))
+    got = model_report(load_model(tmp_path / "m.onnx"))
+    roles = {p.name: p.role for p in got.params}
+    assert roles == {p.name: p.role for p in want.params}
+    assert any(r == "parameter" for r in roles.values())
+
+
+def test_only_float_constants_of_more_than_one_element_are_lifted():
+    """Shape constants (int64), one-element floats (an exporter's epsilons) and Constants in a
+    subgraph stay Constant nodes; before IR 4 a lifted tensor is also a graph input; a model
+    with float initializers keeps its Constant nodes (its exporter's own constants)."""
+    f = onnx.TensorProto.FLOAT
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    eps = numpy_helper.from_array(np.float32(1e-5), "eps")
+    shape = numpy_helper.from_array(np.array([2, 2], np.int64), "shape")
+    inner = helper.make_graph(
+        [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+            np.ones((2, 2), np.float32), "k")),
+         helper.make_node("Add", ["y", "k"], ["z"])], "then", [],
+        [helper.make_tensor_value_info("z", f, [2, 2])])
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in (w, eps, shape)]
+    nodes += [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+              helper.make_node("Add", ["xw", "eps"], ["y0"]),
+              helper.make_node("Reshape", ["y0", "shape"], ["y"]),
+              helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+                  np.array(True), "c")),
+              helper.make_node("If", ["c"], ["out"], then_branch=inner, else_branch=inner)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [-1, 2])],
+                          [helper.make_tensor_value_info("out", f, [-1, 2])])
+    for ir in (8, 3):
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=ir)
+        assert lift_constant_weights(m) == ["w"]
+        assert [t.name for t in m.graph.initializer] == ["w"]
+        assert [n.output[0] for n in m.graph.node if n.op_type == "Constant"] == \
+            ["eps", "shape", "c"]
+        assert ("w" in [vi.name for vi in m.graph.input]) == (ir < 4)
+        assert unknown_dims_symbolic(m) == 2
+        assert [d.dim_param for vi in (m.graph.input[0], m.graph.output[0])
+                for d in vi.type.tensor_type.shape.dim[:1]] == ["unk_dim_0", "unk_dim_1"]
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.float32), "other"))
+    assert lift_constant_weights(m) == []
+    assert len([n for n in m.graph.node if n.op_type == "Constant"]) == 4
