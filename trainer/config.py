@@ -143,6 +143,60 @@ def _mapping(v: Any, key: str, base: Path) -> FrozenMap:
                       for k, x in v.items()})
 
 
+@dataclass(frozen=True)
+class ConstantInput:
+    """A graph input fed the same value at every step (data.constants): `value` (a number or
+    nested tuples of numbers), or a tensor of `shape` (ints, and "batch" for the local batch
+    size) filled with `fill`."""
+    value: Any = None
+    shape: tuple[int | str, ...] | None = None
+    fill: float = 0.0
+
+
+def _number(v: Any, key: str) -> int | float | bool:
+    if isinstance(v, (bool, int)):
+        return v
+    if isinstance(v, (float, str)):
+        try:
+            return float(v)  # (YAML 1.1 reads "1e-3" as a string)
+        except ValueError:
+            pass
+    raise _err(key, f"must be a number, got {_got(v)}")
+
+
+def _nested(v: Any, key: str) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_nested(x, f"{key}[{i}]") for i, x in enumerate(v))
+    return _number(v, key)
+
+
+def _constants(v: Any, key: str, base: Path) -> FrozenMap:
+    """data.constants: {graph input: a number | a list | {shape: [...], fill: number}}."""
+    if not isinstance(v, Mapping):
+        raise _err(key, "must be a mapping of graph input -> value (a number, a list, or "
+                        f"{{shape: [...], fill: 0}}), got {_got(v)}")
+    out = {}
+    for name, spec in v.items():
+        k = _join(key, _str(name, f"{key} (a key)", base))
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"shape", "fill"}
+            if unknown or "shape" not in spec:
+                raise _err(k, "must be a number, a list, or {shape: [...], fill: number}"
+                           + (f"; unknown key '{sorted(unknown)[0]}'" if unknown else
+                              "; 'shape' is missing"))
+            shape = spec["shape"]
+            if not isinstance(shape, (list, tuple)) or not all(
+                    d == "batch" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                    for d in shape):
+                raise _err(f"{k}.shape", "must be a list of sizes (integers >= 0, or 'batch' "
+                           f"for the batch size of each process), got {_got(shape)}")
+            out[name] = ConstantInput(shape=tuple(shape),
+                                      fill=_number(spec.get("fill", 0), f"{k}.fill"))
+        else:
+            out[name] = ConstantInput(value=_nested(spec, k))
+    return FrozenMap(out)
+
+
 def _betas(v: Any, key: str, base: Path) -> tuple[float, float]:
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         raise _err(key, f"must be a list of two numbers, got {_got(v)}")
@@ -196,6 +250,9 @@ class DataConfig:
     # device: gpu: keep the training set on the GPU and gather each batch there (no host copy
     # per step); auto: when it is in memory (not memory-mapped) and at most 1 GiB
     on_device: bool | str = _k(_auto_bool, "auto")
+    # graph inputs fed the same value at every step rather than from the dataset (a sample
+    # rate, a recurrent model's initial state: {shape: [2, batch, 128], fill: 0})
+    constants: Mapping[str, ConstantInput] = _k(_constants, factory=FrozenMap)
 
 
 @dataclass(frozen=True)

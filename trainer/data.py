@@ -253,7 +253,9 @@ def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tu
     for name, shape in expected.items():
         if name not in arrays:
             raise DataError(f"{what}: the model needs input '{name}' but the data config maps "
-                            f"only {', '.join(arrays)}")
+                            f"only {', '.join(arrays)} (an input that takes the same value at "
+                            "every step, such as a sample rate or an initial state, goes in "
+                            "data.constants)")
         got = arrays[name].shape[1:]
         want = tuple(shape[1:])
         if any(w not in (None, g) for w, g in zip(want, got, strict=False)) or \

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -426,6 +427,64 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
                                     f"(e.g. --shape {vi.name}=...)"))
         shapes[vi.name] = tuple(dims)
     return shapes
+
+
+def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
+                    fed: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """The values of `data.constants` (name -> config.ConstantInput) for a local batch of
+    `batch` samples, each in its graph input's dtype and checked against its declared shape
+    (a number fills a fully known shape); ConfigError naming the key where a name is not a
+    graph input, is also fed from the dataset (`fed`), or its value does not fit."""
+    from trainer.config import ConfigError
+
+    inits = {t.name for t in model.graph.initializer}
+    declared = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
+    fed = set(fed)
+    out = {}
+    for name, spec in specs.items():
+        key = f"config key 'data.constants.{name}'"
+        if name not in declared:
+            raise ConfigError(f"{key}: '{name}' is not an input of the model (its inputs: "
+                              f"{', '.join(declared) or 'none'})")
+        if name in fed:
+            raise ConfigError(f"{key}: '{name}' is also fed from data.train.inputs; give it "
+                              "in one place")
+        t = tensor_type(declared[name].type)
+        dtype = np_dtype(t.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if spec.shape is not None:
+            value = np.full([batch if d == "batch" else d for d in spec.shape], spec.fill)
+        else:
+            value = np.asarray(spec.value)
+            if value.ndim == 0 and dims and all(d is not None for d in dims):
+                value = np.broadcast_to(value, dims)
+        if dtype.kind in "iub" and not np.array_equal(value, np.round(value)):
+            raise ConfigError(f"{key}: input '{name}' holds {dtype} values, got "
+                              f"{value.ravel()[:4]}")
+        if t.HasField("shape") and (value.ndim != len(dims) or any(
+                d is not None and d != v for d, v in zip(dims, value.shape, strict=True))):
+            want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+            raise ConfigError(f"{key}: input '{name}' has shape {want}, the value has shape "
+                              f"{list(value.shape)}")
+        out[name] = np.array(value, dtype=dtype, order="C")  # (ascontiguousarray: 1-d)
+    return out
+
+
+def bake_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the model with the graph inputs `values` names turned into initializers of
+    those values (kept among the inputs before IR 4, where initializers are inputs too): what
+    is computed from them becomes constant, so that control flow on them (an If on a sample
+    rate) is lowered to the branch taken."""
+    if not values:
+        return model
+    m = copy.deepcopy(model)
+    g = m.graph
+    if m.ir_version >= 4:
+        keep = [vi for vi in g.input if vi.name not in values]
+        del g.input[:]
+        g.input.extend(keep)
+    g.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in values.items())
+    return m
 
 
 def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -517,7 +517,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
              batchnorm="train", precision: str = "fp32", optimizer=None, world: int = 1,
              eval_copy: bool = False, compress: str | None = None, full_model=None,
              scratch: bool = True, pooled: bool = True, batch_bytes: int = 0,
-             shard_optimizer: bool = False) -> Estimate:
+             shard_optimizer: bool = False,
+             constant_shapes: Callable[[int], Mapping[str, tuple]] | None = None) -> Estimate:
     """The memory of one training step per rank for `model` (a stripped model, see `strip`)
     at local batch `batch`; `in_shapes` gives every data input's full shape at that batch.
     Shapes come from ONNX shape inference; where it leaves some unknown, the training graph is
@@ -526,12 +527,16 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     batches 2 and 3 for kernels of at most 256 MiB (`scratch=False`: not measured). `pooled`:
     the CPU executor's static memory plan (see `walk`); `batch_bytes`: the data batches held
     on the device; `shard_optimizer`: ZeRO-1 over `world` ranks (1/N of the optimizer state,
-    plus the rank's reduced gradient shard)."""
+    plus the rank's reduced gradient shard); `constant_shapes(b)`: the shapes at local batch
+    b of the inputs fed the same value every step (data.constants), whose batch axis, if
+    any, need not be the first."""
     t0 = time.perf_counter()
     sm = compute_structure(model, precision)
 
     def at(b: int) -> dict[str, tuple[int, ...]]:
-        return {k: (b,) + tuple(v[1:]) for k, v in in_shapes.items()}
+        fixed = dict(constant_shapes(b)) if constant_shapes is not None else {}
+        return {**{k: (b,) + tuple(v[1:]) for k, v in in_shapes.items() if k not in fixed},
+                **fixed}
 
     fixed = _fixed_batch(sm)
     small_batches = (batch,) if fixed else _MEASURE_BATCHES

@@ -287,7 +287,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         prefetching,
     )
     from trainer.errors import ModelError, TrainerError, UnsupportedOpError
-    from trainer.graph import input_shapes, tensor_type
+    from trainer.graph import bake_inputs, constant_inputs, input_shapes, tensor_type
 
     problems: list[Exception] = []
     lines: list[str] = []
@@ -331,7 +331,15 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         inits = {t.name for t in structure.graph.initializer}
         data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                  for d in tensor_type(vi.type).shape.dim]
-                       for vi in structure.graph.input if vi.name not in inits}
+                       for vi in structure.graph.input if vi.name not in inits
+                       and vi.name not in cfg.data.constants}
+    constants: dict[str, np.ndarray] = {}
+    if structure is not None and cfg.data.constants and local is not None:
+        constants = attempt(constant_inputs, cfg.data.constants, structure, local,
+                            cfg.data.train.inputs) or {}
+        if constants:
+            lines.append("  data.constants: " + ", ".join(
+                f"{k} {list(v.shape)} {v.dtype}" for k, v in constants.items()))
 
     shapes: dict[str, tuple] = {}
     samples: dict[str, int] = {}
@@ -398,18 +406,32 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     else:
         copies = 1
     est = None
+    if cfg.data.constants and not constants:  # (their problem is listed: no estimate without)
+        return Preflight(lines, problems)
     try:
-        in_shapes = input_shapes(structure, local, {k: (local,) + tuple(shapes[k][1:])
-                                                    for k in data_inputs if k in shapes})
-        est = memory.estimate(memory.strip(structure), loss=cfg.loss, batch=local,
+        in_shapes = input_shapes(structure, local, {
+            **{k: (local,) + tuple(shapes[k][1:]) for k in data_inputs if k in shapes},
+            **{k: v.shape for k, v in constants.items()}})
+        # (integer and boolean data.constants are initializers of the training graph)
+        baked = {k: v for k, v in constants.items() if v.dtype.kind in "biu"}
+        in_shapes = {k: v for k, v in in_shapes.items() if k not in baked}
+        est = memory.estimate(memory.strip(bake_inputs(structure, baked)), loss=cfg.loss,
+                              batch=local,
                               in_shapes=in_shapes, trainable=cfg.trainable, frozen=cfg.frozen,
                               batchnorm=cfg.batchnorm, precision=cfg.precision,
                               optimizer=cfg.optimizer, world=world,
                               eval_copy=cfg.data.eval is not None,
-                              compress=cfg.distributed.compress, full_model=full_model,
+                              compress=cfg.distributed.compress,
+                              full_model=(lambda: bake_inputs(full_model(), baked))
+                              if baked and full_model is not None else full_model,
                               pooled=True,  # (the plan of either device)
                               batch_bytes=per_sample * local * copies + resident,
-                              shard_optimizer=cfg.distributed.shard_optimizer)
+                              shard_optimizer=cfg.distributed.shard_optimizer,
+                              constant_shapes=(lambda b: {
+                                  k: v.shape for k, v in constant_inputs(
+                                      cfg.data.constants, structure, b).items()
+                                  if k not in baked})
+                              if constants else None)
     except TrainerError as exc:
         problems.append(exc)
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on

@@ -54,6 +54,8 @@ from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpEr
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import (
+    bake_inputs,
+    constant_inputs,
     convert_floats,
     inference_form,
     input_dtypes,
@@ -186,9 +188,12 @@ class Trainer:
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
         init_names = {t.name for t in self.run_model.graph.initializer}
+        # (data.constants: graph inputs fed the same value every step, not from the dataset)
         self.data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                       for d in vi.type.tensor_type.shape.dim]
-                            for vi in self.run_model.graph.input if vi.name not in init_names}
+                            for vi in self.run_model.graph.input if vi.name not in init_names
+                            and vi.name not in cfg.data.constants}
+        self._constant_feeds: dict[int, dict] = {}
         train = cfg.data.train
         self.train_arrays = self._load(train, "data.train")
         # data.on_device: the training set on the GPU, each batch gathered there (the host
@@ -322,11 +327,33 @@ class Trainer:
         got = self._graphs.get(local_n)
         if got is None:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
-            tm = build_training_graph(self.step_model, self.cfg.loss, self.cfg.trainable,
+            # data.constants: integer and boolean ones (a sample rate, a flag) become
+            # initializers of the training graph, so that control flow on them is lowered to
+            # the branch taken; float ones (an initial state) are fed with each batch
+            values = constant_inputs(self.cfg.data.constants, self.run_model, local_n,
+                                     fed=self.cfg.data.train.inputs)
+            baked = {k: v for k, v in values.items() if v.dtype.kind in "biu"}
+            shapes.update({k: v.shape for k, v in values.items() if k not in baked})
+            tm = build_training_graph(bake_inputs(self.step_model, baked), self.cfg.loss,
+                                      self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes,
                                       batchnorm=self.cfg.batchnorm,
                                       sync_batchnorm=self.sync_bn)
             got = self._graphs[local_n] = (tm, training_info(tm))
+        return got
+
+    def _constants(self, local_n: int, fed_only: bool = False) -> dict:
+        """data.constants on the device for local batches of local_n samples (made once);
+        `fed_only`: those the training graph reads as inputs (its float ones: the integer and
+        boolean ones are its initializers, see _training_graph)."""
+        got = self._constant_feeds.get(local_n)
+        if got is None:
+            values = constant_inputs(self.cfg.data.constants, self.run_model, local_n,
+                                     fed=self.cfg.data.train.inputs)
+            got = self._constant_feeds[local_n] = {
+                k: to_device(self.xp, v, f"data.constants.{k}") for k, v in values.items()}
+        if fed_only:
+            return {k: v for k, v in got.items() if v.dtype.kind not in "biu"}
         return got
 
     def _plan(self, local_n: int) -> Plan:
@@ -555,6 +582,7 @@ class Trainer:
             plan = self._plan(n)
             plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, m)
             feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
+            feeds.update(self._constants(n, fed_only=True))
             feeds.update(self.params)
             feeds.update(self.state)
             # Weight so that summing over ranks (and micro-batches) gives the global mean; the
@@ -669,6 +697,7 @@ class Trainer:
                           seed=self.cfg.seed + self.rank, keep_all=True)
             ex.rng.reseed(self.cfg.seed, self.rank, self.step, m)
             feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
+            feeds.update(self._constants(len(next(iter(arrays.values()))), fed_only=True))
             feeds.update(self.params)
             feeds.update(self.state)
             env = ex.run(feeds)
@@ -988,6 +1017,9 @@ class Trainer:
         """The model's outputs (inference form) with the current weights, on host arrays."""
         feeds = {k: self.xp.asarray(v.astype(self.in_dtypes[k], copy=False))
                  for k, v in inputs.items()}
+        if self.cfg.data.constants and inputs:
+            n = len(next(iter(inputs.values())))
+            feeds.update({k: v for k, v in self._constants(n).items() if k not in inputs})
         feeds.update(self.params)
         feeds.update(self.state)
         return {k: to_host(v) for k, v in self._inference().run(feeds).items()}

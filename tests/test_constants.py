@@ -1,0 +1,151 @@
+"""data.constants: graph inputs fed the same value at every step instead of from the dataset (a
+sample rate, a recurrent model's initial state with its batch axis second), as silero-vad's
+exported models need: integer ones become initializers of the training graph (control flow on
+them lowered to the branch taken), float ones are fed with each batch; evaluation and export see
+the model's own inputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests import strictxp as sx
+from trainer.config import ConfigError, config_from_dict
+from trainer.errors import TrainerError
+from trainer.train import Trainer
+
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(5)
+W = RNG.standard_normal((4, 3)).astype(np.float32)
+
+
+def _model(path) -> None:
+    """y = If(sr == 16000, x @ W, Reshape(x, [-1, 5]) @ V) + ReduceSum(state, axis 0), state
+    [2, N, 3] (the branch not taken fails if it is ever run at a batch of 8)."""
+    def branch(name, w):
+        nodes = [helper.make_node("MatMul", ["x", w], [f"{name}_y"])]
+        if w == "V":
+            nodes = [helper.make_node("Reshape", ["x", "five"], ["x5"]),
+                     helper.make_node("MatMul", ["x5", w], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [
+            helper.make_tensor_value_info(f"{name}_y", F, ["N", 3])])
+    nodes = [helper.make_node("Constant", [], ["rate"], value=numpy_helper.from_array(
+                 np.array(16000, np.int64), "rate")),
+             helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["xw"], then_branch=branch("then", "W"),
+                              else_branch=branch("other", "V")),
+             helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
+             helper.make_node("Add", ["xw", "s"], ["y"])]
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", F, ["N", 4]),
+         helper.make_tensor_value_info("state", F, [2, "N", 3]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", F, ["N", 3])],
+        [numpy_helper.from_array(W, "W"),
+         numpy_helper.from_array(RNG.standard_normal((5, 3)).astype(np.float32), "V"),
+         numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+         numpy_helper.from_array(np.array([-1, 5], np.int64), "five")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def _reference(path, shift: float) -> None:
+    """What the model computes with sr 16000 and a state filled with shift / 2: x @ W + shift."""
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "shift"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", F, ["N", 4])],
+        [helper.make_tensor_value_info("y", F, ["N", 3])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.float32([shift]), "shift")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+@pytest.fixture
+def job(tmp_path):
+    _model(tmp_path / "m.onnx")
+    _reference(tmp_path / "ref.onnx", 1.0)
+    x = RNG.standard_normal((48, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, t=RNG.standard_normal((48, 3)).astype(np.float32))
+
+    def make(model="m.onnx", constants=None, **over):
+        raw = {"model": model, "output": str(tmp_path / f"out_{model}"), "device": "cpu",
+               "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                  "targets": {"t": "t"}},
+                        "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "t"}},
+                        "batch_size": 8, "shuffle": False},
+               "loss": {"type": "mse", "output": "y", "target": "t"},
+               "optimizer": {"type": "adamw", "lr": 0.01}, "steps": 6,
+               "log": {"every_steps": 1}, **over}
+        if constants is not None:
+            raw["data"]["constants"] = constants
+        return config_from_dict(raw, tmp_path)
+    return make
+
+
+CONSTANTS = {"sr": 16000, "state": {"shape": [2, "batch", 3], "fill": 0.5}}
+
+
+def _run(cfg):
+    stream = io.StringIO()
+    t = Trainer(cfg, stream=stream)
+    result = t.fit()
+    return t, [r["loss"] for r in t.history if "loss" in r], result, stream.getvalue()
+
+
+def test_constant_inputs_train_as_the_model_they_make(job, tmp_path):
+    """The model with sr and state given as constants trains exactly as the model they make
+    (x @ W + 1): same losses, weights and evaluation; the If's other branch is never run; the
+    pre-flight names them; the export keeps the model's inputs and onnxruntime runs it."""
+    t, losses, result, log = _run(job(constants=CONSTANTS))
+    rt, ref_losses, ref_result, _ = _run(job(model="ref.onnx"))
+    assert "data.constants: sr [] int64, state [2, 8, 3] float32" in log
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    np.testing.assert_allclose(t.trained_values()["W"], rt.trained_values()["W"], rtol=1e-6)
+    assert result["eval_loss"] == pytest.approx(ref_result["eval_loss"], rel=1e-6)
+    out = onnx.load(result["output"])
+    assert [vi.name for vi in out.graph.input] == ["x", "state", "sr"]
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    got = ort.InferenceSession(result["output"], providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "state": np.full((2, 5, 3), 0.5, np.float32),
+               "sr": np.array(16000, np.int64)})[0]
+    np.testing.assert_allclose(got, x @ t.trained_values()["W"] + 1.0, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_inputs_on_the_gpu_path(job, monkeypatch):
+    """Through the CuPy stand-in: the constants go to the device once per batch size, and the
+    run is the CPU run."""
+    cpu = _run(job(constants=CONSTANTS))
+    sx.install(monkeypatch)
+    gpu = _run(job(constants=CONSTANTS, device="gpu"))
+    np.testing.assert_allclose(gpu[1], cpu[1], rtol=1e-5)
+    np.testing.assert_allclose(gpu[0].trained_values()["W"], cpu[0].trained_values()["W"],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("constants,message", [
+    ({"rate": 1}, "config key 'data.constants.rate': 'rate' is not an input of the model "
+                  "(its inputs: x, state, sr)"),
+    ({"x": 1, **CONSTANTS}, "config key 'data.constants.x': 'x' is also fed from "
+                            "data.train.inputs; give it in one place"),
+    ({"sr": 16000.5, "state": CONSTANTS["state"]}, "config key 'data.constants.sr': input "
+                                                   "'sr' holds int64 values"),
+    ({"sr": 16000, "state": {"shape": [2, "batch"]}}, "config key 'data.constants.state': "
+                                                      "input 'state' has shape [2, ?, 3], the "
+                                                      "value has shape [2, 8]"),
+    ({"sr": 16000}, "the model needs input 'state' but the data config maps only x"),
+])
+def test_bad_constants_are_named_before_training(job, constants, message):
+    with pytest.raises(TrainerError) as err:
+        Trainer(job(constants=constants), stream=io.StringIO())
+    assert message in str(err.value)
+
+
+def test_the_constants_key_is_checked_when_the_config_is_read(job):
+    with pytest.raises(ConfigError, match=r"data.constants.state.shape' must be a list of "
+                                          r"sizes \(integers >= 0, or 'batch'"):
+        job(constants={"state": {"shape": [2, "N", 3]}})
