@@ -15,9 +15,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.families import family_config
-from trainer.autodiff.params import lift_constant_weights
 from trainer.config import config_from_dict
-from trainer.graph import load_model, unknown_dims_symbolic
+from trainer.graph import lift_weights, load_model, unknown_dims_symbolic
 from trainer.report import model_report
 from trainer.train import Trainer
 
@@ -64,7 +63,8 @@ def test_constant_node_weights_train_as_initializers(zoo, tmp_path, family):
         t.fit()
         runs[which] = (t, [r["loss"] for r in t.history if "loss" in r], stream.getvalue())
     (ti, li, _), (tc, lc, log) = runs["initializers"], runs["constants"]
-    assert "float tensor(s) the exporter stored as Constant nodes are initializers here" in log
+    assert "float tensor(s) the exporter stored in subgraphs or as Constant nodes are " \
+        "initializers of the main graph here" in log
     assert sorted(tc.names) == sorted(ti.names) and sorted(tc.state) == sorted(ti.state)
     np.testing.assert_allclose(lc, li, rtol=1e-12)
     vi, vc = ti.trained_values(), tc.trained_values()
@@ -119,7 +119,7 @@ def test_only_float_constants_of_more_than_one_element_are_lifted():
                           [helper.make_tensor_value_info("out", f, [-1, 2])])
     for ir in (8, 3):
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=ir)
-        assert lift_constant_weights(m) == ["w"]
+        assert lift_weights(m) == ["w"]
         assert [t.name for t in m.graph.initializer] == ["w"]
         assert [n.output[0] for n in m.graph.node if n.op_type == "Constant"] == \
             ["eps", "shape", "c"]
@@ -129,5 +129,61 @@ def test_only_float_constants_of_more_than_one_element_are_lifted():
                 for d in vi.type.tensor_type.shape.dim[:1]] == ["unk_dim_0", "unk_dim_1"]
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
     m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.float32), "other"))
-    assert lift_constant_weights(m) == []
+    assert lift_weights(m) == []
     assert len([n for n in m.graph.node if n.op_type == "Constant"]) == 4
+
+
+def _branchy(path, then_w: str, else_w: str, top: bool = False) -> None:
+    """y = If(flag, x @ then_w, x @ else_w), each weight an initializer of its branch (or of
+    the main graph with `top`), flag a constant true."""
+    rng = np.random.default_rng(2)
+    f = onnx.TensorProto.FLOAT
+    wt = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), then_w)
+    we = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), else_w)
+
+    def branch(name, w):
+        return helper.make_graph([helper.make_node("MatMul", ["x", w.name], [f"{name}_y"])],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y", f,
+                                                                          ["N", 3])],
+                                 [] if top else [w])
+    g = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", wt),
+                          else_branch=branch("other", we))], "g",
+        [helper.make_tensor_value_info("x", f, ["N", 4])],
+        [helper.make_tensor_value_info("y", f, ["N", 3])],
+        [numpy_helper.from_array(np.array(True), "flag")] + ([wt, we] if top else []))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_weights_in_subgraphs_train_as_the_main_graphs(tmp_path):
+    """Weights kept as initializers of an If's branches (spox's conversion of silero-vad keeps
+    all of them there) are moved to the main graph and train as if they had been there: the
+    same losses and values as the model with them at the top, the export holds them at the
+    top and onnxruntime runs it. Two branches defining the same name keep theirs."""
+    _branchy(tmp_path / "inner.onnx", "Wt", "We")
+    _branchy(tmp_path / "top.onnx", "Wt", "We", top=True)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 4)).astype(np.float32),
+             t=rng.standard_normal((32, 3)).astype(np.float32))
+    runs = {}
+    for name in ("inner", "top"):
+        raw = {"model": f"{name}.onnx", "output": f"out_{name}.onnx", "device": "cpu",
+               "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                  "targets": {"t": "t"}}, "batch_size": 8},
+               "loss": {"type": "mse", "output": "y", "target": "t"},
+               "optimizer": {"type": "adamw", "lr": 0.01}, "steps": 5}
+        t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+        t.fit()
+        runs[name] = t
+    assert runs["inner"].names == ["Wt"]  # (the branch taken)
+    np.testing.assert_allclose(runs["inner"].trained_values()["Wt"],
+                               runs["top"].trained_values()["Wt"], rtol=1e-6)
+    out = onnx.load(str(tmp_path / "out_inner.onnx"))
+    assert {t.name for t in out.graph.initializer} >= {"Wt", "We"}
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "out_inner.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ runs["inner"].trained_values()["Wt"], rtol=1e-5)
+    _branchy(tmp_path / "same.onnx", "W", "W")
+    m = onnx.load(str(tmp_path / "same.onnx"))
+    assert lift_weights(m) == [] and [t.name for t in m.graph.initializer] == ["flag"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -505,6 +506,101 @@ class NameScope:
             name = f"{base}_{k}"
         self.taken.add(name)
         return name
+
+
+def lift_weights(model: onnx.ModelProto) -> list[str]:
+    """Weights stored where the parameter rules do not look, made initializers of the main
+    graph, in place (the computation is unchanged; the export holds them there); returns their
+    names:
+      - float initializers of more than one element in subgraphs (an If branch, a Loop body);
+      - in a model whose exporter stored its weights as Constant nodes (paddle2onnx stores
+        every weight so, spox's conversion of silero-vad too, inside its If's branches: such
+        a model has no float initializer of more than one element), the float Constants of
+        more than one element, of the main graph and of its subgraphs. In a model with such
+        initializers the Constant nodes are the exporter's own constants (TorchScript's
+        GroupNorm keeps its InstanceNormalization's ones and zeros so) and stay.
+    A tensor of a subgraph moves only where its name is defined once in the whole model
+    (subgraphs read the main graph's names). One-element tensors (an exporter's epsilons and
+    scales) stay where they are: the rules would leave them out anyway. Run it before control
+    flow is lowered (which makes subgraph initializers Constant nodes)."""
+    g = model.graph
+    unique = _defined_once(model)
+    hoisted = []
+    for gr in _subgraphs_of(g) if model.ir_version >= 4 else ():
+        move = [t for t in gr.initializer if _is_weight(t) and t.name in unique]
+        if move:
+            names = {t.name for t in move}
+            keep = [t for t in gr.initializer if t.name not in names]
+            g.initializer.extend(move)
+            del gr.initializer[:]
+            gr.initializer.extend(keep)
+            hoisted += [t.name for t in move]
+    if any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer):
+        return hoisted
+    lifted = []
+    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
+    for gr in [g, *inner]:
+        keep = []
+        for n in gr.node:
+            t = _weight_constant(n)
+            if t is None or (gr is not g and n.output[0] not in unique):
+                keep.append(n)
+                continue
+            init = g.initializer.add()
+            init.CopyFrom(t)
+            init.name = n.output[0]
+            lifted.append(init.name)
+            if model.ir_version < 4:  # (initializers were also graph inputs before IR 4)
+                g.input.append(helper.make_tensor_value_info(init.name, init.data_type,
+                                                             list(init.dims)))
+        if len(keep) != len(gr.node):
+            del gr.node[:]
+            gr.node.extend(keep)
+    return lifted
+
+
+def has_weights_to_lift(model: onnx.ModelProto) -> bool:
+    """Whether lift_weights would change the model (without copying anything)."""
+    g = model.graph
+    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
+    if any(_is_weight(t) for sub in inner for t in sub.initializer):
+        return True  # (perhaps: unless its name is defined twice)
+    if any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer):
+        return False
+    return any(_weight_constant(n) is not None for gr in [g, *inner] for n in gr.node)
+
+
+def _defined_once(model: onnx.ModelProto) -> set[str]:
+    """Names defined (initializer, input, node output) exactly once in the whole model."""
+    count: dict[str, int] = {}
+    for gr in [model.graph, *_subgraphs_of(model.graph)]:
+        for name in ([t.name for t in gr.initializer] + [v.name for v in gr.input]
+                     + [o for n in gr.node for o in n.output if o]):
+            count[name] = count.get(name, 0) + 1
+    return {k for k, v in count.items() if v == 1}
+
+
+def _is_weight(t: onnx.TensorProto) -> bool:
+    return t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 and \
+        t.data_location != onnx.TensorProto.EXTERNAL
+
+
+def _weight_constant(n: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The float tensor of more than one element a Constant node holds, or None."""
+    if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or len(n.output) != 1 \
+            or len(n.attribute) != 1 or n.attribute[0].name != "value":
+        return None
+    return n.attribute[0].t if _is_weight(n.attribute[0].t) else None
+
+
+def _subgraphs_of(graph: onnx.GraphProto):
+    for node in graph.node:
+        for a in node.attribute:
+            inner = [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+                list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+            for g in inner:
+                yield g
+                yield from _subgraphs_of(g)
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:

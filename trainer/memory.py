@@ -237,6 +237,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         repair_exported_model,
     )
     from trainer.autodiff.subgraph import needs_lowering
+    from trainer.graph import lift_weights
 
     spec = B.LossSpec.of(loss)
     if spec.type not in B.LOSS_TYPES:
@@ -255,6 +256,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
                          f"'{missing[0]}'")
     m = _without_initializers(model)
     m.graph.initializer.extend(model.graph.initializer)
+    lift_weights(m)  # (weights in subgraphs or Constant nodes: initializers)
     try:
         repair_exported_model(m)
     except Exception:  # noqa: BLE001 - a stub source: the aliases stay shared (same bytes)

@@ -27,7 +27,7 @@ from trainer.autodiff.params import (
     tie_folded_copies,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
-from trainer.graph import node_name, np_dtype, opset_of
+from trainer.graph import lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 
 
@@ -173,6 +173,7 @@ def model_report(model: onnx.ModelProto) -> Report:
     from trainer.memory import is_stub
 
     _load_all()
+    lift_weights(model)  # (weights in subgraphs or Constant nodes: initializers)
     try:
         untied = repair_exported_model(model)
     except Exception:  # noqa: BLE001 - a shared tensor left unread (load_structure): kept shared

@@ -23,7 +23,6 @@ from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.params import (
-    lift_constant_weights,
     parameter_aliases,
     quantization_scales,
     repair_exported_model,
@@ -59,6 +58,7 @@ from trainer.graph import (
     convert_floats,
     inference_form,
     input_dtypes,
+    lift_weights,
     load_model,
     np_dtype,
     opset_of,
@@ -143,11 +143,11 @@ class Trainer:
         missing = missing_kernels(self.model)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
-        lifted = lift_constant_weights(self.model)
+        lifted = lift_weights(self.model)
         if lifted:
-            self.log.info(f"{len(lifted)} float tensor(s) the exporter stored as Constant nodes "
-                          "are initializers here (trained by the same rules, exported as "
-                          f"initializers): {', '.join(lifted[:4])}"
+            self.log.info(f"{len(lifted)} float tensor(s) the exporter stored in subgraphs or "
+                          "as Constant nodes are initializers of the main graph here (trained "
+                          f"by the same rules, exported there): {', '.join(lifted[:4])}"
                           + (" ..." if len(lifted) > 4 else ""))
         untied = repair_exported_model(self.model)
         if untied:

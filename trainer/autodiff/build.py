@@ -37,9 +37,11 @@ from trainer.graph import (
     attrs_of,
     check_model,
     elem_type,
+    has_weights_to_lift,
     input_dtypes,
     input_shapes,
     is_float_dtype,
+    lift_weights,
     node_name,
     opset_of,
     tensor_type,
@@ -228,6 +230,9 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     if spec.output not in outputs:
         raise ModelError(f"loss output '{spec.output}' is not an output of the model "
                          f"(outputs: {', '.join(outputs)})")
+    if has_weights_to_lift(model):  # (weights in subgraphs or Constant nodes: initializers)
+        model = copy.deepcopy(model)
+        lift_weights(model)
     in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
     dtypes = input_dtypes(model)
     model = lower_model(model, in_shapes, dtypes)  # static control flow, sequences: plain nodes

@@ -17,7 +17,6 @@ Parameters an exporter merged or dropped get their own tensors first (`repair_ex
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -245,61 +244,15 @@ def _folded_names_hint(names: Iterable[str]) -> str:
 
 
 def repair_exported_model(model: onnx.ModelProto) -> list[str]:
-    """Give the parameters that an exporter stored as Constant nodes initializers
-    (`lift_constant_weights`), and those a PyTorch exporter merged or dropped their own tensors
-    again, in place (`untie_identity_aliases`, then `restore_optimized_parameters`), and carry
-    over what the export records of nn.Embedding's padding_idx (`mark_padding_indices`);
-    returns the names the PyTorch repairs made into initializers. The computation is
-    unchanged: each restored tensor holds the value the merged one had (or the zeros a
-    dropped bias had)."""
-    lift_constant_weights(model)
+    """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
+    in place (`untie_identity_aliases`, then `restore_optimized_parameters`), and carry over
+    what the export records of nn.Embedding's padding_idx (`mark_padding_indices`); returns
+    the names made into initializers. The computation is unchanged: each restored tensor
+    holds the value the merged one had (or the zeros a dropped bias had). (Weights that other
+    exporters keep in subgraphs or Constant nodes: graph.lift_weights, before lowering.)"""
     restored = untie_identity_aliases(model) + restore_optimized_parameters(model)
     mark_padding_indices(model)
     return restored
-
-
-def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
-    """In a model whose exporter stored its weights as Constant nodes (paddle2onnx stores every
-    weight so: such a model has no float initializer of more than one element), the float
-    Constants of the main graph with more than one element become initializers of the same
-    name, in place, so that the parameter rules see them as they see any initializer
-    (one-element ones, an exporter's epsilons and scales, stay Constant nodes: the rules would
-    leave them out anyway). A model with such initializers is left as it is: there the
-    Constant nodes are the exporter's own constants (TorchScript's GroupNorm stores the ones
-    and zeros of its InstanceNormalization so). The computation is unchanged; the exported
-    model holds the lifted tensors as initializers. Returns their names."""
-    g = model.graph
-    if any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer):
-        return []
-    lifted, keep = [], []
-    for n in g.node:
-        t = _constant_tensor(n)
-        if t is None:
-            keep.append(n)
-            continue
-        init = g.initializer.add()
-        init.CopyFrom(t)
-        init.name = n.output[0]
-        lifted.append(init.name)
-        if model.ir_version < 4:  # (initializers were also graph inputs before IR 4)
-            g.input.append(onnx.helper.make_tensor_value_info(
-                init.name, init.data_type, list(init.dims)))
-    if lifted:
-        del g.node[:]
-        g.node.extend(keep)
-    return lifted
-
-
-def _constant_tensor(n: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The float tensor of more than one element a Constant node holds, or None."""
-    if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or len(n.output) != 1 \
-            or len(n.attribute) != 1 or n.attribute[0].name != "value":
-        return None
-    t = n.attribute[0].t
-    if t.data_type not in FLOAT_TYPES or math.prod(t.dims) <= 1 or \
-            t.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    return t
 
 
 _EMBEDDING = re.compile(r"aten\.embedding\.default\]\(args = \(%\w+, %\w+, (-?\d+)")
