@@ -23,7 +23,9 @@ from trainer.executor import Executor
 from trainer.kernels import fused, nn, poolfuse
 
 pytestmark = needs_cc
-PROPERTY = settings(max_examples=60, deadline=None,
+# (derandomized: the same examples every run, so CI cannot turn red by chance; the "long"
+# profile of tests/conftest.py explores)
+PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
@@ -131,9 +133,9 @@ def test_average_pool_is_the_host_kernel(gpu, geo, dtype, count_include_pad, spe
     assert got.shape == want.shape and got.dtype == want.dtype
     if math.prod(attrs["kernel_shape"]) <= nn._TAP_LOOP_MAX:
         np.testing.assert_array_equal(_host(got), want)
-    else:
-        np.testing.assert_allclose(_host(got), want, rtol=1e-6 if dtype == np.float32
-                                   else 1e-14)
+    else:  # (sums in another order: an absolute tolerance too, for windows that cancel)
+        tol = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(_host(got), want, rtol=tol, atol=tol)
     _no_errors()
 
 

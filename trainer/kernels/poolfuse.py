@@ -184,6 +184,11 @@ def _steps(spatial, storage_order) -> list[int]:
     return step
 
 
+def _available(xp, kind: str, nd: int) -> bool:
+    """Whether the kernel is there to run (checked before its outputs are allocated)."""
+    return _get(kind, nd).get(xp) is not None
+
+
 def _launch(xp, kind: str, nd: int, args: list, outs: list):
     """The kernel run over `outs`: True, or False where it is missing or failed (it warns once
     then)."""
@@ -206,7 +211,8 @@ def _applies(xp, x) -> bool:
 def maxpool(xp, x, kernel_shape, strides, dilations, pads, out, storage_order, indices: bool):
     """MaxPool's (Y,) or (Y, Indices) for the explicit geometry of kernels/nn.py's _geometry, or
     None where the fast path does not apply."""
-    if not _applies(xp, x):
+    if not _applies(xp, x) or not _available(xp, "maxpool" if indices else "maxpool_y",
+                                                x.ndim - 2):
         return None
     nd = x.ndim - 2
     st = _steps(x.shape[2:], storage_order)
@@ -231,7 +237,8 @@ def maxpool_backward(xp, indices, dy, shape, kernel_shape, strides, dilations, p
         return None
     nd = len(shape) - 2
     out = dy.shape[2:]
-    if len(out) != nd or tuple(dy.shape[:2]) != tuple(shape[:2]):
+    if len(out) != nd or tuple(dy.shape[:2]) != tuple(shape[:2]) or \
+            not _available(xp, "maxpool_grad", nd):
         return None
     st = _steps(shape[2:], storage_order)
     geo = [int(v) for d in range(nd) for v in (
@@ -246,7 +253,7 @@ def maxpool_backward(xp, indices, dy, shape, kernel_shape, strides, dilations, p
 def averagepool(xp, x, kernel_shape, strides, dilations, pads, out, count_include_pad):
     """AveragePool's Y for the explicit geometry of kernels/nn.py's _geometry, or None where
     the fast path does not apply."""
-    if not _applies(xp, x):
+    if not _applies(xp, x) or not _available(xp, "avgpool", x.ndim - 2):
         return None
     nd = x.ndim - 2
     geo = []
