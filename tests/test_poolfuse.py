@@ -23,8 +23,7 @@ from trainer.executor import Executor
 from trainer.kernels import fused, nn, poolfuse
 
 pytestmark = needs_cc
-# (derandomized: the same examples every run, so CI cannot turn red by chance; the "long"
-# profile of tests/conftest.py explores)
+# (derandomized: the same examples every run, so CI cannot turn red by chance)
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
