@@ -159,7 +159,8 @@ def test_weights_in_subgraphs_train_as_the_main_graphs(tmp_path):
     """Weights kept as initializers of an If's branches (spox's conversion of silero-vad keeps
     all of them there) are moved to the main graph and train as if they had been there: the
     same losses and values as the model with them at the top, the export holds them at the
-    top and onnxruntime runs it. Two branches defining the same name keep theirs."""
+    top and onnxruntime runs it. Two branches defining the same name keep theirs, and so does a
+    model with weights in its main graph."""
     _branchy(tmp_path / "inner.onnx", "Wt", "We")
     _branchy(tmp_path / "top.onnx", "Wt", "We", top=True)
     rng = np.random.default_rng(0)
@@ -187,3 +188,7 @@ def test_weights_in_subgraphs_train_as_the_main_graphs(tmp_path):
     _branchy(tmp_path / "same.onnx", "W", "W")
     m = onnx.load(str(tmp_path / "same.onnx"))
     assert lift_weights(m) == [] and [t.name for t in m.graph.initializer] == ["flag"]
+    # a model with weights in its main graph: its subgraphs' tensors are its own constants
+    m = onnx.load(str(tmp_path / "inner.onnx"))
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.float32), "main"))
+    assert lift_weights(m) == []

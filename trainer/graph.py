@@ -509,24 +509,25 @@ class NameScope:
 
 
 def lift_weights(model: onnx.ModelProto) -> list[str]:
-    """Weights stored where the parameter rules do not look, made initializers of the main
-    graph, in place (the computation is unchanged; the export holds them there); returns their
-    names:
-      - float initializers of more than one element in subgraphs (an If branch, a Loop body);
-      - in a model whose exporter stored its weights as Constant nodes (paddle2onnx stores
-        every weight so, spox's conversion of silero-vad too, inside its If's branches: such
-        a model has no float initializer of more than one element), the float Constants of
-        more than one element, of the main graph and of its subgraphs. In a model with such
-        initializers the Constant nodes are the exporter's own constants (TorchScript's
-        GroupNorm keeps its InstanceNormalization's ones and zeros so) and stay.
-    A tensor of a subgraph moves only where its name is defined once in the whole model
-    (subgraphs read the main graph's names). One-element tensors (an exporter's epsilons and
-    scales) stay where they are: the rules would leave them out anyway. Run it before control
-    flow is lowered (which makes subgraph initializers Constant nodes)."""
+    """In a model that keeps no weight among its main graph's initializers (no float initializer
+    of more than one element there: paddle2onnx stores every weight as a Constant node, spox's
+    conversion of silero-vad keeps them as Constants inside its If's branches), the weights are
+    made initializers of the main graph, in place, so that the parameter rules see them (the
+    computation is unchanged; the export holds them there); returns their names. Weights are
+    float tensors of more than one element: initializers of subgraphs (an If branch, a Loop
+    body) and Constant nodes of the main graph and of subgraphs; one of a subgraph moves only
+    where its name is defined once in the whole model (subgraphs read the main graph's names).
+    A model with such initializers is left as it is: its Constant nodes and subgraph tensors
+    are the exporter's own constants (TorchScript's GroupNorm keeps its InstanceNormalization's
+    ones and zeros as Constants; a scripted loop's tensor literals live in its body). Run it
+    before control flow is lowered (which makes subgraph initializers Constant nodes)."""
     g = model.graph
+    if _has_main_weights(g):
+        return []
     unique = _defined_once(model)
-    hoisted = []
-    for gr in _subgraphs_of(g) if model.ir_version >= 4 else ():
+    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
+    lifted = []
+    for gr in inner:
         move = [t for t in gr.initializer if _is_weight(t) and t.name in unique]
         if move:
             names = {t.name for t in move}
@@ -534,11 +535,7 @@ def lift_weights(model: onnx.ModelProto) -> list[str]:
             g.initializer.extend(move)
             del gr.initializer[:]
             gr.initializer.extend(keep)
-            hoisted += [t.name for t in move]
-    if any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer):
-        return hoisted
-    lifted = []
-    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
+            lifted += [t.name for t in move]
     for gr in [g, *inner]:
         keep = []
         for n in gr.node:
@@ -562,12 +559,15 @@ def lift_weights(model: onnx.ModelProto) -> list[str]:
 def has_weights_to_lift(model: onnx.ModelProto) -> bool:
     """Whether lift_weights would change the model (without copying anything)."""
     g = model.graph
-    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
-    if any(_is_weight(t) for sub in inner for t in sub.initializer):
-        return True  # (perhaps: unless its name is defined twice)
-    if any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer):
+    if _has_main_weights(g):
         return False
-    return any(_weight_constant(n) is not None for gr in [g, *inner] for n in gr.node)
+    inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
+    return any(_is_weight(t) for sub in inner for t in sub.initializer) or \
+        any(_weight_constant(n) is not None for gr in [g, *inner] for n in gr.node)
+
+
+def _has_main_weights(g: onnx.GraphProto) -> bool:
+    return any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer)
 
 
 def _defined_once(model: onnx.ModelProto) -> set[str]:
