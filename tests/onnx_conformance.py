@@ -126,6 +126,25 @@ def run_all(cases=None, ops: set[str] | None = None, match: str | None = None) -
     return results
 
 
+def normalized_sets(case) -> list[tuple[list, list]]:
+    """The case's (inputs, expected outputs) data sets as the engine's array types."""
+    return [([_normalize(x) for x in i], [_normalize(x) for x in o]) for i, o in case.data_sets]
+
+
+def device_failure(case, sets=None) -> str | None:
+    """Run a case on the device path (onnx_backend.prepare(model, "CUDA")): None where it
+    gives the expected outputs, else one line naming the case and the error."""
+    from trainer import onnx_backend
+
+    try:
+        rep = onnx_backend.prepare(case.model, "CUDA")
+        for inputs, outputs in normalized_sets(case) if sets is None else sets:
+            _compare(outputs, list(rep.run(inputs)), case.rtol, case.atol)
+    except Exception as exc:  # noqa: BLE001 - the caller lists every failure
+        return f"{case.name}: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
 def read_expected(path: Path = EXPECTED_FILE) -> dict[str, str]:
     """{case name: reason} from the expected-failures list (`name  # reason` lines)."""
     if not path.exists():

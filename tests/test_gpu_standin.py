@@ -256,11 +256,9 @@ def test_onnx_node_suite_on_the_gpu_path(gpu):
     """Every case of ONNX's node suite that passes on the CPU and whose tensors a GPU can hold
     (about 1500: float ops, integer ops, strings on the host, sequences), through
     onnx_backend.prepare(model, "CUDA") against the case's expected outputs."""
-    from tests.onnx_conformance import EXPECTED_FILE, _compare, _normalize, collect
-    from trainer import onnx_backend
+    from tests.onnx_conformance import collect, device_failure, normalized_sets, read_expected
 
-    expected = {ln.split()[0] for ln in EXPECTED_FILE.read_text().splitlines()
-                if ln and not ln.startswith("#")}
+    expected = set(read_expected())
 
     def holdable(x) -> bool:
         if x is None:
@@ -276,17 +274,12 @@ def test_onnx_node_suite_on_the_gpu_path(gpu):
         for case in collect():
             if case.name in expected:
                 continue
-            sets = [([_normalize(x) for x in i], [_normalize(x) for x in o])
-                    for i, o in case.data_sets]
+            sets = normalized_sets(case)
             if not all(holdable(x) for i, o in sets for x in i + o):
                 continue
             ran += 1
-            try:
-                rep = onnx_backend.prepare(case.model, "CUDA")
-                for inputs, outputs in sets:
-                    _compare(outputs, list(rep.run(inputs)), case.rtol, case.atol)
-            except Exception as exc:  # noqa: BLE001 - every failure is listed
-                failures.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:200]}")
+            if (failure := device_failure(case, sets)) is not None:
+                failures.append(failure)
     assert ran > 1400
     assert not failures, "\n".join(failures)
 

@@ -342,28 +342,21 @@ def test_onnx_node_suite_pooling_cases_with_generated_kernels(gpu):
     """ONNX's node suite's MaxPool and AveragePool cases (tests/test_gpu_standin.py's test,
     those cases only) on the device path with the kernels run as compiled C: the expected
     outputs, every case through a generated kernel."""
-    from tests.onnx_conformance import EXPECTED_FILE, _compare, _normalize, collect
-    from trainer import onnx_backend
+    from tests.onnx_conformance import collect, device_failure, normalized_sets, read_expected
 
-    expected = {ln.split()[0] for ln in EXPECTED_FILE.read_text().splitlines()
-                if ln and not ln.startswith("#")}
+    expected = set(read_expected())
     failures, ran = [], 0
     for case in collect():
         if case.name in expected or not case.name.startswith(("test_maxpool",
                                                                "test_averagepool")):
             continue
-        sets = [([_normalize(x) for x in i], [_normalize(x) for x in o])
-                for i, o in case.data_sets]
+        sets = normalized_sets(case)
         if any(x.dtype not in (np.float32, np.float64) for i, _ in sets for x in i):
             continue
         ran += 1
         before = CElementwiseKernel.calls
-        try:
-            rep = onnx_backend.prepare(case.model, "CUDA")
-            for inputs, outputs in sets:
-                _compare(outputs, list(rep.run(inputs)), case.rtol, case.atol)
-        except Exception as exc:  # noqa: BLE001 - every failure is listed
-            failures.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:200]}")
+        if (failure := device_failure(case, sets)) is not None:
+            failures.append(failure)
         if CElementwiseKernel.calls == before:
             failures.append(f"{case.name}: no generated kernel ran")
     assert ran >= 35, ran
