@@ -98,7 +98,8 @@ def test_check_lists_constant_node_weights_as_parameters(zoo, tmp_path):
 def test_only_float_constants_of_more_than_one_element_are_lifted():
     """Shape constants (int64), one-element floats (an exporter's epsilons) and Constants in a
     subgraph stay Constant nodes; before IR 4 a lifted tensor is also a graph input; a model
-    with float initializers keeps its Constant nodes (its exporter's own constants)."""
+    with float or quantized (int8) weight initializers keeps its Constant nodes (its
+    exporter's own constants, or data)."""
     f = onnx.TensorProto.FLOAT
     w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
     eps = numpy_helper.from_array(np.float32(1e-5), "eps")
@@ -127,10 +128,11 @@ def test_only_float_constants_of_more_than_one_element_are_lifted():
         assert unknown_dims_symbolic(m) == 2
         assert [d.dim_param for vi in (m.graph.input[0], m.graph.output[0])
                 for d in vi.type.tensor_type.shape.dim[:1]] == ["unk_dim_0", "unk_dim_1"]
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
-    m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.float32), "other"))
-    assert lift_weights(m) == []
-    assert len([n for n in m.graph.node if n.op_type == "Constant"]) == 4
+    for weight in (np.ones((2, 2), np.float32), np.ones((2, 2), np.int8)):  # (int8: quantized)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+        m.graph.initializer.append(numpy_helper.from_array(weight, "other"))
+        assert lift_weights(m) == []
+        assert len([n for n in m.graph.node if n.op_type == "Constant"]) == 4
 
 
 def _branchy(path, then_w: str, else_w: str, top: bool = False) -> None:

@@ -509,17 +509,18 @@ class NameScope:
 
 
 def lift_weights(model: onnx.ModelProto) -> list[str]:
-    """In a model that keeps no weight among its main graph's initializers (no float initializer
-    of more than one element there: paddle2onnx stores every weight as a Constant node, spox's
-    conversion of silero-vad keeps them as Constants inside its If's branches), the weights are
-    made initializers of the main graph, in place, so that the parameter rules see them (the
-    computation is unchanged; the export holds them there); returns their names. Weights are
-    float tensors of more than one element: initializers of subgraphs (an If branch, a Loop
-    body) and Constant nodes of the main graph and of subgraphs; one of a subgraph moves only
-    where its name is defined once in the whole model (subgraphs read the main graph's names).
-    A model with such initializers is left as it is: its Constant nodes and subgraph tensors
-    are the exporter's own constants (TorchScript's GroupNorm keeps its InstanceNormalization's
-    ones and zeros as Constants; a scripted loop's tensor literals live in its body). Run it
+    """In a model that keeps no weight among its main graph's initializers (no float or
+    quantized initializer of more than one element there: paddle2onnx stores every weight as a
+    Constant node, spox's conversion of silero-vad keeps them as Constants inside its If's
+    branches), the weights are made initializers of the main graph, in place, so that the
+    parameter rules see them (the computation is unchanged; the export holds them there);
+    returns their names. Weights are float tensors of more than one element: initializers of
+    subgraphs (an If branch, a Loop body) and Constant nodes of the main graph and of
+    subgraphs; one of a subgraph moves only where its name is defined once in the whole model
+    (subgraphs read the main graph's names). A model with such initializers is left as it is:
+    its Constant nodes and subgraph tensors are the exporter's own constants (TorchScript's
+    GroupNorm keeps its InstanceNormalization's ones and zeros as Constants; a scripted loop's
+    tensor literals live in its body; a quantized model's float Constants are data). Run it
     before control flow is lowered (which makes subgraph initializers Constant nodes)."""
     g = model.graph
     if _has_main_weights(g):
@@ -566,8 +567,17 @@ def has_weights_to_lift(model: onnx.ModelProto) -> bool:
         any(_weight_constant(n) is not None for gr in [g, *inner] for n in gr.node)
 
 
+# Quantized weights are stored in these (QDQ's DequantizeLinear input, MatMulInteger's and
+# QLinearConv's weights): a model holding them keeps its weights in its initializers.
+_QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                    onnx.TensorProto.UINT4}
+
+
 def _has_main_weights(g: onnx.GraphProto) -> bool:
-    return any(t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 for t in g.initializer)
+    """Whether the main graph keeps weights among its initializers: a float or quantized
+    (8- or 4-bit integer) tensor of more than one element."""
+    return any((t.data_type in FLOAT_TYPES or t.data_type in _QUANTIZED_TYPES)
+               and math.prod(t.dims) > 1 for t in g.initializer)
 
 
 def _defined_once(model: onnx.ModelProto) -> set[str]:
