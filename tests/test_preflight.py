@@ -167,6 +167,32 @@ def test_fixed_batch_dimension_is_named(tmp_path, digits_config):
     assert t.fit()["steps"] == 2
 
 
+def test_a_loss_output_without_the_batch_first_is_refused(tmp_path, digits_config):
+    """A recurrent model's [T, N, C] output (ddddocr's CRNN exports one, at batch 1): its
+    targets would be broadcast over T rather than compared row by row, so the pre-flight (and
+    the trainer) say the output's first axis is not the batch."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("Transpose", ["h"], ["y"], perm=[1, 0, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "N", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]),
+              str(tmp_path / "t.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 2, 4), np.float32),
+             t=np.zeros((8, 1, 3), np.float32))  # (per sample [1, 3], as y's [1:] at batch 1)
+    raw = digits_config(model=str(tmp_path / "t.onnx"),
+                        data={"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                                        "targets": {"target": "t"}}, "batch_size": 1},
+                        loss={"type": "mse", "output": "y", "target": "target"})
+    with pytest.raises(DataError, match=r"the mse loss output 'y' has shape \[2, 1, 3\] for "
+                                        r"batches of 1 sample\(s\): its first axis is not the "
+                                        r"batch"):
+        trainer(tmp_path, raw)
+    with pytest.raises(DataError, match="its first axis is not the batch"):  # (the trainer's)
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO(), check=False)
+
+
 def test_class_axis_that_does_not_exist(tmp_path, digits_config):
     raw = digits_config()
     raw["loss"]["class_axis"] = 2

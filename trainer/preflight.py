@@ -82,6 +82,17 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
                         f"(label {ignore_index} marks a position to ignore, as loss.ignore_index)")
 
 
+def batch_first_output(out_shape: tuple, local: int, output: str, loss: str) -> None:
+    """A loss that takes targets per sample needs its output's first axis to be the batch: an
+    output of another layout (a recurrent model's [T, N, C]) would meet its targets broadcast
+    instead of row by row."""
+    if out_shape and out_shape[0] != local:
+        raise DataError(f"the {loss} loss output '{output}' has shape {list(out_shape)} for "
+                        f"batches of {local} sample(s): its first axis is not the batch, so its "
+                        "targets cannot be given per sample (export the model with the batch "
+                        "axis first, or give the loss an output that has it)")
+
+
 def regression_targets(targets: np.ndarray, name: str, what: str,
                        per_sample: tuple[int, ...], output: str) -> None:
     if tuple(targets.shape[1:]) != tuple(per_sample):

@@ -459,7 +459,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                 + f", exceeds the {memory.human(free)} of {what}: lower data.batch_size, "
                 "freeze parameters, use fewer processes per node, or set memory_check: false "
                 "to start anyway"))
-        _check_labels(cfg, out_shape, problems, load_arrays)
+        # (a fixed batch the data does not fit is its own problem, listed above)
+        fits = all(not dims or dims[0] in (None, local) for dims in data_inputs.values())
+        _check_labels(cfg, out_shape, problems, load_arrays, local if fits else None)
     return Preflight(lines, problems, est, out_shape)
 
 
@@ -477,13 +479,20 @@ def _memory_lines(est) -> list[str]:
     return lines
 
 
-def _check_labels(cfg, out_shape, problems: list, load_arrays) -> None:
-    """The loss targets' values against the loss output (as the trainer checks them later)."""
+def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None) -> None:
+    """The loss targets' values against the loss output (as the trainer checks them later);
+    with `local`, the output's first axis against the batch of each process."""
     from trainer import preflight as checks
     from trainer.errors import TrainerError
 
     spec = cfg.loss
     if spec.type == "output" or not out_shape:
+        return
+    try:
+        if local is not None:
+            checks.batch_first_output(tuple(out_shape), local, spec.output, spec.type)
+    except TrainerError as exc:
+        problems.append(exc)
         return
     for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is None or spec.target not in ds.targets:

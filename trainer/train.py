@@ -311,8 +311,9 @@ class Trainer:
         spec = self.cfg.loss
         if spec.type == "output":
             return
-        plan = next(iter(self.plans.values()))
+        local, plan = next(iter(self.plans.items()))
         shape = plan.out_shape
+        preflight.batch_first_output(shape, local, spec.output, spec.type)
         labels = arrays[spec.target]
         if spec.type == "mse":
             preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
