@@ -257,12 +257,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    type: str = _k(_str, choices=("cross_entropy", "mse", "output"))
+    type: str = _k(_str, choices=("cross_entropy", "mse", "ctc", "output"))
     output: str = _k(_str)
-    target: str | None = _k(_str, None, only=("cross_entropy", "mse"),
-                            required_for=("cross_entropy", "mse"))
+    target: str | None = _k(_str, None, only=("cross_entropy", "mse", "ctc"),
+                            required_for=("cross_entropy", "mse", "ctc"))
     class_axis: int = _k(_int, -1, only=("cross_entropy",))
     ignore_index: int = _k(_int, -100, only=("cross_entropy",))
+    # ctc: the blank class (the output is [N, T, classes]; labels [N, S], ended by a negative)
+    blank: int = _k(_int, 0, only=("ctc",), check=(lambda v: v >= 0, "must be >= 0"))
 
 
 # torch.optim's defaults where they depend on the type (sgd keeps this project's lr 0.1);

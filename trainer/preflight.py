@@ -93,6 +93,38 @@ def batch_first_output(out_shape: tuple, local: int, output: str, loss: str) -> 
                         "axis first, or give the loss an output that has it)")
 
 
+def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: int, steps: int,
+               output: str) -> None:
+    """CTC label rows [N, S]: class indices other than the blank, ended by negative padding,
+    each row short enough to align with the output's time steps (its labels plus a blank
+    between each repeated pair); the first bad one is named."""
+    if labels.dtype.kind not in "iu" or labels.ndim != 2:
+        raise DataError(f"{what}: target '{name}' must hold integer label rows [N, S] (a row "
+                        f"ends at its first negative entry), got {labels.dtype} "
+                        f"{list(labels.shape)}")
+    labels = np.asarray(labels)
+    valid = np.cumprod(labels >= 0, axis=1).astype(bool)
+    late = (labels >= 0) & ~valid
+    if late.any():
+        i, j = np.argwhere(late)[0]
+        raise DataError(f"{what}: target '{name}' has a label after its padding at sample {i} "
+                        f"(position {j}): a row's labels end at its first negative entry")
+    for bad, text in (((labels >= classes) & valid, None), ((labels == blank) & valid, "blank")):
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise DataError(
+                f"{what}: target '{name}' holds the blank class {blank} at sample {i}, position "
+                f"{j}: labels are the other classes" if text else
+                f"{what}: target '{name}' holds {int(labels[i, j])} at sample {i}, position {j}, "
+                f"outside [0, {classes}) for the {classes} classes of '{output}'")
+    repeats = ((labels[:, 1:] == labels[:, :-1]) & valid[:, 1:]).sum(axis=1)
+    need = valid.sum(axis=1) + repeats
+    if (need > steps).any():
+        i = int(np.flatnonzero(need > steps)[0])
+        raise DataError(f"{what}: target '{name}' needs {int(need[i])} time steps at sample {i} "
+                        f"(its labels, and a blank between repeats), but '{output}' has {steps}")
+
+
 def regression_targets(targets: np.ndarray, name: str, what: str,
                        per_sample: tuple[int, ...], output: str) -> None:
     if tuple(targets.shape[1:]) != tuple(per_sample):

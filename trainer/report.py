@@ -504,6 +504,10 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
                 checks.regression_targets(labels, spec.target, what, out_shape[1:],
                                           spec.output)
                 continue
+            if spec.type == "ctc":
+                checks.ctc_labels(np.asarray(labels), spec.target, what, out_shape[-1],
+                                  spec.blank, out_shape[1], spec.output)
+                continue
             axis = spec.class_axis % len(out_shape)
             per_sample = tuple(d for i, d in enumerate(out_shape) if i != axis)[1:]
             if labels.dtype.kind in "iu":

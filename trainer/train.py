@@ -64,6 +64,7 @@ from trainer.graph import (
     opset_of,
 )
 from trainer.kernels.collective import collectives
+from trainer.kernels.ctc import CTCLoss
 from trainer.kernels.reduce import squares_finite
 from trainer.memory import human
 from trainer.metrics import MetricsLogger
@@ -184,6 +185,9 @@ class Trainer:
                 f"dynamic (x{ls.growth_factor:g} after {ls.growth_interval} finite steps, "
                 f"x{ls.backoff_factor:g} and the step skipped when a gradient overflows)"
                 if ls.dynamic else "static (a step whose gradients overflow is skipped)"))
+        # (cross entropy and ctc on a Softmax's output train on its input: evaluation takes the
+        # output's log, as the training graph's log-softmax of that input)
+        self._softmax_output = _softmax_output(self.run_model, cfg.loss)
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
@@ -274,7 +278,7 @@ class Trainer:
         """The type the engine computes `name` in (None: as stored)."""
         if name in self.in_dtypes:
             return self.in_dtypes[name]
-        if self.cfg.loss.type == "cross_entropy":
+        if self.cfg.loss.type in ("cross_entropy", "ctc"):  # (class labels)
             return np.dtype(np.int64) if a.dtype.kind in "iu" else None
         # mse targets take the dtype of the output they are compared with
         if a.dtype.kind not in "fiu":
@@ -317,6 +321,10 @@ class Trainer:
         labels = arrays[spec.target]
         if spec.type == "mse":
             preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
+            return
+        if spec.type == "ctc":
+            preflight.ctc_labels(labels, spec.target, what, shape[-1], spec.blank, shape[1],
+                                 spec.output)
             return
         axis = spec.class_axis % len(shape)
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
@@ -1038,7 +1046,7 @@ class Trainer:
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
             out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
-                               len(next(iter(chunk.values()))))
+                               len(next(iter(chunk.values()))), self._softmax_output)
         if self.world > 1:
             self.comm.allreduce_(sums, label="evaluation sums")
         metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
@@ -1353,19 +1361,48 @@ def owned(xp, a):
     return xp.array(a, copy=True, order="C")
 
 
-def _loss_sums(spec, out: np.ndarray, target, n: int) -> np.ndarray:
+def _softmax_output(model: onnx.ModelProto, spec) -> bool:
+    """Whether the loss reads a Softmax's output over its class axis (what the training graph
+    replaces by the Softmax's input: autodiff.build._logits_of_softmax)."""
+    if spec.type not in ("cross_entropy", "ctc"):
+        return False
+    producer = next((n for n in model.graph.node if spec.output in n.output), None)
+    out = next((o for o in model.graph.output if o.name == spec.output), None)
+    if producer is None or producer.op_type != "Softmax" or out is None:
+        return False
+    rank = len(out.type.tensor_type.shape.dim)
+    if not rank:
+        return False
+    opset = opset_of(model)
+    axis = next((a.i for a in producer.attribute if a.name == "axis"),
+                -1 if opset >= 13 else 1) % rank
+    class_axis = (spec.class_axis if spec.type == "cross_entropy" else -1) % rank
+    return axis == class_axis and (opset >= 13 or axis == rank - 1)
+
+
+def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False
+               ) -> np.ndarray:
     """[sum of per-item losses, correct predictions, items] for one eval chunk of n samples;
-    items are samples, or for cross entropy the labels that are not loss.ignore_index."""
+    items are samples, or for cross entropy the labels that are not loss.ignore_index.
+    `probabilities`: the output is a Softmax's (the loss trained on its input: its log-softmax
+    is the output's log)."""
     if spec.type == "output":  # the model's own loss, taken as the mean over the chunk
         return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n)])
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
         return np.array([per.sum(), 0.0, out.shape[0]])
-    axis = spec.class_axis % out.ndim
+    axis = spec.class_axis % out.ndim if spec.type == "cross_entropy" else out.ndim - 1
+    if probabilities:
+        with np.errstate(divide="ignore"):
+            logp = np.log(out)
+    else:
+        z = out - out.max(axis=axis, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    if spec.type == "ctc":
+        nll, count = CTCLoss(np, logp, np.asarray(target), blank=spec.blank)
+        return np.array([float((nll / count).sum()), 0.0, float(out.shape[0])])
     valid = target != spec.ignore_index
     safe = np.where(valid, target, 0)
-    z = out - out.max(axis=axis, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
     picked = np.take_along_axis(logp, np.expand_dims(safe, axis), axis=axis).squeeze(axis)
     correct = ((out.argmax(axis=axis) == target) & valid).sum()
     return np.array([-(picked * valid).sum(), float(correct), float(valid.sum())])

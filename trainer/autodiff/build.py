@@ -48,7 +48,7 @@ from trainer.graph import (
 )
 
 META_KEY = "onnx_trainer.training"
-LOSS_TYPES = ("cross_entropy", "mse", "output")
+LOSS_TYPES = ("cross_entropy", "mse", "ctc", "output")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class LossSpec:
     target: str | None = None
     class_axis: int = -1
     ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
+    blank: int = 0  # ctc: the blank class
 
     @classmethod
     def of(cls, spec) -> LossSpec:
@@ -67,7 +68,8 @@ class LossSpec:
             return cls(**dict(spec))
         return cls(type=spec.type, output=spec.output, target=spec.target,
                    class_axis=getattr(spec, "class_axis", -1),
-                   ignore_index=getattr(spec, "ignore_index", -100))
+                   ignore_index=getattr(spec, "ignore_index", -100),
+                   blank=getattr(spec, "blank", 0))
 
 
 @dataclass(frozen=True)
@@ -567,7 +569,7 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int) -> LossSpec:
     """Cross entropy over a model that ends in Softmax (probabilities, as many exported
     classifiers do) is computed from the Softmax's input: applying softmax twice would train
     with vanishing gradients. The model's output itself is unchanged."""
-    if spec.type != "cross_entropy":
+    if spec.type not in ("cross_entropy", "ctc"):
         return spec
     producer = next((n for n in nodes if spec.output in n.output), None)
     if producer is None or producer.op_type != "Softmax" or producer.input[0] not in shapes:
@@ -575,7 +577,7 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int) -> LossSpec:
     rank = len(shapes[spec.output][0])
     default = -1 if opset >= 13 else 1
     axis = attrs_of(producer).get("axis", default) % rank
-    class_axis = spec.class_axis % rank
+    class_axis = (spec.class_axis if spec.type == "cross_entropy" else -1) % rank
     if axis == class_axis and (opset >= 13 or axis == rank - 1):
         return dataclasses.replace(spec, output=producer.input[0])
     return spec
@@ -599,6 +601,8 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
         raise ModelError(f"loss type '{spec.type}' needs a target name")
     loss = scope.fresh("loss")
     target = scope.fresh(spec.target)
+    if spec.type == "ctc":
+        return _ctc_loss(spec, b, out_shape, target, loss, nodes, targets)
     if spec.type == "mse":
         targets.append(helper.make_tensor_value_info(target, elem_type(dt), list(out_shape)))
         d, sq = b.tmp("diff"), b.tmp("sq")
@@ -627,6 +631,30 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target],
                         [loss, b.tmp("log_prob")], reduction="mean",
                         ignore_index=spec.ignore_index))
+    return nodes, loss, targets
+
+
+def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nodes: list,
+              targets: list):
+    """CTC over scores [N, T, classes] (logits: a Softmax's input where the model ends in one)
+    and labels [N, S]: log_softmax, the ai.onnx_trainer CTCLoss per sample, each divided by
+    its label count, the mean over the batch (torch's ctc_loss, reduction mean)."""
+    if len(out_shape) != 3:
+        raise ModelError(f"the ctc loss needs scores [batch, time, classes]; '{spec.output}' has "
+                         f"shape {list(out_shape)}")
+    if not 0 <= spec.blank < out_shape[2]:
+        raise ModelError(f"loss.blank {spec.blank} is not a class of '{spec.output}' "
+                         f"({out_shape[2]} classes)")
+    from trainer.kernels import CUSTOM_DOMAIN
+
+    targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64,
+                                                 [out_shape[0], "ctc_labels"]))
+    logp, nll, count, per = b.tmp("log_probs"), b.tmp("nll"), b.tmp("count"), b.tmp("per")
+    nodes += [b.node("LogSoftmax", [spec.output], [logp], axis=2),
+              b.node("CTCLoss", [logp, target], [nll, count], domain=CUSTOM_DOMAIN,
+                     blank=spec.blank),
+              b.node("Div", [nll, count], [per]),
+              b.reduce("ReduceMean", per, [0], loss, keepdims=0)]
     return nodes, loss, targets
 
 

@@ -1,0 +1,203 @@
+"""The ctc loss (kernels/ctc.py, the CTCLoss rule, `loss.type: ctc`) against PyTorch's ctc_loss:
+per-sample values, gradients through log_softmax, float64 finite differences, and a training run
+of a small recognizer that ends in Softmax (as PaddleOCR's does) step for step."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer.config import config_from_dict
+from trainer.errors import TrainerError
+from trainer.kernels.ctc import CTCLoss, CTCLossGrad
+from trainer.train import Trainer
+
+torch = pytest.importorskip("torch")
+
+
+def _case(seed: int, n=4, t=12, c=6, s=5, blank=0):
+    """Random log-probabilities [N, T, C] and labels [N, S] padded with -1, with repeats, an
+    empty row, and a row that only just fits (labels + repeats = T)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, t, c))
+    classes = [k for k in range(c) if k != blank]
+    labels = np.full((n, s), -1, np.int64)
+    lengths = [s, 0, 3, 2][:n]
+    for i, length in enumerate(lengths):
+        labels[i, :length] = rng.choice(classes, length)
+    labels[0, 1] = labels[0, 0]  # a repeat: needs a blank between
+    return logits, labels, lengths
+
+
+def _torch(logits, labels, lengths, blank, reduction):
+    x = torch.tensor(logits, requires_grad=True)
+    lp = torch.log_softmax(x, dim=2)
+    targets = torch.tensor(np.concatenate([labels[i, :k] for i, k in enumerate(lengths)]))
+    loss = torch.nn.functional.ctc_loss(
+        lp.transpose(0, 1), targets, torch.full((len(lengths),), logits.shape[1]),
+        torch.tensor(lengths), blank=blank, reduction=reduction)
+    return x, loss
+
+
+def _log_softmax(x):
+    z = x - x.max(axis=2, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=2, keepdims=True))
+
+
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ctc_values_and_gradients_are_torchs(seed, blank):
+    logits, labels, lengths = _case(seed, blank=blank)
+    lp = _log_softmax(logits)
+    nll, count = CTCLoss(np, lp, labels, blank=blank)
+    _, want = _torch(logits, labels, lengths, blank, "none")
+    np.testing.assert_allclose(nll, want.detach().numpy(), rtol=1e-10)
+    np.testing.assert_array_equal(count, np.maximum(lengths, 1))
+    # the mean loss's gradient with respect to the logits (through log_softmax, as the graph)
+    x, loss = _torch(logits, labels, lengths, blank, "mean")
+    loss.backward()
+    dnll = 1.0 / (count * len(lengths))
+    (d_lp,) = CTCLossGrad(np, lp, labels, dnll, blank=blank)
+    d_x = d_lp - np.exp(lp) * d_lp.sum(axis=2, keepdims=True)
+    np.testing.assert_allclose(d_x, x.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_ctc_gradient_is_the_finite_difference_of_its_loss():
+    """CTCLossGrad is the derivative of CTCLoss's nll with respect to each log-probability
+    taken on its own (float64 central differences)."""
+    logits, labels, _ = _case(7, n=3, t=7, c=4, s=3)
+    lp = _log_softmax(logits)
+    w = np.array([0.5, -1.0, 2.0])
+    (grad,) = CTCLossGrad(np, lp, labels, w)
+    rng = np.random.default_rng(0)
+    for idx in [tuple(rng.integers(0, d) for d in lp.shape) for _ in range(40)]:
+        up, down = lp.copy(), lp.copy()
+        up[idx] += 1e-6
+        down[idx] -= 1e-6
+        fd = (w @ CTCLoss(np, up, labels)[0] - w @ CTCLoss(np, down, labels)[0]) / 2e-6
+        assert grad[idx] == pytest.approx(fd, rel=1e-5, abs=1e-8), idx
+
+
+def test_an_alignment_that_cannot_exist_is_an_infinite_loss():
+    lp = _log_softmax(np.zeros((1, 3, 4)))
+    nll, _ = CTCLoss(np, lp, np.array([[1, 1, 2]]))  # 1 _ 1 2 needs 4 steps, 3 given
+    assert np.isinf(nll[0])
+
+
+def _recognizer(path, w, b):
+    """[N, T, F] @ W + b -> Softmax over the classes: a recognizer head ending in probabilities
+    (the ctc loss takes the Softmax's input)."""
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"],
+                                                                       ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10, 5])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_recognizer_trains_with_ctc_as_in_pytorch(tmp_path):
+    """`loss: {type: ctc}` on a model ending in Softmax: PyTorch's Linear + log_softmax +
+    ctc_loss (mean) from the same weights and batches, SGD, six steps: the same losses and
+    weights; evaluation reports the same loss on the probabilities (their log)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((8, 5)) * 0.3).astype(np.float32)
+    b = np.zeros(5, np.float32)
+    _recognizer(tmp_path / "m.onnx", w, b)
+    x = rng.standard_normal((24, 10, 8)).astype(np.float32)
+    labels = np.full((24, 4), -1, np.int64)
+    for i in range(24):
+        k = int(rng.integers(1, 5))
+        labels[i, :k] = rng.integers(1, 5, k)
+    np.savez(tmp_path / "d.npz", x=x, y=labels)
+    raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu", "precision": "fp64",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8, "shuffle": False},
+           "loss": {"type": "ctc", "output": "probs", "target": "t", "blank": 0},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 6, "log": {"every_steps": 1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    result = t.fit()
+    ours = [r["loss"] for r in t.history if "loss" in r]
+
+    lin = torch.nn.Linear(8, 5).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(w.T, dtype=torch.float64))
+        lin.bias.zero_()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    want = []
+    for step in range(6):
+        lo = (step % 3) * 8
+        xb, yb = torch.tensor(x[lo:lo + 8], dtype=torch.float64), labels[lo:lo + 8]
+        lengths = [(row >= 0).sum() for row in yb]
+        lp = torch.log_softmax(lin(xb), dim=2)
+        loss = torch.nn.functional.ctc_loss(
+            lp.transpose(0, 1), torch.tensor(np.concatenate([r[r >= 0] for r in yb])),
+            torch.full((8,), 10), torch.tensor(lengths), blank=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    np.testing.assert_allclose(ours, want, rtol=1e-9)
+    got = t.trained_values()
+    np.testing.assert_allclose(got["W"], lin.weight.detach().numpy().T, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        lp = torch.log_softmax(lin(torch.tensor(x, dtype=torch.float64)), dim=2)
+        lengths = [(row >= 0).sum() for row in labels]
+        per = torch.nn.functional.ctc_loss(
+            lp.transpose(0, 1), torch.tensor(np.concatenate([r[r >= 0] for r in labels])),
+            torch.full((24,), 10), torch.tensor(lengths), blank=0, reduction="none")
+        want_eval = float((per / torch.tensor(lengths)).mean())
+    assert result["eval_loss"] == pytest.approx(want_eval, rel=1e-6)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array([[1, 0, -1]]), "target 't' holds the blank class 0 at sample 0, position 1"),
+    (np.array([[1, -1, 2]]), "target 't' has a label after its padding at sample 0"),
+    (np.array([[1, 7, -1]]), "target 't' holds 7 at sample 0, position 1, outside \\[0, 5\\)"),
+    (np.array([[1, 1, 1, 1, 1, 1]]), "target 't' needs 11 time steps at sample 0"),
+])
+def test_bad_ctc_labels_are_named_before_training(tmp_path, labels, message):
+    _recognizer(tmp_path / "m.onnx", np.ones((8, 5), np.float32), np.zeros(5, np.float32))
+    n = len(labels)
+    np.savez(tmp_path / "d.npz", x=np.ones((n, 10, 8), np.float32), y=labels.astype(np.int64))
+    raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": n},
+           "loss": {"type": "ctc", "output": "probs", "target": "t"}, "steps": 1}
+    with pytest.raises(TrainerError, match=message):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+def test_ctc_on_the_gpu_path(tmp_path, monkeypatch):
+    """Through the CuPy stand-in: the ctc kernels run on device arrays (no read back) and the
+    run is the CPU run."""
+    from tests import strictxp as sx
+
+    rng = np.random.default_rng(4)
+    _recognizer(tmp_path / "m.onnx", (rng.standard_normal((8, 5)) * 0.3).astype(np.float32),
+                np.zeros(5, np.float32))
+    labels = np.full((16, 3), -1, np.int64)
+    labels[:, 0] = rng.integers(1, 5, 16)
+    labels[::2, 1] = rng.integers(1, 5, 8)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 10, 8)).astype(np.float32),
+             y=labels)
+    runs = {}
+    for device in ("cpu", "gpu"):
+        if device == "gpu":
+            sx.install(monkeypatch)
+        raw = {"model": "m.onnx", "output": f"{device}.onnx", "device": device,
+               "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                  "targets": {"t": "y"}}, "batch_size": 8},
+               "loss": {"type": "ctc", "output": "probs", "target": "t"},
+               "optimizer": {"type": "adamw", "lr": 0.01}, "steps": 4}
+        t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+        t.fit()
+        runs[device] = ([r["loss"] for r in t.history if "loss" in r], t.trained_values())
+    np.testing.assert_allclose(runs["gpu"][0], runs["cpu"][0], rtol=1e-5)
+    np.testing.assert_allclose(runs["gpu"][1]["W"], runs["cpu"][1]["W"], rtol=1e-4, atol=1e-6)

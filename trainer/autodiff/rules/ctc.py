@@ -1,0 +1,13 @@
+"""Gradient rule of the ai.onnx_trainer CTCLoss (the `ctc` loss): d log_probs from the label
+posteriors (kernels/ctc.py's CTCLossGrad); the labels and the counts take none."""
+
+from __future__ import annotations
+
+from trainer.autodiff.registry import grad
+from trainer.kernels import CUSTOM_DOMAIN
+
+
+@grad("CTCLoss", domain=CUSTOM_DOMAIN, inputs=(0,))
+def ctc_loss_grad(ctx):
+    return [ctx.node("CTCLossGrad", [ctx.I(0), ctx.I(1), ctx.GO(0)], [ctx.GI(0)],
+                     domain=CUSTOM_DOMAIN, blank=ctx.attr("blank", 0))]
