@@ -88,3 +88,34 @@ def test_cross_entropy_class_axis_1(tmp_path):
     run_both(tmp_path, {"type": "cross_entropy", "class_axis": 1},
              rng.normal(size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), init,
              lambda y, t: torch.nn.functional.cross_entropy(y, t), perm=(0, 2, 1))
+
+
+def test_cross_entropy_eval_loss_of_a_softmax_output_is_the_trained_loss(tmp_path):
+    """A classifier ending in Softmax trains on the Softmax's input, and evaluation reports the
+    same loss: the probabilities' log, not a second log-softmax (torch's cross_entropy on the
+    logits)."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "precision": "fp64",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "probs", "target": "t"},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    result = t.fit()
+    trained = torch.tensor(t.trained_values()["W"], dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(torch.tensor(x, dtype=torch.float64) @ trained,
+                                             torch.tensor(y))
+    assert result["eval_loss"] == pytest.approx(float(want), rel=1e-9)
