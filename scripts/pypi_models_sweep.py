@@ -6,8 +6,9 @@ NudeNet's YOLOv8n detector (PyTorch, opset 17), RapidAI's PP-LCNet orientation c
 PicoDet layout detector (paddle2onnx; the detector's batch fixed at 1), Google's magika file-type
 classifier (tf2onnx, byte tokens in), MTCNN's three face networks (keras2onnx, NHWC) and
 ddddocr's YOLOX captcha detector (PyTorch 1.9, batch fixed at 1). Random data, mse on the
-model's output (cross entropy for magika), AdamW, a few steps on the CPU; then the export is run
-by onnxruntime, and the silero exports that compute the same network are compared.
+model's output (cross entropy for magika, ctc for PaddleOCR's line recognizer), AdamW, a few
+steps on the CPU; then the export is run by onnxruntime, and the silero exports that compute the
+same network are compared.
 
     python scripts/pypi_models_sweep.py [--cache DIR] [--steps 4]
 
@@ -47,7 +48,7 @@ CASES = {
     "paddleocr_det": (OCR + "ch_PP-OCRv4_det_infer.onnx", {"x": (3, 64, 64)},
                       "sigmoid_0.tmp_0", (1, 64, 64), 4, {}),
     "paddleocr_rec": (OCR + "ch_PP-OCRv4_rec_infer.onnx", {"x": (3, 48, 160)},
-                      "softmax_11.tmp_0", (20, 6625), 2, {}),
+                      "softmax_11.tmp_0", ("ctc", 8, 6625), 2, {}),
     "silero_spox": (VAD + "silero_vad.onnx", {"input": (512,)}, "output", (1,), 8,
                     {"sr": 16000, "state": STATE}),
     "silero_op15": (VAD + "silero_vad_16k_op15.onnx", {"input": (512,)}, "output", (1,), 8,
@@ -124,15 +125,23 @@ def run(name: str, model: Path, work: Path, steps: int) -> tuple[str, dict]:
               else (rng.standard_normal((n,) + s) * 0.1).astype(np.float32)
               for k, s in inputs.items()}
     classes = isinstance(target, int)
-    arrays["t"] = rng.integers(0, target, n) if classes else \
-        rng.random((n,) + target).astype(np.float32)
+    ctc = isinstance(target[0], str) if isinstance(target, tuple) and target else False
+    if ctc:  # label rows of 3 to S classes (not the blank, 0), padded with -1
+        _, width, n_classes = target
+        arrays["t"] = np.full((n, width), -1, np.int64)
+        for i in range(n):
+            k = int(rng.integers(3, width + 1))
+            arrays["t"][i, :k] = rng.integers(1, n_classes, k)
+    else:
+        arrays["t"] = rng.integers(0, target, n) if classes else \
+            rng.random((n,) + target).astype(np.float32)
     np.savez(work / f"{name}.npz", **arrays)
     raw = {"model": str(model), "output": str(work / f"{name}.onnx"), "device": "cpu",
            "data": {"train": {"path": f"{name}.npz", "inputs": {k: k for k in inputs},
                               "targets": {"t": "t"}},
                     "batch_size": batch, "shuffle": False, "constants": constants},
-           "loss": {"type": "cross_entropy" if classes else "mse", "output": output,
-                    "target": "t"},
+           "loss": {"type": "ctc" if ctc else "cross_entropy" if classes else "mse",
+                    "output": output, "target": "t"},
            "optimizer": {"type": "adamw", "lr": 1e-4}, "steps": steps,
            "log": {"every_steps": 1}}
     t = Trainer(config_from_dict(raw, work), stream=io.StringIO())
