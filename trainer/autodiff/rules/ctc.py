@@ -1,9 +1,10 @@
 """Gradient rule of the ai.onnx_trainer CTCLoss (the `ctc` loss): d log_probs from the label
-posteriors (kernels/ctc.py's CTCLossGrad); the labels and the counts take none."""
+posteriors (kernels/ctc.py's CTCLossGrad); the labels and the counts take none. CTCLossGrad is
+itself a derivative (its rule would be a second-order graph): no gradient."""
 
 from __future__ import annotations
 
-from trainer.autodiff.registry import grad
+from trainer.autodiff.registry import grad, no_gradient
 from trainer.kernels import CUSTOM_DOMAIN
 
 
@@ -11,3 +12,6 @@ from trainer.kernels import CUSTOM_DOMAIN
 def ctc_loss_grad(ctx):
     return [ctx.node("CTCLossGrad", [ctx.I(0), ctx.I(1), ctx.GO(0)], [ctx.GI(0)],
                      domain=CUSTOM_DOMAIN, blank=ctx.attr("blank", 0))]
+
+
+no_gradient("CTCLossGrad")

@@ -18,6 +18,11 @@ from trainer.train import Trainer
 
 torch = pytest.importorskip("torch")
 
+# (the coverage checks of tests/test_grad_rules.py and tests/test_kernels.py: the rule and both
+# kernels are checked here, against torch and finite differences)
+EXTRA_TESTED = {"CTCLoss"}
+TESTED_OPS = {"CTCLoss", "CTCLossGrad"}
+
 
 def _case(seed: int, n=4, t=12, c=6, s=5, blank=0):
     """Random log-probabilities [N, T, C] and labels [N, S] padded with -1, with repeats, an
