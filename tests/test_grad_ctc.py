@@ -206,3 +206,46 @@ def test_ctc_on_the_gpu_path(tmp_path, monkeypatch):
         runs[device] = ([r["loss"] for r in t.history if "loss" in r], t.trained_values())
     np.testing.assert_allclose(runs["gpu"][0], runs["cpu"][0], rtol=1e-5)
     np.testing.assert_allclose(runs["gpu"][1]["W"], runs["cpu"][1]["W"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_time_major_recognizer_trains_as_the_batch_major_one(tmp_path):
+    """An output [time, batch, classes] (torch's layout, ddddocr's CRNN) with loss.time_axis 0
+    trains exactly as the same recognizer giving [batch, time, classes]; evaluation too. The
+    wrong time_axis for either layout is named before training."""
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((8, 5)) * 0.3).astype(np.float32)
+    _recognizer(tmp_path / "bm.onnx", w, np.zeros(5, np.float32))
+    m = onnx.load(str(tmp_path / "bm.onnx"))
+    g = m.graph  # (logits -> Transpose -> Softmax: the loss still takes the Softmax's input)
+    g.node[-1].input[0] = "logits_tm"
+    g.node.insert(len(g.node) - 1, helper.make_node("Transpose", ["logits"], ["logits_tm"],
+                                                    perm=[1, 0, 2]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, [10, "N", 5]))
+    onnx.save(m, str(tmp_path / "tm.onnx"))
+    labels = np.full((16, 3), -1, np.int64)
+    labels[:, :2] = rng.integers(1, 5, (16, 2))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 10, 8)).astype(np.float32),
+             y=labels)
+
+    def raw(model, time_axis):
+        return {"model": model, "output": f"out_{model}", "device": "cpu", "precision": "fp64",
+                "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                   "targets": {"t": "y"}},
+                         "eval": {"path": "d.npz", "inputs": {"x": "x"},
+                                  "targets": {"t": "y"}}, "batch_size": 8},
+                "loss": {"type": "ctc", "output": "probs", "target": "t",
+                         "time_axis": time_axis},
+                "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+    runs = {}
+    for model, axis in (("bm.onnx", 1), ("tm.onnx", 0)):
+        t = Trainer(config_from_dict(raw(model, axis), tmp_path), stream=io.StringIO())
+        result = t.fit()
+        runs[model] = ([r["loss"] for r in t.history if "loss" in r], t.trained_values()["W"],
+                       result["eval_loss"])
+    np.testing.assert_allclose(runs["tm.onnx"][0], runs["bm.onnx"][0], rtol=1e-12)
+    np.testing.assert_allclose(runs["tm.onnx"][1], runs["bm.onnx"][1], rtol=1e-12)
+    assert runs["tm.onnx"][2] == pytest.approx(runs["bm.onnx"][2], rel=1e-12)
+    for model, axis, hint in (("tm.onnx", 1, "time_axis: 0"), ("bm.onnx", 0, "time_axis: 1")):
+        with pytest.raises(TrainerError, match=f"axis is not the batch.*{hint}"):
+            Trainer(config_from_dict(raw(model, axis), tmp_path), stream=io.StringIO())

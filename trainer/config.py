@@ -265,6 +265,8 @@ class LossConfig:
     ignore_index: int = _k(_int, -100, only=("cross_entropy",))
     # ctc: the blank class (the output is [N, T, classes]; labels [N, S], ended by a negative)
     blank: int = _k(_int, 0, only=("ctc",), check=(lambda v: v >= 0, "must be >= 0"))
+    # ctc: 1 for outputs [N, T, classes], 0 for time-major ones [T, N, classes] (torch's layout)
+    time_axis: int = _k(_int, 1, only=("ctc",), check=(lambda v: v in (0, 1), "must be 0 or 1"))
 
 
 # torch.optim's defaults where they depend on the type (sgd keeps this project's lr 0.1);

@@ -82,15 +82,20 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
                         f"(label {ignore_index} marks a position to ignore, as loss.ignore_index)")
 
 
-def batch_first_output(out_shape: tuple, local: int, output: str, loss: str) -> None:
-    """A loss that takes targets per sample needs its output's first axis to be the batch: an
-    output of another layout (a recurrent model's [T, N, C]) would meet its targets broadcast
-    instead of row by row."""
-    if out_shape and out_shape[0] != local:
+def batch_first_output(out_shape: tuple, local: int, output: str, loss: str,
+                       axis: int = 0) -> None:
+    """A loss that takes targets per sample needs its output's batch axis (the first; the
+    second for ctc's time-major outputs) to be the batch: an output of another layout (a
+    recurrent model's [T, N, C]) would meet its targets broadcast instead of row by row."""
+    if len(out_shape) > axis and out_shape[axis] != local:
+        which = "first" if axis == 0 else "second"
+        hint = (" (a time-major [time, batch, classes] output takes loss.time_axis: 0)"
+                if loss == "ctc" and axis == 0 else
+                " (a batch-major output takes loss.time_axis: 1)" if loss == "ctc" else "")
         raise DataError(f"the {loss} loss output '{output}' has shape {list(out_shape)} for "
-                        f"batches of {local} sample(s): its first axis is not the batch, so its "
-                        "targets cannot be given per sample (export the model with the batch "
-                        "axis first, or give the loss an output that has it)")
+                        f"batches of {local} sample(s): its {which} axis is not the batch, so "
+                        "its targets cannot be given per sample (export the model with the "
+                        f"batch axis {which}, or give the loss an output that has it){hint}")
 
 
 def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: int, steps: int,

@@ -490,7 +490,8 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
         return
     try:
         if local is not None:
-            checks.batch_first_output(tuple(out_shape), local, spec.output, spec.type)
+            checks.batch_first_output(tuple(out_shape), local, spec.output, spec.type,
+                                      1 if spec.type == "ctc" and spec.time_axis == 0 else 0)
     except TrainerError as exc:
         problems.append(exc)
         return
@@ -506,7 +507,7 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
                 continue
             if spec.type == "ctc":
                 checks.ctc_labels(np.asarray(labels), spec.target, what, out_shape[-1],
-                                  spec.blank, out_shape[1], spec.output)
+                                  spec.blank, out_shape[spec.time_axis], spec.output)
                 continue
             axis = spec.class_axis % len(out_shape)
             per_sample = tuple(d for i, d in enumerate(out_shape) if i != axis)[1:]

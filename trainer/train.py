@@ -317,14 +317,14 @@ class Trainer:
             return
         local, plan = next(iter(self.plans.items()))
         shape = plan.out_shape
-        preflight.batch_first_output(shape, local, spec.output, spec.type)
+        preflight.batch_first_output(shape, local, spec.output, spec.type, _batch_axis(spec))
         labels = arrays[spec.target]
         if spec.type == "mse":
             preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
             return
         if spec.type == "ctc":
-            preflight.ctc_labels(labels, spec.target, what, shape[-1], spec.blank, shape[1],
-                                 spec.output)
+            preflight.ctc_labels(labels, spec.target, what, shape[-1], spec.blank,
+                                 shape[spec.time_axis], spec.output)
             return
         axis = spec.class_axis % len(shape)
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
@@ -1361,6 +1361,11 @@ def owned(xp, a):
     return xp.array(a, copy=True, order="C")
 
 
+def _batch_axis(spec) -> int:
+    """The axis of the loss output that holds the batch (ctc's time-major outputs: 1)."""
+    return 1 if spec.type == "ctc" and spec.time_axis == 0 else 0
+
+
 def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     """Whether the loss reads a Softmax's output over its class axis (what the training graph
     replaces by the Softmax's input: autodiff.build._logits_of_softmax)."""
@@ -1399,8 +1404,11 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
         z = out - out.max(axis=axis, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
     if spec.type == "ctc":
-        nll, count = CTCLoss(np, logp, np.asarray(target), blank=spec.blank)
-        return np.array([float((nll / count).sum()), 0.0, float(out.shape[0])])
+        if spec.time_axis == 0:  # (time-major: batch-major for the kernel)
+            logp = logp.swapaxes(0, 1)
+        nll, count = CTCLoss(np, np.ascontiguousarray(logp), np.asarray(target),
+                             blank=spec.blank)
+        return np.array([float((nll / count).sum()), 0.0, float(logp.shape[0])])
     valid = target != spec.ignore_index
     safe = np.where(valid, target, 0)
     picked = np.take_along_axis(logp, np.expand_dims(safe, axis), axis=axis).squeeze(axis)

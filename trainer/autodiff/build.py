@@ -59,6 +59,7 @@ class LossSpec:
     class_axis: int = -1
     ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
     blank: int = 0  # ctc: the blank class
+    time_axis: int = 1  # ctc: 1 for [N, T, classes], 0 for [T, N, classes]
 
     @classmethod
     def of(cls, spec) -> LossSpec:
@@ -69,7 +70,7 @@ class LossSpec:
         return cls(type=spec.type, output=spec.output, target=spec.target,
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
-                   blank=getattr(spec, "blank", 0))
+                   blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1))
 
 
 @dataclass(frozen=True)
@@ -636,12 +637,19 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
 
 def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nodes: list,
               targets: list):
-    """CTC over scores [N, T, classes] (logits: a Softmax's input where the model ends in one)
-    and labels [N, S]: log_softmax, the ai.onnx_trainer CTCLoss per sample, each divided by
-    its label count, the mean over the batch (torch's ctc_loss, reduction mean)."""
+    """CTC over scores [N, T, classes] ([T, N, classes] with time_axis 0: transposed first;
+    logits: a Softmax's input where the model ends in one) and labels [N, S]: log_softmax, the
+    ai.onnx_trainer CTCLoss per sample, each divided by its label count, the mean over the
+    batch (torch's ctc_loss, reduction mean)."""
     if len(out_shape) != 3:
-        raise ModelError(f"the ctc loss needs scores [batch, time, classes]; '{spec.output}' has "
-                         f"shape {list(out_shape)}")
+        raise ModelError(f"the ctc loss needs scores [batch, time, classes] (or [time, batch, "
+                         f"classes] with loss.time_axis 0); '{spec.output}' has shape "
+                         f"{list(out_shape)}")
+    scores = spec.output
+    if spec.time_axis == 0:
+        scores = b.tmp("batch_major")
+        nodes.append(b.node("Transpose", [spec.output], [scores], perm=[1, 0, 2]))
+        out_shape = (out_shape[1], out_shape[0], out_shape[2])
     if not 0 <= spec.blank < out_shape[2]:
         raise ModelError(f"loss.blank {spec.blank} is not a class of '{spec.output}' "
                          f"({out_shape[2]} classes)")
@@ -650,7 +658,7 @@ def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nod
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64,
                                                  [out_shape[0], "ctc_labels"]))
     logp, nll, count, per = b.tmp("log_probs"), b.tmp("nll"), b.tmp("count"), b.tmp("per")
-    nodes += [b.node("LogSoftmax", [spec.output], [logp], axis=2),
+    nodes += [b.node("LogSoftmax", [scores], [logp], axis=2),
               b.node("CTCLoss", [logp, target], [nll, count], domain=CUSTOM_DOMAIN,
                      blank=spec.blank),
               b.node("Div", [nll, count], [per]),
