@@ -187,6 +187,28 @@ def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precisi
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
 
 
+def test_grad_with_the_ctc_loss(tmp_path):
+    """`grad --loss ctc --time-axis 0`: a time-major recognizer's training graph, with the
+    ai.onnx_trainer CTCLoss and its gradient; our executor runs it on labels."""
+    from tests.test_grad_ctc import _recognizer
+    from trainer.executor import Executor
+
+    _recognizer(tmp_path / "m.onnx", np.ones((8, 5), np.float32), np.zeros(5, np.float32))
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    m.graph.node.append(helper.make_node("Transpose", ["probs"], ["tm"], perm=[1, 0, 2]))
+    m.graph.output.append(helper.make_tensor_value_info("tm", TensorProto.FLOAT, [10, "N", 5]))
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    out = tmp_path / "g.onnx"
+    proc = run("grad", str(tmp_path / "m.onnx"), "--loss", "ctc", "--output", "tm", "--target",
+               "t", "--time-axis", "0", "--batch-size", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out))
+    assert {n.op_type for n in model.graph.node if n.domain} == {"CTCLoss", "CTCLossGrad"}
+    got = Executor(model).run({"x": np.random.rand(2, 10, 8).astype(np.float32),
+                               "t": np.array([[1, 2], [3, -1]], np.int64)})
+    assert np.isfinite(got["loss"]) and np.abs(got["W_grad"]).sum() > 0
+
+
 def test_eval_command(tmp_path, digits_config):
     cfg = write_cfg(tmp_path, digits_config(steps=30))
     assert run("train", cfg).returncode == 0

@@ -128,7 +128,8 @@ def _grad(args) -> int:
         if not sep or not name:
             raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers)")
     tm = build_training_graph(model, {"type": args.loss, "output": args.output,
-                                      "target": args.target, "class_axis": args.class_axis},
+                                      "target": args.target, "class_axis": args.class_axis,
+                                      "blank": args.blank, "time_axis": args.time_axis},
                               args.trainable or "all", batch_size=args.batch_size,
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
@@ -210,10 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grad", parents=[common],
                        help="write the training graph (forward+loss+backward) as ONNX")
     g.add_argument("model")
-    g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "output"])
+    g.add_argument("--loss", default="cross_entropy",
+                   choices=["cross_entropy", "mse", "ctc", "output"])
     g.add_argument("--output", required=True, help="model output the loss reads")
     g.add_argument("--target", default="label", help="name of the loss target input")
     g.add_argument("--class-axis", type=int, default=-1)
+    g.add_argument("--blank", type=int, default=0, help="ctc: the blank class")
+    g.add_argument("--time-axis", type=int, choices=[0, 1], default=1,
+                   help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--batch-size", type=int, default=1,
                    help="value for a symbolic batch (first) dimension")
     g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
