@@ -531,6 +531,39 @@ def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore, i
     np.testing.assert_allclose(ds, t.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_bound_host_forward_is_the_general_one_bit_for_bit(dtype,
+                                                                                monkeypatch):
+    """The per-shape forward of [N, C] host scores (labels that cannot equal ignore_index)
+    against the general path it stands in for: same loss and log_prob bits, non-finite scores,
+    negative labels and int32 labels included, and the same error for a label out of range."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for k in range(300):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(1, 120))
+        s = (rng.standard_normal((n, c)) * rng.choice([1.0, 40.0, 3e3])).astype(dtype)
+        if k % 5 == 0:
+            s[rng.integers(0, n), rng.integers(0, c)] = rng.choice([np.nan, np.inf, -np.inf])
+        lab = rng.integers(-c, c, n).astype(np.int32 if k % 2 else np.int64)
+        cases.append((s, lab, [None, -100, c + 1][k % 3]))
+    with np.errstate(invalid="ignore"):  # (inf - inf: NaN rows, as in the general path)
+        bound = [fused.softmax_cross_entropy_forward(np, s, lab, ignore_index=ii)
+                 for s, lab, ii in cases]
+    assert any(v is not None for v in fused._SCE_PLANS.values())  # (the bound form ran)
+    monkeypatch.setattr(fused, "_sce_host_plan", lambda *a: None)
+    with np.errstate(invalid="ignore"):
+        for (s, lab, ii), (loss, lp) in zip(cases, bound, strict=True):
+            want_loss, want_lp = fused.softmax_cross_entropy_forward(np, s, lab, ignore_index=ii)
+            assert loss.dtype == want_loss.dtype == dtype and loss.shape == ()
+            np.testing.assert_array_equal(loss, want_loss)
+            np.testing.assert_array_equal(lp, want_lp)
+    monkeypatch.undo()
+    s, lab = cases[1][0], cases[1][1].copy()
+    lab[0] = s.shape[1] + 3  # (out of range, and not ignore_index: both paths raise)
+    with pytest.raises(IndexError):
+        fused.softmax_cross_entropy_forward(np, s, lab, ignore_index=-100)
+
+
 def test_layer_norm_fused_backward_matches_torch():
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((3, 5, 8)) * 3 + 1).astype(F32)
