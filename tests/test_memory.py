@@ -88,12 +88,14 @@ def _measured_peak(cfg) -> tuple[int, Trainer]:
     return held - data + (peak - steady), t
 
 
-@pytest.mark.parametrize("name, optimizer, precision", [
-    ("mlp", "sgd", "fp32"), ("cnn", "adamw", "fp32"), ("gpt", "adamw", "fp32"),
-    ("cnn", "adamw", "fp16"), ("gpt", "adamw", "bf16")])  # (16-bit: the Casts' copies too)
+@pytest.mark.parametrize("name, optimizer, precision, batch", [
+    ("mlp", "sgd", "fp32", None), ("cnn", "adamw", "fp32", None), ("gpt", "adamw", "fp32", None),
+    ("cnn", "adamw", "fp16", None), ("gpt", "adamw", "bf16", None),  # (16-bit: the Casts too)
+    ("cnn", "adamw", "fp32", 256)])  # (convolutions in chunks of the batch)
 def test_estimate_is_within_a_quarter_of_the_measured_peak(models, tmp_path, name, optimizer,
-                                                           precision):
-    model, data, batch = models[name]
+                                                           precision, batch):
+    model, data, default = models[name]
+    batch = batch or default
     opt = {"type": "sgd", "lr": 0.1, "momentum": 0.9} if optimizer == "sgd" else \
         {"type": "adamw", "lr": 1e-3}
     cfg = config_from_dict(_raw(model, data, batch, tmp_path, optimizer=opt,
@@ -105,13 +107,85 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(models, tmp_path, nam
     # A 16-bit CNN's estimate is an upper bound further off (measured 1.47): its peak is the
     # first convolution's weight gradient, counted with the Conv kernel's scratch when run
     # alone (float32 copies of the 16-bit operands; 1.1 MB, the same measured at batch 32 as
-    # extended from 2 and 3), more than the whole step shows. float32 CNNs drift the same way
-    # at larger batches (1.4 at batch 128): the estimate's convolution scratch is too high.
-    upper = 1.5 if (name, precision) == ("cnn", "fp16") else 1.25
+    # extended from 2 and 3), more than the whole step shows. At batch 256 a float32 CNN's
+    # was 1.53 while convolution scratch was extended linearly (the kernels work in chunks of
+    # the batch), 1.25 since: its peak is now MaxPool's backward, measured as the training
+    # graph's ScatterElements, which the planner runs as one gather instead.
+    upper = 1.5 if (name, precision) == ("cnn", "fp16") else 1.3 if batch == 256 else 1.25
     assert 0.75 <= ratio <= upper, (name, est, measured)
     # the parts that are plain sums are exact
     assert est.trainable == t.size
     assert est.gradients == t.grads_flat.nbytes
+
+
+def test_the_shape_probe_frees_each_value_after_its_last_reader():
+    """probe() runs the graph at the full batch while the training graph is built: it used to
+    keep every value (a small ResNet's trainer peaked at 4.3 GB there, its steps at 1.2 GB).
+    A chain of 30 nodes over a 1 MiB tensor: a few MiB at once, not 30; every value's shape
+    and dtype as before (the executor that keeps them all gives the reference)."""
+    from trainer.executor import Executor
+
+    nodes, prev = [], "x"
+    for i in range(30):
+        op = ("Relu", "Neg", "Sigmoid")[i % 3]
+        nodes.append(helper.make_node(op, [prev], [f"v{i}"]))
+        prev = f"v{i}"
+    nodes.append(helper.make_node("Cast", [prev], ["y"], to=TensorProto.DOUBLE))
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 1024])], [helper.make_tensor_value_info(
+            "y", TensorProto.DOUBLE, None)], [numpy_helper.from_array(np.ones(3, np.int64), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    gc.collect()
+    tracemalloc.start()
+    try:
+        found = probe(m, {"x": (256, 1024)}, {"x": np.dtype(np.float32)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 << 20, peak  # (keeping every value: more than 30 MiB)
+    env = Executor(m, keep_all=True).run({"x": np.zeros((256, 1024), np.float32)})
+    want = {k: (tuple(v.shape), v.dtype) for k, v in env.items()}
+    assert found == want and found["y"] == ((256, 1024), np.dtype(np.float64))
+    assert found["k"] == ((3,), np.dtype(np.int64))
+
+
+@pytest.mark.parametrize("device", [False, True])
+def test_convolution_scratch_is_extended_by_the_chunks_the_kernels_take(tmp_path, device):
+    """A 64-channel 3x3 convolution at 56x56 has 7.2 MB of columns per image: on the host the
+    kernel takes one image at a time (CONV_CHUNK_BYTES), on a device 35 (DEVICE_CONV_CHUNK_
+    BYTES). Its scratch, measured at batches 2 and 3 and extended to 8, is what the kernel
+    allocates at 8 when chunking as that device does (the host kernel told to chunk as a GPU's
+    stands in for one): 8153 KiB against 8152 on the host, 64961 against 64960 for a GPU,
+    which the estimate measured with host chunks until now (8148 KiB: 8x too low)."""
+    from trainer.kernels import nn
+
+    w = numpy_helper.from_array(np.zeros((64, 64, 3, 3), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["y"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["logits"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 56, 56])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "conv.onnx")
+    sm = memory.strip(memory.load_structure(tmp_path / "conv.onnx"))
+    small = {b: memory.training_structure(sm, LOSS, in_shapes={"x": (b, 64, 56, 56)})
+             for b in (2, 3)}
+    got = memory.kernel_scratch(small, 8, device=device)["conv"]
+    x, wv = np.zeros((8, 64, 56, 56), np.float32), np.zeros((64, 64, 3, 3), np.float32)
+    saved, nn.CHUNK_AS_DEVICE = nn.CHUNK_AS_DEVICE, device
+    tracemalloc.start()
+    try:
+        y = nn.conv_into(np, x, wv, None, [1, 1], [1, 1], [1, 1, 1, 1], [56, 56], 1)
+        truth = tracemalloc.get_traced_memory()[1] - y.nbytes
+    finally:
+        tracemalloc.stop()
+        nn.CHUNK_AS_DEVICE = saved
+    columns = 64 * 9 * 56 * 56 * 4 * (8 if device else 1)
+    assert columns <= truth <= 2.5 * columns  # (the columns, and the product before its
+    assert 0.85 <= got / truth <= 1.15, (got, truth)  # transposition into y)
+    per_image = 64 * 9 * 56 * 56 * 4
+    assert nn.chunk_images(8, per_image, True) == 8 and nn.chunk_images(8, per_image, False) == 1
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "gpt"])

@@ -1465,11 +1465,19 @@ def probe(model: onnx.ModelProto, shapes: Mapping[str, tuple],
           dtypes: Mapping[str, np.dtype], values: Mapping[str, np.ndarray] | None = None
           ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every tensor value, by running the graph once (NumPy) on `values`
-    where given (inputs whose values decide shapes) and zeros elsewhere."""
-    ex = Executor(model, np, keep_all=True)
+    where given (inputs whose values decide shapes) and zeros elsewhere. Each value is freed
+    after its last reader, as in training (keeping them all made this run, at the full batch
+    while the training graph is built, the process's peak: 4.3 GB against 1.2 GB for the
+    steps of a small ResNet at batch 1024)."""
+    ex = Executor(model, np, optimize=False)
     feeds = {k: np.zeros(shapes[k], dtype=dtypes[k]) for k in shapes}
     feeds.update({k: np.asarray(v) for k, v in (values or {}).items()})
+    ex._check_feeds(feeds)
+    record: dict[str, tuple | None] = {}
     with np.errstate(all="ignore"):  # (zeros: a Sqrt's gradient divides by zero, harmlessly)
-        env = ex.run(feeds)
-    return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in env.items()
-            if v is not None and not isinstance(v, list)}
+        ex._compile_generic(record, deliver=False).run(feeds, np)
+    found = {k: (tuple(v.shape), v.dtype) for k, v in ex.constants.items()}
+    found.update((k, (tuple(np.shape(v)), np.asarray(v).dtype)) for k, v in feeds.items()
+                 if k in ex._generic.slots and v is not None and not isinstance(v, list))
+    found.update((k, (tuple(v[0]), v[1])) for k, v in record.items() if v is not None)
+    return found

@@ -365,38 +365,81 @@ def walk(model: onnx.ModelProto, nbytes: Mapping[str, int], fed: Iterable[str],
 
 # -- kernel scratch, measured at small batches --------------------------------------------------
 def kernel_scratch(small: Mapping[int, Structure], batch: int, cap: int = _MEASURE_CAP,
-                   budget_s: float = 20.0) -> dict[str, int]:
+                   budget_s: float = 20.0, device: bool = False) -> dict[str, int]:
     """{node name: bytes} each kernel allocates beyond its outputs while it runs, measured
     with tracemalloc on zeros at the local batch sizes of `small` ({b: structure built at
-    batch b}) and extended linearly to `batch`. Kernels whose inputs and outputs exceed `cap`
-    bytes, with subgraphs or without a kernel are not run (0). Under a tracemalloc trace
-    started by the caller, its peak is reset. Nothing is measured ({}) where starting
-    tracemalloc is unsafe (see tracing_is_safe)."""
+    batch b}) and extended to `batch`: linearly, except for kernels that split their work into
+    chunks (convolutions: see _extend). `device`: the step runs on a GPU, whose kernels chunk
+    differently (measured with the host kernels chunking as they do). Kernels whose inputs and
+    outputs exceed `cap` bytes, with subgraphs or without a kernel are not run (0). Under a
+    tracemalloc trace started by the caller, its peak is reset. Nothing is measured ({})
+    where starting tracemalloc is unsafe (see tracing_is_safe)."""
     import tracemalloc
 
+    from trainer.kernels import nn
+
     sizes = sorted(small)
-    per: dict[int, dict[str, int]] = {}
+    per: dict[int, dict[str, tuple]] = {}
     if not tracing_is_safe():
         return {}
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
+    as_device, nn.CHUNK_AS_DEVICE = nn.CHUNK_AS_DEVICE, device
     try:
         deadline = time.monotonic() + budget_s
-        cache: dict[tuple, int] = {}
+        cache: dict[tuple, tuple] = {}
         for b in sizes:
             per[b] = _measure(small[b], cap, deadline, cache)
     finally:
+        nn.CHUNK_AS_DEVICE = as_device
         if started:
             tracemalloc.stop()
     if len(sizes) == 1:
-        return dict(per[sizes[0]])
+        return {k: w for k, (w, _) in per[sizes[0]].items()}
     b0, b1 = sizes[0], sizes[-1]
-    out: dict[str, int] = {}
-    for name in set(per[b0]) & set(per[b1]):
-        w0, w1 = per[b0][name], per[b1][name]
-        out[name] = max(0, int(round(w0 + (w1 - w0) * (batch - b0) / (b1 - b0))))
-    return out
+    return {name: _extend(per[b0][name], per[b1][name], b0, b1, batch, device)
+            for name in set(per[b0]) & set(per[b1])}
+
+
+def _extend(m0: tuple, m1: tuple, b0: int, b1: int, batch: int, device: bool) -> int:
+    """A kernel's scratch at `batch` from (bytes, chunking decisions) measured at b0 and b1.
+    Without decisions, linear in the batch. With them, the scratch is taken as linear in the
+    bytes of the largest chunk's columns (images per chunk x bytes per image), with image
+    counts and bytes per image extended linearly and the chunk at `batch` decided as the
+    kernel decides it. (Extended linearly instead, the convolutions of a 1-channel CNN at batch
+    512 were estimated at 14 MB of scratch where they take 2-4 MB.)"""
+    from trainer.kernels.nn import chunk_images
+
+    (w0, log0), (w1, log1) = m0, m1
+    linear = max(0, int(round(w0 + (w1 - w0) * (batch - b0) / (b1 - b0))))
+    d0, d1 = _decisions(log0), _decisions(log1)
+    if not d0 or len(d0) != len(d1):
+        return linear
+
+    def columns(decisions) -> int:
+        return max(chunk_images(n, p, device) * p for n, p in decisions)
+
+    def at(n0: int, p0: int, n1: int, p1: int) -> tuple[int, int]:
+        if n0 == n1 and p1 > p0:  # the batch inside each image: a weight gradient as a Conv
+            per = max(1, int(round(n0 * (p1 - p0) / (b1 - b0))))  # over channels, which the
+            return batch, per  # planner runs as chunks of the batch (ConvWeightGrad)
+        return tuple(max(1, int(round(v0 + (v1 - v0) * (batch - b0) / (b1 - b0))))
+                     for v0, v1 in ((n0, n1), (p0, p1)))
+    x0, x1 = columns(d0), columns(d1)
+    xb = columns([at(*a, *b) for a, b in zip(d0, d1, strict=True)])
+    if x0 == x1:
+        return linear if xb != x0 else max(w0, w1)
+    return max(0, int(round(w0 + (w1 - w0) * (xb - x0) / (x1 - x0))))
+
+
+def _decisions(log) -> list[tuple[int, int]]:
+    """A kernel's chunking decisions, one per bytes-per-image (a chunked call repeats its own
+    for each chunk), each with the largest image count it was asked for, in first order."""
+    first: dict[int, int] = {}
+    for n, p in log:
+        first[p] = max(first.get(p, 0), n)
+    return [(n, p) for p, n in first.items()]
 
 
 def tracing_is_safe() -> bool:
@@ -415,11 +458,11 @@ def tracing_is_safe() -> bool:
     return not any(t.is_alive() for t in others)
 
 
-def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, int]
-             ) -> dict[str, int]:
-    """{node name: scratch bytes} of the kernels of one structure, run one by one on zeros
-    (constants with their values); kernels with the same op, attributes and input shapes are
-    run once."""
+def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, tuple]
+             ) -> dict[str, tuple]:
+    """{node name: (scratch bytes, chunking decisions)} of the kernels of one structure, run
+    one by one on zeros (constants with their values); kernels with the same op, attributes
+    and input shapes are run once."""
     import inspect
     import tracemalloc
 
@@ -453,7 +496,20 @@ def _measure(st: Structure, cap: int, deadline: float, cache: dict[tuple, int]
 
 
 def _scratch_of(node, model, st, ins, get_kernel, opset_of, attrs_of, StepRNG, inspect,
-                tracemalloc) -> int:
+                tracemalloc) -> tuple[int, tuple]:
+    """(bytes the node's kernel allocates beyond its outputs, its chunking decisions)."""
+    from trainer.kernels import nn
+
+    nn.CHUNK_LOG = []
+    try:
+        return (_scratch_bytes(node, model, st, ins, get_kernel, opset_of, attrs_of, StepRNG,
+                               inspect, tracemalloc), tuple(nn.CHUNK_LOG))
+    finally:
+        nn.CHUNK_LOG = None
+
+
+def _scratch_bytes(node, model, st, ins, get_kernel, opset_of, attrs_of, StepRNG, inspect,
+                   tracemalloc) -> int:
     fn = get_kernel(node.op_type, opset_of(model, node.domain), node.domain)
     if fn is None:
         return 0
@@ -520,7 +576,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
              eval_copy: bool = False, compress: str | None = None, full_model=None,
              scratch: bool = True, pooled: bool = True, batch_bytes: int = 0,
              shard_optimizer: bool = False,
-             constant_shapes: Callable[[int], Mapping[str, tuple]] | None = None) -> Estimate:
+             constant_shapes: Callable[[int], Mapping[str, tuple]] | None = None,
+             device: bool = False) -> Estimate:
     """The memory of one training step per rank for `model` (a stripped model, see `strip`)
     at local batch `batch`; `in_shapes` gives every data input's full shape at that batch.
     Shapes come from ONNX shape inference; where it leaves some unknown, the training graph is
@@ -531,7 +588,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     on the device; `shard_optimizer`: ZeRO-1 over `world` ranks (1/N of the optimizer state,
     plus the rank's reduced gradient shard); `constant_shapes(b)`: the shapes at local batch
     b of the inputs fed the same value every step (data.constants), whose batch axis, if
-    any, need not be the first."""
+    any, need not be the first; `device`: the step runs on a GPU (its convolutions split the
+    batch into larger chunks than the host's)."""
     t0 = time.perf_counter()
     sm = compute_structure(model, precision)
 
@@ -571,7 +629,7 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     if scratch and small and not tracing_is_safe():
         scratch = False
         method += "; kernel scratch not measured (other threads are running)"
-    work = kernel_scratch(small, batch) if scratch and small else {}
+    work = kernel_scratch(small, batch, device=device) if scratch and small else {}
     fed = list(st.chosen) + list(st.state)
     fetched = [st.loss] + list(st.gradients.values()) + list(st.state.values())
     w = walk(st.model, nbytes, fed, fetched, work, boundary=st.loss, pooled=pooled)

@@ -432,7 +432,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                                   k: v.shape for k, v in constant_inputs(
                                       cfg.data.constants, structure, b).items()
                                   if k not in baked})
-                              if constants else None)
+                              if constants else None, device=xp is not np)
     except TrainerError as exc:
         problems.append(exc)
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on

@@ -135,13 +135,27 @@ CONV_CHUNK_BYTES = 2 << 20
 DEVICE_CONV_CHUNK_BYTES = 256 << 20
 
 
-def _chunk_of(xp, n: int, per_image: int) -> int:
+# The memory estimate (trainer/memory.py) runs kernels at small batches and extends what they
+# allocate to the training batch; chunks make that extension non-linear. While CHUNK_LOG is a
+# list, every chunking decision is appended to it as (images, bytes per image), and with
+# CHUNK_AS_DEVICE the host kernels chunk as a device's do (an estimate for a GPU).
+CHUNK_LOG: list[tuple[int, int]] | None = None
+CHUNK_AS_DEVICE = False
+
+
+def chunk_images(n: int, per_image: int, device: bool) -> int:
     """Images per chunk of a batch of n whose convolution columns take `per_image` bytes each
-    (n when one chunk)."""
+    (n when one chunk), on a device or on the host."""
     if n == 1:
         return n
-    budget = CONV_CHUNK_BYTES if xp is np else DEVICE_CONV_CHUNK_BYTES
+    budget = DEVICE_CONV_CHUNK_BYTES if device else CONV_CHUNK_BYTES
     return max(1, min(n, budget // max(1, per_image)))
+
+
+def _chunk_of(xp, n: int, per_image: int) -> int:
+    if CHUNK_LOG is not None:
+        CHUNK_LOG.append((n, per_image))
+    return chunk_images(n, per_image, xp is not np or CHUNK_AS_DEVICE)
 
 
 def _batch_chunk(xp, x, kshape, out_sp) -> int:
@@ -364,7 +378,7 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
         costs["rows"] = 2 * g * mg * taps * n * x.shape[2] * full[1]
     if method is None or method not in costs:
         method = min(costs, key=costs.get)
-    if xp is not np:  # a device: chunks of the batch bound the columns (as conv_into's)
+    if xp is not np or CHUNK_AS_DEVICE:  # a device: chunks bound the columns (as conv_into)
         per_image = {"conv": c * taps * math.prod(out_sp),
                      "rows": g * mg * taps * x.shape[2] * full[-1],
                      "fold": g * mg * taps * math.prod(x.shape[2:])}[method]
