@@ -207,6 +207,17 @@ def test_grad_with_the_ctc_loss(tmp_path):
     got = Executor(model).run({"x": np.random.rand(2, 10, 8).astype(np.float32),
                                "t": np.array([[1, 2], [3, -1]], np.int64)})
     assert np.isfinite(got["loss"]) and np.abs(got["W_grad"]).sum() > 0
+    # with --lengths: each sample's count of valid steps is an input of the loss
+    proc = run("grad", str(tmp_path / "m.onnx"), "--loss", "ctc", "--output", "tm", "--target",
+               "t", "--time-axis", "0", "--lengths", "n", "--batch-size", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out))
+    ctc = next(n for n in model.graph.node if n.op_type == "CTCLoss")
+    assert list(ctc.input)[1:] == ["t", "n"]
+    got = Executor(model).run(
+        {"x": np.random.rand(2, 10, 8).astype(np.float32),
+         "t": np.array([[1, 2], [3, -1]], np.int64), "n": np.array([10, 4], np.int64)})
+    assert np.isfinite(got["loss"]) and np.abs(got["W_grad"]).sum() > 0
 
 
 def test_eval_command(tmp_path, digits_config):

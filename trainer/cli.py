@@ -129,7 +129,8 @@ def _grad(args) -> int:
             raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers)")
     tm = build_training_graph(model, {"type": args.loss, "output": args.output,
                                       "target": args.target, "class_axis": args.class_axis,
-                                      "blank": args.blank, "time_axis": args.time_axis},
+                                      "blank": args.blank, "time_axis": args.time_axis,
+                                      "lengths": args.lengths},
                               args.trainable or "all", batch_size=args.batch_size,
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blank", type=int, default=0, help="ctc: the blank class")
     g.add_argument("--time-axis", type=int, choices=[0, 1], default=1,
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
+    g.add_argument("--lengths", default=None, metavar="NAME",
+                   help="ctc: an input of each sample's count of valid time steps")
     g.add_argument("--batch-size", type=int, default=1,
                    help="value for a symbolic batch (first) dimension")
     g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",

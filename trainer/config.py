@@ -267,6 +267,9 @@ class LossConfig:
     blank: int = _k(_int, 0, only=("ctc",), check=(lambda v: v >= 0, "must be >= 0"))
     # ctc: 1 for outputs [N, T, classes], 0 for time-major ones [T, N, classes] (torch's layout)
     time_axis: int = _k(_int, 1, only=("ctc",), check=(lambda v: v in (0, 1), "must be 0 or 1"))
+    # ctc: the target (a key of data.*.targets) holding each sample's count of valid time steps
+    # of the output (torch's input_lengths; padded sequences); default: every step counts
+    lengths: str | None = _k(_str, None, only=("ctc",))
 
 
 # torch.optim's defaults where they depend on the type (sgd keeps this project's lr 0.1);
@@ -555,12 +558,16 @@ def _check_config(v: dict[str, Any], key: str) -> None:
     if (v["steps"] is None) == (v["epochs"] is None):
         got = "neither" if v["steps"] is None else "both"
         raise ConfigError(f"config keys 'steps' and 'epochs': give exactly one of them, got {got}")
-    target, data = v["loss"].target, v["data"]
-    for name, ds in (("train", data.train), ("eval", data.eval)):
-        if target is not None and ds is not None and target not in ds.targets:
-            have = ", ".join(ds.targets) or "none"
-            raise _err("loss.target", f"is '{target}', which is not a key of data.{name}.targets "
-                       f"({have}){_suggest(target, list(ds.targets))}")
+    data = v["data"]
+    for key, target in (("loss.target", v["loss"].target), ("loss.lengths", v["loss"].lengths)):
+        for name, ds in (("train", data.train), ("eval", data.eval)):
+            if target is not None and ds is not None and target not in ds.targets:
+                have = ", ".join(ds.targets) or "none"
+                raise _err(key, f"is '{target}', which is not a key of data.{name}.targets "
+                           f"({have}){_suggest(target, list(ds.targets))}")
+    if v["loss"].lengths is not None and v["loss"].lengths == v["loss"].target:
+        raise _err("loss.lengths", f"is '{v['loss'].lengths}', the labels' own target: name the "
+                   "target holding each sample's count of valid time steps")
     sched = v["schedule"]
     if sched.type == "plateau":
         if data.eval is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from trainer.data import PREFETCH_THREAD
 from trainer.errors import ModelError, TrainerError
@@ -194,18 +194,41 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
                 shapes[t.name] = (tuple(t.dims), np_dtype(t.data_type))
             except (KeyError, ValueError, TypeError):
                 continue
+        custom = _custom_shapes(m, shapes)  # (the engine's own ops: no ONNX schema)
         missing = [o for o in produced if o not in shapes]
         if not missing:
             break
         values = _constant_values(_with_data_only(m), shapes)
         new = [k for k in values if k in set(produced) and k not in folded]
-        if not new:
+        if not new and not custom:
             break
         for k in new:
             folded.add(k)
             m.graph.initializer.append(numpy_helper.from_array(np.asarray(values[k]), k))
             shapes[k] = (tuple(np.shape(values[k])), np.asarray(values[k]).dtype)
     return shapes, [o for o in produced if o not in shapes]
+
+
+def _custom_shapes(m: onnx.ModelProto, shapes: dict) -> bool:
+    """Shapes of the outputs of the engine's own ops (kernels.CUSTOM_SHAPES) whose inputs'
+    are known, into `shapes` and as value infos of m (for the next round of inference);
+    whether any was new."""
+    from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, collective, ctc  # noqa: F401
+
+    new = False
+    for n in m.graph.node:
+        f = CUSTOM_SHAPES.get(n.op_type) if n.domain == CUSTOM_DOMAIN else None
+        if f is None or all(o in shapes for o in n.output if o) or \
+                any(i and i not in shapes for i in n.input):
+            continue
+        for o, (shape, dt) in zip(n.output, f(*[shapes[i] if i else None for i in n.input]),
+                                  strict=False):
+            if o and o not in shapes:
+                shapes[o] = (tuple(int(d) for d in shape), np.dtype(dt))
+                m.graph.value_info.append(helper.make_tensor_value_info(
+                    o, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), list(shape)))
+                new = True
+    return new
 
 
 # -- the training graph from shapes -------------------------------------------------------------

@@ -99,10 +99,12 @@ def batch_first_output(out_shape: tuple, local: int, output: str, loss: str,
 
 
 def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: int, steps: int,
-               output: str) -> None:
+               output: str, lengths: np.ndarray | None = None,
+               lengths_name: str | None = None) -> None:
     """CTC label rows [N, S]: class indices other than the blank, ended by negative padding,
     each row short enough to align with the output's time steps (its labels plus a blank
-    between each repeated pair); the first bad one is named."""
+    between each repeated pair): all `steps` of them, or with loss.lengths each sample's own
+    count (integers in [1, steps], one per sample); the first bad one is named."""
     if labels.dtype.kind not in "iu" or labels.ndim != 2:
         raise DataError(f"{what}: target '{name}' must hold integer label rows [N, S] (a row "
                         f"ends at its first negative entry), got {labels.dtype} "
@@ -122,12 +124,29 @@ def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: in
                 f"{j}: labels are the other classes" if text else
                 f"{what}: target '{name}' holds {int(labels[i, j])} at sample {i}, position {j}, "
                 f"outside [0, {classes}) for the {classes} classes of '{output}'")
+    have = steps
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.dtype.kind not in "iu" or lengths.shape != labels.shape[:1]:
+            raise DataError(f"{what}: target '{lengths_name}' (loss.lengths) must hold one "
+                            f"integer per sample, [{labels.shape[0]}], got {lengths.dtype} "
+                            f"{list(lengths.shape)}")
+        bad = (lengths < 1) | (lengths > steps)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{what}: target '{lengths_name}' (loss.lengths) is {int(lengths[i])} "
+                            f"at sample {i}, outside [1, {steps}]: each sample's count of valid "
+                            f"time steps of '{output}', which has {steps}")
+        have = lengths
     repeats = ((labels[:, 1:] == labels[:, :-1]) & valid[:, 1:]).sum(axis=1)
     need = valid.sum(axis=1) + repeats
-    if (need > steps).any():
-        i = int(np.flatnonzero(need > steps)[0])
+    short = need > have
+    if short.any():
+        i = int(np.flatnonzero(short)[0])
+        where = f"'{output}' has {steps}" if lengths is None else \
+            f"its '{lengths_name}' (loss.lengths) gives {int(lengths[i])}"
         raise DataError(f"{what}: target '{name}' needs {int(need[i])} time steps at sample {i} "
-                        f"(its labels, and a blank between repeats), but '{output}' has {steps}")
+                        f"(its labels, and a blank between repeats), but {where}")
 
 
 def regression_targets(targets: np.ndarray, name: str, what: str,

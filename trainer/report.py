@@ -506,8 +506,13 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
                                           spec.output)
                 continue
             if spec.type == "ctc":
+                steps = None
+                if spec.lengths and spec.lengths in ds.targets:
+                    steps = np.asarray(load_arrays(ds.path, {spec.lengths: ds.targets[
+                        spec.lengths]}, what)[spec.lengths])
                 checks.ctc_labels(np.asarray(labels), spec.target, what, out_shape[-1],
-                                  spec.blank, out_shape[spec.time_axis], spec.output)
+                                  spec.blank, out_shape[spec.time_axis], spec.output, steps,
+                                  spec.lengths)
                 continue
             axis = spec.class_axis % len(out_shape)
             per_sample = tuple(d for i, d in enumerate(out_shape) if i != axis)[1:]

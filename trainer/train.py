@@ -324,7 +324,8 @@ class Trainer:
             return
         if spec.type == "ctc":
             preflight.ctc_labels(labels, spec.target, what, shape[-1], spec.blank,
-                                 shape[spec.time_axis], spec.output)
+                                 shape[spec.time_axis], spec.output,
+                                 arrays[spec.lengths] if spec.lengths else None, spec.lengths)
             return
         axis = spec.class_axis % len(shape)
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
@@ -1046,7 +1047,8 @@ class Trainer:
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
             out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
-                               len(next(iter(chunk.values()))), self._softmax_output)
+                               len(next(iter(chunk.values()))), self._softmax_output,
+                               chunk.get(spec.lengths) if spec.type == "ctc" else None)
         if self.world > 1:
             self.comm.allreduce_(sums, label="evaluation sums")
         metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
@@ -1385,12 +1387,12 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     return axis == class_axis and (opset >= 13 or axis == rank - 1)
 
 
-def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False
-               ) -> np.ndarray:
+def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,
+               steps=None) -> np.ndarray:
     """[sum of per-item losses, correct predictions, items] for one eval chunk of n samples;
     items are samples, or for cross entropy the labels that are not loss.ignore_index.
     `probabilities`: the output is a Softmax's (the loss trained on its input: its log-softmax
-    is the output's log)."""
+    is the output's log); `steps`: ctc's valid time steps per sample (loss.lengths)."""
     if spec.type == "output":  # the model's own loss, taken as the mean over the chunk
         return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n)])
     if spec.type == "mse":
@@ -1407,7 +1409,7 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
         if spec.time_axis == 0:  # (time-major: batch-major for the kernel)
             logp = logp.swapaxes(0, 1)
         nll, count = CTCLoss(np, np.ascontiguousarray(logp), np.asarray(target),
-                             blank=spec.blank)
+                             None if steps is None else np.asarray(steps), blank=spec.blank)
         return np.array([float((nll / count).sum()), 0.0, float(logp.shape[0])])
     valid = target != spec.ignore_index
     safe = np.where(valid, target, 0)

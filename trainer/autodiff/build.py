@@ -60,6 +60,7 @@ class LossSpec:
     ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
     blank: int = 0  # ctc: the blank class
     time_axis: int = 1  # ctc: 1 for [N, T, classes], 0 for [T, N, classes]
+    lengths: str | None = None  # ctc: the target holding each sample's count of valid steps
 
     @classmethod
     def of(cls, spec) -> LossSpec:
@@ -70,7 +71,8 @@ class LossSpec:
         return cls(type=spec.type, output=spec.output, target=spec.target,
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
-                   blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1))
+                   blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1),
+                   lengths=getattr(spec, "lengths", None))
 
 
 @dataclass(frozen=True)
@@ -263,13 +265,19 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
                     [out(v, k) for k, v in state.items()] + [out(o) for o in outputs])
     info = TrainingInfo(loss=loss_name, gradients=dict(grads), state=state, seed=seed,
                         inputs=list(in_shapes),
-                        targets=({spec.target: target_vis[0].name} if target_vis else {}),
+                        targets=loss_targets(spec, target_vis),
                         outputs=outputs)
     helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
                                  META_KEY: json.dumps(info.__dict__)})
     _import_used_domains(fwd)
     check_model(fwd, "training graph")
     return fwd
+
+
+def loss_targets(spec: LossSpec, target_vis: list) -> dict[str, str]:
+    """{loss target name: training-graph input}: the target, then ctc's lengths (if any)."""
+    names = [spec.target] + ([spec.lengths] if spec.type == "ctc" and spec.lengths else [])
+    return {k: vi.name for k, vi in zip(names, target_vis, strict=False)}
 
 
 @dataclass
@@ -299,6 +307,7 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
     nodes += loss_nodes
     fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
+    _import_used_domains(fwd)  # (the loss's own ops: ONNX shape inference needs the import)
     t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
                 for vi in target_vis}
     return TrainingForward(fwd, nodes, state, spec, loss_name, target_vis, t_shapes, scope,
@@ -639,8 +648,9 @@ def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nod
               targets: list):
     """CTC over scores [N, T, classes] ([T, N, classes] with time_axis 0: transposed first;
     logits: a Softmax's input where the model ends in one) and labels [N, S]: log_softmax, the
-    ai.onnx_trainer CTCLoss per sample, each divided by its label count, the mean over the
-    batch (torch's ctc_loss, reduction mean)."""
+    ai.onnx_trainer CTCLoss per sample (over its first `lengths` steps where loss.lengths
+    names them), each divided by its label count, the mean over the batch (torch's ctc_loss,
+    reduction mean)."""
     if len(out_shape) != 3:
         raise ModelError(f"the ctc loss needs scores [batch, time, classes] (or [time, batch, "
                          f"classes] with loss.time_axis 0); '{spec.output}' has shape "
@@ -657,9 +667,18 @@ def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nod
 
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64,
                                                  [out_shape[0], "ctc_labels"]))
+    ins = [target]
+    if spec.lengths:  # each sample's count of valid steps (padded sequences)
+        if spec.lengths == spec.target:
+            raise ModelError(f"loss.lengths '{spec.lengths}' is the labels' target; name the "
+                             "target holding each sample's count of valid time steps")
+        steps = b.scope.fresh(spec.lengths)
+        targets.append(helper.make_tensor_value_info(steps, onnx.TensorProto.INT64,
+                                                     [out_shape[0]]))
+        ins.append(steps)
     logp, nll, count, per = b.tmp("log_probs"), b.tmp("nll"), b.tmp("count"), b.tmp("per")
     nodes += [b.node("LogSoftmax", [scores], [logp], axis=2),
-              b.node("CTCLoss", [logp, target], [nll, count], domain=CUSTOM_DOMAIN,
+              b.node("CTCLoss", [logp] + ins, [nll, count], domain=CUSTOM_DOMAIN,
                      blank=spec.blank),
               b.node("Div", [nll, count], [per]),
               b.reduce("ReduceMean", per, [0], loss, keepdims=0)]

@@ -13,6 +13,10 @@ import numpy as np
 
 KERNELS: dict[tuple[str, str], list[tuple[int, Callable]]] = {}
 CUSTOM_DOMAIN = "ai.onnx_trainer"
+# The engine's own ops (CUSTOM_DOMAIN), which ONNX shape inference has no schema for: op ->
+# f(*input (shape, dtype) pairs, None for an absent one) -> output (shape, dtype) pairs (the
+# memory estimate infers shapes without running kernels).
+CUSTOM_SHAPES: dict[str, Callable] = {}
 
 
 def kernel(op_type: str, since: int = 1, domain: str = ""):

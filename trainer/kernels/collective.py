@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from trainer.kernels import CUSTOM_DOMAIN, kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, kernel
 
 _current = threading.local()  # thread-local: emulated ranks are threads of one process
 
@@ -34,3 +34,4 @@ def AllReduce(xp, x):
 
 
 AllReduce.collective = True  # never folded or dropped by the planner: every rank must call it
+CUSTOM_SHAPES["AllReduce"] = lambda x: [x]
