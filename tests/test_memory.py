@@ -379,6 +379,15 @@ def test_control_flow_falls_back_to_a_probe_at_small_batches(tmp_path, models):
     assert est.method.startswith("probe at batch 2, 3, scaled to 256")
     assert 0.75 <= est.total / measured <= 1.25, (est, measured)
     assert est.out_shape == (256, 10)
+    # `check` (a process of its own) reads the values as training does, and reports the
+    # same estimate rather than a problem (it said "needs the model's values" and failed)
+    path = tmp_path / "if.yaml"
+    path.write_text(yaml.safe_dump(_raw(tmp_path / "if.onnx", models["mlp"][1], 256, tmp_path,
+                                        optimizer={"type": "sgd", "lr": 0.1})))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "check", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "estimate from probe at batch 2, 3, scaled to 256" in proc.stdout, proc.stdout
 
 
 # -- every problem at once --------------------------------------------------------------------

@@ -80,8 +80,12 @@ def _check_config(args) -> int:
     except TrainerError:
         pass  # the pre-flight report names the problem
     from trainer.backend import get_xp
+    from trainer.graph import load_model
 
-    pf = preflight(cfg, world=args.world or launched_world_size(), xp=get_xp(cfg.device))
+    # (the model's values are read only where shapes alone leave the estimate incomplete:
+    # control flow to lower, shapes computed from values; as training itself does)
+    pf = preflight(cfg, world=args.world or launched_world_size(), xp=get_xp(cfg.device),
+                   full_model=lambda: load_model(cfg.model))
     print(pf.text())
     return 1 if pf.problems else 0
 
