@@ -119,3 +119,62 @@ def test_cross_entropy_eval_loss_of_a_softmax_output_is_the_trained_loss(tmp_pat
     want = torch.nn.functional.cross_entropy(torch.tensor(x, dtype=torch.float64) @ trained,
                                              torch.tensor(y))
     assert result["eval_loss"] == pytest.approx(float(want), rel=1e-9)
+
+
+@pytest.mark.parametrize("tail", ["transpose", "cast_transpose", "identity"])
+def test_a_softmax_under_a_layout_change_trains_on_its_logits(tmp_path, tail):
+    """Softmax over axis 1 of [N, C, T] then Transpose to [N, T, C] (tf2onnx's layout), with a
+    float Cast or an Identity between: cross entropy on class_axis 2 trains on the logits laid
+    out as the output (torch's cross_entropy on them), not on the probabilities (a second
+    softmax, whose gradients vanish); evaluation reports the same loss."""
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((5, 4)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),  # [N, T, C]
+             helper.make_node("Transpose", ["h"], ["logits"], perm=[0, 2, 1]),  # [N, C, T]
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
+    if tail == "transpose":
+        nodes.append(helper.make_node("Transpose", ["p"], ["probs"], perm=[0, 2, 1]))
+    elif tail == "cast_transpose":
+        nodes += [helper.make_node("Cast", ["p"], ["p64"], to=TensorProto.DOUBLE),
+                  helper.make_node("Transpose", ["p64"], ["p64t"], perm=[0, 2, 1]),
+                  helper.make_node("Cast", ["p64t"], ["probs"], to=TensorProto.FLOAT)]
+    else:
+        nodes += [helper.make_node("Identity", ["p"], ["pt"]),
+                  helper.make_node("Transpose", ["pt"], ["probs"], perm=[0, 2, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 6, 5])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                         ["N", 6, 4])],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((16, 6, 5)).astype(np.float32)
+    y = rng.integers(0, 4, (16, 6))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "precision": "fp64",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "probs", "target": "t", "class_axis": 2},
+           "optimizer": {"type": "sgd", "lr": 0.5}, "steps": 4, "log": {"every_steps": 1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    result = t.fit()
+    ours = [r["loss"] for r in t.history if "loss" in r]
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([wt], lr=0.5)
+    want = []
+    for step in range(4):
+        lo = (step % 2) * 8
+        logits = torch.tensor(x[lo:lo + 8], dtype=torch.float64) @ wt  # [8, T, C]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2),
+                                                 torch.tensor(y[lo:lo + 8]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    np.testing.assert_allclose(ours, want, rtol=1e-9)
+    np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
+    with torch.no_grad():
+        want_eval = torch.nn.functional.cross_entropy(
+            (torch.tensor(x, dtype=torch.float64) @ wt).transpose(1, 2), torch.tensor(y))
+    assert result["eval_loss"] == pytest.approx(float(want_eval), rel=1e-6)

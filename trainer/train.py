@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
+from trainer.autodiff.build import softmax_logits
 from trainer.autodiff.params import (
     parameter_aliases,
     quantization_scales,
@@ -1369,22 +1370,18 @@ def _batch_axis(spec) -> int:
 
 
 def _softmax_output(model: onnx.ModelProto, spec) -> bool:
-    """Whether the loss reads a Softmax's output over its class axis (what the training graph
-    replaces by the Softmax's input: autodiff.build._logits_of_softmax)."""
+    """Whether the loss reads a Softmax's output over its class axis, directly or through
+    layout ops (what the training graph replaces by the Softmax's input:
+    autodiff.build._logits_of_softmax)."""
     if spec.type not in ("cross_entropy", "ctc"):
         return False
-    producer = next((n for n in model.graph.node if spec.output in n.output), None)
     out = next((o for o in model.graph.output if o.name == spec.output), None)
-    if producer is None or producer.op_type != "Softmax" or out is None:
-        return False
-    rank = len(out.type.tensor_type.shape.dim)
+    rank = len(out.type.tensor_type.shape.dim) if out is not None else 0
     if not rank:
         return False
-    opset = opset_of(model)
-    axis = next((a.i for a in producer.attribute if a.name == "axis"),
-                -1 if opset >= 13 else 1) % rank
-    class_axis = (spec.class_axis if spec.type == "cross_entropy" else -1) % rank
-    return axis == class_axis and (opset >= 13 or axis == rank - 1)
+    class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
+    return softmax_logits(model.graph.node, spec.output, rank, class_axis,
+                          opset_of(model)) is not None
 
 
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,

@@ -301,11 +301,12 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
     and constant values `consts`): shared by build_training_graph and the memory estimate."""
     g = m.graph
     scope = NameScope(all_names(g))
+    first = dict(first)  # (the logits' layout copies below add their shapes)
     builder = Builder(scope, opset, first, "train", consts)
     nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm)
-    spec = _logits_of_softmax(spec, list(g.node), first, opset)
+    spec, laid_out = _logits_of_softmax(spec, list(g.node), first, opset, builder)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
-    nodes += loss_nodes
+    nodes += laid_out + loss_nodes
     fwd = _forward_model(m, nodes, builder.initializers, target_vis, in_shapes)
     _import_used_domains(fwd)  # (the loss's own ops: ONNX shape inference needs the import)
     t_shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
@@ -575,22 +576,63 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False
     return nodes, {rmean: new_mean, rvar: new_var}
 
 
-def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int) -> LossSpec:
-    """Cross entropy over a model that ends in Softmax (probabilities, as many exported
-    classifiers do) is computed from the Softmax's input: applying softmax twice would train
-    with vanishing gradients. The model's output itself is unchanged."""
-    if spec.type not in ("cross_entropy", "ctc"):
-        return spec
-    producer = next((n for n in nodes if spec.output in n.output), None)
-    if producer is None or producer.op_type != "Softmax" or producer.input[0] not in shapes:
-        return spec
+# Ops between a Softmax and the loss output that move or retype the probabilities without
+# mixing classes: the logits go through the same ones (float Casts only).
+_LAYOUT_OPS = ("Transpose", "Identity", "Cast")
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16)
+
+
+def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int):
+    """(the Softmax node, the layout nodes after it in order) where `output` is a Softmax's
+    probabilities over `class_axis` (of `output`, rank `rank`), directly or through
+    Transposes, Identities and float Casts (tf2onnx ends classifiers in Softmax then a
+    Transpose back to its layout); None otherwise."""
+    made = {o: n for n in nodes for o in n.output}
+    chain, name, k = [], output, class_axis % rank
+    while (n := made.get(name)) is not None and n.op_type != "Softmax":
+        if n.op_type not in _LAYOUT_OPS or n.domain not in ("", "ai.onnx") or len(chain) > 8:
+            return None
+        a = attrs_of(n)
+        if n.op_type == "Transpose":
+            perm = list(a.get("perm", range(rank - 1, -1, -1)))
+            if len(perm) != rank:
+                return None
+            k = int(perm[k])
+        if n.op_type == "Cast" and a.get("to") not in _FLOAT_TYPES:
+            return None
+        chain.append(n)
+        name = n.input[0]
+    if n is None or n.domain not in ("", "ai.onnx"):
+        return None
+    axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
+    if axis == k and (opset >= 13 or axis == rank - 1):
+        return n, chain[::-1]
+    return None
+
+
+def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
+    """Cross entropy (and ctc) over a model that ends in Softmax (probabilities, as many
+    exported classifiers do) is computed from the Softmax's input: applying softmax twice
+    would train with vanishing gradients. Where Transposes, Identities or float Casts follow
+    the Softmax, the logits go through copies of them (laid out as the output). Returns (spec,
+    those copies); the model's output itself is unchanged."""
+    if spec.type not in ("cross_entropy", "ctc") or spec.output not in shapes:
+        return spec, []
     rank = len(shapes[spec.output][0])
-    default = -1 if opset >= 13 else 1
-    axis = attrs_of(producer).get("axis", default) % rank
-    class_axis = (spec.class_axis if spec.type == "cross_entropy" else -1) % rank
-    if axis == class_axis and (opset >= 13 or axis == rank - 1):
-        return dataclasses.replace(spec, output=producer.input[0])
-    return spec
+    class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
+    found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
+    if found is None or found[0].input[0] not in shapes:
+        return spec, []
+    softmax, chain = found
+    value, copies = softmax.input[0], []
+    for n in chain:
+        out = b.tmp(f"logits_{n.op_type.lower()}")
+        copies.append(helper.make_node(n.op_type, [value] + list(n.input[1:]), [out],
+                                       name=out, **attrs_of(n)))
+        shapes[out] = shapes[n.output[0]]
+        value = out
+    return dataclasses.replace(spec, output=value), copies
 
 
 def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
