@@ -410,3 +410,24 @@ def test_gathernd_matches_definition(b, k, data) -> None:
     want = np.stack([x[bi][tuple(idx[bi][m])] for bi in np.ndindex(shape[:b])
                      for m in range(2)]).reshape(got.shape)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("op", ["Gather", "GatherElements"])
+def test_gather_refuses_an_index_out_of_range_on_the_host(op):
+    """An index outside [-n, n) is an error (onnxruntime's too), not a wrap-around: a token id
+    past an embedding table would read another row."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    fn = get_kernel(op, 13)
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ok = np.array([[0, 1], [-5, 4]], np.int64)
+    np.testing.assert_array_equal(fn(np, x, ok, axis=0)[0],
+                                  np.take(x, ok % 5, axis=0) if op == "Gather" else
+                                  np.take_along_axis(x, ok % 5, axis=0))
+    for bad in (5, -6):
+        idx = ok.copy()
+        idx[1, 0] = bad
+        with pytest.raises(ModelError, match=f"{op}: index {bad} is out of range for axis 0 of "
+                                             "size 5"):
+            fn(np, x, idx, axis=0)

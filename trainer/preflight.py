@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from trainer.errors import DataError, TrainerError
 
@@ -147,6 +148,35 @@ def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: in
             f"its '{lengths_name}' (loss.lengths) gives {int(lengths[i])}"
         raise DataError(f"{what}: target '{name}' needs {int(need[i])} time steps at sample {i} "
                         f"(its labels, and a blank between repeats), but {where}")
+
+
+def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> None:
+    """Integer data inputs that a Gather reads as indices into an initializer (an embedding's
+    token ids), directly or through a Cast or Identity: every value within the gathered axis.
+    (The host kernel refuses such an index when it meets it, a device kernel cannot check
+    without reading it back; here the whole dataset is checked before training.)"""
+    tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    source = {k: k for k in arrays}
+    for n in model.graph.node:
+        if n.op_type in ("Cast", "Identity") and n.input and n.input[0] in source:
+            source[n.output[0]] = source[n.input[0]]
+    for n in model.graph.node:
+        if n.op_type != "Gather" or len(n.input) < 2 or n.input[1] not in source or \
+                n.input[0] not in tables or not tables[n.input[0]]:
+            continue
+        name, table = source[n.input[1]], tables[n.input[0]]
+        a = arrays[name]
+        if a.dtype.kind not in "iu" or not a.size:
+            continue
+        axis = next((x.i for x in n.attribute if x.name == "axis"), 0) % len(table)
+        size = table[axis]
+        if a.min() >= -size and a.max() < size:
+            continue
+        bad = np.argwhere((a < -size) | (a >= size))[0]
+        raise DataError(f"{what}: input '{name}' holds {int(a[tuple(bad)])} at sample "
+                        f"{int(bad[0])}, but node '{n.name or n.output[0]}' (Gather) reads it as "
+                        f"an index into axis {axis} of '{n.input[0]}', which has {size} entries "
+                        f"(indices must lie in [{-size}, {size - 1}])")
 
 
 def regression_targets(targets: np.ndarray, name: str, what: str,

@@ -267,6 +267,7 @@ class Trainer:
         mapping = {**ds.inputs, **ds.targets}
         arrays = load_arrays(ds.path, mapping, what)
         check_against_model({k: arrays[k] for k in ds.inputs}, self.data_inputs, what)
+        preflight.gather_indices({k: arrays[k] for k in ds.inputs}, self.run_model, what)
         out = {}
         for name, a in arrays.items():
             want = self._dtype_for(name, a, what)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.backend import cupyx_module
+from trainer.errors import ModelError
 from trainer.graph import np_dtype
 from trainer.kernels import cached_constant, host_ints, host_scalar, kernel
 
@@ -198,16 +199,29 @@ def Slice(xp, x, starts, ends, axes=None, steps=None):
                    _ints(steps) if steps is not None else None),)
 
 
+def _in_range(indices, n: int, op: str, axis: int) -> None:
+    """Host indices against [-n, n), as the spec requires (an index past the end would wrap
+    around silently, e.g. a token id past an embedding table: onnxruntime refuses it too). On
+    a device nothing is checked (that would read the indices back at every call)."""
+    if isinstance(indices, np.ndarray) and indices.size and (
+            indices.min() < -n or indices.max() >= n):
+        bad = indices[(indices < -n) | (indices >= n)].reshape(-1)[0]
+        raise ModelError(f"{op}: index {int(bad)} is out of range for axis {axis} of size {n} "
+                         f"(indices must lie in [{-n}, {n - 1}])")
+
+
 @kernel("Gather")
 def Gather(xp, x, indices, *, axis=0):
     mod, (x, indices) = _same_device(xp, x, indices)
     axis %= x.ndim
+    _in_range(indices, x.shape[axis], "Gather", axis)
     return (mod.take(x, indices.astype(np.int64) % max(x.shape[axis], 1), axis=axis),)
 
 
 @kernel("GatherElements", since=11)
 def GatherElements(xp, x, indices, *, axis=0):
     axis %= x.ndim
+    _in_range(indices, x.shape[axis], "GatherElements", axis)
     idx = indices.astype(np.int64) % max(x.shape[axis], 1)
     # The indices may be smaller than the data along the other axes (as torch.gather allows):
     # only the leading part of each of those axes is read.
