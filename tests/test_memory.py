@@ -485,3 +485,32 @@ def test_a_run_reports_the_memory_it_needed(tmp_path, digits_config):
            "included): " in text
     assert "; estimated before training (the training state alone): " in text
     assert result["peak_memory_mb"] * 2**20 > t.preflight.estimate.total > 0
+
+
+def test_a_wrongly_declared_output_shape_is_inferred_not_believed(tmp_path):
+    """plcmos_v2 (speechmos) declares its output a scalar while its Squeeze of [batch, 1]
+    makes it [batch]: the estimate infers the shape instead of taking the declaration (it
+    failed with "no estimate: ValueError" from a ReduceMean over no axes), and training runs."""
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Squeeze", ["h"],
+                                                                        ["score"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.ones((4, 1), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]),
+              tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 4)).astype(np.float32),
+             y=rng.standard_normal(16).astype(np.float32))
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 2,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "mse", "output": "score", "target": "t"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    cfg = config_from_dict(raw, tmp_path)
+    pf = report.preflight(cfg)
+    assert not pf.problems and pf.estimate.method == "ONNX shape inference"
+    assert pf.estimate.out_shape == (8,)
+    t = Trainer(cfg, stream=io.StringIO())
+    t.fit()
+    assert t.step == 2 and not np.array_equal(t.trained_values()["W"], np.ones((4, 1)))

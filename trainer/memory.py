@@ -168,6 +168,9 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
             for d in in_shapes[vi.name]:
                 shape.dim.add().dim_value = int(d)
     del m.graph.value_info[:]
+    for vi in m.graph.output:  # (what the model declares may be wrong: plcmos_v2 declares a
+        if vi.type.HasField("tensor_type"):  # scalar its Squeeze makes [batch]; inferred)
+            vi.type.tensor_type.ClearField("shape")
     produced = [o for n in model.graph.node for o in n.output if o]
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     folded: set[str] = set()

@@ -660,7 +660,8 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
         d, sq = b.tmp("diff"), b.tmp("sq")
         nodes += [b.node("Sub", [spec.output, target], [d]),
                   b.node("Mul", [d, d], [sq]),
-                  b.reduce("ReduceMean", sq, list(range(len(out_shape))), loss, keepdims=0)]
+                  b.reduce("ReduceMean", sq, list(range(len(out_shape))), loss, keepdims=0)
+                  if out_shape else b.node("Identity", [sq], [loss])]  # (a scalar output)
         return nodes, loss, targets
     rank = len(out_shape)
     if rank < 2:
