@@ -822,3 +822,60 @@ def test_a_glob_for_names_that_constant_folding_removed_says_why(tmp_path):
     with pytest.raises(ModelError, match=r"trainable entry '\*lora\*' matches no float "
                        r"initializer.*onnx::MatMul_.*do_constant_folding=False"):
         Trainer(cfg, stream=io.StringIO())
+
+
+def _opset9_gru(path):
+    """x [N, 5, 3] -> GRU (opset 9, as PyTorch exported by default before 1.12) -> the mean of
+    its outputs over time -> [N, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    ws = {"W": (1, 12, 3), "R": (1, 12, 4), "B": (1, 24)}
+    g = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+         helper.make_node("GRU", ["xt", "W", "R", "B"], ["y"], hidden_size=4),
+         helper.make_node("Squeeze", ["y"], ["ys"], axes=[1]),
+         helper.make_node("ReduceMean", ["ys"], ["out"], axes=[0], keepdims=0)], "gru9",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), k)
+         for k, s in ws.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)]), str(path))
+
+
+def test_an_opset_9_recurrent_model_trains_as_its_opset_11_conversion(tmp_path):
+    """The recurrent gradient rules need opset 10: an opset-9 GRU (refused until now, "convert
+    it with onnx.version_converter") trains through a converted copy of its training graph,
+    exactly as the model converted by hand; `check` has no problem with it; the export keeps
+    opset 9 and the model's own nodes."""
+    from onnx import version_converter
+
+    from trainer import report
+
+    _opset9_gru(tmp_path / "m9.onnx")
+    onnx.save(version_converter.convert_version(onnx.load(str(tmp_path / "m9.onnx")), 11),
+              str(tmp_path / "m11.onnx"))
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 3)).astype(np.float32),
+             y=rng.standard_normal((16, 4)).astype(np.float32))
+    runs = {}
+    for name in ("m9", "m11"):
+        raw = {"model": f"{name}.onnx", "output": f"{name}_out.onnx", "device": "cpu",
+               "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                  "targets": {"t": "y"}}, "batch_size": 8, "shuffle": False},
+               "loss": {"type": "mse", "output": "out", "target": "t"},
+               "optimizer": {"type": "adamw", "lr": 0.01}, "steps": 4, "log": {"every_steps": 1}}
+        cfg = config_from_dict(raw, tmp_path)
+        assert not report.preflight(cfg).problems
+        log = io.StringIO()
+        t = Trainer(cfg, stream=log)
+        t.fit()
+        runs[name] = ([r["loss"] for r in t.history if "loss" in r], t.trained_values(),
+                      log.getvalue())
+    np.testing.assert_array_equal(runs["m9"][0], runs["m11"][0])
+    for k in ("W", "R", "B"):
+        np.testing.assert_array_equal(runs["m9"][1][k], runs["m11"][1][k])
+    assert "opset 9 to 11" in runs["m9"][2]
+    out = onnx.load(str(tmp_path / "m9_out.onnx"))
+    assert out.opset_import[0].version == 9 and [n.op_type for n in out.graph.node] == \
+        ["Transpose", "GRU", "Squeeze", "ReduceMean"]

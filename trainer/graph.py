@@ -557,6 +557,36 @@ def lift_weights(model: onnx.ModelProto) -> list[str]:
     return lifted
 
 
+RECURRENT_OPSET = 11  # the recurrent gradient rules emit ReverseSequence, Slice and Clip inputs
+
+
+def needs_recurrent_opset(model: onnx.ModelProto) -> bool:
+    """Whether the model has RNN/GRU/LSTM nodes at an opset below what their gradient rules
+    emit (opset 9: PyTorch's default export opset before 1.12)."""
+    return opset_of(model, "") < 10 and any(
+        n.op_type in ("RNN", "GRU", "LSTM") and n.domain in ("", "ai.onnx")
+        for n in model.graph.node)
+
+
+def recurrent_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model converted to opset RECURRENT_OPSET (onnx.version_converter) where
+    needs_recurrent_opset says so, for its training graph; the model itself otherwise, or where
+    the conversion fails or does not keep every initializer (the rule then says what to do).
+    Exports keep the model's own opset and nodes: only values move between the two."""
+    if not needs_recurrent_opset(model):
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, RECURRENT_OPSET)
+    except Exception:  # noqa: BLE001 - the gradient rule names the opset problem
+        return model
+    have = {t.name for t in converted.graph.initializer}
+    if any(t.name not in have for t in model.graph.initializer):
+        return model
+    return converted
+
+
 def has_weights_to_lift(model: onnx.ModelProto) -> bool:
     """Whether lift_weights would change the model (without copying anything)."""
     g = model.graph

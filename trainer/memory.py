@@ -263,13 +263,17 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         repair_exported_model,
     )
     from trainer.autodiff.subgraph import needs_lowering
-    from trainer.graph import lift_weights
+    from trainer.graph import lift_weights, needs_recurrent_opset, recurrent_opset
 
     spec = B.LossSpec.of(loss)
     if spec.type not in B.LOSS_TYPES:
         raise ModelError(f"unknown loss type '{spec.type}'")
     if needs_lowering(model.graph):
         raise Incomplete("control flow or sequences to lower")
+    if needs_recurrent_opset(model):  # (as build_training_graph: opset-9 RNNs converted)
+        model = recurrent_opset(model)
+        if needs_recurrent_opset(model):
+            raise Incomplete("an opset-9 recurrent model that its stub values do not convert")
     outputs = [o.name for o in model.graph.output]
     if spec.output not in outputs:
         raise ModelError(f"loss output '{spec.output}' is not an output of the model "

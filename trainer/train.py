@@ -54,6 +54,7 @@ from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpEr
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import (
+    RECURRENT_OPSET,
     bake_inputs,
     constant_inputs,
     convert_floats,
@@ -61,6 +62,7 @@ from trainer.graph import (
     input_dtypes,
     lift_weights,
     load_model,
+    needs_recurrent_opset,
     np_dtype,
     opset_of,
 )
@@ -157,6 +159,10 @@ class Trainer:
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
+        if needs_recurrent_opset(self.model):
+            self.log.info(f"the training graph is built from the model converted from opset "
+                          f"{opset_of(self.model)} to {RECURRENT_OPSET} (the recurrent gradient "
+                          "rules need opset 10); the export keeps the model's own opset and nodes")
         for line in report.warning_lines(*report.exporter_findings(self.model)):
             self.log.info(line)
         # {copy: (source, kind)}, exported from the trained source

@@ -44,6 +44,7 @@ from trainer.graph import (
     lift_weights,
     node_name,
     opset_of,
+    recurrent_opset,
     tensor_type,
 )
 
@@ -238,6 +239,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     if has_weights_to_lift(model):  # (weights in subgraphs or Constant nodes: initializers)
         model = copy.deepcopy(model)
         lift_weights(model)
+    model = recurrent_opset(model)  # (opset-9 RNNs: the gradient rules need opset 10)
     in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
     dtypes = input_dtypes(model)
     model = lower_model(model, in_shapes, dtypes)  # static control flow, sequences: plain nodes

@@ -57,7 +57,8 @@ class _Unroll:
         op = ctx.onnx_node.op_type
         if ctx.opset < 10:
             raise ModelError(f"{op} gradient (node '{ctx.name}') needs opset >= 10; the model has "
-                             f"opset {ctx.opset}: convert it with onnx.version_converter")
+                             f"opset {ctx.opset}, which onnx.version_converter could not "
+                             "convert to 11 keeping its initializers (convert it by hand)")
         self.ctx = ctx
         self.e = Emit(ctx)
         x_shape = ctx.shape(ctx.I(0))
