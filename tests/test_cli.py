@@ -235,3 +235,18 @@ def test_yaml_tags_are_refused(tmp_path, tag):
     path.write_text(f"model: {tag}\n")
     line = one_line_error(run("train", str(path)))
     assert "cfg.yaml" in line
+
+
+def test_check_names_the_opsets_of_a_model_without_an_ai_onnx_one(tmp_path):
+    """A model importing ai.onnx.ml only (onnxmltools' logistic regression, say): `check`
+    names that import rather than "opset 0"."""
+    g = helper.make_graph([helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml",
+                                            offset=[0.0, 1.0], scale=[2.0, 3.0])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    proc = run("check", str(tmp_path / "m.onnx"))
+    assert "1 nodes, no ai.onnx opset (ai.onnx.ml 1)" in proc.stdout, proc.stdout + proc.stderr
+    assert "opset 0" not in proc.stdout

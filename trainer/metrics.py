@@ -261,7 +261,10 @@ class MetricsLogger:
         parts = [f"step {row['step']}", f"epoch {row['epoch']}"]
         for key, fmt in _ROW_FIELDS:
             if key in row:
-                parts.append(f"{key} {row[key]:{fmt}}")
+                value = row[key]
+                if key == "samples_per_s" and value < 10:  # (0.31, not 0: slow steps)
+                    fmt = ".2g"
+                parts.append(f"{key} {value:{fmt}}")
         self.info("  ".join(parts))
 
     def _add_scalars(self, row: dict) -> None:

@@ -53,6 +53,11 @@ class Report:
     folded: list[str] = field(default_factory=list)  # folded_parameters
     fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
+    imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
+
+    @property
+    def opset_text(self) -> str:
+        return f"opset {self.opset}" if self.opset else f"no ai.onnx opset ({self.imports})"
 
     @property
     def ok(self) -> bool:
@@ -89,7 +94,7 @@ class Report:
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
-        lines.append(f"{len(self.nodes)} nodes, opset {self.opset}: {verdict}")
+        lines.append(f"{len(self.nodes)} nodes, {self.opset_text}: {verdict}")
         return "\n".join(lines)
 
 
@@ -194,7 +199,10 @@ def model_report(model: onnx.ModelProto) -> Report:
         if grad == "missing":
             grad = "MISSING" if i in active else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
-    return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model))
+    imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
+                        if o.domain not in ("", "ai.onnx"))
+    return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model),
+                  imports=imports)
 
 
 def gradient_status(op: str, domain: str = "") -> str:
@@ -328,7 +336,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             problems.append(UnsupportedOpError("gradient rule", bad_grad))
         support = "every node has a forward kernel and, where needed, a gradient" if not (
             bad_fwd or bad_grad) else f"{len(bad_fwd) + len(bad_grad)} node(s) unsupported"
-        lines.append(f"  model: {len(report.nodes)} nodes, opset {report.opset}; {support}")
+        lines.append(f"  model: {len(report.nodes)} nodes, {report.opset_text}; {support}")
         inits = {t.name for t in structure.graph.initializer}
         data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                  for d in tensor_type(vi.type).shape.dim]
