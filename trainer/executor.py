@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
-from trainer.kernels import get_kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, get_kernel
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
 from trainer.simplify import PNode, eliminate_dead, fold_reshapes_into_reductions, simplify
@@ -883,10 +883,12 @@ ReduceLogSumExp ReduceSumSquare ArgMax ArgMin CumSum Reshape Flatten Squeeze Uns
 Transpose Expand Tile Slice Pad Concat Split Gather GatherElements GatherND ScatterElements
 ScatterND Scatter Shape Size ConstantOfShape Identity Range OneHot Trilu Constant DepthToSpace
 SpaceToDepth SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss TopK QuantizeLinear DequantizeLinear
+RNN GRU LSTM ReverseSequence Resize Upsample
 """.split())
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4),
                 "Pad": (1, 3), "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,),
                 "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "TopK": (1,), "CumSum": (1,),
+                "Resize": (1, 2, 3), "Upsample": (1,),  # (roi, scales, sizes: read on the host)
                 **{r: (1,) for r in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
                                      "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                                      "ReduceLogSumExp", "ReduceSumSquare")}}
@@ -954,8 +956,8 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     if nodes is None:
         return None
     for n in nodes:
-        # (a collective, SyncBatchNorm's AllReduce, gives its input's shape)
-        if not n.fused and not getattr(n.fn, "collective", False) and (
+        # (the engine's own ops with a shape function: SyncBatchNorm's AllReduce, ctc's loss)
+        if not n.fused and not _own_static(n) and not getattr(n.fn, "collective", False) and (
                 n.op not in STATIC_OPS or n.domain not in ("", "ai.onnx")):
             return None
         # (on a device, also the host-read scalars: a device value there would be read back)
@@ -965,6 +967,11 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     prog = _compile_static(ex, nodes, constants, shapes, alias, timers)
     prog.record = record
     return prog
+
+
+def _own_static(n: PNode) -> bool:
+    """Whether n runs one of the engine's own kernels with a shape function (CUSTOM_SHAPES)."""
+    return n.op in CUSTOM_SHAPES and n.fn is get_kernel(n.op, 1, CUSTOM_DOMAIN)
 
 
 def _stable_order(nodes: list[PNode], available: set[str]) -> list[PNode] | None:
