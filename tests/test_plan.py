@@ -742,9 +742,10 @@ def test_recurrent_resize_and_ctc_training_graphs_are_planned():
             "logits", TensorProto.FLOAT, ["N", 6])], inits)
     x, y = rng.standard_normal((3, 1, 4, 4)).astype(F32), rng.integers(0, 6, 3)
     cases = [training_case(helper.make_model(g, opset_imports=OPSET), x, y)]
-    from tests.test_grad_ctc import _recognizer
     import tempfile
     from pathlib import Path
+
+    from tests.test_grad_ctc import _recognizer
     with tempfile.TemporaryDirectory() as d:
         _recognizer(Path(d) / "r.onnx", (rng.standard_normal((8, 5)) * 0.3).astype(F32),
                     np.zeros(5, F32))
