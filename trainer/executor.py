@@ -883,12 +883,20 @@ ReduceLogSumExp ReduceSumSquare ArgMax ArgMin CumSum Reshape Flatten Squeeze Uns
 Transpose Expand Tile Slice Pad Concat Split Gather GatherElements GatherND ScatterElements
 ScatterND Scatter Shape Size ConstantOfShape Identity Range OneHot Trilu Constant DepthToSpace
 SpaceToDepth SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss TopK QuantizeLinear DequantizeLinear
-RNN GRU LSTM ReverseSequence Resize Upsample
+RNN GRU LSTM ReverseSequence Resize Upsample Acos Acosh Asin Asinh Atan Atanh Cosh Sinh Shrink
+BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor BitCast CumProd Det LpNormalization
+MeanVarianceNormalization GlobalLpPool GridSample RoiAlign MaxRoiPool DeformConv AffineGrid
+Col2Im CenterCropPad MaxUnpool ConvInteger MatMulInteger QLinearConv QLinearMatMul
+DynamicQuantizeLinear EyeLike DFT STFT BlackmanWindow HammingWindow HannWindow MelWeightMatrix
+Attention RotaryEmbedding SwiGLU LinearAttention CausalConvWithState TensorScatter
 """.split())
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4),
                 "Pad": (1, 3), "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,),
                 "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "TopK": (1,), "CumSum": (1,),
                 "Resize": (1, 2, 3), "Upsample": (1,),  # (roi, scales, sizes: read on the host)
+                "AffineGrid": (1,), "Col2Im": (1, 2), "CenterCropPad": (1,), "MaxUnpool": (2,),
+                "DFT": (1, 2), "STFT": (1, 3), "BlackmanWindow": (0,), "HammingWindow": (0,),
+                "HannWindow": (0,), "MelWeightMatrix": (0, 1, 2, 3, 4),
                 **{r: (1,) for r in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
                                      "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                                      "ReduceLogSumExp", "ReduceSumSquare")}}
