@@ -250,3 +250,22 @@ def test_check_names_the_opsets_of_a_model_without_an_ai_onnx_one(tmp_path):
     proc = run("check", str(tmp_path / "m.onnx"))
     assert "1 nodes, no ai.onnx opset (ai.onnx.ml 1)" in proc.stdout, proc.stdout + proc.stderr
     assert "opset 0" not in proc.stdout
+
+
+def test_grad_with_the_bce_loss(tmp_path):
+    """`grad --loss bce` on a model ending in Sigmoid: the loss is taken on its logits
+    (Softplus), and our executor runs the graph."""
+    from tests.test_losses import _sigmoid_model
+    from trainer.executor import Executor
+
+    _sigmoid_model(tmp_path / "m.onnx", np.ones((4, 3), np.float32), np.zeros(3, np.float32),
+                   False)
+    out = tmp_path / "g.onnx"
+    proc = run("grad", str(tmp_path / "m.onnx"), "--loss", "bce", "--output", "probs",
+               "--target", "t", "--batch-size", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out))
+    assert "Softplus" in {n.op_type for n in model.graph.node}
+    got = Executor(model).run({"x": np.ones((2, 4), np.float32),
+                               "t": np.array([[1, 0, 1], [0, 0, 1]], np.float32)})
+    assert np.isfinite(got["loss"]) and np.abs(got["W_grad"]).sum() > 0

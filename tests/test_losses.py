@@ -178,3 +178,97 @@ def test_a_softmax_under_a_layout_change_trains_on_its_logits(tmp_path, tail):
         want_eval = torch.nn.functional.cross_entropy(
             (torch.tensor(x, dtype=torch.float64) @ wt).transpose(1, 2), torch.tensor(y))
     assert result["eval_loss"] == pytest.approx(float(want_eval), rel=1e-6)
+
+
+def _sigmoid_model(path, w, b, hand_written: bool, tail: str | None = None):
+    """x [N, 4] @ W + b -> Sigmoid (or 1 / (1 + exp(-z)) written out) -> probs [N, 3]; with
+    `tail`, float Casts and an Identity after the Sigmoid."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["z"])]
+    if hand_written:
+        nodes += [helper.make_node("Neg", ["z"], ["nz"]), helper.make_node("Exp", ["nz"], ["e"]),
+                  helper.make_node("Add", ["e", "one"], ["d"]),
+                  helper.make_node("Reciprocal", ["d"], ["probs"])]
+    elif tail:
+        nodes += [helper.make_node("Sigmoid", ["z"], ["p"]),
+                  helper.make_node("Cast", ["p"], ["p64"], to=TensorProto.DOUBLE),
+                  helper.make_node("Identity", ["p64"], ["p64i"]),
+                  helper.make_node("Cast", ["p64i"], ["probs"], to=TensorProto.FLOAT)]
+    else:
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["probs"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"),
+                           numpy_helper.from_array(np.array(1, np.float32), "one")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "sigmoid_cast", "probabilities"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
+    """`loss.type: bce` (multi-label / binary targets in [0, 1], the output's shape): on a model
+    ending in Sigmoid (also through Casts and Identities) it trains on the logits as
+    torch's binary_cross_entropy_with_logits; on probabilities computed otherwise, as torch's
+    binary_cross_entropy. Same weights and batches, SGD: losses, weights, evaluation loss."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((4, 3)) * 0.8).astype(np.float32)
+    b = (rng.standard_normal(3) * 0.1).astype(np.float32)
+    _sigmoid_model(tmp_path / "m.onnx", w, b, form == "probabilities",
+                   "cast" if form == "sigmoid_cast" else None)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = (rng.random((16, 3)) if soft else rng.integers(0, 2, (16, 3))).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ds = {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}}
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "precision": "fp64",
+           "data": {"train": ds, "eval": ds, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "bce", "output": "probs", "target": "t"},
+           "optimizer": {"type": "sgd", "lr": 0.5}, "steps": 4, "log": {"every_steps": 1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    result = t.fit()
+    ours = [r["loss"] for r in t.history if "loss" in r]
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([wt, bt], lr=0.5)
+
+    def loss_of(xb, yb):
+        z = torch.tensor(xb, dtype=torch.float64) @ wt + bt
+        if form == "probabilities":
+            return torch.nn.functional.binary_cross_entropy(torch.sigmoid(z), torch.tensor(
+                yb, dtype=torch.float64))
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, torch.tensor(
+            yb, dtype=torch.float64))
+    want = []
+    for step in range(4):
+        lo = (step % 2) * 8
+        loss = loss_of(x[lo:lo + 8], y[lo:lo + 8])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    np.testing.assert_allclose(ours, want, rtol=1e-9)
+    np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
+    with torch.no_grad():
+        want_eval = float(loss_of(x, y))
+    assert result["eval_loss"] == pytest.approx(want_eval, rel=1e-9)
+    from trainer.autodiff import build_training_graph
+    tm = build_training_graph(onnx.load(str(tmp_path / "m.onnx")), raw["loss"], batch_size=2)
+    ops = {n.op_type for n in tm.graph.node if n.name.startswith("loss")}
+    assert ("Softplus" in ops) == (form != "probabilities"), ops  # (logits where it can)
+
+
+def test_bce_targets_outside_zero_one_are_named_before_training(tmp_path):
+    from trainer.errors import TrainerError
+
+    _sigmoid_model(tmp_path / "m.onnx", np.ones((4, 3), np.float32), np.zeros(3, np.float32),
+                   False)
+    y = np.zeros((8, 3), np.float32)
+    y[5, 2] = 1.5
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32), y=y)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "bce", "output": "probs", "target": "t"}}
+    with pytest.raises(TrainerError, match="target 't' holds 1.5 at sample 5: binary cross "
+                                           "entropy takes targets in \\[0, 1\\]"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())

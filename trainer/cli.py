@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the training graph (forward+loss+backward) as ONNX")
     g.add_argument("model")
     g.add_argument("--loss", default="cross_entropy",
-                   choices=["cross_entropy", "mse", "ctc", "output"])
+                   choices=["cross_entropy", "mse", "bce", "ctc", "output"])
     g.add_argument("--output", required=True, help="model output the loss reads")
     g.add_argument("--target", default="label", help="name of the loss target input")
     g.add_argument("--class-axis", type=int, default=-1)

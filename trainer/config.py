@@ -257,10 +257,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    type: str = _k(_str, choices=("cross_entropy", "mse", "ctc", "output"))
+    type: str = _k(_str, choices=("cross_entropy", "mse", "bce", "ctc", "output"))
     output: str = _k(_str)
-    target: str | None = _k(_str, None, only=("cross_entropy", "mse", "ctc"),
-                            required_for=("cross_entropy", "mse", "ctc"))
+    target: str | None = _k(_str, None, only=("cross_entropy", "mse", "bce", "ctc"),
+                            required_for=("cross_entropy", "mse", "bce", "ctc"))
     class_axis: int = _k(_int, -1, only=("cross_entropy",))
     ignore_index: int = _k(_int, -100, only=("cross_entropy",))
     # ctc: the blank class (the output is [N, T, classes]; labels [N, S], ended by a negative)

@@ -150,6 +150,20 @@ def ctc_labels(labels: np.ndarray, name: str, what: str, classes: int, blank: in
                         f"(its labels, and a blank between repeats), but {where}")
 
 
+def binary_targets(targets: np.ndarray, name: str, what: str, per_sample: tuple[int, ...],
+                   output: str) -> None:
+    """Binary cross entropy targets: the output's per-sample shape, numbers in [0, 1] (labels
+    0/1, or soft ones); the first bad one is named."""
+    regression_targets(targets, name, what, per_sample, output)
+    t = np.asarray(targets)
+    bad = ~((t >= 0) & (t <= 1))
+    if bad.any():
+        at = np.argwhere(bad)[0]
+        raise DataError(f"{what}: target '{name}' holds {t[tuple(at)]:g} at sample {int(at[0])}: "
+                        "binary cross entropy takes targets in [0, 1] (one per element of "
+                        f"'{output}')")
+
+
 def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> None:
     """Integer data inputs that a Gather reads as indices into an initializer (an embedding's
     token ids), directly or through a Cast or Identity: every value within the gathered axis.

@@ -513,6 +513,10 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
                 checks.regression_targets(labels, spec.target, what, out_shape[1:],
                                           spec.output)
                 continue
+            if spec.type == "bce":
+                checks.binary_targets(np.asarray(labels), spec.target, what, out_shape[1:],
+                                      spec.output)
+                continue
             if spec.type == "ctc":
                 steps = None
                 if spec.lengths and spec.lengths in ds.targets:

@@ -330,6 +330,9 @@ class Trainer:
         if spec.type == "mse":
             preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
             return
+        if spec.type == "bce":
+            preflight.binary_targets(labels, spec.target, what, shape[1:], spec.output)
+            return
         if spec.type == "ctc":
             preflight.ctc_labels(labels, spec.target, what, shape[-1], spec.blank,
                                  shape[spec.time_axis], spec.output,
@@ -1402,6 +1405,12 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
         return np.array([per.sum(), 0.0, out.shape[0]])
+    if spec.type == "bce":  # (the output: probabilities, a Sigmoid's or not)
+        t = np.asarray(target, np.float64)
+        with np.errstate(divide="ignore"):
+            logp, logq = np.log(out), np.log(1 - out)
+        per = -(t * np.maximum(logp, -100) + (1 - t) * np.maximum(logq, -100))
+        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
     axis = spec.class_axis % out.ndim if spec.type == "cross_entropy" else out.ndim - 1
     if probabilities:
         with np.errstate(divide="ignore"):

@@ -49,7 +49,7 @@ from trainer.graph import (
 )
 
 META_KEY = "onnx_trainer.training"
-LOSS_TYPES = ("cross_entropy", "mse", "ctc", "output")
+LOSS_TYPES = ("cross_entropy", "mse", "bce", "ctc", "output")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class LossSpec:
     blank: int = 0  # ctc: the blank class
     time_axis: int = 1  # ctc: 1 for [N, T, classes], 0 for [T, N, classes]
     lengths: str | None = None  # ctc: the target holding each sample's count of valid steps
+    from_logits: bool = False  # bce: `output` is the logits of the model's Sigmoid output
 
     @classmethod
     def of(cls, spec) -> LossSpec:
@@ -585,14 +586,13 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
                 onnx.TensorProto.BFLOAT16)
 
 
-def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int):
-    """(the Softmax node, the layout nodes after it in order) where `output` is a Softmax's
-    probabilities over `class_axis` (of `output`, rank `rank`), directly or through
-    Transposes, Identities and float Casts (tf2onnx ends classifiers in Softmax then a
-    Transpose back to its layout); None otherwise."""
+def _under_layout(nodes, output: str, op: str, rank: int, axis: int):
+    """(the `op` node, the layout nodes after it in order, `axis` of `output` as an axis of
+    that node's output) where `output` is that node's output directly or through Transposes,
+    Identities and float Casts; None otherwise."""
     made = {o: n for n in nodes for o in n.output}
-    chain, name, k = [], output, class_axis % rank
-    while (n := made.get(name)) is not None and n.op_type != "Softmax":
+    chain, name, k = [], output, axis % rank if rank else 0
+    while (n := made.get(name)) is not None and n.op_type != op:
         if n.op_type not in _LAYOUT_OPS or n.domain not in ("", "ai.onnx") or len(chain) > 8:
             return None
         a = attrs_of(n)
@@ -607,10 +607,29 @@ def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int):
         name = n.input[0]
     if n is None or n.domain not in ("", "ai.onnx"):
         return None
+    return n, chain[::-1], k
+
+
+def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int):
+    """(the Softmax node, the layout nodes after it in order) where `output` is a Softmax's
+    probabilities over `class_axis` (of `output`, rank `rank`), directly or through
+    Transposes, Identities and float Casts (tf2onnx ends classifiers in Softmax then a
+    Transpose back to its layout); None otherwise."""
+    found = _under_layout(nodes, output, "Softmax", rank, class_axis)
+    if found is None:
+        return None
+    n, chain, k = found
     axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
     if axis == k and (opset >= 13 or axis == rank - 1):
-        return n, chain[::-1]
+        return n, chain
     return None
+
+
+def sigmoid_logits(nodes, output: str, rank: int):
+    """(the Sigmoid node, the layout nodes after it) where `output` is a Sigmoid's, directly
+    or through Transposes, Identities and float Casts; None otherwise."""
+    found = _under_layout(nodes, output, "Sigmoid", rank, 0)
+    return None if found is None else found[:2]
 
 
 def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
@@ -619,11 +638,14 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
     would train with vanishing gradients. Where Transposes, Identities or float Casts follow
     the Softmax, the logits go through copies of them (laid out as the output). Returns (spec,
     those copies); the model's output itself is unchanged."""
-    if spec.type not in ("cross_entropy", "ctc") or spec.output not in shapes:
+    if spec.type not in ("cross_entropy", "ctc", "bce") or spec.output not in shapes:
         return spec, []
     rank = len(shapes[spec.output][0])
-    class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
-    found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
+    if spec.type == "bce":  # (binary cross entropy on a Sigmoid's output: on its logits)
+        found = sigmoid_logits(nodes, spec.output, rank)
+    else:
+        class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
+        found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
     if found is None or found[0].input[0] not in shapes:
         return spec, []
     softmax, chain = found
@@ -634,7 +656,7 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
                                        name=out, **attrs_of(n)))
         shapes[out] = shapes[n.output[0]]
         value = out
-    return dataclasses.replace(spec, output=value), copies
+    return dataclasses.replace(spec, output=value, from_logits=spec.type == "bce"), copies
 
 
 def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
@@ -657,6 +679,8 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     target = scope.fresh(spec.target)
     if spec.type == "ctc":
         return _ctc_loss(spec, b, out_shape, target, loss, nodes, targets)
+    if spec.type == "bce":
+        return _bce_loss(spec, b, out_shape, dt, target, loss, nodes, targets)
     if spec.type == "mse":
         targets.append(helper.make_tensor_value_info(target, elem_type(dt), list(out_shape)))
         d, sq = b.tmp("diff"), b.tmp("sq")
@@ -686,6 +710,40 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target],
                         [loss, b.tmp("log_prob")], reduction="mean",
                         ignore_index=spec.ignore_index))
+    return nodes, loss, targets
+
+
+def _bce_loss(spec: LossSpec, b: Builder, out_shape, dt, target: str, loss: str, nodes: list,
+              targets: list):
+    """Binary cross entropy, the mean over every element, targets in [0, 1] of the output's
+    shape: from the logits z of a model ending in Sigmoid, softplus(z) - t z (torch's
+    binary_cross_entropy_with_logits); from probabilities p otherwise, -(t log p + (1 - t)
+    log(1 - p)) with each log at least -100 (torch's binary_cross_entropy)."""
+    targets.append(helper.make_tensor_value_info(target, elem_type(dt), list(out_shape)))
+    axes = list(range(len(out_shape)))
+    per = b.tmp("bce")
+    if spec.from_logits:
+        sp, tz = b.tmp("softplus"), b.tmp("tz")
+        nodes += [b.node("Softplus", [spec.output], [sp]),
+                  b.node("Mul", [target, spec.output], [tz]),
+                  b.node("Sub", [sp, tz], [per])]
+    else:
+        t = {k: b.tmp(k) for k in ("logp", "logp_c", "q", "logq", "logq_c", "u", "tl", "ul",
+                                   "sum")}
+        floor = b.const(np.array(-100.0, dtype=dt), suffix="log_floor")
+        one = b.const(np.array(1.0, dtype=dt), suffix="one")
+        nodes += [b.node("Log", [spec.output], [t["logp"]]),
+                  b.node("Max", [t["logp"], floor], [t["logp_c"]]),
+                  b.node("Sub", [one, spec.output], [t["q"]]),
+                  b.node("Log", [t["q"]], [t["logq"]]),
+                  b.node("Max", [t["logq"], floor], [t["logq_c"]]),
+                  b.node("Sub", [one, target], [t["u"]]),
+                  b.node("Mul", [target, t["logp_c"]], [t["tl"]]),
+                  b.node("Mul", [t["u"], t["logq_c"]], [t["ul"]]),
+                  b.node("Add", [t["tl"], t["ul"]], [t["sum"]]),
+                  b.node("Neg", [t["sum"]], [per])]
+    nodes.append(b.reduce("ReduceMean", per, axes, loss, keepdims=0) if axes
+                 else b.node("Identity", [per], [loss]))
     return nodes, loss, targets
 
 
