@@ -161,23 +161,30 @@ def test_a_softmax_under_a_layout_change_trains_on_its_logits(tmp_path, tail):
     result = t.fit()
     ours = [r["loss"] for r in t.history if "loss" in r]
     wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([wt], lr=0.5)
+
+    def loss_of(xb, yb):  # (logits [N, T, C] -> [N, C, T])
+        logits = torch.tensor(xb, dtype=torch.float64) @ wt
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.tensor(yb))
+    want, want_eval = _torch_sgd([wt], loss_of, x, y, lr=0.5)
+    np.testing.assert_allclose(ours, want, rtol=1e-9)
+    np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
+    assert result["eval_loss"] == pytest.approx(want_eval, rel=1e-6)
+
+
+def _torch_sgd(params, loss_of, x, y, steps=4, batch=8, lr=0.5):
+    """([the losses of `steps` SGD steps over the batches of x, y in order], the loss on all of
+    x, y after them), as the engine's runs above (shuffle off)."""
+    opt = torch.optim.SGD(params, lr=lr)
     want = []
-    for step in range(4):
-        lo = (step % 2) * 8
-        logits = torch.tensor(x[lo:lo + 8], dtype=torch.float64) @ wt  # [8, T, C]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2),
-                                                 torch.tensor(y[lo:lo + 8]))
+    for step in range(steps):
+        lo = (step % (len(x) // batch)) * batch
+        loss = loss_of(x[lo:lo + batch], y[lo:lo + batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
         want.append(loss.item())
-    np.testing.assert_allclose(ours, want, rtol=1e-9)
-    np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
     with torch.no_grad():
-        want_eval = torch.nn.functional.cross_entropy(
-            (torch.tensor(x, dtype=torch.float64) @ wt).transpose(1, 2), torch.tensor(y))
-    assert result["eval_loss"] == pytest.approx(float(want_eval), rel=1e-6)
+        return want, float(loss_of(x, y))
 
 
 def _sigmoid_model(path, w, b, hand_written: bool, tail: str | None = None):
@@ -229,7 +236,6 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     ours = [r["loss"] for r in t.history if "loss" in r]
     wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
     bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([wt, bt], lr=0.5)
 
     def loss_of(xb, yb):
         z = torch.tensor(xb, dtype=torch.float64) @ wt + bt
@@ -238,18 +244,9 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
                 yb, dtype=torch.float64))
         return torch.nn.functional.binary_cross_entropy_with_logits(z, torch.tensor(
             yb, dtype=torch.float64))
-    want = []
-    for step in range(4):
-        lo = (step % 2) * 8
-        loss = loss_of(x[lo:lo + 8], y[lo:lo + 8])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        want.append(loss.item())
+    want, want_eval = _torch_sgd([wt, bt], loss_of, x, y, lr=0.5)
     np.testing.assert_allclose(ours, want, rtol=1e-9)
     np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
-    with torch.no_grad():
-        want_eval = float(loss_of(x, y))
     assert result["eval_loss"] == pytest.approx(want_eval, rel=1e-9)
     from trainer.autodiff import build_training_graph
     tm = build_training_graph(onnx.load(str(tmp_path / "m.onnx")), raw["loss"], batch_size=2)
