@@ -149,3 +149,51 @@ def test_the_constants_key_is_checked_when_the_config_is_read(job):
     with pytest.raises(ConfigError, match=r"data.constants.state.shape' must be a list of "
                                           r"sizes \(integers >= 0, or 'batch'"):
         job(constants={"state": {"shape": [2, "N", 3]}})
+
+
+def test_a_merged_decoders_aliases_inside_its_branches_train_as_their_own_tensors(tmp_path):
+    """optimum's merged decoders store equal tensors once and alias them inside both branches
+    of their If (`Identity(shared) -> decoder.final_layer_norm.weight`): such an alias becomes
+    an initializer of the main graph (the branches read it from outside) and trains as its own
+    tensor, as the unmerged model's; it failed with an internal KeyError on a lowered name."""
+    def branch(name, extra):
+        nodes = [helper.make_node("Identity", ["shared"], ["final.w"]),
+                 helper.make_node("Mul", ["h", "final.w"], [f"{name}_m"])]
+        if extra:
+            nodes.append(helper.make_node("Add", [f"{name}_m", "h"], [f"{name}_y"]))
+        else:
+            nodes.append(helper.make_node("Identity", [f"{name}_m"], [f"{name}_y"]))
+        return helper.make_graph(nodes, name, [], [
+            helper.make_tensor_value_info(f"{name}_y", F, ["N", 4])])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Mul", ["xw", "shared"], ["h"]),
+         helper.make_node("If", ["use_cache"], ["y"], then_branch=branch("then", False),
+                          else_branch=branch("else", True))], "merged",
+        [helper.make_tensor_value_info("x", F, ["N", 4]),
+         helper.make_tensor_value_info("use_cache", TensorProto.BOOL, [1])],
+        [helper.make_tensor_value_info("y", F, ["N", 4])],
+        [numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.ones(4, np.float32), "shared")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    x, y = RNG.standard_normal((16, 4)).astype(np.float32), RNG.standard_normal((16, 4))
+    np.savez(tmp_path / "d.npz", x=x, y=y.astype(np.float32))
+    raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 4,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8, "constants": {"use_cache": [False]}},
+           "loss": {"type": "mse", "output": "y", "target": "t"},
+           "optimizer": {"type": "adam", "lr": 0.05}}
+    log = io.StringIO()
+    t = Trainer(config_from_dict(raw, tmp_path), stream=log)
+    t.fit()
+    assert "get their own tensor again: final.w" in log.getvalue()
+    got = t.trained_values()
+    assert not np.allclose(got["final.w"], 1) and not np.allclose(got["shared"], 1)
+    assert not np.allclose(got["final.w"], got["shared"])  # (two tensors, trained apart)
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x, "use_cache": np.array([False])})[0]
+    h = (x @ got["W"]) * got["shared"]
+    want = h * got["final.w"] + h
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

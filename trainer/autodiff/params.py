@@ -289,10 +289,16 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
     one number repeated, or the output is read only in roles (op, input slot) in which the
     shared tensor itself is read (a clone's); nothing tells a merge by value from a tie by
     memory, and these are the merges. Other aliases stay shared: tied weights read in another
-    role (an embedding's table as an output projection)."""
+    role (an embedding's table as an output projection). Identities inside subgraphs count
+    too (optimum's merged decoders alias shared tensors in both branches of their If): such an
+    alias becomes an initializer of the main graph, which the branches read from outside,
+    where every definition of its name is an Identity of the same tensor."""
     from onnx import numpy_helper
 
+    from trainer.graph import _subgraphs_of
+
     g = model.graph
+    graphs = [g, *_subgraphs_of(g)] if model.ir_version >= 4 else [g]
     inits = {t.name: t for t in g.initializer}
     slots = {"BatchNormalization": (1, 2, 3, 4), "LayerNormalization": (1, 2),
              "GroupNormalization": (1, 2), "InstanceNormalization": (1, 2),
@@ -300,32 +306,47 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
     users: dict[str, list[bool]] = {}
     reads: dict[str, int] = {}
     roles: dict[str, set[tuple[str, int]]] = {}  # (op, input slot) of each reader
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            users.setdefault(x, []).append(i in slots.get(n.op_type, ()))
-            reads[x] = reads.get(x, 0) + 1
-            if n.op_type != "Identity":
-                roles.setdefault(x, set()).add((n.op_type, i))
-    outputs = {o.name for o in g.output}
-    untied, keep = [], []
-    for n in g.node:
-        src = n.input[0] if n.op_type == "Identity" and n.input else None
-        value = None
-        if (src in inits and inits[src].data_type in FLOAT_TYPES and reads[src] > 1
-                and n.output[0] not in outputs and users.get(n.output[0])):
-            value = numpy_helper.to_array(inits[src])
+    defined: dict[str, list] = {}  # name -> the nodes (or None: not a node) defining it
+    for gr in graphs:
+        for t in list(gr.initializer) + list(gr.input):
+            if gr is not g or t.name not in inits:
+                defined.setdefault(t.name, []).append(None)
+        for n in gr.node:
+            for o in n.output:
+                defined.setdefault(o, []).append(n)
+            for i, x in enumerate(n.input):
+                users.setdefault(x, []).append(i in slots.get(n.op_type, ()))
+                reads[x] = reads.get(x, 0) + 1
+                if n.op_type != "Identity":
+                    roles.setdefault(x, set()).add((n.op_type, i))
+    outputs = {o.name for gr in graphs for o in gr.output}
+    untied, drop = [], set()
+    for gr in graphs:
+        for n in gr.node:
+            src = n.input[0] if n.op_type == "Identity" and n.input else None
+            if src not in inits or inits[src].data_type not in FLOAT_TYPES or reads[src] < 2:
+                continue
             out = n.output[0]
+            if out in outputs or not users.get(out) or any(
+                    d is None or d.op_type != "Identity" or list(d.input) != [src]
+                    for d in defined[out]):
+                continue
+            if gr is not g and src in {t.name for t in gr.initializer} | {
+                    v.name for v in gr.input}:  # (a name of the subgraph's own)
+                continue
+            value = numpy_helper.to_array(inits[src])
             if not (all(users[out]) or (value.size > 1 and (value == value.flat[0]).all())
                     or roles.get(out, {None}) <= roles.get(src, set())):
-                value = None
-        if value is not None:
-            g.initializer.append(numpy_helper.from_array(np.array(value), n.output[0]))
-            untied.append(n.output[0])
-        else:
-            keep.append(n)
-    if untied:
-        del g.node[:]
-        g.node.extend(keep)
+                continue
+            if out not in untied:
+                g.initializer.append(numpy_helper.from_array(np.array(value), out))
+                untied.append(out)
+            drop.add(id(n))
+    for gr in graphs:
+        keep = [n for n in gr.node if id(n) not in drop]
+        if len(keep) != len(gr.node):
+            del gr.node[:]
+            gr.node.extend(keep)
     return untied
 
 
