@@ -197,3 +197,43 @@ def test_a_merged_decoders_aliases_inside_its_branches_train_as_their_own_tensor
     h = (x @ got["W"]) * got["shared"]
     want = h * got["final.w"] + h
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("given", ["shape", "literal"])
+def test_an_integer_constant_with_a_batch_axis_is_baked_at_each_batch(tmp_path, given):
+    """token_type_ids or an attention mask given in data.constants (integers [batch, T],
+    baked into the training graph): the pre-flight's estimate ran its kernels at batches 2
+    and 3 against the constant baked for the real batch, and failed ("operands could not be
+    broadcast together"); it now measures at the real batch. Training gives the same as the
+    same ids fed from the dataset."""
+    rng = np.random.default_rng(1)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["E", "tt"], ["emb"]),  # [N, 3, 4]
+         helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "emb"], ["y"])], "tt",
+        [helper.make_tensor_value_info("x", F, ["N", 3, 4]),
+         helper.make_tensor_value_info("tt", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", F, ["N", 3, 4])],
+        [numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    x, y = (rng.standard_normal((16, 3, 4)).astype(np.float32) for _ in range(2))
+    np.savez(tmp_path / "d.npz", x=x, y=y, tt=np.zeros((16, 3), np.int64))
+    const = {"shape": ["batch", 3], "fill": 0} if given == "shape" else [[0, 0, 0]] * 4
+    runs = []
+    for constants in ({"tt": const}, None):
+        inputs = {"x": "x"} if constants else {"x": "x", "tt": "tt"}
+        raw = {"model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 3,
+               "data": {"train": {"path": "d.npz", "inputs": inputs, "targets": {"t": "y"}},
+                        "batch_size": 4, **({"constants": constants} if constants else {})},
+               "loss": {"type": "mse", "output": "y", "target": "t"},
+               "optimizer": {"type": "sgd", "lr": 0.1}, "log": {"every_steps": 1}}
+        cfg = config_from_dict(raw, tmp_path)
+        from trainer import report
+        assert not report.preflight(cfg).problems
+        t = Trainer(cfg, stream=io.StringIO())
+        t.fit()
+        runs.append(([r["loss"] for r in t.history if "loss" in r], t.trained_values()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+    np.testing.assert_allclose(runs[0][1]["E"], runs[1][1]["E"], rtol=1e-6)

@@ -607,7 +607,7 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
              scratch: bool = True, pooled: bool = True, batch_bytes: int = 0,
              shard_optimizer: bool = False,
              constant_shapes: Callable[[int], Mapping[str, tuple]] | None = None,
-             device: bool = False) -> Estimate:
+             device: bool = False, at_batch_only: bool = False) -> Estimate:
     """The memory of one training step per rank for `model` (a stripped model, see `strip`)
     at local batch `batch`; `in_shapes` gives every data input's full shape at that batch.
     Shapes come from ONNX shape inference; where it leaves some unknown, the training graph is
@@ -619,7 +619,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     plus the rank's reduced gradient shard); `constant_shapes(b)`: the shapes at local batch
     b of the inputs fed the same value every step (data.constants), whose batch axis, if
     any, need not be the first; `device`: the step runs on a GPU (its convolutions split the
-    batch into larger chunks than the host's)."""
+    batch into larger chunks than the host's); `at_batch_only`: a probe runs at `batch` itself
+    (the model holds values made for that batch: integer data.constants baked in)."""
     t0 = time.perf_counter()
     sm = compute_structure(model, precision)
 
@@ -629,7 +630,7 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
                 **fixed}
 
     fixed = _fixed_batch(sm)
-    small_batches = (batch,) if fixed else _MEASURE_BATCHES
+    small_batches = (batch,) if fixed or at_batch_only else _MEASURE_BATCHES
     try:
         st = training_structure(sm, loss, trainable, frozen, batchnorm, at(batch))
         if st.missing:

@@ -440,7 +440,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                                   k: v.shape for k, v in constant_inputs(
                                       cfg.data.constants, structure, b).items()
                                   if k not in baked})
-                              if constants else None, device=xp is not np)
+                              if constants else None, device=xp is not np,
+                              # (constants baked for this batch: a probe at 2 and 3 would not fit)
+                              at_batch_only=any(v.size > 1 for v in baked.values()))
     except TrainerError as exc:
         problems.append(exc)
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on
