@@ -879,3 +879,34 @@ def test_an_opset_9_recurrent_model_trains_as_its_opset_11_conversion(tmp_path):
     out = onnx.load(str(tmp_path / "m9_out.onnx"))
     assert out.opset_import[0].version == 9 and [n.op_type for n in out.graph.node] == \
         ["Transpose", "GRU", "Squeeze", "ReduceMean"]
+
+
+def test_a_one_element_parameter_named_as_a_module_parameter_is_trained(tmp_path):
+    """A regression head (nn.Linear(hidden, 1): num_labels=1 rerankers, reward models) has a
+    one-element bias. One-element tensors are left out as the exporters' constants (epsilons,
+    scales) unless the export's signature says parameter; TorchScript keeps the module's name
+    (`classifier.bias`) but writes no signature, so the bias stayed fixed and the run drifted
+    from PyTorch's (4e-4 in 3 steps on optimum's BERT). A one-element tensor named like a
+    module's weight or bias trains; an exporter's constant (`onnx::Mul_7`) still does not."""
+    from trainer.autodiff import build_training_graph, training_info
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1))
+    x = torch.randn(16, 4)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["score"],
+                          dynamic_axes={"x": {0: "N"}}, dynamo=False)
+    m = onnx.load(str(path))
+    names = {t.name for t in m.graph.initializer}
+    assert "0.bias" in names and [t.dims for t in m.graph.initializer if t.name == "0.bias"] \
+        == [[1]]
+    # an exporter constant of one element beside it: score * 0.5
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32),
+                                                            "onnx::Mul_7"))
+    m.graph.node.append(onnx.helper.make_node("Mul", ["score", "onnx::Mul_7"], ["half"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("half", 1, ["N", 1]))
+    info = training_info(build_training_graph(m, {"type": "mse", "output": "half",
+                                                  "target": "t"}, batch_size=2))
+    assert set(info.gradients) == {"0.weight", "0.bias"}

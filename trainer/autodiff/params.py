@@ -5,7 +5,8 @@ The default set is what PyTorch calls the parameters of the exported module: flo
 that reach the loss through a differentiable input, except
   - BatchNormalization running statistics (training state, updated from batch statistics);
   - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
-    as initializers), unless PyTorch's export signature in the model names them PARAMETER;
+    as initializers), unless PyTorch's export signature in the model names them PARAMETER or
+    their name is a module parameter's (`classifier.bias`: a regression head's bias);
   - the scales of QuantizeLinear/DequantizeLinear (fake quantization keeps them fixed, as
     PyTorch's observers do; listing them in `trainable` learns them, LSQ-style);
   - tensors PyTorch's export signature names BUFFER or CONSTANT_TENSOR, and those its default
@@ -183,13 +184,18 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
                                   "PyTorch's observers keep it; list it in 'trainable' to learn "
                                   "it)"))
-        elif size == 1 and kind != "PARAMETER":
+        elif size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name):
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
                                   "train it)"))
         else:
             rows.append(ParamInfo(t.name, shape, PARAMETER, alias=aliases.get(t.name, "")))
     return rows
+
+
+# A module parameter's name as PyTorch's exporters keep it ("classifier.bias", "0.weight"):
+# a one-element tensor so named is a parameter (a regression head's bias, a PReLU's slope).
+_MODULE_PARAMETER = re.compile(r"^[\w.]*\w\.(weight|bias)$")
 
 
 def _matches(r: ParamInfo, pattern: str) -> bool:
