@@ -269,3 +269,21 @@ def test_grad_with_the_bce_loss(tmp_path):
     got = Executor(model).run({"x": np.ones((2, 4), np.float32),
                                "t": np.array([[1, 0, 1], [0, 0, 1]], np.float32)})
     assert np.isfinite(got["loss"]) and np.abs(got["W_grad"]).sum() > 0
+
+
+def test_check_counts_an_unsupported_node_once(tmp_path, digits_config):
+    """A node with neither a forward kernel nor a gradient rule is one unsupported node (the
+    pre-flight said 2: each problem counted apart), and both problems are listed."""
+    g = helper.make_graph([helper.make_node("Warp", ["x", "w"], ["logits"], domain="com.x")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              ["N", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                         ["N", 10])],
+                          [onnx.numpy_helper.from_array(np.ones((64, 10), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                  helper.make_opsetid("com.x", 1)]),
+              str(tmp_path / "m.onnx"))
+    proc = run("check", write_cfg(tmp_path, digits_config(model=str(tmp_path / "m.onnx"))))
+    assert proc.returncode == 1
+    assert "1 node(s) unsupported" in proc.stdout, proc.stdout
+    assert "no forward kernel: Warp" in proc.stdout and "no gradient rule: Warp" in proc.stdout

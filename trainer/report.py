@@ -335,7 +335,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         if bad_grad:
             problems.append(UnsupportedOpError("gradient rule", bad_grad))
         support = "every node has a forward kernel and, where needed, a gradient" if not (
-            bad_fwd or bad_grad) else f"{len(bad_fwd) + len(bad_grad)} node(s) unsupported"
+            bad_fwd or bad_grad) else f"{len(set(bad_fwd) | set(bad_grad))} node(s) unsupported"
         lines.append(f"  model: {len(report.nodes)} nodes, {report.opset_text}; {support}")
         inits = {t.name for t in structure.graph.initializer}
         data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
