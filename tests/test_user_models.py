@@ -910,3 +910,59 @@ def test_a_one_element_parameter_named_as_a_module_parameter_is_trained(tmp_path
     info = training_info(build_training_graph(m, {"type": "mse", "output": "half",
                                                   "target": "t"}, batch_size=2))
     assert set(info.gradients) == {"0.weight", "0.bias"}
+
+
+class LayerScaleBlock(nn.Module):
+    """LayerNorms and a layer-scale gamma that all start as ones (XCiT's, CaiT's): the default
+    exporter's optimizer stores equal tensors once."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm3 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.gamma1 = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        x = x + self.gamma1 * self.fc(self.norm1(x))
+        return x + self.norm3(x)
+
+
+class LayerScaleBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(LayerScaleBlock(), LayerScaleBlock())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_every_merged_parameter_is_given_back_in_one_repair(tmp_path):
+    """Given back one pass at a time, some merged parameters were found only once others had
+    been (an ambiguous match settled), and building the training graph, which repairs again,
+    named parameters the trainer did not hold: timm's xcit_nano ended in an internal KeyError
+    ('blocks.0.norm3.weight'). The repair now runs to a fixed point: the trainer trains
+    PyTorch's 16 tensors, and a second repair finds nothing."""
+    from trainer.autodiff.params import repair_exported_model
+
+    torch.manual_seed(0)
+    model = LayerScaleBlocks()
+    proto = export(model, (8,), "dynamo")
+    assert len(proto.graph.initializer) < 16  # (the exporter merged the equal ones)
+    once = onnx.ModelProto()
+    once.CopyFrom(proto)
+    assert repair_exported_model(once) and repair_exported_model(once) == []
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 8)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 2,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "batch_size": 8},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "adamw", "lr": 1e-3}}, tmp_path)
+    trainer = Trainer(cfg, stream=io.StringIO())
+    trainer.fit()
+    assert sorted(int(np.prod(trainer.shapes[k])) for k in trainer.names) == \
+        sorted(int(p.numel()) for p in model.parameters())

@@ -256,7 +256,13 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     the names made into initializers. The computation is unchanged: each restored tensor
     holds the value the merged one had (or the zeros a dropped bias had). (Weights that other
     exporters keep in subgraphs or Constant nodes: graph.lift_weights, before lowering.)"""
-    restored = untie_identity_aliases(model) + restore_optimized_parameters(model)
+    restored: list[str] = []
+    while True:  # (to a fixed point: a tensor given back can settle an ambiguous match, and
+        # building the training graph repairs again, which must find nothing more)
+        more = untie_identity_aliases(model) + restore_optimized_parameters(model)
+        if not more:
+            break
+        restored += more
     mark_padding_indices(model)
     return restored
 
