@@ -688,8 +688,9 @@ def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_
         and "TrainingMode.TRAINING" in text
     assert not any("bn" in name for name in report.untied)
     trained = [p.name for p in report.params if p.role == "parameter"]
-    if exporter == "dynamo":
-        assert sorted(trained) == ["c.weight", "c2.weight", "fc.bias", "fc.weight"]
+    if exporter == "dynamo":  # (the folded shifts, zero and dropped, come back as biases)
+        assert sorted(trained) == ["c.weight", "c.weight_bias", "c2.weight", "c2.weight_bias",
+                                   "fc.bias", "fc.weight"]
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 1, 6, 6)).astype(np.float32),
              y=rng.integers(0, 5, 32))
@@ -966,3 +967,185 @@ def test_every_merged_parameter_is_given_back_in_one_repair(tmp_path):
     trainer.fit()
     assert sorted(int(np.prod(trainer.shapes[k])) for k in trainer.names) == \
         sorted(int(p.numel()) for p in model.parameters())
+
+
+class LayerScaleConvBlock(nn.Module):
+    """A residual block that scales its branch by `gamma.reshape(1, -1, 1, 1)` in NCHW (timm's
+    convnext): the reshape folds into a tensor named after the FX op (`view`, `view_1`)."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(d, d, 3, padding=1), nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class LayerScaleStage(nn.Module):
+    """Three such blocks: the layer-scale parameters of a fresh model start equal (1e-6 in
+    timm, 0.5 here), so the default exporter's optimizer stores their folded copies once."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(1, d, 3, padding=1)
+        self.blocks = nn.Sequential(*(LayerScaleConvBlock(d) for _ in range(3)))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_equal_folded_views_of_separate_parameters_train_apart(tmp_path):
+    """timm's convnext_atto from the default exporter trained 12 layer-scale gammas as 4
+    tensors (each stage's folded views merged into one), with no warning. Each node's FX node
+    names the folded value it read (`%view_1`): a node reading the merged `view` in its place
+    gets its own copy under that name, which trains as its parameter; losses as PyTorch's."""
+    torch.manual_seed(0)
+    model = LayerScaleStage()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = export(model, (1, 6, 6), "dynamo")
+    views = [t.name for t in proto.graph.initializer if t.name.startswith("view")]
+    assert len(views) == 1  # (the exporter merged the three equal folded gammas)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    trained = sorted(p.name for p in report.params if p.role == "parameter")
+    assert sorted(p.name for p in report.params if p.alias.endswith(".gamma")) == \
+        ["view", "view_1", "view_2"] and "view_1" in report.untied
+    assert len(trained) == len(list(model.parameters()))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=io.StringIO())
+    assert sorted(trainer.names) == trained
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention over T=4 tokens: a relative-position bias gathered from a
+    learned table by a buffer of indices, plus the mask it is given."""
+
+    def __init__(self, d: int = 8, t: int = 4, heads: int = 2):
+        super().__init__()
+        self.qkv, self.proj, self.t, self.h = nn.Linear(d, 3 * d), nn.Linear(d, d), t, heads
+        self.table = nn.Parameter(torch.randn(2 * t - 1, heads) * 0.02)
+        idx = torch.arange(t)[:, None] - torch.arange(t)[None, :] + t - 1
+        self.register_buffer("index", idx.flatten())
+
+    def forward(self, x, mask):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-2, -1) * (d // self.h) ** -0.5
+        s = s + self.table[self.index].view(t, t, self.h).permute(2, 0, 1).unsqueeze(0)
+        s = s + mask.unsqueeze(0).unsqueeze(0)
+        return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class ShiftedWindowBlock(nn.Module):
+    """A Swin block's shifted-window mask (0 where tokens share a window, -100 elsewhere) is a
+    buffer of the block passed to its attention. The default exporter's constant folding
+    turns the mask and the gathered bias into tensors named after the FX op (`unsqueeze`)."""
+
+    def __init__(self, d: int = 8, t: int = 4):
+        super().__init__()
+        self.attn, self.head = WindowAttention(d, t), nn.Linear(d, 5)
+        mask = torch.zeros(t, t)
+        mask[: t // 2, t // 2:] = mask[t // 2:, : t // 2] = -100.0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.head(self.attn(x, self.mask).mean(1))
+
+
+def test_an_additive_attention_mask_folded_from_a_buffer_is_not_trained(tmp_path, monkeypatch):
+    """timm's swin from the default exporter trained its shifted-window masks (values 0 and
+    -100, folded from a buffer of the block into `unsqueeze_3`) as parameters: a node of the
+    attention module, which holds a folded parameter (the gathered bias table), read it. A
+    float tensor of zeros and one large negative fill is an additive mask: a constant, with
+    its reason, in `check` and `train`; the gathered bias trains."""
+    torch.manual_seed(0)
+    model = ShiftedWindowBlock()
+    proto = export(model, (4, 8), "dynamo")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    masks = [t.name for t in proto.graph.initializer
+             if set(np.unique(onnx.numpy_helper.to_array(t)).tolist()) == {0.0, -100.0}]
+    assert len(masks) == 1
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    rows = {p.name: p for p in report.params}
+    assert rows[masks[0]].role == "constant" and "mask" in rows[masks[0]].reason
+    bias = [p for p in report.params if p.alias == "attn.table"]
+    assert len(bias) == 1 and bias[0].role == "parameter"
+    # The pre-flight reads the model without its large tensors, but reads the candidates for
+    # a mask (read only by Add or Where): its count is train's.
+    from trainer import memory
+    monkeypatch.setattr(memory, "LARGE", 4)
+    light = model_report(memory.strip(memory.load_structure(tmp_path / "model.onnx")))
+    assert [p.role for p in light.params] == [p.role for p in report.params]
+    assert any(memory.is_stub(t) for t in memory.strip(load_model(tmp_path / "model.onnx"))
+               .graph.initializer)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 4, 8)).astype(np.float32),
+             y=rng.integers(0, 5, 32))
+    trainer = Trainer(classifier_config(tmp_path, steps=2), stream=io.StringIO())
+    assert masks[0] not in trainer.names and bias[0].name in trainer.names
+    out = onnx.load(trainer.fit()["output"])
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(after[masks[0]], onnx.numpy_helper.to_array(
+        next(t for t in proto.graph.initializer if t.name == masks[0])))
+
+
+def test_a_zero_shift_folded_batchnorm_keeps_its_bias(tmp_path):
+    """The default exporter folds an eval-mode BatchNormalization into the Conv before it
+    (weight and bias); a fresh BatchNorm's shift is zero, so the folded bias is zero and the
+    optimizer drops it too: resnet18 trained 22 tensors where the same export of a trained
+    model holds 42, and the shift did not train at all. The Conv gets back a zero bias under
+    the name the fold gives it (`{weight}_bias`): training matches PyTorch training the
+    folded model (torch.nn.utils.fusion.fuse_conv_bn_eval) step for step."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    proto = torch.onnx.export(model, (torch.randn(2, 1, 6, 6),), None, input_names=["x"],
+                              output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    assert [len(n.input) for n in proto.graph.node if n.op_type == "Conv"] == [2, 2]
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.fused == ["bn", "bn2"]  # (still warned: the weight trains folded)
+    trained = sorted(p.name for p in report.params if p.role == "parameter")
+    assert trained == ["c.weight", "c.weight_bias", "c2.weight", "c2.weight_bias",
+                       "fc.bias", "fc.weight"]
+    fused = nn.Module()
+    fused.c, fused.c2 = fuse_conv_bn_eval(model.c, model.bn), fuse_conv_bn_eval(model.c2, model.bn2)
+    fused.fc = model.fc
+    for conv in (fused.c, fused.c2):  # (fuse_conv_bn_eval freezes a bias it makes from zeros)
+        conv.bias.requires_grad_(True)
+
+    def forward(x):
+        x = F.relu(fused.c(x))
+        return fused.fc(torch.flatten(F.relu(fused.c2(x)), 1))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=io.StringIO())
+    assert sorted(trainer.names) == trained
+    trainer.fit()
+    want = torch_losses(fused, x, y, opt=torch.optim.SGD(fused.parameters(), lr=LR),
+                        forward=forward)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r], want,
+                               rtol=2e-4, atol=2e-5)

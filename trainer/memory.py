@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from trainer.autodiff.params import mask_candidates
 from trainer.data import PREFETCH_THREAD
 from trainer.errors import ModelError, TrainerError
 
@@ -41,7 +42,8 @@ class Incomplete(Exception):
 # -- the model without its large tensors -------------------------------------------------------
 def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     """The model at `path` as load_model checks it, but with external tensors of more than
-    LARGE elements left unread (their dims and types are all the estimate needs)."""
+    LARGE elements left unread (their dims and types are all the estimate needs), except
+    the candidates for an additive mask, whose values decide whether they train."""
     from trainer.graph import (
         MAX_FILE_BYTES,
         _external_data,
@@ -64,7 +66,9 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
                          f"{' '.join(str(exc).split())[:200]}") from None
     external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
     check_model(path, str(path))
-    _read_external_data([f for f in external if _elements(f[0]) <= LARGE], str(path))
+    masks = mask_candidates(model)
+    _read_external_data([f for f in external if _elements(f[0]) <= LARGE or f[0].name in masks],
+                        str(path))
     unknown_dims_symbolic(model)
     return model
 
@@ -79,11 +83,12 @@ def is_stub(t: onnx.TensorProto) -> bool:
 
 
 def strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model whose initializers of more than LARGE elements keep only their name,
-    type and dims: cheap to copy, to infer shapes on and to build a training graph from."""
+    """A copy of the model whose initializers of more than LARGE elements (candidates for an
+    additive mask aside) keep only their name, type and dims: cheap to copy, to infer shapes on and to build a training graph from."""
     out = _without_initializers(model)
+    masks = mask_candidates(model)  # (whose values tell a mask from a parameter)
     for t in model.graph.initializer:
-        if _elements(t) > LARGE or is_stub(t):
+        if (_elements(t) > LARGE and t.name not in masks) or is_stub(t):
             out.graph.initializer.append(_stub(t.name, t.data_type, t.dims))
         else:
             out.graph.initializer.append(t)

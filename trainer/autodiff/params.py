@@ -4,6 +4,8 @@ every float initializer left out, and the `trainable` / `frozen` overrides.
 The default set is what PyTorch calls the parameters of the exported module: float initializers
 that reach the loss through a differentiable input, except
   - BatchNormalization running statistics (training state, updated from batch statistics);
+  - additive attention masks (zeros and one fill of at most -100) that exporters fold from
+    buffers;
   - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
     as initializers), unless PyTorch's export signature in the model names them PARAMETER or
     their name is a module parameter's (`classifier.bias`: a regression head's bias);
@@ -184,6 +186,9 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
                                   "PyTorch's observers keep it; list it in 'trainable' to learn "
                                   "it)"))
+        elif kind != "PARAMETER" and (fill := _additive_mask(t)) is not None:
+            rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
+                                  f"and {fill:g}; list it in 'trainable' to train it)"))
         elif size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name):
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
@@ -191,6 +196,36 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
         else:
             rows.append(ParamInfo(t.name, shape, PARAMETER, alias=aliases.get(t.name, "")))
     return rows
+
+
+def mask_candidates(model: onnx.ModelProto) -> set[str]:
+    """Float initializers that may be additive masks (`_additive_mask`), from the structure
+    alone: not a parameter by the export's signature, read only by Add or Where. Their values
+    are read even where a large model's other tensors are left on disk (memory.strip)."""
+    signature = torch_signature(model)
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, set()).add(n.op_type)
+    return {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
+            and signature.get(t.name) != "PARAMETER"
+            and readers.get(t.name, {"?"}) <= {"Add", "Where"}}
+
+
+def _additive_mask(t: onnx.TensorProto) -> float | None:
+    """The fill of a float tensor that holds only zeros and one value of at most -100 (a
+    shifted-window mask of -100, a causal mask of -inf or the dtype's minimum, added to
+    attention scores), else None. Exporters fold such masks from buffers into initializers
+    (timm's swin: `unsqueeze_3`); no parameter starts out that way."""
+    from onnx import numpy_helper
+
+    if int(np.prod(t.dims)) < 2 or t.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # (a value left on disk: `mask_candidates` are read)
+    a = numpy_helper.to_array(t)
+    low = a.min()
+    if not (low <= -100 and a.max() == 0):
+        return None
+    return float(low) if ((a == 0) | (a == low)).all() else None
 
 
 # A module parameter's name as PyTorch's exporters keep it ("classifier.bias", "0.weight"):
@@ -251,7 +286,8 @@ def _folded_names_hint(names: Iterable[str]) -> str:
 
 def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
-    in place (`untie_identity_aliases`, then `restore_optimized_parameters`), and carry over
+    in place (`untie_identity_aliases`, `restore_optimized_parameters`, `untie_merged_folds`),
+    and carry over
     what the export records of nn.Embedding's padding_idx (`mark_padding_indices`); returns
     the names made into initializers. The computation is unchanged: each restored tensor
     holds the value the merged one had (or the zeros a dropped bias had). (Weights that other
@@ -259,7 +295,8 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     restored: list[str] = []
     while True:  # (to a fixed point: a tensor given back can settle an ambiguous match, and
         # building the training graph repairs again, which must find nothing more)
-        more = untie_identity_aliases(model) + restore_optimized_parameters(model)
+        more = (untie_identity_aliases(model) + restore_optimized_parameters(model)
+                + untie_merged_folds(model))
         if not more:
             break
         restored += more
@@ -392,7 +429,10 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
       parameter is missing from the graph, reads a new initializer B with A's value (B chosen
       by the last part of the name when the node read several missing ones: weight, bias);
     - a node rewritten by a RemoveOptionalBias rule whose FX node read a missing parameter
-      named ...bias gets it back: zeros of the output channels, in the weight's dtype.
+      named ...bias gets it back: zeros of the output channels, in the weight's dtype;
+    - a node that a FuseBatchNormInto* rule rewrote and a RemoveOptionalBias rule left without
+      a bias gets the bias the fold made (the BatchNormalization's shift, zero in a fresh
+      model) back under the fold's name, `{weight}_bias`, as a trained model's export has it.
     A model without the signature or without FX node records is left as it is."""
     from onnx import numpy_helper
 
@@ -415,9 +455,30 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
         inits[name] = g.initializer[-1]
         restored.append(name)
 
+    def zero_bias(n: onnx.NodeProto, name: str) -> None:
+        w = inits[n.input[1]]
+        dims = list(w.dims)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "Conv":
+            channels = dims[0]
+        elif n.op_type == "ConvTranspose":
+            channels = dims[1] * int(attrs.get("group", 1))
+        else:
+            channels = dims[0] if attrs.get("transB", 0) else dims[1]
+        if name not in inits:
+            add(name, np.zeros(channels, onnx.helper.tensor_dtype_to_np_dtype(w.data_type)))
+        n.input.append(name)
+
     for n in g.node:
         refs = _fx_reads(n)
         here = sorted(ph for ph in refs if ph in missing)
+        op_slot = next((_DROPPED_BIAS[r] for r in _rules(n) if r in _DROPPED_BIAS), None)
+        if (_rules(n) & _FUSED_BN and op_slot == (n.op_type, len(n.input))
+                and n.input[1] in inits):
+            # A folded BatchNormalization's shift becomes the bias (named `{weight}_bias`);
+            # a fresh one's is zero, which the optimizer then drops: the shift trains there.
+            zero_bias(n, f"{n.input[1]}_bias")
+            continue
         if not here or _rules(n) & _FUSED_BN:
             continue  # (a folded BatchNormalization's tensors are gone: fused_batchnorms)
         for slot, x in enumerate(n.input):
@@ -432,25 +493,12 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
                 if name not in inits:
                     add(name, np.array(numpy_helper.to_array(inits[x])))
                 n.input[slot] = name
-        op_slot = next((_DROPPED_BIAS[r] for r in _rules(n) if r in _DROPPED_BIAS), None)
         if op_slot is None or op_slot != (n.op_type, len(n.input)) or n.input[1] not in inits:
             continue
         cands = [ph for ph in here if leaf(missing[ph]).endswith("bias")
                  and missing[ph] not in inits]
-        if len(cands) != 1:
-            continue
-        w = inits[n.input[1]]
-        dims = list(w.dims)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        if n.op_type == "Conv":
-            channels = dims[0]
-        elif n.op_type == "ConvTranspose":
-            channels = dims[1] * int(attrs.get("group", 1))
-        else:
-            channels = dims[0] if attrs.get("transB", 0) else dims[1]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(w.data_type)
-        add(missing[cands[0]], np.zeros(channels, dtype))
-        n.input.append(missing[cands[0]])
+        if len(cands) == 1:
+            zero_bias(n, missing[cands[0]])
     # A parameter folded into another layout (a transposed Linear weight) is a tensor the
     # signature does not name; equal folded tensors (the layers of nn.TransformerEncoder start
     # as clones) are merged too: each further parameter reading it gets its own copy.
@@ -475,6 +523,45 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             for n, slot in groups[ph]:
                 n.input[slot] = name
     return restored
+
+
+def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
+    """The default exporter's constant folding names a folded tensor after the FX node that
+    computed it (`view` for `gamma.reshape(1, -1, 1, 1)`, `view_1` for the next block's), and
+    its optimizer then stores equal tensors once: the fresh layer-scale parameters of timm's
+    convnext (all 1e-6) left 12 folded gammas as 4 tensors, which trained as 4. A node reading
+    a folded tensor where its FX node read a value of the same FX op that is not in the graph
+    (reads `view` for `%view_1`) reads a copy under that name again, in place; returns the
+    names made. Nothing without FX node records (TorchScript exports)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    named = {t for _, t in signature_entries(model).values()}
+    inits = {t.name: t for t in g.initializer}
+    present = set(inits) | {vi.name for vi in g.input} | {o for n in g.node for o in n.output}
+    made: list[str] = []
+    for n in g.node:
+        refs = _fx_reads(n)
+        if not refs:
+            continue
+        for slot, x in enumerate(n.input):
+            if (x not in inits or x in named or x in refs
+                    or inits[x].data_type not in FLOAT_TYPES):
+                continue
+            op = _FX_NUMBER.sub("", x)
+            cands = [r for r in refs if r not in present and _FX_NUMBER.sub("", r) == op]
+            if len(cands) != 1:
+                continue
+            if cands[0] not in inits:
+                g.initializer.append(numpy_helper.from_array(
+                    np.array(numpy_helper.to_array(inits[x])), cands[0]))
+                inits[cands[0]] = g.initializer[-1]
+                made.append(cands[0])
+            n.input[slot] = cands[0]
+    return made
+
+
+_FX_NUMBER = re.compile(r"_\d+$")  # an FX node's name is its op's, numbered from the second
 
 
 def folded_parameters(model: onnx.ModelProto) -> list[str]:
