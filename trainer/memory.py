@@ -266,6 +266,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     from trainer.autodiff.params import (
         batchnorm_stats,
         repair_exported_model,
+        tie_folded_copies,
     )
     from trainer.autodiff.subgraph import needs_lowering
     from trainer.graph import lift_weights, needs_recurrent_opset, recurrent_opset
@@ -296,6 +297,8 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         repair_exported_model(m)
     except Exception:  # noqa: BLE001 - a stub source: the aliases stay shared (same bytes)
         pass
+    if not any(is_stub(t) for t in m.graph.initializer):
+        tie_folded_copies(m)  # (as training does; finding copies compares values)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = B.ensure_default_opset(m)
     fw = B.training_forward(m, first, B._constant_values(_with_data_only(m), first), opset,
