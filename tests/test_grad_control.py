@@ -435,6 +435,38 @@ def test_loop_condition_from_data_is_refused() -> None:
                              ["Y"])
 
 
+def test_a_while_loop_on_float_constants_is_unrolled_and_differentiated() -> None:
+    """tf2onnx writes a TF while loop (a Keras 3 GRU layer) as a Loop that starts on
+    Less(0.0, 3.0) of two one-element float initializers, expands the same 0.0 into its first
+    state, and stops on Less(Cast(i + 1), 3.0) in the body. Only integers decided control
+    flow, so it was refused ("its condition is computed from data"); one-element float
+    constants that training leaves alone decide it too now: the loop unrolls, and its gradients
+    are the finite differences'. Listed in `trainable`, the 0.0 would change: refused again."""
+    body = graph([n("Add", ["i", "one"], ["i1"]), n("Cast", ["i1"], ["fi"], to=D),
+                  n("Less", ["fi", "lim"], ["cond_out"]), n("MatMul", ["h", "W"], ["hw"]),
+                  n("Add", ["hw", "X"], ["a"]), n("Tanh", ["a"], ["h_out"])],
+                 [vi("i", I64, []), vi("cond", B, []), vi("h")],
+                 [vi("cond_out", B, []), vi("h_out")],
+                 [onnx.numpy_helper.from_array(scalar(1), "one"),
+                  onnx.numpy_helper.from_array(np.array(3.0), "lim")])
+    nodes = [n("Less", ["zero", "three"], ["cond0"]),
+             n("Expand", ["zero", "hshape"], ["h0"]),
+             n("Loop", ["M", "cond0", "h0"], ["h_final"], body=body),
+             n("Mul", ["h_final", "h_final"], ["sq"]), n("ReduceSum", ["sq"], ["L"], keepdims=0)]
+    W = normal(3, 3)
+    model = make_model(nodes, initializers={
+        "X": normal(2, 3), "W": W, "zero": np.array(0.0), "three": np.array(3.0),
+        "M": scalar(10), "hshape": np.array([2, 3], np.int64)}, outputs=["L"])
+    grads, tm = gradients(model, ["W", "X"])
+    assert "Loop" not in {nd.op_type for nd in tm.graph.node}
+    fd = finite_differences(model, {"W": W, "X": next(
+        onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "X")})
+    for p in ("W", "X"):
+        np.testing.assert_allclose(grads[p], fd[p], rtol=RTOL, atol=ATOL, err_msg=f"d/d{p}")
+    with pytest.raises(ModelError, match="condition is computed from data"):
+        build_training_graph(model, {"type": "output", "output": "L"}, ["W", "zero"])
+
+
 def test_random_node_in_recomputed_body_is_refused() -> None:
     body = graph([n("Identity", ["cond"], ["cond_out"]), n("RandomNormalLike", ["s"], ["r"]),
                   n("Mul", ["s", "r"], ["s_out"])],

@@ -1149,3 +1149,134 @@ def test_a_zero_shift_folded_batchnorm_keeps_its_bias(tmp_path):
                         forward=forward)
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r], want,
                                rtol=2e-4, atol=2e-5)
+
+
+def _tf2onnx_layernorm(w1, gamma, beta, w2, b2):
+    """tf_keras's LayerNormalization as tf2onnx writes it: a BatchNormalization over the rows
+    of a [1, N, D, 1] reshape whose mean and variance inputs the graph computes from the data
+    (ReduceMean), with a scale of ones and a bias of zeros made by Expand, then gamma and beta."""
+    from onnx import TensorProto, helper, numpy_helper
+    f = helper.make_node
+    nodes = [f("MatMul", ["x", "w1"], ["h"]),
+             f("Reshape", ["h", "rows"], ["r"]),
+             f("ReduceMean", ["r"], ["mean_k"], axes=[0, 2, 3], keepdims=1),
+             f("Squeeze", ["mean_k", "sq_axes"], ["mean"]),
+             f("Sub", ["r", "mean_k"], ["d"]), f("Mul", ["d", "d"], ["d2"]),
+             f("ReduceMean", ["d2"], ["var"], axes=[0, 2, 3], keepdims=0),
+             f("Shape", ["mean"], ["c"]),
+             f("Expand", ["one", "c"], ["scale"]), f("Expand", ["zero", "c"], ["bias"]),
+             f("BatchNormalization", ["r", "scale", "bias", "mean", "var"], ["y"],
+               epsilon=1e-3),
+             f("Shape", ["h"], ["hs"]), f("Reshape", ["y", "hs"], ["y2"]),
+             f("Mul", ["y2", "gamma"], ["g"]), f("Add", ["g", "beta"], ["z"]),
+             f("MatMul", ["z", "w2"], ["m"]), f("Add", ["m", "b2"], ["logits"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w1": w1, "gamma": gamma, "beta": beta, "w2": w2, "b2": b2,
+        "rows": np.array([1, -1, w1.shape[1], 1], np.int64),
+        "sq_axes": np.array([0, 2, 3], np.int64), "one": np.array([1.0], np.float32),
+        "zero": np.array([0.0], np.float32)}.items()]
+    g = helper.make_graph(nodes, "tf2onnx_layernorm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_batchnorm_whose_statistics_the_graph_computes_trains_in_its_own_form(tmp_path):
+    """tf2onnx writes tf_keras's LayerNormalization as a BatchNormalization whose mean and
+    variance are computed from the data: there are no running statistics, the node is a
+    function of its inputs. `train` refused it ("running statistic ... must be an initializer
+    to be trained") while `check` passed; it trains now, as PyTorch's LayerNorm does."""
+    torch.manual_seed(0)
+    ln, fc1, fc2 = nn.LayerNorm(8, eps=1e-3), nn.Linear(6, 8, bias=False), nn.Linear(8, 5)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    arr = {k: v.detach().numpy().copy() for k, v in {
+        "w1": fc1.weight.T, "gamma": ln.weight, "beta": ln.bias, "w2": fc2.weight.T,
+        "b2": fc2.bias}.items()}
+    onnx.save(_tf2onnx_layernorm(**arr), str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.ok and sorted(p.name for p in report.params if p.role == "parameter") == \
+        ["b2", "beta", "gamma", "w1", "w2"]
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=io.StringIO())
+    trainer.fit()
+    model = nn.Sequential(fc1, ln, fc2)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+def _tf2onnx_lstm(lstm: nn.LSTM, fc: nn.Linear, producer: str) -> onnx.ModelProto:
+    """An LSTM classifier as tf2onnx writes a Keras LSTM: ONNX's LSTM with B = [the one Keras
+    bias, zeros] (PyTorch's gate order i, f, g, o becomes ONNX's i, o, f, c)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def gates(w):
+        i, f, g, o = np.split(w.detach().numpy(), 4)
+        return np.concatenate([i, o, f, g])
+    h = lstm.hidden_size
+    arr = {"W": gates(lstm.weight_ih_l0)[None], "R": gates(lstm.weight_hh_l0)[None],
+           "B": np.concatenate([gates(lstm.bias_ih_l0), np.zeros(4 * h, np.float32)])[None],
+           "V": fc.weight.detach().numpy().T.copy(), "c": fc.bias.detach().numpy().copy()}
+    f = helper.make_node
+    nodes = [f("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             f("LSTM", ["xt", "W", "R", "B"], ["", "yh"], hidden_size=h),
+             f("Squeeze", ["yh", "zero_axis"], ["last"]),
+             f("MatMul", ["last", "V"], ["m"]), f("Add", ["m", "c"], ["logits"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in arr.items()]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero_axis"))
+    g = helper.make_graph(nodes, "lstm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)],
+                             producer_name=producer)
+
+
+@pytest.mark.parametrize("producer", ["tf2onnx", "pytorch"])
+def test_a_keras_lstm_trains_its_one_bias(tmp_path, producer):
+    """tf2onnx writes a Keras LSTM's one bias per gate as ONNX's input bias and zeros as the
+    recurrent one; both are added, so they get equal gradients, and training both moved the
+    bias at twice the learning rate (Keras's LSTM drifted 4.3e-3 in 4 steps). The zero half
+    now stays zero: losses as PyTorch's LSTM with its recurrent bias frozen at zero. A
+    PyTorch export (both biases real) trains both, as PyTorch does."""
+    torch.manual_seed(0)
+    lstm, fc = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+    with torch.no_grad():
+        lstm.bias_hh_l0.zero_()
+    lstm.bias_hh_l0.requires_grad_(producer != "tf2onnx")
+    onnx.save(_tf2onnx_lstm(lstm, fc, producer), str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 5, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.single_bias == (["B"] if producer == "tf2onnx" else [])
+    stream = io.StringIO()
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=stream)
+    assert ("stays zero" in stream.getvalue()) == (producer == "tf2onnx")
+    out = onnx.load(trainer.fit()["output"])
+
+    def forward(xb):
+        return fc(lstm(xb)[0][:, -1])
+    want = torch_losses(lstm, x, y, opt=torch.optim.SGD(
+        [p for p in [*lstm.parameters(), *fc.parameters()] if p.requires_grad], lr=LR),
+        forward=forward)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r], want,
+                               rtol=2e-4, atol=2e-5)
+    b = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == "B")
+    assert (b[0, 24:] == 0).all() == (producer == "tf2onnx")

@@ -84,7 +84,8 @@ def is_stub(t: onnx.TensorProto) -> bool:
 
 def strip(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model whose initializers of more than LARGE elements (candidates for an
-    additive mask aside) keep only their name, type and dims: cheap to copy, to infer shapes on and to build a training graph from."""
+    additive mask aside) keep only their name, type and dims: cheap to copy, to infer shapes on
+    and to build a training graph from."""
     out = _without_initializers(model)
     masks = mask_candidates(model)  # (whose values tell a mask from a parameter)
     for t in model.graph.initializer:
@@ -301,18 +302,18 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         tie_folded_copies(m)  # (as training does; finding copies compares values)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = B.ensure_default_opset(m)
-    fw = B.training_forward(m, first, B._constant_values(_with_data_only(m), first), opset,
-                            spec, eval_bn, in_shapes)
+    fw = B.training_forward(m, first, B._constant_values(_with_data_only(m), first, trainable),
+                            opset, spec, eval_bn, in_shapes)
     fwd, loss_name, state, spec = fw.model, fw.loss, fw.state, fw.spec
     shapes, missing = infer(fwd, {**in_shapes, **fw.target_shapes})
     if missing:
         raise Incomplete(f"{len(missing)} value(s) of the forward and loss without a static "
                          f"shape, e.g. '{missing[0]}'")
     table, chosen, grads, _ = B.attach_backward(
-        m, fw, shapes, B._constant_values(_with_data_only(fwd), shapes), trainable, frozen,
-        bn_stats, opset)
+        m, fw, shapes, B._constant_values(_with_data_only(fwd), shapes, trainable), trainable,
+        frozen, bn_stats, opset)
     all_shapes, missing = infer(fwd, {**in_shapes, **fw.target_shapes})
-    consts = B._constant_values(_with_data_only(fwd), all_shapes)
+    consts = B._constant_values(_with_data_only(fwd), all_shapes, trainable)
     out_shape = shapes[spec.output][0]
     return Structure(fwd, loss_name, dict(grads), state, table, chosen, all_shapes, missing,
                      tuple(out_shape), consts)

@@ -24,6 +24,7 @@ from trainer.autodiff.params import (
     fused_batchnorms,
     parameter_table,
     repair_exported_model,
+    single_bias_masks,
     tie_folded_copies,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
@@ -54,6 +55,7 @@ class Report:
     fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
+    single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
 
     @property
     def opset_text(self) -> str:
@@ -90,6 +92,8 @@ class Report:
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
+        if self.single_bias:
+            lines.append(single_bias_line(self.single_bias))
         lines += warning_lines(self.folded, self.fused, self.computed)
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
@@ -168,6 +172,13 @@ _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by t
          "reshape": "is a copy in another shape (a view the exporter folded) of"}
 
 
+def single_bias_line(names: list[str]) -> str:
+    """What `check` and `train` say of the recurrent biases params.single_bias_masks masks."""
+    return ("recurrent biases that hold Keras's one bias per gate and zeros (tf2onnx's B = "
+            "[input bias, recurrent bias]): the zero half stays zero, as Keras trains one "
+            f"bias: {', '.join(names)}")
+
+
 def tied_line(copy_name: str, src: str, kind: str) -> str:
     """What `check` and `train` say of a copy tie_folded_copies tied to its source."""
     return f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor"
@@ -201,8 +212,9 @@ def model_report(model: onnx.ModelProto) -> Report:
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
                         if o.domain not in ("", "ai.onnx"))
+    single = [p for p in single_bias_masks(model) if p in trained]
     return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model),
-                  imports=imports)
+                  imports=imports, single_bias=single)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

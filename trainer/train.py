@@ -27,6 +27,7 @@ from trainer.autodiff.params import (
     parameter_aliases,
     quantization_scales,
     repair_exported_model,
+    single_bias_masks,
     tie_folded_copies,
 )
 from trainer.backend import (
@@ -477,6 +478,9 @@ class Trainer:
         made = {o: i for i, n in enumerate(tm.graph.node) for o in n.output}
         self.names = sorted(info.gradients, key=lambda k: made.get(info.gradients[k], 0))
         self.shapes = {k: values[k].shape for k in self.names}
+        single = [k for k in single_bias_masks(self.model) if k in self.shapes]
+        if single:
+            self.log.info(report.single_bias_line(single))
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
         self.size = int(sum(sizes))

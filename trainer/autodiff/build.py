@@ -24,14 +24,17 @@ from trainer.autodiff.engine import active_nodes, build_backward
 from trainer.autodiff.params import (
     CONSTANT,
     batchnorm_stats,
+    fixed_floats,
     parameter_table,
     repair_exported_model,
     select,
+    single_bias_masks,
 )
 from trainer.autodiff.subgraph import lower_model
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
+    FLOAT_TYPES,
     NameScope,
     all_names,
     attrs_of,
@@ -134,13 +137,13 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
             for d, v in zip(tensor_type(vi.type).shape.dim, in_shapes[vi.name], strict=True):
                 d.Clear()
                 d.dim_value = v
-    m = lower_model(m, in_shapes, input_dtypes(model), example)
+    m = lower_model(m, in_shapes, input_dtypes(model), example, trainable=wrt)
     g = m.graph
     shapes_all = probe(m, in_shapes, input_dtypes(model), example)
     for x in wrt + of:
         if x in shapes_all and not is_float_dtype(shapes_all[x][1]):
             raise ModelError(f"reverse: '{x}' is {shapes_all[x][1]}, not a float tensor")
-    consts = _constant_values(m, shapes_all)
+    consts = _constant_values(m, shapes_all, trainable=wrt)
     scope = NameScope(all_names(g))
     seeds = {y: scope.fresh(f"{y}_grad") for y in of}
     public = {x: scope.fresh(f"{x}_grad") for x in wrt}  # reserved before internal names
@@ -243,20 +246,22 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     model = recurrent_opset(model)  # (opset-9 RNNs: the gradient rules need opset 10)
     in_shapes = input_shapes(model, batch_size, dict(shapes or {}))
     dtypes = input_dtypes(model)
-    model = lower_model(model, in_shapes, dtypes)  # static control flow, sequences: plain nodes
+    # static control flow, sequences: plain nodes
+    model = lower_model(model, in_shapes, dtypes, trainable=wrt)
     first = probe(model, in_shapes, dtypes)
 
     m = copy.deepcopy(model)
     repair_exported_model(m)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = ensure_default_opset(m)
-    fw = training_forward(m, first, _constant_values(m, first), opset, spec, eval_bn, in_shapes,
-                          sync_batchnorm)
+    fw = training_forward(m, first, _constant_values(m, first, wrt), opset, spec, eval_bn,
+                          in_shapes, sync_batchnorm)
     fwd, state, spec, loss_name, target_vis = fw.model, fw.state, fw.spec, fw.loss, fw.targets
     t_dtypes = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
                 for vi in target_vis}
     shapes_all = probe(fwd, {**in_shapes, **fw.target_shapes}, {**dtypes, **t_dtypes})
-    _, chosen, grads, seed = attach_backward(m, fw, shapes_all, _constant_values(fwd, shapes_all),
+    _, chosen, grads, seed = attach_backward(m, fw, shapes_all,
+                                             _constant_values(fwd, shapes_all, wrt),
                                              wrt, frozen, bn_stats, opset)
     g = fwd.graph
     del g.output[:]
@@ -341,6 +346,12 @@ def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, co
     seed = fw.scope.fresh(f"{fw.loss}_grad_seed")
     bwd, bwd_inits, grads = build_backward(fw.nodes, {fw.loss: seed}, chosen, shapes, opset,
                                            fw.scope, consts)
+    for p, mask in single_bias_masks(m).items():  # (Keras's one recurrent bias, split in two)
+        if p in grads:
+            name, keep = fw.scope.fresh(f"{grads[p]}_masked"), fw.scope.fresh(f"{p}_grad_mask")
+            bwd.append(helper.make_node("Mul", [grads[p], keep], [name]))
+            bwd_inits.append(numpy_helper.from_array(mask, keep))
+            grads[p] = name
     g = fw.model.graph
     g.node.extend(bwd)
     add_initializers(g, [*bwd_inits, numpy_helper.from_array(
@@ -354,17 +365,18 @@ _UNFOLDABLE = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike",
 _FOLD_LIMIT = 1 << 16  # elements: folding is for shape-like values, not for weights
 
 
-def _constant_values(model: onnx.ModelProto, shapes: Mapping | None = None
+def _constant_values(model: onnx.ModelProto, shapes: Mapping | None = None, trainable="all"
                      ) -> dict[str, np.ndarray]:
     """Values known before running: initializers, Constant nodes, and every value computed only
-    from Constant nodes, non-float initializers and static shapes (shape arithmetic, axes,
-    ratios). Folded values never depend on a float initializer, which training may change."""
+    from Constant nodes, non-float initializers, float initializers that training does not
+    change (`params.fixed_floats`, for the `trainable` globs) and static shapes (shape
+    arithmetic, axes, ratios, a loop's start condition). Folded values never depend on a float
+    initializer that training may change."""
     from trainer.kernels import get_kernel
 
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    pure = {t.name for t in model.graph.initializer
-            if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                   onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    pure = {t.name for t in model.graph.initializer if t.data_type not in FLOAT_TYPES}
+    pure |= fixed_floats(model, trainable)
     for node in model.graph.node:
         a = attrs_of(node)
         if node.op_type == "Constant":
@@ -445,7 +457,11 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: b
     out, state = [], {}
     for k, node in enumerate(nodes):
         label = node_name(node, k)
-        if node.op_type == "BatchNormalization" and node.input[1] in eval_bn:
+        if node.op_type == "BatchNormalization" and (
+                node.input[1] in eval_bn or any(s not in consts for s in node.input[3:5])):
+            # (inference form as asked, or where the graph computes mean and variance from
+            # the data: no running statistics, a function of its inputs as exported; tf2onnx
+            # writes a Keras LayerNormalization so)
             out += _eval_form(node, b)
         elif node.op_type == "BatchNormalization":
             new, upd = _batchnorm_train(node, label, b, shapes, consts, sync)
@@ -521,10 +537,6 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False
     x_shape, dt = shapes[x]
     rank, c = len(x_shape), x_shape[1]
     n = int(np.prod(x_shape)) // c
-    for stat in (rmean, rvar):
-        if stat not in consts:
-            raise ModelError(f"BatchNormalization '{label}': running statistic '{stat}' must be "
-                             "an initializer to be trained")
     b.prefix = f"{label}/Train"
     axes = [0] + list(range(2, rank))
     bshape = [c] + [1] * (rank - 2)

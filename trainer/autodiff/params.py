@@ -228,6 +228,70 @@ def _additive_mask(t: onnx.TensorProto) -> float | None:
     return float(low) if ((a == 0) | (a == low)).all() else None
 
 
+def fixed_floats(model: onnx.ModelProto, trainable="all") -> set[str]:
+    """Float initializers that training does not change, known from the graph before the
+    training graph exists, so that they may decide control flow and fold into constants:
+    those no gradient can reach (every node reads them in a non-differentiable slot and no
+    subgraph reads them), and the one-element constants the default rules leave out (tf2onnx's
+    while loops start on `Less(0.0, 12.0)` of two float initializers, and expand the same 0.0
+    into the first hidden state), unless a `trainable` glob names them."""
+    from trainer.executor import outer_names, subgraphs
+
+    g = model.graph
+    signature = torch_signature(model)
+    globs = [] if trainable in ("all", None) else [p for p in trainable if p != "all"]
+    reachable: set[str] = set()
+    for node in g.node:
+        slots = set(differentiable_inputs(node.op_type, len(node.input), node.domain))
+        reachable.update(x for i, x in enumerate(node.input) if i in slots)
+        for _, graphs in subgraphs(node):
+            for sub in graphs:
+                reachable |= outer_names(sub)
+    out = set()
+    for t in g.initializer:
+        if t.data_type not in FLOAT_TYPES or any(fnmatch.fnmatchcase(t.name, p) for p in globs):
+            continue
+        one = int(np.prod(t.dims)) == 1 and signature.get(t.name) != "PARAMETER" and \
+            not _MODULE_PARAMETER.match(t.name)
+        if one or t.name not in reachable:
+            out.add(t.name)
+    return out
+
+
+_KERAS_PRODUCERS = ("tf2onnx", "keras2onnx")
+
+
+def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{bias initializer: gradient mask} for recurrent layers whose ONNX bias B = [Wb, Rb]
+    holds one bias of the source model and zeros. Keras's LSTM and SimpleRNN (and its GRU
+    without reset_after, ONNX's linear_before_reset=0) have one bias per gate; tf2onnx writes it
+    as Wb, and Rb as zeros. Wb and Rb are added, so they get equal gradients: trained both, the
+    bias would move at twice the learning rate, unlike Keras. The mask keeps Rb's gradient, and
+    so Rb, at zero. (PyTorch's recurrent layers have both biases: no mask for other producers,
+    nor where Rb is not all zeros.)"""
+    from onnx import numpy_helper
+
+    if model.producer_name not in _KERAS_PRODUCERS:
+        return {}
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for n in model.graph.node:
+        if (n.op_type not in ("LSTM", "GRU", "RNN") or len(n.input) < 4
+                or n.input[3] not in inits):
+            continue
+        if n.op_type == "GRU" and any(a.name == "linear_before_reset" and a.i for a in
+                                      n.attribute):
+            continue  # (Keras's reset_after: a recurrent bias of its own)
+        b = numpy_helper.to_array(inits[n.input[3]])
+        half = b.shape[-1] // 2
+        if b.ndim != 2 or not b[:, half:].size or (b[:, half:] != 0).any():
+            continue
+        mask = np.ones_like(b)
+        mask[:, half:] = 0
+        out[n.input[3]] = mask
+    return out
+
+
 # A module parameter's name as PyTorch's exporters keep it ("classifier.bias", "0.weight"):
 # a one-element tensor so named is a parameter (a regression head's bias, a PReLU's slope).
 _MODULE_PARAMETER = re.compile(r"^[\w.]*\w\.(weight|bias)$")

@@ -643,12 +643,14 @@ def needs_lowering(graph: onnx.GraphProto) -> bool:
 
 def lower(model: onnx.ModelProto, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype],
           values: Mapping[str, np.ndarray] | None = None, *, scope: NameScope | None = None,
-          known: Mapping[str, tuple] | None = None, max_rounds: int = 16
+          known: Mapping[str, tuple] | None = None, max_rounds: int = 16, trainable="all"
           ) -> tuple[onnx.ModelProto, dict, dict[str, str]]:
     """A copy of the model with static control flow and sequences lowered into tensor nodes.
 
     `shapes`/`dtypes` give the graph inputs (as for executor.probe), `values` input values that
-    decide shapes. Non-float initializers, Constant nodes and static shapes decide control.
+    decide shapes. Non-float initializers, float ones training does not change
+    (`params.fixed_floats`, for the `trainable` globs), Constant nodes and static shapes
+    decide control.
     `known` gives the (shape, dtype) of top-level tensors instead of a first probe; then no
     probe runs a Loop whose trip count is not static (it might never end on made-up values).
     Returns (model, probed (shape, dtype) of every tensor, {node: why it stays} for nodes
@@ -662,8 +664,11 @@ def lower(model: onnx.ModelProto, shapes: Mapping[str, tuple], dtypes: Mapping[s
         scope = NameScope(deep_names(g))
     else:
         scope.taken |= deep_names(g)
+    from trainer.autodiff.params import fixed_floats
+
+    fixed = fixed_floats(m, trainable)
     seeds = {t.name: numpy_helper.to_array(t) for t in g.initializer
-             if t.data_type not in FLOAT_TYPES}
+             if t.data_type not in FLOAT_TYPES or t.name in fixed}
     opsets = _opsets_of(m)
     why: dict[str, str] = {}
     probed = known is None
@@ -691,13 +696,13 @@ def lower(model: onnx.ModelProto, shapes: Mapping[str, tuple], dtypes: Mapping[s
 
 
 def lower_model(model: onnx.ModelProto, shapes: Mapping[str, tuple],
-                dtypes: Mapping[str, np.dtype], values: Mapping[str, np.ndarray] | None = None
-                ) -> onnx.ModelProto:
+                dtypes: Mapping[str, np.dtype], values: Mapping[str, np.ndarray] | None = None,
+                trainable="all") -> onnx.ModelProto:
     """The model with its static control flow and sequences lowered (the model itself when it
     has none): what autodiff should differentiate, before its training-mode rewrite."""
     if not needs_lowering(model.graph):
         return model
-    return lower(model, shapes, dtypes, values)[0]
+    return lower(model, shapes, dtypes, values, trainable=trainable)[0]
 
 
 # -- differentiating a node's subgraphs ---------------------------------------------------------
