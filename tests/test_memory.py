@@ -379,6 +379,10 @@ def test_control_flow_falls_back_to_a_probe_at_small_batches(tmp_path, models):
     assert est.method.startswith("probe at batch 2, 3, scaled to 256")
     assert 0.75 <= est.total / measured <= 1.25, (est, measured)
     assert est.out_shape == (256, 10)
+    # the frozen tensors are the model's own left out (the else branch's W2 and b2), not also
+    # the constants the probed training graph added (the loss's, the gradient seed: a Keras
+    # LSTM showed "27 frozen (172 B)" at opset 13, "1 frozen (4 B)" at opset 17)
+    assert (est.frozen, est.frozen_bytes) == (650, 2600), est
     # `check` (a process of its own) reads the values as training does, and reports the
     # same estimate rather than a problem (it said "needs the model's values" and failed)
     path = tmp_path / "if.yaml"

@@ -769,7 +769,9 @@ def _probed_structure(model: onnx.ModelProto, loss, trainable, frozen, batchnorm
     found = probe(tm, feeds, {k: dts[k] for k in feeds})
     spec = LossSpec.of(loss)
     out = spec.output if spec.output in found else info.outputs[0]
-    table = parameter_table(tm, list(tm.graph.node), info.loss, found)
+    own = {t.name for t in m.graph.initializer} | set(info.gradients)
+    table = [r for r in parameter_table(tm, list(tm.graph.node), info.loss, found)
+             if r.name in own]  # (not the constants the training graph added)
     return Structure(tm, info.loss, dict(info.gradients), dict(info.state), table,
                      list(info.gradients), found, [], tuple(found[out][0]),
                      _constant_values(tm, found))
