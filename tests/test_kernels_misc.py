@@ -24,7 +24,7 @@ TESTED_OPS = {
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
     "Multinomial", "StringConcat", "StringSplit", "StringNormalizer", "RegexFullMatch",
     "TfIdfVectorizer", "ImageDecoder", "ArrayFeatureExtractor", "Binarizer", "LabelEncoder",
-    "TreeEnsemble", "Adagrad", "Adam", "Momentum"}
+    "TreeEnsemble", "Adagrad", "Adam", "Momentum", "StopGradient"}
 
 
 def model(op: str, inputs: dict, n_out: int = 1, *, opset: int = 18, domain: str = "",
@@ -537,3 +537,23 @@ def test_momentum_against_reference(mode, step):
     against_reference(*training_model("Momentum", np.array(0.1, F32), np.array(step),
                                       xs + gs + vs, 4, alpha=0.9, beta=0.5, mode=mode,
                                       norm_coefficient=0.01))
+
+
+def test_stop_gradient_is_the_identity_that_passes_no_gradient() -> None:
+    """ai.onnx_trainer.StopGradient (PyTorch's .detach() in a training graph): y = x *
+    StopGradient(x) has the value x^2 and the gradient x, not 2x."""
+    from tests.gradcheck import gradients
+    from trainer.autodiff import training_info
+    from trainer.kernels import CUSTOM_DOMAIN
+
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    nodes = [helper.make_node("StopGradient", ["X"], ["s"], domain=CUSTOM_DOMAIN),
+             helper.make_node("Mul", ["X", "s"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)]
+    m = make_model(nodes, initializers={"X": x}, outputs=["L"],
+                   extra_opsets={CUSTOM_DOMAIN: 1})
+    np.testing.assert_array_equal(run(m, fetch=["s"])["s"], x)
+    grads, tm = gradients(m, ["X"])
+    np.testing.assert_allclose(grads["X"], x, rtol=1e-12)
+    loss = training_info(tm).loss
+    np.testing.assert_allclose(run(tm, fetch=[loss])[loss], (x * x).sum(), rtol=1e-12)

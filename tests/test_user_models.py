@@ -1280,3 +1280,51 @@ def test_a_keras_lstm_trains_its_one_bias(tmp_path, producer):
                                rtol=2e-4, atol=2e-5)
     b = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == "B")
     assert (b[0, 24:] == 0).all() == (producer == "tf2onnx")
+
+
+class DetachedScale(nn.Module):
+    """A branch scaled by a statistic of a detached value (RAFT detaches its flow between
+    refinement steps): PyTorch passes no gradient back through `.detach()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        return self.lin2(h) * (1 + h.detach().pow(2).mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_detached_value_passes_no_gradient_back(tmp_path, optimize):
+    """ONNX has no op for `.detach()`: the default exporter writes an Identity (its FX node an
+    aten.detach), which its optimizer removes. The engine backpropagated through it (torchvision's
+    RAFT: the second step's gradients twice PyTorch's). From the export's records the training
+    graph reads the value through a StopGradient node now: losses as PyTorch's, `check` and
+    `train` say so, and the exported model keeps its own nodes."""
+    torch.manual_seed(0)
+    model = DetachedScale()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = torch.onnx.export(model.eval(), (torch.randn(2, 8),), None, input_names=["x"],
+                              output_names=["logits"], optimize=optimize,
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    model.load_state_dict(state)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.detached == ["linear"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    stream = io.StringIO()
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=stream)
+    assert ".detach()" in stream.getvalue()
+    out = onnx.load(trainer.fit()["output"])
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)

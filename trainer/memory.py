@@ -267,6 +267,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     from trainer.autodiff.params import (
         batchnorm_stats,
         repair_exported_model,
+        stop_detached,
         tie_folded_copies,
     )
     from trainer.autodiff.subgraph import needs_lowering
@@ -300,6 +301,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         pass
     if not any(is_stub(t) for t in m.graph.initializer):
         tie_folded_copies(m)  # (as training does; finding copies compares values)
+    stop_detached(m)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = B.ensure_default_opset(m)
     fw = B.training_forward(m, first, B._constant_values(_with_data_only(m), first, trainable),

@@ -19,6 +19,7 @@ from trainer.autodiff.engine import active_nodes
 from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
+    detached_inputs,
     folded_conv_weights,
     folded_parameters,
     fused_batchnorms,
@@ -56,6 +57,7 @@ class Report:
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
+    detached: list[str] = field(default_factory=list)  # values read through .detach()
 
     @property
     def opset_text(self) -> str:
@@ -94,6 +96,8 @@ class Report:
                          f"restored and trained separately: {', '.join(self.untied)}")
         if self.single_bias:
             lines.append(single_bias_line(self.single_bias))
+        if self.detached:
+            lines.append(detached_line(self.detached))
         lines += warning_lines(self.folded, self.fused, self.computed)
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
@@ -179,6 +183,13 @@ def single_bias_line(names: list[str]) -> str:
             f"bias: {', '.join(names)}")
 
 
+def detached_line(names: list[str]) -> str:
+    """What `check` and `train` say of the values params.stop_detached cuts from the gradient."""
+    return ("values that PyTorch's .detach() cut from the gradient (the export's records): no "
+            f"gradient flows back through them: {', '.join(names[:6])}"
+            + (f" ... ({len(names)} in all)" if len(names) > 6 else ""))
+
+
 def tied_line(copy_name: str, src: str, kind: str) -> str:
     """What `check` and `train` say of a copy tie_folded_copies tied to its source."""
     return f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor"
@@ -213,8 +224,9 @@ def model_report(model: onnx.ModelProto) -> Report:
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
                         if o.domain not in ("", "ai.onnx"))
     single = [p for p in single_bias_masks(model) if p in trained]
+    detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model),
-                  imports=imports, single_bias=single)
+                  imports=imports, single_bias=single, detached=detached)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

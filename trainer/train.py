@@ -24,6 +24,7 @@ from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.build import softmax_logits
 from trainer.autodiff.params import (
+    detached_inputs,
     parameter_aliases,
     quantization_scales,
     repair_exported_model,
@@ -481,6 +482,11 @@ class Trainer:
         single = [k for k in single_bias_masks(self.model) if k in self.shapes]
         if single:
             self.log.info(report.single_bias_line(single))
+        nodes = self.model.graph.node
+        detached = list(dict.fromkeys(nodes[i].input[k]
+                                      for i, k in detached_inputs(self.model)))
+        if detached:
+            self.log.info(report.detached_line(detached))
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
         self.size = int(sum(sizes))

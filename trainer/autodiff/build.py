@@ -29,6 +29,7 @@ from trainer.autodiff.params import (
     repair_exported_model,
     select,
     single_bias_masks,
+    stop_detached,
 )
 from trainer.autodiff.subgraph import lower_model
 from trainer.errors import ModelError, UnsupportedOpError
@@ -252,6 +253,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
 
     m = copy.deepcopy(model)
     repair_exported_model(m)
+    stop_detached(m)  # (PyTorch's .detach(), from the export's records)
     bn_stats = batchnorm_stats(m.graph.node)
     opset = ensure_default_opset(m)
     fw = training_forward(m, first, _constant_values(m, first, wrt), opset, spec, eval_bn,

@@ -371,6 +371,84 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
 _EMBEDDING = re.compile(r"aten\.embedding\.default\]\(args = \(%\w+, %\w+, (-?\d+)")
 
 
+_DETACH_NODE = re.compile(r"target=torch\.ops\.aten\.detach\.default\]")
+_DETACHED = re.compile(r"^detach(_\d+)?$")
+
+
+def detached_inputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
+    """(node index, input slot) of the main graph's inputs that PyTorch's `.detach()` cut from
+    the gradient (RAFT detaches its flow between refinement steps). ONNX has no such op: the
+    default exporter writes an Identity whose FX node is `aten.detach` (slot 0 of that
+    Identity), which its optimizer removes, leaving a node whose FX node reads `%detach_k`, a
+    value no longer in the graph: the slots of that node (or of the other nodes of its FX node)
+    reading a value that is not a constant, not one its FX node names, and not made by its own
+    FX node, where there are as many such values as detached ones (otherwise: unclear, none).
+    A TorchScript export keeps no trace of a detach."""
+    g = model.graph
+    consts = {t.name for t in g.initializer} | {
+        o for n in g.node if n.op_type == "Constant" for o in n.output}
+    present = consts | {o for n in g.node for o in n.output} | {vi.name for vi in g.input}
+    fx = [_meta(n, _FX_NODE_KEY) for n in g.node]
+    made_by = {o: fx[i] for i, n in enumerate(g.node) for o in n.output}
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(fx):
+        if text:
+            groups.setdefault(text, []).append(i)
+    out: list[tuple[int, int]] = []
+    for text, members in groups.items():
+        if _DETACH_NODE.search(text):
+            out += [(i, 0) for i in members if g.node[i].op_type == "Identity"]
+            continue
+        refs = set(re.findall(r"%(\w+)", text))
+        gone = {r for r in refs if _DETACHED.match(r) and r not in present}
+        if not gone:
+            continue
+        slots = [(i, k) for i in members for k, x in enumerate(g.node[i].input)
+                 if x and x not in consts and x not in refs and made_by.get(x) != text]
+        if len({g.node[i].input[k] for i, k in slots}) == len(gone):
+            out += slots
+    return sorted(out)
+
+
+def stop_detached(model: onnx.ModelProto) -> list[str]:
+    """Put PyTorch's `.detach()` back into the training graph, in place: each value found by
+    `detached_inputs` is read through an ai.onnx_trainer StopGradient node (the identity,
+    which passes no gradient back); returns the detached values' names. For the training
+    graph only: the exported model keeps its own nodes."""
+    from trainer.graph import NameScope, all_names
+    from trainer.kernels import CUSTOM_DOMAIN
+
+    found = detached_inputs(model)
+    if not found:
+        return []
+    g = model.graph
+    scope = NameScope(all_names(g))
+    nodes = list(g.node)
+    stops: dict[str, str] = {}
+    before: dict[int, list[onnx.NodeProto]] = {}
+    names = []
+    for i, k in found:
+        n = nodes[i]
+        x = n.input[k]
+        names.append(x)
+        if n.op_type == "Identity" and _DETACH_NODE.search(_meta(n, _FX_NODE_KEY)):
+            n.op_type, n.domain = "StopGradient", CUSTOM_DOMAIN
+            continue
+        if x not in stops:
+            stops[x] = scope.fresh(f"{x}_detached")
+            before.setdefault(i, []).append(onnx.helper.make_node(
+                "StopGradient", [x], [stops[x]], domain=CUSTOM_DOMAIN,
+                name=scope.fresh(f"{x}_detach")))
+        n.input[k] = stops[x]
+    del g.node[:]
+    for i, n in enumerate(nodes):
+        g.node.extend(before.get(i, []))
+        g.node.append(n)
+    if not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    return list(dict.fromkeys(names))
+
+
 def mark_padding_indices(model: onnx.ModelProto) -> list[str]:
     """nn.Embedding(padding_idx=p) never updates row p of its table: PyTorch's embedding
     backward skips the positions holding p. ONNX's Gather has no such attribute, but the

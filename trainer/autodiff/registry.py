@@ -15,6 +15,7 @@ NO_GRADIENT = {
     "Or", "Xor", "ArgMax", "ArgMin", "ConstantOfShape", "Constant", "NonZero", "OneHot", "Floor",
     "Ceil", "Round", "Sign", "RandomNormal", "RandomUniform", "RandomNormalLike",
     "RandomUniformLike", "Range", "EyeLike", "IsNaN", "IsInf", "TopK_indices",
+    "StopGradient",  # (ai.onnx_trainer: PyTorch's .detach())
 }
 
 # Node metadata a rule honours: on an axis-0 Gather, the row of input 0 that gets no gradient

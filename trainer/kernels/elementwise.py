@@ -13,7 +13,7 @@ import onnx
 from trainer.backend import cupyx_module, device_dtype_ok
 from trainer.errors import ModelError
 from trainer.graph import np_dtype
-from trainer.kernels import kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, kernel
 
 
 def low_float(dtype) -> bool:
@@ -126,6 +126,16 @@ Ceil = _unary("Ceil", lambda xp, x: xp.ceil(x))
 Sign = _unary("Sign", lambda xp, x: xp.sign(x))
 Round = _unary("Round", lambda xp, x: xp.round(x))  # half to even, as the spec
 Identity = _unary("Identity", lambda xp, x: x)
+
+
+@kernel("StopGradient", domain=CUSTOM_DOMAIN)
+def StopGradient(xp, x):
+    """ai.onnx_trainer.StopGradient: the identity, through which no gradient flows back
+    (PyTorch's .detach(), which ONNX has no op for: params.stop_detached puts it back)."""
+    return (x,)
+
+
+CUSTOM_SHAPES["StopGradient"] = lambda x: [x]
 
 Sin = _unary("Sin", lambda xp, x: xp.sin(x), 7)
 Cos = _unary("Cos", lambda xp, x: xp.cos(x), 7)
