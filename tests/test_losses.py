@@ -90,6 +90,18 @@ def test_cross_entropy_class_axis_1(tmp_path):
              lambda y, t: torch.nn.functional.cross_entropy(y, t), perm=(0, 2, 1))
 
 
+def test_labels_that_fit_another_class_axis_say_which(tmp_path):
+    """A segmentation model's [N, classes, ...] output with labels [N, ...] and the default
+    class axis (the last): the error names the axis that fits (torchvision's lraspp)."""
+    from trainer.errors import DataError
+
+    linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 7, 5], perm=[0, 2, 1])
+    rng = np.random.default_rng(3)
+    with pytest.raises(DataError, match=r"set loss.class_axis: 1\)"):
+        run_both(tmp_path, {"type": "cross_entropy"}, rng.normal(size=(40, 5, 6)).astype(
+            np.float32), rng.integers(0, 7, (40, 5)), {}, None)
+
+
 def test_cross_entropy_eval_loss_of_a_softmax_output_is_the_trained_loss(tmp_path):
     """A classifier ending in Softmax trains on the Softmax's input, and evaluation reports the
     same loss: the probabilities' log, not a second log-softmax (torch's cross_entropy on the

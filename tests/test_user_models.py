@@ -1070,7 +1070,7 @@ def test_an_additive_attention_mask_folded_from_a_buffer_is_not_trained(tmp_path
     -100, folded from a buffer of the block into `unsqueeze_3`) as parameters: a node of the
     attention module, which holds a folded parameter (the gathered bias table), read it. A
     float tensor of zeros and one large negative fill is an additive mask: a constant, with
-    its reason, in `check` and `train`; the gathered bias trains."""
+    its reason, in `check` and `train`; the gathered bias trains, with a warning."""
     torch.manual_seed(0)
     model = ShiftedWindowBlock()
     proto = export(model, (4, 8), "dynamo")
@@ -1081,8 +1081,13 @@ def test_an_additive_attention_mask_folded_from_a_buffer_is_not_trained(tmp_path
     report = model_report(load_model(tmp_path / "model.onnx"))
     rows = {p.name: p for p in report.params}
     assert rows[masks[0]].role == "constant" and "mask" in rows[masks[0]].reason
-    bias = [p for p in report.params if p.alias == "attn.table"]
-    assert len(bias) == 1 and bias[0].role == "parameter"
+    # The gathered bias table[index] folds into one tensor named after its last op
+    # (`unsqueeze`): not a view of the table (PyTorch shares its entries), so no alias; it
+    # trains as a tensor of its own, with the warning that names the table (torchvision's
+    # swin_t drifted 3.4e-3 from PyTorch in 3 steps, silently).
+    bias = [p for p in report.params if p.name.startswith("unsqueeze") and p.shape == (1, 2, 4, 4)]
+    assert len(bias) == 1 and bias[0].role == "parameter" and not bias[0].alias
+    assert report.folded == ["attn.table"] and "table[index]" in report.text()
     # The pre-flight reads the model without its large tensors, but reads the candidates for
     # a mask (read only by Add or Where): its count is train's.
     from trainer import memory

@@ -61,9 +61,11 @@ def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_si
 
 
 def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
-                 per_sample: tuple[int, ...], ignore_index: int, output: str) -> None:
+                 per_sample: tuple[int, ...], ignore_index: int, output: str,
+                 out_shape: tuple[int, ...] | None = None) -> None:
     """Cross-entropy labels: integer, shaped like the output without its class axis, and in
-    [0, classes) or equal to ignore_index; the first bad one is named."""
+    [0, classes) or equal to ignore_index; the first bad one is named (with the class axis
+    that would fit, where the output's full shape `out_shape` has one)."""
     if labels.dtype.kind not in "iu":
         raise DataError(f"{what}: target '{name}' must hold integer class labels, got "
                         f"{labels.dtype}")
@@ -71,6 +73,11 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
         hint = ""
         if labels.shape[1:] == (1,) and per_sample == ():
             hint = " (labels shaped [N, 1]: store them as a flat [N] array)"
+        fits = [k for k in range(1, len(out_shape or ()))
+                if tuple(d for i, d in enumerate(out_shape) if i != k)[1:] == labels.shape[1:]]
+        if fits and not hint:  # (a segmentation model's [N, classes, H, W]: class_axis 1)
+            hint = (f" (with the classes on axis {fits[0]} of '{output}' {list(out_shape)}, "
+                    f"set loss.class_axis: {fits[0]})")
         raise DataError(f"{what}: target '{name}' has per-sample shape {list(labels.shape[1:])}, "
                         f"but '{output}' without its class axis has {list(per_sample)}{hint}")
     bad = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)

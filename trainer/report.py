@@ -169,9 +169,10 @@ COMPUTED_HINT = ("convolutions whose weight the TorchScript exporter's constant 
 
 
 FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (constant folding made "
-               "an expression of the parameter alone, e.g. w.exp(), a constant, or two equal "
-               "computations of a fresh model were merged into one) cannot train; export with "
-               "optimize=False to train them")
+               "an expression of the parameter, e.g. w.exp() or a lookup table[index] by a "
+               "buffer, a constant, or two equal computations of a fresh model were merged into "
+               "one) do not train as in PyTorch (a folded expression trains as a tensor of its "
+               "own, entries PyTorch shares apart); export with optimize=False to train them")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
          "reshape": "is a copy in another shape (a view the exporter folded) of"}
 
@@ -557,6 +558,6 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
             if labels.dtype.kind in "iu":
                 labels = np.asarray(labels)
             checks.class_labels(labels, spec.target, what, out_shape[axis], per_sample,
-                                spec.ignore_index, spec.output)
+                                spec.ignore_index, spec.output, tuple(out_shape))
         except TrainerError as exc:
             problems.append(exc)

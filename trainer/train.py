@@ -343,7 +343,7 @@ class Trainer:
         axis = spec.class_axis % len(shape)
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
         preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
-                               spec.ignore_index, spec.output)
+                               spec.ignore_index, spec.output, tuple(shape))
 
     def _training_graph(self, local_n: int):
         """(training graph, its TrainingInfo) for local batches of local_n samples."""

@@ -745,6 +745,17 @@ def _missing_parameters(model: onnx.ModelProto
     return entries, missing, by_module
 
 
+def _folded_buffer_modules(model: onnx.ModelProto) -> set[str]:
+    """Modules with a buffer that constant folding removed from the graph (Swin's
+    relative_position_index): a folded tensor read there, even one named after a view op
+    (`unsqueeze`), may be an expression of a parameter and that buffer (`table[index]`), whose
+    entries PyTorch shares, not a view of the parameter."""
+    g = model.graph
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input}
+    return {t.rpartition(".")[0] for kind, t in signature_entries(model).values()
+            if kind == "BUFFER" and t not in present}
+
+
 def _own_missing(n: onnx.NodeProto, by_module: Mapping[str, list[str]]) -> list[str]:
     """The missing parameters of the module node n came from."""
     module = _module_of(n)
@@ -765,6 +776,7 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     named = {t for _, t in entries.values()}
     folded = {t.name for t in model.graph.initializer
               if t.data_type in FLOAT_TYPES and t.name not in named}
+    folded_buffers = _folded_buffer_modules(model)
     found: dict[str, set[str]] = {}
     for n in model.graph.node:
         refs = sorted(_fx_reads(n) & missing.keys())
@@ -774,7 +786,8 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
                 continue
             if len(refs) == 1:
                 found.setdefault(x, set()).add(missing[refs[0]])
-            elif not refs and len(own) == 1 and _VIEW_OPS.match(x):
+            elif (not refs and len(own) == 1 and _VIEW_OPS.match(x)
+                  and _module_of(n) not in folded_buffers):
                 found.setdefault(x, set()).add(missing[own[0]])
     return {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
 
@@ -803,6 +816,7 @@ def _missing_parameter_uses(model: onnx.ModelProto
     named = {t for _, t in entries.values()}
     params = {ph: t for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
     sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer}
+    folded_buffers = _folded_buffer_modules(model)
     for n in g.node:
         refs = _fx_reads(n)
         if refs & missing.keys():
@@ -816,7 +830,7 @@ def _missing_parameter_uses(model: onnx.ModelProto
             continue
         views = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
                  and _VIEW_OPS.match(x)]
-        if views and len(own) == 1:
+        if views and len(own) == 1 and _module_of(n) not in folded_buffers:
             explained.add(own[0])
             carriers.update(views)
         leaves = {params[ph].rpartition(".")[2] for ph in refs
