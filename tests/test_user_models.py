@@ -158,6 +158,16 @@ class ViewedParameter(nn.Module):
         return self.fc(h * self.w + (h * self.w[None, :]).mean(1, keepdim=True))
 
 
+class TwiceViewed(ViewedParameter):
+    """One parameter viewed twice in one module (`g.view(1, -1, 1, 1)` in two places): the two
+    folded views are equal, and stored once, as one parameter's should be."""
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        x = x * self.g.view(1, -1, 1, 1) + torch.tanh(x) * self.g.view(1, -1, 1, 1)
+        return self.fc(self.l(x.mean((2, 3))) * self.w)
+
+
 class ZeroBiasConv(nn.Module):
     """Convolutions and a Linear whose biases start at zero (a common initialization): the
     default exporter's optimizer drops zero biases from Conv and Gemm nodes."""
@@ -316,6 +326,7 @@ MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGe
           "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
           "bert_init": (BertInit, (6, 8)), "siamese": (Siamese, (8,)),
           "viewed_parameter": (ViewedParameter, (1, 6, 6)),
+          "twice_viewed": (TwiceViewed, (1, 6, 6)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),

@@ -673,14 +673,20 @@ def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
     its optimizer then stores equal tensors once: the fresh layer-scale parameters of timm's
     convnext (all 1e-6) left 12 folded gammas as 4 tensors, which trained as 4. A node reading
     a folded tensor where its FX node read a value of the same FX op that is not in the graph
-    (reads `view` for `%view_1`) reads a copy under that name again, in place; returns the
-    names made. Nothing without FX node records (TorchScript exports)."""
+    (reads `view` for `%view_1`) of another module than the nodes that read it as `%view`
+    reads a copy under that name again, in place; returns the names made. (Within one module
+    the two are likely one parameter's view taken twice: they stay one tensor.) Nothing
+    without FX node records (TorchScript exports)."""
     from onnx import numpy_helper
 
     g = model.graph
     named = {t for _, t in signature_entries(model).values()}
     inits = {t.name: t for t in g.initializer}
     present = set(inits) | {vi.name for vi in g.input} | {o for n in g.node for o in n.output}
+    owners: dict[str, set[str | None]] = {}  # folded tensor -> modules reading it by its name
+    for n in g.node:
+        for x in set(n.input) & _fx_reads(n):
+            owners.setdefault(x, set()).add(_module_of(n))
     made: list[str] = []
     for n in g.node:
         refs = _fx_reads(n)
@@ -688,7 +694,8 @@ def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
             continue
         for slot, x in enumerate(n.input):
             if (x not in inits or x in named or x in refs
-                    or inits[x].data_type not in FLOAT_TYPES):
+                    or inits[x].data_type not in FLOAT_TYPES
+                    or _module_of(n) in owners.get(x, {_module_of(n)})):
                 continue
             op = _FX_NUMBER.sub("", x)
             cands = [r for r in refs if r not in present and _FX_NUMBER.sub("", r) == op]
