@@ -289,3 +289,23 @@ def test_the_engine_never_loads_unsafely():
                 line = text.count("\n", 0, m.start()) + 1
                 found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
     assert not found, "\n".join(found)
+
+
+def test_a_conv_bias_of_the_wrong_shape_says_what_conv_takes():
+    """PyTorch 2.13's default exporter with optimize=False writes a Conv3d without a bias as a
+    Conv whose bias is Expand(0, ...) of shape [C, 2]: the error names the node, the shape and
+    the shape a Conv bias has."""
+    from trainer.errors import TrainerError
+    from trainer.executor import Executor
+
+    w = np.zeros((4, 3, 3, 3, 3), np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Expand", ["zero", "bshape"], ["b"]),
+         helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv3d")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0), "zero"),
+         numpy_helper.from_array(np.array([4, 2], np.int64), "bshape")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises((TrainerError, ValueError), match=r"conv3d.*bias has shape \[4, 2\].*\[4\]"):
+        Executor(model).run({"x": np.zeros((2, 3, 4, 8, 8), np.float32)})

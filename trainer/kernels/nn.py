@@ -241,6 +241,11 @@ def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel
          pads=None, strides=None):
     strides, dilations, pads, out = conv_geometry(x.shape, list(w.shape[2:]), strides,
                                                   dilations, pads, auto_pad)
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"the bias has shape {list(b.shape)}, where Conv takes one value per "
+                         f"output channel, [{w.shape[0]}] (PyTorch 2.13's default exporter with "
+                         "optimize=False writes such a bias for a Conv3d without one: export "
+                         "with dynamo=False instead)")
     low, (x, w, b) = _low_as_float32(x, w, b)
     y = conv_into(xp, x, w, b, strides, dilations, pads, out, group)
     return (y.astype(low) if low is not None else y,)
