@@ -1344,3 +1344,39 @@ def test_a_detached_value_passes_no_gradient_back(tmp_path, optimize):
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("producer", ["tf2onnx", "pytorch"])
+def test_keras_preprocessing_constants_are_not_trained(producer):
+    """tf2onnx writes Keras's Rescaling and Normalization layers (EfficientNet starts with both)
+    as a Mul and an Add that look like a scale and a bias; Keras never trains them, so a
+    tensor in such a layer's scope of a tf2onnx export is left out, with its reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = {"m/rescaling_1/Cast/x:0": np.float32(1 / 255),
+             "m/normalization/sub/y:0": rng.standard_normal((1, 3)).astype(np.float32),
+             "ConstantFolding/m/normalization/truediv_recip:0": np.ones((1, 3), np.float32),
+             "m/dense/MatMul/ReadVariableOp:0": rng.standard_normal((3, 2)).astype(np.float32),
+             "m/dense/BiasAdd/ReadVariableOp:0": np.zeros(2, np.float32)}
+    f = helper.make_node
+    g = helper.make_graph(
+        [f("Mul", ["x", "m/rescaling_1/Cast/x:0"], ["r"]),
+         f("Add", ["r", "m/normalization/sub/y:0"], ["c"]),
+         f("Mul", ["c", "ConstantFolding/m/normalization/truediv_recip:0"], ["n"]),
+         f("MatMul", ["n", "m/dense/MatMul/ReadVariableOp:0"], ["h"]),
+         f("Add", ["h", "m/dense/BiasAdd/ReadVariableOp:0"], ["logits"])], "keras",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name=producer)
+    rows = {p.name: p for p in model_report(model).params}
+    trained = sorted(k for k, p in rows.items() if p.role == "parameter")
+    dense = ["m/dense/BiasAdd/ReadVariableOp:0", "m/dense/MatMul/ReadVariableOp:0"]
+    if producer == "tf2onnx":
+        assert trained == dense
+        assert "Keras" in rows["m/normalization/sub/y:0"].reason
+    else:
+        assert trained == sorted(dense + ["m/normalization/sub/y:0",
+                                          "ConstantFolding/m/normalization/truediv_recip:0"])

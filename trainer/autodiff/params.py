@@ -5,7 +5,7 @@ The default set is what PyTorch calls the parameters of the exported module: flo
 that reach the loss through a differentiable input, except
   - BatchNormalization running statistics (training state, updated from batch statistics);
   - additive attention masks (zeros and one fill of at most -100) that exporters fold from
-    buffers;
+    buffers, and a Keras Normalization or Rescaling layer's constants (tf2onnx);
   - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
     as initializers), unless PyTorch's export signature in the model names them PARAMETER or
     their name is a module parameter's (`classifier.bias`: a regression head's bias);
@@ -165,6 +165,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     made = exporter_constants(model, signature)
     aliases = parameter_aliases(model)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
+    keras = model.producer_name in _KERAS_PRODUCERS
     rows = []
     for t in inits:
         shape = tuple(t.dims)
@@ -186,6 +187,10 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
                                   "PyTorch's observers keep it; list it in 'trainable' to learn "
                                   "it)"))
+        elif keras and _KERAS_PREPROCESSING.search(t.name):
+            rows.append(ParamInfo(t.name, shape, CONSTANT, "a Keras Normalization or Rescaling "
+                                  "layer's constant (Keras never trains them; list it in "
+                                  "'trainable' to train it)"))
         elif kind != "PARAMETER" and (fill := _additive_mask(t)) is not None:
             rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
                                   f"and {fill:g}; list it in 'trainable' to train it)"))
@@ -259,6 +264,10 @@ def fixed_floats(model: onnx.ModelProto, trainable="all") -> set[str]:
 
 
 _KERAS_PRODUCERS = ("tf2onnx", "keras2onnx")
+# A tensor in the scope of a Keras Normalization or Rescaling layer (default names
+# `normalization_1`, `rescaling`): input preprocessing that tf2onnx writes as an Add and a Mul
+# which look like any bias and scale (EfficientNet's `.../normalization_1/truediv_recip:0`).
+_KERAS_PREPROCESSING = re.compile(r"(^|/)(normalization|rescaling)(_\d+)*/")
 
 
 def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
