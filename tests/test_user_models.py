@@ -198,6 +198,22 @@ class GroupNormNet(nn.Module):
         return self.fc(F.leaky_relu(self.inn(self.c2(x)), 0.1).mean((2, 3)))
 
 
+class UNetGroupNorms(nn.Module):
+    """Two fresh GroupNorms of one width (a diffusers UNet's resnet blocks): the default
+    exporter folds each affine into [C, 1, 1] tensors (weight for the Mul, bias for the Add of
+    its decomposition), and its optimizer stores the equal ones and zeros once."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.silu(self.n1(self.c1(x)))
+        return self.fc(F.silu(self.n2(self.c2(x))).mean((2, 3)))
+
+
 class Conv1dBN(nn.Module):
     """Conv1d with BatchNorm1d, a strided dilated Conv1d and AvgPool1d over [N, T, C] input."""
 
@@ -328,7 +344,8 @@ MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGe
           "viewed_parameter": (ViewedParameter, (1, 6, 6)),
           "twice_viewed": (TwiceViewed, (1, 6, 6)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
-          "group_norm": (GroupNormNet, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
+          "group_norm": (GroupNormNet, (1, 6, 6)),
+          "unet_group_norms": (UNetGroupNorms, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
           "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8)),
           "rotary": (Rotary, (6, 8)), "tied_transposed": (TiedTransposed, (8,))}

@@ -664,10 +664,11 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     for x, reads in readers.items():
         groups: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for n, slot, here in reads:
-            if len(here) != 1:  # not a parameter's (no missing one read), or ambiguous
+            ph = _pick_missing(n, here, missing)
+            if ph is None:  # not a parameter's (no missing one read), or ambiguous
                 groups = {}
                 break
-            groups.setdefault(here[0], []).append((n, slot))
+            groups.setdefault(ph, []).append((n, slot))
         for ph in list(groups)[1:]:
             name = f"{missing[ph]}/{x}"  # (the parameter, in the folded tensor's layout)
             add(name, np.array(numpy_helper.to_array(inits[x])))
@@ -720,6 +721,20 @@ def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
 
 
 _FX_NUMBER = re.compile(r"_\d+$")  # an FX node's name is its op's, numbered from the second
+
+
+def _pick_missing(n: onnx.NodeProto, here: list[str], missing: Mapping[str, str]
+                  ) -> str | None:
+    """The missing parameter (placeholder) that node n's folded input holds, of those its FX
+    node read (`here`): the only one, or, of a weight and a bias read together (GroupNorm's
+    decomposition: InstanceNormalization, then Mul by the weight and Add of the bias, folded
+    into [C, 1, 1] tensors), the weight for a Mul and the bias for an Add; else None."""
+    if len(here) == 1:
+        return here[0]
+    leaves = {missing[ph].rpartition(".")[2]: ph for ph in here}
+    if len(here) == 2 and set(leaves) == {"weight", "bias"}:
+        return {"Mul": leaves["weight"], "Add": leaves["bias"]}.get(n.op_type)
+    return None
 
 
 def folded_parameters(model: onnx.ModelProto) -> list[str]:
@@ -797,11 +812,12 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     for n in model.graph.node:
         refs = sorted(_fx_reads(n) & missing.keys())
         own = _own_missing(n, by_module)
+        picked = _pick_missing(n, refs, missing)
         for x in n.input:
             if x not in folded:
                 continue
-            if len(refs) == 1:
-                found.setdefault(x, set()).add(missing[refs[0]])
+            if picked is not None:
+                found.setdefault(x, set()).add(missing[picked])
             elif (not refs and len(own) == 1 and _VIEW_OPS.match(x)
                   and _module_of(n) not in folded_buffers):
                 found.setdefault(x, set()).add(missing[own[0]])
