@@ -1397,3 +1397,65 @@ def test_keras_preprocessing_constants_are_not_trained(producer):
     else:
         assert trained == sorted(dense + ["m/normalization/sub/y:0",
                                           "ConstantFolding/m/normalization/truediv_recip:0"])
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d (detection backbones, DETR): BatchNorm with fixed
+    statistics and affine, all four tensors buffers."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        for k, v in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n) * 0.1),
+                     ("running_mean", torch.randn(n) * 0.1), ("running_var", torch.rand(n) + 0.5)):
+            self.register_buffer(k, v)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1)
+                                                     + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1)
+                            - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class FrozenBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, bias=False), FrozenBatchNorm2d(8), \
+            nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_frozen_batchnorm_trains_none_of_its_buffers(tmp_path):
+    """A TorchScript export in training form (no constant folding) keeps FrozenBatchNorm2d's
+    four buffers as initializers named like parameters; without an export signature they were
+    trained (DETR: 24 buffers; a running variance can go negative). Running statistics that
+    feed no BatchNormalization mark the module: its four tensors are constants, and training
+    is PyTorch's."""
+    torch.manual_seed(0)
+    model = FrozenBNNet()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.train(), (torch.randn(2, 1, 6, 6),), f, dynamo=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}}, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.TRAINING)
+    (tmp_path / "model.onnx").write_bytes(f.getvalue())
+    rows = {p.name: p for p in model_report(load_model(tmp_path / "model.onnx")).params}
+    assert rows["bn.running_var"].role == rows["bn.weight"].role == "constant"
+    assert "frozen BatchNorm" in rows["bn.weight"].reason
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=io.StringIO())
+    assert sorted(trainer.names) == sorted(k for k, _ in model.named_parameters())
+    trainer.fit()
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)

@@ -3,7 +3,8 @@ every float initializer left out, and the `trainable` / `frozen` overrides.
 
 The default set is what PyTorch calls the parameters of the exported module: float initializers
 that reach the loss through a differentiable input, except
-  - BatchNormalization running statistics (training state, updated from batch statistics);
+  - BatchNormalization running statistics (training state, updated from batch statistics), and
+    the buffers of frozen BatchNorms (running statistics that feed no BatchNormalization);
   - additive attention masks (zeros and one fill of at most -100) that exporters fold from
     buffers, and a Keras Normalization or Rescaling layer's constants (tf2onnx);
   - one-element tensors (exporters store epsilons, exponents, attention scales and fill values
@@ -166,6 +167,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     aliases = parameter_aliases(model)
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
     keras = model.producer_name in _KERAS_PRODUCERS
+    frozen_bn = frozen_batchnorm_buffers(model, stats)
     rows = []
     for t in inits:
         shape = tuple(t.dims)
@@ -187,6 +189,11 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "quantization scale (fixed, as "
                                   "PyTorch's observers keep it; list it in 'trainable' to learn "
                                   "it)"))
+        elif kind is None and t.name in frozen_bn:
+            rows.append(ParamInfo(t.name, shape, CONSTANT, "a frozen BatchNorm's buffer (its "
+                                  "running statistics feed no BatchNormalization: "
+                                  "FrozenBatchNorm2d, whose weight and bias are buffers too; "
+                                  "list it in 'trainable' to train it)"))
         elif keras and _KERAS_PREPROCESSING.search(t.name):
             rows.append(ParamInfo(t.name, shape, CONSTANT, "a Keras Normalization or Rescaling "
                                   "layer's constant (Keras never trains them; list it in "
@@ -260,6 +267,24 @@ def fixed_floats(model: onnx.ModelProto, trainable="all") -> set[str]:
             not _MODULE_PARAMETER.match(t.name)
         if one or t.name not in reachable:
             out.add(t.name)
+    return out
+
+
+def frozen_batchnorm_buffers(model: onnx.ModelProto, stats: set[str]) -> set[str]:
+    """The buffers of frozen BatchNorm modules (torchvision's FrozenBatchNorm2d, in detection
+    backbones and DETR's): a module whose `running_mean` and `running_var` feed no
+    BatchNormalization (`stats`) but arithmetic, as TorchScript exports it, with its `weight`
+    and `bias` (buffers too). Without an export signature they look like parameters, and
+    training them moves statistics PyTorch keeps (a running variance can go negative)."""
+    names = {t.name for t in model.graph.initializer}
+    out: set[str] = set()
+    for name in names:
+        if not name.endswith(".running_mean"):
+            continue
+        module = name[:-len(".running_mean")]
+        four = {f"{module}.{leaf}" for leaf in ("weight", "bias", "running_mean", "running_var")}
+        if f"{module}.running_var" in names and not four & stats:
+            out |= four & names
     return out
 
 
