@@ -1459,3 +1459,31 @@ def test_a_frozen_batchnorm_trains_none_of_its_buffers(tmp_path):
     trainer.fit()
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+class TwoHeads(nn.Module):
+    """A body with two heads, exported with one output (DETR's boxes without its classes, a
+    BERT without its pooler): the other head's parameters are in the export's signature, and
+    no node uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.box, self.cls = nn.Linear(8, 8), nn.Linear(8, 5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.box(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_head_the_exported_output_does_not_use_is_not_called_folded(optimize):
+    """`check` warned that the unused head's parameters were folded into expressions by the
+    optimizer, and told to export with optimize=False, even for that export: PyTorch gives
+    them no gradient either, so there is nothing to warn about."""
+    proto = torch.onnx.export(TwoHeads().eval(), (torch.randn(2, 8),), None,
+                              input_names=["x"], output_names=["logits"], optimize=optimize,
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    from trainer.autodiff.params import torch_signature
+
+    assert torch_signature(proto)["cls.weight"] == "PARAMETER"
+    report = model_report(proto)
+    assert report.folded == [] and "WARNING" not in report.text()

@@ -767,9 +767,16 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     of something else (`self.logit_scale.exp()`, `self.w * self.w` where the parameter is not
     used otherwise): named a parameter in the export's signature, not in the graph, and read
     by no node's FX node (a parameter folded into a transposed or reshaped copy is still read
-    by the nodes that read the copy). Training cannot reach them; empty without a signature."""
+    by the nodes that read the copy). Training cannot reach them; empty without a signature.
+    Parameters of a module that no node of the graph comes from are not listed: the exported
+    outputs do not use that module (a classifier head left out of a detector's export), so
+    PyTorch gives them no gradient either."""
     missing, explained, _ = _missing_parameter_uses(model)
-    return sorted(t for ph, t in missing.items() if ph not in explained)
+    used: set[str] = set()
+    for n in model.graph.node:
+        used.update(re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1])
+    return sorted(t for ph, t in missing.items()
+                  if ph not in explained and (not used or t.rpartition(".")[0] in used))
 
 
 # FX ops that only view or copy a tensor: a parameter folded through them trains as that copy
