@@ -337,12 +337,27 @@ class TiedTransposed(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+class ParentReadsChildWeight(nn.Module):
+    """DETR's queries: the parent reads a child's parameter through a view
+    (`self.query.weight.unsqueeze(0).repeat(n, 1, 1)`), which the default exporter's optimizer
+    folds into a tensor named `val_N`."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.proj, self.head = nn.Embedding(5, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        q = self.query.weight.unsqueeze(0).repeat(x.shape[0], 1, 1)
+        return self.head((q + self.proj(x)[:, None, :]).mean(1))
+
+
 MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGelu, (8,)),
           "causal_attention": (CausalAttention, (6, 8)), "conv_bn": (ConvBN, (1, 6, 6)),
           "encoder": (Encoder, (6, 8)), "encoder_stack": (EncoderStack, (6, 8)),
           "bert_init": (BertInit, (6, 8)), "siamese": (Siamese, (8,)),
           "viewed_parameter": (ViewedParameter, (1, 6, 6)),
           "twice_viewed": (TwiceViewed, (1, 6, 6)),
+          "parent_reads_child": (ParentReadsChildWeight, (8,)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)),
           "unet_group_norms": (UNetGroupNorms, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
@@ -1487,3 +1502,22 @@ def test_a_head_the_exported_output_does_not_use_is_not_called_folded(optimize):
     assert torch_signature(proto)["cls.weight"] == "PARAMETER"
     report = model_report(proto)
     assert report.folded == [] and "WARNING" not in report.text()
+
+
+def test_a_parameter_its_parent_reads_through_a_view_is_named_not_called_folded(tmp_path):
+    """`check` warned that DETR's query embedding had been folded away, and `frozen:
+    ["query.*"]` matched nothing, although the folded view trains exactly as the parameter:
+    it is listed as the parameter's tensor now, and globs name it by PyTorch's name."""
+    torch.manual_seed(0)
+    model = ParentReadsChildWeight()
+    onnx.save(export(model, (8,), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == [] and "WARNING" not in report.text()
+    held = [p for p in report.params if p.alias == "query.weight"]
+    assert len(held) == 1 and held[0].shape == (1, 5, 8)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 8)).astype(np.float32),
+             y=rng.integers(0, 5, 32))
+    trainer = Trainer(classifier_config(tmp_path, steps=1, frozen=["query.*"]),
+                      stream=io.StringIO())
+    assert held[0].name not in trainer.names and len(trainer.names) == 4

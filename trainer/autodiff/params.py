@@ -841,6 +841,9 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
               if t.data_type in FLOAT_TYPES and t.name not in named}
     folded_buffers = _folded_buffer_modules(model)
     found: dict[str, set[str]] = {}
+    base = _missing_parameter_uses(model, views=False)[1]
+    for x, ph in _parent_views(model, missing, base).items():
+        found.setdefault(x, set()).add(missing[ph])
     for n in model.graph.node:
         refs = sorted(_fx_reads(n) & missing.keys())
         own = _own_missing(n, by_module)
@@ -856,7 +859,7 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     return {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
 
 
-def _missing_parameter_uses(model: onnx.ModelProto
+def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
                             ) -> tuple[dict[str, str], set[str], set[str]]:
     """(missing: {placeholder: name} of the export signature's parameters that are not in the
     graph, explained: those of them still in use, carriers: initializers holding them).
@@ -867,7 +870,8 @@ def _missing_parameter_uses(model: onnx.ModelProto
       after an FX view op (`permute`, `t`, `view`...; `x @ self.weight.T` folds that way);
     - a node of its own module read, in its FX node, a parameter of the same leaf name that
       is in the graph: the module uses a tied weight under another name (an embedding tied
-      to the output projection, `lm_head.weight`).
+      to the output projection, `lm_head.weight`);
+    - with `views`, its module's parent reads it through a folded view (`_parent_views`).
     Any other missing parameter was folded into an expression (`folded_parameters`)."""
     from trainer.executor import outer_names, subgraphs
 
@@ -900,7 +904,45 @@ def _missing_parameter_uses(model: onnx.ModelProto
         leaves = {params[ph].rpartition(".")[2] for ph in refs
                   if ph in params and ph not in missing}
         explained.update(ph for ph in own if missing[ph].rpartition(".")[2] in leaves)
+    if views:  # (a child's parameter that its parent reads through a folded view)
+        found = _parent_views(model, missing, explained)
+        explained |= set(found.values())
+        carriers |= set(found)
     return missing, explained, carriers
+
+
+def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained: set[str]
+                  ) -> dict[str, str]:
+    """{folded initializer: placeholder} for a child module's parameter that its parent reads
+    through a view (DETR: `self.query_position_embeddings.weight.unsqueeze(0).repeat(...)`):
+    the optimizer folds the view into a tensor under a name of its own (`val_3`), read by a
+    node of the parent whose FX node reads the folded view op's value (`%unsqueeze`, gone
+    from the graph). It holds the one parameter of that module or a direct child that nothing
+    else accounts for, where there is exactly one such parameter and one such tensor."""
+    g = model.graph
+    named = {t for _, t in signature_entries(model).values()}
+    present = {t.name for t in g.initializer} | {vi.name for vi in g.input} | {
+        o for n in g.node for o in n.output}
+    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
+              and t.name not in named and int(np.prod(t.dims)) > 1}
+    loose: dict[str, list[str]] = {}  # module -> its missing parameters nothing accounts for
+    for ph, t in missing.items():
+        if ph not in explained:
+            loose.setdefault(t.rpartition(".")[0], []).append(ph)
+    out: dict[str, str] = {}
+    if not loose:
+        return out
+    for n in g.node:
+        module = _module_of(n)
+        if module is None or not any(_VIEW_OPS.match(r) and r not in present
+                                     for r in _fx_reads(n)):
+            continue
+        cands = [ph for mod, phs in loose.items() for ph in phs
+                 if mod == module or mod.rpartition(".")[0] == module]
+        xs = [x for x in dict.fromkeys(n.input) if x in folded]
+        if len(cands) == 1 and len(xs) == 1:
+            out[xs[0]] = cands[0]
+    return out
 
 
 def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
