@@ -1521,3 +1521,52 @@ def test_a_parameter_its_parent_reads_through_a_view_is_named_not_called_folded(
     trainer = Trainer(classifier_config(tmp_path, steps=1, frozen=["query.*"]),
                       stream=io.StringIO())
     assert held[0].name not in trainer.names and len(trainer.names) == 4
+
+
+class MaskedPooling(nn.Module):
+    """Wav2Vec2's masked mean pooling: `h[~mask] = 0.0`, a boolean-mask assignment that the
+    default exporter writes as NonZero + ScatterND (as many updates as the mask selects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 5)
+
+    def forward(self, x):  # x [N, T, 5]: 4 features and a 0/1 validity flag
+        mask = x[..., 4] > 0.5
+        h = self.inp(x[..., :4])
+        m = mask.unsqueeze(-1).repeat(1, 1, h.shape[2])
+        h[~m] = 0.0
+        return self.out(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_boolean_mask_assignment_trains_whatever_the_mask_selects(tmp_path, optimize):
+    """The ScatterND gradient's zeros had the updates' length of the batch the graph was built
+    from, so a batch whose mask selected another number of elements failed ("cannot reshape
+    array of size 96 into shape (8,1)": Wav2Vec2 with an attention mask). They take the
+    updates' shape at run time now: losses as PyTorch's."""
+    torch.manual_seed(0)
+    model = MaskedPooling()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 6, 5)).astype(np.float32)
+    x[..., 4] = 1.0
+    for i in range(64):  # a different number of padded steps per sample
+        x[i, 6 - (i % 4):, 4] = 0.0
+    y = rng.integers(0, 5, 64).astype(np.int64)
+    proto = torch.onnx.export(model.eval(), (torch.from_numpy(x[:2]),), None,
+                              input_names=["x"], output_names=["logits"], optimize=optimize,
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    model.load_state_dict(state)
+    assert "ScatterND" in {n.op_type for n in proto.graph.node}
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
+                                        data={"train": {"path": "data.npz",
+                                                        "inputs": {"x": "x"},
+                                                        "targets": {"label": "y"}},
+                                              "batch_size": BATCH, "shuffle": False}),
+                      stream=io.StringIO())
+    trainer.fit()
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)

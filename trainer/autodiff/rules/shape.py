@@ -717,15 +717,19 @@ def _scatter_grad(ctx):
         reduction = reduction.decode()
     dy, data, upd = ctx.GO(0), ctx.I(0), ctx.I(2)
     dt = ctx.dtype(ctx.O(0))
-    u_shape, x_shape = ctx.shape(upd), ctx.shape(data)
+    x_shape = ctx.shape(data)
     nodes: list = []
     if reduction in ("none", "add"):
         if ctx.needs(0):
             if reduction == "add":
                 nodes.append(ctx.node("Identity", [dy], [ctx.GI(0)]))
-            else:
-                _scatter_like(ctx, op, dy, _zeros(ctx, u_shape, dt, nodes), nodes,
-                              out=ctx.GI(0))
+            else:  # (zeros shaped like the updates at run time: a boolean-mask assignment
+                # `h[~mask] = 0` scatters as many updates as the mask selects, NonZero's count)
+                shape, zeros = ctx.tmp("updates_shape"), ctx.tmp("updates_zeros")
+                nodes += [ctx.node("Shape", [upd], [shape]),
+                          ctx.node("ConstantOfShape", [shape], [zeros],
+                                   value=numpy_helper.from_array(np.zeros(1, dt)))]
+                _scatter_like(ctx, op, dy, zeros, nodes, out=ctx.GI(0))
         if ctx.needs(2):
             _gather_like(ctx, op, dy, nodes, ctx.GI(2))
         return nodes
