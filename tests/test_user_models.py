@@ -416,6 +416,24 @@ def classifier_config(tmp_path, steps: int, **over):
         "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
         "optimizer": {"type": "sgd", "lr": LR}, "steps": steps, **over}, tmp_path)
 
+def random_batches(tmp_path, sample: tuple, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """64 random samples of shape `sample` and their labels, saved as data.npz in tmp_path."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, *sample)).astype(np.float32)
+    y = rng.integers(0, classes, 64).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    return x, y
+
+
+def ordered_trainer(tmp_path, stream=None) -> Trainer:
+    """A Trainer for model.onnx and data.npz in tmp_path: cross entropy, SGD at LR, STEPS steps
+    over the batches in order (as torch_losses takes them), every step's loss logged."""
+    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, data={
+        "train": {"path": "data.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+        "batch_size": BATCH, "shuffle": False})
+    return Trainer(cfg, stream=stream if stream is not None else io.StringIO())
+
+
 # TorchScript's eval-mode export stores two Linears sharing a weight as it stores cloned layers
 # (an Identity of one tensor read in the same role), which train apart: documented, not tested.
 CASES = [(m, e) for m in MODELS for e in ("dynamo", "torchscript")
@@ -1055,16 +1073,8 @@ def test_equal_folded_views_of_separate_parameters_train_apart(tmp_path):
     assert sorted(p.name for p in report.params if p.alias.endswith(".gamma")) == \
         ["view", "view_1", "view_2"] and "view_1" in report.untied
     assert len(trained) == len(list(model.parameters()))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
-    y = rng.integers(0, 5, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=io.StringIO())
+    x, y = random_batches(tmp_path, (1, 6, 6))
+    trainer = ordered_trainer(tmp_path)
     assert sorted(trainer.names) == trained
     trainer.fit()
     model.load_state_dict(state)
@@ -1181,16 +1191,8 @@ def test_a_zero_shift_folded_batchnorm_keeps_its_bias(tmp_path):
         x = F.relu(fused.c(x))
         return fused.fc(torch.flatten(F.relu(fused.c2(x)), 1))
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
-    y = rng.integers(0, 5, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=io.StringIO())
+    x, y = random_batches(tmp_path, (1, 6, 6))
+    trainer = ordered_trainer(tmp_path)
     assert sorted(trainer.names) == trained
     trainer.fit()
     want = torch_losses(fused, x, y, opt=torch.optim.SGD(fused.parameters(), lr=LR),
@@ -1244,19 +1246,11 @@ def test_a_batchnorm_whose_statistics_the_graph_computes_trains_in_its_own_form(
         "w1": fc1.weight.T, "gamma": ln.weight, "beta": ln.bias, "w2": fc2.weight.T,
         "b2": fc2.bias}.items()}
     onnx.save(_tf2onnx_layernorm(**arr), str(tmp_path / "model.onnx"))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 6)).astype(np.float32)
-    y = rng.integers(0, 5, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
+    x, y = random_batches(tmp_path, (6,))
     report = model_report(load_model(tmp_path / "model.onnx"))
     assert report.ok and sorted(p.name for p in report.params if p.role == "parameter") == \
         ["b2", "beta", "gamma", "w1", "w2"]
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=io.StringIO())
+    trainer = ordered_trainer(tmp_path)
     trainer.fit()
     model = nn.Sequential(fc1, ln, fc2)
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
@@ -1303,19 +1297,11 @@ def test_a_keras_lstm_trains_its_one_bias(tmp_path, producer):
         lstm.bias_hh_l0.zero_()
     lstm.bias_hh_l0.requires_grad_(producer != "tf2onnx")
     onnx.save(_tf2onnx_lstm(lstm, fc, producer), str(tmp_path / "model.onnx"))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 5, 4)).astype(np.float32)
-    y = rng.integers(0, 3, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
+    x, y = random_batches(tmp_path, (5, 4), classes=3)
     report = model_report(load_model(tmp_path / "model.onnx"))
     assert report.single_bias == (["B"] if producer == "tf2onnx" else [])
     stream = io.StringIO()
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=stream)
+    trainer = ordered_trainer(tmp_path, stream)
     assert ("stays zero" in stream.getvalue()) == (producer == "tf2onnx")
     out = onnx.load(trainer.fit()["output"])
 
@@ -1360,17 +1346,9 @@ def test_a_detached_value_passes_no_gradient_back(tmp_path, optimize):
     onnx.save(proto, str(tmp_path / "model.onnx"))
     report = model_report(load_model(tmp_path / "model.onnx"))
     assert report.detached == ["linear"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 8)).astype(np.float32)
-    y = rng.integers(0, 5, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
+    x, y = random_batches(tmp_path, (8,))
     stream = io.StringIO()
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=stream)
+    trainer = ordered_trainer(tmp_path, stream)
     assert ".detach()" in stream.getvalue()
     out = onnx.load(trainer.fit()["output"])
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
@@ -1460,16 +1438,8 @@ def test_a_frozen_batchnorm_trains_none_of_its_buffers(tmp_path):
     rows = {p.name: p for p in model_report(load_model(tmp_path / "model.onnx")).params}
     assert rows["bn.running_var"].role == rows["bn.weight"].role == "constant"
     assert "frozen BatchNorm" in rows["bn.weight"].reason
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 1, 6, 6)).astype(np.float32)
-    y = rng.integers(0, 5, 64).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=io.StringIO())
+    x, y = random_batches(tmp_path, (1, 6, 6))
+    trainer = ordered_trainer(tmp_path)
     assert sorted(trainer.names) == sorted(k for k, _ in model.named_parameters())
     trainer.fit()
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
@@ -1561,12 +1531,7 @@ def test_a_boolean_mask_assignment_trains_whatever_the_mask_selects(tmp_path, op
     assert "ScatterND" in {n.op_type for n in proto.graph.node}
     onnx.save(proto, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    trainer = Trainer(classifier_config(tmp_path, STEPS, log={"every_steps": 1},
-                                        data={"train": {"path": "data.npz",
-                                                        "inputs": {"x": "x"},
-                                                        "targets": {"label": "y"}},
-                                              "batch_size": BATCH, "shuffle": False}),
-                      stream=io.StringIO())
+    trainer = ordered_trainer(tmp_path)
     trainer.fit()
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
