@@ -32,10 +32,15 @@ CASES = table.cases
 
 
 def runtime(name: str, values, dtype=onnx.TensorProto.INT64) -> dict:
-    """Case keywords that compute input `name` at run time (Cast of a float initializer), so
-    the rule cannot read it at build time."""
-    return {"pre": [helper.make_node("Cast", [f"{name}_f"], [name], to=dtype)],
-            "extra": {f"{name}_f": np.asarray(values, np.float64)}}
+    """Case keywords that compute input `name` at run time, so the rule cannot read it at build
+    time: a Cast of row 0 of a float initializer holding the values twice (a float tensor a
+    gradient could reach, which training may change; a one-element float constant that no
+    gradient reaches folds at build time, as tf2onnx's loop conditions need)."""
+    v = np.asarray(values, np.float64)
+    return {"pre": [helper.make_node("Gather", [f"{name}_f", f"{name}_row"], [f"{name}_g"],
+                                     axis=0),
+                    helper.make_node("Cast", [f"{name}_g"], [name], to=dtype)],
+            "extra": {f"{name}_f": np.stack([v, v]), f"{name}_row": np.array(0, np.int64)}}
 
 
 def both(op: str, id: str, inputs, index: str, values, wrt, opsets=(18,), **kw) -> None:
@@ -436,7 +441,7 @@ def test_gather_padding_row_passes_no_gradient(indices):
                                                      ints(*np.ravel(idx)).reshape(2, 3))],
              wrt=["W"], **kw)
     model = loss_model(c)
-    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "W")
     gather.metadata_props.add(key=PADDING_KEY, value="2")
     grads, tm = gradients(model, ["W"])
     want = finite_differences(model, {"W": w})["W"]
