@@ -34,8 +34,8 @@ CASES = table.cases
 def runtime(name: str, values, dtype=onnx.TensorProto.INT64) -> dict:
     """Case keywords that compute input `name` at run time, so the rule cannot read it at build
     time: a Cast of row 0 of a float initializer holding the values twice (a float tensor a
-    gradient could reach, which training may change; a one-element float constant that no
-    gradient reaches folds at build time, as tf2onnx's loop conditions need)."""
+    gradient reaches, which training may change; a one-element float constant, which the
+    default parameters leave out, folds at build time, as tf2onnx's loop conditions need)."""
     v = np.asarray(values, np.float64)
     return {"pre": [helper.make_node("Gather", [f"{name}_f", f"{name}_row"], [f"{name}_g"],
                                      axis=0),
