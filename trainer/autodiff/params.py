@@ -168,6 +168,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     reach = active_nodes(nodes, targets, {t.name for t in inits}, shapes)[1]
     keras = model.producer_name in _KERAS_PRODUCERS
     frozen_bn = frozen_batchnorm_buffers(model, stats)
+    masks = mask_candidates(model)  # (only these are read for their values)
     rows = []
     for t in inits:
         shape = tuple(t.dims)
@@ -198,7 +199,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "a Keras Normalization or Rescaling "
                                   "layer's constant (Keras never trains them; list it in "
                                   "'trainable' to train it)"))
-        elif kind != "PARAMETER" and (fill := _additive_mask(t)) is not None:
+        elif t.name in masks and (fill := _additive_mask(t)) is not None:
             rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
                                   f"and {fill:g}; list it in 'trainable' to train it)"))
         elif size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name):
