@@ -719,6 +719,39 @@ def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
                                                    if p.role == "parameter"]
 
 
+class MaskToken(nn.Module):
+    """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
+    when the optional `bool_masked_pos` is given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.mask_token = nn.Linear(8, 5), nn.Parameter(torch.zeros(1, 8))
+        self.register_buffer("scale", torch.linspace(1, 2, 5))
+
+    def forward(self, x, masked=None):
+        if masked is not None:
+            x = torch.where(masked, self.mask_token, x)
+        return self.l(x) * (2 * self.scale)  # (a constant the optimizer folds)
+
+
+def test_a_parameter_the_export_does_not_use_is_not_called_folded(tmp_path):
+    """The default exporter leaves an unused parameter out of the graph with its optimizer on
+    or off. Without the optimizer nothing is folded (every initializer is one the signature
+    names), so the missing parameter is an unused one: no warning (PyTorch gives it no
+    gradient either). With the optimizer on, `check` cannot tell it from a folded one, and the
+    warning says that an unused parameter needs nothing."""
+    model = MaskToken().eval()
+    unfolded = torch.onnx.export(model, (torch.randn(2, 8),), None, input_names=["x"],
+                                 output_names=["logits"], optimize=False,
+                                 dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    onnx.save(unfolded, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.ok and not report.folded and "WARNING" not in report.text()
+    onnx.save(export(model, (8,), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == ["mask_token"] and "does not use" in report.text()
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_path, exporter):
     """Exported in eval mode at the exporters' defaults, ConvBN's BatchNormalization layers are

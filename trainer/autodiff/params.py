@@ -771,7 +771,12 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     by the nodes that read the copy). Training cannot reach them; empty without a signature.
     Parameters of a module that no node of the graph comes from are not listed: the exported
     outputs do not use that module (a classifier head left out of a detector's export), so
-    PyTorch gives them no gradient either."""
+    PyTorch gives them no gradient either. Nor is any listed where nothing was folded (every
+    initializer is one the signature names, as in an export with optimize=False): a missing
+    parameter is then one the exported computation does not use (DINOv2's mask_token)."""
+    named = {t for _, t in signature_entries(model).values()}
+    if all(t.name in named for t in model.graph.initializer):
+        return []
     missing, explained, _ = _missing_parameter_uses(model)
     used: set[str] = set()
     for n in model.graph.node:
