@@ -8,6 +8,7 @@ reduction adds in order, where CuPy adds as a tree and NumPy pairwise."""
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import hashlib
@@ -27,6 +28,7 @@ CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler to build the generated kernels")
 _BUILT: dict[str, ctypes.CDLL] = {}
 _DIR = Path(tempfile.mkdtemp(prefix="ckernels_"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)  # (the built libraries)
 
 
 class CElementwiseKernel:
