@@ -264,6 +264,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     with shapes from ONNX shape inference instead of a run on zeros. Raises Incomplete where
     inference leaves a value that the rules need unknown, or control flow needs lowering."""
     from trainer.autodiff import build as B
+    from trainer.autodiff.lookups import tie_folded_lookups
     from trainer.autodiff.params import (
         batchnorm_stats,
         repair_exported_model,
@@ -299,6 +300,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         repair_exported_model(m)
     except Exception:  # noqa: BLE001 - a stub source: the aliases stay shared (same bytes)
         pass
+    tie_folded_lookups(m)  # (as training does; reads only its candidates, mask candidates)
     if not any(is_stub(t) for t in m.graph.initializer):
         tie_folded_copies(m)  # (as training does; finding copies compares values)
     stop_detached(m)

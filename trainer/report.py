@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from trainer.autodiff.engine import active_nodes
+from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     PARAMETER,
     ParamInfo,
@@ -58,6 +59,7 @@ class Report:
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
     detached: list[str] = field(default_factory=list)  # values read through .detach()
+    lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
 
     @property
     def opset_text(self) -> str:
@@ -91,6 +93,7 @@ class Report:
             lines += [f"  {p.name:<{w}}  {list(p.shape)}  {p.reason}" for p in left]
         for copy_name, (src, kind) in self.tied.items():
             lines.append(tied_line(copy_name, src, kind))
+        lines += self.lookups
         if self.untied:
             lines.append(f"parameters the exporter had merged into another tensor or dropped, "
                          f"restored and trained separately: {', '.join(self.untied)}")
@@ -208,6 +211,9 @@ def model_report(model: onnx.ModelProto) -> Report:
         untied = repair_exported_model(model)
     except Exception:  # noqa: BLE001 - a shared tensor left unread (load_structure): kept shared
         untied = []
+    folded = exporter_findings(model)  # (before the ties: which parameters are missing)
+    found = tie_folded_lookups(model)
+    lookups = [lookups_line(found)] if found else []
     # Finding tied copies compares values; a model whose large tensors were left unread skips it.
     tied = {} if any(is_stub(t) for t in model.graph.initializer) else \
         tie_folded_copies(model)
@@ -228,8 +234,8 @@ def model_report(model: onnx.ModelProto) -> Report:
                         if o.domain not in ("", "ai.onnx"))
     single = [p for p in single_bias_masks(model) if p in trained]
     detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
-    return Report(opset_of(model), rows, params, untied, tied, *exporter_findings(model),
-                  imports=imports, single_bias=single, detached=detached)
+    return Report(opset_of(model), rows, params, untied, tied, *folded,
+                  imports=imports, single_bias=single, detached=detached, lookups=lookups)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

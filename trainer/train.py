@@ -23,6 +23,7 @@ from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.build import softmax_logits
+from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     detached_inputs,
     parameter_aliases,
@@ -167,6 +168,10 @@ class Trainer:
                           "rules need opset 10); the export keeps the model's own opset and nodes")
         for line in report.warning_lines(*report.exporter_findings(self.model)):
             self.log.info(line)
+        # {folded tensor: Lookup}, exported from the trained table's rows
+        self.lookups = tie_folded_lookups(train_model)
+        if self.lookups:
+            self.log.info(lookups_line(self.lookups))
         # {copy: (source, kind)}, exported from the trained source
         self.tied = tie_folded_copies(train_model)
         self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer
@@ -1086,6 +1091,9 @@ class Trainer:
                 values[copy_name] = np.ascontiguousarray(
                     values[src].T if kind == "transpose"
                     else values[src].reshape(self._copy_shapes[copy_name]))
+        for name, lookup in self.lookups.items():
+            if lookup.source in values:
+                values[name] = lookup.expand(values.pop(lookup.source))
         return values
 
     def export(self, path: Path) -> Path:

@@ -777,12 +777,16 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     named = {t for _, t in signature_entries(model).values()}
     if all(t.name in named for t in model.graph.initializer):
         return []
+    from trainer.autodiff.lookups import find_folded_lookups
+
     missing, explained, _ = _missing_parameter_uses(model)
     used: set[str] = set()
     for n in model.graph.node:
         used.update(re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1])
+    recovered = {lk.source for lk in find_folded_lookups(model).values()}  # table[index]
     return sorted(t for ph, t in missing.items()
-                  if ph not in explained and (not used or t.rpartition(".")[0] in used))
+                  if ph not in explained and t not in recovered
+                  and (not used or t.rpartition(".")[0] in used))
 
 
 # FX ops that only view or copy a tensor: a parameter folded through them trains as that copy
