@@ -55,3 +55,25 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert checkpoint.latest(tmp_path).name == "step_00000004"
     arrays, meta = checkpoint.load(checkpoint.latest(tmp_path))
     assert meta["step"] == 4 and (arrays["a"] == 1).all()
+
+
+def test_resume_from_a_checkpoint_of_other_shapes_names_the_tensor(tmp_path, digits_config):
+    """A checkpoint with the same tensor names but other shapes (the model's hidden size
+    changed) is refused with the tensor and both shapes, before any value is loaded (it was an
+    internal error from NumPy's broadcasting, and a shape that broadcasts loaded silently)."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 2}
+    Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    path = checkpoint.latest(tmp_path / "ck")
+    arrays, meta = checkpoint.load(path)
+    name = next(k for k in arrays if k.startswith("param/") and arrays[k].ndim == 1)
+    want = arrays[name].shape
+    arrays[name] = arrays[name][:1]  # (broadcasts into the parameter)
+    checkpoint.save(tmp_path / "ck", 4, arrays, meta, keep=5)
+    t = Trainer(config_from_dict(digits_config(steps=6, checkpoint=ck), tmp_path / "b"),
+                stream=io.StringIO())
+    before = {k: np.array(v) for k, v in t.params.items()}
+    with pytest.raises(TrainerError, match=rf"{name[6:]}.*\(1,\).*{want}"):
+        t.fit(resume=True)
+    for k, v in before.items():
+        np.testing.assert_array_equal(t.params[k], v)

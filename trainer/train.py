@@ -996,6 +996,18 @@ class Trainer:
         if names != set(self.names):
             raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
                                f"not the ones this config trains")
+        wrong = [f"'{k}' {tuple(arrays[f'{kind}/{k}'].shape)} (this model: {tuple(v.shape)})"
+                 for kind, own in (("param", self.params), ("state", self.state))
+                 for k, v in own.items()
+                 if f"{kind}/{k}" in arrays and arrays[f"{kind}/{k}"].shape != v.shape]
+        lost = [k for k in self.state if f"state/{k}" not in arrays]
+        if wrong or lost:
+            raise TrainerError(
+                f"checkpoint {path} does not fit this model: "
+                + (f"tensors of other shapes: {', '.join(wrong[:4])}" if wrong else "")
+                + ("; " if wrong and lost else "")
+                + (f"state it does not hold: {', '.join(lost[:4])}" if lost else "")
+                + " (a checkpoint of another model? use another checkpoint.dir)")
         for k in self.names:
             self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
         for k in self.state:
