@@ -102,6 +102,20 @@ def test_labels_that_fit_another_class_axis_say_which(tmp_path):
             np.float32), rng.integers(0, 7, (40, 5)), {}, None)
 
 
+@pytest.mark.parametrize("axis", [0, -3])
+def test_a_class_axis_on_the_batch_axis_is_refused_before_training(tmp_path, axis):
+    """class_axis 0 is the batch axis: refused with the axis that holds classes (it was a
+    Transpose with a repeated axis, failing in the first step)."""
+    from trainer.errors import ModelError
+
+    linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 7, 5], perm=[0, 2, 1])
+    rng = np.random.default_rng(3)
+    with pytest.raises(ModelError, match=r"class_axis -?\d is the batch axis of 'y' \[N, 7, 5\]"
+                       r".*the axis that holds the classes"):
+        run_both(tmp_path, {"type": "cross_entropy", "class_axis": axis}, rng.normal(
+            size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), {}, None)
+
+
 def test_cross_entropy_eval_loss_of_a_softmax_output_is_the_trained_loss(tmp_path):
     """A classifier ending in Softmax trains on the Softmax's input, and evaluation reports the
     same loss: the probabilities' log, not a second log-softmax (torch's cross_entropy on the

@@ -711,6 +711,12 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
         raise ModelError(f"loss.class_axis {spec.class_axis} does not exist: '{spec.output}' has "
                          f"shape {list(out_shape)}")
     axis = spec.class_axis % rank
+    if axis == 0:
+        dims = ", ".join(["N"] + [str(d) for d in out_shape[1:]])
+        raise ModelError(f"loss.class_axis {spec.class_axis} is the batch axis of "
+                         f"'{spec.output}' [{dims}] (its first, one row per sample): set it to "
+                         "the axis that holds the classes (the default, -1, is the last; 1 for "
+                         "a segmentation model's [N, classes, H, W])")
     label_shape = [d for i, d in enumerate(out_shape) if i != axis]
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
     if b.opset < 13:
@@ -718,7 +724,8 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
         return nodes, loss, targets
     scores = spec.output
     if axis != 1:
-        perm = [0, axis] + [i for i in range(1, rank) if i != axis]
+        rest = [i for i in range(rank) if i != axis]  # (SoftmaxCrossEntropyLoss: [N, C, ...])
+        perm = [rest[0], axis] + rest[1:]
         scores = b.tmp("scores")
         nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
     nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target],
