@@ -197,6 +197,11 @@ CASES = {
     "config-output-under-a-file": (lambda t: _put(t / "f", "x") and
                                    ["train", _write(t, _cfg(t, output=str(t / "f" / "m.onnx")))],
                                    "not a directory"),
+    # (a folder that permissions allow, root's, but the file system refuses)
+    "config-output-in-a-pseudo-filesystem": (_train(output="/proc/onnx-trainer/m.onnx"),
+                                             "output /proc/onnx-trainer/m.onnx: cannot write in"),
+    "config-metrics-in-a-pseudo-filesystem": (_train(log={"metrics": "/proc/m.jsonl"}),
+                                              "log.metrics /proc/m.jsonl: cannot write in /proc"),
     "config-batchnorm-glob-matches-nothing": (_train(batchnorm=["nope.*"]),
                                               "matches the scale of no"),
     "config-best-needs-eval": (_train(best={"metric": "eval_loss"}), "needs data.eval"),
@@ -205,6 +210,14 @@ CASES = {
     "data-file-missing": (_train(data__train__path="/nonexistent/d.npz"), "not found"),
     "data-not-npz": (_with_data(lambda t: str(_put(t / "d.npz", b"garbage"))), "cannot read"),
     "data-array-missing": (_train(data__train__inputs={"x": "pixels"}), "'pixels'"),
+    "data-input-name-wrong": (_train(data__train__inputs={"input": "x_train"}),
+                              "it maps 'input', which is not an input of the model"),
+    "train-given-a-model": (lambda t: ["train", str(EXAMPLES / "digits_mlp.onnx")],
+                            "is an ONNX model, not a YAML config"),
+    "output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
+            t, model=str(t / "m.onnx"), output=str(t / "m.onnx")))], "is the model file itself"),
+    "model-is-a-folder": (_train(model=str(EXAMPLES)), "(it is a directory"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
     "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
                           "label"),

@@ -287,3 +287,22 @@ def test_check_counts_an_unsupported_node_once(tmp_path, digits_config):
     assert proc.returncode == 1
     assert "1 node(s) unsupported" in proc.stdout, proc.stdout
     assert "no forward kernel: Warp" in proc.stdout and "no gradient rule: Warp" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["ops"], ["check", str(EXAMPLES / "digits_mlp.onnx")]],
+                         ids=["long", "short"])
+def test_output_into_a_closed_pipe_is_not_an_internal_error(args):
+    """`onnx-trainer ops | head -1`: the reader has closed the pipe (here before the first
+    write); no traceback, no 'internal error', exit 141 (128 + SIGPIPE), for an output longer
+    than the buffer and for one written at exit."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trainer", *args], stdout=w,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(w)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141 and "internal error" not in err and "Traceback" not in err, err

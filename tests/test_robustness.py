@@ -368,6 +368,33 @@ def test_no_space_left_is_a_write_error(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
 
 
+def test_a_metrics_file_that_cannot_be_appended_to_does_not_end_training(tmp_path,
+                                                                          digits_config):
+    """The metrics file cannot be appended to any more (a full disk; here it turned into a
+    folder after two rows): one warning, and the run goes on to its model (it was an internal
+    error that lost the run)."""
+    from trainer.config import config_from_dict
+    from trainer.metrics import MetricsLogger
+    from trainer.train import Trainer
+
+    metrics, real, rows = tmp_path / "m.jsonl", MetricsLogger.record, []
+
+    def record(self, row):
+        rows.append(row)
+        if len(rows) == 3:
+            metrics.unlink()
+            metrics.mkdir()
+        return real(self, row)
+
+    stream = io.StringIO()
+    cfg = digits_config(steps=6, log={"every_steps": 1, "metrics": str(metrics)})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MetricsLogger, "record", record)
+        result = Trainer(config_from_dict(cfg, tmp_path), stream=stream).fit()
+    assert f"cannot append to log.metrics {metrics}" in stream.getvalue()
+    assert Path(result["output"]).exists() and len(rows) >= 6
+
+
 # -- checkpoint folder rules ------------------------------------------------------------------
 def test_retention_never_deletes_the_newest_checkpoint(tmp_path):
     checkpoint.save(tmp_path, 100, _arrays(1), {"version": 1}, keep=1)  # from an older run

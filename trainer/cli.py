@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # (here, where a closed pipe is caught, not at exit)
+        return code
     except Interrupted as exc:  # SIGINT/SIGTERM after a complete step: every rank exits so
         print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)
         return exc.code
@@ -282,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"onnx-trainer: error: {exc}", 2, traceback_too=debug)
     except KeyboardInterrupt:
         return _fail("onnx-trainer: interrupted", 130, traceback_too=debug)
+    except BrokenPipeError:  # (`onnx-trainer ops | head`: the reader stopped reading)
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error)
+        return 141  # (128 + SIGPIPE, as other tools that write to a closed pipe)
     except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, end every rank
         return _fail(f"onnx-trainer: internal error (a bug in onnx-trainer, please report it "
                      f"with this traceback): {type(exc).__name__}: {exc}", 3,

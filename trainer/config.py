@@ -688,7 +688,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     """Read a YAML config file (yaml.safe_load only), apply "key.path=value" overrides, validate."""
     p = Path(path).expanduser().absolute()
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file not found: {p}" + (
+            " (it is a directory)" if p.is_dir() else ""))
+    kind = {".onnx": "an ONNX model", ".npz": "a dataset", ".npy": "a dataset"}.get(
+        p.suffix.lower())
+    if kind:
+        raise ConfigError(f"{p} is {kind}, not a YAML config: the config names it (model: or "
+                          "data.train.path:) with the loss and optimizer; "
+                          "`onnx-trainer check MODEL.onnx` reads a model alone (README, 'A "
+                          "config')")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -252,10 +252,19 @@ def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tu
     """Per-sample shapes must match the model's inputs (dim 0 is the batch)."""
     for name, shape in expected.items():
         if name not in arrays:
+            import difflib
+
+            strays = [k for k in arrays if k not in expected]
+            close = difflib.get_close_matches(name, strays, n=1, cutoff=0.0) if strays else []
+            if close:
+                raise DataError(f"{what}: the model needs input '{name}', which {what}.inputs "
+                                f"does not map; it maps '{close[0]}', which is not an input of "
+                                f"the model (its inputs: {', '.join(expected)}): write "
+                                f"{name}: <array name> in {what}.inputs")
             raise DataError(f"{what}: the model needs input '{name}' but the data config maps "
-                            f"only {', '.join(arrays)} (an input that takes the same value at "
-                            "every step, such as a sample rate or an initial state, goes in "
-                            "data.constants)")
+                            f"only {', '.join(arrays) or 'nothing'} (an input that takes the "
+                            "same value at every step, such as a sample rate or an initial "
+                            "state, goes in data.constants)")
         got = arrays[name].shape[1:]
         want = tuple(shape[1:])
         if any(w not in (None, g) for w, g in zip(want, got, strict=False)) or \

@@ -40,7 +40,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"model file not found: {path}" + (
+            " (it is a directory; give the .onnx file in it)" if path.is_dir() else ""))
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ModelError(f"model file {path} is {size} bytes, over protobuf's 2 GB limit; save "

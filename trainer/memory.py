@@ -55,7 +55,8 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
 
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"model file not found: {path}" + (
+            " (it is a directory; give the .onnx file in it)" if path.is_dir() else ""))
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ModelError(f"model file {path} is over protobuf's 2 GB limit; save large models "
                          "with external data (onnx.save_model(..., save_as_external_data=True))")

@@ -250,8 +250,13 @@ class MetricsLogger:
         if not self.opened:
             self.open()
         if self.path:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as exc:  # (a full disk: training goes on, its model is the output)
+                self.info(f"warning: cannot append to log.metrics {self.path}: "
+                          f"{exc.strerror or exc}; training goes on without the metrics file")
+                self.path = None
         if self._writer is not None:
             self._add_scalars(row)
         if self._bar is not None and "loss" in row and "step" in row:

@@ -23,7 +23,7 @@ def _existing_parent(path: Path) -> Path:
 
 def writable_file(path: Path, what: str) -> None:
     """`path` can be written as a file: not a directory, and its folder exists or can be made
-    and is writable."""
+    and is writable (tried: see `_probe`)."""
     path = Path(path)
     if path.is_dir():
         raise TrainerError(f"{what} {path} is a directory; give a file path such as "
@@ -31,8 +31,15 @@ def writable_file(path: Path, what: str) -> None:
     parent = _existing_parent(path.parent)
     if not parent.is_dir():
         raise TrainerError(f"{what} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainerError(f"{what} {path}: no permission to write in {parent}")
+    _probe(path.parent, path, what)
+
+
+def not_the_model(output: Path, model: Path) -> None:
+    """The output is not the model file training starts from (the export would replace it:
+    a later run, or a resume, would start from trained weights)."""
+    if Path(output).absolute().resolve() == Path(model).absolute().resolve():
+        raise TrainerError(f"output {output} is the model file itself: the export would "
+                           "overwrite the model training starts from; give another output path")
 
 
 def writable_dir(path: Path, what: str) -> None:
@@ -42,8 +49,38 @@ def writable_dir(path: Path, what: str) -> None:
     parent = _existing_parent(path)
     if not parent.is_dir():
         raise TrainerError(f"{what} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainerError(f"{what} {path}: no permission to write in {parent}")
+    _probe(path, path, what)
+
+
+def _probe(folder: Path, path: Path, what: str) -> None:
+    """Make `folder` (and the folders above it that are missing) and a file in it, then remove
+    what was made: permissions alone do not tell (root may write anywhere they allow, and a
+    read-only or pseudo file system such as /proc refuses what they allow)."""
+    import tempfile
+
+    made: list[Path] = []
+    missing: list[Path] = []
+    try:
+        p = folder
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-trainer-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = exc.filename if exc.filename in map(str, missing) else folder
+        raise TrainerError(f"{what} {path}: cannot write in {where}: {reason}") from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_size: int,

@@ -341,6 +341,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             problems.append(exc)
             return None
 
+    attempt(checks.not_the_model, cfg.output, cfg.model)
     attempt(checks.writable_file, cfg.output, "output")
     if cfg.checkpoint.dir is not None:
         attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")

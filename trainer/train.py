@@ -317,6 +317,7 @@ class Trainer:
 
     def _check_paths(self) -> None:
         cfg = self.cfg
+        preflight.not_the_model(cfg.output, cfg.model)
         preflight.writable_file(cfg.output, "output")
         if cfg.checkpoint.dir is not None:
             preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
