@@ -721,6 +721,16 @@ def test_parameters_folded_into_constants_are_named_before_training(tmp_path):
                                                    if p.role == "parameter"]
 
 
+def test_a_long_list_of_exporter_findings_is_cut_to_eight_names():
+    """inception_v3 from an eval-mode TorchScript export has 94 BatchNorms folded into the
+    convolutions before them: the warning names 8 and counts them."""
+    from trainer.report import warning_lines
+
+    fused = [f"the one after /b{i}/conv/Conv" for i in range(94)]
+    (line,) = warning_lines([], fused, [])
+    assert "/b7/conv" in line and "/b8/conv" not in line and line.endswith("... (94 in all)")
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

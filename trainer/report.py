@@ -155,13 +155,16 @@ def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], lis
 
 def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> list[str]:
     """What `check` and `train` print of exporter_findings."""
+    def names(found: list[str]) -> str:  # (a long list: the first 8 and the count)
+        return ", ".join(found[:8]) + (f" ... ({len(found)} in all)" if len(found) > 8 else "")
+
     lines = []
     if folded:
-        lines.append(f"WARNING: {FOLDED_HINT}: {', '.join(folded)}")
+        lines.append(f"WARNING: {FOLDED_HINT}: {names(folded)}")
     if fused:
-        lines.append(f"WARNING: {FUSED_HINT}: {', '.join(fused)}")
+        lines.append(f"WARNING: {FUSED_HINT}: {names(fused)}")
     if computed:
-        lines.append(f"WARNING: {COMPUTED_HINT}: {', '.join(computed)}")
+        lines.append(f"WARNING: {COMPUTED_HINT}: {names(computed)}")
     return lines
 
 

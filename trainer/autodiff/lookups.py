@@ -18,7 +18,8 @@ state. Export writes the folded tensor back from the trained rows, in the same g
 
 Only where the export's records say so: a module whose buffer was folded away, with exactly one
 parameter that is missing from the graph and not otherwise accounted for, and exactly one
-folded float tensor (not an additive mask) that only nodes of that module read. A tensor whose
+folded float tensor whose values group (not an additive mask, not a folded copy of another
+parameter such as a Linear weight's transpose) that only nodes of that module read. A tensor whose
 values do not group (all equal, as a zero-initialized table, or all distinct) is left as it is,
 with the folded-parameter warning."""
 
@@ -95,7 +96,7 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     folded_buffers = _folded_buffer_modules(model)
     if not entries or not folded_buffers:
         return {}
-    missing, explained, _ = _missing_parameter_uses(model)
+    missing, explained, carriers = _missing_parameter_uses(model)
     tables: dict[str, list[str]] = {}
     for ph, name in missing.items():
         if ph not in explained:
@@ -108,24 +109,23 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     by_module: dict[str, list[onnx.TensorProto]] = {}
     for t in model.graph.initializer:
         mods = readers.get(t.name, set())
-        if (t.data_type in FLOAT_TYPES and t.name not in named and len(mods) == 1
-                and int(np.prod(t.dims)) > 1):
+        if (t.data_type in FLOAT_TYPES and t.name not in named and t.name not in carriers
+                and len(mods) == 1 and int(np.prod(t.dims)) > 1):  # (carriers: another
+            # parameter folded, a Linear weight's transpose)
             (module,) = mods
             if module in folded_buffers and len(tables.get(module, [])) == 1:
                 by_module.setdefault(module, []).append(t)
     found: dict[str, Lookup] = {}
     for module, tensors in by_module.items():
-        tensors = [t for t in tensors if t.data_location != onnx.TensorProto.EXTERNAL
-                   and _additive_mask(t) is None]
-        if len(tensors) != 1:
-            continue
-        t = tensors[0]
-        a = numpy_helper.to_array(t)
-        if not np.isfinite(a).all():
-            continue
-        picked = _pick(a)
-        if picked is not None:
-            axis, (_, index) = picked
+        grouped = []
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL or _additive_mask(t) is not None:
+                continue
+            a = numpy_helper.to_array(t)
+            if np.isfinite(a).all() and (picked := _pick(a)) is not None:
+                grouped.append((t, a, picked))
+        if len(grouped) == 1:  # (others: all equal, a shifted-window mask's region counts)
+            t, a, (axis, (_, index)) = grouped[0]
             found[t.name] = Lookup(t.name, tables[module][0], index, tuple(a.shape), axis)
     return found
 
