@@ -64,8 +64,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
     _read_external_data(external, str(path))
+    model = inline_functions(model)
     unknown_dims_symbolic(model)
     return model
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its model-local functions (onnxscript's @script functions, jax2onnx's
+    @onnx_function blocks) inlined at every call, as onnxruntime runs them: the graph that
+    trains and is exported, its initializers, inputs and outputs those of the model. A
+    function that stays (one the inliner cannot expand) is named by check and train."""
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    try:
+        return onnx.inliner.inline_local_functions(model)
+    except Exception as exc:  # noqa: BLE001 - the inliner raises several types
+        raise ModelError(f"cannot inline the model's local functions "
+                         f"({', '.join(f.name for f in model.functions)}): "
+                         f"{' '.join(str(exc).split())[:200]}") from None
 
 
 def unknown_dims_symbolic(model: onnx.ModelProto) -> int:

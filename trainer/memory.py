@@ -49,6 +49,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         _external_data,
         _read_external_data,
         check_model,
+        inline_functions,
         stored_tensors,
         unknown_dims_symbolic,
     )
@@ -70,6 +71,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     masks = mask_candidates(model)
     _read_external_data([f for f in external if _elements(f[0]) <= LARGE or f[0].name in masks],
                         str(path))
+    model = inline_functions(model)  # (as load_model)
     unknown_dims_symbolic(model)
     return model
 
