@@ -142,7 +142,8 @@ x, y = DIGITS["x_train"], DIGITS["y_train"]
 CASES = {
     # -- the model --
     "model-not-a-file": (_train(model="/nonexistent/m.onnx"), "model file not found"),
-    "model-a-folder": (lambda t: ["train", _write(t, _cfg(t, model=str(t)))], "not found"),
+    "model-a-folder": (lambda t: ["train", _write(t, _cfg(t, model=str(t)))],
+                       "(it is a directory; give the .onnx file in it)"),
     "model-not-onnx": (_model_file(lambda t: _put(t / "m.onnx", b"\x08\x07junk" * 9)), "m.onnx"),
     "model-truncated": (_model_file(lambda t: _put(
         t / "m.onnx", (EXAMPLES / "digits_mlp.onnx").read_bytes()[:300])), "m.onnx"),
@@ -151,6 +152,24 @@ CASES = {
     "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
         "no forward kernel: Warp"),
+    # (scikit-learn's exports: what the op means, not only that it has no kernel)
+    "model-zipmap": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("ZipMap", ["x"], ["logits"], domain="ai.onnx.ml",
+                          classlabels_int64s=list(range(64)))], domains=["ai.onnx.ml"],
+        outputs=[helper.make_value_info("logits", helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+                TensorProto.FLOAT, []))))]))), "'zipmap': False"),
+    "model-tree-ensemble": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("TreeEnsembleRegressor", ["x"], ["logits"], domain="ai.onnx.ml",
+                          n_targets=10, nodes_treeids=[0], nodes_nodeids=[0],
+                          nodes_featureids=[0], nodes_modes=["LEAF"], nodes_values=[0.0],
+                          nodes_truenodeids=[0], nodes_falsenodeids=[0], target_treeids=[0],
+                          target_nodeids=[0], target_ids=[0], target_weights=[1.0])],
+        domains=["ai.onnx.ml"]))), "tree ensembles have no gradient"),
+    "model-linear-coefficients-in-attributes": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("LinearRegressor", ["x"], ["logits"], domain="ai.onnx.ml",
+                          coefficients=[0.01] * 640, intercepts=[0.0] * 10, targets=10)],
+        domains=["ai.onnx.ml"]))), "LinearRegressor keep their coefficients in node attributes"),
     "model-unknown-opset": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W], opset=999))),
         "opset 999 of ai.onnx"),
@@ -217,7 +236,6 @@ CASES = {
     "output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
         (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
             t, model=str(t / "m.onnx"), output=str(t / "m.onnx")))], "is the model file itself"),
-    "model-is-a-folder": (_train(model=str(EXAMPLES)), "(it is a directory"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
     "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
                           "label"),

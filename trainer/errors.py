@@ -17,7 +17,21 @@ class UnsupportedOpError(ModelError):
     def __init__(self, what: str, nodes: list[tuple[str, str]]):
         self.nodes = nodes
         listing = ", ".join(f"{op} (node '{name}')" for op, name in nodes)
-        super().__init__(f"{len(nodes)} node(s) have no {what}: {listing}")
+        hints = [why for key, why in _WHY.items() if any(key(op) for op, _ in nodes)]
+        super().__init__(f"{len(nodes)} node(s) have no {what}: {listing}"
+                         + "".join(f"; {why}" for why in hints))
+
+
+# What an unsupported op usually means, for the ops users meet from scikit-learn's exporters.
+_WHY = {
+    (lambda op: op == "ZipMap"): (
+        "ZipMap turns probabilities into a sequence of maps, which no loss reads: export "
+        "with skl2onnx's options={id(model): {'zipmap': False}} (or {'zipmap': False} for "
+        "the classifier) to get a probability tensor"),
+    (lambda op: op.startswith("TreeEnsemble")): (
+        "tree ensembles have no gradient (their splits are not differentiable): they cannot "
+        "be trained by gradient descent"),
+}
 
 
 class DataError(TrainerError):

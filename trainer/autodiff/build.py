@@ -325,6 +325,11 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
                            frozenset(t.name for t in builder.initializers))
 
 
+# ai.onnx.ml ops whose coefficients are attributes (scikit-learn's linear models and SVMs)
+_ATTRIBUTE_WEIGHTS = frozenset({"LinearClassifier", "LinearRegressor", "SVMClassifier",
+                                "SVMRegressor", "Scaler", "Normalizer"})
+
+
 def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, consts: Mapping,
                     wrt, frozen, bn_stats, opset: int):
     """Choose the parameters of `m` and append their backward to fw.model, seeded by a new
@@ -343,8 +348,13 @@ def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, co
                              f"reaches the loss is left out ({names}: {' or '.join(kinds)}); "
                              "list them in 'trainable' to train them ('onnx-trainer check "
                              "MODEL' gives each one's reason)")
+        held = sorted({n.op_type for n in m.graph.node if n.domain == "ai.onnx.ml"
+                       and n.op_type in _ATTRIBUTE_WEIGHTS})
         raise ModelError("nothing to train: no float initializer reaches the loss (see "
-                         "'onnx-trainer check MODEL' for why each one is left out)")
+                         "'onnx-trainer check MODEL' for why each one is left out)"
+                         + (f"; {', '.join(held)} keep their coefficients in node "
+                            "attributes, not in tensors, so there is nothing to train in them"
+                            if held else ""))
     seed = fw.scope.fresh(f"{fw.loss}_grad_seed")
     bwd, bwd_inits, grads = build_backward(fw.nodes, {fw.loss: seed}, chosen, shapes, opset,
                                            fw.scope, consts)
