@@ -92,8 +92,9 @@ def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_si
             raise DataError(
                 f"model input '{name}' has a fixed batch dimension of {dims[0]}, but each of the "
                 f"{world} process(es) gets batches of {sizes} samples (data.batch_size "
-                f"{batch_size}); re-export the model with a dynamic batch axis "
-                "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...), or set "
+                f"{batch_size}); give the model a dynamic batch axis (`onnx-trainer convert "
+                "MODEL.onnx -o OUT.onnx --dynamic-batch`, or re-export with torch.onnx.export(..., "
+                "dynamic_shapes=...) or dynamic_axes=...), or set "
                 f"data.batch_size to {dims[0] * world} with drop_last: true")
 
 

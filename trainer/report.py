@@ -78,7 +78,10 @@ class Report:
         trained = [p for p in self.params if p.role == PARAMETER]
         count = sum(int(np.prod(p.shape)) if p.shape else 1 for p in trained)
         lines.append("")
-        lines.append(f"parameters trained by default: {len(trained)} tensors, {count} values")
+        lines.append(f"parameters trained by default: {len(trained)} tensors, {count} values"
+                     + (": " + ", ".join(p.name for p in trained[:8])
+                        + (f" ... ({len(trained)} in all)" if len(trained) > 8 else "")
+                        if trained else ""))
         held = [p for p in trained if p.alias]
         if held:
             lines.append("tensors the exporter folded from one PyTorch parameter, trained as it "
