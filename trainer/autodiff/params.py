@@ -169,6 +169,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     keras = model.producer_name in _KERAS_PRODUCERS
     frozen_bn = frozen_batchnorm_buffers(model, stats)
     masks = mask_candidates(model)  # (only these are read for their values)
+    single_out = single_output_biases(model)
     rows = []
     for t in inits:
         shape = tuple(t.dims)
@@ -202,13 +203,47 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
         elif t.name in masks and (fill := _additive_mask(t)) is not None:
             rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
                                   f"and {fill:g}; list it in 'trainable' to train it)"))
-        elif size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name):
+        elif (size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name)
+              and t.name not in single_out):
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
                                   "train it)"))
         else:
             rows.append(ParamInfo(t.name, shape, PARAMETER, alias=aliases.get(t.name, "")))
     return rows
+
+
+def single_output_biases(model: onnx.ModelProto) -> set[str]:
+    """One-element initializers (of rank 1 or more) that are the bias of a layer with one
+    output feature, whatever their name: Gemm's C where B (an initializer) has one output
+    column, or the other operand of an Add of MatMul(x, W) where W (an initializer) has one
+    column. jax2onnx names a Linear(16, 1)'s bias `const_3`, skl2onnx a one-output MLP's last
+    intercept `intercepts1`: the one-element rule would leave them out as constants."""
+    g = model.graph
+    inits = {t.name: tuple(t.dims) for t in g.initializer}
+    one = {n for n, d in inits.items() if d and int(np.prod(d)) == 1}
+    if not one:
+        return set()
+    single: set[str] = set()  # outputs of one-column products
+    found: set[str] = set()
+    for n in g.node:
+        if n.op_type == "MatMul" and len(inits.get(n.input[1], ())) == 2 \
+                and inits[n.input[1]][1] == 1:
+            single.add(n.output[0])
+        elif n.op_type == "Gemm" and len(inits.get(n.input[1], ())) == 2:
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            if inits[n.input[1]][0 if trans_b else 1] == 1:
+                single.add(n.output[0])
+                if len(n.input) > 2 and n.input[2] in one:
+                    found.add(n.input[2])
+    for n in g.node:
+        if n.op_type == "Add" and len(n.input) == 2:
+            a, b = n.input
+            if a in single and b in one:
+                found.add(b)
+            elif b in single and a in one:
+                found.add(a)
+    return found
 
 
 def mask_candidates(model: onnx.ModelProto) -> set[str]:

@@ -1,0 +1,160 @@
+"""Models as exporters other than PyTorch's write them: model-local ONNX functions
+(onnxscript's @script functions, jax2onnx's @onnx_function blocks), inlined at load as
+onnxruntime runs them, so the model trains like the same graph written without functions; the
+one-element bias of a one-output layer under a name that is not PyTorch's (jax2onnx's
+`const_3`, skl2onnx's `intercepts1`), trained as the framework trains it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer.config import config_from_dict
+from trainer.graph import load_model
+from trainer.report import model_report
+from trainer.train import Trainer
+
+
+def _models():
+    """(with a local function `this.dense` called twice, the same graph written out)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (4, 5)), ("B1", (5,)), ("W2", (5, 3)), ("B2", (3,)))]
+    body = [helper.make_node("MatMul", ["x", "w"], ["t"]),
+            helper.make_node("Add", ["t", "b"], ["s"]), helper.make_node("Tanh", ["s"], ["y"])]
+    fn = helper.make_function("this", "dense", ["x", "w", "b"], ["y"], body,
+                              opset_imports=[helper.make_opsetid("", 18)])
+    io_ = ([helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3])])
+    calls = [helper.make_node("dense", ["X", "W1", "B1"], ["H"], domain="this", name="d1"),
+             helper.make_node("dense", ["H", "W2", "B2"], ["Y"], domain="this", name="d2")]
+    with_fn = helper.make_model(helper.make_graph(calls, "g", *io_, inits), functions=[fn],
+                                opset_imports=[helper.make_opsetid("", 18),
+                                               helper.make_opsetid("this", 1)])
+    plain = []
+    for x, w, b, y in (("X", "W1", "B1", "H"), ("H", "W2", "B2", "Y")):
+        plain += [helper.make_node("MatMul", [x, w], [y + "t"]),
+                  helper.make_node("Add", [y + "t", b], [y + "s"]),
+                  helper.make_node("Tanh", [y + "s"], [y])]
+    written = helper.make_model(helper.make_graph(plain, "g", *io_, inits),
+                                opset_imports=[helper.make_opsetid("", 18)])
+    return with_fn, written
+
+
+def _train(tmp_path, model):
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((12, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 12))
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 4,
+        "data": {"train": {"path": "d.npz", "inputs": {"X": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 3, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "Y", "target": "t"},
+        "optimizer": {"type": "adamw", "lr": 0.01}, "log": {"every_steps": 1}}, tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+    return t, t.fit()
+
+
+def test_a_model_with_local_functions_trains_like_the_graph_written_out(tmp_path):
+    """It was refused ("no forward kernel: dense"); onnxruntime runs it, and onnxscript and
+    jax2onnx write such models."""
+    with_fn, written = _models()
+    onnx.checker.check_model(with_fn, full_check=True)
+    onnx.save(with_fn, str(tmp_path / "fn.onnx"))
+    report = model_report(load_model(tmp_path / "fn.onnx"))
+    assert report.ok and sorted(p.name for p in report.params if p.role == "parameter") == \
+        ["B1", "B2", "W1", "W2"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ta, ra = _train(tmp_path / "a", with_fn)
+    tb, rb = _train(tmp_path / "b", written)
+    assert [r["loss"] for r in ta.history if "loss" in r] == \
+        [r["loss"] for r in tb.history if "loss" in r]
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    got = ort.InferenceSession(ra["output"]).run(None, {"X": x})[0]
+    want = ort.InferenceSession(rb["output"]).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def _one_output(kind: str) -> onnx.ModelProto:
+    """y = x @ W + c with W [4, 1] and c of one element, as jax2onnx (Gemm, c [1]) and skl2onnx
+    (MatMul then Add, c [1, 1]) write a layer with one output feature."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 1)).astype(np.float32)
+    if kind == "gemm-transB":
+        w = w.T.copy()
+    inits = [numpy_helper.from_array(w, "const_0"),
+             numpy_helper.from_array(np.full((1, 1) if kind == "matmul-add" else (1,), 0.3,
+                                             np.float32), "const_1")]
+    if kind == "matmul-add":
+        nodes = [helper.make_node("MatMul", ["x", "const_0"], ["h"]),
+                 helper.make_node("Add", ["h", "const_1"], ["y"])]
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "const_0", "const_1"], ["y"],
+                                  transB=int(kind == "gemm-transB"))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                       ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["gemm", "gemm-transB", "matmul-add"])
+def test_the_bias_of_a_one_output_layer_trains_whatever_its_name(tmp_path, kind):
+    """It was left out as a one-element constant (an epsilon's rule): jax2onnx's Linear(16, 1)
+    trained 3 of 4 tensors, 2.6e-2 from Flax's losses after 4 steps. Losses as PyTorch's
+    Linear(4, 1) under SGD with MSE."""
+    import torch
+
+    model = _one_output(kind)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = model_report(load_model(tmp_path / "m.onnx"))
+    assert sorted(p.name for p in report.params if p.role == "parameter") == \
+        ["const_0", "const_1"]
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((12, 4)).astype(np.float32), rng.standard_normal((12, 1))
+    np.savez(tmp_path / "d.npz", x=x, y=y.astype(np.float32))
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 4,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 3, "shuffle": False},
+        "loss": {"type": "mse", "output": "y", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 0.1}, "log": {"every_steps": 1}}, tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+    t.fit()
+    lin = torch.nn.Linear(4, 1)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w.T.copy() if kind != "gemm-transB" else w))
+        lin.bias.fill_(0.3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    want = []
+    for k in range(4):
+        loss = torch.nn.functional.mse_loss(lin(torch.from_numpy(x[3 * k:3 * k + 3])),
+                                            torch.from_numpy(y[3 * k:3 * k + 3]).float())
+        want.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    np.testing.assert_allclose([r["loss"] for r in t.history if "loss" in r], want, rtol=1e-5)
+
+
+def test_a_one_element_constant_elsewhere_stays_a_constant():
+    """Added to a product of more than one column, or of rank 0 (jax2onnx's zero C of a Gemm
+    without a bias): still the one-element rule's constant."""
+    model = _one_output("matmul-add")
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.ones((4, 3), np.float32), "const_0"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                 ["N", 3]))
+    assert [p.role for p in model_report(model).params if p.name == "const_1"] == ["constant"]
+    model = _one_output("gemm")
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array(0.0, np.float32),
+                                                                "const_1"))
+    assert [p.role for p in model_report(model).params if p.name == "const_1"] == ["constant"]
