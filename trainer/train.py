@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast
 from trainer.autodiff import build_training_graph, training_info
-from trainer.autodiff.build import softmax_logits
+from trainer.autodiff.build import binary_probabilities, softmax_logits
 from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     detached_inputs,
@@ -1411,9 +1411,9 @@ def _batch_axis(spec) -> int:
 
 
 def _softmax_output(model: onnx.ModelProto, spec) -> bool:
-    """Whether the loss reads a Softmax's output over its class axis, directly or through
-    layout ops (what the training graph replaces by the Softmax's input:
-    autodiff.build._logits_of_softmax)."""
+    """Whether the loss reads probabilities: a Softmax's output over its class axis, directly
+    or through layout ops, or a binary classifier's Concat(1 - Sigmoid(z), Sigmoid(z)) (what
+    the training graph replaces by logits: autodiff.build._logits_of_softmax)."""
     if spec.type not in ("cross_entropy", "ctc"):
         return False
     out = next((o for o in model.graph.output if o.name == spec.output), None)
@@ -1421,8 +1421,13 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     if not rank:
         return False
     class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
-    return softmax_logits(model.graph.node, spec.output, rank, class_axis,
-                          opset_of(model)) is not None
+    if softmax_logits(model.graph.node, spec.output, rank, class_axis,
+                      opset_of(model)) is not None:
+        return True
+    inits = {t.name: t for t in model.graph.initializer}
+    return spec.type == "cross_entropy" and binary_probabilities(
+        model.graph.node, spec.output, rank, class_axis,
+        lambda k: numpy_helper.to_array(inits[k]) if k in inits else None) is not None
 
 
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,

@@ -670,6 +670,8 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
     else:
         class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
         found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
+    if found is None and spec.type == "cross_entropy" and rank:
+        return _logits_of_binary(spec, nodes, shapes, rank, b)
     if found is None or found[0].input[0] not in shapes:
         return spec, []
     softmax, chain = found
@@ -681,6 +683,41 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
         shapes[out] = shapes[n.output[0]]
         value = out
     return dataclasses.replace(spec, output=value, from_logits=spec.type == "bce"), copies
+
+
+def binary_probabilities(nodes, output: str, rank: int, class_axis: int, value_of):
+    """The z of a binary classifier's probabilities written as Concat(1 - Sigmoid(z),
+    Sigmoid(z)) over the class axis (skl2onnx's MLPClassifier), where `output` is so made
+    (`value_of(name)`: a constant's values, or None); None otherwise."""
+    made = {o: n for n in nodes for o in n.output}
+    cat = made.get(output)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 \
+            or attrs_of(cat).get("axis", 0) % rank != class_axis % rank:
+        return None
+    neg, pos = (made.get(x) for x in cat.input)
+    if pos is None or neg is None or pos.op_type != "Sigmoid" or neg.op_type != "Sub" \
+            or neg.input[1] != pos.output[0]:
+        return None
+    one = value_of(neg.input[0])
+    if one is None or np.size(one) != 1 or float(np.asarray(one).reshape(())) != 1.0:
+        return None
+    return pos.input[0]
+
+
+def _logits_of_binary(spec: LossSpec, nodes, shapes, rank: int, b: Builder):
+    """Cross entropy over binary probabilities (binary_probabilities): the logits are
+    Concat(0, z), whose softmax is exactly those probabilities, so the loss is the
+    classifier's log loss (on the probabilities themselves it would be another loss).
+    Returns (spec, the nodes that make the logits), or (spec, [])."""
+    z = binary_probabilities(nodes, spec.output, rank, spec.class_axis, b.constants.get)
+    if z is None or z not in shapes:
+        return spec, []
+    zero, logits = b.tmp("logits_zero"), b.tmp("logits_binary")
+    axis = spec.class_axis % rank
+    copies = [b.node("Sub", [z, z], [zero]), b.node("Concat", [zero, z], [logits], axis=axis)]
+    shapes[zero] = shapes[z]
+    shapes[logits] = shapes[spec.output]
+    return dataclasses.replace(spec, output=logits), copies
 
 
 def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
