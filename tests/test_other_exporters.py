@@ -208,3 +208,44 @@ def test_cross_entropy_on_binary_probabilities_is_the_log_loss(tmp_path):
         grad[i] = (log_loss(w + d, 0.2) - log_loss(w - d, 0.2)) / (2 * eps)
     np.testing.assert_allclose(t.params["coefficient1"].reshape(-1), (w[:, 0] - 0.5 * grad),
                                rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("producer", ["jax2onnx", "pytorch"])
+def test_the_running_variance_follows_the_exporting_framework(tmp_path, producer):
+    """BatchNormalization's running variance moves toward the biased batch variance for the
+    frameworks that do so (the ONNX specification's training mode, as onnx.reference computes
+    it; Flax, Keras, Paddle), and toward the unbiased one for PyTorch's exports."""
+    from onnx.reference import ReferenceEvaluator
+
+    c = 4
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             [("s", np.ones(c)), ("b", np.zeros(c)), ("rm", np.zeros(c)), ("rv", np.ones(c))]]
+    x_vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 2, 2])
+
+    def bn(outputs, **kw):
+        vis = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", c, 2, 2] if n == "y"
+                                             else [c]) for n in outputs]
+        g = helper.make_graph([helper.make_node("BatchNormalization", ["x", "s", "b", "rm", "rv"],
+                                                outputs, momentum=0.9, epsilon=1e-5, **kw)],
+                              "g", [x_vi], vis, inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)],
+                                 producer_name=producer)
+    onnx.save(bn(["y"]), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, c, 2, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, t=np.zeros_like(x))
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "t"}},
+                 "batch_size": 3, "shuffle": False},
+        "loss": {"type": "mse", "output": "y", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 1e-3}}, tmp_path)
+    out = onnx.load(Trainer(cfg, stream=io.StringIO()).fit()["output"])
+    got = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}["rv"]
+    n = x.size // c
+    var = x.astype(np.float64).var(axis=(0, 2, 3))
+    if producer == "pytorch":
+        np.testing.assert_allclose(got, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-6)
+    else:
+        spec = ReferenceEvaluator(bn(["y", "orm", "orv"], training_mode=1)).run(None, {"x": x})[2]
+        np.testing.assert_allclose(got, spec, rtol=1e-6)
+        np.testing.assert_allclose(got, 0.9 + 0.1 * var, rtol=1e-6)

@@ -313,7 +313,8 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
     scope = NameScope(all_names(g))
     first = dict(first)  # (the logits' layout copies below add their shapes)
     builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm)
+    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm,
+                                  unbiased=m.producer_name not in _BIASED_RUNNING_VAR)
     spec, laid_out = _logits_of_softmax(spec, list(g.node), first, opset, builder)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
     nodes += laid_out + loss_nodes
@@ -464,7 +465,14 @@ def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
     return chosen
 
 
-def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: bool = False):
+# Exporters of frameworks whose BatchNorm moves its running variance toward the biased batch
+# variance, as the ONNX specification's training mode does (PyTorch: the unbiased one)
+_BIASED_RUNNING_VAR = frozenset({"tf2onnx", "keras2onnx", "jax2onnx", "paddle2onnx",
+                                 "PaddlePaddle"})
+
+
+def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: bool = False,
+                   unbiased: bool = True):
     """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name})."""
     out, state = [], {}
     for k, node in enumerate(nodes):
@@ -476,7 +484,7 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: b
             # writes a Keras LayerNormalization so)
             out += _eval_form(node, b)
         elif node.op_type == "BatchNormalization":
-            new, upd = _batchnorm_train(node, label, b, shapes, consts, sync)
+            new, upd = _batchnorm_train(node, label, b, shapes, consts, sync, unbiased)
             out += new
             state.update(upd)
         elif node.op_type == "Dropout" and b.opset >= 12:
@@ -535,11 +543,13 @@ def _eval_form(node, b: Builder) -> list[onnx.NodeProto]:
     return list(inference_form(m).graph.node)
 
 
-def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False):
+def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False,
+                     unbiased: bool = True):
     """BatchNormalization with batch statistics, as standard ops; PyTorch's running update.
 
     Y = (X - mean) / sqrt(var + eps) * scale + B with biased batch var; running_mean and
-    running_var move by (1 - momentum) toward the batch mean and the unbiased batch var. With
+    running_var move by (1 - momentum) toward the batch mean and the unbiased batch var
+    (the biased one where not `unbiased`: the ONNX specification's, Keras's, Flax's). With
     `sync` the sums and the count behind mean and var are all-reduced over the ranks first
     (SyncBatchNorm), so N ranks normalize as one process with the global batch does.
     """
@@ -588,7 +598,9 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False
     outs = list(node.output) + [""] * (3 - len(node.output))
     new_mean = outs[1] or b.scope.fresh(f"{rmean}_updated")
     new_var = outs[2] or b.scope.fresh(f"{rvar}_updated")
-    if sync:
+    if not unbiased:
+        v_src, v_scale = t["var"], 1.0 - mom
+    elif sync:
         v_src, v_scale = t["vu"], 1.0 - mom
     else:
         v_src, v_scale = t["var"], (1.0 - mom) * (n / (n - 1) if n > 1 else 1.0)
