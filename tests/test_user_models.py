@@ -731,6 +731,77 @@ def test_a_long_list_of_exporter_findings_is_cut_to_eight_names():
     assert "/b7/conv" in line and "/b8/conv" not in line and line.endswith("... (94 in all)")
 
 
+class OnePlusNorm(nn.Module):
+    """Gemma's norm scale, x * (1 + weight): the default exporter's optimizer folds 1 + weight."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        return x * (1.0 + self.weight)
+
+
+class RotaryAttention(nn.Module):
+    """Gemma3's attention: its q_norm (a child) folds, and it reads a cos table computed from
+    an `inv_freq` buffer, which the exporter folds too."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.proj, self.q_norm, self.head = nn.Linear(d, d), OnePlusNorm(d), nn.Linear(d, 5)
+        self.register_buffer("inv_freq", 1.0 / (100 ** (torch.arange(d) / d)), persistent=False)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], dtype=torch.float32)
+        cos = torch.cos(pos[:, None] * self.inv_freq[None, :])
+        return self.head((self.q_norm(self.proj(x)) * cos).mean(1))
+
+
+def test_a_table_computed_from_buffers_stays_constant_next_to_a_childs_fold(tmp_path):
+    """Gemma3 from the default exporter trained its rotary tables (computed from buffers) as
+    parameters, 32 tensors where PyTorch has 28: a child module's parameter (q_norm's `1 +
+    weight`) was folded, and every folded tensor read in the modules above it stayed
+    trainable in case it was that expression. The child reads its folded expression itself,
+    so the tables read in its parent are computed constants; only the fold is warned of."""
+    torch.manual_seed(0)
+    proto = export(RotaryAttention(), (6, 8), "dynamo")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == ["q_norm.weight"]
+    rows = [p for p in report.params if p.shape == (6, 8)]
+    assert len(rows) == 1 and rows[0].role == "constant" and "buffers" in rows[0].reason
+    assert sum(p.role == "parameter" for p in report.params) == 5  # (4 + the folded 1 + w)
+
+
+class ExpandedCausalMask(nn.Module):
+    """T5's decoder: a causal mask of zeros and the dtype's minimum, expanded to the batch
+    before it is added to the scores."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.qk, self.head = nn.Linear(d, 2 * d), nn.Linear(d, 5)
+        self.bias = nn.Parameter(torch.zeros(3))  # (not used here: missing from the export)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k = self.qk(x).chunk(2, -1)
+        causal = torch.triu(torch.full((t, t), torch.finfo(torch.float32).min), 1)
+        s = (q @ k.transpose(-1, -2))[:, None] + causal[None, None].expand(n, 1, -1, -1)
+        return self.head((s.softmax(-1)[:, 0] @ x).mean(1))
+
+
+def test_an_additive_mask_read_through_expand_is_a_constant(tmp_path):
+    """T5 from the default exporter trained its folded causal mask (read by Expand, which the
+    mask rule did not look through) as a parameter, where a parameter of the module was
+    missing from the graph (and so any folded tensor there might have been its expression)."""
+    proto = export(ExpandedCausalMask(), (6, 8), "dynamo")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    rows = [p for p in report.params if len(p.shape) == 4]
+    assert len(rows) == 1 and rows[0].role == "constant"
+    assert sum(p.role == "parameter" for p in report.params) == 4
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

@@ -124,9 +124,19 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
     missing, explained, carriers = _missing_parameter_uses(model)
     # A parameter folded into an expression (`folded_parameters`) may be any folded tensor read
     # in its module or a module above it: those stay trainable, as they are.
+    # Where the parameter's own module reads a folded tensor, that is the expression (Gemma3's
+    # `1 + weight` in q_norm): the modules above it keep their computed constants (the rotary
+    # tables its attention module reads).
+    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
+              and t.name not in named and int(np.prod(t.dims)) > 1}
+    reads_folded = {_module_of(n) for n in g.node if any(x in folded for x in n.input)}
     suspect: set[str] = set()
     for ph in missing.keys() - explained:
-        parts = missing[ph].rpartition(".")[0].split(".")
+        module = missing[ph].rpartition(".")[0]
+        if module in reads_folded:
+            suspect.add(module)
+            continue
+        parts = module.split(".")
         suspect |= {".".join(parts[:k]) for k in range(len(parts) + 1)}
     if suspect:
         carriers = set(carriers)
@@ -248,7 +258,8 @@ def single_output_biases(model: onnx.ModelProto) -> set[str]:
 
 def mask_candidates(model: onnx.ModelProto) -> set[str]:
     """Float initializers that may be additive masks (`_additive_mask`), from the structure
-    alone: not a parameter by the export's signature, read only by Add or Where. Their values
+    alone: not a parameter by the export's signature, read only by Add, Where or Expand (T5's
+    causal mask is expanded to the batch before it is added). Their values
     are read even where a large model's other tensors are left on disk (memory.strip)."""
     signature = torch_signature(model)
     readers: dict[str, set[str]] = {}
@@ -257,7 +268,7 @@ def mask_candidates(model: onnx.ModelProto) -> set[str]:
             readers.setdefault(x, set()).add(n.op_type)
     return {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
             and signature.get(t.name) != "PARAMETER"
-            and readers.get(t.name, {"?"}) <= {"Add", "Where"}}
+            and readers.get(t.name, {"?"}) <= {"Add", "Where", "Expand"}}
 
 
 def _additive_mask(t: onnx.TensorProto) -> float | None:
