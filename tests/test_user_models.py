@@ -1335,6 +1335,46 @@ def test_a_lookup_is_recovered_from_its_values_in_any_layout(n, heads, axis, see
     assert _pick(np.zeros_like(a)) is None  # (nothing to group: a zero-initialized table)
 
 
+class BucketBiasAttention(nn.Module):
+    """T5's relative-attention bias: an Embedding of buckets looked up by indices computed
+    from torch.arange (no buffer); the optimizer folds the lookup, the Embedding keeps no
+    node."""
+
+    def __init__(self, d: int = 8, heads: int = 2, buckets: int = 5):
+        super().__init__()
+        self.qkv, self.head, self.h = nn.Linear(d, 3 * d), nn.Linear(d, 5), heads
+        self.rel = nn.Embedding(buckets, heads)
+        with torch.no_grad():
+            self.rel.weight.mul_(3.0)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t)
+        bucket = (pos[None, :] - pos[:, None]).clamp(-2, 2) + 2
+        s = q @ k.transpose(-1, -2) + self.rel(bucket).permute(2, 0, 1).unsqueeze(0)
+        return self.head((s.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d).mean(1))
+
+
+def test_a_folded_lookup_by_computed_indices_trains_as_the_table(tmp_path):
+    """T5 from the default exporter trained its folded relative-attention bias entry by entry,
+    with no warning (the Embedding keeps no node, so its parameter looked unused): 5.6e-5 from
+    PyTorch's losses. It trains as the Embedding's rows; losses as PyTorch's."""
+    torch.manual_seed(0)
+    model = BucketBiasAttention()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (6, 8), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert [p.shape for p in report.params if p.name == "rel.weight"] == [(5, 2)]
+    assert "= rel.weight (5 rows)" in report.text() and not report.folded
+    x, y = random_batches(tmp_path, (6, 8))
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=1e-5, atol=1e-6)
+
+
 def test_a_folded_lookup_whose_values_do_not_group_is_warned(tmp_path):
     """A zero-initialized table folds into zeros: nothing tells its rows apart, so the
     tensor trains on its own, with the folded-parameter warning that names the table."""

@@ -16,24 +16,30 @@ and gathers the folded tensor from them (Gather, Reshape, Transpose): every use 
 shared rows, with PyTorch's gradient (the sum over the positions of a row) and its optimizer
 state. Export writes the folded tensor back from the trained rows, in the same graph.
 
-Only where the export's records say so: a module whose buffer was folded away, with exactly one
-parameter that is missing from the graph and not otherwise accounted for, and exactly one
-folded float tensor whose values group (not an additive mask, not a folded copy of another
-parameter such as a Linear weight's transpose) that only nodes of that module read. A tensor whose
-values do not group (all equal, as a zero-initialized table, or all distinct) is left as it is,
-with the folded-parameter warning."""
+T5's relative-attention bias is the same lookup with indices computed from `torch.arange` (an
+Embedding of buckets, whose one Gather the optimizer folds with them): the Embedding has no
+node left, so its parent reads the folded tensor.
+
+Only where the export's records say so: a module (or, for a parameter whose module has no node
+left, its parent) with exactly one parameter that is missing from the graph and not otherwise
+accounted for, and exactly one folded float tensor whose values group (not an additive mask,
+not a folded copy of another parameter such as a Linear weight's transpose) that only nodes of
+that module read. A tensor whose values do not group (all equal, as a zero-initialized table,
+or all distinct) is left as it is, with the folded-parameter warning."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from trainer.autodiff.params import (
+    _SCOPES_KEY,
     FLOAT_TYPES,
     _additive_mask,
-    _folded_buffer_modules,
+    _meta,
     _missing_parameter_uses,
     _module_of,
     signature_entries,
@@ -93,14 +99,21 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     from onnx import numpy_helper
 
     entries = signature_entries(model)
-    folded_buffers = _folded_buffer_modules(model)
-    if not entries or not folded_buffers:
+    if not entries:
         return {}
-    missing, explained, carriers = _missing_parameter_uses(model)
-    tables: dict[str, list[str]] = {}
+    # (views=False: a lookup read in the table's parent, T5's, is not taken for a view)
+    missing, explained, carriers = _missing_parameter_uses(model, views=False)
+    scopes: set[str] = set()  # modules that nodes come from, and the modules above them
+    for n in model.graph.node:
+        parts = re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1]
+        scopes.update(parts)
+    tables: dict[str, list[str]] = {}  # module that reads the lookup -> its table
     for ph, name in missing.items():
         if ph not in explained:
-            tables.setdefault(name.rpartition(".")[0], []).append(name)
+            module = name.rpartition(".")[0]
+            # (an Embedding whose one Gather was folded has no node left: its parent reads it)
+            reader = module if module in scopes else module.rpartition(".")[0]
+            tables.setdefault(reader, []).append(name)
     named = {t for _, t in entries.values()}
     readers: dict[str, set[str | None]] = {}
     for n in model.graph.node:
@@ -113,7 +126,7 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
                 and len(mods) == 1 and int(np.prod(t.dims)) > 1):  # (carriers: another
             # parameter folded, a Linear weight's transpose)
             (module,) = mods
-            if module in folded_buffers and len(tables.get(module, [])) == 1:
+            if len(tables.get(module, [])) == 1:
                 by_module.setdefault(module, []).append(t)
     found: dict[str, Lookup] = {}
     for module, tensors in by_module.items():
