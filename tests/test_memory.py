@@ -518,3 +518,28 @@ def test_a_wrongly_declared_output_shape_is_inferred_not_believed(tmp_path):
     t = Trainer(cfg, stream=io.StringIO())
     t.fit()
     assert t.step == 2 and not np.array_equal(t.trained_values()["W"], np.ones((4, 1)))
+
+
+def test_a_model_that_does_not_run_at_the_probe_batches_is_probed_at_its_own(tmp_path, models,
+                                                                              monkeypatch):
+    """Longformer's TorchScript export fails at batch 2 (a Gather past its window table) and
+    runs at 3: the probe at 2 and 3 refused a configuration that trains. The estimate probes
+    the configured batch alone and says why."""
+    from trainer import memory
+    from trainer.errors import ModelError
+
+    real = memory._probed_structure
+
+    def probed(model, loss, trainable, frozen, batchnorm, in_shapes, precision):
+        if next(iter(in_shapes.values()))[0] in (2, 3):
+            raise ModelError("node 'g' (Gather) failed: index 288 is out of range")
+        return real(model, loss, trainable, frozen, batchnorm, in_shapes, precision)
+    monkeypatch.setattr(memory, "_probed_structure", probed)
+    _if_model(tmp_path / "if.onnx")
+    cfg = config_from_dict(_raw(tmp_path / "if.onnx", models["mlp"][1], 256, tmp_path,
+                                optimizer={"type": "sgd", "lr": 0.1}), tmp_path)
+    measured, t = _measured_peak(cfg)
+    est = t.preflight.estimate
+    assert est.method.startswith("probe at batch 256, scaled to 256") and \
+        "does not run at batch 2, 3: node 'g' (Gather) failed" in est.method
+    assert 0.75 <= est.total / measured <= 1.25, (est, measured)

@@ -665,13 +665,25 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
                 raise
             raise TrainerError(f"the memory estimate needs the model's values: {why}") from None
         full = full_model()
-        small = {b: _probed_structure(full, loss, trainable, frozen, batchnorm, at(b),
-                                      precision) for b in small_batches}
+        note = ""
+        try:
+            small = {b: _probed_structure(full, loss, trainable, frozen, batchnorm, at(b),
+                                          precision) for b in small_batches}
+        except TrainerError as failed:
+            if small_batches == (batch,):
+                raise
+            # (a model that does not run at the small batches, Longformer's TorchScript
+            # export at 2: the configured batch alone, which training runs)
+            note = (f"; the model does not run at batch {', '.join(map(str, small_batches))}: "
+                    f"{' '.join(str(failed).split())[:160]}")
+            small_batches = (batch,)
+            small = {batch: _probed_structure(full, loss, trainable, frozen, batchnorm,
+                                              at(batch), precision)}
         st = small[small_batches[0]]
         nbytes = _extended({b: {k: _nb(v) for k, v in s.shapes.items()}
                             for b, s in small.items()}, batch)
         method = (f"probe at batch {', '.join(map(str, small_batches))}, scaled to {batch} "
-                  f"(from shapes alone: {why})")
+                  f"(from shapes alone: {why}){note}")
         st = _scaled_out_shape(st, small, batch)
     if scratch and small and not tracing_is_safe():
         scratch = False
