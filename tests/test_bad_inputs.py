@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,27 @@ def test_a_conv_bias_of_the_wrong_shape_says_what_conv_takes():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises((TrainerError, ValueError), match=r"conv3d.*bias has shape \[4, 2\].*\[4\]"):
         Executor(model).run({"x": np.zeros((2, 3, 4, 8, 8), np.float32)})
+
+
+def test_data_that_does_not_fit_the_model_is_one_problem(tmp_path):
+    """Per-sample shape [60] for a [64] input: the data problem alone, not also the build's
+    kernel failure on those shapes (a NumPy matmul message)."""
+    from trainer.config import config_from_dict
+    from trainer.report import preflight
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((40, 60), np.float32), y=np.zeros(40, np.int64))
+    raw = _cfg(tmp_path, data={"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                                         "targets": {"label": "y"}}, "batch_size": 8})
+    report = preflight(config_from_dict(raw, tmp_path))
+    assert [str(p) for p in report.problems] == [
+        "data.train: array for 'x' has per-sample shape [60], the model expects [64]"]
+
+
+def test_an_overflowing_step_prints_no_numpy_warnings(tmp_path):
+    """An lr that makes the loss NaN: the engine's message names the node; NumPy's
+    RuntimeWarnings from the kernels on the way are not printed."""
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", _write(
+        tmp_path, _cfg(tmp_path, steps=30, optimizer={"type": "sgd", "lr": 1e12}))],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "loss became nan" in proc.stderr
+    assert "RuntimeWarning" not in proc.stdout + proc.stderr

@@ -305,9 +305,10 @@ def _fail(message: str, code: int, traceback_too: bool = False) -> int:
     rank = launched_rank()
     if world > 1 and rank != 0:
         # When every rank fails the same way (a bad config), rank 0 speaks and aborts the
-        # others before they print; a failure on this rank alone is printed a moment later.
+        # others before they print; a failure on this rank alone is printed a moment later
+        # (3 s: at 1 s a loaded machine printed a bad config's error twice).
         import time
-        time.sleep(1.0)
+        time.sleep(3.0)
         message = message.replace("onnx-trainer: ", f"onnx-trainer: rank {rank}: ", 1)
     if traceback_too:
         traceback.print_exc()

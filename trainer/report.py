@@ -366,6 +366,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
 
     structure = attempt(memory.load_structure, cfg.model)
     data_inputs: dict[str, list] = {}
+    mismatched = False  # (a dataset whose arrays do not fit the model's inputs)
     if structure is not None:
         report = model_report(memory.strip(structure))
         bad_fwd = [(r.op, r.name) for r in report.nodes if not r.forward]
@@ -420,8 +421,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         else:
             host_data += in_memory
         if data_inputs:
+            before = len(problems)
             attempt(check_against_model, {k: _Shaped(info[k][0]) for k in ds.inputs
                                           if k in info}, data_inputs, what)
+            mismatched = mismatched or len(problems) > before
     if "data.train" not in samples or local is None:
         return Preflight(lines, problems)
     n = samples["data.train"]
@@ -441,8 +444,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         if total < 1:
             problems.append(TrainerError(f"one epoch has {spe} batches, fewer than accumulate="
                                          f"{cfg.accumulate}; nothing to train"))
-    if structure is None or any(isinstance(p, (ModelError, UnsupportedOpError))
-                                for p in problems):
+    if structure is None or mismatched or any(isinstance(p, (ModelError, UnsupportedOpError))
+                                              for p in problems):
+        # (data that does not fit the model's inputs: a build at its shapes would only fail
+        # again, in a kernel's words)
         return Preflight(lines, problems)
     # Batches held: on a CPU, the one being trained on and the one prefetched; on a GPU, the
     # ring of device buffers that prefetched batches are copied up into (DeviceUploads: one

@@ -590,11 +590,9 @@ class Trainer:
     def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
         """One optimizer step over `accumulate` micro-batches (arrays, local weight, global
         weight); returns the global mean loss."""
-        if self.scaler is None:
-            return self._train_step(micro, lr)
-        # fp16: a float16 overflow is an expected event that the loss scaler handles and
-        # reports, not a NumPy warning
-        with np.errstate(over="ignore", invalid="ignore"):
+        # A non-finite value is found and reported by the step itself (the loss's check names
+        # the first node that made one; on_nan; fp16's loss scaler), not by NumPy's warnings
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self._train_step(micro, lr)
 
     def _train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
