@@ -249,3 +249,20 @@ def test_the_running_variance_follows_the_exporting_framework(tmp_path, producer
         spec = ReferenceEvaluator(bn(["y", "orm", "orv"], training_mode=1)).run(None, {"x": x})[2]
         np.testing.assert_allclose(got, spec, rtol=1e-6)
         np.testing.assert_allclose(got, 0.9 + 0.1 * var, rtol=1e-6)
+
+
+def test_a_function_the_inliner_leaves_is_named(tmp_path):
+    """jax2onnx's @onnx_function blocks import their own domain at another version than the
+    model does, and onnx's inliner leaves their calls: refused at load, naming each call."""
+    import onnx.inliner
+
+    from trainer.errors import ModelError
+
+    with_fn, _ = _models()
+    fn = with_fn.functions[0]
+    fn.opset_import.append(helper.make_opsetid("this", 23))  # (as jax2onnx writes it)
+    onnx.save(with_fn, str(tmp_path / "m.onnx"))
+    assert onnx.inliner.inline_local_functions(with_fn).functions  # (left by the inliner)
+    with pytest.raises(ModelError, match=r"2 node\(s\) call functions .*dense \(this, node "
+                                          r"'d1'\).*inlined"):
+        load_model(tmp_path / "m.onnx")

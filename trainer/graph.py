@@ -72,18 +72,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its model-local functions (onnxscript's @script functions, jax2onnx's
     @onnx_function blocks) inlined at every call, as onnxruntime runs them: the graph that
-    trains and is exported, its initializers, inputs and outputs those of the model. A
-    function that stays (one the inliner cannot expand) is named by check and train."""
+    trains and is exported, its initializers, inputs and outputs those of the model. A call of
+    a function that the inliner leaves is refused, naming it."""
     if not model.functions:
         return model
     import onnx.inliner
 
     try:
-        return onnx.inliner.inline_local_functions(model)
+        inlined = onnx.inliner.inline_local_functions(model)
     except Exception as exc:  # noqa: BLE001 - the inliner raises several types
         raise ModelError(f"cannot inline the model's local functions "
                          f"({', '.join(f.name for f in model.functions)}): "
                          f"{' '.join(str(exc).split())[:200]}") from None
+    left = {(f.domain, f.name) for f in inlined.functions}
+    calls = [f"{n.op_type} ({n.domain}, node '{n.name}')" for n in inlined.graph.node
+             if (n.domain, n.op_type) in left]
+    if calls:  # (jax2onnx's @onnx_function blocks import their own domain at another version)
+        raise ModelError(f"{len(calls)} node(s) call functions defined in the model that onnx's "
+                         f"inliner leaves as they are: {', '.join(calls[:6])}; export the model "
+                         "with them inlined (jax2onnx: without @onnx_function)")
+    return inlined
 
 
 def unknown_dims_symbolic(model: onnx.ModelProto) -> int:
