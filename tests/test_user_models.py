@@ -1278,14 +1278,14 @@ def test_an_additive_attention_mask_folded_from_a_buffer_is_not_trained(tmp_path
         next(t for t in proto.graph.initializer if t.name == masks[0])))
 
 
-@pytest.mark.parametrize("heads", [2, 1])
+@pytest.mark.parametrize("heads", [2, 4])
 def test_a_folded_lookup_of_a_table_trains_as_the_table(tmp_path, heads):
     """Swin's relative-position bias, `table[index]` by a buffer, folded by the default
     exporter's optimizer into one tensor: each entry trained apart, where PyTorch moves the
     entries of one table row together (torchvision's swin_t: 3.4e-3 from PyTorch's losses in
     3 steps, warned). Positions with equal values across the heads come from one row: the
-    rows train as PyTorch's table (one head: grouped by value), losses as PyTorch's, and the
-    export holds the folded bias of the trained table."""
+    rows train as PyTorch's table, losses as PyTorch's, and the export holds the folded bias
+    of the trained table."""
     torch.manual_seed(0)
     model = ShiftedWindowBlock()
     model.attn = WindowAttention(heads=heads)
@@ -1321,58 +1321,32 @@ def test_a_folded_lookup_of_a_table_trains_as_the_table(tmp_path, heads):
 def test_a_lookup_is_recovered_from_its_values_in_any_layout(n, heads, axis, seed):
     """A relative-position lookup table[index] (index[i, j] = i - j + n - 1) in any layout,
     the heads' axis anywhere: grouping by values along the heads' axis recovers the table's
-    rows, and expanding them gives the tensor back."""
+    rows, and expanding them gives the tensor back. One head is not grouped (equal single
+    values do not tell a lookup from a structured table), nor are zeros."""
     from trainer.autodiff.lookups import Lookup, _pick
 
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((2 * n - 1, heads)).astype(np.float32)
     index = np.arange(n)[:, None] - np.arange(n)[None, :] + n - 1
     a = np.moveaxis(table[index], -1, axis)
+    if heads == 1:
+        assert _pick(a) is None
+        return
     ax, (rows, idx) = _pick(a)
-    assert ax == (axis if heads > 1 else None) and len(rows) == 2 * n - 1
+    assert ax == axis and len(rows) == 2 * n - 1
     np.testing.assert_array_equal(Lookup("c", "t", idx, a.shape, ax).expand(rows), a)
     assert sorted(map(tuple, rows)) == sorted(map(tuple, table))
     assert _pick(np.zeros_like(a)) is None  # (nothing to group: a zero-initialized table)
 
 
-class BucketBiasAttention(nn.Module):
-    """T5's relative-attention bias: an Embedding of buckets looked up by indices computed
-    from torch.arange (no buffer); the optimizer folds the lookup, the Embedding keeps no
-    node."""
+def test_a_sinusoidal_position_table_is_not_a_lookup():
+    """Whisper's positions [T, d], sin and cos of position x frequency: position 0's zeros and
+    ones repeat, but no axis groups it (nothing to tie)."""
+    from trainer.autodiff.lookups import _pick
 
-    def __init__(self, d: int = 8, heads: int = 2, buckets: int = 5):
-        super().__init__()
-        self.qkv, self.head, self.h = nn.Linear(d, 3 * d), nn.Linear(d, 5), heads
-        self.rel = nn.Embedding(buckets, heads)
-        with torch.no_grad():
-            self.rel.weight.mul_(3.0)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        pos = torch.arange(t)
-        bucket = (pos[None, :] - pos[:, None]).clamp(-2, 2) + 2
-        s = q @ k.transpose(-1, -2) + self.rel(bucket).permute(2, 0, 1).unsqueeze(0)
-        return self.head((s.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d).mean(1))
-
-
-def test_a_folded_lookup_by_computed_indices_trains_as_the_table(tmp_path):
-    """T5 from the default exporter trained its folded relative-attention bias entry by entry,
-    with no warning (the Embedding keeps no node, so its parameter looked unused): 5.6e-5 from
-    PyTorch's losses. It trains as the Embedding's rows; losses as PyTorch's."""
-    torch.manual_seed(0)
-    model = BucketBiasAttention()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    onnx.save(export(model, (6, 8), "dynamo"), str(tmp_path / "model.onnx"))
-    report = model_report(load_model(tmp_path / "model.onnx"))
-    assert [p.shape for p in report.params if p.name == "rel.weight"] == [(5, 2)]
-    assert "= rel.weight (5 rows)" in report.text() and not report.folded
-    x, y = random_batches(tmp_path, (6, 8))
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=1e-5, atol=1e-6)
+    pos, freq = np.arange(8)[:, None], np.exp(-np.arange(4) / 4)[None, :]
+    table = np.concatenate([np.sin(pos * freq), np.cos(pos * freq)], axis=1).astype(np.float32)
+    assert _pick(table) is None and _pick(table[None]) is None
 
 
 def test_a_folded_lookup_whose_values_do_not_group_is_warned(tmp_path):

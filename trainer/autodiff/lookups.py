@@ -10,7 +10,8 @@ entries moves apart, where PyTorch moves every entry gathered from one row of th
 The folded tensor still holds the lookup's structure in its values: entries gathered from one
 row are equal across every head, and entries from different rows differ in some head (a
 table's rows are not equal, trained or freshly drawn). Grouping positions by their vector of
-values along the heads' axis recovers which row each one came from, up to the rows' order.
+values along the heads' axis (two heads or more) recovers which row each one came from, up to
+the rows' order.
 The training graph then holds the distinct rows as the parameter, named after PyTorch's table,
 and gathers the folded tensor from them (Gather, Reshape, Transpose): every use trains the
 shared rows, with PyTorch's gradient (the sum over the positions of a row) and its optimizer
@@ -144,11 +145,13 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
 
 
 def _pick(a: np.ndarray) -> tuple[int | None, tuple[np.ndarray, np.ndarray]] | None:
-    """(heads' axis, _group's rows and index) for the grouping with the fewest rows: along an
+    """(heads' axis, _group's rows and index) for the grouping with the fewest rows along an
     axis of more than one entry (the heads': any other groups no positions, where the table's
-    rows differ), else by value (one head); None where nothing groups."""
+    rows differ); None where nothing groups. Not by single values: a one-head table's entries
+    cannot be told from a structured table's equal values (a sinusoidal position table's zeros
+    and ones), so a one-head lookup stays as it is, warned."""
     best = None
-    for axis in [i for i, d in enumerate(a.shape) if d > 1] + [None]:
+    for axis in [i for i, d in enumerate(a.shape) if d > 1]:
         grouped = _group(a, axis)
         if grouped is not None and (best is None or len(grouped[0]) < len(best[1][0])):
             best = (axis, grouped)
