@@ -802,6 +802,30 @@ def test_an_additive_mask_read_through_expand_is_a_constant(tmp_path):
     assert sum(p.role == "parameter" for p in report.params) == 4
 
 
+class WeightNormConv(nn.Module):
+    """HuBERT's positional convolution: weight_norm's parametrization, a zero bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
+        nn.init.zeros_(self.conv.bias)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(-1))
+
+
+def test_a_folded_parametrization_is_warned_of(tmp_path):
+    """weight_norm's g and v, folded by the default exporter's optimizer into the weight they
+    make: their module (`conv.parametrizations.weight`) keeps no node, so they were taken for
+    an unused module's and not warned of (HuBERT, UniSpeechSat, Wav2Vec2: trained as one
+    weight, silently). They belong to the convolution, which has nodes: warned."""
+    onnx.save(export(WeightNormConv().eval(), (4, 8), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == ["conv.parametrizations.weight.original0",
+                             "conv.parametrizations.weight.original1"]
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

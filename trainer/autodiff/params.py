@@ -815,24 +815,38 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     used otherwise): named a parameter in the export's signature, not in the graph, and read
     by no node's FX node (a parameter folded into a transposed or reshaped copy is still read
     by the nodes that read the copy). Training cannot reach them; empty without a signature.
-    Parameters of a module that no node of the graph comes from are not listed: the exported
-    outputs do not use that module (a classifier head left out of a detector's export), so
-    PyTorch gives them no gradient either. Nor is any listed where nothing was folded (every
-    initializer is one the signature names, as in an export with optimize=False): a missing
-    parameter is then one the exported computation does not use (DINOv2's mask_token)."""
-    named = {t for _, t in signature_entries(model).values()}
-    if all(t.name in named for t in model.graph.initializer):
-        return []
+    Parameters of a module that no node of the graph comes from are not listed (`in_use`
+    below): the exported outputs do not use that module (a classifier head left out of a
+    detector's export), so PyTorch gives them no gradient either. Nor is any listed where
+    nothing was folded (every initializer is one the signature names, as in an export with
+    optimize=False): a missing parameter is then one the exported computation does not use
+    (DINOv2's mask_token)."""
     from trainer.autodiff.lookups import find_folded_lookups
 
+    g = model.graph
+    named = {t for _, t in signature_entries(model).values()}
+    if all(t.name in named for t in g.initializer):
+        return []
     missing, explained, _ = _missing_parameter_uses(model)
     used: set[str] = set()
-    for n in model.graph.node:
+    for n in g.node:
         used.update(re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1])
+    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
+              and t.name not in named and int(np.prod(t.dims)) > 1}
+    reads_folded = {_module_of(n) for n in g.node if any(x in folded for x in n.input)}
     recovered = {lk.source for lk in find_folded_lookups(model).values()}  # table[index]
+
+    def in_use(name: str) -> bool:
+        """Its module has nodes; a parametrization's (weight_norm's original0 under
+        `conv.parametrizations.weight`) is its owner's; a module whose only node was folded
+        away (an Embedding looked up by computed indices) is read in its parent, which reads
+        a folded tensor."""
+        module = name.rpartition(".")[0]
+        owner = module.split(".parametrizations.")[0]
+        parent = module.rpartition(".")[0]
+        return not used or owner in used or (parent != "" and parent in reads_folded)
     return sorted(t for ph, t in missing.items()
-                  if ph not in explained and t not in recovered
-                  and (not used or t.rpartition(".")[0] in used))
+                  if ph not in explained and t not in recovered and in_use(t))
 
 
 # FX ops that only view or copy a tensor: a parameter folded through them trains as that copy
