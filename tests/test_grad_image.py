@@ -143,6 +143,13 @@ add("AveragePool", "same-lower-cip1", [("X", normal(1, 1, 5, 6))], kernel_shape=
     strides=[2, 2], auto_pad="SAME_LOWER", count_include_pad=1)
 add("AveragePool", "opset10-ceil", [("X", normal(1, 2, 6, 6))], kernel_shape=[3, 3],
     strides=[2, 2], ceil_mode=1, opset=10)
+for _inc in (0, 1):  # (one window over all of x, the kernel far past it: HF EfficientNet's)
+    add("AveragePool", f"kernel-past-input-cip{_inc}", [("X", normal(2, 3, 5, 6))],
+        kernel_shape=[40, 40], strides=[40, 40], ceil_mode=1, count_include_pad=_inc,
+        opset=19)
+    add("AveragePool", f"kernel-past-input-pads-cip{_inc}", [("X", normal(1, 2, 5, 6))],
+        kernel_shape=[9, 7], strides=[9, 7], pads=[1, 0, 2, 1], ceil_mode=1,
+        count_include_pad=_inc, opset=19)
 for _p in (2, 3, 1):
     add("LpPool", f"p{_p}-pads-stride", [("X", nonzero(2, 2, 5, 6))], p=_p,
         kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1])

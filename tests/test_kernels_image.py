@@ -269,6 +269,12 @@ for inc in (0, 1):
     add("AveragePool", f"ceil-pads-cip{inc}", [("X", normal(1, 2, 7, 8))], opset=19,
         kernel_shape=[3, 3], strides=[2, 3], pads=[1, 1, 1, 0], ceil_mode=1,
         count_include_pad=inc)
+for inc in (0, 1):  # (HF EfficientNet's AvgPool2d(1280, ceil_mode=True) on an 8x8 map)
+    add("AveragePool", f"kernel-past-input-cip{inc}", [("X", normal(2, 3, 5, 6))], opset=19,
+        kernel_shape=[40, 40], strides=[40, 40], ceil_mode=1, count_include_pad=inc)
+    add("AveragePool", f"kernel-past-input-pads-cip{inc}", [("X", normal(2, 3, 5, 6))],
+        opset=19, kernel_shape=[9, 7], strides=[9, 7], pads=[1, 0, 2, 1], ceil_mode=1,
+        count_include_pad=inc)
 _px = normal(2, 3, 7, 8)
 for p in (1, 2, 3):
     add("LpPool", f"p{p}-pads-strides", [("X", _px)], opset=18, p=p, kernel_shape=[3, 2],

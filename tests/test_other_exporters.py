@@ -129,7 +129,7 @@ def test_the_bias_of_a_one_output_layer_trains_whatever_its_name(tmp_path, kind)
     t = Trainer(cfg, stream=io.StringIO())
     t.fit()
     lin = torch.nn.Linear(4, 1)
-    w = numpy_helper.to_array(model.graph.initializer[0])
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(w.T.copy() if kind != "gemm-transB" else w))
         lin.bias.fill_(0.3)

@@ -543,10 +543,18 @@ def AveragePool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, d
                 kernel_shape, pads=None, strides=None):
     strides, dilations, pads, out = _geometry(x, kernel_shape, strides, dilations, pads,
                                               auto_pad, ceil_mode)
+    acc = _acc(x)
+    if window_covers_input(x.shape[2:], kernel_shape, dilations, pads, out):
+        # (one window over all of x: a sum, however far the kernel reaches past x; padded to
+        # the full window, HF EfficientNet's AvgPool2d(1280, ceil_mode) of an 8x8 map took
+        # 23 GiB)
+        counts = avgpool_divisor(x.shape[2:], kernel_shape, strides, dilations, pads, out,
+                                 count_include_pad).astype(acc)
+        total = x.astype(acc).sum(axis=tuple(range(2, x.ndim)), keepdims=True)
+        return ((total / xp.asarray(counts)).astype(x.dtype),)
     if (fast := poolfuse.averagepool(xp, x, kernel_shape, strides, dilations, pads, out,
                                      count_include_pad)) is not None:
         return (fast,)
-    acc = _acc(x)
     xw = _windows(xp, _pad(xp, x.astype(acc), pads, out, kernel_shape, strides, dilations, 0),
                   kernel_shape, strides, dilations, out)
     k = len(kernel_shape)
@@ -652,9 +660,23 @@ def CausalConvWithState(xp, x, w, b=None, past_state=None, *, activation="none")
     return (y.astype(x.dtype), xp.ascontiguousarray(padded[:, :, padded.shape[2] - (k - 1):]))
 
 
+def window_covers_input(in_spatial, kernel_shape, dilations, pads, out) -> bool:
+    """One output position per axis whose window, without gaps, holds every input position
+    (a kernel as large as the map or larger: a global pool in AveragePool's clothes)."""
+    k = len(in_spatial)
+    return all(out[i] == 1 and dilations[i] == 1 and pads[i] >= 0
+               and kernel_shape[i] - pads[i] >= in_spatial[i] for i in range(k))
+
+
 def avgpool_divisor(in_spatial, kernel_shape, strides, dilations, pads, out, count_include_pad):
     """Per-output-position divisor of AveragePool (host array of shape `out`)."""
     k = len(in_spatial)
+    if window_covers_input(in_spatial, kernel_shape, dilations, pads, out):
+        # (the window's positions within the input, or within the padded input, without
+        # building the window)
+        inside = [min(kernel_shape[i], in_spatial[i] + pads[i] + pads[i + k])
+                  if count_include_pad else in_spatial[i] for i in range(k)]
+        return np.full(tuple(out), float(math.prod(inside)))
     if count_include_pad:
         ones = np.ones((1, 1) + tuple(in_spatial[i] + pads[i] + pads[i + k] for i in range(k)))
         no_pad = [0] * (2 * k)

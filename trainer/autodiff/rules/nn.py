@@ -17,7 +17,12 @@ from onnx import numpy_helper
 from trainer.autodiff.registry import grad
 from trainer.errors import ModelError
 from trainer.graph import elem_type
-from trainer.kernels.nn import avgpool_divisor, conv_pads, conv_transpose_pads
+from trainer.kernels.nn import (
+    avgpool_divisor,
+    conv_pads,
+    conv_transpose_pads,
+    window_covers_input,
+)
 
 
 def transpose_geometry(in_spatial, out_spatial, kernel, strides, dilations, pads):
@@ -268,6 +273,12 @@ def averagepool_grad(ctx):
                               ctx.attr("count_include_pad", 0))
     dt = ctx.dtype(ctx.I(0))
     scaled = ctx.tmp("scaled")
+    if window_covers_input(x_shape[2:], kernel, dilations, pads, out):
+        # (one window over all of x: dY / divisor everywhere, no kernel-sized ConvTranspose)
+        return [ctx.node("Div", [ctx.GO(0), ctx.const(divisor.astype(dt), suffix="divisor")],
+                         [scaled]),
+                ctx.node("Expand", [scaled, ctx.const(np.array(x_shape, np.int64),
+                                                      suffix="shape")], [ctx.GI(0)])]
     return [ctx.node("Div", [ctx.GO(0), ctx.const(divisor.astype(dt), suffix="divisor")],
                      [scaled]),
             _window_adjoint(ctx, scaled, x_shape, _ones_kernel(ctx, x_shape, kernel), kernel,
