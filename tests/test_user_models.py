@@ -826,6 +826,40 @@ def test_a_folded_parametrization_is_warned_of(tmp_path):
                              "conv.parametrizations.weight.original1"]
 
 
+class StandardizedConv(nn.Module):
+    """HF BiT's weight standardization: batch_norm over the weight, viewed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Linear(4, 5)
+
+    def forward(self, x):
+        c = self.conv
+        w = F.batch_norm(c.weight.reshape(1, c.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).view_as(c.weight)
+        return self.head(torch.relu(F.conv2d(x, w, None, 1, 1)).mean((2, 3)))
+
+
+def test_a_weight_stored_as_3d_transposes_trains_as_one(tmp_path):
+    """TorchScript stores BiT's standardized weight twice, [1, 4, 27] and its transpose
+    [1, 27, 4] (for the statistics): only 2-D transposes were tied, so the two trained apart
+    (34 tensors for BiT's 25, 2.6e-2 from PyTorch in float64). Tied: PyTorch's losses."""
+    torch.manual_seed(0)
+    model = StandardizedConv()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = export(model, (3, 6, 6), "torchscript")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert [kind for _, kind in report.tied.values()] == ["transpose:0,2,1"]
+    assert sum(p.role == "parameter" for p in report.params) == 3
+    x, y = random_batches(tmp_path, (3, 6, 6))
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

@@ -204,7 +204,7 @@ def detached_line(names: list[str]) -> str:
 
 def tied_line(copy_name: str, src: str, kind: str) -> str:
     """What `check` and `train` say of a copy tie_folded_copies tied to its source."""
-    return f"'{copy_name}' {_TIED[kind]} '{src}': trained as one tensor"
+    return f"'{copy_name}' {_TIED[kind.split(':')[0]]} '{src}': trained as one tensor"
 
 
 def model_report(model: onnx.ModelProto) -> Report:

@@ -31,6 +31,7 @@ from trainer.autodiff.params import (
     repair_exported_model,
     single_bias_masks,
     tie_folded_copies,
+    tied_perm,
 )
 from trainer.backend import (
     bfloat16_problem,
@@ -1100,7 +1101,7 @@ class Trainer:
         for copy_name, (src, kind) in self.tied.items():
             if src in values:
                 values[copy_name] = np.ascontiguousarray(
-                    values[src].T if kind == "transpose"
+                    values[src].transpose(tied_perm(kind)) if kind.startswith("transpose")
                     else values[src].reshape(self._copy_shapes[copy_name]))
         for name, lookup in self.lookups.items():
             if lookup.source in values:

@@ -21,6 +21,7 @@ Parameters an exporter merged or dropped get their own tensors first (`repair_ex
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -1057,9 +1058,14 @@ def _meta(n: onnx.NodeProto, key: str) -> str:
     return next((p.value for p in n.metadata_props if p.key == key), "")
 
 
+def tied_perm(kind: str) -> list[int]:
+    """The axes' permutation of a "transpose" tie (2-D) or a "transpose:2,0,1" one."""
+    return [1, 0] if kind == "transpose" else [int(i) for i in kind.split(":")[1].split(",")]
+
+
 def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     """Tie parameters the exporter stored twice, in place; returns {copy: (source, "transpose"
-    | "reshape")}.
+    | "transpose:<perm>" | "reshape")}.
 
     Both PyTorch exporters fold an expression of initializers alone into a new initializer.
     With tied input and output embeddings (`lm_head.weight = embed.weight`) the output
@@ -1120,15 +1126,39 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
             if other != name and other not in tied and b.shape == a.shape[::-1] and \
                     all(other != s for s, _ in tied.values()) and np.array_equal(b, a.T):
                 tied[other] = (name, "transpose")
+    # permutations of 3 or 4 axes into another shape (TorchScript stores weight
+    # standardization's reshaped weight as [1, out, k] and its transpose [1, k, out])
+    groups: dict[tuple, list[str]] = {}
+    for name, a in arrays.items():
+        if 3 <= a.ndim <= 4:
+            groups.setdefault((a.dtype.str, tuple(sorted(a.shape))), []).append(name)
+    for names in groups.values():
+        if len({arrays[n].shape for n in names}) < 2:
+            continue
+        for name in sorted(names, key=rank):
+            a = arrays[name]
+            if name in tied:
+                continue
+            for other in names:
+                b = arrays[other]
+                if (other == name or other in tied or b.shape == a.shape
+                        or signature.get(other) == "PARAMETER"
+                        or any(other == s for s, _ in tied.values())):
+                    continue
+                perm = next((p for p in itertools.permutations(range(a.ndim))
+                             if tuple(a.shape[i] for i in p) == b.shape
+                             and np.array_equal(a.transpose(p), b)), None)
+                if perm is not None:
+                    tied[other] = (name, "transpose:" + ",".join(map(str, perm)))
     if tied:
         keep = [t for t in g.initializer if t.name not in tied]
         del g.initializer[:]
         g.initializer.extend(keep)
         nodes = []
         for copy, (src, kind) in tied.items():
-            if kind == "transpose":
+            if kind.startswith("transpose"):
                 nodes.append(helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
-                                              perm=[1, 0]))
+                                              perm=tied_perm(kind)))
             else:
                 shape = f"{copy}/Tied/shape"
                 g.initializer.append(numpy_helper.from_array(
