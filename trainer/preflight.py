@@ -53,34 +53,22 @@ def writable_dir(path: Path, what: str) -> None:
 
 
 def _probe(folder: Path, path: Path, what: str) -> None:
-    """Make `folder` (and the folders above it that are missing) and a file in it, then remove
-    what was made: permissions alone do not tell (root may write anywhere they allow, and a
-    read-only or pseudo file system such as /proc refuses what they allow)."""
+    """Make `folder` (and the folders above it that are missing; the run writes there) and a
+    file in it, then remove the file: permissions alone do not tell (root may write anywhere
+    they allow, and a read-only or pseudo file system such as /proc refuses what they allow).
+    Processes that share the folder may probe it at once."""
     import tempfile
 
-    made: list[Path] = []
-    missing: list[Path] = []
     try:
-        p = folder
-        while not p.exists() and p != p.parent:
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir()
-            made.append(d)
+        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-trainer-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        where = exc.filename if exc.filename in map(str, missing) else folder
+        where = exc.filename if exc.filename and not str(exc.filename).startswith(
+            str(folder / ".onnx-trainer-probe-")) else folder
         raise TrainerError(f"{what} {path}: cannot write in {where}: {reason}") from None
-    finally:
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
 
 
 def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_size: int,
