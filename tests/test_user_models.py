@@ -860,6 +860,54 @@ def test_a_weight_stored_as_3d_transposes_trains_as_one(tmp_path):
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
 
 
+class FixedPositions(nn.Module):
+    """Whisper's encoder: positions from an Embedding looked up by torch.arange, kept fixed
+    (requires_grad=False), inside a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.pos = nn.Linear(4, 8), nn.Embedding(5, 8)
+        self.pos.requires_grad_(False)
+
+    def forward(self, x):
+        return self.proj(x) + self.pos(torch.arange(5))
+
+
+class PositionsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = FixedPositions(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+def test_a_folded_embedding_slice_is_named_by_its_table(tmp_path):
+    """The optimizer folds `self.pos(torch.arange(5))` into `embedding`, the table's rows; the
+    Embedding keeps no node. It was an unnamed tensor: `frozen: [enc.pos.weight]`, as README
+    says for Whisper's fixed positions, matched nothing. It is an alias of the table: the
+    PyTorch name freezes it, no fold is warned of, and the losses are PyTorch's."""
+    torch.manual_seed(0)
+    model = PositionsModel()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (5, 4), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.folded
+    assert [p.name for p in report.params if p.alias == "enc.pos.weight"] == ["embedding"]
+    x, y = random_batches(tmp_path, (5, 4))
+    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, frozen=["enc.pos.weight"],
+                            data={"train": {"path": "data.npz", "inputs": {"x": "x"},
+                                            "targets": {"label": "y"}},
+                                  "batch_size": BATCH, "shuffle": False})
+    trainer = Trainer(cfg, stream=io.StringIO())
+    assert "embedding" not in trainer.names
+    trainer.fit()
+    model.load_state_dict(state)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y, opt=opt), rtol=2e-4, atol=2e-5)
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

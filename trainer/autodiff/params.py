@@ -967,11 +967,11 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
         own = _own_missing(n, by_module)
         if not own:
             continue
-        views = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
-                 and _VIEW_OPS.match(x)]
-        if views and len(own) == 1 and _module_of(n) not in folded_buffers:
+        copies = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
+                  and _VIEW_OPS.match(x)]
+        if copies and len(own) == 1 and _module_of(n) not in folded_buffers:
             explained.add(own[0])
-            carriers.update(views)
+            carriers.update(copies)
         leaves = {params[ph].rpartition(".")[2] for ph in refs
                   if ph in params and ph not in missing}
         explained.update(ph for ph in own if missing[ph].rpartition(".")[2] in leaves)
@@ -985,7 +985,8 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
 def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained: set[str]
                   ) -> dict[str, str]:
     """{folded initializer: placeholder} for a child module's parameter that its parent reads
-    through a view (DETR: `self.query_position_embeddings.weight.unsqueeze(0).repeat(...)`):
+    through a view (DETR: `self.query_position_embeddings.weight.unsqueeze(0).repeat(...)`), or
+    through an Embedding's lookup of distinct rows (Whisper's positions, `embedding`):
     the optimizer folds the view into a tensor under a name of its own (`val_3`), read by a
     node of the parent whose FX node reads the folded view op's value (`%unsqueeze`, gone
     from the graph). It holds the one parameter of that module or a direct child that nothing
@@ -1003,17 +1004,41 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
     out: dict[str, str] = {}
     if not loose:
         return out
+    made = {o for n in g.node for o in n.output}
     for n in g.node:
         module = _module_of(n)
-        if module is None or not any(_VIEW_OPS.match(r) and r not in present
-                                     for r in _fx_reads(n)):
+        reads = _fx_reads(n)
+        view = any(_VIEW_OPS.match(r) and r not in present for r in reads)
+        # (a folded lookup keeps the FX value's name, `embedding`, as an initializer)
+        lookup = any(_EMBEDDING_OP.match(r) and r not in made for r in reads)
+        if module is None or not (view or lookup):
             continue
         cands = [ph for mod, phs in loose.items() for ph in phs
                  if mod == module or mod.rpartition(".")[0] == module]
         xs = [x for x in dict.fromkeys(n.input) if x in folded]
         if len(cands) == 1 and len(xs) == 1:
+            if not view and not _distinct_rows(g, xs[0]):
+                continue  # (an Embedding's lookup with repeated rows is no slice of it)
             out[xs[0]] = cands[0]
     return out
+
+
+# FX's name for an Embedding's lookup: by positions computed from torch.arange (Whisper's and
+# GPT-2's position embeddings) it is a slice of the table's rows, which the optimizer folds
+_EMBEDDING_OP = re.compile(r"^embedding(_\d+)?$")
+
+
+def _distinct_rows(g: onnx.GraphProto, name: str) -> bool:
+    """Whether the float initializer `name`'s rows (its last axis) are pairwise distinct, as
+    rows gathered from a table at distinct positions are."""
+    from onnx import numpy_helper
+
+    t = next(t for t in g.initializer if t.name == name)
+    if t.data_location == onnx.TensorProto.EXTERNAL or not t.dims:
+        return False
+    a = numpy_helper.to_array(t)
+    rows = a.reshape(-1, a.shape[-1])
+    return len(np.unique(rows, axis=0)) == len(rows)
 
 
 def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
