@@ -46,18 +46,24 @@ def _models():
     return with_fn, written
 
 
+def _trainer(tmp_path, x_input: str, output: str, loss: str, optimizer: dict, steps: int,
+             batch: int = 3, target: str = "y", **over) -> Trainer:
+    """A Trainer for m.onnx and d.npz (x, and `target`) in tmp_path: the batches in order, every
+    step's loss logged."""
+    train = {"path": "d.npz", "inputs": {x_input: "x"}, "targets": {"t": target}}
+    return Trainer(config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": steps,
+        "data": {"train": train, "batch_size": batch, "shuffle": False},
+        "loss": {"type": loss, "output": output, "target": "t"}, "optimizer": optimizer,
+        "log": {"every_steps": 1}, **over}, tmp_path), stream=io.StringIO())
+
+
 def _train(tmp_path, model):
     onnx.save(model, str(tmp_path / "m.onnx"))
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((12, 4)).astype(np.float32),
              y=rng.integers(0, 3, 12))
-    cfg = config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 4,
-        "data": {"train": {"path": "d.npz", "inputs": {"X": "x"}, "targets": {"t": "y"}},
-                 "batch_size": 3, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "Y", "target": "t"},
-        "optimizer": {"type": "adamw", "lr": 0.01}, "log": {"every_steps": 1}}, tmp_path)
-    t = Trainer(cfg, stream=io.StringIO())
+    t = _trainer(tmp_path, "X", "Y", "cross_entropy", {"type": "adamw", "lr": 0.01}, 4)
     return t, t.fit()
 
 
@@ -120,13 +126,7 @@ def test_the_bias_of_a_one_output_layer_trains_whatever_its_name(tmp_path, kind)
     rng = np.random.default_rng(4)
     x, y = rng.standard_normal((12, 4)).astype(np.float32), rng.standard_normal((12, 1))
     np.savez(tmp_path / "d.npz", x=x, y=y.astype(np.float32))
-    cfg = config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 4,
-        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
-                 "batch_size": 3, "shuffle": False},
-        "loss": {"type": "mse", "output": "y", "target": "t"},
-        "optimizer": {"type": "sgd", "lr": 0.1}, "log": {"every_steps": 1}}, tmp_path)
-    t = Trainer(cfg, stream=io.StringIO())
+    t = _trainer(tmp_path, "x", "y", "mse", {"type": "sgd", "lr": 0.1}, 4)
     t.fit()
     lin = torch.nn.Linear(4, 1)
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
@@ -183,16 +183,9 @@ def test_cross_entropy_on_binary_probabilities_is_the_log_loss(tmp_path):
     x = rng.standard_normal((6, 4)).astype(np.float32).astype(np.float64)
     y = rng.integers(0, 2, 6)
     np.savez(tmp_path / "d.npz", x=x.astype(np.float32), y=y)
-    cfg = config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
-        "precision": "fp64",
-        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
-                 "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
-                 "batch_size": 6, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "probabilities", "target": "t"},
-        "optimizer": {"type": "sgd", "lr": 0.5}, "log": {"every_steps": 1}}, tmp_path)
-    t = Trainer(cfg, stream=io.StringIO())
-    before = t.evaluate()["eval_loss"]
+    t = _trainer(tmp_path, "x", "probabilities", "cross_entropy", {"type": "sgd", "lr": 0.5},
+                 1, batch=6, precision="fp64")
+    before = t.evaluate(t.train_arrays)["eval_loss"]
 
     def log_loss(w_, b_):
         p = 1 / (1 + np.exp(-(x @ w_ + np.float32(b_))))[:, 0]
@@ -233,13 +226,8 @@ def test_the_running_variance_follows_the_exporting_framework(tmp_path, producer
     onnx.save(bn(["y"]), str(tmp_path / "m.onnx"))
     x = np.random.default_rng(0).standard_normal((3, c, 2, 2)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, t=np.zeros_like(x))
-    cfg = config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
-        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "t"}},
-                 "batch_size": 3, "shuffle": False},
-        "loss": {"type": "mse", "output": "y", "target": "t"},
-        "optimizer": {"type": "sgd", "lr": 1e-3}}, tmp_path)
-    out = onnx.load(Trainer(cfg, stream=io.StringIO()).fit()["output"])
+    t = _trainer(tmp_path, "x", "y", "mse", {"type": "sgd", "lr": 1e-3}, 1, target="t")
+    out = onnx.load(t.fit()["output"])
     got = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}["rv"]
     n = x.size // c
     var = x.astype(np.float64).var(axis=(0, 2, 3))
