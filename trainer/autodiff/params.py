@@ -956,11 +956,26 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
     params = {ph: t for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
     sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer}
     folded_buffers = _folded_buffer_modules(model)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def carried(names) -> set[str]:
+        """The values, and back through nodes that a later tool added (no FX node: the
+        QuantizeLinear and DequantizeLinear of fake quantization), their inputs."""
+        out, todo = set(), list(names)
+        while todo:
+            x = todo.pop()
+            if x in out:
+                continue
+            out.add(x)
+            p = producer.get(x)
+            if p is not None and not _meta(p, _FX_NODE_KEY):
+                todo += list(p.input)
+        return out
     for n in g.node:
         refs = _fx_reads(n)
         if refs & missing.keys():
             explained |= refs & missing.keys()
-            carriers.update(n.input)
+            carriers |= carried(n.input)
         for _, graphs in subgraphs(n):  # a tensor read inside a subgraph: not judged here
             for sub in graphs:
                 carriers |= outer_names(sub)

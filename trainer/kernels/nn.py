@@ -662,10 +662,13 @@ def CausalConvWithState(xp, x, w, b=None, past_state=None, *, activation="none")
 
 def window_covers_input(in_spatial, kernel_shape, dilations, pads, out) -> bool:
     """One output position per axis whose window, without gaps, holds every input position
-    (a kernel as large as the map or larger: a global pool in AveragePool's clothes)."""
+    and reaches past the padded input on some axis (a kernel larger than the map: a global
+    pool in AveragePool's clothes, whose window padded in full can be huge; the windows that
+    fit keep the general kernels)."""
     k = len(in_spatial)
     return all(out[i] == 1 and dilations[i] == 1 and pads[i] >= 0
-               and kernel_shape[i] - pads[i] >= in_spatial[i] for i in range(k))
+               and kernel_shape[i] - pads[i] >= in_spatial[i] for i in range(k)) and any(
+        kernel_shape[i] > in_spatial[i] + pads[i] + pads[i + k] for i in range(k))
 
 
 def avgpool_divisor(in_spatial, kernel_shape, strides, dilations, pads, out, count_include_pad):
