@@ -128,8 +128,7 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
     # Where the parameter's own module reads a folded tensor, that is the expression (Gemma3's
     # `1 + weight` in q_norm): the modules above it keep their computed constants (the rotary
     # tables its attention module reads).
-    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
-              and t.name not in named and int(np.prod(t.dims)) > 1}
+    folded = _folded_tensors(g, named)
     reads_folded = {_module_of(n) for n in g.node if any(x in folded for x in n.input)}
     suspect: set[str] = set()
     for ph in missing.keys() - explained:
@@ -149,6 +148,13 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
                      "PyTorch parameter)")
             for t in g.initializer if t.data_type in FLOAT_TYPES and t.name not in named
             and t.name not in carriers and int(np.prod(t.dims)) > 1}
+
+
+def _folded_tensors(g: onnx.GraphProto, named: set[str]) -> set[str]:
+    """Float initializers of more than one element that the export's signature does not name:
+    values the default exporter's constant folding made."""
+    return {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
+            and t.name not in named and int(np.prod(t.dims)) > 1}
 
 
 def _reader_index(nodes) -> dict[str, str]:
@@ -832,8 +838,7 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     used: set[str] = set()
     for n in g.node:
         used.update(re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1])
-    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
-              and t.name not in named and int(np.prod(t.dims)) > 1}
+    folded = _folded_tensors(g, named)
     reads_folded = {_module_of(n) for n in g.node if any(x in folded for x in n.input)}
     recovered = {lk.source for lk in find_folded_lookups(model).values()}  # table[index]
 
@@ -1010,8 +1015,7 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
     named = {t for _, t in signature_entries(model).values()}
     present = {t.name for t in g.initializer} | {vi.name for vi in g.input} | {
         o for n in g.node for o in n.output}
-    folded = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES
-              and t.name not in named and int(np.prod(t.dims)) > 1}
+    folded = _folded_tensors(g, named)
     loose: dict[str, list[str]] = {}  # module -> its missing parameters nothing accounts for
     for ph, t in missing.items():
         if ph not in explained:
