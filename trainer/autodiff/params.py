@@ -841,6 +841,8 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     folded = _folded_tensors(g, named)
     reads_folded = {_module_of(n) for n in g.node if any(x in folded for x in n.input)}
     recovered = {lk.source for lk in find_folded_lookups(model).values()}  # table[index]
+    # (a parameter the optimizer records as folded into a tensor is in use, wherever it was)
+    consumed = {x for names in _folded_from(model).values() for x in names}
 
     def in_use(name: str) -> bool:
         """Its module has nodes; a parametrization's (weight_norm's original0 under
@@ -850,7 +852,8 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
         module = name.rpartition(".")[0]
         owner = module.split(".parametrizations.")[0]
         parent = module.rpartition(".")[0]
-        return not used or owner in used or (parent != "" and parent in reads_folded)
+        return (not used or owner in used or name in consumed
+                or (parent != "" and parent in reads_folded))
     return sorted(t for ph, t in missing.items()
                   if ph not in explained and t not in recovered and in_use(t))
 
@@ -859,6 +862,55 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
 _VIEW_OPS = re.compile(r"^(permute|t|transpose|view|_unsafe_view|reshape|unsqueeze|squeeze|"
                        r"expand|clone|alias|contiguous|detach|_to_copy)(_\d+)?$")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+_FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
+_VALUE_NAME = re.compile(r"^val_\d+$")  # a value inside one FX op's decomposition
+
+
+def _folded_from(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """{folded initializer: the values its constant folding consumed}, as onnxscript's optimizer
+    (>= 0.5, the default exporter's) records them in the value's metadata; empty without."""
+    import ast
+
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    out: dict[str, list[str]] = {}
+    for holder in (*g.value_info, *g.initializer):
+        text = next((p.value for p in holder.metadata_props if p.key == _FOLDED_FROM_KEY), None)
+        if holder.name not in inits or text is None:
+            continue
+        try:
+            names = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(names, (list, tuple)):
+            out[holder.name] = [str(x) for x in names]
+    return out
+
+
+def folded_views(model: onnx.ModelProto) -> dict[str, str | None]:
+    """{folded initializer: the parameter it is a view of, or None for any other expression}
+    for the tensors whose origin the default exporter's optimizer recorded (onnxscript >= 0.5
+    writes `folded_from`, every value the constant folding consumed, on the value's metadata).
+    A view (`w.unsqueeze(-1)`, `w.t()`, a Linear weight's transpose) was folded from one
+    parameter through FX view ops and values inside an op's decomposition (`val_3`) only;
+    BiT's `batch_norm(w.reshape(...)).view_as(w)` names `getitem` too: an expression, though
+    the tensor is named after its last op (`view_1`). Empty for other exports."""
+    entries = signature_entries(model)
+    params = {t for kind, t in entries.values() if kind == "PARAMETER"}
+    others = {t for kind, t in entries.values() if kind != "PARAMETER"}
+    out: dict[str, str | None] = {}
+    for x, names in _folded_from(model).items():
+        sources = [y for y in names if y in params]
+        # (the tensor's own name is its last op's: `exp` for `self.logit_scale.exp()`)
+        ops = [y for y in (x, *names) if y not in params and y not in others
+               and not _VALUE_NAME.match(y)]
+        # (`expand` is no view here: its copies of one entry would train apart)
+        view = (len(sources) == 1 and not any(y in others for y in names)
+                and all(_VIEW_OPS.match(y) and not y.startswith("expand") for y in ops))
+        out[x] = sources[0] if view else None
+    return out
 
 
 def _module_of(n: onnx.NodeProto) -> str | None:
@@ -916,7 +968,12 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     folded = {t.name for t in model.graph.initializer
               if t.data_type in FLOAT_TYPES and t.name not in named}
     folded_buffers = _folded_buffer_modules(model)
+    records = folded_views(model)
     found: dict[str, set[str]] = {}
+    lost = set(missing.values())
+    for x, src in records.items():
+        if x in folded and src in lost:
+            found.setdefault(x, set()).add(src)
     base = _missing_parameter_uses(model, views=False)[1]
     for x, ph in _parent_views(model, missing, base).items():
         found.setdefault(x, set()).add(missing[ph])
@@ -925,7 +982,7 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
         own = _own_missing(n, by_module)
         picked = _pick_missing(n, refs, missing)
         for x in n.input:
-            if x not in folded:
+            if x not in folded or x in records:
                 continue
             if picked is not None:
                 found.setdefault(x, set()).add(missing[picked])
@@ -962,6 +1019,12 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
     sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer}
     folded_buffers = _folded_buffer_modules(model)
     producer = {o: n for n in g.node for o in n.output}
+    records = folded_views(model)  # (the optimizer's own record of a view, where it wrote one)
+    placeholder = {t: ph for ph, t in missing.items()}
+    for x, src in records.items():
+        if src in placeholder:
+            explained.add(placeholder[src])
+            carriers.add(x)
 
     def carried(names) -> set[str]:
         """The values, and back through nodes that a later tool added (no FX node: the
@@ -976,10 +1039,16 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
             if p is not None and not _meta(p, _FX_NODE_KEY):
                 todo += list(p.input)
         return out
+    consumed = _folded_from(model)
     for n in g.node:
         refs = _fx_reads(n)
         if refs & missing.keys():
-            explained |= refs & missing.keys()
+            # (a folded input the optimizer records as an expression of the parameter with
+            # other values, as Swinv2's position-bias Linear applied to its buffer table, is
+            # no layout of it: the parameter stays unaccounted for, so warned of)
+            mixed = {placeholder[y] for x in n.input if records.get(x, "") is None
+                     for y in consumed.get(x, ()) if y in placeholder}
+            explained |= (refs & missing.keys()) - mixed
             carriers |= carried(n.input)
         for _, graphs in subgraphs(n):  # a tensor read inside a subgraph: not judged here
             for sub in graphs:
@@ -988,7 +1057,7 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
         if not own:
             continue
         copies = [x for x in n.input if x in sizes and x not in named and sizes[x] > 1
-                  and _VIEW_OPS.match(x)]
+                  and x not in records and _VIEW_OPS.match(x)]
         if copies and len(own) == 1 and _module_of(n) not in folded_buffers:
             explained.add(own[0])
             carriers.update(copies)
@@ -1024,6 +1093,7 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
     if not loose:
         return out
     made = {o for n in g.node for o in n.output}
+    records = folded_views(model)
     for n in g.node:
         module = _module_of(n)
         reads = _fx_reads(n)
@@ -1034,7 +1104,10 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
             continue
         cands = [ph for mod, phs in loose.items() for ph in phs
                  if mod == module or mod.rpartition(".")[0] == module]
-        xs = [x for x in dict.fromkeys(n.input) if x in folded]
+        # (an expression the optimizer recorded is no view; an Embedding's lookup is judged
+        # by its rows below)
+        xs = [x for x in dict.fromkeys(n.input)
+              if x in folded and (lookup or records.get(x, "") is not None)]
         if len(cands) == 1 and len(xs) == 1:
             if not view and not _distinct_rows(g, xs[0]):
                 continue  # (an Embedding's lookup with repeated rows is no slice of it)
