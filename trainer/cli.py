@@ -116,9 +116,10 @@ def _grad(args) -> int:
     import onnx
 
     from trainer.autodiff import build_training_graph
+    from trainer.contrib import lower_contrib
     from trainer.graph import load_model
 
-    model = load_model(args.model)
+    model = lower_contrib(load_model(args.model), inplace=True)
     if args.precision in ("bf16", "fp16"):
         from trainer.autocast import autocast
         model, _, _ = autocast(model, args.precision)

@@ -31,6 +31,19 @@ _WHY = {
     (lambda op: op.startswith("TreeEnsemble")): (
         "tree ensembles have no gradient (their splits are not differentiable): they cannot "
         "be trained by gradient descent"),
+    # onnxruntime's own operators that trainer.contrib does not lower
+    (lambda op: op in ("ReorderInput", "ReorderOutput")): (
+        "ReorderInput/ReorderOutput are onnxruntime's NCHWc layout for one CPU (a model saved "
+        "at ORT_ENABLE_ALL, which onnxruntime warns is hardware specific): save it at "
+        "ORT_ENABLE_EXTENDED, or train the model before optimizing it"),
+    (lambda op: op in ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")): (
+        "4-bit weights (onnxruntime's MatMulNBits quantization) hold no float parameter to "
+        "train: fine-tune the float model, then quantize it"),
+    (lambda op: op in ("GroupQueryAttention", "RotaryEmbedding", "PagedAttention",
+                       "DecoderMaskedMultiHeadAttention", "SparseAttention")): (
+        "onnxruntime's decoding operators (key/value caches, rotary embeddings) belong to a "
+        "model built for generation (onnxruntime-genai's builder): train the model it was "
+        "built from"),
 }
 
 

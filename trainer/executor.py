@@ -66,11 +66,15 @@ def graph_kernel(node: onnx.NodeProto):
     return None
 
 
-def _missing(model: onnx.ModelProto, graph: onnx.GraphProto, prefix: str
-             ) -> list[tuple[str, str]]:
+def _missing(model: onnx.ModelProto, graph: onnx.GraphProto, prefix: str,
+             lowered: bool = False) -> list[tuple[str, str]]:
+    from trainer.contrib import contrib_key
+
     out = []
     for i, node in enumerate(graph.node):
         name = prefix + node_name(node, i)
+        if lowered and not prefix and contrib_key(node, model):
+            continue
         if get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is None \
                 and graph_kernel(node) is None:
             out.append((node.op_type, name))
@@ -81,11 +85,13 @@ def _missing(model: onnx.ModelProto, graph: onnx.GraphProto, prefix: str
     return out
 
 
-def missing_kernels(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """Every (op_type, node name) of the graph and its subgraphs that has no forward kernel.
+def missing_kernels(model: onnx.ModelProto, lowered: bool = False) -> list[tuple[str, str]]:
+    """Every (op_type, node name) of the graph and its subgraphs that has no forward kernel;
+    with `lowered`, onnxruntime's fused nodes of the main graph that trainer.contrib lowers to
+    standard ops are not listed.
 
     Nodes inside a subgraph are named by path: `loop/body/Add_3`."""
-    return _missing(model, model.graph, "")
+    return _missing(model, model.graph, "", lowered)
 
 
 def _reads(node: onnx.NodeProto) -> tuple[str, ...]:

@@ -637,8 +637,10 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     any, need not be the first; `device`: the step runs on a GPU (its convolutions split the
     batch into larger chunks than the host's); `at_batch_only`: a probe runs at `batch` itself
     (the model holds values made for that batch: integer data.constants baked in)."""
+    from trainer.contrib import lower_contrib
+
     t0 = time.perf_counter()
-    sm = compute_structure(model, precision)
+    sm = compute_structure(lower_contrib(model), precision)  # (as the training graph is built)
 
     def at(b: int) -> dict[str, tuple[int, ...]]:
         fixed = dict(constant_shapes(b)) if constant_shapes is not None else {}
@@ -664,7 +666,7 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
             if isinstance(why, ModelError):
                 raise
             raise TrainerError(f"the memory estimate needs the model's values: {why}") from None
-        full = full_model()
+        full = lower_contrib(full_model())
         note = ""
         try:
             small = {b: _probed_structure(full, loss, trainable, frozen, batchnorm, at(b),

@@ -72,7 +72,7 @@ class TrainerBackend(Backend):
     @classmethod
     def is_compatible(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> bool:
         from trainer.executor import missing_kernels
-        return cls.supports_device(device) and not missing_kernels(model)
+        return cls.supports_device(device) and not missing_kernels(model, lowered=True)
 
     @classmethod
     def prepare(cls, model: onnx.ModelProto | str | bytes, device: str = "CPU",
@@ -82,7 +82,8 @@ class TrainerBackend(Backend):
         elif isinstance(model, bytes):
             model = onnx.load_from_string(model)
         super().prepare(model, device, **kwargs)  # onnx.checker
-        return TrainerRep(model, device)
+        from trainer.contrib import lower_contrib
+        return TrainerRep(lower_contrib(model), device)  # (onnxruntime's fused nodes lowered)
 
     @classmethod
     def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU",

@@ -30,6 +30,8 @@ from trainer.autodiff.params import (
     tie_folded_copies,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
+from trainer.contrib import contrib_key, has_contrib, lower_contrib
+from trainer.errors import ModelError
 from trainer.graph import lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 
@@ -60,6 +62,7 @@ class Report:
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
     detached: list[str] = field(default_factory=list)  # values read through .detach()
     lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
+    fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
 
     @property
     def opset_text(self) -> str:
@@ -67,7 +70,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.nodes) and any(p.role == PARAMETER for p in self.params)
+        return (all(r.ok for r in self.nodes) and any(p.role == PARAMETER for p in self.params)
+                and not self.fused_error)
 
     def text(self) -> str:
         width = max([len(r.name) for r in self.nodes] + [4])
@@ -105,6 +109,9 @@ class Report:
         if self.detached:
             lines.append(detached_line(self.detached))
         lines += warning_lines(self.folded, self.fused, self.computed)
+        if self.fused_error:
+            lines.append(self.fused_error)
+            bad += self.fused_error.count(" node '")
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
@@ -223,25 +230,35 @@ def model_report(model: onnx.ModelProto) -> Report:
     # Finding tied copies compares values; a model whose large tensors were left unread skips it.
     tied = {} if any(is_stub(t) for t in model.graph.initializer) else \
         tie_folded_copies(model)
-    nodes = list(model.graph.node)
-    types = _FloatDefault(_value_types(model))
+    run, fused_error = model, ""  # (onnxruntime's fused nodes: as the standard ops they are)
+    if has_contrib(model):
+        try:
+            run = lower_contrib(model)
+        except ModelError as exc:
+            fused_error = str(exc)
+    nodes = list(run.graph.node)
+    types = _FloatDefault(_value_types(run))
     outputs = [o.name for o in model.graph.output]
-    params = parameter_table(model, nodes, outputs, types)
+    params = parameter_table(run, nodes, outputs, types)
     trained = {p.name for p in params if p.role == PARAMETER}
-    active = set(active_nodes(nodes, outputs, trained, types)[0])
+    active = {o for i in active_nodes(nodes, outputs, trained, types)[0] for o in nodes[i].output}
     rows = []
-    for i, node in enumerate(nodes):
+    for i, node in enumerate(model.graph.node):
+        if run is not model and contrib_key(node, model):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))
+            continue
         fwd = get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is not None
         grad = gradient_status(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
         if grad == "missing":
-            grad = "MISSING" if i in active else "not needed"
+            grad = "MISSING" if any(o in active for o in node.output) else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
                         if o.domain not in ("", "ai.onnx"))
     single = [p for p in single_bias_masks(model) if p in trained]
     detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *folded,
-                  imports=imports, single_bias=single, detached=detached, lookups=lookups)
+                  imports=imports, single_bias=single, detached=detached, lookups=lookups,
+                  fused_error=fused_error)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

@@ -46,6 +46,7 @@ from trainer.comm import get_communicator
 from trainer.comm.base import padded_size
 from trainer.comm.buckets import Buckets
 from trainer.config import Config, LossScaleConfig, blas_threads
+from trainer.contrib import contrib_counts, lower_contrib
 from trainer.data import (
     Batches,
     DeviceUploads,
@@ -148,7 +149,7 @@ class Trainer:
             self.preflight.raise_problems()
         self._check_paths()
         self.model = load_model(cfg.model)
-        missing = missing_kernels(self.model)
+        missing = missing_kernels(self.model, lowered=True)
         if missing:  # every unsupported node, before any data is read
             raise UnsupportedOpError("forward kernel", missing)
         lifted = lift_weights(self.model)
@@ -163,6 +164,12 @@ class Trainer:
                           f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
                           + (" ..." if len(untied) > 6 else ""))
         train_model = copy.deepcopy(self.model)
+        fused = contrib_counts(train_model)
+        if fused:  # (raises, naming each node of a form it does not lower)
+            lower_contrib(train_model, inplace=True)
+            self.log.info("onnxruntime's fused nodes train as the standard ONNX ops they stand "
+                          "for (the export keeps them): " + ", ".join(
+                              f"{op} x{k}" for op, k in sorted(fused.items())))
         if needs_recurrent_opset(self.model):
             self.log.info(f"the training graph is built from the model converted from opset "
                           f"{opset_of(self.model)} to {RECURRENT_OPSET} (the recurrent gradient "
