@@ -366,3 +366,20 @@ def test_an_overflowing_step_prints_no_numpy_warnings(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "loss became nan" in proc.stderr
     assert "RuntimeWarning" not in proc.stdout + proc.stderr
+
+
+def test_a_transpose_with_negative_axes_is_refused_by_name():
+    """PyTorch's TorchScript exporter writes perm=[0, -2, -1, 1] for Hugging Face's Mamba2 and
+    Bamba, which ONNX does not allow (onnxruntime refuses the file). NumPy ran it, and the
+    gradient rule's inverse permutation of it was wrong: a shape error in a Mul's gradient.
+    Now the node and its perm are named."""
+    from trainer.errors import TrainerError
+    from trainer.executor import Executor
+
+    g = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], name="bad_perm", perm=[0, -2, -1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(TrainerError, match=r"bad_perm.*perm \[0, -2, -1, 1\] is not a perm"):
+        Executor(model).run({"x": np.zeros((2, 3, 4, 5), np.float32)})

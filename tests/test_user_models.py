@@ -13,6 +13,7 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
@@ -874,6 +875,114 @@ def test_a_folded_expression_ending_in_a_view_is_warned_not_trained_as_the_param
     assert report.folded == ["conv.weight"]
     assert not [p for p in report.params if p.alias]
     assert "WARNING" in report.text() and "conv.weight" in report.text()
+
+
+class TwoNorms(nn.Module):
+    """Two fresh LayerNorms (weights all ones, biases all zeros): equal tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.n1 = nn.Linear(6, 8), nn.LayerNorm(8)
+        self.l2, self.n2 = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.n2(self.l2(torch.tanh(self.n1(self.l1(x))))))
+
+
+def test_equal_tensors_a_tool_stored_once_are_warned_of(tmp_path):
+    """The default exporter's optimizer stores a fresh model's equal LayerNorm weights once,
+    and its records let the engine give each its own again. A later tool that drops the
+    records (onnx's version converter, onnxsim, onnxoptimizer, onnxruntime's optimizers) left
+    them shared, training as one tensor where PyTorch trains two, with no warning."""
+    from onnx import version_converter
+
+    torch.manual_seed(0)
+    proto = export(TwoNorms(), (6,), "dynamo")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.shared and "equal values" not in report.text()
+    onnx.save(version_converter.convert_version(proto, 21), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert any("read by 2 nodes" in s for s in report.shared)
+    assert "WARNING: tensors of equal values" in report.text()
+    random_batches(tmp_path, (6,))
+    stream = io.StringIO()
+    Trainer(classifier_config(tmp_path, steps=1), stream=stream)
+    assert "WARNING: tensors of equal values" in stream.getvalue()
+
+
+class SharedBlock(nn.Module):
+    """One block used in two places on 3-D inputs (Zamba's shared transformer block): the
+    optimizer folds its Linear's transpose once per use (64 x 64: too large to be stored once
+    as equal tensors), and the weight itself is not in the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(64, 64, bias=False), nn.LayerNorm(64)
+        self.mid, self.head = nn.Linear(64, 64), nn.Linear(64, 5)
+
+    def block(self, x):
+        return x + self.proj(self.norm(x))
+
+    def forward(self, x):
+        return self.head(self.block(torch.tanh(self.mid(self.block(x)))).mean(1))
+
+
+def test_a_module_used_twice_trains_one_weight(tmp_path):
+    """The two folded transposes held one parameter (the records said so for each) but
+    trained apart: 8 tensors for PyTorch's 7, 4e-2 from PyTorch's losses, no warning. Tied
+    as copies: PyTorch's tensors and losses; its LayerNorm, shared the same way in PyTorch,
+    is not warned of as merged."""
+    torch.manual_seed(0)
+    model = SharedBlock()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (4, 64), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert [kind for _, kind in report.tied.values()] == ["copy"]
+    assert not report.shared and "WARNING" not in report.text()
+    x, y = random_batches(tmp_path, (4, 64))
+    trainer = ordered_trainer(tmp_path)
+    assert len(trainer.names) == len(list(model.parameters()))
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    copies = [numpy_helper.to_array(t) for t in out.graph.initializer if t.name in report.tied]
+    sources = [numpy_helper.to_array(t) for t in out.graph.initializer
+               if t.name in {s for s, _ in report.tied.values()}]
+    np.testing.assert_array_equal(copies[0], sources[0])  # (exported from the one tensor)
+
+
+class RoutedExpert(nn.Module):
+    """One expert of a sparse mixture: the tokens it gets are picked by torch.nonzero."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.expert = nn.Linear(4, 2, bias=False), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        p = torch.softmax(self.gate(x), -1)
+        sel = torch.nonzero(p[:, 0] > 0.5)[:, 0]
+        h = self.expert(x[sel]) * p[sel, :1]
+        return self.head(torch.zeros_like(x).index_add(0, sel, h))
+
+
+def test_a_step_whose_sizes_follow_the_data_says_why_it_fails(tmp_path):
+    """The gradient graph holds the sizes of the zero-input probe; a batch routing another
+    number of tokens to the expert failed with a bare reshape error. It now names the NonZero
+    node and says what to export instead."""
+    torch.manual_seed(0)
+    model = RoutedExpert()
+    with torch.no_grad():
+        model.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    onnx.save(export(model, (4,), "dynamo"), str(tmp_path / "model.onnx"))
+    random_batches(tmp_path, (4,))
+    trainer = ordered_trainer(tmp_path)
+    with pytest.raises(ModelError, match="output size follows the data .NonZero.*dense form"):
+        trainer.fit()
 
 
 class BufferMLPBias(nn.Module):

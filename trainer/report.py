@@ -26,6 +26,7 @@ from trainer.autodiff.params import (
     fused_batchnorms,
     parameter_table,
     repair_exported_model,
+    shared_constants,
     single_bias_masks,
     tie_folded_copies,
 )
@@ -60,6 +61,7 @@ class Report:
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
+    shared: list[str] = field(default_factory=list)  # params.shared_constants
     detached: list[str] = field(default_factory=list)  # values read through .detach()
     lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
     fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
@@ -109,6 +111,8 @@ class Report:
         if self.detached:
             lines.append(detached_line(self.detached))
         lines += warning_lines(self.folded, self.fused, self.computed)
+        if self.shared:
+            lines.append(shared_line(self.shared))
         if self.fused_error:
             lines.append(self.fused_error)
             bad += self.fused_error.count(" node '")
@@ -192,7 +196,18 @@ FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (consta
                "(a parameter that the exported computation does not use, such as a mask token "
                "read only with an optional input, is listed too and needs nothing)")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
-         "reshape": "is a copy in another shape (a view the exporter folded) of"}
+         "reshape": "is a copy in another shape (a view the exporter folded) of",
+         "copy": "is a second copy (one parameter used twice, folded once per use) of"}
+
+
+def shared_line(found: list[str]) -> str:
+    """The warning for params.shared_constants."""
+    return ("WARNING: tensors of equal values that several nodes read train as one tensor: a "
+            "fresh model's equal parameters (LayerNorm ones, zero biases) that the exporter or a "
+            "later tool (onnxsim, onnxoptimizer, onnxruntime's optimizers) stored once, where "
+            "PyTorch trains one per layer; export a trained or perturbed checkpoint, or train "
+            "the exporter's own output (its records let each get its own tensor back): "
+            + ", ".join(found[:8]) + (f" ... ({len(found)} in all)" if len(found) > 8 else ""))
 
 
 def single_bias_line(names: list[str]) -> str:
@@ -254,11 +269,13 @@ def model_report(model: onnx.ModelProto) -> Report:
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
                         if o.domain not in ("", "ai.onnx"))
+    untied = [u for u in untied if u in trained]  # (untied constants are no parameters)
     single = [p for p in single_bias_masks(model) if p in trained]
+    shared = shared_constants(model, sorted(trained))
     detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *folded,
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
-                  fused_error=fused_error)
+                  fused_error=fused_error, shared=shared)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

@@ -29,6 +29,7 @@ from trainer.autodiff.params import (
     parameter_aliases,
     quantization_scales,
     repair_exported_model,
+    shared_constants,
     single_bias_masks,
     tie_folded_copies,
     tied_perm,
@@ -55,7 +56,13 @@ from trainer.data import (
     load_arrays,
     prefetching,
 )
-from trainer.errors import DataError, Interrupted, TrainerError, UnsupportedOpError
+from trainer.errors import (
+    DataError,
+    Interrupted,
+    ModelError,
+    TrainerError,
+    UnsupportedOpError,
+)
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import (
@@ -80,6 +87,26 @@ from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
 
 SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
+
+
+# ops whose output's size follows the values of their input, not its shape alone
+_DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
+
+
+def data_dependent_hint(model: onnx.ModelProto) -> str:
+    """What a failed step says where the model has nodes whose output size follows the data
+    (a sparse mixture of experts picks each expert's tokens with NonZero): the training graph
+    is built with the sizes of one run on zeros and cannot follow them yet."""
+    found = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.graph.node
+             if n.op_type in _DATA_SIZED and n.domain in ("", "ai.onnx")]
+    if not found:
+        return ""
+    return (f"the model has {len(found)} node(s) whose output size follows the data ("
+            + ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+            + "), as a sparse mixture of experts picks each expert's tokens: the gradient "
+            "graph is built with the sizes of one run on zeros and cannot follow sizes that "
+            "change from batch to batch yet; export a dense form of the model (every expert "
+            "on every token, weighted by the router's probabilities)")
 
 
 @dataclass
@@ -158,11 +185,8 @@ class Trainer:
                           "as Constant nodes are initializers of the main graph here (trained "
                           f"by the same rules, exported there): {', '.join(lifted[:4])}"
                           + (" ..." if len(lifted) > 4 else ""))
-        untied = repair_exported_model(self.model)
-        if untied:
-            self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "
-                          f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
-                          + (" ..." if len(untied) > 6 else ""))
+        # (said once the trained tensors are known: constants untied are no parameters)
+        self._untied = repair_exported_model(self.model)
         train_model = copy.deepcopy(self.model)
         fused = contrib_counts(train_model)
         if fused:  # (raises, naming each node of a form it does not lower)
@@ -493,9 +517,17 @@ class Trainer:
         made = {o: i for i, n in enumerate(tm.graph.node) for o in n.output}
         self.names = sorted(info.gradients, key=lambda k: made.get(info.gradients[k], 0))
         self.shapes = {k: values[k].shape for k in self.names}
+        untied = [k for k in self._untied if k in self.shapes]
+        if untied:
+            self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "
+                          f"tensor or dropped get their own tensor again: {', '.join(untied[:6])}"
+                          + (" ..." if len(untied) > 6 else ""))
         single = [k for k in single_bias_masks(self.model) if k in self.shapes]
         if single:
             self.log.info(report.single_bias_line(single))
+        shared = shared_constants(self.model, self.names)
+        if shared:
+            self.log.info(report.shared_line(shared))
         nodes = self.model.graph.node
         detached = list(dict.fromkeys(nodes[i].input[k]
                                       for i, k in detached_inputs(self.model)))
@@ -601,7 +633,13 @@ class Trainer:
         # A non-finite value is found and reported by the step itself (the loss's check names
         # the first node that made one; on_nan; fp16's loss scaler), not by NumPy's warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._train_step(micro, lr)
+            try:
+                return self._train_step(micro, lr)
+            except ModelError as exc:
+                hint = data_dependent_hint(self.run_model)
+                if not hint:
+                    raise
+                raise ModelError(f"{exc}; {hint}") from exc
 
     def _train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
         xp = self.xp

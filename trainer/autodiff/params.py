@@ -349,6 +349,37 @@ _KERAS_PRODUCERS = ("tf2onnx", "keras2onnx")
 _KERAS_PREPROCESSING = re.compile(r"(^|/)(normalization|rescaling)(_\d+)*/")
 
 
+def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str]:
+    """Trained tensors of more than one element whose values are all equal (a fresh model's
+    LayerNorm ones, zero biases) that two or more nodes read: an exporter's optimizer or a
+    later tool (onnxsim, onnxoptimizer, onnxruntime's optimizers, the version converter)
+    stores equal tensors once, so the layers that PyTorch trains apart share one tensor. The
+    default exporter's records let `repair_exported_model` give each its own again; those
+    left (the records gone, or a TorchScript export) are listed as 'name (all 1, read by k
+    nodes)'. A tensor that a model shares on purpose (tied embeddings, ALBERT's layers) holds
+    trained values, not a constant; one the export's signature names a parameter is one in
+    PyTorch too (a module used twice)."""
+    from onnx import numpy_helper
+
+    signature = torch_signature(model)
+
+    readers: dict[str, set[int]] = {}
+    for i, n in enumerate(model.graph.node):
+        for x in n.input:
+            readers.setdefault(x, set()).add(i)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for name in trained:
+        t = inits.get(name)
+        k = len(readers.get(name, ()))
+        if t is None or k < 2 or int(np.prod(t.dims)) < 2 or signature.get(name) == "PARAMETER":
+            continue
+        a = numpy_helper.to_array(t)
+        if a.size and (a == a.flat[0]).all():
+            out.append(f"{name} (all {a.flat[0]:g}, read by {k} nodes)")
+    return out
+
+
 def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """{bias initializer: gradient mask} for recurrent layers whose ONNX bias B = [Wb, Rb]
     holds one bias of the source model and zeros. Keras's LSTM and SimpleRNN (and its GRU
@@ -1182,7 +1213,7 @@ def tied_perm(kind: str) -> list[int]:
 
 def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     """Tie parameters the exporter stored twice, in place; returns {copy: (source, "transpose"
-    | "transpose:<perm>" | "reshape")}.
+    | "transpose:<perm>" | "reshape" | "copy")}.
 
     Both PyTorch exporters fold an expression of initializers alone into a new initializer.
     With tied input and output embeddings (`lm_head.weight = embed.weight`) the output
@@ -1221,16 +1252,22 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
         digest = hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest()
         by_flat.setdefault((a.dtype.str, digest), []).append(t.name)
     tied: dict[str, tuple[str, str]] = {}
-    # reshapes: the same bytes in another shape
+    # (the default exporter's records: which parameter each folded copy holds)
+    aliases = parameter_aliases(model) if signature else {}
+    # reshapes: the same bytes in another shape; copies: in the same shape, where the records
+    # say both hold one parameter (a module used twice: its Linear's transpose folded per use)
     for names in by_flat.values():
         names = sorted(names, key=rank)
         for other in names[1:]:
             src = names[0]
             if signature.get(other) == "PARAMETER":
                 continue  # two parameters of PyTorch's, equal by chance or by copy: separate
-            if arrays[other].shape != arrays[src].shape and \
-                    np.array_equal(arrays[other].reshape(-1), arrays[src].reshape(-1)):
+            if not np.array_equal(arrays[other].reshape(-1), arrays[src].reshape(-1)):
+                continue
+            if arrays[other].shape != arrays[src].shape:
                 tied[other] = (src, "reshape")
+            elif other in aliases and aliases[other] == aliases.get(src, src):
+                tied[other] = (src, "copy")
     # transposes (2-D)
     for name, a in sorted(arrays.items(), key=lambda kv: rank(kv[0])):
         if a.ndim != 2 or name in tied:
@@ -1276,7 +1313,7 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
             if kind.startswith("transpose"):
                 nodes.append(helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
                                               perm=tied_perm(kind)))
-            else:
+            else:  # (a "copy" too: an Identity would read as one of untie_identity_aliases)
                 shape = f"{copy}/Tied/shape"
                 g.initializer.append(numpy_helper.from_array(
                     np.array(arrays[copy].shape, np.int64), shape))

@@ -70,6 +70,13 @@ def Flatten(xp, x, *, axis=1):
 
 @kernel("Transpose")
 def Transpose(xp, x, *, perm=None):
+    if perm is not None and sorted(perm) != list(range(x.ndim)):
+        # (PyTorch's TorchScript exporter writes perm=[0, -2, -1, 1] for some models, which
+        # onnxruntime refuses too; NumPy would take it, and its gradient would be wrong)
+        raise ValueError(f"perm {list(perm)} is not a permutation of the axes 0..{x.ndim - 1} "
+                         "(ONNX allows no negative or repeated axes; onnxruntime refuses this "
+                         "model as well): export the model again, e.g. with the default "
+                         "exporter (dynamo=True)")
     return (x.transpose(perm) if perm is not None else x.transpose(),)
 
 
