@@ -325,3 +325,29 @@ def test_check_lists_fused_nodes_as_lowered(bert):
     assert report.ok
     trained = [p.name for p in report.params if p.role == "parameter"]
     assert "we.weight" in trained and any("qkv" in p for p in trained)
+
+
+def test_a_batchnorm_that_onnxruntime_folded_is_warned_of(tmp_path):
+    """A session's optimizer (from ORT_ENABLE_BASIC on) folds an eval-form BatchNormalization
+    into the convolution before it: the layer would train without batch statistics, silently
+    (13% from PyTorch's losses on a small CNN). Its weights' names (ConvBnFusion_W_...) say
+    so: `check` and `train` warn."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 6, 6),), str(tmp_path / "cnn.onnx"),
+                          dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
+                          do_constant_folding=False)  # (eval form, BatchNormalization kept)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "cnn.onnx")).graph.node}
+    assert "BatchNormalization" in ops
+    assert not model_report(load_model(tmp_path / "cnn.onnx")).fused
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "cnn_ort.onnx")
+    ort.InferenceSession(str(tmp_path / "cnn.onnx"), so, providers=["CPUExecutionProvider"])
+    report = model_report(load_model(tmp_path / "cnn_ort.onnx"))
+    assert len(report.fused) == 1 and "(onnxruntime)" in report.fused[0]
+    assert "WARNING: BatchNormalization layers" in report.text()

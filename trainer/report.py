@@ -29,6 +29,7 @@ from trainer.autodiff.params import (
     shared_constants,
     single_bias_masks,
     tie_folded_copies,
+    tool_fused_batchnorms,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
@@ -151,10 +152,12 @@ class _FloatDefault(dict):
 
 
 FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convolution before "
-              "them (an eval-mode export does; the default exporter's optimizer does in any mode) "
+              "them (an eval-mode export does; the default exporter's optimizer does in any mode; "
+              "so do onnxruntime's optimizers, onnxsim and onnxslim run on an export) "
               "train as part of it, without batch statistics, unlike PyTorch's .train(); to "
               "train them, export with optimize=False (default exporter) or with dynamo=False, "
-              "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False")
+              "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, and train "
+              "that file before simplifying or optimizing it")
 
 
 def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], list[str]]:
@@ -164,7 +167,8 @@ def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], lis
     expression of parameters), for the warnings of `check` and `train`."""
     bn, computed = folded_conv_weights(model)
     return (folded_parameters(model),
-            fused_batchnorms(model) or [f"the one after {name}" for name in bn], computed)
+            fused_batchnorms(model) or [f"the one after {name}" for name in bn]
+            or tool_fused_batchnorms(model), computed)
 
 
 def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> list[str]:

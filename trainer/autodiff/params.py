@@ -1182,6 +1182,32 @@ def fused_batchnorms(model: onnx.ModelProto) -> list[str]:
     return list(found)
 
 
+_CONV_OPS = ("Conv", "ConvTranspose", "FusedConv")
+_ONNXSIM_VALUE = re.compile(r"^_v_\d+$")
+
+
+def tool_fused_batchnorms(model: onnx.ModelProto) -> list[str]:
+    """Convolutions into which a tool run on the export folded the BatchNormalization after
+    them, told by the names the tool gives the new weights: onnxruntime's ConvBnFusion
+    (`ConvBnFusion_W_<weight>`, by any session's optimizer from ORT_ENABLE_BASIC on), onnxslim
+    (`<output>_weight`, the convolution now writing the BatchNormalization's output) and
+    onnxsim (`_v_<n>`, a constant it computed, in a model carrying its `onnxsim.*` metadata).
+    The layer trains without batch statistics, as in an eval-mode export."""
+    inits = {t.name for t in model.graph.initializer}
+    onnxsim = any(p.key.startswith("onnxsim.") for p in model.metadata_props)
+    found = []
+    for i, n in enumerate(model.graph.node):
+        if n.op_type not in _CONV_OPS or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = n.input[1]
+        tool = ("onnxruntime" if w.startswith("ConvBnFusion_")
+                else "onnxslim" if w == f"{n.output[0]}_weight"
+                else "onnxsim" if onnxsim and _ONNXSIM_VALUE.match(w) else None)
+        if tool:
+            found.append(f"the one after {n.name or f'{n.op_type} #{i}'} ({tool})")
+    return found
+
+
 def folded_conv_weights(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Conv and ConvTranspose nodes of a TorchScript export whose weight the exporter's constant
     folding computed (named onnx::...), as (BatchNormalization folded in, other expressions):
