@@ -237,3 +237,30 @@ def test_an_integer_constant_with_a_batch_axis_is_baked_at_each_batch(tmp_path, 
         runs.append(([r["loss"] for r in t.history if "loss" in r], t.trained_values()))
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
     np.testing.assert_allclose(runs[0][1]["E"], runs[1][1]["E"], rtol=1e-6)
+
+
+def test_a_lookup_onnxsim_folded_into_a_constant_node_is_warned_of():
+    """onnxsim folds BERT's position-embedding lookup (the table's rows by the fixed
+    position_ids) into a float Constant node named after the Gather it replaced: the table
+    stopped training, silently (40 of PyTorch's 41 tensors). `check` names it; a Constant of
+    the exporter's own (`/Constant_output_0`) is not named."""
+    from trainer.report import model_report
+
+    rows = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["/m/position_embeddings/Gather_output_0"],
+                          value=numpy_helper.from_array(rows)),
+         helper.make_node("Constant", [], ["/m/Constant_output_0"],
+                          value=numpy_helper.from_array(rows)),
+         helper.make_node("Add", ["x", "/m/position_embeddings/Gather_output_0"], ["h"]),
+         helper.make_node("Add", ["h", "/m/Constant_output_0"], ["h2"]),
+         helper.make_node("MatMul", ["h2", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])],
+        [numpy_helper.from_array(np.ones((8, 3), np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert not model_report(model).tool_constants  # (no onnxsim: the exporter's constants)
+    helper.set_model_props(model, {"onnxsim.constant_folding": "True"})
+    report = model_report(model)
+    assert report.tool_constants == ["/m/position_embeddings/Gather_output_0 [1, 4, 8]"]
+    assert "WARNING: float constants that onnxsim computed" in report.text()

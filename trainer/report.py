@@ -29,6 +29,7 @@ from trainer.autodiff.params import (
     shared_constants,
     single_bias_masks,
     tie_folded_copies,
+    tool_folded_constants,
     tool_fused_batchnorms,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
@@ -63,6 +64,7 @@ class Report:
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
     shared: list[str] = field(default_factory=list)  # params.shared_constants
+    tool_constants: list[str] = field(default_factory=list)  # params.tool_folded_constants
     detached: list[str] = field(default_factory=list)  # values read through .detach()
     lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
     fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
@@ -114,6 +116,8 @@ class Report:
         lines += warning_lines(self.folded, self.fused, self.computed)
         if self.shared:
             lines.append(shared_line(self.shared))
+        if self.tool_constants:
+            lines.append(tool_constants_line(self.tool_constants))
         if self.fused_error:
             lines.append(self.fused_error)
             bad += self.fused_error.count(" node '")
@@ -204,6 +208,15 @@ _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by t
          "copy": "is a second copy (one parameter used twice, folded once per use) of"}
 
 
+def tool_constants_line(found: list[str]) -> str:
+    """The warning for params.tool_folded_constants."""
+    return ("WARNING: float constants that onnxsim computed from the graph do not train; one "
+            "computed from a parameter (an embedding's rows looked up by fixed positions) "
+            "leaves that parameter fixed, where PyTorch trains it: train the export before "
+            "simplifying it: " + ", ".join(found[:8])
+            + (f" ... ({len(found)} in all)" if len(found) > 8 else ""))
+
+
 def shared_line(found: list[str]) -> str:
     """The warning for params.shared_constants."""
     return ("WARNING: tensors of equal values that several nodes read train as one tensor: a "
@@ -276,10 +289,11 @@ def model_report(model: onnx.ModelProto) -> Report:
     untied = [u for u in untied if u in trained]  # (untied constants are no parameters)
     single = [p for p in single_bias_masks(model) if p in trained]
     shared = shared_constants(model, sorted(trained))
+    tool_constants = tool_folded_constants(model)
     detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *folded,
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
-                  fused_error=fused_error, shared=shared)
+                  fused_error=fused_error, shared=shared, tool_constants=tool_constants)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

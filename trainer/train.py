@@ -33,6 +33,7 @@ from trainer.autodiff.params import (
     single_bias_masks,
     tie_folded_copies,
     tied_perm,
+    tool_folded_constants,
 )
 from trainer.backend import (
     bfloat16_problem,
@@ -528,6 +529,9 @@ class Trainer:
         shared = shared_constants(self.model, self.names)
         if shared:
             self.log.info(report.shared_line(shared))
+        tool_constants = tool_folded_constants(self.model)
+        if tool_constants:
+            self.log.info(report.tool_constants_line(tool_constants))
         nodes = self.model.graph.node
         detached = list(dict.fromkeys(nodes[i].input[k]
                                       for i, k in detached_inputs(self.model)))

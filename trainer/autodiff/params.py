@@ -1208,6 +1208,25 @@ def tool_fused_batchnorms(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def tool_folded_constants(model: onnx.ModelProto) -> list[str]:
+    """Float Constant nodes of more than one element that onnxsim computed from the graph, told
+    by the value they stand for (`.../position_embeddings/Gather_output_0`, not a Constant's
+    own output) in a model carrying onnxsim's metadata: a lookup of a parameter by constant
+    indices folds that way (BERT's position embeddings by position_ids), and the table's rows
+    then do not train. Listed as 'name [dims]'."""
+    if not any(p.key.startswith("onnxsim.") for p in model.metadata_props):
+        return []
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Constant" or "Constant" in n.output[0] or n.output[0].startswith(
+                "onnx::"):
+            continue
+        t = next((a.t for a in n.attribute if a.name == "value"), None)
+        if t is not None and t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) > 1:
+            out.append(f"{n.output[0]} {list(t.dims)}")
+    return out
+
+
 def folded_conv_weights(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Conv and ConvTranspose nodes of a TorchScript export whose weight the exporter's constant
     folding computed (named onnx::...), as (BatchNormalization folded in, other expressions):
