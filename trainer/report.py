@@ -331,7 +331,15 @@ def support_table() -> list[dict]:
             forward = [GRAPH_KERNEL_OPS[(domain, op)]]
         rows.append({"op": op, "domain": domain, "forward": forward,
                      "gradient": gradient_status(op, domain)})
-    return rows
+    # onnxruntime's fused ops, trained as the standard ops they stand for (trainer.contrib)
+    from trainer.contrib import CONTRIB, LOWERINGS
+    known = {(r["domain"], r["op"]) for r in rows}
+    for op in sorted(LOWERINGS):
+        domain = "" if op == "SimplifiedLayerNormalization" else CONTRIB
+        if op == "LayerNormalization" or (domain, op) in known:
+            continue  # (the standard op's row; onnxruntime's form before opset 17 is lowered)
+        rows.append({"op": op, "domain": domain, "forward": [1], "gradient": "lowered"})
+    return sorted(rows, key=lambda r: (r["domain"], r["op"]))
 
 
 # -- the pre-flight report of a config -------------------------------------------------------------
