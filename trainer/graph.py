@@ -18,6 +18,10 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.BFLOAT16}
 
 
+# ops whose output's size follows the values of their input, not its shape alone
+DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
+
+
 def is_float_dtype(dtype) -> bool:
     """A float NumPy dtype of FLOAT_TYPES: float16/32/64 and ml_dtypes' bfloat16 (whose kind is
     'V', not 'f')."""

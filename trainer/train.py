@@ -96,18 +96,18 @@ _DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
 
 def data_dependent_hint(model: onnx.ModelProto) -> str:
     """What a failed step says where the model has nodes whose output size follows the data
-    (a sparse mixture of experts picks each expert's tokens with NonZero): the training graph
-    is built with the sizes of one run on zeros and cannot follow them yet."""
+    (a sparse mixture of experts picks each expert's tokens with NonZero): most gradients read
+    such sizes at run time, but a rule that still holds one from the probe fails."""
     found = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.graph.node
              if n.op_type in _DATA_SIZED and n.domain in ("", "ai.onnx")]
     if not found:
         return ""
     return (f"the model has {len(found)} node(s) whose output size follows the data ("
             + ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
-            + "), as a sparse mixture of experts picks each expert's tokens: the gradient "
-            "graph is built with the sizes of one run on zeros and cannot follow sizes that "
-            "change from batch to batch yet; export a dense form of the model (every expert "
-            "on every token, weighted by the router's probabilities)")
+            + "), as a sparse mixture of experts picks each expert's tokens, and a gradient "
+            "on that path still holds a size from the run the training graph was built from "
+            "(GraniteMoE's split by computed sizes does); export a dense form of the model "
+            "(every expert on every token, weighted by the router's probabilities)")
 
 
 @dataclass

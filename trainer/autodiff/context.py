@@ -75,6 +75,11 @@ class Builder:
             return self.node("Unsqueeze", [x, self.const(list(axes), np.int64, "axes")], [out])
         return self.node("Unsqueeze", [x], [out], axes=list(axes))
 
+    def squeeze(self, x: str, axes, out: str) -> onnx.NodeProto:
+        if self.opset >= 13:
+            return self.node("Squeeze", [x, self.const(list(axes), np.int64, "axes")], [out])
+        return self.node("Squeeze", [x], [out], axes=list(axes))
+
     def sum_to(self, dy: str, shape_from: tuple, shape_to: tuple, out: str
                ) -> list[onnx.NodeProto]:
         """Undo NumPy broadcasting: sum dy (shape_from) down to shape_to, into `out`."""
@@ -86,9 +91,11 @@ class Builder:
                                     if d == 1 and shape_from[lead + i] != 1]
         if not axes:
             return [self.reshape(dy, shape_to, out)]
+        if lead == 0:  # (keepdims leaves shape_to: no size baked in, as for rows picked by
+            return [self.reduce("ReduceSum", dy, axes, out, keepdims=1)]  # the data)
         summed = self.tmp("sum")
         nodes = [self.reduce("ReduceSum", dy, axes, summed, keepdims=1)]
-        nodes.append(self.reshape(summed, shape_to, out))
+        nodes.append(self.squeeze(summed, list(range(lead)), out))
         return nodes
 
 
@@ -97,8 +104,9 @@ class GradContext(Builder):
 
     def __init__(self, node: onnx.NodeProto, node_label: str, grad_outputs: list[str | None],
                  grad_inputs: list[str | None], scope: NameScope, opset: int, shapes: dict,
-                 constants: dict | None = None):
+                 constants: dict | None = None, data_sized: frozenset = frozenset()):
         super().__init__(scope, opset, shapes, f"{node_label}/Grad", constants)
+        self.data_sized = data_sized  # (engine.data_sized_values: sizes read at run time)
         self.onnx_node = node
         self.name = node_label
         self.attrs = attrs_of(node)

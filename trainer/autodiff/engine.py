@@ -10,7 +10,7 @@ from trainer.autodiff.context import GradContext
 from trainer.autodiff.registry import STRAIGHT_THROUGH, _load_all, get_rule
 from trainer.autodiff.subgraph import input_slots, n_slots
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import NameScope, is_float_dtype, node_name
+from trainer.graph import DATA_SIZED, NameScope, is_float_dtype, node_name
 
 _load_all()
 
@@ -43,6 +43,25 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
     return active, on_path
 
 
+# ops whose output has the shape of their first input whatever the others hold
+_SHAPED_BY_FIRST = frozenset({"ScatterND", "ScatterElements", "Scatter"})
+
+
+def data_sized_values(nodes: list[onnx.NodeProto]) -> frozenset[str]:
+    """Values whose shape may follow the data: the outputs of DATA_SIZED ops (the rows a
+    sparse mixture of experts routes to each expert) and of the nodes whose output shape
+    follows such a value (not a scatter into a tensor of fixed shape: the residual stream that
+    index_add writes the experts' rows back into keeps its shape). Their gradients take sizes
+    from the values at run time, not from the probe's shapes."""
+    found: set[str] = set()
+    for node in nodes:
+        shaping = node.input[:1] if node.op_type in _SHAPED_BY_FIRST else node.input
+        if (node.op_type in DATA_SIZED and node.domain in ("", "ai.onnx")) or \
+                any(i in found for i in shaping):
+            found.update(node.output)
+    return frozenset(found)
+
+
 def reachable_params(nodes, targets, candidates, shapes) -> set[str]:
     """Which candidate tensors the targets depend on through differentiable float paths."""
     return active_nodes(nodes, targets, set(candidates), shapes)[1] & set(candidates)
@@ -69,6 +88,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
     # Each (node, input slot) on the path contributes one gradient term to that input tensor;
     # a differentiated output also receives its seed.
     terms: dict[str, list[str]] = {y: ["seed"] for y in seeds}
+    data_sized = data_sized_values(nodes)
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]
@@ -114,7 +134,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
             continue
         gis = [slots.get((k, i)) for i in range(n_slots(node))]
         label = node_name(node, k)
-        ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants)
+        ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants, data_sized)
         emitted = get_rule(node.op_type, node.domain)(ctx)
         produced = {o for n in emitted for o in n.output}
         lost = [g for g in gis if g is not None and g not in produced]

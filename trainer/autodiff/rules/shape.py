@@ -181,6 +181,11 @@ def _normalized(ctx, i: int, dims, nodes: list) -> tuple[str | None, np.ndarray 
 def _reshape_back(ctx):
     # dX = reshape(dY, shape(X))
     nodes: list = []
+    if ctx.I(0) in ctx.data_sized and ctx.opset >= 5:  # (X's shape as it is at run time)
+        shape = ctx.tmp("shape")
+        nodes += [ctx.node("Shape", [ctx.I(0)], [shape]),
+                  ctx.node("Reshape", [ctx.GO(0), shape], [ctx.GI(0)])]
+        return nodes
     _reshape(ctx, ctx.GO(0), ctx.shape(ctx.I(0)), nodes, ctx.GI(0))
     return nodes
 
@@ -574,6 +579,8 @@ def gather_grad(ctx):
     n = x_shape[a]
     lead = int(np.prod(x_shape[:a]))
     k = int(np.prod(ctx.shape(ctx.I(1))))
+    if ctx.I(1) in ctx.data_sized:  # (as many indices as the data picked: counted at run time)
+        k = -1
     nodes: list = []
     idx, static = _normalized(ctx, 1, n, nodes)
     dy = ctx.GO(0)
@@ -589,8 +596,9 @@ def gather_grad(ctx):
         t, rows = ctx.tmp("rows"), ctx.tmp("rows_flat")
         offsets = ctx.const(np.arange(lead, dtype=np.int64).reshape(-1, 1) * n, suffix="offsets")
         nodes.append(ctx.node("Add", [offsets, _reshape(ctx, idx, [1, k], nodes)], [t]))
-        _reshape(ctx, t, [lead * k], nodes, rows)
-    return _rows_grad(ctx, rows, static, lead * k, lead * n, dy, x_shape, nodes)
+        _reshape(ctx, t, [lead * k if k >= 0 else -1], nodes, rows)
+    return _rows_grad(ctx, rows, static, lead * k if k >= 0 else -1, lead * n, dy, x_shape,
+                      nodes)
 
 
 def _without_row(ctx, dy: str, idx: str | None, static, row: int, nodes: list) -> str:
