@@ -152,10 +152,10 @@ def fold_gemm_output_transposes(nodes: list[PNode], shapes: Mapping, keep: Itera
 
 def fold_reshapes_into_reductions(nodes: list[PNode], constants: Mapping, shapes: Mapping,
                                   keep: Iterable[str]) -> list[PNode]:
-    """Reshape(ReduceSum/ReduceMean(x, keepdims=1)) -> the reduction with keepdims=0, when the
-    Reshape only drops the reduced axes and is the reduction's only reader (the bias gradient
-    of Gemm rules: one node, written straight into its place). Run after the fusions, whose
-    patterns are the gradient rules' own nodes."""
+    """Reshape or Squeeze(ReduceSum/ReduceMean(x, keepdims=1)) -> the reduction with
+    keepdims=0, when it only drops the reduced axes and is the reduction's only reader (the
+    bias gradient of Gemm rules: one node, written straight into its place). Run after the
+    fusions, whose patterns are the gradient rules' own nodes."""
     readers = consumers(nodes)
     keep = set(keep)
     gone: set[int] = set()
@@ -164,7 +164,8 @@ def fold_reshapes_into_reductions(nodes: list[PNode], constants: Mapping, shapes
             continue
         rs = readers.get(n.outputs[0], [])
         r = rs[0] if len(rs) == 1 else None
-        if (r is None or r.op != "Reshape" or r.domain or r.inputs[0] != n.outputs[0]
+        if (r is None or r.op not in ("Reshape", "Squeeze") or r.domain
+                or r.inputs[0] != n.outputs[0]
                 or n.outputs[0] in keep or n.inputs[0] not in shapes
                 or r.outputs[0] not in shapes):
             continue
