@@ -992,6 +992,40 @@ def test_an_expert_routed_by_the_data_trains_like_pytorch(tmp_path, exporter):
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
 
 
+class SplitExperts(nn.Module):
+    """GraniteMoE's dispatch: tokens sorted by their expert and split by counts computed from
+    the router's choices (no NonZero: a Split whose sizes are values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 2, bias=False)
+        self.e0, self.e1, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5)
+
+    def forward(self, x):
+        g = self.gate(x)
+        choice = (g[:, 0] > g[:, 1]).long()
+        order = torch.sort(choice.float() * 100 + torch.arange(x.shape[0]) * 0.01).indices
+        sizes = torch.stack([(choice == 0).sum(), (choice == 1).sum()]).tolist()
+        a, b = x[order].split(sizes, dim=0)
+        h = torch.cat([self.e0(a), self.e1(b)], 0)
+        return self.head(torch.zeros_like(x).index_add(0, order, h))
+
+
+def test_experts_split_by_computed_counts_train_like_pytorch(tmp_path):
+    """A Split whose sizes are counted from the data, and the Concat after it: their gradients
+    split by the probe's counts (13 rows against 24 in GraniteMoE). Read at run time now."""
+    torch.manual_seed(0)
+    model = SplitExperts()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (4,), "dynamo"), str(tmp_path / "model.onnx"))
+    x, y = random_batches(tmp_path, (4,))
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
 def test_a_failed_step_where_sizes_follow_the_data_names_those_nodes():
     """A step that still fails on such a path (a gradient holding a size from the build's run)
     names the NonZero nodes and what to export instead; other models add nothing."""

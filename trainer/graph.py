@@ -20,6 +20,40 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 # ops whose output's size follows the values of their input, not its shape alone
 DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
+# ops whose output's size is given by an input's values: {op: those inputs}
+_SIZE_INPUTS = {"Split": (1,), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
+                "ConstantOfShape": (0,), "Range": (0, 1, 2), "Slice": (1, 2, 3, 4),
+                "Pad": (1,), "TopK": (1,), "Resize": (2, 3), "Upsample": (1,), "OneHot": (1,)}
+# ops whose output has the shape of their first input whatever the others hold
+_SHAPED_BY_FIRST = frozenset({"ScatterND", "ScatterElements", "Scatter"})
+
+
+def data_sized(nodes, fixed) -> set[str]:
+    """Values whose shape may follow the data, for nodes given as (op, domain, inputs,
+    outputs) in order, where `fixed(name)` says a value is known before the run (an
+    initializer, a constant): the outputs of DATA_SIZED ops (the rows a sparse mixture of
+    experts routes to each expert); of ops whose sizes are an input's values that come from
+    the data, not from shapes (GraniteMoE splits its tokens by counts of the router's
+    choices); and of the nodes whose output shape follows such a value (not a scatter into a
+    tensor of fixed shape: the residual stream the experts' rows are added back into keeps
+    its shape)."""
+    sized: set[str] = set()
+    from_shapes: set[str] = set()  # values computed from shapes and constants alone
+    for op, domain, inputs, outputs in nodes:
+        std = domain in ("", "ai.onnx")
+        ins = [i for i in inputs if i]
+        if std and op in ("Shape", "Size") and ins and ins[0] not in sized:
+            from_shapes.update(outputs)
+            continue
+        if all(fixed(i) or i in from_shapes for i in ins):  # (a Constant node: no inputs)
+            from_shapes.update(outputs)
+        shaping = inputs[:1] if op in _SHAPED_BY_FIRST else inputs
+        by_values = std and any(
+            k < len(inputs) and inputs[k] and not fixed(inputs[k])
+            and inputs[k] not in from_shapes for k in _SIZE_INPUTS.get(op, ()))
+        if (std and op in DATA_SIZED) or by_values or any(i in sized for i in shaping):
+            sized.update(o for o in outputs if o)
+    return sized
 
 
 def is_float_dtype(dtype) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.graph import DATA_SIZED
+from trainer.graph import data_sized
 
 FOLD_LIMIT = 1 << 20  # elements: larger folded values would only duplicate weights
 
@@ -47,17 +47,11 @@ def producers(nodes: Iterable[PNode]) -> dict[str, PNode]:
     return {o: n for n in nodes for o in n.outputs if o}
 
 
-def _data_sized(nodes: list[PNode]) -> set[str]:
-    """Values whose shape may follow the data (downstream of NonZero and alike, as in
-    trainer.autodiff.engine.data_sized_values): their Shape is read at run time, not taken
-    from the run the plan was made from."""
-    found: set[str] = set()
-    for n in nodes:
-        shaping = n.inputs[:1] if n.op in ("ScatterND", "ScatterElements", "Scatter") \
-            else n.inputs
-        if (n.op in DATA_SIZED and not n.domain) or any(i in found for i in shaping):
-            found.update(o for o in n.outputs if o)
-    return found
+def _data_sized(nodes: list[PNode], constants: Mapping) -> set[str]:
+    """Values whose shape may follow the data (graph.data_sized): their Shape is read at run
+    time, not taken from the run the plan was made from."""
+    return data_sized(((n.op, n.domain, n.inputs, n.outputs) for n in nodes),
+                      lambda x: x in constants)
 
 
 def fold_constants(nodes: list[PNode], constants: dict, shapes: Mapping | None = None
@@ -65,7 +59,7 @@ def fold_constants(nodes: list[PNode], constants: dict, shapes: Mapping | None =
     """Evaluate nodes whose inputs are all constants (and, with `shapes`, Shape/Size of any
     value) at plan time; their outputs join `constants`. Random and control-flow nodes stay."""
     kept = []
-    sized = _data_sized(nodes) if shapes is not None else set()
+    sized = _data_sized(nodes, constants) if shapes is not None else set()
     for n in nodes:
         if shapes is not None and n.op in ("Shape", "Size") and not n.domain \
                 and n.inputs[0] in shapes and n.inputs[0] not in sized:

@@ -10,7 +10,7 @@ from trainer.autodiff.context import GradContext
 from trainer.autodiff.registry import STRAIGHT_THROUGH, _load_all, get_rule
 from trainer.autodiff.subgraph import input_slots, n_slots
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import DATA_SIZED, NameScope, is_float_dtype, node_name
+from trainer.graph import NameScope, data_sized, is_float_dtype, node_name
 
 _load_all()
 
@@ -43,23 +43,14 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
     return active, on_path
 
 
-# ops whose output has the shape of their first input whatever the others hold
-_SHAPED_BY_FIRST = frozenset({"ScatterND", "ScatterElements", "Scatter"})
-
-
-def data_sized_values(nodes: list[onnx.NodeProto]) -> frozenset[str]:
-    """Values whose shape may follow the data: the outputs of DATA_SIZED ops (the rows a
-    sparse mixture of experts routes to each expert) and of the nodes whose output shape
-    follows such a value (not a scatter into a tensor of fixed shape: the residual stream that
-    index_add writes the experts' rows back into keeps its shape). Their gradients take sizes
-    from the values at run time, not from the probe's shapes."""
-    found: set[str] = set()
-    for node in nodes:
-        shaping = node.input[:1] if node.op_type in _SHAPED_BY_FIRST else node.input
-        if (node.op_type in DATA_SIZED and node.domain in ("", "ai.onnx")) or \
-                any(i in found for i in shaping):
-            found.update(node.output)
-    return frozenset(found)
+def data_sized_values(nodes: list[onnx.NodeProto], constants: Mapping | None = None
+                      ) -> frozenset[str]:
+    """Values whose shape may follow the data (graph.data_sized; `constants`: the values known
+    before the run). Their gradients take sizes from the values at run time, not from the
+    probe's shapes."""
+    known = constants or {}
+    return frozenset(data_sized(((n.op_type, n.domain, list(n.input), list(n.output))
+                                 for n in nodes), lambda x: x in known))
 
 
 def reachable_params(nodes, targets, candidates, shapes) -> set[str]:
@@ -88,7 +79,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
     # Each (node, input slot) on the path contributes one gradient term to that input tensor;
     # a differentiated output also receives its seed.
     terms: dict[str, list[str]] = {y: ["seed"] for y in seeds}
-    data_sized = data_sized_values(nodes)
+    sized = data_sized_values(nodes, constants)
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]
@@ -134,7 +125,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
             continue
         gis = [slots.get((k, i)) for i in range(n_slots(node))]
         label = node_name(node, k)
-        ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants, data_sized)
+        ctx = GradContext(node, label, gos, gis, scope, opset, shapes, constants, sized)
         emitted = get_rule(node.op_type, node.domain)(ctx)
         produced = {o for n in emitted for o in n.output}
         lost = [g for g in gis if g is not None and g not in produced]

@@ -216,6 +216,19 @@ def concat_grad(ctx):
     inputs = list(range(len(ctx.onnx_node.input)))
     sizes = [ctx.shape(ctx.I(i))[axis] for i in inputs]
     outs = [ctx.GI(i) if ctx.needs(i) else ctx.tmp(f"unused{i}") for i in inputs]
+    if ctx.opset >= 13 and any(ctx.I(i) in ctx.data_sized for i in inputs):
+        # (each input's length along the axis as it is at run time)
+        nodes, lengths = [], []
+        for i in inputs:
+            shape, n = ctx.tmp("shape"), ctx.tmp("length")
+            nodes += [ctx.node("Shape", [ctx.I(i)], [shape]),
+                      ctx.node("Gather", [shape, ctx.const([axis], np.int64, "axis")], [n],
+                               axis=0)]
+            lengths.append(n)
+        split = ctx.tmp("split")
+        nodes += [ctx.node("Concat", lengths, [split], axis=0),
+                  ctx.node("Split", [ctx.GO(0), split], outs, axis=axis)]
+        return nodes
     if ctx.opset >= 13:
         return [ctx.node("Split", [ctx.GO(0), ctx.const(sizes, np.int64, "split")], outs,
                          axis=axis)]
@@ -229,8 +242,16 @@ def split_grad(ctx):
     axis = ctx.attr("axis", 0) % rank
     parts, nodes = [], []
     for i, out in enumerate(ctx.onnx_node.output):
-        parts.append(ctx.GO(i) if ctx.GO(i) is not None
-                     else _zeros(ctx, ctx.shape(out), ctx.dtype(out), nodes))
+        if ctx.GO(i) is not None:
+            parts.append(ctx.GO(i))
+        elif out in ctx.data_sized and ctx.opset >= 9:  # (zeros of its size at run time)
+            shape, zeros = ctx.tmp("shape"), ctx.tmp("zeros")
+            nodes += [ctx.node("Shape", [out], [shape]),
+                      ctx.node("ConstantOfShape", [shape], [zeros], value=numpy_helper.from_array(
+                          np.zeros(1, ctx.dtype(out))))]
+            parts.append(zeros)
+        else:
+            parts.append(_zeros(ctx, ctx.shape(out), ctx.dtype(out), nodes))
     nodes.append(ctx.node("Concat", parts, [ctx.GI(0)], axis=axis))
     return nodes
 
