@@ -67,6 +67,7 @@ from trainer.errors import (
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import (
+    DATA_SIZED,
     RECURRENT_OPSET,
     bake_inputs,
     constant_inputs,
@@ -90,16 +91,12 @@ from trainer.schedule import make_schedule
 SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
 
 
-# ops whose output's size follows the values of their input, not its shape alone
-_DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
-
-
 def data_dependent_hint(model: onnx.ModelProto) -> str:
     """What a failed step says where the model has nodes whose output size follows the data
     (a sparse mixture of experts picks each expert's tokens with NonZero): most gradients read
     such sizes at run time, but a rule that still holds one from the probe fails."""
     found = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.graph.node
-             if n.op_type in _DATA_SIZED and n.domain in ("", "ai.onnx")]
+             if n.op_type in DATA_SIZED and n.domain in ("", "ai.onnx")]
     if not found:
         return ""
     return (f"the model has {len(found)} node(s) whose output size follows the data ("
