@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import math
+import shutil
 import signal
 import statistics
 import sys
@@ -349,38 +350,41 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum, frame):  # `timeout` sends SIGTERM: report what finished
         raise _Stopped()
     signal.signal(signal.SIGTERM, stop)
-    keys = args.cases.split(",")
-    for n, key in enumerate(keys):
-        case = cases[key]
-        if time.perf_counter() - start > args.budget_s:
-            rows.append({"case": case.title, "error": "skipped: time budget"})
-            continue
-        try:
-            model = make_model(case)
-            export(model, case, work / f"{case.name}.onnx")
-            row = {"case": case.title,
-                   "ours": run_ours(case, work, args.steps, args.warmup, args.precision,
-                                    args.cuda_graph, args.profile),
-                   "torch": run_torch(model, case, device, args.steps, args.warmup,
-                                      precision=args.precision)}
-            if args.compile:
-                try:
-                    row["compiled"] = run_torch(make_model(case), case, device, args.steps,
-                                                args.warmup, compiled=True,
-                                                precision=args.precision)
-                except Exception as exc:  # noqa: BLE001 - torch.compile "where it works"
-                    row["compiled"] = {"ms": None, "error": f"{type(exc).__name__}: {exc}"}
-        except _Stopped:
-            rows += [{"case": cases[k].title, "error": "skipped: stopped (time limit)"}
-                     for k in keys[n:]]
-            break
-        except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
-            row = {"case": case.title, "error": f"failed: {type(exc).__name__}: "
-                                                 f"{str(exc).splitlines()[0][:160]}"}
-        rows.append(row)
-        if not args.dry_run:
-            xp.get_default_memory_pool().free_all_blocks()
-            torch.cuda.empty_cache()
+    try:  # (the exported models are removed afterwards: a few hundred MB at full size)
+        keys = args.cases.split(",")
+        for n, key in enumerate(keys):
+            case = cases[key]
+            if time.perf_counter() - start > args.budget_s:
+                rows.append({"case": case.title, "error": "skipped: time budget"})
+                continue
+            try:
+                model = make_model(case)
+                export(model, case, work / f"{case.name}.onnx")
+                row = {"case": case.title,
+                       "ours": run_ours(case, work, args.steps, args.warmup, args.precision,
+                                        args.cuda_graph, args.profile),
+                       "torch": run_torch(model, case, device, args.steps, args.warmup,
+                                          precision=args.precision)}
+                if args.compile:
+                    try:
+                        row["compiled"] = run_torch(make_model(case), case, device, args.steps,
+                                                    args.warmup, compiled=True,
+                                                    precision=args.precision)
+                    except Exception as exc:  # noqa: BLE001 - torch.compile "where it works"
+                        row["compiled"] = {"ms": None, "error": f"{type(exc).__name__}: {exc}"}
+            except _Stopped:
+                rows += [{"case": cases[k].title, "error": "skipped: stopped (time limit)"}
+                         for k in keys[n:]]
+                break
+            except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
+                row = {"case": case.title, "error": f"failed: {type(exc).__name__}: "
+                                                     f"{str(exc).splitlines()[0][:160]}"}
+            rows.append(row)
+            if not args.dry_run:
+                xp.get_default_memory_pool().free_all_blocks()
+                torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     report(rows, peak, name, args.compile, args.precision)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "matmul_tflops": peak, "rows": rows,

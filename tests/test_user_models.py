@@ -521,14 +521,14 @@ def test_initializer_read_only_by_non_differentiable_inputs_is_not_trained():
                                      "target": "label"}, ["values"], batch_size=4)
 
 
-def test_check_lists_the_exporters_constants_with_reasons(capsys):
+def test_check_lists_the_exporters_constants_with_reasons(capsys, tmp_path):
     from trainer.cli import main
 
     torch.manual_seed(0)
     proto = export(HandNormGelu(), (8,), "dynamo")
-    path = __import__("tempfile").mkdtemp() + "/m.onnx"
+    path = tmp_path / "m.onnx"
     onnx.save(proto, path)
-    assert main(["check", path]) == 0
+    assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "parameters trained by default: 5 tensors" in out
     assert "one-element constant" in out
