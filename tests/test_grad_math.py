@@ -28,9 +28,10 @@ from tests.gradcheck import (
     positive,
 )
 from tests.opcases import distinct, make_model, to_float32
-from trainer.autodiff import build_training_graph
+from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.registry import NO_GRADIENT
 from trainer.errors import ModelError
+from trainer.executor import Executor
 
 _rng = np.random.default_rng(2024)
 
@@ -503,3 +504,43 @@ def test_node_count_does_not_grow_with_size() -> None:
     large = Case("l", "ReduceProd", [("X", normal(40, 50)), ("axes", ints(1))])
     sizes = [len(gradients(loss_model(c), ["X"])[1].graph.node) for c in (small, large)]
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+@pytest.mark.parametrize("axes", [[0], [1], [0, 1]], ids=["rows", "columns", "all"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_a_reduction_of_rows_the_data_picks(op, axes, keepdims):
+    """A reduction of a tensor whose rows the data picks (Compress by a mask input: its row
+    count follows the data, graph.data_sized): the gradient's shapes, and ReduceMean's
+    count, are read at run time. Built on one mask, run on masks picking other numbers of
+    rows; float64 finite differences at each."""
+    x = normal(5, 3)
+    nodes = [helper.make_node("Greater", ["m", "zero"], ["keep"]),
+             helper.make_node("Compress", ["X", "keep"], ["rows"], axis=0),
+             helper.make_node(op, ["rows", "axes"], ["y"], keepdims=keepdims),
+             helper.make_node("Tanh", ["y"], ["t"]),
+             helper.make_node("Mul", ["t", "t"], ["t2"]),
+             helper.make_node("ReduceSum", ["t2"], ["L"], keepdims=0)]
+    model = make_model(nodes, inputs={"m": np.zeros(5)},
+                       initializers={"X": x, "zero": np.zeros(()), "axes": ints(*axes)},
+                       outputs=["L"])
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, ["X"],
+                              example={"m": np.array([1.0, 0, 1, 1, 0])})
+    grad = training_info(tm).gradients["X"]
+    ex = Executor(tm, np)
+    for mask in ([1.0, 1, 0, 0, 0], [1.0, 1, 1, 1, 1], [0.0, 1, 0, 0, 0], [1.0, 0, 1, 1, 0]):
+        m = np.array(mask)
+        for _ in range(2):  # (the second run takes the specialized plan)
+            got = ex.run({"m": m, "X": x})[grad]
+        fd = finite_differences(model_with_input(model, m), {"X": x})["X"]
+        np.testing.assert_allclose(got, fd, rtol=RTOL, atol=ATOL, err_msg=str(mask))
+
+
+def model_with_input(model: onnx.ModelProto, m: np.ndarray) -> onnx.ModelProto:
+    """`model` with its input m fixed to a constant (for finite differences over X alone)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.input[:]
+    out.graph.node.insert(0, helper.make_node("Constant", [], ["m"],
+                                              value=onnx.numpy_helper.from_array(m)))
+    return out

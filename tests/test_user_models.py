@@ -1026,6 +1026,95 @@ def test_experts_split_by_computed_counts_train_like_pytorch(tmp_path):
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
 
 
+class FirstRoutedToken(nn.Module):
+    """A TorchScript trace of an expert loop (Hugging Face's Qwen2-MoE, Switch, NLLB-MoE): the
+    trace keeps the loop over the experts it saw, each reading its hit by a fixed index
+    (torch.nonzero(...)[0]). On all-zero inputs nothing is routed, so that index is out of
+    range; on real batches something always is."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.expert = nn.Linear(4, 2, bias=False), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        p = torch.softmax(self.gate(x), -1)
+        first = torch.nonzero(p[:, 0] > 0.5)[0]
+        h = self.expert(x[first]) * p[first, :1]
+        return self.head(x + torch.zeros_like(x).index_add(0, first, h))
+
+
+def test_the_graph_is_built_on_the_first_batch_not_on_zeros(tmp_path):
+    """The training graph's shapes come from a run of the forward graph; it ran on zeros,
+    where this model's trace fails (its Gather of the first routed token finds none: every
+    TorchScript export of a Hugging Face sparse mixture stopped before training). It runs on
+    the first batch of the data now: PyTorch's losses."""
+    torch.manual_seed(1)  # (the export's random sample routes a token too)
+    model = FirstRoutedToken()
+    with torch.no_grad():
+        model.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (4,), "torchscript"), str(tmp_path / "model.onnx"))
+    x, y = random_batches(tmp_path, (4,))
+    x[::BATCH, 0] = np.abs(x[::BATCH, 0]) + 0.1  # (a token routed in every batch)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+class TrimmedEncoder(nn.Module):
+    """An attention block over a padded batch trimmed to its longest row first (as unpadding
+    code does): a Slice whose end is computed from the data, then every size after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = nn.Embedding(20, 16), nn.LayerNorm(16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):  # x [N, 8]: token ids as floats, 0 = padding at the end
+        ids = x.long()
+        ids = ids[:, :(ids != 0).sum(1).max()]
+        mask = (ids != 0).float()
+        h = self.emb(ids)
+        a = self.ln(h)
+        s = self.q(a) @ self.k(a).transpose(1, 2) / 4.0 + (1 - mask[:, None, :]) * -1e4
+        h = h + torch.softmax(s, -1) @ self.v(a)
+        h = h + self.ff(self.ln(h))
+        return self.head((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+
+def test_a_batch_trimmed_to_its_longest_row_trains_like_pytorch(tmp_path):
+    """The Slice's gradient needed its end at build time ("must be a constant"), and the
+    gradients after it (a Linear's on [N, L, D] rows, sums and means over L) held L from the
+    build's run. The Slice's is computed at run time now (Range, the same Slice, a scatter
+    into zeros), the others read L at run time: PyTorch's losses over batches of 3 to 8."""
+    torch.manual_seed(0)
+    model = TrimmedEncoder()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():  # (a sample of token ids, as export() draws normals)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randint(1, 20, (2, 8)).float(),),
+                          str(tmp_path / "model.onnx"), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 20, (64, 8)).astype(np.float32)
+    lengths = np.minimum(rng.integers(1, 9, 64), 3 + np.arange(64) // BATCH % 6)
+    x[np.arange(8)[None, :] >= lengths[:, None]] = 0
+    y = rng.integers(0, 5, 64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    assert len({int(lengths[i:i + BATCH].max()) for i in range(0, 64, BATCH)}) > 2
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
 def test_a_failed_step_where_sizes_follow_the_data_names_those_nodes():
     """A step that still fails on such a path (a gradient holding a size from the build's run)
     names the NonZero nodes and what to export instead; other models add nothing."""

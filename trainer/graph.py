@@ -56,6 +56,19 @@ def data_sized(nodes, fixed) -> set[str]:
     return sized
 
 
+def data_sizing_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The main graph's nodes where sizes start to follow the data (data_sized: an output
+    whose size does, no input whose size does): a NonZero, or a Slice whose end is computed
+    from the values."""
+    g = model.graph
+    fixed = {t.name for t in g.initializer}
+    nodes = list(g.node)
+    sized = data_sized(((n.op_type, n.domain, list(n.input), list(n.output)) for n in nodes),
+                       lambda x: x in fixed)
+    return [n for n in nodes if any(o in sized for o in n.output)
+            and not any(i in sized for i in n.input)]
+
+
 def is_float_dtype(dtype) -> bool:
     """A float NumPy dtype of FLOAT_TYPES: float16/32/64 and ml_dtypes' bfloat16 (whose kind is
     'V', not 'f')."""

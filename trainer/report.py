@@ -35,7 +35,7 @@ from trainer.autodiff.params import (
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError
-from trainer.graph import DATA_SIZED, lift_weights, node_name, np_dtype, opset_of
+from trainer.graph import data_sizing_nodes, lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 
 
@@ -549,7 +549,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                               # (constants baked for this batch: a probe at 2 and 3 would not fit)
                               at_batch_only=any(v.size > 1 for v in baked.values()))
     except TrainerError as exc:
-        sized = sorted({n.op_type for n in structure.graph.node if n.op_type in DATA_SIZED})
+        sized = sorted({n.op_type for n in data_sizing_nodes(structure)})
         if not sized:
             problems.append(exc)
         else:  # (its probes on zeros route the data otherwise than training will)

@@ -11,7 +11,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +67,11 @@ from trainer.errors import (
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
 from trainer.graph import (
-    DATA_SIZED,
     RECURRENT_OPSET,
     bake_inputs,
     constant_inputs,
     convert_floats,
+    data_sizing_nodes,
     inference_form,
     input_dtypes,
     lift_weights,
@@ -95,13 +95,13 @@ def data_dependent_hint(model: onnx.ModelProto) -> str:
     """What a failed step says where the model has nodes whose output size follows the data
     (a sparse mixture of experts picks each expert's tokens with NonZero): most gradients read
     such sizes at run time, but a rule that still holds one from the probe fails."""
-    found = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.graph.node
-             if n.op_type in DATA_SIZED and n.domain in ("", "ai.onnx")]
+    found = [f"{n.op_type} '{n.name or n.output[0]}'" for n in data_sizing_nodes(model)]
     if not found:
         return ""
     return (f"the model has {len(found)} node(s) whose output size follows the data ("
             + ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
-            + "), as a sparse mixture of experts picks each expert's tokens, and a gradient "
+            + "), as a sparse mixture of experts picks each expert's tokens or a batch is "
+            "trimmed to its longest row, and a gradient "
             "on that path still holds a size from the run the training graph was built from "
             "(GraniteMoE's split by computed sizes does); export a dense form of the model "
             "(every expert on every token, weighted by the router's probabilities)")
@@ -381,8 +381,10 @@ class Trainer:
         preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
                                spec.ignore_index, spec.output, tuple(shape))
 
-    def _training_graph(self, local_n: int):
-        """(training graph, its TrainingInfo) for local batches of local_n samples."""
+    def _training_graph(self, local_n: int, batch: Mapping | None = None):
+        """(training graph, its TrainingInfo) for local batches of local_n samples, built on
+        `batch`'s values where given (the batch at hand: a trace may fail on zeros, as a
+        Gather of the first token a router picked)."""
         got = self._graphs.get(local_n)
         if got is None:
             shapes = {k: (local_n,) + self.train_arrays[k].shape[1:] for k in self.data_inputs}
@@ -393,11 +395,14 @@ class Trainer:
                                      fed=self.cfg.data.train.inputs)
             baked = {k: v for k, v in values.items() if v.dtype.kind in "biu"}
             shapes.update({k: v.shape for k, v in values.items() if k not in baked})
+            example = {k: v for k, v in (batch or {}).items()
+                       if k in self.data_inputs and isinstance(v, np.ndarray)}
+            example.update((k, v) for k, v in values.items() if k not in baked)
             tm = build_training_graph(bake_inputs(self.step_model, baked), self.cfg.loss,
                                       self.cfg.trainable,
                                       frozen=self.cfg.frozen, shapes=shapes,
                                       batchnorm=self.cfg.batchnorm,
-                                      sync_batchnorm=self.sync_bn)
+                                      sync_batchnorm=self.sync_bn, example=example)
             got = self._graphs[local_n] = (tm, training_info(tm))
         return got
 
@@ -415,10 +420,10 @@ class Trainer:
             return {k: v for k, v in got.items() if v.dtype.kind not in "biu"}
         return got
 
-    def _plan(self, local_n: int) -> Plan:
+    def _plan(self, local_n: int, batch: Mapping | None = None) -> Plan:
         plan = self.plans.get(local_n)
         if plan is None:
-            tm, info = self._training_graph(local_n)
+            tm, info = self._training_graph(local_n, batch)
             feeds = list(info.gradients) + list(info.state)
             if self.seed_weighted:  # the loss weight (times fp16's loss scale) as the seed
                 feeds.append(info.seed)
@@ -502,7 +507,7 @@ class Trainer:
         xp = self.xp
         first, _, _ = self.batches.get(0, 0)
         n_first = len(next(iter(first.values())))
-        tm, info = self._training_graph(n_first)
+        tm, info = self._training_graph(n_first, first)
         inits = {t.name: t for t in self.run_model.graph.initializer}
         values = {k: numpy_helper.to_array(inits[k]) for k in info.gradients}
         dtypes = {v.dtype for v in values.values()}
@@ -661,7 +666,7 @@ class Trainer:
             if local_w == 0:  # every label of this shard is ignored: it adds nothing
                 continue
             n = len(next(iter(arrays.values())))
-            plan = self._plan(n)
+            plan = self._plan(n, arrays)
             plan.executor.rng.reseed(self.cfg.seed, self.rank, self.step, m)
             feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self._constants(n, fed_only=True))
@@ -774,7 +779,7 @@ class Trainer:
         for m, (arrays, local_w, _) in enumerate(micro):
             if local_w == 0:
                 continue
-            plan = self._plan(len(next(iter(arrays.values()))))
+            plan = self._plan(len(next(iter(arrays.values()))), arrays)
             ex = Executor(plan.model, xp, feeds=list(plan.gradients) + list(plan.state),
                           seed=self.cfg.seed + self.rank, keep_all=True)
             ex.rng.reseed(self.cfg.seed, self.rank, self.step, m)

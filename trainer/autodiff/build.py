@@ -219,7 +219,8 @@ def ensure_default_opset(m: onnx.ModelProto) -> int:
 def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Iterable[str] = (),
                          batch_size: int | None = None,
                          shapes: Mapping[str, tuple[int, ...]] | None = None,
-                         batchnorm="train", sync_batchnorm: bool = False) -> onnx.ModelProto:
+                         batchnorm="train", sync_batchnorm: bool = False,
+                         example: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The training graph of `model` for `loss` w.r.t. `wrt` (all: the default parameters, see
     trainer.autodiff.params; or names/globs).
 
@@ -228,7 +229,9 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     model's statistics fixed (inference form, as `.eval()`); a list of globs puts the
     BatchNormalization layers whose scale initializer matches in eval form, the rest in train.
     `sync_batchnorm` computes the batch statistics over all ranks of a data-parallel job
-    (ai.onnx_trainer AllReduce nodes: the identity in one process).
+    (ai.onnx_trainer AllReduce nodes: the identity in one process). `example`: values of data
+    inputs (a first batch) for the runs that find every value's shape, which otherwise feed
+    zeros (a traced model may fail on zeros: a Gather of the first token a router picked).
     """
     spec = LossSpec.of(loss)
     if spec.type not in LOSS_TYPES:
@@ -249,7 +252,9 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     dtypes = input_dtypes(model)
     # static control flow, sequences: plain nodes
     model = lower_model(model, in_shapes, dtypes, trainable=wrt)
-    first = probe(model, in_shapes, dtypes)
+    example = {k: np.asarray(v) for k, v in (example or {}).items()
+               if k in in_shapes and np.shape(v) == tuple(in_shapes[k])}
+    first = probe(model, in_shapes, dtypes, example)
 
     m = copy.deepcopy(model)
     repair_exported_model(m)
@@ -261,7 +266,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     fwd, state, spec, loss_name, target_vis = fw.model, fw.state, fw.spec, fw.loss, fw.targets
     t_dtypes = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
                 for vi in target_vis}
-    shapes_all = probe(fwd, {**in_shapes, **fw.target_shapes}, {**dtypes, **t_dtypes})
+    shapes_all = probe(fwd, {**in_shapes, **fw.target_shapes}, {**dtypes, **t_dtypes}, example)
     _, chosen, grads, seed = attach_backward(m, fw, shapes_all,
                                              _constant_values(fwd, shapes_all, wrt),
                                              wrt, frozen, bn_stats, opset)

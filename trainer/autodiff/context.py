@@ -116,6 +116,13 @@ class GradContext(Builder):
     def attr(self, name: str, default=None):
         return self.attrs.get(name, default)
 
+    def reshape_as(self, x: str, like: str, out: str) -> list[onnx.NodeProto]:
+        """x reshaped to `like`'s shape: read at run time where that follows the data."""
+        if like in self.data_sized and self.opset >= 5:
+            dims = self.tmp("shape")
+            return [self.node("Shape", [like], [dims]), self.node("Reshape", [x, dims], [out])]
+        return [self.reshape(x, self.shape(like), out)]
+
     def I(self, i: int) -> str:  # noqa: E743
         return self.onnx_node.input[i] if i < len(self.onnx_node.input) else ""
 

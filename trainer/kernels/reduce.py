@@ -134,6 +134,10 @@ def max_of(xp, x, axes, keepdims=True):
     through argmax ([16384, 10] float32: 0.71 -> 0.08 ms; [4096, 64]: 0.24 -> 0.10 ms)."""
     axes = tuple(sorted(a % x.ndim for a in axes)) if x.ndim else ()
     k = len(axes)
+    if x.size == 0:  # (rows of no values, as a batch trimmed to no tokens: a shift of -inf)
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if keepdims
+                      or i not in axes)
+        return xp.full(shape, -np.inf, x.dtype)
     if (xp is np and x.size >= ROW_MAX_MIN and k and x.flags.c_contiguous
             and axes == tuple(range(x.ndim - k, x.ndim)) and x.dtype.kind == "f"):
         n = math.prod(x.shape[x.ndim - k:])
@@ -293,6 +297,8 @@ def softmax_axes(ndim: int, axis: int, opset: int) -> tuple[int, ...]:
 # The softmax family computes in x's own dtype: ONNX's float16 expectations (e.g. the expanded
 # fp16 attention cases) are rounded step by step, and float32 compute misses them by 2 ulp.
 def _log_softmax(xp, x, axes):
+    if x.size == 0:  # (rows of no values: a batch trimmed to no tokens)
+        return xp.empty_like(x)
     if (fast := rowfuse.softmax(xp, x, axes, log=True)) is not None:
         return fast  # (a device: generated kernels)
     m = max_of(xp, x, axes)
@@ -301,6 +307,8 @@ def _log_softmax(xp, x, axes):
 
 
 def _softmax(xp, x, axes):
+    if x.size == 0:
+        return xp.empty_like(x)
     if (fast := rowfuse.softmax(xp, x, axes)) is not None:
         return fast  # (a device: generated kernels)
     e = xp.subtract(x, max_of(xp, x, axes))

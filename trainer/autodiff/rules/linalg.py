@@ -112,7 +112,7 @@ def _matmul_2d_weight(ctx, sa, sb):
         out = ctx.tmp("da_rows") if batched else ctx.GI(0)
         nodes.append(_gemm(ctx, dy2, b, out, trans_b=1))
         if batched:
-            nodes.append(ctx.reshape(out, sa, ctx.GI(0)))
+            nodes += ctx.reshape_as(out, a, ctx.GI(0))
     if ctx.needs(1):
         a2 = a
         if batched:

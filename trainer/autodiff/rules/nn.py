@@ -210,13 +210,18 @@ def _scatter_at_indices(ctx, x_shape, reduction, indices):
     total = math.prod(x_shape)
     zeros, idx, upd, flat = ctx.tmp("zeros"), ctx.tmp("idx"), ctx.tmp("upd"), ctx.tmp("flat")
     zero = np.zeros(1, ctx.dtype(ctx.I(0)))
-    nodes = [ctx.node("ConstantOfShape", [ctx.const([total], np.int64, "n")], [zeros],
-                      value=numpy_helper.from_array(zero)),
-             ctx.reshape(indices, [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
-             ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0,
-                      reduction=reduction)]
+    nodes = []
+    if ctx.I(0) in ctx.data_sized:  # (X's size at run time)
+        size, n = ctx.tmp("x_size"), ctx.tmp("n")
+        nodes += [ctx.node("Size", [ctx.I(0)], [size]), ctx.reshape(size, [1], n)]
+    else:
+        n = ctx.const([total], np.int64, "n")
+    nodes += [ctx.node("ConstantOfShape", [n], [zeros], value=numpy_helper.from_array(zero)),
+              ctx.reshape(indices, [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
+              ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0,
+                       reduction=reduction)]
     if not order:
-        return nodes + [ctx.reshape(flat, x_shape, ctx.GI(0))]
+        return nodes + ctx.reshape_as(flat, ctx.I(0), ctx.GI(0))
     # storage_order=1: Indices count the spatial axes in column-major order
     grid = ctx.tmp("colmajor")
     return nodes + [ctx.reshape(flat, list(x_shape[:2]) + list(x_shape[2:])[::-1], grid),
@@ -339,6 +344,17 @@ def global_averagepool_grad(ctx):
     # dX = expand(dY) / prod(spatial)
     x_shape = ctx.shape(ctx.I(0))
     t = ctx.tmp("expanded")
+    if ctx.I(0) in ctx.data_sized and ctx.opset >= 8:  # (X's sizes at run time)
+        d = {k: ctx.tmp(k) for k in ("x_dims", "x_size", "y_size", "nx", "ny", "scale")}
+        to = elem_type(ctx.dtype(ctx.I(0)))
+        return [ctx.node("Shape", [ctx.I(0)], [d["x_dims"]]),
+                ctx.node("Expand", [ctx.GO(0), d["x_dims"]], [t]),
+                ctx.node("Size", [ctx.I(0)], [d["x_size"]]),
+                ctx.node("Size", [ctx.GO(0)], [d["y_size"]]),
+                ctx.node("Cast", [d["x_size"]], [d["nx"]], to=to),
+                ctx.node("Cast", [d["y_size"]], [d["ny"]], to=to),
+                ctx.node("Div", [d["ny"], d["nx"]], [d["scale"]]),
+                ctx.node("Mul", [t, d["scale"]], [ctx.GI(0)])]
     return [ctx.expand(ctx.GO(0), x_shape, t, ctx.dtype(ctx.I(0))),
             ctx.node("Mul", [t, ctx.scalar(1.0 / float(np.prod(x_shape[2:])))], [ctx.GI(0)])]
 

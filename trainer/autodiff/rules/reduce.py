@@ -18,7 +18,7 @@ from trainer.autodiff.rules.elementwise import (
     where,
 )
 from trainer.errors import ModelError
-from trainer.graph import is_float_dtype
+from trainer.graph import elem_type, is_float_dtype
 from trainer.kernels.reduce import softmax_axes
 
 no_gradient("ArgMax", "ArgMin", "Hardmax")
@@ -52,15 +52,38 @@ class _Reduction:
         self.axes = _axes_of(ctx)
         self.kept = tuple(1 if i in self.axes else d for i, d in enumerate(self.x_shape))
         self.count = int(np.prod([self.x_shape[a] for a in self.axes]))
+        # X's size follows the data (graph.data_sized): shapes and counts read at run time
+        self.sized = self.x in ctx.data_sized and ctx.opset >= 11
         self.nodes: list = []
 
     def keep(self, name: str) -> str:
         """`name` (a tensor of Y's shape) reshaped to the keepdims shape."""
+        if not self.ctx.attr("keepdims", 1) and self.axes and self.sized:
+            out = self.ctx.tmp("kept")  # (Y's other dims as they are at run time)
+            self.nodes.append(self.ctx.unsqueeze(name, self.axes, out))
+            return out
         if tuple(self.ctx.shape(self.ctx.O(0))) == self.kept:
             return name
         out = self.ctx.tmp("kept")
         self.nodes.append(self.ctx.reshape(name, self.kept, out))
         return out
+
+    def x_dims(self) -> str:
+        """X's shape at run time (a Shape node)."""
+        out = self.ctx.tmp("x_dims")
+        self.nodes.append(self.ctx.node("Shape", [self.x], [out]))
+        return out
+
+    def mean_scale(self) -> str:
+        """1 / (the count of values each output averages): Size(Y) / Size(X) at run time."""
+        ctx, t = self.ctx, {k: self.ctx.tmp(k) for k in ("x_size", "y_size", "nx", "ny")}
+        ratio = ctx.tmp("ratio")
+        self.nodes += [ctx.node("Size", [self.x], [t["x_size"]]),
+                       ctx.node("Size", [ctx.O(0)], [t["y_size"]]),
+                       ctx.node("Cast", [t["x_size"]], [t["nx"]], to=elem_type(self.dtype)),
+                       ctx.node("Cast", [t["y_size"]], [t["ny"]], to=elem_type(self.dtype)),
+                       ctx.node("Div", [t["ny"], t["nx"]], [ratio])]
+        return ratio
 
     def dy(self) -> str:
         return self.keep(self.ctx.GO(0))
@@ -79,6 +102,9 @@ class _Reduction:
 
     def expand(self, name: str, out: str) -> list:
         """A keepdims-shaped tensor broadcast to X's shape, into `out`."""
+        if self.sized:
+            dims = self.x_dims()
+            return self.nodes + [self.ctx.node("Expand", [name, dims], [out])]
         if self.kept == self.x_shape:
             return self.nodes + [self.ctx.node("Identity", [name], [out])]
         return self.nodes + [self.ctx.expand(name, self.x_shape, out, self.dtype)]
@@ -105,6 +131,10 @@ def reduce_mean_grad(ctx):
     # dX = broadcast(dY / n)
     r = _Reduction(ctx)
     dy = r.dy()
+    if r.sized and r.axes:  # (how many values each mean takes follows the data)
+        s = ctx.tmp("scaled")
+        r.nodes.append(ctx.node("Mul", [dy, r.mean_scale()], [s]))
+        return r.expand(s, ctx.GI(0))
     if r.count == 1:
         return r.expand(dy, ctx.GI(0))
     s = ctx.tmp("scaled")

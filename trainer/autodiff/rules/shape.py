@@ -14,6 +14,7 @@ no_gradient("Shape", "Size", "NonZero", "Unique", "OneHot", "Range", "EyeLike",
             "ConstantOfShape", "Constant")
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 # -- opset-aware building blocks -------------------------------------------------------------
@@ -179,15 +180,8 @@ def _normalized(ctx, i: int, dims, nodes: list) -> tuple[str | None, np.ndarray 
 
 # -- reshaping, joining, splitting -----------------------------------------------------------
 def _reshape_back(ctx):
-    # dX = reshape(dY, shape(X))
-    nodes: list = []
-    if ctx.I(0) in ctx.data_sized and ctx.opset >= 5:  # (X's shape as it is at run time)
-        shape = ctx.tmp("shape")
-        nodes += [ctx.node("Shape", [ctx.I(0)], [shape]),
-                  ctx.node("Reshape", [ctx.GO(0), shape], [ctx.GI(0)])]
-        return nodes
-    _reshape(ctx, ctx.GO(0), ctx.shape(ctx.I(0)), nodes, ctx.GI(0))
-    return nodes
+    # dX = reshape(dY, shape(X)) (X's shape at run time where it follows the data)
+    return ctx.reshape_as(ctx.GO(0), ctx.I(0), ctx.GI(0))
 
 
 for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
@@ -275,7 +269,21 @@ def tile_grad(ctx):
             split.append(r)
         split.append(n)
     nodes: list = []
-    t = _reshape(ctx, ctx.GO(0), split, nodes)
+    if ctx.I(0) in ctx.data_sized and ctx.opset >= 11:  # (X's sizes at run time)
+        dims, parts = ctx.tmp("x_dims"), []
+        nodes.append(ctx.node("Shape", [ctx.I(0)], [dims]))
+        for i, r in enumerate(reps):
+            if r != 1:
+                parts.append(ctx.const([r], np.int64, "reps"))
+            parts.append(ctx.tmp("dim"))
+            nodes.append(ctx.node("Slice", [dims, ctx.const([i], np.int64, "at"),
+                                            ctx.const([i + 1], np.int64, "at")], [parts[-1]]))
+        split = ctx.tmp("split")
+        nodes.append(ctx.node("Concat", parts, [split], axis=0))
+        t = ctx.tmp("tiles")
+        nodes.append(ctx.node("Reshape", [ctx.GO(0), split], [t]))
+    else:
+        t = _reshape(ctx, ctx.GO(0), split, nodes)
     nodes.append(ctx.reduce("ReduceSum", t, axes, ctx.GI(0), keepdims=0))
     return nodes
 
@@ -319,6 +327,9 @@ def slice_grad(ctx):
     if ctx.opset < 10:
         starts, ends = ctx.attr("starts"), ctx.attr("ends")
         axes, steps = ctx.attr("axes") or list(range(len(starts))), [1] * len(starts)
+    elif ctx.opset >= 11 and (ctx.I(0) in ctx.data_sized or any(
+            ctx.I(i) and ctx.static_value(ctx.I(i)) is None for i in (1, 2, 4))):
+        return _slice_grad_at_run_time(ctx)
     else:
         starts = _static(ctx, 1, "starts").reshape(-1).tolist()
         ends = _static(ctx, 2, "ends").reshape(-1).tolist()
@@ -362,6 +373,55 @@ def slice_grad(ctx):
         for a in over:
             extent[a] = x_shape[a] - lo[a]
     _pad(ctx, g, lo + [x_shape[a] - lo[a] - extent[a] for a in range(rank)], nodes, ctx.GI(0))
+    return nodes
+
+
+def _slice_grad_at_run_time(ctx) -> list:
+    """Slice's gradient where its starts, ends or steps are computed from the data, or X's size
+    follows the data: axis by axis (the last sliced first), dY scattered into zeros of X's size
+    along that axis at the positions the same Slice takes from Range(0, X's size there) (so
+    clamping, negative starts and steps are Slice's own). The axes must be constants."""
+    rank = len(ctx.shape(ctx.I(0)))
+    n = int(np.prod(ctx.shape(ctx.I(1)))) if ctx.shape(ctx.I(1)) else 1
+    axes = ([int(a) % rank for a in _static(ctx, 3, "axes").reshape(-1)] if ctx.I(3)
+            else list(range(n)))
+    nodes: list = []
+    made: dict[int, str] = {}
+
+    def at(k: int) -> str:  # (the 1-D int64 constant [k])
+        if k not in made:
+            made[k] = ctx.const([k], np.int64, "at")
+        return made[k]
+    x_dims = ctx.tmp("x_dims")
+    nodes.append(ctx.node("Shape", [ctx.I(0)], [x_dims]))
+    zero = numpy_helper.from_array(np.zeros(1, ctx.dtype(ctx.I(0))))
+    g = ctx.GO(0)
+    for j in reversed(range(len(axes))):
+        a = axes[j]
+        t = {k: ctx.tmp(k) for k in ("dim", "size", "positions", "taken", "g_dims", "dims",
+                                      "filled", "rows", "index")}
+        bounds = []
+        for i in (1, 2, 4):  # (this axis's start, end and step)
+            if i == 4 and not ctx.I(4):
+                break
+            b = ctx.tmp("bound")
+            nodes.append(ctx.node("Slice", [_to_int64(ctx, ctx.I(i), nodes), at(j), at(j + 1)],
+                                  [b]))
+            bounds.append(b)
+        nodes += [ctx.node("Slice", [x_dims, at(a), at(a + 1)], [t["dim"]]),
+                  ctx.node("Squeeze", [t["dim"]], [t["size"]]),
+                  ctx.node("Range", [ctx.const(0, np.int64, "zero"), t["size"],
+                                     ctx.const(1, np.int64, "one")], [t["positions"]]),
+                  ctx.node("Slice", [t["positions"], bounds[0], bounds[1], at(0)]
+                           + bounds[2:], [t["taken"]]),
+                  ctx.node("Shape", [g], [t["g_dims"]]),
+                  ctx.node("ScatterElements", [t["g_dims"], at(a), t["dim"]], [t["dims"]]),
+                  ctx.node("ConstantOfShape", [t["dims"]], [t["filled"]], value=zero)]
+        _reshape(ctx, t["taken"], [1] * a + [-1] + [1] * (rank - a - 1), nodes, t["rows"])
+        nodes.append(ctx.node("Expand", [t["rows"], t["g_dims"]], [t["index"]]))
+        out = ctx.GI(0) if j == 0 else ctx.tmp("scattered")
+        nodes.append(ctx.node("ScatterElements", [t["filled"], t["index"], g], [out], axis=a))
+        g = out
     return nodes
 
 
@@ -449,6 +509,14 @@ def pad_grad(ctx):
                                                                strict=True)]
         start = [max(b, 0) for b in before]
         crop = any(lead) or any(k != n for k, n in zip(kept, x_shape, strict=True))
+        if not crop:  # (ends counted from the end: no size of X is baked in)
+            axes = [a for a in range(rank) if before[a] or after[a]]
+            if not axes:
+                return nodes + [ctx.node("Identity", [ctx.GO(0)], [ctx.GI(0)])]
+            _slice(ctx, ctx.GO(0), [before[a] for a in axes],
+                   [-after[a] if after[a] else _INT64_MAX for a in axes], axes, nodes,
+                   out=ctx.GI(0))
+            return nodes
         g = _slice(ctx, ctx.GO(0), start, [s + k for s, k in zip(start, kept, strict=True)],
                    list(range(rank)), nodes, out=None if crop else ctx.GI(0))
         if crop:
@@ -604,6 +672,8 @@ def gather_grad(ctx):
         k = -1
     nodes: list = []
     idx, static = _normalized(ctx, 1, n, nodes)
+    if a > 0 and ctx.I(0) in ctx.data_sized and k >= 0:  # (the rows before the axis follow
+        return _gather_grad_axis_first(ctx, a, n, k, idx, static, nodes)  # the data)
     dy = ctx.GO(0)
     pad = next((p.value for p in ctx.onnx_node.metadata_props if p.key == PADDING_KEY), "")
     if pad and a == 0:  # nn.Embedding(padding_idx=pad): that row's positions pass nothing
@@ -620,6 +690,43 @@ def gather_grad(ctx):
         _reshape(ctx, t, [lead * k if k >= 0 else -1], nodes, rows)
     return _rows_grad(ctx, rows, static, lead * k if k >= 0 else -1, lead * n, dy, x_shape,
                       nodes)
+
+
+def _gather_grad_axis_first(ctx, a: int, n: int, k: int, idx: str | None, static,
+                            nodes: list) -> list:
+    """Gather's gradient along axis a > 0 of an X whose other sizes follow the data: with the
+    axis moved to the front, the rows idx of zeros [n, -1] get dY's rows added (X's size read
+    at run time), then the axis goes back."""
+    rank, ki = len(ctx.shape(ctx.I(0))), len(ctx.shape(ctx.I(1)))
+    unique = static is not None and len(np.unique(static)) == static.size
+    if ctx.opset < 16 and not (unique and ctx.opset >= 11):
+        raise ModelError(f"node '{ctx.name}' (Gather): the gradient along axis {a} of a tensor "
+                         "whose size follows the data needs opset 16 (ScatterND's add); convert "
+                         "the model with onnx.version_converter")
+    front = [a] + [i for i in range(rank) if i != a]
+    y_front = list(range(a, a + ki)) + list(range(a)) + list(range(a + ki, rank - 1 + ki))
+    t = {s: ctx.tmp(s) for s in ("dy_front", "rows", "x_dims", "front_dims", "x_size",
+                                  "width", "zeros_dims", "zeros", "scattered", "front")}
+    rows = ctx.const(static.reshape(-1, 1), suffix="rows") if static is not None else \
+        _reshape(ctx, idx, [-1, 1], nodes)
+    nodes += [ctx.node("Transpose", [ctx.GO(0)], [t["dy_front"]], perm=y_front),
+              ctx.reshape(t["dy_front"], [k, -1], t["rows"]),
+              ctx.node("Shape", [ctx.I(0)], [t["x_dims"]]),
+              ctx.node("Gather", [t["x_dims"], ctx.const(front, np.int64, "perm")],
+                       [t["front_dims"]], axis=0),
+              ctx.node("Size", [ctx.I(0)], [t["x_size"]]),
+              ctx.node("Div", [t["x_size"], ctx.const(n, np.int64, "n")], [t["width"]])]
+    width = _reshape(ctx, t["width"], [1], nodes)
+    nodes += [ctx.node("Concat", [ctx.const([n], np.int64, "n"), width], [t["zeros_dims"]],
+                       axis=0),
+              ctx.node("ConstantOfShape", [t["zeros_dims"]], [t["zeros"]],
+                       value=numpy_helper.from_array(np.zeros(1, ctx.dtype(ctx.I(0))))),
+              ctx.node("ScatterND", [t["zeros"], rows, t["rows"]], [t["scattered"]],
+                       reduction=None if unique else "add"),
+              ctx.node("Reshape", [t["scattered"], t["front_dims"]], [t["front"]]),
+              ctx.node("Transpose", [t["front"]], [ctx.GI(0)],
+                       perm=[int(i) for i in np.argsort(front)])]
+    return nodes
 
 
 def _without_row(ctx, dy: str, idx: str | None, static, row: int, nodes: list) -> str:
