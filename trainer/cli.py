@@ -118,8 +118,10 @@ def _grad(args) -> int:
     from trainer.autodiff import build_training_graph
     from trainer.contrib import lower_contrib
     from trainer.graph import load_model
+    from trainer.unfuse import unfuse_conv_batchnorms
 
-    model = lower_contrib(load_model(args.model), inplace=True)
+    model = unfuse_conv_batchnorms(lower_contrib(load_model(args.model), inplace=True),
+                                   inplace=True)[0]
     if args.precision in ("bf16", "fp16"):
         from trainer.autocast import autocast
         model, _, _ = autocast(model, args.precision)

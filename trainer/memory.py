@@ -638,9 +638,13 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     batch into larger chunks than the host's); `at_batch_only`: a probe runs at `batch` itself
     (the model holds values made for that batch: integer data.constants baked in)."""
     from trainer.contrib import lower_contrib
+    from trainer.unfuse import unfuse_conv_batchnorms
+
+    def standard(m: onnx.ModelProto) -> onnx.ModelProto:  # (as the training graph is built)
+        return unfuse_conv_batchnorms(lower_contrib(m))[0]
 
     t0 = time.perf_counter()
-    sm = compute_structure(lower_contrib(model), precision)  # (as the training graph is built)
+    sm = compute_structure(standard(model), precision)
 
     def at(b: int) -> dict[str, tuple[int, ...]]:
         fixed = dict(constant_shapes(b)) if constant_shapes is not None else {}
@@ -666,7 +670,7 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
             if isinstance(why, ModelError):
                 raise
             raise TrainerError(f"the memory estimate needs the model's values: {why}") from None
-        full = lower_contrib(full_model())
+        full = standard(full_model())
         note = ""
         try:
             small = {b: _probed_structure(full, loss, trainable, frozen, batchnorm, at(b),

@@ -37,6 +37,7 @@ from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError
 from trainer.graph import data_sizing_nodes, lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
+from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Report:
     detached: list[str] = field(default_factory=list)  # values read through .detach()
     lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
     fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
+    unfused: list[str] = field(default_factory=list)  # unfuse.unfuse_conv_batchnorms
 
     @property
     def opset_text(self) -> str:
@@ -113,6 +115,8 @@ class Report:
             lines.append(single_bias_line(self.single_bias))
         if self.detached:
             lines.append(detached_line(self.detached))
+        if self.unfused:
+            lines.append(unfuse_line(self.unfused))
         lines += warning_lines(self.folded, self.fused, self.computed)
         if self.shared:
             lines.append(shared_line(self.shared))
@@ -268,6 +272,7 @@ def model_report(model: onnx.ModelProto) -> Report:
             run = lower_contrib(model)
         except ModelError as exc:
             fused_error = str(exc)
+    run, unfused = unfuse_conv_batchnorms(run)  # (onnxoptimizer's arithmetic: BatchNorms)
     nodes = list(run.graph.node)
     types = _FloatDefault(_value_types(run))
     outputs = [o.name for o in model.graph.output]
@@ -288,12 +293,14 @@ def model_report(model: onnx.ModelProto) -> Report:
                         if o.domain not in ("", "ai.onnx"))
     untied = [u for u in untied if u in trained]  # (untied constants are no parameters)
     single = [p for p in single_bias_masks(model) if p in trained]
-    shared = shared_constants(model, sorted(trained))
+    stats = {i for n in nodes if n.op_type == "BatchNormalization" for i in n.input[3:5]}
+    shared = shared_constants(model, sorted(trained | stats))
     tool_constants = tool_folded_constants(model)
     detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *folded,
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
-                  fused_error=fused_error, shared=shared, tool_constants=tool_constants)
+                  fused_error=fused_error, shared=shared, tool_constants=tool_constants,
+                  unfused=unfused)
 
 
 def gradient_status(op: str, domain: str = "") -> str:

@@ -87,6 +87,7 @@ from trainer.memory import human
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
+from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
 
 SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
 
@@ -192,6 +193,9 @@ class Trainer:
             self.log.info("onnxruntime's fused nodes train as the standard ONNX ops they stand "
                           "for (the export keeps them): " + ", ".join(
                               f"{op} x{k}" for op, k in sorted(fused.items())))
+        _, unfused = unfuse_conv_batchnorms(train_model, inplace=True)
+        if unfused:
+            self.log.info(unfuse_line(unfused))
         if needs_recurrent_opset(self.model):
             self.log.info(f"the training graph is built from the model converted from opset "
                           f"{opset_of(self.model)} to {RECURRENT_OPSET} (the recurrent gradient "
@@ -528,7 +532,7 @@ class Trainer:
         single = [k for k in single_bias_masks(self.model) if k in self.shapes]
         if single:
             self.log.info(report.single_bias_line(single))
-        shared = shared_constants(self.model, self.names)
+        shared = shared_constants(self.model, self.names + list(info.state))
         if shared:
             self.log.info(report.shared_line(shared))
         tool_constants = tool_folded_constants(self.model)
