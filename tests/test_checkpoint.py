@@ -77,3 +77,66 @@ def test_resume_from_a_checkpoint_of_other_shapes_names_the_tensor(tmp_path, dig
         t.fit(resume=True)
     for k, v in before.items():
         np.testing.assert_array_equal(t.params[k], v)
+
+
+def _same_rows(got: list[dict], want: list[dict]) -> bool:
+    """Metrics rows equal but for the throughput (wall time)."""
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+    return strip(got) == strip(want)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAt(Trainer):
+    """A run that dies (as from SIGKILL) at the start of step `at` + 1."""
+
+    at = 0
+
+    def train_step(self, micro, lr):
+        if self.step == self.at:
+            raise _Killed()
+        return super().train_step(micro, lr)
+
+
+@pytest.mark.parametrize("eval_at", ["steps", "epochs"])
+def test_resume_keeps_what_evaluations_decided(tmp_path, digits_config, eval_at):
+    """A run killed after a checkpoint and resumed goes on as the uninterrupted run: the best
+    model so far, early stopping's count, reduce-on-plateau's lr cuts and the evaluation of
+    the checkpoint's own step (once written after the checkpoint: lost, or logged twice)."""
+    evaluation = {"every_steps": 5} if eval_at == "steps" else {"every_epochs": 1}
+    batch = 64 if eval_at == "steps" else 256  # (digits: 1437 samples, 5 batches of 256)
+    over = dict(data__batch_size=batch, optimizer={"type": "sgd", "lr": 1.0, "momentum": 0.9},
+                schedule={"type": "plateau", "patience": 0, "factor": 0.5},
+                best={"metric": "eval_accuracy"}, early_stop={"patience": 2}, eval=evaluation,
+                steps=60)
+    every = 10
+    full = Trainer(config_from_dict(digits_config(**over), tmp_path / "full"),
+                   stream=io.StringIO())
+    want = full.fit()
+    assert "early_stop" in want  # (the test means something: the run stops early)
+    killed_at = 2 * every + 3 if eval_at == "steps" else 2 * every
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": every}
+    first = _KilledAt(config_from_dict(digits_config(checkpoint=ck, **over), tmp_path / "a"),
+                      stream=io.StringIO())
+    first.at = killed_at
+    with pytest.raises(_Killed):
+        first.fit()
+    second = Trainer(config_from_dict(digits_config(checkpoint=ck, **over), tmp_path / "b"),
+                     stream=io.StringIO())
+    got = second.fit(resume=True)
+    resumed_from = killed_at // every * every
+    rows = [r for r in full.history if r["step"] > resumed_from]
+    assert any("lr" in r and r["lr"] < 1.0 for r in rows)  # (a plateau cut after the resume)
+    assert _same_rows(second.history, rows)
+    assert got["early_stop"] == want["early_stop"] and got["steps"] == want["steps"]
+    assert got["best"]["step"] == want["best"]["step"]
+    for k, v in full.trained_values().items():
+        np.testing.assert_array_equal(second.trained_values()[k], v, err_msg=k)
+    # a finished run that stopped early, resumed, stays stopped
+    third = Trainer(config_from_dict(digits_config(checkpoint=ck, **over), tmp_path / "c"),
+                    stream=io.StringIO())
+    again = third.fit(resume=True)
+    assert third.step == want["steps"] and again["early_stop"] == want["early_stop"]

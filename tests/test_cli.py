@@ -227,6 +227,23 @@ def test_eval_command(tmp_path, digits_config):
     assert proc.returncode == 0, proc.stderr
     acc = float(proc.stdout.split("eval_accuracy")[1].split()[0])
     assert acc > 0.5
+    # --model evaluates that file as it is, whatever the config trains: a config freezing fc1
+    # (whose tensors eval once took from the config's untrained model) gives onnxruntime's
+    # accuracy of the trained file
+    import onnxruntime as ort
+
+    data = np.load(EXAMPLES / "digits.npz")
+    logits = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(
+        ["logits"], {"x": data["x_test"]})[0]
+    want = float((logits.argmax(1) == data["y_test"]).mean())
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    cfg = write_cfg(frozen, digits_config(frozen=["fc1.*"], output=str(frozen / "o.onnx")))
+    proc = run("eval", cfg, "--model", str(tmp_path / "out" / "model.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("eval_accuracy")[1].split()[0]) == pytest.approx(want,
+                                                                                    abs=1e-4)
+    assert not (frozen / "o.onnx").exists()
 
 
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']"])

@@ -35,7 +35,7 @@ def _sqrt_model(path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
-def _sqrt_run(tmp_path, on_nan, steps=6):
+def _sqrt_run(tmp_path, on_nan, steps=6, **over):
     _sqrt_model(tmp_path / "m.onnx")
     x = np.abs(np.random.default_rng(0).standard_normal((48, 4))).astype(np.float32) + 0.5
     x[16:24] *= -1  # batch 3 (of 8 samples) makes x @ W negative
@@ -45,7 +45,7 @@ def _sqrt_run(tmp_path, on_nan, steps=6):
            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
                     "batch_size": 8, "shuffle": False},
            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "log": {"every_steps": 1}}
+           "log": {"every_steps": 1}, **over}
     return Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
 
 
@@ -86,6 +86,17 @@ def test_nan_skip_skips_and_counts(tmp_path):
     rows = [r for r in t.history if "loss" in r]
     assert not np.isfinite(rows[2]["loss"]) and rows[-1]["skipped_steps"] == 1
     assert all(np.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+
+
+def test_skipped_steps_count_on_after_a_resume(tmp_path):
+    """The count of skipped updates is checkpointed (it restarted at 0 on --resume)."""
+    ck = {"checkpoint": {"dir": str(tmp_path / "ck"), "every_steps": 1}}
+    first = _sqrt_run(tmp_path, "skip", steps=4, **ck)
+    first.fit()
+    assert first.skipped == 1
+    second = _sqrt_run(tmp_path, "skip", steps=6, **ck)
+    second.fit(resume=True)
+    assert second.skipped == 1 and second.history[-1]["skipped_steps"] == 1
 
 
 def _digits_cfg(tmp_path, digits_config, **over):

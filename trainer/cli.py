@@ -155,16 +155,11 @@ def _evaluate(args) -> int:
     _thread_environment(cfg.threads)
     from trainer.train import Trainer
 
-    trainer = Trainer(cfg, check=False)
-    model = Path(args.model) if args.model else None
-    if model is not None:
-        from onnx import numpy_helper
+    if args.model:  # (that file as it is: its graph and every one of its tensors)
+        import dataclasses
 
-        from trainer.graph import load_model
-        weights = {t.name: numpy_helper.to_array(t) for t in load_model(model).graph.initializer}
-        for name in list(trainer.params) + list(trainer.state):
-            target = trainer.params.get(name, trainer.state.get(name))
-            target[...] = trainer.xp.asarray(weights[name].astype(target.dtype))
+        cfg = dataclasses.replace(cfg, model=Path(args.model).resolve())
+    trainer = Trainer(cfg, check=False, writes=False)
     metrics = trainer.evaluate()
     print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0

@@ -126,9 +126,12 @@ class Plan:
 class Trainer:
     """Trains the model of a Config; `fit()` runs the whole job and exports the result."""
 
-    def __init__(self, cfg: Config, comm=None, stream=None, *, check: bool = True):
+    def __init__(self, cfg: Config, comm=None, stream=None, *, check: bool = True,
+                 writes: bool = True):
         """`check`: print the pre-flight report first and stop on every problem it finds
-        (paths, model support, data, memory) before anything large is allocated."""
+        (paths, model support, data, memory) before anything large is allocated; `writes`:
+        False where nothing is written (`onnx-trainer eval`: the output, checkpoint and log
+        paths are not checked)."""
         self.cfg = cfg
         self.threads = apply_threads(cfg.threads)
         self.xp = get_xp(cfg.device)
@@ -173,7 +176,8 @@ class Trainer:
             for line in self.preflight.text().splitlines():
                 self.log.info(line)
             self.preflight.raise_problems()
-        self._check_paths()
+        if writes:
+            self._check_paths()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model, lowered=True)
         if missing:  # every unsupported node, before any data is read
@@ -294,6 +298,8 @@ class Trainer:
         self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
         self.last_metrics: dict = {}
         self.last_eval_step = -1
+        self._saved_step = -1  # (the step of the last checkpoint this run wrote)
+        self.stopped_early = ""  # early_stop's reason, once it stopped the run
         self.best_value = self.es_best = None
         self.best_step, self.best_path, self.es_bad = None, None, 0
         for what, section in (("best", cfg.best), ("early_stop", cfg.early_stop)):
@@ -829,15 +835,18 @@ class Trainer:
                       f"{cfg.data.batch_size}")
         t0, seen, last_epoch = time.perf_counter(), 0, self.position[0]
         row: dict = {}
-        stopped = ""
+        stopped = self.stopped_early  # (a resumed run that had stopped early stays stopped)
         with _StopOnSignal(self):
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not stopped:
                 micro, epoch = [], last_epoch
                 for _ in range(cfg.accumulate):
                     epoch, arrays, local_w, global_w, samples = self._next_micro_batch()
                     micro.append((arrays, local_w, global_w))
                     seen += samples
-                if epoch != last_epoch and self._eval_due(epochs_done=epoch):
+                # (an epoch whose end this step's accumulation crossed; one evaluated after
+                # the step that ended it, below, is not evaluated again)
+                if (epoch != last_epoch and self._eval_due(epochs_done=epoch)
+                        and self.last_eval_step != self.step):
                     stopped = self._evaluate_and_track(last_epoch)
                 last_epoch = epoch
                 if stopped:
@@ -858,17 +867,19 @@ class Trainer:
                     t0, seen = now, 0
                     self.history.append(row)
                     self.log.record(row)
+                # Evaluations due after this step come before its checkpoint, which then holds
+                # what they decided (a plateau's lr cut, the best so far, early stopping)
+                ended = self.position[1] >= self.batches.steps_per_epoch
+                if self.step < self.total_steps and (
+                        (ended and self._eval_due(epochs_done=epoch + 1))
+                        or self._eval_due(step=self.step)):
+                    stopped = self._evaluate_and_track(epoch)
                 every = cfg.checkpoint.every_steps
                 if cfg.checkpoint.dir and every and self.step % every == 0:
                     self.save_checkpoint()
-                if self._stop_agreed:
+                if self._stop_agreed or stopped:
                     break
-                if self._eval_due(step=self.step) and self.step < self.total_steps:
-                    stopped = self._evaluate_and_track(epoch)
-                    if stopped:
-                        break
-        if cfg.checkpoint.dir and not (cfg.checkpoint.every_steps
-                                       and self.step % cfg.checkpoint.every_steps == 0):
+        if cfg.checkpoint.dir and self._saved_step != self.step:
             self.save_checkpoint()  # the end of a run is always saved
         if self._stop_agreed:
             raise Interrupted(self._signal_code, self.step,
@@ -977,6 +988,7 @@ class Trainer:
                     why = (f"{es.metric} did not improve on {self.es_best:.6g} for {es.patience} "
                            f"evaluation(s)")
                     self.log.info(f"early stop at step {self.step}: {why}")
+                    self.stopped_early = why
                     return why
         return ""
 
@@ -987,6 +999,7 @@ class Trainer:
         a checkpoint always holds the whole state and resumes sharded or not."""
         optim = self._full_optimizer_state()
         self._sync_state("checkpoint")
+        self._saved_step = self.step
         if self.rank != 0:
             return
         arrays = {f"param/{k}": to_host(v) for k, v in self.params.items()}
@@ -998,6 +1011,17 @@ class Trainer:
                 "optimizer": self.cfg.optimizer.type}
         if self.scaler:
             meta.update(self.scaler.state())
+        # what evaluations and skipped steps decided so far, so that a resumed run goes on as
+        # this one would (best model, early stopping, counters)
+        def num(v):
+            return None if v is None else float(v)
+        meta["tracking"] = {"last_eval_step": self.last_eval_step,
+                            "last_metrics": {k: num(v) for k, v in self.last_metrics.items()},
+                            "best_value": num(self.best_value), "best_step": self.best_step,
+                            "best_path": str(self.best_path) if self.best_path else None,
+                            "es_best": num(self.es_best), "es_bad": self.es_bad,
+                            "stopped_early": self.stopped_early,
+                            "skipped": self.skipped, "scaler_skipped": self.scaler_skipped}
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
@@ -1095,7 +1119,20 @@ class Trainer:
                              f" (the checkpoint was at sample {seen}; the rest of that batch "
                              "is seen again)"))
         self.position = (epoch, index)
+        tracked = meta.get("tracking") or {}  # (checkpoints written before it hold none)
+        self.last_eval_step = int(tracked.get("last_eval_step", -1))
+        self.last_metrics = dict(tracked.get("last_metrics") or {})
+        self.best_value, self.best_step = tracked.get("best_value"), tracked.get("best_step")
+        self.best_path = Path(tracked["best_path"]) if tracked.get("best_path") else None
+        self.es_best, self.es_bad = tracked.get("es_best"), int(tracked.get("es_bad", 0))
+        self.stopped_early = tracked.get("stopped_early", "")
+        self.skipped = int(tracked.get("skipped", 0))
+        self.scaler_skipped = int(tracked.get("scaler_skipped", 0))
+        self._saved_step = self.step
         self.log.info(f"resumed from {path} at step {self.step}")
+        if self.stopped_early:
+            self.log.info(f"the checkpoint's run stopped early ({self.stopped_early}): "
+                          "nothing to train")
         if self.step >= self.total_steps:
             self.log.info(f"the checkpoint already reaches the configured length "
                           f"({self.total_steps} steps): nothing to train; raise steps or "
