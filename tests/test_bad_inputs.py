@@ -60,6 +60,24 @@ def _train(**over):
     return lambda tmp: ["train", _write(tmp, _cfg(tmp, **over))]
 
 
+def _external_data_output(tmp) -> list[str]:
+    """The demo model with its weights in `b.onnx.data`, and an output of that name."""
+    m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
+    onnx.save_model(m, str(tmp / "a.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="b.onnx.data", size_threshold=0)
+    return ["train", _write(tmp, _cfg(tmp, model=str(tmp / "a.onnx"),
+                                      output=str(tmp / "b.onnx.data")))]
+
+
+def _old_checkpoints(tmp) -> list[str]:
+    """A finished run's checkpoints in checkpoint.dir, and a new run (no --resume) there."""
+    from trainer.cli import main
+
+    raw = _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}, output=str(tmp / "first.onnx"))
+    assert main(["train", _write(tmp, raw)]) == 0
+    return ["train", _write(tmp, _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}))]
+
+
 def _data(name, **arrays):
     def make(tmp):
         np.savez(tmp / name, **arrays)
@@ -238,6 +256,25 @@ CASES = {
     "output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
         (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
             t, model=str(t / "m.onnx"), output=str(t / "m.onnx")))], "is the model file itself"),
+    # -- what the run writes is none of what it reads, and a regular file --
+    "metrics-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
+            t, model=str(t / "m.onnx"), log={"metrics": str(t / "m.onnx")}))],
+        "log.metrics"),
+    "output-is-the-models-external-data": (_external_data_output, "external data file"),
+    "output-is-the-dataset": (lambda t: (t / "d.npz").write_bytes(
+        (EXAMPLES / "digits.npz").read_bytes()) and ["train", _write(t, _cfg(
+            t, data__train__path=str(t / "d.npz"), output=str(t / "d.npz")))],
+        "a file of data.train"),
+    "best-is-the-model": (lambda t: (t / "m.best.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
+            t, model=str(t / "m.best.onnx"), output=str(t / "m.onnx"),
+            data__eval={"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_test"},
+                        "targets": {"label": "y_test"}}, best={"metric": "eval_loss"}))],
+        "the best model"),
+    "output-is-a-pipe": (lambda t: os.mkfifo(t / "pipe") or ["train", _write(t, _cfg(
+        t, output=str(t / "pipe")))], "not a regular file"),
+    "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
     "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
                           "label"),

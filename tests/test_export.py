@@ -71,3 +71,24 @@ def test_external_data_outside_the_folder_is_refused(tmp_path):
     onnx.save(model, inner / "m.onnx")
     with pytest.raises(ModelError, match="outside the model's folder"):
         load_model(inner / "m.onnx")
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["one-file", "external-data"])
+def test_an_export_leaves_another_models_data_alone(tmp_path, monkeypatch, large):
+    """The model training starts from keeps its weights in `b.onnx.data`, and the output is
+    `b.onnx`: the export removed (or, written with external data, replaced) that file, as
+    data of a model it replaced. Names another model in the folder reads are left alone."""
+    if large:
+        monkeypatch.setattr(export_mod, "TWO_GB", 1000)
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    onnx.save_model(model, str(tmp_path / "a.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="b.onnx.data", size_threshold=0)
+    before = (tmp_path / "b.onnx.data").read_bytes()
+    out = export_model(load_model(tmp_path / "a.onnx"), {"fc2.bias": np.ones(10)},
+                       tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx.data").read_bytes() == before
+    weights = {t.name: numpy_helper.to_array(t)
+               for t in load_model(tmp_path / "a.onnx").graph.initializer}
+    assert not (weights["fc2.bias"] == 1).all()
+    assert (numpy_helper.to_array(next(t for t in load_model(out).graph.initializer
+                                       if t.name == "fc2.bias")) == 1).all()

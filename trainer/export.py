@@ -57,11 +57,22 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     return path
 
 
+# .onnx files in the output's folder read for the external data they name: a model that keeps
+# its weights outside is a small file (a large one holds them itself)
+_SCANNED_BYTES = 64 << 20
+
+
 def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
     # renamed into place the old model and its data stay a consistent pair.
-    candidates = [f"{path.name}.data", f"{path.name}.1.data", f"{path.name}.2.data"]
+    candidates = [f"{path.name}.data"] + [f"{path.name}.{k}.data" for k in range(1, 8)]
+    # (names another model in the folder reads are neither written nor removed: the model
+    # training started from may keep its weights in `<output>.data`)
+    others = set().union(*(_external_locations(f) for f in folder.glob("*.onnx")
+                           if f.name != path.name and f.is_file()
+                           and f.stat().st_size < _SCANNED_BYTES))
+    candidates = [c for c in candidates if c not in others]
     data_name = None
     for stale in folder.glob(f".{glob.escape(path.name)}.*{_TMP}"):  # of a killed export
         shutil.rmtree(stale, ignore_errors=True)

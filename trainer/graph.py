@@ -120,6 +120,21 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files the model at `path` names, inside its folder (none when it
+    cannot be read: load_model says why where it matters)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        root = path.parent.resolve()
+        names = {e.value for t, _ in stored_tensors(model)
+                 if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+        return sorted(root / n for n in names if n and not os.path.isabs(n))
+    except Exception:  # noqa: BLE001 - a file that does not load has nothing to protect
+        return []
+
+
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its model-local functions (onnxscript's @script functions, jax2onnx's
     @onnx_function blocks) inlined at every call, as onnxruntime runs them: the graph that

@@ -22,24 +22,54 @@ def _existing_parent(path: Path) -> Path:
 
 
 def writable_file(path: Path, what: str) -> None:
-    """`path` can be written as a file: not a directory, and its folder exists or can be made
-    and is writable (tried: see `_probe`)."""
+    """`path` can be written as a file: not a directory or another kind of file (a device, a
+    pipe: the write replaces it), and its folder exists or can be made and is writable (tried:
+    see `_probe`)."""
     path = Path(path)
     if path.is_dir():
         raise TrainerError(f"{what} {path} is a directory; give a file path such as "
                            f"{path / 'model.onnx'}")
+    if os.path.lexists(path) and not path.is_file():
+        raise TrainerError(f"{what} {path} exists and is not a regular file (a device, a pipe "
+                           "or a broken link), which the write would replace; give a file path")
     parent = _existing_parent(path.parent)
     if not parent.is_dir():
         raise TrainerError(f"{what} {path}: {parent} is not a directory")
     _probe(path.parent, path, what)
 
 
-def not_the_model(output: Path, model: Path) -> None:
-    """The output is not the model file training starts from (the export would replace it:
-    a later run, or a resume, would start from trained weights)."""
-    if Path(output).absolute().resolve() == Path(model).absolute().resolve():
-        raise TrainerError(f"output {output} is the model file itself: the export would "
-                           "overwrite the model training starts from; give another output path")
+def files_read(cfg) -> dict[Path, str]:
+    """{file: what it is} for the files a run reads: the model, its external data files, the
+    datasets (each file of a folder dataset)."""
+    from trainer.graph import external_data_files
+
+    found = {Path(cfg.model): "the model file itself"}
+    found.update((f, "an external data file of the model") for f in
+                 external_data_files(cfg.model))
+    for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if ds is None:
+            continue
+        path = Path(ds.path)
+        files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+        found.update((f, f"a file of {what}") for f in files)
+    return found
+
+
+def not_read(path: Path, what: str, reads: Mapping[Path, str]) -> None:
+    """`path`, which the run writes, is none of the files it reads (`files_read`): writing it
+    would destroy them (an output named like the model's external data, a metrics file at the
+    model's path)."""
+    for f, role in reads.items():
+        if _same(path, f):
+            raise TrainerError(f"{what} {path} is {role}: writing it would destroy what "
+                               "training reads; give another path")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).absolute().resolve() == Path(b).absolute().resolve()
+    except (OSError, RuntimeError):  # (a symlink loop: not a file the run reads)
+        return False
 
 
 def writable_dir(path: Path, what: str) -> None:

@@ -414,7 +414,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             problems.append(exc)
             return None
 
-    attempt(checks.not_the_model, cfg.output, cfg.model)
+    from trainer.train import written_files
+    reads = checks.files_read(cfg)
+    for path, what in written_files(cfg):
+        attempt(checks.not_read, path, what, reads)
     attempt(checks.writable_file, cfg.output, "output")
     if cfg.checkpoint.dir is not None:
         attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")

@@ -357,7 +357,9 @@ class Trainer:
 
     def _check_paths(self) -> None:
         cfg = self.cfg
-        preflight.not_the_model(cfg.output, cfg.model)
+        reads = preflight.files_read(cfg)
+        for path, what in written_files(cfg):
+            preflight.not_read(path, what, reads)
         preflight.writable_file(cfg.output, "output")
         if cfg.checkpoint.dir is not None:
             preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
@@ -816,6 +818,14 @@ class Trainer:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0. With `profile`, the steps after its
         warm-up are timed and the profile is printed (and returned under "profile")."""
+        if not resume and self.rank == 0 and self.cfg.checkpoint.dir is not None:
+            # (mixed with this run's, an earlier run's later steps would be what --resume picks)
+            old = checkpoint.latest(self.cfg.checkpoint.dir)
+            if old is not None:
+                raise TrainerError(
+                    f"checkpoint.dir {self.cfg.checkpoint.dir} holds checkpoints of an earlier "
+                    f"run (the newest: {old.name}); continue that run with --resume, or give "
+                    "this one another checkpoint.dir (or remove them)")
         resumed = self.resume() if resume else False
         self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps)
         self._profile_request = profile
@@ -1465,6 +1475,16 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
                 np.dtype(src)) in used:
             m = convert_floats(m, src, target)
     return m
+
+
+def written_files(cfg) -> list[tuple[Path, str]]:
+    """(path, config key) of the files a run writes: the output, the best model, metrics."""
+    out = [(Path(cfg.output), "output")]
+    if cfg.best is not None:
+        out.append((best_path(cfg.output), "the best model (from output)"))
+    if cfg.log.metrics is not None:
+        out.append((Path(cfg.log.metrics), "log.metrics"))
+    return out
 
 
 def best_path(output: Path) -> Path:
