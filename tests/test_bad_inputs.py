@@ -60,6 +60,12 @@ def _train(**over):
     return lambda tmp: ["train", _write(tmp, _cfg(tmp, **over))]
 
 
+# nine levels of nine aliases each: 9**9 values, 700 bytes of YAML
+_ALIAS_BOMB = "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi",
+                                                                   strict=True))
+
+
 def _external_data_output(tmp) -> list[str]:
     """The demo model with its weights in `b.onnx.data`, and an output of that name."""
     m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
@@ -222,6 +228,14 @@ CASES = {
     "config-python-tag": (lambda t: ["train", str(_put(
         t / "c.yaml", "model: !!python/object/apply:os.system ['true']\n"))],
         "cannot parse config file"),
+    "config-key-twice": (lambda t: ["train", str(_put(t / "c.yaml", yaml.safe_dump(_cfg(t))
+                                                      + "steps: 5\n"))], "given twice"),
+    "config-alias-bomb": (lambda t: ["train", str(_put(t / "c.yaml", _ALIAS_BOMB))],
+                          "aliases are expanded"),
+    "config-nested-too-deeply": (lambda t: ["train", str(_put(t / "c.yaml", "a: " + "[" * 5000
+                                                              + "]" * 5000))], "too deeply"),
+    "config-override-without-value": (lambda t: ["train", _write(t, _cfg(t)), "--set",
+                                                 "optimizer.lr="], "gives no value"),
     "config-unknown-key": (_train(optimizer={"type": "sgd", "lrr": 0.1}), "optimizer.lrr"),
     "config-wrong-type": (_train(data__batch_size="many"), "data.batch_size"),
     "config-out-of-range": (_train(optimizer={"type": "sgd", "lr": -1}), "optimizer.lr"),
@@ -275,6 +289,23 @@ CASES = {
     "output-is-a-pipe": (lambda t: os.mkfifo(t / "pipe") or ["train", _write(t, _cfg(
         t, output=str(t / "pipe")))], "not a regular file"),
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
+    "grad-output-under-a-file": (lambda t: _put(t / "f", "x") and [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o",
+        str(t / "f" / "g.onnx")], "not a directory"),
+    "grad-output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and [
+        "grad", str(t / "m.onnx"), "--output", "logits", "-o", str(t / "m.onnx")],
+        "is the model file itself"),
+    "grad-shape-of-no-input": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--shape", "y=4,64",
+        "-o", str(t / "g.onnx")], "has no input 'y'"),
+    "convert-output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and [
+        "convert", str(t / "m.onnx"), "--dynamic-batch", "-o", str(t / "m.onnx")],
+        "is the model file itself"),
+    "profile-trace-under-a-file": (lambda t: _put(t / "f", "x") and [
+        "train", _write(t, _cfg(t)), "--profile-trace", str(t / "f" / "t.json")],
+        "--profile-trace"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
     "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
                           "label"),
@@ -420,3 +451,20 @@ def test_a_transpose_with_negative_axes_is_refused_by_name():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(TrainerError, match=r"bad_perm.*perm \[0, -2, -1, 1\] is not a perm"):
         Executor(model).run({"x": np.zeros((2, 3, 4, 5), np.float32)})
+
+
+@pytest.mark.parametrize("argv", [
+    ["grad", "m.onnx", "--output", "y", "--batch-size", "0", "-o", "g.onnx"],
+    ["grad", "m.onnx", "--output", "y", "--batch-size", "-4", "-o", "g.onnx"],
+    ["convert", "m.onnx", "--seed", "-1", "-o", "c.onnx"],
+    ["check", "c.yaml", "--world", "0"],
+    ["train", "c.yaml", "--profile", "-1"],
+    ["train", "c.yaml", "--profile-warmup", "-5"]], ids=" ".join)
+def test_numbers_out_of_range_on_the_command_line_are_refused(capsys, argv):
+    """Counts below what they count are usage errors (a batch of -4 reached NumPy)."""
+    from trainer.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "is below" in capsys.readouterr().err

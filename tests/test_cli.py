@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -323,3 +324,15 @@ def test_output_into_a_closed_pipe_is_not_an_internal_error(args):
         os.close(w)
     err = proc.stderr.decode()
     assert proc.returncode == 141 and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_under_the_terminal_output_is_one_line():
+    """stdout redirected to a full disk: one error line, not an internal error."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "trainer", "ops"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "onnx-trainer: error: cannot write the terminal output: No space left on device"]

@@ -19,11 +19,27 @@ def _train(args) -> int:
     from trainer.train import ProfileRequest, Trainer
 
     profile = None
+    if args.profile_trace:
+        from trainer import preflight
+        preflight.writable_file(Path(args.profile_trace), "--profile-trace")
     if args.profile is not None or args.profile_trace:
         profile = ProfileRequest(steps=args.profile or 10, warmup=args.profile_warmup,
                                  trace=Path(args.profile_trace) if args.profile_trace else None)
     Trainer(cfg).fit(resume=args.resume, profile=profile)
     return 0
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
 
 
 def _thread_environment(threads: int | None) -> None:
@@ -113,8 +129,6 @@ def _ops(args) -> int:
 
 
 def _grad(args) -> int:
-    import onnx
-
     from trainer.autodiff import build_training_graph
     from trainer.contrib import lower_contrib
     from trainer.graph import load_model
@@ -134,6 +148,13 @@ def _grad(args) -> int:
             sep = ""
         if not sep or not name:
             raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers)")
+    inputs = [vi.name for vi in model.graph.input
+              if vi.name not in {t.name for t in model.graph.initializer}]
+    for name in shapes:
+        if name not in inputs:
+            raise TrainerError(f"--shape {name}=...: the model has no input '{name}' (its "
+                               f"inputs: {', '.join(inputs)})")
+    out = _output_path(args.o, args.model, "-o")
     tm = build_training_graph(model, {"type": args.loss, "output": args.output,
                                       "target": args.target, "class_axis": args.class_axis,
                                       "blank": args.blank, "time_axis": args.time_axis,
@@ -141,8 +162,9 @@ def _grad(args) -> int:
                               args.trainable or "all", batch_size=args.batch_size,
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
-    onnx.save_model(tm, args.o)
-    print(f"wrote {args.o}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    from trainer.export import save_model
+    save_model(tm, out)
+    print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
     return 0
 
 
@@ -165,9 +187,20 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _output_path(out: str, model: str, what: str) -> Path:
+    """An output path a command may write: a file (its folder made), not the model it reads."""
+    from trainer import preflight
+
+    out = Path(out)
+    preflight.not_read(out, what, {Path(model): "the model file itself"})
+    preflight.writable_file(out, what)
+    return out
+
+
 def _convert(args) -> int:
     from trainer.convert import convert_file
 
+    _output_path(args.o, args.model, "-o")
     report = convert_file(args.model, args.o, trainable_constants=args.trainable_constants,
                           dynamic_batch=args.dynamic_batch, seed=args.seed, reinit=args.reinit,
                           names=args.names)
@@ -192,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in checkpoint.dir")
-    t.add_argument("--profile", type=int, nargs="?", const=10, default=None, metavar="STEPS",
+    t.add_argument("--profile", type=_at_least(1), nargs="?", const=10, default=None,
+                   metavar="STEPS",
                    help="after the warm-up, time STEPS steps (default 10) and print the slowest "
                         "nodes, communication and optimizer time")
-    t.add_argument("--profile-warmup", type=int, default=3, metavar="STEPS",
+    t.add_argument("--profile-warmup", type=_at_least(0), default=3, metavar="STEPS",
                    help="steps run before the profiled ones (default 3)")
     t.add_argument("--profile-trace", metavar="OUT.json",
                    help="also write the profile as a Chrome trace (Perfetto-viewable); implies "
@@ -207,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL_OR_CONFIG")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (with a config)")
-    c.add_argument("--world", type=int, default=None, metavar="N",
+    c.add_argument("--world", type=_at_least(1), default=None, metavar="N",
                    help="number of processes to plan for (with a config; default: this "
                         "launch's)")
     c.set_defaults(fn=_check)
@@ -224,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",
                    help="ctc: an input of each sample's count of valid time steps")
-    g.add_argument("--batch-size", type=int, default=1,
+    g.add_argument("--batch-size", type=_at_least(1), default=1,
                    help="value for a symbolic batch (first) dimension")
     g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="full shape of an input with other symbolic dims (repeatable)")
@@ -252,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights made by ConstantOfShape/Constant nodes become initializers")
     v.add_argument("--dynamic-batch", action="store_true",
                    help="make a fixed first (batch) dimension of the inputs symbolic")
-    v.add_argument("--seed", type=int, default=0, help="seed of the fresh initialization")
+    v.add_argument("--seed", type=_at_least(0), default=0,
+                   help="seed of the fresh initialization")
     v.add_argument("--reinit", action="store_true",
                    help="re-initialize Constant weights too (default: keep their values)")
     v.add_argument("--names", choices=["tensor", "consumer"], default="tensor",
@@ -279,22 +314,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)
         return exc.code
     except TrainerError as exc:
-        return _fail(f"onnx-trainer: error: {exc}", 2, traceback_too=debug)
+        from trainer.config import ConfigError
+        return _fail(f"onnx-trainer: error: {exc}", 2, traceback_too=debug,
+                     everywhere=isinstance(exc, ConfigError))
     except KeyboardInterrupt:
         return _fail("onnx-trainer: interrupted", 130, traceback_too=debug)
     except BrokenPipeError:  # (`onnx-trainer ops | head`: the reader stopped reading)
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error)
         return 141  # (128 + SIGPIPE, as other tools that write to a closed pipe)
+    except OSError as exc:
+        import errno
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT,
+                                                  errno.EIO):  # (stdout or stderr: a full disk)
+            return _fail(f"onnx-trainer: error: cannot write the terminal output: "
+                         f"{exc.strerror}", 2, traceback_too=debug)
+        return _fail(f"onnx-trainer: internal error (a bug in onnx-trainer, please report it "
+                     f"with this traceback): {type(exc).__name__}: {exc}", 3,
+                     traceback_too=True)
     except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, end every rank
         return _fail(f"onnx-trainer: internal error (a bug in onnx-trainer, please report it "
                      f"with this traceback): {type(exc).__name__}: {exc}", 3,
                      traceback_too=True)
 
 
-def _fail(message: str, code: int, traceback_too: bool = False) -> int:
+def _fail(message: str, code: int, traceback_too: bool = False, everywhere: bool = False
+          ) -> int:
     """Print the error once and, under mpirun, end every rank of the job (no rank may wait
-    forever in a collective for the one that failed)."""
+    forever in a collective for the one that failed). `everywhere`: an error every rank meets
+    alike (the config's), which rank 0 alone prints."""
     import traceback
 
     from trainer.comm import launched_rank, launched_world_size
@@ -302,15 +350,16 @@ def _fail(message: str, code: int, traceback_too: bool = False) -> int:
     world = launched_world_size()
     rank = launched_rank()
     if world > 1 and rank != 0:
-        # When every rank fails the same way (a bad config), rank 0 speaks and aborts the
-        # others before they print; a failure on this rank alone is printed a moment later
-        # (3 s: at 1 s a loaded machine printed a bad config's error twice).
+        # When every rank fails the same way, rank 0 speaks and aborts the others before they
+        # print; a failure on this rank alone is printed a moment later (3 s: at 1 s a loaded
+        # machine printed such an error twice; a config's error is rank 0's to print)
         import time
         time.sleep(3.0)
         message = message.replace("onnx-trainer: ", f"onnx-trainer: rank {rank}: ", 1)
     if traceback_too:
         traceback.print_exc()
-    print(message, file=sys.stderr, flush=True)
+    if not (everywhere and world > 1 and rank != 0):
+        print(message, file=sys.stderr, flush=True)
     if world > 1:
         from trainer.comm import abort_world
         abort_world(code)

@@ -645,11 +645,52 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def _plain(x: Any) -> Any:
-    """Deep copy of the YAML-like tree with every mapping as a plain dict (overrides edit it)."""
+_MAX_VALUES = 100_000  # values of a config with its aliases expanded (a real one has hundreds)
+_MAX_DEPTH = 64  # nesting of mappings and lists
+
+
+def _no_duplicate_keys(node, seen_nodes: set) -> None:
+    """Refuse a key given twice in one mapping of the composed YAML (the last would win)."""
+    if id(node) in seen_nodes:  # (an alias: checked where it is defined)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in lines and key != "<<":
+                raise ConfigError(f"config key '{key}' is given twice (lines {lines[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            lines[key] = key_node.start_mark.line + 1
+            _no_duplicate_keys(value_node, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item, seen_nodes)
+
+
+def _yaml(text: str) -> Any:
+    """yaml.safe_load(text), with a key given twice in one mapping refused and nesting that
+    exhausts the parser's recursion named."""
+    try:
+        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), set())
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError("config nested too deeply to read") from None
+
+
+def _plain(x: Any, count: list | None = None, depth: int = 0) -> Any:
+    """Deep copy of the YAML-like tree with every mapping as a plain dict (overrides edit it);
+    aliases are copied out, within _MAX_VALUES values and _MAX_DEPTH levels (nine nested
+    aliases of ten make a billion: a few hundred bytes that never finish loading)."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > _MAX_VALUES or depth > _MAX_DEPTH:
+        raise ConfigError(f"config holds more than {_MAX_VALUES} values or {_MAX_DEPTH} levels "
+                          "of nesting once its YAML aliases are expanded; a config is a few "
+                          "hundred values")
     if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return [_plain(v) for v in x] if isinstance(x, list) else x
+        return {k: _plain(v, count, depth + 1) for k, v in x.items()}
+    return [_plain(v, count, depth + 1) for v in x] if isinstance(x, list) else x
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -658,8 +699,11 @@ def apply_override(raw: dict, override: str) -> None:
     parts = [p.strip() for p in key.split(".")]
     if not sep or not all(parts):
         raise ConfigError(f"malformed override {override!r}: expected key.path=value")
+    if not text.strip():  # (read as null, it would silently mean the key's default)
+        raise ConfigError(f"override {override!r} gives no value; write the value after '=' "
+                          "(null: the key's default, or no section)")
     try:
-        value = yaml.safe_load(text)
+        value = _plain(_yaml(text))
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: invalid YAML value: {_one_line(exc)}") from exc
     node = raw
@@ -698,7 +742,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
                           "`onnx-trainer check MODEL.onnx` reads a model alone (README, 'A "
                           "config')")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = _yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse config file {p}: {_one_line(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:

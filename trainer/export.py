@@ -45,10 +45,15 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
         onnx.helper.set_model_props(m, props)
+    if _fits_bytesize(m) and m.ByteSize() <= TWO_GB:  # (a large model is checked as written,
+        check_model(m, "exported model")  # before it is renamed into place)
+    return save_model(m, path)
+
+
+def save_model(m: onnx.ModelProto, path) -> Path:
+    """`m` saved to `path` atomically (as export_model saves; over 2 GB with external data)."""
     path = Path(path)
     large = m.ByteSize() > TWO_GB if _fits_bytesize(m) else True
-    if not large:  # a large model is checked as written, before it is renamed into place
-        check_model(m, "exported model")
     try:
         make_dirs(path.parent)
         _save(m, path, large)
