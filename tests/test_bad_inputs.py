@@ -84,6 +84,42 @@ def _old_checkpoints(tmp) -> list[str]:
     return ["train", _write(tmp, _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}))]
 
 
+def _long_raw_data(tmp) -> bool:
+    """The demo model with 8 bytes too many in a bias's raw data (onnx's checker finds too
+    few, not too many)."""
+    m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
+    t = next(t for t in m.graph.initializer if t.name == "fc2.bias")
+    t.raw_data = numpy_helper.to_array(t).tobytes() + b"\0" * 8
+    onnx.save(m, str(tmp / "m.onnx"))
+    return True
+
+
+def _escapes_model(tmp) -> bool:
+    """The demo model with an op no kernel runs, in a node named with a newline and a
+    terminal escape (printed raw, they forged a second line in red)."""
+    m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
+    m.graph.node[0].op_type, m.graph.node[0].domain = "NoSuchOp", "my.ops"
+    m.graph.node[0].name = "a\nFAKE: all good\x1b[31m"
+    m.opset_import.append(helper.make_opsetid("my.ops", 1))
+    onnx.save(m, str(tmp / "m.onnx"))
+    return True
+
+
+def _edited_manifest(tmp) -> list[str]:
+    """A checkpoint whose manifest names a step that is no number, then --resume."""
+    import json
+
+    from trainer.cli import main
+
+    raw = _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}, output=str(tmp / "first.onnx"))
+    assert main(["train", _write(tmp, raw)]) == 0
+    manifest = next((tmp / "ck").glob("step_*")) / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    meta["step"] = "abc"
+    manifest.write_text(json.dumps(meta))
+    return ["train", _write(tmp, _cfg(tmp, checkpoint={"dir": str(tmp / "ck")})), "--resume"]
+
+
 def _data(name, **arrays):
     def make(tmp):
         np.savez(tmp / name, **arrays)
@@ -306,6 +342,14 @@ CASES = {
     "profile-trace-under-a-file": (lambda t: _put(t / "f", "x") and [
         "train", _write(t, _cfg(t)), "--profile-trace", str(t / "f" / "t.json")],
         "--profile-trace"),
+    "data-strings-for-a-float-input": (_with_data(_data("d.npz", x=x.astype(str), y=y)),
+                                       "holds <U"),
+    "data-complex-input": (_with_data(_data("d.npz", x=x + 1j, y=y)), "imaginary part"),
+    "model-raw-data-too-long": (lambda t: _long_raw_data(t) and ["train", _write(t, _cfg(
+        t, model=str(t / "m.onnx")))], "the file is damaged"),
+    "checkpoint-manifest-edited": (_edited_manifest, "is damaged"),
+    "model-name-with-terminal-escapes": (lambda t: _escapes_model(t) and ["train", _write(
+        t, _cfg(t, model=str(t / "m.onnx")))], "'a\\nFAKE: all good\\x1b[31m'"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),
     "data-string-array": (_with_data(_data("d.npz", x=x, y=np.array(["a"] * len(y)))),
                           "label"),

@@ -224,3 +224,20 @@ def test_half_precision_models_train_in_float32_and_export_in_their_type(tmp_pat
         np.testing.assert_array_equal(got[k], v.astype(half), err_msg=k)
     assert out.graph.input[0].type.tensor_type.elem_type == \
         model.graph.input[0].type.tensor_type.elem_type
+
+
+def test_metrics_rows_are_strict_json(tmp_path):
+    """A skipped step's NaN loss is null in the metrics file (bare NaN is not JSON: jq and
+    JSON.parse refuse the file); the run's history keeps the value."""
+    import json
+
+    t = _sqrt_run(tmp_path, "skip", log={"every_steps": 1, "metrics": str(tmp_path / "m.jsonl")})
+    t.fit()
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    rows = [json.loads(line, parse_constant=refuse)
+            for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[2] is None and all(v is not None for i, v in enumerate(losses) if i != 2)
+    assert not np.isfinite([r["loss"] for r in t.history if "loss" in r][2])

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 
 class TrainerError(Exception):
-    """A problem with the user's model, data or config, stated in words the user can act on."""
+    """A problem with the user's model, data or config, stated in words the user can act on
+    (control characters from the input, as in a node name, escaped: one line, no terminal
+    escapes)."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (printable(args[0]),)
+        super().__init__(*args)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (newlines, terminal escapes) written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ModelError(TrainerError):

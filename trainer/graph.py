@@ -282,6 +282,13 @@ def stored_tensors(model: onnx.ModelProto, what: str = "model"
             _utf8([t.name] + [s for e in t.external_data for s in (e.key, e.value)], what,
                   where)
             _check_elements(t.name, t.dims, what, where)
+            if t.data_location != onnx.TensorProto.EXTERNAL and t.raw_data:
+                need = _raw_nbytes(t)
+                if need is not None and len(t.raw_data) != need:
+                    raise ModelError(f"{what}: tensor '{_printable(t.name)}' in {where} holds "
+                                     f"{len(t.raw_data)} bytes of data where its dims "
+                                     f"{list(t.dims)} and type take {need}; the file is "
+                                     "damaged")
             out.append((t, where))
     return out
 

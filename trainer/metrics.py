@@ -4,6 +4,7 @@ metrics file and, optionally, TensorBoard event files."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, printable
 
 _ROW_FIELDS = (("loss", ".4f"), ("lr", ".3g"), ("samples_per_s", ".0f"),
                ("eval_loss", ".4f"), ("eval_accuracy", ".4f"))
@@ -200,12 +201,15 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_step is not None and self.path.is_file():
-                for line in self.path.read_text().splitlines():
+                # (bytes that are not UTF-8 make lines that do not parse: not kept)
+                text = self.path.read_text(encoding="utf-8", errors="replace")
+                for line in text.splitlines():
                     try:
                         row = json.loads(line)
                     except ValueError:  # a line cut by a crash
                         continue
-                    if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    step = row.get("step", 0) if isinstance(row, dict) else None
+                    if isinstance(step, (int, float)) and step <= resume_step:
                         kept.append(line)
             self.path.write_text("".join(f"{line}\n" for line in kept))
         if self.tensorboard is not None:
@@ -227,6 +231,7 @@ class MetricsLogger:
     def info(self, text: str) -> None:
         if not self.enabled:
             return
+        text = "\n".join(printable(line) for line in text.split("\n"))  # (names from files)
         if self._bar is not None:
             self._bar.clear()
             print(text, file=self.stream)
@@ -252,7 +257,7 @@ class MetricsLogger:
         if self.path:
             try:
                 with self.path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")
             except OSError as exc:  # (a full disk: training goes on, its model is the output)
                 self.info(f"warning: cannot append to log.metrics {self.path}: "
                           f"{exc.strerror or exc}; training goes on without the metrics file")
@@ -315,3 +320,10 @@ def _summary_writer_class() -> Any:
                            "installed: pip install 'onnx-trainer[tensorboard]' (or remove "
                            "log.tensorboard)") from None
     return SummaryWriter
+
+
+def _finite_or_null(row: dict) -> dict:
+    """The row with NaN and infinite values as null: the JSON other tools read (jq, a
+    browser's JSON.parse) has no NaN; the terminal and TensorBoard keep the value."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()}

@@ -38,6 +38,32 @@ def writable_file(path: Path, what: str) -> None:
     _probe(path.parent, path, what)
 
 
+def convertible(a: np.ndarray, want: np.dtype, name: str, what: str) -> None:
+    """Values of array `a` survive the conversion to the model input's dtype `want`: numbers
+    for a number, real for real, whole numbers for an integer input (0.7 above one was cut
+    off in silence). A memory-mapped array is checked by its dtype alone."""
+    from trainer.graph import is_float_dtype
+
+    kind, want = a.dtype.kind, np.dtype(want)
+    numeric = kind in "biuf" or is_float_dtype(a.dtype)
+    if not numeric and not (kind == "c" and want.kind == "c"):
+        raise DataError(f"{what}: '{name}' holds {a.dtype} values, but the model's input takes "
+                        f"{want} (numbers); convert the array" + (
+                            " (complex values would lose their imaginary part)"
+                            if kind == "c" else ""))
+    if kind == "f" and want.kind in "iub" and not isinstance(a, np.memmap) and a.size:
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(a) & (np.floor(a) == a)
+        if not whole.all():
+            rows = whole.reshape(len(a), -1).all(axis=1) if a.ndim else whole.reshape(1)
+            i = int(np.flatnonzero(~rows)[0])
+            bad = (a[i] if a.ndim else a).reshape(-1)
+            bad = bad[~whole[i].reshape(-1)] if a.ndim else bad
+            raise DataError(f"{what}: '{name}' holds values that are not whole numbers (sample "
+                            f"{i}: {bad[0]}), but the model's input takes {want}; round or "
+                            "convert the array first")
+
+
 def files_read(cfg) -> dict[Path, str]:
     """{file: what it is} for the files a run reads: the model, its external data files, the
     datasets (each file of a folder dataset)."""

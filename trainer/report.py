@@ -34,7 +34,7 @@ from trainer.autodiff.params import (
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
-from trainer.errors import ModelError
+from trainer.errors import ModelError, printable
 from trainer.graph import data_sizing_nodes, lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
@@ -129,7 +129,7 @@ class Report:
         if not trained:
             verdict += "; no parameter reaches an output"
         lines.append(f"{len(self.nodes)} nodes, {self.opset_text}: {verdict}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # (names from the file)
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[tuple, np.dtype]]:
@@ -364,7 +364,7 @@ class Preflight:
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
             lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # (names from the file)
 
     def raise_problems(self) -> None:
         """Raise the only problem as it is, or several as one error that lists them all."""

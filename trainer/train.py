@@ -332,6 +332,7 @@ class Trainer:
     def _dtype_for(self, name: str, a: np.ndarray, what: str) -> np.dtype | None:
         """The type the engine computes `name` in (None: as stored)."""
         if name in self.in_dtypes:
+            preflight.convertible(a, self.in_dtypes[name], name, what)
             return self.in_dtypes[name]
         if self.cfg.loss.type in ("cross_entropy", "ctc"):  # (class labels)
             return np.dtype(np.int64) if a.dtype.kind in "iu" else None
@@ -1081,6 +1082,13 @@ class Trainer:
             self.log.info(f"no checkpoint in {directory}; starting from the model's weights")
             return False
         arrays, meta = checkpoint.load(path)
+        try:
+            return self._resume_from(path, arrays, meta)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # (a manifest or arrays
+            raise TrainerError(f"checkpoint {path} is damaged: {type(exc).__name__}: "  # edited
+                               f"{exc}; resume from another one (remove this folder)") from None
+
+    def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
         names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
         if names != set(self.names):
             raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
