@@ -273,6 +273,8 @@ CASES = {
     "config-override-without-value": (lambda t: ["train", _write(t, _cfg(t)), "--set",
                                                  "optimizer.lr="], "gives no value"),
     "config-unknown-key": (_train(optimizer={"type": "sgd", "lrr": 0.1}), "optimizer.lrr"),
+    "optimizer-eps-zero": (_train(optimizer={"type": "adam", "lr": 1e-3, "eps": 0.0}),
+                           "optimizer.eps is 0"),
     "config-wrong-type": (_train(data__batch_size="many"), "data.batch_size"),
     "config-out-of-range": (_train(optimizer={"type": "sgd", "lr": -1}), "optimizer.lr"),
     "config-both-steps-and-epochs": (_train(epochs=2), "exactly one"),

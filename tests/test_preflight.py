@@ -428,3 +428,11 @@ def test_batchnorm_eval_keeps_statistics_fixed(tmp_path):
     assert set(t.state) == {k for k in init if "running" in k and not k.startswith("bn0.")}
     with pytest.raises(Exception, match="matches the scale of no BatchNormalization"):
         trainer(tmp_path, {**base, "output": "q.onnx", "batchnorm": ["nope.*"]})
+
+
+def test_a_bce_target_of_the_wrong_shape_names_bce():
+    from trainer import preflight
+    from trainer.errors import DataError
+
+    with pytest.raises(DataError, match="the bce loss compares it with 'logits'"):
+        preflight.binary_targets(np.zeros((4, 3)), "t", "data.train", (1,), "logits")

@@ -80,6 +80,10 @@ CASES = [
     ({"type": "linear"}, lambda o, w: L.LinearLR(o, 1.0, 0.0, total_iters=span(w))),
     ({"type": "linear", "start_factor": 0.5, "end_factor": 0.2, "total_iters": 10},
      lambda o, w: L.LinearLR(o, 0.5, 0.2, total_iters=10)),
+    # torch's warm-up form: from start_factor up to its default end_factor 1.0 (it decayed to
+    # min_lr 0, then trained at lr 0)
+    ({"type": "linear", "start_factor": 0.5, "total_iters": 10},
+     lambda o, w: L.LinearLR(o, 0.5, total_iters=10)),
     ({"type": "linear", "min_lr": 0.01},  # absolute: every group ends at min_lr
      lambda o, w: L.LambdaLR(o, [lambda t, b=b: (b + (0.01 - b) * min(t, span(w)) / span(w)) / b
                                  for b in BASES])),

@@ -243,7 +243,7 @@ def binary_targets(targets: np.ndarray, name: str, what: str, per_sample: tuple[
                    output: str) -> None:
     """Binary cross entropy targets: the output's per-sample shape, numbers in [0, 1] (labels
     0/1, or soft ones); the first bad one is named."""
-    regression_targets(targets, name, what, per_sample, output)
+    regression_targets(targets, name, what, per_sample, output, loss="bce")
     t = np.asarray(targets)
     bad = ~((t >= 0) & (t <= 1))
     if bad.any():
@@ -283,10 +283,10 @@ def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, wha
 
 
 def regression_targets(targets: np.ndarray, name: str, what: str,
-                       per_sample: tuple[int, ...], output: str) -> None:
+                       per_sample: tuple[int, ...], output: str, loss: str = "mse") -> None:
     if tuple(targets.shape[1:]) != tuple(per_sample):
         raise DataError(f"{what}: target '{name}' has per-sample shape "
-                        f"{list(targets.shape[1:])}, but the mse loss compares it with "
+                        f"{list(targets.shape[1:])}, but the {loss} loss compares it with "
                         f"'{output}' of per-sample shape {list(per_sample)}")
     if targets.dtype.kind not in "fiu":
         raise DataError(f"{what}: target '{name}' must be numeric, got {targets.dtype}")

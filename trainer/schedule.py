@@ -68,7 +68,10 @@ class Schedule:
         if kind == "linear":
             n = c.total_iters or self.span
             start = b * c.start_factor
-            end = b * c.end_factor if c.end_factor is not None else c.min_lr
+            # without end_factor: a decay to min_lr, or, from a start_factor below 1 and no
+            # min_lr (torch's warm-up form), up to torch's default end_factor, 1
+            end = (b * c.end_factor if c.end_factor is not None
+                   else b if c.start_factor < 1 and not c.min_lr else c.min_lr)
             return start + (end - start) * (min(t, n) / n)
         if kind == "cosine":
             n = self.span

@@ -757,9 +757,13 @@ class Trainer:
                 self.log.info(f"step {self.step}: {what}; update skipped ({self.skipped} "
                               "skipped so far, on_nan: skip)")
                 return loss
+            eps = getattr(self.cfg.optimizer, "eps", None)
             raise TrainerError(f"{what} at step {self.step + 1}; "
                                f"{self._first_nonfinite(micro)}; training stopped before "
-                               "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)")
+                               "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)"
+                               + ("; optimizer.eps is 0, so an update divides by zero where a "
+                                  "gradient's running average is 0: give it a small value "
+                                  "(torch's default is 1e-8)" if eps == 0 else ""))
         t = clock()
         if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares)
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
