@@ -273,6 +273,7 @@ CASES = {
     "config-override-without-value": (lambda t: ["train", _write(t, _cfg(t)), "--set",
                                                  "optimizer.lr="], "gives no value"),
     "config-unknown-key": (_train(optimizer={"type": "sgd", "lrr": 0.1}), "optimizer.lrr"),
+    "config-frozen-takes-everything": (_train(frozen=["fc*"]), "'frozen' matches every"),
     "optimizer-eps-zero": (_train(optimizer={"type": "adam", "lr": 1e-3, "eps": 0.0}),
                            "optimizer.eps is 0"),
     "config-wrong-type": (_train(data__batch_size="many"), "data.batch_size"),

@@ -145,6 +145,14 @@ def test_bad_constants_are_named_before_training(job, constants, message):
     assert message in str(err.value)
 
 
+def test_an_input_left_out_of_constants_is_one_problem(job):
+    """'state' [2, N, 3] left out of data.constants: that alone, not also a "fixed batch
+    dimension of 2" of an input no batch feeds."""
+    with pytest.raises(TrainerError) as err:
+        Trainer(job(constants={"sr": 16000}), stream=io.StringIO())
+    assert "needs input 'state'" in str(err.value) and "fixed batch" not in str(err.value)
+
+
 def test_the_constants_key_is_checked_when_the_config_is_read(job):
     with pytest.raises(ConfigError, match=r"data.constants.state.shape' must be a list of "
                                           r"sizes \(integers >= 0, or 'batch'"):

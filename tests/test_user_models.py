@@ -2000,6 +2000,30 @@ def test_a_detached_value_passes_no_gradient_back(tmp_path, optimize):
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
 
 
+class DetachedFeatures(nn.Module):
+    """A frozen feature extractor by .detach(): only the head trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).detach())
+
+
+def test_check_does_not_list_what_a_detach_cuts_off_as_trained():
+    """`check` listed a.weight and a.bias among the tensors trained by default, which `train`
+    (its graph cut at the detach) then left frozen."""
+    torch.manual_seed(0)
+    proto = torch.onnx.export(DetachedFeatures().eval(), (torch.randn(2, 8),), None,
+                              input_names=["x"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    report = model_report(proto)
+    assert sorted(p.name for p in report.params if p.role == "parameter") == ["b.bias",
+                                                                              "b.weight"]
+    assert "parameters trained by default: 2 tensors" in report.text()
+
+
 @pytest.mark.parametrize("producer", ["tf2onnx", "pytorch"])
 def test_keras_preprocessing_constants_are_not_trained(producer):
     """tf2onnx writes Keras's Rescaling and Normalization layers (EfficientNet starts with both)

@@ -8,6 +8,7 @@ takes the time of a graph walk.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.autodiff.params import (
     repair_exported_model,
     shared_constants,
     single_bias_masks,
+    stop_detached,
     tie_folded_copies,
     tool_folded_constants,
     tool_fused_batchnorms,
@@ -273,6 +275,9 @@ def model_report(model: onnx.ModelProto) -> Report:
         except ModelError as exc:
             fused_error = str(exc)
     run, unfused = unfuse_conv_batchnorms(run)  # (onnxoptimizer's arithmetic: BatchNorms)
+    if detached_inputs(run):  # (PyTorch's .detach(): what it cuts off does not train)
+        run = copy.deepcopy(run) if run is model else run
+        stop_detached(run)
     nodes = list(run.graph.node)
     types = _FloatDefault(_value_types(run))
     outputs = [o.name for o in model.graph.output]
@@ -296,7 +301,8 @@ def model_report(model: onnx.ModelProto) -> Report:
     stats = {i for n in nodes if n.op_type == "BatchNormalization" for i in n.input[3:5]}
     shared = shared_constants(model, sorted(trained | stats))
     tool_constants = tool_folded_constants(model)
-    detached = list(dict.fromkeys(nodes[i].input[k] for i, k in detached_inputs(model)))
+    detached = list(dict.fromkeys(model.graph.node[i].input[k]
+                                  for i, k in detached_inputs(model)))
     return Report(opset_of(model), rows, params, untied, tied, *folded,
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
@@ -503,8 +509,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                       drop_last=cfg.data.drop_last)
     if batches is not None:
         if data_inputs:
-            attempt(checks.fixed_batch, data_inputs, batches.local_sizes(), cfg.data.batch_size,
-                    world)
+            fed = {k: v for k, v in data_inputs.items() if k in cfg.data.train.inputs}
+            attempt(checks.fixed_batch, fed, batches.local_sizes(), cfg.data.batch_size, world)
         spe = batches.steps_per_epoch
         total = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epoch(s)"

@@ -279,7 +279,9 @@ class Trainer:
                                uploads=DeviceUploads(self.xp, held=cfg.accumulate)
                                if prefetch and self.xp is not np else None)
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
-        preflight.fixed_batch(self.data_inputs, self.batches.local_sizes(), cfg.data.batch_size,
+        preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the data;
+                               if k in cfg.data.train.inputs},  # others: data.constants)
+                              self.batches.local_sizes(), cfg.data.batch_size,
                               self.world)
         self.plans: dict[int, Plan] = {}
         self._init_parameters()

@@ -345,6 +345,11 @@ def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, co
     table = [r for r in parameter_table(m, fw.nodes, fw.loss, shapes, stats=bn_stats)
              if r.name not in fw.added]
     chosen = select(table, wrt, frozen)
+    if not chosen and select(table, wrt, ()):  # (the frozen globs took every one)
+        everything = select(table, wrt, ())
+        raise ModelError(f"nothing to train: 'frozen' matches every tensor that would train "
+                         f"({', '.join(everything[:6])}{'...' if len(everything) > 6 else ''}); "
+                         "narrow its globs")
     if not chosen:
         left_out = [r for r in table if r.role == CONSTANT]
         if left_out:  # (quantization scales of an integer-weight model, one-element constants)
