@@ -366,6 +366,8 @@ CASES = {
     "data-empty": (_with_data(_data("d.npz", x=x[:0], y=y[:0])), "empty"),
     "data-batch-larger-than-dataset": (_with_data(_data("d.npz", x=x[:10], y=y[:10])),
                                        "fewer than one batch"),
+    "data-batch-far-beyond-the-dataset": (_train(data__batch_size=10 ** 9),
+                                          "fewer than one batch"),
     "data-samples-disagree": (_with_data(_data("d.npz", x=x, y=y[:-1])), "first (sample)"),
     "data-eval-labels-out-of-range": (lambda t: (np.savez(t / "e.npz", x=x, y=y + 1) or
                                      ["train", _write(t, _cfg(t, data__eval={
@@ -515,3 +517,52 @@ def test_numbers_out_of_range_on_the_command_line_are_refused(capsys, argv):
         main(argv)
     assert stop.value.code == 2
     assert "is below" in capsys.readouterr().err
+
+
+def test_a_sparse_initializer_trains_as_a_dense_tensor(tmp_path):
+    """A weight stored as a sparse_initializer (valid ONNX) was "a cycle or undefined
+    inputs"; it is read as the dense tensor it stands for, and every value trains."""
+    from trainer.graph import load_model
+
+    sp = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([0.5, 0.25], np.float32), "w"),
+        numpy_helper.from_array(np.array([0, 5], np.int64), "w_idx"), [64, 10])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Add", ["h", "b"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.zeros(10, np.float32), "b")], sparse_initializer=[sp])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    w = numpy_helper.to_array(next(t for t in load_model(tmp_path / "m.onnx").graph.initializer
+                                   if t.name == "w"))
+    want = np.zeros(640, np.float32)
+    want[[0, 5]] = [0.5, 0.25]
+    np.testing.assert_array_equal(w, want.reshape(64, 10))
+    from trainer.cli import main
+    assert main(["train", _write(tmp_path, _cfg(tmp_path, model=str(tmp_path / "m.onnx")))]) == 0
+
+
+def test_a_model_of_opset_1_trains_as_one_of_opset_13(tmp_path):
+    """The loss's and the gradients' Casts were written with opset 6's enum type, which an
+    opset-1 graph reads as a type name: "Mismatched attribute type in 'loss/Cast : to'"."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    losses = {}
+    for opset in (1, 13):
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["logits"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+            [numpy_helper.from_array(np.full((64, 10), 0.01, np.float32), "w")])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]),
+                  str(tmp_path / f"m{opset}.onnx"))
+        raw = _cfg(tmp_path, model=str(tmp_path / f"m{opset}.onnx"),
+                   output=str(tmp_path / f"o{opset}.onnx"), log={"every_steps": 1})
+        t = Trainer(config_from_dict(raw, tmp_path), stream=__import__("io").StringIO())
+        t.fit()
+        losses[opset] = [r["loss"] for r in t.history if "loss" in r]
+    assert losses[1] == losses[13]

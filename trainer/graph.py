@@ -91,8 +91,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
     path = Path(path)
     if not path.is_file():
+        there = os.path.lexists(path)
         raise ModelError(f"model file not found: {path}" + (
-            " (it is a directory; give the .onnx file in it)" if path.is_dir() else ""))
+            " (it is a directory; give the .onnx file in it)" if path.is_dir() else
+            " (it is not a regular file: a device, a pipe or a broken or looping link)"
+            if there else ""))
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ModelError(f"model file {path} is {size} bytes, over protobuf's 2 GB limit; save "
@@ -115,9 +118,31 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
     _read_external_data(external, str(path))
+    densify_sparse_initializers(model, str(path))
     model = inline_functions(model)
     unknown_dims_symbolic(model)
     return model
+
+
+def densify_sparse_initializers(model: onnx.ModelProto, what: str = "model") -> None:
+    """The main graph's sparse_initializer entries as ordinary (dense) initializers, in place:
+    the engine trains every value of a tensor (the export writes them dense)."""
+    g = model.graph
+    for sp in g.sparse_initializer:
+        name = sp.values.name
+        try:
+            values = numpy_helper.to_array(sp.values).reshape(-1)
+            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+            dense = np.zeros(tuple(sp.dims), values.dtype)
+            if indices.ndim == 1:
+                dense.reshape(-1)[indices] = values
+            else:
+                dense[tuple(indices.T)] = values
+        except (ValueError, IndexError, TypeError) as exc:
+            raise ModelError(f"{what}: sparse initializer '{_printable(name)}' does not fit its "
+                             f"dims {list(sp.dims)}: {exc}") from None
+        g.initializer.append(numpy_helper.from_array(dense, name))
+    del g.sparse_initializer[:]
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:

@@ -520,10 +520,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         if total < 1:
             problems.append(TrainerError(f"one epoch has {spe} batches, fewer than accumulate="
                                          f"{cfg.accumulate}; nothing to train"))
-    if structure is None or mismatched or any(isinstance(p, (ModelError, UnsupportedOpError))
-                                              for p in problems):
+    if structure is None or batches is None or mismatched or any(
+            isinstance(p, (ModelError, UnsupportedOpError)) for p in problems):
         # (data that does not fit the model's inputs: a build at its shapes would only fail
-        # again, in a kernel's words)
+        # again, in a kernel's words; no batch: an estimate at a batch size larger than the
+        # data held up the error for gigabytes and minutes)
         return Preflight(lines, problems)
     # Batches held: on a CPU, the one being trained on and the one prefetched; on a GPU, the
     # ring of device buffers that prefetched batches are copied up into (DeviceUploads: one

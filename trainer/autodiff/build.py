@@ -285,8 +285,23 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
                                  META_KEY: json.dumps(info.__dict__)})
     _import_used_domains(fwd)
+    if opset < 6:
+        _cast_types_as_names(fwd.graph)
     check_model(fwd, "training graph")
     return fwd
+
+
+def _cast_types_as_names(g: onnx.GraphProto) -> None:
+    """Before opset 6 Cast's `to` is a type name ("FLOAT"), not an enum: the Casts the loss and
+    the gradient rules add are written that way in a graph of such an opset."""
+    for n in g.node:
+        if n.op_type != "Cast" or n.domain not in ("", "ai.onnx"):
+            continue
+        for a in n.attribute:
+            if a.name == "to" and a.type == onnx.AttributeProto.INT:
+                name = onnx.TensorProto.DataType.Name(a.i)
+                a.Clear()
+                a.CopyFrom(helper.make_attribute("to", name))
 
 
 def loss_targets(spec: LossSpec, target_vis: list) -> dict[str, str]:
