@@ -192,6 +192,14 @@ def test_unknown_top_level_key_suggests_closest() -> None:
     assert message == "config key 'optimiser' is unknown; did you mean 'optimizer'?"
 
 
+def test_misspelled_keys_of_groups_and_constants_are_named() -> None:
+    message = error_of(minimal(optimizer={"type": "sgd", "groups": [{"param": "*.bias"}]}))
+    assert message.endswith("'optimizer.groups[0].param' is unknown: did you mean 'params'?")
+    raw = minimal()
+    raw["data"]["constants"] = {"sr": {"shape": [1], "fil": 1}}
+    assert error_of(raw).endswith("unknown key 'fil'; did you mean 'data.constants.sr.fill'?")
+
+
 def test_unknown_nested_key_suggests_full_path() -> None:
     raw = minimal()
     raw["data"]["train"]["target"] = {"label": "y"}

@@ -182,7 +182,9 @@ def _constants(v: Any, key: str, base: Path) -> FrozenMap:
             unknown = set(spec) - {"shape", "fill"}
             if unknown or "shape" not in spec:
                 raise _err(k, "must be a number, a list, or {shape: [...], fill: number}"
-                           + (f"; unknown key '{sorted(unknown)[0]}'" if unknown else
+                           + (f"; unknown key '{sorted(unknown)[0]}'"
+                              + _suggest(str(sorted(unknown)[0]), ["shape", "fill"], k)
+                              if unknown else
                               "; 'shape' is missing"))
             shape = spec["shape"]
             if not isinstance(shape, (list, tuple)) or not all(
@@ -322,8 +324,11 @@ def _groups(v: Any, key: str, base: Path) -> tuple[OptimizerGroup, ...]:
             raise _err(k, f"must be a mapping like {{params: '*.bias', weight_decay: 0}}, "
                        f"got {_got(g)}")
         if g.get("params") is None:
+            typo = next((str(n) for n in g
+                         if n != "params" and difflib.get_close_matches(str(n), ["params"])), None)
             raise _err(_join(k, "params"), "is required (a glob or a list of globs over "
-                       "parameter names)")
+                       "parameter names)" + (f"; '{_join(k, typo)}' is unknown: did you mean "
+                                             "'params'?" if typo else ""))
         p = g["params"]
         params = (_str(p, _join(k, "params"), base),) if isinstance(p, str) else \
             _names(p, _join(k, "params"), base)

@@ -1199,7 +1199,9 @@ class Trainer:
         sums = np.zeros(3)  # loss sum, correct, count
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
-            out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
+            # (a non-finite value shows in the metrics, not as NumPy's warnings)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
                                len(next(iter(chunk.values()))), self._softmax_output,
                                chunk.get(spec.lengths) if spec.type == "ctc" else None)
