@@ -140,3 +140,23 @@ def test_resume_keeps_what_evaluations_decided(tmp_path, digits_config, eval_at)
                     stream=io.StringIO())
     again = third.fit(resume=True)
     assert third.step == want["steps"] and again["early_stop"] == want["early_stop"]
+
+
+def test_a_finished_run_continued_for_more_steps_knows_its_last_evaluation(tmp_path,
+                                                                          digits_config):
+    """The end of a run was saved before its final evaluation: a run continued from it with
+    more steps lost that evaluation's lr cut and best model. It is saved after it now."""
+    over = dict(data__batch_size=64, optimizer={"type": "sgd", "lr": 1.0, "momentum": 0.9},
+                schedule={"type": "plateau", "patience": 0, "factor": 0.5},
+                best={"metric": "eval_accuracy"}, eval={"every_steps": 5})
+    full = Trainer(config_from_dict(digits_config(steps=30, **over), tmp_path / "full"),
+                   stream=io.StringIO())
+    want = full.fit()
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 100}
+    Trainer(config_from_dict(digits_config(steps=20, checkpoint=ck, **over), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    more = Trainer(config_from_dict(digits_config(steps=30, checkpoint=ck, **over),
+                                    tmp_path / "b"), stream=io.StringIO())
+    got = more.fit(resume=True)
+    assert _same_rows(more.history, [r for r in full.history if r["step"] > 20])
+    assert got["best"]["step"] == want["best"]["step"]

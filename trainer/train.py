@@ -896,9 +896,9 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop_agreed or stopped:
                     break
-        if cfg.checkpoint.dir and self._saved_step != self.step:
-            self.save_checkpoint()  # the end of a run is always saved
         if self._stop_agreed:
+            if cfg.checkpoint.dir and self._saved_step != self.step:
+                self.save_checkpoint()
             raise Interrupted(self._signal_code, self.step,
                               self.cfg.checkpoint.dir is not None)
         self._profile_tick(final=True)
@@ -910,6 +910,10 @@ class Trainer:
             if self.last_eval_step != self.step:
                 self._evaluate_and_track(last_epoch)
             result.update(self.last_metrics)
+        # the end of a run is always saved, after its evaluation (a run continued from it
+        # with more steps knows the best model so far)
+        if cfg.checkpoint.dir and self._saved_step != self.step:
+            self.save_checkpoint()
         if stopped:
             result["early_stop"] = stopped
         if self.rank == 0:
