@@ -325,6 +325,10 @@ CASES = {
             data__eval={"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_test"},
                         "targets": {"label": "y_test"}}, best={"metric": "eval_loss"}))],
         "the best model"),
+    "metrics-is-the-output": (lambda t: ["train", _write(t, _cfg(
+        t, log={"metrics": str(t / "out.onnx")}))], "is also output"),
+    "check-given-a-dataset": (lambda t: ["check", str(EXAMPLES / "digits.npz")],
+                              "is a dataset, not a model"),
     "output-is-a-pipe": (lambda t: os.mkfifo(t / "pipe") or ["train", _write(t, _cfg(
         t, output=str(t / "pipe")))], "not a regular file"),
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),

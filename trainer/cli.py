@@ -71,6 +71,9 @@ def _is_config(path: str) -> bool:
 def _check(args) -> int:
     if _is_config(args.model):
         return _check_config(args)
+    if Path(args.model).suffix.lower() in (".npz", ".npy"):
+        raise TrainerError(f"{args.model} is a dataset, not a model or a config: check takes "
+                           "MODEL.onnx or CONFIG.yaml (the config names the dataset)")
     from trainer.graph import load_model
     from trainer.report import model_report
 

@@ -91,6 +91,15 @@ def not_read(path: Path, what: str, reads: Mapping[Path, str]) -> None:
                                "training reads; give another path")
 
 
+def distinct(written: list[tuple[Path, str]]) -> None:
+    """The files a run writes are different files (metrics written to the output's path lost
+    their rows to the export)."""
+    for i, (a, what_a) in enumerate(written):
+        for b, what_b in written[i + 1:]:
+            if _same(a, b):
+                raise TrainerError(f"{what_b} {b} is also {what_a}: give each its own path")
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return Path(a).absolute().resolve() == Path(b).absolute().resolve()

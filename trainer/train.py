@@ -363,6 +363,7 @@ class Trainer:
         reads = preflight.files_read(cfg)
         for path, what in written_files(cfg):
             preflight.not_read(path, what, reads)
+        preflight.distinct(written_files(cfg))
         preflight.writable_file(cfg.output, "output")
         if cfg.checkpoint.dir is not None:
             preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
