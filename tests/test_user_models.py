@@ -428,6 +428,18 @@ def random_batches(tmp_path, sample: tuple, classes: int = 5) -> tuple[np.ndarra
     return x, y
 
 
+def trains_like_pytorch(tmp_path, model: nn.Module, state: dict, x: np.ndarray,
+                        y: np.ndarray) -> Trainer:
+    """Train model.onnx on data.npz (ordered_trainer) and assert its per-step losses are
+    PyTorch's from `state` on the same batches; returns the trainer."""
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    return trainer
+
+
 def ordered_trainer(tmp_path, stream=None) -> Trainer:
     """A Trainer for model.onnx and data.npz in tmp_path: cross entropy, SGD at LR, STEPS steps
     over the batches in order (as torch_losses takes them), every step's loss logged."""
@@ -854,11 +866,7 @@ def test_a_weight_stored_as_3d_transposes_trains_as_one(tmp_path):
     assert [kind for _, kind in report.tied.values()] == ["transpose:0,2,1"]
     assert sum(p.role == "parameter" for p in report.params) == 3
     x, y = random_batches(tmp_path, (3, 6, 6))
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    trains_like_pytorch(tmp_path, model, state, x, y)
 
 
 def test_a_folded_expression_ending_in_a_view_is_warned_not_trained_as_the_parameter(tmp_path):
@@ -985,11 +993,7 @@ def test_an_expert_routed_by_the_data_trains_like_pytorch(tmp_path, exporter):
     x, y = random_batches(tmp_path, (4,))
     counts = {int((x[i:i + BATCH, 0] > 0).sum()) for i in range(0, 64, BATCH)}
     assert len(counts) > 1  # (the test means something: the routed count varies)
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    trains_like_pytorch(tmp_path, model, state, x, y)
 
 
 class SplitExperts(nn.Module):
@@ -1019,11 +1023,7 @@ def test_experts_split_by_computed_counts_train_like_pytorch(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     onnx.save(export(model, (4,), "dynamo"), str(tmp_path / "model.onnx"))
     x, y = random_batches(tmp_path, (4,))
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    trains_like_pytorch(tmp_path, model, state, x, y)
 
 
 class FirstRoutedToken(nn.Module):
@@ -1058,11 +1058,7 @@ def test_the_graph_is_built_on_the_first_batch_not_on_zeros(tmp_path):
     x, y = random_batches(tmp_path, (4,))
     x[::BATCH, 0] = np.abs(x[::BATCH, 0]) + 0.1  # (a token routed in every batch)
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    trains_like_pytorch(tmp_path, model, state, x, y)
 
 
 class TrimmedEncoder(nn.Module):
@@ -1108,11 +1104,7 @@ def test_a_batch_trimmed_to_its_longest_row_trains_like_pytorch(tmp_path):
     y = rng.integers(0, 5, 64)
     np.savez(tmp_path / "data.npz", x=x, y=y)
     assert len({int(lengths[i:i + BATCH].max()) for i in range(0, 64, BATCH)}) > 2
-    trainer = ordered_trainer(tmp_path)
-    trainer.fit()
-    model.load_state_dict(state)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+    trains_like_pytorch(tmp_path, model, state, x, y)
 
 
 def test_a_failed_step_where_sizes_follow_the_data_names_those_nodes():

@@ -14,6 +14,13 @@ class TrainerError(Exception):
         super().__init__(*args)
 
 
+def listing(names, first: int = 8) -> str:
+    """The first `first` names, comma-separated, and the count when there are more."""
+    names = list(names)
+    return ", ".join(names[:first]) + (f" ... ({len(names)} in all)" if len(names) > first
+                                       else "")
+
+
 def printable(text: str) -> str:
     """`text` with control characters (newlines, terminal escapes) written as escapes."""
     if text.isprintable():

@@ -36,7 +36,7 @@ from trainer.autodiff.params import (
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
-from trainer.errors import ModelError, printable
+from trainer.errors import ModelError, listing, printable
 from trainer.graph import data_sizing_nodes, lift_weights, node_name, np_dtype, opset_of
 from trainer.kernels import get_kernel
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
@@ -183,8 +183,7 @@ def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], lis
 
 def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> list[str]:
     """What `check` and `train` print of exporter_findings."""
-    def names(found: list[str]) -> str:  # (a long list: the first 8 and the count)
-        return ", ".join(found[:8]) + (f" ... ({len(found)} in all)" if len(found) > 8 else "")
+    names = listing
 
     lines = []
     if folded:
@@ -219,8 +218,7 @@ def tool_constants_line(found: list[str]) -> str:
     return ("WARNING: float constants that onnxsim computed from the graph do not train; one "
             "computed from a parameter (an embedding's rows looked up by fixed positions) "
             "leaves that parameter fixed, where PyTorch trains it: train the export before "
-            "simplifying it: " + ", ".join(found[:8])
-            + (f" ... ({len(found)} in all)" if len(found) > 8 else ""))
+            "simplifying it: " + listing(found))
 
 
 def shared_line(found: list[str]) -> str:
@@ -230,7 +228,7 @@ def shared_line(found: list[str]) -> str:
             "later tool (onnxsim, onnxoptimizer, onnxruntime's optimizers) stored once, where "
             "PyTorch trains one per layer; export a trained or perturbed checkpoint, or train "
             "the exporter's own output (its records let each get its own tensor back): "
-            + ", ".join(found[:8]) + (f" ... ({len(found)} in all)" if len(found) > 8 else ""))
+            + listing(found))
 
 
 def single_bias_line(names: list[str]) -> str:
@@ -243,8 +241,7 @@ def single_bias_line(names: list[str]) -> str:
 def detached_line(names: list[str]) -> str:
     """What `check` and `train` say of the values params.stop_detached cuts from the gradient."""
     return ("values that PyTorch's .detach() cut from the gradient (the export's records): no "
-            f"gradient flows back through them: {', '.join(names[:6])}"
-            + (f" ... ({len(names)} in all)" if len(names) > 6 else ""))
+            f"gradient flows back through them: {listing(names, 6)}")
 
 
 def tied_line(copy_name: str, src: str, kind: str) -> str:

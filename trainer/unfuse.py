@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from trainer.errors import listing
 from trainer.graph import NameScope, all_names, attrs_of
 from trainer.memory import is_stub
 
@@ -175,5 +176,4 @@ def unfuse_line(names: list[str]) -> str:
     return ("BatchNormalization layers that onnxoptimizer's fuse_bn_into_conv wrote as "
             "arithmetic on the convolution's weights train as BatchNormalization layers again "
             "(batch statistics, running statistics updated, not trained; the export keeps the "
-            "arithmetic): the ones after " + ", ".join(names[:8])
-            + (f" ... ({len(names)} in all)" if len(names) > 8 else ""))
+            "arithmetic): the ones after " + listing(names))
