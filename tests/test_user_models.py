@@ -1026,16 +1026,11 @@ def test_experts_split_by_computed_counts_train_like_pytorch(tmp_path):
     trains_like_pytorch(tmp_path, model, state, x, y)
 
 
-class FirstRoutedToken(nn.Module):
+class FirstRoutedToken(RoutedExpert):
     """A TorchScript trace of an expert loop (Hugging Face's Qwen2-MoE, Switch, NLLB-MoE): the
     trace keeps the loop over the experts it saw, each reading its hit by a fixed index
     (torch.nonzero(...)[0]). On all-zero inputs nothing is routed, so that index is out of
     range; on real batches something always is."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate, self.expert = nn.Linear(4, 2, bias=False), nn.Linear(4, 4)
-        self.head = nn.Linear(4, 5)
 
     def forward(self, x):
         p = torch.softmax(self.gate(x), -1)
