@@ -570,3 +570,14 @@ def test_a_model_of_opset_1_trains_as_one_of_opset_13(tmp_path):
         t.fit()
         losses[opset] = [r["loss"] for r in t.history if "loss" in r]
     assert losses[1] == losses[13]
+
+
+def test_check_with_a_world_refuses_what_train_would(tmp_path):
+    """lamb with a sharded optimizer: check --world 2 passed it, mpirun -np 2 train refused."""
+    from trainer.config import config_from_dict
+    from trainer.report import preflight
+
+    raw = _cfg(tmp_path, optimizer={"type": "lamb"}, distributed={"shard_optimizer": True})
+    problems = preflight(config_from_dict(raw, tmp_path), world=2).problems
+    assert any("shard_optimizer does not support optimizer.type lamb" in str(p)
+               for p in problems)

@@ -160,3 +160,16 @@ def test_a_finished_run_continued_for_more_steps_knows_its_last_evaluation(tmp_p
     got = more.fit(resume=True)
     assert _same_rows(more.history, [r for r in full.history if r["step"] > 20])
     assert got["best"]["step"] == want["best"]["step"]
+
+
+def test_a_checkpoint_at_the_last_step_follows_its_evaluation(tmp_path, digits_config):
+    """checkpoint.every_steps dividing the last step wrote that checkpoint before the run's
+    final evaluation: continued with more steps, the run logged step 12's evaluation twice."""
+    over = dict(data__batch_size=64, eval={"every_steps": 4},
+                checkpoint={"dir": str(tmp_path / "ck"), "every_steps": 4})
+    Trainer(config_from_dict(digits_config(steps=12, **over), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    more = Trainer(config_from_dict(digits_config(steps=16, **over), tmp_path / "b"),
+                   stream=io.StringIO())
+    more.fit(resume=True)
+    assert [r["step"] for r in more.history if "eval_loss" in r] == [16]

@@ -384,3 +384,30 @@ def test_light_models_are_all_covered() -> None:
     found = sorted(p.stem.removeprefix("light_") for p in LIGHT.glob("light_*.onnx"))
     assert found == sorted(FAST + SLOW)
     assert os.path.isdir(LIGHT)
+
+
+def test_a_batch_merged_into_a_reshape_is_refused(tmp_path):
+    """[B, 5, 4] -> Reshape [B*5, 4] -> MatMul -> Reshape [B, 5, 3]: the batch axis reaches
+    no output, so no rewrite follows it; convert reported success and wrote a model that
+    still ran at batch 4 only."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.convert import convert_file
+    from trainer.errors import ModelError
+
+    b = 4
+    inits = {"W": np.ones((4, 3), np.float32), "s1": np.array([b * 5, 4], np.int64),
+             "s2": np.array([b, 5, 3], np.int64)}
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s1"], ["x2"]),
+         helper.make_node("MatMul", ["x2", "W"], ["y2"]),
+         helper.make_node("Reshape", ["y2", "s2"], ["y3"]),
+         helper.make_node("ReduceMean", ["y3"], ["logits"], axes=[1], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, 5, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [b, 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelError, match="reaches no output"):
+        convert_file(tmp_path / "m.onnx", tmp_path / "d.onnx", dynamic_batch=True)
+    assert not (tmp_path / "d.onnx").exists()

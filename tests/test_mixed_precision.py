@@ -339,3 +339,35 @@ def test_fp16_transformers_stay_within_autocasts_own_distance_from_float32(tmp_p
     spread = np.abs(t16 - t32).max()
     assert np.abs(o16 - t16).max() <= 3 * spread + 1e-5, (o16, t16, t32)
     assert np.abs(o16 - o32).max() > 1e-6
+
+
+def test_fp16_skipping_a_nan_loss_halves_the_scale_as_grad_scaler(tmp_path):
+    """on_nan: skip under fp16: a step whose loss is NaN is skipped and, as torch's
+    GradScaler treats any non-finite gradient, the scale halves (it stayed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 3)) * 0.5).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Sqrt", ["z"], ["s"]),
+         helper.make_node("Add", ["a", "s"], ["logits"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    z = rng.uniform(0.5, 2, (24, 1)).astype(np.float32)
+    z[11, 0] = -1.0  # (batch 2)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((24, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 24), z=z)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "precision": "fp16",
+           "on_nan": "skip", "steps": 3, "log": {"every_steps": 1},
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x", "z": "z"},
+                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    assert [r["loss_scale"] for r in t.history if "loss" in r] == [65536.0, 32768.0, 32768.0]
+    assert t.skipped == 1

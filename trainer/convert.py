@@ -338,6 +338,15 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
             dims[0].Clear()
             dims[0].dim_param = BATCH_PARAM
             outs.append(o.name)
+    if not outs and any(o.type.tensor_type.shape.dim
+                        and o.type.tensor_type.shape.dim[0].dim_value == batch
+                        for o in model.graph.output):
+        # (an output of the fixed batch size that the batch axis does not reach: it was merged
+        # into another axis, as a Reshape to [B*T, F], which no rule here can follow)
+        raise ModelError(f"convert --dynamic-batch: the batch axis of {', '.join(fixed)} "
+                         f"(size {batch}) reaches no output of size {batch}: it is merged into "
+                         "another axis on the way (a Reshape to [B*T, F]?), which convert cannot "
+                         "rewrite; export the model with a dynamic batch axis")
     del g.value_info[:]
     _drop_dead(g, replaced)
     _check_batch(model, m, fixed, batch, outs)

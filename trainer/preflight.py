@@ -91,6 +91,14 @@ def not_read(path: Path, what: str, reads: Mapping[Path, str]) -> None:
                                "training reads; give another path")
 
 
+def shardable(cfg, world: int) -> None:
+    """distributed.shard_optimizer works with the config's optimizer at this world size."""
+    if cfg.distributed.shard_optimizer and world > 1 and cfg.optimizer.type == "lamb":
+        raise TrainerError("distributed.shard_optimizer does not support optimizer.type lamb "
+                           "(its trust ratios need whole tensors on one rank); use adamw or "
+                           "turn sharding off")
+
+
 def distinct(written: list[tuple[Path, str]]) -> None:
     """The files a run writes are different files (metrics written to the output's path lost
     their rows to the export)."""

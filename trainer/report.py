@@ -422,6 +422,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     for path, what in written_files(cfg):
         attempt(checks.not_read, path, what, reads)
     attempt(checks.distinct, written_files(cfg))
+    attempt(checks.shardable, cfg, world)
     attempt(checks.writable_file, cfg.output, "output")
     if cfg.checkpoint.dir is not None:
         attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")

@@ -301,6 +301,7 @@ class Trainer:
         self.last_metrics: dict = {}
         self.last_eval_step = -1
         self._saved_step = -1  # (the step of the last checkpoint this run wrote)
+        self._resumed = False  # (resume() was called: fit() goes on from there)
         self.stopped_early = ""  # early_stop's reason, once it stopped the run
         self.best_value = self.es_best = None
         self.best_step, self.best_path, self.es_bad = None, None, 0
@@ -569,10 +570,7 @@ class Trainer:
         # parameter buffer is padded to N equal shards for that. Compressed buckets are
         # all-reduced (their 16-bit exchange has no reduce-scatter form yet).
         self.shard = self.cfg.distributed.shard_optimizer and self.world > 1
-        if self.shard and self.cfg.optimizer.type == "lamb":
-            raise TrainerError("distributed.shard_optimizer does not support optimizer.type lamb "
-                               "(its trust ratios need whole tensors on one rank); use adamw or "
-                               "turn sharding off")
+        preflight.shardable(self.cfg, self.world)
         padded = padded_size(self.size, self.world) if self.shard else self.size
         k_shard = padded // self.world
         self.shard_lo = self.rank * k_shard if self.shard else 0
@@ -755,6 +753,8 @@ class Trainer:
             what = f"loss became {loss}" if not math.isfinite(loss) else \
                 "a gradient became non-finite"
             if self.cfg.on_nan == "skip":
+                if self.scaler:  # (as torch's GradScaler: a step whose gradients are not
+                    self.scaler.update(overflow=True)  # finite halves the scale)
                 self.skipped += 1
                 self.step += 1
                 self.log.info(f"step {self.step}: {what}; update skipped ({self.skipped} "
@@ -826,7 +826,8 @@ class Trainer:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0. With `profile`, the steps after its
         warm-up are timed and the profile is printed (and returned under "profile")."""
-        if not resume and self.rank == 0 and self.cfg.checkpoint.dir is not None:
+        if (not resume and not self._resumed and self.rank == 0
+                and self.cfg.checkpoint.dir is not None):
             # (mixed with this run's, an earlier run's later steps would be what --resume picks)
             old = checkpoint.latest(self.cfg.checkpoint.dir)
             if old is not None:
@@ -893,7 +894,8 @@ class Trainer:
                         or self._eval_due(step=self.step)):
                     stopped = self._evaluate_and_track(epoch)
                 every = cfg.checkpoint.every_steps
-                if cfg.checkpoint.dir and every and self.step % every == 0:
+                if (cfg.checkpoint.dir and every and self.step % every == 0
+                        and self.step < self.total_steps):  # (the last: after its evaluation)
                     self.save_checkpoint()
                 if self._stop_agreed or stopped:
                     break
@@ -1158,6 +1160,7 @@ class Trainer:
         self.skipped = int(tracked.get("skipped", 0))
         self.scaler_skipped = int(tracked.get("scaler_skipped", 0))
         self._saved_step = self.step
+        self._resumed = True
         self.log.info(f"resumed from {path} at step {self.step}")
         if self.stopped_early:
             self.log.info(f"the checkpoint's run stopped early ({self.stopped_early}): "

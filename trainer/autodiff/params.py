@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -895,6 +896,7 @@ _VIEW_OPS = re.compile(r"^(permute|t|transpose|view|_unsafe_view|reshape|unsquee
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
+_AST_LOCK = threading.Lock()  # (see _folded_from)
 _FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
 _VALUE_NAME = re.compile(r"^val_\d+$")  # a value inside one FX op's decomposition
 
@@ -912,7 +914,8 @@ def _folded_from(model: onnx.ModelProto) -> dict[str, list[str]]:
         if holder.name not in inits or text is None:
             continue
         try:
-            names = ast.literal_eval(text)
+            with _AST_LOCK:  # (CPython 3.11's parser is not thread-safe: ranks run as
+                names = ast.literal_eval(text)  # threads in tests)
         except (ValueError, SyntaxError):
             continue
         if isinstance(names, (list, tuple)):
