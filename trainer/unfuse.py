@@ -47,8 +47,9 @@ def _readers(g: onnx.GraphProto) -> dict[str, int]:
 
 
 def _match(conv: onnx.NodeProto, made: dict, reads: dict, inits: dict):
-    """(nodes of the pattern, W, b or None, scale, beta, mean, var, eps) for a Conv whose weight
-    and bias are onnxoptimizer's fused arithmetic, else None."""
+    """(nodes of the pattern, W, b or None, scale, beta, mean, var, eps, the pass's own
+    constants) for a Conv whose weight and bias are onnxoptimizer's fused arithmetic, else
+    None."""
     if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) != 3:
         return None
 
