@@ -286,6 +286,11 @@ CASES = {
     "config-output-is-a-folder": (lambda t: (t / "o").mkdir() or
                                   ["train", _write(t, _cfg(t, output=str(t / "o")))],
                                   "is a directory"),
+    # (a folder not made yet: it was written as a file named 'new')
+    "config-output-ends-with-a-slash": (_train(output="new/"), "'output' names a folder ('new/'); "
+                                        "give a file path such as 'new/model.onnx'"),
+    "config-metrics-ends-with-a-slash": (_train(log={"metrics": "logs/"}),
+                                         "such as 'logs/metrics.jsonl'"),
     "config-output-under-a-file": (lambda t: _put(t / "f", "x") and
                                    ["train", _write(t, _cfg(t, output=str(t / "f" / "m.onnx")))],
                                    "not a directory"),
@@ -335,6 +340,9 @@ CASES = {
     "grad-output-under-a-file": (lambda t: _put(t / "f", "x") and [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o",
         str(t / "f" / "g.onnx")], "not a directory"),
+    "grad-output-ends-with-a-slash": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o",
+        str(t / "out") + "/"], "names a folder; give a file path such as"),
     "grad-output-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
         (EXAMPLES / "digits_mlp.onnx").read_bytes()) and [
         "grad", str(t / "m.onnx"), "--output", "logits", "-o", str(t / "m.onnx")],

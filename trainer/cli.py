@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -194,6 +195,9 @@ def _output_path(out: str, model: str, what: str) -> Path:
     """An output path a command may write: a file (its folder made), not the model it reads."""
     from trainer import preflight
 
+    if out.endswith(("/", os.sep)):
+        raise TrainerError(f"{what} {out} names a folder; give a file path such as "
+                           f"{os.path.join(out, 'model.onnx')}")
     out = Path(out)
     preflight.not_read(out, what, {Path(model): "the model file itself"})
     preflight.writable_file(out, what)

@@ -107,6 +107,19 @@ def _path(v: Any, key: str, base: Path) -> Path:
     return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
+def _file(v: Any, key: str, base: Path) -> Path:
+    """A path that names a file: one written as a folder (a trailing separator, as in
+    `outdir/`) was written to as a file named `outdir`."""
+    p = _path(v, key, base)
+    text = os.fspath(v)
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
+        leaf = key.rsplit(".", 1)[-1]
+        example = {"metrics": "metrics.jsonl", "path": "data.npz"}.get(leaf, "model.onnx")
+        raise _err(key, f"names a folder ({text!r}); give a file path such as "
+                        f"{os.path.join(text, example)!r}")
+    return p
+
+
 def _names(v: Any, key: str, base: Path) -> tuple[str, ...]:
     if not isinstance(v, (list, tuple)):
         raise _err(key, f"must be a list of names or glob patterns, got {_got(v)}")
@@ -230,7 +243,7 @@ _SGD, _ADAM = ("sgd",), ("adam", "adamw")
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    path: Path = _k(_path)
+    path: Path = _k(_file)
     inputs: Mapping[str, str] = _k(_mapping, check=_NONEMPTY)
     targets: Mapping[str, str] = _k(_mapping, factory=FrozenMap)
 
@@ -437,7 +450,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = _k(_int, 10, check=_GE1)
-    metrics: Path | None = _k(_path, None, nullable=True)
+    metrics: Path | None = _k(_file, None, nullable=True)
     tensorboard: Path | None = _k(_path, None, nullable=True)  # a folder for event files
 
 
@@ -484,8 +497,8 @@ class EarlyStopConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    model: Path = _k(_path)
-    output: Path = _k(_path, default_fn=lambda v, b: b / "runs" / v["model"].stem / "model.onnx")
+    model: Path = _k(_file)
+    output: Path = _k(_file, default_fn=lambda v, b: b / "runs" / v["model"].stem / "model.onnx")
     seed: int = _k(_int, 0, check=_NONNEG)
     device: str = _k(_str, "auto", choices=("auto", "cpu", "gpu"))
     precision: str = _k(_str, "fp32", choices=("fp32", "fp64", "tf32", "bf16", "fp16"))
