@@ -57,6 +57,23 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert meta["step"] == 4 and (arrays["a"] == 1).all()
 
 
+def test_resume_names_newer_folders_that_are_not_checkpoints(tmp_path, digits_config):
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 2}
+    Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    (tmp_path / "ck" / "step_00000001").mkdir()  # older: not named
+    (tmp_path / "ck" / "step_00000009").mkdir()  # a copy cut short
+    (tmp_path / "ck" / "step_00000009" / "arrays.npz").write_bytes(b"x")
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path / "b"),
+                stream=out)
+    t.fit(resume=True)
+    text = out.getvalue()
+    assert ("warning: checkpoint.dir" in text and "step_00000009 without manifest.json" in text
+            and "resuming from step_00000002" in text and "step_00000001" not in text), text
+    assert t.step == 3 and (tmp_path / "ck" / "step_00000009" / "arrays.npz").exists()
+
+
 def test_resume_from_a_checkpoint_of_other_shapes_names_the_tensor(tmp_path, digits_config):
     """A checkpoint with the same tensor names but other shapes (the model's hidden size
     changed) is refused with the tensor and both shapes, before any value is loaded (it was an

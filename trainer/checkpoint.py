@@ -190,6 +190,18 @@ def complete(directory: Path) -> list[Path]:
     return [found[s] for s in sorted(found)]
 
 
+def incomplete(directory: Path) -> list[Path]:
+    """Step folders in `directory` without a manifest (not written by `save`, which renames a
+    finished folder into place: a copy cut short, or an edited folder), oldest first. They are
+    left as they are: they may hold a user's files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(step, p) for p in directory.iterdir() if (step := _step_of(p.name)) is not None
+             and p.is_dir() and not (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
 def latest(directory: Path) -> Path | None:
     found = complete(directory)
     return found[-1] if found else None

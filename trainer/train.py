@@ -63,6 +63,7 @@ from trainer.errors import (
     ModelError,
     TrainerError,
     UnsupportedOpError,
+    listing,
 )
 from trainer.executor import Executor, missing_kernels
 from trainer.export import export_model
@@ -1091,6 +1092,12 @@ class Trainer:
         if directory is None:
             raise TrainerError("--resume needs checkpoint.dir in the config")
         path = checkpoint.latest(directory)
+        newer = [p.name for p in checkpoint.incomplete(directory)
+                 if path is None or p.name > path.name]
+        if newer:
+            self.log.info(f"warning: checkpoint.dir {directory}: {listing(newer)} without "
+                             f"{checkpoint.MANIFEST} (not a complete checkpoint: a copy cut "
+                             "short?) skipped" + (f"; resuming from {path.name}" if path else ""))
         if path is None:
             self.log.info(f"no checkpoint in {directory}; starting from the model's weights")
             return False
