@@ -375,6 +375,11 @@ def test_evaluation_uses_inference_form(tmp_path):
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     a, b = (sess.run(["logits"], {"x": x})[0] for _ in range(2))
     np.testing.assert_array_equal(a, b)  # no dropout left in the exported inference form
+    g = onnx.load(out).graph  # and no training_mode constant that nothing reads
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    unread = [t.name for t in g.initializer if t.name not in read]
+    unread += [n.output[0] for n in g.node if n.op_type == "Constant" and n.output[0] not in read]
+    assert unread == [], unread
     np.testing.assert_allclose(a, t.predict({"x": x})["logits"], rtol=1e-5, atol=1e-6)
 
 

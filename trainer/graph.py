@@ -878,6 +878,7 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
     scope = NameScope(taken)
     opset = opset_of(m)
     nodes: list[onnx.NodeProto] = []
+    replaced: set[str] = set()
     for node in g.node:
         a = {at.name: at for at in node.attribute}
         if node.op_type == "BatchNormalization" and (
@@ -899,10 +900,22 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
             g.initializer.append(numpy_helper.from_array(np.array(False), off))
             if m.ir_version < 4:
                 g.input.append(helper.make_tensor_value_info(off, onnx.TensorProto.BOOL, []))
+            replaced.add(node.input[2])
             node.input[2] = off
             nodes.append(node)
         else:
             nodes.append(node)
+    # the training_mode constants that no node reads now (onnxruntime warns of them)
+    read = {v.name for v in g.output} | {i for n in nodes for i in n.input}
+    read |= {i for sub in _subgraphs_of(g) for n in sub.node for i in n.input}
+    read |= {v.name for sub in _subgraphs_of(g) for v in sub.output}
+    dead = replaced - read - {v.name for v in g.input}
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and list(n.output) == [n.output[0]]
+                                      and n.output[0] in dead)]
+    for field in (g.initializer, g.value_info):
+        kept = [t for t in field if t.name not in dead]
+        del field[:]
+        field.extend(kept)
     del g.node[:]
     g.node.extend(nodes)
     return m
