@@ -435,6 +435,41 @@ def test_loop_condition_from_data_is_refused() -> None:
                              ["Y"])
 
 
+@pytest.mark.parametrize("case", ["trip count", "body condition", "shape", "constant"])
+def test_check_names_a_loop_that_data_controls(case) -> None:
+    """`check MODEL` (model_report) refuses the Loops that train refuses (above), and only
+    those: a trip count from a shape or a constant unrolls."""
+    from trainer.report import DATA_LOOP, model_report
+
+    if case == "body condition":
+        body = graph([n("Sin", ["s"], ["s_out"]), n("ReduceSum", ["s_out"], ["t"], keepdims=0),
+                      const("lim", 0.5), n("Less", ["t", "lim"], ["cond_out"])],
+                     [vi("i", I64, []), vi("cond", B, []), vi("s")],
+                     [vi("cond_out", B, []), vi("s_out")])
+        nodes = [n("Loop", ["", "", "Y"], ["out"], body=body)]
+    else:
+        body = graph([const("lim", np.int64(2)), n("Less", ["i", "lim"], ["cond_out"]),
+                      n("Sin", ["s"], ["s_out"])],
+                     [vi("i", I64, []), vi("cond", B, []), vi("s")],
+                     [vi("cond_out", B, []), vi("s_out")])
+        count = {"trip count": [n("ReduceSum", ["X"], ["t"], keepdims=0),
+                                n("Cast", ["t"], ["M"], to=I64)],
+                 "shape": [n("Shape", ["X"], ["sh"]), n("ReduceMax", ["sh"], ["M"], keepdims=0)],
+                 "constant": [const("M", np.int64(3))]}[case]
+        nodes = count + [n("Loop", ["M", "", "Y"], ["out"], body=body)]
+    nodes.append(n("ReduceSum", ["out"], ["L"], keepdims=0))
+    model = make_model(nodes, inputs={"X": np.ones((2, 2))}, initializers={"Y": Y0},
+                       outputs=["L"])
+    report = model_report(model)
+    row = next(r for r in report.nodes if r.op == "Loop")
+    refused = case in ("trip count", "body condition")
+    assert (row.gradient == DATA_LOOP) == refused and report.ok != refused, report.text()
+    if refused:
+        assert "1 node(s) cannot be trained" in report.text()
+        with pytest.raises(ModelError, match="computed from data"):
+            build_training_graph(model, {"type": "output", "output": "L"}, ["Y"])
+
+
 def test_a_while_loop_on_float_constants_is_unrolled_and_differentiated() -> None:
     """tf2onnx writes a TF while loop (a Keras 3 GRU layer) as a Loop that starts on
     Less(0.0, 3.0) of two one-element float initializers, expands the same 0.0 into its first

@@ -37,6 +37,16 @@ def data_sized(nodes, fixed) -> set[str]:
     choices); and of the nodes whose output shape follows such a value (not a scatter into a
     tensor of fixed shape: the residual stream the experts' rows are added back into keeps
     its shape)."""
+    return _sizes(nodes, fixed)[0]
+
+
+def from_shapes(nodes, fixed) -> set[str]:
+    """Values computed from shapes and constants alone (known when the training graph is
+    built, whatever values the data holds), for nodes and `fixed` as in data_sized."""
+    return _sizes(nodes, fixed)[1]
+
+
+def _sizes(nodes, fixed) -> tuple[set[str], set[str]]:
     sized: set[str] = set()
     from_shapes: set[str] = set()  # values computed from shapes and constants alone
     for op, domain, inputs, outputs in nodes:
@@ -53,7 +63,7 @@ def data_sized(nodes, fixed) -> set[str]:
             and inputs[k] not in from_shapes for k in _SIZE_INPUTS.get(op, ()))
         if (std and op in DATA_SIZED) or by_values or any(i in sized for i in shaping):
             sized.update(o for o in outputs if o)
-    return sized
+    return sized, from_shapes
 
 
 def data_sizing_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

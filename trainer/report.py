@@ -37,7 +37,14 @@ from trainer.autodiff.params import (
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError, listing, printable
-from trainer.graph import data_sizing_nodes, lift_weights, node_name, np_dtype, opset_of
+from trainer.graph import (
+    data_sizing_nodes,
+    from_shapes,
+    lift_weights,
+    node_name,
+    np_dtype,
+    opset_of,
+)
 from trainer.kernels import get_kernel
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
 
@@ -47,11 +54,16 @@ class NodeRow:
     name: str
     op: str
     forward: bool
-    gradient: str  # "rule" | "not differentiable" | "not needed" | "MISSING"
+    gradient: str  # "rule" | "not differentiable" | "not needed" | "MISSING" | DATA_LOOP
 
     @property
     def ok(self) -> bool:
-        return self.forward and self.gradient != "MISSING"
+        return self.forward and self.gradient not in ("MISSING", DATA_LOOP)
+
+
+# a Loop whose trip count or first condition the data computes: its gradient unrolls the
+# loop when the training graph is built (trainer.autodiff.rules.control), which train refuses
+DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant or a shape)"
 
 
 @dataclass
@@ -282,7 +294,14 @@ def model_report(model: onnx.ModelProto) -> Report:
     trained = {p.name for p in params if p.role == PARAMETER}
     active = {o for i in active_nodes(nodes, outputs, trained, types)[0] for o in nodes[i].output}
     rows = []
+    inits = {t.name for t in model.graph.initializer}
+    known = inits | from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))
+                                 for n in model.graph.node), inits.__contains__)
     for i, node in enumerate(model.graph.node):
+        if node.op_type == "Loop" and node.domain in ("", "ai.onnx") and any(
+                o in active for o in node.output) and _loop_from_data(node, known):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, DATA_LOOP))
+            continue
         if run is not model and contrib_key(node, model):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))
             continue
@@ -304,6 +323,23 @@ def model_report(model: onnx.ModelProto) -> Report:
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
                   unfused=unfused)
+
+
+def _loop_from_data(node: onnx.NodeProto, known: set[str]) -> bool:
+    """The Loop's trip count, first condition or body condition follows the data's values
+    (`known`: the outer values computed from shapes and constants alone)."""
+    if any(x and x not in known for x in node.input[:2]):
+        return True
+    body = next((a.g for a in node.attribute if a.name == "body"), None)
+    if body is None or len(body.output) < 1 or len(body.input) < 2:
+        return False
+    fixed = known | {t.name for t in body.initializer} | {body.input[0].name}
+    if not node.input[1:2] or not node.input[1] or node.input[1] in known:
+        fixed.add(body.input[1].name)  # (the condition passed in: known as the first one)
+    inner = from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))
+                         for n in body.node), fixed.__contains__)
+    cond = body.output[0].name
+    return cond not in inner and cond not in fixed
 
 
 def gradient_status(op: str, domain: str = "") -> str:
