@@ -474,6 +474,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     threads, source = blas_threads(cfg.threads)
     lines.append(f"pre-flight: {Path(cfg.model).name}, {where}, precision {cfg.precision}, "
                  f"{threads} BLAS thread(s) per process ({source})")
+    if xp is np:
+        from trainer.kernels import compiled
+
+        lines.append(f"  {compiled.status()}")
 
     structure = attempt(memory.load_structure, cfg.model)
     data_inputs: dict[str, list] = {}

@@ -13,7 +13,7 @@ import onnx
 from trainer.backend import cupyx_module, device_dtype_ok
 from trainer.errors import ModelError
 from trainer.graph import np_dtype
-from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, compiled, kernel
 
 
 def low_float(dtype) -> bool:
@@ -313,9 +313,11 @@ def erf_rational(xp, x):
     where the inputs come from memory rather than cache)."""
     if xp is not np:
         return _erf_rational_into(xp, x.astype(np.float64), None).astype(x.dtype)
+    if x.dtype == np.float32 and compiled.enabled():  # (the same steps, one loop: 5-9x)
+        return compiled.erf_rational(x, _ERF_P, _ERF_Q)
     flat = x.reshape(-1)
     out = np.empty(flat.shape, x.dtype)
-    k = min(flat.size, _ERF_CHUNK)
+    k = max(1, min(flat.size, _ERF_CHUNK))  # (an empty input: no chunk)
     bufs = [np.empty(k) for _ in range(3)]
     for lo in range(0, flat.size, k):
         m = min(k, flat.size - lo)
