@@ -78,6 +78,7 @@ def setup_ours(args):
     import numpy as np
 
     from trainer.config import config_from_dict
+    from trainer.kernels import compiled
     from trainer.train import Trainer
 
     case = json.loads(args.case_json)
@@ -109,7 +110,7 @@ def setup_ours(args):
                 "kernel_ms": prof["kernel_s"] * 1e3,
                 "dispatch_ns_per_node": prof["dispatch_s"] / prof["nodes"] * 1e9,
                 "top_ops": [[op, n, s * 1e3] for op, (n, s) in by_op],
-                "numpy": np.__version__}
+                "numpy": np.__version__, "compiled": compiled.status()}
     return step, info
 
 
@@ -530,13 +531,13 @@ def report(results: dict, systems: list[str], args, gemm: float) -> None:
     versions = {}
     for row in results.values():
         for s in systems:
-            for k in ("numpy", "torch", "onnxruntime"):
+            for k in ("numpy", "torch", "onnxruntime", "compiled"):
                 if k in row.get(s, {}):
                     versions[k] = row[s][k]
     print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.threads} threads, python "
           f"{platform.python_version()}, "
-          + ", ".join(f"{k} {v}" for k, v in versions.items())
+          + ", ".join(v if k == "compiled" else f"{k} {v}" for k, v in versions.items())
           + f"; float32 GEMM 2048^3: {gemm:.0f} GFLOP/s")
     head = f"{'case':<44}" + "".join(f"{s + ' ms':>22}" for s in systems)
     print(head + f"{'ours/best peer':>16}")
