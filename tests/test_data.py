@@ -63,8 +63,28 @@ def test_ranks_partition_each_global_batch(n, per_rank, world, shuffle, drop_las
                 seen += glob.tolist()
     if drop_last:
         assert len(seen) == (n // bs) * bs
+    assert len(seen) + shards[0].dropped == n  # (what the pre-flight names as left out)
+    assert bool(shards[0].dropped_text()) == bool(shards[0].dropped)
     if not shuffle:
         assert seen == list(range(len(seen)))
+
+
+def test_left_out_samples_are_named():
+    """drop_last false: a last partial batch with fewer samples than processes is left out
+    on N processes (one process trains it); the pre-flight line and the error say so."""
+    one = Batches({"x": np.arange(50)}, 12, world=1, drop_last=False)
+    four = Batches({"x": np.arange(50)}, 12, world=4, drop_last=False)
+    assert (one.steps_per_epoch, one.dropped, one.dropped_text()) == (5, 0, "")
+    assert (four.steps_per_epoch, four.dropped) == (4, 2)
+    assert four.dropped_text() == ("the last 2 sample(s) of each epoch are left out (drop_last: "
+                                   "false keeps a last partial batch only when each of the 4 "
+                                   "processes gets a sample of it)")
+    assert "data.drop_last: true" in Batches({"x": np.arange(50)}, 12).dropped_text()
+    tiny = Batches({"x": np.arange(3)}, 12, world=4, drop_last=False)
+    assert tiny.steps_per_epoch == 0
+    assert str(tiny.empty_epoch_error(1)) == ("data.train has 3 sample(s), fewer than one per "
+                                              "process (4 processes); run fewer processes or "
+                                              "give more data")
 
 
 def test_batch_must_divide_by_world():

@@ -396,11 +396,30 @@ class Batches:
         full, rest = divmod(self.n, batch_size)
         # A last partial batch is kept only if every rank gets at least one sample of it.
         self.steps_per_epoch = full + (1 if (rest >= world and not drop_last) else 0)
+        self.dropped = rest if (drop_last or rest < world) else 0  # samples left out per epoch
         self.prefetch = prefetch
         self.xp = xp
         self.uploads = uploads if prefetch else None
         self._ahead: _Ahead | None = None
         self._shares: dict[int, tuple[int, int]] = {}
+
+    def dropped_text(self) -> str:
+        """Why samples of each epoch are left out ('' when none are), for the pre-flight."""
+        if not self.dropped:
+            return ""
+        why = ("data.drop_last: true" if self.drop_last else
+               f"drop_last: false keeps a last partial batch only when each of the {self.world} "
+               "processes gets a sample of it")
+        return f"the last {self.dropped} sample(s) of each epoch are left out ({why})"
+
+    def empty_epoch_error(self, accumulate: int) -> DataError:
+        """The error for an epoch of fewer batches than `accumulate` (nothing to train)."""
+        spe = self.steps_per_epoch
+        if spe == 0 and self.n < self.world:
+            return DataError(f"data.train has {self.n} sample(s), fewer than one per process "
+                             f"({self.world} processes); run fewer processes or give more data")
+        return DataError(f"one epoch has {spe} batches, fewer than accumulate={accumulate}; "
+                         "nothing to train" + (f" ({self.dropped_text()})" if spe == 0 else ""))
 
     def _share(self, total: int) -> tuple[int, int]:
         """[lo, hi) of this rank's samples within a global batch of `total` (memoized: the

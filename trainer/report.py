@@ -556,9 +556,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         lines.append(f"  steps: {spe} batch(es) per epoch (global batch {cfg.data.batch_size}, "
                      f"{local} per process, accumulate {cfg.accumulate}); {total} optimizer "
                      f"steps ({length})")
+        if batches.dropped_text() and total >= 1:
+            lines.append(f"  {batches.dropped_text()}")
         if total < 1:
-            problems.append(TrainerError(f"one epoch has {spe} batches, fewer than accumulate="
-                                         f"{cfg.accumulate}; nothing to train"))
+            problems.append(batches.empty_epoch_error(cfg.accumulate))
     if structure is None or batches is None or mismatched or any(
             isinstance(p, (ModelError, UnsupportedOpError)) for p in problems):
         # (data that does not fit the model's inputs: a build at its shapes would only fail

@@ -292,8 +292,7 @@ class Trainer:
         spe = self.batches.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         if self.total_steps < 1:
-            raise DataError(f"one epoch has {spe} batches, fewer than accumulate="
-                            f"{cfg.accumulate}; nothing to train")
+            raise self.batches.empty_epoch_error(cfg.accumulate)
         self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         self.step = 0
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
