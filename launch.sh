@@ -20,12 +20,13 @@ usage() {
 mpi_args=()
 target=""
 np=""
+np_given=""
 multi_node=""
 has_prefix=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage ;;
-    -np|-n|--np|-c) [ $# -ge 2 ] || usage; np="$2"; mpi_args+=("$1" "$2"); shift 2 ;;
+    -np|-n|--np|-c) [ $# -ge 2 ] || usage; np="$2"; np_given=1; mpi_args+=("$1" "$2"); shift 2 ;;
     --hostfile|-hostfile|--machinefile|-machinefile|--host|-host|-H)
       [ $# -ge 2 ] || usage; multi_node=1; mpi_args+=("$1" "$2"); shift 2 ;;
     --prefix) has_prefix=1; mpi_args+=("$1"); shift ;;
@@ -35,6 +36,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$target" ] || usage
+if [ -n "$np_given" ] && { ! [[ "$np" =~ ^[0-9]+$ ]] || [ $((10#$np)) -eq 0 ]; }; then
+  echo "$0: -np takes a positive whole number of processes, got '$np'" >&2; exit 2
+fi
 python_bin="$(command -v "${PYTHON:-python3}" || true)"
 [ -n "$python_bin" ] || { echo "$0: python not found: ${PYTHON:-python3}" >&2; exit 2; }
 case "$target" in

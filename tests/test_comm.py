@@ -483,6 +483,14 @@ def test_launch_programs_and_selftest(tmp_path):
     assert rc == 2 and "launch.sh -np 4 configs/x.yaml" in err  # the usage
 
 
+@pytest.mark.parametrize("np_", ["abc", "0", "-1", "2x", ""])
+def test_launch_refuses_a_process_count_that_is_no_number(tmp_path, np_):
+    """(-np abc printed a shell error, then mpirun started a rank per core, exit status 0)"""
+    rc, out, err = _launch_args(tmp_path, "-np", np_, "x.yaml")
+    assert rc == 2 and out == "" and f"-np takes a positive whole number of processes, got " \
+        f"'{np_}'" in err
+
+
 # -- under mpirun ----------------------------------------------------------------------------------
 MPIRUN = shutil.which("mpirun")
 needs_mpi = [pytest.mark.mpi,
