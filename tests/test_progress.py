@@ -231,6 +231,22 @@ def test_other_ranks_and_dumb_terminals(tmp_path, monkeypatch):
     assert not (tmp_path / "m.jsonl").exists()
 
 
+@pytest.mark.parametrize("env", [{"OMPI_COMM_WORLD_SIZE": "1"}, {"PMI_SIZE": "1"},
+                                 {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"},
+                                 {"OMPI_COMM_WORLD_SIZE": "4"}])
+def test_under_mpirun_lines_are_plain_even_for_one_process(monkeypatch, env):
+    """mpirun -np 1 (what launch.sh runs for a config without -np) gives the rank a
+    pseudo-terminal whatever mpirun's own output is: the log file held bar redraws."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with terminal() as (stream, _):
+        assert not MetricsLogger(None, True, stream).live
+    for k in env:
+        monkeypatch.delenv(k)
+    with terminal() as (stream, _):
+        assert MetricsLogger(None, True, stream).live
+
+
 def test_close_mid_run_ends_the_bar_line():
     clock = Clock()
     with terminal() as (stream, out):

@@ -23,10 +23,11 @@ _BLOCKS = " ▏▎▍▌▋▊▉█"
 def _is_terminal(stream: IO[str]) -> bool:
     if os.environ.get("TERM") == "dumb":
         return False
-    from trainer.comm import launched_world_size
-    if launched_world_size() > 1:
+    from trainer.comm import launched
+    if launched():
         # mpirun forwards each rank's output through a pseudo-terminal of its own, whatever
-        # mpirun's own output is (often a log file): plain lines there.
+        # mpirun's own output is (often a log file): plain lines there (-np 1 included, as
+        # launch.sh starts a config without -np).
         return False
     try:
         return bool(stream.isatty())

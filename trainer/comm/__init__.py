@@ -33,6 +33,11 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched() -> bool:
+    """Whether mpirun or srun started this process (a world of one included)."""
+    return _first_int(_WORLD_VARS[:3], 0) > 0 or "SLURM_PROCID" in os.environ
+
+
 def launched_rank() -> int:
     """This process's rank as announced by mpirun/srun (0 when not launched)."""
     return _first_int(_RANK_VARS, 0)
