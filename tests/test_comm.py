@@ -6,6 +6,7 @@ MPI cases run this file as a program under mpirun: `python tests/test_comm.py WO
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -470,6 +471,24 @@ def test_launch_inside_slurm_uses_srun(tmp_path):
     assert out == f"srun --mpi=pmix {sys.executable} -m trainer train x.yaml --resume"
     rc, out, _ = _launch_args(tmp_path, "-np", "4", "x.yaml", slurm=True)  # -np: mpirun
     assert out.startswith("mpirun ") and "-np 4" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py")
+def test_srun_tasks_that_mpi_sees_as_worlds_of_one_are_refused(tmp_path):
+    """srun without Slurm's PMI (no --mpi=pmix where the cluster needs it): every task is an MPI
+    world of one, and each trained the whole job alone, silently, writing the same output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    env.update(SLURM_JOB_ID="42", SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="2",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(ROOT / "configs" /
+                                                                          "digits_mlp.yaml"),
+                           "--set", f"output={tmp_path / 'm.onnx'}"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("onnx-trainer: rank 1: error: srun started 2 processes, but "
+                                  "MPI sees this one as a world of one process"), proc.stderr
+    assert "srun --mpi=pmix" in proc.stderr and "Sorry" not in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_launch_programs_and_selftest(tmp_path):

@@ -58,6 +58,8 @@ def abort_world(code: int = 1) -> None:
         from mpi4py import MPI
     except ImportError:  # without mpi4py there is no job to end beyond this process
         raise SystemExit(code) from None
+    if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() == 1:
+        raise SystemExit(code)  # (srun tasks without PMI: each is a world of its own)
     MPI.COMM_WORLD.Abort(code)
 
 
@@ -76,6 +78,15 @@ def get_communicator(backend: str = "auto", timeout_s: float = 300.0,
     from trainer.comm.mpi import MPIComm
 
     mpi = MPIComm(timeout_s)
+    announced = launched_world_size()
+    if mpi.size == 1 and announced > 1:
+        how = ("srun started" if "SLURM_PROCID" in os.environ and not
+               _first_int(_WORLD_VARS[:3], 0) else "the launcher announced")
+        raise TrainerError(
+            f"{how} {announced} processes, but MPI sees this one as a world of one process (each "
+            "would train alone and write the same output): under srun, MPI needs Slurm's PMI "
+            "(srun --mpi=pmix, or pmi2; `srun --mpi=list` names what the cluster has), or start "
+            "the job with mpirun (launch.sh -np N)")
     if backend == "nccl":
         from trainer.comm.nccl import NCCLComm
         return NCCLComm(timeout_s, mpi=mpi)
