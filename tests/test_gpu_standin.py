@@ -1470,3 +1470,41 @@ def test_tf32_without_cupys_compute_type_api_says_so(gpu, monkeypatch):
     assert set_tf32(gpu, False) == "float32 matrix products in CuPy's default mode"
     assert set_tf32(gpu, True).startswith("float32 matrix products stay float32 (this CuPy "
                                           "has no float32 compute-type setting")
+
+
+@pytest.mark.parametrize("name", ["trimmed", "first_routed"])
+def test_sizes_that_follow_the_data_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, name):
+    """A batch trimmed to its longest row (a Slice ending at a value computed from the data),
+    and a trace that gathers the first token a router picks: their training graphs are built
+    on the first batch's values, which on the device path are device arrays. They were left
+    out there, so the second model's graph was built on zeros and failed ("Gather: index 0 is
+    out of range")."""
+    torch = pytest.importorskip("torch")
+    from tests import test_user_models as um
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "trimmed":
+            torch.manual_seed(0)
+            torch.onnx.export(um.TrimmedEncoder().eval(), (torch.randint(1, 20, (2, 8)).float(),),
+                              str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+            x = rng.integers(1, 20, (32, 8)).astype(F32)
+            lengths = np.minimum(rng.integers(1, 9, 32), 3 + np.arange(32) // 8)
+            x[np.arange(8)[None, :] >= lengths[:, None]] = 0
+        else:
+            torch.manual_seed(1)
+            model = um.FirstRoutedToken()
+            with torch.no_grad():
+                model.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+            onnx.save(um.export(model, (4,), "torchscript"), str(tmp_path / "m.onnx"))
+            x = rng.standard_normal((32, 4)).astype(F32)
+            x[::8, 0] = np.abs(x[::8, 0]) + 0.1  # (a token routed in every batch)
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 5, 32))
+    cfg = {"model": str(tmp_path / "m.onnx"), "seed": 0,
+           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+    _compare_runs(_train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu"))

@@ -412,8 +412,9 @@ class Trainer:
                                      fed=self.cfg.data.train.inputs)
             baked = {k: v for k, v in values.items() if v.dtype.kind in "biu"}
             shapes.update({k: v.shape for k, v in values.items() if k not in baked})
-            example = {k: v for k, v in (batch or {}).items()
-                       if k in self.data_inputs and isinstance(v, np.ndarray)}
+            # (a batch on the GPU is read back once per batch size, for the build: on zeros
+            # instead, the first-routed-token trace failed there as it did on the host)
+            example = {k: to_host(v) for k, v in (batch or {}).items() if k in self.data_inputs}
             example.update((k, v) for k, v in values.items() if k not in baked)
             tm = build_training_graph(bake_inputs(self.step_model, baked), self.cfg.loss,
                                       self.cfg.trainable,
