@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage ;;
     -np|-n|--np|-c) [ $# -ge 2 ] || usage; np="$2"; np_given=1; mpi_args+=("$1" "$2"); shift 2 ;;
+    -np=*|-n=*|--np=*|-c=*|--n=*) np="${1#*=}"; np_given=1; mpi_args+=("-np" "$np"); shift ;;
     --hostfile|-hostfile|--machinefile|-machinefile|--host|-host|-H)
       [ $# -ge 2 ] || usage; multi_node=1; mpi_args+=("$1" "$2"); shift 2 ;;
     --prefix) has_prefix=1; mpi_args+=("$1"); shift ;;

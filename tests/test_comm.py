@@ -502,6 +502,13 @@ def test_launch_programs_and_selftest(tmp_path):
     assert rc == 2 and "launch.sh -np 4 configs/x.yaml" in err  # the usage
 
 
+def test_launch_takes_the_process_count_written_with_an_equals_sign(tmp_path):
+    """(--np=2 was passed through after the -np 1 launch.sh adds without a count: one rank)"""
+    for arg in ("--np=2", "-np=2", "-n=2"):
+        rc, out, _ = _launch_args(tmp_path, arg, "x.yaml")
+        assert rc == 0 and "-np 2 " in out and "-np 1" not in out and "=2" not in out, out
+
+
 @pytest.mark.parametrize("np_", ["abc", "0", "-1", "2x", ""])
 def test_launch_refuses_a_process_count_that_is_no_number(tmp_path, np_):
     """(-np abc printed a shell error, then mpirun started a rank per core, exit status 0)"""
