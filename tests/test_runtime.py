@@ -79,6 +79,25 @@ def test_nan_stop_names_the_first_node(tmp_path):
     assert t.step == 2  # the bad update was not applied
 
 
+def test_nan_stop_on_ranks_names_the_node_another_rank_found(tmp_path):
+    """Two ranks, the non-finite value from rank 1's half of batch 3: every rank's error names
+    rank 1's node (rank 0, which prints it and ends the job, said "no value was non-finite on
+    this rank")."""
+    from trainer.comm.local import run_local
+
+    cfg = _sqrt_run(tmp_path, "stop").cfg  # (writes the model and the data)
+    x = np.load(tmp_path / "d.npz")["x"]
+    x[16:20] *= -1  # (rank 0's half of batch 3 is finite again)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(48, np.int64))
+
+    def job(comm):
+        with pytest.raises(TrainerError) as err:
+            Trainer(cfg, comm=comm, stream=io.StringIO()).fit()
+        return str(err.value)
+    for msg in run_local(2, job):
+        assert "at step 3" in msg and "node 'sqrt1' (Sqrt) on rank 1" in msg, msg
+
+
 def test_nan_skip_skips_and_counts(tmp_path):
     t = _sqrt_run(tmp_path, "skip")
     result = t.fit()

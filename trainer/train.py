@@ -763,7 +763,7 @@ class Trainer:
                 return loss
             eps = getattr(self.cfg.optimizer, "eps", None)
             raise TrainerError(f"{what} at step {self.step + 1}; "
-                               f"{self._first_nonfinite(micro)}; training stopped before "
+                               f"{self._first_nonfinite_of_all(micro)}; training stopped before "
                                "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)"
                                + ("; optimizer.eps is 0, so an update divides by zero where a "
                                   "gradient's running average is 0: give it a small value "
@@ -790,6 +790,33 @@ class Trainer:
         self.times["step"] += end - t_start
         self.step += 1
         return loss
+
+    _NONE_HERE = "no value was non-finite on this rank (another rank's data caused it)"
+    _NONE_ANYWHERE = ("no value of the training graph was non-finite on a second run (the "
+                      "gradients' sum over ranks or accumulated micro-batches overflowed?)")
+
+    def _first_nonfinite_of_all(self, micro) -> str:
+        """_first_nonfinite of the lowest rank whose data made a value non-finite, on every
+        rank (rank 0 prints the error and ends the job: its own "none here" hid the node
+        another rank had found)."""
+        mine = self._first_nonfinite(micro)
+        if self.world == 1:
+            return mine if mine != self._NONE_HERE else self._NONE_ANYWHERE
+        width = 1024  # (bytes of each rank's text, as float32 codes: any backend sums those)
+        code = np.zeros(width, np.float32)
+        if mine != self._NONE_HERE:
+            raw = mine.encode("utf-8", "replace")[:width - 1]
+            code[0] = 1.0
+            code[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+        xp = self.xp
+        part, out = xp.asarray(code), xp.zeros(width * self.world, np.float32)
+        self.comm.allgather_(part, out, label="non-finite report")
+        every = to_host(out).reshape(self.world, width)
+        for r in range(self.world):
+            if every[r, 0] == 1.0:
+                text = bytes(every[r, 1:].astype(np.uint8)).rstrip(b"\0")
+                return text.decode("utf-8", "replace")
+        return self._NONE_ANYWHERE
 
     def _first_nonfinite(self, micro) -> str:
         """Re-run this rank's micro-batches keeping every value; name the first node (in
@@ -820,7 +847,7 @@ class Trainer:
                         return (f"the first non-finite value is output '{o}' of node "
                                 f"'{node.name or f'{node.op_type}_{i}'}' ({node.op_type}) "
                                 f"on rank {self.rank}")
-        return "no value was non-finite on this rank (another rank's data caused it)"
+        return self._NONE_HERE
 
     # -- the job -------------------------------------------------------------------------------
     def fit(self, resume: bool = False, profile: ProfileRequest | None = None) -> dict:
