@@ -116,7 +116,7 @@ def test_defaults_for_minimal_config() -> None:
     assert cfg.trainable == "all" and cfg.frozen == ()
     opt = cfg.optimizer
     assert (opt.type, opt.lr, opt.momentum, opt.nesterov, opt.dampening, opt.weight_decay) == (
-        "sgd", 0.1, 0.0, False, 0.0, 0.0)
+        "sgd", 1e-3, 0.0, False, 0.0, 0.0)  # (torch.optim.SGD's)
     assert (cfg.schedule.type, cfg.schedule.warmup_steps) == ("constant", 0)
     assert cfg.grad_clip is None and cfg.accumulate == 1
     assert (cfg.checkpoint.dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep) == (None, 0, 2)
@@ -289,7 +289,8 @@ def test_optimizer_key_invalid_for_type() -> None:
                        "(valid: lr, momentum, nesterov, dampening, weight_decay, maximize, groups)")
     message = error_of(minimal(optimizer={"type": "adam", "momentum": 0.9}))
     assert message == ("config key 'optimizer.momentum' is not valid for optimizer type 'adam' "
-                       "(valid: lr, weight_decay, betas, eps, amsgrad, maximize, groups)")
+                       "(valid: lr, weight_decay, betas, eps, amsgrad, decoupled_weight_decay, "
+                       "maximize, groups)")
 
 
 def test_nesterov_requires_momentum_and_no_dampening() -> None:

@@ -152,6 +152,7 @@ CASES = [
     {"type": "adam", "lr": 1e-2, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.1},
     {"type": "adam", "lr": 1e-2, "amsgrad": True, "weight_decay": 0.05},
     {"type": "adam", "lr": 1e-2, "maximize": True},
+    {"type": "adam", "lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
     {"type": "adamw", "lr": 1e-2, "weight_decay": 0.01},
     {"type": "adamw", "lr": 3e-3, "betas": [0.85, 0.99], "weight_decay": 0.5, "amsgrad": True},
     {"type": "adamw", "lr": 1e-2, "weight_decay": 0.1,
@@ -202,8 +203,6 @@ def test_defaults_are_torchs():
         theirs = TORCH[kind]([torch.zeros(1, requires_grad=True)]).defaults
         for k, v in ours.settings.items():
             want = theirs[k] if k in theirs else False
-            if kind == "sgd" and k == "lr":
-                want = 0.1  # this project's SGD default
             assert v == (tuple(want) if k == "betas" else want), (kind, k)
 
 
@@ -353,7 +352,8 @@ def error(opt: dict) -> str:
 
 @pytest.mark.parametrize("opt,message", [
     ({"type": "adam", "alpha": 0.9}, "config key 'optimizer.alpha' is not valid for optimizer "
-     "type 'adam' (valid: lr, weight_decay, betas, eps, amsgrad, maximize, groups)"),
+     "type 'adam' (valid: lr, weight_decay, betas, eps, amsgrad, decoupled_weight_decay, "
+     "maximize, groups)"),
     ({"type": "rmsprop", "alpha": 1.5}, "config key 'optimizer.alpha' must be in [0, 1], got 1.5"),
     ({"type": "adadelta", "rho": -0.1}, "config key 'optimizer.rho' must be in [0, 1]"),
     ({"type": "lamb", "betas": [0.9, 1.0]}, "config key 'optimizer.betas' must be two numbers"),

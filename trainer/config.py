@@ -287,9 +287,10 @@ class LossConfig:
     lengths: str | None = _k(_str, None, only=("ctc",))
 
 
-# torch.optim's defaults where they depend on the type (sgd keeps this project's lr 0.1);
-# LAMB's follow the paper's BERT setting (eps 1e-6, weight decay 0.01).
-_DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-2, "adagrad": 1e-2, "adadelta": 1.0, "nadam": 2e-3}
+# torch.optim's defaults where they depend on the type (torch 2.x: SGD's lr is 1e-3, as the
+# README promises; it was 0.1 here, 100x torch's); LAMB's follow the paper's BERT setting
+# (eps 1e-6, weight decay 0.01).
+_DEFAULT_LR = {"rmsprop": 1e-2, "adagrad": 1e-2, "adadelta": 1.0, "nadam": 2e-3}
 _DEFAULT_EPS = {"adagrad": 1e-10, "adadelta": 1e-6, "lamb": 1e-6}
 _DEFAULT_WD = {"adamw": 1e-2, "lamb": 1e-2}
 _BETAS = _ADAM + ("nadam", "radam", "lamb")
@@ -354,7 +355,7 @@ def _groups(v: Any, key: str, base: Path) -> tuple[OptimizerGroup, ...]:
 @dataclass(frozen=True)
 class OptimizerConfig:
     type: str = _k(_str, "sgd", choices=OPTIMIZERS)
-    lr: float = _k(_float, 0.1, check=_POS,
+    lr: float = _k(_float, 1e-3, check=_POS,
                    default_fn=lambda v, b: _DEFAULT_LR.get(v["type"], 1e-3))
     momentum: float = _k(_float, 0.0, check=_NONNEG, only=("sgd", "rmsprop"))
     nesterov: bool = _k(_bool, False, only=_SGD)
@@ -371,7 +372,7 @@ class OptimizerConfig:
     initial_accumulator_value: float = _k(_float, 0.0, check=_NONNEG, only=("adagrad",))
     rho: float = _k(_float, 0.9, check=_CLOSED_UNIT, only=("adadelta",))
     momentum_decay: float = _k(_float, 4e-3, check=_NONNEG, only=("nadam",))
-    decoupled_weight_decay: bool = _k(_bool, False, only=("nadam", "radam"))
+    decoupled_weight_decay: bool = _k(_bool, False, only=("adam", "nadam", "radam"))
     maximize: bool = _k(_bool, False)
     groups: tuple[OptimizerGroup, ...] = _k(_groups, ())
 
