@@ -149,13 +149,20 @@ PLATEAU = [
       "threshold_mode": "abs"}, [0.5, 0.6, 0.62, 0.7, 0.7, 0.9, 0.8, 0.95]),
     ({"patience": 2, "threshold": 0.1}, [10, 9.5, 9.2, 9.0, 8.9, 8.0, 7.99, 7.98, 7.97, 7.0]),
     ({"mode": "max", "patience": 1, "factor": 0.2}, [1, 2, float("nan"), 2, 2, 3, 3, 3, 3]),
+    # mode auto (the default): max for an accuracy, as best.mode and early_stop.mode (torch's
+    # default is min: every rise of the accuracy counted as a bad evaluation)
+    ({"mode": "auto", "metric": "eval_accuracy", "patience": 1},
+     [0.25, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75, 0.8]),
 ]
 
 
 @pytest.mark.parametrize("kw,metrics", PLATEAU)
 def test_plateau_matches_torch(kw, metrics):
     opt = torch_optimizer()
-    theirs = L.ReduceLROnPlateau(opt, **{k: v for k, v in kw.items() if k != "metric"})
+    mode = kw.get("mode", "auto")
+    mode = mode if mode != "auto" else "max" if "accuracy" in kw.get("metric", "") else "min"
+    theirs = L.ReduceLROnPlateau(opt, mode=mode,
+                                 **{k: v for k, v in kw.items() if k not in ("metric", "mode")})
     s = Schedule(schedule_cfg({"type": "plateau", **kw}).schedule, BASES, N)
     assert s.metric == kw.get("metric", "eval_loss")
     for step, value in enumerate(metrics):
@@ -288,7 +295,7 @@ def error(sched: dict, opt: dict | None = None) -> str:
      "must be one of cos, linear; got 'cosine'; did you mean 'cos'?"),
     ({"type": "plateau", "factor": 1.0}, "config key 'schedule.factor' must be between 0 and 1 "
      "(exclusive), got 1.0"),
-    ({"type": "plateau", "mode": "minimum"}, "config key 'schedule.mode' must be one of min, max"),
+    ({"type": "plateau", "mode": "minimum"}, "config key 'schedule.mode' must be one of auto, min, max"),
     ({"type": "plateau", "metric": "loss"}, "config key 'schedule.metric' must be one of "
      "eval_loss, eval_accuracy"),
     ({"type": "plateau", "patience": -1}, "config key 'schedule.patience' must be >= 0"),
@@ -321,7 +328,7 @@ def test_defaults_are_torchs():
         0.3, "cos", 25.0, 1e4, False, True, 0.85, 0.95)
     c = schedule_cfg({"type": "plateau"}).schedule
     assert (c.mode, c.factor, c.patience, c.threshold, c.threshold_mode, c.cooldown,
-            c.min_lr) == ("min", 0.1, 10, 1e-4, "rel", 0, 0.0)
+            c.min_lr) == ("auto", 0.1, 10, 1e-4, "rel", 0, 0.0)
     c = schedule_cfg({"type": "cosine_restarts", "T_0": 3}).schedule
     assert c.T_mult == 1 and schedule_cfg({"type": "polynomial"}).schedule.power == 1.0
     assert config({"type": "sgd"}).optimizer.groups == ()

@@ -411,7 +411,9 @@ class ScheduleConfig:
     base_momentum: float = _k(_float, 0.85, check=_CLOSED_UNIT, only=_ONECYCLE)
     max_momentum: float = _k(_float, 0.95, check=_CLOSED_UNIT, only=_ONECYCLE)
     metric: str = _k(_str, "eval_loss", choices=("eval_loss", "eval_accuracy"), only=_PLATEAU)
-    mode: str = _k(_str, "min", choices=("min", "max"), only=_PLATEAU)
+    # auto: max for accuracy, else min, as best.mode and early_stop.mode (torch's default is
+    # min: with metric eval_accuracy, every rise of the accuracy counted against it)
+    mode: str = _k(_str, "auto", choices=("auto", "min", "max"), only=_PLATEAU)
     factor: float = _k(_float, 0.1, check=_OPEN_UNIT, only=_PLATEAU)
     patience: int = _k(_int, 10, check=_NONNEG, only=_PLATEAU)
     threshold: float = _k(_float, 1e-4, check=_NONNEG, only=_PLATEAU)

@@ -36,7 +36,9 @@ class Schedule:
             self.milestones = sorted(cfg.milestones)
         if self.type == "plateau":
             self.current = list(self.base_lrs)
-            self.best = math.inf if cfg.mode == "min" else -math.inf
+            self.mode = cfg.mode if cfg.mode != "auto" else \
+                "max" if "accuracy" in cfg.metric else "min"
+            self.best = math.inf if self.mode == "min" else -math.inf
             self.num_bad_epochs = self.cooldown_counter = self.epochs = 0
         if self.type == "onecycle":
             self._init_onecycle()
@@ -147,7 +149,7 @@ class Schedule:
 
     def _better(self, a: float) -> bool:
         c, best = self.cfg, self.best
-        if c.mode == "min":
+        if self.mode == "min":
             return a < best * (1.0 - c.threshold) if c.threshold_mode == "rel" else \
                 a < best - c.threshold
         return a > best * (c.threshold + 1.0) if c.threshold_mode == "rel" else \
