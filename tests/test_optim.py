@@ -492,3 +492,19 @@ def test_group_globs_also_match_the_parameter_a_folded_tensor_holds():
         ["val_42"], ["l.lora_b/val_42"]]
     with pytest.raises(ConfigError, match="matches no trained parameter"):
         resolve_groups([["*lora_a"]], names)
+
+
+@pytest.mark.parametrize("groups,lr,lr_groups", [
+    ([{"params": "*", "lr": 0.01}], 0.01, None),  # (the top level's 0.1 trained nothing)
+    ([{"params": "fc1.*", "lr": 0.01}], 0.1, [0.1, 0.01]),  # (top level first)
+    ([{"params": "fc1.*", "weight_decay": 0.1}], 0.1, None),
+])
+def test_the_logged_lr_is_one_a_tensor_trains_at(tmp_path, digits_config, groups, lr,
+                                                 lr_groups):
+    cfg = digits_config(steps=3, log={"every_steps": 1},
+                        optimizer={"type": "sgd", "lr": 0.1, "groups": groups})
+    t = Trainer(config_from_dict(cfg, tmp_path), stream=io.StringIO())
+    t.fit()
+    rows = [r for r in t.history if "loss" in r]
+    assert [r["lr"] for r in rows] == [lr] * 3
+    assert [r.get("lr_groups") for r in rows] == [lr_groups] * 3

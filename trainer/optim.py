@@ -59,6 +59,9 @@ class Optimizer:
         self.base_lrs = [float(g["lr"]) for g in self.groups]
         used = sorted({g for g, (_, _, n) in zip(tensor_group, self.layout, strict=True) if n})
         self._used = used or [0]
+        # groups that hold tensors, counting the tensors of other ranks' shards (ZeRO-1 lists
+        # every tensor, its part here maybe empty): the logged lr is the first one's
+        self.used_groups = tuple(sorted(set(tensor_group))) or (0,)
         # Where several groups hold elements: the group of every element, as runs of equal
         # group (NumPy fills a few hundred slices faster than it gathers) or ids for a gather.
         self._gid = self._runs = None

@@ -902,10 +902,15 @@ class Trainer:
                 loss = self.train_step(micro, lrs)
                 self._profile_tick(final=self.step >= self.total_steps)
                 now = time.perf_counter()
-                self.log.progress(self.step, loss, lrs[0], seen / max(now - t0, 1e-9))
+                # the lr of the first group that holds tensors (not the top level's where
+                # groups cover every tensor); each such group's when they differ
+                used = [lrs[g] for g in self.optimizer.used_groups]
+                self.log.progress(self.step, loss, used[0], seen / max(now - t0, 1e-9))
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
-                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lrs[0],
+                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": used[0],
                            "samples_per_s": seen / max(now - t0, 1e-9)}
+                    if len(set(used)) > 1:
+                        row["lr_groups"] = used
                     if self.skipped:
                         row["skipped_steps"] = self.skipped
                     if self.scaler:
