@@ -295,7 +295,8 @@ def error(sched: dict, opt: dict | None = None) -> str:
      "must be one of cos, linear; got 'cosine'; did you mean 'cos'?"),
     ({"type": "plateau", "factor": 1.0}, "config key 'schedule.factor' must be between 0 and 1 "
      "(exclusive), got 1.0"),
-    ({"type": "plateau", "mode": "minimum"}, "config key 'schedule.mode' must be one of auto, min, max"),
+    ({"type": "plateau", "mode": "minimum"}, "config key 'schedule.mode' must be one of auto, "
+     "min, max"),
     ({"type": "plateau", "metric": "loss"}, "config key 'schedule.metric' must be one of "
      "eval_loss, eval_accuracy"),
     ({"type": "plateau", "patience": -1}, "config key 'schedule.patience' must be >= 0"),
