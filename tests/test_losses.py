@@ -222,6 +222,8 @@ def _sigmoid_model(path, w, b, hand_written: bool, tail: str | None = None):
         nodes += [helper.make_node("Neg", ["z"], ["nz"]), helper.make_node("Exp", ["nz"], ["e"]),
                   helper.make_node("Add", ["e", "one"], ["d"]),
                   helper.make_node("Reciprocal", ["d"], ["probs"])]
+    elif tail == "none":  # (logits: no Sigmoid at all)
+        nodes.append(helper.make_node("Identity", ["z"], ["probs"]))
     elif tail:
         nodes += [helper.make_node("Sigmoid", ["z"], ["p"]),
                   helper.make_node("Cast", ["p"], ["p64"], to=TensorProto.DOUBLE),
@@ -237,7 +239,7 @@ def _sigmoid_model(path, w, b, hand_written: bool, tail: str | None = None):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-@pytest.mark.parametrize("form", ["sigmoid", "sigmoid_cast", "probabilities"])
+@pytest.mark.parametrize("form", ["sigmoid", "sigmoid_cast", "probabilities", "logits"])
 @pytest.mark.parametrize("soft", [False, True])
 def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     """`loss.type: bce` (multi-label / binary targets in [0, 1], the output's shape): on a model
@@ -248,14 +250,15 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     w = (rng.standard_normal((4, 3)) * 0.8).astype(np.float32)
     b = (rng.standard_normal(3) * 0.1).astype(np.float32)
     _sigmoid_model(tmp_path / "m.onnx", w, b, form == "probabilities",
-                   "cast" if form == "sigmoid_cast" else None)
+                   {"sigmoid_cast": "cast", "logits": "none"}.get(form))
     x = rng.standard_normal((16, 4)).astype(np.float32)
     y = (rng.random((16, 3)) if soft else rng.integers(0, 2, (16, 3))).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     ds = {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}}
     raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "precision": "fp64",
            "data": {"train": ds, "eval": ds, "batch_size": 8, "shuffle": False},
-           "loss": {"type": "bce", "output": "probs", "target": "t"},
+           "loss": {"type": "bce", "output": "probs", "target": "t",
+                    **({"logits": True} if form == "logits" else {})},
            "optimizer": {"type": "sgd", "lr": 0.5}, "steps": 4, "log": {"every_steps": 1}}
     t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
     result = t.fit()
@@ -275,9 +278,27 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-9)
     assert result["eval_loss"] == pytest.approx(want_eval, rel=1e-9)
     from trainer.autodiff import build_training_graph
-    tm = build_training_graph(onnx.load(str(tmp_path / "m.onnx")), raw["loss"], batch_size=2)
+    tm = build_training_graph(onnx.load(str(tmp_path / "m.onnx")),
+                              config_from_dict(raw, tmp_path).loss, batch_size=2)
     ops = {n.op_type for n in tm.graph.node if n.name.startswith("loss")}
     assert ("Softplus" in ops) == (form != "probabilities"), ops  # (logits where it can)
+
+
+def test_bce_on_logits_without_the_flag_says_to_set_it(tmp_path):
+    """loss bce on an output that holds logits (no Sigmoid at the end): NaN at step 1, and the
+    error said only 'lower optimizer.lr, set grad_clip, or on_nan: skip'."""
+    from trainer.errors import TrainerError
+
+    _sigmoid_model(tmp_path / "m.onnx", -np.ones((4, 3), np.float32), np.zeros(3, np.float32),
+                   False, "none")
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32), y=np.zeros((8, 3), np.float32))
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "bce", "output": "probs", "target": "t"}}
+    with pytest.raises(TrainerError, match="loss bce takes probabilities in \\[0, 1\\]: if "
+                                           "'probs' holds logits .* set loss.logits: true"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
 
 
 def test_bce_targets_outside_zero_one_are_named_before_training(tmp_path):

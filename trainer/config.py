@@ -285,6 +285,9 @@ class LossConfig:
     # ctc: the target (a key of data.*.targets) holding each sample's count of valid time steps
     # of the output (torch's input_lengths; padded sequences); default: every step counts
     lengths: str | None = _k(_str, None, only=("ctc",))
+    # bce: the output holds logits (torch's BCEWithLogitsLoss), not probabilities; a model
+    # ending in Sigmoid needs no flag (its logits are found and used)
+    logits: bool = _k(_bool, False, only=("bce",))
 
 
 # torch.optim's defaults where they depend on the type (torch 2.x: SGD's lr is 1e-3, as the

@@ -762,9 +762,14 @@ class Trainer:
                               "skipped so far, on_nan: skip)")
                 return loss
             eps = getattr(self.cfg.optimizer, "eps", None)
+            bce = self.cfg.loss.type == "bce" and not self.cfg.loss.logits
             raise TrainerError(f"{what} at step {self.step + 1}; "
                                f"{self._first_nonfinite_of_all(micro)}; training stopped before "
                                "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)"
+                               + (f"; loss bce takes probabilities in [0, 1]: if "
+                                  f"'{self.cfg.loss.output}' holds logits (no Sigmoid at the "
+                                  "end), set loss.logits: true (torch's BCEWithLogitsLoss)"
+                                  if bce else "")
                                + ("; optimizer.eps is 0, so an update divides by zero where a "
                                   "gradient's running average is 0: give it a small value "
                                   "(torch's default is 1e-8)" if eps == 0 else ""))
@@ -1615,6 +1620,10 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
         return np.array([per.sum(), 0.0, out.shape[0]])
+    if spec.type == "bce" and getattr(spec, "logits", False):  # (loss.logits: the output is z)
+        z, t = np.asarray(out, np.float64), np.asarray(target, np.float64)
+        per = np.logaddexp(0.0, z) - t * z  # softplus(z) - t z, as the training graph's
+        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
     if spec.type == "bce":  # (the output: probabilities, a Sigmoid's or not)
         t = np.asarray(target, np.float64)
         with np.errstate(divide="ignore"):

@@ -78,7 +78,8 @@ class LossSpec:
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
                    blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1),
-                   lengths=getattr(spec, "lengths", None))
+                   lengths=getattr(spec, "lengths", None),
+                   from_logits=bool(getattr(spec, "logits", False)))
 
 
 @dataclass(frozen=True)
@@ -699,7 +700,8 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
     would train with vanishing gradients. Where Transposes, Identities or float Casts follow
     the Softmax, the logits go through copies of them (laid out as the output). Returns (spec,
     those copies); the model's output itself is unchanged."""
-    if spec.type not in ("cross_entropy", "ctc", "bce") or spec.output not in shapes:
+    if spec.type not in ("cross_entropy", "ctc", "bce") or spec.output not in shapes or \
+            spec.from_logits:  # (bce with loss.logits: the output is the logits)
         return spec, []
     rank = len(shapes[spec.output][0])
     if spec.type == "bce":  # (binary cross entropy on a Sigmoid's output: on its logits)
