@@ -102,6 +102,27 @@ def test_labels_that_fit_another_class_axis_say_which(tmp_path):
             np.float32), rng.integers(0, 7, (40, 5)), {}, None)
 
 
+@pytest.mark.parametrize("shape,warned", [((5, 5), True), ((5, 6), False)])
+def test_a_square_output_without_class_axis_is_warned_of(tmp_path, shape, warned):
+    """[N, C, L] with C == L, torch's layout, and no class_axis: the default (the last axis)
+    takes the classes from L, and the labels [N, L] fit either way: a different loss from
+    torch's, silently. A warning says so now."""
+    linear_model(tmp_path / "m.onnx", ["N", shape[1], shape[0]], (shape[0], shape[0]),
+                 ["N", shape[0], shape[1]], perm=[0, 2, 1])
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(16, shape[1], shape[0])).astype(np.float32),
+             t=rng.integers(0, min(shape), (16, shape[1] if shape[0] == shape[1] else shape[0])))
+    out = io.StringIO()
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"target": "t"}},
+                 "batch_size": 8},
+        "loss": {"type": "cross_entropy", "target": "target", "output": "y"}}, tmp_path)
+    Trainer(cfg, stream=out)
+    assert ("warning: loss.class_axis -1: the classes of 'y' [8, 5, 5] are taken on its last "
+            "axis; axis 1 has as many entries" in out.getvalue()) == warned, out.getvalue()
+
+
 @pytest.mark.parametrize("axis", [0, -3])
 def test_a_class_axis_on_the_batch_axis_is_refused_before_training(tmp_path, axis):
     """class_axis 0 is the batch axis: refused with the axis that holds classes (it was a
@@ -110,7 +131,8 @@ def test_a_class_axis_on_the_batch_axis_is_refused_before_training(tmp_path, axi
 
     linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 7, 5], perm=[0, 2, 1])
     rng = np.random.default_rng(3)
-    with pytest.raises(ModelError, match=r"class_axis -?\d is the batch axis of 'y' \[N, 7, 5\]"
+    with pytest.raises(ModelError, match=r"class_axis -?\d is axis 0 of 'y' \(shape \[\d+, 7, "
+                       r"5\] for this batch\), which the loss takes as the batch axis"
                        r".*the axis that holds the classes"):
         run_both(tmp_path, {"type": "cross_entropy", "class_axis": axis}, rng.normal(
             size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), {}, None)

@@ -394,6 +394,12 @@ class Trainer:
                                  arrays[spec.lengths] if spec.lengths else None, spec.lengths)
             return
         axis = spec.class_axis % len(shape)
+        if (what == "data.train" and spec.class_axis == -1 and len(shape) >= 3
+                and shape[1] == shape[-1]):
+            self.log.info(f"warning: loss.class_axis -1: the classes of '{spec.output}' "
+                          f"{list(shape)} are taken on its last axis; axis 1 has as many "
+                          "entries, and holds them in torch's F.cross_entropy layout [N, C, "
+                          "...]: set loss.class_axis: 1 if they are there")
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
         preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
                                spec.ignore_index, spec.output, tuple(shape))

@@ -798,11 +798,12 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
                          f"shape {list(out_shape)}")
     axis = spec.class_axis % rank
     if axis == 0:
-        dims = ", ".join(["N"] + [str(d) for d in out_shape[1:]])
-        raise ModelError(f"loss.class_axis {spec.class_axis} is the batch axis of "
-                         f"'{spec.output}' [{dims}] (its first, one row per sample): set it to "
-                         "the axis that holds the classes (the default, -1, is the last; 1 for "
-                         "a segmentation model's [N, classes, H, W])")
+        raise ModelError(f"loss.class_axis {spec.class_axis} is axis 0 of '{spec.output}' "
+                         f"(shape {list(out_shape)} for this batch), which the loss takes as "
+                         "the batch axis (outputs put one row per sample first): set it to the "
+                         "axis that holds the classes (the default, -1, is the last; 1 for a "
+                         "segmentation model's [N, classes, H, W]); an output with the classes "
+                         "first needs a Transpose at the model's end")
     label_shape = [d for i, d in enumerate(out_shape) if i != axis]
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
     if b.opset < 13:
