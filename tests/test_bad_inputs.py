@@ -302,9 +302,6 @@ CASES = {
     "config-batchnorm-glob-matches-nothing": (_train(batchnorm=["nope.*"]),
                                               "matches the scale of no"),
     "config-best-needs-eval": (_train(best={"metric": "eval_loss"}), "needs data.eval"),
-    "config-eval-schedule-without-eval-data": (_train(eval={"every_steps": 1}),
-                                               "'eval.every_steps' sets when to evaluate, but "
-                                               "there is no data.eval"),
     "config-checkpoint-of-another-model": (_resume_other_model, "not the ones this config"),
     # -- the data --
     "data-file-missing": (_train(data__train__path="/nonexistent/d.npz"), "not found"),

@@ -206,6 +206,16 @@ def test_best_model_and_early_stopping(tmp_path, digits_config):
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+def test_an_eval_schedule_without_eval_data_is_warned_of(tmp_path, digits_config):
+    """(it was accepted, and nothing was evaluated, without a word)"""
+    cfg = digits_config(steps=2, eval={"every_steps": 1})
+    cfg["data"].pop("eval")
+    out = io.StringIO()
+    Trainer(config_from_dict(cfg, tmp_path), stream=out).fit()
+    assert "warning: eval.every_steps sets when to evaluate, but there is no data.eval: " \
+        "nothing is evaluated" in out.getvalue()
+
+
 def test_best_and_early_stop_need_an_eval_set_and_a_known_metric(tmp_path, digits_config):
     raw = digits_config(best={"metric": "eval_accuracy"})
     del raw["data"]["eval"]

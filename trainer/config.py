@@ -592,11 +592,6 @@ def _check_config(v: dict[str, Any], key: str) -> None:
     if v["loss"].lengths is not None and v["loss"].lengths == v["loss"].target:
         raise _err("loss.lengths", f"is '{v['loss'].lengths}', the labels' own target: name the "
                    "target holding each sample's count of valid time steps")
-    ev = v["eval"]
-    if data.eval is None and (ev.every_steps or ev.every_epochs not in (0, 1)):
-        which = "eval.every_steps" if ev.every_steps else "eval.every_epochs"
-        raise _err(which, "sets when to evaluate, but there is no data.eval to evaluate on "
-                   "(give data.eval, or drop the eval section)")
     sched = v["schedule"]
     if sched.type == "plateau":
         if data.eval is None:

@@ -289,6 +289,11 @@ class Trainer:
         self._check_targets(self.train_arrays, "data.train")
         if self.eval_arrays is not None:
             self._check_targets(self.eval_arrays, "data.eval")
+        ev = cfg.eval
+        if cfg.data.eval is None and (ev.every_steps or ev.every_epochs not in (0, 1)):
+            which = "eval.every_steps" if ev.every_steps else "eval.every_epochs"
+            self.log.info(f"warning: {which} sets when to evaluate, but there is no data.eval: "
+                          "nothing is evaluated")
         spe = self.batches.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         if self.total_steps < 1:
