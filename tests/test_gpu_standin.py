@@ -1163,6 +1163,15 @@ if __name__ == "__main__":
     {"comm": _worker_comm, "train": _worker_train}[sys.argv[1]]()
 
 
+def _classifier_cfg(tmp_path) -> dict:
+    """m.onnx on d.npz in tmp_path: cross entropy on 'logits', SGD, 4 steps of 8 in order."""
+    return {"model": str(tmp_path / "m.onnx"), "seed": 0,
+            "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                               "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+            "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+
+
 @pytest.mark.parametrize("name", ["encoder", "viewed_parameter", "rotary", "padded_bag"])
 def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, name):
     # A default-exporter model whose merged LayerNorm tensors and dropped attention bias are
@@ -1190,11 +1199,7 @@ def test_exporter_repairs_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path, nam
             x = rng.normal(size=(32,) + sample).astype(F32)
     onnx.save(proto, str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 5, 32))
-    cfg = {"model": str(tmp_path / "m.onnx"), "seed": 0,
-           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
-                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+    cfg = _classifier_cfg(tmp_path)
     cpu = _train(cfg, tmp_path, "cpu")
     run = _train(cfg, tmp_path, "gpu")
     _compare_runs(cpu, run)
@@ -1502,9 +1507,5 @@ def test_sizes_that_follow_the_data_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp
             x = rng.standard_normal((32, 4)).astype(F32)
             x[::8, 0] = np.abs(x[::8, 0]) + 0.1  # (a token routed in every batch)
     np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 5, 32))
-    cfg = {"model": str(tmp_path / "m.onnx"), "seed": 0,
-           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
-                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 4, "log": {"every_steps": 1}}
+    cfg = _classifier_cfg(tmp_path)
     _compare_runs(_train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu"))

@@ -306,6 +306,14 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     assert ("Softplus" in ops) == (form != "probabilities"), ops  # (logits where it can)
 
 
+def _bce_config() -> dict:
+    """One step of bce on 'probs' of m.onnx, targets 'y' of d.npz, batch 8."""
+    return {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
+            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                     "batch_size": 8},
+            "loss": {"type": "bce", "output": "probs", "target": "t"}}
+
+
 def test_bce_on_logits_without_the_flag_says_to_set_it(tmp_path):
     """loss bce on an output that holds logits (no Sigmoid at the end): NaN at step 1, and the
     error said only 'lower optimizer.lr, set grad_clip, or on_nan: skip'."""
@@ -314,10 +322,7 @@ def test_bce_on_logits_without_the_flag_says_to_set_it(tmp_path):
     _sigmoid_model(tmp_path / "m.onnx", -np.ones((4, 3), np.float32), np.zeros(3, np.float32),
                    False, "none")
     np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32), y=np.zeros((8, 3), np.float32))
-    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
-           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
-                    "batch_size": 8},
-           "loss": {"type": "bce", "output": "probs", "target": "t"}}
+    raw = _bce_config()
     with pytest.raises(TrainerError, match="loss bce takes probabilities in \\[0, 1\\]: if "
                                            "'probs' holds logits .* set loss.logits: true"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
@@ -331,10 +336,7 @@ def test_bce_targets_outside_zero_one_are_named_before_training(tmp_path):
     y = np.zeros((8, 3), np.float32)
     y[5, 2] = 1.5
     np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32), y=y)
-    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
-           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
-                    "batch_size": 8},
-           "loss": {"type": "bce", "output": "probs", "target": "t"}}
+    raw = _bce_config()
     with pytest.raises(TrainerError, match="target 't' holds 1.5 at sample 5: binary cross "
                                            "entropy takes targets in \\[0, 1\\]"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
