@@ -28,7 +28,7 @@ _SIZE_INPUTS = {"Split": (1,), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
 _SHAPED_BY_FIRST = frozenset({"ScatterND", "ScatterElements", "Scatter"})
 
 
-def data_sized(nodes, fixed) -> set[str]:
+def data_sized(nodes, fixed, seed=()) -> set[str]:
     """Values whose shape may follow the data, for nodes given as (op, domain, inputs,
     outputs) in order, where `fixed(name)` says a value is known before the run (an
     initializer, a constant): the outputs of DATA_SIZED ops (the rows a sparse mixture of
@@ -36,8 +36,10 @@ def data_sized(nodes, fixed) -> set[str]:
     the data, not from shapes (GraniteMoE splits its tokens by counts of the router's
     choices); and of the nodes whose output shape follows such a value (not a scatter into a
     tensor of fixed shape: the residual stream the experts' rows are added back into keeps
-    its shape)."""
-    return _sizes(nodes, fixed)[0]
+    its shape); and of control flow the data decides (an If on a condition from the data,
+    whose branches may give other shapes; a Loop, sequence ops). `seed`: values known to be
+    data-sized already (the outer graph's, read by a subgraph)."""
+    return _sizes(nodes, fixed, seed)[0]
 
 
 def from_shapes(nodes, fixed) -> set[str]:
@@ -46,8 +48,15 @@ def from_shapes(nodes, fixed) -> set[str]:
     return _sizes(nodes, fixed)[1]
 
 
-def _sizes(nodes, fixed) -> tuple[set[str], set[str]]:
-    sized: set[str] = set()
+# control flow and sequence ops whose outputs' shapes may follow the data (an If only on a
+# condition that is not known before the run)
+_DATA_CONTROL = frozenset({"Loop", "SequenceMap", "SequenceEmpty", "SequenceConstruct",
+                           "SequenceInsert", "SequenceErase", "SequenceAt", "SplitToSequence",
+                           "ConcatFromSequence"})
+
+
+def _sizes(nodes, fixed, seed=()) -> tuple[set[str], set[str]]:
+    sized: set[str] = set(seed)
     from_shapes: set[str] = set()  # values computed from shapes and constants alone
     for op, domain, inputs, outputs in nodes:
         std = domain in ("", "ai.onnx")
@@ -61,7 +70,10 @@ def _sizes(nodes, fixed) -> tuple[set[str], set[str]]:
         by_values = std and any(
             k < len(inputs) and inputs[k] and not fixed(inputs[k])
             and inputs[k] not in from_shapes for k in _SIZE_INPUTS.get(op, ()))
-        if (std and op in DATA_SIZED) or by_values or any(i in sized for i in shaping):
+        control = std and (op in _DATA_CONTROL or op == "If" and inputs and not (
+            fixed(inputs[0]) or inputs[0] in from_shapes))
+        if (std and op in DATA_SIZED) or by_values or control or any(i in sized
+                                                                     for i in shaping):
             sized.update(o for o in outputs if o)
     return sized, from_shapes
 

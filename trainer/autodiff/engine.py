@@ -43,14 +43,14 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
     return active, on_path
 
 
-def data_sized_values(nodes: list[onnx.NodeProto], constants: Mapping | None = None
-                      ) -> frozenset[str]:
+def data_sized_values(nodes: list[onnx.NodeProto], constants: Mapping | None = None,
+                      seed=()) -> frozenset[str]:
     """Values whose shape may follow the data (graph.data_sized; `constants`: the values known
     before the run). Their gradients take sizes from the values at run time, not from the
     probe's shapes."""
     known = constants or {}
     return frozenset(data_sized(((n.op_type, n.domain, list(n.input), list(n.output))
-                                 for n in nodes), lambda x: x in known))
+                                 for n in nodes), lambda x: x in known, seed))
 
 
 def reachable_params(nodes, targets, candidates, shapes) -> set[str]:
@@ -59,12 +59,14 @@ def reachable_params(nodes, targets, candidates, shapes) -> set[str]:
 
 
 def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: list[str],
-                   shapes: dict, opset: int, scope: NameScope, constants: dict | None = None
+                   shapes: dict, opset: int, scope: NameScope, constants: dict | None = None,
+                   sized_inputs=()
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[str, str]]:
     """Gradient nodes of the outputs in `seeds` w.r.t. `wrt`: `seeds` maps each differentiated
     tensor y to the tensor holding dL/dy (a constant 1 for a scalar loss, or an adjoint input).
 
     Returns (nodes, constant initializers, {wrt name: gradient tensor name}).
+    `sized_inputs`: values read from an enclosing graph whose shape follows the data.
     """
     active, on_path = active_nodes(nodes, list(seeds), set(wrt), shapes)
     unreached = [w for w in wrt if w not in on_path and w not in seeds]
@@ -79,7 +81,7 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
     # Each (node, input slot) on the path contributes one gradient term to that input tensor;
     # a differentiated output also receives its seed.
     terms: dict[str, list[str]] = {y: ["seed"] for y in seeds}
-    sized = data_sized_values(nodes, constants)
+    sized = data_sized_values(nodes, constants, sized_inputs)  # (and an outer graph's)
     slots: dict[tuple[int, int], str] = {}
     for k in active:
         node = nodes[k]

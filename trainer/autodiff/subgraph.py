@@ -24,6 +24,9 @@ from onnx import helper, numpy_helper
 from trainer.errors import ModelError
 from trainer.executor import outer_names, subgraphs
 from trainer.graph import (
+    _SHAPED_BY_FIRST,
+    _SIZE_INPUTS,
+    DATA_SIZED,
     FLOAT_TYPES,
     NameScope,
     all_names,
@@ -113,6 +116,33 @@ def constants_of(graph: onnx.GraphProto, bound: Mapping[str, str]) -> list[onnx.
             if t.name not in bound]
 
 
+def _data_controlled(node: onnx.NodeProto, known: Mapping) -> bool:
+    """Control flow or sequence work left in the graph whose output shapes may follow the
+    data: an If on a condition not `known` whose branches do not declare one static shape per
+    output, a Loop, sequence ops (a Scan's shapes follow its inputs')."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if op == "If":
+        if node.input[0] in known:
+            return False
+        a = {at.name: at.g for at in node.attribute}
+        shapes = [[_static_dims(v) for v in a[b].output] for b in ("then_branch", "else_branch")
+                  if b in a]
+        return not (len(shapes) == 2 and shapes[0] == shapes[1]
+                    and all(d is not None for d in shapes[0]))
+    # (a Loop left in the graph: its condition follows the data, or it is too long to unroll)
+    return op in ("Loop", "SequenceMap") or op in SEQUENCE
+
+
+def _static_dims(v: onnx.ValueInfoProto) -> tuple | None:
+    t = v.type.tensor_type
+    if not v.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return None if None in dims else tuple(dims)
+
+
 class Folder:
     """Host values known before running: Constant nodes, given values, static shapes, and what
     deterministic default-domain kernels compute from them (as build._constant_values)."""
@@ -121,20 +151,40 @@ class Folder:
         self.opsets = opsets
         self.shapes = shapes
         self.values: dict[str, np.ndarray] = dict(values or {})
+        # values whose shape may follow the data (graph.data_sized, and the outputs of control
+        # flow the data decides): their Shape and Size are not the probe's, so not folded (a
+        # Size of an If output that skips padding tokens unrolled a Loop for the probe's batch:
+        # a wrong forward for every other batch)
+        self.sized: set[str] = set()
 
     def get(self, name: str) -> np.ndarray | None:
         return self.values.get(name) if name else None
 
+    def _mark_sized(self, node: onnx.NodeProto) -> None:
+        op, std = node.op_type, node.domain in ("", "ai.onnx")
+        if std and op in ("Shape", "Size"):
+            return
+        ins = [i for i in node.input if i]
+        shaping = node.input[:1] if std and op in _SHAPED_BY_FIRST else ins
+        by_values = std and any(k < len(node.input) and node.input[k]
+                                and node.input[k] not in self.values
+                                for k in _SIZE_INPUTS.get(op, ()))
+        if (std and op in DATA_SIZED) or by_values or any(i in self.sized for i in shaping) \
+                or _data_controlled(node, self.values):
+            self.sized.update(o for o in node.output if o)
+
     def add(self, node: onnx.NodeProto) -> None:
         from trainer.kernels import get_kernel
 
+        self._mark_sized(node)
         if node.op_type == "Constant":
             a = attrs_of(node)
             for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
                 if key in a:
                     self.values[node.output[0]] = np.asarray(a[key])
             return
-        if node.op_type in ("Shape", "Size") and node.input[0] in self.shapes:
+        if node.op_type in ("Shape", "Size") and node.input[0] in self.shapes \
+                and node.input[0] not in self.sized:
             a = attrs_of(node)
             dims = np.array(self.shapes[node.input[0]][0], np.int64)
             self.values[node.output[0]] = (dims[a.get("start", 0):a.get("end")]
@@ -826,7 +876,7 @@ class Region:
         if not live:
             return [], {}
         bwd, inits, grads = build_backward(nodes, seeds, live, shapes, ctx.opset, ctx.scope,
-                                           consts)
+                                           consts, sized_inputs=ctx.data_sized)
         ctx.initializers.extend(inits)
         needed = {x for n in bwd for x in reads(n)}
         fwd = []
