@@ -1406,6 +1406,33 @@ def test_embedding_padding_row_gets_no_gradient_as_in_pytorch(tmp_path, pad):
     np.testing.assert_allclose(table, model.emb.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+class SelfDistances(nn.Module):
+    """Pairwise distances of a batch's rows to each other (torch.cdist(h, h): zero on the
+    diagonal), as metric-learning heads compute them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 3), nn.Linear(3, 5)
+
+    def forward(self, x):  # x [N, 6, 4]: six points per sample
+        h = self.proj(x)
+        return self.head(torch.cdist(h, h).mean(2) @ h / 6.0).mean(1)
+
+
+def test_pairwise_distances_with_zeros_train_like_pytorch(tmp_path):
+    """TorchScript writes torch.cdist as Pow(ReduceSum(Pow(d, 2)), 0.5): its gradient at a
+    zero distance was 0.5 / sqrt(0) * 2 d = inf * 0, NaN at step 1; torch.cdist's is 0. The
+    training graph computes that norm as ReduceL2 now, whose gradient is torch's. (The default
+    exporter has no translation of cdist in torch 2.13.)"""
+    torch.manual_seed(4)
+    model = SelfDistances()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(export(model, (6, 4), "torchscript"), str(tmp_path / "model.onnx"))
+    model.load_state_dict(state)
+    x, y = random_batches(tmp_path, (6, 4))
+    trains_like_pytorch(tmp_path, model, state, x, y)
+
+
 class PaddedSumBag(nn.Module):
     """nn.EmbeddingBag(mode="sum", padding_idx=0): the default exporter writes a Loop over the
     bags whose body skips padding tokens in an If on the data and sums each bag's rows."""

@@ -334,7 +334,8 @@ def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset:
     scope = NameScope(all_names(g))
     first = dict(first)  # (the logits' layout copies below add their shapes)
     builder = Builder(scope, opset, first, "train", consts)
-    nodes, state = _training_mode(list(g.node), builder, first, consts, eval_bn, sync_batchnorm,
+    plain = _l2_norms(list(g.node), builder, consts, {o.name for o in g.output})
+    nodes, state = _training_mode(plain, builder, first, consts, eval_bn, sync_batchnorm,
                                   unbiased=m.producer_name not in _BIASED_RUNNING_VAR)
     spec, laid_out = _logits_of_softmax(spec, list(g.node), first, opset, builder)
     loss_nodes, loss_name, target_vis = _append_loss(spec, builder, first, scope)
@@ -495,6 +496,57 @@ def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
 # variance, as the ONNX specification's training mode does (PyTorch: the unbiased one)
 _BIASED_RUNNING_VAR = frozenset({"tf2onnx", "keras2onnx", "jax2onnx", "paddle2onnx",
                                  "PaddlePaddle"})
+
+
+def _l2_norms(nodes: list, b: Builder, consts: Mapping, keep: set[str]) -> list:
+    """Pow(ReduceSum(Pow(X, 2), axes), 0.5), as PyTorch's TorchScript export writes
+    torch.cdist, as ReduceL2(X, axes): the same value (to float rounding), whose gradient is 0
+    where the norm is (torch.cdist's and torch.norm's backward). Through the Pows it was
+    0.5 / sqrt(0) = inf at a zero distance, times 2 X = 0: NaN (cdist(x, x) at its diagonal).
+    Intermediate values that another node or an output (`keep`) reads are left as they are."""
+    def exponent(node, value):
+        if node.op_type != "Pow" or len(node.input) != 2 or node.domain not in ("", "ai.onnx"):
+            return False
+        e = consts.get(node.input[1])
+        # (within 1e-6: the export writes 1/p as 0.49999976; the norm is x^(2.4e-7) off it)
+        return e is not None and np.size(e) == 1 and abs(float(np.asarray(e).reshape(()))
+                                                         - value) <= 1e-6
+
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    made = {o: n for n in nodes for o in n.output}
+    drop, replace = set(), {}
+    for k, n in enumerate(nodes):
+        if not exponent(n, 0.5):
+            continue
+        r = made.get(n.input[0])
+        if r is None or r.op_type != "ReduceSum" or r.domain not in ("", "ai.onnx"):
+            continue
+        sq = made.get(r.input[0])
+        if sq is None or not exponent(sq, 2.0) or any(
+                readers.get(v, 0) != 1 or v in keep for v in (r.output[0], sq.output[0])):
+            continue
+        a = attrs_of(r)
+        axes = a.get("axes")
+        if len(r.input) > 1 and r.input[1]:
+            axes = consts.get(r.input[1])
+            if axes is None:
+                continue
+        if axes is None or len(np.atleast_1d(axes)) == 0:
+            continue  # (no axes: every axis, or none with noop_with_empty_axes)
+        replace[k] = [b.reduce("ReduceL2", sq.input[0], np.atleast_1d(axes).tolist(),
+                               n.output[0], keepdims=a.get("keepdims", 1))]
+        drop |= {id(r), id(sq)}
+    if not replace:
+        return nodes
+    result = []
+    for k, n in enumerate(nodes):
+        if id(n) in drop:
+            continue
+        result += replace.get(k, [n])
+    return result
 
 
 def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: bool = False,
