@@ -568,6 +568,22 @@ def test_a_stalled_or_dead_rank_ends_the_job(tmp_path, how, world):
         assert state in (None, "Z"), (pid, state)
 
 
+@needs_mpi[0]
+@needs_mpi[1]
+def test_a_rank_that_never_starts_mpi_ends_the_job(tmp_path):
+    """MPI_Init waits for every rank in C, holding Python's lock: a rank that never started
+    left the others there forever, whatever distributed.timeout_s. After it, the waiting rank
+    ends (saying where it waited) and the launcher ends the job."""
+    pids = tmp_path / "pids"
+    proc, took = _mpirun(2, "stall", "start", str(pids), timeout=60)
+    assert proc.returncode != 0 and took < 30, took
+    assert "Timeout (0:00:02)!" in proc.stderr, proc.stderr[-3000:]
+    assert "_mpi_start_waits_for_every_rank" in proc.stderr
+    time.sleep(0.5)
+    for pid in pids.read_text().split():
+        assert _proc_state(int(pid)) in (None, "Z"), pid
+
+
 def _proc_state(pid: int) -> str | None:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -742,6 +758,11 @@ def _worker_protocol() -> None:
 def _worker_stall(how: str, pidfile: str) -> None:
     from trainer.comm.mpi import MPIComm
 
+    if how == "start":  # (rank 1 never starts MPI: its peers wait in MPI_Init)
+        with open(pidfile, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+            time.sleep(3600)
     comm = MPIComm(timeout_s=2)
     with open(pidfile, "a") as f:
         f.write(f"{os.getpid()}\n")

@@ -16,6 +16,7 @@ whose steps complete in different orders still match.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -55,6 +56,38 @@ def import_mpi():
         raise TrainerError("running on several processes needs mpi4py: pip install "
                            "'onnx-trainer[mpi]'") from exc
     return MPI
+
+
+@contextlib.contextmanager
+def _start_deadline(timeout_s: float):
+    """MPI's start (MPI_Init's exchange with every rank, the first communicators' Dup) waits for
+    every rank in C, holding Python's lock, where the collectives' watchdog cannot run: a rank
+    that never starts (stopped, or lost) left the others waiting forever. Under a launcher,
+    faulthandler's C thread ends this process after timeout_s, printing where it waited
+    (_mpi_start_waits_for_every_rank, or the import of mpi4py.MPI); the launcher then ends the
+    job."""
+    import faulthandler
+
+    from trainer.comm import launched_world_size
+
+    armed = launched_world_size() > 1 and timeout_s > 0
+    if armed:
+        faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        yield
+    finally:
+        if armed:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _mpi_start_waits_for_every_rank(comm, steps: int):
+    """(MPI, comm or COMM_WORLD, its `steps` duplicates, the watchdog's duplicate): MPI's start
+    and collectives, which wait for every rank (the name is what a start past
+    distributed.timeout_s prints)."""
+    MPI = import_mpi()
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    dups = [comm.Dup() for _ in range(steps)]
+    return MPI, comm, dups, (comm.Dup() if comm.Get_size() > 1 else None)
 
 
 def cuda_aware_mpi(MPI) -> bool:
@@ -199,15 +232,13 @@ class MPIComm:
     """Collectives over MPI.COMM_WORLD (or `comm`) with a watchdog of timeout_s seconds."""
 
     def __init__(self, timeout_s: float = 300.0, comm=None, pinned_alloc=None):
-        MPI = import_mpi()
+        with _start_deadline(timeout_s):
+            # (own communicators: collectives here never match the user's own MPI traffic)
+            MPI, self.comm, self._steps, watched = _mpi_start_waits_for_every_rank(comm, _STEPS)
         self.MPI = MPI
-        self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        # Own communicators: collectives here never match the user's own MPI traffic.
-        self._steps = [self.comm.Dup() for _ in range(_STEPS)]
-        self.watchdog = Watchdog(self.comm.Dup() if self.size > 1 else None, self.rank,
-                                 self.size, timeout_s)
+        self.watchdog = Watchdog(watched, self.rank, self.size, timeout_s)
         self._queues: list[deque] = [deque() for _ in range(_STEPS)]
         self._seq = 0
         self._cuda_aware: bool | None = None
