@@ -1309,12 +1309,16 @@ def test_batchnorm_an_eval_export_folded_into_conv_is_named_before_training(tmp_
         assert shapes["c.weight"] == [4, 1, 3, 3] and not any("bn" in k for k in shapes)
 
 
-def test_a_weight_parametrization_folded_by_torchscript_is_named_not_called_batchnorm(tmp_path):
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_a_weight_parametrization_folded_by_torchscript_is_named_not_called_batchnorm(tmp_path,
+                                                                                     layer):
     """weight_norm's weight (g * v / |v|), folded by TorchScript's constant folding into one
-    tensor (opset 14), keeps the module's own bias: `check` says the convolution trains a
-    computed weight, and does not call it a folded BatchNormalization."""
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3)),
-                          nn.Flatten(), nn.Linear(64, 5)).eval()
+    tensor (opset 14), keeps the module's own bias: `check` says the convolution (or, on a
+    Linear, the Gemm: not warned of before) trains a computed weight, and does not call it a
+    folded BatchNormalization."""
+    wn = nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(wn(nn.Conv2d(1, 4, 3)), nn.Flatten(), nn.Linear(64, 5)).eval() \
+        if layer == "conv" else nn.Sequential(nn.Flatten(), wn(nn.Linear(36, 5))).eval()
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -207,7 +207,8 @@ def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> l
     return lines
 
 
-COMPUTED_HINT = ("convolutions whose weight the TorchScript exporter's constant folding computed "
+COMPUTED_HINT = ("convolutions and linear layers (Gemm) whose weight the TorchScript exporter's "
+                 "constant folding computed "
                  "from PyTorch parameters (a parametrization such as weight_norm's g * v / |v|) "
                  "train that weight as one tensor, not the parameters; export with "
                  "do_constant_folding=False to train them")

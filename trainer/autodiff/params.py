@@ -1231,8 +1231,9 @@ def tool_folded_constants(model: onnx.ModelProto) -> list[str]:
 
 
 def folded_conv_weights(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Conv and ConvTranspose nodes of a TorchScript export whose weight the exporter's constant
-    folding computed (named onnx::...), as (BatchNormalization folded in, other expressions):
+    """Conv, ConvTranspose and Gemm nodes of a TorchScript export whose weight the exporter's
+    constant folding computed (named onnx::...), as (BatchNormalization folded in, other
+    expressions; a Gemm's are all other):
     an eval-mode export folds a BatchNormalization into the convolution before it, weight and
     bias both (the bias is new, onnx::...); a weight parametrization (weight_norm's g * v / |v|)
     folds the weight alone and keeps the module's own bias. Empty for other producers and for
@@ -1242,11 +1243,14 @@ def folded_conv_weights(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     inits = {t.name for t in model.graph.initializer}
     bn, other = [], []
     for i, n in enumerate(model.graph.node):
-        if (n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
-                and n.input[1] in inits and n.input[1].startswith("onnx::")):
-            name = n.name or f"{n.op_type} #{i}"
-            bias = n.input[2] if len(n.input) > 2 else ""
+        if len(n.input) < 2 or n.input[1] not in inits or not n.input[1].startswith("onnx::"):
+            continue
+        name = n.name or f"{n.op_type} #{i}"
+        bias = n.input[2] if len(n.input) > 2 else ""
+        if n.op_type in ("Conv", "ConvTranspose"):
             (bn if bias.startswith("onnx::") else other).append(name)
+        elif n.op_type == "Gemm":  # (a Linear reads its own weight, transB=1: a computed
+            other.append(name)     # one is a parametrization's, weight_norm on a Linear)
     return bn, other
 
 
