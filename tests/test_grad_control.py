@@ -435,13 +435,23 @@ def test_loop_condition_from_data_is_refused() -> None:
                              ["Y"])
 
 
-@pytest.mark.parametrize("case", ["trip count", "body condition", "shape", "constant"])
+@pytest.mark.parametrize("case", ["trip count", "body condition", "shape", "constant",
+                                  "carried counter"])
 def test_check_names_a_loop_that_data_controls(case) -> None:
     """`check MODEL` (model_report) refuses the Loops that train refuses (above), and only
-    those: a trip count from a shape or a constant unrolls."""
+    those: a trip count from a shape or a constant unrolls, and so does a loop that counts with
+    a value it carries up to a shape (the default exporter's nn.EmbeddingBag)."""
     from trainer.report import DATA_LOOP, model_report
 
-    if case == "body condition":
+    if case == "carried counter":
+        body = graph([n("Add", ["k", "one"], ["k_out"]), n("Less", ["k_out", "nx"], ["cond_out"]),
+                      n("Sin", ["s"], ["s_out"])],
+                     [vi("i", I64, []), vi("cond", B, []), vi("k", I64, []), vi("s")],
+                     [vi("cond_out", B, []), vi("k_out", I64, []), vi("s_out")])
+        nodes = [const("one", np.int64(1)), const("k0", np.int64(0)), n("Size", ["X"], ["nx"]),
+                 n("Less", ["k0", "nx"], ["c0"]),
+                 n("Loop", ["", "c0", "k0", "Y"], ["k_end", "out"], body=body)]
+    elif case == "body condition":
         body = graph([n("Sin", ["s"], ["s_out"]), n("ReduceSum", ["s_out"], ["t"], keepdims=0),
                       const("lim", 0.5), n("Less", ["t", "lim"], ["cond_out"])],
                      [vi("i", I64, []), vi("cond", B, []), vi("s")],

@@ -295,8 +295,8 @@ def model_report(model: onnx.ModelProto) -> Report:
     trained = {p.name for p in params if p.role == PARAMETER}
     active = {o for i in active_nodes(nodes, outputs, trained, types)[0] for o in nodes[i].output}
     rows = []
-    inits = {t.name for t in model.graph.initializer}
-    known = inits | from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))
+    inits = {t.name for t in model.graph.initializer} - trained  # (what training changes is
+    known = inits | from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))  # data)
                                  for n in model.graph.node), inits.__contains__)
     for i, node in enumerate(model.graph.node):
         if node.op_type == "Loop" and node.domain in ("", "ai.onnx") and any(
@@ -334,11 +334,24 @@ def _loop_from_data(node: onnx.NodeProto, known: set[str]) -> bool:
     body = next((a.g for a in node.attribute if a.name == "body"), None)
     if body is None or len(body.output) < 1 or len(body.input) < 2:
         return False
-    fixed = known | {t.name for t in body.initializer} | {body.input[0].name}
-    if not node.input[1:2] or not node.input[1] or node.input[1] in known:
-        fixed.add(body.input[1].name)  # (the condition passed in: known as the first one)
-    inner = from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))
-                         for n in body.node), fixed.__contains__)
+    base = known | {t.name for t in body.initializer} | {body.input[0].name}
+    # the first condition and the carried values known before the loop stay known through it
+    # when each iteration computes them from known ones (a counter carried instead of the
+    # iteration number, as the default exporter writes nn.EmbeddingBag's loop over bags): the
+    # largest such set, by dropping any whose update is not
+    carried = [(body.input[k].name, body.output[k - 1].name)
+               for k in range(1, min(len(body.input), len(body.output) + 1))
+               if k == 1 or (k < len(node.input) and node.input[k] in known)]
+    if node.input[1:2] and node.input[1] and node.input[1] not in known:
+        carried = carried[1:]
+    while True:
+        fixed = base | {name for name, _ in carried}
+        inner = from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))
+                             for n in body.node), fixed.__contains__)
+        kept = [(a, b) for a, b in carried if b in inner or b in fixed]
+        if kept == carried:
+            break
+        carried = kept
     cond = body.output[0].name
     return cond not in inner and cond not in fixed
 
