@@ -1410,6 +1410,23 @@ def test_embedding_padding_row_gets_no_gradient_as_in_pytorch(tmp_path, pad):
     np.testing.assert_allclose(table, model.emb.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_an_embedding_with_max_norm_is_warned_of(tmp_path):
+    """nn.Embedding(max_norm) renormalizes its rows in place outside autograd; the default
+    exporter writes that as graph ops (recorded as aten.embedding_renorm), which training goes
+    through: losses leave PyTorch's (2e-4 in float64 over 4 steps), silently before."""
+    model = nn.Sequential()
+    model.add_module("emb", nn.Embedding(10, 6, max_norm=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(model.eval(), (torch.ones(2, 5, dtype=torch.int64),), None,
+                                  input_names=["x"], output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    report = model_report(proto)
+    assert report.renorms == ["emb"]
+    assert "WARNING: nn.Embedding(max_norm=...) renormalizes the rows" in report.text()
+    assert model_report(export(nn.Linear(4, 5), (4,), "dynamo")).renorms == []
+
+
 class SelfDistances(nn.Module):
     """Pairwise distances of a batch's rows to each other (torch.cdist(h, h): zero on the
     diagonal), as metric-learning heads compute them."""

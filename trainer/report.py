@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class Report:
     folded: list[str] = field(default_factory=list)  # folded_parameters
     fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
+    renorms: list[str] = field(default_factory=list)  # nn.Embedding(max_norm) modules
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
     shared: list[str] = field(default_factory=list)  # params.shared_constants
@@ -131,7 +133,7 @@ class Report:
             lines.append(detached_line(self.detached))
         if self.unfused:
             lines.append(unfuse_line(self.unfused))
-        lines += warning_lines(self.folded, self.fused, self.computed)
+        lines += warning_lines(self.folded, self.fused, self.computed, self.renorms)
         if self.shared:
             lines.append(shared_line(self.shared))
         if self.tool_constants:
@@ -182,22 +184,45 @@ FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convo
               "that file before simplifying or optimizing it")
 
 
-def exporter_findings(model: onnx.ModelProto) -> tuple[list[str], list[str], list[str]]:
+def exporter_findings(model: onnx.ModelProto
+                      ) -> tuple[list[str], list[str], list[str], list[str]]:
     """(PyTorch parameters the exporter folded away; BatchNormalization layers it folded into a
     convolution: module names, or for a TorchScript export "the one after" each convolution
     that got them; TorchScript convolutions whose weight constant folding computed from an
-    expression of parameters), for the warnings of `check` and `train`."""
+    expression of parameters; nn.Embedding(max_norm) modules, whose in-place renormalization
+    the export writes as graph ops), for the warnings of `check` and `train`."""
     bn, computed = folded_conv_weights(model)
     return (folded_parameters(model),
             fused_batchnorms(model) or [f"the one after {name}" for name in bn]
-            or tool_fused_batchnorms(model), computed)
+            or tool_fused_batchnorms(model), computed, embedding_renorms(model))
 
 
-def warning_lines(folded: list[str], fused: list[str], computed: list[str]) -> list[str]:
+def embedding_renorms(model: onnx.ModelProto) -> list[str]:
+    """Modules whose nodes the default exporter records as aten.embedding_renorm (nn.Embedding
+    with max_norm)."""
+    found = []
+    for n in model.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if "aten.embedding_renorm" in meta.get("pkg.torch.onnx.fx_node", ""):
+            scopes = re.findall(r"'([^']*)'", meta.get("pkg.torch.onnx.name_scopes", ""))
+            found.append(".".join(x for x in scopes[:-1] if x) or n.name)
+    return list(dict.fromkeys(found))
+
+
+RENORM_HINT = ("nn.Embedding(max_norm=...) renormalizes the rows it looks up in place, outside "
+               "autograd; the export computes that as graph ops, which training goes through "
+               "as a differentiable function while the stored rows stay as they are: losses "
+               "leave PyTorch's (README, 'Exporting a model from PyTorch')")
+
+
+def warning_lines(folded: list[str], fused: list[str], computed: list[str],
+                  renorms: list[str] = ()) -> list[str]:
     """What `check` and `train` print of exporter_findings."""
     names = listing
 
     lines = []
+    if renorms:
+        lines.append(f"WARNING: {RENORM_HINT}: {names(renorms)}")
     if folded:
         lines.append(f"WARNING: {FOLDED_HINT}: {names(folded)}")
     if fused:
