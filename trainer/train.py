@@ -1144,8 +1144,8 @@ class Trainer:
                  if path is None or p.name > path.name]
         if newer:
             self.log.info(f"warning: checkpoint.dir {directory}: {listing(newer)} without "
-                             f"{checkpoint.MANIFEST} (not a complete checkpoint: a copy cut "
-                             "short?) skipped" + (f"; resuming from {path.name}" if path else ""))
+                          f"{checkpoint.MANIFEST} (not a complete checkpoint: a copy cut short?) "
+                          "skipped" + (f"; resuming from {path.name}" if path else ""))
         if path is None:
             self.log.info(f"no checkpoint in {directory}; starting from the model's weights")
             return False
