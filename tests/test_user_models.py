@@ -1427,6 +1427,35 @@ def test_an_embedding_with_max_norm_is_warned_of(tmp_path):
     assert model_report(export(nn.Linear(4, 5), (4,), "dynamo")).renorms == []
 
 
+class BiLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(4, 6, batch_first=True, bidirectional=True), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0].mean(1))
+
+
+def test_globs_name_the_parameters_a_recurrent_layers_packed_tensors_hold(tmp_path):
+    """The default exporter packs an LSTM's weights per kind into the ONNX LSTM's W, R and B,
+    named val_N: `frozen: ["lstm.weight_hh*"]` matched nothing. The optimizer's records name
+    the parameters each packed tensor holds; a glob naming any of them names it."""
+    torch.manual_seed(0)
+    onnx.save(export(BiLSTM(), (7, 4), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    packed = {p.name: p.alias for p in report.params if p.alias}
+    assert sorted(packed.values()) == [
+        "lstm.bias_hh_l0, lstm.bias_hh_l0_reverse, lstm.bias_ih_l0, lstm.bias_ih_l0_reverse",
+        "lstm.weight_hh_l0, lstm.weight_hh_l0_reverse",
+        "lstm.weight_ih_l0, lstm.weight_ih_l0_reverse"], packed
+    assert "tensors that pack several PyTorch parameters" in report.text()
+    x, y = random_batches(tmp_path, (7, 4))
+    cfg = classifier_config(tmp_path, 2, frozen=["lstm.weight_hh*"])
+    t = Trainer(cfg, stream=io.StringIO())
+    hh = next(k for k, v in packed.items() if "weight_hh" in v)
+    assert hh not in t.names and len(t.names) == 4
+
+
 class SelfDistances(nn.Module):
     """Pairwise distances of a batch's rows to each other (torch.cdist(h, h): zero on the
     diagonal), as metric-learning heads compute them."""

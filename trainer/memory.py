@@ -93,7 +93,9 @@ def strip(model: onnx.ModelProto) -> onnx.ModelProto:
     masks = mask_candidates(model)  # (whose values tell a mask from a parameter)
     for t in model.graph.initializer:
         if (_elements(t) > LARGE and t.name not in masks) or is_stub(t):
-            out.graph.initializer.append(_stub(t.name, t.data_type, t.dims))
+            stub = _stub(t.name, t.data_type, t.dims)
+            stub.metadata_props.extend(t.metadata_props)  # (the exporter's records)
+            out.graph.initializer.append(stub)
         else:
             out.graph.initializer.append(t)
     return out

@@ -708,8 +708,9 @@ def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
     aliases = aliases or {}
 
     def hit(n: str, pattern: str) -> bool:
-        return fnmatch.fnmatchcase(n, pattern) or (
-            n in aliases and fnmatch.fnmatchcase(aliases[n], pattern))
+        from trainer.autodiff.params import alias_matches
+
+        return fnmatch.fnmatchcase(n, pattern) or alias_matches(aliases.get(n, ""), pattern)
     taken: set[str] = set()
     out = []
     for i, globs in enumerate(patterns):

@@ -20,6 +20,7 @@ import onnx
 from trainer.autodiff.engine import active_nodes
 from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
+    PACK_SEPARATOR,
     PARAMETER,
     ParamInfo,
     detached_inputs,
@@ -109,12 +110,19 @@ class Report:
                      + (": " + ", ".join(p.name for p in trained[:8])
                         + (f" ... ({len(trained)} in all)" if len(trained) > 8 else "")
                         if trained else ""))
-        held = [p for p in trained if p.alias]
+        held = [p for p in trained if p.alias and PACK_SEPARATOR not in p.alias]
         if held:
             lines.append("tensors the exporter folded from one PyTorch parameter, trained as it "
                          "(a 'trainable'/'frozen'/'optimizer.groups' glob may name either): "
                          + ", ".join(f"{p.name} = {p.alias}" for p in held[:8])
                          + (f" ... ({len(held)} in all)" if len(held) > 8 else ""))
+        packed = [p for p in trained if p.alias and PACK_SEPARATOR in p.alias]
+        if packed:
+            lines.append("tensors that pack several PyTorch parameters (a recurrent layer's "
+                         "weights and biases), each trained as one tensor (a glob naming any "
+                         "of the parameters names it): "
+                         + "; ".join(f"{p.name} = [{p.alias}]" for p in packed[:8])
+                         + (f" ... ({len(packed)} in all)" if len(packed) > 8 else ""))
         left = [p for p in self.params if p.role != PARAMETER]
         if left:
             lines.append(f"float initializers left out ({len(left)}; 'trainable'/'frozen' in "

@@ -468,7 +468,12 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
                 d.Clear()
                 d.dim_value = v
     g.input.extend(target_vis)
+    # (shapes are the run's now; the exporter's records on initializers stay: the parameter
+    # table reads which PyTorch parameters a folded tensor holds from them)
+    inits = {t.name for t in g.initializer}
+    kept = [vi for vi in g.value_info if vi.name in inits and vi.metadata_props]
     del g.value_info[:]
+    g.value_info.extend(kept)
     return m
 
 

@@ -419,8 +419,7 @@ _MODULE_PARAMETER = re.compile(r"^[\w.]*\w\.(weight|bias)$")
 
 def _matches(r: ParamInfo, pattern: str) -> bool:
     """A `trainable`/`frozen` glob names a tensor by its own name or its parameter's."""
-    return fnmatch.fnmatchcase(r.name, pattern) or bool(r.alias) and fnmatch.fnmatchcase(
-        r.alias, pattern)
+    return fnmatch.fnmatchcase(r.name, pattern) or alias_matches(r.alias, pattern)
 
 
 def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> list[str]:
@@ -1023,7 +1022,25 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
             elif (not refs and len(own) == 1 and _VIEW_OPS.match(x)
                   and _module_of(n) not in folded_buffers):
                 found.setdefault(x, set()).add(missing[own[0]])
-    return {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
+    out = {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
+    # tensors that pack several parameters (an LSTM's W, R and B: each direction's weights,
+    # both biases), as the optimizer's records say: a glob may name any of them
+    # (PACK_SEPARATOR between the names; it trains as the one tensor it is)
+    for x, src in _folded_from(model).items():
+        if x in folded and x not in out:
+            packed = sorted(set(src) & lost)
+            if len(packed) >= 2:
+                out[x] = PACK_SEPARATOR.join(packed)
+    return out
+
+
+PACK_SEPARATOR = ", "  # (between the parameters a packed tensor holds, in its alias)
+
+
+def alias_matches(alias: str, pattern: str) -> bool:
+    """Whether a glob names the parameter (or one of the parameters) an alias holds."""
+    return bool(alias) and any(fnmatch.fnmatchcase(a, pattern)
+                               for a in alias.split(PACK_SEPARATOR))
 
 
 def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
