@@ -31,7 +31,7 @@ from trainer.autodiff.params import (
     single_bias_masks,
     stop_detached,
 )
-from trainer.autodiff.subgraph import lower_model
+from trainer.autodiff.subgraph import lower_model, reads
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.executor import missing_kernels, probe
 from trainer.graph import (
@@ -519,7 +519,7 @@ def _l2_norms(nodes: list, b: Builder, consts: Mapping, keep: set[str]) -> list:
 
     readers: dict[str, int] = {}
     for n in nodes:
-        for i in n.input:
+        for i in reads(n):  # (a subgraph's read of an outer value counts)
             readers[i] = readers.get(i, 0) + 1
     made = {o: n for n in nodes for o in n.output}
     drop, replace = set(), {}
