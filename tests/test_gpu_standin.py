@@ -750,7 +750,7 @@ def test_pointwise_convolutions_are_products_per_image_on_the_device(gpu, stride
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-@pytest.mark.parametrize("method", ["conv", "rows", "fold"])
+@pytest.mark.parametrize("method", ["conv", "rows", "fold", "phases"])
 def test_device_convolutions_bound_their_columns_by_chunks_of_the_batch(gpu, monkeypatch,
                                                                         strides, method):
     """Conv, its weight gradient and ConvTranspose (its input gradient, each method) on the

@@ -490,3 +490,56 @@ def test_col2im_is_the_adjoint_of_im2col(block, strides, dilations, pads) -> Non
                    strides=strides, dilations=dilations, pads=pads)
     folded = run(m, {"c": c, "i": i64(*image), "b": i64(*block)})["y0"]
     np.testing.assert_allclose((cols * c).sum(), (x * folded).sum(), rtol=1e-10)
+
+
+def _conv_transpose_by_definition(x, w, b, strides, pads, out_sp, group):
+    """Cropped ConvTranspose in float64 from its definition: input i, tap k adds x[i] w[k] at
+    full position i * s + k, output o = full position o + begin pad (no dilation)."""
+    n, c = x.shape[:2]
+    k = x.ndim - 2
+    mg, cg = w.shape[1], c // group
+    y = np.zeros((n, group * mg) + tuple(out_sp))
+    for i in np.ndindex(*x.shape[2:]):
+        for t in np.ndindex(*w.shape[2:]):
+            o = tuple(i[d] * strides[d] + t[d] - pads[d] for d in range(k))
+            if not all(0 <= o[d] < out_sp[d] for d in range(k)):
+                continue
+            for gi in range(group):
+                xs = x[(slice(None), slice(gi * cg, (gi + 1) * cg)) + i].astype(np.float64)
+                ws = w[(slice(gi * cg, (gi + 1) * cg), slice(None)) + t].astype(np.float64)
+                y[(slice(None), slice(gi * mg, (gi + 1) * mg)) + o] += xs @ ws
+    if b is not None:
+        y += b.reshape((-1,) + (1,) * k)
+    return y
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       st.data(), st.booleans(), st.sampled_from([1, 2]))
+def test_conv_transpose_by_phases_matches_the_definition(n, kernel, data, bias, group) -> None:
+    """The strided ConvTranspose as one stride-1 Conv per output phase (also the input gradient
+    of every strided Conv) against the definition: strides below, at and above the kernel
+    (phases no tap reaches), asymmetric and negative pads (output_shape past the full
+    result), output_padding, groups, 1-3 spatial axes."""
+    from trainer.kernels import nn
+
+    k = len(kernel)
+    strides = data.draw(st.lists(st.integers(1, 4), min_size=k, max_size=k))
+    if all(s == 1 for s in strides):
+        strides[0] = 2
+    spatial = data.draw(st.lists(st.integers(1, 5), min_size=k, max_size=k))
+    pads = data.draw(st.lists(st.integers(-2, 3), min_size=2 * k, max_size=2 * k))
+    full = [(spatial[d] - 1) * strides[d] + kernel[d] for d in range(k)]
+    out_sp = [full[d] - pads[d] - pads[d + k] for d in range(k)]
+    if min(out_sp) < 1:
+        return
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    c, mg = 2 * group, 3
+    x = rng.standard_normal((n, c) + tuple(spatial)).astype(F32)
+    w = rng.standard_normal((c, mg) + tuple(kernel)).astype(F32)
+    b = rng.standard_normal(group * mg).astype(F32) if bias else None
+    got = nn.conv_transpose_into(np, x, w, b, strides, [1] * k, pads, [0] * k, full, group,
+                                 method="phases")
+    want = _conv_transpose_by_definition(x, w, b, strides, pads, out_sp, group)
+    assert got.shape == want.shape and got.dtype == F32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

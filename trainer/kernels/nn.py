@@ -360,11 +360,14 @@ def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, outp
 def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, full, group,
                         y=None, method=None):
     """ConvTranspose with explicit geometry (pads from conv_transpose_pads, `full` the uncropped
-    output size), by whichever of three schemes moves the fewest elements (or `method`):
+    output size), by whichever of four schemes moves the fewest elements (or `method`):
     "conv", one Conv of x with the flipped, transposed kernel (stride 1; its im2col copy is
-    C K N out); "rows", 2-D stride 1: one matmul to columns of row-widened x and one
-    contiguous add per tap (2 M K N in_rows full_width); "fold", one matmul to columns folded
-    back with one strided add per tap (any stride; 2 M K N in, but many short rows)."""
+    C K N out); "phases", strides above 1 without dilation: that Conv for each phase of the
+    output (the outputs at one offset modulo the strides, which one slice of the kernel's taps
+    reaches), C K N out / prod(strides) in all; "rows", 2-D stride 1: one matmul to columns of
+    row-widened x and one contiguous add per tap (2 M K N in_rows full_width); "fold", one
+    matmul to columns folded back with one strided add per tap (any stride; 2 M K N in, but
+    many short rows)."""
     n, c = x.shape[:2]
     k = x.ndim - 2
     kshape = list(w.shape[2:])
@@ -381,8 +384,12 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
         costs["conv"] = c * taps * n * math.prod(out_sp)
     if unit and k == 2:
         costs["rows"] = 2 * g * mg * taps * n * x.shape[2] * full[1]
+    if not unit and all(d == 1 for d in dilations):
+        costs["phases"] = c * taps * n * math.prod(out_sp) // math.prod(strides)
     if method is None or method not in costs:
         method = min(costs, key=costs.get)
+    if method == "phases":  # (each phase's Conv bounds its own columns by chunks)
+        return _transpose_phases(xp, x, w, b, strides, pads, out_sp, g, y)
     if xp is not np or CHUNK_AS_DEVICE:  # a device: chunks bound the columns (as conv_into)
         per_image = {"conv": c * taps * math.prod(out_sp),
                      "rows": g * mg * taps * x.shape[2] * full[-1],
@@ -423,6 +430,48 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
     if y is None:
         y = xp.empty((n, yf.shape[0]) + yf.shape[2:], dtype=yf.dtype)
     y[...] = yf.swapaxes(0, 1)
+    return y
+
+
+def _transpose_phases(xp, x, w, b, strides, pads, out_sp, g, y):
+    """Cropped ConvTranspose [N, G * Mg, *out_sp] without dilation, as one stride-1 Conv per
+    output phase. Along one axis (stride s, kernel K, begin pad p), output o is full position
+    t = o + p, which taps k = t mod s, t mod s + s, ... reach from inputs i = (t - k) / s; the
+    outputs o = rho, rho + s, ... (one phase) share those taps, and their sum over u of
+    x[j - u] w[r + u s] (r = (rho + p) mod s, j = (rho + p) // s + j') is a stride-1 Conv of x
+    with that slice of the kernel, flipped, its input padded (or cropped) to the window that
+    the phase's outputs read. A phase that no tap reaches (s > K) is the bias alone."""
+    n, c = x.shape[:2]
+    k = x.ndim - 2
+    kshape = tuple(w.shape[2:])
+    mg, cg = w.shape[1], c // g
+    if y is None:
+        y = xp.empty((n, g * mg) + tuple(out_sp), dtype=xp.result_type(x, w))
+    wt = w.reshape((g, cg, mg) + kshape).swapaxes(1, 2)  # [G, Mg, Cg, *K]
+    for rho in np.ndindex(*[min(s, o) for s, o in zip(strides, out_sp, strict=True)]):
+        taps, crop, begin, end, outs = [], [], [], [], []
+        for i in range(k):
+            s, t0 = strides[i], rho[i] + pads[i]
+            r, j0 = t0 % s, t0 // s
+            length = len(range(r, kshape[i], s))
+            count = -(-(out_sp[i] - rho[i]) // s)
+            first = j0 - (length - 1)  # the input index the phase's first output reads first
+            lo, hi = max(0, first), max(0, min(x.shape[2 + i], j0 + count))
+            taps.append(slice(r, None, s))
+            crop.append(slice(lo, max(lo, hi)))
+            begin.append(lo - first)
+            end.append(count + length - 1 - (lo - first) - max(0, hi - lo))
+            outs.append(count)
+        view = y[(slice(None), slice(None)) + tuple(slice(r, None, s) for r, s in
+                                                     zip(rho, strides, strict=True))]
+        sub = wt[(slice(None),) * 3 + tuple(taps)]
+        if 0 in sub.shape[3:] or 0 in x[(slice(None),) * 2 + tuple(crop)].shape[2:]:
+            view[...] = 0 if b is None else b.reshape((-1,) + (1,) * k)
+            continue
+        sub = sub[(slice(None),) * 3 + (slice(None, None, -1),) * k]
+        sub = xp.ascontiguousarray(sub).reshape((g * mg, cg) + sub.shape[3:])
+        conv_into(xp, x[(slice(None),) * 2 + tuple(crop)], sub, b, [1] * k, [1] * k,
+                  begin + end, outs, g, view)
     return y
 
 
