@@ -11,6 +11,21 @@ from hypothesis import settings
 settings.register_profile("long", max_examples=5000, derandomize=False, deadline=None)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (the larger ImageNet architectures: "
+                          "about 3 CPU-minutes more, 7 GB peak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pytest --run-slow runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 EXAMPLES = ROOT / "examples"
 
 

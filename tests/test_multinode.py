@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from tests.conftest import ROOT
 from tests.mpi_run import run_mpi
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+pytestmark = [pytest.mark.mpi]
 
 AGENT = """#!/bin/sh
 # PRRTE launch agent standing in for ssh: $1 is the host, the rest the command to run there.
