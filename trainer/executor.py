@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
 from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
-from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, get_kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, compiled, get_kernel
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
 from trainer.simplify import PNode, eliminate_dead, fold_reshapes_into_reductions, simplify
@@ -966,6 +966,9 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
     if ex.on_device:  # (on a GPU, each chain of elementwise nodes becomes one kernel)
         from trainer.kernels.ewfuse import fuse_elementwise
         nodes = fuse_elementwise(nodes, shapes, resolved)
+    elif compiled.enabled():  # (on the host, large chains of exact ops: one compiled loop)
+        from trainer.kernels.ewfuse import fuse_elementwise
+        nodes = fuse_elementwise(nodes, shapes, resolved, host=True)
     nodes = _stable_order(eliminate_dead(nodes, resolved), set(constants) | set(ex.feeds))
     if nodes is None:
         return None

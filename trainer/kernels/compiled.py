@@ -17,7 +17,10 @@ resident memory once the first kernel runs (BENCHMARKS.md).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +92,48 @@ def erf_rational(x: np.ndarray, p: tuple, q: tuple) -> np.ndarray:
     out = np.empty(flat.shape, np.float32)
     _kernel("_erf")(flat, out, np.array(p), np.array(q))
     return out.reshape(x.shape)
+
+
+def cache_dir() -> Path:
+    """Where generated kernels' sources (and numba's cache of them) are kept:
+    $ONNX_TRAINER_CACHE, else $XDG_CACHE_HOME/onnx-trainer, else ~/.cache/onnx-trainer."""
+    base = os.environ.get("ONNX_TRAINER_CACHE")
+    if base:
+        return Path(base) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "onnx-trainer" / "kernels"
+
+
+_JIT_LINE = 'JIT = njit(cache={cache}, nogil=True, error_model="numpy")\n'
+
+
+def generated(name: str, source: str):
+    """Function `run` of generated module source (its functions decorated @JIT), compiled by
+    numba: imported from a file in cache_dir() so that numba's disk cache keeps the machine
+    code for later processes, or, where that folder cannot be written, built in memory."""
+    return _generated(name, source)
+
+
+@functools.cache
+def _generated(name: str, source: str):
+    _numba()
+    head = "import numpy as np\nfrom numba import njit\n\n"
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.py"
+        text = head + _JIT_LINE.format(cache=True) + "\n" + source
+        if not path.is_file() or path.read_text() != text:
+            tmp = folder / f".{name}.{os.getpid()}.tmp"  # (ranks may write it at once)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(f"onnx_trainer_kernels_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        # (registered: numba's cache rebuilds a kernel's environment by importing its module)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module.run
+    except OSError:
+        scope: dict = {}
+        exec(compile(head + _JIT_LINE.format(cache=False) + source, name, "exec"), scope)
+        return scope["run"]

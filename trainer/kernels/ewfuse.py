@@ -13,6 +13,7 @@ kernels one after the other, so it computes exactly what the unfused nodes do.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -33,6 +34,22 @@ C_EXPR = {
     "LessOrEqual": "({a} <= {b})", "Equal": "({a} == {b})",
     "Sum": None,  # any number of operands: ((a + b) + c) ..., left to right as its kernel adds
 }
+# On the host (NumPy), a group runs as one compiled loop (numba, trainer.kernels.compiled) only
+# where that loop computes the nodes' own values: ops whose float results IEEE arithmetic rounds
+# exactly (+, -, *, /, sqrt, negation, abs, selection, comparison), and the float32 Erf through
+# the float64 rational steps of its NumPy kernel (erf_rational). Exp, Log, Tanh and Sigmoid stay
+# out: NumPy's SIMD and numba's libm forms of them may round differently.
+HOST_EXPR = {
+    "Add": "({a} + {b})", "Sub": "({a} - {b})", "Mul": "({a} * {b})", "Div": "({a} / {b})",
+    "Neg": "(-{a})", "Abs": "abs({a})", "Sqrt": "np.sqrt({a})", "Erf": "_erf32({a})",
+    "Where": "({a} if {c} else {b})", "Greater": "({a} > {b})", "Less": "({a} < {b})",
+    "GreaterOrEqual": "({a} >= {b})", "LessOrEqual": "({a} <= {b})", "Equal": "({a} == {b})",
+    "Sum": None,
+}
+# A host group is fused where its tensors have at least this many elements: below, the NumPy
+# calls it saves cost less than the group's first compilation (a few tenths of a second, once
+# per process where numba's disk cache cannot be written).
+HOST_MIN_ELEMENTS = 1 << 16
 _ARITY = {"Where": 3, **{op: 2 for op in ("Add", "Sub", "Mul", "Div", "Greater", "Less",
                                          "GreaterOrEqual", "LessOrEqual", "Equal")}}
 _COMPARE = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"}
@@ -41,10 +58,13 @@ _BOOL = np.dtype(np.bool_)
 MIN_NODES = 2  # a group of one node is left as it is
 
 
-def _float_type(n: PNode, shapes: Mapping):
-    """The float dtype n computes in, if n may join a fused group; else None."""
+def _float_type(n: PNode, shapes: Mapping, host: bool = False):
+    """The float dtype n computes in, if n may join a fused group; else None. On the host,
+    only HOST_EXPR's ops, on inputs of the output's shape or of one element (the loop reads
+    them at the output's flat index, or their one value), HOST_MIN_ELEMENTS or more."""
     arity = len(n.inputs) if n.op == "Sum" and len(n.inputs) >= 2 else _ARITY.get(n.op, 1)
-    if n.fused or n.domain or n.op not in C_EXPR or n.attrs or n.subs or len(n.outputs) != 1 \
+    table = HOST_EXPR if host else C_EXPR
+    if n.fused or n.domain or n.op not in table or n.attrs or n.subs or len(n.outputs) != 1 \
             or not n.outputs[0] or len(n.inputs) != arity \
             or not all(n.inputs) or n.outputs[0] not in shapes:
         return None
@@ -52,6 +72,14 @@ def _float_type(n: PNode, shapes: Mapping):
     if any(d is None for d in dts):
         return None
     out = shapes[n.outputs[0]][1]
+    if host:
+        shape = tuple(shapes[n.outputs[0]][0])
+        if math.prod(shape) < HOST_MIN_ELEMENTS or any(
+                tuple(shapes[v][0]) != shape and math.prod(shapes[v][0]) != 1
+                for v in n.inputs):
+            return None
+        if n.op == "Erf" and out != np.float32:  # (float64's Erf is another algorithm)
+            return None
     if n.op in _COMPARE:
         ok = out == _BOOL and dts[0] == dts[1] and dts[0] in _FLOATS
         return dts[0] if ok else None
@@ -126,6 +154,118 @@ class FusedElementwise:
         return into, len(self.leaves)
 
 
+class HostFusedElementwise(FusedElementwise):
+    """A host group as one compiled loop over the flat elements (HOST_EXPR's ops): leaf i is
+    read at the element's index, or once where `scalar[i]` (one element); the outputs have
+    `shape`. Where numba is missing or switched off, or the loop fails to build, the nodes run
+    one after the other (the same values: see HOST_EXPR)."""
+
+    def __init__(self, members: list[tuple], leaves: list[str], outputs: list[str],
+                 ops: list[str], scalar: list[bool], shape: tuple, out_dtypes: list):
+        self.members, self.leaves, self.outputs, self.ops = members, leaves, outputs, ops
+        self.shape, self.out_dtypes = tuple(shape), list(out_dtypes)
+        self.source = host_source(members, leaves, outputs, ops, scalar)
+        self.name = "onnx_trainer_ew_" + hashlib.sha1(self.source.encode()).hexdigest()[:16]
+        self._fn, self._error = None, None
+        self._bufs, self.reuse = None, [False] * len(outputs)
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def kernel(self, xp):
+        """The compiled loop, or None (a device, numba off or missing, or it failed)."""
+        from trainer.kernels import compiled
+
+        if xp is not np or self._error is not None or not compiled.enabled():
+            return None
+        if self._fn is None:
+            try:
+                self._fn = compiled.generated(self.name, self.source)
+            except Exception as exc:  # noqa: BLE001 - the nodes then run one by one
+                self._failed(exc)
+                return None
+        return self._fn
+
+    def _failed(self, exc: Exception) -> None:
+        self._error = f"{type(exc).__name__}: {exc}"
+
+    def _run(self, xp, args, outs) -> bool:
+        fn = self.kernel(xp)
+        if fn is None:
+            return False
+        flat = [np.ascontiguousarray(a).reshape(-1) for a in args]
+        try:
+            fn(outs[0].size, *flat, *[o.reshape(-1) for o in outs])
+        except Exception as exc:  # noqa: BLE001 - (numba compiles at the first call)
+            self._failed(exc)
+            return False
+        return True
+
+    def __call__(self, xp, *args) -> tuple:
+        # (a group of several outputs, which the memory plan does not place: its own buffers,
+        # reused by every run, as a planned value's are; `reuse` says which outputs may be,
+        # the values no caller receives)
+        if self._bufs is None:
+            self._bufs = [np.empty(self.shape, dt) for dt in self.out_dtypes]
+        outs = [b if ok else np.empty(self.shape, b.dtype)
+                for b, ok in zip(self._bufs, self.reuse, strict=True)]
+        return tuple(outs) if self._run(xp, args, outs) else self.unfused(xp, *args)
+
+    def out_impl(self, xp):
+        if xp is not np or len(self.outputs) != 1:
+            return None
+
+        def into(*args):
+            *ins, out = args
+            if not (out.flags.c_contiguous and self._run(xp, ins, [out])):
+                np.copyto(out, self.unfused(xp, *ins)[0])
+            return out
+        return into, len(self.leaves)
+
+
+def host_source(members: list[tuple], leaves: list[str], outputs: list[str], ops: list[str],
+                scalar: list[bool]) -> str:
+    """Python source of the host group's loop `run(n, a0.., o0..)` over flat arrays, for numba
+    (compiled with NumPy's error model, no fastmath: each operation as NumPy rounds it), with
+    its float32 Erf helper (erf_rational's float64 steps; the coefficients written in)."""
+    from trainer.kernels.elementwise import _ERF_P, _ERF_Q
+
+    names = {leaf: f"x{i}" for i, leaf in enumerate(leaves)}
+    head = [f"x{i} = a{i}[0]" for i in range(len(leaves)) if scalar[i]]
+    body = [f"x{i} = a{i}[i]" for i in range(len(leaves)) if not scalar[i]]
+    for k, ((_, _, ins, out), op) in enumerate(zip(members, ops, strict=True)):
+        operands = [names[v] for v in ins]
+        if op == "Where":
+            expr = HOST_EXPR[op].format(c=operands[0], a=operands[1], b=operands[2])
+        elif op == "Sum":
+            expr = operands[0]
+            for v in operands[1:]:
+                expr = f"({expr} + {v})"
+        else:
+            expr = HOST_EXPR[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
+        names[out] = f"v{k}"
+        body.append(f"v{k} = {expr}")
+    body += [f"o{j}[i] = {names[o]}" for j, o in enumerate(outputs)]
+    params = ", ".join([f"a{i}" for i in range(len(leaves))]
+                       + [f"o{j}" for j in range(len(outputs))])
+    p = [repr(float(c)) for c in _ERF_P]
+    q = [repr(float(c)) for c in _ERF_Q]
+    erf = [
+        "@JIT", "def _erf32(x):",
+        "    v = np.float64(x)",
+        "    v = -4.0 if v < -4.0 else (4.0 if v > 4.0 else v)",
+        "    u = v * v",
+        f"    num = (((((({p[6]} * u + {p[5]}) * u + {p[4]}) * u + {p[3]}) * u + {p[2]}) * u"
+        f" + {p[1]}) * u + {p[0]}) * v",
+        f"    den = ((((u * {q[5]} + {q[4]}) * u + {q[3]}) * u + {q[2]}) * u + {q[1]}) * u"
+        f" + {q[0]}",
+        "    return np.float32(num / den)", ""] if "Erf" in ops else []
+    loop = ["@JIT", f"def run(n, {params}):", *(f"    {ln}" for ln in head),
+            "    for i in range(n):", *(f"        {ln}" for ln in body)]
+    return "\n".join(erf + loop) + "\n"
+
+
 def kernel_source(members: list[tuple], leaves: list[str], outputs: list[str],
                   ops: list[str]) -> tuple[str, str, str]:
     """(in_params, out_params, body) of the group's cupy.ElementwiseKernel: leaf i is `x<i>`
@@ -154,9 +294,11 @@ def kernel_source(members: list[tuple], leaves: list[str], outputs: list[str],
     return in_params, out_params, "\n".join(lines)
 
 
-def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> list[PNode]:
+def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str], host: bool = False
+                     ) -> list[PNode]:
     """Nodes with each group of at least MIN_NODES chained elementwise nodes (one float type)
-    replaced by one FusedElementwise node at its last member's place. A value of the group
+    replaced by one FusedElementwise node at its last member's place (`host`: one
+    HostFusedElementwise, of HOST_EXPR's ops). A value of the group
     that other nodes read, or that is kept, is one of its outputs, if it has the last member's
     shape (the kernel's outputs all have the broadcast shape) and every reader outside the
     group comes after that place."""
@@ -166,7 +308,7 @@ def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> lis
             if v:
                 readers.setdefault(v, []).append(i)
     producer = {o: i for i, n in enumerate(nodes) for o in n.outputs if o}
-    ftype = [_float_type(n, shapes) for n in nodes]
+    ftype = [_float_type(n, shapes, host) for n in nodes]
     group: dict[int, list[int]] = {}  # node index -> its group (members, in order)
 
     def fits(members: list[int], root: int) -> bool:
@@ -214,8 +356,16 @@ def fuse_elementwise(nodes: list[PNode], shapes: Mapping, keep: set[str]) -> lis
                  if p.outputs[0] in keep or any(r not in inside
                                                 for r in readers.get(p.outputs[0], ()))]
         outputs = [n.outputs[0], *extra]
-        kernel = FusedElementwise([(p.fn, p.attrs, list(p.inputs), p.outputs[0]) for p in parts],
-                                  leaves, outputs, [p.op for p in parts])
+        members = [(p.fn, p.attrs, list(p.inputs), p.outputs[0]) for p in parts]
+        if host:
+            shape = tuple(shapes[n.outputs[0]][0])
+            kernel = HostFusedElementwise(
+                members, leaves, outputs, [p.op for p in parts],
+                [tuple(shapes[v][0]) != shape for v in leaves], shape,
+                [shapes[o][1] for o in outputs])
+            kernel.reuse = [o not in keep for o in outputs]
+        else:
+            kernel = FusedElementwise(members, leaves, outputs, [p.op for p in parts])
         out.append(PNode("FusedElementwise", leaves, outputs, {}, f"{n.name}/fused", kernel,
                          fused=True,
                          info={"replaces": [p.name for p in parts], "ops": kernel.ops,
