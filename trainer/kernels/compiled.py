@@ -104,36 +104,42 @@ def cache_dir() -> Path:
     return Path(xdg) / "onnx-trainer" / "kernels"
 
 
-_JIT_LINE = 'JIT = njit(cache={cache}, nogil=True, error_model="numpy")\n'
+_JIT = 'JIT = njit(cache=True, nogil=True, error_model="numpy")\n'
 
 
 def generated(name: str, source: str):
-    """Function `run` of generated module source (its functions decorated @JIT), compiled by
-    numba: imported from a file in cache_dir() so that numba's disk cache keeps the machine
-    code for later processes, or, where that folder cannot be written, built in memory."""
+    """Function `run` of generated module source (its functions decorated @JIT; made by the
+    engine from a fixed table of operations, never from a model's strings), compiled by numba:
+    imported from a file in cache_dir() so that numba's disk cache keeps the machine code for
+    later processes (where that folder cannot be written, from a temporary one)."""
     return _generated(name, source)
 
 
 @functools.cache
 def _generated(name: str, source: str):
+    import tempfile
+
     _numba()
-    head = "import numpy as np\nfrom numba import njit\n\n"
+    text = "import numpy as np\nfrom numba import njit\n\n" + _JIT + "\n" + source
     try:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.py"
-        text = head + _JIT_LINE.format(cache=True) + "\n" + source
-        if not path.is_file() or path.read_text() != text:
-            tmp = folder / f".{name}.{os.getpid()}.tmp"  # (ranks may write it at once)
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(f"onnx_trainer_kernels_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        # (registered: numba's cache rebuilds a kernel's environment by importing its module)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module.run
+        path = _written(folder, name, text)
     except OSError:
-        scope: dict = {}
-        exec(compile(head + _JIT_LINE.format(cache=False) + source, name, "exec"), scope)
-        return scope["run"]
+        path = _written(Path(tempfile.mkdtemp(prefix="onnx-trainer-kernels-")), name, text)
+    spec = importlib.util.spec_from_file_location(f"onnx_trainer_kernels_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    # (registered: numba's cache rebuilds a kernel's environment by importing its module)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.run
+
+
+def _written(folder: Path, name: str, text: str) -> Path:
+    """folder/name.py holding text (rewritten where it holds anything else)."""
+    path = folder / f"{name}.py"
+    if not path.is_file() or path.read_text() != text:
+        tmp = folder / f".{name}.{os.getpid()}.tmp"  # (ranks may write it at once)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
