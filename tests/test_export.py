@@ -92,3 +92,74 @@ def test_an_export_leaves_another_models_data_alone(tmp_path, monkeypatch, large
     assert not (weights["fc2.bias"] == 1).all()
     assert (numpy_helper.to_array(next(t for t in load_model(out).graph.initializer
                                        if t.name == "fc2.bias")) == 1).all()
+
+
+@pytest.mark.parametrize("opset", [8, 11, 13, 14])
+def test_batchnorm_of_a_training_form_export_at_each_opset(tmp_path, opset):
+    """PyTorch's training-form export of Conv + BatchNorm: at opsets 9-13 the node says
+    training mode by its five outputs (Y, running mean and var, the batch's mean and var), as
+    the specification's output cases do; the engine's forward, the inference form (export's
+    output_form: inference) and a training graph with the layer frozen (batchnorm: eval, `grad
+    --frozen-batchnorm`) each compute what onnxruntime and PyTorch do, as at opsets 8 and 14."""
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    import contextlib
+    import io
+
+    from trainer.autodiff import build_training_graph
+    from trainer.executor import Executor
+    from trainer.graph import inference_form
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.c(x))).mean((2, 3)))
+
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(8, 2, 5, 5, generator=g), torch.randn(8, 3, generator=g)
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():  # (running statistics that differ from one batch's)
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    path = tmp_path / "m.onnx"
+    with contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x"], output_names=["y"],
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    model = onnx.load(path)
+    (bn,) = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bn.output) > 1  # (the training form)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+
+    def ort_run(m, feeds):
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds), strict=True))
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    with torch.no_grad():  # (the running statistics as exported: tracing may have moved them)
+        net.bn.running_mean.copy_(torch.from_numpy(inits[bn.input[3]]))
+        net.bn.running_var.copy_(torch.from_numpy(inits[bn.input[4]]))
+        eval_y = net.eval()(x).numpy()
+        eval_loss = float(torch.nn.functional.mse_loss(net(x), t))
+        train_y = net.train()(x).numpy()
+    feeds = {"x": x.numpy()}
+    np.testing.assert_allclose(ort_run(model, feeds)["y"], train_y, atol=1e-5)
+    np.testing.assert_allclose(Executor(model).run(feeds)["y"], train_y, atol=1e-5)
+
+    inference = inference_form(model)
+    (bn,) = [n for n in inference.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bn.output) == 1
+    np.testing.assert_allclose(ort_run(inference, feeds)["y"], eval_y, atol=1e-5)
+    np.testing.assert_allclose(Executor(inference).run(feeds)["y"], eval_y, atol=1e-5)
+
+    tm = build_training_graph(model, {"type": "mse", "output": "y", "target": "t"}, "all",
+                              batch_size=8, batchnorm="eval")
+    feeds["t"] = t.numpy()
+    assert float(ort_run(tm, feeds)["loss"]) == pytest.approx(eval_loss, rel=1e-5)
+    assert float(Executor(tm).run(feeds)["loss"]) == pytest.approx(eval_loss, rel=1e-5)

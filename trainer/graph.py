@@ -905,7 +905,9 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
         a = {at.name: at for at in node.attribute}
         if node.op_type == "BatchNormalization" and (
                 ("training_mode" in a and a["training_mode"].i) or
-                (opset < 9 and len(node.output) > 1 and not ("is_test" in a and a["is_test"].i))):
+                (opset < 9 and len(node.output) > 1 and not ("is_test" in a and a["is_test"].i))
+                # (opsets 9-13: outputs past Y are the training mode's, as the spec says)
+                or (9 <= opset < 14 and len(node.output) > 1)):
             extra = list(node.output[1:])
             del node.output[1:]
             for name in ("training_mode", "is_test"):

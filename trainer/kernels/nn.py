@@ -778,6 +778,21 @@ def BatchNormalization_1(xp, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0
 
 
 @kernel("BatchNormalization", since=9)
+def BatchNormalization_9(xp, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9, spatial=1,
+                         n_outputs=1):
+    """Opsets 9-13: the outputs say the mode, as the specification's two output cases do (and
+    onnxruntime): Y alone in test mode; Y, running mean and var, and the batch's mean and var
+    in training mode (PyTorch's exporter writes that form for a module in .train())."""
+    training = n_outputs > 1
+    out = BatchNormalization(xp, x, scale, b, mean, var, epsilon=epsilon, momentum=momentum,
+                             training_mode=int(training))
+    if not training:
+        return out
+    axes = (0,) + tuple(range(2, x.ndim))
+    return (*out, x.mean(axis=axes), x.var(axis=axes))
+
+
+@kernel("BatchNormalization", since=14)
 def BatchNormalization(xp, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0.9,
                        training_mode=0, spatial=1):
     if not training_mode:
