@@ -589,3 +589,36 @@ def test_check_with_a_world_refuses_what_train_would(tmp_path):
     problems = preflight(config_from_dict(raw, tmp_path), world=2).problems
     assert any("shard_optimizer does not support optimizer.type lamb" in str(p)
                for p in problems)
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "eval"])
+def test_per_activation_batchnorm_is_refused_by_check_and_by_training(batchnorm):
+    """BatchNormalization-7 with spatial=0 (statistics per activation): `check` names the node
+    as one that cannot be trained, and building the training graph refuses it with the advice,
+    in either batchnorm mode (both crashed inside the step)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.autodiff import build_training_graph
+    from trainer.errors import ModelError
+    from trainer.report import model_report
+
+    rng = np.random.default_rng(0)
+    inits = {k: rng.uniform(0.5, 1.5, (3, 2, 2)).astype(np.float32) for k in "sbmv"}
+    inits["W"] = rng.standard_normal((12, 2)).astype(np.float32)
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h"], spatial=0),
+             helper.make_node("Flatten", ["h"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "W"], ["y"])]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2, 2])] +
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inits.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    report = model_report(model)
+    assert not report.ok
+    (row,) = [r for r in report.nodes if r.op == "BatchNormalization"]
+    assert row.gradient.startswith("REFUSED") and "spatial=0" in row.gradient
+    with pytest.raises(ModelError, match="spatial=0.*opset 9 or later"):
+        build_training_graph(model, {"type": "mse", "output": "y", "target": "t"}, "all",
+                             batch_size=6, batchnorm=batchnorm)

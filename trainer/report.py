@@ -56,16 +56,19 @@ class NodeRow:
     name: str
     op: str
     forward: bool
-    gradient: str  # "rule" | "not differentiable" | "not needed" | "MISSING" | DATA_LOOP
+    gradient: str  # "rule" | "not differentiable" | "not needed" | "MISSING" | "REFUSED: ..."
 
     @property
     def ok(self) -> bool:
-        return self.forward and self.gradient not in ("MISSING", DATA_LOOP)
+        return self.forward and self.gradient != "MISSING" and not self.gradient.startswith(
+            "REFUSED")
 
 
 # a Loop whose trip count or first condition the data computes: its gradient unrolls the
 # loop when the training graph is built (trainer.autodiff.rules.control), which train refuses
 DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant or a shape)"
+PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) has no gradient "
+                  "rule (export the model at opset 9 or later)")
 
 
 @dataclass
@@ -335,6 +338,11 @@ def model_report(model: onnx.ModelProto) -> Report:
         if node.op_type == "Loop" and node.domain in ("", "ai.onnx") and any(
                 o in active for o in node.output) and _loop_from_data(node, known):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, DATA_LOOP))
+            continue
+        if node.op_type == "BatchNormalization" and opset_of(model) < 9 and any(
+                a.name == "spatial" and a.i == 0 for a in node.attribute) and any(
+                o in active for o in node.output):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, PER_ACTIVATION))
             continue
         if run is not model and contrib_key(node, model):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))

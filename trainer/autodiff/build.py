@@ -128,6 +128,7 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     missing = missing_kernels(model)
     if missing:
         raise UnsupportedOpError("forward kernel", missing)
+    model = recurrent_opset(model)  # (opset-9 RNNs: the gradient rules need opset 10)
     example = {k: np.asarray(v) for k, v in (example or {}).items()}
     in_shapes = input_shapes(model, batch_size,
                              {**{k: v.shape for k, v in example.items()}, **dict(shapes or {})})
@@ -169,11 +170,15 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
         if x in grads:
             g.node.append(helper.make_node("Identity", [grads[x]], [name],
                                            name=scope.fresh(f"{name}/Identity")))
-        else:  # x does not reach any of `of`: its gradient is zero
+        elif opset >= 9:  # x does not reach any of `of`: its gradient is zero
             g.node.append(helper.make_node(
                 "ConstantOfShape", [_int_const(g, scope, list(shape), m.ir_version)], [name],
                 name=scope.fresh(f"{name}/Zeros"),
                 value=numpy_helper.from_array(np.zeros(1, dt))))
+        else:  # (no ConstantOfShape before opset 9: the zeros as a Constant)
+            g.node.append(helper.make_node(
+                "Constant", [], [name], name=scope.fresh(f"{name}/Zeros"),
+                value=numpy_helper.from_array(np.zeros(shape, dt))))
         g.output.append(vi(name, x))
     del g.value_info[:]
     check_model(m, "reverse-mode graph")
@@ -560,6 +565,11 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: b
     out, state = [], {}
     for k, node in enumerate(nodes):
         label = node_name(node, k)
+        if node.op_type == "BatchNormalization" and b.opset < 9 and \
+                attrs_of(node).get("spatial", 1) == 0:
+            raise ModelError(f"BatchNormalization node '{label}': spatial=0 (statistics per "
+                             "activation, opsets 1-8) has no gradient rule; export the model "
+                             "at opset 9 or later")
         if node.op_type == "BatchNormalization" and (
                 node.input[1] in eval_bn or any(s not in consts for s in node.input[3:5])):
             # (inference form as asked, or where the graph computes mean and variance from
