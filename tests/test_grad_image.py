@@ -163,6 +163,9 @@ add("LpPool", "zero-window", [("X", np.concatenate([np.zeros((1, 1, 2, 4)),
                                                     nonzero(1, 1, 2, 4)], axis=2))],
     kernel_shape=[2, 2], strides=[2, 2])
 add("GlobalLpPool", "1d", [("X", nonzero(2, 3, 5))])
+# (before opset 9 the sign of x in their gradients is written without Sign)
+add("LpPool", "p1-opset8", [("X", nonzero(1, 2, 5, 5))], kernel_shape=[2, 2], p=1, opset=8)
+add("GlobalLpPool", "p3-opset8", [("X", nonzero(2, 3, 3, 4))], p=3, opset=8)
 add("GlobalMaxPool", "2d", [("X", pool_input(2, 3, 4, 5))])
 add("GlobalMaxPool", "3d", [("X", pool_input(1, 2, 3, 2, 4))])
 add("GlobalAveragePool", "3d", [("X", normal(2, 2, 3, 2, 4))])

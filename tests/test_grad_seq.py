@@ -92,6 +92,7 @@ add(LP, "p2-axis-1", [("X", normal(3, 4))])
 add(LP, "p2-axis0", [("X", normal(3, 4))], axis=0)
 add(LP, "p1", [("X", normal(2, 5))], p=1, axis=1)
 add(LP, "p1-axis0-opset11", [("X", normal(4, 3))], p=1, axis=0, opset=11)
+add(LP, "p1-opset8", [("X", normal(2, 5))], p=1, axis=1, opset=8)  # (no Sign before opset 9)
 
 
 # -- attention --------------------------------------------------------------------------------

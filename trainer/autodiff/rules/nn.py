@@ -297,9 +297,13 @@ def _lp_parts(ctx, p: float):
     dt = ctx.dtype(x)
     nodes, s = [], dy
     if p != 1:
-        t = {n: ctx.tmp(n) for n in ("y0", "y0f", "safe", "pw", "s")}
-        nodes += [ctx.node("Equal", [y, ctx.scalar(0.0)], [t["y0"]]),
-                  ctx.node("Cast", [t["y0"]], [t["y0f"]], to=elem_type(dt)),
+        t = {n: ctx.tmp(n) for n in ("y0", "y0f", "safe", "pw", "s", "pos")}
+        if ctx.opset >= 11:
+            nodes.append(ctx.node("Equal", [y, ctx.scalar(0.0)], [t["y0"]]))
+        else:  # (no float Equal before opset 11: Y >= 0, so Y == 0 is not Y > 0)
+            nodes += [ctx.node("Greater", [y, ctx.scalar(0.0)], [t["pos"]]),
+                      ctx.node("Not", [t["pos"]], [t["y0"]])]
+        nodes += [ctx.node("Cast", [t["y0"]], [t["y0f"]], to=elem_type(dt)),
                   ctx.node("Add", [y, t["y0f"]], [t["safe"]])]
         if p == 2:
             nodes.append(ctx.node("Div", [dy, t["safe"]], [t["s"]]))
@@ -309,8 +313,10 @@ def _lp_parts(ctx, p: float):
         s = t["s"]
     if p == 2:
         return nodes, s, x
+    from trainer.autodiff.rules.elementwise import sign as sign_of  # (Sign from opset 9)
+
     sign = ctx.tmp("sign")
-    nodes.append(ctx.node("Sign", [x], [sign]))
+    nodes += sign_of(ctx, x, sign)
     if p == 1:
         return nodes, s, sign
     a, pw, g = ctx.tmp("abs"), ctx.tmp("abs_pow"), ctx.tmp("g")

@@ -236,7 +236,10 @@ def lp_norm_grad(ctx):
     e, x, y, dy = Emit(ctx), ctx.I(0), ctx.O(0), ctx.GO(0)
     axis = [ctx.attr("axis", -1) % len(ctx.shape(x))]
     if ctx.attr("p", 2) == 1:
-        norm, direction = e.reduce("ReduceSum", e("Abs", x), axis), e("Sign", x)
+        from trainer.autodiff.rules.elementwise import sign  # (Sign from opset 9)
+
+        norm, direction = e.reduce("ReduceSum", e("Abs", x), axis), ctx.tmp("sign")
+        e.add(*sign(ctx, x, direction))
     else:
         norm, direction = e("Sqrt", e.reduce("ReduceSum", e("Mul", x, x), axis)), y
     # norm + (norm == 0), with ops valid at every opset
