@@ -2308,3 +2308,61 @@ def test_a_boolean_mask_assignment_trains_whatever_the_mask_selects(tmp_path, op
     trainer.fit()
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
+class NormsWithoutRecords(nn.Module):
+    """GroupNorm without affine weights (the exporter writes ones and zeros for them) after a
+    Linear (whose weight the exporter's optimizer stores transposed as a val_<n> too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(6, 8), nn.GroupNorm(2, 8, affine=False)
+
+    def forward(self, x):
+        return self.norm(self.fc(x).reshape(-1, 8, 1)).reshape(-1, 8)
+
+
+def test_what_an_export_cannot_say_is_warned():
+    """(1) BatchNorm(momentum=None), PyTorch's cumulative average, exports a momentum of 1.0
+    (eval form) or 0.0 (training form, nothing tracked yet): training would keep or replace
+    the running statistics, so `check` warns. (2) The default exporter at opset 17 converts
+    its opset-18 model down and loses the records of which tensors are parameters: its ones and
+    zeros (val_<n> of one repeated value) would train, and are named; a folded transpose of a
+    weight (varied values) is not. At opset 18 nothing is said."""
+    import contextlib
+
+    from trainer.report import exporter_hints
+
+    bn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    x = torch.randn(4, 2, 6, 6)
+    for training in (torch.onnx.TrainingMode.EVAL, torch.onnx.TrainingMode.TRAINING):
+        buf = io.BytesIO()
+        with contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(bn.train() if training == torch.onnx.TrainingMode.TRAINING
+                              else bn.eval(), (x,), buf, dynamo=False, opset_version=17,
+                              training=training, do_constant_folding=False)
+        (line,) = exporter_hints(onnx.load_from_string(buf.getvalue()))
+        assert "momentum=None" in line and "BatchNormalization" in line
+    plain = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    buf = io.BytesIO()
+    with contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(plain, (x,), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=False)
+    assert exporter_hints(onnx.load_from_string(buf.getvalue())) == []
+
+    lines = {}
+    for opset in (17, 18):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model = torch.onnx.export(NormsWithoutRecords().eval(), (torch.randn(3, 6),),
+                                      None, opset_version=opset).model_proto
+        lines[opset] = exporter_hints(model)
+        if opset == 17:
+            consts = [t for t in model.graph.initializer if t.name.startswith("val_")]
+    (line,) = lines[17]
+    named = line.split("'frozen': ")[1].split(", ")
+    values = {t.name: numpy_helper.to_array(t) for t in consts}
+    assert named and all(values[n].size > 1 and (values[n] == values[n].flat[0]).all()
+                         for n in named)
+    assert any(v.size > 1 and not (v == v.flat[0]).all() for v in values.values())
+    assert lines[18] == []

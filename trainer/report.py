@@ -30,6 +30,7 @@ from trainer.autodiff.params import (
     parameter_table,
     repair_exported_model,
     shared_constants,
+    signature_entries,
     single_bias_masks,
     stop_detached,
     tie_folded_copies,
@@ -40,6 +41,7 @@ from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError, listing, printable
 from trainer.graph import (
+    FLOAT_TYPES,
     data_sizing_nodes,
     from_shapes,
     lift_weights,
@@ -82,6 +84,7 @@ class Report:
     fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
     renorms: list[str] = field(default_factory=list)  # nn.Embedding(max_norm) modules
+    hints: list[str] = field(default_factory=list)  # exporter_hints: whole warning lines
     imports: str = ""  # the other domains' opsets, where the model imports no ai.onnx one
     single_bias: list[str] = field(default_factory=list)  # params.single_bias_masks
     shared: list[str] = field(default_factory=list)  # params.shared_constants
@@ -144,7 +147,8 @@ class Report:
             lines.append(detached_line(self.detached))
         if self.unfused:
             lines.append(unfuse_line(self.unfused))
-        lines += warning_lines(self.folded, self.fused, self.computed, self.renorms)
+        lines += warning_lines(self.folded, self.fused, self.computed, self.renorms,
+                               self.hints)
         if self.shared:
             lines.append(shared_line(self.shared))
         if self.tool_constants:
@@ -196,16 +200,70 @@ FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convo
 
 
 def exporter_findings(model: onnx.ModelProto
-                      ) -> tuple[list[str], list[str], list[str], list[str]]:
+                      ) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
     """(PyTorch parameters the exporter folded away; BatchNormalization layers it folded into a
     convolution: module names, or for a TorchScript export "the one after" each convolution
     that got them; TorchScript convolutions whose weight constant folding computed from an
     expression of parameters; nn.Embedding(max_norm) modules, whose in-place renormalization
-    the export writes as graph ops), for the warnings of `check` and `train`."""
+    the export writes as graph ops; whole warning lines of exporter_hints), for the warnings
+    of `check` and `train`."""
     bn, computed = folded_conv_weights(model)
     return (folded_parameters(model),
             fused_batchnorms(model) or [f"the one after {name}" for name in bn]
-            or tool_fused_batchnorms(model), computed, embedding_renorms(model))
+            or tool_fused_batchnorms(model), computed, embedding_renorms(model),
+            exporter_hints(model))
+
+
+def exporter_hints(model: onnx.ModelProto) -> list[str]:
+    """Warnings of what an export cannot say: BatchNormalization layers with momentum 1.0 or
+    0.0 (PyTorch's momentum=None, a cumulative average, exports so), and the default
+    exporter's constants (val_<n>) in a model that lost its records of which tensors are
+    PyTorch parameters (an export at an opset below 18, converted down): tensors of one
+    repeated value, the ones and zeros that stand in for a normalization's missing affine
+    weights (a val_<n> of varied values is a folded expression, a weight's transpose)."""
+    lines = []
+    # (running statistics stored in the model, or copies of stored tensors: a fresh module's
+    # zeros and ones are one tensor with its bias and scale for TorchScript; not statistics
+    # computed from the data, as tf2onnx's LayerNormalization)
+    made = {o: n.op_type for n in model.graph.node for o in n.output}
+    fixed = []
+    for i, n in enumerate(model.graph.node):
+        if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") and \
+                len(n.input) > 4 and made.get(n.input[3], "Identity") == "Identity":
+            momentum = next((a.f for a in n.attribute if a.name == "momentum"), 0.9)
+            if momentum in (0.0, 1.0):
+                fixed.append(f"{node_name(n, i)} ({momentum:g})")
+    if fixed:
+        lines.append(f"WARNING: {MOMENTUM_HINT}: {listing(fixed)}")
+    if model.producer_name == "pytorch" and not signature_entries(model):
+        from onnx import numpy_helper
+
+        from trainer.memory import is_stub
+
+        consts = []  # (a val_<n> of varied values is a folded expression of parameters,
+        for t in model.graph.initializer:  # a weight's transpose: that one trains as it should)
+            if re.fullmatch(r"val_\d+", t.name) and t.data_type in FLOAT_TYPES and \
+                    math.prod(t.dims) > 1 and not is_stub(t):
+                a = numpy_helper.to_array(t)
+                if (a == a.flat[0]).all():
+                    consts.append(t.name)
+        if consts:
+            lines.append(f"WARNING: {UNRECORDED_HINT}: {listing(consts)}")
+    return lines
+
+
+MOMENTUM_HINT = ("BatchNormalization layers whose momentum is 1.0 keep their running statistics "
+                 "unchanged in training, and with 0.0 replace them by each batch's: PyTorch's "
+                 "BatchNorm(momentum=None), a cumulative average over num_batches_tracked that "
+                 "ONNX cannot express, exports so; the engine applies the exported momentum at "
+                 "every step (set the module's momentum, e.g. 0.1, before exporting, unless "
+                 "that value was meant)")
+UNRECORDED_HINT = ("these initializers of one repeated value, named val_<n>, look like the "
+                   "default exporter's constants (the ones and zeros that stand in for a "
+                   "normalization's missing affine weights), and this model lost the exporter's "
+                   "records of which tensors are PyTorch parameters (an export at an opset below "
+                   "18 is converted down, without them), so they train as parameters: export "
+                   "with opset_version=18 or later, or list them in 'frozen'")
 
 
 def embedding_renorms(model: onnx.ModelProto) -> list[str]:
@@ -227,11 +285,11 @@ RENORM_HINT = ("nn.Embedding(max_norm=...) renormalizes the rows it looks up in 
 
 
 def warning_lines(folded: list[str], fused: list[str], computed: list[str],
-                  renorms: list[str] = ()) -> list[str]:
+                  renorms: list[str] = (), hints: list[str] = ()) -> list[str]:
     """What `check` and `train` print of exporter_findings."""
     names = listing
 
-    lines = []
+    lines = list(hints)
     if renorms:
         lines.append(f"WARNING: {RENORM_HINT}: {names(renorms)}")
     if folded:
