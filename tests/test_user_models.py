@@ -2325,7 +2325,8 @@ class NormsWithoutRecords(nn.Module):
 def test_what_an_export_cannot_say_is_warned():
     """(1) BatchNorm(momentum=None), PyTorch's cumulative average, exports a momentum of 1.0
     (eval form) or 0.0 (training form, nothing tracked yet): training would keep or replace
-    the running statistics, so `check` warns. (2) The default exporter at opset 17 converts
+    the running statistics, so `check` warns; (3) so for InstanceNorm with running statistics,
+    which PyTorch trains on each instance's statistics. (2) The default exporter at opset 17 converts
     its opset-18 model down and loses the records of which tensors are parameters: its ones and
     zeros (val_<n> of one repeated value) would train, and are named; a folded transpose of a
     weight (varied values) is not. At opset 18 nothing is said."""
@@ -2349,6 +2350,15 @@ def test_what_an_export_cannot_say_is_warned():
         torch.onnx.export(plain, (x,), buf, dynamo=False, opset_version=17,
                           do_constant_folding=False)
     assert exporter_hints(onnx.load_from_string(buf.getvalue())) == []
+    # (3) InstanceNorm with running statistics: a BatchNormalization over tiled statistics
+    inorm = nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True,
+                                                                track_running_stats=True))
+    buf = io.BytesIO()
+    with contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(inorm.eval(), (x,), buf, dynamo=False, opset_version=13,
+                          do_constant_folding=False)
+    (line,) = exporter_hints(onnx.load_from_string(buf.getvalue()))
+    assert "track_running_stats=False" in line
 
     lines = {}
     for opset in (17, 18):

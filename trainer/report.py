@@ -216,7 +216,8 @@ def exporter_findings(model: onnx.ModelProto
 
 def exporter_hints(model: onnx.ModelProto) -> list[str]:
     """Warnings of what an export cannot say: BatchNormalization layers with momentum 1.0 or
-    0.0 (PyTorch's momentum=None, a cumulative average, exports so), and the default
+    0.0 (PyTorch's momentum=None, a cumulative average, exports so), InstanceNorm with running
+    statistics (a BatchNormalization reading them through Tile), and the default
     exporter's constants (val_<n>) in a model that lost its records of which tensors are
     PyTorch parameters (an export at an opset below 18, converted down): tensors of one
     repeated value, the ones and zeros that stand in for a normalization's missing affine
@@ -235,6 +236,11 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                 fixed.append(f"{node_name(n, i)} ({momentum:g})")
     if fixed:
         lines.append(f"WARNING: {MOMENTUM_HINT}: {listing(fixed)}")
+    tiled = [node_name(n, i) for i, n in enumerate(model.graph.node)
+             if n.op_type == "BatchNormalization" and len(n.input) > 4
+             and made.get(n.input[3]) == "Tile"]
+    if tiled:
+        lines.append(f"WARNING: {TILED_HINT}: {listing(tiled)}")
     if model.producer_name == "pytorch" and not signature_entries(model):
         from onnx import numpy_helper
 
@@ -258,6 +264,13 @@ MOMENTUM_HINT = ("BatchNormalization layers whose momentum is 1.0 keep their run
                  "ONNX cannot express, exports so; the engine applies the exported momentum at "
                  "every step (set the module's momentum, e.g. 0.1, before exporting, unless "
                  "that value was meant)")
+TILED_HINT = ("InstanceNorm layers with track_running_stats=True export as one "
+              "BatchNormalization over every sample's channels, reading running statistics "
+              "tiled per sample; PyTorch trains such a layer on each instance's own statistics "
+              "and updates the running ones, which the export cannot say: the engine "
+              "normalizes by the running statistics from the first step on and never updates "
+              "them, and its scale and bias do not train (export with "
+              "track_running_stats=False, PyTorch's default, to train it as PyTorch does)")
 UNRECORDED_HINT = ("these initializers of one repeated value, named val_<n>, look like the "
                    "default exporter's constants (the ones and zeros that stand in for a "
                    "normalization's missing affine weights), and this model lost the exporter's "
