@@ -191,7 +191,8 @@ class _FloatDefault(dict):
 
 
 FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convolution or "
-              "linear layer (Gemm) before them (an eval-mode export does; the default exporter's optimizer does in any mode; "
+              "linear layer (Gemm) before them (an eval-mode export does; the default "
+              "exporter's optimizer does in any mode; "
               "so do onnxruntime's optimizers, onnxsim and onnxslim run on an export) "
               "train as part of it, without batch statistics, unlike PyTorch's .train(); to "
               "train them, export with optimize=False (default exporter) or with dynamo=False, "
