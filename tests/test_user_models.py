@@ -2327,9 +2327,9 @@ def test_what_an_export_cannot_say_is_warned():
     (eval form) or 0.0 (training form, nothing tracked yet): training would keep or replace
     the running statistics, so `check` warns; (3) so for InstanceNorm with running statistics,
     which PyTorch trains on each instance's statistics. (2) The default exporter at opset 17
-    converts its opset-18 model down and loses the records of which tensors are parameters: its ones and
-    zeros (val_<n> of one repeated value) would train, and are named; a folded transpose of a
-    weight (varied values) is not. At opset 18 nothing is said."""
+    converts its opset-18 model down and loses the records of which tensors are parameters:
+    its ones and zeros (val_<n> of one repeated value) would train, and are named; a folded
+    transpose of a weight (varied values) is not. At opset 18 nothing is said."""
     import contextlib
 
     from trainer.report import exporter_hints
