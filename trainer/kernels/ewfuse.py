@@ -224,6 +224,23 @@ class HostFusedElementwise(FusedElementwise):
         return into, len(self.leaves)
 
 
+def _expressions(members: list[tuple], ops: list[str], names: dict[str, str], table: dict):
+    """Per member k, in order: (its value's name, (its inputs, its op), its expression in
+    `table`'s language over `names`), naming the value `v<k>` in `names` as it goes."""
+    for k, ((_, _, ins, out), op) in enumerate(zip(members, ops, strict=True)):
+        operands = [names[v] for v in ins]
+        if op == "Where":
+            expr = table[op].format(c=operands[0], a=operands[1], b=operands[2])
+        elif op == "Sum":
+            expr = operands[0]
+            for v in operands[1:]:
+                expr = f"({expr} + {v})"
+        else:
+            expr = table[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
+        names[out] = f"v{k}"
+        yield out, (ins, op), expr
+
+
 def host_source(members: list[tuple], leaves: list[str], outputs: list[str], ops: list[str],
                 scalar: list[bool]) -> str:
     """Python source of the host group's loop `run(n, a0.., o0..)` over flat arrays, for numba
@@ -234,17 +251,7 @@ def host_source(members: list[tuple], leaves: list[str], outputs: list[str], ops
     names = {leaf: f"x{i}" for i, leaf in enumerate(leaves)}
     head = [f"x{i} = a{i}[0]" for i in range(len(leaves)) if scalar[i]]
     body = [f"x{i} = a{i}[i]" for i in range(len(leaves)) if not scalar[i]]
-    for k, ((_, _, ins, out), op) in enumerate(zip(members, ops, strict=True)):
-        operands = [names[v] for v in ins]
-        if op == "Where":
-            expr = HOST_EXPR[op].format(c=operands[0], a=operands[1], b=operands[2])
-        elif op == "Sum":
-            expr = operands[0]
-            for v in operands[1:]:
-                expr = f"({expr} + {v})"
-        else:
-            expr = HOST_EXPR[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
-        names[out] = f"v{k}"
+    for k, (_, _, expr) in enumerate(_expressions(members, ops, names, HOST_EXPR)):
         body.append(f"v{k} = {expr}")
     body += [f"o{j}[i] = {names[o]}" for j, o in enumerate(outputs)]
     params = ", ".join([f"a{i}" for i in range(len(leaves))]
@@ -273,20 +280,11 @@ def kernel_source(members: list[tuple], leaves: list[str], outputs: list[str],
     names = {leaf: f"x{i}" for i, leaf in enumerate(leaves)}
     kinds: dict[str, str] = {}
     lines = []
-    for k, ((_, _, ins, out), op) in enumerate(zip(members, ops, strict=True)):
-        operands = [names[v] for v in ins]
+    for k, (out, (ins, op), expr) in enumerate(_expressions(members, ops, names, C_EXPR)):
         if op == "Where":
             kinds[ins[0]] = "bool"
-            expr = C_EXPR[op].format(c=operands[0], a=operands[1], b=operands[2])
-        elif op == "Sum":
-            expr = operands[0]
-            for v in operands[1:]:
-                expr = f"({expr} + {v})"
-        else:
-            expr = C_EXPR[op].format(a=operands[0], b=operands[1] if len(operands) > 1 else "")
         kind = "bool" if op in _COMPARE else "T"
         kinds[out] = kind
-        names[out] = f"v{k}"
         lines.append(f"{kind} v{k} = {expr};")
     lines += [f"y{j} = {names[o]};" for j, o in enumerate(outputs)]
     in_params = ", ".join(f"{kinds.get(leaf, 'T')} x{i}" for i, leaf in enumerate(leaves))

@@ -760,13 +760,9 @@ def BatchNormalization_1(xp, x, scale, b, mean, var, *, epsilon=1e-5, momentum=0
     """Opsets 1-8: `is_test` (until 7) and `spatial` (0: statistics per activation, scale and
     bias shaped like one sample); training outputs (n_outputs > 1) add the batch mean and var."""
     training = n_outputs > 1 and not is_test
-    if spatial:
-        out = BatchNormalization(xp, x, scale, b, mean, var, epsilon=epsilon, momentum=momentum,
-                                 training_mode=int(training))
-        if not training:
-            return out
-        axes = (0,) + tuple(range(2, x.ndim))
-        return (*out, x.mean(axis=axes), x.var(axis=axes))
+    if spatial:  # (opset 9's, with the mode said by the outputs)
+        return BatchNormalization_9(xp, x, scale, b, mean, var, epsilon=epsilon,
+                                    momentum=momentum, n_outputs=n_outputs if training else 1)
     eps = x.dtype.type(epsilon)
     if not training:
         return (((x - mean) / xp.sqrt(var + eps) * scale + b).astype(x.dtype),)
