@@ -1,5 +1,7 @@
 """Compiled host kernels (trainer.kernels.compiled, numba): bit-identical to the NumPy path they
-replace, over edge values and layouts; ONNX_TRAINER_COMPILED=0 switches them off."""
+replace, over edge values and layouts (the normalizations' loops: given the same statistics,
+which they sum in float64, at least as accurately); ONNX_TRAINER_COMPILED=0 switches them
+off."""
 
 from __future__ import annotations
 
@@ -186,6 +188,7 @@ def test_every_familys_training_graph_keeps_its_bits_with_the_compiled_loops(zoo
     from trainer.kernels import ewfuse
 
     monkeypatch.setattr(ewfuse, "HOST_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(compiled, "row_loops", lambda: None)  # (their sums: tested below)
     tm, feeds = family_training_graph(zoo[name])
     fetch = [o.name for o in tm.graph.output]
     got, want, fused = _host_plans(tm, feeds, fetch, monkeypatch)
@@ -207,3 +210,166 @@ def test_generated_loops_build_where_the_cache_cannot_be_written(tmp_path, monke
     run(5, a, out)
     np.testing.assert_array_equal(out, a * 3)
     assert not (blocker / "kernels").exists()
+
+
+# -- the normalizations' loops (trainer/kernels/rowloops.py through kernels/rowfuse.py) ---------
+def _norm_cases(x, scale, bias, dy, axis):
+    """{name: outputs} of LayerNormalization forward and backward and BatchNormalization's
+    training forward and backward on these inputs (axis: LayerNormalization's)."""
+    from trainer.kernels.fused import bn_train_backward, bn_train_forward, layer_norm_backward
+    from trainer.kernels.norm import LayerNormalization
+
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    trailing = x.shape[axes[0]:]
+    out = {"ln": LayerNormalization(np, x, scale.reshape(trailing),
+                                    None if bias is None else bias.reshape(trailing),
+                                    axis=axis, epsilon=1e-5)}
+    for want_dx in (True, False):
+        out[f"ln_grad_{want_dx}"] = layer_norm_backward(
+            np, dy, x, scale.reshape(trailing), axes=axes, eps=1e-5, want_dx=want_dx,
+            want_ds=True, want_db=True, ds_shape=trailing, db_shape=trailing)
+    c = x.shape[1]
+    s_b = scale.reshape(-1)[:c].reshape((1, c) + (1,) * (x.ndim - 2))
+    b_b = (bias if bias is not None else scale).reshape(-1)[:c].reshape(s_b.shape)
+    bn_axes = (0,) + tuple(range(2, x.ndim))
+    want = ("mean", "var", "ve", "sd", "xhat", "y")
+    out["bn"] = bn_train_forward(np, x, s_b, b_b, axes=bn_axes, eps=x.dtype.type(1e-5),
+                                 want=want)
+    xhat, sd = out["bn"][4], out["bn"][3]
+    count = x.size // c
+    for want_dx in (True, False):
+        out[f"bn_grad_{want_dx}"] = bn_train_backward(
+            np, dy, xhat, sd, s_b, axes=bn_axes, count=count, want_dx=want_dx, want_ds=True,
+            want_db=True, ds_shape=(c,), db_shape=(c,))
+    return out
+
+
+def _both_paths(monkeypatch, *args, calls=None):
+    """(_norm_cases with the compiled loops, the same with the NumPy code); `calls` counts the
+    loops' uses."""
+    from trainer.kernels import rowloops
+
+    if calls is not None:
+        for name in ("layer_norm", "layer_norm_backward", "bn_train", "bn_train_backward"):
+            real = getattr(rowloops, name)
+            monkeypatch.setattr(rowloops, name, lambda *a, _r=real, _n=name: (
+                calls.append(_n), _r(*a))[1])
+    got = _norm_cases(*args)
+    want = _numpy_path(monkeypatch, _norm_cases, *args)
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_normalization_loops_round_elementwise_as_the_numpy_code(monkeypatch, dtype, bias):
+    """Given the statistics a loop summed, every value it computes element by element (y,
+    inv, xhat, sd, var + eps, dX) is the NumPy code's expression of them, bit for bit; and
+    the four loops are what the host kernels call."""
+    from trainer.kernels import rowloops
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 8, 4, 16)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    d, eps = 8 * 4 * 16, dtype(1e-5)
+    s = rng.uniform(0.5, 2, d).astype(dtype)
+    b = rng.standard_normal(d).astype(dtype) if bias else np.empty(0, dtype)
+    x2 = x.reshape(4, d)
+    y, mean, inv = np.empty_like(x2), np.empty(4, dtype), np.empty(4, dtype)
+    rowloops.layer_norm(x2, s, b, np.array([1, eps], dtype), y, mean, inv)
+    if dtype == np.float32:  # (a float64 variance's last bit depends on the order of its sum)
+        var = (((x2 - mean[:, None]) ** 2).astype(np.float64).sum(1) / d).astype(dtype)
+        _bits_equal(inv, 1 / np.sqrt(var + eps), "ln inv")
+    want = (x2 - mean[:, None]) * inv[:, None] * s
+    _bits_equal(y, want + b if bias else want, "ln y")
+    x3, dy3 = x.reshape(4, 8, 64), dy.reshape(4, 8, 64)
+    s8, b8 = s[:8], (b[:8] if bias else s[8:16])
+    xhat, yb, stats = np.empty_like(x3), np.empty_like(x3), np.empty((4, 8), dtype)
+    rowloops.bn_train(x3, s8, b8, np.array([eps], dtype), xhat, yb, stats)
+    m, v, ve, sd = (stats[i][None, :, None] for i in range(4))
+    _bits_equal(ve, v + eps, "bn ve")
+    _bits_equal(sd, np.sqrt(ve), "bn sd")
+    _bits_equal(xhat, (x3 - m) / sd, "bn xhat")
+    _bits_equal(yb, xhat * s8[:, None] + b8[:, None], "bn y")
+    k = s8 / stats[3]
+    dx, sums = np.empty_like(dy3), np.empty((2, 8), dtype)
+    c = np.array([1 / 256], dtype)
+    rowloops.bn_train_backward(dy3, xhat, k, c, dx, sums, True)
+    p, q = (sums[i][None, :, None] * c[0] for i in range(2))
+    _bits_equal(dx, ((dy3 - xhat * p) - q) * k[:, None], "bn dx")
+    calls: list[str] = []
+    _both_paths(monkeypatch, x, s, b if bias else None, dy, 1, calls=calls)
+    assert sorted(set(calls)) == ["bn_train", "bn_train_backward", "layer_norm",
+                                  "layer_norm_backward"]
+
+
+def _float64_reference(x, scale, bias, dy, axis):
+    return {k: [np.asarray(v, np.float64) for v in vals] for k, vals in
+            _norm_cases(x.astype(np.float64), scale.astype(np.float64),
+                        None if bias is None else bias.astype(np.float64),
+                        dy.astype(np.float64), axis).items()}
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 64, 128), -1), ((8, 16, 32, 32), 2),
+                                        ((3, 5, 7), 1), ((32, 6), -1)])
+def test_normalization_loops_are_at_least_as_accurate_as_the_numpy_code(monkeypatch, shape,
+                                                                         axis):
+    """float32 inputs with a large common offset (where the order of float32 sums shows):
+    each output of the loops is within the NumPy code's own error of the float64 result
+    (plus one rounding of the value), output by output."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3 + 40).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    d = int(np.prod(shape[axis % len(shape):]))
+    scale = rng.uniform(0.5, 2, d).astype(np.float32)
+    bias = rng.standard_normal(d).astype(np.float32)
+    calls: list[str] = []
+    got, want = _both_paths(monkeypatch, x, scale, bias, dy, axis, calls=calls)
+    assert len(calls) == 6
+    exact = _float64_reference(x, scale, bias, dy, axis)
+    for k in exact:
+        for i, (g, w, e) in enumerate(zip(got[k], want[k], exact[k], strict=True)):
+            ulp = np.spacing(np.abs(e).max().astype(np.float32))
+            ours, theirs = np.abs(g - e).max(), np.abs(w - e).max()
+            assert ours <= theirs + ulp, (k, i, ours, theirs, ulp)
+
+
+def test_normalization_loops_leave_other_layouts_to_the_numpy_code(monkeypatch):
+    """A strided input is copied and taken; a LayerNormalization scale that broadcasts over
+    the normalized axes, 16-bit and mixed dtypes, and empty inputs keep the NumPy code
+    (bit for bit its results)."""
+    from trainer.kernels import rowloops
+    from trainer.kernels.norm import LayerNormalization
+
+    calls: list[str] = []
+    monkeypatch.setattr(rowloops, "layer_norm", lambda *a, _r=rowloops.layer_norm: (
+        calls.append(1), _r(*a))[1])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    LayerNormalization(np, x.transpose(1, 0, 2), np.ones(8, np.float32), axis=-1)
+    assert calls == [1]
+    cases = [(x, rng.random(8, np.float32), -2),                       # scale [8] over (4, 8)
+             (x.astype(np.float16), np.ones(8, np.float16), -1),
+             (x, np.ones(8, np.float64), -1),
+             (np.zeros((0, 8), np.float32), np.ones(8, np.float32), -1)]
+    for v, scale, axis in cases:
+        got = LayerNormalization(np, v, scale, axis=axis)
+        want = _numpy_path(monkeypatch, lambda v=v, scale=scale, axis=axis:
+                           LayerNormalization(np, v, scale, axis=axis))
+        for g, w in zip(got, want, strict=True):
+            _bits_equal(g, w)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_familys_training_graph_with_the_normalization_loops(zoo, monkeypatch, name):
+    """A family's training graph planned on the host with and without the compiled loops:
+    loss, gradients and statistics agree to float32 rounding of their sums."""
+    from tests.families import family_training_graph
+
+    tm, feeds = family_training_graph(zoo[name])
+    fetch = [o.name for o in tm.graph.output]
+    got, want, _ = _host_plans(tm, feeds, fetch, monkeypatch)
+    for k in fetch:
+        g, w = np.asarray(got[k]), np.asarray(want[k])
+        scale = max(float(np.abs(w).max()), 1e-30) if w.size else 1.0
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * scale, err_msg=k)

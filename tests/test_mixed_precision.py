@@ -105,8 +105,10 @@ def test_bf16_training_follows_torch_autocast(tmp_path, kind):
 
 
 # kind, GradScaler's init_scale and growth_interval, accumulate; losses measured against
-# torch: MLP 4.8e-7 (float32 run: 1.8e-3 away), CNN 3.2e-5 (autocast also rounds BatchNorm
-# and the pools to float16, which we keep in float32; float32 run: 2.0e-2 away)
+# torch: MLP 4.8e-7 (float32 run: 1.8e-3 away), CNN 3.2e-5 to 4.7e-5 (autocast also rounds
+# BatchNorm and the pools to float16, which we keep in float32; float32 run: 2.0e-2 away), and
+# 1.05e-4 with the compiled BatchNorm loops, whose float64 sums round the float32 statistics
+# otherwise and so flip other float16 roundings over 12 steps (step 1: the same loss)
 FP16_CASES = {"mlp-grow-then-overflow": ("mlp", 65536.0, 3, 1),
               "cnn-grow-then-overflow": ("cnn", 65536.0, 3, 1),
               "mlp-overflow-until-in-range": ("mlp", 1e9, 2, 1),
@@ -133,7 +135,7 @@ def test_fp16_follows_torch_autocast_and_grad_scaler(tmp_path, case):
     assert scales == want_scales
     assert t.scaler_skipped >= 1 and t.history[-1]["overflow_steps"] == t.scaler_skipped
     off = np.abs(np.array(got) - want).max()
-    assert off <= (1e-4 if kind == "cnn" else 2e-6), (got, want)
+    assert off <= (2e-4 if kind == "cnn" else 2e-6), (got, want)
     plain = np.array(_torch(kind, values, steps=steps, accumulate=accumulate)[0])
     assert np.abs(np.array(got) - plain).max() >= 10 * off  # the float16 rounding is there
     assert all(v.dtype == np.float32 for v in t.trained_values().values())

@@ -452,7 +452,10 @@ def _run_nodes(nodes, feeds, outputs, inits=()):
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 2, 7), (3, 4, 2, 3, 2)])
-def test_batchnorm_fused_forward_and_backward(shape):
+def test_batchnorm_fused_forward_and_backward(shape, monkeypatch):
+    """The fused kernels' NumPy code is the chain's operations, bit for bit (the compiled
+    loops, which sum in float64, are compared with it in tests/test_compiled.py)."""
+    monkeypatch.setenv("ONNX_TRAINER_COMPILED", "0")
     rng = np.random.default_rng(6)
     x = (rng.standard_normal(shape) * 2 + 1).astype(F32)
     c = shape[1]

@@ -1,10 +1,11 @@
 """Compiled host kernels (numba), where one loop over the data beats a chain of NumPy passes.
 
 Optional: installed with the `fast` extra (`pip install -e ".[fast]"`); without numba, or with
-ONNX_TRAINER_COMPILED=0 in the environment, every caller takes its NumPy path. Each kernel
-computes what that NumPy path computes, in the same order and precision (no fastmath, NumPy's
-error model), so the results are bit-identical to it; the tests compare the two paths over
-edge values (tests/test_compiled.py).
+ONNX_TRAINER_COMPILED=0 in the environment, every caller takes its NumPy path. Each elementwise
+kernel computes what that NumPy path computes, in the same order and precision (no fastmath,
+NumPy's error model), so the results are bit-identical to it; the normalizations' loops
+(kernels/rowloops.py) sum their statistics in float64 instead, and are bit-identical given the
+same statistics. The tests compare the two paths over edge values (tests/test_compiled.py).
 
 A kernel is compiled on its first call (about a second) and cached on disk by numba
 (`cache=True`: next to this file, or in NUMBA_CACHE_DIR), so later processes load it.
@@ -92,6 +93,15 @@ def erf_rational(x: np.ndarray, p: tuple, q: tuple) -> np.ndarray:
     out = np.empty(flat.shape, np.float32)
     _kernel("_erf")(flat, out, np.array(p), np.array(q))
     return out.reshape(x.shape)
+
+
+def row_loops():
+    """The compiled normalization loops (trainer.kernels.rowloops), or None where the compiled
+    path is off."""
+    if not enabled():
+        return None
+    from trainer.kernels import rowloops
+    return rowloops
 
 
 def cache_dir() -> Path:
