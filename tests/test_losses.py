@@ -306,6 +306,42 @@ def test_binary_cross_entropy_is_torchs(tmp_path, form, soft):
     assert ("Softplus" in ops) == (form != "probabilities"), ops  # (logits where it can)
 
 
+def test_bce_on_probabilities_of_exactly_zero_and_one_trains_as_torch(tmp_path):
+    """bce on probabilities p = x W (no Sigmoid) that are exactly 0 and 1 for some samples,
+    with soft targets: torch's loss clamps each log at -100 and its gradient is (p - t) /
+    max(p (1 - p), 1e-12), finite; the graph's own derivative there is 0 * inf (NaN: the run
+    stopped at step 1). fp64, SGD: per-step losses and weights as torch."""
+    rng = np.random.default_rng(12)
+    x = np.stack([rng.uniform(0.2, 0.8, 16), rng.uniform(-0.1, 0.1, 16)], 1)
+    x[0], x[1] = [1.0, 0.0], [0.0, 0.0]  # p exactly 1 and 0 at the start
+    x = x.astype(np.float32)
+    y = rng.uniform(0.1, 0.9, (16, 1)).astype(np.float32)
+    w = np.array([[1.0], [0.0]], np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["probs"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1])],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    raw = _bce_config() | {"precision": "fp64", "steps": 3, "log": {"every_steps": 1},
+                           "optimizer": {"type": "sgd", "lr": 1e-12}}
+    raw["data"] = raw["data"] | {"batch_size": 16, "shuffle": False}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    ours = [r["loss"] for r in t.history if "loss" in r]
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+
+    def loss_of(xb, yb):
+        probs = torch.tensor(xb, dtype=torch.float64) @ wt
+        return torch.nn.functional.binary_cross_entropy(probs, torch.tensor(
+            yb, dtype=torch.float64))
+    want, _ = _torch_sgd([wt], loss_of, x, y, lr=1e-12, batch=16, steps=3)
+    assert want[0] > 3 and abs(float(wt.detach()[0, 0]) - 1) > 1e-3  # (a saturated start)
+    np.testing.assert_allclose(ours, want, rtol=1e-9)
+    np.testing.assert_allclose(t.trained_values()["W"], wt.detach().numpy(), rtol=1e-7)
+
+
 def _bce_config() -> dict:
     """One step of bce on 'probs' of m.onnx, targets 'y' of d.npz, batch 8."""
     return {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,

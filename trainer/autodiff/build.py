@@ -893,7 +893,8 @@ def _bce_loss(spec: LossSpec, b: Builder, out_shape, dt, target: str, loss: str,
     """Binary cross entropy, the mean over every element, targets in [0, 1] of the output's
     shape: from the logits z of a model ending in Sigmoid, softplus(z) - t z (torch's
     binary_cross_entropy_with_logits); from probabilities p otherwise, -(t log p + (1 - t)
-    log(1 - p)) with each log at least -100 (torch's binary_cross_entropy)."""
+    log(1 - p)) with each log at least -100, and torch's gradient (p - t) / max(p (1 - p),
+    1e-12): the ai.onnx_trainer BinaryCrossEntropy (torch's binary_cross_entropy)."""
     targets.append(helper.make_tensor_value_info(target, elem_type(dt), list(out_shape)))
     axes = list(range(len(out_shape)))
     per = b.tmp("bce")
@@ -902,21 +903,11 @@ def _bce_loss(spec: LossSpec, b: Builder, out_shape, dt, target: str, loss: str,
         nodes += [b.node("Softplus", [spec.output], [sp]),
                   b.node("Mul", [target, spec.output], [tz]),
                   b.node("Sub", [sp, tz], [per])]
-    else:
-        t = {k: b.tmp(k) for k in ("logp", "logp_c", "q", "logq", "logq_c", "u", "tl", "ul",
-                                   "sum")}
-        floor = b.const(np.array(-100.0, dtype=dt), suffix="log_floor")
-        one = b.const(np.array(1.0, dtype=dt), suffix="one")
-        nodes += [b.node("Log", [spec.output], [t["logp"]]),
-                  b.node("Max", [t["logp"], floor], [t["logp_c"]]),
-                  b.node("Sub", [one, spec.output], [t["q"]]),
-                  b.node("Log", [t["q"]], [t["logq"]]),
-                  b.node("Max", [t["logq"], floor], [t["logq_c"]]),
-                  b.node("Sub", [one, target], [t["u"]]),
-                  b.node("Mul", [target, t["logp_c"]], [t["tl"]]),
-                  b.node("Mul", [t["u"], t["logq_c"]], [t["ul"]]),
-                  b.node("Add", [t["tl"], t["ul"]], [t["sum"]]),
-                  b.node("Neg", [t["sum"]], [per])]
+    else:  # (one node: its gradient is torch's, finite where p is 0 or 1)
+        from trainer.kernels import CUSTOM_DOMAIN
+
+        nodes.append(b.node("BinaryCrossEntropy", [spec.output, target], [per],
+                            domain=CUSTOM_DOMAIN))
     nodes.append(b.reduce("ReduceMean", per, axes, loss, keepdims=0) if axes
                  else b.node("Identity", [per], [loss]))
     return nodes, loss, targets

@@ -1,4 +1,5 @@
-"""Loss kernels: SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss (opsets 12, 13, 22).
+"""Loss kernels: SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss (opsets 12, 13, 22);
+the ai.onnx_trainer BinaryCrossEntropy of the `bce` loss on probabilities and its gradient.
 
 float16/bfloat16 inputs are computed in float32 and the results cast back.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.kernels import kernel
+from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, kernel
 from trainer.kernels.reduce import _log_softmax
 
 
@@ -48,3 +49,27 @@ def NegativeLogLikelihoodLoss(xp, log_prob, labels, weights=None, *, ignore_inde
                               reduction="mean"):
     loss = _nll(xp, _work(log_prob), labels, weights, ignore_index, reduction)
     return (xp.asarray(loss).astype(log_prob.dtype),)
+
+
+@kernel("BinaryCrossEntropy", domain=CUSTOM_DOMAIN)
+def BinaryCrossEntropy(xp, p, t):
+    """-(t log p + (1 - t) log(1 - p)) per element, each log at least -100: torch's
+    binary_cross_entropy with reduction none (p = 0 or 1 gives a finite loss)."""
+    one, floor = p.dtype.type(1), p.dtype.type(-100)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = xp.maximum(xp.log(p), floor)
+        logq = xp.maximum(xp.log(one - p), floor)
+    return (-(t * logp + (one - t) * logq),)
+
+
+@kernel("BinaryCrossEntropyGrad", domain=CUSTOM_DOMAIN)
+def BinaryCrossEntropyGrad(xp, p, t, dloss):
+    """d loss / d p as torch's binary_cross_entropy_backward computes it: (p - t) /
+    max((1 - p) p, 1e-12) times the incoming gradient, finite where p is 0 or 1 (the
+    derivative of the clamped logs would be 0 * inf there)."""
+    eps, one = p.dtype.type(1e-12), p.dtype.type(1)
+    return ((p - t) / xp.maximum((one - p) * p, eps) * dloss,)
+
+
+CUSTOM_SHAPES["BinaryCrossEntropy"] = lambda p, *_: [p]
+CUSTOM_SHAPES["BinaryCrossEntropyGrad"] = lambda p, *_: [p]

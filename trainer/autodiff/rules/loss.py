@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from trainer.autodiff.registry import grad
+from trainer.autodiff.registry import grad, no_gradient
+from trainer.kernels import CUSTOM_DOMAIN
 
 
 def _label_terms(ctx, nodes: list) -> tuple[str, str]:
@@ -138,3 +139,14 @@ def nll_grad(ctx):
     nodes: list = []
     _nll_grad_into(ctx, nodes, None, ctx.GI(0))
     return nodes
+
+
+@grad("BinaryCrossEntropy", domain=CUSTOM_DOMAIN, inputs=(0,))
+def binary_cross_entropy_grad(ctx):
+    """d p of the ai.onnx_trainer BinaryCrossEntropy (kernels/loss.py): torch's formula, one
+    node; the targets take none."""
+    return [ctx.node("BinaryCrossEntropyGrad", [ctx.I(0), ctx.I(1), ctx.GO(0)], [ctx.GI(0)],
+                     domain=CUSTOM_DOMAIN)]
+
+
+no_gradient("BinaryCrossEntropyGrad")
