@@ -247,6 +247,39 @@ def test_eval_command(tmp_path, digits_config):
     assert not (frozen / "o.onnx").exists()
 
 
+def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tmp_path):
+    """A model whose batch dimension is fixed at 8, a training set whose last batch is
+    partial (drop_last false): train refuses it, but eval trains nothing and scores the eval
+    set (it refused it for the training batches' sizes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [8, 3])],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((43, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 43), xe=rng.standard_normal((16, 4)).astype(np.float32),
+             ye=rng.integers(0, 3, 16))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 2,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "xe"},
+                             "targets": {"label": "ye"}},
+                    "batch_size": 8, "drop_last": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    cfg = write_cfg(tmp_path, raw)
+    assert "fixed batch dimension of 8" in one_line_error(run("train", cfg))
+    proc = run("eval", cfg)
+    assert proc.returncode == 0, proc.stderr
+    logits = np.load(tmp_path / "d.npz")["xe"] @ w
+    want = float((logits.argmax(1) == np.load(tmp_path / "d.npz")["ye"]).mean())
+    assert float(proc.stdout.split("eval_accuracy")[1].split()[0]) == pytest.approx(want,
+                                                                                    abs=1e-4)
+
+
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']"])
 def test_yaml_tags_are_refused(tmp_path, tag):
     path = tmp_path / "cfg.yaml"

@@ -209,6 +209,21 @@ def test_failure_on_one_rank_ends_the_job(tmp_path, digits_config, exc, code, te
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def test_eval_command_under_ranks_prints_one_line(tmp_path, digits_config):
+    """`onnx-trainer eval` under mpirun: the metrics of one process, printed once (each rank
+    printed its line)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config()))
+    alone = Trainer(config_from_dict(digits_config(), tmp_path), check=False,
+                    writes=False).evaluate()
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, "-m", "trainer", "eval", str(path)], timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval_loss") == 1, proc.stdout
+    got = float(proc.stdout.split("eval_loss")[1].split()[0])
+    assert got == pytest.approx(alone["eval_loss"], abs=1e-4)
+
+
 def test_failure_during_setup_on_every_rank_is_printed_once(tmp_path, digits_config):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(digits_config(model=str(tmp_path / "missing.onnx"))))

@@ -79,6 +79,20 @@ def test_accumulate_equals_larger_batch(tmp_path, digits_config):
         np.testing.assert_allclose(acc.trained_values()[k], v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("accumulate,left", [(3, 2), (4, 0)])
+def test_accumulate_that_leaves_batches_of_the_run_says_so(tmp_path, digits_config, accumulate,
+                                                           left):
+    """One epoch of 44 batches: accumulate 3 makes 14 steps and leaves 2 batches untrained,
+    which the start-up says (it was silent); accumulate 4 leaves none."""
+    raw = digits_config(epochs=1, accumulate=accumulate)
+    del raw["steps"]
+    out = io.StringIO()
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    assert t.total_steps == 44 // accumulate
+    said = "the last 2 batch(es) of the run are not trained (14 steps)" in out.getvalue()
+    assert said == bool(left), out.getvalue()
+
+
 def test_trainable_and_frozen_select_parameters(tmp_path, digits_config):
     t = Trainer(config_from_dict(digits_config(frozen=["fc1.*"]), tmp_path),
                 stream=io.StringIO())

@@ -187,7 +187,8 @@ def _evaluate(args) -> int:
         cfg = dataclasses.replace(cfg, model=Path(args.model).resolve())
     trainer = Trainer(cfg, check=False, writes=False)
     metrics = trainer.evaluate()
-    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if trainer.rank == 0:  # (under mpirun: one line, as train's)
+        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 

@@ -280,10 +280,12 @@ class Trainer:
                                uploads=DeviceUploads(self.xp, held=cfg.accumulate)
                                if prefetch and self.xp is not np else None)
         self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
-        preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the data;
-                               if k in cfg.data.train.inputs},  # others: data.constants)
-                              self.batches.local_sizes(), cfg.data.batch_size,
-                              self.world)
+        if writes:  # (`onnx-trainer eval` trains nothing: the training batches' sizes do not
+            # matter; evaluation runs its own)
+            preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the
+                                   if k in cfg.data.train.inputs},  # data; others: constants)
+                                  self.batches.local_sizes(), cfg.data.batch_size,
+                                  self.world)
         self.plans: dict[int, Plan] = {}
         self._init_parameters()
         self._check_targets(self.train_arrays, "data.train")
@@ -298,6 +300,12 @@ class Trainer:
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         if self.total_steps < 1:
             raise self.batches.empty_epoch_error(cfg.accumulate)
+        left = 0 if cfg.steps else (cfg.epochs * spe) % cfg.accumulate
+        if left:  # (steps draw their micro-batches across epoch ends: README, `accumulate`)
+            self.log.info(f"warning: accumulate {cfg.accumulate} over {cfg.epochs} epoch(s) of "
+                          f"{spe} batches: the last {left} batch(es) of the run are not "
+                          f"trained ({self.total_steps} steps); choose epochs, data.batch_size "
+                          "or accumulate so that accumulate divides the batches, or set steps")
         self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         self.step = 0
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
