@@ -463,6 +463,34 @@ def test_trainer_groups_match_torch(tmp_path, digits_config):
     np.testing.assert_allclose([r["lr"] for r in t.history if "loss" in r], lrs, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cls", ["AdamW", "NAdam", "RAdam"])
+def test_decoupled_decay_in_groups_needs_no_parameter_sized_vector(cls):
+    """Groups that differ in weight decay (the README's `{params: "*.bias", weight_decay:
+    0}`): on the host the decoupled decay is a product per run of the decaying tensors, with
+    no per-element vector of the settings (two of them before: 2x the parameters' memory),
+    and bit for bit the vector form's update."""
+    from trainer import optim
+
+    layout = [("w1", 0, 400), ("b1", 400, 100), ("w2", 500, 400), ("b2", 900, 100)]
+    groups = [(["b1", "b2"], {"weight_decay": 0.0})]
+    kw = {} if cls == "AdamW" else {"decoupled_weight_decay": True}
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(1000).astype(np.float32)
+    grads = rng.standard_normal((3, 1000)).astype(np.float32)
+    results = []
+    for runs in (True, False):
+        o = getattr(optim, cls)(np, 1000, np.float32, layout=layout, groups=groups, lr=1e-2,
+                                weight_decay=0.1, **kw)
+        if not runs:
+            o._runs = None  # (the per-element vector form)
+        p = p0.copy()
+        for k in range(3):
+            o.step(p, grads[k], [1e-2 * (k + 1)] * 2)
+        assert ("decay" in o._vectors) != runs and "weight_decay" not in o._vectors
+        results.append(p)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 def test_trainer_resume_keeps_group_state(tmp_path, digits_config):
     over = dict(data__batch_size=128, optimizer={
         "type": "nadam", "lr": 3e-3, "groups": [{"params": "*.bias", "betas": [0.8, 0.99]}]})

@@ -208,11 +208,19 @@ class Optimizer:
     def _decay(self, p, lrs: list[float]) -> Scalar:
         """Decoupled weight decay (AdamW): p *= 1 - lr * weight_decay; returns the coupled
         weight decay still to add to the gradient (0 when decoupled)."""
-        wd = self._const("weight_decay", lambda g: g["weight_decay"])
         if not self.settings.get("decoupled_weight_decay"):
-            return wd
-        if not _zero(wd):
-            p *= self._each("decay", lambda i, g: 1 - lrs[i] * g["weight_decay"])
+            return self._const("weight_decay", lambda g: g["weight_decay"])
+        decay = [1 - lrs[i] * g["weight_decay"] for i, g in enumerate(self.groups)]
+        if all(self.groups[g]["weight_decay"] == 0 for g in self._used):
+            return 0.0
+        if self._runs is not None and len({decay[g] for g in self._used}) > 1:
+            # (on the host, a scalar product per run of the groups that decay, instead of a
+            # per-element vector: no parameter-sized buffer, fewer elements touched)
+            for a, b, gi in self._runs:
+                if self.groups[gi]["weight_decay"]:
+                    p[a:b] *= decay[gi]
+        else:
+            p *= self._each("decay", lambda i, g: decay[i])
         return 0.0
 
     # -- one generated kernel per update (GPU) -------------------------------------------------
