@@ -34,6 +34,30 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, digits_config):
     assert [r["loss"] for r in second.history if "loss" in r] == losses
 
 
+@pytest.mark.parametrize("schedule,warned", [({"type": "cosine"}, True),
+                                             ({"type": "onecycle", "max_lr": 0.05}, True),
+                                             ({"type": "linear", "total_iters": 30}, False),
+                                             ({"type": "step", "step_size": 3}, False)])
+def test_resume_into_a_longer_run_says_where_the_schedule_jumps(tmp_path, digits_config,
+                                                                schedule, warned):
+    """A finished 10-step run resumed with steps raised to 20 (what its resume message
+    suggests): a schedule laid over the run's length jumps to the new curve at step 11, which
+    the resume now says (it was silent); one of fixed length goes on unchanged."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 5}
+    over = dict(optimizer={"type": "adamw", "lr": 0.01}, schedule=schedule, checkpoint=ck)
+    Trainer(config_from_dict(digits_config(steps=10, **over), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    out = io.StringIO()
+    longer = Trainer(config_from_dict(digits_config(steps=20, **over), tmp_path / "b"),
+                     stream=out)
+    longer.fit(resume=True)
+    said = "the run is 20 steps now and was 10 at the checkpoint" in out.getvalue()
+    assert said == warned, out.getvalue()
+    if warned:
+        lr = next(r["lr"] for r in longer.history if r.get("step") == 11)
+        assert f"step 11 runs at lr {lr:.6g}" in out.getvalue()
+
+
 def test_resume_without_checkpoints_starts_fresh(tmp_path, digits_config):
     cfg = digits_config(steps=3, checkpoint={"dir": str(tmp_path / "none")})
     out = io.StringIO()

@@ -1089,7 +1089,7 @@ class Trainer:
         arrays.update({f"sched/{k}": v for k, v in self.schedule.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
-                "optimizer": self.cfg.optimizer.type}
+                "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps}
         if self.scaler:
             meta.update(self.scaler.state())
         # what evaluations and skipped steps decided so far, so that a resumed run goes on as
@@ -1164,6 +1164,26 @@ class Trainer:
             raise TrainerError(f"checkpoint {path} is damaged: {type(exc).__name__}: "  # edited
                                f"{exc}; resume from another one (remove this folder)") from None
 
+    def _schedule_length_note(self, was: int | None) -> None:
+        """A warning where the run's length changed since the checkpoint (steps or epochs
+        raised to go on, as a finished run's resume suggests) and the schedule is laid over
+        the run's length (cosine, onecycle, linear and polynomial without total_iters): the
+        next step's lr jumps to the new length's curve."""
+        if was is None or int(was) == self.total_steps or self.step >= self.total_steps:
+            return
+        from trainer.schedule import lr_at
+
+        base = self.schedule.base_lrs[0]
+        old, new = (lr_at(self.cfg.schedule, base, self.step, n)
+                    for n in (int(was), self.total_steps))
+        if old != new:
+            self.log.info(f"warning: the run is {self.total_steps} steps now and was "
+                          f"{int(was)} at the checkpoint; schedule {self.schedule.type} is laid "
+                          f"over the run's length, so step {self.step + 1} runs at lr {new:.6g} "
+                          f"where the checkpoint's run gives {old:.6g} (keep steps/epochs as "
+                          "they were to keep its curve; linear and polynomial also take "
+                          "schedule.total_iters)")
+
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
         names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
         if names != set(self.names):
@@ -1199,6 +1219,7 @@ class Trainer:
         self.schedule.load_state_dict(
             {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
         self.step = int(meta["step"])
+        self._schedule_length_note(meta.get("total_steps"))
         if self.scaler and not self.scaler.load(meta):
             self.log.info(f"the checkpoint holds no loss scale (it was not an fp16 run): "
                           f"starting from loss_scale.init {float(self.scaler.scale):g}")
