@@ -85,6 +85,24 @@ def test_ignore_index_labels_do_not_count(tmp_path, digits_config):
     assert loss == pytest.approx(float(want), rel=1e-10)
 
 
+@pytest.mark.parametrize("which", ["data.train", "data.eval"])
+def test_a_dataset_whose_every_label_is_ignored_is_named(tmp_path, digits_config, which):
+    """Every label equal to ignore_index: no position counts (the loss is 0 / 0: it trained
+    with loss 0, or evaluated to eval_loss 0 and eval_accuracy 0, which `best` kept)."""
+    y = np.random.default_rng(0).integers(0, 10, 64)
+    if which == "data.train":
+        y[:] = -100
+    path = _digits_with_labels(tmp_path, y)
+    if which == "data.eval":
+        d = dict(np.load(path))
+        d["yt"] = np.full_like(d["yt"], -100)
+        np.savez(path, **d)
+    raw = digits_config(data=_data(path, path), steps=2)
+    with pytest.raises(DataError, match=f"{which}: every label of target 'label' is -100, "
+                                        "loss.ignore_index: no position counts"):
+        trainer(tmp_path, raw)
+
+
 def test_ignore_index_is_configurable(tmp_path, digits_config):
     y = np.random.default_rng(0).integers(0, 10, 64)
     y[5] = 255

@@ -187,6 +187,11 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
         raise DataError(f"{what}: target '{name}' holds {int(labels[idx])} at {where}, outside "
                         f"[0, {classes}) for the {classes} classes of '{output}' "
                         f"(label {ignore_index} marks a position to ignore, as loss.ignore_index)")
+    if labels.size and bool((labels == ignore_index).all()):  # (a loss of 0/0: nothing to learn)
+        raise DataError(f"{what}: every label of target '{name}' is {ignore_index}, "
+                        f"loss.ignore_index: no position counts, so there is nothing to "
+                        f"{'evaluate' if 'eval' in what else 'train on'} (its loss would be 0 / "
+                        "0; PyTorch's is NaN)")
 
 
 def batch_first_output(out_shape: tuple, local: int, output: str, loss: str,
