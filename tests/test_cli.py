@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -272,12 +273,11 @@ def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tm
            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
     cfg = write_cfg(tmp_path, raw)
     assert "fixed batch dimension of 8" in one_line_error(run("train", cfg))
-    proc = run("eval", cfg)
+    proc = run("eval", cfg, "--json")  # (--json: the metrics at full precision)
     assert proc.returncode == 0, proc.stderr
     logits = np.load(tmp_path / "d.npz")["xe"] @ w
     want = float((logits.argmax(1) == np.load(tmp_path / "d.npz")["ye"]).mean())
-    assert float(proc.stdout.split("eval_accuracy")[1].split()[0]) == pytest.approx(want,
-                                                                                    abs=1e-4)
+    assert json.loads(proc.stdout)["eval_accuracy"] == want
 
 
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']"])

@@ -188,7 +188,12 @@ def _evaluate(args) -> int:
     trainer = Trainer(cfg, check=False, writes=False)
     metrics = trainer.evaluate()
     if trainer.rank == 0:  # (under mpirun: one line, as train's)
-        print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if args.json:
+            import json
+
+            print(json.dumps({k: float(v) for k, v in metrics.items()}))
+        else:
+            print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -286,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true",
+                   help="print the metrics as one JSON object, at full precision")
     e.set_defaults(fn=_evaluate)
     v = sub.add_parser("convert", parents=[common],
                        help="rewrite a model for training (weights of constant nodes, batch axis)")
