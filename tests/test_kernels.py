@@ -397,6 +397,7 @@ def test_kernels_registered_for_every_tested_op() -> None:
     here = pathlib.Path(__file__).parent
     for path in sorted([*here.glob("test_kernels_*.py"), here / "test_control_flow.py",
                         here / "test_grad_collective.py", here / "test_grad_ctc.py",
+                        here / "test_grad_bce.py",
                         here / "test_ml_linear.py"]):
         mod = importlib.import_module(f"tests.{path.stem}")
         tested |= {getattr(c, "op", None) for c in getattr(mod, "CASES", [])}

@@ -67,7 +67,8 @@ def BinaryCrossEntropyGrad(xp, p, t, dloss):
     """d loss / d p as torch's binary_cross_entropy_backward computes it: (p - t) /
     max((1 - p) p, 1e-12) times the incoming gradient, finite where p is 0 or 1 (the
     derivative of the clamped logs would be 0 * inf there)."""
-    eps, one = p.dtype.type(1e-12), p.dtype.type(1)
+    # (torch's EPSILON 1e-12 as a float32 constant, also in float64: 9.99999996e-13)
+    eps, one = p.dtype.type(np.float32(1e-12)), p.dtype.type(1)
     return ((p - t) / xp.maximum((one - p) * p, eps) * dloss,)
 
 
