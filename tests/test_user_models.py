@@ -1228,6 +1228,51 @@ def test_a_folded_embedding_slice_is_named_by_its_table(tmp_path):
                                torch_losses(model, x, y, opt=opt), rtol=2e-4, atol=2e-5)
 
 
+class UnsqueezedPositions(nn.Module):
+    """BERT/GPT-style positions: an Embedding looked up by torch.arange, then given a batch
+    axis (`[None]`), added to token embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(20, 8), nn.Embedding(6, 8), nn.Linear(8, 5)
+
+    def forward(self, ids):
+        return self.head((self.tok(ids) + self.pos(torch.arange(ids.shape[1]))[None]).mean(1))
+
+
+def test_a_folded_lookup_under_a_view_is_named_by_its_table(tmp_path):
+    """`self.pos(torch.arange(t))[None]` folds into a tensor named `unsqueeze` (the view's FX
+    value, not `embedding`): it was a trained tensor of no parameter, so `frozen: [pos.weight]`
+    was refused ("matches no float initializer") and `frozen: ["pos.*"]` silently trained
+    it. It is an alias of the table: the glob freezes it, and the losses are PyTorch's."""
+    torch.manual_seed(0)
+    model = UnsqueezedPositions()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 20, (2, 6))
+    onnx.save(torch.onnx.export(model.eval(), (ids,), input_names=["ids"], output_names=["logits"],
+                                dynamic_shapes={"ids": {0: torch.export.Dim("batch")}},
+                                dynamo=True, verbose=False).model_proto,
+              str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.folded
+    assert [p.name for p in report.params if p.alias == "pos.weight"] == ["unsqueeze"]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 20, (64, 6)), rng.integers(0, 5, 64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, frozen=["pos.*"],
+                            data={"train": {"path": "data.npz", "inputs": {"ids": "x"},
+                                            "targets": {"label": "y"}},
+                                  "batch_size": BATCH, "shuffle": False})
+    trainer = Trainer(cfg, stream=io.StringIO())
+    assert "unsqueeze" not in trainer.names
+    trainer.fit()
+    model.load_state_dict(state)
+    model.pos.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y, opt=opt), rtol=2e-4, atol=2e-5)
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

@@ -1145,12 +1145,14 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
         return out
     made = {o for n in g.node for o in n.output}
     records = folded_views(model)
+    viewed = _viewed_lookups(model)
     for n in g.node:
         module = _module_of(n)
         reads = _fx_reads(n)
         view = any(_VIEW_OPS.match(r) and r not in present for r in reads)
-        # (a folded lookup keeps the FX value's name, `embedding`, as an initializer)
-        lookup = any(_EMBEDDING_OP.match(r) and r not in made for r in reads)
+        # (a folded lookup keeps the FX value's name, `embedding`, as an initializer; a view
+        # of one, `self.pos(torch.arange(t))[None]`, its last view's: `unsqueeze`)
+        lookup = any(_EMBEDDING_OP.match(r) and r not in made or r in viewed for r in reads)
         if module is None or not (view or lookup):
             continue
         cands = [ph for mod, phs in loose.items() for ph in phs
@@ -1169,6 +1171,22 @@ def _parent_views(model: onnx.ModelProto, missing: Mapping[str, str], explained:
 # FX's name for an Embedding's lookup: by positions computed from torch.arange (Whisper's and
 # GPT-2's position embeddings) it is a slice of the table's rows, which the optimizer folds
 _EMBEDDING_OP = re.compile(r"^embedding(_\d+)?$")
+_ARANGE = re.compile(r"^arange(_\d+)?$")
+
+
+def _viewed_lookups(model: onnx.ModelProto) -> set[str]:
+    """Folded initializers that the optimizer recorded as made from one parameter by an
+    Embedding's lookup at torch.arange positions and views alone (`unsqueeze` for
+    `self.pos(torch.arange(t))[None]`), judged as the lookup `embedding` is."""
+    params = {t for kind, t in signature_entries(model).values() if kind == "PARAMETER"}
+    out = set()
+    for x, names in _folded_from(model).items():
+        ops = [y for y in names if y not in params and not _VALUE_NAME.match(y)]
+        if (sum(y in params for y in names) == 1 and any(_EMBEDDING_OP.match(y) for y in ops)
+                and all(_EMBEDDING_OP.match(y) or _VIEW_OPS.match(y) or _ARANGE.match(y)
+                        for y in ops + [x])):
+            out.add(x)
+    return out
 
 
 def _distinct_rows(g: onnx.GraphProto, name: str) -> bool:
