@@ -4,6 +4,7 @@ PyTorch's, and what `check` says matches."""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 import warnings
@@ -1215,14 +1216,26 @@ def test_a_folded_embedding_slice_is_named_by_its_table(tmp_path):
     assert not report.folded
     assert [p.name for p in report.params if p.alias == "enc.pos.weight"] == ["embedding"]
     x, y = random_batches(tmp_path, (5, 4))
-    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, frozen=["enc.pos.weight"],
-                            data={"train": {"path": "data.npz", "inputs": {"x": "x"},
+    _frozen_alias_trains_like_pytorch(tmp_path, model, state, x, y, "enc.pos.weight", "x",
+                                      "embedding")
+
+
+def _frozen_alias_trains_like_pytorch(tmp_path, model, state, x, y, frozen: str, feed: str,
+                                      alias: str) -> None:
+    """Train model.onnx with `frozen` (a glob reaching the folded tensor `alias`) on data.npz
+    (x, y) in order, the data fed to input `feed`: `alias` is not trained, and the losses are
+    PyTorch's from `state` with the frozen tensors' requires_grad off."""
+    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, frozen=[frozen],
+                            data={"train": {"path": "data.npz", "inputs": {feed: "x"},
                                             "targets": {"label": "y"}},
                                   "batch_size": BATCH, "shuffle": False})
     trainer = Trainer(cfg, stream=io.StringIO())
-    assert "embedding" not in trainer.names
+    assert alias not in trainer.names
     trainer.fit()
     model.load_state_dict(state)
+    for name, param in model.named_parameters():
+        if fnmatch.fnmatch(name, frozen):
+            param.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
                                torch_losses(model, x, y, opt=opt), rtol=2e-4, atol=2e-5)
@@ -1259,18 +1272,7 @@ def test_a_folded_lookup_under_a_view_is_named_by_its_table(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 20, (64, 6)), rng.integers(0, 5, 64)
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    cfg = classifier_config(tmp_path, STEPS, log={"every_steps": 1}, frozen=["pos.*"],
-                            data={"train": {"path": "data.npz", "inputs": {"ids": "x"},
-                                            "targets": {"label": "y"}},
-                                  "batch_size": BATCH, "shuffle": False})
-    trainer = Trainer(cfg, stream=io.StringIO())
-    assert "unsqueeze" not in trainer.names
-    trainer.fit()
-    model.load_state_dict(state)
-    model.pos.requires_grad_(False)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
-                               torch_losses(model, x, y, opt=opt), rtol=2e-4, atol=2e-5)
+    _frozen_alias_trains_like_pytorch(tmp_path, model, state, x, y, "pos.*", "ids", "unsqueeze")
 
 
 class MaskToken(nn.Module):
