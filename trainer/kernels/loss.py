@@ -55,11 +55,12 @@ def NegativeLogLikelihoodLoss(xp, log_prob, labels, weights=None, *, ignore_inde
 def BinaryCrossEntropy(xp, p, t):
     """-(t log p + (1 - t) log(1 - p)) per element, each log at least -100: torch's
     binary_cross_entropy with reduction none (p = 0 or 1 gives a finite loss)."""
+    dt, p, t = p.dtype, _work(p), _work(t)
     one, floor = p.dtype.type(1), p.dtype.type(-100)
     with np.errstate(divide="ignore", invalid="ignore"):
         logp = xp.maximum(xp.log(p), floor)
         logq = xp.maximum(xp.log(one - p), floor)
-    return (-(t * logp + (one - t) * logq),)
+    return ((-(t * logp + (one - t) * logq)).astype(dt, copy=False),)
 
 
 @kernel("BinaryCrossEntropyGrad", domain=CUSTOM_DOMAIN)
@@ -68,8 +69,9 @@ def BinaryCrossEntropyGrad(xp, p, t, dloss):
     max((1 - p) p, 1e-12) times the incoming gradient, finite where p is 0 or 1 (the
     derivative of the clamped logs would be 0 * inf there)."""
     # (torch's EPSILON 1e-12 as a float32 constant, also in float64: 9.99999996e-13)
+    dt, p, t, dloss = p.dtype, _work(p), _work(t), _work(dloss)
     eps, one = p.dtype.type(np.float32(1e-12)), p.dtype.type(1)
-    return ((p - t) / xp.maximum((one - p) * p, eps) * dloss,)
+    return (((p - t) / xp.maximum((one - p) * p, eps) * dloss).astype(dt, copy=False),)
 
 
 CUSTOM_SHAPES["BinaryCrossEntropy"] = lambda p, *_: [p]
