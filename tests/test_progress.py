@@ -432,9 +432,22 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("not json\n")
     with pytest.raises(TrainerError, match="no metrics rows"):
         main([str(tmp_path / "empty.jsonl"), "-o", out])
+    (tmp_path / "binary.npz").write_bytes(bytes(range(256)) * 4)  # (not UTF-8: a traceback)
+    with pytest.raises(TrainerError, match="no metrics rows"):
+        main([str(tmp_path / "binary.npz"), "-o", out])
+    with pytest.raises(TrainerError, match="is a folder"):
+        main([str(tmp_path), "-o", out])
     if pytest.importorskip("matplotlib"):
         with pytest.raises(TrainerError, match="must end with one of"):
             main([str(a), "-o", str(tmp_path / "c.xyz")])
+        import trainer.plot as plot  # a folder that cannot be written: its OSError, one line
+        monkeypatch.setattr(plot.os, "replace", lambda *a: (_ for _ in ()).throw(
+            OSError(30, "Read-only file system")))
+        monkeypatch.setattr(plot.Path, "unlink", lambda *a, **k: (_ for _ in ()).throw(
+            OSError(30, "Read-only file system")))
+        with pytest.raises(TrainerError, match="cannot write .*Read-only file system"):
+            main([str(a), "-o", out])
+        monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(TrainerError, match=r"pip install 'onnx-trainer\[plot\]'"):

@@ -75,9 +75,10 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for name, path in zip(names, paths, strict=True):
         if not path.is_file():
-            raise TrainerError(f"plot: metrics file {path} not found")
+            raise TrainerError(f"plot: metrics file {path} "
+                               f"{'is a folder' if path.is_dir() else 'not found'}")
         rows = []
-        with path.open() as f:
+        with path.open(errors="replace") as f:  # (a binary file: no rows, said below)
             for line in f:
                 try:
                     row = json.loads(line)
@@ -207,15 +208,18 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
 
 
 def _save_atomic(fig: Any, out: Path, fmt: str, dpi: int) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format=fmt, dpi=dpi)
         os.replace(tmp, out)
     except OSError as exc:
         raise TrainerError(f"plot: cannot write {out}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (a read-only folder: nothing was written there)
+            pass
 
 
 def _matplotlib() -> tuple[Any, Any]:
