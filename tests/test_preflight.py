@@ -103,6 +103,38 @@ def test_a_dataset_whose_every_label_is_ignored_is_named(tmp_path, digits_config
         trainer(tmp_path, raw)
 
 
+def test_data_inputs_that_name_no_fed_input_are_refused(tmp_path, digits_config):
+    """A data.*.inputs key that is not an input of the model (a typo) was loaded and ignored;
+    one naming an input that also has an initializer (ONNX's overridable default, trained as a
+    parameter) was too, so the data never reached the model. Both are named before step 1, by
+    train and by check."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.report import preflight
+
+    path = _digits_with_labels(tmp_path, np.random.default_rng(0).integers(0, 10, 64))
+    raw = digits_config(data=_data(path), steps=2)
+    raw["data"]["train"]["inputs"]["xs"] = "x"
+    with pytest.raises(DataError, match="data.train.inputs maps 'xs', which is not an input of "
+                                        "the model .*did you mean 'x'"):
+        trainer(tmp_path, raw)
+    assert "did you mean 'x'" in str(preflight(config_from_dict(raw, tmp_path)).problems[0])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["h"]),
+         helper.make_node("MatMul", ["h", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N", 64]) for k in ("x", "scale")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.ones(64, np.float32), "scale"),
+         numpy_helper.from_array(np.zeros((64, 10), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "opt.onnx"))
+    raw = digits_config(model=str(tmp_path / "opt.onnx"), data=_data(path), steps=2)
+    raw["data"]["train"]["inputs"]["scale"] = "x"
+    with pytest.raises(DataError, match="maps 'scale', an input that the model also holds as an "
+                                        "initializer"):
+        trainer(tmp_path, raw)
+
+
 def test_ignore_index_is_configurable(tmp_path, digits_config):
     y = np.random.default_rng(0).integers(0, 10, 64)
     y[5] = 255

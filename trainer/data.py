@@ -247,6 +247,31 @@ def _non_finite(a: np.ndarray, idx: list[int], label: str) -> None:
                     "non-finite values (e.g. np.nan_to_num) before training")
 
 
+def check_input_keys(mapped: Mapping[str, str], expected: Mapping[str, tuple],
+                     defaults: set[str], constants: set[str], what: str) -> None:
+    """Every key of `what`.inputs names an input the data feeds: not one whose initializer the
+    model holds (a default, trained as a parameter: the data would never reach it), not one of
+    data.constants, not a name the model lacks (a typo that the run would ignore)."""
+    import difflib
+
+    for key in mapped:
+        if key in expected:
+            continue
+        if key in defaults:
+            raise DataError(f"{what}.inputs maps '{key}', an input that the model also holds as "
+                            "an initializer (a default value, which the engine trains as a "
+                            "parameter), so the data would never reach it: remove it from "
+                            f"{what}.inputs to train that value, or remove its initializer from "
+                            "the model to feed it")
+        if key in constants:
+            raise DataError(f"{what}.inputs maps '{key}', which data.constants also sets: keep "
+                            "one of them")
+        close = difflib.get_close_matches(key, list(expected), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise DataError(f"{what}.inputs maps '{key}', which is not an input of the model (its "
+                        f"inputs: {', '.join(expected) or 'none'}){hint}")
+
+
 def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple],
                         what: str) -> None:
     """Per-sample shapes must match the model's inputs (dim 0 is the batch)."""

@@ -562,6 +562,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     from trainer.data import (
         Batches,
         check_against_model,
+        check_input_keys,
         describe_arrays,
         keep_on_device,
         load_arrays,
@@ -625,6 +626,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                                  for d in tensor_type(vi.type).shape.dim]
                        for vi in structure.graph.input if vi.name not in inits
                        and vi.name not in cfg.data.constants}
+        defaults = {vi.name for vi in structure.graph.input if vi.name in inits}
+        for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+            if ds is not None:
+                attempt(check_input_keys, ds.inputs, data_inputs, defaults,
+                        set(cfg.data.constants), what)
     constants: dict[str, np.ndarray] = {}
     if structure is not None and cfg.data.constants and local is not None:
         constants = attempt(constant_inputs, cfg.data.constants, structure, local,

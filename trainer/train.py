@@ -53,6 +53,7 @@ from trainer.data import (
     Batches,
     DeviceUploads,
     check_against_model,
+    check_input_keys,
     keep_on_device,
     load_arrays,
     prefetching,
@@ -334,6 +335,10 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def _load(self, ds, what):
         mapping = {**ds.inputs, **ds.targets}
+        inits = {t.name for t in self.run_model.graph.initializer}
+        check_input_keys(ds.inputs, self.data_inputs,
+                         {vi.name for vi in self.run_model.graph.input if vi.name in inits},
+                         set(self.cfg.data.constants), what)
         arrays = load_arrays(ds.path, mapping, what)
         check_against_model({k: arrays[k] for k in ds.inputs}, self.data_inputs, what)
         preflight.gather_indices({k: arrays[k] for k in ds.inputs}, self.run_model, what)
