@@ -135,6 +135,20 @@ def test_data_inputs_that_name_no_fed_input_are_refused(tmp_path, digits_config)
         trainer(tmp_path, raw)
 
 
+def test_a_batch_larger_than_the_data_is_estimated_at_the_data(tmp_path, digits_config):
+    """data.batch_size 10^9 with drop_last false over 1437 samples: each batch is all of them,
+    which the pre-flight says and estimates (its estimate ran shape inference at 10^9 rows:
+    gigabytes and minutes, or the machine's memory)."""
+    from trainer.report import preflight
+
+    raw = digits_config(data__batch_size=10 ** 9, data__drop_last=False)
+    pre = preflight(config_from_dict(raw, tmp_path))
+    assert not pre.problems, pre.text()
+    assert "(more than the 1437 samples: each batch is all of them), 1437 per process" in \
+        pre.text()
+    assert pre.estimate is not None and pre.estimate.activations < 1437 * 4 * 1000
+
+
 def test_ignore_index_is_configurable(tmp_path, digits_config):
     y = np.random.default_rng(0).integers(0, 10, 64)
     y[5] = 255

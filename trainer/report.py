@@ -686,9 +686,15 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         spe = batches.steps_per_epoch
         total = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epoch(s)"
-        lines.append(f"  steps: {spe} batch(es) per epoch (global batch {cfg.data.batch_size}, "
-                     f"{local} per process, accumulate {cfg.accumulate}); {total} optimizer "
-                     f"steps ({length})")
+        biggest = max(batches.local_sizes(), default=local)
+        whole = (f" (more than the {n} samples: each batch is all of them)"
+                 if biggest < local else "")
+        lines.append(f"  steps: {spe} batch(es) per epoch (global batch {cfg.data.batch_size}"
+                     f"{whole}, {min(local, biggest)} per process, accumulate {cfg.accumulate}); "
+                     f"{total} optimizer steps ({length})")
+        # (the estimate at the batches the run makes: one at the configured size, far above
+        # the data's, took gigabytes and minutes, or the machine)
+        local = min(local, biggest)
         if batches.dropped_text() and total >= 1:
             lines.append(f"  {batches.dropped_text()}")
         if total < 1:
