@@ -149,6 +149,30 @@ def test_a_batch_larger_than_the_data_is_estimated_at_the_data(tmp_path, digits_
     assert pre.estimate is not None and pre.estimate.activations < 1437 * 4 * 1000
 
 
+def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,
+                                                                     monkeypatch):
+    """An output on a file system with less free space than the trained model takes (the
+    model file's size; twice with `best`) is refused before step 1: the run trained to the end
+    and lost everything at the export. A checkpoint.dir without room for one checkpoint (the
+    trained values and the optimizer's state) is warned of."""
+    import collections
+    import shutil
+
+    from trainer.report import preflight
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 5000, 5000))
+    raw = digits_config(checkpoint={"dir": str(tmp_path / "ck")})
+    with pytest.raises(TrainerError, match="output .*: 4.9 KiB free on its file system, where "
+                                           "the trained model takes about"):
+        trainer(tmp_path, raw)
+    pre = preflight(config_from_dict(raw, tmp_path))
+    assert "warning: checkpoint.dir" in pre.text() and "where a checkpoint takes about" in \
+        pre.text()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, 10 ** 12))
+    assert not preflight(config_from_dict(raw, tmp_path)).problems
+
+
 def test_ignore_index_is_configurable(tmp_path, digits_config):
     y = np.random.default_rng(0).integers(0, 10, 64)
     y[5] = 255

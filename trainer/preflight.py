@@ -81,6 +81,50 @@ def files_read(cfg) -> dict[Path, str]:
     return found
 
 
+def model_bytes(cfg) -> int:
+    """Bytes of the model on disk, its external data included (about what its export takes)."""
+    from trainer.graph import external_data_files
+
+    total = 0
+    for f in [Path(cfg.model), *external_data_files(cfg.model)]:
+        try:
+            total += f.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def optimizer_buffers(optimizer_cfg) -> int:
+    """How many parameter-sized buffers of state the optimizer keeps (a checkpoint holds
+    them): built over one element and stepped once."""
+    from trainer.optim import make_optimizer
+
+    try:
+        opt = make_optimizer(optimizer_cfg, np, 1, np.float32, [("w", 0, 1)], None)
+        opt.step(np.zeros(1, np.float32), np.ones(1, np.float32), 1e-3)
+    except Exception:  # noqa: BLE001 - advice only: the run's own set-up names the problem
+        return 2
+    return sum(np.size(v) == 1 for k, v in opt.state.items())
+
+
+def room_for(path: Path, need: int, what: str, writes: str) -> None:
+    """The file system holding `path` (a file, or a folder the path checks made) has `need`
+    bytes free for what the run writes there: a disk that fills at the end would lose the
+    finished run's result."""
+    import shutil
+
+    from trainer.memory import human
+
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        return
+    if free < need:
+        raise TrainerError(f"{what} {path}: {human(free)} free on its file system, where "
+                           f"{writes} takes about {human(need)}; free some space or give a "
+                           "path on another disk")
+
+
 def not_read(path: Path, what: str, reads: Mapping[Path, str]) -> None:
     """`path`, which the run writes, is none of the files it reads (`files_read`): writing it
     would destroy them (an output named like the model's external data, a metrics file at the

@@ -588,6 +588,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     attempt(checks.distinct, written_files(cfg))
     attempt(checks.shardable, cfg, world)
     attempt(checks.writable_file, cfg.output, "output")
+    exports = 2 if cfg.best is not None else 1  # (the best model goes beside it)
+    attempt(checks.room_for, Path(cfg.output), exports * checks.model_bytes(cfg) + (1 << 20),
+            "output", "the trained model" + (" and the best one" if exports == 2 else ""))
     if cfg.checkpoint.dir is not None:
         attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")
     if cfg.log.metrics is not None:
@@ -754,6 +757,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on
         lines.append(f"  memory: no estimate ({type(exc).__name__}: {exc})")
     out_shape = None
+    if est is not None and cfg.checkpoint.dir is not None:
+        try:  # (the trained values and as many buffers of optimizer state)
+            checks.room_for(Path(cfg.checkpoint.dir),
+                            est.trainable_bytes * (1 + checks.optimizer_buffers(cfg.optimizer)),
+                            "checkpoint.dir", "a checkpoint")
+        except TrainerError as exc:
+            lines.append(f"  warning: {exc}")
     if est is not None:
         out_shape = est.out_shape
         lines += _memory_lines(est)
