@@ -187,6 +187,17 @@ def test_unknown_override_key_is_named() -> None:
     assert message == "config key 'optimizer.lrr' is unknown; did you mean 'optimizer.lr'?"
 
 
+@pytest.mark.parametrize("key,want", [("optimizer.learning_rate", "optimizer.lr"),
+                                      ("optimizer.wd", "optimizer.weight_decay"),
+                                      ("max_steps", "steps"), ("data.bs", "data.batch_size"),
+                                      ("gradient_accumulation_steps", "accumulate")])
+def test_other_frameworks_key_names_suggest_ours(key, want) -> None:
+    """Keys named as other frameworks name them, which no spelling distance reaches
+    (learning_rate listed the valid keys but suggested none)."""
+    message = error_of(minimal(), (f"{key}=1",))
+    assert message == f"config key '{key}' is unknown; did you mean '{want}'?"
+
+
 def test_unknown_top_level_key_suggests_closest() -> None:
     message = error_of(minimal(optimiser={"type": "sgd"}))
     assert message == "config key 'optimiser' is unknown; did you mean 'optimizer'?"

@@ -67,8 +67,17 @@ def _err(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config key '{key}' {msg}")
 
 
+# other frameworks' names for keys, which no spelling distance finds
+_SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "beta1": "betas", "beta2": "betas",
+             "epsilon": "eps", "max_steps": "steps", "num_epochs": "epochs",
+             "gradient_accumulation_steps": "accumulate", "max_grad_norm": "grad_clip",
+             "clip_grad_norm": "grad_clip", "warmup": "warmup_steps", "bs": "batch_size"}
+
+
 def _suggest(word: str, options: Sequence[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
+    if not close and _SYNONYMS.get(word) in options:
+        close = [_SYNONYMS[word]]
     return f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
 
 
