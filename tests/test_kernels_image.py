@@ -543,3 +543,88 @@ def test_conv_transpose_by_phases_matches_the_definition(n, kernel, data, bias, 
     want = _conv_transpose_by_definition(x, w, b, strides, pads, out_sp, group)
     assert got.shape == want.shape and got.dtype == F32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _conv_by_definition(x, w, b, pads, out_sp):
+    """A stride-1 2-D Conv in float64 from its definition (zero padding)."""
+    kh, kw = w.shape[2:]
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (pads[0], max(0, pads[2])),
+                                       (pads[1], max(0, pads[3]))])
+    y = np.zeros((x.shape[0], w.shape[0]) + tuple(out_sp))
+    for a in range(kh):
+        for c in range(kw):
+            patch = xp[:, :, a:a + out_sp[0], c:c + out_sp[1]]
+            y += np.einsum("nchw,mc->nmhw", patch, w[:, :, a, c].astype(np.float64))
+    return y if b is None else y + b.reshape(-1, 1, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6), st.integers(1, 11),
+       st.integers(1, 11), st.lists(st.integers(0, 2), min_size=4, max_size=4), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2 ** 16))
+def test_winograd_conv_matches_the_definition(n, c, m, h, wd, pads, bias, dtype, seed) -> None:
+    """3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) on the host (forced at every size):
+    odd and even outputs (the last tiles cropped), asymmetric pads, bias or none, float32 and
+    float64, against the definition in float64; its error is the im2col path's order."""
+    from trainer.kernels import compiled, nn
+
+    pytest.importorskip("numba")
+    out_sp = [h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2]
+    if min(out_sp) < 1 or not compiled.enabled():
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, wd)).astype(dtype)
+    w = rng.standard_normal((m, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(m).astype(dtype) if bias else None
+    assert nn._winograd(np, x, w, [1, 1], [1, 1], pads, 1) == (18 * m * x.size >= 4_000_000)
+    got = nn.winograd_into(x, w, b, pads, out_sp)
+    want = _conv_by_definition(x, w, b, pads, out_sp)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.sqrt(9 * c))
+
+
+def test_large_3x3_convolutions_and_their_input_gradients_take_winograd(monkeypatch) -> None:
+    """On the host with the compiled loops, a 3x3 stride-1 Conv above WINOGRAD_MIN_FLOPS, and a
+    stride-1 ConvTranspose (a Conv's input gradient) as the Conv of its flipped kernel, run
+    Winograd's; a smaller one, a strided one and a grouped one keep im2col (then the results
+    are the same bits with the compiled path off). Float32 results within twice the im2col
+    path's distance from the float64 definition."""
+    pytest.importorskip("numba")
+    from trainer.kernels import compiled, convloops, nn
+
+    calls = []
+    real = convloops.input_transform
+    monkeypatch.setattr(convloops, "input_transform", lambda *a: (calls.append(1), real(*a)))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 16, 16)).astype(F32)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(F32)
+    y = nn.conv_into(np, x, w, None, [1, 1], [1, 1], [1, 1, 1, 1], [16, 16], 1)
+    assert calls
+    want = _conv_by_definition(x, w, None, [1, 1, 1, 1], [16, 16])
+    monkeypatch.setenv(compiled.ENV, "0")
+    im2col = nn.conv_into(np, x, w, None, [1, 1], [1, 1], [1, 1, 1, 1], [16, 16], 1)
+    monkeypatch.delenv(compiled.ENV)
+    assert np.abs(y - want).max() <= 2 * np.abs(im2col - want).max()
+    calls.clear()
+    gy = rng.standard_normal((8, 16, 16, 16)).astype(F32)
+    dx = nn.conv_transpose_into(np, gy, w, None, [1, 1], [1, 1], [1, 1, 1, 1], [0, 0],
+                                [18, 18], 1)
+    assert calls
+    np.testing.assert_allclose(dx, _conv_transpose_by_definition(
+        gy, w, None, [1, 1], [1, 1], [16, 16], 1), rtol=2e-5, atol=1e-4)
+    calls.clear()
+    small = x[:1, :2, :6, :6]
+    for args in [(small, w[:2, :2]), (x, w, [2, 2]), (x[:, :8], w[:, :8], [1, 1], 2)]:
+        xi, wi = args[:2]
+        strides = args[2] if len(args) > 2 else [1, 1]
+        group = args[3] if len(args) > 3 else 1
+        wg = wi if group == 1 else wi[:, :wi.shape[1] // group]
+        out = [(xi.shape[2] + 2 - 3) // strides[0] + 1, (xi.shape[3] + 2 - 3) // strides[1] + 1]
+        got = nn.Conv(np, xi, wg, strides=strides, pads=[1, 1, 1, 1], group=group)[0]
+        monkeypatch.setenv(compiled.ENV, "0")
+        ref = nn.Conv(np, xi, wg, strides=strides, pads=[1, 1, 1, 1], group=group)[0]
+        monkeypatch.delenv(compiled.ENV)
+        assert got.shape[2:] == tuple(out)
+        np.testing.assert_array_equal(got, ref)
+    assert not calls

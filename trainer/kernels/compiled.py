@@ -104,6 +104,15 @@ def row_loops():
     return rowloops
 
 
+def conv_loops():
+    """The compiled Winograd transforms (trainer.kernels.convloops), or None where the compiled
+    path is off."""
+    if not enabled():
+        return None
+    from trainer.kernels import convloops
+    return convloops
+
+
 def cache_dir() -> Path:
     """Where generated kernels' sources (and numba's cache of them) are kept:
     $ONNX_TRAINER_CACHE, else $XDG_CACHE_HOME/onnx-trainer, else ~/.cache/onnx-trainer."""

@@ -8,7 +8,15 @@ import math
 
 import numpy as np
 
-from trainer.kernels import cached_constant, host_ints, host_scalar, kernel, matmul, poolfuse
+from trainer.kernels import (
+    cached_constant,
+    compiled,
+    host_ints,
+    host_scalar,
+    kernel,
+    matmul,
+    poolfuse,
+)
 from trainer.kernels.elementwise import low_float
 
 
@@ -175,11 +183,78 @@ def _pointwise(xp, x, kshape, strides, pads, group):
     return xp.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
 
 
+# Winograd's F(2x2, 3x3) (Lavin and Gray, 2016): each 2x2 block of outputs of a 3x3 stride-1
+# convolution from the 4x4 input tile under it, with 16 products per tile and channel pair
+# instead of 36, as 16 GEMMs [M, C] x [C, tiles] between the transforms of the kernel, the
+# input and the output (the compiled loops of kernels/convloops.py). Below WINOGRAD_MIN_FLOPS
+# (the im2col path's multiply-adds, times 2) the transforms' fixed cost is more than it saves.
+WINOGRAD_MIN_FLOPS = 4_000_000
+
+
+def _winograd(xp, x, w, strides, dilations, pads, group) -> bool:
+    """Whether a Conv takes the Winograd path: on the host with the compiled loops, 2-D, 3x3,
+    stride 1, no dilation, one group, float32 or float64."""
+    return (xp is np and x.ndim == 4 and tuple(w.shape[2:]) == (3, 3) and group == 1
+            and list(strides) == [1, 1] and list(dilations) == [1, 1] and min(pads) >= 0
+            and x.dtype in (np.float32, np.float64) and w.dtype == x.dtype and x.size > 0
+            and 18 * w.shape[0] * x.size >= WINOGRAD_MIN_FLOPS
+            and compiled.conv_loops() is not None)
+
+
+def _skewed(rows: int, cols: int, dtype) -> np.ndarray:
+    """An empty [16, rows, cols] array (C-contiguous planes) whose 16 planes do not start a
+    multiple of 4 KiB apart: the transforms stream through all 16 at once, and planes a power
+    of two apart share cache sets (the input transform ran 10x slower at 64 KiB apart)."""
+    item = np.dtype(dtype).itemsize
+    plane = rows * cols
+    while not 1024 <= (plane * item) % 4096 <= 3072:
+        plane += max(1, 64 // item)
+    flat = np.empty(15 * plane + rows * cols, dtype)
+    return np.lib.stride_tricks.as_strided(flat, (16, rows, cols),
+                                           (plane * item, cols * item, item))
+
+
+def winograd_into(x, w, b, pads, out_sp, y=None):
+    """Y = Conv(x, w) + b for a 3x3 stride-1 host convolution (`_winograd`), into y when given:
+    chunk by chunk of the batch, the zero-padded input's tiles transformed, multiplied by the
+    transformed kernel (16 GEMMs; the kernel transform in float64, rounded once) and
+    transformed back.
+    Its rounding differs from the im2col path's (another order of products and sums) by as
+    much as the two differ from the exact result: tests/test_kernels_image.py."""
+    loops = compiled.conv_loops()
+    n, c, h, wd = x.shape
+    m = w.shape[0]
+    oh, ow = out_sp
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    u = np.empty((16, m, c), x.dtype)
+    loops.kernel_transform(w, u)
+    bias = np.zeros(m, x.dtype) if b is None else np.ascontiguousarray(b, x.dtype).reshape(m)
+    target = y if y is not None and y.flags.c_contiguous and y.dtype == x.dtype else \
+        np.empty((n, m, oh, ow), x.dtype)
+    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
+    for i in range(0, n, chunk):
+        nb = min(chunk, n - i)
+        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
+        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
+        v = _skewed(c, nb * th * tw, x.dtype)
+        loops.input_transform(padded, v, th, tw)
+        mt = _skewed(m, nb * th * tw, x.dtype)
+        np.matmul(u, v, out=mt)
+        loops.output_transform(mt, bias, target[i:i + nb], th, tw)
+    if y is not None and target is not y:
+        y[...] = target
+        return y
+    return target
+
+
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     """Y = Conv(x, w) + b with explicit geometry, written into y [N, M, *out_sp] when given.
-    A 1x1 convolution is one GEMM per image on its pixels (no columns); others run chunk by
+    A 1x1 convolution is one GEMM per image on its pixels (no columns); a 3x3 stride-1 one on
+    the host with the compiled loops is Winograd's (`winograd_into`); others run chunk by
     chunk of the batch (`CONV_CHUNK_BYTES` on the host, `DEVICE_CONV_CHUNK_BYTES` on a
     device)."""
+    if _winograd(xp, x, w, strides, dilations, pads, group):
+        return winograd_into(x, w, b, pads, out_sp, y)
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
@@ -386,6 +461,9 @@ def conv_transpose_into(xp, x, w, b, strides, dilations, pads, output_padding, f
         costs["rows"] = 2 * g * mg * taps * n * x.shape[2] * full[1]
     if not unit and all(d == 1 for d in dilations):
         costs["phases"] = c * taps * n * math.prod(out_sp) // math.prod(strides)
+    if method is None and "conv" in costs and _winograd(xp, x, w, [1] * k, dilations, cpads,
+                                                          group):
+        method = "conv"  # (a 3x3 stride-1 Conv on the host: Winograd's, fewer products)
     if method is None or method not in costs:
         method = min(costs, key=costs.get)
     if method == "phases":  # (each phase's Conv bounds its own columns by chunks)

@@ -1,0 +1,115 @@
+"""Host loops of the Winograd convolution (kernels/nn.py's `winograd_into`), compiled by numba:
+the input and output transforms of F(2x2, 3x3). Imported only where
+trainer.kernels.compiled.enabled() (this module imports numba).
+
+The kernel transform writes U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],
+[0, 0, 1]], of each 3x3 kernel g (computed in float64, rounded once) as U[xi, m, c]. For one
+4x4 tile d of the padded input (rows 2ty..2ty+3, columns 2tx..2tx+3) the input
+transform writes V = B^T d B, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+as V[xi, c, tile] for xi = 4 i + j; the output transform reads the products M[xi, m, tile] and
+writes the 2x2 outputs A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], plus the bias, where
+they fall inside the output. Each is one pass over its data, adds and subtractions only.
+"""
+
+from __future__ import annotations
+
+import numba
+
+_loop = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+
+
+@_loop
+def _g_rows(a, b, e):
+    """G (a, b, e)^T: the four transformed values of a column (or row) of three."""
+    return a, (a + b + e) * 0.5, (a - b + e) * 0.5, e
+
+
+@_loop
+def kernel_transform(w, u):
+    """U [16, M, C] of the kernels w [M, C, 3, 3]."""
+    chans_out, chans_in = w.shape[0], w.shape[1]
+    for m in range(chans_out):
+        for c in range(chans_in):
+            g = w[m, c]
+            # t = G g (4 x 3), column by column
+            t00, t10, t20, t30 = _g_rows(float(g[0, 0]), float(g[1, 0]), float(g[2, 0]))
+            t01, t11, t21, t31 = _g_rows(float(g[0, 1]), float(g[1, 1]), float(g[2, 1]))
+            t02, t12, t22, t32 = _g_rows(float(g[0, 2]), float(g[1, 2]), float(g[2, 2]))
+            # U = t G^T, row by row
+            u[0, m, c], u[1, m, c], u[2, m, c], u[3, m, c] = _g_rows(t00, t01, t02)
+            u[4, m, c], u[5, m, c], u[6, m, c], u[7, m, c] = _g_rows(t10, t11, t12)
+            u[8, m, c], u[9, m, c], u[10, m, c], u[11, m, c] = _g_rows(t20, t21, t22)
+            u[12, m, c], u[13, m, c], u[14, m, c], u[15, m, c] = _g_rows(t30, t31, t32)
+
+
+@_loop
+def input_transform(xp, v, th, tw):
+    """V [16, C, N th tw] (tile (n, ty, tx) at column (n th + ty) tw + tx) of the zero-padded
+    input xp [N, C, 2 th + 2, 2 tw + 2]."""
+    nb, ch = xp.shape[0], xp.shape[1]
+    for c in range(ch):
+        v0, v1, v2, v3 = v[0, c], v[1, c], v[2, c], v[3, c]
+        v4, v5, v6, v7 = v[4, c], v[5, c], v[6, c], v[7, c]
+        v8, v9, v10, v11 = v[8, c], v[9, c], v[10, c], v[11, c]
+        v12, v13, v14, v15 = v[12, c], v[13, c], v[14, c], v[15, c]
+        for n in range(nb):
+            img = xp[n, c]
+            for ty in range(th):
+                r0, r1, r2, r3 = img[2 * ty], img[2 * ty + 1], img[2 * ty + 2], img[2 * ty + 3]
+                base = (n * th + ty) * tw
+                for tx in range(tw):
+                    j = 2 * tx
+                    # the rows of B^T d, column by column
+                    a0, a1, a2, a3 = (r0[j] - r2[j], r0[j + 1] - r2[j + 1],
+                                      r0[j + 2] - r2[j + 2], r0[j + 3] - r2[j + 3])
+                    b0, b1, b2, b3 = (r1[j] + r2[j], r1[j + 1] + r2[j + 1],
+                                      r1[j + 2] + r2[j + 2], r1[j + 3] + r2[j + 3])
+                    c0, c1, c2, c3 = (r2[j] - r1[j], r2[j + 1] - r1[j + 1],
+                                      r2[j + 2] - r1[j + 2], r2[j + 3] - r1[j + 3])
+                    d0, d1, d2, d3 = (r1[j] - r3[j], r1[j + 1] - r3[j + 1],
+                                      r1[j + 2] - r3[j + 2], r1[j + 3] - r3[j + 3])
+                    col = base + tx
+                    v0[col], v1[col], v2[col], v3[col] = a0 - a2, a1 + a2, a2 - a1, a1 - a3
+                    v4[col], v5[col], v6[col], v7[col] = b0 - b2, b1 + b2, b2 - b1, b1 - b3
+                    v8[col], v9[col], v10[col], v11[col] = c0 - c2, c1 + c2, c2 - c1, c1 - c3
+                    v12[col], v13[col], v14[col], v15[col] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@_loop
+def output_transform(mt, bias, y, th, tw):
+    """y [N, M, OH, OW] (OH <= 2 th, OW <= 2 tw) from the products mt [16, M, N th tw], plus
+    bias [M]."""
+    nb, chans, oh, ow = y.shape
+    for n in range(nb):
+        for m in range(chans):
+            bm = bias[m]
+            out = y[n, m]
+            for ty in range(th):
+                base = (n * th + ty) * tw
+                if 2 * ty + 1 < oh:
+                    _two_rows(mt, m, base, tw, ow, bm, out[2 * ty], out[2 * ty + 1])
+                else:  # (an odd OH: the last tiles' first row only)
+                    _two_rows(mt, m, base, tw, ow, bm, out[2 * ty], out[2 * ty][:0])
+
+
+@_loop
+def _two_rows(mt, m, base, tw, ow, bm, o0, o1):
+    """The outputs of the tiles base..base + tw - 1 into rows o0 and o1 (o1 empty: o0 only),
+    columns below ow."""
+    both = o1.size > 0
+    for tx in range(tw):
+        col = base + tx
+        m0, m1, m2, m3 = mt[0, m, col], mt[1, m, col], mt[2, m, col], mt[3, m, col]
+        m4, m5, m6, m7 = mt[4, m, col], mt[5, m, col], mt[6, m, col], mt[7, m, col]
+        m8, m9, m10, m11 = mt[8, m, col], mt[9, m, col], mt[10, m, col], mt[11, m, col]
+        m12, m13, m14, m15 = mt[12, m, col], mt[13, m, col], mt[14, m, col], mt[15, m, col]
+        s0, s1, s2, s3 = m0 + m4 + m8, m1 + m5 + m9, m2 + m6 + m10, m3 + m7 + m11
+        j = 2 * tx
+        o0[j] = s0 + s1 + s2 + bm
+        if j + 1 < ow:
+            o0[j + 1] = s1 - s2 - s3 + bm
+        if both:
+            u0, u1, u2, u3 = m4 - m8 - m12, m5 - m9 - m13, m6 - m10 - m14, m7 - m11 - m15
+            o1[j] = u0 + u1 + u2 + bm
+            if j + 1 < ow:
+                o1[j + 1] = u1 - u2 - u3 + bm
