@@ -581,7 +581,8 @@ def test_a_model_of_opset_1_trains_as_one_of_opset_13(tmp_path):
 
 
 def test_check_with_a_world_refuses_what_train_would(tmp_path):
-    """lamb with a sharded optimizer: check --world 2 passed it, mpirun -np 2 train refused."""
+    """lamb with a sharded optimizer, 16-bit compression of fp64 gradients: check --world 2
+    passed them, mpirun -np 2 train refused."""
     from trainer.config import config_from_dict
     from trainer.report import preflight
 
@@ -589,6 +590,12 @@ def test_check_with_a_world_refuses_what_train_would(tmp_path):
     problems = preflight(config_from_dict(raw, tmp_path), world=2).problems
     assert any("shard_optimizer does not support optimizer.type lamb" in str(p)
                for p in problems)
+    # fp64 gradients with a 16-bit compression: check --world 2 passed, train on 2 refused
+    raw = _cfg(tmp_path, precision="fp64", distributed={"compress": "bf16"})
+    problems = preflight(config_from_dict(raw, tmp_path), world=2).problems
+    assert any("compress: bf16 compresses float32 gradients; these are float64" in str(p)
+               for p in problems)
+    assert not preflight(config_from_dict(raw, tmp_path), world=1).problems
 
 
 @pytest.mark.parametrize("batchnorm", ["train", "eval"])

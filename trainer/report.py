@@ -587,6 +587,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         attempt(checks.not_read, path, what, reads)
     attempt(checks.distinct, written_files(cfg))
     attempt(checks.shardable, cfg, world)
+    if world > 1:  # (the gradients' dtype: float64 for fp64 runs, float32 masters otherwise)
+        from trainer.comm.base import check_compress
+
+        attempt(check_compress, cfg.distributed.compress,
+                np.empty(0, np.float64 if cfg.precision == "fp64" else np.float32))
     attempt(checks.writable_file, cfg.output, "output")
     exports = 2 if cfg.best is not None else 1  # (the best model goes beside it)
     attempt(checks.room_for, Path(cfg.output), exports * checks.model_bytes(cfg) + (1 << 20),
