@@ -563,9 +563,10 @@ def _conv_by_definition(x, w, b, pads, out_sp):
        st.integers(1, 11), st.lists(st.integers(0, 2), min_size=4, max_size=4), st.booleans(),
        st.sampled_from([np.float32, np.float64]), st.integers(0, 2 ** 16))
 def test_winograd_conv_matches_the_definition(n, c, m, h, wd, pads, bias, dtype, seed) -> None:
-    """3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) on the host (forced at every size):
-    odd and even outputs (the last tiles cropped), asymmetric pads, bias or none, float32 and
-    float64, against the definition in float64; its error is the im2col path's order."""
+    """3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) on the host (forced at every size),
+    and their weight gradients (F(3x3, 2x2)): odd and even outputs (the last tiles cropped),
+    asymmetric pads, bias or none, float32 and float64, against the definition in float64;
+    the error is the im2col path's order."""
     from trainer.kernels import compiled, nn
 
     pytest.importorskip("numba")
@@ -582,14 +583,24 @@ def test_winograd_conv_matches_the_definition(n, c, m, h, wd, pads, bias, dtype,
     assert got.shape == want.shape and got.dtype == dtype
     tol = 2e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.sqrt(9 * c))
+    # the weight gradient of the same convolution, from an output gradient dy
+    dy = rng.standard_normal((n, m) + tuple(out_sp)).astype(dtype)
+    dw = nn.winograd_weight_grad_into(x, dy, pads)
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    want = np.stack([np.stack([np.einsum("nmhw,nchw->mc", dy.astype(np.float64),
+                                         xp[:, :, a:a + out_sp[0], e:e + out_sp[1]])
+                               for e in range(3)], -1) for a in range(3)], -2)
+    assert dw.shape == (m, c, 3, 3) and dw.dtype == dtype
+    np.testing.assert_allclose(dw, want, rtol=tol,
+                               atol=tol * np.sqrt(n * out_sp[0] * out_sp[1]) * 4)
 
 
 def test_large_3x3_convolutions_and_their_input_gradients_take_winograd(monkeypatch) -> None:
-    """On the host with the compiled loops, a 3x3 stride-1 Conv above WINOGRAD_MIN_FLOPS, and a
-    stride-1 ConvTranspose (a Conv's input gradient) as the Conv of its flipped kernel, run
-    Winograd's; a smaller one, a strided one and a grouped one keep im2col (then the results
-    are the same bits with the compiled path off). Float32 results within twice the im2col
-    path's distance from the float64 definition."""
+    """On the host with the compiled loops, a 3x3 stride-1 Conv above WINOGRAD_MIN_FLOPS, a
+    stride-1 ConvTranspose (a Conv's input gradient) as the Conv of its flipped kernel, and the
+    weight gradient, run Winograd's; a smaller one, a strided one and a grouped one keep
+    im2col (then the results are the same bits with the compiled path off). Float32 results
+    within twice the im2col path's distance from the float64 definition."""
     pytest.importorskip("numba")
     from trainer.kernels import compiled, convloops, nn
 
@@ -613,6 +624,13 @@ def test_large_3x3_convolutions_and_their_input_gradients_take_winograd(monkeypa
     assert calls
     np.testing.assert_allclose(dx, _conv_transpose_by_definition(
         gy, w, None, [1, 1], [1, 1], [16, 16], 1), rtol=2e-5, atol=1e-4)
+    calls.clear()  # the weight gradient, with dy of the forward's shape
+    dw = nn.conv_weight_grad_into(np, x, gy, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1)
+    assert calls
+    monkeypatch.setenv(compiled.ENV, "0")
+    np.testing.assert_allclose(dw, nn.conv_weight_grad_into(
+        np, x, gy, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 1), rtol=1e-5, atol=1e-3)
+    monkeypatch.delenv(compiled.ENV)
     calls.clear()
     small = x[:1, :2, :6, :6]
     for args in [(small, w[:2, :2]), (x, w, [2, 2]), (x[:, :8], w[:, :8], [1, 1], 2)]:

@@ -113,3 +113,63 @@ def _two_rows(mt, m, base, tw, ow, bm, o0, o1):
             o1[j] = u0 + u1 + u2 + bm
             if j + 1 < ow:
                 o1[j + 1] = u1 - u2 - u3 + bm
+
+
+@_loop
+def gradient_transform(dy, w_out, n0, th, tw):
+    """W [16, M, nb th tw] = A g A^T of each 2x2 tile g of dy[n0:n0 + nb] [N, M, OH, OW]
+    (zeros past OH, OW), A = [[1, 0], [1, 1], [1, -1], [0, -1]]: the output gradient's side of
+    the weight gradient, which pairs it with the input transform's V."""
+    chans, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
+    nb = w_out.shape[2] // (th * tw)
+    zero = dy.dtype.type(0)
+    for m in range(chans):
+        for n in range(nb):
+            g = dy[n0 + n, m]
+            for ty in range(th):
+                base = (n * th + ty) * tw
+                y0, y1 = 2 * ty, 2 * ty + 1
+                for tx in range(tw):
+                    x0, x1 = 2 * tx, 2 * tx + 1
+                    g00 = g[y0, x0]
+                    g01 = g[y0, x1] if x1 < ow else zero
+                    g10 = g[y1, x0] if y1 < oh else zero
+                    g11 = g[y1, x1] if y1 < oh and x1 < ow else zero
+                    # A g: rows g0, g0 + g1, g0 - g1, -g1 (of the two rows of g)
+                    a0, a1 = g00, g01
+                    b0, b1 = g00 + g10, g01 + g11
+                    c0, c1 = g00 - g10, g01 - g11
+                    d0, d1 = -g10, -g11
+                    col = base + tx
+                    # (A g) A^T: each row (p, q) -> p, p + q, p - q, -q
+                    w_out[0, m, col], w_out[1, m, col] = a0, a0 + a1
+                    w_out[2, m, col], w_out[3, m, col] = a0 - a1, -a1
+                    w_out[4, m, col], w_out[5, m, col] = b0, b0 + b1
+                    w_out[6, m, col], w_out[7, m, col] = b0 - b1, -b1
+                    w_out[8, m, col], w_out[9, m, col] = c0, c0 + c1
+                    w_out[10, m, col], w_out[11, m, col] = c0 - c1, -c1
+                    w_out[12, m, col], w_out[13, m, col] = d0, d0 + d1
+                    w_out[14, m, col], w_out[15, m, col] = d0 - d1, -d1
+
+
+@_loop
+def _gt_rows(s0, s1, s2, s3):
+    """G^T (s0, s1, s2, s3)^T: three values from four."""
+    return s0 + 0.5 * s1 + 0.5 * s2, 0.5 * s1 - 0.5 * s2, 0.5 * s1 + 0.5 * s2 + s3
+
+
+@_loop
+def kernel_gradient(s, dw):
+    """dw [M, C, 3, 3] = G^T S G of each S [16, M, C] (float64 sums of the 16 products)."""
+    chans_out, chans_in = dw.shape[0], dw.shape[1]
+    for m in range(chans_out):
+        for c in range(chans_in):
+            # t = G^T S (3 x 4), column by column
+            t00, t10, t20 = _gt_rows(s[0, m, c], s[4, m, c], s[8, m, c], s[12, m, c])
+            t01, t11, t21 = _gt_rows(s[1, m, c], s[5, m, c], s[9, m, c], s[13, m, c])
+            t02, t12, t22 = _gt_rows(s[2, m, c], s[6, m, c], s[10, m, c], s[14, m, c])
+            t03, t13, t23 = _gt_rows(s[3, m, c], s[7, m, c], s[11, m, c], s[15, m, c])
+            # dw = t G, row by row
+            dw[m, c, 0, 0], dw[m, c, 0, 1], dw[m, c, 0, 2] = _gt_rows(t00, t01, t02, t03)
+            dw[m, c, 1, 0], dw[m, c, 1, 1], dw[m, c, 1, 2] = _gt_rows(t10, t11, t12, t13)
+            dw[m, c, 2, 0], dw[m, c, 2, 1], dw[m, c, 2, 2] = _gt_rows(t20, t21, t22, t23)

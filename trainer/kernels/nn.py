@@ -192,12 +192,17 @@ WINOGRAD_MIN_FLOPS = 4_000_000
 
 
 def _winograd(xp, x, w, strides, dilations, pads, group) -> bool:
-    """Whether a Conv takes the Winograd path: on the host with the compiled loops, 2-D, 3x3,
-    stride 1, no dilation, one group, float32 or float64."""
-    return (xp is np and x.ndim == 4 and tuple(w.shape[2:]) == (3, 3) and group == 1
+    """Whether a Conv of x by w takes the Winograd path: on the host with the compiled loops,
+    2-D, 3x3, stride 1, no dilation, one group, float32 or float64, WINOGRAD_MIN_FLOPS."""
+    return _winograd_shape(xp, x, tuple(w.shape[2:]), w.dtype, w.shape[0], strides, dilations,
+                           pads, group)
+
+
+def _winograd_shape(xp, x, kshape, wdtype, m, strides, dilations, pads, group) -> bool:
+    return (xp is np and x.ndim == 4 and tuple(kshape) == (3, 3) and group == 1
             and list(strides) == [1, 1] and list(dilations) == [1, 1] and min(pads) >= 0
-            and x.dtype in (np.float32, np.float64) and w.dtype == x.dtype and x.size > 0
-            and 18 * w.shape[0] * x.size >= WINOGRAD_MIN_FLOPS
+            and x.dtype in (np.float32, np.float64) and wdtype == x.dtype and x.size > 0
+            and 18 * m * x.size >= WINOGRAD_MIN_FLOPS
             and compiled.conv_loops() is not None)
 
 
@@ -238,13 +243,45 @@ def winograd_into(x, w, b, pads, out_sp, y=None):
         padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
         v = _skewed(c, nb * th * tw, x.dtype)
         loops.input_transform(padded, v, th, tw)
-        mt = _skewed(m, nb * th * tw, x.dtype)
-        np.matmul(u, v, out=mt)
-        loops.output_transform(mt, bias, target[i:i + nb], th, tw)
+        # (the products contiguous: a strided out= costs NumPy a temporary and a copy, and
+        # reading 16 planes at 4 KiB multiples does not slow as writing them does)
+        loops.output_transform(np.matmul(u, v), bias, target[i:i + nb], th, tw)
     if y is not None and target is not y:
         y[...] = target
         return y
     return target
+
+
+def winograd_weight_grad_into(x, dy, pads, dw=None):
+    """dW [M, C, 3, 3] of a 3x3 stride-1 host convolution (`_winograd`) from dY, into dw when
+    given: dW = G^T (sum over tiles of (A dY A^T) * V) G, with V the input transform of the
+    forward pass, as 16 GEMMs [M, tiles] x [tiles, C] added over the batch's chunks (in
+    float64 between chunks)."""
+    loops = compiled.conv_loops()
+    n, c, h, wd = x.shape
+    m, oh, ow = dy.shape[1:]
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    total = np.zeros((16, m, c))
+    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
+    dy = np.ascontiguousarray(dy)
+    for i in range(0, n, chunk):
+        nb = min(chunk, n - i)
+        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
+        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
+        v = _skewed(c, nb * th * tw, x.dtype)
+        loops.input_transform(padded, v, th, tw)
+        g = _skewed(m, nb * th * tw, x.dtype)
+        loops.gradient_transform(dy, g, i, th, tw)
+        total += np.matmul(g, v.transpose(0, 2, 1))
+    if dw is None or not dw.flags.c_contiguous or dw.dtype != x.dtype:
+        out = np.empty((m, c, 3, 3), x.dtype)
+        loops.kernel_gradient(total, out)
+        if dw is None:
+            return out
+        dw[...] = out
+        return dw
+    loops.kernel_gradient(total, dw)
+    return dw
 
 
 def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
@@ -343,6 +380,8 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     n = x.shape[0]
     m, g = dy.shape[1], group
     out_sp = list(dy.shape[2:])
+    if _winograd_shape(xp, x, kshape, dy.dtype, m, strides, dilations, pads, group):
+        return winograd_weight_grad_into(x, dy, pads, dw)
     pixels = _pointwise(xp, x, kshape, strides, pads, group)
     if pixels is not None:  # 1x1: the sum over images of dY[n] X[n]^T, one GEMM each
         prods = matmul(xp, dy.reshape(n, m, -1), pixels.transpose(0, 2, 1))  # [N, M, C]
