@@ -199,7 +199,9 @@ def _winograd(xp, x, w, strides, dilations, pads, group) -> bool:
 
 
 def _winograd_shape(xp, x, kshape, wdtype, m, strides, dilations, pads, group) -> bool:
-    return (xp is np and x.ndim == 4 and tuple(kshape) == (3, 3) and group == 1
+    # (not while the memory estimate runs host kernels as a device's: a GPU takes im2col)
+    return (xp is np and not CHUNK_AS_DEVICE and x.ndim == 4 and tuple(kshape) == (3, 3)
+            and group == 1
             and list(strides) == [1, 1] and list(dilations) == [1, 1] and min(pads) >= 0
             and x.dtype in (np.float32, np.float64) and wdtype == x.dtype and x.size > 0
             and 18 * m * x.size >= WINOGRAD_MIN_FLOPS
