@@ -189,6 +189,66 @@ def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precisi
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
 
 
+def test_grad_bf16_of_a_convolution_below_opset_22_is_a_valid_graph(tmp_path):
+    """Conv takes bfloat16 from opset 22: below it, `grad --precision bf16` wrote a Conv on
+    bfloat16 that onnx's checker refuses. Its operands and result are now float32 tensors of
+    bfloat16 values, and the executor gives the loss and gradients of the bfloat16 Conv."""
+    from trainer.autocast import autocast
+    from trainer.executor import Executor
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceMean", ["c"], ["logits"], axes=[2, 3], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "W")])
+    m17 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m17, str(tmp_path / "conv.onnx"))
+    out = tmp_path / "train.onnx"
+    proc = run("grad", str(tmp_path / "conv.onnx"), "--output", "logits", "--precision", "bf16",
+               "--batch-size", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    feeds = {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32),
+             "label": np.array([1, 3])}
+    got = Executor(written).run(dict(feeds))
+    # the same model at opset 22, where the Conv itself takes bfloat16
+    m22, cast, _ = autocast(onnx.version_converter.convert_version(m17, 22), "bf16")
+    assert cast == 1
+    from trainer.autodiff import build_training_graph
+    want = Executor(build_training_graph(m22, {"type": "cross_entropy", "output": "logits",
+                                               "target": "label"}, "all", batch_size=2)
+                    ).run(dict(feeds))
+    for k in ("loss", "W_grad"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_grad_options_of_the_loss_and_its_notes(tmp_path):
+    """grad takes --logits (bce on an output of logits: BCEWithLogits) and --ignore-index,
+    refuses --shape dimensions below 1 in one line (a traceback before), and says when the
+    graph holds ai.onnx_trainer ops, which onnxruntime cannot run."""
+    out = tmp_path / "g.onnx"
+    base = ["grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--batch-size",
+            "2", "-o", str(out)]
+    proc = run(*base, "--loss", "bce", "--target", "t")
+    assert proc.returncode == 0 and "note: it holds ai.onnx_trainer ops (BinaryCrossEntropy, " \
+        "BinaryCrossEntropyGrad): onnx-trainer's executor runs them, onnxruntime does not" \
+        in proc.stdout, proc.stdout + proc.stderr
+    proc = run(*base, "--loss", "bce", "--target", "t", "--logits")
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert proc.returncode == 0 and "note:" not in proc.stdout
+    assert "Softplus" in ops and "BinaryCrossEntropy" not in ops
+    proc = run(*base, "--ignore-index", "255")
+    sce = next(n for n in onnx.load(out).graph.node if n.op_type == "SoftmaxCrossEntropyLoss")
+    assert proc.returncode == 0 and [a.i for a in sce.attribute if a.name == "ignore_index"] \
+        == [255]
+    for bad in ("x=-3,64", "x=0,64"):
+        assert "integers of at least 1" in one_line_error(run(*base, "--shape", bad))
+
+
 def test_grad_with_the_ctc_loss(tmp_path):
     """`grad --loss ctc --time-axis 0`: a time-major recognizer's training graph, with the
     ai.onnx_trainer CTCLoss and its gradient; our executor runs it on labels."""

@@ -13,6 +13,10 @@ would otherwise underflow.
 
 The rewrite is plain ONNX (`onnx-trainer grad` shows it); exports and evaluation use the model
 as it was, with the trained float32 values. Products inside control-flow bodies keep float32.
+Conv and ConvTranspose take bfloat16 only from opset 22: below it, their bfloat16 operands and
+result are float32 tensors of bfloat16 values (a Cast to bfloat16 and one back), the product
+float32, which is the same arithmetic (float32 products of the rounded operands, the result
+rounded once) in a valid graph.
 """
 
 from __future__ import annotations
@@ -55,8 +59,20 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, i
     f32 = _float32_values(m)
     scope = NameScope(all_names(g))
     cast_of: dict[str, str] = {}  # float32 tensor -> its 16-bit copy (one Cast per tensor)
+    rounded: dict[str, str] = {}  # float32 tensor -> float32 of its 16-bit copy
+    # (Conv and ConvTranspose take bfloat16 from opset 22: below, float32 of bfloat16 values)
+    round_trip = to == TensorProto.BFLOAT16 and opset_of(m) < 22
     nodes: list[onnx.NodeProto] = []
     count = 0
+
+    def cast(x: str, name: str, dtype: int, like: onnx.NodeProto) -> onnx.NodeProto:
+        node = helper.make_node("Cast", [x], [name], name=scope.fresh(
+            f"{x}/to_{short if dtype == to else 'f32'}"), to=dtype)
+        # the product's export records (its module, its FX node's reads), which tell the
+        # parameter analysis whose weight a folded tensor is
+        node.metadata_props.extend(like.metadata_props)
+        return node
+
     for node in g.node:
         slots = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Conv": (0, 1, 2),
                  "ConvTranspose": (0, 1, 2)}.get(node.op_type) if not node.domain else None
@@ -65,26 +81,26 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, i
                 o in f32 for o in node.output if o):
             nodes.append(node)
             continue
+        trip = round_trip and node.op_type in ("Conv", "ConvTranspose")
         for k in slots:
             if k < len(node.input) and node.input[k]:
                 x = node.input[k]
                 if x not in cast_of:
                     cast_of[x] = scope.fresh(f"{x}/{short}")
-                    cast = helper.make_node("Cast", [x], [cast_of[x]],
-                                            name=scope.fresh(f"{x}/to_{short}"), to=to)
-                    # the product's export records (its module, its FX node's reads), which
-                    # tell the parameter analysis whose weight a folded tensor is
-                    cast.metadata_props.extend(node.metadata_props)
-                    nodes.append(cast)
-                node.input[k] = cast_of[x]
+                    nodes.append(cast(x, cast_of[x], to, node))
+                if trip and x not in rounded:
+                    rounded[x] = scope.fresh(f"{x}/{short}_f32")
+                    nodes.append(cast(cast_of[x], rounded[x], TensorProto.FLOAT, node))
+                node.input[k] = rounded[x] if trip else cast_of[x]
         y = node.output[0]
         low = scope.fresh(f"{y}/{short}")
-        node.output[0] = low
-        nodes.append(node)
-        back = helper.make_node("Cast", [low], [y], name=scope.fresh(f"{y}/to_f32"),
-                                to=TensorProto.FLOAT)
-        back.metadata_props.extend(node.metadata_props)
-        nodes.append(back)
+        if trip:  # (the float32 product, rounded once to bfloat16)
+            node.output[0] = scope.fresh(f"{y}/f32")
+            nodes += [node, cast(node.output[0], low, to, node)]
+        else:
+            node.output[0] = low
+            nodes.append(node)
+        nodes.append(cast(low, y, TensorProto.FLOAT, node))
         count += 1
     del g.node[:]
     g.node.extend(nodes)

@@ -150,8 +150,9 @@ def _grad(args) -> int:
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
             sep = ""
-        if not sep or not name:
-            raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers)")
+        if not sep or not name or min(shapes.get(name, (1,))) < 1:
+            raise TrainerError(f"--shape {item!r}: expected NAME=D1,D2,... (integers of at "
+                               "least 1)")
     inputs = [vi.name for vi in model.graph.input
               if vi.name not in {t.name for t in model.graph.initializer}]
     for name in shapes:
@@ -159,16 +160,24 @@ def _grad(args) -> int:
             raise TrainerError(f"--shape {name}=...: the model has no input '{name}' (its "
                                f"inputs: {', '.join(inputs)})")
     out = _output_path(args.o, args.model, "-o")
-    tm = build_training_graph(model, {"type": args.loss, "output": args.output,
-                                      "target": args.target, "class_axis": args.class_axis,
-                                      "blank": args.blank, "time_axis": args.time_axis,
-                                      "lengths": args.lengths},
+    loss = {"type": args.loss, "output": args.output, "target": args.target,
+            "class_axis": args.class_axis, "blank": args.blank, "time_axis": args.time_axis,
+            "lengths": args.lengths, "from_logits": args.logits}
+    if args.ignore_index is not None:
+        loss["ignore_index"] = args.ignore_index
+    tm = build_training_graph(model, loss,
                               args.trainable or "all", batch_size=args.batch_size,
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
     from trainer.export import save_model
     save_model(tm, out)
     print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    from trainer.kernels import CUSTOM_DOMAIN
+
+    own = sorted({n.op_type for n in tm.graph.node if n.domain == CUSTOM_DOMAIN})
+    if own:
+        print(f"note: it holds {CUSTOM_DOMAIN} ops ({', '.join(own)}): onnx-trainer's executor "
+              "runs them, onnxruntime does not")
     return 0
 
 
@@ -267,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="label", help="name of the loss target input")
     g.add_argument("--class-axis", type=int, default=-1)
     g.add_argument("--blank", type=int, default=0, help="ctc: the blank class")
+    g.add_argument("--logits", action="store_true",
+                   help="bce: the output holds logits (no Sigmoid at the end)")
+    g.add_argument("--ignore-index", type=int, default=None,
+                   help="cross_entropy: the label to ignore (default -100)")
     g.add_argument("--time-axis", type=int, choices=[0, 1], default=1,
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",
