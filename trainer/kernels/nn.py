@@ -221,15 +221,28 @@ def _skewed(rows: int, cols: int, dtype) -> np.ndarray:
                                            (plane * item, cols * item, item))
 
 
+def _input_tiles(loops, x, pads, m, th, tw):
+    """(first image, images, V [16, C, images th tw]) for each chunk of the batch: the input
+    transform of the zero-padded tiles (th x tw tiles of 4x4 per image, stride 2)."""
+    n, c, h, wd = x.shape
+    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
+    for i in range(0, n, chunk):
+        nb = min(chunk, n - i)
+        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
+        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
+        v = _skewed(c, nb * th * tw, x.dtype)
+        loops.input_transform(padded, v, th, tw)
+        yield i, nb, v
+
+
 def winograd_into(x, w, b, pads, out_sp, y=None):
     """Y = Conv(x, w) + b for a 3x3 stride-1 host convolution (`_winograd`), into y when given:
     chunk by chunk of the batch, the zero-padded input's tiles transformed, multiplied by the
     transformed kernel (16 GEMMs; the kernel transform in float64, rounded once) and
-    transformed back.
-    Its rounding differs from the im2col path's (another order of products and sums) by as
-    much as the two differ from the exact result: tests/test_kernels_image.py."""
+    transformed back. Its rounding differs from the im2col path's (another order of products
+    and sums) by as much as the two differ from the exact result: tests/test_kernels_image.py."""
     loops = compiled.conv_loops()
-    n, c, h, wd = x.shape
+    n, c = x.shape[:2]
     m = w.shape[0]
     oh, ow = out_sp
     th, tw = (oh + 1) // 2, (ow + 1) // 2
@@ -238,13 +251,7 @@ def winograd_into(x, w, b, pads, out_sp, y=None):
     bias = np.zeros(m, x.dtype) if b is None else np.ascontiguousarray(b, x.dtype).reshape(m)
     target = y if y is not None and y.flags.c_contiguous and y.dtype == x.dtype else \
         np.empty((n, m, oh, ow), x.dtype)
-    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
-    for i in range(0, n, chunk):
-        nb = min(chunk, n - i)
-        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
-        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
-        v = _skewed(c, nb * th * tw, x.dtype)
-        loops.input_transform(padded, v, th, tw)
+    for i, nb, v in _input_tiles(loops, x, pads, m, th, tw):
         # (the products contiguous: a strided out= costs NumPy a temporary and a copy, and
         # reading 16 planes at 4 KiB multiples does not slow as writing them does)
         loops.output_transform(np.matmul(u, v), bias, target[i:i + nb], th, tw)
@@ -260,18 +267,12 @@ def winograd_weight_grad_into(x, dy, pads, dw=None):
     forward pass, as 16 GEMMs [M, tiles] x [tiles, C] added over the batch's chunks (in
     float64 between chunks)."""
     loops = compiled.conv_loops()
-    n, c, h, wd = x.shape
+    c = x.shape[1]
     m, oh, ow = dy.shape[1:]
     th, tw = (oh + 1) // 2, (ow + 1) // 2
     total = np.zeros((16, m, c))
-    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
     dy = np.ascontiguousarray(dy)
-    for i in range(0, n, chunk):
-        nb = min(chunk, n - i)
-        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
-        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
-        v = _skewed(c, nb * th * tw, x.dtype)
-        loops.input_transform(padded, v, th, tw)
+    for i, nb, v in _input_tiles(loops, x, pads, m, th, tw):
         g = _skewed(m, nb * th * tw, x.dtype)
         loops.gradient_transform(dy, g, i, th, tw)
         total += np.matmul(g, v.transpose(0, 2, 1))
