@@ -249,6 +249,28 @@ def test_grad_options_of_the_loss_and_its_notes(tmp_path):
         assert "integers of at least 1" in one_line_error(run(*base, "--shape", bad))
 
 
+def test_small_command_line_notes(tmp_path, digits_config):
+    """`grad --target` naming a tensor of the model says which input the target became (it was
+    renamed silently); `check MODEL --world N` says --world is for configs (ignored silently);
+    `eval --model` with a model the data does not fit names data.eval, the set it evaluates
+    (it named data.train)."""
+    proc = run("grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--target",
+               "x", "--batch-size", "2", "-o", str(tmp_path / "g.onnx"))
+    assert proc.returncode == 0 and "note: the model already has a tensor named 'x', so the " \
+        "loss target is an input of another name (x_2)" in proc.stdout, proc.stdout
+    proc = run("check", str(EXAMPLES / "digits_mlp.onnx"), "--world", "2")
+    assert "note: --world 2 applies to check CONFIG" in proc.stdout
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                          [numpy_helper.from_array(np.zeros((32, 10), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m32.onnx"))
+    cfg = write_cfg(tmp_path, digits_config())
+    line = one_line_error(run("eval", cfg, "--model", str(tmp_path / "m32.onnx")))
+    assert "data.eval: array for 'x' has per-sample shape [64]" in line, line
+
+
 def test_grad_with_the_ctc_loss(tmp_path):
     """`grad --loss ctc --time-axis 0`: a time-major recognizer's training graph, with the
     ai.onnx_trainer CTCLoss and its gradient; our executor runs it on labels."""

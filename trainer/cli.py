@@ -80,6 +80,9 @@ def _check(args) -> int:
 
     report = model_report(load_model(args.model))
     print(report.text())
+    if getattr(args, "world", None) not in (None, 1):
+        print(f"note: --world {args.world} applies to check CONFIG (the pre-flight of a run "
+              "on that many processes); a model alone has no processes")
     return 0 if report.ok else 1
 
 
@@ -172,6 +175,11 @@ def _grad(args) -> int:
     from trainer.export import save_model
     save_model(tm, out)
     print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    fed = [vi.name for vi in tm.graph.input if vi.name not in {
+        i.name for i in model.graph.input} and not vi.name.endswith("_grad")]
+    if args.loss != "output" and args.target not in fed:
+        print(f"note: the model already has a tensor named '{args.target}', so the loss target "
+              f"is an input of another name ({', '.join(fed)}); give --target a free name")
     from trainer.kernels import CUSTOM_DOMAIN
 
     own = sorted({n.op_type for n in tm.graph.node if n.domain == CUSTOM_DOMAIN})

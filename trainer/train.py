@@ -253,6 +253,10 @@ class Trainer:
                             and vi.name not in cfg.data.constants}
         self._constant_feeds: dict[int, dict] = {}
         train = cfg.data.train
+        # (`onnx-trainer eval`: the set it evaluates is checked against the model first, so a
+        # model that does not fit the data is said of data.eval)
+        early_eval = self._load(cfg.data.eval, "data.eval") if cfg.data.eval and not writes \
+            else None
         self.train_arrays = self._load(train, "data.train")
         # data.on_device: the training set on the GPU, each batch gathered there (the host
         # arrays stay for the label counts and shapes)
@@ -280,7 +284,8 @@ class Trainer:
                                # a GPU: prefetched batches go up on a copy stream of their own
                                uploads=DeviceUploads(self.xp, held=cfg.accumulate)
                                if prefetch and self.xp is not np else None)
-        self.eval_arrays = self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None
+        self.eval_arrays = early_eval if early_eval is not None else (
+            self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None)
         if writes:  # (`onnx-trainer eval` trains nothing: the training batches' sizes do not
             # matter; evaluation runs its own)
             preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the
