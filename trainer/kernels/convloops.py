@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numba
 
+TILE, PLANES = 2, 16  # (outputs per tile side, products per tile)
+
 _loop = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 
 

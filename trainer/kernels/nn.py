@@ -208,30 +208,43 @@ def _winograd_shape(xp, x, kshape, wdtype, m, strides, dilations, pads, group) -
             and compiled.conv_loops() is not None)
 
 
-def _skewed(rows: int, cols: int, dtype) -> np.ndarray:
-    """An empty [16, rows, cols] array (C-contiguous planes) whose 16 planes do not start a
-    multiple of 4 KiB apart: the transforms stream through all 16 at once, and planes a power
+def _skewed(planes: int, rows: int, cols: int, dtype) -> np.ndarray:
+    """An empty [planes, rows, cols] array (C-contiguous planes) whose planes do not start a
+    multiple of 4 KiB apart: the transforms stream through several at once, and planes a power
     of two apart share cache sets (the input transform ran 10x slower at 64 KiB apart)."""
     item = np.dtype(dtype).itemsize
     plane = rows * cols
     while not 1024 <= (plane * item) % 4096 <= 3072:
         plane += max(1, 64 // item)
-    flat = np.empty(15 * plane + rows * cols, dtype)
-    return np.lib.stride_tricks.as_strided(flat, (16, rows, cols),
+    flat = np.empty((planes - 1) * plane + rows * cols, dtype)
+    return np.lib.stride_tricks.as_strided(flat, (planes, rows, cols),
                                            (plane * item, cols * item, item))
+
+
+def _narrowed(planes: np.ndarray, cols: int) -> np.ndarray:
+    """The first `cols` columns of a `_skewed` array's rows, as C-contiguous planes over the
+    same memory (at the same skewed distance): the buffer of a batch's first, largest chunk
+    serves the last one. (A fresh buffer per chunk costs page faults.)"""
+    if cols == planes.shape[2]:
+        return planes
+    item = planes.itemsize
+    return np.lib.stride_tricks.as_strided(planes, (planes.shape[0], planes.shape[1], cols),
+                                           (planes.strides[0], cols * item, item))
 
 
 def _input_tiles(loops, x, pads, m, th, tw):
     """(first image, images, V [16, C, images th tw]) for each chunk of the batch: the input
     transform of the zero-padded tiles (th x tw tiles of 4x4 per image, stride 2)."""
     n, c, h, wd = x.shape
-    chunk = _chunk_of(np, n, 16 * (c + m) * th * tw * x.itemsize)
+    a, planes = loops.TILE, loops.PLANES
+    chunk = _chunk_of(np, n, planes * (c + m) * th * tw * x.itemsize)
+    padded = np.zeros((min(chunk, n), c, a * th + 2, a * tw + 2), x.dtype)
+    whole = _skewed(planes, c, min(chunk, n) * th * tw, x.dtype)
     for i in range(0, n, chunk):
         nb = min(chunk, n - i)
-        padded = np.zeros((nb, c, 2 * th + 2, 2 * tw + 2), x.dtype)
-        padded[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
-        v = _skewed(c, nb * th * tw, x.dtype)
-        loops.input_transform(padded, v, th, tw)
+        padded[:nb, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x[i:i + nb]
+        v = _narrowed(whole, nb * th * tw)
+        loops.input_transform(padded[:nb], v, th, tw)
         yield i, nb, v
 
 
@@ -245,16 +258,19 @@ def winograd_into(x, w, b, pads, out_sp, y=None):
     n, c = x.shape[:2]
     m = w.shape[0]
     oh, ow = out_sp
-    th, tw = (oh + 1) // 2, (ow + 1) // 2
-    u = np.empty((16, m, c), x.dtype)
+    th, tw = -(-oh // loops.TILE), -(-ow // loops.TILE)
+    u = np.empty((loops.PLANES, m, c), x.dtype)
     loops.kernel_transform(w, u)
     bias = np.zeros(m, x.dtype) if b is None else np.ascontiguousarray(b, x.dtype).reshape(m)
     target = y if y is not None and y.flags.c_contiguous and y.dtype == x.dtype else \
         np.empty((n, m, oh, ow), x.dtype)
+    products = None
     for i, nb, v in _input_tiles(loops, x, pads, m, th, tw):
-        # (the products skewed too: the output transform reads all 16 planes at once, 2.7-5x
+        # (the products skewed too: the output transform reads all planes at once, 2.7-5x
         # slower at 64 KiB apart on an AMD EPYC; NumPy's matmul writes skewed planes in place)
-        prod = np.matmul(u, v, out=_skewed(m, v.shape[2], x.dtype))
+        if products is None:  # (the first chunk is the largest)
+            products = _skewed(loops.PLANES, m, v.shape[2], x.dtype)
+        prod = np.matmul(u, v, out=_narrowed(products, v.shape[2]))
         loops.output_transform(prod, bias, target[i:i + nb], th, tw)
     if y is not None and target is not y:
         y[...] = target
@@ -270,11 +286,14 @@ def winograd_weight_grad_into(x, dy, pads, dw=None):
     loops = compiled.conv_loops()
     c = x.shape[1]
     m, oh, ow = dy.shape[1:]
-    th, tw = (oh + 1) // 2, (ow + 1) // 2
-    total = np.zeros((16, m, c))
+    th, tw = -(-oh // loops.TILE), -(-ow // loops.TILE)
+    total = np.zeros((loops.PLANES, m, c))
     dy = np.ascontiguousarray(dy)
+    grads = None
     for i, nb, v in _input_tiles(loops, x, pads, m, th, tw):
-        g = _skewed(m, nb * th * tw, x.dtype)
+        if grads is None:  # (the first chunk is the largest)
+            grads = _skewed(loops.PLANES, m, v.shape[2], x.dtype)
+        g = _narrowed(grads, v.shape[2])
         loops.gradient_transform(dy, g, i, th, tw)
         total += np.matmul(g, v.transpose(0, 2, 1))
     if dw is None or not dw.flags.c_contiguous or dw.dtype != x.dtype:
