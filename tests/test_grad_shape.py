@@ -190,6 +190,13 @@ for mode in ("constant", "reflect", "edge", "wrap"):
         mode=mode, opset=o)
     add("Pad", f"{mode}-crop-and-pad", [("X", normal(4, 5)), ("pads", ints(-1, 2, 1, -2))],
         mode=mode, opset=o)
+    # (an axis cropped before a later one grows: the cropped positions' zeros take the sizes
+    # of the gradient at that point, the later axes still padded)
+    add("Pad", f"{mode}-crop-then-grow", [("X", normal(4, 5)), ("pads", ints(-1, 1, 0, 0))],
+        mode=mode, opset=o)
+    add("Pad", f"{mode}-crop-middle-grow-last", [("X", normal(2, 4, 3)),
+                                                 ("pads", ints(1, -1, 0, 0, 0, 2))],
+        mode=mode, opset=o)
     add("Pad", f"{mode}-axes-input", [("X", normal(2, 3, 4)), ("pads", ints(2, 1, 1, 2)),
                                       ("value", None), ("axes", ints(-1, 1))], mode=mode, opset=o)
 add("Pad", "wrap-twice", [("X", normal(2, 3)), ("pads", ints(0, 4, 0, 5))], mode="wrap",

@@ -525,20 +525,23 @@ def pad_grad(ctx):
         return nodes
     padded = [a for a in range(rank) if before[a] or after[a]]
     g = ctx.GO(0)
+    g_shape = [n + b + e for n, b, e in zip(x_shape, before, after, strict=True)]
     for a in padded:
         out = ctx.GI(0) if a == padded[-1] else ctx.tmp("axis_grad")
-        _pad_axis_grad(ctx, g, a, x_shape, _pad_runs(x_shape[a], before[a], after[a], mode),
+        g_shape[a] = x_shape[a]  # (g's shape once this axis is summed back)
+        _pad_axis_grad(ctx, g, a, g_shape, _pad_runs(x_shape[a], before[a], after[a], mode),
                        nodes, out)
         g = out
     return nodes
 
 
-def _pad_axis_grad(ctx, g: str, a: int, x_shape, runs, nodes: list, out: str) -> None:
-    """Sum the runs of g along axis a back onto their sources: X's positions are cut into
-    segments at every run boundary; each segment is the Sum of the run pieces covering it
+def _pad_axis_grad(ctx, g: str, a: int, out_shape, runs, nodes: list, out: str) -> None:
+    """Sum the runs of g along axis a back onto their sources, into `out` of out_shape (X's
+    size on axis a and the axes before it, the padded sizes after it): X's positions are cut
+    into segments at every run boundary; each segment is the Sum of the run pieces covering it
     (slices of g; mirrored runs read backwards with Gather; repeated ones summed), and the
     segments are concatenated."""
-    n = x_shape[a]
+    n = out_shape[a]
     targets = []  # (x_lo, x_hi, run)
     for o0, o1, x0, st in runs:
         lo = x0 - (o1 - o0) + 1 if st < 0 else x0
@@ -562,7 +565,7 @@ def _pad_axis_grad(ctx, g: str, a: int, x_shape, runs, nodes: list, out: str) ->
                                       axis=a))
             parts.append(piece)
         if not parts:  # positions cropped away by a negative pad
-            shape = list(x_shape)
+            shape = list(out_shape)
             shape[a] = e - s
             parts.append(_zeros(ctx, shape, ctx.dtype(ctx.I(0)), nodes))
         if len(cuts) > 2 and len(parts) == 1:
