@@ -376,3 +376,29 @@ def test_bce_targets_outside_zero_one_are_named_before_training(tmp_path):
     with pytest.raises(TrainerError, match="target 't' holds 1.5 at sample 5: binary cross "
                                            "entropy takes targets in \\[0, 1\\]"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("opset", [1, 4, 5, 13])
+def test_loss_type_output_at_every_opset(opset: int) -> None:
+    """Loss type 'output' on a scalar output, at opsets where Reshape takes its shape as an
+    attribute (below 5: the scalar's shape is an empty INTS attribute) and as an input:
+    dL/dW of L = sum(x W) is x^T times ones."""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.executor import Executor
+
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]),
+         helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("L", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 4
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, batch_size=1)
+    onnx.checker.check_model(tm)
+    x = np.array([[1.0, -2.0, 0.5]], np.float32)
+    info = training_info(tm)
+    out = Executor(tm, np).run({"x": x})
+    np.testing.assert_allclose(out[info.gradients["W"]], x.T @ np.ones((1, 2), np.float32))
+    np.testing.assert_allclose(out[info.loss], (x @ w).sum(), rtol=1e-6)

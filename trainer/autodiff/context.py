@@ -56,8 +56,11 @@ class Builder:
         return self.node(op, [x], [out], axes=axes, keepdims=keepdims)
 
     def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
-        if self.opset < 5:  # Reshape-1 takes the shape as an attribute
-            return self.node("Reshape", [x], [out], shape=[int(d) for d in shape])
+        if self.opset < 5:  # Reshape-1 takes the shape as an attribute (typed: a scalar's is
+            node = self.node("Reshape", [x], [out])  # empty, which make_node cannot type)
+            node.attribute.append(helper.make_attribute(
+                "shape", [int(d) for d in shape], attr_type=onnx.AttributeProto.INTS))
+            return node
         # a 0 in the target copies the input's dim unless allowzero (opset 14) says otherwise
         zero = 1 if 0 in list(shape) and self.opset >= 14 else None
         return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out],
