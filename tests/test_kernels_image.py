@@ -646,3 +646,30 @@ def test_large_3x3_convolutions_and_their_input_gradients_take_winograd(monkeypa
         assert got.shape[2:] == tuple(out)
         np.testing.assert_array_equal(got, ref)
     assert not calls
+
+
+def run_op(op: str, inputs, **attrs) -> np.ndarray:
+    """The first output of op's opset-18 kernel."""
+    return get_kernel(op, 18)(np, *inputs, **attrs)[0]
+
+
+def test_conv_transpose_output_shape_with_batch_and_channels_is_refused() -> None:
+    """ConvTranspose's output_shape gives the spatial sizes only (as onnxruntime checks); one
+    with N and C too is refused by name, not read as a 1x1 output."""
+    x = np.zeros((1, 2, 3, 3), F32)
+    w = np.zeros((2, 1, 3, 3), F32)
+    with pytest.raises(ValueError, match="spatial sizes only"):
+        run_op("ConvTranspose", [x, w], strides=[2, 2], output_shape=[1, 1, 7, 6])
+    y = run_op("ConvTranspose", [x, w], strides=[2, 2], output_shape=[7, 6])
+    assert y.shape == (1, 1, 7, 6)
+
+
+def test_col2im_input_that_does_not_match_the_blocks_is_refused() -> None:
+    """Col2Im's input must hold one column per sliding block of the padded image (12 here);
+    another count is refused, not folded into a made-up channel count."""
+    image, block = np.array([5, 6], np.int64), np.array([2, 2], np.int64)
+    attrs = {"dilations": [2, 1], "pads": [1, 0, 0, 1], "strides": [1, 2]}
+    y = run_op("Col2Im", [np.ones((1, 8, 12), F32), image, block], **attrs)
+    assert y.shape == (1, 2, 5, 6)
+    with pytest.raises(ValueError, match="must be \\[N, C \\* 4, 12\\]"):
+        run_op("Col2Im", [np.ones((1, 8, 6), F32), image, block], **attrs)

@@ -233,8 +233,9 @@ def _narrowed(planes: np.ndarray, cols: int) -> np.ndarray:
 
 
 def _input_tiles(loops, x, pads, m, th, tw):
-    """(first image, images, V [16, C, images th tw]) for each chunk of the batch: the input
-    transform of the zero-padded tiles (th x tw tiles of 4x4 per image, stride 2)."""
+    """(first image, images, V [PLANES, C, images th tw]) for each chunk of the batch: the
+    input transform of the zero-padded tiles (th x tw tiles of TILE + 2 squared per image,
+    stride TILE)."""
     n, c, h, wd = x.shape
     a, planes = loops.TILE, loops.PLANES
     chunk = _chunk_of(np, n, planes * (c + m) * th * tw * x.itemsize)
@@ -480,6 +481,9 @@ def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, outp
     output_padding = list(output_padding or [0] * k)
     full = [strides[i] * (in_spatial[i] - 1) + output_padding[i]
             + (kernel_shape[i] - 1) * dilations[i] + 1 for i in range(k)]
+    if output_shape is not None and len(output_shape) != k:
+        raise ValueError(f"ConvTranspose: output_shape {list(output_shape)} must give the {k} "
+                         f"spatial sizes only (not the batch and channel sizes)")
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(output_shape) if output_shape is not None else [
             in_spatial[i] * strides[i] for i in range(k)]
@@ -824,6 +828,11 @@ def Col2Im(xp, x, image_shape, block_shape, *, dilations=None, pads=None, stride
     full = [image[i] + pads[i] + pads[i + k] for i in range(k)]
     blocks = [(full[i] - (block[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(k)]
     n = x.shape[0]
+    per = math.prod(block)
+    if x.ndim != 3 or x.shape[2] != math.prod(blocks) or x.shape[1] % per:
+        raise ValueError(f"Col2Im: the input has shape {list(x.shape)}; with image_shape "
+                         f"{image}, block_shape {block} and these pads, strides and dilations it "
+                         f"must be [N, C * {per}, {math.prod(blocks)}]")
     cols = x.reshape((n, -1) + tuple(block) + tuple(blocks))
     y = _fold(xp, cols, full, strides, dilations)
     crop = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + image[i])
