@@ -629,3 +629,21 @@ def test_per_activation_batchnorm_is_refused_by_check_and_by_training(batchnorm)
     with pytest.raises(ModelError, match="spatial=0.*opset 9 or later"):
         build_training_graph(model, {"type": "mse", "output": "y", "target": "t"}, "all",
                              batch_size=6, batchnorm=batchnorm)
+
+
+def test_python_api_names_the_model_when_the_model_itself_is_invalid() -> None:
+    """build_training_graph on a model onnx.checker refuses (GroupNormalization-18, which onnx
+    marks deprecated) says the model is invalid, not the training graph built from it."""
+    from trainer.autodiff import build_training_graph
+    from trainer.errors import ModelError
+
+    g = helper.make_graph(
+        [helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], num_groups=2)],
+        "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "scale"),
+         numpy_helper.from_array(np.zeros(2, np.float32), "bias")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    with pytest.raises(ModelError, match="^the model is not a valid ONNX model: .*deprecated"):
+        build_training_graph(model, {"type": "mse", "output": "y", "target": "t"})

@@ -293,7 +293,11 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     _import_used_domains(fwd)
     if opset < 6:
         _cast_types_as_names(fwd.graph)
-    check_model(fwd, "training graph")
+    try:
+        check_model(fwd, "training graph")
+    except ModelError:  # (an invalid model gives an invalid training graph: say which it is)
+        check_model(model, "the model")
+        raise
     return fwd
 
 
