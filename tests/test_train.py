@@ -157,6 +157,44 @@ def test_nan_loss_is_a_clear_error(tmp_path, digits_config):
         t.fit()
 
 
+def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path):
+    """on_nan stop with checkpoint.dir: the run stops at the step whose loss is NaN (its third
+    batch holds one) and saves the state before that step: the parameters, the BatchNorm
+    running statistics (which that step's forward had already moved) and the data position of
+    its first batch, the same as a clean two-step run's checkpoint."""
+    from trainer import checkpoint
+
+    onnx.save(_gemm_batchnorm_model(), str(tmp_path / "bn.onnx"))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    bad = x.copy()
+    bad[17, :] = 3e38  # (in the third batch of 8: its products overflow)
+    np.savez(tmp_path / "good.npz", x=x, y=rng.integers(0, 3, 32))
+    np.savez(tmp_path / "bad.npz", x=bad, y=np.load(tmp_path / "good.npz")["y"])
+
+    def run(data: str, steps: int, folder: str) -> Trainer:
+        return Trainer(config_from_dict({
+            "model": "bn.onnx", "output": f"{folder}.onnx", "trainable": ["*"],
+            "data": {"train": {"path": data, "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                     "batch_size": 8, "shuffle": False},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+            "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": steps,
+            "checkpoint": {"dir": folder, "every_steps": 100}}, tmp_path),
+            stream=io.StringIO())
+
+    with pytest.raises(TrainerError, match="loss became nan at step 3.*the state before "
+                                           "step 3 is saved in checkpoint .*--resume"):
+        run("bad.npz", 4, "bad").fit()
+    run("good.npz", 2, "good").fit()
+    got, got_meta = checkpoint.load(checkpoint.latest(tmp_path / "bad"))
+    want, want_meta = checkpoint.load(checkpoint.latest(tmp_path / "good"))
+    assert got_meta["step"] == want_meta["step"] == 2
+    assert got_meta["position"] == want_meta["position"] == [0, 2]
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_yaml_config_paths_are_relative_to_the_file(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits_mlp.yaml")
     assert cfg.model.resolve() == (EXAMPLES / "digits_mlp.onnx").resolve()

@@ -72,6 +72,10 @@ class DataError(TrainerError):
     """The dataset does not match the model (missing arrays, shapes, dtypes)."""
 
 
+class NonFiniteLoss(TrainerError):
+    """on_nan stop: the loss or a gradient became non-finite; the step was not applied."""
+
+
 class Interrupted(TrainerError):
     """SIGINT/SIGTERM: the run stopped after a complete step (checkpointed if configured)."""
 

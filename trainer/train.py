@@ -62,6 +62,7 @@ from trainer.errors import (
     DataError,
     Interrupted,
     ModelError,
+    NonFiniteLoss,
     TrainerError,
     UnsupportedOpError,
     listing,
@@ -700,6 +701,11 @@ class Trainer:
         scale = float(self.scaler.scale) if self.scaler else 1.0
         total = sum(global_w for _, _, global_w in micro)
         live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
+        # on_nan stop: the state (BatchNorm running statistics) before this step's forward,
+        # put back if the step is not applied (then the diagnosis reruns from it and a
+        # checkpoint holds the last good state)
+        before = ({k: v.copy() for k, v in self.state.items()}
+                  if self.cfg.on_nan == "stop" and self.state else {})
         if self.direct_grads and live:
             g[self.size:] = 0  # (the gradients are written whole by their kernels)
         else:
@@ -790,9 +796,11 @@ class Trainer:
                 self.log.info(f"step {self.step}: {what}; update skipped ({self.skipped} "
                               "skipped so far, on_nan: skip)")
                 return loss
+            for k, v in before.items():
+                self.state[k][...] = v
             eps = getattr(self.cfg.optimizer, "eps", None)
             bce = self.cfg.loss.type == "bce" and not self.cfg.loss.logits
-            raise TrainerError(f"{what} at step {self.step + 1}; "
+            raise NonFiniteLoss(f"{what} at step {self.step + 1}; "
                                f"{self._first_nonfinite_of_all(micro)}; training stopped before "
                                "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)"
                                + (f"; loss bce takes probabilities in [0, 1]: if "
@@ -919,7 +927,7 @@ class Trainer:
         stopped = self.stopped_early  # (a resumed run that had stopped early stays stopped)
         with _StopOnSignal(self):
             while self.step < self.total_steps and not stopped:
-                micro, epoch = [], last_epoch
+                micro, epoch, start = [], last_epoch, self.position
                 for _ in range(cfg.accumulate):
                     epoch, arrays, local_w, global_w, samples = self._next_micro_batch()
                     micro.append((arrays, local_w, global_w))
@@ -933,7 +941,10 @@ class Trainer:
                 if stopped:
                     break
                 lrs = self.schedule.lrs(self.step)  # per parameter group; [0]: top level
-                loss = self.train_step(micro, lrs)
+                try:
+                    loss = self.train_step(micro, lrs)
+                except NonFiniteLoss as exc:  # (every rank: the loss and gradients are global)
+                    raise self._saved_before(exc, start) from None
                 self._profile_tick(final=self.step >= self.total_steps)
                 now = time.perf_counter()
                 # the lr of the first group that holds tensors (not the top level's where
@@ -994,6 +1005,21 @@ class Trainer:
                 result["best"] = {"output": str(self.best_path), "step": self.best_step,
                                   cfg.best.metric: self.best_value}
         return result
+
+    def _saved_before(self, exc: NonFiniteLoss, position) -> NonFiniteLoss:
+        """on_nan stop with checkpoint.dir: the state before the failing step (its parameters,
+        optimizer and BatchNorm state, untouched or put back, and the data position of its
+        first micro-batch) saved as a checkpoint, and the error saying so."""
+        if not self.cfg.checkpoint.dir:
+            return exc
+        if self._saved_step == self.step:
+            where = f"checkpoint {checkpoint.latest(self.cfg.checkpoint.dir)}"
+        else:
+            self.position = position
+            path = self.save_checkpoint()
+            where = f"checkpoint {path}" if path else "a checkpoint of checkpoint.dir (rank 0)"
+        return NonFiniteLoss(f"{exc}; the state before step {self.step + 1} is saved in "
+                             f"{where} (continue from it with --resume)")
 
     def _report_memory(self) -> float:
         """Log the memory the run needed, next to the pre-flight estimate; returns MiB."""
@@ -1084,15 +1110,16 @@ class Trainer:
         return ""
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path | None:
         """Parameters, optimizer state, BN statistics, step and data position (rank 0). A
         sharded optimizer's state is gathered first (a collective: every rank calls this), so
-        a checkpoint always holds the whole state and resumes sharded or not."""
+        a checkpoint always holds the whole state and resumes sharded or not. Returns its
+        folder (on rank 0; None on the others)."""
         optim = self._full_optimizer_state()
         self._sync_state("checkpoint")
         self._saved_step = self.step
         if self.rank != 0:
-            return
+            return None
         arrays = {f"param/{k}": to_host(v) for k, v in self.params.items()}
         arrays.update({f"state/{k}": to_host(v) for k, v in self.state.items()})
         arrays.update({f"optim/{k}": v for k, v in optim.items()})
@@ -1116,6 +1143,7 @@ class Trainer:
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
+        return path
 
     def _sync_state(self, why: str) -> None:
         """Rank 0's training state (BatchNorm running statistics, which each process updates
