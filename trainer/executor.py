@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import attrs_of, initializers, node_name, opset_of, topo_sort
+from trainer.graph import attrs_of, node_name, opset_of, topo_sort
 from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, compiled, get_kernel
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
@@ -292,10 +292,14 @@ class Executor:
         if missing:
             raise UnsupportedOpError("forward kernel", missing)
         graph = model.graph
-        inits = initializers(model)
+        init_names = {t.name for t in graph.initializer}
         # Graph inputs that are also initializers (legal; usual before IR 4) keep their value
         # as a default, which a feed may override like any other constant.
-        feeds = set(feeds) | {v.name for v in graph.input if v.name not in inits}
+        feeds = set(feeds) | {v.name for v in graph.input if v.name not in init_names}
+        # (initializers fed at every run, such as trained parameters, are not read: no
+        # transient copy of the weights)
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+                 if t.name not in feeds}
         fetch = list(fetch) if fetch is not None else [o.name for o in graph.output]
         self.fetch_into = dict(fetch_into or {})
         self.on_produced = dict(on_produced or {})

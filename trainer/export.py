@@ -3,7 +3,6 @@ folder beside the file, fsync, rename, fsync the folder."""
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import shutil
@@ -31,16 +30,18 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     A full disk or an unwritable folder raises WriteError (a TrainerError) and leaves an
     earlier file at `path`, and the data file it refers to, unchanged.
     """
-    m = copy.deepcopy(model)
-    inits = {t.name: t for t in m.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     unknown = sorted(set(values) - set(inits))
     if unknown:
         raise ModelError(f"cannot export: {', '.join(unknown)} are not initializers of the model")
-    for name, value in values.items():
-        old = inits[name]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        arr = np.asarray(value).astype(dtype, copy=False).reshape(tuple(old.dims))
-        old.CopyFrom(numpy_helper.from_array(arr, name))
+    m = _copy_without_initializers(model)  # (the replaced tensors' values not copied)
+    for t in model.graph.initializer:
+        if t.name not in values:
+            m.graph.initializer.add().CopyFrom(t)
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
+        m.graph.initializer.add().CopyFrom(numpy_helper.from_array(arr, t.name))
     if metadata:
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
@@ -48,6 +49,32 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     if _fits_bytesize(m) and m.ByteSize() <= TWO_GB:  # (a large model is checked as written,
         check_model(m, "exported model")  # before it is renamed into place)
     return save_model(m, path)
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose main graph has no initializers (the caller adds them in their
+    order): every other field copied, the initializers' values not (a model of N bytes of
+    weights is not held twice while its trained values are written)."""
+    m = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _set_field(m, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _set_field(m.graph, field, value)
+    return m
+
+
+def _set_field(msg, field, value) -> None:
+    repeated = getattr(field, "is_repeated", None)  # (protobuf 5 and later; `label` before)
+    if repeated is None:
+        repeated = field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(msg, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(msg, field.name).CopyFrom(value)
+    else:
+        setattr(msg, field.name, value)
 
 
 def save_model(m: onnx.ModelProto, path) -> Path:

@@ -525,6 +525,22 @@ def attrs_of(node: onnx.NodeProto) -> dict:
     return {a.name: attr_value(a) for a in node.attribute}
 
 
+def inputs_for_initializers(model: onnx.ModelProto, names) -> None:
+    """The initializers of `model`'s main graph named in `names` turned into graph inputs of
+    their type and shape, in place: their values are left out (a training step feeds its
+    parameters and statistics at every run, and its graph need not hold a second copy)."""
+    g = model.graph
+    names = set(names)
+    inputs = {v.name for v in g.input}
+    for i in reversed(range(len(g.initializer))):
+        t = g.initializer[i]
+        if t.name in names:
+            if t.name not in inputs:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                  list(t.dims)))
+            del g.initializer[i]
+
+
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 

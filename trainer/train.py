@@ -77,6 +77,7 @@ from trainer.graph import (
     data_sizing_nodes,
     inference_form,
     input_dtypes,
+    inputs_for_initializers,
     lift_weights,
     load_model,
     needs_recurrent_opset,
@@ -220,7 +221,6 @@ class Trainer:
         for copy_name, (src, kind) in self.tied.items():
             self.log.info(report.tied_line(copy_name, src, kind))
         self.run_model = compute_form(train_model, cfg.precision)
-        self.infer_model = inference_form(self.run_model)
         # the training graph's forward: with bf16/fp16, its matrix products in 16 bits (evaluation
         # and export keep the model's own float32 products)
         self.step_model = self.run_model
@@ -512,6 +512,8 @@ class Trainer:
                            if not self.direct_grads else "")))
             else:
                 ex = executor(hooks, False)
+            # (its executor read what it keeps; the parameters and statistics are fed)
+            inputs_for_initializers(tm, list(info.gradients) + list(info.state))
             out = next(vi for vi in tm.graph.output if vi.name == self.cfg.loss.output)
             plan = Plan(ex, info.gradients, info.state, info.loss, dict(info.targets),
                         tuple(d.dim_value for d in out.type.tensor_type.shape.dim), tm,
@@ -1302,8 +1304,11 @@ class Trainer:
 
     # -- evaluation, prediction, export --------------------------------------------------------
     def _inference(self) -> Executor:
-        if not hasattr(self, "_infer"):
-            self._infer = Executor(self.infer_model, self.xp,
+        if not hasattr(self, "_infer"):  # (its graph made here: a run that never evaluates
+            # holds no copy of the weights for it)
+            infer_model = inference_form(self.run_model)
+            inputs_for_initializers(infer_model, list(self.names) + list(self.state))
+            self._infer = Executor(infer_model, self.xp,
                                    feeds=list(self.names) + list(self.state))
         return self._infer
 
