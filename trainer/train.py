@@ -1128,7 +1128,9 @@ class Trainer:
         arrays.update({f"sched/{k}": v for k, v in self.schedule.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
-                "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps}
+                "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps,
+                # (the flat buffers' order: another precision's graph may make them in another)
+                "layout": [[k, int(np.prod(self.shapes[k]))] for k in self.names]}
         if self.scaler:
             meta.update(self.scaler.state())
         # what evaluations and skipped steps decided so far, so that a resumed run goes on as
@@ -1173,6 +1175,28 @@ class Trainer:
             else:
                 out[name] = to_host(v)
         return out
+
+    def _in_own_layout(self, full: dict, layout) -> dict:
+        """A whole-buffer optimizer state of a checkpoint whose flat layout is `layout`
+        ([name, size] in buffer order) with its per-element buffers reordered to this run's
+        (the order in which the backward makes the gradients, which precision changes).
+        Checkpoints written before the layout was recorded are taken in this run's order."""
+        mine = [(k, int(np.prod(self.shapes[k]))) for k in self.names]
+        if not layout:
+            return full
+        theirs = [(str(k), int(n)) for k, n in layout]
+        if theirs == mine:
+            return full
+        if sorted(theirs) != sorted(mine):
+            raise TrainerError("the checkpoint's optimizer state covers other tensors "
+                               f"({listing([k for k, _ in theirs])})")
+        start, at = {}, 0
+        for k, n in theirs:
+            start[k] = at
+            at += n
+        order = np.concatenate([np.arange(start[k], start[k] + n) for k, n in mine])
+        return {k: v[order] if getattr(v, "shape", ()) == (self.size,) else v
+                for k, v in full.items()}
 
     def _own_optimizer_state(self, full: dict) -> dict:
         """This rank's part of a whole-buffer optimizer state (all of it when not sharded)."""
@@ -1253,6 +1277,7 @@ class Trainer:
                           "the parameters are resumed, the optimizer state starts fresh")
         else:
             try:
+                optim = self._in_own_layout(optim, meta.get("layout"))
                 self.optimizer.load_state_dict(self._own_optimizer_state(optim))
             except TrainerError as exc:  # same keys, other shapes: the groups changed
                 self.log.info(f"warning: {exc}; the optimizer state starts fresh")
