@@ -463,3 +463,16 @@ sys.exit(code)
                           cwd=Path(__file__).resolve().parent.parent, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "NUMPY SAW ['1']" in proc.stdout
+
+
+@pytest.mark.parametrize("init", [1e300, 3.5e38])
+def test_a_loss_scale_beyond_float32_is_refused(tmp_path, init):
+    """loss_scale.init is held as a float32: a larger one would be inf (every fp16 step then
+    skipped, the run ending untrained without an error), so it is refused by name."""
+    raw = {"model": "m.onnx", "output": "o.onnx", "precision": "fp16",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}}},
+           "loss": {"type": "output", "output": "y"}, "loss_scale": {"init": init}, "steps": 1}
+    with pytest.raises(ConfigError, match="loss_scale.init.*at most 3.4e38"):
+        config_from_dict(raw, tmp_path)
+    raw["loss_scale"]["init"] = 3.4e38
+    assert config_from_dict(raw, tmp_path).loss_scale.init == 3.4e38

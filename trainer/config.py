@@ -448,7 +448,10 @@ class LossScaleConfig:
     multiplied by the scale before the backward and the gradients divided by it after; a step
     whose gradients overflow float16 is skipped and the scale multiplied by backoff_factor;
     after growth_interval good steps in a row it is multiplied by growth_factor."""
-    init: float = _k(_float, 65536.0, check=_POS)
+    init: float = _k(_float, 65536.0, check=(
+        lambda v: 0 < v <= 3.4028234663852886e38,  # (float32's largest value)
+        "must be > 0 and at most 3.4e38 (the scale is a float32; torch's GradScaler refuses "
+        "larger ones too)"))
     growth_factor: float = _k(_float, 2.0, check=_GROW)
     backoff_factor: float = _k(_float, 0.5, check=_BACKOFF)
     growth_interval: int = _k(_int, 2000, check=_GE1)
