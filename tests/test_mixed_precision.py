@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.conftest import EXAMPLES
 from trainer.autocast import autocast
 from trainer.config import config_from_dict
+from trainer.errors import TrainerError
 from trainer.train import Trainer
 
 torch = pytest.importorskip("torch")
@@ -159,8 +161,12 @@ def test_fp16_resume_continues_the_loss_scale(tmp_path):
                     "shuffle": False},
            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
            "optimizer": {"type": "sgd", "lr": LR}, "steps": 10, "log": {"every_steps": 1}}
-    t2 = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    log = io.StringIO()
+    t2 = Trainer(config_from_dict(raw, tmp_path), stream=log)
     assert t2.resume()
+    # (the start-up line names loss_scale.init; the resumed scale is the checkpoint's)
+    assert f"loss scale {float(t2.scaler.scale):g} from the checkpoint (loss_scale.init " \
+        f"{2.0 ** 24:g} is for runs that start fresh)" in log.getvalue()
     t2.fit()
     assert t1.scaler_skipped >= 1 and float(t2.scaler.scale) == float(t1.scaler.scale)
     assert [r["loss"] for r in t2.history if "loss" in r] == whole[5:]
@@ -373,3 +379,18 @@ def test_fp16_skipping_a_nan_loss_halves_the_scale_as_grad_scaler(tmp_path):
     t.fit()
     assert [r["loss_scale"] for r in t.history if "loss" in r] == [65536.0, 32768.0, 32768.0]
     assert t.skipped == 1
+
+
+def test_fp16_data_beyond_float16_range_is_named(tmp_path, digits_config):
+    """Inputs beyond float16's range become inf at the float16 cast before the first product:
+    the error names that cast and says what helps (another precision, smaller data), where
+    lowering the learning rate or skipping steps cannot."""
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "big.npz", x=d["x_train"] * 1e5, y=d["y_train"])
+    raw = digits_config(precision="fp16", steps=2)
+    raw["data"] = {"train": {"path": str(tmp_path / "big.npz"), "inputs": {"x": "x"},
+                             "targets": {"label": "y"}}, "batch_size": 32}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match="a value beyond float16's range .65504. was cast "
+                                           "to float16; use precision bf16 or fp32"):
+        t.fit()

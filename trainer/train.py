@@ -888,9 +888,15 @@ class Trainer:
             for i, node in enumerate(topo_sort(list(g.node), known)):
                 for o in node.output:
                     if o and _nonfinite(env.get(o)):
+                        to16 = node.op_type == "Cast" and any(
+                            a.name == "to" and a.i == onnx.TensorProto.FLOAT16
+                            for a in node.attribute)
                         return (f"the first non-finite value is output '{o}' of node "
                                 f"'{node.name or f'{node.op_type}_{i}'}' ({node.op_type}) "
-                                f"on rank {self.rank}")
+                                f"on rank {self.rank}"
+                                + (": a value beyond float16's range (65504) was cast to "
+                                   "float16; use precision bf16 or fp32, or scale the data "
+                                   "down" if to16 else ""))
         return self._NONE_HERE
 
     # -- the job -------------------------------------------------------------------------------
@@ -1285,9 +1291,14 @@ class Trainer:
             {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
         self.step = int(meta["step"])
         self._schedule_length_note(meta.get("total_steps"))
-        if self.scaler and not self.scaler.load(meta):
-            self.log.info(f"the checkpoint holds no loss scale (it was not an fp16 run): "
-                          f"starting from loss_scale.init {float(self.scaler.scale):g}")
+        if self.scaler:
+            init = float(self.scaler.scale)
+            if not self.scaler.load(meta):
+                self.log.info(f"the checkpoint holds no loss scale (it was not an fp16 run): "
+                              f"starting from loss_scale.init {init:g}")
+            elif float(self.scaler.scale) != init:  # (as GradScaler's load_state_dict)
+                self.log.info(f"loss scale {float(self.scaler.scale):g} from the checkpoint "
+                              f"(loss_scale.init {init:g} is for runs that start fresh)")
         epoch, index = (int(v) for v in meta["position"])
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:
