@@ -291,7 +291,7 @@ def winograd_weight_grad_into(x, dy, pads, dw=None):
     total = np.zeros((loops.PLANES, m, c))
     dy = np.ascontiguousarray(dy)
     grads = None
-    for i, nb, v in _input_tiles(loops, x, pads, m, th, tw):
+    for i, _nb, v in _input_tiles(loops, x, pads, m, th, tw):
         if grads is None:  # (the first chunk is the largest)
             grads = _skewed(loops.PLANES, m, v.shape[2], x.dtype)
         g = _narrowed(grads, v.shape[2])
