@@ -451,3 +451,46 @@ def test_a_full_disk_under_the_terminal_output_is_one_line():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "onnx-trainer: error: cannot write the terminal output: No space left on device"]
+
+
+def test_grad_trains_a_tied_output_projection_as_its_embedding(tmp_path):
+    """A TorchScript export folds a tied output projection (`head.weight = emb.weight`) into a
+    second initializer, the embedding's transpose. `train` ties it back; `grad` does too, so
+    the embedding's gradient in the written graph holds both uses (PyTorch's), and the copy is
+    no parameter of its own."""
+    torch = pytest.importorskip("torch")
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 6)
+            self.mid = torch.nn.Linear(6, 6)
+
+        def forward(self, tok):
+            h = torch.tanh(self.mid(self.emb(tok)))
+            return h @ self.emb.weight.t()
+
+    torch.manual_seed(0)
+    net = Tied()
+    tok = torch.tensor([[1, 4, 7], [2, 9, 0]])
+    torch.onnx.export(net, (tok,), str(tmp_path / "m.onnx"), input_names=["tok"],
+                      output_names=["logits"], dynamo=False, opset_version=17)
+    out = tmp_path / "train.onnx"
+    r = subprocess.run([sys.executable, "-m", "trainer", "grad", str(tmp_path / "m.onnx"),
+                        "--output", "logits", "--loss", "cross_entropy", "--class-axis", "2",
+                        "--batch-size", "2", "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "'emb.weight': trained as one tensor" in r.stdout
+    label = np.array([[3, 0, 5], [10, 1, 2]])
+    model = onnx.load(out)
+    grads = [o.name for o in model.graph.output if o.name.endswith("_grad")]
+    # (mid's weight is stored as its transpose, a parameter of its own name; the embedding's
+    # transpose is no parameter)
+    assert len(grads) == 3 and {"emb.weight_grad", "mid.bias_grad"} <= set(grads)
+    got = dict(zip(grads, ort.InferenceSession(str(out)).run(
+        grads, {"tok": tok.numpy(), "label": label}), strict=True))
+    logits = net(tok)
+    torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), torch.tensor(label)).backward()
+    np.testing.assert_allclose(got["emb.weight_grad"], net.emb.weight.grad.numpy(),
+                               rtol=1e-5, atol=1e-7)

@@ -143,6 +143,19 @@ def _grad(args) -> int:
 
     model = unfuse_conv_batchnorms(lower_contrib(load_model(args.model), inplace=True),
                                    inplace=True)[0]
+    # As `train` does: the exporter's merged tensors given back, and its folded copies (a tied
+    # output projection's transpose, a view) and lookups computed from their source, so that
+    # the source's gradient holds every use of it
+    from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
+    from trainer.autodiff.params import repair_exported_model, tie_folded_copies
+    from trainer.report import tied_line
+
+    repair_exported_model(model)
+    notes = []
+    lookups = tie_folded_lookups(model)
+    if lookups:
+        notes.append(lookups_line(lookups))
+    notes += [tied_line(c, src, kind) for c, (src, kind) in tie_folded_copies(model).items()]
     if args.precision in ("bf16", "fp16"):
         from trainer.autocast import autocast
         model, _, _ = autocast(model, args.precision)
@@ -175,6 +188,8 @@ def _grad(args) -> int:
     from trainer.export import save_model
     save_model(tm, out)
     print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    for line in notes:
+        print(f"note: {line}")
     fed = [vi.name for vi in tm.graph.input if vi.name not in {
         i.name for i in model.graph.input} and not vi.name.endswith("_grad")]
     if args.loss != "output" and args.target not in fed:
