@@ -14,7 +14,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from tests.conftest import ROOT
+from tests.conftest import EXAMPLES, ROOT
 from tests.families import FAMILIES, family_config
 from tests.mpi_run import run_mpi
 from trainer.comm.local import run_local as run_ranks
@@ -399,6 +399,24 @@ def test_bf16_compression_stays_close(tmp_path, digits_config):
         update = np.abs(p0[k] - init[k]).max()
         assert np.abs(c[k] - p0[k]).max() <= 0.05 * update, k
     assert any(not np.array_equal(c[k], p0[k]) for k in p0)  # compression did something
+
+
+def test_fp16_compression_overflow_names_the_compression(tmp_path, digits_config):
+    """Gradients beyond float16's range overflow in distributed.compress: fp16's transfer,
+    before clipping: the error says so and names bf16 or null, where lowering the lr or
+    clipping cannot help (found by a distributed sweep)."""
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "big.npz", x=d["x_train"] * 1e7, y=d["y_train"])
+    raw = digits_config(output=str(tmp_path / "o.onnx"), steps=2, grad_clip={"max_norm": 1.0},
+                        distributed={"compress": "fp16"})
+    raw["data"] = {"train": {"path": str(tmp_path / "big.npz"), "inputs": {"x": "x"},
+                             "targets": {"label": "y"}}, "batch_size": 32}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = _launch(2, path)
+    assert proc.returncode != 0
+    assert "distributed.compress: fp16 sends the gradients as float16" in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, digits_config):

@@ -802,9 +802,15 @@ class Trainer:
                 self.state[k][...] = v
             eps = getattr(self.cfg.optimizer, "eps", None)
             bce = self.cfg.loss.type == "bce" and not self.cfg.loss.logits
-            raise NonFiniteLoss(f"{what} at step {self.step + 1}; "
-                               f"{self._first_nonfinite_of_all(micro)}; training stopped before "
-                               "applying it (lower optimizer.lr, set grad_clip, or on_nan: skip)"
+            cause = self._first_nonfinite_of_all(micro)
+            sent16 = (cause == self._NONE_ANYWHERE and self.world > 1
+                      and self.cfg.distributed.compress == "fp16")
+            raise NonFiniteLoss(f"{what} at step {self.step + 1}; {cause}; training stopped "
+                               "before applying it " + (
+                                   "(distributed.compress: fp16 sends the gradients as "
+                                   "float16, whose range ends at 65504, before any clipping: "
+                                   "use compress: bf16, float32's range, or null)" if sent16
+                                   else "(lower optimizer.lr, set grad_clip, or on_nan: skip)")
                                + (f"; loss bce takes probabilities in [0, 1]: if "
                                   f"'{self.cfg.loss.output}' holds logits (no Sigmoid at the "
                                   "end), set loss.logits: true (torch's BCEWithLogitsLoss)"
