@@ -18,7 +18,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import ROOT
+from tests.conftest import EXAMPLES, ROOT
 from trainer.config import config_from_dict
 from trainer.errors import TrainerError
 from trainer.train import Trainer, best_path
@@ -270,3 +270,20 @@ def test_metrics_rows_are_strict_json(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[2] is None and all(v is not None for i, v in enumerate(losses) if i != 2)
     assert not np.isfinite([r["loss"] for r in t.history if "loss" in r][2])
+
+
+def test_early_stop_on_a_metric_never_finite_stops_and_says_so(tmp_path, digits_config):
+    """An evaluation whose metric is NaN at every evaluation (its inputs overflow) counts
+    toward early_stop.patience; the stop says the metric was not finite (it failed as an
+    internal error formatting the best value, which there was none of)."""
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "ev.npz", x=d["x_test"] * 3e38, y=d["y_test"])
+    raw = digits_config(steps=50, eval={"every_steps": 5, "every_epochs": 0},
+                        early_stop={"metric": "eval_loss", "patience": 2},
+                        output=str(tmp_path / "final.onnx"))
+    raw["data"]["eval"] = {"path": str(tmp_path / "ev.npz"), "inputs": {"x": "x"},
+                           "targets": {"label": "y"}}
+    result = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    assert result["steps"] == 10
+    assert result["early_stop"] == "eval_loss was not finite at 2 evaluation(s) in a row"
+    assert (tmp_path / "final.onnx").exists()

@@ -1117,7 +1117,8 @@ class Trainer:
                 self.es_bad += 1
                 if self.es_bad >= es.patience:
                     why = (f"{es.metric} did not improve on {self.es_best:.6g} for {es.patience} "
-                           f"evaluation(s)")
+                           f"evaluation(s)" if self.es_best is not None else
+                           f"{es.metric} was not finite at {es.patience} evaluation(s) in a row")
                     self.log.info(f"early stop at step {self.step}: {why}")
                     self.stopped_early = why
                     return why
