@@ -2423,3 +2423,44 @@ def test_what_an_export_cannot_say_is_warned():
                          for n in named)
     assert any(v.size > 1 and not (v == v.flat[0]).all() for v in values.values())
     assert lines[18] == []
+
+
+class AffineAndPlainNorms(nn.Module):
+    """A LayerNorm with weights next to one without (`elementwise_affine=False`), and the same
+    for InstanceNorm: PyTorch's default exporter stores the plain layers' ones and zeros once,
+    shared with the other layer's fresh weight and bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln1, self.fc2 = nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+        self.ln2 = nn.LayerNorm(8, elementwise_affine=False)
+        self.conv1, self.in1 = nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True)
+        self.conv2, self.in2 = nn.Conv2d(4, 4, 3, padding=1), nn.InstanceNorm2d(4)
+        self.head = nn.Linear(8 + 4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.ln2(self.fc2(torch.tanh(self.ln1(self.fc1(x))))))
+        img = x.reshape(-1, 1, 4, 4)
+        c = torch.tanh(self.in2(self.conv2(torch.tanh(self.in1(self.conv1(img))))))
+        return self.head(torch.cat([h, c.mean((2, 3))], 1))
+
+
+def test_a_plain_norm_does_not_train_the_weight_the_export_shares_with_it(tmp_path):
+    """The plain LayerNorm and InstanceNorm read the other layers' `ln1.weight`, `in1.weight`
+    and `in1.bias` in the default export (their FX nodes read no parameter: weight and bias
+    None); they get their own fixed copy, and the run is PyTorch's (the shared tensors had
+    trained through both layers: 1% off on ln1.weight, 18x on in1.bias after 4 steps)."""
+    torch.manual_seed(0)
+    model = AffineAndPlainNorms()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    onnx.save(torch.onnx.export(model, (torch.randn(2, 16),), input_names=["x"],
+                                output_names=["logits"],
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                                dynamo=True, verbose=False).model_proto,
+              str(tmp_path / "model.onnx"))
+    x, y = random_batches(tmp_path, (16,))
+    trainer = trains_like_pytorch(tmp_path, model, state, x, y)
+    got = trainer.trained_values()
+    for k in ("ln1.weight", "in1.weight", "in1.bias"):
+        np.testing.assert_allclose(got[k], model.state_dict()[k].numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=k)

@@ -479,12 +479,55 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     while True:  # (to a fixed point: a tensor given back can settle an ambiguous match, and
         # building the training graph repairs again, which must find nothing more)
         more = (untie_identity_aliases(model) + restore_optimized_parameters(model)
-                + untie_merged_folds(model))
+                + untie_merged_folds(model) + unshare_plain_norm_constants(model))
         if not more:
             break
         restored += more
     mark_padding_indices(model)
     return restored
+
+
+# The FX targets of normalization layers, whose weight and bias arguments are None for a layer
+# without them (LayerNorm(elementwise_affine=False), InstanceNorm2d(affine=False))
+_NORM_TARGET = re.compile(r"target=torch\.ops\.aten\.(native_)?(layer|instance|group|rms)_norm"
+                          r"\.default\]")
+
+
+def unshare_plain_norm_constants(model: onnx.ModelProto) -> list[str]:
+    """Give each normalization node of a default export whose FX node read no parameter or
+    buffer (a layer without weight and bias) its own fixed copy of every parameter's tensor it
+    reads, in place; returns the names made. The exporter's optimizer stores the plain layer's
+    scale of ones and bias of zeros once with another layer's fresh weight and bias of the same
+    values (a LayerNorm(d) next to a LayerNorm(d, elementwise_affine=False)), and training
+    would move that parameter through both layers, where PyTorch's plain layer stays fixed.
+    The copies (`{node}/scale`, `{node}/bias`) are constants of the export: no parameter of
+    the signature."""
+    from onnx import numpy_helper
+
+    entries = signature_entries(model)
+    params = {target: ph for ph, (kind, target) in entries.items()
+              if kind in ("PARAMETER", "BUFFER")}
+    if not params:
+        return []
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made: list[str] = []
+    for n in g.node:
+        fx = _meta(n, _FX_NODE_KEY)
+        if not _NORM_TARGET.search(fx) or _fx_reads(n) & set(params.values()):
+            continue
+        for slot in range(1, len(n.input)):
+            x = n.input[slot]
+            if x not in params or x not in inits:
+                continue
+            name = f"{n.name or n.output[0]}/{'scale' if slot == 1 else 'bias'}"
+            if name not in inits:
+                g.initializer.append(numpy_helper.from_array(
+                    np.array(numpy_helper.to_array(inits[x])), name))
+                inits[name] = g.initializer[-1]
+                made.append(name)
+            n.input[slot] = name
+    return made
 
 
 _EMBEDDING = re.compile(r"aten\.embedding\.default\]\(args = \(%\w+, %\w+, (-?\d+)")
