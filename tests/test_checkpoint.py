@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from tests.conftest import EXAMPLES
 from trainer import checkpoint
 from trainer.config import config_from_dict
 from trainer.errors import TrainerError
@@ -244,3 +245,31 @@ def test_resume_under_another_precision_gives_each_tensor_its_optimizer_state(tm
     got = per_tensor(second)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resume_with_another_data_order_says_so(tmp_path, digits_config):
+    """The checkpoint's data position is a batch of the epoch's sample order, which the
+    dataset's size, the seed and shuffle make: a run resumed with any of them changed says
+    that the rest of that epoch follows another order (some samples seen twice, some not at
+    all), where it was silent (found by a data sweep)."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 3}
+    Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "fewer.npz", x=d["x_train"][:-40], y=d["y_train"][:-40])
+    fewer = {"path": str(tmp_path / "fewer.npz"), "inputs": {"x": "x"},
+             "targets": {"label": "y"}}
+    for over, said in [({}, None), ({"seed": 7}, "seed 0 -> 7"),
+                       ({"data__shuffle": False}, "shuffle True -> False"),
+                       ({"data__train": fewer}, f"{len(d['x_train'])} -> "
+                                                f"{len(d['x_train']) - 40} training samples")]:
+        log = io.StringIO()
+        t = Trainer(config_from_dict(digits_config(steps=6, checkpoint=ck, **over),
+                                     tmp_path / "b"), stream=log)
+        assert t.resume()
+        text = log.getvalue()
+        if said is None:
+            assert "sample order" not in text
+        else:
+            assert f"the data's sample order changed since the checkpoint ({said})" in text, \
+                text

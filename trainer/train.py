@@ -1143,7 +1143,9 @@ class Trainer:
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
                 "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps,
                 # (the flat buffers' order: another precision's graph may make them in another)
-                "layout": [[k, int(np.prod(self.shapes[k]))] for k in self.names]}
+                "layout": [[k, int(np.prod(self.shapes[k]))] for k in self.names],
+                # (what the position's sample order follows from)
+                "data_order": self._data_order()}
         if self.scaler:
             meta.update(self.scaler.state())
         # what evaluations and skipped steps decided so far, so that a resumed run goes on as
@@ -1188,6 +1190,11 @@ class Trainer:
             else:
                 out[name] = to_host(v)
         return out
+
+    def _data_order(self) -> dict:
+        """What makes an epoch's sample order (and so what a checkpoint's position means)."""
+        return {"samples": int(self.batches.n), "seed": int(self.cfg.seed),
+                "shuffle": bool(self.cfg.data.shuffle)}
 
     def _in_own_layout(self, full: dict, layout) -> dict:
         """A whole-buffer optimizer state of a checkpoint whose flat layout is `layout`
@@ -1307,6 +1314,17 @@ class Trainer:
                 self.log.info(f"loss scale {float(self.scaler.scale):g} from the checkpoint "
                               f"(loss_scale.init {init:g} is for runs that start fresh)")
         epoch, index = (int(v) for v in meta["position"])
+        was, now = meta.get("data_order"), self._data_order()
+        if was and not (was.get("shuffle") or now["shuffle"]):  # (no order to draw)
+            was = {**was, "seed": now["seed"]}
+        if was and was != now:  # (checkpoints written before it hold none)
+            names = {"samples": "training samples", "seed": "seed", "shuffle": "shuffle"}
+            what = ", ".join(f"{was.get(k)} -> {now[k]} {v}" if k == "samples" else
+                             f"{v} {was.get(k)} -> {now[k]}"
+                             for k, v in names.items() if was.get(k) != now[k])
+            self.log.info(f"warning: the data's sample order changed since the checkpoint "
+                          f"({what}): epoch {epoch} goes on at batch {index} of another order, "
+                          "so some of its samples may be seen twice and others not at all")
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:
             seen = index * old_bs
