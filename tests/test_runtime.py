@@ -287,3 +287,43 @@ def test_early_stop_on_a_metric_never_finite_stops_and_says_so(tmp_path, digits_
     assert result["steps"] == 10
     assert result["early_stop"] == "eval_loss was not finite at 2 evaluation(s) in a row"
     assert (tmp_path / "final.onnx").exists()
+
+
+def test_a_fixed_batch_model_evaluates_a_set_of_any_size(tmp_path):
+    """A model exported at a fixed batch (TorchScript bakes `reshape(8, ...)`) trains on
+    batches of that size; its evaluation set need not be a multiple of it: the last chunk runs
+    padded with copies of its last sample, whose outputs are left out. The metrics are
+    PyTorch's over the 13 samples (it failed at the first evaluation, in the Reshape)."""
+    torch = pytest.importorskip("torch")
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).reshape(8, 64))
+
+    torch.manual_seed(0)
+    net = Fixed()
+    torch.onnx.export(net, (torch.zeros(8, 1, 4, 4),), str(tmp_path / "m.onnx"),
+                      input_names=["x"], output_names=["logits"], dynamo=False,
+                      opset_version=17)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((13, 1, 4, 4)).astype(np.float32), rng.integers(0, 3, 13)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 1, 4, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 32), xe=x, ye=y)
+    t = Trainer(config_from_dict({
+        "model": "m.onnx", "output": "o.onnx",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                 "eval": {"path": "d.npz", "inputs": {"x": "xe"}, "targets": {"label": "ye"}},
+                 "batch_size": 8},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 1}, tmp_path), stream=io.StringIO())
+    got = t.evaluate()
+    logits = torch.cat([net(torch.from_numpy(np.concatenate([x[8:], x[12:13].repeat(3, 0)])))[:5]
+                        if k else net(torch.from_numpy(x[:8])) for k in (0, 1)])
+    want = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).item()
+    assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert got["eval_accuracy"] == pytest.approx(
+        float((logits.argmax(1).numpy() == y).mean()))

@@ -1392,12 +1392,25 @@ class Trainer:
         n = next(iter(arrays.values())).shape[0]
         lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
         bs = max(self.cfg.data.batch_size // self.world, 1)
+        # a model of a fixed batch (the training batches fit it, see preflight.fixed_batch)
+        # runs the last, smaller chunk padded with copies of its last sample, whose outputs
+        # are left out
+        fixed = {d[0] for k, d in self.data_inputs.items() if k in arrays and d
+                 and d[0] is not None}
+        fixed_n = fixed.pop() if len(fixed) == 1 else None
         sums = np.zeros(3)  # loss sum, correct, count
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
+            feeds = {k: chunk[k] for k in self.data_inputs}
+            real = len(next(iter(chunk.values())))
+            if fixed_n is not None and real < fixed_n:
+                feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_n - real, 0)])
+                         for k, v in feeds.items()}
             # (a non-finite value shows in the metrics, not as NumPy's warnings)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                out = self.predict({k: chunk[k] for k in self.data_inputs})[spec.output]
+                out = self.predict(feeds)[spec.output]
+            if fixed_n is not None and real < fixed_n and out.shape[:1] == (fixed_n,):
+                out = out[:real]
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
                                len(next(iter(chunk.values()))), self._softmax_output,
                                chunk.get(spec.lengths) if spec.type == "ctc" else None)
