@@ -254,3 +254,25 @@ def test_a_function_the_inliner_leaves_is_named(tmp_path):
     with pytest.raises(ModelError, match=r"2 node\(s\) call functions .*dense \(this, node "
                                           r"'d1'\).*inlined"):
         load_model(tmp_path / "m.onnx")
+
+
+def test_torchscript_one_element_parameters_are_warned_of():
+    """A TorchScript export keeps a one-element nn.Parameter (a ReZero gate `alpha`, a learned
+    temperature) under its own name, where the tensors it folds are `onnx::<op>_<n>`: the
+    one-element rule leaves it out as a constant, and check and train now say so, with what
+    trains it (they said nothing; found by an exporter sweep)."""
+    from trainer.report import SCALAR_HINT, exporter_findings, warning_lines
+
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "alpha"], ["a"]),
+         helper.make_node("Mul", ["a", "onnx::Mul_7"], ["b"]),
+         helper.make_node("Add", ["b", "fc.bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array([0.5], np.float32), "alpha"),
+         numpy_helper.from_array(np.array(2.0, np.float32), "onnx::Mul_7"),
+         numpy_helper.from_array(np.array([0.0], np.float32), "fc.bias")])
+    model = helper.make_model(g, producer_name="pytorch")
+    assert f"WARNING: {SCALAR_HINT}: alpha" in warning_lines(*exporter_findings(model))
+    model.producer_name = "tf2onnx"  # (other exporters' names say nothing of the kind)
+    assert not any(SCALAR_HINT in w for w in warning_lines(*exporter_findings(model)))

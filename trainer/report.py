@@ -256,7 +256,22 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                     consts.append(t.name)
         if consts:
             lines.append(f"WARNING: {UNRECORDED_HINT}: {listing(consts)}")
+        # (TorchScript names the tensors it folds onnx::<op>_<n>: a one-element initializer
+        # of a module path's name is a PyTorch parameter or buffer, which the one-element rule
+        # leaves out unless it is a weight or bias)
+        scalars = [t.name for t in model.graph.initializer
+                   if t.data_type in FLOAT_TYPES and math.prod(t.dims) == 1
+                   and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", t.name)
+                   and not re.search(r"(^|\.)(weight|bias)$", t.name)]
+        if scalars:
+            lines.append(f"WARNING: {SCALAR_HINT}: {listing(scalars)}")
     return lines
+
+
+SCALAR_HINT = ("one-element tensors named as PyTorch parameters or buffers are left out as "
+               "constants of the graph (an epsilon or a fixed scale, by default): if they are "
+               "parameters, such as a ReZero gate or a learned temperature, list them in "
+               "'trainable' (with the other parameters, e.g. trainable: ['*'])")
 
 
 MOMENTUM_HINT = ("BatchNormalization layers whose momentum is 1.0 keep their running statistics "
