@@ -647,3 +647,18 @@ def test_python_api_names_the_model_when_the_model_itself_is_invalid() -> None:
     model.ir_version = 8
     with pytest.raises(ModelError, match="^the model is not a valid ONNX model: .*deprecated"):
         build_training_graph(model, {"type": "mse", "output": "y", "target": "t"})
+
+
+def test_log_metrics_naming_a_directory_suggests_a_metrics_file(tmp_path):
+    """(it suggested .../model.onnx, the output's example, for the metrics log)"""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.errors import TrainerError
+    from trainer.train import Trainer
+
+    (tmp_path / "logs").mkdir()
+    cfg = config_from_dict(_cfg(tmp_path, log__metrics=str(tmp_path / "logs")), tmp_path)
+    with pytest.raises(TrainerError, match="log.metrics .*logs is a directory; give a file "
+                                           "path such as .*logs/metrics.jsonl"):
+        Trainer(cfg, stream=io.StringIO())

@@ -90,3 +90,19 @@ def test_left_out_samples_are_named():
 def test_batch_must_divide_by_world():
     with pytest.raises(DataError, match="divisible"):
         Batches({"x": np.arange(10)}, 5, world=2)
+
+
+def test_a_single_npy_file_and_a_scalar_array_are_named(tmp_path):
+    """The pre-flight reads array headers first: a .npy file given as the dataset gets the hint
+    of how to save one (it said only "not a zip archive"), and a 0-d array is called a scalar
+    (it said "got label: None"; found by a data sweep)."""
+    from trainer.data import describe_arrays
+    from trainer.errors import DataError
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+    with pytest.raises(DataError, match="not a zip archive \\(a .npy file: save datasets with "
+                                        "np.savez"):
+        describe_arrays(tmp_path / "x.npy", {"x": "x"}, "data.train")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.array(3))
+    with pytest.raises(DataError, match="data.train: 'label' is a scalar \\(0-d arrays\\)"):
+        describe_arrays(tmp_path / "d.npz", {"x": "x", "label": "y"}, "data.train")

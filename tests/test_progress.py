@@ -202,16 +202,19 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
     log.record({"step": 10, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 1234.4})
     log.record({"step": 10, "epoch": 0, "eval_loss": 0.25, "eval_accuracy": 0.875})
     log.record({"step": 11, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 0.314})
+    log.record({"step": 11, "epoch": 0, "eval_loss": 2.5831e37, "eval_accuracy": 0.0})
     log.info("done")
     log.close()
     assert out.getvalue().splitlines() == [
         "step 10  epoch 0  loss 0.5000  lr 0.1  samples_per_s 1234",
         "step 10  epoch 0  eval_loss 0.2500  eval_accuracy 0.8750",
-        "step 11  epoch 0  loss 0.5000  lr 0.1  samples_per_s 0.31", "done"]  # (not 0)
+        "step 11  epoch 0  loss 0.5000  lr 0.1  samples_per_s 0.31",  # (not 0)
+        "step 11  epoch 0  eval_loss 2.583e+37  eval_accuracy 0.0000", "done"]  # (38 digits)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"step": 10, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 1234.4},
                     {"step": 10, "epoch": 0, "eval_loss": 0.25, "eval_accuracy": 0.875},
-                    {"step": 11, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 0.314}]
+                    {"step": 11, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 0.314},
+                    {"step": 11, "epoch": 0, "eval_loss": 2.5831e37, "eval_accuracy": 0.0}]
 
 
 def test_other_ranks_and_dumb_terminals(tmp_path, monkeypatch):

@@ -51,10 +51,8 @@ def load_arrays(path, mapping: Mapping[str, str], what: str) -> dict[str, np.nda
                 out[name] = _read_member(zf, members[key], f"{what}: array '{key}' in {path}",
                                          size)
     except zipfile.BadZipFile:
-        hint = (" (a .npy file: save datasets with np.savez, or as one <key>.npy file per "
-                "array in a directory)") if _is_npy(path) else ""
         raise DataError(f"{what}: cannot read {path} as .npz without pickle: not a zip "
-                        f"archive{hint}") from None
+                        f"archive{_npy_hint(path)}") from None
     except DataError:
         raise
     except _READ_ERRORS as exc:
@@ -91,17 +89,32 @@ def describe_arrays(path, mapping: Mapping[str, str], what: str
                         shape, dtype = _header(fp, label)
                     out[name] = (tuple(shape), dtype, False)
         except zipfile.BadZipFile:
-            raise DataError(f"{what}: cannot read {path} as .npz: not a zip archive") from None
+            raise DataError(f"{what}: cannot read {path} as .npz: not a zip archive"
+                            f"{_npy_hint(path)}") from None
         except DataError:
             raise
         except _READ_ERRORS as exc:
             text = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise DataError(f"{what}: cannot read {path} as .npz without pickle: {text}") from None
-    lengths = {name: (s[0] if s else None) for name, (s, _, _) in out.items()}
-    if len(set(lengths.values())) > 1 or None in lengths.values():
+    _same_lengths({name: (s[0] if s else None) for name, (s, _, _) in out.items()}, what)
+    return out
+
+
+def _npy_hint(path: Path) -> str:
+    return (" (a .npy file: save datasets with np.savez, or as one <key>.npy file per array in "
+            "a directory)") if _is_npy(path) else ""
+
+
+def _same_lengths(lengths: Mapping[str, int | None], what: str) -> None:
+    """Every array's first (sample) axis of one length; a scalar (no axis) is named."""
+    scalars = [k for k, v in lengths.items() if v is None]
+    if scalars:
+        raise DataError(f"{what}: {', '.join(map(repr, scalars))} "
+                        f"{'is a scalar' if len(scalars) == 1 else 'are scalars'} (0-d "
+                        "arrays): every array needs a first axis of one entry per sample")
+    if len(set(lengths.values())) > 1:
         raise DataError(f"{what}: arrays must share their first (sample) dimension; got "
                         + ", ".join(f"{k}: {v}" for k, v in lengths.items()))
-    return out
 
 
 def _members(zf: zipfile.ZipFile) -> dict[str, str]:
@@ -118,10 +131,7 @@ def _need(key: str, name: str, members: Mapping[str, str], path: Path, what: str
 
 
 def _check_lengths(out: Mapping[str, np.ndarray], what: str) -> None:
-    lengths = {name: a.shape[0] if a.ndim else None for name, a in out.items()}
-    if len(set(lengths.values())) > 1 or None in lengths.values():
-        raise DataError(f"{what}: arrays must share their first (sample) dimension; got "
-                        + ", ".join(f"{k}: {v}" for k, v in lengths.items()))
+    _same_lengths({name: a.shape[0] if a.ndim else None for name, a in out.items()}, what)
 
 
 def _open_npy(folder: Path, key: str, name: str, what: str, check: bool = True) -> np.ndarray:

@@ -275,6 +275,8 @@ class MetricsLogger:
                 value = row[key]
                 if key == "samples_per_s" and value < 10:  # (0.31, not 0: slow steps)
                     fmt = ".2g"
+                elif fmt == ".4f" and abs(value) >= 1e6:  # (1.2e+37, not 38 digits)
+                    fmt = ".4g"
                 parts.append(f"{key} {value:{fmt}}")
         self.info("  ".join(parts))
 

@@ -27,8 +27,10 @@ def writable_file(path: Path, what: str) -> None:
     see `_probe`)."""
     path = Path(path)
     if path.is_dir():
+        example = "metrics.jsonl" if "metrics" in what else (
+            "trace.json" if "trace" in what else "model.onnx")
         raise TrainerError(f"{what} {path} is a directory; give a file path such as "
-                           f"{path / 'model.onnx'}")
+                           f"{path / example}")
     if os.path.lexists(path) and not path.is_file():
         raise TrainerError(f"{what} {path} exists and is not a regular file (a device, a pipe "
                            "or a broken link), which the write would replace; give a file path")
