@@ -328,6 +328,14 @@ def test_eval_command(tmp_path, digits_config):
     assert float(proc.stdout.split("eval_accuracy")[1].split()[0]) == pytest.approx(want,
                                                                                     abs=1e-4)
     assert not (frozen / "o.onnx").exists()
+    # eval reads data.eval only: a training set that is missing is no error (it was; found
+    # by a data sweep)
+    gone = digits_config(output=str(frozen / "o.onnx"))
+    gone["data"]["train"]["path"] = str(tmp_path / "no-such.npz")
+    proc = run("eval", write_cfg(frozen, gone), "--model", str(tmp_path / "out" / "model.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("eval_accuracy")[1].split()[0]) == pytest.approx(want,
+                                                                                    abs=1e-4)
 
 
 def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tmp_path):

@@ -258,7 +258,10 @@ class Trainer:
         # model that does not fit the data is said of data.eval)
         early_eval = self._load(cfg.data.eval, "data.eval") if cfg.data.eval and not writes \
             else None
-        self.train_arrays = self._load(train, "data.train")
+        # (`onnx-trainer eval` trains nothing: the set it evaluates stands in for data.train,
+        # which it need not read, nor even find)
+        self.train_arrays = self._load(train, "data.train") if early_eval is None \
+            else early_eval
         # data.on_device: the training set on the GPU, each batch gathered there (the host
         # arrays stay for the label counts and shapes)
         self.on_device = keep_on_device(
@@ -279,7 +282,8 @@ class Trainer:
         prefetch = False if self.on_device else self._prefetch(self.train_arrays)
         self.batches = Batches(source, cfg.data.batch_size, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
-                               drop_last=cfg.data.drop_last, seed=cfg.seed,
+                               drop_last=cfg.data.drop_last and early_eval is None,
+                               seed=cfg.seed,
                                dtypes=None if self.on_device else dtypes,
                                prefetch=prefetch, xp=self.xp if self.on_device else np,
                                # a GPU: prefetched batches go up on a copy stream of their own
@@ -295,7 +299,8 @@ class Trainer:
                                   self.world)
         self.plans: dict[int, Plan] = {}
         self._init_parameters()
-        self._check_targets(self.train_arrays, "data.train")
+        if early_eval is None:
+            self._check_targets(self.train_arrays, "data.train")
         if self.eval_arrays is not None:
             self._check_targets(self.eval_arrays, "data.eval")
         ev = cfg.eval
