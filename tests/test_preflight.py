@@ -529,3 +529,24 @@ def test_a_bce_target_of_the_wrong_shape_names_bce():
 
     with pytest.raises(DataError, match="the bce loss compares it with 'logits'"):
         preflight.binary_targets(np.zeros((4, 3)), "t", "data.train", (1,), "logits")
+
+
+@pytest.mark.parametrize("bad_at", [(7, 1), (2, 0)])
+def test_labels_are_checked_in_chunks_and_the_first_bad_one_named(monkeypatch, bad_at):
+    """Class labels are checked a chunk of samples at a time (a memory-mapped label file of
+    tokens is not copied whole into temporaries, 3 bytes a label before); the first bad one is
+    still named by its sample and position, and an all-ignored set still refused."""
+    from trainer import preflight
+    from trainer.errors import DataError
+
+    monkeypatch.setattr(preflight, "LABEL_CHECK_ELEMENTS", 6)  # (3 samples of 2)
+    labels = np.zeros((10, 2), np.int64)
+    labels[bad_at] = 9
+    with pytest.raises(DataError, match=f"holds 9 at sample {bad_at[0]}, position "
+                                        f"\\[{bad_at[1]}\\], outside \\[0, 5\\)"):
+        preflight.class_labels(labels, "y", "data.train", 5, (2,), -100, "logits")
+    with pytest.raises(DataError, match="every label of target 'y' is -100"):
+        preflight.class_labels(np.full((10, 2), -100), "y", "data.train", 5, (2,), -100,
+                               "logits")
+    labels[bad_at] = -100  # (one ignored position, the rest class 0: fine)
+    preflight.class_labels(labels, "y", "data.train", 5, (2,), -100, "logits")

@@ -4,6 +4,7 @@ paths, fixed batch dimensions, and loss targets (shapes, dtypes, label ranges) o
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -205,6 +206,9 @@ def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_si
                 f"data.batch_size to {dims[0] * world} with drop_last: true")
 
 
+LABEL_CHECK_ELEMENTS = 8 << 20  # labels checked at a time (memory: a few bytes each)
+
+
 def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
                  per_sample: tuple[int, ...], ignore_index: int, output: str,
                  out_shape: tuple[int, ...] | None = None) -> None:
@@ -225,15 +229,25 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
                     f"set loss.class_axis: {fits[0]})")
         raise DataError(f"{what}: target '{name}' has per-sample shape {list(labels.shape[1:])}, "
                         f"but '{output}' without its class axis has {list(per_sample)}{hint}")
-    bad = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
-    if bad.any():
-        flat = int(np.flatnonzero(bad.reshape(-1))[0])
-        idx = np.unravel_index(flat, labels.shape)
-        where = f"sample {idx[0]}" + (f", position {list(idx[1:])}" if len(idx) > 1 else "")
-        raise DataError(f"{what}: target '{name}' holds {int(labels[idx])} at {where}, outside "
-                        f"[0, {classes}) for the {classes} classes of '{output}' "
-                        f"(label {ignore_index} marks a position to ignore, as loss.ignore_index)")
-    if labels.size and bool((labels == ignore_index).all()):  # (a loss of 0/0: nothing to learn)
+    # (chunk by chunk of samples: a memory-mapped label file is not copied whole into
+    # temporaries)
+    rows = max(1, LABEL_CHECK_ELEMENTS // max(1, math.prod(labels.shape[1:])))
+    all_ignored = labels.size > 0
+    for lo in range(0, labels.shape[0], rows):  # (labels have a sample axis: checked above)
+        part = np.asarray(labels[lo:lo + rows])
+        bad = ((part < 0) | (part >= classes)) & (part != ignore_index)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.reshape(-1))[0])
+            idx = np.unravel_index(flat, part.shape)
+            value = int(part[idx])
+            idx = (int(idx[0]) + lo,) + tuple(int(i) for i in idx[1:])
+            where = f"sample {idx[0]}" + (f", position {list(idx[1:])}" if len(idx) > 1
+                                          else "")
+            raise DataError(f"{what}: target '{name}' holds {value} at {where}, outside "
+                            f"[0, {classes}) for the {classes} classes of '{output}' (label "
+                            f"{ignore_index} marks a position to ignore, as loss.ignore_index)")
+        all_ignored = all_ignored and bool((part == ignore_index).all())
+    if all_ignored:  # (a loss of 0/0: nothing to learn)
         raise DataError(f"{what}: every label of target '{name}' is {ignore_index}, "
                         f"loss.ignore_index: no position counts, so there is nothing to "
                         f"{'evaluate' if 'eval' in what else 'train on'} (its loss would be 0 / "
