@@ -2427,7 +2427,7 @@ def test_what_an_export_cannot_say_is_warned():
 
 class AffineAndPlainNorms(nn.Module):
     """A LayerNorm with weights next to one without (`elementwise_affine=False`), and the same
-    for InstanceNorm: PyTorch's default exporter stores the plain layers' ones and zeros once,
+    for InstanceNorm and GroupNorm: PyTorch's default exporter stores the plain layers' ones and zeros once,
     shared with the other layer's fresh weight and bias."""
 
     def __init__(self):
@@ -2436,19 +2436,22 @@ class AffineAndPlainNorms(nn.Module):
         self.ln2 = nn.LayerNorm(8, elementwise_affine=False)
         self.conv1, self.in1 = nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True)
         self.conv2, self.in2 = nn.Conv2d(4, 4, 3, padding=1), nn.InstanceNorm2d(4)
+        self.gn1, self.gn2 = nn.GroupNorm(2, 4), nn.GroupNorm(2, 4, affine=False)
         self.head = nn.Linear(8 + 4, 5)
 
     def forward(self, x):
         h = torch.tanh(self.ln2(self.fc2(torch.tanh(self.ln1(self.fc1(x))))))
         img = x.reshape(-1, 1, 4, 4)
         c = torch.tanh(self.in2(self.conv2(torch.tanh(self.in1(self.conv1(img))))))
+        c = self.gn2(torch.tanh(self.gn1(c)))
         return self.head(torch.cat([h, c.mean((2, 3))], 1))
 
 
 def test_a_plain_norm_does_not_train_the_weight_the_export_shares_with_it(tmp_path):
     """The plain LayerNorm and InstanceNorm read the other layers' `ln1.weight`, `in1.weight`
-    and `in1.bias` in the default export (their FX nodes read no parameter: weight and bias
-    None); they get their own fixed copy, and the run is PyTorch's (the shared tensors had
+    and `in1.bias` in the default export, the plain GroupNorm the [C, 1, 1] views of
+    `gn1.weight` and `gn1.bias` (their FX nodes read no parameter: weight and bias None); they
+    get their own fixed copy, and the run is PyTorch's (the shared tensors had
     trained through both layers: 1% off on ln1.weight, 18x on in1.bias after 4 steps)."""
     torch.manual_seed(0)
     model = AffineAndPlainNorms()
@@ -2461,6 +2464,6 @@ def test_a_plain_norm_does_not_train_the_weight_the_export_shares_with_it(tmp_pa
     x, y = random_batches(tmp_path, (16,))
     trainer = trains_like_pytorch(tmp_path, model, state, x, y)
     got = trainer.trained_values()
-    for k in ("ln1.weight", "in1.weight", "in1.bias"):
+    for k in ("ln1.weight", "in1.weight", "in1.bias"):  # (gn1's: views, the losses say)
         np.testing.assert_allclose(got[k], model.state_dict()[k].numpy(), rtol=1e-5,
                                    atol=1e-6, err_msg=k)

@@ -500,8 +500,8 @@ def unshare_plain_norm_constants(model: onnx.ModelProto) -> list[str]:
     scale of ones and bias of zeros once with another layer's fresh weight and bias of the same
     values (a LayerNorm(d) next to a LayerNorm(d, elementwise_affine=False)), and training
     would move that parameter through both layers, where PyTorch's plain layer stays fixed.
-    The copies (`{node}/scale`, `{node}/bias`) are constants of the export: no parameter of
-    the signature."""
+    The copies (`{node}/input{slot}`) are constants of the export: no parameter of the
+    signature."""
     from onnx import numpy_helper
 
     entries = signature_entries(model)
@@ -511,16 +511,20 @@ def unshare_plain_norm_constants(model: onnx.ModelProto) -> list[str]:
         return []
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    placeholders = set(params.values())
+    plain = [n for n in g.node if _NORM_TARGET.search(_meta(n, _FX_NODE_KEY))
+             and not _fx_reads(n) & placeholders]
+    if not plain:
+        return []
+    # (a parameter's tensor, or a view of one that trains as it: GroupNorm's [C, 1, 1] weight)
+    held = set(params) | set(parameter_aliases(model))
     made: list[str] = []
-    for n in g.node:
-        fx = _meta(n, _FX_NODE_KEY)
-        if not _NORM_TARGET.search(fx) or _fx_reads(n) & set(params.values()):
-            continue
+    for n in plain:
         for slot in range(1, len(n.input)):
             x = n.input[slot]
-            if x not in params or x not in inits:
+            if x not in held or x not in inits:
                 continue
-            name = f"{n.name or n.output[0]}/{'scale' if slot == 1 else 'bias'}"
+            name = f"{n.name or n.output[0]}/input{slot}"
             if name not in inits:
                 g.initializer.append(numpy_helper.from_array(
                     np.array(numpy_helper.to_array(inits[x])), name))
