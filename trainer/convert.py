@@ -14,7 +14,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from trainer.errors import ModelError, TrainerError
-from trainer.graph import FLOAT_TYPES, NameScope, all_names, attrs_of, load_model, opset_of
+from trainer.graph import (
+    FLOAT_TYPES,
+    NameScope,
+    all_names,
+    attrs_of,
+    load_model,
+    node_name,
+    opset_of,
+)
 
 BATCH_PARAM = "N"
 
@@ -313,10 +321,13 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
     replaced: set[str] = set()
     scope = NameScope(all_names(g))
     patched = 0
-    for node in g.node:
+    lost: list[str] = []  # nodes that read the batch axis and whose outputs do not keep it
+    for i, node in enumerate(g.node):
         if not any(x in carrying for x in node.input if x):
             continue
         carries, new_shape = _carries_batch(node, carrying, consts, batch)
+        if not carries:
+            lost.append(f"'{node_name(node, i)}' ({node.op_type})")
         if new_shape is not None:
             if len(node.input) >= 2:  # Reshape-5+: a fresh shape tensor of its own
                 replaced.add(node.input[1])
@@ -343,10 +354,13 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
                         for o in model.graph.output):
         # (an output of the fixed batch size that the batch axis does not reach: it was merged
         # into another axis, as a Reshape to [B*T, F], which no rule here can follow)
+        where = f"; convert cannot follow it past {lost[0]}" if lost else ""
         raise ModelError(f"convert --dynamic-batch: the batch axis of {', '.join(fixed)} "
-                         f"(size {batch}) reaches no output of size {batch}: it is merged into "
-                         "another axis on the way (a Reshape to [B*T, F]?), which convert cannot "
-                         "rewrite; export the model with a dynamic batch axis")
+                         f"(size {batch}) reaches no output of size {batch} as far as convert "
+                         f"can follow it (constant shapes, batch-preserving ops){where}: a "
+                         "Reshape to [B*T, F], a shape computed from Shape, or an op whose "
+                         "batch axis it does not know; export the model with a dynamic batch "
+                         "axis")
     del g.value_info[:]
     _drop_dead(g, replaced)
     _check_batch(model, m, fixed, batch, outs)
