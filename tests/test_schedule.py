@@ -204,6 +204,13 @@ def test_known_values_and_lr_at():
     assert math.isclose(lr_at(c, 0.3, 20, 20), 0.0, abs_tol=1e-15)  # clamped past the end
     c = schedule_cfg({"type": "linear", "min_lr": 0.1}).schedule
     assert lr_at(c, 1.0, 10, 10) == pytest.approx(0.1)
+    # from a start_factor below 1: without min_lr up to the lr (LinearLR's warm-up); with an
+    # explicit min_lr, 0 included, down to it (0 was taken for "not given"; found by an
+    # optimizer sweep)
+    c = schedule_cfg({"type": "linear", "start_factor": 0.5}).schedule
+    assert [lr_at(c, 0.1, k, 10) for k in (0, 5, 10)] == pytest.approx([0.05, 0.075, 0.1])
+    c = schedule_cfg({"type": "linear", "start_factor": 0.5, "min_lr": 0}).schedule
+    assert [lr_at(c, 0.1, k, 10) for k in (0, 5, 10)] == pytest.approx([0.05, 0.025, 0.0])
 
 
 # -- 20 training steps with groups: weights against torch --------------------------------------
@@ -304,6 +311,8 @@ def error(sched: dict, opt: dict | None = None) -> str:
      "(0, 1]"),
     ({"type": "linear", "end_factor": 0.5, "min_lr": 0.01}, "config keys 'schedule.end_factor' "
      "and 'schedule.min_lr': give at most one of them"),
+    ({"type": "linear", "end_factor": 0.5, "min_lr": 0}, "config keys 'schedule.end_factor' "
+     "and 'schedule.min_lr': give at most one of them"),
     ({"type": "step", "step_size": 2, "min_lr": 0.1}, "config key 'schedule.min_lr' is not valid "
      "for schedule type 'step'"),
     ({"type": "polynomial", "power": 0}, "config key 'schedule.power' must be > 0"),
@@ -329,7 +338,7 @@ def test_defaults_are_torchs():
         0.3, "cos", 25.0, 1e4, False, True, 0.85, 0.95)
     c = schedule_cfg({"type": "plateau"}).schedule
     assert (c.mode, c.factor, c.patience, c.threshold, c.threshold_mode, c.cooldown,
-            c.min_lr) == ("auto", 0.1, 10, 1e-4, "rel", 0, 0.0)
+            c.min_lr) == ("auto", 0.1, 10, 1e-4, "rel", 0, None)  # (None: 0, not given)
     c = schedule_cfg({"type": "cosine_restarts", "T_0": 3}).schedule
     assert c.T_mult == 1 and schedule_cfg({"type": "polynomial"}).schedule.power == 1.0
     assert config({"type": "sgd"}).optimizer.groups == ()

@@ -397,8 +397,10 @@ _ONECYCLE, _PLATEAU = ("onecycle",), ("plateau",)
 class ScheduleConfig:
     type: str = _k(_str, "constant", choices=SCHEDULES)
     warmup_steps: int = _k(_int, 0, check=_NONNEG, only=_WARMUP)
-    min_lr: float = _k(_float, 0.0, check=_NONNEG,
-                       only=("linear", "cosine", "cosine_restarts", "plateau"))
+    # (None: not given, 0 for every type but linear from a start_factor below 1, whose end is
+    # then the lr, torch's LinearLR warm-up; an explicit 0 decays it to 0)
+    min_lr: float | None = _k(_float, None, nullable=True, check=_NONNEG,
+                              only=("linear", "cosine", "cosine_restarts", "plateau"))
     step_size: int | None = _k(_int, None, check=_POS, only=("step",), required_for=("step",))
     milestones: tuple[int, ...] = _k(_milestones, (), only=("multistep",),
                                      required_for=("multistep",))
@@ -581,7 +583,7 @@ def _check_optimizer(v: dict[str, Any], key: str) -> None:
 
 
 def _check_schedule(v: dict[str, Any], key: str) -> None:
-    if v["type"] == "linear" and v["end_factor"] is not None and v["min_lr"] != 0:
+    if v["type"] == "linear" and v["end_factor"] is not None and v["min_lr"] is not None:
         raise ConfigError(f"config keys '{_join(key, 'end_factor')}' and "
                           f"'{_join(key, 'min_lr')}': give at most one of them (the end of the "
                           "linear decay, relative or absolute)")

@@ -73,11 +73,12 @@ class Schedule:
             # without end_factor: a decay to min_lr, or, from a start_factor below 1 and no
             # min_lr (torch's warm-up form), up to torch's default end_factor, 1
             end = (b * c.end_factor if c.end_factor is not None
-                   else b if c.start_factor < 1 and not c.min_lr else c.min_lr)
+                   else b if c.start_factor < 1 and c.min_lr is None else c.min_lr or 0.0)
             return start + (end - start) * (min(t, n) / n)
         if kind == "cosine":
             n = self.span
-            return c.min_lr + (b - c.min_lr) * (1 + math.cos(math.pi * min(t, n) / n)) / 2
+            low = c.min_lr or 0.0
+            return low + (b - low) * (1 + math.cos(math.pi * min(t, n) / n)) / 2
         if kind == "cosine_restarts":
             cur, period = t, c.T_0
             if c.T_mult == 1:
@@ -85,7 +86,8 @@ class Schedule:
             else:
                 while cur >= period:
                     cur, period = cur - period, period * c.T_mult
-            return c.min_lr + (b - c.min_lr) * (1 + math.cos(math.pi * cur / period)) / 2
+            low = c.min_lr or 0.0
+            return low + (b - low) * (1 + math.cos(math.pi * cur / period)) / 2
         if kind == "polynomial":
             n = c.total_iters or self.span
             return b * (1.0 - min(t, n) / n) ** c.power
@@ -142,7 +144,7 @@ class Schedule:
             self.num_bad_epochs = 0
         if self.num_bad_epochs > c.patience:
             for i, old in enumerate(self.current):
-                new = max(old * c.factor, c.min_lr)
+                new = max(old * c.factor, c.min_lr or 0.0)
                 if old - new > 1e-8:  # torch's eps: smaller changes are ignored
                     self.current[i] = new
             self.cooldown_counter, self.num_bad_epochs = c.cooldown, 0
