@@ -375,6 +375,8 @@ def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str
         k = len(readers.get(name, ()))
         if t is None or k < 2 or int(np.prod(t.dims)) < 2 or signature.get(name) == "PARAMETER":
             continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:  # (values not read: the pre-flight's
+            continue  # stripped structure, external data left on disk)
         a = numpy_helper.to_array(t)
         if a.size and (a == a.flat[0]).all():
             out.append(f"{name} (all {a.flat[0]:g}, read by {k} nodes)")
