@@ -106,3 +106,21 @@ def test_a_single_npy_file_and_a_scalar_array_are_named(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.array(3))
     with pytest.raises(DataError, match="data.train: 'label' is a scalar \\(0-d arrays\\)"):
         describe_arrays(tmp_path / "d.npz", {"x": "x", "label": "y"}, "data.train")
+
+
+def test_a_damaged_npz_member_is_called_damaged(tmp_path):
+    """A .npz whose member fails its CRC (bytes zeroed in the middle) is a zip archive: the
+    error says the file is damaged, in zipfile's words, not "not a zip archive" (found by a
+    robustness sweep)."""
+    from pathlib import Path
+
+    from trainer.data import describe_arrays
+
+    raw = bytearray((Path(__file__).parent.parent / "examples" / "digits.npz").read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = b"\0" * 64
+    (tmp_path / "d.npz").write_bytes(bytes(raw))
+    mapping = {"x": "x_train", "label": "y_train"}
+    describe_arrays(tmp_path / "d.npz", mapping, "data.train")  # (the headers are intact)
+    with pytest.raises(DataError, match="data.train: .*d.npz is damaged: Bad CRC-32 for file "
+                                        "'x_train.npy'"):
+        load_arrays(tmp_path / "d.npz", mapping, "data.train")

@@ -50,9 +50,8 @@ def load_arrays(path, mapping: Mapping[str, str], what: str) -> dict[str, np.nda
                 _need(key, name, members, path, what)
                 out[name] = _read_member(zf, members[key], f"{what}: array '{key}' in {path}",
                                          size)
-    except zipfile.BadZipFile:
-        raise DataError(f"{what}: cannot read {path} as .npz without pickle: not a zip "
-                        f"archive{_npy_hint(path)}") from None
+    except zipfile.BadZipFile as exc:
+        raise _bad_zip(path, what, exc) from None
     except DataError:
         raise
     except _READ_ERRORS as exc:
@@ -88,9 +87,8 @@ def describe_arrays(path, mapping: Mapping[str, str], what: str
                     with zf.open(info) as fp:
                         shape, dtype = _header(fp, label)
                     out[name] = (tuple(shape), dtype, False)
-        except zipfile.BadZipFile:
-            raise DataError(f"{what}: cannot read {path} as .npz: not a zip archive"
-                            f"{_npy_hint(path)}") from None
+        except zipfile.BadZipFile as exc:
+            raise _bad_zip(path, what, exc) from None
         except DataError:
             raise
         except _READ_ERRORS as exc:
@@ -98,6 +96,16 @@ def describe_arrays(path, mapping: Mapping[str, str], what: str
             raise DataError(f"{what}: cannot read {path} as .npz without pickle: {text}") from None
     _same_lengths({name: (s[0] if s else None) for name, (s, _, _) in out.items()}, what)
     return out
+
+
+def _bad_zip(path: Path, what: str, exc: Exception) -> DataError:
+    """The error for a .npz that zipfile refused: not a zip archive at all, or a damaged
+    member of one (zipfile's words name it: "Bad CRC-32 for file 'x.npy'")."""
+    if zipfile.is_zipfile(path):
+        return DataError(f"{what}: {path} is damaged: {' '.join(str(exc).split())[:200]} (copy "
+                         "or write it again)")
+    return DataError(f"{what}: cannot read {path} as .npz: not a zip archive"
+                     f"{_npy_hint(path)}")
 
 
 def _npy_hint(path: Path) -> str:
