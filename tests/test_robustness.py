@@ -699,3 +699,17 @@ def test_names_from_a_file_are_escaped_to_one_line(tmp_path):
         zf.writestr("a\nb.npy", buf.getvalue())
     with pytest.raises(DataError, match=r"it has a\\nb$"):
         load_arrays(tmp_path / "d.npz", {"x": "x"}, "data.train")
+
+
+def test_checkpoint_folders_follow_the_umask(tmp_path):
+    """A checkpoint's folder gets the umask's permissions, as the exported model does (it was
+    0700, from mkdtemp: the group could not read a shared folder's checkpoints; found by a
+    robustness sweep)."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = checkpoint.save(tmp_path, 3, {"a": np.zeros(2)}, {}, keep=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750

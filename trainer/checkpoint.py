@@ -104,6 +104,9 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
         _remove_leftovers(directory)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.", suffix=_TMP))
         try:
+            # (mkdtemp makes it 0700 whatever the umask: the group could not read the
+            # checkpoints a shared cluster folder holds, where the exported model is 0644)
+            os.chmod(tmp, 0o777 & ~_umask())
             with open(tmp / ARRAYS, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
@@ -120,6 +123,12 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
         raise write_error(exc, "checkpoint", final) from None
     _retain(directory, max(keep, 1), final)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _install(tmp: Path, final: Path) -> None:
