@@ -273,3 +273,22 @@ def test_resume_with_another_data_order_says_so(tmp_path, digits_config):
         else:
             assert f"the data's sample order changed since the checkpoint ({said})" in text, \
                 text
+
+
+def test_a_second_run_on_the_same_checkpoint_dir_is_refused_while_the_first_runs(
+        tmp_path, digits_config):
+    """Two runs writing one checkpoint.dir deleted each other's checkpoints in progress (a
+    requeued job started while the first still ran); the folder is locked while a run trains
+    there, and a second one is refused at its start, naming the holder (found by a robustness
+    sweep). After the first run, the folder is free."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 2}
+    first = Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path / "a"),
+                    stream=io.StringIO())
+    second = Trainer(config_from_dict(digits_config(steps=4, checkpoint=ck), tmp_path / "b"),
+                     stream=io.StringIO())
+    first._hold_checkpoint_dir()  # (as its fit does first)
+    with pytest.raises(TrainerError, match="checkpoint.dir .*ck is in use by another run "
+                                           "\\(pid \\d+ on .*\\); wait for it to end"):
+        second.fit(resume=True)
+    first.fit()
+    assert second.fit(resume=True)["steps"] == 4

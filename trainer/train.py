@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -915,6 +916,8 @@ class Trainer:
         """Train to the configured length (continuing from the newest checkpoint if `resume`),
         evaluate, and export to cfg.output from rank 0. With `profile`, the steps after its
         warm-up are timed and the profile is printed (and returned under "profile")."""
+        if self.rank == 0 and self.cfg.checkpoint.dir is not None:
+            self._hold_checkpoint_dir()
         if (not resume and not self._resumed and self.rank == 0
                 and self.cfg.checkpoint.dir is not None):
             # (mixed with this run's, an earlier run's later steps would be what --resume picks)
@@ -934,6 +937,38 @@ class Trainer:
         finally:
             self.batches.close()
             self.log.close()
+            if getattr(self, "_lock", None) is not None:  # (checkpoint.dir free again)
+                os.close(self._lock)
+                self._lock = None
+
+    def _hold_checkpoint_dir(self) -> None:
+        """An exclusive lock on checkpoint.dir (its `.lock` file, held while `fit` runs and
+        released if the process is killed): a second run writing there, a requeued job started while the first still runs,
+        is refused at its start (two writers deleted each other's checkpoints in progress, and
+        the newest checkpoint could be the other run's)."""
+        import errno
+        import fcntl
+        import socket
+
+        if getattr(self, "_lock", None) is not None:
+            return
+        folder = Path(self.cfg.checkpoint.dir)
+        checkpoint.make_dirs(folder)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise TrainerError(f"checkpoint.dir {folder} is in use by another run "
+                                   f"({holder}); wait for it to end, or give this run another "
+                                   "checkpoint.dir") from None
+            raise TrainerError(f"checkpoint.dir {folder}: cannot lock it "
+                               f"({exc.strerror or exc})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._lock = fd  # (released at the end of fit, or when the process ends)
 
     def _fit(self) -> dict:
         cfg = self.cfg
