@@ -713,3 +713,24 @@ def test_checkpoint_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o750
+
+
+def test_an_export_leaves_another_process_export_in_progress_alone(tmp_path):
+    """Two processes exporting to one output: each removed the other's temporary folder as a
+    killed export's, and one failed with a disk error (found by a robustness sweep). An
+    export holds a lock in its folder; the next export removes only folders whose lock nobody
+    holds (a killed process's is released)."""
+    import fcntl
+
+    path = tmp_path / "m.onnx"
+    other = tmp_path / ".m.onnx.other.tmp"
+    other.mkdir()
+    fd = os.open(other / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # (the other process, exporting)
+    try:
+        export_model(DIGITS, {"fc2.bias": np.ones(10, np.float32)}, path)
+        assert other.is_dir() and path.is_file()
+    finally:
+        os.close(fd)  # (it was killed: its lock is gone)
+    export_model(DIGITS, {"fc2.bias": np.ones(10, np.float32)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -3,6 +3,8 @@ folder beside the file, fsync, rename, fsync the folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -20,6 +22,7 @@ from trainer.graph import check_model, stored_tensors
 
 TWO_GB = 2**31 - 1
 _TMP = ".tmp"  # suffix of the temporary folder beside the output
+_LOCK = ".lock"  # in it: locked while its export runs (a killed process's lock is released)
 
 
 def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
@@ -94,6 +97,33 @@ def save_model(m: onnx.ModelProto, path) -> Path:
 _SCANNED_BYTES = 64 << 20
 
 
+@contextlib.contextmanager
+def _holding(lock: Path):
+    """An exclusive lock on the file `lock` (made) while the block runs."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether another process's export still runs in the temporary folder `folder` (it
+    holds the lock in it; one killed, or one of before the lock, holds none)."""
+    try:
+        fd = os.open(folder / _LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
@@ -107,8 +137,10 @@ def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
     candidates = [c for c in candidates if c not in others]
     data_name = None
     for stale in folder.glob(f".{glob.escape(path.name)}.*{_TMP}"):  # of a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.", suffix=_TMP) as tmp:
+        if not _in_use(stale):  # (not another process's export in progress to this output)
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.", suffix=_TMP) as tmp, \
+            _holding(Path(tmp) / _LOCK):
         tmp_model = Path(tmp) / path.name
         if large:
             in_use = _external_locations(path)
