@@ -292,3 +292,26 @@ def test_a_second_run_on_the_same_checkpoint_dir_is_refused_while_the_first_runs
         second.fit(resume=True)
     first.fit()
     assert second.fit(resume=True)["steps"] == 4
+
+
+@pytest.mark.parametrize("edit,said", [
+    ({"step": 10}, "its manifest says step 10, its folder step 3"),
+    ({"position": [5]}, "its manifest's data position \\[5\\] is not \\[epoch, batch\\]"),
+    ({"position": [0, -2]}, "its manifest's data position \\[0, -2\\] is not"),
+])
+def test_a_manifest_that_contradicts_its_checkpoint_is_refused(tmp_path, digits_config, edit,
+                                                               said):
+    """An edited or mixed-up manifest resumed silently at another step or data position than
+    its weights (found by a robustness sweep): it is refused as damaged."""
+    import json
+
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 3}
+    Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    manifest = checkpoint.latest(tmp_path / "ck") / checkpoint.MANIFEST
+    meta = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**meta, **edit}))
+    t = Trainer(config_from_dict(digits_config(steps=6, checkpoint=ck), tmp_path / "b"),
+                stream=io.StringIO())
+    with pytest.raises(TrainerError, match=f"step_00000003 is damaged: {said}"):
+        t.resume()

@@ -112,7 +112,7 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
-            manifest = {"step": step, **meta, "files": {ARRAYS: size}}
+            manifest = {**meta, "step": step, "files": {ARRAYS: size}}  # (the folder's step)
             _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
             fsync_dir(tmp)
             _install(tmp, final)

@@ -943,9 +943,9 @@ class Trainer:
 
     def _hold_checkpoint_dir(self) -> None:
         """An exclusive lock on checkpoint.dir (its `.lock` file, held while `fit` runs and
-        released if the process is killed): a second run writing there, a requeued job started while the first still runs,
-        is refused at its start (two writers deleted each other's checkpoints in progress, and
-        the newest checkpoint could be the other run's)."""
+        released if the process is killed): a second run writing there, a requeued job started
+        while the first still runs, is refused at its start (two writers deleted each other's
+        checkpoints in progress, and the newest checkpoint could be the other run's)."""
         import errno
         import fcntl
         import socket
@@ -1309,6 +1309,18 @@ class Trainer:
                           "schedule.total_iters)")
 
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
+        # (the manifest against its folder's name and the run: an edited or mixed-up manifest
+        # would resume at another step or position than the weights it comes with)
+        named = path.name[len(checkpoint.PREFIX):] if path.name.startswith(
+            checkpoint.PREFIX) else ""
+        position = meta.get("position")
+        if named.isdigit() and int(named) != int(meta.get("step", -1)):
+            raise TrainerError(f"checkpoint {path} is damaged: its manifest says step "
+                               f"{meta.get('step')}, its folder step {int(named)}")
+        if not (isinstance(position, list) and len(position) == 2
+                and all(isinstance(v, int) and v >= 0 for v in position)):
+            raise TrainerError(f"checkpoint {path} is damaged: its manifest's data position "
+                               f"{position!r} is not [epoch, batch]")
         names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
         if names != set(self.names):
             raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
@@ -1331,10 +1343,16 @@ class Trainer:
             self.state[k][...] = self.xp.asarray(arrays[f"state/{k}"])
         optim = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optim/")}
         was = meta.get("optimizer")
-        if was != self.cfg.optimizer.type or set(optim) != set(self.optimizer.state_dict()):
+        if was != self.cfg.optimizer.type:
             self.log.info(f"warning: the checkpoint's optimizer ({was}) differs from this "
-                          f"config's ({self.cfg.optimizer.type}, or its state layout changed): "
-                          "the parameters are resumed, the optimizer state starts fresh")
+                          f"config's ({self.cfg.optimizer.type}): the parameters are resumed, "
+                          "the optimizer state starts fresh")
+        elif set(optim) != set(self.optimizer.state_dict()):
+            mine = listing(sorted(self.optimizer.state_dict()))
+            self.log.info(f"warning: the checkpoint's {was} state holds "
+                          f"{listing(sorted(optim))}, this config's {mine} (its settings "
+                          "changed): the parameters are resumed, the optimizer state starts "
+                          "fresh")
         else:
             try:
                 optim = self._in_own_layout(optim, meta.get("layout"))
