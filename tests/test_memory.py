@@ -252,7 +252,9 @@ def test_optimizer_bytes_are_what_the_optimizer_allocates(opt):
     real = make_optimizer(cfg, np, sum(sizes), np.float32, layout)
     p, g = np.ones(sum(sizes), np.float32), np.full(sum(sizes), 0.1, np.float32)
     real.step(p, g, cfg.lr)
-    held = {id(a): a.nbytes for a in [*real.state.values(), real.w1, real.w2,
+    # (the second scratch only where the step took it: SGD, Adam and RMSprop need none; it
+    # was allocated for every optimizer, a parameter-sized buffer unused)
+    held = {id(a): a.nbytes for a in [*real.state.values(), real.w1, real._w2,
                                       *real._vectors.values()]
             if isinstance(a, np.ndarray)}
     if real._gid is not None:
@@ -314,10 +316,10 @@ def test_a_billion_parameters_are_reported_in_seconds_without_reading_them(tmp_p
     assert seconds < 10, seconds
     assert peak < 256 << 20, peak  # the weights alone are 4 GiB
     assert est.trainable == count and est.trainable_bytes == 4 * count
-    # AdamW: parameters, gradients, two moments and two scratch buffers of 4 bytes each
+    # AdamW: parameters, gradients, two moments and one scratch buffer of 4 bytes each
     assert est.parameters >= 4 * count and est.gradients >= 4 * count
-    assert est.optimizer == 4 * 4 * count
-    assert est.total >= 6 * 4 * count
+    assert est.optimizer == 3 * 4 * count
+    assert est.total >= 5 * 4 * count
     assert "memory per process" in pf.text()
 
 

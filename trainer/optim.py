@@ -81,10 +81,16 @@ class Optimizer:
         self.state: dict[str, Any] = {}
         self.steps = 0
         self.w1 = xp.empty(self.size, self.dtype)  # scratch, reused by every step
-        self.w2 = xp.empty(self.size, self.dtype)
+        self._w2 = None  # a second scratch, made on first use (SGD, Adam need none)
         self._kernels: dict[tuple, object] = {}
         self.kernel_error: str | None = None
         self._init_state()
+
+    @property
+    def w2(self):
+        if self._w2 is None:
+            self._w2 = self.xp.empty(self.size, self.dtype)
+        return self._w2
 
     def _vector(self, name: str):
         """A preallocated per-element buffer kept under `name`."""
