@@ -202,15 +202,28 @@ def test_every_familys_training_graph_keeps_its_bits_with_the_compiled_loops(zoo
 def test_generated_loops_build_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     """A generated loop's source goes to cache_dir(); where that folder cannot be made (here:
     under a file), a temporary folder holds it and the loop still runs."""
+    import atexit
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("ONNX_TRAINER_CACHE", str(blocker))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR read again)
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda f, *a, **k: at_exit.append((f, a, k)))
     source = "@JIT\ndef run(n, a0, o0):\n    for i in range(n):\n        o0[i] = a0[i] * 3\n"
     run = compiled.generated(f"onnx_trainer_ew_test_{tmp_path.name[-8:]}", source)
     a, out = np.arange(5, dtype=np.float32), np.empty(5, np.float32)
     run(5, a, out)
     np.testing.assert_array_equal(out, a * 3)
     assert not (blocker / "kernels").exists()
+    # the temporary folder is removed at exit (it was left in /tmp by every such process)
+    made = list(tmp_path.glob("onnx-trainer-kernels-*"))
+    assert len(made) == 1 and len(at_exit) == 1
+    f, args, kw = at_exit[0]
+    f(*args, **kw)
+    assert not made[0].exists()
 
 
 # -- the normalizations' loops (trainer/kernels/rowloops.py through kernels/rowfuse.py) ---------

@@ -17,9 +17,11 @@ resident memory once the first kernel runs (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,7 +147,10 @@ def _generated(name: str, source: str):
         folder.mkdir(parents=True, exist_ok=True)
         path = _written(folder, name, text)
     except OSError:
-        path = _written(Path(tempfile.mkdtemp(prefix="onnx-trainer-kernels-")), name, text)
+        temporary = Path(tempfile.mkdtemp(prefix="onnx-trainer-kernels-"))
+        # (removed at exit: the module is imported from it while the process runs)
+        atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+        path = _written(temporary, name, text)
     spec = importlib.util.spec_from_file_location(f"onnx_trainer_kernels_{name}", path)
     module = importlib.util.module_from_spec(spec)
     # (registered: numba's cache rebuilds a kernel's environment by importing its module)
