@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer.checkpoint import fsync_dir, fsync_file, make_dirs, write_error
 from trainer.errors import ModelError
-from trainer.graph import check_model, stored_tensors
+from trainer.graph import check_model, stored_tensors, without_initializers
 
 TWO_GB = 2**31 - 1
 _TMP = ".tmp"  # suffix of the temporary folder beside the output
@@ -37,7 +37,7 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     unknown = sorted(set(values) - set(inits))
     if unknown:
         raise ModelError(f"cannot export: {', '.join(unknown)} are not initializers of the model")
-    m = _copy_without_initializers(model)  # (the replaced tensors' values not copied)
+    m = without_initializers(model)  # (the replaced tensors' values not copied)
     for t in model.graph.initializer:
         if t.name not in values:
             m.graph.initializer.add().CopyFrom(t)
@@ -52,32 +52,6 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     if _fits_bytesize(m) and m.ByteSize() <= TWO_GB:  # (a large model is checked as written,
         check_model(m, "exported model")  # before it is renamed into place)
     return save_model(m, path)
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose main graph has no initializers (the caller adds them in their
-    order): every other field copied, the initializers' values not (a model of N bytes of
-    weights is not held twice while its trained values are written)."""
-    m = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _set_field(m, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _set_field(m.graph, field, value)
-    return m
-
-
-def _set_field(msg, field, value) -> None:
-    repeated = getattr(field, "is_repeated", None)  # (protobuf 5 and later; `label` before)
-    if repeated is None:
-        repeated = field.label == field.LABEL_REPEATED
-    if repeated:
-        getattr(msg, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(msg, field.name).CopyFrom(value)
-    else:
-        setattr(msg, field.name, value)
 
 
 def save_model(m: onnx.ModelProto, path) -> Path:

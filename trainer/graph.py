@@ -541,6 +541,30 @@ def inputs_for_initializers(model: onnx.ModelProto, names) -> None:
             del g.initializer[i]
 
 
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without its main graph's initializers, copied field by field, so
+    that its large tensors are never duplicated (the caller adds what it needs)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = getattr(fd, "is_repeated", None)
+        if repeated is None:  # protobuf before 5: the label says it
+            repeated = fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 

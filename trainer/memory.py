@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from trainer.autodiff.params import mask_candidates
 from trainer.data import PREFETCH_THREAD
 from trainer.errors import ModelError, TrainerError
+from trainer.graph import without_initializers
 
 LARGE = 1 << 16  # elements: initializers above this are never read by the estimate
 _STUB = "onnx-trainer:not-loaded"
@@ -89,7 +90,7 @@ def strip(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model whose initializers of more than LARGE elements (candidates for an
     additive mask aside) keep only their name, type and dims: cheap to copy, to infer shapes on
     and to build a training graph from."""
-    out = _without_initializers(model)
+    out = without_initializers(model)
     masks = mask_candidates(model)  # (whose values tell a mask from a parameter)
     for t in model.graph.initializer:
         if (_elements(t) > LARGE and t.name not in masks) or is_stub(t):
@@ -108,33 +109,9 @@ def _stub(name: str, data_type: int, dims: Iterable[int]) -> onnx.TensorProto:
     return t
 
 
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model without graph initializers (copied field by field, so the large
-    tensors are never duplicated)."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
-    return out
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        repeated = getattr(fd, "is_repeated", None)
-        if repeated is None:  # protobuf before 5: the label says it
-            repeated = fd.label == fd.LABEL_REPEATED
-        if repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
 def _with_data_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its stub initializers (for helpers that read every initializer)."""
-    out = _without_initializers(model)
+    out = without_initializers(model)
     out.graph.initializer.extend(t for t in model.graph.initializer if not is_stub(t))
     return out
 
@@ -170,7 +147,7 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
     from trainer.autodiff.build import _constant_values
     from trainer.graph import np_dtype, tensor_type
 
-    m = _without_initializers(model)
+    m = without_initializers(model)
     m.graph.initializer.extend(model.graph.initializer)
     for vi in m.graph.input:
         if vi.name in in_shapes:
@@ -298,7 +275,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
     if missing:
         raise Incomplete(f"{len(missing)} forward value(s) without a static shape, e.g. "
                          f"'{missing[0]}'")
-    m = _without_initializers(model)
+    m = without_initializers(model)
     m.graph.initializer.extend(model.graph.initializer)
     lift_weights(m)  # (weights in subgraphs or Constant nodes: initializers)
     try:
