@@ -157,11 +157,13 @@ def test_nan_loss_is_a_clear_error(tmp_path, digits_config):
         t.fit()
 
 
-def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path, accumulate):
     """on_nan stop with checkpoint.dir: the run stops at the step whose loss is NaN (its third
     batch holds one) and saves the state before that step: the parameters, the BatchNorm
-    running statistics (which that step's forward had already moved) and the data position of
-    its first batch, the same as a clean two-step run's checkpoint."""
+    running statistics (which that step's forward had moved: with accumulation, its first
+    micro-batch's too) and the data position of its first batch, the same as a clean run's
+    checkpoint after the steps before."""
     from trainer import checkpoint
 
     onnx.save(_gemm_batchnorm_model(), str(tmp_path / "bn.onnx"))
@@ -179,16 +181,19 @@ def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path):
                      "batch_size": 8, "shuffle": False},
             "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
             "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": steps,
+            "accumulate": accumulate,
             "checkpoint": {"dir": folder, "every_steps": 100}}, tmp_path),
             stream=io.StringIO())
 
-    with pytest.raises(TrainerError, match="loss became nan at step 3.*the state before "
-                                           "step 3 is saved in checkpoint .*--resume"):
-        run("bad.npz", 4, "bad").fit()
-    run("good.npz", 2, "good").fit()
+    good = 2 // accumulate  # (the steps before the one that reads the third batch)
+    with pytest.raises(TrainerError, match=f"loss became nan at step {good + 1}.*the state "
+                                           f"before step {good + 1} is saved in checkpoint "
+                                           ".*--resume"):
+        run("bad.npz", 4 // accumulate, "bad").fit()
+    run("good.npz", good, "good").fit()
     got, got_meta = checkpoint.load(checkpoint.latest(tmp_path / "bad"))
     want, want_meta = checkpoint.load(checkpoint.latest(tmp_path / "good"))
-    assert got_meta["step"] == want_meta["step"] == 2
+    assert got_meta["step"] == want_meta["step"] == good
     assert got_meta["position"] == want_meta["position"] == [0, 2]
     assert sorted(got) == sorted(want)
     for k in want:

@@ -709,11 +709,15 @@ class Trainer:
         scale = float(self.scaler.scale) if self.scaler else 1.0
         total = sum(global_w for _, _, global_w in micro)
         live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
-        # on_nan stop: the state (BatchNorm running statistics) before this step's forward,
-        # put back if the step is not applied (then the diagnosis reruns from it and a
-        # checkpoint holds the last good state)
+        # on_nan stop: the state (BatchNorm running statistics) is kept as it was before this
+        # step if the step is not applied (then the diagnosis reruns from it and a checkpoint
+        # holds the last good state). The last micro-batch's new state is written only once
+        # the step is known to be finite; with several micro-batches (each reads the state the
+        # one before wrote) the state before the step is copied instead.
+        guard = self.cfg.on_nan == "stop" and bool(self.state)
         before = ({k: v.copy() for k, v in self.state.items()}
-                  if self.cfg.on_nan == "stop" and self.state else {})
+                  if guard and len(live) > 1 else {})
+        pending: list = []
         if self.direct_grads and live:
             g[self.size:] = 0  # (the gradients are written whole by their kernels)
         else:
@@ -756,8 +760,11 @@ class Trainer:
                               f"{plan.executor.graph_errors[-1]}")
             self._last_feeds = (plan, feeds)
             g[self.size] += out[plan.loss] * w
-            for k, new in plan.state.items():
-                self.state[k][...] = out[new]
+            if guard and self._last_micro:
+                pending = [(self.state[k], out[new]) for k, new in plan.state.items()]
+            else:
+                for k, new in plan.state.items():
+                    self.state[k][...] = out[new]
         g[self.size + 1] = 1.0 if self._stop_signal else 0.0
         t = clock()
         grads = self.grad_shard[:self.shard_n] if self.scatter else g[:self.size]
@@ -784,6 +791,10 @@ class Trainer:
             loss, stop, finite = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
+        if math.isfinite(loss) and finite or self.scaler and math.isfinite(loss):
+            for dst, src in pending:  # (a float16 overflow skips the update, not the state)
+                dst[...] = src
+            pending = []
         if self.scaler and math.isfinite(loss):
             self.scaler.update(overflow=not finite)
             if not finite:  # float16 overflowed at this scale: skipped, as GradScaler does
