@@ -75,6 +75,21 @@ def _external_data_output(tmp) -> list[str]:
                                       output=str(tmp / "b.onnx.data")))]
 
 
+def _nul_location(tmp) -> list[str]:
+    """The demo model with a weight in external data at a location holding a NUL (it made
+    the pre-flight's path checks raise an internal error)."""
+    m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
+    t = m.graph.initializer[0]
+    (tmp / "w.bin").write_bytes(t.raw_data)
+    n = len(t.raw_data)
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "w.bin\0x"), ("offset", "0"), ("length", str(n))):
+        t.external_data.add(key=k, value=v)
+    onnx.save(m, str(tmp / "m.onnx"))
+    return ["train", _write(tmp, _cfg(tmp, model=str(tmp / "m.onnx")))]
+
+
 def _old_checkpoints(tmp) -> list[str]:
     """A finished run's checkpoints in checkpoint.dir, and a new run (no --resume) there."""
     from trainer.cli import main
@@ -320,6 +335,10 @@ CASES = {
             t, model=str(t / "m.onnx"), log={"metrics": str(t / "m.onnx")}))],
         "log.metrics"),
     "output-is-the-models-external-data": (_external_data_output, "external data file"),
+    "output-is-the-config-file": (lambda t: ["train", _write(t, _cfg(
+        t, output=str(t / "cfg.yaml")))], "cfg.yaml is the config file: writing it"),
+    "external-data-location-with-a-nul": (_nul_location, "external data 'w.bin\\x00x' "
+                                                         "outside the model's folder"),
     "output-is-the-dataset": (lambda t: (t / "d.npz").write_bytes(
         (EXAMPLES / "digits.npz").read_bytes()) and ["train", _write(t, _cfg(
             t, data__train__path=str(t / "d.npz"), output=str(t / "d.npz")))],

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from tests.families import family_config
 from trainer.config import config_from_dict
-from trainer.graph import lift_weights, load_model, unknown_dims_symbolic
+from trainer.graph import lift_weights, load_model, subgraph_weights, unknown_dims_symbolic
 from trainer.report import model_report
 from trainer.train import Trainer
 
@@ -191,6 +191,18 @@ def test_weights_in_subgraphs_train_as_the_main_graphs(tmp_path):
     m = onnx.load(str(tmp_path / "same.onnx"))
     assert lift_weights(m) == [] and [t.name for t in m.graph.initializer] == ["flag"]
     # a model with weights in its main graph: its subgraphs' tensors are its own constants
+    assert subgraph_weights(m) == ["W"]
     m = onnx.load(str(tmp_path / "inner.onnx"))
     m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2), np.float32), "main"))
     assert lift_weights(m) == []
+    # ... and `check` and `train` say so (they were listed nowhere)
+    assert "2 float tensor(s) inside subgraphs (If branches, Loop or Scan bodies) stay " \
+        "constant, untrained: We, Wt" in model_report(m).text()
+    m.graph.node[0].output[0] = "h"  # (y = If(...) @ main: the main graph's weight is read)
+    m.graph.node.append(helper.make_node("MatMul", ["h", "top"], ["y"]))
+    m.graph.initializer.append(numpy_helper.from_array(np.eye(3, dtype=np.float32), "top"))
+    onnx.save(m, str(tmp_path / "mixed.onnx"))
+    log = io.StringIO()
+    t = Trainer(config_from_dict(dict(raw, model="mixed.onnx"), tmp_path), stream=log)
+    assert t.names == ["top"]
+    assert "stay constant, untrained: We, Wt" in log.getvalue()

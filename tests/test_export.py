@@ -163,3 +163,57 @@ def test_batchnorm_of_a_training_form_export_at_each_opset(tmp_path, opset):
     feeds["t"] = t.numpy()
     assert float(ort_run(tm, feeds)["loss"]) == pytest.approx(eval_loss, rel=1e-5)
     assert float(Executor(tm).run(feeds)["loss"]) == pytest.approx(eval_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_external_data_that_is_not_a_file_is_named_so(tmp_path, kind):
+    import os
+
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    (tmp_path / "w.bin").mkdir() if kind == "folder" else os.mkfifo(tmp_path / "w.bin")
+    with pytest.raises(ModelError, match="'w.bin' of .* is not a regular file"):
+        load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("name,large", [("a.pb", False), ("a.pb", True), ("big.onnx", False)],
+                         ids=["not-named-onnx", "not-named-onnx-external-data", "over-64MB"])
+def test_a_run_never_removes_or_rewrites_its_own_models_data(tmp_path, monkeypatch,
+                                                             digits_config, name, large):
+    """The model a run trains keeps its weights in `b.onnx.data` and the output is `b.onnx`.
+    Where the export's scan of the folder did not see that model (a file not named *.onnx,
+    or one too large to be scanned), the export deleted `b.onnx.data` as its own stale data
+    (or, written with external data, replaced it with the trained weights): the run's files
+    are now left alone whatever their names."""
+    import io
+
+    from trainer import Trainer
+    from trainer.config import config_from_dict
+
+    if large:
+        monkeypatch.setattr(export_mod, "TWO_GB", 1000)
+    if name == "big.onnx":
+        monkeypatch.setattr(export_mod, "_SCANNED_BYTES", 100)
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    onnx.save_model(model, str(tmp_path / name), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="b.onnx.data", size_threshold=0)
+    before = (tmp_path / "b.onnx.data").read_bytes()
+    raw = digits_config(model=name, output="b.onnx", steps=2)
+    del raw["data"]["eval"]
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    assert (tmp_path / "b.onnx.data").read_bytes() == before
+    onnx.checker.check_model(str(tmp_path / name), full_check=True)
+    trained = load_model(tmp_path / "b.onnx")
+    assert {t.name for t in trained.graph.initializer} == \
+        {t.name for t in model.graph.initializer}
+
+
+def test_the_export_keeps_each_initializers_doc_string(tmp_path):
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    model.graph.initializer[0].doc_string = "the first layer's weight"
+    name = model.graph.initializer[0].name
+    out = export_model(model, {name: np.zeros(tuple(model.graph.initializer[0].dims))},
+                       tmp_path / "m.onnx")
+    assert onnx.load(out).graph.initializer[0].doc_string == "the first layer's weight"

@@ -186,7 +186,8 @@ def _grad(args) -> int:
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
     from trainer.export import save_model
-    save_model(tm, out)
+    from trainer.graph import external_data_files
+    save_model(tm, out, keep=[Path(args.model), *external_data_files(Path(args.model))])
     print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
     for line in notes:
         print(f"note: {line}")

@@ -92,7 +92,9 @@ def convert_file(src, dst, *, trainable_constants: bool = False, dynamic_batch: 
                            + (" and no input has a fixed batch axis" if dynamic_batch else ""))
     meta = {"onnx_trainer.convert": f"trainable_constants={len(report.converted)} seed={seed}"
             + (" dynamic_batch" if report.batch_inputs else "")}
-    export_model(model, {}, Path(dst), meta)
+    from trainer.graph import external_data_files
+    export_model(model, {}, Path(dst), meta,
+                 keep=[Path(src), *external_data_files(Path(src))])
     return report
 
 

@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,12 @@ _LOCK = ".lock"  # in it: locked while its export runs (a killed process's lock 
 
 
 def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
-                 metadata: Mapping[str, str] | None = None) -> Path:
+                 metadata: Mapping[str, str] | None = None,
+                 keep: Iterable[os.PathLike] = ()) -> Path:
     """Copy of `model` with initializers replaced by `values` (cast to their dtype), saved to
     `path` atomically; models over 2 GB keep their tensors in `<name>.data` beside the file.
+    Files in `keep` (what the run reads: the model it started from and its external data)
+    are neither written nor removed.
 
     A full disk or an unwritable folder raises WriteError (a TrainerError) and leaves an
     earlier file at `path`, and the data file it refers to, unchanged.
@@ -44,23 +47,26 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
-        m.graph.initializer.add().CopyFrom(numpy_helper.from_array(arr, t.name))
+        new = m.graph.initializer.add()
+        new.CopyFrom(numpy_helper.from_array(arr, t.name))
+        new.doc_string = t.doc_string
     if metadata:
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
         onnx.helper.set_model_props(m, props)
     if _fits_bytesize(m) and m.ByteSize() <= TWO_GB:  # (a large model is checked as written,
         check_model(m, "exported model")  # before it is renamed into place)
-    return save_model(m, path)
+    return save_model(m, path, keep)
 
 
-def save_model(m: onnx.ModelProto, path) -> Path:
-    """`m` saved to `path` atomically (as export_model saves; over 2 GB with external data)."""
+def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = ()) -> Path:
+    """`m` saved to `path` atomically (as export_model saves; over 2 GB with external data);
+    files in `keep` are neither written nor removed."""
     path = Path(path)
     large = m.ByteSize() > TWO_GB if _fits_bytesize(m) else True
     try:
         make_dirs(path.parent)
-        _save(m, path, large)
+        _save(m, path, large, keep)
     except OSError as exc:
         raise write_error(exc, "model", path) from None
     return path
@@ -98,7 +104,14 @@ def _in_use(folder: Path) -> bool:
         os.close(fd)
 
 
-def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
+def _resolved(path) -> Path | None:
+    try:
+        return Path(path).absolute().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLike]) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
     # renamed into place the old model and its data stay a consistent pair.
@@ -108,7 +121,9 @@ def _save(m: onnx.ModelProto, path: Path, large: bool) -> None:
     others = set().union(*(_external_locations(f) for f in folder.glob("*.onnx")
                            if f.name != path.name and f.is_file()
                            and f.stat().st_size < _SCANNED_BYTES))
-    candidates = [c for c in candidates if c not in others]
+    kept = {_resolved(f) for f in keep} - {None}
+    candidates = [c for c in candidates
+                  if c not in others and _resolved(folder / c) not in kept]
     data_name = None
     for stale in folder.glob(f".{glob.escape(path.name)}.*{_TMP}"):  # of a killed export
         if not _in_use(stale):  # (not another process's export in progress to this output)

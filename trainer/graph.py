@@ -177,7 +177,9 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         names = {e.value for t, _ in stored_tensors(model)
                  if t.data_location == onnx.TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}
-        return sorted(root / n for n in names if n and not os.path.isabs(n))
+        return sorted(root / n for n in names
+                      if n and "\0" not in n and not os.path.isabs(n)
+                      and (root / n).resolve().is_relative_to(root))
     except Exception:  # noqa: BLE001 - a file that does not load has nothing to protect
         return []
 
@@ -419,8 +421,10 @@ def _external_data(tensors: list[tuple[onnx.TensorProto, str]], folder: Path, wh
             raise ModelError(f"{what}: external data file '{shown}' of {name} is a symbolic "
                              "link; copy the file itself next to the model")
         if not target.is_file():
-            raise ModelError(f"{what}: external data file '{shown}' of {name} is missing "
-                             f"(looked for {target}); copy it next to the model")
+            raise ModelError(f"{what}: external data file '{shown}' of {name} " + (
+                "is not a regular file (a folder, pipe or device); name the file that holds "
+                "its bytes" if target.exists() else
+                f"is missing (looked for {target}); copy it next to the model"))
         need = _raw_nbytes(t)
         if need is None:
             raise ModelError(f"{what}: {name} has data type {t.data_type}, which cannot be "
@@ -758,6 +762,24 @@ def lift_weights(model: onnx.ModelProto) -> list[str]:
             del gr.node[:]
             gr.node.extend(keep)
     return lifted
+
+
+def subgraph_weights(model: onnx.ModelProto) -> list[str]:
+    """Float initializers of more than one element inside subgraphs (If branches, Loop and
+    Scan bodies) that lift_weights leaves there (the main graph holds weights): they stay
+    constants, untrained, and the export keeps them as they were."""
+    if model.ir_version < 4:
+        return []
+    return sorted({t.name for gr in _subgraphs_of(model.graph)
+                   for t in gr.initializer if _is_weight(t)})
+
+
+def subgraph_weights_line(names: list[str]) -> str:
+    """What `check` and `train` say of subgraph_weights."""
+    return (f"{len(names)} float tensor(s) inside subgraphs (If branches, Loop or Scan bodies) "
+            f"stay constant, untrained: {', '.join(names[:6])}"
+            + (" ..." if len(names) > 6 else "") + " (subgraph weights train only in a model "
+            "whose main graph holds none, each defined by one name)")
 
 
 RECURRENT_OPSET = 11  # the recurrent gradient rules emit ReverseSequence, Slice and Clip inputs

@@ -75,6 +75,8 @@ def files_read(cfg) -> dict[Path, str]:
     found = {Path(cfg.model): "the model file itself"}
     found.update((f, "an external data file of the model") for f in
                  external_data_files(cfg.model))
+    if getattr(cfg, "config_path", None) is not None:
+        found[Path(cfg.config_path)] = "the config file"
     for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is None:
             continue
@@ -158,7 +160,8 @@ def distinct(written: list[tuple[Path, str]]) -> None:
 def _same(a: Path, b: Path) -> bool:
     try:
         return Path(a).absolute().resolve() == Path(b).absolute().resolve()
-    except (OSError, RuntimeError):  # (a symlink loop: not a file the run reads)
+    except (OSError, RuntimeError, ValueError):  # (a symlink loop, a NUL in a name: not a
+        # file the run reads; the model's own checks name such a path)
         return False
 
 

@@ -48,6 +48,8 @@ from trainer.graph import (
     node_name,
     np_dtype,
     opset_of,
+    subgraph_weights,
+    subgraph_weights_line,
 )
 from trainer.kernels import get_kernel
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
@@ -93,6 +95,7 @@ class Report:
     lookups: list[str] = field(default_factory=list)  # lookups.lookups_line, where any
     fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
     unfused: list[str] = field(default_factory=list)  # unfuse.unfuse_conv_batchnorms
+    inner: list[str] = field(default_factory=list)  # graph.subgraph_weights: kept constant
 
     @property
     def opset_text(self) -> str:
@@ -135,6 +138,8 @@ class Report:
                          "the config override):")
             w = max(len(p.name) for p in left)
             lines += [f"  {p.name:<{w}}  {list(p.shape)}  {p.reason}" for p in left]
+        if self.inner:
+            lines.append(subgraph_weights_line(self.inner))
         for copy_name, (src, kind) in self.tied.items():
             lines.append(tied_line(copy_name, src, kind))
         lines += self.lookups
@@ -451,7 +456,7 @@ def model_report(model: onnx.ModelProto) -> Report:
     return Report(opset_of(model), rows, params, untied, tied, *folded,
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
-                  unfused=unfused)
+                  unfused=unfused, inner=subgraph_weights(model))
 
 
 def _loop_from_data(node: onnx.NodeProto, known: set[str]) -> bool:

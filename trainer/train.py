@@ -84,6 +84,8 @@ from trainer.graph import (
     needs_recurrent_opset,
     np_dtype,
     opset_of,
+    subgraph_weights,
+    subgraph_weights_line,
 )
 from trainer.kernels.collective import collectives
 from trainer.kernels.ctc import CTCLoss
@@ -193,6 +195,9 @@ class Trainer:
                           "as Constant nodes are initializers of the main graph here (trained "
                           f"by the same rules, exported there): {', '.join(lifted[:4])}"
                           + (" ..." if len(lifted) > 4 else ""))
+        inner = subgraph_weights(self.model)
+        if inner:
+            self.log.info(subgraph_weights_line(inner))
         # (said once the trained tensors are known: constants untied are no parameters)
         self._untied = repair_exported_model(self.model)
         train_model = copy.deepcopy(self.model)
@@ -1512,7 +1517,8 @@ class Trainer:
                 "onnx_trainer.world_size": str(self.world)}
         model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
         meta["onnx_trainer.output_form"] = self.cfg.output_form
-        return export_model(model, self.trained_values(), path, meta)
+        return export_model(model, self.trained_values(), path, meta,
+                            keep=preflight.files_read(self.cfg))
 
 
 @dataclass
