@@ -410,6 +410,6 @@ def test_a_batch_merged_into_a_reshape_is_refused(tmp_path):
     onnx.save(m, str(tmp_path / "m.onnx"))
     # (the node where the trail ends is named: the Reshape merging the batch into rows)
     with pytest.raises(ModelError, match="reaches no output .*convert cannot follow it past "
-                                         "'Reshape_0' \(Reshape\)"):
+                                         r"'Reshape_0' \(Reshape\)"):
         convert_file(tmp_path / "m.onnx", tmp_path / "d.onnx", dynamic_batch=True)
     assert not (tmp_path / "d.onnx").exists()

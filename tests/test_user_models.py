@@ -2427,8 +2427,8 @@ def test_what_an_export_cannot_say_is_warned():
 
 class AffineAndPlainNorms(nn.Module):
     """A LayerNorm with weights next to one without (`elementwise_affine=False`), and the same
-    for InstanceNorm and GroupNorm: PyTorch's default exporter stores the plain layers' ones and zeros once,
-    shared with the other layer's fresh weight and bias."""
+    for InstanceNorm and GroupNorm: PyTorch's default exporter stores the plain layers' ones
+    and zeros once, shared with the other layer's fresh weight and bias."""
 
     def __init__(self):
         super().__init__()
