@@ -335,6 +335,18 @@ CASES = {
             t, model=str(t / "m.onnx"), log={"metrics": str(t / "m.onnx")}))],
         "log.metrics"),
     "output-is-the-models-external-data": (_external_data_output, "external data file"),
+    "profile-trace-is-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and ["train", _write(t, _cfg(
+            t, model=str(t / "m.onnx"))), "--profile-trace", str(t / "m.onnx")],
+        "--profile-trace "),
+    "profile-trace-is-the-output": (lambda t: ["train", _write(t, _cfg(t)), "--profile-trace",
+                                               str(t / "out.onnx")],
+                                    "is also output"),
+    "metrics-is-a-hard-link-of-the-model": (lambda t: (t / "m.onnx").write_bytes(
+        (EXAMPLES / "digits_mlp.onnx").read_bytes()) and not os.link(t / "m.onnx", t / "h")
+        and ["train", _write(t, _cfg(t, model=str(t / "m.onnx"), log={"metrics": str(t / "h")}))],
+        "log.metrics"),
+    "tensorboard-is-the-output": (_train(log={"tensorboard": "out.onnx"}), "is also output"),
     "output-is-the-config-file": (lambda t: ["train", _write(t, _cfg(
         t, output=str(t / "cfg.yaml")))], "cfg.yaml is the config file: writing it"),
     "external-data-location-with-a-nul": (_nul_location, "external data 'w.bin\\x00x' "

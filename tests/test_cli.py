@@ -502,3 +502,32 @@ def test_grad_trains_a_tied_output_projection_as_its_embedding(tmp_path):
     torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), torch.tensor(label)).backward()
     np.testing.assert_allclose(got["emb.weight_grad"], net.emb.weight.grad.numpy(),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_eval_json_stdout_is_one_json_object_when_the_run_has_notes(tmp_path):
+    """The run's notes (here: a weight stored as a Constant node, made an initializer) went
+    to stdout before the JSON object, so `eval --json | jq` failed; they go to stderr."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Constant", [], ["W"],
+                                            value=numpy_helper.from_array(w, "W")),
+                           helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d", x=rng.standard_normal((16, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    proc = run("eval", write_cfg(tmp_path, raw), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Constant nodes" in proc.stderr
+    logits = np.load(tmp_path / "d.npz")["x"] @ w
+    assert json.loads(proc.stdout)["eval_accuracy"] == \
+        float((logits.argmax(1) == np.load(tmp_path / "d.npz")["y"]).mean())

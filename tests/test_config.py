@@ -476,3 +476,22 @@ def test_a_loss_scale_beyond_float32_is_refused(tmp_path, init):
         config_from_dict(raw, tmp_path)
     raw["loss_scale"]["init"] = 3.4e38
     assert config_from_dict(raw, tmp_path).loss_scale.init == 3.4e38
+
+
+def test_switching_optimizer_type_with_null_for_the_old_types_keys() -> None:
+    """`--set optimizer.type=adam --set optimizer.momentum=null`: null is the key left out
+    (the override error says so), so the old type's keys no longer block the switch."""
+    raw = minimal(optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True})
+    cfg = config_from_dict(raw, "/base", ("optimizer.type=adam", "optimizer.momentum=null",
+                                          "optimizer.nesterov=null"))
+    assert cfg.optimizer.type == "adam" and cfg.optimizer.lr == 0.1
+    assert "'optimizer.momentum' is not valid for optimizer type 'adam'" in error_of(
+        raw, ("optimizer.type=adam",))
+
+
+def test_a_dataset_folder_may_end_with_a_slash() -> None:
+    """A folder of <key>.npy files is a dataset: `data.train.path: dsdir/` was refused as 'a
+    folder' (what output and log.metrics refuse)."""
+    raw = minimal()
+    raw["data"]["train"]["path"] = "dsdir/"
+    assert config_from_dict(raw, "/base").data.train.path == Path("/base/dsdir")

@@ -584,3 +584,21 @@ def test_a_large_weight_read_by_two_nodes_passes_the_preflight(tmp_path):
         "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
         "optimizer": {"type": "sgd", "lr": 0.01}, "steps": 1}, tmp_path), stream=io.StringIO())
     assert t.fit()["steps"] == 1
+
+
+def test_check_config_says_what_train_refuses(tmp_path, digits_config):
+    """`check CONFIG` passed configs that `train` refused right after: an optimizer group
+    that matches no trained tensor (its error was swallowed by the optimizer's memory count),
+    and a checkpoint.dir with an earlier run's checkpoints (a note: --resume continues it)."""
+    from trainer.report import preflight
+
+    raw = digits_config(optimizer={"type": "adamw", "lr": 1e-3,
+                                   "groups": [{"params": "nothing.*", "lr": 1e-4}]})
+    problems = preflight(config_from_dict(raw, tmp_path)).problems
+    assert any("'nothing.*' matches no trained parameter" in str(p) for p in problems)
+    raw = digits_config(steps=2, checkpoint={"dir": "ck", "every_steps": 1})
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    pre = preflight(config_from_dict(raw, tmp_path))
+    assert not pre.problems
+    assert any("checkpoint.dir holds checkpoints of an earlier run (the newest: " in line
+               and "--resume" in line for line in pre.lines)

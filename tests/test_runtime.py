@@ -217,13 +217,17 @@ def test_an_eval_schedule_without_eval_data_is_warned_of(tmp_path, digits_config
 
 
 def test_best_and_early_stop_need_an_eval_set_and_a_known_metric(tmp_path, digits_config):
+    """Refused by the config itself (so `check CONFIG` says so too, which passed them)."""
     raw = digits_config(best={"metric": "eval_accuracy"})
     del raw["data"]["eval"]
-    with pytest.raises(TrainerError, match="best needs data.eval"):
-        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
-    with pytest.raises(TrainerError, match="'eval_f1' is not an evaluation metric"):
-        Trainer(config_from_dict(digits_config(early_stop={"metric": "eval_f1", "patience": 2}),
-                                 tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match="'best' needs data.eval"):
+        config_from_dict(raw, tmp_path)
+    with pytest.raises(TrainerError, match="'early_stop.metric' is 'eval_f1', which is not an "
+                                           "evaluation metric"):
+        config_from_dict(digits_config(early_stop={"metric": "eval_f1", "patience": 2}),
+                         tmp_path)
+    with pytest.raises(TrainerError, match="did you mean 'eval_loss'"):
+        config_from_dict(digits_config(best={"metric": "eval_los"}), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import yaml
 
 from tests.conftest import EXAMPLES, ROOT
 from trainer.config import config_from_dict, load_config
-from trainer.errors import TrainerError
+from trainer.errors import ModelError, TrainerError
 from trainer.train import Trainer
 
 
@@ -198,6 +199,46 @@ def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path, accumulate
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("n,batch,why", [
+    (17, 8, "data.drop_last: false keeps each epoch's last batch of 1 sample(s), a batch of 1"),
+    (16, 1, "data.batch_size 1 over 1 process(es) gives each 1 sample a step")])
+def test_batchnorm_on_one_sample_is_refused_before_training(tmp_path, n, batch, why):
+    """A BatchNormalization over 1 value per channel (a batch of 1 sample without spatial
+    axes) has variance 0: it outputs its bias and learns nothing, which PyTorch refuses. It
+    trained silently; now the run refuses at the start, naming the node and why a batch of 1
+    arises, before anything is written."""
+    onnx.save(_gemm_batchnorm_model(), str(tmp_path / "bn.onnx"))
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((n, 4)).astype(np.float32),
+             y=rng.integers(0, 3, n))
+    raw = {"model": "bn.onnx", "output": "out.onnx",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": batch, "drop_last": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 1}
+    with pytest.raises(ModelError, match="BatchNormalization .* trains on 1 value per channel "
+                                         rf"\(input shape \[1, .*; here {re.escape(why)}"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    assert not (tmp_path / "out.onnx").exists()
+    # with the last sample left out (drop_last: true) or the running statistics used, it trains
+    raw["data"]["drop_last"] = True
+    raw["batchnorm"] = "train" if batch > 1 else "eval"
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+
+
+def test_the_batch_sizes_some_process_sees():
+    from trainer.data import Batches
+
+    x = {"x": np.zeros((21, 2), np.float32)}
+    # 21 = 2 batches of 8 and 5 over 4 processes: shares of 2 and 1 (lo..hi of each)
+    sizes = [Batches(x, 8, rank=r, world=4, drop_last=False).local_sizes() for r in range(4)]
+    assert set().union(*sizes) == Batches(x, 8, world=4, drop_last=False).any_rank_sizes() \
+        == {2, 1}
+    assert "1 sample for some of the 4 processes" in \
+        Batches(x, 8, world=4, drop_last=False).one_sample_why()
+    assert Batches(x, 8, world=4, drop_last=True).any_rank_sizes() == {2}
 
 
 def test_yaml_config_paths_are_relative_to_the_file(tmp_path):

@@ -21,8 +21,8 @@ def _train(args) -> int:
 
     profile = None
     if args.profile_trace:
-        from trainer import preflight
-        preflight.writable_file(Path(args.profile_trace), "--profile-trace")
+        from trainer.train import check_paths
+        check_paths(cfg, lambda fn, *a: fn(*a), [(Path(args.profile_trace), "--profile-trace")])
     if args.profile is not None or args.profile_trace:
         profile = ProfileRequest(steps=args.profile or 10, warmup=args.profile_warmup,
                                  trace=Path(args.profile_trace) if args.profile_trace else None)
@@ -218,7 +218,8 @@ def _evaluate(args) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, model=Path(args.model).resolve())
-    trainer = Trainer(cfg, check=False, writes=False)
+    # (--json: stdout holds the one JSON object; the run's notes go to stderr)
+    trainer = Trainer(cfg, check=False, writes=False, stream=sys.stderr if args.json else None)
     metrics = trainer.evaluate()
     if trainer.rank == 0:  # (under mpirun: one line, as train's)
         if args.json:

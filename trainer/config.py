@@ -252,7 +252,7 @@ _SGD, _ADAM = ("sgd",), ("adam", "adamw")
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    path: Path = _k(_file)
+    path: Path = _k(_path)  # (a .npz or .npy file, or a folder of <key>.npy)
     inputs: Mapping[str, str] = _k(_mapping, check=_NONEMPTY)
     targets: Mapping[str, str] = _k(_mapping, factory=FrozenMap)
 
@@ -606,6 +606,17 @@ def _check_config(v: dict[str, Any], key: str) -> None:
     if v["loss"].lengths is not None and v["loss"].lengths == v["loss"].target:
         raise _err("loss.lengths", f"is '{v['loss'].lengths}', the labels' own target: name the "
                    "target holding each sample's count of valid time steps")
+    for what in ("best", "early_stop"):
+        section = v.get(what)
+        if section is None:
+            continue
+        if data.eval is None:
+            raise _err(what, "needs data.eval (an evaluation set)")
+        known = ["eval_loss"] + (["eval_accuracy"] if v["loss"].type == "cross_entropy" else [])
+        if section.metric not in known:
+            raise _err(f"{what}.metric", f"is '{section.metric}', which is not an evaluation "
+                       f"metric of this run (use one of {', '.join(known)})"
+                       + _suggest(section.metric, known))
     sched = v["schedule"]
     if sched.type == "plateau":
         if data.eval is None:
@@ -655,8 +666,8 @@ def _build(cls: type, raw: Any, key: str, base: Path, **extra: Any) -> Any:
     allowed = [n for n, f in specs.items() if kind in f.metadata.get("only", [kind])]
     for k in raw:
         name = _join(key, str(k))
-        if k in allowed:
-            continue
+        if k in allowed or (k in specs and raw[k] is None):  # (null: left out, as its
+            continue  # default; `--set optimizer.momentum=null` when switching type)
         if k in specs:
             valid = ", ".join(n for n in allowed if n != "type")
             raise _err(name, f"is not valid for {key.rsplit('.', 1)[-1]} type '{kind}' "

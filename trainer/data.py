@@ -482,6 +482,27 @@ class Batches:
             sizes.add(int(bounds[self.rank + 1] - bounds[self.rank]))
         return sizes
 
+    def any_rank_sizes(self) -> set[int]:
+        """The batch sizes some rank sees (the same set on every rank)."""
+        full, rest = divmod(self.n, self.batch_size)
+        sizes = {self.batch_size // self.world} if full else set()
+        if rest >= self.world and not self.drop_last:
+            sizes.update(int(k) for k in np.diff(np.linspace(0, rest, self.world + 1).round()))
+        return sizes
+
+    def one_sample_why(self) -> str:
+        """Why some rank gets a batch of 1 sample (any_rank_sizes holds 1)."""
+        if self.batch_size // self.world == 1 and self.n >= self.batch_size:
+            return (f"data.batch_size {self.batch_size} over {self.world} process(es) gives "
+                    "each 1 sample a step" + (" (distributed.sync_batchnorm: true takes the "
+                                              "statistics over every process's samples)"
+                                              if self.world > 1 else ""))
+        rest = self.n % self.batch_size
+        return (f"data.drop_last: false keeps each epoch's last batch of {rest} sample(s), "
+                + ("a batch of 1" if self.world == 1 else
+                   f"1 sample for some of the {self.world} processes")
+                + " (set data.drop_last: true)")
+
     def global_indices(self, epoch: int, index: int, order: np.ndarray | None = None
                        ) -> np.ndarray:
         """Sample indices of the whole global batch (every rank can compute them)."""

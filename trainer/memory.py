@@ -824,6 +824,7 @@ def optimizer_bytes(cfg, size: int, dtype: int | np.dtype, names: list[str],
     per-element settings of parameter groups): counted by building it over an array module
     that allocates nothing and taking one step, with every tensor of 1 and then 2 elements
     (all its buffers are as long as the flat parameters), extended to `size`."""
+    from trainer.config import ConfigError
     from trainer.optim import make_optimizer
 
     dt = np.dtype(f"f{dtype}") if isinstance(dtype, int) else np.dtype(dtype)
@@ -835,6 +836,8 @@ def optimizer_bytes(cfg, size: int, dtype: int | np.dtype, names: list[str],
             opt = make_optimizer(cfg, xp, each * len(names), dt, layout, aliases)
             empty = np.empty(0, dt)
             opt.step(empty, empty, float(cfg.lr))
+        except ConfigError:  # (a group glob matching no trained tensor: what train refuses)
+            raise
         except (ValueError, TypeError, IndexError):
             pass  # a step's shapes that an empty buffer does not fit: the state is counted
         return xp.bytes

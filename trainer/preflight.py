@@ -158,8 +158,12 @@ def distinct(written: list[tuple[Path, str]]) -> None:
 
 
 def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved, or hard links of one
+    file."""
     try:
-        return Path(a).absolute().resolve() == Path(b).absolute().resolve()
+        if Path(a).absolute().resolve() == Path(b).absolute().resolve():
+            return True
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
     except (OSError, RuntimeError, ValueError):  # (a symlink loop, a NUL in a name: not a
         # file the run reads; the model's own checks name such a path)
         return False

@@ -601,27 +601,17 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             problems.append(exc)
             return None
 
-    from trainer.train import written_files
-    reads = checks.files_read(cfg)
-    for path, what in written_files(cfg):
-        attempt(checks.not_read, path, what, reads)
-    attempt(checks.distinct, written_files(cfg))
+    from trainer.train import check_paths
+    check_paths(cfg, attempt)
     attempt(checks.shardable, cfg, world)
     if world > 1:  # (the gradients' dtype: float64 for fp64 runs, float32 masters otherwise)
         from trainer.comm.base import check_compress
 
         attempt(check_compress, cfg.distributed.compress,
                 np.empty(0, np.float64 if cfg.precision == "fp64" else np.float32))
-    attempt(checks.writable_file, cfg.output, "output")
     exports = 2 if cfg.best is not None else 1  # (the best model goes beside it)
     attempt(checks.room_for, Path(cfg.output), exports * checks.model_bytes(cfg) + (1 << 20),
             "output", "the trained model" + (" and the best one" if exports == 2 else ""))
-    if cfg.checkpoint.dir is not None:
-        attempt(checks.writable_dir, cfg.checkpoint.dir, "checkpoint.dir")
-    if cfg.log.metrics is not None:
-        attempt(checks.writable_file, cfg.log.metrics, "log.metrics")
-    if cfg.log.tensorboard is not None:
-        attempt(checks.writable_dir, cfg.log.tensorboard, "log.tensorboard")
     local = cfg.data.batch_size // world if cfg.data.batch_size % world == 0 else None
     if local is None:
         problems.append(TrainerError(f"data.batch_size {cfg.data.batch_size} (global) must be "
@@ -782,6 +772,15 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
     except Exception as exc:  # noqa: BLE001 - the estimate is advice: training can go on
         lines.append(f"  memory: no estimate ({type(exc).__name__}: {exc})")
     out_shape = None
+    if cfg.checkpoint.dir is not None:
+        from trainer import checkpoint
+
+        old = checkpoint.latest(cfg.checkpoint.dir) if Path(cfg.checkpoint.dir).is_dir() \
+            else None
+        if old is not None:
+            lines.append(f"  note: checkpoint.dir holds checkpoints of an earlier run (the "
+                         f"newest: {old.name}): train continues it with --resume and refuses "
+                         "a fresh run there")
     if est is not None and cfg.checkpoint.dir is not None:
         try:  # (the trained values and as many buffers of optimizer state)
             checks.room_for(Path(cfg.checkpoint.dir),

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,7 +304,16 @@ class Trainer:
                                   self.batches.local_sizes(), cfg.data.batch_size,
                                   self.world)
         self.plans: dict[int, Plan] = {}
-        self._init_parameters()
+        try:
+            self._init_parameters()
+            if writes and 1 in self.batches.any_rank_sizes():
+                # (a process's batch of 1 sample, which BatchNormalization refuses: said at
+                # the start, on every rank, rather than at the end of the first epoch)
+                self._training_graph(1)
+        except ModelError as exc:
+            if "1 value per channel" not in str(exc):
+                raise
+            raise ModelError(f"{exc}; here {self.batches.one_sample_why()}") from None
         if early_eval is None:
             self._check_targets(self.train_arrays, "data.train")
         if self.eval_arrays is not None:
@@ -336,15 +345,6 @@ class Trainer:
         self.stopped_early = ""  # early_stop's reason, once it stopped the run
         self.best_value = self.es_best = None
         self.best_step, self.best_path, self.es_bad = None, None, 0
-        for what, section in (("best", cfg.best), ("early_stop", cfg.early_stop)):
-            if section is not None:
-                if cfg.data.eval is None:
-                    raise TrainerError(f"{what} needs data.eval (an evaluation set)")
-                known = ["eval_loss"] + (["eval_accuracy"] if cfg.loss.type == "cross_entropy"
-                                         else [])
-                if section.metric not in known:
-                    raise TrainerError(f"{what}.metric '{section.metric}' is not an evaluation "
-                                       f"metric of this run (use one of {', '.join(known)})")
         self.position = (0, 0)  # (epoch, index) of the next micro-batch
         self._order = (-1, None)
         self.history: list[dict] = []
@@ -395,18 +395,7 @@ class Trainer:
         return out
 
     def _check_paths(self) -> None:
-        cfg = self.cfg
-        reads = preflight.files_read(cfg)
-        for path, what in written_files(cfg):
-            preflight.not_read(path, what, reads)
-        preflight.distinct(written_files(cfg))
-        preflight.writable_file(cfg.output, "output")
-        if cfg.checkpoint.dir is not None:
-            preflight.writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
-        if cfg.log.metrics is not None:
-            preflight.writable_file(cfg.log.metrics, "log.metrics")
-        if cfg.log.tensorboard is not None:
-            preflight.writable_dir(cfg.log.tensorboard, "log.tensorboard")
+        check_paths(self.cfg, lambda fn, *args: fn(*args))
 
     def _check_targets(self, arrays, what: str) -> None:
         """Loss targets against the loss output of the training graph, before step 1."""
@@ -1785,6 +1774,29 @@ def written_files(cfg) -> list[tuple[Path, str]]:
     if cfg.log.metrics is not None:
         out.append((Path(cfg.log.metrics), "log.metrics"))
     return out
+
+
+def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = ()) -> None:
+    """The paths a run writes (written_files, the folders of log.tensorboard and
+    checkpoint.dir, and `extra` files such as --profile-trace) are none of the files it reads,
+    each other's, or unwritable: each check is run through `attempt(fn, *args)` (which raises,
+    or collects the problem for `check CONFIG`)."""
+    files = written_files(cfg) + list(extra)
+    folders = [(Path(p), what) for p, what in ((cfg.log.tensorboard, "log.tensorboard"),
+                                               (cfg.checkpoint.dir, "checkpoint.dir"))
+               if p is not None]
+    reads = preflight.files_read(cfg)
+    for path, what in files + folders:
+        attempt(preflight.not_read, path, what, reads)
+    attempt(preflight.distinct, files)
+    for folder in folders:  # (the two folders may be one)
+        attempt(preflight.distinct, files + [folder])
+    attempt(preflight.writable_file, cfg.output, "output")
+    for path, what in files[1:]:
+        if what != "the best model (from output)":  # (beside the output)
+            attempt(preflight.writable_file, path, what)
+    for path, what in folders:
+        attempt(preflight.writable_dir, path, what)
 
 
 def best_path(output: Path) -> Path:

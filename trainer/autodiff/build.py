@@ -656,6 +656,12 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False
     x_shape, dt = shapes[x]
     rank, c = len(x_shape), x_shape[1]
     n = int(np.prod(x_shape)) // c
+    if n == 1 and not sync:
+        raise ModelError(f"BatchNormalization '{label}' trains on 1 value per channel (input "
+                         f"shape {list(x_shape)}): a batch of 1 sample has variance 0, so it "
+                         "would output its bias alone and learn nothing (PyTorch refuses it "
+                         "too); give each process batches of at least 2 samples, or "
+                         "batchnorm: eval to normalize with the running statistics")
     b.prefix = f"{label}/Train"
     axes = [0] + list(range(2, rank))
     bshape = [c] + [1] * (rank - 2)
