@@ -75,6 +75,27 @@ def _external_data_output(tmp) -> list[str]:
                                       output=str(tmp / "b.onnx.data")))]
 
 
+def _digits_batchnorm(tmp, **over) -> list[str]:
+    """x [N, 64] -> MatMul -> BatchNormalization (bn.scale, bn.mean...) -> logits, trained
+    on the digits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32) * 0.1,
+                                     "W")]
+    inits += [numpy_helper.from_array(np.full(10, v, np.float32), f"bn.{k}")
+              for k, v in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("BatchNormalization", ["h", "bn.scale", "bn.bias", "bn.mean",
+                                                 "bn.var"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)]),
+              str(tmp / "bn.onnx"))
+    return ["train", _write(tmp, _cfg(tmp, model=str(tmp / "bn.onnx"), **over))]
+
+
 def _nul_location(tmp) -> list[str]:
     """The demo model with a weight in external data at a location holding a NUL (it made
     the pre-flight's path checks raise an internal error)."""
@@ -347,6 +368,13 @@ CASES = {
         and ["train", _write(t, _cfg(t, model=str(t / "m.onnx"), log={"metrics": str(t / "h")}))],
         "log.metrics"),
     "tensorboard-is-the-output": (_train(log={"tensorboard": "out.onnx"}), "is also output"),
+    "config-trainable-names-a-running-statistic": (
+        lambda t: _digits_batchnorm(t, trainable=["all", "bn.mean"]),
+        "trainable entry 'bn.mean' names BatchNormalization running statistics (bn.mean)"),
+    "config-batchnorm-globs-on-a-model-without-any": (_train(batchnorm=["bn*"]),
+                                                       "(the model has none)"),
+    "config-batchnorm-on-one-sample": (lambda t: _digits_batchnorm(t, data__batch_size=1),
+                                       "trains on 1 value per channel"),
     "output-is-the-config-file": (lambda t: ["train", _write(t, _cfg(
         t, output=str(t / "cfg.yaml")))], "cfg.yaml is the config file: writing it"),
     "external-data-location-with-a-nul": (_nul_location, "external data 'w.bin\\x00x' "

@@ -531,3 +531,17 @@ def test_eval_json_stdout_is_one_json_object_when_the_run_has_notes(tmp_path):
     logits = np.load(tmp_path / "d.npz")["x"] @ w
     assert json.loads(proc.stdout)["eval_accuracy"] == \
         float((logits.argmax(1) == np.load(tmp_path / "d.npz")["y"]).mean())
+
+
+def test_check_reads_a_config_of_any_name_with_a_long_header(tmp_path):
+    """`check FILE` tells a config from a model by its content: one without a .yaml suffix
+    whose `model:` came after 512 bytes of comments was read as an ONNX model."""
+    text = "".join(f"# comment line {i}: {'x' * 40}\n" for i in range(20)) + yaml.safe_dump({
+        "model": str(EXAMPLES / "digits_mlp.onnx"), "steps": 1,
+        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                           "targets": {"label": "y_train"}}},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}})
+    (tmp_path / "run.cfg").write_text(text)
+    proc = run("check", str(tmp_path / "run.cfg"))
+    assert proc.returncode == 0, proc.stderr
+    assert "pre-flight" in proc.stdout.lower() or "memory per process" in proc.stdout

@@ -495,3 +495,10 @@ def test_a_dataset_folder_may_end_with_a_slash() -> None:
     raw = minimal()
     raw["data"]["train"]["path"] = "dsdir/"
     assert config_from_dict(raw, "/base").data.train.path == Path("/base/dsdir")
+
+
+def test_choices_suggest_the_other_case_and_empty_mappings_read_plainly() -> None:
+    assert "did you mean 'gpu'?" in error_of(minimal(device="GPU"))
+    raw = minimal()
+    raw["data"]["train"]["inputs"] = {}
+    assert error_of(raw).endswith("'data.train.inputs' must not be empty, got {}")

@@ -62,11 +62,17 @@ def _is_config(path: str) -> bool:
         return False
     try:
         with open(p, "rb") as f:
-            head = f.read(512)
-        head.decode("utf-8")
+            head = f.read(1 << 20)  # (a config is small text; a model is binary protobuf)
+        text = head.decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    return b"model:" in head or b"\nmodel" in head
+    if "model" not in text:
+        return False
+    import yaml
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return "model:" in text  # (a config with a YAML error: the config loader names it)
 
 
 def _check(args) -> int:

@@ -76,6 +76,8 @@ _SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "beta1": "betas", "bet
 
 def _suggest(word: str, options: Sequence[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
+    if not close and isinstance(word, str):  # (GPU for gpu)
+        close = [o for o in options if isinstance(o, str) and o.lower() == word.lower()][:1]
     if not close and _SYNONYMS.get(word) in options:
         close = [_SYNONYMS[word]]
     return f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
@@ -652,7 +654,7 @@ def _value(f: dataclasses.Field, raw: Mapping, key: str, base: Path, values: dic
         raise _err(key, f"must be one of {', '.join(choices)}; got {v!r}{_suggest(v, choices)}")
     check = meta.get("check")
     if check and not check[0](v):
-        raise _err(key, f"{check[1]}, got {v!r}")
+        raise _err(key, f"{check[1]}, got {dict(v) if isinstance(v, Mapping) else v!r}")
     return v
 
 

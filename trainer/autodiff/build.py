@@ -501,7 +501,9 @@ def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
         hits = {s for s in scales if fnmatch.fnmatchcase(s, pattern)}
         if not hits:
             raise ModelError(f"batchnorm entry '{pattern}' matches the scale of no "
-                             f"BatchNormalization layer (scales: {', '.join(scales[:8])})")
+                             "BatchNormalization layer " + (
+                                 f"(scales: {', '.join(scales[:8])})" if scales else
+                                 "(the model has none)"))
         chosen |= hits
     return chosen
 

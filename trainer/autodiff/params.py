@@ -439,6 +439,11 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
                 chosen += [r.name for r in table if r.role == PARAMETER and r.name not in chosen]
                 continue
             hits = [r for r in pool if _matches(r, pattern)]
+            stats = [r.name for r in table if r.role == STATE and _matches(r, pattern)]
+            if not hits and stats:
+                raise ModelError(f"trainable entry '{pattern}' names BatchNormalization running "
+                                 f"statistics ({', '.join(stats[:4])}): the forward updates "
+                                 "them, they have no gradient; leave them out of trainable")
             if not hits:
                 raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
                                  "the model (available: "
