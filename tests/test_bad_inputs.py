@@ -396,6 +396,15 @@ CASES = {
     "output-is-a-pipe": (lambda t: os.mkfifo(t / "pipe") or ["train", _write(t, _cfg(
         t, output=str(t / "pipe")))], "not a regular file"),
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
+    "grad-shape-of-the-wrong-rank": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--shape", "x=4"], "input 'x' has 2 dimension(s) ['N', 64]; give every one"),
+    "grad-shape-against-batch-size": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--shape", "x=8,64", "--batch-size", "4"], "--batch-size is 4: give one of them"),
+    "grad-flag-of-another-loss": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--time-axis", "0"], "--time-axis applies to --loss ctc, not cross_entropy"),
     "grad-output-under-a-file": (lambda t: _put(t / "f", "x") and [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o",
         str(t / "f" / "g.onnx")], "not a directory"),

@@ -181,9 +181,32 @@ def _grad(args) -> int:
         if name not in inputs:
             raise TrainerError(f"--shape {name}=...: the model has no input '{name}' (its "
                                f"inputs: {', '.join(inputs)})")
+        vi = next(v for v in model.graph.input if v.name == name)
+        if vi.type.tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in vi.type.tensor_type.shape.dim]
+            if len(dims) != len(shapes[name]):
+                raise TrainerError(f"--shape {name}={','.join(map(str, shapes[name]))}: the "
+                                   f"model's input '{name}' has {len(dims)} dimension(s) "
+                                   f"{dims}; give every one")
+        if args.batch_size and shapes[name] and shapes[name][0] != args.batch_size:
+            raise TrainerError(f"--shape {name}=... starts with {shapes[name][0]}, but "
+                               f"--batch-size is {args.batch_size}: give one of them")
     out = _output_path(args.o, args.model, "-o")
+    from dataclasses import fields
+
+    from trainer.config import LossConfig
+    given = {"class_axis": args.class_axis, "blank": args.blank, "time_axis": args.time_axis,
+             "lengths": args.lengths, "logits": args.logits or None,
+             "ignore_index": args.ignore_index}
+    for f in fields(LossConfig):  # (a flag of another loss type: refused, as the config does)
+        only = f.metadata.get("only")
+        if given.get(f.name) is not None and only and args.loss not in only:
+            raise TrainerError(f"--{f.name.replace('_', '-')} applies to --loss "
+                               f"{' or '.join(only)}, not {args.loss}")
     loss = {"type": args.loss, "output": args.output, "target": args.target,
-            "class_axis": args.class_axis, "blank": args.blank, "time_axis": args.time_axis,
+            "class_axis": -1 if args.class_axis is None else args.class_axis,
+            "blank": args.blank or 0, "time_axis": 1 if args.time_axis is None else args.time_axis,
             "lengths": args.lengths, "from_logits": args.logits}
     if args.ignore_index is not None:
         loss["ignore_index"] = args.ignore_index
@@ -305,13 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["cross_entropy", "mse", "bce", "ctc", "output"])
     g.add_argument("--output", required=True, help="model output the loss reads")
     g.add_argument("--target", default="label", help="name of the loss target input")
-    g.add_argument("--class-axis", type=int, default=-1)
-    g.add_argument("--blank", type=int, default=0, help="ctc: the blank class")
+    g.add_argument("--class-axis", type=int, default=None)
+    g.add_argument("--blank", type=int, default=None, help="ctc: the blank class")
     g.add_argument("--logits", action="store_true",
                    help="bce: the output holds logits (no Sigmoid at the end)")
     g.add_argument("--ignore-index", type=int, default=None,
                    help="cross_entropy: the label to ignore (default -100)")
-    g.add_argument("--time-axis", type=int, choices=[0, 1], default=1,
+    g.add_argument("--time-axis", type=int, choices=[0, 1], default=None,
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",
                    help="ctc: an input of each sample's count of valid time steps")
