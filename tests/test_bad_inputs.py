@@ -96,6 +96,15 @@ def _digits_batchnorm(tmp, **over) -> list[str]:
     return ["train", _write(tmp, _cfg(tmp, model=str(tmp / "bn.onnx"), **over))]
 
 
+def _fixed_batch_model(tmp) -> str:
+    """The digits MLP with its batch dimension fixed at 7."""
+    m = onnx.load(str(EXAMPLES / "digits_mlp.onnx"))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 7
+    onnx.save(m, str(tmp / "fixed.onnx"))
+    return str(tmp / "fixed.onnx")
+
+
 def _nul_location(tmp) -> list[str]:
     """The demo model with a weight in external data at a location holding a NUL (it made
     the pre-flight's path checks raise an internal error)."""
@@ -402,6 +411,12 @@ CASES = {
     "grad-shape-against-batch-size": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--shape", "x=8,64", "--batch-size", "4"], "--batch-size is 4: give one of them"),
+    "grad-batch-size-against-a-fixed-batch": (lambda t: [
+        "grad", _fixed_batch_model(t), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--batch-size", "3"], "the model fixes the batch dimension of 'x' at 7"),
+    "grad-shape-against-a-fixed-batch": (lambda t: [
+        "grad", _fixed_batch_model(t), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--shape", "x=3,64"], "the model fixes dimension 0 of 'x' at 7, not 3"),
     "grad-flag-of-another-loss": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--time-axis", "0"], "--time-axis applies to --loss ctc, not cross_entropy"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import onnx
@@ -402,3 +403,47 @@ def test_loss_type_output_at_every_opset(opset: int) -> None:
     out = Executor(tm, np).run({"x": x})
     np.testing.assert_allclose(out[info.gradients["W"]], x.T @ np.ones((1, 2), np.float32))
     np.testing.assert_allclose(out[info.loss], (x @ w).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op,opset,axis,want", [
+    ("Softmax", 13, 1, "'y' is a Softmax's probabilities over axis 1, but loss.class_axis is "
+                       "-1: cross entropy would read them as logits; set loss.class_axis to "
+                       "the output's axis of the classes (1)"),
+    ("LogSoftmax", 13, 1, "'y' is a LogSoftmax's log-probabilities over axis 1"),
+    ("Softmax", 11, 1, "over axes 1 to 2 together (Softmax below opset 13 flattens them)"),
+    ("Softmax", 13, -1, None), ("Softmax", 11, 2, None), ("LogSoftmax", 13, 2, None)])
+def test_cross_entropy_on_a_softmax_over_another_axis_is_refused(op, opset, axis, want):
+    """A model ending in a Softmax over an axis that is not the loss's class axis: cross
+    entropy read its probabilities as logits (a second softmax; 1.50 where the log-likelihood
+    of the output's probabilities is 1.78). Over the class axis it trains on the logits."""
+    from trainer.autodiff import build_training_graph
+    from trainer.errors import ModelError
+
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                           helper.make_node(op, ["h"], ["y"], axis=axis)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    loss = {"type": "cross_entropy", "output": "y", "target": "label"}
+    if want is None:
+        build_training_graph(m, loss, "all", batch_size=2)
+    else:
+        with pytest.raises(ModelError, match=re.escape(want)):
+            build_training_graph(m, loss, "all", batch_size=2)
+
+
+def test_bce_with_logits_on_a_sigmoids_output_is_refused(tmp_path):
+    """`loss.logits: true` on a model ending in Sigmoid applied a second sigmoid (0.689 where
+    torch's binary cross entropy of that output is 0.744), silently."""
+    from trainer.autodiff import build_training_graph
+    from trainer.errors import ModelError
+
+    rng = np.random.default_rng(1)
+    _sigmoid_model(tmp_path / "m.onnx", rng.standard_normal((4, 3)).astype(np.float32),
+                   np.zeros(3, np.float32), False, "cast")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelError, match="'probs' is a Sigmoid's output .*leave logits out"):
+        build_training_graph(m, {"type": "bce", "output": "probs", "target": "t",
+                                 "from_logits": True}, "all", batch_size=2)

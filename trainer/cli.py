@@ -189,9 +189,25 @@ def _grad(args) -> int:
                 raise TrainerError(f"--shape {name}={','.join(map(str, shapes[name]))}: the "
                                    f"model's input '{name}' has {len(dims)} dimension(s) "
                                    f"{dims}; give every one")
+            fixed = [(i, d, g) for i, (d, g) in enumerate(zip(dims, shapes[name], strict=True))
+                     if isinstance(d, int) and d > 0 and d != g]
+            if fixed:
+                i, d, g = fixed[0]
+                raise TrainerError(f"--shape {name}={','.join(map(str, shapes[name]))}: the "
+                                   f"model fixes dimension {i} of '{name}' at {d}, not {g}"
+                                   + (" (onnx-trainer convert --dynamic-batch makes a fixed "
+                                      "batch symbolic)" if i == 0 else ""))
         if args.batch_size and shapes[name] and shapes[name][0] != args.batch_size:
             raise TrainerError(f"--shape {name}=... starts with {shapes[name][0]}, but "
                                f"--batch-size is {args.batch_size}: give one of them")
+    if args.batch_size:
+        for vi in model.graph.input:
+            dims = vi.type.tensor_type.shape.dim
+            if vi.name in inputs and vi.name not in shapes and dims and \
+                    dims[0].HasField("dim_value") and dims[0].dim_value not in (0, args.batch_size):
+                raise TrainerError(f"--batch-size {args.batch_size}: the model fixes the batch "
+                                   f"dimension of '{vi.name}' at {dims[0].dim_value} (onnx-"
+                                   "trainer convert --dynamic-batch makes it symbolic)")
     out = _output_path(args.o, args.model, "-o")
     from dataclasses import fields
 

@@ -773,22 +773,57 @@ def sigmoid_logits(nodes, output: str, rank: int):
     return None if found is None else found[:2]
 
 
+def _softmax_over_another_axis(nodes, spec: LossSpec, rank: int, opset: int) -> None:
+    """Cross entropy on a Softmax's probabilities over an axis that is not the class axis
+    would take them as logits (a second softmax, training with vanishing gradients): refused,
+    naming the axis to use."""
+    for op in ("Softmax", "LogSoftmax"):  # (a LogSoftmax over the class axis: logits as good)
+        found = _under_layout(nodes, spec.output, op, rank, spec.class_axis)
+        if found is None:
+            continue
+        n, chain, k = found
+        axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
+        if axis != k or (opset < 13 and axis != rank - 1):
+            _refuse_softmax_axis(spec, op, axis, chain, rank, opset)
+
+
+def _refuse_softmax_axis(spec: LossSpec, op: str, axis: int, chain, rank: int, opset: int):
+    where = f"'{spec.output}' is a {op}'s " + (
+        "probabilities" if op == "Softmax" else "log-probabilities")
+    if opset < 13 and axis != rank - 1:
+        raise ModelError(f"loss cross_entropy: {where} over axes {axis} to {rank - 1} together "
+                         f"({op} below opset 13 flattens them), not over a class axis: cross "
+                         "entropy would read them as logits; export the model at opset 13 or "
+                         "later, or train on the logits before the Softmax")
+    raise ModelError(f"loss cross_entropy: {where} over axis {axis}"
+                     + (" (before the Transposes after it)" if chain else "")
+                     + f", but loss.class_axis is {spec.class_axis}: cross entropy would read "
+                     "them as logits; set loss.class_axis to the output's axis of the classes"
+                     + ("" if chain else f" ({axis})"))
+
+
 def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
     """Cross entropy (and ctc) over a model that ends in Softmax (probabilities, as many
     exported classifiers do) is computed from the Softmax's input: applying softmax twice
     would train with vanishing gradients. Where Transposes, Identities or float Casts follow
     the Softmax, the logits go through copies of them (laid out as the output). Returns (spec,
     those copies); the model's output itself is unchanged."""
-    if spec.type not in ("cross_entropy", "ctc", "bce") or spec.output not in shapes or \
-            spec.from_logits:  # (bce with loss.logits: the output is the logits)
+    if spec.type not in ("cross_entropy", "ctc", "bce") or spec.output not in shapes:
         return spec, []
     rank = len(shapes[spec.output][0])
+    if spec.from_logits:  # (bce with loss.logits: the output is the logits)
+        if spec.type == "bce" and sigmoid_logits(nodes, spec.output, rank) is not None:
+            raise ModelError(f"loss bce with logits: true, but '{spec.output}' is a Sigmoid's "
+                             "output (probabilities): a second sigmoid would be applied; leave "
+                             "logits out (bce on a Sigmoid's output trains on its logits)")
+        return spec, []
     if spec.type == "bce":  # (binary cross entropy on a Sigmoid's output: on its logits)
         found = sigmoid_logits(nodes, spec.output, rank)
     else:
         class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
         found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
     if found is None and spec.type == "cross_entropy" and rank:
+        _softmax_over_another_axis(nodes, spec, rank, opset)
         return _logits_of_binary(spec, nodes, shapes, rank, b)
     if found is None or found[0].input[0] not in shapes:
         return spec, []
