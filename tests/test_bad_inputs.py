@@ -150,19 +150,23 @@ def _escapes_model(tmp) -> bool:
     return True
 
 
-def _edited_manifest(tmp) -> list[str]:
-    """A checkpoint whose manifest names a step that is no number, then --resume."""
-    import json
+def _edited_manifest(key, value):
+    """A checkpoint whose manifest's `key` is edited to `value` (not a number, out of range),
+    then --resume (total_steps -5 only gave a schedule warning)."""
+    def make(tmp) -> list[str]:
+        import json
 
-    from trainer.cli import main
+        from trainer.cli import main
 
-    raw = _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}, output=str(tmp / "first.onnx"))
-    assert main(["train", _write(tmp, raw)]) == 0
-    manifest = next((tmp / "ck").glob("step_*")) / "manifest.json"
-    meta = json.loads(manifest.read_text())
-    meta["step"] = "abc"
-    manifest.write_text(json.dumps(meta))
-    return ["train", _write(tmp, _cfg(tmp, checkpoint={"dir": str(tmp / "ck")})), "--resume"]
+        raw = _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}, output=str(tmp / "first.onnx"))
+        assert main(["train", _write(tmp, raw)]) == 0
+        manifest = next((tmp / "ck").glob("step_*")) / "manifest.json"
+        meta = json.loads(manifest.read_text())
+        meta[key] = value
+        manifest.write_text(json.dumps(meta))
+        return ["train", _write(tmp, _cfg(tmp, checkpoint={"dir": str(tmp / "ck")})),
+                "--resume"]
+    return make
 
 
 def _data(name, **arrays):
@@ -445,7 +449,12 @@ CASES = {
     "data-complex-input": (_with_data(_data("d.npz", x=x + 1j, y=y)), "imaginary part"),
     "model-raw-data-too-long": (lambda t: _long_raw_data(t) and ["train", _write(t, _cfg(
         t, model=str(t / "m.onnx")))], "the file is damaged"),
-    "checkpoint-manifest-edited": (_edited_manifest, "is damaged"),
+    "checkpoint-manifest-edited": (_edited_manifest("step", "abc"), "is damaged"),
+    "checkpoint-manifest-total-steps": (_edited_manifest("total_steps", -5),
+                                        "manifest's total_steps -5 is not an integer of at "
+                                        "least 1"),
+    "checkpoint-manifest-world-size": (_edited_manifest("world_size", 0),
+                                       "manifest's world_size 0 is not"),
     "model-name-with-terminal-escapes": (lambda t: _escapes_model(t) and ["train", _write(
         t, _cfg(t, model=str(t / "m.onnx")))], "'a\\nFAKE: all good\\x1b[31m'"),
     "data-shape-mismatch": (_with_data(_data("d.npz", x=x[:, :60], y=y)), "[60]"),

@@ -315,3 +315,18 @@ def test_a_manifest_that_contradicts_its_checkpoint_is_refused(tmp_path, digits_
                 stream=io.StringIO())
     with pytest.raises(TrainerError, match=f"step_00000003 is damaged: {said}"):
         t.resume()
+
+
+def test_a_resume_on_another_number_of_processes_says_so(tmp_path, digits_config):
+    import json
+
+    raw = digits_config(steps=2, checkpoint={"dir": "ck", "every_steps": 1})
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    manifest = checkpoint.latest(tmp_path / "ck") / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    assert meta["world_size"] == 1
+    manifest.write_text(json.dumps({**meta, "world_size": 4}))
+    log = io.StringIO()
+    Trainer(config_from_dict(dict(raw, steps=3), tmp_path), stream=log).fit(resume=True)
+    assert "resuming a run of 4 process(es) on 1: the global batch and its order are the " \
+        "same" in log.getvalue()

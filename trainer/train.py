@@ -1326,6 +1326,16 @@ class Trainer:
                 and all(isinstance(v, int) and v >= 0 for v in position)):
             raise TrainerError(f"checkpoint {path} is damaged: its manifest's data position "
                                f"{position!r} is not [epoch, batch]")
+        for key, low in (("step", 0), ("total_steps", 1), ("world_size", 1), ("batch_size", 1)):
+            value = meta.get(key)  # (absent from checkpoints of older versions but step)
+            if (value is not None or key == "step") and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise TrainerError(f"checkpoint {path} is damaged: its manifest's {key} "
+                                   f"{value!r} is not an integer of at least {low}")
+        if meta.get("world_size", self.world) != self.world:
+            self.log.info(f"resuming a run of {meta['world_size']} process(es) on {self.world}: "
+                          "the global batch and its order are the same (each process takes "
+                          "another share of it)")
         names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
         if names != set(self.names):
             raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
