@@ -411,7 +411,8 @@ def test_loss_type_output_at_every_opset(opset: int) -> None:
                        "the output's axis of the classes (1)"),
     ("LogSoftmax", 13, 1, "'y' is a LogSoftmax's log-probabilities over axis 1"),
     ("Softmax", 11, 1, "over axes 1 to 2 together (Softmax below opset 13 flattens them)"),
-    ("Softmax", 13, -1, None), ("Softmax", 11, 2, None), ("LogSoftmax", 13, 2, None)])
+    ("Softmax", 13, -1, None), ("Softmax", 11, 2, None), ("LogSoftmax", 13, 2, None),
+    ("Softmax", 11, "squeezenet", None)])
 def test_cross_entropy_on_a_softmax_over_another_axis_is_refused(op, opset, axis, want):
     """A model ending in a Softmax over an axis that is not the loss's class axis: cross
     entropy read its probabilities as logits (a second softmax; 1.50 where the log-likelihood
@@ -420,15 +421,38 @@ def test_cross_entropy_on_a_softmax_over_another_axis_is_refused(op, opset, axis
     from trainer.errors import ModelError
 
     w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]),
+    shape = [3, 4]
+    loss = {"type": "cross_entropy", "output": "y", "target": "label"}
+    if axis == "squeezenet":  # (its Softmax over axes 1 to 3 of [N, 1000, 1, 1]: the classes)
+        shape, axis, loss["class_axis"] = [4, 1, 1], 1, 1
+        w = w.reshape(4, 4, 1, 1)
+    mm = "Conv" if len(shape) == 3 else "MatMul"
+    g = helper.make_graph([helper.make_node(mm, ["x", "W"], ["h"]),
                            helper.make_node(op, ["h"], ["y"], axis=axis)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"] + shape)],
                           [numpy_helper.from_array(w, "W")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    loss = {"type": "cross_entropy", "output": "y", "target": "label"}
     if want is None:
-        build_training_graph(m, loss, "all", batch_size=2)
+        from trainer.autodiff import training_info
+        from trainer.executor import Executor
+
+        tm = build_training_graph(m, loss, "all", batch_size=2)
+        # over the class axis: the loss is cross entropy of the Softmax's input, the logits
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal([2] + shape).astype(np.float32)
+        k = axis % (len(shape) + 1)
+        labels = rng.integers(0, shape[k - 1], [2] + [d for i, d in enumerate(shape, 1)
+                                                      if i != k])
+        h = Executor(m, np).run({"x": x})["y"] if op == "LogSoftmax" else \
+            Executor(helper.make_model(helper.make_graph(
+                [g.node[0]], "h", list(g.input),
+                [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+                list(g.initializer)), opset_imports=m.opset_import), np).run({"x": x})["h"]
+        want = torch.nn.functional.cross_entropy(
+            torch.from_numpy(np.moveaxis(h, k, 1).copy()), torch.from_numpy(labels)).item()
+        got = Executor(tm, np).run({"x": x, "label": labels})[training_info(tm).loss]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
     else:
         with pytest.raises(ModelError, match=re.escape(want)):
             build_training_graph(m, loss, "all", batch_size=2)

@@ -54,19 +54,21 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
         onnx.helper.set_model_props(m, props)
-    if _fits_bytesize(m) and m.ByteSize() <= TWO_GB:  # (a large model is checked as written,
-        check_model(m, "exported model")  # before it is renamed into place)
-    return save_model(m, path, keep)
+    # (checked as written, before it is renamed into place: checking the proto in memory
+    # serialized it once more, and the checker parsed that copy, at the export's peak)
+    return save_model(m, path, keep, check=True)
 
 
-def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = ()) -> Path:
+def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = (),
+               check: bool = False) -> Path:
     """`m` saved to `path` atomically (as export_model saves; over 2 GB with external data);
-    files in `keep` are neither written nor removed."""
+    files in `keep` are neither written nor removed; with `check`, onnx.checker reads the
+    written file before it replaces an earlier one (a ModelError if it is not valid)."""
     path = Path(path)
     large = m.ByteSize() > TWO_GB if _fits_bytesize(m) else True
     try:
         make_dirs(path.parent)
-        _save(m, path, large, keep)
+        _save(m, path, large, keep, check)
     except OSError as exc:
         raise write_error(exc, "model", path) from None
     return path
@@ -111,7 +113,8 @@ def _resolved(path) -> Path | None:
         return None
 
 
-def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLike]) -> None:
+def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLike],
+          check: bool) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
     # renamed into place the old model and its data stay a consistent pair.
@@ -136,12 +139,15 @@ def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLik
             data_name = next(c for c in candidates if c not in in_use)
             onnx.save_model(m, str(tmp_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name)
-            check_model(tmp_model, "exported model")
+            if check:
+                check_model(tmp_model, "exported model")
             fsync_file(Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, folder / data_name)
             fsync_dir(folder)
         else:
             onnx.save_model(m, str(tmp_model))
+            if check:
+                check_model(tmp_model, "exported model")
         fsync_file(tmp_model)
         os.replace(tmp_model, path)
         fsync_dir(folder)

@@ -1854,8 +1854,10 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     if not rank:
         return False
     class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in out.type.tensor_type.shape.dim]
     if softmax_logits(model.graph.node, spec.output, rank, class_axis,
-                      opset_of(model)) is not None:
+                      opset_of(model), dims) is not None:
         return True
     inits = {t.name: t for t in model.graph.initializer}
     return spec.type == "cross_entropy" and binary_probabilities(

@@ -751,19 +751,27 @@ def _under_layout(nodes, output: str, op: str, rank: int, axis: int):
     return n, chain[::-1], k
 
 
-def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int):
+def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int, dims=None):
     """(the Softmax node, the layout nodes after it in order) where `output` is a Softmax's
     probabilities over `class_axis` (of `output`, rank `rank`), directly or through
     Transposes, Identities and float Casts (tf2onnx ends classifiers in Softmax then a
-    Transpose back to its layout); None otherwise."""
+    Transpose back to its layout); None otherwise. `dims`: the output's dimensions where
+    known (None for unknown ones), which tell a Softmax below opset 13 over axes k to the last
+    from one over the class axis k alone (squeezenet's [N, 1000, 1, 1])."""
     found = _under_layout(nodes, output, "Softmax", rank, class_axis)
     if found is None:
         return None
     n, chain, k = found
     axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
-    if axis == k and (opset >= 13 or axis == rank - 1):
+    if axis == k and (opset >= 13 or axis == rank - 1 or _ones_after(axis, chain, dims)):
         return n, chain
     return None
+
+
+def _ones_after(axis: int, chain, dims) -> bool:
+    """Whether the output's axes after `axis` are all known to be of size 1 (and the output
+    is the Softmax's own: no layout ops between)."""
+    return not chain and dims is not None and all(d == 1 for d in list(dims)[axis + 1:])
 
 
 def sigmoid_logits(nodes, output: str, rank: int):
@@ -773,7 +781,7 @@ def sigmoid_logits(nodes, output: str, rank: int):
     return None if found is None else found[:2]
 
 
-def _softmax_over_another_axis(nodes, spec: LossSpec, rank: int, opset: int) -> None:
+def _softmax_over_another_axis(nodes, spec: LossSpec, shapes, rank: int, opset: int) -> None:
     """Cross entropy on a Softmax's probabilities over an axis that is not the class axis
     would take them as logits (a second softmax, training with vanishing gradients): refused,
     naming the axis to use."""
@@ -783,7 +791,8 @@ def _softmax_over_another_axis(nodes, spec: LossSpec, rank: int, opset: int) -> 
             continue
         n, chain, k = found
         axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
-        if axis != k or (opset < 13 and axis != rank - 1):
+        if axis != k or (opset < 13 and axis != rank - 1
+                         and not _ones_after(axis, chain, shapes[spec.output][0])):
             _refuse_softmax_axis(spec, op, axis, chain, rank, opset)
 
 
@@ -821,9 +830,10 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
         found = sigmoid_logits(nodes, spec.output, rank)
     else:
         class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
-        found = softmax_logits(nodes, spec.output, rank, class_axis, opset) if rank else None
+        found = softmax_logits(nodes, spec.output, rank, class_axis, opset,
+                               shapes[spec.output][0]) if rank else None
     if found is None and spec.type == "cross_entropy" and rank:
-        _softmax_over_another_axis(nodes, spec, rank, opset)
+        _softmax_over_another_axis(nodes, spec, shapes, rank, opset)
         return _logits_of_binary(spec, nodes, shapes, rank, b)
     if found is None or found[0].input[0] not in shapes:
         return spec, []
