@@ -227,7 +227,7 @@ def _grad(args) -> int:
     if args.ignore_index is not None:
         loss["ignore_index"] = args.ignore_index
     tm = build_training_graph(model, loss,
-                              args.trainable or "all", batch_size=args.batch_size,
+                              args.trainable or "all", batch_size=args.batch_size or 1,
                               shapes=shapes,
                               batchnorm="eval" if args.frozen_batchnorm else "train")
     from trainer.export import save_model
@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",
                    help="ctc: an input of each sample's count of valid time steps")
-    g.add_argument("--batch-size", type=_at_least(1), default=1,
-                   help="value for a symbolic batch (first) dimension")
+    g.add_argument("--batch-size", type=_at_least(1), default=None,
+                   help="value for a symbolic batch (first) dimension (default 1)")
     g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="full shape of an input with other symbolic dims (repeatable)")
     g.add_argument("--trainable", nargs="*", help="initializer names/globs (default: all)")
