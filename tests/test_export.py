@@ -34,14 +34,17 @@ def test_export_rejects_unknown_names(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("large", [False, True], ids=["one-file", "external-data"])
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, large):
     model = onnx.load(EXAMPLES / "digits_mlp.onnx")
     path = export_model(model, {}, tmp_path / "m.onnx")
     before = path.read_bytes()
+    if large:
+        monkeypatch.setattr(export_mod, "TWO_GB", 1000)
 
-    def broken(*a, **k):
+    def broken(*a, **k):  # (the written file's flush to disk fails)
         raise OSError("disk full")
-    monkeypatch.setattr(export_mod.onnx, "save_model", broken)
+    monkeypatch.setattr(export_mod, "fsync_file", broken)
     with pytest.raises(OSError):
         export_model(model, {"fc2.bias": np.ones(10)}, path)
     assert path.read_bytes() == before
@@ -217,3 +220,29 @@ def test_the_export_keeps_each_initializers_doc_string(tmp_path):
     out = export_model(model, {name: np.zeros(tuple(model.graph.initializer[0].dims))},
                        tmp_path / "m.onnx")
     assert onnx.load(out).graph.initializer[0].doc_string == "the first layer's weight"
+
+
+def test_an_export_is_written_one_tensor_at_a_time_and_reads_back_whole(tmp_path):
+    """The file is the model without its initializers, then one model message per tensor
+    (protobuf merges them as it reads): onnx, its checker and onnxruntime read it as the one
+    model, initializers in their order, with the trained values."""
+    import onnxruntime as ort
+
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    names = [t.name for t in model.graph.initializer]
+    values = {k: np.full(tuple(t.dims), 0.5, np.float32)
+              for k, t in ((t.name, t) for t in model.graph.initializer)}
+    out = export_model(model, values, tmp_path / "m.onnx", {"k": "v"})
+    onnx.checker.check_model(str(out), full_check=True)
+    back = onnx.load(out)
+    assert [t.name for t in back.graph.initializer] == names
+    assert all((numpy_helper.to_array(t) == 0.5).all() for t in back.graph.initializer)
+    assert back.graph.node == model.graph.node and back.graph.input == model.graph.input
+    assert {p.key: p.value for p in back.metadata_props}["k"] == "v"
+    want = onnx.load(EXAMPLES / "digits_mlp.onnx")  # (the values set the usual way)
+    for t in want.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (str(out), want.SerializeToString())]
+    np.testing.assert_array_equal(run[0], run[1])

@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from trainer.checkpoint import fsync_dir, fsync_file, make_dirs, write_error
 from trainer.errors import ModelError
 from trainer.graph import check_model, stored_tensors, without_initializers
+from trainer.memory import is_stub
 
 TWO_GB = 2**31 - 1
 _TMP = ".tmp"  # suffix of the temporary folder beside the output
@@ -40,23 +41,30 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     unknown = sorted(set(values) - set(inits))
     if unknown:
         raise ModelError(f"cannot export: {', '.join(unknown)} are not initializers of the model")
-    m = without_initializers(model)  # (the replaced tensors' values not copied)
-    for t in model.graph.initializer:
-        if t.name not in values:
-            m.graph.initializer.add().CopyFrom(t)
-            continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
-        new = m.graph.initializer.add()
-        new.CopyFrom(numpy_helper.from_array(arr, t.name))
-        new.doc_string = t.doc_string
+    skeleton = without_initializers(model)  # (the tensors are written one at a time)
     if metadata:
-        props = {p.key: p.value for p in m.metadata_props}
+        props = {p.key: p.value for p in skeleton.metadata_props}
         props.update(metadata)
-        onnx.helper.set_model_props(m, props)
-    # (checked as written, before it is renamed into place: checking the proto in memory
-    # serialized it once more, and the checker parsed that copy, at the export's peak)
-    return save_model(m, path, keep, check=True)
+        onnx.helper.set_model_props(skeleton, props)
+    for t in model.graph.initializer:
+        if t.name not in values and is_stub(t):  # (a trained tensor's values left the model)
+            raise ModelError(f"internal error: cannot export: no values for '{t.name}'")
+
+    def tensors() -> Iterator[onnx.TensorProto]:
+        for t in model.graph.initializer:
+            if t.name not in values:
+                yield t
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
+            new = numpy_helper.from_array(arr, t.name)
+            new.doc_string = t.doc_string
+            yield new
+    size = skeleton.ByteSize() + sum(
+        np.asarray(values[t.name]).size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type)).itemsize if t.name in values else t.ByteSize()
+        for t in model.graph.initializer)
+    return _write(skeleton, tensors, size, path, keep, check=True)
 
 
 def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = (),
@@ -64,11 +72,30 @@ def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = (),
     """`m` saved to `path` atomically (as export_model saves; over 2 GB with external data);
     files in `keep` are neither written nor removed; with `check`, onnx.checker reads the
     written file before it replaces an earlier one (a ModelError if it is not valid)."""
+    skeleton = without_initializers(m)
+    size = skeleton.ByteSize() + sum(t.ByteSize() for t in m.graph.initializer)
+    return _write(skeleton, lambda: iter(m.graph.initializer), size, path, keep, check)
+
+
+# Exports of at most this many bytes are read back by onnx.checker before they replace the
+# earlier file (it parses the whole file: twice its size in memory); larger ones are the
+# input's graph, checked when it was loaded, with tensors of the input's types and shapes
+CHECKED_BYTES = 256 << 20
+EXTERNAL_MIN = 1024  # tensors of fewer bytes stay in a large model's file (as onnx does)
+
+
+def _write(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorProto]],
+           size: int, path, keep: Iterable[os.PathLike], check: bool) -> Path:
+    """`skeleton` (a model without its main graph's initializers) with `tensors()` as those,
+    written atomically to `path` one tensor at a time: the file is the skeleton's bytes then
+    one model message per tensor, which protobuf merges into one model as it reads (a
+    message's fields repeated later are merged, a repeated field's items appended), so no
+    copy of all the weights is ever built or serialized at once. Over 2 GB the tensors go to
+    a `<name>.data` file beside it, as onnx's external data."""
     path = Path(path)
-    large = m.ByteSize() > TWO_GB if _fits_bytesize(m) else True
     try:
         make_dirs(path.parent)
-        _save(m, path, large, keep, check)
+        _save(skeleton, tensors, path, size > TWO_GB, keep, check and size <= CHECKED_BYTES)
     except OSError as exc:
         raise write_error(exc, "model", path) from None
     return path
@@ -113,8 +140,8 @@ def _resolved(path) -> Path | None:
         return None
 
 
-def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLike],
-          check: bool) -> None:
+def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorProto]],
+          path: Path, large: bool, keep: Iterable[os.PathLike], check: bool) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
     # renamed into place the old model and its data stay a consistent pair.
@@ -137,15 +164,23 @@ def _save(m: onnx.ModelProto, path: Path, large: bool, keep: Iterable[os.PathLik
         if large:
             in_use = _external_locations(path)
             data_name = next(c for c in candidates if c not in in_use)
-            onnx.save_model(m, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name)
+            with open(Path(tmp) / data_name, "wb") as data:
+                for t in tensors():
+                    skeleton.graph.initializer.append(_stored_in(t, data, data_name))
+            onnx.save_model(skeleton, str(tmp_model))
             if check:
                 check_model(tmp_model, "exported model")
             fsync_file(Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, folder / data_name)
             fsync_dir(folder)
         else:
-            onnx.save_model(m, str(tmp_model))
+            with open(tmp_model, "wb") as f:
+                f.write(skeleton.SerializeToString())
+                for t in tensors():
+                    piece = onnx.ModelProto()
+                    piece.graph.initializer.append(t)
+                    f.write(piece.SerializeToString())
+                    del piece
             if check:
                 check_model(tmp_model, "exported model")
         fsync_file(tmp_model)
@@ -169,9 +204,19 @@ def _external_locations(path: Path) -> set[str]:
         return set()
 
 
-def _fits_bytesize(m: onnx.ModelProto) -> bool:
-    try:
-        m.ByteSize()
-        return True
-    except Exception:  # noqa: BLE001 - protobuf refuses to size messages over 2 GB
-        return False
+def _stored_in(t: onnx.TensorProto, data, name: str) -> onnx.TensorProto:
+    """`t` for a large model's file: its raw bytes appended to the open file `data` (named
+    `name` beside the model) and referred to there, as onnx's external data; small tensors
+    and those of other fields stay as they are."""
+    if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN:
+        return t
+    raw = t.raw_data
+    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims),
+                           doc_string=t.doc_string)
+    out.metadata_props.extend(t.metadata_props)
+    offset = data.tell()
+    data.write(raw)
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", name), ("offset", str(offset)), ("length", str(len(raw)))):
+        out.external_data.add(key=key, value=value)
+    return out

@@ -109,6 +109,31 @@ def _stub(name: str, data_type: int, dims: Iterable[int]) -> onnx.TensorProto:
     return t
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's malloc_trim): protobuf
+    frees a model's tensors into the heap, where they stayed part of the process's resident
+    memory, and of its peak once the optimizer's state was allocated beside them."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # (not glibc: musl, macOS)
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
+def stub_of(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A stub of `t` (is_stub: no values), keeping its name, type, shape, doc string and
+    metadata."""
+    stub = _stub(t.name, t.data_type, t.dims)
+    stub.doc_string = t.doc_string
+    stub.metadata_props.extend(t.metadata_props)
+    return stub
+
+
 def _with_data_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its stub initializers (for helpers that read every initializer)."""
     out = without_initializers(model)

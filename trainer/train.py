@@ -7,6 +7,7 @@ its memory estimate) comes first; `profile()` times the nodes, communication and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -86,11 +87,12 @@ from trainer.graph import (
     opset_of,
     subgraph_weights,
     subgraph_weights_line,
+    without_initializers,
 )
 from trainer.kernels.collective import collectives
 from trainer.kernels.ctc import CTCLoss
 from trainer.kernels.reduce import squares_finite
-from trainer.memory import human
+from trainer.memory import human, is_stub, release_freed_memory
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, make_optimizer
 from trainer.schedule import make_schedule
@@ -314,6 +316,7 @@ class Trainer:
             if "1 value per channel" not in str(exc):
                 raise
             raise ModelError(f"{exc}; here {self.batches.one_sample_why()}") from None
+        self._drop_trained_values()
         if early_eval is None:
             self._check_targets(self.train_arrays, "data.train")
         if self.eval_arrays is not None:
@@ -396,6 +399,9 @@ class Trainer:
 
     def _check_paths(self) -> None:
         check_paths(self.cfg, lambda fn, *args: fn(*args))
+        # (what the export leaves alone; read here: finding the model's external data files
+        # loads the model file, which at an export added twice its size to the peak)
+        self._files_read = preflight.files_read(self.cfg)
 
     def _check_targets(self, arrays, what: str) -> None:
         """Loss targets against the loss output of the training graph, before step 1."""
@@ -446,13 +452,50 @@ class Trainer:
             # instead, the first-routed-token trace failed there as it did on the host)
             example = {k: to_host(v) for k, v in (batch or {}).items() if k in self.data_inputs}
             example.update((k, v) for k, v in values.items() if k not in baked)
-            tm = build_training_graph(bake_inputs(self.step_model, baked), self.cfg.loss,
-                                      self.cfg.trainable,
-                                      frozen=self.cfg.frozen, shapes=shapes,
-                                      batchnorm=self.cfg.batchnorm,
-                                      sync_batchnorm=self.sync_bn, example=example)
+            with self._values_in(self.step_model) as step_model:
+                tm = build_training_graph(bake_inputs(step_model, baked), self.cfg.loss,
+                                          self.cfg.trainable,
+                                          frozen=self.cfg.frozen, shapes=shapes,
+                                          batchnorm=self.cfg.batchnorm,
+                                          sync_batchnorm=self.sync_bn, example=example)
             got = self._graphs[local_n] = (tm, training_info(tm))
         return got
+
+    def _drop_trained_values(self) -> None:
+        """Once the trained tensors live in the flat buffers, their values leave the model
+        protos (the model, its compute form and its 16-bit step form held two or three more
+        copies of the weights): each becomes a stub of its name, type and shape
+        (memory.is_stub), refilled from the current parameters while a training graph is
+        built (_values_in), and taken from them by the export (trained_values)."""
+        from trainer.memory import stub_of
+
+        def stubbed(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+            # (a new proto: protobuf frees a message's memory only with its whole tree)
+            out = without_initializers(model)
+            out.graph.initializer.extend(stub_of(t) if t.name in names else t
+                                         for t in model.graph.initializer)
+            return out
+        same = self.step_model is self.run_model
+        self.model = stubbed(self.model, set(self.trained_values()))  # (what the export
+        self.run_model = stubbed(self.run_model, set(self.names))  # writes from the buffers)
+        self.step_model = self.run_model if same else stubbed(self.step_model, set(self.names))
+        release_freed_memory()
+
+    @contextlib.contextmanager
+    def _values_in(self, model: onnx.ModelProto):
+        """`model` with its trained tensors' stubs filled from the current parameters while
+        the block runs (a training graph's build runs the forward to find every shape)."""
+        params = getattr(self, "params", {})  # (none yet: the first build, from the file)
+        stubs = [(i, copy.copy(t)) for i, t in enumerate(model.graph.initializer)
+                 if t.name in params and is_stub(t)]
+        for i, t in stubs:
+            value = to_host(params[t.name]).astype(np_dtype(t.data_type), copy=False)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
+        try:
+            yield model
+        finally:
+            for i, t in stubs:
+                model.graph.initializer[i].CopyFrom(t)
 
     def _constants(self, local_n: int, fed_only: bool = False) -> dict:
         """data.constants on the device for local batches of local_n samples (made once);
@@ -1516,8 +1559,13 @@ class Trainer:
                 "onnx_trainer.world_size": str(self.world)}
         model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
         meta["onnx_trainer.output_form"] = self.cfg.output_form
-        return export_model(model, self.trained_values(), path, meta,
-                            keep=preflight.files_read(self.cfg))
+        release_freed_memory()  # (the steps' transients: the export's copy may reuse them)
+        try:
+            reads = getattr(self, "_files_read", None)
+            return export_model(model, self.trained_values(), path, meta,
+                                keep=preflight.files_read(self.cfg) if reads is None else reads)
+        finally:
+            release_freed_memory()  # (the exported copy's: training may go on)
 
 
 @dataclass
