@@ -22,6 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from cli_args import above, at_least  # noqa: E402
 
 TRANSPORTS = {"shm": [], "tcp": ["--mca", "btl", "tcp,self", "--mca", "pml", "ob1"]}
 TENSOR_MB = 1.0  # gradients of this size each, bucketed like the engine does
@@ -208,10 +210,11 @@ def ring_time(p: int, nbytes: float, alpha: float, bandwidth: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--np", type=at_least(2), nargs="+", default=[2, 4],
+                    help="process counts (at least 2: an all-reduce needs a peer)")
     ap.add_argument("--transport", nargs="+", default=["shm", "tcp"], choices=list(TRANSPORTS))
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 100])
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--sizes", type=above(0), nargs="+", default=[1, 4, 16, 64, 100])
+    ap.add_argument("--reps", type=at_least(1), default=9)
     ap.add_argument("--overlap", action="store_true", help="also the synthetic overlap test")
     ap.add_argument("--zero1", action="store_true",
                     help="also one ZeRO-1 step's synchronization vs DDP's, on the largest size")

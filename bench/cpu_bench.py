@@ -60,7 +60,7 @@ def peak_rss_mb() -> float:
 
 def summary(times: list[float]) -> dict:
     ms = sorted(t * 1e3 for t in times)
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) >= 2 else [ms[0]] * 9
     return {"median_ms": statistics.median(ms), "p10_ms": q[0], "p90_ms": q[-1],
             "steps": len(ms)}
 
@@ -441,13 +441,16 @@ def run_interleaved(systems: list[str], skipped: dict, case: dict, args,
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cli_args import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1)
+    ap.add_argument("--steps", type=at_least(1), default=30)
+    ap.add_argument("--warmup", type=at_least(0), default=5)
     ap.add_argument("--cases", default="mlp16,mlp256,lenet16,resnet16,gpt16")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--slices", type=int, default=10,
+    ap.add_argument("--slices", type=at_least(1), default=10,
                     help="interleaved (the default): every system's worker stays up and the "
                          "timed steps run in this many slices, taking turns, so that all "
                          "systems share the machine's slow and fast moments")
@@ -456,7 +459,7 @@ def main() -> None:
                          "--steps steps where a step is short)")
     ap.add_argument("--separate", action="store_true",
                     help="instead, one process per system and round, one after the other")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=at_least(1), default=1,
                     help="with --separate: run every system this many times, alternating; "
                          "keep the best median")
     ap.add_argument("--timeout", type=int, default=900)
@@ -539,10 +542,11 @@ def report(results: dict, systems: list[str], args, gemm: float) -> None:
           f"{platform.python_version()}, "
           + ", ".join(v if k == "compiled" else f"{k} {v}" for k, v in versions.items())
           + f"; float32 GEMM 2048^3: {gemm:.0f} GFLOP/s")
-    head = f"{'case':<44}" + "".join(f"{s + ' ms':>22}" for s in systems)
+    width = max([44] + [len(row["case"]["title"]) + 1 for row in results.values()])
+    head = f"{'case':<{width}}" + "".join(f"{s + ' ms':>22}" for s in systems)
     print(head + f"{'ours/best peer':>16}")
     for row in results.values():
-        line = f"{row['case']['title']:<44}"
+        line = f"{row['case']['title']:<{width}}"
         for s in systems:
             r = row.get(s, {})
             if "median_ms" in r:

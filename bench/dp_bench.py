@@ -10,9 +10,9 @@ with the ranks), one BLAS thread per rank. Each run is an `mpirun -np N` of this
 steps (best median over --rounds). Ours: `Trainer.train_step` with `distributed.overlap` on
 (buckets all-reduced while the backward runs) and off (one pass after it), over Open MPI's
 shared memory or TCP (`--mca btl tcp,self`); "exposed" is the time a step waits for the
-all-reduce after its backward. PyTorch: DDP (25 MB buckets, overlapped) over gloo, which is TCP
-on every machine. Printed as markdown: ms/step, samples/s, scaling efficiency (samples/s over
-N times one rank's) and ours / DDP.
+all-reduce after its backward (median over the steps, of the slowest rank). PyTorch: DDP
+(25 MB buckets, overlapped) over gloo, which is TCP on every machine. Printed as markdown:
+ms/step, samples/s, scaling efficiency (samples/s over N times one rank's) and ours / DDP.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from cli_args import at_least  # noqa: E402
 from comm_bench import TRANSPORTS, mpirun_prefix  # noqa: E402
 
 WORK = Path(os.environ.get("ONNX_TRAINER_BENCH_DIR", "/tmp/onnx_trainer_dp_bench"))
@@ -45,8 +46,11 @@ def _rank_world() -> tuple[int, int]:
 
 
 def ours(args, case: dict) -> tuple[list[float], float]:
-    """Per-step seconds of this rank, and its mean exposed communication per step."""
+    """Per-step seconds of this rank, and its median exposed communication per step (a
+    median, as the step times are: a mean of one slow step's wait read as more than the
+    median step itself)."""
     import io
+    import statistics
 
     from trainer.config import config_from_dict
     from trainer.train import Trainer
@@ -64,15 +68,15 @@ def ours(args, case: dict) -> tuple[list[float], float]:
         "distributed": {"overlap": args.overlap == "on", "bucket_mb": BUCKET_MB},
         "log": {"every_steps": 10 ** 6}}, ROOT)
     t = Trainer(cfg, stream=io.StringIO())
-    times, exposed = [], 0.0
-    for k in range(args.warmup + args.steps):
-        if k == args.warmup:
-            exposed = t.times["communication"]
+    times, exposed = [], []
+    for _ in range(args.warmup + args.steps):
         _, arrays, local_w, global_w, _ = t._next_micro_batch()
+        before = t.times["communication"]
         t0 = time.perf_counter()
         t.train_step([(arrays, local_w, global_w)], LR)
         times.append(time.perf_counter() - t0)
-    return times[args.warmup:], (t.times["communication"] - exposed) / args.steps
+        exposed.append(t.times["communication"] - before)
+    return times[args.warmup:], statistics.median(exposed[args.warmup:])
 
 
 def ddp(args, case: dict) -> tuple[list[float], float]:
@@ -167,14 +171,14 @@ def run(system: str, case: dict, np_: int, transport: str, overlap: str, args) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--np", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--np", type=at_least(1), nargs="+", default=[1, 2, 4])
     ap.add_argument("--transport", nargs="+", default=["shm", "tcp"], choices=list(TRANSPORTS))
     ap.add_argument("--cases", default="widemlp64,resnet16")
-    ap.add_argument("--batch-per-rank", type=int, default=None,
+    ap.add_argument("--batch-per-rank", type=at_least(1), default=None,
                     help="samples per rank and step (default: the case's batch)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=at_least(1), default=20)
+    ap.add_argument("--warmup", type=at_least(0), default=3)
+    ap.add_argument("--rounds", type=at_least(1), default=2)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", default="ours", help=argparse.SUPPRESS)

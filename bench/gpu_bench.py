@@ -27,6 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from cli_args import at_least  # noqa: E402
+
 LR = 0.01
 
 
@@ -301,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_memory_allocated); TFLOP/s from PyTorch's flop counter against an 8192^3 float32 "
         "matmul timed in the same run (TF32 off there); --precision sets both sides alike"))
     ap.add_argument("--cases", default="mlp,resnet18,gpt50m")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=at_least(1), default=10)
+    ap.add_argument("--warmup", type=at_least(0), default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
                     help="both sides: fp32; tf32 (TF32 matmuls and convolutions); fp16 "
@@ -350,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum, frame):  # `timeout` sends SIGTERM: report what finished
         raise _Stopped()
     signal.signal(signal.SIGTERM, stop)
+    keys = args.cases.split(",")
+    unknown = [k for k in keys if k not in cases]
+    if unknown:
+        sys.exit(f"gpu_bench.py: error: unknown case(s) {', '.join(unknown)} "
+                 f"(cases: {', '.join(cases)})")
     try:  # (the exported models are removed afterwards: a few hundred MB at full size)
-        keys = args.cases.split(",")
         for n, key in enumerate(keys):
             case = cases[key]
             if time.perf_counter() - start > args.budget_s:

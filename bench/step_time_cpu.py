@@ -22,6 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from cli_args import at_least  # noqa: E402
 
 from trainer.config import config_from_dict  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
@@ -102,8 +104,9 @@ def time_torch(net, x, y, steps: int, batch: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=at_least(11), default=200,
+                    help="timed steps (more than 10: the deciles need them)")
+    ap.add_argument("--threads", type=at_least(1), default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path("/tmp/onnx_trainer_bench")

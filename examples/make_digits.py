@@ -23,8 +23,13 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp so the .npz bytes ar
 
 def load_split() -> dict[str, np.ndarray]:
     """Return the stratified train/test split of the digits: x float32 [N,64] in [0,1], y int64."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ModuleNotFoundError:
+        raise SystemExit("make_digits.py reads the digits from scikit-learn, which the project "
+                         "does not install: pip install scikit-learn (the bundled "
+                         "examples/digits.npz and digits_mlp.onnx are its output)") from None
 
     digits = load_digits()
     x = (digits.images.reshape(len(digits.images), -1) / 16.0).astype(np.float32)

@@ -292,6 +292,9 @@ def main(argv=None) -> int:
     versions = [v for v in a.keras.split(",") if v]
     if not a.tf_python:
         p.error("--tf-python is required (see the module docstring for making one)")
+    if not (os.path.isfile(a.tf_python) and os.access(a.tf_python, os.X_OK)):
+        p.error(f"--tf-python {a.tf_python} is not an executable file (see the module "
+                "docstring for making one)")
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(MODELS + APPS)}")
     if not set(versions) <= {"2", "3"}:

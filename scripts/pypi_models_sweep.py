@@ -153,9 +153,9 @@ def fetch(cache: Path) -> dict[str, Path]:
     cache.mkdir(parents=True, exist_ok=True)
     pinned = {_dist(*p.split("==")): p for p in PACKAGES}
     missing = [p for d, p in pinned.items() if d not in _archives(cache)]
-    if missing:
+    for spec in missing:  # (one call each: pip refuses two versions of one package at once)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(cache), *missing], check=True)
+                        str(cache), spec], check=True)
     archives = _archives(cache)
     out = {}
     for dist in pinned:  # (not another version of a package that the cache holds)
