@@ -816,6 +816,35 @@ def test_an_additive_mask_read_through_expand_is_a_constant(tmp_path):
     assert sum(p.role == "parameter" for p in report.params) == 4
 
 
+class SlicedCausalMask(nn.Module):
+    """nanoGPT's pattern: a causal 0/-inf mask buffer at the longest length, sliced to the
+    sequence's (`self.mask[:t, :t]`) before it is added to the scores."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.qk, self.head = nn.Linear(8, 16), nn.Linear(8, 3)
+        self.register_buffer("mask", torch.triu(torch.full((16, 16), fill), 1))
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k = self.qk(x).chunk(2, -1)
+        s = q @ k.transpose(-1, -2) + self.mask[:t, :t]
+        return self.head((s.softmax(-1) @ x).mean(1))
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9])
+def test_an_additive_mask_read_through_a_slice_is_a_constant(tmp_path, fill):
+    """TorchScript keeps the buffer as an initializer read by Slice nodes: the mask rule
+    looked at its direct readers only, so it trained as a parameter (64 values more than
+    PyTorch trains, the losses 6e-4 off by step 5), silently."""
+    proto = export(SlicedCausalMask(fill), (6, 8), "torchscript")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    rows = [p for p in report.params if p.name == "mask"]
+    assert len(rows) == 1 and rows[0].role == "constant", rows
+    assert sum(p.role == "parameter" for p in report.params) == 4
+
+
 class WeightNormConv(nn.Module):
     """HuBERT's positional convolution: weight_norm's parametrization, a zero bias."""
 

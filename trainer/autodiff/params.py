@@ -270,13 +270,28 @@ def mask_candidates(model: onnx.ModelProto) -> set[str]:
     causal mask is expanded to the batch before it is added). Their values
     are read even where a large model's other tensors are left on disk (memory.strip)."""
     signature = torch_signature(model)
-    readers: dict[str, set[str]] = {}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in model.graph.node:
-        for x in n.input:
-            readers.setdefault(x, set()).add(n.op_type)
+        for k, x in enumerate(n.input):
+            readers.setdefault(x, []).append((n, k))
+
+    def added(name: str, depth: int = 0) -> bool:
+        # read by Add or Where only, directly or through ops that take part of it or move it
+        # as their data input (TorchScript's nanoGPT-style `mask[:t, :t]`: a Slice first)
+        uses = readers.get(name)
+        if not uses or depth > 8:
+            return False
+        return all(n.op_type in ("Add", "Where") or (
+            n.op_type in _MASK_MOVES and k == 0 and all(added(o, depth + 1) for o in n.output))
+            for n, k in uses)
     return {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
-            and signature.get(t.name) != "PARAMETER"
-            and readers.get(t.name, {"?"}) <= {"Add", "Where", "Expand"}}
+            and signature.get(t.name) != "PARAMETER" and added(t.name)}
+
+
+# ops that pass on part of an additive mask, or the mask moved or cast (T5's causal mask is
+# expanded to the batch before it is added)
+_MASK_MOVES = ("Expand", "Slice", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Cast",
+               "Identity")
 
 
 def _additive_mask(t: onnx.TensorProto) -> float | None:
