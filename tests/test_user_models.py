@@ -1529,9 +1529,18 @@ def test_globs_name_the_parameters_a_recurrent_layers_packed_tensors_hold(tmp_pa
     assert "tensors that pack several PyTorch parameters" in report.text()
     x, y = random_batches(tmp_path, (7, 4))
     cfg = classifier_config(tmp_path, 2, frozen=["lstm.weight_hh*"])
-    t = Trainer(cfg, stream=io.StringIO())
+    log = io.StringIO()
+    t = Trainer(cfg, stream=log)
     hh = next(k for k, v in packed.items() if "weight_hh" in v)
     assert hh not in t.names and len(t.names) == 4
+    assert "packed" not in log.getvalue()  # (the glob names both directions)
+    # one direction alone: the whole tensor is frozen, and train says so
+    log = io.StringIO()
+    t = Trainer(classifier_config(tmp_path, 2, frozen=["lstm.weight_hh_l0"]), stream=log)
+    assert hh not in t.names
+    assert f"warning: frozen 'lstm.weight_hh_l0' names lstm.weight_hh_l0, which the export " \
+        f"packed into one tensor '{hh}' with lstm.weight_hh_l0_reverse: it acts on all of " \
+        "them" in log.getvalue()
 
 
 class SelfDistances(nn.Module):

@@ -29,6 +29,7 @@ from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     detached_inputs,
     parameter_aliases,
+    partly_packed,
     quantization_scales,
     repair_exported_model,
     shared_constants,
@@ -673,9 +674,11 @@ class Trainer:
         lo, hi = self.shard_lo, self.shard_lo + self.shard_n
         own = [(k, min(max(o, lo), hi) - lo, max(0, min(o + n, hi) - max(o, lo)))
                for k, o, n in layout]  # this rank's part of each tensor (maybe empty)
+        aliases = parameter_aliases(self.model)
         self.optimizer = make_optimizer(self.cfg.optimizer, xp, self.shard_n, self.dtype,
-                                        own if self.shard else layout,
-                                        parameter_aliases(self.model))
+                                        own if self.shard else layout, aliases)
+        for line in partly_packed(aliases, self._globs()):
+            self.log.info(f"warning: {line}")
         if self.world > 1:
             d = self.cfg.distributed
             self.buckets = Buckets(self.comm, self.grads_flat[:self.size], layout, d.bucket_mb,
@@ -683,6 +686,19 @@ class Trainer:
                                    shards=(self.grad_shard, self.shard_k) if self.scatter
                                    else None)
         self._plan(n_first)  # (its gradient kernels write into self.grads)
+
+    def _globs(self) -> list[tuple[str, str]]:
+        """(config key, glob) of every glob naming parameters: trainable, frozen and the
+        optimizer groups'."""
+        cfg = self.cfg
+        found = [("trainable", g) for g in ([] if isinstance(cfg.trainable, str) or
+                                           cfg.trainable is None else cfg.trainable)
+                 if g != "all"]
+        found += [("frozen", g) for g in cfg.frozen]
+        found += [(f"optimizer.groups[{i}].params", g)
+                  for i, group in enumerate(getattr(cfg.optimizer, "groups", ()) or ())
+                  for g in group.params]
+        return found
 
     def _view(self, flat, name):
         o = self.offsets[name]

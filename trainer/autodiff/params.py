@@ -1106,6 +1106,24 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
 PACK_SEPARATOR = ", "  # (between the parameters a packed tensor holds, in its alias)
 
 
+def partly_packed(aliases: Mapping[str, str], globs: Iterable[tuple[str, str]]) -> list[str]:
+    """Warnings for globs (config key, glob) that name some but not all of the PyTorch
+    parameters one packed tensor holds (a bidirectional recurrent layer's two directions are
+    one tensor): the glob acts on the whole tensor."""
+    lines = []
+    for key, pattern in globs:
+        for name, alias in aliases.items():
+            parts = alias.split(PACK_SEPARATOR)
+            hit = [a for a in parts if fnmatch.fnmatchcase(a, pattern)]
+            if len(parts) > 1 and hit and len(hit) < len(parts) and \
+                    not fnmatch.fnmatchcase(name, pattern):
+                rest = ", ".join(a for a in parts if a not in hit)
+                lines.append(f"{key} '{pattern}' names {', '.join(hit)}, which the export "
+                             f"packed into one tensor '{name}' with {rest}: it acts on all "
+                             "of them")
+    return lines
+
+
 def alias_matches(alias: str, pattern: str) -> bool:
     """Whether a glob names the parameter (or one of the parameters) an alias holds."""
     return bool(alias) and any(fnmatch.fnmatchcase(a, pattern)
