@@ -829,6 +829,27 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
                  and missing[ph] not in inits]
         if len(cands) == 1:
             zero_bias(n, missing[cands[0]])
+    # A node the export recorded no FX node for (the Split of a cross-attention's packed
+    # in_proj_bias into its query and key/value parts, in nn.TransformerDecoderLayer) reading
+    # the tensor of another module's equal parameter: where every reader of its outputs comes
+    # from one module whose parameter of that name is missing, it reads that one again.
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    for n in g.node:
+        if _meta(n, _FX_NODE_KEY):
+            continue
+        for slot, x in enumerate(n.input):
+            if x not in inits or x not in placeholder_of:
+                continue
+            modules = {_module_of(c) for o in n.output for c in consumers.get(o, [])}
+            if len(modules) != 1 or None in modules:
+                continue
+            name = f"{modules.pop()}.{leaf(x)}"
+            if name != x and name in missing.values() and name not in inits:
+                add(name, np.array(numpy_helper.to_array(inits[x])))
+                n.input[slot] = name
     # A parameter folded into another layout (a transposed Linear weight) is a tensor the
     # signature does not name; equal folded tensors (the layers of nn.TransformerEncoder start
     # as clones) are merged too: each further parameter reading it gets its own copy.
