@@ -298,6 +298,10 @@ def test_cli_prints_one_line_per_kind_and_a_total(tmp_path) -> None:
                for ln in lines), lines
     assert any(ln.startswith("running var") for ln in lines)
     assert any(ln.startswith("total: 13 constant(s)") and "seed 5" in ln for ln in lines), lines
+    # (the running statistics are not trained: the total said all were trainable)
+    total = next(ln for ln in lines if ln.startswith("total:"))
+    assert "; 2 of them, " in total and "BatchNormalization running statistics (updated by " \
+        "the forward, not trained)" in total, total
     assert lines[-1] == f"wrote {dst}"
     saved = onnx.load(dst)
     assert np.array_equal(inits_of(saved)["conv_w"],

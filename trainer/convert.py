@@ -60,9 +60,13 @@ class Report:
             hows = ", ".join(dict.fromkeys(how for *_, how in rows))
             out.append(f"{kind:<22} {len(rows):>5} tensor(s) {values:>13,} values  {hows}")
         if self.converted:
+            stats = [r for r in self.converted if r[1].kind.startswith("running")]
             total = sum(int(np.prod(s)) for _, _, s, _ in self.converted)
             out.append(f"total: {len(self.converted)} constant(s), {total:,} values, are now "
-                       f"trainable initializers (seed {seed})")
+                       f"initializers (seed {seed})" + (
+                           f"; {len(stats)} of them, {sum(int(np.prod(s)) for *_, s, _ in stats):,}"
+                           " values, BatchNormalization running statistics (updated by the "
+                           "forward, not trained)" if stats else ": trainable"))
         if self.batch_inputs:
             out.append(f"batch axis: {', '.join(self.batch_inputs)} now dynamic "
                        f"('{BATCH_PARAM}'); {self.batch_reshapes} Reshape(s) made "
