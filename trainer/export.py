@@ -50,16 +50,23 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
         if t.name not in values and is_stub(t):  # (a trained tensor's values left the model)
             raise ModelError(f"internal error: cannot export: no values for '{t.name}'")
 
-    def tensors() -> Iterator[onnx.TensorProto]:
+    def tensors() -> Iterator[Tensor]:
         for t in model.graph.initializer:
             if t.name not in values:
                 yield t
                 continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
             arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
-            new = numpy_helper.from_array(arr, t.name)
-            new.doc_string = t.doc_string
-            yield new
+            if arr.dtype.kind in "biufc" and arr.dtype.byteorder in "=<|" and \
+                    np.little_endian:  # (its bytes as they are: no copy in a TensorProto)
+                header = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                          doc_string=t.doc_string)
+                # (np.ascontiguousarray would make a 0-d array 1-d)
+                yield header, arr if arr.flags.c_contiguous else arr.copy(order="C")
+            else:
+                new = numpy_helper.from_array(arr, t.name)
+                new.doc_string = t.doc_string
+                yield new
     size = skeleton.ByteSize() + sum(
         np.asarray(values[t.name]).size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
             t.data_type)).itemsize if t.name in values else t.ByteSize()
@@ -84,7 +91,12 @@ CHECKED_BYTES = 256 << 20
 EXTERNAL_MIN = 1024  # tensors of fewer bytes stay in a large model's file (as onnx does)
 
 
-def _write(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorProto]],
+# A tensor to write: a TensorProto as it is, or (a TensorProto without data, the array whose
+# bytes are its raw_data)
+Tensor = onnx.TensorProto | tuple[onnx.TensorProto, np.ndarray]
+
+
+def _write(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
            size: int, path, keep: Iterable[os.PathLike], check: bool) -> Path:
     """`skeleton` (a model without its main graph's initializers) with `tensors()` as those,
     written atomically to `path` one tensor at a time: the file is the skeleton's bytes then
@@ -140,7 +152,7 @@ def _resolved(path) -> Path | None:
         return None
 
 
-def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorProto]],
+def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
           path: Path, large: bool, keep: Iterable[os.PathLike], check: bool) -> None:
     folder = path.parent
     # The data file gets a name the current file does not use, so until the model itself is
@@ -167,20 +179,21 @@ def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorP
             with open(Path(tmp) / data_name, "wb") as data:
                 for t in tensors():
                     skeleton.graph.initializer.append(_stored_in(t, data, data_name))
+                written = data.tell()
             onnx.save_model(skeleton, str(tmp_model))
             if check:
                 check_model(tmp_model, "exported model")
-            fsync_file(Path(tmp) / data_name)
-            os.replace(Path(tmp) / data_name, folder / data_name)
-            fsync_dir(folder)
+            if written:
+                fsync_file(Path(tmp) / data_name)
+                os.replace(Path(tmp) / data_name, folder / data_name)
+                fsync_dir(folder)
+            else:  # (every tensor small: all of them in the model's file)
+                data_name = None
         else:
             with open(tmp_model, "wb") as f:
                 f.write(skeleton.SerializeToString())
                 for t in tensors():
-                    piece = onnx.ModelProto()
-                    piece.graph.initializer.append(t)
-                    f.write(piece.SerializeToString())
-                    del piece
+                    _write_initializer(f, t)
             if check:
                 check_model(tmp_model, "exported model")
         fsync_file(tmp_model)
@@ -204,19 +217,67 @@ def _external_locations(path: Path) -> set[str]:
         return set()
 
 
-def _stored_in(t: onnx.TensorProto, data, name: str) -> onnx.TensorProto:
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _write_initializer(f, t: Tensor) -> None:
+    """One model message holding one more initializer, written to `f` (protobuf merges it
+    into the model before it): ModelProto{graph{initializer{t}}}, framed by hand so that an
+    array's bytes go to the file from its own memory, and a TensorProto's serialization is
+    the only copy of it."""
+    if isinstance(t, tuple):
+        header, arr = t
+        raw = arr.reshape(-1).view(np.uint8)  # (its bytes, not a copy)
+        head = header.SerializeToString() + _field(_RAW_DATA, len(raw))
+        size = len(head) + len(raw)
+    else:
+        head, raw = t.SerializeToString(), b""
+        size = len(head)
+    inner = _field(_INITIALIZER, size)
+    f.write(_field(_GRAPH, len(inner) + size) + inner + head)
+    f.write(raw)
+
+
+def _stored_in(t: Tensor, data, name: str) -> onnx.TensorProto:
     """`t` for a large model's file: its raw bytes appended to the open file `data` (named
     `name` beside the model) and referred to there, as onnx's external data; small tensors
     and those of other fields stay as they are."""
-    if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN:
-        return t
-    raw = t.raw_data
-    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims),
-                           doc_string=t.doc_string)
-    out.metadata_props.extend(t.metadata_props)
+    if isinstance(t, tuple):
+        header, arr = t
+        if arr.nbytes < EXTERNAL_MIN:
+            return numpy_helper.from_array(arr, header.name) if not header.doc_string else \
+                _with_doc(numpy_helper.from_array(arr, header.name), header.doc_string)
+        out, raw = header, arr.reshape(-1).view(np.uint8)
+    else:
+        if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN:
+            return t
+        raw = t.raw_data
+        out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims),
+                               doc_string=t.doc_string)
+        out.metadata_props.extend(t.metadata_props)
     offset = data.tell()
     data.write(raw)
     out.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", name), ("offset", str(offset)), ("length", str(len(raw)))):
         out.external_data.add(key=key, value=value)
     return out
+
+
+def _with_doc(t: onnx.TensorProto, doc: str) -> onnx.TensorProto:
+    t.doc_string = doc
+    return t
