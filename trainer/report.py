@@ -270,31 +270,9 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                    and not re.search(r"(^|\.)(weight|bias)$", t.name)]
         if scalars:
             lines.append(f"WARNING: {SCALAR_HINT}: {listing(scalars)}")
-    by_freq = embeddings_scaled_by_frequency(model)
-    if by_freq:
-        lines.append(f"WARNING: {FREQ_HINT}: {listing(by_freq)}")
     return lines
 
 
-def embeddings_scaled_by_frequency(model: onnx.ModelProto) -> list[str]:
-    """Modules whose lookups the default exporter records as aten.embedding with
-    scale_grad_by_freq=True (its fourth argument)."""
-    found = []
-    for n in model.graph.node:
-        meta = {p.key: p.value for p in n.metadata_props}
-        # ("...target=torch.ops.aten.embedding.default](args = (%w, %ids, -1, True), ...")
-        call = re.search(r"aten\.embedding\.default\]?\((?:args = \()?([^)]*)\)",
-                         meta.get("pkg.torch.onnx.fx_node", ""))
-        if call and [a.strip() for a in call.group(1).split(",")][3:4] == ["True"]:
-            scopes = re.findall(r"'([^']*)'", meta.get("pkg.torch.onnx.name_scopes", ""))
-            found.append(".".join(x for x in scopes[:-1] if x) or n.name)
-    return list(dict.fromkeys(found))
-
-
-FREQ_HINT = ("nn.Embedding(scale_grad_by_freq=True) divides each row's gradient by how often "
-             "the batch looks it up; the engine's Gather gradient does not, so the embedding "
-             "trains as a plain one and losses leave PyTorch's (export it without the flag to "
-             "train it as PyTorch would without it)")
 
 
 SCALAR_HINT = ("one-element tensors named as PyTorch parameters or buffers are left out as "

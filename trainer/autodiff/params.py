@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from trainer.autodiff.engine import active_nodes
-from trainer.autodiff.registry import PADDING_KEY, differentiable_inputs
+from trainer.autodiff.registry import FREQ_KEY, PADDING_KEY, differentiable_inputs
 from trainer.errors import ModelError
 from trainer.graph import FLOAT_TYPES
 
@@ -648,7 +648,13 @@ def mark_padding_indices(model: onnx.ModelProto) -> list[str]:
     for n in model.graph.node:
         if n.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in n.attribute):
             continue
-        m = _EMBEDDING.search(_meta(n, _FX_NODE_KEY))
+        fx = _meta(n, _FX_NODE_KEY)
+        call = re.search(r"aten\.embedding\.default\]?\((?:args = \()?([^)]*)\)", fx)
+        if call and [a.strip() for a in call.group(1).split(",")][3:4] == ["True"] and \
+                not _meta(n, FREQ_KEY):  # (scale_grad_by_freq=True, the fourth argument)
+            n.metadata_props.add(key=FREQ_KEY, value="1")
+            marked.append(n.name)
+        m = _EMBEDDING.search(fx)
         if m is None or int(m.group(1)) < 0 or _meta(n, PADDING_KEY):
             continue
         n.metadata_props.add(key=PADDING_KEY, value=m.group(1))

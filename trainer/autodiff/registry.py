@@ -21,6 +21,9 @@ NO_GRADIENT = {
 # Node metadata a rule honours: on an axis-0 Gather, the row of input 0 that gets no gradient
 # (nn.Embedding's padding_idx; params.mark_padding_indices sets it from a PyTorch export).
 PADDING_KEY = "onnx_trainer.padding_idx"
+# metadata of a Gather whose gradient rows are divided by how often the batch looks each up
+# (nn.Embedding(scale_grad_by_freq=True); params.mark_padding_indices sets it from the export)
+FREQ_KEY = "onnx_trainer.scale_grad_by_freq"
 
 # Ops whose integer (or low-precision float) outputs still carry a float gradient: the
 # straight-through estimator of fake quantization (rules/quant.py).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from trainer.autodiff.registry import PADDING_KEY, grad, no_gradient
+from trainer.autodiff.registry import FREQ_KEY, PADDING_KEY, grad, no_gradient
 from trainer.errors import ModelError
 from trainer.graph import elem_type
 
@@ -681,6 +681,11 @@ def gather_grad(ctx):
     pad = next((p.value for p in ctx.onnx_node.metadata_props if p.key == PADDING_KEY), "")
     if pad and a == 0:  # nn.Embedding(padding_idx=pad): that row's positions pass nothing
         dy = _without_row(ctx, dy, idx, static, int(pad) % n, nodes)
+    if a == 0 and lead == 1 and k >= 0 and any(p.key == FREQ_KEY and p.value == "1"
+                                                for p in ctx.onnx_node.metadata_props):
+        # nn.Embedding(scale_grad_by_freq=True): each row's gradient over the count of its
+        # lookups in the batch, i.e. each position's dY over its index's count
+        dy = _over_counts(ctx, dy, idx, static, k, n, x_shape, nodes)
     if static is not None:
         static = (np.arange(lead).reshape(-1, 1) * n + static.reshape(1, -1)).reshape(-1)
         rows = ctx.const(static, suffix="rows")
@@ -693,6 +698,28 @@ def gather_grad(ctx):
         _reshape(ctx, t, [lead * k if k >= 0 else -1], nodes, rows)
     return _rows_grad(ctx, rows, static, lead * k if k >= 0 else -1, lead * n, dy, x_shape,
                       nodes)
+
+
+def _over_counts(ctx, dy: str, idx: str | None, static, k: int, n: int, x_shape,
+                 nodes: list) -> str:
+    """dY [.., width] with the rows of its k positions divided by how many of the k indices
+    equal each one's index (counted by a scatter-add of ones into [n, 1], read back)."""
+    dt = ctx.dtype(ctx.O(0))  # (dY's: the output's type)
+    width = int(np.prod(x_shape[1:]))
+    flat = _reshape(ctx, dy, [k, width], nodes)
+    if static is not None:
+        counts = np.bincount(static.reshape(-1), minlength=n)[static.reshape(-1)]
+        inv = ctx.const((1.0 / counts).reshape(k, 1).astype(dt), suffix="inv_counts")
+    else:
+        rows = _reshape(ctx, idx, [k], nodes)
+        per_row, each, inv = ctx.tmp("counts"), ctx.tmp("counts_each"), ctx.tmp("inv_counts")
+        _scatter_add_rows(ctx, rows, ctx.const(np.ones((k, 1), dt), suffix="ones"), k, 1, n,
+                          per_row, nodes)
+        nodes += [ctx.node("Gather", [per_row, rows], [each], axis=0),
+                  ctx.node("Reciprocal", [each], [inv])]
+    out = ctx.tmp("dy_over_counts")
+    nodes.append(ctx.node("Mul", [flat, inv], [out]))
+    return out
 
 
 def _gather_grad_axis_first(ctx, a: int, n: int, k: int, idx: str | None, static,
