@@ -2572,3 +2572,23 @@ def test_a_fresh_decoder_layers_cross_attention_bias_is_restored(tmp_path):
     assert "optimize=False" not in report.text()
     trained = sum(int(np.prod(p.shape)) for p in report.params if p.role == "parameter")
     assert trained == sum(p.numel() for p in net.parameters())
+
+
+class OneSlope(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(8, 8), nn.PReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.l2(self.act(self.l1(x)))
+
+
+def test_a_one_slope_prelu_folded_to_a_view_trains(tmp_path):
+    """nn.PReLU()'s one slope, folded by the default exporter into a [1, 1] view (val_N): it
+    was left out as a one-element constant (117 values trained where PyTorch trains 118)."""
+    torch.manual_seed(0)
+    onnx.save(export(OneSlope(), (8,), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    trained = [p for p in report.params if p.role == "parameter"]
+    assert sum(int(np.prod(p.shape)) if p.shape else 1 for p in trained) == 118
+    assert any(p.alias == "act.weight" for p in trained)

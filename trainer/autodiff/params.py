@@ -222,7 +222,8 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
                                   f"and {fill:g}; list it in 'trainable' to train it)"))
         elif (size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name)
-              and t.name not in single_out):
+              and t.name not in single_out and t.name not in aliases):  # (a view of a
+            # parameter the export folded, PReLU()'s one slope as [1, 1], is that parameter)
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
                                   "train it)"))
