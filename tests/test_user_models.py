@@ -2592,3 +2592,30 @@ def test_a_one_slope_prelu_folded_to_a_view_trains(tmp_path):
     trained = [p for p in report.params if p.role == "parameter"]
     assert sum(int(np.prod(p.shape)) if p.shape else 1 for p in trained) == 118
     assert any(p.alias == "act.weight" for p in trained)
+
+
+class TwoCrossAttentions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a1 = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.a2 = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        q, m = x[:, :4], x[:, 4:]
+        h = q + self.a1(q, m, m)[0]
+        return self.head((h + self.a2(h, m, m)[0]).mean(1))
+
+
+def test_each_cross_attention_gets_its_bias_from_a_shared_split(tmp_path):
+    """Two fresh cross-attentions: the exporter's optimizer merges their zero in_proj_bias
+    and also the two Splits of it (no FX record), read by both modules; the second one's
+    bias was left out. Each module now reads its own copy of the Split."""
+    torch.manual_seed(0)
+    net = TwoCrossAttentions().eval()
+    onnx.save(export(net, (10, 8), "dynamo"), str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert {"a1.in_proj_bias", "a2.in_proj_bias"} <= set(report.untied) | {
+        p.name for p in report.params}
+    trained = sum(int(np.prod(p.shape)) for p in report.params if p.role == "parameter")
+    assert trained == sum(p.numel() for p in net.parameters())

@@ -20,6 +20,7 @@ Parameters an exporter merged or dropped get their own tensors first (`repair_ex
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import itertools
 import re
@@ -840,23 +841,45 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     # in_proj_bias into its query and key/value parts, in nn.TransformerDecoderLayer) reading
     # the tensor of another module's equal parameter: where every reader of its outputs comes
     # from one module whose parameter of that name is missing, it reads that one again.
+    # The optimizer also merges such equal nodes (a stack of decoder layers: one Split for
+    # every layer's cross-attention): each module reading it gets its own copy of the node.
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
-    for n in g.node:
-        if _meta(n, _FX_NODE_KEY):
+    nodes = list(g.node)
+    for n in nodes:
+        if _meta(n, _FX_NODE_KEY) or len(n.input) < 1:
             continue
-        for slot, x in enumerate(n.input):
-            if x not in inits or x not in placeholder_of:
+        slot, x = next(((k, x) for k, x in enumerate(n.input)
+                        if x in inits and x in placeholder_of), (None, None))
+        if x is None:
+            continue
+        by_module: dict[str, list[onnx.NodeProto]] = {}
+        for o in n.output:
+            for c in consumers.get(o, []):
+                by_module.setdefault(_module_of(c), []).append(c)
+        if None in by_module:
+            continue
+        for module, readers in by_module.items():
+            name = f"{module}.{leaf(x)}"
+            if name == x or name not in missing.values() or name in inits:
                 continue
-            modules = {_module_of(c) for o in n.output for c in consumers.get(o, [])}
-            if len(modules) != 1 or None in modules:
-                continue
-            name = f"{modules.pop()}.{leaf(x)}"
-            if name != x and name in missing.values() and name not in inits:
-                add(name, np.array(numpy_helper.to_array(inits[x])))
+            add(name, np.array(numpy_helper.to_array(inits[x])))
+            if len(by_module) == 1:  # (the node is this module's alone)
                 n.input[slot] = name
+                continue
+            twin = copy.deepcopy(n)
+            twin.input[slot] = name
+            renamed = {o: f"{o}/{module}" for o in n.output if o}
+            del twin.output[:]
+            twin.output.extend(renamed.get(o, o) for o in n.output)
+            twin.name = f"{n.name}/{module}" if n.name else ""
+            g.node.insert(list(g.node).index(n) + 1, twin)
+            for c in {id(c): c for c in readers}.values():
+                for k, y in enumerate(c.input):
+                    if y in renamed:
+                        c.input[k] = renamed[y]
     # A parameter folded into another layout (a transposed Linear weight) is a tensor the
     # signature does not name; equal folded tensors (the layers of nn.TransformerEncoder start
     # as clones) are merged too: each further parameter reading it gets its own copy.
