@@ -222,9 +222,9 @@ def _ext_model(location, data_len=None, symlink_to=None):
             e = t.external_data.add()
             e.key, e.value = k, v
         (tmp / "m").mkdir(exist_ok=True)
-        if symlink_to:
-            Path(symlink_to).write_bytes(raw)
-            os.symlink(symlink_to, tmp / "m" / location)
+        if symlink_to:  # (a file beside the model's folder, not in it)
+            (tmp / symlink_to).write_bytes(raw)
+            os.symlink(tmp / symlink_to, tmp / "m" / location)
         elif not location.startswith(("/", "..")) and data_len != -1:
             (tmp / "m" / location).write_bytes(raw[:data_len or len(raw)])
         onnx.save(m, tmp / "m" / "model.onnx")
@@ -302,7 +302,7 @@ CASES = {
     "external-wrong-length": (_model_file(_ext_model("w.bin", data_len=7)), "length 7 bytes"),
     "external-absolute-path": (_model_file(_ext_model("/etc/passwd")), "outside"),
     "external-dotdot": (_model_file(_ext_model("../w.bin")), "outside"),
-    "external-symlink-out": (_model_file(_ext_model("w.bin", symlink_to="/tmp/_ot_w.bin")),
+    "external-symlink-out": (_model_file(_ext_model("w.bin", symlink_to="outside_w.bin")),
                              "w.bin"),
     # -- the config --
     "config-not-found": (lambda t: ["train", str(t / "none.yaml")], "config file not found"),
