@@ -22,8 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from cli_args import above, at_least  # noqa: E402
+from trainer.cli import above, at_least  # noqa: E402
 
 TRANSPORTS = {"shm": [], "tcp": ["--mca", "btl", "tcp,self", "--mca", "pml", "ob1"]}
 TENSOR_MB = 1.0  # gradients of this size each, bucketed like the engine does

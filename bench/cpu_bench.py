@@ -441,8 +441,8 @@ def run_interleaved(systems: list[str], skipped: dict, case: dict, args,
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from cli_args import at_least
+    sys.path.insert(0, str(ROOT))
+    from trainer.cli import at_least
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1)

@@ -31,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from cli_args import at_least  # noqa: E402
 from comm_bench import TRANSPORTS, mpirun_prefix  # noqa: E402
+
+from trainer.cli import at_least  # noqa: E402
 
 WORK = Path(os.environ.get("ONNX_TRAINER_BENCH_DIR", "/tmp/onnx_trainer_dp_bench"))
 LR = 0.01

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from cli_args import at_least  # noqa: E402
+from trainer.cli import at_least  # noqa: E402
 
 LR = 0.01
 

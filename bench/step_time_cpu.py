@@ -22,9 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from cli_args import at_least  # noqa: E402
-
+from trainer.cli import at_least  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 

@@ -30,15 +30,27 @@ def _train(args) -> int:
     return 0
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number of `kind` (int by default) of at least `low` (the bench
+    scripts use it too)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def above(low: float):
+    """An argparse type: a number greater than `low`."""
+    def parse(text: str) -> float:
+        value = at_least(float("-inf"), float)(text)
+        if not value > low:
+            raise argparse.ArgumentTypeError(f"{value} is not above {low}")
         return value
     return parse
 
@@ -317,11 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in checkpoint.dir")
-    t.add_argument("--profile", type=_at_least(1), nargs="?", const=10, default=None,
+    t.add_argument("--profile", type=at_least(1), nargs="?", const=10, default=None,
                    metavar="STEPS",
                    help="after the warm-up, time STEPS steps (default 10) and print the slowest "
                         "nodes, communication and optimizer time")
-    t.add_argument("--profile-warmup", type=_at_least(0), default=3, metavar="STEPS",
+    t.add_argument("--profile-warmup", type=at_least(0), default=3, metavar="STEPS",
                    help="steps run before the profiled ones (default 3)")
     t.add_argument("--profile-trace", metavar="OUT.json",
                    help="also write the profile as a Chrome trace (Perfetto-viewable); implies "
@@ -333,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL_OR_CONFIG")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (with a config)")
-    c.add_argument("--world", type=_at_least(1), default=None, metavar="N",
+    c.add_argument("--world", type=at_least(1), default=None, metavar="N",
                    help="number of processes to plan for (with a config; default: this "
                         "launch's)")
     c.set_defaults(fn=_check)
@@ -354,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",
                    help="ctc: an input of each sample's count of valid time steps")
-    g.add_argument("--batch-size", type=_at_least(1), default=None,
+    g.add_argument("--batch-size", type=at_least(1), default=None,
                    help="value for a symbolic batch (first) dimension (default 1)")
     g.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="full shape of an input with other symbolic dims (repeatable)")
@@ -384,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights made by ConstantOfShape/Constant nodes become initializers")
     v.add_argument("--dynamic-batch", action="store_true",
                    help="make a fixed first (batch) dimension of the inputs symbolic")
-    v.add_argument("--seed", type=_at_least(0), default=0,
+    v.add_argument("--seed", type=at_least(0), default=0,
                    help="seed of the fresh initialization")
     v.add_argument("--reinit", action="store_true",
                    help="re-initialize Constant weights too (default: keep their values)")
