@@ -347,7 +347,8 @@ COMPUTED_HINT = ("convolutions and linear layers (Gemm) whose weight the TorchSc
 FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (constant folding made "
                "an expression of the parameter, e.g. w.exp() or a lookup table[index] by a "
                "buffer, a constant, or two equal computations of a fresh model were merged into "
-               "one) do not train as in PyTorch (a folded expression trains as a tensor of its "
+               "one, or a product by a fresh parameter of ones or a sum with one of zeros was "
+               "removed as doing nothing) do not train as in PyTorch (a folded expression trains as a tensor of its "
                "own, entries PyTorch shares apart); export with optimize=False to train them "
                "(a parameter that the exported computation does not use, such as a mask token "
                "read only with an optional input, is listed too and needs nothing)")

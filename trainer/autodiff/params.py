@@ -493,8 +493,8 @@ def _folded_names_hint(names: Iterable[str]) -> str:
 
 def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
-    in place (`untie_identity_aliases`, `restore_optimized_parameters`, `untie_merged_folds`),
-    and carry over
+    in place (`untie_identity_aliases`, `restore_optimized_parameters`, `untie_merged_folds`,
+    `untie_recurrent_layers`), and carry over
     what the export records of nn.Embedding's padding_idx (`mark_padding_indices`); returns
     the names made into initializers. The computation is unchanged: each restored tensor
     holds the value the merged one had (or the zeros a dropped bias had). (Weights that other
@@ -503,7 +503,8 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     while True:  # (to a fixed point: a tensor given back can settle an ambiguous match, and
         # building the training graph repairs again, which must find nothing more)
         more = (untie_identity_aliases(model) + restore_optimized_parameters(model)
-                + untie_merged_folds(model) + unshare_plain_norm_constants(model))
+                + untie_merged_folds(model) + untie_recurrent_layers(model)
+                + unshare_plain_norm_constants(model))
         if not more:
             break
         restored += more
@@ -645,14 +646,22 @@ def mark_padding_indices(model: onnx.ModelProto) -> list[str]:
     default exporter records the call in the node's FX node (`aten.embedding(w, ids, p)`);
     each such Gather gets the metadata entry PADDING_KEY = p, which the Gather gradient rule
     honours (set it by hand on any axis-0 Gather to the same effect). In place; returns the
-    names of the marked nodes. A TorchScript export does not record padding_idx."""
+    names of the marked nodes. A TorchScript export does not record padding_idx.
+    scale_grad_by_freq=True (nn.Embedding's and nn.EmbeddingBag's fourth argument) marks the
+    Gather of the table with FREQ_KEY: the Gather gradient divides each position's gradient
+    by its index's count in the batch, as PyTorch's backward does."""
     marked = []
+    entries = signature_entries(model)
     for n in model.graph.node:
         if n.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in n.attribute):
             continue
         fx = _meta(n, _FX_NODE_KEY)
-        call = re.search(r"aten\.embedding\.default\]?\((?:args = \()?([^)]*)\)", fx)
-        if call and [a.strip() for a in call.group(1).split(",")][3:4] == ["True"] and \
+        call = re.search(r"aten\.embedding(_bag)?\.\w+\]?\((?:args = \()?([^)]*)\)", fx)
+        args = [a.strip() for a in call.group(2).split(",")] if call else []
+        # (an EmbeddingBag's decomposition gathers other things too: the table's Gather reads
+        # the tensor of the call's first argument)
+        table = entries.get(args[0].lstrip("%"), ("", ""))[1] if args else ""
+        if args[3:4] == ["True"] and (call.group(1) is None or n.input[0] == table) and \
                 not _meta(n, FREQ_KEY):  # (scale_grad_by_freq=True, the fourth argument)
             n.metadata_props.add(key=FREQ_KEY, value="1")
             marked.append(n.name)
@@ -907,6 +916,70 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     return restored
 
 
+_RNN_PARAM = re.compile(r"^(.*)\.(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+_RNN_SLOTS = {1: ("weight", "ih"), 2: ("weight", "hh"), 3: ("bias", None)}  # W, R, B
+
+
+def recurrent_slots(model: onnx.ModelProto) -> dict[tuple[int, int], list[str]]:
+    """{(node index, input slot): the PyTorch parameters that slot packs} for the LSTM, GRU
+    and RNN nodes of a default export: W holds `weight_ih_l{k}`, R `weight_hh_l{k}`, B both
+    biases (`_reverse` too where bidirectional), each reordered into ONNX's gate layout. One
+    `nn.LSTM(num_layers=L)` is one FX node that becomes L ONNX nodes, layer k the k-th of them
+    in graph order. Empty without FX node records."""
+    entries = signature_entries(model)
+    if not entries:
+        return {}
+    seen: dict[str, int] = {}
+    out: dict[tuple[int, int], list[str]] = {}
+    for i, n in enumerate(model.graph.node):
+        if n.op_type not in ("LSTM", "GRU", "RNN") or not _meta(n, _FX_NODE_KEY):
+            continue
+        fx = _meta(n, _FX_NODE_KEY)
+        k = seen[fx] = seen.get(fx, -1) + 1
+        params = [m for m in (_RNN_PARAM.match(entries[ph][1]) for ph in _fx_reads(n)
+                              if ph in entries and entries[ph][0] == "PARAMETER") if m]
+        for slot, (kind, side) in _RNN_SLOTS.items():
+            names = sorted(m.group(0) for m in params if m.group(2) == kind
+                           and (side is None or m.group(3) == side) and int(m.group(4)) == k)
+            if names and slot < len(n.input) and n.input[slot]:
+                out[(i, slot)] = names
+    return out
+
+
+def untie_recurrent_layers(model: onnx.ModelProto) -> list[str]:
+    """The default exporter's optimizer stores equal tensors once, also across the layers of a
+    stacked recurrent layer (`nn.LSTM(num_layers=2)` with zero-initialized biases: both
+    layers' B is one tensor), where PyTorch trains each layer's. A node reading, in its W, R
+    or B slot, a tensor that the optimizer's records say it folded from another layer's
+    parameters reads a copy named after its own (`{parameter}/{tensor}`, recorded as folded
+    from them, so that globs may name it), in place; returns the names made."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    sources = _folded_from(model)
+    made: list[str] = []
+    for (i, slot), want in recurrent_slots(model).items():
+        n = g.node[i]
+        x = n.input[slot]
+        if x not in inits or x not in sources:
+            continue
+        holds = sorted(set(sources[x]) & {m.group(0) for m in map(_RNN_PARAM.match, sources[x])
+                                          if m})
+        if not holds or holds == want:
+            continue
+        name = f"{want[0]}/{x}"
+        if name not in inits:
+            t = numpy_helper.from_array(np.array(numpy_helper.to_array(inits[x])), name)
+            entry = t.metadata_props.add()
+            entry.key, entry.value = _FOLDED_FROM_KEY, repr(want)
+            g.initializer.append(t)
+            inits[name] = g.initializer[-1]
+            made.append(name)
+        n.input[slot] = name
+    return made
+
+
 def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
     """The default exporter's constant folding names a folded tensor after the FX node that
     computed it (`view` for `gamma.reshape(1, -1, 1, 1)`, `view_1` for the next block's), and
@@ -977,13 +1050,13 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     below): the exported outputs do not use that module (a classifier head left out of a
     detector's export), so PyTorch gives them no gradient either. Nor is any listed where
     nothing was folded (every initializer is one the signature names, as in an export with
-    optimize=False): a missing parameter is then one the exported computation does not use
-    (DINOv2's mask_token)."""
+    optimize=False) and no arithmetic removed (`removed_arithmetic`): a missing parameter is
+    then one the exported computation does not use (DINOv2's mask_token)."""
     from trainer.autodiff.lookups import find_folded_lookups
 
     g = model.graph
     named = {t for _, t in signature_entries(model).values()}
-    if all(t.name in named for t in g.initializer):
+    if all(t.name in named for t in g.initializer) and not removed_arithmetic(model):
         return []
     missing, explained, _ = _missing_parameter_uses(model)
     used: set[str] = set()
@@ -1007,6 +1080,33 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
                 or (parent != "" and parent in reads_folded))
     return sorted(t for ph, t in missing.items()
                   if ph not in explained and t not in recovered and in_use(t))
+
+
+_ARITHMETIC = re.compile(r"^(mul|add|sub|div)(_\d+)?$")
+_FX_OWN = re.compile(r"^%(\w+) :")
+_ORIGINAL_NAME_KEY = "pkg.torch.onnx.original_node_name"
+
+
+def removed_arithmetic(model: onnx.ModelProto) -> list[str]:
+    """The FX arithmetic nodes (mul, add, sub, div) of a default export that no node of the
+    graph comes from, though a node's FX node read them or a graph output is theirs: the
+    exporter's optimizer removed them as doing nothing (a product by a fresh parameter of
+    ones, `self.scale * x` with `scale = nn.Parameter(torch.ones(()))`, or a sum with one of
+    zeros), and the parameter with them. An unoptimized export translates each into a node.
+    Empty without FX node records."""
+    own: set[str] = set()
+    read: set[str] = set()
+    for n in model.graph.node:
+        record = _meta(n, _FX_NODE_KEY)
+        m = _FX_OWN.match(record)
+        if m:
+            own.add(m.group(1))
+        read |= _fx_reads(n)
+    for o in model.graph.output:
+        read.update(p.value for p in o.metadata_props if p.key == _ORIGINAL_NAME_KEY)
+    if not own:
+        return []
+    return sorted(x for x in read - own if _ARITHMETIC.match(x))
 
 
 # FX ops that only view or copy a tensor: a parameter folded through them trains as that copy
@@ -1145,11 +1245,14 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     out = {x: next(iter(ts)) for x, ts in found.items() if len(ts) == 1}
     # tensors that pack several parameters (an LSTM's W, R and B: each direction's weights,
     # both biases), as the optimizer's records say: a glob may name any of them
-    # (PACK_SEPARATOR between the names; it trains as the one tensor it is)
+    # (PACK_SEPARATOR between the names; it trains as the one tensor it is); a recurrent
+    # node's W, R or B holds its parameters whatever the records name besides (a
+    # unidirectional layer's W: its weight_ih alone, gates reordered)
+    recurrent = {model.graph.node[i].input[slot] for i, slot in recurrent_slots(model)}
     for x, src in _folded_from(model).items():
         if x in folded and x not in out:
             packed = sorted(set(src) & lost)
-            if len(packed) >= 2:
+            if len(packed) >= 2 or packed and x in recurrent:
                 out[x] = PACK_SEPARATOR.join(packed)
     return out
 
