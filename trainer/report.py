@@ -348,8 +348,9 @@ FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (consta
                "an expression of the parameter, e.g. w.exp() or a lookup table[index] by a "
                "buffer, a constant, or two equal computations of a fresh model were merged into "
                "one, or a product by a fresh parameter of ones or a sum with one of zeros was "
-               "removed as doing nothing) do not train as in PyTorch (a folded expression trains as a tensor of its "
-               "own, entries PyTorch shares apart); export with optimize=False to train them "
+               "removed as doing nothing) do not train as in PyTorch (a folded expression "
+               "trains as a tensor of its own, entries PyTorch shares apart); export with "
+               "optimize=False to train them "
                "(a parameter that the exported computation does not use, such as a mask token "
                "read only with an optional input, is listed too and needs nothing)")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
