@@ -761,6 +761,13 @@ def _rules(n: onnx.NodeProto) -> set[str]:
     return {r.strip() for r in _meta(n, _RULE_KEY).split(",") if r.strip()}
 
 
+# The PyTorch parameter each input slot of these ops holds, by its name's last part
+_SLOT_LEAF = {(op, slot): leaf for op in ("LayerNormalization", "BatchNormalization",
+                                          "InstanceNormalization", "GroupNormalization",
+                                          "RMSNormalization", "Conv", "ConvTranspose", "Gemm")
+              for slot, leaf in ((1, "weight"), (2, "bias"))}
+
+
 def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
     """Undo what the optimizer of PyTorch's default (dynamo) exporter does to the parameters of
     a freshly initialized model, where the export records enough to do it exactly; in place,
@@ -833,6 +840,10 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             if x not in inits or own is None or own in refs:
                 continue  # not a parameter's tensor, or the one this node read
             cands = [ph for ph in here if leaf(missing[ph]) == leaf(x)]
+            if len(cands) != 1:  # (else by the slot's role: a LayerNorm reads `gain` and
+                # `off` of `ln(h) * gain + off` in place of its own weight and bias)
+                role = _SLOT_LEAF.get((n.op_type, slot))
+                cands = [ph for ph in here if leaf(missing[ph]) == role]
             if len(cands) != 1:
                 cands = here if len(here) == 1 else []
             if cands:
