@@ -504,7 +504,10 @@ def test_batchnorm_fused_forward_and_backward(shape, monkeypatch):
 
 @pytest.mark.parametrize("ignore", ["some", "none", "all"])
 @pytest.mark.parametrize("ignore_index", [-100, -2, 1])  # outside [-C, C) (a lookup that
-def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore, ignore_index):
+def test_softmax_cross_entropy_fused_matches_the_loss_and_its_gradient(ignore, ignore_index,
+                                                                      monkeypatch):
+    # (the NumPy path's bits; the compiled loops' accuracy: tests/test_compiled.py)
+    monkeypatch.setenv("ONNX_TRAINER_COMPILED", "0")
     rng = np.random.default_rng(7)  # raises finds it) or inside (an explicit comparison)
     scores = rng.standard_normal((6, 4)).astype(F32)
     labels = rng.choice([c for c in range(4) if c != ignore_index], 6)
@@ -539,7 +542,9 @@ def test_softmax_cross_entropy_bound_host_forward_is_the_general_one_bit_for_bit
                                                                                 monkeypatch):
     """The per-shape forward of [N, C] host scores (labels that cannot equal ignore_index)
     against the general path it stands in for: same loss and log_prob bits, non-finite scores,
-    negative labels and int32 labels included, and the same error for a label out of range."""
+    negative labels and int32 labels included, and the same error for a label out of range.
+    (The NumPy path's; the compiled loops' accuracy: tests/test_compiled.py.)"""
+    monkeypatch.setenv("ONNX_TRAINER_COMPILED", "0")
     rng = np.random.default_rng(3)
     cases = []
     for k in range(300):

@@ -968,7 +968,7 @@ def build_plan(ex: Executor, record: dict, timers: list | None = None) -> _Progr
             shapes[k] = (np.shape(v), np.asarray(v).dtype)
     from trainer.kernels.fused import fuse
     resolved = {alias.get(k, k) for k in keep}
-    nodes = fuse(nodes, constants, shapes, resolved, ex.opset)
+    nodes = fuse(nodes, constants, shapes, resolved, ex.opset, host=not ex.on_device)
     nodes = fold_reshapes_into_reductions(nodes, constants, shapes, resolved)
     if ex.on_device:  # (on a GPU, each chain of elementwise nodes becomes one kernel)
         from trainer.kernels.ewfuse import fuse_elementwise
@@ -1192,6 +1192,12 @@ def _where_impl(n: PNode, ins: list, out_dt, constants: Mapping):
 
             def where_zero(c, a, b, out, x_at=x_at, keep_if=keep_if, pick=pick):
                 x = a if x_at == 1 else b
+                loops = compiled.row_loops()
+                if loops is not None and c.shape == x.shape == out.shape and \
+                        c.flags.c_contiguous and x.flags.c_contiguous and \
+                        out.flags.c_contiguous and c.dtype == np.bool_:  # (one exact pass)
+                    loops.select(c.reshape(-1), x.reshape(-1), keep_if, out.reshape(-1))
+                    return out
                 if out.size <= WHERE_SELECT:
                     np.copyto(out, np.where(c, a, b))
                     return out

@@ -39,9 +39,18 @@ def _numba():
     return numba
 
 
+try:  # (os.environ's own store: its .get encodes the key at each call, 0.7 us, and the
+    # executor asks at every step of a small model's kernels)
+    _STORE, _KEY, _OFF = os.environ._data, os.environ.encodekey(ENV), os.environ.encodevalue("0")
+except AttributeError:  # pragma: no cover - another os.environ
+    _STORE = None
+
+
 def enabled() -> bool:
     """numba is importable and ONNX_TRAINER_COMPILED is not 0 (read at each call: tests and
     users switch the compiled path off without a restart)."""
+    if _STORE is not None:
+        return _STORE.get(_KEY) != _OFF and _numba() is not None
     return os.environ.get(ENV, "1") != "0" and _numba() is not None
 
 
@@ -102,6 +111,11 @@ def row_loops():
     path is off."""
     if not enabled():
         return None
+    return _rowloops()
+
+
+@functools.cache
+def _rowloops():
     from trainer.kernels import rowloops
     return rowloops
 

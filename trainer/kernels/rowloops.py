@@ -9,7 +9,10 @@ rounded once to the input's dtype: at least as accurate as the NumPy path's floa
 not its bits. Everything computed element by element from those statistics (y, xhat, dX) is
 the NumPy path's expression in the same order and precision (no other fast-math flag), so with
 equal statistics the results are bit for bit the NumPy kernels' (tests/test_compiled.py checks
-both). Imported only where trainer.kernels.compiled.enabled() (this module imports numba).
+both). The softmax cross entropy of [N, C] scores (every classifier's loss) takes its
+exponentials, their sums and the logarithm in float64 the same way, and its select (ReLU's
+gradient, Where(c, x, 0)) is exact. Imported only where trainer.kernels.compiled.enabled()
+(this module imports numba).
 """
 
 from __future__ import annotations
@@ -160,3 +163,77 @@ def bn_train_backward(dy, xhat, k, inv, dx, sums, want_dx):
                 g, h, o = dy[i, c], xhat[i, c], dx[i, c]
                 for j in range(length):
                     o[j] = ((g[j] - h[j] * p) - q) * kc
+
+
+@_loop
+def _labels_ok(labels, c):
+    """Whether every label lies in [-c, c) (NumPy's 2-D lookup raises IndexError otherwise)."""
+    for i in range(labels.size):
+        if labels[i] < -c or labels[i] >= c:
+            return False
+    return True
+
+
+@_loop
+def softmax_cross_entropy(scores, labels, log_prob):
+    """Mean cross entropy over rows of [N, C] scores (labels in [-C, C), checked first:
+    False, nothing written, otherwise): log_prob = scores - max - log(sum(exp(scores - max)))
+    per row, the exponentials, their sum and the logarithm in float64, rounded once; returns
+    (ok, the float64 sum of -log_prob at the labels). A NaN in a row propagates as NumPy's
+    maximum does."""
+    n, c = scores.shape
+    if not _labels_ok(labels, c):
+        return False, 0.0
+    total = 0.0
+    for i in range(n):
+        m = scores[i, 0]
+        for j in range(1, c):
+            v = scores[i, j]
+            if v > m or v != v:
+                m = v
+        acc = 0.0
+        for j in range(c):
+            d = scores[i, j] - m
+            log_prob[i, j] = d
+            acc += np.exp(np.float64(d))
+        s = np.log(acc)
+        for j in range(c):
+            log_prob[i, j] = np.float64(log_prob[i, j]) - s
+        k = labels[i]
+        total -= log_prob[i, k + c if k < 0 else k]
+    return True, total
+
+
+@_loop
+def softmax_cross_entropy_backward(log_prob, labels, c, dx):
+    """dX of the mean cross entropy: exp(log_prob) (in float64, rounded once) times c[0], less
+    c[0] at each row's label (in [-C, C), checked first: False, nothing written, otherwise),
+    each product and difference in dx's dtype as the NumPy path takes them."""
+    n, k = log_prob.shape
+    if not _labels_ok(labels, k):
+        return False
+    w = c[0]
+    for i in range(n):
+        for j in range(k):
+            dx[i, j] = np.exp(np.float64(log_prob[i, j]))
+            dx[i, j] = dx[i, j] * w
+        t = labels[i]
+        t = t + k if t < 0 else t
+        dx[i, t] = dx[i, t] - w
+    return True
+
+
+@_loop
+def select(cond, x, keep, out):
+    """out = x where cond == keep, else +0.0: NumPy's where(cond, x, 0) (keep True) or
+    where(cond, 0, x) (keep False), one pass over flat arrays of one size."""
+    for i in range(out.size):
+        out[i] = x[i] if cond[i] == keep else 0
+
+
+@_loop
+def positive_select(v, x, out):
+    """out = x where v > 0, else +0.0 (NaN in v: 0), over flat arrays of one size: NumPy's
+    where(v > 0, x, 0), ReLU's gradient."""
+    for i in range(out.size):
+        out[i] = x[i] if v[i] > 0 else 0
