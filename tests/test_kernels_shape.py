@@ -431,3 +431,31 @@ def test_gather_refuses_an_index_out_of_range_on_the_host(op):
         with pytest.raises(ModelError, match=f"{op}: index {bad} is out of range for axis 0 of "
                                              "size 5"):
             fn(np, x, idx, axis=0)
+
+
+@pytest.mark.parametrize("op", ["GatherND", "ScatterND", "ScatterElements"])
+def test_nd_gathers_and_scatters_refuse_an_index_out_of_range_on_the_host(op):
+    """GatherND read [3, 0] of a 3x4 tensor as row 0, and the scatters wrote a row or column
+    5 (or 4) to another: an index outside [-n, n) is an error, naming its axis, as Gather's is
+    (onnxruntime refuses them too)."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    fn = get_kernel(op, 16)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    if op == "GatherND":
+        calls = [(np.array([[2, -4], [-3, 3]]), None),
+                 (np.array([[3, 0]]), "axis 0 of size 3"), (np.array([[0, 7]]), "axis 1 of size 4")]
+        run = lambda idx: fn(np, x, idx)  # noqa: E731
+    elif op == "ScatterND":
+        calls = [(np.array([[2], [-3]]), None), (np.array([[5]]), "axis 0 of size 3")]
+        run = lambda idx: fn(np, x, idx, np.ones((len(idx), 4), np.float32))  # noqa: E731
+    else:
+        calls = [(np.array([[0, 3, -4]]), None), (np.array([[0, 4, 1]]), "axis 1 of size 4")]
+        run = lambda idx: fn(np, x, idx, np.ones(idx.shape, np.float32), axis=1)  # noqa: E731
+    for idx, bad in calls:
+        if bad is None:
+            run(idx)
+        else:
+            with pytest.raises(ModelError, match=f"{op}: index .* is out of range for {bad}"):
+                run(idx)

@@ -217,6 +217,14 @@ def _in_range(indices, n: int, op: str, axis: int) -> None:
                          f"(indices must lie in [{-n}, {n - 1}])")
 
 
+def _each_in_range(indices, dims, op: str, first_axis: int) -> None:
+    """_in_range for each column j of [..., k] indices against dims[j] (axis first_axis + j)."""
+    if isinstance(indices, np.ndarray) and indices.size:
+        cols = indices.reshape(-1, indices.shape[-1])
+        for j, n in enumerate(dims):
+            _in_range(cols[:, j], int(n), op, first_axis + j)
+
+
 @kernel("Gather")
 def Gather(xp, x, indices, *, axis=0):
     mod, (x, indices) = _same_device(xp, x, indices)
@@ -239,6 +247,7 @@ def GatherElements(xp, x, indices, *, axis=0):
 @kernel("GatherND", since=11)
 def GatherND(xp, data, indices, *, batch_dims=0):
     b, k = batch_dims, indices.shape[-1]
+    _each_in_range(indices, data.shape[b:b + k], "GatherND", b)
     batch = data.shape[:b]
     mid = indices.shape[b:-1]
     nb, nm = int(np.prod(batch)), int(np.prod(mid))
@@ -313,6 +322,7 @@ def _scatter_rows(xp, out, rows, updates, reduction: str) -> None:
 @kernel("ScatterElements", since=11)
 def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
     axis %= data.ndim
+    _in_range(indices, data.shape[axis], "ScatterElements", axis)
     out = data.copy()
     idx = indices.astype(np.int64) % max(data.shape[axis], 1)
     grids = _grids(xp, indices.shape)
@@ -336,6 +346,7 @@ def Scatter(xp, data, indices, updates, *, axis=0):
 def ScatterND(xp, data, indices, updates, *, reduction="none"):
     k = indices.shape[-1]
     lead, rest = data.shape[:k], data.shape[k:]
+    _each_in_range(indices, lead, "ScatterND", 0)
     dims = cached_constant(xp, ("dims", tuple(lead)), lambda: np.maximum(
         np.array(lead, dtype=np.int64), 1))
     strides = cached_constant(xp, ("strides", tuple(lead)), lambda: np.array(
