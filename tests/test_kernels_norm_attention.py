@@ -356,3 +356,19 @@ def test_layer_and_rms_norm_axes_match_onnxruntime(shape, data) -> None:
         ours, want = run(model, {"x": x, "s": s}), run_ort(model, {"x": x, "s": s})
         for name in want:
             assert_close(ours[name], want[name], 1e-5, 1e-5, f"{op} {shape} axis={axis}")
+
+
+@pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
+def test_stash_type_0_computes_as_the_default_and_other_types_are_refused(op):
+    """stash_type 0 (UNDEFINED; onnxruntime runs such a LayerNormalization) failed with a bare
+    KeyError: it is the default, float; an integer stash type gets a clear error."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    fn = get_kernel(op, 23)
+    x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    s = np.ones(6, np.float32)
+    for got, want in zip(fn(np, x, s, stash_type=0), fn(np, x, s, stash_type=1), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ModelError, match="stash_type 7 is not a float type"):
+        fn(np, x, s, stash_type=7)

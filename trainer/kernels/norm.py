@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.helper import tensor_dtype_to_np_dtype
 
+from trainer.errors import ModelError
 from trainer.kernels import kernel, rowfuse
 from trainer.kernels.reduce import mean_of
 
@@ -20,7 +21,18 @@ def compute_dtype(*dtypes) -> np.dtype:
 
 
 def _stash(stash_type: int) -> np.dtype:
-    return np.dtype(tensor_dtype_to_np_dtype(stash_type))
+    """The dtype of stash_type: 0 (UNDEFINED, which onnxruntime runs as the default) is the
+    default's, float; a type that is no float is refused."""
+    if stash_type == 0:
+        return np.dtype(np.float32)
+    try:
+        dt = np.dtype(tensor_dtype_to_np_dtype(stash_type))
+    except (KeyError, TypeError, ValueError):
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise ModelError(f"stash_type {stash_type} is not a float type (1: float, 11: "
+                         "double)")
+    return dt
 
 
 def _standardize(xp, x, axes, epsilon, ct):
