@@ -557,3 +557,19 @@ def test_stop_gradient_is_the_identity_that_passes_no_gradient() -> None:
     np.testing.assert_allclose(grads["X"], x, rtol=1e-12)
     loss = training_info(tm).loss
     np.testing.assert_allclose(run(tm, fetch=[loss])[loss], (x * x).sum(), rtol=1e-12)
+
+
+def test_signal_ops_name_a_last_axis_that_is_no_real_or_complex_part():
+    """DFT on [2, 6] returned a [2, 2] tensor (the last axis read as real and imaginary parts),
+    and STFT on a real signal [batch, length] failed with an IndexError: both say what the
+    last axis must hold."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    with pytest.raises(ModelError, match=r"real \(size 1\) or complex .* got shape \(2, 6\)"):
+        get_kernel("DFT", 20)(np, x)
+    with pytest.raises(ModelError, match="needs a trailing axis of 1: Unsqueeze it"):
+        get_kernel("STFT", 17)(np, x, np.array(2))
+    y, = get_kernel("STFT", 17)(np, x[..., None], np.array(2), None, np.array(4))
+    assert y.shape == (2, 2, 3, 2)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from trainer.errors import ModelError
 from trainer.graph import np_dtype
 from trainer.kernels import host_ints, kernel
 
@@ -18,8 +19,13 @@ def _work_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _signal(xp, x):
+def _signal(xp, x, op: str = "DFT"):
     """The real ([..., 1]) or complex ([..., 2]) signal held by x, in its working precision."""
+    if x.ndim < 2 or x.shape[-1] not in (1, 2):
+        raise ModelError(f"{op}: the input's last axis holds a real (size 1) or complex (size "
+                         f"2: real, imaginary) signal; got shape {tuple(x.shape)}"
+                         + (" (a real signal [batch, length] needs a trailing axis of 1: "
+                            "Unsqueeze it)" if op == "STFT" and x.ndim == 2 else ""))
     wd = _work_dtype(x.dtype)
     if x.shape[-1] == 1:
         return x[..., 0].astype(wd, copy=False)
@@ -71,6 +77,10 @@ def DFT_20(xp, x, dft_length=None, axis=None, *, inverse=0, onesided=0):
 @kernel("STFT", since=17)
 def STFT(xp, signal, frame_step, window=None, frame_length=None, *, onesided=1):
     step = host_ints(frame_step.reshape(-1))[0]
+    if signal.ndim != 3:
+        _signal(xp, signal, "STFT")  # (names the layout)
+        raise ModelError(f"STFT: the signal is [batch, length, 1 or 2]; got shape "
+                         f"{tuple(signal.shape)}")
     length = signal.shape[1]
     if frame_length is not None:
         fl = host_ints(frame_length.reshape(-1))[0]
@@ -82,7 +92,7 @@ def STFT(xp, signal, frame_step, window=None, frame_length=None, *, onesided=1):
     if frames < 1 or step < 1:
         raise ValueError(f"STFT: signal of length {length} holds no frame of length {fl} "
                          f"(frame_step {step})")
-    sig = _signal(xp, signal)                                   # [batch, length]
+    sig = _signal(xp, signal, "STFT")                           # [batch, length]
     idx = xp.arange(frames)[:, None] * step + xp.arange(fl)[None, :]
     framed = sig[:, idx]                                        # [batch, frames, fl]
     if window is not None:
