@@ -673,3 +673,23 @@ def test_col2im_input_that_does_not_match_the_blocks_is_refused() -> None:
     assert y.shape == (1, 2, 5, 6)
     with pytest.raises(ValueError, match="must be \\[N, C \\* 4, 12\\]"):
         run_op("Col2Im", [np.ones((1, 8, 6), F32), image, block], **attrs)
+
+
+@pytest.mark.parametrize("scale,length,want", [(1.4, 5, 7), (1.8, 5, 9), (7 / 3, 3, 7),
+                                               (7 / 6, 6, 7), (0.6, 4, 2), (2.0, 3, 6)])
+def test_resize_output_length_from_float32_scales(scale, length, want) -> None:
+    """floor(length * scale) taken in float32, the scales' type, as onnxruntime (and PyTorch,
+    whose exporter writes F.interpolate's scale_factor so) take it: 5 * float32(1.4) rounds to
+    7; the product in float64, 6.99999988, gave 6 rows, where a U-Net's skip connection has 7."""
+    from onnx import helper
+
+    from tests.opcases import make_model
+    from trainer.kernels import get_kernel
+
+    x = np.random.default_rng(0).standard_normal((1, 2, length)).astype(np.float32)
+    scales = np.array([1, 1, scale], np.float32)
+    (y,) = get_kernel("Resize", 13)(np, x, None, scales, mode="linear")
+    assert y.shape == (1, 2, want)
+    ref = run_ort(make_model([helper.make_node("Resize", ["x", "", "sc"], ["y"], mode="linear")],
+                             inputs={"x": x}, initializers={"sc": scales}, opset=13), {"x": x})
+    np.testing.assert_allclose(y, ref["y"], rtol=1e-6, atol=1e-6)

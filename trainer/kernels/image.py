@@ -142,7 +142,10 @@ def _resize(xp, x, scales: list[float] | None, sizes: list[int] | None, roi: lis
     elif scales is not None:
         scale = list(scales)
         width = [scale[i] * inputs[i] for i in range(n)]
-        out = [int(w) for w in width]
+        # floor(length * scale) in float32, the scales' type, as onnxruntime takes it (and
+        # PyTorch, whose exporter writes its scale_factor so): 5 * float32(1.4) is 7, where
+        # the product in float64, 6.99999988, gave 6
+        out = [int(np.floor(np.float32(scale[i]) * np.float32(inputs[i]))) for i in range(n)]
     else:
         raise ValueError("Resize: one of scales and sizes is required")
     rois = [(roi[i], roi[i + n]) for i in range(n)] if roi else [None] * n
