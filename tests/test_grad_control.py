@@ -480,6 +480,29 @@ def test_check_names_a_loop_that_data_controls(case) -> None:
             build_training_graph(model, {"type": "output", "output": "L"}, ["Y"])
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_check_leaves_out_the_weights_of_an_untaken_branch(flag) -> None:
+    """An If on a constant condition trains its branch's weights alone (the lowering takes that
+    branch), but `check MODEL` listed the other branch's weights as trained too; they are left
+    out now, with the reason."""
+    from trainer.report import model_report
+
+    then = graph([n("Mul", ["X", "W1"], ["t"])], [], [vi("t")])
+    other = graph([n("Mul", ["X", "W2"], ["e"])], [], [vi("e")])
+    model = make_model([n("If", ["c"], ["y"], then_branch=then, else_branch=other),
+                        n("ReduceSum", ["y"], ["L"], keepdims=0)],
+                       inputs={"X": np.ones((2, 3))},
+                       initializers={"W1": Y0, "W2": Y0 + 1, "c": np.array(flag)},
+                       outputs=["L"])
+    report = model_report(model)
+    taken, untaken = ("W1", "W2") if flag else ("W2", "W1")
+    assert [p.name for p in report.params if p.role == "parameter"] == [taken]
+    row = next(p for p in report.params if p.name == untaken)
+    assert "read only by the branch that If 'If_0' does not take" in row.reason, report.text()
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, "all")
+    assert list(training_info(tm).gradients) == [taken]
+
+
 def test_a_while_loop_on_float_constants_is_unrolled_and_differentiated() -> None:
     """tf2onnx writes a TF while loop (a Keras 3 GRU layer) as a Loop that starts on
     Less(0.0, 3.0) of two one-element float initializers, expands the same 0.0 into its first

@@ -494,3 +494,31 @@ def test_resize_needs_constant_scales() -> None:
                        outputs=["L"])
     with pytest.raises(ModelError, match="scales must be a constant"):
         gradients(model, ["X"])
+
+
+def test_check_refuses_an_opset_7_max_pool_on_the_trained_path_as_training_does():
+    """Before opset 8 MaxPool has no Indices, which its gradient needs: training refused such
+    a model while `check MODEL` called it all trainable. Both refuse it now, naming the
+    conversion; a MaxPool on the raw input (no gradient through it) is fine."""
+    from trainer.autodiff import build_training_graph
+    from trainer.report import NO_INDICES, model_report
+
+    w = np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype(np.float32)
+    for first in ("Conv", "MaxPool"):
+        nodes = ([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                  helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2])]
+                 if first == "Conv" else
+                 [helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+                  helper.make_node("Conv", ["m", "W"], ["p"], pads=[1, 1, 1, 1])])
+        model = make_model(nodes + [helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0)],
+                           inputs={"x": np.ones((1, 1, 4, 4), np.float32)},
+                           initializers={"W": w}, outputs=["loss"], opset=7)
+        report = model_report(model)
+        row = next(r for r in report.nodes if r.op == "MaxPool")
+        if first == "Conv":
+            assert row.gradient == NO_INDICES and not report.ok
+            with pytest.raises(ModelError, match="exist from opset 8"):
+                build_training_graph(model, {"type": "output", "output": "loss"}, "all")
+        else:
+            assert report.ok, report.text()
+            build_training_graph(model, {"type": "output", "output": "loss"}, "all")

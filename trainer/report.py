@@ -22,6 +22,7 @@ from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     PACK_SEPARATOR,
     PARAMETER,
+    UNUSED,
     ParamInfo,
     detached_inputs,
     folded_conv_weights,
@@ -38,6 +39,7 @@ from trainer.autodiff.params import (
     tool_fused_batchnorms,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
+from trainer.autodiff.subgraph import inline_static_ifs
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError, listing, printable
 from trainer.graph import (
@@ -73,6 +75,8 @@ class NodeRow:
 DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant or a shape)"
 PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) has no gradient "
                   "rule (export the model at opset 9 or later)")
+NO_INDICES = ("REFUSED: the gradient needs MaxPool's Indices, which exist from opset 8 (convert "
+              "the model with onnx.version_converter)")
 
 
 @dataclass
@@ -417,6 +421,8 @@ def model_report(model: onnx.ModelProto) -> Report:
         except ModelError as exc:
             fused_error = str(exc)
     run, unfused = unfuse_conv_batchnorms(run)  # (onnxoptimizer's arithmetic: BatchNorms)
+    branched = run  # (training takes a static If's branch: the other's weights are fixed)
+    run = inline_static_ifs(run)
     if detached_inputs(run):  # (PyTorch's .detach(): what it cuts off does not train)
         run = copy.deepcopy(run) if run is model else run
         stop_detached(run)
@@ -424,6 +430,8 @@ def model_report(model: onnx.ModelProto) -> Report:
     types = _FloatDefault(_value_types(run))
     outputs = [o.name for o in model.graph.output]
     params = parameter_table(run, nodes, outputs, types)
+    if run is not branched:
+        params = _untaken_branches(params, branched, nodes)
     trained = {p.name for p in params if p.role == PARAMETER}
     active = {o for i in active_nodes(nodes, outputs, trained, types)[0] for o in nodes[i].output}
     rows = []
@@ -439,6 +447,10 @@ def model_report(model: onnx.ModelProto) -> Report:
                 a.name == "spatial" and a.i == 0 for a in node.attribute) and any(
                 o in active for o in node.output):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, PER_ACTIVATION))
+            continue
+        if node.op_type == "MaxPool" and node.domain in ("", "ai.onnx") and opset_of(model) < 8 \
+                and any(o in active for o in node.output):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, NO_INDICES))
             continue
         if run is not model and contrib_key(node, model):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))
@@ -461,6 +473,26 @@ def model_report(model: onnx.ModelProto) -> Report:
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
                   unfused=unfused, inner=subgraph_weights(model))
+
+
+def _untaken_branches(params: list, before: onnx.ModelProto, nodes: list[onnx.NodeProto]
+                      ) -> list:
+    """The parameter table's rows for tensors that only an If's untaken branch read (the If's
+    condition is static: training takes the other), with that reason."""
+    from dataclasses import replace
+
+    from trainer.autodiff.subgraph import reads
+
+    now = {x for n in nodes for x in reads(n)}
+    ifs = {x: node_name(n, i) for i, n in enumerate(before.graph.node) if n.op_type == "If"
+           for x in reads(n)}
+    out = []
+    for p in params:
+        if p.role == UNUSED and p.name in ifs and p.name not in now:
+            p = replace(p, reason=f"read only by the branch that If '{ifs[p.name]}' does not "
+                        "take (its condition is a constant)")
+        out.append(p)
+    return out
 
 
 def _loop_from_data(node: onnx.NodeProto, known: set[str]) -> bool:

@@ -745,6 +745,43 @@ def lower(model: onnx.ModelProto, shapes: Mapping[str, tuple], dtypes: Mapping[s
     return m, found, why
 
 
+class _IfOnly(Lowering):
+    """Lowering of If nodes alone (no shapes needed: the other nodes stay as they are)."""
+
+
+for _name in [k for k in vars(Lowering) if k[:1] == "_" and k[1:2].isupper() and k != "_If"]:
+    setattr(_IfOnly, _name, None)
+
+
+def inline_static_ifs(model: onnx.ModelProto, trainable="all") -> onnx.ModelProto:
+    """A copy of the model with every If whose condition is static (non-float initializers,
+    float ones training does not change, Constant nodes, and arithmetic on them) replaced by
+    the branch taken, other nodes as they are, without a probe: what `check MODEL` reads the
+    parameters from, as training lowers such an If to its branch (the other branch's weights
+    do not train). The model itself where there is no such If."""
+    from trainer.autodiff.params import fixed_floats
+
+    if not any(n.op_type == "If" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    m = copy.deepcopy(model)
+    g = m.graph
+    fixed = fixed_floats(m, trainable)
+    seeds = {t.name: numpy_helper.to_array(t) for t in g.initializer
+             if t.data_type not in FLOAT_TYPES or t.name in fixed}
+    scope = NameScope(deep_names(g))
+    changed = False
+    for _ in range(16):  # (an inlined branch may hold another static If)
+        low = _IfOnly(_opsets_of(m), scope, {}, seeds)
+        low.visit_all(g.node, ChainMap(), None)
+        if not low.changed:
+            break
+        nodes = low.finish(o.name for o in g.output)
+        del g.node[:]
+        g.node.extend(nodes)
+        changed = True
+    return m if changed else model
+
+
 def lower_model(model: onnx.ModelProto, shapes: Mapping[str, tuple],
                 dtypes: Mapping[str, np.dtype], values: Mapping[str, np.ndarray] | None = None,
                 trainable="all") -> onnx.ModelProto:
