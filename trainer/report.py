@@ -251,6 +251,9 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
              and made.get(n.input[3]) == "Tile"]
     if tiled:
         lines.append(f"WARNING: {TILED_HINT}: {listing(tiled)}")
+    corners = _fractional_corner_resizes(model)
+    if corners:
+        lines.append(f"WARNING: {CORNERS_HINT}: {listing(corners)}")
     if model.producer_name == "pytorch" and not signature_entries(model):
         from onnx import numpy_helper
 
@@ -277,6 +280,38 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
     return lines
 
 
+
+
+def _fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
+    """Resize nodes with coordinate_transformation_mode align_corners whose constant `scales`
+    (no `sizes`) hold a value that is not a whole number."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: next((a.t for a in n.attribute if a.name == "value"), None)
+              for n in model.graph.node if n.op_type == "Constant" and n.output}
+    out = []
+    for i, n in enumerate(model.graph.node):
+        mode = next((a.s for a in n.attribute if a.name == "coordinate_transformation_mode"), b"")
+        if n.op_type != "Resize" or mode != b"align_corners" or len(n.input) < 3 or \
+                len(n.input) > 3 and n.input[3]:
+            continue
+        t = inits.get(n.input[2]) or consts.get(n.input[2])
+        if t is None:
+            continue
+        scales = numpy_helper.to_array(t).astype(np.float64)
+        if scales.size and (scales != np.floor(scales)).any():
+            out.append(node_name(n, i))
+    return out
+
+
+CORNERS_HINT = ("Resize nodes with coordinate_transformation_mode align_corners and scales "
+                "that are not whole numbers: where scale x length is fractional, ONNX maps the "
+                "corners over that fractional length (the spec and onnx.reference, which the "
+                "engine follows), while PyTorch's F.interpolate(scale_factor=..., "
+                "align_corners=True) and onnxruntime use the whole output length, so the "
+                "values differ from theirs (export with size=... instead of scale_factor to "
+                "get PyTorch's)")
 
 
 SCALAR_HINT = ("one-element tensors named as PyTorch parameters or buffers are left out as "
