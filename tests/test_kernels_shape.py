@@ -459,3 +459,23 @@ def test_nd_gathers_and_scatters_refuse_an_index_out_of_range_on_the_host(op):
         else:
             with pytest.raises(ModelError, match=f"{op}: index .* is out of range for {bad}"):
                 run(idx)
+
+
+@pytest.mark.parametrize("op,call,message", [
+    ("Softmax", lambda f, x: f(np, x, axis=2), "Softmax: axis 2 is out of range for an input "
+                                                 r"of rank 2 \(it must lie in \[-2, 1\]\)"),
+    ("CumSum", lambda f, x: f(np, x, np.array(-3)), "CumSum: axis -3 is out of range"),
+    ("ArgMax", lambda f, x: f(np, x, axis=2), "ArgMax: axis 2 is out of range"),
+    ("Gather", lambda f, x: f(np, x, np.array([0]), axis=2), "Gather: axis 2 is out of range"),
+    ("TopK", lambda f, x: f(np, x, np.array([5]), axis=1), "TopK: k 5 is out of range for an "
+                                                            "axis of size 4"),
+])
+def test_an_axis_or_k_out_of_range_is_refused_not_wrapped(op, call, message):
+    """An axis attribute outside [-r, r) read another axis (x % r) and TopK's k past the axis
+    returned fewer values, silently; onnxruntime refuses both."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with pytest.raises(ModelError, match=message):
+        call(get_kernel(op, 13), x)

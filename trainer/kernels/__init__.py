@@ -57,6 +57,18 @@ def cached_constant(xp, key: tuple, make: Callable):
     return value
 
 
+def axis_in(axis: int, rank: int, op: str, what: str = "axis") -> int:
+    """axis counted from 0, where it lies in [-rank, rank) (a rank-0 input takes 0 or -1);
+    a ModelError otherwise (ONNX requires it; wrapping it around, as % would, reads another
+    axis silently)."""
+    r = max(rank, 1)
+    if not -r <= int(axis) < r:
+        from trainer.errors import ModelError
+        raise ModelError(f"{op}: {what} {int(axis)} is out of range for an input of rank "
+                         f"{rank} (it must lie in [{-r}, {r - 1}])")
+    return int(axis) % r
+
+
 def host_scalar(a):
     """A one-element input read on the host as a Python scalar (no transfer for host values;
     one device read for a device value)."""

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from trainer.kernels import host_ints, kernel, rowfuse
+from trainer.kernels import axis_in, host_ints, kernel, rowfuse
 from trainer.kernels.elementwise import wide
 
 # Host sums as BLAS matrix-vector products with a vector of ones: 2-5x faster than NumPy's
@@ -263,7 +263,7 @@ ReduceLogSumExp = _reducer("ReduceLogSumExp", _log_sum_exp, 18)
 
 
 def _scan(xp, x, axis, exclusive, reverse, product: bool):
-    ax = host_ints(axis.reshape(-1))[0] % max(x.ndim, 1)
+    ax = axis_in(host_ints(axis.reshape(-1))[0], x.ndim, "CumProd" if product else "CumSum")
     v = wide(x)
     if reverse:
         v = xp.flip(v, axis=ax)
@@ -290,7 +290,7 @@ def CumProd(xp, x, axis, *, exclusive=0, reverse=0):
 
 def softmax_axes(ndim: int, axis: int, opset: int) -> tuple[int, ...]:
     """Axes a (Log)Softmax normalizes over: one axis from opset 13, all trailing ones before."""
-    axis %= max(ndim, 1)
+    axis = axis_in(axis, ndim, "Softmax")
     return (axis,) if opset >= 13 else tuple(range(axis, ndim))
 
 
@@ -349,7 +349,7 @@ def _hardmax(xp, x, axis):
 @kernel("Hardmax", since=1)
 def Hardmax_1(xp, x, *, axis=1):
     """Opsets 1-12: x coerced to 2-D [prod(shape[:axis]), prod(shape[axis:])]."""
-    axis %= max(x.ndim, 1)
+    axis = axis_in(axis, x.ndim, "Hardmax")
     rows = int(np.prod(x.shape[:axis], dtype=np.int64))
     flat = x.reshape(rows, int(np.prod(x.shape[axis:], dtype=np.int64)))
     return (_hardmax(xp, flat, 1).reshape(x.shape),)
@@ -357,11 +357,11 @@ def Hardmax_1(xp, x, *, axis=1):
 
 @kernel("Hardmax", since=13)
 def Hardmax(xp, x, *, axis=-1):
-    return (_hardmax(xp, x, axis % x.ndim),)
+    return (_hardmax(xp, x, axis_in(axis, x.ndim, "Hardmax")),)
 
 
 def _arg_extreme(xp, x, axis, keepdims, select_last_index, largest: bool):
-    axis %= max(x.ndim, 1)
+    axis = axis_in(axis, x.ndim, "ArgMax" if largest else "ArgMin")
     if select_last_index:
         flipped = xp.flip(x, axis=axis)
         pick = flipped.argmax(axis=axis) if largest else flipped.argmin(axis=axis)

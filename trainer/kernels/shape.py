@@ -10,7 +10,7 @@ import numpy as np
 from trainer.backend import cupyx_module
 from trainer.errors import ModelError
 from trainer.graph import np_dtype
-from trainer.kernels import cached_constant, host_ints, host_scalar, kernel
+from trainer.kernels import axis_in, cached_constant, host_ints, host_scalar, kernel
 
 
 def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tuple:
@@ -228,14 +228,14 @@ def _each_in_range(indices, dims, op: str, first_axis: int) -> None:
 @kernel("Gather")
 def Gather(xp, x, indices, *, axis=0):
     mod, (x, indices) = _same_device(xp, x, indices)
-    axis %= x.ndim
+    axis = axis_in(axis, x.ndim, "Gather")
     _in_range(indices, x.shape[axis], "Gather", axis)
     return (mod.take(x, indices.astype(np.int64) % max(x.shape[axis], 1), axis=axis),)
 
 
 @kernel("GatherElements", since=11)
 def GatherElements(xp, x, indices, *, axis=0):
-    axis %= x.ndim
+    axis = axis_in(axis, x.ndim, "GatherElements")
     _in_range(indices, x.shape[axis], "GatherElements", axis)
     idx = indices.astype(np.int64) % max(x.shape[axis], 1)
     # The indices may be smaller than the data along the other axes (as torch.gather allows):
@@ -321,7 +321,7 @@ def _scatter_rows(xp, out, rows, updates, reduction: str) -> None:
 
 @kernel("ScatterElements", since=11)
 def ScatterElements(xp, data, indices, updates, *, axis=0, reduction="none"):
-    axis %= data.ndim
+    axis = axis_in(axis, data.ndim, "ScatterElements")
     _in_range(indices, data.shape[axis], "ScatterElements", axis)
     out = data.copy()
     idx = indices.astype(np.int64) % max(data.shape[axis], 1)
@@ -454,8 +454,11 @@ def _sort_keys(xp, x):
 
 
 def _topk(xp, x, k, axis, largest):
-    axis %= x.ndim
+    axis = axis_in(axis, x.ndim, "TopK")
     n = x.shape[axis]
+    if not 0 <= k <= n:
+        raise ModelError(f"TopK: k {k} is out of range for an axis of size {n} (it must lie in "
+                         f"[0, {n}])")
     keys = _sort_keys(xp, x)
     if largest:
         # Descending with ties by lower index: stable ascending sort of the reversed axis,
