@@ -693,3 +693,22 @@ def test_resize_output_length_from_float32_scales(scale, length, want) -> None:
     ref = run_ort(make_model([helper.make_node("Resize", ["x", "", "sc"], ["y"], mode="linear")],
                              inputs={"x": x}, initializers={"sc": scales}, opset=13), {"x": x})
     np.testing.assert_allclose(y, ref["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_resize_with_both_scales_and_sizes_and_a_conv_that_does_not_fit_are_refused() -> None:
+    """Resize given scales and sizes took the scales, and a Conv whose kernel_shape or channels
+    disagree with its weight ran on whatever fit; onnxruntime refuses both."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    x = np.ones((1, 2, 4, 4), np.float32)
+    with pytest.raises(ModelError, match="scales and sizes are both given"):
+        get_kernel("Resize", 13)(np, x, None, np.array([1, 1, 2, 2], np.float32),
+                                 np.array([1, 2, 8, 8]))
+    w = np.ones((3, 2, 3, 3), np.float32)
+    with pytest.raises(ModelError, match=r"kernel_shape \[2, 2\] does not match the weight's "
+                                         r"spatial shape \[3, 3\]"):
+        get_kernel("Conv", 11)(np, x, w, kernel_shape=[2, 2])
+    with pytest.raises(ModelError, match="the input needs 4 axes and 1 x group 2 = 2 channels"):
+        get_kernel("Conv", 11)(np, x[:, :1], w[:, :1][:2], group=2)
+    assert get_kernel("Conv", 11)(np, x, w, kernel_shape=[3, 3])[0].shape == (1, 3, 2, 2)

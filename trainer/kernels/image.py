@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from trainer.backend import to_host
+from trainer.errors import ModelError
 from trainer.kernels import host_ints, kernel
 
 
@@ -208,6 +209,9 @@ def Resize(xp, x, roi=None, scales=None, sizes=None, *, antialias=0, axes=None,
     ONNX reference do."""
     scales = _floats(scales) if scales is not None and scales.size else None
     sizes = host_ints(sizes) if sizes is not None and sizes.size else None
+    if scales is not None and sizes is not None:
+        raise ModelError("Resize: scales and sizes are both given (the spec takes exactly one "
+                         "of them; leave the other input empty)")
     roi = _floats(roi) if roi is not None and roi.size else None
     return (_resize(xp, x, scales, sizes, roi, axes, mode=mode,
                     ctm=coordinate_transformation_mode, nearest_mode=nearest_mode,

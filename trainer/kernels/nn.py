@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from trainer.errors import ModelError
 from trainer.kernels import (
     cached_constant,
     compiled,
@@ -375,6 +376,13 @@ def conv_geometry(x_shape, kshape, strides, dilations, pads, auto_pad):
 @kernel("Conv")
 def Conv(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None):
+    if kernel_shape is not None and list(kernel_shape) != list(w.shape[2:]):
+        raise ModelError(f"Conv: kernel_shape {list(kernel_shape)} does not match the weight's "
+                         f"spatial shape {list(w.shape[2:])}")
+    if x.ndim != w.ndim or x.shape[1] != w.shape[1] * group:
+        raise ModelError(f"Conv: input of shape {list(x.shape)} and weight of shape "
+                         f"{list(w.shape)} do not fit (the input needs {w.ndim} axes and "
+                         f"{w.shape[1]} x group {group} = {w.shape[1] * group} channels)")
     strides, dilations, pads, out = conv_geometry(x.shape, list(w.shape[2:]), strides,
                                                   dilations, pads, auto_pad)
     if b is not None and tuple(b.shape) != (w.shape[0],):
