@@ -491,6 +491,53 @@ def test_sync_batchnorm_plans_a_new_shape_on_one_rank_only(zoo, tmp_path):
         np.testing.assert_allclose(ranks[0][0][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def _ignored_shard_run(zoo, tmp_path, world, tag, labels_ignored, batch=16, **over):
+    """bn_cnn_inference on its data in order, one step of 16 samples (with 2 ranks rank 0
+    takes the first 8; with batches of 8 and accumulate 2, the first micro-batch), the first 8
+    labels -100 if labels_ignored: the exported tensors."""
+    d = zoo["bn_cnn_inference"]
+    data = np.load(d / "data.npz")
+    y = data["y"].copy()
+    if labels_ignored:
+        y[:8] = -100
+    np.savez(tmp_path / f"{tag}.npz", x=data["x"], y=y)
+    raw = family_config(d, "bn_cnn_inference", output=str(tmp_path / f"{tag}.onnx"), steps=1,
+                        data={"train": {"path": str(tmp_path / f"{tag}.npz"),
+                                        "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                              "batch_size": batch, "shuffle": False}, **over)
+
+    def job(comm):
+        Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO()).fit()
+    if world == 1:
+        job(None)
+    else:
+        run_ranks(world, job)
+    return _weights(tmp_path / f"{tag}.onnx")
+
+
+@pytest.mark.parametrize("world,over", [
+    (2, {"distributed": {"sync_batchnorm": True, "timeout_s": 60}}), (2, {}),
+    (1, {"accumulate": 2, "batch": 8})], ids=["sync", "ranks", "accumulate"])
+def test_a_shard_of_ignored_labels_still_moves_the_batchnorm_statistics(zoo, tmp_path, world,
+                                                                         over):
+    """A rank (or micro-batch) whose labels were all ignore_index skipped its forward: under
+    sync_batchnorm the other rank waited in the statistics' all-reduce alone (MPI_ERR_TRUNCATE,
+    the job ended), and otherwise the running statistics left its samples out (2e-2 to 8e-2
+    off), where a PyTorch forward counts every sample. It runs now, with loss weight 0: the
+    statistics do not depend on the labels, and under sync_batchnorm the weights and
+    statistics are one process's."""
+    got = _ignored_shard_run(zoo, tmp_path, world, "ignored", True, **over)
+    plain = _ignored_shard_run(zoo, tmp_path, world, "plain", False, **over)
+    stats = [k for k in got if "running" in k]
+    assert stats
+    for k in stats:
+        np.testing.assert_array_equal(got[k], plain[k], err_msg=k)
+    if "distributed" in over:  # (the one-process run with the same global batch)
+        one = _ignored_shard_run(zoo, tmp_path, 1, "one", True)
+        for k, v in one.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.parametrize("world,opt", [(2, {"type": "adamw", "lr": 3e-3}),
                                        (4, {"type": "sgd", "lr": 0.1, "momentum": 0.9})])
 def test_zero1_sharded_optimizer_matches_one_process(tmp_path, digits_config, world, opt):

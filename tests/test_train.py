@@ -201,6 +201,41 @@ def test_a_nan_stop_saves_the_state_before_the_failing_step(tmp_path, accumulate
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_skipped_nan_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path, accumulate):
+    """on_nan skip: the step whose loss is NaN is not applied, and neither are the BatchNorm
+    running statistics its forward computed (they were written, NaN, and exported so, with
+    exit code 0): the run ending on that step exports the parameters and statistics of the
+    clean run that stopped before it."""
+    onnx.save(_gemm_batchnorm_model(), str(tmp_path / "bn.onnx"))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    bad = x.copy()
+    bad[17, :] = 3e38  # (in the third batch of 8: its products overflow)
+    y = rng.integers(0, 3, 32)
+    np.savez(tmp_path / "good.npz", x=x, y=y)
+    np.savez(tmp_path / "bad.npz", x=bad, y=y)
+
+    def run(data: str, steps: int, out: str) -> dict:
+        t = Trainer(config_from_dict({
+            "model": "bn.onnx", "output": out, "trainable": ["*"], "on_nan": "skip",
+            "data": {"train": {"path": data, "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                     "batch_size": 8, "shuffle": False},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+            "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": steps,
+            "accumulate": accumulate}, tmp_path), stream=io.StringIO())
+        t.fit()
+        return t, {i.name: onnx.numpy_helper.to_array(i)
+                   for i in onnx.load(tmp_path / out).graph.initializer}
+
+    good = 2 // accumulate
+    t, got = run("bad.npz", good + 1, "bad.onnx")
+    assert t.skipped == 1
+    _, want = run("good.npz", good, "good.onnx")
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("n,batch,why", [
     (17, 8, "data.drop_last: false keeps each epoch's last batch of 1 sample(s), a batch of 1"),
     (16, 1, "data.batch_size 1 over 1 process(es) gives each 1 sample a step")])

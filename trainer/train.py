@@ -761,13 +761,18 @@ class Trainer:
         # fp16: the backward runs on the loss times the scale (float16 gradients stay in range)
         scale = float(self.scaler.scale) if self.scaler else 1.0
         total = sum(global_w for _, _, global_w in micro)
-        live = [m for m, (_, local_w, _) in enumerate(micro) if local_w]
-        # on_nan stop: the state (BatchNorm running statistics) is kept as it was before this
-        # step if the step is not applied (then the diagnosis reruns from it and a checkpoint
-        # holds the last good state). The last micro-batch's new state is written only once
-        # the step is known to be finite; with several micro-batches (each reads the state the
-        # one before wrote) the state before the step is copied instead.
-        guard = self.cfg.on_nan == "stop" and bool(self.state)
+        # A micro-batch whose labels are all ignored adds nothing to the loss, but its samples
+        # still move the BatchNorm statistics (as a PyTorch forward does), and under
+        # SyncBatchNorm every rank must enter the statistics' all-reduce: it runs, weight 0.
+        forward_all = bool(self.state) or self.sync_bn
+        live = [m for m, (_, local_w, _) in enumerate(micro) if local_w or forward_all]
+        # on_nan stop or skip: the state (BatchNorm running statistics) is kept as it was
+        # before this step if the step is not applied (then the diagnosis reruns from it, a
+        # checkpoint holds the last good state, and a skipped step leaves no NaN there). The
+        # last micro-batch's new state is written only once the step is known to be finite;
+        # with several micro-batches (each reads the state the one before wrote) the state
+        # before the step is copied instead.
+        guard = self.cfg.on_nan in ("stop", "skip") and bool(self.state)
         before = ({k: v.copy() for k, v in self.state.items()}
                   if guard and len(live) > 1 else {})
         pending: list = []
@@ -778,7 +783,7 @@ class Trainer:
         if self.buckets is not None:
             self.buckets.begin(sync=True)
         for m, (arrays, local_w, _) in enumerate(micro):
-            if local_w == 0:  # every label of this shard is ignored: it adds nothing
+            if local_w == 0 and not forward_all:  # (every label of this shard is ignored)
                 continue
             n = len(next(iter(arrays.values())))
             plan = self._plan(n, arrays)
@@ -790,7 +795,7 @@ class Trainer:
             # Weight so that summing over ranks (and micro-batches) gives the global mean; the
             # gradients reach the flat buffer (written there by their kernels, or added by the
             # on_produced hooks when accumulating), and their buckets start as they complete.
-            w, self._last_micro = local_w / total, m == live[-1]
+            w, self._last_micro = (local_w / total if local_w else 0.0), m == live[-1]
             if self.seed_weighted:
                 # The rank's loss weight enters the backward as its seed: the gradients come out
                 # weighted (and SyncBatchNorm's in-graph all-reduce sees weighted terms).
@@ -812,7 +817,8 @@ class Trainer:
                 self.log.info(f"gpu.cuda_graph: the step of {n} samples runs uncaptured: "
                               f"{plan.executor.graph_errors[-1]}")
             self._last_feeds = (plan, feeds)
-            g[self.size] += out[plan.loss] * w
+            if local_w:  # (a loss over no label is 0/0)
+                g[self.size] += out[plan.loss] * w
             if guard and self._last_micro:
                 pending = [(self.state[k], out[new]) for k, new in plan.state.items()]
             else:
@@ -863,6 +869,8 @@ class Trainer:
             if self.cfg.on_nan == "skip":
                 if self.scaler:  # (as torch's GradScaler: a step whose gradients are not
                     self.scaler.update(overflow=True)  # finite halves the scale)
+                for k, v in before.items():  # (the statistics as they were: no NaN kept)
+                    self.state[k][...] = v
                 self.skipped += 1
                 self.step += 1
                 self.log.info(f"step {self.step}: {what}; update skipped ({self.skipped} "
