@@ -536,3 +536,42 @@ def test_the_logged_lr_is_one_a_tensor_trains_at(tmp_path, digits_config, groups
     rows = [r for r in t.history if "loss" in r]
     assert [r["lr"] for r in rows] == [lr] * 3
     assert [r.get("lr_groups") for r in rows] == [lr_groups] * 3
+
+
+FUSED = [c for c in CASES if c["type"] in ("sgd", "adam", "adamw") and not c.get("amsgrad")]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("opt", FUSED, ids=lambda o: "-".join(
+    f"{k}={v}" for k, v in o.items() if k != "groups") + ("-groups" if "groups" in o else ""))
+def test_the_compiled_host_update_is_the_numpy_update_bit_for_bit(opt, dtype, monkeypatch):
+    """SGD and Adam(W) on the host run their update as one compiled loop (the device kernel's
+    body, one pass over the buffers instead of one per operation): parameters and state are
+    those of the NumPy operations bit for bit. (With parameter groups the NumPy form runs.)"""
+    pytest.importorskip("numba")
+    from trainer import optim
+    from trainer.kernels import compiled
+
+    calls = []
+    monkeypatch.setattr(optim._HostUpdate, "__call__", lambda self, *a, _c=optim._HostUpdate.
+                        __call__: (calls.append(self.kind), _c(self, *a))[1])
+
+    def run():
+        net = make_net()
+        p = flat(net).astype(dtype)
+        ours = make_optimizer(config(opt).optimizer, np, p.size, p.dtype, layout(net))
+        grad = Oracle()
+        for x, y in batches():
+            ours.step(p, grad(p.astype(np.float64), x, y).astype(dtype), ours.base_lrs)
+        return p, {k: v.copy() for k, v in ours.state.items()}
+
+    assert compiled.enabled()
+    got, got_state = run()
+    fused = 0 if "groups" in opt else STEPS  # (groups keep their per-group NumPy products)
+    assert len(calls) == fused
+    monkeypatch.setenv(compiled.ENV, "0")
+    want, want_state = run()
+    assert len(calls) == fused
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    for k, v in want_state.items():
+        np.testing.assert_array_equal(got_state[k].view(np.uint8), v.view(np.uint8), err_msg=k)

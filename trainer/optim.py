@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ import numpy as np
 
 from trainer.config import ConfigError
 from trainer.errors import TrainerError
+from trainer.kernels import compiled
 
 Layout = Sequence[tuple[str, int, int]]  # (tensor name, offset, size) in the flat buffer
 Scalar = Any  # a Python float, or a per-element vector where parameter groups differ
@@ -229,13 +231,34 @@ class Optimizer:
             p *= self._each("decay", lambda i, g: decay[i])
         return 0.0
 
-    # -- one generated kernel per update (GPU) -------------------------------------------------
+    # -- one generated kernel per update (GPU; host: compiled) ---------------------------------
+    def _fusable(self) -> bool:
+        """Whether _fused_update may run: a device with a kernel API, or the host with the
+        compiled loops on (NumPy first: a missing module attribute costs NumPy 1.6 us, each
+        step)."""
+        if self.kernel_error:
+            return False
+        if self.xp is np:  # (without parameter groups: with them, the NumPy form keeps its
+            # per-group products, where the loop would read parameter-sized vectors of them)
+            return self._gid is None and compiled.enabled()
+        return getattr(self.xp, "ElementwiseKernel", None) is not None
+
     def _kernel(self, key: tuple, params: Sequence[str], outs: Sequence[str],
                 lines: Sequence[str]):
         """The update as one cupy.ElementwiseKernel (every name of type T, the buffers' float
         type; `outs` are read and written in place), made once per key; None where xp has no
         kernel API or a kernel failed (the update then runs as the xp operations, which the
-        body repeats one by one in the same order, so both round alike)."""
+        body repeats one by one in the same order, so both round alike). On the host, the same
+        body as one compiled loop over the buffers (_HostUpdate): one pass instead of one per
+        operation, the same roundings."""
+        if self.xp is np:
+            if self.kernel_error is not None or not compiled.enabled():
+                return None
+            k = self._kernels.get(key)
+            if k is None:
+                k = self._kernels[key] = _HostUpdate(type(self).__name__.lower(), params, outs,
+                                                     lines, self.dtype)
+            return k
         make = None if self.xp is np else getattr(self.xp, "ElementwiseKernel", None)
         if make is None or self.kernel_error is not None:
             return None
@@ -296,6 +319,53 @@ class Optimizer:
         m += w
 
 
+class _HostUpdate:
+    """An optimizer's kernel body (the `T name = a op b;` lines _fused_update writes for the
+    device) as one compiled host loop over the flat buffers: each element's values are read
+    once, every operation is the NumPy path's in the same order and dtype (scalars are passed
+    in the buffers' dtype, as NumPy takes a Python float next to an array), so the results are
+    the NumPy update's bit for bit. Compiled once per layout of the values (a scalar, or a
+    per-element vector: not used on the host so far, see _fusable), cached on disk
+    (compiled.generated)."""
+
+    _IDENT = re.compile(r"[A-Za-z_]\w*")
+
+    def __init__(self, kind: str, params: Sequence[str], outs: Sequence[str],
+                 lines: Sequence[str], dtype):
+        self.kind, self.params, self.outs, self.lines = kind, list(params), list(outs), lines
+        self.scalar = np.dtype(dtype).type
+        self._fns: dict[tuple, Any] = {}
+
+    def source(self, vectors: tuple[bool, ...]) -> str:
+        """The module source of the loop, `vectors[k]`: whether params[k] is per-element."""
+        def local(text: str) -> str:
+            return self._IDENT.sub(lambda m: "np.sqrt" if m.group(0) == "sqrt"
+                                   else m.group(0) + "_v", text)
+        body = [f"{n}_v = {n}[i]" if vec else f"{n}_v = {n}"
+                for n, vec in zip(self.params, vectors, strict=True)]
+        body += [f"{n}_v = {n}[i]" for n in self.outs]
+        for line in self.lines:
+            text = line.strip().rstrip(";")
+            if "(" in text.replace("sqrt(", ""):
+                raise ValueError(f"no host form for the kernel line {line!r}")
+            body.append(local(text[2:] if text.startswith("T ") else text))
+        body += [f"{n}[i] = {n}_v" for n in self.outs]
+        args = ", ".join([*self.params, *self.outs])
+        return (f"@JIT\ndef run({args}):\n    for i in range({self.outs[0]}.size):\n"
+                + "".join(f"        {b}\n" for b in body))
+
+    def __call__(self, *args) -> None:
+        k = len(self.params)
+        vectors = tuple(isinstance(a, np.ndarray) and a.ndim == 1 for a in args[:k])
+        fn = self._fns.get(vectors)
+        if fn is None:
+            text = self.source(vectors)
+            name = f"{self.kind}_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+            fn = self._fns[vectors] = compiled.generated(name, text)
+        fn(*[a if vec else self.scalar(a) for a, vec in zip(args[:k], vectors, strict=True)],
+           *args[k:])
+
+
 def _zero(x: Scalar) -> bool:
     return isinstance(x, float) and x == 0.0
 
@@ -339,9 +409,7 @@ class SGD(Optimizer):
 
     def _fused_update(self, p, g, lrs) -> bool:
         """The update above as one kernel (where xp has them); False where it did not run."""
-        # (NumPy first: a missing module attribute costs NumPy 1.6 us, each step)
-        if self.xp is np or getattr(self.xp, "ElementwiseKernel", None) is None \
-                or self.kernel_error:
+        if not self._fusable():
             return False
         extra, lines = self._grad_source(
             self._const("weight_decay", lambda s: s["weight_decay"]), False)
@@ -415,9 +483,7 @@ class Adam(Optimizer):
 
     def _fused_update(self, p, g, lrs) -> bool:
         """The update above (without amsgrad) as one kernel; False where it did not run."""
-        # (NumPy first: a missing module attribute costs NumPy 1.6 us, each step)
-        if self.xp is np or getattr(self.xp, "ElementwiseKernel", None) is None \
-                or self.kernel_error:
+        if not self._fusable():
             return False
         t = self.steps
         wd = self._const("weight_decay", lambda s: s["weight_decay"])
