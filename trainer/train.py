@@ -953,7 +953,7 @@ class Trainer:
 
         xp = self.xp
         for m, (arrays, local_w, _) in enumerate(micro):
-            if local_w == 0:
+            if local_w == 0 and not (self.state or self.sync_bn):  # (as _train_step runs them)
                 continue
             plan = self._plan(len(next(iter(arrays.values()))), arrays)
             ex = Executor(plan.model, xp, feeds=list(plan.gradients) + list(plan.state),
