@@ -312,3 +312,30 @@ def test_gradients_in_the_flat_buffer_equal_the_interpreters(tmp_path, digits_co
     ops = {n.op for p in t.plans.values() for s in p.executor._specialized.values() if s
            for n in s.nodes}
     assert "SoftmaxCrossEntropyGrad" in ops
+
+
+def test_a_batch_whose_labels_are_all_ignored_updates_nothing(tmp_path, digits_config):
+    """Every label of a step's batch is ignore_index: no gradient, and no update either (AdamW
+    still decayed the weights and moved its moments on the zero gradient; PyTorch's mean over
+    no label is NaN). The step is logged; the steps around it train as without it."""
+    d = np.load(digits_config()["data"]["train"]["path"])
+    y = d["y_train"].copy()
+    y[32:64] = -100  # (the second batch of 32)
+    np.savez(tmp_path / "d.npz", x=d["x_train"], y=y)
+
+    def run(steps: int, out: str):
+        log = io.StringIO()
+        raw = digits_config(steps=steps, optimizer={"type": "adamw", "lr": 1e-2},
+                            output=str(tmp_path / out),
+                            data__train={"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                                         "targets": {"label": "y"}},
+                            data__shuffle=False, data__eval=None)
+        t = Trainer(config_from_dict(raw, tmp_path), stream=log)
+        t.fit()
+        return t.trained_values(), log.getvalue()
+    one, _ = run(1, "one.onnx")
+    two, log = run(2, "two.onnx")
+    assert "step 2: every label of its batch is loss.ignore_index (-100): nothing to learn, " \
+        "update skipped" in log
+    for k, v in one.items():
+        np.testing.assert_array_equal(two[k], v, err_msg=k)

@@ -896,6 +896,15 @@ class Trainer:
                                + ("; optimizer.eps is 0, so an update divides by zero where a "
                                   "gradient's running average is 0: give it a small value "
                                   "(torch's default is 1e-8)" if eps == 0 else ""))
+        if total == 0:  # (every rank knows: the count is the global batch's)
+            # every label of the step's batch is ignore_index: no gradient, and no update
+            # (momentum, weight decay and Adam's moments would still move the weights);
+            # PyTorch's mean over no label is NaN
+            self.step += 1
+            self.log.info(f"step {self.step}: every label of its batch is loss.ignore_index "
+                          f"({self.cfg.loss.ignore_index}): nothing to learn, update skipped")
+            self.times["step"] += clock() - t_start
+            return loss
         t = clock()
         if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares)
             clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
