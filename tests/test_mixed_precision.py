@@ -394,3 +394,62 @@ def test_fp16_data_beyond_float16_range_is_named(tmp_path, digits_config):
     with pytest.raises(TrainerError, match="a value beyond float16's range .65504. was cast "
                                            "to float16; use precision bf16 or fp32"):
         t.fit()
+
+
+def test_fp16_product_beyond_float16_range_is_named(tmp_path):
+    """Inputs and weights within float16's range whose product is not (300 x 40 x 6 > 65504):
+    the error named the MatMul and advised a lower learning rate, clipping or skipping, none of
+    which helps a first step's forward; it says what does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(np.full((6, 8), 300.0, np.float32), "W1")
+    w2 = numpy_helper.from_array((rng.standard_normal((8, 4)) * 1e-3).astype(np.float32), "W2")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["a"]),
+                           helper.make_node("Relu", ["a"], ["r"]),
+                           helper.make_node("MatMul", ["r", "W2"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                          [w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.full((16, 6), 40.0, np.float32), y=np.zeros(16, np.int64))
+    raw = {"model": "m.onnx", "output": "o.onnx", "precision": "fp16", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError) as err:
+        t.fit()
+    msg = str(err.value)
+    assert "(MatMul) on rank 0: its float16 result exceeds float16's range (65504)" in msg, msg
+    assert "use precision bf16 (float32's range) or fp32" in msg and "lower optimizer.lr" \
+        not in msg
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_notes_are_for_training_and_name_a_model_of_another_float_type(
+        tmp_path, digits_config, precision):
+    """`onnx-trainer eval` (a Trainer that writes nothing) evaluates the model's own products:
+    it no longer announces 16-bit products or a loss scale. A float64 model's products are not
+    cast, and the note says why ("the rest in float32" was wrong there)."""
+    log = io.StringIO()
+    cfg = config_from_dict(digits_config(precision=precision), tmp_path)
+    Trainer(cfg, stream=log, check=False, writes=False)
+    assert "matrix products" not in log.getvalue() and "loss scale" not in log.getvalue()
+    Trainer(cfg, stream=log)
+    assert f"precision {precision}: 2 of 2 matrix products" in log.getvalue()
+    from trainer.graph import to_float64
+
+    onnx.save(to_float64(onnx.load(str(EXAMPLES / "digits_mlp.onnx"))), tmp_path / "m64.onnx")
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "d64.npz", x=d["x_train"].astype(np.float64), y=d["y_train"])
+    log = io.StringIO()
+    raw = digits_config(precision=precision, model=str(tmp_path / "m64.onnx"),
+                        data__train={"path": str(tmp_path / "d64.npz"), "inputs": {"x": "x"},
+                                     "targets": {"label": "y"}}, data__eval=None)
+    Trainer(config_from_dict(raw, tmp_path), stream=log)
+    assert "0 of 2 matrix products (MatMul, Gemm, Conv, ConvTranspose) in " in log.getvalue()
+    assert "the rest in their own type (only float32 products take it: this model's are of " \
+        "another type)" in log.getvalue(), log.getvalue()

@@ -238,13 +238,17 @@ class Trainer:
             low = {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]
             self.step_model, cast, total = autocast(self.run_model, cfg.precision)
             why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
-                   and opset_of(self.run_model) < 13 else "")
-            self.log.info(f"precision {cfg.precision}: {cast} of {total} matrix products "
-                          f"(MatMul, Gemm, Conv, ConvTranspose) in {low}, the rest in "
-                          f"float32{why}")
+                   and opset_of(self.run_model) < 13 and cfg.precision == "bf16" else
+                   " (only float32 products take it: this model's are of another type)"
+                   if total and not cast else "")
+            if writes:  # (`onnx-trainer eval` evaluates the model's own products)
+                self.log.info(f"precision {cfg.precision}: {cast} of {total} matrix products "
+                              f"(MatMul, Gemm, Conv, ConvTranspose) in {low}, the rest in "
+                              f"their own type{why}")
         if cfg.precision == "fp16":
             ls = cfg.loss_scale or LossScaleConfig()
             self.scaler = LossScaler(ls)
+        if cfg.precision == "fp16" and writes:
             self.log.info(f"loss scale {ls.init:g}, " + (
                 f"dynamic (x{ls.growth_factor:g} after {ls.growth_interval} finite steps, "
                 f"x{ls.backoff_factor:g} and the step skipped when a gradient overflows)"
@@ -884,11 +888,12 @@ class Trainer:
             sent16 = (cause == self._NONE_ANYWHERE and self.world > 1
                       and self.cfg.distributed.compress == "fp16")
             raise NonFiniteLoss(f"{what} at step {self.step + 1}; {cause}; training stopped "
-                               "before applying it " + (
-                                   "(distributed.compress: fp16 sends the gradients as "
+                               "before applying it" + (
+                                   " (distributed.compress: fp16 sends the gradients as "
                                    "float16, whose range ends at 65504, before any clipping: "
                                    "use compress: bf16, float32's range, or null)" if sent16
-                                   else "(lower optimizer.lr, set grad_clip, or on_nan: skip)")
+                                   else "" if "float16's range" in cause  # (said there)
+                                   else " (lower optimizer.lr, set grad_clip, or on_nan: skip)")
                                + (f"; loss bce takes probabilities in [0, 1]: if "
                                   f"'{self.cfg.loss.output}' holds logits (no Sigmoid at the "
                                   "end), set loss.logits: true (torch's BCEWithLogitsLoss)"
@@ -984,12 +989,18 @@ class Trainer:
                         to16 = node.op_type == "Cast" and any(
                             a.name == "to" and a.i == onnx.TensorProto.FLOAT16
                             for a in node.attribute)
+                        product16 = node.op_type in ("MatMul", "Gemm", "Conv",
+                                                     "ConvTranspose") and \
+                            getattr(env.get(o), "dtype", None) == np.float16
                         return (f"the first non-finite value is output '{o}' of node "
                                 f"'{node.name or f'{node.op_type}_{i}'}' ({node.op_type}) "
                                 f"on rank {self.rank}"
                                 + (": a value beyond float16's range (65504) was cast to "
                                    "float16; use precision bf16 or fp32, or scale the data "
-                                   "down" if to16 else ""))
+                                   "down" if to16 else "")
+                                + (": its float16 result exceeds float16's range (65504), "
+                                   "whatever the learning rate; use precision bf16 (float32's "
+                                   "range) or fp32" if product16 else ""))
         return self._NONE_HERE
 
     # -- the job -------------------------------------------------------------------------------
