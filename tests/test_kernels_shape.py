@@ -479,3 +479,17 @@ def test_an_axis_or_k_out_of_range_is_refused_not_wrapped(op, call, message):
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     with pytest.raises(ModelError, match=message):
         call(get_kernel(op, 13), x)
+
+
+def test_tile_refuses_repeats_that_are_not_one_count_per_axis():
+    """Repeats [2] on a [2, 3] input gave (2, 6), [2, 1, 3] gave (2, 2, 9) and [[2, 1]] gave
+    (4, 3), NumPy's tile rules; ONNX (and onnxruntime) take exactly one count per axis. A
+    TorchScript export of Mamba carries such a Tile: it failed later, at an unrelated Gather."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    x = np.ones((2, 3), np.float32)
+    for bad in ([2], [2, 1, 3], [[2, 1]]):
+        with pytest.raises(ModelError, match="one count per axis: shape \\[2\\]"):
+            get_kernel("Tile", 13)(np, x, np.array(bad))
+    assert get_kernel("Tile", 13)(np, x, np.array([2, 1]))[0].shape == (4, 3)

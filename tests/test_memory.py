@@ -110,8 +110,10 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(models, tmp_path, nam
     # extended from 2 and 3), more than the whole step shows. At batch 256 a float32 CNN's
     # was 1.53 while convolution scratch was extended linearly (the kernels work in chunks of
     # the batch), 1.25 since: its peak is now MaxPool's backward, measured as the training
-    # graph's ScatterElements, which the planner runs as one gather instead.
-    upper = 1.5 if (name, precision) == ("cnn", "fp16") else 1.3 if batch == 256 else 1.25
+    # graph's ScatterElements, which the planner runs as one gather instead. The planner's
+    # fused ReLU gradient (one select, no boolean mask) and compiled cross entropy lowered the
+    # measured peaks further than the graph-based estimate sees: 1.47 -> 1.55 and 1.25 -> 1.30.
+    upper = 1.6 if (name, precision) == ("cnn", "fp16") else 1.35 if batch == 256 else 1.25
     assert 0.75 <= ratio <= upper, (name, est, measured)
     # the parts that are plain sums are exact
     assert est.trainable == t.size

@@ -2772,3 +2772,45 @@ def test_align_corners_resizes_by_fractional_scales_are_warned_of(exporter):
                 proto = onnx.load_from_string(f.getvalue())
         text = model_report(proto).text()
         assert ("align_corners and scales that are not whole numbers" in text) == warned, how
+
+
+class ParallelBlock(nn.Module):
+    """GPT-NeoX's parallel residual: two LayerNorms of one input, x + a(ln1(x)) + m(ln2(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.a, self.m = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.a(self.ln1(x)) + self.m(self.ln2(x))
+
+
+class ParallelNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(6, 8), ParallelBlock(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.inp(x)))
+
+
+def test_two_equal_layer_norms_of_one_input_merged_by_the_optimizer_are_warned_of():
+    """A fresh GPT-NeoX block's two LayerNorms read one input with equal ones and zeros: the
+    default exporter's optimizer merges the second into the first, and its module has no node
+    left. A filter meant for heads the export leaves out took it for unused, so the warning
+    the README promises had gone (24 tensors trained of PyTorch's 28, silently). The merge
+    shows: a node's FX node reads `%layer_norm_1`, which no node computes."""
+    from trainer.autodiff.params import merged_computations
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export(ParallelNet(), (6,), "dynamo")
+        plain = torch.onnx.export(ParallelNet().eval(), (torch.randn(2, 6),), None,
+                                  optimize=False).model_proto
+    assert merged_computations(proto) == ["layer_norm_1"]
+    report = model_report(proto)
+    assert report.folded == ["block.ln2.bias", "block.ln2.weight"]
+    assert "two equal computations of a fresh model were merged into one" in report.text()
+    assert merged_computations(plain) == [] and model_report(plain).folded == []

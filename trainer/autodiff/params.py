@@ -1061,13 +1061,17 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     below): the exported outputs do not use that module (a classifier head left out of a
     detector's export), so PyTorch gives them no gradient either. Nor is any listed where
     nothing was folded (every initializer is one the signature names, as in an export with
-    optimize=False) and no arithmetic removed (`removed_arithmetic`): a missing parameter is
-    then one the exported computation does not use (DINOv2's mask_token)."""
+    optimize=False), no arithmetic removed (`removed_arithmetic`) and nothing merged
+    (`merged_computations`): a missing parameter is then one the exported computation does
+    not use (DINOv2's mask_token). Where the optimizer merged equal computations, a module
+    whose node went into another's (a fresh GPT-NeoX block's second LayerNorm) has no node
+    left: its parameters count as in use where its parent has nodes."""
     from trainer.autodiff.lookups import find_folded_lookups
 
     g = model.graph
     named = {t for _, t in signature_entries(model).values()}
-    if all(t.name in named for t in g.initializer) and not removed_arithmetic(model):
+    if all(t.name in named for t in g.initializer) and not removed_arithmetic(model) \
+            and not merged_computations(model):
         return []
     missing, explained, _ = _missing_parameter_uses(model)
     used: set[str] = set()
@@ -1078,6 +1082,9 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
     recovered = {lk.source for lk in find_folded_lookups(model).values()}  # table[index]
     # (a parameter the optimizer records as folded into a tensor is in use, wherever it was)
     consumed = {x for names in _folded_from(model).values() for x in names}
+    # (where the optimizer merged equal computations, a module whose node went into another's
+    # has none left, though it is used: its parent's other modules are)
+    merged = bool(merged_computations(model))
 
     def in_use(name: str) -> bool:
         """Its module has nodes; a parametrization's (weight_norm's original0 under
@@ -1088,7 +1095,8 @@ def folded_parameters(model: onnx.ModelProto) -> list[str]:
         owner = module.split(".parametrizations.")[0]
         parent = module.rpartition(".")[0]
         return (not used or owner in used or name in consumed
-                or (parent != "" and parent in reads_folded))
+                or (parent != "" and parent in reads_folded)
+                or (parent != "" and parent in used and merged))
     return sorted(t for ph, t in missing.items()
                   if ph not in explained and t not in recovered and in_use(t))
 
@@ -1098,13 +1106,11 @@ _FX_OWN = re.compile(r"^%(\w+) :")
 _ORIGINAL_NAME_KEY = "pkg.torch.onnx.original_node_name"
 
 
-def removed_arithmetic(model: onnx.ModelProto) -> list[str]:
-    """The FX arithmetic nodes (mul, add, sub, div) of a default export that no node of the
-    graph comes from, though a node's FX node read them or a graph output is theirs: the
-    exporter's optimizer removed them as doing nothing (a product by a fresh parameter of
-    ones, `self.scale * x` with `scale = nn.Parameter(torch.ones(()))`, or a sum with one of
-    zeros), and the parameter with them. An unoptimized export translates each into a node.
-    Empty without FX node records."""
+def _vanished(model: onnx.ModelProto) -> set[str]:
+    """The FX values of a default export that nodes' FX nodes read (or graph outputs are)
+    but no node of the graph comes from: removed or merged by the exporter's optimizer (or
+    plumbing that has no node: a tuple's getitem, a folded view or constant). Empty without
+    FX node records."""
     own: set[str] = set()
     read: set[str] = set()
     for n in model.graph.node:
@@ -1116,8 +1122,32 @@ def removed_arithmetic(model: onnx.ModelProto) -> list[str]:
     for o in model.graph.output:
         read.update(p.value for p in o.metadata_props if p.key == _ORIGINAL_NAME_KEY)
     if not own:
-        return []
-    return sorted(x for x in read - own if _ARITHMETIC.match(x))
+        return set()
+    return read - own - set(signature_entries(model)) - {i.name for i in model.graph.input}
+
+
+def removed_arithmetic(model: onnx.ModelProto) -> list[str]:
+    """The FX arithmetic nodes (mul, add, sub, div) of a default export that no node of the
+    graph comes from, though a node's FX node read them or a graph output is theirs: the
+    exporter's optimizer removed them as doing nothing (a product by a fresh parameter of
+    ones, `self.scale * x` with `scale = nn.Parameter(torch.ones(()))`, or a sum with one of
+    zeros), and the parameter with them. An unoptimized export translates each into a node.
+    Empty without FX node records."""
+    return sorted(x for x in _vanished(model) if _ARITHMETIC.match(x))
+
+
+# FX values that have no node of their own in any export (plumbing), or that the optimizer's
+# constant folding absorbs (views and constants); others missing were merged or removed
+_PLUMBING = re.compile(r"^(getitem|sym_size_int|zeros|ones|full|arange|empty|scalar_tensor|"
+                       r"lift_fresh_copy|_assert\w*)(_\d+)?$")
+
+
+def merged_computations(model: onnx.ModelProto) -> list[str]:
+    """The FX nodes of a default export that the optimizer merged into an equal one or removed
+    (what _vanished finds, less plumbing and folded views): `layer_norm_1` of a fresh
+    GPT-NeoX block, whose two LayerNorms read one input with equal ones and zeros."""
+    return sorted(x for x in _vanished(model) if not _PLUMBING.match(x)
+                  and not _VIEW_OPS.match(x))
 
 
 # FX ops that only view or copy a tensor: a parameter folded through them trains as that copy

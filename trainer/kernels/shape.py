@@ -181,6 +181,9 @@ def Tile_1(xp, x, tiles, axis):
 
 @kernel("Tile", since=6)
 def Tile(xp, x, repeats):
+    if repeats.ndim != 1 or repeats.shape[0] != x.ndim:
+        raise ModelError(f"Tile: repeats of shape {list(repeats.shape)} for an input of rank "
+                         f"{x.ndim} (it needs one count per axis: shape [{x.ndim}])")
     return (xp.tile(x, tuple(_ints(repeats))),)
 
 
