@@ -712,3 +712,16 @@ def test_resize_with_both_scales_and_sizes_and_a_conv_that_does_not_fit_are_refu
     with pytest.raises(ModelError, match="the input needs 4 axes and 1 x group 2 = 2 channels"):
         get_kernel("Conv", 11)(np, x[:, :1], w[:, :1][:2], group=2)
     assert get_kernel("Conv", 11)(np, x, w, kernel_shape=[3, 3])[0].shape == (1, 3, 2, 2)
+
+
+def test_conv_transpose_refuses_an_output_padding_past_its_stride() -> None:
+    """output_padding must lie below the stride or the dilation (PyTorch and onnxruntime refuse
+    more); the engine added that many rows of the bias alone."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    x, w = np.ones((1, 2, 3, 3), np.float32), np.ones((2, 1, 3, 3), np.float32)
+    f = get_kernel("ConvTranspose", 11)
+    with pytest.raises(ModelError, match=r"axis 0: 2, stride 2, dilation 1"):
+        f(np, x, w, strides=[2, 2], output_padding=[2, 1])
+    assert f(np, x, w, strides=[2, 2], output_padding=[1, 1])[0].shape == (1, 1, 8, 8)

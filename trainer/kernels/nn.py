@@ -642,6 +642,14 @@ def conv_transpose_geometry(x_shape, kshape, strides, dilations, pads, output_pa
 def ConvTranspose(xp, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1,
                   kernel_shape=None, output_padding=None, output_shape=None, pads=None,
                   strides=None):
+    if output_padding is not None:
+        k = len(w.shape) - 2
+        for i, (op, s, d) in enumerate(zip(output_padding, strides or [1] * k,
+                                           dilations or [1] * k, strict=False)):
+            if not 0 <= op < max(s, d):
+                raise ModelError(f"ConvTranspose: output_padding {list(output_padding)} must "
+                                 f"lie below the stride or the dilation on each axis (axis "
+                                 f"{i}: {op}, stride {s}, dilation {d})")
     geo = conv_transpose_geometry(x.shape, list(w.shape[2:]), strides, dilations, pads,
                                   output_padding, output_shape, auto_pad)
     low, (x, w, b) = _low_as_float32(x, w, b)
