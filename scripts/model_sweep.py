@@ -117,7 +117,6 @@ KNOWN = {
     ("bart", "torchscript"): "the final_logits_bias buffer is folded under an onnx:: name",
     ("gemma", "dynamo"): "1 + weight folded by the optimizer (warned; optimize=False)",
     ("gemma", "torchscript"): "1 + weight folded to onnx::Mul_* (do_constant_folding=False)",
-    ("gptneox", "dynamo"): "a fresh model's two equal LayerNorms merged (warned; --perturb)",
     ("deit", "dynamo"): "a fresh model's two equal tokens merged (warned; --perturb)",
 }
 # Of those, the rows whose cause holds without constant folding too (--no-folding)

@@ -2795,22 +2795,30 @@ class ParallelNet(nn.Module):
         return self.head(self.block(self.inp(x)))
 
 
-def test_two_equal_layer_norms_of_one_input_merged_by_the_optimizer_are_warned_of():
+def test_two_equal_layer_norms_of_one_input_merged_by_the_optimizer_train_apart(tmp_path):
     """A fresh GPT-NeoX block's two LayerNorms read one input with equal ones and zeros: the
-    default exporter's optimizer merges the second into the first, and its module has no node
-    left. A filter meant for heads the export leaves out took it for unused, so the warning
-    the README promises had gone (24 tensors trained of PyTorch's 28, silently). The merge
-    shows: a node's FX node reads `%layer_norm_1`, which no node computes."""
+    default exporter's optimizer merges the second into the first, and its parameters leave
+    the graph (24 tensors trained of PyTorch's 28; a filter meant for heads the export leaves
+    out had even silenced the warning). The merge shows in the records: a node's FX node reads
+    `%layer_norm_1`, which no node computes, where it reads the output of `%layer_norm`. That
+    reader gets a copy of the LayerNorm again, with the second module's parameters: the
+    losses are PyTorch's."""
     from trainer.autodiff.params import merged_computations
 
     torch.manual_seed(0)
+    model = ParallelNet()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = export(ParallelNet(), (6,), "dynamo")
-        plain = torch.onnx.export(ParallelNet().eval(), (torch.randn(2, 6),), None,
-                                  optimize=False).model_proto
+        proto = export(model, (6,), "dynamo")
     assert merged_computations(proto) == ["layer_norm_1"]
-    report = model_report(proto)
-    assert report.folded == ["block.ln2.bias", "block.ln2.weight"]
-    assert "two equal computations of a fresh model were merged into one" in report.text()
-    assert merged_computations(plain) == [] and model_report(plain).folded == []
+    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 1
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert report.folded == [] and {"block.ln2.weight", "block.ln2.bias"} <= {
+        p.name for p in report.params if p.role == "parameter"}
+    assert "restored and trained separately: block.ln2.weight, block.ln2.bias" in report.text()
+    x, y = random_batches(tmp_path, (6,))
+    model.load_state_dict(state)
+    trainer = trains_like_pytorch(tmp_path, model, state, x, y)
+    assert len(trainer.names) == len(list(model.parameters()))

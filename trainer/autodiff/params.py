@@ -504,7 +504,7 @@ def repair_exported_model(model: onnx.ModelProto) -> list[str]:
         # building the training graph repairs again, which must find nothing more)
         more = (untie_identity_aliases(model) + restore_optimized_parameters(model)
                 + untie_merged_folds(model) + untie_recurrent_layers(model)
-                + unshare_plain_norm_constants(model))
+                + untie_merged_computations(model) + unshare_plain_norm_constants(model))
         if not more:
             break
         restored += more
@@ -989,6 +989,103 @@ def untie_recurrent_layers(model: onnx.ModelProto) -> list[str]:
             made.append(name)
         n.input[slot] = name
     return made
+
+
+def untie_merged_computations(model: onnx.ModelProto) -> list[str]:
+    """The default exporter's optimizer merges equal computations: a fresh GPT-NeoX block's
+    two LayerNorms of one input (equal ones and zeros) become one node, which both branches
+    read, and the second module's parameters leave the graph. PyTorch trains both. A node
+    reading a value where its FX node read a merged one (`%layer_norm_1`, which no node
+    computes) of the same FX op as that value's producer (`%layer_norm`) reads a copy of the
+    producer again, with the parameters of the one module that (a) the producer's parameters'
+    module shares its parent with, (b) has the same parameter names and (c) has no node left;
+    their values are the producer's (equal, or they would not have been merged). In place;
+    returns the parameters made. Nothing where any of that is ambiguous."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    vanished = set(merged_computations(model))
+    entries = signature_entries(model)
+    if not vanished or not entries:
+        return []
+    inits = {t.name: t for t in g.initializer}
+    present = set(inits) | {vi.name for vi in g.input} | {o for n in g.node for o in n.output}
+    placeholder = {t: ph for ph, (kind, t) in entries.items() if kind == "PARAMETER"}
+    lost: dict[str, dict[str, str]] = {}  # module -> {leaf: parameter} of missing parameters
+    for t in placeholder:
+        if t not in present:
+            module, _, leaf = t.rpartition(".")
+            lost.setdefault(module, {})[leaf] = t
+    used: set[str] = set()
+    for n in g.node:
+        used.update(re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))[:-1])
+    producer = {o: n for n in g.node for o in n.output}
+    twins: dict[tuple[int, str], onnx.NodeProto | None] = {}
+    made: list[str] = []
+    for c in list(g.node):
+        reads = _fx_reads(c)
+        for slot, x in enumerate(c.input):
+            n = producer.get(x)
+            own = _FX_OWN.match(_meta(n, _FX_NODE_KEY)) if n is not None else None
+            if own is None or own.group(1) in reads:
+                continue
+            op = _FX_NUMBER.sub("", own.group(1))
+            merged = [v for v in reads & vanished if _FX_NUMBER.sub("", v) == op]
+            if len(merged) != 1:
+                continue
+            key = (id(n), merged[0])
+            if key not in twins:
+                twins[key] = _twin(g, n, own.group(1), merged[0], inits, placeholder, lost, used)
+                if twins[key] is not None:
+                    made += [y for y in twins[key].input if y in inits and y not in made
+                             and y in placeholder and y not in present]
+            twin = twins[key]
+            if twin is not None:
+                c.input[slot] = twin.output[list(n.output).index(x)]
+    del numpy_helper
+    return made
+
+
+def _twin(g: onnx.GraphProto, n: onnx.NodeProto, name: str, merged: str, inits: dict,
+          placeholder: Mapping[str, str], lost: dict[str, dict[str, str]], used: set[str]
+          ) -> onnx.NodeProto | None:
+    """untie_merged_computations: node n's copy computing `merged` with the one lost module's
+    parameters (new initializers holding n's values), inserted after n; None if ambiguous."""
+    from onnx import numpy_helper
+
+    slots = {k: y for k, y in enumerate(n.input) if y in inits and y in placeholder}
+    modules = {y.rpartition(".")[0] for y in slots.values()}
+    if not slots or len(modules) != 1:
+        return None
+    module = modules.pop()
+    parent = module.rpartition(".")[0]
+    leaves = {y.rpartition(".")[2] for y in slots.values()}
+    cands = [m for m, ps in lost.items() if m.rpartition(".")[0] == parent and set(ps) == leaves
+             and m not in used and all(p not in inits for p in ps.values())]
+    if len(cands) != 1:
+        return None
+    target = lost[cands[0]]
+    twin = copy.deepcopy(n)
+    renames = {}
+    for k, y in slots.items():
+        new = target[y.rpartition(".")[2]]
+        g.initializer.append(numpy_helper.from_array(
+            np.array(numpy_helper.to_array(inits[y])), new))
+        inits[new] = g.initializer[-1]
+        twin.input[k] = new
+        renames[f"%{placeholder[y]}"] = f"%{placeholder[new]}"
+    del twin.output[:]
+    twin.output.extend(f"{o}/{merged}" if o else "" for o in n.output)
+    twin.name = f"{n.name}/{merged}" if n.name else ""
+    renames[f"%{name} "] = f"%{merged} "
+    for prop in twin.metadata_props:
+        if prop.key == _FX_NODE_KEY:
+            for a, b in renames.items():
+                prop.value = re.sub(re.escape(a) + r"\b", b, prop.value)
+        elif prop.key == _SCOPES_KEY:
+            prop.value = prop.value.replace(f"'{module}'", f"'{cands[0]}'")
+    g.node.insert(list(g.node).index(n) + 1, twin)
+    return twin
 
 
 def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
