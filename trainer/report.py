@@ -457,7 +457,10 @@ def model_report(model: onnx.ModelProto) -> Report:
             fused_error = str(exc)
     run, unfused = unfuse_conv_batchnorms(run)  # (onnxoptimizer's arithmetic: BatchNorms)
     branched = run  # (training takes a static If's branch: the other's weights are fixed)
-    run = inline_static_ifs(run)
+    try:
+        run = inline_static_ifs(run)
+    except Exception:  # noqa: BLE001 - a branch the lowering cannot take: the If stays
+        run = branched
     if detached_inputs(run):  # (PyTorch's .detach(): what it cuts off does not train)
         run = copy.deepcopy(run) if run is model else run
         stop_detached(run)
