@@ -1001,8 +1001,6 @@ def untie_merged_computations(model: onnx.ModelProto) -> list[str]:
     module shares its parent with, (b) has the same parameter names and (c) has no node left;
     their values are the producer's (equal, or they would not have been merged). In place;
     returns the parameters made. Nothing where any of that is ambiguous."""
-    from onnx import numpy_helper
-
     g = model.graph
     vanished = set(merged_computations(model))
     entries = signature_entries(model)
@@ -1042,7 +1040,6 @@ def untie_merged_computations(model: onnx.ModelProto) -> list[str]:
             twin = twins[key]
             if twin is not None:
                 c.input[slot] = twin.output[list(n.output).index(x)]
-    del numpy_helper
     return made
 
 
