@@ -545,3 +545,22 @@ def test_check_reads_a_config_of_any_name_with_a_long_header(tmp_path):
     proc = run("check", str(tmp_path / "run.cfg"))
     assert proc.returncode == 0, proc.stderr
     assert "pre-flight" in proc.stdout.lower() or "memory per process" in proc.stdout
+
+
+def test_every_command_runs_without_numba(tmp_path):
+    """numba is optional (the `fast` extra), and README command (a) installs without it: the
+    kernel package imported its compiled loops with the rest, so every command failed with
+    ModuleNotFoundError. Without numba (made unimportable here), `ops` and the demo's training
+    run, and the pre-flight says the compiled kernels are off."""
+    script = ("import sys; sys.modules['numba'] = None\n"
+              "from trainer.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    cfg = ROOT / "configs" / "digits_mlp.yaml"
+    for args in (["ops"], ["train", str(cfg), "--set", f"output={tmp_path / 'o.onnx'}",
+                           "--set", "epochs=null", "--set", "steps=5"]):
+        proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "compiled host kernels: off (numba not installed" in proc.stdout + proc.stderr
+    assert (tmp_path / "o.onnx").exists()

@@ -94,13 +94,20 @@ def get_kernel(op_type: str, opset: int, domain: str = "") -> Callable | None:
     return best
 
 
+# The compiled loops (numba, optional: the `fast` extra), imported by kernels.compiled only
+# where the compiled path is on: importing them here failed every command without numba.
+_COMPILED_ONLY = {"rowloops", "convloops"}
+
+
 def _load_all() -> None:
-    """Import every kernel module of this package (one file per op family)."""
+    """Import every kernel module of this package (one file per op family), but the compiled
+    loops, which need numba."""
     import importlib
     import pkgutil
 
     for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        importlib.import_module(f"{__name__}.{mod}")
+        if mod not in _COMPILED_ONLY:
+            importlib.import_module(f"{__name__}.{mod}")
 
 
 _load_all()
