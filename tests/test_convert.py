@@ -417,3 +417,32 @@ def test_a_batch_merged_into_a_reshape_is_refused(tmp_path):
                                          r"'Reshape_0' \(Reshape\)"):
         convert_file(tmp_path / "m.onnx", tmp_path / "d.onnx", dynamic_batch=True)
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_check_names_weights_built_by_constant_of_shape_and_the_conversion(tmp_path):
+    """A Gemm weight made by ConstantOfShape (as onnx's light_* models build theirs) is a
+    constant of the graph: `check` said "all trainable" and training left it zero, silently.
+    `check` and `train` now name it and the conversion; the converted model trains it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.convert import convert_file
+    from trainer.report import model_report
+
+    nodes = [helper.make_node("Constant", [], ["shp"], value=numpy_helper.from_array(
+                 np.array([10, 64], np.int64))),
+             helper.make_node("ConstantOfShape", ["shp"], ["W"], value=numpy_helper.from_array(
+                 np.array([0.0], np.float32))),
+             helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [8, 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [8, 10])],
+                          [numpy_helper.from_array(np.zeros(10, np.float32), "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    text = model_report(onnx.load(tmp_path / "m.onnx")).text()
+    assert "ConstantOfShape (one repeated value" in text and "--trainable-constants" in text
+    assert text.rstrip().endswith(": W") or ": W\n" in text
+    convert_file(tmp_path / "m.onnx", tmp_path / "c.onnx", trainable_constants=True)
+    report = model_report(onnx.load(tmp_path / "c.onnx"))
+    assert "ConstantOfShape" not in report.text()
+    assert sorted(p.name for p in report.params if p.role == "parameter") == ["W", "b"]

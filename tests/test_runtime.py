@@ -331,3 +331,21 @@ def test_a_fixed_batch_model_evaluates_a_set_of_any_size(tmp_path):
     assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
     assert got["eval_accuracy"] == pytest.approx(
         float((logits.argmax(1).numpy() == y).mean()))
+
+
+def test_evaluating_non_finite_outputs_gives_nan_without_a_numpy_warning():
+    """Outputs of inf (a run gone bad under on_nan: skip) made the evaluation loss print
+    NumPy's 'invalid value encountered in subtract'; the loss is NaN, and nothing else."""
+    import warnings
+
+    from trainer.config import config_from_dict
+    from trainer.train import _loss_sums
+
+    spec = config_from_dict({"model": "m.onnx", "steps": 1, "data": {"train": {
+        "path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}}},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}, "/tmp").loss
+    out = np.array([[np.inf, 1.0, 0.0], [0.0, 1.0, 2.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sums = _loss_sums(spec, out, np.array([0, 2]), 2)
+    assert np.isnan(sums[0])

@@ -597,7 +597,9 @@ def _check_config(v: dict[str, Any], key: str) -> None:
                    "(set precision: fp16, or remove loss_scale)")
     if (v["steps"] is None) == (v["epochs"] is None):
         got = "neither" if v["steps"] is None else "both"
-        raise ConfigError(f"config keys 'steps' and 'epochs': give exactly one of them, got {got}")
+        raise ConfigError(f"config keys 'steps' and 'epochs': give exactly one of them, got {got}"
+                          + (" (on the command line, drop the file's with --set epochs=null or "
+                             "--set steps=null)" if got == "both" else ""))
     data = v["data"]
     for key, target in (("loss.target", v["loss"].target), ("loss.lengths", v["loss"].lengths)):
         for name, ds in (("train", data.train), ("eval", data.eval)):

@@ -177,6 +177,23 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
     return m
 
 
+def constant_weights(model: onnx.ModelProto) -> list[str]:
+    """Outputs of ConstantOfShape nodes (of a constant shape) that fill a parameter slot: a
+    weight the graph makes as one repeated value (onnx's light_* models), which does not
+    train; `convert --trainable-constants` makes it an initializer. (Float Constant nodes in
+    a weight slot train as they are: graph.lift_weights.)"""
+    g = model.graph
+    if not any(n.op_type == "ConstantOfShape" for n in g.node):
+        return []
+    consts, fixed, consumers = _static_values(g), _fixed_names(g), _consumers(g)
+    out = []
+    for node in g.node:
+        made = _constant_weight(node, consts) if node.op_type == "ConstantOfShape" else None
+        if made is not None and _find_slot(node.output[0], made[0], consumers, {}, fixed):
+            out.append(node.output[0])
+    return out
+
+
 def _constant_weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]):
     """(shape, dtype, value or None) when the node makes a float tensor of static shape:
     ConstantOfShape of a constant shape (value None: a fill), or Constant with a float value."""

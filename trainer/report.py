@@ -254,6 +254,10 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
     corners = _fractional_corner_resizes(model)
     if corners:
         lines.append(f"WARNING: {CORNERS_HINT}: {listing(corners)}")
+    from trainer.convert import constant_weights
+    made = constant_weights(model)
+    if made:
+        lines.append(f"WARNING: {CONSTANT_WEIGHTS_HINT}: {listing(made)}")
     if model.producer_name == "pytorch" and not signature_entries(model):
         from onnx import numpy_helper
 
@@ -305,6 +309,10 @@ def _fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+CONSTANT_WEIGHTS_HINT = ("weights that the graph builds with ConstantOfShape (one repeated value: "
+                         "an untrained model's placeholder) are constants and do not train; "
+                         "`onnx-trainer convert --trainable-constants MODEL OUT` makes them "
+                         "initializers, freshly initialized for their slot")
 CORNERS_HINT = ("Resize nodes with coordinate_transformation_mode align_corners and scales "
                 "that are not whole numbers: where scale x length is fractional, ONNX maps the "
                 "corners over that fractional length (the spec and onnx.reference, which the "

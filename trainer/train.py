@@ -1982,9 +1982,10 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
     if probabilities:
         with np.errstate(divide="ignore"):
             logp = np.log(out)
-    else:
-        z = out - out.max(axis=axis, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    else:  # (non-finite outputs give a NaN loss, reported as such: no NumPy warning)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            z = out - out.max(axis=axis, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
     if spec.type == "ctc":
         if spec.time_axis == 0:  # (time-major: batch-major for the kernel)
             logp = logp.swapaxes(0, 1)
