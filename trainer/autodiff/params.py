@@ -494,7 +494,7 @@ def _folded_names_hint(names: Iterable[str]) -> str:
 def repair_exported_model(model: onnx.ModelProto) -> list[str]:
     """Give the parameters that a PyTorch exporter merged or dropped their own tensors again,
     in place (`untie_identity_aliases`, `restore_optimized_parameters`, `untie_merged_folds`,
-    `untie_recurrent_layers`), and carry over
+    `untie_recurrent_layers`, `untie_merged_computations`), and carry over
     what the export records of nn.Embedding's padding_idx (`mark_padding_indices`); returns
     the names made into initializers. The computation is unchanged: each restored tensor
     holds the value the merged one had (or the zeros a dropped bias had). (Weights that other
