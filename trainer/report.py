@@ -39,7 +39,7 @@ from trainer.autodiff.params import (
     tool_fused_batchnorms,
 )
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
-from trainer.autodiff.subgraph import inline_static_ifs
+from trainer.autodiff.subgraph import inline_static_ifs, reads
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError, listing, printable
 from trainer.graph import (
@@ -526,8 +526,6 @@ def _untaken_branches(params: list, before: onnx.ModelProto, nodes: list[onnx.No
     """The parameter table's rows for tensors that only an If's untaken branch read (the If's
     condition is static: training takes the other), with that reason."""
     from dataclasses import replace
-
-    from trainer.autodiff.subgraph import reads
 
     now = {x for n in nodes for x in reads(n)}
     ifs = {x: node_name(n, i) for i, n in enumerate(before.graph.node) if n.op_type == "If"

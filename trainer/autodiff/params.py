@@ -975,8 +975,7 @@ def untie_recurrent_layers(model: onnx.ModelProto) -> list[str]:
         x = n.input[slot]
         if x not in inits or x not in sources:
             continue
-        holds = sorted(set(sources[x]) & {m.group(0) for m in map(_RNN_PARAM.match, sources[x])
-                                          if m})
+        holds = sorted({y for y in sources[x] if _RNN_PARAM.match(y)})
         if not holds or holds == want:
             continue
         name = f"{want[0]}/{x}"
