@@ -218,6 +218,23 @@ class UNetGroupNorms(nn.Module):
         return self.fc(F.silu(self.n2(self.c2(x))).mean((2, 3)))
 
 
+class GroupNormNextToLayerNorm(nn.Module):
+    """A fresh GroupNorm and a LayerNorm of its size, on [N, C] features and on [N, C, T]
+    sequences: the default exporter's optimizer stores their equal ones and zeros once (the
+    GroupNorm's affine on [N, C] has the LayerNorm's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.gn, self.ln = nn.Linear(8, 8), nn.GroupNorm(2, 8), nn.LayerNorm(8)
+        self.gn3, self.ln3 = nn.GroupNorm(4, 8), nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):  # x: [N, 8, 8]
+        h = self.ln(self.gn(self.fc0(x.mean(2))))
+        s = self.ln3(self.gn3(x))  # [N, 8, 8]: GroupNorm over channels, LayerNorm over time
+        return self.fc(F.gelu(h + s.mean(2)))
+
+
 class Conv1dBN(nn.Module):
     """Conv1d with BatchNorm1d, a strided dilated Conv1d and AvgPool1d over [N, T, C] input."""
 
@@ -378,6 +395,7 @@ MODELS = {"hand_norm_gelu": (HandNormGelu, (8,)), "layernorm_gelu": (LayerNormGe
           "parent_reads_child": (ParentReadsChildWeight, (8,)),
           "zero_bias_conv": (ZeroBiasConv, (1, 6, 6)),
           "group_norm": (GroupNormNet, (1, 6, 6)),
+          "group_norm_next_to_layer_norm": (GroupNormNextToLayerNorm, (8, 8)),
           "unet_group_norms": (UNetGroupNorms, (1, 6, 6)), "conv1d_bn": (Conv1dBN, (12, 8)),
           "mobile_block": (MobileBlock, (3, 12, 12)), "unet": (UNetish, (3, 8, 8)),
           "activations": (Activations, (8,)), "convnext_block": (ConvNeXtBlock, (3, 8, 8)),
