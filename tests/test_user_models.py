@@ -932,6 +932,47 @@ def test_a_weight_stored_as_3d_transposes_trains_as_one(tmp_path):
     trains_like_pytorch(tmp_path, model, state, x, y)
 
 
+class BilinearHead(nn.Module):
+    """nn.Bilinear: the default exporter folds its [5, 4, 4] weight into a [4, 20] view whose
+    reshape read its inputs' static sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bil = nn.Linear(4, 4), nn.Bilinear(4, 4, 5)
+
+    def forward(self, x):
+        return self.bil(torch.tanh(self.lin(x)), x)
+
+
+def test_a_bilinear_weight_folded_into_a_view_is_named_by_its_parameter(tmp_path):
+    """The optimizer records the Bilinear's inputs among the values its weight's view was folded
+    from (their sizes fixed the reshape): that read as an expression of data, so the view was
+    left without its name (`val_8`), and a glob for `bil.weight` matched nothing. The values the
+    graph computes at run time are no part of a folded expression: the view is `bil.weight`."""
+    torch.manual_seed(0)
+    model = BilinearHead()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4)
+    proto = torch.onnx.export(model.eval(), (x,), None, input_names=["x"],
+                              output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert {p.alias for p in report.params if p.role == "parameter"} >= {"bil.weight"}
+    assert not report.folded
+    x, y = random_batches(tmp_path, (4,))
+    x = x[:, :4]
+    view = next(p.name for p in report.params if p.alias == "bil.weight")
+    frozen = Trainer(classifier_config(tmp_path, 3, frozen=["bil.weight"]),
+                     stream=io.StringIO())
+    assert view not in frozen.names and len(frozen.names) == 3
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    model.load_state_dict(state)
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
 def test_a_folded_expression_ending_in_a_view_is_warned_not_trained_as_the_parameter(tmp_path):
     """The default exporter names BiT's standardized weight after its last op (`view_1`), which
     looked like a view of `conv.weight`: it trained as the standardized weight with no warning.

@@ -1283,12 +1283,19 @@ def folded_views(model: onnx.ModelProto) -> dict[str, str | None]:
     A view (`w.unsqueeze(-1)`, `w.t()`, a Linear weight's transpose) was folded from one
     parameter through FX view ops and values inside an op's decomposition (`val_3`) only;
     BiT's `batch_norm(w.reshape(...)).view_as(w)` names `getitem` too: an expression, though
-    the tensor is named after its last op (`view_1`). Empty for other exports."""
+    the tensor is named after its last op (`view_1`). Values the graph still computes at run
+    time (a data input, a node's output) were read for their static shape only (Bilinear's
+    weight, reshaped to a size taken from its inputs): they are no part of the expression.
+    Empty for other exports."""
     entries = signature_entries(model)
     params = {t for kind, t in entries.values() if kind == "PARAMETER"}
     others = {t for kind, t in entries.values() if kind != "PARAMETER"}
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    live = ({vi.name for vi in g.input} - inits) | {y for n in g.node for y in n.output}
     out: dict[str, str | None] = {}
     for x, names in _folded_from(model).items():
+        names = [y for y in names if y not in live]
         sources = [y for y in names if y in params]
         # (the tensor's own name is its last op's: `exp` for `self.logit_scale.exp()`)
         ops = [y for y in (x, *names) if y not in params and y not in others
