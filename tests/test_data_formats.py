@@ -109,6 +109,35 @@ def test_memory_mapped_data_of_another_type_is_converted_per_batch(tmp_path, dig
         np.testing.assert_array_equal(out[0][k], out[1][k])
 
 
+@pytest.mark.parametrize("where", ["npz", "mapped"])
+def test_finite_data_beyond_the_models_type_is_refused_before_training(tmp_path, digits_config,
+                                                                       monkeypatch, where):
+    """1e39 in a float64 dataset is finite there and inf in the float32 model: the run failed
+    at the step reaching that sample, advising a lower lr (`on_nan: skip` dropped the batch
+    every epoch). Refused before step 1, naming the array, sample and position; a memory-mapped
+    file is converted chunk by chunk."""
+    from trainer import preflight
+
+    d = np.load(EXAMPLES / "digits.npz")
+    x = d["x_train"].astype(np.float64)
+    x[37, 5] = 1e39
+    raw = digits_config(steps=2)
+    raw["data"]["eval"] = None
+    if where == "npz":
+        np.savez(tmp_path / "d.npz", x=x, y=d["y_train"])
+        path = tmp_path / "d.npz"
+    else:
+        path = _npy_dir(tmp_path / "f64", x=x, y=d["y_train"])
+        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 64 * 8 * 4)  # 4 samples at a time
+    raw["data"]["train"] = {"path": str(path), "inputs": {"x": "x"}, "targets": {"label": "y"}}
+    with pytest.raises(DataError, match=r"array 'x' \(for 'x'\) holds 1e\+39 at sample 37, "
+                       r"position \[5\], beyond the range of float32"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    x[37, 5] = 3.4e38  # (in float32's range: trains)
+    np.save(path / "x.npy", x) if where == "mapped" else np.savez(path, x=x, y=d["y_train"])
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
 @pytest.mark.parametrize("key, match", [
     ("../x", "must be a plain file name"),
     ("a/b", "must be a plain file name"),

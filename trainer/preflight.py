@@ -67,6 +67,59 @@ def convertible(a: np.ndarray, want: np.dtype, name: str, what: str) -> None:
                             "convert the array first")
 
 
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of a numeric dtype (ml_dtypes' bfloat16 included)."""
+    if dtype.kind in "iu":
+        return float(np.iinfo(dtype).max)
+    if dtype.kind == "b":
+        return 1.0
+    try:
+        return float(np.finfo(dtype).max)
+    except ValueError:  # (bfloat16: ml_dtypes' own finfo)
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+
+
+_RANGE_CHUNK = 1 << 24  # bytes of a memory-mapped array converted at a time
+
+
+def within_range(a: np.ndarray, want: np.dtype, label: str,
+                 converted: np.ndarray | None = None) -> None:
+    """The finite values of `a` (the datasets' check refuses others) stay finite in the dtype
+    `want` the engine computes them in: 1e39 in a float64 file becomes inf in float32, which
+    failed at the step reaching that sample with an optimizer's advice. `converted` is `a` in
+    `want` where the caller made it; a memory-mapped array is converted chunk by chunk.
+    `label` names the array as the datasets' check does."""
+    from trainer.graph import is_float_dtype
+
+    want = np.dtype(want)
+    if not is_float_dtype(want) or a.dtype == want or not a.size \
+            or not (a.dtype.kind in "biuf" or is_float_dtype(a.dtype)) \
+            or _largest(a.dtype) <= _largest(want):
+        return
+    if converted is not None:
+        chunks = [(0, converted)]
+    else:
+        step = max(1, _RANGE_CHUNK // max(a[:1].nbytes, 1)) if a.ndim else 1
+        chunks = ((lo, np.asarray(a[lo:lo + step])) for lo in range(0, len(a), step)) \
+            if a.ndim else [(0, np.asarray(a))]
+    for lo, chunk in chunks:
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = chunk if chunk.dtype == want else chunk.astype(want)
+            bad = ~np.isfinite(c)
+        if bad.any():
+            idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
+            src = a[lo + idx[0]][tuple(idx[1:])] if a.ndim else a[()]
+            if idx:
+                idx[0] += lo
+            where = (f"sample {idx[0]}" + (f", position {idx[1:]}" if len(idx) > 1 else "")
+                     if idx else "its only element")
+            raise DataError(f"{label} holds {src} at {where}, beyond the range of "
+                            f"{want} (largest {_largest(want):.4g}), the type the model "
+                            "computes it in; scale or clip the data before training")
+
+
 def files_read(cfg) -> dict[Path, str]:
     """{file: what it is} for the files a run reads: the model, its external data files, the
     datasets (each file of a folder dataset)."""

@@ -371,8 +371,13 @@ class Trainer:
         for name, a in arrays.items():
             want = self._dtype_for(name, a, what)
             # memory-mapped arrays stay on disk; each batch is converted (Batches' dtypes)
-            out[name] = a if isinstance(a, np.memmap) or want is None else \
-                a.astype(want, copy=False)
+            with np.errstate(over="ignore"):  # (values beyond `want`: refused below)
+                out[name] = a if isinstance(a, np.memmap) or want is None else \
+                    a.astype(want, copy=False)
+            if want is not None:
+                preflight.within_range(a, want, f"{what}: array '{mapping[name]}' (for "
+                                       f"'{name}')",
+                                       None if isinstance(a, np.memmap) else out[name])
         return out
 
     def _dtype_for(self, name: str, a: np.ndarray, what: str) -> np.dtype | None:
