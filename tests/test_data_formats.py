@@ -4,6 +4,7 @@ correctly weighted last batch (drop_last: false) against PyTorch, and background
 from __future__ import annotations
 
 import io
+import re
 import tracemalloc
 
 import numpy as np
@@ -136,6 +137,26 @@ def test_finite_data_beyond_the_models_type_is_refused_before_training(tmp_path,
     x[37, 5] = 3.4e38  # (in float32's range: trains)
     np.save(path / "x.npy", x) if where == "mapped" else np.savez(path, x=x, y=d["y_train"])
     Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("limit", [{"steps": 2}, {"epochs": 2}])
+def test_fewer_samples_than_processes_is_refused_with_steps_too(tmp_path, digits_config, limit):
+    """3 samples on 4 processes (drop_last: false): no batch per epoch, as the pre-flight says.
+    With `epochs` that was refused; with `steps` every step trained on the partial batch that
+    the pre-flight said is left out, one rank holding none of it."""
+    from trainer.report import preflight
+
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "d.npz", x=d["x_train"][:3], y=d["y_train"][:3])
+    raw = {**digits_config(data__batch_size=4, data__drop_last=False, steps=None), **limit}
+    raw["data"]["train"] = {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                            "targets": {"label": "y"}}
+    raw["data"]["eval"] = None
+    cfg = config_from_dict(raw, tmp_path)
+    want = r"data.train has 3 sample\(s\), fewer than one per process \(4 processes\)"
+    with pytest.raises(DataError, match=want):
+        run_local(4, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO()))
+    assert any(re.search(want, str(p)) for p in preflight(cfg, world=4).problems)
 
 
 @pytest.mark.parametrize("key, match", [

@@ -795,7 +795,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         local = min(local, biggest)
         if batches.dropped_text() and total >= 1:
             lines.append(f"  {batches.dropped_text()}")
-        if total < 1:
+        if total < 1 or spe == 0:
             problems.append(batches.empty_epoch_error(cfg.accumulate))
     if structure is None or batches is None or mismatched or any(
             isinstance(p, (ModelError, UnsupportedOpError)) for p in problems):

@@ -333,7 +333,7 @@ class Trainer:
                           "nothing is evaluated")
         spe = self.batches.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
-        if self.total_steps < 1:
+        if self.total_steps < 1 or spe == 0:  # (`steps` too: an epoch without a batch)
             raise self.batches.empty_epoch_error(cfg.accumulate)
         left = 0 if cfg.steps else (cfg.epochs * spe) % cfg.accumulate
         if left:  # (steps draw their micro-batches across epoch ends: README, `accumulate`)
