@@ -211,6 +211,24 @@ def test_misspelled_keys_of_groups_and_constants_are_named() -> None:
     assert error_of(raw).endswith("unknown key 'fil'; did you mean 'data.constants.sr.fill'?")
 
 
+@pytest.mark.parametrize("value, want", [
+    ([1, [2]], "config key 'data.constants.k' must be a rectangular list (every entry of one "
+               "shape, as an array): entry 0 has shape [], entry 1 [1]"),
+    ([[1, 2], [3]], "config key 'data.constants.k' must be a rectangular list (every entry of "
+                    "one shape, as an array): entry 0 has shape [2], entry 1 [1]"),
+    (float("nan"), "config key 'data.constants.k' must be a finite number, got nan"),
+    ([1, float("-inf")], "config key 'data.constants.k[1]' must be a finite number, got -inf"),
+    ({"shape": [2], "fill": float("inf")},
+     "config key 'data.constants.k.fill' must be a finite number, got inf"),
+])
+def test_constants_that_are_no_array_of_finite_numbers_are_named(value, want) -> None:
+    """A ragged list ended in an internal error (np.asarray at step 1), and NaN or Inf failed
+    at step 1 as a non-finite loss, advising a lower lr."""
+    raw = minimal()
+    raw["data"]["constants"] = {"k": value}
+    assert error_of(raw) == want
+
+
 def test_unknown_nested_key_suggests_full_path() -> None:
     raw = minimal()
     raw["data"]["train"]["target"] = {"label": "y"}

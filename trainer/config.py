@@ -188,10 +188,30 @@ def _number(v: Any, key: str) -> int | float | bool:
     raise _err(key, f"must be a number, got {_got(v)}")
 
 
+def _finite(v: Any, key: str) -> int | float | bool:
+    """A number fed to the model as it is: NaN and Inf are refused as in the datasets."""
+    v = _number(v, key)
+    if not math.isfinite(v):
+        raise _err(key, f"must be a finite number, got {v}")
+    return v
+
+
 def _nested(v: Any, key: str) -> Any:
+    """A number or (nested) lists of numbers of a rectangular shape, every one finite."""
     if isinstance(v, (list, tuple)):
-        return tuple(_nested(x, f"{key}[{i}]") for i, x in enumerate(v))
-    return _number(v, key)
+        items = tuple(_nested(x, f"{key}[{i}]") for i, x in enumerate(v))
+        shapes = [_shape_of(x) for x in items]
+        for i, sh in enumerate(shapes[1:], 1):
+            if sh != shapes[0]:
+                raise _err(key, f"must be a rectangular list (every entry of one shape, as "
+                           f"an array): entry 0 has shape {list(shapes[0])}, entry {i} "
+                           f"{list(sh)}")
+        return items
+    return _finite(v, key)
+
+
+def _shape_of(v: Any) -> tuple[int, ...]:
+    return (len(v), *(_shape_of(v[0]) if v else ())) if isinstance(v, tuple) else ()
 
 
 def _constants(v: Any, key: str, base: Path) -> FrozenMap:
@@ -217,7 +237,7 @@ def _constants(v: Any, key: str, base: Path) -> FrozenMap:
                 raise _err(f"{k}.shape", "must be a list of sizes (integers >= 0, or 'batch' "
                            f"for the batch size of each process), got {_got(shape)}")
             out[name] = ConstantInput(shape=tuple(shape),
-                                      fill=_number(spec.get("fill", 0), f"{k}.fill"))
+                                      fill=_finite(spec.get("fill", 0), f"{k}.fill"))
         else:
             out[name] = ConstantInput(value=_nested(spec, k))
     return FrozenMap(out)
