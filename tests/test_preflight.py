@@ -349,6 +349,27 @@ def test_resume_with_another_batch_size_continues_by_samples(tmp_path, digits_co
     assert t.position == (0, 6)  # batches of 64: 192 / 64 = 3, then 3 more steps
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_resume_with_another_batch_size_after_an_epoch_starts_the_next(tmp_path, digits_config,
+                                                                       drop_last):
+    """A checkpoint at the end of an epoch (batches of 32: 1437 training digits, 44 full
+    batches and one of 29), resumed with batches of 64: the position 45 x 32 = 1440 read as
+    sample 1408 of that epoch, which trained its last samples again (drop_last: false), or
+    said so while moving on (true). The epoch was over: the next starts."""
+    ck = {"dir": str(tmp_path / "ck")}
+    spe = 45 if not drop_last else 44
+    trainer(tmp_path, digits_config(steps=spe, checkpoint=ck, data__shuffle=False,
+                                    data__drop_last=drop_last)).fit()
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=spe + 1, checkpoint=ck,
+                                               data__batch_size=64, data__shuffle=False,
+                                               data__drop_last=drop_last), tmp_path),
+                stream=out)
+    t.fit(resume=True)
+    assert "the checkpoint ended epoch 0; resuming at the start of epoch 1" in out.getvalue()
+    assert t.position == (1, 1)
+
+
 def test_resume_at_the_configured_length_says_so(tmp_path, digits_config):
     ck = {"dir": str(tmp_path / "ck")}
     trainer(tmp_path, digits_config(steps=4, checkpoint=ck)).fit()

@@ -1492,13 +1492,25 @@ class Trainer:
                           "so some of its samples may be seen twice and others not at all")
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:
-            seen = index * old_bs
-            index = seen // self.cfg.data.batch_size
-            self.log.info(f"batch size changed from {old_bs} to {self.cfg.data.batch_size}: "
-                          f"resuming epoch {epoch} at sample {index * self.cfg.data.batch_size}"
-                          + ("" if seen % self.cfg.data.batch_size == 0 else
-                             f" (the checkpoint was at sample {seen}; the rest of that batch "
-                             "is seen again)"))
+            # (the checkpoint's epoch was over when its batches were: the samples a partial
+            # last batch left out at the old size are not trained at the new one)
+            full, rest = divmod(self.batches.n, old_bs)
+            old_spe = full + (1 if rest >= int(meta.get("world_size", self.world))
+                              and not self.cfg.data.drop_last else 0)
+            if index >= old_spe:
+                epoch, index = epoch + 1, 0
+                self.log.info(f"batch size changed from {old_bs} to "
+                              f"{self.cfg.data.batch_size}: the checkpoint ended epoch "
+                              f"{epoch - 1}; resuming at the start of epoch {epoch}")
+            else:
+                seen = index * old_bs
+                index = seen // self.cfg.data.batch_size
+                self.log.info(f"batch size changed from {old_bs} to "
+                              f"{self.cfg.data.batch_size}: resuming epoch {epoch} at sample "
+                              f"{index * self.cfg.data.batch_size}"
+                              + ("" if seen % self.cfg.data.batch_size == 0 else
+                                 f" (the checkpoint was at sample {seen}; the rest of that "
+                                 "batch is seen again)"))
         self.position = (epoch, index)
         tracked = meta.get("tracking") or {}  # (checkpoints written before it hold none)
         self.last_eval_step = int(tracked.get("last_eval_step", -1))
