@@ -159,6 +159,18 @@ def test_fewer_samples_than_processes_is_refused_with_steps_too(tmp_path, digits
     assert any(re.search(want, str(p)) for p in preflight(cfg, world=4).problems)
 
 
+def test_one_hot_labels_are_answered_with_argmax(tmp_path, digits_config):
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "d.npz", x=d["x_train"], y=np.eye(10, dtype=np.float32)[d["y_train"]])
+    raw = digits_config(steps=1)
+    raw["data"]["train"] = {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                            "targets": {"label": "y"}}
+    with pytest.raises(DataError, match=r"must hold integer class labels, got float32; "
+                       r"'label' is shaped like 'logits': one-hot rows are stored as class "
+                       r"indices with np.argmax\(label, axis=1\)"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
 @pytest.mark.parametrize("key, match", [
     ("../x", "must be a plain file name"),
     ("a/b", "must be a plain file name"),

@@ -623,3 +623,13 @@ def test_check_config_says_what_train_refuses(tmp_path, digits_config):
     assert not pre.problems
     assert any("checkpoint.dir holds checkpoints of an earlier run (the newest: " in line
                and "--resume" in line for line in pre.lines)
+
+
+def test_a_problem_two_checks_find_is_listed_once(tmp_path, digits_config):
+    """A missing data.eval file: the datasets' check and the labels' check both found it."""
+    from trainer.report import preflight
+
+    raw = digits_config(steps=2)
+    raw["data"]["eval"]["path"] = str(tmp_path / "missing.npz")
+    problems = [str(p) for p in preflight(config_from_dict(raw, tmp_path)).problems]
+    assert problems == [f"data.eval: dataset file not found: {tmp_path / 'missing.npz'}"]

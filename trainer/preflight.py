@@ -276,8 +276,17 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
     [0, classes) or equal to ignore_index; the first bad one is named (with the class axis
     that would fit, where the output's full shape `out_shape` has one)."""
     if labels.dtype.kind not in "iu":
+        hint = ""
+        if out_shape and tuple(labels.shape[1:]) == tuple(out_shape[1:]):
+            # (one-hot rows or class probabilities, shaped like the scores)
+            axis = next((k for k in reversed(range(1, len(out_shape)))
+                         if tuple(d for i, d in enumerate(out_shape) if i != k)[1:]
+                         == tuple(per_sample)), len(out_shape) - 1)
+            hint = (f"; '{name}' is shaped like '{output}': one-hot rows are stored as class "
+                    f"indices with np.argmax({name}, axis={axis}) (class probabilities, "
+                    "soft labels, are not a cross_entropy target here)")
         raise DataError(f"{what}: target '{name}' must hold integer class labels, got "
-                        f"{labels.dtype}")
+                        f"{labels.dtype}{hint}")
     if tuple(labels.shape[1:]) != tuple(per_sample):
         hint = ""
         if labels.shape[1:] == (1,) and per_sample == ():

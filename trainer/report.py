@@ -625,6 +625,12 @@ class Preflight:
     estimate: object | None = None  # trainer.memory.Estimate
     out_shape: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        # (one problem found by two checks, as a missing data.eval file: said once)
+        seen: set[str] = set()
+        self.problems = [p for p in self.problems
+                         if not (str(p) in seen or seen.add(str(p)))]
+
     def text(self) -> str:
         lines = list(self.lines)
         if self.problems:
