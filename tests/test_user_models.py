@@ -2881,3 +2881,45 @@ def test_two_equal_layer_norms_of_one_input_merged_by_the_optimizer_train_apart(
     model.load_state_dict(state)
     trainer = trains_like_pytorch(tmp_path, model, state, x, y)
     assert len(trainer.names) == len(list(model.parameters()))
+
+
+class SharedBatchNorm(nn.Module):
+    """One BatchNorm2d applied twice (a shared block): two nodes read its running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), \
+            nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.bn(F.relu(self.bn(self.conv(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_batchnorm_applied_twice_updates_its_statistics_twice(tmp_path, exporter):
+    """PyTorch moves the running statistics at each use, the second from the first's result;
+    the engine kept the last node's update alone (3e-2 off after one step), the trained
+    parameters right."""
+    torch.manual_seed(0)
+    model = SharedBatchNorm()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.bn.running_var.uniform_(0.9, 1.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = export(model, (1, 6, 6), exporter)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    # (the TorchScript export traces in train mode: its forward moved the statistics it wrote)
+    for t in proto.graph.initializer:
+        if t.name in state and t.name.startswith("bn.running"):
+            state[t.name] = torch.from_numpy(onnx.numpy_helper.to_array(t).copy())
+    x, y = random_batches(tmp_path, (1, 6, 6))
+    trainer = trains_like_pytorch(tmp_path, model, state, x, y)
+    model.load_state_dict(state)
+    torch_losses(model, x, y)  # (the same steps again: the statistics they leave)
+    got = {k: np.asarray(v) for k, v in trainer.state.items()}
+    assert len(got) == 2
+    for name in ("running_mean", "running_var"):
+        key = next(k for k in got if k.endswith(name))
+        np.testing.assert_allclose(got[key], getattr(model.bn, name).numpy(), rtol=1e-4,
+                                   atol=1e-6, err_msg=key)

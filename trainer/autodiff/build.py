@@ -567,7 +567,9 @@ def _l2_norms(nodes: list, b: Builder, consts: Mapping, keep: set[str]) -> list:
 
 def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: bool = False,
                    unbiased: bool = True):
-    """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name})."""
+    """Rewrite nodes to their training behaviour; returns (nodes, {stat: updated name}).
+    BatchNormalization nodes that share running statistics (one module applied twice) update
+    them one after the other, in graph order, as PyTorch does."""
     out, state = [], {}
     for k, node in enumerate(nodes):
         label = node_name(node, k)
@@ -583,9 +585,15 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: b
             # writes a Keras LayerNormalization so)
             out += _eval_form(node, b)
         elif node.op_type == "BatchNormalization":
+            stats = list(node.input[3:5])
+            if any(s in state for s in stats):  # (read after an earlier node's update)
+                node = copy.deepcopy(node)
+                for i, s in enumerate(stats, 3):
+                    node.input[i] = state.get(s, s)
             new, upd = _batchnorm_train(node, label, b, shapes, consts, sync, unbiased)
             out += new
-            state.update(upd)
+            state.update({orig: upd[now] for orig, now in zip(stats, node.input[3:5],
+                                                               strict=True)})
         elif node.op_type == "Dropout" and b.opset >= 12:
             node = copy.deepcopy(node)
             while len(node.input) < 2:
