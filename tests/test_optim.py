@@ -522,6 +522,35 @@ def test_group_globs_also_match_the_parameter_a_folded_tensor_holds():
         resolve_groups([["*lora_a"]], names)
 
 
+def test_a_name_with_brackets_names_its_own_tensor(tmp_path):
+    """`fc[0].weight` (an nn.ModuleList's layer as some exporters name it) read as a glob is a
+    character class: it froze `fc0.weight` and trained itself, silently. A glob that is a
+    tensor's exact name names that tensor; other globs still match as globs."""
+    from onnx import TensorProto, helper
+
+    from trainer.autodiff import build_training_graph
+    from trainer.autodiff.build import training_info
+    from trainer.optim import resolve_groups
+
+    rng = np.random.default_rng(0)
+    w = {"fc0.weight": rng.standard_normal((3, 8)), "fc[0].weight": rng.standard_normal((8, 4))}
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc0.weight"], ["h"]),
+         helper.make_node("MatMul", ["h", "fc[0].weight"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
+    for frozen, trained in ((["fc[0].weight"], ["fc0.weight"]), (["fc0.weight"], ["fc[0].weight"]),
+                            (["fc[0]*"], ["fc[0].weight"])):  # (a real glob: fc0.weight)
+        tm = build_training_graph(model, loss, "all", batch_size=2, frozen=frozen)
+        assert list(training_info(tm).gradients) == trained, frozen
+    names = ["fc0.weight", "fc[0].weight"]
+    assert resolve_groups([["fc[0].weight"], ["*"]], names) == [["fc[0].weight"],
+                                                                 ["fc0.weight"]]
+
+
 @pytest.mark.parametrize("groups,lr,lr_groups", [
     ([{"params": "*", "lr": 0.01}], 0.01, None),  # (the top level's 0.1 trained nothing)
     ([{"params": "fc1.*", "lr": 0.01}], 0.1, [0.1, 0.01]),  # (top level first)

@@ -6,7 +6,6 @@ vector only where the groups disagree, so a step stays a handful of whole-buffer
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import re
 import warnings
@@ -785,12 +784,14 @@ def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
                    aliases: Mapping[str, str] | None = None) -> list[list[str]]:
     """Tensor names per group: globs over `names` (or the PyTorch parameter a folded tensor
     holds, `aliases`), the first matching group wins."""
+    from trainer.autodiff.params import PACK_SEPARATOR, alias_matches, glob_match
+
     aliases = aliases or {}
+    exact = set(names) | {a for v in aliases.values() for a in v.split(PACK_SEPARATOR)}
 
     def hit(n: str, pattern: str) -> bool:
-        from trainer.autodiff.params import alias_matches
-
-        return fnmatch.fnmatchcase(n, pattern) or alias_matches(aliases.get(n, ""), pattern)
+        return glob_match(n, pattern, exact) or alias_matches(aliases.get(n, ""), pattern,
+                                                              exact)
     taken: set[str] = set()
     out = []
     for i, globs in enumerate(patterns):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import inspect
 import json
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ from trainer.autodiff.params import (
     CONSTANT,
     batchnorm_stats,
     fixed_floats,
+    glob_match,
     parameter_table,
     repair_exported_model,
     select,
@@ -498,7 +498,7 @@ def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
                          f"{batchnorm!r}")
     chosen = set()
     for pattern in batchnorm:
-        hits = {s for s in scales if fnmatch.fnmatchcase(s, pattern)}
+        hits = {s for s in scales if glob_match(s, pattern, scales)}
         if not hits:
             raise ModelError(f"batchnorm entry '{pattern}' matches the scale of no "
                              "BatchNormalization layer " + (

@@ -25,7 +25,7 @@ import fnmatch
 import itertools
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,8 +332,9 @@ def fixed_floats(model: onnx.ModelProto, trainable="all") -> set[str]:
             for sub in graphs:
                 reachable |= outer_names(sub)
     out = set()
+    inits = {t.name for t in g.initializer}
     for t in g.initializer:
-        if t.data_type not in FLOAT_TYPES or any(fnmatch.fnmatchcase(t.name, p) for p in globs):
+        if t.data_type not in FLOAT_TYPES or any(glob_match(t.name, p, inits) for p in globs):
             continue
         one = int(np.prod(t.dims)) == 1 and signature.get(t.name) != "PARAMETER" and \
             not _MODULE_PARAMETER.match(t.name)
@@ -436,9 +437,28 @@ def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 _MODULE_PARAMETER = re.compile(r"^[\w.]*\w\.(weight|bias)$")
 
 
-def _matches(r: ParamInfo, pattern: str) -> bool:
+def glob_match(name: str, pattern: str, exact: Container[str] = ()) -> bool:
+    """fnmatch, except that a pattern which is itself one of the `exact` names (a PyTorch name
+    with brackets, `fc[0].weight`, which fnmatch reads as a character class matching
+    `fc0.weight`) names that one alone."""
+    if "[" in pattern and pattern in exact:
+        return name == pattern
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _exact_names(table: Iterable[ParamInfo]) -> set[str]:
+    """Every tensor's name and every PyTorch parameter an alias holds: names a glob may be."""
+    out = set()
+    for r in table:
+        out.add(r.name)
+        if r.alias:
+            out.update(r.alias.split(PACK_SEPARATOR))
+    return out
+
+
+def _matches_exact(r: ParamInfo, pattern: str, exact: Container[str] = ()) -> bool:
     """A `trainable`/`frozen` glob names a tensor by its own name or its parameter's."""
-    return fnmatch.fnmatchcase(r.name, pattern) or alias_matches(r.alias, pattern)
+    return glob_match(r.name, pattern, exact) or alias_matches(r.alias, pattern, exact)
 
 
 def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> list[str]:
@@ -446,6 +466,10 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
     matching a `trainable` glob (state excluded; the entry `all` in the list adds the default
     parameters, e.g. [all, "*_scale"]), minus the `frozen` globs."""
     frozen = list(frozen)
+    exact = _exact_names(table)
+
+    def _matches(r, pattern):
+        return _matches_exact(r, pattern, exact)
     if trainable == "all" or trainable is None:
         chosen = [r.name for r in table if r.role == PARAMETER]
     else:
@@ -1419,9 +1443,9 @@ def partly_packed(aliases: Mapping[str, str], globs: Iterable[tuple[str, str]]) 
     return lines
 
 
-def alias_matches(alias: str, pattern: str) -> bool:
+def alias_matches(alias: str, pattern: str, exact: Container[str] = ()) -> bool:
     """Whether a glob names the parameter (or one of the parameters) an alias holds."""
-    return bool(alias) and any(fnmatch.fnmatchcase(a, pattern)
+    return bool(alias) and any(glob_match(a, pattern, exact)
                                for a in alias.split(PACK_SEPARATOR))
 
 
