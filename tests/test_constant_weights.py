@@ -135,6 +135,49 @@ def test_only_float_constants_of_more_than_one_element_are_lifted():
         assert len([n for n in m.graph.node if n.op_type == "Constant"]) == 4
 
 
+def test_constants_written_as_float_lists_or_sparse_tensors_are_lifted(tmp_path):
+    """A Constant node may hold its tensor as `value_floats` or `sparse_value`: those stayed
+    Constant nodes, untrained (a bias of 8 values, a sparse weight), while `value` ones were
+    lifted. Lifted alike, and trained: one SGD step against float64 arithmetic."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((3, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    W[0, 1] = W[2, 3] = 0.0
+    nz = np.flatnonzero(W)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(W.reshape(-1)[nz], "W"),
+                                       numpy_helper.from_array(nz.astype(np.int64), "i"), W.shape)
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["W"], sparse_value=sparse),
+         helper.make_node("Constant", [], ["b"], value_floats=b.tolist()),
+         helper.make_node("Constant", [], ["one"], value_floats=[1.0]),  # (stays a constant)
+         helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "b"], ["xb"]),
+         helper.make_node("Mul", ["xb", "one"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(m, str(tmp_path / "model.onnx"))
+    assert lift_weights(onnx.load(str(tmp_path / "model.onnx"))) == ["W", "b"]
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    t = rng.standard_normal((6, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    cfg = config_from_dict({
+        "model": "model.onnx", "output": "out.onnx", "device": "cpu", "precision": "fp64",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "t"}},
+                 "batch_size": 6, "shuffle": False},
+        "loss": {"type": "mse", "output": "y", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 1}, tmp_path)
+    out = Trainer(cfg, stream=io.StringIO()).fit()["output"]
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    x64, W64, b64 = x.astype(np.float64), W.astype(np.float64), b.astype(np.float64)
+    e = x64 @ W64 + b64 - t
+    np.testing.assert_allclose(got["W"], W64 - 0.1 * 2 * x64.T @ e / e.size, rtol=1e-6)
+    np.testing.assert_allclose(got["b"], b64 - 0.1 * 2 * e.sum(0) / e.size, rtol=1e-6)
+    ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+
+
 def _branchy(path, then_w: str, else_w: str, top: bool = False) -> None:
     """y = If(flag, x @ then_w, x @ else_w), each weight an initializer of its branch (or of
     the main graph with `top`), flag a constant true."""

@@ -153,18 +153,24 @@ def densify_sparse_initializers(model: onnx.ModelProto, what: str = "model") -> 
     for sp in g.sparse_initializer:
         name = sp.values.name
         try:
-            values = numpy_helper.to_array(sp.values).reshape(-1)
-            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
-            dense = np.zeros(tuple(sp.dims), values.dtype)
-            if indices.ndim == 1:
-                dense.reshape(-1)[indices] = values
-            else:
-                dense[tuple(indices.T)] = values
+            dense = _dense(sp)
         except (ValueError, IndexError, TypeError) as exc:
             raise ModelError(f"{what}: sparse initializer '{_printable(name)}' does not fit its "
                              f"dims {list(sp.dims)}: {exc}") from None
         g.initializer.append(numpy_helper.from_array(dense, name))
     del g.sparse_initializer[:]
+
+
+def _dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse tensor's values at its indices (linear, or one row of coordinates each)."""
+    values = numpy_helper.to_array(sp.values).reshape(-1)
+    indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(tuple(sp.dims), values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
@@ -851,11 +857,24 @@ def _is_weight(t: onnx.TensorProto) -> bool:
 
 
 def _weight_constant(n: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The float tensor of more than one element a Constant node holds, or None."""
+    """The float tensor of more than one element a Constant node holds (as `value`, a
+    `value_floats` list or a `sparse_value`), or None."""
     if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or len(n.output) != 1 \
-            or len(n.attribute) != 1 or n.attribute[0].name != "value":
+            or len(n.attribute) != 1:
         return None
-    return n.attribute[0].t if _is_weight(n.attribute[0].t) else None
+    a = n.attribute[0]
+    if a.name == "value":
+        t = a.t
+    elif a.name == "value_floats" and len(a.floats) > 1:
+        t = numpy_helper.from_array(np.asarray(a.floats, np.float32))
+    elif a.name == "sparse_value":
+        try:
+            t = numpy_helper.from_array(_dense(a.sparse_tensor))
+        except (ValueError, IndexError, TypeError):
+            return None  # (its kernel says what is wrong)
+    else:
+        return None
+    return t if _is_weight(t) else None
 
 
 def _subgraphs_of(graph: onnx.GraphProto):
