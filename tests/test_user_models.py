@@ -2923,3 +2923,34 @@ def test_a_batchnorm_applied_twice_updates_its_statistics_twice(tmp_path, export
         key = next(k for k in got if k.endswith(name))
         np.testing.assert_allclose(got[key], getattr(model.bn, name).numpy(), rtol=1e-4,
                                    atol=1e-6, err_msg=key)
+
+
+class LastStepLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(5, 8, batch_first=True), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def test_a_recurrent_layers_zero_initial_state_is_a_constant(tmp_path):
+    """A fixed-batch default export writes nn.LSTM's h0 = c0 = zeros as one initializer
+    [1, batch, hidden]: it trained as a parameter (a learned initial state per batch slot,
+    which PyTorch does not have). A constant, named so, and the losses are PyTorch's."""
+    torch.manual_seed(0)
+    model = LastStepLSTM()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = torch.onnx.export(model.eval(), (torch.randn(BATCH, 4, 5),), None,
+                              input_names=["x"], output_names=["logits"],
+                              dynamo=True).model_proto
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    lstm = next(n for n in proto.graph.node if n.op_type == "LSTM")
+    h0 = lstm.input[5]
+    assert h0 in {t.name for t in proto.graph.initializer}
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    row = next(p for p in report.params if p.name == h0)
+    assert row.role != "parameter" and "initial state of zeros" in row.reason
+    x, y = random_batches(tmp_path, (4, 5))
+    trainer = trains_like_pytorch(tmp_path, model, state, x, y)
+    assert h0 not in trainer.names

@@ -91,8 +91,13 @@ def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> 
     decomposing a module, which PyTorch does not train: GroupNorm becomes InstanceNormalization
     over the groups with a scale of ones and a bias of zeros, then the module's own weight and
     bias per channel (a tensor the export's signature does not name, read by an
-    InstanceNormalization node that the FX node of a group_norm produced)."""
+    InstanceNormalization node that the FX node of a group_norm produced). Also a recurrent
+    layer's initial state of zeros that an export wrote as an initializer (a fixed-batch
+    export of nn.LSTM: h0 = c0 = zeros [layers, batch, hidden]), read by no node but as an
+    initial state: PyTorch starts every call from zeros, it has no such parameter (one the
+    signature names a parameter stays one)."""
     out = _computed_constants(model)
+    out.update(_zero_initial_states(model, signature))
     if not signature:
         return out
     for n in model.graph.node:
@@ -105,6 +110,33 @@ def exporter_constants(model: onnx.ModelProto, signature: Mapping[str, str]) -> 
             if x and x not in signature:
                 out[x] = ("the exporter's GroupNorm decomposition (its InstanceNormalization's "
                           "fixed scale or bias; the module's weight and bias come after it)")
+    return out
+
+
+_INITIAL_STATE_SLOTS = {"RNN": (5,), "GRU": (5,), "LSTM": (5, 6)}
+
+
+def _zero_initial_states(model: onnx.ModelProto, signature: Mapping[str, str]
+                         ) -> dict[str, str]:
+    """{initializer: reason} for the zero initial states `exporter_constants` describes."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    state_reads: set[str] = set()
+    other_reads: set[str] = set()
+    for n in g.node:
+        slots = _INITIAL_STATE_SLOTS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ()
+        for i, x in enumerate(n.input):
+            (state_reads if i in slots else other_reads).add(x)
+    out = {}
+    for t in g.initializer:
+        if t.name not in state_reads or t.name in other_reads or t.data_type not in FLOAT_TYPES \
+                or signature.get(t.name) == "PARAMETER" \
+                or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if not numpy_helper.to_array(t).any():
+            out[t.name] = ("a recurrent layer's initial state of zeros (PyTorch starts each "
+                           "call from zeros; 'trainable' names it to learn one)")
     return out
 
 
