@@ -2954,3 +2954,37 @@ def test_a_recurrent_layers_zero_initial_state_is_a_constant(tmp_path):
     x, y = random_batches(tmp_path, (4, 5))
     trainer = trains_like_pytorch(tmp_path, model, state, x, y)
     assert h0 not in trainer.names
+
+
+class LastStepRNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.RNN(5, 8, batch_first=True), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def test_a_folded_first_step_from_a_zero_state_trains_its_bias(tmp_path):
+    """A fixed-batch default export of nn.RNN folds step 0's `h0 @ W_hh + b_hh` (h0 zeros) into
+    an initializer equal to b_hh broadcast [1, batch, hidden], which was called a computed
+    constant: b_hh's gradient lacked step 0's term (4e-3 of 4.5e-2 in one case). Tied to b_hh
+    as its broadcast: PyTorch's losses, and the export writes it from the trained b_hh."""
+    torch.manual_seed(0)
+    model = LastStepRNN()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = torch.onnx.export(model.eval(), (torch.randn(BATCH, 4, 5),), None,
+                              input_names=["x"], output_names=["logits"],
+                              dynamo=True).model_proto
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    (copy_name, (src, kind)), = report.tied.items()
+    assert (src, kind) == ("rnn.bias_hh_l0", "expand")
+    x, y = random_batches(tmp_path, (4, 5))
+    trainer = trains_like_pytorch(tmp_path, model, state, x, y)
+    out = {t.name: onnx.numpy_helper.to_array(t)
+           for t in onnx.load(trainer.export(tmp_path / "exported.onnx")).graph.initializer}
+    np.testing.assert_array_equal(out[copy_name],
+                                  np.broadcast_to(out[src], out[copy_name].shape))
+    np.testing.assert_allclose(out[src], model.rnn.bias_hh_l0.detach().numpy(), rtol=1e-4,
+                               atol=1e-5)

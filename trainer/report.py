@@ -85,7 +85,7 @@ class Report:
     nodes: list[NodeRow]
     params: list[ParamInfo]
     untied: list[str]
-    tied: dict[str, tuple[str, str]]  # {copy: (source, "transpose" | "reshape")}
+    tied: dict[str, tuple[str, str]]  # {copy: (source, kind)}: params.tie_folded_copies
     folded: list[str] = field(default_factory=list)  # folded_parameters
     fused: list[str] = field(default_factory=list)  # BatchNorm layers folded (exporter_findings)
     computed: list[str] = field(default_factory=list)  # convolutions with a folded weight
@@ -402,7 +402,9 @@ FOLDED_HINT = ("PyTorch parameters that the exporter's optimizer removed (consta
                "read only with an optional input, is listed too and needs nothing)")
 _TIED = {"transpose": "is the exact transpose of (tied weights stored twice by the exporter)",
          "reshape": "is a copy in another shape (a view the exporter folded) of",
-         "copy": "is a second copy (one parameter used twice, folded once per use) of"}
+         "copy": "is a second copy (one parameter used twice, folded once per use) of",
+         "expand": "is a folded expression equal to the broadcast (an RNN's first step from a "
+                   "zero state) of"}
 
 
 def tool_constants_line(found: list[str]) -> str:

@@ -1604,9 +1604,11 @@ class Trainer:
         values.update({k: to_host(v) for k, v in self.state.items()})
         for copy_name, (src, kind) in self.tied.items():
             if src in values:
+                shape = self._copy_shapes[copy_name]
                 values[copy_name] = np.ascontiguousarray(
                     values[src].transpose(tied_perm(kind)) if kind.startswith("transpose")
-                    else values[src].reshape(self._copy_shapes[copy_name]))
+                    else np.broadcast_to(values[src], shape) if kind == "expand"
+                    else values[src].reshape(shape))
         for name, lookup in self.lookups.items():
             if lookup.source in values:
                 values[name] = lookup.expand(values.pop(lookup.source))

@@ -1738,7 +1738,7 @@ def tied_perm(kind: str) -> list[int]:
 
 def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     """Tie parameters the exporter stored twice, in place; returns {copy: (source, "transpose"
-    | "transpose:<perm>" | "reshape" | "copy")}.
+    | "transpose:<perm>" | "reshape" | "copy" | "expand")}.
 
     Both PyTorch exporters fold an expression of initializers alone into a new initializer.
     With tied input and output embeddings (`lm_head.weight = embed.weight`) the output
@@ -1751,8 +1751,11 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     `Transpose(source)` or `Reshape(source)`, so that every use trains one tensor; the source is
     the one PyTorch's export signature names a parameter, else one not named `onnx::...` (the
     TorchScript exporter's name for a folded value), else the first. Export writes each copy
-    back from the trained source. (A folded expression other than a view, `self.w.exp()`, is
-    not recognized: exporting without constant folding keeps it an expression.)"""
+    back from the trained source. A folded expression that the default exporter's records say
+    was computed from parameters, and that equals one of them broadcast to its shape (an
+    RNN's first step from a zero state: `0 @ W_hh + b_hh` per batch row), becomes
+    `Expand(source)`. (Another folded expression, `self.w.exp()`, is not recognized:
+    exporting without constant folding keeps it an expression.)"""
     import hashlib
 
     from onnx import helper, numpy_helper
@@ -1829,6 +1832,33 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
                              and np.array_equal(a.transpose(p), b)), None)
                 if perm is not None:
                     tied[other] = (name, "transpose:" + ",".join(map(str, perm)))
+    # broadcasts: a folded expression of parameters that equals one of them broadcast (an
+    # RNN's first step from a zero state: zeros @ W_hh + b_hh folded into b_hh per batch row)
+    if signature:
+        params = {t.name: t for t in g.initializer if signature.get(t.name) == "PARAMETER"
+                  and t.data_type in FLOAT_TYPES}
+        for x, names in _folded_from(model).items():
+            if x in tied or x in inputs or signature.get(x) == "PARAMETER":
+                continue
+            c = arrays.get(x)
+            if c is None:
+                t = next(t for t in g.initializer if t.name == x)
+                if t.data_type not in FLOAT_TYPES:
+                    continue
+                c = numpy_helper.to_array(t)
+            for src in (y for y in names if y in params):
+                a = numpy_helper.to_array(params[src])
+                if c.size <= a.size or c.dtype != a.dtype:
+                    continue
+                try:
+                    if np.broadcast_shapes(a.shape, c.shape) != c.shape:
+                        continue
+                except ValueError:
+                    continue
+                if np.array_equal(np.broadcast_to(a, c.shape), c):
+                    tied[x] = (src, "expand")
+                    arrays[x] = c
+                    break
     if tied:
         keep = [t for t in g.initializer if t.name not in tied]
         del g.initializer[:]
@@ -1838,6 +1868,12 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
             if kind.startswith("transpose"):
                 nodes.append(helper.make_node("Transpose", [src], [copy], name=f"{copy}/Tied",
                                               perm=tied_perm(kind)))
+            elif kind == "expand":
+                shape = f"{copy}/Tied/shape"
+                g.initializer.append(numpy_helper.from_array(
+                    np.array(arrays[copy].shape, np.int64), shape))
+                nodes.append(helper.make_node("Expand", [src, shape], [copy],
+                                              name=f"{copy}/Tied"))
             else:  # (a "copy" too: an Identity would read as one of untie_identity_aliases)
                 shape = f"{copy}/Tied/shape"
                 g.initializer.append(numpy_helper.from_array(
