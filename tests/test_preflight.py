@@ -633,3 +633,25 @@ def test_a_problem_two_checks_find_is_listed_once(tmp_path, digits_config):
     raw["data"]["eval"]["path"] = str(tmp_path / "missing.npz")
     problems = [str(p) for p in preflight(config_from_dict(raw, tmp_path)).problems]
     assert problems == [f"data.eval: dataset file not found: {tmp_path / 'missing.npz'}"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_resume_with_another_lr_says_so_and_follows_it(tmp_path, digits_config, schedule):
+    """The config's lr changed on --resume: cosine took the new one and plateau kept the
+    checkpoint's, both in silence. Both go on from the new lr (plateau with its reductions so
+    far), and say so; a changed schedule type is said too."""
+    ck = {"dir": str(tmp_path / "ck")}
+    sched = {"type": schedule}
+    trainer(tmp_path, digits_config(steps=4, checkpoint=ck, schedule=sched)).fit()
+    out = io.StringIO()
+    raw = digits_config(steps=6, checkpoint=ck, schedule=sched, optimizer__lr=0.05)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    t.fit(resume=True)
+    assert "optimizer.lr changed since the checkpoint (0.1 -> 0.05)" in out.getvalue()
+    if schedule == "plateau":
+        assert t.schedule.current == [0.05]
+    out = io.StringIO()
+    raw = digits_config(steps=8, checkpoint=ck, schedule={"type": "linear"}, optimizer__lr=0.05)
+    Trainer(config_from_dict(raw, tmp_path), stream=out).fit(resume=True)
+    assert f"schedule.type changed from {schedule} to linear since the checkpoint" in \
+        out.getvalue()

@@ -1279,6 +1279,9 @@ class Trainer:
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
                 "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps,
+                # (what a resume with another lr or schedule says it changed)
+                "base_lrs": [float(b) for b in self.schedule.base_lrs],
+                "schedule": self.cfg.schedule.type,
                 # (the flat buffers' order: another precision's graph may make them in another)
                 "layout": [[k, int(np.prod(self.shapes[k]))] for k in self.names],
                 # (what the position's sample order follows from)
@@ -1468,6 +1471,7 @@ class Trainer:
                 self.log.info(f"warning: {exc}; the optimizer state starts fresh")
         self.schedule.load_state_dict(
             {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
+        self._schedule_change_note(meta)
         self.step = int(meta["step"])
         self._schedule_length_note(meta.get("total_steps"))
         if self.scaler:
@@ -1532,6 +1536,30 @@ class Trainer:
                           f"({self.total_steps} steps): nothing to train; raise steps or "
                           "epochs to continue")
         return True
+
+    def _schedule_change_note(self, meta: Mapping) -> None:
+        """Say what a resume does with an lr or schedule type changed since the checkpoint
+        (checkpoints written before they were recorded say nothing): the config's lr is the
+        new base of the schedule; reduce-on-plateau keeps the reductions it made so far, now
+        applied to the new lr."""
+        sched = self.schedule
+        was_type = meta.get("schedule")
+        if was_type is not None and was_type != sched.type:
+            self.log.info(f"schedule.type changed from {was_type} to {sched.type} since the "
+                          f"checkpoint: the lr follows {sched.type} from step "
+                          f"{int(meta['step']) + 1}, as if the run had used it from the start")
+        was = meta.get("base_lrs")
+        now = [float(b) for b in sched.base_lrs]
+        if was is None or len(was) != len(now) or all(
+                math.isclose(a, b, rel_tol=1e-12) for a, b in zip(was, now, strict=True)):
+            return
+        if sched.type == "plateau" and was_type == "plateau":
+            sched.current = [n * (c / w) if w else n
+                             for c, n, w in zip(sched.current, now, was, strict=True)]
+        shown = ", ".join(f"{w:g} -> {n:g}" for w, n in zip(was, now, strict=True))
+        self.log.info(f"optimizer.lr changed since the checkpoint ({shown}): the schedule goes "
+                      "on from the new lr" + (" (with the plateau's reductions so far)"
+                                             if sched.type == "plateau" else ""))
 
     def _log_evaluation(self, epoch: int) -> dict:
         metrics = self.evaluate()
