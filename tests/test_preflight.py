@@ -655,3 +655,22 @@ def test_resume_with_another_lr_says_so_and_follows_it(tmp_path, digits_config, 
     Trainer(config_from_dict(raw, tmp_path), stream=out).fit(resume=True)
     assert f"schedule.type changed from {schedule} to linear since the checkpoint" in \
         out.getvalue()
+
+
+def test_resume_on_fewer_samples_past_their_last_batch_says_the_next_epoch(tmp_path,
+                                                                           digits_config):
+    ck = {"dir": str(tmp_path / "ck")}
+    trainer(tmp_path, digits_config(steps=20, checkpoint=ck)).fit()  # epoch 0, batch 20
+    from tests.conftest import EXAMPLES
+
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "small.npz", x=d["x_train"][:320], y=d["y_train"][:320])
+    raw = digits_config(steps=22, checkpoint=ck)
+    raw["data"]["train"] = {"path": str(tmp_path / "small.npz"), "inputs": {"x": "x"},
+                            "targets": {"label": "y"}}
+    out = io.StringIO()
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    t.fit(resume=True)
+    assert "1437 -> 320 training samples" in out.getvalue()
+    assert "epoch 0 has no batch 20 now: epoch 1 starts" in out.getvalue()
+    assert t.position == (1, 2)

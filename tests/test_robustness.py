@@ -395,6 +395,37 @@ def test_a_metrics_file_that_cannot_be_appended_to_does_not_end_training(tmp_pat
     assert Path(result["output"]).exists() and len(rows) >= 6
 
 
+def test_a_best_model_that_cannot_be_written_does_not_end_training(tmp_path, digits_config):
+    """model.best.onnx cannot be written at the second improvement (a full disk): the run ended
+    there with the error, losing the steps since the last checkpoint (all of them without
+    one). One warning; the best model so far stays, the next better evaluation writes it, and
+    the run goes on to its model."""
+    from trainer import export as export_mod
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    calls, real = [], export_mod.export_model
+
+    def export(model, values, path, *a, **k):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise checkpoint.write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                         "model", Path(path))
+        return real(model, values, path, *a, **k)
+
+    stream = io.StringIO()
+    cfg = digits_config(steps=12, eval={"every_steps": 2},
+                        best={"metric": "eval_loss", "mode": "min"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("trainer.train.export_model", export)
+        t = Trainer(config_from_dict(cfg, tmp_path), stream=stream)
+        result = t.fit()
+    assert "No space left on device" in stream.getvalue()
+    assert "the best model so far stays as it was, training goes on" in stream.getvalue()
+    assert Path(result["output"]).exists() and t.step == 12
+    assert calls.count("model.best.onnx") >= 3  # (written again at a later improvement)
+
+
 # -- checkpoint folder rules ------------------------------------------------------------------
 def test_retention_never_deletes_the_newest_checkpoint(tmp_path):
     checkpoint.save(tmp_path, 100, _arrays(1), {"version": 1}, keep=1)  # from an older run

@@ -1240,11 +1240,20 @@ class Trainer:
         if cfg.best is not None:
             value = metrics[cfg.best.metric]
             if _better(value, self.best_value, _mode(cfg.best.mode, cfg.best.metric), 0.0):
+                before = self.best_value, self.best_step
                 self.best_value, self.best_step = value, self.step
                 if self.rank == 0:
-                    self.best_path = self.export(best_path(cfg.output))
-                    self.log.info(f"best {cfg.best.metric} {value:.6g} at step {self.step}: "
-                                  f"wrote {self.best_path}")
+                    try:
+                        self.best_path = self.export(best_path(cfg.output))
+                    except checkpoint.WriteError as exc:
+                        # (a by-product of the run: the steps since the last checkpoint are
+                        # not lost over it; the next better evaluation writes it again)
+                        self.best_value, self.best_step = before
+                        self.log.info(f"warning: {exc}; the best model so far stays as it "
+                                      "was, training goes on")
+                    else:
+                        self.log.info(f"best {cfg.best.metric} {value:.6g} at step "
+                                      f"{self.step}: wrote {self.best_path}")
         es = cfg.early_stop
         if es is not None:
             value = metrics[es.metric]
@@ -1491,9 +1500,14 @@ class Trainer:
             what = ", ".join(f"{was.get(k)} -> {now[k]} {v}" if k == "samples" else
                              f"{v} {was.get(k)} -> {now[k]}"
                              for k, v in names.items() if was.get(k) != now[k])
+            goes_on = (f"epoch {epoch} goes on at batch {index} of another order, so some of "
+                       "its samples may be seen twice and others not at all"
+                       if index < self.batches.steps_per_epoch or int(meta.get(
+                           "batch_size", self.cfg.data.batch_size)) != self.cfg.data.batch_size
+                       else
+                       f"epoch {epoch} has no batch {index} now: epoch {epoch + 1} starts")
             self.log.info(f"warning: the data's sample order changed since the checkpoint "
-                          f"({what}): epoch {epoch} goes on at batch {index} of another order, "
-                          "so some of its samples may be seen twice and others not at all")
+                          f"({what}): {goes_on}")
         old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:
             # (the checkpoint's epoch was over when its batches were: the samples a partial
