@@ -564,3 +564,21 @@ def test_every_command_runs_without_numba(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled host kernels: off (numba not installed" in proc.stdout + proc.stderr
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_grad_errors_name_its_flags_not_config_keys(tmp_path):
+    """`grad` has no config: its advice names --logits, --class-axis, --frozen-batchnorm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Sigmoid", ["h"], ["p"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.ones((4, 1), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    proc = run("grad", str(tmp_path / "m.onnx"), "--output", "p", "--loss", "bce", "--logits",
+               "-o", str(tmp_path / "t.onnx"))
+    line = one_line_error(proc)
+    assert "loss bce with --logits" in line and "leave --logits out" in line
+    assert "logits: true" not in line

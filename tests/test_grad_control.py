@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.gradcheck import (
     ATOL,
@@ -627,3 +627,62 @@ def test_flex_attention_float32_and_precision() -> None:
 
 
 EXTRA_TESTED = {"If", "FlexAttention", "Optional"}
+
+
+def _bn_in_data_branch() -> onnx.ModelProto:
+    """y = If(sum(x) > 0, BatchNormalization(x @ W), x @ W): a BatchNormalization inside a
+    branch the data picks."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    then = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["h", "sc", "sh", "mu", "var"], ["y_then"],
+                          name="bn_then")], "then", [],
+        [helper.make_tensor_value_info("y_then", f, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", f, None)])
+    inits = {"W": rng.standard_normal((3, 4)), "sc": rng.uniform(0.5, 1.5, 4),
+             "sh": rng.standard_normal(4), "mu": rng.standard_normal(4) * 0.1,
+             "var": rng.uniform(0.5, 1.5, 4), "zero": np.zeros(())}
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["logits"], name="if", then_branch=then,
+                          else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", f, ["N", 3])],
+        [helper.make_tensor_value_info("logits", f, ["N", 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_batchnorm_in_a_branch_the_data_picks_is_refused_in_training_form() -> None:
+    """Its branch was built in inference form, and its running statistics were trained by the
+    optimizer as parameters: neither PyTorch's train mode nor its eval mode. Refused, naming
+    the layer and the fix; kept in inference form as asked, its statistics are state, not
+    trained."""
+    m = _bn_in_data_branch()
+    loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
+    with pytest.raises(ModelError, match=r"BatchNormalization 'bn_then' runs inside If 'if', "
+                       r"whose branch .* depends on the data.*batchnorm: \['sc'\]"):
+        build_training_graph(m, loss, batch_size=4)
+    tm = build_training_graph(m, loss, batch_size=4, batchnorm=["sc"])
+    assert sorted(training_info(tm).gradients) == ["W", "sc", "sh"]
+
+
+@pytest.mark.parametrize("opset, attrs", [(6, {"is_test": 1}), (6, {"is_test": 0}), (7, {})])
+def test_an_old_dropout_trains_with_its_mask_whatever_its_export_mode(opset, attrs) -> None:
+    """Dropout-6's is_test=1 (an eval-mode export) made the training graph skip it, where
+    BatchNormalization-6's is_test=1 trains on batch statistics as PyTorch's train mode does:
+    dropped out in training, like every other export."""
+    f = TensorProto.FLOAT
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("Dropout", ["h"], ["logits"], ratio=0.5, **attrs)], "g",
+        [helper.make_tensor_value_info("x", f, ["N", 3]),
+         helper.make_tensor_value_info("W", f, [3, 4])],  # (IR 3: initializers are inputs)
+        [helper.make_tensor_value_info("logits", f, ["N", 4])],
+        [numpy_helper.from_array(np.ones((3, 4), np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
+    tm = build_training_graph(m, {"type": "cross_entropy", "output": "logits",
+                                  "target": "label"}, batch_size=4)
+    assert "RandomUniformLike" in [n.op_type for n in tm.graph.node]

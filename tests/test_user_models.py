@@ -2813,7 +2813,7 @@ class CornerResize(nn.Module):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_align_corners_resizes_by_fractional_scales_are_warned_of(exporter):
+def test_align_corners_resizes_by_fractional_scales_are_warned_of(exporter, tmp_path, capsys):
     """F.interpolate(scale_factor=(0.6, 0.5), align_corners=True) on 4x5 exports as a Resize
     by scales: ONNX maps the corners over the fractional length 2.4 (the spec, followed by the
     engine and onnx.reference), PyTorch and onnxruntime over the 2 rows they output (values up
@@ -2831,6 +2831,13 @@ def test_align_corners_resizes_by_fractional_scales_are_warned_of(exporter):
                 proto = onnx.load_from_string(f.getvalue())
         text = model_report(proto).text()
         assert ("align_corners and scales that are not whole numbers" in text) == warned, how
+        # `grad` too: onnxruntime runs its graph, whose loss is then not its gradients' function
+        from trainer.cli import main
+
+        onnx.save(proto, str(tmp_path / "m.onnx"))
+        main(["grad", str(tmp_path / "m.onnx"), "--output", proto.graph.output[0].name,
+              "--loss", "mse", "-o", str(tmp_path / "t.onnx")])  # (nothing to train here)
+        assert ("its gradients the spec's" in capsys.readouterr().out) == warned, how
 
 
 class ParallelBlock(nn.Module):

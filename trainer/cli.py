@@ -153,6 +153,14 @@ def _ops(args) -> int:
     return 0
 
 
+# A config's keys in the training graph's errors, and the `grad` flags that set them
+_GRAD_FLAGS = (("batchnorm: eval", "--frozen-batchnorm"), ("set loss.class_axis to",
+               "give --class-axis"), ("set loss.class_axis:", "give --class-axis"),
+               ("loss.class_axis", "--class-axis"), ("leave logits out", "leave --logits out"),
+               ("with logits: true", "with --logits"),
+               ("give each process batches of at least 2 samples", "give --batch-size 2 or more"))
+
+
 def _grad(args) -> int:
     from trainer.autodiff import build_training_graph
     from trainer.contrib import lower_contrib
@@ -174,6 +182,12 @@ def _grad(args) -> int:
     if lookups:
         notes.append(lookups_line(lookups))
     notes += [tied_line(c, src, kind) for c, (src, kind) in tie_folded_copies(model).items()]
+    from trainer.errors import listing
+    from trainer.report import CORNERS_HINT, fractional_corner_resizes
+    corners = fractional_corner_resizes(model)
+    if corners:  # (onnxruntime runs them otherwise: its loss is not the gradients' function)
+        print(f"WARNING: {CORNERS_HINT}; onnxruntime computes the loss of the training graph "
+              f"their way and its gradients the spec's: {listing(corners)}")
     if args.precision in ("bf16", "fp16"):
         from trainer.autocast import autocast
         model, _, _ = autocast(model, args.precision)
@@ -238,10 +252,18 @@ def _grad(args) -> int:
             "lengths": args.lengths, "from_logits": args.logits}
     if args.ignore_index is not None:
         loss["ignore_index"] = args.ignore_index
-    tm = build_training_graph(model, loss,
-                              args.trainable or "all", batch_size=args.batch_size or 1,
-                              shapes=shapes,
-                              batchnorm="eval" if args.frozen_batchnorm else "train")
+    try:
+        tm = build_training_graph(model, loss,
+                                  args.trainable or "all", batch_size=args.batch_size or 1,
+                                  shapes=shapes,
+                                  batchnorm="eval" if args.frozen_batchnorm else "train")
+    except TrainerError as exc:  # (the advice in this command's words: its flags)
+        text = str(exc)
+        for key, flag in _GRAD_FLAGS:
+            text = text.replace(key, flag)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from None
     from trainer.export import save_model
     from trainer.graph import external_data_files
     save_model(tm, out, keep=[Path(args.model), *external_data_files(Path(args.model))])

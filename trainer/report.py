@@ -251,7 +251,7 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
              and made.get(n.input[3]) == "Tile"]
     if tiled:
         lines.append(f"WARNING: {TILED_HINT}: {listing(tiled)}")
-    corners = _fractional_corner_resizes(model)
+    corners = fractional_corner_resizes(model)
     if corners:
         lines.append(f"WARNING: {CORNERS_HINT}: {listing(corners)}")
     from trainer.convert import constant_weights
@@ -286,7 +286,7 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
 
 
 
-def _fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
+def fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
     """Resize nodes with coordinate_transformation_mode align_corners whose constant `scales`
     (no `sizes`) hold a value that is not a whole number."""
     from onnx import numpy_helper

@@ -22,6 +22,7 @@ from trainer.autodiff.context import Builder
 from trainer.autodiff.engine import active_nodes, build_backward
 from trainer.autodiff.params import (
     CONSTANT,
+    batchnorm_nodes,
     batchnorm_stats,
     fixed_floats,
     glob_match,
@@ -290,6 +291,8 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
                         outputs=outputs)
     helper.set_model_props(fwd, {**{p.key: p.value for p in fwd.metadata_props},
                                  META_KEY: json.dumps(info.__dict__)})
+    _drop_unread_constants(fwd, {t.name for t in m.graph.initializer
+                                 if t.data_type in FLOAT_TYPES} | {seed})
     _import_used_domains(fwd)
     if opset < 6:
         _cast_types_as_names(fwd.graph)
@@ -332,6 +335,37 @@ class TrainingForward:
     target_shapes: dict  # target name -> static shape
     scope: NameScope  # names in use, for the backward's fresh names
     added: frozenset = frozenset()  # initializers the rewrite and the loss added (not the model's)
+
+
+def _drop_unread_constants(model: onnx.ModelProto, keep: set[str]) -> None:
+    """Remove the initializers the rewrite and the backward added that no node reads, and
+    Constant nodes no node reads (a rule's
+    constant its simplification left unused, the model's training_mode flag that the train
+    form replaced): onnxruntime warns of each. The model's float initializers (`keep`) stay,
+    read or not."""
+    from trainer.executor import outer_names, subgraphs
+
+    g = model.graph
+    read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        for _, graphs in subgraphs(n):
+            for sub in graphs:
+                read |= outer_names(sub)
+    inputs = {vi.name for vi in g.input}
+    idle = [n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            and not any(o in read for o in n.output)]
+    if idle:
+        gone = {id(n) for n in idle}
+        nodes = [n for n in g.node if id(n) not in gone]
+        del g.node[:]
+        g.node.extend(nodes)
+    drop = [t for t in g.initializer if t.name not in read and t.name not in keep
+            and t.name not in inputs]
+    if drop:
+        names = {t.name for t in drop}
+        kept = [t for t in g.initializer if t.name not in names]
+        del g.initializer[:]
+        g.initializer.extend(kept)
 
 
 def training_forward(m: onnx.ModelProto, first: Mapping, consts: Mapping, opset: int,
@@ -488,7 +522,7 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
 
 def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
     """Names (scale initializers) of the BatchNormalization layers kept in inference form."""
-    scales = [n.input[1] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    scales = list(dict.fromkeys(n.input[1] for n in batchnorm_nodes(model.graph.node)))
     if batchnorm in ("train", None):
         return set()
     if batchnorm in ("eval", "frozen"):
@@ -608,6 +642,20 @@ def _training_mode(nodes, b: Builder, shapes, consts, eval_bn: set[str], sync: b
             out.append(node)
         elif node.op_type == "Dropout":  # before opset 12: no training_mode input
             out += _dropout_train_old(node, label, b, shapes)
+        elif any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for a in node.attribute):
+            # (control flow left after lowering: a branch or trip count the data decides)
+            inner = [n for n in batchnorm_nodes([node]) if n.input[1] not in eval_bn]
+            if inner:
+                bn = inner[0]
+                raise ModelError(
+                    f"BatchNormalization '{bn.name or bn.output[0]}' runs inside {node.op_type} "
+                    f"'{label}', whose branch or trip count depends on the data: its training "
+                    "form (batch statistics, running statistics updated) is not built there; "
+                    f"normalize it with its running statistics (batchnorm: ['{bn.input[1]}'], "
+                    "the layers kept as PyTorch's .eval() has them), or export the model with "
+                    "that branch fixed")
+            out.append(node)
         elif node.op_type == "MaxPool" and len(node.output) < 2 and b.opset >= 8:
             node = copy.deepcopy(node)
             node.output.append(b.scope.fresh(f"{node.output[0]}/indices"))
@@ -624,8 +672,8 @@ def _dropout_train_old(node, label, b: Builder, shapes) -> list[onnx.NodeProto]:
     a = attrs_of(node)
     ratio = float(a.get("ratio", 0.5))
     x, dt = node.input[0], shapes[node.input[0]][1]
-    if a.get("is_test", 0) or ratio == 0.0:
-        return [node]
+    if ratio == 0.0:  # (opsets 1-6: is_test=1 marks an eval-mode export; training drops out,
+        return [node]  # as BatchNormalization's is_test trains on batch statistics)
     b.prefix = f"{label}/Train"
     u, drop, keep, keepf, scaled = (b.tmp(k) for k in ("u", "drop", "keep", "keepf", "scaled"))
     nodes = [b.node("RandomUniformLike", [x], [u]),

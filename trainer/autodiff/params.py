@@ -25,7 +25,7 @@ import fnmatch
 import itertools
 import re
 import threading
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,9 +76,23 @@ def _fx_reads(n: onnx.NodeProto) -> set[str]:
     return set(re.findall(r"%(\w+)", _meta(n, _FX_NODE_KEY)))
 
 
+def batchnorm_nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """The BatchNormalization nodes among `nodes` and in their subgraphs (If branches, Loop and
+    Scan bodies), at any depth."""
+    for n in nodes:
+        if n.op_type == "BatchNormalization":
+            yield n
+        for a in n.attribute:
+            inner = [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+                list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+            for g in inner:
+                yield from batchnorm_nodes(g.node)
+
+
 def batchnorm_stats(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    return {n.input[i] for n in nodes if n.op_type == "BatchNormalization"
-            for i in (3, 4) if i < len(n.input)}
+    """The running statistics BatchNormalization nodes read (in subgraphs too): state, never
+    trained by the optimizer."""
+    return {n.input[i] for n in batchnorm_nodes(nodes) for i in (3, 4) if i < len(n.input)}
 
 
 def quantization_scales(nodes: Iterable[onnx.NodeProto]) -> set[str]:
