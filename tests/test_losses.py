@@ -471,3 +471,44 @@ def test_bce_with_logits_on_a_sigmoids_output_is_refused(tmp_path):
     with pytest.raises(ModelError, match="'probs' is a Sigmoid's output .*leave logits out"):
         build_training_graph(m, {"type": "bce", "output": "probs", "target": "t",
                                  "from_logits": True}, "all", batch_size=2)
+
+
+def test_a_fixed_batch_models_own_loss_is_evaluated_over_the_real_samples(tmp_path):
+    """loss.type output on a model of a fixed batch of 16, 100 eval samples: the last chunk
+    runs padded with copies of its last sample, and the model's one mean over the padded batch
+    was counted for the 4 real samples (3.2948 where the mean is 3.3617). The copies' loss,
+    taken from a batch of that sample alone, comes out: the mean a dynamic batch gives."""
+    from tests.conftest import EXAMPLES
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((10, 64)) * 0.3).astype(np.float32)
+    for name, n in (("fixed16", 16), ("dynamic", "N")):
+        g = helper.make_graph(
+            [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1),
+             helper.make_node("SoftmaxCrossEntropyLoss", ["logits", "label"], ["loss"],
+                              reduction="mean")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 64]),
+             helper.make_tensor_value_info("label", TensorProto.INT64, [n])],
+            [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+            [numpy_helper.from_array(W, "W")])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "d.npz", x=d["x_train"][:160], y=d["y_train"][:160],
+             xt=d["x_test"][:100], yt=d["y_test"][:100])
+    got = {}
+    for name in ("fixed16", "dynamic"):
+        cfg = config_from_dict({
+            "model": f"{name}.onnx", "device": "cpu", "steps": 1,
+            "data": {"train": {"path": "d.npz", "inputs": {"x": "x", "label": "y"}},
+                     "eval": {"path": "d.npz", "inputs": {"x": "xt", "label": "yt"}},
+                     "batch_size": 16},
+            "loss": {"type": "output", "output": "loss"},
+            "optimizer": {"type": "sgd", "lr": 0.01}}, tmp_path)
+        got[name] = Trainer(cfg, stream=io.StringIO(), writes=False).evaluate()["eval_loss"]
+    logits = d["x_test"][:100].astype(np.float64) @ W.T.astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    want = -logp[np.arange(100), d["y_test"][:100]].mean()
+    np.testing.assert_allclose(got["dynamic"], want, rtol=1e-5)
+    np.testing.assert_allclose(got["fixed16"], want, rtol=1e-5)

@@ -1630,6 +1630,14 @@ class Trainer:
                 out = self.predict(feeds)[spec.output]
             if fixed_n is not None and real < fixed_n and out.shape[:1] == (fixed_n,):
                 out = out[:real]
+            elif fixed_n is not None and real < fixed_n and spec.type == "output":
+                # (one mean over the padded batch, its copies of the last sample included:
+                # the batch of that sample alone gives its loss, which the copies take out)
+                alone = {k: np.repeat(v[-1:], fixed_n, 0) for k, v in feeds.items()}
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    last = float(np.asarray(self.predict(alone)[spec.output]).reshape(-1)[0])
+                total = float(np.asarray(out).reshape(-1)[0]) * fixed_n
+                out = np.array((total - (fixed_n - real) * last) / real)
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
                                len(next(iter(chunk.values()))), self._softmax_output,
                                chunk.get(spec.lengths) if spec.type == "ctc" else None)
