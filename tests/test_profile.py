@@ -102,6 +102,10 @@ def test_chrome_trace(cnn, tmp_path):
     assert all(e["dur"] >= 0 and e["ts"] >= 0 and "op" in e["args"] for e in nodes)
     starts = [e["ts"] for e in nodes]
     assert starts == sorted(starts)  # one run, in execution order
+    # its slices do not overlap: each ends before the next starts (their start and duration
+    # came from different runs: a mean duration on the last run's start overlapped)
+    for a, b in zip(nodes, nodes[1:]):
+        assert a["ts"] + a["dur"] <= b["ts"] + 1e-3, (a, b)
     parts = {e["name"] for e in events if e.get("tid") == 0 and e["ph"] == "X"}
     assert parts == {"data", "graph", "communication", "optimizer"}
 

@@ -1717,6 +1717,7 @@ def node_times(ex: Executor, feeds: dict, repeat: int, loss: str
     labels = prog.labels
     per = [0.0] * len(prog.steps)
     starts = [0.0] * len(prog.steps)
+    last = [0.0] * len(prog.steps)  # (the last run's own durations: its slices do not overlap)
     clock = time.perf_counter
 
     sync = ex.xp.cuda.get_current_stream().synchronize if ex.xp is not np else None
@@ -1728,7 +1729,7 @@ def node_times(ex: Executor, feeds: dict, repeat: int, loss: str
             if sync is not None:  # the kernel's time, not its launch
                 sync()
             end = clock()
-            starts[k] = t
+            starts[k], last[k] = t, end - t
             per[k] += end - t
         return run
 
@@ -1746,7 +1747,7 @@ def node_times(ex: Executor, feeds: dict, repeat: int, loss: str
     rows = [(name, op, phase(k, name), per[k] / repeat)
             for k, (name, op, _) in enumerate(labels)]
     t0 = min(starts) if starts else 0.0
-    events = [(name, op, phase(k, name), starts[k] - t0, per[k] / repeat)
+    events = [(name, op, phase(k, name), starts[k] - t0, last[k])
               for k, (name, op, _) in enumerate(labels)]
     return rows, events
 
