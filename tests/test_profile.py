@@ -132,3 +132,23 @@ def test_cli_profile_and_trace(tmp_path, digits_config):
     assert proc.returncode == 0, proc.stderr
     assert "profile: 4 step(s) after the warm-up" in proc.stdout
     assert "fc1/Grad/Gemm" in proc.stdout and trace.is_file()
+
+
+def test_with_accumulation_the_nodes_are_timed_per_step(cnn, tmp_path, monkeypatch):
+    """A step of `accumulate: 4` runs the graph four times, and the nodes were timed for one
+    run: three quarters of the compute showed as "executor, between nodes"."""
+    from trainer import train as train_module
+
+    real = train_module.node_times
+
+    def fixed(*a, **k):  # (the real timing, every node then set to 1 ms a run)
+        rows, events = real(*a, **k)
+        return [(n, op, ph, 1e-3) for n, op, ph, _ in rows], events
+    monkeypatch.setattr(train_module, "node_times", fixed)
+    stream = io.StringIO()
+    t = Trainer(config_from_dict(_raw(cnn, tmp_path, accumulate=4, steps=8), tmp_path),
+                stream=stream)
+    p = t.fit(profile=ProfileRequest(warmup=2, steps=2, repeat=1))["profile"]
+    assert p["runs_per_step"] == 4
+    assert p["nodes_s"] == pytest.approx(4e-3 * len(p["nodes"]))
+    assert "the graph runs 4 times a step" in stream.getvalue()

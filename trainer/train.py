@@ -1208,11 +1208,15 @@ class Trainer:
             nodes, events = node_times(plan.executor, feeds, req.repeat, plan.loss)
         finally:
             self._profiling = False
+        # (a step runs the graph once per micro-batch: the table is per step, the trace shows
+        # one run)
+        acc = self.cfg.accumulate
+        nodes = [(n, op, ph, t * acc) for n, op, ph, t in nodes]
         step = means["step"] + means["data"]
         total_nodes = sum(t for _, _, _, t in nodes)
         out = {"steps": steps, "step_s": step, "nodes_s": total_nodes, "data_s": means["data"],
                "graph_s": means["graph"], "communication_s": means["communication"],
-               "optimizer_s": means["optimizer"],
+               "optimizer_s": means["optimizer"], "runs_per_step": acc,
                "nodes": [{"name": n, "op": op, "phase": ph, "s": t} for n, op, ph, t in nodes]}
         if self.rank == 0:
             for line in profile_table(out, req.top):
@@ -1760,7 +1764,10 @@ def profile_table(p: dict, top: int) -> list[str]:
         return f"{t * 1e3:9.3f} ms {100 * t / step:5.1f}%"
     rows = sorted(p["nodes"], key=lambda r: -r["s"])
     width = max([len(r["name"]) for r in rows[:top]] + [4])
-    lines = [f"profile: {p['steps']} step(s) after the warm-up, {len(rows)} nodes; mean per step",
+    runs = p.get("runs_per_step", 1)
+    lines = [f"profile: {p['steps']} step(s) after the warm-up, {len(rows)} nodes; mean per step"
+             + (f" (the graph runs {runs} times a step, once per micro-batch)" if runs > 1
+                else ""),
              f"  {'node':<{width}}  {'op':<24} {'phase':<8} {'time':>9}    share"]
     lines += [f"  {r['name']:<{width}}  {r['op']:<24} {r['phase']:<8} {ms(r['s'])}"
               for r in rows[:top]]
