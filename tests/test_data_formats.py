@@ -327,3 +327,17 @@ def test_prefetch_does_not_change_training(tmp_path, digits_config):
         out.append(_fit(tmp_path, raw))
     for k in out[0]:
         np.testing.assert_array_equal(out[0][k], out[1][k])
+
+
+def test_eval_of_fewer_samples_than_processes_names_data_eval(tmp_path, digits_config):
+    """`onnx-trainer eval` under 2 processes on a 1-sample eval set blamed data.train (which
+    it does not read), after NumPy warnings from a batch of 0 samples."""
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "one.npz", x=d["x_test"][:1], y=d["y_test"][:1])
+    raw = digits_config()
+    raw["data"]["eval"] = {"path": str(tmp_path / "one.npz"), "inputs": {"x": "x"},
+                           "targets": {"label": "y"}}
+    cfg = config_from_dict(raw, tmp_path)
+    with pytest.raises(DataError, match=r"data.eval has 1 sample\(s\), fewer than one per "
+                       r"process \(2 processes\)"):
+        run_local(2, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO(), writes=False))

@@ -275,6 +275,10 @@ class Trainer:
         # which it need not read, nor even find)
         self.train_arrays = self._load(train, "data.train") if early_eval is None \
             else early_eval
+        n_eval = len(next(iter(early_eval.values()))) if early_eval is not None else None
+        if n_eval is not None and n_eval < self.world:
+            raise DataError(f"data.eval has {n_eval} sample(s), fewer than one per process "
+                            f"({self.world} processes); evaluate it with fewer processes")
         # data.on_device: the training set on the GPU, each batch gathered there (the host
         # arrays stay for the label counts and shapes)
         self.on_device = keep_on_device(
