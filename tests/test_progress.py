@@ -188,6 +188,22 @@ def test_narrow_terminal_without_total():
     assert len(draws) == 2 and all(len(d) <= 29 for d in draws)
     assert draws[0].startswith("step 500/1000 ") and "%" in draws[0]
     assert draws[1] == "step 7  loss 0.5000"
+    # fields that do not fit are left out whole: a cut "lr 0.0001" read as a wrong value
+    assert draws[0] == "step 500/1000  50%", draws[0]  # ("  loss 1.2346" would pass 29)
+
+
+def test_a_terminal_too_narrow_for_a_field_leaves_it_out_whole():
+    clock = Clock()
+    with terminal(40) as (stream, out):
+        log = MetricsLogger(None, True, stream, clock=clock)
+        log.open(total_steps=88)
+        clock.t += 1
+        log.progress(80, 0.123456, 0.000127, 55321.0)
+        log.close()
+    (draw,) = _draws(out.raw)[:1]
+    assert len(draw) <= 39
+    fields = draw.split("  ")
+    assert all(not f.startswith("lr ") or f == "lr 0.000127" for f in fields), draw
 
 
 def test_plain_lines_when_not_a_terminal(tmp_path):

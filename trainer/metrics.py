@@ -122,9 +122,12 @@ class _Bar:
             pct = f"{100 * frac:3.0f}%"
             width = min(30, cols - len(head) - len(pct) - len(tail) - 7)
             if width >= 8:
-                return f"{head} |{self._graphic(frac, width)}| {pct}  {tail}"[:cols]
-            return f"{head} {pct}  {tail}"[:cols]
-        return f"{head}  {tail}"[:cols]
+                return f"{head} |{self._graphic(frac, width)}| {pct}  {tail}"
+            head = f"{head} {pct}"
+        # (too narrow: whole fields left out from the end, never a number cut in two)
+        while parts and len(f"{head}  {'  '.join(parts)}") > cols:
+            parts.pop()
+        return f"{head}  {'  '.join(parts)}".rstrip()[:cols]
 
     def _graphic(self, frac: float, width: int) -> str:
         if not self.unicode:

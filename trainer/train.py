@@ -314,6 +314,11 @@ class Trainer:
                                    if k in cfg.data.train.inputs},  # data; others: constants)
                                   self.batches.local_sizes(), cfg.data.batch_size,
                                   self.world)
+        else:  # (its chunks of data.batch_size per process, the last one padded to them)
+            preflight.fixed_batch({k: v for k, v in self.data_inputs.items()
+                                   if cfg.data.eval is not None and k in cfg.data.eval.inputs},
+                                  {max(cfg.data.batch_size // self.world, 1)},
+                                  cfg.data.batch_size, self.world)
         self.plans: dict[int, Plan] = {}
         try:
             self._init_parameters()
