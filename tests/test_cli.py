@@ -582,3 +582,30 @@ def test_grad_errors_name_its_flags_not_config_keys(tmp_path):
     line = one_line_error(proc)
     assert "loss bce with --logits" in line and "leave --logits out" in line
     assert "logits: true" not in line
+
+
+def test_eval_json_writes_a_non_finite_metric_as_null(tmp_path):
+    """`eval --json` printed Infinity or NaN, which JSON has not (jq refuses them); null, as
+    log.metrics writes them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.full((4, 3), 3e38, np.float32)
+    w[:, 1] = -3e38
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d", x=np.ones((8, 4), np.float32), y=np.ones(8, np.int64))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    proc = run("eval", write_cfg(tmp_path, raw), "--json")
+    assert proc.returncode == 0, proc.stderr
+
+    def refuse(name):
+        raise AssertionError(f"{name} in {proc.stdout!r}")
+    assert json.loads(proc.stdout, parse_constant=refuse)["eval_loss"] is None

@@ -304,7 +304,11 @@ def _evaluate(args) -> int:
         if args.json:
             import json
 
-            print(json.dumps({k: float(v) for k, v in metrics.items()}))
+            import math
+
+            # (a non-finite value is null, as in log.metrics: Infinity and NaN are no JSON)
+            print(json.dumps({k: float(v) if math.isfinite(v) else None
+                              for k, v in metrics.items()}, allow_nan=False))
         else:
             print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
