@@ -508,3 +508,23 @@ def test_training_writes_tensorboard_and_draws_the_bar(tmp_path, digits_config):
     scalars = _scalars(tmp_path / "tb")
     assert [s for s, _ in scalars["train/loss"]] == [4, 8, 12]
     assert [s for s, _ in scalars["eval/accuracy"]] == [12]
+
+
+def test_plot_smoothing_leaves_the_lr_as_it_is(tmp_path, monkeypatch):
+    """--smooth averaged the lr too: a schedule drawn lagging (1e-3 where it had reached
+    7e-6). The lr is exact; the losses are smoothed."""
+    pytest.importorskip("matplotlib")
+    from trainer import plot
+
+    seen = []
+
+    def record(values, weight):
+        seen.append(list(values))
+        return values
+    monkeypatch.setattr(plot, "smoothed", record)
+    a = _write_run(tmp_path / "a.jsonl", 0.01)
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert plot.main([str(a), "-o", str(tmp_path / "c.png"), "--smooth", "0.6",
+                      "--size", "300x200"]) == 0
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert seen and lrs and lrs not in seen

@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dpi", type=int, default=100, help="dots per inch (default 100)")
     p.add_argument("--log-y", action="store_true", help="logarithmic scale for the losses")
     p.add_argument("--smooth", type=float, default=0.0, metavar="W",
-                   help="exponential moving average of the training curves, weight W in [0, 1) "
-                        "as TensorBoard's slider (0.6 is typical; default 0: none)")
+                   help="exponential moving average of the training losses, weight W in [0, 1) "
+                        "as TensorBoard's slider (0.6 is typical; default 0: none; the lr is "
+                        "drawn as it is)")
     p.add_argument("--title", default=None, help="a title above the plots")
 
 
@@ -187,7 +188,8 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
                 label = " ".join(filter(None, (name if len(runs) > 1 else "",
                                                key if len(panel) > 1 else "")))
                 style = _STYLES[j % len(_STYLES)]
-                if smooth and not key.startswith("eval_") and len(x) > 1:
+                # (the lr is the schedule's, exact: an average would draw it lagging)
+                if smooth and not key.startswith("eval_") and key != "lr" and len(x) > 1:
                     ax.plot(x, y, style, color=color, alpha=0.25, linewidth=1.0)
                     y = smoothed(y, smooth)
                 ax.plot(x, y, style, color=color, label=label or None,
