@@ -235,6 +235,7 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
     frozen_bn = frozen_batchnorm_buffers(model, stats)
     masks = mask_candidates(model)  # (only these are read for their values)
     single_out = single_output_biases(model)
+    slopes = prelu_slopes(model)
     rows = []
     for t in inits:
         shape = tuple(t.dims)
@@ -269,7 +270,8 @@ def parameter_table(model: onnx.ModelProto, nodes: list[onnx.NodeProto], targets
             rows.append(ParamInfo(t.name, shape, CONSTANT, "an additive attention mask (only 0 "
                                   f"and {fill:g}; list it in 'trainable' to train it)"))
         elif (size == 1 and kind != "PARAMETER" and not _MODULE_PARAMETER.match(t.name)
-              and t.name not in single_out and t.name not in aliases):  # (a view of a
+              and t.name not in single_out and t.name not in aliases
+              and t.name not in slopes):  # (a view of a
             # parameter the export folded, PReLU()'s one slope as [1, 1], is that parameter)
             rows.append(ParamInfo(t.name, shape, CONSTANT, "one-element constant of the graph "
                                   "(an epsilon, exponent or scale; list it in 'trainable' to "
@@ -379,14 +381,22 @@ def fixed_floats(model: onnx.ModelProto, trainable="all") -> set[str]:
                 reachable |= outer_names(sub)
     out = set()
     inits = {t.name for t in g.initializer}
+    slopes = prelu_slopes(model)
     for t in g.initializer:
         if t.data_type not in FLOAT_TYPES or any(glob_match(t.name, p, inits) for p in globs):
             continue
         one = int(np.prod(t.dims)) == 1 and signature.get(t.name) != "PARAMETER" and \
-            not _MODULE_PARAMETER.match(t.name)
+            not _MODULE_PARAMETER.match(t.name) and t.name not in slopes
         if one or t.name not in reachable:
             out.add(t.name)
     return out
+
+
+def prelu_slopes(model: onnx.ModelProto) -> set[str]:
+    """The slopes PRelu nodes read: learned, one element or many (nn.PReLU()'s single slope,
+    which TorchScript's constant folding names `onnx::PRelu_12`, [1, 1, 1])."""
+    return {n.input[1] for n in model.graph.node
+            if n.op_type == "PRelu" and n.domain in ("", "ai.onnx") and len(n.input) > 1}
 
 
 def frozen_batchnorm_buffers(model: onnx.ModelProto, stats: set[str]) -> set[str]:
