@@ -104,7 +104,7 @@ def test_chrome_trace(cnn, tmp_path):
     assert starts == sorted(starts)  # one run, in execution order
     # its slices do not overlap: each ends before the next starts (their start and duration
     # came from different runs: a mean duration on the last run's start overlapped)
-    for a, b in zip(nodes, nodes[1:]):
+    for a, b in zip(nodes, nodes[1:], strict=False):
         assert a["ts"] + a["dur"] <= b["ts"] + 1e-3, (a, b)
     parts = {e["name"] for e in events if e.get("tid") == 0 and e["ph"] == "X"}
     assert parts == {"data", "graph", "communication", "optimizer"}

@@ -3009,3 +3009,53 @@ def test_a_folded_first_step_from_a_zero_state_trains_its_bias(tmp_path):
                                   np.broadcast_to(out[src], out[copy_name].shape))
     np.testing.assert_allclose(out[src], model.rnn.bias_hh_l0.detach().numpy(), rtol=1e-4,
                                atol=1e-5)
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention as cross attention (`layers` of them): TorchScript reads each
+    in_proj_bias through two Slices, its query part and its key and value part."""
+
+    def __init__(self, layers=1):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.lat = nn.Parameter(torch.randn(3, 8) * 0.1)
+        self.xattn = nn.ModuleList(nn.MultiheadAttention(8, 2, batch_first=True)
+                                   for _ in range(layers))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        kv = self.inp(x)
+        q = self.lat.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for a in self.xattn:
+            q = a(q, kv, kv, need_weights=False)[0]
+        return self.fc(q.mean(1))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_one_bias_cut_into_parts_is_not_called_equal_tensors_stored_once(layers):
+    """A cross attention's zero in_proj_bias, read by two Slices of its parts, was warned of as
+    equal tensors of several layers stored once (it is one tensor in PyTorch too). (Two
+    layers' biases, which TorchScript stores once, get their own tensors back.) Slices that
+    overlap still read as equal tensors shared."""
+    from onnx import helper, numpy_helper
+
+    from trainer.autodiff.params import shared_constants
+
+    torch.manual_seed(0)
+    text = model_report(export(CrossAttention(layers), (4, 6), "torchscript")).text()
+    assert "tensors of equal values that several nodes read" not in text, text
+
+    def sliced(ranges):
+        nodes, inits = [], [numpy_helper.from_array(np.zeros(6, np.float32), "b")]
+        for k, (lo, hi) in enumerate(ranges):
+            inits += [numpy_helper.from_array(np.array([v], np.int64), f"{n}{k}")
+                      for n, v in (("s", lo), ("e", hi))]
+            nodes += [helper.make_node("Slice", ["b", f"s{k}", f"e{k}"], [f"p{k}"]),
+                      helper.make_node("Add", ["x", f"p{k}"], [f"y{k}"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [None, 3])],
+                              [helper.make_tensor_value_info(f"y{k}", 1, [None, 3])
+                               for k in range(len(ranges))], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        return shared_constants(m, ["b"])
+    assert sliced([(0, 3), (3, 6)]) == []
+    assert sliced([(0, 3), (0, 3)]) == ["b (all 0, read by 2 nodes)"]

@@ -303,7 +303,6 @@ def _evaluate(args) -> int:
     if trainer.rank == 0:  # (under mpirun: one line, as train's)
         if args.json:
             import json
-
             import math
 
             # (a non-finite value is null, as in log.metrics: Infinity and NaN are no JSON)

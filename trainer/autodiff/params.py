@@ -452,9 +452,67 @@ def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str
         if t.data_location == onnx.TensorProto.EXTERNAL:  # (values not read: the pre-flight's
             continue  # stripped structure, external data left on disk)
         a = numpy_helper.to_array(t)
-        if a.size and (a == a.flat[0]).all():
+        if a.size and (a == a.flat[0]).all() and not _disjoint_slices(
+                model, a.shape, [model.graph.node[i] for i in sorted(readers[name])], name):
             out.append(f"{name} (all {a.flat[0]:g}, read by {k} nodes)")
     return out
+
+
+def _chained_slices(nodes: list, values: Mapping) -> bool:
+    """Slices (opset 10 on) on the same axes, each starting where another ends or at 0, no two
+    at one start: [0, a), [a, b), ... (TorchScript's MultiheadAttention cuts its in_proj_bias
+    so, at sizes it reads from the inputs' shapes)."""
+    if any(len(n.input) < 4 or not n.input[3] or (len(n.input) > 4 and n.input[4])
+           for n in nodes):
+        return False
+    axes = {n.input[3] for n in nodes}
+    starts = [n.input[1] for n in nodes]
+    ends = {n.input[2] for n in nodes}
+    if len(axes) != 1 or len(set(starts)) != len(starts):
+        return False
+
+    def zero(x):
+        v = values.get(x)
+        return v is not None and np.asarray(v).size == 1 and int(np.asarray(v).reshape(-1)[0]) == 0
+    return all(zero(x) or x in ends for x in starts) and sum(map(zero, starts)) == 1
+
+
+def _disjoint_slices(model: onnx.ModelProto, shape: tuple, nodes: list, name: str) -> bool:
+    """Whether `nodes` are all Slices of tensor `name` over parts that do not overlap: one
+    tensor cut into parts (a cross-attention's in_proj_bias, its query part and its key and
+    value part), not equal tensors of several layers stored once."""
+    from trainer.autodiff.build import _constant_values
+    from trainer.graph import attrs_of
+
+    if not all(n.op_type == "Slice" and n.domain in ("", "ai.onnx") and n.input[0] == name
+               for n in nodes):
+        return False
+    values = None
+    boxes = []
+    for n in nodes:
+        a = attrs_of(n)
+        if "starts" in a:  # (opsets 1-9: attributes)
+            starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+        else:
+            if values is None:
+                values = _constant_values(model)
+            starts, ends, axes, steps = (
+                values.get(n.input[i]) if len(n.input) > i and n.input[i] else None
+                for i in (1, 2, 3, 4))
+            if starts is None or ends is None:  # (sizes read from shapes: symbolically)
+                return _chained_slices(nodes, values)
+        starts, ends = np.asarray(starts).reshape(-1), np.asarray(ends).reshape(-1)
+        axes = np.arange(len(starts)) if axes is None else np.asarray(axes).reshape(-1)
+        if steps is not None and (np.asarray(steps) != 1).any():
+            return False
+        box = [(0, d) for d in shape]
+        for ax, lo, hi in zip(axes, starts, ends, strict=True):
+            ax = int(ax) % len(shape)
+            lo, hi, _ = slice(int(lo), int(hi)).indices(shape[ax])
+            box[ax] = (lo, hi)
+        boxes.append(box)
+    return all(any(p[1] <= q[0] or q[1] <= p[0] for p, q in zip(b1, b2, strict=True))
+               for i, b1 in enumerate(boxes) for b2 in boxes[i + 1:])
 
 
 def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
