@@ -522,6 +522,18 @@ def test_group_globs_also_match_the_parameter_a_folded_tensor_holds():
         resolve_groups([["*lora_a"]], names)
 
 
+def test_a_groups_globs_need_only_match_together():
+    """A recipe's group ["*bias*", "*norm*"] on a model without norms was refused for its
+    "*norm*" alone; the README's rule is the group's: refused where none matches."""
+    from trainer.optim import resolve_groups
+
+    names = ["fc.weight", "fc.bias"]
+    assert resolve_groups([["*bias*", "*norm*"]], names) == [["fc.bias"]]
+    with pytest.raises(ConfigError, match=r"groups\[0\].params': none of '\*ln\*', '\*norm\*' "
+                       "matches a trained parameter"):
+        resolve_groups([["*ln*", "*norm*"]], names)
+
+
 def test_a_name_with_brackets_names_its_own_tensor(tmp_path):
     """`fc[0].weight` (an nn.ModuleList's layer as some exporters name it) read as a glob is a
     character class: it froze `fc0.weight` and trained itself, silently. A glob that is a

@@ -795,11 +795,14 @@ def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
     taken: set[str] = set()
     out = []
     for i, globs in enumerate(patterns):
-        for pattern in globs:
-            if not any(hit(n, pattern) for n in names):
-                shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-                raise ConfigError(f"config key '{key}[{i}].params': '{pattern}' matches no "
-                                  f"trained parameter (trained: {shown})")
+        # (a group's globs together: a recipe's list, ["*bias*", "*norm*"], may name what one
+        # model has and another has not)
+        if not any(hit(n, pattern) for pattern in globs for n in names):
+            shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            which = f"'{globs[0]}' matches no" if len(globs) == 1 else \
+                "none of " + ", ".join(f"'{g}'" for g in globs) + " matches a"
+            raise ConfigError(f"config key '{key}[{i}].params': {which} trained parameter "
+                              f"(trained: {shown})")
         mine = [n for n in names if n not in taken and any(hit(n, pattern) for pattern in globs)]
         if not mine:
             raise ConfigError(f"config key '{key}[{i}].params': every parameter it matches is "
