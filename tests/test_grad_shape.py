@@ -470,3 +470,49 @@ def test_gather_padding_row_passes_no_gradient(indices):
     np.testing.assert_allclose(grads["W"], want, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(run_ort(tm)[training_info(tm).gradients["W"]], grads["W"],
                                rtol=1e-6)
+
+
+def _empty_case_model(nodes, inits, opset):
+    """L = sum(y * R) over `nodes`' output y, at `opset` (R fixed random of y's shape)."""
+    from tests.opcases import make_model, run
+
+    y = np.asarray(run(make_model(nodes, initializers=inits, outputs=["y"], opset=opset),
+                       fetch=["y"])["y"])
+    R = np.random.default_rng(0).standard_normal(y.shape)
+    nodes = list(nodes) + [helper.make_node("Mul", ["y", "R__"], ["p__"]),
+                           helper.make_node("ReduceSum", ["p__"], ["L"], keepdims=0)]
+    return make_model(nodes, initializers={**inits, "R__": R}, outputs=["L"], opset=opset)
+
+
+_I64 = lambda v: np.array(v, np.int64)  # noqa: E731
+EMPTY_CASES = {
+    "unsqueeze_0x0": ([helper.make_node("Unsqueeze", ["x", "a"], ["y"])],
+                      {"x": np.zeros((0, 0)), "a": _I64([0])}),
+    "tile_0": ([helper.make_node("Tile", ["x", "a"], ["y"])], {"x": np.zeros(0), "a": _I64([2])}),
+    "flatten_2x0x3": ([helper.make_node("Flatten", ["x"], ["y"], axis=2)],
+                      {"x": np.zeros((2, 0, 3))}),
+    "reducesum_3x0": ([helper.make_node("ReduceSum", ["x", "a"], ["y"], keepdims=0)],
+                      {"x": np.zeros((3, 0)), "a": _I64([0])}),
+    "slice_empty_then_tile": ([helper.make_node("Slice", ["x", "s", "e"], ["v"]),
+                               helper.make_node("Tile", ["v", "a"], ["y"])],
+                              {"x": np.arange(2.0), "s": _I64([0]), "e": _I64([0]),
+                               "a": _I64([2])}),
+    "matmul_k0_batched": ([helper.make_node("MatMul", ["x", "b"], ["y"])],
+                          {"x": np.zeros((2, 1, 0)), "b": np.zeros((0, 2))}),
+}
+
+
+@pytest.mark.parametrize("opset", [13, 14])
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+def test_gradients_through_size_0_dimensions(case, opset):
+    """Before opset 14 a 0 in Reshape's target copies the input's size (no allowzero): the
+    backward's Reshapes to a shape with a 0 failed or gave a gradient of another shape
+    ((1, 0) for an Unsqueeze of (0, 0)); a batched MatMul over K = 0 could not infer its -1
+    rows. Zeros of each input's shape, as torch gives."""
+    nodes, inits = EMPTY_CASES[case]
+    m = _empty_case_model(nodes, inits, opset)
+    wrt = [k for k, v in inits.items() if v.dtype == np.float64]
+    got, _ = gradients(m, wrt)
+    for k in wrt:
+        assert got[k].shape == inits[k].shape, (k, got[k].shape)
+        assert not got[k].any()

@@ -55,14 +55,24 @@ class Builder:
             return self.node(op, [x, self.const(axes, np.int64, "axes")], [out], keepdims=keepdims)
         return self.node(op, [x], [out], axes=axes, keepdims=keepdims)
 
-    def reshape(self, x: str, shape, out: str) -> onnx.NodeProto:
+    def reshape(self, x: str, shape, out: str, dtype=None) -> onnx.NodeProto:
         if self.opset < 5:  # Reshape-1 takes the shape as an attribute (typed: a scalar's is
             node = self.node("Reshape", [x], [out])  # empty, which make_node cannot type)
             node.attribute.append(helper.make_attribute(
                 "shape", [int(d) for d in shape], attr_type=onnx.AttributeProto.INTS))
             return node
-        # a 0 in the target copies the input's dim unless allowzero (opset 14) says otherwise
-        zero = 1 if 0 in list(shape) and self.opset >= 14 else None
+        # a 0 in the target copies the input's dim unless allowzero (opset 14) says otherwise;
+        # before it, an empty target's one 0 is inferred as -1 (the other sizes are not 0),
+        # and one of several 0s is a tensor of zeros of its shape
+        shape = [int(d) for d in shape]
+        zero = 1 if 0 in shape and self.opset >= 14 else None
+        if 0 in shape and self.opset < 14:
+            if shape.count(0) == 1 and -1 not in shape:
+                shape = [-1 if d == 0 else d for d in shape]
+            elif (dtype is not None or x in self.shapes) and self.opset >= 9:
+                dtype = self.dtype(x) if dtype is None else dtype  # (x's or as given)
+                return self.node("ConstantOfShape", [self.const(shape, np.int64, "shape")],
+                                 [out], value=numpy_helper.from_array(np.zeros(1, dtype)))
         return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out],
                          allowzero=zero)
 
@@ -124,7 +134,7 @@ class GradContext(Builder):
         if like in self.data_sized and self.opset >= 5:
             dims = self.tmp("shape")
             return [self.node("Shape", [like], [dims]), self.node("Reshape", [x, dims], [out])]
-        return [self.reshape(x, self.shape(like), out)]
+        return [self.reshape(x, self.shape(like), out, self.dtype(like))]
 
     def I(self, i: int) -> str:  # noqa: E743
         return self.onnx_node.input[i] if i < len(self.onnx_node.input) else ""

@@ -104,10 +104,12 @@ def _matmul_2d_weight(ctx, sa, sb):
     k, n = sb
     nodes = []
     batched = len(sa) > 2
+    # (-1 rows cannot be inferred from an empty K or N: the count itself then)
+    rows = int(np.prod(sa[:-1])) if 0 in (k, n) else -1
     dy2 = dy
     if batched:
         dy2 = ctx.tmp("dy_rows")
-        nodes.append(ctx.reshape(dy, (-1, n), dy2))
+        nodes.append(ctx.reshape(dy, (rows, n), dy2))
     if ctx.needs(0):
         out = ctx.tmp("da_rows") if batched else ctx.GI(0)
         nodes.append(_gemm(ctx, dy2, b, out, trans_b=1))
@@ -117,7 +119,7 @@ def _matmul_2d_weight(ctx, sa, sb):
         a2 = a
         if batched:
             a2 = ctx.tmp("a_rows")
-            nodes.append(ctx.reshape(a, (-1, k), a2))
+            nodes.append(ctx.reshape(a, (rows, k), a2))
         nodes.append(_gemm(ctx, a2, dy2, ctx.GI(1), trans_a=1))
     return nodes
 
