@@ -493,3 +493,35 @@ def test_tile_refuses_repeats_that_are_not_one_count_per_axis():
         with pytest.raises(ModelError, match="one count per axis: shape \\[2\\]"):
             get_kernel("Tile", 13)(np, x, np.array(bad))
     assert get_kernel("Tile", 13)(np, x, np.array([2, 1]))[0].shape == (4, 3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(0, 5), start=st.integers(-12, 12), end=st.integers(-12, 12),
+       step=st.sampled_from([-3, -2, -1, 1, 2, 3]))
+def test_slice_clamps_starts_and_ends_as_the_spec_says(n, start, end, step):
+    """A negative step's start is clamped into [0, n - 1] after adding n (the spec, and
+    onnxruntime): x[-5:-10:-1] of 3 items is [x0], where NumPy's slicing gives [] (the kernel
+    used Python's slice). The gradient follows the same positions."""
+    from tests.opcases import run_ort
+    from trainer.autodiff.rules.shape import spec_slice
+
+    x = np.arange(float(n)).astype(np.float32)
+    i64 = lambda v: np.array([v], np.int64)  # noqa: E731
+    m = make_model([helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])],
+                   initializers={"x": x, "s": i64(start), "e": i64(end), "a": i64(0),
+                                 "t": i64(step)}, outputs=["y"], opset=13)
+    want = run_ort(m)["y"]
+    same(run(m, fetch=["y"])["y"], want)
+    # the gradient: dL/dx of L = sum(y * r) holds r at the positions taken, zeros elsewhere
+    from tests.gradcheck import gradients
+
+    r = np.arange(1.0, len(want) + 1)
+    lm = make_model([helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"]),
+                     helper.make_node("Mul", ["y", "r"], ["p"]),
+                     helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)],
+                    initializers={"x": x.astype(np.float64), "s": i64(start), "e": i64(end),
+                                  "a": i64(0), "t": i64(step), "r": r}, outputs=["L"],
+                    opset=13)
+    grad = np.zeros(n)
+    grad[list(range(*spec_slice(start, end, step, n).indices(n)))] = r
+    np.testing.assert_array_equal(gradients(lm, ["x"])[0]["x"], grad)

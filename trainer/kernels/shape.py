@@ -188,13 +188,30 @@ def Tile(xp, x, repeats):
 
 
 # -- slicing and gathering ------------------------------------------------------------------
+def spec_slice(start: int, end: int, step: int, n: int) -> slice:
+    """The Python slice of ONNX Slice's start, end and step on an axis of size n. The spec
+    clamps a negative step's start (after adding n to a negative one) into [0, n - 1], where
+    Python takes a start below -n as before the beginning (nothing): x[-5:-10:-1] of 3 items
+    is [x0] in ONNX and onnxruntime, [] in NumPy. Otherwise Python's clamping is the spec's."""
+    start, end, step = int(start), int(end), int(step)
+    if step > 0 or n == 0:
+        return slice(start, end, step)
+    if start < 0:
+        start += n
+    start = min(max(start, 0), n - 1)
+    if end < 0:
+        end += n
+    end = min(max(end, -1), n - 1)
+    return slice(start, end if end >= 0 else None, step)
+
+
 def _slice(x, starts, ends, axes, steps):
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        # Python clamps starts/ends exactly as the spec does, for negative steps too.
-        index[a % x.ndim] = slice(s, e, st)
+        a = a % x.ndim
+        index[a] = spec_slice(s, e, st, x.shape[a])
     return x[tuple(index)]
 
 

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from trainer.autodiff.registry import FREQ_KEY, PADDING_KEY, grad, no_gradient
 from trainer.errors import ModelError
 from trainer.graph import elem_type
+from trainer.kernels.shape import spec_slice
 
 no_gradient("Shape", "Size", "NonZero", "Unique", "OneHot", "Range", "EyeLike",
             "ConstantOfShape", "Constant")
@@ -345,7 +346,7 @@ def slice_grad(ctx):
     rev = []
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
         a = int(a) % rank
-        pos = range(*slice(int(s), int(e), int(st)).indices(x_shape[a]))
+        pos = range(*spec_slice(s, e, st, x_shape[a]).indices(x_shape[a]))
         lo[a], step[a], count[a] = min(pos), abs(int(st)), len(pos)
         if st < 0 and len(pos) > 1:
             rev.append(a)
