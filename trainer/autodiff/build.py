@@ -338,11 +338,9 @@ class TrainingForward:
 
 
 def _drop_unread_constants(model: onnx.ModelProto, keep: set[str]) -> None:
-    """Remove the initializers the rewrite and the backward added that no node reads, and
-    Constant nodes no node reads (a rule's
-    constant its simplification left unused, the model's training_mode flag that the train
-    form replaced): onnxruntime warns of each. The model's float initializers (`keep`) stay,
-    read or not."""
+    """Remove the initializers and Constant nodes that no node reads (a rule's constant its
+    simplification left unused, the model's training_mode flag that the train form replaced):
+    onnxruntime warns of each. The model's float initializers (`keep`) stay, read or not."""
     from trainer.executor import outer_names, subgraphs
 
     g = model.graph
