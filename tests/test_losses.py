@@ -512,3 +512,45 @@ def test_a_fixed_batch_models_own_loss_is_evaluated_over_the_real_samples(tmp_pa
     want = -logp[np.arange(100), d["y_test"][:100]].mean()
     np.testing.assert_allclose(got["dynamic"], want, rtol=1e-5)
     np.testing.assert_allclose(got["fixed16"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["Softmax", "Sigmoid"])
+def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
+    """Training takes cross entropy on a Softmax's input and bce on a Sigmoid's; evaluation
+    took the log of the output's probabilities, which underflow to 0 on a saturated model:
+    eval_loss inf (or bce's clamp, 30.3 for 16.8) where the step's loss was finite, so `best`
+    and `early_stop` never saw an improvement. Evaluation reads the logits too now."""
+    rng = np.random.default_rng(0)
+    c = 3 if head == "Softmax" else 1
+    W = (rng.standard_normal((4, c)) * 60).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]),
+             helper.make_node(head, ["z"], ["p"], **({"axis": -1} if head == "Softmax" else {}))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", c])],
+                          [numpy_helper.from_array(W, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    y = rng.integers(0, c, 32) if head == "Softmax" else \
+        rng.integers(0, 2, (32, 1)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    cfg = config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 32, "shuffle": False},
+        "loss": {"type": "cross_entropy" if head == "Softmax" else "bce", "output": "p",
+                 "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 1e-30}, "log": {"every_steps": 1},
+        "eval": {"every_steps": 1}}, tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+    t.fit()
+    step = next(r["loss"] for r in t.history if "loss" in r)
+    z = torch.from_numpy(x.astype(np.float64)) @ torch.from_numpy(W.astype(np.float64))
+    want = (torch.nn.functional.cross_entropy(z, torch.from_numpy(y)) if head == "Softmax"
+            else torch.nn.functional.binary_cross_entropy_with_logits(z, torch.from_numpy(
+                y.astype(np.float64)))).item()
+    ev = next(r["eval_loss"] for r in t.history if "eval_loss" in r)
+    assert np.isfinite(ev) and ev > 10
+    np.testing.assert_allclose([step, ev], [want, want], rtol=1e-4)

@@ -253,8 +253,8 @@ class Trainer:
                 f"dynamic (x{ls.growth_factor:g} after {ls.growth_interval} finite steps, "
                 f"x{ls.backoff_factor:g} and the step skipped when a gradient overflows)"
                 if ls.dynamic else "static (a step whose gradients overflow is skipped)"))
-        # (cross entropy and ctc on a Softmax's output train on its input: evaluation takes the
-        # output's log, as the training graph's log-softmax of that input)
+        # (cross entropy and ctc on a Softmax's output train on its input: evaluation reads
+        # its LogSoftmax (_eval_on_logits), or the output's log where another node reads it)
         self._softmax_output = _softmax_output(self.run_model, cfg.loss)
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
@@ -1600,6 +1600,10 @@ class Trainer:
         if not hasattr(self, "_infer"):  # (its graph made here: a run that never evaluates
             # holds no copy of the weights for it)
             infer_model = inference_form(self.run_model)
+            # (the loss output read as the training graph reads it: a Softmax's as its
+            # LogSoftmax, a Sigmoid's as its logits, so that a probability that underflows to
+            # 0 in the file's output is no infinite loss where the step's is finite)
+            self._eval_reads = _eval_on_logits(infer_model, self.cfg.loss)
             inputs_for_initializers(infer_model, list(self.names) + list(self.state))
             self._infer = Executor(infer_model, self.xp,
                                    feeds=list(self.names) + list(self.state))
@@ -1653,7 +1657,8 @@ class Trainer:
                 out = np.array((total - (fixed_n - real) * last) / real)
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
                                len(next(iter(chunk.values()))), self._softmax_output,
-                               chunk.get(spec.lengths) if spec.type == "ctc" else None)
+                               chunk.get(spec.lengths) if spec.type == "ctc" else None,
+                               self._eval_reads)
         if self.world > 1:
             self.comm.allreduce_(sums, label="evaluation sums")
         metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
@@ -2043,18 +2048,55 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
         lambda k: numpy_helper.to_array(inits[k]) if k in inits else None) is not None
 
 
+def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
+    """Rewrite, in place, the inference model's Softmax under the loss output (cross entropy,
+    ctc) as LogSoftmax, or its Sigmoid (bce) as Identity, where nothing else reads them:
+    "log" (the output holds log-probabilities), "logits" (a Sigmoid's input), or "" (as
+    the model has it)."""
+    from trainer.autodiff.build import sigmoid_logits
+
+    out = next((o for o in model.graph.output if o.name == spec.output), None)
+    rank = len(out.type.tensor_type.shape.dim) if out is not None else 0
+    if not rank or spec.type not in ("cross_entropy", "ctc", "bce") or \
+            getattr(spec, "logits", False):
+        return ""
+    nodes = model.graph.node
+    if spec.type == "bce":
+        found, new_op, reads = sigmoid_logits(nodes, spec.output, rank), "Identity", "logits"
+    else:
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in out.type.tensor_type.shape.dim]
+        class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
+        found = softmax_logits(nodes, spec.output, rank, class_axis, opset_of(model), dims)
+        new_op, reads = "LogSoftmax", "log"
+    if found is None:
+        return ""
+    node, chain = found
+    inner = {node.output[0], *(o for c in chain for o in c.output)} - {spec.output}
+    readers = [n for n in nodes for x in n.input if x in inner]
+    if len(readers) != len(chain) or any(o.name in inner for o in model.graph.output):
+        return ""  # (another node reads the probabilities: as they are)
+    node.op_type = new_op
+    if new_op == "Identity":
+        del node.attribute[:]
+    return reads
+
+
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,
-               steps=None) -> np.ndarray:
+               steps=None, reads: str = "") -> np.ndarray:
     """[sum of per-item losses, correct predictions, items] for one eval chunk of n samples;
     items are samples, or for cross entropy the labels that are not loss.ignore_index.
     `probabilities`: the output is a Softmax's (the loss trained on its input: its log-softmax
-    is the output's log); `steps`: ctc's valid time steps per sample (loss.lengths)."""
+    is the output's log); `steps`: ctc's valid time steps per sample (loss.lengths); `reads`:
+    what `_eval_on_logits` made the output ("log": log-probabilities, "logits": a Sigmoid's
+    input)."""
     if spec.type == "output":  # the model's own loss, taken as the mean over the chunk
         return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n)])
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
         return np.array([per.sum(), 0.0, out.shape[0]])
-    if spec.type == "bce" and getattr(spec, "logits", False):  # (loss.logits: the output is z)
+    if spec.type == "bce" and (getattr(spec, "logits", False) or reads == "logits"):
+        # (loss.logits, or a Sigmoid's input: the output is z)
         z, t = np.asarray(out, np.float64), np.asarray(target, np.float64)
         per = np.logaddexp(0.0, z) - t * z  # softplus(z) - t z, as the training graph's
         return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
@@ -2065,7 +2107,9 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
         per = -(t * np.maximum(logp, -100) + (1 - t) * np.maximum(logq, -100))
         return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
     axis = spec.class_axis % out.ndim if spec.type == "cross_entropy" else out.ndim - 1
-    if probabilities:
+    if reads == "log":
+        logp = out
+    elif probabilities:
         with np.errstate(divide="ignore"):
             logp = np.log(out)
     else:  # (non-finite outputs give a NaN loss, reported as such: no NumPy warning)
