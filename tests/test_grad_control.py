@@ -686,3 +686,30 @@ def test_an_old_dropout_trains_with_its_mask_whatever_its_export_mode(opset, att
     tm = build_training_graph(m, {"type": "cross_entropy", "output": "logits",
                                   "target": "label"}, batch_size=4)
     assert "RandomUniformLike" in [n.op_type for n in tm.graph.node]
+
+
+@pytest.mark.parametrize("data_condition", [True, False])
+def test_a_dropout_in_a_branch_the_data_picks_is_warned_of(data_condition) -> None:
+    """A Dropout inside an If whose condition the data computes runs in inference form there
+    (nothing dropped out), silently; an If on a constant is inlined and drops out."""
+    from trainer.report import model_report
+
+    f = TensorProto.FLOAT
+    then = helper.make_graph([helper.make_node("Dropout", ["h"], ["y_then"], name="drop_in",
+                                               ratio=0.5)], "then", [],
+                             [helper.make_tensor_value_info("y_then", f, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", f, None)])
+    cond = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"])] if data_condition else \
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True)))]
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), *cond,
+         helper.make_node("If", ["c"], ["logits"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", f, ["N", 3])],
+        [helper.make_tensor_value_info("logits", f, ["N", 4])],
+        [numpy_helper.from_array(np.ones((3, 4), np.float32), "W"),
+         numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    text = model_report(m).text()
+    assert ("Dropout nodes inside If branches that the data picks" in text) == data_condition

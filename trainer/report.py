@@ -254,6 +254,9 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
     corners = fractional_corner_resizes(model)
     if corners:
         lines.append(f"WARNING: {CORNERS_HINT}: {listing(corners)}")
+    dropouts = _dropouts_in_data_branches(model)
+    if dropouts:
+        lines.append(f"WARNING: {BRANCH_DROPOUT_HINT}: {listing(dropouts)}")
     from trainer.convert import constant_weights
     made = constant_weights(model)
     if made:
@@ -313,6 +316,33 @@ CONSTANT_WEIGHTS_HINT = ("weights that the graph builds with ConstantOfShape (on
                          "an untrained model's placeholder) are constants and do not train; "
                          "`onnx-trainer convert --trainable-constants MODEL OUT` makes them "
                          "initializers, freshly initialized for their slot")
+BRANCH_DROPOUT_HINT = ("Dropout nodes inside If branches that the data picks run as in "
+                       "inference there (nothing dropped out), where PyTorch's train mode drops "
+                       "out")
+
+
+def _dropouts_in_data_branches(model: onnx.ModelProto) -> list[str]:
+    """Dropout nodes (ratio not 0) inside the branches of an If whose condition is computed
+    (not an initializer or a Constant node's: those branches are inlined and train as the
+    main graph's nodes), at any depth."""
+    fixed = {t.name for t in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    found = []
+
+    def walk(nodes, inside: bool):
+        for i, n in enumerate(nodes):
+            if inside and n.op_type == "Dropout" and n.domain in ("", "ai.onnx"):
+                ratio = next((a.f for a in n.attribute if a.name == "ratio"), 0.5)
+                if ratio != 0.0:
+                    found.append(node_name(n, i))
+            for a in n.attribute:
+                graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for g in graphs:
+                    walk(g.node, inside or (n.op_type == "If" and n.input[0] not in fixed))
+    walk(model.graph.node, False)
+    return found
+
+
 CORNERS_HINT = ("Resize nodes with coordinate_transformation_mode align_corners and scales "
                 "that are not whole numbers: where scale x length is fractional, ONNX maps the "
                 "corners over that fractional length (the spec and onnx.reference, which the "
