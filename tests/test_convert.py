@@ -206,6 +206,35 @@ def test_constants_that_are_not_weights_stay() -> None:
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in m.graph.node]
 
 
+def test_an_inputs_mean_and_scale_and_an_additive_mask_are_no_weights() -> None:
+    """Float Constants added to or multiplied with an activation were taken for a channel
+    affine whatever came before: an input normalization's mean and scale and a causal mask
+    became trainable, and --reinit reset them (zeros for the mask: future tokens seen). Only
+    a normalization's output (or its scaled output, for the shift) takes a channel affine."""
+    def const(name, value):
+        return helper.make_node("Constant", [], [name],
+                                value=numpy_helper.from_array(np.asarray(value, np.float32)))
+    mask = np.triu(np.full((3, 3), -1e9, np.float32), 1)
+    nodes = [const("negmean", [-0.5, -0.4, -0.3]), const("invstd", [2.0, 2.5, 3.0]),
+             const("mask", mask), const("g", [1.0, 1.0, 1.0]), const("b", [0.0, 0.0, 0.0]),
+             helper.make_node("Add", ["x", "negmean"], ["xc"]),
+             helper.make_node("Mul", ["xc", "invstd"], ["xn"]),
+             helper.make_node("MatMul", ["xn", "W"], ["s"]),
+             helper.make_node("Add", ["s", "mask"], ["sm"]),
+             helper.make_node("InstanceNormalization", ["sm3", "one", "zero"], ["n"]),
+             helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    nodes.insert(9, helper.make_node("Unsqueeze", ["sm", "ax"], ["sm3"]))
+    inits = [numpy_helper.from_array(np.ones((3, 3), np.float32), "W"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(np.ones(3, np.float32), "one"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "zero")]
+    m = make_model(nodes, [vi("x", [3, 3])], [vi("y", [1, 3, 3])], inits)
+    out = make_constants_trainable(m, reinit=True)
+    made = {t.name for t in out.graph.initializer} - {t.name for t in inits}
+    assert made == {"g", "b"}
+
+
 def test_names_after_the_consumer() -> None:
     model = cnn(names=True)
     out = make_constants_trainable(model, names="consumer")
@@ -446,3 +475,19 @@ def test_check_names_weights_built_by_constant_of_shape_and_the_conversion(tmp_p
     report = model_report(onnx.load(tmp_path / "c.onnx"))
     assert "ConstantOfShape" not in report.text()
     assert sorted(p.name for p in report.params if p.role == "parameter") == ["W", "b"]
+
+
+def test_the_command_check_advises_runs(tmp_path) -> None:
+    """`check` advised `onnx-trainer convert --trainable-constants MODEL OUT`, which the parser
+    refuses (-o is required): the command it prints runs as printed."""
+    import re
+    import shlex
+
+    from trainer.cli import main
+    from trainer.report import CONSTANT_WEIGHTS_HINT
+
+    onnx.save(cnn(), str(tmp_path / "m.onnx"))
+    command = re.search(r"`onnx-trainer ([^`]*)`", CONSTANT_WEIGHTS_HINT).group(1)
+    args = [str(tmp_path / "m.onnx") if a == "MODEL" else str(tmp_path / "o.onnx")
+            if a == "OUT" else a for a in shlex.split(command)]
+    assert main(args) == 0 and (tmp_path / "o.onnx").exists()

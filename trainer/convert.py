@@ -123,6 +123,7 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
     consts = _static_values(g)
     fixed = _fixed_names(g)
     consumers = _consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     scope = NameScope(all_names(g))
     removed: set[int] = set()
@@ -134,7 +135,7 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
             continue
         out = node.output[0]
         shape, dtype, value = made
-        found = _find_slot(out, shape, consumers, shapes, fixed)
+        found = _find_slot(out, shape, consumers, shapes, fixed, producers=producers)
         if found is None:
             continue
         slot, reader, index = found
@@ -186,10 +187,12 @@ def constant_weights(model: onnx.ModelProto) -> list[str]:
     if not any(n.op_type == "ConstantOfShape" for n in g.node):
         return []
     consts, fixed, consumers = _static_values(g), _fixed_names(g), _consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
     out = []
     for node in g.node:
         made = _constant_weight(node, consts) if node.op_type == "ConstantOfShape" else None
-        if made is not None and _find_slot(node.output[0], made[0], consumers, {}, fixed):
+        if made is not None and _find_slot(node.output[0], made[0], consumers, {}, fixed,
+                                           producers=producers):
             out.append(node.output[0])
     return out
 
@@ -221,25 +224,27 @@ def _constant_weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]):
     return None
 
 
-def _find_slot(name: str, shape, consumers, shapes, fixed: set[str], depth: int = 0):
+def _find_slot(name: str, shape, consumers, shapes, fixed: set[str], depth: int = 0,
+               producers=None):
     """The first parameter slot (graph order) that tensor `name` fills, following it through
     layout ops: (Slot, consumer node, input index), or None."""
     for node, i in consumers.get(name, []):
         if node.op_type in _PASS_THROUGH and i == 0 and depth < 8:
             out = node.output[0]
-            found = _find_slot(out, shapes.get(out, shape), consumers, shapes, fixed, depth + 1)
+            found = _find_slot(out, shapes.get(out, shape), consumers, shapes, fixed, depth + 1,
+                               producers)
         else:
-            found = _slot(node, i, tuple(shape), fixed)
+            found = _slot(node, i, tuple(shape), fixed, producers or {})
             found = found and (found, node, i)
         if found:
             return found
     return None
 
 
-def _slot(node: onnx.NodeProto, i: int, shape: tuple[int, ...], fixed: set[str]
-          ) -> Slot | None:
+def _slot(node: onnx.NodeProto, i: int, shape: tuple[int, ...], fixed: set[str],
+          producers=None) -> Slot | None:
     """The parameter slot input `i` of `node` is, for a weight of (consumer-view) `shape`;
-    `fixed` names the tensors known before running."""
+    `fixed` names the tensors known before running, `producers` the node making each value."""
     op, a = node.op_type, attrs_of(node)
     size = int(np.prod(shape)) if shape else 1
     if op in ("Conv", "ConvTranspose"):
@@ -275,12 +280,29 @@ def _slot(node: onnx.NodeProto, i: int, shape: tuple[int, ...], fixed: set[str]
     if op in ("RNN", "GRU", "LSTM") and i in (1, 2, 3) and len(shape) >= 2:
         hidden = int(a.get("hidden_size") or shape[-1])  # torch: U(-1/sqrt(h), 1/sqrt(h))
         return Slot("recurrent weight" if i < 3 else "recurrent bias", "uniform", hidden)
-    if op in ("Mul", "Add") and i in (0, 1) and size > 1 and node.input[1 - i] not in fixed:
-        # a per-channel affine after a normalization (Caffe2's SpatialBN + Mul/Add)
+    if op in ("Mul", "Add") and i in (0, 1) and size > 1 and node.input[1 - i] not in fixed \
+            and _after_normalization(node.input[1 - i], producers or {}, op == "Add"):
+        # a per-channel affine after a normalization (Caffe2's SpatialBN + Mul/Add); not an
+        # input's mean and scale, nor an additive attention mask
         if op == "Mul":
             return Slot("channel scale", "ones", suffix="scale")
         return Slot("channel shift", "zeros", suffix="bias")
     return None
+
+
+_NORMALIZING = _NORMS | {"MeanVarianceNormalization", "LpNormalization"}
+
+
+def _after_normalization(x: str, producers, shift: bool) -> bool:
+    """Whether `x` is a normalization's output, or for a shift (Add) that output scaled by a
+    Mul: the affine of a normalization that has none of its own."""
+    made = producers.get(x)
+    if made is None:
+        return False
+    if made.op_type in _NORMALIZING:
+        return True
+    return shift and made.op_type == "Mul" and any(
+        getattr(producers.get(y), "op_type", None) in _NORMALIZING for y in made.input)
 
 
 def _initial_value(slot: Slot, shape, dtype: np.dtype, seed: int, name: str) -> np.ndarray:

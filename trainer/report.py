@@ -314,7 +314,7 @@ def fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
 
 CONSTANT_WEIGHTS_HINT = ("weights that the graph builds with ConstantOfShape (one repeated value: "
                          "an untrained model's placeholder) are constants and do not train; "
-                         "`onnx-trainer convert --trainable-constants MODEL OUT` makes them "
+                         "`onnx-trainer convert MODEL -o OUT --trainable-constants` makes them "
                          "initializers, freshly initialized for their slot")
 BRANCH_DROPOUT_HINT = ("Dropout nodes inside If branches that the data picks run as in "
                        "inference there (nothing dropped out), where PyTorch's train mode drops "
