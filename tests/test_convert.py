@@ -491,3 +491,40 @@ def test_the_command_check_advises_runs(tmp_path) -> None:
     args = [str(tmp_path / "m.onnx") if a == "MODEL" else str(tmp_path / "o.onnx")
             if a == "OUT" else a for a in shlex.split(command)]
     assert main(args) == 0 and (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("flat", [[-1, 8], [-1, 48]])
+def test_dynamic_batch_tells_a_merged_batch_from_a_flattened_sample(flat) -> None:
+    """[B, T, F] -> Reshape [-1, F] merges the batch into B * T; the [-1, F] was taken as
+    keeping it, and the Reshape back to [B, T, F'] became [0, T, F'] (0 copies B * T): a model
+    broken at every batch, written with exit 0 where shape inference could not see past a
+    contrib op. [-1, T * F] keeps it and converts."""
+    x = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "s2"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(flat, np.int64), "s1"),
+             numpy_helper.from_array(np.array([4, 6, 8], np.int64), "s2")]
+    m = make_model(nodes, [vi("x", [4, 6, 8])], [vi("y", [4, 6, 8])], inits)
+    if flat == [-1, 8]:
+        with pytest.raises(ModelError, match="reaches no output"):
+            make_batch_dynamic(m)
+        return
+    out = make_batch_dynamic(m)
+    x5 = np.concatenate([x, x[:1]])
+    np.testing.assert_array_equal(ort_run(out, {"x": x5})[0], np.maximum(x5, 0))
+
+
+def test_dynamic_batch_follows_the_default_exporters_forms() -> None:
+    """The default exporter writes a ReduceMean's axes as an input (opset 18) and allowzero=1
+    on every view ([4, -1]): both were given up ("cannot follow it past ..."). Without a 0 in
+    the shape allowzero changes nothing, so the batch becomes a 0 that copies it."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+             helper.make_node("Reshape", ["m", "s"], ["y"], allowzero=1)]
+    inits = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([4, -1], np.int64), "s")]
+    m = make_model(nodes, [vi("x", [4, 3, 2, 2])], [vi("y", [4, 3])], inits, opset=18)
+    out = make_batch_dynamic(m)
+    x7 = np.concatenate([x, x[:3]])
+    np.testing.assert_allclose(ort_run(out, {"x": x7})[0], x7.mean((2, 3)), rtol=1e-6)

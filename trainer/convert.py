@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,6 +363,10 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
             vi.type.tensor_type.shape.dim[0].dim_param = BATCH_PARAM
     carrying = set(fixed)
     consts = _static_values(g)
+    known = _inferred_shapes(model)  # (at the fixed batch: a Reshape's input sizes)
+    known.update((vi.name, tuple(d.dim_value for d in vi.type.tensor_type.shape.dim))
+                 for vi in model.graph.input if vi.type.tensor_type.shape.dim and all(
+                     d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim))
     replaced: set[str] = set()
     scope = NameScope(all_names(g))
     patched = 0
@@ -370,7 +374,7 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
     for i, node in enumerate(g.node):
         if not any(x in carrying for x in node.input if x):
             continue
-        carries, new_shape = _carries_batch(node, carrying, consts, batch)
+        carries, new_shape = _carries_batch(node, carrying, consts, batch, known)
         if not carries:
             lost.append(f"'{node_name(node, i)}' ({node.op_type})")
         if new_shape is not None:
@@ -415,8 +419,10 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
     return m
 
 
-def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int):
-    """(whether the node's outputs keep the batch on axis 0, a new Reshape shape or None)."""
+def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int,
+                   known: Mapping[str, tuple] | None = None):
+    """(whether the node's outputs keep the batch on axis 0, a new Reshape shape or None);
+    `known`: static shapes of the original model."""
     op, a = node.op_type, attrs_of(node)
     first = node.input[0] in carrying if node.input else False
     if op == "Reshape":
@@ -429,14 +435,26 @@ def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int)
         if shape.size == 0:
             return False, None
         lead = int(shape.reshape(-1)[0])
-        if (lead == 0 and not a.get("allowzero")) or (lead == -1 and shape.size > 1):
+        if lead == 0 and not a.get("allowzero"):
             return True, None
+        if lead == -1 and shape.size > 1:
+            # ([-1, F] keeps the batch only where F holds all of a sample: [B, T, F] to
+            # [-1, F] merges the batch into B * T)
+            rest = [int(d) for d in shape.reshape(-1)[1:]]
+            src = (known or {}).get(node.input[0])
+            return (src is not None and min(rest) > 0
+                    and int(np.prod(src[1:])) == int(np.prod(rest))), None
         if lead != batch:
             return False, None
         new = shape.astype(np.int64).reshape(-1).copy()
-        if a.get("allowzero"):
-            if (new == -1).any():
+        if a.get("allowzero") and (new == -1).any():
+            if (new == 0).any():
                 return False, None
+            # (no 0 in the shape: allowzero changes nothing, and off, a 0 copies the batch;
+            # the default exporter writes allowzero=1 on every view)
+            next(at for at in node.attribute if at.name == "allowzero").i = 0
+            new[0] = 0
+        elif a.get("allowzero"):
             new[0] = -1
         else:
             new[0] = 0
@@ -459,7 +477,9 @@ def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int)
         return first and a.get("axis", 0) != 0, None
     if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"):
         axes = a.get("axes")
-        return first and axes is not None and 0 not in axes, None
+        if axes is None and len(node.input) > 1 and node.input[1]:  # (opset 13/18 on: input)
+            axes = consts.get(node.input[1])
+        return first and axes is not None and 0 not in list(np.asarray(axes).reshape(-1)), None
     if op in ("Shape", "Size", "Slice", "Expand", "Tile", "Pad", "Compress", "NonZero"):
         return False, None  # not followed: their results need not keep the batch on axis 0
     return True, None  # elementwise, Conv, pooling, normalization, activations, Dropout, ...
