@@ -325,6 +325,9 @@ def test_check_lists_fused_nodes_as_lowered(bert):
     assert report.ok
     trained = [p.name for p in report.params if p.role == "parameter"]
     assert "we.weight" in trained and any("qkv" in p for p in trained)
+    # only the model's own tensors are listed, not the constants of the ops it lowers to
+    own = {t.name for t in load_model(folder / "bert_fused.onnx").graph.initializer}
+    assert {p.name for p in report.params} <= own
 
 
 def test_a_batchnorm_that_onnxruntime_folded_is_warned_of(tmp_path):

@@ -490,9 +490,12 @@ def model_report(model: onnx.ModelProto) -> Report:
     tied = {} if any(is_stub(t) for t in model.graph.initializer) else \
         tie_folded_copies(model)
     run, fused_error = model, ""  # (onnxruntime's fused nodes: as the standard ops they are)
+    lowered: set[str] = set()  # (the initializers their lowering added)
     if has_contrib(model):
         try:
             run = lower_contrib(model)
+            lowered = {t.name for t in run.graph.initializer} - {
+                t.name for t in model.graph.initializer}
         except ModelError as exc:
             fused_error = str(exc)
     run, unfused = unfuse_conv_batchnorms(run)  # (onnxoptimizer's arithmetic: BatchNorms)
@@ -508,6 +511,8 @@ def model_report(model: onnx.ModelProto) -> Report:
     types = _FloatDefault(_value_types(run))
     outputs = [o.name for o in model.graph.output]
     params = parameter_table(run, nodes, outputs, types)
+    if lowered:  # (a lowered contrib op's own constants are none of the model's)
+        params = [p for p in params if p.name not in lowered]
     if run is not branched:
         params = _untaken_branches(params, branched, nodes)
     trained = {p.name for p in params if p.role == PARAMETER}
