@@ -341,3 +341,60 @@ def test_eval_of_fewer_samples_than_processes_names_data_eval(tmp_path, digits_c
     with pytest.raises(DataError, match=r"data.eval has 1 sample\(s\), fewer than one per "
                        r"process \(2 processes\)"):
         run_local(2, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO(), writes=False))
+
+
+def _tiny_model(path, x_dims, extra=()):
+    """logits = ReduceMean(x, axis 0 or 1) @ W (+ an extra scalar input `temp` divides)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["x", "ax"], ["m"], keepdims=0),
+             helper.make_node("MatMul", ["m", "W"], ["z"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)]
+    if "temp" in extra:
+        nodes.append(helper.make_node("Div", ["z", "temp"], ["logits"]))
+        inputs.append(helper.make_tensor_value_info("temp", TensorProto.FLOAT, []))
+    else:
+        nodes.append(helper.make_node("Identity", ["z"], ["logits"]))
+    axis = 0 if x_dims[0] == 4 else 1  # (time-major: the mean over time, axis 0)
+    g = helper.make_graph(nodes, "g", inputs,
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                         ["N", 3])],
+                          [numpy_helper.from_array(np.array([axis], np.int64), "ax"),
+                           numpy_helper.from_array(np.ones((5, 3), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_a_time_major_input_is_refused_not_fed_time_steps_for_samples(tmp_path):
+    """[T, batch, F] (a time-major export, batch on axis 1): the data's samples went on axis
+    0, time steps for samples, silently at a batch of T and refused at others with "give the
+    model a dynamic batch axis", which it has. Refused, naming the axis."""
+    _tiny_model(tmp_path / "m.onnx", [4, "batch", 5])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 4, 5)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 4},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    with pytest.raises(DataError, match=r"'x' \[4, 'batch', 5\] has its batch axis 'batch' at "
+                       r"position 1"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+def test_a_scalar_input_mapped_to_per_sample_data_is_refused(tmp_path):
+    """A model input of shape [] mapped in data.train.inputs passed the per-sample check
+    (both () past the first axis): an internal error at one batch size, a Div's broadcast
+    error at another. Refused, pointing to data.constants."""
+    _tiny_model(tmp_path / "m.onnx", ["N", 4, 5], extra=("temp",))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((12, 4, 5)).astype(np.float32),
+             t=np.ones(12, np.float32), y=rng.integers(0, 3, 12))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x", "temp": "t"},
+                              "targets": {"label": "y"}}, "batch_size": 3},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    with pytest.raises(DataError, match=r"input 'temp' is a scalar .* data.constants"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    raw["data"]["train"]["inputs"] = {"x": "x"}
+    raw["data"]["constants"] = {"temp": 2.0}
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()

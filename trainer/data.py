@@ -308,6 +308,10 @@ def check_against_model(arrays: dict[str, np.ndarray], expected: Mapping[str, tu
                             f"only {', '.join(arrays) or 'nothing'} (an input that takes the "
                             "same value at every step, such as a sample rate or an initial "
                             "state, goes in data.constants)")
+        if len(shape) == 0:
+            raise DataError(f"{what}: the model's input '{name}' is a scalar (shape []), with no "
+                            f"sample axis to take a value of each sample: give its one value "
+                            f"in data.constants instead of {what}.inputs")
         got = arrays[name].shape[1:]
         want = tuple(shape[1:])
         if any(w not in (None, g) for w, g in zip(want, got, strict=False)) or \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -249,6 +250,28 @@ def _probe(folder: Path, path: Path, what: str) -> None:
         where = exc.filename if exc.filename and not str(exc.filename).startswith(
             str(folder / ".onnx-trainer-probe-")) else folder
         raise TrainerError(f"{what} {path}: cannot write in {where}: {reason}") from None
+
+
+_BATCH_NAME = re.compile(r"^(batch([_ ]?size)?|bs|n|b)$|batch", re.IGNORECASE)
+
+
+def batch_axis_first(model: onnx.ModelProto, fed: set[str]) -> None:
+    """The data inputs `fed` take samples on axis 0: an input whose first dimension is fixed
+    while a later one is a symbolic dimension named as a batch ([T, batch, F], a time-major
+    export) would get time steps for samples, silently at a batch size of T."""
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in fed or len(dims) < 2 or not dims[0].HasField("dim_value"):
+            continue
+        axis = next((k for k, d in enumerate(dims) if k and d.HasField("dim_param")
+                     and _BATCH_NAME.search(d.dim_param)), None)
+        if axis is not None:
+            shown = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+            raise DataError(
+                f"model input '{vi.name}' {shown} has its batch axis '{dims[axis].dim_param}' "
+                f"at position {axis}, its first dimension fixed at {dims[0].dim_value}: the "
+                "data gives samples on axis 0 (arrays [samples, ...]); export the model "
+                "batch-first (a Transpose inside it, to the layout it computes in)")
 
 
 def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_size: int,

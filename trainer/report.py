@@ -772,6 +772,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             if ds is not None:
                 attempt(check_input_keys, ds.inputs, data_inputs, defaults,
                         set(cfg.data.constants), what)
+        attempt(checks.batch_axis_first, structure, set(data_inputs))
     constants: dict[str, np.ndarray] = {}
     if structure is not None and cfg.data.constants and local is not None:
         constants = attempt(constant_inputs, cfg.data.constants, structure, local,

@@ -267,6 +267,7 @@ class Trainer:
                             and vi.name not in cfg.data.constants}
         self._constant_feeds: dict[int, dict] = {}
         train = cfg.data.train
+        preflight.batch_axis_first(self.run_model, set(self.data_inputs))
         # (`onnx-trainer eval`: the set it evaluates is checked against the model first, so a
         # model that does not fit the data is said of data.eval)
         early_eval = self._load(cfg.data.eval, "data.eval") if cfg.data.eval and not writes \
