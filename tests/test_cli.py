@@ -504,22 +504,22 @@ def test_grad_trains_a_tied_output_projection_as_its_embedding(tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
-def test_eval_json_stdout_is_one_json_object_when_the_run_has_notes(tmp_path):
-    """The run's notes (here: a weight stored as a Constant node, made an initializer) went
-    to stdout before the JSON object, so `eval --json | jq` failed; they go to stderr."""
+def _eval_json(tmp_path, w: np.ndarray, x: np.ndarray, y: np.ndarray, constant: bool = False):
+    """`eval --json` of logits = x @ W (W an initializer, or a Constant node) for labels y,
+    cross entropy; the finished process."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Constant", [], ["W"],
-                                            value=numpy_helper.from_array(w, "W")),
-                           helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["logits"])]
+    inits = [numpy_helper.from_array(w, "W")]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=inits.pop()))
+    g = helper.make_graph(nodes, "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                          inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
               str(tmp_path / "m.onnx"))
-    rng = np.random.default_rng(1)
-    np.savez(tmp_path / "d", x=rng.standard_normal((16, 4)).astype(np.float32),
-             y=rng.integers(0, 3, 16))
+    np.savez(tmp_path / "d", x=x, y=y)
     raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
                     "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
@@ -527,6 +527,16 @@ def test_eval_json_stdout_is_one_json_object_when_the_run_has_notes(tmp_path):
            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
     proc = run("eval", write_cfg(tmp_path, raw), "--json")
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_eval_json_stdout_is_one_json_object_when_the_run_has_notes(tmp_path):
+    """The run's notes (here: a weight stored as a Constant node, made an initializer) went
+    to stdout before the JSON object, so `eval --json | jq` failed; they go to stderr."""
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    proc = _eval_json(tmp_path, w, rng.standard_normal((16, 4)).astype(np.float32),
+                      rng.integers(0, 3, 16), constant=True)
     assert "Constant nodes" in proc.stderr
     logits = np.load(tmp_path / "d.npz")["x"] @ w
     assert json.loads(proc.stdout)["eval_accuracy"] == \
@@ -587,24 +597,9 @@ def test_grad_errors_name_its_flags_not_config_keys(tmp_path):
 def test_eval_json_writes_a_non_finite_metric_as_null(tmp_path):
     """`eval --json` printed Infinity or NaN, which JSON has not (jq refuses them); null, as
     log.metrics writes them."""
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.full((4, 3), 3e38, np.float32)
     w[:, 1] = -3e38
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-                          [numpy_helper.from_array(w, "W")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
-              str(tmp_path / "m.onnx"))
-    np.savez(tmp_path / "d", x=np.ones((8, 4), np.float32), y=np.ones(8, np.int64))
-    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
-           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                    "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
-                    "batch_size": 8},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
-    proc = run("eval", write_cfg(tmp_path, raw), "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = _eval_json(tmp_path, w, np.ones((8, 4), np.float32), np.ones(8, np.int64))
 
     def refuse(name):
         raise AssertionError(f"{name} in {proc.stdout!r}")

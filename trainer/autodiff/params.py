@@ -570,7 +570,7 @@ def _exact_names(table: Iterable[ParamInfo]) -> set[str]:
     return out
 
 
-def _matches_exact(r: ParamInfo, pattern: str, exact: Container[str] = ()) -> bool:
+def _matches(r: ParamInfo, pattern: str, exact: Container[str] = ()) -> bool:
     """A `trainable`/`frozen` glob names a tensor by its own name or its parameter's."""
     return glob_match(r.name, pattern, exact) or alias_matches(r.alias, pattern, exact)
 
@@ -582,8 +582,8 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
     frozen = list(frozen)
     exact = _exact_names(table)
 
-    def _matches(r, pattern):
-        return _matches_exact(r, pattern, exact)
+    def hit(r, pattern):
+        return _matches(r, pattern, exact)
     if trainable == "all" or trainable is None:
         chosen = [r.name for r in table if r.role == PARAMETER]
     else:
@@ -593,8 +593,8 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
             if pattern == "all":
                 chosen += [r.name for r in table if r.role == PARAMETER and r.name not in chosen]
                 continue
-            hits = [r for r in pool if _matches(r, pattern)]
-            stats = [r.name for r in table if r.role == STATE and _matches(r, pattern)]
+            hits = [r for r in pool if hit(r, pattern)]
+            stats = [r.name for r in table if r.role == STATE and hit(r, pattern)]
             if not hits and stats:
                 raise ModelError(f"trainable entry '{pattern}' names BatchNormalization running "
                                  f"statistics ({', '.join(stats[:4])}): the forward updates "
@@ -610,11 +610,11 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
                                  f"{dead[0].reason}")
             chosen += [r.name for r in hits if r.role != UNUSED and r.name not in chosen]
     for pattern in frozen:
-        if not any(_matches(r, pattern) for r in table):
+        if not any(hit(r, pattern) for r in table):
             raise ModelError(f"frozen entry '{pattern}' matches no float initializer"
                              + _folded_names_hint(r.name for r in table))
     rows = {r.name: r for r in table}
-    return [c for c in chosen if not any(_matches(rows[c], p) for p in frozen)]
+    return [c for c in chosen if not any(hit(rows[c], p) for p in frozen)]
 
 
 def _folded_names_hint(names: Iterable[str]) -> str:
@@ -1917,14 +1917,15 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     # broadcasts: a folded expression of parameters that equals one of them broadcast (an
     # RNN's first step from a zero state: zeros @ W_hh + b_hh folded into b_hh per batch row)
     if signature:
-        params = {t.name: t for t in g.initializer if signature.get(t.name) == "PARAMETER"
+        by_name = {t.name: t for t in g.initializer}
+        params = {k: t for k, t in by_name.items() if signature.get(k) == "PARAMETER"
                   and t.data_type in FLOAT_TYPES}
         for x, names in _folded_from(model).items():
             if x in tied or x in inputs or signature.get(x) == "PARAMETER":
                 continue
             c = arrays.get(x)
             if c is None:
-                t = next(t for t in g.initializer if t.name == x)
+                t = by_name[x]
                 if t.data_type not in FLOAT_TYPES:
                     continue
                 c = numpy_helper.to_array(t)
