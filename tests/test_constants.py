@@ -130,8 +130,8 @@ def test_constant_inputs_on_the_gpu_path(job, monkeypatch):
 @pytest.mark.parametrize("constants,message", [
     ({"rate": 1}, "config key 'data.constants.rate': 'rate' is not an input of the model "
                   "(its inputs: x, state, sr)"),
-    ({"x": 1, **CONSTANTS}, "config key 'data.constants.x': 'x' is also fed from "
-                            "data.train.inputs; give it in one place"),
+    ({"x": 1, **CONSTANTS}, "data.train.inputs maps 'x', which data.constants also sets: "
+                            "keep one of them"),
     ({"sr": 16000.5, "state": CONSTANTS["state"]}, "config key 'data.constants.sr': input "
                                                    "'sr' holds int64 values"),
     ({"sr": 16000, "state": {"shape": [2, "batch"]}}, "config key 'data.constants.state': "
@@ -143,6 +143,15 @@ def test_bad_constants_are_named_before_training(job, constants, message):
     with pytest.raises(TrainerError) as err:
         Trainer(job(constants=constants), stream=io.StringIO())
     assert message in str(err.value)
+
+
+def test_an_input_both_mapped_and_constant_is_one_problem(job):
+    """Found by the data check and by the constants' check: listed once (data.eval maps it
+    too: the second problem)."""
+    with pytest.raises(TrainerError) as err:
+        Trainer(job(constants={"x": 1, **CONSTANTS}), stream=io.StringIO())
+    assert str(err.value).startswith("2 problems found")
+    assert str(err.value).count("data.train.inputs maps 'x'") == 1
 
 
 def test_an_input_left_out_of_constants_is_one_problem(job):

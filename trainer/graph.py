@@ -661,8 +661,9 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
             raise ConfigError(f"{key}: '{name}' is not an input of the model (its inputs: "
                               f"{', '.join(declared) or 'none'})")
         if name in fed:
-            raise ConfigError(f"{key}: '{name}' is also fed from data.train.inputs; give it "
-                              "in one place")
+            # (the words of data.check_input_keys: one problem that both checks find)
+            raise ConfigError(f"data.train.inputs maps '{name}', which data.constants also "
+                              "sets: keep one of them")
         t = tensor_type(declared[name].type)
         dtype = np_dtype(t.elem_type)
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
