@@ -357,6 +357,28 @@ def test_dropout_training_uses_mask() -> None:
     np.testing.assert_allclose(res["y"], x * mask / (1 - ratio), rtol=1e-12)
 
 
+@pytest.mark.parametrize("ratio_dtype", [np.float64, np.float32])
+def test_dropout_ratio_fed_at_run_time(ratio_dtype) -> None:
+    """A ratio the graph computes or is fed (a graph input; an outer scope's value in a
+    branch): dX = dY * mask / (1 - ratio) with the run's ratio, in X's dtype where the ratio's
+    float type differs (the spec lets it)."""
+    rng = np.random.default_rng(5)
+    x, r = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    drop = helper.make_node("Dropout", ["X", "ratio", "training"], ["y", "mask"], seed=3)
+    model = make_model([drop, helper.make_node("Mul", ["y", "R"], ["p"]),
+                        helper.make_node("ReduceSum", ["p"], ["L"], keepdims=0)],
+                       inputs={"ratio": np.array(0.25, ratio_dtype)},
+                       initializers={"X": x, "R": r, "training": np.array(True)}, outputs=["L"])
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, ["X"])
+    gname = training_info(tm).gradients["X"]
+    for ratio in (0.25, 0.6):
+        res = Executor(tm, np, fetch=[gname, "mask"], seed=7).run(
+            {"ratio": np.array(ratio, ratio_dtype)})
+        mask = res["mask"]
+        assert 0 < mask.sum() < mask.size and res[gname].dtype == np.float64
+        np.testing.assert_allclose(res[gname], r * mask / (1 - ratio_dtype(ratio)), rtol=1e-12)
+
+
 def test_dropout_ratio_zero_is_identity() -> None:
     model = _dropout_model(0.0)[0]
     grads, _ = gradients(model, ["X"])

@@ -645,12 +645,17 @@ def dropout_grad(ctx):
     if training is None or not bool(np.asarray(training).reshape(-1)[0]):
         return [ctx.node("Identity", [ctx.GO(0)], [ctx.GI(0)])]
     ratio = ctx.static_value(ctx.I(1)) if ctx.I(1) else np.array(0.5)
-    if ratio is None:
-        raise ModelError(f"Dropout node '{ctx.name}': ratio must be a constant to train")
-    ratio = float(np.asarray(ratio).reshape(-1)[0])
     if len(ctx.onnx_node.output) < 2 or not ctx.O(1):
         raise ModelError(f"Dropout node '{ctx.name}' has no mask output to differentiate")
+    x_type = elem_type(ctx.dtype(ctx.I(0)))
     m, t = ctx.tmp("mask"), ctx.tmp("masked")
-    return [ctx.node("Cast", [ctx.O(1)], [m], to=elem_type(ctx.dtype(ctx.I(0)))),
-            ctx.node("Mul", [ctx.GO(0), m], [t]),
-            ctx.node("Mul", [t, ctx.scalar(1.0 / (1.0 - ratio))], [ctx.GI(0)])]
+    nodes = [ctx.node("Cast", [ctx.O(1)], [m], to=x_type), ctx.node("Mul", [ctx.GO(0), m], [t])]
+    if ratio is not None:
+        ratio = float(np.asarray(ratio).reshape(-1)[0])
+        return nodes + [ctx.node("Mul", [t, ctx.scalar(1.0 / (1.0 - ratio))], [ctx.GI(0)])]
+    # a ratio the run gives (a graph input, a value computed or from an outer scope): divided
+    # by 1 - ratio in X's type (the ratio may be another float type)
+    r, keep = ctx.tmp("ratio"), ctx.tmp("keep")
+    return nodes + [ctx.node("Cast", [ctx.I(1)], [r], to=x_type),
+                    ctx.node("Sub", [ctx.scalar(1.0), r], [keep]),
+                    ctx.node("Div", [t, keep], [ctx.GI(0)])]
