@@ -149,6 +149,25 @@ def test_a_batch_larger_than_the_data_is_estimated_at_the_data(tmp_path, digits_
     assert pre.estimate is not None and pre.estimate.activations < 1437 * 4 * 1000
 
 
+@pytest.mark.parametrize("kind,warmup,top", [
+    ("cosine", 20, "its configured value"), ("step", 30, "20/30 of its configured value"),
+    ("cosine", 19, None), ("constant", 20, "its configured value"), ("onecycle", 0, None)])
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warmup, top):
+    """warmup_steps >= the run's optimizer steps: the lr only rises and the schedule never
+    starts (a recipe's warmup kept on a short run); said before training, not refused."""
+    from trainer.report import preflight
+
+    sched = {"type": kind} | ({"warmup_steps": warmup} if warmup else {}) | (
+        {"step_size": 5} if kind == "step" else {})
+    pre = preflight(config_from_dict(digits_config(schedule=sched), tmp_path))  # (20 steps)
+    assert not pre.problems, pre.text()
+    line = (f"warning: schedule.warmup_steps {warmup} covers the whole run (20 optimizer "
+            f"steps): the lr only rises, to {top} at the last step, and the {kind} schedule "
+            "never starts")
+    assert (line in pre.text()) == (top is not None), pre.text()
+    assert top is not None or "warmup_steps" not in pre.text()
+
+
 def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,
                                                                      monkeypatch):
     """An output on a file system with less free space than the trained model takes (the

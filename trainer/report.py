@@ -839,6 +839,14 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
         local = min(local, biggest)
         if batches.dropped_text() and total >= 1:
             lines.append(f"  {batches.dropped_text()}")
+        warmup = getattr(cfg.schedule, "warmup_steps", 0) if cfg.schedule.type != \
+            "onecycle" else 0
+        if 1 <= total <= warmup:  # (step s of a warmup of W runs at lr * (s + 1) / W)
+            top = "its configured value" if total == warmup else \
+                f"{total}/{warmup} of its configured value"
+            lines.append(f"  warning: schedule.warmup_steps {warmup} covers the whole run "
+                         f"({total} optimizer steps): the lr only rises, to {top} at the last "
+                         f"step, and the {cfg.schedule.type} schedule never starts")
         if total < 1 or spe == 0:
             problems.append(batches.empty_epoch_error(cfg.accumulate))
     if structure is None or batches is None or mismatched or any(
