@@ -674,6 +674,12 @@ def test_resume_with_another_lr_says_so_and_follows_it(tmp_path, digits_config, 
     Trainer(config_from_dict(raw, tmp_path), stream=out).fit(resume=True)
     assert f"schedule.type changed from {schedule} to linear since the checkpoint" in \
         out.getvalue()
+    out = io.StringIO()  # (groups added: said too, where plateau's per-group state refuses)
+    raw = digits_config(steps=10, checkpoint=ck, schedule={"type": "linear"}, optimizer__lr=0.05)
+    raw["optimizer"]["groups"] = [{"params": "*bias*", "lr": 0.01}]
+    Trainer(config_from_dict(raw, tmp_path), stream=out).fit(resume=True)
+    assert "optimizer.groups changed since the checkpoint (the groups' lrs: 0.05 -> 0.05, " \
+        "0.01): each group's lr follows the schedule from its configured lr" in out.getvalue()
 
 
 def test_resume_on_fewer_samples_past_their_last_batch_says_the_next_epoch(tmp_path,

@@ -1578,7 +1578,13 @@ class Trainer:
                           f"{int(meta['step']) + 1}, as if the run had used it from the start")
         was = meta.get("base_lrs")
         now = [float(b) for b in sched.base_lrs]
-        if was is None or len(was) != len(now) or all(
+        if was is not None and len(was) != len(now):  # (plateau's refuses: its state per group)
+            self.log.info("optimizer.groups changed since the checkpoint (the groups' lrs: "
+                          f"{', '.join(f'{w:g}' for w in was)} -> "
+                          f"{', '.join(f'{n:g}' for n in now)}): each group's lr follows the "
+                          "schedule from its configured lr")
+            return
+        if was is None or all(
                 math.isclose(a, b, rel_tol=1e-12) for a, b in zip(was, now, strict=True)):
             return
         if sched.type == "plateau" and was_type == "plateau":
