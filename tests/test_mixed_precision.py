@@ -292,6 +292,28 @@ def test_loss_scaler_rule():
     assert not restored.load({"step": 3})
 
 
+def test_a_loss_scale_that_falls_out_of_float32_is_named():
+    """Gradients that are not finite at any scale (a NaN, not an overflow) halve the scale step
+    after step: once it would leave float32's normal range (0 after it: 1 / scale was a
+    ZeroDivisionError) the run stops, saying why; an init that small is refused when read."""
+    from trainer.autocast import LossScaler
+    from trainer.config import ConfigError, LossScaleConfig
+    from trainer.errors import TrainerError
+
+    s = LossScaler(LossScaleConfig(init=2.0 ** -120))
+    for _ in range(6):
+        s.update(True)
+    assert float(s.scale) == 2.0 ** -126
+    with pytest.raises(TrainerError, match=r"the float16 gradients were not finite in the last "
+                                           r"7 steps in a row, down to a loss scale of 1.2e-38"):
+        s.update(True)
+    raw = {"model": "m.onnx", "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}}},
+           "loss": {"type": "output", "output": "loss"}, "steps": 1, "precision": "fp16"}
+    for init in (5e-324, 1e-39):
+        with pytest.raises(ConfigError, match=r"loss_scale.init' must be at least 1.2e-38"):
+            config_from_dict({**raw, "loss_scale": {"init": init}}, EXAMPLES)
+
+
 @pytest.mark.parametrize("kind", ["gpt", "bert"])
 def test_fp16_transformers_stay_within_autocasts_own_distance_from_float32(tmp_path, kind):
     """On transformers autocast also keeps the activations between products in float16

@@ -117,6 +117,7 @@ class LossScaler:
         self.cfg = cfg
         self.scale = np.float32(cfg.init)
         self.good = 0  # finite steps in a row since the last change
+        self.bad = 0  # steps in a row whose gradients were not finite
 
     @property
     def inv_scale(self) -> np.float32:
@@ -128,9 +129,18 @@ class LossScaler:
         if not c.dynamic:
             return
         if overflow:
-            self.scale, self.good = np.float32(self.scale * np.float32(c.backoff_factor)), 0
+            self.bad += 1
+            lower = np.float32(self.scale * np.float32(c.backoff_factor))
+            if lower < np.finfo(np.float32).tiny:  # (on to 0, where 1 / scale fails)
+                from trainer.errors import TrainerError
+                raise TrainerError(
+                    f"the float16 gradients were not finite in the last {self.bad} steps in a "
+                    f"row, down to a loss scale of {float(self.scale):.2g}: not an overflow, "
+                    "but a gradient that is inf or NaN at any scale (sqrt or log at 0, a "
+                    "division by 0?); see which with precision: fp32 or `onnx-trainer grad`")
+            self.scale, self.good = lower, 0
             return
-        self.good += 1
+        self.good, self.bad = self.good + 1, 0
         if self.good == c.growth_interval:
             with np.errstate(over="ignore"):  # (an infinite scale is refused just below)
                 grown = np.float32(self.scale * np.float32(c.growth_factor))

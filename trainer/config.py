@@ -473,9 +473,10 @@ class LossScaleConfig:
     whose gradients overflow float16 is skipped and the scale multiplied by backoff_factor;
     after growth_interval good steps in a row it is multiplied by growth_factor."""
     init: float = _k(_float, 65536.0, check=(
-        lambda v: 0 < v <= 3.4028234663852886e38,  # (float32's largest value)
-        "must be > 0 and at most 3.4e38 (the scale is a float32; torch's GradScaler refuses "
-        "larger ones too)"))
+        # (float32's normal range: smaller ones round to 0, where 1 / scale fails)
+        lambda v: 1.1754943508222875e-38 <= v <= 3.4028234663852886e38,
+        "must be at least 1.2e-38 and at most 3.4e38 (the scale is a float32, in its normal "
+        "range; torch's GradScaler refuses larger ones too)"))
     growth_factor: float = _k(_float, 2.0, check=_GROW)
     backoff_factor: float = _k(_float, 0.5, check=_BACKOFF)
     growth_interval: int = _k(_int, 2000, check=_GE1)

@@ -55,7 +55,16 @@ class Schedule:
         bases = self.current if self.type == "plateau" else self.base_lrs
         if step < self.warmup:
             return [b * (step + 1) / self.warmup for b in bases]
-        return [self._main(b, step - self.warmup) for b in bases]
+        return [self._grown(b, step - self.warmup) for b in bases]
+
+    def _grown(self, b: float, t: int) -> float:
+        """_main, where a growing schedule (gamma above 1, as an lr range test's) past float64's
+        range gives inf, as torch's repeated products do, for the step's divergence to be
+        named, not an OverflowError."""
+        try:
+            return self._main(b, t)
+        except OverflowError:
+            return math.inf
 
     def _main(self, b: float, t: int) -> float:
         c, kind = self.cfg, self.type
