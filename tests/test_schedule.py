@@ -196,6 +196,15 @@ def test_other_schedules_ignore_observe_and_have_no_metric():
     assert s.metric is None and s.lrs(2) == pytest.approx([b * 0.1 for b in BASES])
 
 
+@pytest.mark.parametrize("kw", [{"type": "exponential", "gamma": 1.5},
+                                {"type": "step", "gamma": 1e10, "step_size": 1}])
+def test_a_growing_schedule_past_float64_gives_inf(kw):
+    """gamma above 1 (an lr range test) past float64's range: lr inf, as torch's repeated
+    products give (the step's divergence is then named), not an OverflowError mid-run."""
+    s = Schedule(schedule_cfg(kw).schedule, [1e-300], 5000)
+    assert 0 < s.lrs(10)[0] < math.inf and s.lrs(4000) == [math.inf]
+
+
 def test_known_values_and_lr_at():
     c = schedule_cfg({"type": "constant", "warmup_steps": 4}).schedule
     assert [lr_at(c, 1.0, k, 10) for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
