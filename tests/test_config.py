@@ -256,6 +256,9 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     ("data.train.inputs", {"input": 3}, "config key 'data.train.inputs.input' must be a non-empty"),
     ("loss", "mse", "config key 'loss' must be a mapping, got str 'mse'"),
     ("threads", 0, "config key 'threads' must be > 0, got 0"),
+    ("loss.ignore_index", 10 ** 23, "config key 'loss.ignore_index' must be within int64's "
+                                    "range (|value| < 2^63), got 100000000000000000000000"),
+    ("steps", 2 ** 63, "config key 'steps' must be within int64's range"),
     ("threads", "four", "config key 'threads' must be an integer, got str 'four'"),
     ("memory_check", "no way", "config key 'memory_check' must be true or false"),
     ("data.prefetch", "sometimes",

@@ -91,7 +91,14 @@ def _typed(ok: Callable[[Any], bool], text: str) -> Callable[[Any, str, Path], A
     return conv
 
 
-_int = _typed(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_whole = _typed(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+
+
+def _int(v: Any, key: str, base: Path) -> int:
+    v = _whole(v, key, base)
+    if not -2 ** 63 <= v < 2 ** 63:  # (the values reach NumPy and ONNX attributes)
+        raise _err(key, f"must be within int64's range (|value| < 2^63), got {v}")
+    return v
 _bool = _typed(lambda v: isinstance(v, bool), "true or false")
 _str = _typed(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
