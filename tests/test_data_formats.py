@@ -139,6 +139,58 @@ def test_finite_data_beyond_the_models_type_is_refused_before_training(tmp_path,
     Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
 
 
+def _uint8_model(path, kind=TensorProto.UINT8):
+    """img (kind) [N, 6] -> Cast -> / 255 -> MatMul W [6, 3] -> logits."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["img"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["f", "s"], ["fs"]),
+         helper.make_node("MatMul", ["fs", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("img", kind, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array(1 / 255, np.float32), "s")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("kind,dtype,value,where", [
+    (TensorProto.UINT8, np.int64, 300, "npz"), (TensorProto.UINT8, np.int64, -5, "mapped"),
+    (TensorProto.UINT8, np.float32, 256.0, "npz"), (TensorProto.INT8, np.uint16, 128, "npz"),
+    (TensorProto.BOOL, np.int64, 2, "npz")])
+def test_integers_beyond_an_integer_inputs_type_are_refused(tmp_path, monkeypatch, kind, dtype,
+                                                            value, where):
+    """300 into a uint8 image input was cast to 44 (and -5 to 251) and trained in silence;
+    refused before training, naming the array, sample and position; the same data inside the
+    range trains."""
+    from trainer import preflight
+
+    _uint8_model(tmp_path / "m.onnx", kind)
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 2, (32, 6)).astype(dtype)
+    img[21, 4] = value
+    y = rng.integers(0, 3, 32)
+    if where == "npz":
+        np.savez(tmp_path / "d.npz", img=img, y=y)
+        path = tmp_path / "d.npz"
+    else:
+        path = _npy_dir(tmp_path / "ints", img=img, y=y)
+        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 6 * 8 * 4)  # 4 samples at a time
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": str(path), "inputs": {"img": "img"},
+                              "targets": {"label": "y"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind))
+    span = "0 to 1" if want.kind == "b" else f"{np.iinfo(want).min} to {np.iinfo(want).max}"
+    with pytest.raises(DataError, match=re.escape(
+            f"array 'img' (for 'img') holds {img[21, 4]} at sample 21, position [4], beyond the "
+            f"range of {want} ({span})")):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    img[21, 4] = 1
+    np.save(path / "img.npy", img) if where == "mapped" else np.savez(path, img=img, y=y)
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
 @pytest.mark.parametrize("limit", [{"steps": 2}, {"epochs": 2}])
 def test_fewer_samples_than_processes_is_refused_with_steps_too(tmp_path, digits_config, limit):
     """3 samples on 4 processes (drop_last: false): no batch per epoch, as the pre-flight says.

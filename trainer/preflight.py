@@ -95,30 +95,67 @@ def within_range(a: np.ndarray, want: np.dtype, label: str,
     from trainer.graph import is_float_dtype
 
     want = np.dtype(want)
+    if want.kind in "iub":
+        return _within_integer_range(a, want, label)
     if not is_float_dtype(want) or a.dtype == want or not a.size \
             or not (a.dtype.kind in "biuf" or is_float_dtype(a.dtype)) \
             or _largest(a.dtype) <= _largest(want):
         return
-    if converted is not None:
-        chunks = [(0, converted)]
-    else:
-        step = max(1, _RANGE_CHUNK // max(a[:1].nbytes, 1)) if a.ndim else 1
-        chunks = ((lo, np.asarray(a[lo:lo + step])) for lo in range(0, len(a), step)) \
-            if a.ndim else [(0, np.asarray(a))]
-    for lo, chunk in chunks:
+    for lo, chunk in [(0, converted)] if converted is not None else _chunks(a):
         with np.errstate(over="ignore", invalid="ignore"):
             c = chunk if chunk.dtype == want else chunk.astype(want)
             bad = ~np.isfinite(c)
         if bad.any():
-            idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
-            src = a[lo + idx[0]][tuple(idx[1:])] if a.ndim else a[()]
-            if idx:
-                idx[0] += lo
-            where = (f"sample {idx[0]}" + (f", position {idx[1:]}" if len(idx) > 1 else "")
-                     if idx else "its only element")
+            idx, where = _where(bad, lo)
+            src = a[idx] if idx else a[()]
             raise DataError(f"{label} holds {src} at {where}, beyond the range of "
                             f"{want} (largest {_largest(want):.4g}), the type the model "
                             "computes it in; scale or clip the data before training")
+
+
+def _chunks(a: np.ndarray):
+    """(first sample, array) pieces of `a`: the whole of an in-memory array, a memory-mapped
+    one _RANGE_CHUNK bytes at a time."""
+    if not isinstance(a, np.memmap) or not a.ndim:
+        return [(0, np.asarray(a))]
+    step = max(1, _RANGE_CHUNK // max(a[:1].nbytes, 1))
+    return ((lo, np.asarray(a[lo:lo + step])) for lo in range(0, len(a), step))
+
+
+def _where(bad: np.ndarray, lo: int) -> tuple[tuple, str]:
+    """(index, words) of the first True of `bad`, a chunk starting at sample `lo`."""
+    idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
+    if idx:
+        idx[0] += lo
+    return tuple(idx), (f"sample {idx[0]}" + (f", position {idx[1:]}" if len(idx) > 1 else "")
+                        if idx else "its only element")
+
+
+def _within_integer_range(a: np.ndarray, want: np.dtype, label: str) -> None:
+    """Integer (or whole float) values of `a` fit the integer or boolean type `want` (0 and 1
+    for a bool): 300 into a uint8 image input was cast to 44, and -5 to 251, in silence."""
+    from trainer.graph import is_float_dtype
+
+    if not a.size or a.dtype == want or a.dtype.kind == "b":
+        return
+    low, high = (0, 1) if want.kind == "b" else (int(np.iinfo(want).min),
+                                                 int(np.iinfo(want).max))
+    if a.dtype.kind in "iu":
+        if np.iinfo(a.dtype).min >= low and np.iinfo(a.dtype).max <= high:
+            return
+    elif not (a.dtype.kind == "f" or is_float_dtype(a.dtype)):
+        return  # (convertible names other kinds)
+    for lo, chunk in _chunks(a):
+        if chunk.dtype.kind not in "iu":
+            chunk = chunk.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = (chunk < low) | (chunk > high)
+        if bad.any():
+            idx, where = _where(bad, lo)
+            value = a[idx] if idx else a[()]
+            raise DataError(f"{label} holds {value} at {where}, beyond the range of {want} "
+                            f"({low} to {high}), the model input's type (it would wrap "
+                            "around); clip or convert the data before training")
 
 
 def files_read(cfg) -> dict[Path, str]:
