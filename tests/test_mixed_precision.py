@@ -290,6 +290,29 @@ def test_loss_scaler_rule():
     restored = LossScaler(LossScaleConfig())
     assert restored.load(s.state()) and (float(restored.scale), restored.good) == (16.0, 0)
     assert not restored.load({"step": 3})
+    # a resume with a growth_interval below the checkpoint's count: grows at the next step
+    # (it never grew: the count had passed the interval)
+    shorter = LossScaler(LossScaleConfig(growth_interval=4))
+    assert shorter.load({"loss_scale": 1024.0, "loss_scale_good_steps": 10})
+    shorter.update(False)
+    assert (float(shorter.scale), shorter.good) == (2048.0, 0)
+
+
+@pytest.mark.parametrize("growth,backoff", [(1.7, 0.3), (2.0, 0.5), (1.1, 0.9)])
+def test_loss_scale_factors_round_as_gradscalers(growth, backoff):
+    """The float32 scale times the float64 factor, rounded once, as torch's GradScaler: a
+    factor rounded to float32 first drifted from it (27000002 against 27000000)."""
+    from trainer.autocast import LossScaler
+    from trainer.config import LossScaleConfig
+
+    ours = LossScaler(LossScaleConfig(init=1e9, growth_factor=growth, backoff_factor=backoff,
+                                      growth_interval=1))
+    scale, tracker = torch.full((), 1e9), torch.zeros((), dtype=torch.int32)  # (GradScaler's)
+    for overflow in (True, True, False, True, False, False, True, False):
+        ours.update(overflow)
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(overflow)), growth, backoff,
+                                 1)
+        assert ours.scale == np.float32(scale.item()), (ours.scale, scale)
 
 
 def test_a_loss_scale_that_falls_out_of_float32_is_named():

@@ -130,7 +130,8 @@ class LossScaler:
             return
         if overflow:
             self.bad += 1
-            lower = np.float32(self.scale * np.float32(c.backoff_factor))
+            # (the float32 scale times the float64 factor, rounded once, as torch's kernel)
+            lower = np.float32(float(self.scale) * c.backoff_factor)
             if lower < np.finfo(np.float32).tiny:  # (on to 0, where 1 / scale fails)
                 from trainer.errors import TrainerError
                 raise TrainerError(
@@ -141,9 +142,10 @@ class LossScaler:
             self.scale, self.good = lower, 0
             return
         self.good, self.bad = self.good + 1, 0
-        if self.good == c.growth_interval:
+        # (>=: a resume with a shorter growth_interval than the checkpoint's count so far)
+        if self.good >= c.growth_interval:
             with np.errstate(over="ignore"):  # (an infinite scale is refused just below)
-                grown = np.float32(self.scale * np.float32(c.growth_factor))
+                grown = np.float32(float(self.scale) * c.growth_factor)
             if np.isfinite(grown):
                 self.scale = grown
             self.good = 0
