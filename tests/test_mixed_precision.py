@@ -5,6 +5,7 @@ initial weights, same batches, SGD."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import onnx
@@ -436,8 +437,41 @@ def test_fp16_data_beyond_float16_range_is_named(tmp_path, digits_config):
     raw["data"] = {"train": {"path": str(tmp_path / "big.npz"), "inputs": {"x": "x"},
                              "targets": {"label": "y"}}, "batch_size": 32}
     t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
-    with pytest.raises(TrainerError, match="a value beyond float16's range .65504. was cast "
-                                           "to float16; use precision bf16 or fp32"):
+    with pytest.raises(TrainerError, match=r"a value beyond float16's range .65504. was cast "
+                                           r"to float16 \('x' up to 1e\+05\): the data holds "
+                                           r"it; scale the data down, or use precision bf16"):
+        t.fit()
+
+
+def test_fp16_weights_grown_by_a_diverging_run_are_named(tmp_path, digits_config):
+    """lr 30 with momentum: the weights grow until a float16 product overflows at step 11;
+    the error said "whatever the learning rate" and left out the lr hint (lr 3 trains)."""
+    raw = digits_config(precision="fp16", steps=40, optimizer={"type": "sgd", "lr": 30,
+                                                                "momentum": 0.9})
+    raw["data"]["eval"] = None
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError) as err:
+        t.fit()
+    msg = str(err.value)
+    assert re.search(r"after \d+ update\(s\): (parameter '[^']+'|the values) grew \(a diverging "
+                     r"run: lower optimizer.lr or set grad_clip\), or use precision bf16", msg), msg
+    assert "whatever the learning rate" not in msg
+
+
+def test_fp16_weight_beyond_float16_as_given_is_named(tmp_path, digits_config):
+    """A weight of 70000 in the model: its float16 cast at step 1 names the parameter (it said
+    "scale the data down")."""
+    m = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    w = next(t for t in m.graph.initializer if len(t.dims) == 2)
+    a = onnx.numpy_helper.to_array(w).copy()
+    a[0, 0] = 70000.0
+    w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
+    onnx.save(m, tmp_path / "big.onnx")
+    raw = digits_config(precision="fp16", steps=2, model=str(tmp_path / "big.onnx"))
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match=rf"was cast to float16 \('{re.escape(w.name)}' up to "
+                                           rf"7e\+04\): parameter '{re.escape(w.name)}' holds it "
+                                           r"as the model gives it, whatever the learning rate"):
         t.fit()
 
 

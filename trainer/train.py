@@ -1010,13 +1010,37 @@ class Trainer:
                         return (f"the first non-finite value is output '{o}' of node "
                                 f"'{node.name or f'{node.op_type}_{i}'}' ({node.op_type}) "
                                 f"on rank {self.rank}"
-                                + (": a value beyond float16's range (65504) was cast to "
-                                   "float16; use precision bf16 or fp32, or scale the data "
-                                   "down" if to16 else "")
-                                + (": its float16 result exceeds float16's range (65504), "
-                                   "whatever the learning rate; use precision bf16 (float32's "
-                                   "range) or fp32" if product16 else ""))
+                                + (self._why_float16(node, env, feeds, to16)
+                                   if to16 or product16 else ""))
         return self._NONE_HERE
+
+    def _why_float16(self, node, env, feeds, cast: bool) -> str:
+        """Why a float16 Cast or product overflowed, from where its input's values came: the
+        data (scale it), a parameter or activations grown by the updates so far (a diverging
+        run: the lr), or the model as given (step 1: whatever the lr)."""
+        big = {}
+        for name in node.input[:1] if cast else node.input[:2]:
+            v = env.get(name, feeds.get(name)) if name else None
+            if v is not None and getattr(v, "size", 0):
+                with np.errstate(invalid="ignore"):
+                    big[name] = float(to_host(self.xp.nanmax(self.xp.abs(v.astype(
+                        np.float32)))))
+        sizes = ", ".join(f"'{k}' up to {v:.4g}" for k, v in big.items())
+        head = (f": a value beyond float16's range (65504) was cast to float16 ({sizes})"
+                if cast else
+                f": its float16 result exceeds float16's range (65504) (its inputs: {sizes})")
+        bf16 = "precision bf16 (float32's range) or fp32"
+        data = [k for k in big if k in feeds and k not in self.params and k not in self.state]
+        if cast and data:
+            return f"{head}: the data holds it; scale the data down, or use {bf16}"
+        params = [k for k in big if k in self.params]
+        if self.step == 0:
+            given = (f": parameter '{params[0]}' holds it as the model gives it" if cast and
+                     params else ", at the first step")
+            return f"{head}{given}, whatever the learning rate; use {bf16}"
+        what = f"parameter '{params[0]}' grew" if params else "the values grew"
+        return (f"{head} after {self.step} update(s): {what} (a diverging run: lower "
+                f"optimizer.lr or set grad_clip), or use {bf16}")
 
     # -- the job -------------------------------------------------------------------------------
     def fit(self, resume: bool = False, profile: ProfileRequest | None = None) -> dict:
