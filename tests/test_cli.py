@@ -189,6 +189,37 @@ def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precisi
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
 
 
+def test_grad_16_bit_says_what_it_cast_and_computes_as_train(tmp_path):
+    """`grad --precision` wrote a graph other than train's in silence: on an opset-12 model
+    no bfloat16 Cast (train says why), and a float16 model all in float16 (train computes its
+    float32 copies, the products in float16). It now builds train's form and says so."""
+    from trainer.executor import Executor
+    from trainer.graph import convert_floats
+
+    m = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    m.opset_import[0].version = 12
+    onnx.save(m, tmp_path / "m12.onnx")
+    proc = run("grad", str(tmp_path / "m12.onnx"), "--output", "logits", "--precision", "bf16",
+               "-o", str(tmp_path / "g12.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "note: precision bf16: 0 of 2 matrix products (MatMul, Gemm, Conv, ConvTranspose) " \
+        "in bfloat16, the rest in their own type (bfloat16 Casts need opset 13 or later)" in \
+        proc.stdout
+    onnx.save(convert_floats(onnx.load(EXAMPLES / "digits_mlp.onnx"), np.float32, np.float16),
+              tmp_path / "half.onnx")
+    proc = run("grad", str(tmp_path / "half.onnx"), "--output", "logits", "--precision", "fp16",
+               "--batch-size", "8", "-o", str(tmp_path / "gh.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "note: the model's float16 values are float32 in this graph, as `train` computes " \
+        "them" in proc.stdout
+    assert "note: precision fp16: 2 of 2 matrix products (MatMul, Gemm, Conv, ConvTranspose) " \
+        "in float16, the rest in float32" in proc.stdout
+    written = onnx.load(tmp_path / "gh.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    got = Executor(written).run(dict(DIGITS_BATCH))
+    assert got["loss"].dtype == np.float32 and got["fc1.weight_grad"].dtype == np.float32
+
+
 def test_grad_bf16_of_a_convolution_below_opset_22_is_a_valid_graph(tmp_path):
     """Conv takes bfloat16 from opset 22: below it, `grad --precision bf16` wrote a Conv on
     bfloat16 that onnx's checker refuses. Its operands and result are now float32 tensors of

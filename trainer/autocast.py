@@ -46,6 +46,18 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+def precision_line(model: onnx.ModelProto, precision: str, cast: int, total: int) -> str:
+    """What autocast(model, precision) did, said by `train` and `grad` alike."""
+    low = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
+           and opset_of(model) < 13 and precision == "bf16" else
+           " (only float32 products take it: this model's are of another type)"
+           if total and not cast else "")
+    rest = "in float32" if cast else "in their own type"
+    return (f"precision {precision}: {cast} of {total} matrix products (MatMul, Gemm, Conv, "
+            f"ConvTranspose) in {low}, the rest {rest}{why}")
+
+
 def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, int, int]:
     """The model with its float32 matrix products in `precision` ("bf16" or "fp16", see the
     module docstring); returns (model, products cast, products in the main graph). bfloat16

@@ -188,9 +188,19 @@ def _grad(args) -> int:
     if corners:  # (onnxruntime runs them otherwise: its loss is not the gradients' function)
         print(f"WARNING: {CORNERS_HINT}; onnxruntime computes the loss of the training graph "
               f"their way and its gradients the spec's: {listing(corners)}")
-    if args.precision in ("bf16", "fp16"):
-        from trainer.autocast import autocast
-        model, _, _ = autocast(model, args.precision)
+    if args.precision in ("bf16", "fp16"):  # (as `train` computes: its compute form first)
+        from trainer.autocast import autocast, precision_line
+        from trainer.graph import float_types
+        from trainer.train import compute_form
+
+        own = float_types(model)
+        model = compute_form(model, args.precision)
+        if own - float_types(model):
+            notes.append(f"the model's {listing(sorted(own - float_types(model)))} values are "
+                         "float32 in this graph, as `train` computes them (its export rounds "
+                         "the trained values back)")
+        model, cast, total = autocast(model, args.precision)
+        notes.append(precision_line(model, args.precision, cast, total))
     shapes = {}
     for item in args.shape or []:
         name, sep, dims = item.partition("=")

@@ -603,6 +603,23 @@ def np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
+def float_types(model: onnx.ModelProto) -> set[str]:
+    """Names of the float types (float16, bfloat16, float32, float64) of the main graph's
+    initializers, inputs and outputs."""
+    g = model.graph
+    codes = {t.data_type for t in g.initializer}
+    codes |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
+    out = set()
+    for c in codes - {0}:
+        try:
+            dtype = np_dtype(c)
+        except (KeyError, ValueError, TypeError):
+            continue
+        if is_float_dtype(dtype):
+            out.add(dtype.name)
+    return out
+
+
 def elem_type(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from trainer import checkpoint, preflight, report
-from trainer.autocast import LossScaler, autocast
+from trainer.autocast import LossScaler, autocast, precision_line
 from trainer.autodiff import build_training_graph, training_info
 from trainer.autodiff.build import binary_probabilities, softmax_logits
 from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
@@ -235,16 +235,9 @@ class Trainer:
         self.step_model = self.run_model
         self.scaler = None  # fp16: dynamic loss scaling
         if cfg.precision in ("bf16", "fp16"):
-            low = {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]
             self.step_model, cast, total = autocast(self.run_model, cfg.precision)
-            why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
-                   and opset_of(self.run_model) < 13 and cfg.precision == "bf16" else
-                   " (only float32 products take it: this model's are of another type)"
-                   if total and not cast else "")
             if writes:  # (`onnx-trainer eval` evaluates the model's own products)
-                self.log.info(f"precision {cfg.precision}: {cast} of {total} matrix products "
-                              f"(MatMul, Gemm, Conv, ConvTranspose) in {low}, the rest in "
-                              f"their own type{why}")
+                self.log.info(precision_line(self.run_model, cfg.precision, cast, total))
         if cfg.precision == "fp16":
             ls = cfg.loss_scale or LossScaleConfig()
             self.scaler = LossScaler(ls)
