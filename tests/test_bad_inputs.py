@@ -408,6 +408,8 @@ CASES = {
                               "is a dataset, not a model"),
     "output-is-a-pipe": (lambda t: os.mkfifo(t / "pipe") or ["train", _write(t, _cfg(
         t, output=str(t / "pipe")))], "not a regular file"),
+    "model-is-a-pipe": (lambda t: os.mkfifo(t / "m.onnx") or ["train", _write(t, _cfg(
+        t, model=str(t / "m.onnx")))], "not a regular file"),  # (it waited for a writer)
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
     "grad-shape-of-the-wrong-rank": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
@@ -524,6 +526,32 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, name):
     assert lines[0].startswith("onnx-trainer: error:"), lines[0]
     assert expected.lower() in lines[0].lower(), (expected, lines[0])
     assert earlier.read_bytes() == b"an earlier output"  # nothing was overwritten
+
+
+def test_check_of_a_config_whose_model_is_a_pipe_says_so(tmp_path, capsys):
+    """`check CONFIG` waited for a writer of the pipe, forever."""
+    from trainer.cli import main
+
+    os.mkfifo(tmp_path / "m.onnx")
+    assert main(["check", _write(tmp_path, _cfg(tmp_path, model=str(tmp_path / "m.onnx")))]) == 1
+    assert "(it is not a regular file: a device, a pipe" in capsys.readouterr().out
+
+
+def test_a_model_file_over_the_limit_is_not_read_for_its_external_data(tmp_path, monkeypatch):
+    """A sparse 2.5 GB model file: looking for its external data read it whole (2.6 GB of
+    memory, /dev/zero without end) before load_model refused it unread."""
+    import onnx
+
+    from trainer import graph
+
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:
+        f.truncate(graph.MAX_FILE_BYTES + 1)
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: pytest.fail("the file was read"))
+    assert graph.external_data_files(big) == []
+    assert graph.external_data_files("/dev/zero") == []
+    with pytest.raises(graph.ModelError, match="over protobuf's 2 GB limit"):
+        graph.load_model(big)
 
 
 # -- what the code never does ------------------------------------------------------------------

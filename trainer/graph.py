@@ -108,9 +108,9 @@ _SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
     ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX model; refuse absurd sizes and external data that is missing,
-    the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
+def readable_model_file(path: str | os.PathLike) -> Path:
+    """`path`, a regular file protobuf can parse, or the ModelError saying why not (before a
+    byte is read: a pipe blocks, a device never ends)."""
     path = Path(path)
     if not path.is_file():
         there = os.path.lexists(path)
@@ -123,6 +123,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"model file {path} is {size} bytes, over protobuf's 2 GB limit; save "
                          "large models with external data (onnx.save_model(..., "
                          "save_as_external_data=True))")
+    return path
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX model; refuse absurd sizes and external data that is missing,
+    the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
+    path = readable_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
@@ -178,6 +185,10 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     cannot be read: load_model says why where it matters)."""
     path = Path(path)
     try:
+        # (a pipe or device would block or never end, a file over protobuf's limit be read
+        # whole before load_model refuses it: none is read here)
+        if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+            return []
         model = onnx.load(str(path), load_external_data=False)
         root = path.parent.resolve()
         names = {e.value for t, _ in stored_tensors(model)

@@ -11,7 +11,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -46,22 +45,16 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     LARGE elements left unread (their dims and types are all the estimate needs), except
     the candidates for an additive mask, whose values decide whether they train."""
     from trainer.graph import (
-        MAX_FILE_BYTES,
         _external_data,
         _read_external_data,
         check_model,
         inline_functions,
+        readable_model_file,
         stored_tensors,
         unknown_dims_symbolic,
     )
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}" + (
-            " (it is a directory; give the .onnx file in it)" if path.is_dir() else ""))
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ModelError(f"model file {path} is over protobuf's 2 GB limit; save large models "
-                         "with external data (onnx.save_model(..., save_as_external_data=True))")
+    path = readable_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
