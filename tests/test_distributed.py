@@ -593,6 +593,50 @@ def test_zero1_checkpoints_resume_unsharded_and_back(tmp_path, digits_config):
                                    err_msg=k)
 
 
+@pytest.mark.parametrize("world", [3, 4])
+def test_zero1_nadam_on_shards_of_one_element_checkpoints_its_group_state(tmp_path, world):
+    """NAdam's mu product (one per group, shape (1,)) was taken for a per-element buffer on
+    ranks whose shard holds 1 element (3 parameters on 3 or 4 ranks): on 4 ranks only some
+    gathered it (the collectives parted: a hang), on 3 the checkpoint held it 3 times (a
+    resume lost the optimizer state). Both now equal one process, checkpoint included."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                          [numpy_helper.from_array(np.array([[0.3, -0.2]], np.float32), "W"),
+                           numpy_helper.from_array(np.array([0.1], np.float32), "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, t=(x @ [[1.0], [2.0]] + 0.5).astype(np.float32))
+
+    def raw(name, **over):
+        return {"model": "m.onnx", "device": "cpu", "precision": "fp64", "steps": 10,
+                "output": f"{name}.onnx", "checkpoint": {"dir": f"ck_{name}", "every_steps": 5},
+                "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                                   "targets": {"t": "t"}}, "batch_size": 12},
+                "loss": {"type": "mse", "output": "y", "target": "t"},
+                "optimizer": {"type": "nadam", "lr": 0.05}, **over}
+
+    cfg = config_from_dict(raw("z", distributed={"shard_optimizer": True}), tmp_path)
+    ranks = run_ranks(world, lambda c: Trainer(cfg, comm=c, stream=io.StringIO()).fit(),
+                      timeout_s=60)
+    assert len(ranks) == world
+    one = Trainer(config_from_dict(raw("one"), tmp_path), stream=io.StringIO())
+    one.fit()
+    got = _weights(tmp_path / "z.onnx")
+    for k, v in one.trained_values().items():
+        np.testing.assert_allclose(got[k], v.astype(np.float32), rtol=1e-6, err_msg=k)
+    ours = np.load(tmp_path / "ck_z" / "step_00000005" / "arrays.npz")
+    theirs = np.load(tmp_path / "ck_one" / "step_00000005" / "arrays.npz")
+    assert ours["optim/mu_product"].shape == (1,)
+    for k in theirs.files:
+        if k.startswith("optim/"):
+            np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-9, err_msg=k)
+
+
 # -- ZeRO-1 and the transformers under mpirun ------------------------------------------------------
 @pytest.mark.parametrize("name,world", [("bn_cnn_inference", 2), ("resnet_inference", 4),
                                         ("ort_qdq_cnn", 2)])

@@ -1361,7 +1361,9 @@ class Trainer:
             return {k: to_host(v) for k, v in state.items()}
         out = {}
         for name, v in state.items():
-            if getattr(v, "shape", ()) == (self.shard_n,):  # per-element: gather the shards
+            # (by name, not shape: NAdam's mu product per group is as long as a shard of as
+            # many elements, and only some ranks gathered it: a hang, or a wrong checkpoint)
+            if name in self.optimizer.state:  # per-element: gather the shards
                 buf = self.xp.zeros(self.shard_k * self.world, v.dtype)
                 part = buf[self.shard_lo:self.shard_lo + self.shard_k]
                 part[:self.shard_n] = v
@@ -1395,16 +1397,14 @@ class Trainer:
             start[k] = at
             at += n
         order = np.concatenate([np.arange(start[k], start[k] + n) for k, n in mine])
-        return {k: v[order] if getattr(v, "shape", ()) == (self.size,) else v
-                for k, v in full.items()}
+        return {k: v[order] if k in self.optimizer.state else v for k, v in full.items()}
 
     def _own_optimizer_state(self, full: dict) -> dict:
         """This rank's part of a whole-buffer optimizer state (all of it when not sharded)."""
         if not self.shard:
             return full
         lo, n = self.shard_lo, self.shard_n
-        return {k: v[lo:lo + n] if getattr(v, "shape", ()) == (self.size,) else v
-                for k, v in full.items()}
+        return {k: v[lo:lo + n] if k in self.optimizer.state else v for k, v in full.items()}
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of checkpoint.dir; False if there is none."""
