@@ -547,3 +547,32 @@ def test_a_model_that_does_not_run_at_the_probe_batches_is_probed_at_its_own(tmp
     assert est.method.startswith("probe at batch 256, scaled to 256") and \
         "does not run at batch 2, 3: node 'g' (Gather) failed" in est.method
     assert 0.75 <= est.total / measured <= 1.25, (est, measured)
+
+
+def test_shape_inference_is_bounded_in_memory(tmp_path, digits_config, capsys):
+    """A Reshape to [2^40, 0] in a 359-byte model: ONNX's data propagation took 10 GB (all the
+    machine had) before the estimate could refuse the model. Its address space is bounded
+    now: the pre-flight names the node, as it does where memory is short."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    with memory.bounded_address_space(256 << 20):
+        with pytest.raises(MemoryError):
+            np.ones(1 << 30, np.uint8)
+    assert np.ones(1 << 28, np.uint8).sum() == 1 << 28  # (the limit is gone after the block)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+         helper.make_node("Reshape", ["h", "shp"], ["r"], name="rs"),
+         helper.make_node("MatMul", ["r", "W2"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.ones((64, 6), np.float32), "W1"),
+         numpy_helper.from_array(np.ones((6, 10), np.float32), "W2"),
+         numpy_helper.from_array(np.array([2 ** 40, 0], np.int64), "shp")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    from trainer.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(digits_config(model=str(tmp_path /
+                                                                          "m.onnx"))))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "node 'rs' (Reshape) failed" in capsys.readouterr().out

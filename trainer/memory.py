@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,38 @@ Greater Less GreaterOrEqual LessOrEqual Where Relu Sum MatMul Gemm ReduceSum Red
 ConvTranspose""".split())
 _MEASURE_CAP = 256 << 20  # bytes of a kernel's inputs and outputs above which it is not run
 _MEASURE_BATCHES = (2, 3)  # local batch sizes whose kernel scratch is measured, then extended
+
+
+# Memory ONNX's shape inference may take beyond the model's own bytes: its data propagation
+# allocates by a tensor's declared length (a Reshape to [2^40, 0] in a 359-byte model took
+# 10 GB, all a machine had, before the estimate could refuse the model)
+_INFER_HEADROOM = 1 << 30
+
+
+@contextmanager
+def bounded_address_space(extra: int):
+    """Within the block, this process may map at most `extra` more bytes than it has mapped
+    now (RLIMIT_AS): an allocation beyond that is a MemoryError, not the machine's memory.
+    Without the resource module or /proc (not Linux), or under a tighter limit, unbounded."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f
+                          if line.startswith("VmSize:"))
+        limit = mapped + int(extra)
+        if soft != resource.RLIM_INFINITY and soft <= limit or \
+                hard != resource.RLIM_INFINITY and hard < limit:
+            raise ValueError("a tighter limit holds")
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError, StopIteration):
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 class Incomplete(Exception):
@@ -182,10 +215,11 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
     folded: set[str] = set()
     for _ in range(rounds):
         try:
-            inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
-                                                         data_prop=True)
+            with bounded_address_space(_INFER_HEADROOM + 4 * m.ByteSize()):
+                inferred = onnx.shape_inference.infer_shapes(
+                    m, check_type=False, strict_mode=False, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort; unknown values fall back
-            inferred = m
+            inferred = m  # (MemoryError included: the probe path then names the node)
         g = inferred.graph
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             t = tensor_type(vi.type)
