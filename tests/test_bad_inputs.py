@@ -554,6 +554,50 @@ def test_a_model_file_over_the_limit_is_not_read_for_its_external_data(tmp_path,
         graph.load_model(big)
 
 
+def _ops_in_subgraphs(tmp):
+    """x @ w -> If (constant condition: its then-branch runs Warp) -> Loop whose body runs
+    Weft -> logits; both ops of a domain no kernel serves."""
+    f, b = TensorProto.FLOAT, TensorProto.BOOL
+    then = helper.make_graph([helper.make_node("Warp", ["h"], ["t"], domain="com.x",
+                                               name="warp_in_then")], "then", [],
+                             [helper.make_tensor_value_info("t", f, None)])
+    other = helper.make_graph([helper.make_node("Tanh", ["h"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", f, None)])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]),
+         helper.make_node("Weft", ["v_in"], ["v_out"], domain="com.x", name="weft_in_body")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", b, []),
+                 helper.make_tensor_value_info("v_in", f, None)],
+        [helper.make_tensor_value_info("c_out", b, []),
+         helper.make_tensor_value_info("v_out", f, None)])
+    return _graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                   helper.make_node("If", ["cond"], ["h1"], then_branch=then,
+                                    else_branch=other, name="if1"),
+                   helper.make_node("Loop", ["trip", "cond", "h1"], ["logits"], body=body,
+                                    name="loop1")],
+                  [_W, numpy_helper.from_array(np.array(True), "cond"),
+                   numpy_helper.from_array(np.array(2, np.int64), "trip")], domains=["com.x"])
+
+
+def test_unsupported_ops_in_branches_and_loop_bodies_are_listed_before_training(tmp_path,
+                                                                              capsys):
+    """`check` and the pre-flight listed only the main graph's nodes: with unsupported ops
+    only inside an If's branch and a Loop's body, `check` said "all trainable" and exited 0,
+    and `train` found them only when building."""
+    from trainer.cli import main
+
+    onnx.save(_ops_in_subgraphs(tmp_path), tmp_path / "m.onnx")
+    assert main(["check", str(tmp_path / "m.onnx")]) == 1
+    out = capsys.readouterr().out
+    assert "3 nodes, opset 18: 2 node(s) cannot be trained" in out, out
+    assert "if1/then/warp_in_then" in out and "loop1/weft_in_body" in out, out
+    code = main(["train", _write(tmp_path, _cfg(tmp_path, model=str(tmp_path / "m.onnx")))])
+    err = capsys.readouterr().err
+    assert code == 2 and "have no forward kernel: Warp (node 'if1/then/warp_in_then'), Weft " \
+        "(node 'loop1/weft_in_body')" in err, err
+
+
 # -- what the code never does ------------------------------------------------------------------
 _UNSAFE = [(r"\byaml\.load\(", "yaml.load (use yaml.safe_load)"),
            (r"\bimport pickle\b|\bpickle\.", "pickle"),

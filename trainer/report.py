@@ -63,6 +63,7 @@ class NodeRow:
     op: str
     forward: bool
     gradient: str  # "rule" | "not differentiable" | "not needed" | "MISSING" | "REFUSED: ..."
+    inner: bool = False  # a node of a branch or loop body (listed only where unsupported)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,11 @@ class Report:
     fused_error: str = ""  # onnxruntime fused nodes of forms trainer.contrib does not lower
     unfused: list[str] = field(default_factory=list)  # unfuse.unfuse_conv_batchnorms
     inner: list[str] = field(default_factory=list)  # graph.subgraph_weights: kept constant
+
+    @property
+    def node_count(self) -> int:
+        """The main graph's nodes (the rows of subgraph nodes left out)."""
+        return sum(not r.inner for r in self.nodes)
 
     @property
     def opset_text(self) -> str:
@@ -168,7 +174,7 @@ class Report:
         verdict = "all trainable" if not bad else f"{bad} node(s) cannot be trained"
         if not trained:
             verdict += "; no parameter reaches an output"
-        lines.append(f"{len(self.nodes)} nodes, {self.opset_text}: {verdict}")
+        lines.append(f"{self.node_count} nodes, {self.opset_text}: {verdict}")
         return "\n".join(printable(line) for line in lines)  # (names from the file)
 
 
@@ -543,6 +549,22 @@ def model_report(model: onnx.ModelProto) -> Report:
         if grad == "missing":
             grad = "MISSING" if any(o in active for o in node.output) else "not needed"
         rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
+    # nodes inside the branches and bodies that training runs (a static If's untaken branch
+    # is gone from `run`), listed where they lack a kernel or a needed gradient rule
+    outer = {o for n in model.graph.node for o in n.output}
+    for i, node in enumerate(nodes):
+        needed = any(o in active for o in node.output)
+        # (and the nodes that a static If's taken branch put in the graph)
+        here = [] if set(node.output) <= outer else [(node_name(node, i), node)]
+        for path, inner in here + list(_inner_nodes(node, node_name(node, i))):
+            fwd = get_kernel(inner.op_type, opset_of(model, inner.domain),
+                             inner.domain) is not None
+            grad = gradient_status(inner.op_type,
+                                   "" if inner.domain == "ai.onnx" else inner.domain)
+            if not fwd or grad == "missing" and needed:
+                rows.append(NodeRow(path, inner.op_type, fwd,
+                                    "MISSING" if grad == "missing" and needed else grad,
+                                    inner=True))
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
                         if o.domain not in ("", "ai.onnx"))
     untied = [u for u in untied if u in trained]  # (untied constants are no parameters)
@@ -556,6 +578,18 @@ def model_report(model: onnx.ModelProto) -> Report:
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
                   unfused=unfused, inner=subgraph_weights(model))
+
+
+def _inner_nodes(node: onnx.NodeProto, path: str):
+    """(path/name, node) of every node inside `node`'s subgraphs, nested ones included."""
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in graphs:
+            for j, inner in enumerate(g.node):
+                here = f"{path}/{node_name(inner, j)}"
+                yield here, inner
+                yield from _inner_nodes(inner, here)
 
 
 def _untaken_branches(params: list, before: onnx.ModelProto, nodes: list[onnx.NodeProto]
@@ -761,7 +795,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             problems.append(UnsupportedOpError("gradient rule", bad_grad))
         support = "every node has a forward kernel and, where needed, a gradient" if not (
             bad_fwd or bad_grad) else f"{len(set(bad_fwd) | set(bad_grad))} node(s) unsupported"
-        lines.append(f"  model: {len(report.nodes)} nodes, {report.opset_text}; {support}")
+        lines.append(f"  model: {report.node_count} nodes, {report.opset_text}; {support}")
         inits = {t.name for t in structure.graph.initializer}
         data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None
                                  for d in tensor_type(vi.type).shape.dim]
