@@ -2361,6 +2361,42 @@ def test_a_detached_value_passes_no_gradient_back(tmp_path, optimize):
                                torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
 
 
+class DetachedTwice(nn.Module):
+    """One node reading a value both detached and not: `h.detach() + h` (an Add of linear
+    and linear) and DiCE's magic box `exp(h - h.detach())` (value 1, gradient dh)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.a, self.b = kind, nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "sum":
+            return self.b(h.detach() + h)
+        return self.b(torch.exp(h - h.detach()) * h)
+
+
+@pytest.mark.parametrize("kind", ["sum", "magic_box"])
+def test_a_value_read_detached_and_not_by_one_node(tmp_path, kind):
+    """The export's optimizer leaves Add(linear, linear) with FX args (%detach, %linear): the
+    record was matched by name, which left no slot, and ignored: a.weight's gradient was twice
+    PyTorch's (magic box: 0). The detached slot is found by the FX arguments' positions."""
+    torch.manual_seed(0)
+    model = DetachedTwice(kind)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = torch.onnx.export(model.eval(), (torch.randn(2, 8),), None, input_names=["x"],
+                              output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    model.load_state_dict(state)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    assert model_report(load_model(tmp_path / "model.onnx")).detached == ["linear"]
+    x, y = random_batches(tmp_path, (8,))
+    trainer = ordered_trainer(tmp_path)
+    trainer.fit()
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r],
+                               torch_losses(model, x, y), rtol=2e-4, atol=2e-5)
+
+
 class DetachedFeatures(nn.Module):
     """A frozen feature extractor by .detach(): only the head trains."""
 

@@ -732,11 +732,31 @@ def detached_inputs(model: onnx.ModelProto) -> list[tuple[int, int]]:
         gone = {r for r in refs if _DETACHED.match(r) and r not in present}
         if not gone:
             continue
+        args = _fx_value_args(text)
+        if len(members) == 1 and args is not None and \
+                len(args) == len(g.node[members[0]].input):
+            # one node of the FX node's values in its order: the detached ones by position
+            # (h.detach() + h reads one value twice, detached once: by name, no slot is left)
+            out += [(members[0], k) for k, a in enumerate(args) if a in gone]
+            continue
         slots = [(i, k) for i in members for k, x in enumerate(g.node[i].input)
                  if x and x not in consts and x not in refs and made_by.get(x) != text]
         if len({g.node[i].input[k] for i, k in slots}) == len(gone):
             out += slots
     return sorted(out)
+
+
+def _fx_value_args(text: str) -> list[str] | None:
+    """The positional arguments of an FX node's text (`...](args = (%a, %b), kwargs = {})`)
+    where every one is a value (`%name`): their names in order; None otherwise."""
+    m = re.search(r"\]\(args = \((.*?)\), kwargs = ", text)
+    if m is None:
+        return None
+    parts = [p.strip() for p in m.group(1).split(",")]
+    parts = parts[:-1] if parts and parts[-1] == "" else parts  # ("(%x,)")
+    if not parts or not all(re.fullmatch(r"%\w+", p) for p in parts):
+        return None
+    return [p[1:] for p in parts]
 
 
 def stop_detached(model: onnx.ModelProto) -> list[str]:
