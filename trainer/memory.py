@@ -81,6 +81,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         _external_data,
         _read_external_data,
         check_model,
+        densify_sparse_initializers,
         inline_functions,
         readable_model_file,
         stored_tensors,
@@ -98,6 +99,14 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     masks = mask_candidates(model)
     _read_external_data([f for f in external if _elements(f[0]) <= LARGE or f[0].name in masks],
                         str(path))
+    # sparse initializers as load_model makes them, dense (a large one a stub: its dims)
+    g = model.graph
+    large = [sp for sp in g.sparse_initializer if math.prod(sp.dims) > LARGE]
+    g.initializer.extend(_stub(sp.values.name, sp.values.data_type, sp.dims) for sp in large)
+    keep = [sp for sp in g.sparse_initializer if math.prod(sp.dims) <= LARGE]
+    del g.sparse_initializer[:]
+    g.sparse_initializer.extend(keep)
+    densify_sparse_initializers(model, str(path))
     model = inline_functions(model)  # (as load_model)
     unknown_dims_symbolic(model)
     return model
