@@ -62,7 +62,9 @@ extra=()
 if "$mpirun_bin" --version 2>/dev/null | grep -qi "open mpi"; then
   # Containers often run as root, and may have fewer cores than ranks.
   if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi
-  if [ -z "$multi_node" ] && [ -n "$np" ] && [ "$np" -gt "$(nproc)" ]; then
+  # (the cores this process may run on: GNU nproc also follows OMP_NUM_THREADS)
+  if [ -z "$multi_node" ] && [ -n "$np" ] && \
+      [ "$np" -gt "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" ]; then
     extra+=(--oversubscribe)
   fi
   # Remote nodes start Open MPI's daemon from the same installation (a virtualenv's wheel is

@@ -429,7 +429,8 @@ echo "$(basename "$0") $*"
 """
 
 
-def _launch_args(tmp_path, *args: str, slurm: bool = False) -> tuple[int, str, str]:
+def _launch_args(tmp_path, *args: str, slurm: bool = False,
+                 env_extra: dict | None = None) -> tuple[int, str, str]:
     fakes = tmp_path / "fakes"
     fakes.mkdir(exist_ok=True)
     for name in ("mpirun", "srun"):
@@ -441,6 +442,7 @@ def _launch_args(tmp_path, *args: str, slurm: bool = False) -> tuple[int, str, s
     env.update(PATH=f"{fakes}:{os.environ['PATH']}", PYTHON=sys.executable)
     if slurm:
         env["SLURM_JOB_ID"] = "42"
+    env.update(env_extra or {})
     proc = subprocess.run([str(ROOT / "launch.sh"), *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=30)
     return proc.returncode, proc.stdout.strip(), proc.stderr
@@ -500,6 +502,17 @@ def test_launch_programs_and_selftest(tmp_path):
     assert rc == 2 and "config not found: missing.yaml" in err
     rc, _, err = _launch_args(tmp_path, "-np", "2")
     assert rc == 2 and "launch.sh -np 4 configs/x.yaml" in err  # the usage
+
+
+def test_launch_oversubscribes_by_the_cores_not_omp_num_threads(tmp_path):
+    """GNU nproc follows OMP_NUM_THREADS: with it at 64, more ranks than cores got no
+    --oversubscribe, and Open MPI refused "not enough slots"."""
+    cores = len(os.sched_getaffinity(0))
+    for env in ({}, {"OMP_NUM_THREADS": "64"}, {"OMP_THREAD_LIMIT": "64"}):
+        rc, out, _ = _launch_args(tmp_path, "-np", str(cores + 1), "x.yaml", env_extra=env)
+        assert rc == 0 and "--oversubscribe" in out, (env, out)
+        rc, out, _ = _launch_args(tmp_path, "-np", str(cores), "x.yaml", env_extra=env)
+        assert rc == 0 and "--oversubscribe" not in out, (env, out)
 
 
 def test_launch_takes_the_process_count_written_with_an_equals_sign(tmp_path):
