@@ -204,6 +204,13 @@ def _graph(nodes, inits=(), inputs=None, outputs=None, opset=18, domains=()):
 _W = numpy_helper.from_array(np.full((64, 10), 0.01, np.float32), "w")
 
 
+def _retyped(model):
+    """The model with its first initializer's type code bit-flipped to 94 (onnx.checker lets
+    it pass; it was a KeyError)."""
+    model.graph.initializer[0].data_type = 94
+    return model
+
+
 def _save(name, model_fn):
     def build(tmp):
         onnx.save(model_fn(tmp), tmp / name)
@@ -260,6 +267,9 @@ CASES = {
         t / "m.onnx", (EXAMPLES / "digits_mlp.onnx").read_bytes()[:300])), "m.onnx"),
     "model-fails-checker": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Add", ["x", "nowhere"], ["logits"])]))), "not a valid ONNX model"),
+    "model-unknown-type-code": (_model_file(_save("m.onnx", lambda t: _retyped(_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W])))),
+        "tensor 'w' has data type 94, which ONNX does not define"),
     "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
         "no forward kernel: Warp"),

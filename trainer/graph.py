@@ -146,6 +146,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     tensors = stored_tensors(model, str(path))
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
+    known_type_codes(model, str(path))
     _read_external_data(external, str(path))
     densify_sparse_initializers(model, str(path))
     model = inline_functions(model)
@@ -494,6 +495,30 @@ def check_model(model: onnx.ModelProto | str | os.PathLike, what: str = "model")
     except UnicodeDecodeError:  # the checker's message quotes a damaged name
         raise ModelError(f"{what} is not a valid ONNX model: it holds text that is not valid "
                          "UTF-8") from None
+
+
+def known_type_codes(model: onnx.ModelProto, what: str = "model") -> None:
+    """Every tensor's data type code, in every graph, is one ONNX defines: onnx.checker lets
+    an unknown one pass (a bit-flipped file), which failed later as a KeyError."""
+    def types(t: onnx.TypeProto):
+        kind = t.WhichOneof("value")
+        if kind == "tensor_type":
+            yield t.tensor_type.elem_type
+        elif kind in ("sequence_type", "optional_type"):
+            yield from types(getattr(t, kind).elem_type)
+
+    for g in [model.graph, *_subgraphs_of(model.graph)]:
+        found = [(t.name, t.data_type) for t in g.initializer]
+        found += [(v.name, code) for v in [*g.input, *g.output, *g.value_info]
+                  for code in types(v.type)]
+        for name, code in found:
+            if code == 0 and not any(t.name == name for t in g.initializer):
+                continue  # (a value of no declared type: shape inference gives it one)
+            try:
+                helper.tensor_dtype_to_np_dtype(code)
+            except (KeyError, ValueError, TypeError):
+                raise ModelError(f"{what}: tensor '{_printable(name)}' has data type {code}, "
+                                 "which ONNX does not define (a damaged file?)") from None
 
 
 def _checks_lowered(model: onnx.ModelProto | str | os.PathLike, what: str) -> bool:

@@ -83,6 +83,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         check_model,
         densify_sparse_initializers,
         inline_functions,
+        known_type_codes,
         readable_model_file,
         stored_tensors,
         unknown_dims_symbolic,
@@ -96,6 +97,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
                          f"{' '.join(str(exc).split())[:200]}") from None
     external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
     check_model(path, str(path))
+    known_type_codes(model, str(path))
     masks = mask_candidates(model)
     _read_external_data([f for f in external if _elements(f[0]) <= LARGE or f[0].name in masks],
                         str(path))
