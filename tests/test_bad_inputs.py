@@ -270,6 +270,12 @@ CASES = {
     "model-unknown-type-code": (_model_file(_save("m.onnx", lambda t: _retyped(_graph(
         [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W])))),
         "tensor 'w' has data type 94, which ONNX does not define"),
+    "grad-inconsistent-input-types": (lambda t: [
+        "grad", str(_save("m.onnx", lambda t: _graph(
+            [helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], [_W],
+            inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 64])]))(t)),
+        "--output", "logits", "-o", str(t / "g.onnx")],
+        "no gradient reaches 'w': node 'mm' (MatMul) reads it with 'x' int64, 'w' float32"),
     "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
         "no forward kernel: Warp"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
 
 from trainer.autodiff.context import GradContext
@@ -41,6 +42,22 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
               if any(o in on_path for o in node.output)
               and any(i in on_path for i in diff_inputs(node))]
     return active, on_path
+
+
+def _no_float_path(nodes: list[onnx.NodeProto], w: str, shapes: dict) -> str:
+    """Why no gradient reaches `w` although the loss reads it: its readers' outputs are not
+    float (a MatMul of an int64 input and a float weight, which onnx.checker lets pass)."""
+    def typed(x: str) -> str:
+        return f"'{x}' {np.dtype(shapes[x][1]).name}" if x in shapes else f"'{x}'"
+
+    for k, node in enumerate(nodes):
+        if w in node.input:
+            return (f"no gradient reaches '{w}': node '{node_name(node, k)}' ({node.op_type}) "
+                    f"reads it with {', '.join(typed(x) for x in node.input if x)} and gives "
+                    f"{', '.join(typed(o) for o in node.output if o)}, not float values; are "
+                    "its input types consistent? (onnx.checker.check_model(model, "
+                    "full_check=True) checks them)")
+    return f"no gradient reaches '{w}'"
 
 
 def data_sized_values(nodes: list[onnx.NodeProto], constants: Mapping | None = None,
@@ -88,6 +105,9 @@ def build_backward(nodes: list[onnx.NodeProto], seeds: Mapping[str, str], wrt: l
         for i, name in input_slots(node):
             if name in on_path:
                 terms.setdefault(name, []).append(f"{k}:{i}")
+    stuck = [w for w in wrt if w not in terms]
+    if stuck:  # (on a path by its readers, yet no reader passes a float gradient back)
+        raise ModelError(_no_float_path(nodes, stuck[0], shapes))
     final = {}
     for name, parts in terms.items():
         final[name] = seeds[name] if parts == ["seed"] else scope.fresh(f"{name}_grad")
