@@ -276,6 +276,12 @@ CASES = {
             inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 64])]))(t)),
         "--output", "logits", "-o", str(t / "g.onnx")],
         "no gradient reaches 'w': node 'mm' (MatMul) reads it with 'x' int64, 'w' float32"),
+    "grad-sequence-input": (lambda t: [
+        "grad", str(_save("m.onnx", lambda t: _graph(
+            [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],
+            inputs=[helper.make_tensor_sequence_value_info("x", TensorProto.FLOAT,
+                                                           ["N", 64])]))(t)),
+        "--output", "logits", "-o", str(t / "g.onnx")], "input 'x' is a sequence, not a tensor"),
     "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
         "no forward kernel: Warp"),

@@ -147,6 +147,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(tensors, path.parent, str(path))
     check_model(path, str(path))  # as saved, so over 2 GB too; external data is not read
     known_type_codes(model, str(path))
+    tensor_inputs(model, str(path))
     _read_external_data(external, str(path))
     densify_sparse_initializers(model, str(path))
     model = inline_functions(model)
@@ -519,6 +520,18 @@ def known_type_codes(model: onnx.ModelProto, what: str = "model") -> None:
             except (KeyError, ValueError, TypeError):
                 raise ModelError(f"{what}: tensor '{_printable(name)}' has data type {code}, "
                                  "which ONNX does not define (a damaged file?)") from None
+
+
+def tensor_inputs(model: onnx.ModelProto, what: str = "model") -> None:
+    """The graph inputs that data feeds are tensors: a sequence or map input has no batch of
+    arrays to take (it failed as a KeyError in `grad` and was called a scalar in `train`)."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        kind = vi.type.WhichOneof("value")
+        if vi.name not in inits and kind in ("sequence_type", "map_type"):
+            raise ModelError(f"{what}: input '{_printable(vi.name)}' is a "
+                             f"{kind.split('_')[0]}, not a tensor; onnx-trainer feeds each "
+                             "input a batch of one array (export the model with tensor inputs)")
 
 
 def _checks_lowered(model: onnx.ModelProto | str | os.PathLike, what: str) -> bool:

@@ -86,6 +86,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         known_type_codes,
         readable_model_file,
         stored_tensors,
+        tensor_inputs,
         unknown_dims_symbolic,
     )
 
@@ -98,6 +99,7 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
     external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
     check_model(path, str(path))
     known_type_codes(model, str(path))
+    tensor_inputs(model, str(path))
     masks = mask_candidates(model)
     _read_external_data([f for f in external if _elements(f[0]) <= LARGE or f[0].name in masks],
                         str(path))
