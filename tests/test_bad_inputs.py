@@ -150,6 +150,23 @@ def _escapes_model(tmp) -> bool:
     return True
 
 
+def _edited_arrays(key, value):
+    """A checkpoint whose array `key` is replaced by `value`, then --resume (a negative
+    optimizer step count gave complex bias corrections: a TypeError at the first step)."""
+    def make(tmp) -> list[str]:
+        from trainer.cli import main
+
+        raw = _cfg(tmp, checkpoint={"dir": str(tmp / "ck")}, output=str(tmp / "first.onnx"),
+                   optimizer={"type": "adam", "lr": 1e-3})
+        assert main(["train", _write(tmp, raw)]) == 0
+        path = next((tmp / "ck").glob("step_*")) / "arrays.npz"
+        arrays = dict(np.load(path, allow_pickle=False))
+        arrays[key] = np.array(value)
+        np.savez(path, **arrays)
+        return ["train", _write(tmp, {**raw, "steps": 6}), "--resume"]
+    return make
+
+
 def _edited_manifest(key, value):
     """A checkpoint whose manifest's `key` is edited to `value` (not a number, out of range),
     then --resume (total_steps -5 only gave a schedule warning)."""
@@ -474,6 +491,12 @@ CASES = {
     "model-raw-data-too-long": (lambda t: _long_raw_data(t) and ["train", _write(t, _cfg(
         t, model=str(t / "m.onnx")))], "the file is damaged"),
     "checkpoint-manifest-edited": (_edited_manifest("step", "abc"), "is damaged"),
+    "checkpoint-manifest-tracking-not-a-mapping": (_edited_manifest("tracking", [1]),
+                                                   "is damaged"),
+    "checkpoint-manifest-data-order-not-a-mapping": (_edited_manifest("data_order", "x"),
+                                                     "is damaged"),
+    "checkpoint-negative-optimizer-steps": (_edited_arrays("optim/steps", -3),
+                                            "the optimizer's step count -3 is not a whole"),
     "checkpoint-manifest-total-steps": (_edited_manifest("total_steps", -5),
                                         "manifest's total_steps -5 is not an integer of at "
                                         "least 1"),

@@ -176,6 +176,10 @@ class Optimizer:
                 raise TrainerError(f"optimizer state '{k}' has shape {np.shape(v)}, expected "
                                    f"{tuple(np.shape(mine[k]))}: the parameters or groups "
                                    "changed")
+        if not (np.ndim(state["steps"]) == 0 and float(state["steps"]) == int(state["steps"])
+                and int(state["steps"]) >= 0):  # (a damaged checkpoint: the resume says so)
+            raise ValueError(f"the optimizer's step count {state['steps']} is not a whole "
+                             "number of at least 0")
         self.steps = int(state["steps"])
         for k, buf in self.state.items():
             buf[...] = self.xp.asarray(state[k])

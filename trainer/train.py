@@ -1424,8 +1424,9 @@ class Trainer:
         arrays, meta = checkpoint.load(path)
         try:
             return self._resume_from(path, arrays, meta)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:  # (a manifest or arrays
-            raise TrainerError(f"checkpoint {path} is damaged: {type(exc).__name__}: "  # edited
+        except (KeyError, ValueError, TypeError, IndexError,  # (a manifest or arrays edited:
+                AttributeError) as exc:  # a list where a mapping was, as much as a bad value)
+            raise TrainerError(f"checkpoint {path} is damaged: {type(exc).__name__}: "
                                f"{exc}; resume from another one (remove this folder)") from None
 
     def _schedule_length_note(self, was: int | None) -> None:
