@@ -492,6 +492,30 @@ def test_a_full_disk_under_the_terminal_output_is_one_line():
         "onnx-trainer: error: cannot write the terminal output: No space left on device"]
 
 
+def test_train_onto_a_full_terminal_output_goes_on_and_exports(tmp_path):
+    """`train c.yaml > log` with the log's disk full ended the run at the next line it
+    printed, without its export or last checkpoint; training goes on without the output."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp_path / "out.onnx"),
+        "device": "cpu", "steps": 4, "log": {"every_steps": 1},
+        "checkpoint": {"dir": str(tmp_path / "ck")},
+        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                           "targets": {"label": "y_train"}}, "batch_size": 32},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(cfg)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "onnx-trainer: warning: cannot write the terminal output (No space left on device); "
+        "training goes on without it"]
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert (tmp_path / "ck" / "step_00000004").is_dir()
+
+
 def test_grad_trains_a_tied_output_projection_as_its_embedding(tmp_path):
     """A TorchScript export folds a tied output projection (`head.weight = emb.weight`) into a
     second initializer, the embedding's transpose. `train` ties it back; `grad` does too, so

@@ -3,6 +3,7 @@ metrics file and, optionally, TensorBoard event files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -53,6 +54,10 @@ def _rate_text(x: float) -> str:
         if x >= scale:
             return f"{x / scale:.1f}{unit}"
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+# errno codes of an output that cannot take more (a full disk, a quota, a file size limit)
+_FULL = {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EIO") if hasattr(errno, n)}
 
 
 class _Bar:
@@ -184,6 +189,7 @@ class MetricsLogger:
         if bar is None:
             bar = _is_terminal(self.stream)
         self._bar = _Bar(self.stream, clock, bar_interval) if (enabled and bar) else None
+        self._mute = False  # (the output's disk is full: see _silence)
         if enabled and self.tensorboard is not None:
             _summary_writer_class()  # a missing tensorboardX is reported before training starts
 
@@ -233,16 +239,39 @@ class MetricsLogger:
             self._bar.reset(self.total_steps)
 
     def info(self, text: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self._mute:
             return
         text = "\n".join(printable(line) for line in text.split("\n"))  # (names from files)
-        if self._bar is not None:
-            self._bar.clear()
-            print(text, file=self.stream)
-            self._bar.redraw()
-            self.stream.flush()
-        else:
-            print(text, file=self.stream, flush=True)
+        try:
+            if self._bar is not None:
+                self._bar.clear()
+                print(text, file=self.stream)
+                self._bar.redraw()
+                self.stream.flush()
+            else:
+                print(text, file=self.stream, flush=True)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            self._silence(exc)
+
+    def _silence(self, exc: OSError) -> None:
+        """The output's disk is full: training goes on without it (its model, checkpoints and
+        metrics are written elsewhere, or say why not), said once on stderr; later writes of
+        what Python still holds for the stream go nowhere, so that the run ends as it should."""
+        self._mute, self._bar = True, None
+        try:
+            fd = self.stream.fileno()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        except (OSError, ValueError, AttributeError):  # (a stream without a file: dropped)
+            pass
+        if self.stream is not sys.stderr:
+            try:
+                print(f"onnx-trainer: warning: cannot write the terminal output "
+                      f"({exc.strerror or exc}); training goes on without it", file=sys.stderr,
+                      flush=True)
+            except OSError:
+                pass
 
     def progress(self, step: int, loss: float | None = None, lr: float | None = None,
                  samples_per_s: float | None = None) -> None:
