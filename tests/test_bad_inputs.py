@@ -453,6 +453,9 @@ CASES = {
     "grad-shape-of-the-wrong-rank": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--shape", "x=4"], "input 'x' has 2 dimension(s) ['N', 64]; give every one"),
+    "grad-batch-size-beyond-memory": (lambda t: [
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
+        "--batch-size", str(10 ** 11)], "out of memory (unable to allocate 23.3 TiB"),
     "grad-shape-against-batch-size": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--shape", "x=8,64", "--batch-size", "4"], "--batch-size is 4: give one of them"),

@@ -464,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
                      everywhere=isinstance(exc, ConfigError))
     except KeyboardInterrupt:
         return _fail("onnx-trainer: interrupted", 130, traceback_too=debug)
+    except MemoryError as exc:  # (sizes beyond the machine: --batch-size 1e11, a constant's
+        what = f" ({exc})" if str(exc) else ""  # shape, a dataset's header)
+        return _fail(f"onnx-trainer: error: out of memory{what}: an array of the sizes given "
+                     "does not fit this machine; lower data.batch_size (grad: --batch-size, "
+                     "--shape) or the shapes in data.constants (`onnx-trainer check CONFIG` "
+                     "estimates what a run needs)", 2, traceback_too=debug)
     except BrokenPipeError:  # (`onnx-trainer ops | head`: the reader stopped reading)
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error)
