@@ -209,6 +209,26 @@ def test_failure_on_one_rank_ends_the_job(tmp_path, digits_config, exc, code, te
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("over", [["--set", "device=gpu"],
+                                  ["--set", "distributed.backend=nccl"]])
+def test_a_setup_error_every_rank_meets_is_printed_once(tmp_path, digits_config, over):
+    """device: gpu without CuPy, or nccl on a CPU: every rank fails before MPI starts; rank 0
+    could not end the others, which printed it too, as "rank k: error" (4 lines on 4 ranks)."""
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed: device: gpu may start")
+    except ImportError:
+        pass
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(steps=2)))
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3",
+                    sys.executable, "-m", "trainer", "train", str(path), *over], timeout=120,
+                   cwd=ROOT)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "rank " not in errors[0], proc.stderr[-3000:]
+
+
 def test_eval_command_under_ranks_prints_one_line(tmp_path, digits_config):
     """`onnx-trainer eval` under mpirun: the metrics of one process, printed once (each rank
     printed its line)."""

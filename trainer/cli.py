@@ -503,8 +503,14 @@ def _fail(message: str, code: int, traceback_too: bool = False, everywhere: bool
     if world > 1 and rank != 0:
         # When every rank fails the same way, rank 0 speaks and aborts the others before they
         # print; a failure on this rank alone is printed a moment later (3 s: at 1 s a loaded
-        # machine printed such an error twice; a config's error is rank 0's to print)
+        # machine printed such an error twice; a config's error is rank 0's to print). MPI
+        # starts first: its start waits for every rank, so rank 0, failing alike before it had
+        # started MPI (device: gpu without CuPy), could not end the others while they waited
         import time
+        try:
+            from mpi4py import MPI  # noqa: F401 - (importing it starts MPI)
+        except Exception:  # noqa: BLE001 - no MPI here: the wait alone
+            pass
         time.sleep(3.0)
         message = message.replace("onnx-trainer: ", f"onnx-trainer: rank {rank}: ", 1)
     if traceback_too:
