@@ -299,9 +299,12 @@ CASES = {
             inputs=[helper.make_tensor_sequence_value_info("x", TensorProto.FLOAT,
                                                            ["N", 64])]))(t)),
         "--output", "logits", "-o", str(t / "g.onnx")], "input 'x' is a sequence, not a tensor"),
+    "model-op-of-an-unknown-domain": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("Relu", ["x"], ["logits"], domain="evil.com", name="relu")],
+        domains=["evil.com"]))), "no forward kernel: Relu of domain evil.com (node 'relu')"),
     "model-op-without-kernel": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("Warp", ["x"], ["logits"], domain="com.x")], domains=["com.x"]))),
-        "no forward kernel: Warp"),
+        "no forward kernel: Warp of domain com.x (node"),
     # (scikit-learn's exports: what the op means, not only that it has no kernel)
     "model-zipmap": (_model_file(_save("m.onnx", lambda t: _graph(
         [helper.make_node("ZipMap", ["x"], ["logits"], domain="ai.onnx.ml",
@@ -642,8 +645,8 @@ def test_unsupported_ops_in_branches_and_loop_bodies_are_listed_before_training(
     assert "if1/then/warp_in_then" in out and "loop1/weft_in_body" in out, out
     code = main(["train", _write(tmp_path, _cfg(tmp_path, model=str(tmp_path / "m.onnx")))])
     err = capsys.readouterr().err
-    assert code == 2 and "have no forward kernel: Warp (node 'if1/then/warp_in_then'), Weft " \
-        "(node 'loop1/weft_in_body')" in err, err
+    assert code == 2 and "have no forward kernel: Warp of domain com.x (node " \
+        "'if1/then/warp_in_then'), Weft of domain com.x (node 'loop1/weft_in_body')" in err, err
 
 
 # -- what the code never does ------------------------------------------------------------------

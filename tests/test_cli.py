@@ -125,7 +125,8 @@ def test_ops_without_gradient_rule_are_all_listed(tmp_path, digits_config, twist
     assert main(["train", write_cfg(tmp_path, digits_config(model=str(model)))]) == 2
     line = capsys.readouterr().err.strip()
     assert "no gradient rule" in line and len(line.splitlines()) == 1
-    assert "Twist (node 'twist1')" in line and "Twist (node 'twist2')" in line
+    assert "Twist of domain com.example (node 'twist1')" in line
+    assert "Twist of domain com.example (node 'twist2')" in line
     assert "relu" not in line and "round1" not in line  # Round carries no gradient
     assert main(["check", str(model)]) == 1
     out = capsys.readouterr().out
@@ -141,7 +142,8 @@ def test_ops_without_forward_kernel_are_listed_before_data_is_read(tmp_path, dig
     raw["data"]["train"]["path"] = str(tmp_path / "missing.npz")
     line = one_line_error(run("train", write_cfg(tmp_path, raw)))
     assert "no forward kernel" in line
-    assert "Warp (node 'warp1')" in line and "Weft (node 'weft1')" in line
+    assert "Warp of domain com.example (node 'warp1')" in line
+    assert "Weft of domain com.example (node 'weft1')" in line
 
 
 def test_check_on_demo_model():

@@ -38,7 +38,8 @@ class UnsupportedOpError(ModelError):
     def __init__(self, what: str, nodes: list[tuple[str, str]]):
         self.nodes = nodes
         listing = ", ".join(f"{op} (node '{name}')" for op, name in nodes)
-        hints = [why for key, why in _WHY.items() if any(key(op) for op, _ in nodes)]
+        hints = [why for key, why in _WHY.items()  # (by the op's name: "X of domain D")
+                 if any(key(op.split(" of domain ")[0]) for op, _ in nodes)]
         super().__init__(f"{len(nodes)} node(s) have no {what}: {listing}"
                          + "".join(f"; {why}" for why in hints))
 

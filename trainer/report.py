@@ -548,7 +548,8 @@ def model_report(model: onnx.ModelProto) -> Report:
         grad = gradient_status(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
         if grad == "missing":
             grad = "MISSING" if any(o in active for o in node.output) else "not needed"
-        rows.append(NodeRow(node_name(node, i), node.op_type, fwd, grad))
+        rows.append(NodeRow(node_name(node, i), _op_label(node, fwd and grad != "MISSING"),
+                            fwd, grad))
     # nodes inside the branches and bodies that training runs (a static If's untaken branch
     # is gone from `run`), listed where they lack a kernel or a needed gradient rule
     outer = {o for n in model.graph.node for o in n.output}
@@ -562,7 +563,7 @@ def model_report(model: onnx.ModelProto) -> Report:
             grad = gradient_status(inner.op_type,
                                    "" if inner.domain == "ai.onnx" else inner.domain)
             if not fwd or grad == "missing" and needed:
-                rows.append(NodeRow(path, inner.op_type, fwd,
+                rows.append(NodeRow(path, _op_label(inner, False), fwd,
                                     "MISSING" if grad == "missing" and needed else grad,
                                     inner=True))
     imports = ", ".join(f"{o.domain} {o.version}" for o in model.opset_import
@@ -578,6 +579,14 @@ def model_report(model: onnx.ModelProto) -> Report:
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
                   unfused=unfused, inner=subgraph_weights(model))
+
+
+def _op_label(node: onnx.NodeProto, supported: bool) -> str:
+    """The op's name in the table and the errors: with its domain where it is unsupported and
+    not ONNX's own (a Relu of domain evil.com has no kernel: "Relu" alone misled)."""
+    if supported or node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{node.op_type} of domain {node.domain}"
 
 
 def _inner_nodes(node: onnx.NodeProto, path: str):
