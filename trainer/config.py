@@ -99,6 +99,8 @@ def _int(v: Any, key: str, base: Path) -> int:
     if not -2 ** 63 <= v < 2 ** 63:  # (the values reach NumPy and ONNX attributes)
         raise _err(key, f"must be within int64's range (|value| < 2^63), got {v}")
     return v
+
+
 _bool = _typed(lambda v: isinstance(v, bool), "true or false")
 _str = _typed(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
