@@ -588,6 +588,25 @@ def test_check_of_a_config_whose_model_is_a_pipe_says_so(tmp_path, capsys):
     assert "(it is not a regular file: a device, a pipe" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("world,drop_last,refused", [(2, False, True), (1, False, False),
+                                                     (2, True, False)])
+def test_check_names_a_batch_of_one_sample_that_batchnorm_refuses(tmp_path, world, drop_last,
+                                                                 refused):
+    """1437 samples in batches of 6 on 2 processes, the last batch of 3 kept: one process gets
+    1 sample, which `train` refused at its start while `check --world 2` said nothing."""
+    from trainer.config import config_from_dict
+    from trainer.report import preflight
+
+    args = _digits_batchnorm(tmp_path, data__batch_size=6, data__drop_last=drop_last)
+    cfg = config_from_dict(yaml.safe_load(open(args[1])), tmp_path)
+    problems = [str(p) for p in preflight(cfg, world=world).problems]
+    one = [p for p in problems if "trains on 1 value per channel" in p]
+    assert bool(one) == refused, problems
+    if refused:
+        assert one[0].endswith("1 sample for some of the 2 processes (set data.drop_last: "
+                               "true)"), one[0]
+
+
 def test_a_model_file_over_the_limit_is_not_read_for_its_external_data(tmp_path, monkeypatch):
     """A sparse 2.5 GB model file: looking for its external data read it whole (2.6 GB of
     memory, /dev/zero without end) before load_model refused it unread."""

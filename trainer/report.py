@@ -937,6 +937,22 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
                               if constants else None, device=xp is not np,
                               # (constants baked for this batch: a probe at 2 and 3 would not fit)
                               at_batch_only=any(v.size > 1 for v in baked.values()))
+        if 1 in batches.any_rank_sizes() and local != 1 and not (
+                cfg.distributed.sync_batchnorm and world > 1) and any(
+                n.op_type == "BatchNormalization" for n in structure.graph.node):
+            # a process's batch of 1 sample, which a BatchNormalization in train form refuses
+            # at `train`'s start (check said nothing): its training graph at that batch
+            one = {k: (1,) + tuple(v[1:]) if k in data_inputs else v
+                   for k, v in in_shapes.items()}
+            try:
+                memory.training_structure(memory.strip(bake_inputs(structure, baked)),
+                                          cfg.loss, cfg.trainable, cfg.frozen, cfg.batchnorm,
+                                          one)
+            except ModelError as exc:
+                if "1 value per channel" in str(exc):
+                    problems.append(ModelError(f"{exc}; here {batches.one_sample_why()}"))
+            except Exception:  # noqa: BLE001 - (only that refusal is looked for here)
+                pass
     except TrainerError as exc:
         sized = sorted({n.op_type for n in data_sizing_nodes(structure)})
         if not sized:
