@@ -16,7 +16,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import ROOT
+from tests.conftest import EXAMPLES, ROOT
 from trainer.config import config_from_dict
 from trainer.errors import DataError, TrainerError
 from trainer.train import Trainer
@@ -166,6 +166,28 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
             "never starts")
     assert (line in pre.text()) == (top is not None), pre.text()
     assert top is not None or "warmup_steps" not in pre.text()
+
+
+def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_config, capsys):
+    """`check CONFIG` read array headers only, so it passed NaN data (and strings) that
+    `train` refused as it loaded them; datasets held in memory have their values checked."""
+    from trainer.cli import main
+
+    d = np.load(EXAMPLES / "digits.npz")
+    x = d["x_train"].copy()
+    x[5, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=d["y_train"])
+    raw = digits_config()
+    raw["data"]["train"] = {"path": str(tmp_path / "nan.npz"), "inputs": {"x": "x"},
+                            "targets": {"label": "y"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "data.train: array 'x' (for 'x') holds nan at sample 5, position [2]" in \
+        capsys.readouterr().out
+    np.savez(tmp_path / "nan.npz", x=x.astype(str), y=d["y_train"])
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "'x' holds <U32 values, but the model's input takes float32" in \
+        capsys.readouterr().out
 
 
 def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,

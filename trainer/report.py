@@ -729,6 +729,33 @@ class Preflight:
                                f"{listing}")
 
 
+def _check_values(ds, what: str, structure, precision: str, problems: list) -> None:
+    """The values of a dataset as `train` checks them when loading it: finite floats, and
+    inputs the model's types hold (whole numbers in an integer input's range, no complex);
+    what is wrong goes to `problems`."""
+    from trainer import preflight as checks
+    from trainer.data import load_arrays
+    from trainer.errors import TrainerError
+    from trainer.graph import input_dtypes, is_float_dtype
+
+    mapping = {**ds.inputs, **ds.targets}
+    try:
+        arrays = load_arrays(ds.path, mapping, what)
+        if structure is None:
+            return
+        # (in the types the engine computes them in: train.compute_form's)
+        wide = np.dtype(np.float64 if precision == "fp64" else np.float32)
+        dtypes = {k: wide if is_float_dtype(v) and v.itemsize <= wide.itemsize else v
+                  for k, v in input_dtypes(structure).items()}
+        for name in ds.inputs:
+            if name in arrays and name in dtypes:
+                checks.convertible(arrays[name], dtypes[name], name, what)
+                checks.within_range(arrays[name], dtypes[name],
+                                    f"{what}: array '{mapping[name]}' (for '{name}')")
+    except TrainerError as exc:
+        problems.append(exc)
+
+
 class _Shaped:
     """Stands for an array where only its shape is read."""
 
@@ -736,12 +763,20 @@ class _Shaped:
         self.shape = tuple(shape)
 
 
-def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
+# datasets up to this size (held in memory) have their values checked by `check CONFIG` as
+# `train` checks them when it loads them (NaN, values the model's types cannot hold)
+_VALUE_CHECK_BYTES = 512 << 20
+
+
+def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
+              values: bool = False) -> Preflight:
     """Check a config before anything large is allocated: paths, the model's op support, the
     datasets (headers, and the loss targets' values), the batch against the model, and the
     memory a step needs per process against what the device has free. Every problem is
     collected (none is raised here); `full_model()` loads the model with its values, for the
-    estimate of models whose shapes ONNX inference cannot make concrete."""
+    estimate of models whose shapes ONNX inference cannot make concrete; `values`: also the
+    values of datasets held in memory up to _VALUE_CHECK_BYTES (`check CONFIG`; `train` checks
+    them as it loads them)."""
     from trainer import memory
     from trainer import preflight as checks
     from trainer.config import blas_threads, local_processes
@@ -858,6 +893,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None) -> Preflight:
             attempt(check_against_model, {k: _Shaped(info[k][0]) for k in ds.inputs
                                           if k in info}, data_inputs, what)
             mismatched = mismatched or len(problems) > before
+        if values and not mapped and in_memory <= _VALUE_CHECK_BYTES:
+            _check_values(ds, what, structure, cfg.precision, problems)
     if "data.train" not in samples or local is None:
         return Preflight(lines, problems)
     n = samples["data.train"]
