@@ -396,6 +396,9 @@ CASES = {
     "config-checkpoint-of-another-model": (_resume_other_model, "not the ones this config"),
     # -- the data --
     "data-file-missing": (_train(data__train__path="/nonexistent/d.npz"), "not found"),
+    "data-folder-array-is-a-pipe": (_with_data(lambda t: (t / "f").mkdir() or np.save(
+        t / "f" / "y.npy", np.zeros(8, np.int64)) or os.mkfifo(t / "f" / "x.npy") or str(t / "f")),
+        "x.npy is not a regular file"),
     "data-not-npz": (_with_data(lambda t: str(_put(t / "d.npz", b"garbage"))), "cannot read"),
     "data-array-missing": (_train(data__train__inputs={"x": "pixels"}), "'pixels'"),
     "data-input-name-wrong": (_train(data__train__inputs={"input": "x_train"}),

@@ -5,6 +5,7 @@ graph inputs and loss targets; rank shards, and the next batch prefetched in a b
 from __future__ import annotations
 
 import math
+import os
 import struct
 import threading
 import warnings
@@ -151,6 +152,9 @@ def _open_npy(folder: Path, key: str, name: str, what: str, check: bool = True) 
     path = folder / f"{key}.npy"
     label = f"{what}: array '{key}' (for '{name}') in {folder}"
     if not path.is_file():
+        if os.path.lexists(path):  # (a pipe, a device, a broken link: "no x.npy; it has x")
+            raise DataError(f"{label}: {path.name} is not a regular file (a device, a pipe or "
+                            "a broken or looping link)")
         have = sorted(p.stem for p in folder.glob("*.npy"))
         raise DataError(f"{what}: array '{key}' (for '{name}') is not in {folder}: no "
                         f"{path.name}; it has {_shown(have) or 'no .npy files'}")
