@@ -168,6 +168,48 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
     assert top is not None or "warmup_steps" not in pre.text()
 
 
+@pytest.mark.parametrize("eval_t", [12, 6])
+def test_an_eval_set_of_another_sequence_length_is_checked_at_its_own(tmp_path, eval_t,
+                                                                      capsys):
+    """ids [N, T] -> embedding -> logits [N, T, 5], T symbolic: an eval set with T=12 (or 6)
+    next to training at T=8 was refused before training, its labels held against the
+    training batch's output ("'logits' without its class axis has [8]"). Checked at its own
+    length now; labels beyond the classes at that length are still named."""
+    from trainer.cli import main
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"]),
+         helper.make_node("MatMul", ["h", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", 5])],
+        [numpy_helper.from_array(rng.standard_normal((20, 4)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    y_eval = rng.integers(0, 5, (16, eval_t))
+    np.savez(tmp_path / "d.npz", ids=rng.integers(0, 20, (32, 8)), y=rng.integers(0, 5, (32, 8)),
+             ids_e=rng.integers(0, 20, (16, eval_t)), y_e=y_eval)
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 2,
+           "data": {"train": {"path": "d.npz", "inputs": {"ids": "ids"}, "targets": {"y": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"ids": "ids_e"}, "targets": {"y": "y_e"}},
+                    "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "y"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().out
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    assert np.isfinite(t.history[-1]["eval_loss"])
+    y_eval[3, eval_t - 1] = 7  # (beyond the 5 classes: named, at the eval set's length)
+    np.savez(tmp_path / "d.npz", ids=rng.integers(0, 20, (32, 8)), y=rng.integers(0, 5, (32, 8)),
+             ids_e=rng.integers(0, 20, (16, eval_t)), y_e=y_eval)
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "data.eval" in capsys.readouterr().out
+    with pytest.raises(TrainerError, match="data.eval"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
 def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_config, capsys):
     """`check CONFIG` read array headers only, so it passed NaN data (and strings) that
     `train` refused as it loaded them; datasets held in memory have their values checked."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -860,6 +861,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                 f"{k} {list(v.shape)} {v.dtype}" for k, v in constants.items()))
 
     shapes: dict[str, tuple] = {}
+    eval_shapes: dict[str, tuple] = {}
     samples: dict[str, int] = {}
     host_data = per_sample = resident = 0
     train_mapped = False
@@ -887,6 +889,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             per_sample = sum(math.prod(s[1:]) * np.dtype(d).itemsize
                              for s, d, _ in info.values())
         else:
+            eval_shapes = {k: s for k, (s, _, _) in info.items()}
             host_data += in_memory
         if data_inputs:
             before = len(problems)
@@ -1039,7 +1042,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                 "to start anyway"))
         # (a fixed batch the data does not fit is its own problem, listed above)
         fits = all(not dims or dims[0] in (None, local) for dims in data_inputs.values())
-        _check_labels(cfg, out_shape, problems, load_arrays, local if fits else None)
+        eval_out = eval_output_shape(structure, cfg.loss.output, out_shape, local, {
+            k: shapes[k][1:] for k in data_inputs if k in shapes}, {
+            k: eval_shapes[k][1:] for k in data_inputs if k in eval_shapes}, constants)
+        _check_labels(cfg, out_shape, problems, load_arrays, local if fits else None,
+                      eval_out)
     return Preflight(lines, problems, est, out_shape)
 
 
@@ -1057,9 +1064,33 @@ def _memory_lines(est) -> list[str]:
     return lines
 
 
-def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None) -> None:
+def eval_output_shape(model: onnx.ModelProto, output: str, train_shape, local: int,
+                      train_inputs: Mapping[str, tuple], eval_inputs: Mapping[str, tuple],
+                      constants: Mapping[str, np.ndarray] | None = None):
+    """The loss output's shape for a batch of `local` samples of the eval set, whose samples
+    (`eval_inputs`: per-sample shapes) may differ from the training set's along symbolic
+    axes (a sequence length): by ONNX shape inference where they do; None where unknown."""
+    if not train_shape or all(tuple(eval_inputs.get(k, v)) == tuple(v)
+                              for k, v in train_inputs.items()):
+        return train_shape
+    from trainer import memory
+    from trainer.graph import input_shapes
+
+    try:
+        given = {k: (local,) + tuple(v) for k, v in {**train_inputs, **eval_inputs}.items()}
+        given.update((k, v.shape) for k, v in (constants or {}).items())
+        found, _ = memory.infer(memory.strip(model), input_shapes(model, local, given))
+        got = found.get(output)
+        return tuple(got[0]) if got and all(d > 0 for d in got[0][1:]) else None
+    except Exception:  # noqa: BLE001 - unknown: the eval set's targets are checked as it runs
+        return None
+
+
+def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None,
+                  eval_shape=None) -> None:
     """The loss targets' values against the loss output (as the trainer checks them later);
-    with `local`, the output's first axis against the batch of each process."""
+    with `local`, the output's first axis against the batch of each process; `eval_shape`:
+    the output's at the eval set's samples (None: unknown, not checked)."""
     from trainer import preflight as checks
     from trainer.errors import TrainerError
 
@@ -1073,8 +1104,12 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
     except TrainerError as exc:
         problems.append(exc)
         return
+    train_shape = out_shape
     for what, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is None or spec.target not in ds.targets:
+            continue
+        out_shape = train_shape if what == "data.train" else eval_shape
+        if not out_shape:
             continue
         try:
             labels = load_arrays(ds.path, {spec.target: ds.targets[spec.target]},

@@ -424,6 +424,14 @@ class Trainer:
         local, plan = next(iter(self.plans.items()))
         shape = plan.out_shape
         preflight.batch_first_output(shape, local, spec.output, spec.type, _batch_axis(spec))
+        if what == "data.eval":  # (its samples may be longer along a symbolic axis)
+            shape = report.eval_output_shape(
+                self.run_model, spec.output, shape, local,
+                {k: v.shape[1:] for k, v in self.train_arrays.items() if k in self.data_inputs},
+                {k: v.shape[1:] for k, v in arrays.items() if k in self.data_inputs},
+                self._constants(local))
+            if shape is None:
+                return
         labels = arrays[spec.target]
         if spec.type == "mse":
             preflight.regression_targets(labels, spec.target, what, shape[1:], spec.output)
