@@ -168,6 +168,78 @@ def test_batchnorm_of_a_training_form_export_at_each_opset(tmp_path, opset):
     assert float(Executor(tm).run(feeds)["loss"]) == pytest.approx(eval_loss, rel=1e-5)
 
 
+def _loop_model(kind: str) -> onnx.ModelProto:
+    """x @ W1 -> a Loop of one iteration whose body runs a Dropout (training_mode from the outer
+    scope, True) or a BatchNormalization in training mode -> Relu -> @ W2."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+
+    def vi(n, s, t=TP.FLOAT):
+        return h.make_tensor_value_info(n, t, s)
+
+    inner = h.make_node("Dropout", ["h", "ratio", "tm"], ["z"]) if kind == "Dropout" else \
+        h.make_node("BatchNormalization", ["h", "g", "b", "rm", "rv"], ["z", "rm_o", "rv_o"],
+                    training_mode=1)
+    body = h.make_graph([h.make_node("Identity", ["c"], ["c_out"]), inner,
+                         h.make_node("Identity", ["z"], ["s"])], "body",
+                        [vi("i", [], TP.INT64), vi("c", [], TP.BOOL)],
+                        [vi("c_out", [], TP.BOOL), vi("s", ["N", 8])])
+    inits = {"W1": rng.standard_normal((6, 8)).astype(np.float32),
+             "W2": rng.standard_normal((8, 3)).astype(np.float32),
+             "ax0": np.array([0]), "g": np.ones(8, np.float32), "b": np.zeros(8, np.float32),
+             "rm": rng.standard_normal(8).astype(np.float32), "rv": np.full(8, 3, np.float32),
+             "ratio": np.array(0.5, np.float32), "tm": np.array(True),
+             "one": np.array(1), "tr": np.array(True)}
+    g = h.make_graph([h.make_node("MatMul", ["x", "W1"], ["h"]),
+                      h.make_node("Loop", ["one", "tr"], ["seq"], body=body),
+                      h.make_node("Squeeze", ["seq", "ax0"], ["z2"]),
+                      h.make_node("MatMul", ["z2", "W2"], ["logits"])], "g",
+                     [vi("x", ["N", 6])], [vi("logits", ["N", 3])],
+                     [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["Dropout", "BatchNormalization"])
+def test_inference_form_reaches_loop_bodies_and_branches(kind):
+    """output_form: inference turned off the main graph's Dropout and training-mode
+    BatchNormalization only: one inside a Loop body stayed random (two onnxruntime runs 0.77
+    apart) or batch-dependent in the deployed file. Now: repeatable, each row on its own."""
+    ort = pytest.importorskip("onnxruntime")
+    from trainer.graph import inference_form
+
+    model = inference_form(_loop_model(kind))
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
+    a, b = s.run(None, {"x": x})[0], s.run(None, {"x": x})[0]
+    one = s.run(None, {"x": x[:1]})[0]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(one, a[:1], rtol=1e-6, atol=1e-6)
+
+
+def test_inference_form_keeps_a_model_already_in_it():
+    """A Dropout whose training_mode is already a False constant: kept with its name (each
+    round of fine-tuning an inference export renamed it, dropout_off -> .../training_mode_off
+    -> ..._2), not replaced."""
+    from onnx import helper as h
+
+    from trainer.graph import inference_form
+
+    g = h.make_graph([h.make_node("Dropout", ["x", "ratio", "dropout_off"], ["y"], name="d")],
+                     "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+                     [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                      numpy_helper.from_array(np.array(False), "dropout_off")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    again = inference_form(inference_form(model))
+    assert list(again.graph.node[0].input) == ["x", "ratio", "dropout_off"]
+    assert [t.name for t in again.graph.initializer] == ["ratio", "dropout_off"]
+
+
 @pytest.mark.parametrize("kind", ["folder", "pipe"])
 def test_external_data_that_is_not_a_file_is_named_so(tmp_path, kind):
     import os

@@ -1038,56 +1038,88 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of the model as it runs for evaluation and deployment: Dropout off and
     BatchNormalization on its running statistics (models exported in training form carry
     `training_mode` inputs and attributes, and BatchNormalization outputs of batch statistics,
-    which become copies of the running statistics here). Models already in inference form come
-    back unchanged."""
+    which become copies of the running statistics here), in If branches and Loop bodies too.
+    Models already in inference form come back unchanged."""
     import copy
 
     m = copy.deepcopy(model)
     g = m.graph
-    taken = all_names(g)
-    scope = NameScope(taken)
+    scope = NameScope(all_names(g))
     opset = opset_of(m)
-    nodes: list[onnx.NodeProto] = []
     replaced: set[str] = set()
-    for node in g.node:
-        a = {at.name: at for at in node.attribute}
-        if node.op_type == "BatchNormalization" and (
-                ("training_mode" in a and a["training_mode"].i) or
-                (opset < 9 and len(node.output) > 1 and not ("is_test" in a and a["is_test"].i))
-                # (opsets 9-13: outputs past Y are the training mode's, as the spec says)
-                or (9 <= opset < 14 and len(node.output) > 1)):
-            extra = list(node.output[1:])
-            del node.output[1:]
-            for name in ("training_mode", "is_test"):
-                if name in a:
-                    a[name].i = 0 if name == "training_mode" else 1
-            nodes.append(node)
-            # running_mean/var outputs keep the input statistics; saved batch stats likewise
-            for out, src in zip(extra, [node.input[3], node.input[4]] * 2, strict=False):
-                if out:
-                    nodes.append(helper.make_node("Identity", [src], [out],
-                                                  name=scope.fresh(f"{out}/Inference")))
-        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-            off = scope.fresh(f"{node.name or node.output[0]}/training_mode_off")
-            g.initializer.append(numpy_helper.from_array(np.array(False), off))
-            if m.ir_version < 4:
-                g.input.append(helper.make_tensor_value_info(off, onnx.TensorProto.BOOL, []))
-            replaced.add(node.input[2])
-            node.input[2] = off
-            nodes.append(node)
-        else:
-            nodes.append(node)
+    off = _false_values(g)  # (a training_mode already False: kept, its name too)
+
+    def convert(graph: onnx.GraphProto) -> None:
+        nodes: list[onnx.NodeProto] = []
+        for node in graph.node:
+            for at in node.attribute:  # (branches and bodies first: their nodes alike)
+                for sub in ([at.g] if at.type == onnx.AttributeProto.GRAPH else
+                            list(at.graphs) if at.type == onnx.AttributeProto.GRAPHS else []):
+                    convert(sub)
+            a = {at.name: at for at in node.attribute}
+            if node.op_type == "BatchNormalization" and (
+                    ("training_mode" in a and a["training_mode"].i) or
+                    (opset < 9 and len(node.output) > 1 and not ("is_test" in a and
+                                                                 a["is_test"].i))
+                    # (opsets 9-13: outputs past Y are the training mode's, as the spec says)
+                    or (9 <= opset < 14 and len(node.output) > 1)):
+                extra = list(node.output[1:])
+                del node.output[1:]
+                for name in ("training_mode", "is_test"):
+                    if name in a:
+                        a[name].i = 0 if name == "training_mode" else 1
+                nodes.append(node)
+                # running_mean/var outputs keep the input statistics; saved batch stats too
+                for out, src in zip(extra, [node.input[3], node.input[4]] * 2, strict=False):
+                    if out:
+                        nodes.append(helper.make_node("Identity", [src], [out],
+                                                      name=scope.fresh(f"{out}/Inference")))
+            elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] and \
+                    node.input[2] not in off:
+                name = scope.fresh(f"{node.name or node.output[0]}/training_mode_off")
+                g.initializer.append(numpy_helper.from_array(np.array(False), name))
+                if m.ir_version < 4:
+                    g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.BOOL,
+                                                                 []))
+                replaced.add(node.input[2])
+                node.input[2] = name
+                nodes.append(node)
+            else:
+                nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    convert(g)
     # the training_mode constants that no node reads now (onnxruntime warns of them)
-    read = {v.name for v in g.output} | {i for n in nodes for i in n.input}
-    read |= {i for sub in _subgraphs_of(g) for n in sub.node for i in n.input}
-    read |= {v.name for sub in _subgraphs_of(g) for v in sub.output}
+    graphs = [g, *_subgraphs_of(g)]
+    read = {v.name for gr in graphs for v in gr.output}
+    read |= {i for gr in graphs for n in gr.node for i in n.input}
     dead = replaced - read - {v.name for v in g.input}
-    nodes = [n for n in nodes if not (n.op_type == "Constant" and list(n.output) == [n.output[0]]
-                                      and n.output[0] in dead)]
-    for field in (g.initializer, g.value_info):
-        kept = [t for t in field if t.name not in dead]
-        del field[:]
-        field.extend(kept)
-    del g.node[:]
-    g.node.extend(nodes)
+    for gr in graphs:
+        kept_nodes = [n for n in gr.node if not (n.op_type == "Constant" and
+                                                 len(n.output) == 1 and n.output[0] in dead)]
+        del gr.node[:]
+        gr.node.extend(kept_nodes)
+        for field in (gr.initializer, gr.value_info):
+            kept = [t for t in field if t.name not in dead]
+            del field[:]
+            field.extend(kept)
     return m
+
+
+def _false_values(graph: onnx.GraphProto) -> set[str]:
+    """Names of the boolean constants False in `graph` and its subgraphs (initializers and
+    Constant nodes): a Dropout's training_mode that is already off."""
+    out = set()
+    for gr in [graph, *_subgraphs_of(graph)]:
+        tensors = [(t.name, t) for t in gr.initializer]
+        tensors += [(n.output[0], a.t) for n in gr.node if n.op_type == "Constant"
+                    and n.output for a in n.attribute if a.name == "value"]
+        for name, t in tensors:
+            if t.data_type == onnx.TensorProto.BOOL and math.prod(t.dims) == 1:
+                try:
+                    if not bool(numpy_helper.to_array(t).reshape(-1)[0]):
+                        out.add(name)
+                except (ValueError, TypeError):
+                    pass
+    return out
