@@ -286,12 +286,34 @@ def test_a_run_never_removes_or_rewrites_its_own_models_data(tmp_path, monkeypat
 
 
 def test_the_export_keeps_each_initializers_doc_string(tmp_path):
+    """Trained tensors keep their doc string and metadata_props (the latter were dropped)."""
     model = onnx.load(EXAMPLES / "digits_mlp.onnx")
     model.graph.initializer[0].doc_string = "the first layer's weight"
+    model.graph.initializer[0].metadata_props.add(key="origin", value="layer 1")
     name = model.graph.initializer[0].name
     out = export_model(model, {name: np.zeros(tuple(model.graph.initializer[0].dims))},
                        tmp_path / "m.onnx")
-    assert onnx.load(out).graph.initializer[0].doc_string == "the first layer's weight"
+    t = onnx.load(out).graph.initializer[0]
+    assert t.doc_string == "the first layer's weight"
+    assert [(p.key, p.value) for p in t.metadata_props] == [("origin", "layer 1")]
+
+
+def test_a_sparse_initializer_made_dense_keeps_its_doc_string_and_metadata():
+    from onnx import helper
+
+    from trainer.graph import densify_sparse_initializers
+
+    values = numpy_helper.from_array(np.array([0.5], np.float32), "w")
+    values.doc_string = "sparse w"
+    values.metadata_props.add(key="origin", value="pruned")
+    sp = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([3]), "i"), [2, 2])
+    g = helper.make_graph([], "g", [], [], sparse_initializer=[sp])
+    model = helper.make_model(g)
+    densify_sparse_initializers(model)
+    (t,) = model.graph.initializer
+    assert t.doc_string == "sparse w" and [(p.key, p.value) for p in t.metadata_props] == [
+        ("origin", "pruned")]
+    np.testing.assert_array_equal(numpy_helper.to_array(t), [[0, 0], [0, 0.5]])
 
 
 def test_an_export_is_written_one_tensor_at_a_time_and_reads_back_whole(tmp_path):
@@ -340,6 +362,8 @@ def test_every_dtype_and_shape_round_trips_through_the_streamed_export(tmp_path,
     values["scalar"], values["empty"] = np.float32(3.5), np.zeros((0, 4), np.float32)
     inits = [numpy_helper.from_array(np.zeros_like(v), k) for k, v in values.items()]
     inits[0].doc_string = "half"
+    for t in inits:
+        t.metadata_props.add(key="kind", value=t.name)
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
@@ -349,6 +373,8 @@ def test_every_dtype_and_shape_round_trips_through_the_streamed_export(tmp_path,
     back = onnx.load(out)
     got = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
     assert list(got) == list(values) and back.graph.initializer[0].doc_string == "half"
+    assert [[(p.key, p.value) for p in t.metadata_props] for t in back.graph.initializer] == [
+        [("kind", t.name)] for t in back.graph.initializer]
     for k, v in values.items():
         v = np.asarray(v)
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v)

@@ -61,12 +61,11 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
                     np.little_endian:  # (its bytes as they are: no copy in a TensorProto)
                 header = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
                                           doc_string=t.doc_string)
+                header.metadata_props.extend(t.metadata_props)
                 # (np.ascontiguousarray would make a 0-d array 1-d)
                 yield header, arr if arr.flags.c_contiguous else arr.copy(order="C")
             else:
-                new = numpy_helper.from_array(arr, t.name)
-                new.doc_string = t.doc_string
-                yield new
+                yield _described(numpy_helper.from_array(arr, t.name), t)
     size = skeleton.ByteSize() + sum(
         np.asarray(values[t.name]).size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
             t.data_type)).itemsize if t.name in values else t.ByteSize()
@@ -260,8 +259,7 @@ def _stored_in(t: Tensor, data, name: str) -> onnx.TensorProto:
     if isinstance(t, tuple):
         header, arr = t
         if arr.nbytes < EXTERNAL_MIN:
-            return numpy_helper.from_array(arr, header.name) if not header.doc_string else \
-                _with_doc(numpy_helper.from_array(arr, header.name), header.doc_string)
+            return _described(numpy_helper.from_array(arr, header.name), header)
         out, raw = header, arr.reshape(-1).view(np.uint8)
     else:
         if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN:
@@ -278,6 +276,8 @@ def _stored_in(t: Tensor, data, name: str) -> onnx.TensorProto:
     return out
 
 
-def _with_doc(t: onnx.TensorProto, doc: str) -> onnx.TensorProto:
-    t.doc_string = doc
+def _described(t: onnx.TensorProto, like: onnx.TensorProto) -> onnx.TensorProto:
+    """`t` with the doc string and metadata_props of the tensor `like` it stands for."""
+    t.doc_string = like.doc_string
+    t.metadata_props.extend(like.metadata_props)
     return t

@@ -166,7 +166,10 @@ def densify_sparse_initializers(model: onnx.ModelProto, what: str = "model") -> 
         except (ValueError, IndexError, TypeError) as exc:
             raise ModelError(f"{what}: sparse initializer '{_printable(name)}' does not fit its "
                              f"dims {list(sp.dims)}: {exc}") from None
-        g.initializer.append(numpy_helper.from_array(dense, name))
+        t = numpy_helper.from_array(dense, name)
+        t.doc_string = sp.values.doc_string
+        t.metadata_props.extend(sp.values.metadata_props)
+        g.initializer.append(t)
     del g.sparse_initializer[:]
 
 
