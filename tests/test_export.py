@@ -387,3 +387,24 @@ def test_every_dtype_and_shape_round_trips_through_the_streamed_export(tmp_path,
         export_model(model, small, tmp_path / "s.onnx")
         assert not (tmp_path / "s.onnx.data").exists()
         assert {t.name for t in onnx.load(tmp_path / "s.onnx").graph.initializer} == set(small)
+
+
+def test_the_exports_metadata_names_the_run_not_the_machines_paths(tmp_path, digits_config):
+    """onnx_trainer.config held the config's absolute path (a home folder in every deployed
+    model); its file name now, with the run's other records."""
+    import io
+
+    import yaml
+
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    (tmp_path / "deep").mkdir()
+    path = tmp_path / "deep" / "run.yaml"
+    path.write_text(yaml.safe_dump(digits_config(steps=2, output=str(tmp_path / "o.onnx"))))
+    Trainer(load_config(path), stream=io.StringIO()).fit()
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
+    assert meta["onnx_trainer.config"] == "run.yaml" and meta["onnx_trainer.steps"] == "2"
+    assert {"onnx_trainer.loss", "onnx_trainer.optimizer", "onnx_trainer.world_size",
+            "onnx_trainer.output_form"} <= set(meta)
+    assert not any(str(tmp_path) in v for v in meta.values())

@@ -1717,7 +1717,9 @@ class Trainer:
 
     def export(self, path: Path) -> Path:
         meta = {"onnx_trainer.steps": str(self.step),
-                "onnx_trainer.config": str(self.cfg.config_path or ""),
+                # (its name only: a deployed model carries no path of the training machine)
+                "onnx_trainer.config": Path(self.cfg.config_path).name
+                if self.cfg.config_path else "",
                 "onnx_trainer.loss": self.cfg.loss.type,
                 "onnx_trainer.optimizer": self.cfg.optimizer.type,
                 "onnx_trainer.world_size": str(self.world)}
