@@ -939,6 +939,31 @@ def test_cuda_graphs_with_accumulation_and_ranks(monkeypatch, tmp_path, exported
     assert ("gradients are added after its launch" in log) == (accumulate > 1)
 
 
+def test_zero1_on_emulated_gpu_ranks_equals_the_cpu_run(monkeypatch, tmp_path, digits_config):
+    """ZeRO-1 on emulated ranks with device: gpu: the emulated communicator wrote host arrays
+    into device buffers (its all-gather and reduce-scatter), which CuPy refuses."""
+    from trainer.comm.local import run_local
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    sx.install(monkeypatch, devices=2)
+
+    def run(device: str):
+        raw = digits_config(device=device, steps=3, output=str(tmp_path / f"{device}.onnx"),
+                            optimizer={"type": "adamw", "lr": 1e-3},
+                            distributed={"shard_optimizer": True})
+
+        def job(comm):
+            t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
+            t.fit()
+            return t.trained_values()
+        return run_local(2, job)
+
+    for got, want in zip(run("gpu"), run("cpu"), strict=True):
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_cuda_graphs_are_refused_with_the_reason(gpu, tmp_path, digits_config):
     nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "mask"])]
     x = np.ones((4, 3), F32)

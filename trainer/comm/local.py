@@ -74,7 +74,7 @@ class LocalComm(BlockingAsync):
         total = values[0][self.rank * k:(self.rank + 1) * k].copy()
         for v in values[1:]:
             total += v[self.rank * k:(self.rank + 1) * k]
-        out.reshape(-1)[...] = total
+        out.reshape(-1)[...] = xp_of(out).asarray(total)
 
     def reduce_scatter_counts_(self, buf, out, counts, label: str = "reduce-scatter") -> None:
         counts = check_counts(buf, out, counts, self.rank)
@@ -89,7 +89,7 @@ class LocalComm(BlockingAsync):
     def allgather_(self, part, out, label: str = "allgather") -> None:
         check_shards(out, part, self.size, "allgather_")
         values = self._exchange(part.reshape(-1), label)
-        out.reshape(-1)[...] = np.concatenate(values)
+        out.reshape(-1)[...] = xp_of(out).asarray(np.concatenate(values))
 
     def abort(self, code: int = 1) -> None:
         self.group.barrier.abort()
