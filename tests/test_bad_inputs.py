@@ -671,6 +671,24 @@ def test_unsupported_ops_in_branches_and_loop_bodies_are_listed_before_training(
         "'if1/then/warp_in_then'), Weft of domain com.x (node 'loop1/weft_in_body')" in err, err
 
 
+def test_inputs_of_disagreeing_types_are_named_by_check_and_before_training(tmp_path, capsys):
+    """An int64 input into a float MatMul passes onnx.checker; `check` said "all trainable"
+    (exit 0) and only the backward's builder refused it, for a parameter it reads."""
+    from trainer.cli import main
+
+    onnx.save(_graph([helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], [_W],
+                     inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 64])]),
+              tmp_path / "m.onnx")
+    assert main(["check", str(tmp_path / "m.onnx")]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED: input types disagree: 'x' int64, 'w' float32 are bound to one type T" \
+        in out and "1 nodes, opset 18: 1 node(s) cannot be trained" in out, out
+    code = main(["train", _write(tmp_path, _cfg(tmp_path, model=str(tmp_path / "m.onnx")))])
+    err = capsys.readouterr().err
+    assert code == 2 and "node 'mm' (MatMul): input types disagree: 'x' int64, 'w' float32" \
+        in err, err
+
+
 # -- what the code never does ------------------------------------------------------------------
 _UNSAFE = [(r"\byaml\.load\(", "yaml.load (use yaml.safe_load)"),
            (r"\bimport pickle\b|\bpickle\.", "pickle"),

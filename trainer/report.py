@@ -77,6 +77,7 @@ class NodeRow:
 DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant or a shape)"
 PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) has no gradient "
                   "rule (export the model at opset 9 or later)")
+TYPES_DISAGREE = "REFUSED: input types disagree"  # (then what: type_conflict)
 NO_INDICES = ("REFUSED: the gradient needs MaxPool's Indices, which exist from opset 8 (convert "
               "the model with onnx.version_converter)")
 
@@ -515,7 +516,8 @@ def model_report(model: onnx.ModelProto) -> Report:
         run = copy.deepcopy(run) if run is model else run
         stop_detached(run)
     nodes = list(run.graph.node)
-    types = _FloatDefault(_value_types(run))
+    known_types = _value_types(run)
+    types = _FloatDefault(known_types)
     outputs = [o.name for o in model.graph.output]
     params = parameter_table(run, nodes, outputs, types)
     if lowered:  # (a lowered contrib op's own constants are none of the model's)
@@ -544,6 +546,10 @@ def model_report(model: onnx.ModelProto) -> Report:
             continue
         if run is not model and contrib_key(node, model):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))
+            continue
+        conflict = type_conflict(node, opset_of(model), known_types)
+        if conflict:
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, conflict))
             continue
         fwd = get_kernel(node.op_type, opset_of(model, node.domain), node.domain) is not None
         grad = gradient_status(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
@@ -580,6 +586,39 @@ def model_report(model: onnx.ModelProto) -> Report:
                   imports=imports, single_bias=single, detached=detached, lookups=lookups,
                   fused_error=fused_error, shared=shared, tool_constants=tool_constants,
                   unfused=unfused, inner=subgraph_weights(model))
+
+
+def type_conflict(node: onnx.NodeProto, opset: int, types: Mapping) -> str:
+    """Where inputs of `node` that its schema binds to one type variable have different types
+    (an int64 input into a float MatMul, which onnx.checker lets pass and onnxruntime refuses
+    on loading): which, with their types; "" where they agree or a type is unknown."""
+    if node.domain not in ("", "ai.onnx"):
+        return ""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:  # noqa: BLE001 - an op this opset does not define: the kernel table says
+        return ""
+    formal = list(schema.inputs)
+    variables = {c.type_param_str for c in schema.type_constraints}
+    bound: dict[str, list[str]] = {}
+    for i, name in enumerate(node.input):
+        if not name or not formal:
+            continue
+        param = formal[min(i, len(formal) - 1)]
+        if i >= len(formal) and param.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            continue
+        if param.type_str not in variables or (
+                i >= len(formal) - 1 and param.option ==
+                onnx.defs.OpSchema.FormalParameterOption.Variadic and not param.is_homogeneous):
+            continue
+        if name in types:
+            bound.setdefault(param.type_str, []).append(name)
+    for var, names in bound.items():
+        if len({np.dtype(types[n][1]) for n in names}) > 1:
+            return f"{TYPES_DISAGREE}: " + ", ".join(
+                f"'{n}' {np.dtype(types[n][1]).name}" for n in names) + \
+                f" are bound to one type {var}"
+    return ""
 
 
 def _op_label(node: onnx.NodeProto, supported: bool) -> str:
@@ -838,6 +877,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             problems.append(UnsupportedOpError("forward kernel", bad_fwd))
         if bad_grad:
             problems.append(UnsupportedOpError("gradient rule", bad_grad))
+        problems += [ModelError(f"node '{r.name}' ({r.op}): {r.gradient[len('REFUSED: '):]} "
+                                "(onnxruntime refuses such a model too; cast one of them)")
+                     for r in report.nodes if r.gradient.startswith(TYPES_DISAGREE)]
         support = "every node has a forward kernel and, where needed, a gradient" if not (
             bad_fwd or bad_grad) else f"{len(set(bad_fwd) | set(bad_grad))} node(s) unsupported"
         lines.append(f"  model: {report.node_count} nodes, {report.opset_text}; {support}")
