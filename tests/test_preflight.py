@@ -210,9 +210,11 @@ def test_an_eval_set_of_another_sequence_length_is_checked_at_its_own(tmp_path, 
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
 
 
-def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_config, capsys):
+def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_config, capsys,
+                                                          monkeypatch):
     """`check CONFIG` read array headers only, so it passed NaN data (and strings) that
-    `train` refused as it loaded them; datasets held in memory have their values checked."""
+    `train` refused as it loaded them; datasets up to a bound, held in memory or
+    memory-mapped from a folder, have their values checked."""
     from trainer.cli import main
 
     d = np.load(EXAMPLES / "digits.npz")
@@ -230,6 +232,21 @@ def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_confi
     assert main(["check", str(tmp_path / "c.yaml")]) == 1
     assert "'x' holds <U32 values, but the model's input takes float32" in \
         capsys.readouterr().out
+    # a folder of .npy files (memory-mapped, read in chunks): the same check
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "x.npy", x)
+    np.save(tmp_path / "folder" / "y.npy", d["y_train"])
+    raw["data"]["train"]["path"] = str(tmp_path / "folder")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "memory-mapped" in out and "array 'x' (for 'x') in " in out and \
+        "holds nan at sample 5, position [2]" in out, out
+    # beyond the bound, said, not read
+    monkeypatch.setattr("trainer.report._VALUE_CHECK_BYTES", 1000)
+    assert main(["check", str(tmp_path / "c.yaml")]) == 0
+    assert "data.train: values not checked (over 1000 B; train checks them as it loads " \
+        "them)" in capsys.readouterr().out
 
 
 def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,

@@ -803,8 +803,8 @@ class _Shaped:
         self.shape = tuple(shape)
 
 
-# datasets up to this size (held in memory) have their values checked by `check CONFIG` as
-# `train` checks them when it loads them (NaN, values the model's types cannot hold)
+# datasets up to this size (in memory or memory-mapped) have their values checked by `check
+# CONFIG` as `train` checks them when it loads them (NaN, values the model's types cannot hold)
 _VALUE_CHECK_BYTES = 512 << 20
 
 
@@ -815,8 +815,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     memory a step needs per process against what the device has free. Every problem is
     collected (none is raised here); `full_model()` loads the model with its values, for the
     estimate of models whose shapes ONNX inference cannot make concrete; `values`: also the
-    values of datasets held in memory up to _VALUE_CHECK_BYTES (`check CONFIG`; `train` checks
-    them as it loads them)."""
+    values of datasets up to _VALUE_CHECK_BYTES, memory-mapped ones in chunks (`check CONFIG`;
+    `train` checks them as it loads them)."""
     from trainer import memory
     from trainer import preflight as checks
     from trainer.config import blas_threads, local_processes
@@ -938,8 +938,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             attempt(check_against_model, {k: _Shaped(info[k][0]) for k in ds.inputs
                                           if k in info}, data_inputs, what)
             mismatched = mismatched or len(problems) > before
-        if values and not mapped and in_memory <= _VALUE_CHECK_BYTES:
+        if values and in_memory + mapped <= _VALUE_CHECK_BYTES:
             _check_values(ds, what, structure, cfg.precision, problems)
+        elif values:
+            lines.append(f"  {what}: values not checked (over {memory.human(_VALUE_CHECK_BYTES)}"
+                         "; train checks them as it loads them)")
     if "data.train" not in samples or local is None:
         return Preflight(lines, problems)
     n = samples["data.train"]
