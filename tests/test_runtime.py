@@ -158,6 +158,41 @@ def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(tmp_path, 
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+def test_sigterm_after_the_last_step_finishes_the_export(tmp_path, digits_config, monkeypatch):
+    """A SIGTERM while the finished run wrote its checkpoint or export (a Slurm time limit at
+    the end) killed the process in silence: no exported model, no message. It now completes
+    the run's end and says so."""
+    import trainer.train as tt
+
+    real = tt.export_model
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (the handler runs before the next bytecode)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tt, "export_model", signalled)
+    outside = []  # (a signal no handler of the trainer's takes: recorded, not fatal to pytest)
+    before = signal.signal(signal.SIGTERM, lambda *a: outside.append(a))
+    try:
+        _signalled_run(tmp_path, digits_config, outside)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _signalled_run(tmp_path, digits_config, outside):
+    mine = signal.getsignal(signal.SIGTERM)
+    log = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=3, output=str(tmp_path / "run.onnx"),
+                                               checkpoint={"dir": str(tmp_path / "ck")}),
+                                 tmp_path), stream=log)
+    result = t.fit()
+    assert result["steps"] == 3 and (tmp_path / "run.onnx").exists()
+    onnx.checker.check_model(onnx.load(tmp_path / "run.onnx"))
+    assert "received SIGTERM after the last step: finishing its evaluation, checkpoint and " \
+        "export first" in log.getvalue(), log.getvalue()
+    assert not outside and signal.getsignal(signal.SIGTERM) is mine
+
+
 def test_second_sigint_stops_at_once(tmp_path, digits_config):
     path = _digits_cfg(tmp_path, digits_config, steps=10**6, log={"every_steps": 1})
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", str(path)],

@@ -349,6 +349,7 @@ class Trainer:
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
         self.scaler_skipped = 0  # fp16 steps skipped because a gradient overflowed
         self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
+        self._finishing = False  # (past the last step: its evaluation, checkpoint, export)
         self.last_metrics: dict = {}
         self.last_eval_step = -1
         self._saved_step = -1  # (the step of the last checkpoint this run wrote)
@@ -1163,33 +1164,36 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop_agreed or stopped:
                     break
-        if self._stop_agreed:
+            # (a signal from here on: the finished run's evaluation, checkpoint and export
+            # are completed first; _StopOnSignal says so)
+            self._finishing = True
+            if self._stop_agreed:
+                if cfg.checkpoint.dir and self._saved_step != self.step:
+                    self.save_checkpoint()
+                raise Interrupted(self._signal_code, self.step,
+                                  self.cfg.checkpoint.dir is not None)
+            self._profile_tick(final=True)
+            result = {"steps": self.step, "loss": row.get("loss")}
+            result["peak_memory_mb"] = self._report_memory()
+            if self.profile_result is not None:
+                result["profile"] = self.profile_result
+            if self.eval_arrays is not None:
+                if self.last_eval_step != self.step:
+                    self._evaluate_and_track(last_epoch)
+                result.update(self.last_metrics)
+            # the end of a run is always saved, after its evaluation (a run continued from it
+            # with more steps knows the best model so far)
             if cfg.checkpoint.dir and self._saved_step != self.step:
                 self.save_checkpoint()
-            raise Interrupted(self._signal_code, self.step,
-                              self.cfg.checkpoint.dir is not None)
-        self._profile_tick(final=True)
-        result = {"steps": self.step, "loss": row.get("loss")}
-        result["peak_memory_mb"] = self._report_memory()
-        if self.profile_result is not None:
-            result["profile"] = self.profile_result
-        if self.eval_arrays is not None:
-            if self.last_eval_step != self.step:
-                self._evaluate_and_track(last_epoch)
-            result.update(self.last_metrics)
-        # the end of a run is always saved, after its evaluation (a run continued from it
-        # with more steps knows the best model so far)
-        if cfg.checkpoint.dir and self._saved_step != self.step:
-            self.save_checkpoint()
-        if stopped:
-            result["early_stop"] = stopped
-        if self.rank == 0:
-            path = self.export(cfg.output)
-            result["output"] = str(path)
-            self.log.info(f"wrote {path}")
-            if self.best_path is not None:
-                result["best"] = {"output": str(self.best_path), "step": self.best_step,
-                                  cfg.best.metric: self.best_value}
+            if stopped:
+                result["early_stop"] = stopped
+            if self.rank == 0:
+                path = self.export(cfg.output)
+                result["output"] = str(path)
+                self.log.info(f"wrote {path}")
+                if self.best_path is not None:
+                    result["best"] = {"output": str(self.best_path), "step": self.best_step,
+                                      cfg.best.metric: self.best_value}
         return result
 
     def _saved_before(self, exc: NonFiniteLoss, position) -> NonFiniteLoss:
@@ -1868,7 +1872,9 @@ def write_trace(path, p: dict, events: list[tuple], rank: int = 0) -> Path:
 
 class _StopOnSignal:
     """While training: the first SIGINT/SIGTERM asks every rank to stop after the current step
-    (the request rides on the gradient all-reduce); a second one ends the process at once."""
+    (the request rides on the gradient all-reduce); after the last step, the run's end (its
+    evaluation, checkpoint and export) is completed first; a second one ends the process at
+    once."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -1895,6 +1901,11 @@ class _StopOnSignal:
             return
         t._stop_signal = True
         t._signal_code = 128 + signum
+        if t._finishing:  # (the steps are done: what is left of the run is kept)
+            t.log.info(f"received {signal.Signals(signum).name} after the last step: finishing "
+                       "its evaluation, checkpoint and export first (send it again to stop at "
+                       "once)")
+            return
         t.log.info(f"received {signal.Signals(signum).name}: stopping after this step "
                    "(send it again to stop at once)")
 
