@@ -248,7 +248,7 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     ("data.batch_size", 2.0, "config key 'data.batch_size' must be an integer, got float 2.0"),
     ("data.shuffle", "yes please", "config key 'data.shuffle' must be true or false"),
     ("optimizer.lr", "fast", "config key 'optimizer.lr' must be a finite number, got str 'fast'"),
-    ("optimizer.lr", -1, "config key 'optimizer.lr' must be > 0, got -1.0"),
+    ("optimizer.lr", -1, "config key 'optimizer.lr' must be >= 0, got -1.0"),
     ("data.batch_size", 0, "config key 'data.batch_size' must be > 0, got 0"),
     ("optimizer.betas", [0.9], "config key 'optimizer.betas' must be a list of two numbers"),
     ("trainable", "fc1", "config key 'trainable' must be 'all' or a non-empty list"),

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from tests.families import FAMILIES, family_config, family_training_graph
 from trainer.comm.local import run_local as run_ranks
@@ -46,6 +47,24 @@ def test_every_family_resumes_exactly(zoo, tmp_path, name, world):
     plain, _ = run(6)[0]
     for k, v in full[0][0].items():
         np.testing.assert_array_equal(plain[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("opt", [{"type": "sgd", "momentum": 0.9},
+                                 {"type": "adamw", "weight_decay": 0.1}])
+def test_lr_0_recalibrates_batchnorm_statistics_only(zoo, tmp_path, opt):
+    """lr 0 (refused before, as torch allows it) trains nothing, weight decay included, and
+    the steps still update BatchNorm's running statistics: a recalibration on new data."""
+    name = "bn_cnn_training_form"
+    raw = family_config(zoo[name], name, optimizer={**opt, "lr": 0},
+                        output=str(tmp_path / "out.onnx"))
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    before = {i.name: numpy_helper.to_array(i)
+              for i in onnx.load(zoo[name] / "model.onnx").graph.initializer}
+    assert t.state and set(t.params)
+    for k in t.params:
+        np.testing.assert_array_equal(t.trained_values()[k], before[k], err_msg=k)
+    assert all(not np.array_equal(t.trained_values()[k], before[k]) for k in t.state)
 
 
 @pytest.mark.parametrize("batchnorm", ["train", "eval"])

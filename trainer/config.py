@@ -398,7 +398,9 @@ def _groups(v: Any, key: str, base: Path) -> tuple[OptimizerGroup, ...]:
 @dataclass(frozen=True)
 class OptimizerConfig:
     type: str = _k(_str, "sgd", choices=OPTIMIZERS)
-    lr: float = _k(_float, 1e-3, check=_POS,
+    # (0 as torch allows: the steps then change BatchNorm's running statistics only, a
+    # recalibration of a model's statistics on new data)
+    lr: float = _k(_float, 1e-3, check=_NONNEG,
                    default_fn=lambda v, b: _DEFAULT_LR.get(v["type"], 1e-3))
     momentum: float = _k(_float, 0.0, check=_NONNEG, only=("sgd", "rmsprop"))
     nesterov: bool = _k(_bool, False, only=_SGD)
