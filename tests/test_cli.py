@@ -191,6 +191,19 @@ def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precisi
     assert np.isfinite(got["loss"]) and np.abs(got["fc1.weight_grad"]).sum() > 0
 
 
+def test_grad_fp16_takes_the_loss_scale_as_an_input(tmp_path):
+    """The fp16 graph's backward seed was a fixed initializer (1): a runtime could not apply
+    a loss scale. It is an input defaulting to 1; fed 1024, the gradients are 1024 times."""
+    out, model = _grad_graph(tmp_path, "--precision", "fp16")
+    assert "loss_grad_seed" in [vi.name for vi in model.graph.input]
+    sess = ort.InferenceSession(out)
+    plain = sess.run(["loss", "fc1.weight_grad"], DIGITS_BATCH)
+    scaled = sess.run(["loss", "fc1.weight_grad"],
+                      {**DIGITS_BATCH, "loss_grad_seed": np.array(1024, np.float32)})
+    assert plain[0] == scaled[0] and np.abs(plain[1]).max() > 0
+    np.testing.assert_allclose(scaled[1], 1024 * plain[1], rtol=1e-3, atol=1e-6)
+
+
 def test_grad_16_bit_says_what_it_cast_and_computes_as_train(tmp_path):
     """`grad --precision` wrote a graph other than train's in silence: on an opset-12 model
     no bfloat16 Cast (train says why), and a float16 model all in float16 (train computes its

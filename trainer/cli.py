@@ -274,14 +274,27 @@ def _grad(args) -> int:
         if text == str(exc):
             raise
         raise type(exc)(text) from None
+    # fp16: the backward's seed (1) is an input with that default, so that a runtime may feed
+    # it the loss scale (onnxruntime warns of an initializer that is an input: fp16 only)
+    import onnx
+
+    from trainer.autodiff.build import training_info
+    seed = training_info(tm).seed
+    if args.precision == "fp16" and seed not in {vi.name for vi in tm.graph.input}:
+        init = next(t for t in tm.graph.initializer if t.name == seed)
+        tm.graph.input.append(onnx.helper.make_tensor_value_info(seed, init.data_type, []))
     from trainer.export import save_model
     from trainer.graph import external_data_files
     save_model(tm, out, keep=[Path(args.model), *external_data_files(Path(args.model))])
     print(f"wrote {out}: {len(tm.graph.node)} nodes ({len(model.graph.node)} forward)")
+    if args.precision == "fp16":
+        notes.append(f"the backward starts from input '{seed}' (1 unless fed): feed it the loss "
+                     "scale and divide the gradients by it, as `train`'s dynamic loss scaling "
+                     "does")
     for line in notes:
         print(f"note: {line}")
     fed = [vi.name for vi in tm.graph.input if vi.name not in {
-        i.name for i in model.graph.input} and not vi.name.endswith("_grad")]
+        i.name for i in model.graph.input} and not vi.name.endswith("_grad") and vi.name != seed]
     if args.loss != "output" and args.target not in fed:
         print(f"note: the model already has a tensor named '{args.target}', so the loss target "
               f"is an input of another name ({', '.join(fed)}); give --target a free name")
