@@ -443,11 +443,14 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     import signal
     ck = tmp_path / "ck"
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(digits_config(steps=10**5, checkpoint={"dir": str(ck)},
-                                                 log={"every_steps": 1})))
+    path.write_text(yaml.safe_dump(digits_config(steps=10**5, log={"every_steps": 1},
+                                                 checkpoint={"dir": str(ck), "every_steps": 5})))
     env = {**os.environ, "PYTHON": sys.executable}
-    # SIGTERM to rank 1 only: the stop request travels with the gradient all-reduce.
-    script = (f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (sleep 6; kill -TERM $$) & fi; '
+    # SIGTERM to rank 1 only, once training is under way (its first checkpoint is written; a
+    # fixed delay fell in the start-up on a loaded machine): the stop request travels with the
+    # gradient all-reduce.
+    script = (f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (until [ -n "$(ls "{ck}" 2>/dev/null)"'
+              f' ]; do sleep 0.2; done; kill -TERM $$) & fi; '
               f'exec "{sys.executable}" -m trainer train "{path}"')
     proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
                     "bash", "-c", script], timeout=120, env=env, cwd=ROOT)
