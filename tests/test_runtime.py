@@ -241,6 +241,33 @@ def test_best_model_and_early_stopping(tmp_path, digits_config):
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+@pytest.mark.parametrize("change,goes_to,said", [
+    ({"early_stop": None}, 40, "early_stop is off now: training goes on"),
+    ({"early_stop": {"metric": "eval_loss", "patience": 5}}, 30,
+     "with patience 5 now (3 evaluation(s) without improvement so far), training goes on"),
+    ({"early_stop": {"metric": "eval_loss", "patience": 2}}, 20, "nothing to train (remove or "
+     "relax early_stop to go on)"),
+    ({"early_stop": {"metric": "eval_accuracy", "patience": 3}}, 40,
+     "early_stop follows max eval_accuracy now (the checkpoint's: min eval_loss): its count "
+     "starts again; the checkpoint's run had stopped early"),
+])
+def test_a_resume_with_early_stop_removed_or_relaxed_goes_on(tmp_path, digits_config, change,
+                                                             goes_to, said):
+    """A run that had stopped early stayed stopped whatever the resume's early_stop said,
+    naming a criterion the user had just removed; only the same criterion keeps it stopped."""
+    raw = digits_config(steps=30, eval={"every_steps": 5, "every_epochs": 0},
+                        early_stop={"metric": "eval_loss", "patience": 3},
+                        checkpoint={"dir": str(tmp_path / "ck")},
+                        output=str(tmp_path / "final.onnx"))
+    raw["data"]["eval"] = _anti_eval(tmp_path)
+    first = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    assert first["steps"] == 20 and "did not improve" in first["early_stop"]
+    out = io.StringIO()
+    t = Trainer(config_from_dict({**raw, "steps": 40, **change}, tmp_path), stream=out)
+    result = t.fit(resume=True)
+    assert result["steps"] == goes_to and said in out.getvalue(), out.getvalue()
+
+
 def test_an_eval_schedule_without_eval_data_is_warned_of(tmp_path, digits_config):
     """(it was accepted, and nothing was evaluated, without a word)"""
     cfg = digits_config(steps=2, eval={"every_steps": 1})

@@ -1350,6 +1350,8 @@ class Trainer:
                             "best_path": str(self.best_path) if self.best_path else None,
                             "es_best": num(self.es_best), "es_bad": self.es_bad,
                             "stopped_early": self.stopped_early,
+                            # (the criterion the count follows: a resume that changes it)
+                            "early_stop": self._early_stop_criterion(),
                             "skipped": self.skipped, "scaler_skipped": self.scaler_skipped}
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
@@ -1586,14 +1588,47 @@ class Trainer:
         self._saved_step = self.step
         self._resumed = True
         self.log.info(f"resumed from {path} at step {self.step}")
+        self._early_stop_change(tracked)
         if self.stopped_early:
             self.log.info(f"the checkpoint's run stopped early ({self.stopped_early}): "
-                          "nothing to train")
+                          "nothing to train (remove or relax early_stop to go on)")
         if self.step >= self.total_steps:
             self.log.info(f"the checkpoint already reaches the configured length "
                           f"({self.total_steps} steps): nothing to train; raise steps or "
                           "epochs to continue")
         return True
+
+    def _early_stop_criterion(self) -> dict | None:
+        es = self.cfg.early_stop
+        return None if es is None else {"metric": es.metric, "mode": _mode(es.mode, es.metric),
+                                        "patience": es.patience, "min_delta": es.min_delta}
+
+    def _early_stop_change(self, tracked: Mapping) -> None:
+        """A resume whose early_stop differs from the checkpoint's: off now, the run goes on;
+        another metric or mode, its count starts again; another patience, the count so far is
+        held against it (checkpoints written before the criterion was recorded: the same
+        metric and mode assumed)."""
+        now, was = self._early_stop_criterion(), tracked.get("early_stop")
+        why = self.stopped_early
+        if now is None:
+            self.es_best, self.es_bad, self.stopped_early = None, 0, ""
+            if why:
+                self.log.info(f"the checkpoint's run stopped early ({why}); early_stop is off "
+                              "now: training goes on")
+            return
+        if isinstance(was, Mapping) and (was.get("metric"), was.get("mode")) != (
+                now["metric"], now["mode"]):
+            self.es_best, self.es_bad, self.stopped_early = None, 0, ""
+            self.log.info(f"early_stop follows {now['mode']} {now['metric']} now (the "
+                          f"checkpoint's: {was.get('mode')} {was.get('metric')}): its count "
+                          "starts again" + (f"; the checkpoint's run had stopped early ({why}), "
+                                            "training goes on" if why else ""))
+            return
+        if why and self.es_bad < now["patience"]:
+            self.stopped_early = ""
+            self.log.info(f"the checkpoint's run stopped early ({why}); with patience "
+                          f"{now['patience']} now ({self.es_bad} evaluation(s) without "
+                          "improvement so far), training goes on")
 
     def _schedule_change_note(self, meta: Mapping) -> None:
         """Say what a resume does with an lr or schedule type changed since the checkpoint
