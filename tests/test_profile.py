@@ -84,10 +84,28 @@ def test_profiling_does_not_change_the_training(cnn, tmp_path):
 
 
 def test_a_run_shorter_than_the_window_is_profiled_at_its_end(cnn, tmp_path):
-    t = Trainer(config_from_dict(_raw(cnn, tmp_path, steps=2), tmp_path),
-                stream=io.StringIO())
+    """...and says that it ended within the warm-up (the header said "2 step(s) after the
+    warm-up", over a mean that held the first step's planning)."""
+    out = io.StringIO()
+    t = Trainer(config_from_dict(_raw(cnn, tmp_path, steps=2), tmp_path), stream=out)
     p = t.fit(profile=ProfileRequest(warmup=3, steps=10, repeat=1))["profile"]
-    assert p["steps"] == 2
+    assert p["steps"] == 2 and not p["warm"]
+    assert "profile: 2 step(s) (the run ended within the warm-up: its first steps, planning " \
+        "included)" in out.getvalue(), out.getvalue()
+    out = io.StringIO()
+    t = Trainer(config_from_dict(_raw(cnn, tmp_path, steps=6), tmp_path), stream=out)
+    p = t.fit(profile=ProfileRequest(warmup=3, steps=10, repeat=1))["profile"]
+    assert p["steps"] == 3 and p["warm"] and "profile: 3 step(s) after the warm-up" in \
+        out.getvalue()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_no_warm_up_times_every_step_from_the_first(cnn, tmp_path, steps):
+    """--profile-warmup 0 left the first step out all the same (11 of 12 timed)."""
+    t = Trainer(config_from_dict(_raw(cnn, tmp_path, steps=4), tmp_path),
+                stream=io.StringIO())
+    p = t.fit(profile=ProfileRequest(warmup=0, steps=steps, repeat=1))["profile"]
+    assert p["steps"] == steps and p["warm"]
 
 
 def test_chrome_trace(cnn, tmp_path):

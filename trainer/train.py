@@ -1065,6 +1065,8 @@ class Trainer:
         self._profile_request = profile
         self._profile_from = self.step
         self._profile_start = (self.step, dict(self.times))
+        # (whether the timed window is open: from the first step where there is no warm-up)
+        self._profile_warm = profile is not None and profile.warmup == 0
         try:
             return self._fit()
         finally:
@@ -1225,22 +1227,26 @@ class Trainer:
 
     # -- profile --------------------------------------------------------------------------------
     def _profile_tick(self, final: bool = False) -> None:
-        """Start the timed window after the warm-up steps; at its end (or the run's: then
-        over every step the run made, warm-up included), time the nodes and report."""
+        """Start the timed window after the warm-up steps (at once without one); at its end
+        (or the run's: then over the steps the window holds, or, for a run that ended within
+        the warm-up, over every step it made, which the report says), time the nodes and
+        report."""
         req = self._profile_request
         if req is None or self._last_feeds is None:
             return
         first, before = self._profile_start
         done = self.step - first
-        if first == self._profile_from and done >= req.warmup and not final:
+        if not self._profile_warm and done >= req.warmup and not final:
             self._profile_start = (self.step, dict(self.times))
+            self._profile_warm = True
             return
-        if first != self._profile_from and done >= req.steps or (final and done > 0):
+        if self._profile_warm and done >= req.steps or (final and done > 0):
             self._profile_request = None
             means = {k: (self.times[k] - before[k]) / done for k in self.times}
-            self.profile_result = self._profile_report(req, means, done)
+            self.profile_result = self._profile_report(req, means, done, self._profile_warm)
 
-    def _profile_report(self, req: ProfileRequest, means: dict, steps: int) -> dict:
+    def _profile_report(self, req: ProfileRequest, means: dict, steps: int,
+                        warm: bool = True) -> dict:
         plan, feeds = self._last_feeds
         self._profiling = True
         try:
@@ -1255,7 +1261,7 @@ class Trainer:
         total_nodes = sum(t for _, _, _, t in nodes)
         out = {"steps": steps, "step_s": step, "nodes_s": total_nodes, "data_s": means["data"],
                "graph_s": means["graph"], "communication_s": means["communication"],
-               "optimizer_s": means["optimizer"], "runs_per_step": acc,
+               "optimizer_s": means["optimizer"], "runs_per_step": acc, "warm": warm,
                "nodes": [{"name": n, "op": op, "phase": ph, "s": t} for n, op, ph, t in nodes]}
         if self.rank == 0:
             for line in profile_table(out, req.top):
@@ -1853,7 +1859,9 @@ def profile_table(p: dict, top: int) -> list[str]:
     rows = sorted(p["nodes"], key=lambda r: -r["s"])
     width = max([len(r["name"]) for r in rows[:top]] + [4])
     runs = p.get("runs_per_step", 1)
-    lines = [f"profile: {p['steps']} step(s) after the warm-up, {len(rows)} nodes; mean per step"
+    when = "after the warm-up" if p.get("warm", True) else \
+        "(the run ended within the warm-up: its first steps, planning included)"
+    lines = [f"profile: {p['steps']} step(s) {when}, {len(rows)} nodes; mean per step"
              + (f" (the graph runs {runs} times a step, once per micro-batch)" if runs > 1
                 else ""),
              f"  {'node':<{width}}  {'op':<24} {'phase':<8} {'time':>9}    share"]
