@@ -384,6 +384,41 @@ def test_eval_command(tmp_path, digits_config):
                                                                                     abs=1e-4)
 
 
+def test_export_and_eval_read_a_checkpoint(tmp_path, digits_config):
+    """A checkpoint's model could be had only by resuming a run to its end: `export` writes
+    the config's model with a checkpoint's values (the newest: the run's own export, byte for
+    byte), `eval --checkpoint` evaluates them, and a checkpoint folder given as a model, or
+    a resume that trains another set of tensors, says so."""
+    ck = tmp_path / "ck"
+    cfg = write_cfg(tmp_path, digits_config(steps=30, checkpoint={
+        "dir": str(ck), "every_steps": 10, "keep": 3}, log={"every_steps": 10}))
+    assert run("train", cfg).returncode == 0
+    proc = run("export", cfg, "-o", str(tmp_path / "last.onnx"))
+    assert proc.returncode == 0 and "(step 30)" in proc.stdout, proc.stderr
+    assert (tmp_path / "last.onnx").read_bytes() == \
+        (tmp_path / "out" / "model.onnx").read_bytes()
+    proc = run("export", cfg, "--checkpoint", str(ck / "step_00000010"), "-o",
+               str(tmp_path / "s10.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    s10 = onnx.load(tmp_path / "s10.onnx")
+    assert {p.key: p.value for p in s10.metadata_props}["onnx_trainer.steps"] == "10"
+    by_file = run("eval", cfg, "--model", str(tmp_path / "s10.onnx"), "--json")
+    by_checkpoint = run("eval", cfg, "--checkpoint", str(ck / "step_00000010"), "--json")
+    assert by_file.returncode == 0 and by_checkpoint.returncode == 0, by_checkpoint.stderr
+    assert json.loads(by_file.stdout) == json.loads(by_checkpoint.stdout)
+    assert json.loads(by_file.stdout) != json.loads(run("eval", cfg, "--checkpoint",
+                                                        "--json").stdout)
+    assert "it is a checkpoint folder: `onnx-trainer eval CONFIG --checkpoint" in \
+        one_line_error(run("eval", cfg, "--model", str(ck / "step_00000010")))
+    assert "it is a NumPy archive or array" in one_line_error(
+        run("eval", cfg, "--model", str(ck / "step_00000010" / "arrays.npz")))
+    line = one_line_error(run("train", cfg, "--resume", "--set", "steps=40", "--set",
+                              'frozen=["fc1.*"]'))
+    assert "trains another set of tensors than this config: only the checkpoint trains " \
+        "fc1.bias, fc1.weight ('trainable' or 'frozen' changed" in line and \
+        "onnx-trainer export CONFIG --checkpoint" in line, line
+
+
 def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tmp_path):
     """A model whose batch dimension is fixed at 8, a training set whose last batch is
     partial (drop_last false): train refuses it, but eval trains nothing and scores the eval

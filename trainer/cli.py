@@ -316,12 +316,17 @@ def _evaluate(args) -> int:
     _thread_environment(cfg.threads)
     from trainer.train import Trainer
 
+    if args.model and args.checkpoint is not None:
+        raise TrainerError("eval takes --model or --checkpoint, not both")
     if args.model:  # (that file as it is: its graph and every one of its tensors)
         import dataclasses
 
         cfg = dataclasses.replace(cfg, model=Path(args.model).resolve())
     # (--json: stdout holds the one JSON object; the run's notes go to stderr)
     trainer = Trainer(cfg, check=False, writes=False, stream=sys.stderr if args.json else None)
+    if args.checkpoint is not None:  # (the config's model with a checkpoint's values)
+        path = trainer.load_checkpoint(_checkpoint_place(args.checkpoint, cfg, "eval"))
+        trainer.log.info(f"evaluating {path} (step {trainer.step})")
     metrics = trainer.evaluate()
     if trainer.rank == 0:  # (under mpirun: one line, as train's)
         if args.json:
@@ -333,6 +338,34 @@ def _evaluate(args) -> int:
                               for k, v in metrics.items()}, allow_nan=False))
         else:
             print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _checkpoint_place(given: str, cfg, command: str) -> Path:
+    """--checkpoint PATH (a checkpoint folder, or a checkpoint.dir: its newest), or, given
+    without a path, the config's checkpoint.dir."""
+    if given:
+        return Path(given)
+    if cfg.checkpoint.dir is None:
+        raise TrainerError(f"{command} --checkpoint without a path reads the config's "
+                           "checkpoint.dir, which it does not set; give the checkpoint folder")
+    return Path(cfg.checkpoint.dir)
+
+
+def _export(args) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    _thread_environment(cfg.threads)
+    from trainer.train import Trainer
+
+    where = _checkpoint_place(args.checkpoint or "", cfg, "export")
+    out = _output_path(args.o or str(cfg.output), str(cfg.model), "-o" if args.o else "output")
+    trainer = Trainer(cfg, check=False, writes=False)
+    path = trainer.load_checkpoint(where)
+    if trainer.rank == 0:
+        written = trainer.export(out)
+        print(f"wrote {written}: the model with the values of {path} (step {trainer.step})")
     return 0
 
 
@@ -434,9 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.add_argument("--checkpoint", nargs="?", const="", default=None, metavar="PATH",
+                   help="evaluate the config's model with a checkpoint's values (a step_N "
+                        "folder, or a checkpoint.dir: its newest; no PATH: the config's "
+                        "checkpoint.dir)")
     e.add_argument("--json", action="store_true",
                    help="print the metrics as one JSON object, at full precision")
     e.set_defaults(fn=_evaluate)
+    x = sub.add_parser("export", parents=[common],
+                       help="write the config's model with a checkpoint's values, as train "
+                            "exports it")
+    x.add_argument("config")
+    x.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a step_N folder, or a checkpoint.dir: its newest (default: the "
+                        "config's checkpoint.dir)")
+    x.add_argument("-o", default=None, metavar="OUT.onnx",
+                   help="where to write it (default: the config's output)")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE")
+    x.set_defaults(fn=_export)
     v = sub.add_parser("convert", parents=[common],
                        help="rewrite a model for training (weights of constant nodes, batch axis)")
     v.add_argument("model")

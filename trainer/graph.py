@@ -115,6 +115,10 @@ def readable_model_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         there = os.path.lexists(path)
         raise ModelError(f"model file not found: {path}" + (
+            # (a step_N folder of checkpoint.dir: trainer.checkpoint.MANIFEST)
+            " (it is a checkpoint folder: `onnx-trainer eval CONFIG --checkpoint "
+            f"{path}` evaluates it, `onnx-trainer export CONFIG --checkpoint {path}` writes "
+            "its model)" if (path / "manifest.json").is_file() else
             " (it is a directory; give the .onnx file in it)" if path.is_dir() else
             " (it is not a regular file: a device, a pipe or a broken or looping link)"
             if there else ""))
@@ -136,6 +140,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         text = " ".join(str(exc).split())[:200]
         if "MaxDepth" in text:
             text = "messages nested too deeply (subgraphs deeper than protobuf's limit)"
+        with open(path, "rb") as fp:
+            if fp.read(4) in (b"PK\x03\x04", b"\x93NUM"):  # (a zip archive, a .npy file)
+                text = ("it is a NumPy archive or array (a dataset, or a checkpoint's arrays: "
+                        "`onnx-trainer export CONFIG --checkpoint FOLDER` writes a "
+                        "checkpoint's model), not an ONNX model")
         raise ModelError(f"cannot parse ONNX model {path}: {text}") from None
     known = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:

@@ -1469,6 +1469,59 @@ class Trainer:
                           "they were to keep its curve; linear and polynomial also take "
                           "schedule.total_iters)")
 
+    def _take_values(self, path: Path, arrays: Mapping) -> None:
+        """The parameters and state of checkpoint `path` (its arrays) into this run's, after
+        checking it holds the tensors this config trains, of this model's shapes."""
+        names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
+        if names != set(self.names):
+            only_ck, only_cfg = sorted(names - set(self.names)), sorted(set(self.names) - names)
+            raise TrainerError(
+                f"checkpoint {path} trains another set of tensors than this config"
+                + (f": only the checkpoint trains {listing(only_ck)}" if only_ck else "")
+                + (f"{';' if only_ck else ':'} only this config trains {listing(only_cfg)}"
+                   if only_cfg else "")
+                + " ('trainable' or 'frozen' changed, or another model?). A resume continues "
+                "the same run; to train another set from this point, write its model with the "
+                f"config it was trained with (onnx-trainer export CONFIG --checkpoint {path} "
+                "-o OUT.onnx) and start a new run from that file")
+        wrong = [f"'{k}' {tuple(arrays[f'{kind}/{k}'].shape)} (this model: {tuple(v.shape)})"
+                 for kind, own in (("param", self.params), ("state", self.state))
+                 for k, v in own.items()
+                 if f"{kind}/{k}" in arrays and arrays[f"{kind}/{k}"].shape != v.shape]
+        lost = [k for k in self.state if f"state/{k}" not in arrays]
+        if wrong or lost:
+            raise TrainerError(
+                f"checkpoint {path} does not fit this model: "
+                + (f"tensors of other shapes: {', '.join(wrong[:4])}" if wrong else "")
+                + ("; " if wrong and lost else "")
+                + (f"state it does not hold: {', '.join(lost[:4])}" if lost else "")
+                + " (a checkpoint of another model? use another checkpoint.dir)")
+        for k in self.names:
+            self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
+        for k in self.state:
+            self.state[k][...] = self.xp.asarray(arrays[f"state/{k}"])
+
+    def load_checkpoint(self, where: Path) -> Path:
+        """The parameters and state of a checkpoint folder, or of the newest one in a
+        checkpoint.dir, for `eval --checkpoint` and `export` (no optimizer, no data position):
+        returns the folder read."""
+        where = Path(where)
+        if not where.exists():
+            raise TrainerError(f"checkpoint not found: {where}")
+        path = where if (where / checkpoint.MANIFEST).is_file() else checkpoint.latest(where)
+        if path is None:
+            raise TrainerError(f"{where} is no checkpoint and holds none (a checkpoint is a "
+                               f"{checkpoint.PREFIX}N folder with {checkpoint.MANIFEST}, as "
+                               "checkpoint.dir holds them)")
+        arrays, meta = checkpoint.load(path)
+        step = meta.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TrainerError(f"checkpoint {path} is damaged: its manifest's step {step!r} is "
+                               "not an integer of at least 0")
+        self._take_values(path, arrays)
+        self.step = step
+        return path
+
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
         # (the manifest against its folder's name and the run: an edited or mixed-up manifest
         # would resume at another step or position than the weights it comes with)
@@ -1492,26 +1545,7 @@ class Trainer:
             self.log.info(f"resuming a run of {meta['world_size']} process(es) on {self.world}: "
                           "the global batch and its order are the same (each process takes "
                           "another share of it)")
-        names = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
-        if names != set(self.names):
-            raise TrainerError(f"checkpoint {path} holds parameters {sorted(names)[:5]}..., "
-                               f"not the ones this config trains")
-        wrong = [f"'{k}' {tuple(arrays[f'{kind}/{k}'].shape)} (this model: {tuple(v.shape)})"
-                 for kind, own in (("param", self.params), ("state", self.state))
-                 for k, v in own.items()
-                 if f"{kind}/{k}" in arrays and arrays[f"{kind}/{k}"].shape != v.shape]
-        lost = [k for k in self.state if f"state/{k}" not in arrays]
-        if wrong or lost:
-            raise TrainerError(
-                f"checkpoint {path} does not fit this model: "
-                + (f"tensors of other shapes: {', '.join(wrong[:4])}" if wrong else "")
-                + ("; " if wrong and lost else "")
-                + (f"state it does not hold: {', '.join(lost[:4])}" if lost else "")
-                + " (a checkpoint of another model? use another checkpoint.dir)")
-        for k in self.names:
-            self.params[k][...] = self.xp.asarray(arrays[f"param/{k}"])
-        for k in self.state:
-            self.state[k][...] = self.xp.asarray(arrays[f"state/{k}"])
+        self._take_values(path, arrays)
         optim = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optim/")}
         was = meta.get("optimizer")
         if was != self.cfg.optimizer.type:
