@@ -494,6 +494,37 @@ def test_plot_reads_a_real_training_log(tmp_path, digits_config):
     assert img.shape[:2] == (300, 400) and _near(img, BLUE) > 100
 
 
+def test_each_parameter_groups_lr_is_plotted_and_in_tensorboard(tmp_path, digits_config):
+    """With optimizer.groups the rows carry lr_groups (a list): plot said "no file has
+    metric(s) lr_groups" and drew the first group's lr only; TensorBoard left it out."""
+    pytest.importorskip("matplotlib")
+    from trainer import plot
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    metrics = tmp_path / "m.jsonl"
+    raw = digits_config(steps=8, log={"every_steps": 1, "metrics": str(metrics),
+                                      "tensorboard": str(tmp_path / "tb")},
+                        output=str(tmp_path / "o.onnx"))
+    raw["optimizer"]["groups"] = [{"params": "*.bias", "lr": 5 * raw["optimizer"]["lr"]}]
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    (run,) = plot.read_runs([metrics]).values()
+    want = [(r["step"], r.get("lr_groups", [r["lr"]] * 2)) for r in rows]
+    assert [(r["step"], [r["lr_groups[0]"], r["lr_groups[1]"]]) for r in run
+            if "loss" in r] == want and any(a != b for _, (a, b) in want)
+    out = tmp_path / "lr.png"
+    assert plot.main([str(metrics), "-o", str(out), "--metrics", "lr_groups",
+                      "--size", "300x200"]) == 0
+    img = _image(out)
+    assert _near(img, BLUE) > 50
+    assert plot._panels(["loss", "lr_groups[0]", "lr_groups[1]"]) == \
+        [["loss"], ["lr_groups[0]", "lr_groups[1]"]]
+    scalars = _scalars(tmp_path / "tb")
+    got = [v for _, v in scalars["train/lr_groups/1"]]
+    np.testing.assert_allclose(got, [g[1] for _, g in want if g[0] != g[1]], rtol=1e-6)
+
+
 def test_training_writes_tensorboard_and_draws_the_bar(tmp_path, digits_config):
     """A real run: the progress bar on a pseudo-terminal, TensorBoard scalars per logged step."""
     from trainer.config import config_from_dict

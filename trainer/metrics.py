@@ -316,6 +316,10 @@ class MetricsLogger:
         step = int(row["step"])
         evaluation = False
         for key, value in row.items():
+            if key == "lr_groups":  # (each parameter group's lr, where they differ)
+                for i, v in enumerate(value):
+                    self._writer.add_scalar(f"train/lr_groups/{i}", float(v), step)
+                continue
             if key in ("step", "epoch") or isinstance(value, bool) \
                     or not isinstance(value, (int, float)):
                 continue

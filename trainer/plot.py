@@ -51,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
     available = _keys_in_order(runs)
     if args.metrics:
         wanted = [k.strip() for k in args.metrics.split(",") if k.strip()]
+        # (lr_groups: each group's lr, lr_groups[0], lr_groups[1], ...)
+        wanted = [x for k in wanted for x in ([a for a in available if a.startswith(f"{k}[")]
+                                              or [k])]
         missing = [k for k in wanted if k not in available]
         if missing:
             raise TrainerError(f"plot: no file has metric(s) {', '.join(missing)}; "
                                f"available: {', '.join(available)}")
     else:
         wanted = [k for k in available if k == "loss" or k.startswith("eval_")]
-        wanted += [k for k in available if k == "lr"]
+        groups = [k for k in available if k.startswith("lr_groups[")]
+        wanted += groups or [k for k in available if k == "lr"]  # (lr: the first group's)
     if not wanted:
         raise TrainerError(f"plot: the files have no loss, eval_* or lr values; pick some with "
                            f"--metrics from: {', '.join(available) or '(none)'}")
@@ -90,8 +94,27 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict]]:
         if not rows:
             raise TrainerError(f"plot: {path} has no metrics rows (JSON lines with a 'step'); "
                                "is it a log.metrics file?")
-        runs[name] = rows
+        runs[name] = _groups_split(rows)
     return runs
+
+
+def _groups_split(rows: list[dict]) -> list[dict]:
+    """Each parameter group's lr (`lr_groups`, a list in the rows where the groups' lrs
+    differ) as a key of its own, lr_groups[i]; a row without the list, where every group
+    runs at `lr`, gives each that lr."""
+    n = max((len(r["lr_groups"]) for r in rows if isinstance(r.get("lr_groups"), list)),
+            default=0)
+    for r in rows:
+        values = r.get("lr_groups")
+        if not isinstance(values, list):
+            values = [r["lr"]] * n if n and "lr" in r else []
+        for i, v in enumerate(values):
+            r[f"lr_groups[{i}]"] = v
+    return rows
+
+
+def _is_lr(key: str) -> bool:
+    return key == "lr" or key.startswith("lr_groups[")
 
 
 def _run_names(paths: list[Path]) -> list[str]:
@@ -133,8 +156,9 @@ def _panels(metrics: list[str]) -> list[list[str]]:
     """Losses share one panel (train against eval), lr gets the last one, every other metric
     its own."""
     losses = [m for m in metrics if m.endswith("loss")]
-    others = [[m] for m in metrics if not m.endswith("loss") and m != "lr"]
-    return ([losses] if losses else []) + others + ([["lr"]] if "lr" in metrics else [])
+    others = [[m] for m in metrics if not m.endswith("loss") and not _is_lr(m)]
+    lrs = [m for m in metrics if _is_lr(m)]
+    return ([losses] if losses else []) + others + ([lrs] if lrs else [])
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -173,7 +197,7 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
     panels = _panels(metrics)
     fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    ratios = [0.6 if panel == ["lr"] and len(panels) > 1 else 1.0 for panel in panels]
+    ratios = [0.6 if _is_lr(panel[0]) and len(panels) > 1 else 1.0 for panel in panels]
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": ratios})[:, 0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -189,13 +213,14 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
                                                key if len(panel) > 1 else "")))
                 style = _STYLES[j % len(_STYLES)]
                 # (the lr is the schedule's, exact: an average would draw it lagging)
-                if smooth and not key.startswith("eval_") and key != "lr" and len(x) > 1:
+                if smooth and not key.startswith("eval_") and not _is_lr(key) and len(x) > 1:
                     ax.plot(x, y, style, color=color, alpha=0.25, linewidth=1.0)
                     y = smoothed(y, smooth)
                 ax.plot(x, y, style, color=color, label=label or None,
                         marker="o" if sparse else None, markersize=3, linewidth=1.4)
                 drawn += 1
-        ax.set_ylabel(_label(panel[0]) if len(panel) == 1 else "loss")
+        ax.set_ylabel(_label(panel[0]) if len(panel) == 1 else
+                      "learning rate" if _is_lr(panel[0]) else "loss")
         ax.grid(True, alpha=0.3)
         positive = all(v > 0 for name_rows in runs.values() for k in panel
                        for v in _series(name_rows, k)[1] if math.isfinite(v))
