@@ -22,7 +22,7 @@ from tests.gradcheck import (
     positive,
     rule_tests,
 )
-from tests.opcases import distinct
+from tests.opcases import distinct, make_model
 from trainer.errors import ModelError
 
 _rng = np.random.default_rng(2024)
@@ -266,6 +266,7 @@ add("Unsqueeze", "opset21", [("X", normal(3, 2)), ("axes", ints(1))], opset=21)
 add("Identity", "opset7", [("X", normal(2, 2))], opset=7)
 add("Identity", "opset21", [("X", normal(2, 2))], opset=21)
 add("Transpose", "opset7", [("X", normal(2, 3, 4))], opset=7, perm=[2, 0, 1])
+add("Transpose", "0-d", [("X", normal())])  # (its gradient wrote perm=[]: a build error)
 add("Expand", "opset8", [("X", normal(1, 3)), ("shape", ints(2, 1, 3))], opset=8)
 add("Concat", "opset7", [("A", normal(2, 3)), ("B", normal(2, 1))], opset=7, axis=1)
 add("Concat", "opset11-neg-axis", [("A", normal(2, 3)), ("B", normal(1, 3))], opset=11,
@@ -516,3 +517,27 @@ def test_gradients_through_size_0_dimensions(case, opset):
     for k in wrt:
         assert got[k].shape == inits[k].shape, (k, got[k].shape)
         assert not got[k].any()
+
+
+@pytest.mark.parametrize("eq,shapes", [("ij->j", [(0, 3)]), ("ij->", [(0, 3)]),
+                                       ("ij,ij->j", [(0, 3), (1, 3)])])
+def test_einsum_gradient_of_a_label_of_size_0(eq, shapes):
+    """A label of size 0 summed away or broadcast against size 1 took size 1 in the rule (a
+    max over the inputs' sizes): the gradient of X [0, 3] had shape [1, 3]. (onnxruntime runs
+    this training graph with the same error, in its own Expand handling, so the check is the
+    engine's executor.)"""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.executor import Executor
+
+    names = [f"X{i}" for i in range(len(shapes))]
+    values = {n: normal(*sh) for n, sh in zip(names, shapes, strict=True)}
+    model = make_model([helper.make_node("Einsum", names, ["y"], equation=eq),
+                        helper.make_node("ReduceSum", ["y"], ["L"], keepdims=0)],
+                       initializers=values, outputs=["L"], opset=13)
+    tm = build_training_graph(model, {"type": "output", "output": "L"}, names)
+    grads = training_info(tm).gradients
+    got = Executor(tm).run({})
+    for n, v in values.items():
+        assert got[grads[n]].shape == v.shape, (n, got[grads[n]].shape)
+    if len(shapes) == 2:  # (X1's gradient: the sum over the empty rows, zeros)
+        np.testing.assert_array_equal(got[grads["X1"]], np.zeros((1, 3)))

@@ -151,8 +151,8 @@ def _einsum_terms(equation: str, shapes: list[tuple[int, ...]], out_shape: tuple
         out = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
     sizes: dict[str, int] = {}
     for t, s in zip(terms, shapes, strict=True):
-        for c, d in zip(t, s, strict=True):
-            sizes[c] = max(sizes.get(c, 1), d)
+        for c, d in zip(t, s, strict=True):  # (a size other than 1 is the label's: 0 too)
+            sizes[c] = d if sizes.get(c, 1) == 1 else sizes[c]
     fixed = []
     for t, s in zip(terms, shapes, strict=True):
         letters = []

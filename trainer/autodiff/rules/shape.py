@@ -193,6 +193,8 @@ for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
 def transpose_grad(ctx):
     # dX = transpose(dY, inverse(perm))
     rank = len(ctx.shape(ctx.I(0)))
+    if rank == 0:  # (a scalar's transpose is itself: no perm to write)
+        return [ctx.node("Identity", [ctx.GO(0)], [ctx.GI(0)])]
     perm = ctx.attr("perm") or list(reversed(range(rank)))
     return [ctx.node("Transpose", [ctx.GO(0)], [ctx.GI(0)], perm=np.argsort(perm).tolist())]
 
