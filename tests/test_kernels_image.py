@@ -725,3 +725,26 @@ def test_conv_transpose_refuses_an_output_padding_past_its_stride() -> None:
     with pytest.raises(ModelError, match=r"axis 0: 2, stride 2, dilation 1"):
         f(np, x, w, strides=[2, 2], output_padding=[2, 1])
     assert f(np, x, w, strides=[2, 2], output_padding=[1, 1])[0].shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("op,attrs,x_shape,w_shape,said", [
+    ("Conv", {}, (1, 1, 2, 5), (1, 1, 3, 3), "the window (kernel 3, dilation 1: 3 wide) is "
+     "wider than spatial axis 0 of the input, 2 with pads 0 and 0: no output"),
+    ("Conv", {"group": 3}, (1, 6, 2, 5), (3, 2, 3, 3), "is wider than spatial axis 0"),
+    ("MaxPool", {"kernel_shape": [4]}, (1, 1, 3), None, "is wider than spatial axis 0"),
+    ("ConvTranspose", {"dilations": [2], "pads": [2, 2]}, (2, 2, 3), (2, 2, 1),
+     "ConvTranspose: the output's spatial axis 0 would be -1 long (the full result 3, less "
+     "pads 2 and 2)"),
+])
+def test_a_geometry_without_output_is_refused(op, attrs, x_shape, w_shape, said) -> None:
+    """onnxruntime refuses these ("Invalid input shape", "Computed output dimension is <=
+    0"); the engine gave an empty result and zero gradients (Conv), a NumPy reshape error
+    (grouped Conv), or a result of negative size whose input gradient had another shape
+    (ConvTranspose)."""
+    from trainer.errors import ModelError
+
+    x = np.ones(x_shape)
+    args = [x] if w_shape is None else [x, np.ones(w_shape)]
+    with pytest.raises(ModelError) as err:
+        get_kernel(op, 18)(np, *args, **attrs)
+    assert said in str(err.value), str(err.value)

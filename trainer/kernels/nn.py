@@ -43,6 +43,11 @@ def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil
                 o -= 1  # the last window would start in the end padding
         else:
             o = full // strides[i] + 1
+        if o < 1 and in_spatial[i] > 0:  # (onnxruntime refuses it too: "Invalid input shape")
+            raise ModelError(f"the window (kernel {kernel_shape[i]}, dilation {dilations[i]}: "
+                             f"{span[i]} wide) is wider than spatial axis {i} of the input, "
+                             f"{in_spatial[i]} with pads {pads[i]} and {pads[i + k]}: no "
+                             "output")
         out.append(o)
     return pads, out
 
@@ -635,6 +640,11 @@ def conv_transpose_geometry(x_shape, kshape, strides, dilations, pads, output_pa
     dilations = list(dilations or [1] * k)
     pads, output_padding, full = conv_transpose_pads(
         x_shape[2:], kshape, strides, dilations, pads, output_padding, output_shape, auto_pad)
+    for i in range(k):  # (onnxruntime refuses it too: "Computed output dimension is <= 0")
+        if x_shape[2 + i] > 0 and full[i] - pads[i] - pads[i + k] < 1:
+            raise ModelError(f"ConvTranspose: the output's spatial axis {i} would be "
+                             f"{full[i] - pads[i] - pads[i + k]} long (the full result "
+                             f"{full[i]}, less pads {pads[i]} and {pads[i + k]})")
     return strides, dilations, pads, output_padding, full
 
 
