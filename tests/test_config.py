@@ -164,6 +164,23 @@ def test_apply_override_creates_sections_and_parses_values() -> None:
                    "schedule": {"type": None}, "frozen": ["a", "b"]}
 
 
+def test_an_override_reaches_into_a_list_by_index() -> None:
+    """`--set optimizer.groups.0.lr=...` was "is not a mapping" (the README says --set
+    overrides any key)."""
+    raw = {"optimizer": {"groups": [{"params": "*.bias", "lr": 0.1}, {"params": "*"}]},
+           "frozen": ["a", "b"]}
+    apply_override(raw, "optimizer.groups.0.lr=0.5")
+    apply_override(raw, "optimizer.groups.1.weight_decay=0")
+    apply_override(raw, "frozen.1=c")
+    assert raw == {"optimizer": {"groups": [{"params": "*.bias", "lr": 0.5},
+                                            {"params": "*", "weight_decay": 0}]},
+                   "frozen": ["a", "c"]}
+    for bad in ("optimizer.groups.2.lr=1", "optimizer.groups.x.lr=1", "frozen.-1=d"):
+        with pytest.raises(ConfigError, match=r"config key '(optimizer.groups|frozen)' is a list "
+                                              r"of 2 item\(s\), and '.*' is not an index"):
+            apply_override(raw, bad)
+
+
 def test_overrides_do_not_mutate_input_mapping() -> None:
     raw = minimal()
     raw["data"] = MappingProxyType(raw["data"])

@@ -779,7 +779,8 @@ def _plain(x: Any, count: list | None = None, depth: int = 0) -> Any:
 
 
 def apply_override(raw: dict, override: str) -> None:
-    """Set raw[a][b][c] = yaml.safe_load(value) for "a.b.c=value", creating missing sections."""
+    """Set raw[a][b][c] = yaml.safe_load(value) for "a.b.c=value", creating missing sections;
+    a part that is a number indexes a list (optimizer.groups.0.lr=0.01)."""
     key, sep, text = override.partition("=")
     parts = [p.strip() for p in key.split(".")]
     if not sep or not all(parts):
@@ -792,13 +793,21 @@ def apply_override(raw: dict, override: str) -> None:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: invalid YAML value: {_one_line(exc)}") from exc
     node = raw
-    for i, part in enumerate(parts[:-1]):
-        if node.get(part) is None:
-            node[part] = {}
-        elif not isinstance(node[part], dict):
+    for i, part in enumerate(parts):
+        key: str | int = part
+        if isinstance(node, list):  # (an item of a list by its index: optimizer.groups.0.lr)
+            if not (part.isdigit() and int(part) < len(node)):
+                raise _err(".".join(parts[:i]), f"is a list of {len(node)} item(s), and "
+                           f"{part!r} is not an index of one (0 to {len(node) - 1}); cannot "
+                           f"apply {override!r} (or give the whole list as the value)")
+            key = int(part)
+        if i == len(parts) - 1:
+            node[key] = value
+        elif isinstance(node, dict) and node.get(key) is None:
+            node[key] = {}
+        elif not isinstance(node[key], (dict, list)):
             raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")
-        node = node[part]
-    node[parts[-1]] = value
+        node = node[key]
 
 
 def config_from_dict(raw: Mapping, base_dir: str | os.PathLike,
