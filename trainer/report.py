@@ -975,6 +975,14 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             lines.append(f"  warning: schedule.warmup_steps {warmup} covers the whole run "
                          f"({total} optimizer steps): the lr only rises, to {top} at the last "
                          f"step, and the {cfg.schedule.type} schedule never starts")
+        for key, section in (("best", cfg.best), ("early_stop", cfg.early_stop)):
+            if section is not None and _against_its_sense(section.metric, section.mode):
+                high = section.mode == "max"
+                lines.append(f"  warning: {key}.mode {section.mode} with {key}.metric "
+                             f"{section.metric} counts its {'highest' if high else 'lowest'} "
+                             f"value as the best (a{' loss' if high else 'n accuracy'} is best "
+                             f"at its {'lowest' if high else 'highest'}); mode auto follows "
+                             "the metric (min for a loss, max for an accuracy)")
         if total < 1 or spe == 0:
             problems.append(batches.empty_epoch_error(cfg.accumulate))
     if structure is None or batches is None or mismatched or any(
@@ -1093,6 +1101,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         _check_labels(cfg, out_shape, problems, load_arrays, local if fits else None,
                       eval_out)
     return Preflight(lines, problems, est, out_shape)
+
+
+def _against_its_sense(metric: str, mode: str) -> bool:
+    """A best/early_stop mode opposite to its metric's sense (max of a loss, min of an
+    accuracy), which keeps the worst model."""
+    return (mode == "max" and metric.endswith("loss")) or (
+        mode == "min" and "accuracy" in metric)
 
 
 def _memory_lines(est) -> list[str]:
