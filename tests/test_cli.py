@@ -449,6 +449,12 @@ def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tm
     logits = np.load(tmp_path / "d.npz")["xe"] @ w
     want = float((logits.argmax(1) == np.load(tmp_path / "d.npz")["ye"]).mean())
     assert json.loads(proc.stdout)["eval_accuracy"] == want
+    # ... at any data.batch_size: its chunks are the model's batch (a batch of 32 was refused,
+    # the hint naming drop_last, which eval does not use)
+    for bs in ("32", "3"):
+        proc = run("eval", cfg, "--json", "--set", f"data.batch_size={bs}")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["eval_accuracy"] == want
 
 
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']"])

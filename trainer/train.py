@@ -303,16 +303,11 @@ class Trainer:
         self.eval_arrays = early_eval if early_eval is not None else (
             self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None)
         if writes:  # (`onnx-trainer eval` trains nothing: the training batches' sizes do not
-            # matter; evaluation runs its own)
+            # matter; evaluation runs chunks of the model's fixed batch)
             preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the
                                    if k in cfg.data.train.inputs},  # data; others: constants)
                                   self.batches.local_sizes(), cfg.data.batch_size,
                                   self.world)
-        else:  # (its chunks of data.batch_size per process, the last one padded to them)
-            preflight.fixed_batch({k: v for k, v in self.data_inputs.items()
-                                   if cfg.data.eval is not None and k in cfg.data.eval.inputs},
-                                  {max(cfg.data.batch_size // self.world, 1)},
-                                  cfg.data.batch_size, self.world)
         self.plans: dict[int, Plan] = {}
         try:
             self._init_parameters()
@@ -1739,13 +1734,13 @@ class Trainer:
         spec = self.cfg.loss
         n = next(iter(arrays.values())).shape[0]
         lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
-        bs = max(self.cfg.data.batch_size // self.world, 1)
-        # a model of a fixed batch (the training batches fit it, see preflight.fixed_batch)
-        # runs the last, smaller chunk padded with copies of its last sample, whose outputs
-        # are left out
+        # a model of a fixed batch runs chunks of that size (the training batches' in a run:
+        # preflight.fixed_batch; `onnx-trainer eval` takes any data.batch_size), the last,
+        # smaller one padded with copies of its last sample, whose outputs are left out
         fixed = {d[0] for k, d in self.data_inputs.items() if k in arrays and d
                  and d[0] is not None}
         fixed_n = fixed.pop() if len(fixed) == 1 else None
+        bs = fixed_n or max(self.cfg.data.batch_size // self.world, 1)
         sums = np.zeros(3)  # loss sum, correct, count
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
