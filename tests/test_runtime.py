@@ -268,6 +268,33 @@ def test_a_resume_with_early_stop_removed_or_relaxed_goes_on(tmp_path, digits_co
     assert result["steps"] == goes_to and said in out.getvalue(), out.getvalue()
 
 
+def test_the_gradient_norm_is_logged_with_grad_clip(tmp_path, digits_config):
+    """grad_clip: each metrics row carries grad_norm, the last update's norm before clipping
+    (the norm of the batch's gradient, onnxruntime running the training graph here)."""
+    import onnxruntime as ort
+
+    from trainer.autodiff import build_training_graph, training_info
+
+    raw = digits_config(steps=1, grad_clip={"max_norm": 0.01},
+                        data__shuffle=False, output=str(tmp_path / "o.onnx"))
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    tm = build_training_graph(onnx.load(EXAMPLES / "digits_mlp.onnx"),
+                              {"type": "cross_entropy", "output": "logits", "target": "label"},
+                              batch_size=32)
+    d = np.load(EXAMPLES / "digits.npz")
+    grads = ort.InferenceSession(tm.SerializeToString()).run(
+        list(training_info(tm).gradients.values()),
+        {"x": d["x_train"][:32], "label": d["y_train"][:32]})
+    want = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads)))
+    (row,) = [r for r in t.history if "loss" in r]
+    assert row["grad_norm"] == pytest.approx(want, rel=1e-5) and want > 0.01
+    plain = Trainer(config_from_dict(digits_config(steps=1, output=str(tmp_path / "p.onnx")),
+                                     tmp_path), stream=io.StringIO())
+    plain.fit()
+    assert "grad_norm" not in plain.history[0]
+
+
 def test_an_eval_schedule_without_eval_data_is_warned_of(tmp_path, digits_config):
     """(it was accepted, and nothing was evaluated, without a word)"""
     cfg = digits_config(steps=2, eval={"every_steps": 1})

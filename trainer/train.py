@@ -345,6 +345,7 @@ class Trainer:
         self.scaler_skipped = 0  # fp16 steps skipped because a gradient overflowed
         self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
         self._finishing = False  # (past the last step: its evaluation, checkpoint, export)
+        self._grad_norm = None  # (grad_clip: the gradients' norm before the last clipping)
         self.last_metrics: dict = {}
         self.last_eval_step = -1
         self._saved_step = -1  # (the step of the last checkpoint this run wrote)
@@ -923,9 +924,10 @@ class Trainer:
             self.times["step"] += clock() - t_start
             return loss
         t = clock()
-        if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares)
-            clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
-                            sumsq=g[self.size + 3] if self.scatter else None)
+        if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares; kept
+            # on the device, read at the steps that log it)
+            self._grad_norm = clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
+                                              sumsq=g[self.size + 3] if self.scatter else None)
         if self.shard:
             lo, n = self.shard_lo, self.shard_n
             if n:
@@ -1140,6 +1142,8 @@ class Trainer:
                            "samples_per_s": seen / max(now - t0, 1e-9)}
                     if len(set(used)) > 1:
                         row["lr_groups"] = used
+                    if self._grad_norm is not None:  # (the last update's, before clipping)
+                        row["grad_norm"] = float(self._grad_norm)
                     if self.skipped:
                         row["skipped_steps"] = self.skipped
                     if self.scaler:
