@@ -439,6 +439,24 @@ def test_fp16_compression_overflow_names_the_compression(tmp_path, digits_config
         proc.stderr[-2000:]
 
 
+def test_export_of_a_checkpoint_under_mpirun_is_the_runs_own(tmp_path, digits_config):
+    """`export` launched on 2 processes writes once (rank 0) the run's own export, byte for
+    byte: the metadata's world_size is the checkpoint's run's, not the launch's."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(
+        steps=6, output=str(tmp_path / "run.onnx"),
+        checkpoint={"dir": str(tmp_path / "ck"), "every_steps": 3})))
+    import subprocess
+    subprocess.run([sys.executable, "-m", "trainer", "train", str(path)], check=True, cwd=ROOT,
+                   capture_output=True, timeout=120)
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, "-m", "trainer", "export", str(path), "-o",
+                    str(tmp_path / "again.onnx")], timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("wrote ") == 1
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "run.onnx").read_bytes()
+
+
 def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, digits_config):
     import signal
     ck = tmp_path / "ck"

@@ -1519,6 +1519,8 @@ class Trainer:
                                "not an integer of at least 0")
         self._take_values(path, arrays)
         self.step = step
+        world = meta.get("world_size")  # (the export's metadata: the run's, not this launch's)
+        self._trained_world = world if isinstance(world, int) and world >= 1 else None
         return path
 
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
@@ -1800,7 +1802,8 @@ class Trainer:
                 if self.cfg.config_path else "",
                 "onnx_trainer.loss": self.cfg.loss.type,
                 "onnx_trainer.optimizer": self.cfg.optimizer.type,
-                "onnx_trainer.world_size": str(self.world)}
+                "onnx_trainer.world_size": str(getattr(self, "_trained_world", None)
+                                               or self.world)}
         model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
         meta["onnx_trainer.output_form"] = self.cfg.output_form
         release_freed_memory()  # (the steps' transients: the export's copy may reuse them)
