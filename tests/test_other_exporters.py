@@ -272,7 +272,10 @@ def test_torchscript_one_element_parameters_are_warned_of():
         [numpy_helper.from_array(np.array([0.5], np.float32), "alpha"),
          numpy_helper.from_array(np.array(2.0, np.float32), "onnx::Mul_7"),
          numpy_helper.from_array(np.array([0.0], np.float32), "fc.bias")])
+    g.node.append(helper.make_node("Div", ["y", "val_12"], ["z"]))
+    g.initializer.append(numpy_helper.from_array(np.array(8.0, np.float32), "val_12"))
     model = helper.make_model(g, producer_name="pytorch")
+    # (val_<n>: a constant of the default exporter below opset 18, no parameter)
     assert f"WARNING: {SCALAR_HINT}: alpha" in warning_lines(*exporter_findings(model))
     model.producer_name = "tf2onnx"  # (other exporters' names say nothing of the kind)
     assert not any(SCALAR_HINT in w for w in warning_lines(*exporter_findings(model)))

@@ -289,7 +289,8 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
         scalars = [t.name for t in model.graph.initializer
                    if t.data_type in FLOAT_TYPES and math.prod(t.dims) == 1
                    and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", t.name)
-                   and not re.search(r"(^|\.)(weight|bias)$", t.name)]
+                   and not re.fullmatch(r"val_\d+", t.name)  # (the default exporter's
+                   and not re.search(r"(^|\.)(weight|bias)$", t.name)]  # constants)
         if scalars:
             lines.append(f"WARNING: {SCALAR_HINT}: {listing(scalars)}")
     return lines
