@@ -551,6 +551,22 @@ CASES = {
                        "path": str(t / "ids.npz"), "inputs": {"x": "x"},
                        "targets": {"label": "y"}}))]),
         "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
+    # (through a Reshape, GPT-2's ids.view(-1, T): found at a step, without input or sample)
+    "data-token-id-past-the-embedding-reshaped": (lambda t: (np.savez(
+        t / "ids.npz", x=np.where(np.arange(96).reshape(32, 3) == 40, 10,
+                                  np.arange(96).reshape(32, 3) % 10), y=y[:32]) or onnx.save(
+        _graph([helper.make_node("Reshape", ["x", "shape"], ["ids"]),
+                helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+                helper.make_node("ReduceMean", ["emb"], ["h"], axes=[1], keepdims=0),
+                helper.make_node("MatMul", ["h", "w"], ["logits"])],
+               [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W,
+                numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")],
+               inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])],
+               opset=17), t / "emb.onnx") or ["train", _write(t, _cfg(
+                   t, model=str(t / "emb.onnx"), data__train={
+                       "path": str(t / "ids.npz"), "inputs": {"x": "x"},
+                       "targets": {"label": "y"}}))]),
+        "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
     "data-eval-set-bad": (lambda t: (np.savez(t / "e.npz", x=x[:, :50], y=y) or
                           ["train", _write(t, _cfg(t, steps=10**6, data__eval={
                               "path": str(t / "e.npz"), "inputs": {"x": "x"},

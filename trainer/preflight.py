@@ -464,15 +464,21 @@ def binary_targets(targets: np.ndarray, name: str, what: str, per_sample: tuple[
                         f"'{output}')")
 
 
+# ops whose output holds the values of their first input (rearranged, repeated)
+_SAME_VALUES = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose",
+                "Expand")
+
+
 def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> None:
     """Integer data inputs that a Gather reads as indices into an initializer (an embedding's
-    token ids), directly or through a Cast or Identity: every value within the gathered axis.
+    token ids), directly or through ops that keep its values (a Cast, a Reshape: GPT-2's
+    ids.view(-1, T)): every value within the gathered axis.
     (The host kernel refuses such an index when it meets it, a device kernel cannot check
     without reading it back; here the whole dataset is checked before training.)"""
     tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
     source = {k: k for k in arrays}
     for n in model.graph.node:
-        if n.op_type in ("Cast", "Identity") and n.input and n.input[0] in source:
+        if n.op_type in _SAME_VALUES and n.input and n.input[0] in source:
             source[n.output[0]] = source[n.input[0]]
     for n in model.graph.node:
         if n.op_type != "Gather" or len(n.input) < 2 or n.input[1] not in source or \
