@@ -279,3 +279,40 @@ def test_torchscript_one_element_parameters_are_warned_of():
     assert f"WARNING: {SCALAR_HINT}: alpha" in warning_lines(*exporter_findings(model))
     model.producer_name = "tf2onnx"  # (other exporters' names say nothing of the kind)
     assert not any(SCALAR_HINT in w for w in warning_lines(*exporter_findings(model)))
+
+
+def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
+    """TorchScript folds a Linear's weight on a 3-D input into its transpose,
+    `onnx::MatMul_<n>`, with no record of the parameter: `frozen: ["0.*"]` froze layer 0's
+    bias and trained its weight, in silence (found by a transformers sweep: BERT's
+    layer-0 matrices trained under a frozen layer). The MatMul's module path names it."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m.eval(), (torch.randn(2, 5, 4),), str(tmp_path / "m.onnx"),
+                          dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    model = onnx.load(tmp_path / "m.onnx")
+    folded = sorted(t.name for t in model.graph.initializer if t.name.startswith("onnx::"))
+    assert len(folded) == 2
+    assert f"{folded[0]} = 0.weight, {folded[1]} = 2.weight" in model_report(model).text()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 4)).astype(np.float32),
+             y=rng.integers(0, 3, (16, 5)))
+    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
+           "device": "cpu", "frozen": ["0.*"], "steps": 3,
+           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 4},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.5}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = t.trained_values()
+    assert sorted(t.names) == ["2.bias", folded[1]]
+    assert not np.array_equal(after[folded[1]], before[folded[1]])

@@ -1515,7 +1515,7 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     `onnx::MatMul_37` and records nothing more)."""
     entries, missing, by_module = _missing_parameters(model)
     if not entries:
-        return {}
+        return torchscript_folded_weights(model)
     named = {t for _, t in entries.values()}
     folded = {t.name for t in model.graph.initializer
               if t.data_type in FLOAT_TYPES and t.name not in named}
@@ -1553,6 +1553,40 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
             packed = sorted(set(src) & lost)
             if len(packed) >= 2 or packed and x in recurrent:
                 out[x] = PACK_SEPARATOR.join(packed)
+    return out
+
+
+def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """{initializer: PyTorch parameter} for a TorchScript export's folded Linear weights: a
+    Linear on an input of 3 or more axes is a MatMul whose weight, folded into its transpose,
+    is `onnx::MatMul_<n>`, with no record of the parameter; the MatMul's name holds its
+    module's path ('/encoder/layer.0/query/MatMul': encoder.layer.0.query), so the tensor is
+    that module's `weight` where no initializer has the name already and the module folds one
+    such tensor (several: `<module>.<tensor>`), which module globs name (a `frozen: ["0.*"]`
+    froze layer 0's bias and trained its weight, in silence)."""
+    if model.producer_name != "pytorch":
+        return {}
+    names = {t.name for t in model.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    slots: dict[str, set[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        for i, x in enumerate(n.input):
+            if x.startswith("onnx::MatMul_") and x in names:
+                slots.setdefault(x, set()).add((n.op_type, i))
+                parts = n.name.split("/")
+                module = ".".join(parts[1:-1]) if n.name.startswith("/") and len(parts) > 2 \
+                    else ""
+                readers.setdefault(x, set()).add(module)
+    found: dict[str, list[str]] = {}
+    for x, modules in readers.items():
+        module = next(iter(modules))
+        if len(modules) == 1 and module and slots[x] == {("MatMul", 1)}:
+            found.setdefault(module, []).append(x)
+    out = {}
+    for module, xs in found.items():  # (a module of several: each under its own name there)
+        for x in xs:
+            out[x] = f"{module}.weight" if len(xs) == 1 and f"{module}.weight" not in names \
+                else f"{module}.{x}"
     return out
 
 
