@@ -316,3 +316,50 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     after = t.trained_values()
     assert sorted(t.names) == ["2.bias", folded[1]]
     assert not np.array_equal(after[folded[1]], before[folded[1]])
+
+
+def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
+    """A default export stores an embedding tied to the output projection under the
+    projection's name (GPT-2's wte.weight as lm_head.weight): `frozen: ["emb.weight"]`
+    matched nothing (found by a transformers sweep). The Gather's records name the
+    Embedding, so either name selects the one tensor."""
+    import warnings
+
+    import torch
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LM().eval(), (torch.zeros(2, 5, dtype=torch.long),), None,
+                          dynamo=True, input_names=["ids"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("N")},)).save(
+            str(tmp_path / "m.onnx"))
+    model = onnx.load(tmp_path / "m.onnx")
+    assert "head.weight = emb.weight" in model_report(model).text()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", ids=rng.integers(0, 20, (16, 5)), y=rng.integers(0, 20, (16, 5)))
+    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
+           "device": "cpu", "frozen": ["emb.weight"], "steps": 2,
+           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"ids": "ids"},
+                              "targets": {"label": "y"}}, "batch_size": 4},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.5}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    assert "head.weight" not in t.names and "mid.bias" in t.names
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "o.onnx")
+             .graph.initializer}
+    np.testing.assert_array_equal(after["head.weight"], before["head.weight"])
+    assert not np.array_equal(after["mid.bias"], before["mid.bias"])

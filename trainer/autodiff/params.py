@@ -1553,6 +1553,26 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
             packed = sorted(set(src) & lost)
             if len(packed) >= 2 or packed and x in recurrent:
                 out[x] = PACK_SEPARATOR.join(packed)
+    for x, name in tied_embedding_names(model).items():
+        out.setdefault(x, name)
+    return out
+
+
+def tied_embedding_names(model: onnx.ModelProto) -> dict[str, str]:
+    """{initializer: PyTorch parameter} for an embedding whose weight is tied to another
+    parameter that the default exporter stores it as (GPT-2's wte.weight as lm_head.weight):
+    the Gather's records name its Embedding module, whose `weight` the tensor also is, so a
+    glob may name it by either (`frozen: ["emb.weight"]` matched nothing)."""
+    names = {t.name for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "Gather" or not n.input or n.input[0] not in names or \
+                "aten.embedding" not in _meta(n, _FX_NODE_KEY):
+            continue
+        scopes = re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))
+        own = ".".join(scopes[1:-1]) + ".weight" if len(scopes) >= 3 else ""
+        if own and own != n.input[0] and own not in names:
+            out[n.input[0]] = own
     return out
 
 
