@@ -528,3 +528,32 @@ def test_dynamic_batch_follows_the_default_exporters_forms() -> None:
     out = make_batch_dynamic(m)
     x7 = np.concatenate([x, x[:3]])
     np.testing.assert_allclose(ort_run(out, {"x": x7})[0], x7.mean((2, 3)), rtol=1e-6)
+
+
+def test_dynamic_batch_reads_axes_the_exporter_computes_from_constants() -> None:
+    """The default exporter with optimize=False writes a global average pool's axes as
+    Reshape(Constant [-1, -2], shape): convert did not know them, lost the batch axis at the
+    ReduceMean and refused torchvision's resnet18 (found by a vision sweep)."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(2).standard_normal((6, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(
+        np.random.default_rng(3).standard_normal((5, 6)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["ax0"], value=numpy_helper.from_array(
+                 np.array([-1, -2], np.int64))),
+             helper.make_node("Constant", [], ["two"], value_ints=[2]),
+             helper.make_node("Reshape", ["ax0", "two"], ["axes"]),
+             helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=1),
+             helper.make_node("Constant", [], ["b"], value_ints=[4]),
+             helper.make_node("Constant", [], ["f"], value_ints=[6]),
+             helper.make_node("Concat", ["b", "f"], ["flat"], axis=0),
+             helper.make_node("Reshape", ["m", "flat"], ["v"], allowzero=1),
+             helper.make_node("Gemm", ["v", "fc"], ["y"], transB=1)]
+    model = make_model(nodes, [vi("x", [4, 3, 8, 8])], [vi("y", [4, 5])], [w, fc], opset=18)
+    out = make_batch_dynamic(model)
+    x = np.random.default_rng(4).standard_normal((7, 3, 8, 8)).astype(np.float32)
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
+    c = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(
+        numpy_helper.to_array(w)), padding=1)
+    want = c.mean((2, 3)).numpy() @ numpy_helper.to_array(fc).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

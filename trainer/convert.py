@@ -522,16 +522,51 @@ def _check_batch(original: onnx.ModelProto, m: onnx.ModelProto, fixed: dict[str,
 # -- graph helpers ---------------------------------------------------------------------------
 
 def _static_values(g: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Non-float initializers and Constant outputs with integer values (shape constants)."""
+    """Non-float initializers and Constant outputs with integer values (shape constants), and
+    what Identity, Reshape, Concat, Unsqueeze and Squeeze make of them (the default exporter
+    with optimize=False writes a ReduceMean's axes as Reshape(Constant [-1, -2]))."""
     values = {t.name: numpy_helper.to_array(t) for t in g.initializer
               if t.data_type not in FLOAT_TYPES}
     for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            a = attrs_of(node)
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        a = attrs_of(node)
+        if node.op_type == "Constant":
             for key in ("value", "value_int", "value_ints"):
                 if key in a and np.asarray(a[key]).dtype.kind in "iu":
                     values[node.output[0]] = np.asarray(a[key])
+            continue
+        ins = [values.get(x) for x in node.input if x]
+        if not ins or any(v is None for v in ins):
+            continue
+        try:
+            out = _fold_integers(node.op_type, a, ins)
+        except (ValueError, IndexError, TypeError):  # (a shape that does not fit: left alone)
+            out = None
+        if out is not None:
+            values[node.output[0]] = out
     return values
+
+
+def _fold_integers(op: str, a: Mapping, ins: list[np.ndarray]) -> np.ndarray | None:
+    if op == "Identity":
+        return ins[0]
+    if op == "Reshape" and len(ins) == 2:
+        shape = [int(d) for d in ins[1].reshape(-1)]
+        shape = [ins[0].shape[i] if d == 0 and not a.get("allowzero") else d
+                 for i, d in enumerate(shape)]
+        return ins[0].reshape(shape)
+    if op == "Concat":
+        return np.concatenate(ins, axis=int(a.get("axis", 0)))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = a.get("axes") if len(ins) == 1 else [int(v) for v in ins[1].reshape(-1)]
+        if axes is None:
+            return np.squeeze(ins[0]) if op == "Squeeze" else None
+        if op == "Unsqueeze":
+            rank = ins[0].ndim + len(axes)
+            return np.expand_dims(ins[0], tuple(sorted(x % rank for x in axes)))
+        return np.squeeze(ins[0], axis=tuple(x % ins[0].ndim for x in axes))
+    return None
 
 
 def _fixed_names(g: onnx.GraphProto) -> set[str]:
