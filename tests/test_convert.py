@@ -557,3 +557,23 @@ def test_dynamic_batch_reads_axes_the_exporter_computes_from_constants() -> None
         numpy_helper.to_array(w)), padding=1)
     want = c.mean((2, 3)).numpy() @ numpy_helper.to_array(fc).T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_batch_names_the_node_that_loses_the_batch_not_a_type_only_reader() -> None:
+    """CastLike(0, x) reads x for its type only (the default exporter's zero Conv bias,
+    Expand-ed to the weight's shape): the refusal named that Expand as where the batch was
+    lost; it names the Reshape that merges the batch."""
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Shape", ["w"], ["ws"], start=0, end=1),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(
+                 np.array(0.0, np.float32))),
+             helper.make_node("CastLike", ["zero", "x"], ["z"]),
+             helper.make_node("Expand", ["z", "ws"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"]),
+             helper.make_node("Constant", [], ["s"], value_ints=[8, 16]),
+             helper.make_node("Reshape", ["c", "s"], ["r"], name="merge"),
+             helper.make_node("Constant", [], ["s2"], value_ints=[4, 32]),
+             helper.make_node("Reshape", ["r", "s2"], ["y"])]
+    model = make_model(nodes, [vi("x", [4, 3, 4, 4])], [vi("y", [4, 32])], [w], opset=18)
+    with pytest.raises(ModelError, match="cannot follow it past 'merge' \\(Reshape\\)"):
+        make_batch_dynamic(model)

@@ -372,7 +372,8 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
     patched = 0
     lost: list[str] = []  # nodes that read the batch axis and whose outputs do not keep it
     for i, node in enumerate(g.node):
-        if not any(x in carrying for x in node.input if x):
+        if not any(x in carrying for k, x in enumerate(node.input)
+                   if x and k not in _TYPE_ONLY.get(node.op_type, ())):
             continue
         carries, new_shape = _carries_batch(node, carrying, consts, batch, known)
         if not carries:
@@ -417,6 +418,11 @@ def make_batch_dynamic(model: onnx.ModelProto, report: Report | None = None) -> 
     report.batch_reshapes = patched
     report.batch_outputs = outs
     return m
+
+
+# inputs that give only a type (CastLike's target: an input that carries the batch, read
+# there, makes no batch-carrying value; the default exporter's zero Conv biases)
+_TYPE_ONLY = {"CastLike": (1,)}
 
 
 def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int,
