@@ -295,6 +295,41 @@ def test_the_gradient_norm_is_logged_with_grad_clip(tmp_path, digits_config):
     assert "grad_norm" not in plain.history[0]
 
 
+def test_samples_per_s_leaves_out_evaluations_and_checkpoints(tmp_path, digits_config,
+                                                             monkeypatch):
+    """The row after an evaluation or a checkpoint counted its time as training time (a
+    throughput many times too low). On a clock that only evaluations and checkpoints move
+    (by 1000 s each), every row's samples_per_s is the same."""
+    import trainer.train as tt
+
+    now = [0.0]
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            now[0] += 1e-3
+            return now[0]
+
+    real_eval, real_save = tt.Trainer._evaluate_and_track, tt.Trainer.save_checkpoint
+
+    def slow(real):
+        def call(self, *a, **k):
+            now[0] += 1000.0
+            return real(self, *a, **k)
+        return call
+
+    monkeypatch.setattr(tt, "time", Clock)
+    monkeypatch.setattr(tt.Trainer, "_evaluate_and_track", slow(real_eval))
+    monkeypatch.setattr(tt.Trainer, "save_checkpoint", slow(real_save))
+    raw = digits_config(steps=12, log={"every_steps": 2}, eval={"every_steps": 4},
+                        checkpoint={"dir": str(tmp_path / "ck"), "every_steps": 6},
+                        output=str(tmp_path / "o.onnx"))
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    rates = [r["samples_per_s"] for r in t.history if "loss" in r]
+    assert len(rates) == 6 and max(rates) < 2 * min(rates), rates
+
+
 def test_an_eval_schedule_without_eval_data_is_warned_of(tmp_path, digits_config):
     """(it was accepted, and nothing was evaluated, without a word)"""
     cfg = digits_config(steps=2, eval={"every_steps": 1})

@@ -1122,7 +1122,9 @@ class Trainer:
                 # the step that ended it, below, is not evaluated again)
                 if (epoch != last_epoch and self._eval_due(epochs_done=epoch)
                         and self.last_eval_step != self.step):
+                    t_aside = time.perf_counter()
                     stopped = self._evaluate_and_track(last_epoch)
+                    t0 += time.perf_counter() - t_aside  # (samples_per_s: training's)
                 last_epoch = epoch
                 if stopped:
                     break
@@ -1155,7 +1157,8 @@ class Trainer:
                 # Evaluations due after this step come before its checkpoint, which then holds
                 # what they decided (a plateau's lr cut, the best so far, early stopping)
                 ended = self.position[1] >= self.batches.steps_per_epoch
-                if self.step < self.total_steps and (
+                t_aside = time.perf_counter()  # (evaluations and checkpoints: not in the
+                if self.step < self.total_steps and (  # next row's samples_per_s)
                         (ended and self._eval_due(epochs_done=epoch + 1))
                         or self._eval_due(step=self.step)):
                     stopped = self._evaluate_and_track(epoch)
@@ -1163,6 +1166,7 @@ class Trainer:
                 if (cfg.checkpoint.dir and every and self.step % every == 0
                         and self.step < self.total_steps):  # (the last: after its evaluation)
                     self.save_checkpoint()
+                t0 += time.perf_counter() - t_aside
                 if self._stop_agreed or stopped:
                     break
             # (a signal from here on: the finished run's evaluation, checkpoint and export
