@@ -577,3 +577,16 @@ def test_dynamic_batch_names_the_node_that_loses_the_batch_not_a_type_only_reade
     model = make_model(nodes, [vi("x", [4, 3, 4, 4])], [vi("y", [4, 32])], [w], opset=18)
     with pytest.raises(ModelError, match="cannot follow it past 'merge' \\(Reshape\\)"):
         make_batch_dynamic(model)
+
+
+@pytest.mark.parametrize("op,attrs,keeps", [
+    ("ReduceMean", {"axes": [-4]}, False), ("ReduceMean", {"axes": [-1, -2]}, True),
+    ("Concat", {"axis": -4}, False), ("Concat", {"axis": -3}, True),
+    ("Squeeze", {"axes": [-4]}, False), ("Unsqueeze", {"axes": [-5]}, False),
+    ("Unsqueeze", {"axes": [-1]}, True)])
+def test_dynamic_batch_reads_negative_axes_by_the_inputs_rank(op, attrs, keeps) -> None:
+    """Axis -4 of a 4-D value is its batch axis (it counted as another axis)."""
+    from trainer.convert import _carries_batch
+
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    assert _carries_batch(node, {"x"}, {}, 2, {"x": (2, 3, 4, 5)})[0] == keeps

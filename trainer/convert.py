@@ -472,20 +472,28 @@ def _carries_batch(node: onnx.NodeProto, carrying: set[str], consts, batch: int,
         return first and a.get("axis", 1) >= 1, None
     if op == "Gemm":
         return first and not a.get("transA"), None
+    rank = len((known or {}).get(node.input[0], ())) if node.input else 0
+
+    def touches_0(axes, rank: int) -> bool:  # (a negative axis of the input's rank: -rank is 0)
+        axes = [int(x) for x in np.asarray(axes).reshape(-1)]
+        return 0 in axes or bool(rank) and -rank in axes
     if op in ("Unsqueeze", "Squeeze"):
         axes = a.get("axes")
         if axes is None and len(node.input) > 1:
             axes = consts.get(node.input[1])
-        return first and axes is not None and 0 not in list(np.asarray(axes).reshape(-1)), None
+        # (Unsqueeze's axes count in its output's rank)
+        out_rank = rank + len(np.asarray(axes).reshape(-1)) if op == "Unsqueeze" and rank \
+            and axes is not None else rank
+        return first and axes is not None and not touches_0(axes, out_rank), None
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         return first, None  # a classifier's class axis is never its batch axis
     if op in ("Concat", "Split", "Gather", "ArgMax", "ArgMin", "TopK"):
-        return first and a.get("axis", 0) != 0, None
+        return first and not touches_0([a.get("axis", 0)], rank), None
     if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"):
         axes = a.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1]:  # (opset 13/18 on: input)
             axes = consts.get(node.input[1])
-        return first and axes is not None and 0 not in list(np.asarray(axes).reshape(-1)), None
+        return first and axes is not None and not touches_0(axes, rank), None
     if op in ("Shape", "Size", "Slice", "Expand", "Tile", "Pad", "Compress", "NonZero"):
         return False, None  # not followed: their results need not keep the batch on axis 0
     return True, None  # elementwise, Conv, pooling, normalization, activations, Dropout, ...
