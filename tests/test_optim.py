@@ -379,7 +379,7 @@ def error(opt: dict) -> str:
      "config key 'optimizer.groups[0].lrr' is unknown in a group; did you mean "
      "'optimizer.groups[0].lr'?"),
     ({"type": "adam", "groups": [{"params": "a", "lr": -1}]},
-     "config key 'optimizer.groups[0].lr' must be > 0, got -1.0"),
+     "config key 'optimizer.groups[0].lr' must be >= 0, got -1.0"),
     ({"type": "adam", "groups": [{"params": "a", "betas": [0.9]}]},
      "config key 'optimizer.groups[0].betas' must be a list of two numbers"),
     ({"type": "adam", "groups": [{"params": "a", "eps": None}]},
