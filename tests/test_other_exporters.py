@@ -290,8 +290,17 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
 
     import torch
 
+    class Net(torch.nn.Module):  # (a called container: scoped '/seq/seq.0/MatMul')
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+            self.out = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.seq(x))
+
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    m = Net()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(m.eval(), (torch.randn(2, 5, 4),), str(tmp_path / "m.onnx"),
@@ -300,12 +309,13 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     model = onnx.load(tmp_path / "m.onnx")
     folded = sorted(t.name for t in model.graph.initializer if t.name.startswith("onnx::"))
     assert len(folded) == 2
-    assert f"{folded[0]} = 0.weight, {folded[1]} = 2.weight" in model_report(model).text()
+    assert f"{folded[0]} = seq.0.weight, {folded[1]} = out.weight" in \
+        model_report(model).text()
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 4)).astype(np.float32),
              y=rng.integers(0, 3, (16, 5)))
     raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
-           "device": "cpu", "frozen": ["0.*"], "steps": 3,
+           "device": "cpu", "frozen": ["seq.0.*"], "steps": 3,
            "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
                               "targets": {"label": "y"}}, "batch_size": 4},
            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
@@ -314,7 +324,7 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     t.fit()
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     after = t.trained_values()
-    assert sorted(t.names) == ["2.bias", folded[1]]
+    assert sorted(t.names) == [folded[1], "out.bias"]
     assert not np.array_equal(after[folded[1]], before[folded[1]])
 
 
@@ -363,3 +373,17 @@ def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
              .graph.initializer}
     np.testing.assert_array_equal(after["head.weight"], before["head.weight"])
     assert not np.array_equal(after["mid.bias"], before["mid.bias"])
+
+
+@pytest.mark.parametrize("scopes,path", [
+    (["seq", "seq.0"], "seq.0"), (["bert", "encoder", "layer.0", "query"],
+                                  "bert.encoder.layer.0.query"),
+    (["emb2", "emb2.0"], "emb2.0"), (["transformer.blocks", "transformer.blocks.0"],
+                                     "transformer.blocks.0"), (["emb"], "emb")])
+def test_module_paths_from_name_scopes(scopes, path):
+    """TorchScript scopes a called container's child by its full name under the container's
+    (it read seq.seq.0, and a glob on seq.0 missed the weight); the default exporter scopes
+    each level by its full path."""
+    from trainer.autodiff.params import _scope_path
+
+    assert _scope_path(scopes) == path

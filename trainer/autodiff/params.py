@@ -1558,6 +1558,23 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
+def _scope_path(scopes: list[str]) -> str:
+    """A module's dotted path from an exporter's name scopes: TorchScript scopes a called
+    container's child by its own full name under the container's (['seq', 'seq.0']: seq.0,
+    not seq.seq.0), a ModuleList's by its name alone (['encoder', 'layer.0']:
+    encoder.layer.0); the default exporter scopes each level by its full path
+    (['emb2', 'emb2.0']: emb2.0)."""
+    path: list[str] = []
+    for s in scopes:
+        if path and s.startswith(".".join(path) + "."):  # (a full path: the default
+            path = [s]  # exporter's scopes, ['transformer.wte'])
+        elif path and s.startswith(f"{path[-1]}."):
+            path[-1] = s
+        else:
+            path.append(s)
+    return ".".join(path)
+
+
 def tied_embedding_names(model: onnx.ModelProto) -> dict[str, str]:
     """{initializer: PyTorch parameter} for an embedding whose weight is tied to another
     parameter that the default exporter stores it as (GPT-2's wte.weight as lm_head.weight):
@@ -1570,7 +1587,7 @@ def tied_embedding_names(model: onnx.ModelProto) -> dict[str, str]:
                 "aten.embedding" not in _meta(n, _FX_NODE_KEY):
             continue
         scopes = re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))
-        own = ".".join(scopes[1:-1]) + ".weight" if len(scopes) >= 3 else ""
+        own = _scope_path(scopes[1:-1]) + ".weight" if len(scopes) >= 3 else ""
         if own and own != n.input[0] and own not in names:
             out[n.input[0]] = own
     return out
@@ -1594,13 +1611,16 @@ def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
             if x.startswith("onnx::MatMul_") and x in names:
                 slots.setdefault(x, set()).add((n.op_type, i))
                 parts = n.name.split("/")
-                module = ".".join(parts[1:-1]) if n.name.startswith("/") and len(parts) > 2 \
-                    else ""
+                module = _scope_path(parts[1:-1]) if n.name.startswith("/") and \
+                    len(parts) > 2 else ""
                 readers.setdefault(x, set()).add(module)
     found: dict[str, list[str]] = {}
     for x, modules in readers.items():
         module = next(iter(modules))
-        if len(modules) == 1 and module and slots[x] == {("MatMul", 1)}:
+        # (a module the model's own names confirm, by another of its tensors: its bias; a
+        # scope TorchScript renamed, as a ModuleDict's `default_1`, is none of them)
+        if len(modules) == 1 and module and slots[x] == {("MatMul", 1)} and any(
+                k.startswith(f"{module}.") for k in names):
             found.setdefault(module, []).append(x)
     out = {}
     for module, xs in found.items():  # (a module of several: each under its own name there)
