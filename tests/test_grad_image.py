@@ -70,6 +70,9 @@ for _o in (11, 7):
                                       ("B", normal(4))], group=2, strides=[3, 3], opset=_o)
 
 # -- ConvTranspose ------------------------------------------------------------------------------
+add("ConvTranspose", "output-shape-beyond-the-full-result",
+    [("X", normal(1, 1, 3, 3)), ("W", normal(1, 1, 3, 2))], strides=[3, 3],
+    output_shape=[11, 9])
 add("ConvTranspose", "basic", [("X", normal(2, 3, 4, 4)), ("W", normal(3, 2, 3, 3)),
                                ("B", normal(2))])
 add("ConvTranspose", "stride2-pads-outpad", [("X", normal(1, 2, 3, 4)),

@@ -257,6 +257,14 @@ add("ConvTranspose", "1d-groups-dilations-output-padding",
 add("ConvTranspose", "output-shape-same-upper", [("X", normal(1, 2, 3, 4)),
                                                  ("W", normal(2, 2, 3, 2))],
     strides=[2, 3], output_shape=[7, 11], auto_pad="SAME_UPPER", rtol=1e-4)
+# an output_shape beyond the full result: the zeros go at the end (they went half at the
+# start: another output than onnxruntime's and the reference's; found by a sweep)
+add("ConvTranspose", "output-shape-beyond-the-full-result",
+    [("X", normal(1, 1, 3, 3)), ("W", normal(1, 1, 3, 2))], strides=[3, 3],
+    output_shape=[11, 9], ref="reference", rtol=1e-4)
+add("ConvTranspose", "output-shape-one-beyond", [("X", normal(1, 1, 1, 1)),
+                                                 ("W", normal(1, 1, 1, 1))],
+    strides=[2, 3], output_shape=[1, 3], ref="reference", rtol=1e-4)
 add("ConvTranspose", "3d-same-lower", [("X", normal(1, 2, 2, 3, 2)),
                                        ("W", normal(2, 1, 2, 3, 2))],
     strides=[2, 2, 1], auto_pad="SAME_LOWER", rtol=1e-4)

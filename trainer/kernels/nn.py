@@ -503,8 +503,11 @@ def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, outp
         total = [full[i] - target[i] for i in range(k)]
         if auto_pad == "SAME_UPPER":
             begin = [t // 2 for t in total]
-        else:
+        elif auto_pad == "SAME_LOWER":
             begin = [t - t // 2 for t in total]
+        else:  # (an output_shape beyond the full result: zeros at the end, as onnxruntime
+            # and the ONNX reference add them; within it, the spec's split of the padding)
+            begin = [t - t // 2 if t >= 0 else 0 for t in total]
         pads = begin + [t - b for t, b in zip(total, begin, strict=True)]
     elif not pads or auto_pad == "VALID":
         pads = [0] * (2 * k)
