@@ -408,6 +408,13 @@ def test_export_and_eval_read_a_checkpoint(tmp_path, digits_config):
     assert json.loads(by_file.stdout) == json.loads(by_checkpoint.stdout)
     assert json.loads(by_file.stdout) != json.loads(run("eval", cfg, "--checkpoint",
                                                         "--json").stdout)
+    # -o never overwrites what the export reads: a checkpoint's file, the config, a dataset
+    manifest = ck / "step_00000010" / "manifest.json"
+    before = manifest.read_bytes()
+    for target, role in ((manifest, "is a file of checkpoint"), (cfg, "is the config file"),
+                         (EXAMPLES / "digits.npz", "is a file of data.")):
+        assert role in one_line_error(run("export", cfg, "-o", str(target)))
+    assert manifest.read_bytes() == before
     assert "it is a checkpoint folder: `onnx-trainer eval CONFIG --checkpoint" in \
         one_line_error(run("eval", cfg, "--model", str(ck / "step_00000010")))
     assert "it is a NumPy archive or array" in one_line_error(

@@ -360,7 +360,16 @@ def _export(args) -> int:
     from trainer.train import Trainer
 
     where = _checkpoint_place(args.checkpoint or "", cfg, "export")
-    out = _output_path(args.o or str(cfg.output), str(cfg.model), "-o" if args.o else "output")
+    what = "-o" if args.o else "output"
+    out = _output_path(args.o or str(cfg.output), str(cfg.model), what)
+    from trainer import preflight
+
+    # (nothing the export reads: the config, the model, the datasets, the checkpoints)
+    reads = preflight.files_read(cfg)
+    if where.is_dir():
+        reads.update((f, f"a file of checkpoint {f.parent}") for f in where.rglob("*")
+                     if f.is_file())
+    preflight.not_read(out, what, reads)
     trainer = Trainer(cfg, check=False, writes=False)
     path = trainer.load_checkpoint(where)
     if trainer.rank == 0:
