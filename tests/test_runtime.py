@@ -248,8 +248,11 @@ def test_best_model_and_early_stopping(tmp_path, digits_config):
     ({"early_stop": {"metric": "eval_loss", "patience": 2}}, 20, "nothing to train (remove or "
      "relax early_stop to go on)"),
     ({"early_stop": {"metric": "eval_accuracy", "patience": 3}}, 40,
-     "early_stop follows max eval_accuracy now (the checkpoint's: min eval_loss): its count "
-     "starts again; the checkpoint's run had stopped early"),
+     "early_stop follows max eval_accuracy with min_delta 0 now (the checkpoint's: min "
+     "eval_loss, min_delta 0.0): its count starts again; the checkpoint's run had stopped "
+     "early"),
+    ({"early_stop": {"metric": "eval_loss", "patience": 3, "min_delta": 1e-9}}, 40,
+     "its count starts again; the checkpoint's run had stopped early"),
 ])
 def test_a_resume_with_early_stop_removed_or_relaxed_goes_on(tmp_path, digits_config, change,
                                                              goes_to, said):

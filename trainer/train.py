@@ -1650,9 +1650,9 @@ class Trainer:
 
     def _early_stop_change(self, tracked: Mapping) -> None:
         """A resume whose early_stop differs from the checkpoint's: off now, the run goes on;
-        another metric or mode, its count starts again; another patience, the count so far is
-        held against it (checkpoints written before the criterion was recorded: the same
-        metric and mode assumed)."""
+        another metric, mode or min_delta, its count starts again; another patience, the count
+        so far is held against it (checkpoints written before the criterion was recorded: the
+        same metric and mode assumed)."""
         now, was = self._early_stop_criterion(), tracked.get("early_stop")
         why = self.stopped_early
         if now is None:
@@ -1661,11 +1661,13 @@ class Trainer:
                 self.log.info(f"the checkpoint's run stopped early ({why}); early_stop is off "
                               "now: training goes on")
             return
-        if isinstance(was, Mapping) and (was.get("metric"), was.get("mode")) != (
-                now["metric"], now["mode"]):
+        if isinstance(was, Mapping) and (was.get("metric"), was.get("mode"),
+                                         was.get("min_delta")) != (
+                now["metric"], now["mode"], now["min_delta"]):
             self.es_best, self.es_bad, self.stopped_early = None, 0, ""
-            self.log.info(f"early_stop follows {now['mode']} {now['metric']} now (the "
-                          f"checkpoint's: {was.get('mode')} {was.get('metric')}): its count "
+            self.log.info(f"early_stop follows {now['mode']} {now['metric']} with min_delta "
+                          f"{now['min_delta']:g} now (the checkpoint's: {was.get('mode')} "
+                          f"{was.get('metric')}, min_delta {was.get('min_delta')}): its count "
                           "starts again" + (f"; the checkpoint's run had stopped early ({why}), "
                                             "training goes on" if why else ""))
             return
