@@ -175,10 +175,16 @@ def test_an_override_reaches_into_a_list_by_index() -> None:
     assert raw == {"optimizer": {"groups": [{"params": "*.bias", "lr": 0.5},
                                             {"params": "*", "weight_decay": 0}]},
                    "frozen": ["a", "c"]}
-    for bad in ("optimizer.groups.2.lr=1", "optimizer.groups.x.lr=1", "frozen.-1=d"):
+    apply_override(raw, "optimizer.groups.0.lr=null")  # (null leaves it out, as at the top)
+    assert raw["optimizer"]["groups"][0] == {"params": "*.bias"}
+    apply_override(raw, "optimizer.groups.0.lr=0.5")
+    for bad in ("optimizer.groups.2.lr=1", "optimizer.groups.x.lr=1", "frozen.-1=d",
+                "optimizer.groups.\u00b2.lr=1"):  # ('²' is a digit to str.isdigit)
         with pytest.raises(ConfigError, match=r"config key '(optimizer.groups|frozen)' is a list "
                                               r"of 2 item\(s\), and '.*' is not an index"):
             apply_override(raw, bad)
+    with pytest.raises(ConfigError, match="the list is empty"):
+        apply_override({"frozen": []}, "frozen.0=a")
 
 
 def test_overrides_do_not_mutate_input_mapping() -> None:

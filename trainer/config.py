@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -793,17 +794,23 @@ def apply_override(raw: dict, override: str) -> None:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: invalid YAML value: {_one_line(exc)}") from exc
     node = raw
+    in_list = False  # (below a list's item: null there leaves the key out, as at the top)
     for i, part in enumerate(parts):
         key: str | int = part
         if isinstance(node, list):  # (an item of a list by its index: optimizer.groups.0.lr)
-            if not (part.isdigit() and int(part) < len(node)):
+            if not (re.fullmatch(r"[0-9]+", part) and int(part) < len(node)):
+                span = f"0 to {len(node) - 1}" if node else "the list is empty"
                 raise _err(".".join(parts[:i]), f"is a list of {len(node)} item(s), and "
-                           f"{part!r} is not an index of one (0 to {len(node) - 1}); cannot "
-                           f"apply {override!r} (or give the whole list as the value)")
-            key = int(part)
+                           f"{part!r} is not an index of one ({span}); cannot apply "
+                           f"{override!r} (or give the whole list as the value)")
+            key, in_list = int(part), True
         if i == len(parts) - 1:
-            node[key] = value
-        elif isinstance(node, dict) and node.get(key) is None:
+            if value is None and in_list and isinstance(node, dict):
+                node.pop(key, None)
+            else:
+                node[key] = value
+            break
+        if isinstance(node, dict) and node.get(key) is None:
             node[key] = {}
         elif not isinstance(node[key], (dict, list)):
             raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")
