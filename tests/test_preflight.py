@@ -213,8 +213,11 @@ def test_an_eval_set_of_another_sequence_length_is_checked_at_its_own(tmp_path, 
 def test_a_best_or_early_stop_mode_against_its_metric_is_warned_of(tmp_path, digits_config):
     """best.mode max with eval_loss kept the worst model, in silence."""
     raw = digits_config(best={"metric": "eval_loss", "mode": "max"},
-                        early_stop={"metric": "eval_accuracy", "mode": "min", "patience": 2})
+                        early_stop={"metric": "eval_accuracy", "mode": "min", "patience": 2},
+                        schedule={"type": "plateau", "metric": "eval_loss", "mode": "max"})
     text = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).preflight.text()
+    assert "warning: schedule.mode max with schedule.metric eval_loss counts its highest " \
+        "value as the best" in text, text
     assert "warning: best.mode max with best.metric eval_loss counts its highest value as the " \
         "best (a loss is best at its lowest)" in text, text
     assert "warning: early_stop.mode min with early_stop.metric eval_accuracy counts its " \

@@ -976,7 +976,9 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             lines.append(f"  warning: schedule.warmup_steps {warmup} covers the whole run "
                          f"({total} optimizer steps): the lr only rises, to {top} at the last "
                          f"step, and the {cfg.schedule.type} schedule never starts")
-        for key, section in (("best", cfg.best), ("early_stop", cfg.early_stop)):
+        plateau = cfg.schedule if cfg.schedule.type == "plateau" else None
+        for key, section in (("best", cfg.best), ("early_stop", cfg.early_stop),
+                             ("schedule", plateau)):
             if section is not None and _against_its_sense(section.metric, section.mode):
                 high = section.mode == "max"
                 lines.append(f"  warning: {key}.mode {section.mode} with {key}.metric "
