@@ -150,6 +150,11 @@ def test_cli_profile_and_trace(tmp_path, digits_config):
     assert proc.returncode == 0, proc.stderr
     assert "profile: 4 step(s) after the warm-up" in proc.stdout
     assert "fc1/Grad/Gemm" in proc.stdout and trace.is_file()
+    # --profile-warmup alone profiles too (it was ignored without --profile)
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(path),
+                           "--profile-warmup", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "profile: 10 step(s) after the warm-up" in proc.stdout
 
 
 def test_with_accumulation_the_nodes_are_timed_per_step(cnn, tmp_path, monkeypatch):

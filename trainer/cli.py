@@ -23,8 +23,9 @@ def _train(args) -> int:
     if args.profile_trace:
         from trainer.train import check_paths
         check_paths(cfg, lambda fn, *a: fn(*a), [(Path(args.profile_trace), "--profile-trace")])
-    if args.profile is not None or args.profile_trace:
-        profile = ProfileRequest(steps=args.profile or 10, warmup=args.profile_warmup,
+    if args.profile is not None or args.profile_trace or args.profile_warmup is not None:
+        warmup = 3 if args.profile_warmup is None else args.profile_warmup
+        profile = ProfileRequest(steps=args.profile or 10, warmup=warmup,
                                  trace=Path(args.profile_trace) if args.profile_trace else None)
     Trainer(cfg).fit(resume=args.resume, profile=profile)
     return 0
@@ -423,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="STEPS",
                    help="after the warm-up, time STEPS steps (default 10) and print the slowest "
                         "nodes, communication and optimizer time")
-    t.add_argument("--profile-warmup", type=at_least(0), default=3, metavar="STEPS",
-                   help="steps run before the profiled ones (default 3)")
+    t.add_argument("--profile-warmup", type=at_least(0), default=None, metavar="STEPS",
+                   help="steps run before the profiled ones (default 3); implies --profile")
     t.add_argument("--profile-trace", metavar="OUT.json",
                    help="also write the profile as a Chrome trace (Perfetto-viewable); implies "
                         "--profile")
