@@ -296,6 +296,11 @@ def test_the_gradient_norm_is_logged_with_grad_clip(tmp_path, digits_config):
                                      tmp_path), stream=io.StringIO())
     plain.fit()
     assert "grad_norm" not in plain.history[0]
+    # a step skipped before its clipping (on_nan: skip) logs no norm (it repeated the last)
+    t = _sqrt_run(tmp_path, "skip", grad_clip={"max_norm": 1.0})
+    t.fit()
+    rows = [r for r in t.history if "loss" in r]
+    assert ["grad_norm" in r for r in rows] == [True, True, False, True, True, True]
 
 
 def test_samples_per_s_leaves_out_evaluations_and_checkpoints(tmp_path, digits_config,

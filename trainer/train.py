@@ -761,6 +761,7 @@ class Trainer:
         weight); returns the global mean loss."""
         # A non-finite value is found and reported by the step itself (the loss's check names
         # the first node that made one; on_nan; fp16's loss scaler), not by NumPy's warnings
+        self._grad_norm = None  # (a step skipped before its clipping logs no norm)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 return self._train_step(micro, lr)
@@ -1144,7 +1145,7 @@ class Trainer:
                            "samples_per_s": seen / max(now - t0, 1e-9)}
                     if len(set(used)) > 1:
                         row["lr_groups"] = used
-                    if self._grad_norm is not None:  # (the last update's, before clipping)
+                    if self._grad_norm is not None:  # (this step's, before clipping)
                         row["grad_norm"] = float(self._grad_norm)
                     if self.skipped:
                         row["skipped_steps"] = self.skipped
