@@ -293,6 +293,14 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                    and not re.search(r"(^|\.)(weight|bias)$", t.name)]  # constants)
         if scalars:
             lines.append(f"WARNING: {SCALAR_HINT}: {listing(scalars)}")
+        # (what else TorchScript's folding computed from the module's tensors: a Linear's
+        # transposed weight (onnx::MatMul_<n>) trains as that weight, a Conv's with a folded
+        # BatchNorm is said above; the rest may be buffers: FrozenBatchNorm2d's scale, shift)
+        folded = [t.name for t in model.graph.initializer
+                  if t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1
+                  and re.fullmatch(r"onnx::(?!MatMul_|Conv_|Gemm_)\w+_\d+", t.name)]
+        if folded:
+            lines.append(f"WARNING: {TORCHSCRIPT_FOLDED_HINT}: {listing(folded)}")
     return lines
 
 
@@ -365,6 +373,14 @@ SCALAR_HINT = ("one-element tensors named as PyTorch parameters or buffers are l
                "constants of the graph (an epsilon or a fixed scale, by default): if they are "
                "parameters, such as a ReZero gate or a learned temperature, list them in "
                "'trainable' (with the other parameters, e.g. trainable: ['*'])")
+
+
+TORCHSCRIPT_FOLDED_HINT = (
+    "tensors that TorchScript's constant folding computed from the module's tensors "
+    "(onnx::<op>_<n>) train as parameters: they may hold buffers that PyTorch never trains "
+    "(FrozenBatchNorm2d's scale and shift) or parameters in another form; export with "
+    "do_constant_folding=False to train exactly PyTorch's parameters, or list them in "
+    "'frozen'")
 
 
 MOMENTUM_HINT = ("BatchNormalization layers whose momentum is 1.0 keep their running statistics "
