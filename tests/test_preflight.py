@@ -228,6 +228,15 @@ def test_a_best_or_early_stop_mode_against_its_metric_is_warned_of(tmp_path, dig
     assert "warning" not in text, text
 
 
+def test_the_pre_flight_names_what_the_recipe_trains(tmp_path, digits_config):
+    """`check CONFIG` gave only counts for a trainable/frozen recipe: which tensors train
+    could not be seen before training (found by a fine-tuning sweep)."""
+    raw = digits_config(frozen=["fc1.*"])
+    text = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).preflight.text()
+    assert "parameters: 1,290 trained (5.0 KiB), 8,320 frozen (32.5 KiB): trained fc2.weight, " \
+        "fc2.bias; left out fc1.weight, fc1.bias" in text, text
+
+
 def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_config, capsys,
                                                           monkeypatch):
     """`check CONFIG` read array headers only, so it passed NaN data (and strings) that

@@ -660,6 +660,8 @@ class Estimate:
     peak_node: str = ""
     out_shape: tuple[int, ...] = ()  # the loss output's shape at the local batch
     seconds: float = 0.0
+    trained: tuple[str, ...] = ()  # the tensors trained (names), `frozen` the others left out
+    left_out: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -774,7 +776,8 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     sent = 0 if world <= 1 else n_train * (2 if compress else dtype) + 2 * dtype
     return Estimate(n_train, n_train * dtype, frozen_n, frozen_b, params, grads, opt, w.kept,
                     max(0, w.peak - w.kept), batch_bytes, sent, method, w.peak_node,
-                    st.out_shape, time.perf_counter() - t0)
+                    st.out_shape, time.perf_counter() - t0, tuple(st.chosen),
+                    tuple(r.name for r in left))
 
 
 def _fixed_batch(model: onnx.ModelProto) -> bool:

@@ -1135,8 +1135,11 @@ def _memory_lines(est) -> list[str]:
     parts = [("parameters", est.parameters), ("gradients", est.gradients),
              ("optimizer", est.optimizer), ("activations", est.activations),
              ("workspace", est.workspace), ("batches", est.batches)]
+    named = (f": trained {listing(est.trained, 6)}"
+             + (f"; left out {listing(est.left_out, 6)}" if est.left_out else "")
+             if est.trained else "")  # (what trainable, frozen and the defaults select)
     lines = [f"  parameters: {est.trainable:,} trained ({human(est.trainable_bytes)}), "
-             f"{est.frozen:,} frozen ({human(est.frozen_bytes)})",
+             f"{est.frozen:,} frozen ({human(est.frozen_bytes)}){named}",
              f"  memory per process (estimate from {est.method}, {est.seconds:.2f} s): "
              f"{human(est.total)}",
              "    " + " | ".join(f"{k} {human(v)}" for k, v in parts)]
