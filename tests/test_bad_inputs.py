@@ -365,6 +365,9 @@ CASES = {
                                                  "optimizer.lr="], "gives no value"),
     "config-unknown-key": (_train(optimizer={"type": "sgd", "lrr": 0.1}), "optimizer.lrr"),
     "config-frozen-takes-everything": (_train(frozen=["fc*"]), "'frozen' matches every"),
+    # (a tied weight is stored under one of its names: T5's lm_head.weight as shared.weight)
+    "config-frozen-names-a-tied-twin": (_train(frozen=["lm_head.weight"]),
+                                        "is stored once, under one of its names"),
     "optimizer-eps-zero": (_train(optimizer={"type": "adam", "lr": 1e-3, "eps": 0.0}),
                            "optimizer.eps is 0"),
     "config-wrong-type": (_train(data__batch_size="many"), "data.batch_size"),

@@ -603,7 +603,8 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
                 raise ModelError(f"trainable entry '{pattern}' matches no float initializer of "
                                  "the model (available: "
                                  f"{', '.join(r.name for r in pool[:12])})"
-                                 + _folded_names_hint(r.name for r in pool))
+                                 + _folded_names_hint(r.name for r in pool)
+                                 + _tied_hint(pattern))
             dead = [r for r in hits if r.role == UNUSED and r.name == pattern]
             if dead:
                 raise ModelError(f"trainable entry '{pattern}' cannot be trained: "
@@ -612,9 +613,18 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
     for pattern in frozen:
         if not any(hit(r, pattern) for r in table):
             raise ModelError(f"frozen entry '{pattern}' matches no float initializer"
-                             + _folded_names_hint(r.name for r in table))
+                             + _folded_names_hint(r.name for r in table) + _tied_hint(pattern))
     rows = {r.name: r for r in table}
     return [c for c in chosen if not any(hit(rows[c], p) for p in frozen)]
+
+
+def _tied_hint(pattern: str) -> str:
+    """For a module weight's name that matched nothing: a weight tied to another is stored
+    once, under one of its names (TorchScript keeps T5's shared.weight, not lm_head.weight)."""
+    if not pattern.endswith(".weight") or any(c in pattern for c in "*?["):
+        return ""
+    return ("; a weight tied to another (an output projection to its embedding) is stored "
+            "once, under one of its names: `onnx-trainer check MODEL` lists them")
 
 
 def _folded_names_hint(names: Iterable[str]) -> str:
