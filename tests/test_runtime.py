@@ -481,3 +481,31 @@ def test_evaluating_non_finite_outputs_gives_nan_without_a_numpy_warning():
         warnings.simplefilter("error")
         sums = _loss_sums(spec, out, np.array([0, 2]), 2)
     assert np.isnan(sums[0])
+
+
+def test_folding_the_models_constants_prints_no_numpy_warnings():
+    """T5's relative-position buckets take the log of 0 and cast -inf, values a Where then
+    discards: folding them when the training graph is built printed 80 RuntimeWarnings a run
+    (found by a fine-tuning sweep)."""
+    import warnings
+
+    from trainer.autodiff import build_training_graph
+
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(
+            np.zeros((2, 2), np.float32))),
+         helper.make_node("Log", ["zero"], ["lg"]),
+         helper.make_node("Cast", ["lg"], ["li"], to=TensorProto.INT64),
+         helper.make_node("Cast", ["li"], ["lf"], to=TensorProto.FLOAT),
+         helper.make_node("Where", ["keep", "w", "lf"], ["sel"]),
+         helper.make_node("MatMul", ["x", "sel"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.ones((2, 2), bool), "keep"),
+         numpy_helper.from_array(np.ones((2, 2), np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_training_graph(model, {"type": "cross_entropy", "output": "logits",
+                                     "target": "label"}, batch_size=2)
+    assert not [w for w in seen if w.category is RuntimeWarning], [str(w.message) for w in seen]
