@@ -292,7 +292,7 @@ CASES = {
             [helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], [_W],
             inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 64])]))(t)),
         "--output", "logits", "-o", str(t / "g.onnx")],
-        "no gradient reaches 'w': node 'mm' (MatMul) reads it with 'x' int64, 'w' float32"),
+        "node 'mm' (MatMul): input types disagree: 'x' int64, 'w' float32"),
     "grad-sequence-input": (lambda t: [
         "grad", str(_save("m.onnx", lambda t: _graph(
             [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],

@@ -325,3 +325,32 @@ def test_optimizer_step_gradients(name, step) -> None:
     for n in wrt:
         np.testing.assert_allclose(grads[n], fd[n], rtol=RTOL, atol=ATOL, err_msg=n)
     assert get_rule(op, "ai.onnx.preview.training") is not None
+
+
+@pytest.mark.parametrize("first", ["Identity", "Log"])
+def test_a_weight_read_only_through_an_integer_cast_is_no_parameter(first):
+    """A float initializer whose only way to the loss passes a Cast to an integer type gets
+    no gradient there (PyTorch's .long()): it was taken for a parameter, and the training
+    graph declared a gradient no node made (an invalid model) or blamed its types."""
+    from onnx import TensorProto, numpy_helper
+
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.autodiff.params import UNUSED
+    from trainer.report import model_report
+
+    nodes = [helper.make_node(first, ["z"], ["lg"]),
+             helper.make_node("Cast", ["lg"], ["li"], to=TensorProto.INT64),
+             helper.make_node("Cast", ["li"], ["lf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "lf"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 2])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(np.ones((2, 2), np.float32), "z"),
+                           numpy_helper.from_array(np.ones((2, 2), np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    tm = build_training_graph(model, {"type": "cross_entropy", "output": "logits",
+                                      "target": "label"}, batch_size=2)
+    assert list(training_info(tm).gradients) == ["w"]
+    rows = {p.name: p.role for p in model_report(model).params}
+    assert rows["z"] == UNUSED and rows["w"] != UNUSED

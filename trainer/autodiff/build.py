@@ -409,6 +409,13 @@ def attach_backward(m: onnx.ModelProto, fw: TrainingForward, shapes: Mapping, co
                          f"({', '.join(everything[:6])}{'...' if len(everything) > 6 else ''}); "
                          "narrow its globs")
     if not chosen:
+        from trainer.report import type_conflict  # (the report imports the autodiff)
+        for k, node in enumerate(m.graph.node):  # (an int64 input into a float MatMul: its
+            why = type_conflict(node, opset, shapes)  # weight reaches no float value)
+            if why:
+                raise ModelError(f"node '{node_name(node, k)}' ({node.op_type}): "
+                                 f"{why[len('REFUSED: '):]} (onnxruntime refuses such a model "
+                                 "too; cast one of them)")
         left_out = [r for r in table if r.role == CONSTANT]
         if left_out:  # (quantization scales of an integer-weight model, one-element constants)
             names = ", ".join(r.name for r in left_out[:6]) + ("..." if len(left_out) > 6 else "")

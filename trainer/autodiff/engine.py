@@ -38,6 +38,22 @@ def active_nodes(nodes: list[onnx.NodeProto], targets, wrt: set[str], shapes: di
         if any(o in useful for o in node.output):
             useful.update(diff_inputs(node))
     on_path = requires & useful
+    # (what reaches a target through values on the path only: a parameter read only through
+    # a Cast to an integer type is useful by the walk above, which crossed the integer value,
+    # yet carries no gradient there, as PyTorch's .long() does not)
+    producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
+    alive = {t for t in useful if t in on_path} & (
+        {targets} if isinstance(targets, str) else set(targets))
+    stack = list(alive)
+    while stack:
+        k = producer.get(stack.pop())
+        if k is None:
+            continue
+        for i in diff_inputs(nodes[k]):
+            if i in on_path and i not in alive:
+                alive.add(i)
+                stack.append(i)
+    on_path = alive
     active = [k for k, node in enumerate(nodes)
               if any(o in on_path for o in node.output)
               and any(i in on_path for i in diff_inputs(node))]
