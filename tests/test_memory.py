@@ -576,3 +576,23 @@ def test_shape_inference_is_bounded_in_memory(tmp_path, digits_config, capsys):
                                                                           "m.onnx"))))
     assert main(["check", str(tmp_path / "c.yaml")]) == 1
     assert "node 'rs' (Reshape) failed" in capsys.readouterr().out
+
+
+def test_the_address_space_bound_waits_for_a_process_of_one_thread():
+    """RLIMIT_AS is the process's: with ranks run as threads, one rank's bound failed the
+    other's allocations, and two blocks restored each other's limits, which left the whole
+    process bounded (a CI run ended in MemoryErrors). With other threads running, no bound."""
+    import threading
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        with memory.bounded_address_space(1 << 20):
+            assert np.ones(1 << 28, np.uint8).sum() == 1 << 28
+    finally:
+        release.set()
+        other.join()
+    import resource
+
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY

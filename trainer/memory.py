@@ -46,8 +46,15 @@ _INFER_HEADROOM = 1 << 30
 def bounded_address_space(extra: int):
     """Within the block, this process may map at most `extra` more bytes than it has mapped
     now (RLIMIT_AS): an allocation beyond that is a MemoryError, not the machine's memory.
-    Without the resource module or /proc (not Linux), or under a tighter limit, unbounded."""
+    Without the resource module or /proc (not Linux), under a tighter limit, or while other
+    threads run, unbounded: the limit is the process's, so another thread's allocations would
+    fail, and two threads' blocks (ranks run as threads) restored each other's limits, which
+    left the process bounded for good."""
+    import threading
+
     try:
+        if threading.active_count() > 1:
+            raise ValueError("other threads run")
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
