@@ -274,6 +274,28 @@ def _resume_other_model(tmp):
 
 
 x, y = DIGITS["x_train"], DIGITS["y_train"]
+def _past_the_embedding(reshaped: bool):
+    """Token ids with a 10 past a 10-row embedding at sample 13, read by the Gather directly
+    or through a Reshape."""
+    def case(t):
+        ids = np.arange(96).reshape(32, 3)
+        np.savez(t / "ids.npz", x=np.where(ids == 40, 10, ids % 10), y=y[:32])
+        pre = [helper.make_node("Reshape", ["x", "shape"], ["ids"])] if reshaped else []
+        inits = [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W]
+        if reshaped:
+            inits.append(numpy_helper.from_array(np.array([-1, 3], np.int64), "shape"))
+        onnx.save(_graph(pre + [
+            helper.make_node("Gather", ["E", "ids" if reshaped else "x"], ["emb"],
+                             name="embed"),
+            helper.make_node("ReduceMean", ["emb"], ["h"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["h", "w"], ["logits"])], inits,
+            inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])],
+            opset=17), t / "emb.onnx")
+        return ["train", _write(t, _cfg(t, model=str(t / "emb.onnx"), data__train={
+            "path": str(t / "ids.npz"), "inputs": {"x": "x"}, "targets": {"label": "y"}}))]
+    return case
+
+
 CASES = {
     # -- the model --
     "model-not-a-file": (_train(model="/nonexistent/m.onnx"), "model file not found"),
@@ -541,34 +563,12 @@ CASES = {
                                          targets={"target": "t"},
                                          loss={"type": "mse", "output": "logits",
                                                "target": "target"}), "[3]"),
-    "data-token-id-past-the-embedding": (lambda t: (np.savez(
-        t / "ids.npz", x=np.where(np.arange(96).reshape(32, 3) == 40, 10,
-                                  np.arange(96).reshape(32, 3) % 10), y=y[:32]) or onnx.save(
-        _graph([helper.make_node("Gather", ["E", "x"], ["emb"], name="embed"),
-                helper.make_node("ReduceMean", ["emb"], ["h"], axes=[1], keepdims=0),
-                helper.make_node("MatMul", ["h", "w"], ["logits"])],
-               [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W],
-               inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])],
-               opset=17), t / "emb.onnx") or ["train", _write(t, _cfg(
-                   t, model=str(t / "emb.onnx"), data__train={
-                       "path": str(t / "ids.npz"), "inputs": {"x": "x"},
-                       "targets": {"label": "y"}}))]),
+    "data-token-id-past-the-embedding": (
+        _past_the_embedding(reshaped=False),
         "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
     # (through a Reshape, GPT-2's ids.view(-1, T): found at a step, without input or sample)
-    "data-token-id-past-the-embedding-reshaped": (lambda t: (np.savez(
-        t / "ids.npz", x=np.where(np.arange(96).reshape(32, 3) == 40, 10,
-                                  np.arange(96).reshape(32, 3) % 10), y=y[:32]) or onnx.save(
-        _graph([helper.make_node("Reshape", ["x", "shape"], ["ids"]),
-                helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
-                helper.make_node("ReduceMean", ["emb"], ["h"], axes=[1], keepdims=0),
-                helper.make_node("MatMul", ["h", "w"], ["logits"])],
-               [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W,
-                numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")],
-               inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])],
-               opset=17), t / "emb.onnx") or ["train", _write(t, _cfg(
-                   t, model=str(t / "emb.onnx"), data__train={
-                       "path": str(t / "ids.npz"), "inputs": {"x": "x"},
-                       "targets": {"label": "y"}}))]),
+    "data-token-id-past-the-embedding-reshaped": (
+        _past_the_embedding(reshaped=True),
         "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
     "data-eval-set-bad": (lambda t: (np.savez(t / "e.npz", x=x[:, :50], y=y) or
                           ["train", _write(t, _cfg(t, steps=10**6, data__eval={

@@ -281,6 +281,22 @@ def test_torchscript_one_element_parameters_are_warned_of():
     assert not any(SCALAR_HINT in w for w in warning_lines(*exporter_findings(model)))
 
 
+def _frozen_run(tmp_path, frozen, steps, **arrays):
+    """Train m.onnx in tmp_path with these `frozen` globs (SGD, batch 4) on `arrays` (the
+    inputs by name, the label `y`); the finished Trainer."""
+    np.savez(tmp_path / "d.npz", **arrays)
+    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
+           "device": "cpu", "frozen": frozen, "steps": steps,
+           "data": {"train": {"path": str(tmp_path / "d.npz"),
+                              "inputs": {k: k for k in arrays if k != "y"},
+                              "targets": {"label": "y"}}, "batch_size": 4},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.5}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    return t
+
+
 def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     """TorchScript folds a Linear's weight on a 3-D input into its transpose,
     `onnx::MatMul_<n>`, with no record of the parameter: `frozen: ["0.*"]` froze layer 0's
@@ -312,16 +328,8 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     assert f"{folded[0]} = seq.0.weight, {folded[1]} = out.weight" in \
         model_report(model).text()
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 4)).astype(np.float32),
-             y=rng.integers(0, 3, (16, 5)))
-    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
-           "device": "cpu", "frozen": ["seq.0.*"], "steps": 3,
-           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
-                              "targets": {"label": "y"}}, "batch_size": 4},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.5}}
-    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
-    t.fit()
+    t = _frozen_run(tmp_path, ["seq.0.*"], 3, x=rng.standard_normal((16, 5, 4)).astype(
+        np.float32), y=rng.integers(0, 3, (16, 5)))
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     after = t.trained_values()
     assert sorted(t.names) == [folded[1], "out.bias"]
@@ -358,15 +366,8 @@ def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
     model = onnx.load(tmp_path / "m.onnx")
     assert "head.weight = emb.weight" in model_report(model).text()
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", ids=rng.integers(0, 20, (16, 5)), y=rng.integers(0, 20, (16, 5)))
-    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
-           "device": "cpu", "frozen": ["emb.weight"], "steps": 2,
-           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"ids": "ids"},
-                              "targets": {"label": "y"}}, "batch_size": 4},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.5}}
-    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
-    t.fit()
+    t = _frozen_run(tmp_path, ["emb.weight"], 2, ids=rng.integers(0, 20, (16, 5)),
+                    y=rng.integers(0, 20, (16, 5)))
     assert "head.weight" not in t.names and "mid.bias" in t.names
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     after = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "o.onnx")
