@@ -418,7 +418,8 @@ CASES = {
     "config-batchnorm-glob-matches-nothing": (_train(batchnorm=["nope.*"]),
                                               "matches the scale of no"),
     "config-best-needs-eval": (_train(best={"metric": "eval_loss"}), "needs data.eval"),
-    "config-checkpoint-of-another-model": (_resume_other_model, "trains another set of tensors than this config"),
+    "config-checkpoint-of-another-model": (_resume_other_model,
+                                           "trains another set of tensors than this config"),
     # -- the data --
     "data-file-missing": (_train(data__train__path="/nonexistent/d.npz"), "not found"),
     "data-folder-array-is-a-pipe": (_with_data(lambda t: (t / "f").mkdir() or np.save(
