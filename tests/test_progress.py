@@ -123,7 +123,7 @@ def test_bar_redraws_in_place_with_messages_above_it():
         log.close()
     lines = screen(out.raw)
     assert lines[:3] == ["starting", "a message mid-run",
-                         "step 60  epoch 0  eval_loss 0.5000  eval_accuracy 0.9000"]
+                         "step 60/100  epoch 0  eval_loss 0.5000  eval_accuracy 0.9000"]
     assert lines[4:] == ["wrote model.onnx", ""]
     final = lines[3]
     assert final.startswith("step 100/100 |") and "100%" in final, final
@@ -209,28 +209,36 @@ def test_a_terminal_too_narrow_for_a_field_leaves_it_out_whole():
 def test_plain_lines_when_not_a_terminal(tmp_path):
     out = io.StringIO()
     path = tmp_path / "logs" / "m.jsonl"
-    log = MetricsLogger(path, True, out)
+    clock = Clock()
+    log = MetricsLogger(path, True, out, clock=clock)
     assert not log.live
     log.open(total_steps=20)
-    for step in range(1, 21):
+    for step in range(1, 11):  # (steps 1 to 10 in 9 s: 1 s a step)
         log.progress(step, 1.0, 0.1, 50.0)
+        clock.t += 1
+    clock.t -= 1
     assert out.getvalue() == ""
     log.record({"step": 10, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 1234.4})
     log.record({"step": 10, "epoch": 0, "eval_loss": 0.25, "eval_accuracy": 0.875})
+    log.progress(11, 1.0, 0.1, 50.0)
+    clock.t += 3  # (an evaluation's time counts in the pace)
     log.record({"step": 11, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 0.314})
     log.record({"step": 11, "epoch": 0, "eval_loss": 2.5831e37, "eval_accuracy": 0.0})
+    log.record({"step": 20, "epoch": 1, "loss": 0.25, "lr": 0.1, "samples_per_s": 0.314})
     log.info("done")
     log.close()
     assert out.getvalue().splitlines() == [
-        "step 10  epoch 0  loss 0.5000  lr 0.1  samples_per_s 1234",
-        "step 10  epoch 0  eval_loss 0.2500  eval_accuracy 0.8750",
-        "step 11  epoch 0  loss 0.5000  lr 0.1  samples_per_s 0.31",  # (not 0)
-        "step 11  epoch 0  eval_loss 2.583e+37  eval_accuracy 0.0000", "done"]  # (38 digits)
+        "step 10/20  epoch 0  loss 0.5000  lr 0.1  samples_per_s 1234  ETA 0:10",
+        "step 10/20  epoch 0  eval_loss 0.2500  eval_accuracy 0.8750",
+        "step 11/20  epoch 0  loss 0.5000  lr 0.1  samples_per_s 0.31  ETA 0:11",  # (not 0)
+        "step 11/20  epoch 0  eval_loss 2.583e+37  eval_accuracy 0.0000",  # (38 digits)
+        "step 20/20  epoch 1  loss 0.2500  lr 0.1  samples_per_s 0.31", "done"]
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"step": 10, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 1234.4},
                     {"step": 10, "epoch": 0, "eval_loss": 0.25, "eval_accuracy": 0.875},
                     {"step": 11, "epoch": 0, "loss": 0.5, "lr": 0.1, "samples_per_s": 0.314},
-                    {"step": 11, "epoch": 0, "eval_loss": 2.5831e37, "eval_accuracy": 0.0}]
+                    {"step": 11, "epoch": 0, "eval_loss": 2.5831e37, "eval_accuracy": 0.0},
+                    {"step": 20, "epoch": 1, "loss": 0.25, "lr": 0.1, "samples_per_s": 0.314}]
 
 
 def test_other_ranks_and_dumb_terminals(tmp_path, monkeypatch):

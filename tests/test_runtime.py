@@ -134,7 +134,7 @@ def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(tmp_path, 
     lines = []
     for line in proc.stdout:  # wait until training is under way
         lines.append(line)
-        if line.startswith("step 20 "):
+        if line.startswith("step 20/"):
             break
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -198,7 +198,7 @@ def test_second_sigint_stops_at_once(tmp_path, digits_config):
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     for line in proc.stdout:
-        if line.startswith("step 3 "):
+        if line.startswith("step 3/"):
             break
     # Pretend the step takes forever: two signals in a row end the process promptly.
     os.kill(proc.pid, signal.SIGINT)

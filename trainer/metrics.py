@@ -189,6 +189,8 @@ class MetricsLogger:
         if bar is None:
             bar = _is_terminal(self.stream)
         self._bar = _Bar(self.stream, clock, bar_interval) if (enabled and bar) else None
+        self._clock = clock
+        self._pace: tuple[float, int] | None = None  # plain lines' ETA: first step's time, step
         self._mute = False  # (the output's disk is full: see _silence)
         if enabled and self.tensorboard is not None:
             _summary_writer_class()  # a missing tensorboardX is reported before training starts
@@ -276,7 +278,9 @@ class MetricsLogger:
     def progress(self, step: int, loss: float | None = None, lr: float | None = None,
                  samples_per_s: float | None = None) -> None:
         """Called every step; redraws the bar at most every `bar_interval` seconds (and at the
-        last step). Does nothing off a terminal or off rank 0."""
+        last step); off a terminal it only notes the pace for the plain lines' ETA."""
+        if self._pace is None and self.enabled:
+            self._pace = (self._clock(), step)
         if self._bar is not None:
             self._bar.update(step, loss, lr, samples_per_s)
 
@@ -301,7 +305,9 @@ class MetricsLogger:
             self._bar.update(row["step"], row["loss"], row.get("lr"), row.get("samples_per_s"),
                              force=True)
             return
-        parts = [f"step {row['step']}", f"epoch {row['epoch']}"]
+        total = self.total_steps
+        step = row["step"]
+        parts = [f"step {step}/{total}" if total else f"step {step}", f"epoch {row['epoch']}"]
         for key, fmt in _ROW_FIELDS:
             if key in row:
                 value = row[key]
@@ -310,6 +316,10 @@ class MetricsLogger:
                 elif fmt == ".4f" and abs(value) >= 1e6:  # (1.2e+37, not 38 digits)
                     fmt = ".4g"
                 parts.append(f"{key} {value:{fmt}}")
+        if "loss" in row and total and self._pace is not None and self._pace[1] < step < total:
+            t0, step0 = self._pace  # (training rows: the time left at the pace so far)
+            eta = (total - step) * (self._clock() - t0) / (step - step0)
+            parts.append(f"ETA {_clock_text(eta)}")
         self.info("  ".join(parts))
 
     def _add_scalars(self, row: dict) -> None:
