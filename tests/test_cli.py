@@ -402,6 +402,14 @@ def test_export_and_eval_read_a_checkpoint(tmp_path, digits_config):
     assert proc.returncode == 0, proc.stderr
     s10 = onnx.load(tmp_path / "s10.onnx")
     assert {p.key: p.value for p in s10.metadata_props}["onnx_trainer.steps"] == "10"
+    # (the metadata names the optimizer that trained the checkpoint, not the config's now)
+    proc = run("export", cfg, "--checkpoint", str(ck / "step_00000010"), "-o",
+               str(tmp_path / "s10b.onnx"), "--set", "optimizer.type=adamw", "--set",
+               "optimizer.momentum=null")
+    assert proc.returncode == 0, proc.stderr
+    props = {p.key: p.value for p in onnx.load(tmp_path / "s10b.onnx").metadata_props}
+    assert props["onnx_trainer.optimizer"] == "sgd" and \
+        props["onnx_trainer.loss"] == "cross_entropy"
     by_file = run("eval", cfg, "--model", str(tmp_path / "s10.onnx"), "--json")
     by_checkpoint = run("eval", cfg, "--checkpoint", str(ck / "step_00000010"), "--json")
     assert by_file.returncode == 0 and by_checkpoint.returncode == 0, by_checkpoint.stderr

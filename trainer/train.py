@@ -1340,7 +1340,8 @@ class Trainer:
         arrays.update({f"sched/{k}": v for k, v in self.schedule.state_dict().items()})
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
-                "optimizer": self.cfg.optimizer.type, "total_steps": self.total_steps,
+                "optimizer": self.cfg.optimizer.type, "loss": self.cfg.loss.type,
+                "total_steps": self.total_steps,
                 # (what a resume with another lr or schedule says it changed)
                 "base_lrs": [float(b) for b in self.schedule.base_lrs],
                 "schedule": self.cfg.schedule.type,
@@ -1526,6 +1527,9 @@ class Trainer:
         self.step = step
         world = meta.get("world_size")  # (the export's metadata: the run's, not this launch's)
         self._trained_world = world if isinstance(world, int) and world >= 1 else None
+        # (and the loss and optimizer that trained it, where the manifest names them)
+        self._trained_with = {k: meta[k] for k in ("loss", "optimizer")
+                              if isinstance(meta.get(k), str)}
         return path
 
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
@@ -1809,6 +1813,8 @@ class Trainer:
                 if self.cfg.config_path else "",
                 "onnx_trainer.loss": self.cfg.loss.type,
                 "onnx_trainer.optimizer": self.cfg.optimizer.type,
+                **{f"onnx_trainer.{k}": v
+                   for k, v in (getattr(self, "_trained_with", None) or {}).items()},
                 "onnx_trainer.world_size": str(getattr(self, "_trained_world", None)
                                                or self.world)}
         model = inference_form(self.model) if self.cfg.output_form == "inference" else self.model
