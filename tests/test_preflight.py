@@ -276,6 +276,39 @@ def test_check_config_reads_the_values_train_would_refuse(tmp_path, digits_confi
         "them)" in capsys.readouterr().out
 
 
+def test_check_config_reads_token_ids_against_the_embedding_table(tmp_path, capsys):
+    """`check CONFIG` passed token ids past an embedding's rows, which `train` refused at
+    load: the value check follows them to the Gather they index (through a Cast here)."""
+    from trainer.cli import main
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["tokens"], ["t64"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["E", "t64"], ["emb"], name="embed"),
+         helper.make_node("ReduceMean", ["emb"], ["pooled"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT32, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((20, 8)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    t = rng.integers(0, 20, (32, 6)).astype(np.int32)
+    np.savez(tmp_path / "d.npz", tokens=t, label=rng.integers(0, 3, 32))
+    raw = {"model": "m.onnx", "steps": 2,
+           "data": {"train": {"path": "d.npz", "inputs": {"tokens": "tokens"},
+                              "targets": {"label": "label"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    t[3, 2] = 25
+    np.savez(tmp_path / "d.npz", tokens=t, label=rng.integers(0, 3, 32))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "data.train: input 'tokens' holds 25 at sample 3, but node 'embed' (Gather) reads " \
+        "it as an index into axis 0 of 'E', which has 20 entries" in capsys.readouterr().out
+
+
 def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,
                                                                      monkeypatch):
     """An output on a file system with less free space than the trained model takes (the

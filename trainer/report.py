@@ -809,6 +809,8 @@ def _check_values(ds, what: str, structure, precision: str, problems: list) -> N
                 checks.convertible(arrays[name], dtypes[name], name, what)
                 checks.within_range(arrays[name], dtypes[name],
                                     f"{what}: array '{mapping[name]}' (for '{name}')")
+        # (token ids against the embedding tables they index)
+        checks.gather_indices({k: arrays[k] for k in ds.inputs if k in arrays}, structure, what)
     except TrainerError as exc:
         problems.append(exc)
 
