@@ -51,6 +51,13 @@ def _put(path: Path, data) -> Path:
     return path
 
 
+def _external(tmp) -> Path:
+    """The digits MLP as m.onnx with its weights in m.onnx.data."""
+    onnx.save(onnx.load(EXAMPLES / "digits_mlp.onnx"), str(tmp / "m.onnx"),
+              save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    return tmp / "m.onnx"
+
+
 def _write(tmp, raw) -> str:
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
     return str(tmp / "cfg.yaml")
@@ -510,6 +517,12 @@ CASES = {
         (EXAMPLES / "digits_mlp.onnx").read_bytes()) and [
         "grad", str(t / "m.onnx"), "--output", "logits", "-o", str(t / "m.onnx")],
         "is the model file itself"),
+    "grad-output-is-the-model-data": (lambda t: [
+        "grad", str(_external(t)), "--output", "logits", "-o", str(t / "m.onnx.data")],
+        "is an external data file of the model"),
+    "convert-output-is-the-model-data": (lambda t: [
+        "convert", str(_external(t)), "--dynamic-batch", "-o", str(t / "m.onnx.data")],
+        "is an external data file of the model"),
     "grad-shape-of-no-input": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--shape", "y=4,64",
         "-o", str(t / "g.onnx")], "has no input 'y'"),

@@ -380,14 +380,18 @@ def _export(args) -> int:
 
 
 def _output_path(out: str, model: str, what: str) -> Path:
-    """An output path a command may write: a file (its folder made), not the model it reads."""
+    """An output path a command may write: a file (its folder made), not the model it reads
+    nor its external data files."""
     from trainer import preflight
+    from trainer.graph import external_data_files
 
     if out.endswith(("/", os.sep)):
         raise TrainerError(f"{what} {out} names a folder; give a file path such as "
                            f"{os.path.join(out, 'model.onnx')}")
     out = Path(out)
-    preflight.not_read(out, what, {Path(model): "the model file itself"})
+    preflight.not_read(out, what, {Path(model): "the model file itself",
+                                   **{f: "an external data file of the model"
+                                      for f in external_data_files(model)}})
     preflight.writable_file(out, what)
     return out
 

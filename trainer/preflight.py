@@ -227,8 +227,8 @@ def not_read(path: Path, what: str, reads: Mapping[Path, str]) -> None:
     model's path)."""
     for f, role in reads.items():
         if _same(path, f):
-            raise TrainerError(f"{what} {path} is {role}: writing it would destroy what "
-                               "training reads; give another path")
+            raise TrainerError(f"{what} {path} is {role}: writing it would destroy a file "
+                               "this command reads; give another path")
 
 
 def shardable(cfg, world: int) -> None:
