@@ -509,6 +509,32 @@ def test_resume_with_another_batch_size_continues_by_samples(tmp_path, digits_co
     assert t.position == (0, 6)  # batches of 64: 192 / 64 = 3, then 3 more steps
 
 
+@pytest.mark.parametrize("change, total", [({"data__batch_size": 64}, 6 + 19),
+                                           ({"accumulate": 4}, 6 + 9)])
+def test_an_epochs_run_resumed_with_other_steps_ends_with_its_last_epoch(tmp_path, digits_config,
+                                                                         change, total):
+    """The checkpoint's step count is of steps of its size: an `epochs` run resumed with
+    another batch size or accumulate stopped by that count at the new length (a batch of 64:
+    5 batches of an epoch the config does not have; accumulate 2: mid-epoch, in silence). It
+    ends with its last epoch: 1437 digits are 22 full batches of 64 (drop_last), of which
+    6 x 32 = 192 samples (3 batches) were trained: 19 more; 44 batches of 32 leave 38, 9 steps
+    of 4 (its last 2 batches left, as accumulate's rule for a run says)."""
+    ck = {"dir": str(tmp_path / "ck")}
+    trainer(tmp_path, digits_config(steps=6, checkpoint=ck)).fit()  # 6 x 32 samples
+    out = io.StringIO()
+    raw = digits_config(steps=None, epochs=1, checkpoint=ck, schedule={"type": "cosine"},
+                        log={"every_steps": 1, "metrics": str(tmp_path / "m.jsonl")}, **change)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    t.fit(resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert t.step == total and steps == list(range(7, total + 1)), (steps, out.getvalue())
+    assert {r["epoch"] for r in rows} == {0}
+    last = [r for r in rows if "loss" in r][-1]
+    assert t.schedule.total_steps == total and last["lr"] < 2e-3  # (cosine's end)
+    assert f"more step(s) to the end of epoch 0, {total} in all" in out.getvalue()
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_resume_with_another_batch_size_after_an_epoch_starts_the_next(tmp_path, digits_config,
                                                                        drop_last):

@@ -1341,6 +1341,7 @@ class Trainer:
         meta = {"position": list(self.position), "world_size": self.world,
                 "batch_size": self.cfg.data.batch_size, "model": str(self.cfg.model),
                 "optimizer": self.cfg.optimizer.type, "loss": self.cfg.loss.type,
+                "accumulate": self.cfg.accumulate,
                 "total_steps": self.total_steps,
                 # (what a resume with another lr or schedule says it changed)
                 "base_lrs": [float(b) for b in self.schedule.base_lrs],
@@ -1578,7 +1579,15 @@ class Trainer:
             {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sched/")})
         self._schedule_change_note(meta)
         self.step = int(meta["step"])
-        self._schedule_length_note(meta.get("total_steps"))
+        bs, acc = self.cfg.data.batch_size, self.cfg.accumulate
+        old_bs = int(meta.get("batch_size", bs))
+        old_acc = meta.get("accumulate", acc)  # (absent from checkpoints of older versions)
+        old_acc = old_acc if isinstance(old_acc, int) and old_acc >= 1 else acc
+        # (an epochs run whose steps take other numbers of samples now: its length in steps is
+        # laid out again below, from the data position)
+        resized = not self.cfg.steps and (old_bs, old_acc) != (bs, acc)
+        if not resized:
+            self._schedule_length_note(meta.get("total_steps"))
         if self.scaler:
             init = float(self.scaler.scale)
             if not self.scaler.load(meta):
@@ -1604,7 +1613,6 @@ class Trainer:
                        f"epoch {epoch} has no batch {index} now: epoch {epoch + 1} starts")
             self.log.info(f"warning: the data's sample order changed since the checkpoint "
                           f"({what}): {goes_on}")
-        old_bs = int(meta.get("batch_size", self.cfg.data.batch_size))
         if old_bs != self.cfg.data.batch_size:
             # (the checkpoint's epoch was over when its batches were: the samples a partial
             # last batch left out at the old size are not trained at the new one)
@@ -1626,6 +1634,8 @@ class Trainer:
                                  f" (the checkpoint was at sample {seen}; the rest of that "
                                  "batch is seen again)"))
         self.position = (epoch, index)
+        if resized:
+            self._relength(epoch, index, old_bs, old_acc)
         tracked = meta.get("tracking") or {}  # (checkpoints written before it hold none)
         self.last_eval_step = int(tracked.get("last_eval_step", -1))
         self.last_metrics = dict(tracked.get("last_metrics") or {})
@@ -1647,6 +1657,23 @@ class Trainer:
                           f"({self.total_steps} steps): nothing to train; raise steps or "
                           "epochs to continue")
         return True
+
+    def _relength(self, epoch: int, index: int, old_bs: int, old_acc: int) -> None:
+        """An `epochs` run resumed with another batch size or accumulate: the checkpoint's
+        step count is of steps of the old size, so the run's length in steps is what the
+        checkpoint's steps took plus the steps left to the end of the last epoch from the data
+        position (epoch, index); the schedule is laid over that length."""
+        spe, acc = self.batches.steps_per_epoch, self.cfg.accumulate
+        left = max(self.cfg.epochs * spe - (epoch * spe + index), 0) // acc
+        total = self.step + left
+        if total != self.total_steps and total >= 1:
+            state = self.schedule.state_dict()  # (plateau's reductions so far kept)
+            self.schedule = make_schedule(self.cfg.schedule, self.optimizer, total)
+            self.schedule.load_state_dict(state)
+            self.total_steps = total
+        self.log.info(f"steps of {acc} x {self.cfg.data.batch_size} samples now (the "
+                      f"checkpoint's: {old_acc} x {old_bs}): {left} more step(s) to the end of "
+                      f"epoch {self.cfg.epochs - 1}, {self.step + left} in all")
 
     def _early_stop_criterion(self) -> dict | None:
         es = self.cfg.early_stop
