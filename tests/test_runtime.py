@@ -391,6 +391,56 @@ def test_half_precision_models_train_in_float32_and_export_in_their_type(tmp_pat
         model.graph.input[0].type.tensor_type.elem_type
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_float32_models_own_rounding_to_16_bits_is_kept(tmp_path, dtype):
+    """A float32 model with a deliberate rounding, `h.half().float()`: the engine computes
+    16-bit types in float32, and this Cast became float32 to float32, dropped in silence
+    (losses 1e-3 off PyTorch's at step 1, 0.4 after 8 steps). It rounds as the model does,
+    forward and backward (PyTorch rounds the Cast's gradient too)."""
+    torch = pytest.importorskip("torch")
+    half = getattr(torch, dtype)
+
+    class Rounded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2((torch.relu(self.fc1(x)) * 37.0).to(half).to(torch.float32))
+
+    torch.manual_seed(0)
+    net = Rounded()
+    torch.onnx.export(net, (torch.zeros(2, 6),), str(tmp_path / "m.onnx"),
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 6)).astype(np.float32), rng.integers(0, 3, 32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    raw = {"model": str(tmp_path / "m.onnx"), "output": str(tmp_path / "o.onnx"),
+           "device": "cpu", "steps": 4,
+           "data": {"train": {"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.01}, "log": {"every_steps": 1}}
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    t.fit()
+    ours = [r["loss"] for r in t.history if "loss" in r]
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    theirs = []
+    for i in range(4):
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x[8 * i:8 * i + 8])),
+                                                 torch.from_numpy(y[8 * i:8 * i + 8]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=2e-6)
+    got = t.trained_values()
+    for name, p in net.named_parameters():
+        np.testing.assert_allclose(got[name], p.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
 def test_metrics_rows_are_strict_json(tmp_path):
     """A skipped step's NaN loss is null in the metrics file (bare NaN is not JSON: jq and
     JSON.parse refuse the file); the run's history keeps the value."""

@@ -977,17 +977,31 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> onnx.ModelProto:
+def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
+                   rounding: bool = False) -> onnx.ModelProto:
     """Copy of the model computing in `dst` wherever it computed in `src`.
 
     Converts initializers, Constant/ConstantOfShape values, graph input/output and value_info
     types, Cast/CastLike targets and normalization stash types, in subgraphs too; `precision:
-    fp64` verification runs use float32 -> float64.
+    fp64` verification runs use float32 -> float64. With `rounding`, a Cast to `src` keeps its
+    rounding: it casts to `src` and then to `dst` (a float32 model's deliberate float16
+    rounding, `h.half().float()`, computed in float32 otherwise).
     """
     import copy
 
     S, D = elem_type(src), elem_type(dst)
     m = copy.deepcopy(model)
+
+    def rounded(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """[node] and, for a Cast to S kept as one, the Cast of its result to D."""
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if not (rounding and node.op_type == "Cast" and node.domain in ("", "ai.onnx")
+                and to is not None and to.i == S and node.output and node.output[0]):
+            return [node]
+        out = node.output[0]
+        node.output[0] = f"{out}__rounded_{np.dtype(src).name}"
+        return [node, helper.make_node("Cast", [node.output[0]], [out], to=D,
+                                       name=f"{node.name or out}/to_{np.dtype(dst).name}")]
 
     def conv_tensor(t: onnx.TensorProto) -> None:
         if t.data_type == S:
@@ -998,7 +1012,13 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> on
             conv_tensor(t)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             _conv_type(vi.type, S, D)
+        nodes = [n for node in g.node for n in rounded(node)]
+        if len(nodes) != len(g.node):
+            del g.node[:]
+            g.node.extend(nodes)
         for node in g.node:
+            keep = rounding and node.op_type == "Cast" and node.output and \
+                node.output[0].endswith(f"__rounded_{np.dtype(src).name}")
             if (node.op_type in _STASHED and S == onnx.TensorProto.FLOAT
                     and not any(a.name == "stash_type" for a in node.attribute)
                     and "stash_type" in onnx.defs.get_schema(
@@ -1014,7 +1034,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64) -> on
                     for sub in a.graphs:
                         conv_graph(sub)
                 elif a.name in ("to", "output_dtype") and a.type == onnx.AttributeProto.INT \
-                        and a.i == S and node.op_type in ("Cast", "RandomNormal",
+                        and a.i == S and not keep and node.op_type in ("Cast", "RandomNormal",
                                                             "RandomUniform", "RandomNormalLike",
                                                             "RandomUniformLike", "EyeLike"):
                     a.i = D

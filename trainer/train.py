@@ -2113,14 +2113,17 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
 
     target = np.float64 if precision == "fp64" else np.float32
     g = model.graph
-    used = {t.data_type for t in g.initializer}
-    used |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
-    used |= {a.i for n in g.node for a in n.attribute if a.name in ("to", "dtype")}
+    values = {t.data_type for t in g.initializer}
+    values |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
+    used = values | {a.i for n in g.node for a in n.attribute if a.name in ("to", "dtype")}
     m = model
     for src in (np.float16, ml_dtypes.bfloat16, np.float32):
-        if np.dtype(src) != np.dtype(target) and helper.np_dtype_to_tensor_dtype(
-                np.dtype(src)) in used:
-            m = convert_floats(m, src, target)
+        code = helper.np_dtype_to_tensor_dtype(np.dtype(src))
+        if np.dtype(src) != np.dtype(target) and code in used:
+            # (a 16-bit type only Casts name, in a model of wider values, is a deliberate
+            # rounding, `h.half().float()`: kept as one)
+            m = convert_floats(m, src, target,
+                               rounding=src is not np.float32 and code not in values)
     return m
 
 
