@@ -391,6 +391,34 @@ def test_half_precision_models_train_in_float32_and_export_in_their_type(tmp_pat
         model.graph.input[0].type.tensor_type.elem_type
 
 
+def test_a_float16_models_values_beyond_its_range_are_warned_of_at_export(tmp_path,
+                                                                            digits_config):
+    """A float16 model trains float32 copies: a trained value past 65504 was exported as inf
+    with exit code 0 (NumPy's RuntimeWarning only) while the run's evaluation, of the float32
+    values, was fine. The export says which tensors and how many values."""
+    from trainer.export import beyond_range
+    from trainer.graph import convert_floats
+
+    model = convert_floats(onnx.load(ROOT / "examples" / "digits_mlp.onnx"), np.float32,
+                           np.float16)
+    onnx.save(model, tmp_path / "half.onnx")
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(model=str(tmp_path / "half.onnx"), steps=1,
+                                               output=str(tmp_path / "o.onnx")), tmp_path),
+                stream=out)
+    t.fit()
+    assert "warning" not in out.getvalue()
+    name = sorted(t.trained_values())[0]
+    t.params[name][:3] = np.array([7e4, -1e6, 6e4], np.float32)  # (60000 fits)
+    assert beyond_range(model, t.trained_values()) == {name: 2}
+    t.export(tmp_path / "o.onnx")
+    assert f"2 trained value(s) of {name} lie beyond the range of the model's own type " \
+        "(float16) and are written as inf" in out.getvalue()
+    got = {x.name: numpy_helper.to_array(x)
+           for x in onnx.load(tmp_path / "o.onnx").graph.initializer}
+    assert np.isinf(got[name]).sum() == 2
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_float32_models_own_rounding_to_16_bits_is_kept(tmp_path, dtype):
     """A float32 model with a deliberate rounding, `h.half().float()`: the engine computes

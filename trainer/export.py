@@ -26,6 +26,25 @@ _TMP = ".tmp"  # suffix of the temporary folder beside the output
 _LOCK = ".lock"  # in it: locked while its export runs (a killed process's lock is released)
 
 
+def beyond_range(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """{tensor: how many of its finite trained values its own type (float16, bfloat16) cannot
+    hold}: the export writes them as inf (a float16 model trained in float32 past 65504)."""
+    out = {}
+    for t in model.graph.initializer:
+        if t.name not in values:
+            continue
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        a = np.asarray(values[t.name])
+        if dtype.kind != "f" and dtype.name != "bfloat16" or dtype.itemsize >= a.dtype.itemsize \
+                or a.dtype.kind != "f":
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            n = int(np.count_nonzero(np.isinf(a.astype(dtype)) & np.isfinite(a)))
+        if n:
+            out[t.name] = n
+    return out
+
+
 def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
                  metadata: Mapping[str, str] | None = None,
                  keep: Iterable[os.PathLike] = ()) -> Path:
@@ -56,7 +75,9 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
                 yield t
                 continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-            arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(tuple(t.dims))
+            with np.errstate(over="ignore"):  # (beyond_range names what overflows)
+                arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(
+                    tuple(t.dims))
             if arr.dtype.kind in "biufc" and arr.dtype.byteorder in "=<|" and \
                     np.little_endian:  # (its bytes as they are: no copy in a TensorProto)
                 header = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,

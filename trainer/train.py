@@ -71,7 +71,7 @@ from trainer.errors import (
     listing,
 )
 from trainer.executor import Executor, missing_kernels
-from trainer.export import export_model
+from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
     bake_inputs,
@@ -1849,7 +1849,18 @@ class Trainer:
         release_freed_memory()  # (the steps' transients: the export's copy may reuse them)
         try:
             reads = getattr(self, "_files_read", None)
-            return export_model(model, self.trained_values(), path, meta,
+            values = self.trained_values()
+            over = beyond_range(model, values)
+            if over:
+                types = sorted({onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+                                for t in model.graph.initializer if t.name in over})
+                self.log.info(
+                    f"warning: {path}: {sum(over.values())} trained value(s) of "
+                    f"{listing(sorted(over))} lie beyond the range of the model's own type "
+                    f"({', '.join(types)}) and are written as inf; the run's evaluations used "
+                    "the float32 values (lower the lr, clip gradients, or convert the model "
+                    "to float32 to keep them)")
+            return export_model(model, values, path, meta,
                                 keep=preflight.files_read(self.cfg) if reads is None else reads)
         finally:
             release_freed_memory()  # (the exported copy's: training may go on)
