@@ -338,6 +338,43 @@ def test_a_loss_scale_that_falls_out_of_float32_is_named():
             config_from_dict({**raw, "loss_scale": {"init": init}}, EXAMPLES)
 
 
+@pytest.mark.parametrize("scale", [{"dynamic": False}, {"backoff_factor": 1.0}])
+def test_a_static_loss_scale_leaves_non_finite_gradients_to_on_nan(tmp_path, scale):
+    """A static scale (dynamic false, or a backoff_factor of 1) cannot get below an overflow:
+    a gradient that is inf at any scale (d sqrt(p)/dp at p = 0) was skipped as an overflow at
+    every step, and the run exported its untrained weights with exit code 0. It follows
+    on_nan as in fp32: stop names the node, skip counts the steps as skipped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.errors import NonFiniteLoss
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Sqrt", ["p"], ["r"], name="root"),
+         helper.make_node("Mul", ["x", "r"], ["h"]),
+         helper.make_node("MatMul", ["h", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.array([0.0, 1.0, 2.0, 3.0], np.float32), "p"),
+         numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 4,
+           "precision": "fp16", "loss_scale": {"init": 1024, **scale},
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 4},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    with pytest.raises(NonFiniteLoss, match=r"a gradient became non-finite at step 1; the "
+                                            r"first non-finite value is output 'p_grad"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    t = Trainer(config_from_dict({**raw, "on_nan": "skip"}, tmp_path), stream=io.StringIO())
+    t.fit()
+    assert (t.skipped, t.scaler_skipped, float(t.scaler.scale)) == (4, 0, 1024.0)
+
+
 @pytest.mark.parametrize("kind", ["gpt", "bert"])
 def test_fp16_transformers_stay_within_autocasts_own_distance_from_float32(tmp_path, kind):
     """On transformers autocast also keeps the activations between products in float16

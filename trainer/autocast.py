@@ -132,6 +132,12 @@ class LossScaler:
         self.bad = 0  # steps in a row whose gradients were not finite
 
     @property
+    def backs_off(self) -> bool:
+        """Whether an overflow lowers the scale: a static one (dynamic false, or
+        backoff_factor 1) would skip the same overflow at every step."""
+        return bool(self.cfg.dynamic) and self.cfg.backoff_factor < 1
+
+    @property
     def inv_scale(self) -> np.float32:
         return np.float32(1.0 / float(self.scale))
 

@@ -868,11 +868,16 @@ class Trainer:
             loss, stop, finite = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
-        if math.isfinite(loss) and finite or self.scaler and math.isfinite(loss):
+        # (a step whose gradients are not finite is the scaler's overflow where it can lower
+        # the scale; with a static scale it would skip the same overflow at every step, in
+        # silence: that follows on_nan, as in fp32)
+        scaled = self.scaler is not None and math.isfinite(loss) and (
+            finite or self.scaler.backs_off)
+        if math.isfinite(loss) and finite or scaled:
             for dst, src in pending:  # (a float16 overflow skips the update, not the state)
                 dst[...] = src
             pending = []
-        if self.scaler and math.isfinite(loss):
+        if scaled:
             self.scaler.update(overflow=not finite)
             if not finite:  # float16 overflowed at this scale: skipped, as GradScaler does
                 self.step += 1
