@@ -218,8 +218,18 @@ def test_grad_16_bit_says_what_it_cast_and_computes_as_train(tmp_path):
                "-o", str(tmp_path / "g12.onnx"))
     assert proc.returncode == 0, proc.stderr
     assert "note: precision bf16: 0 of 2 matrix products (MatMul, Gemm, Conv, ConvTranspose) " \
-        "in bfloat16, the rest in their own type (bfloat16 Casts need opset 13 or later)" in \
-        proc.stdout
+        "in bfloat16, the rest in their own type (bfloat16 Casts need opset 13 or later and " \
+        "this model's is 12: it trains in float32; onnx.version_converter.convert_version(" \
+        "model, 13) raises its opset)" in proc.stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(
+        {"model": str(tmp_path / "m12.onnx"), "precision": "bf16", "steps": 1,
+         "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                            "targets": {"label": "y_train"}}, "batch_size": 8},
+         "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    proc = run("check", str(cfg))
+    assert "warning: precision bf16: bfloat16 Casts need opset 13 or later and this model's " \
+        "is 12: it trains in float32" in proc.stdout, proc.stdout
     onnx.save(convert_floats(onnx.load(EXAMPLES / "digits_mlp.onnx"), np.float32, np.float16),
               tmp_path / "half.onnx")
     proc = run("grad", str(tmp_path / "half.onnx"), "--output", "logits", "--precision", "fp16",

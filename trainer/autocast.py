@@ -46,11 +46,22 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+def opset_note(model: onnx.ModelProto, precision: str) -> str:
+    """Why `precision` cannot cast this model's products (its opset), with the fix; "" where
+    it can."""
+    if precision not in LOW or opset_of(model) >= LOW[precision][2]:
+        return ""
+    low, since = {"bf16": "bfloat16", "fp16": "float16"}[precision], LOW[precision][2]
+    return (f"{low} Casts need opset {since} or later and this model's is {opset_of(model)}: "
+            "it trains in float32; onnx.version_converter.convert_version(model, "
+            f"{since}) raises its opset")
+
+
 def precision_line(model: onnx.ModelProto, precision: str, cast: int, total: int) -> str:
     """What autocast(model, precision) did, said by `train` and `grad` alike."""
     low = {"bf16": "bfloat16", "fp16": "float16"}[precision]
-    why = (" (bfloat16 Casts need opset 13 or later)" if total and not cast
-           and opset_of(model) < 13 and precision == "bf16" else
+    why = (f" ({opset_note(model, precision)})" if total and not cast
+           and opset_note(model, precision) else
            " (only float32 products take it: this model's are of another type)"
            if total and not cast else "")
     rest = "in float32" if cast else "in their own type"

@@ -888,6 +888,12 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     structure = attempt(memory.load_structure, cfg.model)
     data_inputs: dict[str, list] = {}
     mismatched = False  # (a dataset whose arrays do not fit the model's inputs)
+    if structure is not None and cfg.precision in ("bf16", "fp16"):
+        from trainer.autocast import CAST_OPS, opset_note
+
+        note = opset_note(structure, cfg.precision)
+        if note and any(n.op_type in CAST_OPS and not n.domain for n in structure.graph.node):
+            lines.append(f"  warning: precision {cfg.precision}: {note}")
     if structure is not None:
         report = model_report(memory.strip(structure))
         bad_fwd = [(r.op, r.name) for r in report.nodes if not r.forward]
