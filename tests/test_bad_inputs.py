@@ -432,6 +432,10 @@ CASES = {
     "data-folder-array-is-a-pipe": (_with_data(lambda t: (t / "f").mkdir() or np.save(
         t / "f" / "y.npy", np.zeros(8, np.int64)) or os.mkfifo(t / "f" / "x.npy") or str(t / "f")),
         "x.npy is not a regular file"),
+    "data-bfloat16-array": (_with_data(lambda t: np.savez(
+        t / "bf.npz", x=np.zeros((8, 64), __import__("ml_dtypes").bfloat16),
+        y=np.zeros(8, np.int64)) or str(t / "bf.npz")),
+        "NumPy saves a bfloat16 array as raw 2-byte records: save it as float32"),
     "data-not-npz": (_with_data(lambda t: str(_put(t / "d.npz", b"garbage"))), "cannot read"),
     "data-array-missing": (_train(data__train__inputs={"x": "pixels"}), "'pixels'"),
     "data-input-name-wrong": (_train(data__train__inputs={"input": "x_train"}),

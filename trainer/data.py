@@ -196,8 +196,11 @@ def _header(fp, label: str) -> tuple[tuple[int, ...], np.dtype]:
     kind = _REFUSED_KINDS.get(dtype.kind) or ("Python objects (needs pickle)"
                                               if dtype.hasobject else None)
     if kind:
+        raw16 = dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None
         raise DataError(f"{label} holds {kind} (dtype {dtype}); datasets are read without "
-                        "pickle: store plain numeric arrays")
+                        "pickle: store plain numeric arrays" + (
+                            " (NumPy saves a bfloat16 array as raw 2-byte records: save it as "
+                            "float32, which a bfloat16 input takes too)" if raw16 else ""))
     return tuple(shape), dtype
 
 
