@@ -616,3 +616,58 @@ def test_the_compiled_host_update_is_the_numpy_update_bit_for_bit(opt, dtype, mo
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
     for k, v in want_state.items():
         np.testing.assert_array_equal(got_state[k].view(np.uint8), v.view(np.uint8), err_msg=k)
+
+
+@pytest.mark.parametrize("compiled_on", ["1", "0"])
+@pytest.mark.parametrize("top, bottom, nesterov, groups", [
+    (0.0, 0.9, False, False),  # momentum 0 at the first and last steps
+    (0.9, 0.0, False, True),  # 0 at the peak, mid-run; a group with its own dampening
+    (0.0, 0.8, True, False)])
+def test_sgd_momentum_through_zero_under_onecycle_matches_torch(top, bottom, nesterov, groups,
+                                                                compiled_on, monkeypatch):
+    """torch's SGD starts a buffer as a copy of d at its first step with momentum, leaves it
+    at a step without, and uses d there: a onecycle momentum starting at 0 made our buffer
+    start at the run's first step (a zero buffer then took (1 - dampening) * d: 0.22 apart
+    from torch after 6 steps)."""
+    from trainer.kernels import compiled
+    from trainer.schedule import make_schedule
+
+    monkeypatch.setenv(compiled.ENV, compiled_on)
+    steps, n = 8, 6
+    opt = {"type": "sgd", "lr": 0.1, "dampening": 0.5, "nesterov": nesterov}
+    if nesterov:  # (nesterov asks for a momentum when built; onecycle then sets it)
+        opt.update(dampening=0.0, momentum=0.5)
+    if groups:
+        opt["groups"] = [{"params": "b", "dampening": 0.25}]
+    cfg = config_from_dict({"model": "m.onnx", "steps": steps,
+                            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}}},
+                            "loss": {"type": "output", "output": "y"}, "optimizer": opt,
+                            "schedule": {"type": "onecycle", "max_momentum": top,
+                                         "base_momentum": bottom, "pct_start": 0.5}},
+                           base_dir="/tmp")
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(n)
+    w, b = (torch.nn.Parameter(torch.tensor(p[:4].copy())),
+            torch.nn.Parameter(torch.tensor(p[4:].copy())))
+    ours = make_optimizer(cfg.optimizer, np, n, np.float64, [("w", 0, 4), ("b", 4, 2)])
+    sched = make_schedule(cfg.schedule, ours, steps)
+    tgroups = [{"params": [w]}] + ([{"params": [b], "dampening": 0.25}] if groups else [])
+    if not groups:
+        tgroups[0]["params"].append(b)
+    theirs = torch.optim.SGD(tgroups, lr=0.1, dampening=opt["dampening"], nesterov=nesterov,
+                             momentum=0.5 if nesterov else 0.0)
+    tsched = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=steps,
+                                                 pct_start=0.5, max_momentum=top,
+                                                 base_momentum=bottom)
+    moms = []
+    for s in range(steps):
+        g = rng.standard_normal(n)
+        ours.step(p, g, sched.lrs(s))
+        moms.append(ours.groups[0]["momentum"])
+        w.grad, b.grad = torch.tensor(g[:4]), torch.tensor(g[4:])
+        theirs.step()
+        if s + 1 < steps:
+            tsched.step()
+        np.testing.assert_allclose(p, np.concatenate([w.detach().numpy(), b.detach().numpy()]),
+                                   rtol=1e-12, atol=1e-14, err_msg=f"step {s + 1}")
+    assert 0.0 in moms and max(moms) > 0.5

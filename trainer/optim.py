@@ -81,6 +81,8 @@ class Optimizer:
         self._constants: dict[str, Scalar] = {}
         self.state: dict[str, Any] = {}
         self.steps = 0
+        # (SGD: the groups whose momentum buffer has begun; a loaded state: after a step)
+        self._started = [False] * len(self.groups)
         self.w1 = xp.empty(self.size, self.dtype)  # scratch, reused by every step
         self._w2 = None  # a second scratch, made on first use (SGD, Adam need none)
         self._kernels: dict[tuple, object] = {}
@@ -181,6 +183,7 @@ class Optimizer:
             raise ValueError(f"the optimizer's step count {state['steps']} is not a whole "
                              "number of at least 0")
         self.steps = int(state["steps"])
+        self._started = [self.steps >= 1] * len(self.groups)
         for k, buf in self.state.items():
             buf[...] = self.xp.asarray(state[k])
         self._load_extra(state)
@@ -385,6 +388,22 @@ class SGD(Optimizer):
         if self._any("momentum"):
             self._zeros("momentum_buffer")
 
+    def _momentum_terms(self) -> tuple[Scalar, Scalar]:
+        """(a, b) of this step's buffer update buf = a * buf + b * d, per group, as torch's
+        SGD: a group's buffer starts as a copy of d at its first step with momentum (not
+        always the run's first: a onecycle momentum may start at 0), then takes momentum * buf
+        + (1 - dampening) * d. A group without momentum takes d (its "buffer" is d; torch
+        leaves its buffer, which only a onecycle momentum, every group's, would use again,
+        and a step where every group's momentum is 0 does not come here). Which groups have
+        had a step with momentum is kept in memory (a resumed run: all, after a step)."""
+        started = self._started
+        a = self._each("buf*", lambda i, s: s["momentum"] if started[i] else 0.0)
+        b = self._each("d*", lambda i, s: 1 - s["dampening"] if s["momentum"] and started[i]
+                       else 1.0)
+        self._started = [st or bool(s["momentum"]) for st, s in zip(started, self.groups,
+                                                                     strict=True)]
+        return a, b
+
     def _update(self, p, g, lrs):
         if self._fused_update(p, g, lrs):
             return
@@ -393,14 +412,12 @@ class SGD(Optimizer):
         if self._any("momentum"):
             buf = self.state["momentum_buffer"]
             mom = self._const("momentum", lambda s: s["momentum"])
-            if self.steps == 1:
+            a, b = self._momentum_terms()
+            if _zero(a) and b == 1.0:  # (every group's first step with momentum)
                 buf[...] = d
             else:
-                buf *= mom
-                # A group without momentum takes dampening 0, so its "buffer" is just d.
-                w = xp.multiply(d, self._const(
-                    "1-dampening", lambda s: 1 - s["dampening"] if s["momentum"] else 1.0),
-                    out=self.w1)
+                buf *= a
+                w = xp.multiply(d, b, out=self.w1)
                 buf += w
             if self.settings["nesterov"]:
                 w = xp.multiply(buf, mom, out=self.w1)
@@ -422,12 +439,13 @@ class SGD(Optimizer):
         if momentum:
             outs.append("buf")
             values["mom"] = self._const("momentum", lambda s: s["momentum"])
-            if self.steps == 1:
+            started = list(self._started)
+            a, b = self._momentum_terms()
+            if _zero(a) and b == 1.0:
                 lines.append("buf = d;")
             else:
-                values["omd"] = self._const(
-                    "1-dampening", lambda s: 1 - s["dampening"] if s["momentum"] else 1.0)
-                lines += ["buf = buf * mom;", "T w = d * omd;", "buf = buf + w;"]
+                values["bufa"], values["db"] = a, b
+                lines += ["buf = buf * bufa;", "T w = d * db;", "buf = buf + w;"]
             if self.settings["nesterov"]:
                 lines += ["T n = buf * mom;", "d = d + n;"]
             else:
@@ -437,9 +455,15 @@ class SGD(Optimizer):
         names = ["g", *values]
         k = self._kernel(("sgd", tuple(names), *lines), names, outs, lines)
         if k is None:
+            if momentum:  # (the unfused update takes this step's terms again)
+                self._started = started
             return False
         state = [self.state["momentum_buffer"]] if momentum else []
-        return self._launch(k, g, *values.values(), p, *state)
+        if self._launch(k, g, *values.values(), p, *state):
+            return True
+        if momentum:
+            self._started = started
+        return False
 
 
 class Adam(Optimizer):
