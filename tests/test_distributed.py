@@ -242,6 +242,20 @@ def test_eval_command_under_ranks_prints_one_line(tmp_path, digits_config):
     assert proc.stdout.count("eval_loss") == 1, proc.stdout
     got = float(proc.stdout.split("eval_loss")[1].split()[0])
     assert got == pytest.approx(alone["eval_loss"], abs=1e-4)
+    # an eval set of fewer samples than processes: scored as training's evaluation scores it
+    # (it was refused as the training set it stands in for)
+    d = np.load(EXAMPLES / "digits.npz")
+    np.savez(tmp_path / "one.npz", x=d["x_test"][:1], y=d["y_test"][:1])
+    raw = digits_config()
+    raw["data"]["eval"] = {"path": str(tmp_path / "one.npz"), "inputs": {"x": "x"},
+                           "targets": {"label": "y"}}
+    path.write_text(yaml.safe_dump(raw))
+    alone = Trainer(config_from_dict(raw, tmp_path), check=False, writes=False).evaluate()
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, "-m", "trainer", "eval", str(path), "--json"], timeout=120,
+                   cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == pytest.approx(alone, abs=1e-6)
 
 
 def test_failure_during_setup_on_every_rank_is_printed_once(tmp_path, digits_config):

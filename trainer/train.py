@@ -271,8 +271,12 @@ class Trainer:
             else early_eval
         n_eval = len(next(iter(early_eval.values()))) if early_eval is not None else None
         if n_eval is not None and n_eval < self.world:
-            raise DataError(f"data.eval has {n_eval} sample(s), fewer than one per process "
-                            f"({self.world} processes); evaluate it with fewer processes")
+            # (a set smaller than the processes is evaluated as training evaluates it, some
+            # processes scoring none of it; as the training set it stands in for, which needs
+            # a sample per process, its samples are repeated)
+            reps = -(-self.world // n_eval)
+            self.train_arrays = {k: np.concatenate([np.asarray(v)] * reps)
+                                 for k, v in early_eval.items()}
         # data.on_device: the training set on the GPU, each batch gathered there (the host
         # arrays stay for the label counts and shapes)
         self.on_device = keep_on_device(
