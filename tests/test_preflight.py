@@ -617,6 +617,33 @@ def test_grad_batch_size_sets_only_the_batch_dimension(tmp_path):
     assert dims == [8, 5, 4]
 
 
+def test_grad_shape_of_one_input_sizes_the_dimensions_it_shares(tmp_path):
+    """Inputs that share a symbolic dimension ('N', 'T'): --shape of one gives the others its
+    sizes (they were built at batch 1, broadcasting one sample of xb over xa's batch, a graph
+    of another function that onnxruntime refused a batch of 3 for); shapes that give one
+    dimension two sizes are refused, naming both."""
+    xa = helper.make_tensor_value_info("xa", TensorProto.FLOAT, ["N", "T", 4])
+    xb = helper.make_tensor_value_info("xb", TensorProto.FLOAT, ["N", "T", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", 3])
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Add", ["xa", "xb"], ["h"]),
+                           helper.make_node("MatMul", ["h", "w"], ["logits"])], "g",
+                          [xa, xb], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              tmp_path / "m.onnx")
+    proc = run_cli("grad", str(tmp_path / "m.onnx"), "--output", "logits", "--shape",
+                   "xa=3,5,4", "-o", str(tmp_path / "t.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in onnx.load(tmp_path / "t.onnx").graph.input}
+    assert shapes["xa"] == shapes["xb"] == [3, 5, 4], shapes
+    line = one_line(run_cli("grad", str(tmp_path / "m.onnx"), "--output", "logits",
+                            "--shape", "xa=3,5,4", "--shape", "xb=3,6,4",
+                            "-o", str(tmp_path / "t.onnx")))
+    assert "--shape xa=... and --shape xb=... give the model's dimension 'T' (xa's axis 1, " \
+        "xb's axis 1) the sizes 5 and 6: give it one size" in line, line
+
+
 def test_eval_cli_on_a_trained_batchnorm_model(tmp_path):
     """`onnx-trainer eval CONFIG --model trained.onnx` on a BatchNorm CNN (its running
     statistics are loaded into engine-owned buffers)."""

@@ -237,6 +237,7 @@ def _grad(args) -> int:
         if args.batch_size and shapes[name] and shapes[name][0] != args.batch_size:
             raise TrainerError(f"--shape {name}=... starts with {shapes[name][0]}, but "
                                f"--batch-size is {args.batch_size}: give one of them")
+    _shapes_by_dim_names(model, inputs, shapes, args.batch_size)
     if args.batch_size:
         for vi in model.graph.input:
             dims = vi.type.tensor_type.shape.dim
@@ -377,6 +378,46 @@ def _export(args) -> int:
         written = trainer.export(out)
         print(f"wrote {written}: the model with the values of {path} (step {trainer.step})")
     return 0
+
+
+def _shapes_by_dim_names(model, inputs: list[str], shapes: dict, batch: int | None) -> None:
+    """`grad --shape`: a symbolic dimension the model names in several inputs ('N', a batch
+    axis they share) takes one value: a shape given for one input gives it to the others
+    (they were built at batch 1, or --batch-size, and broadcast one sample over the batch);
+    two shapes that give it different values are refused. Inputs whose every dimension is
+    then known are added to `shapes`."""
+    def dims(name):
+        vi = next(v for v in model.graph.input if v.name == name)
+        if not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in vi.type.tensor_type.shape.dim]
+
+    bound: dict[str, tuple[int, str, int]] = {}  # dim name -> (value, input, axis)
+    for name, shape in shapes.items():
+        for axis, (d, v) in enumerate(zip(dims(name) or [], shape, strict=False)):
+            if isinstance(d, str):
+                if d in bound and bound[d][0] != v:
+                    w, other, oaxis = bound[d]
+                    raise TrainerError(f"--shape {other}=... and --shape {name}=... give the "
+                                       f"model's dimension '{d}' ({other}'s axis {oaxis}, "
+                                       f"{name}'s axis {axis}) the sizes {w} and {v}: give it "
+                                       "one size")
+                bound.setdefault(d, (v, name, axis))
+    if batch and any(b[2] == 0 and b[0] != batch for b in bound.values()):
+        return  # (said by the --batch-size check above)
+    for name in inputs:
+        if name in shapes or not bound:
+            continue
+        own = dims(name)
+        if not own:
+            continue
+        known = [d if isinstance(d, int) and d > 0 else bound[d][0]
+                 if isinstance(d, str) and d in bound else None for d in own]
+        if known and known[0] is None and batch:
+            known[0] = batch
+        if own and any(isinstance(d, str) and d in bound for d in own) and None not in known:
+            shapes[name] = tuple(known)
 
 
 def _output_path(out: str, model: str, what: str) -> Path:
