@@ -381,18 +381,25 @@ def test_prefetch_does_not_change_training(tmp_path, digits_config):
         np.testing.assert_array_equal(out[0][k], out[1][k])
 
 
-def test_eval_of_fewer_samples_than_processes_names_data_eval(tmp_path, digits_config):
+def test_eval_of_fewer_samples_than_processes_is_scored_as_training_scores_it(tmp_path,
+                                                                          digits_config):
     """`onnx-trainer eval` under 2 processes on a 1-sample eval set blamed data.train (which
-    it does not read), after NumPy warnings from a batch of 0 samples."""
+    it does not read), after NumPy warnings from a batch of 0 samples; then refused it, where
+    training's evaluation scored it. It is scored as one process scores it, warning-free."""
+    import warnings
+
     d = np.load(EXAMPLES / "digits.npz")
     np.savez(tmp_path / "one.npz", x=d["x_test"][:1], y=d["y_test"][:1])
     raw = digits_config()
     raw["data"]["eval"] = {"path": str(tmp_path / "one.npz"), "inputs": {"x": "x"},
                            "targets": {"label": "y"}}
     cfg = config_from_dict(raw, tmp_path)
-    with pytest.raises(DataError, match=r"data.eval has 1 sample\(s\), fewer than one per "
-                       r"process \(2 processes\)"):
-        run_local(2, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO(), writes=False))
+    alone = Trainer(cfg, stream=io.StringIO(), writes=False).evaluate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = run_local(2, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO(),
+                                                writes=False).evaluate())
+    assert got[0] == got[1] == pytest.approx(alone, abs=1e-6)
 
 
 def _tiny_model(path, x_dims, extra=()):
