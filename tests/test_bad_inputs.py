@@ -368,6 +368,13 @@ CASES = {
         inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 10])]))),
         "fixed batch dimension of 2"),
+    "model-fixed-batch-over-the-data": (lambda t: np.savez(
+        t / "five.npz", x=np.zeros((5, 64), np.float32), y=np.zeros(5, np.int64)) or [
+        "train", _write(t, _cfg(t, model=_fixed_batch_model(t), data__batch_size=7,
+                                data__train={"path": str(t / "five.npz"), "inputs": {"x": "x"},
+                                             "targets": {"label": "y"}}))],
+        "data.train has 5 sample(s), fewer than one batch of model input 'x', whose batch "
+        "dimension is fixed at 7: give the model a dynamic batch axis"),
     # -- external data --
     "external-missing-file": (_model_file(_ext_model("w.bin", data_len=-1)), "w.bin"),
     "external-wrong-length": (_model_file(_ext_model("w.bin", data_len=7)), "length 7 bytes"),

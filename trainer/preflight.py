@@ -311,6 +311,21 @@ def batch_axis_first(model: onnx.ModelProto, fed: set[str]) -> None:
                 "batch-first (a Transpose inside it, to the layout it computes in)")
 
 
+def fixed_batch_fits(data_inputs: Mapping[str, list], n: int, world: int) -> None:
+    """A training set smaller than one batch of a model input's fixed batch dimension (per
+    process) cannot train at any data.batch_size: said so, rather than advice (drop_last, a
+    smaller batch) that the fixed dimension refuses in turn."""
+    for name, dims in data_inputs.items():
+        if dims and dims[0] is not None and n < dims[0] * world:
+            raise DataError(
+                f"data.train has {n} sample(s), fewer than one batch of model input '{name}', "
+                f"whose batch dimension is fixed at {dims[0]}"
+                + (f" per process ({world} processes: {dims[0] * world})" if world > 1 else "")
+                + ": give the model a dynamic batch axis (`onnx-trainer convert MODEL.onnx -o "
+                "OUT.onnx --dynamic-batch`, or re-export with torch.onnx.export(..., "
+                "dynamic_shapes=...) or dynamic_axes=...), or more data")
+
+
 def fixed_batch(data_inputs: Mapping[str, list], local_sizes: set[int], batch_size: int,
                 world: int) -> None:
     """A model input with a fixed first dimension runs only at that batch size."""

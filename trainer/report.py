@@ -972,11 +972,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         return Preflight(lines, problems)
     n = samples["data.train"]
     fake = {"n": np.broadcast_to(np.zeros(1, np.int8), (n,))}
+    fed = {k: v for k, v in data_inputs.items() if k in cfg.data.train.inputs}
+    before = len(problems)
+    attempt(checks.fixed_batch_fits, fed, n, world)
     batches = attempt(Batches, fake, cfg.data.batch_size, world=world,
-                      drop_last=cfg.data.drop_last)
+                      drop_last=cfg.data.drop_last) if len(problems) == before else None
     if batches is not None:
         if data_inputs:
-            fed = {k: v for k, v in data_inputs.items() if k in cfg.data.train.inputs}
             attempt(checks.fixed_batch, fed, batches.local_sizes(), cfg.data.batch_size, world)
         spe = batches.steps_per_epoch
         total = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate

@@ -295,6 +295,10 @@ class Trainer:
         else:
             source = self.train_arrays
         prefetch = False if self.on_device else self._prefetch(self.train_arrays)
+        if writes:
+            preflight.fixed_batch_fits({k: v for k, v in self.data_inputs.items()
+                                        if k in cfg.data.train.inputs},
+                                       len(next(iter(self.train_arrays.values()))), self.world)
         self.batches = Batches(source, cfg.data.batch_size, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
                                drop_last=cfg.data.drop_last and early_eval is None,
