@@ -336,6 +336,35 @@ def test_torchscript_folded_linear_weights_are_named_by_their_module(tmp_path):
     assert not np.array_equal(after[folded[1]], before[folded[1]])
 
 
+def test_a_torchscript_attentions_folded_projection_is_its_in_proj_weight():
+    """A MultiheadAttention's packed projection, folded into `onnx::MatMul_<n>`, was named
+    `att.weight`, no PyTorch parameter, and `att.in_proj_weight` refused (found by a CLI
+    sweep): beside in_proj_bias it is the module's in_proj_weight."""
+    import warnings
+
+    import torch
+
+    from trainer.autodiff.params import torchscript_folded_weights
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.h = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.h(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(2, 5, 16),), buf, dynamo=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    assert list(torchscript_folded_weights(model).values()) == ["att.in_proj_weight"]
+
+
 def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
     """A default export stores an embedding tied to the output projection under the
     projection's name (GPT-2's wte.weight as lm_head.weight): `frozen: ["emb.weight"]`

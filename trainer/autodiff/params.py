@@ -1634,8 +1634,11 @@ def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
             found.setdefault(module, []).append(x)
     out = {}
     for module, xs in found.items():  # (a module of several: each under its own name there)
+        # (a MultiheadAttention's packed projection is its in_proj_weight, beside in_proj_bias)
+        leaf = "in_proj_weight" if f"{module}.in_proj_bias" in names and \
+            f"{module}.bias" not in names else "weight"
         for x in xs:
-            out[x] = f"{module}.weight" if len(xs) == 1 and f"{module}.weight" not in names \
+            out[x] = f"{module}.{leaf}" if len(xs) == 1 and f"{module}.{leaf}" not in names \
                 else f"{module}.{x}"
     return out
 
