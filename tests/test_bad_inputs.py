@@ -534,6 +534,9 @@ CASES = {
     "convert-output-is-the-model-data": (lambda t: [
         "convert", str(_external(t)), "--dynamic-batch", "-o", str(t / "m.onnx.data")],
         "is an external data file of the model"),
+    "grad-of-a-config": (lambda t: [
+        "grad", str(ROOT / "configs" / "digits_mlp.yaml"), "--output", "logits", "-o",
+        str(t / "g.onnx")], "digits_mlp.yaml is a config, not a model: grad takes MODEL.onnx"),
     "grad-shape-of-no-input": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--shape", "y=4,64",
         "-o", str(t / "g.onnx")], "has no input 'y'"),

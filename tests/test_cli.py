@@ -314,8 +314,11 @@ def test_small_command_line_notes(tmp_path, digits_config):
                "x", "--batch-size", "2", "-o", str(tmp_path / "g.onnx"))
     assert proc.returncode == 0 and "note: the model already has a tensor named 'x', so the " \
         "loss target is an input of another name (x_2)" in proc.stdout, proc.stdout
-    proc = run("check", str(EXAMPLES / "digits_mlp.onnx"), "--world", "2")
+    proc = run("check", str(EXAMPLES / "digits_mlp.onnx"), "--world", "2", "--set",
+               "steps=3")
     assert "note: --world 2 applies to check CONFIG" in proc.stdout
+    assert "note: --set applies to check CONFIG (it overrides a config's keys); a model alone " \
+        "has none: steps=3 ignored" in proc.stdout, proc.stdout
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],

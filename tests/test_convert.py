@@ -342,6 +342,13 @@ def test_cli_prints_one_line_per_kind_and_a_total(tmp_path) -> None:
     (["{src}", "-o", "{dst}"], "--trainable-constants"),
     (["--trainable-constants", "{tmp}/missing.onnx", "-o", "{dst}"], "not found"),
     (["--trainable-constants", "{plain}", "-o", "{dst}"], "nothing to convert"),
+    # (options of --trainable-constants without it did nothing, in silence)
+    (["{src}", "--dynamic-batch", "--reinit", "--seed", "7", "-o", "{dst}"],
+     "--seed, --reinit apply to --trainable-constants"),
+    (["{src}", "--dynamic-batch", "--names", "consumer", "-o", "{dst}"],
+     "--names applies to --trainable-constants"),
+    (["{tmp}/c.yaml", "--dynamic-batch", "-o", "{dst}"],
+     "c.yaml is a config, not a model: convert takes MODEL.onnx"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, words) -> None:
     from trainer.cli import main
@@ -350,6 +357,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, words) -> None:
     onnx.save(cnn(), src)
     onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])],
                          [vi("y", [2])]), plain)
+    (tmp_path / "c.yaml").write_text("model: in.onnx\n")
     code = main(["convert", *[a.format(src=src, dst=dst, tmp=tmp_path, plain=plain)
                               for a in args]])
     err = capsys.readouterr().err

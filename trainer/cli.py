@@ -102,6 +102,9 @@ def _check(args) -> int:
     if getattr(args, "world", None) not in (None, 1):
         print(f"note: --world {args.world} applies to check CONFIG (the pre-flight of a run "
               "on that many processes); a model alone has no processes")
+    if getattr(args, "set", None):
+        print(f"note: --set applies to check CONFIG (it overrides a config's keys); a model "
+              f"alone has none: {', '.join(args.set)} ignored")
     return 0 if report.ok else 1
 
 
@@ -166,6 +169,8 @@ def _grad(args) -> int:
     from trainer.autodiff import build_training_graph
     from trainer.contrib import lower_contrib
     from trainer.graph import load_model
+
+    _a_model(args.model, "grad")
     from trainer.unfuse import unfuse_conv_batchnorms
 
     model = unfuse_conv_batchnorms(lower_contrib(load_model(args.model), inplace=True),
@@ -437,14 +442,32 @@ def _output_path(out: str, model: str, what: str) -> Path:
     return out
 
 
+def _a_model(path: str, command: str) -> None:
+    """`path`, given to a command that takes a model, is not a config (protobuf's "Wire
+    format was corrupt" said nothing)."""
+    if _is_config(path):
+        raise TrainerError(f"{path} is a config, not a model: {command} takes MODEL.onnx (the "
+                           "config's `model`)")
+
+
 def _convert(args) -> int:
     from trainer.convert import convert_file
 
+    _a_model(args.model, "convert")
+    if not args.trainable_constants:  # (options of the constants' conversion, else unused)
+        given = [f for f, v in (("--seed", args.seed), ("--reinit", args.reinit or None),
+                                ("--names", args.names)) if v is not None]
+        if given:
+            raise TrainerError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
+                               "to --trainable-constants (the weights of constant nodes it "
+                               "makes trainable); add it, or leave "
+                               f"{'it' if len(given) == 1 else 'them'} out")
+    seed = 0 if args.seed is None else args.seed
     _output_path(args.o, args.model, "-o")
     report = convert_file(args.model, args.o, trainable_constants=args.trainable_constants,
-                          dynamic_batch=args.dynamic_batch, seed=args.seed, reinit=args.reinit,
-                          names=args.names)
-    for line in report.lines(args.seed):
+                          dynamic_batch=args.dynamic_batch, seed=seed, reinit=args.reinit,
+                          names=args.names or "tensor")
+    for line in report.lines(seed):
         print(line)
     print(f"wrote {args.o}")
     return 0
@@ -547,11 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights made by ConstantOfShape/Constant nodes become initializers")
     v.add_argument("--dynamic-batch", action="store_true",
                    help="make a fixed first (batch) dimension of the inputs symbolic")
-    v.add_argument("--seed", type=at_least(0), default=0,
-                   help="seed of the fresh initialization")
+    v.add_argument("--seed", type=at_least(0), default=None,
+                   help="seed of the fresh initialization (default 0)")
     v.add_argument("--reinit", action="store_true",
                    help="re-initialize Constant weights too (default: keep their values)")
-    v.add_argument("--names", choices=["tensor", "consumer"], default="tensor",
+    v.add_argument("--names", choices=["tensor", "consumer"], default=None,
                    help="initializer names: the tensor's own (default) or <node>.<input>")
     v.add_argument("-o", required=True, help="path of the converted model to write")
     v.set_defaults(fn=_convert)
