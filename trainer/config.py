@@ -833,6 +833,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     """Read a YAML config file (yaml.safe_load only), apply "key.path=value" overrides, validate."""
     p = Path(path).expanduser().absolute()
     if not p.is_file():
+        if p.exists() and not p.is_dir():  # (a pipe, /dev/stdin: read once, in no folder)
+            raise ConfigError(f"config {p} is not a regular file (a pipe or a device): write "
+                              "the config to a file (its relative paths resolve from its "
+                              "folder, and each process reads it)")
         raise ConfigError(f"config file not found: {p}" + (
             " (it is a directory)" if p.is_dir() else ""))
     kind = {".onnx": "an ONNX model", ".npz": "a dataset", ".npy": "a dataset"}.get(
