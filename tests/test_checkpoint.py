@@ -35,6 +35,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, digits_config):
     assert [r["loss"] for r in second.history if "loss" in r] == losses
 
 
+def test_resume_before_sgds_momentum_began_reproduces_the_run(tmp_path, digits_config):
+    """A onecycle momentum that starts at 0: the SGD buffer begins at the first step with
+    momentum (a copy of d, no dampening), which a checkpoint at step 1 had not reached; the
+    resume took it as begun (0.2 off the run's losses): the state says which groups began."""
+    import shutil
+
+    over = dict(optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.3},
+                schedule={"type": "onecycle", "max_lr": 0.5, "max_momentum": 0.0,
+                          "base_momentum": 0.9}, data__shuffle=False)
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 1, "keep": 10}
+    full = Trainer(config_from_dict(digits_config(steps=6, checkpoint=ck, **over), tmp_path),
+                   stream=io.StringIO())
+    full.fit()
+    for p in checkpoint.complete(tmp_path / "ck")[1:]:
+        shutil.rmtree(p)
+    again = Trainer(config_from_dict(digits_config(steps=6, checkpoint=ck, **over), tmp_path),
+                    stream=io.StringIO())
+    again.fit(resume=True)
+    for k, v in full.trained_values().items():
+        np.testing.assert_array_equal(again.trained_values()[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("schedule,warned", [({"type": "cosine"}, True),
                                              ({"type": "onecycle", "max_lr": 0.05}, True),
                                              ({"type": "linear", "total_iters": 30}, False),

@@ -671,3 +671,23 @@ def test_sgd_momentum_through_zero_under_onecycle_matches_torch(top, bottom, nes
         np.testing.assert_allclose(p, np.concatenate([w.detach().numpy(), b.detach().numpy()]),
                                    rtol=1e-12, atol=1e-14, err_msg=f"step {s + 1}")
     assert 0.0 in moms and max(moms) > 0.5
+
+
+def test_sgd_state_of_an_earlier_version_loads_without_its_momentum_started():
+    """Checkpoints written before `momentum_started` was part of SGD's state load (their
+    groups taken as begun after a step), where the key's absence would start the state
+    fresh."""
+    cfg = config({"type": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.5})
+    a = make_optimizer(cfg.optimizer, np, 4, np.float64, [("w", 0, 4)])
+    p = np.ones(4)
+    a.step(p, np.full(4, 0.5), a.base_lrs)
+    state = a.state_dict()
+    assert state["momentum_started"].tolist() == [1]
+    old = {k: v for k, v in state.items() if k != "momentum_started"}
+    b = make_optimizer(cfg.optimizer, np, 4, np.float64, [("w", 0, 4)])
+    assert b.state_keys_match(old) and not b.state_keys_match({**old, "other": 1})
+    b.load_state_dict(old)
+    q = p.copy()
+    a.step(p, np.full(4, 0.25), a.base_lrs)
+    b.step(q, np.full(4, 0.25), b.base_lrs)
+    np.testing.assert_array_equal(p, q)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -165,13 +165,21 @@ class Optimizer:
     def _load_extra(self, state: Mapping[str, Any]) -> None:
         """Restore what _extra_state returned."""
 
+    # extra state that checkpoints of earlier versions do not hold (_load_extra makes do)
+    optional_state: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, Any]:
         """Arrays to checkpoint: 'steps', the per-element buffers and any extra state."""
         return {"steps": np.array(self.steps), **self.state, **self._extra_state()}
 
+    def state_keys_match(self, keys: Iterable[str]) -> bool:
+        """Whether a saved state with these keys is this optimizer's (optional_state aside)."""
+        keys, mine = set(keys), set(self.state_dict())
+        return keys <= mine and mine - keys <= set(self.optional_state)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
-        if set(state) != set(mine):
+        if not self.state_keys_match(state):
             raise TrainerError(f"optimizer state holds {sorted(state)}, expected {sorted(mine)}")
         for k, v in state.items():
             if k != "steps" and tuple(np.shape(v)) != tuple(np.shape(mine[k])):
@@ -183,7 +191,6 @@ class Optimizer:
             raise ValueError(f"the optimizer's step count {state['steps']} is not a whole "
                              "number of at least 0")
         self.steps = int(state["steps"])
-        self._started = [self.steps >= 1] * len(self.groups)
         for k, buf in self.state.items():
             buf[...] = self.xp.asarray(state[k])
         self._load_extra(state)
@@ -388,6 +395,17 @@ class SGD(Optimizer):
         if self._any("momentum"):
             self._zeros("momentum_buffer")
 
+    optional_state = ("momentum_started",)
+
+    def _extra_state(self):
+        return {"momentum_started": np.array(self._started, np.int8)}
+
+    def _load_extra(self, state):
+        started = np.asarray(state.get("momentum_started", ())).reshape(-1)
+        # (a checkpoint of an earlier version: every group has begun after a step)
+        self._started = [bool(x) for x in started] if len(started) == len(self.groups) \
+            else [self.steps >= 1] * len(self.groups)
+
     def _momentum_terms(self) -> tuple[Scalar, Scalar]:
         """(a, b) of this step's buffer update buf = a * buf + b * d, per group, as torch's
         SGD: a group's buffer starts as a copy of d at its first step with momentum (not
@@ -395,7 +413,7 @@ class SGD(Optimizer):
         + (1 - dampening) * d. A group without momentum takes d (its "buffer" is d; torch
         leaves its buffer, which only a onecycle momentum, every group's, would use again,
         and a step where every group's momentum is 0 does not come here). Which groups have
-        had a step with momentum is kept in memory (a resumed run: all, after a step)."""
+        had a step with momentum is part of the state (momentum_started)."""
         started = self._started
         a = self._each("buf*", lambda i, s: s["momentum"] if started[i] else 0.0)
         b = self._each("d*", lambda i, s: 1 - s["dampening"] if s["momentum"] and started[i]

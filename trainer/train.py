@@ -1576,7 +1576,7 @@ class Trainer:
             self.log.info(f"warning: the checkpoint's optimizer ({was}) differs from this "
                           f"config's ({self.cfg.optimizer.type}): the parameters are resumed, "
                           "the optimizer state starts fresh")
-        elif set(optim) != set(self.optimizer.state_dict()):
+        elif not self.optimizer.state_keys_match(optim):
             mine = listing(sorted(self.optimizer.state_dict()))
             self.log.info(f"warning: the checkpoint's {was} state holds "
                           f"{listing(sorted(optim))}, this config's {mine} (its settings "
