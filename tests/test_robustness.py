@@ -395,6 +395,41 @@ def test_a_metrics_file_that_cannot_be_appended_to_does_not_end_training(tmp_pat
     assert Path(result["output"]).exists() and len(rows) >= 6
 
 
+def test_tensorboard_events_and_a_trace_that_cannot_be_written_do_not_end_training(
+        tmp_path, digits_config):
+    """log.tensorboard and --profile-trace on a full disk: tensorboardX's writer thread met it
+    as a traceback that ended the run (blamed on "the terminal output"), and the trace left its
+    part-written .tmp. Each is a by-product: one warning, and the run goes on to its model."""
+    from trainer.config import config_from_dict
+    from trainer.metrics import _EventFile
+    from trainer.train import ProfileRequest, Trainer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    trace = tmp_path / "t.json"
+    real_write = Path.write_text
+
+    def write_text(self, *a, **k):
+        if self.name == "t.json.tmp":
+            real_write(self, "{\"part")  # (some bytes got out first)
+            full()
+        return real_write(self, *a, **k)
+
+    stream = io.StringIO()
+    cfg = digits_config(steps=6, log={"every_steps": 1, "tensorboard": str(tmp_path / "tb")})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_EventFile, "flush", full)
+        mp.setattr(Path, "write_text", write_text)
+        result = Trainer(config_from_dict(cfg, tmp_path), stream=stream).fit(
+            profile=ProfileRequest(warmup=1, steps=2, repeat=1, trace=trace))
+    out = stream.getvalue()
+    assert out.count(f"warning: cannot write log.tensorboard {tmp_path / 'tb'}: No space left "
+                     "on device; training goes on without TensorBoard events") == 1, out
+    assert f"warning: cannot write the Chrome trace {trace}: No space left on device" in out
+    assert Path(result["output"]).exists() and not trace.exists()
+    assert not (tmp_path / "t.json.tmp").exists()
+
+
 def test_a_best_model_that_cannot_be_written_does_not_end_training(tmp_path, digits_config):
     """model.best.onnx cannot be written at the second improvement (a full disk): the run ended
     there with the error, losing the steps since the last checkpoint (all of them without

@@ -229,9 +229,10 @@ class MetricsLogger:
             self.tensorboard.mkdir(parents=True, exist_ok=True)
             # purge_step: a SessionLog START that makes readers drop older events from that step
             # on; the suffix keeps two writers started within one second from sharing a file.
-            self._writer = _summary_writer_class()(
-                str(self.tensorboard), purge_step=(resume_step or 0) + 1, flush_secs=10,
-                filename_suffix=f".{time.time_ns():020d}")
+            try:
+                self._writer = _EventFile(self.tensorboard, (resume_step or 0) + 1)
+            except OSError as exc:
+                self._lose_tensorboard(exc)
 
     def set_total(self, total_steps: int) -> None:
         """The run's length in steps, for the bar's percentage and ETA."""
@@ -325,10 +326,10 @@ class MetricsLogger:
     def _add_scalars(self, row: dict) -> None:
         step = int(row["step"])
         evaluation = False
+        scalars = []
         for key, value in row.items():
             if key == "lr_groups":  # (each parameter group's lr, where they differ)
-                for i, v in enumerate(value):
-                    self._writer.add_scalar(f"train/lr_groups/{i}", float(v), step)
+                scalars += [(f"train/lr_groups/{i}", float(v)) for i, v in enumerate(value)]
                 continue
             if key in ("step", "epoch") or isinstance(value, bool) \
                     or not isinstance(value, (int, float)):
@@ -338,9 +339,26 @@ class MetricsLogger:
                 tag = "eval/" + key[5:]
             else:
                 tag = "train/" + key
-            self._writer.add_scalar(tag, float(value), step)
-        if evaluation:  # rare and worth seeing at once
-            self._writer.flush()
+            scalars.append((tag, float(value)))
+        try:
+            self._writer.add_scalars(scalars, step)
+            # (evaluations, rare and worth seeing at once; the rest every 10 s)
+            if evaluation or time.monotonic() - self._writer.flushed >= 10:
+                self._writer.flush()
+        except OSError as exc:
+            self._lose_tensorboard(exc)
+
+    def _lose_tensorboard(self, exc: OSError) -> None:
+        """log.tensorboard cannot be written (a full disk): training goes on without it, said
+        once (a by-product of the run, as the metrics file)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+        self.info(f"warning: cannot write log.tensorboard {self.tensorboard}: "
+                  f"{exc.strerror or exc}; training goes on without TensorBoard events")
 
     def close(self) -> None:
         """End the bar's line and close the TensorBoard files; call it when the run ends,
@@ -351,7 +369,10 @@ class MetricsLogger:
 
     def _close_writer(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as exc:
+                self._lose_tensorboard(exc)
             self._writer = None
 
     def __enter__(self) -> MetricsLogger:
@@ -369,6 +390,41 @@ def _summary_writer_class() -> Any:
                            "installed: pip install 'onnx-trainer[tensorboard]' (or remove "
                            "log.tensorboard)") from None
     return SummaryWriter
+
+
+class _EventFile:
+    """A TensorBoard event file of scalars, written in this thread (tensorboardX's
+    SummaryWriter writes from a thread of its own, where a full disk is a traceback the run
+    cannot catch, and ends the process at exit): `purge_step` opens it with the SessionLog
+    START by which readers drop the events of earlier runs from that step on, as
+    SummaryWriter(purge_step=...) does."""
+
+    def __init__(self, folder: Path, purge_step: int):
+        _summary_writer_class()  # (tensorboardX present: said before training starts)
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        # (the suffix keeps two writers started within one second from sharing a file)
+        self._events = EventsWriter(str(folder / "events"), f".{time.time_ns():020d}")
+        self._events.write_event(Event(step=purge_step, wall_time=time.time(),
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self.flushed = time.monotonic()
+
+    def add_scalars(self, scalars: list[tuple[str, float]], step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if scalars:
+            self._events.write_event(Event(
+                step=step, wall_time=time.time(), summary=Summary(value=[
+                    Summary.Value(tag=tag, simple_value=v) for tag, v in scalars])))
+
+    def flush(self) -> None:
+        self._events.flush()
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        self._events.close()
 
 
 def _finite_or_null(row: dict) -> dict:

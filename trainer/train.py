@@ -1284,8 +1284,13 @@ class Trainer:
             for line in profile_table(out, req.top):
                 self.log.info(line)
             if req.trace is not None:
-                path = write_trace(req.trace, out, events, self.rank)
-                self.log.info(f"wrote the Chrome trace {path} (open it in https://ui.perfetto.dev)")
+                try:
+                    path = write_trace(req.trace, out, events, self.rank)
+                except checkpoint.WriteError as exc:  # (a by-product: training goes on)
+                    self.log.info(f"warning: {exc}; training goes on")
+                else:
+                    self.log.info(f"wrote the Chrome trace {path} (open it in "
+                                  "https://ui.perfetto.dev)")
         return out
 
     def _eval_due(self, *, step: int | None = None, epochs_done: int | None = None) -> bool:
@@ -2006,10 +2011,14 @@ def write_trace(path, p: dict, events: list[tuple], rank: int = 0) -> Path:
              "args": {"name": "average step"}},
             {"name": "thread_name", "ph": "M", "pid": rank, "tid": 1,
              "args": {"name": "graph nodes (one run)"}}]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"traceEvents": meta + out, "displayTimeUnit": "ms"}))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"traceEvents": meta + out, "displayTimeUnit": "ms"}))
+        tmp.replace(path)
+    except OSError as exc:  # (a full disk: no part-written file left)
+        tmp.unlink(missing_ok=True)
+        raise checkpoint.write_error(exc, "the Chrome trace", path) from None
     return path
 
 
