@@ -370,9 +370,12 @@ def test_a_static_loss_scale_leaves_non_finite_gradients_to_on_nan(tmp_path, sca
     with pytest.raises(NonFiniteLoss, match=r"a gradient became non-finite at step 1; the "
                                             r"first non-finite value is output 'p_grad"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
-    t = Trainer(config_from_dict({**raw, "on_nan": "skip"}, tmp_path), stream=io.StringIO())
+    out = io.StringIO()
+    t = Trainer(config_from_dict({**raw, "on_nan": "skip"}, tmp_path), stream=out)
     t.fit()
     assert (t.skipped, t.scaler_skipped, float(t.scaler.scale)) == (4, 0, 1024.0)
+    assert "a step whose gradients are not finite follows on_nan, as in fp32)" in \
+        out.getvalue()  # (the start said such a step was skipped)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "bert"])

@@ -242,10 +242,14 @@ class Trainer:
             ls = cfg.loss_scale or LossScaleConfig()
             self.scaler = LossScaler(ls)
         if cfg.precision == "fp16" and writes:
+            static = "a step whose gradients are not finite follows on_nan, as in fp32"
             self.log.info(f"loss scale {ls.init:g}, " + (
                 f"dynamic (x{ls.growth_factor:g} after {ls.growth_interval} finite steps, "
                 f"x{ls.backoff_factor:g} and the step skipped when a gradient overflows)"
-                if ls.dynamic else "static (a step whose gradients overflow is skipped)"))
+                if self.scaler.backs_off else
+                f"dynamic, growing x{ls.growth_factor:g} after {ls.growth_interval} finite "
+                f"steps (backoff_factor 1: {static})" if ls.dynamic else
+                f"static ({static})"))
         # (cross entropy and ctc on a Softmax's output train on its input: evaluation reads
         # its LogSoftmax (_eval_on_logits), or the output's log where another node reads it)
         self._softmax_output = _softmax_output(self.run_model, cfg.loss)
