@@ -532,7 +532,13 @@ def test_an_epochs_run_resumed_with_other_steps_ends_with_its_last_epoch(tmp_pat
     assert {r["epoch"] for r in rows} == {0}
     last = [r for r in rows if "loss" in r][-1]
     assert t.schedule.total_steps == total and last["lr"] < 2e-3  # (cosine's end)
-    assert f"more step(s) to the end of epoch 0, {total} in all" in out.getvalue()
+    text = out.getvalue()
+    assert f"more step(s) to the end of epoch 0, {total} in all" in text
+    # (what the new layout leaves untrained, not what the config's own layout would have; the
+    # schedule's jump to the new length said)
+    assert ("(the last 2 batch(es) are not trained: fewer than accumulate)" in text) == \
+        ("accumulate" in change) and "of the run are not trained" not in text
+    assert f"the run is {total} steps now and was 6 at the checkpoint" in text, text
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -346,11 +346,13 @@ class Trainer:
         if self.total_steps < 1 or spe == 0:  # (`steps` too: an epoch without a batch)
             raise self.batches.empty_epoch_error(cfg.accumulate)
         left = 0 if cfg.steps else (cfg.epochs * spe) % cfg.accumulate
-        if left:  # (steps draw their micro-batches across epoch ends: README, `accumulate`)
-            self.log.info(f"warning: accumulate {cfg.accumulate} over {cfg.epochs} epoch(s) of "
-                          f"{spe} batches: the last {left} batch(es) of the run are not "
-                          f"trained ({self.total_steps} steps); choose epochs, data.batch_size "
-                          "or accumulate so that accumulate divides the batches, or set steps")
+        # (steps draw their micro-batches across epoch ends: README, `accumulate`; said when
+        # training starts, after a resume that may lay the run out again)
+        self._left_note = (
+            f"warning: accumulate {cfg.accumulate} over {cfg.epochs} epoch(s) of {spe} "
+            f"batches: the last {left} batch(es) of the run are not trained "
+            f"({self.total_steps} steps); choose epochs, data.batch_size or accumulate so "
+            "that accumulate divides the batches, or set steps") if left else ""
         self.schedule = make_schedule(cfg.schedule, self.optimizer, self.total_steps)
         self.step = 0
         self.skipped = 0  # steps not applied because of a non-finite loss (on_nan: skip)
@@ -1076,6 +1078,8 @@ class Trainer:
                     f"run (the newest: {old.name}); continue that run with --resume, or give "
                     "this one another checkpoint.dir (or remove them)")
         resumed = self.resume() if resume else False
+        if self._left_note:
+            self.log.info(self._left_note)
         self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps)
         self._profile_request = profile
         self._profile_from = self.step
@@ -1657,7 +1661,7 @@ class Trainer:
                                  "batch is seen again)"))
         self.position = (epoch, index)
         if resized:
-            self._relength(epoch, index, old_bs, old_acc)
+            self._relength(epoch, index, old_bs, old_acc, meta.get("total_steps"))
         tracked = meta.get("tracking") or {}  # (checkpoints written before it hold none)
         self.last_eval_step = int(tracked.get("last_eval_step", -1))
         self.last_metrics = dict(tracked.get("last_metrics") or {})
@@ -1680,22 +1684,28 @@ class Trainer:
                           "epochs to continue")
         return True
 
-    def _relength(self, epoch: int, index: int, old_bs: int, old_acc: int) -> None:
+    def _relength(self, epoch: int, index: int, old_bs: int, old_acc: int,
+                  was_total: int | None) -> None:
         """An `epochs` run resumed with another batch size or accumulate: the checkpoint's
         step count is of steps of the old size, so the run's length in steps is what the
         checkpoint's steps took plus the steps left to the end of the last epoch from the data
         position (epoch, index); the schedule is laid over that length."""
         spe, acc = self.batches.steps_per_epoch, self.cfg.accumulate
-        left = max(self.cfg.epochs * spe - (epoch * spe + index), 0) // acc
+        batches = max(self.cfg.epochs * spe - (epoch * spe + index), 0)
+        left, rest = divmod(batches, acc)
         total = self.step + left
         if total != self.total_steps and total >= 1:
             state = self.schedule.state_dict()  # (plateau's reductions so far kept)
             self.schedule = make_schedule(self.cfg.schedule, self.optimizer, total)
             self.schedule.load_state_dict(state)
             self.total_steps = total
+        self._left_note = ""  # (of the layout from the start, said here for this one)
         self.log.info(f"steps of {acc} x {self.cfg.data.batch_size} samples now (the "
                       f"checkpoint's: {old_acc} x {old_bs}): {left} more step(s) to the end of "
-                      f"epoch {self.cfg.epochs - 1}, {self.step + left} in all")
+                      f"epoch {self.cfg.epochs - 1}, {self.step + left} in all"
+                      + (f" (the last {rest} batch(es) are not trained: fewer than accumulate)"
+                         if rest else ""))
+        self._schedule_length_note(was_total)
 
     def _early_stop_criterion(self) -> dict | None:
         es = self.cfg.early_stop
