@@ -469,6 +469,42 @@ def test_a_float32_models_own_rounding_to_16_bits_is_kept(tmp_path, dtype):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("like", [False, True])
+def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like):
+    """`relu(h.half() * 0.3 + 1).float()` as a dynamo export writes it: the 16-bit scalars are
+    float16 initializers, which made the model look like a float16 one, so the region's
+    rounding was dropped (its Cast became float32 to float32); the region's other nodes also
+    computed in float32 unrounded. Each now rounds its result to float16, which is float16
+    arithmetic (NumPy's, correctly rounded) to the bit; the same with a CastLike."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.executor import Executor
+    from trainer.train import compute_form
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    to16 = helper.make_node("CastLike", ["h", "c"], ["h16"]) if like else \
+        helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), to16,
+         helper.make_node("Mul", ["h16", "c"], ["m"]),
+         helper.make_node("Add", ["m", "one"], ["a"]),
+         helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w, "W"),
+         numpy_helper.from_array(np.array(0.3, np.float16), "c"),
+         numpy_helper.from_array(np.array(1.0, np.float16), "one")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = (rng.standard_normal((16, 6)) * 3).astype(np.float32)
+    got = Executor(compute_form(model, "fp32"), np).run({"x": x})["y"]
+    h16 = (x @ w).astype(np.float16)
+    want = np.maximum(h16 * np.float16(0.3) + np.float16(1.0), np.float16(0)).astype(np.float32)
+    assert not np.array_equal(want, np.maximum(x @ w * np.float32(np.float16(0.3)) + 1, 0))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_metrics_rows_are_strict_json(tmp_path):
     """A skipped step's NaN loss is null in the metrics file (bare NaN is not JSON: jq and
     JSON.parse refuse the file); the run's history keeps the value."""

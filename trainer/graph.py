@@ -983,25 +983,46 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
 
     Converts initializers, Constant/ConstantOfShape values, graph input/output and value_info
     types, Cast/CastLike targets and normalization stash types, in subgraphs too; `precision:
-    fp64` verification runs use float32 -> float64. With `rounding`, a Cast to `src` keeps its
-    rounding: it casts to `src` and then to `dst` (a float32 model's deliberate float16
-    rounding, `h.half().float()`, computed in float32 otherwise).
+    fp64` verification runs use float32 -> float64. With `rounding` (a float32 model's own
+    16-bit region, `relu(h.half() * 0.3).float()`), its values keep their rounding: a Cast to
+    `src` casts to `src` and then to `dst`, and each other node of the main graph whose output
+    is of type `src` (by ONNX type inference) computes in `dst` and rounds its result through
+    `src` (as PyTorch's CPU float16 operations compute in float32 and round).
     """
     import copy
 
     S, D = elem_type(src), elem_type(dst)
     m = copy.deepcopy(model)
+    sname, dname = np.dtype(src).name, np.dtype(dst).name
+    narrow: set[str] = set()  # main-graph values of type S
+    if rounding:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            narrow = {vi.name for vi in inferred.graph.value_info
+                      if vi.type.tensor_type.elem_type == S}
+        except Exception:  # noqa: BLE001 - (no types: the Casts alone keep their rounding)
+            narrow = set()
 
-    def rounded(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        """[node] and, for a Cast to S kept as one, the Cast of its result to D."""
-        to = next((a for a in node.attribute if a.name == "to"), None)
-        if not (rounding and node.op_type == "Cast" and node.domain in ("", "ai.onnx")
-                and to is not None and to.i == S and node.output and node.output[0]):
+    def rounded(node: onnx.NodeProto, main: bool) -> list[onnx.NodeProto]:
+        """[node] and the Casts that round its 16-bit results (see above)."""
+        if not rounding or node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
             return [node]
-        out = node.output[0]
-        node.output[0] = f"{out}__rounded_{np.dtype(src).name}"
-        return [node, helper.make_node("Cast", [node.output[0]], [out], to=D,
-                                       name=f"{node.name or out}/to_{np.dtype(dst).name}")]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        cast = node.op_type == "Cast" and to == S
+        extra = []
+        for i, out in enumerate(node.output):
+            if not out or not (cast and i == 0 or main and out in narrow):
+                continue
+            low = f"{out}__rounded_{sname}"
+            if cast:  # (the Cast itself rounds: kept to S)
+                node.output[0] = low
+            else:
+                node.output[i] = f"{out}__{dname}"
+                extra.append(helper.make_node("Cast", [node.output[i]], [low], to=S,
+                                              name=f"{node.name or out}/round_{sname}"))
+            extra.append(helper.make_node("Cast", [low], [out], to=D,
+                                          name=f"{node.name or out}/to_{dname}"))
+        return [node, *extra]
 
     def conv_tensor(t: onnx.TensorProto) -> None:
         if t.data_type == S:
@@ -1012,13 +1033,13 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
             conv_tensor(t)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             _conv_type(vi.type, S, D)
-        nodes = [n for node in g.node for n in rounded(node)]
+        nodes = [n for node in g.node for n in rounded(node, g is m.graph)]
         if len(nodes) != len(g.node):
             del g.node[:]
             g.node.extend(nodes)
         for node in g.node:
             keep = rounding and node.op_type == "Cast" and node.output and \
-                node.output[0].endswith(f"__rounded_{np.dtype(src).name}")
+                node.output[0].endswith(f"__rounded_{sname}")
             if (node.op_type in _STASHED and S == onnx.TensorProto.FLOAT
                     and not any(a.name == "stash_type" for a in node.attribute)
                     and "stash_type" in onnx.defs.get_schema(

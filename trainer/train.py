@@ -2160,7 +2160,10 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
 
     target = np.float64 if precision == "fp64" else np.float32
     g = model.graph
-    values = {t.data_type for t in g.initializer}
+    # (the model's own types: its tensors' and inputs' and outputs'; a scalar constant of a
+    # 16-bit region, a dynamo export's 0.3 in `h.half() * 0.3`, is not what makes a 16-bit
+    # model)
+    values = {t.data_type for t in g.initializer if math.prod(t.dims) > 1}
     values |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
     used = values | {a.i for n in g.node for a in n.attribute if a.name in ("to", "dtype")}
     m = model
