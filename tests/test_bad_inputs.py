@@ -386,6 +386,8 @@ CASES = {
     "config-not-found": (lambda t: ["train", str(t / "none.yaml")], "config file not found"),
     "config-a-device": (lambda t: ["train", "/dev/null"],
                         "config /dev/null is not a regular file (a pipe or a device)"),
+    "check-config-a-device": (lambda t: ["check", "/dev/null"],
+                              "config /dev/null is not a regular file (a pipe or a device)"),
     "config-not-yaml": (lambda t: ["train", str(_put(t / "c.yaml", "a: [1, 2"))],
                         "cannot parse config file"),
     "config-not-a-mapping": (lambda t: ["train", str(_put(t / "c.yaml", "- 1\n- 2\n"))],

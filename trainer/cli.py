@@ -89,8 +89,9 @@ def _is_config(path: str) -> bool:
 
 
 def _check(args) -> int:
-    if _is_config(args.model):
-        return _check_config(args)
+    p = Path(args.model)
+    if _is_config(args.model) or p.exists() and not p.is_file() and not p.is_dir():
+        return _check_config(args)  # (a pipe or device: the config loader says what it is)
     if Path(args.model).suffix.lower() in (".npz", ".npy"):
         raise TrainerError(f"{args.model} is a dataset, not a model or a config: check takes "
                            "MODEL.onnx or CONFIG.yaml (the config names the dataset)")
