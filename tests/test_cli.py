@@ -600,6 +600,39 @@ def test_train_onto_a_full_terminal_output_goes_on_and_exports(tmp_path):
     assert (tmp_path / "ck" / "step_00000004").is_dir()
 
 
+@pytest.mark.parametrize("closed", ["pipe", "stdout"])
+def test_train_whose_output_reader_goes_away_goes_on_and_exports(tmp_path, closed):
+    """`train c.yaml | head -1`: the run ended at its next line with exit 141, silently, with
+    neither its export nor its checkpoints; started with stdout closed (`>&-`), it exported
+    and then failed as an internal error. Training goes on without the output."""
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp_path / "out.onnx"),
+        "device": "cpu", "steps": 6, "log": {"every_steps": 1},
+        "checkpoint": {"dir": str(tmp_path / "ck")},
+        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                           "targets": {"label": "y_train"}}, "batch_size": 32},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    cmd = [sys.executable, "-m", "trainer", "train", str(cfg)]
+    if closed == "pipe":
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        proc.stdout.readline()
+        proc.stdout.close()  # (as `head -1` does after its line)
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=300)
+        assert code == 0 and err.strip().splitlines() == [
+            "onnx-trainer: warning: cannot write the terminal output (Broken pipe); training "
+            "goes on without it"], err
+    else:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              cwd=ROOT, timeout=300, preexec_fn=lambda: os.close(1))
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert (tmp_path / "ck" / "step_00000006").is_dir()
+
+
 def test_grad_trains_a_tied_output_projection_as_its_embedding(tmp_path):
     """A TorchScript export folds a tied output projection (`head.weight = emb.weight`) into a
     second initializer, the embedding's transpose. `train` ties it back; `grad` does too, so

@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         code = args.fn(args)
-        sys.stdout.flush()  # (here, where a closed pipe is caught, not at exit)
+        if sys.stdout is not None:  # (None: started with stdout closed)
+            sys.stdout.flush()  # (here, where a closed pipe is caught, not at exit)
         return code
     except Interrupted as exc:  # SIGINT/SIGTERM after a complete step: every rank exits so
         print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)

@@ -56,8 +56,10 @@ def _rate_text(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
-# errno codes of an output that cannot take more (a full disk, a quota, a file size limit)
-_FULL = {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EIO") if hasattr(errno, n)}
+# errno codes of an output that cannot take more (a full disk, a quota, a file size limit;
+# a pipe whose reader went away, `train ... | head -1`)
+_FULL = {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EIO", "EPIPE")
+         if hasattr(errno, n)}
 
 
 class _Bar:
