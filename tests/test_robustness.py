@@ -430,6 +430,27 @@ def test_tensorboard_events_and_a_trace_that_cannot_be_written_do_not_end_traini
     assert not (tmp_path / "t.json.tmp").exists()
 
 
+def test_a_checkpoint_dir_lock_on_a_full_disk_still_locks(tmp_path, digits_config,
+                                                         monkeypatch):
+    """The lock file's note of who holds it cannot be written on a full disk: that ended the
+    run before step 1 as "cannot write the terminal output"; the lock (flock) holds anyway,
+    and the note is left unsaid."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    t = Trainer(config_from_dict(digits_config(steps=2, checkpoint={
+        "dir": str(tmp_path / "ck")}), tmp_path), stream=io.StringIO())
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full)
+    t._hold_checkpoint_dir()
+    monkeypatch.undo()
+    assert t._lock is not None and (tmp_path / "ck" / ".lock").exists()
+    os.close(t._lock)
+    t._lock = None
+
+
 def test_a_best_model_that_cannot_be_written_does_not_end_training(tmp_path, digits_config):
     """model.best.onnx cannot be written at the second improvement (a full disk): the run ended
     there with the error, losing the steps since the last checkpoint (all of them without

@@ -870,7 +870,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         attempt(check_compress, cfg.distributed.compress,
                 np.empty(0, np.float64 if cfg.precision == "fp64" else np.float32))
     exports = 2 if cfg.best is not None else 1  # (the best model goes beside it)
-    attempt(checks.room_for, Path(cfg.output), exports * checks.model_bytes(cfg) + (1 << 20),
+    size = checks.model_bytes(cfg)  # (and a margin for the file's framing: a tenth, 64 KiB+)
+    attempt(checks.room_for, Path(cfg.output), exports * size + max(size // 10, 64 << 10),
             "output", "the trained model" + (" and the best one" if exports == 2 else ""))
     local = cfg.data.batch_size // world if cfg.data.batch_size % world == 0 else None
     if local is None:

@@ -1120,8 +1120,11 @@ class Trainer:
                                    "checkpoint.dir") from None
             raise TrainerError(f"checkpoint.dir {folder}: cannot lock it "
                                f"({exc.strerror or exc})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        try:  # (who holds it, for a second run's message: a full disk leaves it unsaid)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError:
+            pass
         self._lock = fd  # (released at the end of fit, or when the process ends)
 
     def _fit(self) -> dict:
