@@ -450,14 +450,18 @@ def test_export_and_eval_read_a_checkpoint(tmp_path, digits_config):
 def test_eval_command_takes_a_fixed_batch_model_whatever_the_training_batches(tmp_path):
     """A model whose batch dimension is fixed at 8, a training set whose last batch is
     partial (drop_last false): train refuses it, but eval trains nothing and scores the eval
-    set (it refused it for the training batches' sizes)."""
+    set (it refused it for the training batches' sizes). The model bakes its batch into a
+    Reshape, as a fixed-batch CNN export's flatten does: eval and export built the graph that
+    lays out the parameters at data.batch_size, which failed there (export too)."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+                           helper.make_node("MatMul", ["flat", "W"], ["logits"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [8, 3])],
-                          [numpy_helper.from_array(w, "W")])
+                          [numpy_helper.from_array(w, "W"),
+                           numpy_helper.from_array(np.array([8, 4], np.int64), "shape")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
               str(tmp_path / "m.onnx"))
     rng = np.random.default_rng(1)

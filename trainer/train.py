@@ -314,8 +314,13 @@ class Trainer:
                                if prefetch and self.xp is not np else None)
         self.eval_arrays = early_eval if early_eval is not None else (
             self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None)
-        if writes:  # (`onnx-trainer eval` trains nothing: the training batches' sizes do not
-            # matter; evaluation runs chunks of the model's fixed batch)
+        # (`onnx-trainer eval` and `export` train nothing: the training batches' sizes do
+        # not matter, evaluation runs chunks of the model's fixed batch, and the graph that
+        # lays out the parameters is built at that batch: a Reshape that bakes it in fails
+        # at another)
+        fixed = {d[0] for k, d in self.data_inputs.items() if d and d[0] is not None}
+        self._probe_n = fixed.pop() if not writes and len(fixed) == 1 else None
+        if writes:
             preflight.fixed_batch({k: v for k, v in self.data_inputs.items()  # (fed by the
                                    if k in cfg.data.train.inputs},  # data; others: constants)
                                   self.batches.local_sizes(), cfg.data.batch_size,
@@ -632,6 +637,10 @@ class Trainer:
         xp = self.xp
         first, _, _ = self.batches.get(0, 0)
         n_first = len(next(iter(first.values())))
+        probe = getattr(self, "_probe_n", None)
+        if probe and n_first and n_first != probe:  # (its samples repeated or cut to it)
+            take = np.arange(probe) % n_first
+            first, n_first = {k: v[take] for k, v in first.items()}, probe
         tm, info = self._training_graph(n_first, first)
         inits = {t.name: t for t in self.run_model.graph.initializer}
         values = {k: numpy_helper.to_array(inits[k]) for k in info.gradients}
