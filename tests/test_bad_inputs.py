@@ -386,6 +386,9 @@ CASES = {
     "config-not-found": (lambda t: ["train", str(t / "none.yaml")], "config file not found"),
     "config-a-device": (lambda t: ["train", "/dev/null"],
                         "config /dev/null is not a regular file (a pipe or a device)"),
+    "export-without-a-checkpoint-dir": (lambda t: [
+        "export", _write(t, _cfg(t)), "-o", str(t / "e.onnx")],
+        "export without --checkpoint reads the config's checkpoint.dir, which it does not set"),
     "check-config-a-device": (lambda t: ["check", "/dev/null"],
                               "config /dev/null is not a regular file (a pipe or a device)"),
     "config-not-yaml": (lambda t: ["train", str(_put(t / "c.yaml", "a: [1, 2"))],

@@ -185,6 +185,10 @@ def test_an_override_reaches_into_a_list_by_index() -> None:
             apply_override(raw, bad)
     with pytest.raises(ConfigError, match="the list is empty"):
         apply_override({"frozen": []}, "frozen.0=a")
+    # (a list the config does not set: the item was made a mapping key '0', said as a dict)
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.groups' is not set, so it has "
+                                          r"no item 0; .* --set 'optimizer.groups=\[...\]'"):
+        apply_override({"optimizer": {"lr": 0.1}}, "optimizer.groups.0.lr=0.01")
 
 
 def test_overrides_do_not_mutate_input_mapping() -> None:

@@ -168,6 +168,18 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
     assert top is not None or "warmup_steps" not in pre.text()
 
 
+def test_checkpoint_every_steps_without_a_dir_is_said(tmp_path, digits_config):
+    """checkpoint.every_steps without checkpoint.dir was accepted in silence and saved
+    nothing."""
+    from trainer.report import preflight
+
+    said = "warning: checkpoint.every_steps 5 without checkpoint.dir: no checkpoint is written"
+    assert said in preflight(config_from_dict(digits_config(checkpoint={"every_steps": 5}),
+                                              tmp_path)).text()
+    assert said not in preflight(config_from_dict(digits_config(checkpoint={
+        "every_steps": 5, "dir": str(tmp_path / "ck")}), tmp_path)).text()
+
+
 @pytest.mark.parametrize("eval_t", [12, 6])
 def test_an_eval_set_of_another_sequence_length_is_checked_at_its_own(tmp_path, eval_t,
                                                                       capsys):

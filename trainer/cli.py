@@ -349,14 +349,16 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _checkpoint_place(given: str, cfg, command: str) -> Path:
+def _checkpoint_place(given: str | None, cfg, command: str) -> Path:
     """--checkpoint PATH (a checkpoint folder, or a checkpoint.dir: its newest), or, given
     without a path, the config's checkpoint.dir."""
     if given:
         return Path(given)
     if cfg.checkpoint.dir is None:
-        raise TrainerError(f"{command} --checkpoint without a path reads the config's "
-                           "checkpoint.dir, which it does not set; give the checkpoint folder")
+        how = f"{command} --checkpoint without a path" if command != "export" or \
+            given is not None else "export without --checkpoint"
+        raise TrainerError(f"{how} reads the config's checkpoint.dir, which it does not set; "
+                           "give the checkpoint folder (--checkpoint PATH)")
     return Path(cfg.checkpoint.dir)
 
 
@@ -367,7 +369,7 @@ def _export(args) -> int:
     _thread_environment(cfg.threads)
     from trainer.train import Trainer
 
-    where = _checkpoint_place(args.checkpoint or "", cfg, "export")
+    where = _checkpoint_place(args.checkpoint, cfg, "export")
     what = "-o" if args.o else "output"
     out = _output_path(args.o or str(cfg.output), str(cfg.model), what)
     from trainer import preflight

@@ -811,6 +811,10 @@ def apply_override(raw: dict, override: str) -> None:
                 node[key] = value
             break
         if isinstance(node, dict) and node.get(key) is None:
+            if re.fullmatch(r"[0-9]+", parts[i + 1]):  # (an index into a list not there)
+                raise _err(".".join(parts[: i + 1]), f"is not set, so it has no item "
+                           f"{parts[i + 1]}; cannot apply {override!r} (give the whole list "
+                           f"as the value: --set '{'.'.join(parts[: i + 1])}=[...]')")
             node[key] = {}
         elif not isinstance(node[key], (dict, list)):
             raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")

@@ -1003,6 +1003,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             lines.append(f"  warning: schedule.warmup_steps {warmup} covers the whole run "
                          f"({total} optimizer steps): the lr only rises, to {top} at the last "
                          f"step, and the {cfg.schedule.type} schedule never starts")
+        if cfg.checkpoint.every_steps and cfg.checkpoint.dir is None:
+            lines.append(f"  warning: checkpoint.every_steps {cfg.checkpoint.every_steps} "
+                         "without checkpoint.dir: no checkpoint is written (set "
+                         "checkpoint.dir to keep them)")
         plateau = cfg.schedule if cfg.schedule.type == "plateau" else None
         for key, section in (("best", cfg.best), ("early_stop", cfg.early_stop),
                              ("schedule", plateau)):
