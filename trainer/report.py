@@ -311,19 +311,50 @@ def fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
     (no `sizes`) hold a value that is not a whole number."""
     from onnx import numpy_helper
 
+    from trainer.convert import _fold_integers
+
     inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: next((a.t for a in n.attribute if a.name == "value"), None)
-              for n in model.graph.node if n.op_type == "Constant" and n.output}
+    made = {o: n for n in model.graph.node for o in n.output if o}
+
+    def value(name: str, depth: int = 0) -> np.ndarray | None:
+        """A constant value: an initializer, a Constant (any of its value attributes), or
+        Identity/Cast/Concat/Reshape/Unsqueeze/Squeeze of such (a default export at
+        optimize=False, TorchScript without constant folding); None otherwise."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        n = made.get(name)
+        if n is None or depth > 16:
+            return None
+        if n.op_type == "Constant":
+            a = next(iter(n.attribute), None)
+            if a is None or a.name in ("sparse_value",):
+                return None
+            v = onnx.helper.get_attribute_value(a)
+            return numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else \
+                np.asarray(v)
+        if n.op_type not in ("Identity", "Cast", "Concat", "Reshape", "Unsqueeze", "Squeeze"):
+            return None
+        ins = [value(x, depth + 1) for x in n.input if x]
+        if any(v is None for v in ins):
+            return None
+        if n.op_type == "Cast":
+            return ins[0].astype(np.float64)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        try:
+            return _fold_integers(n.op_type, attrs, ins)
+        except (ValueError, IndexError):
+            return None
+
     out = []
     for i, n in enumerate(model.graph.node):
         mode = next((a.s for a in n.attribute if a.name == "coordinate_transformation_mode"), b"")
         if n.op_type != "Resize" or mode != b"align_corners" or len(n.input) < 3 or \
                 len(n.input) > 3 and n.input[3]:
             continue
-        t = inits.get(n.input[2]) or consts.get(n.input[2])
-        if t is None:
+        scales = value(n.input[2])
+        if scales is None or scales.dtype.kind not in "fiu":
             continue
-        scales = numpy_helper.to_array(t).astype(np.float64)
+        scales = scales.astype(np.float64)
         if scales.size and (scales != np.floor(scales)).any():
             out.append(node_name(n, i))
     return out
