@@ -492,7 +492,7 @@ class LossScaleConfig:
     growth_factor: float = _k(_float, 2.0, check=_GROW)
     backoff_factor: float = _k(_float, 0.5, check=_BACKOFF)
     growth_interval: int = _k(_int, 2000, check=_GE1)
-    dynamic: bool = _k(_bool, True)  # false: the scale stays `init` (overflowing steps skipped)
+    dynamic: bool = _k(_bool, True)  # false: the scale stays `init` (non-finite: on_nan)
 
 
 @dataclass(frozen=True)
