@@ -168,6 +168,20 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
     assert top is not None or "warmup_steps" not in pre.text()
 
 
+def test_more_blas_threads_than_cores_is_said(tmp_path, digits_config):
+    """`threads: 64` on a machine of a few cores was taken in silence, and a step ran about a
+    thousand times slower (found by a robustness sweep)."""
+    import os
+
+    from trainer.report import preflight
+
+    many = 4 * (os.cpu_count() or 1)
+    text = preflight(config_from_dict(digits_config(threads=many), tmp_path)).text()
+    assert f"warning: {many} BLAS thread(s) x 1 process(es) on this node's" in text, text
+    assert "outnumber" not in preflight(config_from_dict(digits_config(threads=1),
+                                                         tmp_path)).text()
+
+
 def test_checkpoint_every_steps_without_a_dir_is_said(tmp_path, digits_config):
     """checkpoint.every_steps without checkpoint.dir was accepted in silence and saved
     nothing."""

@@ -912,6 +912,14 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     threads, source = blas_threads(cfg.threads)
     lines.append(f"pre-flight: {Path(cfg.model).name}, {where}, precision {cfg.precision}, "
                  f"{threads} BLAS thread(s) per process ({source})")
+    import os
+
+    cores = os.cpu_count() or 1
+    if xp is np and threads > 1 and threads * local_processes() > cores:  # (each waits)
+        lines.append(f"  warning: {threads} BLAS thread(s) x {local_processes()} process(es) "
+                     f"on this node's {cores} core(s): threads that outnumber the cores wait "
+                     "on each other and a step can run many times slower; leave `threads` "
+                     "out (each process takes its share of the cores)")
     if xp is np:
         from trainer.kernels import compiled
 
