@@ -185,10 +185,18 @@ def test_an_override_reaches_into_a_list_by_index() -> None:
             apply_override(raw, bad)
     with pytest.raises(ConfigError, match="the list is empty"):
         apply_override({"frozen": []}, "frozen.0=a")
-    # (a list the config does not set: the item was made a mapping key '0', said as a dict)
-    with pytest.raises(ConfigError, match=r"config key 'optimizer.groups' is not set, so it has "
-                                          r"no item 0; .* --set 'optimizer.groups=\[...\]'"):
-        apply_override({"optimizer": {"lr": 0.1}}, "optimizer.groups.0.lr=0.01")
+    # (a list the config does not set: the item was made a mapping key '0', said as a dict;
+    # a misspelt key is still named as one)
+    base = {"model": "m.onnx", "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}}},
+            "loss": {"type": "output", "output": "y"}, "optimizer": {"lr": 0.1}}
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.groups' must be a list .*, got "
+                                          r"no list: the config does not set it, so --set cannot "
+                                          r"reach its item 0 .*--set 'optimizer.groups=\[...\]'"):
+        config_from_dict(base, "/tmp", ["optimizer.groups.0.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"did you mean 'optimizer.groups'"):
+        config_from_dict(base, "/tmp", ["optimizer.groupz.0.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"'best.0' is unknown"):
+        config_from_dict(base, "/tmp", ["best.0=1"])
 
 
 def test_overrides_do_not_mutate_input_mapping() -> None:

@@ -59,7 +59,19 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+class _NoList(dict):
+    """What `--set a.b.0.c=...` makes of a list `a.b` the config does not set (an item by
+    its index): a mapping, which the list's check names as such."""
+
+    def __init__(self, key: str, index: str):
+        super().__init__()
+        self.key, self.index = key, index
+
+
 def _got(v: Any) -> str:
+    if isinstance(v, _NoList):
+        return (f"no list: the config does not set it, so --set cannot reach its item "
+                f"{v.index} (give the whole list as the value: --set '{v.key}=[...]')")
     text = repr(v)
     return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
@@ -811,11 +823,10 @@ def apply_override(raw: dict, override: str) -> None:
                 node[key] = value
             break
         if isinstance(node, dict) and node.get(key) is None:
-            if re.fullmatch(r"[0-9]+", parts[i + 1]):  # (an index into a list not there)
-                raise _err(".".join(parts[: i + 1]), f"is not set, so it has no item "
-                           f"{parts[i + 1]}; cannot apply {override!r} (give the whole list "
-                           f"as the value: --set '{'.'.join(parts[: i + 1])}=[...]')")
-            node[key] = {}
+            # (an index into a list the config does not set: said where the list is checked,
+            # after the key's name is)
+            node[key] = _NoList(".".join(parts[: i + 1]), parts[i + 1]) \
+                if re.fullmatch(r"[0-9]+", parts[i + 1]) else {}
         elif not isinstance(node[key], (dict, list)):
             raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")
         node = node[key]
