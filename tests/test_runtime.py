@@ -471,8 +471,9 @@ def test_a_float32_models_own_rounding_to_16_bits_is_kept(tmp_path, dtype):
 
 @pytest.mark.parametrize("like", [False, True])
 def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like):
-    """`relu(h.half() * 0.3 + 1).float()` as a dynamo export writes it: the 16-bit scalars are
-    float16 initializers, which made the model look like a float16 one, so the region's
+    """`relu(h.half() * w.half() + 1).float()` as the exporters write it: the 16-bit constants
+    and the weight cast inside the region are float16 initializers, which made the model look
+    like a float16 one, so the region's
     rounding was dropped (its Cast became float32 to float32); the region's other nodes also
     computed in float32 unrounded. Each now rounds its result to float16, which is float16
     arithmetic (NumPy's, correctly rounded) to the bit; the same with a CastLike."""
@@ -494,14 +495,15 @@ def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
         [numpy_helper.from_array(w, "W"),
-         numpy_helper.from_array(np.array(0.3, np.float16), "c"),
+         # (a weight cast inside the region, `h * self.w.half()`: float16 too, as a vector)
+         numpy_helper.from_array(np.linspace(0.1, 0.8, 8).astype(np.float16), "c"),
          numpy_helper.from_array(np.array(1.0, np.float16), "one")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     x = (rng.standard_normal((16, 6)) * 3).astype(np.float32)
     got = Executor(compute_form(model, "fp32"), np).run({"x": x})["y"]
-    h16 = (x @ w).astype(np.float16)
-    want = np.maximum(h16 * np.float16(0.3) + np.float16(1.0), np.float16(0)).astype(np.float32)
-    assert not np.array_equal(want, np.maximum(x @ w * np.float32(np.float16(0.3)) + 1, 0))
+    h16, c = (x @ w).astype(np.float16), np.linspace(0.1, 0.8, 8).astype(np.float16)
+    want = np.maximum(h16 * c + np.float16(1.0), np.float16(0)).astype(np.float32)
+    assert not np.array_equal(want, np.maximum(x @ w * c.astype(np.float32) + 1, 0))
     np.testing.assert_array_equal(got, want)
 
 

@@ -2172,20 +2172,21 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
 
     target = np.float64 if precision == "fp64" else np.float32
     g = model.graph
-    # (the model's own types: its tensors' and inputs' and outputs'; a scalar constant of a
-    # 16-bit region, a dynamo export's 0.3 in `h.half() * 0.3`, is not what makes a 16-bit
-    # model)
-    values = {t.data_type for t in g.initializer if math.prod(t.dims) > 1}
-    values |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
-    used = values | {a.i for n in g.node for a in n.attribute if a.name in ("to", "dtype")}
+    elements: dict[int, int] = {}
+    for t in g.initializer:
+        elements[t.data_type] = elements.get(t.data_type, 0) + math.prod(t.dims)
+    io = {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
+    used = set(elements) | io | {a.i for n in g.node for a in n.attribute
+                                 if a.name in ("to", "dtype")}
     m = model
     for src in (np.float16, ml_dtypes.bfloat16, np.float32):
         code = helper.np_dtype_to_tensor_dtype(np.dtype(src))
         if np.dtype(src) != np.dtype(target) and code in used:
-            # (a 16-bit type only Casts name, in a model of wider values, is a deliberate
-            # rounding, `h.half().float()`: kept as one)
-            m = convert_floats(m, src, target,
-                               rounding=src is not np.float32 and code not in values)
+            # (a 16-bit model: its inputs or outputs, or most of its weights, are of the type;
+            # otherwise the type is a float32 model's own region, `relu(h.half() * 0.3)`, its
+            # constants a scalar or a weight cast inside it, `w.half()`: its rounding is kept)
+            own = code in io or elements.get(code, 0) > elements.get(onnx.TensorProto.FLOAT, 0)
+            m = convert_floats(m, src, target, rounding=src is not np.float32 and not own)
     return m
 
 
