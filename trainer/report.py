@@ -901,8 +901,8 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         attempt(check_compress, cfg.distributed.compress,
                 np.empty(0, np.float64 if cfg.precision == "fp64" else np.float32))
     exports = 2 if cfg.best is not None else 1  # (the best model goes beside it)
-    size = checks.model_bytes(cfg)  # (and a margin for the file's framing: a tenth, 64 KiB+)
-    attempt(checks.room_for, Path(cfg.output), exports * size + max(size // 10, 64 << 10),
+    size = checks.model_bytes(cfg)  # (and a margin for the file's framing: a hundredth)
+    attempt(checks.room_for, Path(cfg.output), exports * size + size // 100 + 4096,
             "output", "the trained model" + (" and the best one" if exports == 2 else ""))
     local = cfg.data.batch_size // world if cfg.data.batch_size % world == 0 else None
     if local is None:
@@ -914,12 +914,16 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                  f"{threads} BLAS thread(s) per process ({source})")
     import os
 
-    cores = os.cpu_count() or 1
+    try:  # (the cores this process may run on: a cpuset, taskset, srun -c)
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     if xp is np and threads > 1 and threads * local_processes() > cores:  # (each waits)
-        lines.append(f"  warning: {threads} BLAS thread(s) x {local_processes()} process(es) "
-                     f"on this node's {cores} core(s): threads that outnumber the cores wait "
-                     "on each other and a step can run many times slower; leave `threads` "
-                     "out (each process takes its share of the cores)")
+        fix = "leave `threads` out" if source == "threads" else f"unset {source}"
+        lines.append(f"  warning: {threads} BLAS thread(s) ({source}) x {local_processes()} "
+                     f"process(es) on the {cores} core(s) this process may use: threads that "
+                     "outnumber the cores wait on each other and a step can run many times "
+                     f"slower; {fix} (each process then takes its share of the cores)")
     if xp is np:
         from trainer.kernels import compiled
 
