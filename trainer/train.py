@@ -929,8 +929,12 @@ class Trainer:
             cause = self._first_nonfinite_of_all(micro)
             sent16 = (cause == self._NONE_ANYWHERE and self.world > 1
                       and self.cfg.distributed.compress == "fp16")
+            static = self.scaler is not None and not self.scaler.backs_off
             raise NonFiniteLoss(f"{what} at step {self.step + 1}; {cause}; training stopped "
                                "before applying it" + (
+                                   f" (a static loss scale, {float(self.scaler.scale):g}: "
+                                   "where its product overflows float16, lower "
+                                   "loss_scale.init or make it dynamic)" if static else "") + (
                                    " (distributed.compress: fp16 sends the gradients as "
                                    "float16, whose range ends at 65504, before any clipping: "
                                    "use compress: bf16, float32's range, or null)" if sent16
