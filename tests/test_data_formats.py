@@ -400,6 +400,11 @@ def test_eval_of_fewer_samples_than_processes_is_scored_as_training_scores_it(tm
         got = run_local(2, lambda comm: Trainer(cfg, comm=comm, stream=io.StringIO(),
                                                 writes=False).evaluate())
     assert got[0] == got[1] == pytest.approx(alone, abs=1e-6)
+    # (a data.batch_size the processes do not divide: eval trains nothing, it was refused)
+    odd = config_from_dict({**raw, "data": {**raw["data"], "batch_size": 3}}, tmp_path)
+    got = run_local(2, lambda comm: Trainer(odd, comm=comm, stream=io.StringIO(), check=False,
+                                            writes=False).evaluate())  # (as the CLI's)
+    assert got[0] == pytest.approx(alone, abs=1e-6)
 
 
 def _tiny_model(path, x_dims, extra=()):

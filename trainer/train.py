@@ -303,7 +303,11 @@ class Trainer:
             preflight.fixed_batch_fits({k: v for k, v in self.data_inputs.items()
                                         if k in cfg.data.train.inputs},
                                        len(next(iter(self.train_arrays.values()))), self.world)
-        self.batches = Batches(source, cfg.data.batch_size, rank=self.rank,
+        # (`eval` and `export` train nothing: a batch size the processes do not divide is
+        # rounded up for the batches they never take)
+        batch = cfg.data.batch_size if writes else -(-cfg.data.batch_size // self.world) * \
+            self.world
+        self.batches = Batches(source, batch, rank=self.rank,
                                world=self.world, shuffle=cfg.data.shuffle,
                                drop_last=cfg.data.drop_last and early_eval is None,
                                seed=cfg.seed,
