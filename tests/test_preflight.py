@@ -168,6 +168,27 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
     assert top is not None or "warmup_steps" not in pre.text()
 
 
+def test_an_unwritable_folder_is_named_not_the_probe_file(tmp_path, monkeypatch):
+    """A relative folder (`--profile-trace rel.json` in a read-only working directory): the
+    message named the internal probe file, whose absolute name the relative one did not
+    match."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from trainer.preflight import _probe
+
+    def refuse(dir, prefix):
+        name = str(Path(dir).absolute() / f"{prefix}x1y2")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(TrainerError, match=r"^--profile-trace rel.json: cannot write in \.: "
+                                           r"Read-only file system$"):
+        _probe(Path("."), Path("rel.json"), "--profile-trace")
+
+
 def test_more_blas_threads_than_cores_is_said(tmp_path, digits_config):
     """`threads: 64` on a machine of a few cores was taken in silence, and a step ran about a
     thousand times slower (found by a robustness sweep)."""

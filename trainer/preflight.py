@@ -284,8 +284,8 @@ def _probe(folder: Path, path: Path, what: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        where = exc.filename if exc.filename and not str(exc.filename).startswith(
-            str(folder / ".onnx-trainer-probe-")) else folder
+        where = exc.filename if exc.filename and not Path(exc.filename).name.startswith(
+            ".onnx-trainer-probe-") else folder  # (the probe's own name is ours, not theirs)
         raise TrainerError(f"{what} {path}: cannot write in {where}: {reason}") from None
 
 
