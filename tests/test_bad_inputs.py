@@ -242,14 +242,15 @@ def _save(name, model_fn):
     return build
 
 
-def _ext_model(location, data_len=None, symlink_to=None):
+def _ext_model(location, data_len=None, symlink_to=None, offset=None):
     def build(tmp):
         m = onnx.load(EXAMPLES / "digits_mlp.onnx")
         t = m.graph.initializer[0]
         raw = numpy_helper.to_array(t).tobytes()
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", location), ("length", str(data_len or len(raw)))):
+        for k, v in (("location", location), ("length", str(data_len or len(raw))),
+                     *((("offset", str(offset)),) if offset is not None else ())):
             e = t.external_data.add()
             e.key, e.value = k, v
         (tmp / "m").mkdir(exist_ok=True)
@@ -378,6 +379,8 @@ CASES = {
     # -- external data --
     "external-missing-file": (_model_file(_ext_model("w.bin", data_len=-1)), "w.bin"),
     "external-wrong-length": (_model_file(_ext_model("w.bin", data_len=7)), "length 7 bytes"),
+    "external-negative-offset": (_model_file(_ext_model("w.bin", offset=-5)),
+                                 "has a negative external data offset (-5)"),
     "external-absolute-path": (_model_file(_ext_model("/etc/passwd")), "outside"),
     "external-dotdot": (_model_file(_ext_model("../w.bin")), "outside"),
     "external-symlink-out": (_model_file(_ext_model("w.bin", symlink_to="outside_w.bin")),

@@ -469,8 +469,11 @@ def _external_data(tensors: list[tuple[onnx.TensorProto, str]], folder: Path, wh
         if length != need:
             raise ModelError(f"{what}: external data of {name} has length {length} bytes, but "
                              f"its shape {_dims_text(list(t.dims))} and type need {need}")
+        if offset < 0:
+            raise ModelError(f"{what}: {name} has a negative external data offset ({offset}); "
+                             "the model's file is damaged")
         size = target.stat().st_size
-        if offset < 0 or offset + need > size:
+        if offset + need > size:
             raise ModelError(f"{what}: external data file '{shown}' ({size} bytes) is too "
                              f"short for {name}: {need} bytes at offset {offset}")
         found.append((t, name, target, offset, need))
