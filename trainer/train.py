@@ -2183,7 +2183,9 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     elements: dict[int, int] = {}
     for t in g.initializer:
         elements[t.data_type] = elements.get(t.data_type, 0) + math.prod(t.dims)
-    io = {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)}
+    inits = {t.name for t in g.initializer}  # (older models list them as inputs too)
+    io = {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)
+          if vi.name not in inits}
     used = set(elements) | io | {a.i for n in g.node for a in n.attribute
                                  if a.name in ("to", "dtype")}
     m = model
