@@ -580,19 +580,26 @@ def test_a_full_disk_under_the_terminal_output_is_one_line():
         "onnx-trainer: error: cannot write the terminal output: No space left on device"]
 
 
+def _logged_digits_run(tmp_path, steps: int) -> Path:
+    """A config of the digits MLP logging every step, checkpointing to tmp_path/ck and
+    exporting to tmp_path/out.onnx."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp_path / "out.onnx"),
+        "device": "cpu", "steps": steps, "log": {"every_steps": 1},
+        "checkpoint": {"dir": str(tmp_path / "ck")},
+        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
+                           "targets": {"label": "y_train"}}, "batch_size": 32},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    return cfg
+
+
 def test_train_onto_a_full_terminal_output_goes_on_and_exports(tmp_path):
     """`train c.yaml > log` with the log's disk full ended the run at the next line it
     printed, without its export or last checkpoint; training goes on without the output."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp_path / "out.onnx"),
-        "device": "cpu", "steps": 4, "log": {"every_steps": 1},
-        "checkpoint": {"dir": str(tmp_path / "ck")},
-        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
-                           "targets": {"label": "y_train"}}, "batch_size": 32},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    cfg = _logged_digits_run(tmp_path, steps=4)
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(cfg)], stdout=full,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
@@ -611,14 +618,7 @@ def test_train_whose_output_reader_goes_away_goes_on_and_exports(tmp_path, close
     and then failed as an internal error. Training goes on without the output."""
     import os
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": str(EXAMPLES / "digits_mlp.onnx"), "output": str(tmp_path / "out.onnx"),
-        "device": "cpu", "steps": 6, "log": {"every_steps": 1},
-        "checkpoint": {"dir": str(tmp_path / "ck")},
-        "data": {"train": {"path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_train"},
-                           "targets": {"label": "y_train"}}, "batch_size": 32},
-        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}))
+    cfg = _logged_digits_run(tmp_path, steps=6)
     cmd = [sys.executable, "-m", "trainer", "train", str(cfg)]
     if closed == "pipe":
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)

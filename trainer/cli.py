@@ -170,9 +170,9 @@ def _grad(args) -> int:
     from trainer.autodiff import build_training_graph
     from trainer.contrib import lower_contrib
     from trainer.graph import load_model
+    from trainer.unfuse import unfuse_conv_batchnorms
 
     _a_model(args.model, "grad")
-    from trainer.unfuse import unfuse_conv_batchnorms
 
     model = unfuse_conv_batchnorms(lower_contrib(load_model(args.model), inplace=True),
                                    inplace=True)[0]
