@@ -889,17 +889,22 @@ def local_processes() -> int:
     return 1
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a cpuset, taskset, srun -c bind it to fewer than
+    the node has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def resolve_threads(threads: int | None) -> int:
     """BLAS threads for this process: `threads` if given, else its share of the node's cores
     (the cores it may run on, divided among the node's processes; when the launcher already
     binds it to fewer cores than the node has, those are its share)."""
     if threads is not None:
         return int(threads)
-    total = os.cpu_count() or 1
-    try:
-        mine = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        mine = total
+    total, mine = os.cpu_count() or 1, usable_cores()
     if mine < total:
         return max(1, mine)
     return max(1, mine // local_processes())

@@ -869,7 +869,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     `train` checks them as it loads them)."""
     from trainer import memory
     from trainer import preflight as checks
-    from trainer.config import blas_threads, local_processes
+    from trainer.config import blas_threads, local_processes, usable_cores
     from trainer.data import (
         Batches,
         check_against_model,
@@ -912,12 +912,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     threads, source = blas_threads(cfg.threads)
     lines.append(f"pre-flight: {Path(cfg.model).name}, {where}, precision {cfg.precision}, "
                  f"{threads} BLAS thread(s) per process ({source})")
-    import os
-
-    try:  # (the cores this process may run on: a cpuset, taskset, srun -c)
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if xp is np and threads > 1 and threads * local_processes() > cores:  # (each waits)
         fix = "leave `threads` out" if source == "threads" else f"unset {source}"
         lines.append(f"  warning: {threads} BLAS thread(s) ({source}) x {local_processes()} "
