@@ -469,14 +469,16 @@ def test_a_float32_models_own_rounding_to_16_bits_is_kept(tmp_path, dtype):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("like", [False, True])
-def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like):
+@pytest.mark.parametrize("like,listed", [(False, False), (True, False), (False, True)])
+def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like, listed):
     """`relu(h.half() * w.half() + 1).float()` as the exporters write it: the 16-bit constants
     and the weight cast inside the region are float16 initializers, which made the model look
     like a float16 one, so the region's
     rounding was dropped (its Cast became float32 to float32); the region's other nodes also
     computed in float32 unrounded. Each now rounds its result to float16, which is float16
-    arithmetic (NumPy's, correctly rounded) to the bit; the same with a CastLike."""
+    arithmetic (NumPy's, correctly rounded) to the bit; the same with a CastLike, and where
+    the model lists its initializers as graph inputs too, as models of IR version 3 do (their
+    float16 constants made the inputs look 16-bit)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from trainer.executor import Executor
@@ -498,6 +500,9 @@ def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like):
          # (a weight cast inside the region, `h * self.w.half()`: float16 too, as a vector)
          numpy_helper.from_array(np.linspace(0.1, 0.8, 8).astype(np.float16), "c"),
          numpy_helper.from_array(np.array(1.0, np.float16), "one")])
+    if listed:
+        g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in g.initializer)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     x = (rng.standard_normal((16, 6)) * 3).astype(np.float32)
     got = Executor(compute_form(model, "fp32"), np).run({"x": x})["y"]
