@@ -295,9 +295,12 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
             lines.append(f"WARNING: {SCALAR_HINT}: {listing(scalars)}")
         # (what else TorchScript's folding computed from the module's tensors: a Linear's
         # transposed weight (onnx::MatMul_<n>) trains as that weight, a Conv's with a folded
-        # BatchNorm is said above; the rest may be buffers: FrozenBatchNorm2d's scale, shift)
+        # BatchNorm is said above, a MultiheadAttention's in_proj_bias slices train as it;
+        # the rest may be buffers: FrozenBatchNorm2d's scale, shift)
+        from trainer.autodiff.params import torchscript_folded_weights
+        held = torchscript_folded_weights(model)
         folded = [t.name for t in model.graph.initializer
-                  if t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1
+                  if t.data_type in FLOAT_TYPES and math.prod(t.dims) > 1 and t.name not in held
                   and re.fullmatch(r"onnx::(?!MatMul_|Conv_|Gemm_)\w+_\d+", t.name)]
         if folded:
             lines.append(f"WARNING: {TORCHSCRIPT_FOLDED_HINT}: {listing(folded)}")

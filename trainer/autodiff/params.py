@@ -1632,14 +1632,46 @@ def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
         if len(modules) == 1 and module and slots[x] == {("MatMul", 1)} and any(
                 k.startswith(f"{module}.") for k in names):
             found.setdefault(module, []).append(x)
+    # (their biases, where TorchScript folded them too: `onnx::Add_<n>`, added to the MatMul's
+    # product in the same module)
+    made = {o: x for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            for x in n.input[1:] for o in n.output}
+    biases: dict[str, list[str]] = {}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "Add" or len(n.input) != 2:
+            continue
+        for b, other in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            x = made.get(other)
+            if b.startswith("onnx::Add_") and b in names and x is not None and \
+                    any(x in xs for xs in found.values()):
+                module = next(m for m, xs in found.items() if x in xs)
+                if b not in biases.get(module, []):
+                    biases.setdefault(module, []).append(b)
     out = {}
     for module, xs in found.items():  # (a module of several: each under its own name there)
+        bs = biases.get(module, [])
+        if f"{module}.out_proj.weight" in names and len(xs) == 3:
+            # (a MultiheadAttention over separate query, key and value: three slices of its
+            # in_proj_weight, or its q/k/v_proj_weight where kdim or vdim differ from the
+            # embedding's, in that order; their biases slices of in_proj_bias: a glob that
+            # names the parameter names every slice)
+            e = dims[f"{module}.out_proj.weight"][:1] * 2
+            packed = all(dims[x] == e for x in xs)
+            for x, leaf in zip(xs, ("q", "k", "v"), strict=True):
+                out[x] = f"{module}.in_proj_weight" if packed else f"{module}.{leaf}_proj_weight"
+            for b in bs:
+                out[b] = f"{module}.in_proj_bias"
+            continue
         # (a MultiheadAttention's packed projection is its in_proj_weight, beside in_proj_bias)
         leaf = "in_proj_weight" if f"{module}.in_proj_bias" in names and \
             f"{module}.bias" not in names else "weight"
         for x in xs:
             out[x] = f"{module}.{leaf}" if len(xs) == 1 and f"{module}.{leaf}" not in names \
                 else f"{module}.{x}"
+        for b in bs:
+            out[b] = f"{module}.bias" if len(xs) == 1 and len(bs) == 1 and \
+                f"{module}.bias" not in names else f"{module}.{b}"
     return out
 
 
