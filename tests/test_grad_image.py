@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from onnx import helper
+from onnx import TensorProto, helper
 
 from tests.gradcheck import (
     ATOL,
@@ -525,3 +525,40 @@ def test_check_refuses_an_opset_7_max_pool_on_the_trained_path_as_training_does(
         else:
             assert report.ok, report.text()
             build_training_graph(model, {"type": "output", "output": "loss"}, "all")
+
+
+@pytest.mark.parametrize("xs,ws,attrs", [
+    ((2, 2, 3), (2, 3, 1), dict(strides=[2], dilations=[2], pads=[0, 1])),
+    ((1, 2, 3, 2), (2, 2, 1, 1), dict(strides=[2, 3], pads=[0, 0, 1, 2]))])
+def test_conv_transpose_weight_gradient_of_a_1_wide_kernel_with_end_pads(xs, ws, attrs):
+    """The planned weight gradient (ConvWeightGrad, fused) drops the end pads, where a 1-wide
+    kernel's strided positions reach into them: its pointwise path read fewer positions than
+    dY holds and failed. As torch's autograd, fed at run time (constants fold it away)."""
+    import torch
+
+    from trainer.autodiff import reverse
+    from trainer.executor import Executor
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    k = len(xs) - 2
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    conv = torch.nn.functional.conv_transpose1d if k == 1 else \
+        torch.nn.functional.conv_transpose2d
+    full = conv(tx, tw, stride=attrs["strides"], dilation=attrs.get("dilations", 1))
+    ty = full[(...,) + tuple(slice(b, n - e) for b, e, n in zip(
+        attrs["pads"][:k], attrs["pads"][k:], full.shape[2:], strict=True))]
+    u = rng.standard_normal(tuple(ty.shape))
+    ty.backward(torch.tensor(u))
+    g = helper.make_graph([helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, xs),
+                           helper.make_tensor_value_info("w", TensorProto.DOUBLE, ws)],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE,
+                                                         list(ty.shape))])
+    model = reverse(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+                    ["x", "w"], ["y"], shapes={"x": xs, "w": ws})
+    ex = Executor(model, np)
+    for _ in range(2):  # (the second run takes the plan, with the fused weight gradient)
+        got = ex.run({"x": x, "w": w, "y_grad": u})
+        np.testing.assert_allclose(got["w_grad"], tw.grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got["x_grad"], tx.grad.numpy(), rtol=1e-10, atol=1e-12)

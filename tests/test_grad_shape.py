@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper
+from onnx import TensorProto, helper
 
 from tests.gradcheck import (
     FROM_PRE,
@@ -350,6 +350,14 @@ add("NegativeLogLikelihoodLoss", "weights-ignore-opset12",
     ignore_index=2)
 add("NegativeLogLikelihoodLoss", "opset22", [("P", normal(4, 3)), ("lab", ints(0, 1, 2, 2))],
     opset=22)
+# (negative pads that remove more than the axis holds eat into the other side's padding: the
+# output has n + before + after elements, as the spec, shape inference and onnxruntime say;
+# X reaches none of them)
+add("Pad", "constant-crop-beyond-the-axis", [("X", normal(2, 3)), ("pads", ints(0, -4, 0, 5)),
+                                             ("value", normal())], opset=18)
+add("Pad", "constant-grow-then-crop-beyond", [("X", normal(2, 1)),
+                                              ("pads", ints(1, 3, 0, -2)), ("value", normal())],
+    opset=18)
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -517,6 +525,21 @@ def test_gradients_through_size_0_dimensions(case, opset):
     for k in wrt:
         assert got[k].shape == inits[k].shape, (k, got[k].shape)
         assert not got[k].any()
+
+
+def test_a_batched_matmul_over_k_0_fed_at_run_time_is_zeros():
+    """The planned batched MatMul (one GEMM over the stacked rows) could not infer its -1 rows
+    where K is 0 and failed; zeros, as onnxruntime and NumPy give (Resize's gradient of an
+    axis resized to length 0 reaches it). Fed, not constants: folding took the cases above."""
+    from trainer.executor import Executor
+
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.DOUBLE, [2, 1, 0]),
+                           helper.make_tensor_value_info("b", TensorProto.DOUBLE, [0, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 1, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    y = Executor(model, np).run({"a": np.zeros((2, 1, 0)), "b": np.zeros((0, 3))})["y"]
+    assert y.shape == (2, 1, 3) and not y.any()
 
 
 @pytest.mark.parametrize("eq,shapes", [("ij->j", [(0, 3)]), ("ij->", [(0, 3)]),

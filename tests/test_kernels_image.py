@@ -743,6 +743,10 @@ def test_conv_transpose_refuses_an_output_padding_past_its_stride() -> None:
     ("ConvTranspose", {"dilations": [2], "pads": [2, 2]}, (2, 2, 3), (2, 2, 1),
      "ConvTranspose: the output's spatial axis 0 would be -1 long (the full result 3, less "
      "pads 2 and 2)"),
+    # (an auto_pad of no known value ran as NOTSET; onnxruntime refuses it)
+    ("Conv", {"auto_pad": "bogus"}, (1, 1, 4, 4), (1, 1, 3, 3),
+     "auto_pad 'bogus' is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID"),
+    ("MaxPool", {"kernel_shape": [2], "auto_pad": b"same"}, (1, 1, 4), None, "auto_pad 'same'"),
 ])
 def test_a_geometry_without_output_is_refused(op, attrs, x_shape, w_shape, said) -> None:
     """onnxruntime refuses these ("Invalid input shape", "Computed output dimension is <=

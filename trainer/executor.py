@@ -1083,8 +1083,9 @@ def _out_impl(n: PNode, shapes: Mapping, constants: Mapping, xp: ModuleType = np
         if len(sa) >= 3 and len(sb) == 2:  # one GEMM over the stacked rows
             k, m = sb
 
-            def mm(x, y, out):
-                _gemm2(x.reshape(-1, k), y, out.reshape(-1, m))
+            def mm(x, y, out):  # (rows by the shape: -1 is ambiguous where k is 0)
+                _gemm2(x.reshape(math.prod(x.shape[:-1]), k), y,
+                       out.reshape(math.prod(out.shape[:-1]), m))
                 return out
             return mm, 2
         if len(sa) == len(sb) == 2:

@@ -27,6 +27,11 @@ def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil
     strides = list(strides or [1] * k)
     dilations = list(dilations or [1] * k)
     span = [(kernel_shape[i] - 1) * dilations[i] + 1 for i in range(k)]
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in (None, "", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        raise ModelError(f"auto_pad '{auto_pad}' is none of NOTSET, SAME_UPPER, SAME_LOWER "
+                         "and VALID")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         out = [-(-in_spatial[i] // strides[i]) for i in range(k)]
         total = [max(0, (out[i] - 1) * strides[i] + span[i] - in_spatial[i]) for i in range(k)]
@@ -178,11 +183,14 @@ def _batch_chunk(xp, x, kshape, out_sp) -> int:
                      * x.itemsize)
 
 
-def _pointwise(xp, x, kshape, strides, pads, group):
+def _pointwise(xp, x, kshape, strides, pads, group, out):
     """x as [N, C, pixels] when a convolution with these parameters is pointwise (1x1 kernel,
-    no padding, one group): the strided pixels, contiguous; else None. (Such a convolution is
-    a product per image: no columns, and no transposition of the result.)"""
-    if group != 1 or any(k != 1 for k in kshape) or any(pads):
+    no padding, one group, and the output `out` the strided pixels: a weight gradient's
+    output may reach into end padding its pads leave out): the strided pixels, contiguous;
+    else None. (Such a convolution is a product per image: no columns, and no transposition
+    of the result.)"""
+    if group != 1 or any(k != 1 for k in kshape) or any(pads) or any(
+            -(-d // s) != o for d, s, o in zip(x.shape[2:], strides, out, strict=True)):
         return None
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
@@ -325,7 +333,7 @@ def conv_into(xp, x, w, b, strides, dilations, pads, out_sp, group, y=None):
     n = x.shape[0]
     m, g = w.shape[0], group
     kshape = list(w.shape[2:])
-    pixels = _pointwise(xp, x, kshape, strides, pads, group)
+    pixels = _pointwise(xp, x, kshape, strides, pads, group, out_sp)
     if pixels is not None:
         dt = np.result_type(x.dtype, w.dtype)
         target = y if y is not None and y.flags.c_contiguous and y.dtype == dt else \
@@ -419,7 +427,7 @@ def conv_weight_grad_into(xp, x, dy, kshape, strides, dilations, pads, group, dw
     out_sp = list(dy.shape[2:])
     if _winograd_shape(xp, x, kshape, dy.dtype, m, strides, dilations, pads, group):
         return winograd_weight_grad_into(x, dy, pads, dw)
-    pixels = _pointwise(xp, x, kshape, strides, pads, group)
+    pixels = _pointwise(xp, x, kshape, strides, pads, group, out_sp)
     if pixels is not None:  # 1x1: the sum over images of dY[n] X[n]^T, one GEMM each
         prods = matmul(xp, dy.reshape(n, m, -1), pixels.transpose(0, 2, 1))  # [N, M, C]
         if dw is None:

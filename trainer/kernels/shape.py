@@ -426,11 +426,14 @@ def _pad(xp, x, pads, mode, value, axes=None):
     before, after = [0] * r, [0] * r
     for i, a in enumerate(axes):
         before[a], after[a] = pads[i], pads[i + len(axes)]
-    # Negative pads remove elements: crop first, then pad by the positive amounts.
-    x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0))
-                for i, (b, e) in enumerate(zip(before, after, strict=True)))]
-    before, after = [max(b, 0) for b in before], [max(e, 0) for e in after]
+    for a in range(r):
+        if x.shape[a] + before[a] + after[a] < 0:
+            raise ValueError(f"Pad: pads {before[a]}, {after[a]} remove more than axis {a}'s "
+                             f"{x.shape[a]} elements")
     if mode == "constant":
+        # output position j of an axis holds input j - before: the input's overlap with the
+        # output is copied (a negative pad that removes more than the axis holds eats into
+        # the other side's padding: length n + before + after, as the spec says)
         shape = tuple(n + b + e for n, b, e in zip(x.shape, before, after, strict=True))
         if value is None:
             out = (np.full(shape, "", dtype=x.dtype) if x.dtype == object
@@ -438,8 +441,19 @@ def _pad(xp, x, pads, mode, value, axes=None):
         else:
             out = xp.empty(shape, dtype=x.dtype)
             out[...] = value.reshape(()) if hasattr(value, "reshape") else value
-        out[tuple(slice(b, b + n) for b, n in zip(before, x.shape, strict=True))] = x
+        lo = [max(0, -b) for b in before]
+        hi = [max(lo_, min(n, n + e)) for lo_, n, e in zip(lo, x.shape, after, strict=True)]
+        out[tuple(slice(l_ + b, h + b) for l_, h, b in zip(lo, hi, before, strict=True))] = \
+            x[tuple(slice(l_, h) for l_, h in zip(lo, hi, strict=True))]
         return out
+    # Negative pads remove elements: crop first, then pad by the positive amounts.
+    x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0))
+                for i, (b, e) in enumerate(zip(before, after, strict=True)))]
+    before, after = [max(b, 0) for b in before], [max(e, 0) for e in after]
+    for a in range(r):
+        if x.shape[a] == 0 and (before[a] or after[a]):
+            raise ValueError(f"Pad: mode '{mode}' has no elements of axis {a} left to pad "
+                             "from (its negative pads removed them all)")
     for a in range(r):
         if before[a] or after[a]:
             src = _pad_source(x.shape[a], before[a], after[a], mode)

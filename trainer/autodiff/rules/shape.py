@@ -497,7 +497,7 @@ def pad_grad(ctx):
     elif ctx.needs(2):  # only the opset >= 11 input form differentiates the value
         total, inner, dv = ctx.tmp("total"), ctx.tmp("inner"), ctx.tmp("dvalue")
         interior = _slice(ctx, ctx.GO(0), [max(b, 0) for b in before],
-                          [max(b, 0) + n - max(-b, 0) - max(-e, 0)
+                          [max(b, 0) + max(0, n - max(-b, 0) - max(-e, 0))
                            for b, e, n in zip(before, after, x_shape, strict=True)],
                           list(range(rank)), nodes)
         nodes += [ctx.reduce("ReduceSum", ctx.GO(0), list(range(rank)), total, keepdims=0),
@@ -508,8 +508,10 @@ def pad_grad(ctx):
         return nodes
     if mode == "constant" or all(b <= 0 and e <= 0 for b, e in zip(before, after, strict=True)):
         lead = [max(-b, 0) for b in before]
-        kept = [n - max(-b, 0) - max(-e, 0) for b, e, n in zip(before, after, x_shape,
-                                                               strict=True)]
+        # (none where negative pads remove more than X holds, eating into the other side's
+        # padding)
+        kept = [max(0, n - max(-b, 0) - max(-e, 0)) for b, e, n in zip(before, after, x_shape,
+                                                                       strict=True)]
         start = [max(b, 0) for b in before]
         crop = any(lead) or any(k != n for k, n in zip(kept, x_shape, strict=True))
         if not crop:  # (ends counted from the end: no size of X is baked in)
