@@ -471,3 +471,18 @@ def test_activation_defaults_are_the_operators_defaults(act, alpha, beta) -> Non
     want = run(node_model("RNN", ins, 2, opset=14, activations=[act], **extra), feeds)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("scale_shape", [(2, 3), (2, 4), (2, 1), (3, 2)])
+def test_blocked_quantization_refuses_a_scale_of_another_shape(scale_shape):
+    """With block_size 2 on axis 1 of a (2, 4) input the scale must be (2, 2); a (2, 3) or
+    (2, 4) one was taken and its blocks misassigned (onnxruntime refuses it)."""
+    from trainer.kernels import get_kernel
+
+    x = np.arange(8, dtype=np.int8).reshape(2, 4)
+    with pytest.raises(ValueError, match=r"needs a parameter of shape \(2, 2\)"):
+        get_kernel("DequantizeLinear", 21)(np, x, np.ones(scale_shape, np.float32), axis=1,
+                                            block_size=2)
+    y = get_kernel("DequantizeLinear", 21)(np, x, np.array([[1, 2], [3, 4]], np.float32),
+                                           axis=1, block_size=2)[0]
+    np.testing.assert_array_equal(y, [[0, 1, 4, 6], [12, 15, 24, 28]])

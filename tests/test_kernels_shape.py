@@ -525,3 +525,32 @@ def test_slice_clamps_starts_and_ends_as_the_spec_says(n, start, end, step):
     grad = np.zeros(n)
     grad[list(range(*spec_slice(start, end, step, n).indices(n)))] = r
     np.testing.assert_array_equal(gradients(lm, ["x"])[0]["x"], grad)
+
+
+_X23 = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+@pytest.mark.parametrize("op,opset,args,attrs,said", [
+    ("Reshape", 14, [np.array([-1, -1])], {}, "more than one -1"),
+    ("Reshape", 14, [np.array([-2, 3])], {}, "a size below -1"),
+    ("Split", 18, [np.array([1, 1])], {"axis": 1}, "the sizes [1, 1] do not add up to the "
+     "axis's 3 elements"),
+    ("Split", 18, [np.array([4, -1])], {"axis": 1}, "do not add up"),
+    ("Unsqueeze", 13, [np.array([5])], {}, "the axes [5] are out of range for an output of "
+     "rank 3 (each must lie in [-3, 2])"),
+    ("Unsqueeze", 13, [np.array([1, -3])], {}, "name an axis twice"),
+    ("Flatten", 13, [], {"axis": 3}, "axis 3 is out of range for an input of rank 2"),
+    ("ReduceSum", 13, [np.array([2])], {}, "axis 2 is out of range for an input of rank 2"),
+    ("ReduceMax", 13, [], {"axes": [-3]}, "axis -3 is out of range"),
+    ("ReduceMean", 18, [np.array([0, 4])], {}, "axis 4 is out of range"),
+])
+def test_axes_and_sizes_the_spec_forbids_are_refused(op, opset, args, attrs, said):
+    """Out-of-range reduction axes were wrapped around (axes [3] of a rank-2 input reduced axis
+    1), split sizes that miss the axis's length dropped its tail, a shape of two -1s took
+    one, and Unsqueeze/Flatten axes out of range gave a result; onnxruntime refuses each."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    with pytest.raises(ModelError) as err:
+        get_kernel(op, opset)(np, _X23, *args, **attrs)
+    assert said in str(err.value), str(err.value)

@@ -33,9 +33,11 @@ def expand_param(xp, v, shape, axis: int, block_size: int = 0):
         return v.reshape(())
     axis = axis % len(shape)
     if block_size:
-        if v.ndim != len(shape):
-            raise ValueError(f"blocked quantization needs a parameter of rank {len(shape)}, "
-                             f"got shape {v.shape}")
+        want = tuple(-(-d // block_size) if i == axis else d for i, d in enumerate(shape))
+        if tuple(v.shape) != want:
+            raise ValueError(f"blocked quantization (block_size {block_size} on axis {axis}) "
+                             f"of an input of shape {tuple(shape)} needs a parameter of shape "
+                             f"{want}, got {tuple(v.shape)}")
         full = xp.repeat(v, block_size, axis=axis)
         return full[(slice(None),) * axis + (slice(0, shape[axis]),)]
     if v.ndim != 1 or v.shape[0] != shape[axis]:

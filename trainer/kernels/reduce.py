@@ -188,8 +188,9 @@ def _axes(x, axes, noop_with_empty_axes):
     """Normalized axes: None (all), () (noop_with_empty_axes with no axes) or a tuple."""
     if axes is None or len(axes) == 0:
         return None if not noop_with_empty_axes else ()
-    rank = max(x.ndim, 1)  # a scalar accepts axis 0 / -1
-    return tuple(sorted({a % rank for a in host_ints(axes)} & set(range(x.ndim))))
+    # (out of range is an error, not wrapped around; a scalar accepts axis 0 / -1)
+    return tuple(sorted({axis_in(a, x.ndim, "Reduce") for a in host_ints(axes)}
+                        & set(range(x.ndim))))
 
 
 def _reduced_shape(shape, axes, keepdims: bool) -> tuple[int, ...]:

@@ -15,6 +15,9 @@ from trainer.kernels import axis_in, cached_constant, host_ints, host_scalar, ke
 
 def reshape_target(in_shape: tuple, shape: list[int], allowzero: int = 0) -> tuple:
     out = [in_shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(shape)]
+    if out.count(-1) > 1 or any(d < -1 for d in out):
+        raise ModelError(f"Reshape: the shape {list(shape)} has more than one -1 or a size "
+                         "below -1 (at most one dimension may be -1, inferred)")
     if -1 in out:
         known = int(np.prod([d for d in out if d != -1]))
         out[out.index(-1)] = int(np.prod(in_shape)) // max(known, 1)
@@ -63,6 +66,9 @@ def Reshape(xp, x, shape, *, allowzero=0):
 
 @kernel("Flatten")
 def Flatten(xp, x, *, axis=1):
+    if not -x.ndim <= axis <= x.ndim:
+        raise ModelError(f"Flatten: axis {axis} is out of range for an input of rank {x.ndim} "
+                         f"(it must lie in [{-x.ndim}, {x.ndim}])")
     axis %= x.ndim if axis < 0 else x.ndim + 1
     lead = int(np.prod(x.shape[:axis]))
     return (x.reshape(lead, int(np.prod(x.shape[axis:]))),)
@@ -109,7 +115,12 @@ def Squeeze_13(xp, x, axes=None):
 
 def _unsqueeze(x, axes):
     rank = x.ndim + len(axes)
+    if any(not -rank <= a < rank for a in axes):
+        raise ModelError(f"Unsqueeze: the axes {list(axes)} are out of range for an output of "
+                         f"rank {rank} (each must lie in [{-rank}, {rank - 1}])")
     new = sorted(a % rank for a in axes)
+    if len(set(new)) < len(new):
+        raise ModelError(f"Unsqueeze: the axes {list(axes)} name an axis twice")
     dims = iter(x.shape)
     return x.reshape(tuple(1 if i in new else next(dims) for i in range(rank)))
 
@@ -163,6 +174,9 @@ def _split(x, axis, split, num_outputs):
         # Opset 18: ceil(dim / n) per part, the last one smaller when dim does not divide.
         size = -(-dim // num_outputs)
         split = [max(0, min(size, dim - i * size)) for i in range(num_outputs)]
+    elif any(n < 0 for n in split) or sum(split) != dim:
+        raise ModelError(f"Split: the sizes {list(split)} do not add up to the axis's {dim} "
+                         "elements (each must be 0 or more)")
     index = [slice(None)] * x.ndim
     out, start = [], 0
     for n in split:
