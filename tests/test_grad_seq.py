@@ -362,3 +362,38 @@ def test_group_norm_opset18_per_group_scale(monkeypatch) -> None:
     for p in ("X", "S", "B"):
         np.testing.assert_allclose(grads[p], fd[p], rtol=RTOL, atol=ATOL, err_msg=p)
 
+
+
+@pytest.mark.parametrize("stash", [1, 11])
+def test_layer_norm_float16_gradient_through_inv_std_dev_is_taken_in_the_stash_type(stash):
+    """A float16 LayerNormalization's gradient through its InvStdDev output (float32 or float64,
+    the stash type) was taken in float16, where dInvStdDev * inv^2 of a row of small variance
+    overflows: inf and NaN for a gradient of about 1e4. Now in the stash type, dX rounded once:
+    torch's float32 autograd on the float16 input."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from trainer.autodiff import reverse
+    from trainer.executor import Executor
+
+    stats = TensorProto.FLOAT if stash == 1 else TensorProto.DOUBLE
+    x = np.array([[0.5012, 0.4986, 0.5021, 0.4993], [0.1, -0.3, 0.7, 0.2]], np.float16)
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"],
+                            stash_type=stash, epsilon=1e-5)
+    g = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4]),
+         helper.make_tensor_value_info("inv", stats, [2, 1])],
+        [helper.make_tensor("s", TensorProto.FLOAT16, [4], np.ones(4, np.float16)),
+         helper.make_tensor("b", TensorProto.FLOAT16, [4], np.zeros(4, np.float16))])
+    model = reverse(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                    ["x"], ["y", "inv"], shapes={"x": (2, 4)})
+    u = np.array([[1.0], [-0.5]])
+    got = Executor(model, np).run({"x": x, "y_grad": np.zeros((2, 4), np.float16),
+                                   "inv_grad": u.astype(np.float32 if stash == 1 else
+                                                        np.float64)})["x_grad"]
+    tx = torch.tensor(x.astype(np.float32), requires_grad=True)
+    inv = 1 / torch.sqrt(tx.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    inv.backward(torch.tensor(u, dtype=torch.float32))
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    np.testing.assert_allclose(got.astype(np.float32), tx.grad.numpy(), rtol=3e-3, atol=1e-3)

@@ -62,8 +62,11 @@ class Emit:
         return self("ConstantOfShape", self.ctx.const(list(shape), np.int64, "shape"), name=name,
                     value=numpy_helper.from_array(np.array([value], dtype)))
 
-    def k(self, value, like: str | None = None) -> str:
-        """A scalar constant with the dtype of `like` (default: the node's first input)."""
+    def k(self, value, like: str | None = None, dtype=None) -> str:
+        """A scalar constant of `dtype`, or with the dtype of `like` (default: the node's
+        first input)."""
+        if dtype is not None:
+            return self.ctx.const(value, dtype, "c")
         return self.ctx.scalar(value, like)
 
     def chain(self, op: str, names: list[str], out: str | None = None) -> str:
@@ -76,30 +79,32 @@ class Emit:
         return acc
 
 
-def _inv_std(e: Emit, var: str, eps: float) -> str:
-    return e("Reciprocal", e("Sqrt", e("Add", var, e.k(eps))))
+def _inv_std(e: Emit, var: str, eps: float, dtype=None) -> str:
+    return e("Reciprocal", e("Sqrt", e("Add", var, e.k(eps, dtype=dtype))))
 
 
-def standardized(e: Emit, x: str, axes, eps: float) -> tuple[str, str]:
-    """(xhat, inv) of x over axes (keepdims): xhat = (x - mean) * inv, inv = (var + eps)^-1/2."""
+def standardized(e: Emit, x: str, axes, eps: float, dtype=None) -> tuple[str, str]:
+    """(xhat, inv) of x over axes (keepdims): xhat = (x - mean) * inv, inv = (var + eps)^-1/2
+    (x of `dtype`; default: the node's first input's)."""
     xc = e("Sub", x, e.reduce("ReduceMean", x, axes), name="xc")
-    inv = _inv_std(e, e.reduce("ReduceMean", e("Mul", xc, xc), axes), eps)
+    inv = _inv_std(e, e.reduce("ReduceMean", e("Mul", xc, xc), axes), eps, dtype)
     return e("Mul", xc, inv, name="xhat"), inv
 
 
 def standardize_grad(e: Emit, g: str | None, xhat: str, inv: str, axes, n: int, out: str,
                      d_mean: str | None = None, d_inv: str | None = None,
-                     full_shape=None) -> None:
-    """dX of xhat = (x - mean) * inv given g = dL/dxhat (plus dL/dmean, dL/dinv if any):
+                     full_shape=None, dtype=None) -> None:
+    """dX of xhat = (x - mean) * inv given g = dL/dxhat (plus dL/dmean, dL/dinv if any), in
+    `dtype` (default: the node's first input's):
     dX = g*inv - (inv*mean(g) - dMean/n) - xhat*(inv*mean(g*xhat) + dInv*inv^2/n)."""
     c, d = [], []
     if g is not None:
         c.append(e("Mul", e.reduce("ReduceMean", g, axes), inv))
         d.append(e("Mul", e.reduce("ReduceMean", e("Mul", g, xhat), axes), inv))
     if d_mean is not None:
-        c.append(e("Neg", e("Mul", d_mean, e.k(1.0 / n))))
+        c.append(e("Neg", e("Mul", d_mean, e.k(1.0 / n, dtype=dtype))))
     if d_inv is not None:
-        d.append(e("Mul", e("Mul", d_inv, e("Mul", inv, inv)), e.k(1.0 / n)))
+        d.append(e("Mul", e("Mul", d_inv, e("Mul", inv, inv)), e.k(1.0 / n, dtype=dtype)))
     terms = [e("Mul", g, inv)] if g is not None else []
     if d:
         terms.append(e("Neg", e("Mul", xhat, e.chain("Add", d))))
@@ -145,6 +150,19 @@ def layer_norm_grad(ctx):
     g = _affine_grads(ctx, e, xhat, 1, 2)
     if ctx.needs(0):
         d_stats = [ctx.GO(i) for i in (1, 2)]
+        stash = [ctx.dtype(outs[i + 1]) for i, s in enumerate(d_stats) if s is not None]
+        if stash and np.dtype(stash[0]).itemsize > np.dtype(dt).itemsize:
+            # (gradients through Mean/InvStdDev in their stash type, float32 for a 16-bit X:
+            # dInvStdDev * inv^2 of a small variance is past float16's range; dX rounded once)
+            sx, sinv = standardized(e, e.cast(x, stash[0]), axes, ctx.attr("epsilon", 1e-5),
+                                    stash[0])
+            d_stats = [s if s is None or ctx.dtype(outs[i + 1]) == stash[0]
+                       else e.cast(s, stash[0]) for i, s in enumerate(d_stats)]
+            dx = ctx.tmp("dx_stash")
+            standardize_grad(e, None if g is None else e.cast(g, stash[0]), sx, sinv, axes, n,
+                             dx, *d_stats, full_shape=ctx.shape(x), dtype=stash[0])
+            e("Cast", dx, out=ctx.GI(0), to=elem_type(dt))
+            return e.zero_fill()
         d_stats = [s if s is None or ctx.dtype(outs[i + 1]) == dt else e.cast(s, dt)
                    for i, s in enumerate(d_stats)]
         standardize_grad(e, g, xhat, inv, axes, n, ctx.GI(0), *d_stats,
