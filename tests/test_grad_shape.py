@@ -508,6 +508,12 @@ EMPTY_CASES = {
                                "a": _I64([2])}),
     "matmul_k0_batched": ([helper.make_node("MatMul", ["x", "b"], ["y"])],
                           {"x": np.zeros((2, 1, 0)), "b": np.zeros((0, 2))}),
+    # (a reshape of the incoming gradient itself to a shape with several 0s: before opset 14
+    # its zeros of that shape, the gradient's dtype taken from its output's)
+    "tile_0x0": ([helper.make_node("Tile", ["x", "a"], ["y"])],
+                 {"x": np.zeros((0, 0)), "a": _I64([2, 2])}),
+    "gather_elements_3x0": ([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=0)],
+                            {"x": np.zeros((2, 1, 0)), "i": np.zeros((3, 1, 0), np.int64)}),
 }
 
 

@@ -43,6 +43,16 @@ class Builder:
     def dtype(self, name: str) -> np.dtype:
         return self.shapes[name][1]
 
+    def _known_dtype(self, name: str):
+        """The dtype of a value, or of an output's incoming gradient (its output's); None for
+        a rule's own temporaries."""
+        if name in self.shapes:
+            return self.dtype(name)
+        for i, go in enumerate(self._go):
+            if go == name and self.O(i) in self.shapes:
+                return self.dtype(self.O(i))
+        return None
+
     def static_value(self, name: str) -> np.ndarray | None:
         """Value of a constant input (initializer or Constant node), None if computed."""
         return self.constants.get(name)
@@ -69,8 +79,8 @@ class Builder:
         if 0 in shape and self.opset < 14:
             if shape.count(0) == 1 and -1 not in shape:
                 shape = [-1 if d == 0 else d for d in shape]
-            elif (dtype is not None or x in self.shapes) and self.opset >= 9:
-                dtype = self.dtype(x) if dtype is None else dtype  # (x's or as given)
+            elif (dtype is not None or self._known_dtype(x) is not None) and self.opset >= 9:
+                dtype = self._known_dtype(x) if dtype is None else dtype  # (x's or as given)
                 return self.node("ConstantOfShape", [self.const(shape, np.int64, "shape")],
                                  [out], value=numpy_helper.from_array(np.zeros(1, dtype)))
         return self.node("Reshape", [x, self.const(list(shape), np.int64, "shape")], [out],
