@@ -512,6 +512,24 @@ def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like, lis
     np.testing.assert_array_equal(got, want)
 
 
+def test_a_long_runs_history_keeps_its_latest_rows_and_the_file_all(tmp_path, monkeypatch):
+    """Trainer.history held every row of the run (about 300 bytes each: 10 MB at every step
+    over 40,000 steps, found by a resource sweep); it keeps the latest HISTORY_ROWS to
+    2 x HISTORY_ROWS now, and log.metrics every row."""
+    import json
+
+    from trainer import train as train_mod
+
+    monkeypatch.setattr(train_mod, "HISTORY_ROWS", 4)
+    t = _sqrt_run(tmp_path, "skip", steps=30, log={"every_steps": 1,
+                                                   "metrics": str(tmp_path / "m.jsonl")})
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))
+    assert 4 <= len(t.history) < 8
+    assert [r["step"] for r in t.history] == [r["step"] for r in rows[-len(t.history):]]
+
+
 def test_metrics_rows_are_strict_json(tmp_path):
     """A skipped step's NaN loss is null in the metrics file (bare NaN is not JSON: jq and
     JSON.parse refuse the file); the run's history keeps the value."""

@@ -100,6 +100,7 @@ from trainer.schedule import make_schedule
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
 
 SCALE_MIN = float(np.finfo(np.float32).eps)  # learned quantization scales: torch's clamp
+HISTORY_ROWS = 10_000  # rows a Trainer keeps in memory (about 300 bytes each; Trainer._remember)
 
 
 def data_dependent_hint(model: onnx.ModelProto) -> str:
@@ -378,7 +379,7 @@ class Trainer:
         self.best_step, self.best_path, self.es_bad = None, None, 0
         self.position = (0, 0)  # (epoch, index) of the next micro-batch
         self._order = (-1, None)
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the latest rows logged (_remember)
 
     # -- set-up --------------------------------------------------------------------------------
     def _load(self, ds, what):
@@ -1194,7 +1195,7 @@ class Trainer:
                         row["loss_scale"] = float(self.scaler.scale)
                         row["overflow_steps"] = self.scaler_skipped
                     t0, seen = now, 0
-                    self.history.append(row)
+                    self._remember(row)
                     self.log.record(row)
                 # Evaluations due after this step come before its checkpoint, which then holds
                 # what they decided (a plateau's lr cut, the best so far, early stopping)
@@ -1794,9 +1795,17 @@ class Trainer:
     def _log_evaluation(self, epoch: int) -> dict:
         metrics = self.evaluate()
         row = {"step": self.step, "epoch": epoch, **metrics}
-        self.history.append(row)
+        self._remember(row)
         self.log.record(row)
         return metrics
+
+    def _remember(self, row: dict) -> None:
+        """Keep a logged row in `history`, the latest HISTORY_ROWS of them at least (at most
+        twice that: older ones are dropped in one go), so a long run's memory does not grow
+        with its rows; log.metrics keeps them all."""
+        self.history.append(row)
+        if len(self.history) >= 2 * HISTORY_ROWS:
+            del self.history[:len(self.history) - HISTORY_ROWS]
 
     # -- evaluation, prediction, export --------------------------------------------------------
     def _inference(self) -> Executor:
