@@ -138,6 +138,12 @@ def test_constant_inputs_on_the_gpu_path(job, monkeypatch):
                                                       "input 'state' has shape [2, ?, 3], the "
                                                       "value has shape [2, 8]"),
     ({"sr": 16000}, "the model needs input 'state' but the data config maps only x"),
+    # (an axis named as the fed input's batch axis given another size: it failed as an Add of
+    # (8, 3) and (5, 3) in the model, naming no key)
+    ({"sr": 16000, "state": {"shape": [2, 5, 3], "fill": 0.5}},
+     "config key 'data.constants.state': axis 1 of input 'state' is 'N', the batch axis of "
+     "input 'x' (8 samples per process), the value's is 5: write `batch` there, e.g. "
+     "{shape: [2, batch, 3], fill: ...}"),
 ])
 def test_bad_constants_are_named_before_training(job, constants, message):
     with pytest.raises(TrainerError) as err:

@@ -85,6 +85,9 @@ def test_left_out_samples_are_named():
     assert str(tiny.empty_epoch_error(1)) == ("data.train has 3 sample(s), fewer than one per "
                                               "process (4 processes); run fewer processes or "
                                               "give more data")
+    # (an empty set on one process was told to run fewer processes)
+    empty = Batches({"x": np.arange(0)}, 12, drop_last=False)
+    assert str(empty.empty_epoch_error(1)) == "data.train is empty (0 samples)"
 
 
 def test_batch_must_divide_by_world():

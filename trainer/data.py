@@ -469,6 +469,8 @@ class Batches:
     def empty_epoch_error(self, accumulate: int) -> DataError:
         """The error for an epoch of fewer batches than `accumulate` (nothing to train)."""
         spe = self.steps_per_epoch
+        if spe == 0 and self.n == 0:
+            return DataError("data.train is empty (0 samples)")
         if spe == 0 and self.n < self.world:
             return DataError(f"data.train has {self.n} sample(s), fewer than one per process "
                              f"({self.world} processes); run fewer processes or give more data")

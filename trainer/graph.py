@@ -735,6 +735,13 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
     inits = {t.name for t in model.graph.initializer}
     declared = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
     fed = set(fed)
+    # (the batch axes' names of the inputs the dataset feeds: a constant's axis of such a name
+    # is the batch too)
+    batch_names: dict[str, str] = {}
+    for x in sorted(fed & set(declared)):
+        t = tensor_type(declared[x].type)
+        if t.HasField("shape") and t.shape.dim and t.shape.dim[0].dim_param:
+            batch_names.setdefault(t.shape.dim[0].dim_param, x)
     out = {}
     for name, spec in specs.items():
         key = f"config key 'data.constants.{name}'"
@@ -762,6 +769,15 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
             want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
             raise ConfigError(f"{key}: input '{name}' has shape {want}, the value has shape "
                               f"{list(value.shape)}")
+        if t.HasField("shape"):
+            for i, (d, v) in enumerate(zip(t.shape.dim, value.shape, strict=True)):
+                if d.dim_param in batch_names and v != batch:
+                    shape = [("batch" if j == i else n) for j, n in enumerate(value.shape)]
+                    raise ConfigError(
+                        f"{key}: axis {i} of input '{name}' is '{d.dim_param}', the batch axis "
+                        f"of input '{batch_names[d.dim_param]}' ({batch} samples per "
+                        f"process), the value's is {v}: write `batch` there, e.g. "
+                        f"{{shape: [{', '.join(map(str, shape))}], fill: ...}}")
         out[name] = np.array(value, dtype=dtype, order="C")  # (ascontiguousarray: 1-d)
     return out
 
