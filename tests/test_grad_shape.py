@@ -512,6 +512,10 @@ EMPTY_CASES = {
     # its zeros of that shape, the gradient's dtype taken from its output's)
     "tile_0x0": ([helper.make_node("Tile", ["x", "a"], ["y"])],
                  {"x": np.zeros((0, 0)), "a": _I64([2, 2])}),
+    # (GatherND with batch_dims over an empty batch: its rows per batch entry were a -1 of
+    # an empty array, which NumPy cannot infer)
+    "gather_nd_batch_0": ([helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1)],
+                          {"x": np.zeros((0, 4)), "i": np.zeros((0, 1), np.int64)}),
     "gather_elements_3x0": ([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=0)],
                             {"x": np.zeros((2, 1, 0)), "i": np.zeros((3, 1, 0), np.int64)}),
 }

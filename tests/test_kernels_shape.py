@@ -543,6 +543,7 @@ _X23 = np.arange(6, dtype=np.float32).reshape(2, 3)
     ("ReduceSum", 13, [np.array([2])], {}, "axis 2 is out of range for an input of rank 2"),
     ("ReduceMax", 13, [], {"axes": [-3]}, "axis -3 is out of range"),
     ("ReduceMean", 18, [np.array([0, 4])], {}, "axis 4 is out of range"),
+    ("Trilu", 14, [], {}, "needs at least 2 axes, got shape [3]"),  # (on _X23[0])
 ])
 def test_axes_and_sizes_the_spec_forbids_are_refused(op, opset, args, attrs, said):
     """Out-of-range reduction axes were wrapped around (axes [3] of a rank-2 input reduced axis
@@ -552,5 +553,15 @@ def test_axes_and_sizes_the_spec_forbids_are_refused(op, opset, args, attrs, sai
     from trainer.kernels import get_kernel
 
     with pytest.raises(ModelError) as err:
-        get_kernel(op, opset)(np, _X23, *args, **attrs)
+        get_kernel(op, opset)(np, _X23[0] if op == "Trilu" else _X23, *args, **attrs)
     assert said in str(err.value), str(err.value)
+
+
+def test_a_range_of_delta_0_is_refused():
+    """It failed as a ZeroDivisionError (integers) or asked NumPy for an infinite count."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    for dt in (np.int64, np.float32):
+        with pytest.raises(ModelError, match="Range: delta is 0"):
+            get_kernel("Range", 11)(np, np.array(0, dt), np.array(5, dt), np.array(0, dt))

@@ -572,6 +572,8 @@ def Unique(xp, x, *, axis=None, sorted=1):  # noqa: A002 - the spec's name
 @kernel("Trilu", since=14)
 def Trilu(xp, x, k=None, *, upper=1):
     k = _ints(k)[0] if k is not None else 0
+    if x.ndim < 2:
+        raise ModelError(f"Trilu: the input needs at least 2 axes, got shape {list(x.shape)}")
     n, m = x.shape[-2:]
     diag = xp.arange(m).reshape(1, m) - xp.arange(n).reshape(n, 1)
     keep = diag >= k if upper else diag <= k
@@ -683,6 +685,9 @@ def OneHot(xp, indices, depth, values, *, axis=-1):
 def Range(xp, start, limit, delta, *, stash_type=1):
     dtype = start.dtype
     s, e, d = (host_scalar(v) for v in (start, limit, delta))
+    if d == 0:
+        raise ModelError("Range: delta is 0 (the number of elements, ceil((limit - start) / "
+                         "delta), is undefined)")
     if dtype.kind in "iu":
         n = max(-((s - e) // d), 0)  # exact ceil((e - s) / d)
         return (xp.asarray(s + xp.arange(n, dtype=np.int64) * d).astype(dtype),)

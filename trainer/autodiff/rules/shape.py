@@ -835,12 +835,13 @@ def gather_nd_grad(ctx):
     strides = np.cumprod((dims[1:] + [1])[::-1])[::-1].astype(np.int64)
     offsets = (np.arange(nb, dtype=np.int64) * per).reshape(-1, 1)
     idx, static = _normalized(ctx, 1, dims, nodes)
+    rows_per = m // nb if nb else 0  # (index rows per batch entry; an empty batch has none)
     if static is not None:
-        static = ((static.reshape(nb, -1, k) * strides).sum(-1) + offsets).reshape(-1)
+        static = ((static.reshape(nb, rows_per, k) * strides).sum(-1) + offsets).reshape(-1)
         rows = ctx.const(static, suffix="rows")
     else:
         t, s, r = ctx.tmp("scaled"), ctx.tmp("ravel"), ctx.tmp("rows")
-        nodes += [ctx.node("Mul", [_reshape(ctx, idx, [nb, m // nb, k], nodes),
+        nodes += [ctx.node("Mul", [_reshape(ctx, idx, [nb, rows_per, k], nodes),
                                    ctx.const(strides, suffix="strides")], [t]),
                   ctx.reduce("ReduceSum", t, [2], s, keepdims=0),
                   ctx.node("Add", [s, ctx.const(offsets, suffix="offsets")], [r])]
