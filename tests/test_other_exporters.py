@@ -461,6 +461,51 @@ def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
     assert not np.array_equal(after["mid.bias"], before["mid.bias"])
 
 
+@pytest.mark.parametrize("frozen", ["enc.embed.weight", "dec.embed.weight"])
+def test_an_embedding_shared_by_two_modules_is_named_by_each(tmp_path, frozen):
+    """BART's one table is its encoder's and its decoder's embed_tokens and its lm_head: the
+    tied alias kept one embedding's name, so the other (`encoder.embed_tokens.weight`) matched
+    nothing in `frozen` (found by a transformers sweep). Every embedding's name selects it."""
+    import warnings
+
+    import torch
+
+    class Part(torch.nn.Module):
+        def __init__(self, emb):
+            super().__init__()
+            self.embed = emb
+
+        def forward(self, ids):
+            return self.embed(ids)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = torch.nn.Embedding(20, 8)
+            self.enc, self.dec = Part(shared), Part(shared)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 20, bias=False)
+            self.head.weight = shared.weight
+
+        def forward(self, ids, dids):
+            return self.head(torch.tanh(self.mid(self.enc(ids))) + self.dec(dids))
+
+    torch.manual_seed(0)
+    n = torch.export.Dim("N")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LM().eval(), (torch.zeros(2, 5, dtype=torch.long),
+                                        torch.zeros(2, 5, dtype=torch.long)), None,
+                          dynamo=True, input_names=["ids", "dids"], output_names=["logits"],
+                          dynamic_shapes=({0: n}, {0: n})).save(str(tmp_path / "m.onnx"))
+    model = onnx.load(tmp_path / "m.onnx")
+    assert "head.weight = enc.embed.weight = dec.embed.weight" in model_report(model).text()
+    rng = np.random.default_rng(0)
+    t = _frozen_run(tmp_path, [frozen], 1, ids=rng.integers(0, 20, (8, 5)),
+                    dids=rng.integers(0, 20, (8, 5)), y=rng.integers(0, 20, (8, 5)))
+    assert "head.weight" not in t.names and "mid.bias" in t.names
+
+
 @pytest.mark.parametrize("scopes,path", [
     (["seq", "seq.0"], "seq.0"), (["bert", "encoder", "layer.0", "query"],
                                   "bert.encoder.layer.0.query"),

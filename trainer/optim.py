@@ -830,10 +830,10 @@ def resolve_groups(patterns: Sequence[Sequence[str]], names: Sequence[str],
                    aliases: Mapping[str, str] | None = None) -> list[list[str]]:
     """Tensor names per group: globs over `names` (or the PyTorch parameter a folded tensor
     holds, `aliases`), the first matching group wins."""
-    from trainer.autodiff.params import PACK_SEPARATOR, alias_matches, glob_match
+    from trainer.autodiff.params import alias_matches, alias_names, glob_match
 
     aliases = aliases or {}
-    exact = set(names) | {a for v in aliases.values() for a in v.split(PACK_SEPARATOR)}
+    exact = set(names) | {a for v in aliases.values() for a in alias_names(v)}
 
     def hit(n: str, pattern: str) -> bool:
         return glob_match(n, pattern, exact) or alias_matches(aliases.get(n, ""), pattern,

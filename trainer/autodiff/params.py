@@ -565,8 +565,7 @@ def _exact_names(table: Iterable[ParamInfo]) -> set[str]:
     out = set()
     for r in table:
         out.add(r.name)
-        if r.alias:
-            out.update(r.alias.split(PACK_SEPARATOR))
+        out.update(alias_names(r.alias))
     return out
 
 
@@ -1591,16 +1590,19 @@ def tied_embedding_names(model: onnx.ModelProto) -> dict[str, str]:
     the Gather's records name its Embedding module, whose `weight` the tensor also is, so a
     glob may name it by either (`frozen: ["emb.weight"]` matched nothing)."""
     names = {t.name for t in model.graph.initializer}
-    out = {}
+    found: dict[str, list[str]] = {}
     for n in model.graph.node:
         if n.op_type != "Gather" or not n.input or n.input[0] not in names or \
                 "aten.embedding" not in _meta(n, _FX_NODE_KEY):
             continue
         scopes = re.findall(r"'([^']*)'", _meta(n, _SCOPES_KEY))
         own = _scope_path(scopes[1:-1]) + ".weight" if len(scopes) >= 3 else ""
-        if own and own != n.input[0] and own not in names:
-            out[n.input[0]] = own
-    return out
+        if own and own != n.input[0] and own not in names and \
+                own not in found.get(n.input[0], []):
+            found.setdefault(n.input[0], []).append(own)
+    # (one table looked up by several embeddings, BART's encoder's and decoder's embed_tokens:
+    # a glob may name it by any of them)
+    return {x: TIE_SEPARATOR.join(ts) for x, ts in found.items()}
 
 
 def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
@@ -1676,6 +1678,14 @@ def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
 
 
 PACK_SEPARATOR = ", "  # (between the parameters a packed tensor holds, in its alias)
+TIE_SEPARATOR = " = "  # (between the names of one tied parameter, in its alias)
+
+
+def alias_names(alias: str) -> list[str]:
+    """The PyTorch parameter names an alias holds: several where a tensor packs parameters
+    (PACK_SEPARATOR) or one parameter goes by several names (TIE_SEPARATOR)."""
+    return [a for part in alias.split(PACK_SEPARATOR) for a in part.split(TIE_SEPARATOR)] \
+        if alias else []
 
 
 def partly_packed(aliases: Mapping[str, str], globs: Iterable[tuple[str, str]]) -> list[str]:
@@ -1698,8 +1708,7 @@ def partly_packed(aliases: Mapping[str, str], globs: Iterable[tuple[str, str]]) 
 
 def alias_matches(alias: str, pattern: str, exact: Container[str] = ()) -> bool:
     """Whether a glob names the parameter (or one of the parameters) an alias holds."""
-    return bool(alias) and any(glob_match(a, pattern, exact)
-                               for a in alias.split(PACK_SEPARATOR))
+    return any(glob_match(a, pattern, exact) for a in alias_names(alias))
 
 
 def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
