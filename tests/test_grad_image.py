@@ -562,3 +562,39 @@ def test_conv_transpose_weight_gradient_of_a_1_wide_kernel_with_end_pads(xs, ws,
         got = ex.run({"x": x, "w": w, "y_grad": u})
         np.testing.assert_allclose(got["w_grad"], tw.grad.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(got["x_grad"], tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opset", [12, 18])
+def test_maxpool_windows_of_padding_alone_pass_no_gradient(opset):
+    """Dilations let a window hold padding alone (its output -inf, whatever x is): its Indices
+    entry pointed outside x (-1) or at another row's element, and the backward's scatter failed
+    ("'list' argument must have no negative elements") or would have added its dY there. Such
+    a window now passes nothing back; the others as a brute-force argmax does (planned run too,
+    where the backward is fused)."""
+    from trainer.autodiff import reverse
+    from trainer.executor import Executor
+
+    attrs = dict(kernel_shape=[2, 2], dilations=[1, 4], pads=[0, 2, 1, 2], strides=[1, 1])
+    rng = np.random.default_rng(0)
+    x = rng.permutation(18).astype(np.float64).reshape(1, 2, 3, 3)
+    g = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 2, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 2, 3, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    y = Executor(model, np).run({"x": x})["y"]
+    u = rng.standard_normal(y.shape)
+    want = np.zeros_like(x)
+    empty = 0
+    for n, c, i, j in np.ndindex(*y.shape):
+        taps = [(i + a, j - 2 + 4 * b) for a in range(2) for b in range(2)]
+        real = [(h, w) for h, w in taps if 0 <= h < 3 and 0 <= w < 3]
+        if not real:
+            empty += 1
+            assert y[n, c, i, j] == -np.inf
+            continue
+        h, w = max(real, key=lambda t: x[n, c, t[0], t[1]])
+        want[n, c, h, w] += u[n, c, i, j]
+    assert empty > 0
+    ex = Executor(reverse(model, ["x"], ["y"], shapes={"x": x.shape}), np)
+    for _ in range(2):  # (unplanned, then planned)
+        np.testing.assert_array_equal(ex.run({"x": x, "y_grad": u})["x_grad"], want)

@@ -4,6 +4,7 @@ padding geometry lives in helpers that the gradient rules reuse."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -693,6 +694,9 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
                                               auto_pad, ceil_mode)
     if (fast := poolfuse.maxpool(xp, x, kernel_shape, strides, dilations, pads, out,
                                  storage_order, n_outputs > 1)) is not None:
+        if len(fast) > 1:
+            fast = (fast[0], _in_own_plane(xp, fast[1], x.shape, kernel_shape, strides,
+                                           dilations, pads, out))
         return fast
     low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
     xw = _windows(xp, _pad(xp, x, pads, out, kernel_shape, strides, dilations, low),
@@ -743,7 +747,45 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
         x.shape, kernel_shape, strides, dilations, pads, out, storage_order)[0])
     offsets = cached_constant(xp, ("maxpool-offsets", *geometry), lambda: _maxpool_corner(
         x.shape, kernel_shape, strides, dilations, pads, out, storage_order)[1])
-    return (xp.ascontiguousarray(y), corner + offsets[arg])
+    index = _in_own_plane(xp, corner + offsets[arg], x.shape, kernel_shape, strides, dilations,
+                          pads, out)
+    return (xp.ascontiguousarray(y), index)
+
+
+def _in_own_plane(xp, index, shape, kernel_shape, strides, dilations, pads, out):
+    """MaxPool's Indices, where a window of padding alone (which dilations allow) has no
+    element to point at (its first tap's index lies outside x, -1, or is another row's
+    element), kept in its own channel's plane, as a device's and the host's kernels both do:
+    the backward's scatter stays in range, and the gradient rule passes such a window's dY
+    nowhere (its output is -inf whatever x is). Other geometries: index as it is."""
+    if padding_only_windows(tuple(shape[2:]), tuple(kernel_shape), tuple(strides),
+                            tuple(dilations), tuple(pads), tuple(out)) is None:
+        return index
+    size = math.prod(shape[2:])
+    plane = cached_constant(xp, ("maxpool-planes", tuple(shape[:2]), size, len(kernel_shape)),
+                            lambda: (np.arange(shape[0] * shape[1], dtype=np.int64) * size)
+                            .reshape(tuple(shape[:2]) + (1,) * len(kernel_shape)))
+    return xp.clip(index, plane, plane + max(size - 1, 0))
+
+
+@functools.lru_cache(maxsize=256)
+def padding_only_windows(spatial: tuple, kernel_shape: tuple, strides: tuple, dilations: tuple,
+                         pads: tuple, out: tuple) -> np.ndarray | None:
+    """The pooling windows [*out] that hold no element of the input, only padding (dilations
+    allow it: kernel 2, dilation 2, pads 1 on an axis of 1), as a boolean mask; None where
+    every window reads the input (nearly always)."""
+    k = len(kernel_shape)
+    axes = []
+    for i in range(k):
+        o = np.arange(out[i])[:, None] * strides[i] - pads[i]
+        taps = o + np.arange(kernel_shape[i])[None, :] * dilations[i]
+        axes.append(~((taps >= 0) & (taps < spatial[i])).any(axis=1))
+    if not any(a.any() for a in axes):
+        return None
+    empty = np.zeros(tuple(out), bool)
+    for i, a in enumerate(axes):
+        empty |= a.reshape((1,) * i + (-1,) + (1,) * (k - i - 1))
+    return empty
 
 
 def _maxpool_corner(shape, kernel_shape, strides, dilations, pads, out, storage_order):

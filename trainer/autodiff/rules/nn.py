@@ -21,6 +21,7 @@ from trainer.kernels.nn import (
     avgpool_divisor,
     conv_pads,
     conv_transpose_pads,
+    padding_only_windows,
     window_covers_input,
 )
 
@@ -198,13 +199,21 @@ def maxpool_grad(ctx):
     x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
     overlap = any(out[i] > 1 and strides[i] < (kernel[i] - 1) * dilations[i] + 1
                   for i in range(k))
+    dy = ctx.GO(0)
+    empty = padding_only_windows(tuple(x_shape[2:]), tuple(kernel), tuple(strides),
+                                 tuple(dilations), tuple(pads), tuple(out))
+    if empty is not None:  # (windows of padding alone: -inf whatever x is, no gradient)
+        dy = ctx.tmp("dy_kept")
+        keep = (~empty).astype(ctx.dtype(ctx.I(0))).reshape((1, 1) + tuple(out))
+        pre.append(ctx.node("Mul", [ctx.GO(0), ctx.const(keep, suffix="kept")], [dy]))
     if ctx.opset >= 16 or (ctx.opset >= 11 and not overlap):
-        return pre + _scatter_at_indices(ctx, x_shape, "add" if overlap else None, indices)
-    return pre + _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices)
+        return pre + _scatter_at_indices(ctx, x_shape, "add" if overlap else None, indices, dy)
+    return pre + _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices, dy)
 
 
-def _scatter_at_indices(ctx, x_shape, reduction, indices):
+def _scatter_at_indices(ctx, x_shape, reduction, indices, dy=None):
     """dY scattered into zeros at the flat Indices (duplicates added when windows overlap)."""
+    dy = dy or ctx.GO(0)
     k = len(x_shape) - 2
     order = ctx.attr("storage_order", 0)
     total = math.prod(x_shape)
@@ -217,7 +226,7 @@ def _scatter_at_indices(ctx, x_shape, reduction, indices):
     else:
         n = ctx.const([total], np.int64, "n")
     nodes += [ctx.node("ConstantOfShape", [n], [zeros], value=numpy_helper.from_array(zero)),
-              ctx.reshape(indices, [-1], idx), ctx.reshape(ctx.GO(0), [-1], upd),
+              ctx.reshape(indices, [-1], idx), ctx.reshape(dy, [-1], upd),
               ctx.node("ScatterElements", [zeros, idx, upd], [flat], axis=0,
                        reduction=reduction)]
     if not order:
@@ -229,7 +238,7 @@ def _scatter_at_indices(ctx, x_shape, reduction, indices):
                              perm=[0, 1] + [1 + k - i for i in range(k)])]
 
 
-def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices):
+def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices, dy=None):
     """MaxPool adjoint without a scatter-add (opset < 16): the window tap of each argmax as a
     one-hot over the taps (Indices minus the window origin, compared with each tap's offset),
     times dY, then folded back by a grouped ConvTranspose with one-hot tap kernels. A tap offset
@@ -262,7 +271,7 @@ def _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices):
             ctx.unsqueeze(t["rel"], [2], t["rel1"]),
             ctx.node("Equal", [t["rel1"], ctx.const(offsets, suffix="taps")], [t["hit"]]),
             ctx.node("Cast", [t["hit"]], [t["hitf"]], to=elem_type(dt)),
-            ctx.unsqueeze(ctx.GO(0), [2], t["dy1"]),
+            ctx.unsqueeze(dy or ctx.GO(0), [2], t["dy1"]),
             ctx.node("Mul", [t["hitf"], t["dy1"]], [t["z"]]),
             ctx.reshape(t["z"], [n, c * taps] + list(out), t["zf"]),
             _window_adjoint(ctx, t["zf"], x_shape, onehot, kernel, strides, dilations, pads,
