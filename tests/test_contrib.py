@@ -105,6 +105,17 @@ CASES = {
         helper.make_node("Attention", ["x", "w", "b"], ["y"], domain=MS, num_heads=H,
                          unidirectional=1),
         {"x": _f(B, S, D)}, {"w": _f(D, 3 * D, seed=1), "b": _f(3 * D, seed=2)}),
+    # (future keys are removed, not given mask_filter_value: a filter of -3, or a query whose
+    # past keys are all padding, let them weigh)
+    "Attention-causal-filter": (
+        helper.make_node("Attention", ["x", "w", "b"], ["y"], domain=MS, num_heads=H,
+                         unidirectional=1, mask_filter_value=-3.0),
+        {"x": _f(B, S, D)}, {"w": _f(D, 3 * D, seed=1), "b": _f(3 * D, seed=2)}),
+    "Attention-causal-left-padding": (
+        helper.make_node("Attention", ["x", "w", "b", "m"], ["y"], domain=MS, num_heads=H,
+                         unidirectional=1),
+        {"x": _f(B, S, D), "m": _mask([0, 0, 1, 1, 1], [0, 1, 1, 1, 1])},
+        {"w": _f(D, 3 * D, seed=1), "b": _f(3 * D, seed=2)}),
     "Attention-qkv-sizes-scale": (
         helper.make_node("Attention", ["x", "w", "b"], ["y"], domain=MS, num_heads=H,
                          qkv_hidden_sizes=[8, 8, 4], scale=0.3),

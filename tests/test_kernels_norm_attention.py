@@ -175,6 +175,9 @@ add(AT, "fully-masked-row-mode3", qkv(1, 1, 1, 3, 3, 4)
     qk_matmul_output_mode=3, ref="reference")
 add(AT, "softmax-fp32-of-fp16-mode3", qkv(1, 2, 2, 2, 3, 8, dtype=F16), opset=24, n_out=4,
     softmax_precision=1, qk_matmul_output_mode=3, ref="reference")
+# (mode 2 without a mask is the softcapped product: it was the raw one)
+add(AT, "softcap-mode2-no-mask", qkv(1, 2, 2, 3, 4, 8), opset=23, n_out=4, softcap=1.5,
+    qk_matmul_output_mode=2, ref="reference")
 
 # -- rotary embedding, linear attention -------------------------------------------------------
 RE = "RotaryEmbedding"

@@ -362,7 +362,11 @@ def _attend(L: _Lowering, q: str, k: str, v: str, heads: int, qk_size: int, v_si
     if mask:
         scores = L.op("Add", [scores, _additive_mask(L, mask, mask_rank, scores, filt)])
     if L.attr("unidirectional", 0):
-        scores = L.op("Add", [scores, _causal(L, scores, filt)])
+        # (future keys removed, as onnxruntime does: the lowest value of the type, where
+        # mask_filter_value, -3 say, or a query whose past keys are all padding would let
+        # them weigh)
+        lowest = float(np.finfo(helper.tensor_dtype_to_np_dtype(L.ftype)).min)
+        scores = L.op("Add", [scores, _causal(L, scores, lowest)])
     if bias:
         scores = L.op("Add", [scores, bias])
     probs = L.op("Softmax", [scores], axis=-1)

@@ -126,7 +126,7 @@ def _attention(xp, q, k, v, attn_mask, past_key, past_value, nonpad, *, is_causa
     qk_out = scores
     if softcap and softcap > 0:
         scores = ct.type(softcap) * xp.tanh(scores / ct.type(softcap))
-        if qk_matmul_output_mode == 1:
+        if qk_matmul_output_mode in (1, 2):  # (2: with the mask too, where there is one)
             qk_out = scores
     bias = _mask_bias(xp, attn_mask, sq, sk, past_len, nonpad, is_causal, left, right, ct)
     keep = n_outputs > 3  # qk_matmul_output may be a view of scores: no in-place updates
