@@ -138,17 +138,26 @@ def test_constant_inputs_on_the_gpu_path(job, monkeypatch):
                                                       "input 'state' has shape [2, ?, 3], the "
                                                       "value has shape [2, 8]"),
     ({"sr": 16000}, "the model needs input 'state' but the data config maps only x"),
-    # (an axis named as the fed input's batch axis given another size: it failed as an Add of
-    # (8, 3) and (5, 3) in the model, naming no key)
+    # (an axis the model names as the fed input's batch axis, given another size: the model's
+    # failure, an Add of (8, 3) and (5, 3), named no key; a hint, not a check: a size 1
+    # broadcasts, and converters name unrelated axes alike)
     ({"sr": 16000, "state": {"shape": [2, 5, 3], "fill": 0.5}},
-     "config key 'data.constants.state': axis 1 of input 'state' is 'N', the batch axis of "
-     "input 'x' (8 samples per process), the value's is 5: write `batch` there, e.g. "
-     "{shape: [2, batch, 3], fill: ...}"),
+     "; config key 'data.constants.state': axis 1 of input 'state' is 'N', as the batch axis "
+     "of input 'x' (8 samples per process), and the value's is 5: if it is the batch, write "
+     "`batch` there ({shape: [2, batch, 3], fill: ...})"),
 ])
 def test_bad_constants_are_named_before_training(job, constants, message):
     with pytest.raises(TrainerError) as err:
         Trainer(job(constants=constants), stream=io.StringIO())
     assert message in str(err.value)
+
+
+def test_a_constant_of_size_1_on_a_batch_named_axis_broadcasts(job):
+    """A state of one row on the axis the model names as the batch's broadcasts over the batch
+    (position ids [[0, 1, 2, 3]] on a [batch, 4] input): it trains (a check refused it)."""
+    t, losses, _, _ = _run(job(constants={"sr": 16000, "state": {"shape": [2, 1, 3],
+                                                                  "fill": 0.5}}))
+    assert len(losses) == 6 and np.isfinite(losses).all()
 
 
 def test_an_input_both_mapped_and_constant_is_one_problem(job):

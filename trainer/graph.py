@@ -735,13 +735,6 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
     inits = {t.name for t in model.graph.initializer}
     declared = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
     fed = set(fed)
-    # (the batch axes' names of the inputs the dataset feeds: a constant's axis of such a name
-    # is the batch too)
-    batch_names: dict[str, str] = {}
-    for x in sorted(fed & set(declared)):
-        t = tensor_type(declared[x].type)
-        if t.HasField("shape") and t.shape.dim and t.shape.dim[0].dim_param:
-            batch_names.setdefault(t.shape.dim[0].dim_param, x)
     out = {}
     for name, spec in specs.items():
         key = f"config key 'data.constants.{name}'"
@@ -769,17 +762,37 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
             want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
             raise ConfigError(f"{key}: input '{name}' has shape {want}, the value has shape "
                               f"{list(value.shape)}")
-        if t.HasField("shape"):
-            for i, (d, v) in enumerate(zip(t.shape.dim, value.shape, strict=True)):
-                if d.dim_param in batch_names and v != batch:
-                    shape = [("batch" if j == i else n) for j, n in enumerate(value.shape)]
-                    raise ConfigError(
-                        f"{key}: axis {i} of input '{name}' is '{d.dim_param}', the batch axis "
-                        f"of input '{batch_names[d.dim_param]}' ({batch} samples per "
-                        f"process), the value's is {v}: write `batch` there, e.g. "
-                        f"{{shape: [{', '.join(map(str, shape))}], fill: ...}}")
         out[name] = np.array(value, dtype=dtype, order="C")  # (ascontiguousarray: 1-d)
     return out
+
+
+def constant_batch_hint(values: Mapping[str, np.ndarray], model: onnx.ModelProto, batch: int,
+                        fed: Iterable[str]) -> str:
+    """A hint for a model that failed with these data.constants: an axis of a constant that the
+    model names as a fed input's batch axis, with neither the local batch's size nor 1 (a
+    constant written for another batch size, where `batch` was meant); "" where none is. (A
+    hint, not a check: converters name unrelated axes alike, paddle2onnx every one '?'.)"""
+    inits = {t.name for t in model.graph.initializer}
+    declared = {vi.name: tensor_type(vi.type) for vi in model.graph.input
+                if vi.name not in inits}
+    names: dict[str, str] = {}
+    for x in sorted(set(fed) & set(declared)):
+        t = declared[x]
+        if t.HasField("shape") and t.shape.dim and t.shape.dim[0].dim_param:
+            names.setdefault(t.shape.dim[0].dim_param, x)
+    for name, value in values.items():
+        t = declared.get(name)
+        if t is None or not t.HasField("shape") or len(t.shape.dim) != np.ndim(value):
+            continue
+        for i, (d, v) in enumerate(zip(t.shape.dim, np.shape(value), strict=True)):
+            if d.dim_param in names and v not in (batch, 1):
+                shape = ", ".join("batch" if j == i else str(n)
+                                  for j, n in enumerate(np.shape(value)))
+                return (f"config key 'data.constants.{name}': axis {i} of input '{name}' is "
+                        f"'{d.dim_param}', as the batch axis of input '{names[d.dim_param]}' "
+                        f"({batch} samples per process), and the value's is {v}: if it is the "
+                        f"batch, write `batch` there ({{shape: [{shape}], fill: ...}})")
+    return ""
 
 
 def bake_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:

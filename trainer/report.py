@@ -45,6 +45,7 @@ from trainer.contrib import contrib_key, has_contrib, lower_contrib
 from trainer.errors import ModelError, listing, printable
 from trainer.graph import (
     FLOAT_TYPES,
+    constant_batch_hint,
     data_sizing_nodes,
     from_shapes,
     lift_weights,
@@ -1123,6 +1124,10 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                 pass
     except TrainerError as exc:
         sized = sorted({n.op_type for n in data_sizing_nodes(structure)})
+        hint = constant_batch_hint(constants, structure, local, data_inputs) if constants \
+            else ""
+        if hint and type(exc) is ModelError:  # (the model failed on a constant written for
+            exc = ModelError(f"{str(exc).rstrip()}; {hint}")  # another batch size, maybe)
         if not sized:
             problems.append(exc)
         else:  # (its probes on zeros route the data otherwise than training will)

@@ -75,6 +75,7 @@ from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
     bake_inputs,
+    constant_batch_hint,
     constant_inputs,
     convert_floats,
     data_sizing_nodes,
@@ -495,11 +496,18 @@ class Trainer:
             example = {k: to_host(v) for k, v in (batch or {}).items() if k in self.data_inputs}
             example.update((k, v) for k, v in values.items() if k not in baked)
             with self._values_in(self.step_model) as step_model:
-                tm = build_training_graph(bake_inputs(step_model, baked), self.cfg.loss,
-                                          self.cfg.trainable,
-                                          frozen=self.cfg.frozen, shapes=shapes,
-                                          batchnorm=self.cfg.batchnorm,
-                                          sync_batchnorm=self.sync_bn, example=example)
+                try:
+                    tm = build_training_graph(bake_inputs(step_model, baked), self.cfg.loss,
+                                              self.cfg.trainable,
+                                              frozen=self.cfg.frozen, shapes=shapes,
+                                              batchnorm=self.cfg.batchnorm,
+                                              sync_batchnorm=self.sync_bn, example=example)
+                except ModelError as exc:  # (maybe a constant written for another batch)
+                    hint = constant_batch_hint(values, self.run_model, local_n,
+                                               self.data_inputs)
+                    if not hint or type(exc) is not ModelError:
+                        raise
+                    raise type(exc)(f"{str(exc).rstrip()}; {hint}") from exc
             got = self._graphs[local_n] = (tm, training_info(tm))
         return got
 
