@@ -747,6 +747,7 @@ def test_conv_transpose_refuses_an_output_padding_past_its_stride() -> None:
     ("Conv", {"auto_pad": "bogus"}, (1, 1, 4, 4), (1, 1, 3, 3),
      "auto_pad 'bogus' is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID"),
     ("MaxPool", {"kernel_shape": [2], "auto_pad": b"same"}, (1, 1, 4), None, "auto_pad 'same'"),
+    ("ConvTranspose", {"auto_pad": "BOGUS"}, (1, 1, 4), (1, 1, 3), "auto_pad 'BOGUS'"),
 ])
 def test_a_geometry_without_output_is_refused(op, attrs, x_shape, w_shape, said) -> None:
     """onnxruntime refuses these ("Invalid input shape", "Computed output dimension is <=

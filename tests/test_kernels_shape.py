@@ -565,3 +565,21 @@ def test_a_range_of_delta_0_is_refused():
     for dt in (np.int64, np.float32):
         with pytest.raises(ModelError, match="Range: delta is 0"):
             get_kernel("Range", 11)(np, np.array(0, dt), np.array(5, dt), np.array(0, dt))
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect", "wrap"])
+@pytest.mark.parametrize("pads", [[1, 0, -4, 0], [2, 0, -4, 0], [3, 0, -5, 0], [1, 0, -3, 0]])
+def test_a_pad_that_crops_more_than_the_axis_holds_is_refused_where_it_copies(mode, pads):
+    """Edge, reflect and wrap copy from what the negative pads leave: where they remove more
+    than the axis holds, or all of it with padding to make, the crop's bound went negative
+    and wrapped around (a [3, 3] input with pads [1, 0, -4, 0] gave [3, 3], the spec's shape
+    being [0, 3]); onnxruntime refuses these. Constant mode has its values either way."""
+    from trainer.kernels import get_kernel
+
+    x = np.arange(9, dtype=np.float32).reshape(3, 3)
+    with pytest.raises(ValueError, match=f"Pad: mode '{mode}' cannot pad axis 0"):
+        get_kernel("Pad", 19)(np, x, np.array(pads), mode=mode)
+    y = get_kernel("Pad", 19)(np, x, np.array(pads), np.array(7, np.float32))[0]
+    assert y.shape == (3 + pads[0] + pads[2], 3) and (y == 7).all()
+    assert get_kernel("Pad", 19)(np, x, np.array([-3, 0, 0, 0]), mode=mode)[0].shape == (0, 3)
+

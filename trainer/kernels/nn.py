@@ -22,17 +22,23 @@ from trainer.kernels import (
 from trainer.kernels.elementwise import low_float
 
 
+def _auto_pad(auto_pad):
+    """auto_pad as a str, refused where it is none of the spec's values."""
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in (None, "", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        raise ModelError(f"auto_pad '{auto_pad}' is none of NOTSET, SAME_UPPER, SAME_LOWER "
+                         "and VALID")
+    return auto_pad
+
+
 def conv_pads(in_spatial, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode=0):
     """Explicit [begin..., end...] pads and output sizes for Conv/pool geometry."""
     k = len(in_spatial)
     strides = list(strides or [1] * k)
     dilations = list(dilations or [1] * k)
     span = [(kernel_shape[i] - 1) * dilations[i] + 1 for i in range(k)]
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad not in (None, "", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
-        raise ModelError(f"auto_pad '{auto_pad}' is none of NOTSET, SAME_UPPER, SAME_LOWER "
-                         "and VALID")
+    auto_pad = _auto_pad(auto_pad)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         out = [-(-in_spatial[i] // strides[i]) for i in range(k)]
         total = [max(0, (out[i] - 1) * strides[i] + span[i] - in_spatial[i]) for i in range(k)]
@@ -500,6 +506,7 @@ def _transpose_rows(xp, x, w, g, dilations, full):
 def conv_transpose_pads(in_spatial, kernel_shape, strides, dilations, pads, output_padding,
                         output_shape, auto_pad):
     k = len(in_spatial)
+    auto_pad = _auto_pad(auto_pad)
     output_padding = list(output_padding or [0] * k)
     full = [strides[i] * (in_spatial[i] - 1) + output_padding[i]
             + (kernel_shape[i] - 1) * dilations[i] + 1 for i in range(k)]

@@ -461,13 +461,15 @@ def _pad(xp, x, pads, mode, value, axes=None):
             x[tuple(slice(l_, h) for l_, h in zip(lo, hi, strict=True))]
         return out
     # Negative pads remove elements: crop first, then pad by the positive amounts.
+    for a in range(r):
+        cut = max(-before[a], 0) + max(-after[a], 0)
+        if cut > x.shape[a] or (cut == x.shape[a] and (before[a] > 0 or after[a] > 0)):
+            raise ValueError(f"Pad: mode '{mode}' cannot pad axis {a} from its {x.shape[a]} "
+                             f"elements after negative pads ({before[a]}, {after[a]}) remove "
+                             f"{cut} of them (onnxruntime refuses it too)")
     x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0))
                 for i, (b, e) in enumerate(zip(before, after, strict=True)))]
     before, after = [max(b, 0) for b in before], [max(e, 0) for e in after]
-    for a in range(r):
-        if x.shape[a] == 0 and (before[a] or after[a]):
-            raise ValueError(f"Pad: mode '{mode}' has no elements of axis {a} left to pad "
-                             "from (its negative pads removed them all)")
     for a in range(r):
         if before[a] or after[a]:
             src = _pad_source(x.shape[a], before[a], after[a], mode)
