@@ -240,6 +240,24 @@ def test_inference_form_keeps_a_model_already_in_it():
     assert [t.name for t in again.graph.initializer] == ["ratio", "dropout_off"]
 
 
+def test_inference_form_turns_an_opset_6_dropouts_is_test_on():
+    """Dropout before opset 7 drops while is_test is 0 (the spec): the inference form set
+    BatchNormalization's is_test and left Dropout's (found by an export sweep)."""
+    from onnx import helper as h
+
+    from trainer.graph import inference_form
+
+    g = h.make_graph([h.make_node("Dropout", ["x"], ["y"], is_test=0, ratio=0.5),
+                      h.make_node("Dropout", ["y"], ["z"], ratio=0.5)], "g",
+                     [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                     [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 4])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 6)])
+    got = inference_form(model)
+    assert [{a.name: a.i for a in n.attribute if a.name == "is_test"} for n in got.graph.node] \
+        == [{"is_test": 1}] * 2  # (without is_test: its default, 0, drops too)
+    onnx.checker.check_model(got)
+
+
 @pytest.mark.parametrize("kind", ["folder", "pipe"])
 def test_external_data_that_is_not_a_file_is_named_so(tmp_path, kind):
     import os

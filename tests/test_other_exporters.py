@@ -256,6 +256,49 @@ def test_a_function_the_inliner_leaves_is_named(tmp_path):
         load_model(tmp_path / "m.onnx")
 
 
+def test_a_functions_attribute_default_is_kept_when_inlined():
+    """onnxscript writes a Python default argument as the function's attribute default
+    (`attribute_proto`), and a call without it takes it; onnx's inliner dropped it, so the body's
+    `LeakyRelu(alpha=@alpha)` ran at LeakyRelu's own 0.01 instead of 0.1, in training and the
+    export (found by an export sweep). As onnxruntime computes the model; in a called If branch
+    and a function called by another too."""
+    import onnxruntime as ort
+
+    from trainer.executor import Executor
+    from trainer.graph import inline_functions
+
+    alpha = helper.make_attribute_ref("alpha", onnx.AttributeProto.FLOAT)
+    leaky = helper.make_node("LeakyRelu", ["x"], ["y"])
+    leaky.attribute.append(alpha)
+    fn = helper.make_function("this", "act", ["x"], ["y"], [leaky],
+                              opset_imports=[helper.make_opsetid("", 18)])
+    fn.attribute_proto.append(helper.make_attribute("alpha", 0.1))
+    outer = helper.make_function("this", "twice", ["x"], ["y"],
+                                 [helper.make_node("act", ["x"], ["t"], domain="this"),
+                                  helper.make_node("act", ["t"], ["y"], domain="this",
+                                                   alpha=0.5)],
+                                 opset_imports=[helper.make_opsetid("", 18),
+                                                helper.make_opsetid("this", 1)])
+    branch = helper.make_graph([helper.make_node("act", ["X"], ["b"], domain="this")], "then",
+                               [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [4])])
+    nodes = [helper.make_node("twice", ["X"], ["A"], domain="this"),
+             helper.make_node("If", ["c"], ["B"], then_branch=branch, else_branch=branch),
+             helper.make_node("Add", ["A", "B"], ["Y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                     [4])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4])],
+                          [numpy_helper.from_array(np.array(True), "c")])
+    model = helper.make_model(g, functions=[fn, outer], opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid("this", 1)])
+    x = np.array([-2.0, -1.0, 0.5, 3.0], np.float32)
+    want = ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    np.testing.assert_allclose(want, np.where(x < 0, x * 0.05, x) + np.where(x < 0, x * 0.1, x),
+                               rtol=1e-6)
+    got = Executor(inline_functions(model), np).run({"X": x})["Y"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_torchscript_one_element_parameters_are_warned_of():
     """A TorchScript export keeps a one-element nn.Parameter (a ReZero gate `alpha`, a learned
     temperature) under its own name, where the tensors it folds are `onnx::<op>_<n>`: the

@@ -224,6 +224,7 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     import onnx.inliner
 
+    model = _with_function_defaults(model)
     try:
         inlined = onnx.inliner.inline_local_functions(model)
     except Exception as exc:  # noqa: BLE001 - the inliner raises several types
@@ -238,6 +239,34 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
                          f"inliner leaves as they are: {', '.join(calls[:6])}; export the model "
                          "with them inlined (jax2onnx: without @onnx_function)")
     return inlined
+
+
+def _with_function_defaults(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model (a copy where needed) whose calls of its local functions give every attribute
+    that the function declares with a default (`attribute_proto`, what onnxscript writes for
+    a Python default argument) and the call leaves out: onnx's inliner drops such defaults, so
+    a body's `LeakyRelu(alpha=@alpha)` took LeakyRelu's own default instead."""
+    defaults = {(f.domain, f.name): list(f.attribute_proto) for f in model.functions
+                if len(f.attribute_proto)}
+    if not defaults:
+        return model
+    model = copy.deepcopy(model)
+
+    def fill(nodes) -> None:
+        for n in nodes:
+            given = {a.name for a in n.attribute}
+            for d in defaults.get((n.domain, n.op_type), []):
+                if d.name not in given:
+                    n.attribute.append(copy.deepcopy(d))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    fill(a.g.node)
+                for sub in a.graphs:
+                    fill(sub.node)
+    fill(model.graph.node)
+    for f in model.functions:
+        fill(f.node)
+    return model
 
 
 def unknown_dims_symbolic(model: onnx.ModelProto) -> int:
@@ -1159,6 +1188,14 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
                     if out:
                         nodes.append(helper.make_node("Identity", [src], [out],
                                                       name=scope.fresh(f"{out}/Inference")))
+            elif node.op_type == "Dropout" and opset < 7 and not ("is_test" in a and
+                                                               a["is_test"].i):
+                # (opsets 1-6: is_test 0, the default, drops, as the spec says)
+                if "is_test" in a:
+                    a["is_test"].i = 1
+                else:
+                    node.attribute.append(helper.make_attribute("is_test", 1))
+                nodes.append(node)
             elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] and \
                     node.input[2] not in off:
                 name = scope.fresh(f"{node.name or node.output[0]}/training_mode_off")
