@@ -408,7 +408,7 @@ def test_a_torchscript_attentions_folded_projection_is_its_in_proj_weight():
     assert list(torchscript_folded_weights(model).values()) == ["att.in_proj_weight"]
 
 
-@pytest.mark.parametrize("kdim", [None, 6])
+@pytest.mark.parametrize("kdim", [None, 6, "kv"])
 @pytest.mark.parametrize("fresh", [True, False])
 def test_a_torchscript_cross_attentions_projections_and_biases_are_its_parameters(
         tmp_path, kdim, fresh):
@@ -426,13 +426,14 @@ def test_a_torchscript_cross_attentions_projections_and_biases_are_its_parameter
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim,
-                                                   vdim=kdim)
+            d = kdim if kdim != "kv" else None
+            self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=d, vdim=d)
             self.fc = torch.nn.Linear(8, 3)
 
-        def forward(self, x, k, v):  # (a key that is the value projects k and v packed,
-            # slicing in_proj_weight in the graph: its names stay)
-            return self.fc(self.att(x, k, v, need_weights=False)[0].mean(1))
+        def forward(self, x, k, v):  # ("kv": a key that is the value, whose projection packs
+            # k's and v's: two folded slices)
+            return self.fc(self.att(x, k, k if kdim == "kv" else v, need_weights=False)[0]
+                           .mean(1))
 
     torch.manual_seed(0)
     m = Net()
@@ -440,27 +441,33 @@ def test_a_torchscript_cross_attentions_projections_and_biases_are_its_parameter
         with torch.no_grad():
             m.att.in_proj_bias.normal_()
             m.att.out_proj.bias.normal_()
-    e = kdim or 8
+    e = kdim if kdim == 6 else 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m.eval(), (torch.randn(2, 3, 8), torch.randn(2, 5, e),
-                                     torch.randn(2, 5, e)), str(tmp_path / "m.onnx"),
+        # (key is value: at a fixed batch the exporter folds the packed projection's slices)
+        n = 4 if kdim == "kv" else 2
+        torch.onnx.export(m.eval(), (torch.randn(n, 3, 8), torch.randn(n, 5, e),
+                                     torch.randn(n, 5, e)), str(tmp_path / "m.onnx"),
                           dynamo=False, input_names=["x", "k", "v"], output_names=["logits"],
-                          dynamic_axes={k: {0: "N"} for k in ("x", "k", "v")})
+                          dynamic_axes=None if kdim == "kv" else
+                          {k: {0: "N"} for k in ("x", "k", "v")})
     model = load_model(tmp_path / "m.onnx")
     repair_exported_model(model)
     leaves = sorted(torchscript_folded_weights(model).values())
-    weights = ["att.in_proj_weight"] * 3 if kdim is None else \
-        ["att.k_proj_weight", "att.q_proj_weight", "att.v_proj_weight"]
-    assert leaves == ["att.in_proj_bias"] * 3 + weights
+    weights = ["att.k_proj_weight", "att.q_proj_weight", "att.v_proj_weight"] if kdim == 6 \
+        else ["att.in_proj_weight"] * (2 if kdim == "kv" else 3)
+    assert leaves == ["att.in_proj_bias"] * (2 if kdim == "kv" else 3) + weights
     rng = np.random.default_rng(0)
     arrays = {"x": rng.standard_normal((8, 3, 8)).astype(np.float32),
               "k": rng.standard_normal((8, 5, e)).astype(np.float32),
               "v": rng.standard_normal((8, 5, e)).astype(np.float32), "y": rng.integers(0, 3, 8)}
+    if kdim == "kv":  # (not read: not an input of the model)
+        del arrays["v"]
     assert sorted(_frozen_run(tmp_path, ["att.*"], 1, **arrays).names) == ["fc.bias",
                                                                          "fc.weight"]
     t = _frozen_run(tmp_path, ["att.in_proj_bias"], 1, **arrays)
-    assert len(t.names) == 7 and not any(n.startswith("onnx::Add_") for n in t.names)
+    assert len(t.names) == (6 if kdim == "kv" else 7)
+    assert not any(n.startswith("onnx::Add_") for n in t.names)
     assert "WARNING: tensors that TorchScript" not in model_report(model).text()
 
 

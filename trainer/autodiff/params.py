@@ -1653,14 +1653,15 @@ def torchscript_folded_weights(model: onnx.ModelProto) -> dict[str, str]:
     out = {}
     for module, xs in found.items():  # (a module of several: each under its own name there)
         bs = biases.get(module, [])
-        if f"{module}.out_proj.weight" in names and len(xs) == 3:
+        if f"{module}.out_proj.weight" in names and len(xs) in (2, 3):
             # (a MultiheadAttention over separate query, key and value: three slices of its
             # in_proj_weight, or its q/k/v_proj_weight where kdim or vdim differ from the
-            # embedding's, in that order; their biases slices of in_proj_bias: a glob that
+            # embedding's, in that order; over a key that is the value, two: the query's and
+            # the key's and value's packed; their biases slices of in_proj_bias: a glob that
             # names the parameter names every slice)
             e = dims[f"{module}.out_proj.weight"][:1] * 2
-            packed = all(dims[x] == e for x in xs)
-            for x, leaf in zip(xs, ("q", "k", "v"), strict=True):
+            packed = len(xs) == 2 or all(dims[x] == e for x in xs)
+            for x, leaf in zip(xs, ("q", "k", "v")[:len(xs)], strict=True):
                 out[x] = f"{module}.in_proj_weight" if packed else f"{module}.{leaf}_proj_weight"
             for b in bs:
                 out[b] = f"{module}.in_proj_bias"
