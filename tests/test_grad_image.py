@@ -598,3 +598,24 @@ def test_maxpool_windows_of_padding_alone_pass_no_gradient(opset):
     ex = Executor(reverse(model, ["x"], ["y"], shapes={"x": x.shape}), np)
     for _ in range(2):  # (unplanned, then planned)
         np.testing.assert_array_equal(ex.run({"x": x, "y_grad": u})["x_grad"], want)
+
+
+@pytest.mark.parametrize("opset", [12, 18])
+def test_maxpool_pads_of_the_kernels_size_pass_no_gradient_from_their_windows(opset):
+    """kernel 1 with pads 1: the first and last windows hold padding alone. Their Indices, kept
+    in the plane, name the elements next to them, and the scatter without `add` (windows that
+    do not overlap) wrote their zeros over those elements' dY: dX [2 3 4 5 0] for [2 3 4 5 6]
+    (found by a regression sweep). Planned run too."""
+    from trainer.autodiff import reverse
+    from trainer.executor import Executor
+
+    g = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[1],
+                                            pads=[1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 1, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 1, 7])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    x = np.array([[[3.0, 1.0, 4.0, 1.5, 5.0]]])
+    u = np.arange(1.0, 8.0).reshape(1, 1, 7)
+    ex = Executor(reverse(model, ["x"], ["y"], shapes={"x": x.shape}), np)
+    for _ in range(2):
+        np.testing.assert_array_equal(ex.run({"x": x, "y_grad": u})["x_grad"], [[[2, 3, 4, 5, 6]]])

@@ -206,6 +206,9 @@ def maxpool_grad(ctx):
         dy = ctx.tmp("dy_kept")
         keep = (~empty).astype(ctx.dtype(ctx.I(0))).reshape((1, 1) + tuple(out))
         pre.append(ctx.node("Mul", [ctx.GO(0), ctx.const(keep, suffix="kept")], [dy]))
+        # (their Indices, kept in the plane, may name an element another window took, pads of
+        # a kernel's size or more: their zeros must add, not overwrite)
+        overlap = True
     if ctx.opset >= 16 or (ctx.opset >= 11 and not overlap):
         return pre + _scatter_at_indices(ctx, x_shape, "add" if overlap else None, indices, dy)
     return pre + _maxpool_taps(ctx, x_shape, kernel, strides, dilations, pads, out, indices, dy)
