@@ -300,3 +300,27 @@ def test_fused_optimizer_updates_are_the_separate_operations(monkeypatch, kind, 
     np.testing.assert_array_equal(p_ker, p_sep)
     for k in s_sep:
         np.testing.assert_array_equal(s_ker[k], s_sep[k], err_msg=k)
+
+
+def test_a_generated_kernel_does_not_outlive_the_api_that_built_it():
+    """GeneratedKernel remembered its kernel by the array module alone: after a test's
+    stand-in lost (or replaced) its kernel API, the kernel built with the old one still ran,
+    so a later test's planned BatchNorm took stale compiled loops where it expected the xp
+    code (an order-dependent failure of tests/test_gpu_standin.py after test_poolfuse.py)."""
+    import types
+
+    from trainer.kernels.generated import GeneratedKernel
+
+    made = []
+
+    def make(*spec):
+        made.append(spec)
+        return ("kernel", len(made))
+
+    xp = types.SimpleNamespace(ElementwiseKernel=make)
+    k = GeneratedKernel("ElementwiseKernel", ("a", "b"), "test kernel", "xp code instead")
+    assert k.get(xp) == ("kernel", 1) and k.get(xp) == ("kernel", 1)  # (built once)
+    del xp.ElementwiseKernel
+    assert k.get(xp) is None
+    xp.ElementwiseKernel = lambda *spec: make(*spec)  # (another API: built with it)
+    assert k.get(xp) == ("kernel", 2)

@@ -15,19 +15,20 @@ class GeneratedKernel:
 
     def __init__(self, kind: str, spec: tuple, what: str, fallback: str):
         self.kind, self.spec, self.what, self.fallback = kind, spec, what, fallback
-        self._built: dict[int, object] = {}
+        self._built: dict[tuple[int, int], object] = {}
         self.error: str | None = None
 
     def get(self, xp):
         if self.error is not None:
             return None
-        k = self._built.get(id(xp))
+        make = getattr(xp, self.kind, None)
+        if make is None:  # (no such API now: a kernel built with another must not outlive it)
+            return None
+        key = (id(xp), id(make))
+        k = self._built.get(key)
         if k is None:
-            make = getattr(xp, self.kind, None)
-            if make is None:
-                return None
             try:
-                k = self._built[id(xp)] = make(*self.spec)
+                k = self._built[key] = make(*self.spec)
             except Exception as exc:  # noqa: BLE001 - the caller's xp operations run instead
                 self.failed(exc)
                 return None
