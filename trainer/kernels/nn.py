@@ -760,7 +760,8 @@ def MaxPool(xp, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_sha
 
 
 def _in_own_plane(xp, index, shape, kernel_shape, strides, dilations, pads, out):
-    """MaxPool's Indices, where a window of padding alone (which dilations allow) has no
+    """MaxPool's Indices, where a window of padding alone (which dilations, or pads of the
+    kernel's size or more, allow) has no
     element to point at (its first tap's index lies outside x, -1, or is another row's
     element), kept in its own channel's plane, as a device's and the host's kernels both do:
     the backward's scatter stays in range, and the gradient rule passes such a window's dY
@@ -779,8 +780,8 @@ def _in_own_plane(xp, index, shape, kernel_shape, strides, dilations, pads, out)
 def padding_only_windows(spatial: tuple, kernel_shape: tuple, strides: tuple, dilations: tuple,
                          pads: tuple, out: tuple) -> np.ndarray | None:
     """The pooling windows [*out] that hold no element of the input, only padding (dilations
-    allow it: kernel 2, dilation 2, pads 1 on an axis of 1), as a boolean mask; None where
-    every window reads the input (nearly always)."""
+    allow it, kernel 2, dilation 2, pads 1 on an axis of 1, and pads of the kernel's size or
+    more), as a boolean mask; None where every window reads the input (nearly always)."""
     k = len(kernel_shape)
     axes = []
     for i in range(k):
