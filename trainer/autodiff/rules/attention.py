@@ -65,10 +65,10 @@ def attention_grad(ctx):
                     or ctx.attr("left_window_size", -1) >= 0
                     or ctx.attr("right_window_size", -1) >= 0)
     qk_grad = ctx.GO(3) if outs[3] else None
-    # where qk_matmul_output's gradient joins: at P, after the mask (mode 2, the kernel's raw
-    # scores when there is no mask), after the softcap, or at the raw scores
-    qk_at = {3: "probs", 2: "masked" if has_bias else "raw", 1: "capped" if cap else "raw",
-             0: "raw"}[mode]
+    # where qk_matmul_output's gradient joins: at P, after the mask (mode 2; without a mask,
+    # after the softcap, as mode 1), after the softcap, or at the raw scores
+    capped = "capped" if cap else "raw"
+    qk_at = {3: "probs", 2: "masked" if has_bias else capped, 1: capped, 0: "raw"}[mode]
 
     def grouped(x: str, last: int) -> str:
         return e.reshape(x, [b, hkv, g * sq, last])
