@@ -142,6 +142,8 @@ def layer_norm_grad(ctx):
     dt = ctx.dtype(x)
     axes, n = _norm_axes(ctx)
     outs = list(ctx.onnx_node.output) + ["", ""]
+    if np.dtype(dt).itemsize == 2:
+        return _layer_norm_grad_wide(ctx, e, dt, axes, n, outs)
     if outs[1] and outs[2] and ctx.dtype(outs[1]) == dt and ctx.dtype(outs[2]) == dt:
         inv = outs[2]
         xhat = e("Mul", e("Sub", x, outs[1]), inv, name="xhat")
@@ -168,6 +170,33 @@ def layer_norm_grad(ctx):
         standardize_grad(e, g, xhat, inv, axes, n, ctx.GI(0), *d_stats,
                          full_shape=ctx.shape(x))
     return e.zero_fill()  # Scale and B get zeros when only Mean/InvStdDev carry gradients
+
+
+def _layer_norm_grad_wide(ctx, e: Emit, dt, axes, n: int, outs: list[str]) -> list:
+    """LayerNormalization's gradients for a 16-bit X, taken in its stash type (float32, or
+    float64 for stash_type 11), as the forward computes, each rounded to its input's type
+    once: in float16, xhat of a row whose variance is near float16's spacing lost its digits
+    (dScale 10-40% off), and dInvStdDev * inv^2 overflowed."""
+    wide = np.dtype(np.float64) if ctx.attr("stash_type", 1) == 11 else np.dtype(np.float32)
+    xhat, inv = standardized(e, e.cast(ctx.I(0), wide), axes, ctx.attr("epsilon", 1e-5), wide)
+    dy, g = ctx.GO(0), None
+    if dy is not None:
+        dyw, y_shape = e.cast(dy, wide), ctx.shape(ctx.O(0))
+        for i, term in ((1, e("Mul", dyw, xhat)), (2, dyw)):
+            if ctx.needs(i):
+                t = e.sum_to(term, y_shape, ctx.shape(ctx.I(i)), ctx.tmp("wide_grad"))
+                e("Cast", t, out=ctx.GI(i), to=elem_type(ctx.dtype(ctx.I(i))))
+        if ctx.needs(0):
+            g = e("Mul", dyw, e.cast(ctx.I(1), wide), name="g")
+    d_stats = [ctx.GO(i) for i in (1, 2)]
+    if ctx.needs(0) and (g is not None or any(s is not None for s in d_stats)):
+        d_stats = [s if s is None or ctx.dtype(outs[i + 1]) == wide else e.cast(s, wide)
+                   for i, s in enumerate(d_stats)]
+        dx = ctx.tmp("dx_wide")
+        standardize_grad(e, g, xhat, inv, axes, n, dx, *d_stats, full_shape=ctx.shape(ctx.I(0)),
+                         dtype=wide)
+        e("Cast", dx, out=ctx.GI(0), to=elem_type(dt))
+    return e.zero_fill()
 
 
 @grad("RMSNormalization")
