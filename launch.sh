@@ -30,7 +30,9 @@ while [ $# -gt 0 ]; do
     -np=*|-n=*|--np=*|-c=*|--n=*) np="${1#*=}"; np_given=1; mpi_args+=("-np" "$np"); shift ;;
     --hostfile|-hostfile|--machinefile|-machinefile|--host|-host|-H)
       [ $# -ge 2 ] || usage; multi_node=1; mpi_args+=("$1" "$2"); shift 2 ;;
-    --prefix) has_prefix=1; mpi_args+=("$1"); shift ;;
+    --hostfile=*|-hostfile=*|--machinefile=*|-machinefile=*|--host=*|-host=*)
+      multi_node=1; mpi_args+=("$1"); shift ;;
+    --prefix|--prefix=*) has_prefix=1; mpi_args+=("$1"); shift ;;
     --selftest) target="--selftest"; shift; break ;;
     *.yaml|*.yml|*.py) target="$1"; shift; break ;;
     *) mpi_args+=("$1"); shift ;;

@@ -465,6 +465,11 @@ def test_launch_multi_node_uses_the_same_open_mpi_on_every_node(tmp_path):
     rc, out, _ = _launch_args(tmp_path, "-np", "2", "--host", "a,b", "--prefix", "/opt/ompi",
                               "x.yaml")
     assert out.count("--prefix") == 1 and "--prefix /opt/ompi" in out
+    # (the forms with '=': a hostfile that was not seen as several nodes, a second --prefix)
+    rc, out, _ = _launch_args(tmp_path, "-np", "4", "--hostfile=hosts", "x.yaml")
+    assert rc == 0 and f"--prefix {tmp_path.resolve()} " in out
+    rc, out, _ = _launch_args(tmp_path, "-np", "2", "--host=a,b", "--prefix=/opt/ompi", "x.yaml")
+    assert out.count("--prefix") == 1 and "--prefix=/opt/ompi" in out
 
 
 def test_launch_inside_slurm_uses_srun(tmp_path):
@@ -653,6 +658,28 @@ class FakeDeviceArray:
         self.a[...] = arr
 
 
+class AsyncDeviceArray(FakeDeviceArray):
+    """CuPy's set() from pinned memory: queued on the stream, read at its next synchronize."""
+
+    pending: list = []
+
+    def get(self, out=None, stream=None, blocking=True):
+        AsyncDeviceArray.flush()  # (a blocking copy after the stream's work)
+        return super().get(out)
+
+    def set(self, arr, stream=None):
+        AsyncDeviceArray.pending.append((self.a, arr))
+
+    @staticmethod
+    def flush():
+        for target, source in AsyncDeviceArray.pending:
+            target[...] = source
+        AsyncDeviceArray.pending.clear()
+
+
+AsyncDeviceArray.__module__ = "cupy._core.stand_in"  # (the staging path syncs CuPy's arrays)
+
+
 def _check_protocol(comm, xp=np) -> None:
     """Every collective against references every rank computes for itself."""
     p, r = comm.size, comm.rank
@@ -743,6 +770,25 @@ def _worker_protocol() -> None:
     part = np.sum(np.array(values, np.float64)[:, :257 // p * p], axis=0)
     np.testing.assert_allclose(out.a, part[r * (257 // p):(r + 1) * (257 // p)], rtol=1e-12)
     assert sum(len(v) for v in comm.pinned._free.values()) >= 2  # released for reuse
+    # A staged buffer goes back to the pool once set() has read it: set is asynchronous on
+    # CuPy's stream, and the next same-sized collective that does not copy in (a broadcast's
+    # receiving rank) wrote the pooled buffer first (BatchNorm's running_mean received the
+    # running_var broadcast after it; found by a distributed audit).
+    import trainer.backend as backend
+
+    stream = type("Stream", (), {"synchronize": lambda self: AsyncDeviceArray.flush()})()
+    cuda = type("Cuda", (), {"get_current_stream": lambda self: stream})()
+    real, backend.cupy_module = backend.cupy_module, lambda: type("CuPy", (), {"cuda": cuda})
+    try:
+        mean = AsyncDeviceArray(np.full(5, 0.5 if r == 0 else -1.0, np.float32))
+        var = AsyncDeviceArray(np.full(5, 2.0 if r == 0 else -1.0, np.float32))
+        comm.bcast_(mean, label="running_mean")
+        comm.bcast_(var, label="running_var")
+        AsyncDeviceArray.flush()
+        np.testing.assert_array_equal(mean.a, 0.5)
+        np.testing.assert_array_equal(var.a, 2.0)
+    finally:
+        backend.cupy_module = real
 
     # Buckets under MPI equal one big all-reduce: bit for bit with 2 ranks (a sum of two is
     # commutative), to float32 rounding with more (the ring's order depends on the slices).
@@ -833,3 +879,35 @@ echo "ran $n"; exit ${{2:-0}}
     count.unlink()
     proc = run_mpi([str(fake), "job", "3"], timeout=30)  # a failing job is not run twice
     assert proc.returncode == 3 and count.read_text() == "1\n"
+
+
+def test_selftest_over_nccl_moves_device_arrays(monkeypatch, capsys):
+    """`--selftest --backend nccl` all-reduced NumPy arrays, which go over MPI, and printed the
+    NCCL communicator's name beside MPI's bandwidth (found by a distributed audit): the
+    arrays come from the communicator's CuPy."""
+    import types
+
+    import trainer.comm as comm_mod
+    from trainer.comm.__main__ import main
+
+    made = []
+    fake_cupy = types.SimpleNamespace(
+        full=lambda *a, **k: made.append("full") or np.full(*a, **k),
+        ones=lambda *a, **k: made.append("ones") or np.ones(*a, **k))
+
+    class FakeNCCL:
+        cupy, size, rank = fake_cupy, 1, 0
+        seen: list = []
+
+        def allgather_(self, a, out, label=""):
+            out[...] = a
+
+        def allreduce_(self, a, label=""):
+            FakeNCCL.seen.append(label)
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(comm_mod, "get_communicator", lambda *a, **k: FakeNCCL())
+    assert main(["--backend", "nccl", "--mb", "0.01"]) == 0
+    assert made == ["full", "ones"] and "FakeNCCL" in capsys.readouterr().out

@@ -32,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         hosts: dict[str, list[int]] = {}
         for rank, row in enumerate(names.reshape(p, 64)):
             hosts.setdefault(row.tobytes().rstrip(b"\0").decode(errors="replace"), []).append(rank)
-        check = np.full(1000, r + 1.0)
+        # (NCCL moves device arrays: host ones would go over MPI, and the line below would
+        # name NCCL for MPI's bandwidth)
+        xp = getattr(comm, "cupy", None) or np
+        check = xp.full(1000, r + 1.0)
         comm.allreduce_(check, label="checked sum")
         ok = bool((check == p * (p + 1) / 2).all())
-        buf = np.ones(int(args.mb * 2**20) // 4, np.float32)
+        buf = xp.ones(int(args.mb * 2**20) // 4, np.float32)
         comm.allreduce_(buf, label="bandwidth warm-up")
         times = []
         for _ in range(5):

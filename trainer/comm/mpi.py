@@ -315,6 +315,12 @@ class MPIComm:
         def back():
             if copy_out:
                 arr.set(host)
+                # (set from pinned memory is asynchronous on CuPy's current stream: the
+                # buffer goes back to the pool, where the next collective may write it, only
+                # once the copy has read it)
+                if type(arr).__module__.startswith("cupy"):
+                    from trainer.backend import cupy_module
+                    cupy_module().cuda.get_current_stream().synchronize()
             self.pinned.release(host)
         return host, back
 
