@@ -6,6 +6,7 @@ and cupy.ElementwiseKernel sources compiled by the C compiler and run as the sta
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -276,3 +277,29 @@ def test_onnx_node_suite_on_the_device_path_with_generated_kernels(gpu):
     test_onnx_node_suite_on_the_gpu_path(gpu)
     assert CReductionKernel.calls - reductions > 200
     assert CElementwiseKernel.calls - elementwise > 400
+
+
+def test_one_input_reductions_survive_cupys_cub_renaming():
+    """CuPy runs a ReductionKernel of one input and one output through CUB, renaming them to
+    in0/out0 by replacing their names in the map and post expressions' text
+    (cupy/_core/_cub_reduction.pyx); an output named `r` turned the mean's `_type_reduce` into
+    `_type_out0educe`: RMSNormalization's kernel failed to compile on a GPU and its fast path
+    stayed off (found by a CuPy audit). The rename must leave every expression as it was."""
+    def param_names(spec: str) -> list[str]:
+        return [p.split()[-1] for p in spec.split(",") if p.strip()]
+
+    checked = 0
+    for k in rowfuse.KERNELS:
+        if k.kind != "ReductionKernel":
+            continue
+        ins, outs, map_expr, _, post = k.spec[:5]
+        (old_out,) = param_names(outs)
+        if len(param_names(ins)) != 1:
+            continue
+        (old_in,) = param_names(ins)
+        for name, text in ((old_in, map_expr), (old_out, post)):
+            # (the text replace hits only the name itself, nothing that contains it)
+            assert len(re.findall(re.escape(name), text)) == \
+                len(re.findall(rf"\b{re.escape(name)}\b", text)), (k.spec[-1], name, text)
+        checked += 1
+    assert checked >= 1  # (the RMS mean square)

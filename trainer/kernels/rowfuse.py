@@ -37,7 +37,7 @@ from trainer.kernels import compiled
 from trainer.kernels.generated import GeneratedKernel
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_MEAN = "r = a / _type_reduce(_in_ind.size() / _out_ind.size())"  # (CuPy's own mean's)
+_MEAN = "out0 = a / _type_reduce(_in_ind.size() / _out_ind.size())"  # (CuPy's own mean's)
 
 
 def _kernel(kind: str, *spec: str) -> GeneratedKernel:
@@ -46,7 +46,10 @@ def _kernel(kind: str, *spec: str) -> GeneratedKernel:
 
 
 def _reduction(params: str, map_expr: str, post: str, name: str) -> GeneratedKernel:
-    return _kernel("ReductionKernel", params, "T r", map_expr, "a + b", post, "0",
+    # (the output is out0, as CuPy names its own: a one-input reduction takes CuPy's CUB path,
+    # which renames the output to out0 by replacing its name in the post expression's text,
+    # and an `r` there became `_type_out0educe`; compile error, the fast path off for the run)
+    return _kernel("ReductionKernel", params, "T out0", map_expr, "a + b", post, "0",
                    f"onnx_trainer_{name}")
 
 
@@ -64,7 +67,7 @@ MEAN_G_XHAT = _reduction("T dy, T s, T x, T m, T inv", "(dy * s) * ((x - m) * in
                          "ln_mean_gx")
 LN_DX = _elementwise("T dy, T s, T x, T m, T inv, T mg, T mgx",
                      "y = ((dy * s - mg) - ((x - m) * inv) * mgx) * inv", "ln_dx")
-SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "r = a",
+SUM_DY_XHAT = _reduction("T dy, T x, T m, T inv", "dy * ((x - m) * inv)", "out0 = a",
                          "ln_sum_dy_xhat")
 # RMSNormalization (kernels/norm.py)
 MEAN_SQUARE = _reduction("T x", "x * x", _MEAN, "mean_square")
@@ -72,11 +75,11 @@ RMS_Y = _elementwise("T x, T inv, T s", "y = x * inv * s", "rms_y")
 # BatchNormalization's training rewrite (kernels/fused.py's bn_train_forward and backward)
 BN_XHAT_Y = _kernel("ElementwiseKernel", "T x, T m, T sd, T s, T b", "T xhat, T y",
                     "xhat = (x - m) / sd; y = xhat * s + b", "onnx_trainer_bn_xhat_y")
-SUM_PRODUCT = _reduction("T u, T v", "u * v", "r = a", "sum_product")
+SUM_PRODUCT = _reduction("T u, T v", "u * v", "out0 = a", "sum_product")
 BN_DX = _elementwise("T dy, T xhat, T dsi, T dbi, T k", "y = ((dy - xhat * dsi) - dbi) * k",
                      "bn_dx")
 # Softmax and LogSoftmax (kernels/reduce.py's _softmax and _log_softmax), m the row maximum
-SUM_EXP = _reduction("T x, T m", "exp(x - m)", "r = a", "sum_exp")
+SUM_EXP = _reduction("T x, T m", "exp(x - m)", "out0 = a", "sum_exp")
 SOFTMAX_Y = _elementwise("T x, T m, T s", "y = exp(x - m) / s", "softmax_y")
 LOG_SOFTMAX_Y = _elementwise("T x, T m, T ls", "y = (x - m) - ls", "log_softmax_y")
 KERNELS = (VARIANCE, LN_Y, LN_Y_NO_BIAS, MEAN_G, MEAN_G_XHAT, LN_DX, SUM_DY_XHAT, MEAN_SQUARE,
