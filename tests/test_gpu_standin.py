@@ -146,6 +146,15 @@ def test_each_rank_uses_its_own_gpu(monkeypatch):
     assert backend.select_device(xp, 1) == 1 and xp.cuda.Device().id == 1
 
 
+def test_cupy_13_is_refused(monkeypatch):
+    """CuPy 13 (which the gpu-cuda12 extra allowed) refuses the int64 scatter-add/max/min the
+    kernels use, and holds no bfloat16: the GPU path says it needs 14 (found by a CuPy audit)."""
+    xp = sx.install(monkeypatch)
+    monkeypatch.setattr(xp, "__version__", "13.6.0")
+    with pytest.raises(TrainerError, match="needs CuPy 14 or later, found 13.6.0"):
+        backend.get_xp("gpu")
+
+
 def test_gpu_without_a_gpu_is_one_clear_error(monkeypatch):
     sx.install(monkeypatch, devices=0)
     assert backend.get_xp("auto") is np

@@ -64,6 +64,12 @@ def get_xp(device: str = "auto") -> ModuleType:
                            "(install the 'gpu-cuda13' or 'gpu-cuda12' extra, or set device: cpu)")
     if cp is None:
         return np
+    major = str(getattr(cp, "__version__", "0")).split(".")[0]
+    if major.isdigit() and int(major) < 14:
+        # (CuPy 13 refuses the int64 scatter-add/max/min the kernels use, holds no bfloat16)
+        raise TrainerError(f"the GPU path needs CuPy 14 or later, found {cp.__version__}: "
+                           "pip install 'onnx-trainer[gpu-cuda13]' (or '[gpu-cuda12]'), or set "
+                           "device: cpu")
     select_device(cp)
     return cp
 
@@ -263,6 +269,6 @@ def set_tf32(xp: ModuleType, on: bool) -> str:
         return ("float32 matrix products stay float32 (this CuPy has no float32 compute-type "
                 f"setting: {type(exc).__name__}: {exc})")
     if on:
-        return ("float32 matrix products on TF32 tensor cores (operands rounded to a 10-bit "
-                "mantissa, float32 accumulation)")
+        return ("2-D float32 matrix products on TF32 tensor cores (operands rounded to a "
+                "10-bit mantissa, float32 accumulation; CuPy's batched products stay float32)")
     return "float32 matrix products " + ("stay float32" + why if why else "in float32")
