@@ -282,6 +282,14 @@ class ndarray:  # noqa: N801 - CuPy's name
     def __reduce__(self):
         return (_from_host, (self.get(),))
 
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        # What a CUDA-aware MPI reads (mpi4py takes the pointer as a device address): the
+        # stand-in's "device" memory is host memory, so an MPI without CUDA moves it as well.
+        a = self._a.__array_interface__
+        return {"shape": self.shape, "typestr": a["typestr"], "data": a["data"],
+                "strides": a["strides"], "version": 3, "stream": 1}
+
     # what CuPy refuses
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
@@ -896,6 +904,9 @@ class _Cuda:
                 return False
 
             mem_info = property(lambda self: (64 << 30, 80 << 30))
+            # (the GPU as the machine knows it, the same in every process: what tells whether
+            # two ranks drive one GPU; a test may give each rank its own)
+            pci_bus_id = property(lambda self: f"0000:{0x18 + self.id:02X}:00.0")
 
         class Event:
             def __init__(self, block=False, disable_timing=False, interprocess=False):

@@ -412,6 +412,18 @@ def test_nccl_unique_id_survives_the_broadcast_in_both_cupy_forms():
     assert made == [raw, as_chars]
 
 
+def test_ranks_that_share_a_gpu_are_named_by_its_bus_id():
+    from trainer.comm.nccl import shared_gpus, sharing_text
+    assert shared_gpus(["0000:18:00.0", "0000:19:00.0"]) == {}
+    assert shared_gpus([]) == {}
+    shared = shared_gpus(["0000:18:00.0", "0000:19:00.0", "0000:18:00.0", "0000:18:00.0",
+                          "0000:19:00.0", "0000:1A:00.0"])
+    assert shared == {"0000:18:00.0": [0, 2, 3], "0000:19:00.0": [1, 4]}
+    assert sharing_text(shared, "node7") == ("local ranks 0, 2 and 3 on node7 share GPU "
+                                             "0000:18:00.0; local ranks 1 and 4 on node7 share "
+                                             "GPU 0000:19:00.0")
+
+
 def test_nccl_types():
     fake = types.SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT16=6, NCCL_FLOAT64=8, NCCL_INT64=4,
                                  NCCL_UINT8=1)

@@ -1140,6 +1140,155 @@ def _worker_comm() -> None:
 
 @pytest.mark.mpi
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install '.[mpi]')")
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_cuda_aware_mpi_moves_device_arrays_and_the_engine_sums_them(world):
+    """With a CUDA-aware MPI (forced here: the stand-in's device memory is host memory, which
+    this MPI moves too) device arrays go to MPI directly, with no host copy, and MPI is never
+    asked to reduce one: Open MPI's CUDA support covers the blocking reductions only, so its
+    MPI_Iallreduce or MPI_Ireduce_scatter_block would sum device memory on the host. Every
+    rank gets the rank-order sum, bit for bit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ONNX_TRAINER_CUDA_AWARE_MPI": "1"}
+    cmd = [MPIRUN, "--oversubscribe", "-np", str(world)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    proc = run_mpi(cmd + [sys.executable, __file__, "aware"], timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("cuda-aware ok") == world
+
+
+def _rank_order_sum(values: list[np.ndarray]) -> np.ndarray:
+    total = values[0].copy()
+    for v in values[1:]:
+        total += v
+    return total
+
+
+def _worker_aware() -> None:
+    """Under mpirun with ONNX_TRAINER_CUDA_AWARE_MPI=1: each collective of the protocol on
+    stand-in device arrays, the MPI calls watched."""
+    from trainer.comm.base import compress16, decompress16
+    from trainer.comm.buckets import Buckets
+    from trainer.comm.mpi import MPIComm
+
+    backend._import_cupy = lambda: (sx, sx.x)
+    comm = MPIComm(timeout_s=60)
+    assert comm.cuda_aware
+    calls: list[tuple[str, bool]] = []
+
+    def on_device(a) -> bool:
+        if isinstance(a, (list, tuple)) and a:
+            a = a[0]
+        return isinstance(a, sx.ndarray)
+
+    class Watched:
+        def __init__(self, c):
+            self._c = c
+
+        def __getattr__(self, name):
+            method = getattr(self._c, name)
+
+            def call(*args, **kwargs):
+                calls.append((name, any(on_device(a) for a in args)))
+                return method(*args, **kwargs)
+            return call
+
+    comm._steps = [Watched(c) for c in comm._steps]
+    p, r = comm.size, comm.rank
+    rng = [np.random.default_rng(20 + k) for k in range(p)]
+    for n in (301, 96 * p, 1):  # padded parts, whole parts, fewer elements than ranks
+        values = [g.normal(size=n).astype(F32) for g in rng]
+        dev = sx.asarray(values[r])
+        sx.reset()
+        comm.allreduce_(dev, label=f"sum of {n}")
+        assert (sx.TRANSFERS.d2h, sx.TRANSFERS.h2d) == (0, 0), sx.TRANSFERS.where()
+        np.testing.assert_array_equal(host(dev), _rank_order_sum(values))
+    counts = [np.arange(7, dtype=np.int64) * (k + 1) for k in range(p)]
+    dev = sx.asarray(counts[r])
+    comm.allreduce_(dev, label="counts")
+    np.testing.assert_array_equal(host(dev), sum(counts))
+    values = [g.normal(size=500).astype(F32) for g in rng]
+    flat = sx.asarray(values[r])
+    bk = Buckets(comm, flat, [("a", 300, 200), ("b", 0, 300)], bucket_mb=1e-4)
+    bk.begin()
+    for name in ("a", "b"):
+        bk.ready(name)
+        bk.progress()
+    bk.wait_all()
+    np.testing.assert_array_equal(host(flat), _rank_order_sum(values))
+    k = 5
+    values = [g.normal(size=p * k).astype(F32) for g in rng]
+    out = sx.zeros(k, F32)
+    comm.reduce_scatter_(sx.asarray(values[r]), out, label="reduce-scatter")
+    np.testing.assert_array_equal(host(out), _rank_order_sum(values)[r * k:(r + 1) * k])
+    whole = sx.zeros(p * k, F32)
+    comm.allgather_(sx.full(k, float(r), F32), whole, label="all-gather")
+    np.testing.assert_array_equal(host(whole), np.repeat(np.arange(p, dtype=F32), k))
+    sent = sx.asarray(np.full(4, 7.0 if r == p - 1 else 0.0, F32))
+    comm.bcast_(sent, root=p - 1, label="broadcast")
+    np.testing.assert_array_equal(host(sent), np.full(4, 7.0, F32))
+    values = [g.normal(size=301).astype(F32) for g in rng]
+    dev = sx.asarray(values[r])
+    comm.allreduce_(dev, label="bf16", compress="bf16")
+    rounded = [decompress16(compress16(v, "bf16"), "bf16") for v in values]
+    want = decompress16(compress16(_rank_order_sum(rounded), "bf16"), "bf16")
+    np.testing.assert_array_equal(host(dev), want)
+    reductions = {"Iallreduce", "Ireduce", "Ireduce_scatter", "Ireduce_scatter_block", "Iscan",
+                  "Iexscan", "Allreduce", "Reduce", "Reduce_scatter_block"}
+    assert not [c for c in calls if c[1] and c[0] in reductions], calls
+    assert ("Ialltoall", True) in calls and ("Ibcast", True) in calls, calls
+    print(f"rank {r}: cuda-aware ok", flush=True)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install '.[mpi]')")
+@pytest.mark.parametrize("own_gpus", [False, True])
+def test_nccl_is_chosen_when_no_two_ranks_drive_one_gpu(own_gpus):
+    """Two ranks of a node, each seeing one GPU (device 0, as with CUDA_VISIBLE_DEVICES set
+    per task by Slurm): whether they drive one GPU is told by its PCI bus id. By the device
+    count (2 ranks > 1 GPU) auto refused NCCL to ranks with a GPU each, and backend: nccl
+    refused them too. Sharing one, auto picks MPI and backend: nccl stops, naming the ranks
+    and the GPU."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [MPIRUN, "--oversubscribe", "-np", "2"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    proc = run_mpi(cmd + [sys.executable, __file__, "nccl", str(int(own_gpus))], timeout=120,
+                   env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("nccl choice ok") == 2
+
+
+def _worker_nccl() -> None:
+    """Under mpirun: NCCL's choice on stand-in GPUs (one per rank if argv[2] is 1, else one
+    for both), NCCL itself stubbed (its communicator is never used here)."""
+    import trainer.comm.nccl as nccl_module
+    from trainer.comm import get_communicator, launched_rank
+    from trainer.comm.mpi import MPIComm
+
+    own = sys.argv[2] == "1"
+    backend._import_cupy = lambda: (sx, sx.x)
+    sx.cuda.nccl = types.SimpleNamespace(available=True, get_unique_id=lambda: bytes(128))
+    nccl_module.nccl_available = lambda: True
+    nccl_module.make_nccl_comm = lambda nccl, size, uid, rank: ("stub", size, rank)
+    if own:  # device 0 of each rank is another GPU
+        bus = f"0000:{0x40 + launched_rank():02X}:00.0"
+        sx.cuda.Device.pci_bus_id = property(lambda self: bus)
+    comm = get_communicator("auto", 60, device="gpu")
+    if own:
+        assert isinstance(comm, nccl_module.NCCLComm), type(comm)
+        assert comm.device == 0 and comm.comm == ("stub", 2, comm.rank)
+    else:
+        assert isinstance(comm, MPIComm), type(comm)
+        with pytest.raises(TrainerError) as err:
+            nccl_module.NCCLComm(60, mpi=comm)
+        assert "nccl needs one GPU per rank, but local ranks 0 and 1 on " in str(err.value)
+        assert "share GPU 0000:18:00.0 (this rank sees 1 GPU(s))" in str(err.value)
+    print(f"rank {comm.rank}: nccl choice ok", flush=True)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install '.[mpi]')")
 @pytest.mark.parametrize("sync_bn", [False, True])
 def test_the_device_step_under_mpirun_is_the_host_step(zoo, tmp_path, sync_bn):
     """mpirun -np 2 with the device path in each process (the stand-in as its GPU): the BatchNorm
@@ -1200,7 +1349,8 @@ def _worker_train() -> None:
 
 
 if __name__ == "__main__":
-    {"comm": _worker_comm, "train": _worker_train}[sys.argv[1]]()
+    {"comm": _worker_comm, "train": _worker_train, "aware": _worker_aware,
+     "nccl": _worker_nccl}[sys.argv[1]]()
 
 
 def _classifier_cfg(tmp_path) -> dict:

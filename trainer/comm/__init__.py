@@ -95,12 +95,12 @@ def get_communicator(backend: str = "auto", timeout_s: float = 300.0,
     if backend == "auto" and device == "gpu":
         import numpy as np
 
-        from trainer.comm.nccl import NCCLComm, nccl_available
-        ranks_here = mpi.node_local()[1]  # collective: called on every rank
-        ok = nccl_available()
-        if ok:
-            from trainer.backend import cupy_module
-            ok = ranks_here <= cupy_module().cuda.runtime.getDeviceCount()
+        from trainer.backend import cupy_module, select_device
+        from trainer.comm.nccl import NCCLComm, nccl_available, node_gpu_sharing
+        cupy = cupy_module()
+        select_device(cupy)  # (what get_xp chose)
+        # NCCL where it is there and no two ranks of a node share a GPU (collective: every rank)
+        ok = not node_gpu_sharing(mpi, cupy) and nccl_available()
         votes = np.array([1.0 if ok else 0.0])
         mpi.allreduce_(votes, label="choose NCCL or MPI")  # every rank decides the same
         if votes[0] == mpi.size:

@@ -275,6 +275,17 @@ class MPIComm:
             local.Free()
         return self._local
 
+    def node_gather(self, row: np.ndarray) -> np.ndarray:
+        """Every rank of this node's `row` (a small host array, the same shape on each), in
+        node-local rank order: a blocking collective for start-up checks."""
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            rows = np.empty((local.Get_size(),) + row.shape, row.dtype)
+            local.Allgather(np.ascontiguousarray(row), rows)
+        finally:
+            local.Free()
+        return rows
+
     # -- the engine -----------------------------------------------------------------------------
     def _start(self, label: str, make, arrays, steps: int = 1) -> Handle:
         """Start a collective: make(*host_arrays) is a generator that yields one function per MPI
@@ -371,6 +382,8 @@ class MPIComm:
     def allreduce_async_(self, buf, label: str = "allreduce", compress: str | None = None):
         check_compress(compress, buf)
         MPI = self.MPI
+        if compress is None and self._reduces_itself(buf):
+            return self._start(label, self._allreduce_in_parts, [(buf, True, True)], steps=2)
         if compress is None:
             def gen(b):
                 yield lambda c: c.Iallreduce(MPI.IN_PLACE, b, op=MPI.SUM)
@@ -394,6 +407,37 @@ class MPIComm:
             decompress16(gathered[:n], compress, flat)
         return self._start(label, compressed, [(buf, True, True)], steps=2)
 
+    def _reduces_itself(self, buf) -> bool:
+        """Whether the engine sums this buffer itself, MPI only moving its parts: a device
+        array given to a CUDA-aware MPI directly. Open MPI's CUDA support covers the blocking
+        reductions only (coll/accelerator wraps MPI_Allreduce, not MPI_Iallreduce, whose
+        host-side sum would read device memory); moving bytes (all-to-all, all-gather,
+        broadcast) is supported in every form."""
+        return not isinstance(buf, np.ndarray) and self.cuda_aware
+
+    def _allreduce_in_parts(self, b):
+        """All-reduce as an all-to-all of the p parts, this rank's part summed in rank order
+        on the device, and an all-gather of the sums: the bytes a ring all-reduce sends, and
+        the same bits on every rank."""
+        xp, p = xp_of(b), self.size
+        flat = b.reshape(-1)
+        n, k = flat.size, padded_size(flat.size, p) // p
+        whole = n == p * k
+        send = flat if whole else xp.zeros(p * k, flat.dtype)
+        if not whole:
+            send[:n] = flat
+            _device_ready(send)
+        rows = xp.empty((p, k), flat.dtype)
+        yield lambda c: c.Ialltoall(send, rows)
+        mine = rows[0].copy()
+        for j in range(1, p):
+            mine += rows[j]
+        _device_ready(mine)
+        out = send  # (the all-to-all has read it)
+        yield lambda c: c.Iallgather(mine, out)
+        if not whole:
+            flat[...] = out[:n]
+
     def allreduce_(self, buf, label: str = "allreduce", compress: str | None = None) -> None:
         self._run(self.allreduce_async_(buf, label, compress))
 
@@ -408,7 +452,10 @@ class MPIComm:
         self._run(self._start(label, gen, []))
 
     def reduce_scatter_(self, buf, out, label: str = "reduce-scatter") -> None:
-        check_shards(buf, out, self.size, "reduce_scatter_")
+        k = check_shards(buf, out, self.size, "reduce_scatter_")
+        if self._reduces_itself(buf):
+            self._run(self.reduce_scatter_async_(buf, out, [k] * self.size, label))
+            return
         MPI = self.MPI
 
         def gen(b, o):

@@ -51,6 +51,47 @@ def make_nccl_comm(nccl, size: int, uid: np.ndarray, rank: int):
         return nccl.NcclCommunicator(size, tuple(int(v) for v in uid.view(np.int8)), rank)
 
 
+_BUS_ID_BYTES = 32
+
+
+def gpu_identity(cupy) -> str:
+    """The current GPU as the machine knows it, its PCI bus id: device numbers name different
+    GPUs in processes whose CUDA_VISIBLE_DEVICES differ (one GPU per Slurm task, say)."""
+    device = cupy.cuda.Device()
+    try:
+        return str(device.pci_bus_id)
+    except Exception:  # noqa: BLE001 - a runtime without the query: the device number
+        return f"device {device.id}"
+
+
+def shared_gpus(bus_ids: list[str]) -> dict[str, list[int]]:
+    """The GPUs that several ranks of one node would drive (NCCL refuses two ranks on one
+    GPU): bus id -> the node-local ranks on it, from each local rank's bus id in order."""
+    users: dict[str, list[int]] = {}
+    for local_rank, bus in enumerate(bus_ids):
+        users.setdefault(bus, []).append(local_rank)
+    return {bus: ranks for bus, ranks in users.items() if len(ranks) > 1}
+
+
+def sharing_text(shared: dict[str, list[int]], host: str) -> str:
+    """'local ranks 0 and 1 on HOST share GPU 0000:3B:00.0' (and the next GPUs so shared)."""
+    parts = []
+    for bus, ranks in shared.items():
+        names = ", ".join(str(r) for r in ranks[:-1]) + f" and {ranks[-1]}"
+        parts.append(f"local ranks {names} on {host} share GPU {bus}")
+    return "; ".join(parts)
+
+
+def node_gpu_sharing(mpi, cupy) -> dict[str, list[int]]:
+    """shared_gpus over this node's ranks, each on its current GPU (a collective over the
+    node's ranks)."""
+    row = np.zeros(_BUS_ID_BYTES, np.uint8)
+    raw = gpu_identity(cupy).encode()[:_BUS_ID_BYTES]
+    row[:len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = mpi.node_gather(row)
+    return shared_gpus([r.tobytes().rstrip(b"\0").decode(errors="replace") for r in rows])
+
+
 def nccl_available() -> bool:
     try:
         from cupy.cuda import nccl
@@ -83,15 +124,24 @@ class NCCLComm:
         self.cupy, self.nccl = cupy, nccl
         self.mpi = mpi if mpi is not None else MPIComm(timeout_s)
         self.rank, self.size = self.mpi.rank, self.mpi.size
-        local_rank, local_size = self.mpi.node_local()
-        ndev = cupy.cuda.runtime.getDeviceCount()
-        if device is None and local_size > ndev:
-            raise TrainerError(f"distributed.backend: nccl needs one GPU per rank, but "
-                               f"{local_size} ranks share {ndev} GPU(s) on "
-                               f"{socket.gethostname()}; start at most {ndev} ranks per node "
-                               "or set distributed.backend: mpi")
-        self.device = local_rank if device is None else device
-        cupy.cuda.Device(self.device).use()
+        if device is None:
+            from trainer.backend import select_device
+            self.device = select_device(cupy)  # (what get_xp chose: local rank % GPU count)
+        else:
+            self.device = int(device)
+            cupy.cuda.Device(self.device).use()
+        shared = node_gpu_sharing(self.mpi, cupy)
+        problems = np.array([1.0 if shared else 0.0])
+        self.mpi.allreduce_(problems, label="one GPU per rank")  # every rank stops, or none
+        if problems[0]:
+            count = cupy.cuda.runtime.getDeviceCount()
+            where = (f"{sharing_text(shared, socket.gethostname())} (this rank sees {count} "
+                     "GPU(s))" if shared else f"{int(problems[0])} rank(s) on other nodes share "
+                     "a GPU (their error names them)")
+            raise TrainerError(f"distributed.backend: nccl needs one GPU per rank, but {where}; "
+                               "start at most as many ranks per node as it has GPUs (local rank "
+                               "i takes GPU i % count of those it sees), or set "
+                               "distributed.backend: mpi")
         uid = np.zeros(128, np.uint8)
         if self.rank == 0:
             uid[...] = uid_to_array(nccl.get_unique_id())
