@@ -583,3 +583,44 @@ def test_a_pad_that_crops_more_than_the_axis_holds_is_refused_where_it_copies(mo
     assert y.shape == (3 + pads[0] + pads[2], 3) and (y == 7).all()
     assert get_kernel("Pad", 19)(np, x, np.array([-3, 0, 0, 0]), mode=mode)[0].shape == (0, 3)
 
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 0), 1), ((3, 0), 0), ((0, 3), 1), ((2, 0, 2), 1),
+                                        ((2, 0, 2), 0), ((2, 3), -1)])
+def test_unique_along_an_axis_of_empty_slices(shape, axis):
+    """A [3, 0] input's Unique along axis 1 failed inside the kernel (a row length of -1
+    cannot be inferred where a slice is empty); numpy.unique, which the spec follows, has
+    an answer for each."""
+    from trainer.kernels import get_kernel
+
+    x = np.zeros(shape, F32)
+    got = get_kernel("Unique", 11)(np, x, axis=axis)
+    want = np.unique(x, axis=axis, return_index=True, return_inverse=True, return_counts=True)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+def test_eye_like_and_reverse_sequence_refuse_what_the_spec_rules_out():
+    """EyeLike of a [2, 2, 2] input gave a [2, 2] identity (a 1-D one an IndexError), and
+    ReverseSequence read a negative length as 0 and failed on one beyond the time axis with
+    an IndexError; onnxruntime refuses each (the spec: EyeLike's input is 2-D)."""
+    from trainer.errors import ModelError
+    from trainer.kernels import get_kernel
+
+    eye = get_kernel("EyeLike", 9)
+    for shape in ((2, 2, 2), (3,)):
+        with pytest.raises(ModelError, match=r"EyeLike: the input must be 2-D, got shape "):
+            eye(np, np.zeros(shape, F32))
+    np.testing.assert_array_equal(eye(np, np.zeros((2, 3), F32), k=1)[0], np.eye(2, 3, k=1))
+    rev = get_kernel("ReverseSequence", 10)
+    x = np.arange(12, dtype=F32).reshape(4, 3)  # [time 4, batch 3]
+    for lens, said in (([-1, 2, 3], "sequence length -1 is out of range for a time axis of 4"),
+                       ([5, 1, 0], "sequence length 5 is out of range for a time axis of 4"),
+                       ([1, 2], "sequence_lens holds 2 lengths for a batch of 3")):
+        with pytest.raises(ModelError, match=said):
+            rev(np, x, np.array(lens, np.int64))
+    y = rev(np, x, np.array([4, 0, 2], np.int64))[0]
+    np.testing.assert_array_equal(y[:, 0], x[::-1, 0])
+    np.testing.assert_array_equal(y[:, 1], x[:, 1])
+    np.testing.assert_array_equal(y[:, 2], x[[1, 0, 2, 3], 2])

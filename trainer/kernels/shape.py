@@ -538,9 +538,10 @@ def Unique(xp, x, *, axis=None, sorted=1):  # noqa: A002 - the spec's name
     if axis is None:
         rows = x.reshape(-1, 1)
     else:
-        axis %= x.ndim
+        axis = axis_in(axis, x.ndim, "Unique")
         moved = xp.moveaxis(x, axis, 0)
-        rows = moved.reshape(moved.shape[0], -1)
+        # (the row length by the shape: -1 cannot be inferred where the axis is empty)
+        rows = moved.reshape(moved.shape[0], int(np.prod(moved.shape[1:], dtype=np.int64)))
     n = rows.shape[0]
     keys = _sort_keys(xp, rows)
     if n == 0 or keys.shape[1] == 0:
@@ -585,7 +586,17 @@ def Trilu(xp, x, k=None, *, upper=1):
 @kernel("ReverseSequence", since=10)
 def ReverseSequence(xp, x, sequence_lens, *, batch_axis=1, time_axis=0):
     batch, time = x.shape[batch_axis], x.shape[time_axis]
+    if sequence_lens.size != batch:
+        raise ModelError(f"ReverseSequence: sequence_lens holds {sequence_lens.size} lengths "
+                         f"for a batch of {batch}")
     lens = sequence_lens.astype(np.int64).reshape(batch, 1)
+    if isinstance(lens, np.ndarray):  # (on a device a length out of range is clipped: no read)
+        bad = lens[(lens < 0) | (lens > time)]
+        if bad.size:
+            raise ModelError(f"ReverseSequence: sequence length {int(bad[0])} is out of range "
+                             f"for a time axis of {time} (lengths lie in [0, {time}])")
+    else:
+        lens = xp.clip(lens, 0, time)
     t = xp.arange(time).reshape(1, time)
     src = xp.where(t < lens, lens - 1 - t, t)  # [batch, time]
     if time_axis < batch_axis:
@@ -702,4 +713,6 @@ def Range(xp, start, limit, delta, *, stash_type=1):
 @kernel("EyeLike")
 def EyeLike(xp, x, *, dtype=None, k=0):
     dt = np_dtype(dtype) if dtype is not None else x.dtype
+    if x.ndim != 2:
+        raise ModelError(f"EyeLike: the input must be 2-D, got shape {list(x.shape)}")
     return (xp.eye(x.shape[0], x.shape[1], k=k, dtype=dt),)
