@@ -510,6 +510,11 @@ CASES = {
     "model-is-a-pipe": (lambda t: os.mkfifo(t / "m.onnx") or ["train", _write(t, _cfg(
         t, model=str(t / "m.onnx")))], "not a regular file"),  # (it waited for a writer)
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
+    # (the checkpoint of step 10 moved a metrics file of that name aside: its rows were lost)
+    "metrics-named-as-a-checkpoint": (lambda t: ["train", _write(t, _cfg(
+        t, checkpoint={"dir": str(t / "ck"), "every_steps": 2},
+        log={"metrics": str(t / "ck" / "step_00000002")}))],
+        "/ck/step_00000002 takes a name of checkpoint.dir's own files"),
     "grad-shape-of-the-wrong-rank": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--shape", "x=4"], "input 'x' has 2 dimension(s) ['N', 64]; give every one"),

@@ -5,6 +5,9 @@ off."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -503,3 +506,26 @@ def test_relu_gradients_fuse_into_one_exact_compiled_select(monkeypatch, dtype):
     for k in ("g", "h"):
         _bits_equal(got[k], want[k], k)
     np.testing.assert_array_equal(got["g"], np.where(v > 0, dy, dtype(0)))
+
+
+def test_a_numba_that_fails_to_import_is_said_to_be_off(tmp_path):
+    """An installed numba that refuses the installed NumPy ("Numba needs NumPy 2.3 or less")
+    leaves the compiled kernels off, and the pre-flight said they ran (`numba 0.68.1`): it
+    read the version of the installed package without importing it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text(
+        "raise ImportError('Numba needs NumPy 2.3 or less. Got NumPy 2.4.')\n")
+    code = ("import trainer.kernels.compiled as c\n"
+            "print(c.enabled()); print(c.enabled()); print(c.status())\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "False", "False", "compiled host kernels: off (numba cannot be imported: ImportError: "
+        "Numba needs NumPy 2.3 or less. Got NumPy 2.4; pip install -U numba, or "
+        "'onnx-trainer[fast]', for a numba that fits this NumPy)"]

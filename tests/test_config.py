@@ -206,7 +206,20 @@ def test_overrides_do_not_mutate_input_mapping() -> None:
     assert cfg.data.batch_size == 8 and "batch_size" not in raw["data"]
 
 
-@pytest.mark.parametrize("override", ["optimizer.lr", "=3", "optimizer..lr=1", "a.=1"])
+def test_an_override_reaches_a_key_with_dots_in_its_name() -> None:
+    """TorchScript names inputs `input.1`: `--set data.train.inputs.input.1=x2` split at every
+    dot and failed with "the config does not set it ... give the whole list". A key the config
+    has is found with its dots; a new one is written in double quotes."""
+    raw = {"data": {"train": {"inputs": {"input.1": "x", "mask": "m"}}}}
+    apply_override(raw, "data.train.inputs.input.1=x2")
+    apply_override(raw, 'data.train.inputs."onnx::Gemm.0"=x3')
+    apply_override(raw, 'data."train".inputs.mask=m2')
+    assert raw == {"data": {"train": {"inputs": {"input.1": "x2", "mask": "m2",
+                                                 "onnx::Gemm.0": "x3"}}}}
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr", "=3", "optimizer..lr=1", "a.=1",
+                                      'a."b=1', 'a.""=1'])
 def test_malformed_override(override: str) -> None:
     with pytest.raises(ConfigError, match="malformed override"):
         apply_override({}, override)

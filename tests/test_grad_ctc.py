@@ -425,3 +425,39 @@ def test_a_time_major_recognizer_trains_as_the_batch_major_one(tmp_path):
     for model, axis, hint in (("tm.onnx", 1, "time_axis: 0"), ("bm.onnx", 0, "time_axis: 1")):
         with pytest.raises(TrainerError, match=f"axis is not the batch.*{hint}"):
             Trainer(config_from_dict(raw(model, axis), tmp_path), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("time", [10, 4])
+def test_a_time_major_recognizer_of_a_fixed_batch_evaluates_a_ragged_set(tmp_path, time):
+    """A fixed batch of 4 with an output [time, 4, classes], 13 evaluation samples: the last
+    chunk runs padded with copies of its last sample, and its outputs were cut along axis 0,
+    the time axis: the copies were counted (4.37 for 4.33), a time axis of 4 lost its end,
+    and under mpirun the shapes did not fit. The evaluation is the dynamic-batch model's."""
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((8, 5)) * 0.3).astype(np.float32)
+    labels = np.full((13, 3), -1, np.int64)
+    labels[:, :2] = rng.integers(1, 5, (13, 2))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((13, time, 8)).astype(np.float32),
+             y=labels)
+    for name, batch in (("dyn.onnx", "N"), ("fixed.onnx", 4)):
+        _recognizer(tmp_path / name, w, np.zeros(5, np.float32))
+        m = onnx.load(str(tmp_path / name))
+        g = m.graph
+        g.node[-1].input[0] = "logits_tm"
+        g.node.insert(len(g.node) - 1, helper.make_node("Transpose", ["logits"], ["logits_tm"],
+                                                        perm=[1, 0, 2]))
+        del g.input[:], g.output[:]
+        g.input.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, time, 8]))
+        g.output.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                      [time, batch, 5]))
+        onnx.save(m, str(tmp_path / name))
+    split = {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}}
+    got = {}
+    for name in ("dyn.onnx", "fixed.onnx"):
+        raw = {"model": name, "output": f"out_{name}", "device": "cpu", "precision": "fp64",
+               "data": {"train": split, "eval": split, "batch_size": 4},
+               "loss": {"type": "ctc", "output": "probs", "target": "t", "time_axis": 0},
+               "steps": 1}
+        got[name] = Trainer(config_from_dict(raw, tmp_path),
+                            stream=io.StringIO()).evaluate()["eval_loss"]
+    assert got["fixed.onnx"] == pytest.approx(got["dyn.onnx"], rel=1e-12)

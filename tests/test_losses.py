@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -514,33 +515,45 @@ def test_a_fixed_batch_models_own_loss_is_evaluated_over_the_real_samples(tmp_pa
     np.testing.assert_allclose(got["fixed16"], want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["Softmax", "Sigmoid"])
+@pytest.mark.parametrize("head", ["Softmax", "Sigmoid", "binary"])
 def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
     """Training takes cross entropy on a Softmax's input and bce on a Sigmoid's; evaluation
     took the log of the output's probabilities, which underflow to 0 on a saturated model:
     eval_loss inf (or bce's clamp, 30.3 for 16.8) where the step's loss was finite, so `best`
-    and `early_stop` never saw an improvement. Evaluation reads the logits too now."""
+    and `early_stop` never saw an improvement. Evaluation reads the logits too now; also
+    those of a binary classifier written as Concat(1 - Sigmoid(z), Sigmoid(z)) (skl2onnx's
+    MLPClassifier), which still gave inf. `predict` gives the model's own outputs after an
+    evaluation (it gave the log-probabilities evaluation reads)."""
     rng = np.random.default_rng(0)
     c = 3 if head == "Softmax" else 1
     W = (rng.standard_normal((4, c)) * 60).astype(np.float32)
+    inits = [numpy_helper.from_array(W, "W")]
     nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]),
              helper.make_node(head, ["z"], ["p"], **({"axis": -1} if head == "Softmax" else {}))]
+    if head == "binary":
+        nodes[1:] = [helper.make_node("Sigmoid", ["z"], ["s"]),
+                     helper.make_node("Sub", ["one", "s"], ["q"]),
+                     helper.make_node("Concat", ["q", "s"], ["p"], axis=1)]
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                      ["N", 4])],
-                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", c])],
-                          [numpy_helper.from_array(W, "W")])
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT,
+                                                         ["N", 2 if head == "binary" else c])],
+                          inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
               tmp_path / "m.onnx")
     x = rng.standard_normal((32, 4)).astype(np.float32)
     y = rng.integers(0, c, 32) if head == "Softmax" else \
         rng.integers(0, 2, (32, 1)).astype(np.float32)
+    if head == "binary":
+        y = y[:, 0].astype(np.int64)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     cfg = config_from_dict({
         "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
         "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
                  "eval": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
                  "batch_size": 32, "shuffle": False},
-        "loss": {"type": "cross_entropy" if head == "Softmax" else "bce", "output": "p",
+        "loss": {"type": "bce" if head == "Sigmoid" else "cross_entropy", "output": "p",
                  "target": "t"},
         "optimizer": {"type": "sgd", "lr": 1e-30}, "log": {"every_steps": 1},
         "eval": {"every_steps": 1}}, tmp_path)
@@ -548,9 +561,14 @@ def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
     t.fit()
     step = next(r["loss"] for r in t.history if "loss" in r)
     z = torch.from_numpy(x.astype(np.float64)) @ torch.from_numpy(W.astype(np.float64))
+    if head == "binary":
+        z, y = z[:, 0], y[:, None].astype(np.float32)
     want = (torch.nn.functional.cross_entropy(z, torch.from_numpy(y)) if head == "Softmax"
             else torch.nn.functional.binary_cross_entropy_with_logits(z, torch.from_numpy(
-                y.astype(np.float64)))).item()
+                y.reshape(z.shape).astype(np.float64)))).item()
     ev = next(r["eval_loss"] for r in t.history if "eval_loss" in r)
     assert np.isfinite(ev) and ev > 10
     np.testing.assert_allclose([step, ev], [want, want], rtol=1e-4)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    np.testing.assert_allclose(t.predict({"x": x})["p"], session.run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-6)

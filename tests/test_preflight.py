@@ -955,3 +955,22 @@ def test_resume_on_fewer_samples_past_their_last_batch_says_the_next_epoch(tmp_p
     assert "1437 -> 320 training samples" in out.getvalue()
     assert "epoch 0 has no batch 20 now: epoch 1 starts" in out.getvalue()
     assert t.position == (1, 2)
+
+
+def test_a_run_shorter_than_one_accumulated_step_says_how_long_it_must_be(tmp_path,
+                                                                           digits_config):
+    """1 epoch of 44 batches with accumulate 50 was refused as "one epoch has 44 batches, fewer
+    than accumulate=50", though accumulate 45 trains (a step draws its micro-batches across an
+    epoch's end) and 2 epochs make it train: the run's batches in all are what fall short."""
+    raw = digits_config(steps=None, epochs=1, accumulate=50)
+    with pytest.raises(DataError) as err:
+        trainer(tmp_path, raw)
+    assert str(err.value) == (
+        "1 epoch(s) of 44 batches make 44, fewer than the 50 micro-batches of one optimizer "
+        "step (accumulate); nothing to train: set epochs to 2 or more, lower accumulate, or "
+        "set steps (a step draws its micro-batches across an epoch's end)")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "check", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0 and "set epochs to 2 or more" in proc.stdout + proc.stderr
+    assert trainer(tmp_path, digits_config(steps=None, epochs=2, accumulate=50)).total_steps == 1

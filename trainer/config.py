@@ -795,7 +795,7 @@ def apply_override(raw: dict, override: str) -> None:
     """Set raw[a][b][c] = yaml.safe_load(value) for "a.b.c=value", creating missing sections;
     a part that is a number indexes a list (optimizer.groups.0.lr=0.01)."""
     key, sep, text = override.partition("=")
-    parts = [p.strip() for p in key.split(".")]
+    parts, quoted = _key_parts(key)
     if not sep or not all(parts):
         raise ConfigError(f"malformed override {override!r}: expected key.path=value")
     if not text.strip():  # (read as null, it would silently mean the key's default)
@@ -807,7 +807,17 @@ def apply_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: invalid YAML value: {_one_line(exc)}") from exc
     node = raw
     in_list = False  # (below a list's item: null there leaves the key out, as at the top)
-    for i, part in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if isinstance(node, dict) and not quoted[i]:
+            # a key with dots in its name that the config has (TorchScript's input names:
+            # data.train.inputs.input.1=x): the longest one of the parts that follow
+            for j in range(len(parts), i + 1, -1):
+                if not any(quoted[i:j]) and ".".join(parts[i:j]) in node:
+                    parts[i:j], quoted[i:j] = [".".join(parts[i:j])], [True]
+                    part = parts[i]
+                    break
         key: str | int = part
         if isinstance(node, list):  # (an item of a list by its index: optimizer.groups.0.lr)
             if not (re.fullmatch(r"[0-9]+", part) and int(part) < len(node)):
@@ -830,6 +840,23 @@ def apply_override(raw: dict, override: str) -> None:
         elif not isinstance(node[key], (dict, list)):
             raise _err(".".join(parts[: i + 1]), f"is not a mapping; cannot apply {override!r}")
         node = node[key]
+        i += 1
+
+
+def _key_parts(key: str) -> tuple[list[str], list[bool]]:
+    """The parts of an override's key path split at dots, where a part in double quotes keeps
+    its dots (data.train.inputs."input.1"); and which parts were quoted ([""]: unbalanced)."""
+    parts, quoted, part, was_quoted, inside = [], [], "", False, False
+    for ch in key + ".":
+        if ch == '"':
+            inside, was_quoted = not inside, True
+        elif ch == "." and not inside:
+            parts.append(part if was_quoted else part.strip())
+            quoted.append(was_quoted)
+            part, was_quoted = "", False
+        else:
+            part += ch
+    return ([""], [False]) if inside else (parts, quoted)
 
 
 def config_from_dict(raw: Mapping, base_dir: str | os.PathLike,

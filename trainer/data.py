@@ -466,16 +466,24 @@ class Batches:
                "processes gets a sample of it")
         return f"the last {self.dropped} sample(s) of each epoch are left out ({why})"
 
-    def empty_epoch_error(self, accumulate: int) -> DataError:
-        """The error for an epoch of fewer batches than `accumulate` (nothing to train)."""
+    def empty_epoch_error(self, accumulate: int, epochs: int | None = None) -> DataError:
+        """The error for a run without an optimizer step: an epoch without a batch, or (a run
+        of `epochs`) fewer batches in all than `accumulate`."""
         spe = self.steps_per_epoch
         if spe == 0 and self.n == 0:
             return DataError("data.train is empty (0 samples)")
         if spe == 0 and self.n < self.world:
             return DataError(f"data.train has {self.n} sample(s), fewer than one per process "
                              f"({self.world} processes); run fewer processes or give more data")
-        return DataError(f"one epoch has {spe} batches, fewer than accumulate={accumulate}; "
-                         "nothing to train" + (f" ({self.dropped_text()})" if spe == 0 else ""))
+        if spe == 0 or epochs is None:
+            why = self.dropped_text()
+            return DataError(f"one epoch has {spe} batches, fewer than accumulate={accumulate}; "
+                             "nothing to train" + (f" ({why})" if why else ""))
+        need = -(-accumulate // spe)
+        return DataError(f"{epochs} epoch(s) of {spe} batches make {epochs * spe}, fewer than "
+                         f"the {accumulate} micro-batches of one optimizer step (accumulate); "
+                         f"nothing to train: set epochs to {need} or more, lower accumulate, or "
+                         "set steps (a step draws its micro-batches across an epoch's end)")
 
     def _share(self, total: int) -> tuple[int, int]:
         """[lo, hi) of this rank's samples within a global batch of `total` (memoized: the

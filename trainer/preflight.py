@@ -248,6 +248,22 @@ def distinct(written: list[tuple[Path, str]]) -> None:
                 raise TrainerError(f"{what_b} {b} is also {what_a}: give each its own path")
 
 
+def not_checkpoint_names(written: list[tuple[Path, str]], folder: Path) -> None:
+    """No file a run writes sits in checkpoint.dir under a name its checkpoints take
+    (`step_<n>`, their temporary `.step_*` folders, `.lock`): the next checkpoint moved a
+    metrics file named `step_00000010` aside, and its rows after that step were lost."""
+    from trainer.checkpoint import PREFIX
+
+    for path, what in written:
+        if not _same(Path(path).parent, folder):
+            continue
+        name = Path(path).name
+        if name.startswith((PREFIX, f".{PREFIX}")) or name == ".lock":
+            raise TrainerError(f"{what} {path} takes a name of checkpoint.dir's own files "
+                               f"('{PREFIX}*', '.{PREFIX}*' and '.lock' are the checkpoints "
+                               "and their lock); give it another name or folder")
+
+
 def _same(a: Path, b: Path) -> bool:
     """Whether two paths name one file: the same path once resolved, or hard links of one
     file."""

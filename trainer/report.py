@@ -1060,7 +1060,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                              f"at its {'lowest' if high else 'highest'}); mode auto follows "
                              "the metric (min for a loss, max for an accuracy)")
         if total < 1 or spe == 0:
-            problems.append(batches.empty_epoch_error(cfg.accumulate))
+            problems.append(batches.empty_epoch_error(cfg.accumulate, cfg.epochs))
     if structure is None or batches is None or mismatched or any(
             isinstance(p, (ModelError, UnsupportedOpError)) for p in problems):
         # (data that does not fit the model's inputs: a build at its shapes would only fail

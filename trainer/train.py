@@ -355,7 +355,7 @@ class Trainer:
         spe = self.batches.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         if self.total_steps < 1 or spe == 0:  # (`steps` too: an epoch without a batch)
-            raise self.batches.empty_epoch_error(cfg.accumulate)
+            raise self.batches.empty_epoch_error(cfg.accumulate, cfg.epochs)
         left = 0 if cfg.steps else (cfg.epochs * spe) % cfg.accumulate
         # (steps draw their micro-batches across epoch ends: README, `accumulate`; said when
         # training starts, after a resume that may lay the run out again)
@@ -1816,20 +1816,24 @@ class Trainer:
             del self.history[:len(self.history) - HISTORY_ROWS]
 
     # -- evaluation, prediction, export --------------------------------------------------------
-    def _inference(self) -> Executor:
-        if not hasattr(self, "_infer"):  # (its graph made here: a run that never evaluates
-            # holds no copy of the weights for it)
+    def _inference(self, evaluation: bool = False) -> Executor:
+        """The inference form's executor (made at its first use: a run that never evaluates
+        holds none); `evaluation`: the one whose loss output is read as the training graph
+        reads it: a Softmax's as its LogSoftmax, a Sigmoid's as its logits, so that a
+        probability that underflows to 0 in the file's output is no infinite loss where the
+        step's is finite (predict gives the model's own outputs)."""
+        key = "_infer_eval" if evaluation else "_infer"
+        if getattr(self, key, None) is None:
             infer_model = inference_form(self.run_model)
-            # (the loss output read as the training graph reads it: a Softmax's as its
-            # LogSoftmax, a Sigmoid's as its logits, so that a probability that underflows to
-            # 0 in the file's output is no infinite loss where the step's is finite)
-            self._eval_reads = _eval_on_logits(infer_model, self.cfg.loss)
+            if evaluation:
+                self._eval_reads = _eval_on_logits(infer_model, self.cfg.loss)
             inputs_for_initializers(infer_model, list(self.names) + list(self.state))
-            self._infer = Executor(infer_model, self.xp,
-                                   feeds=list(self.names) + list(self.state))
-        return self._infer
+            setattr(self, key, Executor(infer_model, self.xp,
+                                        feeds=list(self.names) + list(self.state)))
+        return getattr(self, key)
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, inputs: dict[str, np.ndarray],
+                _evaluation: bool = False) -> dict[str, np.ndarray]:
         """The model's outputs (inference form) with the current weights, on host arrays."""
         feeds = {k: self.xp.asarray(v.astype(self.in_dtypes[k], copy=False))
                  for k, v in inputs.items()}
@@ -1838,7 +1842,7 @@ class Trainer:
             feeds.update({k: v for k, v in self._constants(n).items() if k not in inputs})
         feeds.update(self.params)
         feeds.update(self.state)
-        return {k: to_host(v) for k, v in self._inference().run(feeds).items()}
+        return {k: to_host(v) for k, v in self._inference(_evaluation).run(feeds).items()}
 
     def evaluate(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for cross_entropy) over a dataset, sharded across ranks."""
@@ -1864,15 +1868,18 @@ class Trainer:
                          for k, v in feeds.items()}
             # (a non-finite value shows in the metrics, not as NumPy's warnings)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                out = self.predict(feeds)[spec.output]
-            if fixed_n is not None and real < fixed_n and out.shape[:1] == (fixed_n,):
-                out = out[:real]
+                out = self.predict(feeds, _evaluation=True)[spec.output]
+            ax = _batch_axis(spec)  # (ctc's time-major outputs hold the batch in axis 1)
+            if fixed_n is not None and real < fixed_n and out.ndim > ax \
+                    and out.shape[ax] == fixed_n:
+                out = out[(slice(None),) * ax + (slice(0, real),)]
             elif fixed_n is not None and real < fixed_n and spec.type == "output":
                 # (one mean over the padded batch, its copies of the last sample included:
                 # the batch of that sample alone gives its loss, which the copies take out)
                 alone = {k: np.repeat(v[-1:], fixed_n, 0) for k, v in feeds.items()}
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    last = float(np.asarray(self.predict(alone)[spec.output]).reshape(-1)[0])
+                    last = float(np.asarray(self.predict(alone, _evaluation=True)
+                                            [spec.output]).reshape(-1)[0])
                 total = float(np.asarray(out).reshape(-1)[0]) * fixed_n
                 out = np.array((total - (fixed_n - real) * last) / real)
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
@@ -2242,6 +2249,8 @@ def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = ()) 
     attempt(preflight.distinct, files)
     for folder in folders:  # (the two folders may be one)
         attempt(preflight.distinct, files + [folder])
+    if cfg.checkpoint.dir is not None:
+        attempt(preflight.not_checkpoint_names, files, Path(cfg.checkpoint.dir))
     attempt(preflight.writable_file, cfg.output, "output")
     for path, what in files[1:]:
         if what != "the best model (from output)":  # (beside the output)
@@ -2321,6 +2330,8 @@ def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
     nodes = model.graph.node
     if spec.type == "bce":
         found, new_op, reads = sigmoid_logits(nodes, spec.output, rank), "Identity", "logits"
+    elif _binary_on_logits(model, spec, rank):
+        return "log"
     else:
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in out.type.tensor_type.shape.dim]
@@ -2338,6 +2349,46 @@ def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
     if new_op == "Identity":
         del node.attribute[:]
     return reads
+
+
+def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
+    """Rewrite, in place, a binary classifier's Concat(1 - Sigmoid(z), Sigmoid(z)) under the
+    loss output (binary_probabilities) as LogSoftmax(Concat(0, z)), its log-probabilities, as
+    training computes them: in float32 1 - Sigmoid(z) is 0 from z of about 17, and the log of
+    the probabilities was inf where the step's loss was finite. Where no other node reads
+    the output; whether it was rewritten."""
+    from onnx import helper
+
+    nodes = model.graph.node
+    inits = {t.name: t for t in model.graph.initializer}
+    axis = spec.class_axis % rank
+    z = binary_probabilities(nodes, spec.output, rank, axis,
+                             lambda k: numpy_helper.to_array(inits[k]) if k in inits else None)
+    if z is None or any(spec.output in n.input for n in nodes) or (
+            opset_of(model) < 13 and axis != rank - 1):
+        return False
+    cat = next(n for n in nodes if spec.output in n.output)
+    taken = {x for n in nodes for x in list(n.input) + list(n.output)}
+    taken |= {v.name for v in model.graph.input} | set(inits)
+    zero, logits = (_fresh_name(f"{spec.output}/eval_{k}", taken) for k in ("zero", "logits"))
+    at = list(nodes).index(cat)
+    made = [helper.make_node("Sub", [z, z], [zero], name=zero),
+            helper.make_node("Concat", [zero, z], [logits], name=logits, axis=axis),
+            helper.make_node("LogSoftmax", [logits], [spec.output], name=f"{logits}/log",
+                             axis=axis)]
+    del nodes[at]
+    for k, n in enumerate(made):
+        nodes.insert(at + k, n)
+    return True
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,

@@ -30,13 +30,24 @@ import numpy as np
 ENV = "ONNX_TRAINER_COMPILED"
 
 
-@functools.lru_cache(maxsize=1)
+_NUMBA: object = None  # the numba module once imported; a str (why not) once that failed
+
+
 def _numba():
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
+    """numba, or None where it is not installed or fails to import (a numba built for another
+    NumPy refuses it at import); tried once per process (enabled() asks at every kernel)."""
+    global _NUMBA
+    if _NUMBA is None:
+        try:
+            import numba
+        except ModuleNotFoundError as exc:
+            _NUMBA = ("" if exc.name == "numba" else
+                      f"numba cannot be imported: {type(exc).__name__}: {str(exc).rstrip('.')}")
+        except Exception as exc:  # noqa: BLE001 - any failure of its import: run without it
+            _NUMBA = f"numba cannot be imported: {type(exc).__name__}: {str(exc).rstrip('.')}"
+        else:
+            _NUMBA = numba
+    return None if isinstance(_NUMBA, str) else _NUMBA
 
 
 try:  # (os.environ's own store: its .get encodes the key at each call, 0.7 us, and the
@@ -55,20 +66,18 @@ def enabled() -> bool:
 
 
 def status() -> str:
-    """One line for the pre-flight and the bench: whether host kernels run compiled (without
-    importing numba, which takes a few tenths of a second: a run imports it at its first
-    compiled kernel)."""
-    import importlib.metadata
-    import importlib.util
-
-    if importlib.util.find_spec("numba") is None:
+    """One line for the pre-flight and the bench: whether host kernels run compiled (numba is
+    imported to know: one that is installed may still refuse the installed NumPy; a run
+    imports it at its first compiled kernel anyway)."""
+    numba = _numba()
+    if numba is None and not _NUMBA:
         return "compiled host kernels: off (numba not installed; pip install 'onnx-trainer[fast]')"
     if os.environ.get(ENV, "1") == "0":
         return f"compiled host kernels: off ({ENV}=0)"
-    try:
-        return f"compiled host kernels: numba {importlib.metadata.version('numba')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "compiled host kernels: numba"
+    if numba is None:
+        return (f"compiled host kernels: off ({_NUMBA}; pip install -U numba, or "
+                "'onnx-trainer[fast]', for a numba that fits this NumPy)")
+    return f"compiled host kernels: numba {getattr(numba, '__version__', '')}".rstrip()
 
 
 def _jit(fn):
