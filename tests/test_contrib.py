@@ -365,3 +365,51 @@ def test_a_batchnorm_that_onnxruntime_folded_is_warned_of(tmp_path):
     report = model_report(load_model(tmp_path / "cnn_ort.onnx"))
     assert len(report.fused) == 1 and "(onnxruntime)" in report.fused[0]
     assert "WARNING: BatchNormalization layers" in report.text()
+
+
+def test_a_default_export_fused_by_onnxruntime_trains_as_its_graph_says(tmp_path):
+    """A pre-norm encoder from the default exporter, fused by onnxruntime's transformer
+    optimizer (two SkipLayerNormalization nodes): the parameter repair that runs again on the
+    lowered model took a lowered LayerNormalization, which has no FX record, for a node the
+    exporter made, and gave it the FFN's missing `enc.linear1.weight`; Trainer() ended in a
+    KeyError. The fused nodes read norm1's weight and bias for norm2 and the final LayerNorm
+    too (the optimizer stored the fresh model's equal tensors once, and the fused nodes keep no
+    record of their layers), so it trains as PyTorch with those three LayerNorms tied."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from tests.test_user_models import Encoder, export
+
+    torch.manual_seed(26)
+    model = Encoder()
+    model.head = nn.Linear(8, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx.save(export(model, (6, 8), "dynamo"), str(tmp_path / "plain.onnx"))
+        optimize_model(str(tmp_path / "plain.onnx"), model_type="bert", num_heads=2,
+                       hidden_size=8).save_model_to_file(str(tmp_path / "fused.onnx"))
+    assert "SkipLayerNormalization" in _fused_ops(tmp_path / "fused.onnx")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 6, 8)).astype(np.float32), rng.integers(0, 10, 16)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    t = Trainer(config_from_dict({
+        "model": "fused.onnx", "output": "out.onnx", "device": "cpu", "precision": "fp64",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 4, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 0.5}, "steps": 4, "log": {"every_steps": 1}},
+        tmp_path), stream=io.StringIO())
+    t.fit()
+    losses = [r["loss"] for r in t.history if "loss" in r]
+    ref = model.double().train()
+    for norm in (ref.enc.norm2, ref.ln):
+        norm.weight, norm.bias = ref.enc.norm1.weight, ref.enc.norm1.bias
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    want = []
+    for k in range(4):
+        loss = F.cross_entropy(ref(torch.from_numpy(x[4 * k:4 * k + 4]).double()),
+                               torch.from_numpy(y[4 * k:4 * k + 4]))
+        want.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    np.testing.assert_allclose(losses, want, rtol=1e-5)

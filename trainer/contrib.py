@@ -502,6 +502,9 @@ def _float_type(model: onnx.ModelProto, node: onnx.NodeProto, inits) -> int:
     return max(counts, key=counts.get) if counts else TensorProto.FLOAT
 
 
+LOWERED_KEY = "onnx_trainer.lowered_from"  # metadata of a lowered node: the fused node's name
+
+
 def lower_contrib(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """`model` (a copy, unless inplace) with every onnxruntime fused node of its main graph
     replaced by the standard nodes it stands for (same input and output names); the model
@@ -572,6 +575,9 @@ def lower_contrib(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelPr
             refusals.append(str(exc))
             done.append(node)
             continue
+        for made in L.nodes:  # (no exporter's node: params.restore_optimized_parameters
+            # takes nodes without an FX record for the exporter's own)
+            made.metadata_props.add(key=LOWERED_KEY, value=node.name or node.op_type)
         done.extend(L.nodes)
         added.extend(L.inits)
         stale = True

@@ -38,6 +38,7 @@ from trainer.graph import FLOAT_TYPES
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"  # a node's FX node in a dynamo export (its metadata)
+_LOWERED_KEY = "onnx_trainer.lowered_from"  # (trainer.contrib.LOWERED_KEY: no import cycle)
 _SIGNATURE_LINE = re.compile(
     r"^\s*(\w+): (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'", re.M)
 
@@ -1036,8 +1037,8 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             consumers.setdefault(x, []).append(n)
     nodes = list(g.node)
     for n in nodes:
-        if _meta(n, _FX_NODE_KEY) or len(n.input) < 1:
-            continue
+        if _meta(n, _FX_NODE_KEY) or len(n.input) < 1 or _meta(n, _LOWERED_KEY):
+            continue  # (a node of ours, lowered from an onnxruntime fused one: no exporter's)
         slot, x = next(((k, x) for k, x in enumerate(n.input)
                         if x in inits and x in placeholder_of), (None, None))
         if x is None:
