@@ -19,6 +19,7 @@ from tests.families import FAMILIES, family_config
 from tests.mpi_run import run_mpi
 from trainer.comm.local import run_local as run_ranks
 from trainer.config import config_from_dict
+from trainer.errors import TrainerError
 from trainer.train import Trainer
 
 pytestmark = [pytest.mark.mpi,
@@ -274,6 +275,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from trainer.comm.buckets import Buckets
 from trainer.config import config_from_dict
+from trainer.errors import TrainerError
 from trainer.train import Trainer
 
 records = []
@@ -348,14 +350,41 @@ def test_gradient_buckets_complete_while_the_backward_still_runs(tmp_path, overl
     assert proc.stdout.count("PROGRESS THREAD on") == 2
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_check_consistency_names_the_first_tensor_that_differs(tmp_path, digits_config,
+                                                              precision):
+    """distributed.check_consistency_every on emulated ranks: agreeing ranks pass every check;
+    one bit of one tensor changed on rank 1 stops every rank, naming the tensor and rank."""
+    raw = digits_config(precision=precision, steps=4, data__batch_size=30,
+                        distributed={"check_consistency_every": 2})
+
+    def job(comm):
+        t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
+        t.fit()
+        t.check_consistency()
+        if comm.rank == 1:
+            bias = t.params["fc2.bias"]
+            bias[3] = np.nextafter(bias[3], bias.dtype.type(np.inf))
+        with pytest.raises(TrainerError) as err:
+            t.check_consistency()
+        return str(err.value)
+
+    said = run_ranks(3, job)
+    assert said[0] == said[1] == said[2] == (
+        "distributed.check_consistency_every: after step 4, rank(s) 1 hold other values of "
+        "'fc2.bias' than rank 0 (1 of 4 trained tensors differ): the ranks no longer train one "
+        "model (a rank's kernels or data differ, or its update was skipped); the job stops")
+
+
 # -- gradient synchronization variants ----------------------------------------------------------
 SYNC_VARIANTS = {
     "blocking": ({"overlap": False}, {}, 2),
     "tiny-buckets-overlap": ({"bucket_mb": 0.002, "overlap": True}, {}, 2),
-    "tiny-buckets-4-ranks": ({"bucket_mb": 0.002}, {}, 4),
+    "tiny-buckets-4-ranks": ({"bucket_mb": 0.002, "check_consistency_every": 3}, {}, 4),
     "accumulate": ({"bucket_mb": 0.01}, {"accumulate": 2}, 2),
     # ZeRO-1: buckets reduce-scattered into each rank's shard; the clipping norm crosses ranks
-    "zero1-tiny-buckets-clip-4-ranks": ({"shard_optimizer": True, "bucket_mb": 0.002},
+    "zero1-tiny-buckets-clip-4-ranks": ({"shard_optimizer": True, "bucket_mb": 0.002,
+                                         "check_consistency_every": 1},
                                         {"grad_clip": {"max_norm": 0.05}}, 4),
     "zero1-blocking-accumulate": ({"shard_optimizer": True, "overlap": False},
                                   {"accumulate": 2}, 2),

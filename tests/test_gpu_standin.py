@@ -951,7 +951,8 @@ def test_cuda_graphs_with_accumulation_and_ranks(monkeypatch, tmp_path, exported
 
 def test_zero1_on_emulated_gpu_ranks_equals_the_cpu_run(monkeypatch, tmp_path, digits_config):
     """ZeRO-1 on emulated ranks with device: gpu: the emulated communicator wrote host arrays
-    into device buffers (its all-gather and reduce-scatter), which CuPy refuses."""
+    into device buffers (its all-gather and reduce-scatter), which CuPy refuses. The ranks'
+    consistency is checked at every step (its fingerprints made on the device)."""
     from trainer.comm.local import run_local
     from trainer.config import config_from_dict
     from trainer.train import Trainer
@@ -961,11 +962,16 @@ def test_zero1_on_emulated_gpu_ranks_equals_the_cpu_run(monkeypatch, tmp_path, d
     def run(device: str):
         raw = digits_config(device=device, steps=3, output=str(tmp_path / f"{device}.onnx"),
                             optimizer={"type": "adamw", "lr": 1e-3},
-                            distributed={"shard_optimizer": True})
+                            distributed={"shard_optimizer": True,
+                                         "check_consistency_every": 1})
 
         def job(comm):
             t = Trainer(config_from_dict(raw, tmp_path), comm=comm, stream=io.StringIO())
             t.fit()
+            if comm.rank == 1:  # (and a difference is seen there too)
+                t.params["fc1.bias"][0] += 1
+            with pytest.raises(TrainerError, match="rank.s. 1 hold other values of 'fc1.bias'"):
+                t.check_consistency()
             return t.trained_values()
         return run_local(2, job)
 

@@ -572,3 +572,17 @@ def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     np.testing.assert_allclose(t.predict({"x": x})["p"], session.run(None, {"x": x})[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_names_the_arrays_it_lacks(tmp_path, digits_config):
+    """Trainer.evaluate(arrays) keyed by the dataset's names instead of the loss target's read
+    the target as None: bce's loss was NaN, in silence."""
+    from tests.conftest import EXAMPLES
+    from trainer.errors import TrainerError
+
+    t = Trainer(config_from_dict(digits_config(), tmp_path), stream=io.StringIO())
+    d = np.load(EXAMPLES / "digits.npz")
+    with pytest.raises(TrainerError, match=r"evaluate: the arrays hold no 'label'; key them .* "
+                                           r"\(given: 'x', 'y_test'\)"):
+        t.evaluate({"x": d["x_test"], "y_test": d["y_test"]})
+    assert t.evaluate({"x": d["x_test"], "label": d["y_test"]})["eval_accuracy"] > 0

@@ -530,6 +530,8 @@ class DistributedConfig:
     timeout_s: float = _k(_float, 300.0, check=_POS)
     sync_batchnorm: bool = _k(_bool, False)
     shard_optimizer: bool = _k(_bool, False)  # ZeRO-1: each rank keeps 1/N of the state
+    # every N steps: all ranks hold the same bits of every trained tensor (0: never)
+    check_consistency_every: int = _k(_int, 0, check=_NONNEG)
 
 
 @dataclass(frozen=True)
