@@ -1084,6 +1084,29 @@ def test_gpu_checkpoint_resume_and_export(gpu, tmp_path, digits_config, monkeypa
     assert set(exported_gpu) == set(exported_cpu)
     for k, v in exported_cpu.items():
         np.testing.assert_allclose(exported_gpu[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # `export` and `eval` of the checkpoint train nothing: the training set stays on the host
+    # (data.on_device copied all of it to the GPU first)
+    import yaml
+
+    from trainer.cli import main
+    raw = digits_config(steps=6, optimizer={"type": "adamw", "lr": 3e-3}, device="gpu",
+                        output=str(tmp_path / "cli.onnx"),
+                        checkpoint={"dir": str(tmp_path / "ck")})
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(raw))
+    seen = []
+    for method in ("export", "evaluate"):
+        original = getattr(Trainer, method)
+        monkeypatch.setattr(Trainer, method, lambda self, *a, _f=original, **k: (
+            seen.append(self.on_device), _f(self, *a, **k))[1])
+    assert main(["export", str(tmp_path / "cli.yaml")]) == 0
+    assert main(["eval", str(tmp_path / "cli.yaml"), "--checkpoint"]) == 0
+    assert seen == [False, False]
+    exported = {t.name: numpy_helper.to_array(t)
+                for t in onnx.load(str(tmp_path / "cli.onnx")).graph.initializer}
+    first = trainer(3, "gpu", "again")
+    first.load_checkpoint(tmp_path / "ck")
+    for k, v in first.trained_values().items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
 # -- the MPI staging path of device arrays -------------------------------------------------------

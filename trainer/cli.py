@@ -318,7 +318,7 @@ def _grad(args) -> int:
 def _evaluate(args) -> int:
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set or [])
+    cfg = _trains_nothing(load_config(args.config, args.set or []))
     if cfg.data.eval is None:
         raise TrainerError("eval needs data.eval in the config")
     _thread_environment(cfg.threads)
@@ -362,10 +362,18 @@ def _checkpoint_place(given: str | None, cfg, command: str) -> Path:
     return Path(cfg.checkpoint.dir)
 
 
+def _trains_nothing(cfg):
+    """The config of a command that builds a Trainer but trains nothing (eval, export): the
+    training set stays on the host (data.on_device would copy all of it to the GPU first)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_device=False))
+
+
 def _export(args) -> int:
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set or [])
+    cfg = _trains_nothing(load_config(args.config, args.set or []))
     _thread_environment(cfg.threads)
     from trainer.train import Trainer
 
