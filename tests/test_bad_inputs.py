@@ -515,6 +515,10 @@ CASES = {
         t, checkpoint={"dir": str(t / "ck"), "every_steps": 2},
         log={"metrics": str(t / "ck" / "step_00000002")}))],
         "/ck/step_00000002 takes a name of checkpoint.dir's own files"),
+    "tensorboard-named-as-a-checkpoint": (lambda t: ["train", _write(t, _cfg(
+        t, checkpoint={"dir": str(t / "ck"), "every_steps": 2},
+        log={"tensorboard": str(t / "ck" / "step_00000002")}))],
+        "/ck/step_00000002 takes a name of checkpoint.dir's own files"),
     "grad-shape-of-the-wrong-rank": (lambda t: [
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "-o", str(t / "g.onnx"),
         "--shape", "x=4"], "input 'x' has 2 dimension(s) ['N', 64]; give every one"),

@@ -586,3 +586,51 @@ def test_evaluate_names_the_arrays_it_lacks(tmp_path, digits_config):
                                            r"\(given: 'x', 'y_test'\)"):
         t.evaluate({"x": d["x_test"], "y_test": d["y_test"]})
     assert t.evaluate({"x": d["x_test"], "label": d["y_test"]})["eval_accuracy"] > 0
+
+
+@pytest.mark.parametrize("form", ["constant-node", "opset11-axis1-rank3"])
+def test_a_binary_classifiers_eval_loss_is_its_step_loss_in_other_forms(tmp_path, form):
+    """Concat(1 - Sigmoid(z), Sigmoid(z)) with its 1 a Constant node (evaluation read the
+    probabilities as logits, a loss of its own), or over axis 1 of a [N, 2, T] output at
+    opset 11 (evaluation left it as it was: inf on a saturated z): the step's loss, and
+    PyTorch's binary cross entropy on z."""
+    rng = np.random.default_rng(11)
+    t_len = 3 if form.startswith("opset11") else 1
+    W = (rng.standard_normal((4, 1)) * 40).astype(np.float32)
+    inits = [numpy_helper.from_array(W, "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z0"])]
+    if form == "constant-node":
+        nodes += [helper.make_node("Reshape", ["z0", "shape"], ["z"]),
+                  helper.make_node("Constant", [], ["one"],
+                                   value=numpy_helper.from_array(np.array(1.0, np.float32)))]
+        inits.append(numpy_helper.from_array(np.array([-1, 1], np.int64), "shape"))
+        x_shape, out_shape, opset = ["N", 4], ["N", 2], 17
+    else:
+        nodes.append(helper.make_node("Transpose", ["z0"], ["z"], perm=[0, 2, 1]))
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+        x_shape, out_shape, opset = ["N", t_len, 4], ["N", 2, t_len], 11
+    nodes += [helper.make_node("Sigmoid", ["z"], ["s"]),
+              helper.make_node("Sub", ["one", "s"], ["q"]),
+              helper.make_node("Concat", ["q", "s"], ["p"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     x_shape)],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, out_shape)],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]),
+              tmp_path / "m.onnx")
+    x = rng.standard_normal([16] + x_shape[1:]).astype(np.float32)
+    y = rng.integers(0, 2, (16,) + ((t_len,) if t_len > 1 else ()))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    split = {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}}
+    t = Trainer(config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
+        "data": {"train": split, "eval": split, "batch_size": 16, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "p", "target": "t", "class_axis": 1},
+        "optimizer": {"type": "sgd", "lr": 0.0}, "log": {"every_steps": 1}}, tmp_path),
+        stream=io.StringIO())
+    t.fit()
+    step = next(r["loss"] for r in t.history if "loss" in r)
+    z = torch.from_numpy(x.astype(np.float64)) @ torch.from_numpy(W.astype(np.float64))
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        z.reshape(y.shape), torch.from_numpy(y.astype(np.float64))).item()
+    np.testing.assert_allclose([step, t.evaluate()["eval_loss"]], [want, want], rtol=1e-5)

@@ -2295,7 +2295,8 @@ def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = ()) 
     for folder in folders:  # (the two folders may be one)
         attempt(preflight.distinct, files + [folder])
     if cfg.checkpoint.dir is not None:
-        attempt(preflight.not_checkpoint_names, files, Path(cfg.checkpoint.dir))
+        attempt(preflight.not_checkpoint_names, files + folders[:1] if cfg.log.tensorboard
+                else files, Path(cfg.checkpoint.dir))
     attempt(preflight.writable_file, cfg.output, "output")
     for path, what in files[1:]:
         if what != "the best model (from output)":  # (beside the output)
@@ -2354,10 +2355,20 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     if softmax_logits(model.graph.node, spec.output, rank, class_axis,
                       opset_of(model), dims) is not None:
         return True
-    inits = {t.name: t for t in model.graph.initializer}
     return spec.type == "cross_entropy" and binary_probabilities(
-        model.graph.node, spec.output, rank, class_axis,
-        lambda k: numpy_helper.to_array(inits[k]) if k in inits else None) is not None
+        model.graph.node, spec.output, rank, class_axis, _constant_lookup(model)) is not None
+
+
+def _constant_lookup(model: onnx.ModelProto):
+    """name -> value of an initializer or a Constant node's `value` (None for other names)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+              and n.domain in ("", "ai.onnx") for a in n.attribute if a.name == "value"}
+
+    def value_of(name: str):
+        t = inits.get(name, consts.get(name))
+        return None if t is None else numpy_helper.to_array(t)
+    return value_of
 
 
 def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
@@ -2398,28 +2409,29 @@ def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
 
 def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
     """Rewrite, in place, a binary classifier's Concat(1 - Sigmoid(z), Sigmoid(z)) under the
-    loss output (binary_probabilities) as LogSoftmax(Concat(0, z)), its log-probabilities, as
-    training computes them: in float32 1 - Sigmoid(z) is 0 from z of about 17, and the log of
-    the probabilities was inf where the step's loss was finite. Where no other node reads
-    the output; whether it was rewritten."""
+    loss output (binary_probabilities) as Concat(-Softplus(z), -Softplus(-z)), its
+    log-probabilities (the log-softmax of the logits Concat(0, z) training reads): in float32
+    1 - Sigmoid(z) is 0 from z of about 17, and the log of the probabilities was inf where the
+    step's loss was finite. Where no other node reads the output; whether it was rewritten."""
     from onnx import helper
 
     nodes = model.graph.node
-    inits = {t.name: t for t in model.graph.initializer}
     axis = spec.class_axis % rank
-    z = binary_probabilities(nodes, spec.output, rank, axis,
-                             lambda k: numpy_helper.to_array(inits[k]) if k in inits else None)
-    if z is None or any(spec.output in n.input for n in nodes) or (
-            opset_of(model) < 13 and axis != rank - 1):
+    z = binary_probabilities(nodes, spec.output, rank, axis, _constant_lookup(model))
+    if z is None or any(spec.output in n.input for n in nodes):
         return False
     cat = next(n for n in nodes if spec.output in n.output)
     taken = {x for n in nodes for x in list(n.input) + list(n.output)}
-    taken |= {v.name for v in model.graph.input} | set(inits)
-    zero, logits = (_fresh_name(f"{spec.output}/eval_{k}", taken) for k in ("zero", "logits"))
+    taken |= {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer}
+    neg, soft_neg, log_p, soft, log_q = (_fresh_name(f"{spec.output}/eval_{k}", taken) for k in
+                                         ("neg", "softplus_neg", "log_p", "softplus", "log_q"))
     at = list(nodes).index(cat)
-    made = [helper.make_node("Sub", [z, z], [zero], name=zero),
-            helper.make_node("Concat", [zero, z], [logits], name=logits, axis=axis),
-            helper.make_node("LogSoftmax", [logits], [spec.output], name=f"{logits}/log",
+    made = [helper.make_node("Neg", [z], [neg], name=neg),
+            helper.make_node("Softplus", [neg], [soft_neg], name=soft_neg),
+            helper.make_node("Neg", [soft_neg], [log_p], name=log_p),
+            helper.make_node("Softplus", [z], [soft], name=soft),
+            helper.make_node("Neg", [soft], [log_q], name=log_q),
+            helper.make_node("Concat", [log_q, log_p], [spec.output], name=f"{log_q}/concat",
                              axis=axis)]
     del nodes[at]
     for k, n in enumerate(made):

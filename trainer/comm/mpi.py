@@ -316,6 +316,9 @@ class MPIComm:
                                  "arrays owned by the engine")
             return arr, None
         if self.cuda_aware:
+            if not arr.flags.c_contiguous:  # (as a host array: MPI reads and writes it whole)
+                raise ValueError("internal error: MPI buffers must be contiguous arrays owned "
+                                 "by the engine")
             from trainer.backend import cupy_module
             cupy_module().cuda.get_current_stream().synchronize()  # the kernels that wrote arr
             return arr, None
