@@ -416,6 +416,7 @@ def test_ranks_that_share_a_gpu_are_named_by_its_bus_id():
     from trainer.comm.nccl import shared_gpus, sharing_text
     assert shared_gpus(["0000:18:00.0", "0000:19:00.0"]) == {}
     assert shared_gpus([]) == {}
+    assert shared_gpus(["", ""]) == {}  # (GPUs the runtime could not name)
     shared = shared_gpus(["0000:18:00.0", "0000:19:00.0", "0000:18:00.0", "0000:18:00.0",
                           "0000:19:00.0", "0000:1A:00.0"])
     assert shared == {"0000:18:00.0": [0, 2, 3], "0000:19:00.0": [1, 4]}

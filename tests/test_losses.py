@@ -634,3 +634,67 @@ def test_a_binary_classifiers_eval_loss_is_its_step_loss_in_other_forms(tmp_path
     want = torch.nn.functional.binary_cross_entropy_with_logits(
         z.reshape(y.shape), torch.from_numpy(y.astype(np.float64))).item()
     np.testing.assert_allclose([step, t.evaluate()["eval_loss"]], [want, want], rtol=1e-5)
+
+
+def test_evaluate_counts_the_samples_of_the_model_and_loss_arrays(tmp_path):
+    """Trainer.evaluate(arrays) took the sample count from the first array given: a constant's
+    value first (data.constants' [1] scale) scored 1 sample of 21 (1.8e-07 for 3.36). A ctc
+    model whose output is a binary Concat(1 - Sigmoid(z), Sigmoid(z)) is evaluated as it
+    trains, on that output as logits (the binary reading is cross entropy's)."""
+    from trainer.errors import TrainerError
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((6, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]),
+             helper.make_node("Mul", ["a", "scale"], ["l"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 6]),
+                                       helper.make_tensor_value_info("scale", TensorProto.FLOAT,
+                                                                     [1])],
+                          [helper.make_tensor_value_info("l", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(W, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    x, y = rng.standard_normal((21, 6)).astype(np.float32), rng.integers(0, 3, 21)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    t = Trainer(config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "device": "cpu", "steps": 1,
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 4, "constants": {"scale": [2.0]}},
+        "loss": {"type": "cross_entropy", "output": "l", "target": "t"}}, tmp_path),
+        stream=io.StringIO())
+    want = torch.nn.functional.cross_entropy(2 * torch.from_numpy(x) @ torch.from_numpy(W),
+                                             torch.from_numpy(y)).item()
+    for arrays in ({"x": x, "t": y}, {"scale": np.array([2.0], np.float32), "x": x, "t": y}):
+        assert t.evaluate(arrays)["eval_loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(TrainerError, match=r"different numbers of samples \(x: 21, t: 20\)"):
+        t.evaluate({"x": x, "t": y[:20]})
+
+    n, steps = 8, 6
+    w = rng.standard_normal((4, 1)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["s"]),
+             helper.make_node("Sub", ["one", "s"], ["q"]),
+             helper.make_node("Concat", ["q", "s"], ["p"], axis=-1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", steps, 4])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT,
+                                                         ["N", steps, 2])],
+                          [numpy_helper.from_array(w, "W"),
+                           numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "c.onnx")
+    xc = rng.standard_normal((n, steps, 4)).astype(np.float32)
+    yc = np.full((n, 2), -1, np.int64)
+    yc[:, 0] = 1
+    np.savez(tmp_path / "c.npz", x=xc, y=yc)
+    split = {"path": "c.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}}
+    t = Trainer(config_from_dict({
+        "model": "c.onnx", "output": "out_c.onnx", "device": "cpu", "steps": 1,
+        "precision": "fp64", "data": {"train": split, "eval": split, "batch_size": n},
+        "loss": {"type": "ctc", "output": "p", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 0.0}, "log": {"every_steps": 1}}, tmp_path),
+        stream=io.StringIO())
+    t.fit()
+    step = next(r["loss"] for r in t.history if "loss" in r)
+    assert t.evaluate()["eval_loss"] == pytest.approx(step, rel=1e-10)

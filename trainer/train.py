@@ -1893,8 +1893,16 @@ class Trainer:
             raise TrainerError(f"evaluate: the arrays hold no {', '.join(map(repr, missing))}; "
                                "key them by the model's input names and the loss target's "
                                f"(given: {', '.join(map(repr, arrays)) or 'none'})")
+        # (the samples: of the model's data inputs and the loss's arrays; another array given,
+        # a constant's value, is not a set of samples)
+        per_sample = [k for k in wanted if k is not None]
+        counts = {k: len(arrays[k]) for k in per_sample}
+        if len(set(counts.values())) > 1:
+            raise TrainerError("evaluate: the arrays hold different numbers of samples ("
+                               + ", ".join(f"{k}: {c}" for k, c in counts.items()) + ")")
+        arrays = {k: arrays[k] for k in per_sample}
         self._sync_state("evaluation")
-        n = next(iter(arrays.values())).shape[0]
+        n = next(iter(counts.values()), 0)
         lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
         # a model of a fixed batch runs chunks of that size (the training batches' in a run:
         # preflight.fixed_batch; `onnx-trainer eval` takes any data.batch_size), the last,
@@ -2386,7 +2394,7 @@ def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
     nodes = model.graph.node
     if spec.type == "bce":
         found, new_op, reads = sigmoid_logits(nodes, spec.output, rank), "Identity", "logits"
-    elif _binary_on_logits(model, spec, rank):
+    elif spec.type == "cross_entropy" and _binary_on_logits(model, spec, rank):
         return "log"
     else:
         dims = [d.dim_value if d.HasField("dim_value") else None

@@ -60,8 +60,13 @@ def gpu_identity(cupy) -> str:
     device = cupy.cuda.Device()
     try:
         return str(device.pci_bus_id)
-    except Exception:  # noqa: BLE001 - a runtime without the query: the device number
-        return f"device {device.id}"
+    except Exception:  # noqa: BLE001 - a runtime without the query: its UUID, or unknown
+        pass
+    try:
+        uuid = cupy.cuda.runtime.getDeviceProperties(device.id).get("uuid")
+        return f"uuid {bytes(uuid).hex()}" if uuid else ""
+    except Exception:  # noqa: BLE001 - unknown: no sharing is claimed (NCCL says its own)
+        return ""
 
 
 def shared_gpus(bus_ids: list[str]) -> dict[str, list[int]]:
@@ -69,7 +74,8 @@ def shared_gpus(bus_ids: list[str]) -> dict[str, list[int]]:
     GPU): bus id -> the node-local ranks on it, from each local rank's bus id in order."""
     users: dict[str, list[int]] = {}
     for local_rank, bus in enumerate(bus_ids):
-        users.setdefault(bus, []).append(local_rank)
+        if bus:  # ('': not known)
+            users.setdefault(bus, []).append(local_rank)
     return {bus: ranks for bus, ranks in users.items() if len(ranks) > 1}
 
 
