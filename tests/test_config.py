@@ -216,6 +216,8 @@ def test_an_override_reaches_a_key_with_dots_in_its_name() -> None:
     apply_override(raw, 'data."train".inputs.mask=m2')
     assert raw == {"data": {"train": {"inputs": {"input.1": "x2", "mask": "m2",
                                                  "onnx::Gemm.0": "x3"}}}}
+    apply_override(raw, "data.train.inputs.mask=null")  # (null leaves an entry out)
+    assert raw == {"data": {"train": {"inputs": {"input.1": "x2", "onnx::Gemm.0": "x3"}}}}
 
 
 @pytest.mark.parametrize("override", ["optimizer.lr", "=3", "optimizer..lr=1", "a.=1",

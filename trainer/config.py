@@ -829,7 +829,10 @@ def apply_override(raw: dict, override: str) -> None:
                            f"{override!r} (or give the whole list as the value)")
             key, in_list = int(part), True
         if i == len(parts) - 1:
-            if value is None and in_list and isinstance(node, dict):
+            named = re.fullmatch(r"data\.(train|eval)\.(inputs|targets)|data\.constants",
+                                 ".".join(map(str, parts[:i])))
+            if value is None and (in_list or named) and isinstance(node, dict):
+                # (an entry of a mapping the user names, as an item's key: null leaves it out)
                 node.pop(key, None)
             else:
                 node[key] = value
