@@ -511,6 +511,18 @@ CASES = {
         t, model=str(t / "m.onnx")))], "not a regular file"),  # (it waited for a writer)
     "fresh-run-into-old-checkpoints": (_old_checkpoints, "holds checkpoints of an earlier run"),
     # (the checkpoint of step 10 moved a metrics file of that name aside: its rows were lost)
+    # (found by a hostile-input sweep: internal errors before)
+    "config-integer-of-5000-digits": (lambda t: (t / "c.yaml").write_text(
+        "model: m.onnx\nsteps: " + "9" * 5000 + "\n") and ["train", str(t / "c.yaml")],
+        "config holds an integer too long to read"),
+    "override-integer-of-5000-digits": (lambda t: ["train", _write(t, _cfg(t)), "--set",
+                                                   "steps=" + "9" * 5000],
+                                        "integer too long to read"),
+    "config-path-with-a-nul": (_train(output="out/m\0.onnx"),
+                               "config key 'output' holds a NUL character"),
+    "check-of-a-deeply-nested-config-without-suffix": (lambda t: (t / "cfg.txt").write_text(
+        "model: x\nx: " + "[" * 20000 + "]" * 20000 + "\n") and ["check", str(t / "cfg.txt")],
+        "config nested too deeply to read"),
     "metrics-named-as-a-checkpoint": (lambda t: ["train", _write(t, _cfg(
         t, checkpoint={"dir": str(t / "ck"), "every_steps": 2},
         log={"metrics": str(t / "ck" / "step_00000002")}))],

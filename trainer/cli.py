@@ -84,7 +84,7 @@ def _is_config(path: str) -> bool:
     import yaml
     try:
         return isinstance(yaml.safe_load(text), dict)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # (nesting too deep to read: a config's error)
         return "model:" in text  # (a config with a YAML error: the config loader names it)
 
 

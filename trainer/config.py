@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -133,6 +134,8 @@ def _float(v: Any, key: str, base: Path) -> float:
 def _path(v: Any, key: str, base: Path) -> Path:
     if not (isinstance(v, os.PathLike) or (isinstance(v, str) and v)):
         raise _err(key, f"must be a path string, got {_got(v)}")
+    if "\0" in os.fspath(v):  # (the system takes no such name: an internal error later)
+        raise _err(key, f"holds a NUL character, which no file name can: {os.fspath(v)!r}")
     try:
         p = Path(v).expanduser()
     except RuntimeError:  # "~user" of an unknown user
@@ -776,6 +779,12 @@ def _yaml(text: str) -> Any:
         return yaml.safe_load(text)
     except RecursionError:
         raise ConfigError("config nested too deeply to read") from None
+    except ValueError as exc:  # (an integer of more digits than Python converts: 4300)
+        if "integer string conversion" not in str(exc):
+            raise
+        raise ConfigError("config holds an integer too long to read (more than "
+                          f"{sys.get_int_max_str_digits()} digits); no setting takes one of "
+                          "that size") from None
 
 
 def _plain(x: Any, count: list | None = None, depth: int = 0) -> Any:
