@@ -104,6 +104,71 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert meta["step"] == 4 and (arrays["a"] == 1).all()
 
 
+def test_a_step_folder_without_a_manifest_is_kept_when_that_step_is_saved(tmp_path):
+    """A step folder save did not write is left as it is (a user's files may be there); a
+    checkpoint saved at that step replaced it, deleting them (found by a hostile-input sweep):
+    it is moved beside, to `<name>.incomplete`, first."""
+    (tmp_path / "step_00000002").mkdir()
+    (tmp_path / "step_00000002" / "notes.txt").write_text("mine")
+    (tmp_path / "step_00000002.incomplete").mkdir()  # (a name taken: the next is used)
+    checkpoint.save(tmp_path, 2, {"a": np.ones(2)}, {}, keep=3)
+    assert (tmp_path / "step_00000002.incomplete.1" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step_00000002"]
+    assert checkpoint.load(tmp_path / "step_00000002")[1]["step"] == 2
+
+
+def _npy_with_a_header_cut_short() -> bytes:
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (32, 64\n".ljust(118) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 256
+
+
+@pytest.mark.parametrize("damage", ["manifest-nested-deeply", "arrays-a-pipe",
+                                    "member-header-cut-short"])
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
+    """Each ended in an internal error, or (a pipe where arrays.npz was, its size left out of
+    the manifest) waited for ever (found by a hostile-input sweep)."""
+    import json
+    import os
+    import zipfile
+
+    path = checkpoint.save(tmp_path, 2, {"a": np.ones(2)}, {}, keep=3)
+    meta = json.loads((path / checkpoint.MANIFEST).read_text())
+    if damage == "manifest-nested-deeply":
+        (path / checkpoint.MANIFEST).write_text("[" * 100000 + "]" * 100000)
+        said = "is nested too deeply to read"
+    elif damage == "arrays-a-pipe":
+        (path / checkpoint.ARRAYS).unlink()
+        os.mkfifo(path / checkpoint.ARRAYS)
+        del meta["files"]
+        (path / checkpoint.MANIFEST).write_text(json.dumps(meta))
+        said = "arrays.npz is not a regular file"
+    else:
+        with zipfile.ZipFile(path / checkpoint.ARRAYS, "a") as z:
+            z.writestr("extra.npy", _npy_with_a_header_cut_short())
+        meta["files"][checkpoint.ARRAYS] = (path / checkpoint.ARRAYS).stat().st_size
+        (path / checkpoint.MANIFEST).write_text(json.dumps(meta))
+        said = "cannot read checkpoint"
+    with pytest.raises(TrainerError, match=said):
+        checkpoint.load(path)
+
+
+def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
+        tmp_path, digits_config):
+    ck = {"dir": str(tmp_path / "ck")}
+    Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path),
+            stream=io.StringIO()).fit()
+    path = checkpoint.latest(tmp_path / "ck")
+    arrays, meta = checkpoint.load(path)
+    name = next(k for k in arrays if k.endswith("fc1.bias"))
+    arrays[name] = np.array(["a"] * arrays[name].size)
+    np.savez(path / checkpoint.ARRAYS, **arrays)
+    meta["files"][checkpoint.ARRAYS] = (path / checkpoint.ARRAYS).stat().st_size
+    (path / checkpoint.MANIFEST).write_text(__import__("json").dumps(meta))
+    t = Trainer(config_from_dict(digits_config(steps=2), tmp_path), stream=io.StringIO())
+    with pytest.raises(TrainerError, match="is damaged: ValueError: could not convert string"):
+        t.load_checkpoint(path)
+
+
 def test_resume_names_newer_folders_that_are_not_checkpoints(tmp_path, digits_config):
     ck = {"dir": str(tmp_path / "ck"), "every_steps": 2}
     Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path / "a"),

@@ -127,3 +127,23 @@ def test_a_damaged_npz_member_is_called_damaged(tmp_path):
     with pytest.raises(DataError, match="data.train: .*d.npz is damaged: Bad CRC-32 for file "
                                         "'x_train.npy'"):
         load_arrays(tmp_path / "d.npz", mapping, "data.train")
+
+
+@pytest.mark.parametrize("form", ["npz", "folder"])
+def test_an_npy_header_cut_short_is_a_data_error(tmp_path, form):
+    """A member whose header dict ends mid-tuple made NumPy raise tokenize.TokenError, which
+    was no error of a damaged file: an internal error (found by a hostile-input sweep)."""
+    import zipfile
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (32, 64\n".ljust(118) + b"\n"
+    bad = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 256
+    if form == "npz":
+        with zipfile.ZipFile(tmp_path / "d.npz", "w") as z:
+            z.writestr("x.npy", bad)
+        path = tmp_path / "d.npz"
+    else:
+        (tmp_path / "ds").mkdir()
+        (tmp_path / "ds" / "x.npy").write_bytes(bad)
+        path = tmp_path / "ds"
+    with pytest.raises(DataError, match="data.train: .*EOF in multi-line statement"):
+        load_arrays(path, {"x": "x"}, "data.train")

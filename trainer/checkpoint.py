@@ -8,8 +8,11 @@ import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +137,14 @@ def _umask() -> int:
 def _install(tmp: Path, final: Path) -> None:
     """Rename the finished folder `tmp` to `final`, parking an existing `final` meanwhile."""
     parked = final.with_name(f".{final.name}{_REPLACED}")
+    if final.is_dir() and not (final / MANIFEST).is_file():
+        # a step folder save did not write (incomplete() leaves them: a user's files may be
+        # there): kept beside, under a name no checkpoint takes
+        k, kept = 0, final.with_name(f"{final.name}.incomplete")
+        while kept.exists():
+            k += 1
+            kept = final.with_name(f"{final.name}.incomplete.{k}")
+        os.replace(final, kept)
     if final.exists():
         if parked.exists():  # left by an earlier kill after `final` was already in place
             shutil.rmtree(parked)
@@ -202,7 +213,8 @@ def complete(directory: Path) -> list[Path]:
 def incomplete(directory: Path) -> list[Path]:
     """Step folders in `directory` without a manifest (not written by `save`, which renames a
     finished folder into place: a copy cut short, or an edited folder), oldest first. They are
-    left as they are: they may hold a user's files."""
+    left as they are: they may hold a user's files (a checkpoint saved at that step moves such a
+    folder to `<name>.incomplete` first)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -224,12 +236,19 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         if not isinstance(meta, dict):
             raise ValueError("the manifest is not a JSON object")
         want = meta.get("files", {}).get(ARRAYS)
+        if not (path / ARRAYS).is_file():  # (a pipe would be waited on for ever)
+            raise ValueError(f"{ARRAYS} is not a regular file")
         size = (path / ARRAYS).stat().st_size
         if want is not None and size != want:
             raise ValueError(f"{ARRAYS} is {size} bytes, the manifest says {want}")
         with np.load(path / ARRAYS, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, AttributeError, zipfile.BadZipFile) as exc:
+    except RecursionError:  # (a manifest nested deeper than json reads)
+        raise TrainerError(f"cannot read checkpoint {path}: its {MANIFEST} is nested too deeply "
+                           "to read; delete this folder to resume from the previous "
+                           "checkpoint") from None
+    except (OSError, ValueError, EOFError, KeyError, AttributeError, zipfile.BadZipFile,
+            zlib.error, tokenize.TokenError, SyntaxError, struct.error) as exc:
         raise TrainerError(f"cannot read checkpoint {path}: {exc}; delete this folder to resume "
                            "from the previous checkpoint") from None
     return arrays, meta

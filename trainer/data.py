@@ -8,6 +8,7 @@ import math
 import os
 import struct
 import threading
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -21,7 +22,7 @@ from trainer.errors import DataError
 # What a damaged or hostile .npz can raise while being read; all become one DataError line.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, SyntaxError,
                 NotImplementedError, RuntimeError, MemoryError, OverflowError, UnicodeError,
-                zipfile.BadZipFile, zlib.error, struct.error)
+                zipfile.BadZipFile, zlib.error, struct.error, tokenize.TokenError)
 _DEFLATE_RATIO = 1032  # deflate cannot expand data more than this
 _REFUSED_KINDS = {"O": "Python objects (needs pickle)", "V": "structured or raw records",
                   "M": "datetimes", "m": "timedeltas"}

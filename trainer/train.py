@@ -1617,7 +1617,12 @@ class Trainer:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise TrainerError(f"checkpoint {path} is damaged: its manifest's step {step!r} is "
                                "not an integer of at least 0")
-        self._take_values(path, arrays)
+        try:
+            self._take_values(path, arrays)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            # (arrays edited: strings where a parameter's floats were; as --resume says it)
+            raise TrainerError(f"checkpoint {path} is damaged: {type(exc).__name__}: {exc}; "
+                               "use another one") from None
         self.step = step
         world = meta.get("world_size")  # (the export's metadata: the run's, not this launch's)
         self._trained_world = world if isinstance(world, int) and world >= 1 else None
