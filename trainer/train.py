@@ -74,6 +74,9 @@ from trainer.executor import Executor, missing_kernels
 from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
+    NameScope,
+    all_names,
+    attrs_of,
     bake_inputs,
     constant_batch_hint,
     constant_inputs,
@@ -2373,14 +2376,18 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
 
 
 def _constant_lookup(model: onnx.ModelProto):
-    """name -> value of an initializer or a Constant node's `value` (None for other names)."""
+    """name -> value of an initializer or a Constant node (each of its value forms), read
+    when asked (a large initializer the report left unread is never asked for), or None."""
     inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
-              and n.domain in ("", "ai.onnx") for a in n.attribute if a.name == "value"}
+    consts = {n.output[0]: attrs_of(n) for n in model.graph.node
+              if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
 
     def value_of(name: str):
-        t = inits.get(name, consts.get(name))
-        return None if t is None else numpy_helper.to_array(t)
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        a = consts.get(name, {})
+        return next((np.asarray(a[k]) for k in ("value", "value_float", "value_floats",
+                                                "value_int", "value_ints") if k in a), None)
     return value_of
 
 
@@ -2434,9 +2441,8 @@ def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
     if z is None or any(spec.output in n.input for n in nodes):
         return False
     cat = next(n for n in nodes if spec.output in n.output)
-    taken = {x for n in nodes for x in list(n.input) + list(n.output)}
-    taken |= {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer}
-    neg, soft_neg, log_p, soft, log_q = (_fresh_name(f"{spec.output}/eval_{k}", taken) for k in
+    scope = NameScope(all_names(model.graph))
+    neg, soft_neg, log_p, soft, log_q = (scope.fresh(f"{spec.output}/eval_{k}") for k in
                                          ("neg", "softplus_neg", "log_p", "softplus", "log_q"))
     at = list(nodes).index(cat)
     made = [helper.make_node("Neg", [z], [neg], name=neg),
@@ -2450,15 +2456,6 @@ def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
     for k, n in enumerate(made):
         nodes.insert(at + k, n)
     return True
-
-
-def _fresh_name(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,
