@@ -506,14 +506,18 @@ def _compare_runs(cpu, gpu_run, rtol=1e-5, atol=1e-6) -> None:
         np.testing.assert_allclose(wg[k], wc[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-def _step_reads(t, steps: int = 3) -> list[list[str]]:
-    """Device reads of each of `steps` optimizer steps (their code sites)."""
+def _step_reads(t, steps: int = 3, logged: bool = False) -> list[list[str]]:
+    """Device reads of each of `steps` optimizer steps (their code sites); `logged`: each
+    step's metrics row made too, as at a step that logs."""
     lrs = t.schedule.lrs(t.step)
     per_step = []
     for _ in range(steps):
         _, arrays, lw, gw, _ = t._next_micro_batch()
         sx.reset()
-        t.train_step([(arrays, lw, gw)], lrs)
+        loss = t.train_step([(arrays, lw, gw)], lrs)
+        if logged:
+            row = t._step_row(0, loss, [lrs[0]], 1.0)
+            assert t.cfg.grad_clip is None or row["grad_norm"] > 0
         per_step.append(sx.TRANSFERS.where())
     return per_step
 
@@ -617,15 +621,20 @@ def test_a_qdq_model_trains_on_the_gpu_path_as_on_the_cpu(gpu, tmp_path):
         assert not d2h_outside(("train.py",)), reads
 
 
-@pytest.mark.parametrize("kind", ["cnn", "gpt"])
-def test_a_logged_step_reads_back_at_most_the_loss(gpu, tmp_path, exported, kind):
+@pytest.mark.parametrize("kind,clip", [("cnn", False), ("gpt", False), ("cnn", True)])
+def test_a_logged_step_reads_back_at_most_the_loss(gpu, tmp_path, exported, kind, clip):
+    # (with grad_clip the logged row holds the norm before clipping: it comes back with the
+    # loss, in the same read)
     from trainer.config import config_from_dict
     from trainer.train import Trainer
 
-    cfg = config_from_dict({**exported(kind, {"type": "sgd", "lr": 0.01}), "device": "gpu",
-                            "output": str(tmp_path / "m.onnx")}, tmp_path)
+    raw = exported(kind, {"type": "sgd", "lr": 0.01})
+    if clip:
+        raw["grad_clip"] = {"max_norm": 0.5}
+    cfg = config_from_dict({**raw, "device": "gpu", "output": str(tmp_path / "m.onnx")},
+                           tmp_path)
     t = Trainer(cfg, stream=io.StringIO())
-    for reads in _step_reads(t):
+    for reads in _step_reads(t, logged=True):
         assert len(reads) <= 1, reads
 
 

@@ -881,10 +881,17 @@ def make_optimizer(cfg, xp, size: int, dtype, layout: Layout | None = None,
     return cls(xp, size, dtype, layout=layout, groups=groups, **settings)
 
 
-def clip_grad_norm_(xp, g, max_norm: float, sumsq=None):
+def grad_norm(xp, g, sumsq=None):
+    """The 2-norm of g as a 0-d array (no device-to-host read). sumsq: the sum of squares of
+    the whole gradient when g is one shard of it (ZeRO-1)."""
+    return xp.sqrt((g * g).sum() if sumsq is None else sumsq)
+
+
+def clip_grad_norm_(xp, g, max_norm: float, sumsq=None, total=None):
     """Scale g in place so its 2-norm is at most max_norm (torch.nn.utils.clip_grad_norm_);
-    returns the norm before clipping as a 0-d array (no device-to-host read). sumsq: the sum of
-    squares of the whole gradient when g is one shard of it (ZeRO-1)."""
-    total = xp.sqrt((g * g).sum() if sumsq is None else sumsq)
+    returns the norm before clipping as a 0-d array (no device-to-host read). sumsq: as in
+    grad_norm; total: that norm, where the caller has it already."""
+    if total is None:
+        total = grad_norm(xp, g, sumsq)
     g *= xp.minimum(g.dtype.type(1.0), g.dtype.type(max_norm) / (total + g.dtype.type(1e-6)))
     return total

@@ -99,7 +99,7 @@ from trainer.kernels.ctc import CTCLoss
 from trainer.kernels.reduce import squares_finite
 from trainer.memory import human, is_stub, release_freed_memory
 from trainer.metrics import MetricsLogger
-from trainer.optim import clip_grad_norm_, make_optimizer
+from trainer.optim import clip_grad_norm_, grad_norm, make_optimizer
 from trainer.schedule import make_schedule
 from trainer.unfuse import unfuse_conv_batchnorms, unfuse_line
 
@@ -931,14 +931,19 @@ class Trainer:
                 if self.cfg.grad_clip is not None:
                     g[self.size + 3] = xp.vdot(grads, grads)
             self.comm.allreduce_(g[self.size:], label="loss and stop flag")
+        # grad_clip: the norm before clipping, read with the loss (a logged step reads once)
+        norm = None if self.cfg.grad_clip is None else grad_norm(
+            xp, grads, g[self.size + 3] if self.scatter else None)
         if xp is np:
             loss, stop = float(g[self.size]), float(g[self.size + 1])
             finite = g[self.size + 2] == 0 if self.scatter else _all_finite(grads)
-        else:  # one device-to-host read: the loss, the stop flag and "all finite" together
+            norm_seen = None if norm is None else float(norm)
+        else:  # one device-to-host read: the loss, the stop flag, "all finite" and the norm
             status = xp.stack([g[self.size], g[self.size + 1],
                                (g[self.size + 2] == 0 if self.scatter
-                                else xp.isfinite(grads).all()).astype(g.dtype)])
-            loss, stop, finite = (float(v) for v in to_host(status))
+                                else xp.isfinite(grads).all()).astype(g.dtype),
+                               (norm if norm is not None else g[self.size]).astype(g.dtype)])
+            loss, stop, finite, norm_seen = (float(v) for v in to_host(status))
         self.times["communication"] += clock() - t
         self._stop_agreed = stop > 0
         # (a step whose gradients are not finite is the scaler's overflow where it can lower
@@ -1007,10 +1012,9 @@ class Trainer:
             self.times["step"] += clock() - t_start
             return loss
         t = clock()
-        if self.cfg.grad_clip is not None:  # (the global norm: every shard's squares; kept
-            # on the device, read at the steps that log it)
-            self._grad_norm = clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm,
-                                              sumsq=g[self.size + 3] if self.scatter else None)
+        if norm is not None:  # (the global norm: every shard's squares)
+            clip_grad_norm_(xp, grads, self.cfg.grad_clip.max_norm, total=norm)
+            self._grad_norm = norm_seen
         if self.shard:
             lo, n = self.shard_lo, self.shard_n
             if n:
@@ -1029,6 +1033,22 @@ class Trainer:
         self.times["step"] += end - t_start
         self.step += 1
         return loss
+
+    def _step_row(self, epoch: int, loss: float, used: list, samples_per_s: float) -> dict:
+        """The metrics row of a logged step (after train_step): what it reads is on the host
+        already (the loss and the clipping norm came back in the step's one read)."""
+        row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": used[0],
+               "samples_per_s": samples_per_s}
+        if len(set(used)) > 1:
+            row["lr_groups"] = used
+        if self._grad_norm is not None:  # (this step's, before clipping)
+            row["grad_norm"] = self._grad_norm
+        if self.skipped:
+            row["skipped_steps"] = self.skipped
+        if self.scaler:
+            row["loss_scale"] = float(self.scaler.scale)
+            row["overflow_steps"] = self.scaler_skipped
+        return row
 
     _NONE_HERE = "no value was non-finite on this rank (another rank's data caused it)"
     _NONE_ANYWHERE = ("no value of the training graph was non-finite on a second run (the "
@@ -1228,17 +1248,7 @@ class Trainer:
                 used = [lrs[g] for g in self.optimizer.used_groups]
                 self.log.progress(self.step, loss, used[0], seen / max(now - t0, 1e-9))
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
-                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": used[0],
-                           "samples_per_s": seen / max(now - t0, 1e-9)}
-                    if len(set(used)) > 1:
-                        row["lr_groups"] = used
-                    if self._grad_norm is not None:  # (this step's, before clipping)
-                        row["grad_norm"] = float(self._grad_norm)
-                    if self.skipped:
-                        row["skipped_steps"] = self.skipped
-                    if self.scaler:
-                        row["loss_scale"] = float(self.scaler.scale)
-                        row["overflow_steps"] = self.scaler_skipped
+                    row = self._step_row(epoch, loss, used, seen / max(now - t0, 1e-9))
                     t0, seen = now, 0
                     self._remember(row)
                     self.log.record(row)
