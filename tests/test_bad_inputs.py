@@ -518,6 +518,9 @@ CASES = {
     "override-integer-of-5000-digits": (lambda t: ["train", _write(t, _cfg(t)), "--set",
                                                    "steps=" + "9" * 5000],
                                         "integer too long to read"),
+    "config-of-megabytes": (lambda t: (t / "c.yaml").write_text(
+        "model: m.onnx\nnotes:\n" + "  - [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5]\n" * 120_000)
+        and ["train", str(t / "c.yaml")], "config is 5 MiB of text; a config is a few hundred"),
     "config-path-with-a-nul": (_train(output="out/m\0.onnx"),
                                "config key 'output' holds a NUL character"),
     "check-of-a-deeply-nested-config-without-suffix": (lambda t: (t / "cfg.txt").write_text(

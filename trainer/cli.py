@@ -82,9 +82,11 @@ def _is_config(path: str) -> bool:
     if "model" not in text:
         return False
     import yaml
+
+    from trainer.config import ConfigError, _yaml
     try:
-        return isinstance(yaml.safe_load(text), dict)
-    except (yaml.YAMLError, RecursionError):  # (nesting too deep to read: a config's error)
+        return isinstance(_yaml(text), dict)
+    except (yaml.YAMLError, ConfigError, ValueError):  # (too deep, too long an integer)
         return "model:" in text  # (a config with a YAML error: the config loader names it)
 
 

@@ -771,20 +771,40 @@ def _no_duplicate_keys(node, seen_nodes: set) -> None:
             _no_duplicate_keys(item, seen_nodes)
 
 
+_MAX_TEXT = 1 << 20  # characters of a config (a real one has a few thousand)
+# libyaml's parser where PyYAML has it (the same safe constructor, ten times faster to parse)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _yaml(text: str) -> Any:
     """yaml.safe_load(text), with a key given twice in one mapping refused and nesting that
-    exhausts the parser's recursion named."""
+    exhausts the parser's recursion named; parsed once (the duplicate check reads the composed
+    nodes that are then constructed)."""
+    if len(text) > _MAX_TEXT:  # (parsing megabytes of YAML takes minutes: say so at once)
+        raise ConfigError(f"config is {len(text) / 2**20:.0f} MiB of text; a config is a few "
+                          f"hundred values (at most {_MAX_TEXT >> 20} MiB are read): is it a "
+                          "data file? Data goes in .npz/.npy files named by data.train.path")
+    loader = _SAFE_LOADER(text)
     try:
-        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), set())
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:  # (an empty document)
+            return None
+        _no_duplicate_keys(node, set())
+        return loader.construct_document(node)
     except RecursionError:
         raise ConfigError("config nested too deeply to read") from None
+    except yaml.YAMLError as exc:  # (libyaml's own nesting limit)
+        if "maximum nesting depth" in str(exc):
+            raise ConfigError("config nested too deeply to read") from None
+        raise
     except ValueError as exc:  # (an integer of more digits than Python converts: 4300)
         if "integer string conversion" not in str(exc):
             raise
         raise ConfigError("config holds an integer too long to read (more than "
                           f"{sys.get_int_max_str_digits()} digits); no setting takes one of "
                           "that size") from None
+    finally:
+        loader.dispose()
 
 
 def _plain(x: Any, count: list | None = None, depth: int = 0) -> Any:
