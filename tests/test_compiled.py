@@ -529,3 +529,25 @@ def test_a_numba_that_fails_to_import_is_said_to_be_off(tmp_path):
         "False", "False", "compiled host kernels: off (numba cannot be imported: ImportError: "
         "Numba needs NumPy 2.3 or less. Got NumPy 2.4; pip install -U numba, or "
         "'onnx-trainer[fast]', for a numba that fits this NumPy)"]
+
+
+def test_switched_off_the_compiled_path_never_imports_numba(tmp_path):
+    """ONNX_TRAINER_COMPILED=0: `check` and a short `train` run without numba in the process
+    (the pre-flight's status line imported it, and with it llvmlite's 120 MB)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys\nfrom trainer.cli import main\n"
+            f"cfg = {str(root / 'configs' / 'digits_mlp.yaml')!r}\n"
+            f"out = {str(tmp_path / 'm.onnx')!r}\n"
+            "main(['check', cfg])\n"
+            "main(['train', cfg, '--set', 'epochs=null', '--set', 'steps=2', '--set',"
+            " 'output=' + out])\n"
+            "print('numba loaded:', 'numba' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, compiled.ENV: "0",
+                                             "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled host kernels: off (ONNX_TRAINER_COMPILED=0)" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "numba loaded: False"

@@ -68,12 +68,13 @@ def enabled() -> bool:
 def status() -> str:
     """One line for the pre-flight and the bench: whether host kernels run compiled (numba is
     imported to know: one that is installed may still refuse the installed NumPy; a run
-    imports it at its first compiled kernel anyway)."""
+    imports it at its first compiled kernel anyway; not where ONNX_TRAINER_COMPILED=0 says no
+    kernel runs compiled: that run never loads numba's 120 MB)."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"compiled host kernels: off ({ENV}=0)"
     numba = _numba()
     if numba is None and not _NUMBA:
         return "compiled host kernels: off (numba not installed; pip install 'onnx-trainer[fast]')"
-    if os.environ.get(ENV, "1") == "0":
-        return f"compiled host kernels: off ({ENV}=0)"
     if numba is None:
         return (f"compiled host kernels: off ({_NUMBA}; pip install -U numba, or "
                 "'onnx-trainer[fast]', for a numba that fits this NumPy)")
