@@ -511,6 +511,74 @@ def test_a_tied_embedding_is_named_by_its_own_module_too(tmp_path):
     assert not np.array_equal(after["mid.bias"], before["mid.bias"])
 
 
+@pytest.mark.parametrize("head_first", [True, False])
+def test_a_tied_output_projection_trains_like_pytorch_whichever_module_comes_first(tmp_path,
+                                                                                  head_first):
+    """RoBERTa's masked-LM head (`lm_head.decoder`, registered before the embeddings it is
+    tied to, with a bias) on a 3-D input: the export keeps the one tensor under the
+    embedding's name and folds the projection's transpose; the tie's Transpose node, repaired
+    again when the training graph was built, was read as an exporter's node and given the
+    missing `head.decoder.weight` of its own: training died with an internal KeyError, and
+    `grad` wrote two untied tensors (found by a transformers sweep, XLMRobertaForMaskedLM)."""
+    import warnings
+
+    import torch
+
+    V, D = 20, 8
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Linear(D, V)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            if head_first:
+                self.head = Head()
+            self.emb = torch.nn.Embedding(V, D)
+            if not head_first:
+                self.head = Head()
+            self.head.decoder.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head.decoder(torch.tanh(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = LM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 5, dtype=torch.long),), None,
+                          dynamo=True, input_names=["ids"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("N")},)).save(
+            str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    ids, y = rng.integers(0, V, (8, 5)), rng.integers(0, V, (8, 5))
+    np.savez(tmp_path / "d.npz", ids=ids, y=y)
+    Trainer(config_from_dict({
+        "model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 2,
+        "data": {"train": {"path": "d.npz", "inputs": {"ids": "ids"}, "targets": {"label": "y"}},
+                 "batch_size": 4, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+        "optimizer": {"type": "sgd", "lr": 0.5}}, tmp_path), stream=io.StringIO()).fit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for b in range(2):
+        rows = slice(4 * b, 4 * b + 4)
+        opt.zero_grad()
+        logits = model(torch.from_numpy(ids[rows]))
+        torch.nn.functional.cross_entropy(logits.reshape(-1, V),
+                                          torch.from_numpy(y[rows]).reshape(-1)).backward()
+        opt.step()
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "o.onnx")
+             .graph.initializer}
+    want = {"emb.weight": model.emb.weight, "head.decoder.bias": model.head.decoder.bias}
+    for name, value in want.items():
+        got = after.get(name, after.get("head.decoder.weight")) if name == "emb.weight" \
+            else after[name]
+        np.testing.assert_allclose(got, value.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("frozen", ["enc.embed.weight", "dec.embed.weight"])
 def test_an_embedding_shared_by_two_modules_is_named_by_each(tmp_path, frozen):
     """BART's one table is its encoder's and its decoder's embed_tokens and its lm_head: the

@@ -39,6 +39,7 @@ from trainer.graph import FLOAT_TYPES
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"  # a node's FX node in a dynamo export (its metadata)
 _LOWERED_KEY = "onnx_trainer.lowered_from"  # (trainer.contrib.LOWERED_KEY: no import cycle)
+_TIED_KEY = "onnx_trainer.tied_to"  # metadata of tie_folded_copies' nodes: the source tensor
 _SIGNATURE_LINE = re.compile(
     r"^\s*(\w+): (PARAMETER|BUFFER|CONSTANT_TENSOR) target='([^']+)'", re.M)
 
@@ -1037,8 +1038,10 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             consumers.setdefault(x, []).append(n)
     nodes = list(g.node)
     for n in nodes:
-        if _meta(n, _FX_NODE_KEY) or len(n.input) < 1 or _meta(n, _LOWERED_KEY):
-            continue  # (a node of ours, lowered from an onnxruntime fused one: no exporter's)
+        if (_meta(n, _FX_NODE_KEY) or len(n.input) < 1 or _meta(n, _LOWERED_KEY)
+                or _meta(n, _TIED_KEY)):
+            continue  # (a node of ours, lowered from an onnxruntime fused one, or the view of
+            # a tied copy: no exporter's; repaired again, a tie read as such a node was undone)
         slot, x = next(((k, x) for k, x in enumerate(n.input)
                         if x in inits and x in placeholder_of), (None, None))
         if x is None:
@@ -2113,6 +2116,8 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
                     np.array(arrays[copy].shape, np.int64), shape))
                 nodes.append(helper.make_node("Reshape", [src, shape], [copy],
                                               name=f"{copy}/Tied"))
+        for n in nodes:
+            n.metadata_props.add(key=_TIED_KEY, value=n.input[0])
         rest = list(g.node)
         del g.node[:]
         g.node.extend(nodes + rest)
