@@ -515,6 +515,106 @@ def test_a_fixed_batch_models_own_loss_is_evaluated_over_the_real_samples(tmp_pa
     np.testing.assert_allclose(got["fixed16"], want, rtol=1e-5)
 
 
+def _baked_batch_model(path, batch: int, W: np.ndarray, constant: bool = False) -> None:
+    """x [N, 8, 8] -> Reshape to [batch, 64] (a size baked in, as tracing `x.view(32, -1)`
+    writes it) -> MatMul W; `constant`: instead, an input `bias` [N, 10] that data.constants
+    gives, added to the logits."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["z" if constant else "logits"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8])]
+    if constant:
+        nodes.append(helper.make_node("Add", ["z", "bias"], ["logits"]))
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["N", 10]))
+    g = helper.make_graph(nodes, "g", inputs,
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(
+                              np.array([-1 if constant else batch, 64], np.int64), "shape")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("case", ["reshape", "constant"])
+def test_a_model_that_runs_at_the_training_batch_alone_is_evaluated_in_padded_chunks(
+        tmp_path, case):
+    """A size baked into a Reshape (or a data.constants shape written as the batch size where
+    `batch` was meant) trains at its batch, 32, and failed on the eval set's last chunk of 8
+    samples at the end of the run: nothing exported (found by a README sweep). That chunk runs
+    padded to the training batch, as a fixed-batch model's, and scores exactly."""
+    from tests.conftest import EXAMPLES
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((64, 10)) * 0.05).astype(np.float32)
+    _baked_batch_model(tmp_path / "m.onnx", 32, W, constant=case == "constant")
+    d = np.load(EXAMPLES / "digits.npz")
+    xt, yt = d["x_test"].reshape(-1, 8, 8), d["y_test"]  # (360 samples: 11 x 32 + 8)
+    np.savez(tmp_path / "d.npz", x=d["x_train"].reshape(-1, 8, 8), y=d["y_train"], xt=xt, yt=yt)
+    raw = {"model": "m.onnx", "output": "out/m.onnx", "device": "cpu", "steps": 3,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}},
+                    "eval": {"path": "d.npz", "inputs": {"x": "xt"}, "targets": {"label": "yt"}},
+                    "batch_size": 32},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    if case == "constant":
+        raw["data"]["constants"] = {"bias": {"shape": [32, 10], "fill": 0.5}}
+    log = io.StringIO()
+    result = Trainer(config_from_dict(raw, tmp_path), stream=log).fit()
+    assert "evaluation: the model fails on a chunk of 8 sample(s)" in log.getvalue()
+    assert "padded to the training batch, 32" in log.getvalue()
+    trained = {t.name: numpy_helper.to_array(t)
+               for t in onnx.load(tmp_path / "out" / "m.onnx").graph.initializer}
+    logits = xt.reshape(-1, 64).astype(np.float64) @ trained["W"].astype(np.float64) + (
+        0.5 if case == "constant" else 0.0)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    np.testing.assert_allclose(result["eval_loss"], -logp[np.arange(360), yt].mean(), rtol=1e-5)
+    assert result["eval_accuracy"] == pytest.approx((logits.argmax(1) == yt).mean())
+
+
+@pytest.mark.parametrize("fails", ["evaluation", "checkpoint", "both"])
+def test_an_end_of_run_failure_still_writes_the_model(tmp_path, digits_config, monkeypatch,
+                                                     fails):
+    """The end-of-run evaluation raising (a model error the pre-flight cannot foresee), or the
+    last checkpoint's write (its disk full, the output's not): the run fails saying so, after
+    the export of the trained model and, where it can, the checkpoint (both were lost: the
+    error came first; found by a README sweep)."""
+    from trainer import checkpoint
+    from trainer.errors import ModelError, TrainerError
+
+    cfg = config_from_dict(digits_config(steps=4, output=str(tmp_path / "out" / "m.onnx"),
+                                         checkpoint={"dir": str(tmp_path / "ck")}), tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+    evaluate, save = t.evaluate, checkpoint.save
+
+    def failing_evaluate(*a, **k):
+        if t.step == 4 and fails != "checkpoint":
+            raise ModelError("node 'x' (Reshape) failed")
+        return evaluate(*a, **k)
+
+    def failing_save(*a, **k):
+        if fails != "evaluation":
+            raise checkpoint.WriteError("cannot write checkpoint ck/step_00000004: No space left")
+        return save(*a, **k)
+
+    monkeypatch.setattr(t, "evaluate", failing_evaluate)
+    monkeypatch.setattr(checkpoint, "save", failing_save)
+    before = {i.name: numpy_helper.to_array(i) for i in onnx.load(cfg.model).graph.initializer}
+    with pytest.raises(TrainerError) as info:
+        t.fit()
+    said = str(info.value)
+    first = "checkpoint" if fails == "checkpoint" else "evaluation"
+    assert said.startswith("node 'x' (Reshape) failed" if first == "evaluation"
+                           else "cannot write checkpoint"), said
+    assert isinstance(info.value, ModelError if first == "evaluation" else checkpoint.WriteError)
+    assert f"the end-of-run {first} failed after all 4 steps, and the trained model is " \
+        f"written to {tmp_path / 'out' / 'm.onnx'}" in said
+    assert ("the end-of-run checkpoint failed too" in said) == (fails == "both")
+    assert ("(and checkpointed)" in said) == (fails == "evaluation")
+    if fails == "evaluation":
+        assert checkpoint.latest(tmp_path / "ck").name.endswith("4")
+    after = {i.name: numpy_helper.to_array(i)
+             for i in onnx.load(tmp_path / "out" / "m.onnx").graph.initializer}
+    assert any(not np.array_equal(after[k], before[k]) for k in before)
+
+
 @pytest.mark.parametrize("head", ["Softmax", "Sigmoid", "binary"])
 def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
     """Training takes cross entropy on a Softmax's input and bce on a Sigmoid's; evaluation

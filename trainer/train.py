@@ -1284,14 +1284,26 @@ class Trainer:
             result["peak_memory_mb"] = self._report_memory()
             if self.profile_result is not None:
                 result["profile"] = self.profile_result
+            # (a failure of the end-of-run evaluation, in one process, or of the last
+            # checkpoint's write loses nothing: the checkpoint and the trained model are still
+            # written, then the run fails saying so)
+            failed: list[tuple[str, TrainerError]] = []
             if self.eval_arrays is not None:
                 if self.last_eval_step != self.step:
-                    self._evaluate_and_track(last_epoch)
+                    try:
+                        self._evaluate_and_track(last_epoch)
+                    except TrainerError as exc:
+                        if self.world > 1:  # (the other ranks wait in its collective)
+                            raise
+                        failed.append(("evaluation", exc))
                 result.update(self.last_metrics)
             # the end of a run is always saved, after its evaluation (a run continued from it
             # with more steps knows the best model so far)
             if cfg.checkpoint.dir and self._saved_step != self.step:
-                self.save_checkpoint()
+                try:
+                    self.save_checkpoint()
+                except checkpoint.WriteError as exc:  # (rank 0's write, after the collectives)
+                    failed.append(("checkpoint", exc))
             if stopped:
                 result["early_stop"] = stopped
             if self.rank == 0:
@@ -1301,6 +1313,16 @@ class Trainer:
                 if self.best_path is not None:
                     result["best"] = {"output": str(self.best_path), "step": self.best_step,
                                       cfg.best.metric: self.best_value}
+            if failed:
+                (what, first), more = failed[0], failed[1:]
+                kind = type(first) if type(first) in (TrainerError, ModelError, DataError,
+                                                      checkpoint.WriteError) else TrainerError
+                raise kind(f"{first}" + "".join(f"; the end-of-run {w} failed too: {e}"
+                                                for w, e in more)
+                           + f"; the end-of-run {what} failed after all {self.step} steps, "
+                           f"and the trained model is written to {result['output']}"
+                           + ("" if what == "checkpoint" or not cfg.checkpoint.dir
+                              else " (and checkpointed)" if not more else "")) from first
         return result
 
     def _saved_before(self, exc: NonFiniteLoss, position) -> NonFiniteLoss:
@@ -1932,29 +1954,29 @@ class Trainer:
         sums = np.zeros(3)  # loss sum, correct, count
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
-            feeds = {k: chunk[k] for k in self.data_inputs}
             real = len(next(iter(chunk.values())))
-            if fixed_n is not None and real < fixed_n:
-                feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_n - real, 0)])
-                         for k, v in feeds.items()}
-            # (a non-finite value shows in the metrics, not as NumPy's warnings)
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                out = self.predict(feeds, _evaluation=True)[spec.output]
-            ax = _batch_axis(spec)  # (ctc's time-major outputs hold the batch in axis 1)
-            if fixed_n is not None and real < fixed_n and out.ndim > ax \
-                    and out.shape[ax] == fixed_n:
-                out = out[(slice(None),) * ax + (slice(0, real),)]
-            elif fixed_n is not None and real < fixed_n and spec.type == "output":
-                # (one mean over the padded batch, its copies of the last sample included:
-                # the batch of that sample alone gives its loss, which the copies take out)
-                alone = {k: np.repeat(v[-1:], fixed_n, 0) for k, v in feeds.items()}
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    last = float(np.asarray(self.predict(alone, _evaluation=True)
-                                            [spec.output]).reshape(-1)[0])
-                total = float(np.asarray(out).reshape(-1)[0]) * fixed_n
-                out = np.array((total - (fixed_n - real) * last) / real)
+            try:
+                out = self._eval_chunk(chunk, fixed_n, spec)
+            except ModelError as exc:
+                # a model that runs at the training batch alone (a size baked into a Reshape
+                # by tracing, a data.constants shape written as that number): the last,
+                # smaller chunk fails; padded to the batch as a fixed-batch model's, it is
+                # exact (the copies' outputs are left out)
+                if fixed_n is not None or real >= bs or type(exc) is not ModelError:
+                    raise self._eval_error(exc, real) from exc
+                try:
+                    out = self._eval_chunk(chunk, bs, spec)
+                except ModelError:
+                    raise self._eval_error(exc, real) from exc
+                fixed_n = bs
+                if not getattr(self, "_eval_padded_told", False):
+                    self._eval_padded_told = True
+                    self.log.info(f"evaluation: the model fails on a chunk of {real} "
+                                  f"sample(s) ({' '.join(str(exc).split())[:200]}); chunks "
+                                  f"are padded to the training batch, {bs}, whose extra "
+                                  "outputs are left out")
             sums += _loss_sums(spec, out.astype(np.float64), chunk.get(spec.target),
-                               len(next(iter(chunk.values()))), self._softmax_output,
+                               real, self._softmax_output,
                                chunk.get(spec.lengths) if spec.type == "ctc" else None,
                                self._eval_reads)
         if self.world > 1:
@@ -1963,6 +1985,40 @@ class Trainer:
         if spec.type == "cross_entropy":
             metrics["eval_accuracy"] = float(sums[1] / max(sums[2], 1))
         return metrics
+
+    def _eval_error(self, exc: ModelError, n: int) -> ModelError:
+        """An evaluation chunk's failure, with data.constants' hint where a constant may have
+        been written for another batch size (as the training step says it)."""
+        hint = constant_batch_hint(self._constants(n), self.run_model, n, self.data_inputs) \
+            if self.cfg.data.constants and type(exc) is ModelError else ""
+        return ModelError(f"evaluation on a chunk of {n} sample(s): {str(exc).rstrip()}"
+                          + (f"; {hint}" if hint else ""))
+
+    def _eval_chunk(self, chunk: dict, fixed_n: int | None, spec):
+        """The loss output of one evaluation chunk; with `fixed_n`, run padded to that many
+        samples (copies of its last one), the copies' outputs left out."""
+        feeds = {k: chunk[k] for k in self.data_inputs}
+        real = len(next(iter(chunk.values())))
+        if fixed_n is not None and real < fixed_n:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_n - real, 0)])
+                     for k, v in feeds.items()}
+        # (a non-finite value shows in the metrics, not as NumPy's warnings)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            out = self.predict(feeds, _evaluation=True)[spec.output]
+        ax = _batch_axis(spec)  # (ctc's time-major outputs hold the batch in axis 1)
+        if fixed_n is not None and real < fixed_n and out.ndim > ax \
+                and out.shape[ax] == fixed_n:
+            out = out[(slice(None),) * ax + (slice(0, real),)]
+        elif fixed_n is not None and real < fixed_n and spec.type == "output":
+            # (one mean over the padded batch, its copies of the last sample included:
+            # the batch of that sample alone gives its loss, which the copies take out)
+            alone = {k: np.repeat(v[-1:], fixed_n, 0) for k, v in feeds.items()}
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                last = float(np.asarray(self.predict(alone, _evaluation=True)
+                                        [spec.output]).reshape(-1)[0])
+            total = float(np.asarray(out).reshape(-1)[0]) * fixed_n
+            out = np.array((total - (fixed_n - real) * last) / real)
+        return out
 
     def trained_values(self) -> dict[str, np.ndarray]:
         """Trained parameters and state by initializer name of the model (tied copies too)."""
