@@ -527,6 +527,35 @@ def test_check_refuses_an_opset_7_max_pool_on_the_trained_path_as_training_does(
             build_training_graph(model, {"type": "output", "output": "loss"}, "all")
 
 
+def test_check_and_training_agree_on_opset_6_broadcasts():
+    """Opsets 1-6 broadcast a bias through attributes (`broadcast: 1`, `axis`): every
+    such Add and Gemm was refused by training while `check MODEL` called it trainable. A bias
+    added per channel trains now; a product broadcast along a middle axis is refused by both."""
+    from trainer.autodiff import build_training_graph, training_info
+    from trainer.report import LEGACY_AXIS, model_report
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 1, 3, 3)).astype(np.float32)
+    for op in ("Add", "Mul"):
+        nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                 helper.make_node(op, ["c", "b"], ["p"], broadcast=1, axis=1),
+                 helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0)]
+        model = make_model(nodes, inputs={"x": np.ones((1, 1, 4, 4), np.float32)},
+                           initializers={"W": w, "b": np.ones(2, np.float32)},
+                           outputs=["loss"], opset=6)
+        report = model_report(model)
+        row = next(r for r in report.nodes if r.op == op)
+        spec = {"type": "output", "output": "loss"}
+        if op == "Add":
+            assert report.ok and row.gradient != LEGACY_AXIS, report.text()
+            info = training_info(build_training_graph(model, spec, "all"))
+            assert set(info.gradients) == {"W", "b"}
+        else:
+            assert row.gradient == LEGACY_AXIS and not report.ok
+            with pytest.raises(ModelError, match="along axis 1, not the last axes"):
+                build_training_graph(model, spec, "all")
+
+
 @pytest.mark.parametrize("xs,ws,attrs", [
     ((2, 2, 3), (2, 3, 1), dict(strides=[2], dilations=[2], pads=[0, 1])),
     ((1, 2, 3, 2), (2, 2, 1, 1), dict(strides=[2, 3], pads=[0, 0, 1, 2]))])

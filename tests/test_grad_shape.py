@@ -429,6 +429,22 @@ _PRE7 = [
     Case("Split-2", "Split", [("X", normal(4, 2))], {"split": [1, 3]}, opset=6, n_out=2),
     Case("DepthToSpace-1", "DepthToSpace", [("X", normal(1, 8, 2, 2))], {"blocksize": 2},
          opset=6),
+    # opsets 1-6 broadcast B through attributes: along `axis` (a bias per channel), or over
+    # the last axes without it (every Gemm's C of that time): these were refused
+    Case("Add-legacy-axis", "Add", [("A", normal(2, 3, 4)), ("B", normal(3))],
+         {"broadcast": 1, "axis": 1}, opset=6),
+    Case("Sub-legacy-axis", "Sub", [("A", normal(2, 3, 4, 2)), ("B", normal(3, 4))],
+         {"broadcast": 1, "axis": 1}, opset=5),
+    Case("Add-legacy-suffix", "Add", [("A", normal(2, 3, 4)), ("B", normal(3, 4))],
+         {"broadcast": 1}, opset=6),
+    Case("Mul-legacy-suffix", "Mul", [("A", normal(2, 3, 4)), ("B", normal(4))],
+         {"broadcast": 1}, opset=6),
+    Case("Div-legacy-last-axis", "Div", [("A", normal(2, 3)), ("B", positive(3))],
+         {"broadcast": 1, "axis": 1}, opset=6),
+    Case("Gemm-6-broadcast", "Gemm", [("A", normal(2, 3)), ("B", normal(4, 3)), ("C", normal(4))],
+         {"broadcast": 1, "transB": 1}, opset=6),
+    Case("Gemm-3-broadcast-scalar", "Gemm", [("A", normal(2, 3)), ("B", normal(3, 4)),
+                                             ("C", normal(1))], {"broadcast": 1}, opset=3),
 ]
 
 

@@ -81,6 +81,9 @@ PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) ha
 TYPES_DISAGREE = "REFUSED: input types disagree"  # (then what: type_conflict)
 NO_INDICES = ("REFUSED: the gradient needs MaxPool's Indices, which exist from opset 8 (convert "
               "the model with onnx.version_converter)")
+LEGACY_AXIS = ("REFUSED: opset 1-6 broadcast along a middle axis (`axis`) of a product, "
+               "which its gradient does not support (convert the model with "
+               "onnx.version_converter)")
 
 
 @dataclass
@@ -579,6 +582,7 @@ def model_report(model: onnx.ModelProto) -> Report:
     trained = {p.name for p in params if p.role == PARAMETER}
     active = {o for i in active_nodes(nodes, outputs, trained, types)[0] for o in nodes[i].output}
     rows = []
+    ranks: dict[str, int] = {}  # (opsets 1-6: of the values a legacy broadcast reads)
     inits = {t.name for t in model.graph.initializer} - trained  # (what training changes is
     known = inits | from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))  # data)
                                  for n in model.graph.node), inits.__contains__)
@@ -595,6 +599,11 @@ def model_report(model: onnx.ModelProto) -> Report:
         if node.op_type == "MaxPool" and node.domain in ("", "ai.onnx") and opset_of(model) < 8 \
                 and any(o in active for o in node.output):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, NO_INDICES))
+            continue
+        if node.op_type in ("Mul", "Div", "Pow") and node.domain in ("", "ai.onnx") \
+                and opset_of(model) < 7 and any(o in active for o in node.output) \
+                and _middle_axis(node, ranks := ranks or _ranks(model)):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, LEGACY_AXIS))
             continue
         if run is not model and contrib_key(node, model):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, "lowered"))
@@ -709,6 +718,32 @@ def _untaken_branches(params: list, before: onnx.ModelProto, nodes: list[onnx.No
                         "take (its condition is a constant)")
         out.append(p)
     return out
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every value ONNX shape inference gives one (best effort)."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - unknown ranks: nothing refused for them
+        g = model.graph
+    out = {t.name: len(t.dims) for t in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
+            out.setdefault(vi.name, len(t.shape.dim))
+    return out or {"": 0}  # (not empty: computed once)
+
+
+def _middle_axis(node: onnx.NodeProto, ranks: dict[str, int]) -> bool:
+    """An opset 1-6 broadcast (`broadcast: 1`) whose `axis` aligns B with A's middle axes,
+    not its last: what trainer.autodiff.context.to_input refuses for a product."""
+    a = {x.name: x for x in node.attribute}
+    if "broadcast" not in a or not a["broadcast"].i or "axis" not in a or len(node.input) < 2:
+        return False
+    ra, rb = ranks.get(node.input[0]), ranks.get(node.input[1])
+    if ra is None or rb is None or ra == 0:
+        return False
+    return a["axis"].i % ra != ra - rb
 
 
 def _loop_from_data(node: onnx.NodeProto, known: set[str]) -> bool:

@@ -170,10 +170,27 @@ class GradContext(Builder):
         """sum_to(dy, like=I(i)) written into GI(i); dy has the node output's shape by default."""
         src = tuple(shape_from if shape_from is not None else self.shape(self.O(0)))
         dst = tuple(self.shape(self.I(i)))
-        if self.opset < 7 and self.attr("broadcast", 0):
-            raise ModelError(f"node '{self.name}' ({self.onnx_node.op_type}) uses the opset "
-                             f"{self.opset} 'broadcast' attribute, which gradients do not support;"
-                             " convert the model with onnx.version_converter (opset >= 7)")
+        if self.opset < 7 and self.attr("broadcast", 0) and dst != src:
+            # opsets 1-6: B's dims align with A's from `axis` on (the end, without it): summed
+            # over the others, as NumPy's right-aligned sum_to does for its dims padded with 1s
+            # up to the end (Gemm's C and a bias Add's; products read B as the forward
+            # broadcasts it only where that is NumPy's alignment)
+            axis = self.attr("axis", None)
+            axis = len(src) - len(dst) if axis is None else axis % max(len(src), 1)
+            if not 0 <= axis <= len(src) - len(dst):
+                raise ModelError(f"node '{self.name}' ({self.onnx_node.op_type}): input "
+                                 f"{i}'s shape {list(dst)} does not fit the output's "
+                                 f"{list(src)} from axis {axis} (opset {self.opset} broadcast)")
+            tail = len(src) - axis - len(dst)
+            if tail and self.onnx_node.op_type not in ("Add", "Sub", "Gemm"):
+                raise ModelError(f"node '{self.name}' ({self.onnx_node.op_type}) uses the opset "
+                                 f"{self.opset} 'broadcast' attribute along axis {axis}, not "
+                                 "the last axes, which its gradient does not support; convert "
+                                 "the model with onnx.version_converter (opset >= 7)")
+            if tail:
+                padded = self.tmp("aligned")
+                return [*self.sum_to(dy, src, dst + (1,) * tail, padded),
+                        self.reshape(padded, dst, self.GI(i))]
         return self.sum_to(dy, src, dst, self.GI(i))
 
     def scalar(self, value, like: str | None = None) -> str:
