@@ -703,6 +703,51 @@ def test_resize_output_length_from_float32_scales(scale, length, want) -> None:
     np.testing.assert_allclose(y, ref["y"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("ctm,nearest_mode", [("asymmetric", "floor"),
+                                               ("half_pixel", "round_prefer_floor"),
+                                               ("pytorch_half_pixel", "round_prefer_floor"),
+                                               ("asymmetric", "round_prefer_ceil")])
+def test_resize_nearest_picks_onnxruntimes_pixels_at_any_scale(ctm, nearest_mode) -> None:
+    """Nearest resizing by float32 scales such as 0.6, 1.1 or 2.2 (F.interpolate's
+    scale_factor, exported as asymmetric/floor): the source coordinate in float64 kept the
+    float32 scale's rounding, 3 / float32(0.6) = 4.9999998 took pixel 4 where onnxruntime
+    and PyTorch take 5 (28 of 88 cases apart from PyTorch); an axis whose length the scale
+    keeps (8 rows by 1.1) was resampled, repeating its first row (found by a torch.nn layer
+    sweep). The coordinate is computed in float32 and such an axis is copied, as onnxruntime
+    does."""
+    from onnx import helper
+
+    from tests.opcases import make_model
+
+    for n in (3, 5, 7, 8, 10, 11, 13):
+        x = np.arange(n * n, dtype=F32).reshape(1, 1, n, n)
+        for s in (0.3, 0.45, 0.6, 0.7, 1.1, 1.5, 2.2, 2.5, 3.3):
+            scales = np.array([1, 1, s, s], F32)
+            attrs = {"mode": "nearest", "coordinate_transformation_mode": ctm,
+                     "nearest_mode": nearest_mode}
+            (y,) = get_kernel("Resize", 19)(np, x, None, scales, **attrs)
+            ref = run_ort(make_model([helper.make_node("Resize", ["x", "", "sc"], ["y"],
+                                                       **attrs)],
+                                     inputs={"x": x}, initializers={"sc": scales}, opset=19),
+                          {"x": x})["y"]
+            np.testing.assert_array_equal(y, ref, err_msg=f"{n} rows by {s}")
+
+
+def test_resize_nearest_by_scale_factor_is_pytorchs_interpolate() -> None:
+    import torch
+
+    for n in (5, 8, 10):
+        x = np.arange(n * n, dtype=F32).reshape(1, 1, n, n)
+        for s in (0.6, 1.1, 2.2):
+            (y,) = get_kernel("Resize", 19)(np, x, None, np.array([1, 1, s, s], F32),
+                                            mode="nearest",
+                                            coordinate_transformation_mode="asymmetric",
+                                            nearest_mode="floor")
+            want = torch.nn.functional.interpolate(torch.from_numpy(x), scale_factor=s,
+                                                   mode="nearest").numpy()
+            np.testing.assert_array_equal(y, want, err_msg=f"{n} rows by {s}")
+
+
 def test_resize_with_both_scales_and_sizes_and_a_conv_that_does_not_fit_are_refused() -> None:
     """Resize given scales and sizes took the scales, and a Conv whose kernel_shape or channels
     disagree with its weight ran on whatever fit; onnxruntime refuses both."""

@@ -48,10 +48,15 @@ def _keys(d, a: float):
 
 # -- Resize / Upsample -------------------------------------------------------------------------
 def _source_coords(ctm: str, out_len: int, in_len: int, scale: float, width: float,
-                   roi: tuple[float, float] | None) -> np.ndarray:
-    """Input coordinate of each output index (host, float64); width = scale * in_len as a
+                   roi: tuple[float, float] | None, dtype=np.float64) -> np.ndarray:
+    """Input coordinate of each output index (host, in `dtype`); width = scale * in_len as a
     possibly fractional output length (what align_corners and half_pixel_symmetric use)."""
-    y = np.arange(out_len, dtype=np.float64)
+    if dtype != np.float64:  # (every operand in that type: each operation rounds to it)
+        f = np.dtype(dtype).type
+        scale, width = f(scale), f(width)
+        in_len = f(in_len)
+        roi = None if roi is None else (f(roi[0]), f(roi[1]))
+    y = np.arange(out_len, dtype=dtype)
     if ctm == "half_pixel":
         return (y + 0.5) / scale - 0.5
     if ctm == "half_pixel_symmetric":
@@ -78,7 +83,11 @@ def _axis_table(in_len: int, out_len: int, scale: float, width: float, roi, *, m
                 antialias: int):
     """(indices [out, taps], weights [out, taps] or None for nearest, extrapolated [out] or None)
     for resampling one axis."""
-    x = _source_coords(ctm, out_len, in_len, scale, width, roi)
+    # (nearest: the coordinate in float32, as onnxruntime computes it: the float32 scale
+    # widened to float64 kept its rounding, and 3 / float32(0.6) was 4.9999998, floored to
+    # pixel 4 where onnxruntime and PyTorch take 5; linear and cubic weights: float64)
+    x = _source_coords(ctm, out_len, in_len, scale, width, roi,
+                       np.float32 if mode == "nearest" else np.float64)
     outside = (x < 0) | (x > in_len - 1) if ctm == "tf_crop_and_resize" else None
     if mode == "nearest":
         lo = np.floor(x)
@@ -157,8 +166,9 @@ def _resize(xp, x, scales: list[float] | None, sizes: list[int] | None, roi: lis
     y = x.astype(cdtype) if interpolate else x
     for i, axis in enumerate(axes):
         crop = ctm == "tf_crop_and_resize" and rois[i] is not None and rois[i] != (0.0, 1.0)
-        if scale[i] == 1.0 and out[i] == inputs[i] and not crop:
-            continue
+        if out[i] == inputs[i] and not crop and (scale[i] == 1.0 or not interpolate):
+            continue  # (nearest to the same length copies the axis, as onnxruntime does, and
+            # PyTorch's 2-D kernel: nn.Upsample(scale_factor=1.1) on 8 rows)
         idx, w, outside = _axis_table(
             inputs[i], out[i], scale[i], width[i], rois[i], mode=mode, ctm=ctm,
             nearest_mode=nearest_mode, cubic_coeff_a=cubic_coeff_a,
