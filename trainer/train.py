@@ -2435,7 +2435,7 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
     dims = [d.dim_value if d.HasField("dim_value") else None
             for d in out.type.tensor_type.shape.dim]
     if softmax_logits(model.graph.node, spec.output, rank, class_axis,
-                      opset_of(model), dims) is not None:
+                      opset_of(model), dims, _value_dims(model)) is not None:
         return True
     return spec.type == "cross_entropy" and binary_probabilities(
         model.graph.node, spec.output, rank, class_axis, _constant_lookup(model)) is not None
@@ -2478,19 +2478,45 @@ def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in out.type.tensor_type.shape.dim]
         class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
-        found = softmax_logits(nodes, spec.output, rank, class_axis, opset_of(model), dims)
+        found = softmax_logits(nodes, spec.output, rank, class_axis, opset_of(model), dims,
+                               _value_dims(model))
         new_op, reads = "LogSoftmax", "log"
     if found is None:
         return ""
-    node, chain = found
-    inner = {node.output[0], *(o for c in chain for o in c.output)} - {spec.output}
-    readers = [n for n in nodes for x in n.input if x in inner]
-    if len(readers) != len(chain) or any(o.name in inner for o in model.graph.output):
+    heads, chain = found if isinstance(found[0], list) else ([found[0]], found[1])
+    inner = {*(h.output[0] for h in heads), *(o for c in chain for o in c.output)} - {
+        spec.output}
+    readers = {id(n) for n in nodes for x in n.input if x in inner}
+    if readers != {id(c) for c in chain} or any(o.name in inner for o in model.graph.output):
         return ""  # (another node reads the probabilities: as they are)
-    node.op_type = new_op
-    if new_op == "Identity":
-        del node.attribute[:]
+    for node in heads:  # (log commutes with the moves, reshapes and concatenations after)
+        node.op_type = new_op
+        if new_op == "Identity":
+            del node.attribute[:]
     return reads
+
+
+def _value_dims(model: onnx.ModelProto):
+    """name -> the value's dims as ONNX shape inference gives them (ints, None where not a
+    known number), or None; inferred when first asked."""
+    dims: dict | None = None
+
+    def shape_of(name: str):
+        nonlocal dims
+        if dims is None:
+            try:
+                g = onnx.shape_inference.infer_shapes(model).graph
+            except Exception:  # noqa: BLE001 - best effort: no reshape is then followed
+                g = model.graph
+            dims = {}
+            for vi in list(g.input) + list(g.value_info) + list(g.output):
+                t = vi.type.tensor_type
+                if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
+                    dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                          for d in t.shape.dim)
+            dims.update((t.name, tuple(t.dims)) for t in g.initializer)
+        return dims.get(name)
+    return shape_of
 
 
 def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:

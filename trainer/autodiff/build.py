@@ -813,21 +813,92 @@ def _under_layout(nodes, output: str, op: str, rank: int, axis: int):
     return n, chain[::-1], k
 
 
-def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int, dims=None):
-    """(the Softmax node, the layout nodes after it in order) where `output` is a Softmax's
-    probabilities over `class_axis` (of `output`, rank `rank`), directly or through
-    Transposes, Identities and float Casts (tf2onnx ends classifiers in Softmax then a
-    Transpose back to its layout); None otherwise. `dims`: the output's dimensions where
-    known (None for unknown ones), which tell a Softmax below opset 13 over axes k to the last
-    from one over the class axis k alone (squeezenet's [N, 1000, 1, 1])."""
-    found = _under_layout(nodes, output, "Softmax", rank, class_axis)
-    if found is None:
+# Ops that keep each row of the class axis a row (a tf2onnx TimeDistributed softmax: one
+# Softmax per time step, Unsqueezed and Concatenated; a Softmax over [N*T, C] reshaped back):
+# the logits go through copies of them too.
+_ROW_OPS = _LAYOUT_OPS + ("Concat", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int, dims=None,
+                   shape_of=None):
+    """([the Softmax nodes], [the nodes after them, in order]) where `output` is made of
+    Softmax probabilities over `class_axis` (of `output`, rank `rank`) by ops that keep each
+    row of that axis a row: Transposes, Identities, float Casts, Concats along another axis,
+    and Reshapes, Flattens, Squeezes and Unsqueezes that keep the class axis's size and stride
+    (known from `shape_of(name)`: a tuple of ints, None for unknown ones, or None); None
+    otherwise. tf2onnx ends classifiers in Softmax then a Transpose back to its layout, and
+    writes a TimeDistributed softmax as one Softmax per step, joined by a Concat. `dims`: the
+    output's dimensions where known, which tell a Softmax below opset 13 over axes k to the
+    last from one over the class axis k alone (squeezenet's [N, 1000, 1, 1])."""
+    made = {o: n for n in nodes for o in n.output}
+    leaves: list = []
+    chain: list = []
+    seen: dict[int, int] = {}  # id(node) -> the class axis it was reached with
+
+    def walk(name: str, k: int, r: int, depth: int) -> bool:
+        n = made.get(name)
+        if n is None or n.domain not in ("", "ai.onnx") or depth > 64:
+            return False
+        if id(n) in seen:
+            return seen[id(n)] == k
+        a = attrs_of(n)
+        if n.op_type == "Softmax":
+            axis = a.get("axis", -1 if opset >= 13 else 1) % r
+            ok = axis == k and (opset >= 13 or axis == r - 1
+                                or (name == output and _ones_after(axis, [], dims)))
+            if ok:
+                seen[id(n)] = k
+                leaves.append(n)
+            return ok
+        if n.op_type not in _ROW_OPS:
+            return False
+        if n.op_type == "Transpose":
+            perm = list(a.get("perm", range(r - 1, -1, -1)))
+            if len(perm) != r or not walk(n.input[0], int(perm[k]), r, depth + 1):
+                return False
+        elif n.op_type == "Cast" and a.get("to") not in _FLOAT_TYPES:
+            return False
+        elif n.op_type == "Concat":
+            if a.get("axis", 0) % r == k or not all(walk(x, k, r, depth + 1) for x in n.input):
+                return False
+        elif n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            shape_in = shape_of(n.input[0]) if shape_of is not None else None
+            shape_out = shape_of(name) if shape_of is not None else None
+            j = _same_row_axis(shape_in, shape_out, k)
+            if j is None or not walk(n.input[0], j, len(shape_in), depth + 1):
+                return False
+        elif not walk(n.input[0], k, r, depth + 1):  # (Identity, a float Cast)
+            return False
+        seen[id(n)] = k
+        chain.append(n)
+        return True
+
+    if not rank or not walk(output, class_axis % rank, rank, 0):
         return None
-    n, chain, k = found
-    axis = attrs_of(n).get("axis", -1 if opset >= 13 else 1) % rank
-    if axis == k and (opset >= 13 or axis == rank - 1 or _ones_after(axis, chain, dims)):
-        return n, chain
+    return leaves, chain
+
+
+def _same_row_axis(shape_in, shape_out, k: int) -> int | None:
+    """The axis of `shape_in` whose rows are those of axis k of `shape_out` under a reshape
+    (the same size and stride: every dim after it known), or None."""
+    if shape_in is None or shape_out is None or not 0 <= k < len(shape_out):
+        return None
+    size, after = shape_out[k], _known_product(shape_out[k + 1:])
+    if size is None or after is None:
+        return None
+    for j, d in enumerate(shape_in):
+        if d == size and _known_product(shape_in[j + 1:]) == after:
+            return j
     return None
+
+
+def _known_product(dims) -> int | None:
+    out = 1
+    for d in dims:
+        if not isinstance(d, int | np.integer) or d < 0:
+            return None
+        out *= int(d)
+    return out
 
 
 def _ones_after(axis: int, chain, dims) -> bool:
@@ -893,20 +964,27 @@ def _logits_of_softmax(spec: LossSpec, nodes, shapes, opset: int, b: Builder):
     else:
         class_axis = spec.class_axis if spec.type == "cross_entropy" else -1
         found = softmax_logits(nodes, spec.output, rank, class_axis, opset,
-                               shapes[spec.output][0]) if rank else None
+                               shapes[spec.output][0],
+                               lambda x: shapes[x][0] if x in shapes else None) if rank else None
     if found is None and spec.type == "cross_entropy" and rank:
         _softmax_over_another_axis(nodes, spec, shapes, rank, opset)
         return _logits_of_binary(spec, nodes, shapes, rank, b)
-    if found is None or found[0].input[0] not in shapes:
+    if found is None:
         return spec, []
-    softmax, chain = found
-    value, copies = softmax.input[0], []
+    heads, chain = found if isinstance(found[0], list) else ([found[0]], found[1])
+    if any(h.input[0] not in shapes for h in heads):
+        return spec, []
+    # each Softmax's (Sigmoid's) output stands for its input, the logits, in copies of the
+    # nodes after it
+    logits_of = {h.output[0]: h.input[0] for h in heads}
+    copies = []
     for n in chain:
         out = b.tmp(f"logits_{n.op_type.lower()}")
-        copies.append(helper.make_node(n.op_type, [value] + list(n.input[1:]), [out],
+        copies.append(helper.make_node(n.op_type, [logits_of.get(x, x) for x in n.input], [out],
                                        name=out, **attrs_of(n)))
         shapes[out] = shapes[n.output[0]]
-        value = out
+        logits_of[n.output[0]] = out
+    value = logits_of[spec.output]
     return dataclasses.replace(spec, output=value, from_logits=spec.type == "bce"), copies
 
 
