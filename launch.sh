@@ -12,7 +12,7 @@
 # absolute path, which must exist on every node (a shared file system or the same image).
 set -euo pipefail
 
-usage() {
+usage() {  # (to stderr, status 2: a mistake in the arguments; --help: stdout, status 0)
   sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
@@ -25,7 +25,7 @@ multi_node=""
 has_prefix=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) usage ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -np|-n|--np|-c) [ $# -ge 2 ] || usage; np="$2"; np_given=1; mpi_args+=("$1" "$2"); shift 2 ;;
     -np=*|-n=*|--np=*|-c=*|--n=*) np="${1#*=}"; np_given=1; mpi_args+=("-np" "$np"); shift ;;
     --hostfile|-hostfile|--machinefile|-machinefile|--host|-host|-H)

@@ -483,6 +483,9 @@ CASES = {
     "config-trainable-names-a-running-statistic": (
         lambda t: _digits_batchnorm(t, trainable=["all", "bn.mean"]),
         "trainable entry 'bn.mean' names BatchNormalization running statistics (bn.mean)"),
+    "config-frozen-glob-matching-nothing": (_train(frozen=["fc3.*"]),
+                                            "frozen entry 'fc3.*' matches no float initializer "
+                                            "of the model (available: "),
     "config-batchnorm-globs-on-a-model-without-any": (_train(batchnorm=["bn*"]),
                                                        "(the model has none)"),
     "config-batchnorm-on-one-sample": (lambda t: _digits_batchnorm(t, data__batch_size=1),

@@ -81,6 +81,24 @@ def test_resume_into_a_longer_run_says_where_the_schedule_jumps(tmp_path, digits
         assert f"step 11 runs at lr {lr:.6g}" in out.getvalue()
 
 
+def test_a_resume_that_changes_the_schedules_type_and_length_says_what_each_gives(
+        tmp_path, digits_config):
+    """A constant-lr run resumed as cosine over more steps: the note said the checkpoint's
+    run gives lr 0 at the next step, where it gave its constant lr (cosine over the old length
+    ends at 0; found by a README sweep)."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 5}
+    opt = {"type": "sgd", "lr": 0.01}
+    Trainer(config_from_dict(digits_config(steps=10, optimizer=opt, checkpoint=ck),
+                             tmp_path / "a"), stream=io.StringIO()).fit()
+    out = io.StringIO()
+    Trainer(config_from_dict(digits_config(steps=20, optimizer=opt, checkpoint=ck,
+                                           schedule={"type": "cosine"}), tmp_path / "b"),
+            stream=out).fit(resume=True)
+    assert "where the checkpoint's run gives" not in out.getvalue()
+    assert "where cosine over the checkpoint's 10 steps gives 0 " in out.getvalue(), \
+        out.getvalue()
+
+
 def test_resume_without_checkpoints_starts_fresh(tmp_path, digits_config):
     cfg = digits_config(steps=3, checkpoint={"dir": str(tmp_path / "none")})
     out = io.StringIO()

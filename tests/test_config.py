@@ -218,6 +218,11 @@ def test_an_override_reaches_a_key_with_dots_in_its_name() -> None:
                                                  "onnx::Gemm.0": "x3"}}}}
     apply_override(raw, "data.train.inputs.mask=null")  # (null leaves an entry out)
     assert raw == {"data": {"train": {"inputs": {"input.1": "x2", "onnx::Gemm.0": "x3"}}}}
+    # an entry of inputs/targets is a name, nothing nested below it: a new one's dots are its
+    # name's, also unquoted (it was read as item 1 of a list the config does not set)
+    apply_override(raw, "data.eval.inputs.input.1=xt")
+    apply_override(raw, "data.eval.targets.label.0=yt")
+    assert raw["data"]["eval"] == {"inputs": {"input.1": "xt"}, "targets": {"label.0": "yt"}}
 
 
 @pytest.mark.parametrize("override", ["optimizer.lr", "=3", "optimizer..lr=1", "a.=1",
@@ -318,6 +323,21 @@ def test_wrong_types(key: str, value: object, expected: str) -> None:
     raw = minimal(optimizer={"type": "adam"} if key == "optimizer.betas" else {})
     apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     assert error_of(raw).startswith(expected)
+
+
+@pytest.mark.parametrize(("key", "value", "fix"), [
+    ("optimizer", "adam", "optimizer: {type: adam}"), ("schedule", "cosine",
+                                                      "schedule: {type: cosine}"),
+    ("grad_clip", 1.0, "grad_clip: {max_norm: 1.0}"), ("early_stop", 3,
+                                                       "early_stop: {patience: 3}"),
+    ("loss", "mse", "loss: {type: mse}"), ("best", "eval_accuracy",
+                                           "best: {metric: eval_accuracy}")])
+def test_a_section_given_as_its_one_value_is_told_the_mapping(key, value, fix) -> None:
+    """`optimizer: adam`, a new user's shorthand, was told "must be a mapping" alone (found by
+    a README sweep): the error writes the mapping it stands for."""
+    raw = minimal()
+    raw[key] = value
+    assert error_of(raw).endswith(f": write {fix}")
 
 
 def test_numbers_given_as_strings_and_ints_are_floats() -> None:

@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="evaluate on the config's data.eval")
     e.add_argument("config")
     e.add_argument("--model", help="trained .onnx to evaluate (default: the config's model)")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.batch_size=256 (repeatable)")
     e.add_argument("--checkpoint", nargs="?", const="", default=None, metavar="PATH",
                    help="evaluate the config's model with a checkpoint's values (a step_N "
                         "folder, or a checkpoint.dir: its newest; no PATH: the config's "
@@ -574,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's checkpoint.dir)")
     x.add_argument("-o", default=None, metavar="OUT.onnx",
                    help="where to write it (default: the config's output)")
-    x.add_argument("--set", action="append", metavar="KEY=VALUE")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set output=trained.onnx (repeatable)")
     x.set_defaults(fn=_export)
     v = sub.add_parser("convert", parents=[common],
                        help="rewrite a model for training (weights of constant nodes, batch axis)")

@@ -710,8 +710,17 @@ def _value(f: dataclasses.Field, raw: Mapping, key: str, base: Path, values: dic
     return v
 
 
+# a section given as its one usual value (`optimizer: adam`): the mapping it stands for
+_SHORTHAND = {"optimizer": "type", "schedule": "type", "loss": "type", "grad_clip": "max_norm",
+              "early_stop": "patience", "checkpoint": "dir", "best": "metric"}
+
+
 def _build(cls: type, raw: Any, key: str, base: Path, **extra: Any) -> Any:
     if not isinstance(raw, Mapping):
+        field = _SHORTHAND.get(key)
+        if field and isinstance(raw, str | int | float) and not isinstance(raw, bool):
+            raise _err(key, f"must be a mapping, got {_got(raw)}: write "
+                       f"{key}: {{{field}: {raw}}}")
         raise _err(key, f"must be a mapping, got {_got(raw)}")
     specs = {f.name: f for f in fields(cls) if "conv" in f.metadata}
     kind = None
@@ -849,6 +858,14 @@ def apply_override(raw: dict, override: str) -> None:
                     parts[i:j], quoted[i:j] = [".".join(parts[i:j])], [True]
                     part = parts[i]
                     break
+            else:
+                # an entry of data.*.inputs/targets maps a name to an array key, nothing
+                # nested: the parts that follow are its name's, dots and all (a new
+                # data.eval.inputs.input.1=x was read as item 1 of a list)
+                if re.fullmatch(r"data\.(train|eval)\.(inputs|targets)",
+                                ".".join(map(str, parts[:i]))) and not any(quoted[i:]):
+                    parts[i:], quoted[i:] = [".".join(parts[i:])], [True]
+                    part = parts[i]
         key: str | int = part
         if isinstance(node, list):  # (an item of a list by its index: optimizer.groups.0.lr)
             if not (re.fullmatch(r"[0-9]+", part) and int(part) < len(node)):

@@ -1595,11 +1595,16 @@ class Trainer:
         base = self.schedule.base_lrs[0]
         old, new = (lr_at(self.cfg.schedule, base, self.step, n)
                     for n in (int(was), self.total_steps))
+        ckpt_type = getattr(self, "_ckpt_schedule", None)
+        # (with the type changed too, the checkpoint's run followed another curve: the new
+        # type over the old length is what keeping the length would give)
+        then = ("the checkpoint's run gives" if ckpt_type in (None, self.schedule.type) else
+                f"{self.schedule.type} over the checkpoint's {int(was)} steps gives")
         if old != new:
             self.log.info(f"warning: the run is {self.total_steps} steps now and was "
                           f"{int(was)} at the checkpoint; schedule {self.schedule.type} is laid "
                           f"over the run's length, so step {self.step + 1} runs at lr {new:.6g} "
-                          f"where the checkpoint's run gives {old:.6g} (keep steps/epochs as "
+                          f"where {then} {old:.6g} (keep steps/epochs as "
                           "they were to keep its curve; linear and polynomial also take "
                           "schedule.total_iters)")
 
@@ -1719,6 +1724,7 @@ class Trainer:
         # (an epochs run whose steps take other numbers of samples now: its length in steps is
         # laid out again below, from the data position)
         resized = not self.cfg.steps and (old_bs, old_acc) != (bs, acc)
+        self._ckpt_schedule = meta.get("schedule")  # (the checkpoint run's schedule type)
         if not resized:
             self._schedule_length_note(meta.get("total_steps"))
         if self.scaler:

@@ -613,7 +613,9 @@ def select(table: list[ParamInfo], trainable, frozen: Iterable[str] = ()) -> lis
             chosen += [r.name for r in hits if r.role != UNUSED and r.name not in chosen]
     for pattern in frozen:
         if not any(hit(r, pattern) for r in table):
-            raise ModelError(f"frozen entry '{pattern}' matches no float initializer"
+            pool = [r for r in table if r.role != STATE]
+            raise ModelError(f"frozen entry '{pattern}' matches no float initializer of the "
+                             f"model (available: {', '.join(r.name for r in pool[:12])})"
                              + _folded_names_hint(r.name for r in table) + _tied_hint(pattern))
     rows = {r.name: r for r in table}
     return [c for c in chosen if not any(hit(rows[c], p) for p in frozen)]
