@@ -282,9 +282,9 @@ def _resume_other_model(tmp):
 
 
 x, y = DIGITS["x_train"], DIGITS["y_train"]
-def _past_the_embedding(reshaped: bool):
-    """Token ids with a 10 past a 10-row embedding at sample 13, read by the Gather directly
-    or through a Reshape."""
+def _past_the_embedding(reshaped: bool, wrapped: bool = False):
+    """Token ids with a 10 past a 10-row embedding at sample 13, read by the Gather directly,
+    through a Reshape, or through Where(x < 0, x + 10, x) (tf2onnx's Keras 3 Embedding)."""
     def case(t):
         ids = np.arange(96).reshape(32, 3)
         np.savez(t / "ids.npz", x=np.where(ids == 40, 10, ids % 10), y=y[:32])
@@ -292,8 +292,14 @@ def _past_the_embedding(reshaped: bool):
         inits = [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W]
         if reshaped:
             inits.append(numpy_helper.from_array(np.array([-1, 3], np.int64), "shape"))
+        if wrapped:
+            pre = [helper.make_node("Less", ["x", "zero"], ["neg"]),
+                   helper.make_node("Add", ["x", "vocab"], ["up"]),
+                   helper.make_node("Where", ["neg", "up", "x"], ["ids"])]
+            inits += [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                      numpy_helper.from_array(np.array(10, np.int64), "vocab")]
         onnx.save(_graph(pre + [
-            helper.make_node("Gather", ["E", "ids" if reshaped else "x"], ["emb"],
+            helper.make_node("Gather", ["E", "ids" if reshaped or wrapped else "x"], ["emb"],
                              name="embed"),
             helper.make_node("ReduceMean", ["emb"], ["h"], axes=[1], keepdims=0),
             helper.make_node("MatMul", ["h", "w"], ["logits"])], inits,
@@ -634,6 +640,10 @@ CASES = {
     # (through a Reshape, GPT-2's ids.view(-1, T): found at a step, without input or sample)
     "data-token-id-past-the-embedding-reshaped": (
         _past_the_embedding(reshaped=True),
+        "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
+    # (through Where(x < 0, x + vocab, x), tf2onnx's Keras 3 Embedding: found at a step)
+    "data-token-id-past-the-embedding-wrapped": (
+        _past_the_embedding(reshaped=False, wrapped=True),
         "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
     "data-eval-set-bad": (lambda t: (np.savez(t / "e.npz", x=x[:, :50], y=y) or
                           ["train", _write(t, _cfg(t, steps=10**6, data__eval={

@@ -500,6 +500,37 @@ _SAME_VALUES = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"
                 "Expand")
 
 
+def _negative_wrap(where: onnx.NodeProto, made: Mapping, model: onnx.ModelProto) -> int | None:
+    """K where `where` is Where(Less(v, 0), Add(v, K), v) (a negative id counted from the end,
+    as tf2onnx writes Keras 3's Embedding), K an integer constant; None otherwise."""
+    cond, wrapped, v = (made.get(where.input[0]), made.get(where.input[1]), where.input[2])
+    if cond is None or wrapped is None or cond.op_type != "Less" or list(cond.input[:1]) != [v] \
+            or wrapped.op_type != "Add" or v not in wrapped.input:
+        return None
+    zero = _int_constant(cond.input[1], made, model) if len(cond.input) > 1 else None
+    k = _int_constant(next((x for x in wrapped.input if x != v), v), made, model)
+    return k if zero == 0 and k is not None else None
+
+
+def _int_constant(name: str, made: Mapping, model: onnx.ModelProto) -> int | None:
+    """The one integer value of an initializer or Constant node `name`, or None."""
+    from onnx import numpy_helper
+
+    init = next((t for t in model.graph.initializer if t.name == name), None)
+    if init is not None:
+        value = numpy_helper.to_array(init)
+    elif made.get(name) is not None and made[name].op_type == "Constant":
+        attr = next((a for a in made[name].attribute if a.name in ("value", "value_int")), None)
+        if attr is None:
+            return None
+        value = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.i)
+    else:
+        return None
+    if value.size != 1 or value.dtype.kind not in "iu":
+        return None
+    return int(value.reshape(()))
+
+
 def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> None:
     """Integer data inputs that a Gather reads as indices into an initializer (an embedding's
     token ids), directly or through ops that keep its values (a Cast, a Reshape: GPT-2's
@@ -507,23 +538,33 @@ def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, wha
     (The host kernel refuses such an index when it meets it, a device kernel cannot check
     without reading it back; here the whole dataset is checked before training.)"""
     tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    source = {k: k for k in arrays}
+    # value -> (the data input it holds, the wraps of negative ids applied on the way)
+    source: dict[str, tuple[str, tuple[int, ...]]] = {k: (k, ()) for k in arrays}
+    made = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         if n.op_type in _SAME_VALUES and n.input and n.input[0] in source:
             source[n.output[0]] = source[n.input[0]]
+        elif n.op_type == "Where" and len(n.input) == 3 and n.input[2] in source:
+            k = _negative_wrap(n, made, model)  # (tf2onnx's Keras 3 Embedding)
+            if k is not None:
+                name, wraps = source[n.input[2]]
+                source[n.output[0]] = (name, wraps + (k,))
     for n in model.graph.node:
         if n.op_type != "Gather" or len(n.input) < 2 or n.input[1] not in source or \
                 n.input[0] not in tables or not tables[n.input[0]]:
             continue
-        name, table = source[n.input[1]], tables[n.input[0]]
+        (name, wraps), table = source[n.input[1]], tables[n.input[0]]
         a = arrays[name]
         if a.dtype.kind not in "iu" or not a.size:
             continue
         axis = next((x.i for x in n.attribute if x.name == "axis"), 0) % len(table)
         size = table[axis]
-        if a.min() >= -size and a.max() < size:
+        ids = a
+        for k in wraps:  # (the values the Gather reads)
+            ids = np.where(ids < 0, ids + k, ids)
+        if ids.min() >= -size and ids.max() < size:
             continue
-        bad = np.argwhere((a < -size) | (a >= size))[0]
+        bad = np.argwhere((ids < -size) | (ids >= size))[0]
         raise DataError(f"{what}: input '{name}' holds {int(a[tuple(bad)])} at sample "
                         f"{int(bad[0])}, but node '{n.name or n.output[0]}' (Gather) reads it as "
                         f"an index into axis {axis} of '{n.input[0]}', which has {size} entries "
