@@ -3100,3 +3100,38 @@ def test_one_bias_cut_into_parts_is_not_called_equal_tensors_stored_once(layers)
         return shared_constants(m, ["b"])
     assert sliced([(0, 3), (3, 6)]) == []
     assert sliced([(0, 3), (0, 3)]) == ["b (all 0, read by 2 nodes)"]
+
+
+@pytest.mark.parametrize("shared_weights", [False, True])
+def test_a_bias_two_recurrent_layers_read_is_warned_of_as_stored_once(shared_weights):
+    """tf2onnx stores equal constants once: two stacked Keras LSTMs of one size start with the
+    same bias (0s, 1s on the forget gate), and both LSTM nodes read one tensor, which trained
+    as one where Keras trains two, without a word (found by an other-exporters sweep; it holds
+    two values, so the one-value test missed it). A layer used twice, reading its weights
+    twice too, shares its bias on purpose: not warned of."""
+    from onnx import helper, numpy_helper
+
+    from trainer.autodiff.params import shared_constants
+
+    rng = np.random.default_rng(0)
+    H = 3
+    bias = np.zeros((1, 8 * H), np.float32)
+    bias[0, 2 * H:3 * H] = 1.0  # (ONNX gate order i, o, f, c: the forget gate's ones)
+    inits = [numpy_helper.from_array(bias, "B")]
+    for k in range(2):
+        inits += [numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32),
+                                          f"W{k}"),
+                  numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32),
+                                          f"R{k}")]
+    w = ["W0", "W0"] if shared_weights else ["W0", "W1"]
+    r = ["R0", "R0"] if shared_weights else ["R0", "R1"]
+    nodes = [helper.make_node("LSTM", ["x", w[0], r[0], "B"], ["y0"], hidden_size=H),
+             helper.make_node("Squeeze", ["y0", "one"], ["h0"]),
+             helper.make_node("LSTM", ["h0", w[1], r[1], "B"], ["y1"], hidden_size=H)]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [5, 2, H])],
+                          [helper.make_tensor_value_info("y1", 1, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    found = shared_constants(m, ["B"])
+    assert found == ([] if shared_weights else
+                     ["B (read by 2 LSTM layers, each with weights of its own)"])

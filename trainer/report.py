@@ -511,9 +511,10 @@ def tool_constants_line(found: list[str]) -> str:
 def shared_line(found: list[str]) -> str:
     """The warning for params.shared_constants."""
     return ("WARNING: tensors of equal values that several nodes read train as one tensor: a "
-            "fresh model's equal parameters (LayerNorm ones, zero biases) that the exporter or a "
-            "later tool (onnxsim, onnxoptimizer, onnxruntime's optimizers) stored once, where "
-            "PyTorch trains one per layer; export a trained or perturbed checkpoint, or train "
+            "fresh model's equal parameters (LayerNorm ones, zero biases, a Keras LSTM's "
+            "initial bias) that the exporter (tf2onnx too) or a later tool (onnxsim, "
+            "onnxoptimizer, onnxruntime's optimizers) stored once, where the framework "
+            "trains one per layer; export a trained or perturbed checkpoint, or train "
             "the exporter's own output (its records let each get its own tensor back): "
             + listing(found))
 

@@ -453,11 +453,38 @@ def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str
             continue
         if t.data_location == onnx.TensorProto.EXTERNAL:  # (values not read: the pre-flight's
             continue  # stripped structure, external data left on disk)
+        nodes = [model.graph.node[i] for i in sorted(readers[name])]
+        layers = _layers_sharing(nodes, name)
+        if layers:  # (tf2onnx stores a fresh Keras LSTM's bias, 0s and 1s, once for all)
+            out.append(f"{name} (read by {k} {layers} layers, each with weights of its own)")
+            continue
         a = numpy_helper.to_array(t)
-        if a.size and (a == a.flat[0]).all() and not _disjoint_slices(
-                model, a.shape, [model.graph.node[i] for i in sorted(readers[name])], name):
+        if a.size and (a == a.flat[0]).all() and not _disjoint_slices(model, a.shape, nodes,
+                                                                      name):
             out.append(f"{name} (all {a.flat[0]:g}, read by {k} nodes)")
     return out
+
+
+# layer ops whose input 1 is the layer's weight, and the later inputs that belong to the layer
+_LAYER_SLOTS = {"LSTM": (3, 5, 6, 7), "GRU": (3, 5), "RNN": (3, 5), "Conv": (2,),
+                "ConvTranspose": (2,), "Gemm": (2,), "LayerNormalization": (2,),
+                "BatchNormalization": (2,), "InstanceNormalization": (2,)}
+
+
+def _layers_sharing(nodes: list, name: str) -> str:
+    """The op type where every reader of `name` is a layer of it that reads `name` as the
+    same later input (a bias), each layer with a weight (input 1) of its own: equal fresh
+    tensors an exporter merged, not a layer used twice (which reads its weight twice too);
+    "" otherwise."""
+    ops = {n.op_type for n in nodes}
+    if len(ops) != 1 or (op := ops.pop()) not in _LAYER_SLOTS or any(
+            n.domain not in ("", "ai.onnx") or len(n.input) < 2 for n in nodes):
+        return ""
+    slots = {tuple(k for k, x in enumerate(n.input) if x == name) for n in nodes}
+    if len(slots) != 1 or not set(slots.pop()) <= set(_LAYER_SLOTS[op]):
+        return ""
+    weights = [n.input[1] for n in nodes]
+    return op if len(set(weights)) == len(weights) else ""
 
 
 def _chained_slices(nodes: list, values: Mapping) -> bool:
