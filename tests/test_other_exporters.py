@@ -673,3 +673,30 @@ def test_torchscript_folded_buffers_are_warned_of(tmp_path):
         lines = exporter_hints(onnx.load(tmp_path / "m.onnx"))
         assert any(TORCHSCRIPT_FOLDED_HINT in w and "onnx::Mul_" in w for w in lines) == \
             warned, lines
+
+
+def test_a_keras_batchnorm_that_tf2onnx_wrote_as_its_statistics_is_warned_of():
+    """tf2onnx writes a Keras BatchNormalization as the Mul and Add of its inference
+    statistics (`.../batch_normalization/batchnorm/mul_1`, `add_1`), which trained as a free
+    affine layer, without batch statistics, silently (found by an other-exporters sweep; the
+    same fold of PyTorch's, onnxruntime's, onnxsim's and onnxslim's was warned of)."""
+    rng = np.random.default_rng(0)
+    scope = "sequential_1/batch_normalization_1/batchnorm"
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="sequential_1/dense_1/MatMul"),
+             helper.make_node("Mul", ["h", "scale"], ["m"], name=f"{scope}/mul_1"),
+             helper.make_node("Add", ["m", "shift"], ["y"], name=f"{scope}/add_1")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.random(3).astype(np.float32) + 0.5, f"{scope}/mul:0"),
+             numpy_helper.from_array(rng.random(3).astype(np.float32), f"{scope}/sub:0")]
+    nodes[1].input[1], nodes[2].input[1] = inits[1].name, inits[2].name
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name="tf2onnx")
+    report = model_report(model)
+    assert report.fused == ["batch_normalization_1 (tf2onnx)"]
+    assert "WARNING: BatchNormalization layers" in report.text()
+    model.producer_name = "other"
+    assert not model_report(model).fused

@@ -3135,3 +3135,50 @@ def test_a_bias_two_recurrent_layers_read_is_warned_of_as_stored_once(shared_wei
     found = shared_constants(m, ["B"])
     assert found == ([] if shared_weights else
                      ["B (read by 2 LSTM layers, each with weights of its own)"])
+
+
+class ScaledByItsExp(nn.Module):
+    """A parameter read directly and through an expression: l(x) * s + s.exp()."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 5)
+        self.s = nn.Parameter(torch.full((5,), 0.5))
+
+    def forward(self, x):
+        return self.l(x) * self.s + self.s.exp()
+
+
+class ClampedByItsShift(nn.Module):
+    """clamp(l(x), min=lo, max=lo + 0.8): `lo` kept as a view, `lo + 0.8` folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 5)
+        self.lo = nn.Parameter(torch.linspace(-0.5, 0.1, 5))
+
+    def forward(self, x):
+        return torch.clamp(self.l(x), min=self.lo, max=self.lo + 0.8)
+
+
+@pytest.mark.parametrize("cls,tensor", [(ScaledByItsExp, "exp (from s)"),
+                                        (ClampedByItsShift, "val_3 (from lo)")])
+def test_a_folded_expression_of_a_parameter_the_graph_also_reads_is_warned_of(cls, tensor):
+    """The default exporter's optimizer folds `s.exp()` (or `lo + 0.8`) into a tensor of its
+    own, recording that it came from `s`: `exp` was held constant as "a constant the exporter
+    computed from buffers or constants (it holds no PyTorch parameter)", `val_3` trained as a
+    fourth tensor, both without a word (found by a torch.nn layer sweep). Both train as
+    tensors of their own, warned of."""
+    from trainer.report import EXPRESSION_HINT
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(cls().eval(), (torch.randn(2, 8),), None, input_names=["x"],
+                                  output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim("N")},)).model_proto
+    report = model_report(proto)
+    text = report.text()
+    assert f"{EXPRESSION_HINT}: {tensor}" in text, text
+    assert "holds no PyTorch parameter" not in text
+    assert tensor.split()[0] in {p.name for p in report.params if p.role == "parameter"}

@@ -27,6 +27,7 @@ from trainer.autodiff.params import (
     ParamInfo,
     detached_inputs,
     folded_conv_weights,
+    folded_expressions,
     folded_parameters,
     fused_batchnorms,
     parameter_table,
@@ -258,6 +259,9 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                 fixed.append(f"{node_name(n, i)} ({momentum:g})")
     if fixed:
         lines.append(f"WARNING: {MOMENTUM_HINT}: {listing(fixed)}")
+    expressions = folded_expressions(model)
+    if expressions:
+        lines.append(f"WARNING: {EXPRESSION_HINT}: {listing(expressions)}")
     tiled = [node_name(n, i) for i, n in enumerate(model.graph.node)
              if n.op_type == "BatchNormalization" and len(n.input) > 4
              and made.get(n.input[3]) == "Tile"]
@@ -475,6 +479,12 @@ def warning_lines(folded: list[str], fused: list[str], computed: list[str],
     if computed:
         lines.append(f"WARNING: {COMPUTED_HINT}: {names(computed)}")
     return lines
+
+
+EXPRESSION_HINT = ("tensors that the exporter's optimizer folded from an expression of PyTorch "
+                   "parameters the graph also reads (s.exp() next to s, lo + 0.8 next to lo) "
+                   "train as tensors of their own, apart from those parameters, unlike in "
+                   "PyTorch; export with optimize=False to train the expression")
 
 
 COMPUTED_HINT = ("convolutions and linear layers (Gemm) whose weight the TorchScript exporter's "

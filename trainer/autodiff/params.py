@@ -194,10 +194,14 @@ def _computed_constants(model: onnx.ModelProto) -> dict[str, str]:
             module = _module_of(n)
             if module is None or module in suspect:
                 carriers.update(n.input)
+    # (a tensor whose record names a parameter is an expression of it: trainable, warned of by
+    # folded_expressions)
+    params = {k for k, v in torch_signature(model).items() if v == "PARAMETER"}
+    of_params = {x for x, names in _folded_from(model).items() if params & set(names)}
     return {t.name: ("a constant the exporter computed from buffers or constants (it holds no "
                      "PyTorch parameter)")
             for t in g.initializer if t.data_type in FLOAT_TYPES and t.name not in named
-            and t.name not in carriers and int(np.prod(t.dims)) > 1}
+            and t.name not in carriers and t.name not in of_params and int(np.prod(t.dims)) > 1}
 
 
 def _folded_tensors(g: onnx.GraphProto, named: set[str]) -> set[str]:
@@ -1344,6 +1348,44 @@ def _pick_missing(n: onnx.NodeProto, here: list[str], missing: Mapping[str, str]
     return None
 
 
+def folded_expressions(model: onnx.ModelProto) -> list[str]:
+    """Tensors the default exporter's optimizer folded from an expression of PyTorch
+    parameters (its `folded_from` record names them; `s.exp()` next to a use of `s` itself,
+    `lo + 0.8` next to `lo`), as 'tensor (from p, ...)': training cannot tie them to their
+    parameter, so they train as tensors of their own. Views of a parameter (its transpose, a
+    reshape: the same values) are not listed (tie_folded_copies and the repair make them
+    the parameter again). Empty without a signature."""
+    from onnx import numpy_helper
+
+    signature = torch_signature(model)
+    params = {k for k, v in signature.items() if v == "PARAMETER"}
+    if not params:
+        return []
+    inits = {t.name: t for t in model.graph.initializer}
+    folded = _folded_from(model)
+    if not any(params & set(names) for names in folded.values()):
+        return []
+    warned = set(folded_parameters(model))  # (a parameter folded away: warned of as such)
+    aliases = parameter_aliases(model)  # (a view that stands for its parameter: trained as it)
+    tensor_of = {p: p for p in params if p in inits}
+    tensor_of.update((p, a) for a, p in aliases.items() if p not in tensor_of)
+    out = []
+    for x, names in folded.items():
+        t = inits.get(x)
+        sources = [p for p in names if p in tensor_of and p not in warned]
+        if t is None or x in signature or x in aliases or not sources \
+                or t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if len(sources) == 1:
+            own = numpy_helper.to_array(inits[tensor_of[sources[0]]])
+            value = numpy_helper.to_array(t)
+            if own.size == value.size and np.array_equal(np.sort(own.ravel()),
+                                                         np.sort(value.ravel())):
+                continue  # (a view: the parameter's own values)
+        out.append(f"{x} (from {', '.join(sources)})")
+    return out
+
+
 def folded_parameters(model: onnx.ModelProto) -> list[str]:
     """PyTorch parameters that the default exporter's constant folding turned into constants
     of something else (`self.logit_scale.exp()`, `self.w * self.w` where the parameter is not
@@ -1945,7 +1987,20 @@ def tool_fused_batchnorms(model: onnx.ModelProto) -> list[str]:
                 else "onnxsim" if onnxsim and _ONNXSIM_VALUE.match(w) else None)
         if tool:
             found.append(f"the one after {n.name or f'{n.op_type} #{i}'} ({tool})")
+    if model.producer_name in ("tf2onnx", "keras2onnx"):
+        # tf2onnx writes a Keras BatchNormalization as the Mul and Add of its inference
+        # statistics (`.../batch_normalization/batchnorm/mul_1`, `add_1`), or folds them into
+        # the convolution before it, which then carries that name: a fixed affine layer
+        layers = []
+        for n in model.graph.node:
+            m = _KERAS_BATCHNORM.search(n.name)
+            if m and m.group(1) not in layers and (n.op_type in _CONV_OPS + ("Mul", "Add")):
+                layers.append(m.group(1))
+        found += [f"{name} (tf2onnx)" for name in layers]
     return found
+
+
+_KERAS_BATCHNORM = re.compile(r"([^/]*batch_normalization[^/]*)/batchnorm/")
 
 
 def tool_folded_constants(model: onnx.ModelProto) -> list[str]:
