@@ -97,7 +97,7 @@ from trainer.graph import (
 from trainer.kernels.collective import collectives
 from trainer.kernels.ctc import CTCLoss
 from trainer.kernels.reduce import squares_finite
-from trainer.memory import human, is_stub, release_freed_memory
+from trainer.memory import human, is_stub, release_freed_memory, strip
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, grad_norm, make_optimizer
 from trainer.schedule import make_schedule
@@ -2510,8 +2510,8 @@ def _value_dims(model: onnx.ModelProto):
     def shape_of(name: str):
         nonlocal dims
         if dims is None:
-            try:
-                g = onnx.shape_inference.infer_shapes(model).graph
+            try:  # (on the large tensors' stubs: a frozen base model's weights not copied)
+                g = onnx.shape_inference.infer_shapes(strip(model)).graph
             except Exception:  # noqa: BLE001 - best effort: no reshape is then followed
                 g = model.graph
             dims = {}
