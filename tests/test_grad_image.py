@@ -6,9 +6,10 @@ DeformConv, RoiAlign, MaxRoiPool."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.gradcheck import (
     ATOL,
@@ -417,13 +418,6 @@ def test_maxpool_unpool_duplicates_take_the_gradient_like_torch() -> None:
     np.testing.assert_allclose(grads["X"], xt.grad.numpy(), rtol=1e-12)
 
 
-def test_maxpool_without_indices_output_is_a_clear_error() -> None:
-    c = Case("MaxPool-opset7", "MaxPool", [("X", pool_input(1, 1, 4, 4))],
-             {"kernel_shape": [2, 2]}, opset=7)
-    with pytest.raises(ModelError, match="MaxPool"):
-        gradients(loss_model(c), ["X"])
-
-
 def _grad_of(op: str, inputs: dict, wrt: list[str], r: np.ndarray, opset: int = 18, **attrs):
     nodes = [helper.make_node(op, list(inputs), ["y"], **attrs),
              helper.make_node("Mul", ["y", "R"], ["p"]),
@@ -499,32 +493,35 @@ def test_resize_needs_constant_scales() -> None:
         gradients(model, ["X"])
 
 
-def test_check_refuses_an_opset_7_max_pool_on_the_trained_path_as_training_does():
-    """Before opset 8 MaxPool has no Indices, which its gradient needs: training refused such
-    a model while `check MODEL` called it all trainable. Both refuse it now, naming the
-    conversion; a MaxPool on the raw input (no gradient through it) is fine."""
+@pytest.mark.parametrize("opset", [1, 6, 7])
+def test_a_max_pool_before_opset_8_trains_through_the_engines_own_indices(opset):
+    """Before opset 8 MaxPool has no Indices, which its gradient reads: such models were
+    refused (every old model-zoo CNN). The backward computes them with the engine's own
+    ai.onnx_trainer.MaxPoolIndices; `check MODEL` calls them trainable, as training is. The
+    gradient against float64 finite differences, overlapping windows and padding too."""
     from trainer.autodiff import build_training_graph
-    from trainer.report import NO_INDICES, model_report
+    from trainer.kernels import CUSTOM_DOMAIN
+    from trainer.report import model_report
 
+    for attrs in ({"kernel_shape": [2, 2], "strides": [2, 2]},
+                  {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}):
+        c = Case(f"MaxPool-{opset}", "MaxPool", [("X", pool_input(1, 2, 5, 5))], attrs,
+                 opset=opset)
+        model = loss_model(c)
+        grads, tm = gradients(model, ["X"])
+        fd = finite_differences(model, {"X": c.inputs[0][1]})
+        np.testing.assert_allclose(grads["X"], fd["X"], rtol=1e-6, atol=1e-6)
+        assert any(n.op_type == "MaxPoolIndices" and n.domain == CUSTOM_DOMAIN
+                   for n in tm.graph.node)
     w = np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype(np.float32)
-    for first in ("Conv", "MaxPool"):
-        nodes = ([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
-                  helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2])]
-                 if first == "Conv" else
-                 [helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
-                  helper.make_node("Conv", ["m", "W"], ["p"], pads=[1, 1, 1, 1])])
-        model = make_model(nodes + [helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0)],
-                           inputs={"x": np.ones((1, 1, 4, 4), np.float32)},
-                           initializers={"W": w}, outputs=["loss"], opset=7)
-        report = model_report(model)
-        row = next(r for r in report.nodes if r.op == "MaxPool")
-        if first == "Conv":
-            assert row.gradient == NO_INDICES and not report.ok
-            with pytest.raises(ModelError, match="exist from opset 8"):
-                build_training_graph(model, {"type": "output", "output": "loss"}, "all")
-        else:
-            assert report.ok, report.text()
-            build_training_graph(model, {"type": "output", "output": "loss"}, "all")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0)]
+    model = make_model(nodes, inputs={"x": np.ones((1, 1, 4, 4), np.float32)},
+                       initializers={"W": w}, outputs=["loss"], opset=opset)
+    report = model_report(model)
+    assert report.ok, report.text()
+    build_training_graph(model, {"type": "output", "output": "loss"}, "all")
 
 
 def test_check_and_training_agree_on_opset_6_broadcasts():
@@ -648,3 +645,71 @@ def test_maxpool_pads_of_the_kernels_size_pass_no_gradient_from_their_windows(op
     ex = Executor(reverse(model, ["x"], ["y"], shapes={"x": x.shape}), np)
     for _ in range(2):
         np.testing.assert_array_equal(ex.run({"x": x, "y_grad": u})["x_grad"], [[[2, 3, 4, 5, 6]]])
+
+
+@pytest.mark.parametrize("opset", [3, 6])
+def test_an_old_model_zoo_cnn_trains_as_its_modern_form(tmp_path, opset):
+    """An AlexNet-style CNN as opsets 1-6 wrote it (Conv, a bias Add broadcast along axis 1,
+    Relu, LRN, MaxPool without Indices, a Reshape, Gemm with a broadcast C) was refused by
+    training at its first bias; it trains step for step as the same network written at opset
+    13 (NumPy broadcasting, MaxPool with Indices)."""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(0)
+    values = {"Wc": rng.standard_normal((4, 1, 3, 3)).astype(np.float32) * 0.5,
+              "bc": rng.standard_normal(4).astype(np.float32) * 0.1,
+              "W": rng.standard_normal((3, 64)).astype(np.float32) * 0.2,
+              "b": rng.standard_normal(3).astype(np.float32) * 0.1}
+    x = rng.standard_normal((24, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 3, 24))
+
+    def model(old: bool) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(v, k) for k, v in values.items()]
+        if old:
+            bias = [helper.make_node("Add", ["c", "bc"], ["cb"], broadcast=1, axis=1)]
+            flat = (helper.make_node("Reshape", ["p"], ["f"], shape=[-1, 64]) if opset < 5 else
+                    helper.make_node("Reshape", ["p", "shape"], ["f"]))
+            gemm = helper.make_node("Gemm", ["f", "W", "b"], ["logits"], broadcast=1, transB=1)
+        else:
+            bias = [helper.make_node("Reshape", ["bc", "chw"], ["bc3"]),
+                    helper.make_node("Add", ["c", "bc3"], ["cb"])]
+            flat = helper.make_node("Reshape", ["p", "shape"], ["f"])
+            gemm = helper.make_node("Gemm", ["f", "W", "b"], ["logits"], transB=1)
+            inits.append(numpy_helper.from_array(np.array([4, 1, 1], np.int64), "chw"))
+        if not old or opset >= 5:
+            inits.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "shape"))
+        nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], kernel_shape=[3, 3],
+                                  pads=[1, 1, 1, 1]), *bias,
+                 helper.make_node("Relu", ["cb"], ["r"]),
+                 helper.make_node("LRN", ["r"], ["l"], size=3),
+                 helper.make_node("MaxPool", ["l"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                 flat, gemm]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])]
+        if old:  # (IR 3: initializers are graph inputs too)
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
+        g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 3])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset if old else 13)],
+                                 ir_version=3 if old else 8)
+
+    runs = []
+    for old in (True, False):
+        onnx.save(model(old), tmp_path / f"m{old}.onnx")
+        t = Trainer(config_from_dict({
+            "model": f"m{old}.onnx", "output": f"o{old}.onnx", "device": "cpu", "steps": 3,
+            "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                               "targets": {"label": "y"}}, "batch_size": 8, "shuffle": False},
+            "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+            "optimizer": {"type": "sgd", "lr": 0.1}, "log": {"every_steps": 1}}, tmp_path),
+            stream=io.StringIO())
+        t.fit()
+        runs.append(([r["loss"] for r in t.history if "loss" in r], t.trained_values()))
+    (old_losses, old_values), (new_losses, new_values) = runs
+    np.testing.assert_allclose(old_losses, new_losses, rtol=1e-6)
+    for k in values:
+        np.testing.assert_allclose(old_values[k], new_values[k], rtol=1e-5, atol=1e-7,
+                                   err_msg=k)
+        assert not np.array_equal(old_values[k], values[k])

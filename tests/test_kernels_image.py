@@ -806,3 +806,29 @@ def test_a_geometry_without_output_is_refused(op, attrs, x_shape, w_shape, said)
     with pytest.raises(ModelError) as err:
         get_kernel(op, 18)(np, *args, **attrs)
     assert said in str(err.value), str(err.value)
+
+
+# (ai.onnx_trainer's op for the gradient of a MaxPool before opset 8: test_kernels' coverage)
+TESTED_OPS = {"MaxPoolIndices"}
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [2, 2], "strides": [2, 2], "storage_order": 1},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1},
+    {"kernel_shape": [2, 2], "dilations": [2, 2]},
+    {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]}])
+def test_max_pool_indices_are_onnxruntimes_max_pool_indices(attrs) -> None:
+    """ai.onnx_trainer.MaxPoolIndices(X, Y) gives what MaxPool's Indices output (opset 8 on)
+    gives, at any opset: onnxruntime's, ties included (the first maximal element)."""
+    from onnx import helper
+
+    from tests.opcases import make_model
+    from trainer.kernels import CUSTOM_DOMAIN
+
+    x = np.round(np.random.default_rng(0).standard_normal((2, 3, 7, 6)), 1).astype(F32)
+    ref = run_ort(make_model([helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)],
+                             inputs={"x": x}, outputs=["y", "i"], opset=12), {"x": x})
+    (got,) = get_kernel("MaxPoolIndices", 1, CUSTOM_DOMAIN)(np, x, ref["y"], **attrs)
+    np.testing.assert_array_equal(got, ref["i"])

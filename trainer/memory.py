@@ -276,7 +276,7 @@ def _custom_shapes(m: onnx.ModelProto, shapes: dict) -> bool:
     """Shapes of the outputs of the engine's own ops (kernels.CUSTOM_SHAPES) whose inputs'
     are known, into `shapes` and as value infos of m (for the next round of inference);
     whether any was new."""
-    from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, collective, ctc  # noqa: F401
+    from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, collective, ctc, nn  # noqa: F401
 
     new = False
     for n in m.graph.node:

@@ -80,8 +80,6 @@ DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant 
 PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) has no gradient "
                   "rule (export the model at opset 9 or later)")
 TYPES_DISAGREE = "REFUSED: input types disagree"  # (then what: type_conflict)
-NO_INDICES = ("REFUSED: the gradient needs MaxPool's Indices, which exist from opset 8 (convert "
-              "the model with onnx.version_converter)")
 LEGACY_AXIS = ("REFUSED: opset 1-6 broadcast along a middle axis (`axis`) of a product, "
                "which its gradient does not support (convert the model with "
                "onnx.version_converter)")
@@ -606,10 +604,6 @@ def model_report(model: onnx.ModelProto) -> Report:
                 a.name == "spatial" and a.i == 0 for a in node.attribute) and any(
                 o in active for o in node.output):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, PER_ACTIVATION))
-            continue
-        if node.op_type == "MaxPool" and node.domain in ("", "ai.onnx") and opset_of(model) < 8 \
-                and any(o in active for o in node.output):
-            rows.append(NodeRow(node_name(node, i), node.op_type, True, NO_INDICES))
             continue
         if node.op_type in ("Mul", "Div", "Pow") and node.domain in ("", "ai.onnx") \
                 and opset_of(model) < 7 and any(o in active for o in node.output) \

@@ -16,6 +16,7 @@ NO_GRADIENT = {
     "Ceil", "Round", "Sign", "RandomNormal", "RandomUniform", "RandomNormalLike",
     "RandomUniformLike", "Range", "EyeLike", "IsNaN", "IsInf", "TopK_indices",
     "StopGradient",  # (ai.onnx_trainer: PyTorch's .detach())
+    "MaxPoolIndices",  # (ai.onnx_trainer: a MaxPool's Indices before opset 8, for its gradient)
 }
 
 # Node metadata a rule honours: on an axis-0 Gather, the row of input 0 that gets no gradient

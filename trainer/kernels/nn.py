@@ -11,6 +11,8 @@ import numpy as np
 
 from trainer.errors import ModelError
 from trainer.kernels import (
+    CUSTOM_DOMAIN,
+    CUSTOM_SHAPES,
     cached_constant,
     compiled,
     host_ints,
@@ -692,6 +694,20 @@ def _tap_views(xw, kernel_shape):
 
 
 _TAP_LOOP_MAX = 16  # kernels with at most this many taps reduce over per-tap views
+
+
+@kernel("MaxPoolIndices", domain=CUSTOM_DOMAIN)
+def MaxPoolIndices(xp, x, y, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
+                   pads=None, storage_order=0, strides=None):
+    """ai.onnx_trainer.MaxPoolIndices(X, Y): the Indices output of MaxPool(X) (opset 8 on),
+    Y its values, at any opset, for the gradient of a MaxPool of opsets 1-7, which has none
+    (Y: the values, which give the Indices' shape to the memory estimate)."""
+    return (MaxPool(xp, x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                    kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                    strides=strides, n_outputs=2)[1],)
+
+
+CUSTOM_SHAPES["MaxPoolIndices"] = lambda x, y: [(y[0], np.dtype(np.int64))]
 
 
 @kernel("MaxPool", since=1)

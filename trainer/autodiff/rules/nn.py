@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from trainer.autodiff.registry import grad
 from trainer.errors import ModelError
 from trainer.graph import elem_type
+from trainer.kernels import CUSTOM_DOMAIN
 from trainer.kernels.nn import (
     avgpool_divisor,
     conv_pads,
@@ -186,15 +187,16 @@ def maxpool_grad(ctx):
     pre = []
     if len(ctx.onnx_node.output) > 1 and ctx.O(1):
         indices = ctx.O(1)
-    elif ctx.opset >= 8:  # the node does not output Indices: recompute them in the backward
+    else:  # the node does not output Indices: recompute them in the backward (before opset
+        # 8, which has none, as the engine's own ai.onnx_trainer.MaxPoolIndices)
         indices = ctx.tmp("indices")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in ctx.onnx_node.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-        pre.append(ctx.node("MaxPool", [ctx.I(0)], [ctx.tmp("values"), indices], **attrs))
-    else:
-        raise ModelError(f"MaxPool node '{ctx.name}': gradients need MaxPool's Indices, which "
-                         f"exist from opset 8 (this model has {ctx.opset}); convert the model "
-                         "with onnx.version_converter")
+        if ctx.opset >= 8:
+            pre.append(ctx.node("MaxPool", [ctx.I(0)], [ctx.tmp("values"), indices], **attrs))
+        else:
+            pre.append(ctx.node("MaxPoolIndices", [ctx.I(0), ctx.O(0)], [indices],
+                                domain=CUSTOM_DOMAIN, **attrs))
     kernel = list(ctx.attr("kernel_shape"))
     x_shape, k, strides, dilations, pads, out = _geometry(ctx, kernel)
     overlap = any(out[i] > 1 and strides[i] < (kernel[i] - 1) * dilations[i] + 1
