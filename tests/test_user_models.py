@@ -3182,3 +3182,16 @@ def test_a_folded_expression_of_a_parameter_the_graph_also_reads_is_warned_of(cl
     assert f"{EXPRESSION_HINT}: {tensor}" in text, text
     assert "holds no PyTorch parameter" not in text
     assert tensor.split()[0] in {p.name for p in report.params if p.role == "parameter"}
+
+
+def test_the_optimizers_folded_from_record_is_read_without_pythons_parser():
+    """The record is a Python list of names; ast.literal_eval read it, and CPython 3.11's
+    parser is not thread-safe: a rank thread's read failed with "AST constructor recursion
+    depth mismatch" in a two-rank test while another thread parsed (seen in CI)."""
+    from trainer.autodiff.params import _string_list
+
+    assert _string_list("['1.inv_freq', 'arange', \"cat\"]") == ["1.inv_freq", "arange", "cat"]
+    assert _string_list("[]") == [] and _string_list("['a',]") == ["a"]
+    assert _string_list("['it\\'s']") == ["it's"]
+    for bad in ("['a' + 'b']", "[1, 2]", "x", "['a'"):
+        assert _string_list(bad) is None, bad

@@ -24,7 +24,6 @@ import copy
 import fnmatch
 import itertools
 import re
-import threading
 from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -1491,16 +1490,31 @@ _VIEW_OPS = re.compile(r"^(permute|t|transpose|view|_unsafe_view|reshape|unsquee
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-_AST_LOCK = threading.Lock()  # (see _folded_from)
 _FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
 _VALUE_NAME = re.compile(r"^val_\d+$")  # a value inside one FX op's decomposition
+
+
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'" + r'|"((?:[^"\\]|\\.)*)"')
+
+
+def _string_list(text: str) -> list[str] | None:
+    """The strings of a Python list of string literals (`['a', "b"]`), read without Python's
+    parser (CPython 3.11's is not thread-safe: ranks run as threads in tests, and a lock here
+    did not cover np.load's header parsing in another thread); None for anything else."""
+    body = text.strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        return None
+    found, rest = [], body[1:-1]
+    for m in _QUOTED.finditer(rest):
+        found.append(m.group(1) if m.group(1) is not None else m.group(2))
+    if _QUOTED.sub("", rest).replace(",", "").strip():
+        return None  # (something besides quoted strings)
+    return [re.sub(r"\\(.)", r"\1", x) for x in found]
 
 
 def _folded_from(model: onnx.ModelProto) -> dict[str, list[str]]:
     """{folded initializer: the values its constant folding consumed}, as onnxscript's optimizer
     (>= 0.5, the default exporter's) records them in the value's metadata; empty without."""
-    import ast
-
     g = model.graph
     inits = {t.name for t in g.initializer}
     out: dict[str, list[str]] = {}
@@ -1508,13 +1522,9 @@ def _folded_from(model: onnx.ModelProto) -> dict[str, list[str]]:
         text = next((p.value for p in holder.metadata_props if p.key == _FOLDED_FROM_KEY), None)
         if holder.name not in inits or text is None:
             continue
-        try:
-            with _AST_LOCK:  # (CPython 3.11's parser is not thread-safe: ranks run as
-                names = ast.literal_eval(text)  # threads in tests)
-        except (ValueError, SyntaxError):
-            continue
-        if isinstance(names, (list, tuple)):
-            out[holder.name] = [str(x) for x in names]
+        names = _string_list(text)
+        if names is not None:
+            out[holder.name] = names
     return out
 
 
