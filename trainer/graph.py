@@ -301,6 +301,41 @@ def _value_infos(graph: onnx.GraphProto):
                     yield from _value_infos(g)
 
 
+def constant_lookup(model: onnx.ModelProto):
+    """name -> value of an initializer or a Constant node (each of its value forms), read
+    when asked (a large initializer the report left unread is never asked for), or None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: attrs_of(n) for n in model.graph.node
+              if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
+
+    def value_of(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        a = consts.get(name, {})
+        return next((np.asarray(a[k]) for k in ("value", "value_float", "value_floats",
+                                                "value_int", "value_ints") if k in a), None)
+    return value_of
+
+
+def inferred_dims(model: onnx.ModelProto) -> dict[str, tuple]:
+    """name -> the dims of each tensor value of the main graph as ONNX shape inference gives
+    them (ints; None where not a known number), initializers included; best effort (the
+    model's own value infos where inference fails). Pass a stripped model (memory.strip)
+    where the weights are large: inference copies the model."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - inference is best effort
+        g = model.graph
+    out = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                 for d in t.shape.dim)
+    out.update((t.name, tuple(t.dims)) for t in g.initializer)
+    return out
+
+
 def _dims(vi: onnx.ValueInfoProto):
     t = vi.type
     while True:  # (sequences and optionals of tensors: their element type)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from trainer.errors import DataError, TrainerError
+from trainer.graph import constant_lookup
 
 
 def _existing_parent(path: Path) -> Path:
@@ -507,26 +508,16 @@ def _negative_wrap(where: onnx.NodeProto, made: Mapping, model: onnx.ModelProto)
     if cond is None or wrapped is None or cond.op_type != "Less" or list(cond.input[:1]) != [v] \
             or wrapped.op_type != "Add" or v not in wrapped.input:
         return None
-    zero = _int_constant(cond.input[1], made, model) if len(cond.input) > 1 else None
-    k = _int_constant(next((x for x in wrapped.input if x != v), v), made, model)
+    value_of = constant_lookup(model)
+    zero = _int_constant(cond.input[1], value_of) if len(cond.input) > 1 else None
+    k = _int_constant(next((x for x in wrapped.input if x != v), v), value_of)
     return k if zero == 0 and k is not None else None
 
 
-def _int_constant(name: str, made: Mapping, model: onnx.ModelProto) -> int | None:
-    """The one integer value of an initializer or Constant node `name`, or None."""
-    from onnx import numpy_helper
-
-    init = next((t for t in model.graph.initializer if t.name == name), None)
-    if init is not None:
-        value = numpy_helper.to_array(init)
-    elif made.get(name) is not None and made[name].op_type == "Constant":
-        attr = next((a for a in made[name].attribute if a.name in ("value", "value_int")), None)
-        if attr is None:
-            return None
-        value = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.i)
-    else:
-        return None
-    if value.size != 1 or value.dtype.kind not in "iu":
+def _int_constant(name: str, value_of) -> int | None:
+    """The one integer value of constant `name` (value_of: graph.constant_lookup), or None."""
+    value = value_of(name)
+    if value is None or value.size != 1 or value.dtype.kind not in "iu":
         return None
     return int(value.reshape(()))
 

@@ -49,6 +49,7 @@ from trainer.graph import (
     constant_batch_hint,
     data_sizing_nodes,
     from_shapes,
+    inferred_dims,
     lift_weights,
     node_name,
     np_dtype,
@@ -727,15 +728,9 @@ def _untaken_branches(params: list, before: onnx.ModelProto, nodes: list[onnx.No
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """The rank of every value ONNX shape inference gives one (best effort)."""
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - unknown ranks: nothing refused for them
-        g = model.graph
-    out = {t.name: len(t.dims) for t in g.initializer}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
-            out.setdefault(vi.name, len(t.shape.dim))
+    from trainer.memory import strip
+
+    out = {k: len(v) for k, v in inferred_dims(strip(model)).items()}
     return out or {"": 0}  # (not empty: computed once)
 
 

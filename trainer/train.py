@@ -76,13 +76,14 @@ from trainer.graph import (
     RECURRENT_OPSET,
     NameScope,
     all_names,
-    attrs_of,
     bake_inputs,
     constant_batch_hint,
     constant_inputs,
+    constant_lookup,
     convert_floats,
     data_sizing_nodes,
     inference_form,
+    inferred_dims,
     input_dtypes,
     inputs_for_initializers,
     lift_weights,
@@ -2444,23 +2445,7 @@ def _softmax_output(model: onnx.ModelProto, spec) -> bool:
                       opset_of(model), dims, _value_dims(model)) is not None:
         return True
     return spec.type == "cross_entropy" and binary_probabilities(
-        model.graph.node, spec.output, rank, class_axis, _constant_lookup(model)) is not None
-
-
-def _constant_lookup(model: onnx.ModelProto):
-    """name -> value of an initializer or a Constant node (each of its value forms), read
-    when asked (a large initializer the report left unread is never asked for), or None."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: attrs_of(n) for n in model.graph.node
-              if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
-
-    def value_of(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        a = consts.get(name, {})
-        return next((np.asarray(a[k]) for k in ("value", "value_float", "value_floats",
-                                                "value_int", "value_ints") if k in a), None)
-    return value_of
+        model.graph.node, spec.output, rank, class_axis, constant_lookup(model)) is not None
 
 
 def _eval_on_logits(model: onnx.ModelProto, spec) -> str:
@@ -2509,18 +2494,8 @@ def _value_dims(model: onnx.ModelProto):
 
     def shape_of(name: str):
         nonlocal dims
-        if dims is None:
-            try:  # (on the large tensors' stubs: a frozen base model's weights not copied)
-                g = onnx.shape_inference.infer_shapes(strip(model)).graph
-            except Exception:  # noqa: BLE001 - best effort: no reshape is then followed
-                g = model.graph
-            dims = {}
-            for vi in list(g.input) + list(g.value_info) + list(g.output):
-                t = vi.type.tensor_type
-                if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
-                    dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                          for d in t.shape.dim)
-            dims.update((t.name, tuple(t.dims)) for t in g.initializer)
+        if dims is None:  # (on the large tensors' stubs: a frozen base model's not copied)
+            dims = inferred_dims(strip(model))
         return dims.get(name)
     return shape_of
 
@@ -2535,7 +2510,7 @@ def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
 
     nodes = model.graph.node
     axis = spec.class_axis % rank
-    z = binary_probabilities(nodes, spec.output, rank, axis, _constant_lookup(model))
+    z = binary_probabilities(nodes, spec.output, rank, axis, constant_lookup(model))
     if z is None or any(spec.output in n.input for n in nodes):
         return False
     cat = next(n for n in nodes if spec.output in n.output)
