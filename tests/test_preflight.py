@@ -974,3 +974,30 @@ def test_a_run_shorter_than_one_accumulated_step_says_how_long_it_must_be(tmp_pa
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0 and "set epochs to 2 or more" in proc.stdout + proc.stderr
     assert trainer(tmp_path, digits_config(steps=None, epochs=2, accumulate=50)).total_steps == 1
+
+
+def test_check_config_leaves_no_folders_behind(tmp_path, digits_config, capsys):
+    """`check CONFIG` tries that the output, metrics and checkpoint folders can be written,
+    and removes the folders the try made (it left them empty behind); train keeps them; an
+    unwritable one is still named; a folder that existed stays."""
+    from trainer.cli import main
+
+    (tmp_path / "kept").mkdir()
+    raw = digits_config(output=str(tmp_path / "a" / "b" / "model.onnx"),
+                        checkpoint={"dir": str(tmp_path / "kept" / "c" / "ckpt"), "every_steps": 1},
+                        log={"every_steps": 1, "metrics": str(tmp_path / "m" / "x.jsonl"),
+                             "tensorboard": str(tmp_path / "a" / "tb")}, steps=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "ro").write_text("a file, not a folder")
+    raw["log"]["metrics"] = str(tmp_path / "ro" / "x.jsonl")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "log.metrics" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "kept", "ro"]
+    raw["log"]["metrics"] = str(tmp_path / "m" / "x.jsonl")
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    assert (tmp_path / "a" / "b" / "model.onnx").is_file() and (tmp_path / "m" / "x.jsonl").is_file()

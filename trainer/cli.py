@@ -133,7 +133,8 @@ def _check_config(args) -> int:
     # (the model's values are read only where shapes alone leave the estimate incomplete:
     # control flow to lower, shapes computed from values; as training itself does)
     pf = preflight(cfg, world=args.world or launched_world_size(), xp=get_xp(cfg.device),
-                   full_model=lambda: load_model(cfg.model), values=True)
+                   full_model=lambda: load_model(cfg.model), values=True,
+                   keep_folders=False)
     print(pf.text())
     return 1 if pf.problems else 0
 

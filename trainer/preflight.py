@@ -24,10 +24,10 @@ def _existing_parent(path: Path) -> Path:
     return p
 
 
-def writable_file(path: Path, what: str) -> None:
+def writable_file(path: Path, what: str, keep: bool = True) -> None:
     """`path` can be written as a file: not a directory or another kind of file (a device, a
     pipe: the write replaces it), and its folder exists or can be made and is writable (tried:
-    see `_probe`)."""
+    see `_probe`; `keep`: the folders made stay, for the run)."""
     path = Path(path)
     if path.is_dir():
         example = "metrics.jsonl" if "metrics" in what else (
@@ -40,7 +40,7 @@ def writable_file(path: Path, what: str) -> None:
     parent = _existing_parent(path.parent)
     if not parent.is_dir():
         raise TrainerError(f"{what} {path}: {parent} is not a directory")
-    _probe(path.parent, path, what)
+    _probe(path.parent, path, what, keep)
 
 
 def convertible(a: np.ndarray, want: np.dtype, name: str, what: str) -> None:
@@ -277,23 +277,29 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def writable_dir(path: Path, what: str) -> None:
+def writable_dir(path: Path, what: str, keep: bool = True) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TrainerError(f"{what} {path} exists and is not a directory")
     parent = _existing_parent(path)
     if not parent.is_dir():
         raise TrainerError(f"{what} {path}: {parent} is not a directory")
-    _probe(path, path, what)
+    _probe(path, path, what, keep)
 
 
-def _probe(folder: Path, path: Path, what: str) -> None:
+def _probe(folder: Path, path: Path, what: str, keep: bool = True) -> None:
     """Make `folder` (and the folders above it that are missing; the run writes there) and a
     file in it, then remove the file: permissions alone do not tell (root may write anywhere
     they allow, and a read-only or pseudo file system such as /proc refuses what they allow).
-    Processes that share the folder may probe it at once."""
+    Processes that share the folder may probe it at once. Not `keep` (`check CONFIG`, which
+    writes nothing): the folders this made are removed again, where still empty."""
     import tempfile
 
+    made = []
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-trainer-probe-")
@@ -304,6 +310,12 @@ def _probe(folder: Path, path: Path, what: str) -> None:
         where = exc.filename if exc.filename and not Path(exc.filename).name.startswith(
             ".onnx-trainer-probe-") else folder  # (the probe's own name is ours, not theirs)
         raise TrainerError(f"{what} {path}: cannot write in {where}: {reason}") from None
+    finally:
+        for p in made if not keep else ():  # (deepest first; one another process now
+            try:                             # writes in stays)
+                p.rmdir()
+            except OSError:
+                break
 
 
 _BATCH_NAME = re.compile(r"^(batch([_ ]?size)?|bs|n|b)$|batch", re.IGNORECASE)

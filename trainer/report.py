@@ -898,14 +898,15 @@ _VALUE_CHECK_BYTES = 512 << 20
 
 
 def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
-              values: bool = False) -> Preflight:
+              values: bool = False, keep_folders: bool = True) -> Preflight:
     """Check a config before anything large is allocated: paths, the model's op support, the
     datasets (headers, and the loss targets' values), the batch against the model, and the
     memory a step needs per process against what the device has free. Every problem is
     collected (none is raised here); `full_model()` loads the model with its values, for the
     estimate of models whose shapes ONNX inference cannot make concrete; `values`: also the
     values of datasets up to _VALUE_CHECK_BYTES, memory-mapped ones in chunks (`check CONFIG`;
-    `train` checks them as it loads them)."""
+    `train` checks them as it loads them); not `keep_folders`: the output folders the write
+    probes make are removed again (`check CONFIG` writes nothing)."""
     from trainer import memory
     from trainer import preflight as checks
     from trainer.config import blas_threads, local_processes, usable_cores
@@ -932,7 +933,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             return None
 
     from trainer.train import check_paths
-    check_paths(cfg, attempt)
+    check_paths(cfg, attempt, keep=keep_folders)
     attempt(checks.shardable, cfg, world)
     if world > 1:  # (the gradients' dtype: float64 for fp64 runs, float32 masters otherwise)
         from trainer.comm.base import check_compress

@@ -2368,11 +2368,13 @@ def written_files(cfg) -> list[tuple[Path, str]]:
     return out
 
 
-def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = ()) -> None:
+def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = (),
+                keep: bool = True) -> None:
     """The paths a run writes (written_files, the folders of log.tensorboard and
     checkpoint.dir, and `extra` files such as --profile-trace) are none of the files it reads,
     each other's, or unwritable: each check is run through `attempt(fn, *args)` (which raises,
-    or collects the problem for `check CONFIG`)."""
+    or collects the problem for `check CONFIG`); `keep`: the folders the write probes make stay
+    (a run writes there; `check CONFIG` leaves none behind)."""
     files = written_files(cfg) + list(extra)
     folders = [(Path(p), what) for p, what in ((cfg.log.tensorboard, "log.tensorboard"),
                                                (cfg.checkpoint.dir, "checkpoint.dir"))
@@ -2386,12 +2388,12 @@ def check_paths(cfg, attempt: Callable, extra: Sequence[tuple[Path, str]] = ()) 
     if cfg.checkpoint.dir is not None:
         attempt(preflight.not_checkpoint_names, files + folders[:1] if cfg.log.tensorboard
                 else files, Path(cfg.checkpoint.dir))
-    attempt(preflight.writable_file, cfg.output, "output")
+    attempt(preflight.writable_file, cfg.output, "output", keep)
     for path, what in files[1:]:
         if what != "the best model (from output)":  # (beside the output)
-            attempt(preflight.writable_file, path, what)
+            attempt(preflight.writable_file, path, what, keep)
     for path, what in folders:
-        attempt(preflight.writable_dir, path, what)
+        attempt(preflight.writable_dir, path, what, keep)
 
 
 def best_path(output: Path) -> Path:
