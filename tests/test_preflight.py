@@ -543,6 +543,28 @@ def test_resume_keeps_the_metrics_before_the_checkpoint(tmp_path, digits_config)
     assert train_steps == list(range(1, 13)), train_steps
 
 
+def test_resume_writes_an_evaluation_after_the_checkpoint_once(tmp_path, digits_config):
+    """Accumulating 3 of the 44 batches of an epoch, epoch 0 ends inside step 15 and is
+    evaluated at the weights of step 14, after step 14's checkpoint: a run resumed from it
+    evaluates again, and its metrics file had that evaluation row twice."""
+    import shutil
+
+    metrics = tmp_path / "m.jsonl"
+    raw = digits_config(steps=16, accumulate=3, checkpoint={"dir": str(tmp_path / "ck"),
+                                                            "every_steps": 7},
+                        log={"every_steps": 1, "metrics": str(metrics)})
+    trainer(tmp_path, raw).fit()
+
+    def rows():
+        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                for line in metrics.read_text().splitlines()]
+    full = rows()
+    assert [r["step"] for r in full if "eval_loss" in r] == [14, 16]
+    shutil.rmtree(tmp_path / "ck" / "step_00000016")  # (a run that died after step 14's)
+    trainer(tmp_path, raw).fit(resume=True)
+    assert rows() == full
+
+
 def test_resume_with_another_optimizer_starts_its_state_fresh(tmp_path, digits_config):
     ck = {"dir": str(tmp_path / "ck")}
     trainer(tmp_path, digits_config(steps=5, checkpoint=ck)).fit()

@@ -202,10 +202,15 @@ class MetricsLogger:
         """Whether a progress bar is drawn (rank 0 on a terminal)."""
         return self._bar is not None
 
-    def open(self, resume_step: int | None = None, total_steps: int | None = None) -> None:
+    def open(self, resume_step: int | None = None, total_steps: int | None = None,
+             evaluated: bool = True) -> None:
         """Start the JSONL file: a new run truncates it; a resumed run keeps the rows up to the
-        checkpoint's step (and drops rows a crashed run wrote after it). TensorBoard readers
-        likewise hide the events of earlier runs in the directory from step resume_step + 1 on."""
+        checkpoint's step (and drops rows a crashed run wrote after it; also the evaluation row
+        of the checkpoint's step where the checkpoint was written before it, not `evaluated`:
+        an epoch that ends inside the next step's accumulation is evaluated at the weights of
+        that step, after its checkpoint, and the resumed run evaluates it again). TensorBoard
+        readers likewise hide the events of earlier runs in the directory from step
+        resume_step + 1 on."""
         self.opened = True
         if total_steps is not None:
             self.set_total(total_steps)
@@ -223,7 +228,8 @@ class MetricsLogger:
                     except ValueError:  # a line cut by a crash
                         continue
                     step = row.get("step", 0) if isinstance(row, dict) else None
-                    if isinstance(step, (int, float)) and step <= resume_step:
+                    if isinstance(step, (int, float)) and (step < resume_step or (
+                            step == resume_step and (evaluated or "loss" in row))):
                         kept.append(line)
             self.path.write_text("".join(f"{line}\n" for line in kept))
         if self.tensorboard is not None:

@@ -1164,7 +1164,8 @@ class Trainer:
         resumed = self.resume() if resume else False
         if self._left_note:
             self.log.info(self._left_note)
-        self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps)
+        self.log.open(resume_step=self.step if resumed else None, total_steps=self.total_steps,
+                      evaluated=self.last_eval_step == self.step)
         self._profile_request = profile
         self._profile_from = self.step
         self._profile_start = (self.step, dict(self.times))
