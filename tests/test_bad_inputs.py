@@ -323,6 +323,36 @@ CASES = {
     "model-unknown-type-code": (_model_file(_save("m.onnx", lambda t: _retyped(_graph(
         [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W])))),
         "tensor 'w' has data type 94, which ONNX does not define"),
+    # (onnx.checker lets an UNDEFINED input/output type pass; onnxruntime refuses: KeyErrors)
+    "model-input-type-undefined": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.UNDEFINED, ["N", 64])]))),
+        "graph input 'x' declares no element type"),
+    "model-output-type-undefined": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.UNDEFINED, ["N", 10])]))),
+        "graph output 'logits' declares no element type"),
+    # (trained in silence, where `check MODEL` found no parameter reaching the output)
+    "loss-output-declared-a-string": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], [_W],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.STRING, ["N", 10])]))),
+        "loss output 'logits' is declared STRING, not a float tensor"),
+    # (a training-form node's running statistic of shape [C, 1]: a broadcast error at step 1)
+    "batchnorm-statistic-of-two-dims": (_model_file(_save("m.onnx", lambda t: _graph(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h", "rm", "rv"],
+                          training_mode=1, name="bn"),
+         helper.make_node("MatMul", ["h", "w"], ["logits"])],
+        [numpy_helper.from_array(np.ones(64, np.float32), "s"),
+         numpy_helper.from_array(np.zeros(64, np.float32), "b"),
+         numpy_helper.from_array(np.zeros(64, np.float32), "m"),
+         numpy_helper.from_array(np.ones((64, 1), np.float32), "v"), _W], opset=17))),
+        "BatchNormalization 'bn': its input_var 'v' has shape [64, 1]"),
+    # (`eval` read the targets' dtype from the missing output first: a KeyError)
+    "eval-loss-output-not-an-output": (lambda t: ["eval", _write(t, _cfg(
+        t, loss__output="logit", loss__type="mse", data__eval={
+            "path": str(EXAMPLES / "digits.npz"), "inputs": {"x": "x_test"},
+            "targets": {"label": "y_test"}}))],
+        "loss output 'logit' is not an output of the model (outputs: logits)"),
     "grad-inconsistent-input-types": (lambda t: [
         "grad", str(_save("m.onnx", lambda t: _graph(
             [helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], [_W],

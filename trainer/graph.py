@@ -603,7 +603,9 @@ def known_type_codes(model: onnx.ModelProto, what: str = "model") -> None:
 
 def tensor_inputs(model: onnx.ModelProto, what: str = "model") -> None:
     """The graph inputs that data feeds are tensors: a sequence or map input has no batch of
-    arrays to take (it failed as a KeyError in `grad` and was called a scalar in `train`)."""
+    arrays to take (it failed as a KeyError in `grad` and was called a scalar in `train`); and
+    they and the graph's outputs declare their element type (onnx.checker lets an UNDEFINED
+    one pass, onnxruntime refuses the model, and training failed on it as a KeyError)."""
     inits = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         kind = vi.type.WhichOneof("value")
@@ -611,6 +613,15 @@ def tensor_inputs(model: onnx.ModelProto, what: str = "model") -> None:
             raise ModelError(f"{what}: input '{_printable(vi.name)}' is a "
                              f"{kind.split('_')[0]}, not a tensor; onnx-trainer feeds each "
                              "input a batch of one array (export the model with tensor inputs)")
+    for where, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            if (vi.name not in inits and vi.type.WhichOneof("value") == "tensor_type"
+                    and vi.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED):
+                raise ModelError(
+                    f"{what}: graph {where} '{_printable(vi.name)}' declares no element type "
+                    "(elem_type 0, UNDEFINED), which onnxruntime refuses too; give it its type "
+                    "(e.g. onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, "
+                    "shape))")
 
 
 def _checks_lowered(model: onnx.ModelProto | str | os.PathLike, what: str) -> bool:

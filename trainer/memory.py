@@ -337,10 +337,7 @@ def training_structure(model: onnx.ModelProto, loss, trainable="all", frozen=(),
         model = recurrent_opset(model)
         if needs_recurrent_opset(model):
             raise Incomplete("an opset-9 recurrent model that its stub values do not convert")
-    outputs = [o.name for o in model.graph.output]
-    if spec.output not in outputs:
-        raise ModelError(f"loss output '{spec.output}' is not an output of the model "
-                         f"(outputs: {', '.join(outputs)})")
+    B.loss_output_of(model, spec)
     eval_bn = B._eval_batchnorm(model, batchnorm)
     in_shapes = dict(in_shapes or {})
     first, missing = infer(model, in_shapes)

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from trainer import checkpoint, preflight, report
 from trainer.autocast import LossScaler, autocast, precision_line
 from trainer.autodiff import build_training_graph, training_info
-from trainer.autodiff.build import binary_probabilities, softmax_logits
+from trainer.autodiff.build import binary_probabilities, loss_output_of, softmax_logits
 from trainer.autodiff.lookups import lookups_line, tie_folded_lookups
 from trainer.autodiff.params import (
     detached_inputs,
@@ -262,6 +262,7 @@ class Trainer:
         self.in_dtypes = input_dtypes(self.run_model)
         self.out_dtypes = {vi.name: np_dtype(vi.type.tensor_type.elem_type)
                            for vi in self.run_model.graph.output}
+        loss_output_of(self.run_model, cfg.loss)  # (before data.eval's targets read its dtype)
         init_names = {t.name for t in self.run_model.graph.initializer}
         # (data.constants: graph inputs fed the same value every step, not from the dataset)
         self.data_inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None

@@ -247,10 +247,8 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     missing = missing_kernels(model)
     if missing:
         raise UnsupportedOpError("forward kernel", missing)
+    loss_output_of(model, spec)
     outputs = [o.name for o in model.graph.output]
-    if spec.output not in outputs:
-        raise ModelError(f"loss output '{spec.output}' is not an output of the model "
-                         f"(outputs: {', '.join(outputs)})")
     if has_weights_to_lift(model):  # (weights in subgraphs or Constant nodes: initializers)
         model = copy.deepcopy(model)
         lift_weights(model)
@@ -526,6 +524,25 @@ def _forward_model(m, nodes, inits, target_vis, in_shapes) -> onnx.ModelProto:
     return m
 
 
+def loss_output_of(model: onnx.ModelProto, spec) -> None:
+    """The config's loss.output is one of the model's graph outputs, declared a float tensor
+    where its type is declared (one declared a string over a float MatMul trained in silence,
+    where `check MODEL` found no parameter reaching it and onnxruntime refuses the model)."""
+    outputs = [o.name for o in model.graph.output]
+    if spec.output not in outputs:
+        raise ModelError(f"loss output '{spec.output}' is not an output of the model " + (
+            f"(outputs: {', '.join(outputs)})" if outputs else "(it declares none)"))
+    vi = model.graph.output[outputs.index(spec.output)]
+    code = vi.type.tensor_type.elem_type if vi.type.WhichOneof("value") == "tensor_type" \
+        else 0
+    if code and code not in FLOAT_TYPES:
+        raise ModelError(f"loss output '{spec.output}' is declared "
+                         f"{helper.tensor_dtype_to_string(code).removeprefix('TensorProto.')}"
+                         ", not a float tensor: a loss needs float values; if the node "
+                         "computing it gives floats, fix the output's declared type "
+                         "(onnxruntime refuses the model as it is)")
+
+
 def _eval_batchnorm(model: onnx.ModelProto, batchnorm) -> set[str]:
     """Names (scale initializers) of the BatchNormalization layers kept in inference form."""
     scales = list(dict.fromkeys(n.input[1] for n in batchnorm_nodes(model.graph.node)))
@@ -719,6 +736,14 @@ def _batchnorm_train(node, label, b: Builder, shapes, consts, sync: bool = False
     x, scale, bias, rmean, rvar = node.input[:5]
     x_shape, dt = shapes[x]
     rank, c = len(x_shape), x_shape[1]
+    for name, role in ((scale, "scale"), (bias, "B"), (rmean, "input_mean"),
+                       (rvar, "input_var")):
+        got = shapes.get(name, (None,))[0]
+        if got is not None and all(isinstance(d, int) for d in (*got, c)) and \
+                tuple(got) != (c,):
+            raise ModelError(f"BatchNormalization '{label}': its {role} '{name}' has shape "
+                             f"{list(got)}, where the specification (and onnxruntime) asks for "
+                             f"[C] = [{c}], one value per channel; store it as a 1-D tensor")
     n = int(np.prod(x_shape)) // c
     if n == 1 and not sync:
         raise ModelError(f"BatchNormalization '{label}' trains on 1 value per channel (input "
