@@ -187,6 +187,30 @@ def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
         t.load_checkpoint(path)
 
 
+def test_export_of_a_checkpoint_with_nan_weights_warns(tmp_path, digits_config):
+    """A diverged run's checkpoint exports as it is, said: the model computes NaN."""
+    ck = {"dir": str(tmp_path / "ck")}
+    Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path),
+            stream=io.StringIO()).fit()
+    path = checkpoint.latest(tmp_path / "ck")
+    arrays, meta = checkpoint.load(path)
+    name = next(k for k in arrays if k.endswith("fc2.weight"))
+    arrays[name][0, 0] = np.nan
+    np.savez(path / checkpoint.ARRAYS, **arrays)
+    meta["files"][checkpoint.ARRAYS] = (path / checkpoint.ARRAYS).stat().st_size
+    (path / checkpoint.MANIFEST).write_text(__import__("json").dumps(meta))
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=2), tmp_path), stream=out)
+    t.load_checkpoint(path)
+    t.export(tmp_path / "nan.onnx")
+    assert "fc2.weight are not all finite (NaN or inf)" in out.getvalue(), out.getvalue()
+    assert (tmp_path / "nan.onnx").is_file()
+    out = io.StringIO()
+    t = Trainer(config_from_dict(digits_config(steps=2), tmp_path), stream=out)
+    t.export(tmp_path / "ok.onnx")
+    assert "finite" not in out.getvalue()
+
+
 def test_resume_names_newer_folders_that_are_not_checkpoints(tmp_path, digits_config):
     ck = {"dir": str(tmp_path / "ck"), "every_steps": 2}
     Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path / "a"),

@@ -86,6 +86,7 @@ from trainer.graph import (
     inferred_dims,
     input_dtypes,
     inputs_for_initializers,
+    is_float_dtype,
     lift_weights,
     load_model,
     needs_recurrent_opset,
@@ -2072,6 +2073,12 @@ class Trainer:
                     f"({', '.join(types)}) and are written as inf; the run's evaluations used "
                     "the float32 values (lower the lr, clip gradients, or convert the model "
                     "to float32 to keep them)")
+            bad = [n for n, v in values.items()
+                   if is_float_dtype(v.dtype) and not np.isfinite(v).all()]
+            if bad:  # (`export` of a diverged run's checkpoint: written, said)
+                self.log.info(f"warning: {path}: the values of {listing(bad)} are not all "
+                              "finite (NaN or inf): the model will compute NaN; export an "
+                              "earlier checkpoint (export --checkpoint PATH)")
             return export_model(model, values, path, meta,
                                 keep=preflight.files_read(self.cfg) if reads is None else reads)
         finally:
