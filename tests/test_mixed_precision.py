@@ -336,6 +336,22 @@ def test_a_loss_scale_that_falls_out_of_float32_is_named():
     for init in (5e-324, 1e-39):
         with pytest.raises(ConfigError, match=r"loss_scale.init' must be at least 1.2e-38"):
             config_from_dict({**raw, "loss_scale": {"init": init}}, EXAMPLES)
+    # Batches that overflow float16 at any scale now and then (values beyond 65504 in the
+    # data) halve it each time, finite steps between: said as that, not as 1 step in a row.
+    s = LossScaler(LossScaleConfig(init=2.0 ** -120, growth_interval=1000))
+    for _ in range(6):
+        s.update(True)
+        s.update(False)
+    with pytest.raises(TrainerError, match=r"not finite in 7 steps since the loss scale last "
+                                           r"grew \(1 in a row at the end\).*some batches"):
+        s.update(True)
+    s = LossScaler(LossScaleConfig(init=2.0 ** -120, growth_interval=1))
+    s.update(True)
+    s.update(False)  # (grown again: the count starts over)
+    for _ in range(6):
+        s.update(True)
+    with pytest.raises(TrainerError, match=r"in the last 7 steps in a row"):
+        s.update(True)
 
 
 @pytest.mark.parametrize("scale", [{"dynamic": False}, {"backoff_factor": 1.0}])

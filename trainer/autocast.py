@@ -141,6 +141,7 @@ class LossScaler:
         self.scale = np.float32(cfg.init)
         self.good = 0  # finite steps in a row since the last change
         self.bad = 0  # steps in a row whose gradients were not finite
+        self.backoffs = 0  # overflows since the scale last grew (or the run began)
 
     @property
     def backs_off(self) -> bool:
@@ -159,10 +160,19 @@ class LossScaler:
             return
         if overflow:
             self.bad += 1
+            self.backoffs += 1
             # (the float32 scale times the float64 factor, rounded once, as torch's kernel)
             lower = np.float32(float(self.scale) * c.backoff_factor)
             if lower < np.finfo(np.float32).tiny:  # (on to 0, where 1 / scale fails)
                 from trainer.errors import TrainerError
+                if self.backoffs > self.bad:  # (finite steps between: some batches only)
+                    raise TrainerError(
+                        f"the float16 gradients were not finite in {self.backoffs} steps since "
+                        f"the loss scale last grew ({self.bad} in a row at the end), which "
+                        f"lowered it to {float(self.scale):.2g}: some batches are inf or NaN "
+                        "in float16 at any scale (values beyond float16's 65504 in the data or "
+                        "the activations, sqrt or log at 0, a division by 0?); precision: "
+                        "bf16 keeps float32's range, or find them with precision: fp32")
                 raise TrainerError(
                     f"the float16 gradients were not finite in the last {self.bad} steps in a "
                     f"row, down to a loss scale of {float(self.scale):.2g}: not an overflow, "
@@ -177,7 +187,7 @@ class LossScaler:
                 grown = np.float32(float(self.scale) * c.growth_factor)
             if np.isfinite(grown):
                 self.scale = grown
-            self.good = 0
+            self.good = self.backoffs = 0
 
     def state(self) -> dict:
         return {"loss_scale": float(self.scale), "loss_scale_good_steps": self.good}
