@@ -97,6 +97,34 @@ def test_an_export_leaves_another_models_data_alone(tmp_path, monkeypatch, large
                                        if t.name == "fc2.bias")) == 1).all()
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["one-file", "external-data"])
+def test_an_export_removes_only_data_files_it_or_the_replaced_model_wrote(tmp_path,
+                                                                          monkeypatch, large):
+    """`b.onnx.data` of a backup copy `b.onnx.bak` (no `*.onnx` name, so not scanned) was
+    removed by an export to `b.onnx` as a candidate data name; the data of the model the export
+    replaces, and a data file of an export killed before its model was replaced, still go."""
+    onnx.save_model(onnx.load(EXAMPLES / "digits_mlp.onnx"), str(tmp_path / "b.onnx.bak"),
+                    save_as_external_data=True, location="b.onnx.data", size_threshold=0)
+    model = onnx.load(EXAMPLES / "digits_mlp.onnx")
+    backup = (tmp_path / "b.onnx.data").read_bytes()
+    if large:
+        monkeypatch.setattr(export_mod, "TWO_GB", 1000)
+    export_model(model, {"fc2.bias": np.ones(10)}, tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx.data").read_bytes() == backup
+    assert load_model(tmp_path / "b.onnx.bak") is not None
+    if not large:
+        return
+    written = sorted(p.name for p in tmp_path.glob("b.onnx.*.data"))
+    assert written == ["b.onnx.1.data"]
+    # (a killed export's data file, moved into place before its model was)
+    (tmp_path / "b.onnx.5.data").write_bytes((tmp_path / "b.onnx.1.data").read_bytes())
+    export_model(model, {"fc2.bias": np.full(10, 2.0)}, tmp_path / "b.onnx")
+    assert sorted(p.name for p in tmp_path.glob("b.onnx.*")) == ["b.onnx.2.data", "b.onnx.bak",
+                                                               "b.onnx.data"]
+    assert (numpy_helper.to_array(next(t for t in load_model(tmp_path / "b.onnx")
+                                       .graph.initializer if t.name == "fc2.bias")) == 2).all()
+
+
 @pytest.mark.parametrize("opset", [8, 11, 13, 14])
 def test_batchnorm_of_a_training_form_export_at_each_opset(tmp_path, opset):
     """PyTorch's training-form export of Conv + BatchNorm: at opsets 9-13 the node says

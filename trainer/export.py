@@ -24,6 +24,11 @@ from trainer.memory import is_stub
 TWO_GB = 2**31 - 1
 _TMP = ".tmp"  # suffix of the temporary folder beside the output
 _LOCK = ".lock"  # in it: locked while its export runs (a killed process's lock is released)
+# The first bytes of the external-data files exports write (tensors follow at their offsets):
+# a data file an export killed before its model was replaced left behind is known as ours by
+# them, where another program's file of a candidate name (`model.onnx.data` of a backup copy
+# `model.onnx.bak`) is left alone
+_DATA_MAGIC = b"onnx-trainer external data\n".ljust(64, b"\0")
 
 
 def beyond_range(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> dict[str, int]:
@@ -187,6 +192,7 @@ def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
     candidates = [c for c in candidates
                   if c not in others and _resolved(folder / c) not in kept]
     data_name = None
+    replaced = _external_locations(path)  # (the data of the model this export replaces)
     for stale in folder.glob(f".{glob.escape(path.name)}.*{_TMP}"):  # of a killed export
         if not _in_use(stale):  # (not another process's export in progress to this output)
             shutil.rmtree(stale, ignore_errors=True)
@@ -194,12 +200,19 @@ def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
             _holding(Path(tmp) / _LOCK):
         tmp_model = Path(tmp) / path.name
         if large:
-            in_use = _external_locations(path)
-            data_name = next(c for c in candidates if c not in in_use)
+            # (a name no file has, or one of a data file of ours no model reads any more)
+            data_name = next((c for c in candidates if c not in replaced and (
+                not os.path.lexists(folder / c) or _ours(folder / c))), None)
+            if data_name is None:
+                raise ModelError(f"cannot export {path} with its tensors in a data file beside "
+                                 f"it: the names {path.name}.data and {path.name}.1.data to "
+                                 f".7.data are all files of other models; move them, or give "
+                                 "another output name")
             with open(Path(tmp) / data_name, "wb") as data:
+                data.write(_DATA_MAGIC)
                 for t in tensors():
                     skeleton.graph.initializer.append(_stored_in(t, data, data_name))
-                written = data.tell()
+                written = data.tell() > len(_DATA_MAGIC)
             onnx.save_model(skeleton, str(tmp_model))
             if check:
                 check_model(tmp_model, "exported model")
@@ -220,8 +233,18 @@ def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
         os.replace(tmp_model, path)
         fsync_dir(folder)
     for stale in candidates:  # data of the replaced model, or of an export that was killed
-        if stale != data_name and (folder / stale).is_file():
+        if stale != data_name and (folder / stale).is_file() and (
+                stale in replaced or _ours(folder / stale)):
             (folder / stale).unlink()
+
+
+def _ours(path: Path) -> bool:
+    """Whether the data file at `path` was written by an export (begins with _DATA_MAGIC)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_DATA_MAGIC)) == _DATA_MAGIC
+    except OSError:
+        return False
 
 
 def _external_locations(path: Path) -> set[str]:
