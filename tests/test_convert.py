@@ -190,6 +190,34 @@ def test_constant_nodes_keep_their_values_unless_reinit() -> None:
     assert fresh.shape == w.shape and not np.allclose(fresh, w)
 
 
+def test_the_converted_model_trains_every_weight_the_unconverted_one_trains() -> None:
+    """A model whose weights are all Constant nodes trains each of them (graph.lift_weights).
+    Converted, a MatMul's bias added after it (paddle2onnx's form) and a weight in no known
+    slot stayed Constants, and with the model now holding initializers they no longer
+    trained, in silence: the first is a bias slot now, the other is lifted as train lifts it."""
+    import copy
+
+    from trainer.convert import Report
+    from trainer.graph import lift_weights
+
+    rng = np.random.default_rng(2)
+    w, b, s = (rng.standard_normal(shape).astype(np.float32) for shape in ((4, 3), (3,), (3,)))
+    nodes = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v))
+             for n, v in (("W", w), ("B", b), ("S", s))]
+    nodes += [helper.make_node("MatMul", ["x", "W"], ["h"]),
+              helper.make_node("Add", ["h", "B"], ["hb"]),
+              helper.make_node("Mul", ["hb", "S"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 3])])
+    engine = sorted(lift_weights(copy.deepcopy(m)))
+    report = Report()
+    out = make_constants_trainable(m, reinit=True, report=report)
+    assert sorted(inits_of(out)) == engine == ["B", "S", "W"]
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Mul"]
+    kinds = {name: slot.kind for name, slot, _, _ in report.converted}
+    assert kinds == {"W": "linear weight", "B": "bias", "S": "constant weight"}
+    assert (inits_of(out)["B"] == 0).all() and np.array_equal(inits_of(out)["S"], s)
+
+
 def test_constants_that_are_not_weights_stay() -> None:
     # a runtime-shaped ConstantOfShape (from Shape) and a float constant added to another
     # constant fill no parameter slot

@@ -19,6 +19,8 @@ from trainer.graph import (
     NameScope,
     all_names,
     attrs_of,
+    has_weights_to_lift,
+    lift_weights,
     load_model,
     node_name,
     opset_of,
@@ -28,6 +30,7 @@ BATCH_PARAM = "N"
 
 # Ops a weight may pass through (as input 0) on its way to the parameter slot it fills.
 _PASS_THROUGH = {"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast"}
+_LINEAR = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 _NORMS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
           "GroupNormalization", "RMSNormalization"}
 
@@ -118,6 +121,9 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
     report = report if report is not None else Report()
     m = copy.deepcopy(model)
     g = m.graph
+    # (the engine trains such a model's Constant and subgraph weights as they are; given
+    # initializers here, it would train those alone: the others are lifted below)
+    lift = has_weights_to_lift(m)
     opset = opset_of(m)
     shapes = _inferred_shapes(m)
     consts = _static_values(g)
@@ -151,8 +157,23 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
         new_inits.append((name, arr))
         removed.add(k)
         report.converted.append((name, slot, tuple(shape), how))
-    if not removed:
-        return m
+    if removed:
+        _make_initializers(m, removed, new_inits, renames)
+    if lift:
+        for name in lift_weights(m, force=True):
+            t = next(t for t in g.initializer if t.name == name)
+            report.converted.append((name, _LIFTED, tuple(t.dims), "values kept (as train "
+                                     "lifts the weights of a model without initializers)"))
+    return m
+
+
+_LIFTED = Slot("constant weight", "keep")
+
+
+def _make_initializers(m: onnx.ModelProto, removed: set[int],
+                       new_inits: list[tuple[str, np.ndarray]], renames: dict[str, str]) -> None:
+    """The nodes `removed` replaced by the initializers `new_inits`, inputs renamed."""
+    g = m.graph
     feeders = {i for k in removed for i in g.node[k].input if i}
     for k in sorted(removed, reverse=True):
         del g.node[k]
@@ -175,7 +196,6 @@ def make_constants_trainable(model: onnx.ModelProto, *, seed: int = 0, reinit: b
         if m.ir_version < 4:  # before IR 4 every initializer is also a graph input
             g.input.append(helper.make_tensor_value_info(name, t.data_type, list(arr.shape)))
     _drop_dead(g, feeders)
-    return m
 
 
 def constant_weights(model: onnx.ModelProto) -> list[str]:
@@ -280,6 +300,10 @@ def _slot(node: onnx.NodeProto, i: int, shape: tuple[int, ...], fixed: set[str],
     if op in ("RNN", "GRU", "LSTM") and i in (1, 2, 3) and len(shape) >= 2:
         hidden = int(a.get("hidden_size") or shape[-1])  # torch: U(-1/sqrt(h), 1/sqrt(h))
         return Slot("recurrent weight" if i < 3 else "recurrent bias", "uniform", hidden)
+    if op == "Add" and i in (0, 1) and size > 1 and sum(d > 1 for d in shape) == 1 \
+            and node.input[1 - i] not in fixed and (producers or {}).get(node.input[1 - i]) \
+            is not None and producers[node.input[1 - i]].op_type in _LINEAR:
+        return Slot("bias", "zeros")  # (a MatMul's or Conv's bias added after it: paddle2onnx)
     if op in ("Mul", "Add") and i in (0, 1) and size > 1 and node.input[1 - i] not in fixed \
             and _after_normalization(node.input[1 - i], producers or {}, op == "Add"):
         # a per-channel affine after a normalization (Caffe2's SpatialBN + Mul/Add); not an

@@ -907,7 +907,7 @@ class NameScope:
         return name
 
 
-def lift_weights(model: onnx.ModelProto) -> list[str]:
+def lift_weights(model: onnx.ModelProto, force: bool = False) -> list[str]:
     """In a model that keeps no weight among its main graph's initializers (no float or
     quantized initializer of more than one element there: paddle2onnx stores every weight as a
     Constant node, spox's conversion of silero-vad keeps them as Constants inside its If's
@@ -920,9 +920,11 @@ def lift_weights(model: onnx.ModelProto) -> list[str]:
     its Constant nodes and subgraph tensors are the exporter's own constants (TorchScript's
     GroupNorm keeps its InstanceNormalization's ones and zeros as Constants; a scripted loop's
     tensor literals live in its body; a quantized model's float Constants are data). Run it
-    before control flow is lowered (which makes subgraph initializers Constant nodes)."""
+    before control flow is lowered (which makes subgraph initializers Constant nodes).
+    `force`: also where the main graph now holds weights (`convert --trainable-constants` of
+    a model this would have lifted, which its own conversion gave initializers)."""
     g = model.graph
-    if _has_main_weights(g):
+    if _has_main_weights(g) and not force:
         return []
     unique = _defined_once(model)
     inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
