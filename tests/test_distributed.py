@@ -376,6 +376,60 @@ def test_check_consistency_names_the_first_tensor_that_differs(tmp_path, digits_
         "model (a rank's kernels or data differ, or its update was skipped); the job stops")
 
 
+def test_processes_given_different_configs_are_refused_before_anything_else(tmp_path,
+                                                                          digits_config):
+    """Each process reads the config itself: rank 1 given fewer steps and no data.eval (a
+    node with a stale copy) ended the job at its own step count or left rank 0 waiting in the
+    evaluation. Where files are, what rank 0 alone writes and threads may differ."""
+    shutil.copy(EXAMPLES / "digits.npz", tmp_path / "copy.npz")
+    raw = digits_config(steps=3, data__batch_size=30)
+
+    def config(rank, same):
+        if rank == 0 or (same and rank == 1):
+            return dict(raw, output=str(tmp_path / "a.onnx"))
+        if rank == 1:
+            return {**raw, "steps": 2, "data": {k: v for k, v in raw["data"].items()
+                                                if k != "eval"}}
+        return {**raw, "output": str(tmp_path / "c.onnx"), "threads": 1,
+                "log": {"every_steps": 2},
+                "data": {**raw["data"], "train": {**raw["data"]["train"],
+                                                  "path": str(tmp_path / "copy.npz")}}}
+
+    def job(comm, same=False):
+        t = Trainer(config_from_dict(config(comm.rank, same), tmp_path), comm=comm,
+                    stream=io.StringIO())
+        t.fit()
+        return t.step
+
+    with pytest.raises(TrainerError, match=r"^the processes were given different configs: data, "
+                                           r"steps differ between rank 0 and rank\(s\) 1; "):
+        run_ranks(3, job)
+    assert run_ranks(3, lambda comm: job(comm, same=True)) == [3, 3, 3]
+    # (a stale copy of the dataset on rank 2's node: fewer samples; ran collectives of other
+    # sizes, which corrupted Open MPI's heap or hung until distributed.timeout_s)
+    d = dict(np.load(EXAMPLES / "digits.npz"))
+    np.savez(tmp_path / "copy.npz", **{**d, "x_train": d["x_train"][:1000],
+                                       "y_train": d["y_train"][:1000]})
+    with pytest.raises(TrainerError, match=r"^the processes read different data: data.train "
+                                           r"differs between rank 0 and rank\(s\) 2 "):
+        run_ranks(3, lambda comm: job(comm, same=True))
+
+
+def test_mpmd_launch_of_two_configs_ends_at_once_with_one_message(tmp_path, digits_config):
+    raw = digits_config(steps=40)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({**raw, "steps": 30}))
+    proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe",
+                    "-np", "1", sys.executable, "-m", "trainer", "train", str(tmp_path / "a.yaml"),
+                    ":", "-np", "1", sys.executable, "-m", "trainer", "train",
+                    str(tmp_path / "b.yaml")], timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and proc.seconds < 60, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "steps differs between rank 0 and rank(s) 1" in errors[0], \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 # -- gradient synchronization variants ----------------------------------------------------------
 SYNC_VARIANTS = {
     "blocking": ({"overlap": False}, {}, 2),
@@ -516,7 +570,11 @@ def test_sigterm_under_mpirun_stops_every_rank_after_the_same_step(tmp_path, dig
     proc = run_mpi(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
                     "bash", "-c", script], timeout=120, env=env, cwd=ROOT)
     assert proc.seconds < 60
-    assert proc.returncode != 0 and "stopped by SIGTERM" in proc.stderr, proc.stderr[-2000:]
+    # (rank 0's line, after its checkpoint: each rank printed its own, rank 1's "stopped by
+    # SIGTERM" before rank 0 had saved; rank 0 was stopped by rank 1's signal)
+    assert proc.returncode != 0 and proc.stderr.count("onnx-trainer: stopped by") == 1, \
+        proc.stderr[-2000:]
+    assert "stopped by a signal after step" in proc.stderr
     from trainer import checkpoint
     assert checkpoint.latest(ck) is not None
     del signal

@@ -160,6 +160,8 @@ class Trainer:
         self.comm = comm or get_communicator(cfg.distributed.backend, cfg.distributed.timeout_s,
                                              device="cpu" if self.xp is np else "gpu")
         self.rank, self.world = self.comm.rank, self.comm.size
+        if self.world > 1:
+            self._agree_on_config()
         self.buckets = None  # gradient all-reduce buckets (several processes)
         self.times = dict.fromkeys(("step", "data", "graph", "communication", "optimizer"), 0.0)
         self._profiling = False
@@ -326,6 +328,8 @@ class Trainer:
                                if prefetch and self.xp is not np else None)
         self.eval_arrays = early_eval if early_eval is not None else (
             self._load(cfg.data.eval, "data.eval") if cfg.data.eval else None)
+        if self.world > 1:
+            self._agree_on_data()
         # (`onnx-trainer eval` and `export` train nothing: the training batches' sizes do
         # not matter, evaluation runs chunks of the model's fixed batch, and the graph that
         # lays out the parameters is built at that batch: a Reshape that bakes it in fails
@@ -792,6 +796,44 @@ class Trainer:
                 f"than rank 0 ({bad.size} of {n} trained tensors differ): the ranks no longer "
                 "train one model (a rank's kernels or data differ, or its update was skipped); "
                 "the job stops")
+
+    def _agree_on_config(self) -> None:
+        """Every process reads the config itself: one given another file (a node with a stale
+        copy, an MPMD launch) waited in a collective the others never reached, or ended the
+        job at its own step count. Compared once, before anything else: a digest per key."""
+        keys, mine = config_digests(self.cfg)
+        self._agree(keys, mine, "config digests", lambda named, ranks: (
+            f"the processes were given different configs: {named} between rank 0 and "
+            f"rank(s) {ranks}; every process reads the config: give each the same file and "
+            "--set options"))
+
+    def _agree_on_data(self) -> None:
+        """Every process reads the datasets itself and takes its shard by index: one that read
+        another copy (a node's stale file: fewer samples) ran collectives of other sizes than
+        the others (Open MPI's heap corrupted, or a hang until distributed.timeout_s)."""
+        keys, mine = [], []
+        for key, arrays in (("data.train", self.train_arrays), ("data.eval", self.eval_arrays)):
+            if arrays is not None:
+                keys.append(key)
+                mine.append(_digest([[k, list(np.shape(v)), np.asarray(v[:0]).dtype.str]
+                                     for k, v in sorted(arrays.items())]))
+        self._agree(keys, np.array(mine, np.uint64), "dataset digests", lambda named, ranks: (
+            f"the processes read different data: {named} between rank 0 and rank(s) "
+            f"{ranks} (their sample counts, or the arrays' shapes or dtypes); every process "
+            "reads the dataset files: give each node the same files"))
+
+    def _agree(self, keys: list[str], mine: np.ndarray, label: str, message) -> None:
+        """Raise message(keys, ranks) on every process where a rank's digests differ."""
+        every = np.zeros((self.world, len(keys)), np.uint64)
+        if keys:
+            self.comm.allgather_(mine, every.reshape(-1), label=label)
+        differ = (every != every[0]).any(axis=0)
+        if differ.any():
+            ranks = [r for r in range(self.world) if (every[r] != every[0]).any()]
+            named = [k for k, d in zip(keys, differ, strict=True) if d]
+            raise TrainerError(message(
+                ", ".join(named) + (" differs" if len(named) == 1 else " differ"),
+                ", ".join(map(str, ranks))))
 
     def _view(self, flat, name):
         o = self.offsets[name]
@@ -2365,6 +2407,45 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
             own = code in io or elements.get(code, 0) > elements.get(onnx.TensorProto.FLOAT, 0)
             m = convert_floats(m, src, target, rounding=src is not np.float32 and not own)
     return m
+
+
+# Config keys each process may hold its own way: where files are (one node's mount point is
+# not another's), what rank 0 alone writes, and the process's own threads
+_LOCAL_KEYS = ("model", "output", "log", "threads", "memory_check", "config_path", "base_dir")
+
+
+def config_digests(cfg) -> tuple[list[str], np.ndarray]:
+    """(keys, one 64-bit digest each) of what the processes of one job must agree on: every
+    config key but _LOCAL_KEYS, with file paths left out (a dataset given or not counts)."""
+    import dataclasses
+    import json
+
+    def plain(v):
+        if isinstance(v, Path):
+            return "<path>"
+        if isinstance(v, Mapping):
+            return {str(k): v[k] for k in sorted(v)}
+        return repr(v)
+
+    keys, digests = [], []
+    for f in dataclasses.fields(cfg):
+        if f.name in _LOCAL_KEYS:
+            continue
+        v = getattr(cfg, f.name)
+        v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        text = json.dumps(v, sort_keys=True, default=plain)
+        keys.append(f.name)
+        digests.append(_digest(text))
+    return keys, np.array(digests, np.uint64)
+
+
+def _digest(value) -> int:
+    """64 bits of the SHA-256 of `value` (a string, or JSON of it)."""
+    import hashlib
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def written_files(cfg) -> list[tuple[Path, str]]:
