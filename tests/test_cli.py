@@ -780,3 +780,21 @@ def test_eval_json_writes_a_non_finite_metric_as_null(tmp_path):
     def refuse(name):
         raise AssertionError(f"{name} in {proc.stdout!r}")
     assert json.loads(proc.stdout, parse_constant=refuse)["eval_loss"] is None
+
+
+def test_an_io_error_that_names_no_file_is_not_called_a_terminal_write(tmp_path, digits_config,
+                                                                       monkeypatch, capsys):
+    """EIO from a network file system's read of a dataset names no file: it was reported as
+    "cannot write the terminal output"."""
+    import errno
+
+    import trainer.train as train_mod
+    from trainer.cli import main
+
+    def failing(self, *a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(train_mod.Trainer, "fit", failing)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(digits_config(steps=1)))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "input/output error (EIO)" in err and "cannot write the terminal" not in err, err

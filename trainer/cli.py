@@ -612,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # (here, where a closed pipe is caught, not at exit)
         return code
     except Interrupted as exc:  # SIGINT/SIGTERM after a complete step: every rank exits so
-        print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)
+        from trainer.comm import launched_rank
+        if launched_rank() == 0:  # (as the run's other lines: each of N ranks printed it)
+            print(f"onnx-trainer: {exc}", file=sys.stderr, flush=True)
         return exc.code
     except TrainerError as exc:
         from trainer.config import ConfigError
@@ -632,10 +634,15 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # (128 + SIGPIPE, as other tools that write to a closed pipe)
     except OSError as exc:
         import errno
-        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT,
-                                                  errno.EIO):  # (stdout or stderr: a full disk)
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             return _fail(f"onnx-trainer: error: cannot write the terminal output: "
-                         f"{exc.strerror}", 2, traceback_too=debug)
+                         f"{exc.strerror}", 2, traceback_too=debug)  # (stdout or stderr)
+        if exc.filename is None and exc.errno == errno.EIO:  # (a device or network file
+            # system failing a read or write that names no file: a dataset's, the terminal's)
+            return _fail("onnx-trainer: error: input/output error (EIO) of the system, in a "
+                         "read or write of the data, the model, a checkpoint or the terminal: "
+                         "check the disk or network file system (--debug shows where)", 2,
+                         traceback_too=debug)
         return _fail(f"onnx-trainer: internal error (a bug in onnx-trainer, please report it "
                      f"with this traceback): {type(exc).__name__}: {exc}", 3,
                      traceback_too=True)
