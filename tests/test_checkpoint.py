@@ -170,18 +170,26 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
         checkpoint.load(path)
 
 
-def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
-        tmp_path, digits_config):
+def _checkpoint_altered(tmp_path, digits_config, suffix: str, alter):
+    """A 2-step digits run's checkpoint with the array whose name ends in `suffix` replaced by
+    alter(array) (the manifest's recorded size follows)."""
     ck = {"dir": str(tmp_path / "ck")}
     Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path),
             stream=io.StringIO()).fit()
     path = checkpoint.latest(tmp_path / "ck")
     arrays, meta = checkpoint.load(path)
-    name = next(k for k in arrays if k.endswith("fc1.bias"))
-    arrays[name] = np.array(["a"] * arrays[name].size)
+    name = next(k for k in arrays if k.endswith(suffix))
+    arrays[name] = alter(arrays[name])
     np.savez(path / checkpoint.ARRAYS, **arrays)
     meta["files"][checkpoint.ARRAYS] = (path / checkpoint.ARRAYS).stat().st_size
     (path / checkpoint.MANIFEST).write_text(__import__("json").dumps(meta))
+    return path
+
+
+def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
+        tmp_path, digits_config):
+    path = _checkpoint_altered(tmp_path, digits_config, "fc1.bias",
+                               lambda a: np.array(["a"] * a.size))
     t = Trainer(config_from_dict(digits_config(steps=2), tmp_path), stream=io.StringIO())
     with pytest.raises(TrainerError, match="is damaged: ValueError: could not convert string"):
         t.load_checkpoint(path)
@@ -189,16 +197,10 @@ def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
 
 def test_export_of_a_checkpoint_with_nan_weights_warns(tmp_path, digits_config):
     """A diverged run's checkpoint exports as it is, said: the model computes NaN."""
-    ck = {"dir": str(tmp_path / "ck")}
-    Trainer(config_from_dict(digits_config(steps=2, checkpoint=ck), tmp_path),
-            stream=io.StringIO()).fit()
-    path = checkpoint.latest(tmp_path / "ck")
-    arrays, meta = checkpoint.load(path)
-    name = next(k for k in arrays if k.endswith("fc2.weight"))
-    arrays[name][0, 0] = np.nan
-    np.savez(path / checkpoint.ARRAYS, **arrays)
-    meta["files"][checkpoint.ARRAYS] = (path / checkpoint.ARRAYS).stat().st_size
-    (path / checkpoint.MANIFEST).write_text(__import__("json").dumps(meta))
+    def nan_at_first(a):
+        a[0, 0] = np.nan
+        return a
+    path = _checkpoint_altered(tmp_path, digits_config, "fc2.weight", nan_at_first)
     out = io.StringIO()
     t = Trainer(config_from_dict(digits_config(steps=2), tmp_path), stream=out)
     t.load_checkpoint(path)
