@@ -303,6 +303,35 @@ def test_resume_keeps_rows_up_to_the_checkpoint(tmp_path):
                                                       (5, 50.0)]
 
 
+def test_resume_rewrites_the_rows_atomically(tmp_path, monkeypatch):
+    """--resume's rewrite of the metrics file goes to a file beside it, renamed over it: a kill
+    in between keeps every row (it truncated the file in place); a symbolic link stays one."""
+    import trainer.metrics as metrics
+
+    target = tmp_path / "real.jsonl"
+    log = MetricsLogger(target, True, io.StringIO())
+    log.open()
+    for step in range(1, 7):
+        log.record({"step": step, "epoch": 0, "loss": float(step)})
+    target.chmod(0o640)
+    path = tmp_path / "m.jsonl"
+    path.symlink_to(target)
+    before = target.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # (a SIGKILL at this point: the process stops here)
+
+    monkeypatch.setattr(metrics.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(path, True, io.StringIO()).open(resume_step=4)
+    assert target.read_text() == before
+    monkeypatch.undo()
+    MetricsLogger(path, True, io.StringIO()).open(resume_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert path.is_symlink() and (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "real.jsonl"]
+
+
 # -- TensorBoard --------------------------------------------------------------------------------
 def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     pytest.importorskip("tensorboard")
@@ -435,6 +464,21 @@ def test_plot_smoothing_matches_tensorboards_debiased_average(tmp_path):
     assert smoothed(xs, w)[0] == 4.0 and smoothed([1.0, 3.0], 0.0) == [1.0, 3.0]
     with pytest.raises(TrainerError, match="--smooth"):
         main([str(_write_run(tmp_path / "a.jsonl", 0.01)), "-o", "x.png", "--smooth", "1"])
+
+
+def test_plot_reads_numbers_beyond_floats_range(tmp_path):
+    """A JSON integer too large for a float is +-inf, as json reads 1e400 (it was an
+    OverflowError traceback); a row whose step is not finite is skipped."""
+    pytest.importorskip("matplotlib")
+    from trainer.plot import _series, main, read_runs
+
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"step": 1, "loss": 1' + "0" * 400 + '}\n{"step": 2, "loss": -1' + "0" * 400
+                 + '}\n{"step": 3, "loss": 0.5}\n{"step": 1' + "0" * 400 + ', "loss": 0.1}\n'
+                 '{"step": NaN, "loss": 0.2}\n')
+    (rows,) = read_runs([a]).values()
+    assert _series(rows, "loss") == ([1.0, 2.0, 3.0], [float("inf"), float("-inf"), 0.5])
+    assert main([str(a), "-o", str(tmp_path / "c.png")]) == 0
 
 
 def test_plot_panels_group_losses_and_keep_lr_last():

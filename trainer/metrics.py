@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -231,7 +232,15 @@ class MetricsLogger:
                     if isinstance(step, (int, float)) and (step < resume_step or (
                             step == resume_step and (evaluated or "loss" in row))):
                         kept.append(line)
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            text = "".join(f"{line}\n" for line in kept)
+            if resume_step is None or not self.path.is_file():
+                self.path.write_text(text)
+            else:  # rewritten beside it and renamed: a kill mid-write keeps the old rows
+                target = Path(os.path.realpath(self.path))
+                tmp = target.with_name(f".{target.name}.resume-tmp")
+                tmp.write_text(text)
+                shutil.copymode(target, tmp)
+                os.replace(tmp, target)
         if self.tensorboard is not None:
             self._close_writer()
             self.tensorboard.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict]]:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+                if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) \
+                        and math.isfinite(_number(row["step"])):
                     rows.append(row)
         if not rows:
             raise TrainerError(f"plot: {path} has no metrics rows (JSON lines with a 'step'); "
@@ -161,8 +162,16 @@ def _panels(metrics: list[str]) -> list[list[str]]:
     return ([losses] if losses else []) + others + ([lrs] if lrs else [])
 
 
+def _number(v: int | float) -> float:
+    """A JSON number as a float; an integer beyond float's range is +-inf (as json reads 1e400)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = sorted((float(r["step"]), float(r[key])) for r in rows
+    points = sorted((_number(r["step"]), _number(r[key])) for r in rows
                     if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool))
     return [s for s, _ in points], [v for _, v in points]
 
