@@ -230,6 +230,26 @@ def test_resume_names_newer_folders_that_are_not_checkpoints(tmp_path, digits_co
     assert t.step == 3 and (tmp_path / "ck" / "step_00000009" / "arrays.npz").exists()
 
 
+def test_a_resume_that_trains_nothing_removes_a_killed_writers_folders(tmp_path,
+                                                                       digits_config):
+    """A run killed while retention deleted an old checkpoint (renamed `.step_N.deleting`) or
+    while a checkpoint was written (`.step_N.*.tmp`): a resume of the finished run saves
+    nothing, and only `save` removed them, so they stayed for good."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 2, "keep": 2}
+    Trainer(config_from_dict(digits_config(steps=4, checkpoint=ck), tmp_path / "a"),
+            stream=io.StringIO()).fit()
+    folder = tmp_path / "ck"
+    (folder / ".step_00000001.deleting").mkdir()
+    (folder / ".step_00000001.deleting" / "arrays.npz").write_bytes(b"x" * 100)
+    (folder / ".step_00000006.abc123.tmp").mkdir()
+    (folder / "notes").mkdir()  # (a user's folder: kept)
+    t = Trainer(config_from_dict(digits_config(steps=4, checkpoint=ck), tmp_path / "b"),
+                stream=io.StringIO())
+    t.fit(resume=True)
+    assert sorted(p.name for p in folder.iterdir()) == \
+        [".lock", "notes", "step_00000002", "step_00000004"]
+
+
 def test_resume_from_a_checkpoint_of_other_shapes_names_the_tensor(tmp_path, digits_config):
     """A checkpoint with the same tensor names but other shapes (the model's hidden size
     changed) is refused with the tensor and both shapes, before any value is loaded (it was an

@@ -104,7 +104,7 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
     final = directory / f"{PREFIX}{step:08d}"
     try:
         make_dirs(directory)
-        _remove_leftovers(directory)
+        remove_leftovers(directory)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.", suffix=_TMP))
         try:
             # (mkdtemp makes it 0700 whatever the umask: the group could not read the
@@ -154,8 +154,9 @@ def _install(tmp: Path, final: Path) -> None:
     shutil.rmtree(parked, ignore_errors=True)
 
 
-def _remove_leftovers(directory: Path) -> None:
-    """Delete temporary folders of writers that were killed (one writer per folder)."""
+def remove_leftovers(directory: Path) -> None:
+    """Delete temporary folders of writers that were killed (one writer per folder: call it
+    while holding the folder, as `save` and a run holding checkpoint.dir's lock do)."""
     for p in directory.iterdir():
         name = p.name
         if not (name.startswith(f".{PREFIX}") and p.is_dir()):

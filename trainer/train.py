@@ -1255,6 +1255,10 @@ class Trainer:
         except OSError:
             pass
         self._lock = fd  # (released at the end of fit, or when the process ends)
+        try:  # (a killed writer's temporary or half-deleted folders: a resume of a finished
+            checkpoint.remove_leftovers(folder)  # run saves nothing, so save never removed them)
+        except OSError:
+            pass
 
     def _fit(self) -> dict:
         cfg = self.cfg
