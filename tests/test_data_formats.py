@@ -191,6 +191,39 @@ def test_integers_beyond_an_integer_inputs_type_are_refused(tmp_path, monkeypatc
     Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
 
 
+@pytest.mark.parametrize("where", ["npz", "mapped"])
+def test_fractions_for_an_integer_input_are_refused_memory_mapped_too(tmp_path, monkeypatch,
+                                                                      where):
+    """0.5 into a uint8 input was refused from an .npz but, memory-mapped from a folder of
+    .npy files, truncated to 0 and trained in silence; both refused, naming the sample (the
+    mapped file read 4 samples at a time here, so the sample's number counts the chunks)."""
+    from trainer import preflight
+
+    _uint8_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 2, (32, 6)).astype(np.float32)
+    img[21, 4] = 0.5
+    y = rng.integers(0, 3, 32)
+    if where == "npz":
+        np.savez(tmp_path / "d.npz", img=img, y=y)
+        path = tmp_path / "d.npz"
+    else:
+        path = _npy_dir(tmp_path / "fractions", img=img, y=y)
+        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 6 * 4 * 4)
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": str(path), "inputs": {"img": "img"},
+                              "targets": {"label": "y"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    with pytest.raises(DataError, match=re.escape(
+            "'img' holds values that are not whole numbers (sample 21: 0.5), but the model's "
+            "input takes uint8")):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    img[21, 4] = 1
+    np.save(path / "img.npy", img) if where == "mapped" else np.savez(path, img=img, y=y)
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
 @pytest.mark.parametrize("limit", [{"steps": 2}, {"epochs": 2}])
 def test_fewer_samples_than_processes_is_refused_with_steps_too(tmp_path, digits_config, limit):
     """3 samples on 4 processes (drop_last: false): no batch per epoch, as the pre-flight says.

@@ -46,7 +46,7 @@ def writable_file(path: Path, what: str, keep: bool = True) -> None:
 def convertible(a: np.ndarray, want: np.dtype, name: str, what: str) -> None:
     """Values of array `a` survive the conversion to the model input's dtype `want`: numbers
     for a number, real for real, whole numbers for an integer input (0.7 above one was cut
-    off in silence). A memory-mapped array is checked by its dtype alone."""
+    off in silence). A memory-mapped array is read _RANGE_CHUNK bytes at a time."""
     from trainer.graph import is_float_dtype
 
     kind, want = a.dtype.kind, np.dtype(want)
@@ -56,17 +56,20 @@ def convertible(a: np.ndarray, want: np.dtype, name: str, what: str) -> None:
                         f"{want} (numbers); convert the array" + (
                             " (complex values would lose their imaginary part)"
                             if kind == "c" else ""))
-    if kind == "f" and want.kind in "iub" and not isinstance(a, np.memmap) and a.size:
+    if not (kind == "f" and want.kind in "iub" and a.size):
+        return
+    for lo, chunk in _chunks(a):
         with np.errstate(invalid="ignore"):
-            whole = np.isfinite(a) & (np.floor(a) == a)
-        if not whole.all():
-            rows = whole.reshape(len(a), -1).all(axis=1) if a.ndim else whole.reshape(1)
-            i = int(np.flatnonzero(~rows)[0])
-            bad = (a[i] if a.ndim else a).reshape(-1)
-            bad = bad[~whole[i].reshape(-1)] if a.ndim else bad
-            raise DataError(f"{what}: '{name}' holds values that are not whole numbers (sample "
-                            f"{i}: {bad[0]}), but the model's input takes {want}; round or "
-                            "convert the array first")
+            whole = np.isfinite(chunk) & (np.floor(chunk) == chunk)
+        if whole.all():
+            continue
+        rows = whole.reshape(len(chunk), -1).all(axis=1) if chunk.ndim else whole.reshape(1)
+        i = int(np.flatnonzero(~rows)[0])
+        bad = (chunk[i] if chunk.ndim else chunk).reshape(-1)
+        bad = bad[~whole[i].reshape(-1)] if chunk.ndim else bad
+        raise DataError(f"{what}: '{name}' holds values that are not whole numbers (sample "
+                        f"{lo + i}: {bad[0]}), but the model's input takes {want}; round or "
+                        "convert the array first")
 
 
 def _largest(dtype: np.dtype) -> float:
