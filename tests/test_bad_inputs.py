@@ -1031,6 +1031,34 @@ def test_python_api_names_the_model_when_the_model_itself_is_invalid() -> None:
         build_training_graph(model, {"type": "mse", "output": "y", "target": "t"})
 
 
+def test_a_checker_message_over_several_lines_is_kept_whole(tmp_path) -> None:
+    """onnx.checker's message for unsorted nodes spans lines; only its first was kept, which
+    stopped at "... input 'shp' of node:" without the node; its context part goes in
+    parentheses."""
+    from trainer.errors import ModelError
+    from trainer.graph import check_model
+
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["b1"], name="cos1",
+                              value=numpy_helper.from_array(np.array([0.0], np.float32))),
+             helper.make_node("Constant", [], ["shp"],
+                              value=numpy_helper.from_array(np.array([4], np.int64))),
+             helper.make_node("Add", ["x", "b1"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=r"^m is not a valid ONNX model: Nodes in a graph must "
+                       r"be topologically sorted, however input 'shp' of node: name: cos1 "
+                       r"OpType: ConstantOfShape is not output of any previous nodes\.$"):
+        check_model(model, "m")
+    del model.graph.node[:]
+    model.graph.node.extend([nodes[1], nodes[0], nodes[2]])
+    model.graph.node[0].attribute[0].name = "bogus"
+    with pytest.raises(ModelError, match=r"Unrecognized attribute: bogus for operator Constant "
+                       r"\(Bad node spec for node\. Name: +OpType: Constant\)$"):
+        check_model(model, "m")
+
+
 def test_log_metrics_naming_a_directory_suggests_a_metrics_file(tmp_path):
     """(it suggested .../model.onnx, the output's example, for the metrics log)"""
     import io

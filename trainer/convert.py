@@ -19,6 +19,7 @@ from trainer.graph import (
     NameScope,
     all_names,
     attrs_of,
+    checker_message,
     has_weights_to_lift,
     lift_weights,
     load_model,
@@ -544,7 +545,7 @@ def _check_batch(original: onnx.ModelProto, m: onnx.ModelProto, fixed: dict[str,
         inferred = onnx.shape_inference.infer_shapes(probe_model, strict_mode=True,
                                                      data_prop=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = checker_message(exc) or type(exc).__name__
         raise ModelError(f"convert --dynamic-batch: the model does not run at batch {other} "
                          f"after the change ({first}); its batch size is fixed in a way "
                          "convert cannot rewrite") from None

@@ -562,16 +562,24 @@ def _read_external_data(found: list[tuple[onnx.TensorProto, str, Path, int, int]
         del t.external_data[:]
 
 
+def checker_message(exc: Exception) -> str:
+    """onnx.checker's message on one line, its node context in parentheses (its first line alone
+    stopped mid-sentence where the message spans lines: "... input 'shp' of node:")."""
+    main, _, context = str(exc).partition("==> Context:")
+    main, context = " ".join(main.split()), " ".join(context.split())
+    return f"{main} ({context})" if context else main
+
+
 def check_model(model: onnx.ModelProto | str | os.PathLike, what: str = "model") -> None:
     """onnx.checker as a ModelError; give a path for models whose tensors exceed 2 GB."""
     try:
         onnx.checker.check_model(os.fspath(model) if isinstance(model, (str, os.PathLike))
                                  else model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        if "No Op registered for" in first and _checks_lowered(model, what):
+        text = checker_message(exc)
+        if "No Op registered for" in text and _checks_lowered(model, what):
             return  # (onnxruntime's LayerNormalization below opset 17: valid once lowered)
-        raise ModelError(f"{what} is not a valid ONNX model: {first}") from None
+        raise ModelError(f"{what} is not a valid ONNX model: {text}") from None
     except UnicodeDecodeError:  # the checker's message quotes a damaged name
         raise ModelError(f"{what} is not a valid ONNX model: it holds text that is not valid "
                          "UTF-8") from None
