@@ -436,6 +436,11 @@ def test_export_and_eval_read_a_checkpoint(tmp_path, digits_config):
                          (EXAMPLES / "digits.npz", "is a file of data.")):
         assert role in one_line_error(run("export", cfg, "-o", str(target)))
     assert manifest.read_bytes() == before
+    # (a dataset moved away: export needs its samples' shapes, and says so)
+    line = one_line_error(run("export", cfg, "-o", str(tmp_path / "x.onnx"), "--set",
+                              f"data.eval.path={tmp_path / 'gone.npz'}"))
+    assert "dataset file not found" in line and "export reads the samples' shapes of " \
+        "data.eval" in line, line
     assert "it is a checkpoint folder: `onnx-trainer eval CONFIG --checkpoint" in \
         one_line_error(run("eval", cfg, "--model", str(ck / "step_00000010")))
     assert "it is a NumPy archive or array" in one_line_error(

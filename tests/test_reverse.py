@@ -88,6 +88,8 @@ def test_reverse_of_one_output_only():
     got = Executor(rm, np).run({"x": x, "u": np.zeros(2), "y1_grad": g1})["W_grad"]
     want = _torch_vjp(x, W, b, g1, np.zeros((2, 3)))["W"]
     np.testing.assert_allclose(got, want, rtol=1e-12)
+    # (names as strings: iterated, they were their characters, "'y' is not an output")
+    assert reverse(model, "W", "y1", batch_size=2) == rm
 
 
 @pytest.mark.parametrize("wrt,of,match", [

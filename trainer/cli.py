@@ -391,7 +391,17 @@ def _export(args) -> int:
         reads.update((f, f"a file of checkpoint {f.parent}") for f in where.rglob("*")
                      if f.is_file())
     preflight.not_read(out, what, reads)
-    trainer = Trainer(cfg, check=False, writes=False)
+    from trainer.errors import DataError
+
+    try:
+        trainer = Trainer(cfg, check=False, writes=False)
+    except DataError as exc:
+        if "dataset file not found" not in str(exc):
+            raise
+        raise DataError(f"{exc}: export reads the samples' shapes of data.eval (else of "
+                        "data.train), at which the training graph that lays out the "
+                        "parameters is built; give the config a file of a few samples of "
+                        "those shapes if the data is elsewhere") from None
     path = trainer.load_checkpoint(where)
     if trainer.rank == 0:
         written = trainer.export(out)

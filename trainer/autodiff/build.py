@@ -107,13 +107,17 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
             example: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Generic reverse mode: the model extended with vector-Jacobian products.
 
-    `wrt` names graph inputs and/or initializers, `of` names graph outputs. The result keeps the
-    original inputs and outputs, adds one adjoint input `<y>_grad` (shape and dtype of y) per y
-    in `of`, and one output `<x>_grad` per x in `wrt` holding sum_y (dy/dx)^T <y>_grad (zeros
-    where x does not reach `of`). Shapes are specialized: symbolic input dims take `batch_size`,
-    or give `shapes` for the inputs; `example` gives values for inputs whose values decide
-    shapes (a shape or size tensor), which are otherwise taken as zeros.
+    `wrt` names graph inputs and/or initializers, `of` names graph outputs (a name or names).
+    The result keeps the original inputs and outputs, adds one adjoint input `<y>_grad` (shape
+    and dtype of y) per y in `of`, and one output `<x>_grad` per x in `wrt` holding
+    sum_y (dy/dx)^T <y>_grad (zeros where x does not reach `of`). Shapes are specialized:
+    symbolic input dims take `batch_size`, or give `shapes` for the inputs; `example` gives
+    values for inputs whose values decide shapes (a shape or size tensor), which are otherwise
+    taken as zeros.
     """
+    # (one name as a string: iterated, it was its characters, each "not an output")
+    wrt = [wrt] if isinstance(wrt, str) else wrt
+    of = [of] if isinstance(of, str) else of
     wrt, of = list(dict.fromkeys(wrt)), list(dict.fromkeys(of))
     g0 = model.graph
     outputs = [o.name for o in g0.output]
