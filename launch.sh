@@ -33,6 +33,10 @@ while [ $# -gt 0 ]; do
     --hostfile=*|-hostfile=*|--machinefile=*|-machinefile=*|--host=*|-host=*)
       multi_node=1; mpi_args+=("$1"); shift ;;
     --prefix|--prefix=*) has_prefix=1; mpi_args+=("$1"); shift ;;
+    # options whose values may end in .yaml/.py, which are not the config or program
+    -x) [ $# -ge 2 ] || usage; mpi_args+=("$1" "$2"); shift 2 ;;
+    --mca|-mca|--gmca|-gmca|--prtemca|--pmixmca)
+      [ $# -ge 3 ] || usage; mpi_args+=("$1" "$2" "$3"); shift 3 ;;
     --selftest) target="--selftest"; shift; break ;;
     *.yaml|*.yml|*.py) target="$1"; shift; break ;;
     *) mpi_args+=("$1"); shift ;;

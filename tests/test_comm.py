@@ -468,6 +468,11 @@ def test_launch_passes_options_through(tmp_path):
     assert rc == 0
     assert out.endswith(f"-np 2 --mca btl tcp,self {py} -m trainer train x.yaml --set steps=3")
     assert out.startswith("mpirun ") and "--prefix" not in out
+    # (an option's value ending in .yaml or .py is not the config: it was taken as it)
+    rc, out, _ = _launch_args(tmp_path, "-np", "2", "-x", "CFG=a.yaml", "--mca",
+                              "orte_tmpdir_base", "/tmp/y.py", "x.yaml")
+    assert rc == 0 and out.endswith(
+        f"-np 2 -x CFG=a.yaml --mca orte_tmpdir_base /tmp/y.py {py} -m trainer train x.yaml"), out
 
 
 def test_launch_multi_node_uses_the_same_open_mpi_on_every_node(tmp_path):
