@@ -168,25 +168,60 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, digits_config, kind, warm
     assert top is not None or "warmup_steps" not in pre.text()
 
 
-def test_an_unwritable_folder_is_named_not_the_probe_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_an_unwritable_folder_is_named_not_the_probe_file(tmp_path, monkeypatch, tmpfile):
     """A relative folder (`--profile-trace rel.json` in a read-only working directory): the
     message named the internal probe file, whose absolute name the relative one did not
-    match."""
+    match. The probe is a file without a name (O_TMPFILE) where the file system makes one,
+    else a named one (`tmpfile` False)."""
     import errno
     import os
     import tempfile
     from pathlib import Path
 
-    from trainer.preflight import _probe
+    from trainer import preflight
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args):
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            code = errno.EROFS if tmpfile else errno.EOPNOTSUPP
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args)
 
     def refuse(dir, prefix):
         name = str(Path(dir).absolute() / f"{prefix}x1y2")
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight.os, "open", no_tmpfile)
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(TrainerError, match=r"^--profile-trace rel.json: cannot write in \.: "
                                            r"Read-only file system$"):
-        _probe(Path("."), Path("rel.json"), "--profile-trace")
+        preflight._probe(Path("."), Path("rel.json"), "--profile-trace")
+
+
+def test_the_write_probe_leaves_no_file_a_kill_could_leave(tmp_path, monkeypatch):
+    """The probe was a named file made and removed again: a run killed in between left
+    `.onnx-trainer-probe-*` in the output folder for good. Where the file system makes files
+    without a name (O_TMPFILE: Linux's tmpfs, ext4, xfs, btrfs), no named file is made."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from trainer import preflight
+
+    if not hasattr(os, "O_TMPFILE"):
+        pytest.skip("no O_TMPFILE on this system")
+    try:
+        os.close(os.open(tmp_path, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        pytest.skip(f"the file system of {tmp_path} makes no O_TMPFILE files: {exc}")
+
+    def named(*args, **kwargs):
+        raise AssertionError("a named probe file was made")
+    monkeypatch.setattr(tempfile, "mkstemp", named)
+    preflight._probe(tmp_path / "out", Path(tmp_path / "out" / "m.onnx"), "output")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_more_blas_threads_than_cores_is_said(tmp_path, digits_config):

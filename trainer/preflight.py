@@ -4,6 +4,7 @@ paths, fixed batch dimensions, and loss targets (shapes, dtypes, label ranges) o
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -305,9 +306,15 @@ def _probe(folder: Path, path: Path, what: str, keep: bool = True) -> None:
         p = p.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-trainer-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        try:  # (a file without a name: a kill cannot leave it behind)
+            os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+        except (AttributeError, OSError) as exc:  # (not Linux, or a file system without it)
+            if isinstance(exc, OSError) and exc.errno not in (
+                    errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-trainer-probe-")
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         where = exc.filename if exc.filename and not Path(exc.filename).name.startswith(
