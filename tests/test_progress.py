@@ -508,6 +508,10 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch):
         main([str(tmp_path / "binary.npz"), "-o", out])
     with pytest.raises(TrainerError, match="is a folder"):
         main([str(tmp_path), "-o", out])
+    with pytest.raises(TrainerError, match="/dev/null is not a regular file"):
+        main(["/dev/null", "-o", out])  # (it was "not found")
+    with pytest.raises(TrainerError, match=r"--dpi 100000 is too large; use 10 to 10000"):
+        main([str(a), "-o", out, "--dpi", "100000"])  # (matplotlib ran out of memory)
     if pytest.importorskip("matplotlib"):
         with pytest.raises(TrainerError, match="must end with one of"):
             main([str(a), "-o", str(tmp_path / "c.xyz")])

@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     width, height = _parse_size(args.size)
     if not 0.0 <= args.smooth < 1.0:
         raise TrainerError(f"plot: --smooth {args.smooth} is outside [0, 1); use e.g. 0.6")
-    if args.dpi < 10:
-        raise TrainerError(f"plot: --dpi {args.dpi} is too small; use 10 or more (default 100)")
+    if not 10 <= args.dpi <= 10000:  # (far above: matplotlib ran out of memory)
+        raise TrainerError(f"plot: --dpi {args.dpi} is too {'small' if args.dpi < 10 else 'large'}"
+                           "; use 10 to 10000 (default 100; --size sets the pixels)")
     available = _keys_in_order(runs)
     if args.metrics:
         wanted = [k.strip() for k in args.metrics.split(",") if k.strip()]
@@ -80,8 +81,9 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for name, path in zip(names, paths, strict=True):
         if not path.is_file():
-            raise TrainerError(f"plot: metrics file {path} "
-                               f"{'is a folder' if path.is_dir() else 'not found'}")
+            raise TrainerError(f"plot: metrics file {path} " + (
+                "is a folder" if path.is_dir() else "is not a regular file (a device, a pipe)"
+                if path.exists() else "not found"))
         rows = []
         with path.open(errors="replace") as f:  # (a binary file: no rows, said below)
             for line in f:
