@@ -692,6 +692,30 @@ def test_an_end_of_run_failure_still_writes_the_model(tmp_path, digits_config, m
     assert any(not np.array_equal(after[k], before[k]) for k in before)
 
 
+def test_an_export_failing_after_the_end_of_run_checkpoint_failed_names_both(
+        tmp_path, digits_config, monkeypatch):
+    """A disk filling at the end of a run: the last checkpoint's write fails, then the export;
+    the error named the export only (the checkpoint's failure was dropped)."""
+    from trainer import checkpoint
+
+    cfg = config_from_dict(digits_config(steps=4, output=str(tmp_path / "out" / "m.onnx"),
+                                         checkpoint={"dir": str(tmp_path / "ck")}), tmp_path)
+    t = Trainer(cfg, stream=io.StringIO())
+
+    def full(*a, **k):
+        raise checkpoint.WriteError("cannot write checkpoint ck/step_00000004: No space left")
+
+    def full_export(*a, **k):
+        raise checkpoint.WriteError("cannot write model out/m.onnx: No space left")
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    monkeypatch.setattr(t, "export", full_export)
+    with pytest.raises(checkpoint.WriteError, match=r"^cannot write model out/m.onnx: No space "
+                       r"left; the end-of-run checkpoint failed too: cannot write checkpoint "
+                       r"ck/step_00000004: No space left$"):
+        t.fit()
+
+
 @pytest.mark.parametrize("head", ["Softmax", "Sigmoid", "binary"])
 def test_a_saturated_models_eval_loss_is_its_step_loss(tmp_path, head):
     """Training takes cross entropy on a Softmax's input and bce on a Sigmoid's; evaluation

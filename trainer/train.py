@@ -1357,7 +1357,15 @@ class Trainer:
             if stopped:
                 result["early_stop"] = stopped
             if self.rank == 0:
-                path = self.export(cfg.output)
+                try:
+                    path = self.export(cfg.output)
+                except TrainerError as exc:  # (a full disk: the checkpoint's failure too)
+                    if not failed:
+                        raise
+                    kind = type(exc) if type(exc) in (TrainerError, ModelError, DataError,
+                                                      checkpoint.WriteError) else TrainerError
+                    raise kind(f"{exc}" + "".join(f"; the end-of-run {w} failed too: {e}"
+                                                  for w, e in failed)) from exc
                 result["output"] = str(path)
                 self.log.info(f"wrote {path}")
                 if self.best_path is not None:
