@@ -649,9 +649,10 @@ CASES = {
     "data-labels-n-by-1": (_with_data(_data("d.npz", x=x, y=y[:, None])), "[N, 1]"),
     "data-nan-input": (_with_data(_data("d.npz", x=np.where(
         np.arange(x.size).reshape(x.shape) == 70, np.nan, x).astype(np.float32), y=y)), "nan"),
-    "data-empty": (_with_data(_data("d.npz", x=x[:0], y=y[:0])), "data.train is empty"),
+    "data-empty": (_with_data(_data("d.npz", x=x[:0], y=y[:0])),
+                   "d.npz is empty (shape [0, 64]); give at least one sample"),
     "data-batch-larger-than-dataset": (_with_data(_data("d.npz", x=x[:10], y=y[:10])),
-                                       "data.train has 10 samples, fewer than one batch"),
+                                       "data.train has 10 sample(s), fewer than one batch"),
     "data-batch-far-beyond-the-dataset": (_train(data__batch_size=10 ** 9),
                                           "fewer than one batch"),
     "data-samples-disagree": (_with_data(_data("d.npz", x=x, y=y[:-1])), "first (sample)"),

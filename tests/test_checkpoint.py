@@ -479,5 +479,5 @@ def test_a_resume_on_another_number_of_processes_says_so(tmp_path, digits_config
     manifest.write_text(json.dumps({**meta, "world_size": 4}))
     log = io.StringIO()
     Trainer(config_from_dict(dict(raw, steps=3), tmp_path), stream=log).fit(resume=True)
-    assert "resuming a run of 4 process(es) on 1: the global batch and its order are the " \
-        "same" in log.getvalue()
+    assert "resuming a run of 4 process(es) on 1: the number of processes leaves the global " \
+        "batch and its order as they were" in log.getvalue()

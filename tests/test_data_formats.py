@@ -224,6 +224,40 @@ def test_fractions_for_an_integer_input_are_refused_memory_mapped_too(tmp_path, 
     Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
 
 
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+@pytest.mark.parametrize("where", ["npz", "mapped"])
+def test_bool_targets_train_as_their_zeros_and_ones(tmp_path, loss, where):
+    """Multi-label targets stored as bool were refused ("must be numeric, got bool") where
+    the same 0/1 values as uint8 trained; bool inputs were taken all along."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                          [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    t = rng.integers(0, 2, (16, 3))
+    out = []
+    for kind in (np.uint8, bool):
+        name = f"{np.dtype(kind).name}"
+        if where == "npz":
+            np.savez(tmp_path / f"{name}.npz", x=x, t=t.astype(kind))
+            path = tmp_path / f"{name}.npz"
+        else:
+            path = _npy_dir(tmp_path / name, x=x, t=t.astype(kind))
+        raw = {"model": "m.onnx", "device": "cpu", "steps": 3,
+               "data": {"train": {"path": str(path), "inputs": {"x": "x"},
+                                  "targets": {"t": "t"}}, "batch_size": 8},
+               "loss": {"type": loss, "output": "logits", "target": "t"}
+               | ({"logits": True} if loss == "bce" else {}),
+               "optimizer": {"type": "sgd", "lr": 0.1}}
+        out.append(_fit(tmp_path, raw))
+    for k in out[0]:
+        np.testing.assert_array_equal(out[0][k], out[1][k])
+
+
 @pytest.mark.parametrize("limit", [{"steps": 2}, {"epochs": 2}])
 def test_fewer_samples_than_processes_is_refused_with_steps_too(tmp_path, digits_config, limit):
     """3 samples on 4 processes (drop_last: false): no batch per epoch, as the pre-flight says.

@@ -443,7 +443,7 @@ class Batches:
         if self.n < batch_size and drop_last:
             if self.n == 0:
                 raise DataError("data.train is empty (0 samples)")
-            raise DataError(f"data.train has {self.n} samples, fewer than one batch of "
+            raise DataError(f"data.train has {self.n} sample(s), fewer than one batch of "
                             f"{batch_size} (set data.drop_last: false or a smaller batch)")
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed

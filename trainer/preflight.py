@@ -590,5 +590,5 @@ def regression_targets(targets: np.ndarray, name: str, what: str,
         raise DataError(f"{what}: target '{name}' has per-sample shape "
                         f"{list(targets.shape[1:])}, but the {loss} loss compares it with "
                         f"'{output}' of per-sample shape {list(per_sample)}")
-    if targets.dtype.kind not in "fiu":
+    if targets.dtype.kind not in "biuf":
         raise DataError(f"{what}: target '{name}' must be numeric, got {targets.dtype}")

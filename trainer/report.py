@@ -43,7 +43,7 @@ from trainer.autodiff.params import (
 from trainer.autodiff.registry import NO_GRADIENT, _load_all
 from trainer.autodiff.subgraph import inline_static_ifs, reads
 from trainer.contrib import contrib_key, has_contrib, lower_contrib
-from trainer.errors import ModelError, listing, printable
+from trainer.errors import DataError, ModelError, listing, printable
 from trainer.graph import (
     FLOAT_TYPES,
     constant_batch_hint,
@@ -1016,6 +1016,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             continue
         info = attempt(describe_arrays, ds.path, {**ds.inputs, **ds.targets}, what)
         if info is None:
+            continue
+        empty = [(k, shape) for k, (shape, _, _) in info.items() if math.prod(shape) == 0]
+        if empty:  # (named here: the batches' "data.train is empty" named no file or array)
+            k, shape = empty[0]
+            key = {**ds.inputs, **ds.targets}[k]
+            problems.append(DataError(f"{what}: array '{key}' (for '{k}') in {ds.path} is "
+                                      f"empty (shape {list(shape)}); give at least one sample"))
             continue
         n = next(iter(info.values()))[0][0]
         samples[what] = n

@@ -423,7 +423,7 @@ class Trainer:
         if self.cfg.loss.type in ("cross_entropy", "ctc"):  # (class labels)
             return np.dtype(np.int64) if a.dtype.kind in "iu" else None
         # mse targets take the dtype of the output they are compared with
-        if a.dtype.kind not in "fiu":
+        if a.dtype.kind not in "biuf":
             raise DataError(f"{what}: target '{name}' must be numeric, got {a.dtype}")
         return self.out_dtypes[self.cfg.loss.output]
 
@@ -1750,8 +1750,8 @@ class Trainer:
                                    f"{value!r} is not an integer of at least {low}")
         if meta.get("world_size", self.world) != self.world:
             self.log.info(f"resuming a run of {meta['world_size']} process(es) on {self.world}: "
-                          "the global batch and its order are the same (each process takes "
-                          "another share of it)")
+                          "the number of processes leaves the global batch and its order as "
+                          "they were (each process takes another share of it)")
         self._take_values(path, arrays)
         optim = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optim/")}
         was = meta.get("optimizer")
