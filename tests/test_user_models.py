@@ -1392,6 +1392,57 @@ def test_a_folded_lookup_under_a_view_is_named_by_its_table(tmp_path):
     _frozen_alias_trains_like_pytorch(tmp_path, model, state, x, y, "pos.*", "ids", "unsqueeze")
 
 
+class RotaryHalves(nn.Module):
+    """RoFormer's attention: the sinusoidal table it is given split into its sin and cos
+    halves (`chunk`), applied to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x, pos):
+        sin, cos = pos.chunk(2, dim=-1)
+        h = self.l(x)[:, None]
+        return (h[..., :4] * cos - h[..., 4:] * sin).mean(1)
+
+
+class RoformerPositions(nn.Module):
+    """RoFormer's encoder: `self.embed_positions(arange(t))[None, None]` handed to a layer,
+    which chunks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.embed_positions = nn.Embedding(20, 8), nn.Embedding(6, 8)
+        self.layer, self.head = RotaryHalves(), nn.Linear(4, 5)
+
+    def forward(self, ids):
+        pos = self.embed_positions(torch.arange(ids.shape[1]))[None, None]
+        return self.head(self.layer(self.tok(ids), pos).mean(1))
+
+
+def test_a_folded_lookup_that_a_split_of_no_module_reads_is_named_by_its_table(tmp_path):
+    """The optimizer folds the lookup into `unsqueeze_*` and leaves the chunk a Split that
+    records no module: the tensor was trained as one of no parameter, and `frozen:
+    [embed_positions.weight]` (README, for RoFormer's fixed sinusoidal table) was refused
+    ("matches no float initializer"). The optimizer's record of the fold names the table."""
+    torch.manual_seed(0)
+    model = RoformerPositions()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 20, (2, 6))
+    onnx.save(torch.onnx.export(model.eval(), (ids,), input_names=["ids"], output_names=["logits"],
+                                dynamic_shapes={"ids": {0: torch.export.Dim("batch")}},
+                                dynamo=True, verbose=False).model_proto,
+              str(tmp_path / "model.onnx"))
+    report = model_report(load_model(tmp_path / "model.onnx"))
+    assert not report.folded
+    (alias,) = [p.name for p in report.params if p.alias == "embed_positions.weight"]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 20, (64, 6)), rng.integers(0, 5, 64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    _frozen_alias_trains_like_pytorch(tmp_path, model, state, x, y, "embed_positions.weight",
+                                      "ids", alias)
+
+
 class MaskToken(nn.Module):
     """A parameter that the exported forward does not use (DINOv2's `mask_token`, read only
     when the optional `bool_masked_pos` is given)."""

@@ -1617,7 +1617,7 @@ def parameter_aliases(model: onnx.ModelProto) -> dict[str, str]:
     records = folded_views(model)
     found: dict[str, set[str]] = {}
     lost = set(missing.values())
-    for x, src in records.items():
+    for x, src in [*records.items(), *_lookup_views(model).items()]:
         if x in folded and src in lost:
             found.setdefault(x, set()).add(src)
     base = _missing_parameter_uses(model, views=False)[1]
@@ -1826,7 +1826,7 @@ def _missing_parameter_uses(model: onnx.ModelProto, views: bool = True
     producer = {o: n for n in g.node for o in n.output}
     records = folded_views(model)  # (the optimizer's own record of a view, where it wrote one)
     placeholder = {t: ph for ph, t in missing.items()}
-    for x, src in records.items():
+    for x, src in [*records.items(), *_lookup_views(model).items()]:
         if src in placeholder:
             explained.add(placeholder[src])
             carriers.add(x)
@@ -1940,6 +1940,21 @@ def _viewed_lookups(model: onnx.ModelProto) -> set[str]:
                 and all(_EMBEDDING_OP.match(y) or _VIEW_OPS.match(y) or _ARANGE.match(y)
                         for y in ops + [x])):
             out.add(x)
+    return out
+
+
+def _lookup_views(model: onnx.ModelProto) -> dict[str, str]:
+    """{folded initializer: parameter} for the `_viewed_lookups` whose rows are distinct: rows
+    of the table at torch.arange positions, so a slice of it whatever node reads it (RoFormer's
+    sinusoidal positions, `embed_positions(...)[None, None]`, read by a Split the optimizer
+    made, which records no module for `_parent_views` to go by)."""
+    params = {t for kind, t in signature_entries(model).values() if kind == "PARAMETER"}
+    consumed = _folded_from(model)
+    out = {}
+    for x in _viewed_lookups(model):
+        sources = [y for y in consumed[x] if y in params]
+        if len(sources) == 1 and _distinct_rows(model.graph, x):
+            out[x] = sources[0]
     return out
 
 
