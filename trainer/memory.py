@@ -231,6 +231,7 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
         if vi.type.HasField("tensor_type"):  # scalar its Squeeze makes [batch]; inferred)
             vi.type.tensor_type.ClearField("shape")
     produced = [o for n in model.graph.node for o in n.output if o]
+    made = set(produced)
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     folded: set[str] = set()
     for _ in range(rounds):
@@ -262,7 +263,7 @@ def infer(model: onnx.ModelProto, in_shapes: Mapping[str, tuple[int, ...]], roun
         if not missing:
             break
         values = _constant_values(_with_data_only(m), shapes)
-        new = [k for k in values if k in set(produced) and k not in folded]
+        new = [k for k in values if k in made and k not in folded]
         if not new and not custom:
             break
         for k in new:
