@@ -140,6 +140,13 @@ class Plan:
     after: dict[str, Callable] = field(default_factory=dict)
 
 
+def _retyped(exc: TrainerError, text: str) -> TrainerError:
+    """An error of exc's kind (one of the engine's own, else TrainerError) saying `text`."""
+    kind = type(exc) if type(exc) in (TrainerError, ModelError, DataError,
+                                      checkpoint.WriteError) else TrainerError
+    return kind(text)
+
+
 class Trainer:
     """Trains the model of a Config; `fit()` runs the whole job and exports the result."""
 
@@ -1362,10 +1369,8 @@ class Trainer:
                 except TrainerError as exc:  # (a full disk: the checkpoint's failure too)
                     if not failed:
                         raise
-                    kind = type(exc) if type(exc) in (TrainerError, ModelError, DataError,
-                                                      checkpoint.WriteError) else TrainerError
-                    raise kind(f"{exc}" + "".join(f"; the end-of-run {w} failed too: {e}"
-                                                  for w, e in failed)) from exc
+                    raise _retyped(exc, f"{exc}" + "".join(
+                        f"; the end-of-run {w} failed too: {e}" for w, e in failed)) from exc
                 result["output"] = str(path)
                 self.log.info(f"wrote {path}")
                 if self.best_path is not None:
@@ -1373,14 +1378,12 @@ class Trainer:
                                       cfg.best.metric: self.best_value}
             if failed:
                 (what, first), more = failed[0], failed[1:]
-                kind = type(first) if type(first) in (TrainerError, ModelError, DataError,
-                                                      checkpoint.WriteError) else TrainerError
-                raise kind(f"{first}" + "".join(f"; the end-of-run {w} failed too: {e}"
-                                                for w, e in more)
-                           + f"; the end-of-run {what} failed after all {self.step} steps, "
-                           f"and the trained model is written to {result['output']}"
-                           + ("" if what == "checkpoint" or not cfg.checkpoint.dir
-                              else " (and checkpointed)" if not more else "")) from first
+                raise _retyped(first, f"{first}" + "".join(
+                    f"; the end-of-run {w} failed too: {e}" for w, e in more)
+                    + f"; the end-of-run {what} failed after all {self.step} steps, "
+                    f"and the trained model is written to {result['output']}"
+                    + ("" if what == "checkpoint" or not cfg.checkpoint.dir
+                       else " (and checkpointed)" if not more else "")) from first
         return result
 
     def _saved_before(self, exc: NonFiniteLoss, position) -> NonFiniteLoss:
