@@ -224,6 +224,25 @@ def test_the_write_probe_leaves_no_file_a_kill_could_leave(tmp_path, monkeypatch
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_batch_the_processes_do_not_divide_hides_no_other_problem(tmp_path, digits_config):
+    """`check --world 3` with data.batch_size 32 listed that problem alone: a label out of
+    range, which `--world 1` lists, was left out, as was everything else the estimate's build
+    finds. The rest is checked at the next batch the processes divide (33)."""
+    from trainer.report import preflight
+
+    d = np.load(EXAMPLES / "digits.npz")
+    y = d["y_train"].copy()
+    y[5] = 10
+    np.savez(tmp_path / "d.npz", x=d["x_train"], y=y)
+    raw = digits_config(data__train={"path": str(tmp_path / "d.npz"), "inputs": {"x": "x"},
+                                     "targets": {"label": "y"}})
+    pre = preflight(config_from_dict(raw, tmp_path), world=3)
+    said = [str(p) for p in pre.problems]
+    assert said[0] == "data.batch_size 32 (global) must be divisible by the number of processes 3"
+    assert len(said) == 2 and "holds 10 at sample 5" in said[1], said
+    assert "global batch 32, checked at 33, 11 per process" in pre.text()
+
+
 def test_more_blas_threads_than_cores_is_said(tmp_path, digits_config):
     """`threads: 64` on a machine of a few cores was taken in silence, and a step ran about a
     thousand times slower (found by a robustness sweep)."""

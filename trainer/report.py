@@ -944,8 +944,11 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
     size = checks.model_bytes(cfg)  # (and a margin for the file's framing: a hundredth)
     attempt(checks.room_for, Path(cfg.output), exports * size + size // 100 + 4096,
             "output", "the trained model" + (" and the best one" if exports == 2 else ""))
-    local = cfg.data.batch_size // world if cfg.data.batch_size % world == 0 else None
-    if local is None:
+    # (a batch the processes do not divide is a problem; the rest is checked at the next one
+    # they do, so that the data's and the model's own problems are listed too)
+    batch = -(-cfg.data.batch_size // world) * world
+    local = batch // world
+    if batch != cfg.data.batch_size:
         problems.append(TrainerError(f"data.batch_size {cfg.data.batch_size} (global) must be "
                                      f"divisible by the number of processes {world}"))
     where = f"{world} process(es) on {'cpu' if xp is np else 'gpu'}"
@@ -999,7 +1002,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                         set(cfg.data.constants), what)
         attempt(checks.batch_axis_first, structure, set(data_inputs))
     constants: dict[str, np.ndarray] = {}
-    if structure is not None and cfg.data.constants and local is not None:
+    if structure is not None and cfg.data.constants:
         constants = attempt(constant_inputs, cfg.data.constants, structure, local,
                             cfg.data.train.inputs) or {}
         if constants:
@@ -1054,27 +1057,28 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         elif values:
             lines.append(f"  {what}: values not checked (over {memory.human(_VALUE_CHECK_BYTES)}"
                          "; train checks them as it loads them)")
-    if "data.train" not in samples or local is None:
+    if "data.train" not in samples:
         return Preflight(lines, problems)
     n = samples["data.train"]
     fake = {"n": np.broadcast_to(np.zeros(1, np.int8), (n,))}
     fed = {k: v for k, v in data_inputs.items() if k in cfg.data.train.inputs}
     before = len(problems)
     attempt(checks.fixed_batch_fits, fed, n, world)
-    batches = attempt(Batches, fake, cfg.data.batch_size, world=world,
+    batches = attempt(Batches, fake, batch, world=world,
                       drop_last=cfg.data.drop_last) if len(problems) == before else None
     if batches is not None:
         if data_inputs:
-            attempt(checks.fixed_batch, fed, batches.local_sizes(), cfg.data.batch_size, world)
+            attempt(checks.fixed_batch, fed, batches.local_sizes(), batch, world)
         spe = batches.steps_per_epoch
         total = cfg.steps if cfg.steps else (cfg.epochs * spe) // cfg.accumulate
         length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epoch(s)"
         biggest = max(batches.local_sizes(), default=local)
         whole = (f" (more than the {n} samples: each batch is all of them)"
                  if biggest < local else "")
+        at = f", checked at {batch}" if batch != cfg.data.batch_size else ""
         lines.append(f"  steps: {spe} batch(es) per epoch (global batch {cfg.data.batch_size}"
-                     f"{whole}, {min(local, biggest)} per process, accumulate {cfg.accumulate}); "
-                     f"{total} optimizer steps ({length})")
+                     f"{at}{whole}, {min(local, biggest)} per process, accumulate "
+                     f"{cfg.accumulate}); {total} optimizer steps ({length})")
         # (the estimate at the batches the run makes: one at the configured size, far above
         # the data's, took gigabytes and minutes, or the machine)
         local = min(local, biggest)
