@@ -821,3 +821,26 @@ def test_an_export_leaves_another_process_export_in_progress_alone(tmp_path):
         os.close(fd)  # (it was killed: its lock is gone)
     export_model(DIGITS, {"fc2.bias": np.ones(10, np.float32)}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_trainer_stopped_by_a_signal_trains_again_on_its_next_fit(tmp_path, digits_config):
+    """A fit stopped by SIGINT (a notebook's interrupt) left the Trainer's stop flags set: its
+    next fit stopped after one step, "stopped by SIGINT", no signal sent (and a real Ctrl-C
+    then counted as the second one)."""
+    from trainer.config import config_from_dict
+    from trainer.errors import Interrupted
+    from trainer.train import Trainer
+
+    t = Trainer(config_from_dict(digits_config(steps=12), tmp_path), stream=io.StringIO())
+    step, calls = t.train_step, [0]
+
+    def interrupted_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+
+    t.train_step = interrupted_once
+    with pytest.raises(Interrupted, match="stopped by SIGINT after step 3"):
+        t.fit()
+    assert t.fit()["steps"] == 12

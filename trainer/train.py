@@ -1276,6 +1276,10 @@ class Trainer:
         t0, seen, last_epoch = time.perf_counter(), 0, self.position[0]
         row: dict = {}
         stopped = self.stopped_early  # (a resumed run that had stopped early stays stopped)
+        # (a fit stopped by a signal leaves these set: the next fit of this Trainer, a
+        # notebook's after an interrupt, stopped after one step, saying it was signalled)
+        self._stop_signal, self._stop_agreed, self._signal_code = False, False, 0
+        self._finishing = False
         with _StopOnSignal(self):
             while self.step < self.total_steps and not stopped:
                 micro, epoch, start = [], last_epoch, self.position
