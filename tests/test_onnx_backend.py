@@ -91,12 +91,30 @@ def test_prepare_and_run_positional_and_named() -> None:
     out = rep.run({"x": a, "w": b})
     np.testing.assert_array_equal(out.z, [-11, -22])
     np.testing.assert_array_equal(onnx_backend.run_model(_add_model(), [a, b])[0], [11, 22])
+    # (as onnxruntime: other types than the model declares are refused, not computed in
+    # them, and a name that is no input is said)
+    with pytest.raises(TypeError, match="input 'x' is int64, but the model declares float32"):
+        rep.run([np.array([1, 2]), b])
+    with pytest.raises(ValueError, match="no model input named 'v'"):
+        rep.run({"x": a, "v": b})
+
+
+def test_prepare_takes_a_path(tmp_path) -> None:
+    onnx.save(_add_model(), tmp_path / "m.onnx")
+    rep = onnx_backend.prepare(tmp_path / "m.onnx")  # (a pathlib.Path: an AttributeError)
+    np.testing.assert_array_equal(rep.run([np.ones(2, np.float32)] * 2)[0], [2, 2])
 
 
 def test_run_node_and_devices() -> None:
     node = helper.make_node("Relu", ["x"], ["y"])
     (y,) = onnx_backend.run_node(node, [np.array([-1.0, 2.0], np.float32)])
     np.testing.assert_array_equal(y, [0, 2])
+    # inputs given by name are bound by name (they were bound in the dict's order)
+    sub = helper.make_node("Sub", ["a", "b"], ["c"])
+    a, b = np.array([10.0, 20.0], np.float32), np.array([1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(onnx_backend.run_node(sub, {"b": b, "a": a})[0], [9, 18])
+    with pytest.raises(ValueError, match="no input named 'x'"):
+        onnx_backend.run_node(sub, {"x": a, "b": b})
     assert onnx_backend.supports_device("CPU")
     assert not onnx_backend.supports_device("TPU")
 

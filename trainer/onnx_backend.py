@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from onnx.backend.base import Backend, BackendRep, namedtupledict
 
 from trainer.backend import cupy_or_none, get_xp, to_host
 from trainer.executor import Executor
+from trainer.graph import np_dtype
 
 
 def _host(value):
@@ -39,17 +41,36 @@ class TrainerRep(BackendRep):
         # IR < 4 models list initializers as inputs: positional inputs fill the others first.
         self.data_inputs = [n for n in self.all_inputs if n not in inits]
         self.outputs = [vi.name for vi in model.graph.output]
+        self.types = {}  # the NumPy type of each tensor input that declares one
+        for vi in model.graph.input:
+            code = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+            try:
+                self.types[vi.name] = np.dtype(np_dtype(code)) if code else None
+            except (KeyError, TypeError, ValueError):
+                self.types[vi.name] = None
         self.executor = Executor(model, self.xp)
 
     def _feeds(self, inputs: Any) -> dict[str, Any]:
         if isinstance(inputs, Mapping):
-            return dict(inputs)
-        if not isinstance(inputs, Sequence) or isinstance(inputs, str | bytes):
-            inputs = [inputs]
-        names = self.all_inputs if len(inputs) > len(self.data_inputs) else self.data_inputs
-        if len(inputs) > len(names):
-            raise ValueError(f"model takes {len(names)} inputs, got {len(inputs)}")
-        return dict(zip(names, inputs, strict=False))
+            feeds = dict(inputs)
+            unknown = [k for k in feeds if k not in self.all_inputs]
+            if unknown:
+                raise ValueError(f"no model input named {', '.join(map(repr, unknown))} "
+                                 f"(inputs: {', '.join(self.all_inputs)})")
+        else:
+            if not isinstance(inputs, Sequence) or isinstance(inputs, str | bytes):
+                inputs = [inputs]
+            names = self.all_inputs if len(inputs) > len(self.data_inputs) else \
+                self.data_inputs
+            if len(inputs) > len(names):
+                raise ValueError(f"model takes {len(names)} inputs, got {len(inputs)}")
+            feeds = dict(zip(names, inputs, strict=False))
+        for name, value in feeds.items():  # (as onnxruntime: a FLOAT input fed int64 values
+            want = self.types.get(name)    # computed x / 2 in integers)
+            if want is not None and isinstance(value, np.ndarray) and value.dtype != want:
+                raise TypeError(f"input '{name}' is {value.dtype}, but the model declares "
+                                f"{want}; convert it (np.asarray(x, np.{want}))")
+        return feeds
 
     def _to_device(self, v):
         """Arrays (and sequences of them) to the device; strings stay on the host."""
@@ -77,8 +98,8 @@ class TrainerBackend(Backend):
     @classmethod
     def prepare(cls, model: onnx.ModelProto | str | bytes, device: str = "CPU",
                 **kwargs: Any) -> TrainerRep:
-        if isinstance(model, str):
-            model = onnx.load(model)
+        if isinstance(model, str | os.PathLike):
+            model = onnx.load(os.fspath(model))
         elif isinstance(model, bytes):
             model = onnx.load_from_string(model)
         super().prepare(model, device, **kwargs)  # onnx.checker
@@ -92,7 +113,15 @@ class TrainerBackend(Backend):
         """Run one node on inputs given in the node's input order (absent optionals skipped)."""
         opset = kwargs.get("opset_version", onnx.defs.onnx_opset_version())
         names = [n for n in node.input if n]
-        arrays = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+        if isinstance(inputs, Mapping):  # (by name: their order was taken for the node's)
+            unknown = [k for k in inputs if k not in names]
+            missing = [n for n in names if n not in inputs]
+            if unknown or missing:
+                raise ValueError(f"node {node.op_type} takes inputs {', '.join(names)}; "
+                                 + (f"no input named {', '.join(map(repr, unknown))}"
+                                    if unknown else f"{', '.join(missing)} not given"))
+            inputs = [inputs[n] for n in names]
+        arrays = list(inputs)
         if len(arrays) != len(names):
             raise ValueError(f"node takes {len(names)} inputs, got {len(arrays)}")
         vis = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(
