@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from tests import onnx_conformance as conf
 from trainer import onnx_backend
@@ -124,3 +124,22 @@ def test_prepare_rejects_an_invalid_model() -> None:
     m.graph.node[0].input[0] = "nowhere"
     with pytest.raises(onnx.checker.ValidationError):
         onnx_backend.prepare(m)
+
+
+@pytest.mark.parametrize("src,x", [
+    (TensorProto.FLOAT, np.array([0.5, 1.0, -2.25, 0.1], np.float32)),
+    (TensorProto.DOUBLE, np.array([1e-7, 3.0, -0.3, 2.5e300])),
+    (TensorProto.INT64, np.array([3, -7, 12, 0]))])
+def test_cast_to_string_writes_each_numbers_text(src, x) -> None:
+    """Cast to STRING returned the numbers themselves (an object array of floats); the text
+    onnx's reference evaluator writes (the node suite has no such case)."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)], "g",
+                          [helper.make_tensor_value_info("x", src, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.STRING, [4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    got = onnx_backend.prepare(m).run([x])[0]
+    want = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    assert [type(v) for v in got.ravel()] == [str] * 4
+    assert list(got.ravel()) == [str(v) for v in want.ravel()]
