@@ -152,6 +152,8 @@ def test_overrides_apply_with_yaml_values(tmp_path: Path) -> None:
     assert cfg.optimizer.lr == 0.5 and cfg.data.batch_size == 64
     assert cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.grad_clip is None and (cfg.steps, cfg.epochs) == (None, 3)
+    # (one override as a string: iterated, it was its characters, "malformed override 'o'")
+    assert load_config(path, "optimizer.lr=0.25").optimizer.lr == 0.25
 
 
 def test_apply_override_creates_sections_and_parses_values() -> None:

@@ -137,6 +137,11 @@ def test_trainable_globs_match_only_the_models_own_initializers(tmp_path):
     loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
     info = training_info(build_training_graph(model, loss, ["*"], batch_size=8))
     assert set(info.gradients) == {"W", "B", "scale", "shift"}  # (statistics are state)
+    # (one glob as a string: iterated, it was its characters, "entry 'W' matches no ...")
+    one = training_info(build_training_graph(model, loss, "W", batch_size=8))
+    assert set(one.gradients) == {"W"}
+    rest = training_info(build_training_graph(model, loss, ["*"], frozen="s*", batch_size=8))
+    assert set(rest.gradients) == {"W", "B"}
     onnx.save(model, str(tmp_path / "bn.onnx"))
     rng = np.random.default_rng(4)
     np.savez(tmp_path / "data.npz", x=rng.standard_normal((16, 4)).astype(np.float32),

@@ -916,7 +916,8 @@ def config_from_dict(raw: Mapping, base_dir: str | os.PathLike,
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at the top level, got {_got(raw)}")
     raw = _plain(raw)
-    for override in overrides:
+    # (one override as a string: iterated, it was its characters, "malformed override 'e'")
+    for override in [overrides] if isinstance(overrides, str) else overrides:
         apply_override(raw, override)
     base = Path(base_dir).expanduser().absolute()
     return _build(Config, raw, "", base, config_path=None, base_dir=base)

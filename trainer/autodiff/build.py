@@ -247,6 +247,9 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     spec = LossSpec.of(loss)
     if spec.type not in LOSS_TYPES:
         raise ModelError(f"unknown loss type '{spec.type}' (use one of {', '.join(LOSS_TYPES)})")
+    # (one name or glob as a string, "all" apart: iterated, it was its characters)
+    wrt = [wrt] if isinstance(wrt, str) and wrt != "all" else wrt
+    frozen = [frozen] if isinstance(frozen, str) else frozen
     eval_bn = _eval_batchnorm(model, batchnorm)
     missing = missing_kernels(model)
     if missing:
