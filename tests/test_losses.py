@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from trainer.config import config_from_dict
+from trainer.errors import DataError
 from trainer.train import Trainer
 
 
@@ -787,6 +788,46 @@ def test_evaluate_names_the_arrays_it_lacks(tmp_path, digits_config):
                                            r"\(given: 'x', 'y_test'\)"):
         t.evaluate({"x": d["x_test"], "y_test": d["y_test"]})
     assert t.evaluate({"x": d["x_test"], "label": d["y_test"]})["eval_accuracy"] > 0
+    # (checked as a dataset file's: negative labels indexed from the end, in silence; labels
+    # of 10 and more were NumPy's IndexError)
+    with pytest.raises(DataError, match=r"evaluate: target 'label' holds -\d+ at sample 0"):
+        t.evaluate({"x": d["x_test"], "label": -1 - d["y_test"]})
+    with pytest.raises(DataError, match=r"evaluate: target 'label' holds 1\d at sample 0"):
+        t.evaluate({"x": d["x_test"], "label": d["y_test"] + 10})
+    with pytest.raises(DataError, match=r"evaluate: array for 'x' has per-sample shape \[60\]"):
+        t.evaluate({"x": d["x_test"][:, :60], "label": d["y_test"]})
+    no_eval = digits_config()
+    no_eval["data"]["eval"] = None
+    with pytest.raises(TrainerError, match="evaluate: the config has no data.eval; give"):
+        Trainer(config_from_dict(no_eval, tmp_path), stream=io.StringIO()).evaluate()
+
+
+def test_evaluate_checks_given_targets_as_a_datasets(tmp_path):
+    """An mse target of [N] for an output [N, 1] broadcast to [N, N]: a loss of 0.98 where
+    it is 0.01, in silence; refused, as from a dataset file."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 1)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                          [numpy_helper.from_array(W, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "reg.onnx")
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    y = x @ W + 0.1
+    np.savez(tmp_path / "reg.npz", x=x, y=y)
+    t = Trainer(config_from_dict({
+        "model": "reg.onnx", "output": "out.onnx",
+        "data": {"train": {"path": "reg.npz", "inputs": {"x": "x"}, "targets": {"t": "y"}},
+                 "batch_size": 16},
+        "loss": {"type": "mse", "output": "y", "target": "t"},
+        "optimizer": {"type": "sgd", "lr": 0.0}, "steps": 1}, tmp_path), stream=io.StringIO())
+    assert t.evaluate({"x": x, "t": y})["eval_loss"] == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(DataError, match=r"evaluate: target 't' has per-sample shape \[\], but "
+                       r"the mse loss compares it with 'y' of per-sample shape \[1\]"):
+        t.evaluate({"x": x, "t": y[:, 0]})
+    got = t.evaluate({"x": x.astype(np.float64), "t": y.astype(np.float64)})  # (converted)
+    assert got["eval_loss"] == pytest.approx(0.01, rel=1e-4)
 
 
 @pytest.mark.parametrize("form", ["constant-node", "opset11-axis1-rank3"])

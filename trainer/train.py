@@ -455,15 +455,17 @@ class Trainer:
         # loads the model file, which at an export added twice its size to the peak)
         self._files_read = preflight.files_read(self.cfg)
 
-    def _check_targets(self, arrays, what: str) -> None:
-        """Loss targets against the loss output of the training graph, before step 1."""
+    def _check_targets(self, arrays, what: str, evaluated: bool | None = None) -> None:
+        """Loss targets against the loss output of the training graph, before step 1
+        (`evaluated`: a set evaluated, not trained on; by default data.eval)."""
         spec = self.cfg.loss
         if spec.type == "output":
             return
         local, plan = next(iter(self.plans.items()))
         shape = plan.out_shape
         preflight.batch_first_output(shape, local, spec.output, spec.type, _batch_axis(spec))
-        if what == "data.eval":  # (its samples may be longer along a symbolic axis)
+        if evaluated if evaluated is not None else what == "data.eval":
+            # (its samples may be longer along a symbolic axis)
             shape = report.eval_output_shape(
                 self.run_model, spec.output, shape, local,
                 {k: v.shape[1:] for k, v in self.train_arrays.items() if k in self.data_inputs},
@@ -1995,6 +1997,10 @@ class Trainer:
 
     def evaluate(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for cross_entropy) over a dataset, sharded across ranks."""
+        given = arrays is not None
+        if not given and self.eval_arrays is None:
+            raise TrainerError("evaluate: the config has no data.eval; give the arrays "
+                               "(evaluate({input: array, target: array}))")
         arrays = self.eval_arrays if arrays is None else arrays
         spec = self.cfg.loss
         wanted = list(self.data_inputs) + [getattr(spec, "target", None)] + (
@@ -2012,6 +2018,16 @@ class Trainer:
             raise TrainerError("evaluate: the arrays hold different numbers of samples ("
                                + ", ".join(f"{k}: {c}" for k, c in counts.items()) + ")")
         arrays = {k: arrays[k] for k in per_sample}
+        if given:  # (checked and converted as a dataset file's arrays: an mse target of [N]
+            what = "evaluate"  # for an output [N, 1] broadcast to [N, N], in silence)
+            arrays = {k: np.asarray(v) for k, v in arrays.items()}
+            check_against_model({k: v for k, v in arrays.items() if k in self.data_inputs},
+                                self.data_inputs, what)
+            for k, v in list(arrays.items()):
+                want = self._dtype_for(k, v, what)
+                if want is not None:
+                    arrays[k] = v.astype(want, copy=False)
+            self._check_targets(arrays, what, evaluated=True)
         self._sync_state("evaluation")
         n = next(iter(counts.values()), 0)
         lo, hi = (n * self.rank) // self.world, (n * (self.rank + 1)) // self.world
