@@ -1073,3 +1073,48 @@ def test_log_metrics_naming_a_directory_suggests_a_metrics_file(tmp_path):
     with pytest.raises(TrainerError, match="log.metrics .*logs is a directory; give a file "
                                            "path such as .*logs/metrics.jsonl"):
         Trainer(cfg, stream=io.StringIO())
+
+
+def test_python_api_misuse_is_one_clear_error(tmp_path, digits_config) -> None:
+    """Plausible misuses of the Python API raised AttributeError, KeyError, TypeError or
+    ValueError from deep inside (found by an API sweep); each names the problem now."""
+    import io
+
+    from trainer.autodiff import build_training_graph, reverse
+    from trainer.config import config_from_dict
+    from trainer.errors import ModelError, TrainerError
+    from trainer.export import export_model
+    from trainer.graph import load_model
+    from trainer.train import Trainer
+
+    raw = digits_config(steps=1)
+    with pytest.raises(TrainerError, match="Trainer takes a Config, got dict"):
+        Trainer(raw)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    x = np.load(EXAMPLES / "digits.npz")["x_test"][:4]
+    with pytest.raises(TrainerError, match=r"predict: the model has no input 'input' \(its "
+                                           r"inputs: x\)"):
+        t.predict({"input": x})
+    with pytest.raises(TrainerError, match="predict takes a mapping of the model's inputs"):
+        t.predict(x)
+    assert t.predict({"x": x.tolist()})["logits"].shape == (4, 10)  # (lists: as arrays)
+    model_path = EXAMPLES / "digits_mlp.onnx"
+    loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
+    with pytest.raises(ModelError, match=r"the loss has no key 'ignore_idx' \(its keys: type, "
+                                         r"output, target"):
+        build_training_graph(load_model(model_path), {**loss, "ignore_idx": 0}, batch_size=2)
+    with pytest.raises(ModelError, match="the loss must be a mapping"):
+        build_training_graph(load_model(model_path), "cross_entropy", batch_size=2)
+    with pytest.raises(ModelError, match="reverse: batch_size must be a positive integer, "
+                                         "got -1"):
+        reverse(load_model(model_path), ["fc1.weight"], ["logits"], batch_size=-1)
+    # (a path is loaded, as the CLI loads it; bce's `logits` key as in a config)
+    assert reverse(str(model_path), "fc1.weight", "logits", batch_size=2).graph.output
+    bce = {"type": "bce", "output": "logits", "target": "t", "logits": True}
+    assert build_training_graph(model_path, bce, batch_size=2).graph.node
+    m = load_model(model_path)
+    with pytest.raises(ModelError, match=r"cannot export: the values for 'fc1.bias' have shape "
+                                         r"\[7\], the model's tensor \[\d+\]"):
+        export_model(m, {"fc1.bias": np.zeros(7, np.float32)}, tmp_path / "o.onnx")
+    with pytest.raises(ModelError, match="metadata keys and values are strings"):
+        export_model(m, {}, tmp_path / "o.onnx", {"steps": 5})

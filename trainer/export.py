@@ -66,6 +66,11 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
     if unknown:
         raise ModelError(f"cannot export: {', '.join(unknown)} are not initializers of the model")
     skeleton = without_initializers(model)  # (the tensors are written one at a time)
+    odd = [k for k, v in (metadata or {}).items() if not (isinstance(k, str)
+                                                           and isinstance(v, str))]
+    if odd:
+        raise ModelError(f"cannot export: metadata keys and values are strings; "
+                         f"{odd[0]!r} is not or holds no string ({metadata[odd[0]]!r})")
     if metadata:
         props = {p.key: p.value for p in skeleton.metadata_props}
         props.update(metadata)
@@ -81,8 +86,11 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
                 continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
             with np.errstate(over="ignore"):  # (beyond_range names what overflows)
-                arr = np.asarray(values[t.name]).astype(dtype, copy=False).reshape(
-                    tuple(t.dims))
+                arr = np.asarray(values[t.name]).astype(dtype, copy=False)
+            if arr.size != int(np.prod(t.dims)):
+                raise ModelError(f"cannot export: the values for '{t.name}' have shape "
+                                 f"{list(arr.shape)}, the model's tensor {list(t.dims)}")
+            arr = arr.reshape(tuple(t.dims))
             if arr.dtype.kind in "biufc" and arr.dtype.byteorder in "=<|" and \
                     np.little_endian:  # (its bytes as they are: no copy in a TensorProto)
                 header = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,

@@ -156,6 +156,10 @@ class Trainer:
         (paths, model support, data, memory) before anything large is allocated; `writes`:
         False where nothing is written (`onnx-trainer eval`: the output, checkpoint and log
         paths are not checked)."""
+        if not isinstance(cfg, Config):
+            raise TrainerError(f"Trainer takes a Config, got {type(cfg).__name__}: "
+                               "trainer.config.load_config(path) reads a YAML file, "
+                               "config_from_dict(raw, base_dir) a mapping")
         self.cfg = cfg
         self.threads = apply_threads(cfg.threads)
         self.xp = get_xp(cfg.device)
@@ -1986,7 +1990,14 @@ class Trainer:
     def predict(self, inputs: dict[str, np.ndarray],
                 _evaluation: bool = False) -> dict[str, np.ndarray]:
         """The model's outputs (inference form) with the current weights, on host arrays."""
-        feeds = {k: self.xp.asarray(v.astype(self.in_dtypes[k], copy=False))
+        if not isinstance(inputs, Mapping):
+            raise TrainerError(f"predict takes a mapping of the model's inputs to arrays "
+                               f"({', '.join(self.data_inputs)}), got {type(inputs).__name__}")
+        unknown = [k for k in inputs if k not in self.in_dtypes]
+        if unknown:
+            raise TrainerError(f"predict: the model has no input {', '.join(map(repr, unknown))}"
+                               f" (its inputs: {', '.join(self.data_inputs)})")
+        feeds = {k: self.xp.asarray(np.asarray(v).astype(self.in_dtypes[k], copy=False))
                  for k, v in inputs.items()}
         if self.cfg.data.constants and inputs:
             n = len(next(iter(inputs.values())))

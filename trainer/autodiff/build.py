@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -73,8 +74,22 @@ class LossSpec:
     def of(cls, spec) -> LossSpec:
         if isinstance(spec, LossSpec):
             return spec
-        if isinstance(spec, Mapping):
-            return cls(**dict(spec))
+        if isinstance(spec, Mapping):  # (the config's keys: `logits` is from_logits)
+            raw = dict(spec)
+            if "logits" in raw:
+                raw["from_logits"] = bool(raw.pop("logits"))
+            names = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in raw if k not in names]
+            missing = [k for k in ("type", "output") if k not in raw]
+            if unknown or missing:
+                keys = ", ".join(n if n != "from_logits" else "logits" for n in names)
+                raise ModelError("the loss " + (
+                    f"has no key {', '.join(map(repr, unknown))}" if unknown
+                    else f"needs {' and '.join(map(repr, missing))}") + f" (its keys: {keys})")
+            return cls(**raw)
+        if not hasattr(spec, "type"):
+            raise ModelError(f"the loss must be a mapping such as {{'type': 'cross_entropy', "
+                             f"'output': ..., 'target': ...}}, got {type(spec).__name__}")
         return cls(type=spec.type, output=spec.output, target=spec.target,
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
@@ -101,6 +116,22 @@ def training_info(model: onnx.ModelProto) -> TrainingInfo:
     raise ModelError("model is not a training graph (no onnx_trainer.training metadata)")
 
 
+def _model_and_batch(model, batch_size, what: str) -> onnx.ModelProto:
+    """`model` as a ModelProto (a path is loaded, as `onnx-trainer` loads it); a batch size
+    that is no positive integer refused (-1 was NumPy's "negative dimensions")."""
+    if isinstance(model, str | os.PathLike):
+        from trainer.graph import load_model
+
+        model = load_model(model)
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelError(f"{what}: the model must be an onnx.ModelProto or a path to an .onnx "
+                         f"file, got {type(model).__name__}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+            batch_size, int | np.integer) or batch_size < 1):
+        raise ModelError(f"{what}: batch_size must be a positive integer, got {batch_size!r}")
+    return model
+
+
 def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
             batch_size: int | None = None,
             shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -115,6 +146,7 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     values for inputs whose values decide shapes (a shape or size tensor), which are otherwise
     taken as zeros.
     """
+    model = _model_and_batch(model, batch_size, "reverse")
     # (one name as a string: iterated, it was its characters, each "not an output")
     wrt = [wrt] if isinstance(wrt, str) else wrt
     of = [of] if isinstance(of, str) else of
@@ -247,6 +279,7 @@ def build_training_graph(model: onnx.ModelProto, loss, wrt="all", *, frozen: Ite
     spec = LossSpec.of(loss)
     if spec.type not in LOSS_TYPES:
         raise ModelError(f"unknown loss type '{spec.type}' (use one of {', '.join(LOSS_TYPES)})")
+    model = _model_and_batch(model, batch_size, "build_training_graph")
     # (one name or glob as a string, "all" apart: iterated, it was its characters)
     wrt = [wrt] if isinstance(wrt, str) and wrt != "all" else wrt
     frozen = [frozen] if isinstance(frozen, str) else frozen
