@@ -700,3 +700,59 @@ def test_a_keras_batchnorm_that_tf2onnx_wrote_as_its_statistics_is_warned_of():
     assert "WARNING: BatchNormalization layers" in report.text()
     model.producer_name = "other"
     assert not model_report(model).fused
+
+
+def _keras_model(nodes, inits, out_shape, opset=13):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)],
+                             producer_name="tf2onnx")
+
+
+def test_tf2onnx_exports_say_what_they_lost():
+    """tf_keras's BatchNormalization folded into the convolution (weights `..._fused_bn`) was
+    not warned of (Keras 3's naming alone was); the warning for tf2onnx's folds gave PyTorch's
+    remedies; tf2onnx's BatchNormalization carries no momentum (ONNX's 0.9 then moves the
+    running statistics ten times faster than Keras's default 0.99) and it drops all-zero
+    biases (a fresh Keras layer trained without its bias): neither was said (found by a Keras
+    sweep)."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape, value=None):
+        a = rng.standard_normal(shape) if value is None else np.full(shape, value)
+        return numpy_helper.from_array(a.astype(np.float32), name)
+
+    w = "sequential/conv2d/BiasAdd_weights_fused_bn"
+    conv = helper.make_node("Conv", ["x", w, "sequential/conv2d/BiasAdd_bias_fused_bn"],
+                            ["sequential/batch_normalization/FusedBatchNormV3:0"],
+                            name="sequential/conv2d/BiasAdd")
+    flat = helper.make_node("Flatten", ["sequential/batch_normalization/FusedBatchNormV3:0"],
+                            ["f"])
+    dense = helper.make_node("MatMul", ["f", "k"], ["y"], name="sequential/dense/MatMul")
+    inits = [init(w, 2, 3, 1, 1), init("sequential/conv2d/BiasAdd_bias_fused_bn", 2),
+             init("k", 32, 5)]
+    model = _keras_model([conv, flat, dense], inits, ["N", 5])
+    report = model_report(model)
+    assert report.fused == ["batch_normalization (tf2onnx)"]
+    text = report.text()
+    assert "WARNING: BatchNormalization layers that tf2onnx wrote in inference form" in text
+    assert "optimize=False" not in text  # (PyTorch's remedies)
+    assert "WARNING: layers of a tf2onnx export without a bias" in text and \
+        "sequential/dense/MatMul" in text
+    biased = _keras_model([conv, flat, dense, helper.make_node("Add", ["y0", "b"], ["y"])],
+                          [*inits, init("b", 5)], ["N", 5])
+    biased.graph.node[2].output[0] = "y0"
+    assert "without a bias" not in model_report(biased).text()
+    # a BatchNormalization in its own form, without momentum
+    bn = helper.make_node("BatchNormalization", ["x", "s", "o", "mean", "var"], ["h"],
+                          name="sequential/batch_normalization/FusedBatchNormV3", epsilon=1e-3)
+    pool = helper.make_node("GlobalAveragePool", ["h"], ["y"])
+    stats = [init("s", 3), init("o", 3), init("mean", 3, value=0.0), init("var", 3, value=1.0)]
+    text = model_report(_keras_model([bn, pool], stats, ["N", 3, 1, 1])).text()
+    assert "WARNING: BatchNormalization layers that tf2onnx wrote without their momentum" \
+        in text and "sequential/batch_normalization/FusedBatchNormV3" in text, text
+    bn.attribute.extend([helper.make_attribute("momentum", 0.99)])
+    assert "without their momentum" not in model_report(
+        _keras_model([bn, pool], stats, ["N", 3, 1, 1])).text()

@@ -220,6 +220,12 @@ FUSED_HINT = ("BatchNormalization layers that the exporter folded into the convo
               "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, and train "
               "that file before simplifying or optimizing it")
 
+KERAS_FUSED_HINT = ("BatchNormalization layers that tf2onnx wrote in inference form (folded "
+                    "into the convolution before them, or as the Mul and Add of their running "
+                    "statistics; it writes no training form) train as a fixed affine layer, "
+                    "without batch statistics, unlike Keras's training; their losses differ "
+                    "from Keras's")
+
 
 def exporter_findings(model: onnx.ModelProto
                       ) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
@@ -234,6 +240,28 @@ def exporter_findings(model: onnx.ModelProto
             fused_batchnorms(model) or [f"the one after {name}" for name in bn]
             or tool_fused_batchnorms(model), computed, embedding_renorms(model),
             exporter_hints(model))
+
+
+def _biasless_keras_layers(model: onnx.ModelProto) -> list[str]:
+    """Convolutions and weight products of a tf2onnx export without a bias: a Conv or
+    ConvTranspose without its third input, a MatMul of a weight initializer whose output no
+    Add of a float initializer reads (tf2onnx's Dense: MatMul, then the BiasAdd as an Add)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    found = []
+    for i, n in enumerate(model.graph.node):
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and \
+                n.input[1] in inits and (len(n.input) < 3 or not n.input[2]):
+            found.append(node_name(n, i))
+        elif n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and \
+                inits[n.input[1]].data_type in FLOAT_TYPES and not any(
+                    r.op_type == "Add" and any(x in inits for x in r.input if x != n.output[0])
+                    for r in readers.get(n.output[0], [])):
+            found.append(node_name(n, i))
+    return found
 
 
 def exporter_hints(model: onnx.ModelProto) -> list[str]:
@@ -258,6 +286,16 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
                 fixed.append(f"{node_name(n, i)} ({momentum:g})")
     if fixed:
         lines.append(f"WARNING: {MOMENTUM_HINT}: {listing(fixed)}")
+    if model.producer_name in ("tf2onnx", "keras2onnx"):
+        unset = [node_name(n, i) for i, n in enumerate(model.graph.node)
+                 if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+                 and len(n.input) > 4 and made.get(n.input[3], "Identity") == "Identity"
+                 and not any(a.name == "momentum" for a in n.attribute)]
+        if unset:
+            lines.append(f"WARNING: {KERAS_MOMENTUM_HINT}: {listing(unset)}")
+        biasless = _biasless_keras_layers(model)
+        if biasless:
+            lines.append(f"WARNING: {KERAS_BIAS_HINT}: {listing(biasless)}")
     expressions = folded_expressions(model)
     if expressions:
         lines.append(f"WARNING: {EXPRESSION_HINT}: {listing(expressions)}")
@@ -430,6 +468,17 @@ MOMENTUM_HINT = ("BatchNormalization layers whose momentum is 1.0 keep their run
                  "ONNX cannot express, exports so; the engine applies the exported momentum at "
                  "every step (set the module's momentum, e.g. 0.1, before exporting, unless "
                  "that value was meant)")
+KERAS_MOMENTUM_HINT = ("BatchNormalization layers that tf2onnx wrote without their momentum "
+                       "(it writes none): their running statistics move with ONNX's default "
+                       "0.9, where Keras's default is 0.99 (ten times slower); losses are "
+                       "unaffected, the trained model's inference outputs are not: set the "
+                       "node's momentum attribute to the layer's before training "
+                       "(onnx.helper.make_attribute('momentum', 0.99))")
+KERAS_BIAS_HINT = ("layers of a tf2onnx export without a bias: tf2onnx drops a bias whose values "
+                   "are all zero (a fresh Keras layer's), and the engine cannot tell it from "
+                   "use_bias=False, so such a layer trains without the bias Keras trains (the "
+                   "losses drift from Keras's); export a model whose biases are not all zero "
+                   "(trained a step, or given a tiny value), unless these layers have none")
 TILED_HINT = ("InstanceNorm layers with track_running_stats=True export as one "
               "BatchNormalization over every sample's channels, reading running statistics "
               "tiled per sample; PyTorch trains such a layer on each instance's own statistics "
@@ -473,8 +522,12 @@ def warning_lines(folded: list[str], fused: list[str], computed: list[str],
         lines.append(f"WARNING: {RENORM_HINT}: {names(renorms)}")
     if folded:
         lines.append(f"WARNING: {FOLDED_HINT}: {names(folded)}")
+    keras = [f for f in fused if f.endswith(" (tf2onnx)")]
+    fused = [f for f in fused if f not in keras]
     if fused:
         lines.append(f"WARNING: {FUSED_HINT}: {names(fused)}")
+    if keras:
+        lines.append(f"WARNING: {KERAS_FUSED_HINT}: {names(keras)}")
     if computed:
         lines.append(f"WARNING: {COMPUTED_HINT}: {names(computed)}")
     return lines

@@ -2021,11 +2021,20 @@ def tool_fused_batchnorms(model: onnx.ModelProto) -> list[str]:
             m = _KERAS_BATCHNORM.search(n.name)
             if m and m.group(1) not in layers and (n.op_type in _CONV_OPS + ("Mul", "Add")):
                 layers.append(m.group(1))
+            elif n.op_type in _CONV_OPS and len(n.input) > 1 and \
+                    n.input[1].endswith("_fused_bn"):
+                # (tf_keras's FusedBatchNormV3 folded: the weights `..._fused_bn`, the
+                # convolution writing the layer's output `.../batch_normalization/...`)
+                m = _KERAS_FUSED_BATCHNORM.search(n.output[0]) if n.output else None
+                name = m.group(1) if m else f"the one after {n.name or n.op_type}"
+                if name not in layers:
+                    layers.append(name)
         found += [f"{name} (tf2onnx)" for name in layers]
     return found
 
 
 _KERAS_BATCHNORM = re.compile(r"([^/]*batch_normalization[^/]*)/batchnorm/")
+_KERAS_FUSED_BATCHNORM = re.compile(r"([^/]*batch_normalization[^/]*)/FusedBatchNorm")
 
 
 def tool_folded_constants(model: onnx.ModelProto) -> list[str]:
