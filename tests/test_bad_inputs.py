@@ -282,9 +282,11 @@ def _resume_other_model(tmp):
 
 
 x, y = DIGITS["x_train"], DIGITS["y_train"]
-def _past_the_embedding(reshaped: bool, wrapped: bool = False):
+def _past_the_embedding(reshaped: bool, wrapped: bool | str = False):
     """Token ids with a 10 past a 10-row embedding at sample 13, read by the Gather directly,
-    through a Reshape, or through Where(x < 0, x + 10, x) (tf2onnx's Keras 3 Embedding)."""
+    through a Reshape, or through Where(x < 0, x + 10, x) (tf2onnx's Keras 3 Embedding), or
+    (wrapped "arithmetic") that Where as tf2onnx 1.17 writes it: Cast(Less(Cast(x), 0)) *
+    (x + 10) + x * Cast(Not(Less(...)))."""
     def case(t):
         ids = np.arange(96).reshape(32, 3)
         np.savez(t / "ids.npz", x=np.where(ids == 40, 10, ids % 10), y=y[:32])
@@ -292,7 +294,20 @@ def _past_the_embedding(reshaped: bool, wrapped: bool = False):
         inits = [numpy_helper.from_array(np.ones((10, 64), np.float32), "E"), _W]
         if reshaped:
             inits.append(numpy_helper.from_array(np.array([-1, 3], np.int64), "shape"))
-        if wrapped:
+        if wrapped == "arithmetic":
+            i64 = TensorProto.INT64
+            pre = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+                   helper.make_node("Less", ["xf", "fzero"], ["neg"]),
+                   helper.make_node("Cast", ["neg"], ["negi"], to=i64),
+                   helper.make_node("Not", ["neg"], ["pos"]),
+                   helper.make_node("Cast", ["pos"], ["posi"], to=i64),
+                   helper.make_node("Add", ["x", "vocab"], ["up"]),
+                   helper.make_node("Mul", ["negi", "up"], ["a"]),
+                   helper.make_node("Mul", ["x", "posi"], ["b"]),
+                   helper.make_node("Add", ["a", "b"], ["ids"])]
+            inits += [numpy_helper.from_array(np.array(0, np.float32), "fzero"),
+                      numpy_helper.from_array(np.array(10, np.int64), "vocab")]
+        elif wrapped:
             pre = [helper.make_node("Less", ["x", "zero"], ["neg"]),
                    helper.make_node("Add", ["x", "vocab"], ["up"]),
                    helper.make_node("Where", ["neg", "up", "x"], ["ids"])]
@@ -675,6 +690,10 @@ CASES = {
     # (through Where(x < 0, x + vocab, x), tf2onnx's Keras 3 Embedding: found at a step)
     "data-token-id-past-the-embedding-wrapped": (
         _past_the_embedding(reshaped=False, wrapped=True),
+        "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
+    # (tf2onnx 1.17 writes that Where as Muls of Casts of the Less: found at a step)
+    "data-token-id-past-the-embedding-wrapped-arithmetic": (
+        _past_the_embedding(reshaped=False, wrapped="arithmetic"),
         "input 'x' holds 10 at sample 13, but node 'embed' (Gather) reads it as an index"),
     "data-eval-set-bad": (lambda t: (np.savez(t / "e.npz", x=x[:, :50], y=y) or
                           ["train", _write(t, _cfg(t, steps=10**6, data__eval={

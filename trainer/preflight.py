@@ -536,6 +536,52 @@ def _negative_wrap(where: onnx.NodeProto, made: Mapping, model: onnx.ModelProto)
     return k if zero == 0 and k is not None else None
 
 
+def _select_wrap(add: onnx.NodeProto, made: Mapping, model: onnx.ModelProto,
+                 source: Mapping) -> tuple[str, int] | None:
+    """(v, K) where `add` is tf2onnx 1.17's arithmetic form of Where(Less(v, 0), v + K, v):
+    Cast(Less(v', 0)) * Add(v, K) + v * Cast(Not(Less(v', 0))), v' being v or a Cast of it
+    (Keras 3's Embedding, whatever the order of each Mul's and Add's inputs); None otherwise."""
+    if len(add.input) != 2:
+        return None
+    muls = [made.get(x) for x in add.input]
+    if any(m is None or m.op_type != "Mul" or len(m.input) != 2 for m in muls):
+        return None
+
+    def producer(x, op):
+        n = made.get(x)
+        return n if n is not None and n.op_type == op else None
+
+    def less_of(x):  # Cast(Less(...)) or Cast(Not(Less(...))): (the Less, negated)
+        cast = producer(x, "Cast")
+        if cast is None:
+            return None, False
+        inner = made.get(cast.input[0])
+        if inner is not None and inner.op_type == "Not":
+            return producer(inner.input[0], "Less"), True
+        return (inner, False) if inner is not None and inner.op_type == "Less" else (None, False)
+
+    value_of = constant_lookup(model)
+    for wrap_mul, keep_mul in (muls, muls[::-1]):
+        for c, w in (wrap_mul.input, wrap_mul.input[::-1]):
+            less, negated = less_of(c)
+            added = producer(w, "Add")
+            if less is None or negated or added is None:
+                continue
+            v = next((x for x in keep_mul.input if x in source), None)
+            other = next((x for x in keep_mul.input if x != v), None)
+            kept, kept_negated = less_of(other) if other else (None, False)
+            if v is None or kept is not less or not kept_negated or v not in added.input:
+                continue
+            tested = less.input[0]
+            cast = producer(tested, "Cast")
+            zero = value_of(less.input[1]) if len(less.input) > 1 else None
+            k = _int_constant(next((x for x in added.input if x != v), v), value_of)
+            if (tested == v or cast is not None and cast.input[0] == v) and k is not None \
+                    and zero is not None and zero.size == 1 and float(zero.reshape(())) == 0:
+                return v, k
+    return None
+
+
 def _int_constant(name: str, value_of) -> int | None:
     """The one integer value of constant `name` (value_of: graph.constant_lookup), or None."""
     value = value_of(name)
@@ -562,6 +608,10 @@ def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, wha
             if k is not None:
                 name, wraps = source[n.input[2]]
                 source[n.output[0]] = (name, wraps + (k,))
+        elif n.op_type == "Add" and (got := _select_wrap(n, made, model, source)):
+            v, k = got  # (the same, as tf2onnx 1.17 writes it: Muls of Casts of Less)
+            name, wraps = source[v]
+            source[n.output[0]] = (name, wraps + (k,))
     for n in model.graph.node:
         if n.op_type != "Gather" or len(n.input) < 2 or n.input[1] not in source or \
                 n.input[0] not in tables or not tables[n.input[0]]:
