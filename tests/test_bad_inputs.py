@@ -1137,3 +1137,12 @@ def test_python_api_misuse_is_one_clear_error(tmp_path, digits_config) -> None:
         export_model(m, {"fc1.bias": np.zeros(7, np.float32)}, tmp_path / "o.onnx")
     with pytest.raises(ModelError, match="metadata keys and values are strings"):
         export_model(m, {}, tmp_path / "o.onnx", {"steps": 5})
+    with pytest.raises(ModelError, match="reverse: wrt names tensors"):
+        reverse(m, None, "logits", batch_size=2)
+    with pytest.raises(ModelError, match=r"the shape given for input 'x', \[2\], has 1 axes; "
+                                         r"the model's input has 2"):
+        reverse(m, "fc1.weight", "logits", shapes={"x": (2,)})
+    with pytest.raises(TrainerError, match="evaluate: the arrays hold no sample"):
+        t.evaluate({"x": x[:0], "label": np.zeros(0, np.int64)})
+    with pytest.raises(TrainerError, match="config_from_dict: base_dir is the folder"):
+        config_from_dict(raw, None)

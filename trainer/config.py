@@ -915,6 +915,9 @@ def config_from_dict(raw: Mapping, base_dir: str | os.PathLike,
     """Validate a raw mapping (as read from YAML); relative paths resolve against base_dir."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at the top level, got {_got(raw)}")
+    if not isinstance(base_dir, str | os.PathLike):
+        raise ConfigError(f"config_from_dict: base_dir is the folder relative paths resolve "
+                          f"from (a str or path), got {type(base_dir).__name__}")
     raw = _plain(raw)
     # (one override as a string: iterated, it was its characters, "malformed override 'e'")
     for override in [overrides] if isinstance(overrides, str) else overrides:

@@ -790,6 +790,12 @@ def input_shapes(model: onnx.ModelProto, batch_size: int | None = None,
             continue
         if overrides and vi.name in overrides:
             shapes[vi.name] = tuple(overrides[vi.name])
+            t = tensor_type(vi.type)
+            if vi.type.HasField("tensor_type") and t.HasField("shape") and \
+                    len(t.shape.dim) != len(shapes[vi.name]):
+                raise ModelError(f"the shape given for input '{vi.name}', "
+                                 f"{list(shapes[vi.name])}, has {len(shapes[vi.name])} axes; "
+                                 f"the model's input has {len(t.shape.dim)}")
             continue
         dims = []
         for axis, d in enumerate(tensor_type(vi.type).shape.dim):

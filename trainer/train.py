@@ -2029,6 +2029,8 @@ class Trainer:
             raise TrainerError("evaluate: the arrays hold different numbers of samples ("
                                + ", ".join(f"{k}: {c}" for k, c in counts.items()) + ")")
         arrays = {k: arrays[k] for k in per_sample}
+        if given and not next(iter(counts.values()), 0):  # (its metrics were 0.0)
+            raise TrainerError("evaluate: the arrays hold no sample")
         if given:  # (checked and converted as a dataset file's arrays: an mse target of [N]
             what = "evaluate"  # for an output [N, 1] broadcast to [N, N], in silence)
             arrays = {k: np.asarray(v) for k, v in arrays.items()}

@@ -150,6 +150,10 @@ def reverse(model: onnx.ModelProto, wrt: Iterable[str], of: Iterable[str], *,
     # (one name as a string: iterated, it was its characters, each "not an output")
     wrt = [wrt] if isinstance(wrt, str) else wrt
     of = [of] if isinstance(of, str) else of
+    for arg, value in (("wrt", wrt), ("of", of)):
+        if not isinstance(value, Iterable):
+            raise ModelError(f"reverse: {arg} names tensors (a name or a list of names), "
+                             f"got {type(value).__name__}")
     wrt, of = list(dict.fromkeys(wrt)), list(dict.fromkeys(of))
     g0 = model.graph
     outputs = [o.name for o in g0.output]
