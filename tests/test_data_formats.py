@@ -153,6 +153,26 @@ def _uint8_model(path, kind=TensorProto.UINT8):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def _img_case(tmp_path, monkeypatch, img: np.ndarray, where: str):
+    """(dataset path, config, labels) of `img` [32, 6] for _uint8_model's m.onnx, as an .npz
+    or (where "mapped") a folder of .npy files checked 4 samples at a time."""
+    from trainer import preflight
+
+    y = np.random.default_rng(2).integers(0, 3, len(img))
+    if where == "npz":
+        np.savez(tmp_path / "d.npz", img=img, y=y)
+        path = tmp_path / "d.npz"
+    else:
+        path = _npy_dir(tmp_path / "mapped", img=img, y=y)
+        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 4 * img[:1].nbytes)
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": str(path), "inputs": {"img": "img"},
+                              "targets": {"label": "y"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    return path, raw, y
+
+
 @pytest.mark.parametrize("kind,dtype,value,where", [
     (TensorProto.UINT8, np.int64, 300, "npz"), (TensorProto.UINT8, np.int64, -5, "mapped"),
     (TensorProto.UINT8, np.float32, 256.0, "npz"), (TensorProto.INT8, np.uint16, 128, "npz"),
@@ -162,24 +182,10 @@ def test_integers_beyond_an_integer_inputs_type_are_refused(tmp_path, monkeypatc
     """300 into a uint8 image input was cast to 44 (and -5 to 251) and trained in silence;
     refused before training, naming the array, sample and position; the same data inside the
     range trains."""
-    from trainer import preflight
-
     _uint8_model(tmp_path / "m.onnx", kind)
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 2, (32, 6)).astype(dtype)
+    img = np.random.default_rng(1).integers(0, 2, (32, 6)).astype(dtype)
     img[21, 4] = value
-    y = rng.integers(0, 3, 32)
-    if where == "npz":
-        np.savez(tmp_path / "d.npz", img=img, y=y)
-        path = tmp_path / "d.npz"
-    else:
-        path = _npy_dir(tmp_path / "ints", img=img, y=y)
-        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 6 * 8 * 4)  # 4 samples at a time
-    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
-           "data": {"train": {"path": str(path), "inputs": {"img": "img"},
-                              "targets": {"label": "y"}}, "batch_size": 8},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.1}}
+    path, raw, y = _img_case(tmp_path, monkeypatch, img, where)
     want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind))
     span = "0 to 1" if want.kind == "b" else f"{np.iinfo(want).min} to {np.iinfo(want).max}"
     with pytest.raises(DataError, match=re.escape(
@@ -197,24 +203,10 @@ def test_fractions_for_an_integer_input_are_refused_memory_mapped_too(tmp_path, 
     """0.5 into a uint8 input was refused from an .npz but, memory-mapped from a folder of
     .npy files, truncated to 0 and trained in silence; both refused, naming the sample (the
     mapped file read 4 samples at a time here, so the sample's number counts the chunks)."""
-    from trainer import preflight
-
     _uint8_model(tmp_path / "m.onnx")
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 2, (32, 6)).astype(np.float32)
+    img = np.random.default_rng(1).integers(0, 2, (32, 6)).astype(np.float32)
     img[21, 4] = 0.5
-    y = rng.integers(0, 3, 32)
-    if where == "npz":
-        np.savez(tmp_path / "d.npz", img=img, y=y)
-        path = tmp_path / "d.npz"
-    else:
-        path = _npy_dir(tmp_path / "fractions", img=img, y=y)
-        monkeypatch.setattr(preflight, "_RANGE_CHUNK", 6 * 4 * 4)
-    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
-           "data": {"train": {"path": str(path), "inputs": {"img": "img"},
-                              "targets": {"label": "y"}}, "batch_size": 8},
-           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"},
-           "optimizer": {"type": "sgd", "lr": 0.1}}
+    path, raw, y = _img_case(tmp_path, monkeypatch, img, where)
     with pytest.raises(DataError, match=re.escape(
             "'img' holds values that are not whole numbers (sample 21: 0.5), but the model's "
             "input takes uint8")):
