@@ -1117,6 +1117,10 @@ def test_python_api_misuse_is_one_clear_error(tmp_path, digits_config) -> None:
     with pytest.raises(TrainerError, match="predict takes a mapping of the model's inputs"):
         t.predict(x)
     assert t.predict({"x": x.tolist()})["logits"].shape == (4, 10)  # (lists: as arrays)
+    with pytest.raises(TrainerError, match=r"predict: 'x' has shape \[64\]; the model takes "
+                                           r"\[batch, ...\] arrays of 2 axes \['\?', 64\] \(one "
+                                           r"sample: add the batch axis"):
+        t.predict({"x": x[0]})  # (it gave logits of shape [10], a Gemm on a vector)
     model_path = EXAMPLES / "digits_mlp.onnx"
     loss = {"type": "cross_entropy", "output": "logits", "target": "label"}
     with pytest.raises(ModelError, match=r"the loss has no key 'ignore_idx' \(its keys: type, "

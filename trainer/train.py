@@ -1997,8 +1997,19 @@ class Trainer:
         if unknown:
             raise TrainerError(f"predict: the model has no input {', '.join(map(repr, unknown))}"
                                f" (its inputs: {', '.join(self.data_inputs)})")
-        feeds = {k: self.xp.asarray(np.asarray(v).astype(self.in_dtypes[k], copy=False))
-                 for k, v in inputs.items()}
+        arrays = {k: np.asarray(v) for k, v in inputs.items()}
+        if not _evaluation:  # (evaluate checks its arrays; a sample without its batch axis
+            # ran as a batch of rows: [64] through a Gemm model gave [10], in silence)
+            for k, v in arrays.items():
+                want = self.data_inputs.get(k)
+                if want is not None and len(want) and v.ndim != len(want):
+                    one = " (one sample: add the batch axis, as x[None])" \
+                        if v.ndim == len(want) - 1 else ""
+                    raise TrainerError(f"predict: '{k}' has shape {list(v.shape)}; the model "
+                                       f"takes [batch, ...] arrays of {len(want)} axes "
+                                       f"{['?' if d is None else d for d in want]}{one}")
+        feeds = {k: self.xp.asarray(v.astype(self.in_dtypes[k], copy=False))
+                 for k, v in arrays.items()}
         if self.cfg.data.constants and inputs:
             n = len(next(iter(inputs.values())))
             feeds.update({k: v for k, v in self._constants(n).items() if k not in inputs})
