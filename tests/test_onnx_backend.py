@@ -119,6 +119,24 @@ def test_run_node_and_devices() -> None:
     assert not onnx_backend.supports_device("TPU")
 
 
+def test_an_output_that_views_an_input_is_a_copy() -> None:
+    """Identity's and Reshape's outputs were the caller's input array (or a view of it):
+    writing into an output changed the input; onnxruntime returns them as copies."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+            for n, s in (("a", [2, 3]), ("r", [3, 2]))]
+    shape = onnx.numpy_helper.from_array(np.array([3, 2], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["a"]),
+                           helper.make_node("Reshape", ["x", "shape"], ["r"])], "g", [x], outs,
+                          [shape])
+    rep = onnx_backend.prepare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    a, r = rep.run([value])
+    a[:] = -1
+    r[:] = -2
+    np.testing.assert_array_equal(value, np.arange(6).reshape(2, 3))
+
+
 def test_prepare_rejects_an_invalid_model() -> None:
     m = _add_model()
     m.graph.node[0].input[0] = "nowhere"

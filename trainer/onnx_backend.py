@@ -30,6 +30,16 @@ def _host(value):
     return to_host(value)
 
 
+def _own(value, fed: list):
+    """An output that views an input's memory (Identity, Reshape, Squeeze) as a copy, as
+    onnxruntime returns it: writing into the output changed the caller's input."""
+    if isinstance(value, list):
+        return [_own(v, fed) for v in value]
+    if isinstance(value, np.ndarray) and any(np.may_share_memory(value, f) for f in fed):
+        return value.copy()
+    return value
+
+
 class TrainerRep(BackendRep):
     """A model planned once by the executor; `run` may be called many times."""
 
@@ -86,7 +96,9 @@ class TrainerRep(BackendRep):
         if self.xp is not np:
             feeds = {k: self._to_device(v) for k, v in feeds.items()}
         got = self.executor.run(feeds) if planned else self.executor.run_unplanned(feeds)
-        return namedtupledict("Outputs", self.outputs)(*[_host(got[o]) for o in self.outputs])
+        fed = [v for v in feeds.values() if isinstance(v, np.ndarray)]
+        return namedtupledict("Outputs", self.outputs)(*[_own(_host(got[o]), fed)
+                                                         for o in self.outputs])
 
 
 class TrainerBackend(Backend):
