@@ -34,15 +34,40 @@ CAST_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 LOW = {"bf16": (TensorProto.BFLOAT16, "bf16", 13), "fp16": (TensorProto.FLOAT16, "fp16", 1)}
 
 
+# ops whose first output has the type of their first input (the ones of opsets 1-5 whose
+# schemas have no type inference among them: Gemm-1..5, Relu-1, Add-1, BatchNormalization-1..)
+_SAME_TYPE = frozenset("""Abs Add Affine AveragePool BatchNormalization Ceil Clip Concat Conv
+    ConvTranspose Crop DepthToSpace Div Dropout Elu Exp Expand Flatten Floor Gather Gemm
+    GlobalAveragePool GlobalLpPool GlobalMaxPool HardSigmoid Identity ImageScaler
+    InstanceNormalization LRN LeakyRelu Log LogSoftmax LpNormalization LpPool MatMul Max
+    MaxPool Mean MeanVarianceNormalization Min Mul Neg PRelu Pad ParametricSoftplus Pow
+    Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+    ReduceProd ReduceSum ReduceSumSquare Relu Reshape ScaledTanh Selu Sigmoid Slice Softmax
+    Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh ThresholdedRelu Tile
+    Transpose Unsqueeze Upsample""".split())
+
+
 def _float32_values(model: onnx.ModelProto) -> set[str]:
     """Names of the float32 tensors of the main graph (inputs, initializers, value_info and
-    outputs, after shape inference)."""
+    outputs, after shape inference; where inference gives no type, as for the ops of opsets
+    1-5 without type inference, an op of _SAME_TYPE's output takes its first input's)."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     g = inferred.graph
     out = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
+    typed = {t.name for t in g.initializer}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.tensor_type.elem_type:
+            typed.add(vi.name)
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             out.add(vi.name)
+    for node in g.node:  # (in the graph's order: a value's producer comes first)
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _SAME_TYPE \
+                or not node.input or node.input[0] not in out:
+            continue
+        for o in node.output if node.op_type == "Split" else node.output[:1]:
+            if o and o not in typed:
+                typed.add(o)
+                out.add(o)
     return out
 
 
@@ -90,7 +115,8 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, i
 
     def cast(x: str, name: str, dtype: int, like: onnx.NodeProto) -> onnx.NodeProto:
         node = helper.make_node("Cast", [x], [name], name=scope.fresh(
-            f"{x}/to_{short if dtype == to else 'f32'}"), to=dtype)
+            f"{x}/to_{short if dtype == to else 'f32'}"),
+            to=dtype if opset_of(m) >= 6 else TensorProto.DataType.Name(dtype))  # (Cast-1's)
         # the product's export records (its module, its FX node's reads), which tell the
         # parameter analysis whose weight a folded tensor is
         node.metadata_props.extend(like.metadata_props)

@@ -1039,7 +1039,7 @@ class Trainer:
                 self.state[k][...] = v
             eps = getattr(self.cfg.optimizer, "eps", None)
             bce = self.cfg.loss.type == "bce" and not self.cfg.loss.logits
-            cause = self._first_nonfinite_of_all(micro)
+            cause = self._first_nonfinite_of_all(micro, scale)
             sent16 = (cause == self._NONE_ANYWHERE and self.world > 1
                       and self.cfg.distributed.compress == "fp16")
             static = self.scaler is not None and not self.scaler.backs_off
@@ -1112,11 +1112,11 @@ class Trainer:
     _NONE_ANYWHERE = ("no value of the training graph was non-finite on a second run (the "
                       "gradients' sum over ranks or accumulated micro-batches overflowed?)")
 
-    def _first_nonfinite_of_all(self, micro) -> str:
+    def _first_nonfinite_of_all(self, micro, scale: float = 1.0) -> str:
         """_first_nonfinite of the lowest rank whose data made a value non-finite, on every
         rank (rank 0 prints the error and ends the job: its own "none here" hid the node
         another rank had found)."""
-        mine = self._first_nonfinite(micro)
+        mine = self._first_nonfinite(micro, scale)
         if self.world == 1:
             return mine if mine != self._NONE_HERE else self._NONE_ANYWHERE
         width = 1024  # (bytes of each rank's text, as float32 codes: any backend sums those)
@@ -1135,9 +1135,10 @@ class Trainer:
                 return text.decode("utf-8", "replace")
         return self._NONE_ANYWHERE
 
-    def _first_nonfinite(self, micro) -> str:
-        """Re-run this rank's micro-batches keeping every value; name the first node (in
-        execution order) whose output is not finite."""
+    def _first_nonfinite(self, micro, scale: float = 1.0) -> str:
+        """Re-run this rank's micro-batches keeping every value (the backward seeded as the
+        step's, at fp16's loss `scale`); name the first node (in execution order) whose output
+        is not finite."""
         from trainer.graph import topo_sort
 
         xp = self.xp
@@ -1152,6 +1153,11 @@ class Trainer:
             feeds.update(self._constants(len(next(iter(arrays.values()))), fed_only=True))
             feeds.update(self.params)
             feeds.update(self.state)
+            if self.seed_weighted:  # (the step's seed: its weight times fp16's loss scale,
+                # without which a float16 overflow of the scaled backward was not found)
+                total = sum(global_w for _, _, global_w in micro)
+                feeds[plan.seed] = self._seed_value((local_w / total if local_w else 0.0)
+                                                    * scale)
             env = ex.run(feeds)
             for name, v in feeds.items():
                 if _nonfinite(v):
