@@ -380,22 +380,73 @@ def test_resume_under_another_precision_gives_each_tensor_its_optimizer_state(tm
                     stream=io.StringIO())
     first.fit()
 
-    def per_tensor(t: Trainer) -> dict:
-        buf, out, at = t.optimizer.state["momentum_buffer"], {}, 0
-        for k in t.names:
-            n = int(np.prod(t.shapes[k]))
-            out[k] = np.asarray(buf[at:at + n]).reshape(t.shapes[k])
-            at += n
-        return out
-
-    want = per_tensor(first)
+    want = _per_tensor(first)
     second = Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck, precision="bf16"),
                                       tmp_path / "b"), stream=io.StringIO())
     assert second.names != first.names  # (the case: another layout)
     assert second.resume()
-    got = per_tensor(second)
+    got = _per_tensor(second)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _per_tensor(t: Trainer) -> dict:
+    """Each trained tensor's part of the SGD momentum buffer."""
+    buf, out, at = t.optimizer.state["momentum_buffer"], {}, 0
+    for k in t.names:
+        n = int(np.prod(t.shapes[k]))
+        out[k] = np.asarray(buf[at:at + n]).reshape(t.shapes[k])
+        at += n
+    return out
+
+
+def test_a_checkpoint_without_a_recorded_layout_is_read_in_its_parameters_order(
+        tmp_path, digits_config):
+    """Checkpoints of versions before the layout was recorded (those before 2026-12-03 held
+    the flat buffers in the model's order, not the backward's) were read in this run's order:
+    every tensor resumed with another's momentum, in silence (0.11 off the uninterrupted run
+    after 200 more steps). Their parameters were written in the buffers' order: it is read
+    from there. Such a checkpoint is made here as those versions wrote it."""
+    import json
+
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 3}
+    first = Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path / "a"),
+                    stream=io.StringIO())
+    first.fit()
+    want = _per_tensor(first)
+    path = checkpoint.latest(tmp_path / "ck")
+    arrays, meta = checkpoint.load(path)
+    old_order = list(reversed(first.names))
+    assert old_order != first.names
+    old = {f"param/{k}": arrays[f"param/{k}"] for k in old_order}
+    old.update((k, v) for k, v in arrays.items() if not k.startswith(("param/", "optim/")))
+    old["optim/momentum_buffer"] = np.concatenate([want[k].ravel() for k in old_order])
+    old.update((k, v) for k, v in arrays.items() if k.startswith("optim/") and k not in old)
+    np.savez(path / checkpoint.ARRAYS, **old)
+    del meta["layout"]
+    meta["files"] = {checkpoint.ARRAYS: (path / checkpoint.ARRAYS).stat().st_size}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(meta))
+    second = Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path / "b"),
+                     stream=io.StringIO())
+    assert second.resume()
+    got = _per_tensor(second)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_tensors_named_w_and_w_npy_keep_their_own_values(tmp_path):
+    """np.savez leaves a key that ends in .npy as it is, so the tensors `w` and `w.npy` were
+    one member name twice, and np.load gave `w.npy` the values of `w`."""
+    arrays = {"param/w": np.zeros(3, np.float32), "param/w.npy": np.ones(3, np.float32),
+              "param/v.npy.npy": np.full(2, 2.0)}
+    path = checkpoint.save(tmp_path, 1, arrays, {"position": [0, 0]}, keep=1)
+    got, _ = checkpoint.load(path)
+    assert list(got) == list(arrays)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+        assert got[k].dtype == v.dtype
+    with np.load(path / checkpoint.ARRAYS, allow_pickle=False) as npz:  # (still an .npz)
+        assert npz.files == list(arrays)
 
 
 def test_resume_with_another_data_order_says_so(tmp_path, digits_config):

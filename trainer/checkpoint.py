@@ -93,6 +93,30 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz file (what np.savez writes) whose member of key k is always `k.npy`: np.savez
+    leaves a key ending in .npy as it is, so tensors named `w` and `w.npy` were one member
+    name twice, and np.load's lookup of `w.npy` gave `w`'s values."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k, v in arrays.items():
+            with z.open(f"{k}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(v), allow_pickle=False)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file by member name less its `.npy`, in the file's order (which
+    is the checkpoint's order of the parameters: the flat buffers' before the layout was
+    recorded); no pickled object is read."""
+    arrays = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".npy"):
+                raise ValueError(f"{ARRAYS} holds '{member}', which is no .npy array")
+            with z.open(member) as f:
+                arrays[member[:-4]] = np.lib.format.read_array(f, allow_pickle=False)
+    return arrays
+
+
 def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
          keep: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` (>= 1).
@@ -111,7 +135,7 @@ def save(directory: Path, step: int, arrays: dict[str, np.ndarray], meta: dict,
             # checkpoints a shared cluster folder holds, where the exported model is 0644)
             os.chmod(tmp, 0o777 & ~_umask())
             with open(tmp / ARRAYS, "wb") as f:
-                np.savez(f, **arrays)
+                _write_npz(f, arrays)
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
@@ -242,8 +266,7 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         size = (path / ARRAYS).stat().st_size
         if want is not None and size != want:
             raise ValueError(f"{ARRAYS} is {size} bytes, the manifest says {want}")
-        with np.load(path / ARRAYS, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = _read_npz(path / ARRAYS)
     except RecursionError:  # (a manifest nested deeper than json reads)
         raise TrainerError(f"cannot read checkpoint {path}: its {MANIFEST} is nested too deeply "
                            "to read; delete this folder to resume from the previous "

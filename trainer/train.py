@@ -1612,8 +1612,7 @@ class Trainer:
     def _in_own_layout(self, full: dict, layout) -> dict:
         """A whole-buffer optimizer state of a checkpoint whose flat layout is `layout`
         ([name, size] in buffer order) with its per-element buffers reordered to this run's
-        (the order in which the backward makes the gradients, which precision changes).
-        Checkpoints written before the layout was recorded are taken in this run's order."""
+        (the order in which the backward makes the gradients, which precision changes)."""
         mine = [(k, int(np.prod(self.shapes[k]))) for k in self.names]
         if not layout:
             return full
@@ -1786,7 +1785,12 @@ class Trainer:
                           "fresh")
         else:
             try:
-                optim = self._in_own_layout(optim, meta.get("layout"))
+                # (checkpoints written before the layout was recorded hold their parameters
+                # in their flat buffers' order: the model's before 2026-12-03, the backward's
+                # after)
+                optim = self._in_own_layout(optim, meta.get("layout") or [
+                    [k[len("param/"):], int(np.prod(v.shape))] for k, v in arrays.items()
+                    if k.startswith("param/")])
                 self.optimizer.load_state_dict(self._own_optimizer_state(optim))
             except TrainerError as exc:  # same keys, other shapes: the groups changed
                 self.log.info(f"warning: {exc}; the optimizer state starts fresh")
