@@ -61,6 +61,43 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     assert (bias == 1).all()
 
 
+@pytest.mark.parametrize("how", ["values", "model"])
+def test_a_file_that_would_pass_2_gb_by_its_tensors_headers_takes_external_data(
+        tmp_path, monkeypatch, how):
+    """The size that chooses external data left out each tensor's name, dims and framing: an
+    export whose values alone were just under 2 GB was written as one file over it, which
+    onnx cannot load (the limit is scaled down here to the file's own size less one)."""
+    from onnx import TensorProto, helper
+
+    names = [f"model.layers.{i}.mlp.a_rather_long_projection_name.weight" for i in range(64)]
+    values = {n: np.full((2, 256), i, np.float32) for i, n in enumerate(names)}
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                          [numpy_helper.from_array(np.zeros((2, 256), np.float32), n)
+                           for n in names])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    def write(folder):
+        if how == "values":
+            return export_model(m, values, folder / "model.onnx")
+        trained = onnx.ModelProto()
+        trained.CopyFrom(m)
+        for t in trained.graph.initializer:
+            t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+        return export_mod.save_model(trained, folder / "model.onnx")
+
+    one = write(tmp_path / "one")
+    assert sorted(p.name for p in one.parent.iterdir()) == ["model.onnx"]
+    monkeypatch.setattr(export_mod, "TWO_GB", one.stat().st_size - 1)
+    two = write(tmp_path / "two")
+    assert sorted(p.name for p in two.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    got = {t.name: numpy_helper.to_array(t, base_dir=str(two.parent))
+           for t in onnx.load(str(two)).graph.initializer}
+    for n, v in values.items():
+        np.testing.assert_array_equal(got[n], v)
+
+
 def test_external_data_outside_the_folder_is_refused(tmp_path):
     model = onnx.load(EXAMPLES / "digits_mlp.onnx")
     secret = tmp_path / "secret.bin"

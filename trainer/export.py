@@ -101,10 +101,25 @@ def export_model(model: onnx.ModelProto, values: Mapping[str, np.ndarray], path,
             else:
                 yield _described(numpy_helper.from_array(arr, t.name), t)
     size = skeleton.ByteSize() + sum(
-        np.asarray(values[t.name]).size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
-            t.data_type)).itemsize if t.name in values else t.ByteSize()
+        _header_bytes(t) + np.asarray(values[t.name]).size * np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize + _FRAMING
+        if t.name in values else t.ByteSize() + _FRAMING
         for t in model.graph.initializer)
     return _write(skeleton, tensors, size, path, keep, check=True)
+
+
+# the most bytes _write_initializer frames a tensor with: three fields' keys and lengths
+_FRAMING = 3 * 6
+
+
+def _header_bytes(t: onnx.TensorProto) -> int:
+    """The bytes of `t`'s TensorProto without its values (its name, dims, type, doc string
+    and metadata): a file just under 2 GB in values was over it with these (an export onnx
+    cannot load)."""
+    header = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                              doc_string=t.doc_string)
+    header.metadata_props.extend(t.metadata_props)
+    return header.ByteSize()
 
 
 def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = (),
@@ -113,7 +128,7 @@ def save_model(m: onnx.ModelProto, path, keep: Iterable[os.PathLike] = (),
     files in `keep` are neither written nor removed; with `check`, onnx.checker reads the
     written file before it replaces an earlier one (a ModelError if it is not valid)."""
     skeleton = without_initializers(m)
-    size = skeleton.ByteSize() + sum(t.ByteSize() for t in m.graph.initializer)
+    size = skeleton.ByteSize() + sum(t.ByteSize() + _FRAMING for t in m.graph.initializer)
     return _write(skeleton, lambda: iter(m.graph.initializer), size, path, keep, check)
 
 
