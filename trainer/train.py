@@ -147,6 +147,17 @@ def _retyped(exc: TrainerError, text: str) -> TrainerError:
     return kind(text)
 
 
+def _step_as_named(path: Path, meta: dict) -> None:
+    """A manifest's step must be its folder's (step_N): an edited or mixed-up manifest would
+    resume, or stamp an export, at another step than the weights it comes with."""
+    named = path.name[len(checkpoint.PREFIX):] if path.name.startswith(checkpoint.PREFIX) \
+        else ""
+    step = meta.get("step")  # (one that is no integer is named as such by the callers)
+    if named.isdigit() and isinstance(step, int) and int(named) != step:
+        raise TrainerError(f"checkpoint {path} is damaged: its manifest says step "
+                           f"{meta.get('step')}, its folder step {int(named)}")
+
+
 class Trainer:
     """Trains the model of a Config; `fit()` runs the whole job and exports the result."""
 
@@ -1699,6 +1710,11 @@ class Trainer:
                 "the same run; to train another set from this point, write its model with the "
                 f"config it was trained with (onnx-trainer export CONFIG --checkpoint {path} "
                 "-o OUT.onnx) and start a new run from that file")
+        odd = [f"'{k.split('/', 1)[1]}' ({v.dtype})" for k, v in arrays.items()
+               if k.startswith(("param/", "state/")) and v.dtype.kind not in "biuf"]
+        if odd:  # (complex values lost their imaginary part with NumPy's warning)
+            raise TrainerError(f"checkpoint {path} is damaged: {listing(odd)} hold(s) no real "
+                               "numbers; use another one")
         wrong = [f"'{k}' {tuple(arrays[f'{kind}/{k}'].shape)} (this model: {tuple(v.shape)})"
                  for kind, own in (("param", self.params), ("state", self.state))
                  for k, v in own.items()
@@ -1733,6 +1749,7 @@ class Trainer:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise TrainerError(f"checkpoint {path} is damaged: its manifest's step {step!r} is "
                                "not an integer of at least 0")
+        _step_as_named(path, meta)  # (the export's metadata would carry the manifest's)
         try:
             self._take_values(path, arrays)
         except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
@@ -1750,12 +1767,8 @@ class Trainer:
     def _resume_from(self, path: Path, arrays: dict, meta: dict) -> bool:
         # (the manifest against its folder's name and the run: an edited or mixed-up manifest
         # would resume at another step or position than the weights it comes with)
-        named = path.name[len(checkpoint.PREFIX):] if path.name.startswith(
-            checkpoint.PREFIX) else ""
+        _step_as_named(path, meta)
         position = meta.get("position")
-        if named.isdigit() and int(named) != int(meta.get("step", -1)):
-            raise TrainerError(f"checkpoint {path} is damaged: its manifest says step "
-                               f"{meta.get('step')}, its folder step {int(named)}")
         if not (isinstance(position, list) and len(position) == 2
                 and all(isinstance(v, int) and v >= 0 for v in position)):
             raise TrainerError(f"checkpoint {path} is damaged: its manifest's data position "
@@ -1857,6 +1870,12 @@ class Trainer:
         if resized:
             self._relength(epoch, index, old_bs, old_acc, meta.get("total_steps"))
         tracked = meta.get("tracking") or {}  # (checkpoints written before it hold none)
+        for key in ("last_eval_step", "es_bad", "skipped", "scaler_skipped", "best_step"):
+            value = tracked.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TrainerError(f"checkpoint {path} is damaged: its manifest's tracking."
+                                   f"{key} {value!r} is not an integer; resume from another "
+                                   "one (remove this folder)")
         self.last_eval_step = int(tracked.get("last_eval_step", -1))
         self.last_metrics = dict(tracked.get("last_metrics") or {})
         self.best_value, self.best_step = tracked.get("best_value"), tracked.get("best_step")
