@@ -175,6 +175,31 @@ def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
     assert np.isfinite(res[0])
 
 
+def test_grad_label_smoothing_runs_in_onnxruntime_as_torchs_loss(tmp_path):
+    """grad --label-smoothing: the training graph of torch's cross_entropy(label_smoothing),
+    its loss and gradients in onnxruntime those of torch autograd."""
+    import torch
+    from onnx import numpy_helper
+
+    out, model = _grad_graph(tmp_path, "--label-smoothing", "0.3")
+    names = ["loss", "fc1.weight_grad", "fc2.bias_grad"]
+    got = ort.InferenceSession(out).run(names, DIGITS_BATCH)
+    p = {t.name: torch.tensor(numpy_helper.to_array(t), dtype=torch.float64, requires_grad=True)
+         for t in onnx.load(EXAMPLES / "digits_mlp.onnx").graph.initializer}
+    x = torch.tensor(DIGITS_BATCH["x"], dtype=torch.float64)
+    h = torch.relu(x @ p["fc1.weight"].T + p["fc1.bias"])
+    loss = torch.nn.functional.cross_entropy(h @ p["fc2.weight"].T + p["fc2.bias"],
+                                             torch.tensor(DIGITS_BATCH["label"]),
+                                             label_smoothing=0.3)
+    loss.backward()
+    want = [loss.item(), p["fc1.weight"].grad.numpy(), p["fc2.bias"].grad.numpy()]
+    for name, a, b in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
+    assert "must be in [0, 1]" in one_line_error(run(
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--label-smoothing",
+        "1.5", "-o", str(tmp_path / "x.onnx")))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_grad_16_bit_writes_the_mixed_precision_training_graph(tmp_path, precision):
     """`grad --precision bf16|fp16`: the products read 16-bit copies (Casts) and their

@@ -316,6 +316,7 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     ("loss.ignore_index", 10 ** 23, "config key 'loss.ignore_index' must be within int64's "
                                     "range (|value| < 2^63), got 100000000000000000000000"),
     ("steps", 2 ** 63, "config key 'steps' must be within int64's range"),
+    ("loss.label_smoothing", 1.5, "config key 'loss.label_smoothing' must be in [0, 1]"),
     ("threads", "four", "config key 'threads' must be an integer, got str 'four'"),
     ("memory_check", "no way", "config key 'memory_check' must be true or false"),
     ("data.prefetch", "sometimes",

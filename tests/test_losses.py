@@ -18,7 +18,7 @@ from trainer.errors import DataError
 from trainer.train import Trainer
 
 
-def linear_model(path, in_shape, w_shape, out_shape, perm=None):
+def linear_model(path, in_shape, w_shape, out_shape, perm=None, opset=18):
     """y = x @ w + b (then an optional Transpose), float32, symbolic batch."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32) * 0.3, "w")
@@ -31,7 +31,7 @@ def linear_model(path, in_shape, w_shape, out_shape, perm=None):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
                           [w, b])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), path)
     return {"w": numpy_helper.to_array(w), "b": numpy_helper.to_array(b)}
 
 
@@ -66,6 +66,7 @@ def run_both(tmp_path, loss, x, t, init, torch_loss, perm=None, steps=5, lr=0.1)
     values = trainer.trained_values()
     np.testing.assert_allclose(values["w"], w.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(values["b"], b.detach().numpy(), rtol=1e-10, atol=1e-12)
+    return trainer, (w, b)
 
 
 def test_mse(tmp_path):
@@ -91,6 +92,28 @@ def test_cross_entropy_class_axis_1(tmp_path):
     run_both(tmp_path, {"type": "cross_entropy", "class_axis": 1},
              rng.normal(size=(40, 5, 6)).astype(np.float32), rng.integers(0, 7, (40, 5)), init,
              lambda y, t: torch.nn.functional.cross_entropy(y, t), perm=(0, 2, 1))
+
+
+@pytest.mark.parametrize("opset", [12, 18])
+@pytest.mark.parametrize("eps", [0.2, 1.0])
+def test_label_smoothing_is_torchs(tmp_path, opset, eps):
+    """loss.label_smoothing as torch's cross_entropy(label_smoothing=eps): training (with
+    ignored positions, SoftmaxCrossEntropyLoss's form and the one before opset 13) and the
+    evaluation loss of the trained weights."""
+    init = linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 5, 7], opset=opset)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 5, 6)).astype(np.float32)
+    t = rng.integers(0, 7, (40, 5))
+    t[rng.random((40, 5)) < 0.3] = -100
+
+    def smoothed(y, tb):
+        return torch.nn.functional.cross_entropy(y.permute(0, 2, 1), tb, label_smoothing=eps)
+
+    trainer, (w, b) = run_both(tmp_path, {"type": "cross_entropy", "label_smoothing": eps},
+                               x, t, init, smoothed)
+    got = trainer.evaluate({"x": x, "target": t})["eval_loss"]
+    want = smoothed(torch.tensor(x, dtype=torch.float64) @ w + b, torch.tensor(t)).item()
+    assert got == pytest.approx(want, rel=1e-10)
 
 
 def test_labels_that_fit_another_class_axis_say_which(tmp_path):

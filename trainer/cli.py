@@ -261,7 +261,7 @@ def _grad(args) -> int:
     from trainer.config import LossConfig
     given = {"class_axis": args.class_axis, "blank": args.blank, "time_axis": args.time_axis,
              "lengths": args.lengths, "logits": args.logits or None,
-             "ignore_index": args.ignore_index}
+             "ignore_index": args.ignore_index, "label_smoothing": args.label_smoothing}
     for f in fields(LossConfig):  # (a flag of another loss type: refused, as the config does)
         only = f.metadata.get("only")
         if given.get(f.name) is not None and only and args.loss not in only:
@@ -273,6 +273,10 @@ def _grad(args) -> int:
             "lengths": args.lengths, "from_logits": args.logits}
     if args.ignore_index is not None:
         loss["ignore_index"] = args.ignore_index
+    if args.label_smoothing is not None:
+        if not 0 <= args.label_smoothing <= 1:
+            raise TrainerError(f"--label-smoothing {args.label_smoothing:g} must be in [0, 1]")
+        loss["label_smoothing"] = args.label_smoothing
     try:
         tm = build_training_graph(model, loss,
                                   args.trainable or "all", batch_size=args.batch_size or 1,
@@ -545,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bce: the output holds logits (no Sigmoid at the end)")
     g.add_argument("--ignore-index", type=int, default=None,
                    help="cross_entropy: the label to ignore (default -100)")
+    g.add_argument("--label-smoothing", type=float, default=None, metavar="E",
+                   help="cross_entropy: torch's label_smoothing, in [0, 1] (default 0)")
     g.add_argument("--time-axis", type=int, choices=[0, 1], default=None,
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",

@@ -334,6 +334,10 @@ class LossConfig:
                             required_for=("cross_entropy", "mse", "bce", "ctc"))
     class_axis: int = _k(_int, -1, only=("cross_entropy",))
     ignore_index: int = _k(_int, -100, only=("cross_entropy",))
+    # cross_entropy: torch's label_smoothing, the target a mix of the label (1 - e) and the
+    # uniform distribution over the classes (e)
+    label_smoothing: float = _k(_float, 0.0, only=("cross_entropy",),
+                                check=(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     # ctc: the blank class (the output is [N, T, classes]; labels [N, S], ended by a negative)
     blank: int = _k(_int, 0, only=("ctc",), check=(lambda v: v >= 0, "must be >= 0"))
     # ctc: 1 for outputs [N, T, classes], 0 for time-major ones [T, N, classes] (torch's layout)

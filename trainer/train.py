@@ -2754,5 +2754,8 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
     valid = target != spec.ignore_index
     safe = np.where(valid, target, 0)
     picked = np.take_along_axis(logp, np.expand_dims(safe, axis), axis=axis).squeeze(axis)
+    eps = float(getattr(spec, "label_smoothing", 0.0))
+    if eps:  # (as the training graph: the uniform distribution's share of the target)
+        picked = (1 - eps) * picked + eps * logp.mean(axis=axis)
     correct = ((out.argmax(axis=axis) == target) & valid).sum()
     return np.array([-(picked * valid).sum(), float(correct), float(valid.sum())])

@@ -65,6 +65,7 @@ class LossSpec:
     target: str | None = None
     class_axis: int = -1
     ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
+    label_smoothing: float = 0.0  # cross_entropy: as torch's CrossEntropyLoss
     blank: int = 0  # ctc: the blank class
     time_axis: int = 1  # ctc: 1 for [N, T, classes], 0 for [T, N, classes]
     lengths: str | None = None  # ctc: the target holding each sample's count of valid steps
@@ -93,6 +94,7 @@ class LossSpec:
         return cls(type=spec.type, output=spec.output, target=spec.target,
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
+                   label_smoothing=float(getattr(spec, "label_smoothing", 0.0)),
                    blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1),
                    lengths=getattr(spec, "lengths", None),
                    from_logits=bool(getattr(spec, "logits", False)))
@@ -1139,19 +1141,52 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
                          "first needs a Transpose at the model's end")
     label_shape = [d for i, d in enumerate(out_shape) if i != axis]
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
+    eps = float(spec.label_smoothing)
+    nll = b.tmp("nll") if eps else loss
     if b.opset < 13:
-        nodes += _cross_entropy_decomposed(spec, b, out_shape, dt, axis, target, loss)
-        return nodes, loss, targets
-    scores = spec.output
-    if axis != 1:
-        rest = [i for i in range(rank) if i != axis]  # (SoftmaxCrossEntropyLoss: [N, C, ...])
-        perm = [rest[0], axis] + rest[1:]
-        scores = b.tmp("scores")
-        nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
-    nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target],
-                        [loss, b.tmp("log_prob")], reduction="mean",
-                        ignore_index=spec.ignore_index))
+        more, logp, validf = _cross_entropy_decomposed(spec, b, out_shape, dt, axis, target,
+                                                       nll)
+        nodes += more
+    else:
+        scores = spec.output
+        if axis != 1:
+            rest = [i for i in range(rank) if i != axis]  # (SoftmaxCrossEntropyLoss: [N, C,
+            perm = [rest[0], axis] + rest[1:]  # ...])
+            scores = b.tmp("scores")
+            nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
+        logp = b.tmp("log_prob")
+        nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target], [nll, logp],
+                            reduction="mean", ignore_index=spec.ignore_index))
+        validf = None
+        if eps:
+            ignored, valid, validf = b.tmp("ignored"), b.tmp("valid"), b.tmp("validf")
+            nodes += [b.node("Equal", [target, b.const(np.array(spec.ignore_index, np.int64))],
+                             [ignored]),
+                      b.node("Not", [ignored], [valid]),
+                      b.node("Cast", [valid], [validf], to=elem_type(dt))]
+    if eps:
+        nodes += _label_smoothing(b, eps, nll, logp, validf, 1 if b.opset < 13 else rank - 1,
+                                  dt, loss)
     return nodes, loss, targets
+
+
+def _label_smoothing(b: Builder, eps: float, nll: str, logp: str, validf: str, rank: int, dt,
+                     loss: str) -> list[onnx.NodeProto]:
+    """torch's label_smoothing: (1 - eps) nll + eps * the mean over the counted positions of
+    -mean_c(log_prob) (the cross entropy with the uniform distribution); `logp` holds the
+    classes on axis 1, `validf` (rank `rank`) is 1 where the label counts."""
+    t = {k: b.tmp(k) for k in ("class_mean", "masked", "total", "counted", "count", "uniform",
+                               "kept", "spread")}
+    return [b.reduce("ReduceMean", logp, [1], t["class_mean"], keepdims=0),
+            b.node("Mul", [t["class_mean"], validf], [t["masked"]]),
+            b.reduce("ReduceSum", t["masked"], list(range(rank)), t["total"], keepdims=0),
+            b.reduce("ReduceSum", validf, list(range(rank)), t["counted"], keepdims=0),
+            # (no label counted: 0, not 0 / 0, as the nll's kernel gives)
+            b.node("Max", [t["counted"], b.const(np.array(1.0, dt))], [t["count"]]),
+            b.node("Div", [t["total"], t["count"]], [t["uniform"]]),
+            b.node("Mul", [nll, b.const(np.array(1.0 - eps, dt))], [t["kept"]]),
+            b.node("Mul", [t["uniform"], b.const(np.array(eps, dt))], [t["spread"]]),
+            b.node("Sub", [t["kept"], t["spread"]], [loss])]
 
 
 def _bce_loss(spec: LossSpec, b: Builder, out_shape, dt, target: str, loss: str, nodes: list,
@@ -1221,9 +1256,10 @@ def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nod
 
 
 def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: int,
-                              target: str, loss: str) -> list[onnx.NodeProto]:
+                              target: str, loss: str) -> tuple[list[onnx.NodeProto], str, str]:
     """Mean cross entropy from ops of opsets 7-12 (before SoftmaxCrossEntropyLoss):
-    -sum(onehot(label) * log_softmax(scores)) / count(label != ignore_index)."""
+    -sum(onehot(label) * log_softmax(scores)) / count(label != ignore_index); returns (nodes,
+    the log-probabilities [positions, classes], 1.0 where a position's label counts)."""
     rank = len(out_shape)
     c = out_shape[axis]
     perm = [i for i in range(rank) if i != axis] + [axis]
@@ -1252,4 +1288,4 @@ def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: i
              b.reduce("ReduceSum", t["validf"], [0], t["count"], keepdims=0),
              b.node("Div", [t["total"], t["count"]], [t["mean"]]),
              b.node("Neg", [t["mean"]], [loss])]
-    return nodes
+    return nodes, t["logp"], t["validf"]
