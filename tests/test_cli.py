@@ -176,12 +176,15 @@ def test_grad_writes_a_training_graph_onnxruntime_runs(tmp_path):
 
 
 def test_grad_label_smoothing_runs_in_onnxruntime_as_torchs_loss(tmp_path):
-    """grad --label-smoothing: the training graph of torch's cross_entropy(label_smoothing),
-    its loss and gradients in onnxruntime those of torch autograd."""
+    """grad --label-smoothing --weight: the training graph of torch's cross_entropy
+    (label_smoothing, weight), its loss and gradients in onnxruntime those of torch
+    autograd."""
     import torch
     from onnx import numpy_helper
 
-    out, model = _grad_graph(tmp_path, "--label-smoothing", "0.3")
+    weight = [1.0, 2.0, 0.5, 1.0, 0.0, 3.0, 1.0, 1.0, 0.25, 1.0]
+    out, model = _grad_graph(tmp_path, "--label-smoothing", "0.3", "--weight",
+                             ",".join(map(str, weight)))
     names = ["loss", "fc1.weight_grad", "fc2.bias_grad"]
     got = ort.InferenceSession(out).run(names, DIGITS_BATCH)
     p = {t.name: torch.tensor(numpy_helper.to_array(t), dtype=torch.float64, requires_grad=True)
@@ -190,7 +193,8 @@ def test_grad_label_smoothing_runs_in_onnxruntime_as_torchs_loss(tmp_path):
     h = torch.relu(x @ p["fc1.weight"].T + p["fc1.bias"])
     loss = torch.nn.functional.cross_entropy(h @ p["fc2.weight"].T + p["fc2.bias"],
                                              torch.tensor(DIGITS_BATCH["label"]),
-                                             label_smoothing=0.3)
+                                             label_smoothing=0.3,
+                                             weight=torch.tensor(weight, dtype=torch.float64))
     loss.backward()
     want = [loss.item(), p["fc1.weight"].grad.numpy(), p["fc2.bias"].grad.numpy()]
     for name, a, b in zip(names, got, want, strict=True):
@@ -198,6 +202,9 @@ def test_grad_label_smoothing_runs_in_onnxruntime_as_torchs_loss(tmp_path):
     assert "must be in [0, 1]" in one_line_error(run(
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--label-smoothing",
         "1.5", "-o", str(tmp_path / "x.onnx")))
+    assert "give one number per class" in one_line_error(run(
+        "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--weight", "1,a",
+        "-o", str(tmp_path / "x.onnx")))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

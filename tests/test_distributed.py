@@ -680,13 +680,18 @@ def test_a_shard_of_ignored_labels_still_moves_the_batchnorm_statistics(zoo, tmp
             np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("world,opt", [(2, {"type": "adamw", "lr": 3e-3}),
-                                       (4, {"type": "sgd", "lr": 0.1, "momentum": 0.9})])
-def test_zero1_sharded_optimizer_matches_one_process(tmp_path, digits_config, world, opt):
+@pytest.mark.parametrize("world,opt,loss", [
+    (2, {"type": "adamw", "lr": 3e-3}, {}),
+    (4, {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+     {"label_smoothing": 0.1, "weight": [1, 2, 0.5, 1, 1, 3, 1, 1, 0.1, 1]})])
+def test_zero1_sharded_optimizer_matches_one_process(tmp_path, digits_config, world, opt,
+                                                     loss):
     """distributed.shard_optimizer (ZeRO-1): each rank keeps and updates 1/N of the optimizer
-    state; the weights are the single-process ones."""
+    state; the weights are the single-process ones (also with class weights, whose sums over
+    each rank's labels weight its loss, and label smoothing)."""
     raw = digits_config(precision="fp64", steps=8, output=str(tmp_path / "z.onnx"),
                         optimizer=opt, distributed={"shard_optimizer": True})
+    raw["loss"].update(loss)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = _launch(world, path)

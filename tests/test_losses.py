@@ -95,22 +95,26 @@ def test_cross_entropy_class_axis_1(tmp_path):
 
 
 @pytest.mark.parametrize("opset", [12, 18])
-@pytest.mark.parametrize("eps", [0.2, 1.0])
-def test_label_smoothing_is_torchs(tmp_path, opset, eps):
-    """loss.label_smoothing as torch's cross_entropy(label_smoothing=eps): training (with
-    ignored positions, SoftmaxCrossEntropyLoss's form and the one before opset 13) and the
-    evaluation loss of the trained weights."""
+@pytest.mark.parametrize("eps,weighted", [(0.2, False), (1.0, False), (0.0, True),
+                                          (0.3, True)])
+def test_label_smoothing_and_class_weights_are_torchs(tmp_path, opset, eps, weighted):
+    """loss.label_smoothing and loss.weight as torch's cross_entropy(weight=...,
+    label_smoothing=eps): training (with ignored positions, SoftmaxCrossEntropyLoss's form
+    and the one before opset 13) and the evaluation loss of the trained weights."""
     init = linear_model(tmp_path / "m.onnx", ["N", 5, 6], (6, 7), ["N", 5, 7], opset=opset)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(40, 5, 6)).astype(np.float32)
     t = rng.integers(0, 7, (40, 5))
     t[rng.random((40, 5)) < 0.3] = -100
+    weight = [0.5, 2.0, 0.0, 1.0, 3.5, 0.25, 1.5] if weighted else None
 
     def smoothed(y, tb):
-        return torch.nn.functional.cross_entropy(y.permute(0, 2, 1), tb, label_smoothing=eps)
+        return torch.nn.functional.cross_entropy(
+            y.permute(0, 2, 1), tb, label_smoothing=eps,
+            weight=None if weight is None else torch.tensor(weight, dtype=torch.float64))
 
-    trainer, (w, b) = run_both(tmp_path, {"type": "cross_entropy", "label_smoothing": eps},
-                               x, t, init, smoothed)
+    trainer, (w, b) = run_both(tmp_path, {"type": "cross_entropy", "label_smoothing": eps,
+                                          "weight": weight}, x, t, init, smoothed)
     got = trainer.evaluate({"x": x, "target": t})["eval_loss"]
     want = smoothed(torch.tensor(x, dtype=torch.float64) @ w + b, torch.tensor(t)).item()
     assert got == pytest.approx(want, rel=1e-10)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -261,7 +262,8 @@ def _grad(args) -> int:
     from trainer.config import LossConfig
     given = {"class_axis": args.class_axis, "blank": args.blank, "time_axis": args.time_axis,
              "lengths": args.lengths, "logits": args.logits or None,
-             "ignore_index": args.ignore_index, "label_smoothing": args.label_smoothing}
+             "ignore_index": args.ignore_index, "label_smoothing": args.label_smoothing,
+             "weight": args.weight}
     for f in fields(LossConfig):  # (a flag of another loss type: refused, as the config does)
         only = f.metadata.get("only")
         if given.get(f.name) is not None and only and args.loss not in only:
@@ -277,6 +279,15 @@ def _grad(args) -> int:
         if not 0 <= args.label_smoothing <= 1:
             raise TrainerError(f"--label-smoothing {args.label_smoothing:g} must be in [0, 1]")
         loss["label_smoothing"] = args.label_smoothing
+    if args.weight is not None:
+        try:
+            loss["weight"] = [float(w) for w in args.weight.split(",")]
+        except ValueError:
+            raise TrainerError(f"--weight {args.weight}: give one number per class, "
+                               "separated by commas (--weight 1,2.5,0.5)") from None
+        if any(not math.isfinite(w) or w < 0 for w in loss["weight"]):
+            raise TrainerError(f"--weight {args.weight}: the weights must be finite numbers "
+                               ">= 0")
     try:
         tm = build_training_graph(model, loss,
                                   args.trainable or "all", batch_size=args.batch_size or 1,
@@ -551,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross_entropy: the label to ignore (default -100)")
     g.add_argument("--label-smoothing", type=float, default=None, metavar="E",
                    help="cross_entropy: torch's label_smoothing, in [0, 1] (default 0)")
+    g.add_argument("--weight", default=None, metavar="W1,W2,...",
+                   help="cross_entropy: a weight per class (torch's weight)")
     g.add_argument("--time-axis", type=int, choices=[0, 1], default=None,
                    help="ctc: 1 for outputs [batch, time, classes], 0 for [time, batch, classes]")
     g.add_argument("--lengths", default=None, metavar="NAME",

@@ -268,6 +268,18 @@ def _constants(v: Any, key: str, base: Path) -> FrozenMap:
     return FrozenMap(out)
 
 
+def _class_weights(v: Any, key: str, base: Path) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _err(key, f"must be a list of one number per class, got {_got(v)}")
+    out = tuple(_float(x, f"{key}[{i}]", base) for i, x in enumerate(v))
+    bad = next((i for i, x in enumerate(out) if x < 0), None)
+    if bad is not None:
+        raise _err(key, f"must hold numbers >= 0, got {out[bad]} at [{bad}]")
+    return out
+
+
 def _betas(v: Any, key: str, base: Path) -> tuple[float, float]:
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         raise _err(key, f"must be a list of two numbers, got {_got(v)}")
@@ -338,6 +350,8 @@ class LossConfig:
     # uniform distribution over the classes (e)
     label_smoothing: float = _k(_float, 0.0, only=("cross_entropy",),
                                 check=(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    # cross_entropy: torch's weight, one number per class (a weighted mean over the labels)
+    weight: tuple[float, ...] | None = _k(_class_weights, None, only=("cross_entropy",))
     # ctc: the blank class (the output is [N, T, classes]; labels [N, S], ended by a negative)
     blank: int = _k(_int, 0, only=("ctc",), check=(lambda v: v >= 0, "must be >= 0"))
     # ctc: 1 for outputs [N, T, classes], 0 for time-major ones [T, N, classes] (torch's layout)

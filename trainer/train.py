@@ -890,12 +890,12 @@ class Trainer:
             if not isinstance(labels, np.ndarray):  # (a batch on the device)
                 labels = self.train_arrays[spec.target][
                     self.batches.local_indices(epoch, index, self._order[1])]
-            local_w = int(np.count_nonzero(labels != spec.ignore_index))
+            local_w = _label_weight(spec, labels)
             global_w = local_w
             if self.world > 1:  # (one process: its batch is the global batch)
                 labels = self.train_arrays[spec.target]
                 idx = self.batches.global_indices(epoch, index, self._order[1])
-                global_w = int(np.count_nonzero(labels[idx] != spec.ignore_index))
+                global_w = _label_weight(spec, labels[idx])
         return epoch, arrays, local_w, global_w, global_n
 
     def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
@@ -2091,7 +2091,7 @@ class Trainer:
                  and d[0] is not None}
         fixed_n = fixed.pop() if len(fixed) == 1 else None
         bs = fixed_n or max(self.cfg.data.batch_size // self.world, 1)
-        sums = np.zeros(3)  # loss sum, correct, count
+        sums = np.zeros(4)  # loss sum, correct, count, the count's weight (the loss's mean)
         for start in range(lo, hi, bs):
             chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
             real = len(next(iter(chunk.values())))
@@ -2121,7 +2121,7 @@ class Trainer:
                                self._eval_reads)
         if self.world > 1:
             self.comm.allreduce_(sums, label="evaluation sums")
-        metrics = {"eval_loss": float(sums[0] / max(sums[2], 1))}
+        metrics = {"eval_loss": float(sums[0] / (sums[3] if sums[3] > 0 else 1))}
         if spec.type == "cross_entropy":
             metrics["eval_accuracy"] = float(sums[1] / max(sums[2], 1))
         return metrics
@@ -2711,30 +2711,43 @@ def _binary_on_logits(model: onnx.ModelProto, spec, rank: int) -> bool:
     return True
 
 
+def _label_weight(spec, labels: np.ndarray) -> int | float:
+    """What a batch's cross entropy averages over: its labels that are not ignore_index, or
+    with loss.weight the sum of their classes' weights (torch's weighted mean)."""
+    valid = labels != spec.ignore_index
+    if getattr(spec, "weight", None) is None:
+        return int(np.count_nonzero(valid))
+    return float(np.asarray(spec.weight, np.float64)[labels[valid]].sum())
+
+
 def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = False,
                steps=None, reads: str = "") -> np.ndarray:
-    """[sum of per-item losses, correct predictions, items] for one eval chunk of n samples;
-    items are samples, or for cross entropy the labels that are not loss.ignore_index.
+    """[sum of per-item losses, correct predictions, items, the items' weight] for one eval
+    chunk of n samples; items are samples, or for cross entropy the labels that are not
+    loss.ignore_index, and their weight is their count (with loss.weight: the sum of their
+    classes' weights, which the loss is averaged over).
     `probabilities`: the output is a Softmax's (the loss trained on its input: its log-softmax
     is the output's log); `steps`: ctc's valid time steps per sample (loss.lengths); `reads`:
     what `_eval_on_logits` made the output ("log": log-probabilities, "logits": a Sigmoid's
     input)."""
     if spec.type == "output":  # the model's own loss, taken as the mean over the chunk
-        return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n)])
+        return np.array([float(out.reshape(-1)[0]) * n, 0.0, float(n), float(n)])
     if spec.type == "mse":
         per = ((out - target) ** 2).reshape(out.shape[0], -1).mean(axis=1)
-        return np.array([per.sum(), 0.0, out.shape[0]])
+        return np.array([per.sum(), 0.0, out.shape[0], out.shape[0]])
     if spec.type == "bce" and (getattr(spec, "logits", False) or reads == "logits"):
         # (loss.logits, or a Sigmoid's input: the output is z)
         z, t = np.asarray(out, np.float64), np.asarray(target, np.float64)
         per = np.logaddexp(0.0, z) - t * z  # softplus(z) - t z, as the training graph's
-        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
+        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0],
+                         out.shape[0]])
     if spec.type == "bce":  # (the output: probabilities, a Sigmoid's or not)
         t = np.asarray(target, np.float64)
         with np.errstate(divide="ignore"):
             logp, logq = np.log(out), np.log(1 - out)
         per = -(t * np.maximum(logp, -100) + (1 - t) * np.maximum(logq, -100))
-        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0]])
+        return np.array([per.reshape(out.shape[0], -1).mean(axis=1).sum(), 0.0, out.shape[0],
+                         out.shape[0]])
     axis = spec.class_axis % out.ndim if spec.type == "cross_entropy" else out.ndim - 1
     if reads == "log":
         logp = out
@@ -2750,12 +2763,24 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
             logp = logp.swapaxes(0, 1)
         nll, count = CTCLoss(np, np.ascontiguousarray(logp), np.asarray(target),
                              None if steps is None else np.asarray(steps), blank=spec.blank)
-        return np.array([float((nll / count).sum()), 0.0, float(logp.shape[0])])
+        return np.array([float((nll / count).sum()), 0.0, float(logp.shape[0]),
+                         float(logp.shape[0])])
     valid = target != spec.ignore_index
     safe = np.where(valid, target, 0)
     picked = np.take_along_axis(logp, np.expand_dims(safe, axis), axis=axis).squeeze(axis)
     eps = float(getattr(spec, "label_smoothing", 0.0))
-    if eps:  # (as the training graph: the uniform distribution's share of the target)
-        picked = (1 - eps) * picked + eps * logp.mean(axis=axis)
+    weight = valid.astype(np.float64)
+    classes = None
+    if getattr(spec, "weight", None) is not None:  # (torch's weighted mean)
+        classes = np.asarray(spec.weight, np.float64)
+        weight = weight * classes[safe]
+    if eps:  # (as the training graph: the uniform distribution's share of the target, its
+        # classes weighted by loss.weight, and the whole divided by the labels' weights)
+        shape = [1] * logp.ndim
+        shape[axis] = -1
+        spread = (logp if classes is None else logp * classes.reshape(shape)).mean(axis=axis)
+        total = -((1 - eps) * (picked * weight).sum() + eps * (spread * valid).sum())
+    else:
+        total = -(picked * weight).sum()
     correct = ((out.argmax(axis=axis) == target) & valid).sum()
-    return np.array([-(picked * valid).sum(), float(correct), float(valid.sum())])
+    return np.array([total, float(correct), float(valid.sum()), float(weight.sum())])

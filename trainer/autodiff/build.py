@@ -66,6 +66,7 @@ class LossSpec:
     class_axis: int = -1
     ignore_index: int = -100  # cross_entropy: labels equal to it do not count (as torch)
     label_smoothing: float = 0.0  # cross_entropy: as torch's CrossEntropyLoss
+    weight: tuple[float, ...] | None = None  # cross_entropy: torch's class weights
     blank: int = 0  # ctc: the blank class
     time_axis: int = 1  # ctc: 1 for [N, T, classes], 0 for [T, N, classes]
     lengths: str | None = None  # ctc: the target holding each sample's count of valid steps
@@ -95,6 +96,8 @@ class LossSpec:
                    class_axis=getattr(spec, "class_axis", -1),
                    ignore_index=getattr(spec, "ignore_index", -100),
                    label_smoothing=float(getattr(spec, "label_smoothing", 0.0)),
+                   weight=(None if getattr(spec, "weight", None) is None
+                           else tuple(float(w) for w in spec.weight)),
                    blank=getattr(spec, "blank", 0), time_axis=getattr(spec, "time_axis", 1),
                    lengths=getattr(spec, "lengths", None),
                    from_logits=bool(getattr(spec, "logits", False)))
@@ -1142,10 +1145,15 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     label_shape = [d for i, d in enumerate(out_shape) if i != axis]
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
     eps = float(spec.label_smoothing)
+    if spec.weight is not None and len(spec.weight) != out_shape[axis]:
+        raise ModelError(f"loss.weight has {len(spec.weight)} entries, one per class, but "
+                         f"'{spec.output}' {list(out_shape)} has {out_shape[axis]} classes "
+                         f"on axis {axis}")
+    weights = None if spec.weight is None else np.array(spec.weight, dt)
     nll = b.tmp("nll") if eps else loss
     if b.opset < 13:
-        more, logp, validf = _cross_entropy_decomposed(spec, b, out_shape, dt, axis, target,
-                                                       nll)
+        more, logp, validf, weightf = _cross_entropy_decomposed(spec, b, out_shape, dt, axis,
+                                                                target, nll, weights)
         nodes += more
     else:
         scores = spec.output
@@ -1155,34 +1163,53 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
             scores = b.tmp("scores")
             nodes.append(b.node("Transpose", [spec.output], [scores], perm=perm))
         logp = b.tmp("log_prob")
-        nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target], [nll, logp],
-                            reduction="mean", ignore_index=spec.ignore_index))
-        validf = None
+        nodes.append(b.node("SoftmaxCrossEntropyLoss", [scores, target] + (
+            [] if weights is None else [b.const(weights)]), [nll, logp], reduction="mean",
+            ignore_index=spec.ignore_index))
+        validf = weightf = None
         if eps:
             ignored, valid, validf = b.tmp("ignored"), b.tmp("valid"), b.tmp("validf")
             nodes += [b.node("Equal", [target, b.const(np.array(spec.ignore_index, np.int64))],
                              [ignored]),
                       b.node("Not", [ignored], [valid]),
                       b.node("Cast", [valid], [validf], to=elem_type(dt))]
+            if weights is not None:  # (each counted label's weight)
+                safe, at, weighted = b.tmp("safe"), b.tmp("label_weight"), b.tmp("weightf")
+                nodes += [b.node("Where", [valid, target, b.const(np.array(0, np.int64))],
+                                 [safe]),
+                          b.node("Gather", [b.const(weights), safe], [at], axis=0),
+                          b.node("Mul", [at, validf], [weighted])]
+            weightf = validf if weights is None else weighted
+            if weights is not None:  # (the classes' weights on axis 1 of [N, C, d...])
+                weights = weights.reshape((-1,) + (1,) * (rank - 2))
     if eps:
-        nodes += _label_smoothing(b, eps, nll, logp, validf, 1 if b.opset < 13 else rank - 1,
-                                  dt, loss)
+        nodes += _label_smoothing(b, eps, nll, logp, validf, weightf,
+                                  1 if b.opset < 13 else rank - 1, dt, loss, weights)
     return nodes, loss, targets
 
 
-def _label_smoothing(b: Builder, eps: float, nll: str, logp: str, validf: str, rank: int, dt,
-                     loss: str) -> list[onnx.NodeProto]:
+def _label_smoothing(b: Builder, eps: float, nll: str, logp: str, validf: str, weightf: str,
+                     rank: int, dt, loss: str, weights: np.ndarray | None = None
+                     ) -> list[onnx.NodeProto]:
     """torch's label_smoothing: (1 - eps) nll + eps * the mean over the counted positions of
     -mean_c(log_prob) (the cross entropy with the uniform distribution); `logp` holds the
-    classes on axis 1, `validf` (rank `rank`) is 1 where the label counts."""
+    classes on axis 1, `validf` (rank `rank`) is 1 where the label counts, `weightf` what the
+    mean divides by (validf, or with class `weights` each counted label's weight: then each
+    class's log-probability is weighted too, as torch computes it)."""
     t = {k: b.tmp(k) for k in ("class_mean", "masked", "total", "counted", "count", "uniform",
-                               "kept", "spread")}
-    return [b.reduce("ReduceMean", logp, [1], t["class_mean"], keepdims=0),
+                               "kept", "spread", "weighted")}
+    nodes = []
+    if weights is not None:
+        nodes.append(b.node("Mul", [logp, b.const(weights)], [t["weighted"]]))
+        logp = t["weighted"]
+    return nodes + [
+            b.reduce("ReduceMean", logp, [1], t["class_mean"], keepdims=0),
             b.node("Mul", [t["class_mean"], validf], [t["masked"]]),
             b.reduce("ReduceSum", t["masked"], list(range(rank)), t["total"], keepdims=0),
-            b.reduce("ReduceSum", validf, list(range(rank)), t["counted"], keepdims=0),
-            # (no label counted: 0, not 0 / 0, as the nll's kernel gives)
-            b.node("Max", [t["counted"], b.const(np.array(1.0, dt))], [t["count"]]),
+            b.reduce("ReduceSum", weightf, list(range(rank)), t["counted"], keepdims=0),
+            # (no label counted: 0, not 0 / 0, as the nll's kernel gives; the total is 0)
+            b.node("Max", [t["counted"], b.const(np.array(np.finfo(dt).tiny, dt))],
+                   [t["count"]]),
             b.node("Div", [t["total"], t["count"]], [t["uniform"]]),
             b.node("Mul", [nll, b.const(np.array(1.0 - eps, dt))], [t["kept"]]),
             b.node("Mul", [t["uniform"], b.const(np.array(eps, dt))], [t["spread"]]),
@@ -1256,10 +1283,13 @@ def _ctc_loss(spec: LossSpec, b: Builder, out_shape, target: str, loss: str, nod
 
 
 def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: int,
-                              target: str, loss: str) -> tuple[list[onnx.NodeProto], str, str]:
+                              target: str, loss: str, weights: np.ndarray | None = None
+                              ) -> tuple[list[onnx.NodeProto], str, str]:
     """Mean cross entropy from ops of opsets 7-12 (before SoftmaxCrossEntropyLoss):
-    -sum(onehot(label) * log_softmax(scores)) / count(label != ignore_index); returns (nodes,
-    the log-probabilities [positions, classes], 1.0 where a position's label counts)."""
+    -sum(onehot(label) * log_softmax(scores)) / count(label != ignore_index), or with class
+    `weights` each position's term and count weighted by its label's; returns (nodes, the
+    log-probabilities [positions, classes], 1 where a position counts, each position's weight:
+    0 where ignored)."""
     rank = len(out_shape)
     c = out_shape[axis]
     perm = [i for i in range(rank) if i != axis] + [axis]
@@ -1282,10 +1312,16 @@ def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: i
              b.node("Cast", [t["hit"]], [t["onehot"]], to=elem_type(dt)),
              b.node("Mul", [t["logp"], t["onehot"]], [t["picked"]]),
              b.reduce("ReduceSum", t["picked"], [1], t["rowsum"], keepdims=0),
-             b.node("Cast", [t["valid"]], [t["validf"]], to=elem_type(dt)),
-             b.node("Mul", [t["rowsum"], t["validf"]], [t["masked"]]),
-             b.reduce("ReduceSum", t["masked"], [0], t["total"], keepdims=0),
-             b.reduce("ReduceSum", t["validf"], [0], t["count"], keepdims=0),
-             b.node("Div", [t["total"], t["count"]], [t["mean"]]),
-             b.node("Neg", [t["mean"]], [loss])]
-    return nodes, t["logp"], t["validf"]
+             b.node("Cast", [t["valid"]], [t["validf"]], to=elem_type(dt))]
+    weightf = t["validf"]
+    if weights is not None:  # (the label's weight, from its one-hot row)
+        at, row, weightf = b.tmp("hit_weight"), b.tmp("label_weight"), b.tmp("weightf")
+        nodes += [b.node("Mul", [t["onehot"], b.const(weights.reshape(1, c))], [at]),
+                  b.reduce("ReduceSum", at, [1], row, keepdims=0),
+                  b.node("Mul", [row, t["validf"]], [weightf])]
+    nodes += [b.node("Mul", [t["rowsum"], weightf], [t["masked"]]),
+              b.reduce("ReduceSum", t["masked"], [0], t["total"], keepdims=0),
+              b.reduce("ReduceSum", weightf, [0], t["count"], keepdims=0),
+              b.node("Div", [t["total"], t["count"]], [t["mean"]]),
+              b.node("Neg", [t["mean"]], [loss])]
+    return nodes, t["logp"], t["validf"], weightf
