@@ -492,6 +492,26 @@ def test_fp16_loss_scaling_under_mpirun_equals_one_process(tmp_path, digits_conf
         np.testing.assert_allclose(ours[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def test_bf16_on_3_ranks_is_one_process_accumulating_3_bit_for_bit(tmp_path, digits_config):
+    """With accumulate, bf16 applied each micro-batch's weight (1/3) after its backward, where
+    N processes seed the backward with it: the 16-bit products rounded other values, and 3
+    ranks were 1e-4 from one process accumulating 3 (2 and 4, powers of two, were exact)."""
+    raw = digits_config(precision="bf16", steps=3, output=str(tmp_path / "np.onnx"),
+                        data__batch_size=12, distributed={"shard_optimizer": True})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    single = Trainer(config_from_dict({**raw, "output": str(tmp_path / "one.onnx"),
+                                       "accumulate": 3, "distributed": {},
+                                       "data": {**raw["data"], "batch_size": 4}}, tmp_path),
+                     stream=io.StringIO())
+    single.fit()
+    proc = _launch(3, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ref = _weights(tmp_path / "np.onnx"), _weights(tmp_path / "one.onnx")
+    for k, v in ref.items():
+        np.testing.assert_array_equal(ours[k], v, err_msg=k)
+
+
 def test_bf16_compression_stays_close(tmp_path, digits_config):
     """distributed.compress: bf16 (float32 runs): each rank's gradient travels rounded to bf16
     (relative error <= 2**-8 per element, see trainer/comm/buckets.py); after 8 SGD steps the

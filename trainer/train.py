@@ -198,8 +198,12 @@ class Trainer:
         self.direct_grads = cfg.accumulate == 1
         # The loss weight of a micro-batch enters the backward as its seed where the gradients
         # are not weighted on their way into the buffer (direct), or cross ranks in the graph,
-        # or with fp16's loss scale (float16 gradients then overflow where GradScaler's do).
-        self.seed_weighted = self.direct_grads or self.sync_bn or cfg.precision == "fp16"
+        # or with fp16's loss scale (float16 gradients then overflow where GradScaler's do),
+        # or bf16 or fp16: the 16-bit products of the backward round the weighted values, as
+        # an autocast loop's `(loss / accumulate).backward()` and N processes' do (a weight
+        # applied after them, 1/3 with accumulate 3, rounded otherwise)
+        self.seed_weighted = self.direct_grads or self.sync_bn or cfg.precision in (
+            "fp16", "bf16")
         self._graphs: dict[int, tuple] = {}
         self._seeds: dict[float, object] = {}
         self._graph_told: set[int] = set()  # batch sizes whose failed graph capture was logged
