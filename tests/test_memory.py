@@ -493,6 +493,8 @@ def test_a_run_reports_the_memory_it_needed(tmp_path, digits_config):
            "included): " in text
     assert "; estimated before training (the training state alone): " in text
     assert result["peak_memory_mb"] * 2**20 > t.preflight.estimate.total > 0
+    # (after the end-of-run evaluation and export, which take memory too: it came before)
+    assert text.index("memory: peak resident") > text.index(f"wrote {tmp_path / 'm.onnx'}")
 
 
 def test_a_wrongly_declared_output_shape_is_inferred_not_believed(tmp_path):

@@ -1369,7 +1369,6 @@ class Trainer:
                                   self.cfg.checkpoint.dir is not None)
             self._profile_tick(final=True)
             result = {"steps": self.step, "loss": row.get("loss")}
-            result["peak_memory_mb"] = self._report_memory()
             if self.profile_result is not None:
                 result["profile"] = self.profile_result
             # (a failure of the end-of-run evaluation, in one process, or of the last
@@ -1407,6 +1406,9 @@ class Trainer:
                 if self.best_path is not None:
                     result["best"] = {"output": str(self.best_path), "step": self.best_step,
                                       cfg.best.metric: self.best_value}
+            # (last: the end-of-run evaluation, checkpoint and export take memory too, the
+            # largest share with frozen weights)
+            result["peak_memory_mb"] = self._report_memory()
             if failed:
                 (what, first), more = failed[0], failed[1:]
                 raise _retyped(first, f"{first}" + "".join(
