@@ -667,6 +667,19 @@ def test_external_data_locations_are_contained(tmp_path, location, match):
         load_model(path)
 
 
+def test_a_relative_model_paths_folder_is_named_in_the_checkers_message(tmp_path,
+                                                                       monkeypatch):
+    """A location that leaves the folder and comes back ('../models/w.bin') passes the
+    engine's containment check and onnx.checker refuses it: given a relative path, the
+    message said the data should be "inside ''"."""
+    data = _fc1_bytes()
+    path = _external(tmp_path, "../models/w.bin", length=len(data))
+    (path.parent / "w.bin").write_bytes(data)
+    monkeypatch.chdir(path.parent)
+    with pytest.raises(ModelError, match=f"should be file inside '{path.parent}/?'"):
+        load_model(path.name)
+
+
 @pytest.mark.parametrize("entries, data, match", [
     ({"length": 12}, None, "has length 12 bytes, but its shape"),
     ({}, b"\0" * 100, r"too short for tensor 'fc1.weight'"),

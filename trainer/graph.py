@@ -573,7 +573,8 @@ def checker_message(exc: Exception) -> str:
 def check_model(model: onnx.ModelProto | str | os.PathLike, what: str = "model") -> None:
     """onnx.checker as a ModelError; give a path for models whose tensors exceed 2 GB."""
     try:
-        onnx.checker.check_model(os.fspath(model) if isinstance(model, (str, os.PathLike))
+        # (an absolute path: a relative one's folder is '' in the checker's messages)
+        onnx.checker.check_model(os.path.abspath(model) if isinstance(model, (str, os.PathLike))
                                  else model)
     except onnx.checker.ValidationError as exc:
         text = checker_message(exc)
