@@ -68,8 +68,9 @@ def test_resume_into_a_longer_run_says_where_the_schedule_jumps(tmp_path, digits
     the resume now says (it was silent); one of fixed length goes on unchanged."""
     ck = {"dir": str(tmp_path / "ck"), "every_steps": 5}
     over = dict(optimizer={"type": "adamw", "lr": 0.01}, schedule=schedule, checkpoint=ck)
-    Trainer(config_from_dict(digits_config(steps=10, **over), tmp_path / "a"),
-            stream=io.StringIO()).fit()
+    first = Trainer(config_from_dict(digits_config(steps=10, **over), tmp_path / "a"),
+                    stream=io.StringIO())
+    first.fit()
     out = io.StringIO()
     longer = Trainer(config_from_dict(digits_config(steps=20, **over), tmp_path / "b"),
                      stream=out)
@@ -79,6 +80,9 @@ def test_resume_into_a_longer_run_says_where_the_schedule_jumps(tmp_path, digits
     if warned:
         lr = next(r["lr"] for r in longer.history if r.get("step") == 11)
         assert f"step 11 runs at lr {lr:.6g}" in out.getvalue()
+        # (the finished run's last lr: the one it gave, not its curve run on past its end)
+        last = next(r["lr"] for r in first.history if r.get("step") == 10)
+        assert f"which ended that run at lr {last:.6g}" in out.getvalue(), out.getvalue()
 
 
 def test_a_resume_that_changes_the_schedules_type_and_length_says_what_each_gives(

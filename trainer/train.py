@@ -1693,7 +1693,17 @@ class Trainer:
         # type over the old length is what keeping the length would give)
         then = ("the checkpoint's run gives" if ckpt_type in (None, self.schedule.type) else
                 f"{self.schedule.type} over the checkpoint's {int(was)} steps gives")
-        if old != new:
+        if old == new:
+            return
+        if self.step >= int(was) and ckpt_type in (None, self.schedule.type):
+            # (a finished run continued: it has no such step, and its curve past its end is
+            # no lr it gave)
+            last = lr_at(self.cfg.schedule, base, int(was) - 1, int(was))
+            self.log.info(f"the run is {self.total_steps} steps now and was {int(was)} at the "
+                          f"checkpoint, which ended that run at lr {last:.6g}; schedule "
+                          f"{self.schedule.type} is laid over the run's length, so step "
+                          f"{self.step + 1} runs at lr {new:.6g}")
+        else:
             self.log.info(f"warning: the run is {self.total_steps} steps now and was "
                           f"{int(was)} at the checkpoint; schedule {self.schedule.type} is laid "
                           f"over the run's length, so step {self.step + 1} runs at lr {new:.6g} "
