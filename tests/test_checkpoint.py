@@ -544,3 +544,17 @@ def test_a_resume_on_another_number_of_processes_says_so(tmp_path, digits_config
     Trainer(config_from_dict(dict(raw, steps=3), tmp_path), stream=log).fit(resume=True)
     assert "resuming a run of 4 process(es) on 1: the number of processes leaves the global " \
         "batch and its order as they were" in log.getvalue()
+    # the 1437 samples in batches of 8 leave 5: trained by one process, not by 8 (fewer than
+    # one each), which changed the epoch's length without a word
+    raw = digits_config(steps=2, checkpoint={"dir": "ck8", "every_steps": 1},
+                        data__batch_size=8, data__drop_last=False)
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    manifest = checkpoint.latest(tmp_path / "ck8") / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "world_size": 8}))
+    log = io.StringIO()
+    t = Trainer(config_from_dict(dict(raw, steps=3), tmp_path), stream=log)
+    t.fit(resume=True)
+    assert t.batches.steps_per_epoch == 180
+    assert "(each process takes another share of it); an epoch's last 5 sample(s), a partial " \
+        "batch, are trained now, where they were left out: an epoch is 180 batches" \
+        in log.getvalue(), log.getvalue()

@@ -1796,9 +1796,21 @@ class Trainer:
                 raise TrainerError(f"checkpoint {path} is damaged: its manifest's {key} "
                                    f"{value!r} is not an integer of at least {low}")
         if meta.get("world_size", self.world) != self.world:
-            self.log.info(f"resuming a run of {meta['world_size']} process(es) on {self.world}: "
-                          "the number of processes leaves the global batch and its order as "
-                          "they were (each process takes another share of it)")
+            # (data.drop_last false: a last partial batch is trained where it holds a sample
+            # for every process, so the epoch's length may change with their number)
+            bs = int(meta.get("batch_size", self.cfg.data.batch_size))
+            rest = self.batches.n % bs if bs == self.cfg.data.batch_size else 0
+            trained = [bool(rest) and not self.cfg.data.drop_last and rest >= w
+                       for w in (meta["world_size"], self.world)]
+            self.log.info(
+                f"resuming a run of {meta['world_size']} process(es) on {self.world}: the "
+                "number of processes leaves the global batch and its order as they were "
+                "(each process takes another share of it)" + (
+                    "" if trained[0] == trained[1] else
+                    f"; an epoch's last {rest} sample(s), a partial batch, "
+                    + ("are trained now, where they were left out" if trained[1] else
+                       "are left out now (fewer than one per process), where they were "
+                       "trained") + f": an epoch is {self.batches.steps_per_epoch} batches"))
         self._take_values(path, arrays)
         optim = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optim/")}
         was = meta.get("optimizer")
