@@ -512,6 +512,25 @@ def test_a_float32_models_16_bit_region_computes_as_float16_arithmetic(like, lis
     np.testing.assert_array_equal(got, want)
 
 
+def test_float64_runs_widen_cast_1s_named_types():
+    """Cast-1 (opsets 1-5) names its type as a string: `precision: fp64` left a Cast "FLOAT"
+    as it was, so the verification run rounded to float32 there."""
+    from onnx import TensorProto, helper
+
+    from trainer.executor import Executor
+    from trainer.graph import to_float64
+
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to="FLOAT")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    m = to_float64(helper.make_model(g, opset_imports=[helper.make_opsetid("", 5)],
+                                     ir_version=3))
+    onnx.checker.check_model(m, full_check=True)
+    assert m.graph.node[0].attribute[0].s == b"DOUBLE"
+    x = np.array([0.1, 1 / 3, 1e-300])
+    np.testing.assert_array_equal(Executor(m, np).run({"x": x})["y"], x)
+
+
 def test_a_long_runs_history_keeps_its_latest_rows_and_the_file_all(tmp_path, monkeypatch):
     """Trainer.history held every row of the run (about 300 bytes each: 10 MB at every step
     over 40,000 steps, found by a resource sweep); it keeps the latest HISTORY_ROWS to

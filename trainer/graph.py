@@ -1131,7 +1131,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
         """[node] and the Casts that round its 16-bit results (see above)."""
         if not rounding or node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
             return [node]
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        to = next((_type_code(a) for a in node.attribute if a.name == "to"), None)
         cast = node.op_type == "Cast" and to == S
         extra = []
         for i, out in enumerate(node.output):
@@ -1183,6 +1183,9 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
                                                             "RandomUniform", "RandomNormalLike",
                                                             "RandomUniformLike", "EyeLike"):
                     a.i = D
+                elif a.name == "to" and a.type == onnx.AttributeProto.STRING and \
+                        node.op_type == "Cast" and _type_code(a) == S and not keep:
+                    a.s = onnx.TensorProto.DataType.Name(D).encode()  # (Cast-1's `to`)
                 elif a.name == "dtype" and a.type == onnx.AttributeProto.INT and a.i == S:
                     a.i = D
                 elif a.name == "stash_type" and a.i == S:
@@ -1190,6 +1193,16 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
 
     conv_graph(m.graph)
     return m
+
+
+def _type_code(a: onnx.AttributeProto) -> int | None:
+    """A type attribute's TensorProto code: an integer, or Cast-1's name ("FLOAT")."""
+    if a.type == onnx.AttributeProto.STRING:
+        try:
+            return onnx.TensorProto.DataType.Value(a.s.decode("utf-8", "replace").upper())
+        except ValueError:
+            return None
+    return a.i
 
 
 # Ops whose statistics are computed in their `stash_type` (default float32).
