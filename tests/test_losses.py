@@ -118,6 +118,67 @@ def test_label_smoothing_and_class_weights_are_torchs(tmp_path, opset, eps, weig
     got = trainer.evaluate({"x": x, "target": t})["eval_loss"]
     want = smoothed(torch.tensor(x, dtype=torch.float64) @ w + b, torch.tensor(t)).item()
     assert got == pytest.approx(want, rel=1e-10)
+    if weighted:  # (every label of weight 0: a mean over no weight, torch's NaN; it was 0)
+        with pytest.raises(DataError, match="every label of target 'target' is -100, "
+                                            "loss.ignore_index or of a class whose "
+                                            "loss.weight is 0: no position counts"):
+            trainer.evaluate({"x": x, "target": np.where(t == -100, -100, 2)})
+
+
+@pytest.mark.parametrize("case,opset,eps", [("ignored", 11, 0.0), ("weight 0", 11, 0.2),
+                                             ("weight 0", 17, 0.2)])
+def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tmp_path, case,
+                                                                             opset, eps):
+    """accumulate 2 on a BatchNorm model, the first micro-batch's labels all ignored or of a
+    weight-0 class: before opset 13 its loss divided 0 by 0, a NaN that reached the gradients
+    (the micro-batch runs for its statistics); with label_smoothing, its labels' smoothing
+    term was left out, where torch counts it over the whole batch's weights."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (np.float32(rng.normal(size=s) * 0.5).astype(np.float64) for s in ((6, 8), (8, 4)))
+    x, t = rng.normal(size=(16, 6)).astype(np.float32), rng.integers(0, 4, 16)
+    t[0:4] = -100 if case == "ignored" else 2
+    weight = [1.0, 0.5, 0.0, 2.0]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w1", w1), ("w2", w2), ("g", np.ones(8)), ("b", np.zeros(8)), ("m", np.zeros(8)),
+        ("v", np.ones(8)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["hn"]),
+             helper.make_node("Relu", ["hn"], ["r"]), helper.make_node("MatMul", ["r", "w2"],
+                                                                        ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    trainer = Trainer(config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "precision": "fp64",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "t"}},
+                 "batch_size": 4, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "y", "target": "label",
+                 "label_smoothing": eps, "weight": weight},
+        "accumulate": 2, "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2,
+        "log": {"every_steps": 1}}, tmp_path), stream=io.StringIO())
+    trainer.fit()
+    p = [torch.tensor(a, requires_grad=True) for a in (w1, w2, np.ones(8), np.zeros(8))]
+    opt, want = torch.optim.SGD(p, lr=0.1), []
+    for s in range(2):  # (BatchNorm's statistics per micro-batch of 4, as accumulate's)
+        xb = torch.tensor(x[s * 8:(s + 1) * 8], dtype=torch.float64)
+        ys = [torch.relu(torch.nn.functional.batch_norm(xb[h] @ p[0], None, None, p[2], p[3],
+                                                        training=True)) @ p[1]
+              for h in (slice(0, 4), slice(4, 8))]
+        loss = torch.nn.functional.cross_entropy(
+            torch.cat(ys), torch.tensor(t[s * 8:(s + 1) * 8]), label_smoothing=eps,
+            weight=torch.tensor(weight, dtype=torch.float64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    np.testing.assert_allclose([r["loss"] for r in trainer.history if "loss" in r], want,
+                               rtol=1e-10)
+    np.testing.assert_allclose(trainer.trained_values()["w1"], p[0].detach().numpy(),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_labels_that_fit_another_class_axis_say_which(tmp_path):

@@ -385,10 +385,11 @@ LABEL_CHECK_ELEMENTS = 8 << 20  # labels checked at a time (memory: a few bytes 
 
 def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
                  per_sample: tuple[int, ...], ignore_index: int, output: str,
-                 out_shape: tuple[int, ...] | None = None) -> None:
+                 out_shape: tuple[int, ...] | None = None, weight=None) -> None:
     """Cross-entropy labels: integer, shaped like the output without its class axis, and in
     [0, classes) or equal to ignore_index; the first bad one is named (with the class axis
-    that would fit, where the output's full shape `out_shape` has one)."""
+    that would fit, where the output's full shape `out_shape` has one); some label must count
+    (not ignored, and of a class whose loss.`weight` is not 0)."""
     if labels.dtype.kind not in "iu":
         hint = ""
         if out_shape and tuple(labels.shape[1:]) == tuple(out_shape[1:]):
@@ -429,12 +430,16 @@ def class_labels(labels: np.ndarray, name: str, what: str, classes: int,
             raise DataError(f"{what}: target '{name}' holds {value} at {where}, outside "
                             f"[0, {classes}) for the {classes} classes of '{output}' (label "
                             f"{ignore_index} marks a position to ignore, as loss.ignore_index)")
-        all_ignored = all_ignored and bool((part == ignore_index).all())
+        counts = part != ignore_index
+        if weight is not None and len(weight) == classes:
+            counts &= np.asarray(weight)[np.where(counts, part, 0)] != 0
+        all_ignored = all_ignored and not counts.any()
     if all_ignored:  # (a loss of 0/0: nothing to learn)
+        weighted = " or of a class whose loss.weight is 0" if weight is not None else ""
         raise DataError(f"{what}: every label of target '{name}' is {ignore_index}, "
-                        f"loss.ignore_index: no position counts, so there is nothing to "
-                        f"{'evaluate' if 'eval' in what else 'train on'} (its loss would be 0 / "
-                        "0; PyTorch's is NaN)")
+                        f"loss.ignore_index{weighted}: no position counts, so there is nothing "
+                        f"to {'evaluate' if 'eval' in what else 'train on'} (its loss would be "
+                        "0 / 0; PyTorch's is NaN)")
 
 
 def batch_first_output(out_shape: tuple, local: int, output: str, loss: str,

@@ -1379,6 +1379,7 @@ def _check_labels(cfg, out_shape, problems: list, load_arrays, local: int | None
             if labels.dtype.kind in "iu":
                 labels = np.asarray(labels)
             checks.class_labels(labels, spec.target, what, out_shape[axis], per_sample,
-                                spec.ignore_index, spec.output, tuple(out_shape))
+                                spec.ignore_index, spec.output, tuple(out_shape),
+                                getattr(spec, "weight", None))
         except TrainerError as exc:
             problems.append(exc)

@@ -513,7 +513,7 @@ class Trainer:
                           "...]: set loss.class_axis: 1 if they are there")
         per_sample = tuple(d for i, d in enumerate(shape) if i != axis)[1:]
         preflight.class_labels(labels, spec.target, what, shape[axis], per_sample,
-                               spec.ignore_index, spec.output, tuple(shape))
+                               spec.ignore_index, spec.output, tuple(shape), spec.weight)
 
     def _training_graph(self, local_n: int, batch: Mapping | None = None):
         """(training graph, its TrainingInfo) for local batches of local_n samples, built on
@@ -900,6 +900,11 @@ class Trainer:
                 labels = self.train_arrays[spec.target]
                 idx = self.batches.global_indices(epoch, index, self._order[1])
                 global_w = _label_weight(spec, labels[idx])
+            if not local_w and spec.weight is not None and spec.label_smoothing and (
+                    labels != spec.ignore_index).any():
+                # labels of weight-0 classes alone: their smoothing term still counts (over the
+                # global batch's weights, as torch's); the graph divides it by 1 here
+                local_w = 1.0
         return epoch, arrays, local_w, global_w, global_n
 
     def train_step(self, micro: list[tuple[dict, int, int]], lr) -> float:
@@ -1080,8 +1085,10 @@ class Trainer:
             # (momentum, weight decay and Adam's moments would still move the weights);
             # PyTorch's mean over no label is NaN
             self.step += 1
+            weighted = " or of a class whose loss.weight is 0" if self.cfg.loss.weight else ""
             self.log.info(f"step {self.step}: every label of its batch is loss.ignore_index "
-                          f"({self.cfg.loss.ignore_index}): nothing to learn, update skipped")
+                          f"({self.cfg.loss.ignore_index}){weighted}: nothing to learn, update "
+                          "skipped")
             self.times["step"] += clock() - t_start
             return loss
         t = clock()

@@ -1196,21 +1196,34 @@ def _label_smoothing(b: Builder, eps: float, nll: str, logp: str, validf: str, w
     classes on axis 1, `validf` (rank `rank`) is 1 where the label counts, `weightf` what the
     mean divides by (validf, or with class `weights` each counted label's weight: then each
     class's log-probability is weighted too, as torch computes it)."""
-    t = {k: b.tmp(k) for k in ("class_mean", "masked", "total", "counted", "count", "uniform",
-                               "kept", "spread", "weighted")}
+    t = {k: b.tmp(k) for k in ("class_mean", "masked", "total", "counted", "safe", "ratio",
+                               "has", "none", "count", "uniform", "kept", "spread", "weighted",
+                               "nll_safe", "positive")}
     nodes = []
     if weights is not None:
         nodes.append(b.node("Mul", [logp, b.const(weights)], [t["weighted"]]))
         logp = t["weighted"]
+    one, tiny = b.const(np.array(1.0, dt)), b.const(np.array(np.finfo(dt).tiny, dt))
+    nodes += [b.reduce("ReduceMean", logp, [1], t["class_mean"], keepdims=0),
+              b.node("Mul", [t["class_mean"], validf], [t["masked"]]),
+              b.reduce("ReduceSum", t["masked"], list(range(rank)), t["total"], keepdims=0),
+              b.reduce("ReduceSum", weightf, list(range(rank)), t["counted"], keepdims=0),
+              # the labels' weight, or 1 where it is 0 (labels of weight-0 classes alone, whose
+              # smoothing term the trainer weights by the global batch's: torch's sum over its
+              # labels; none counted: a total of 0), from ops of every opset
+              b.node("Max", [t["counted"], tiny], [t["safe"]]),
+              b.node("Div", [t["counted"], t["safe"]], [t["ratio"]]),
+              b.node("Min", [t["ratio"], one], [t["has"]]),
+              b.node("Sub", [one, t["has"]], [t["none"]]),
+              b.node("Add", [t["counted"], t["none"]], [t["count"]]),
+              b.node("Div", [t["total"], t["count"]], [t["uniform"]])]
+    if b.opset >= 13:  # (SoftmaxCrossEntropyLoss's mean over no weight is 0 / 0: NaN)
+        nodes += [b.node("Greater", [t["counted"], b.const(np.array(0.0, dt))],
+                         [t["positive"]]),
+                  b.node("Where", [t["positive"], nll, b.const(np.array(0.0, dt))],
+                         [t["nll_safe"]])]
+        nll = t["nll_safe"]
     return nodes + [
-            b.reduce("ReduceMean", logp, [1], t["class_mean"], keepdims=0),
-            b.node("Mul", [t["class_mean"], validf], [t["masked"]]),
-            b.reduce("ReduceSum", t["masked"], list(range(rank)), t["total"], keepdims=0),
-            b.reduce("ReduceSum", weightf, list(range(rank)), t["counted"], keepdims=0),
-            # (no label counted: 0, not 0 / 0, as the nll's kernel gives; the total is 0)
-            b.node("Max", [t["counted"], b.const(np.array(np.finfo(dt).tiny, dt))],
-                   [t["count"]]),
-            b.node("Div", [t["total"], t["count"]], [t["uniform"]]),
             b.node("Mul", [nll, b.const(np.array(1.0 - eps, dt))], [t["kept"]]),
             b.node("Mul", [t["uniform"], b.const(np.array(eps, dt))], [t["spread"]]),
             b.node("Sub", [t["kept"], t["spread"]], [loss])]
@@ -1295,7 +1308,7 @@ def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: i
     perm = [i for i in range(rank) if i != axis] + [axis]
     t = {k: b.tmp(k) for k in ("last", "flat", "logp", "lab", "ignored", "valid", "validi",
                                "safe", "lab2", "hit", "onehot", "picked", "rowsum", "validf",
-                               "masked", "total", "count", "mean")}
+                               "masked", "total", "counted", "count", "mean")}
     m = int(np.prod(out_shape)) // c
     nodes = [b.node("Transpose", [spec.output], [t["last"]], perm=perm),
              b.reshape(t["last"], [m, c], t["flat"]),
@@ -1321,7 +1334,11 @@ def _cross_entropy_decomposed(spec: LossSpec, b: Builder, out_shape, dt, axis: i
                   b.node("Mul", [row, t["validf"]], [weightf])]
     nodes += [b.node("Mul", [t["rowsum"], weightf], [t["masked"]]),
               b.reduce("ReduceSum", t["masked"], [0], t["total"], keepdims=0),
-              b.reduce("ReduceSum", weightf, [0], t["count"], keepdims=0),
+              b.reduce("ReduceSum", weightf, [0], t["counted"], keepdims=0),
+              # (no label counted, as a micro-batch of a BatchNorm model that runs for its
+              # statistics: 0, not 0 / 0, whose NaN reached the gradients through the seed)
+              b.node("Max", [t["counted"], b.const(np.array(np.finfo(dt).tiny, dt))],
+                     [t["count"]]),
               b.node("Div", [t["total"], t["count"]], [t["mean"]]),
               b.node("Neg", [t["mean"]], [loss])]
     return nodes, t["logp"], t["validf"], weightf
