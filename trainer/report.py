@@ -1199,6 +1199,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                               pooled=True,  # (the plan of either device)
                               batch_bytes=per_sample * local * copies + resident,
                               shard_optimizer=cfg.distributed.shard_optimizer,
+                              accumulate=cfg.accumulate,
                               constant_shapes=(lambda b: {
                                   k: v.shape for k, v in constant_inputs(
                                       cfg.data.constants, structure, b).items()

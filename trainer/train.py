@@ -964,7 +964,7 @@ class Trainer:
             # Weight so that summing over ranks (and micro-batches) gives the global mean; the
             # gradients reach the flat buffer (written there by their kernels, or added by the
             # on_produced hooks when accumulating), and their buckets start as they complete.
-            w, self._last_micro = (local_w / total if local_w else 0.0), m == live[-1]
+            w, self._last_micro = (local_w / total if local_w and total else 0.0), m == live[-1]
             if self.seed_weighted:
                 # The rank's loss weight enters the backward as its seed: the gradients come out
                 # weighted (and SyncBatchNorm's in-graph all-reduce sees weighted terms).
