@@ -202,6 +202,10 @@ def test_grad_label_smoothing_runs_in_onnxruntime_as_torchs_loss(tmp_path):
     assert "must be in [0, 1]" in one_line_error(run(
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--label-smoothing",
         "1.5", "-o", str(tmp_path / "x.onnx")))
+    assert "the class weights (loss.weight, grad --weight) have 2 entries, one per class, " \
+        "but 'logits' [8, 10] has 10 classes" in one_line_error(run(
+            "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--weight", "1,2",
+            "--batch-size", "8", "-o", str(tmp_path / "x.onnx")))
     assert "give one number per class" in one_line_error(run(
         "grad", str(EXAMPLES / "digits_mlp.onnx"), "--output", "logits", "--weight", "1,a",
         "-o", str(tmp_path / "x.onnx")))

@@ -1146,7 +1146,8 @@ def _append_loss(spec: LossSpec, b: Builder, shapes, scope: NameScope):
     targets.append(helper.make_tensor_value_info(target, onnx.TensorProto.INT64, label_shape))
     eps = float(spec.label_smoothing)
     if spec.weight is not None and len(spec.weight) != out_shape[axis]:
-        raise ModelError(f"loss.weight has {len(spec.weight)} entries, one per class, but "
+        raise ModelError(f"the class weights (loss.weight, grad --weight) have "
+                         f"{len(spec.weight)} entries, one per class, but "
                          f"'{spec.output}' {list(out_shape)} has {out_shape[axis]} classes "
                          f"on axis {axis}")
     weights = None if spec.weight is None else np.array(spec.weight, dt)
