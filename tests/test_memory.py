@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import io
+import os
 import subprocess
 import sys
 import time
@@ -520,6 +521,38 @@ def test_the_estimate_counts_what_a_run_holds_of_frozen_values_and_accumulation(
     assert evaluated.parameters - plain.parameters >= 3 * frozen
     accumulated = estimate(accumulate=2)
     assert accumulated.gradients - plain.gradients == plain.trainable_bytes == 2560 * 4
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_memory_cgroups_limit_bounds_the_memory_available(tmp_path, monkeypatch, version):
+    """memory_check compared the estimate with the host's MemAvailable alone: in a container
+    or a Slurm job limited below it, a config the kernel would end was taken. The limit less
+    the cgroup's use (its inactive file cache left out, as reclaimable) bounds it, the lowest
+    along the cgroup's parents; a cgroup without a limit changes nothing."""
+    root = tmp_path / "cg"
+    own = "job/step" if version == 2 else "memory/job/step"
+    (root / own).mkdir(parents=True)
+    names = (("memory.max", "memory.current", "inactive_file") if version == 2 else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+    def limit(folder, value, used, inactive):
+        (root / folder / names[0]).write_text(f"{value}\n")
+        (root / folder / names[1]).write_text(f"{used}\n")
+        (root / folder / "memory.stat").write_text(f"anon 1\n{names[2]} {inactive}\n")
+
+    no_limit = "max" if version == 2 else str(2**63 - 4096)
+    limit(own, no_limit, 5 << 30, 0)
+    limit(os.path.dirname(own), 4 << 30, 3 << 30, 1 << 30)  # (the job's: 2 GiB left)
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text("0::/job/step\n" if version == 2 else
+                      "4:memory:/job/step\n3:cpuset:/\n")
+    assert memory.cgroup_available(str(cgroup), str(root)) == 2 << 30
+    limit(os.path.dirname(own), no_limit, 3 << 30, 0)
+    assert memory.cgroup_available(str(cgroup), str(root)) is None
+    monkeypatch.setattr(memory, "cgroup_available", lambda: 2 << 30)
+    got, what = memory.available_memory()
+    assert (got, what) == (2 << 30, "the memory cgroup's limit less its use") or \
+        what == "MemAvailable" and got < 2 << 30
 
 
 def test_a_run_reports_the_memory_it_needed(tmp_path, digits_config):

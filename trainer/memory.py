@@ -943,14 +943,82 @@ def available_memory(xp=np) -> tuple[int | None, str]:
             return int(free), "free GPU memory"
         except Exception:  # noqa: BLE001 - no usable answer from the driver
             return None, "GPU memory (unknown)"
+    found: tuple[int | None, str] = (None, "available memory (unknown)")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable"
+                    found = (int(line.split()[1]) * 1024, "MemAvailable")
+                    break
     except OSError:
         pass
-    return None, "available memory (unknown)"
+    # (a container's or a Slurm job's memory limit: the kernel ends the process there, with
+    # the host's MemAvailable still large)
+    limited = cgroup_available()
+    if limited is not None and (found[0] is None or limited < found[0]):
+        return limited, "the memory cgroup's limit less its use"
+    return found
+
+
+def cgroup_available(proc_cgroup: str = "/proc/self/cgroup",
+                     root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup (v2, or v1's memory controller) and its parents
+    still allow: the lowest limit less that cgroup's use without its inactive file cache
+    (reclaimable), as container runtimes count a working set; None where none is set."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        return None
+    places = []  # (folder, limit file, use file)
+    for _, controllers, path in lines:
+        if controllers == "":  # v2
+            places.append((os.path.join(root, path.lstrip("/")), "memory.max",
+                           "memory.current", "inactive_file"))
+        elif "memory" in controllers.split(","):  # v1
+            places.append((os.path.join(root, "memory", path.lstrip("/")),
+                           "memory.limit_in_bytes", "memory.usage_in_bytes",
+                           "total_inactive_file"))
+    best = None
+    for folder, limit_file, use_file, inactive_key in places:
+        # (in a container's namespace its own cgroup is the controller's root: the path
+        # named may not exist there)
+        here = folder
+        seen = set()
+        while here not in seen:
+            seen.add(here)
+            left = _cgroup_left(here, limit_file, use_file, inactive_key)
+            if left is not None and (best is None or left < best):
+                best = left
+            if os.path.normpath(here) == os.path.normpath(
+                    os.path.join(root, "memory") if limit_file.endswith("bytes") else root):
+                break
+            here = os.path.dirname(here)
+    return best
+
+
+def _cgroup_left(folder: str, limit_file: str, use_file: str, inactive_key: str) -> int | None:
+    try:
+        with open(os.path.join(folder, limit_file)) as f:
+            raw = f.read().strip()
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:  # (no limit)
+            return None
+        limit = int(raw)
+        with open(os.path.join(folder, use_file)) as f:
+            used = int(f.read().strip())
+        inactive = 0
+        try:
+            with open(os.path.join(folder, "memory.stat")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == inactive_key:
+                        inactive = int(value)
+                        break
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - max(0, used - inactive))
+    except (OSError, ValueError):
+        return None
 
 
 def human(n: float) -> str:
