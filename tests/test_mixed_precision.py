@@ -220,9 +220,10 @@ def test_the_rewrite_casts_each_product_once_per_tensor(precision):
 
 @pytest.mark.parametrize("opset", [1, 5])
 def test_fp16_casts_the_products_of_models_before_opset_6(opset):
-    """Gemm-1..5 and Relu-1 have no ONNX type inference: every product reading or writing
-    their outputs was left in float32 ("0 of 2 ... this model's are of another type"), and
-    the Casts written were not valid before opset 6 (Cast-1's `to` is a string)."""
+    """Gemm-1..5, Relu-1 and Cast-1 have no ONNX type inference: every product reading or
+    writing their outputs was left in float32 ("0 of 2 ... this model's are of another
+    type"), and the Casts written were not valid before opset 6 (Cast-1's `to` is a
+    string)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from trainer.executor import Executor
@@ -234,7 +235,8 @@ def test_fp16_casts_the_products_of_models_before_opset_6(opset):
     inits = [numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("b1", b1), ("w2", w2),
                                                          ("b2", b2))]
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, broadcast=1),
-             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Relu", ["h"], ["r0"]),
+             helper.make_node("Cast", ["r0"], ["r"], to="FLOAT" if opset < 6 else 1),
              helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, broadcast=1)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                      [4, 5])]

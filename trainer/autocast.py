@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from trainer.graph import NameScope, all_names, opset_of
+from trainer.graph import NameScope, all_names, attr_type_code, opset_of
 
 CAST_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # precision -> (the products' ONNX type, its short name in tensor names, first opset with it)
@@ -61,8 +61,16 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             out.add(vi.name)
     for node in g.node:  # (in the graph's order: a value's producer comes first)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _SAME_TYPE \
-                or not node.input or node.input[0] not in out:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Cast" and node.output and node.output[0] not in typed:
+            # (Cast-1 has no type inference either: its type is its `to`, a name there)
+            code = next((attr_type_code(a) for a in node.attribute if a.name == "to"), None)
+            typed.add(node.output[0])
+            if code == TensorProto.FLOAT:
+                out.add(node.output[0])
+            continue
+        if node.op_type not in _SAME_TYPE or not node.input or node.input[0] not in out:
             continue
         for o in node.output if node.op_type == "Split" else node.output[:1]:
             if o and o not in typed:

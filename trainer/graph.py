@@ -1131,7 +1131,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
         """[node] and the Casts that round its 16-bit results (see above)."""
         if not rounding or node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
             return [node]
-        to = next((_type_code(a) for a in node.attribute if a.name == "to"), None)
+        to = next((attr_type_code(a) for a in node.attribute if a.name == "to"), None)
         cast = node.op_type == "Cast" and to == S
         extra = []
         for i, out in enumerate(node.output):
@@ -1184,7 +1184,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
                                                             "RandomUniformLike", "EyeLike"):
                     a.i = D
                 elif a.name == "to" and a.type == onnx.AttributeProto.STRING and \
-                        node.op_type == "Cast" and _type_code(a) == S and not keep:
+                        node.op_type == "Cast" and attr_type_code(a) == S and not keep:
                     a.s = onnx.TensorProto.DataType.Name(D).encode()  # (Cast-1's `to`)
                 elif a.name == "dtype" and a.type == onnx.AttributeProto.INT and a.i == S:
                     a.i = D
@@ -1195,7 +1195,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
     return m
 
 
-def _type_code(a: onnx.AttributeProto) -> int | None:
+def attr_type_code(a: onnx.AttributeProto) -> int | None:
     """A type attribute's TensorProto code: an integer, or Cast-1's name ("FLOAT")."""
     if a.type == onnx.AttributeProto.STRING:
         try:
