@@ -76,6 +76,7 @@ from trainer.graph import (
     RECURRENT_OPSET,
     NameScope,
     all_names,
+    attr_type_code,
     bake_inputs,
     constant_batch_hint,
     constant_inputs,
@@ -1190,7 +1191,7 @@ class Trainer:
                 for o in node.output:
                     if o and _nonfinite(env.get(o)):
                         to16 = node.op_type == "Cast" and any(
-                            a.name == "to" and a.i == onnx.TensorProto.FLOAT16
+                            a.name == "to" and attr_type_code(a) == onnx.TensorProto.FLOAT16
                             for a in node.attribute)
                         product16 = node.op_type in ("MatMul", "Gemm", "Conv",
                                                      "ConvTranspose") and \
@@ -2518,7 +2519,7 @@ def compute_form(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     inits = {t.name for t in g.initializer}  # (older models list them as inputs too)
     io = {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output)
           if vi.name not in inits}
-    used = set(elements) | io | {a.i for n in g.node for a in n.attribute
+    used = set(elements) | io | {attr_type_code(a) for n in g.node for a in n.attribute
                                  if a.name in ("to", "dtype")}
     m = model
     for src in (np.float16, ml_dtypes.bfloat16, np.float32):
