@@ -1000,6 +1000,41 @@ def test_check_with_a_world_refuses_what_train_would(tmp_path):
     assert not preflight(config_from_dict(raw, tmp_path), world=1).problems
 
 
+@pytest.mark.parametrize("opset", [5, 9])
+def test_an_lstm_the_version_converter_cannot_lift_is_refused_by_check_too(opset):
+    """An LSTM below opset 10 trains on the model converted to opset 11; onnx's converter
+    cannot convert an opset-5 one, which the rule refuses: `check` called it trainable."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.autodiff import build_training_graph
+    from trainer.errors import ModelError
+    from trainer.graph import recurrent_opset
+    from trainer.report import model_report
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("Wf", (6, 5)), ("W", (1, 24, 4)), ("R", (1, 24, 6)))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "yh"], hidden_size=6),
+             helper.make_node("Squeeze", ["yh"], ["s"], axes=[0]),
+             helper.make_node("MatMul", ["s", "Wf"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [3, 8, 4])]
+                          + [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, t.dims)
+                             for t in inits],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [8, 5])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
+    report = model_report(model)
+    (row,) = [r for r in report.nodes if r.op == "LSTM"]
+    if opset == 9:  # (converted: trains)
+        assert report.ok and not row.gradient.startswith("REFUSED")
+        return
+    assert not report.ok and row.gradient.startswith("REFUSED: the rule needs opset 10")
+    with pytest.raises(ModelError, match="needs opset >= 10"):
+        build_training_graph(recurrent_opset(model), {"type": "cross_entropy", "output":
+                                                      "logits", "target": "t"}, "all")
+
+
 @pytest.mark.parametrize("batchnorm", ["train", "eval"])
 def test_per_activation_batchnorm_is_refused_by_check_and_by_training(batchnorm):
     """BatchNormalization-7 with spatial=0 (statistics per activation): `check` names the node

@@ -51,9 +51,11 @@ from trainer.graph import (
     from_shapes,
     inferred_dims,
     lift_weights,
+    needs_recurrent_opset,
     node_name,
     np_dtype,
     opset_of,
+    recurrent_opset,
     subgraph_weights,
     subgraph_weights_line,
 )
@@ -78,6 +80,8 @@ class NodeRow:
 # a Loop whose trip count or first condition the data computes: its gradient unrolls the
 # loop when the training graph is built (trainer.autodiff.rules.control), which train refuses
 DATA_LOOP = "REFUSED: trip count or condition from the data (make it a constant or a shape)"
+RECURRENT_OLD = ("REFUSED: the rule needs opset 10, and onnx.version_converter cannot convert "
+                 "this model to 11 (export it at opset 10 or later)")
 PER_ACTIVATION = ("REFUSED: spatial=0 (statistics per activation, opsets 1-8) has no gradient "
                   "rule (export the model at opset 9 or later)")
 TYPES_DISAGREE = "REFUSED: input types disagree"  # (then what: type_conflict)
@@ -649,7 +653,14 @@ def model_report(model: onnx.ModelProto) -> Report:
     inits = {t.name for t in model.graph.initializer} - trained  # (what training changes is
     known = inits | from_shapes(((n.op_type, n.domain, list(n.input), list(n.output))  # data)
                                  for n in model.graph.node), inits.__contains__)
+    # (an RNN/GRU/LSTM below opset 10 trains on the model converted to opset 11: where
+    # onnx.version_converter cannot, its rule refuses the node, as the gradient says here)
+    unconverted = needs_recurrent_opset(model) and recurrent_opset(model) is model
     for i, node in enumerate(model.graph.node):
+        if unconverted and node.op_type in ("RNN", "GRU", "LSTM") and node.domain in (
+                "", "ai.onnx") and any(o in active for o in node.output):
+            rows.append(NodeRow(node_name(node, i), node.op_type, True, RECURRENT_OLD))
+            continue
         if node.op_type == "Loop" and node.domain in ("", "ai.onnx") and any(
                 o in active for o in node.output) and _loop_from_data(node, known):
             rows.append(NodeRow(node_name(node, i), node.op_type, True, DATA_LOOP))
