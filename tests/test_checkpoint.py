@@ -202,6 +202,17 @@ def test_export_of_a_checkpoint_with_strings_for_a_parameter_is_one_clear_error(
         t.load_checkpoint(path)
 
 
+def test_a_checkpoint_named_wrong_lists_the_ones_its_folder_holds(tmp_path, digits_config):
+    """`export --checkpoint ck/step_2` said only "not found"."""
+    ck = {"dir": str(tmp_path / "ck"), "every_steps": 1, "keep": 2}
+    t = Trainer(config_from_dict(digits_config(steps=3, checkpoint=ck), tmp_path),
+                stream=io.StringIO())
+    t.fit()
+    with pytest.raises(TrainerError, match=r"checkpoint not found: \S+step_2 \(\S+ holds "
+                                           r"step_00000003, step_00000002; or give the folder"):
+        t.load_checkpoint(tmp_path / "ck" / "step_2")
+
+
 def test_export_of_a_checkpoint_with_nan_weights_warns(tmp_path, digits_config):
     """A diverged run's checkpoint exports as it is, said: the model computes NaN."""
     def nan_at_first(a):

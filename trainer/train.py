@@ -1762,7 +1762,11 @@ class Trainer:
         returns the folder read."""
         where = Path(where)
         if not where.exists():
-            raise TrainerError(f"checkpoint not found: {where}")
+            near = [p.name for p in checkpoint.complete(where.parent)] \
+                if where.parent.is_dir() else []
+            raise TrainerError(f"checkpoint not found: {where}" + (
+                f" ({where.parent} holds {listing(near[::-1], 6)}; or give the folder itself for "
+                "its newest)" if near else ""))
         path = where if (where / checkpoint.MANIFEST).is_file() else checkpoint.latest(where)
         if path is None:
             raise TrainerError(f"{where} is no checkpoint and holds none (a checkpoint is a "
