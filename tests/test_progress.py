@@ -437,7 +437,7 @@ def test_plot_overlays_runs_at_the_requested_size(tmp_path, capsys):
         assert im.size == (640, 480) and im.format == "PNG"
 
 
-def test_plot_one_run_selected_metrics_overwrites(tmp_path):
+def test_plot_one_run_selected_metrics_overwrites(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from trainer.plot import main
 
@@ -449,6 +449,15 @@ def test_plot_one_run_selected_metrics_overwrites(tmp_path):
     img = _image(out)
     assert img.shape[:2] == (200, 300) and img[..., :3].std() > 0.05
     assert _near(img, BLUE) > 100 and _near(img, ORANGE) == 0
+    # a loss of 0 or less (the `output` loss type's, a regularized objective) cannot take a
+    # log scale: --log-y was dropped without a word
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    rows[0]["loss"] = -0.5
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main([str(a), "-o", str(out), "--metrics", "loss", "--log-y"]) == 0
+    assert "note: --log-y: loss hold(s) values of 0 or less, drawn on a linear scale" in \
+        capsys.readouterr().out
 
 
 def test_plot_smoothing_matches_tensorboards_debiased_average(tmp_path):

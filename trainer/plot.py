@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         raise TrainerError(f"plot: the files have no loss, eval_* or lr values; pick some with "
                            f"--metrics from: {', '.join(available) or '(none)'}")
     out = Path(args.output)
-    render(runs, wanted, out, (width, height), dpi=args.dpi, log_y=args.log_y,
-           title=args.title, smooth=args.smooth)
+    for note in render(runs, wanted, out, (width, height), dpi=args.dpi, log_y=args.log_y,
+                       title=args.title, smooth=args.smooth):
+        print(note)
     print(f"wrote {out}")
     return 0
 
@@ -197,8 +198,10 @@ def _label(key: str) -> str:
 
 def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tuple[int, int],
            dpi: int = 100, log_y: bool = False, title: str | None = None,
-           smooth: float = 0.0) -> None:
-    """Draw `metrics` of every run against step into `out` (written atomically)."""
+           smooth: float = 0.0) -> list[str]:
+    """Draw `metrics` of every run against step into `out` (written atomically); returns
+    notes on what was drawn otherwise than asked."""
+    notes = []
     Figure, FigureCanvasAgg = _matplotlib()
     fmt = out.suffix.lower().lstrip(".")
     supported = FigureCanvasAgg.get_supported_filetypes()
@@ -237,12 +240,16 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
                        for v in _series(name_rows, k)[1] if math.isfinite(v))
         if log_y and panel[0].endswith("loss") and positive:
             ax.set_yscale("log")
+        elif log_y and panel[0].endswith("loss"):
+            notes.append(f"note: --log-y: {', '.join(panel)} hold(s) values of 0 or less, "
+                         "drawn on a linear scale")
         if drawn and (len(runs) > 1 or len(panel) > 1):
             ax.legend(fontsize="small")
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title)
     _save_atomic(fig, out, fmt, dpi)
+    return notes
 
 
 def _save_atomic(fig: Any, out: Path, fmt: str, dpi: int) -> None:
