@@ -189,6 +189,27 @@ def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tm
                                rtol=1e-9, atol=1e-12)
 
 
+def test_a_step_whose_labels_all_weigh_nothing_is_skipped_whatever_its_values(tmp_path):
+    """label_smoothing and loss.weight, a batch of weight-0 labels only, and a sample whose
+    product overflows: the step was run for the labels' smoothing term (with no weight to
+    divide by: a NaN loss, or a ZeroDivisionError in the diagnosis) where it counts nothing."""
+    linear_model(tmp_path / "m.onnx", ["N", 6], (6, 4), ["N", 4])
+    rng = np.random.default_rng(1)
+    x, t = rng.normal(size=(16, 6)), rng.integers(0, 4, 16)
+    t[:8], x[0] = 2, 1e308
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    trainer = Trainer(config_from_dict({
+        "model": "m.onnx", "output": "out.onnx", "precision": "fp64",
+        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"target": "t"}},
+                 "batch_size": 8, "shuffle": False},
+        "loss": {"type": "cross_entropy", "output": "y", "target": "target",
+                 "label_smoothing": 0.1, "weight": [1.0, 1.0, 0.0, 1.0]},
+        "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2, "log": {"every_steps": 1}},
+        tmp_path), stream=io.StringIO())
+    trainer.fit()
+    assert trainer.history[0]["loss"] == 0.0 and np.isfinite(trainer.history[1]["loss"])
+
+
 def test_labels_that_fit_another_class_axis_say_which(tmp_path):
     """A segmentation model's [N, classes, ...] output with labels [N, ...] and the default
     class axis (the last): the error names the axis that fits (torchvision's lraspp)."""

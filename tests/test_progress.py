@@ -455,9 +455,9 @@ def test_plot_one_run_selected_metrics_overwrites(tmp_path, capsys):
     rows[0]["loss"] = -0.5
     a.write_text("".join(json.dumps(r) + "\n" for r in rows))
     capsys.readouterr()
-    assert main([str(a), "-o", str(out), "--metrics", "loss", "--log-y"]) == 0
-    assert "note: --log-y: loss hold(s) values of 0 or less, drawn on a linear scale" in \
-        capsys.readouterr().out
+    assert main([str(a), "-o", str(out), "--metrics", "loss,eval_loss", "--log-y"]) == 0
+    assert "note: --log-y: loss hold(s) values of 0 or less, so the panel of loss, eval_loss " \
+        "is drawn on a linear scale" in capsys.readouterr().out
 
 
 def test_plot_smoothing_matches_tensorboards_debiased_average(tmp_path):

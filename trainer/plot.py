@@ -236,13 +236,13 @@ def render(runs: dict[str, list[dict]], metrics: list[str], out: Path, size: tup
         ax.set_ylabel(_label(panel[0]) if len(panel) == 1 else
                       "learning rate" if _is_lr(panel[0]) else "loss")
         ax.grid(True, alpha=0.3)
-        positive = all(v > 0 for name_rows in runs.values() for k in panel
-                       for v in _series(name_rows, k)[1] if math.isfinite(v))
-        if log_y and panel[0].endswith("loss") and positive:
+        low = [k for k in panel if any(v <= 0 for name_rows in runs.values()
+                                         for v in _series(name_rows, k)[1] if math.isfinite(v))]
+        if log_y and panel[0].endswith("loss") and not low:
             ax.set_yscale("log")
         elif log_y and panel[0].endswith("loss"):
-            notes.append(f"note: --log-y: {', '.join(panel)} hold(s) values of 0 or less, "
-                         "drawn on a linear scale")
+            notes.append(f"note: --log-y: {', '.join(low)} hold(s) values of 0 or less, so "
+                         f"the panel of {', '.join(panel)} is drawn on a linear scale")
         if drawn and (len(runs) > 1 or len(panel) > 1):
             ax.legend(fontsize="small")
     axes[-1].set_xlabel("step")

@@ -898,11 +898,10 @@ class Trainer:
             local_w = _label_weight(spec, labels)
             global_w = local_w
             if self.world > 1:  # (one process: its batch is the global batch)
-                labels = self.train_arrays[spec.target]
                 idx = self.batches.global_indices(epoch, index, self._order[1])
-                global_w = _label_weight(spec, labels[idx])
+                global_w = _label_weight(spec, self.train_arrays[spec.target][idx])
             if not local_w and spec.weight is not None and spec.label_smoothing and (
-                    labels != spec.ignore_index).any():
+                    labels != spec.ignore_index).any():  # (this rank's micro-batch's labels)
                 # labels of weight-0 classes alone: their smoothing term still counts (over the
                 # global batch's weights, as torch's); the graph divides it by 1 here
                 local_w = 1.0
@@ -935,7 +934,10 @@ class Trainer:
         # still move the BatchNorm statistics (as a PyTorch forward does), and under
         # SyncBatchNorm every rank must enter the statistics' all-reduce: it runs, weight 0.
         forward_all = bool(self.state) or self.sync_bn
-        live = [m for m, (_, local_w, _) in enumerate(micro) if local_w or forward_all]
+        # (a step whose labels all weigh nothing is skipped below: none of its micro-batches
+        # counts, not even for a smoothing term)
+        counts = [bool(local_w and total) for _, local_w, _ in micro]
+        live = [m for m in range(len(micro)) if counts[m] or forward_all]
         # on_nan stop or skip: the state (BatchNorm running statistics) is kept as it was
         # before this step if the step is not applied (then the diagnosis reruns from it, a
         # checkpoint holds the last good state, and a skipped step leaves no NaN there). The
@@ -953,7 +955,7 @@ class Trainer:
         if self.buckets is not None:
             self.buckets.begin(sync=True)
         for m, (arrays, local_w, _) in enumerate(micro):
-            if local_w == 0 and not forward_all:  # (every label of this shard is ignored)
+            if not counts[m] and not forward_all:  # (every label of this shard is ignored)
                 continue
             n = len(next(iter(arrays.values())))
             plan = self._plan(n, arrays)
@@ -987,7 +989,7 @@ class Trainer:
                 self.log.info(f"gpu.cuda_graph: the step of {n} samples runs uncaptured: "
                               f"{plan.executor.graph_errors[-1]}")
             self._last_feeds = (plan, feeds)
-            if local_w:  # (a loss over no label is 0/0)
+            if counts[m]:  # (a loss over no label is 0/0)
                 g[self.size] += out[plan.loss] * w
             if guard and self._last_micro:
                 pending = [(self.state[k], out[new]) for k, new in plan.state.items()]
@@ -1179,8 +1181,8 @@ class Trainer:
             if self.seed_weighted:  # (the step's seed: its weight times fp16's loss scale,
                 # without which a float16 overflow of the scaled backward was not found)
                 total = sum(global_w for _, _, global_w in micro)
-                feeds[plan.seed] = self._seed_value((local_w / total if local_w else 0.0)
-                                                    * scale)
+                feeds[plan.seed] = self._seed_value(
+                    (local_w / total if local_w and total else 0.0) * scale)
             env = ex.run(feeds)
             for name, v in feeds.items():
                 if _nonfinite(v):
