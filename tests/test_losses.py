@@ -189,6 +189,26 @@ def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tm
                                rtol=1e-9, atol=1e-12)
 
 
+def test_a_weight_0_class_whose_probability_is_0_adds_nothing_to_the_eval_loss():
+    """An output of probabilities is evaluated as their logarithm: a class of weight 0 whose
+    probability underflows to 0 made the smoothing term -inf * 0, NaN."""
+    from trainer.train import _loss_sums
+
+    spec = config_from_dict({"model": "m.onnx", "steps": 1, "data": {"train": {
+        "path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}}},
+        "loss": {"type": "cross_entropy", "output": "p", "target": "label",
+                 "label_smoothing": 0.1, "weight": [1.0, 1.0, 0.0]}}, "/tmp").loss
+    logits = np.array([[1.0, 0.0, -2000.0], [0.5, 1.0, -1000.0]])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert (p[:, 2] == 0).all()
+    sums = _loss_sums(spec, p, np.array([0, 1]), 2, probabilities=True)
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(logits), torch.tensor([0, 1]), label_smoothing=0.1,
+        weight=torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)).item()
+    assert sums[0] / sums[3] == pytest.approx(want, rel=1e-12)
+
+
 def test_a_step_whose_labels_all_weigh_nothing_is_skipped_whatever_its_values(tmp_path):
     """label_smoothing and loss.weight, a batch of weight-0 labels only, and a sample whose
     product overflows: the step was run for the labels' smoothing term (with no weight to

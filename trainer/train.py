@@ -2820,7 +2820,12 @@ def _loss_sums(spec, out: np.ndarray, target, n: int, probabilities: bool = Fals
         # classes weighted by loss.weight, and the whole divided by the labels' weights)
         shape = [1] * logp.ndim
         shape[axis] = -1
-        spread = (logp if classes is None else logp * classes.reshape(shape)).mean(axis=axis)
+        if classes is None:
+            spread = logp.mean(axis=axis)
+        else:  # (a class of weight 0 adds 0, also where its log-probability is -inf)
+            weights = classes.reshape(shape)
+            with np.errstate(invalid="ignore"):
+                spread = np.where(weights == 0, 0.0, logp * weights).mean(axis=axis)
         total = -((1 - eps) * (picked * weight).sum() + eps * (spread * valid).sum())
     else:
         total = -(picked * weight).sum()
