@@ -155,7 +155,7 @@ def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tm
               tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=x, t=t)
     trainer = Trainer(config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "precision": "fp64",
+        "model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
         "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "t"}},
                  "batch_size": 4, "shuffle": False},
         "loss": {"type": "cross_entropy", "output": "y", "target": "label",
@@ -219,7 +219,7 @@ def test_a_step_whose_labels_all_weigh_nothing_is_skipped_whatever_its_values(tm
     t[:8], x[0] = 2, 1e308
     np.savez(tmp_path / "d.npz", x=x, t=t)
     trainer = Trainer(config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "precision": "fp64",
+        "model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
         "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"target": "t"}},
                  "batch_size": 8, "shuffle": False},
         "loss": {"type": "cross_entropy", "output": "y", "target": "target",

@@ -362,7 +362,7 @@ def test_no_space_left_is_a_write_error(tmp_path, monkeypatch):
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(checkpoint.np, "savez", full)
+    monkeypatch.setattr(checkpoint.np.lib.format, "write_array", full)
     with pytest.raises(checkpoint.WriteError, match="No space left.*free disk space"):
         checkpoint.save(tmp_path, 2, _arrays(2), {"version": 2}, keep=2)
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
