@@ -125,6 +125,23 @@ def test_label_smoothing_and_class_weights_are_torchs(tmp_path, opset, eps, weig
             trainer.evaluate({"x": x, "target": np.where(t == -100, -100, 2)})
 
 
+def _fit_cross_entropy(tmp_path, x, t, eps, weight, **over) -> Trainer:
+    """Two fp64 SGD steps of m.onnx (output y) on x and labels t, in order, with
+    label_smoothing `eps` and class weights `weight`; `over`: other config keys."""
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    raw = {"model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                              "targets": {"label": "t"}}, "shuffle": False,
+                    "batch_size": over.pop("batch_size")},
+           "loss": {"type": "cross_entropy", "output": "y", "target": "label",
+                    "label_smoothing": eps, "weight": weight},
+           "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2, "log": {"every_steps": 1},
+           **over}
+    trainer = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    trainer.fit()
+    return trainer
+
+
 @pytest.mark.parametrize("case,opset,eps", [("ignored", 11, 0.0), ("weight 0", 11, 0.2),
                                              ("weight 0", 17, 0.2), ("whole batch", 17, 0.2)])
 def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tmp_path, case,
@@ -153,16 +170,7 @@ def test_a_micro_batch_whose_labels_do_not_count_trains_as_torchs_whole_batch(tm
                           inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]),
               tmp_path / "m.onnx")
-    np.savez(tmp_path / "d.npz", x=x, t=t)
-    trainer = Trainer(config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
-        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "t"}},
-                 "batch_size": 4, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "y", "target": "label",
-                 "label_smoothing": eps, "weight": weight},
-        "accumulate": 2, "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2,
-        "log": {"every_steps": 1}}, tmp_path), stream=io.StringIO())
-    trainer.fit()
+    trainer = _fit_cross_entropy(tmp_path, x, t, eps, weight, batch_size=4, accumulate=2)
     if case == "whole batch":
         assert trainer.history[0]["loss"] == 0.0
         assert "step 1: every label of its batch is loss.ignore_index (-100) or of a class " \
@@ -217,16 +225,7 @@ def test_a_step_whose_labels_all_weigh_nothing_is_skipped_whatever_its_values(tm
     rng = np.random.default_rng(1)
     x, t = rng.normal(size=(16, 6)), rng.integers(0, 4, 16)
     t[:8], x[0] = 2, 1e308
-    np.savez(tmp_path / "d.npz", x=x, t=t)
-    trainer = Trainer(config_from_dict({
-        "model": "m.onnx", "output": "out.onnx", "precision": "fp64", "device": "cpu",
-        "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"target": "t"}},
-                 "batch_size": 8, "shuffle": False},
-        "loss": {"type": "cross_entropy", "output": "y", "target": "target",
-                 "label_smoothing": 0.1, "weight": [1.0, 1.0, 0.0, 1.0]},
-        "optimizer": {"type": "sgd", "lr": 0.1}, "steps": 2, "log": {"every_steps": 1}},
-        tmp_path), stream=io.StringIO())
-    trainer.fit()
+    trainer = _fit_cross_entropy(tmp_path, x, t, 0.1, [1.0, 1.0, 0.0, 1.0], batch_size=8)
     assert trainer.history[0]["loss"] == 0.0 and np.isfinite(trainer.history[1]["loss"])
 
 
