@@ -1737,3 +1737,36 @@ def test_sizes_that_follow_the_data_train_on_the_gpu_path_as_on_the_cpu(gpu, tmp
     np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 5, 32))
     cfg = _classifier_cfg(tmp_path)
     _compare_runs(_train(cfg, tmp_path, "cpu"), _train(cfg, tmp_path, "gpu"))
+
+
+def test_values_not_trained_go_to_the_device_once(gpu, tmp_path):
+    """On a GPU the values not trained are copied up once for every executor (the steps' at
+    each batch size, the evaluation's), as the host holds them once, and the run equals the
+    CPU's."""
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    from tests.test_memory import _frozen_backbone, _raw
+
+    model, data = _frozen_backbone(tmp_path, samples=10)
+    runs = {}
+    for device in ("cpu", "gpu"):
+        raw = _raw(model, data, 4, tmp_path, frozen=["w0", "w1"], steps=3, device=device,
+                   output=str(tmp_path / f"{device}.onnx"))
+        raw["data"].update(drop_last=False, eval={"path": str(data), "inputs": {"x": "x"},
+                                                  "targets": {"label": "y"}})
+        t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+        t.fit()
+        runs[device] = t
+    t = runs["gpu"]
+    assert sorted(t.shared.device) == ["w0", "w1"]
+    executors = [p.executor for p in t.plans.values()] + [t._inference(True)]
+    assert len(executors) == 3
+    shared = {id(v) for v in t.shared.device.values()}
+    assert all(isinstance(v, sx.ndarray) for v in t.shared.device.values())
+    for ex in executors:  # (the only device arrays of the backbone's shape: the shared ones)
+        held = {id(v) for v in ex.constants.values() if isinstance(v, sx.ndarray)
+                and v.shape == (256, 256)}
+        assert held == shared
+    np.testing.assert_allclose(t.trained_values()["head"],
+                               runs["cpu"].trained_values()["head"], rtol=1e-5, atol=1e-7)

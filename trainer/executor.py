@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import attrs_of, node_name, opset_of, topo_sort
+from trainer.graph import STUB_LOCATION, attrs_of, node_name, opset_of, topo_sort
 from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, compiled, get_kernel
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
@@ -145,6 +145,33 @@ class Subgraph:
                      for k, v in feeds.items()}
         out = self.plan.run(feeds)
         return [out[n] for n in self.output_names]
+
+
+class SharedValues(dict):
+    """Host values of initializers held once for every executor of a run (name -> read-only
+    array), where the models' protos hold stubs (trainer.memory.is_stub) in their place; on a
+    device, their device copies too, made once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device: dict[str, object] = {}
+
+    def on_device(self, name: str, xp):
+        dev = self.device.get(name)
+        if dev is None:
+            dev = self.device[name] = to_device(xp, self[name], f"initializer '{name}'")
+        return dev
+
+
+def initializer_value(t: onnx.TensorProto, values: Mapping | None = None):
+    """The value of initializer `t`: its own, or from `values` where `t` is a stub."""
+    if values is not None and t.data_location == onnx.TensorProto.EXTERNAL and t.name in values:
+        return values[t.name]
+    if t.data_location == onnx.TensorProto.EXTERNAL and any(
+            e.key == "location" and e.value == STUB_LOCATION for e in t.external_data):
+        raise ModelError(f"internal error: initializer '{t.name}' holds no values here and "
+                         "none were given for it")
+    return numpy_helper.to_array(t)
 
 
 # -- the program: prebound closures over a slot list ------------------------------------------
@@ -287,7 +314,7 @@ class Executor:
                  fetch_into: Mapping[str, object] | None = None,
                  on_produced: Mapping[str, Callable] | None = None,
                  optimize: bool = True, cuda_graph: bool = False,
-                 persistent: Iterable[str] = ()):
+                 persistent: Iterable[str] = (), values: SharedValues | None = None):
         missing = missing_kernels(model)
         if missing:
             raise UnsupportedOpError("forward kernel", missing)
@@ -297,8 +324,10 @@ class Executor:
         # as a default, which a feed may override like any other constant.
         feeds = set(feeds) | {v.name for v in graph.input if v.name not in init_names}
         # (initializers fed at every run, such as trained parameters, are not read: no
-        # transient copy of the weights)
-        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+        # transient copy of the weights; those whose values left the model, stubs, are read
+        # from `values`, shared by every executor of a run: no copy per executor)
+        self.shared = values
+        inits = {t.name: initializer_value(t, values) for t in graph.initializer
                  if t.name not in feeds}
         fetch = list(fetch) if fetch is not None else [o.name for o in graph.output]
         self.fetch_into = dict(fetch_into or {})
@@ -340,7 +369,7 @@ class Executor:
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         feeds = {v.name for v in graph.input} | captures
         plan = object.__new__(cls)
-        plan.fetch_into, plan.on_produced = {}, {}
+        plan.fetch_into, plan.on_produced, plan.shared = {}, {}, None
         plan._plan(model, graph, inits, xp, rng, feeds, [o.name for o in graph.output], False)
         plan.optimize = False
         plan._specialized = {}
@@ -436,7 +465,6 @@ class Executor:
         (constants once, here; run-time host values when made); at shape-like positions
         (Reshape's shape, Dropout's ratio, ...) the device node reads the host value, so no
         kernel reads device memory back for a shape. Rewrites self.steps and self.constants."""
-        xp = self.xp
         host = dict(self.constants)  # host values known now: constants, then folded outputs
         # Initializers that are also graph inputs are defaults a feed may override: run-time.
         runtime_consts = {v.name for v in graph.input} & set(host)
@@ -445,7 +473,7 @@ class Executor:
         hooked = set(self.fetch_into) | set(self.on_produced)
         host_runtime: set[str] = set()
         device_consts: dict[str, object] = {
-            k: to_device(xp, self.constants[k], f"initializer '{k}'") for k in runtime_consts}
+            k: self._upload(k, self.constants[k], f"initializer '{k}'") for k in runtime_consts}
         steps, new_deps = [], []
         converted: set[str] = set()
 
@@ -454,7 +482,7 @@ class Executor:
             dev = v + _DEV
             if v in host:
                 if dev not in device_consts:
-                    device_consts[dev] = to_device(xp, host[v], f"'{v}' (read by {where})")
+                    device_consts[dev] = self._upload(v, host[v], f"'{v}' (read by {where})")
             elif dev not in converted:
                 converted.add(dev)
                 steps.append((_to_device_kernel, {}, (v,), (dev,), f"{v}/ToDevice",
@@ -511,6 +539,13 @@ class Executor:
         self.steps = steps
         return new_deps
 
+    def _upload(self, name: str, value, what: str):
+        """The device copy of host constant `value`: one per run for a shared value (the
+        training steps', the evaluation's and the diagnosis's executors read one copy)."""
+        if self.shared is not None and self.shared.get(name) is value:
+            return self.shared.on_device(name, self.xp)
+        return to_device(self.xp, value, what)
+
     def _device_constant(self, name: str, value):
         """The device copy of a plan's constant: copied once per executor for a given value
         (an initializer, or a folded value that every plan shares), at plan time."""
@@ -523,7 +558,7 @@ class Executor:
                 hit[0].shape == value.shape and hit[0].dtype == value.dtype
                 and np.array_equal(hit[0], value))):
             return hit[1]
-        dev = to_device(self.xp, value, f"'{name}'")
+        dev = self._upload(name, value, f"'{name}'")
         cache[name] = (value, dev)
         return dev
 

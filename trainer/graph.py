@@ -17,6 +17,10 @@ from trainer.errors import ModelError
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
 
+# the location of a stub initializer's "external data": its values are not in the proto
+# (trainer.memory.is_stub), but held elsewhere (trainer.executor.SharedValues) or never read
+STUB_LOCATION = "onnx-trainer:not-loaded"
+
 
 # ops whose output's size follows the values of their input, not its shape alone
 DATA_SIZED = ("NonZero", "Unique", "Compress", "NonMaxSuppression")

@@ -20,10 +20,10 @@ from onnx import helper, numpy_helper
 from trainer.autodiff.params import mask_candidates
 from trainer.data import PREFETCH_THREAD
 from trainer.errors import ModelError, TrainerError
-from trainer.graph import without_initializers
+from trainer.graph import STUB_LOCATION, without_initializers
 
 LARGE = 1 << 16  # elements: initializers above this are never read by the estimate
-_STUB = "onnx-trainer:not-loaded"
+_STUB = STUB_LOCATION
 # Ops whose NumPy/CuPy kernels return a view of their first input (no new memory).
 VIEWS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
                    "Expand"})
@@ -674,7 +674,10 @@ class Estimate:
                 + self.workspace + self.batches)
 
 
-CONSTANT_COPIES = 4  # copies of the values not trained a run holds (see estimate)
+# copies of the values not trained a run holds (see estimate): those of SHARED_MIN elements
+# or more once (trainer.train.Trainer.shared), smaller ones in each model form and executor
+CONSTANT_COPIES = 4
+SHARED_MIN = 1024  # elements
 
 
 def estimate(model: onnx.ModelProto, *, loss, batch: int,
@@ -765,18 +768,20 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     dtype = _itemsize(inits[st.chosen[0]]) if st.chosen else 4
     n_train = sum(_elements(inits[k]) for k in st.chosen)
     stats = sum(_nbytes_tensor(inits[k]) for k in st.state if k in inits)
-    const = sum(_nbytes_tensor(t) for k, t in inits.items()
-                if k not in st.gradients and k not in st.state)
+    held = [t for k, t in inits.items() if k not in st.gradients and k not in st.state]
+    shared = sum(_nbytes_tensor(t) for t in held if _elements(t) >= SHARED_MIN)
+    const = sum(_nbytes_tensor(t) for t in held) - shared
     from trainer.autodiff.params import STATE
 
     left = [r for r in st.table if r.name not in st.gradients and r.role != STATE]
     frozen_n = sum(math.prod(r.shape) if r.shape else 1 for r in left)
     frozen_b = sum(_nbytes_tensor(inits[r.name]) for r in left if r.name in inits)
-    # the values not trained (frozen tensors, constants) are held by the model as loaded, its
-    # run form, the training graph and the plan's arrays; an evaluation's inference form and
-    # plan hold more (measured: a frozen 32 MiB backbone took 130 MiB in training, 227 MiB
-    # with the evaluation; the estimate counted 1 and 2 copies)
-    params = n_train * dtype + stats + const * (CONSTANT_COPIES + (3 if eval_copy else 0))
+    # the values not trained (frozen tensors, constants) of SHARED_MIN elements or more are
+    # held once by the run, for every executor; smaller ones by the model as loaded, its run
+    # form, the training graph and the plan's arrays, and an evaluation's inference form and
+    # plan (BENCHMARKS.md: a frozen 32 MiB backbone)
+    params = n_train * dtype + stats + shared + const * (
+        CONSTANT_COPIES + (3 if eval_copy else 0))
     grads = (n_train + 4) * dtype  # (+ the loss, stop, finiteness and norm slots)
     if accumulate > 1:  # (each micro-batch's gradients, added into the flat buffer)
         grads += n_train * dtype

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import os
 import threading
@@ -70,7 +71,7 @@ from trainer.errors import (
     UnsupportedOpError,
     listing,
 )
-from trainer.executor import Executor, missing_kernels
+from trainer.executor import Executor, SharedValues, missing_kernels
 from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
@@ -100,7 +101,7 @@ from trainer.graph import (
 from trainer.kernels.collective import collectives
 from trainer.kernels.ctc import CTCLoss
 from trainer.kernels.reduce import squares_finite
-from trainer.memory import human, is_stub, release_freed_memory, strip
+from trainer.memory import SHARED_MIN, human, is_stub, release_freed_memory, strip
 from trainer.metrics import MetricsLogger
 from trainer.optim import clip_grad_norm_, grad_norm, make_optimizer
 from trainer.schedule import make_schedule
@@ -224,6 +225,10 @@ class Trainer:
             self.preflight.raise_problems()
         if writes:
             self._check_paths()
+        # (the models the checks loaded, some held by reference cycles: freed before this run
+        # loads its own)
+        gc.collect()
+        release_freed_memory()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model, lowered=True)
         if missing:  # every unsupported node, before any data is read
@@ -369,6 +374,9 @@ class Trainer:
                                   self.batches.local_sizes(), cfg.data.batch_size,
                                   self.world)
         self.plans: dict[int, Plan] = {}
+        # the values not trained, of SHARED_MIN elements or more (a frozen backbone, large
+        # constants): held once, here, by every executor (see _drop_trained_values)
+        self.shared = SharedValues()
         try:
             self._init_parameters()
             if writes and 1 in self.batches.any_rank_sizes():
@@ -379,7 +387,6 @@ class Trainer:
             if "1 value per channel" not in str(exc):
                 raise
             raise ModelError(f"{exc}; here {self.batches.one_sample_why()}") from None
-        self._drop_trained_values()
         if early_eval is None:
             self._check_targets(self.train_arrays, "data.train")
         if self.eval_arrays is not None:
@@ -547,6 +554,9 @@ class Trainer:
                     if not hint or type(exc) is not ModelError:
                         raise
                     raise type(exc)(f"{str(exc).rstrip()}; {hint}") from exc
+            if hasattr(self, "params"):  # (its trained values are fed, the values not
+                # trained are the shared ones: see _drop_trained_values)
+                tm = self._stubbed(tm, set(self.params) | self._same_as_shared(tm))
             got = self._graphs[local_n] = (tm, training_info(tm))
         return got
 
@@ -555,30 +565,75 @@ class Trainer:
         protos (the model, its compute form and its 16-bit step form held two or three more
         copies of the weights): each becomes a stub of its name, type and shape
         (memory.is_stub), refilled from the current parameters while a training graph is
-        built (_values_in), and taken from them by the export (trained_values)."""
+        built (_values_in), and taken from them by the export (trained_values). The values
+        not trained of SHARED_MIN elements or more (a frozen backbone, a large constant table)
+        leave them too, and the training graphs', for one host copy in self.shared that every
+        executor reads (and one device copy on a GPU): they were held by the model, its
+        compute form, each training graph and each executor, 4 to 7 times."""
+        live = set(self.trained_values())
+        for t in self.run_model.graph.initializer:
+            if t.name not in live and not is_stub(t) and _shareable(t):
+                value = numpy_helper.to_array(t)
+                value.flags.writeable = False  # (executors share it: no kernel writes it)
+                self.shared[t.name] = value
+
+        stubbed = self._stubbed
+        same = self.step_model is self.run_model
+        self.run_model = stubbed(self.run_model, set(self.names) | set(self.shared))
+        if same:
+            self.step_model = self.run_model
+        release_freed_memory()  # (before the others: one more copy at most, for a while)
+        # (the export writes the model's own tensors: those whose values the shared ones give
+        # back exactly, in the model's type, are stubs too)
+        self.model = stubbed(self.model, live | self._same_as_shared(self.model))
+        if not same:
+            self.step_model = stubbed(self.step_model,
+                                      set(self.names) | self._same_as_shared(self.step_model))
+        for n, (tm, info) in list(self._graphs.items()):  # (its trained values are fed)
+            self._graphs[n] = (stubbed(tm, set(self.names) | self._same_as_shared(tm)), info)
+        release_freed_memory()
+
+    @staticmethod
+    def _stubbed(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+        """`model` with the initializers in `names` as stubs (memory.stub_of): a new proto,
+        as protobuf frees a message's memory only with its whole tree."""
         from trainer.memory import stub_of
 
-        def stubbed(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-            # (a new proto: protobuf frees a message's memory only with its whole tree)
-            out = without_initializers(model)
-            out.graph.initializer.extend(stub_of(t) if t.name in names else t
-                                         for t in model.graph.initializer)
-            return out
-        same = self.step_model is self.run_model
-        self.model = stubbed(self.model, set(self.trained_values()))  # (what the export
-        self.run_model = stubbed(self.run_model, set(self.names))  # writes from the buffers)
-        self.step_model = self.run_model if same else stubbed(self.step_model, set(self.names))
-        release_freed_memory()
+        if not names:
+            return model
+        out = without_initializers(model)
+        out.graph.initializer.extend(stub_of(t) if t.name in names else t
+                                     for t in model.graph.initializer)
+        return out
+
+    def _same_as_shared(self, model: onnx.ModelProto) -> set[str]:
+        """The initializers of `model` that the shared values give exactly (in their type)."""
+        out = set()
+        for t in model.graph.initializer:
+            v = self.shared.get(t.name)
+            if v is None or is_stub(t) or tuple(t.dims) != v.shape:
+                continue
+            own = numpy_helper.to_array(t)
+            if own.dtype != v.dtype:  # (a 16-bit model's tensor, a float32 one in fp64)
+                if own.dtype.kind not in "fc" or v.dtype.kind not in "fc":
+                    continue
+                v = v.astype(own.dtype)
+            if _same_bytes(own, v):
+                out.add(t.name)
+        return out
 
     @contextlib.contextmanager
     def _values_in(self, model: onnx.ModelProto):
-        """`model` with its trained tensors' stubs filled from the current parameters while
-        the block runs (a training graph's build runs the forward to find every shape)."""
+        """`model` with its stubs filled from the current parameters and the shared values
+        while the block runs (a training graph's build runs the forward to find every
+        shape)."""
         params = getattr(self, "params", {})  # (none yet: the first build, from the file)
+        shared = getattr(self, "shared", {})
         stubs = [(i, copy.copy(t)) for i, t in enumerate(model.graph.initializer)
-                 if t.name in params and is_stub(t)]
+                 if (t.name in params or t.name in shared) and is_stub(t)]
         for i, t in stubs:
-            value = to_host(params[t.name]).astype(np_dtype(t.data_type), copy=False)
+            value = to_host(params[t.name]) if t.name in params else shared[t.name]
+            value = value.astype(np_dtype(t.data_type), copy=False)
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
         try:
             yield model
@@ -620,7 +675,7 @@ class Trainer:
                 hooks = {gname: self._gradient_sink(k) for k, gname in info.gradients.items()}
 
             def executor(on_produced, graph: bool) -> Executor:
-                return Executor(tm, self.xp, feeds=feeds, fetch=fetch,
+                return Executor(tm, self.xp, feeds=feeds, fetch=fetch, values=self.shared,
                                 seed=self.cfg.seed + self.rank, fetch_into=into,
                                 on_produced=on_produced, cuda_graph=graph,
                                 persistent=list(info.gradients) + list(info.state))
@@ -748,6 +803,7 @@ class Trainer:
         flat = np.zeros(padded, self.dtype)
         flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
         self.params_flat = owned(xp, flat)
+        del values, flat  # (copies: the memory is handed back below)
         self.grads_flat = xp.zeros(self.size + 4, self.dtype)
         self.scatter = self.shard and self.cfg.distributed.compress is None
         self.grad_shard = xp.zeros(self.shard_k, self.dtype) if self.scatter else None
@@ -777,7 +833,11 @@ class Trainer:
                                    compress=d.compress, overlap=d.overlap,
                                    shards=(self.grad_shard, self.shard_k) if self.scatter
                                    else None)
+        # (what holds the protos that the stubs replace: the memory is handed back below)
+        del tm, inits, nodes, first
+        self._drop_trained_values()
         self._plan(n_first)  # (its gradient kernels write into self.grads)
+        release_freed_memory()  # (the protos the stubs replaced, the copies above)
 
     def _globs(self) -> list[tuple[str, str]]:
         """(config key, glob) of every glob naming parameters: trainable, frozen and the
@@ -1172,7 +1232,7 @@ class Trainer:
                 continue
             plan = self._plan(len(next(iter(arrays.values()))), arrays)
             ex = Executor(plan.model, xp, feeds=list(plan.gradients) + list(plan.state),
-                          seed=self.cfg.seed + self.rank, keep_all=True)
+                          seed=self.cfg.seed + self.rank, keep_all=True, values=self.shared)
             ex.rng.reseed(self.cfg.seed, self.rank, self.step, m)
             feeds = {plan.targets.get(k, k): xp.asarray(v) for k, v in arrays.items()}
             feeds.update(self._constants(len(next(iter(arrays.values()))), fed_only=True))
@@ -2054,7 +2114,7 @@ class Trainer:
             if evaluation:
                 self._eval_reads = _eval_on_logits(infer_model, self.cfg.loss)
             inputs_for_initializers(infer_model, list(self.names) + list(self.state))
-            setattr(self, key, Executor(infer_model, self.xp,
+            setattr(self, key, Executor(infer_model, self.xp, values=self.shared,
                                         feeds=list(self.names) + list(self.state)))
         return getattr(self, key)
 
@@ -2251,6 +2311,9 @@ class Trainer:
                 self.log.info(f"warning: {path}: the values of {listing(bad)} are not all "
                               "finite (NaN or inf): the model will compute NaN; export an "
                               "earlier checkpoint (export --checkpoint PATH)")
+            # (the model's values not trained that it holds as stubs: the shared ones)
+            values.update((t.name, self.shared[t.name]) for t in model.graph.initializer
+                          if t.name not in values and t.name in self.shared and is_stub(t))
             return export_model(model, values, path, meta,
                                 keep=preflight.files_read(self.cfg) if reads is None else reads)
         finally:
@@ -2267,6 +2330,22 @@ class ProfileRequest:
     repeat: int = 5
     top: int = 25
     trace: Path | None = None
+
+
+def _shareable(t: onnx.TensorProto) -> bool:
+    """Whether initializer `t` is held once per run, in Trainer.shared (see
+    _drop_trained_values): numbers of SHARED_MIN elements or more."""
+    return math.prod(t.dims) >= SHARED_MIN and t.data_type not in (
+        onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays of one dtype and shape hold the same bytes (NaNs and -0.0 too)."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.dtype.kind not in "biufc" or a.dtype.itemsize not in (1, 2, 4, 8, 16):
+        return a.tobytes() == b.tobytes()
+    unit = np.dtype(f"u{min(a.dtype.itemsize, 8)}")
+    return np.array_equal(a.reshape(-1).view(unit), b.reshape(-1).view(unit))
 
 
 def _all_finite(a: np.ndarray) -> bool:
