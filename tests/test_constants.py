@@ -296,3 +296,29 @@ def test_a_lookup_onnxsim_folded_into_a_constant_node_is_warned_of():
     report = model_report(model)
     assert report.tool_constants == ["/m/position_embeddings/Gather_output_0 [1, 4, 8]"]
     assert "WARNING: float constants that onnxsim computed" in report.text()
+
+
+@pytest.mark.parametrize("elem, value", [(TensorProto.UINT8, 256), (TensorProto.UINT8, -1),
+                                         (TensorProto.INT32, 2**32), (TensorProto.BOOL, 2),
+                                         (TensorProto.FLOAT16, 70000.0),
+                                         (TensorProto.FLOAT, 1e39)])
+def test_a_constant_beyond_its_inputs_type_is_refused(elem, value):
+    """data.constants were cast to the input's type unchecked: 256 for a uint8 flag was fed as
+    0 (the If it selects took the other branch), 1e39 for a float32 input as inf; the same
+    values in a dataset are refused. Named with the key, as a dataset's are."""
+    from trainer.graph import constant_inputs
+
+    g = helper.make_graph([helper.make_node("Identity", ["flag"], ["y"])], "g",
+                          [helper.make_tensor_value_info("flag", elem, [])],
+                          [helper.make_tensor_value_info("y", elem, [])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    raw = {"model": "m.onnx", "data": {"train": {"path": "d.npz", "inputs": {"x": "x"}},
+                                       "constants": {"flag": value}},
+           "loss": {"type": "output", "output": "y"}, "steps": 1}
+    specs = config_from_dict(raw, ".").data.constants
+    with pytest.raises(ConfigError, match=r"'data.constants.flag': its value holds .* beyond "
+                                          r"the range of (uint8|int32|bool|float16|float32)"):
+        constant_inputs(specs, model, 4)
+    np.testing.assert_array_equal(constant_inputs(
+        config_from_dict({**raw, "data": {**raw["data"], "constants": {"flag": 1}}},
+                         ".").data.constants, model, 4)["flag"], 1)

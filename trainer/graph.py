@@ -825,6 +825,8 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
     (a number fills a fully known shape); ConfigError naming the key where a name is not a
     graph input, is also fed from the dataset (`fed`), or its value does not fit."""
     from trainer.config import ConfigError
+    from trainer.errors import DataError
+    from trainer.preflight import within_range
 
     inits = {t.name for t in model.graph.initializer}
     declared = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
@@ -856,6 +858,12 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
             want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
             raise ConfigError(f"{key}: input '{name}' has shape {want}, the value has shape "
                               f"{list(value.shape)}")
+        try:  # (256 for a uint8 input was fed as 0, 1e39 for a float32 one as inf: as the
+            # datasets' values, refused)
+            within_range(value, dtype, f"{key}: its value")
+        except DataError as exc:
+            raise ConfigError(str(exc).replace("clip or convert the data", "change the value")
+                              .replace("scale or clip the data", "change the value")) from None
         out[name] = np.array(value, dtype=dtype, order="C")  # (ascontiguousarray: 1-d)
     return out
 
