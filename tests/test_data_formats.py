@@ -521,3 +521,32 @@ def test_a_scalar_input_mapped_to_per_sample_data_is_refused(tmp_path):
     raw["data"]["train"]["inputs"] = {"x": "x"}
     raw["data"]["constants"] = {"temp": 2.0}
     Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+
+
+def test_memory_mapped_targets_are_evaluated_as_in_memory_ones(tmp_path):
+    """float64 mse targets are rounded to the output's float32, as training uses them: an
+    .npz's at load, a memory-mapped folder's only in the training batches, so the same data
+    gave another eval_loss from the folder (unrounded targets)."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(
+                              rng.standard_normal((3, 2)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    t = rng.random((16, 2)) * 1000 + 1e-4 * rng.random((16, 2))  # (not float32 numbers)
+    np.savez(tmp_path / "d.npz", x=x, t=t)
+    _npy_dir(tmp_path / "dir", x=x, t=t)
+    got = {}
+    for path in ("d.npz", "dir"):
+        ds = {"path": path, "inputs": {"x": "x"}, "targets": {"t": "t"}}
+        raw = {"model": "m.onnx", "output": f"o_{path}/m.onnx", "device": "cpu",
+               "data": {"train": ds, "eval": ds, "batch_size": 8},
+               "loss": {"type": "mse", "output": "y", "target": "t"},
+               "optimizer": {"type": "sgd", "lr": 0.0}, "steps": 1}
+        tr = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+        got[path] = tr.evaluate()["eval_loss"]
+    assert isinstance(tr.eval_arrays["t"], np.memmap)
+    assert got["dir"] == got["d.npz"]

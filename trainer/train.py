@@ -2194,8 +2194,13 @@ class Trainer:
         fixed_n = fixed.pop() if len(fixed) == 1 else None
         bs = fixed_n or max(self.cfg.data.batch_size // self.world, 1)
         sums = np.zeros(4)  # loss sum, correct, count, the count's weight (the loss's mean)
+        # (memory-mapped arrays are converted chunk by chunk, as the training batches are:
+        # float64 mse targets were compared unrounded, in-memory ones rounded to float32)
+        dtypes = self._batch_dtypes(arrays)
         for start in range(lo, hi, bs):
-            chunk = {k: v[start:min(start + bs, hi)] for k, v in arrays.items()}
+            chunk = {k: v[start:min(start + bs, hi)] if k not in dtypes else
+                     np.asarray(v[start:min(start + bs, hi)]).astype(dtypes[k])
+                     for k, v in arrays.items()}
             real = len(next(iter(chunk.values())))
             try:
                 out = self._eval_chunk(chunk, fixed_n, spec)
