@@ -286,6 +286,18 @@ def test_constants_that_are_no_array_of_finite_numbers_are_named(value, want) ->
     assert error_of(raw) == want
 
 
+def test_a_target_named_as_a_model_input_is_named() -> None:
+    """An autoencoder's `inputs: {x: x}, targets: {x: x}`: the target took the input's place,
+    which passed `check` and the pre-flight and stopped step 1 with "input 'x' was not
+    provided"."""
+    raw = minimal(loss={"type": "mse", "output": "y", "target": "x"})
+    raw["data"]["train"].update(inputs={"x": "images"}, targets={"x": "images"})
+    assert error_of(raw) == (
+        "config key 'data.train.targets' names 'x', which data.train.inputs names too (a model "
+        "input): give the loss target another name in data.train.targets and loss.target (e.g. "
+        "'x_target: images'); both may read the same array")
+
+
 def test_unknown_nested_key_suggests_full_path() -> None:
     raw = minimal()
     raw["data"]["train"]["target"] = {"label": "y"}

@@ -669,6 +669,14 @@ def _check_config(v: dict[str, Any], key: str) -> None:
                           + (" (on the command line, drop the file's with --set epochs=null or "
                              "--set steps=null)" if got == "both" else ""))
     data = v["data"]
+    for name, ds in (("train", data.train), ("eval", data.eval)):
+        both = [k for k in (ds.targets if ds is not None else ()) if k in ds.inputs]
+        if both:  # (one name for an input and a target: the target took the input's place,
+            # and step 1 said the input was not provided)
+            raise _err(f"data.{name}.targets", f"names '{both[0]}', which data.{name}.inputs "
+                       "names too (a model input): give the loss target another name in "
+                       f"data.{name}.targets and loss.target (e.g. '{both[0]}_target: "
+                       f"{ds.targets[both[0]]}'); both may read the same array")
     for key, target in (("loss.target", v["loss"].target), ("loss.lengths", v["loss"].lengths)):
         for name, ds in (("train", data.train), ("eval", data.eval)):
             if target is not None and ds is not None and target not in ds.targets:
