@@ -129,6 +129,18 @@ def test_a_damaged_npz_member_is_called_damaged(tmp_path):
         load_arrays(tmp_path / "d.npz", mapping, "data.train")
 
 
+def test_a_truncated_npz_is_called_truncated(tmp_path):
+    """An .npz cut off (an interrupted copy or download) lacks the zip's directory at its end:
+    it was "not a zip archive", which sent users looking for a wrong format."""
+    from pathlib import Path
+
+    raw = (Path(__file__).parent.parent / "examples" / "digits.npz").read_bytes()
+    (tmp_path / "d.npz").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(DataError, match=r"data.train: .*d.npz is truncated: a zip archive "
+                                        r"\(.npz\) whose end is missing"):
+        load_arrays(tmp_path / "d.npz", {"x": "x_train"}, "data.train")
+
+
 @pytest.mark.parametrize("form", ["npz", "folder"])
 def test_an_npy_header_cut_short_is_a_data_error(tmp_path, form):
     """A member whose header dict ends mid-tuple made NumPy raise tokenize.TokenError, which

@@ -106,6 +106,14 @@ def _bad_zip(path: Path, what: str, exc: Exception) -> DataError:
     if zipfile.is_zipfile(path):
         return DataError(f"{what}: {path} is damaged: {' '.join(str(exc).split())[:200]} (copy "
                          "or write it again)")
+    try:  # (a zip's first member header, without the directory at its end: cut off)
+        with open(path, "rb") as f:
+            truncated = f.read(4) == b"PK\x03\x04"
+    except OSError:
+        truncated = False
+    if truncated:
+        return DataError(f"{what}: {path} is truncated: a zip archive (.npz) whose end is "
+                         "missing (an interrupted copy or download: copy or write it again)")
     return DataError(f"{what}: cannot read {path} as .npz: not a zip archive"
                      f"{_npy_hint(path)}")
 
