@@ -409,6 +409,12 @@ def test_check_config_reads_token_ids_against_the_embedding_table(tmp_path, caps
     assert main(["check", str(tmp_path / "c.yaml")]) == 1
     assert "data.train: input 'tokens' holds 25 at sample 3, but node 'embed' (Gather) reads " \
         "it as an index into axis 0 of 'E', which has 20 entries" in capsys.readouterr().out
+    # (ids stored as whole-number floats, converted for the model: not checked, so a GPU's
+    # Gather, which checks nothing, read row 25 % 20)
+    np.savez(tmp_path / "d.npz", tokens=t.astype(np.float32), label=rng.integers(0, 3, 32))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 1
+    assert "data.train: input 'tokens' holds 25 at sample 3, but node 'embed' (Gather) reads " \
+        "it as an index into axis 0 of 'E', which has 20 entries" in capsys.readouterr().out
 
 
 def test_a_disk_without_room_for_the_result_is_named_before_training(tmp_path, digits_config,

@@ -623,17 +623,22 @@ def gather_indices(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, wha
             continue
         (name, wraps), table = source[n.input[1]], tables[n.input[0]]
         a = arrays[name]
-        if a.dtype.kind not in "iu" or not a.size:
+        if a.dtype.kind not in "iuf" or not a.size:
             continue
         axis = next((x.i for x in n.attribute if x.name == "axis"), 0) % len(table)
         size = table[axis]
         ids = a
+        if a.dtype.kind == "f":  # (ids stored as floats, converted for the model: 25.0 past a
+            # table of 20 was taken modulo its size on a GPU; values that are no whole
+            # numbers are named by the conversion's check)
+            with np.errstate(invalid="ignore"):
+                ids = np.trunc(np.where(np.isfinite(a), a, 0))
         for k in wraps:  # (the values the Gather reads)
             ids = np.where(ids < 0, ids + k, ids)
         if ids.min() >= -size and ids.max() < size:
             continue
         bad = np.argwhere((ids < -size) | (ids >= size))[0]
-        raise DataError(f"{what}: input '{name}' holds {int(a[tuple(bad)])} at sample "
+        raise DataError(f"{what}: input '{name}' holds {int(ids[tuple(bad)])} at sample "
                         f"{int(bad[0])}, but node '{n.name or n.output[0]}' (Gather) reads it as "
                         f"an index into axis {axis} of '{n.input[0]}', which has {size} entries "
                         f"(indices must lie in [{-size}, {size - 1}])")
