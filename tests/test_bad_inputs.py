@@ -1185,3 +1185,43 @@ def test_python_api_misuse_is_one_clear_error(tmp_path, digits_config) -> None:
         t.evaluate({"x": x[:0], "label": np.zeros(0, np.int64)})
     with pytest.raises(TrainerError, match="config_from_dict: base_dir is the folder"):
         config_from_dict(raw, None)
+
+
+@pytest.mark.parametrize("kind", ["torch_zip", "torch_legacy", "safetensors", "npz",
+                                  "other_zip"])
+def test_a_file_that_is_no_onnx_model_is_named_for_what_it_is(tmp_path, kind):
+    """`model:` naming a PyTorch file was called "a NumPy archive" (any zip was), and the
+    pre-flight's own reading of the model, which `train` does first, gave protobuf's "Wire
+    format was corrupt" for every such file: both say what the file is, and a PyTorch file
+    how to export it."""
+    import json
+    import struct
+    import zipfile
+
+    import torch
+
+    from trainer.errors import ModelError
+    from trainer.graph import load_model
+    from trainer.memory import load_structure
+
+    path = tmp_path / "model.bin"
+    if kind.startswith("torch"):
+        torch.save({"w": torch.zeros(3)}, path,
+                   _use_new_zipfile_serialization=kind == "torch_zip")
+        want = "it is a PyTorch file (torch.save) or a Python pickle, not an ONNX model: " \
+               "export the network with torch.onnx.export"
+    elif kind == "safetensors":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}})
+        path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 12)
+        want = "it is a safetensors file (weights only), not an ONNX model"
+    elif kind == "npz":
+        np.savez(path, x=np.zeros(3))
+        path = path.with_suffix(".bin.npz")
+        want = "it is a NumPy archive or array (a dataset"
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "hello")
+        want = "it is a zip archive (notes.txt), not an ONNX model"
+    for load in (load_model, load_structure):
+        with pytest.raises(ModelError, match=re.escape(f"cannot parse ONNX model {path}: {want}")):
+            load(path)

@@ -134,6 +134,41 @@ def readable_model_file(path: str | os.PathLike) -> Path:
     return path
 
 
+_TORCH_EXPORT = ("export the network with torch.onnx.export(model, example_inputs, "
+                 "'model.onnx') (README: Exporting a model from PyTorch)")
+
+
+def unparsable(path: Path, exc: Exception) -> str:
+    """Why the file at `path` is no ONNX model that protobuf parses (`exc`, its error): what
+    the file is where its first bytes say (a dataset, a PyTorch file), or protobuf's words."""
+    import zipfile
+
+    text = " ".join(str(exc).split())[:200]
+    if "MaxDepth" in text:
+        text = "messages nested too deeply (subgraphs deeper than protobuf's limit)"
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(16)
+        names = zipfile.ZipFile(path).namelist() if head[:4] == b"PK\x03\x04" else []
+    except (OSError, zipfile.BadZipFile):
+        names = []
+    if any(n.endswith("data.pkl") or n.endswith("/version") for n in names) or \
+            head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):  # (torch.save, a pickle)
+        return f"it is a PyTorch file (torch.save) or a Python pickle, not an ONNX model: " \
+               f"{_TORCH_EXPORT}"
+    if head[:4] == b"PK\x03\x04" and (not names or any(n.endswith(".npy") for n in names)) \
+            or head[:4] == b"\x93NUM":  # (a zip archive of arrays, a .npy file)
+        return ("it is a NumPy archive or array (a dataset, or a checkpoint's arrays: "
+                "`onnx-trainer export CONFIG --checkpoint FOLDER` writes a checkpoint's "
+                "model), not an ONNX model")
+    if head[:4] == b"PK\x03\x04":
+        return f"it is a zip archive ({', '.join(names[:3])}), not an ONNX model"
+    if len(head) >= 9 and head[8:10] == b'{"':  # (an 8-byte header length, then JSON)
+        return ("it is a safetensors file (weights only), not an ONNX model: load the weights "
+                f"into their network and {_TORCH_EXPORT}")
+    return text
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and check an ONNX model; refuse absurd sizes and external data that is missing,
     the wrong length, or outside the model's folder (by absolute path, `..` or a symlink)."""
@@ -141,15 +176,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
-        text = " ".join(str(exc).split())[:200]
-        if "MaxDepth" in text:
-            text = "messages nested too deeply (subgraphs deeper than protobuf's limit)"
-        with open(path, "rb") as fp:
-            if fp.read(4) in (b"PK\x03\x04", b"\x93NUM"):  # (a zip archive, a .npy file)
-                text = ("it is a NumPy archive or array (a dataset, or a checkpoint's arrays: "
-                        "`onnx-trainer export CONFIG --checkpoint FOLDER` writes a "
-                        "checkpoint's model), not an ONNX model")
-        raise ModelError(f"cannot parse ONNX model {path}: {text}") from None
+        raise ModelError(f"cannot parse ONNX model {path}: {unparsable(path, exc)}") from None
     known = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version > known:

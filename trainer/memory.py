@@ -95,14 +95,14 @@ def load_structure(path: str | os.PathLike) -> onnx.ModelProto:
         stored_tensors,
         tensor_inputs,
         unknown_dims_symbolic,
+        unparsable,
     )
 
     path = readable_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for corrupt files
-        raise ModelError(f"cannot parse ONNX model {path}: "
-                         f"{' '.join(str(exc).split())[:200]}") from None
+        raise ModelError(f"cannot parse ONNX model {path}: {unparsable(path, exc)}") from None
     external = _external_data(stored_tensors(model, str(path)), path.parent, str(path))
     check_model(path, str(path))
     known_type_codes(model, str(path))
