@@ -1225,3 +1225,40 @@ def test_a_file_that_is_no_onnx_model_is_named_for_what_it_is(tmp_path, kind):
     for load in (load_model, load_structure):
         with pytest.raises(ModelError, match=re.escape(f"cannot parse ONNX model {path}: {want}")):
             load(path)
+
+
+@pytest.mark.parametrize("bad", ["W", "rv"])
+def test_a_model_holding_non_finite_trained_values_is_refused_at_the_start(tmp_path, bad):
+    """A weight or a BatchNorm running statistic that is NaN in the file stopped step 1 on a
+    non-finite loss with advice to lower the learning rate (and evaluation counted argmax of
+    NaN): the tensor is named before training."""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.errors import ModelError
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    rv = np.ones(3, np.float32)
+    (w if bad == "W" else rv)[1] = np.nan
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("BatchNormalization", ["h", "s", "b", "rm", "rv"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(3, np.float32), "s"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "rm"),
+         numpy_helper.from_array(rv, "rv")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 2,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    with pytest.raises(ModelError, match=f"the model holds non-finite values \\(NaN or inf\\) "
+                                         f"in '?{bad}'?, which training would update"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())

@@ -255,6 +255,17 @@ def test_other_frameworks_key_names_suggest_ours(key, want) -> None:
     assert message == f"config key '{key}' is unknown; did you mean '{want}'?"
 
 
+@pytest.mark.parametrize("key, value, want", [
+    ("lr", 0.1, "'optimizer.lr' (optimizer: {lr: 0.1})"),
+    ("batch_size", 64, "'data.batch_size' (data: {batch_size: 64})"),
+    ("max_grad_norm", 1.0, "'grad_clip.max_norm' (grad_clip: {max_norm: 1.0})")])
+def test_a_sections_key_at_the_top_level_is_named_where_it_belongs(key, value, want) -> None:
+    """`lr: 0.1` at the top of a config listed the valid top-level keys, which do not say
+    where lr goes."""
+    assert error_of(minimal(**{key: value})) == \
+        f"config key '{key}' is unknown at the top level: it is {want}"
+
+
 def test_unknown_top_level_key_suggests_closest() -> None:
     message = error_of(minimal(optimiser={"type": "sgd"}))
     assert message == "config key 'optimiser' is unknown; did you mean 'optimizer'?"

@@ -88,6 +88,17 @@ _SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "beta1": "betas", "bet
              "clip_grad_norm": "grad_clip", "warmup": "warmup_steps", "bs": "batch_size"}
 
 
+# keys of a section that users write at the top level: where they belong
+_PLACED = {"lr": "optimizer.lr", "learning_rate": "optimizer.lr",
+           "momentum": "optimizer.momentum", "weight_decay": "optimizer.weight_decay",
+           "betas": "optimizer.betas", "batch_size": "data.batch_size",
+           "bs": "data.batch_size", "shuffle": "data.shuffle", "drop_last": "data.drop_last",
+           "warmup_steps": "schedule.warmup_steps", "max_norm": "grad_clip.max_norm",
+           "max_grad_norm": "grad_clip.max_norm", "label_smoothing": "loss.label_smoothing",
+           "ignore_index": "loss.ignore_index", "cuda_graph": "gpu.cuda_graph",
+           "bucket_mb": "distributed.bucket_mb", "sync_batchnorm": "distributed.sync_batchnorm"}
+
+
 def _suggest(word: str, options: Sequence[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     if not close and isinstance(word, str):  # (GPU for gpu)
@@ -762,6 +773,11 @@ def _build(cls: type, raw: Any, key: str, base: Path, **extra: Any) -> Any:
             raise _err(name, f"is not valid for {key.rsplit('.', 1)[-1]} type '{kind}' "
                        f"(valid: {valid})")
         hint = _suggest(str(k), allowed, key) or f" (valid: {', '.join(allowed)})"
+        placed = _PLACED.get(str(k)) if not key else None
+        if placed:  # (a section's key written at the top: `lr: 0.1` for optimizer.lr)
+            section, field = placed.split(".")
+            hint = (f" at the top level: it is '{placed}' ({section}: {{{field}: "
+                    f"{raw[k]!r}}})")
         raise _err(name, f"is unknown{hint}")
     values: dict[str, Any] = {"type": kind} if kind is not None else {}
     for n in allowed:

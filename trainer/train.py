@@ -374,6 +374,7 @@ class Trainer:
                                   self.batches.local_sizes(), cfg.data.batch_size,
                                   self.world)
         self.plans: dict[int, Plan] = {}
+        self._writes = writes  # (False: `eval` and `export`, which train nothing)
         # the values not trained, of SHARED_MIN elements or more (a frozen backbone, large
         # constants): held once, here, by every executor (see _drop_trained_values)
         self.shared = SharedValues()
@@ -802,6 +803,17 @@ class Trainer:
         self.shard_n = max(0, min(self.size, self.shard_lo + self.shard_k) - self.shard_lo)
         flat = np.zeros(padded, self.dtype)
         flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
+        bad = [k for k in self.names if not np.isfinite(values[k]).all()] if \
+            not np.isfinite(flat).all() else []
+        bad += [k for k in info.state if not np.isfinite(numpy_helper.to_array(inits[k])).all()]
+        if bad and not self._writes:  # (`eval`, `export`: a diverged model's file, said)
+            self.log.info(f"warning: the model holds non-finite values (NaN or inf) in "
+                          f"{listing(bad)}: its outputs will be NaN")
+        elif bad:  # (step 1 stopped on a non-finite loss, advising a lower learning rate)
+            raise ModelError(f"the model holds non-finite values (NaN or inf) in {listing(bad)}, "
+                             "which training would update: the file is damaged or was saved "
+                             "from a diverged run; export it again from finite weights (or "
+                             "list them in 'frozen' if they are meant so)")
         self.params_flat = owned(xp, flat)
         del values, flat  # (copies: the memory is handed back below)
         self.grads_flat = xp.zeros(self.size + 4, self.dtype)
