@@ -43,7 +43,7 @@ base = _status("VmRSS")
 t = Trainer(config_from_dict(raw, folder))
 t.fit()
 print(json.dumps({"peak_mib": _status("VmHWM") - base,
-                  "estimate_mib": t.preflight.estimate.total / 2**20}))
+                  "estimate_mib": t.preflight.estimate.peak / 2**20}))
 '''
 
 TORCH = _PRELUDE + r'''

@@ -667,17 +667,32 @@ class Estimate:
     seconds: float = 0.0
     trained: tuple[str, ...] = ()  # the tensors trained (names), `frozen` the others left out
     left_out: tuple[str, ...] = ()
+    # the set-up's peak before step 1: the model loaded, converted and its training graph
+    # built hold SETUP_COPIES copies of its values for a while (see SETUP_COPIES)
+    setup: int = 0
 
     @property
     def total(self) -> int:
+        """The training state: what a step holds."""
         return (self.parameters + self.gradients + self.optimizer + self.activations
                 + self.workspace + self.batches)
+
+    @property
+    def peak(self) -> int:
+        """The run's peak: the training state's, or the set-up's where that is higher (a
+        frozen backbone: a few copies of the model for a while, one in training)."""
+        return max(self.total, self.setup)
 
 
 # copies of the values not trained a run holds (see estimate): those of SHARED_MIN elements
 # or more once (trainer.train.Trainer.shared), smaller ones in each model form and executor
 CONSTANT_COPIES = 4
 SHARED_MIN = 1024  # elements
+# copies of the model's values the set-up holds at its peak (loading and checking the file,
+# the repairs and the training graph's copy of the model, the first build's probes): measured
+# 5.4 on a 2048-wide MatMul model and 5.5 on a 4-layer Transformer encoder, both with their
+# backbone frozen (BENCHMARKS.md, 2026-12-07, session 16)
+SETUP_COPIES = 5.5
 
 
 def estimate(model: onnx.ModelProto, *, loss, batch: int,
@@ -795,10 +810,11 @@ def estimate(model: onnx.ModelProto, *, loss, batch: int,
     elif sharded:
         grads += shard * dtype  # the reduce-scattered gradient of this rank's shard
     sent = 0 if world <= 1 else n_train * (2 if compress else dtype) + 2 * dtype
+    values = n_train * dtype + stats + shared + const  # (the model's, as training holds them)
     return Estimate(n_train, n_train * dtype, frozen_n, frozen_b, params, grads, opt, w.kept,
                     max(0, w.peak - w.kept), batch_bytes, sent, method, w.peak_node,
                     st.out_shape, time.perf_counter() - t0, tuple(st.chosen),
-                    tuple(r.name for r in left))
+                    tuple(r.name for r in left), int(SETUP_COPIES * values + batch_bytes))
 
 
 def _fixed_batch(model: onnx.ModelProto) -> bool:

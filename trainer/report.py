@@ -1270,7 +1270,7 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
         host = host_data if xp is np else 0
         free, what = memory.available_memory(xp)
         sharing = local_processes() if xp is np else 1
-        need = (est.total + host) * sharing
+        need = (est.peak + host) * sharing
         if free is not None:
             lines.append(f"    available: {memory.human(free)} ({what}"
                          + (f", shared by {sharing} processes on this node" if sharing > 1
@@ -1314,7 +1314,10 @@ def _memory_lines(est) -> list[str]:
     lines = [f"  parameters: {est.trainable:,} trained ({human(est.trainable_bytes)}), "
              f"{est.frozen:,} frozen ({human(est.frozen_bytes)}){named}",
              f"  memory per process (estimate from {est.method}, {est.seconds:.2f} s): "
-             f"{human(est.total)}",
+             f"{human(est.peak)}" + (
+                 f" (the set-up's, which loads, converts and builds the training graph from "
+                 f"the model; training holds {human(est.total)})"
+                 if est.setup > est.total else ""),
              "    " + " | ".join(f"{k} {human(v)}" for k, v in parts)]
     return lines
 

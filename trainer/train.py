@@ -1523,7 +1523,8 @@ class Trainer:
         against = ""
         if est is not None:
             scope = " (the training state alone)" if self.xp is np else ""
-            against = f"; estimated before training{scope}: {human(est.total)}"
+            against = f"; estimated before training{scope}: {human(est.total)}" + (
+                f", the set-up's peak {human(est.setup)}" if est.setup > est.total else "")
         rank = f" (rank {self.rank})" if self.world > 1 else ""
         self.log.info(f"memory{rank}: {what}: {human(used)}{against}")
         return used / 2**20
