@@ -381,6 +381,29 @@ def test_tensorboard_resume_hides_the_crashed_runs_later_steps(tmp_path):
                                           (6, 60.0), (7, 70.0), (8, 80.0)]
 
 
+def test_tensorboard_rows_are_written_before_each_checkpoint(tmp_path, digits_config,
+                                                             monkeypatch):
+    """Training rows waited for an evaluation or 10 s in the writer's buffer: a run killed
+    (SIGKILL) after a checkpoint lost them for good, as its resume starts after it."""
+    pytest.importorskip("tensorboardX")
+    from trainer import checkpoint
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    tb = tmp_path / "tb"
+    seen = []
+    save = checkpoint.save
+
+    def saved(folder, step, *args, **kwargs):  # (what a kill right after it would leave)
+        seen.append((step, [s for s, _ in _scalars(tb).get("train/loss", [])]))
+        return save(folder, step, *args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save", saved)
+    raw = digits_config(steps=6, log={"every_steps": 1, "tensorboard": str(tb)},
+                        checkpoint={"dir": str(tmp_path / "ck"), "every_steps": 3})
+    Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).fit()
+    assert seen == [(3, [1, 2, 3]), (6, [1, 2, 3, 4, 5, 6])]
+
+
 def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(TrainerError, match=r"pip install 'onnx-trainer\[tensorboard\]'"):

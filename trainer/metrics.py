@@ -377,6 +377,16 @@ class MetricsLogger:
         self.info(f"warning: cannot write log.tensorboard {self.tensorboard}: "
                   f"{exc.strerror or exc}; training goes on without TensorBoard events")
 
+    def flush_events(self) -> None:
+        """Write the TensorBoard events buffered so far (before a checkpoint: a run killed after
+        it loses no row a resume from it does not write again; a resume hides the steps after
+        its checkpoint)."""
+        if self._writer is not None:
+            try:
+                self._writer.flush()
+            except OSError as exc:
+                self._lose_tensorboard(exc)
+
     def close(self) -> None:
         """End the bar's line and close the TensorBoard files; call it when the run ends,
         however it ends. Safe to call more than once."""

@@ -1670,6 +1670,9 @@ class Trainer:
                             # (the criterion the count follows: a resume that changes it)
                             "early_stop": self._early_stop_criterion(),
                             "skipped": self.skipped, "scaler_skipped": self.scaler_skipped}
+        # (the TensorBoard rows so far, which a SIGKILL after the checkpoint lost for good:
+        # the resume starts after it)
+        self.log.flush_events()
         path = checkpoint.save(self.cfg.checkpoint.dir, self.step, arrays, meta,
                                self.cfg.checkpoint.keep)
         self.log.info(f"checkpoint {path}")
