@@ -1262,3 +1262,35 @@ def test_a_model_holding_non_finite_trained_values_is_refused_at_the_start(tmp_p
     with pytest.raises(ModelError, match=f"the model holds non-finite values \\(NaN or inf\\) "
                                          f"in '?{bad}'?, which training would update"):
         Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+
+
+def test_a_batch_size_baked_into_a_reshape_is_hinted_at(tmp_path):
+    """A traced model with a dynamic batch input whose Reshape holds the export's batch (16)
+    failed `eval` at data.batch_size 64 with NumPy's words alone."""
+    import io
+
+    from trainer.config import config_from_dict
+    from trainer.errors import ModelError
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["x2"]),
+                           helper.make_node("MatMul", ["x2", "W"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                          [numpy_helper.from_array(np.array([16, 64], np.int64), "shape"),
+                           numpy_helper.from_array(
+                               rng.standard_normal((64, 10)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((100, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 10, 100))
+    ds = {"path": "d.npz", "inputs": {"x": "x"}, "targets": {"label": "y"}}
+    raw = {"model": "m.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": ds, "eval": ds, "batch_size": 64},
+           "loss": {"type": "cross_entropy", "output": "logits", "target": "label"}}
+    with pytest.raises(ModelError, match="cannot reshape array of size 4096 into shape "
+                                         r"\(16,64\); the model may hold the batch size it was "
+                                         "exported at"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO(), check=False,
+                writes=False)

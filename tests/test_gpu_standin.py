@@ -1743,10 +1743,9 @@ def test_values_not_trained_go_to_the_device_once(gpu, tmp_path):
     """On a GPU the values not trained are copied up once for every executor (the steps' at
     each batch size, the evaluation's), as the host holds them once, and the run equals the
     CPU's."""
+    from tests.test_memory import _frozen_backbone, _raw
     from trainer.config import config_from_dict
     from trainer.train import Trainer
-
-    from tests.test_memory import _frozen_backbone, _raw
 
     model, data = _frozen_backbone(tmp_path, samples=10)
     runs = {}

@@ -551,7 +551,7 @@ class Trainer:
                                               sync_batchnorm=self.sync_bn, example=example)
                 except ModelError as exc:  # (maybe a constant written for another batch)
                     hint = constant_batch_hint(values, self.run_model, local_n,
-                                               self.data_inputs)
+                                               self.data_inputs) or _reshape_hint(exc)
                     if not hint or type(exc) is not ModelError:
                         raise
                     raise type(exc)(f"{str(exc).rstrip()}; {hint}") from exc
@@ -2254,6 +2254,7 @@ class Trainer:
         been written for another batch size (as the training step says it)."""
         hint = constant_batch_hint(self._constants(n), self.run_model, n, self.data_inputs) \
             if self.cfg.data.constants and type(exc) is ModelError else ""
+        hint = hint or _reshape_hint(exc)
         return ModelError(f"evaluation on a chunk of {n} sample(s): {str(exc).rstrip()}"
                           + (f"; {hint}" if hint else ""))
 
@@ -2358,6 +2359,16 @@ def _shareable(t: onnx.TensorProto) -> bool:
     _drop_trained_values): numbers of SHARED_MIN elements or more."""
     return math.prod(t.dims) >= SHARED_MIN and t.data_type not in (
         onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+
+
+def _reshape_hint(exc: Exception) -> str:
+    """What a Reshape's failure on a batch may mean: a batch size baked into the model."""
+    if "(Reshape) failed" not in str(exc) or "cannot reshape" not in str(exc):
+        return ""
+    return ("the model may hold the batch size it was exported at (a number of rows written "
+            "into a Reshape's shape by tracing): set data.batch_size to that size per process "
+            "(evaluation then runs chunks of it, the last one padded), or export the model "
+            "with a dynamic batch axis")
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
