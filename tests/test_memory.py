@@ -13,6 +13,7 @@ import sys
 import time
 import tracemalloc
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -497,13 +498,15 @@ def _frozen_backbone(tmp_path, dtype=np.float32, samples: int = 16):
                           [helper.make_tensor_value_info("logits", code, ["N", 10])], inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
               tmp_path / "m.onnx")
-    np.savez(tmp_path / "d.npz", x=rng.standard_normal((samples, 256)).astype(dtype),
+    data = np.float32 if np.dtype(dtype).kind == "V" else dtype  # (bfloat16: fed float32)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((samples, 256)).astype(data),
              y=rng.integers(0, 10, samples))
     return tmp_path / "m.onnx", tmp_path / "d.npz"
 
 
 @pytest.mark.parametrize("dtype, precision", [(np.float32, "fp32"), (np.float16, "fp32"),
-                                              (np.float32, "fp64"), (np.float32, "bf16")])
+                                              (np.float32, "fp64"), (np.float32, "bf16"),
+                                              (ml_dtypes.bfloat16, "fp32")])
 def test_values_not_trained_are_held_once_for_every_executor(tmp_path, dtype, precision):
     """A frozen backbone's values were held by the model as loaded, its run form, each
     training graph and each executor (the steps' at each batch size, the evaluation's): 4 to
@@ -535,6 +538,8 @@ def test_values_not_trained_are_held_once_for_every_executor(tmp_path, dtype, pr
         if i.name in t.shared:
             assert i.data_type == given[i.name].data_type
             assert numpy_helper_bytes(i) == numpy_helper_bytes(given[i.name]), i.name
+    if np.dtype(dtype).kind == "V":  # (onnxruntime's CPU provider has no bfloat16 MatMul)
+        return
     x = np.load(data)["x"][:3]
     got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, t.predict({"x": x})["logits"], rtol=2e-2 if

@@ -2162,6 +2162,20 @@ def test_a_folded_lookup_of_a_table_trains_as_the_table(tmp_path, heads):
     assert "attn.table" not in out  # (the same graph, the same initializers)
 
 
+def test_a_trained_lookup_table_is_not_held_as_a_value_not_trained(tmp_path):
+    """A folded lookup's table (Swin's relative-position bias, 15 x 128: above the size held
+    once) is trained, though the export writes the folded tensor in its place: it was also
+    kept as a value not trained (Trainer.shared), a stale copy of its first values."""
+    torch.manual_seed(0)
+    model = ShiftedWindowBlock(d=128, t=8)
+    model.attn = WindowAttention(d=128, t=8, heads=128)
+    onnx.save(export(model, (8, 128), "dynamo"), str(tmp_path / "model.onnx"))
+    random_batches(tmp_path, (8, 128))
+    trainer = ordered_trainer(tmp_path)
+    assert "attn.table" in trainer.names
+    assert not set(trainer.shared) & set(trainer.names)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 6), heads=st.integers(1, 4), axis=st.integers(0, 2),
        seed=st.integers(0, 2**16))

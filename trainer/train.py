@@ -571,7 +571,10 @@ class Trainer:
         leave them too, and the training graphs', for one host copy in self.shared that every
         executor reads (and one device copy on a GPU): they were held by the model, its
         compute form, each training graph and each executor, 4 to 7 times."""
-        live = set(self.trained_values())
+        # (the trained tensors, and what the export makes of them: a lookup's source table
+        # is trained, though the export writes its expanded form in its place)
+        exported = set(self.trained_values())
+        live = set(self.names) | set(self.state) | exported
         for t in self.run_model.graph.initializer:
             if t.name not in live and not is_stub(t) and _shareable(t):
                 value = numpy_helper.to_array(t)
@@ -586,7 +589,7 @@ class Trainer:
         release_freed_memory()  # (before the others: one more copy at most, for a while)
         # (the export writes the model's own tensors: those whose values the shared ones give
         # back exactly, in the model's type, are stubs too)
-        self.model = stubbed(self.model, live | self._same_as_shared(self.model))
+        self.model = stubbed(self.model, exported | self._same_as_shared(self.model))
         if not same:
             self.step_model = stubbed(self.step_model,
                                       set(self.names) | self._same_as_shared(self.step_model))
@@ -616,7 +619,7 @@ class Trainer:
                 continue
             own = numpy_helper.to_array(t)
             if own.dtype != v.dtype:  # (a 16-bit model's tensor, a float32 one in fp64)
-                if own.dtype.kind not in "fc" or v.dtype.kind not in "fc":
+                if not (is_float_dtype(own.dtype) and is_float_dtype(v.dtype)):
                     continue
                 v = v.astype(own.dtype)
             if _same_bytes(own, v):
