@@ -747,3 +747,28 @@ def test_the_address_space_bound_waits_for_a_process_of_one_thread():
     import resource
 
     assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+
+
+def test_the_estimate_counts_cloned_layers_the_exporter_merged(tmp_path):
+    """TorchScript's export of two cloned Linear layers (identical values) keeps one tensor
+    read through Identity nodes, which training gives its own tensor again; the estimate's
+    stripped model (large tensors without values) could not copy a stub, so it counted the
+    file's tensors alone (a 4-layer Transformer encoder: 154 MiB estimated, 358 measured)."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 300)  # (90,000 values: above what the estimate reads)
+    net = torch.nn.Sequential(layer, torch.nn.ReLU(), copy.deepcopy(layer), torch.nn.ReLU(),
+                              torch.nn.Linear(300, 10))
+    torch.onnx.export(net, (torch.randn(4, 300),), str(tmp_path / "m.onnx"),
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    assert len(onnx.load(str(tmp_path / "m.onnx")).graph.initializer) == 4  # (merged)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 300)).astype(np.float32),
+             y=rng.integers(0, 10, 16))
+    raw = _raw(tmp_path / "m.onnx", tmp_path / "d.npz", 8, tmp_path)
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    assert t.preflight.estimate.trainable == t.size == 2 * 300 * 301 + 3010

@@ -931,12 +931,20 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
             if gr is not g and src in {t.name for t in gr.initializer} | {
                     v.name for v in gr.input}:  # (a name of the subgraph's own)
                 continue
-            value = numpy_helper.to_array(inits[src])
-            if not (all(users[out]) or (value.size > 1 and (value == value.flat[0]).all())
+            # (a stub, the memory estimate's stripped model: no values, taken as not uniform)
+            stub = inits[src].data_location == onnx.TensorProto.EXTERNAL
+            value = None if stub else numpy_helper.to_array(inits[src])
+            if not (all(users[out]) or (value is not None and value.size > 1
+                                        and (value == value.flat[0]).all())
                     or roles.get(out, {None}) <= roles.get(src, set())):
                 continue
             if out not in untied:
-                g.initializer.append(numpy_helper.from_array(np.array(value), out))
+                if stub:
+                    t = g.initializer.add()
+                    t.CopyFrom(inits[src])
+                    t.name = out
+                else:
+                    g.initializer.append(numpy_helper.from_array(np.array(value), out))
                 untied.append(out)
             drop.add(id(n))
     for gr in graphs:
