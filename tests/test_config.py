@@ -258,7 +258,9 @@ def test_other_frameworks_key_names_suggest_ours(key, want) -> None:
 @pytest.mark.parametrize("key, value, want", [
     ("lr", 0.1, "'optimizer.lr' (optimizer: {lr: 0.1})"),
     ("batch_size", 64, "'data.batch_size' (data: {batch_size: 64})"),
-    ("max_grad_norm", 1.0, "'grad_clip.max_norm' (grad_clip: {max_norm: 1.0})")])
+    ("max_grad_norm", 1.0, "'grad_clip.max_norm' (grad_clip: {max_norm: 1.0})"),
+    ("sync_batchnorm", True, "'distributed.sync_batchnorm' (distributed: "
+                             "{sync_batchnorm: true})")])
 def test_a_sections_key_at_the_top_level_is_named_where_it_belongs(key, value, want) -> None:
     """`lr: 0.1` at the top of a config listed the valid top-level keys, which do not say
     where lr goes."""

@@ -1769,3 +1769,30 @@ def test_values_not_trained_go_to_the_device_once(gpu, tmp_path):
         assert held == shared
     np.testing.assert_allclose(t.trained_values()["head"],
                                runs["cpu"].trained_values()["head"], rtol=1e-5, atol=1e-7)
+
+
+def test_memory_check_on_a_gpu_keeps_the_set_up_to_the_host(gpu, tmp_path, monkeypatch):
+    """The set-up's copies of the model are host memory: compared with the GPU's free memory,
+    a config whose training state fit the GPU was refused (a frozen 28 GB backbone would have
+    needed 154 GB of an 80 GB GPU). The GPU holds the training state; the set-up is checked
+    against the host's memory."""
+    from tests.test_memory import _frozen_backbone, _raw
+    from trainer import memory
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    model, data = _frozen_backbone(tmp_path)
+    raw = _raw(model, data, 8, tmp_path, frozen=["w0", "w1"], steps=1, device="gpu")
+    est = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO()).preflight.estimate
+    assert est.setup > est.total
+    monkeypatch.setattr(sx.cuda.runtime, "memGetInfo",
+                        lambda: ((est.total + est.setup) // 2, 80 << 30), raising=False)
+    out = io.StringIO()
+    Trainer(config_from_dict(raw, tmp_path), stream=out)
+    assert f"{memory.human(est.total)} on the GPU; the set-up's peak in host memory " \
+        f"{memory.human(est.setup)}" in out.getvalue()
+    real = memory.available_memory
+    monkeypatch.setattr(memory, "available_memory", lambda xp=np: (
+        est.setup // 2, "MemAvailable") if xp is np else real(xp))
+    with pytest.raises(TrainerError, match="the set-up's estimated peak of host memory"):
+        Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())

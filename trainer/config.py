@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -777,7 +778,7 @@ def _build(cls: type, raw: Any, key: str, base: Path, **extra: Any) -> Any:
         if placed:  # (a section's key written at the top: `lr: 0.1` for optimizer.lr)
             section, field = placed.split(".")
             hint = (f" at the top level: it is '{placed}' ({section}: {{{field}: "
-                    f"{raw[k]!r}}})")
+                    f"{json.dumps(raw[k], default=str)}}})")
         raise _err(name, f"is unknown{hint}")
     values: dict[str, Any] = {"type": kind} if kind is not None else {}
     for n in allowed:

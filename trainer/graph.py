@@ -156,7 +156,10 @@ def unparsable(path: Path, exc: Exception) -> str:
             head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):  # (torch.save, a pickle)
         return f"it is a PyTorch file (torch.save) or a Python pickle, not an ONNX model: " \
                f"{_TORCH_EXPORT}"
-    if head[:4] == b"PK\x03\x04" and (not names or any(n.endswith(".npy") for n in names)) \
+    if head[:4] == b"PK\x03\x04" and not names:  # (cut off: its directory is at its end)
+        return ("it is a zip archive that cannot be read (cut off?), such as a NumPy archive "
+                "(a dataset) or a PyTorch file, not an ONNX model")
+    if head[:4] == b"PK\x03\x04" and any(n.endswith(".npy") for n in names) \
             or head[:4] == b"\x93NUM":  # (a zip archive of arrays, a .npy file)
         return ("it is a NumPy archive or array (a dataset, or a checkpoint's arrays: "
                 "`onnx-trainer export CONFIG --checkpoint FOLDER` writes a checkpoint's "
@@ -886,8 +889,9 @@ def constant_inputs(specs: Mapping, model: onnx.ModelProto, batch: int,
             raise ConfigError(f"{key}: input '{name}' has shape {want}, the value has shape "
                               f"{list(value.shape)}")
         try:  # (256 for a uint8 input was fed as 0, 1e39 for a float32 one as inf: as the
-            # datasets' values, refused)
-            within_range(value, dtype, f"{key}: its value")
+            # datasets' values, refused; a 16-bit float input is computed in float32)
+            within_range(value, np.dtype(np.float32) if is_float_dtype(dtype) and
+                         dtype.itemsize < 4 else dtype, f"{key}: its value")
         except DataError as exc:
             raise ConfigError(str(exc).replace("clip or convert the data", "change the value")
                               .replace("scale or clip the data", "change the value")) from None

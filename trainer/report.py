@@ -1266,11 +1266,13 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
             lines.append(f"  warning: {exc}")
     if est is not None:
         out_shape = est.out_shape
-        lines += _memory_lines(est)
+        lines += _memory_lines(est, device=xp is not np)
         host = host_data if xp is np else 0
         free, what = memory.available_memory(xp)
         sharing = local_processes() if xp is np else 1
-        need = (est.peak + host) * sharing
+        # (the set-up's copies of the model are host memory: on a GPU, the device holds the
+        # training state, and the set-up is checked against the host's memory below)
+        need = ((est.peak if xp is np else est.total) + host) * sharing
         if free is not None:
             lines.append(f"    available: {memory.human(free)} ({what}"
                          + (f", shared by {sharing} processes on this node" if sharing > 1
@@ -1285,6 +1287,18 @@ def preflight(cfg, *, world: int = 1, xp=np, full_model=None,
                 + f", exceeds the {memory.human(free)} of {what}: lower data.batch_size, "
                 "freeze parameters, use fewer processes per node, or set memory_check: false "
                 "to start anyway"))
+        if xp is not np and cfg.memory_check:
+            host_free, host_what = memory.available_memory(np)
+            ranks = local_processes()
+            if host_free is not None and est.setup * ranks > host_free:
+                problems.append(TrainerError(
+                    f"the set-up's estimated peak of host memory, "
+                    f"{memory.human(est.setup * ranks)}"
+                    + (f" for {ranks} processes" if ranks > 1 else " per process")
+                    + f" (about {memory.SETUP_COPIES:g} copies of the model's values while "
+                    f"it loads, converts and builds the training graph), exceeds the "
+                    f"{memory.human(host_free)} of {host_what}: use fewer processes per node, "
+                    "or set memory_check: false to start anyway"))
         # (a fixed batch the data does not fit is its own problem, listed above)
         fits = all(not dims or dims[0] in (None, local) for dims in data_inputs.values())
         eval_out = eval_output_shape(structure, cfg.loss.output, out_shape, local, {
@@ -1302,7 +1316,7 @@ def _against_its_sense(metric: str, mode: str) -> bool:
         mode == "min" and "accuracy" in metric)
 
 
-def _memory_lines(est) -> list[str]:
+def _memory_lines(est, device: bool = False) -> list[str]:
     from trainer.memory import human
 
     parts = [("parameters", est.parameters), ("gradients", est.gradients),
@@ -1314,10 +1328,12 @@ def _memory_lines(est) -> list[str]:
     lines = [f"  parameters: {est.trainable:,} trained ({human(est.trainable_bytes)}), "
              f"{est.frozen:,} frozen ({human(est.frozen_bytes)}){named}",
              f"  memory per process (estimate from {est.method}, {est.seconds:.2f} s): "
-             f"{human(est.peak)}" + (
-                 f" (the set-up's, which loads, converts and builds the training graph from "
-                 f"the model; training holds {human(est.total)})"
-                 if est.setup > est.total else ""),
+             + (f"{human(est.total)} on the GPU; the set-up's peak in host memory "
+                f"{human(est.setup)}" if device else
+                f"{human(est.peak)}" + (
+                    f" (the set-up's, which loads, converts and builds the training graph "
+                    f"from the model; training holds {human(est.total)})"
+                    if est.setup > est.total else "")),
              "    " + " | ".join(f"{k} {human(v)}" for k, v in parts)]
     return lines
 

@@ -806,17 +806,17 @@ class Trainer:
         self.shard_n = max(0, min(self.size, self.shard_lo + self.shard_k) - self.shard_lo)
         flat = np.zeros(padded, self.dtype)
         flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
-        bad = [k for k in self.names if not np.isfinite(values[k]).all()] if \
-            not np.isfinite(flat).all() else []
-        bad += [k for k in info.state if not np.isfinite(numpy_helper.to_array(inits[k])).all()]
-        if bad and not self._writes:  # (`eval`, `export`: a diverged model's file, said)
-            self.log.info(f"warning: the model holds non-finite values (NaN or inf) in "
-                          f"{listing(bad)}: its outputs will be NaN")
-        elif bad:  # (step 1 stopped on a non-finite loss, advising a lower learning rate)
-            raise ModelError(f"the model holds non-finite values (NaN or inf) in {listing(bad)}, "
-                             "which training would update: the file is damaged or was saved "
-                             "from a diverged run; export it again from finite weights (or "
-                             "list them in 'frozen' if they are meant so)")
+        # (NaN, not inf: a bias of -inf disables a class, and trains as such; `eval` and
+        # `export` train nothing, and a checkpoint's values may replace these)
+        bad = [k for k in self.names if np.isnan(values[k]).any()] if \
+            self._writes and np.isnan(flat).any() else []
+        bad += [k for k in info.state if self._writes and
+                np.isnan(numpy_helper.to_array(inits[k])).any()]
+        if bad:  # (step 1 stopped on a non-finite loss, advising a lower learning rate)
+            raise ModelError(f"the model holds NaN values in {listing(bad)}, which training "
+                             "would update: the file is damaged or was saved from a diverged "
+                             "run; export it again from finite weights (or list them in "
+                             "'frozen' if they are meant so)")
         self.params_flat = owned(xp, flat)
         del values, flat  # (copies: the memory is handed back below)
         self.grads_flat = xp.zeros(self.size + 4, self.dtype)
@@ -1527,7 +1527,8 @@ class Trainer:
         if est is not None:
             scope = " (the training state alone)" if self.xp is np else ""
             against = f"; estimated before training{scope}: {human(est.total)}" + (
-                f", the set-up's peak {human(est.setup)}" if est.setup > est.total else "")
+                f", the set-up's peak {human(est.setup)}"
+                if est.setup > est.total and self.xp is np else "")
         rank = f" (rank {self.rank})" if self.world > 1 else ""
         self.log.info(f"memory{rank}: {what}: {human(used)}{against}")
         return used / 2**20
