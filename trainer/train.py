@@ -225,10 +225,13 @@ class Trainer:
             self.preflight.raise_problems()
         if writes:
             self._check_paths()
-        # (the models the checks loaded, some held by reference cycles: freed before this run
-        # loads its own)
-        gc.collect()
-        release_freed_memory()
+        # (the models the checks loaded, some held by reference cycles, recursive helpers'
+        # closures over their nodes: freed before this run loads its own, where that is worth
+        # a full collection and a heap trim, 0.1-0.5 s in a large process)
+        self._large = preflight.model_bytes(cfg) >= LARGE_MODEL_BYTES
+        if self._large:
+            gc.collect()
+            release_freed_memory()
         self.model = load_model(cfg.model)
         missing = missing_kernels(self.model, lowered=True)
         if missing:  # every unsupported node, before any data is read
@@ -586,7 +589,8 @@ class Trainer:
         self.run_model = stubbed(self.run_model, set(self.names) | set(self.shared))
         if same:
             self.step_model = self.run_model
-        release_freed_memory()  # (before the others: one more copy at most, for a while)
+        if self._large:  # (before the others: one more copy at most, for a while)
+            release_freed_memory()
         # (the export writes the model's own tensors: those whose values the shared ones give
         # back exactly, in the model's type, are stubs too)
         self.model = stubbed(self.model, exported | self._same_as_shared(self.model))
@@ -852,7 +856,8 @@ class Trainer:
         del tm, inits, nodes, first
         self._drop_trained_values()
         self._plan(n_first)  # (its gradient kernels write into self.grads)
-        release_freed_memory()  # (the protos the stubs replaced, the copies above)
+        if self._large:  # (the protos the stubs replaced, the copies above)
+            release_freed_memory()
 
     def _globs(self) -> list[tuple[str, str]]:
         """(config key, glob) of every glob naming parameters: trainable, frozen and the
@@ -2356,6 +2361,11 @@ class ProfileRequest:
     repeat: int = 5
     top: int = 25
     trace: Path | None = None
+
+
+# a model file of this size or more is worth a full garbage collection and heap trims during
+# the set-up (each 0.05-0.5 s in a large process; a small model's copies are small)
+LARGE_MODEL_BYTES = 16 << 20
 
 
 def _shareable(t: onnx.TensorProto) -> bool:
