@@ -300,6 +300,7 @@ def _with_function_defaults(model: onnx.ModelProto) -> onnx.ModelProto:
     fill(model.graph.node)
     for f in model.functions:
         fill(f.node)
+    fill = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     return model
 
 
@@ -642,6 +643,7 @@ def known_type_codes(model: onnx.ModelProto, what: str = "model") -> None:
             except (KeyError, ValueError, TypeError):
                 raise ModelError(f"{what}: tensor '{_printable(name)}' has data type {code}, "
                                  "which ONNX does not define (a damaged file?)") from None
+    types = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
 
 
 def tensor_inputs(model: onnx.ModelProto, what: str = "model") -> None:
@@ -1235,6 +1237,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
                     a.i = D
 
     conv_graph(m.graph)
+    conv_graph = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     return m
 
 
@@ -1331,6 +1334,7 @@ def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.node.extend(nodes)
 
     convert(g)
+    convert = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     # the training_mode constants that no node reads now (onnxruntime warns of them)
     graphs = [g, *_subgraphs_of(g)]
     read = {v.name for gr in graphs for v in gr.output}

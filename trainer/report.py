@@ -409,6 +409,7 @@ def fractional_corner_resizes(model: onnx.ModelProto) -> list[str]:
         scales = scales.astype(np.float64)
         if scales.size and (scales != np.floor(scales)).any():
             out.append(node_name(n, i))
+    value = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     return out
 
 
@@ -440,6 +441,7 @@ def _dropouts_in_data_branches(model: onnx.ModelProto) -> list[str]:
                 for g in graphs:
                     walk(g.node, inside or (n.op_type == "If" and n.input[0] not in fixed))
     walk(model.graph.node, False)
+    walk = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     return found
 
 

@@ -947,9 +947,9 @@ def softmax_logits(nodes, output: str, rank: int, class_axis: int, opset: int, d
         chain.append(n)
         return True
 
-    if not rank or not walk(output, class_axis % rank, rank, 0):
-        return None
-    return leaves, chain
+    found = bool(rank) and walk(output, class_axis % rank, rank, 0)
+    walk = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
+    return (leaves, chain) if found else None
 
 
 def _same_row_axis(shape_in, shape_out, k: int) -> int | None:

@@ -39,6 +39,7 @@ def _slice(graph: onnx.GraphProto, sources: list[str], y: str) -> tuple[list, li
             nodes.append(node)
 
     visit(y)
+    visit = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
     return nodes, needed
 
 

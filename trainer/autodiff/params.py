@@ -339,8 +339,10 @@ def mask_candidates(model: onnx.ModelProto) -> set[str]:
         return all(n.op_type in ("Add", "Where") or (
             n.op_type in _MASK_MOVES and k == 0 and all(added(o, depth + 1) for o in n.output))
             for n, k in uses)
-    return {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
-            and signature.get(t.name) != "PARAMETER" and added(t.name)}
+    out = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
+           and signature.get(t.name) != "PARAMETER" and added(t.name)}
+    added = None  # (a recursive closure's own cell held it: a cycle with the model's nodes)
+    return out
 
 
 # ops that pass on part of an additive mask, or the mask moved or cast (T5's causal mask is
