@@ -71,7 +71,7 @@ from trainer.errors import (
     UnsupportedOpError,
     listing,
 )
-from trainer.executor import Executor, SharedValues, missing_kernels
+from trainer.executor import Executor, SharedValues, initializer_value, missing_kernels
 from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
@@ -758,8 +758,10 @@ class Trainer:
             first, n_first = {k: v[take] for k, v in first.items()}, probe
         tm, info = self._training_graph(n_first, first)
         inits = {t.name: t for t in self.run_model.graph.initializer}
-        values = {k: numpy_helper.to_array(inits[k]) for k in info.gradients}
-        dtypes = {v.dtype for v in values.values()}
+        # (the tensors' types and shapes from their protos: their values are read one at a
+        # time, straight into the flat buffer below, so the set-up holds no second copy of
+        # the trained values beside it)
+        dtypes = {np_dtype(inits[k].data_type) for k in info.gradients}
         if len(dtypes) != 1:
             raise TrainerError(f"trainable parameters mix dtypes {sorted(map(str, dtypes))}; "
                                "train one dtype at a time (see 'trainable'/'frozen')")
@@ -768,7 +770,7 @@ class Trainer:
         # bucket (a contiguous slice) is complete as early as possible.
         made = {o: i for i, n in enumerate(tm.graph.node) for o in n.output}
         self.names = sorted(info.gradients, key=lambda k: made.get(info.gradients[k], 0))
-        self.shapes = {k: values[k].shape for k in self.names}
+        self.shapes = {k: tuple(int(d) for d in inits[k].dims) for k in self.names}
         untied = [k for k in self._untied if k in self.shapes]
         if untied:
             self.log.info(f"{len(untied)} parameter(s) that the exporter merged into another "
@@ -809,10 +811,12 @@ class Trainer:
         self.shard_k = k_shard if self.shard else self.size
         self.shard_n = max(0, min(self.size, self.shard_lo + self.shard_k) - self.shard_lo)
         flat = np.zeros(padded, self.dtype)
-        flat[:self.size] = np.concatenate([values[k].ravel() for k in self.names])
+        for k, n in zip(self.names, sizes, strict=True):
+            flat[self.offsets[k]:self.offsets[k] + n] = initializer_value(
+                inits[k], self.shared).reshape(-1)
         # (NaN, not inf: a bias of -inf disables a class, and trains as such; `eval` and
         # `export` train nothing, and a checkpoint's values may replace these)
-        bad = [k for k in self.names if np.isnan(values[k]).any()] if \
+        bad = [k for k in self.names if np.isnan(self._view(flat, k)).any()] if \
             self._writes and np.isnan(flat).any() else []
         bad += [k for k in info.state if self._writes and
                 np.isnan(numpy_helper.to_array(inits[k])).any()]
@@ -822,7 +826,7 @@ class Trainer:
                              "run; export it again from finite weights (or list them in "
                              "'frozen' if they are meant so)")
         self.params_flat = owned(xp, flat)
-        del values, flat  # (copies: the memory is handed back below)
+        del flat  # (a copy: the memory is handed back below)
         self.grads_flat = xp.zeros(self.size + 4, self.dtype)
         self.scatter = self.shard and self.cfg.distributed.compress is None
         self.grad_shard = xp.zeros(self.shard_k, self.dtype) if self.scatter else None
