@@ -546,6 +546,55 @@ def test_values_not_trained_are_held_once_for_every_executor(tmp_path, dtype, pr
                                dtype == np.float16 else 1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype, precision, frozen", [
+    (np.float32, "fp32", ["w0", "w1"]), (np.float32, "fp32", []), (np.float16, "fp32", []),
+    (np.float32, "bf16", ["w0"]), (np.float32, "fp64", [])])
+def test_the_set_up_reads_each_large_tensor_once_and_builds_from_stubs(
+        tmp_path, monkeypatch, dtype, precision, frozen):
+    """The set-up read every weight of the model again and again, a copy each time: the
+    training graph's model (a deepcopy), the build's deepcopies, its probes' executors, its
+    folded constants, the flat buffer's parts and their concatenation (a 129 MiB MLP's set-up
+    peaked at 5.5 copies of its values). Now each tensor of SHARED_MIN elements or more is read
+    once into an array (a 16-bit model's converted once more); every proto the set-up makes
+    holds a stub for it; and the run trains as it did."""
+    from onnx import numpy_helper as nh
+
+    from trainer.memory import is_stub
+
+    model, data = _frozen_backbone(tmp_path, dtype, samples=10)
+    reads: dict[str, int] = {}
+    real = nh.to_array
+
+    def counted(t, *args, **kwargs):
+        if t.name in ("w0", "w1", "head") or t.name.startswith(("w0", "w1")):
+            reads[t.name] = reads.get(t.name, 0) + 1
+        return real(t, *args, **kwargs)
+    raw = _raw(model, data, 4, tmp_path, frozen=frozen, steps=3, precision=precision)
+    raw["data"]["drop_last"] = False
+    cfg = config_from_dict(raw, tmp_path)
+    monkeypatch.setattr(nh, "to_array", counted)
+    # (without the pre-flight, whose estimate reads a small model's values as it finds them)
+    t = Trainer(cfg, stream=io.StringIO(), check=False)
+    monkeypatch.setattr(nh, "to_array", real)
+    converted = dtype == np.float16 or precision == "fp64"  # (the compute form's values)
+    assert reads and max(reads.values()) <= 1 + converted + bool(frozen), reads
+    for m in [t.run_model, t.step_model] + [tm for tm, _ in t._graphs.values()]:
+        assert all(is_stub(i) for i in m.graph.initializer if i.name in ("w0", "w1")), \
+            [i.name for i in m.graph.initializer if not is_stub(i)]
+    assert not t._setup_values
+    t.fit()
+    with monkeypatch.context() as mp:  # (the same run, built from protos holding values)
+        import copy
+
+        from trainer import train as train_mod
+
+        mp.setattr(train_mod, "_stub_large_values", lambda m: (copy.deepcopy(m), {}))
+        ref = Trainer(cfg, stream=io.StringIO())
+    ref.fit()
+    for name in t.names:
+        np.testing.assert_array_equal(t.params[name], ref.params[name], err_msg=name)
+
+
 def numpy_helper_bytes(t) -> bytes:
     from onnx import numpy_helper
 
@@ -582,8 +631,9 @@ def test_the_estimate_counts_what_a_run_holds_of_frozen_values_and_accumulation(
 
 def test_memory_check_counts_the_set_ups_peak(tmp_path, monkeypatch):
     """With a frozen backbone the set-up's copies of the model (loaded, converted, the first
-    training graph's build) set the run's peak, measured 5.4-5.5 times the model's values,
-    where training holds them once: memory_check compared the training state alone (a 32 MiB
+    training graph's build) set the run's peak, measured 5.4-5.5 times the model's values
+    (3.0-3.4 since the set-up reads them once and builds from stubs), where training holds
+    them once: memory_check compared the training state alone (a 32 MiB
     backbone: estimated 33 MiB, measured 172 MiB)."""
     _frozen_backbone(tmp_path)
     raw = _raw(tmp_path / "m.onnx", tmp_path / "d.npz", 8, tmp_path, frozen=["w0", "w1"])

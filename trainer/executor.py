@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer.backend import StepRNG, to_device
 from trainer.errors import ModelError, UnsupportedOpError
-from trainer.graph import STUB_LOCATION, attrs_of, node_name, opset_of, topo_sort
+from trainer.graph import attrs_of, node_name, opset_of, tensor_value, topo_sort
 from trainer.kernels import CUSTOM_DOMAIN, CUSTOM_SHAPES, compiled, get_kernel
 from trainer.kernels.collective import collectives
 from trainer.kernels.reduce import squares_finite
@@ -164,14 +164,9 @@ class SharedValues(dict):
 
 
 def initializer_value(t: onnx.TensorProto, values: Mapping | None = None):
-    """The value of initializer `t`: its own, or from `values` where `t` is a stub."""
-    if values is not None and t.data_location == onnx.TensorProto.EXTERNAL and t.name in values:
-        return values[t.name]
-    if t.data_location == onnx.TensorProto.EXTERNAL and any(
-            e.key == "location" and e.value == STUB_LOCATION for e in t.external_data):
-        raise ModelError(f"internal error: initializer '{t.name}' holds no values here and "
-                         "none were given for it")
-    return numpy_helper.to_array(t)
+    """The value of initializer `t`: its own, or from `values` (else the running
+    graph.stub_values block) where `t` is a stub."""
+    return tensor_value(t, values)
 
 
 # -- the program: prebound closures over a slot list ------------------------------------------

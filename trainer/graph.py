@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import os
@@ -20,6 +22,51 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 # the location of a stub initializer's "external data": its values are not in the proto
 # (trainer.memory.is_stub), but held elsewhere (trainer.executor.SharedValues) or never read
 STUB_LOCATION = "onnx-trainer:not-loaded"
+# the arrays that stubs stand for while a block runs (stub_values): a run's set-up reads the
+# model's values once, into arrays, and builds its training graphs from protos of stubs
+_STUB_VALUES: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar(
+    "onnx_trainer_stub_values", default=None)
+
+
+def is_stub_tensor(t: onnx.TensorProto) -> bool:
+    """Whether initializer `t` is a stub: its values held outside the proto (STUB_LOCATION)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == STUB_LOCATION for e in t.external_data)
+
+
+def values_unknown(t: onnx.TensorProto) -> bool:
+    """Whether tensor `t`'s values cannot be read here (tensor_value): external data left on
+    disk, or a stub outside a stub_values block that holds its name (the memory estimate's
+    stripped models: value-dependent choices are then left as they fall without values)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    source = _STUB_VALUES.get()
+    return not is_stub_tensor(t) or source is None or t.name not in source
+
+
+def tensor_value(t: onnx.TensorProto, values: Mapping | None = None) -> np.ndarray:
+    """The value of tensor `t`: its own, or where `t` is a stub the array that `values`, else
+    the innermost `stub_values` block, holds for its name (in `t`'s type). A stub's array is
+    the run's own, shared: read-only, never to be changed in place (a copy where it is)."""
+    if not is_stub_tensor(t):
+        return numpy_helper.to_array(t)
+    for source in (values, _STUB_VALUES.get()):
+        if source is not None and t.name in source:
+            value = np.asarray(source[t.name])
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+            return value if value.dtype == dtype else value.astype(dtype)
+    raise ModelError(f"internal error: initializer '{t.name}' holds no values here and none "
+                     "were given for it")
+
+
+@contextlib.contextmanager
+def stub_values(values: Mapping):
+    """While the block runs, stubs are read (tensor_value) from `values` (name -> array)."""
+    token = _STUB_VALUES.set(values)
+    try:
+        yield
+    finally:
+        _STUB_VALUES.reset(token)
 
 
 # ops whose output's size follows the values of their input, not its shape alone
@@ -345,7 +392,7 @@ def constant_lookup(model: onnx.ModelProto):
 
     def value_of(name: str):
         if name in inits:
-            return numpy_helper.to_array(inits[name])
+            return tensor_value(inits[name])
         a = consts.get(name, {})
         return next((np.asarray(a[k]) for k in ("value", "value_float", "value_floats",
                                                 "value_int", "value_ints") if k in a), None)
@@ -597,6 +644,19 @@ def _read_external_data(found: list[tuple[onnx.TensorProto, str, Path, int, int]
         del t.external_data[:]
 
 
+def _stubs_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose stub initializers are graph inputs of their type and shape."""
+    out = without_initializers(model)
+    listed = {vi.name for vi in model.graph.input}
+    for t in model.graph.initializer:
+        if not is_stub_tensor(t):
+            out.graph.initializer.append(t)
+        elif t.name not in listed:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type,
+                                                                 list(t.dims)))
+    return out
+
+
 def checker_message(exc: Exception) -> str:
     """onnx.checker's message on one line, its node context in parentheses (its first line alone
     stopped mid-sentence where the message spans lines: "... input 'shp' of node:")."""
@@ -606,7 +666,11 @@ def checker_message(exc: Exception) -> str:
 
 
 def check_model(model: onnx.ModelProto | str | os.PathLike, what: str = "model") -> None:
-    """onnx.checker as a ModelError; give a path for models whose tensors exceed 2 GB."""
+    """onnx.checker as a ModelError; give a path for models whose tensors exceed 2 GB. Stubs
+    (is_stub_tensor) are checked as the graph inputs of their type and shape that they stand
+    for (the checker looks for their external data's file)."""
+    if isinstance(model, onnx.ModelProto) and any(map(is_stub_tensor, model.graph.initializer)):
+        model = _stubs_as_inputs(model)
     try:
         # (an absolute path: a relative one's folder is '' in the checker's messages)
         onnx.checker.check_model(os.path.abspath(model) if isinstance(model, (str, os.PathLike))
@@ -760,7 +824,7 @@ def _copy_fields(src, dst, skip: str) -> None:
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: tensor_value(t) for t in model.graph.initializer}
 
 
 def topo_sort(nodes: list[onnx.NodeProto], available: Iterable[str]) -> list[onnx.NodeProto]:
@@ -1195,7 +1259,7 @@ def convert_floats(model: onnx.ModelProto, src=np.float32, dst=np.float64, *,
 
     def conv_tensor(t: onnx.TensorProto) -> None:
         if t.data_type == S:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dst), t.name))
+            t.CopyFrom(numpy_helper.from_array(tensor_value(t).astype(dst), t.name))
 
     def conv_graph(g: onnx.GraphProto) -> None:
         for t in g.initializer:
@@ -1363,7 +1427,7 @@ def _false_values(graph: onnx.GraphProto) -> set[str]:
         for name, t in tensors:
             if t.data_type == onnx.TensorProto.BOOL and math.prod(t.dims) == 1:
                 try:
-                    if not bool(numpy_helper.to_array(t).reshape(-1)[0]):
+                    if not bool(tensor_value(t).reshape(-1)[0]):
                         out.add(name)
                 except (ValueError, TypeError):
                     pass

@@ -688,11 +688,13 @@ class Estimate:
 # or more once (trainer.train.Trainer.shared), smaller ones in each model form and executor
 CONSTANT_COPIES = 4
 SHARED_MIN = 1024  # elements
-# copies of the model's values the set-up holds at its peak (loading and checking the file,
-# the repairs and the training graph's copy of the model, the first build's probes): measured
-# 5.4 on a 2048-wide MatMul model and 5.5 on a 4-layer Transformer encoder, both with their
-# backbone frozen (BENCHMARKS.md, 2026-12-07, session 16)
-SETUP_COPIES = 5.5
+# copies of the model's values the set-up holds at its peak (the model as loaded, its values
+# read once into arrays, which its converted forms and training graphs hold as stubs, the flat
+# buffer they move to): measured 3.0-3.4 on 2048- and 4096-wide MatMul models, their backbone
+# frozen or trained (the pre-flight's libraries included), 1.8-2.2 on a 4-layer Transformer
+# encoder (BENCHMARKS.md, 2026-12-07, session 17; it was 5.5 while every form of the model
+# and every probe of the build held the values)
+SETUP_COPIES = 3.0
 
 
 def estimate(model: onnx.ModelProto, *, loss, batch: int,

@@ -71,7 +71,7 @@ from trainer.errors import (
     UnsupportedOpError,
     listing,
 )
-from trainer.executor import Executor, SharedValues, initializer_value, missing_kernels
+from trainer.executor import Executor, SharedValues, missing_kernels
 from trainer.export import beyond_range, export_model
 from trainer.graph import (
     RECURRENT_OPSET,
@@ -94,8 +94,10 @@ from trainer.graph import (
     needs_recurrent_opset,
     np_dtype,
     opset_of,
+    stub_values,
     subgraph_weights,
     subgraph_weights_line,
+    tensor_value,
     without_initializers,
 )
 from trainer.kernels.collective import collectives
@@ -247,33 +249,47 @@ class Trainer:
             self.log.info(subgraph_weights_line(inner))
         # (said once the trained tensors are known: constants untied are no parameters)
         self._untied = repair_exported_model(self.model)
-        train_model = copy.deepcopy(self.model)
-        fused = contrib_counts(train_model)
-        if fused:  # (raises, naming each node of a form it does not lower)
-            lower_contrib(train_model, inplace=True)
-            self.log.info("onnxruntime's fused nodes train as the standard ONNX ops they stand "
-                          "for (the export keeps them): " + ", ".join(
-                              f"{op} x{k}" for op, k in sorted(fused.items())))
-        _, unfused = unfuse_conv_batchnorms(train_model, inplace=True)
-        if unfused:
-            self.log.info(unfuse_line(unfused))
-        if needs_recurrent_opset(self.model):
-            self.log.info(f"the training graph is built from the model converted from opset "
-                          f"{opset_of(self.model)} to {RECURRENT_OPSET} (the recurrent gradient "
-                          "rules need opset 10); the export keeps the model's own opset and nodes")
-        for line in report.warning_lines(*report.exporter_findings(self.model)):
-            self.log.info(line)
-        # {folded tensor: Lookup}, exported from the trained table's rows
-        self.lookups = tie_folded_lookups(train_model)
-        if self.lookups:
-            self.log.info(lookups_line(self.lookups))
-        # {copy: (source, kind)}, exported from the trained source
-        self.tied = tie_folded_copies(train_model)
-        self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer
-                             if t.name in self.tied}
-        for copy_name, (src, kind) in self.tied.items():
-            self.log.info(report.tied_line(copy_name, src, kind))
-        self.run_model = compute_form(train_model, cfg.precision)
+        # The model's values of SHARED_MIN elements or more are read once, into arrays; the
+        # protos the set-up converts and builds from hold stubs in their place, read from the
+        # arrays (graph.stub_values; see _stub_large_values)
+        train_model, self._setup_values = _stub_large_values(self.model)
+        with stub_values(self._setup_values):
+            fused = contrib_counts(train_model)
+            if fused:  # (raises, naming each node of a form it does not lower)
+                lower_contrib(train_model, inplace=True)
+                self.log.info("onnxruntime's fused nodes train as the standard ONNX ops they stand "
+                              "for (the export keeps them): " + ", ".join(
+                                  f"{op} x{k}" for op, k in sorted(fused.items())))
+            _, unfused = unfuse_conv_batchnorms(train_model, inplace=True)
+            if unfused:
+                self.log.info(unfuse_line(unfused))
+            if needs_recurrent_opset(self.model):
+                self.log.info(f"the training graph is built from the model converted from "
+                              f"opset {opset_of(self.model)} to {RECURRENT_OPSET} (the recurrent "
+                              "gradient rules need opset 10); the export keeps the model's own "
+                              "opset and nodes")
+            for line in report.warning_lines(*report.exporter_findings(self.model)):
+                self.log.info(line)
+            # {folded tensor: Lookup}, exported from the trained table's rows
+            self.lookups = tie_folded_lookups(train_model)
+            if self.lookups:
+                self.log.info(lookups_line(self.lookups))
+            # {copy: (source, kind)}, exported from the trained source
+            self.tied = tie_folded_copies(train_model)
+            self._copy_shapes = {t.name: tuple(t.dims) for t in self.model.graph.initializer
+                                 if t.name in self.tied}
+            for copy_name, (src, kind) in self.tied.items():
+                self.log.info(report.tied_line(copy_name, src, kind))
+            run_model = compute_form(train_model, cfg.precision)
+        del train_model
+        # (a 16-bit model's converted values: arrays too, in place of the model's own)
+        self.run_model, converted = _stub_large_values(run_model)
+        del run_model
+        self._setup_values.update(converted)
+        kept = {t.name for t in self.run_model.graph.initializer if is_stub(t)}
+        self._setup_values = {k: v for k, v in self._setup_values.items() if k in kept}
+        if self._large:
+            release_freed_memory()
         # the training graph's forward: with bf16/fp16, its matrix products in 16 bits (evaluation
         # and export keep the model's own float32 products)
         self.step_model = self.run_model
@@ -578,6 +594,10 @@ class Trainer:
         # is trained, though the export writes its expanded form in its place)
         exported = set(self.trained_values())
         live = set(self.names) | set(self.state) | exported
+        # (the set-up's arrays: those not trained are the shared values, the trained ones
+        # live in the flat buffers now)
+        self.shared.update((k, v) for k, v in self._setup_values.items() if k not in live)
+        self._setup_values = {}
         for t in self.run_model.graph.initializer:
             if t.name not in live and not is_stub(t) and _shareable(t):
                 value = numpy_helper.to_array(t)
@@ -632,22 +652,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _values_in(self, model: onnx.ModelProto):
-        """`model` with its stubs filled from the current parameters and the shared values
-        while the block runs (a training graph's build runs the forward to find every
-        shape)."""
-        params = getattr(self, "params", {})  # (none yet: the first build, from the file)
-        shared = getattr(self, "shared", {})
-        stubs = [(i, copy.copy(t)) for i, t in enumerate(model.graph.initializer)
-                 if (t.name in params or t.name in shared) and is_stub(t)]
-        for i, t in stubs:
-            value = to_host(params[t.name]) if t.name in params else shared[t.name]
-            value = value.astype(np_dtype(t.data_type), copy=False)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
-        try:
+        """`model`, whose stubs read (graph.tensor_value) the current parameters and state,
+        the shared values and, during the set-up, the values read from the model while the
+        block runs (a training graph's build runs the forward to find every shape): no proto
+        holds a copy of them for it."""
+        with stub_values(_StubValues(self)):
             yield model
-        finally:
-            for i, t in stubs:
-                model.graph.initializer[i].CopyFrom(t)
 
     def _constants(self, local_n: int, fed_only: bool = False) -> dict:
         """data.constants on the device for local batches of local_n samples (made once);
@@ -759,8 +769,8 @@ class Trainer:
         tm, info = self._training_graph(n_first, first)
         inits = {t.name: t for t in self.run_model.graph.initializer}
         # (the tensors' types and shapes from their protos: their values are read one at a
-        # time, straight into the flat buffer below, so the set-up holds no second copy of
-        # the trained values beside it)
+        # time, straight into the flat buffer below, and leave the set-up's arrays, so the
+        # set-up holds no second copy of the trained values beside it)
         dtypes = {np_dtype(inits[k].data_type) for k in info.gradients}
         if len(dtypes) != 1:
             raise TrainerError(f"trainable parameters mix dtypes {sorted(map(str, dtypes))}; "
@@ -812,20 +822,22 @@ class Trainer:
         self.shard_n = max(0, min(self.size, self.shard_lo + self.shard_k) - self.shard_lo)
         flat = np.zeros(padded, self.dtype)
         for k, n in zip(self.names, sizes, strict=True):
-            flat[self.offsets[k]:self.offsets[k] + n] = initializer_value(
-                inits[k], self.shared).reshape(-1)
+            flat[self.offsets[k]:self.offsets[k] + n] = tensor_value(
+                inits[k], self._setup_values).reshape(-1)
+            self._setup_values.pop(k, None)  # (the flat buffer holds it now)
         # (NaN, not inf: a bias of -inf disables a class, and trains as such; `eval` and
         # `export` train nothing, and a checkpoint's values may replace these)
         bad = [k for k in self.names if np.isnan(self._view(flat, k)).any()] if \
             self._writes and np.isnan(flat).any() else []
         bad += [k for k in info.state if self._writes and
-                np.isnan(numpy_helper.to_array(inits[k])).any()]
+                np.isnan(tensor_value(inits[k], self._setup_values)).any()]
         if bad:  # (step 1 stopped on a non-finite loss, advising a lower learning rate)
             raise ModelError(f"the model holds NaN values in {listing(bad)}, which training "
                              "would update: the file is damaged or was saved from a diverged "
                              "run; export it again from finite weights (or list them in "
                              "'frozen' if they are meant so)")
-        self.params_flat = owned(xp, flat)
+        # (on the host, the buffer filled here is the engine's own: no second copy)
+        self.params_flat = flat if xp is np else owned(xp, flat)
         del flat  # (a copy: the memory is handed back below)
         self.grads_flat = xp.zeros(self.size + 4, self.dtype)
         self.scatter = self.shard and self.cfg.distributed.compress is None
@@ -837,7 +849,8 @@ class Trainer:
         # flips or collapses the integer grid; runtimes that check scales refuse the model).
         scales = quantization_scales(self.run_model.graph.node)
         self.positive = [self.params[k] for k in self.names if k in scales]
-        self.state = {k: owned(xp, numpy_helper.to_array(inits[k])) for k in info.state}
+        self.state = {k: owned(xp, tensor_value(inits[k], self._setup_values))
+                      for k in info.state}
         self.comm.bcast_(self.params_flat)
         for v in self.state.values():
             self.comm.bcast_(v)
@@ -2370,6 +2383,63 @@ class ProfileRequest:
 # a model file of this size or more is worth a full garbage collection and heap trims during
 # the set-up (each 0.05-0.5 s in a large process; a small model's copies are small)
 LARGE_MODEL_BYTES = 16 << 20
+
+
+def _stub_large_values(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(a copy of `model` with its initializers of SHARED_MIN elements or more as stubs,
+    {name: their values as read-only arrays}): the set-up converts the model and builds its
+    training graphs from protos of stubs, whose values they read from the arrays
+    (graph.stub_values), so that no copy of the model it makes (the training graph's model,
+    the build's deepcopies, its probes' executors, its folded constants) holds the weights
+    again: a 129 MiB MLP's set-up held 5.5 copies of them at its peak."""
+    from trainer.memory import stub_of
+
+    values = {}
+    for t in model.graph.initializer:
+        if _shareable(t) and not is_stub(t):
+            value = numpy_helper.to_array(t)
+            value.flags.writeable = False  # (every executor of the run may read it)
+            values[t.name] = value
+    out = without_initializers(model)  # (a new proto, whose changes leave `model` as it is;
+    # protobuf frees a tree's memory whole, not a tensor's)
+    out.graph.initializer.extend(stub_of(t) if t.name in values else t
+                                 for t in model.graph.initializer)
+    return out, values
+
+
+class _StubValues(Mapping):
+    """The values a Trainer's stubs stand for (see Trainer._values_in): its parameters and
+    state as they are now (read-only host views, a device's copied once), the shared values,
+    and during the set-up the values read from the model."""
+
+    def __init__(self, trainer: Trainer):
+        self.sources = [getattr(trainer, "params", {}), getattr(trainer, "state", {})]
+        self.fixed = [trainer.shared, getattr(trainer, "_setup_values", {})]
+        self.read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str):
+        got = self.read.get(name)
+        if got is not None:
+            return got
+        for source in self.sources:
+            if name in source:
+                got = np.asarray(to_host(source[name])).view()
+                got.flags.writeable = False
+                self.read[name] = got
+                return got
+        for source in self.fixed:
+            if name in source:
+                return source[name]
+        raise KeyError(name)
+
+    def __contains__(self, name) -> bool:
+        return any(name in s for s in self.sources + self.fixed)
+
+    def __iter__(self):
+        return iter({k for s in self.sources + self.fixed for k in s})
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _shareable(t: onnx.TensorProto) -> bool:

@@ -25,11 +25,10 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from trainer.errors import listing
-from trainer.graph import NameScope, all_names, attrs_of
-from trainer.memory import is_stub
+from trainer.graph import NameScope, all_names, attrs_of, tensor_value, values_unknown
 
 
 def _producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -93,15 +92,15 @@ def _match(conv: onnx.NodeProto, made: dict, reads: dict, inits: dict):
     dims = {k: tuple(inits[k].dims) for k in names}  # (values read only where needed: a large
     c = dims[w][0] if len(dims[w]) > 2 else -1  # weight may be a stub, see memory.strip)
     if (int(np.prod(dims[eps])) != 1 or any(dims[k] != (c,) for k in names[1:6])
-            or any(is_stub(inits[k]) for k in (eps, bias))):
+            or any(values_unknown(inits[k]) for k in (eps, bias))):
         return None
-    eps_value = numpy_helper.to_array(inits[eps])
+    eps_value = tensor_value(inits[eps])
     if eps_value.dtype.kind != "f":
         return None
     if len(unsq.input) > 1:  # (opset 13: the axes input)
-        if unsq.input[1] not in inits or is_stub(inits[unsq.input[1]]):
+        if unsq.input[1] not in inits or values_unknown(inits[unsq.input[1]]):
             return None
-        axes = numpy_helper.to_array(inits[unsq.input[1]]).tolist()
+        axes = tensor_value(inits[unsq.input[1]]).tolist()
     else:
         axes = list(attrs_of(unsq).get("axes", []))
     if axes != list(range(1, len(dims[w]))):
@@ -115,7 +114,7 @@ def _match(conv: onnx.NodeProto, made: dict, reads: dict, inits: dict):
             uses[i] = uses.get(i, 0) + 1
     if any(reads.get(v, 0) != uses.get(v, 0) for v in inner):
         return None  # (a value of the pattern read elsewhere: not the pass's own nodes)
-    zeros = not np.any(numpy_helper.to_array(inits[bias]))
+    zeros = not np.any(tensor_value(inits[bias]))
     b = None if (zeros and reads.get(bias, 0) == 1) else bias
     own = [eps] + ([unsq.input[1]] if len(unsq.input) > 1 else []) + ([] if b else [bias])
     return nodes, w, b, scale, beta, mean, var, float(eps_value.reshape(())), own

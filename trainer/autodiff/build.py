@@ -52,6 +52,7 @@ from trainer.graph import (
     opset_of,
     recurrent_opset,
     tensor_type,
+    tensor_value,
 )
 
 META_KEY = "onnx_trainer.training"
@@ -509,7 +510,7 @@ def _constant_values(model: onnx.ModelProto, shapes: Mapping | None = None, trai
     initializer that training may change."""
     from trainer.kernels import get_kernel
 
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = {t.name: tensor_value(t) for t in model.graph.initializer}
     pure = {t.name for t in model.graph.initializer if t.data_type not in FLOAT_TYPES}
     pure |= fixed_floats(model, trainable)
     for node in model.graph.node:

@@ -45,6 +45,7 @@ from trainer.autodiff.params import (
     _module_of,
     signature_entries,
 )
+from trainer.graph import tensor_value, values_unknown
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,6 @@ def _group(a: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray] | N
 def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     """{folded tensor: Lookup} for the folded lookups of a default export (module docstring);
     reads only the candidates' values (a tensor left on disk is skipped)."""
-    from onnx import numpy_helper
 
     entries = signature_entries(model)
     if not entries:
@@ -133,9 +133,9 @@ def find_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     for module, tensors in by_module.items():
         grouped = []
         for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL or _additive_mask(t) is not None:
+            if values_unknown(t) or _additive_mask(t) is not None:
                 continue
-            a = numpy_helper.to_array(t)
+            a = tensor_value(t)
             if np.isfinite(a).all() and (picked := _pick(a)) is not None:
                 grouped.append((t, a, picked))
         if len(grouped) == 1:  # (others: all equal, a shifted-window mask's region counts)
@@ -168,7 +168,7 @@ def tie_folded_lookups(model: onnx.ModelProto) -> dict[str, Lookup]:
     if not found:
         return found
     g = model.graph
-    values = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.name in found}
+    values = {t.name: tensor_value(t) for t in g.initializer if t.name in found}
     keep = [t for t in g.initializer if t.name not in found]
     del g.initializer[:]
     g.initializer.extend(keep)

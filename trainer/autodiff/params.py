@@ -33,7 +33,7 @@ import onnx
 from trainer.autodiff.engine import active_nodes
 from trainer.autodiff.registry import FREQ_KEY, PADDING_KEY, differentiable_inputs
 from trainer.errors import ModelError
-from trainer.graph import FLOAT_TYPES
+from trainer.graph import FLOAT_TYPES, tensor_value, values_unknown
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"  # a node's FX node in a dynamo export (its metadata)
@@ -134,7 +134,6 @@ _INITIAL_STATE_SLOTS = {"RNN": (5,), "GRU": (5,), "LSTM": (5, 6)}
 def _zero_initial_states(model: onnx.ModelProto, signature: Mapping[str, str]
                          ) -> dict[str, str]:
     """{initializer: reason} for the zero initial states `exporter_constants` describes."""
-    from onnx import numpy_helper
 
     g = model.graph
     state_reads: set[str] = set()
@@ -147,9 +146,9 @@ def _zero_initial_states(model: onnx.ModelProto, signature: Mapping[str, str]
     for t in g.initializer:
         if t.name not in state_reads or t.name in other_reads or t.data_type not in FLOAT_TYPES \
                 or signature.get(t.name) == "PARAMETER" \
-                or t.data_location == onnx.TensorProto.EXTERNAL:
+                or values_unknown(t):
             continue
-        if not numpy_helper.to_array(t).any():
+        if not tensor_value(t).any():
             out[t.name] = ("a recurrent layer's initial state of zeros (PyTorch starts each "
                            "call from zeros; 'trainable' names it to learn one)")
     return out
@@ -356,11 +355,10 @@ def _additive_mask(t: onnx.TensorProto) -> float | None:
     shifted-window mask of -100, a causal mask of -inf or the dtype's minimum, added to
     attention scores), else None. Exporters fold such masks from buffers into initializers
     (timm's swin: `unsqueeze_3`); no parameter starts out that way."""
-    from onnx import numpy_helper
 
-    if int(np.prod(t.dims)) < 2 or t.data_location == onnx.TensorProto.EXTERNAL:
+    if int(np.prod(t.dims)) < 2 or values_unknown(t):
         return None  # (a value left on disk: `mask_candidates` are read)
-    a = numpy_helper.to_array(t)
+    a = tensor_value(t)
     low = a.min()
     if not (low <= -100 and a.max() == 0):
         return None
@@ -441,7 +439,6 @@ def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str
     nodes)'. A tensor that a model shares on purpose (tied embeddings, ALBERT's layers) holds
     trained values, not a constant; one the export's signature names a parameter is one in
     PyTorch too (a module used twice)."""
-    from onnx import numpy_helper
 
     signature = torch_signature(model)
 
@@ -456,14 +453,14 @@ def shared_constants(model: onnx.ModelProto, trained: Iterable[str]) -> list[str
         k = len(readers.get(name, ()))
         if t is None or k < 2 or int(np.prod(t.dims)) < 2 or signature.get(name) == "PARAMETER":
             continue
-        if t.data_location == onnx.TensorProto.EXTERNAL:  # (values not read: the pre-flight's
+        if values_unknown(t):  # (values not read: the pre-flight's
             continue  # stripped structure, external data left on disk)
         nodes = [model.graph.node[i] for i in sorted(readers[name])]
         layers = _layers_sharing(nodes, name)
         if layers:  # (tf2onnx stores a fresh Keras LSTM's bias, 0s and 1s, once for all)
             out.append(f"{name} (read by {k} {layers} layers, each with weights of its own)")
             continue
-        a = numpy_helper.to_array(t)
+        a = tensor_value(t)
         if a.size and (a == a.flat[0]).all() and not _disjoint_slices(model, a.shape, nodes,
                                                                       name):
             out.append(f"{name} (all {a.flat[0]:g}, read by {k} nodes)")
@@ -557,7 +554,6 @@ def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     bias would move at twice the learning rate, unlike Keras. The mask keeps Rb's gradient, and
     so Rb, at zero. (PyTorch's recurrent layers have both biases: no mask for other producers,
     nor where Rb is not all zeros.)"""
-    from onnx import numpy_helper
 
     if model.producer_name not in _KERAS_PRODUCERS:
         return {}
@@ -570,7 +566,7 @@ def single_bias_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if n.op_type == "GRU" and any(a.name == "linear_before_reset" and a.i for a in
                                       n.attribute):
             continue  # (Keras's reset_after: a recurrent bias of its own)
-        b = numpy_helper.to_array(inits[n.input[3]])
+        b = tensor_value(inits[n.input[3]])
         half = b.shape[-1] // 2
         if b.ndim != 2 or not b[:, half:].size or (b[:, half:] != 0).any():
             continue
@@ -735,7 +731,7 @@ def unshare_plain_norm_constants(model: onnx.ModelProto) -> list[str]:
             name = f"{n.name or n.output[0]}/input{slot}"
             if name not in inits:
                 g.initializer.append(numpy_helper.from_array(
-                    np.array(numpy_helper.to_array(inits[x])), name))
+                    np.array(tensor_value(inits[x])), name))
                 inits[name] = g.initializer[-1]
                 made.append(name)
             n.input[slot] = name
@@ -934,8 +930,8 @@ def untie_identity_aliases(model: onnx.ModelProto) -> list[str]:
                     v.name for v in gr.input}:  # (a name of the subgraph's own)
                 continue
             # (a stub, the memory estimate's stripped model: no values, taken as not uniform)
-            stub = inits[src].data_location == onnx.TensorProto.EXTERNAL
-            value = None if stub else numpy_helper.to_array(inits[src])
+            stub = values_unknown(inits[src])
+            value = None if stub else tensor_value(inits[src])
             if not (all(users[out]) or (value is not None and value.size > 1
                                         and (value == value.flat[0]).all())
                     or roles.get(out, {None}) <= roles.get(src, set())):
@@ -1060,7 +1056,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             if cands:
                 name = missing[cands[0]]
                 if name not in inits:
-                    add(name, np.array(numpy_helper.to_array(inits[x])))
+                    add(name, np.array(tensor_value(inits[x])))
                 n.input[slot] = name
         if op_slot is None or op_slot != (n.op_type, len(n.input)) or n.input[1] not in inits:
             continue
@@ -1098,7 +1094,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             name = f"{module}.{leaf(x)}"
             if name == x or name not in missing.values() or name in inits:
                 continue
-            add(name, np.array(numpy_helper.to_array(inits[x])))
+            add(name, np.array(tensor_value(inits[x])))
             if len(by_module) == 1:  # (the node is this module's alone)
                 n.input[slot] = name
                 continue
@@ -1134,7 +1130,7 @@ def restore_optimized_parameters(model: onnx.ModelProto) -> list[str]:
             groups.setdefault(ph, []).append((n, slot))
         for ph in list(groups)[1:]:
             name = f"{missing[ph]}/{x}"  # (the parameter, in the folded tensor's layout)
-            add(name, np.array(numpy_helper.to_array(inits[x])))
+            add(name, np.array(tensor_value(inits[x])))
             for n, slot in groups[ph]:
                 n.input[slot] = name
     return restored
@@ -1193,7 +1189,7 @@ def untie_recurrent_layers(model: onnx.ModelProto) -> list[str]:
             continue
         name = f"{want[0]}/{x}"
         if name not in inits:
-            t = numpy_helper.from_array(np.array(numpy_helper.to_array(inits[x])), name)
+            t = numpy_helper.from_array(np.array(tensor_value(inits[x])), name)
             entry = t.metadata_props.add()
             entry.key, entry.value = _FOLDED_FROM_KEY, repr(want)
             g.initializer.append(t)
@@ -1279,7 +1275,7 @@ def _twin(g: onnx.GraphProto, n: onnx.NodeProto, name: str, merged: str, inits: 
     for k, y in slots.items():
         new = target[y.rpartition(".")[2]]
         g.initializer.append(numpy_helper.from_array(
-            np.array(numpy_helper.to_array(inits[y])), new))
+            np.array(tensor_value(inits[y])), new))
         inits[new] = g.initializer[-1]
         twin.input[k] = new
         renames[f"%{placeholder[y]}"] = f"%{placeholder[new]}"
@@ -1333,7 +1329,7 @@ def untie_merged_folds(model: onnx.ModelProto) -> list[str]:
                 continue
             if cands[0] not in inits:
                 g.initializer.append(numpy_helper.from_array(
-                    np.array(numpy_helper.to_array(inits[x])), cands[0]))
+                    np.array(tensor_value(inits[x])), cands[0]))
                 inits[cands[0]] = g.initializer[-1]
                 made.append(cands[0])
             n.input[slot] = cands[0]
@@ -1364,7 +1360,6 @@ def folded_expressions(model: onnx.ModelProto) -> list[str]:
     parameter, so they train as tensors of their own. Views of a parameter (its transpose, a
     reshape: the same values) are not listed (tie_folded_copies and the repair make them
     the parameter again). Empty without a signature."""
-    from onnx import numpy_helper
 
     signature = torch_signature(model)
     params = {k for k, v in signature.items() if v == "PARAMETER"}
@@ -1383,11 +1378,11 @@ def folded_expressions(model: onnx.ModelProto) -> list[str]:
         t = inits.get(x)
         sources = [p for p in names if p in tensor_of and p not in warned]
         if t is None or x in signature or x in aliases or not sources \
-                or t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
+                or t.data_type not in FLOAT_TYPES or values_unknown(t):
             continue
         if len(sources) == 1:
-            own = numpy_helper.to_array(inits[tensor_of[sources[0]]])
-            value = numpy_helper.to_array(t)
+            own = tensor_value(inits[tensor_of[sources[0]]])
+            value = tensor_value(t)
             if own.size == value.size and np.array_equal(np.sort(own.ravel()),
                                                          np.sort(value.ravel())):
                 continue  # (a view: the parameter's own values)
@@ -1971,12 +1966,11 @@ def _lookup_views(model: onnx.ModelProto) -> dict[str, str]:
 def _distinct_rows(g: onnx.GraphProto, name: str) -> bool:
     """Whether the float initializer `name`'s rows (its last axis) are pairwise distinct, as
     rows gathered from a table at distinct positions are."""
-    from onnx import numpy_helper
 
     t = next(t for t in g.initializer if t.name == name)
-    if t.data_location == onnx.TensorProto.EXTERNAL or not t.dims:
+    if values_unknown(t) or not t.dims:
         return False
-    a = numpy_helper.to_array(t)
+    a = tensor_value(t)
     rows = a.reshape(-1, a.shape[-1])
     return len(np.unique(rows, axis=0)) == len(rows)
 
@@ -2099,6 +2093,22 @@ def tied_perm(kind: str) -> list[int]:
     return [1, 0] if kind == "transpose" else [int(i) for i in kind.split(":")[1].split(",")]
 
 
+def _sha1_of(a: np.ndarray) -> bytes:
+    """SHA-1 of the bytes of `a` in C order, read in blocks of rows (a transposed weight of
+    64 MiB was copied twice, contiguous and as bytes, to be hashed)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    if a.flags.c_contiguous:
+        h.update(a.reshape(-1).view(np.uint8))
+        return h.digest()
+    rows = a.reshape((a.shape[0], -1)) if a.ndim > 1 else a.reshape(1, -1)
+    step = max(1, (1 << 22) // max(1, rows[0].nbytes))  # (about 4 MiB at a time)
+    for i in range(0, len(rows), step):
+        h.update(np.ascontiguousarray(rows[i:i + step]).reshape(-1).view(np.uint8))
+    return h.digest()
+
+
 def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     """Tie parameters the exporter stored twice, in place; returns {copy: (source, "transpose"
     | "transpose:<perm>" | "reshape" | "copy" | "expand")}.
@@ -2119,7 +2129,6 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     RNN's first step from a zero state: `0 @ W_hh + b_hh` per batch row), becomes
     `Expand(source)`. (Another folded expression, `self.w.exp()`, is not recognized:
     exporting without constant folding keeps it an expression.)"""
-    import hashlib
 
     from onnx import helper, numpy_helper
 
@@ -2136,11 +2145,11 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     for t in g.initializer:
         if t.data_type not in FLOAT_TYPES or t.name in inputs:
             continue
-        a = numpy_helper.to_array(t)
+        a = tensor_value(t)
         if a.size < 2 or (a == a.flat[0]).all():
             continue
         arrays[t.name] = a
-        digest = hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest()
+        digest = _sha1_of(a)
         by_flat.setdefault((a.dtype.str, digest), []).append(t.name)
     tied: dict[str, tuple[str, str]] = {}
     # (the default exporter's records: which parameter each folded copy holds)
@@ -2163,7 +2172,7 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     for name, a in sorted(arrays.items(), key=lambda kv: rank(kv[0])):
         if a.ndim != 2 or name in tied:
             continue
-        key = (a.dtype.str, hashlib.sha1(np.ascontiguousarray(a.T).tobytes()).digest())
+        key = (a.dtype.str, _sha1_of(a.T))
         for other in by_flat.get(key, []):
             b = arrays[other]
             if signature.get(other) == "PARAMETER":
@@ -2209,9 +2218,9 @@ def tie_folded_copies(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
                 t = by_name[x]
                 if t.data_type not in FLOAT_TYPES:
                     continue
-                c = numpy_helper.to_array(t)
+                c = tensor_value(t)
             for src in (y for y in names if y in params):
-                a = numpy_helper.to_array(params[src])
+                a = tensor_value(params[src])
                 if c.size <= a.size or c.dtype != a.dtype:
                     continue
                 try:

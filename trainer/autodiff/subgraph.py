@@ -34,6 +34,7 @@ from trainer.graph import (
     elem_type,
     is_float_dtype,
     node_name,
+    tensor_value,
 )
 
 # Ops never folded or dropped as dead code: each run draws new values.
@@ -717,7 +718,7 @@ def lower(model: onnx.ModelProto, shapes: Mapping[str, tuple], dtypes: Mapping[s
     from trainer.autodiff.params import fixed_floats
 
     fixed = fixed_floats(m, trainable)
-    seeds = {t.name: numpy_helper.to_array(t) for t in g.initializer
+    seeds = {t.name: tensor_value(t) for t in g.initializer
              if t.data_type not in FLOAT_TYPES or t.name in fixed}
     opsets = _opsets_of(m)
     why: dict[str, str] = {}
@@ -766,7 +767,7 @@ def inline_static_ifs(model: onnx.ModelProto, trainable="all") -> onnx.ModelProt
     m = copy.deepcopy(model)
     g = m.graph
     fixed = fixed_floats(m, trainable)
-    seeds = {t.name: numpy_helper.to_array(t) for t in g.initializer
+    seeds = {t.name: tensor_value(t) for t in g.initializer
              if t.data_type not in FLOAT_TYPES or t.name in fixed}
     scope = NameScope(deep_names(g))
     changed = False
