@@ -336,15 +336,69 @@ def test_external_data_that_is_not_a_file_is_named_so(tmp_path, kind):
         load_model(tmp_path / "m.onnx")
 
 
+def test_external_data_locations_are_read_from_the_files_framing(tmp_path, monkeypatch):
+    """The external data files a model names (what an export must neither overwrite nor
+    delete, what a run reads) were found by onnx.load: a model holding its weights was read
+    whole, a copy in memory, to find it names none (at each export for the model it replaces,
+    and several times in the pre-flight). The file's protobuf framing is read instead: the
+    same names as onnx.load's, in the main graph, a subgraph, a Constant node or a sparse
+    tensor; none for a model of inline weights, read without parsing them; a ValueError for
+    damaged framing."""
+    from onnx import TensorProto, helper
+
+    from trainer.graph import external_data_files, external_locations, stored_tensors
+
+    def by_onnx(path):
+        m = onnx.load(str(path), load_external_data=False)
+        return {e.value for t, _ in stored_tensors(m)
+                if t.data_location == TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+        np.full((32, 32), 2.0, np.float32), "cv"))
+    then = helper.make_graph([helper.make_node("Identity", ["w2"], ["o"])], "then", [],
+                             [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+                             [numpy_helper.from_array(np.zeros((40, 40), np.float32), "w2")])
+    other = helper.make_graph([helper.make_node("Add", ["w", "c"], ["o2"])], "else", [],
+                              [helper.make_tensor_value_info("o2", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [const, helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.arange(300, dtype=np.float32), "sv"),
+        numpy_helper.from_array(np.arange(300, dtype=np.int64), "si"), [600])
+    g.sparse_initializer.append(sparse)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, str(inline))
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)
+    want = by_onnx(tmp_path / "m.onnx")
+    assert len(want) >= 2 and external_locations(tmp_path / "m.onnx") == want
+    assert [p.name for p in external_data_files(tmp_path / "m.onnx")] == sorted(want)
+    assert by_onnx(inline) == set()
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: pytest.fail("the model was parsed"))
+    assert external_locations(inline) == set()
+    data = (tmp_path / "m.onnx").read_bytes()
+    for cut in (len(data) // 2, len(data) - 3):
+        (tmp_path / "cut.onnx").write_bytes(data[:cut])
+        with pytest.raises(ValueError):
+            external_locations(tmp_path / "cut.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert external_locations(tmp_path / "empty.onnx") == set()
+
+
 @pytest.mark.parametrize("name,large", [("a.pb", False), ("a.pb", True), ("big.onnx", False)],
-                         ids=["not-named-onnx", "not-named-onnx-external-data", "over-64MB"])
+                         ids=["not-named-onnx", "not-named-onnx-external-data", "an-onnx-model"])
 def test_a_run_never_removes_or_rewrites_its_own_models_data(tmp_path, monkeypatch,
                                                              digits_config, name, large):
     """The model a run trains keeps its weights in `b.onnx.data` and the output is `b.onnx`.
     Where the export's scan of the folder did not see that model (a file not named *.onnx,
-    or one too large to be scanned), the export deleted `b.onnx.data` as its own stale data
-    (or, written with external data, replaced it with the trained weights): the run's files
-    are now left alone whatever their names."""
+    or, before the scan read files' framing alone, one over 64 MB), the export deleted
+    `b.onnx.data` as its own stale data (or, written with external data, replaced it with
+    the trained weights): the run's files are now left alone whatever their names."""
     import io
 
     from trainer import Trainer
@@ -352,8 +406,6 @@ def test_a_run_never_removes_or_rewrites_its_own_models_data(tmp_path, monkeypat
 
     if large:
         monkeypatch.setattr(export_mod, "TWO_GB", 1000)
-    if name == "big.onnx":
-        monkeypatch.setattr(export_mod, "_SCANNED_BYTES", 100)
     model = onnx.load(EXAMPLES / "digits_mlp.onnx")
     onnx.save_model(model, str(tmp_path / name), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="b.onnx.data", size_threshold=0)

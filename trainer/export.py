@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from trainer.checkpoint import fsync_dir, fsync_file, make_dirs, write_error
 from trainer.errors import ModelError
-from trainer.graph import check_model, stored_tensors, without_initializers
+from trainer.graph import check_model, external_locations, without_initializers
 from trainer.memory import is_stub
 
 TWO_GB = 2**31 - 1
@@ -161,11 +161,6 @@ def _write(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
     return path
 
 
-# .onnx files in the output's folder read for the external data they name: a model that keeps
-# its weights outside is a small file (a large one holds them itself)
-_SCANNED_BYTES = 64 << 20
-
-
 @contextlib.contextmanager
 def _holding(lock: Path):
     """An exclusive lock on the file `lock` (made) while the block runs."""
@@ -207,10 +202,10 @@ def _save(skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[Tensor]],
     # renamed into place the old model and its data stay a consistent pair.
     candidates = [f"{path.name}.data"] + [f"{path.name}.{k}.data" for k in range(1, 8)]
     # (names another model in the folder reads are neither written nor removed: the model
-    # training started from may keep its weights in `<output>.data`)
+    # training started from may keep its weights in `<output>.data`; each .onnx file's framing
+    # is read, not its tensors' bytes)
     others = set().union(*(_external_locations(f) for f in folder.glob("*.onnx")
-                           if f.name != path.name and f.is_file()
-                           and f.stat().st_size < _SCANNED_BYTES))
+                           if f.name != path.name and f.is_file()))
     kept = {_resolved(f) for f in keep} - {None}
     candidates = [c for c in candidates
                   if c not in others and _resolved(folder / c) not in kept]
@@ -274,11 +269,8 @@ def _external_locations(path: Path) -> set[str]:
     """External-data file names the model currently at `path` refers to (none if unreadable)."""
     if not path.is_file():
         return set()
-    try:
-        old = onnx.load(str(path), load_external_data=False)
-        return {e.value for t, _ in stored_tensors(old)
-                if t.data_location == onnx.TensorProto.EXTERNAL
-                for e in t.external_data if e.key == "location"}
+    try:  # (from the file's framing: a model holding its weights is not read whole)
+        return external_locations(path)
     except Exception:  # noqa: BLE001 - a damaged or foreign file refers to nothing we wrote
         return set()
 

@@ -275,6 +275,103 @@ def _dense(sp: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
+# Where TensorProtos sit in an ONNX file, by protobuf field number: {message: {field: the
+# message it holds}} (onnx.proto: ModelProto.graph 7, .training_info 20, .functions 25;
+# GraphProto.node 1, .initializer 5, .sparse_initializer 15; NodeProto.attribute 5;
+# AttributeProto.t 5, .g 6, .tensors 10, .graphs 11, .sparse_tensor 22, .sparse_tensors 23;
+# FunctionProto.node 7, .attribute_proto 11; TrainingInfoProto's two graphs; a sparse
+# tensor's values 1 and indices 2)
+_HOLDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse",
+                  23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+# TensorProto.external_data 13 (StringStringEntryProto: key 1, value 2), .data_location 14
+_EXTERNAL_DATA, _DATA_LOCATION = 13, 14
+
+
+def external_locations(path: str | os.PathLike) -> set[str]:
+    """The external data locations the tensors of the ONNX file at `path` name (the files
+    their values are in, relative to its folder), read from the file's protobuf framing,
+    memory-mapped: the bytes of its tensors and its nodes' other fields are skipped, never
+    read (onnx.load of a model that holds its weights read them all, a copy of the model in
+    memory, to find that it names no file). ValueError for a file whose framing is damaged."""
+    import mmap
+
+    found: set[str] = set()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _scan(buf, "model", 0, size, found, 0)
+    return found
+
+
+def _varint(buf, at: int, end: int) -> tuple[int, int]:
+    """(the varint at `at`, the position after it)."""
+    value, shift = 0, 0
+    while True:
+        if at >= end or shift > 63:
+            raise ValueError("a varint runs past its message")
+        b = buf[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, at
+
+
+def _scan(buf, kind: str, at: int, end: int, found: set[str], depth: int) -> None:
+    """The locations of the external tensors inside the message of `kind` at buf[at:end]
+    (see external_locations)."""
+    if depth > 4 * MAX_SUBGRAPH_DEPTH:  # (a graph is four messages deep in its parent's)
+        raise ValueError("messages nested too deeply")
+    holds = _HOLDS.get(kind, {})
+    locations: list[str] = []
+    external = False
+    while at < end:
+        key, at = _varint(buf, at, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(buf, at, end)
+            if kind == "tensor" and field == _DATA_LOCATION:
+                external = value == onnx.TensorProto.EXTERNAL
+            continue
+        if wire in (1, 5):
+            at += 8 if wire == 1 else 4
+            continue
+        if wire != 2:
+            raise ValueError(f"wire type {wire} in an ONNX file")
+        length, at = _varint(buf, at, end)
+        stop = at + length
+        if stop > end:
+            raise ValueError("a field runs past its message")
+        if kind == "tensor" and field == _EXTERNAL_DATA:
+            entry = {}
+            while at < stop:  # (key 1, value 2: short strings)
+                k, at = _varint(buf, at, stop)
+                n, at = _varint(buf, at, stop)
+                if k & 7 != 2 or at + n > stop:
+                    raise ValueError("an external data entry that is not two strings")
+                entry[k >> 3] = bytes(buf[at:at + n]).decode("utf-8", "replace")
+                at += n
+            if entry.get(1) == "location" and 2 in entry:
+                locations.append(entry[2])
+        elif field in holds:
+            _scan(buf, holds[field], at, stop, found, depth + 1)
+        at = stop
+    if at != end:
+        raise ValueError("a field runs past its message")
+    if external:
+        found.update(locations)
+
+
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files the model at `path` names, inside its folder (none when it
     cannot be read: load_model says why where it matters)."""
@@ -284,11 +381,8 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         # whole before load_model refuses it: none is read here)
         if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
             return []
-        model = onnx.load(str(path), load_external_data=False)
+        names = external_locations(path)
         root = path.parent.resolve()
-        names = {e.value for t, _ in stored_tensors(model)
-                 if t.data_location == onnx.TensorProto.EXTERNAL
-                 for e in t.external_data if e.key == "location"}
         return sorted(root / n for n in names
                       if n and "\0" not in n and not os.path.isabs(n)
                       and (root / n).resolve().is_relative_to(root))
