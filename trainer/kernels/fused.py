@@ -115,9 +115,14 @@ def layer_norm_backward(xp, dy, x, scale, *, axes, eps, want_dx, want_ds, want_d
     return tuple(out)
 
 
-def softmax_cross_entropy_forward(xp, scores, labels, *, ignore_index):
-    """SoftmaxCrossEntropyLoss (mean, class axis 1, no weights): (loss, log_prob), the same
-    operations as its kernel with the label lookup written for the 2-D case."""
+def softmax_cross_entropy_forward(xp, scores, labels, weights=None, spread=None, *,
+                                  ignore_index, mean=False):
+    """SoftmaxCrossEntropyLoss (mean, class axis 1): (loss, log_prob), the same operations as
+    its kernel with the label lookup written for the 2-D case; with class `weights`, or with
+    `mean` (label smoothing's ReduceMean over the classes of log_prob, each class times
+    `spread` where given), _weighted_forward's (loss, log_prob[, class mean])."""
+    if weights is not None or mean:
+        return _weighted_forward(xp, scores, labels, weights, spread, ignore_index, mean)
     if xp is np and scores.ndim == 2 and labels.ndim == 1 and scores.size and \
             (ignore_index is None or not -scores.shape[1] <= ignore_index < scores.shape[1]):
         plan = _sce_host_plan(scores.shape, scores.dtype)
@@ -205,9 +210,14 @@ def _picked(xp, log_prob, labels):
     return xp.take_along_axis(log_prob, xp.expand_dims(labels, 1), axis=1)[:, 0]
 
 
-def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
+def softmax_cross_entropy_backward(xp, log_prob, labels, seed, weights=None, spread=None,
+                                   dmean=None, *, ignore_index):
     """d(mean cross entropy)/d(logits) [N, C, ...] from the loss's log_prob output: softmax
-    times c, minus c at each label, c = seed / (number of counted labels) (0 where ignored)."""
+    times c, minus c at each label, c = seed / (number of counted labels) (0 where ignored);
+    with class `weights` or the class mean's gradient `dmean`, _weighted_backward's."""
+    if weights is not None or dmean is not None:
+        return (_weighted_backward(xp, log_prob, labels, seed, weights, spread, dmean,
+                                   ignore_index),)
     if xp is np and log_prob.ndim == 2 and labels.ndim == 1 and \
             log_prob.dtype in (np.float32, np.float64) and log_prob.flags.c_contiguous and \
             (loops := compiled.row_loops()) is not None and \
@@ -247,6 +257,104 @@ def softmax_cross_entropy_backward(xp, log_prob, labels, seed, *, ignore_index):
     at = safe[:, None]
     xp.put_along_axis(prob, at, xp.take_along_axis(prob, at, axis=1) - c1, axis=1)
     return (prob,)
+
+
+def _label_weights(xp, labels, weights, ignore_index, dtype):
+    """(each position's label, 0 where ignored; its weight: 0 where ignored, else 1 or its
+    class's weight), as the kernel and the gradient rule take them."""
+    lab = labels.astype(np.int64, copy=False)
+    if ignore_index is None:
+        safe, w = lab, xp.ones(lab.shape, dtype)
+    else:
+        valid = lab != ignore_index
+        safe, w = xp.where(valid, lab, 0), valid.astype(dtype)
+    if weights is not None:
+        w = w * weights.astype(dtype, copy=False)[safe]
+    return safe, w
+
+
+_ROWS_CHUNK = 1 << 18  # elements: exponentials summed a block of rows at a time, in cache
+
+
+def _host_log_softmax_rows(scores):
+    """log_softmax over the rows of host [N, C] scores, the exponentials taken into one small
+    buffer a block of rows at a time instead of an [N, C] temporary ([512, 32000] float32:
+    its fresh 65 MB cost more than the exponentials themselves)."""
+    log_prob = scores - max_of(np, scores, (1,))
+    n, c = log_prob.shape
+    rows = max(1, _ROWS_CHUNK // c)
+    buf = np.empty((min(rows, n), c), log_prob.dtype)
+    total = np.empty((n, 1), log_prob.dtype)
+    for i in range(0, n, rows):
+        block = log_prob[i:i + rows]
+        total[i:i + rows] = sum_of(np, np.exp(block, out=buf[:len(block)]), (1,), True)
+    log_prob -= np.log(total, out=total)
+    return log_prob
+
+
+def _weighted_forward(xp, scores, labels, weights, spread, ignore_index, mean: bool):
+    """(loss, log_prob[, class mean]) of SoftmaxCrossEntropyLoss with class `weights` (the
+    picked -log_prob's mean weighted by its label's: 0 / 0, NaN, where none weighs anything, as
+    the kernel's) and, where `mean`, the ReduceMean over axis 1 of log_prob (times `spread`
+    per class where given) that label smoothing reads: one log-softmax for both, the weighted
+    class mean as one product (BLAS on [N, C]) instead of an [N, C] temporary."""
+    log_prob = rowfuse.softmax(xp, scores, (1,), log=True)  # (a device: generated kernels)
+    if log_prob is None and xp is np and scores.ndim == 2 and scores.size > _ROWS_CHUNK:
+        log_prob = _host_log_softmax_rows(scores)
+    elif log_prob is None:
+        log_prob = scores - max_of(xp, scores, (1,))
+        log_prob -= xp.log(sum_of(xp, xp.exp(log_prob), (1,), True))
+    safe, w = _label_weights(xp, labels, weights, ignore_index, log_prob.dtype)
+    picked = -_picked(xp, log_prob, safe)
+    with np.errstate(invalid="ignore", divide="ignore"):  # (nothing counted: 0 / 0)
+        loss = (picked * w).sum() / w.sum()
+    out = (xp.asarray(loss).astype(scores.dtype), log_prob)
+    if not mean:
+        return out
+    c = log_prob.shape[1]
+    if spread is None:  # (the ReduceMean kernel's own sum: the same bits)
+        return out + (mean_of(xp, log_prob, (1,)),)
+    q = spread.reshape(-1).astype(log_prob.dtype, copy=False)
+    if log_prob.ndim == 2:
+        total = log_prob @ q
+    else:
+        total = sum_of(xp, log_prob * q.reshape((c,) + (1,) * (log_prob.ndim - 2)), (1,))
+    return out + (total / log_prob.dtype.type(c),)
+
+
+def _weighted_backward(xp, log_prob, labels, seed, weights, spread, dmean, ignore_index):
+    """dX of SoftmaxCrossEntropyLoss with class `weights`, and of the class mean of log_prob
+    (times `spread` per class) whose gradient is `dmean` (label smoothing): with a = w seed /
+    sum(w) (w: the label's weight, 0 where ignored; a sum of 0 divides by 1, as the gradient
+    rule) and b = dmean / C, dX = p (a - b sum(spread)) + b spread, less a at the label: the
+    rules' G - p sum_c(G), G = b spread - a onehot(label), in two passes over [N, C, ...]."""
+    dt = log_prob.dtype.type
+    safe, w = _label_weights(xp, labels, weights, ignore_index, log_prob.dtype)
+    total = w.sum()
+    a = w * (seed / xp.where(total == 0, dt(1), total))
+    dx = xp.exp(log_prob)
+    shape = (a.shape[0], 1) + a.shape[1:]
+    if dmean is None:
+        xp.multiply(dx, a.reshape(shape), out=dx)
+    else:
+        c = log_prob.shape[1]
+        b = dmean * dt(1.0 / c)
+        q = None if spread is None else spread.reshape(-1).astype(log_prob.dtype, copy=False)
+        t = a - b * (dt(c) if q is None else q.sum())
+        loops = compiled.row_loops() if xp is np and dx.ndim == 2 and q is not None else None
+        if loops is not None:  # (one pass, no [N, C] product)
+            loops.scale_add_outer(dx, t, b, q)
+        else:
+            xp.multiply(dx, t.reshape(shape), out=dx)
+            dx += b.reshape(shape) if q is None else \
+                b.reshape(shape) * q.reshape((1, c) + (1,) * (dx.ndim - 2))
+    if dx.ndim == 2:  # (each row's label column; an ignored row's a is 0)
+        rows = xp.arange(dx.shape[0])
+        dx[rows, safe] = dx[rows, safe] - a
+        return dx
+    at = xp.expand_dims(safe, 1)
+    xp.put_along_axis(dx, at, xp.take_along_axis(dx, at, axis=1) - a.reshape(shape), axis=1)
+    return dx
 
 
 def erf_float32(xp, x):
@@ -389,7 +497,7 @@ def _template(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[s
 
 
 def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seeds: set[str],
-           region: list[PNode]):
+           region: list[PNode], last: bool = False):
     """Map template nodes onto the plan's nodes: same op, attributes and wiring (forward values
     as they are, template constants by value, each seed bound on first use). Returns
     ({template value: plan value}, matched plan nodes) or None."""
@@ -448,12 +556,64 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
             anchors = [r for r in rres if isinstance(r, str) and r]
             if not slots or not anchors:
                 continue
-            for c in g.readers.get(anchors[0], []):
+            for c in readers(anchors[0]):
                 p = g.made.get(c.inputs[slots[0]]) if len(c.inputs) == len(tc.inputs) else None
                 binds = fits(tn, res, p)
                 if binds is not None:
                     take(tn, p, binds)
                     return True
+        return False
+
+    made = {o: tn for tn in tnodes for o in tn.outputs if o}
+
+    def readers(value: str) -> list[PNode]:  # (`last`: the latest first)
+        rs = g.readers.get(value, [])
+        return rs[::-1] if last else rs
+
+    def unify(tn: PNode, c: PNode | None, tm: dict, took: list) -> bool:
+        """Whether plan node c is template node tn, its inputs that pending template nodes
+        make matched in turn to the plan nodes that make c's (tentative bindings into tm,
+        pairs into took)."""
+        if (c is None or id(c) in used or id(c) in region_ids or any(c is k for _, k in took)
+                or c.op != tn.op or c.domain != tn.domain or len(c.inputs) != len(tn.inputs)
+                or len(c.outputs) != len(tn.outputs) or not _same_attrs(c.attrs, tn.attrs)):
+            return False
+        for t, a in zip(tn.inputs, c.inputs, strict=True):
+            if not t or t in m or t in tm:
+                ok = (m.get(t) if t in m else tm.get(t, "")) == a
+            elif t in produced:
+                ok = unify(made[t], g.made.get(a), tm, took) and tm.get(t) == a
+            elif t in seeds:
+                ok = bool(a) and tm.setdefault(t, a) == a
+            elif t in tnames:
+                ok = a in g.constants and _equal_values(g.constants[a], tconsts[t])
+            else:
+                ok = t == a
+            if not ok:
+                return False
+        tm.update(zip(tn.outputs, c.outputs, strict=True))
+        took.append((tn, c))
+        return True
+
+    def through_producers(tn: PNode) -> bool:
+        """Match tn, some of whose inputs no matched node makes yet (a gradient that reaches
+        it from a seed through nodes of seeds and constants alone, as the ReduceMean rule's
+        Reshape, Mul and Expand), by a plan reader of one of its known inputs, its other
+        inputs by their plan producers in turn."""
+        anchors = [m.get(t, t) for t in tn.inputs if t and (t in m or (
+            t not in produced and t not in seeds and t not in tnames))]
+        if not anchors or all(t in m or t not in produced for t in tn.inputs if t):
+            return False
+        for c in readers(anchors[0]):
+            tm: dict[str, str] = {}
+            took: list = []
+            if unify(tn, c, tm, took):
+                m.update(tm)
+                for t, k in took:
+                    used.add(id(k))
+                    matched.append(k)
+                    pending.remove(t)
+                return True
         return False
 
     while pending:
@@ -465,7 +625,7 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
             anchors = [r for r in res if isinstance(r, str) and r]
             if not anchors:
                 continue
-            for c in g.readers.get(anchors[0], []):
+            for c in readers(anchors[0]):
                 binds = fits(tn, res, c)
                 if binds is not None:
                     take(tn, c, binds)
@@ -476,6 +636,11 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
                 res = [resolve(t) for t in tn.inputs]
                 if all(r is seed_tag or r is const_tag or r == "" for r in res) \
                         and any(r is seed_tag for r in res) and through_reader(tn, res):
+                    progress = True
+                    break
+        if not progress:
+            for tn in list(pending):
+                if through_producers(tn):
                     progress = True
                     break
         if not progress:
@@ -491,6 +656,10 @@ def _fuse_backward(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: l
         return None
     tnodes, tconsts, tnames, grads = made
     found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region)
+    if found is None:  # (a forward node may fit a template node too, as label smoothing's
+        # Equal(labels, ignore_index) does the rule's: the training graph's gradient nodes
+        # follow its forward nodes, so the latest readers first)
+        found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region, last=True)
     if found is None:
         return None
     m, matched = found
@@ -626,31 +795,84 @@ def _fuse_batchnorm(g: _Graph) -> int:
 
 
 # -- SoftmaxCrossEntropyLoss gradient ------------------------------------------------------------
+def _class_mean_of(g: _Graph, log_prob: str, rank: int):
+    """Label smoothing's reading of log_prob (autodiff/build.py's _label_smoothing): a
+    ReduceMean over axis 1 (no kept axis) of it, or of it times a constant per class (the
+    class weights, [C, 1, ...]); (nodes, the constant's name or "", the mean) or None."""
+    for r in g.reader(log_prob, "ReduceMean") + g.reader(log_prob, "Mul"):
+        mul, spread, mean = None, "", r
+        if r.op == "Mul":
+            other = [v for v in r.inputs if v != log_prob]
+            q = _const(g.constants, other[0]) if len(other) == 1 else None
+            if q is None or g.shapes.get(r.outputs[0]) != g.shapes[log_prob] or \
+                    np.asarray(q).dtype != g.shapes[log_prob][1]:
+                continue
+            dims = (1,) * (rank - np.ndim(q)) + np.shape(q)
+            if np.ndim(q) > rank or [d for i, d in enumerate(dims) if i != 1] != \
+                    [1] * (rank - 1) or dims[1] != g.shapes[log_prob][0][1]:
+                continue
+            mean = g.only_reader(r.outputs[0], "ReduceMean")
+            if mean is None:
+                continue
+            mul, spread = r, other[0]
+        axes = _reduce_axes(mean, g.constants)
+        if axes is None or [a % rank for a in axes] != [1] or mean.attrs.get("keepdims", 1) \
+                or len(mean.inputs) > 1 and mean.inputs[1] not in g.constants:
+            continue
+        return [m for m in (mul, mean) if m is not None], spread, mean.outputs[0]
+    return None
+
+
 def _fuse_softmax_cross_entropy(g: _Graph) -> int:
+    """SoftmaxCrossEntropyLoss (mean) and its gradient: with class weights, and with label
+    smoothing's class mean of log_prob (one forward node gives it; its gradient and the
+    loss's are one SoftmaxCrossEntropyGrad); the scalar and per-position nodes around them
+    stay as the graph has them."""
     fused = 0
     for n in [n for n in g.nodes if n.op == "SoftmaxCrossEntropyLoss" and not n.domain]:
         reduction = n.attrs.get("reduction", "mean")
         reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-        if (reduction != "mean" or len(n.inputs) > 2 and n.inputs[2] or len(n.outputs) < 2
-                or not n.outputs[1] or n.inputs[0] in g.constants
-                or n.attrs.get("ignore_index") is None):
+        if (reduction != "mean" or len(n.outputs) < 2 or not n.outputs[1]
+                or n.inputs[0] in g.constants or n.attrs.get("ignore_index") is None):
             continue
         logits, labels = n.inputs[:2]
-        if g.shapes[logits][1] not in (np.float32, np.float64):
+        weights = n.inputs[2] if len(n.inputs) > 2 else ""
+        shape, dt = g.shapes[logits]
+        if dt not in (np.float32, np.float64) or (weights and g.shapes[weights][1] != dt):
             continue
-        seed = "\x00seed:" + n.outputs[0]
-        back = _fuse_backward(g, [n], {n.outputs[0]: seed}, [logits])
-        if back is None:
+        nll, log_prob = n.outputs[:2]
+        found = _class_mean_of(g, log_prob, len(shape))
+        extra, spread, mean = found if found is not None else ([], "", "")
+        seeds = {nll: "\x00seed:" + nll}
+        if mean:
+            seeds[mean] = "\x00seed:" + mean
+        back = _fuse_backward(g, [n] + extra, seeds, [logits])
+        if back is None or any(v is None for v in back[0].values()):
             continue
         bound, grads, matched = back  # (the seed: a constant, or a fed loss weight)
+        inner = extra[0].outputs[0] if len(extra) == 2 else ""
+        if inner and (inner in g.keep or len(g.readers.get(inner, [])) != 1):
+            continue  # (the weighted log_prob: read by the mean alone)
+        ignore_index = n.attrs.get("ignore_index")
         n.fn = softmax_cross_entropy_forward
-        n.attrs = {"ignore_index": n.attrs.get("ignore_index")}
+        n.attrs = {"ignore_index": ignore_index}
         n.info["substituted"] = "softmax_cross_entropy_forward"
-        node = PNode("SoftmaxCrossEntropyGrad", [n.outputs[1], labels, bound[n.outputs[0]]],
-                     [grads[logits]], {"ignore_index": n.attrs.get("ignore_index")},
-                     f"{n.name}/fused_grad", softmax_cross_entropy_backward, fused=True,
+        ins = [n.outputs[1], labels, bound[nll]]
+        if weights or mean:
+            n.inputs = [logits, labels, weights, spread]
+            n.outputs = [nll, log_prob] + ([mean] if mean else [])
+            n.attrs["mean"] = bool(mean)
+            n.info["replaces"] = [m.name for m in extra]
+            ins += [weights, spread, bound[mean] if mean else ""]
+        node = PNode("SoftmaxCrossEntropyGrad", ins, [grads[logits]],
+                     {"ignore_index": ignore_index}, f"{n.name}/fused_grad",
+                     softmax_cross_entropy_backward, fused=True,
                      info={"replaces": [m.name for m in matched]})
         g.replace(matched, node)
+        if extra:  # (the mean's nodes: given by the loss's node, which stays where it is)
+            ids = {id(m) for m in extra}
+            g.nodes[:] = [m for m in g.nodes if id(m) not in ids]
+            g.reindex()
         fused += 1
     return fused
 

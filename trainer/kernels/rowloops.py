@@ -11,7 +11,8 @@ the NumPy path's expression in the same order and precision (no other fast-math 
 equal statistics the results are bit for bit the NumPy kernels' (tests/test_compiled.py checks
 both). The softmax cross entropy of [N, C] scores (every classifier's loss) takes its
 exponentials, their sums and the logarithm in float64 the same way, and its select (ReLU's
-gradient, Where(c, x, 0)) is exact. Imported only where trainer.kernels.compiled.enabled()
+gradient, Where(c, x, 0)) is exact, as is the weighted, smoothed cross entropy's scale-and-add
+(the NumPy expression's roundings). Imported only where trainer.kernels.compiled.enabled()
 (this module imports numba).
 """
 
@@ -221,6 +222,19 @@ def softmax_cross_entropy_backward(log_prob, labels, c, dx):
         t = t + k if t < 0 else t
         dx[i, t] = dx[i, t] - w
     return True
+
+
+@_loop
+def scale_add_outer(x, t, b, q):
+    """x[i, j] = x[i, j] * t[i] + b[i] * q[j] in place over [N, C]: NumPy's x * t[:, None] +
+    b[:, None] * q[None, :] (each product and the sum in x's dtype), one pass and no [N, C]
+    temporary (the weighted, smoothed cross entropy's gradient)."""
+    n, c = x.shape
+    for i in range(n):
+        ti, bi = t[i], b[i]
+        row = x[i]
+        for j in range(c):
+            row[j] = row[j] * ti + bi * q[j]
 
 
 @_loop
