@@ -11,6 +11,19 @@ result once, as 16-bit GEMMs do on GPUs and in PyTorch on CPUs. float16's narrow
 fp16 training scales the loss (LossScaler, below): the backward's float16 gradients
 would otherwise underflow.
 
+A Linear that the exporters write as MatMul + Add of its bias (nn.Linear on a 3-D input, both
+torch.onnx exporters) is one 16-bit addmm in torch.autocast: the bias is rounded to 16 bits,
+and the backward reduces the bias gradient to a 16-bit value (float32 accumulation, rounded
+once: in float16 it can overflow where a float32 sum would not, and GradScaler then skips the
+step). So there the Add reads the bias's 16-bit value (a Cast to 16 bits and one back), whose
+Casts' gradient rules round its gradient so (_linear_biases says which Adds are such biases).
+The product keeps its 16-bit operands and result (what the backward keeps, and a GPU's 16-bit
+GEMM), and the Add stays float32: addmm rounds the float32 product plus the bias once, where
+this sum of the rounded product and the rounded bias is not rounded again (a last-bit
+difference in some elements; a sum rounded again after the rounded product was as far from
+autocast's, and float32 operands for a single rounding would double the bytes the backward
+keeps of them).
+
 The rewrite is plain ONNX (`onnx-trainer grad` shows it); exports and evaluation use the model
 as it was, with the trained float32 values. Products inside control-flow bodies keep float32.
 Conv and ConvTranspose take bfloat16 only from opset 22: below it, their bfloat16 operands and
@@ -47,11 +60,13 @@ _SAME_TYPE = frozenset("""Abs Add Affine AveragePool BatchNormalization Ceil Cli
     Transpose Unsqueeze Upsample""".split())
 
 
-def _float32_values(model: onnx.ModelProto) -> set[str]:
+def _float32_values(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> set[str]:
     """Names of the float32 tensors of the main graph (inputs, initializers, value_info and
-    outputs, after shape inference; where inference gives no type, as for the ops of opsets
-    1-5 without type inference, an op of _SAME_TYPE's output takes its first input's)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    outputs, after shape inference, `inferred` if given; where inference gives no type, as for
+    the ops of opsets 1-5 without type inference, an op of _SAME_TYPE's output takes its first
+    input's)."""
+    if inferred is None:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     g = inferred.graph
     out = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
     typed = {t.name for t in g.initializer}
@@ -76,6 +91,60 @@ def _float32_values(model: onnx.ModelProto) -> set[str]:
             if o and o not in typed:
                 typed.add(o)
                 out.add(o)
+    return out
+
+
+def _linear_biases(g: onnx.GraphProto, inferred: onnx.ModelProto,
+                   f32: set[str]) -> dict[str, onnx.NodeProto]:
+    """MatMul output -> the Add of its bias, where the pair is an exported nn.Linear: the
+    MatMul by a 2-D B of N columns, its output (of rank 2 or more) read by that Add alone, whose
+    other input is a float32 initializer of shape [N]. Where the exporter recorded each
+    node's FX node (torch.onnx's dynamo exporter), both must be the same one (aten.linear):
+    `x @ w + c` written out is a 16-bit product plus a float32 c in autocast (the Add
+    promotes), and stays so here."""
+    dims = {t.name: tuple(t.dims) for t in g.initializer}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(
+            inferred.graph.output):
+        t = vi.type.tensor_type
+        if vi.type.WhichOneof("value") == "tensor_type" and t.HasField("shape"):
+            dims.setdefault(vi.name, tuple(d.dim_value if d.HasField("dim_value") else None
+                                           for d in t.shape.dim))
+    inits = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in set(node.input):
+            readers.setdefault(i, []).append(node)
+    inner = set()  # (names the control-flow bodies read: a second reader)
+    for node in g.node:
+        for a in node.attribute:
+            for body in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                inner |= all_names(body)
+    outputs = {o.name for o in g.output}
+
+    def fx(node):
+        return next((p.value for p in node.metadata_props
+                     if p.key == "pkg.torch.onnx.fx_node"), None)
+
+    out = {}
+    for node in g.node:
+        if node.op_type != "MatMul" or node.domain or len(node.input) != 2:
+            continue
+        y, b = node.output[0], node.input[1]
+        if len(dims.get(b) or ()) != 2 or len(dims.get(y) or ()) < 2 or y in outputs \
+                or y in inner or len(readers.get(y, [])) != 1:
+            continue
+        add = readers[y][0]
+        if add.op_type != "Add" or add.domain or len(add.input) != 2 or add.input[0] == \
+                add.input[1] or any(a.name == "axis" for a in add.attribute) or \
+                add.output[0] not in f32:
+            continue
+        bias = add.input[1] if add.input[0] == y else add.input[0]
+        if bias not in inits or dims[bias] != (dims[b][1],) or dims[b][1] is None or \
+                not all(x in f32 for x in node.input):  # (a product autocast casts)
+            continue
+        if fx(node) is not None and fx(add) is not None and fx(node) != fx(add):
+            continue
+        out[y] = add
     return out
 
 
@@ -112,7 +181,10 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, i
         return model, 0, total
     m = copy.deepcopy(model)
     g = m.graph
-    f32 = _float32_values(m)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    f32 = _float32_values(m, inferred)
+    biased = _linear_biases(g, inferred, f32)
+    added = {id(a) for a in biased.values()}
     scope = NameScope(all_names(g))
     cast_of: dict[str, str] = {}  # float32 tensor -> its 16-bit copy (one Cast per tensor)
     rounded: dict[str, str] = {}  # float32 tensor -> float32 of its 16-bit copy
@@ -131,6 +203,18 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, i
         return node
 
     for node in g.node:
+        if id(node) in added:  # (a Linear's bias: its 16-bit value, see the module docstring)
+            k = next(k for k, x in enumerate(node.input) if x not in biased)
+            x = node.input[k]
+            if x not in cast_of:
+                cast_of[x] = scope.fresh(f"{x}/{short}")
+                nodes.append(cast(x, cast_of[x], to, node))
+            if x not in rounded:
+                rounded[x] = scope.fresh(f"{x}/{short}_f32")
+                nodes.append(cast(cast_of[x], rounded[x], TensorProto.FLOAT, node))
+            node.input[k] = rounded[x]
+            nodes.append(node)
+            continue
         slots = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Conv": (0, 1, 2),
                  "ConvTranspose": (0, 1, 2)}.get(node.op_type) if not node.domain else None
         ins = [node.input[k] for k in slots or () if k < len(node.input) and node.input[k]]
