@@ -220,7 +220,7 @@ def softmax_cross_entropy_backward(xp, log_prob, labels, seed, weights=None, spr
                                    ignore_index),)
     if xp is np and log_prob.ndim == 2 and labels.ndim == 1 and \
             log_prob.dtype in (np.float32, np.float64) and log_prob.flags.c_contiguous and \
-            (loops := compiled.row_loops()) is not None and \
+            log_prob.size < ROW_MAX_MIN and (loops := compiled.row_loops()) is not None and \
             _none_ignored(xp, labels, ignore_index, log_prob.shape[1]):  # (one compiled pass)
         c = np.asarray(seed / log_prob.dtype.type(labels.size), log_prob.dtype).reshape(1)
         dx = np.empty_like(log_prob)
