@@ -626,3 +626,51 @@ def test_dynamic_batch_reads_negative_axes_by_the_inputs_rank(op, attrs, keeps) 
 
     node = helper.make_node(op, ["x"], ["y"], **attrs)
     assert _carries_batch(node, {"x"}, {}, 2, {"x": (2, 3, 4, 5)})[0] == keeps
+
+
+def test_check_names_constant_node_weights_of_a_model_with_initializers(tmp_path) -> None:
+    """A float Constant node read as a product's weight in a model that keeps its other weights
+    as initializers stays a constant (lift_weights leaves such models alone: their Constants
+    are the exporter's own), which nothing said: `check` and `train` now name it with the
+    conversion that makes it trainable (values kept), which then trains it. A Constant of one
+    repeated value (a normalization's ones) and a bias are not named."""
+    import io
+
+    from trainer.cli import main
+    from trainer.config import config_from_dict
+    from trainer.report import exporter_hints
+    from trainer.train import Trainer
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1")
+    const = helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(
+        rng.standard_normal((16, 4)).astype(np.float32), "w2v"))
+    ones = helper.make_node("Constant", [], ["w3"], value=numpy_helper.from_array(
+        np.ones((4, 4), np.float32), "w3v"))
+    bias = helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(
+        rng.standard_normal(4).astype(np.float32), "bv"))
+    nodes = [const, ones, bias, helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["p"]),
+             helper.make_node("MatMul", ["p", "w3"], ["q"]),
+             helper.make_node("Add", ["q", "b"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 4])], [w1])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    lines = [line for line in exporter_hints(m) if "Constant" in line]
+    assert len(lines) == 1 and lines[0].endswith(": w2"), lines
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 8)).astype(np.float32),
+             y=rng.integers(0, 4, 16))
+    raw = {"model": "m.onnx", "output": "o.onnx", "device": "cpu", "steps": 1,
+           "data": {"train": {"path": "d.npz", "inputs": {"x": "x"},
+                              "targets": {"label": "y"}}, "batch_size": 8},
+           "loss": {"type": "cross_entropy", "output": "y", "target": "label"},
+           "optimizer": {"type": "sgd", "lr": 0.1}}
+    out = io.StringIO()
+    t = Trainer(config_from_dict(raw, tmp_path), stream=out)
+    assert t.names == ["w1"] and lines[0] in out.getvalue()
+    assert main(["convert", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m2.onnx"),
+                 "--trainable-constants"]) == 0
+    raw["model"] = "m2.onnx"
+    t = Trainer(config_from_dict(raw, tmp_path), stream=io.StringIO())
+    assert "w2" in t.names and not [line for line in exporter_hints(
+        onnx.load(str(tmp_path / "m2.onnx"))) if "Constant" in line]

@@ -20,6 +20,7 @@ from trainer.graph import (
     all_names,
     attrs_of,
     checker_message,
+    has_main_weights,
     has_weights_to_lift,
     lift_weights,
     load_model,
@@ -214,6 +215,34 @@ def constant_weights(model: onnx.ModelProto) -> list[str]:
         made = _constant_weight(node, consts) if node.op_type == "ConstantOfShape" else None
         if made is not None and _find_slot(node.output[0], made[0], consumers, {}, fixed,
                                            producers=producers):
+            out.append(node.output[0])
+    return out
+
+
+# the slots whose constant is a product's weight (a bias or a normalization's scale may be
+# meant to stay fixed)
+_WEIGHT_KINDS = ("conv weight", "linear weight", "embedding", "recurrent weight")
+
+
+def fixed_constant_weights(model: onnx.ModelProto) -> list[str]:
+    """Float Constant nodes of the main graph that fill a product's weight slot (graph order,
+    their outputs) in a model that keeps its other weights as initializers, where they stay
+    constants (graph.lift_weights leaves such a model's Constants, the exporter's own: a
+    normalization's ones, a literal in forward); `convert --trainable-constants` makes them
+    initializers, their values kept. Tensors of one repeated value are left out."""
+    g = model.graph
+    if not has_main_weights(g) or not any(n.op_type == "Constant" for n in g.node):
+        return []
+    consts, fixed, consumers = _static_values(g), _fixed_names(g), _consumers(g)
+    producers = {o: n for n in g.node for o in n.output}
+    out = []
+    for node in g.node:
+        made = _constant_weight(node, consts) if node.op_type == "Constant" else None
+        if made is None or made[2] is None or made[2].size < 2 or \
+                (made[2] == made[2].flat[0]).all():
+            continue
+        found = _find_slot(node.output[0], made[0], consumers, {}, fixed, producers=producers)
+        if found and found[0].kind in _WEIGHT_KINDS:
             out.append(node.output[0])
     return out
 

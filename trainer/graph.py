@@ -1142,7 +1142,7 @@ def lift_weights(model: onnx.ModelProto, force: bool = False) -> list[str]:
     `force`: also where the main graph now holds weights (`convert --trainable-constants` of
     a model this would have lifted, which its own conversion gave initializers)."""
     g = model.graph
-    if _has_main_weights(g) and not force:
+    if has_main_weights(g) and not force:
         return []
     unique = _defined_once(model)
     inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
@@ -1227,7 +1227,7 @@ def recurrent_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 def has_weights_to_lift(model: onnx.ModelProto) -> bool:
     """Whether lift_weights would change the model (without copying anything)."""
     g = model.graph
-    if _has_main_weights(g):
+    if has_main_weights(g):
         return False
     inner = list(_subgraphs_of(g)) if model.ir_version >= 4 else []
     return any(_is_weight(t) for sub in inner for t in sub.initializer) or \
@@ -1240,7 +1240,7 @@ _QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorPr
                     onnx.TensorProto.UINT4}
 
 
-def _has_main_weights(g: onnx.GraphProto) -> bool:
+def has_main_weights(g: onnx.GraphProto) -> bool:
     """Whether the main graph keeps weights among its initializers: a float or quantized
     (8- or 4-bit integer) tensor of more than one element."""
     return any((t.data_type in FLOAT_TYPES or t.data_type in _QUANTIZED_TYPES)

@@ -314,10 +314,13 @@ def exporter_hints(model: onnx.ModelProto) -> list[str]:
     dropouts = _dropouts_in_data_branches(model)
     if dropouts:
         lines.append(f"WARNING: {BRANCH_DROPOUT_HINT}: {listing(dropouts)}")
-    from trainer.convert import constant_weights
+    from trainer.convert import constant_weights, fixed_constant_weights
     made = constant_weights(model)
     if made:
         lines.append(f"WARNING: {CONSTANT_WEIGHTS_HINT}: {listing(made)}")
+    fixed = fixed_constant_weights(model)
+    if fixed:
+        lines.append(f"WARNING: {FIXED_CONSTANTS_HINT}: {listing(fixed)}")
     if model.producer_name == "pytorch" and not signature_entries(model):
         from onnx import numpy_helper
 
@@ -417,6 +420,10 @@ CONSTANT_WEIGHTS_HINT = ("weights that the graph builds with ConstantOfShape (on
                          "an untrained model's placeholder) are constants and do not train; "
                          "`onnx-trainer convert MODEL -o OUT --trainable-constants` makes them "
                          "initializers, freshly initialized for their slot")
+FIXED_CONSTANTS_HINT = ("weights that the model stores as Constant nodes, beside its "
+                        "initializers, are constants and do not train (as a buffer in "
+                        "PyTorch); where they are parameters, `onnx-trainer convert MODEL -o OUT "
+                        "--trainable-constants` makes them initializers, their values kept")
 BRANCH_DROPOUT_HINT = ("Dropout nodes inside If branches that the data picks run as in "
                        "inference there (nothing dropped out), where PyTorch's train mode drops "
                        "out")
