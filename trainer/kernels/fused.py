@@ -497,10 +497,12 @@ def _template(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[s
 
 
 def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seeds: set[str],
-           region: list[PNode], last: bool = False):
+           region: list[PNode], last: bool = False, producers: bool = False):
     """Map template nodes onto the plan's nodes: same op, attributes and wiring (forward values
     as they are, template constants by value, each seed bound on first use). Returns
-    ({template value: plan value}, matched plan nodes) or None."""
+    ({template value: plan value}, matched plan nodes) or None. `last`: a value's latest
+    readers tried first; `producers`: a template node that no matched node reaches yet is
+    matched through its plan producers (see _fuse_backward's `widened`)."""
     produced = {o for n in tnodes for o in n.outputs}
     region_ids = {id(n) for n in region}
     m: dict[str, str] = {}
@@ -638,7 +640,7 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
                         and any(r is seed_tag for r in res) and through_reader(tn, res):
                     progress = True
                     break
-        if not progress:
+        if not progress and producers:
             for tn in list(pending):
                 if through_producers(tn):
                     progress = True
@@ -648,18 +650,24 @@ def _match(g: _Graph, tnodes: list[PNode], tconsts: dict, tnames: set[str], seed
     return m, matched
 
 
-def _fuse_backward(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[str]):
+def _fuse_backward(g: _Graph, region: list[PNode], seeds: dict[str, str], wrt: list[str],
+                   widened: bool = False):
     """Template-match the backward of `region`; (bound seeds, {wrt: plan gradient value},
-    matched nodes) when every internal value stays inside the match."""
+    matched nodes) when every internal value stays inside the match. `widened`: the matcher's
+    fallbacks too (_match's `producers` and `last`), for a fused kernel that computes every
+    node they may bind (the cross entropy's); another fusion's kernel may not (MaxPool's
+    leaves out the mask of windows of padding alone, which they bound: its gradient went to
+    the neighbours of such windows)."""
     made = _template(g, region, seeds, wrt)
     if made is None:
         return None
     tnodes, tconsts, tnames, grads = made
-    found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region)
-    if found is None:  # (a forward node may fit a template node too, as label smoothing's
-        # Equal(labels, ignore_index) does the rule's: the training graph's gradient nodes
-        # follow its forward nodes, so the latest readers first)
-        found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region, last=True)
+    found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region, producers=widened)
+    if found is None and widened:  # (a forward node may fit a template node too, as label
+        # smoothing's Equal(labels, ignore_index) does the rule's: the training graph's
+        # gradient nodes follow its forward nodes, so the latest readers first)
+        found = _match(g, tnodes, tconsts, tnames, set(seeds.values()), region, last=True,
+                       producers=True)
     if found is None:
         return None
     m, matched = found
@@ -846,7 +854,7 @@ def _fuse_softmax_cross_entropy(g: _Graph) -> int:
         seeds = {nll: "\x00seed:" + nll}
         if mean:
             seeds[mean] = "\x00seed:" + mean
-        back = _fuse_backward(g, [n] + extra, seeds, [logits])
+        back = _fuse_backward(g, [n] + extra, seeds, [logits], widened=True)
         if back is None or any(v is None for v in back[0].values()):
             continue
         bound, grads, matched = back  # (the seed: a constant, or a fed loss weight)
