@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -26,12 +25,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-
-_PRELUDE = r'''
-import json, sys
-def _status(key):
-    return [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(key)][0]
-'''
+sys.path.insert(0, str(ROOT / "bench"))
+from frozen_memory import _PRELUDE, run  # noqa: E402 (the subprocess runner, its status reads)
 
 _MODEL = r'''
 import sys
@@ -100,17 +95,6 @@ for s in range(steps):
     opt.step()
 print(json.dumps({"peak_mib": _status("VmHWM") - base, "setup_mib": setup}))
 '''
-
-
-def run(code: str, *args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         env=env, check=False)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode or not lines:
-        raise SystemExit(f"a run failed:\n{out.stderr[-2000:]}")
-    return json.loads(lines[-1])
 
 
 def main() -> None:
